@@ -1,0 +1,1 @@
+//! ztmesh policy engine (pure: no I/O). Work in progress.

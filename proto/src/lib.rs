@@ -1,0 +1,28 @@
+//! The ztmesh wire protocol, shared by controller and node.
+//!
+//! - [`control`] and [`admin`]: generated gRPC services and messages.
+//! - [`keys`]: key newtypes (ed25519 machine/controller keys, x25519 WireGuard
+//!   keys) with their text encodings and 0600 key files.
+//! - [`netmap`]: signing and verification of network maps.
+//! - [`auth`]: node session proofs, the auth-key format and its parser.
+//! - [`tls`]: certificate-pinned TLS channels to the controller.
+
+pub mod auth;
+pub mod keys;
+pub mod netmap;
+pub mod tls;
+
+/// Generated control API (node ↔ controller).
+#[allow(clippy::all, missing_docs)]
+pub mod control {
+    tonic::include_proto!("ztmesh.control.v1");
+}
+
+/// Generated admin API (CLI ↔ controller).
+#[allow(clippy::all, missing_docs)]
+pub mod admin {
+    tonic::include_proto!("ztmesh.admin.v1");
+}
+
+/// Milliseconds since the Unix epoch, the unit every timestamp on the wire uses.
+pub type UnixMs = i64;

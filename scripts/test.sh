@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: format check, clippy with -D warnings, then
+# `cargo test --workspace` (unit, property, in-process gRPC and, as root,
+# end-to-end tests in network namespaces). Installs what it needs first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+./scripts/setup.sh
+
+export CARGO_TERM_COLOR=never
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo build (binaries used by end-to-end tests)"
+cargo build --workspace --bins
+echo "== cargo test"
+cargo test --workspace -- --test-threads="${ZTMESH_TEST_THREADS:-2}"
+echo "== all tests passed"

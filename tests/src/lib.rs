@@ -1,0 +1,1 @@
+//! Harness for ztmesh end-to-end tests.
