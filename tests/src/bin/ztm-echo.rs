@@ -1,0 +1,215 @@
+//! `ztm-echo`: the TCP echo server and client the end-to-end tests run inside
+//! network namespaces.
+//!
+//! ```text
+//! ztm-echo serve SPEC...                      SPEC = PORT | ADDR:PORT | [V6ADDR]:PORT
+//! ztm-echo check ADDR PORT TIMEOUT_MS         one connection, payload must come back
+//! ztm-echo stream ADDR PORT COUNT INTERVAL_MS TIMEOUT_MS
+//!                                             one connection, COUNT round trips
+//! ```
+//!
+//! `serve` prints `listening ADDR` per bound listener (tests poll for it) and
+//! exits by itself after `ZTM_ECHO_MAX_SECS` (default 3600) so that a leaked
+//! server cannot outlive a test run for long. `check` and `stream` exit 0 on
+//! success and print a one-line reason on stderr and exit 1 otherwise.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Idle time after which the server drops a connection.
+const CONN_IDLE: Duration = Duration::from_secs(30);
+/// Most bytes echoed on one connection.
+const CONN_MAX_BYTES: u64 = 64 << 20;
+/// Payload size of `check`.
+const CHECK_BYTES: usize = 1200;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("serve") if args.len() >= 2 => serve(&args[1..]),
+        Some("check") if args.len() == 4 => check(&args[1], &args[2], &args[3]),
+        Some("stream") if args.len() == 6 => {
+            stream(&args[1], &args[2], &args[3], &args[4], &args[5])
+        }
+        _ => Err(usage()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage() -> String {
+    "usage: ztm-echo serve SPEC... | check ADDR PORT TIMEOUT_MS | \
+     stream ADDR PORT COUNT INTERVAL_MS TIMEOUT_MS"
+        .to_owned()
+}
+
+fn serve(specs: &[String]) -> Result<(), String> {
+    let max_secs: u64 = std::env::var("ZTM_ECHO_MAX_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3600);
+    let mut listeners = Vec::new();
+    for spec in specs {
+        let addr = parse_listen(spec)?;
+        let l = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+        listeners.push(l);
+    }
+    let mut out = io::stdout();
+    for l in &listeners {
+        let addr = l.local_addr().map_err(|e| e.to_string())?;
+        writeln!(out, "listening {addr}").map_err(|e| e.to_string())?;
+    }
+    out.flush().map_err(|e| e.to_string())?;
+    for l in listeners {
+        std::thread::spawn(move || accept_loop(l));
+    }
+    std::thread::sleep(Duration::from_secs(max_secs));
+    Err(format!("exiting after ZTM_ECHO_MAX_SECS={max_secs}"))
+}
+
+fn accept_loop(listener: TcpListener) {
+    for conn in listener.incoming() {
+        match conn {
+            Ok(stream) => {
+                std::thread::spawn(move || {
+                    if let Err(e) = echo_conn(stream) {
+                        eprintln!("connection: {e}");
+                    }
+                });
+            }
+            Err(e) => eprintln!("accept: {e}"),
+        }
+    }
+}
+
+fn echo_conn(mut stream: TcpStream) -> io::Result<()> {
+    let peer = stream.peer_addr()?;
+    stream.set_read_timeout(Some(CONN_IDLE))?;
+    stream.set_write_timeout(Some(CONN_IDLE))?;
+    let mut reader = stream.try_clone()?.take(CONN_MAX_BYTES);
+    let n = io::copy(&mut reader, &mut stream)?;
+    println!("echoed {n} bytes to {peer}");
+    Ok(())
+}
+
+fn parse_listen(spec: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = spec.parse::<u16>() {
+        return Ok(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port));
+    }
+    spec.parse()
+        .map_err(|e| format!("bad listen spec {spec:?} (PORT, ADDR:PORT or [V6]:PORT): {e}"))
+}
+
+fn target(addr: &str, port: &str) -> Result<SocketAddr, String> {
+    let ip: IpAddr = addr
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .map_err(|e| format!("bad address {addr:?}: {e}"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|e| format!("bad port {port:?}: {e}"))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+fn millis(v: &str) -> Result<Duration, String> {
+    v.parse()
+        .map(Duration::from_millis)
+        .map_err(|e| format!("bad milliseconds {v:?}: {e}"))
+}
+
+fn connect(to: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
+    let stream =
+        TcpStream::connect_timeout(&to, timeout).map_err(|e| format!("connect {to}: {e}"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| format!("set timeouts: {e}"))?;
+    Ok(stream)
+}
+
+/// A payload no other process produces, so a reply cannot come from elsewhere.
+fn payload(len: usize, round: u64) -> Vec<u8> {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let line = format!(
+        "ztm-echo pid={} t={nanos} round={round}\n",
+        std::process::id()
+    );
+    line.bytes().cycle().take(len.max(line.len())).collect()
+}
+
+fn check(addr: &str, port: &str, timeout_ms: &str) -> Result<(), String> {
+    let to = target(addr, port)?;
+    let timeout = millis(timeout_ms)?;
+    let start = Instant::now();
+    let mut stream = connect(to, timeout)?;
+    let sent = payload(CHECK_BYTES, 0);
+    stream
+        .write_all(&sent)
+        .map_err(|e| format!("send to {to}: {e}"))?;
+    stream
+        .shutdown(Shutdown::Write)
+        .map_err(|e| format!("shutdown to {to}: {e}"))?;
+    let mut got = Vec::with_capacity(sent.len());
+    stream
+        .take(sent.len() as u64 + 1)
+        .read_to_end(&mut got)
+        .map_err(|e| {
+            format!(
+                "receive from {to}: {e} (got {} of {} bytes)",
+                got.len(),
+                sent.len()
+            )
+        })?;
+    if got != sent {
+        return Err(format!(
+            "reply from {to} differs: sent {} bytes, got {}",
+            sent.len(),
+            got.len()
+        ));
+    }
+    println!("ok {to} rtt_ms={}", start.elapsed().as_millis());
+    Ok(())
+}
+
+fn stream(
+    addr: &str,
+    port: &str,
+    count: &str,
+    interval_ms: &str,
+    timeout_ms: &str,
+) -> Result<(), String> {
+    let to = target(addr, port)?;
+    let count: u64 = count
+        .parse()
+        .map_err(|e| format!("bad count {count:?}: {e}"))?;
+    let interval = millis(interval_ms)?;
+    let timeout = millis(timeout_ms)?;
+    let mut stream = connect(to, timeout)?;
+    let mut got = vec![0u8; 64];
+    for round in 0..count {
+        let sent = payload(64, round);
+        got.resize(sent.len(), 0);
+        stream
+            .write_all(&sent)
+            .and_then(|()| stream.read_exact(&mut got))
+            .map_err(|e| format!("round {round} with {to}: {e}"))?;
+        if got != sent {
+            return Err(format!("round {round} with {to}: reply differs"));
+        }
+        println!("round {round} ok");
+        std::thread::sleep(interval);
+    }
+    println!("ok {to} rounds={count}");
+    Ok(())
+}
