@@ -1,1 +1,24 @@
-//! ztmesh controller.
+//! ztmesh controller: enrollment, authenticated node sessions, the policy in
+//! force, and signed per-node network maps, over gRPC (tonic) with TLS.
+//!
+//! Layers: [`store`] (durable, SQLite by default) ← [`mesh`] (in-memory state,
+//! change propagation; time is an argument) ← [`api`] (tonic services) ←
+//! [`server`] (listeners, TLS, ticker). [`cli`] is the admin client.
+
+pub mod api;
+pub mod cli;
+pub mod error;
+pub mod mesh;
+pub mod ratelimit;
+pub mod server;
+pub mod store;
+
+pub use ztmesh_proto::UnixMs;
+
+/// The wall clock in Unix milliseconds; read only by the I/O shells.
+pub fn now_ms() -> UnixMs {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

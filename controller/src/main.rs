@@ -1,1 +1,62 @@
-fn main() {}
+//! `ztmesh-controller`: the controller daemon and its admin CLI.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use ztmesh_controller::cli::{self, Cli, Cmd};
+use ztmesh_controller::mesh::MeshConfig;
+use ztmesh_controller::server::{self, DataDir};
+
+fn main() -> ExitCode {
+    let args = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match args.cmd {
+            Cmd::Serve {
+                listen,
+                ephemeral_timeout,
+                node_key_expiry,
+                netmap_ttl,
+            } => {
+                tracing_subscriber::fmt()
+                    .with_max_level(log_level())
+                    .with_target(false)
+                    .init();
+                let cfg = MeshConfig {
+                    ephemeral_timeout_ms: ephemeral_timeout.as_millis() as i64,
+                    node_key_ttl_ms: node_key_expiry.as_millis() as i64,
+                    netmap_ttl_ms: netmap_ttl.as_millis().max(10_000) as i64,
+                    ..MeshConfig::default()
+                };
+                server::serve(&DataDir::new(&args.conn.data_dir), listen, cfg).await
+            }
+            cmd => cli::run(&args.conn, cmd).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', "\n  "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn log_level() -> tracing::Level {
+    match std::env::var("ZTMESH_LOG").as_deref() {
+        Ok("trace") => tracing::Level::TRACE,
+        Ok("debug") => tracing::Level::DEBUG,
+        Ok("warn") => tracing::Level::WARN,
+        Ok("error") => tracing::Level::ERROR,
+        _ => tracing::Level::INFO,
+    }
+}

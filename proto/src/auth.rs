@@ -348,6 +348,31 @@ pub fn parse_fingerprint(s: &str) -> Option<[u8; 32]> {
     unhex32(&cleaned)
 }
 
+/// gRPC method paths, as signed in node proofs.
+pub mod methods {
+    pub const ENROLL: &str = "/ztmesh.control.v1.Control/Enroll";
+    pub const STREAM_NETMAP: &str = "/ztmesh.control.v1.Control/StreamNetMap";
+    pub const REPORT_ENDPOINTS: &str = "/ztmesh.control.v1.Control/ReportEndpoints";
+    pub const REPORT_FLOWS: &str = "/ztmesh.control.v1.Control/ReportFlows";
+    pub const LOGOUT: &str = "/ztmesh.control.v1.Control/Logout";
+}
+
+/// Wraps `msg` in a request carrying a fresh proof for `method`.
+pub fn signed_request<T>(
+    key: &SigningKey,
+    method: &str,
+    msg: T,
+    now_ms: UnixMs,
+    rng: &mut impl CryptoRngCore,
+) -> tonic::Request<T> {
+    let proof = NodeProof::create(key, method, now_ms, rng).to_string();
+    let mut req = tonic::Request::new(msg);
+    if let Ok(v) = proof.parse() {
+        req.metadata_mut().insert(PROOF_HEADER, v);
+    }
+    req
+}
+
 #[cfg(test)]
 mod tests {
     use rand_core::OsRng;

@@ -1,0 +1,67 @@
+//! The controller's error type and its one mapping to gRPC statuses.
+//!
+//! Messages sent to peers are precise but never carry internal details
+//! (SQL, paths); those go to the log.
+
+use crate::store::StoreError;
+
+/// Errors from controller operations.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed; the message says which field and why.
+    #[error("{0}")]
+    Invalid(String),
+    /// Missing, wrong, stale or replayed credentials.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Authenticated, but not allowed (e.g. a tag the user may not own).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The named object does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The name/key is taken.
+    #[error("{0} already exists")]
+    Conflict(String),
+    /// Too many failures from this source; retry later.
+    #[error("too many failed attempts from this source; retry in a minute")]
+    RateLimited,
+    /// Policy rejected; the message holds `FILE:LINE:COL: message` lines.
+    #[error("{0}")]
+    Policy(String),
+    /// Storage failure (details logged).
+    #[error("internal storage error")]
+    Store(#[source] StoreError),
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(what) => Error::Conflict(what),
+            StoreError::NotFound(what) => Error::NotFound(what),
+            StoreError::KeyRefused(why) => Error::Unauthenticated(why.to_string()),
+            other => Error::Store(other),
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        use tonic::Status;
+        match &e {
+            Error::Invalid(m) => Status::invalid_argument(m.clone()),
+            Error::Unauthenticated(m) => Status::unauthenticated(m.clone()),
+            Error::Forbidden(m) => Status::permission_denied(m.clone()),
+            Error::NotFound(_) => Status::not_found(e.to_string()),
+            Error::Conflict(_) => Status::already_exists(e.to_string()),
+            Error::RateLimited => Status::resource_exhausted(e.to_string()),
+            Error::Policy(m) => Status::invalid_argument(m.clone()),
+            Error::Store(inner) => {
+                tracing::error!(error = %inner, "store failure");
+                Status::internal(e.to_string())
+            }
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

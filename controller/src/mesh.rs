@@ -1,0 +1,1008 @@
+//! The controller's working state: nodes, the compiled policy, live netmap
+//! subscriptions; every change is written through to the [`Store`] first.
+//!
+//! All mutations take `now` as an argument; the clock is read by the API layer
+//! and the background ticker only. A change computes the set of nodes whose view
+//! changed (via the policy engine's incremental API) and pushes a freshly signed
+//! map to exactly those that are connected; unaffected nodes get nothing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ipnet::{IpNet, Ipv6Net};
+use rand_core::{OsRng, RngCore};
+use tokio::sync::watch;
+use ztmesh_policy::{Compiled, NodeInfo as PolicyNode, Policy};
+use ztmesh_proto::auth::{self, KeyToken, NodeProof, ReplayGuard};
+use ztmesh_proto::control::{self as pb, NetMap, SignedNetMap};
+use ztmesh_proto::keys::{PublicKey, SigningKey, WgPublicKey};
+
+use crate::error::{Error, Result};
+use crate::ratelimit::FailureLimiter;
+use crate::store::{ApiKeyRow, AuthKeyRow, NewNode, NodeRow, PolicyRow, Store, UserRow};
+use crate::UnixMs;
+
+/// Tunables, with the defaults documented in the README.
+#[derive(Clone, Debug)]
+pub struct MeshConfig {
+    /// How long a signed netmap stays valid; connected nodes get a fresh one at half-life.
+    pub netmap_ttl_ms: i64,
+    /// Node key lifetime from enrollment; 0 = never expires.
+    pub node_key_ttl_ms: i64,
+    /// Ephemeral nodes are deleted after being offline this long.
+    pub ephemeral_timeout_ms: i64,
+    /// Default lifetime of auth keys created without `--expiry`.
+    pub auth_key_ttl_ms: i64,
+    pub dns_domain: String,
+    /// Keepalive the controller asks peers to use (seconds).
+    pub persistent_keepalive: u32,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            netmap_ttl_ms: 12 * 3600 * 1000,
+            node_key_ttl_ms: 180 * 24 * 3600 * 1000,
+            ephemeral_timeout_ms: 5 * 60 * 1000,
+            auth_key_ttl_ms: 3600 * 1000,
+            dns_domain: "ztmesh.internal".into(),
+            persistent_keepalive: 25,
+        }
+    }
+}
+
+/// What a node's netmap stream receives.
+#[derive(Clone, Debug)]
+pub enum Update {
+    Map(Arc<SignedNetMap>),
+    /// The node was deleted or expired; the stream ends with this reason.
+    Closed(String),
+}
+
+struct Subscription {
+    conn: u64,
+    tx: watch::Sender<Update>,
+    last_sent_ms: UnixMs,
+}
+
+struct Inner {
+    nodes: BTreeMap<u64, NodeRow>,
+    compiled: Compiled,
+    policy_row: Option<PolicyRow>,
+    serial: u64,
+    subs: HashMap<u64, Subscription>,
+    next_conn: u64,
+    /// Nodes counted as "online": connected now.
+    online: BTreeSet<u64>,
+    replay: ReplayGuard,
+    limiter: FailureLimiter,
+}
+
+/// Shared controller state.
+pub struct Mesh {
+    store: Arc<dyn Store>,
+    signer: SigningKey,
+    fingerprint: [u8; 32],
+    ula: Ipv6Net,
+    cfg: MeshConfig,
+    inner: Mutex<Inner>,
+}
+
+/// Turns a hostname into a DNS label: lowercase a-z0-9 and '-', at most 63 chars.
+pub fn dns_label(hostname: &str) -> String {
+    let mut s: String = hostname
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .map(|c| c.to_ascii_lowercase())
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    s.truncate(63);
+    let s = s.trim_matches('-').to_string();
+    if s.is_empty() {
+        "node".into()
+    } else {
+        s
+    }
+}
+
+/// Validates a user login: `local@domain`, printable, at most 254 characters.
+pub fn validate_login(login: &str) -> Result<()> {
+    let ok = login.len() <= 254
+        && login.split_once('@').is_some_and(|(l, d)| {
+            !l.is_empty()
+                && !d.is_empty()
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c))
+                && d.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-".contains(c))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "invalid user login {login:?}: expected name@domain (letters, digits, . _ + -)"
+        )))
+    }
+}
+
+/// Validates a tag: `tag:` followed by lowercase letters, digits and '-'.
+pub fn validate_tag(tag: &str) -> Result<()> {
+    let ok = tag.strip_prefix("tag:").is_some_and(|t| {
+        !t.is_empty()
+            && t.len() <= 63
+            && t.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "invalid tag {tag:?}: expected tag:NAME (lowercase letters, digits, -)"
+        )))
+    }
+}
+
+fn node_info(n: &NodeRow) -> PolicyNode {
+    PolicyNode {
+        id: n.id,
+        name: n.name.clone(),
+        user: n.user.clone(),
+        tags: n.tags.iter().cloned().collect(),
+        addresses: vec![IpAddr::V4(n.ipv4), IpAddr::V6(n.ipv6)],
+    }
+}
+
+fn is_active(n: &NodeRow, now: UnixMs) -> bool {
+    n.expiry_ms == 0 || n.expiry_ms > now
+}
+
+fn addresses(n: &NodeRow) -> Vec<String> {
+    vec![format!("{}/32", n.ipv4), format!("{}/128", n.ipv6)]
+}
+
+impl Mesh {
+    /// Loads state from the store and compiles the stored policy.
+    ///
+    /// A stored policy that no longer parses is replaced by the empty policy
+    /// (deny all) and logged: failing closed is safer than guessing.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn load(
+        store: Arc<dyn Store>,
+        signer: SigningKey,
+        fingerprint: [u8; 32],
+        ula: Ipv6Net,
+        cfg: MeshConfig,
+        now: UnixMs,
+    ) -> Result<Self> {
+        let nodes: BTreeMap<u64, NodeRow> = store.nodes()?.into_iter().map(|n| (n.id, n)).collect();
+        let policy_row = store.policy()?;
+        let policy = match &policy_row {
+            Some(p) => Policy::parse(&p.file_name, &p.text).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "stored policy does not parse; denying all");
+                Policy::empty()
+            }),
+            None => Policy::empty(),
+        };
+        let active: Vec<PolicyNode> = nodes
+            .values()
+            .filter(|n| is_active(n, now))
+            .map(node_info)
+            .collect();
+        let compiled = Compiled::new(policy, active);
+        // Serials must grow across restarts: start above both the stored value
+        // and the clock (in µs), whichever is larger.
+        let stored: u64 = store
+            .meta("serial")?
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let serial = stored.max((now.max(0) as u64) * 1000);
+        Ok(Self {
+            store,
+            signer,
+            fingerprint,
+            ula,
+            cfg,
+            inner: Mutex::new(Inner {
+                nodes,
+                compiled,
+                policy_row,
+                serial,
+                subs: HashMap::new(),
+                next_conn: 1,
+                online: BTreeSet::new(),
+                replay: ReplayGuard::default(),
+                limiter: FailureLimiter::new(10, 60_000),
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn controller_key(&self) -> PublicKey {
+        self.signer.public()
+    }
+
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.fingerprint
+    }
+
+    pub fn config(&self) -> &MeshConfig {
+        &self.cfg
+    }
+
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    // ---- rate limiting -------------------------------------------------
+
+    /// # Errors
+    /// [`Error::RateLimited`] if `src` failed too often recently.
+    pub fn check_rate(&self, src: Option<IpAddr>, now: UnixMs) -> Result<()> {
+        if self.lock().limiter.allowed(src, now) {
+            Ok(())
+        } else {
+            Err(Error::RateLimited)
+        }
+    }
+
+    pub fn record_failure(&self, src: Option<IpAddr>, now: UnixMs) {
+        self.lock().limiter.record_failure(src, now);
+    }
+
+    // ---- node enrollment and sessions ------------------------------------
+
+    /// Checks the auth key and the proof, consumes the key and registers the node.
+    ///
+    /// # Errors
+    /// `Unauthenticated` for a bad key or proof, `Invalid` for malformed fields,
+    /// `Conflict` if the machine key is already enrolled.
+    pub fn enroll(&self, req: &pb::EnrollRequest, now: UnixMs) -> Result<pb::EnrollResponse> {
+        let token = KeyToken::decode(auth::AUTH_KEY_PREFIX, &req.auth_key)
+            .map_err(|_| Error::Unauthenticated("malformed auth key".into()))?;
+        if token.fingerprint != Some(self.fingerprint) {
+            return Err(Error::Unauthenticated(
+                "auth key was issued by a different controller".into(),
+            ));
+        }
+        let machine_key = PublicKey::from_slice(&req.machine_key)
+            .map_err(|_| Error::Invalid("machine_key must be a 32-byte ed25519 key".into()))?;
+        let wg_key = WgPublicKey::from_slice(&req.wg_key)
+            .map_err(|_| Error::Invalid("wg_key must be a 32-byte x25519 key".into()))?;
+        if req.hostname.is_empty() || req.hostname.len() > 253 {
+            return Err(Error::Invalid(
+                "hostname must be 1 to 253 characters".into(),
+            ));
+        }
+        if (req.timestamp_ms - now).abs() > auth::PROOF_WINDOW_MS {
+            return Err(Error::Unauthenticated(
+                "enrollment proof is stale (check the node's clock)".into(),
+            ));
+        }
+        let msg = auth::enroll_message(
+            &req.auth_key,
+            &req.machine_key,
+            &req.wg_key,
+            &req.hostname,
+            req.timestamp_ms,
+        );
+        if !machine_key.verify(&msg, &req.proof) {
+            return Err(Error::Unauthenticated(
+                "enrollment proof does not verify with the machine key".into(),
+            ));
+        }
+        let hostname: String = req.hostname.chars().filter(|c| !c.is_control()).collect();
+
+        let mut inner = self.lock();
+        if inner
+            .nodes
+            .values()
+            .any(|n| n.machine_key == *machine_key.as_bytes())
+        {
+            return Err(Error::Conflict("a node with this machine key".into()));
+        }
+        let name = unique_name(&inner.nodes, &dns_label(&hostname), None);
+        let (ipv4, ipv6) = self.allocate_addresses(&inner.nodes)?;
+        let secret_hash = token.secret_hash();
+        let policy = inner.compiled.policy().clone();
+        let check = |k: &AuthKeyRow| -> std::result::Result<(), &'static str> {
+            if !auth::ct_eq(&k.secret_hash, &secret_hash) {
+                return Err("unknown auth key");
+            }
+            if k.revoked {
+                return Err("auth key was revoked");
+            }
+            if k.expires_ms <= now {
+                return Err("auth key has expired");
+            }
+            if let Some(user) = &k.user {
+                if !k.tags.iter().all(|t| policy.may_own_tag(user, t)) {
+                    return Err("the policy's tagOwners no longer allow this key's tags");
+                }
+            }
+            Ok(())
+        };
+        let row = self.store.enroll(
+            &token.key_id,
+            &check,
+            NewNode {
+                name,
+                hostname,
+                machine_key: *machine_key.as_bytes(),
+                wg_key: *wg_key.as_bytes(),
+                ipv4,
+                ipv6,
+                created_ms: now,
+                expiry_ms: if self.cfg.node_key_ttl_ms > 0 {
+                    now + self.cfg.node_key_ttl_ms
+                } else {
+                    0
+                },
+            },
+        )?;
+        let _ = self.store.audit(
+            now,
+            &format!("authkey:{}", token.key_id),
+            "node.enroll",
+            &row.name,
+            &format!("id={} ipv4={} ipv6={}", row.id, row.ipv4, row.ipv6),
+        );
+        tracing::info!(node = %row.name, id = row.id, "node enrolled");
+        let resp = pb::EnrollResponse {
+            node_id: row.id,
+            name: row.name.clone(),
+            addresses: vec![row.ipv4.to_string(), row.ipv6.to_string()],
+            controller_key: self.signer.public().as_bytes().to_vec(),
+            key_expiry_ms: row.expiry_ms,
+        };
+        let affected = inner.compiled.upsert_node(node_info(&row));
+        inner.nodes.insert(row.id, row);
+        self.push(&mut inner, &affected, now);
+        Ok(resp)
+    }
+
+    fn allocate_addresses(&self, nodes: &BTreeMap<u64, NodeRow>) -> Result<(Ipv4Addr, Ipv6Addr)> {
+        let used: BTreeSet<u32> = nodes.values().map(|n| u32::from(n.ipv4)).collect();
+        let base = u32::from(Ipv4Addr::new(100, 64, 0, 0));
+        // 100.64.0.0/10: skip the network address and the .0/.255 of each /24
+        // so no address looks like a broadcast to a confused host stack.
+        let offset = (1..(1u32 << 22))
+            .filter(|o| o & 0xff != 0 && o & 0xff != 0xff)
+            .find(|o| !used.contains(&(base + o)))
+            .ok_or_else(|| Error::Invalid("overlay IPv4 range exhausted".into()))?;
+        let v4 = Ipv4Addr::from(base + offset);
+        let mut v6 = self.ula.network().octets();
+        v6[12..16].copy_from_slice(&offset.to_be_bytes());
+        Ok((v4, Ipv6Addr::from(v6)))
+    }
+
+    /// Verifies the node proof in `metadata` for `method` and returns the node.
+    ///
+    /// # Errors
+    /// `Unauthenticated` when the proof is missing, malformed, stale, replayed,
+    /// or for an unknown/expired node.
+    pub fn authenticate(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        method: &str,
+        now: UnixMs,
+    ) -> Result<NodeRow> {
+        let text = metadata
+            .get(auth::PROOF_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| Error::Unauthenticated("missing node proof".into()))?;
+        let proof: NodeProof = text
+            .parse()
+            .map_err(|e: auth::AuthError| Error::Unauthenticated(e.to_string()))?;
+        proof
+            .verify(method, now)
+            .map_err(|e| Error::Unauthenticated(e.to_string()))?;
+        let mut inner = self.lock();
+        inner
+            .replay
+            .check_and_record(&proof, now)
+            .map_err(|e| Error::Unauthenticated(e.to_string()))?;
+        let node = inner
+            .nodes
+            .values()
+            .find(|n| n.machine_key == *proof.machine_key.as_bytes())
+            .ok_or_else(|| Error::Unauthenticated("unknown machine key (node deleted?)".into()))?;
+        if !is_active(node, now) {
+            return Err(Error::Unauthenticated(
+                "node key has expired; re-enroll".into(),
+            ));
+        }
+        Ok(node.clone())
+    }
+
+    /// Registers a netmap stream for `node`; the receiver already holds a full map.
+    /// A second stream for the same node replaces the first.
+    pub fn subscribe(&self, node: u64, now: UnixMs) -> Result<(u64, watch::Receiver<Update>)> {
+        let mut inner = self.lock();
+        let map = self
+            .build_signed(&mut inner, node, now)
+            .ok_or_else(|| Error::Unauthenticated("node is not active".into()))?;
+        let conn = inner.next_conn;
+        inner.next_conn += 1;
+        let (tx, rx) = watch::channel(Update::Map(Arc::new(map)));
+        if let Some(old) = inner.subs.insert(
+            node,
+            Subscription {
+                conn,
+                tx,
+                last_sent_ms: now,
+            },
+        ) {
+            let _ = old
+                .tx
+                .send(Update::Closed("replaced by a newer session".into()));
+        }
+        inner.online.insert(node);
+        if let Some(n) = inner.nodes.get_mut(&node) {
+            n.last_seen_ms = now;
+        }
+        let _ = self.store.set_node_seen(node, now);
+        self.persist_serial(&inner);
+        Ok((conn, rx))
+    }
+
+    /// Ends the stream `conn` of `node` (if it is still the current one).
+    pub fn unsubscribe(&self, node: u64, conn: u64, now: UnixMs) {
+        let mut inner = self.lock();
+        if inner.subs.get(&node).is_some_and(|s| s.conn == conn) {
+            inner.subs.remove(&node);
+            inner.online.remove(&node);
+            if let Some(n) = inner.nodes.get_mut(&node) {
+                n.last_seen_ms = now;
+            }
+            let _ = self.store.set_node_seen(node, now);
+        }
+    }
+
+    /// Records the endpoints a node reports; its peers get new maps.
+    ///
+    /// # Errors
+    /// `Invalid` for more than 16 endpoints or one that is not `ip:port`.
+    pub fn report_endpoints(&self, node: u64, endpoints: &[String], now: UnixMs) -> Result<()> {
+        if endpoints.len() > 16 {
+            return Err(Error::Invalid("at most 16 endpoints".into()));
+        }
+        let mut parsed = Vec::with_capacity(endpoints.len());
+        for e in endpoints {
+            let sa: std::net::SocketAddr = e
+                .parse()
+                .map_err(|_| Error::Invalid(format!("endpoint {e:?} is not ip:port")))?;
+            parsed.push(sa.to_string());
+        }
+        parsed.sort();
+        parsed.dedup();
+        let mut inner = self.lock();
+        let Some(n) = inner.nodes.get(&node) else {
+            return Err(Error::NotFound(format!("node {node}")));
+        };
+        if n.endpoints == parsed {
+            return Ok(());
+        }
+        self.store.set_node_endpoints(node, &parsed)?;
+        if let Some(n) = inner.nodes.get_mut(&node) {
+            n.endpoints = parsed;
+        }
+        let peers: BTreeSet<u64> = inner
+            .compiled
+            .view(node)
+            .map(|v| v.peers.clone())
+            .unwrap_or_default();
+        self.push(&mut inner, &peers, now);
+        Ok(())
+    }
+
+    // ---- netmaps ------------------------------------------------------------
+
+    fn next_serial(inner: &mut Inner, now: UnixMs) -> u64 {
+        inner.serial = (inner.serial + 1).max((now.max(0) as u64) * 1000);
+        inner.serial
+    }
+
+    fn persist_serial(&self, inner: &Inner) {
+        if let Err(e) = self.store.set_meta("serial", &inner.serial.to_string()) {
+            tracing::error!(error = %e, "cannot persist netmap serial");
+        }
+    }
+
+    /// The netmap of `node` as of now (unsigned), if the node is active.
+    pub fn netmap(&self, node: u64, now: UnixMs) -> Option<NetMap> {
+        let mut inner = self.lock();
+        self.build(&mut inner, node, now)
+    }
+
+    fn build(&self, inner: &mut Inner, node: u64, now: UnixMs) -> Option<NetMap> {
+        let me = inner
+            .nodes
+            .get(&node)
+            .filter(|n| is_active(n, now))?
+            .clone();
+        let view = inner.compiled.view(node).cloned().unwrap_or_default();
+        let peers = view
+            .peers
+            .iter()
+            .filter_map(|id| inner.nodes.get(id))
+            .filter(|p| is_active(p, now))
+            .map(|p| pb::Peer {
+                id: p.id,
+                name: p.name.clone(),
+                wg_key: p.wg_key.to_vec(),
+                allowed_ips: addresses(p),
+                endpoints: p.endpoints.clone(),
+                persistent_keepalive: self.cfg.persistent_keepalive,
+            })
+            .collect();
+        let inbound_rules = view
+            .inbound
+            .iter()
+            .map(|r| pb::InboundRule {
+                src_prefixes: r.src.iter().map(IpNet::to_string).collect(),
+                protocols: r.protocols.iter().map(|&p| u32::from(p)).collect(),
+                ports: r
+                    .ports
+                    .iter()
+                    .map(|p| pb::PortRange {
+                        first: p.first.into(),
+                        last: p.last.into(),
+                    })
+                    .collect(),
+                rule_id: r.rule_id.clone(),
+            })
+            .collect();
+        let serial = Self::next_serial(inner, now);
+        let mut not_after = now + self.cfg.netmap_ttl_ms;
+        if me.expiry_ms > 0 {
+            not_after = not_after.min(me.expiry_ms);
+        }
+        Some(NetMap {
+            serial,
+            issued_at_ms: now,
+            not_after_ms: not_after,
+            self_node: Some(pb::NodeInfo {
+                id: me.id,
+                name: me.name.clone(),
+                addresses: addresses(&me),
+                key_expiry_ms: me.expiry_ms,
+                machine_key: me.machine_key.to_vec(),
+                wg_key: me.wg_key.to_vec(),
+                user: me.user.clone().unwrap_or_default(),
+                tags: me.tags.clone(),
+            }),
+            peers,
+            inbound_rules,
+            dns_domain: self.cfg.dns_domain.clone(),
+        })
+    }
+
+    fn build_signed(&self, inner: &mut Inner, node: u64, now: UnixMs) -> Option<SignedNetMap> {
+        self.build(inner, node, now)
+            .map(|m| ztmesh_proto::netmap::sign(&self.signer, &m))
+    }
+
+    /// Sends fresh maps to the connected nodes in `affected`.
+    fn push(&self, inner: &mut Inner, affected: &BTreeSet<u64>, now: UnixMs) {
+        let mut sent = 0usize;
+        for id in affected {
+            if !inner.subs.contains_key(id) {
+                continue;
+            }
+            let update = match self.build_signed(inner, *id, now) {
+                Some(m) => Update::Map(Arc::new(m)),
+                None => Update::Closed("node was deleted or has expired".into()),
+            };
+            if let Some(sub) = inner.subs.get_mut(id) {
+                let _ = sub.tx.send(update);
+                sub.last_sent_ms = now;
+                sent += 1;
+            }
+        }
+        if sent > 0 {
+            self.persist_serial(inner);
+        }
+        tracing::debug!(affected = affected.len(), sent, "netmaps pushed");
+    }
+
+    /// Periodic housekeeping: expire nodes, delete offline ephemeral nodes,
+    /// refresh maps nearing their not-after time.
+    pub fn tick(&self, now: UnixMs) {
+        let mut inner = self.lock();
+        let mut affected = BTreeSet::new();
+        let expired: Vec<u64> = inner
+            .nodes
+            .values()
+            .filter(|n| !is_active(n, now) && inner.compiled.view(n.id).is_some())
+            .map(|n| n.id)
+            .collect();
+        for id in expired {
+            tracing::info!(node = id, "node key expired");
+            affected.extend(inner.compiled.remove_node(id));
+            affected.insert(id);
+        }
+        let stale_ephemeral: Vec<u64> = inner
+            .nodes
+            .values()
+            .filter(|n| {
+                n.ephemeral
+                    && !inner.online.contains(&n.id)
+                    && n.last_seen_ms + self.cfg.ephemeral_timeout_ms <= now
+            })
+            .map(|n| n.id)
+            .collect();
+        for id in stale_ephemeral {
+            if self.store.delete_node(id).is_ok() {
+                let name = inner.nodes.remove(&id).map(|n| n.name).unwrap_or_default();
+                let _ =
+                    self.store
+                        .audit(now, "controller", "node.delete.ephemeral", &name, "offline");
+                affected.extend(inner.compiled.remove_node(id));
+            }
+        }
+        let half = self.cfg.netmap_ttl_ms / 2;
+        let refresh: Vec<u64> = inner
+            .subs
+            .iter()
+            .filter(|(_, s)| s.last_sent_ms + half <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        affected.extend(refresh);
+        if !affected.is_empty() {
+            self.push(&mut inner, &affected, now);
+        }
+    }
+
+    // ---- admin operations ---------------------------------------------------
+
+    fn audit(&self, now: UnixMs, actor: &str, action: &str, target: &str, detail: &str) {
+        if let Err(e) = self.store.audit(now, actor, action, target, detail) {
+            tracing::error!(error = %e, action, "cannot write audit record");
+        }
+    }
+
+    pub fn create_user(&self, actor: &str, login: &str, now: UnixMs) -> Result<UserRow> {
+        validate_login(login)?;
+        let row = self.store.create_user(login, now)?;
+        self.audit(now, actor, "user.create", login, "");
+        Ok(row)
+    }
+
+    pub fn users(&self) -> Result<Vec<UserRow>> {
+        Ok(self.store.users()?)
+    }
+
+    pub fn delete_user(&self, actor: &str, login: &str, now: UnixMs) -> Result<()> {
+        let mut inner = self.lock();
+        let ids = self.store.delete_user(login)?;
+        let mut affected = BTreeSet::new();
+        for id in &ids {
+            inner.nodes.remove(id);
+            affected.extend(inner.compiled.remove_node(*id));
+            affected.insert(*id);
+        }
+        self.audit(
+            now,
+            actor,
+            "user.delete",
+            login,
+            &format!("nodes deleted: {ids:?}"),
+        );
+        self.push(&mut inner, &affected, now);
+        Ok(())
+    }
+
+    /// Creates an auth key; returns the row and the full secret (shown once).
+    ///
+    /// # Errors
+    /// `Invalid` for bad tags or neither user nor tags, `Forbidden` when the
+    /// policy's tagOwners do not let `user` own a requested tag, `NotFound` for
+    /// an unknown user.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_auth_key(
+        &self,
+        actor: &str,
+        user: Option<&str>,
+        tags: &[String],
+        reusable: bool,
+        ephemeral: bool,
+        expiry_ms: Option<i64>,
+        now: UnixMs,
+    ) -> Result<(AuthKeyRow, String)> {
+        if user.is_none() && tags.is_empty() {
+            return Err(Error::Invalid(
+                "an auth key needs --user or --tags (nodes are owned by a user or by tags)".into(),
+            ));
+        }
+        let mut tags: Vec<String> = tags.to_vec();
+        tags.sort();
+        tags.dedup();
+        for t in &tags {
+            validate_tag(t)?;
+        }
+        if let Some(u) = user {
+            validate_login(u)?;
+            let policy = self.lock().compiled.policy().clone();
+            for t in &tags {
+                if !policy.may_own_tag(u, t) {
+                    return Err(Error::Forbidden(format!(
+                        "policy tagOwners do not allow {u} to own {t}"
+                    )));
+                }
+            }
+        }
+        let ttl = expiry_ms.unwrap_or(self.cfg.auth_key_ttl_ms);
+        if ttl <= 0 || ttl > 10 * 365 * 24 * 3600 * 1000 {
+            return Err(Error::Invalid(
+                "expiry must be between 1s and 10 years".into(),
+            ));
+        }
+        let token = KeyToken::generate(Some(self.fingerprint), &mut OsRng);
+        let row = self.store.create_auth_key(&AuthKeyRow {
+            id: 0,
+            key_id: token.key_id.clone(),
+            secret_hash: token.secret_hash(),
+            user: user.map(str::to_string),
+            tags: tags.clone(),
+            reusable,
+            ephemeral,
+            created_ms: now,
+            expires_ms: now + ttl,
+            used_count: 0,
+            revoked: false,
+            created_by: actor.to_string(),
+        })?;
+        self.audit(
+            now,
+            actor,
+            "authkey.create",
+            &row.key_id,
+            &format!(
+                "user={} tags={} reusable={reusable} ephemeral={ephemeral}",
+                user.unwrap_or("-"),
+                tags.join(",")
+            ),
+        );
+        Ok((row, token.encode(auth::AUTH_KEY_PREFIX)))
+    }
+
+    pub fn auth_keys(&self) -> Result<Vec<AuthKeyRow>> {
+        Ok(self.store.auth_keys()?)
+    }
+
+    pub fn revoke_auth_key(&self, actor: &str, key_id: &str, now: UnixMs) -> Result<()> {
+        self.store.revoke_auth_key(key_id)?;
+        self.audit(now, actor, "authkey.revoke", key_id, "");
+        Ok(())
+    }
+
+    /// Finds a node by name or numeric id.
+    pub fn find_node(&self, r: &str) -> Result<NodeRow> {
+        let inner = self.lock();
+        let by_id = r.parse::<u64>().ok().and_then(|id| inner.nodes.get(&id));
+        by_id
+            .or_else(|| inner.nodes.values().find(|n| n.name == r))
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("node {r:?}")))
+    }
+
+    /// All nodes with their online state and the serial each last received.
+    pub fn nodes(&self) -> Vec<(NodeRow, bool)> {
+        let inner = self.lock();
+        inner
+            .nodes
+            .values()
+            .map(|n| (n.clone(), inner.online.contains(&n.id)))
+            .collect()
+    }
+
+    pub fn delete_node(&self, actor: &str, r: &str, now: UnixMs) -> Result<()> {
+        let node = self.find_node(r)?;
+        self.remove_node(actor, &node, "node.delete", now)
+    }
+
+    /// Deregisters the node itself (node-authenticated logout).
+    pub fn logout(&self, node: &NodeRow, now: UnixMs) -> Result<()> {
+        self.remove_node(&format!("node:{}", node.name), node, "node.logout", now)
+    }
+
+    fn remove_node(&self, actor: &str, node: &NodeRow, action: &str, now: UnixMs) -> Result<()> {
+        let mut inner = self.lock();
+        self.store.delete_node(node.id)?;
+        inner.nodes.remove(&node.id);
+        let mut affected = inner.compiled.remove_node(node.id);
+        affected.insert(node.id);
+        self.audit(now, actor, action, &node.name, &format!("id={}", node.id));
+        self.push(&mut inner, &affected, now);
+        Ok(())
+    }
+
+    pub fn expire_node(&self, actor: &str, r: &str, now: UnixMs) -> Result<NodeRow> {
+        let node = self.find_node(r)?;
+        let mut inner = self.lock();
+        self.store.set_node_expiry(node.id, now)?;
+        if let Some(n) = inner.nodes.get_mut(&node.id) {
+            n.expiry_ms = now;
+        }
+        let mut affected = inner.compiled.remove_node(node.id);
+        affected.insert(node.id);
+        self.audit(now, actor, "node.expire", &node.name, "");
+        self.push(&mut inner, &affected, now);
+        Ok(inner.nodes.get(&node.id).cloned().unwrap_or(node))
+    }
+
+    pub fn rename_node(
+        &self,
+        actor: &str,
+        r: &str,
+        new_name: &str,
+        now: UnixMs,
+    ) -> Result<NodeRow> {
+        let node = self.find_node(r)?;
+        let label = dns_label(new_name);
+        if label != new_name {
+            return Err(Error::Invalid(format!(
+                "invalid node name {new_name:?}: use lowercase letters, digits and '-' (e.g. {label:?})"
+            )));
+        }
+        let mut inner = self.lock();
+        self.store.rename_node(node.id, new_name)?;
+        let mut updated = node.clone();
+        updated.name = new_name.to_string();
+        inner.nodes.insert(node.id, updated.clone());
+        let mut affected = BTreeSet::new();
+        if is_active(&updated, now) {
+            affected = inner.compiled.upsert_node(node_info(&updated));
+            affected.insert(node.id);
+            // Peers see the new name too.
+            if let Some(v) = inner.compiled.view(node.id) {
+                affected.extend(v.peers.iter().copied());
+            }
+        }
+        self.audit(now, actor, "node.rename", &node.name, new_name);
+        self.push(&mut inner, &affected, now);
+        Ok(updated)
+    }
+
+    /// Replaces the policy if it parses and its tests pass; otherwise the old
+    /// one stays in force.
+    ///
+    /// # Errors
+    /// `Policy` with `FILE:LINE:COL: message` lines.
+    pub fn set_policy(&self, actor: &str, file_name: &str, text: &str, now: UnixMs) -> Result<u64> {
+        let policy = Policy::check(file_name, text).map_err(|e| Error::Policy(e.to_string()))?;
+        let mut inner = self.lock();
+        let row = self.store.set_policy(file_name, text, now)?;
+        let affected = inner.compiled.set_policy(policy);
+        inner.policy_row = Some(row.clone());
+        self.audit(
+            now,
+            actor,
+            "policy.set",
+            file_name,
+            &format!("version={} nodes affected={}", row.version, affected.len()),
+        );
+        self.push(&mut inner, &affected, now);
+        Ok(row.version)
+    }
+
+    pub fn policy_row(&self) -> Option<PolicyRow> {
+        self.lock().policy_row.clone()
+    }
+
+    /// What would change if `text` replaced the current policy. Changes nothing.
+    pub fn plan_policy(
+        &self,
+        file_name: &str,
+        text: &str,
+    ) -> Result<Vec<ztmesh_policy::FlowChange>> {
+        let policy = Policy::check(file_name, text).map_err(|e| Error::Policy(e.to_string()))?;
+        let inner = self.lock();
+        let nodes: Vec<PolicyNode> = inner.compiled.nodes().cloned().collect();
+        let new = Compiled::new(policy, nodes);
+        Ok(ztmesh_policy::plan(&inner.compiled, &new))
+    }
+
+    pub fn explain(
+        &self,
+        src: &str,
+        dst: &str,
+        port: u16,
+        proto: u8,
+    ) -> ztmesh_policy::Explanation {
+        let inner = self.lock();
+        let nodes: Vec<PolicyNode> = inner.compiled.nodes().cloned().collect();
+        inner
+            .compiled
+            .policy()
+            .explain(&nodes, src, dst, port, proto)
+    }
+
+    pub fn create_api_key(
+        &self,
+        actor: &str,
+        description: &str,
+        expiry_ms: Option<i64>,
+        now: UnixMs,
+    ) -> Result<(ApiKeyRow, String)> {
+        if description.len() > 200 || description.chars().any(char::is_control) {
+            return Err(Error::Invalid(
+                "description: at most 200 printable characters".into(),
+            ));
+        }
+        let ttl = expiry_ms.unwrap_or(90 * 24 * 3600 * 1000);
+        let token = KeyToken::generate(None, &mut OsRng);
+        let row = self.store.create_api_key(&ApiKeyRow {
+            id: 0,
+            key_id: token.key_id.clone(),
+            secret_hash: token.secret_hash(),
+            description: description.to_string(),
+            created_ms: now,
+            expires_ms: now + ttl,
+            revoked: false,
+        })?;
+        self.audit(now, actor, "apikey.create", &row.key_id, description);
+        Ok((row, token.encode(auth::API_KEY_PREFIX)))
+    }
+
+    pub fn api_keys(&self) -> Result<Vec<ApiKeyRow>> {
+        Ok(self.store.api_keys()?)
+    }
+
+    pub fn revoke_api_key(&self, actor: &str, key_id: &str, now: UnixMs) -> Result<()> {
+        self.store.revoke_api_key(key_id)?;
+        self.audit(now, actor, "apikey.revoke", key_id, "");
+        Ok(())
+    }
+
+    /// Checks an API key; returns the actor name for the audit log.
+    ///
+    /// # Errors
+    /// `Unauthenticated` for a malformed, unknown, revoked or expired key.
+    pub fn check_api_key(&self, text: &str, now: UnixMs) -> Result<String> {
+        let token = KeyToken::decode(auth::API_KEY_PREFIX, text)
+            .map_err(|_| Error::Unauthenticated("malformed API key".into()))?;
+        let keys = self.store.api_keys()?;
+        let hash = token.secret_hash();
+        let key = keys
+            .iter()
+            .find(|k| k.key_id == token.key_id)
+            .filter(|k| auth::ct_eq(&k.secret_hash, &hash))
+            .ok_or_else(|| Error::Unauthenticated("invalid API key".into()))?;
+        if key.revoked || key.expires_ms <= now {
+            return Err(Error::Unauthenticated("API key revoked or expired".into()));
+        }
+        Ok(format!("apikey:{}", key.key_id))
+    }
+
+    /// Generates a random ULA /48 (RFC 4193: fd00::/8 + 40 random bits).
+    pub fn random_ula() -> Ipv6Net {
+        let mut b = [0u8; 16];
+        b[0] = 0xfd;
+        OsRng.fill_bytes(&mut b[1..6]);
+        Ipv6Net::new(Ipv6Addr::from(b), 48).expect("48 is a valid prefix length")
+    }
+
+    pub fn serial(&self) -> u64 {
+        self.lock().serial
+    }
+}
+
+fn unique_name(nodes: &BTreeMap<u64, NodeRow>, base: &str, except: Option<u64>) -> String {
+    let taken = |n: &str| nodes.values().any(|x| x.name == n && Some(x.id) != except);
+    if !taken(base) {
+        return base.to_string();
+    }
+    (2..)
+        .map(|i| format!("{base}-{i}"))
+        .find(|n| !taken(n))
+        .expect("an unbounded range always finds a free name")
+}

@@ -1,0 +1,188 @@
+//! `ztmesh-controller serve`: data-dir initialisation, TLS, listeners, ticker.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use ipnet::Ipv6Net;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use ztmesh_proto::admin::admin_server::AdminServer;
+use ztmesh_proto::auth::{hex, sha256};
+use ztmesh_proto::control::control_server::ControlServer;
+use ztmesh_proto::keys::{write_secret_file, SigningKey};
+
+use crate::api::{AdminService, ControlService};
+use crate::mesh::{Mesh, MeshConfig};
+use crate::now_ms;
+use crate::store::{SqliteStore, Store};
+
+/// Files in the data dir.
+pub struct DataDir {
+    pub root: PathBuf,
+}
+
+impl DataDir {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+        }
+    }
+    pub fn signing_key(&self) -> PathBuf {
+        self.root.join("controller.key")
+    }
+    pub fn tls_cert(&self) -> PathBuf {
+        self.root.join("tls.crt")
+    }
+    pub fn tls_key(&self) -> PathBuf {
+        self.root.join("tls.key")
+    }
+    pub fn db(&self) -> PathBuf {
+        self.root.join("ztmesh.db")
+    }
+    pub fn admin_socket(&self) -> PathBuf {
+        self.root.join("admin.sock")
+    }
+}
+
+/// Decodes the first PEM block's body to DER.
+pub fn pem_to_der(pem: &str) -> anyhow::Result<Vec<u8>> {
+    let body: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body.trim())
+        .context("certificate PEM is not valid base64")
+}
+
+/// Creates the data dir (0700) and the TLS certificate if missing; returns the
+/// certificate PEM, key PEM and the certificate's SHA-256 fingerprint.
+pub fn init_tls(dir: &DataDir) -> anyhow::Result<(String, String, [u8; 32])> {
+    if !dir.tls_cert().exists() {
+        let ck = rcgen::generate_simple_self_signed(vec!["ztmesh-controller".to_string()])
+            .context("generating the TLS certificate")?;
+        write_secret_file(&dir.tls_key(), ck.signing_key.serialize_pem().as_bytes())?;
+        std::fs::write(dir.tls_cert(), ck.cert.pem())?;
+    }
+    let cert = std::fs::read_to_string(dir.tls_cert()).context("reading tls.crt")?;
+    let key = std::fs::read_to_string(dir.tls_key()).context("reading tls.key")?;
+    let fp = sha256(&pem_to_der(&cert)?);
+    Ok((cert, key, fp))
+}
+
+/// Reads the controller's fingerprint from an initialised data dir.
+pub fn fingerprint(dir: &DataDir) -> anyhow::Result<[u8; 32]> {
+    let cert = std::fs::read_to_string(dir.tls_cert())
+        .with_context(|| format!("reading {}", dir.tls_cert().display()))?;
+    Ok(sha256(&pem_to_der(&cert)?))
+}
+
+/// Prepares the data dir and the in-memory state.
+pub fn open(dir: &DataDir, cfg: MeshConfig) -> anyhow::Result<(Arc<Mesh>, String, String)> {
+    std::fs::create_dir_all(&dir.root)
+        .with_context(|| format!("creating data dir {}", dir.root.display()))?;
+    std::fs::set_permissions(&dir.root, std::fs::Permissions::from_mode(0o700))?;
+    let signer = SigningKey::load_or_generate(&dir.signing_key())?;
+    let (cert, key, fp) = init_tls(dir)?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.db())?);
+    let ula: Ipv6Net = match store.meta("ula")? {
+        Some(s) => s.parse().context("stored ULA prefix is invalid")?,
+        None => {
+            let ula = Mesh::random_ula();
+            store.set_meta("ula", &ula.to_string())?;
+            ula
+        }
+    };
+    let mesh = Mesh::load(store, signer, fp, ula, cfg, now_ms())?;
+    Ok((Arc::new(mesh), cert, key))
+}
+
+/// Runs the controller until SIGINT/SIGTERM.
+pub async fn serve(dir: &DataDir, listen: SocketAddr, cfg: MeshConfig) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let (mesh, cert, key) = open(dir, cfg)?;
+    println!("ztmesh controller");
+    println!("  fingerprint:    {}", hex(&mesh.fingerprint()));
+    println!("  controller key: {}", mesh.controller_key());
+    println!("  listening:      https://{listen}");
+    println!("  admin socket:   {}", dir.admin_socket().display());
+    run(dir, mesh, cert, key, listener, shutdown_signal()).await
+}
+
+/// Serves the Control and Admin APIs on `listener` (TLS) and the admin socket
+/// until `shutdown` completes. Used by `serve` and by in-process tests.
+pub async fn run(
+    dir: &DataDir,
+    mesh: Arc<Mesh>,
+    cert: String,
+    key: String,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    // Admin over the unix socket, authorized by its 0600 permissions.
+    let sock = dir.admin_socket();
+    let _ = std::fs::remove_file(&sock);
+    // The data dir is 0700, so the socket is never reachable by others, even
+    // in the moment between bind and chmod.
+    let uds = tokio::net::UnixListener::bind(&sock)
+        .with_context(|| format!("binding {}", sock.display()))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
+    let local_admin = AdminServer::new(AdminService {
+        mesh: mesh.clone(),
+        local: true,
+    });
+    let uds_task = tokio::spawn(async move {
+        Server::builder()
+            .add_service(local_admin)
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(uds))
+            .await
+    });
+
+    let ticker_mesh = mesh.clone();
+    let ticker = tokio::spawn(async move {
+        let mut t = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            t.tick().await;
+            ticker_mesh.tick(now_ms());
+        }
+    });
+
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    let result = Server::builder()
+        .tls_config(tls)?
+        .http2_keepalive_interval(Some(Duration::from_secs(15)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(ControlServer::new(ControlService { mesh: mesh.clone() }))
+        .add_service(AdminServer::new(AdminService {
+            mesh: mesh.clone(),
+            local: false,
+        }))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    ticker.abort();
+    uds_task.abort();
+    let _ = std::fs::remove_file(&sock);
+    if let Err(e) = result {
+        bail!("server failed: {}", ztmesh_proto::tls::error_chain(&e));
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down");
+}

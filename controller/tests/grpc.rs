@@ -1,0 +1,571 @@
+//! In-process gRPC tests: a real controller (TLS listener on 127.0.0.1, admin
+//! unix socket, SQLite file in a temp dir) driven through real tonic clients.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand_core::OsRng;
+use tonic::Code;
+use ztmesh_controller::cli::{self, ConnArgs};
+use ztmesh_controller::mesh::{Mesh, MeshConfig};
+use ztmesh_controller::now_ms;
+use ztmesh_controller::server::{self, DataDir};
+use ztmesh_proto::admin as apb;
+use ztmesh_proto::auth::{self, methods, signed_request};
+use ztmesh_proto::control::{self as pb, control_client::ControlClient};
+use ztmesh_proto::keys::{SigningKey, WgPrivateKey};
+use ztmesh_proto::netmap;
+
+const POLICY: &str = r#"{
+  "groups": {"group:eng": ["alice@example.com", "bob@example.com"]},
+  "tagOwners": {"tag:web": ["group:eng"], "tag:db": []},
+  "acls": [
+    {"action": "accept", "src": ["group:eng"], "dst": ["tag:web:443"]},
+    {"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432"]},
+  ],
+}"#;
+
+struct Ctl {
+    _dir: tempfile::TempDir,
+    data: DataDir,
+    url: String,
+    fp: [u8; 32],
+    mesh: Arc<Mesh>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Ctl {
+    async fn start() -> Ctl {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::new(&dir.path().join("data"));
+        let (mesh, cert, key) = server::open(&data, MeshConfig::default()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let d2 = DataDir::new(&data.root);
+        let m2 = mesh.clone();
+        let task = tokio::spawn(async move {
+            server::run(&d2, m2, cert, key, listener, async {
+                let _ = rx.await;
+            })
+            .await
+        });
+        let fp = mesh.fingerprint();
+        // Wait until the admin socket answers.
+        let conn = ConnArgs {
+            data_dir: data.root.clone(),
+            server: None,
+            api_key: None,
+            fingerprint: None,
+        };
+        for _ in 0..100 {
+            if cli::connect(&conn).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ctl {
+            _dir: dir,
+            data,
+            url,
+            fp,
+            mesh,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    async fn admin(&self) -> cli::Client {
+        cli::connect(&ConnArgs {
+            data_dir: self.data.root.clone(),
+            server: None,
+            api_key: None,
+            fingerprint: None,
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn control(&self) -> ControlClient<tonic::transport::Channel> {
+        let ch = ztmesh_proto::tls::connect(&self.url, self.fp, Duration::from_secs(5))
+            .await
+            .unwrap();
+        ControlClient::new(ch)
+    }
+
+    async fn key(&self, user: &str, tags: &[&str], reusable: bool) -> String {
+        let r = self
+            .admin()
+            .await
+            .create_auth_key(apb::CreateAuthKeyRequest {
+                user: user.into(),
+                tags: tags.iter().map(|s| s.to_string()).collect(),
+                reusable,
+                ephemeral: false,
+                expiry_secs: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        r.secret
+    }
+
+    async fn set_policy(&self, text: &str) {
+        self.admin()
+            .await
+            .set_policy(apb::SetPolicyRequest {
+                file_name: "policy.hujson".into(),
+                text: text.into(),
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+struct TestNode {
+    machine: SigningKey,
+    wg: WgPrivateKey,
+    id: u64,
+    name: String,
+}
+
+fn enroll_request(
+    key: &str,
+    machine: &SigningKey,
+    wg: &WgPrivateKey,
+    host: &str,
+) -> pb::EnrollRequest {
+    let ts = now_ms();
+    let mk = machine.public().as_bytes().to_vec();
+    let wk = wg.public().as_bytes().to_vec();
+    let proof = machine
+        .sign(&auth::enroll_message(key, &mk, &wk, host, ts))
+        .to_vec();
+    pb::EnrollRequest {
+        auth_key: key.into(),
+        machine_key: mk,
+        wg_key: wk,
+        hostname: host.into(),
+        timestamp_ms: ts,
+        proof,
+    }
+}
+
+async fn enroll(ctl: &Ctl, key: &str, host: &str) -> Result<TestNode, tonic::Status> {
+    let machine = SigningKey::generate(&mut OsRng);
+    let wg = WgPrivateKey::generate(&mut OsRng);
+    let r = ctl
+        .control()
+        .await
+        .enroll(enroll_request(key, &machine, &wg, host))
+        .await?
+        .into_inner();
+    Ok(TestNode {
+        machine,
+        wg,
+        id: r.node_id,
+        name: r.name,
+    })
+}
+
+async fn open_stream(
+    ctl: &Ctl,
+    node: &TestNode,
+) -> Result<tonic::Streaming<pb::SignedNetMap>, tonic::Status> {
+    let req = signed_request(
+        &node.machine,
+        methods::STREAM_NETMAP,
+        pb::StreamNetMapRequest { have_serial: 0 },
+        now_ms(),
+        &mut OsRng,
+    );
+    Ok(ctl.control().await.stream_net_map(req).await?.into_inner())
+}
+
+async fn next_map(ctl: &Ctl, s: &mut tonic::Streaming<pb::SignedNetMap>, have: u64) -> pb::NetMap {
+    let signed = tokio::time::timeout(Duration::from_secs(1), s.message())
+        .await
+        .expect("a netmap within 1 s")
+        .unwrap()
+        .expect("stream open");
+    netmap::verify(&ctl.mesh.controller_key(), &signed, have, now_ms())
+        .expect("valid signed netmap")
+}
+
+fn peer_names(m: &pb::NetMap) -> Vec<String> {
+    m.peers.iter().map(|p| p.name.clone()).collect()
+}
+
+#[tokio::test]
+async fn enrolls_with_user_tag_and_reusable_keys() {
+    let ctl = Ctl::start().await;
+    ctl.set_policy(POLICY).await;
+    ctl.admin()
+        .await
+        .create_user(apb::CreateUserRequest {
+            login: "alice@example.com".into(),
+        })
+        .await
+        .unwrap();
+    let k_user = ctl.key("alice@example.com", &[], false).await;
+    let k_tag = ctl.key("", &["tag:web"], false).await;
+    let k_reuse = ctl.key("", &["tag:db"], true).await;
+    let a = enroll(&ctl, &k_user, "Alice's Laptop").await.unwrap();
+    assert_eq!(a.name, "alice-s-laptop");
+    let w = enroll(&ctl, &k_tag, "web").await.unwrap();
+    let d1 = enroll(&ctl, &k_reuse, "db").await.unwrap();
+    let d2 = enroll(&ctl, &k_reuse, "db").await.unwrap();
+    assert_eq!(d2.name, "db-2", "names are made unique");
+    let nodes = ctl
+        .admin()
+        .await
+        .list_nodes(apb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    assert_eq!(nodes.len(), 4);
+    let web = nodes.iter().find(|n| n.id == w.id).unwrap();
+    assert_eq!(web.tags, vec!["tag:web".to_string()]);
+    assert!(web.addresses[0].starts_with("100.64."));
+    assert!(web.addresses[1].starts_with("fd"));
+    let alice = nodes.iter().find(|n| n.id == a.id).unwrap();
+    assert_eq!(alice.user, "alice@example.com");
+    assert_ne!(d1.id, d2.id);
+    ctl.stop().await;
+}
+
+#[tokio::test]
+async fn single_use_key_wins_exactly_one_concurrent_enrollment() {
+    let ctl = Ctl::start().await;
+    let key = ctl.key("", &["tag:web"], false).await;
+    let (a, b) = tokio::join!(enroll(&ctl, &key, "a"), enroll(&ctl, &key, "b"));
+    assert_eq!(
+        [a.is_ok(), b.is_ok()].iter().filter(|x| **x).count(),
+        1,
+        "exactly one enrollment succeeds"
+    );
+    ctl.stop().await;
+}
+
+#[tokio::test]
+async fn refuses_reused_expired_and_revoked_keys_with_clear_messages() {
+    let ctl = Ctl::start().await;
+    let key = ctl.key("", &["tag:web"], false).await;
+    enroll(&ctl, &key, "first").await.unwrap();
+    let e = enroll(&ctl, &key, "second").await.err().unwrap();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("already used"), "{}", e.message());
+
+    let revoked = ctl.key("", &["tag:web"], true).await;
+    let key_id = revoked.split('.').nth(1).unwrap().to_string();
+    ctl.admin()
+        .await
+        .revoke_auth_key(apb::RevokeAuthKeyRequest { key_id })
+        .await
+        .unwrap();
+    let e = enroll(&ctl, &revoked, "x").await.err().unwrap();
+    assert!(e.message().contains("revoked"), "{}", e.message());
+
+    let (row, expired) = ctl
+        .mesh
+        .create_auth_key(
+            "test",
+            None,
+            &["tag:web".into()],
+            true,
+            false,
+            Some(1),
+            now_ms() - 10,
+        )
+        .unwrap();
+    assert!(row.expires_ms < now_ms());
+    let e = enroll(&ctl, &expired, "y").await.err().unwrap();
+    assert!(e.message().contains("expired"), "{}", e.message());
+
+    let e = enroll(&ctl, "ztmk1.garbage", "z").await.err().unwrap();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("malformed"), "{}", e.message());
+    ctl.stop().await;
+}
+
+#[tokio::test]
+async fn refuses_wrong_stale_and_replayed_proofs() {
+    let ctl = Ctl::start().await;
+    let key = ctl.key("", &["tag:web"], true).await;
+    let a = enroll(&ctl, &key, "a").await.unwrap();
+    let mut c = ctl.control().await;
+
+    // No proof at all.
+    let e = c
+        .stream_net_map(pb::StreamNetMapRequest::default())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), Code::Unauthenticated);
+
+    // A proof by a key that is not enrolled.
+    let stranger = SigningKey::generate(&mut OsRng);
+    let req = signed_request(
+        &stranger,
+        methods::STREAM_NETMAP,
+        pb::StreamNetMapRequest::default(),
+        now_ms(),
+        &mut OsRng,
+    );
+    assert_eq!(
+        c.stream_net_map(req).await.err().unwrap().code(),
+        Code::Unauthenticated
+    );
+
+    // A proof made for another method.
+    let req = signed_request(
+        &a.machine,
+        methods::LOGOUT,
+        pb::StreamNetMapRequest::default(),
+        now_ms(),
+        &mut OsRng,
+    );
+    assert_eq!(
+        c.stream_net_map(req).await.err().unwrap().code(),
+        Code::Unauthenticated
+    );
+
+    // A stale proof.
+    let req = signed_request(
+        &a.machine,
+        methods::STREAM_NETMAP,
+        pb::StreamNetMapRequest::default(),
+        now_ms() - 120_000,
+        &mut OsRng,
+    );
+    let e = c.stream_net_map(req).await.err().unwrap();
+    assert!(e.message().contains("window"), "{}", e.message());
+
+    // The same proof twice.
+    let req = signed_request(
+        &a.machine,
+        methods::STREAM_NETMAP,
+        pb::StreamNetMapRequest::default(),
+        now_ms(),
+        &mut OsRng,
+    );
+    let proof = req.metadata().get(auth::PROOF_HEADER).unwrap().clone();
+    c.stream_net_map(req).await.unwrap();
+    let mut replay = tonic::Request::new(pb::StreamNetMapRequest::default());
+    replay.metadata_mut().insert(auth::PROOF_HEADER, proof);
+    let e = c.stream_net_map(replay).await.err().unwrap();
+    assert!(e.message().contains("replay"), "{}", e.message());
+    ctl.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_only_ever_receives_its_own_map() {
+    let ctl = Ctl::start().await;
+    ctl.set_policy(POLICY).await;
+    let kw = ctl.key("", &["tag:web"], false).await;
+    let kd = ctl.key("", &["tag:db"], false).await;
+    let w = enroll(&ctl, &kw, "web").await.unwrap();
+    let d = enroll(&ctl, &kd, "db").await.unwrap();
+    let mut s = open_stream(&ctl, &w).await.unwrap();
+    let m = next_map(&ctl, &mut s, 0).await;
+    let me = m.self_node.unwrap();
+    assert_eq!(me.id, w.id);
+    assert_eq!(me.wg_key, w.wg.public().as_bytes().to_vec());
+    assert_eq!(peer_names(&m), vec![d.name.clone()]);
+
+    // Claiming A's key in the proof but signing with B's key fails.
+    let mut proof =
+        auth::NodeProof::create(&d.machine, methods::STREAM_NETMAP, now_ms(), &mut OsRng);
+    proof.machine_key = w.machine.public();
+    let mut req = tonic::Request::new(pb::StreamNetMapRequest::default());
+    req.metadata_mut()
+        .insert(auth::PROOF_HEADER, proof.to_string().parse().unwrap());
+    let e = ctl.control().await.stream_net_map(req).await.err().unwrap();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    ctl.stop().await;
+}
+
+#[tokio::test]
+async fn maps_are_signed_serials_increase_and_changes_arrive_within_a_second() {
+    let ctl = Ctl::start().await;
+    let kw = ctl.key("", &["tag:web"], false).await;
+    let kd = ctl.key("", &["tag:db"], true).await;
+    let w = enroll(&ctl, &kw, "web").await.unwrap();
+    let d = enroll(&ctl, &kd, "db").await.unwrap();
+    let mut sw = open_stream(&ctl, &w).await.unwrap();
+    let mut sd = open_stream(&ctl, &d).await.unwrap();
+    let m0 = next_map(&ctl, &mut sw, 0).await;
+    assert!(m0.peers.is_empty(), "no policy: deny all, no peers");
+    assert!(m0.inbound_rules.is_empty());
+    let d0 = next_map(&ctl, &mut sd, 0).await;
+
+    ctl.set_policy(POLICY).await;
+    let m1 = next_map(&ctl, &mut sw, m0.serial).await;
+    assert!(m1.serial > m0.serial);
+    assert_eq!(peer_names(&m1), vec!["db".to_string()]);
+    let d1 = next_map(&ctl, &mut sd, d0.serial).await;
+    assert_eq!(d1.inbound_rules.len(), 1);
+    assert_eq!(d1.inbound_rules[0].protocols.len() >= 1, true);
+    assert!(d1.inbound_rules[0]
+        .ports
+        .iter()
+        .any(|p| p.first == 5432 && p.last == 5432));
+
+    // A second db joins: web learns it; the first db (no flow with db-2) gets nothing.
+    let d2 = enroll(&ctl, &kd, "db").await.unwrap();
+    let m2 = next_map(&ctl, &mut sw, m1.serial).await;
+    assert_eq!(peer_names(&m2), vec!["db".to_string(), d2.name.clone()]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sd.message())
+            .await
+            .is_err(),
+        "an unaffected node receives nothing"
+    );
+
+    // Deleting db-2 removes it from web's map within a second.
+    ctl.admin()
+        .await
+        .delete_node(apb::NodeRef {
+            node: d2.name.clone(),
+        })
+        .await
+        .unwrap();
+    let m3 = next_map(&ctl, &mut sw, m2.serial).await;
+    assert_eq!(peer_names(&m3), vec!["db".to_string()]);
+    ctl.stop().await;
+}
+
+#[tokio::test]
+async fn deleted_and_expired_nodes_are_refused_and_vanish() {
+    let ctl = Ctl::start().await;
+    ctl.set_policy(POLICY).await;
+    let kw = ctl.key("", &["tag:web"], false).await;
+    let kd = ctl.key("", &["tag:db"], false).await;
+    let w = enroll(&ctl, &kw, "web").await.unwrap();
+    let d = enroll(&ctl, &kd, "db").await.unwrap();
+    let mut sd = open_stream(&ctl, &d).await.unwrap();
+    let m = next_map(&ctl, &mut sd, 0).await;
+    assert_eq!(peer_names(&m), vec!["web".to_string()]);
+
+    ctl.admin()
+        .await
+        .expire_node(apb::NodeRef {
+            node: w.name.clone(),
+        })
+        .await
+        .unwrap();
+    let m2 = next_map(&ctl, &mut sd, m.serial).await;
+    assert!(m2.peers.is_empty(), "expired node vanishes from maps");
+    let e = open_stream(&ctl, &w).await.err().unwrap();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("expired"), "{}", e.message());
+
+    ctl.admin()
+        .await
+        .delete_node(apb::NodeRef {
+            node: d.id.to_string(),
+        })
+        .await
+        .unwrap();
+    // The deleted node's own stream ends.
+    let end = tokio::time::timeout(Duration::from_secs(1), sd.message())
+        .await
+        .unwrap();
+    assert!(
+        end.is_err(),
+        "stream of a deleted node is closed with an error"
+    );
+    assert!(open_stream(&ctl, &d).await.is_err());
+    ctl.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_policy_is_refused_and_the_old_one_stays() {
+    let ctl = Ctl::start().await;
+    ctl.set_policy(POLICY).await;
+    let e = ctl
+        .admin()
+        .await
+        .set_policy(apb::SetPolicyRequest {
+            file_name: "bad.hujson".into(),
+            text: "{\n  \"acls\": [ {\"action\": \"accept\", \"src\": [\"group:nope\"], \"dst\": [\"*:*\"]} ]\n}".into(),
+        })
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("bad.hujson:2:"), "{}", e.message());
+    let p = ctl
+        .admin()
+        .await
+        .get_policy(apb::GetPolicyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.text, POLICY);
+    ctl.stop().await;
+}
+
+#[tokio::test]
+async fn remote_admin_needs_a_valid_api_key() {
+    let ctl = Ctl::start().await;
+    let secret = ctl
+        .admin()
+        .await
+        .create_api_key(apb::CreateApiKeyRequest {
+            description: "ci".into(),
+            expiry_secs: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let remote = |key: Option<&str>| ConnArgs {
+        data_dir: "/nonexistent".into(),
+        server: Some(ctl.url.clone()),
+        api_key: key.map(str::to_string),
+        fingerprint: Some(auth::hex(&ctl.fp)),
+    };
+    let mut good = cli::connect(&remote(Some(&secret))).await.unwrap();
+    good.list_nodes(apb::ListNodesRequest {}).await.unwrap();
+
+    let forged = format!("{}AAAA", &secret[..secret.len() - 4]);
+    let mut bad = cli::connect(&remote(Some(&forged))).await.unwrap();
+    let e = bad
+        .list_nodes(apb::ListNodesRequest {})
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), Code::Unauthenticated);
+
+    // No key at all.
+    let ch = ztmesh_proto::tls::connect(&ctl.url, ctl.fp, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut none = apb::admin_client::AdminClient::new(ch);
+    let e = none
+        .list_nodes(apb::ListNodesRequest {})
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), Code::Unauthenticated);
+
+    // Wrong pin: the TLS handshake fails before any request.
+    assert!(
+        ztmesh_proto::tls::connect(&ctl.url, [0; 32], Duration::from_secs(5))
+            .await
+            .is_err()
+    );
+    ctl.stop().await;
+}
