@@ -34,7 +34,7 @@ use std::fs::{self, File};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
@@ -309,14 +309,14 @@ impl Netns {
     /// addresses, or `ADDR:PORT` / `[V6]:PORT`) and waits until every listener is bound.
     ///
     /// # Panics
-    /// If the listeners are not up within 5 s (the log is printed).
+    /// If the listeners are not up within 8 s (the log is printed).
     pub fn spawn_echo(&self, specs: &[&str]) -> Proc {
         let echo = bin_path("ztm-echo");
         let mut args: Vec<&OsStr> = vec![echo.as_os_str(), OsStr::new("serve")];
         args.extend(specs.iter().map(OsStr::new));
         let mut proc = self.spawn("echo", args);
         let want = specs.len();
-        let ready = wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        let ready = wait_until(Duration::from_secs(8), Duration::from_millis(20), || {
             proc.stdout()
                 .lines()
                 .filter(|l| l.starts_with("listening "))
@@ -340,10 +340,20 @@ impl Netns {
     /// # Errors
     /// The echo client's one-line reason: refused, timed out, short or wrong reply.
     pub fn tcp_check(&self, addr: &str, port: u16, timeout: Duration) -> Result<(), String> {
+        self.echo_client("check", addr, port, timeout)
+    }
+
+    fn echo_client(
+        &self,
+        mode: &str,
+        addr: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<(), String> {
         let echo = bin_path("ztm-echo");
         let out = self.run([
             echo.as_os_str(),
-            OsStr::new("check"),
+            OsStr::new(mode),
             OsStr::new(addr),
             OsStr::new(&port.to_string()),
             OsStr::new(&timeout.as_millis().to_string()),
@@ -353,10 +363,19 @@ impl Netns {
         } else {
             let mut msg = String::from_utf8_lossy(&out.stderr).trim().to_owned();
             if msg.is_empty() {
-                msg = format!("ztm-echo check exited with {}", out.status);
+                msg = format!("ztm-echo {mode} exited with {}", out.status);
             }
             Err(msg)
         }
+    }
+
+    /// Opens a TCP connection from this namespace to `addr:port` within
+    /// `timeout` and closes it (for servers that do not echo, e.g. TLS).
+    ///
+    /// # Errors
+    /// The client's one-line reason.
+    pub fn tcp_connect(&self, addr: &str, port: u16, timeout: Duration) -> Result<(), String> {
+        self.echo_client("connect", addr, port, timeout)
     }
 
     /// Sets the namespace's interface `dev` up or down.
@@ -671,6 +690,8 @@ pub struct Proc {
     stdout_path: PathBuf,
     stderr_path: PathBuf,
     exit: Option<ExitStatus>,
+    /// Set once [`Proc::logs`] was called, so a panic does not print them twice.
+    logs_shown: AtomicBool,
     _dir: TempDir,
 }
 
@@ -706,6 +727,7 @@ impl Proc {
             stdout_path,
             stderr_path,
             exit: None,
+            logs_shown: AtomicBool::new(false),
             _dir: dir,
         }
     }
@@ -774,8 +796,10 @@ impl Proc {
         fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
-    /// Both streams, labelled, for failure messages.
+    /// Both streams, labelled, for failure messages. (A `Proc` dropped while
+    /// the thread panics prints them, unless this was called before.)
     pub fn logs(&self) -> String {
+        self.logs_shown.store(true, Ordering::Relaxed);
         format!(
             "----- {} (pid {}) stdout -----\n{}\n----- {} stderr -----\n{}\n-----",
             self.label,
@@ -792,7 +816,7 @@ impl Drop for Proc {
         if self.try_exit_status().is_none() {
             self.stop();
         }
-        if std::thread::panicking() {
+        if std::thread::panicking() && !self.logs_shown.load(Ordering::Relaxed) {
             eprintln!("{}", self.logs());
         }
     }

@@ -48,6 +48,9 @@ fn bridge_topology_carries_tcp_echo_and_is_removed_on_drop() {
     topo.ns("a")
         .tcp_check(&topo.addr6("b").to_string(), 7000, Duration::from_secs(3))
         .expect("a reaches b's echo server over the bridge (IPv6)");
+    topo.ns("a")
+        .tcp_connect(&b, 7000, Duration::from_secs(3))
+        .expect("plain connect to b's echo server");
     let err = topo
         .ns("a")
         .tcp_check(&b, 7009, Duration::from_secs(1))

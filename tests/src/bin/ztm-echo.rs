@@ -4,11 +4,14 @@
 //! ```text
 //! ztm-echo serve SPEC...                      SPEC = PORT | ADDR:PORT | [V6ADDR]:PORT
 //! ztm-echo check ADDR PORT TIMEOUT_MS         one connection, payload must come back
+//! ztm-echo connect ADDR PORT TIMEOUT_MS       a TCP connection is accepted (any server)
 //! ztm-echo stream ADDR PORT COUNT INTERVAL_MS TIMEOUT_MS
 //!                                             one connection, COUNT round trips
 //! ```
 //!
-//! `serve` prints `listening ADDR` per bound listener (tests poll for it) and
+//! `serve` retries a bind for a few seconds while its address is not (yet)
+//! assigned, which happens while a TUN device comes up or IPv6 DAD runs; it
+//! prints `listening ADDR` per bound listener (tests poll for it) and
 //! exits by itself after `ZTM_ECHO_MAX_SECS` (default 3600) so that a leaked
 //! server cannot outlive a test run for long. `check` and `stream` exit 0 on
 //! success and print a one-line reason on stderr and exit 1 otherwise.
@@ -30,6 +33,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("serve") if args.len() >= 2 => serve(&args[1..]),
         Some("check") if args.len() == 4 => check(&args[1], &args[2], &args[3]),
+        Some("connect") if args.len() == 4 => connect_only(&args[1], &args[2], &args[3]),
         Some("stream") if args.len() == 6 => {
             stream(&args[1], &args[2], &args[3], &args[4], &args[5])
         }
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
 
 fn usage() -> String {
     "usage: ztm-echo serve SPEC... | check ADDR PORT TIMEOUT_MS | \
+     connect ADDR PORT TIMEOUT_MS | \
      stream ADDR PORT COUNT INTERVAL_MS TIMEOUT_MS"
         .to_owned()
 }
@@ -58,8 +63,7 @@ fn serve(specs: &[String]) -> Result<(), String> {
     let mut listeners = Vec::new();
     for spec in specs {
         let addr = parse_listen(spec)?;
-        let l = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
-        listeners.push(l);
+        listeners.push(bind_retrying(addr)?);
     }
     let mut out = io::stdout();
     for l in &listeners {
@@ -72,6 +76,26 @@ fn serve(specs: &[String]) -> Result<(), String> {
     }
     std::thread::sleep(Duration::from_secs(max_secs));
     Err(format!("exiting after ZTM_ECHO_MAX_SECS={max_secs}"))
+}
+
+/// Binds `addr`, retrying while the address is not assigned yet (bounded).
+fn bind_retrying(addr: SocketAddr) -> Result<TcpListener, String> {
+    const ATTEMPTS: u32 = 100;
+    let mut last = None;
+    for _ in 0..ATTEMPTS {
+        match TcpListener::bind(addr) {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => {
+                last = Some(e);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(format!("bind {addr}: {e}")),
+        }
+    }
+    Err(format!(
+        "bind {addr}: {} (after {ATTEMPTS} attempts)",
+        last.expect("loop ran")
+    ))
 }
 
 fn accept_loop(listener: TcpListener) {
@@ -179,6 +203,14 @@ fn check(addr: &str, port: &str, timeout_ms: &str) -> Result<(), String> {
         ));
     }
     println!("ok {to} rtt_ms={}", start.elapsed().as_millis());
+    Ok(())
+}
+
+fn connect_only(addr: &str, port: &str, timeout_ms: &str) -> Result<(), String> {
+    let to = target(addr, port)?;
+    let timeout = millis(timeout_ms)?;
+    connect(to, timeout)?;
+    println!("ok {to}");
     Ok(())
 }
 

@@ -1,0 +1,1092 @@
+//! End-to-end scenarios of issue 5: a real controller and real node daemons
+//! (`ztmesh-controller`, `ztmesh`) in network namespaces, checked with real TCP
+//! connections that exchange data through the overlay.
+//!
+//! ```text
+//!                      switch ns: bridge br0 (198.18.0.0/24, fd00:18::/64)
+//!      ┌──────────────┬──────────────┬──────────────┬──────────────┐
+//!  controller        alice           bob            web            db
+//!  198.18.0.1       198.18.0.2      198.18.0.3     198.18.0.4     198.18.0.5
+//!  :8443 (TLS)      ztm0            ztm0           ztm0           ztm0
+//!                   alice-laptop    bob-laptop     tag:web        tag:db
+//!                   (alice@…,       (bob@…,
+//!                    group:eng)      group:eng)
+//!
+//!  overlay: 100.64.0.0/10 + the controller's ULA /48, assigned at enrollment.
+//!  policy:  group:eng → tag:web:443,  tag:web → tag:db:5432,  nothing else.
+//!  every node runs `ztm-echo serve` on its overlay addresses, ports 22, 443, 5432.
+//! ```
+//!
+//! Each test builds its own topology (unique namespace names), starts its own
+//! controller and daemons, and removes everything when it ends, also on failure;
+//! then the logs of every process are printed.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use ztmesh_tests::{bin_path, require_root_or_skip, wait_until, Netns, Proc, TempDir, Topology};
+
+const CONTROLLER: &str = "controller";
+const CONTROLLER_PORT: u16 = 8443;
+const ALICE: &str = "alice";
+const BOB: &str = "bob";
+const WEB: &str = "web";
+const DB: &str = "db";
+const NODES: [&str; 4] = [ALICE, BOB, WEB, DB];
+const PORTS: [u16; 3] = [22, 443, 5432];
+/// Flows the scenario-1 policy allows: (from, to, port).
+const ALLOWED: [(&str, &str, u16); 3] = [(ALICE, WEB, 443), (BOB, WEB, 443), (WEB, DB, 5432)];
+
+/// How long a CLI call may take before the test gives up on it.
+const CLI_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a TCP check waits for a connection that should be denied.
+const DENY_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How long a TCP check waits for a connection that should be allowed.
+const ALLOW_TIMEOUT: Duration = Duration::from_secs(5);
+/// The propagation bound of issue 5 (scenarios 2 and 3).
+const PROPAGATION_BOUND: Duration = Duration::from_secs(2);
+/// How long we keep polling past the bound, to print the real figure when slow.
+const PROPAGATION_WAIT: Duration = Duration::from_secs(15);
+
+const POLICY_MARKER: &str = "e2e-policy-base";
+const POLICY: &str = r#"// ztmesh end-to-end policy (e2e-policy-base).
+{
+  "groups": {
+    "group:eng": ["alice@example.com", "bob@example.com"],
+  },
+  "tagOwners": {
+    "tag:web": ["group:eng"],
+    "tag:db": ["group:eng"],
+  },
+  "acls": [
+    // Engineers' laptops reach the web tier on HTTPS only.
+    {"action": "accept", "src": ["group:eng"], "dst": ["tag:web:443"]},
+    // The web tier reaches the database.
+    {"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432"]},
+  ],
+}
+"#;
+/// [`POLICY`] plus laptops → db:5432.
+const POLICY_WITH_DB_ACCESS: &str = r#"// ztmesh end-to-end policy (e2e-policy-db-access).
+{
+  "groups": {
+    "group:eng": ["alice@example.com", "bob@example.com"],
+  },
+  "tagOwners": {
+    "tag:web": ["group:eng"],
+    "tag:db": ["group:eng"],
+  },
+  "acls": [
+    {"action": "accept", "src": ["group:eng"], "dst": ["tag:web:443"]},
+    {"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432"]},
+    // Added by the test: laptops reach the database directly.
+    {"action": "accept", "src": ["group:eng"], "dst": ["tag:db:5432"]},
+  ],
+}
+"#;
+
+// ---------------------------------------------------------------------------
+// Scenarios
+// ---------------------------------------------------------------------------
+
+/// Scenario 1: every allowed (pair, port) connects and exchanges data; every
+/// other one fails, in both address families.
+#[test]
+fn policy_admits_exactly_the_allowed_flows_between_four_nodes() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let mesh = Mesh::standard();
+
+    for node in NODES {
+        let n = mesh.node(node);
+        assert!(
+            in_cgnat(n.v4),
+            "{node}: overlay IPv4 {} not in 100.64.0.0/10",
+            n.v4
+        );
+        if let Some(v6) = n.v6 {
+            assert!(is_ula(v6), "{node}: overlay IPv6 {v6} not a ULA");
+        }
+    }
+    let listed = mesh.nodes_list();
+    for node in NODES {
+        let entry = find_node(&listed, mesh.node(node).hostname)
+            .unwrap_or_else(|| panic!("{node} missing from nodes list: {listed:#}"));
+        let addrs = json_addresses(entry);
+        assert!(
+            addrs.contains(&IpAddr::V4(mesh.node(node).v4)),
+            "nodes list and `ztmesh ip` disagree for {node}: {addrs:?}"
+        );
+    }
+
+    let mut flows = Vec::new();
+    for from in NODES {
+        for to in NODES {
+            if from == to {
+                continue;
+            }
+            for port in PORTS {
+                let allowed = ALLOWED.contains(&(from, to, port));
+                flows.push(Flow::v4(&mesh, from, to, port, allowed));
+                if mesh.node(from).v6.is_some() && mesh.node(to).v6.is_some() {
+                    flows.push(Flow::v6(&mesh, from, to, port, allowed));
+                }
+            }
+        }
+    }
+    let report = check_flows(&mesh, &flows);
+    println!("{}", report.table);
+    assert!(
+        report.mismatches.is_empty(),
+        "flows differ from the policy:\n{}",
+        report.table
+    );
+    // Sanity: the matrix really contains both kinds of flow.
+    assert!(flows.iter().filter(|f| f.allowed).count() >= ALLOWED.len());
+    assert!(flows
+        .iter()
+        .any(|f| f.from == ALICE && f.to == DB && !f.allowed));
+    assert!(flows
+        .iter()
+        .any(|f| f.from == DB && f.to == WEB && !f.allowed));
+}
+
+/// Scenario 2: adding and then removing a rule takes effect within 2 s.
+#[test]
+fn policy_change_adding_then_removing_a_rule_reaches_nodes_within_two_seconds() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let mesh = Mesh::standard();
+    mesh.expect_denied(ALICE, DB, 5432);
+
+    mesh.set_policy(POLICY_WITH_DB_ACCESS);
+    let start = Instant::now();
+    let added = wait_until(PROPAGATION_WAIT, Duration::from_millis(20), || {
+        mesh.try_flow(ALICE, DB, 5432, Duration::from_millis(300))
+            .is_ok()
+    });
+    let added_took = start.elapsed();
+    println!("scenario 2: rule added   -> alice-laptop reaches db:5432 after {added_took:?}");
+    added.unwrap_or_else(|e| panic!("added rule never took effect: {e}"));
+    mesh.expect_allowed(BOB, DB, 5432);
+    mesh.expect_allowed(ALICE, WEB, 443);
+
+    mesh.set_policy(POLICY);
+    let start = Instant::now();
+    let removed = wait_until(PROPAGATION_WAIT, Duration::from_millis(20), || {
+        mesh.try_flow(ALICE, DB, 5432, Duration::from_millis(300))
+            .is_err()
+    });
+    let removed_took = start.elapsed();
+    println!("scenario 2: rule removed -> alice-laptop denied db:5432 after {removed_took:?}");
+    removed.unwrap_or_else(|e| panic!("removed rule stayed in force: {e}"));
+    mesh.expect_denied(BOB, DB, 5432);
+    mesh.expect_allowed(ALICE, WEB, 443);
+
+    assert!(
+        added_took <= PROPAGATION_BOUND,
+        "adding took {added_took:?}"
+    );
+    assert!(
+        removed_took <= PROPAGATION_BOUND,
+        "removing took {removed_took:?}"
+    );
+}
+
+/// Scenario 3: `nodes delete` removes the node from every peer within 2 s, and
+/// what it still sends (an established flow, new connections) is dropped.
+#[test]
+fn deleted_node_is_dropped_by_every_peer_and_its_packets_are_refused() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let mesh = Mesh::standard();
+    assert!(
+        mesh.peer_present(WEB, ALICE),
+        "before the delete web must have alice-laptop as a peer: {:#}",
+        mesh.status(WEB)
+    );
+    let mut stream = mesh.spawn_stream(ALICE, WEB, 443, 400, 50, 1500);
+    wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        stream.stdout().matches(" ok").count() >= 3 || !stream.is_running()
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "stream alice -> web:443 never got going: {e}\n{}",
+            stream.logs()
+        )
+    });
+    assert!(stream.is_running(), "stream ended early\n{}", stream.logs());
+
+    let name = mesh.node_name(ALICE);
+    mesh.admin_ok(&["nodes", "delete", &name]);
+    let start = Instant::now();
+    let dropped = wait_until(PROPAGATION_WAIT, Duration::from_millis(20), || {
+        [BOB, WEB, DB].iter().all(|n| !mesh.peer_present(n, ALICE))
+    });
+    let took = start.elapsed();
+    println!("scenario 3: deleted node dropped by every peer after {took:?}");
+    dropped.unwrap_or_else(|e| panic!("peers still list the deleted node: {e}"));
+
+    let status = stream
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("stream kept running after the delete\n{}", stream.logs()));
+    assert!(
+        !status.success(),
+        "the deleted node's established flow kept working\n{}",
+        stream.logs()
+    );
+    mesh.expect_denied(ALICE, WEB, 443);
+    mesh.expect_allowed(BOB, WEB, 443);
+    mesh.expect_allowed(WEB, DB, 5432);
+    let listed = mesh.nodes_list();
+    assert!(
+        find_node(&listed, mesh.node(ALICE).hostname).is_none(),
+        "{listed:#}"
+    );
+    assert!(
+        took <= PROPAGATION_BOUND,
+        "dropping the deleted node took {took:?}"
+    );
+}
+
+/// Scenario 4: SIGKILL on the controller interrupts nothing in the data plane;
+/// after a restart the nodes resync and nothing stored is lost.
+#[test]
+fn flows_survive_controller_sigkill_and_nodes_resync_after_restart() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let mut mesh = Mesh::standard();
+    let before = node_summary(&mesh.nodes_list());
+    let mut stream = mesh.spawn_stream(ALICE, WEB, 443, 80, 50, 3000);
+    wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        stream.stdout().matches(" ok").count() >= 3 || !stream.is_running()
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "stream alice -> web:443 never got going: {e}\n{}",
+            stream.logs()
+        )
+    });
+
+    mesh.kill_controller();
+    let status = stream
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("stream did not finish\n{}", stream.logs()));
+    assert!(
+        status.success(),
+        "established flow broke when the controller died\n{}",
+        stream.logs()
+    );
+    assert!(stream.stdout().contains("rounds=80"), "{}", stream.logs());
+    for (from, to, port) in ALLOWED {
+        mesh.expect_allowed(from, to, port);
+    }
+    mesh.expect_denied(ALICE, DB, 5432);
+    mesh.expect_denied(DB, WEB, 443);
+
+    mesh.start_controller();
+    let after = node_summary(&mesh.nodes_list());
+    assert_eq!(
+        before, after,
+        "nodes (names, addresses) changed across the restart"
+    );
+    let users = mesh.admin_ok(&["users", "list"]);
+    assert!(
+        users.contains("alice@example.com") && users.contains("bob@example.com"),
+        "{users}"
+    );
+    let policy = mesh.admin_ok(&["policy", "get"]);
+    assert!(
+        policy.contains(POLICY_MARKER),
+        "policy lost across the restart:\n{policy}"
+    );
+    mesh.wait_all_online(Duration::from_secs(60));
+
+    // Resync: a policy change made after the restart reaches the nodes.
+    mesh.set_policy(POLICY_WITH_DB_ACCESS);
+    let took = wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        mesh.try_flow(ALICE, DB, 5432, Duration::from_millis(300))
+            .is_ok()
+    })
+    .unwrap_or_else(|e| panic!("nodes did not resync with the restarted controller: {e}"));
+    println!("scenario 4: policy change after controller restart applied in {took:?}");
+    mesh.expect_allowed(ALICE, WEB, 443);
+}
+
+/// Scenario 5: a single-use auth key cannot enroll a second node.
+#[test]
+fn reused_single_use_auth_key_makes_up_fail_with_a_clear_message() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let mut mesh = Mesh::new(&[ALICE, BOB]);
+    mesh.admin_ok(&["users", "create", "alice@example.com"]);
+    mesh.admin_ok(&["users", "create", "bob@example.com"]);
+    mesh.set_policy(POLICY);
+    let key = mesh.create_key(&["--user", "alice@example.com"]);
+    mesh.enroll(ALICE, &key);
+
+    mesh.start_daemon(BOB);
+    let started = Instant::now();
+    let out = mesh.up(BOB, &key);
+    println!(
+        "scenario 5: reused key refused after {:?}: {}",
+        started.elapsed(),
+        out.stderr.trim()
+    );
+    assert!(
+        !out.status.success(),
+        "`ztmesh up` with a used single-use key succeeded:\n{out}"
+    );
+    let msg = out.stderr.to_lowercase();
+    assert!(
+        msg.contains("key")
+            && ["used", "invalid", "already", "consumed", "not valid"]
+                .iter()
+                .any(|w| msg.contains(w)),
+        "the error does not say the key was already used:\n{out}"
+    );
+    assert!(
+        msg.lines().filter(|l| !l.trim().is_empty()).count() <= 3,
+        "the error should be a short message, not a dump:\n{out}"
+    );
+    let listed = mesh.nodes_list();
+    assert!(
+        find_node(&listed, node_hostname(BOB)).is_none(),
+        "bob enrolled anyway: {listed:#}"
+    );
+
+    // The refusal was about the key: a fresh key enrolls the same node.
+    let fresh = mesh.create_key(&["--user", "bob@example.com"]);
+    let out = mesh.up(BOB, &fresh);
+    assert!(
+        out.status.success(),
+        "a fresh key should enroll bob:\n{out}"
+    );
+}
+
+/// Scenario 6: a daemon restarted while the controller is down comes back
+/// from its stored netmap and its permitted flows work.
+#[test]
+fn node_restarted_while_controller_is_down_serves_its_last_netmap() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let mut mesh = Mesh::standard();
+    mesh.expect_allowed(ALICE, WEB, 443);
+    let addrs_before = mesh.overlay_ips(WEB);
+
+    mesh.kill_controller();
+    mesh.stop_daemon(WEB);
+    mesh.start_daemon(WEB);
+    let took = wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
+        mesh.try_flow(ALICE, WEB, 443, Duration::from_millis(500))
+            .is_ok()
+    })
+    .unwrap_or_else(|e| panic!("restarted web never served alice-laptop again: {e}"));
+    println!("scenario 6: restarted node forwarding again after {took:?}");
+    assert_eq!(
+        mesh.overlay_ips(WEB),
+        addrs_before,
+        "addresses changed across the restart"
+    );
+    mesh.restart_echo(WEB);
+    for (from, to, port) in ALLOWED {
+        mesh.expect_allowed(from, to, port);
+    }
+    mesh.expect_denied(ALICE, DB, 5432);
+    mesh.expect_denied(DB, WEB, 443);
+    mesh.expect_denied(WEB, ALICE, 22);
+}
+
+// ---------------------------------------------------------------------------
+// The mesh fixture
+// ---------------------------------------------------------------------------
+
+/// Controller, node daemons and echo servers on one [`Topology`].
+///
+/// Fields drop in declaration order: processes first, namespaces last.
+struct Mesh {
+    echoes: BTreeMap<String, Proc>,
+    nodes: BTreeMap<String, Node>,
+    controller: Option<Proc>,
+    controller_dir: TempDir,
+    topo: Topology,
+}
+
+struct Node {
+    daemon: Option<Proc>,
+    hostname: &'static str,
+    socket: PathBuf,
+    state_dir: PathBuf,
+    v4: Ipv4Addr,
+    v6: Option<Ipv6Addr>,
+    _dir: TempDir,
+}
+
+/// The captured result of one bounded CLI call.
+struct CliOut {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Display for CliOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit: {}\nstdout:\n{}\nstderr:\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+fn node_hostname(member: &str) -> &'static str {
+    match member {
+        ALICE => "alice-laptop",
+        BOB => "bob-laptop",
+        WEB => "web",
+        DB => "db",
+        other => panic!("no hostname for {other}"),
+    }
+}
+
+impl Mesh {
+    /// A topology with the controller and `members`, and a running controller.
+    fn new(members: &[&str]) -> Self {
+        let mut names = vec![CONTROLLER];
+        names.extend_from_slice(members);
+        let topo = Topology::new(&names);
+        let mut mesh = Self {
+            echoes: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            controller: None,
+            controller_dir: TempDir::new("controller"),
+            topo,
+        };
+        mesh.start_controller();
+        mesh
+    }
+
+    /// The scenario-1 mesh: two users, the policy, four nodes enrolled with
+    /// four different keys, echo servers on every node.
+    fn standard() -> Self {
+        let mut mesh = Self::new(&NODES);
+        mesh.admin_ok(&["users", "create", "alice@example.com"]);
+        mesh.admin_ok(&["users", "create", "bob@example.com"]);
+        mesh.set_policy(POLICY);
+        let keys = [
+            (ALICE, mesh.create_key(&["--user", "alice@example.com"])),
+            (BOB, mesh.create_key(&["--user", "bob@example.com"])),
+            (WEB, mesh.create_key(&["--tags", "tag:web"])),
+            (DB, mesh.create_key(&["--tags", "tag:db"])),
+        ];
+        for (member, key) in &keys {
+            mesh.enroll(member, key);
+        }
+        for member in NODES {
+            mesh.restart_echo(member);
+        }
+        mesh
+    }
+
+    fn ns(&self, member: &str) -> &Netns {
+        self.topo.ns(member)
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.controller_dir.join("data")
+    }
+
+    fn controller_url(&self) -> String {
+        format!("https://{}:{CONTROLLER_PORT}", self.topo.addr(CONTROLLER))
+    }
+
+    /// Starts `ztmesh-controller serve` (on the existing data dir, if any) and
+    /// waits until both its admin socket and its TLS port answer.
+    fn start_controller(&mut self) {
+        assert!(self.controller.is_none(), "controller already running");
+        let bin = bin_path("ztmesh-controller");
+        let data = self.data_dir();
+        let listen = format!("[::]:{CONTROLLER_PORT}");
+        let mut proc = self.ns(CONTROLLER).spawn(
+            "ztmesh-controller",
+            [
+                bin.as_os_str(),
+                OsStr::new("serve"),
+                OsStr::new("--data-dir"),
+                data.as_os_str(),
+                OsStr::new("--listen"),
+                OsStr::new(&listen),
+            ],
+        );
+        let ctl_addr = self.topo.addr(CONTROLLER).to_string();
+        let ready = wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
+            if !proc.is_running() {
+                return true;
+            }
+            self.ns(CONTROLLER)
+                .tcp_connect(&ctl_addr, CONTROLLER_PORT, Duration::from_millis(200))
+                .is_ok()
+                && self
+                    .admin(&["nodes", "list", "-o", "json"])
+                    .status
+                    .success()
+        });
+        if ready.is_err() || !proc.is_running() {
+            let exit = proc.try_exit_status();
+            panic!(
+                "controller not ready within 30 s (exit: {exit:?})\n{}",
+                proc.logs()
+            );
+        }
+        self.controller = Some(proc);
+    }
+
+    /// SIGKILLs the controller.
+    fn kill_controller(&mut self) {
+        let mut proc = self.controller.take().expect("controller running");
+        proc.kill9();
+    }
+
+    /// Runs an admin subcommand against the local controller (unix socket in
+    /// its data dir), bounded in time.
+    fn admin(&self, args: &[&str]) -> CliOut {
+        let bin = bin_path("ztmesh-controller");
+        let data = self.data_dir();
+        let mut full: Vec<&OsStr> = vec![bin.as_os_str()];
+        full.extend(args.iter().map(OsStr::new));
+        full.extend([OsStr::new("--data-dir"), data.as_os_str()]);
+        run_bounded(self.ns(CONTROLLER), "admin", &full)
+    }
+
+    /// Like [`Mesh::admin`], but fails the test unless the command succeeds.
+    fn admin_ok(&self, args: &[&str]) -> String {
+        let out = self.admin(args);
+        assert!(
+            out.status.success(),
+            "ztmesh-controller {args:?} failed:\n{out}"
+        );
+        out.stdout
+    }
+
+    fn set_policy(&self, text: &str) {
+        let file = self
+            .controller_dir
+            .join(format!("policy-{}.hujson", text.len()));
+        fs::write(&file, text).expect("write policy file");
+        self.admin_ok(&["policy", "set", file.to_str().expect("utf-8 temp path")]);
+    }
+
+    /// `keys create ARGS`: the key is printed alone on stdout.
+    fn create_key(&self, args: &[&str]) -> String {
+        let mut full = vec!["keys", "create"];
+        full.extend_from_slice(args);
+        let key = self.admin_ok(&full).trim().to_owned();
+        assert!(
+            !key.is_empty() && !key.contains('\n'),
+            "keys create printed {key:?}"
+        );
+        key
+    }
+
+    fn nodes_list(&self) -> Value {
+        let out = self.admin_ok(&["nodes", "list", "-o", "json"]);
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("nodes list -o json is not JSON ({e}):\n{out}"))
+    }
+
+    /// The controller's name for `member`'s node.
+    fn node_name(&self, member: &str) -> String {
+        let listed = self.nodes_list();
+        let hostname = node_hostname(member);
+        let entry = find_node(&listed, hostname)
+            .unwrap_or_else(|| panic!("{hostname} not in nodes list: {listed:#}"));
+        entry["name"].as_str().unwrap_or(hostname).to_owned()
+    }
+
+    /// Waits until every node is `online` in `nodes list` (when the controller
+    /// reports that field).
+    fn wait_all_online(&self, timeout: Duration) {
+        let res = wait_until(timeout, Duration::from_millis(200), || {
+            let listed = self.nodes_list();
+            node_entries(&listed)
+                .iter()
+                .all(|n| n.get("online").and_then(Value::as_bool).unwrap_or(true))
+        });
+        if let Err(e) = res {
+            panic!(
+                "nodes did not reconnect to the controller: {e}\n{:#}",
+                self.nodes_list()
+            );
+        }
+    }
+
+    /// Starts `member`'s daemon (keeping its state dir across restarts) and
+    /// waits for its control socket.
+    fn start_daemon(&mut self, member: &str) {
+        if !self.nodes.contains_key(member) {
+            let dir = TempDir::new(&format!("node-{member}"));
+            let node = Node {
+                daemon: None,
+                hostname: node_hostname(member),
+                socket: dir.join("ztmesh.sock"),
+                state_dir: dir.join("state"),
+                v4: Ipv4Addr::UNSPECIFIED,
+                v6: None,
+                _dir: dir,
+            };
+            self.nodes.insert(member.to_owned(), node);
+        }
+        let bin = bin_path("ztmesh");
+        let node = &self.nodes[member];
+        assert!(node.daemon.is_none(), "{member}'s daemon already running");
+        let mut proc = self.topo.ns(member).spawn(
+            "ztmesh-daemon",
+            [
+                bin.as_os_str(),
+                OsStr::new("daemon"),
+                OsStr::new("--state-dir"),
+                node.state_dir.as_os_str(),
+                OsStr::new("--socket"),
+                node.socket.as_os_str(),
+                OsStr::new("--interface"),
+                OsStr::new("ztm0"),
+            ],
+        );
+        let socket = node.socket.clone();
+        // Listening, not just bound: a connection to the socket is accepted.
+        let ready = wait_until(Duration::from_secs(20), Duration::from_millis(20), || {
+            !proc.is_running() || UnixStream::connect(&socket).is_ok()
+        });
+        if ready.is_err() || !proc.is_running() {
+            let exit = proc.try_exit_status();
+            panic!(
+                "{member}'s daemon did not open its socket (exit: {exit:?})\n{}",
+                proc.logs()
+            );
+        }
+        self.nodes.get_mut(member).expect("inserted above").daemon = Some(proc);
+    }
+
+    /// Stops `member`'s daemon with SIGTERM (SIGKILL after a grace period).
+    fn stop_daemon(&mut self, member: &str) {
+        let node = self.nodes.get_mut(member).expect("node exists");
+        let mut proc = node.daemon.take().expect("daemon running");
+        proc.stop();
+    }
+
+    /// `ztmesh ARGS --socket S` in `member`'s namespace, bounded in time.
+    fn node_cli_raw(&self, member: &str, args: &[&str]) -> CliOut {
+        let bin = bin_path("ztmesh");
+        let node = &self.nodes[member];
+        let mut full: Vec<&OsStr> = vec![bin.as_os_str()];
+        full.extend(args.iter().map(OsStr::new));
+        full.extend([OsStr::new("--socket"), node.socket.as_os_str()]);
+        run_bounded(self.ns(member), "ztmesh-cli", &full)
+    }
+
+    /// Like [`Mesh::node_cli_raw`]; `Err` carries the output of a failed call.
+    fn node_cli(&self, member: &str, args: &[&str]) -> Result<String, CliOut> {
+        let out = self.node_cli_raw(member, args);
+        if out.status.success() {
+            Ok(out.stdout)
+        } else {
+            Err(out)
+        }
+    }
+
+    /// `ztmesh up` for `member` with `key`; returns the raw result.
+    fn up(&self, member: &str, key: &str) -> CliOut {
+        let url = self.controller_url();
+        let hostname = node_hostname(member);
+        self.node_cli_raw(
+            member,
+            &[
+                "up",
+                "--controller",
+                &url,
+                "--auth-key",
+                key,
+                "--hostname",
+                hostname,
+            ],
+        )
+    }
+
+    /// Starts `member`'s daemon, runs `ztmesh up`, and records its overlay addresses.
+    fn enroll(&mut self, member: &str, key: &str) {
+        self.start_daemon(member);
+        let out = self.up(member, key);
+        assert!(
+            out.status.success(),
+            "ztmesh up for {member} failed:\n{out}"
+        );
+        let ips = self.overlay_ips(member);
+        let node = self.nodes.get_mut(member).expect("started above");
+        node.v4 = ips
+            .iter()
+            .find_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
+            .unwrap_or_else(|| panic!("`ztmesh ip` for {member} has no IPv4: {ips:?}"));
+        node.v6 = ips.iter().find_map(|ip| match ip {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        });
+    }
+
+    /// `ztmesh ip` for `member`, parsed (one address per token, prefixes stripped).
+    fn overlay_ips(&self, member: &str) -> Vec<IpAddr> {
+        let out = self
+            .node_cli(member, &["ip"])
+            .unwrap_or_else(|out| panic!("ztmesh ip for {member} failed:\n{out}"));
+        let mut ips = parse_ips(&out);
+        ips.sort();
+        ips
+    }
+
+    fn node(&self, member: &str) -> &Node {
+        &self.nodes[member]
+    }
+
+    fn status(&self, member: &str) -> Value {
+        let out = self
+            .node_cli(member, &["status", "-o", "json"])
+            .unwrap_or_else(|out| panic!("ztmesh status for {member} failed:\n{out}"));
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("status -o json of {member} is not JSON ({e}):\n{out}"))
+    }
+
+    /// Whether `member`'s status lists `peer` (by name or overlay address).
+    fn peer_present(&self, member: &str, peer: &str) -> bool {
+        let status = self.status(member);
+        let peers = find_array(&status, "peers")
+            .unwrap_or_else(|| panic!("no `peers` array in status of {member}: {status:#}"));
+        let node = self.node(peer);
+        peers
+            .iter()
+            .any(|p| mentions_node(p, node.hostname, node.v4))
+    }
+
+    /// (Re)starts the echo server of `member` on its overlay addresses.
+    fn restart_echo(&mut self, member: &str) {
+        self.echoes.remove(member);
+        let node = self.node(member);
+        let mut specs: Vec<String> = PORTS.iter().map(|p| format!("{}:{p}", node.v4)).collect();
+        if let Some(v6) = node.v6 {
+            specs.extend(PORTS.iter().map(|p| format!("[{v6}]:{p}")));
+        }
+        let specs: Vec<&str> = specs.iter().map(String::as_str).collect();
+        let echo = self.ns(member).spawn_echo(&specs);
+        self.echoes.insert(member.to_owned(), echo);
+    }
+
+    /// A TCP echo exchange from `from` to `to`'s overlay IPv4 address.
+    fn try_flow(&self, from: &str, to: &str, port: u16, timeout: Duration) -> Result<(), String> {
+        let addr = self.node(to).v4.to_string();
+        self.ns(from).tcp_check(&addr, port, timeout)
+    }
+
+    fn expect_allowed(&self, from: &str, to: &str, port: u16) {
+        if let Err(e) = self.try_flow(from, to, port, ALLOW_TIMEOUT) {
+            panic!("{from} -> {to}:{port} should connect and echo, but: {e}");
+        }
+    }
+
+    fn expect_denied(&self, from: &str, to: &str, port: u16) {
+        if self.try_flow(from, to, port, DENY_TIMEOUT).is_ok() {
+            panic!("{from} -> {to}:{port} should be denied, but it connected and echoed");
+        }
+    }
+
+    /// A background `ztm-echo stream` from `from` to `to`:`port` over the overlay.
+    fn spawn_stream(
+        &self,
+        from: &str,
+        to: &str,
+        port: u16,
+        rounds: u32,
+        interval_ms: u32,
+        timeout_ms: u32,
+    ) -> Proc {
+        let bin = bin_path("ztm-echo");
+        let addr = self.node(to).v4.to_string();
+        let args = [
+            bin.to_string_lossy().into_owned(),
+            "stream".to_owned(),
+            addr,
+            port.to_string(),
+            rounds.to_string(),
+            interval_ms.to_string(),
+            timeout_ms.to_string(),
+        ];
+        self.ns(from).spawn("stream", args)
+    }
+}
+
+/// Runs a command to completion in `ns`, killing it after [`CLI_TIMEOUT`].
+fn run_bounded(ns: &Netns, label: &str, args: &[&OsStr]) -> CliOut {
+    let mut proc = ns.spawn(label, args);
+    match proc.wait_exit(CLI_TIMEOUT) {
+        Some(status) => CliOut {
+            status,
+            stdout: proc.stdout(),
+            stderr: proc.stderr(),
+        },
+        None => {
+            let logs = proc.logs();
+            proc.kill9();
+            panic!(
+                "`{}` did not finish within {CLI_TIMEOUT:?}\n{logs}",
+                describe(args)
+            );
+        }
+    }
+}
+
+fn describe(args: &[&OsStr]) -> String {
+    args.iter()
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+// ---------------------------------------------------------------------------
+// Flow matrix
+// ---------------------------------------------------------------------------
+
+struct Flow {
+    from: &'static str,
+    to: &'static str,
+    addr: IpAddr,
+    port: u16,
+    allowed: bool,
+}
+
+impl Flow {
+    fn v4(mesh: &Mesh, from: &'static str, to: &'static str, port: u16, allowed: bool) -> Self {
+        let addr = IpAddr::V4(mesh.node(to).v4);
+        Self {
+            from,
+            to,
+            addr,
+            port,
+            allowed,
+        }
+    }
+
+    fn v6(mesh: &Mesh, from: &'static str, to: &'static str, port: u16, allowed: bool) -> Self {
+        let addr = IpAddr::V6(mesh.node(to).v6.expect("checked by caller"));
+        Self {
+            from,
+            to,
+            addr,
+            port,
+            allowed,
+        }
+    }
+}
+
+struct FlowReport {
+    table: String,
+    mismatches: Vec<String>,
+}
+
+/// Tries every flow (in parallel: denied ones each cost a timeout) and builds
+/// a table of from, to, port, expected and result.
+fn check_flows(mesh: &Mesh, flows: &[Flow]) -> FlowReport {
+    let results: Vec<Result<(), String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = flows
+            .iter()
+            .map(|f| {
+                s.spawn(move || {
+                    let timeout = if f.allowed {
+                        ALLOW_TIMEOUT
+                    } else {
+                        DENY_TIMEOUT
+                    };
+                    mesh.ns(f.from)
+                        .tcp_check(&f.addr.to_string(), f.port, timeout)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("flow check thread panicked"))
+            .collect()
+    });
+    let mut table = format!(
+        "{:<8} {:<8} {:<28} {:>5}  {:<8} {:<8} detail\n",
+        "from", "to", "address", "port", "expected", "result"
+    );
+    let mut mismatches = Vec::new();
+    for (f, r) in flows.iter().zip(&results) {
+        let expected = if f.allowed { "allow" } else { "deny" };
+        let result = if r.is_ok() { "allow" } else { "deny" };
+        let mark = if expected == result {
+            ""
+        } else {
+            "  <-- MISMATCH"
+        };
+        let detail = r.as_ref().err().map(String::as_str).unwrap_or("echoed");
+        let line = format!(
+            "{:<8} {:<8} {:<28} {:>5}  {:<8} {:<8} {detail}{mark}\n",
+            f.from, f.to, f.addr, f.port, expected, result
+        );
+        if !mark.is_empty() {
+            mismatches.push(line.clone());
+        }
+        table.push_str(&line);
+    }
+    FlowReport { table, mismatches }
+}
+
+// ---------------------------------------------------------------------------
+// JSON and address helpers (tolerant of the exact output shapes)
+// ---------------------------------------------------------------------------
+
+/// The node objects of `nodes list -o json`: a bare array or `{"nodes": [...]}`.
+fn node_entries(listed: &Value) -> Vec<&Value> {
+    match listed {
+        Value::Array(a) => a.iter().collect(),
+        other => find_array(other, "nodes")
+            .map(|a| a.iter().collect())
+            .unwrap_or_default(),
+    }
+}
+
+fn find_node<'a>(listed: &'a Value, hostname: &str) -> Option<&'a Value> {
+    node_entries(listed).into_iter().find(|n| {
+        ["hostname", "name"].iter().any(|k| {
+            n.get(*k)
+                .and_then(Value::as_str)
+                .is_some_and(|v| v == hostname || v.split('.').next() == Some(hostname))
+        })
+    })
+}
+
+/// The first array found under `key`, searching objects depth-first.
+fn find_array<'a>(v: &'a Value, key: &str) -> Option<&'a Vec<Value>> {
+    match v {
+        Value::Object(map) => {
+            if let Some(Value::Array(a)) = map.get(key) {
+                return Some(a);
+            }
+            map.values().find_map(|v| find_array(v, key))
+        }
+        _ => None,
+    }
+}
+
+fn json_addresses(node: &Value) -> Vec<IpAddr> {
+    node.get("addresses")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .flat_map(parse_ips)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether a peer object names `hostname` or carries `v4` as an address.
+fn mentions_node(peer: &Value, hostname: &str, v4: Ipv4Addr) -> bool {
+    let named = ["name", "hostname"].iter().any(|k| {
+        peer.get(*k)
+            .and_then(Value::as_str)
+            .is_some_and(|v| v == hostname || v.split('.').next() == Some(hostname))
+    });
+    named
+        || strings_in(peer)
+            .iter()
+            .any(|s| parse_ips(s).contains(&IpAddr::V4(v4)))
+}
+
+fn strings_in(v: &Value) -> Vec<&str> {
+    match v {
+        Value::String(s) => vec![s.as_str()],
+        Value::Array(a) => a.iter().flat_map(strings_in).collect(),
+        Value::Object(m) => m.values().flat_map(strings_in).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Every IP address in `text` (whitespace/comma separated, `/prefix` stripped).
+fn parse_ips(text: &str) -> Vec<IpAddr> {
+    text.split(|c: char| c.is_whitespace() || c == ',' || c == '"')
+        .filter_map(|tok| tok.split('/').next()?.parse().ok())
+        .collect()
+}
+
+/// (name, sorted addresses) per node, sorted: what must survive a restart.
+fn node_summary(listed: &Value) -> Vec<(String, Vec<IpAddr>)> {
+    let mut out: Vec<_> = node_entries(listed)
+        .into_iter()
+        .map(|n| {
+            let name = n
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
+            let mut addrs = json_addresses(n);
+            addrs.sort();
+            (name, addrs)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn in_cgnat(ip: Ipv4Addr) -> bool {
+    let o = ip.octets();
+    o[0] == 100 && (o[1] & 0xc0) == 64
+}
+
+fn is_ula(ip: Ipv6Addr) -> bool {
+    (ip.segments()[0] & 0xfe00) == 0xfc00
+}
+
+#[test]
+fn helpers_parse_addresses_and_node_lists() {
+    let ips = parse_ips("100.64.0.7/32\nfd7a:1::7/128, 100.64.0.70");
+    assert_eq!(ips.len(), 3);
+    assert!(in_cgnat("100.64.0.7".parse().unwrap()));
+    assert!(in_cgnat("100.127.255.1".parse().unwrap()));
+    assert!(!in_cgnat("100.128.0.1".parse().unwrap()));
+    assert!(is_ula("fd7a:1::7".parse().unwrap()));
+    assert!(!is_ula("fe80::1".parse().unwrap()));
+
+    let wrapped: Value = serde_json::json!({"nodes": [
+        {"name": "web", "hostname": "web", "addresses": ["100.64.0.3/32"]},
+    ]});
+    let bare: Value = serde_json::json!([{"name": "web.ztm", "addresses": ["100.64.0.3"]}]);
+    for listed in [&wrapped, &bare] {
+        let n = find_node(listed, "web").expect("web found");
+        assert_eq!(
+            json_addresses(n),
+            vec![IpAddr::V4(Ipv4Addr::new(100, 64, 0, 3))]
+        );
+        assert!(find_node(listed, "we").is_none());
+    }
+
+    let peer = serde_json::json!({"name": "x", "allowed_ips": ["100.64.0.70/32"]});
+    assert!(!mentions_node(&peer, "db", Ipv4Addr::new(100, 64, 0, 7)));
+    assert!(mentions_node(&peer, "db", Ipv4Addr::new(100, 64, 0, 70)));
+    assert!(mentions_node(&peer, "x", Ipv4Addr::new(100, 64, 0, 1)));
+    let status = serde_json::json!({"self": {}, "netmap": {"peers": [peer]}});
+    assert_eq!(find_array(&status, "peers").map(Vec::len), Some(1));
+}
