@@ -1,0 +1,232 @@
+#!/usr/bin/env bash
+# ztmesh demo: a controller and four nodes in network namespaces, the example
+# policy applied, and a table of the flows tried with the expected and the real
+# result. Needs root (network namespaces, TUN devices). Exits non-zero if any
+# flow differs from the expectation. Everything it creates is removed on exit,
+# on Ctrl-C and on failure.
+#
+#                 switch namespace: bridge br0, 198.18.0.0/24
+#     ┌──────────────┬──────────────┬──────────────┬──────────────┐
+#  controller       alice          bob            web            db
+#  198.18.0.1      198.18.0.2     198.18.0.3     198.18.0.4     198.18.0.5
+#  :8443           laptop of      laptop of      tag:web        tag:db
+#                  alice@…        bob@…
+#
+# examples/policy.hujson: group:eng laptops → tag:web:443, tag:web → tag:db:5432,
+# group:admins → *:22 (alice@example.com is in group:admins, bob@example.com is not).
+#
+# Environment: ZTMESH_DEMO_KEEP=1 keeps the work dir (logs, state) for inspection.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+if [[ $EUID -ne 0 ]]; then
+  echo "demo.sh: needs root to create network namespaces; run: sudo $0" >&2
+  exit 1
+fi
+
+POLICY=$ROOT/examples/policy.hujson
+PREFIX="ztmdemo-$$"
+SWITCH="$PREFIX-switch"
+MEMBERS=(controller alice bob web db)
+NODES=(alice bob web db)
+PORTS=(22 443 5432)
+CONTROLLER_IP=198.18.0.1
+CONTROLLER_PORT=8443
+
+# Flows tried: FROM TO PORT EXPECTED. Every pair of nodes on every port;
+# the expectation follows the policy described above.
+expected() { # FROM TO PORT -> allow|deny
+  case "$1>$2:$3" in
+    alice\>web:443 | bob\>web:443) echo allow ;;  # group:eng -> tag:web:443
+    web\>db:5432) echo allow ;;                   # tag:web -> tag:db:5432
+    alice\>*:22) echo allow ;;                    # group:admins -> *:22
+    *) echo deny ;;
+  esac
+}
+
+WORK=$(mktemp -d /tmp/ztmdemo.XXXXXX)
+LOGS=$WORK/logs
+mkdir -p "$LOGS"
+PIDS=()
+CREATED_NS=()
+
+log() { printf '== %s\n' "$*"; }
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  set +e
+  if ((${#PIDS[@]})); then
+    kill -TERM "${PIDS[@]}" 2>/dev/null
+    for _ in $(seq 30); do # up to 3 s for a clean exit
+      local alive=0
+      for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+      ((alive)) || break
+      sleep 0.1
+    done
+    kill -KILL "${PIDS[@]}" 2>/dev/null
+    wait "${PIDS[@]}" 2>/dev/null
+  fi
+  for ns in "${CREATED_NS[@]}"; do
+    # Anything still inside one of our namespaces was started by this script.
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
+    ip netns del "$ns" 2>/dev/null
+  done
+  if ((rc != 0)); then
+    echo "demo.sh: failed (exit $rc); last lines of each log:" >&2
+    for f in "$LOGS"/*.log; do
+      [[ -s $f ]] || continue
+      echo "----- $(basename "$f")" >&2
+      tail -n 15 "$f" >&2
+    done
+  fi
+  if [[ ${ZTMESH_DEMO_KEEP:-0} == 1 ]]; then
+    echo "demo.sh: kept $WORK"
+  else
+    rm -rf "$WORK"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# wait_for DESCRIPTION TRIES COMMAND...: polls COMMAND every 0.1 s, TRIES times.
+wait_for() {
+  local what=$1 tries=$2
+  shift 2
+  for _ in $(seq "$tries"); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 0.1
+  done
+  echo "demo.sh: timed out waiting for $what" >&2
+  return 1
+}
+
+nsname() { echo "$PREFIX-$1"; }
+in_ns() { local ns; ns=$(nsname "$1"); shift; ip netns exec "$ns" "$@"; }
+# start NAME MEMBER COMMAND...: runs COMMAND in MEMBER's namespace in the background.
+start() {
+  local name=$1 member=$2
+  shift 2
+  in_ns "$member" "$@" >"$LOGS/$name.log" 2>&1 &
+  PIDS+=($!)
+}
+admin() { in_ns controller "$BIN/ztmesh-controller" --data-dir "$WORK/controller" "$@"; }
+node() { local m=$1; shift; in_ns "$m" "$BIN/ztmesh" "$@" --socket "$WORK/$m/ztmesh.sock"; }
+
+# ---------------------------------------------------------------------------
+log "setup"
+./scripts/setup.sh
+[[ -f $POLICY ]] || { echo "demo.sh: $POLICY is missing" >&2; exit 1; }
+
+log "building (release)"
+cargo build --release --workspace --bins
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+
+log "creating namespaces ($PREFIX-*) on bridge 198.18.0.0/24"
+ip netns add "$SWITCH"
+CREATED_NS+=("$SWITCH")
+ip -n "$SWITCH" link set lo up
+ip -n "$SWITCH" link add br0 type bridge stp_state 0
+ip -n "$SWITCH" link set br0 up
+i=0
+for m in "${MEMBERS[@]}"; do
+  ns=$(nsname "$m")
+  ip netns add "$ns"
+  CREATED_NS+=("$ns")
+  ip -n "$ns" link set lo up
+  # The veth is born inside the member namespace with its peer in the switch:
+  # nothing appears in the host's namespace.
+  ip -n "$ns" link add eth0 type veth peer name "p$i" netns "$SWITCH"
+  ip -n "$SWITCH" link set "p$i" master br0 up
+  ip -n "$ns" addr add "198.18.0.$((i + 1))/24" dev eth0
+  ip -n "$ns" link set eth0 up
+  i=$((i + 1))
+done
+
+log "starting the controller"
+start controller controller "$BIN/ztmesh-controller" serve --data-dir "$WORK/controller" \
+  --listen "[::]:$CONTROLLER_PORT"
+wait_for "the controller" 300 admin nodes list
+wait_for "the controller's TLS port" 100 \
+  in_ns alice "$BIN/ztm-echo" connect "$CONTROLLER_IP" "$CONTROLLER_PORT" 200
+
+log "users, policy and auth keys"
+admin users create alice@example.com
+admin users create bob@example.com
+admin policy set "$POLICY"
+declare -A KEY
+KEY[alice]=$(admin keys create --user alice@example.com)
+KEY[bob]=$(admin keys create --user bob@example.com)
+KEY[web]=$(admin keys create --tags tag:web)
+KEY[db]=$(admin keys create --tags tag:db)
+
+declare -A HOST=([alice]=alice-laptop [bob]=bob-laptop [web]=web [db]=db)
+declare -A IP
+for m in "${NODES[@]}"; do
+  log "node $m: daemon and enrollment"
+  mkdir -p "$WORK/$m"
+  start "$m" "$m" "$BIN/ztmesh" daemon --state-dir "$WORK/$m/state" \
+    --socket "$WORK/$m/ztmesh.sock" --interface ztm0
+  wait_for "$m's daemon socket" 100 test -S "$WORK/$m/ztmesh.sock"
+  node "$m" up --controller "https://$CONTROLLER_IP:$CONTROLLER_PORT" \
+    --auth-key "${KEY[$m]}" --hostname "${HOST[$m]}"
+  IP[$m]=$(node "$m" ip | grep -oE '100\.[0-9]+\.[0-9]+\.[0-9]+' | head -n 1)
+  [[ -n ${IP[$m]} ]] || { echo "demo.sh: no overlay IPv4 for $m" >&2; exit 1; }
+  echo "   ${HOST[$m]} is ${IP[$m]}"
+done
+
+log "echo listeners on every node's overlay address, ports ${PORTS[*]}"
+for m in "${NODES[@]}"; do
+  specs=()
+  for p in "${PORTS[@]}"; do specs+=("${IP[$m]}:$p"); done
+  start "echo-$m" "$m" "$BIN/ztm-echo" serve "${specs[@]}"
+  wait_for "$m's echo listeners" 100 grep -q "listening ${IP[$m]}:5432" "$LOGS/echo-$m.log"
+done
+
+log "trying every flow (TCP connect, send, expect the same bytes back)"
+# Checks run in parallel (a denied flow costs its 1.5 s timeout); each writes
+# its result to a file, and the table is printed in a fixed order afterwards.
+mkdir -p "$WORK/flows"
+FLOWS=()
+CHECK_PIDS=()
+for from in "${NODES[@]}"; do
+  for to in "${NODES[@]}"; do
+    [[ $from == "$to" ]] && continue
+    for port in "${PORTS[@]}"; do
+      FLOWS+=("$from $to $port")
+      out="$WORK/flows/$from-$to-$port"
+      (
+        if in_ns "$from" "$BIN/ztm-echo" check "${IP[$to]}" "$port" 1500 >/dev/null 2>&1; then
+          echo allow >"$out"
+        else
+          echo deny >"$out"
+        fi
+      ) &
+      CHECK_PIDS+=($!)
+    done
+  done
+done
+wait "${CHECK_PIDS[@]}"
+
+printf '\n%-6s %-6s %-16s %5s  %-8s %-8s\n' FROM TO ADDRESS PORT EXPECTED RESULT
+mismatches=0
+for flow in "${FLOWS[@]}"; do
+  read -r from to port <<<"$flow"
+  want=$(expected "$from" "$to" "$port")
+  got=$(cat "$WORK/flows/$from-$to-$port")
+  mark=""
+  if [[ $got != "$want" ]]; then
+    mark="  <-- differs"
+    mismatches=$((mismatches + 1))
+  fi
+  printf '%-6s %-6s %-16s %5s  %-8s %-8s%s\n' "$from" "$to" "${IP[$to]}" "$port" "$want" "$got" "$mark"
+done
+echo
+if ((mismatches)); then
+  echo "demo.sh: $mismatches of ${#FLOWS[@]} flows differ from the policy" >&2
+  exit 1
+fi
+echo "demo.sh: all ${#FLOWS[@]} flows match the policy"
