@@ -1,1 +1,61 @@
-//! ztmesh policy engine (pure: no I/O). Work in progress.
+//! ztmesh policy engine (pure: no I/O, no clock, no randomness): Tailscale-
+//! compatible HuJSON ACLs → per-node peer sets and inbound rules.
+//!
+//! Pipeline: [`Policy::parse`] (HuJSON syntax, then resolution of groups,
+//! tags and hosts, with `FILE:LINE:COL` diagnostics) → [`Compiled::new`]
+//! (per-node [`NodeView`]s, updated incrementally by
+//! [`Compiled::upsert_node`] / [`Compiled::remove_node`] /
+//! [`Compiled::set_policy`]). [`Policy::explain`] and the `tests` section
+//! evaluate the ACL list directly; [`plan`] diffs two compiled states.
+//!
+//! # Supported format
+//! Sections `groups`, `tagOwners`, `hosts`, `acls`, `tests`. Every other key
+//! is an error: an ignored restriction would widen access. Selectors: `*`,
+//! users (`alice@example.com`), `group:x`, `tag:x` (defined in `tagOwners`),
+//! host aliases, IPs and CIDRs, `autogroup:member`, `autogroup:tagged`,
+//! `autogroup:self` (dst only). Destinations are `alias:ports` with ports
+//! `*`, `22`, `80,443` or `8000-8999`; IPv6 is written `[fd00::1]:22` or
+//! `fd00::/64:22`. `proto` is a name or number; without it an entry covers
+//! TCP, UDP, ICMP and ICMPv6.
+//!
+//! # Semantics (where they differ from, or refine, Tailscale's)
+//! - A tagged node belongs to its tags: user, group and `autogroup:member`
+//!   selectors only select untagged nodes.
+//! - `*` as a source is every address (`0.0.0.0/0`, `::/0`); as a
+//!   destination, every node.
+//! - A destination IP/CIDR selects the nodes owning an address in it; the
+//!   inbound rules of a node do not restrict which of its own addresses is
+//!   targeted.
+//! - An empty policy (empty file or `{}`) denies everything.
+//! - A node without addresses can neither send nor receive: empty view.
+
+mod compile;
+mod error;
+mod eval;
+mod hujson;
+mod plan;
+mod policy;
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+pub use compile::{Compiled, InboundRule, NodeView};
+pub use error::{Diagnostic, PolicyError, Pos};
+pub use eval::Explanation;
+pub use plan::{plan, FlowChange};
+pub use policy::{proto_has_ports, proto_name, Policy, PortRange};
+
+/// A node as the policy sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Controller-assigned node id.
+    pub id: u64,
+    /// Node name (hostname), usable as an identity in `explain`.
+    pub name: String,
+    /// Login of the owning user; ignored for selection when `tags` is not empty.
+    pub user: Option<String>,
+    /// ACL tags (`tag:web`); a tagged node is owned by its tags.
+    pub tags: BTreeSet<String>,
+    /// Overlay addresses.
+    pub addresses: Vec<IpAddr>,
+}

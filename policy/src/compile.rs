@@ -1,0 +1,661 @@
+//! Compilation of a policy against a node set into per-node views (peer set
+//! and inbound rules), with incremental updates (pure: no I/O).
+//!
+//! Index structures, so that neither a full compile nor a node join loops
+//! over node pairs:
+//! - a selector index (user / tag / autogroup / prefix → ACL entries), so a
+//!   node's *membership* (the entries whose src or dst select it) costs a few
+//!   hash lookups;
+//! - per entry, the node sets its src selects (`src_all`, and `src_named` for
+//!   nodes selected by identity rather than address) and its dst selects,
+//!   plus its aggregated source prefixes;
+//! - per user, the untagged nodes it owns (for `autogroup:self`).
+//!
+//! A node's view depends only on its membership, so views are computed once
+//! per distinct membership ("class": e.g. all `tag:web` servers) and cloned.
+//! A node's peers are the union of the `src_all` sets of the entries that
+//! target it and of the dst sets of the entries whose src selects it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::eval::owner;
+use crate::policy::{proto_has_ports, Entry, Policy, PortRange, SelKind};
+use crate::NodeInfo;
+
+/// One inbound filter rule of a node: traffic from `src` on one of
+/// `protocols` to one of `ports` is allowed.
+///
+/// `ports` only restrict protocols that carry ports (TCP, UDP, SCTP); a rule
+/// whose protocols include others (ICMP) always has `ports == [0-65535]`,
+/// because the compiler splits port-less protocols into their own rule.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct InboundRule {
+    /// Source prefixes, sorted and aggregated (no overlaps).
+    pub src: Vec<IpNet>,
+    /// IP protocol numbers, sorted.
+    pub protocols: Vec<u8>,
+    /// Destination port ranges, sorted and merged.
+    pub ports: Vec<PortRange>,
+    /// `FILE:LINE` of the ACL entry this rule comes from.
+    pub rule_id: String,
+}
+
+/// What one node receives: who it may talk to, and what may reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeView {
+    /// Nodes with at least one permitted flow to or from this node.
+    pub peers: BTreeSet<u64>,
+    /// Inbound rules, in ACL order.
+    pub inbound: Vec<InboundRule>,
+}
+
+impl NodeView {
+    /// The first inbound rule admitting a packet from `src`, if any.
+    ///
+    /// A reference for the node's packet filter (which compiles the rules
+    /// into its own lookup structure); the port is ignored for protocols
+    /// without ports.
+    pub fn admits(&self, src: IpAddr, proto: u8, port: u16) -> Option<&InboundRule> {
+        self.inbound.iter().find(|r| {
+            r.protocols.contains(&proto)
+                && (!proto_has_ports(proto) || r.ports.iter().any(|p| p.contains(port)))
+                && r.src.iter().any(|n| n.contains(&src))
+        })
+    }
+}
+
+/// A policy compiled against a node set: every node's [`NodeView`], kept up
+/// to date incrementally as nodes join, change and leave.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    policy: Policy,
+    index: Index,
+    nodes: BTreeMap<u64, NodeInfo>,
+    members: HashMap<u64, Membership>,
+    /// Per entry: nodes its src selects (by identity or by address).
+    src_all: Vec<BTreeSet<u64>>,
+    /// Per entry: nodes its src selects by identity (user, group, tag,
+    /// autogroup); their addresses go into the entry's source prefixes.
+    src_named: Vec<BTreeSet<u64>>,
+    /// Per entry: nodes its non-`autogroup:self` destinations select.
+    dst: Vec<BTreeSet<u64>>,
+    /// Per entry: aggregated source prefixes (named nodes' addresses plus literals).
+    prefixes: Vec<Vec<IpNet>>,
+    /// Untagged nodes (with addresses) per owning user.
+    user_nodes: HashMap<String, BTreeSet<u64>>,
+    views: BTreeMap<u64, NodeView>,
+}
+
+/// Which entries select a node, and how: everything a view depends on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Membership {
+    /// Entries whose src selects the node; `true` when selected by identity.
+    src: Vec<(u32, bool)>,
+    inbound: InKey,
+    outbound: OutKey,
+    owner: Option<String>,
+}
+
+/// The part of a membership that determines inbound rules and inbound peers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+struct InKey {
+    /// Entries whose regular dst selects the node, with the merged ports.
+    dst: Vec<(u32, Vec<PortRange>)>,
+    /// Entries whose `autogroup:self` dst applies to the node, with ports.
+    self_dst: Vec<(u32, Vec<PortRange>)>,
+    /// The owner, when `self_dst` is not empty.
+    self_owner: Option<String>,
+}
+
+/// The part of a membership that determines outbound peers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+struct OutKey {
+    src: Vec<u32>,
+    /// The owner, when one of `src` has an `autogroup:self` destination.
+    self_owner: Option<String>,
+}
+
+/// Selector → entries, for one side (src or dst) of the ACL list.
+#[derive(Debug, Clone, Default)]
+struct SelIndex<T> {
+    any: Vec<T>,
+    users: HashMap<String, Vec<T>>,
+    tags: HashMap<String, Vec<T>>,
+    member: Vec<T>,
+    tagged: Vec<T>,
+    prefix: Vec<(IpNet, T)>,
+    self_nodes: Vec<T>,
+}
+
+impl<T: Copy> SelIndex<T> {
+    fn add(&mut self, kind: &SelKind, t: T) {
+        match kind {
+            SelKind::Any => self.any.push(t),
+            SelKind::Users(users) => {
+                for u in users {
+                    self.users.entry(u.clone()).or_default().push(t);
+                }
+            }
+            SelKind::Tag(tag) => self.tags.entry(tag.clone()).or_default().push(t),
+            SelKind::Member => self.member.push(t),
+            SelKind::Tagged => self.tagged.push(t),
+            SelKind::Prefix(p) => self.prefix.push((*p, t)),
+            SelKind::SelfNodes => self.self_nodes.push(t),
+        }
+    }
+
+    /// Calls `f(t, by_identity)` for every selector selecting `node`
+    /// (`autogroup:self` excluded).
+    fn each_match(&self, node: &NodeInfo, mut f: impl FnMut(T, bool)) {
+        for &t in &self.any {
+            f(t, false);
+        }
+        if let Some(user) = owner(node) {
+            for &t in self.users.get(user).into_iter().flatten() {
+                f(t, true);
+            }
+            for &t in &self.member {
+                f(t, true);
+            }
+        }
+        if !node.tags.is_empty() {
+            for tag in &node.tags {
+                for &t in self.tags.get(tag).into_iter().flatten() {
+                    f(t, true);
+                }
+            }
+            for &t in &self.tagged {
+                f(t, true);
+            }
+        }
+        for (p, t) in &self.prefix {
+            if node.addresses.iter().any(|a| p.contains(a)) {
+                f(*t, false);
+            }
+        }
+    }
+}
+
+/// The policy's entries indexed by selector.
+#[derive(Debug, Clone, Default)]
+struct Index {
+    src: SelIndex<u32>,
+    /// (entry, dst element).
+    dst: SelIndex<(u32, u32)>,
+    /// Per entry: literal source prefixes (`*` is 0.0.0.0/0 and ::/0).
+    literal: Vec<Vec<IpNet>>,
+    /// Per entry: whether a destination is `autogroup:self`.
+    has_self: Vec<bool>,
+}
+
+impl Index {
+    fn new(entries: &[Entry]) -> Index {
+        let mut index = Index::default();
+        for (e, entry) in entries.iter().enumerate() {
+            let e = e as u32;
+            let mut literal = Vec::new();
+            for s in &entry.src {
+                index.src.add(&s.kind, e);
+                match s.kind {
+                    SelKind::Any => literal.extend(all_addresses()),
+                    SelKind::Prefix(p) => literal.push(p),
+                    _ => {}
+                }
+            }
+            index.literal.push(IpNet::aggregate(&literal));
+            for (d, elem) in entry.dst.iter().enumerate() {
+                index.dst.add(&elem.sel.kind, (e, d as u32));
+            }
+            index
+                .has_self
+                .push(entry.dst.iter().any(|d| d.sel.kind == SelKind::SelfNodes));
+        }
+        index
+    }
+}
+
+fn all_addresses() -> [IpNet; 2] {
+    [
+        IpNet::new(IpAddr::from([0u8; 4]), 0).expect("prefix length 0 is valid"),
+        IpNet::new(IpAddr::from([0u16; 8]), 0).expect("prefix length 0 is valid"),
+    ]
+}
+
+/// Memoised per-class results while building views.
+#[derive(Default)]
+struct Memo {
+    rules: HashMap<InKey, Vec<InboundRule>>,
+    in_peers: HashMap<InKey, Vec<u64>>,
+    out_peers: HashMap<OutKey, Vec<u64>>,
+    peers: HashMap<(InKey, OutKey), BTreeSet<u64>>,
+}
+
+impl Compiled {
+    /// Compiles `policy` against `nodes`: every node's peers and inbound rules.
+    ///
+    /// A node without addresses can neither send nor receive, so it gets an
+    /// empty view and is nobody's peer.
+    pub fn new(policy: Policy, nodes: Vec<NodeInfo>) -> Compiled {
+        let index = Index::new(&policy.entries);
+        let n = policy.entries.len();
+        let mut c = Compiled {
+            policy,
+            index,
+            nodes: BTreeMap::new(),
+            members: HashMap::with_capacity(nodes.len()),
+            src_all: vec![BTreeSet::new(); n],
+            src_named: vec![BTreeSet::new(); n],
+            dst: vec![BTreeSet::new(); n],
+            prefixes: vec![Vec::new(); n],
+            user_nodes: HashMap::new(),
+            views: BTreeMap::new(),
+        };
+        for node in nodes {
+            if let Some(old) = c.nodes.remove(&node.id) {
+                // A repeated id: the last one wins, as with `upsert_node`.
+                let m = c.members.remove(&old.id).unwrap_or_default();
+                c.unlink(old.id, &m);
+            }
+            let m = c.membership(&node);
+            c.link(node.id, &m);
+            c.members.insert(node.id, m);
+            c.nodes.insert(node.id, node);
+        }
+        for e in 0..n {
+            c.prefixes[e] = c.entry_prefixes(e);
+        }
+        let mut memo = Memo::default();
+        let ids: Vec<u64> = c.nodes.keys().copied().collect();
+        for id in ids {
+            let view = c.compute_view(id, &mut memo);
+            c.views.insert(id, view);
+        }
+        c
+    }
+
+    /// The view of node `node`, or `None` for an unknown node.
+    pub fn view(&self, node: u64) -> Option<&NodeView> {
+        self.views.get(&node)
+    }
+
+    /// The policy compiled.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The nodes, in id order.
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeInfo> {
+        self.nodes.values()
+    }
+
+    /// Adds or replaces a node; recomputes only the views it can affect.
+    ///
+    /// Returns the ids whose view changed; the upserted node is always included.
+    pub fn upsert_node(&mut self, node: NodeInfo) -> BTreeSet<u64> {
+        let id = node.id;
+        let new_m = self.membership(&node);
+        self.nodes.insert(id, node);
+        self.replace_membership(id, Some(new_m))
+    }
+
+    /// Removes a node; recomputes only the views it affected.
+    ///
+    /// Returns the ids whose view changed, including `id` if it existed.
+    pub fn remove_node(&mut self, id: u64) -> BTreeSet<u64> {
+        if self.nodes.remove(&id).is_none() {
+            return BTreeSet::new();
+        }
+        self.replace_membership(id, None)
+    }
+
+    /// Replaces the policy: compiles once, then diffs every node's view.
+    ///
+    /// Returns the ids whose view changed.
+    pub fn set_policy(&mut self, policy: Policy) -> BTreeSet<u64> {
+        let nodes: Vec<NodeInfo> = self.nodes.values().cloned().collect();
+        let new = Compiled::new(policy, nodes);
+        let changed = new
+            .views
+            .iter()
+            .filter(|(id, v)| self.views.get(id) != Some(v))
+            .map(|(id, _)| *id)
+            .collect();
+        *self = new;
+        changed
+    }
+
+    /// Swaps node `id`'s membership (`None`: the node left) and repairs the
+    /// views that depend on it. `self.nodes` already holds the new state.
+    fn replace_membership(&mut self, id: u64, new_m: Option<Membership>) -> BTreeSet<u64> {
+        let old_m = self.members.remove(&id).unwrap_or_default();
+        let old_peers = self
+            .views
+            .get(&id)
+            .map(|v| v.peers.clone())
+            .unwrap_or_default();
+        self.unlink(id, &old_m);
+        if let Some(m) = &new_m {
+            self.link(id, m);
+        }
+        let empty = Membership::default();
+        let new_ref = new_m.as_ref().unwrap_or(&empty);
+
+        // Entries whose source prefixes may change: the node is (or was)
+        // selected by identity, so its addresses are (or were) in them.
+        let mut touched: BTreeSet<u32> = BTreeSet::new();
+        let mut rules_dirty: BTreeSet<u64> = BTreeSet::from([id]);
+        for &(e, named) in old_m.src.iter().chain(&new_ref.src) {
+            if self.index.has_self[e as usize] {
+                for owner in [&old_m.owner, &new_ref.owner].into_iter().flatten() {
+                    if let Some(set) = self.user_nodes.get(owner) {
+                        rules_dirty.extend(set);
+                    }
+                }
+            }
+            if named {
+                touched.insert(e);
+            }
+        }
+        for e in touched {
+            let p = self.entry_prefixes(e as usize);
+            if p != self.prefixes[e as usize] {
+                self.prefixes[e as usize] = p;
+                rules_dirty.extend(&self.dst[e as usize]);
+            }
+        }
+
+        let mut changed = BTreeSet::from([id]);
+        let mut memo = Memo::default();
+        let new_peers = match new_m {
+            Some(m) => {
+                self.members.insert(id, m);
+                let view = self.compute_view(id, &mut memo);
+                let peers = view.peers.clone();
+                self.views.insert(id, view);
+                peers
+            }
+            None => {
+                self.views.remove(&id);
+                BTreeSet::new()
+            }
+        };
+        for other in old_peers.symmetric_difference(&new_peers) {
+            if let Some(v) = self.views.get_mut(other) {
+                if new_peers.contains(other) {
+                    v.peers.insert(id);
+                } else {
+                    v.peers.remove(&id);
+                }
+                changed.insert(*other);
+            }
+        }
+        rules_dirty.remove(&id);
+        for other in rules_dirty {
+            let Some(m) = self.members.get(&other) else {
+                continue;
+            };
+            let rules = self.rules_memo(&m.inbound, &mut memo);
+            if let Some(v) = self.views.get_mut(&other) {
+                if v.inbound != rules {
+                    v.inbound = rules;
+                    changed.insert(other);
+                }
+            }
+        }
+        changed
+    }
+
+    /// Computes which entries select `node`.
+    fn membership(&self, node: &NodeInfo) -> Membership {
+        if node.addresses.is_empty() {
+            return Membership::default();
+        }
+        let entries = &self.policy.entries;
+        let mut src: Vec<(u32, bool)> = Vec::new();
+        self.index.src.each_match(node, |e, named| src.push((e, named)));
+        src.sort_unstable();
+        // Keep one item per entry, preferring "by identity" (sorts last).
+        let mut merged: Vec<(u32, bool)> = Vec::with_capacity(src.len());
+        for (e, named) in src {
+            match merged.last_mut() {
+                Some(last) if last.0 == e => last.1 |= named,
+                _ => merged.push((e, named)),
+            }
+        }
+        let mut dst_hits: Vec<(u32, u32)> = Vec::new();
+        self.index.dst.each_match(node, |t, _| dst_hits.push(t));
+        let dst = group_ports(entries, dst_hits);
+        let owner = owner(node).map(str::to_string);
+        let self_dst = if owner.is_some() {
+            group_ports(entries, self.index.dst.self_nodes.clone())
+        } else {
+            Vec::new()
+        };
+        let out_self = owner.is_some() && merged.iter().any(|(e, _)| self.index.has_self[*e as usize]);
+        Membership {
+            inbound: InKey {
+                dst,
+                self_owner: if self_dst.is_empty() { None } else { owner.clone() },
+                self_dst,
+            },
+            outbound: OutKey {
+                src: merged.iter().map(|(e, _)| *e).collect(),
+                self_owner: if out_self { owner.clone() } else { None },
+            },
+            src: merged,
+            owner,
+        }
+    }
+
+    fn link(&mut self, id: u64, m: &Membership) {
+        for &(e, named) in &m.src {
+            self.src_all[e as usize].insert(id);
+            if named {
+                self.src_named[e as usize].insert(id);
+            }
+        }
+        for (e, _) in &m.inbound.dst {
+            self.dst[*e as usize].insert(id);
+        }
+        if let Some(u) = &m.owner {
+            self.user_nodes.entry(u.clone()).or_default().insert(id);
+        }
+    }
+
+    fn unlink(&mut self, id: u64, m: &Membership) {
+        for &(e, _) in &m.src {
+            self.src_all[e as usize].remove(&id);
+            self.src_named[e as usize].remove(&id);
+        }
+        for (e, _) in &m.inbound.dst {
+            self.dst[*e as usize].remove(&id);
+        }
+        if let Some(u) = &m.owner {
+            if let Some(set) = self.user_nodes.get_mut(u) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.user_nodes.remove(u);
+                }
+            }
+        }
+    }
+
+    /// Source prefixes of entry `e`: addresses of the nodes it names, plus literals.
+    fn entry_prefixes(&self, e: usize) -> Vec<IpNet> {
+        let mut nets = self.index.literal[e].clone();
+        for id in &self.src_named[e] {
+            if let Some(n) = self.nodes.get(id) {
+                nets.extend(n.addresses.iter().map(|a| IpNet::from(*a)));
+            }
+        }
+        IpNet::aggregate(&nets)
+    }
+
+    fn compute_view(&self, id: u64, memo: &mut Memo) -> NodeView {
+        let Some(m) = self.members.get(&id) else {
+            return NodeView::default();
+        };
+        let inbound = self.rules_memo(&m.inbound, memo);
+        let key = (m.inbound.clone(), m.outbound.clone());
+        let mut peers = match memo.peers.get(&key) {
+            Some(p) => p.clone(),
+            None => {
+                let inp = match memo.in_peers.get(&m.inbound) {
+                    Some(p) => p.clone(),
+                    None => {
+                        let p = self.in_peers(&m.inbound);
+                        memo.in_peers.insert(m.inbound.clone(), p.clone());
+                        p
+                    }
+                };
+                let outp = match memo.out_peers.get(&m.outbound) {
+                    Some(p) => p.clone(),
+                    None => {
+                        let p = self.out_peers(&m.outbound);
+                        memo.out_peers.insert(m.outbound.clone(), p.clone());
+                        p
+                    }
+                };
+                let mut all = inp;
+                all.extend(outp);
+                all.sort_unstable();
+                all.dedup();
+                let set: BTreeSet<u64> = all.into_iter().collect();
+                memo.peers.insert(key, set.clone());
+                set
+            }
+        };
+        peers.remove(&id);
+        NodeView { peers, inbound }
+    }
+
+    fn rules_memo(&self, key: &InKey, memo: &mut Memo) -> Vec<InboundRule> {
+        if let Some(r) = memo.rules.get(key) {
+            return r.clone();
+        }
+        let r = self.rules(key);
+        memo.rules.insert(key.clone(), r.clone());
+        r
+    }
+
+    /// Inbound rules for a class, in entry order (regular before self).
+    fn rules(&self, key: &InKey) -> Vec<InboundRule> {
+        let mut items: Vec<(u32, bool, &Vec<PortRange>)> = key
+            .dst
+            .iter()
+            .map(|(e, p)| (*e, false, p))
+            .chain(key.self_dst.iter().map(|(e, p)| (*e, true, p)))
+            .collect();
+        items.sort_by_key(|(e, is_self, _)| (*e, *is_self));
+        let mut out = Vec::new();
+        for (e, is_self, ports) in items {
+            let src = if is_self {
+                self.self_prefixes(e, key.self_owner.as_deref())
+            } else {
+                self.prefixes[e as usize].clone()
+            };
+            if src.is_empty() {
+                continue;
+            }
+            let entry = &self.policy.entries[e as usize];
+            push_rules(&mut out, src, &entry.protocols, ports, &entry.rule_id);
+        }
+        out
+    }
+
+    /// Sources of an `autogroup:self` rule: the owner's nodes that the src selects.
+    fn self_prefixes(&self, e: u32, owner: Option<&str>) -> Vec<IpNet> {
+        let Some(mine) = owner.and_then(|u| self.user_nodes.get(u)) else {
+            return Vec::new();
+        };
+        let src = &self.src_all[e as usize];
+        let nets: Vec<IpNet> = mine
+            .iter()
+            .filter(|id| src.contains(id))
+            .filter_map(|id| self.nodes.get(id))
+            .flat_map(|n| n.addresses.iter().map(|a| IpNet::from(*a)))
+            .collect();
+        IpNet::aggregate(&nets)
+    }
+
+    fn in_peers(&self, key: &InKey) -> Vec<u64> {
+        let mut out: Vec<u64> = Vec::new();
+        for (e, _) in &key.dst {
+            out.extend(&self.src_all[*e as usize]);
+        }
+        if let Some(mine) = key.self_owner.as_ref().and_then(|u| self.user_nodes.get(u)) {
+            for (e, _) in &key.self_dst {
+                let src = &self.src_all[*e as usize];
+                out.extend(mine.iter().filter(|id| src.contains(id)));
+            }
+        }
+        out
+    }
+
+    fn out_peers(&self, key: &OutKey) -> Vec<u64> {
+        let mut out: Vec<u64> = Vec::new();
+        for e in &key.src {
+            out.extend(&self.dst[*e as usize]);
+        }
+        if let Some(mine) = key.self_owner.as_ref().and_then(|u| self.user_nodes.get(u)) {
+            out.extend(mine);
+        }
+        out
+    }
+}
+
+/// Groups (entry, dst element) hits by entry, merging the elements' ports.
+fn group_ports(entries: &[Entry], mut hits: Vec<(u32, u32)>) -> Vec<(u32, Vec<PortRange>)> {
+    hits.sort_unstable();
+    hits.dedup();
+    let mut out: Vec<(u32, Vec<PortRange>)> = Vec::new();
+    for (e, d) in hits {
+        let ports = &entries[e as usize].dst[d as usize].ports;
+        match out.last_mut() {
+            Some((last, p)) if *last == e => p.extend(ports),
+            _ => out.push((e, ports.clone())),
+        }
+    }
+    for (_, p) in &mut out {
+        *p = crate::policy::merge_ports(std::mem::take(p));
+    }
+    out
+}
+
+/// Appends the rule(s) for one entry: port-less protocols get their own rule
+/// with every port, so that a rule's ports never need special-casing.
+fn push_rules(
+    out: &mut Vec<InboundRule>,
+    src: Vec<IpNet>,
+    protocols: &[u8],
+    ports: &[PortRange],
+    rule_id: &str,
+) {
+    let all = [PortRange::ALL];
+    let (with, without): (Vec<u8>, Vec<u8>) = protocols.iter().partition(|p| proto_has_ports(**p));
+    if ports == all || without.is_empty() || with.is_empty() {
+        let ports = if with.is_empty() { &all[..] } else { ports };
+        out.push(InboundRule {
+            src,
+            protocols: protocols.to_vec(),
+            ports: ports.to_vec(),
+            rule_id: rule_id.to_string(),
+        });
+        return;
+    }
+    out.push(InboundRule {
+        src: src.clone(),
+        protocols: with,
+        ports: ports.to_vec(),
+        rule_id: rule_id.to_string(),
+    });
+    out.push(InboundRule {
+        src,
+        protocols: without,
+        ports: all.to_vec(),
+        rule_id: rule_id.to_string(),
+    });
+}

@@ -1,0 +1,258 @@
+//! Direct evaluation of the ACL list for one flow: `explain` and the `tests`
+//! section (pure: no I/O).
+//!
+//! This is deliberately the naive reading of the policy — walk the entries in
+//! order, match selectors against identities — so that it doubles as the
+//! reference the compiled per-node rules are property-tested against.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+
+use ipnet::IpNet;
+
+use crate::error::{PolicyError, Sink};
+use crate::policy::{proto_has_ports, proto_name, Entry, Identity, Policy, SelKind};
+use crate::NodeInfo;
+
+/// The verdict of [`Policy::explain`] and the reason for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    /// Whether the flow is allowed.
+    pub allowed: bool,
+    /// `FILE:LINE` of the first ACL entry that accepts the flow.
+    pub rule_id: Option<String>,
+    /// Human-readable reason, e.g. `no rule matches`.
+    pub detail: String,
+}
+
+/// An identity with node references resolved, for matching.
+#[derive(Clone, Copy)]
+enum Who<'a> {
+    User(&'a str),
+    Group(&'a BTreeSet<String>),
+    Tag(&'a str),
+    Addr(IpNet),
+    Node(&'a NodeInfo),
+}
+
+/// The login owning a node, if the node is user-owned: tagged nodes belong
+/// to their tags, not to the user who enrolled them (as in Tailscale).
+pub(crate) fn owner(node: &NodeInfo) -> Option<&str> {
+    if node.tags.is_empty() {
+        node.user.as_deref()
+    } else {
+        None
+    }
+}
+
+impl<'a> Who<'a> {
+    fn owner(&self) -> Option<&'a str> {
+        match *self {
+            Who::User(u) => Some(u),
+            Who::Node(n) => owner(n),
+            _ => None,
+        }
+    }
+
+    /// Whether a non-`autogroup:self` selector selects this identity.
+    fn selected_by(&self, sel: &SelKind) -> bool {
+        match (sel, *self) {
+            (SelKind::Any, _) => true,
+            (SelKind::SelfNodes, _) => false,
+            (SelKind::Users(set), Who::User(u)) => set.contains(u),
+            (SelKind::Users(set), Who::Group(g)) => !g.is_empty() && g.is_subset(set),
+            (SelKind::Users(set), Who::Node(n)) => owner(n).is_some_and(|u| set.contains(u)),
+            (SelKind::Tag(t), Who::Tag(x)) => t == x,
+            (SelKind::Tag(t), Who::Node(n)) => n.tags.contains(t),
+            (SelKind::Member, Who::User(_)) => true,
+            (SelKind::Member, Who::Group(g)) => !g.is_empty(),
+            (SelKind::Member, Who::Node(n)) => owner(n).is_some(),
+            (SelKind::Tagged, Who::Tag(_)) => true,
+            (SelKind::Tagged, Who::Node(n)) => !n.tags.is_empty(),
+            (SelKind::Prefix(p), Who::Addr(a)) => p.contains(&a),
+            (SelKind::Prefix(p), Who::Node(n)) => n.addresses.iter().any(|a| p.contains(a)),
+            _ => false,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match *self {
+            Who::User(u) => u.to_string(),
+            Who::Group(_) => "the group".to_string(),
+            Who::Tag(t) => t.to_string(),
+            Who::Addr(a) => a.to_string(),
+            Who::Node(n) => format!("node {}", n.name),
+        }
+    }
+}
+
+/// The first entry accepting `src → dst` on `proto`/`port`, if any.
+fn first_match<'p>(
+    entries: &'p [Entry],
+    src: Who<'_>,
+    dst: Who<'_>,
+    proto: u8,
+    port: u16,
+) -> Option<(&'p Entry, usize, usize)> {
+    for entry in entries {
+        if !entry.protocols.contains(&proto) {
+            continue;
+        }
+        let Some(si) = entry.src.iter().position(|s| src.selected_by(&s.kind)) else {
+            continue;
+        };
+        let dst_hit = entry.dst.iter().position(|d| {
+            let port_ok = !proto_has_ports(proto) || d.ports.iter().any(|r| r.contains(port));
+            let sel_ok = match d.sel.kind {
+                SelKind::SelfNodes => match (src.owner(), dst.owner()) {
+                    (Some(a), Some(b)) => a == b,
+                    _ => false,
+                },
+                ref kind => dst.selected_by(kind),
+            };
+            port_ok && sel_ok
+        });
+        if let Some(di) = dst_hit {
+            return Some((entry, si, di));
+        }
+    }
+    None
+}
+
+impl Policy {
+    /// Explains whether `src` may reach `dst` on `proto`/`port`, and why.
+    ///
+    /// `src` and `dst` are a user, `group:x`, `tag:x`, host alias, IP address,
+    /// or the name of one of `nodes`. An IP address that belongs to one of
+    /// `nodes` is evaluated as that node. Users, groups and tags are matched
+    /// symbolically: address-based rules (IPs, CIDRs, hosts) only match
+    /// address or node identities. A group is allowed when all its members
+    /// are. The port is ignored for protocols without ports (ICMP).
+    pub fn explain(
+        &self,
+        nodes: &[NodeInfo],
+        src: &str,
+        dst: &str,
+        port: u16,
+        proto: u8,
+    ) -> Explanation {
+        let resolve = |text: &str| -> Result<Identity, String> {
+            match self.identity(text) {
+                Ok(Identity::Addr(net)) if net.prefix_len() == net.max_prefix_len() => {
+                    let addr = net.addr();
+                    Ok(nodes
+                        .iter()
+                        .position(|n| n.addresses.contains(&addr))
+                        .map_or(Identity::Addr(net), Identity::Node))
+                }
+                Ok(id) => Ok(id),
+                Err(e) => nodes
+                    .iter()
+                    .position(|n| n.name == text.trim())
+                    .map(Identity::Node)
+                    .ok_or(e),
+            }
+        };
+        let deny = |detail: String| Explanation {
+            allowed: false,
+            rule_id: None,
+            detail,
+        };
+        let src_id = match resolve(src) {
+            Ok(id) => id,
+            Err(e) => return deny(format!("source: {e}")),
+        };
+        let dst_id = match resolve(dst) {
+            Ok(id) => id,
+            Err(e) => return deny(format!("destination: {e}")),
+        };
+        let src_who = who(&src_id, nodes);
+        let dst_who = who(&dst_id, nodes);
+        for w in [src_who, dst_who] {
+            if let Who::Node(n) = w {
+                if n.addresses.is_empty() {
+                    return deny(format!("node {} has no addresses", n.name));
+                }
+            }
+        }
+        self.verdict(src_who, dst_who, proto, port)
+    }
+
+    fn verdict(&self, src: Who<'_>, dst: Who<'_>, proto: u8, port: u16) -> Explanation {
+        match first_match(&self.entries, src, dst, proto, port) {
+            Some((entry, si, di)) => {
+                let mut detail = format!(
+                    "accepted by {}: src {:?} matches {}, dst {:?}",
+                    entry.rule_id,
+                    entry.src[si].text,
+                    src.describe(),
+                    entry.dst[di].sel.text
+                );
+                if proto_has_ports(proto) {
+                    let _ = write!(detail, " port {port}");
+                }
+                let _ = write!(detail, " proto {}", proto_name(proto));
+                Explanation {
+                    allowed: true,
+                    rule_id: Some(entry.rule_id.clone()),
+                    detail,
+                }
+            }
+            None => Explanation {
+                allowed: false,
+                rule_id: None,
+                detail: "no rule matches".to_string(),
+            },
+        }
+    }
+
+    /// Runs the `tests` section.
+    ///
+    /// # Errors
+    /// One diagnostic per failing assertion, at the assertion's position,
+    /// naming the flow and the expected and actual verdicts.
+    pub fn run_tests(&self) -> Result<(), PolicyError> {
+        let mut sink = Sink::new(&self.file);
+        for test in &self.tests {
+            let src = who(&test.src, &[]);
+            for (expect_accept, list) in [(true, &test.accept), (false, &test.deny)] {
+                for d in list {
+                    let dst = who(&d.dst, &[]);
+                    let got = self.verdict(src, dst, test.proto, d.port);
+                    if got.allowed != expect_accept {
+                        let (want, actual) = if expect_accept {
+                            ("accept", "deny (no rule matches)".to_string())
+                        } else {
+                            (
+                                "deny",
+                                format!("accept (by {})", got.rule_id.unwrap_or_default()),
+                            )
+                        };
+                        sink.error(
+                            d.pos,
+                            format!(
+                                "test failed (test at line {}): {} -> {} proto {}: expected {want}, got {actual}",
+                                test.pos.line,
+                                test.src_text,
+                                d.text,
+                                proto_name(test.proto)
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        sink.into_result(())
+    }
+}
+
+fn who<'a>(id: &'a Identity, nodes: &'a [NodeInfo]) -> Who<'a> {
+    match id {
+        Identity::User(u) => Who::User(u),
+        Identity::Group(_, users) => Who::Group(users),
+        Identity::Tag(t) => Who::Tag(t),
+        Identity::Addr(a) => Who::Addr(*a),
+        // Node indexes come from `position()` over this same slice.
+        Identity::Node(i) => Who::Node(&nodes[*i]),
+    }
+}

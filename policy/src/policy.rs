@@ -1,0 +1,974 @@
+//! Policy model and semantic checks: HuJSON values → resolved ACL entries
+//! (pure: no I/O).
+//!
+//! Resolution happens here, once: groups become user sets, host aliases become
+//! prefixes, tags are checked against `tagOwners`. Everything downstream
+//! (compile, explain, tests) works on the resolved form and never re-checks.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::error::{PolicyError, Pos, Sink};
+use crate::hujson::{self, Kind, Member, Value};
+
+/// An inclusive range of destination ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortRange {
+    /// First port of the range.
+    pub first: u16,
+    /// Last port of the range (inclusive).
+    pub last: u16,
+}
+
+impl PortRange {
+    /// Every port, `0-65535` (written `*` in a policy).
+    pub const ALL: PortRange = PortRange {
+        first: 0,
+        last: u16::MAX,
+    };
+
+    /// Whether `port` lies in the range.
+    pub fn contains(&self, port: u16) -> bool {
+        self.first <= port && port <= self.last
+    }
+}
+
+/// A parsed and resolved policy: groups, tag owners, hosts, ACL entries and tests.
+///
+/// Built by [`Policy::parse`] or [`Policy::check`]; immutable afterwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub(crate) file: String,
+    pub(crate) groups: BTreeMap<String, BTreeSet<String>>,
+    pub(crate) tag_owners: BTreeMap<String, TagOwners>,
+    pub(crate) hosts: BTreeMap<String, IpNet>,
+    pub(crate) entries: Vec<Entry>,
+    pub(crate) tests: Vec<TestCase>,
+}
+
+/// Who may apply a tag.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct TagOwners {
+    /// User logins, groups already expanded.
+    pub users: BTreeSet<String>,
+    /// `autogroup:member`: any user may apply the tag.
+    pub any_member: bool,
+}
+
+/// One ACL entry (`{"action": "accept", ...}`), resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Entry {
+    /// `FILE:LINE` of the entry's opening brace.
+    pub rule_id: String,
+    /// Sorted, deduplicated IP protocol numbers.
+    pub protocols: Vec<u8>,
+    pub src: Vec<Selector>,
+    pub dst: Vec<DstElem>,
+}
+
+/// A source or destination alias, with its text for explanations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Selector {
+    pub text: String,
+    pub kind: SelKind,
+}
+
+/// What an alias selects, after resolution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SelKind {
+    /// `*`: every node (as a source: every address).
+    Any,
+    /// A user or a group: the untagged nodes owned by these logins.
+    Users(BTreeSet<String>),
+    /// `tag:x`: the nodes carrying the tag.
+    Tag(String),
+    /// `autogroup:member`: every untagged, user-owned node.
+    Member,
+    /// `autogroup:tagged`: every tagged node.
+    Tagged,
+    /// An IP, a CIDR or a host alias: these addresses.
+    Prefix(IpNet),
+    /// `autogroup:self` (destination only): the source user's own untagged nodes.
+    SelfNodes,
+}
+
+/// One `alias:ports` destination of an ACL entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DstElem {
+    pub sel: Selector,
+    /// Sorted, merged port ranges.
+    pub ports: Vec<PortRange>,
+}
+
+/// A source or destination identity in a test or an `explain` query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Identity {
+    User(String),
+    Group(String, BTreeSet<String>),
+    Tag(String),
+    /// An IP address (as a host prefix), CIDR or host alias.
+    Addr(IpNet),
+    /// A node, by index into the node slice given to `explain`.
+    Node(usize),
+}
+
+/// One entry of the `tests` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TestCase {
+    pub pos: Pos,
+    pub src_text: String,
+    pub src: Identity,
+    pub proto: u8,
+    pub accept: Vec<TestDst>,
+    pub deny: Vec<TestDst>,
+}
+
+/// One `alias:port` of a test's `accept` or `deny` list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TestDst {
+    pub pos: Pos,
+    pub text: String,
+    pub dst: Identity,
+    pub port: u16,
+}
+
+/// Protocols used when an ACL entry has no `proto`: TCP, UDP, ICMP and ICMPv6.
+pub(crate) const DEFAULT_PROTOCOLS: [u8; 4] = [1, 6, 17, 58];
+
+const PROTO_NAMES: &[(&str, u8)] = &[
+    ("icmp", 1),
+    ("igmp", 2),
+    ("ipv4", 4),
+    ("ip-in-ip", 4),
+    ("tcp", 6),
+    ("egp", 8),
+    ("igp", 9),
+    ("udp", 17),
+    ("gre", 47),
+    ("esp", 50),
+    ("ah", 51),
+    ("ipv6-icmp", 58),
+    ("sctp", 132),
+];
+
+/// Sections Tailscale defines that ztmesh does not implement yet. Rejected,
+/// because ignoring a restriction (a posture, an SSH rule) would widen access.
+const UNSUPPORTED_SECTIONS: &[&str] = &[
+    "grants",
+    "ssh",
+    "sshtests",
+    "postures",
+    "defaultsrcposture",
+    "nodeattrs",
+    "autoapprovers",
+    "ipsets",
+    "derpmap",
+    "disableipv4",
+    "randomizeclientport",
+    "onetimeoptions",
+];
+
+/// Whether the protocol carries ports (TCP, UDP, SCTP); rules for the others
+/// match every packet of the protocol.
+pub fn proto_has_ports(proto: u8) -> bool {
+    matches!(proto, 6 | 17 | 132)
+}
+
+/// The policy name of an IP protocol number (`tcp`, `ipv6-icmp`), or the number.
+pub fn proto_name(proto: u8) -> String {
+    PROTO_NAMES
+        .iter()
+        .find(|(_, n)| *n == proto)
+        .map_or_else(|| proto.to_string(), |(name, _)| (*name).to_string())
+}
+
+/// Parses a protocol name or number as written in `proto`.
+pub(crate) fn parse_proto(text: &str) -> Option<u8> {
+    let lower = text.to_ascii_lowercase();
+    if let Some((_, n)) = PROTO_NAMES.iter().find(|(name, _)| *name == lower) {
+        return Some(*n);
+    }
+    if !text.is_empty() && text.len() <= 3 && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text.parse().ok();
+    }
+    None
+}
+
+impl Policy {
+    /// A policy with no rules: denies everything.
+    pub fn empty() -> Policy {
+        Policy::empty_named("")
+    }
+
+    fn empty_named(file: &str) -> Policy {
+        Policy {
+            file: file.to_string(),
+            groups: BTreeMap::new(),
+            tag_owners: BTreeMap::new(),
+            hosts: BTreeMap::new(),
+            entries: Vec::new(),
+            tests: Vec::new(),
+        }
+    }
+
+    /// Parses and resolves a HuJSON policy; does not run its `tests` section.
+    ///
+    /// An empty file or `{}` gives a policy that denies everything.
+    ///
+    /// # Errors
+    /// Every syntax or semantic problem found, each as `FILE:LINE:COL: message`.
+    /// A syntax error stops parsing, so it is reported alone.
+    pub fn parse(file_name: &str, text: &str) -> Result<Policy, PolicyError> {
+        let mut sink = Sink::new(file_name);
+        let root = match hujson::parse(text) {
+            Ok(Some(root)) => root,
+            Ok(None) => return Ok(Policy::empty_named(file_name)),
+            Err(e) => {
+                sink.error(e.pos, e.message);
+                return sink.into_result(Policy::empty_named(file_name));
+            }
+        };
+        let policy = Resolver::new(file_name, &mut sink).run(&root);
+        sink.into_result(policy)
+    }
+
+    /// Parses a policy, then runs its `tests` section.
+    ///
+    /// # Errors
+    /// The parse errors, or, for a valid policy, one diagnostic per failing test
+    /// assertion.
+    pub fn check(file_name: &str, text: &str) -> Result<Policy, PolicyError> {
+        let policy = Policy::parse(file_name, text)?;
+        policy.run_tests()?;
+        Ok(policy)
+    }
+
+    /// Whether `user_login` may apply `tag` to a node it owns, per `tagOwners`
+    /// (directly or through a group). False for an undefined tag.
+    pub fn may_own_tag(&self, user_login: &str, tag: &str) -> bool {
+        self.tag_owners
+            .get(tag)
+            .is_some_and(|o| o.any_member || o.users.contains(user_login))
+    }
+
+    /// Every tag defined in `tagOwners`.
+    pub fn tags(&self) -> BTreeSet<String> {
+        self.tag_owners.keys().cloned().collect()
+    }
+
+    /// The file name the policy was parsed from.
+    pub fn file_name(&self) -> &str {
+        &self.file
+    }
+
+    /// Resolves an identity as written in a test or an `explain` query
+    /// (user, group, tag, host alias, IP or CIDR); node names are not known here.
+    pub(crate) fn identity(&self, text: &str) -> Result<Identity, String> {
+        let text = text.trim();
+        if text.contains('/') {
+            return text
+                .parse::<IpNet>()
+                .map(|n| Identity::Addr(n.trunc()))
+                .map_err(|_| format!("invalid CIDR {text:?}"));
+        }
+        if let Ok(ip) = text.parse::<IpAddr>() {
+            return Ok(Identity::Addr(IpNet::from(ip)));
+        }
+        if text.contains('@') {
+            return Ok(Identity::User(text.to_string()));
+        }
+        if text.starts_with("group:") {
+            return match self.groups.get(text) {
+                Some(users) => Ok(Identity::Group(text.to_string(), users.clone())),
+                None => Err(format!("undefined group {text:?}")),
+            };
+        }
+        if text.starts_with("tag:") {
+            return if self.tag_owners.contains_key(text) {
+                Ok(Identity::Tag(text.to_string()))
+            } else {
+                Err(format!("tag {text:?} is not defined in tagOwners"))
+            };
+        }
+        if let Some(net) = self.hosts.get(text) {
+            return Ok(Identity::Addr(*net));
+        }
+        Err(format!(
+            "unknown identity {text:?}: not a user, group, tag, host alias or IP address"
+        ))
+    }
+}
+
+/// Splits `alias:ports`, following Tailscale: the last colon separates the
+/// ports, and IPv6 addresses are written `[fd00::1]:22` (a CIDR may also be
+/// written bare, `fd00::/64:22`).
+pub(crate) fn split_host_port(text: &str) -> Result<(&str, &str), String> {
+    if let Some(rest) = text.strip_prefix('[') {
+        let Some((host, ports)) = rest.split_once("]:") else {
+            return Err(format!(
+                "invalid destination {text:?}: expected [IPV6]:PORTS, e.g. \"[fd00::1]:22\""
+            ));
+        };
+        if !host.contains(':') {
+            return Err(format!(
+                "invalid destination {text:?}: brackets are only for IPv6 addresses"
+            ));
+        }
+        return Ok((host, ports));
+    }
+    let Some((host, ports)) = text.rsplit_once(':') else {
+        return Err(format!(
+            "destination {text:?} has no port: write {:?} for every port",
+            format!("{text}:*")
+        ));
+    };
+    if host.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Err(format!(
+            "ambiguous IPv6 destination {text:?}: write the address in brackets, e.g. \"[{host}]:{ports}\""
+        ));
+    }
+    Ok((host, ports))
+}
+
+/// Parses `*`, `22`, `80,443`, `8000-8999` into sorted, merged ranges.
+pub(crate) fn parse_ports(text: &str) -> Result<Vec<PortRange>, String> {
+    if text == "*" {
+        return Ok(vec![PortRange::ALL]);
+    }
+    let mut out = Vec::new();
+    for part in text.split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let first = parse_port(a, text)?;
+        let last = parse_port(b, text)?;
+        if first > last {
+            return Err(format!(
+                "invalid port range {part:?}: first port is greater than last"
+            ));
+        }
+        out.push(PortRange { first, last });
+    }
+    Ok(merge_ports(out))
+}
+
+fn parse_port(p: &str, whole: &str) -> Result<u16, String> {
+    if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "invalid ports {whole:?}: expected *, a port, a list (80,443) or a range (8000-8999)"
+        ));
+    }
+    match p.parse::<u32>() {
+        Ok(n @ 1..=65535) => Ok(n as u16),
+        _ => Err(format!("invalid port {p:?}: ports are 1-65535")),
+    }
+}
+
+/// Sorts and merges overlapping or adjacent ranges.
+pub(crate) fn merge_ports(mut ranges: Vec<PortRange>) -> Vec<PortRange> {
+    ranges.sort_unstable();
+    let mut out: Vec<PortRange> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if u32::from(r.first) <= u32::from(last.last) + 1 => {
+                last.last = last.last.max(r.last);
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn valid_user(login: &str) -> bool {
+    login.contains('@') && !login.starts_with('@') && !login.chars().any(char::is_whitespace)
+}
+
+/// Walks the document and builds the resolved policy, reporting every problem.
+struct Resolver<'a> {
+    sink: &'a mut Sink,
+    policy: Policy,
+}
+
+/// Where an alias appears: sources and destinations accept different autogroups.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Src,
+    Dst,
+}
+
+impl<'a> Resolver<'a> {
+    fn new(file: &str, sink: &'a mut Sink) -> Resolver<'a> {
+        Resolver {
+            sink,
+            policy: Policy::empty_named(file),
+        }
+    }
+
+    fn run(mut self, root: &Value) -> Policy {
+        let Some(members) = self.object(root, "the policy") else {
+            return self.policy;
+        };
+        let mut sections: BTreeMap<&'static str, &Member> = BTreeMap::new();
+        for m in members {
+            let lower = m.key.to_ascii_lowercase();
+            let name = match lower.as_str() {
+                "groups" => "groups",
+                "tagowners" => "tagowners",
+                "hosts" => "hosts",
+                "acls" => "acls",
+                "tests" => "tests",
+                other if UNSUPPORTED_SECTIONS.contains(&other) => {
+                    self.sink.error(
+                        m.key_pos,
+                        format!("section {:?} is not supported by ztmesh yet; remove it", m.key),
+                    );
+                    continue;
+                }
+                _ => {
+                    self.sink.error(
+                        m.key_pos,
+                        format!(
+                            "unknown section {:?}; expected groups, tagOwners, hosts, acls or tests",
+                            m.key
+                        ),
+                    );
+                    continue;
+                }
+            };
+            if sections.insert(name, m).is_some() {
+                self.sink
+                    .error(m.key_pos, format!("duplicate section {:?}", m.key));
+            }
+        }
+        // Dependency order: groups, then tags (owners may be groups), hosts, rules.
+        if let Some(m) = sections.get("groups") {
+            self.groups(&m.value);
+        }
+        if let Some(m) = sections.get("tagowners") {
+            self.tag_owners(&m.value);
+        }
+        if let Some(m) = sections.get("hosts") {
+            self.hosts(&m.value);
+        }
+        if let Some(m) = sections.get("acls") {
+            self.acls(&m.value);
+        }
+        if let Some(m) = sections.get("tests") {
+            self.tests(&m.value);
+        }
+        self.policy
+    }
+
+    fn type_error(&mut self, v: &Value, want: &str, what: &str) {
+        self.sink.error(
+            v.pos,
+            format!("{what} must be {want}, found {}", v.kind.name()),
+        );
+    }
+
+    fn object<'v>(&mut self, v: &'v Value, what: &str) -> Option<&'v [Member]> {
+        match &v.kind {
+            Kind::Object(m) => Some(m),
+            _ => {
+                self.type_error(v, "an object", what);
+                None
+            }
+        }
+    }
+
+    fn array<'v>(&mut self, v: &'v Value, what: &str) -> Option<&'v [Value]> {
+        match &v.kind {
+            Kind::Array(items) => Some(items),
+            _ => {
+                self.type_error(v, "an array", what);
+                None
+            }
+        }
+    }
+
+    fn string<'v>(&mut self, v: &'v Value, what: &str) -> Option<&'v str> {
+        match &v.kind {
+            Kind::String(s) => Some(s),
+            _ => {
+                self.type_error(v, "a string", what);
+                None
+            }
+        }
+    }
+
+    /// The strings of an array of strings, with their positions.
+    fn strings<'v>(&mut self, v: &'v Value, what: &str) -> Vec<(Pos, &'v str)> {
+        let Some(items) = self.array(v, what) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for item in items {
+            if let Some(s) = self.string(item, &format!("each element of {what}")) {
+                out.push((item.pos, s));
+            }
+        }
+        out
+    }
+
+    fn groups(&mut self, v: &Value) {
+        let Some(members) = self.object(v, "\"groups\"") else {
+            return;
+        };
+        for m in members {
+            let valid = m
+                .key
+                .strip_prefix("group:")
+                .is_some_and(valid_name);
+            if !valid {
+                self.sink.error(
+                    m.key_pos,
+                    format!(
+                        "invalid group name {:?}: expected \"group:NAME\" (letters, digits, '-', '_', '.')",
+                        m.key
+                    ),
+                );
+            }
+            let mut users = BTreeSet::new();
+            for (pos, s) in self.strings(&m.value, "a group") {
+                if s.starts_with("group:") {
+                    self.sink
+                        .error(pos, format!("groups cannot contain groups ({s:?})"));
+                } else if s.starts_with("tag:") {
+                    self.sink
+                        .error(pos, format!("groups cannot contain tags ({s:?})"));
+                } else if !valid_user(s) {
+                    self.sink.error(
+                        pos,
+                        format!("invalid group member {s:?}: expected a user login like \"alice@example.com\""),
+                    );
+                } else {
+                    users.insert(s.to_string());
+                }
+            }
+            if valid {
+                self.policy.groups.insert(m.key.clone(), users);
+            }
+        }
+    }
+
+    fn tag_owners(&mut self, v: &Value) {
+        let Some(members) = self.object(v, "\"tagOwners\"") else {
+            return;
+        };
+        // Tags may own tags, in any order: collect the names first.
+        let defined: BTreeSet<&str> = members.iter().map(|m| m.key.as_str()).collect();
+        for m in members {
+            let valid = m.key.strip_prefix("tag:").is_some_and(valid_name);
+            if !valid {
+                self.sink.error(
+                    m.key_pos,
+                    format!(
+                        "invalid tag name {:?}: expected \"tag:NAME\" (letters, digits, '-', '_', '.')",
+                        m.key
+                    ),
+                );
+            }
+            let mut owners = TagOwners::default();
+            for (pos, s) in self.strings(&m.value, "tag owners") {
+                if s.starts_with("group:") {
+                    match self.policy.groups.get(s) {
+                        Some(users) => owners.users.extend(users.iter().cloned()),
+                        None => self.sink.error(pos, format!("undefined group {s:?}")),
+                    }
+                } else if s.starts_with("tag:") {
+                    if !defined.contains(s) {
+                        self.sink
+                            .error(pos, format!("tag {s:?} is not defined in tagOwners"));
+                    }
+                } else if s == "autogroup:member" {
+                    owners.any_member = true;
+                } else if s.starts_with("autogroup:") {
+                    self.sink.error(
+                        pos,
+                        format!("{s:?} is not supported as a tag owner; use users, groups, tags or autogroup:member"),
+                    );
+                } else if valid_user(s) {
+                    owners.users.insert(s.to_string());
+                } else {
+                    self.sink.error(
+                        pos,
+                        format!("invalid tag owner {s:?}: expected a user, group, tag or autogroup:member"),
+                    );
+                }
+            }
+            if valid {
+                self.policy.tag_owners.insert(m.key.clone(), owners);
+            }
+        }
+    }
+
+    fn hosts(&mut self, v: &Value) {
+        let Some(members) = self.object(v, "\"hosts\"") else {
+            return;
+        };
+        for m in members {
+            let key = m.key.as_str();
+            let bad_name = key.is_empty()
+                || key == "*"
+                || key.contains(['@', ':', '/'])
+                || key.chars().any(char::is_whitespace)
+                || key.parse::<IpAddr>().is_ok();
+            if bad_name {
+                self.sink.error(
+                    m.key_pos,
+                    format!("invalid host name {key:?}: host names cannot be IPs or contain '@', ':', '/' or spaces"),
+                );
+            }
+            let Some(s) = self.string(&m.value, "a host") else {
+                continue;
+            };
+            let net = if s.contains('/') {
+                s.parse::<IpNet>().ok().map(|n| n.trunc())
+            } else {
+                s.parse::<IpAddr>().ok().map(IpNet::from)
+            };
+            match net {
+                Some(net) if !bad_name => {
+                    self.policy.hosts.insert(m.key.clone(), net);
+                }
+                Some(_) => {}
+                None => self.sink.error(
+                    m.value.pos,
+                    format!("invalid host address {s:?}: expected an IP address or CIDR"),
+                ),
+            }
+        }
+    }
+
+    fn acls(&mut self, v: &Value) {
+        let Some(items) = self.array(v, "\"acls\"") else {
+            return;
+        };
+        for item in items {
+            if let Some(entry) = self.acl(item) {
+                self.policy.entries.push(entry);
+            }
+        }
+    }
+
+    fn acl(&mut self, v: &Value) -> Option<Entry> {
+        let members = self.object(v, "an acl entry")?;
+        let mut ok = true;
+        let mut action = None;
+        let mut src = None;
+        let mut dst = None;
+        let mut proto = None;
+        for m in members {
+            match m.key.to_ascii_lowercase().as_str() {
+                "action" => action = Some(m),
+                "src" => src = Some(m),
+                "dst" => dst = Some(m),
+                "proto" => proto = Some(m),
+                "users" | "ports" => {
+                    let new = if m.key.eq_ignore_ascii_case("users") { "src" } else { "dst" };
+                    self.sink.error(
+                        m.key_pos,
+                        format!("legacy key {:?} is not supported; use {new:?}", m.key),
+                    );
+                    ok = false;
+                }
+                "srcposture" => {
+                    self.sink.error(
+                        m.key_pos,
+                        "\"srcPosture\" is not supported by ztmesh yet; remove it",
+                    );
+                    ok = false;
+                }
+                _ => {
+                    self.sink.error(
+                        m.key_pos,
+                        format!(
+                            "unknown key {:?} in acl entry; expected action, src, proto or dst",
+                            m.key
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        match action {
+            None => {
+                self.sink.error(v.pos, "acl entry has no \"action\"");
+                ok = false;
+            }
+            Some(m) => match self.string(&m.value, "\"action\"") {
+                Some("accept") => {}
+                Some(other) => {
+                    self.sink.error(
+                        m.value.pos,
+                        format!("action {other:?} is not supported; rules only \"accept\" (everything else is denied)"),
+                    );
+                    ok = false;
+                }
+                None => ok = false,
+            },
+        }
+        let protocols = match proto {
+            None => DEFAULT_PROTOCOLS.to_vec(),
+            Some(m) => match self.proto(&m.value) {
+                Some(p) => vec![p],
+                None => {
+                    ok = false;
+                    Vec::new()
+                }
+            },
+        };
+        let mut srcs = Vec::new();
+        match src {
+            None => {
+                self.sink.error(v.pos, "acl entry has no \"src\"");
+                ok = false;
+            }
+            Some(m) => {
+                for (pos, s) in self.strings(&m.value, "\"src\"") {
+                    match self.selector(s, Side::Src) {
+                        Ok(sel) => srcs.push(sel),
+                        Err(e) => {
+                            self.sink.error(pos, e);
+                            ok = false;
+                        }
+                    }
+                }
+            }
+        }
+        let mut dsts = Vec::new();
+        match dst {
+            None => {
+                self.sink.error(v.pos, "acl entry has no \"dst\"");
+                ok = false;
+            }
+            Some(m) => {
+                for (pos, s) in self.strings(&m.value, "\"dst\"") {
+                    match self.dst_elem(s, &protocols) {
+                        Ok(d) => dsts.push(d),
+                        Err(e) => {
+                            self.sink.error(pos, e);
+                            ok = false;
+                        }
+                    }
+                }
+            }
+        }
+        ok.then(|| Entry {
+            rule_id: format!("{}:{}", self.policy.file, v.pos.line),
+            protocols,
+            src: srcs,
+            dst: dsts,
+        })
+    }
+
+    fn proto(&mut self, v: &Value) -> Option<u8> {
+        let text = match &v.kind {
+            Kind::String(s) => s.as_str(),
+            Kind::Number(n) => n.as_str(),
+            _ => {
+                self.type_error(v, "a string", "\"proto\"");
+                return None;
+            }
+        };
+        let p = parse_proto(text);
+        if p.is_none() {
+            self.sink.error(
+                v.pos,
+                format!("unknown protocol {text:?}: use tcp, udp, icmp, ipv6-icmp, sctp, gre, esp, ah, igmp or a number 0-255"),
+            );
+        }
+        p
+    }
+
+    fn dst_elem(&self, text: &str, protocols: &[u8]) -> Result<DstElem, String> {
+        let (host, ports_text) = split_host_port(text)?;
+        let sel = self.selector(host, Side::Dst)?;
+        let ports = parse_ports(ports_text)?;
+        if ports != [PortRange::ALL] {
+            if let Some(p) = protocols.iter().find(|p| !proto_has_ports(**p)) {
+                if protocols.len() == 1 {
+                    return Err(format!(
+                        "protocol {} has no ports: write {:?}",
+                        proto_name(*p),
+                        format!("{host}:*")
+                    ));
+                }
+            }
+        }
+        Ok(DstElem { sel, ports })
+    }
+
+    /// Resolves an alias; the order follows Tailscale and headscale.
+    fn selector(&self, text: &str, side: Side) -> Result<Selector, String> {
+        let kind = self.selector_kind(text, side)?;
+        Ok(Selector {
+            text: text.to_string(),
+            kind,
+        })
+    }
+
+    fn selector_kind(&self, text: &str, side: Side) -> Result<SelKind, String> {
+        if text == "*" {
+            return Ok(SelKind::Any);
+        }
+        if text.contains('/') {
+            return text
+                .parse::<IpNet>()
+                .map(|n| SelKind::Prefix(n.trunc()))
+                .map_err(|_| format!("invalid CIDR {text:?}"));
+        }
+        if let Ok(ip) = text.parse::<IpAddr>() {
+            return Ok(SelKind::Prefix(IpNet::from(ip)));
+        }
+        if text.contains('@') {
+            if !valid_user(text) {
+                return Err(format!("invalid user {text:?}"));
+            }
+            return Ok(SelKind::Users(BTreeSet::from([text.to_string()])));
+        }
+        if text.starts_with("group:") {
+            return match self.policy.groups.get(text) {
+                Some(users) => Ok(SelKind::Users(users.clone())),
+                None => Err(format!("undefined group {text:?}")),
+            };
+        }
+        if text.starts_with("tag:") {
+            return if self.policy.tag_owners.contains_key(text) {
+                Ok(SelKind::Tag(text.to_string()))
+            } else {
+                Err(format!("tag {text:?} is not defined in tagOwners"))
+            };
+        }
+        if let Some(auto) = text.strip_prefix("autogroup:") {
+            return match (auto, side) {
+                ("member", _) => Ok(SelKind::Member),
+                ("tagged", _) => Ok(SelKind::Tagged),
+                ("self", Side::Dst) => Ok(SelKind::SelfNodes),
+                ("self", Side::Src) => {
+                    Err("autogroup:self is only allowed in \"dst\"".to_string())
+                }
+                _ => Err(format!(
+                    "{text:?} is not supported; use autogroup:member, autogroup:tagged or autogroup:self"
+                )),
+            };
+        }
+        if let Some(net) = self.policy.hosts.get(text) {
+            return Ok(SelKind::Prefix(*net));
+        }
+        if text.starts_with(|c: char| c.is_ascii_digit()) || text.contains(':') {
+            return Err(format!("invalid IP address {text:?}"));
+        }
+        Err(format!(
+            "unknown alias {text:?}: not a user, group, tag, autogroup, host or IP address"
+        ))
+    }
+
+    fn tests(&mut self, v: &Value) {
+        let Some(items) = self.array(v, "\"tests\"") else {
+            return;
+        };
+        for item in items {
+            if let Some(t) = self.test(item) {
+                self.policy.tests.push(t);
+            }
+        }
+    }
+
+    fn test(&mut self, v: &Value) -> Option<TestCase> {
+        let members = self.object(v, "a test")?;
+        let mut ok = true;
+        let mut src = None;
+        let mut proto = 6;
+        let mut accept = Vec::new();
+        let mut deny = Vec::new();
+        for m in members {
+            match m.key.to_ascii_lowercase().as_str() {
+                "src" => {
+                    if let Some(s) = self.string(&m.value, "\"src\"") {
+                        match self.policy.identity(s) {
+                            Ok(id) => src = Some((s.to_string(), id)),
+                            Err(e) => self.sink.error(m.value.pos, e),
+                        }
+                    }
+                    ok &= src.is_some();
+                }
+                "proto" => match self.proto(&m.value) {
+                    Some(p) => proto = p,
+                    None => ok = false,
+                },
+                "accept" | "deny" => {
+                    let mut list = Vec::new();
+                    for (pos, s) in self.strings(&m.value, &format!("{:?}", m.key)) {
+                        match self.test_dst(s) {
+                            Ok((dst, port)) => list.push(TestDst {
+                                pos,
+                                text: s.to_string(),
+                                dst,
+                                port,
+                            }),
+                            Err(e) => {
+                                self.sink.error(pos, e);
+                                ok = false;
+                            }
+                        }
+                    }
+                    if m.key.eq_ignore_ascii_case("accept") {
+                        accept = list;
+                    } else {
+                        deny = list;
+                    }
+                }
+                "srcpostureattrs" => {
+                    self.sink.error(
+                        m.key_pos,
+                        "\"srcPostureAttrs\" is not supported by ztmesh yet; remove it",
+                    );
+                    ok = false;
+                }
+                _ => {
+                    self.sink.error(
+                        m.key_pos,
+                        format!(
+                            "unknown key {:?} in test; expected src, proto, accept or deny",
+                            m.key
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        if !members.iter().any(|m| m.key.eq_ignore_ascii_case("src")) {
+            self.sink.error(v.pos, "test has no \"src\"");
+            ok = false;
+        }
+        let (src_text, src) = src?;
+        ok.then_some(TestCase {
+            pos: v.pos,
+            src_text,
+            src,
+            proto,
+            accept,
+            deny,
+        })
+    }
+
+    fn test_dst(&self, text: &str) -> Result<(Identity, u16), String> {
+        let (host, port) = split_host_port(text)?;
+        let dst = self.policy.identity(host)?;
+        let ports = parse_ports(port)?;
+        match ports.as_slice() {
+            [r] if r.first == r.last => Ok((dst, r.first)),
+            _ => Err(format!(
+                "test destination {text:?} must name a single port, e.g. \"{host}:22\""
+            )),
+        }
+    }
+}
