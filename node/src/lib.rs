@@ -1,1 +1,10 @@
-//! ztmesh node.
+//! ztmesh node: the userspace WireGuard data plane (sans-IO tunnel device,
+//! packet filter, TUN/UDP I/O), the wireguard userspace API, wg-quick configs
+//! and standalone mode.
+
+pub mod filter;
+pub mod io;
+pub mod standalone;
+pub mod tunnel;
+pub mod uapi;
+pub mod wgconf;

@@ -1,0 +1,712 @@
+//! `ztmesh daemon`: enrollment state, the control loop, the data plane in
+//! managed mode, and the local API.
+//!
+//! State dir (0700): `machine.key` and `wg.key` (0600), `enrollment.json`
+//! (controller URL, pinned fingerprint and netmap key, node id and addresses),
+//! `netmap.bin` (the last verified signed netmap, so the data plane comes back
+//! with it after a restart while the controller is down) and `down` (present
+//! after `ztmesh down`).
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use ipnet::IpNet;
+use prost::Message;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::watch;
+use ztmesh_proto::auth::{self, KeyToken};
+use ztmesh_proto::control::{NetMap, SignedNetMap};
+use ztmesh_proto::keys::{write_secret_file, PublicKey, SigningKey, WgPrivateKey, WgPublicKey};
+use ztmesh_proto::netmap;
+
+use crate::control::{now_ms, translate, Backoff, Controller};
+use crate::io::{DataPlane, DataPlaneConfig};
+use crate::localapi::{Request, Response, MAX_LINE};
+
+/// Daemon settings (every path and name is a flag, so several daemons can run
+/// on one machine in separate network namespaces).
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub interface: String,
+    pub listen_port: u16,
+    pub mtu: u16,
+    pub uapi_dir: Option<PathBuf>,
+    /// Group allowed to use the local API (socket mode 0660); root-only otherwise.
+    pub socket_gid: Option<u32>,
+}
+
+/// What the node keeps about its enrollment.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Enrollment {
+    pub controller_url: String,
+    /// SHA-256 of the controller's TLS certificate, hex.
+    pub fingerprint: String,
+    /// The controller's netmap signing key, base64.
+    pub controller_key: String,
+    pub node_id: u64,
+    pub name: String,
+    pub addresses: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ConnState {
+    Idle,
+    Connecting { attempt: u32, last_error: String },
+    Connected { since_ms: i64 },
+}
+
+struct State {
+    enrollment: Option<Enrollment>,
+    netmap: Option<NetMap>,
+    netmap_received_ms: i64,
+    conn: ConnState,
+    control_task: Option<tokio::task::JoinHandle<()>>,
+    refused_maps: u64,
+}
+
+struct Daemon {
+    cfg: DaemonConfig,
+    machine: SigningKey,
+    wg: WgPrivateKey,
+    state: Mutex<State>,
+    dp: tokio::sync::Mutex<Option<DataPlane>>,
+    /// Serial of the last netmap applied from a live controller session.
+    live_serial: watch::Sender<u64>,
+}
+
+fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    Ok(())
+}
+
+impl Daemon {
+    fn path(&self, name: &str) -> PathBuf {
+        self.cfg.state_dir.join(name)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn load_enrollment(&self) -> anyhow::Result<Option<Enrollment>> {
+        match std::fs::read(self.path("enrollment.json")) {
+            Ok(b) => Ok(Some(
+                serde_json::from_slice(&b).context("enrollment.json is corrupt")?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn controller_key(e: &Enrollment) -> anyhow::Result<PublicKey> {
+        e.controller_key
+            .parse()
+            .map_err(|_| anyhow!("enrollment.json has an invalid controller key"))
+    }
+
+    /// Loads the stored netmap if its signature still verifies and it has not expired.
+    fn load_cached_netmap(&self, e: &Enrollment) -> Option<NetMap> {
+        let bytes = std::fs::read(self.path("netmap.bin")).ok()?;
+        let signed = SignedNetMap::decode(bytes.as_slice()).ok()?;
+        let key = Self::controller_key(e).ok()?;
+        match netmap::verify_signature(&key, &signed) {
+            Ok(m) if m.not_after_ms > now_ms() => Some(m),
+            Ok(_) => {
+                tracing::warn!("stored netmap has expired; starting with no peers");
+                None
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "stored netmap refused");
+                None
+            }
+        }
+    }
+
+    async fn ensure_dataplane(&self, e: &Enrollment) -> anyhow::Result<()> {
+        let mut dp = self.dp.lock().await;
+        if dp.is_some() {
+            return Ok(());
+        }
+        let addresses: Vec<IpNet> = e
+            .addresses
+            .iter()
+            .filter_map(|a| {
+                a.parse::<IpNet>()
+                    .ok()
+                    .or_else(|| a.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+            })
+            .collect();
+        let mut routes: Vec<IpNet> = vec!["100.64.0.0/10".parse().expect("static prefix")];
+        for a in &addresses {
+            if let IpNet::V6(v6) = a {
+                if let Ok(ula) = ipnet::Ipv6Net::new(v6.addr(), 48) {
+                    routes.push(IpNet::V6(ula.trunc()));
+                }
+            }
+        }
+        let plane = DataPlane::start(DataPlaneConfig {
+            interface: self.cfg.interface.clone(),
+            mtu: self.cfg.mtu,
+            private_key: self.wg.clone(),
+            listen_port: self.cfg.listen_port,
+            addresses,
+            routes,
+            uapi_dir: self.cfg.uapi_dir.clone(),
+            managed: true,
+        })
+        .await
+        .context("starting the data plane")?;
+        // Default deny until a netmap says otherwise.
+        plane.set_filter(Some(Vec::new()));
+        *dp = Some(plane);
+        Ok(())
+    }
+
+    /// Verifies and applies a netmap; returns its serial.
+    async fn apply(&self, signed: &SignedNetMap, key: &PublicKey, have: u64) -> anyhow::Result<u64> {
+        let map = netmap::verify(key, signed, have, now_ms())?;
+        let t = translate(&map)?;
+        {
+            let dp = self.dp.lock().await;
+            let dp = dp.as_ref().ok_or_else(|| anyhow!("data plane is down"))?;
+            // Rules first, then peers: a new peer is never reachable under the old rules.
+            dp.set_filter(Some(t.rules));
+            dp.set_peers(t.peers);
+        }
+        write_secret_file(&self.path("netmap.bin"), &signed.encode_to_vec())?;
+        let serial = map.serial;
+        tracing::info!(serial, peers = map.peers.len(), rules = map.inbound_rules.len(), "netmap applied");
+        let mut st = self.lock();
+        st.netmap = Some(map);
+        st.netmap_received_ms = now_ms();
+        Ok(serial)
+    }
+
+    async fn clear_peers(&self) {
+        if let Some(dp) = self.dp.lock().await.as_ref() {
+            dp.set_filter(Some(Vec::new()));
+            dp.set_peers(Vec::new());
+        }
+    }
+
+    fn set_conn(&self, c: ConnState) {
+        self.lock().conn = c;
+    }
+
+    /// One controller session: connect, report endpoints, follow the netmap stream.
+    async fn session(self: &Arc<Self>, e: &Enrollment, have: &mut u64) -> Result<(), SessionError> {
+        let fp = auth::parse_fingerprint(&e.fingerprint)
+            .ok_or_else(|| SessionError::Fatal("enrollment.json has an invalid fingerprint".into()))?;
+        let key = Self::controller_key(e).map_err(|e| SessionError::Fatal(e.to_string()))?;
+        let mut ctl = Controller::connect(&e.controller_url, fp, Duration::from_secs(5))
+            .await
+            .map_err(|err| SessionError::Retry(format!("{err:#}")))?;
+        let port = match self.dp.lock().await.as_ref() {
+            Some(dp) => dp.local_port(),
+            None => self.cfg.listen_port,
+        };
+        if let Some(ep) = local_endpoint(&e.controller_url, port) {
+            if let Err(s) = ctl.report_endpoints(&self.machine, vec![ep.to_string()]).await {
+                return Err(status_error(s));
+            }
+        }
+        let mut stream = ctl.stream(&self.machine, *have).await.map_err(status_error)?;
+        self.set_conn(ConnState::Connected { since_ms: now_ms() });
+        tracing::info!(controller = %e.controller_url, "connected to controller");
+        loop {
+            match stream.message().await {
+                Ok(Some(signed)) => match self.apply(&signed, &key, *have).await {
+                    Ok(serial) => {
+                        *have = serial;
+                        self.live_serial.send_replace(serial);
+                    }
+                    Err(err) => {
+                        self.lock().refused_maps += 1;
+                        tracing::error!(error = %err, "netmap refused; keeping the previous one");
+                    }
+                },
+                Ok(None) => return Err(SessionError::Retry("controller closed the stream".into())),
+                Err(s) => return Err(status_error(s)),
+            }
+        }
+    }
+
+    async fn control_loop(self: Arc<Self>, e: Enrollment) {
+        let backoff = Backoff::default();
+        let mut attempt = 0u32;
+        let mut have = self.lock().netmap.as_ref().map(|m| m.serial).unwrap_or(0);
+        loop {
+            let err = match self.session(&e, &mut have).await {
+                Ok(()) => "session ended".to_string(),
+                Err(SessionError::Retry(m)) => m,
+                Err(SessionError::Revoked(m)) => {
+                    // The controller no longer accepts this node (deleted or
+                    // expired): fail closed and drop every peer.
+                    tracing::warn!(reason = %m, "controller refused this node; dropping all peers");
+                    self.clear_peers().await;
+                    m
+                }
+                Err(SessionError::Fatal(m)) => {
+                    tracing::error!(error = %m, "control loop stopped");
+                    self.set_conn(ConnState::Connecting {
+                        attempt,
+                        last_error: m,
+                    });
+                    return;
+                }
+            };
+            if matches!(self.lock().conn, ConnState::Connected { .. }) {
+                attempt = 0;
+            }
+            tracing::info!(error = %err, attempt, "controller connection lost; retrying");
+            self.set_conn(ConnState::Connecting {
+                attempt,
+                last_error: err,
+            });
+            let delay = backoff.delay(attempt, rand::thread_rng().gen());
+            attempt = attempt.saturating_add(1);
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    fn start_control(self: &Arc<Self>, e: Enrollment) {
+        let mut st = self.lock();
+        if st.control_task.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        st.conn = ConnState::Connecting {
+            attempt: 0,
+            last_error: String::new(),
+        };
+        st.control_task = Some(tokio::spawn(self.clone().control_loop(e)));
+    }
+
+    async fn stop(&self) {
+        let task = self.lock().control_task.take();
+        if let Some(t) = task {
+            t.abort();
+        }
+        self.set_conn(ConnState::Idle);
+        let dp = self.dp.lock().await.take();
+        if let Some(dp) = dp {
+            dp.shutdown().await;
+        }
+    }
+
+    async fn up(
+        self: &Arc<Self>,
+        controller: Option<String>,
+        auth_key: Option<String>,
+        hostname: Option<String>,
+        timeout: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        let enrollment = match self.lock().enrollment.clone() {
+            Some(e) => e,
+            None => {
+                let url = controller
+                    .ok_or_else(|| anyhow!("not enrolled: pass --controller URL and --auth-key KEY"))?;
+                let key = auth_key.ok_or_else(|| anyhow!("not enrolled: pass --auth-key KEY"))?;
+                let e = self.enroll(&url, &key, hostname, deadline).await?;
+                self.lock().enrollment = Some(e.clone());
+                e
+            }
+        };
+        let _ = std::fs::remove_file(self.path("down"));
+        self.ensure_dataplane(&enrollment).await?;
+        let mut applied = self.live_serial.subscribe();
+        let have_before = *applied.borrow_and_update();
+        self.start_control(enrollment.clone());
+        // Return once a netmap from the live controller is applied.
+        let wait = async {
+            loop {
+                if *applied.borrow_and_update() > have_before
+                    || (have_before > 0 && matches!(self.lock().conn, ConnState::Connected { .. }))
+                {
+                    return Ok(());
+                }
+                if applied.changed().await.is_err() {
+                    return Err(anyhow!("daemon is shutting down"));
+                }
+            }
+        };
+        match tokio::time::timeout_at(deadline.into(), wait).await {
+            Ok(r) => r?,
+            Err(_) => {
+                let why = match &self.lock().conn {
+                    ConnState::Connecting { last_error, .. } if !last_error.is_empty() => last_error.clone(),
+                    _ => "no netmap received".into(),
+                };
+                bail!("timed out waiting for the controller: {why}");
+            }
+        }
+        Ok(self.status())
+    }
+
+    async fn enroll(
+        &self,
+        url: &str,
+        key: &str,
+        hostname: Option<String>,
+        deadline: Instant,
+    ) -> anyhow::Result<Enrollment> {
+        let token = KeyToken::decode(auth::AUTH_KEY_PREFIX, key)
+            .map_err(|_| anyhow!("malformed auth key: expected ztmk1.KEYID.SECRET.FINGERPRINT"))?;
+        let fp = token
+            .fingerprint
+            .ok_or_else(|| anyhow!("auth key carries no controller fingerprint"))?;
+        let hostname = hostname.unwrap_or_else(system_hostname);
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+        let mut ctl = Controller::connect(url, fp, left)
+            .await
+            .map_err(|e| anyhow!("cannot reach the controller at {url}: {e:#}"))?;
+        let resp = ctl
+            .enroll(key, &self.machine, &self.wg, &hostname)
+            .await
+            .map_err(|s| anyhow!("enrollment refused: {}", s.message()))?;
+        let controller_key = PublicKey::from_slice(&resp.controller_key)
+            .map_err(|_| anyhow!("controller sent an invalid netmap key"))?;
+        let e = Enrollment {
+            controller_url: url.to_string(),
+            fingerprint: auth::hex(&fp),
+            controller_key: controller_key.to_string(),
+            node_id: resp.node_id,
+            name: resp.name,
+            addresses: resp.addresses,
+        };
+        write_secret_file(&self.path("enrollment.json"), &serde_json::to_vec_pretty(&e)?)?;
+        tracing::info!(name = %e.name, "enrolled");
+        Ok(e)
+    }
+
+    async fn down(&self) -> anyhow::Result<serde_json::Value> {
+        self.stop().await;
+        std::fs::write(self.path("down"), b"")?;
+        Ok(json!({"state": "down"}))
+    }
+
+    async fn logout(&self) -> anyhow::Result<serde_json::Value> {
+        let e = self.lock().enrollment.clone();
+        let mut remote = "not enrolled".to_string();
+        if let Some(e) = &e {
+            remote = match auth::parse_fingerprint(&e.fingerprint) {
+                Some(fp) => match Controller::connect(&e.controller_url, fp, Duration::from_secs(5)).await {
+                    Ok(mut c) => match c.logout(&self.machine).await {
+                        Ok(()) => "deregistered".into(),
+                        Err(s) => format!("controller refused logout: {}", s.message()),
+                    },
+                    Err(err) => format!("controller unreachable ({err:#}); delete the node there"),
+                },
+                None => "invalid fingerprint".into(),
+            };
+        }
+        self.stop().await;
+        for f in ["enrollment.json", "netmap.bin", "machine.key", "wg.key", "down"] {
+            let _ = std::fs::remove_file(self.path(f));
+        }
+        {
+            let mut st = self.lock();
+            st.enrollment = None;
+            st.netmap = None;
+        }
+        Ok(json!({"state": "logged out", "controller": remote}))
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let st = self.lock();
+        let (conn, detail) = match &st.conn {
+            ConnState::Idle => ("idle", String::new()),
+            ConnState::Connecting { attempt, last_error } => {
+                ("connecting", format!("attempt {attempt}: {last_error}"))
+            }
+            ConnState::Connected { since_ms } => ("connected", format!("since {since_ms}")),
+        };
+        let map = st.netmap.as_ref();
+        let stats = self
+            .dp
+            .try_lock()
+            .ok()
+            .and_then(|dp| dp.as_ref().map(|d| d.stats()));
+        let peers: Vec<serde_json::Value> = map
+            .map(|m| {
+                m.peers
+                    .iter()
+                    .map(|p| {
+                        let key = WgPublicKey::from_slice(&p.wg_key).ok();
+                        let s = stats
+                            .as_ref()
+                            .and_then(|s| key.and_then(|k| s.peers.iter().find(|x| x.public_key == k)));
+                        json!({
+                            "name": p.name,
+                            "public_key": key.map(|k| k.to_string()).unwrap_or_default(),
+                            "addresses": p.allowed_ips,
+                            "endpoint": s.and_then(|s| s.endpoint).map(|e| e.to_string())
+                                .or_else(|| p.endpoints.first().cloned()).unwrap_or_default(),
+                            "last_handshake_secs_ago": s.and_then(|s| s.last_handshake_secs_ago),
+                            "rx_bytes": s.map(|s| s.rx_bytes).unwrap_or(0),
+                            "tx_bytes": s.map(|s| s.tx_bytes).unwrap_or(0),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        json!({
+            "enrolled": st.enrollment.is_some(),
+            "self": st.enrollment.as_ref().map(|e| json!({
+                "name": e.name, "id": e.node_id, "addresses": e.addresses,
+                "public_key": self.wg.public().to_string(),
+            })),
+            "controller": {
+                "url": st.enrollment.as_ref().map(|e| e.controller_url.clone()),
+                "state": conn,
+                "detail": detail,
+            },
+            "netmap": map.map(|m| json!({
+                "serial": m.serial,
+                "age_secs": (now_ms() - st.netmap_received_ms).max(0) / 1000,
+                "not_after_ms": m.not_after_ms,
+                "inbound_rules": m.inbound_rules.len(),
+                "refused": st.refused_maps,
+            })),
+            "interface": self.cfg.interface,
+            "data_plane": stats.is_some(),
+            "drops": stats.as_ref().map(|s| json!(s.drops.iter().map(|(r, n)| (r.to_string(), *n)).collect::<std::collections::BTreeMap<_, _>>())),
+            "peers": peers,
+        })
+    }
+
+    fn wg_config(&self, include_private_key: bool) -> anyhow::Result<String> {
+        let st = self.lock();
+        let e = st.enrollment.as_ref().ok_or_else(|| anyhow!("not enrolled"))?;
+        let mut out = String::from("# ztmesh: this node's view from the controller (netmap serial ");
+        out.push_str(&st.netmap.as_ref().map(|m| m.serial).unwrap_or(0).to_string());
+        out.push_str(").\n# The controller-enforced inbound filter is not expressible here.\n[Interface]\n");
+        if include_private_key {
+            out.push_str(&format!("PrivateKey = {}\n", self.wg.to_base64()));
+        } else {
+            out.push_str("# PrivateKey omitted (use --include-private-key)\n");
+        }
+        out.push_str(&format!("Address = {}\n", e.addresses.join(", ")));
+        out.push_str(&format!("ListenPort = {}\n", self.cfg.listen_port));
+        out.push_str(&format!("MTU = {}\n", self.cfg.mtu));
+        if let Some(m) = &st.netmap {
+            for p in &m.peers {
+                let Ok(k) = WgPublicKey::from_slice(&p.wg_key) else { continue };
+                out.push_str(&format!("\n# {}\n[Peer]\nPublicKey = {k}\n", p.name));
+                out.push_str(&format!("AllowedIPs = {}\n", p.allowed_ips.join(", ")));
+                if let Some(ep) = p.endpoints.first() {
+                    out.push_str(&format!("Endpoint = {ep}\n"));
+                }
+                if p.persistent_keepalive > 0 {
+                    out.push_str(&format!("PersistentKeepalive = {}\n", p.persistent_keepalive));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn handle(self: &Arc<Self>, req: Request) -> Response {
+        let r = match req {
+            Request::Up {
+                controller,
+                auth_key,
+                hostname,
+                timeout_ms,
+            } => {
+                self.up(controller, auth_key, hostname, Duration::from_millis(timeout_ms.clamp(1000, 600_000)))
+                    .await
+            }
+            Request::Down => self.down().await,
+            Request::Logout => self.logout().await,
+            Request::Status => Ok(self.status()),
+            Request::WgConfig { include_private_key } => self.wg_config(include_private_key).map(|c| json!(c)),
+        };
+        match r {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::err(format!("{e:#}")),
+        }
+    }
+}
+
+enum SessionError {
+    /// Transient: reconnect with backoff.
+    Retry(String),
+    /// The controller refused this node (deleted, expired): fail closed, keep retrying slowly.
+    Revoked(String),
+    /// Local state is broken; stop.
+    Fatal(String),
+}
+
+fn status_error(s: tonic::Status) -> SessionError {
+    match s.code() {
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+            SessionError::Revoked(s.message().to_string())
+        }
+        _ => SessionError::Retry(format!("{}: {}", s.code(), s.message())),
+    }
+}
+
+/// The local address the kernel would use toward the controller, with our port:
+/// the endpoint peers on the same underlay can reach us at.
+fn local_endpoint(controller_url: &str, port: u16) -> Option<SocketAddr> {
+    let uri: tonic::transport::Uri = controller_url.parse().ok()?;
+    let host = uri.host()?.trim_matches(['[', ']']);
+    let ip: std::net::IpAddr = host.parse().ok()?;
+    let bind: SocketAddr = if ip.is_ipv4() {
+        "0.0.0.0:0".parse().ok()?
+    } else {
+        "[::]:0".parse().ok()?
+    };
+    let s = std::net::UdpSocket::bind(bind).ok()?;
+    s.connect((ip, uri.port_u16().unwrap_or(443))).ok()?;
+    Some(SocketAddr::new(s.local_addr().ok()?.ip(), port))
+}
+
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "node".into())
+}
+
+/// Runs the daemon until SIGINT/SIGTERM.
+///
+/// # Errors
+/// Unusable state dir or socket path.
+pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
+    ensure_private_dir(&cfg.state_dir)?;
+    let machine = SigningKey::load_or_generate(&cfg.state_dir.join("machine.key"))?;
+    let wg = WgPrivateKey::load_or_generate(&cfg.state_dir.join("wg.key"))?;
+    let (live_serial, _) = watch::channel(0u64);
+    let daemon = Arc::new(Daemon {
+        cfg: cfg.clone(),
+        machine,
+        wg,
+        state: Mutex::new(State {
+            enrollment: None,
+            netmap: None,
+            netmap_received_ms: 0,
+            conn: ConnState::Idle,
+            control_task: None,
+            refused_maps: 0,
+        }),
+        dp: tokio::sync::Mutex::new(None),
+        live_serial,
+    });
+
+    // Come back as we were: enrolled and not `down` → data plane up with the
+    // last verified netmap, then reconnect.
+    if let Some(e) = daemon.load_enrollment()? {
+        daemon.lock().enrollment = Some(e.clone());
+        if !daemon.path("down").exists() {
+            daemon.ensure_dataplane(&e).await?;
+            if let Some(map) = daemon.load_cached_netmap(&e) {
+                match translate(&map) {
+                    Ok(t) => {
+                        if let Some(dp) = daemon.dp.lock().await.as_ref() {
+                            dp.set_filter(Some(t.rules));
+                            dp.set_peers(t.peers);
+                        }
+                        tracing::info!(serial = map.serial, "restored the last netmap");
+                        let mut st = daemon.lock();
+                        st.netmap = Some(map);
+                        st.netmap_received_ms = now_ms();
+                    }
+                    Err(err) => tracing::error!(error = %err, "stored netmap unusable"),
+                }
+            }
+            daemon.start_control(e);
+        }
+    }
+
+    // Fail closed when the map in force expires while the controller is away.
+    let expiry = daemon.clone();
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            t.tick().await;
+            let expired = expiry
+                .lock()
+                .netmap
+                .as_ref()
+                .is_some_and(|m| m.not_after_ms <= now_ms());
+            if expired {
+                tracing::warn!("netmap expired; dropping all peers until the controller is back");
+                expiry.clear_peers().await;
+                expiry.lock().netmap = None;
+            }
+        }
+    });
+
+    if let Some(parent) = cfg.socket.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let _ = std::fs::remove_file(&cfg.socket);
+    let listener = tokio::net::UnixListener::bind(&cfg.socket)
+        .with_context(|| format!("binding {}", cfg.socket.display()))?;
+    let mode = if let Some(gid) = cfg.socket_gid {
+        std::os::unix::fs::chown(&cfg.socket, None, Some(gid))?;
+        0o660
+    } else {
+        0o600
+    };
+    std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(mode))?;
+    tracing::info!(socket = %cfg.socket.display(), "daemon ready");
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let d = daemon.clone();
+                tokio::spawn(async move { serve_client(d, stream).await });
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    tracing::info!("daemon stopping");
+    daemon.stop().await;
+    let _ = std::fs::remove_file(&cfg.socket);
+    Ok(())
+}
+
+async fn serve_client(d: Arc<Daemon>, stream: tokio::net::UnixStream) {
+    let (r, mut w) = stream.into_split();
+    let mut reader = BufReader::new(r).take(MAX_LINE as u64);
+    let mut line = String::new();
+    let resp = match reader.read_line(&mut line).await {
+        Ok(_) => match serde_json::from_str::<Request>(&line) {
+            Ok(req) => d.handle(req).await,
+            Err(e) => Response::err(format!("bad request: {e}")),
+        },
+        Err(e) => Response::err(format!("bad request: {e}")),
+    };
+    let mut out = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
+    out.push('\n');
+    let _ = w.write_all(out.as_bytes()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_endpoint_uses_the_route_toward_the_controller() {
+        let ep = local_endpoint("https://127.0.0.1:8443", 51820).unwrap();
+        assert_eq!(ep, "127.0.0.1:51820".parse().unwrap());
+        assert!(local_endpoint("https://name-not-ip:8443", 1).is_none());
+    }
+}

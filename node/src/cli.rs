@@ -1,0 +1,423 @@
+//! The node CLI: `daemon` and the commands that drive it over the local socket
+//! (`up`, `down`, `status`, `ip`, `ping`, `logout`, `wg-config`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail};
+use clap::{Subcommand, ValueEnum};
+
+use crate::agent::DaemonConfig;
+use crate::localapi::{call, Request};
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Default)]
+pub enum Output {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Agent subcommands (flattened into the top-level `ztmesh` command).
+#[derive(Subcommand, Debug)]
+pub enum AgentCmd {
+    /// Run the node daemon (data plane + controller connection + local API).
+    Daemon {
+        #[arg(long, default_value = "/var/lib/ztmesh")]
+        state_dir: PathBuf,
+        #[arg(long, env = "ZTMESH_SOCKET", default_value = "/run/ztmesh/ztmesh.sock")]
+        socket: PathBuf,
+        #[arg(long, default_value = "ztm0")]
+        interface: String,
+        /// UDP port for WireGuard (0 = any free port).
+        #[arg(long, default_value_t = 41641)]
+        port: u16,
+        #[arg(long, default_value_t = 1280)]
+        mtu: u16,
+        /// Directory of the wireguard UAPI socket (`wg show` works against it).
+        #[arg(long, default_value = "/var/run/wireguard")]
+        uapi_dir: PathBuf,
+        /// Numeric group id allowed to use the local socket (default: root only).
+        #[arg(long)]
+        socket_group: Option<u32>,
+    },
+    /// Enroll (if needed) and connect; returns once the first netmap is applied.
+    Up {
+        #[arg(long, env = "ZTMESH_SOCKET", default_value = "/run/ztmesh/ztmesh.sock")]
+        socket: PathBuf,
+        /// Controller URL, e.g. https://198.18.0.1:8443.
+        #[arg(long)]
+        controller: Option<String>,
+        /// Auth key from `ztmesh-controller keys create`.
+        #[arg(long, env = "ZTMESH_AUTH_KEY", hide_env_values = true)]
+        auth_key: Option<String>,
+        #[arg(long)]
+        hostname: Option<String>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Take the tunnel down (stays enrolled).
+    Down {
+        #[arg(long, env = "ZTMESH_SOCKET", default_value = "/run/ztmesh/ztmesh.sock")]
+        socket: PathBuf,
+    },
+    /// Deregister from the controller and wipe the node's keys.
+    Logout {
+        #[arg(long, env = "ZTMESH_SOCKET", default_value = "/run/ztmesh/ztmesh.sock")]
+        socket: PathBuf,
+    },
+    /// Show this node, the controller connection, the netmap and peers.
+    Status {
+        #[arg(long, env = "ZTMESH_SOCKET", default_value = "/run/ztmesh/ztmesh.sock")]
+        socket: PathBuf,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Print this node's overlay addresses.
+    Ip {
+        #[arg(long, env = "ZTMESH_SOCKET", default_value = "/run/ztmesh/ztmesh.sock")]
+        socket: PathBuf,
+        #[arg(short = '4', long)]
+        ipv4: bool,
+        #[arg(short = '6', long)]
+        ipv6: bool,
+    },
+    /// Ping a peer (by name or overlay IP) through the mesh.
+    Ping {
+        target: String,
+        #[arg(long, env = "ZTMESH_SOCKET", default_value = "/run/ztmesh/ztmesh.sock")]
+        socket: PathBuf,
+        #[arg(short, long, default_value_t = 4)]
+        count: u32,
+        /// Seconds to wait for each reply.
+        #[arg(long, default_value_t = 2)]
+        timeout: u64,
+    },
+    /// Print this node's view as a wg-quick config.
+    WgConfig {
+        #[arg(long, env = "ZTMESH_SOCKET", default_value = "/run/ztmesh/ztmesh.sock")]
+        socket: PathBuf,
+        #[arg(long)]
+        include_private_key: bool,
+    },
+}
+
+async fn ask(socket: &std::path::Path, req: Request) -> anyhow::Result<serde_json::Value> {
+    let r = call(socket, &req).await?;
+    if !r.ok {
+        bail!("{}", r.error);
+    }
+    Ok(r.data)
+}
+
+/// Runs an agent subcommand.
+pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
+    match cmd {
+        AgentCmd::Daemon {
+            state_dir,
+            socket,
+            interface,
+            port,
+            mtu,
+            uapi_dir,
+            socket_group,
+        } => {
+            crate::agent::run(DaemonConfig {
+                state_dir,
+                socket,
+                interface,
+                listen_port: port,
+                mtu,
+                uapi_dir: Some(uapi_dir),
+                socket_gid: socket_group,
+            })
+            .await
+        }
+        AgentCmd::Up {
+            socket,
+            controller,
+            auth_key,
+            hostname,
+            timeout,
+        } => {
+            let s = ask(
+                &socket,
+                Request::Up {
+                    controller,
+                    auth_key,
+                    hostname,
+                    timeout_ms: timeout.saturating_mul(1000),
+                },
+            )
+            .await?;
+            let name = s["self"]["name"].as_str().unwrap_or("?");
+            let addrs: Vec<&str> = s["self"]["addresses"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+                .unwrap_or_default();
+            println!("up: {name} {}", addrs.join(" "));
+            Ok(())
+        }
+        AgentCmd::Down { socket } => {
+            ask(&socket, Request::Down).await?;
+            println!("down (still enrolled; `ztmesh up` to reconnect)");
+            Ok(())
+        }
+        AgentCmd::Logout { socket } => {
+            let r = ask(&socket, Request::Logout).await?;
+            println!("logged out: {}", r["controller"].as_str().unwrap_or(""));
+            Ok(())
+        }
+        AgentCmd::Status { socket, output } => {
+            let s = ask(&socket, Request::Status).await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_status(&s);
+            }
+            Ok(())
+        }
+        AgentCmd::Ip { socket, ipv4, ipv6 } => {
+            let s = ask(&socket, Request::Status).await?;
+            let addrs = s["self"]["addresses"]
+                .as_array()
+                .ok_or_else(|| anyhow!("not enrolled"))?;
+            for a in addrs.iter().filter_map(|a| a.as_str()) {
+                let ip = a.split('/').next().unwrap_or(a);
+                let is6 = ip.contains(':');
+                if (!ipv4 && !ipv6) || (ipv4 && !is6) || (ipv6 && is6) {
+                    println!("{ip}");
+                }
+            }
+            Ok(())
+        }
+        AgentCmd::Ping {
+            target,
+            socket,
+            count,
+            timeout,
+        } => ping(&socket, &target, count.clamp(1, 1000), Duration::from_secs(timeout.clamp(1, 60))).await,
+        AgentCmd::WgConfig {
+            socket,
+            include_private_key,
+        } => {
+            let c = ask(&socket, Request::WgConfig { include_private_key }).await?;
+            print!("{}", c.as_str().unwrap_or_default());
+            Ok(())
+        }
+    }
+}
+
+fn print_status(s: &serde_json::Value) {
+    if !s["enrolled"].as_bool().unwrap_or(false) {
+        println!("not enrolled: run `ztmesh up --controller URL --auth-key KEY`");
+        return;
+    }
+    let me = &s["self"];
+    println!(
+        "{} ({})",
+        me["name"].as_str().unwrap_or("?"),
+        me["addresses"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default()
+    );
+    println!(
+        "controller: {} {} {}",
+        s["controller"]["url"].as_str().unwrap_or("-"),
+        s["controller"]["state"].as_str().unwrap_or("-"),
+        s["controller"]["detail"].as_str().unwrap_or("")
+    );
+    match s["netmap"].as_object() {
+        Some(m) => println!(
+            "netmap: serial {} ({}s old, {} inbound rules)",
+            m["serial"], m["age_secs"], m["inbound_rules"]
+        ),
+        None => println!("netmap: none (no peers)"),
+    }
+    println!(
+        "{:<20} {:<36} {:<24} {:>10} {:>12} {:>12}",
+        "PEER", "ADDRESSES", "ENDPOINT", "HANDSHAKE", "RX", "TX"
+    );
+    for p in s["peers"].as_array().into_iter().flatten() {
+        let hs = p["last_handshake_secs_ago"]
+            .as_u64()
+            .map(|x| format!("{x}s ago"))
+            .unwrap_or_else(|| "never".into());
+        println!(
+            "{:<20} {:<36} {:<24} {:>10} {:>12} {:>12}",
+            p["name"].as_str().unwrap_or("?"),
+            p["addresses"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(","))
+                .unwrap_or_default(),
+            p["endpoint"].as_str().unwrap_or("-"),
+            hs,
+            p["rx_bytes"],
+            p["tx_bytes"]
+        );
+    }
+}
+
+/// Resolves `target` (peer name or IP) against the daemon's netmap; returns the
+/// overlay IP and the path (endpoint) the data plane uses for that peer.
+fn resolve(status: &serde_json::Value, target: &str) -> anyhow::Result<(IpAddr, String, String)> {
+    let peers = status["peers"].as_array().cloned().unwrap_or_default();
+    let target_ip: Option<IpAddr> = target.parse().ok();
+    for p in &peers {
+        let name = p["name"].as_str().unwrap_or_default();
+        let addrs: Vec<IpAddr> = p["addresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str())
+            .filter_map(|a| a.split('/').next()?.parse().ok())
+            .collect();
+        let hit = match target_ip {
+            Some(ip) => addrs.contains(&ip).then_some(ip),
+            None => (name == target || name == target.split('.').next().unwrap_or_default())
+                .then(|| addrs.first().copied())
+                .flatten(),
+        };
+        if let Some(ip) = hit {
+            let path = match p["endpoint"].as_str() {
+                Some(e) if !e.is_empty() => format!("direct {e}"),
+                _ => "no endpoint known".into(),
+            };
+            return Ok((ip, name.to_string(), path));
+        }
+    }
+    bail!("{target:?} is not a peer of this node (the policy permits no flow with it)")
+}
+
+async fn ping(socket: &std::path::Path, target: &str, count: u32, timeout: Duration) -> anyhow::Result<()> {
+    let status = ask(socket, Request::Status).await?;
+    let (ip, name, path) = resolve(&status, target)?;
+    println!("PING {name} ({ip}) via {path}");
+    let mut received = 0u32;
+    let mut rtts = Vec::new();
+    let sock = tokio::task::spawn_blocking(move || open_icmp(ip)).await??;
+    let ident = (std::process::id() & 0xffff) as u16;
+    for seq in 0..count {
+        let start = Instant::now();
+        let sock2 = sock.try_clone()?;
+        let r = tokio::task::spawn_blocking(move || echo(&sock2, ip, ident, seq as u16, timeout)).await?;
+        match r {
+            Ok(()) => {
+                let rtt = start.elapsed();
+                received += 1;
+                rtts.push(rtt);
+                println!("reply from {ip}: seq={seq} time={:.2} ms", rtt.as_secs_f64() * 1000.0);
+            }
+            Err(e) => println!("no reply from {ip}: seq={seq} ({e})"),
+        }
+        if seq + 1 < count {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    println!("{count} sent, {received} received");
+    if received == 0 {
+        bail!("no reply from {name} ({ip})");
+    }
+    Ok(())
+}
+
+fn open_icmp(ip: IpAddr) -> anyhow::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let (domain, proto) = match ip {
+        IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4),
+        IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6),
+    };
+    Socket::new(domain, Type::RAW, Some(proto))
+        .map_err(|e| anyhow!("cannot open an ICMP socket (needs root): {e}"))
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in data.chunks(2) {
+        let w = u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]);
+        sum = sum.wrapping_add(u32::from(w));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Sends one echo request and waits for the matching reply.
+fn echo(sock: &socket2::Socket, ip: IpAddr, ident: u16, seq: u16, timeout: Duration) -> anyhow::Result<()> {
+    let v6 = ip.is_ipv6();
+    let mut pkt = vec![if v6 { 128 } else { 8 }, 0, 0, 0];
+    pkt.extend_from_slice(&ident.to_be_bytes());
+    pkt.extend_from_slice(&seq.to_be_bytes());
+    pkt.extend_from_slice(b"ztmesh-ping-0123456789abcdef0123");
+    if !v6 {
+        // The kernel fills in the ICMPv6 checksum; ICMPv4's is ours.
+        let c = checksum(&pkt);
+        pkt[2..4].copy_from_slice(&c.to_be_bytes());
+    }
+    sock.send_to(&pkt, &SocketAddr::new(ip, 0).into())?;
+    let deadline = Instant::now() + timeout;
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("timeout");
+        }
+        sock.set_read_timeout(Some(left))?;
+        let (n, from) = match sock.recv_from(&mut buf) {
+            Ok(x) => x,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                bail!("timeout")
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // SAFETY: recv_from initialised the first n bytes.
+        let data: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+        if from.as_socket().map(|s| s.ip()) != Some(ip) {
+            continue;
+        }
+        // Raw IPv4 sockets deliver the IP header; IPv6 ones do not.
+        let icmp = if v6 {
+            &data[..]
+        } else {
+            let ihl = usize::from(data.first().copied().unwrap_or(0) & 0x0f) * 4;
+            data.get(ihl..).unwrap_or_default()
+        };
+        let reply_type = if v6 { 129 } else { 0 };
+        if icmp.len() >= 8
+            && icmp[0] == reply_type
+            && u16::from_be_bytes([icmp[4], icmp[5]]) == ident
+            && u16::from_be_bytes([icmp[6], icmp[7]]) == seq
+        {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn icmp_checksum_matches_a_known_packet() {
+        // Echo request, id 1, seq 1, no payload: checksum 0xf7fd.
+        let pkt = [8u8, 0, 0, 0, 0, 1, 0, 1];
+        assert_eq!(checksum(&pkt), 0xf7fd);
+    }
+
+    #[test]
+    fn resolves_peers_by_name_or_address_only() {
+        let s = serde_json::json!({"peers": [
+            {"name": "web", "addresses": ["100.64.0.2/32", "fd01::2/128"], "endpoint": "198.18.0.3:41641"}
+        ]});
+        let (ip, name, path) = resolve(&s, "web").unwrap();
+        assert_eq!(ip, "100.64.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(name, "web");
+        assert_eq!(path, "direct 198.18.0.3:41641");
+        assert!(resolve(&s, "fd01::2").is_ok());
+        assert!(resolve(&s, "db").is_err());
+        assert!(resolve(&s, "100.64.0.9").is_err());
+    }
+}

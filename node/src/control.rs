@@ -1,0 +1,341 @@
+//! The node's side of the control protocol.
+//!
+//! Pure parts: [`Backoff`] (jittered exponential reconnect schedule; the random
+//! value is an argument) and [`translate`] (a verified netmap → data-plane peers
+//! and filter rules, parsed once here at the edge). The thin client
+//! ([`Controller`]) wraps the pinned-TLS gRPC channel and signs every call with
+//! the machine key.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use rand_core::OsRng;
+use ztmesh_proto::auth::{self, methods, signed_request};
+use ztmesh_proto::control::{self as pb, control_client::ControlClient};
+use ztmesh_proto::keys::{SigningKey, WgPrivateKey, WgPublicKey};
+use ztmesh_proto::UnixMs;
+
+use crate::filter;
+use crate::tunnel::PeerConfig;
+
+/// Reconnect delays: full jitter over an exponentially growing cap.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_millis(250),
+            max: Duration::from_secs(15),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before reconnect attempt `attempt` (0-based), given a uniform
+    /// random `r`. Never zero, never above `max`.
+    pub fn delay(&self, attempt: u32, r: u64) -> Duration {
+        let cap = self
+            .base
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.max);
+        let cap_ms = cap.as_millis().max(1) as u64;
+        // Half fixed, half random: spreads a reconnect storm while still backing off.
+        Duration::from_millis(cap_ms / 2 + r % (cap_ms / 2 + 1)).max(Duration::from_millis(10))
+    }
+}
+
+/// Errors in a netmap's content (after its signature was verified).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TranslateError {
+    #[error("peer {peer}: invalid WireGuard key")]
+    PeerKey { peer: String },
+    #[error("peer {peer}: invalid allowed IP {value:?}")]
+    AllowedIp { peer: String, value: String },
+    #[error("rule {rule}: invalid source prefix {value:?}")]
+    RulePrefix { rule: String, value: String },
+    #[error("rule {rule}: invalid protocol or port")]
+    RuleValue { rule: String },
+    #[error("netmap has no self node")]
+    NoSelf,
+}
+
+/// The data-plane configuration a netmap describes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Translated {
+    pub addresses: Vec<IpNet>,
+    pub peers: Vec<PeerConfig>,
+    pub rules: Vec<filter::Rule>,
+}
+
+/// Converts a verified netmap into peers and filter rules. Pure.
+///
+/// Endpoints that do not parse are skipped (the peer may still reach us);
+/// everything else that does not parse rejects the whole map, so a half-applied
+/// policy never happens.
+///
+/// # Errors
+/// [`TranslateError`] naming the first bad field.
+pub fn translate(map: &pb::NetMap) -> Result<Translated, TranslateError> {
+    let me = map.self_node.as_ref().ok_or(TranslateError::NoSelf)?;
+    let addresses = me
+        .addresses
+        .iter()
+        .map(|a| a.parse::<IpNet>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| TranslateError::AllowedIp {
+            peer: "self".into(),
+            value: me.addresses.join(","),
+        })?;
+    let mut peers = Vec::with_capacity(map.peers.len());
+    for p in &map.peers {
+        let public_key = WgPublicKey::from_slice(&p.wg_key).map_err(|_| TranslateError::PeerKey {
+            peer: p.name.clone(),
+        })?;
+        let mut allowed_ips = Vec::with_capacity(p.allowed_ips.len());
+        for a in &p.allowed_ips {
+            allowed_ips.push(a.parse::<IpNet>().map_err(|_| TranslateError::AllowedIp {
+                peer: p.name.clone(),
+                value: a.clone(),
+            })?);
+        }
+        let endpoint = p
+            .endpoints
+            .iter()
+            .filter_map(|e| e.parse::<SocketAddr>().ok())
+            .min_by_key(|e| e.is_ipv6());
+        let keepalive = u16::try_from(p.persistent_keepalive).unwrap_or(25);
+        peers.push(PeerConfig {
+            public_key,
+            preshared_key: None,
+            allowed_ips,
+            endpoint,
+            persistent_keepalive: (keepalive > 0).then_some(keepalive),
+        });
+    }
+    let mut rules = Vec::with_capacity(map.inbound_rules.len());
+    for r in &map.inbound_rules {
+        let mut src = Vec::with_capacity(r.src_prefixes.len());
+        for s in &r.src_prefixes {
+            src.push(s.parse::<IpNet>().map_err(|_| TranslateError::RulePrefix {
+                rule: r.rule_id.clone(),
+                value: s.clone(),
+            })?);
+        }
+        let bad = || TranslateError::RuleValue {
+            rule: r.rule_id.clone(),
+        };
+        let protocols = r
+            .protocols
+            .iter()
+            .map(|&p| u8::try_from(p).map_err(|_| bad()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ports = r
+            .ports
+            .iter()
+            .map(|p| {
+                let first = u16::try_from(p.first).map_err(|_| bad())?;
+                let last = u16::try_from(p.last).map_err(|_| bad())?;
+                if first > last {
+                    return Err(bad());
+                }
+                Ok((first, last))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if protocols.is_empty() {
+            // An empty list means "any" to the filter; the controller always
+            // sends explicit protocols, so an empty one is refused rather
+            // than widened.
+            return Err(bad());
+        }
+        rules.push(filter::Rule {
+            src,
+            protocols,
+            ports,
+            rule_id: r.rule_id.clone(),
+        });
+    }
+    Ok(Translated {
+        addresses,
+        peers,
+        rules,
+    })
+}
+
+/// A connected, authenticated client of the controller.
+pub struct Controller {
+    client: ControlClient<tonic::transport::Channel>,
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> UnixMs {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Controller {
+    /// Connects over TLS pinned to `fingerprint`.
+    ///
+    /// # Errors
+    /// Unreachable controller, bad URL or pin mismatch.
+    pub async fn connect(url: &str, fingerprint: [u8; 32], timeout: Duration) -> anyhow::Result<Self> {
+        let ch = ztmesh_proto::tls::connect(url, fingerprint, timeout).await?;
+        Ok(Self {
+            client: ControlClient::new(ch),
+        })
+    }
+
+    /// Enrolls with an auth key, proving possession of the machine key.
+    ///
+    /// # Errors
+    /// The controller's refusal (e.g. a used or expired key), verbatim.
+    pub async fn enroll(
+        &mut self,
+        auth_key: &str,
+        machine: &SigningKey,
+        wg: &WgPrivateKey,
+        hostname: &str,
+    ) -> Result<pb::EnrollResponse, tonic::Status> {
+        let ts = now_ms();
+        let mk = machine.public().as_bytes().to_vec();
+        let wk = wg.public().as_bytes().to_vec();
+        let proof = machine
+            .sign(&auth::enroll_message(auth_key, &mk, &wk, hostname, ts))
+            .to_vec();
+        let req = pb::EnrollRequest {
+            auth_key: auth_key.to_string(),
+            machine_key: mk,
+            wg_key: wk,
+            hostname: hostname.to_string(),
+            timestamp_ms: ts,
+            proof,
+        };
+        Ok(self.client.enroll(req).await?.into_inner())
+    }
+
+    /// Opens the netmap stream.
+    ///
+    /// # Errors
+    /// Authentication or transport failures.
+    pub async fn stream(
+        &mut self,
+        machine: &SigningKey,
+        have_serial: u64,
+    ) -> Result<tonic::Streaming<pb::SignedNetMap>, tonic::Status> {
+        let req = signed_request(
+            machine,
+            methods::STREAM_NETMAP,
+            pb::StreamNetMapRequest { have_serial },
+            now_ms(),
+            &mut OsRng,
+        );
+        Ok(self.client.stream_net_map(req).await?.into_inner())
+    }
+
+    /// Reports where this node can be reached.
+    ///
+    /// # Errors
+    /// Authentication or transport failures.
+    pub async fn report_endpoints(
+        &mut self,
+        machine: &SigningKey,
+        endpoints: Vec<String>,
+    ) -> Result<(), tonic::Status> {
+        let req = signed_request(
+            machine,
+            methods::REPORT_ENDPOINTS,
+            pb::ReportEndpointsRequest { endpoints },
+            now_ms(),
+            &mut OsRng,
+        );
+        self.client.report_endpoints(req).await?;
+        Ok(())
+    }
+
+    /// Deregisters this node.
+    ///
+    /// # Errors
+    /// Authentication or transport failures.
+    pub async fn logout(&mut self, machine: &SigningKey) -> Result<(), tonic::Status> {
+        let req = signed_request(machine, methods::LOGOUT, pb::LogoutRequest {}, now_ms(), &mut OsRng);
+        self.client.logout(req).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_bounded_and_jittered() {
+        let b = Backoff::default();
+        let d0 = b.delay(0, 0);
+        let d5 = b.delay(5, 0);
+        assert!(d0 < d5);
+        for attempt in 0..40 {
+            for r in [0, 1, 12345, u64::MAX] {
+                let d = b.delay(attempt, r);
+                assert!(d <= b.max && d >= Duration::from_millis(10), "{attempt} {r} {d:?}");
+            }
+        }
+        assert_ne!(b.delay(10, 1), b.delay(10, 7777), "jitter spreads reconnects");
+    }
+
+    fn map() -> pb::NetMap {
+        pb::NetMap {
+            serial: 1,
+            self_node: Some(pb::NodeInfo {
+                addresses: vec!["100.64.0.1/32".into(), "fd01:2:3::1/128".into()],
+                ..Default::default()
+            }),
+            peers: vec![pb::Peer {
+                id: 2,
+                name: "web".into(),
+                wg_key: vec![9; 32],
+                allowed_ips: vec!["100.64.0.2/32".into()],
+                endpoints: vec!["[fd00::2]:51820".into(), "198.18.0.3:51820".into(), "junk".into()],
+                persistent_keepalive: 25,
+            }],
+            inbound_rules: vec![pb::InboundRule {
+                src_prefixes: vec!["100.64.0.2/32".into()],
+                protocols: vec![6],
+                ports: vec![pb::PortRange { first: 443, last: 443 }],
+                rule_id: "policy.hujson:7".into(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn translates_peers_and_rules_preferring_ipv4_endpoints() {
+        let t = translate(&map()).unwrap();
+        assert_eq!(t.addresses.len(), 2);
+        assert_eq!(t.peers[0].endpoint, Some("198.18.0.3:51820".parse().unwrap()));
+        assert_eq!(t.peers[0].persistent_keepalive, Some(25));
+        assert_eq!(t.rules[0].ports, vec![(443, 443)]);
+        assert_eq!(t.rules[0].protocols, vec![6]);
+    }
+
+    #[test]
+    fn rejects_maps_with_bad_fields_rather_than_widening() {
+        let mut m = map();
+        m.inbound_rules[0].protocols.clear();
+        assert!(translate(&m).is_err());
+        let mut m = map();
+        m.inbound_rules[0].ports[0].first = 70_000;
+        assert!(translate(&m).is_err());
+        let mut m = map();
+        m.peers[0].wg_key = vec![1; 5];
+        assert!(matches!(translate(&m), Err(TranslateError::PeerKey { .. })));
+        let mut m = map();
+        m.inbound_rules[0].src_prefixes[0] = "100.64.0.2/33".into();
+        assert!(translate(&m).is_err());
+    }
+}

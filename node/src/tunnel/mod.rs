@@ -1,0 +1,819 @@
+//! The sans-IO WireGuard device: peers, one boringtun [`Tunn`] per peer,
+//! AllowedIPs longest-prefix match, receiver-index lookup, strict cryptokey
+//! routing, the inbound filter, and timers. Pure: it owns no socket and reads no
+//! clock; the I/O shell passes packets and `now` in and writes the outputs.
+//!
+//! Driving it (quinn-proto style):
+//! - a packet read from the TUN: [`Device::handle_tun`];
+//! - a UDP datagram: [`Device::handle_udp`];
+//! - when [`Device::poll_timeout`] passes: [`Device::handle_timeout`];
+//! - after each of those: [`Device::poll_transmit`] until it returns `None`
+//!   (queued packets flushed after a handshake, handshakes and keepalives from timers).
+//!
+//! boringtun reads its own monotonic clock inside `Tunn` (handshake retries,
+//! session expiry, passive keepalives). Persistent keepalives, the initiator's
+//! rekey after [`REKEY_AFTER`], handshake timestamps for stats and the 250 ms
+//! timer cadence are kept here on the caller's clock, so they are deterministic
+//! in tests.
+
+mod allowed_ips;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519;
+use ipnet::IpNet;
+use ztmesh_proto::keys::{WgPrivateKey, WgPublicKey};
+
+pub use self::allowed_ips::AllowedIps;
+use crate::filter::{self, Filter, Verdict};
+
+/// How often boringtun's per-peer timers are driven (as boringtun's own device does).
+pub const TIMER_TICK: Duration = Duration::from_millis(250);
+/// The initiator starts a new handshake once a session is this old and data was sent.
+pub const REKEY_AFTER: Duration = Duration::from_secs(120);
+/// How long to wait for a rekey before asking again.
+const REKEY_RETRY: Duration = Duration::from_secs(5);
+/// Handshake messages per second across all peers before cookies are required.
+///
+/// boringtun's device allows 100/s. Handshake initiations pass the shared
+/// limiter twice here (once to find the peer before any Diffie-Hellman, once
+/// inside `Tunn::decapsulate`), so the limit is doubled to keep that rate.
+const HANDSHAKE_RATE_LIMIT: u64 = 200;
+/// Maximum number of peers (the slot part of a receiver index is 16 bits).
+pub const MAX_PEERS: usize = 1 << 16;
+/// Bytes a data message adds to an IP packet.
+pub const OVERHEAD: usize = 32;
+/// Smallest output buffer boringtun accepts (a handshake initiation).
+pub const MIN_BUFFER: usize = 148;
+
+/// A peer as configured by the netmap, a wg-quick file or UAPI.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// The peer's WireGuard public key.
+    pub public_key: WgPublicKey,
+    /// Optional preshared key (never printed).
+    pub preshared_key: Option<[u8; 32]>,
+    /// Inner addresses this peer may use as source, and that route to it.
+    pub allowed_ips: Vec<IpNet>,
+    /// Where to send to until the peer is heard from another address.
+    pub endpoint: Option<SocketAddr>,
+    /// Persistent keepalive interval in seconds (`None` or 0: off).
+    pub persistent_keepalive: Option<u16>,
+}
+
+impl fmt::Debug for PeerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerConfig")
+            .field("public_key", &self.public_key)
+            .field("preshared_key", &self.preshared_key.map(|_| "<redacted>"))
+            .field("allowed_ips", &self.allowed_ips)
+            .field("endpoint", &self.endpoint)
+            .field("persistent_keepalive", &self.persistent_keepalive)
+            .finish()
+    }
+}
+
+/// Why the device dropped a packet (besides filter verdicts, see [`filter::Reason`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// A UDP datagram that is not a WireGuard message.
+    Malformed,
+    /// A message for a receiver index no peer owns.
+    UnknownIndex,
+    /// A handshake initiation from a key that is not a configured peer.
+    UnknownPeer,
+    /// A handshake message that failed authentication, or an unexpected one.
+    HandshakeFailed,
+    /// A handshake refused because the device is under load and no source was known.
+    UnderLoad,
+    /// A data message that failed decryption.
+    Decrypt,
+    /// A data message whose counter was already seen or is too old.
+    Replay,
+    /// A data message for a session that no longer exists.
+    NoSession,
+    /// A decrypted packet whose inner source does not route back to its sender.
+    SpoofedSource,
+    /// An outbound packet whose destination matches no peer's AllowedIPs.
+    NoRoute,
+    /// An outbound packet for a peer with no known endpoint.
+    NoEndpoint,
+    /// An outbound packet too large for the output buffer.
+    TooLarge,
+    /// The inbound filter denied the packet.
+    Filtered(filter::Reason),
+}
+
+impl DropReason {
+    const DEVICE: [DropReason; 12] = [
+        DropReason::Malformed,
+        DropReason::UnknownIndex,
+        DropReason::UnknownPeer,
+        DropReason::HandshakeFailed,
+        DropReason::UnderLoad,
+        DropReason::Decrypt,
+        DropReason::Replay,
+        DropReason::NoSession,
+        DropReason::SpoofedSource,
+        DropReason::NoRoute,
+        DropReason::NoEndpoint,
+        DropReason::TooLarge,
+    ];
+
+    /// A stable snake_case name for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::UnknownIndex => "unknown_index",
+            DropReason::UnknownPeer => "unknown_peer",
+            DropReason::HandshakeFailed => "handshake_failed",
+            DropReason::UnderLoad => "under_load",
+            DropReason::Decrypt => "decrypt",
+            DropReason::Replay => "replay",
+            DropReason::NoSession => "no_session",
+            DropReason::SpoofedSource => "spoofed_source",
+            DropReason::NoRoute => "no_route",
+            DropReason::NoEndpoint => "no_endpoint",
+            DropReason::TooLarge => "too_large",
+            DropReason::Filtered(r) => r.as_str(),
+        }
+    }
+
+    fn slot(self) -> Option<usize> {
+        Self::DEVICE.iter().position(|r| *r == self)
+    }
+}
+
+/// A datagram to send.
+#[derive(Debug)]
+pub struct Transmit<'a> {
+    /// Destination address.
+    pub to: SocketAddr,
+    /// The datagram, borrowed from the caller's buffer.
+    pub packet: &'a [u8],
+}
+
+/// What to do with the result of one input.
+#[derive(Debug)]
+pub enum Output<'a> {
+    /// Send a UDP datagram.
+    Network(Transmit<'a>),
+    /// Write an IP packet to the TUN device.
+    Tunnel(&'a [u8]),
+    /// Nothing to write (keepalive received, cookie stored, packet queued).
+    Done,
+    /// The input was dropped and counted.
+    Dropped(DropReason),
+}
+
+/// A peer's state for `status`, `wg show` and metrics.
+#[derive(Debug, Clone)]
+pub struct PeerStatus {
+    /// The configuration the peer was set with.
+    pub config: PeerConfig,
+    /// The current endpoint (configured, or learned from authenticated packets).
+    pub endpoint: Option<SocketAddr>,
+    /// When the last handshake completed, on the caller's clock.
+    pub last_handshake: Option<Instant>,
+    /// Bytes received from the peer (whole WireGuard datagrams, as wireguard-go counts).
+    pub rx_bytes: u64,
+    /// Bytes sent to the peer.
+    pub tx_bytes: u64,
+}
+
+struct Peer {
+    config: PeerConfig,
+    tunn: Tunn,
+    /// The 24-bit index boringtun puts in the top bits of our receiver indexes.
+    index: u32,
+    endpoint: Option<SocketAddr>,
+    last_handshake: Option<Instant>,
+    initiator: bool,
+    last_data_sent: Option<Instant>,
+    last_traffic: Instant,
+    rekey_requested: Option<Instant>,
+    rx_bytes: u64,
+    tx_bytes: u64,
+}
+
+enum Out {
+    Net(SocketAddr, Range<usize>),
+    Tun(Range<usize>),
+    Done,
+    Drop(DropReason),
+}
+
+/// The WireGuard device state machine.
+pub struct Device {
+    private: x25519::StaticSecret,
+    public: x25519::PublicKey,
+    rate_limiter: Arc<RateLimiter>,
+    peers: Vec<Option<Peer>>,
+    generations: Vec<u8>,
+    free: Vec<usize>,
+    by_key: HashMap<WgPublicKey, usize>,
+    routes: AllowedIps<usize>,
+    filter: Filter,
+    drops: [u64; DropReason::DEVICE.len()],
+    flush: Option<usize>,
+    timer_cursor: usize,
+    next_tick: Instant,
+    next_sweep: Instant,
+}
+
+impl fmt::Debug for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Device")
+            .field("public_key", &WgPublicKey(self.public.to_bytes()))
+            .field("peers", &self.by_key.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Device {
+    /// Creates a device with no peers. `rules` as for [`Filter::new`]: `None`
+    /// accepts all traffic from peers, `Some(rules)` is default deny.
+    pub fn new(private_key: &WgPrivateKey, rules: Option<Vec<filter::Rule>>, now: Instant) -> Self {
+        let private = private_key.to_dalek();
+        let public = x25519::PublicKey::from(&private);
+        Self {
+            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            private,
+            public,
+            peers: Vec::new(),
+            generations: Vec::new(),
+            free: Vec::new(),
+            by_key: HashMap::new(),
+            routes: AllowedIps::default(),
+            filter: Filter::new(rules),
+            drops: [0; DropReason::DEVICE.len()],
+            flush: None,
+            timer_cursor: usize::MAX,
+            next_tick: now,
+            next_sweep: now,
+        }
+    }
+
+    /// This device's public key.
+    pub fn public_key(&self) -> WgPublicKey {
+        WgPublicKey(self.public.to_bytes())
+    }
+
+    /// Applies a new peer set as a diff.
+    ///
+    /// Peers whose key and preshared key are unchanged keep their sessions;
+    /// their AllowedIPs, endpoint and keepalive are updated. Removed peers lose
+    /// their sessions and conntrack entries at once. A peer with this device's
+    /// own key is ignored, as is any peer beyond [`MAX_PEERS`]. When two peers
+    /// list the same prefix, the later one owns it.
+    pub fn set_peers(&mut self, peers: Vec<PeerConfig>, now: Instant) {
+        let own = self.public_key();
+        let mut wanted: HashMap<WgPublicKey, PeerConfig> = HashMap::new();
+        let mut order = Vec::new();
+        for p in peers {
+            if p.public_key != own && !wanted.contains_key(&p.public_key) {
+                order.push(p.public_key);
+            }
+            if p.public_key != own {
+                wanted.insert(p.public_key, p);
+            }
+        }
+        let stale: Vec<WgPublicKey> = self
+            .by_key
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+        for key in stale {
+            self.remove_peer(&key);
+        }
+        for key in order {
+            let Some(config) = wanted.remove(&key) else {
+                continue;
+            };
+            match self.by_key.get(&key).copied() {
+                Some(slot) => {
+                    let peer = self.peers[slot]
+                        .as_mut()
+                        .expect("by_key points at live slots");
+                    if peer.config.preshared_key != config.preshared_key {
+                        peer.tunn = Tunn::new(
+                            self.private.clone(),
+                            x25519::PublicKey::from(key.0),
+                            config.preshared_key,
+                            None,
+                            peer.index,
+                            Some(self.rate_limiter.clone()),
+                        );
+                        peer.last_handshake = None;
+                    }
+                    if config.endpoint.is_some() && config.endpoint != peer.config.endpoint {
+                        peer.endpoint = config.endpoint;
+                    }
+                    peer.config = config;
+                }
+                None => {
+                    let _ = self.add_peer(config, now);
+                }
+            }
+        }
+        self.rebuild_routes();
+    }
+
+    /// Replaces the inbound filter rules (`None`: accept all from peers).
+    pub fn set_filter(&mut self, rules: Option<Vec<filter::Rule>>) {
+        self.filter.set_rules(rules);
+    }
+
+    /// Handles an IP packet read from the TUN device: route, encrypt, send.
+    ///
+    /// `out` must hold the packet plus [`OVERHEAD`] and at least [`MIN_BUFFER`] bytes.
+    pub fn handle_tun<'a>(&mut self, now: Instant, packet: &[u8], out: &'a mut [u8]) -> Output<'a> {
+        let r = self.tun_inner(now, packet, out);
+        self.finish(r, out)
+    }
+
+    /// Handles a UDP datagram received from `from`.
+    ///
+    /// `out` must be at least as large as the datagram and [`MIN_BUFFER`].
+    pub fn handle_udp<'a>(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &'a mut [u8],
+    ) -> Output<'a> {
+        let r = self.udp_inner(now, from, datagram, out);
+        self.finish(r, out)
+    }
+
+    /// When [`Device::handle_timeout`] should be called next.
+    pub fn poll_timeout(&self) -> Instant {
+        self.next_tick
+    }
+
+    /// Runs timers: arms a pass over all peers that [`Device::poll_transmit`]
+    /// walks, resets the handshake rate limiter and expires conntrack entries.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now < self.next_tick {
+            return;
+        }
+        self.next_tick = now + TIMER_TICK;
+        self.timer_cursor = 0;
+        self.rate_limiter.reset_count();
+        if now >= self.next_sweep {
+            self.filter.expire(now);
+            self.next_sweep = now + Duration::from_secs(1);
+        }
+    }
+
+    /// The next datagram to send that is not a direct answer to an input:
+    /// packets flushed after a handshake, keepalives, handshake (re)initiations.
+    pub fn poll_transmit<'a>(&mut self, now: Instant, out: &'a mut [u8]) -> Option<Transmit<'a>> {
+        let (to, range) = self.poll_inner(now, out)?;
+        Some(Transmit {
+            to,
+            packet: &out[range],
+        })
+    }
+
+    /// The state of every peer, in public key order.
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        let mut v: Vec<PeerStatus> = self
+            .peers
+            .iter()
+            .flatten()
+            .map(|p| PeerStatus {
+                config: p.config.clone(),
+                endpoint: p.endpoint,
+                last_handshake: p.last_handshake,
+                rx_bytes: p.rx_bytes,
+                tx_bytes: p.tx_bytes,
+            })
+            .collect();
+        v.sort_by(|a, b| a.config.public_key.cmp(&b.config.public_key));
+        v
+    }
+
+    /// Drop counters: device reasons, then filter reasons.
+    pub fn drops(&self) -> Vec<(DropReason, u64)> {
+        let mut v: Vec<(DropReason, u64)> = DropReason::DEVICE
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (*r, self.drops[i]))
+            .collect();
+        v.extend(
+            self.filter
+                .drops()
+                .into_iter()
+                .map(|(r, n)| (DropReason::Filtered(r), n)),
+        );
+        v
+    }
+
+    /// The count for one drop reason.
+    pub fn drop_count(&self, reason: DropReason) -> u64 {
+        match reason {
+            DropReason::Filtered(r) => self
+                .filter
+                .drops()
+                .into_iter()
+                .find(|(x, _)| *x == r)
+                .map_or(0, |(_, n)| n),
+            r => r.slot().map_or(0, |i| self.drops[i]),
+        }
+    }
+
+    /// Number of tracked flows in the filter.
+    pub fn flow_count(&self) -> usize {
+        self.filter.flow_count()
+    }
+
+    fn add_peer(&mut self, config: PeerConfig, now: Instant) -> Option<usize> {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None if self.peers.len() < MAX_PEERS => {
+                self.peers.push(None);
+                self.generations.push(0);
+                self.peers.len() - 1
+            }
+            None => return None,
+        };
+        let index = (u32::from(self.generations[slot]) << 16) | slot as u32;
+        let tunn = Tunn::new(
+            self.private.clone(),
+            x25519::PublicKey::from(config.public_key.0),
+            config.preshared_key,
+            None,
+            index,
+            Some(self.rate_limiter.clone()),
+        );
+        self.by_key.insert(config.public_key, slot);
+        self.peers[slot] = Some(Peer {
+            endpoint: config.endpoint,
+            config,
+            tunn,
+            index,
+            last_handshake: None,
+            initiator: false,
+            last_data_sent: None,
+            last_traffic: now,
+            rekey_requested: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        });
+        Some(slot)
+    }
+
+    fn remove_peer(&mut self, key: &WgPublicKey) {
+        let Some(slot) = self.by_key.remove(key) else {
+            return;
+        };
+        if let Some(peer) = self.peers[slot].take() {
+            self.filter.remove_peer(peer.index);
+        }
+        self.generations[slot] = self.generations[slot].wrapping_add(1);
+        self.free.push(slot);
+        if self.flush == Some(slot) {
+            self.flush = None;
+        }
+    }
+
+    fn rebuild_routes(&mut self) {
+        let mut entries = Vec::new();
+        for (slot, peer) in self.peers.iter().enumerate() {
+            if let Some(p) = peer {
+                entries.extend(p.config.allowed_ips.iter().map(|n| (*n, slot)));
+            }
+        }
+        self.routes = AllowedIps::build(entries);
+    }
+
+    fn finish<'a>(&mut self, r: Out, out: &'a [u8]) -> Output<'a> {
+        match r {
+            Out::Net(to, range) => Output::Network(Transmit {
+                to,
+                packet: &out[range],
+            }),
+            Out::Tun(range) => Output::Tunnel(&out[range]),
+            Out::Done => Output::Done,
+            Out::Drop(reason) => {
+                self.count(reason);
+                Output::Dropped(reason)
+            }
+        }
+    }
+
+    fn count(&mut self, reason: DropReason) {
+        // Filter verdicts are counted by the filter itself.
+        if let Some(i) = reason.slot() {
+            self.drops[i] += 1;
+        }
+    }
+
+    fn tun_inner(&mut self, now: Instant, packet: &[u8], out: &mut [u8]) -> Out {
+        let Some(dst) = filter::packet::destination(packet) else {
+            return Out::Drop(DropReason::Malformed);
+        };
+        let Some(slot) = self.routes.lookup(dst) else {
+            return Out::Drop(DropReason::NoRoute);
+        };
+        if out.len() < packet.len() + OVERHEAD || out.len() < MIN_BUFFER {
+            return Out::Drop(DropReason::TooLarge);
+        }
+        let Some(peer) = self.peers[slot].as_mut() else {
+            return Out::Drop(DropReason::NoRoute);
+        };
+        self.filter.outbound(now, peer.index, packet);
+        let base = out.as_ptr() as usize;
+        match peer.tunn.encapsulate(packet, out) {
+            TunnResult::WriteToNetwork(p) => {
+                let range = range_in(base, p);
+                let Some(to) = peer.endpoint else {
+                    return Out::Drop(DropReason::NoEndpoint);
+                };
+                peer.tx_bytes += range.len() as u64;
+                peer.last_traffic = now;
+                if range.len() > OVERHEAD || !packet.is_empty() {
+                    peer.last_data_sent = Some(now);
+                }
+                Out::Net(to, range)
+            }
+            TunnResult::Done => Out::Done,
+            TunnResult::Err(_) => Out::Drop(DropReason::NoSession),
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => Out::Done,
+        }
+    }
+
+    fn udp_inner(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+    ) -> Out {
+        if datagram.len() < 8 || out.len() < datagram.len().max(MIN_BUFFER) {
+            return Out::Drop(DropReason::Malformed);
+        }
+        let kind = datagram[0];
+        let slot = match kind {
+            1 => {
+                // Check MAC1 and load on the shared limiter before any Diffie-Hellman.
+                let mut cookie = [0u8; 64];
+                match self
+                    .rate_limiter
+                    .verify_packet(Some(from.ip()), datagram, &mut cookie)
+                {
+                    Ok(Packet::HandshakeInit(init)) => {
+                        match parse_handshake_anon(&self.private, &self.public, &init) {
+                            Ok(half) => {
+                                match self.by_key.get(&WgPublicKey(half.peer_static_public)) {
+                                    Some(slot) => *slot,
+                                    None => return Out::Drop(DropReason::UnknownPeer),
+                                }
+                            }
+                            Err(_) => return Out::Drop(DropReason::HandshakeFailed),
+                        }
+                    }
+                    Ok(_) => return Out::Drop(DropReason::Malformed),
+                    Err(TunnResult::WriteToNetwork(c)) => {
+                        let n = c.len();
+                        out[..n].copy_from_slice(&cookie[..n]);
+                        return Out::Net(from, 0..n);
+                    }
+                    Err(TunnResult::Err(WireGuardError::UnderLoad)) => {
+                        return Out::Drop(DropReason::UnderLoad)
+                    }
+                    Err(_) => return Out::Drop(DropReason::HandshakeFailed),
+                }
+            }
+            2..=4 => {
+                // A handshake response carries its sender index first.
+                let at = if kind == 2 { 8 } else { 4 };
+                if datagram.len() < at + 4 {
+                    return Out::Drop(DropReason::Malformed);
+                }
+                let receiver = u32::from_le_bytes([
+                    datagram[at],
+                    datagram[at + 1],
+                    datagram[at + 2],
+                    datagram[at + 3],
+                ]);
+                let index = receiver >> 8;
+                let slot = (index & 0xffff) as usize;
+                match self.peers.get(slot) {
+                    Some(Some(p)) if p.index == index => slot,
+                    _ => return Out::Drop(DropReason::UnknownIndex),
+                }
+            }
+            _ => return Out::Drop(DropReason::Malformed),
+        };
+        let Self {
+            peers,
+            routes,
+            filter,
+            flush,
+            ..
+        } = self;
+        let peer = peers[slot].as_mut().expect("slot checked above");
+        let base = out.as_ptr() as usize;
+        match peer.tunn.decapsulate(Some(from.ip()), datagram, out) {
+            TunnResult::WriteToNetwork(p) => {
+                let range = range_in(base, p);
+                let reply = out[range.start];
+                if reply == 3 {
+                    // A cookie reply under load: the sender is not authenticated yet.
+                    return Out::Net(from, range);
+                }
+                peer.authenticated(now, from, datagram.len());
+                if (kind == 1 && reply == 2) || kind == 2 {
+                    peer.last_handshake = Some(now);
+                    peer.initiator = kind == 2;
+                    peer.rekey_requested = None;
+                }
+                peer.tx_bytes += range.len() as u64;
+                *flush = Some(slot);
+                Out::Net(from, range)
+            }
+            TunnResult::WriteToTunnelV4(p, src) => {
+                let range = range_in(base, p);
+                peer.authenticated(now, from, datagram.len());
+                tunnel_out(
+                    routes,
+                    filter,
+                    now,
+                    slot,
+                    peer.index,
+                    IpAddr::V4(src),
+                    &out[range.clone()],
+                )
+                .map_or_else(Out::Drop, |()| Out::Tun(range))
+            }
+            TunnResult::WriteToTunnelV6(p, src) => {
+                let range = range_in(base, p);
+                peer.authenticated(now, from, datagram.len());
+                tunnel_out(
+                    routes,
+                    filter,
+                    now,
+                    slot,
+                    peer.index,
+                    IpAddr::V6(src),
+                    &out[range.clone()],
+                )
+                .map_or_else(Out::Drop, |()| Out::Tun(range))
+            }
+            TunnResult::Done => {
+                if kind == 4 {
+                    // A keepalive: authenticated, nothing to deliver.
+                    peer.authenticated(now, from, datagram.len());
+                }
+                Out::Done
+            }
+            TunnResult::Err(e) => Out::Drop(match e {
+                WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => {
+                    DropReason::Replay
+                }
+                WireGuardError::InvalidAeadTag => DropReason::Decrypt,
+                WireGuardError::NoCurrentSession | WireGuardError::WrongIndex => {
+                    DropReason::NoSession
+                }
+                WireGuardError::UnderLoad => DropReason::UnderLoad,
+                WireGuardError::InvalidPacket | WireGuardError::IncorrectPacketLength => {
+                    DropReason::Malformed
+                }
+                _ => DropReason::HandshakeFailed,
+            }),
+        }
+    }
+
+    fn poll_inner(&mut self, now: Instant, out: &mut [u8]) -> Option<(SocketAddr, Range<usize>)> {
+        if out.len() < MIN_BUFFER {
+            return None;
+        }
+        while let Some(slot) = self.flush {
+            let Some(peer) = self.peers[slot].as_mut() else {
+                self.flush = None;
+                break;
+            };
+            let base = out.as_ptr() as usize;
+            match peer.tunn.decapsulate(None, &[], out) {
+                TunnResult::WriteToNetwork(p) => {
+                    let range = range_in(base, p);
+                    match peer.endpoint {
+                        Some(to) => {
+                            peer.tx_bytes += range.len() as u64;
+                            peer.last_data_sent = Some(now);
+                            peer.last_traffic = now;
+                            return Some((to, range));
+                        }
+                        None => self.count(DropReason::NoEndpoint),
+                    }
+                }
+                _ => self.flush = None,
+            }
+        }
+        // Timer outputs are at most a handshake initiation: use a small scratch
+        // buffer so that a peer with nothing to send does not hold `out`.
+        let mut scratch = [0u8; MIN_BUFFER];
+        while self.timer_cursor < self.peers.len() {
+            let slot = self.timer_cursor;
+            self.timer_cursor += 1;
+            let Some(peer) = self.peers[slot].as_mut() else {
+                continue;
+            };
+            let n = peer.timers(now, &mut scratch);
+            if n > 0 {
+                if let Some(to) = peer.endpoint {
+                    peer.tx_bytes += n as u64;
+                    peer.last_traffic = now;
+                    out[..n].copy_from_slice(&scratch[..n]);
+                    return Some((to, 0..n));
+                }
+            }
+        }
+        None
+    }
+}
+
+impl Peer {
+    fn authenticated(&mut self, now: Instant, from: SocketAddr, len: usize) {
+        self.endpoint = Some(from);
+        self.rx_bytes += len as u64;
+        self.last_traffic = now;
+    }
+
+    /// Our clock's timers, then boringtun's. Returns the length written to
+    /// `scratch`, 0 when there is nothing to send.
+    fn timers(&mut self, now: Instant, scratch: &mut [u8; MIN_BUFFER]) -> usize {
+        let rekey_due = self.initiator
+            && self
+                .last_handshake
+                .is_some_and(|t| now.duration_since(t) >= REKEY_AFTER)
+            && self
+                .last_data_sent
+                .zip(self.last_handshake)
+                .is_some_and(|(sent, hs)| sent > hs)
+            && self
+                .rekey_requested
+                .is_none_or(|t| now.duration_since(t) >= REKEY_RETRY);
+        if rekey_due {
+            self.rekey_requested = Some(now);
+            if let TunnResult::WriteToNetwork(p) =
+                self.tunn.format_handshake_initiation(scratch, false)
+            {
+                return p.len();
+            }
+        }
+        let keepalive = self.config.persistent_keepalive.unwrap_or(0);
+        if keepalive > 0
+            && now.duration_since(self.last_traffic) >= Duration::from_secs(u64::from(keepalive))
+        {
+            self.last_traffic = now;
+            if let TunnResult::WriteToNetwork(p) = self.tunn.encapsulate(&[], scratch) {
+                return p.len();
+            }
+        }
+        match self.tunn.update_timers(scratch) {
+            TunnResult::WriteToNetwork(p) => p.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// Strict cryptokey routing, then the filter.
+fn tunnel_out(
+    routes: &AllowedIps<usize>,
+    filter: &mut Filter,
+    now: Instant,
+    slot: usize,
+    index: u32,
+    src: IpAddr,
+    packet: &[u8],
+) -> Result<(), DropReason> {
+    if routes.lookup(src) != Some(slot) {
+        return Err(DropReason::SpoofedSource);
+    }
+    match filter.inbound(now, index, packet) {
+        Verdict::Allow => Ok(()),
+        Verdict::Deny(r) => Err(DropReason::Filtered(r)),
+    }
+}
+
+/// The position of `part` inside the buffer starting at `base`. boringtun
+/// returns sub-slices of the buffer it was given.
+fn range_in(base: usize, part: &[u8]) -> Range<usize> {
+    let start = (part.as_ptr() as usize).saturating_sub(base);
+    start..start + part.len()
+}

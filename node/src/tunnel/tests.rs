@@ -1,0 +1,520 @@
+//! Two (or three) `Device`s exchanging datagrams in memory on a virtual clock.
+
+use std::collections::VecDeque;
+use std::net::{Ipv4Addr, SocketAddr};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::filter::packet::build;
+use crate::filter::packet::{PROTO_ICMP, PROTO_UDP};
+
+const BUF: usize = 2048;
+
+struct Node {
+    dev: Device,
+    key: WgPrivateKey,
+    addr: SocketAddr,
+    ip: Ipv4Addr,
+    tun_rx: Vec<Vec<u8>>,
+}
+
+/// A virtual network: nodes, in-flight datagrams and a clock.
+struct Net {
+    nodes: Vec<Node>,
+    wire: VecDeque<(SocketAddr, SocketAddr, Vec<u8>)>,
+    now: Instant,
+    captured: Vec<(SocketAddr, Vec<u8>)>,
+}
+
+fn key(seed: u8) -> WgPrivateKey {
+    let mut rng = StdRng::seed_from_u64(u64::from(seed));
+    WgPrivateKey::generate(&mut rng)
+}
+
+fn peer_of(n: &Node, allowed: &[&str], keepalive: Option<u16>) -> PeerConfig {
+    PeerConfig {
+        public_key: n.key.public(),
+        preshared_key: None,
+        allowed_ips: allowed.iter().map(|s| s.parse().unwrap()).collect(),
+        endpoint: Some(n.addr),
+        persistent_keepalive: keepalive,
+    }
+}
+
+impl Net {
+    /// Nodes i = 0.. with overlay 100.64.0.(i+1) and underlay 198.18.0.(i+1):51820.
+    fn new(n: u8) -> Self {
+        let now = Instant::now();
+        let nodes = (0..n)
+            .map(|i| {
+                let key = key(i + 1);
+                Node {
+                    dev: Device::new(&key, None, now),
+                    key,
+                    addr: SocketAddr::from(([198, 18, 0, i + 1], 51820)),
+                    ip: Ipv4Addr::new(100, 64, 0, i + 1),
+                    tun_rx: Vec::new(),
+                }
+            })
+            .collect();
+        Self {
+            nodes,
+            wire: VecDeque::new(),
+            now,
+            captured: Vec::new(),
+        }
+    }
+
+    /// Configures a full mesh where node i owns 100.64.0.(i+1)/32.
+    fn mesh(n: u8) -> Self {
+        let mut net = Self::new(n);
+        for i in 0..n as usize {
+            let peers = (0..n as usize)
+                .filter(|j| *j != i)
+                .map(|j| {
+                    let ip = format!("{}/32", net.nodes[j].ip);
+                    peer_of(&net.nodes[j], &[&ip], None)
+                })
+                .collect();
+            let now = net.now;
+            net.nodes[i].dev.set_peers(peers, now);
+        }
+        net
+    }
+
+    fn index_of(&self, addr: SocketAddr) -> Option<usize> {
+        self.nodes.iter().position(|n| n.addr == addr)
+    }
+
+    /// Writes an IP packet into node `i`'s TUN.
+    fn send_ip(&mut self, i: usize, packet: &[u8]) -> Result<(), DropReason> {
+        let mut out = [0u8; BUF];
+        let now = self.now;
+        let from = self.nodes[i].addr;
+        match self.nodes[i].dev.handle_tun(now, packet, &mut out) {
+            Output::Network(t) => self.wire.push_back((from, t.to, t.packet.to_vec())),
+            Output::Dropped(r) => return Err(r),
+            _ => {}
+        }
+        self.drain(i);
+        Ok(())
+    }
+
+    fn drain(&mut self, i: usize) {
+        let mut out = [0u8; BUF];
+        let now = self.now;
+        let from = self.nodes[i].addr;
+        let mut guard = 0;
+        while let Some(t) = self.nodes[i].dev.poll_transmit(now, &mut out) {
+            self.wire.push_back((from, t.to, t.packet.to_vec()));
+            guard += 1;
+            assert!(guard < 1000, "poll_transmit does not terminate");
+        }
+    }
+
+    /// Delivers one datagram, returning the receiver's verdict.
+    fn deliver_one(&mut self) -> Option<Result<(), DropReason>> {
+        let (from, to, data) = self.wire.pop_front()?;
+        self.captured.push((to, data.clone()));
+        let Some(i) = self.index_of(to) else {
+            return Some(Ok(()));
+        };
+        Some(self.inject(i, from, &data))
+    }
+
+    fn inject(&mut self, i: usize, from: SocketAddr, data: &[u8]) -> Result<(), DropReason> {
+        let mut out = [0u8; BUF];
+        let now = self.now;
+        let me = self.nodes[i].addr;
+        let r = match self.nodes[i].dev.handle_udp(now, from, data, &mut out) {
+            Output::Network(t) => {
+                self.wire.push_back((me, t.to, t.packet.to_vec()));
+                Ok(())
+            }
+            Output::Tunnel(p) => {
+                self.nodes[i].tun_rx.push(p.to_vec());
+                Ok(())
+            }
+            Output::Done => Ok(()),
+            Output::Dropped(r) => Err(r),
+        };
+        self.drain(i);
+        r
+    }
+
+    /// Delivers everything in flight (bounded).
+    fn run(&mut self) -> Vec<DropReason> {
+        let mut drops = Vec::new();
+        for _ in 0..1000 {
+            match self.deliver_one() {
+                Some(Err(r)) => drops.push(r),
+                Some(Ok(())) => {}
+                None => return drops,
+            }
+        }
+        panic!("network did not settle");
+    }
+
+    /// Advances the clock by `d` in timer ticks, running timers and the network.
+    fn advance(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.now = (self.now + TIMER_TICK).min(end);
+            for i in 0..self.nodes.len() {
+                let now = self.now;
+                self.nodes[i].dev.handle_timeout(now);
+                self.drain(i);
+            }
+            self.run();
+        }
+    }
+
+    fn ping(&self, from: usize, to: usize, id: u16) -> Vec<u8> {
+        build::v4(
+            self.nodes[from].ip,
+            self.nodes[to].ip,
+            PROTO_ICMP,
+            &build::icmp(8, id),
+        )
+    }
+}
+
+fn receiver_index(datagram: &[u8]) -> u32 {
+    u32::from_le_bytes([datagram[4], datagram[5], datagram[6], datagram[7]])
+}
+
+#[test]
+fn handshake_then_data_both_ways() {
+    let mut net = Net::mesh(2);
+    let p = net.ping(0, 1, 1);
+    net.send_ip(0, &p).unwrap();
+    assert_eq!(
+        net.wire.front().map(|w| w.2[0]),
+        Some(1),
+        "handshake initiation first"
+    );
+    assert!(net.run().is_empty());
+    // The queued ping was flushed after the handshake.
+    assert_eq!(net.nodes[1].tun_rx, vec![p]);
+    let back = net.ping(1, 0, 2);
+    net.send_ip(1, &back).unwrap();
+    assert!(net.run().is_empty());
+    assert_eq!(net.nodes[0].tun_rx, vec![back]);
+
+    let now = net.now;
+    for n in &net.nodes {
+        let st = n.dev.peers();
+        assert_eq!(st.len(), 1);
+        assert_eq!(st[0].last_handshake, Some(now));
+        assert!(st[0].rx_bytes > 0 && st[0].tx_bytes > 0);
+    }
+}
+
+#[test]
+fn learns_the_endpoint_only_from_authenticated_packets() {
+    let mut net = Net::mesh(2);
+    let p = net.ping(0, 1, 1);
+    net.send_ip(0, &p).unwrap();
+    net.run();
+    let roamed: SocketAddr = "[fd00::9]:4000".parse().unwrap();
+    // Garbage from a new address does not move the endpoint.
+    let mut junk = vec![4u8, 0, 0, 0];
+    junk.extend_from_slice(&[0; 40]);
+    let _ = net.inject(1, roamed, &junk);
+    assert_eq!(
+        net.nodes[1].dev.peers()[0].endpoint,
+        Some(net.nodes[0].addr)
+    );
+    // A real packet replayed from a new address is dropped too (replay window).
+    let (_, data) = net.captured.last().unwrap().clone();
+    assert_eq!(net.inject(1, roamed, &data), Err(DropReason::Replay));
+    assert_eq!(
+        net.nodes[1].dev.peers()[0].endpoint,
+        Some(net.nodes[0].addr)
+    );
+}
+
+#[test]
+fn persistent_keepalive_runs_on_the_callers_clock() {
+    let mut net = Net::new(2);
+    let (a, b) = (&net.nodes[0], &net.nodes[1]);
+    let to_b = peer_of(b, &["100.64.0.2/32"], Some(25));
+    let to_a = peer_of(a, &["100.64.0.1/32"], None);
+    let now = net.now;
+    net.nodes[0].dev.set_peers(vec![to_b], now);
+    net.nodes[1].dev.set_peers(vec![to_a], now);
+    let p = net.ping(0, 1, 1);
+    net.send_ip(0, &p).unwrap();
+    net.run();
+    let before = net.captured.len();
+    net.advance(Duration::from_secs(24));
+    let keepalives = |net: &Net, from: usize| {
+        net.captured[before..]
+            .iter()
+            .filter(|(to, d)| *to == net.nodes[1 - from].addr && d[0] == 4 && d.len() == 32)
+            .count()
+    };
+    assert_eq!(keepalives(&net, 0), 0, "no keepalive before the interval");
+    net.advance(Duration::from_secs(2));
+    assert_eq!(keepalives(&net, 0), 1, "one keepalive after 25 s");
+    net.advance(Duration::from_secs(25));
+    assert_eq!(keepalives(&net, 0), 2);
+    // Keepalives are authenticated traffic: no drops, nothing on the TUN.
+    assert_eq!(net.nodes[1].tun_rx.len(), 1);
+}
+
+#[test]
+fn initiator_rekeys_after_120_seconds() {
+    let mut net = Net::mesh(2);
+    let p = net.ping(0, 1, 1);
+    net.send_ip(0, &p).unwrap();
+    net.run();
+    let first = receiver_index(&net.captured.last().unwrap().1);
+    net.advance(Duration::from_secs(60));
+    net.send_ip(0, &net.ping(0, 1, 2)).unwrap();
+    net.run();
+    assert_eq!(receiver_index(&net.captured.last().unwrap().1), first);
+    let inits_before = net.captured.iter().filter(|(_, d)| d[0] == 1).count();
+    net.advance(Duration::from_secs(61));
+    net.send_ip(0, &net.ping(0, 1, 3)).unwrap();
+    net.run();
+    net.advance(Duration::from_secs(1));
+    let inits = net.captured.iter().filter(|(_, d)| d[0] == 1).count();
+    assert_eq!(inits, inits_before + 1, "one new handshake initiation");
+    net.send_ip(0, &net.ping(0, 1, 4)).unwrap();
+    net.run();
+    let last = net.captured.last().unwrap().1.clone();
+    assert_eq!(last[0], 4);
+    assert_ne!(receiver_index(&last), first, "data uses the new session");
+    assert_eq!(net.nodes[1].tun_rx.len(), 4);
+    assert_eq!(
+        net.nodes[0].dev.peers()[0].last_handshake,
+        net.nodes[1].dev.peers()[0].last_handshake
+    );
+}
+
+#[test]
+fn replayed_data_packet_is_dropped() {
+    let mut net = Net::mesh(2);
+    net.send_ip(0, &net.ping(0, 1, 1)).unwrap();
+    net.run();
+    net.send_ip(0, &net.ping(0, 1, 2)).unwrap();
+    let (from, _, data) = net.wire.front().cloned().unwrap();
+    net.run();
+    assert_eq!(net.inject(1, from, &data), Err(DropReason::Replay));
+    assert_eq!(net.nodes[1].dev.drop_count(DropReason::Replay), 1);
+    assert_eq!(net.nodes[1].tun_rx.len(), 2);
+}
+
+#[test]
+fn unknown_receiver_index_is_dropped() {
+    let mut net = Net::mesh(2);
+    net.send_ip(0, &net.ping(0, 1, 1)).unwrap();
+    net.run();
+    let (from, _, mut data) = {
+        net.send_ip(0, &net.ping(0, 1, 2)).unwrap();
+        net.wire.pop_front().unwrap()
+    };
+    data[4..8].copy_from_slice(&0x00ab_cd00u32.to_le_bytes());
+    assert_eq!(net.inject(1, from, &data), Err(DropReason::UnknownIndex));
+    assert_eq!(net.nodes[1].dev.drop_count(DropReason::UnknownIndex), 1);
+}
+
+#[test]
+fn removed_peer_loses_session_and_flows_at_once() {
+    let mut net = Net::mesh(2);
+    let now = net.now;
+    net.nodes[1].dev.set_filter(Some(vec![]));
+    // B opens a UDP flow to A so that conntrack holds an entry for A.
+    let q = build::v4(
+        net.nodes[1].ip,
+        net.nodes[0].ip,
+        PROTO_UDP,
+        &build::udp(5000, 53, b"q"),
+    );
+    net.send_ip(1, &q).unwrap();
+    net.run();
+    assert_eq!(net.nodes[1].dev.flow_count(), 1);
+    net.nodes[1].dev.set_peers(vec![], now);
+    assert_eq!(net.nodes[1].dev.flow_count(), 0);
+    let drops = {
+        net.send_ip(0, &net.ping(0, 1, 9)).unwrap();
+        net.run()
+    };
+    assert_eq!(drops, vec![DropReason::UnknownIndex]);
+    // Outbound to the removed peer has no route any more.
+    assert_eq!(net.send_ip(1, &q), Err(DropReason::NoRoute));
+}
+
+#[test]
+fn unchanged_peers_keep_their_session_across_set_peers() {
+    let mut net = Net::mesh(3);
+    net.send_ip(0, &net.ping(0, 1, 1)).unwrap();
+    net.run();
+    let inits = net.captured.iter().filter(|(_, d)| d[0] == 1).count();
+    // Re-apply node 0's config without node 2: node 1's session survives.
+    let now = net.now;
+    let keep = peer_of(&net.nodes[1], &["100.64.0.2/32"], None);
+    net.nodes[0].dev.set_peers(vec![keep], now);
+    net.send_ip(0, &net.ping(0, 1, 2)).unwrap();
+    net.run();
+    assert_eq!(
+        net.captured.iter().filter(|(_, d)| d[0] == 1).count(),
+        inits
+    );
+    assert_eq!(net.nodes[1].tun_rx.len(), 2);
+}
+
+#[test]
+fn spoofed_inner_source_is_dropped_even_inside_an_overlapping_range() {
+    // Node 2 owns 100.64.0.0/16, node 1 the more specific 100.64.0.2/32 (netns.sh's case).
+    let mut net = Net::new(3);
+    let now = net.now;
+    let peers0 = vec![
+        peer_of(&net.nodes[1], &["100.64.0.2/32"], None),
+        peer_of(&net.nodes[2], &["100.64.0.0/16"], None),
+    ];
+    net.nodes[0].dev.set_peers(peers0, now);
+    for i in 1..3 {
+        let p = peer_of(&net.nodes[0], &["100.64.0.0/10"], None);
+        net.nodes[i].dev.set_peers(vec![p], now);
+    }
+    // Node 2 sends from node 1's address: inside its own /16, but node 1's /32 wins.
+    let spoof = build::v4(
+        Ipv4Addr::new(100, 64, 0, 2),
+        net.nodes[0].ip,
+        PROTO_ICMP,
+        &build::icmp(8, 1),
+    );
+    net.send_ip(2, &spoof).unwrap();
+    let drops = net.run();
+    assert_eq!(drops, vec![DropReason::SpoofedSource]);
+    // A source outside every AllowedIPs range.
+    let outside = build::v4(
+        Ipv4Addr::new(198, 18, 0, 99),
+        net.nodes[0].ip,
+        PROTO_ICMP,
+        &build::icmp(8, 2),
+    );
+    net.send_ip(2, &outside).unwrap();
+    assert_eq!(net.run(), vec![DropReason::SpoofedSource]);
+    // Its own address inside the /16 is fine.
+    let own = build::v4(
+        Ipv4Addr::new(100, 64, 7, 7),
+        net.nodes[0].ip,
+        PROTO_ICMP,
+        &build::icmp(8, 3),
+    );
+    net.send_ip(2, &own).unwrap();
+    assert!(net.run().is_empty());
+    assert_eq!(net.nodes[0].tun_rx, vec![own]);
+    assert_eq!(net.nodes[0].dev.drop_count(DropReason::SpoofedSource), 2);
+}
+
+#[test]
+fn managed_filter_denies_new_inbound_flows_but_admits_replies() {
+    let mut net = Net::mesh(2);
+    net.nodes[0].dev.set_filter(Some(vec![]));
+    // B pings A: denied by default.
+    net.send_ip(1, &net.ping(1, 0, 1)).unwrap();
+    assert_eq!(
+        net.run(),
+        vec![DropReason::Filtered(filter::Reason::NoRule)]
+    );
+    // A pings B, B answers: the reply is admitted.
+    net.send_ip(0, &net.ping(0, 1, 7)).unwrap();
+    net.run();
+    let reply = build::v4(
+        net.nodes[1].ip,
+        net.nodes[0].ip,
+        PROTO_ICMP,
+        &build::icmp(0, 7),
+    );
+    net.send_ip(1, &reply).unwrap();
+    assert!(net.run().is_empty());
+    assert_eq!(net.nodes[0].tun_rx, vec![reply]);
+    assert_eq!(
+        net.nodes[0]
+            .dev
+            .drop_count(DropReason::Filtered(filter::Reason::NoRule)),
+        1
+    );
+}
+
+#[test]
+fn handshake_flood_gets_cookie_replies() {
+    let mut net = Net::mesh(2);
+    net.send_ip(0, &net.ping(0, 1, 1)).unwrap();
+    let (_, _, init) = net.wire.front().cloned().unwrap();
+    net.run();
+    let attacker: SocketAddr = "198.18.0.66:9999".parse().unwrap();
+    let mut cookies = 0;
+    for _ in 0..400 {
+        let mut out = [0u8; BUF];
+        let now = net.now;
+        if let Output::Network(t) = net.nodes[1].dev.handle_udp(now, attacker, &init, &mut out) {
+            if t.packet[0] == 3 {
+                assert_eq!(t.to, attacker, "cookies go to the packet's source");
+                cookies += 1;
+            }
+        }
+    }
+    assert!(cookies > 100, "got {cookies} cookie replies");
+    // Replayed initiations never move the peer's endpoint.
+    assert_eq!(
+        net.nodes[1].dev.peers()[0].endpoint,
+        Some(net.nodes[0].addr)
+    );
+    assert!(net.nodes[1].dev.drop_count(DropReason::HandshakeFailed) > 0);
+}
+
+#[test]
+fn outbound_without_route_or_endpoint_is_counted() {
+    let mut net = Net::new(2);
+    let now = net.now;
+    let mut p = peer_of(&net.nodes[1], &["100.64.0.2/32"], None);
+    p.endpoint = None;
+    net.nodes[0].dev.set_peers(vec![p], now);
+    assert_eq!(
+        net.send_ip(0, &net.ping(0, 1, 1)),
+        Err(DropReason::NoEndpoint)
+    );
+    let stray = build::v4(
+        net.nodes[0].ip,
+        Ipv4Addr::new(100, 64, 9, 9),
+        PROTO_ICMP,
+        &build::icmp(8, 1),
+    );
+    assert_eq!(net.send_ip(0, &stray), Err(DropReason::NoRoute));
+    assert_eq!(net.send_ip(0, &[0x45, 0]), Err(DropReason::Malformed));
+}
+
+#[test]
+fn random_datagrams_never_panic_and_are_counted() {
+    let mut net = Net::mesh(2);
+    net.send_ip(0, &net.ping(0, 1, 1)).unwrap();
+    net.run();
+    let real: Vec<Vec<u8>> = net.captured.iter().map(|(_, d)| d.clone()).collect();
+    let mut rng = StdRng::seed_from_u64(7);
+    let from = net.nodes[0].addr;
+    for i in 0..5000 {
+        let mut d = if i % 2 == 0 {
+            let n = rng.gen_range(0..200);
+            (0..n).map(|_| rng.gen()).collect::<Vec<u8>>()
+        } else {
+            real[i % real.len()].clone()
+        };
+        if !d.is_empty() {
+            let k = rng.gen_range(0..d.len());
+            d[k] ^= rng.gen::<u8>() | 1;
+            if rng.gen_bool(0.3) {
+                d[0] = rng.gen_range(1..5);
+            }
+        }
+        let _ = net.inject(1, from, &d);
+    }
+    let total: u64 = net.nodes[1].dev.drops().iter().map(|(_, n)| n).sum();
+    assert!(total >= 4900, "drops counted: {total}");
+}
