@@ -259,6 +259,58 @@ fn deleted_node_is_dropped_by_every_peer_and_its_packets_are_refused() {
     );
 }
 
+/// Scenario 3, strictly: the deleted node's own WireGuard config, exported
+/// with `wg-config --include-private-key` and replayed with wireguard-go, works
+/// before the delete (the export is standard) and is refused right after it.
+#[test]
+fn deleted_node_replaying_its_exported_wireguard_config_is_refused() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let mut mesh = Mesh::standard();
+    let conf = mesh
+        .node_cli(ALICE, &["wg-config", "--include-private-key"])
+        .unwrap_or_else(|out| panic!("wg-config failed:\n{out}"));
+    let wg = WgQuick::parse(&conf);
+    assert!(
+        !wg.peers.is_empty(),
+        "alice-laptop's config has no peers:\n{conf}"
+    );
+    mesh.stop_daemon(ALICE);
+
+    let iface = format!("zw{}", std::process::id() % 10_000_000);
+    let _wg = mesh.replay_with_wireguard_go(ALICE, &iface, &wg);
+    let took = wait_until(Duration::from_secs(15), Duration::from_millis(50), || {
+        mesh.try_flow(ALICE, WEB, 443, Duration::from_millis(500))
+            .is_ok()
+    })
+    .unwrap_or_else(|e| {
+        panic!("the exported config does not reach web:443 under wireguard-go: {e}\n{conf}")
+    });
+    println!("scenario 3: exported config working under wireguard-go after {took:?}");
+    mesh.expect_denied(ALICE, DB, 5432);
+
+    let name = mesh.node_name(ALICE);
+    mesh.admin_ok(&["nodes", "delete", &name]);
+    let start = Instant::now();
+    let refused = wait_until(PROPAGATION_WAIT, Duration::from_millis(20), || {
+        mesh.try_flow(ALICE, WEB, 443, Duration::from_millis(300))
+            .is_err()
+    });
+    let took = start.elapsed();
+    println!("scenario 3: replayed old config refused by web after {took:?}");
+    refused.unwrap_or_else(|e| panic!("web still accepts the deleted node's config: {e}"));
+    assert!(!mesh.peer_present(WEB, ALICE), "{:#}", mesh.status(WEB));
+    // Stays refused: a fresh handshake cannot bring it back.
+    std::thread::sleep(Duration::from_millis(500));
+    mesh.expect_denied(ALICE, WEB, 443);
+    mesh.expect_allowed(BOB, WEB, 443);
+    assert!(
+        took <= PROPAGATION_BOUND,
+        "refusing the deleted node took {took:?}"
+    );
+}
+
 /// Scenario 4: SIGKILL on the controller interrupts nothing in the data plane;
 /// after a restart the nodes resync and nothing stored is lost.
 #[test]
@@ -432,7 +484,7 @@ struct Node {
     state_dir: PathBuf,
     v4: Ipv4Addr,
     v6: Option<Ipv6Addr>,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 /// The captured result of one bounded CLI call.
@@ -645,7 +697,7 @@ impl Mesh {
                 state_dir: dir.join("state"),
                 v4: Ipv4Addr::UNSPECIFIED,
                 v6: None,
-                _dir: dir,
+                dir,
             };
             self.nodes.insert(member.to_owned(), node);
         }
@@ -835,6 +887,47 @@ impl Mesh {
         ];
         self.ns(from).spawn("stream", args)
     }
+    /// Runs wireguard-go in `member`'s namespace on interface `iface` with the
+    /// wg-quick config `wg`: keys and peers via `wg setconf`, addresses and
+    /// routes via `ip`, as `wg-quick up` would.
+    fn replay_with_wireguard_go(&self, member: &str, iface: &str, wg: &WgQuick) -> Proc {
+        let ns = self.ns(member);
+        let mut cmd = ns.command("wireguard-go");
+        cmd.args(["-f", iface])
+            .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1");
+        let mut proc = Proc::spawn(&format!("{member}/wireguard-go"), cmd);
+        let uapi = PathBuf::from(format!("/var/run/wireguard/{iface}.sock"));
+        let ready = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            !proc.is_running() || UnixStream::connect(&uapi).is_ok()
+        });
+        if ready.is_err() || !proc.is_running() {
+            panic!("wireguard-go did not start\n{}", proc.logs());
+        }
+        let file = self.node(member).dir.join("replay.conf");
+        fs::write(&file, wg.setconf_text()).expect("write wg config");
+        ns.run_ok([
+            "wg",
+            "setconf",
+            iface,
+            file.to_str().expect("utf-8 temp path"),
+        ]);
+        for addr in &wg.addresses {
+            ns.run_ok(["ip", "addr", "add", addr.as_str(), "dev", iface]);
+        }
+        ns.run_ok([
+            "ip",
+            "link",
+            "set",
+            iface,
+            "mtu",
+            &wg.mtu.unwrap_or(1280).to_string(),
+            "up",
+        ]);
+        for route in wg.peers.iter().flat_map(|p| &p.allowed_ips) {
+            ns.run_ok(["ip", "route", "replace", route.as_str(), "dev", iface]);
+        }
+        proc
+    }
 }
 
 /// Runs a command to completion in `ns`, killing it after [`CLI_TIMEOUT`].
@@ -952,6 +1045,106 @@ fn check_flows(mesh: &Mesh, flows: &[Flow]) -> FlowReport {
         table.push_str(&line);
     }
     FlowReport { table, mismatches }
+}
+
+// ---------------------------------------------------------------------------
+// wg-quick configs
+// ---------------------------------------------------------------------------
+
+/// A wg-quick config split into what `wg setconf` accepts and what wg-quick
+/// itself applies (addresses, MTU, routes from the peers' AllowedIPs).
+#[derive(Debug, Default)]
+struct WgQuick {
+    interface: Vec<(String, String)>,
+    peers: Vec<WgPeer>,
+    addresses: Vec<String>,
+    mtu: Option<u32>,
+}
+
+#[derive(Debug, Default)]
+struct WgPeer {
+    lines: Vec<(String, String)>,
+    allowed_ips: Vec<String>,
+}
+
+impl WgQuick {
+    fn parse(text: &str) -> Self {
+        let mut conf = Self::default();
+        let mut in_peer = false;
+        for line in text.lines() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            if line.eq_ignore_ascii_case("[Interface]") {
+                in_peer = false;
+                continue;
+            }
+            if line.eq_ignore_ascii_case("[Peer]") {
+                in_peer = true;
+                conf.peers.push(WgPeer::default());
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=') else {
+                continue;
+            };
+            let (key, value) = (key.trim().to_owned(), value.trim().to_owned());
+            let list = || {
+                value
+                    .split(',')
+                    .map(|v| v.trim().to_owned())
+                    .filter(|v| !v.is_empty())
+            };
+            match (in_peer, key.to_ascii_lowercase().as_str()) {
+                (false, "address") => conf.addresses.extend(list()),
+                (false, "mtu") => conf.mtu = value.parse().ok(),
+                (false, "privatekey" | "listenport" | "fwmark") => {
+                    conf.interface.push((key, value))
+                }
+                (false, _) => {} // DNS, Table, PreUp…: wg-quick only
+                (true, k) => {
+                    let peer = conf.peers.last_mut().expect("[Peer] seen");
+                    if k == "allowedips" {
+                        peer.allowed_ips.extend(list());
+                    }
+                    peer.lines.push((key, value));
+                }
+            }
+        }
+        conf
+    }
+
+    /// The config as `wg setconf` takes it.
+    fn setconf_text(&self) -> String {
+        let mut out = String::from("[Interface]\n");
+        for (k, v) in &self.interface {
+            out.push_str(&format!("{k} = {v}\n"));
+        }
+        for peer in &self.peers {
+            out.push_str("\n[Peer]\n");
+            for (k, v) in &peer.lines {
+                out.push_str(&format!("{k} = {v}\n"));
+            }
+        }
+        out
+    }
+}
+
+#[test]
+fn wg_quick_config_splits_into_setconf_addresses_and_routes() {
+    let conf = WgQuick::parse(
+        "# exported\n[Interface]\nPrivateKey = cHJpdg==\nAddress = 100.64.0.2/32, fd7a::2/128\n\
+         ListenPort = 41641\nMTU = 1280\nDNS = 100.100.100.100\n\n[Peer]\n# web\n\
+         PublicKey = cHVi\nAllowedIPs = 100.64.0.4/32,fd7a::4/128\nEndpoint = 198.18.0.4:41641\n",
+    );
+    assert_eq!(conf.addresses, ["100.64.0.2/32", "fd7a::2/128"]);
+    assert_eq!(conf.mtu, Some(1280));
+    assert_eq!(conf.peers.len(), 1);
+    assert_eq!(conf.peers[0].allowed_ips, ["100.64.0.4/32", "fd7a::4/128"]);
+    let text = conf.setconf_text();
+    assert!(text.contains("PrivateKey = cHJpdg==") && text.contains("ListenPort = 41641"));
+    assert!(text.contains("Endpoint = 198.18.0.4:41641"));
+    assert!(!text.contains("Address") && !text.contains("MTU") && !text.contains("DNS"));
 }
 
 // ---------------------------------------------------------------------------
