@@ -7,13 +7,15 @@
 #
 #                 switch namespace: bridge br0, 198.18.0.0/24
 #     ┌──────────────┬──────────────┬──────────────┬──────────────┐
-#  controller       alice          bob            web            db
+#  controller       alice          carol          web            db
 #  198.18.0.1      198.18.0.2     198.18.0.3     198.18.0.4     198.18.0.5
 #  :8443           laptop of      laptop of      tag:web        tag:db
-#                  alice@…        bob@…
+#                  alice@…        carol@…
+#                  (group:eng)    (group:admins)
 #
 # examples/policy.hujson: group:eng laptops → tag:web:443, tag:web → tag:db:5432,
-# group:admins → *:22 (alice@example.com is in group:admins, bob@example.com is not).
+# group:admins → *:22. Every node listens on ports 22, 443 and 5432 of its
+# overlay address, and every node tries every other node on each port.
 #
 # Environment: ZTMESH_DEMO_KEEP=1 keeps the work dir (logs, state) for inspection.
 set -euo pipefail
@@ -28,8 +30,8 @@ fi
 POLICY=$ROOT/examples/policy.hujson
 PREFIX="ztmdemo-$$"
 SWITCH="$PREFIX-switch"
-MEMBERS=(controller alice bob web db)
-NODES=(alice bob web db)
+MEMBERS=(controller alice carol web db)
+NODES=(alice carol web db)
 PORTS=(22 443 5432)
 CONTROLLER_IP=198.18.0.1
 CONTROLLER_PORT=8443
@@ -38,9 +40,9 @@ CONTROLLER_PORT=8443
 # the expectation follows the policy described above.
 expected() { # FROM TO PORT -> allow|deny
   case "$1>$2:$3" in
-    alice\>web:443 | bob\>web:443) echo allow ;;  # group:eng -> tag:web:443
-    web\>db:5432) echo allow ;;                   # tag:web -> tag:db:5432
-    alice\>*:22) echo allow ;;                    # group:admins -> *:22
+    alice\>web:443) echo allow ;; # group:eng -> tag:web:443
+    web\>db:5432) echo allow ;;   # tag:web -> tag:db:5432
+    carol\>*:22) echo allow ;;    # group:admins -> *:22
     *) echo deny ;;
   esac
 }
@@ -155,21 +157,21 @@ wait_for "the controller's TLS port" 100 \
 
 log "users, policy and auth keys"
 admin users create alice@example.com
-admin users create bob@example.com
+admin users create carol@example.com
 admin policy set "$POLICY"
 declare -A KEY
 KEY[alice]=$(admin keys create --user alice@example.com)
-KEY[bob]=$(admin keys create --user bob@example.com)
+KEY[carol]=$(admin keys create --user carol@example.com)
 KEY[web]=$(admin keys create --tags tag:web)
 KEY[db]=$(admin keys create --tags tag:db)
 
-declare -A HOST=([alice]=alice-laptop [bob]=bob-laptop [web]=web [db]=db)
+declare -A HOST=([alice]=alice-laptop [carol]=carol-laptop [web]=web [db]=db)
 declare -A IP
 for m in "${NODES[@]}"; do
   log "node $m: daemon and enrollment"
   mkdir -p "$WORK/$m"
   start "$m" "$m" "$BIN/ztmesh" daemon --state-dir "$WORK/$m/state" \
-    --socket "$WORK/$m/ztmesh.sock" --interface ztm0
+    --socket "$WORK/$m/ztmesh.sock" --interface ztm0 --uapi-dir "$WORK/$m/uapi"
   wait_for "$m's daemon socket" 100 test -S "$WORK/$m/ztmesh.sock"
   node "$m" up --controller "https://$CONTROLLER_IP:$CONTROLLER_PORT" \
     --auth-key "${KEY[$m]}" --hostname "${HOST[$m]}"

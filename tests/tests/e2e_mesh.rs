@@ -482,6 +482,7 @@ struct Node {
     hostname: &'static str,
     socket: PathBuf,
     state_dir: PathBuf,
+    uapi_dir: PathBuf,
     v4: Ipv4Addr,
     v6: Option<Ipv6Addr>,
     dir: TempDir,
@@ -695,6 +696,7 @@ impl Mesh {
                 hostname: node_hostname(member),
                 socket: dir.join("ztmesh.sock"),
                 state_dir: dir.join("state"),
+                uapi_dir: dir.join("uapi"),
                 v4: Ipv4Addr::UNSPECIFIED,
                 v6: None,
                 dir,
@@ -715,6 +717,10 @@ impl Mesh {
                 node.socket.as_os_str(),
                 OsStr::new("--interface"),
                 OsStr::new("ztm0"),
+                // The UAPI socket is named after the interface: a per-node
+                // directory keeps the daemons of different namespaces apart.
+                OsStr::new("--uapi-dir"),
+                node.uapi_dir.as_os_str(),
             ],
         );
         let socket = node.socket.clone();
