@@ -324,6 +324,12 @@ pub(crate) fn split_host_port(text: &str) -> Result<(&str, &str), String> {
             format!("{text}:*")
         ));
     };
+    if matches!(host, "tag" | "group" | "autogroup") {
+        return Err(format!(
+            "destination {text:?} has no port: write {:?} for every port",
+            format!("{text}:*")
+        ));
+    }
     if host.parse::<std::net::Ipv6Addr>().is_ok() {
         return Err(format!(
             "ambiguous IPv6 destination {text:?}: write the address in brackets, e.g. \"[{host}]:{ports}\""
@@ -626,7 +632,7 @@ impl<'a> Resolver<'a> {
                     format!("invalid host name {key:?}: host names cannot be IPs or contain '@', ':', '/' or spaces"),
                 );
             }
-            let Some(s) = self.string(&m.value, "a host") else {
+            let Some(s) = self.string(&m.value, &format!("host {key:?}")) else {
                 continue;
             };
             let net = if s.contains('/') {
