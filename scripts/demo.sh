@@ -172,7 +172,7 @@ for m in "${NODES[@]}"; do
   mkdir -p "$WORK/$m"
   start "$m" "$m" "$BIN/ztmesh" daemon --state-dir "$WORK/$m/state" \
     --socket "$WORK/$m/ztmesh.sock" --interface ztm0 --uapi-dir "$WORK/$m/uapi"
-  wait_for "$m's daemon socket" 100 test -S "$WORK/$m/ztmesh.sock"
+  wait_for "$m's daemon" 100 node "$m" status
   node "$m" up --controller "https://$CONTROLLER_IP:$CONTROLLER_PORT" \
     --auth-key "${KEY[$m]}" --hostname "${HOST[$m]}"
   IP[$m]=$(node "$m" ip | grep -oE '100\.[0-9]+\.[0-9]+\.[0-9]+' | head -n 1)
