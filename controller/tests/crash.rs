@@ -17,22 +17,24 @@ impl Drop for Killed {
 }
 
 fn start(dir: &Path) -> Killed {
-    let child = Command::new(BIN)
-        .args([
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = Killed(
+        Command::new(BIN)
+            .args([
+                "--data-dir",
+                dir.to_str().unwrap(),
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if admin(dir, &["users", "list"]).is_ok() {
-            return Killed(child);
+            return child;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
