@@ -19,14 +19,14 @@ use prost::Message;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
 use ztmesh_proto::auth::{self, KeyToken};
 use ztmesh_proto::control::{NetMap, SignedNetMap};
 use ztmesh_proto::keys::{write_secret_file, PublicKey, SigningKey, WgPrivateKey, WgPublicKey};
 use ztmesh_proto::netmap;
 
-use crate::control::{now_ms, translate, Backoff, Controller};
+use crate::control::{now_ms, translate, Backoff, Controller, NetMapGate};
 use crate::io::{DataPlane, DataPlaneConfig};
 use crate::localapi::{Request, Response, MAX_LINE};
 
@@ -172,10 +172,9 @@ impl Daemon {
         Ok(())
     }
 
-    /// Verifies and applies a netmap; returns its serial.
-    async fn apply(&self, signed: &SignedNetMap, key: &PublicKey, have: u64) -> anyhow::Result<u64> {
-        let map = netmap::verify(key, signed, have, now_ms())?;
-        let t = translate(&map)?;
+    /// Passes a netmap through the gate and applies it; returns its serial.
+    async fn apply(&self, signed: &SignedNetMap, gate: &mut NetMapGate) -> anyhow::Result<u64> {
+        let (map, t) = gate.accept(signed, now_ms())?;
         {
             let dp = self.dp.lock().await;
             let dp = dp.as_ref().ok_or_else(|| anyhow!("data plane is down"))?;
@@ -221,11 +220,12 @@ impl Daemon {
             }
         }
         let mut stream = ctl.stream(&self.machine, *have).await.map_err(status_error)?;
+        let mut gate = NetMapGate::new(key, *have);
         self.set_conn(ConnState::Connected { since_ms: now_ms() });
         tracing::info!(controller = %e.controller_url, "connected to controller");
         loop {
             match stream.message().await {
-                Ok(Some(signed)) => match self.apply(&signed, &key, *have).await {
+                Ok(Some(signed)) => match self.apply(&signed, &mut gate).await {
                     Ok(serial) => {
                         *have = serial;
                         self.live_serial.send_replace(serial);
@@ -311,7 +311,8 @@ impl Daemon {
         timeout: Duration,
     ) -> anyhow::Result<serde_json::Value> {
         let deadline = Instant::now() + timeout;
-        let enrollment = match self.lock().enrollment.clone() {
+        let existing = self.lock().enrollment.clone();
+        let enrollment = match existing {
             Some(e) => e,
             None => {
                 let url = controller
@@ -452,7 +453,8 @@ impl Daemon {
                             "addresses": p.allowed_ips,
                             "endpoint": s.and_then(|s| s.endpoint).map(|e| e.to_string())
                                 .or_else(|| p.endpoints.first().cloned()).unwrap_or_default(),
-                            "last_handshake_secs_ago": s.and_then(|s| s.last_handshake_secs_ago),
+                            "last_handshake_secs_ago": s.and_then(|s| s.last_handshake)
+                                .and_then(|t| t.elapsed().ok()).map(|d| d.as_secs()),
                             "rx_bytes": s.map(|s| s.rx_bytes).unwrap_or(0),
                             "tx_bytes": s.map(|s| s.tx_bytes).unwrap_or(0),
                         })
