@@ -1,59 +1,38 @@
-//! `ztmesh`: the node daemon, its CLI, and standalone tunnel mode.
-
-use std::process::ExitCode;
+//! The `ztmesh` binary.
 
 use clap::{Parser, Subcommand};
-use ztmesh_node::cli::{self, AgentCmd};
 
+/// ztmesh node: userspace WireGuard data plane and mesh agent.
 #[derive(Parser, Debug)]
-#[command(name = "ztmesh", version, about = "ztmesh node: zero-trust WireGuard mesh agent")]
+#[command(name = "ztmesh", version, about)]
 struct Cli {
     #[command(subcommand)]
-    cmd: Command,
+    command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    #[command(flatten)]
-    Agent(AgentCmd),
+    /// Run a standalone WireGuard tunnel from a wg-quick config (no controller).
+    Tunnel(ztmesh_node::standalone::TunnelArgs),
 }
 
-fn main() -> ExitCode {
-    let args = Cli::parse();
-    let daemonish = matches!(args.cmd, Command::Agent(AgentCmd::Daemon { .. }));
-    if daemonish {
-        tracing_subscriber::fmt()
-            .with_max_level(log_level())
-            .with_target(false)
-            .init();
-    }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+fn main() -> anyhow::Result<()> {
+    // ZTMESH_LOG=debug|trace|warn…; per-packet events are at trace.
+    let level = std::env::var("ZTMESH_LOG")
+        .ok()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(tracing::Level::INFO);
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Tunnel(args) => ztmesh_node::standalone::run(args).await,
         }
-    };
-    let result = rt.block_on(async move {
-        match args.cmd {
-            Command::Agent(cmd) => cli::run(cmd).await,
-        }
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", format!("{e:#}").replace('\n', "\n  "));
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn log_level() -> tracing::Level {
-    match std::env::var("ZTMESH_LOG").as_deref() {
-        Ok("trace") => tracing::Level::TRACE,
-        Ok("debug") => tracing::Level::DEBUG,
-        Ok("warn") => tracing::Level::WARN,
-        Ok("error") => tracing::Level::ERROR,
-        _ => tracing::Level::INFO,
-    }
+    })
 }
