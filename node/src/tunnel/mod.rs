@@ -402,7 +402,7 @@ impl Device {
                 tx_bytes: p.tx_bytes,
             })
             .collect();
-        v.sort_by(|a, b| a.config.public_key.cmp(&b.config.public_key));
+        v.sort_by_key(|p| p.config.public_key);
         v
     }
 
