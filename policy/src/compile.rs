@@ -415,7 +415,9 @@ impl Compiled {
         }
         let entries = &self.policy.entries;
         let mut src: Vec<(u32, bool)> = Vec::new();
-        self.index.src.each_match(node, |e, named| src.push((e, named)));
+        self.index
+            .src
+            .each_match(node, |e, named| src.push((e, named)));
         src.sort_unstable();
         // Keep one item per entry, preferring "by identity" (sorts last).
         let mut merged: Vec<(u32, bool)> = Vec::with_capacity(src.len());
@@ -434,11 +436,16 @@ impl Compiled {
         } else {
             Vec::new()
         };
-        let out_self = owner.is_some() && merged.iter().any(|(e, _)| self.index.has_self[*e as usize]);
+        let out_self =
+            owner.is_some() && merged.iter().any(|(e, _)| self.index.has_self[*e as usize]);
         Membership {
             inbound: InKey {
                 dst,
-                self_owner: if self_dst.is_empty() { None } else { owner.clone() },
+                self_owner: if self_dst.is_empty() {
+                    None
+                } else {
+                    owner.clone()
+                },
                 self_dst,
             },
             outbound: OutKey {

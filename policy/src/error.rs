@@ -26,7 +26,11 @@ pub struct Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.col, self.message
+        )
     }
 }
 
@@ -41,7 +45,7 @@ pub struct PolicyError {
 impl PolicyError {
     /// Builds an error from diagnostics, sorted by position for stable output.
     pub(crate) fn new(mut diagnostics: Vec<Diagnostic>) -> PolicyError {
-        diagnostics.sort_by(|a, b| (a.line, a.col).cmp(&(b.line, b.col)));
+        diagnostics.sort_by_key(|d| (d.line, d.col));
         diagnostics.dedup();
         PolicyError { diagnostics }
     }

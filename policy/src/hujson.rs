@@ -176,7 +176,9 @@ impl Parser {
                         }
                     }
                 }
-                (Some('/'), _) => return Err(self.error_here("unexpected '/'; comments start with // or /*")),
+                (Some('/'), _) => {
+                    return Err(self.error_here("unexpected '/'; comments start with // or /*"))
+                }
                 _ => return Ok(()),
             }
         }
@@ -196,7 +198,11 @@ impl Parser {
             Some('"') => Kind::String(self.string()?),
             Some('-' | '0'..='9') => Kind::Number(self.number()?),
             Some(c) if c.is_ascii_alphabetic() => self.literal()?,
-            _ => return Err(self.error_here(format!("expected a value, found {}", self.describe_here()))),
+            _ => {
+                return Err(
+                    self.error_here(format!("expected a value, found {}", self.describe_here()))
+                )
+            }
         };
         Ok(Value { pos, kind })
     }
@@ -303,7 +309,10 @@ impl Parser {
                     out.push(c);
                 }
                 Some(c) if (c as u32) < 0x20 => {
-                    return Err(Self::error_at(here, "control character in string (use an escape)"));
+                    return Err(Self::error_at(
+                        here,
+                        "control character in string (use an escape)",
+                    ));
                 }
                 Some(c) => out.push(c),
             }
@@ -495,24 +504,42 @@ mod tests {
     #[test]
     fn rejects_json5_and_malformed_input() {
         let cases = [
-            ("{'a': 1}", "1:2: expected a double-quoted key or '}', found '\\''"),
-            ("{a: 1}", "1:2: expected a double-quoted key or '}', found 'a'"),
+            (
+                "{'a': 1}",
+                "1:2: expected a double-quoted key or '}', found '\\''",
+            ),
+            (
+                "{a: 1}",
+                "1:2: expected a double-quoted key or '}', found 'a'",
+            ),
             ("[1,,2]", "1:4: expected a value, found ','"),
             ("[,]", "1:2: expected a value, found ','"),
             ("[1 2]", "1:4: expected ',' or ']' in array, found '2'"),
-            ("{\"a\": 1 \"b\": 2}", "1:9: expected ',' or '}' in object, found '\"'"),
+            (
+                "{\"a\": 1 \"b\": 2}",
+                "1:9: expected ',' or '}' in object, found '\"'",
+            ),
             ("{\"a\" 1}", "1:6: expected ':' after key, found '1'"),
             ("{\"a\": 1, \"a\": 2}", "1:10: duplicate key \"a\""),
             ("[0x10]", "1:3: unexpected 'x' in number"),
             ("[01]", "1:3: unexpected '1' in number"),
             ("[1.]", "1:2: invalid number `1.`"),
-            ("[True]", "1:2: expected a value, found `True` (keys and strings need double quotes)"),
+            (
+                "[True]",
+                "1:2: expected a value, found `True` (keys and strings need double quotes)",
+            ),
             ("\"abc", "1:1: unterminated string"),
             ("/* open", "1:1: unterminated block comment"),
-            ("[1] [2]", "1:5: unexpected content after the end of the document"),
+            (
+                "[1] [2]",
+                "1:5: unexpected content after the end of the document",
+            ),
             ("[\"\\x\"]", "1:3: invalid escape sequence"),
             ("[\"\\ud800\"]", "1:3: unpaired surrogate in \\u escape"),
-            ("[\"a\tb\"]", "1:4: control character in string (use an escape)"),
+            (
+                "[\"a\tb\"]",
+                "1:4: control character in string (use an escape)",
+            ),
             ("[1", "1:3: expected ',' or ']' in array, found end of file"),
             ("/ x", "1:1: unexpected '/'; comments start with // or /*"),
         ];

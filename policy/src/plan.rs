@@ -166,11 +166,20 @@ mod tests {
 
     #[test]
     fn subtract_cuts_holes_and_edges() {
-        assert_eq!(subtract(&[r(1, 100)], &[r(10, 20)]), vec![r(1, 9), r(21, 100)]);
+        assert_eq!(
+            subtract(&[r(1, 100)], &[r(10, 20)]),
+            vec![r(1, 9), r(21, 100)]
+        );
         assert_eq!(subtract(&[r(1, 100)], &[r(1, 100)]), vec![]);
         assert_eq!(subtract(&[r(0, 65535)], &[r(0, 65535)]), vec![]);
-        assert_eq!(subtract(&[r(0, 65535)], &[r(443, 443)]), vec![r(0, 442), r(444, 65535)]);
-        assert_eq!(subtract(&[r(5, 5), r(7, 9)], &[r(8, 100)]), vec![r(5, 5), r(7, 7)]);
+        assert_eq!(
+            subtract(&[r(0, 65535)], &[r(443, 443)]),
+            vec![r(0, 442), r(444, 65535)]
+        );
+        assert_eq!(
+            subtract(&[r(5, 5), r(7, 9)], &[r(8, 100)]),
+            vec![r(5, 5), r(7, 7)]
+        );
         assert_eq!(subtract(&[r(5, 9)], &[]), vec![r(5, 9)]);
     }
 }

@@ -433,7 +433,10 @@ impl<'a> Resolver<'a> {
                 other if UNSUPPORTED_SECTIONS.contains(&other) => {
                     self.sink.error(
                         m.key_pos,
-                        format!("section {:?} is not supported by ztmesh yet; remove it", m.key),
+                        format!(
+                            "section {:?} is not supported by ztmesh yet; remove it",
+                            m.key
+                        ),
                     );
                     continue;
                 }
@@ -528,10 +531,7 @@ impl<'a> Resolver<'a> {
             return;
         };
         for m in members {
-            let valid = m
-                .key
-                .strip_prefix("group:")
-                .is_some_and(valid_name);
+            let valid = m.key.strip_prefix("group:").is_some_and(valid_name);
             if !valid {
                 self.sink.error(
                     m.key_pos,
@@ -678,7 +678,11 @@ impl<'a> Resolver<'a> {
                 "dst" => dst = Some(m),
                 "proto" => proto = Some(m),
                 "users" | "ports" => {
-                    let new = if m.key.eq_ignore_ascii_case("users") { "src" } else { "dst" };
+                    let new = if m.key.eq_ignore_ascii_case("users") {
+                        "src"
+                    } else {
+                        "dst"
+                    };
                     self.sink.error(
                         m.key_pos,
                         format!("legacy key {:?} is not supported; use {new:?}", m.key),

@@ -10,7 +10,9 @@ use ipnet::IpNet;
 use ztmesh_policy::{plan, Compiled, FlowChange, InboundRule, NodeView, PortRange};
 
 fn nets(list: &[&str]) -> Vec<IpNet> {
-    list.iter().map(|s| s.parse().expect("test prefix")).collect()
+    list.iter()
+        .map(|s| s.parse().expect("test prefix"))
+        .collect()
 }
 
 fn ids(list: &[u64]) -> BTreeSet<u64> {
@@ -21,14 +23,21 @@ fn rule(src: &[&str], protocols: &[u8], ports: &[(u16, u16)], rule_id: &str) -> 
     InboundRule {
         src: nets(src),
         protocols: protocols.to_vec(),
-        ports: ports.iter().map(|&(first, last)| PortRange { first, last }).collect(),
+        ports: ports
+            .iter()
+            .map(|&(first, last)| PortRange { first, last })
+            .collect(),
         rule_id: rule_id.to_string(),
     }
 }
 
 /// `FILE:LINE` of the first line of `text` containing `needle`.
 fn rule_id(text: &str, needle: &str) -> String {
-    let line = text.lines().position(|l| l.contains(needle)).expect("needle") + 1;
+    let line = text
+        .lines()
+        .position(|l| l.contains(needle))
+        .expect("needle")
+        + 1;
     format!("p.hujson:{line}")
 }
 
@@ -50,9 +59,34 @@ fn exact_views_for_a_small_fleet() {
             peers: ids(&[1, 2, 3, 6, 7]),
             inbound: vec![
                 // alice's laptop (v4 + v6) and desktop, bob; ports merged; ICMP split off.
-                rule(&["100.64.0.1/32", "100.64.0.2/32", "100.64.0.6/32", "fd00::1/128"], &[6, 17], &[(22, 22), (5432, 5433)], &eng),
-                rule(&["100.64.0.1/32", "100.64.0.2/32", "100.64.0.6/32", "fd00::1/128"], &[1, 58], &[(0, 65535)], &eng),
-                rule(&["100.64.0.3/32", "198.18.0.0/24", "fd00::3/128"], &[6], &[(0, 65535)], &web),
+                rule(
+                    &[
+                        "100.64.0.1/32",
+                        "100.64.0.2/32",
+                        "100.64.0.6/32",
+                        "fd00::1/128"
+                    ],
+                    &[6, 17],
+                    &[(22, 22), (5432, 5433)],
+                    &eng
+                ),
+                rule(
+                    &[
+                        "100.64.0.1/32",
+                        "100.64.0.2/32",
+                        "100.64.0.6/32",
+                        "fd00::1/128"
+                    ],
+                    &[1, 58],
+                    &[(0, 65535)],
+                    &eng
+                ),
+                rule(
+                    &["100.64.0.3/32", "198.18.0.0/24", "fd00::3/128"],
+                    &[6],
+                    &[(0, 65535)],
+                    &web
+                ),
             ],
         })
     );
@@ -61,24 +95,46 @@ fn exact_views_for_a_small_fleet() {
         c.view(6),
         Some(&NodeView {
             peers: ids(&[1, 4]),
-            inbound: vec![rule(&["100.64.0.1/32", "100.64.0.6/32", "fd00::1/128"], &[1, 6, 17, 58], &[(0, 65535)], &own)],
+            inbound: vec![rule(
+                &["100.64.0.1/32", "100.64.0.6/32", "fd00::1/128"],
+                &[1, 6, 17, 58],
+                &[(0, 65535)],
+                &own
+            )],
         })
     );
     // web1 receives nothing but may reach db1: still a peer of it.
-    assert_eq!(c.view(3), Some(&NodeView { peers: ids(&[4]), inbound: vec![] }));
+    assert_eq!(
+        c.view(3),
+        Some(&NodeView {
+            peers: ids(&[4]),
+            inbound: vec![]
+        })
+    );
     // The lab box only sends.
-    assert_eq!(c.view(7), Some(&NodeView { peers: ids(&[4]), inbound: vec![] }));
+    assert_eq!(
+        c.view(7),
+        Some(&NodeView {
+            peers: ids(&[4]),
+            inbound: vec![]
+        })
+    );
     assert_eq!(c.view(99), None);
 }
 
 #[test]
 fn adjacent_sources_are_aggregated_and_literals_cover_nodes() {
-    let text = with_acls(r#"{"action": "accept", "src": ["group:eng", "100.64.0.0/30"], "proto": "udp", "dst": ["tag:db:53"]}"#);
+    let text = with_acls(
+        r#"{"action": "accept", "src": ["group:eng", "100.64.0.0/30"], "proto": "udp", "dst": ["tag:db:53"]}"#,
+    );
     let c = Compiled::new(parse(&text), fleet());
     let v = c.view(4).expect("db1");
     assert_eq!(v.inbound.len(), 1);
     // .1 and .2 lie in the /30; .6 and fd00::1 do not.
-    assert_eq!(v.inbound[0].src, nets(&["100.64.0.0/30", "100.64.0.6/32", "fd00::1/128"]));
+    assert_eq!(
+        v.inbound[0].src,
+        nets(&["100.64.0.0/30", "100.64.0.6/32", "fd00::1/128"])
+    );
     assert_eq!(v.peers, ids(&[1, 2, 3, 6]));
 }
 
@@ -125,7 +181,9 @@ fn upsert_and_remove_report_exactly_the_changed_views() {
     assert_eq!(changed, ids(&[1, 2, 4, 6, 10]));
     assert_eq!(c.view(10).expect("web2").peers, ids(&[1, 2, 4, 6]));
     // db1's inbound source list now includes web2.
-    assert!(c.view(4).expect("db1").inbound[0].src.contains(&"100.64.0.10/32".parse().expect("net")));
+    assert!(c.view(4).expect("db1").inbound[0]
+        .src
+        .contains(&"100.64.0.10/32".parse().expect("net")));
 
     // Upserting the same node again changes nobody else.
     assert_eq!(c.upsert_node(web2.clone()), ids(&[10]));
@@ -178,10 +236,30 @@ fn set_policy_reports_changed_views_and_plan_lists_flows() {
     assert_eq!(
         changes,
         vec![
-            FlowChange { src: "alice-desktop".into(), dst: "web1".into(), gained: vec![], lost: lost_web.clone() },
-            FlowChange { src: "alice-laptop".into(), dst: "web1".into(), gained: vec![], lost: lost_web.clone() },
-            FlowChange { src: "bob-laptop".into(), dst: "web1".into(), gained: vec![], lost: lost_web },
-            FlowChange { src: "carol-laptop".into(), dst: "db1".into(), gained: vec!["tcp:22".into()], lost: vec![] },
+            FlowChange {
+                src: "alice-desktop".into(),
+                dst: "web1".into(),
+                gained: vec![],
+                lost: lost_web.clone()
+            },
+            FlowChange {
+                src: "alice-laptop".into(),
+                dst: "web1".into(),
+                gained: vec![],
+                lost: lost_web.clone()
+            },
+            FlowChange {
+                src: "bob-laptop".into(),
+                dst: "web1".into(),
+                gained: vec![],
+                lost: lost_web
+            },
+            FlowChange {
+                src: "carol-laptop".into(),
+                dst: "db1".into(),
+                gained: vec!["tcp:22".into()],
+                lost: vec![]
+            },
         ]
     );
     assert!(plan(&new, &new).is_empty());

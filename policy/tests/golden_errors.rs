@@ -21,7 +21,11 @@ fn broken_policies_report_exact_diagnostics() {
     assert!(inputs.len() >= 10, "expected at least 10 golden cases");
     let mut failures = Vec::new();
     for input in inputs {
-        let name = input.file_name().expect("file name").to_string_lossy().into_owned();
+        let name = input
+            .file_name()
+            .expect("file name")
+            .to_string_lossy()
+            .into_owned();
         let text = fs::read_to_string(&input).expect("read input");
         let got = match Policy::check(&name, &text) {
             Ok(_) => "(accepted)".to_string(),
@@ -42,7 +46,8 @@ fn broken_policies_report_exact_diagnostics() {
 
 #[test]
 fn every_error_line_has_file_line_col_prefix() {
-    let text = "{\n  \"acls\": [{\"action\": \"deny\", \"src\": [\"group:x\"], \"dst\": [\"*:0\"]}],\n}\n";
+    let text =
+        "{\n  \"acls\": [{\"action\": \"deny\", \"src\": [\"group:x\"], \"dst\": [\"*:0\"]}],\n}\n";
     let err = Policy::parse("policy.hujson", text).expect_err("broken");
     let lines: Vec<String> = err.to_string().lines().map(str::to_string).collect();
     assert_eq!(
@@ -54,5 +59,8 @@ fn every_error_line_has_file_line_col_prefix() {
         ]
     );
     assert_eq!(err.diagnostics().len(), 3);
-    assert_eq!((err.diagnostics()[1].line, err.diagnostics()[1].col), (2, 39));
+    assert_eq!(
+        (err.diagnostics()[1].line, err.diagnostics()[1].col),
+        (2, 39)
+    );
 }

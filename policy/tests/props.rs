@@ -104,7 +104,12 @@ fn node_spec() -> impl Strategy<Value = NodeSpec> {
         any::<bool>(),
         prop::bool::weighted(0.05),
     )
-        .prop_map(|(user, tags, v6, no_addr)| NodeSpec { user, tags, v6, no_addr })
+        .prop_map(|(user, tags, v6, no_addr)| NodeSpec {
+            user,
+            tags,
+            v6,
+            no_addr,
+        })
 }
 
 fn spec() -> impl Strategy<Value = Spec> {
@@ -137,11 +142,17 @@ fn render(spec: &Spec) -> String {
     for t in 0..TAGS {
         s += &format!("\"tag:t{t}\": [\"group:g0\"], ");
     }
-    s += &format!("}},\n  \"hosts\": {{\"h0\": \"{}\"}},\n  \"acls\": [\n", spec.host);
+    s += &format!(
+        "}},\n  \"hosts\": {{\"h0\": \"{}\"}},\n  \"acls\": [\n",
+        spec.host
+    );
     for e in &spec.entries {
         let src: Vec<String> = e.src.iter().map(|a| format!("\"{a}\"")).collect();
         let dst: Vec<String> = e.dst.iter().map(|(a, p)| format!("\"{a}:{p}\"")).collect();
-        s += &format!("    {{\"action\": \"accept\", \"src\": [{}], ", src.join(", "));
+        s += &format!(
+            "    {{\"action\": \"accept\", \"src\": [{}], ",
+            src.join(", ")
+        );
         if let Some(p) = e.proto {
             s += &format!("\"proto\": \"{p}\", ");
         }
@@ -175,7 +186,8 @@ fn nodes(spec: &Spec) -> Vec<NodeInfo> {
 
 fn policy(spec: &Spec) -> Policy {
     let text = render(spec);
-    Policy::parse("gen.hujson", &text).unwrap_or_else(|e| panic!("generated policy rejected:\n{e}\n{text}"))
+    Policy::parse("gen.hujson", &text)
+        .unwrap_or_else(|e| panic!("generated policy rejected:\n{e}\n{text}"))
 }
 
 /// Whether some probed flow from `s` to `d` is allowed by direct evaluation.

@@ -80,10 +80,22 @@ fn example_policy_is_valid_and_its_tests_pass() {
 
     // Laptops reach the web tier on 443 only; web reaches db on 5432; admins SSH everywhere.
     let nodes = vec![
-        common::node(1, "alice-laptop", Some("alice@example.com"), &[], &["100.64.0.1"]),
+        common::node(
+            1,
+            "alice-laptop",
+            Some("alice@example.com"),
+            &[],
+            &["100.64.0.1"],
+        ),
         common::node(2, "web1", None, &["tag:web"], &["100.64.1.1", "fd00::11"]),
         common::node(3, "db1", None, &["tag:db"], &["100.64.2.1"]),
-        common::node(4, "carol-laptop", Some("carol@example.com"), &[], &["100.64.0.4"]),
+        common::node(
+            4,
+            "carol-laptop",
+            Some("carol@example.com"),
+            &[],
+            &["100.64.0.4"],
+        ),
     ];
     let c = Compiled::new(p.clone(), nodes.clone());
     let flows = [
@@ -95,9 +107,20 @@ fn example_policy_is_valid_and_its_tests_pass() {
         ("carol-laptop", "alice-laptop", 22, true),
     ];
     for (s, d, port, want) in flows {
-        assert_eq!(p.explain(&nodes, s, d, port, 6).allowed, want, "{s} -> {d}:{port}");
+        assert_eq!(
+            p.explain(&nodes, s, d, port, 6).allowed,
+            want,
+            "{s} -> {d}:{port}"
+        );
     }
-    let peers = |id| c.view(id).expect("view").peers.iter().copied().collect::<Vec<_>>();
+    let peers = |id| {
+        c.view(id)
+            .expect("view")
+            .peers
+            .iter()
+            .copied()
+            .collect::<Vec<_>>()
+    };
     assert_eq!(peers(1), [2, 4]);
     assert_eq!(peers(2), [1, 3, 4]);
     assert_eq!(peers(3), [2, 4]);
@@ -107,7 +130,9 @@ fn example_policy_is_valid_and_its_tests_pass() {
 #[test]
 fn fleet_fixture_is_usable_with_the_prelude() {
     // Guards the shared fixture: all prelude names resolve.
-    let p = parse(&with_acls(r#"{"action": "accept", "src": ["lab", "one", "v6net"], "dst": ["tag:web:*", "tag:db:*"]}"#));
+    let p = parse(&with_acls(
+        r#"{"action": "accept", "src": ["lab", "one", "v6net"], "dst": ["tag:web:*", "tag:db:*"]}"#,
+    ));
     let c = Compiled::new(p, fleet());
     assert_eq!(c.nodes().count(), 8);
     assert!(c.view(4).is_some_and(|v| v.peers.contains(&7)));

@@ -40,12 +40,42 @@ pub fn node(id: u64, name: &str, user: Option<&str>, tags: &[&str], addrs: &[&st
 /// server, an unowned node in the lab range, and a v6-only node.
 pub fn fleet() -> Vec<NodeInfo> {
     vec![
-        node(1, "alice-laptop", Some("alice@example.com"), &[], &["100.64.0.1", "fd00::1"]),
-        node(2, "bob-laptop", Some("bob@example.com"), &[], &["100.64.0.2"]),
-        node(3, "web1", Some("alice@example.com"), &["tag:web"], &["100.64.0.3", "fd00::3"]),
+        node(
+            1,
+            "alice-laptop",
+            Some("alice@example.com"),
+            &[],
+            &["100.64.0.1", "fd00::1"],
+        ),
+        node(
+            2,
+            "bob-laptop",
+            Some("bob@example.com"),
+            &[],
+            &["100.64.0.2"],
+        ),
+        node(
+            3,
+            "web1",
+            Some("alice@example.com"),
+            &["tag:web"],
+            &["100.64.0.3", "fd00::3"],
+        ),
         node(4, "db1", None, &["tag:db"], &["100.64.0.4"]),
-        node(5, "carol-laptop", Some("carol@example.com"), &[], &["100.64.0.5"]),
-        node(6, "alice-desktop", Some("alice@example.com"), &[], &["100.64.0.6"]),
+        node(
+            5,
+            "carol-laptop",
+            Some("carol@example.com"),
+            &[],
+            &["100.64.0.5"],
+        ),
+        node(
+            6,
+            "alice-desktop",
+            Some("alice@example.com"),
+            &[],
+            &["100.64.0.6"],
+        ),
         node(7, "lab-box", None, &[], &["198.18.0.7"]),
         node(8, "v6-box", Some("dave@example.com"), &[], &["fd00:1::8"]),
     ]
