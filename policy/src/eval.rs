@@ -29,7 +29,7 @@ pub struct Explanation {
 #[derive(Clone, Copy)]
 enum Who<'a> {
     User(&'a str),
-    Group(&'a BTreeSet<String>),
+    Group(&'a str, &'a BTreeSet<String>),
     Tag(&'a str),
     Addr(IpNet),
     Node(&'a NodeInfo),
@@ -60,12 +60,12 @@ impl<'a> Who<'a> {
             (SelKind::Any, _) => true,
             (SelKind::SelfNodes, _) => false,
             (SelKind::Users(set), Who::User(u)) => set.contains(u),
-            (SelKind::Users(set), Who::Group(g)) => !g.is_empty() && g.is_subset(set),
+            (SelKind::Users(set), Who::Group(_, g)) => !g.is_empty() && g.is_subset(set),
             (SelKind::Users(set), Who::Node(n)) => owner(n).is_some_and(|u| set.contains(u)),
             (SelKind::Tag(t), Who::Tag(x)) => t == x,
             (SelKind::Tag(t), Who::Node(n)) => n.tags.contains(t),
             (SelKind::Member, Who::User(_)) => true,
-            (SelKind::Member, Who::Group(g)) => !g.is_empty(),
+            (SelKind::Member, Who::Group(_, g)) => !g.is_empty(),
             (SelKind::Member, Who::Node(n)) => owner(n).is_some(),
             (SelKind::Tagged, Who::Tag(_)) => true,
             (SelKind::Tagged, Who::Node(n)) => !n.tags.is_empty(),
@@ -78,7 +78,7 @@ impl<'a> Who<'a> {
     fn describe(&self) -> String {
         match *self {
             Who::User(u) => u.to_string(),
-            Who::Group(_) => "the group".to_string(),
+            Who::Group(name, _) => format!("every member of {name}"),
             Who::Tag(t) => t.to_string(),
             Who::Addr(a) => a.to_string(),
             Who::Node(n) => format!("node {}", n.name),
@@ -249,7 +249,7 @@ impl Policy {
 fn who<'a>(id: &'a Identity, nodes: &'a [NodeInfo]) -> Who<'a> {
     match id {
         Identity::User(u) => Who::User(u),
-        Identity::Group(_, users) => Who::Group(users),
+        Identity::Group(name, users) => Who::Group(name, users),
         Identity::Tag(t) => Who::Tag(t),
         Identity::Addr(a) => Who::Addr(*a),
         // Node indexes come from `position()` over this same slice.

@@ -277,6 +277,9 @@ impl Policy {
             return Ok(Identity::Addr(IpNet::from(ip)));
         }
         if text.contains('@') {
+            if !valid_user(text) {
+                return Err(format!("invalid user {text:?}"));
+            }
             return Ok(Identity::User(text.to_string()));
         }
         if text.starts_with("group:") {

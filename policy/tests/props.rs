@@ -309,3 +309,70 @@ proptest! {
         assert_same_views(&a, &b)?;
     }
 }
+
+/// Fragments that make near-valid policies, so mutations reach deep code.
+const TOKENS: &[&str] = &[
+    "{",
+    "}",
+    "[",
+    "]",
+    ",",
+    ":",
+    "\"",
+    "//",
+    "/*",
+    "*/",
+    "\n",
+    " ",
+    "\\u",
+    "\\",
+    "-",
+    "0",
+    "1e9",
+    "\"acls\"",
+    "\"src\"",
+    "\"dst\"",
+    "\"action\"",
+    "\"accept\"",
+    "\"tests\"",
+    "\"accept\":",
+    "\"groups\"",
+    "\"group:a\"",
+    "\"tagOwners\"",
+    "\"tag:x\"",
+    "\"hosts\"",
+    "\"h\"",
+    "\"*:*\"",
+    "\"tag:x:22\"",
+    "\"[fd00::1]:80\"",
+    "\"fd00::/64:1-2\"",
+    "\"a@b\"",
+    "\"100.64.0.1\"",
+    "\"proto\"",
+    "\"icmp\"",
+    "\"autogroup:self:*\"",
+    "true",
+    "null",
+    "é",
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn parse_never_panics_and_errors_are_one_line_each(parts in prop::collection::vec(prop::sample::select(TOKENS), 0..60)) {
+        let text: String = parts.concat();
+        match Policy::check("f.hujson", &text) {
+            Ok(p) => {
+                let c = Compiled::new(p, Vec::new());
+                prop_assert_eq!(c.nodes().count(), 0);
+            }
+            Err(e) => {
+                prop_assert!(!e.diagnostics().is_empty());
+                for line in e.to_string().lines() {
+                    prop_assert!(line.starts_with("f.hujson:"), "{}", line);
+                }
+            }
+        }
+    }
+}
