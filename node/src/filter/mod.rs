@@ -299,62 +299,51 @@ impl Filter {
             Transport::Ports { flags, .. } => flags,
             _ => 0,
         };
-        if let Some(key) = &reply_key {
-            if let Some(flow) = self.flows.get_mut(key) {
-                if flow.origin == Origin::Local && flow.expires > now {
-                    flow.touch(now, flags, true, &limits);
-                    return self.admit_fragment(now, peer, &p, Verdict::Allow);
-                }
-            }
-        }
-        let verdict = self.evaluate(&p);
-        if verdict == Verdict::Allow {
-            // Remember that the remote opened this flow, so that our replies do
-            // not later count as flows this node opened.
-            let new_flow = match p.transport {
-                Transport::Ports { .. } => reply_key,
-                Transport::Echo { id, request: true } => Some(FlowKey {
-                    peer,
-                    proto: p.proto,
-                    local: p.dst,
-                    remote: p.src,
-                    local_port: id,
-                    remote_port: 0,
-                }),
-                _ => None,
-            };
-            if let Some(key) = new_flow {
-                match self.flows.get_mut(&key) {
-                    Some(flow) => flow.touch(now, flags, true, &limits),
-                    None => {
-                        let flow = Flow::new(now, Origin::Remote, p.proto, &limits);
-                        self.insert_flow(now, key, flow);
-                    }
-                }
-            }
-        }
-        self.admit_fragment(now, peer, &p, verdict)
-    }
-
-    fn evaluate(&self, p: &packet::Packet) -> Verdict {
-        let Some(rules) = &self.rules else {
-            return Verdict::Allow;
-        };
-        let port = match p.transport {
-            Transport::Ports { dst, .. } if has_ports(p.proto) => Some(dst),
+        // The flow this packet belongs to: a reply to one of ours, or (for a
+        // rule-admitted flow) one the remote opened. Echo flows the remote
+        // opened are keyed apart (remote_port 1) so that an inbound echo
+        // *request* can never match our own echo flow.
+        let track_key = match p.transport {
+            Transport::Ports { .. } | Transport::Echo { request: false, .. } => reply_key,
+            Transport::Echo { id, request: true } => Some(FlowKey {
+                peer,
+                proto: p.proto,
+                local: p.dst,
+                remote: p.src,
+                local_port: id,
+                remote_port: 1,
+            }),
             _ => None,
         };
-        let mut best = Reason::NoRule;
-        for rule in rules {
-            if !rule.protocol(p.proto) || !rule.source(p.src) {
-                continue;
-            }
-            match port {
-                Some(port) if !rule.port(port) => best = Reason::PortNotAllowed,
-                _ => return Verdict::Allow,
+        let rules = self.rules.as_deref().unwrap_or(&[]);
+        if let Some(key) = &track_key {
+            if let Some(flow) = self.flows.get_mut(key) {
+                if flow.expires > now {
+                    // Flows the remote opened are re-evaluated on every packet,
+                    // so that a rule change takes effect at once.
+                    let verdict = match flow.origin {
+                        Origin::Local => Verdict::Allow,
+                        Origin::Remote => evaluate(rules, &p),
+                    };
+                    if verdict == Verdict::Allow {
+                        flow.touch(now, flags, true, &limits);
+                    }
+                    return self.admit_fragment(now, peer, &p, verdict);
+                }
             }
         }
-        Verdict::Deny(best)
+        let verdict = evaluate(rules, &p);
+        let opens = matches!(
+            p.transport,
+            Transport::Ports { .. } | Transport::Echo { request: true, .. }
+        );
+        if let (Verdict::Allow, true, Some(key)) = (verdict, opens, track_key) {
+            // Remember that the remote opened this flow, so that our replies do
+            // not later count as flows this node opened.
+            let flow = Flow::new(now, Origin::Remote, p.proto, &limits);
+            self.insert_flow(now, key, flow);
+        }
+        self.admit_fragment(now, peer, &p, verdict)
     }
 
     fn admit_fragment(
@@ -405,6 +394,25 @@ impl Filter {
             self.flows.remove(&k);
         }
     }
+}
+
+/// First-match evaluation of compiled rules (default deny).
+fn evaluate(rules: &[Compiled], p: &packet::Packet) -> Verdict {
+    let port = match p.transport {
+        Transport::Ports { dst, .. } if has_ports(p.proto) => Some(dst),
+        _ => None,
+    };
+    let mut best = Reason::NoRule;
+    for rule in rules {
+        if !rule.protocol(p.proto) || !rule.source(p.src) {
+            continue;
+        }
+        match port {
+            Some(port) if !rule.port(port) => best = Reason::PortNotAllowed,
+            _ => return Verdict::Allow,
+        }
+    }
+    Verdict::Deny(best)
 }
 
 fn has_ports(proto: u8) -> bool {
@@ -701,6 +709,33 @@ mod tests {
         assert_eq!(
             f.inbound(now, 1, &v4(PEER, ME, PROTO_ICMP, &icmp(0, 10))),
             Verdict::Deny(Reason::NoRule)
+        );
+    }
+
+    #[test]
+    fn our_echo_flow_does_not_admit_inbound_echo_requests() {
+        let mut f = Filter::new(Some(vec![]));
+        let now = t0();
+        f.outbound(now, 1, &v4(ME, PEER, PROTO_ICMP, &icmp(8, 9)));
+        assert_eq!(
+            f.inbound(now, 1, &v4(PEER, ME, PROTO_ICMP, &icmp(8, 9))),
+            Verdict::Deny(Reason::NoRule)
+        );
+    }
+
+    #[test]
+    fn rule_admitted_flows_are_tracked_once_and_reevaluated() {
+        let mut f = Filter::new(Some(vec![rule("100.64.0.2/32", &[PROTO_TCP], &[(22, 22)])]));
+        let now = t0();
+        let syn = v4(PEER, ME, PROTO_TCP, &tcp(4000, 22, TCP_SYN));
+        let ack = v4(PEER, ME, PROTO_TCP, &tcp(4000, 22, TCP_ACK));
+        assert_eq!(f.inbound(now, 1, &syn), Verdict::Allow);
+        assert_eq!(f.inbound(now, 1, &ack), Verdict::Allow);
+        assert_eq!(f.flow_count(), 1);
+        f.set_rules(Some(vec![rule("100.64.0.2/32", &[PROTO_TCP], &[(80, 80)])]));
+        assert_eq!(
+            f.inbound(now, 1, &ack),
+            Verdict::Deny(Reason::PortNotAllowed)
         );
     }
 

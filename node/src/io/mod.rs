@@ -233,7 +233,6 @@ impl Worker {
         loop {
             let deadline = tokio::time::Instant::from_std(self.device.poll_timeout());
             let event = tokio::select! {
-                biased;
                 c = self.commands.recv() => Event::Command(c),
                 r = self.uapi.recv() => Event::Uapi(r),
                 r = self.udp4.recv_from(&mut udp_buf) => Event::Udp(r),
