@@ -6,6 +6,8 @@
 //! Tailscale's `hujson` package. Nothing JSON5-like is accepted: no single
 //! quotes, no unquoted keys, no hex numbers, no missing commas.
 
+use std::collections::HashSet;
+
 use crate::error::Pos;
 
 /// Nesting deeper than this is rejected, so that hostile input cannot
@@ -377,6 +379,8 @@ impl Parser {
     fn object(&mut self, depth: usize) -> Result<Kind, SyntaxError> {
         self.bump(); // '{'
         let mut members: Vec<Member> = Vec::new();
+        // A set, not a scan of `members`: hostile input may hold many keys.
+        let mut seen: HashSet<String> = HashSet::new();
         loop {
             self.skip_trivia()?;
             match self.peek() {
@@ -394,7 +398,7 @@ impl Parser {
             }
             let key_pos = self.pos();
             let key = self.string()?;
-            if members.iter().any(|m| m.key == key) {
+            if !seen.insert(key.clone()) {
                 return Err(Self::error_at(key_pos, format!("duplicate key {key:?}")));
             }
             self.skip_trivia()?;
@@ -546,6 +550,14 @@ mod tests {
         for (text, want) in cases {
             assert_eq!(err(text), want, "{text:?}");
         }
+    }
+
+    #[test]
+    fn many_keys_parse_in_linear_time() {
+        let body: Vec<String> = (0..50_000).map(|i| format!("\"k{i}\": {i}")).collect();
+        let text = format!("{{{}}}", body.join(","));
+        let v = ok(&text);
+        assert!(matches!(v.kind, Kind::Object(m) if m.len() == 50_000));
     }
 
     #[test]
