@@ -579,17 +579,13 @@ impl Mesh {
         let bin = bin_path("ztmesh-controller");
         let data = self.data_dir();
         let listen = format!("[::]:{CONTROLLER_PORT}");
-        let mut proc = self.ns(CONTROLLER).spawn(
-            "ztmesh-controller",
-            [
-                bin.as_os_str(),
-                OsStr::new("serve"),
-                OsStr::new("--data-dir"),
-                data.as_os_str(),
-                OsStr::new("--listen"),
-                OsStr::new(&listen),
-            ],
-        );
+        let mut cmd = self.ns(CONTROLLER).command(&bin);
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen", &listen])
+            .env("ZTMESH_LOG", log_level());
+        let mut proc = Proc::spawn("controller/ztmesh-controller", cmd);
         let ctl_addr = self.topo.addr(CONTROLLER).to_string();
         let ready = wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
             if !proc.is_running() {
@@ -712,23 +708,19 @@ impl Mesh {
         let bin = bin_path("ztmesh");
         let node = &self.nodes[member];
         assert!(node.daemon.is_none(), "{member}'s daemon already running");
-        let mut proc = self.topo.ns(member).spawn(
-            "ztmesh-daemon",
-            [
-                bin.as_os_str(),
-                OsStr::new("daemon"),
-                OsStr::new("--state-dir"),
-                node.state_dir.as_os_str(),
-                OsStr::new("--socket"),
-                node.socket.as_os_str(),
-                OsStr::new("--interface"),
-                OsStr::new("ztm0"),
-                // The UAPI socket is named after the interface: a per-node
-                // directory keeps the daemons of different namespaces apart.
-                OsStr::new("--uapi-dir"),
-                node.uapi_dir.as_os_str(),
-            ],
-        );
+        let mut cmd = self.ns(member).command(&bin);
+        cmd.arg("daemon")
+            .arg("--state-dir")
+            .arg(&node.state_dir)
+            .arg("--socket")
+            .arg(&node.socket)
+            .args(["--interface", "ztm0"])
+            // The UAPI socket is named after the interface: a per-node
+            // directory keeps the daemons of different namespaces apart.
+            .arg("--uapi-dir")
+            .arg(&node.uapi_dir)
+            .env("ZTMESH_LOG", log_level());
+        let mut proc = Proc::spawn(&format!("{member}/ztmesh-daemon"), cmd);
         let socket = node.socket.clone();
         // Listening, not just bound: a connection to the socket is accepted.
         let ready = wait_until(Duration::from_secs(20), Duration::from_millis(20), || {
@@ -940,6 +932,12 @@ impl Mesh {
         }
         proc
     }
+}
+
+/// Log level of the controller and daemons: `$ZTMESH_LOG`, else debug (logs
+/// are only printed when a test fails).
+fn log_level() -> String {
+    std::env::var("ZTMESH_LOG").unwrap_or_else(|_| "debug".to_owned())
 }
 
 /// Runs a command to completion in `ns`, killing it after [`CLI_TIMEOUT`].
