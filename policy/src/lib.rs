@@ -14,8 +14,8 @@
 //! users (`alice@example.com`), `group:x`, `tag:x` (defined in `tagOwners`),
 //! host aliases, IPs and CIDRs, `autogroup:member`, `autogroup:tagged`,
 //! `autogroup:self` (dst only). Destinations are `alias:ports` with ports
-//! `*`, `22`, `80,443` or `8000-8999`; IPv6 is written `[fd00::1]:22` or
-//! `fd00::/64:22`. `proto` is a name or number; without it an entry covers
+//! `*`, `22`, `80,443` or `8000-8999`; the last colon separates the ports,
+//! so IPv6 is written `fd00::1:22`, `[fd00::1]:22` or `fd00::/64:22`. `proto` is a name or number; without it an entry covers
 //! TCP, UDP, ICMP and ICMPv6.
 //!
 //! # Semantics (where they differ from, or refine, Tailscale's)

@@ -304,38 +304,46 @@ impl Policy {
     }
 }
 
-/// Splits `alias:ports`, following Tailscale: the last colon separates the
-/// ports, and IPv6 addresses are written `[fd00::1]:22` (a CIDR may also be
-/// written bare, `fd00::/64:22`).
-pub(crate) fn split_host_port(text: &str) -> Result<(&str, &str), String> {
-    if let Some(rest) = text.strip_prefix('[') {
-        let Some((host, ports)) = rest.split_once("]:") else {
+/// Splits `alias:ports` as Tailscale and headscale do: the last colon
+/// separates the ports (ports never contain colons), so `fd00::1:22` and
+/// `fd00::/64:22` work bare. The bracketed IPv6 forms `[fd00::1]:22` and
+/// `[fd00::1]/128:22` are accepted too; brackets only go around an IPv6
+/// address.
+pub(crate) fn split_host_port(text: &str) -> Result<(String, &str), String> {
+    let mut host_part = String::new();
+    let mut rest = text;
+    if let Some(inner) = text.strip_prefix('[') {
+        let Some((addr, after)) = inner.split_once(']') else {
+            return Err(format!(
+                "invalid destination {text:?}: missing ']' after the IPv6 address"
+            ));
+        };
+        if addr.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!(
+                "invalid destination {text:?}: square brackets are only valid around IPv6 addresses"
+            ));
+        }
+        if !after.starts_with([':', '/']) {
             return Err(format!(
                 "invalid destination {text:?}: expected [IPV6]:PORTS, e.g. \"[fd00::1]:22\""
             ));
-        };
-        if !host.contains(':') {
-            return Err(format!(
-                "invalid destination {text:?}: brackets are only for IPv6 addresses"
-            ));
         }
-        return Ok((host, ports));
+        host_part.push_str(addr);
+        rest = after;
     }
-    let Some((host, ports)) = text.rsplit_once(':') else {
+    let joined = format!("{host_part}{rest}");
+    let Some((host, _)) = joined.rsplit_once(':') else {
         return Err(format!(
             "destination {text:?} has no port: write {:?} for every port",
             format!("{text}:*")
         ));
     };
-    if matches!(host, "tag" | "group" | "autogroup") {
+    let host = host.to_string();
+    let ports = text.rsplit_once(':').map_or("", |(_, p)| p);
+    if matches!(host.as_str(), "tag" | "group" | "autogroup") {
         return Err(format!(
             "destination {text:?} has no port: write {:?} for every port",
             format!("{text}:*")
-        ));
-    }
-    if host.parse::<std::net::Ipv6Addr>().is_ok() {
-        return Err(format!(
-            "ambiguous IPv6 destination {text:?}: write the address in brackets, e.g. \"[{host}]:{ports}\""
         ));
     }
     Ok((host, ports))
@@ -803,7 +811,7 @@ impl<'a> Resolver<'a> {
 
     fn dst_elem(&self, text: &str, protocols: &[u8]) -> Result<DstElem, String> {
         let (host, ports_text) = split_host_port(text)?;
-        let sel = self.selector(host, Side::Dst)?;
+        let sel = self.selector(&host, Side::Dst)?;
         let ports = parse_ports(ports_text)?;
         if ports != [PortRange::ALL] {
             if let Some(p) = protocols.iter().find(|p| !proto_has_ports(**p)) {
@@ -975,7 +983,7 @@ impl<'a> Resolver<'a> {
 
     fn test_dst(&self, text: &str) -> Result<(Identity, u16), String> {
         let (host, port) = split_host_port(text)?;
-        let dst = self.policy.identity(host)?;
+        let dst = self.policy.identity(&host)?;
         let ports = parse_ports(port)?;
         match ports.as_slice() {
             [r] if r.first == r.last => Ok((dst, r.first)),

@@ -69,11 +69,16 @@ const CASES: &[Case] = &[
         ],
     ),
     (
-        r#"{"action": "accept", "src": ["fd00::1"], "dst": ["[fd00::3]:443"]}"#,
-        &[(1, 3, TCP, 443, true), (2, 3, TCP, 443, false)],
+        r#"{"action": "accept", "src": ["fd00::1"], "dst": ["[fd00::3]:443", "fd00::3:22"]}"#,
+        &[
+            (1, 3, TCP, 443, true),
+            (2, 3, TCP, 443, false),
+            (1, 3, TCP, 22, true),
+            (1, 3, TCP, 23, false),
+        ],
     ),
     (
-        r#"{"action": "accept", "src": ["*"], "dst": ["fd00:1::/64:22", "[fd00::/127]:80"]}"#,
+        r#"{"action": "accept", "src": ["*"], "dst": ["fd00:1::/64:22", "[fd00::]/127:80"]}"#,
         &[
             (5, 8, TCP, 22, true),
             (5, 1, TCP, 22, false),
