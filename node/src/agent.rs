@@ -184,7 +184,12 @@ impl Daemon {
         }
         write_secret_file(&self.path("netmap.bin"), &signed.encode_to_vec())?;
         let serial = map.serial;
-        tracing::info!(serial, peers = map.peers.len(), rules = map.inbound_rules.len(), "netmap applied");
+        tracing::info!(
+            serial,
+            peers = map.peers.len(),
+            rules = map.inbound_rules.len(),
+            "netmap applied"
+        );
         let mut st = self.lock();
         st.netmap = Some(map);
         st.netmap_received_ms = now_ms();
@@ -204,8 +209,9 @@ impl Daemon {
 
     /// One controller session: connect, report endpoints, follow the netmap stream.
     async fn session(self: &Arc<Self>, e: &Enrollment, have: &mut u64) -> Result<(), SessionError> {
-        let fp = auth::parse_fingerprint(&e.fingerprint)
-            .ok_or_else(|| SessionError::Fatal("enrollment.json has an invalid fingerprint".into()))?;
+        let fp = auth::parse_fingerprint(&e.fingerprint).ok_or_else(|| {
+            SessionError::Fatal("enrollment.json has an invalid fingerprint".into())
+        })?;
         let key = Self::controller_key(e).map_err(|e| SessionError::Fatal(e.to_string()))?;
         let mut ctl = Controller::connect(&e.controller_url, fp, Duration::from_secs(5))
             .await
@@ -215,11 +221,17 @@ impl Daemon {
             None => self.cfg.listen_port,
         };
         if let Some(ep) = local_endpoint(&e.controller_url, port) {
-            if let Err(s) = ctl.report_endpoints(&self.machine, vec![ep.to_string()]).await {
+            if let Err(s) = ctl
+                .report_endpoints(&self.machine, vec![ep.to_string()])
+                .await
+            {
                 return Err(status_error(s));
             }
         }
-        let mut stream = ctl.stream(&self.machine, *have).await.map_err(status_error)?;
+        let mut stream = ctl
+            .stream(&self.machine, *have)
+            .await
+            .map_err(status_error)?;
         let mut gate = NetMapGate::new(key, *have);
         self.set_conn(ConnState::Connected { since_ms: now_ms() });
         tracing::info!(controller = %e.controller_url, "connected to controller");
@@ -315,8 +327,9 @@ impl Daemon {
         let enrollment = match existing {
             Some(e) => e,
             None => {
-                let url = controller
-                    .ok_or_else(|| anyhow!("not enrolled: pass --controller URL and --auth-key KEY"))?;
+                let url = controller.ok_or_else(|| {
+                    anyhow!("not enrolled: pass --controller URL and --auth-key KEY")
+                })?;
                 let key = auth_key.ok_or_else(|| anyhow!("not enrolled: pass --auth-key KEY"))?;
                 let e = self.enroll(&url, &key, hostname, deadline).await?;
                 self.lock().enrollment = Some(e.clone());
@@ -345,7 +358,9 @@ impl Daemon {
             Ok(r) => r?,
             Err(_) => {
                 let why = match &self.lock().conn {
-                    ConnState::Connecting { last_error, .. } if !last_error.is_empty() => last_error.clone(),
+                    ConnState::Connecting { last_error, .. } if !last_error.is_empty() => {
+                        last_error.clone()
+                    }
                     _ => "no netmap received".into(),
                 };
                 bail!("timed out waiting for the controller: {why}");
@@ -367,7 +382,9 @@ impl Daemon {
             .fingerprint
             .ok_or_else(|| anyhow!("auth key carries no controller fingerprint"))?;
         let hostname = hostname.unwrap_or_else(system_hostname);
-        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
         let mut ctl = Controller::connect(url, fp, left)
             .await
             .map_err(|e| anyhow!("cannot reach the controller at {url}: {e:#}"))?;
@@ -385,7 +402,10 @@ impl Daemon {
             name: resp.name,
             addresses: resp.addresses,
         };
-        write_secret_file(&self.path("enrollment.json"), &serde_json::to_vec_pretty(&e)?)?;
+        write_secret_file(
+            &self.path("enrollment.json"),
+            &serde_json::to_vec_pretty(&e)?,
+        )?;
         tracing::info!(name = %e.name, "enrolled");
         Ok(e)
     }
@@ -401,18 +421,28 @@ impl Daemon {
         let mut remote = "not enrolled".to_string();
         if let Some(e) = &e {
             remote = match auth::parse_fingerprint(&e.fingerprint) {
-                Some(fp) => match Controller::connect(&e.controller_url, fp, Duration::from_secs(5)).await {
-                    Ok(mut c) => match c.logout(&self.machine).await {
-                        Ok(()) => "deregistered".into(),
-                        Err(s) => format!("controller refused logout: {}", s.message()),
-                    },
-                    Err(err) => format!("controller unreachable ({err:#}); delete the node there"),
-                },
+                Some(fp) => {
+                    match Controller::connect(&e.controller_url, fp, Duration::from_secs(5)).await {
+                        Ok(mut c) => match c.logout(&self.machine).await {
+                            Ok(()) => "deregistered".into(),
+                            Err(s) => format!("controller refused logout: {}", s.message()),
+                        },
+                        Err(err) => {
+                            format!("controller unreachable ({err:#}); delete the node there")
+                        }
+                    }
+                }
                 None => "invalid fingerprint".into(),
             };
         }
         self.stop().await;
-        for f in ["enrollment.json", "netmap.bin", "machine.key", "wg.key", "down"] {
+        for f in [
+            "enrollment.json",
+            "netmap.bin",
+            "machine.key",
+            "wg.key",
+            "down",
+        ] {
             let _ = std::fs::remove_file(self.path(f));
         }
         {
@@ -427,9 +457,10 @@ impl Daemon {
         let st = self.lock();
         let (conn, detail) = match &st.conn {
             ConnState::Idle => ("idle", String::new()),
-            ConnState::Connecting { attempt, last_error } => {
-                ("connecting", format!("attempt {attempt}: {last_error}"))
-            }
+            ConnState::Connecting {
+                attempt,
+                last_error,
+            } => ("connecting", format!("attempt {attempt}: {last_error}")),
             ConnState::Connected { since_ms } => ("connected", format!("since {since_ms}")),
         };
         let map = st.netmap.as_ref();
@@ -444,9 +475,9 @@ impl Daemon {
                     .iter()
                     .map(|p| {
                         let key = WgPublicKey::from_slice(&p.wg_key).ok();
-                        let s = stats
-                            .as_ref()
-                            .and_then(|s| key.and_then(|k| s.peers.iter().find(|x| x.public_key == k)));
+                        let s = stats.as_ref().and_then(|s| {
+                            key.and_then(|k| s.peers.iter().find(|x| x.public_key == k))
+                        });
                         json!({
                             "name": p.name,
                             "public_key": key.map(|k| k.to_string()).unwrap_or_default(),
@@ -489,10 +520,22 @@ impl Daemon {
 
     fn wg_config(&self, include_private_key: bool) -> anyhow::Result<String> {
         let st = self.lock();
-        let e = st.enrollment.as_ref().ok_or_else(|| anyhow!("not enrolled"))?;
-        let mut out = String::from("# ztmesh: this node's view from the controller (netmap serial ");
-        out.push_str(&st.netmap.as_ref().map(|m| m.serial).unwrap_or(0).to_string());
-        out.push_str(").\n# The controller-enforced inbound filter is not expressible here.\n[Interface]\n");
+        let e = st
+            .enrollment
+            .as_ref()
+            .ok_or_else(|| anyhow!("not enrolled"))?;
+        let mut out =
+            String::from("# ztmesh: this node's view from the controller (netmap serial ");
+        out.push_str(
+            &st.netmap
+                .as_ref()
+                .map(|m| m.serial)
+                .unwrap_or(0)
+                .to_string(),
+        );
+        out.push_str(
+            ").\n# The controller-enforced inbound filter is not expressible here.\n[Interface]\n",
+        );
         if include_private_key {
             out.push_str(&format!("PrivateKey = {}\n", self.wg.to_base64()));
         } else {
@@ -503,14 +546,19 @@ impl Daemon {
         out.push_str(&format!("MTU = {}\n", self.cfg.mtu));
         if let Some(m) = &st.netmap {
             for p in &m.peers {
-                let Ok(k) = WgPublicKey::from_slice(&p.wg_key) else { continue };
+                let Ok(k) = WgPublicKey::from_slice(&p.wg_key) else {
+                    continue;
+                };
                 out.push_str(&format!("\n# {}\n[Peer]\nPublicKey = {k}\n", p.name));
                 out.push_str(&format!("AllowedIPs = {}\n", p.allowed_ips.join(", ")));
                 if let Some(ep) = p.endpoints.first() {
                     out.push_str(&format!("Endpoint = {ep}\n"));
                 }
                 if p.persistent_keepalive > 0 {
-                    out.push_str(&format!("PersistentKeepalive = {}\n", p.persistent_keepalive));
+                    out.push_str(&format!(
+                        "PersistentKeepalive = {}\n",
+                        p.persistent_keepalive
+                    ));
                 }
             }
         }
@@ -525,13 +573,20 @@ impl Daemon {
                 hostname,
                 timeout_ms,
             } => {
-                self.up(controller, auth_key, hostname, Duration::from_millis(timeout_ms.clamp(1000, 600_000)))
-                    .await
+                self.up(
+                    controller,
+                    auth_key,
+                    hostname,
+                    Duration::from_millis(timeout_ms.clamp(1000, 600_000)),
+                )
+                .await
             }
             Request::Down => self.down().await,
             Request::Logout => self.logout().await,
             Request::Status => Ok(self.status()),
-            Request::WgConfig { include_private_key } => self.wg_config(include_private_key).map(|c| json!(c)),
+            Request::WgConfig {
+                include_private_key,
+            } => self.wg_config(include_private_key).map(|c| json!(c)),
         };
         match r {
             Ok(v) => Response::ok(v),

@@ -197,12 +197,26 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
             socket,
             count,
             timeout,
-        } => ping(&socket, &target, count.clamp(1, 1000), Duration::from_secs(timeout.clamp(1, 60))).await,
+        } => {
+            ping(
+                &socket,
+                &target,
+                count.clamp(1, 1000),
+                Duration::from_secs(timeout.clamp(1, 60)),
+            )
+            .await
+        }
         AgentCmd::WgConfig {
             socket,
             include_private_key,
         } => {
-            let c = ask(&socket, Request::WgConfig { include_private_key }).await?;
+            let c = ask(
+                &socket,
+                Request::WgConfig {
+                    include_private_key,
+                },
+            )
+            .await?;
             print!("{}", c.as_str().unwrap_or_default());
             Ok(())
         }
@@ -220,7 +234,11 @@ fn print_status(s: &serde_json::Value) {
         me["name"].as_str().unwrap_or("?"),
         me["addresses"]
             .as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", "))
+            .map(|a| a
+                .iter()
+                .filter_map(|x| x.as_str())
+                .collect::<Vec<_>>()
+                .join(", "))
             .unwrap_or_default()
     );
     println!(
@@ -250,7 +268,11 @@ fn print_status(s: &serde_json::Value) {
             p["name"].as_str().unwrap_or("?"),
             p["addresses"]
                 .as_array()
-                .map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(","))
+                .map(|a| a
+                    .iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","))
                 .unwrap_or_default(),
             p["endpoint"].as_str().unwrap_or("-"),
             hs,
@@ -291,7 +313,12 @@ fn resolve(status: &serde_json::Value, target: &str) -> anyhow::Result<(IpAddr, 
     bail!("{target:?} is not a peer of this node (the policy permits no flow with it)")
 }
 
-async fn ping(socket: &std::path::Path, target: &str, count: u32, timeout: Duration) -> anyhow::Result<()> {
+async fn ping(
+    socket: &std::path::Path,
+    target: &str,
+    count: u32,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let status = ask(socket, Request::Status).await?;
     let (ip, name, path) = resolve(&status, target)?;
     println!("PING {name} ({ip}) via {path}");
@@ -302,13 +329,17 @@ async fn ping(socket: &std::path::Path, target: &str, count: u32, timeout: Durat
     for seq in 0..count {
         let start = Instant::now();
         let sock2 = sock.try_clone()?;
-        let r = tokio::task::spawn_blocking(move || echo(&sock2, ip, ident, seq as u16, timeout)).await?;
+        let r = tokio::task::spawn_blocking(move || echo(&sock2, ip, ident, seq as u16, timeout))
+            .await?;
         match r {
             Ok(()) => {
                 let rtt = start.elapsed();
                 received += 1;
                 rtts.push(rtt);
-                println!("reply from {ip}: seq={seq} time={:.2} ms", rtt.as_secs_f64() * 1000.0);
+                println!(
+                    "reply from {ip}: seq={seq} time={:.2} ms",
+                    rtt.as_secs_f64() * 1000.0
+                );
             }
             Err(e) => println!("no reply from {ip}: seq={seq} ({e})"),
         }
@@ -346,7 +377,13 @@ fn checksum(data: &[u8]) -> u16 {
 }
 
 /// Sends one echo request and waits for the matching reply.
-fn echo(sock: &socket2::Socket, ip: IpAddr, ident: u16, seq: u16, timeout: Duration) -> anyhow::Result<()> {
+fn echo(
+    sock: &socket2::Socket,
+    ip: IpAddr,
+    ident: u16,
+    seq: u16,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let v6 = ip.is_ipv6();
     let mut pkt = vec![if v6 { 128 } else { 8 }, 0, 0, 0];
     pkt.extend_from_slice(&ident.to_be_bytes());
@@ -368,13 +405,21 @@ fn echo(sock: &socket2::Socket, ip: IpAddr, ident: u16, seq: u16, timeout: Durat
         sock.set_read_timeout(Some(left))?;
         let (n, from) = match sock.recv_from(&mut buf) {
             Ok(x) => x,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 bail!("timeout")
             }
             Err(e) => return Err(e.into()),
         };
         // SAFETY: recv_from initialised the first n bytes.
-        let data: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+        let data: Vec<u8> = buf[..n]
+            .iter()
+            .map(|b| unsafe { b.assume_init() })
+            .collect();
         if from.as_socket().map(|s| s.ip()) != Some(ip) {
             continue;
         }

@@ -93,9 +93,10 @@ pub fn translate(map: &pb::NetMap) -> Result<Translated, TranslateError> {
         })?;
     let mut peers = Vec::with_capacity(map.peers.len());
     for p in &map.peers {
-        let public_key = WgPublicKey::from_slice(&p.wg_key).map_err(|_| TranslateError::PeerKey {
-            peer: p.name.clone(),
-        })?;
+        let public_key =
+            WgPublicKey::from_slice(&p.wg_key).map_err(|_| TranslateError::PeerKey {
+                peer: p.name.clone(),
+            })?;
         let mut allowed_ips = Vec::with_capacity(p.allowed_ips.len());
         for a in &p.allowed_ips {
             allowed_ips.push(a.parse::<IpNet>().map_err(|_| TranslateError::AllowedIp {
@@ -230,7 +231,11 @@ impl Controller {
     ///
     /// # Errors
     /// Unreachable controller, bad URL or pin mismatch.
-    pub async fn connect(url: &str, fingerprint: [u8; 32], timeout: Duration) -> anyhow::Result<Self> {
+    pub async fn connect(
+        url: &str,
+        fingerprint: [u8; 32],
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
         let ch = ztmesh_proto::tls::connect(url, fingerprint, timeout).await?;
         Ok(Self {
             client: ControlClient::new(ch),
@@ -309,7 +314,13 @@ impl Controller {
     /// # Errors
     /// Authentication or transport failures.
     pub async fn logout(&mut self, machine: &SigningKey) -> Result<(), tonic::Status> {
-        let req = signed_request(machine, methods::LOGOUT, pb::LogoutRequest {}, now_ms(), &mut OsRng);
+        let req = signed_request(
+            machine,
+            methods::LOGOUT,
+            pb::LogoutRequest {},
+            now_ms(),
+            &mut OsRng,
+        );
         self.client.logout(req).await?;
         Ok(())
     }
@@ -337,13 +348,19 @@ mod tests {
         let mut m2 = m.clone();
         m2.serial = 11;
         let forged = ztmesh_proto::netmap::sign(&rogue, &m2);
-        assert!(matches!(gate.accept(&forged, 1_000), Err(RefusedMap::Verify(_))));
+        assert!(matches!(
+            gate.accept(&forged, 1_000),
+            Err(RefusedMap::Verify(_))
+        ));
         // A lower (or equal) serial from the right key: refused.
         let mut old = m.clone();
         old.serial = 9;
         let old = ztmesh_proto::netmap::sign(&controller, &old);
         assert!(gate.accept(&old, 1_000).is_err());
-        assert!(gate.accept(&good, 1_000).is_err(), "replay of the map in force");
+        assert!(
+            gate.accept(&good, 1_000).is_err(),
+            "replay of the map in force"
+        );
         // Expired.
         let late = ztmesh_proto::netmap::sign(&controller, &m2);
         assert!(gate.accept(&late, 5_000).is_err());
@@ -362,10 +379,17 @@ mod tests {
         for attempt in 0..40 {
             for r in [0, 1, 12345, u64::MAX] {
                 let d = b.delay(attempt, r);
-                assert!(d <= b.max && d >= Duration::from_millis(10), "{attempt} {r} {d:?}");
+                assert!(
+                    d <= b.max && d >= Duration::from_millis(10),
+                    "{attempt} {r} {d:?}"
+                );
             }
         }
-        assert_ne!(b.delay(10, 1), b.delay(10, 7777), "jitter spreads reconnects");
+        assert_ne!(
+            b.delay(10, 1),
+            b.delay(10, 7777),
+            "jitter spreads reconnects"
+        );
     }
 
     fn map() -> pb::NetMap {
@@ -380,13 +404,20 @@ mod tests {
                 name: "web".into(),
                 wg_key: vec![9; 32],
                 allowed_ips: vec!["100.64.0.2/32".into()],
-                endpoints: vec!["[fd00::2]:51820".into(), "198.18.0.3:51820".into(), "junk".into()],
+                endpoints: vec![
+                    "[fd00::2]:51820".into(),
+                    "198.18.0.3:51820".into(),
+                    "junk".into(),
+                ],
                 persistent_keepalive: 25,
             }],
             inbound_rules: vec![pb::InboundRule {
                 src_prefixes: vec!["100.64.0.2/32".into()],
                 protocols: vec![6],
-                ports: vec![pb::PortRange { first: 443, last: 443 }],
+                ports: vec![pb::PortRange {
+                    first: 443,
+                    last: 443,
+                }],
                 rule_id: "policy.hujson:7".into(),
             }],
             ..Default::default()
@@ -397,7 +428,10 @@ mod tests {
     fn translates_peers_and_rules_preferring_ipv4_endpoints() {
         let t = translate(&map()).unwrap();
         assert_eq!(t.addresses.len(), 2);
-        assert_eq!(t.peers[0].endpoint, Some("198.18.0.3:51820".parse().unwrap()));
+        assert_eq!(
+            t.peers[0].endpoint,
+            Some("198.18.0.3:51820".parse().unwrap())
+        );
         assert_eq!(t.peers[0].persistent_keepalive, Some(25));
         assert_eq!(t.rules[0].ports, vec![(443, 443)]);
         assert_eq!(t.rules[0].protocols, vec![6]);

@@ -2,8 +2,12 @@
 //! packet filter, TUN/UDP I/O), the wireguard userspace API, wg-quick configs
 //! and standalone mode.
 
+pub mod agent;
+pub mod cli;
+pub mod control;
 pub mod filter;
 pub mod io;
+pub mod localapi;
 pub mod standalone;
 pub mod tunnel;
 pub mod uapi;

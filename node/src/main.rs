@@ -1,6 +1,9 @@
-//! The `ztmesh` binary.
+//! The `ztmesh` binary: the node daemon, its CLI, and standalone tunnel mode.
+
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use ztmesh_node::cli::{self, AgentCmd};
 
 /// ztmesh node: userspace WireGuard data plane and mesh agent.
 #[derive(Parser, Debug)]
@@ -14,25 +17,48 @@ struct Cli {
 enum Command {
     /// Run a standalone WireGuard tunnel from a wg-quick config (no controller).
     Tunnel(ztmesh_node::standalone::TunnelArgs),
+    #[command(flatten)]
+    Agent(AgentCmd),
 }
 
-fn main() -> anyhow::Result<()> {
-    // ZTMESH_LOG=debug|trace|warn…; per-packet events are at trace.
-    let level = std::env::var("ZTMESH_LOG")
-        .ok()
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(tracing::Level::INFO);
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_max_level(level)
-        .init();
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // Only long-running commands log; CLI commands print results and errors.
+    if matches!(
+        cli.command,
+        Command::Tunnel(_) | Command::Agent(AgentCmd::Daemon { .. })
+    ) {
+        // ZTMESH_LOG=debug|trace|warn…; per-packet events are at trace.
+        let level = std::env::var("ZTMESH_LOG")
+            .ok()
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(tracing::Level::INFO);
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_max_level(level)
+            .init();
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
-    runtime.block_on(async {
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
         match cli.command {
             Command::Tunnel(args) => ztmesh_node::standalone::run(args).await,
+            Command::Agent(cmd) => cli::run(cmd).await,
         }
-    })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', "\n  "));
+            ExitCode::FAILURE
+        }
+    }
 }
