@@ -468,6 +468,66 @@ mod tests {
         assert_eq!(peers[1].endpoint, Some("198.18.0.9:1".parse().unwrap()));
     }
 
+    async fn roundtrip(path: &Path, request: &str) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut s = UnixStream::connect(path).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !reply.ends_with(b"\n\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "connection closed: {:?}",
+                String::from_utf8_lossy(&reply)
+            );
+            reply.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(reply).unwrap()
+    }
+
+    #[tokio::test]
+    async fn socket_is_private_and_managed_mode_refuses_set() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("ztmesh-uapi-{}", std::process::id()));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let server = Server::start(&dir, "ztmtest0", true, tx).unwrap();
+        let mode = std::fs::metadata(server.path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let responder = tokio::spawn(async move {
+            while let Some(req) = rx.recv().await {
+                if let Request::Get(reply) = req {
+                    let _ = reply.send(State {
+                        private_key: "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk="
+                            .parse()
+                            .unwrap(),
+                        listen_port: 41641,
+                        peers: Vec::new(),
+                    });
+                }
+            }
+        });
+        let get = roundtrip(server.path(), "get=1\n\n").await;
+        assert!(
+            get.contains("listen_port=41641\n") && get.ends_with("errno=0\n\n"),
+            "{get}"
+        );
+        let set = roundtrip(
+            server.path(),
+            &format!("set=1\npublic_key={}\nremove=true\n\n", "01".repeat(32)),
+        )
+        .await;
+        assert_eq!(set, format!("errno={}\n\n", -libc::EPERM));
+        let path = server.path().to_path_buf();
+        server.stop();
+        responder.abort();
+        assert!(!path.exists());
+        let _ = std::fs::remove_dir(&dir);
+    }
+
     #[test]
     fn set_rejects_bad_input_with_negative_errno() {
         let einval = -i64::from(libc::EINVAL);
