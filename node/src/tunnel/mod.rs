@@ -384,7 +384,7 @@ impl Device {
         let (to, range) = self.poll_inner(now, out)?;
         Some(Transmit {
             to,
-            packet: &out[range],
+            packet: out.get(range)?,
         })
     }
 
@@ -501,6 +501,14 @@ impl Device {
     }
 
     fn finish<'a>(&mut self, r: Out, out: &'a [u8]) -> Output<'a> {
+        let r = match r {
+            // boringtun always answers inside the buffer it was given; should
+            // that ever change, drop rather than panic.
+            Out::Net(_, ref range) | Out::Tun(ref range) if out.get(range.clone()).is_none() => {
+                Out::Drop(DropReason::Malformed)
+            }
+            r => r,
+        };
         match r {
             Out::Net(to, range) => Output::Network(Transmit {
                 to,
