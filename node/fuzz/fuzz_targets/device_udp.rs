@@ -44,7 +44,15 @@ fuzz_target!(|data: &[u8]| {
     let addr_a: SocketAddr = "198.18.0.1:51820".parse().unwrap();
     let addr_b: SocketAddr = "198.18.0.2:51820".parse().unwrap();
     let mut a = Device::new(&ka, None, now);
-    let mut b = Device::new(&kb, if data.first() == Some(&0) { Some(vec![]) } else { None }, now);
+    let mut b = Device::new(
+        &kb,
+        if data.first() == Some(&0) {
+            Some(vec![])
+        } else {
+            None
+        },
+        now,
+    );
     a.set_peers(vec![peer(kb.public(), "100.64.0.2/32", addr_b)], now);
     b.set_peers(vec![peer(ka.public(), "100.64.0.1/32", addr_a)], now);
 
@@ -85,7 +93,11 @@ fuzz_target!(|data: &[u8]| {
             }
             d
         };
-        let from = if ctl & 2 == 0 { addr_a } else { "198.18.0.66:1".parse().unwrap() };
+        let from = if ctl & 2 == 0 {
+            addr_a
+        } else {
+            "198.18.0.66:1".parse().unwrap()
+        };
         if let Output::Tunnel(p) = b.handle_udp(now, from, &datagram, &mut out) {
             // Only A's genuine packets decrypt, and they come from A's range.
             assert_eq!(&p[12..16], &[100, 64, 0, 1]);

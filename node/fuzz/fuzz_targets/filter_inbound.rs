@@ -14,7 +14,10 @@ fuzz_target!(|data: &[u8]| {
         ..Limits::default()
     };
     let rules = vec![Rule {
-        src: vec!["100.64.0.0/10".parse().unwrap(), "fd00::/8".parse().unwrap()],
+        src: vec![
+            "100.64.0.0/10".parse().unwrap(),
+            "fd00::/8".parse().unwrap(),
+        ],
         protocols: vec![],
         ports: vec![(22, 22), (8000, 8100)],
         rule_id: "fuzz".into(),
