@@ -1,0 +1,164 @@
+//! The per-packet path allocates nothing once a session and its flow exist
+//! (as Tailscale's filter `TestNoAllocs`): a counting allocator wraps the
+//! system one and counts allocations made by this thread.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use ztmesh_node::filter::Rule;
+use ztmesh_node::tunnel::{Device, Output, PeerConfig};
+use ztmesh_proto::keys::WgPrivateKey;
+
+struct Counting;
+
+thread_local! {
+    static ALLOCS: Cell<u64> = const { Cell::new(0) };
+}
+
+// SAFETY: delegates to the system allocator; the counter is a thread-local Cell.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations() -> u64 {
+    ALLOCS.with(Cell::get)
+}
+
+fn udp_packet(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut p = vec![0u8; 28 + 1000];
+    let len = p.len() as u16;
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&len.to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    p[20..22].copy_from_slice(&sport.to_be_bytes());
+    p[22..24].copy_from_slice(&dport.to_be_bytes());
+    p[24..26].copy_from_slice(&(len - 20).to_be_bytes());
+    p
+}
+
+fn pair(managed: bool) -> (Device, Device, SocketAddr, SocketAddr) {
+    let now = Instant::now();
+    let ka: WgPrivateKey = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk="
+        .parse()
+        .unwrap();
+    let kb: WgPrivateKey = "KCkqKywtLi8wMTIzNDU2Nzg5Ojs8PT4/QEFCQ0RFRkc="
+        .parse()
+        .unwrap();
+    let (ea, eb): (SocketAddr, SocketAddr) = (
+        "198.18.0.1:51820".parse().unwrap(),
+        "198.18.0.2:51820".parse().unwrap(),
+    );
+    let rules = managed.then(|| {
+        vec![Rule {
+            src: vec!["100.64.0.2/32".parse().unwrap()],
+            protocols: vec![17],
+            ports: vec![(9000, 9000)],
+            rule_id: "r".into(),
+        }]
+    });
+    let mut a = Device::new(&ka, rules, now);
+    let mut b = Device::new(&kb, None, now);
+    let peer = |k: &WgPrivateKey, ip: &str, e| PeerConfig {
+        public_key: k.public(),
+        preshared_key: None,
+        allowed_ips: vec![ip.parse().unwrap()],
+        endpoint: Some(e),
+        persistent_keepalive: None,
+    };
+    a.set_peers(vec![peer(&kb, "100.64.0.2/32", eb)], now);
+    b.set_peers(vec![peer(&ka, "100.64.0.1/32", ea)], now);
+    (a, b, ea, eb)
+}
+
+/// Sends `pkt` from `from`'s TUN to `to`, returning what `to` writes to its TUN.
+fn carry(
+    now: Instant,
+    from: &mut Device,
+    to: &mut Device,
+    from_addr: SocketAddr,
+    pkt: &[u8],
+    wire: &mut [u8],
+    out: &mut [u8],
+) -> bool {
+    let n = match from.handle_tun(now, pkt, wire) {
+        Output::Network(t) => t.packet.len(),
+        _ => return false,
+    };
+    matches!(
+        to.handle_udp(now, from_addr, &wire[..n], out),
+        Output::Tunnel(_)
+    )
+}
+
+fn establish(a: &mut Device, b: &mut Device, ea: SocketAddr, eb: SocketAddr) {
+    let now = Instant::now();
+    let mut wire = vec![0u8; 2048];
+    let mut out = vec![0u8; 2048];
+    let mut reply = vec![0u8; 2048];
+    let first = udp_packet([100, 64, 0, 1], [100, 64, 0, 2], 5000, 9000);
+    let Output::Network(t) = a.handle_tun(now, &first, &mut wire) else {
+        panic!("expected a handshake initiation")
+    };
+    let init = t.packet.to_vec();
+    let Output::Network(t) = b.handle_udp(now, ea, &init, &mut reply) else {
+        panic!("expected a handshake response")
+    };
+    let resp = t.packet.to_vec();
+    let _ = a.handle_udp(now, eb, &resp, &mut out);
+    while let Some(t) = a.poll_transmit(now, &mut out) {
+        let d = t.packet.to_vec();
+        let _ = b.handle_udp(now, ea, &d, &mut reply);
+    }
+}
+
+fn steady_state_allocations(managed: bool) -> u64 {
+    let (mut a, mut b, ea, eb) = pair(managed);
+    establish(&mut a, &mut b, ea, eb);
+    let now = Instant::now();
+    let mut wire = vec![0u8; 2048];
+    let mut out = vec![0u8; 2048];
+    let ab = udp_packet([100, 64, 0, 1], [100, 64, 0, 2], 5000, 9000);
+    let ba = udp_packet([100, 64, 0, 2], [100, 64, 0, 1], 9000, 5000);
+    // Warm up: the flow is recorded, sessions are current.
+    for _ in 0..4 {
+        assert!(carry(now, &mut a, &mut b, ea, &ab, &mut wire, &mut out));
+        assert!(carry(now, &mut b, &mut a, eb, &ba, &mut wire, &mut out));
+    }
+    // The instrument works: a Vec is counted.
+    let probe = allocations();
+    let v = std::hint::black_box(vec![1u8; 16]);
+    assert!(allocations() > probe);
+    drop(v);
+    let before = allocations();
+    for _ in 0..1000 {
+        assert!(carry(now, &mut a, &mut b, ea, &ab, &mut wire, &mut out));
+        assert!(carry(now, &mut b, &mut a, eb, &ba, &mut wire, &mut out));
+    }
+    allocations() - before
+}
+
+#[test]
+fn data_packets_allocate_nothing_in_standalone_mode() {
+    assert_eq!(steady_state_allocations(false), 0);
+}
+
+#[test]
+fn data_packets_allocate_nothing_with_filter_and_conntrack() {
+    assert_eq!(steady_state_allocations(true), 0);
+}
