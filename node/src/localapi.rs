@@ -17,7 +17,9 @@ pub enum Request {
     Down,
     Logout,
     Status,
-    WgConfig { include_private_key: bool },
+    WgConfig {
+        include_private_key: bool,
+    },
 }
 
 /// The daemon's answer: `ok` plus a payload, or an error line.
@@ -57,12 +59,14 @@ pub const MAX_LINE: usize = 16 * 1024;
 pub async fn call(socket: &std::path::Path, req: &Request) -> anyhow::Result<Response> {
     use anyhow::Context;
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    let stream = tokio::net::UnixStream::connect(socket).await.with_context(|| {
-        format!(
-            "cannot reach the ztmesh daemon at {} (is `ztmesh daemon` running? use --socket)",
-            socket.display()
-        )
-    })?;
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach the ztmesh daemon at {} (is `ztmesh daemon` running? use --socket)",
+                socket.display()
+            )
+        })?;
     let (r, mut w) = stream.into_split();
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
