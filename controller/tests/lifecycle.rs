@@ -1,0 +1,237 @@
+//! Node lifecycle on the controller's pure core (`Mesh` on an in-memory
+//! store, virtual time): ephemeral nodes, key expiry, tag ownership, rate
+//! limiting. No sockets and no clock: `now` is an argument everywhere.
+
+use std::sync::Arc;
+
+use rand_core::OsRng;
+use ztmesh_controller::error::Error;
+use ztmesh_controller::mesh::{Mesh, MeshConfig, Update};
+use ztmesh_controller::store::{SqliteStore, Store};
+use ztmesh_proto::auth;
+use ztmesh_proto::control as pb;
+use ztmesh_proto::keys::{SigningKey, WgPrivateKey};
+
+const T0: i64 = 1_800_000_000_000;
+const FP: [u8; 32] = [7; 32];
+
+const POLICY: &str = r#"{
+  "groups": {"group:eng": ["alice@example.com"]},
+  "tagOwners": {"tag:web": ["group:eng"], "tag:db": []},
+  "acls": [{"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432"]}],
+}"#;
+
+fn mesh(cfg: MeshConfig) -> Mesh {
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().unwrap());
+    Mesh::load(
+        store,
+        SigningKey::generate(&mut OsRng),
+        FP,
+        Mesh::random_ula(),
+        cfg,
+        T0,
+    )
+    .unwrap()
+}
+
+fn enroll(m: &Mesh, key: &str, host: &str, now: i64) -> Result<pb::EnrollResponse, Error> {
+    let machine = SigningKey::generate(&mut OsRng);
+    let wg = WgPrivateKey::generate(&mut OsRng);
+    let mk = machine.public().as_bytes().to_vec();
+    let wk = wg.public().as_bytes().to_vec();
+    let proof = machine
+        .sign(&auth::enroll_message(key, &mk, &wk, host, now))
+        .to_vec();
+    m.enroll(
+        &pb::EnrollRequest {
+            auth_key: key.into(),
+            machine_key: mk,
+            wg_key: wk,
+            hostname: host.into(),
+            timestamp_ms: now,
+            proof,
+        },
+        now,
+    )
+}
+
+#[test]
+fn ephemeral_nodes_are_deleted_after_the_offline_timeout() {
+    let m = mesh(MeshConfig {
+        ephemeral_timeout_ms: 5 * 60_000,
+        ..MeshConfig::default()
+    });
+    m.set_policy("admin", "p.hujson", POLICY, T0).unwrap();
+    let (_, eph) = m
+        .create_auth_key("admin", None, &["tag:web".into()], true, true, None, T0)
+        .unwrap();
+    let (_, db) = m
+        .create_auth_key("admin", None, &["tag:db".into()], false, false, None, T0)
+        .unwrap();
+    let e = enroll(&m, &eph, "runner", T0).unwrap();
+    let d = enroll(&m, &db, "db", T0).unwrap();
+    let (_conn, mut rx) = m.subscribe(d.node_id, T0).unwrap();
+    rx.borrow_and_update();
+
+    m.tick(T0 + 4 * 60_000);
+    assert!(m.find_node(&e.name).is_ok(), "still within the timeout");
+    m.tick(T0 + 5 * 60_000 + 1);
+    assert!(m.find_node(&e.name).is_err(), "deleted after 5 min offline");
+    assert!(m.store().nodes().unwrap().iter().all(|n| n.id != e.node_id));
+    // The db node's peer set lost it, and it was told.
+    assert!(rx.has_changed().unwrap());
+    let Update::Map(signed) = rx.borrow_and_update().clone() else {
+        panic!("expected a map");
+    };
+    let map = ztmesh_proto::netmap::verify_signature(&m.controller_key(), &signed).unwrap();
+    assert!(map.peers.is_empty());
+    // The non-ephemeral node is never deleted for being offline.
+    m.tick(T0 + 24 * 3_600_000);
+    assert!(m.find_node(&d.name).is_ok());
+}
+
+#[test]
+fn connected_ephemeral_nodes_are_kept() {
+    let m = mesh(MeshConfig::default());
+    let (_, eph) = m
+        .create_auth_key("admin", None, &["tag:web".into()], false, true, None, T0)
+        .unwrap();
+    let e = enroll(&m, &eph, "runner", T0).unwrap();
+    let _sub = m.subscribe(e.node_id, T0).unwrap();
+    m.tick(T0 + 3_600_000);
+    assert!(m.find_node(&e.name).is_ok());
+}
+
+#[test]
+fn expired_nodes_are_refused_and_dropped_from_peer_maps() {
+    let m = mesh(MeshConfig {
+        node_key_ttl_ms: 60_000,
+        ..MeshConfig::default()
+    });
+    m.set_policy("admin", "p.hujson", POLICY, T0).unwrap();
+    let (_, web) = m
+        .create_auth_key("admin", None, &["tag:web".into()], false, false, None, T0)
+        .unwrap();
+    let (_, db) = m
+        .create_auth_key("admin", None, &["tag:db".into()], false, false, None, T0)
+        .unwrap();
+    let w = enroll(&m, &web, "web", T0).unwrap();
+    let d = enroll(&m, &db, "db", T0 + 30_000).unwrap();
+    assert_eq!(m.netmap(d.node_id, T0 + 30_000).unwrap().peers.len(), 1);
+    // web's map never outlives its key.
+    assert_eq!(m.netmap(w.node_id, T0).unwrap().not_after_ms, T0 + 60_000);
+    m.tick(T0 + 60_000);
+    assert!(m.netmap(w.node_id, T0 + 60_000).is_none());
+    assert!(m.netmap(d.node_id, T0 + 60_000).unwrap().peers.is_empty());
+}
+
+#[test]
+fn user_keys_may_only_carry_tags_the_user_owns() {
+    let m = mesh(MeshConfig::default());
+    m.set_policy("admin", "p.hujson", POLICY, T0).unwrap();
+    m.create_user("admin", "alice@example.com", T0).unwrap();
+    m.create_user("admin", "mallory@example.com", T0).unwrap();
+    m.create_auth_key(
+        "admin",
+        Some("alice@example.com"),
+        &["tag:web".into()],
+        false,
+        false,
+        None,
+        T0,
+    )
+    .unwrap();
+    let e = m
+        .create_auth_key(
+            "admin",
+            Some("mallory@example.com"),
+            &["tag:web".into()],
+            false,
+            false,
+            None,
+            T0,
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::Forbidden(_)), "{e}");
+    let e = m
+        .create_auth_key(
+            "admin",
+            Some("alice@example.com"),
+            &["tag:db".into()],
+            false,
+            false,
+            None,
+            T0,
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::Forbidden(_)), "{e}");
+    let e = m
+        .create_auth_key("admin", None, &["web".into()], false, false, None, T0)
+        .unwrap_err();
+    assert!(matches!(e, Error::Invalid(_)), "{e}");
+    let e = m
+        .create_auth_key("admin", None, &[], false, false, None, T0)
+        .unwrap_err();
+    assert!(matches!(e, Error::Invalid(_)), "{e}");
+}
+
+#[test]
+fn repeated_failures_from_one_source_are_rate_limited() {
+    let m = mesh(MeshConfig::default());
+    let src = Some("198.18.0.66".parse().unwrap());
+    for _ in 0..10 {
+        m.check_rate(src, T0).unwrap();
+        m.record_failure(src, T0);
+    }
+    assert!(matches!(m.check_rate(src, T0 + 1), Err(Error::RateLimited)));
+    assert!(m
+        .check_rate(Some("198.18.0.67".parse().unwrap()), T0 + 1)
+        .is_ok());
+    assert!(m.check_rate(src, T0 + 60_001).is_ok());
+}
+
+#[test]
+fn hostile_names_are_sanitized_or_refused() {
+    let m = mesh(MeshConfig::default());
+    let (_, k) = m
+        .create_auth_key("admin", None, &["tag:web".into()], true, false, None, T0)
+        .unwrap();
+    let n = enroll(&m, &k, "x'; DROP TABLE nodes;--\n\u{7}", T0).unwrap();
+    assert_eq!(n.name, "x---drop-table-nodes");
+    assert_eq!(m.store().nodes().unwrap().len(), 1);
+    assert!(enroll(&m, &k, "", T0).is_err());
+    assert!(enroll(&m, &k, &"a".repeat(300), T0).is_err());
+    assert!(m.create_user("admin", "bob'--@example.com", T0).is_err());
+    assert!(m.rename_node("admin", &n.name, "Bad Name", T0).is_err());
+}
+
+#[test]
+fn serials_never_go_backwards_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let key = || SigningKey::generate(&mut OsRng);
+    let open = |now| {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+        Mesh::load(
+            store,
+            key(),
+            FP,
+            "fd00:1:2::/48".parse().unwrap(),
+            MeshConfig::default(),
+            now,
+        )
+        .unwrap()
+    };
+    let m = open(T0);
+    let (_, k) = m
+        .create_auth_key("admin", None, &["tag:web".into()], true, false, None, T0)
+        .unwrap();
+    let n = enroll(&m, &k, "n", T0).unwrap();
+    let _sub = m.subscribe(n.node_id, T0).unwrap();
+    let before = m.serial();
+    drop(m);
+    // Restart with a clock that went backwards: serials still grow.
+    let m = open(T0 - 3_600_000);
+    let map = m.netmap(n.node_id, T0 - 3_600_000).unwrap();
+    assert!(map.serial > before, "{} <= {before}", map.serial);
+}
