@@ -75,7 +75,9 @@ cleanup() {
     for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
     ip netns del "$ns" 2>/dev/null
   done
-  if ((rc != 0)); then
+  if ((rc == 130 || rc == 143)); then
+    echo "demo.sh: interrupted; namespaces and processes removed" >&2
+  elif ((rc != 0)); then
     echo "demo.sh: failed (exit $rc); last lines of each log:" >&2
     for f in "$LOGS"/*.log; do
       [[ -s $f ]] || continue
