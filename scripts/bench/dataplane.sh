@@ -1,0 +1,386 @@
+#!/usr/bin/env bash
+# Data-plane benchmark: ztmesh (standalone `tunnel` and agent mode) against
+# wireguard-go and boringtun-cli, in ONE run, on the same veth.
+#
+#   namespace A (sender)                      namespace B (receiver)
+#   veth 198.18.0.1/24  <------------------>  veth 198.18.0.2/24
+#   tunnel 100.64.0.1/32 (MTU 1420)           tunnel 100.64.0.2/32 (MTU 1420)
+#   iperf3 -c / ping                          iperf3 -s -1
+#   [agent mode: ztmesh-controller on 198.18.0.1:8443; overlay addresses
+#    from the controller, inside 100.64.0.0/10]
+#
+# For every implementation (fresh namespaces each time): iperf3 TCP 1 stream
+# and 4 streams (10 s each), iperf3 UDP with 64-byte payloads at full rate
+# (packets/s received), ping RTT (median of 20) on the idle tunnel, and the CPU
+# seconds (utime+stime) the tunnel processes of both sides used during the
+# 1-stream TCP test. Prints one table of medians over REPS repetitions, with
+# ratios against wireguard-go.
+#
+# Needs root, iperf3, ping, wireguard-go, wg (wireguard-tools), jq, and
+# release builds of ztmesh and ztmesh-controller (cargo build --release).
+# boringtun-cli is taken from target/bench-tools/bin (see README.md).
+#
+# Environment:
+#   REPS=3            repetitions of the whole suite (table shows medians)
+#   IMPLS="..."       subset, in order, of: bare ztmesh agent wggo bt bt1
+#   TCP_SECS=10 UDP_SECS=5 PINGS=20
+#   BIN=target/release  where ztmesh and ztmesh-controller are
+#   BORINGTUN=...     boringtun-cli binary
+#   OUT=FILE          also write the raw samples (CSV) there
+#   KEEP=1            keep the work dir (logs) for inspection
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+
+REPS=${REPS:-3}
+IMPLS=${IMPLS:-"bare ztmesh agent wggo bt bt1"}
+TCP_SECS=${TCP_SECS:-10}
+UDP_SECS=${UDP_SECS:-5}
+PINGS=${PINGS:-20}
+BIN=${BIN:-$ROOT/target/release}
+BORINGTUN=${BORINGTUN:-$ROOT/target/bench-tools/bin/boringtun-cli}
+MTU=1420
+PORT=51820
+IPERF_PORT=5201
+CTL_PORT=8443
+
+if [[ $EUID -ne 0 ]]; then
+  echo "dataplane.sh: needs root (network namespaces, TUN devices)" >&2
+  exit 1
+fi
+for tool in iperf3 ping jq wg ip timeout; do
+  command -v "$tool" >/dev/null || { echo "dataplane.sh: $tool not found" >&2; exit 1; }
+done
+
+TAG="zb$$"
+NS_A="$TAG-a"
+NS_B="$TAG-b"
+# Distinct interface names per side: wireguard-go and boringtun put their UAPI
+# socket at /var/run/wireguard/IFNAME.sock, which all namespaces share.
+IF_A="${TAG}a"
+IF_B="${TAG}b"
+UNDER_A=198.18.0.1
+UNDER_B=198.18.0.2
+OVER_A=100.64.0.1
+OVER_B=100.64.0.2
+CLK_TCK=$(getconf CLK_TCK)
+
+WORK=$(mktemp -d /tmp/ztmbench.XXXXXX)
+SAMPLES=$WORK/samples.csv
+: >"$SAMPLES"
+PIDS=()
+NS_UP=0
+
+log() { printf '== %s\n' "$*" >&2; }
+
+stop_pids() {
+  ((${#PIDS[@]})) || return 0
+  kill -TERM "${PIDS[@]}" 2>/dev/null || true
+  local i alive pid
+  for i in $(seq 30); do # up to 3 s for a clean exit
+    alive=0
+    for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.1
+  done
+  kill -KILL "${PIDS[@]}" 2>/dev/null || true
+  wait "${PIDS[@]}" 2>/dev/null || true
+  PIDS=()
+}
+
+del_ns() {
+  local ns pid
+  for ns in "$NS_A" "$NS_B"; do
+    ip netns list | grep -qw "^$ns" || continue
+    # Anything still inside our namespaces was started by this script.
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  NS_UP=0
+}
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  set +e
+  stop_pids
+  del_ns
+  if ((rc != 0)); then
+    echo "dataplane.sh: failed (exit $rc); logs:" >&2
+    for f in "$WORK"/*.log; do
+      [[ -s $f ]] || continue
+      echo "----- $(basename "$f")" >&2
+      tail -n 15 "$f" >&2
+    done
+  fi
+  if [[ ${KEEP:-0} == 1 ]]; then echo "dataplane.sh: kept $WORK" >&2; else rm -rf "$WORK"; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+ina() { ip netns exec "$NS_A" "$@"; }
+inb() { ip netns exec "$NS_B" "$@"; }
+
+# wait_for DESCRIPTION TRIES COMMAND...: polls COMMAND every 0.1 s, TRIES times.
+wait_for() {
+  local what=$1 tries=$2 i
+  shift 2
+  for i in $(seq "$tries"); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 0.1
+  done
+  echo "dataplane.sh: timed out waiting for $what" >&2
+  return 1
+}
+
+setup_ns() {
+  del_ns
+  ip netns add "$NS_A"
+  ip netns add "$NS_B"
+  NS_UP=1
+  ip -n "$NS_A" link add veth0 type veth peer name veth0 netns "$NS_B"
+  ip -n "$NS_A" addr add "$UNDER_A/24" dev veth0
+  ip -n "$NS_B" addr add "$UNDER_B/24" dev veth0
+  for ns in "$NS_A" "$NS_B"; do
+    ip -n "$ns" link set lo up
+    ip -n "$ns" link set veth0 up
+  done
+}
+
+# start SIDE NAME COMMAND...: runs COMMAND in SIDE's namespace in the
+# background. `ip netns exec` execs the command, so $! is the process itself
+# (its /proc/PID/stat counts the CPU of all its threads).
+start() {
+  local side=$1 name=$2 ns=$NS_A
+  shift 2
+  [[ $side == B ]] && ns=$NS_B
+  ip netns exec "$ns" "$@" >"$WORK/$name.log" 2>&1 &
+  PIDS+=($!)
+  eval "PID_$side=$!"
+}
+
+# Overlay addressing for the wg-style implementations: MTU, address, route, up.
+net_up() {
+  local ns=$1 ifname=$2 mine=$3 peer=$4
+  ip -n "$ns" link set "$ifname" mtu "$MTU"
+  ip -n "$ns" addr add "$mine/32" dev "$ifname"
+  ip -n "$ns" link set "$ifname" up
+  ip -n "$ns" route add "$peer/32" dev "$ifname"
+}
+
+KEY_A=$(wg genkey)
+KEY_B=$(wg genkey)
+PUB_A=$(wg pubkey <<<"$KEY_A")
+PUB_B=$(wg pubkey <<<"$KEY_B")
+
+# wg_conf SIDE [quick]: the `wg setconf` file; with "quick", the wg-quick
+# file `ztmesh tunnel` reads (Address and MTU in [Interface] as well).
+wg_conf() {
+  local key=$KEY_A peer=$PUB_B mine=$OVER_A over=$OVER_B under=$UNDER_B
+  if [[ $1 == B ]]; then key=$KEY_B peer=$PUB_A mine=$OVER_B over=$OVER_A under=$UNDER_A; fi
+  printf '[Interface]\nPrivateKey = %s\nListenPort = %s\n' "$key" "$PORT"
+  [[ ${2:-} == quick ]] && printf 'Address = %s/32\nMTU = %s\n' "$mine" "$MTU"
+  printf '\n[Peer]\nPublicKey = %s\nAllowedIPs = %s/32\nEndpoint = %s:%s\n' "$peer" "$over" "$under" "$PORT"
+}
+
+# --- implementations: impl_NAME_start sets PID_A, PID_B, DST (B's overlay address) ---
+
+impl_bare_start() { DST=$UNDER_B; PID_A=; PID_B=; }
+
+impl_ztmesh_start() {
+  wg_conf A quick >"$WORK/wg-A.conf"
+  wg_conf B quick >"$WORK/wg-B.conf"
+  start A ztmesh-A "$BIN/ztmesh" tunnel --config "$WORK/wg-A.conf" --interface "$IF_A" --no-uapi
+  start B ztmesh-B "$BIN/ztmesh" tunnel --config "$WORK/wg-B.conf" --interface "$IF_B" --no-uapi
+  wait_for "ztmesh TUN A" 100 ip -n "$NS_A" link show "$IF_A"
+  wait_for "ztmesh TUN B" 100 ip -n "$NS_B" link show "$IF_B"
+  DST=$OVER_B
+}
+
+impl_agent_start() {
+  local policy=$WORK/policy.hujson key side sock
+  printf '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}\n' >"$policy"
+  start A controller "$BIN/ztmesh-controller" serve --data-dir "$WORK/ctl" --listen "$UNDER_A:$CTL_PORT"
+  PID_CTL=$PID_A
+  wait_for "controller" 300 ina "$BIN/ztmesh-controller" --data-dir "$WORK/ctl" nodes list
+  ina "$BIN/ztmesh-controller" --data-dir "$WORK/ctl" policy set "$policy" >/dev/null
+  ina "$BIN/ztmesh-controller" --data-dir "$WORK/ctl" users create bench@example.com >/dev/null
+  key=$(ina "$BIN/ztmesh-controller" --data-dir "$WORK/ctl" keys create --user bench@example.com --reusable)
+  for side in A B; do
+    sock=$WORK/node-$side/ztmesh.sock
+    mkdir -p "$WORK/node-$side"
+    local ifname=$IF_A; [[ $side == B ]] && ifname=$IF_B
+    start "$side" "daemon-$side" "$BIN/ztmesh" daemon --state-dir "$WORK/node-$side/state" --socket "$sock" \
+      --interface "$ifname" --mtu "$MTU" --port "$PORT" --uapi-dir "$WORK/node-$side/uapi"
+    wait_for "daemon $side socket" 200 test -S "$sock"
+    if [[ $side == A ]]; then
+      ina timeout 60 "$BIN/ztmesh" up --socket "$sock" --controller "https://$UNDER_A:$CTL_PORT" \
+        --auth-key "$key" --hostname bench-a >"$WORK/up-A.log" 2>&1
+    else
+      inb timeout 60 "$BIN/ztmesh" up --socket "$sock" --controller "https://$UNDER_A:$CTL_PORT" \
+        --auth-key "$key" --hostname bench-b >"$WORK/up-B.log" 2>&1
+    fi
+  done
+  DST=$(inb timeout 10 "$BIN/ztmesh" ip -4 --socket "$WORK/node-B/ztmesh.sock" | head -n1)
+  [[ -n $DST ]] || { echo "dataplane.sh: no overlay address for B" >&2; return 1; }
+}
+
+wg_uapi_start() { # NAME CMD... (CMD gets IFNAME appended)
+  local name=$1
+  shift
+  start A "$name-A" "$@" "$IF_A"
+  start B "$name-B" "$@" "$IF_B"
+  wait_for "$name UAPI A" 100 test -S "/var/run/wireguard/$IF_A.sock"
+  wait_for "$name UAPI B" 100 test -S "/var/run/wireguard/$IF_B.sock"
+  wg_conf A >"$WORK/wg-A.conf"
+  wg_conf B >"$WORK/wg-B.conf"
+  ina wg setconf "$IF_A" "$WORK/wg-A.conf"
+  inb wg setconf "$IF_B" "$WORK/wg-B.conf"
+  net_up "$NS_A" "$IF_A" "$OVER_A" "$OVER_B"
+  net_up "$NS_B" "$IF_B" "$OVER_B" "$OVER_A"
+  DST=$OVER_B
+}
+
+impl_wggo_start() { wg_uapi_start wggo env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f; }
+impl_bt_start() { wg_uapi_start bt "$BORINGTUN" -f --disable-drop-privileges; }
+impl_bt1_start() { wg_uapi_start bt1 "$BORINGTUN" -f --disable-drop-privileges --threads 1; }
+
+impl_label() {
+  case $1 in
+    bare) echo "bare veth" ;;
+    ztmesh) echo "ztmesh tunnel (standalone)" ;;
+    agent) echo "ztmesh daemon (agent mode)" ;;
+    wggo) echo "wireguard-go" ;;
+    bt) echo "boringtun-cli (default threads)" ;;
+    bt1) echo "boringtun-cli --threads 1" ;;
+  esac
+}
+
+# --- measurements ---
+
+cpu_ticks() { # PID...: utime+stime of all threads, in clock ticks (0 if no PID)
+  local total=0 pid f
+  for pid in "$@"; do
+    [[ -n $pid && -r /proc/$pid/stat ]] || continue
+    # Fields after the command name "(...)": utime and stime are fields 14 and 15.
+    f=$(sed 's/^.*) //' "/proc/$pid/stat")
+    total=$((total + $(awk '{print $12 + $13}' <<<"$f")))
+  done
+  echo "$total"
+}
+
+rss_kib() { # PID: VmRSS in KiB (0 if none)
+  [[ -n ${1:-} && -r /proc/$1/status ]] || { echo 0; return; }
+  awk '/^VmRSS:/ {print $2}' "/proc/$1/status"
+}
+
+iperf() { # ARGS...: one-shot server in B, client in A; prints the client's JSON
+  local secs=$1
+  shift
+  inb timeout $((secs + 20)) iperf3 -s -1 -p "$IPERF_PORT" >"$WORK/iperf-server.log" 2>&1 &
+  local srv=$! p keep=()
+  PIDS+=("$srv")
+  wait_for "iperf3 server" 50 bash -c "ip netns exec '$NS_B' ss -Hltn 'sport = :$IPERF_PORT' | grep -q ."
+  ina timeout $((secs + 15)) iperf3 -c "$DST" -p "$IPERF_PORT" -t "$secs" -J "$@" || true
+  wait "$srv" 2>/dev/null || true
+  for p in "${PIDS[@]}"; do [[ $p == "$srv" ]] || keep+=("$p"); done
+  PIDS=("${keep[@]}")
+}
+
+run_impl() { # IMPL REP
+  local impl=$1 rep=$2 json t0 t1 tcp1 tcp4 retr udp_pps ping_ms cpu rss_a
+  setup_ns
+  PID_A= PID_B= PID_CTL=
+  "impl_${impl}_start"
+  # First packet through (handshake): bounded.
+  wait_for "$impl: first ping to $DST" 150 ina ping -c 1 -W 1 "$DST"
+  ina ping -c 3 -i 0.2 -W 1 "$DST" >/dev/null 2>&1 || true
+
+  t0=$(cpu_ticks "$PID_A" "$PID_B")
+  json=$(iperf "$TCP_SECS")
+  t1=$(cpu_ticks "$PID_A" "$PID_B")
+  tcp1=$(jq -r '(.end.sum_received.bits_per_second // 0) / 1e9' <<<"$json" 2>/dev/null || echo 0)
+  retr=$(jq -r '.end.sum_sent.retransmits // 0' <<<"$json" 2>/dev/null || echo 0)
+  cpu=$(awk -v a="$t0" -v b="$t1" -v hz="$CLK_TCK" 'BEGIN {printf "%.2f", (b - a) / hz}')
+
+  json=$(iperf "$TCP_SECS" -P 4)
+  tcp4=$(jq -r '(.end.sum_received.bits_per_second // 0) / 1e9' <<<"$json" 2>/dev/null || echo 0)
+
+  json=$(iperf "$UDP_SECS" -u -l 64 -b 0)
+  udp_pps=$(jq -r '((.end.sum.packets // 0) - (.end.sum.lost_packets // 0)) / (.end.sum.seconds // 1)' <<<"$json" 2>/dev/null || echo 0)
+
+  sleep 1 # let queues drain: ping measures an idle tunnel
+  ping_ms=$(ina timeout $((PINGS + 10)) ping -c "$PINGS" -i 0.2 -W 1 "$DST" 2>/dev/null |
+    sed -n 's/.*time=\([0-9.]*\).*/\1/p' | sort -g | awk '{v[NR]=$1} END {if (NR==0) print 0; else if (NR%2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}')
+  rss_a=$(rss_kib "$PID_A")
+  printf '%s,%s,%.3f,%.3f,%.0f,%.3f,%s,%s,%s\n' "$impl" "$rep" "$tcp1" "$tcp4" "$udp_pps" "$ping_ms" "$cpu" "$retr" "$rss_a" >>"$SAMPLES"
+  log "$(printf '%-8s rep %s: tcp1 %.2f Gbit/s (retr %s), tcp4 %.2f, udp %.0f pkt/s, ping %.3f ms, cpu %s s, rss A %s KiB' \
+    "$impl" "$rep" "$tcp1" "$retr" "$tcp4" "$udp_pps" "$ping_ms" "$cpu" "$rss_a")"
+  stop_pids
+  del_ns
+}
+
+# --- main ---
+
+for impl in $IMPLS; do
+  case $impl in
+    ztmesh | agent) [[ -x $BIN/ztmesh && -x $BIN/ztmesh-controller ]] || {
+      echo "dataplane.sh: $BIN/ztmesh missing; run: cargo build --release -p ztmesh-node -p ztmesh-controller" >&2
+      exit 1
+    } ;;
+    wggo) command -v wireguard-go >/dev/null || { echo "dataplane.sh: wireguard-go missing (apt-get install wireguard-go)" >&2; exit 1; } ;;
+    bt | bt1) [[ -x $BORINGTUN ]] || {
+      echo "dataplane.sh: $BORINGTUN missing; run: cargo install boringtun-cli --locked --root target/bench-tools" >&2
+      exit 1
+    } ;;
+    bare) ;;
+    *) echo "dataplane.sh: unknown implementation $impl" >&2; exit 1 ;;
+  esac
+done
+
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+log "kernel $(uname -r), $(nproc) CPUs, load $LOAD_BEFORE; REPS=$REPS; impls: $IMPLS"
+for rep in $(seq "$REPS"); do
+  for impl in $IMPLS; do
+    run_impl "$impl" "$rep"
+  done
+done
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+[[ -n ${OUT:-} ]] && cp "$SAMPLES" "$OUT"
+
+# --- table: medians per implementation, ratios against wireguard-go ---
+echo
+echo "Data plane, $(uname -r), $(nproc) vCPU, MTU $MTU, REPS=$REPS (medians), load before/after: $LOAD_BEFORE / $LOAD_AFTER"
+awk -F, -v order="$IMPLS" '
+  function median(key,   n, i, j, t, a) {
+    n = split(vals[key], a, " ")
+    for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j-1] + 0 > a[j] + 0; j--) { t = a[j]; a[j] = a[j-1]; a[j-1] = t }
+    if (n == 0) return 0
+    return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+  }
+  function ratio(x, base) { return (base > 0 && x > 0) ? sprintf("%.2fx", x / base) : "-" }
+  {
+    for (c = 3; c <= 9; c++) vals[$1 SUBSEP c] = vals[$1 SUBSEP c] (vals[$1 SUBSEP c] == "" ? "" : " ") $c
+  }
+  END {
+    label["bare"] = "bare veth"; label["ztmesh"] = "ztmesh tunnel"; label["agent"] = "ztmesh daemon (agent)"
+    label["wggo"] = "wireguard-go"; label["bt"] = "boringtun-cli (default)"; label["bt1"] = "boringtun-cli -t 1"
+    n = split(order, impls, " ")
+    for (c = 3; c <= 9; c++) base[c] = median("wggo" SUBSEP c)
+    printf "| %-23s | %-15s | %-15s | %-17s | %-15s | %-13s | %-9s | %-9s |\n", "implementation", "TCP 1 Gbit/s", "TCP 4 Gbit/s", "UDP 64 B kpkt/s", "ping RTT ms", "CPU s (TCP1)", "retrans", "RSS A MiB"
+    printf "|%s|%s|%s|%s|%s|%s|%s|%s|\n", "-------------------------", "-----------------", "-----------------", "-------------------", "-----------------", "---------------", "-----------", "-----------"
+    for (i = 1; i <= n; i++) {
+      k = impls[i]
+      if (vals[k SUBSEP 3] == "") continue
+      t1 = median(k SUBSEP 3); t4 = median(k SUBSEP 4); u = median(k SUBSEP 5); p = median(k SUBSEP 6)
+      cpu = median(k SUBSEP 7); re = median(k SUBSEP 8); rss = median(k SUBSEP 9)
+      printf "| %-23s | %6.2f (%6s) | %6.2f (%6s) | %7.1f (%6s) | %5.3f (%6s) | %13s | %9d | %9s |\n", label[k], \
+        t1, ratio(t1, base[3]), t4, ratio(t4, base[4]), u / 1000, ratio(u, base[5]), p, ratio(p, base[6]), \
+        (k == "bare" ? "-" : sprintf("%.2f", cpu)), re, (k == "bare" ? "-" : sprintf("%.1f", rss / 1024))
+    }
+    print ""
+    print "Ratios in parentheses are against wireguard-go (higher is better except for ping RTT)."
+    print "CPU s: utime+stime of both tunnel processes during the 1-stream TCP test (agent: both daemons)."
+  }' "$SAMPLES"
