@@ -151,3 +151,76 @@ fn namespace_drop_kills_processes_left_inside() {
     assert!(!status.success(), "sleep was killed, not finished");
     assert!(!namespace_exists(&name));
 }
+
+#[test]
+fn namespaces_and_processes_are_removed_when_a_test_panics() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let mut seen = (Vec::new(), 0u32);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let topo = Topology::new(&["p", "q"]);
+        let echo = topo.ns("q").spawn_echo(&["7003"]);
+        seen = (
+            vec![
+                topo.ns("p").name().to_owned(),
+                topo.ns("q").name().to_owned(),
+                topo.switch().name().to_owned(),
+            ],
+            echo.pid(),
+        );
+        panic!("deliberate failure inside a test");
+    }));
+    assert!(result.is_err());
+    let (names, pid) = seen;
+    assert_eq!(names.len(), 3);
+    for n in &names {
+        assert!(!namespace_exists(n), "{n} left behind after a panic");
+    }
+    assert!(
+        !process_exists(pid),
+        "echo server {pid} left running after a panic"
+    );
+}
+
+/// CI runs as root; a developer without root gets a clear failure, or a
+/// visible skip when asking for it. Checked by running this very test binary
+/// as `nobody`.
+#[test]
+fn non_root_run_fails_clearly_unless_skip_is_requested() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let as_nobody = |skip: Option<&str>| {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&exe)
+            .args([
+                "--exact",
+                "namespaces_are_isolated_from_each_other",
+                "--nocapture",
+            ])
+            .env_remove("ZTMESH_SKIP_NETNS");
+        if let Some(v) = skip {
+            cmd.env("ZTMESH_SKIP_NETNS", v);
+        }
+        cmd.output().unwrap()
+    };
+
+    let refused = as_nobody(None);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "non-root run passed:\n{stderr}");
+    assert!(
+        stderr.contains("needs root") && stderr.contains("ZTMESH_SKIP_NETNS=1"),
+        "{stderr}"
+    );
+
+    let skipped = as_nobody(Some("1"));
+    let stderr = String::from_utf8_lossy(&skipped.stderr);
+    assert!(
+        skipped.status.success(),
+        "skip requested but failed:\n{stderr}"
+    );
+    assert!(stderr.contains("skipped"), "{stderr}");
+}
