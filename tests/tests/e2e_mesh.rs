@@ -18,8 +18,9 @@
 //! ```
 //!
 //! Each test builds its own topology (unique namespace names), starts its own
-//! controller and daemons, and removes everything when it ends, also on failure;
-//! then the logs of every process are printed.
+//! controller and daemons, and removes everything when it ends, also when it
+//! fails, in which case the logs of every process are printed first.
+//! Run with `--nocapture` to see the flow table and the measured times.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
