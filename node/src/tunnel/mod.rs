@@ -459,6 +459,16 @@ impl Device {
             index,
             Some(self.rate_limiter.clone()),
         );
+        // As WireGuard does when persistent keepalive is set: the first
+        // keepalive (and so a handshake) goes out at once, not after the
+        // interval. A node restarted from its stored netmap thereby re-keys
+        // with its peers right away instead of waiting for their session to
+        // time out.
+        let keepalive = Duration::from_secs(u64::from(config.persistent_keepalive.unwrap_or(0)));
+        let last_traffic = match (config.endpoint, keepalive.is_zero()) {
+            (Some(_), false) => now.checked_sub(keepalive).unwrap_or(now),
+            _ => now,
+        };
         self.by_key.insert(config.public_key, slot);
         self.peers[slot] = Some(Peer {
             endpoint: config.endpoint,
@@ -468,7 +478,7 @@ impl Device {
             last_handshake: None,
             initiator: false,
             last_data_sent: None,
-            last_traffic: now,
+            last_traffic,
             rekey_requested: None,
             rx_bytes: 0,
             tx_bytes: 0,

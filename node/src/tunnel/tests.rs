@@ -266,6 +266,34 @@ fn persistent_keepalive_runs_on_the_callers_clock() {
 }
 
 #[test]
+fn new_peer_with_keepalive_handshakes_on_the_first_tick() {
+    // A daemon restarted from its stored netmap must re-key at once, not
+    // wait for the remote side's stale session to time out.
+    let mut net = Net::new(2);
+    let (a, b) = (&net.nodes[0], &net.nodes[1]);
+    let to_b = peer_of(b, &["100.64.0.2/32"], Some(25));
+    let to_a = peer_of(a, &["100.64.0.1/32"], None);
+    let now = net.now;
+    net.nodes[0].dev.set_peers(vec![to_b], now);
+    net.nodes[1].dev.set_peers(vec![to_a], now);
+    net.advance(TIMER_TICK);
+    assert!(
+        net.nodes[0].dev.peers()[0].last_handshake.is_some(),
+        "handshake completed within one timer tick"
+    );
+    // Without keepalive nothing is sent until there is traffic.
+    let mut quiet = Net::new(2);
+    let (a, b) = (&quiet.nodes[0], &quiet.nodes[1]);
+    let to_b = peer_of(b, &["100.64.0.2/32"], None);
+    let to_a = peer_of(a, &["100.64.0.1/32"], None);
+    let now = quiet.now;
+    quiet.nodes[0].dev.set_peers(vec![to_b], now);
+    quiet.nodes[1].dev.set_peers(vec![to_a], now);
+    quiet.advance(Duration::from_secs(5));
+    assert!(quiet.captured.is_empty());
+}
+
+#[test]
 fn initiator_rekeys_after_120_seconds() {
     let mut net = Net::mesh(2);
     let p = net.ping(0, 1, 1);
