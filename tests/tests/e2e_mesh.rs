@@ -160,6 +160,73 @@ fn policy_admits_exactly_the_allowed_flows_between_four_nodes() {
         .any(|f| f.from == DB && f.to == WEB && !f.allowed));
 }
 
+/// The node CLI against a live mesh: `status -o json`, `ping` through the
+/// mesh (and refused for a node the policy hides), `down`/`up` without
+/// re-enrolling, and `logout` deregistering the node and wiping its keys.
+#[test]
+fn node_cli_status_ping_down_up_and_logout_work_end_to_end() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let mut mesh = Mesh::standard();
+    mesh.expect_allowed(ALICE, WEB, 443);
+
+    let st = mesh.status(ALICE);
+    assert_eq!(st["controller"]["state"], "connected", "{st:#}");
+    assert!(st["netmap"]["serial"].as_u64().unwrap_or(0) > 0, "{st:#}");
+    let peers = st["peers"].as_array().expect("peers array");
+    assert_eq!(peers.len(), 1, "alice may only talk to web: {st:#}");
+    assert_eq!(peers[0]["name"], "web");
+    // Transfer statistics are a snapshot refreshed every second.
+    let handshake_seen = wait_until(Duration::from_secs(5), Duration::from_millis(200), || {
+        let st = mesh.status(ALICE);
+        let p = &st["peers"][0];
+        p["last_handshake_secs_ago"].is_u64() && p["tx_bytes"].as_u64().unwrap_or(0) > 0
+    });
+    assert!(handshake_seen.is_ok(), "{:#}", mesh.status(ALICE));
+
+    // ICMP to web is allowed (the rule has no proto: TCP, UDP and ICMP).
+    let out = mesh
+        .node_cli(ALICE, &["ping", "web", "-c", "2"])
+        .unwrap_or_else(|o| panic!("ping web failed:\n{o}"));
+    assert!(out.contains("reply from"), "{out}");
+    assert!(out.contains("via direct 198.18.0."), "{out}");
+    // db is not a peer of alice at all.
+    let err = mesh
+        .node_cli(ALICE, &["ping", "db", "-c", "1"])
+        .unwrap_err();
+    assert!(err.stderr.contains("not a peer"), "{err}");
+
+    // down: web's tunnel is gone, alice can no longer reach it; up: back
+    // without re-enrolling (no auth key needed).
+    mesh.node_cli(WEB, &["down"])
+        .unwrap_or_else(|o| panic!("down: {o}"));
+    mesh.expect_denied(ALICE, WEB, 443);
+    let before = mesh.node(WEB).v4;
+    mesh.node_cli(WEB, &["up"])
+        .unwrap_or_else(|o| panic!("up after down: {o}"));
+    assert_eq!(mesh.overlay_ips(WEB)[0], IpAddr::V4(before));
+    // The overlay address went away with the TUN: listen on it again.
+    mesh.restart_echo(WEB);
+    wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        mesh.try_flow(ALICE, WEB, 443, DENY_TIMEOUT).is_ok()
+    })
+    .unwrap_or_else(|_| panic!("alice cannot reach web after `ztmesh up`"));
+
+    // logout: the node disappears from the controller and its keys are wiped.
+    let bob = mesh.node_name(BOB);
+    mesh.node_cli(BOB, &["logout"])
+        .unwrap_or_else(|o| panic!("logout: {o}"));
+    assert!(
+        find_node(&mesh.nodes_list(), &bob).is_none(),
+        "{bob} still listed"
+    );
+    let state = &mesh.node(BOB).state_dir;
+    assert!(!state.join("machine.key").exists() && !state.join("enrollment.json").exists());
+    let st = mesh.status(BOB);
+    assert_eq!(st["enrolled"], false, "{st:#}");
+}
+
 /// Scenario 2: adding and then removing a rule takes effect within 2 s.
 #[test]
 fn policy_change_adding_then_removing_a_rule_reaches_nodes_within_two_seconds() {
