@@ -1,0 +1,194 @@
+//! The real `ztmesh-controller` binary: durability across SIGKILL, private
+//! files, one-line errors, and the policy commands (check, explain, plan, set).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ztmesh-controller");
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(dir: &Path) -> Killed {
+    let child = Killed(
+        Command::new(BIN)
+            .args([
+                "--data-dir",
+                dir.to_str().unwrap(),
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if admin(dir, &["users", "list"]).is_ok() {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("controller did not come up within 20 s");
+}
+
+fn admin(dir: &Path, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn key_created_right_before_sigkill_survives_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut ctl = start(&dir);
+    let key = admin(&dir, &["keys", "create", "--tags", "tag:web"]).unwrap();
+    let key = key.trim().to_string();
+    assert!(key.starts_with("ztmk1."), "{key}");
+    ctl.0.kill().unwrap(); // SIGKILL
+    ctl.0.wait().unwrap();
+    drop(ctl);
+
+    let _ctl = start(&dir);
+    let list = admin(&dir, &["keys", "list", "-o", "json"]).unwrap();
+    let key_id = key.split('.').nth(1).unwrap();
+    assert!(
+        list.contains(key_id),
+        "key {key_id} missing after restart: {list}"
+    );
+}
+
+#[test]
+fn admin_errors_are_one_line_on_stderr_with_nonzero_exit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let _ctl = start(&dir);
+    let err = admin(&dir, &["users", "create", "not an email"]).unwrap_err();
+    assert!(err.starts_with("error: invalid user login"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let err = admin(&dir, &["nodes", "delete", "nope"]).unwrap_err();
+    assert!(err.contains("not found"), "{err}");
+}
+
+#[test]
+fn data_dir_and_keys_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let _ctl = start(&dir);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join("controller.key")), 0o600);
+    assert_eq!(mode(&dir.join("tls.key")), 0o600);
+    assert_eq!(mode(&dir.join("admin.sock")), 0o600);
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+const BROKEN: &str = "{\n  \"acls\": [\n    {\"action\": \"accept\", \"src\": [\"group:ghosts\"], \"dst\": [\"*:22\"]},\n  ],\n}\n";
+
+#[test]
+fn policy_check_accepts_the_example_and_names_file_line_col_on_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/policy.hujson");
+    let ok = admin(tmp.path(), &["policy", "check", example]).unwrap();
+    assert!(ok.contains("ok"), "{ok}");
+    let bad = write(tmp.path(), "broken.hujson", BROKEN);
+    let err = admin(tmp.path(), &["policy", "check", bad.to_str().unwrap()]).unwrap_err();
+    let want = format!("{}:3:", bad.display());
+    assert!(err.contains(&want), "{err}");
+    assert!(err.contains("group:ghosts"), "{err}");
+}
+
+#[test]
+fn policy_explain_works_offline_and_names_the_deciding_rule() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = write(
+        tmp.path(),
+        "p.hujson",
+        "{\n  \"tagOwners\": {\"tag:web\": []},\n  \"acls\": [\n    {\"action\": \"accept\", \"src\": [\"alice@example.com\"], \"dst\": [\"tag:web:443\"]},\n  ],\n}\n",
+    );
+    let p = p.to_str().unwrap();
+    let allow = admin(
+        tmp.path(),
+        &[
+            "policy",
+            "explain",
+            "--policy",
+            p,
+            "--src",
+            "alice@example.com",
+            "--dst",
+            "tag:web:443",
+        ],
+    )
+    .unwrap();
+    assert!(allow.starts_with("ALLOW"), "{allow}");
+    assert!(allow.contains("p.hujson:4"), "{allow}");
+    let deny = admin(
+        tmp.path(),
+        &[
+            "policy",
+            "explain",
+            "--policy",
+            p,
+            "--src",
+            "alice@example.com",
+            "--dst",
+            "tag:web:22",
+        ],
+    )
+    .unwrap();
+    assert!(deny.starts_with("DENY"), "{deny}");
+}
+
+#[test]
+fn policy_plan_shows_changes_and_set_refuses_a_broken_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let _ctl = start(&dir);
+    let v1 = write(
+        tmp.path(),
+        "v1.hujson",
+        "{\"tagOwners\": {\"tag:web\": [], \"tag:db\": []}, \"acls\": []}",
+    );
+    admin(&dir, &["policy", "set", v1.to_str().unwrap()]).unwrap();
+    let v2 = write(
+        tmp.path(),
+        "v2.hujson",
+        "{\"tagOwners\": {\"tag:web\": [], \"tag:db\": []},\n \"acls\": [{\"action\": \"accept\", \"src\": [\"tag:web\"], \"dst\": [\"tag:db:5432\"], \"proto\": \"tcp\"}]}",
+    );
+    // No nodes yet: nothing changes for any pair.
+    let plan = admin(&dir, &["policy", "plan", v2.to_str().unwrap()]).unwrap();
+    assert!(plan.contains("no changes"), "{plan}");
+    let bad = write(tmp.path(), "broken.hujson", BROKEN);
+    let err = admin(&dir, &["policy", "set", bad.to_str().unwrap()]).unwrap_err();
+    assert!(err.contains(":3:"), "{err}");
+    let current = admin(&dir, &["policy", "get"]).unwrap();
+    assert!(
+        current.contains("\"acls\": []"),
+        "old policy stays in force: {current}"
+    );
+}
