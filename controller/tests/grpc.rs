@@ -577,3 +577,58 @@ async fn remote_admin_needs_a_valid_api_key() {
     );
     ctl.stop().await;
 }
+
+#[tokio::test]
+async fn plan_lists_node_pairs_that_gain_and_lose_flows_and_changes_nothing() {
+    let ctl = Ctl::start().await;
+    ctl.set_policy(POLICY).await;
+    let kw = ctl.key("", &["tag:web"], false).await;
+    let kd = ctl.key("", &["tag:db"], false).await;
+    enroll(&ctl, &kw, "web").await.unwrap();
+    enroll(&ctl, &kd, "db").await.unwrap();
+    let next = POLICY.replace("tag:db:5432", "tag:db:6379");
+    let changes = ctl
+        .admin()
+        .await
+        .plan_policy(apb::PlanPolicyRequest {
+            file_name: "next.hujson".into(),
+            text: next,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .changes;
+    let web_db = changes
+        .iter()
+        .find(|c| c.src == "web" && c.dst == "db")
+        .unwrap_or_else(|| panic!("no web -> db change in {changes:?}"));
+    assert!(
+        web_db.gained.iter().any(|g| g.contains("6379")),
+        "{web_db:?}"
+    );
+    assert!(web_db.lost.iter().any(|l| l.contains("5432")), "{web_db:?}");
+    let p = ctl
+        .admin()
+        .await
+        .get_policy(apb::GetPolicyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.text, POLICY, "plan changes nothing");
+
+    let e = ctl
+        .admin()
+        .await
+        .explain_policy(apb::ExplainPolicyRequest {
+            src: "web".into(),
+            dst: "db".into(),
+            port: 5432,
+            proto: "tcp".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(e.allowed, "{e:?}");
+    assert_eq!(e.rule_id, "policy.hujson:6");
+    ctl.stop().await;
+}
