@@ -2,15 +2,23 @@
 //! on IPv4 and IPv6, the timer, and the UAPI socket.
 //!
 //! One tokio task owns the `Device`, the TUN and the sockets, so the hot path
-//! takes no lock and allocates nothing: each event (a TUN packet, a datagram, a
-//! timer, a command) is read into a buffer allocated once at start, handed to
-//! the device, and its outputs are written before the next event. Control
-//! calls ([`DataPlane::set_peers`], [`DataPlane::set_filter`]) travel over a
-//! channel and are applied between packets. Batching (recvmmsg/sendmmsg,
-//! GSO/GRO, TUN offload) fits in the same shape: read N, hand N to the device,
-//! write the outputs in one call.
+//! takes no lock and allocates nothing: buffers are allocated once at start.
+//! Each event reads a batch, hands its packets to the device one by one and
+//! writes the outputs in as few syscalls as the kernel allows:
+//! - TUN readable: one read of up to 64 KiB (TSO super-packet, split into
+//!   segments by tun-rs) → `handle_tun` per segment, encrypted back to back
+//!   into one buffer → one UDP GSO send per run of datagrams to one peer;
+//! - UDP readable: one `recvmmsg` whose buffers hold up to 64 datagrams each
+//!   (UDP GRO) → `handle_udp` per datagram → the plaintexts coalesced per
+//!   flow (TUN GRO) → one TUN write per flow.
+//!
+//! Control calls ([`DataPlane::set_peers`], [`DataPlane::set_filter`]) travel
+//! over a channel and are applied between batches.
 
-use std::io;
+mod tun;
+mod udp;
+
+use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -18,14 +26,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use ipnet::IpNet;
-use tokio::net::UdpSocket;
+use quinn_udp::RecvMeta;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tun_rs::AsyncDevice;
 use ztmesh_proto::keys::{WgPrivateKey, WgPublicKey};
 
+use self::tun::{TunRx, TunTx};
+use self::udp::{unmap, TxBatch, Udp};
 use crate::filter::Rule;
-use crate::tunnel::{Device, Output, PeerConfig, PeerStatus, Transmit};
+use crate::tunnel::{Device, Output, PeerConfig, PeerStatus, Transmit, MIN_BUFFER, OVERHEAD};
 use crate::uapi;
 
 /// Default inner MTU: safe for WireGuard over IPv6 paths with a 1280-byte minimum.
@@ -36,8 +46,16 @@ pub const DEFAULT_INTERFACE: &str = "ztm0";
 pub const DEFAULT_UAPI_DIR: &str = "/var/run/wireguard";
 /// Buffer size: the largest IP packet plus WireGuard overhead.
 const BUF: usize = 65_536 + 64;
-/// Socket buffer sizes requested (best effort; capped by net.core.*mem_max).
-const SOCKET_BUFFER: usize = 4 << 20;
+/// Receive buffer of the UDP sockets: about 10 ms at 10 Gbit/s, so a burst
+/// that arrives while the task encrypts is queued, not dropped. Set with
+/// `SO_RCVBUFFORCE` when privileged (above net.core.rmem_max), else capped.
+const SOCKET_RECV_BUFFER: usize = 16 << 20;
+/// Send buffer: about 2 ms at 10 Gbit/s (GSO sends are up to 64 KiB each).
+const SOCKET_SEND_BUFFER: usize = 4 << 20;
+/// Receive buffers per `recvmmsg`, each large enough for a GRO batch.
+const UDP_RX_BUFFERS: usize = 8;
+/// Bytes of one UDP receive buffer: the largest GRO batch the kernel builds.
+const UDP_RX_BUFFER: usize = 65_536;
 /// How often the stats snapshot behind [`DataPlane::stats`] is refreshed.
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -151,6 +169,7 @@ impl DataPlane {
             udp4,
             udp6,
             port,
+            mtu: usize::from(cfg.mtu),
             commands: command_rx,
             uapi: uapi_rx,
             stats: stats.clone(),
@@ -206,59 +225,80 @@ struct Worker {
     private_key: WgPrivateKey,
     rules: Option<Vec<Rule>>,
     tun: AsyncDevice,
-    udp4: UdpSocket,
-    udp6: Option<UdpSocket>,
+    udp4: Udp,
+    udp6: Option<Udp>,
     port: u16,
+    mtu: usize,
     commands: mpsc::UnboundedReceiver<Command>,
     uapi: mpsc::UnboundedReceiver<uapi::Request>,
     stats: Arc<Mutex<Stats>>,
 }
 
 enum Event {
-    Tun(io::Result<usize>),
-    Udp(io::Result<(usize, SocketAddr)>),
-    Udp6(io::Result<(usize, SocketAddr)>),
+    Tun(io::Result<()>),
+    Udp4(io::Result<()>),
+    Udp6(io::Result<()>),
     Timer,
     Command(Option<Command>),
     Uapi(Option<uapi::Request>),
 }
 
+/// The buffers of the hot path, allocated once.
+struct Buffers {
+    tun_rx: TunRx,
+    tun_tx: TunTx,
+    udp_tx: TxBatch,
+    udp_rx: Vec<Vec<u8>>,
+    udp_meta: Vec<RecvMeta>,
+    /// Handshakes, cookies and timer output.
+    out: Vec<u8>,
+}
+
+impl Buffers {
+    fn new(mtu: usize) -> Self {
+        // Room for a whole TUN read (IDEAL_BATCH_SIZE segments) of encrypted datagrams.
+        let datagram = mtu + OVERHEAD;
+        Self {
+            tun_rx: TunRx::new(mtu),
+            tun_tx: TunTx::new(),
+            udp_tx: TxBatch::new(
+                tun_rs::IDEAL_BATCH_SIZE * datagram + BUF,
+                tun_rs::IDEAL_BATCH_SIZE,
+            ),
+            udp_rx: (0..UDP_RX_BUFFERS)
+                .map(|_| vec![0; UDP_RX_BUFFER])
+                .collect(),
+            udp_meta: vec![RecvMeta::default(); UDP_RX_BUFFERS],
+            out: vec![0; BUF],
+        }
+    }
+}
+
 impl Worker {
     async fn run(mut self) {
-        let mut tun_buf = vec![0u8; BUF];
-        let mut udp_buf = vec![0u8; BUF];
-        let mut udp6_buf = vec![0u8; BUF];
-        let mut out = vec![0u8; BUF];
+        let mut bufs = Buffers::new(self.mtu);
         let mut next_stats = Instant::now() + STATS_INTERVAL;
         loop {
             let deadline = tokio::time::Instant::from_std(self.device.poll_timeout());
             let event = tokio::select! {
                 c = self.commands.recv() => Event::Command(c),
                 r = self.uapi.recv() => Event::Uapi(r),
-                r = self.udp4.recv_from(&mut udp_buf) => Event::Udp(r),
-                r = recv6(self.udp6.as_ref(), &mut udp6_buf) => Event::Udp6(r),
-                r = self.tun.recv(&mut tun_buf) => Event::Tun(r),
+                r = self.udp4.readable() => Event::Udp4(r),
+                r = readable6(self.udp6.as_ref()) => Event::Udp6(r),
+                r = self.tun.readable() => Event::Tun(r),
                 () = tokio::time::sleep_until(deadline) => Event::Timer,
             };
             let now = Instant::now();
             match event {
-                Event::Tun(Ok(n)) => {
-                    let o = self.device.handle_tun(now, &tun_buf[..n], &mut out);
-                    emit(&self.tun, &self.udp4, self.udp6.as_ref(), o).await;
-                }
-                Event::Udp(Ok((n, from))) | Event::Udp6(Ok((n, from))) => {
-                    let buf = if from.is_ipv4() { &udp_buf } else { &udp6_buf };
-                    let from = unmap(from);
-                    let o = self.device.handle_udp(now, from, &buf[..n], &mut out);
-                    emit(&self.tun, &self.udp4, self.udp6.as_ref(), o).await;
-                }
+                Event::Tun(Ok(())) => self.tun_batch(now, &mut bufs).await,
+                Event::Udp4(Ok(())) => self.udp_batch(now, false, &mut bufs).await,
+                Event::Udp6(Ok(())) => self.udp_batch(now, true, &mut bufs).await,
                 Event::Tun(Err(e)) => {
                     tracing::warn!(error = %e, "TUN read failed");
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                Event::Udp(Err(e)) | Event::Udp6(Err(e)) => {
-                    // ICMP port unreachable and the like surface here; keep going.
-                    tracing::trace!(error = %e, "UDP receive error");
+                Event::Udp4(Err(e)) | Event::Udp6(Err(e)) => {
+                    tracing::trace!(error = %e, "UDP readiness error");
                 }
                 Event::Timer => self.device.handle_timeout(now),
                 Event::Command(None) | Event::Command(Some(Command::Shutdown)) => break,
@@ -273,8 +313,8 @@ impl Worker {
                 Event::Uapi(Some(req)) => self.uapi_request(req, now),
                 Event::Uapi(None) => {}
             }
-            while let Some(t) = self.device.poll_transmit(now, &mut out) {
-                send(&self.udp4, self.udp6.as_ref(), &t).await;
+            while let Some(t) = self.device.poll_transmit(now, &mut bufs.out) {
+                self.send(&t).await;
             }
             if now >= next_stats {
                 next_stats = now + STATS_INTERVAL;
@@ -288,6 +328,111 @@ impl Worker {
             .map(|(r, n)| format!("{}={n}", r.as_str()))
             .collect();
         tracing::info!(drops = %drops.join(" "), "data plane stopped");
+    }
+
+    /// One TUN read (up to a 64 KiB super-packet, split), encrypted into the
+    /// batch, sent with GSO.
+    async fn tun_batch(&mut self, now: Instant, bufs: &mut Buffers) {
+        let n = match bufs.tun_rx.try_recv(&self.tun) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                // A malformed offload header drops that read only.
+                tracing::trace!(error = %e, "TUN read failed");
+                return;
+            }
+        };
+        debug_assert_eq!(n, bufs.tun_rx.count());
+        for i in 0..n {
+            let packet = bufs.tun_rx.packet(i);
+            if bufs.udp_tx.remaining() < packet.len() + OVERHEAD + MIN_BUFFER {
+                self.flush_udp(&mut bufs.udp_tx).await;
+            }
+            let free = bufs.udp_tx.free();
+            let base = free.as_ptr() as usize;
+            match self.device.handle_tun(now, packet, free) {
+                Output::Network(t) => {
+                    let start = t.packet.as_ptr() as usize - base;
+                    let (to, range) = (t.to, start..start + t.packet.len());
+                    bufs.udp_tx.push(to, range);
+                }
+                Output::Tunnel(_) | Output::Done => {}
+                Output::Dropped(reason) => {
+                    tracing::trace!(reason = reason.as_str(), "dropped");
+                }
+            }
+        }
+        self.flush_udp(&mut bufs.udp_tx).await;
+    }
+
+    /// One `recvmmsg` (each buffer a GRO batch), decrypted into the TUN batch,
+    /// written with GRO.
+    async fn udp_batch(&mut self, now: Instant, v6: bool, bufs: &mut Buffers) {
+        let sock = match (v6, self.udp6.as_ref()) {
+            (false, _) => &self.udp4,
+            (true, Some(s)) => s,
+            (true, None) => return,
+        };
+        let n = {
+            let mut slices: [IoSliceMut<'_>; UDP_RX_BUFFERS] = {
+                let mut it = bufs.udp_rx.iter_mut();
+                std::array::from_fn(|_| IoSliceMut::new(it.next().expect("UDP_RX_BUFFERS buffers")))
+            };
+            match sock.try_recv(&mut slices, &mut bufs.udp_meta) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // ICMP port unreachable and the like surface here; keep going.
+                    tracing::trace!(error = %e, "UDP receive error");
+                    return;
+                }
+            }
+        };
+        for (meta, buf) in bufs.udp_meta[..n].iter().zip(&bufs.udp_rx) {
+            let from = unmap(meta.addr);
+            let stride = meta.stride.max(1);
+            for datagram in buf[..meta.len.min(buf.len())].chunks(stride) {
+                if bufs.tun_tx.is_full() {
+                    bufs.tun_tx.flush(&self.tun).await;
+                }
+                let out = bufs.tun_tx.slot(datagram.len().max(MIN_BUFFER));
+                let base = out.as_ptr() as usize;
+                match self.device.handle_udp(now, from, datagram, out) {
+                    Output::Tunnel(p) => {
+                        let start = p.as_ptr() as usize - base;
+                        let end = start + p.len();
+                        bufs.tun_tx.commit(start, end);
+                    }
+                    Output::Network(t) => {
+                        // A handshake response or cookie: rare, sent at once.
+                        let (to, len) = (t.to, t.packet.len());
+                        let start = t.packet.as_ptr() as usize - base;
+                        let packet = &bufs.tun_tx.current()[start..start + len];
+                        send_on(&self.udp4, self.udp6.as_ref(), to, packet).await;
+                    }
+                    Output::Done => {}
+                    Output::Dropped(reason) => {
+                        tracing::trace!(reason = reason.as_str(), "dropped");
+                    }
+                }
+            }
+        }
+        bufs.tun_tx.flush(&self.tun).await;
+    }
+
+    async fn flush_udp(&self, batch: &mut TxBatch) {
+        if batch.is_empty() {
+            return;
+        }
+        self.udp4.send_batch(batch, false).await;
+        if let Some(v6) = &self.udp6 {
+            v6.send_batch(batch, true).await;
+        }
+        batch.clear();
+    }
+
+    async fn send(&self, t: &Transmit<'_>) {
+        send_on(&self.udp4, self.udp6.as_ref(), t.to, t.packet).await;
     }
 
     fn uapi_request(&mut self, req: uapi::Request, now: Instant) {
@@ -362,60 +507,37 @@ fn wall_clock(now: Instant, then: Instant) -> SystemTime {
     SystemTime::now() - now.saturating_duration_since(then)
 }
 
-async fn emit(tun: &AsyncDevice, udp4: &UdpSocket, udp6: Option<&UdpSocket>, o: Output<'_>) {
-    match o {
-        Output::Network(t) => send(udp4, udp6, &t).await,
-        Output::Tunnel(p) => {
-            if let Err(e) = tun.send(p).await {
-                tracing::trace!(error = %e, "TUN write failed");
-            }
-        }
-        Output::Done => {}
-        Output::Dropped(reason) => tracing::trace!(reason = reason.as_str(), "dropped"),
+async fn send_on(udp4: &Udp, udp6: Option<&Udp>, to: SocketAddr, packet: &[u8]) {
+    match (to, udp6) {
+        (SocketAddr::V4(_), _) => udp4.send(to, packet, None).await,
+        (SocketAddr::V6(_), Some(s)) => s.send(to, packet, None).await,
+        (SocketAddr::V6(_), None) => {}
     }
 }
 
-async fn send(udp4: &UdpSocket, udp6: Option<&UdpSocket>, t: &Transmit<'_>) {
-    let r = match (t.to, udp6) {
-        (SocketAddr::V4(_), _) => udp4.send_to(t.packet, t.to).await,
-        (SocketAddr::V6(_), Some(s)) => s.send_to(t.packet, t.to).await,
-        (SocketAddr::V6(_), None) => return,
-    };
-    if let Err(e) = r {
-        tracing::trace!(error = %e, to = %t.to, "UDP send failed");
-    }
-}
-
-async fn recv6(sock: Option<&UdpSocket>, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+async fn readable6(sock: Option<&Udp>) -> io::Result<()> {
     match sock {
-        Some(s) => s.recv_from(buf).await,
+        Some(s) => s.readable().await,
         None => std::future::pending().await,
     }
 }
 
-/// Treats an IPv4-mapped IPv6 source as the IPv4 address it is.
-fn unmap(a: SocketAddr) -> SocketAddr {
-    match a {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, v6.port())),
-            None => a,
-        },
-        a => a,
-    }
-}
-
-fn bind_udp(port: u16) -> anyhow::Result<(UdpSocket, Option<UdpSocket>)> {
+fn bind_udp(port: u16) -> anyhow::Result<(Udp, Option<Udp>)> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let make = |domain: Domain, addr: SocketAddr| -> io::Result<UdpSocket> {
+    let make = |domain: Domain, addr: SocketAddr| -> io::Result<Udp> {
         let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
         if domain == Domain::IPV6 {
             s.set_only_v6(true)?;
         }
-        let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
-        let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+        if force_buffer(&s, libc::SO_RCVBUFFORCE, SOCKET_RECV_BUFFER).is_err() {
+            let _ = s.set_recv_buffer_size(SOCKET_RECV_BUFFER);
+        }
+        if force_buffer(&s, libc::SO_SNDBUFFORCE, SOCKET_SEND_BUFFER).is_err() {
+            let _ = s.set_send_buffer_size(SOCKET_SEND_BUFFER);
+        }
         s.set_nonblocking(true)?;
         s.bind(&addr.into())?;
-        UdpSocket::from_std(s.into())
+        Udp::new(s.into())
     };
     let v4 = make(
         Domain::IPV4,
@@ -433,14 +555,35 @@ fn bind_udp(port: u16) -> anyhow::Result<(UdpSocket, Option<UdpSocket>)> {
             None
         }
     };
+    tracing::debug!(gro_segments = v4.gro_segments(), "UDP sockets bound");
     Ok((v4, v6))
 }
 
+/// `SO_RCVBUFFORCE` / `SO_SNDBUFFORCE`: a buffer size above net.core.*mem_max
+/// (needs CAP_NET_ADMIN, which a process that creates a TUN has).
+fn force_buffer(s: &socket2::Socket, option: libc::c_int, bytes: usize) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a valid socket descriptor, and a pointer to a c_int with its size.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Creates the TUN with offloads (IFF_VNET_HDR, TSO, USO where the kernel has
+/// it); without them if the kernel refuses.
 fn create_tun(cfg: &DataPlaneConfig) -> anyhow::Result<AsyncDevice> {
-    let mut builder = tun_rs::DeviceBuilder::new()
-        .name(&cfg.interface)
-        .mtu(cfg.mtu)
-        .tx_queue_len(10_000);
     let v4: Vec<_> = cfg
         .addresses
         .iter()
@@ -457,13 +600,27 @@ fn create_tun(cfg: &DataPlaneConfig) -> anyhow::Result<AsyncDevice> {
             IpNet::V4(_) => None,
         })
         .collect();
-    if let Some(first) = v4.first() {
-        builder = builder.ipv4(first.addr(), first.prefix_len(), None);
-    }
-    for n in &v6 {
-        builder = builder.ipv6(n.addr(), n.prefix_len());
-    }
-    let tun = builder.build_async()?;
+    let build = |offload: bool| {
+        let mut builder = tun_rs::DeviceBuilder::new()
+            .name(&cfg.interface)
+            .mtu(cfg.mtu)
+            .tx_queue_len(10_000)
+            .offload(offload);
+        if let Some(first) = v4.first() {
+            builder = builder.ipv4(first.addr(), first.prefix_len(), None);
+        }
+        for n in &v6 {
+            builder = builder.ipv6(n.addr(), n.prefix_len());
+        }
+        builder.build_async()
+    };
+    let tun = match build(true) {
+        Ok(tun) => tun,
+        Err(e) => {
+            tracing::warn!(error = %e, "TUN offloads unavailable; one packet per syscall");
+            build(false)?
+        }
+    };
     for n in v4.iter().skip(1) {
         ip(&["-4", "addr", "add", &n.to_string(), "dev", &cfg.interface])?;
     }
