@@ -325,7 +325,16 @@ impl Daemon {
         let deadline = Instant::now() + timeout;
         let existing = self.lock().enrollment.clone();
         let enrollment = match existing {
-            Some(e) => e,
+            Some(e) => {
+                if let Some(url) = controller.as_deref().filter(|u| *u != e.controller_url) {
+                    bail!(
+                        "already enrolled as {} with {}; run `ztmesh logout` before joining {url}",
+                        e.name,
+                        e.controller_url
+                    );
+                }
+                e
+            }
             None => {
                 let url = controller.ok_or_else(|| {
                     anyhow!("not enrolled: pass --controller URL and --auth-key KEY")
