@@ -28,7 +28,6 @@ use anyhow::Context as _;
 use ipnet::IpNet;
 use quinn_udp::RecvMeta;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tun_rs::AsyncDevice;
 use ztmesh_proto::keys::{WgPrivateKey, WgPublicKey};
 
@@ -123,7 +122,7 @@ pub struct DataPlane {
     commands: mpsc::UnboundedSender<Command>,
     stats: Arc<Mutex<Stats>>,
     port: u16,
-    task: JoinHandle<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
     uapi: Option<uapi::Server>,
 }
 
@@ -145,45 +144,44 @@ impl DataPlane {
     /// Creating the TUN device (needs CAP_NET_ADMIN), binding the port,
     /// adding routes, or creating the UAPI socket failed.
     pub async fn start(cfg: DataPlaneConfig) -> anyhow::Result<DataPlane> {
-        let (udp4, udp6) = bind_udp(cfg.listen_port)?;
-        let port = udp4.local_addr()?.port();
-        let tun = create_tun(&cfg).with_context(|| format!("creating TUN {}", cfg.interface))?;
-        let now = Instant::now();
-        let rules = if cfg.managed { Some(Vec::new()) } else { None };
-        let device = Device::new(&cfg.private_key, rules.clone(), now);
         let stats = Arc::new(Mutex::new(Stats::default()));
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (uapi_tx, uapi_rx) = mpsc::unbounded_channel();
-        let uapi = match &cfg.uapi_dir {
-            Some(dir) => Some(
-                uapi::Server::start(dir, &cfg.interface, cfg.managed, uapi_tx)
-                    .with_context(|| format!("UAPI socket in {}", dir.display()))?,
-            ),
-            None => None,
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let thread = {
+            let cfg = cfg.clone();
+            let stats = stats.clone();
+            std::thread::Builder::new()
+                .name("ztmesh-dataplane".into())
+                .spawn(move || run_thread(cfg, command_rx, uapi_rx, stats, ready_tx))
+                .context("spawning the data plane thread")?
         };
-        let worker = Worker {
-            device,
-            private_key: cfg.private_key.clone(),
-            rules,
-            tun,
-            udp4,
-            udp6,
-            port,
-            mtu: usize::from(cfg.mtu),
-            commands: command_rx,
-            uapi: uapi_rx,
-            stats: stats.clone(),
+        let port = match ready_rx.await {
+            Ok(Ok(port)) => port,
+            Ok(Err(e)) => {
+                let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+                return Err(e);
+            }
+            Err(_) => anyhow::bail!("the data plane thread exited during start"),
         };
-        worker.publish_stats();
-        let task = tokio::spawn(worker.run());
-        tracing::info!(interface = %cfg.interface, port, mtu = cfg.mtu, managed = cfg.managed, "data plane up");
-        Ok(DataPlane {
+        let mut plane = DataPlane {
             commands,
             stats,
             port,
-            task,
-            uapi,
-        })
+            thread: Some(thread),
+            uapi: None,
+        };
+        if let Some(dir) = &cfg.uapi_dir {
+            match uapi::Server::start(dir, &cfg.interface, cfg.managed, uapi_tx) {
+                Ok(server) => plane.uapi = Some(server),
+                Err(e) => {
+                    plane.shutdown().await;
+                    return Err(e).with_context(|| format!("UAPI socket in {}", dir.display()));
+                }
+            }
+        }
+        tracing::info!(interface = %cfg.interface, port, mtu = cfg.mtu, managed = cfg.managed, "data plane up");
+        Ok(plane)
     }
 
     /// Replaces the peer set, applied as a diff: unchanged peers keep their
@@ -209,15 +207,73 @@ impl DataPlane {
         self.port
     }
 
-    /// Stops the task; the TUN device disappears with its file descriptor,
-    /// the sockets close and the UAPI socket file is removed.
-    pub async fn shutdown(self) {
+    /// Stops the data plane thread; the TUN device disappears with its file
+    /// descriptor, the sockets close and the UAPI socket file is removed.
+    pub async fn shutdown(mut self) {
         let _ = self.commands.send(Command::Shutdown);
-        let _ = self.task.await;
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
         if let Some(u) = self.uapi {
             u.stop();
         }
     }
+}
+
+/// The data plane thread: a single-threaded runtime that owns the TUN, the
+/// sockets and the `Device`. A thread of its own keeps the hot path off the
+/// control plane's runtime: no work stealing, no cross-thread wake-ups, and
+/// the control loop's TLS and gRPC work never delays a packet.
+fn run_thread(
+    cfg: DataPlaneConfig,
+    commands: mpsc::UnboundedReceiver<Command>,
+    uapi: mpsc::UnboundedReceiver<uapi::Request>,
+    stats: Arc<Mutex<Stats>>,
+    ready: tokio::sync::oneshot::Sender<anyhow::Result<u16>>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(anyhow::Error::new(e).context("data plane runtime")));
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let setup = || -> anyhow::Result<Worker> {
+            let (udp4, udp6) = bind_udp(cfg.listen_port)?;
+            let port = udp4.local_addr()?.port();
+            let tun =
+                create_tun(&cfg).with_context(|| format!("creating TUN {}", cfg.interface))?;
+            let rules = if cfg.managed { Some(Vec::new()) } else { None };
+            Ok(Worker {
+                device: Device::new(&cfg.private_key, rules.clone(), Instant::now()),
+                private_key: cfg.private_key.clone(),
+                rules,
+                tun,
+                udp4,
+                udp6,
+                port,
+                mtu: usize::from(cfg.mtu),
+                commands,
+                uapi,
+                stats,
+            })
+        };
+        match setup() {
+            Ok(worker) => {
+                worker.publish_stats();
+                if ready.send(Ok(worker.port)).is_ok() {
+                    worker.run().await;
+                }
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e));
+            }
+        }
+    });
 }
 
 struct Worker {
@@ -278,15 +334,22 @@ impl Worker {
     async fn run(mut self) {
         let mut bufs = Buffers::new(self.mtu);
         let mut next_stats = Instant::now() + STATS_INTERVAL;
+        // One timer entry, moved only when the device's deadline moves.
+        let timer =
+            tokio::time::sleep_until(tokio::time::Instant::from_std(self.device.poll_timeout()));
+        tokio::pin!(timer);
         loop {
             let deadline = tokio::time::Instant::from_std(self.device.poll_timeout());
+            if timer.deadline() != deadline || timer.is_elapsed() {
+                timer.as_mut().reset(deadline);
+            }
             let event = tokio::select! {
                 c = self.commands.recv() => Event::Command(c),
                 r = self.uapi.recv() => Event::Uapi(r),
                 r = self.udp4.readable() => Event::Udp4(r),
                 r = readable6(self.udp6.as_ref()) => Event::Udp6(r),
                 r = self.tun.readable() => Event::Tun(r),
-                () = tokio::time::sleep_until(deadline) => Event::Timer,
+                () = &mut timer => Event::Timer,
             };
             let now = Instant::now();
             match event {
