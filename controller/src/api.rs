@@ -1,18 +1,31 @@
 //! tonic services: the node-facing Control API and the Admin API.
 //!
 //! Thin shells: they read the clock, authenticate, and call [`Mesh`].
+//! `StreamNetMap` is served by [`ControlRouter`] directly on HTTP/2 (see there).
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use bytes::Bytes;
+use http_body::Frame;
+use http_body_util::BodyExt;
+use prost::Message;
 use tokio_stream::Stream;
+use tonic::body::Body;
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 use ztmesh_proto::admin::{self as apb, admin_server::Admin};
-use ztmesh_proto::control::{self as pb, control_server::Control};
+use ztmesh_proto::control::{
+    self as pb,
+    control_server::{Control, ControlServer},
+};
 use ztmesh_proto::keys::{PublicKey, WgPublicKey};
 
 use crate::error::Error;
-use crate::mesh::{Mesh, Update};
+use crate::mesh::{Mesh, Subscriber, Update};
 use crate::now_ms;
 use crate::store::{AuthKeyRow, NodeRow};
 
@@ -72,32 +85,16 @@ impl Control for ControlService {
         req: Request<pb::StreamNetMapRequest>,
     ) -> Result<Response<MapStream>, Status> {
         let node = self.node(&req, M_STREAM)?;
-        let (conn, mut rx) = self.mesh.subscribe(node.id, now_ms())?;
+        let sub = self.mesh.open_stream(node.id, now_ms())?;
         tracing::info!(node = %node.name, "netmap stream opened");
-        let (tx, out) = tokio::sync::mpsc::channel::<Result<pb::SignedNetMap, Status>>(4);
-        let mesh = self.mesh.clone();
-        tokio::spawn(async move {
-            loop {
-                let update = rx.borrow_and_update().clone();
-                match update {
-                    Update::Map(m) => {
-                        if tx.send(Ok((*m).clone())).await.is_err() {
-                            break;
-                        }
-                    }
-                    Update::Closed(why) => {
-                        let _ = tx.send(Err(Status::unauthenticated(why))).await;
-                        break;
-                    }
-                }
-                tokio::select! {
-                    changed = rx.changed() => if changed.is_err() { break },
-                    _ = tx.closed() => break,
-                }
-            }
-            mesh.unsubscribe(node.id, conn, now_ms());
-            tracing::info!(node = %node.name, "netmap stream closed");
-        });
+        let (tx, out) = tokio::sync::mpsc::channel::<Result<pb::SignedNetMap, Status>>(1);
+        tokio::spawn(forward_maps(
+            self.mesh.clone(),
+            node,
+            sub,
+            tx,
+            std::convert::identity,
+        ));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(out),
         )))
@@ -141,6 +138,196 @@ impl Control for ControlService {
         self.mesh.logout(&node, now_ms())?;
         Ok(Response::new(pb::LogoutResponse {}))
     }
+}
+
+/// The Control service as mounted on the TLS listener: `StreamNetMap` is
+/// answered by [`ControlService::stream_raw`], every other method by the
+/// generated [`ControlServer`].
+///
+/// Why: tonic encodes each streamed message into a per-stream buffer that
+/// keeps the capacity of the largest message for the life of the stream,
+/// i.e. one netmap-sized allocation per connected node even when idle. Here
+/// every map is encoded once into an exactly-sized gRPC frame that is freed
+/// as soon as HTTP/2 has written it. The wire format is unchanged.
+#[derive(Clone)]
+pub struct ControlRouter {
+    svc: ControlService,
+    generated: ControlServer<ControlService>,
+}
+
+impl ControlRouter {
+    pub fn new(svc: ControlService) -> Self {
+        Self {
+            generated: ControlServer::new(svc.clone()),
+            svc,
+        }
+    }
+}
+
+impl NamedService for ControlRouter {
+    const NAME: &'static str = <ControlServer<ControlService> as NamedService>::NAME;
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl tower::Service<http::Request<Body>> for ControlRouter {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        if req.uri().path() == M_STREAM {
+            let svc = self.svc.clone();
+            Box::pin(async move { Ok(svc.stream_raw(req).await) })
+        } else {
+            let mut generated = self.generated.clone();
+            Box::pin(async move { generated.call(req).await })
+        }
+    }
+}
+
+/// Largest `StreamNetMapRequest` frame accepted (the message is a few bytes).
+const MAX_STREAM_REQUEST: usize = 4096;
+
+/// The 5-byte gRPC message header (uncompressed) followed by `msg`.
+fn grpc_frame(msg: &impl Message) -> Bytes {
+    let len = msg.encoded_len();
+    let mut buf = Vec::with_capacity(5 + len);
+    buf.push(0);
+    buf.extend_from_slice(&(len as u32).to_be_bytes());
+    msg.encode(&mut buf).expect("the buffer was sized to fit");
+    Bytes::from(buf)
+}
+
+/// Reads and decodes the single request message of a server-streaming call.
+async fn read_unary<M: Message + Default>(body: Body) -> Result<M, Status> {
+    let data = http_body_util::Limited::new(body, MAX_STREAM_REQUEST)
+        .collect()
+        .await
+        .map_err(|_| Status::invalid_argument("request body too large or unreadable"))?
+        .to_bytes();
+    let (flag, rest) = data
+        .split_first()
+        .ok_or_else(|| Status::invalid_argument("missing request message"))?;
+    if *flag != 0 {
+        return Err(Status::unimplemented(
+            "compressed requests are not supported",
+        ));
+    }
+    let len = rest
+        .get(..4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or_else(|| Status::invalid_argument("truncated request message"))?;
+    let msg = rest
+        .get(4..)
+        .filter(|m| m.len() == len)
+        .ok_or_else(|| Status::invalid_argument("request message length mismatch"))?;
+    M::decode(msg).map_err(|_| Status::invalid_argument("malformed request message"))
+}
+
+/// A server-streaming gRPC response body fed by a channel of encoded frames;
+/// ends with the status trailers.
+struct FrameBody {
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, Status>>,
+    done: bool,
+}
+
+impl http_body::Body for FrameBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let status = match std::task::ready!(self.rx.poll_recv(cx)) {
+            Some(Ok(frame)) => return Poll::Ready(Some(Ok(Frame::data(frame)))),
+            Some(Err(status)) => status,
+            None => Status::ok(""),
+        };
+        self.done = true;
+        let mut trailers = http::HeaderMap::new();
+        let _ = status.add_header(&mut trailers);
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+impl ControlService {
+    /// `StreamNetMap` on plain HTTP/2: the same authentication and the same
+    /// messages as the generated handler, without tonic's per-stream buffer.
+    async fn stream_raw(self, req: http::Request<Body>) -> http::Response<Body> {
+        let (parts, body) = req.into_parts();
+        let msg: pb::StreamNetMapRequest = match read_unary(body).await {
+            Ok(m) => m,
+            Err(status) => return status.into_http(),
+        };
+        let req = Request::from_http(http::Request::from_parts(parts, msg));
+        let node = match self.node(&req, M_STREAM) {
+            Ok(n) => n,
+            Err(status) => return status.into_http(),
+        };
+        let sub = match self.mesh.open_stream(node.id, now_ms()) {
+            Ok(s) => s,
+            Err(e) => return Status::from(e).into_http(),
+        };
+        tracing::info!(node = %node.name, "netmap stream opened");
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Status>>(1);
+        tokio::spawn(forward_maps(self.mesh.clone(), node, sub, tx, |m| {
+            grpc_frame(&m)
+        }));
+        let mut resp = http::Response::new(Body::new(FrameBody { rx, done: false }));
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        resp
+    }
+}
+
+/// Moves each new map of `sub` into `tx` (encoded by `encode`) until the
+/// node is closed or the client goes away; then unsubscribes.
+///
+/// Each map is taken out of the subscription before it is sent, so an idle
+/// stream holds no copy of its last map.
+async fn forward_maps<T: Send + 'static>(
+    mesh: Arc<Mesh>,
+    node: NodeRow,
+    mut sub: Subscriber,
+    tx: tokio::sync::mpsc::Sender<Result<T, Status>>,
+    encode: fn(pb::SignedNetMap) -> T,
+) {
+    loop {
+        let closed = match &*sub.rx.borrow_and_update() {
+            Update::Closed(why) => Some(why.clone()),
+            Update::Map(_) | Update::Delivered => None,
+        };
+        if let Some(why) = closed {
+            let _ = tx.send(Err(Status::unauthenticated(why))).await;
+            break;
+        }
+        if let Some(m) = sub.take() {
+            if tx.send(Ok(encode(m))).await.is_err() {
+                break;
+            }
+        }
+        tokio::select! {
+            changed = sub.rx.changed() => if changed.is_err() { break },
+            _ = tx.closed() => break,
+        }
+    }
+    mesh.unsubscribe(node.id, sub.conn, now_ms());
+    tracing::info!(node = %node.name, "netmap stream closed");
 }
 
 /// The admin service. `local` instances (the unix socket) are authorized by the

@@ -6,11 +6,12 @@
 //! changed (via the policy engine's incremental API) and pushes a freshly signed
 //! map to exactly those that are connected; unaffected nodes get nothing.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ipnet::{IpNet, Ipv6Net};
+use prost::Message;
 use rand_core::{OsRng, RngCore};
 use tokio::sync::watch;
 use ztmesh_policy::{Compiled, NodeInfo as PolicyNode, Policy};
@@ -52,31 +53,108 @@ impl Default for MeshConfig {
     }
 }
 
+/// How far ahead of the serials actually issued the persisted serial ceiling
+/// is set (in serial units, which track the clock in µs: 10 s). The store is
+/// written once per step instead of once per map.
+const SERIAL_STEP: u64 = 10_000_000;
+
 /// What a node's netmap stream receives.
 #[derive(Clone, Debug)]
 pub enum Update {
     Map(Arc<SignedNetMap>),
     /// The node was deleted or expired; the stream ends with this reason.
     Closed(String),
+    /// The last map was taken by the stream ([`Subscriber::take`]) and the
+    /// channel no longer holds it, so an idle stream keeps no map in memory.
+    Delivered,
+}
+
+/// A live netmap stream's end of its subscription.
+pub struct Subscriber {
+    /// Identifies this stream for [`Mesh::unsubscribe`].
+    pub conn: u64,
+    /// Signals a new [`Update`]; `Delivered` means nothing new.
+    pub rx: watch::Receiver<Update>,
+    tx: Arc<watch::Sender<Update>>,
+}
+
+impl Subscriber {
+    /// Takes the pending map out of the channel (leaving `Delivered`) without
+    /// waking anyone; the caller then owns the only copy.
+    pub fn take(&self) -> Option<SignedNetMap> {
+        let mut taken = None;
+        self.tx.send_if_modified(|v| {
+            if matches!(v, Update::Map(_)) {
+                taken = Some(std::mem::replace(v, Update::Delivered));
+            }
+            false
+        });
+        match taken {
+            Some(Update::Map(m)) => Some(Arc::try_unwrap(m).unwrap_or_else(|m| (*m).clone())),
+            _ => None,
+        }
+    }
 }
 
 struct Subscription {
     conn: u64,
-    tx: watch::Sender<Update>,
+    tx: Arc<watch::Sender<Update>>,
     last_sent_ms: UnixMs,
 }
 
 struct Inner {
     nodes: BTreeMap<u64, NodeRow>,
+    /// Machine key → node id, for authenticating every node call.
+    by_machine_key: HashMap<[u8; 32], u64>,
+    names: HashSet<String>,
+    /// Used IPv4 overlay addresses, and an offset below which all are used.
+    used_v4: HashSet<Ipv4Addr>,
+    v4_hint: u32,
+    /// Each node's encoded `peers` entry (field 5 of `NetMap`, tag and
+    /// length included) as other nodes' maps carry it; filled on demand,
+    /// dropped when the node changes.
+    peer_entries: HashMap<u64, Vec<u8>>,
     compiled: Compiled,
     policy_row: Option<PolicyRow>,
     serial: u64,
+    /// Persisted upper bound of every serial issued so far.
+    serial_ceiling: u64,
     subs: HashMap<u64, Subscription>,
     next_conn: u64,
     /// Nodes counted as "online": connected now.
     online: BTreeSet<u64>,
+    /// `last_seen` values not yet written to the store (see [`Mesh::flush`]).
+    seen_dirty: BTreeMap<u64, UnixMs>,
     replay: ReplayGuard,
     limiter: FailureLimiter,
+}
+
+impl Inner {
+    /// Adds or replaces a node, keeping the indexes in step.
+    fn insert_node(&mut self, row: NodeRow) {
+        self.remove_node(row.id);
+        self.by_machine_key.insert(row.machine_key, row.id);
+        self.names.insert(row.name.clone());
+        self.used_v4.insert(row.ipv4);
+        self.nodes.insert(row.id, row);
+    }
+
+    /// Removes a node and its index entries.
+    fn remove_node(&mut self, id: u64) -> Option<NodeRow> {
+        let row = self.nodes.remove(&id)?;
+        self.by_machine_key.remove(&row.machine_key);
+        self.names.remove(&row.name);
+        self.used_v4.remove(&row.ipv4);
+        self.v4_hint = self.v4_hint.min(v4_offset(row.ipv4));
+        self.peer_entries.remove(&id);
+        Some(row)
+    }
+}
+
+const V4_BASE: u32 = 0x6440_0000; // 100.64.0.0
+
+fn v4_offset(a: Ipv4Addr) -> u32 {
+    u32::from(a).wrapping_sub(V4_BASE)
 }
 
 /// Shared controller state.
@@ -163,6 +241,41 @@ fn addresses(n: &NodeRow) -> Vec<String> {
     vec![format!("{}/32", n.ipv4), format!("{}/128", n.ipv6)]
 }
 
+/// `n` as a `peers` entry of another node's map: field 5 of `NetMap`, tag
+/// and length included.
+fn peer_entry(n: &NodeRow, keepalive: u32) -> Vec<u8> {
+    let peer = pb::Peer {
+        id: n.id,
+        name: n.name.clone(),
+        wg_key: n.wg_key.to_vec(),
+        allowed_ips: addresses(n),
+        endpoints: n.endpoints.clone(),
+        persistent_keepalive: keepalive,
+    };
+    let mut buf = Vec::with_capacity(peer.encoded_len() + 4);
+    prost::encoding::message::encode(5, &peer, &mut buf);
+    buf
+}
+
+fn inbound_rules(rules: &[ztmesh_policy::InboundRule]) -> Vec<pb::InboundRule> {
+    rules
+        .iter()
+        .map(|r| pb::InboundRule {
+            src_prefixes: r.src.iter().map(IpNet::to_string).collect(),
+            protocols: r.protocols.iter().map(|&p| u32::from(p)).collect(),
+            ports: r
+                .ports
+                .iter()
+                .map(|p| pb::PortRange {
+                    first: p.first.into(),
+                    last: p.last.into(),
+                })
+                .collect(),
+            rule_id: r.rule_id.clone(),
+        })
+        .collect()
+}
+
 impl Mesh {
     /// Loads state from the store and compiles the stored policy.
     ///
@@ -200,24 +313,38 @@ impl Mesh {
             .meta("serial")?
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
+        // The stored value bounds every serial ever issued (it is written
+        // before a serial beyond it goes out), so this start is above all of them.
         let serial = stored.max((now.max(0) as u64) * 1000);
+        let mut inner = Inner {
+            nodes: BTreeMap::new(),
+            by_machine_key: HashMap::new(),
+            names: HashSet::new(),
+            used_v4: HashSet::new(),
+            v4_hint: 1,
+            peer_entries: HashMap::new(),
+            compiled,
+            policy_row,
+            serial,
+            serial_ceiling: stored,
+            subs: HashMap::new(),
+            next_conn: 1,
+            online: BTreeSet::new(),
+            seen_dirty: BTreeMap::new(),
+            replay: ReplayGuard::default(),
+            limiter: FailureLimiter::new(10, 60_000),
+        };
+        for n in nodes.into_values() {
+            inner.insert_node(n);
+        }
+        inner.v4_hint = 1;
         Ok(Self {
             store,
             signer,
             fingerprint,
             ula,
             cfg,
-            inner: Mutex::new(Inner {
-                nodes,
-                compiled,
-                policy_row,
-                serial,
-                subs: HashMap::new(),
-                next_conn: 1,
-                online: BTreeSet::new(),
-                replay: ReplayGuard::default(),
-                limiter: FailureLimiter::new(10, 60_000),
-            }),
+            inner: Mutex::new(inner),
         })
     }
 
@@ -301,15 +428,11 @@ impl Mesh {
         let hostname: String = req.hostname.chars().filter(|c| !c.is_control()).collect();
 
         let mut inner = self.lock();
-        if inner
-            .nodes
-            .values()
-            .any(|n| n.machine_key == *machine_key.as_bytes())
-        {
+        if inner.by_machine_key.contains_key(machine_key.as_bytes()) {
             return Err(Error::Conflict("a node with this machine key".into()));
         }
-        let name = unique_name(&inner.nodes, &dns_label(&hostname), None);
-        let (ipv4, ipv6) = self.allocate_addresses(&inner.nodes)?;
+        let name = unique_name(&inner.names, &dns_label(&hostname));
+        let (ipv4, ipv6) = self.allocate_addresses(&mut inner)?;
         let secret_hash = token.secret_hash();
         let policy = inner.compiled.policy().clone();
         let check = |k: &AuthKeyRow| -> std::result::Result<(), &'static str> {
@@ -363,21 +486,22 @@ impl Mesh {
             key_expiry_ms: row.expiry_ms,
         };
         let affected = inner.compiled.upsert_node(node_info(&row));
-        inner.nodes.insert(row.id, row);
+        inner.insert_node(row);
         self.push(&mut inner, &affected, now);
         Ok(resp)
     }
 
-    fn allocate_addresses(&self, nodes: &BTreeMap<u64, NodeRow>) -> Result<(Ipv4Addr, Ipv6Addr)> {
-        let used: BTreeSet<u32> = nodes.values().map(|n| u32::from(n.ipv4)).collect();
-        let base = u32::from(Ipv4Addr::new(100, 64, 0, 0));
+    /// The lowest free overlay address pair. Every offset below `v4_hint` is
+    /// taken, so the search starts there (amortized O(1) per enrollment).
+    fn allocate_addresses(&self, inner: &mut Inner) -> Result<(Ipv4Addr, Ipv6Addr)> {
         // 100.64.0.0/10: skip the network address and the .0/.255 of each /24
         // so no address looks like a broadcast to a confused host stack.
-        let offset = (1..(1u32 << 22))
+        let offset = (inner.v4_hint.max(1)..(1u32 << 22))
             .filter(|o| o & 0xff != 0 && o & 0xff != 0xff)
-            .find(|o| !used.contains(&(base + o)))
+            .find(|o| !inner.used_v4.contains(&Ipv4Addr::from(V4_BASE + o)))
             .ok_or_else(|| Error::Invalid("overlay IPv4 range exhausted".into()))?;
-        let v4 = Ipv4Addr::from(base + offset);
+        inner.v4_hint = offset;
+        let v4 = Ipv4Addr::from(V4_BASE + offset);
         let mut v6 = self.ula.network().octets();
         v6[12..16].copy_from_slice(&offset.to_be_bytes());
         Ok((v4, Ipv6Addr::from(v6)))
@@ -410,9 +534,9 @@ impl Mesh {
             .check_and_record(&proof, now)
             .map_err(|e| Error::Unauthenticated(e.to_string()))?;
         let node = inner
-            .nodes
-            .values()
-            .find(|n| n.machine_key == *proof.machine_key.as_bytes())
+            .by_machine_key
+            .get(proof.machine_key.as_bytes())
+            .and_then(|id| inner.nodes.get(id))
             .ok_or_else(|| Error::Unauthenticated("unknown machine key (node deleted?)".into()))?;
         if !is_active(node, now) {
             return Err(Error::Unauthenticated(
@@ -424,7 +548,22 @@ impl Mesh {
 
     /// Registers a netmap stream for `node`; the receiver already holds a full map.
     /// A second stream for the same node replaces the first.
+    ///
+    /// # Errors
+    /// `Unauthenticated` if the node is unknown or expired.
     pub fn subscribe(&self, node: u64, now: UnixMs) -> Result<(u64, watch::Receiver<Update>)> {
+        self.open_stream(node, now).map(|s| (s.conn, s.rx))
+    }
+
+    /// Like [`Mesh::subscribe`], for a stream that takes each map out of the
+    /// channel once it has it ([`Subscriber::take`]).
+    ///
+    /// `last_seen` is recorded in memory and written by [`Mesh::flush`]: a
+    /// reconnect storm must not cost one synchronous database write per node.
+    ///
+    /// # Errors
+    /// `Unauthenticated` if the node is unknown or expired.
+    pub fn open_stream(&self, node: u64, now: UnixMs) -> Result<Subscriber> {
         let mut inner = self.lock();
         let map = self
             .build_signed(&mut inner, node, now)
@@ -432,25 +571,24 @@ impl Mesh {
         let conn = inner.next_conn;
         inner.next_conn += 1;
         let (tx, rx) = watch::channel(Update::Map(Arc::new(map)));
+        let tx = Arc::new(tx);
         if let Some(old) = inner.subs.insert(
             node,
             Subscription {
                 conn,
-                tx,
+                tx: tx.clone(),
                 last_sent_ms: now,
             },
         ) {
-            let _ = old
-                .tx
-                .send(Update::Closed("replaced by a newer session".into()));
+            old.tx
+                .send_replace(Update::Closed("replaced by a newer session".into()));
         }
         inner.online.insert(node);
         if let Some(n) = inner.nodes.get_mut(&node) {
             n.last_seen_ms = now;
         }
-        let _ = self.store.set_node_seen(node, now);
-        self.persist_serial(&inner);
-        Ok((conn, rx))
+        inner.seen_dirty.insert(node, now);
+        Ok(Subscriber { conn, rx, tx })
     }
 
     /// Ends the stream `conn` of `node` (if it is still the current one).
@@ -462,7 +600,22 @@ impl Mesh {
             if let Some(n) = inner.nodes.get_mut(&node) {
                 n.last_seen_ms = now;
             }
-            let _ = self.store.set_node_seen(node, now);
+            inner.seen_dirty.insert(node, now);
+        }
+    }
+
+    /// Writes the `last_seen` times recorded since the last flush, in one
+    /// transaction and outside the state lock. Called by the ticker and at
+    /// shutdown; a crash loses at most one tick of `last_seen`, which only
+    /// delays the deletion of an offline ephemeral node.
+    pub fn flush(&self) {
+        let dirty = std::mem::take(&mut self.lock().seen_dirty);
+        if dirty.is_empty() {
+            return;
+        }
+        let seen: Vec<(u64, UnixMs)> = dirty.into_iter().collect();
+        if let Err(e) = self.store.set_nodes_seen(&seen) {
+            tracing::error!(error = %e, nodes = seen.len(), "cannot persist last_seen");
         }
     }
 
@@ -494,6 +647,7 @@ impl Mesh {
         if let Some(n) = inner.nodes.get_mut(&node) {
             n.endpoints = parsed;
         }
+        inner.peer_entries.remove(&node);
         let peers: BTreeSet<u64> = inner
             .compiled
             .view(node)
@@ -505,89 +659,100 @@ impl Mesh {
 
     // ---- netmaps ------------------------------------------------------------
 
-    fn next_serial(inner: &mut Inner, now: UnixMs) -> u64 {
-        inner.serial = (inner.serial + 1).max((now.max(0) as u64) * 1000);
-        inner.serial
-    }
-
-    fn persist_serial(&self, inner: &Inner) {
-        if let Err(e) = self.store.set_meta("serial", &inner.serial.to_string()) {
-            tracing::error!(error = %e, "cannot persist netmap serial");
+    /// The next serial: above the last one and at least the clock in µs.
+    /// Before it passes the persisted ceiling, a new ceiling is written, so
+    /// after a restart (which starts at the stored ceiling) serials still grow.
+    fn next_serial(&self, inner: &mut Inner, now: UnixMs) -> u64 {
+        let serial = (inner.serial + 1).max((now.max(0) as u64) * 1000);
+        if serial > inner.serial_ceiling {
+            let ceiling = serial + SERIAL_STEP;
+            match self.store.set_meta("serial", &ceiling.to_string()) {
+                Ok(()) => inner.serial_ceiling = ceiling,
+                Err(e) => tracing::error!(error = %e, "cannot persist netmap serial"),
+            }
         }
+        inner.serial = serial;
+        serial
     }
 
     /// The netmap of `node` as of now (unsigned), if the node is active.
     pub fn netmap(&self, node: u64, now: UnixMs) -> Option<NetMap> {
         let mut inner = self.lock();
-        self.build(&mut inner, node, now)
+        let body = self.build(&mut inner, node, now)?;
+        NetMap::decode(body.as_slice()).ok()
     }
 
-    fn build(&self, inner: &mut Inner, node: u64, now: UnixMs) -> Option<NetMap> {
-        let me = inner
-            .nodes
-            .get(&node)
-            .filter(|n| is_active(n, now))?
-            .clone();
-        let view = inner.compiled.view(node).cloned().unwrap_or_default();
-        let peers = view
-            .peers
-            .iter()
-            .filter_map(|id| inner.nodes.get(id))
-            .filter(|p| is_active(p, now))
-            .map(|p| pb::Peer {
-                id: p.id,
-                name: p.name.clone(),
-                wg_key: p.wg_key.to_vec(),
-                allowed_ips: addresses(p),
-                endpoints: p.endpoints.clone(),
-                persistent_keepalive: self.cfg.persistent_keepalive,
-            })
-            .collect();
-        let inbound_rules = view
-            .inbound
-            .iter()
-            .map(|r| pb::InboundRule {
-                src_prefixes: r.src.iter().map(IpNet::to_string).collect(),
-                protocols: r.protocols.iter().map(|&p| u32::from(p)).collect(),
-                ports: r
-                    .ports
-                    .iter()
-                    .map(|p| pb::PortRange {
-                        first: p.first.into(),
-                        last: p.last.into(),
-                    })
-                    .collect(),
-                rule_id: r.rule_id.clone(),
-            })
-            .collect();
-        let serial = Self::next_serial(inner, now);
+    /// The encoded `NetMap` of `node` with a fresh serial, if the node is active.
+    ///
+    /// The bytes are exactly prost's encoding of the full message (fields in
+    /// tag order: 1–4, the peers, then 6–7), but each peer's entry comes
+    /// from `peer_entries` instead of being rebuilt and re-encoded for every
+    /// map that lists it.
+    fn build(&self, inner: &mut Inner, node: u64, now: UnixMs) -> Option<Vec<u8>> {
+        let me = inner.nodes.get(&node).filter(|n| is_active(n, now))?;
         let mut not_after = now + self.cfg.netmap_ttl_ms;
         if me.expiry_ms > 0 {
             not_after = not_after.min(me.expiry_ms);
         }
-        Some(NetMap {
+        let self_node = pb::NodeInfo {
+            id: me.id,
+            name: me.name.clone(),
+            addresses: addresses(me),
+            key_expiry_ms: me.expiry_ms,
+            machine_key: me.machine_key.to_vec(),
+            wg_key: me.wg_key.to_vec(),
+            user: me.user.clone().unwrap_or_default(),
+            tags: me.tags.clone(),
+        };
+        let serial = self.next_serial(inner, now);
+        let head = NetMap {
             serial,
             issued_at_ms: now,
             not_after_ms: not_after,
-            self_node: Some(pb::NodeInfo {
-                id: me.id,
-                name: me.name.clone(),
-                addresses: addresses(&me),
-                key_expiry_ms: me.expiry_ms,
-                machine_key: me.machine_key.to_vec(),
-                wg_key: me.wg_key.to_vec(),
-                user: me.user.clone().unwrap_or_default(),
-                tags: me.tags.clone(),
-            }),
-            peers,
-            inbound_rules,
+            self_node: Some(self_node),
+            ..NetMap::default()
+        };
+        let Inner {
+            nodes,
+            compiled,
+            peer_entries,
+            ..
+        } = inner;
+        let view = compiled.view(node);
+        let tail = NetMap {
+            inbound_rules: view.map(|v| inbound_rules(&v.inbound)).unwrap_or_default(),
             dns_domain: self.cfg.dns_domain.clone(),
-        })
+            ..NetMap::default()
+        };
+        let mut body = head.encode_to_vec();
+        for id in view.iter().flat_map(|v| v.peers.iter()) {
+            let Some(p) = nodes.get(id).filter(|p| is_active(p, now)) else {
+                continue;
+            };
+            let entry = peer_entries
+                .entry(*id)
+                .or_insert_with(|| peer_entry(p, self.cfg.persistent_keepalive));
+            body.extend_from_slice(entry);
+        }
+        tail.encode(&mut body)
+            .expect("a Vec grows to fit any message");
+        Some(body)
     }
 
     fn build_signed(&self, inner: &mut Inner, node: u64, now: UnixMs) -> Option<SignedNetMap> {
-        self.build(inner, node, now)
-            .map(|m| ztmesh_proto::netmap::sign(&self.signer, &m))
+        let body = self.build(inner, node, now)?;
+        Some(self.sign(body))
+    }
+
+    /// Signs an encoded map exactly as [`ztmesh_proto::netmap::sign`] does.
+    fn sign(&self, body: Vec<u8>) -> SignedNetMap {
+        let mut msg = Vec::with_capacity(ztmesh_proto::netmap::NETMAP_DOMAIN.len() + body.len());
+        msg.extend_from_slice(ztmesh_proto::netmap::NETMAP_DOMAIN);
+        msg.extend_from_slice(&body);
+        SignedNetMap {
+            signature: self.signer.sign(&msg).to_vec(),
+            netmap: body,
+        }
     }
 
     /// Sends fresh maps to the connected nodes in `affected`.
@@ -602,13 +767,10 @@ impl Mesh {
                 None => Update::Closed("node was deleted or has expired".into()),
             };
             if let Some(sub) = inner.subs.get_mut(id) {
-                let _ = sub.tx.send(update);
+                sub.tx.send_replace(update);
                 sub.last_sent_ms = now;
                 sent += 1;
             }
-        }
-        if sent > 0 {
-            self.persist_serial(inner);
         }
         tracing::debug!(affected = affected.len(), sent, "netmaps pushed");
     }
@@ -641,7 +803,7 @@ impl Mesh {
             .collect();
         for id in stale_ephemeral {
             if self.store.delete_node(id).is_ok() {
-                let name = inner.nodes.remove(&id).map(|n| n.name).unwrap_or_default();
+                let name = inner.remove_node(id).map(|n| n.name).unwrap_or_default();
                 let _ =
                     self.store
                         .audit(now, "controller", "node.delete.ephemeral", &name, "offline");
@@ -685,7 +847,7 @@ impl Mesh {
         let ids = self.store.delete_user(login)?;
         let mut affected = BTreeSet::new();
         for id in &ids {
-            inner.nodes.remove(id);
+            inner.remove_node(*id);
             affected.extend(inner.compiled.remove_node(*id));
             affected.insert(*id);
         }
@@ -817,7 +979,7 @@ impl Mesh {
     fn remove_node(&self, actor: &str, node: &NodeRow, action: &str, now: UnixMs) -> Result<()> {
         let mut inner = self.lock();
         self.store.delete_node(node.id)?;
-        inner.nodes.remove(&node.id);
+        inner.remove_node(node.id);
         let mut affected = inner.compiled.remove_node(node.id);
         affected.insert(node.id);
         self.audit(now, actor, action, &node.name, &format!("id={}", node.id));
@@ -857,7 +1019,7 @@ impl Mesh {
         self.store.rename_node(node.id, new_name)?;
         let mut updated = node.clone();
         updated.name = new_name.to_string();
-        inner.nodes.insert(node.id, updated.clone());
+        inner.insert_node(updated.clone());
         let mut affected = BTreeSet::new();
         if is_active(&updated, now) {
             affected = inner.compiled.upsert_node(node_info(&updated));
@@ -996,8 +1158,8 @@ impl Mesh {
     }
 }
 
-fn unique_name(nodes: &BTreeMap<u64, NodeRow>, base: &str, except: Option<u64>) -> String {
-    let taken = |n: &str| nodes.values().any(|x| x.name == n && Some(x.id) != except);
+fn unique_name(names: &HashSet<String>, base: &str) -> String {
+    let taken = |n: &str| names.contains(n);
     if !taken(base) {
         return base.to_string();
     }

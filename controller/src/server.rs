@@ -12,10 +12,9 @@ use ipnet::Ipv6Net;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use ztmesh_proto::admin::admin_server::AdminServer;
 use ztmesh_proto::auth::{hex, sha256};
-use ztmesh_proto::control::control_server::ControlServer;
 use ztmesh_proto::keys::{write_secret_file, SigningKey};
 
-use crate::api::{AdminService, ControlService};
+use crate::api::{AdminService, ControlRouter, ControlService};
 use crate::mesh::{Mesh, MeshConfig};
 use crate::now_ms;
 use crate::store::{SqliteStore, Store};
@@ -152,6 +151,7 @@ pub async fn run(
         loop {
             t.tick().await;
             ticker_mesh.tick(now_ms());
+            ticker_mesh.flush();
         }
     });
 
@@ -161,7 +161,7 @@ pub async fn run(
         .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(ControlServer::new(ControlService { mesh: mesh.clone() }))
+        .add_service(ControlRouter::new(ControlService { mesh: mesh.clone() }))
         .add_service(AdminServer::new(AdminService {
             mesh: mesh.clone(),
             local: false,
@@ -170,6 +170,7 @@ pub async fn run(
         .await;
     ticker.abort();
     uds_task.abort();
+    mesh.flush();
     let _ = std::fs::remove_file(&sock);
     if let Err(e) = result {
         bail!("server failed: {}", ztmesh_proto::tls::error_chain(&e));

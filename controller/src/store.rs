@@ -148,6 +148,11 @@ pub trait Store: Send + Sync {
     fn set_node_expiry(&self, id: u64, expiry_ms: UnixMs) -> Result<()>;
     fn rename_node(&self, id: u64, name: &str) -> Result<()>;
     fn set_node_seen(&self, id: u64, last_seen_ms: UnixMs) -> Result<()>;
+    /// Many `last_seen` updates at once (one transaction where the store has them).
+    fn set_nodes_seen(&self, seen: &[(u64, UnixMs)]) -> Result<()> {
+        seen.iter()
+            .try_for_each(|&(id, ms)| self.set_node_seen(id, ms))
+    }
     fn set_node_endpoints(&self, id: u64, endpoints: &[String]) -> Result<()>;
 
     fn create_api_key(&self, key: &ApiKeyRow) -> Result<ApiKeyRow>;
@@ -651,6 +656,19 @@ impl Store for SqliteStore {
             "UPDATE nodes SET last_seen_ms = ?2 WHERE id = ?1",
             params![id, last_seen_ms],
         )?;
+        Ok(())
+    }
+
+    fn set_nodes_seen(&self, seen: &[(u64, UnixMs)]) -> Result<()> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut st = tx.prepare("UPDATE nodes SET last_seen_ms = ?2 WHERE id = ?1")?;
+            for (id, ms) in seen {
+                st.execute(params![id, ms])?;
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
 

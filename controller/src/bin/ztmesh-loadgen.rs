@@ -273,6 +273,8 @@ struct Shared {
     slots: Vec<Slot>,
     verify_failures: AtomicU64,
     stream_attempts: AtomicU64,
+    /// Signed-map bytes received.
+    bytes: AtomicU64,
     first_failure: std::sync::Mutex<Option<String>>,
 }
 
@@ -321,6 +323,10 @@ async fn node_task(idx: usize, node: Arc<SimNode>, ch: Channel, shared: Arc<Shar
             let mut first = true;
             while let Ok(Some(signed)) = stream.message().await {
                 attempt = 0;
+                shared.bytes.fetch_add(
+                    (signed.netmap.len() + signed.signature.len()) as u64,
+                    Ordering::Relaxed,
+                );
                 match netmap::verify(&shared.controller_key, &signed, have, now_ms()) {
                     Ok(map) => {
                         have = map.serial;
@@ -552,6 +558,7 @@ async fn measure(
         slots: (0..n).map(|_| Slot::default()).collect(),
         verify_failures: AtomicU64::new(0),
         stream_attempts: AtomicU64::new(0),
+        bytes: AtomicU64::new(0),
         first_failure: std::sync::Mutex::new(None),
     });
     let t = Instant::now();
@@ -690,15 +697,18 @@ async fn measure(
     }
     let per_node = (rss_connected.saturating_sub(rss0)) as f64 / n as f64;
     out.insert("kib_per_node".into(), per_node.into());
-    out.insert(
-        "maps_received".into(),
-        shared
-            .slots
-            .iter()
-            .map(|s| s.maps.load(Ordering::Relaxed))
-            .sum::<u64>()
-            .into(),
+    let maps: u64 = shared
+        .slots
+        .iter()
+        .map(|s| s.maps.load(Ordering::Relaxed))
+        .sum();
+    let bytes = shared.bytes.load(Ordering::Relaxed);
+    println!(
+        "{maps} maps verified, {:.1} KiB each on average",
+        bytes as f64 / maps.max(1) as f64 / 1024.0
     );
+    out.insert("maps_received".into(), maps.into());
+    out.insert("map_bytes_avg".into(), (bytes / maps.max(1)).into());
     out.insert(
         "loadgen_cpu_s".into(),
         proc_cpu_secs("/proc/self/stat").unwrap_or(0.0).into(),
