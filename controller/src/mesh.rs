@@ -1168,3 +1168,156 @@ fn unique_name(names: &HashSet<String>, base: &str) -> String {
         .find(|n| !taken(n))
         .expect("an unbounded range always finds a free name")
 }
+
+#[cfg(test)]
+mod tests {
+    use ztmesh_proto::keys::WgPrivateKey;
+
+    use super::*;
+    use crate::store::SqliteStore;
+
+    const T0: UnixMs = 1_800_000_000_000;
+    const POLICY: &str = r#"{
+      "tagOwners": {"tag:a": []},
+      "acls": [{"action": "accept", "src": ["tag:a"], "dst": ["tag:a:22,443"]}],
+    }"#;
+
+    fn open(store: Arc<dyn Store>, now: UnixMs) -> Mesh {
+        Mesh::load(
+            store,
+            SigningKey::generate(&mut OsRng),
+            [7; 32],
+            Mesh::random_ula(),
+            MeshConfig::default(),
+            now,
+        )
+        .unwrap()
+    }
+
+    fn mesh() -> Mesh {
+        open(Arc::new(SqliteStore::in_memory().unwrap()), T0)
+    }
+
+    /// Enrolls `n` nodes tagged `tag:a` under POLICY; returns their ids.
+    fn enroll_nodes(m: &Mesh, n: usize) -> Vec<u64> {
+        m.set_policy("admin", "p.hujson", POLICY, T0).unwrap();
+        let (_, key) = m
+            .create_auth_key("admin", None, &["tag:a".into()], true, false, None, T0)
+            .unwrap();
+        (0..n)
+            .map(|i| {
+                let machine = SigningKey::generate(&mut OsRng);
+                let wg = WgPrivateKey::generate(&mut OsRng);
+                let (mk, wk) = (
+                    machine.public().as_bytes().to_vec(),
+                    wg.public().as_bytes().to_vec(),
+                );
+                let host = format!("n{i}");
+                let proof = machine
+                    .sign(&auth::enroll_message(&key, &mk, &wk, &host, T0))
+                    .to_vec();
+                let req = pb::EnrollRequest {
+                    auth_key: key.clone(),
+                    machine_key: mk,
+                    wg_key: wk,
+                    hostname: host,
+                    timestamp_ms: T0,
+                    proof,
+                };
+                m.enroll(&req, T0).unwrap().node_id
+            })
+            .collect()
+    }
+
+    fn encoded(m: &Mesh, node: u64, now: UnixMs) -> Vec<u8> {
+        let mut inner = m.lock();
+        m.build(&mut inner, node, now).unwrap()
+    }
+
+    #[test]
+    fn assembled_maps_are_prosts_own_encoding_and_follow_peer_changes() {
+        let m = mesh();
+        let ids = enroll_nodes(&m, 5);
+        let body = encoded(&m, ids[0], T0);
+        let map = NetMap::decode(body.as_slice()).unwrap();
+        assert_eq!(map.encode_to_vec(), body, "byte-identical to prost");
+        let peers: Vec<u64> = map.peers.iter().map(|p| p.id).collect();
+        assert_eq!(peers, ids[1..].to_vec(), "every other node, sorted by id");
+        assert!(!map.inbound_rules.is_empty());
+
+        // Cached peer entries follow renames and endpoint reports.
+        m.rename_node("admin", &ids[1].to_string(), "renamed", T0)
+            .unwrap();
+        m.report_endpoints(ids[2], &["192.0.2.7:51820".into()], T0)
+            .unwrap();
+        let body = encoded(&m, ids[0], T0);
+        let map = NetMap::decode(body.as_slice()).unwrap();
+        assert_eq!(map.encode_to_vec(), body);
+        assert_eq!(map.peers[0].name, "renamed");
+        assert_eq!(map.peers[1].endpoints, vec!["192.0.2.7:51820".to_string()]);
+
+        // A deleted peer disappears.
+        m.delete_node("admin", &ids[3].to_string(), T0).unwrap();
+        let map = m.netmap(ids[0], T0).unwrap();
+        assert!(map.peers.iter().all(|p| p.id != ids[3]));
+    }
+
+    #[test]
+    fn persisted_serial_always_bounds_issued_serials_across_restarts() {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().unwrap());
+        let m = open(store.clone(), T0);
+        let ids = enroll_nodes(&m, 2);
+        let stored =
+            |s: &Arc<dyn Store>| -> u64 { s.meta("serial").unwrap().unwrap().parse().unwrap() };
+        let mut last = 0;
+        // Many maps, across several ceiling steps, faster than the clock.
+        for i in 0..3_000i64 {
+            let map = m.netmap(ids[0], T0 + i * 10).unwrap();
+            assert!(map.serial > last);
+            last = map.serial;
+            assert!(
+                stored(&store) >= last,
+                "issued {last} above the persisted ceiling"
+            );
+        }
+        drop(m);
+        // Restart with a clock that went backwards: serials still grow.
+        let m = open(store.clone(), T0 - 3_600_000);
+        assert!(m.netmap(ids[0], T0 - 3_600_000).unwrap().serial > last);
+    }
+
+    #[test]
+    fn a_stream_takes_its_map_and_idles_without_a_copy() {
+        let m = mesh();
+        let ids = enroll_nodes(&m, 2);
+        let mut sub = m.open_stream(ids[0], T0).unwrap();
+        assert!(matches!(*sub.rx.borrow_and_update(), Update::Map(_)));
+        let first = sub.take().expect("the initial map");
+        assert!(matches!(*sub.rx.borrow(), Update::Delivered));
+        assert!(sub.take().is_none(), "taken once");
+        assert!(!sub.rx.has_changed().unwrap(), "taking wakes nobody");
+
+        m.set_policy("admin", "p.hujson", &POLICY.replace("22,443", "22"), T0 + 1)
+            .unwrap();
+        assert!(sub.rx.has_changed().unwrap());
+        let next = sub.take().expect("the new map");
+        let key = m.controller_key();
+        let a = ztmesh_proto::netmap::verify(&key, &first, 0, T0).unwrap();
+        let b = ztmesh_proto::netmap::verify(&key, &next, a.serial, T0).unwrap();
+        assert_eq!(b.inbound_rules[0].ports.len(), 1);
+    }
+
+    #[test]
+    fn last_seen_reaches_the_store_on_flush() {
+        let m = mesh();
+        let ids = enroll_nodes(&m, 1);
+        let seen = |m: &Mesh| m.store().nodes().unwrap()[0].last_seen_ms;
+        let sub = m.open_stream(ids[0], T0 + 5_000).unwrap();
+        assert_eq!(seen(&m), T0, "deferred");
+        m.flush();
+        assert_eq!(seen(&m), T0 + 5_000);
+        m.unsubscribe(ids[0], sub.conn, T0 + 9_000);
+        m.flush();
+        assert_eq!(seen(&m), T0 + 9_000);
+    }
+}

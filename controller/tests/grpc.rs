@@ -572,8 +572,7 @@ async fn remote_admin_needs_a_valid_api_key() {
     // Wrong pin: the TLS handshake fails before any request.
     let e = ztmesh_proto::tls::connect(&ctl.url, [0; 32], Duration::from_secs(5))
         .await
-        .err()
-        .expect("a wrong pin fails the handshake");
+        .expect_err("a wrong pin fails the handshake");
     assert!(
         e.to_string().contains("does not match the pinned"),
         "the error names the pin mismatch: {e}"

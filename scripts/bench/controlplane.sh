@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Control-plane benchmark: ztmesh-loadgen against the real controller binary,
+# everything on 127.0.0.1.
+#
+#   ztmesh-loadgen (1 tokio thread)                ztmesh-controller serve (child)
+#   N simulated nodes = tokio tasks   --TLS/h2-->  127.0.0.1:<free port>
+#   100 StreamNetMap streams per TLS connection    data dir in $TMPDIR, SIGKILLed
+#   admin calls over DIR/admin.sock                and restarted for the storm
+#
+# For each size N: enroll N nodes for real (ed25519 machine keys, Enroll with
+# proofs, one reusable tagged key per group of 100), open N authenticated
+# netmap streams (every map's signature, serial and expiry verified), time
+# `policy set` → every node holding the new policy (3 changes, each affecting
+# all N nodes), SIGKILL + restart the controller and time until all N streams
+# are resynced, and read the controller's VmRSS. Prints one table of medians
+# over REPS runs.
+#
+# Environment:
+#   REPS=3              runs per size (the table shows medians)
+#   SIZES="1000 5000"   node counts
+#   CHANGES=3           policy changes timed per run
+#   GROUP=100           nodes per tag group (each node gets GROUP-1 peers)
+#   BIN=target/release  where ztmesh-loadgen and ztmesh-controller are
+#   NO_BUILD=1          skip `cargo build --release`
+#   OUT=FILE            also write the raw JSON lines there
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+
+REPS=${REPS:-3}
+SIZES=${SIZES:-"1000 5000"}
+CHANGES=${CHANGES:-3}
+GROUP=${GROUP:-100}
+BIN=${BIN:-$ROOT/target/release}
+
+if [[ -z "${NO_BUILD:-}" ]]; then
+    cargo build --release -p ztmesh-controller --bins >&2
+fi
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+RAW=$(mktemp)
+trap 'rm -f "$RAW"' EXIT
+for n in $SIZES; do
+    for rep in $(seq 1 "$REPS"); do
+        echo "== N=$n run $rep/$REPS" >&2
+        "$BIN/ztmesh-loadgen" --nodes "$n" --group-size "$GROUP" --changes "$CHANGES" \
+            --controller-bin "$BIN/ztmesh-controller" --json | tee /dev/stderr | tail -n 1 >>"$RAW"
+    done
+done
+if [[ -n "${OUT:-}" ]]; then
+    cp "$RAW" "$OUT"
+fi
+
+python3 - "$RAW" "$REPS" <<'EOF'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+reps = sys.argv[2]
+sizes = sorted({r["nodes"] for r in rows})
+med = lambda xs: statistics.median(xs)
+cols = [
+    ("enroll/s", lambda r: r["nodes"] / r["enroll_s"], "{:.0f}", "-"),
+    ("first sync ms", lambda r: r["connect_ms"], "{:.0f}", "-"),
+    ("policy ack ms", lambda r: med([c["ack_ms"] for c in r["changes"]]), "{:.0f}", "-"),
+    ("propagation p50 ms", lambda r: r["prop_p50_ms"], "{:.0f}", "-"),
+    ("propagation p99 ms", lambda r: r["prop_p99_ms"], "{:.0f}", "<= 1000 at 5,000"),
+    ("storm resync ms", lambda r: r["storm_ms"], "{:.0f}", "<= 15000 at 5,000"),
+    ("restart to serving ms", lambda r: r["restart_ready_ms"], "{:.0f}", "-"),
+    ("RSS fresh MiB", lambda r: r["rss0_kib"] / 1024, "{:.1f}", "-"),
+    ("RSS N connected MiB", lambda r: r["rss_connected_kib"] / 1024, "{:.1f}", "-"),
+    ("KiB per node", lambda r: r["kib_per_node"], "{:.1f}", "<= 20"),
+    ("KiB per node after restart", lambda r: (r["rss_resynced_kib"] - r["rss0_kib"]) / r["nodes"], "{:.1f}", "<= 20"),
+    ("map size KiB", lambda r: r["map_bytes_avg"] / 1024, "{:.1f}", "-"),
+]
+print(f"\nmedians of {reps} runs per size")
+print("| metric | " + " | ".join(f"N = {n:,}" for n in sizes) + " | target |")
+print("|---|" + "---|" * len(sizes) + "---|")
+for name, f, fmt, target in cols:
+    cells = []
+    for n in sizes:
+        vals = [f(r) for r in rows if r["nodes"] == n]
+        cells.append(fmt.format(med(vals)) + (f" ({fmt.format(min(vals))}–{fmt.format(max(vals))})" if len(vals) > 1 else ""))
+    print(f"| {name} | " + " | ".join(cells) + f" | {target} |")
+EOF
