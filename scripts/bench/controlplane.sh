@@ -63,6 +63,8 @@ cols = [
     ("policy ack ms", lambda r: med([c["ack_ms"] for c in r["changes"]]), "{:.0f}", "-"),
     ("propagation p50 ms", lambda r: r["prop_p50_ms"], "{:.0f}", "-"),
     ("propagation p99 ms", lambda r: r["prop_p99_ms"], "{:.0f}", "<= 1000 at 5,000"),
+    ("one join: enroll ack ms", lambda r: r["join_ack_ms"], "{:.1f}", "-"),
+    ("one join: group peers updated ms", lambda r: r["join_max_ms"], "{:.1f}", "-"),
     ("storm resync ms", lambda r: r["storm_ms"], "{:.0f}", "<= 15000 at 5,000"),
     ("restart to serving ms", lambda r: r["restart_ready_ms"], "{:.0f}", "-"),
     ("RSS fresh MiB", lambda r: r["rss0_kib"] / 1024, "{:.1f}", "-"),

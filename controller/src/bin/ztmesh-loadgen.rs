@@ -261,6 +261,9 @@ struct Slot {
     generation: AtomicU64,
     /// When the first map of that generation arrived (ns since base).
     generation_at_ns: AtomicU64,
+    /// Peers in the newest map, and when that count last changed.
+    peers: AtomicU32,
+    peers_at_ns: AtomicU64,
     maps: AtomicU64,
 }
 
@@ -336,6 +339,11 @@ async fn node_task(idx: usize, node: Arc<SimNode>, ch: Channel, shared: Arc<Shar
                             slot.version_at_ns.store(now, Ordering::Relaxed);
                             slot.version.store(v, Ordering::Release);
                         }
+                        let p = map.peers.len() as u32;
+                        if slot.peers.load(Ordering::Relaxed) != p {
+                            slot.peers_at_ns.store(now, Ordering::Relaxed);
+                            slot.peers.store(p, Ordering::Release);
+                        }
                         if first {
                             slot.generation_at_ns.store(now, Ordering::Relaxed);
                             slot.generation.store(generation, Ordering::Release);
@@ -367,11 +375,16 @@ async fn wait_all(
     shared: &Shared,
     what: &str,
     timeout: Duration,
-    done: impl Fn(&Slot) -> bool,
+    done: impl Fn(usize, &Slot) -> bool,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        let pending = shared.slots.iter().filter(|s| !done(s)).count();
+        let pending = shared
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| !done(*i, s))
+            .count();
         if pending == 0 {
             return Ok(());
         }
@@ -572,7 +585,7 @@ async fn measure(
             shared.clone(),
         ));
     }
-    wait_all(&shared, "every node's first map", phase, |s| {
+    wait_all(&shared, "every node's first map", phase, |_, s| {
         s.generation.load(Ordering::Acquire) == 1
     })
     .await?;
@@ -607,7 +620,7 @@ async fn measure(
             .await
             .map_err(|s| anyhow!("setting the policy: {}", s.message()))?;
         let ack = started.elapsed();
-        wait_all(&shared, &format!("policy version {k}"), phase, |s| {
+        wait_all(&shared, &format!("policy version {k}"), phase, |_, s| {
             s.version.load(Ordering::Acquire) == k
         })
         .await?;
@@ -644,6 +657,58 @@ async fn measure(
     out.insert("prop_p50_ms".into(), p50.into());
     out.insert("prop_p99_ms".into(), p99.into());
 
+    // One node joins group 0: its group peers must list it.
+    let group0 = args.group_size.min(n);
+    let before: Vec<u32> = shared.slots[..group0]
+        .iter()
+        .map(|s| s.peers.load(Ordering::Acquire))
+        .collect();
+    let machine = SigningKey::generate(&mut OsRng);
+    let wg = WgPrivateKey::generate(&mut OsRng);
+    let (mk, wk, host, ts) = (
+        machine.public().as_bytes().to_vec(),
+        wg.public().as_bytes().to_vec(),
+        "lg-join".to_string(),
+        now_ms(),
+    );
+    let proof = machine
+        .sign(&auth::enroll_message(&keys[0], &mk, &wk, &host, ts))
+        .to_vec();
+    let t0 = shared.ns();
+    let started = Instant::now();
+    ControlClient::new(channels[0].clone())
+        .enroll(pb::EnrollRequest {
+            auth_key: keys[0].clone(),
+            machine_key: mk,
+            wg_key: wk,
+            hostname: host,
+            timestamp_ms: ts,
+            proof,
+        })
+        .await
+        .map_err(|s| anyhow!("enrolling the joining node: {}", s.message()))?;
+    let ack = started.elapsed();
+    wait_all(
+        &shared,
+        "the group to learn the joining node",
+        phase,
+        |i, s| i >= group0 || s.peers.load(Ordering::Acquire) > before[i],
+    )
+    .await?;
+    let mut lat: Vec<f64> = shared.slots[..group0]
+        .iter()
+        .map(|s| (s.peers_at_ns.load(Ordering::Relaxed).saturating_sub(t0)) as f64 / 1e6)
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    println!(
+        "one node joins: enroll ack {:.1} ms, its {group0} group peers updated p50 {:.1} ms, max {:.1} ms",
+        ms(ack),
+        percentile(&lat, 50.0),
+        lat[lat.len() - 1]
+    );
+    out.insert("join_ack_ms".into(), ms(ack).into());
+    out.insert("join_max_ms".into(), lat[lat.len() - 1].into());
+
     // Reconnect storm.
     if !args.no_restart {
         ctl.kill();
@@ -659,7 +724,7 @@ async fn measure(
             &shared,
             "every node to resync after the restart",
             phase,
-            |s| s.generation.load(Ordering::Acquire) == 2,
+            |_, s| s.generation.load(Ordering::Acquire) == 2,
         )
         .await?;
         let storm = spawned.elapsed();
