@@ -338,6 +338,7 @@ impl Worker {
         let timer =
             tokio::time::sleep_until(tokio::time::Instant::from_std(self.device.poll_timeout()));
         tokio::pin!(timer);
+        let mut uapi_open = true;
         loop {
             let deadline = tokio::time::Instant::from_std(self.device.poll_timeout());
             if timer.deadline() != deadline || timer.is_elapsed() {
@@ -345,7 +346,7 @@ impl Worker {
             }
             let event = tokio::select! {
                 c = self.commands.recv() => Event::Command(c),
-                r = self.uapi.recv() => Event::Uapi(r),
+                r = self.uapi.recv(), if uapi_open => Event::Uapi(r),
                 r = self.udp4.readable() => Event::Udp4(r),
                 r = readable6(self.udp6.as_ref()) => Event::Udp6(r),
                 r = self.tun.readable() => Event::Tun(r),
@@ -374,7 +375,9 @@ impl Worker {
                     self.device.set_filter(r);
                 }
                 Event::Uapi(Some(req)) => self.uapi_request(req, now),
-                Event::Uapi(None) => {}
+                // No UAPI socket (or it stopped): stop polling the closed
+                // channel, which would otherwise be ready on every turn.
+                Event::Uapi(None) => uapi_open = false,
             }
             while let Some(t) = self.device.poll_transmit(now, &mut bufs.out) {
                 self.send(&t).await;
