@@ -55,6 +55,9 @@ const SOCKET_SEND_BUFFER: usize = 4 << 20;
 const UDP_RX_BUFFERS: usize = 8;
 /// Bytes of one UDP receive buffer: the largest GRO batch the kernel builds.
 const UDP_RX_BUFFER: usize = 65_536;
+/// Packets gathered from one source before they are written out: a full GSO
+/// send (64 segments) of small packets.
+const DRAIN_PACKETS: usize = 64;
 /// How often the stats snapshot behind [`DataPlane::stats`] is refreshed.
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -396,89 +399,97 @@ impl Worker {
         tracing::info!(drops = %drops.join(" "), "data plane stopped");
     }
 
-    /// One TUN read (up to a 64 KiB super-packet, split), encrypted into the
-    /// batch, sent with GSO.
+    /// TUN reads, encrypted back to back, then sent with GSO. A super-packet
+    /// (TSO, up to 64 KiB) is a batch of its own and goes out at once; single
+    /// packets are gathered until the TUN is empty or [`DRAIN_PACKETS`] wait.
     async fn tun_batch(&mut self, now: Instant, bufs: &mut Buffers) {
-        let n = match bufs.tun_rx.try_recv(&self.tun) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(e) => {
-                // A malformed offload header drops that read only.
-                tracing::trace!(error = %e, "TUN read failed");
-                return;
-            }
-        };
-        debug_assert_eq!(n, bufs.tun_rx.count());
-        for i in 0..n {
-            let packet = bufs.tun_rx.packet(i);
-            if bufs.udp_tx.remaining() < packet.len() + OVERHEAD + MIN_BUFFER {
-                self.flush_udp(&mut bufs.udp_tx).await;
-            }
-            let free = bufs.udp_tx.free();
-            let base = free.as_ptr() as usize;
-            match self.device.handle_tun(now, packet, free) {
-                Output::Network(t) => {
-                    let start = t.packet.as_ptr() as usize - base;
-                    let (to, range) = (t.to, start..start + t.packet.len());
-                    bufs.udp_tx.push(to, range);
+        let mut n = 0;
+        while n <= 1 && bufs.udp_tx.len() < DRAIN_PACKETS {
+            n = match bufs.tun_rx.try_recv(&self.tun) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    // A malformed offload header drops that read only.
+                    tracing::trace!(error = %e, "TUN read failed");
+                    break;
                 }
-                Output::Tunnel(_) | Output::Done => {}
-                Output::Dropped(reason) => {
-                    tracing::trace!(reason = reason.as_str(), "dropped");
+            };
+            for i in 0..n {
+                let packet = bufs.tun_rx.packet(i);
+                if bufs.udp_tx.remaining() < packet.len() + OVERHEAD + MIN_BUFFER {
+                    self.flush_udp(&mut bufs.udp_tx).await;
+                }
+                let free = bufs.udp_tx.free();
+                let base = free.as_ptr() as usize;
+                match self.device.handle_tun(now, packet, free) {
+                    Output::Network(t) => {
+                        let start = t.packet.as_ptr() as usize - base;
+                        let (to, range) = (t.to, start..start + t.packet.len());
+                        bufs.udp_tx.push(to, range);
+                    }
+                    Output::Tunnel(_) | Output::Done => {}
+                    Output::Dropped(reason) => {
+                        tracing::trace!(reason = reason.as_str(), "dropped");
+                    }
                 }
             }
         }
         self.flush_udp(&mut bufs.udp_tx).await;
     }
 
-    /// One `recvmmsg` (each buffer a GRO batch), decrypted into the TUN batch,
-    /// written with GRO.
+    /// `recvmmsg` calls (each buffer a GRO batch) until the socket is empty or
+    /// [`DRAIN_PACKETS`] packets wait, decrypted into the TUN batch, written
+    /// with GRO.
     async fn udp_batch(&mut self, now: Instant, v6: bool, bufs: &mut Buffers) {
         let sock = match (v6, self.udp6.as_ref()) {
             (false, _) => &self.udp4,
             (true, Some(s)) => s,
             (true, None) => return,
         };
-        let n = {
-            let mut slices: [IoSliceMut<'_>; UDP_RX_BUFFERS] = {
-                let mut it = bufs.udp_rx.iter_mut();
-                std::array::from_fn(|_| IoSliceMut::new(it.next().expect("UDP_RX_BUFFERS buffers")))
+        while bufs.tun_tx.len() < DRAIN_PACKETS {
+            let n = {
+                let mut slices: [IoSliceMut<'_>; UDP_RX_BUFFERS] = {
+                    let mut it = bufs.udp_rx.iter_mut();
+                    std::array::from_fn(|_| {
+                        IoSliceMut::new(it.next().expect("UDP_RX_BUFFERS buffers"))
+                    })
+                };
+                match sock.try_recv(&mut slices, &mut bufs.udp_meta) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        // ICMP port unreachable and the like surface here; keep going.
+                        tracing::trace!(error = %e, "UDP receive error");
+                        break;
+                    }
+                }
             };
-            match sock.try_recv(&mut slices, &mut bufs.udp_meta) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    // ICMP port unreachable and the like surface here; keep going.
-                    tracing::trace!(error = %e, "UDP receive error");
-                    return;
-                }
-            }
-        };
-        for (meta, buf) in bufs.udp_meta[..n].iter().zip(&bufs.udp_rx) {
-            let from = unmap(meta.addr);
-            let stride = meta.stride.max(1);
-            for datagram in buf[..meta.len.min(buf.len())].chunks(stride) {
-                if bufs.tun_tx.is_full() {
-                    bufs.tun_tx.flush(&self.tun).await;
-                }
-                let out = bufs.tun_tx.slot(datagram.len().max(MIN_BUFFER));
-                let base = out.as_ptr() as usize;
-                match self.device.handle_udp(now, from, datagram, out) {
-                    Output::Tunnel(p) => {
-                        let start = p.as_ptr() as usize - base;
-                        let end = start + p.len();
-                        bufs.tun_tx.commit(start, end);
+            for (meta, buf) in bufs.udp_meta[..n].iter().zip(&bufs.udp_rx) {
+                let from = unmap(meta.addr);
+                let stride = meta.stride.max(1);
+                for datagram in buf[..meta.len.min(buf.len())].chunks(stride) {
+                    if bufs.tun_tx.is_full() {
+                        bufs.tun_tx.flush(&self.tun).await;
                     }
-                    Output::Network(t) => {
-                        // A handshake response or cookie: rare, sent at once.
-                        let (to, len) = (t.to, t.packet.len());
-                        let start = t.packet.as_ptr() as usize - base;
-                        let packet = &bufs.tun_tx.current()[start..start + len];
-                        send_on(&self.udp4, self.udp6.as_ref(), to, packet).await;
-                    }
-                    Output::Done => {}
-                    Output::Dropped(reason) => {
-                        tracing::trace!(reason = reason.as_str(), "dropped");
+                    let out = bufs.tun_tx.slot(datagram.len().max(MIN_BUFFER));
+                    let base = out.as_ptr() as usize;
+                    match self.device.handle_udp(now, from, datagram, out) {
+                        Output::Tunnel(p) => {
+                            let start = p.as_ptr() as usize - base;
+                            let end = start + p.len();
+                            bufs.tun_tx.commit(start, end);
+                        }
+                        Output::Network(t) => {
+                            // A handshake response or cookie: rare, sent at once.
+                            let (to, len) = (t.to, t.packet.len());
+                            let start = t.packet.as_ptr() as usize - base;
+                            let packet = &bufs.tun_tx.current()[start..start + len];
+                            send_on(&self.udp4, self.udp6.as_ref(), to, packet).await;
+                        }
+                        Output::Done => {}
+                        Output::Dropped(reason) => {
+                            tracing::trace!(reason = reason.as_str(), "dropped");
+                        }
                     }
                 }
             }

@@ -17,7 +17,6 @@ pub(super) struct TunRx {
     raw: Vec<u8>,
     segments: Vec<Vec<u8>>,
     sizes: Vec<usize>,
-    count: usize,
 }
 
 impl TunRx {
@@ -30,25 +29,17 @@ impl TunRx {
             raw: vec![0; VIRTIO_NET_HDR_LEN + SUPER_PACKET],
             segments,
             sizes: vec![0; IDEAL_BATCH_SIZE],
-            count: 0,
         }
     }
 
     /// One read: `WouldBlock` when nothing is queued; else the packet count.
     pub(super) fn try_recv(&mut self, tun: &AsyncDevice) -> io::Result<usize> {
-        self.count = 0;
-        let n = tun.try_recv_multiple(&mut self.raw, &mut self.segments, &mut self.sizes, 0)?;
-        self.count = n;
-        Ok(n)
+        tun.try_recv_multiple(&mut self.raw, &mut self.segments, &mut self.sizes, 0)
     }
 
     /// The `i`-th packet of the last read.
     pub(super) fn packet(&self, i: usize) -> &[u8] {
         &self.segments[i][..self.sizes[i]]
-    }
-
-    pub(super) fn count(&self) -> usize {
-        self.count
     }
 }
 
@@ -70,6 +61,11 @@ impl TunTx {
             used: 0,
             gro: GROTable::new(),
         }
+    }
+
+    /// Packets waiting.
+    pub(super) fn len(&self) -> usize {
+        self.used
     }
 
     pub(super) fn is_full(&self) -> bool {

@@ -158,6 +158,11 @@ impl TxBatch {
         self.packets.is_empty()
     }
 
+    /// Datagrams waiting.
+    pub(super) fn len(&self) -> usize {
+        self.packets.len()
+    }
+
     pub(super) fn clear(&mut self) {
         self.used = 0;
         self.packets.clear();
