@@ -194,7 +194,9 @@ pub struct PeerStatus {
 
 struct Peer {
     config: PeerConfig,
-    tunn: Tunn,
+    /// The WireGuard state machine, built on first use: a `Tunn` is about
+    /// 11 KiB, and most peers of a large mesh never exchange a packet.
+    tunn: Option<Box<Tunn>>,
     /// The 24-bit index boringtun puts in the top bits of our receiver indexes.
     index: u32,
     endpoint: Option<SocketAddr>,
@@ -308,14 +310,8 @@ impl Device {
                         .as_mut()
                         .expect("by_key points at live slots");
                     if peer.config.preshared_key != config.preshared_key {
-                        peer.tunn = Tunn::new(
-                            self.private.clone(),
-                            x25519::PublicKey::from(key.0),
-                            config.preshared_key,
-                            None,
-                            peer.index,
-                            Some(self.rate_limiter.clone()),
-                        );
+                        // Sessions under the old key end; the next use builds a new `Tunn`.
+                        peer.tunn = None;
                         peer.last_handshake = None;
                     }
                     if config.endpoint.is_some() && config.endpoint != peer.config.endpoint {
@@ -451,14 +447,6 @@ impl Device {
             None => return None,
         };
         let index = (u32::from(self.generations[slot]) << 16) | slot as u32;
-        let tunn = Tunn::new(
-            self.private.clone(),
-            x25519::PublicKey::from(config.public_key.0),
-            config.preshared_key,
-            None,
-            index,
-            Some(self.rate_limiter.clone()),
-        );
         // As WireGuard does when persistent keepalive is set: the first
         // keepalive (and so a handshake) goes out at once, not after the
         // interval. A node restarted from its stored netmap thereby re-keys
@@ -473,7 +461,7 @@ impl Device {
         self.peers[slot] = Some(Peer {
             endpoint: config.endpoint,
             config,
-            tunn,
+            tunn: None,
             index,
             last_handshake: None,
             initiator: false,
@@ -555,7 +543,10 @@ impl Device {
         };
         self.filter.outbound(now, peer.index, packet);
         let base = out.as_ptr() as usize;
-        match peer.tunn.encapsulate(packet, out) {
+        match peer
+            .tunn(&self.private, &self.rate_limiter)
+            .encapsulate(packet, out)
+        {
             TunnResult::WriteToNetwork(p) => {
                 let range = range_in(base, p);
                 let Some(to) = peer.endpoint else {
@@ -630,8 +621,10 @@ impl Device {
                 ]);
                 let index = receiver >> 8;
                 let slot = (index & 0xffff) as usize;
+                // A peer without a `Tunn` never took part in a handshake, so
+                // nothing can be addressed to it yet.
                 match self.peers.get(slot) {
-                    Some(Some(p)) if p.index == index => slot,
+                    Some(Some(p)) if p.index == index && p.tunn.is_some() => slot,
                     _ => return Out::Drop(DropReason::UnknownIndex),
                 }
             }
@@ -642,11 +635,16 @@ impl Device {
             routes,
             filter,
             flush,
+            private,
+            rate_limiter,
             ..
         } = self;
         let peer = peers[slot].as_mut().expect("slot checked above");
         let base = out.as_ptr() as usize;
-        match peer.tunn.decapsulate(Some(from.ip()), datagram, out) {
+        match peer
+            .tunn(private, rate_limiter)
+            .decapsulate(Some(from.ip()), datagram, out)
+        {
             TunnResult::WriteToNetwork(p) => {
                 let range = range_in(base, p);
                 let reply = out[range.start];
@@ -725,8 +723,12 @@ impl Device {
                 self.flush = None;
                 break;
             };
+            let Some(tunn) = peer.tunn.as_deref_mut() else {
+                self.flush = None;
+                break;
+            };
             let base = out.as_ptr() as usize;
-            match peer.tunn.decapsulate(None, &[], out) {
+            match tunn.decapsulate(None, &[], out) {
                 TunnResult::WriteToNetwork(p) => {
                     let range = range_in(base, p);
                     match peer.endpoint {
@@ -751,7 +753,7 @@ impl Device {
             let Some(peer) = self.peers[slot].as_mut() else {
                 continue;
             };
-            let n = peer.timers(now, &mut scratch);
+            let n = peer.timers(now, &self.private, &self.rate_limiter, &mut scratch);
             if n > 0 {
                 if let Some(to) = peer.endpoint {
                     peer.tx_bytes += n as u64;
@@ -766,6 +768,21 @@ impl Device {
 }
 
 impl Peer {
+    /// The peer's `Tunn`, built now if this is its first use.
+    fn tunn(&mut self, private: &x25519::StaticSecret, limiter: &Arc<RateLimiter>) -> &mut Tunn {
+        let (config, index) = (&self.config, self.index);
+        self.tunn.get_or_insert_with(|| {
+            Box::new(Tunn::new(
+                private.clone(),
+                x25519::PublicKey::from(config.public_key.0),
+                config.preshared_key,
+                None,
+                index,
+                Some(limiter.clone()),
+            ))
+        })
+    }
+
     fn authenticated(&mut self, now: Instant, from: SocketAddr, len: usize) {
         self.endpoint = Some(from);
         self.rx_bytes += len as u64;
@@ -774,7 +791,13 @@ impl Peer {
 
     /// Our clock's timers, then boringtun's. Returns the length written to
     /// `scratch`, 0 when there is nothing to send.
-    fn timers(&mut self, now: Instant, scratch: &mut [u8; MIN_BUFFER]) -> usize {
+    fn timers(
+        &mut self,
+        now: Instant,
+        private: &x25519::StaticSecret,
+        limiter: &Arc<RateLimiter>,
+        scratch: &mut [u8; MIN_BUFFER],
+    ) -> usize {
         let rekey_due = self.initiator
             && self
                 .last_handshake
@@ -788,23 +811,30 @@ impl Peer {
                 .is_none_or(|t| now.duration_since(t) >= REKEY_RETRY);
         if rekey_due {
             self.rekey_requested = Some(now);
-            if let TunnResult::WriteToNetwork(p) =
-                self.tunn.format_handshake_initiation(scratch, false)
+            if let TunnResult::WriteToNetwork(p) = self
+                .tunn(private, limiter)
+                .format_handshake_initiation(scratch, false)
             {
                 return p.len();
             }
         }
         let keepalive = self.config.persistent_keepalive.unwrap_or(0);
+        // Without an endpoint the keepalive could not be sent: do not build
+        // a `Tunn` for it.
         if keepalive > 0
+            && self.endpoint.is_some()
             && now.duration_since(self.last_traffic) >= Duration::from_secs(u64::from(keepalive))
         {
             self.last_traffic = now;
-            if let TunnResult::WriteToNetwork(p) = self.tunn.encapsulate(&[], scratch) {
+            if let TunnResult::WriteToNetwork(p) =
+                self.tunn(private, limiter).encapsulate(&[], scratch)
+            {
                 return p.len();
             }
         }
-        match self.tunn.update_timers(scratch) {
-            TunnResult::WriteToNetwork(p) => p.len(),
+        // A peer that never built its `Tunn` has no timers to run.
+        match self.tunn.as_deref_mut().map(|t| t.update_timers(scratch)) {
+            Some(TunnResult::WriteToNetwork(p)) => p.len(),
             _ => 0,
         }
     }
