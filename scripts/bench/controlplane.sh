@@ -61,6 +61,8 @@ cols = [
     ("enroll/s", lambda r: r["nodes"] / r["enroll_s"], "{:.0f}", "-"),
     ("first sync ms", lambda r: r["connect_ms"], "{:.0f}", "-"),
     ("policy ack ms", lambda r: med([c["ack_ms"] for c in r["changes"]]), "{:.0f}", "-"),
+    ("controller CPU per change s", lambda r: med([c["controller_cpu_s"] for c in r["changes"]]), "{:.2f}", "-"),
+    ("loadgen CPU per change s", lambda r: med([c.get("loadgen_cpu_s", float("nan")) for c in r["changes"]]), "{:.2f}", "-"),
     ("propagation p50 ms", lambda r: r["prop_p50_ms"], "{:.0f}", "-"),
     ("propagation p99 ms", lambda r: r["prop_p99_ms"], "{:.0f}", "<= 1000 at 5,000"),
     ("one join: enroll ack ms", lambda r: r["join_ack_ms"], "{:.1f}", "-"),

@@ -610,6 +610,7 @@ async fn measure(
     for k in 2..=args.changes + 1 {
         let text = policy(groups, k);
         let cpu0 = ctl.cpu_secs();
+        let own0 = proc_cpu_secs("/proc/self/stat").unwrap_or(0.0);
         let t0 = shared.ns();
         let started = Instant::now();
         admin
@@ -636,13 +637,15 @@ async fn measure(
             lat[lat.len() - 1],
         );
         let cpu = ctl.cpu_secs() - cpu0;
+        let own = proc_cpu_secs("/proc/self/stat").unwrap_or(0.0) - own0;
         println!(
-            "policy change {}: ack {:.0} ms, p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms (controller CPU {cpu:.2} s)",
+            "policy change {}: ack {:.0} ms, p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms (CPU: controller {cpu:.2} s, loadgen {own:.2} s)",
             k - 1,
             ms(ack)
         );
         per_change.push(serde_json::json!({
-            "ack_ms": ms(ack), "p50_ms": p50, "p99_ms": p99, "max_ms": max, "controller_cpu_s": cpu
+            "ack_ms": ms(ack), "p50_ms": p50, "p99_ms": p99, "max_ms": max,
+            "controller_cpu_s": cpu, "loadgen_cpu_s": own
         }));
         all_lat.extend(lat);
         tokio::time::sleep(Duration::from_millis(300)).await;
