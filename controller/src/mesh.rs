@@ -744,15 +744,8 @@ impl Mesh {
         Some(self.sign(body))
     }
 
-    /// Signs an encoded map exactly as [`ztmesh_proto::netmap::sign`] does.
     fn sign(&self, body: Vec<u8>) -> SignedNetMap {
-        let mut msg = Vec::with_capacity(ztmesh_proto::netmap::NETMAP_DOMAIN.len() + body.len());
-        msg.extend_from_slice(ztmesh_proto::netmap::NETMAP_DOMAIN);
-        msg.extend_from_slice(&body);
-        SignedNetMap {
-            signature: self.signer.sign(&msg).to_vec(),
-            netmap: body,
-        }
+        ztmesh_proto::netmap::sign_encoded(&self.signer, body)
     }
 
     /// Sends fresh maps to the connected nodes in `affected`.

@@ -1,9 +1,12 @@
 //! Signing and verification of network maps. Pure: no I/O, time is an argument.
 //!
-//! The signature covers `NETMAP_DOMAIN || bytes`, where `bytes` is exactly the
-//! serialized [`NetMap`] carried in [`SignedNetMap::netmap`]. Verifying the bytes
-//! that travelled (rather than a re-encoding) means the check cannot be fooled by
-//! two encodings of one message.
+//! The signature covers `NETMAP_DOMAIN || SHA-256(bytes)`, where `bytes` is
+//! exactly the serialized [`NetMap`] carried in [`SignedNetMap::netmap`].
+//! Verifying the bytes that travelled (rather than a re-encoding) means the
+//! check cannot be fooled by two encodings of one message. Signing a digest
+//! rather than the whole map (hash-then-sign, as Ed25519ph does) hashes each
+//! map once with SHA-256 instead of twice with SHA-512 inside Ed25519: at
+//! 5,000 nodes, signing was ~45% of the controller's CPU per policy change.
 
 use prost::Message;
 
@@ -12,7 +15,7 @@ use crate::keys::{PublicKey, SigningKey};
 use crate::UnixMs;
 
 /// Domain separator so a netmap signature can never be valid for another message type.
-pub const NETMAP_DOMAIN: &[u8] = b"ztmesh-netmap-v1\0";
+pub const NETMAP_DOMAIN: &[u8] = b"ztmesh-netmap-v2\0";
 
 /// Why a signed netmap was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -35,16 +38,21 @@ pub enum NetMapError {
     },
 }
 
-fn signed_message(body: &[u8]) -> Vec<u8> {
-    let mut msg = Vec::with_capacity(NETMAP_DOMAIN.len() + body.len());
-    msg.extend_from_slice(NETMAP_DOMAIN);
-    msg.extend_from_slice(body);
+fn signed_message(body: &[u8]) -> [u8; NETMAP_DOMAIN.len() + 32] {
+    let mut msg = [0u8; NETMAP_DOMAIN.len() + 32];
+    msg[..NETMAP_DOMAIN.len()].copy_from_slice(NETMAP_DOMAIN);
+    msg[NETMAP_DOMAIN.len()..].copy_from_slice(&crate::auth::sha256(body));
     msg
 }
 
 /// Serializes and signs `map`.
 pub fn sign(key: &SigningKey, map: &NetMap) -> SignedNetMap {
-    let body = map.encode_to_vec();
+    sign_encoded(key, map.encode_to_vec())
+}
+
+/// Signs an already serialized `NetMap` (the controller assembles maps from
+/// pre-encoded parts).
+pub fn sign_encoded(key: &SigningKey, body: Vec<u8>) -> SignedNetMap {
     let signature = key.sign(&signed_message(&body)).to_vec();
     SignedNetMap {
         netmap: body,
