@@ -26,6 +26,8 @@
 #   TCP_SECS=10 UDP_SECS=5 PINGS=20
 #   BIN=target/release  where ztmesh and ztmesh-controller are
 #   BORINGTUN=...     boringtun-cli binary
+#   MEM_PEERS=10000   also measure `ztmesh tunnel` RSS with 1 and with this many
+#                     peers (random keys, distinct /32s; 0: skip; needs python3)
 #   OUT=FILE          also write the raw samples (CSV) there
 #   KEEP=1            keep the work dir (logs) for inspection
 set -euo pipefail
@@ -37,6 +39,7 @@ IMPLS=${IMPLS:-"bare ztmesh agent wggo bt bt1"}
 TCP_SECS=${TCP_SECS:-10}
 UDP_SECS=${UDP_SECS:-5}
 PINGS=${PINGS:-20}
+MEM_PEERS=${MEM_PEERS:-10000}
 BIN=${BIN:-$ROOT/target/release}
 BORINGTUN=${BORINGTUN:-$ROOT/target/bench-tools/bin/boringtun-cli}
 MTU=1420
@@ -290,13 +293,14 @@ iperf() { # ARGS...: one-shot server in B, client in A; prints the client's JSON
 }
 
 run_impl() { # IMPL REP
-  local impl=$1 rep=$2 json t0 t1 tcp1 tcp4 retr udp_pps ping_ms cpu rss_a
+  local impl=$1 rep=$2 json t0 t1 tcp1 tcp4 retr udp_pps ping_ms cpu rss_a rss_idle
   setup_ns
   PID_A= PID_B= PID_CTL=
   "impl_${impl}_start"
   # First packet through (handshake): bounded.
   wait_for "$impl: first ping to $DST" 150 ina ping -c 1 -W 1 "$DST"
   ina ping -c 3 -i 0.2 -W 1 "$DST" >/dev/null 2>&1 || true
+  rss_idle=$(rss_kib "$PID_A")
 
   t0=$(cpu_ticks "$PID_A" "$PID_B")
   json=$(iperf "$TCP_SECS")
@@ -315,11 +319,36 @@ run_impl() { # IMPL REP
   ping_ms=$(ina timeout $((PINGS + 10)) ping -c "$PINGS" -i 0.2 -W 1 "$DST" 2>/dev/null |
     sed -n 's/.*time=\([0-9.]*\).*/\1/p' | sort -g | awk '{v[NR]=$1} END {if (NR==0) print 0; else if (NR%2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}')
   rss_a=$(rss_kib "$PID_A")
-  printf '%s,%s,%.3f,%.3f,%.0f,%.3f,%s,%s,%s\n' "$impl" "$rep" "$tcp1" "$tcp4" "$udp_pps" "$ping_ms" "$cpu" "$retr" "$rss_a" >>"$SAMPLES"
-  log "$(printf '%-8s rep %s: tcp1 %.2f Gbit/s (retr %s), tcp4 %.2f, udp %.0f pkt/s, ping %.3f ms, cpu %s s, rss A %s KiB' \
-    "$impl" "$rep" "$tcp1" "$retr" "$tcp4" "$udp_pps" "$ping_ms" "$cpu" "$rss_a")"
+  printf '%s,%s,%.3f,%.3f,%.0f,%.3f,%s,%s,%s,%s\n' "$impl" "$rep" "$tcp1" "$tcp4" "$udp_pps" "$ping_ms" "$cpu" "$retr" "$rss_idle" "$rss_a" >>"$SAMPLES"
+  log "$(printf '%-8s rep %s: tcp1 %.2f Gbit/s (retr %s), tcp4 %.2f, udp %.0f pkt/s, ping %.3f ms, cpu %s s, rss A %s KiB idle, %s KiB after' \
+    "$impl" "$rep" "$tcp1" "$retr" "$tcp4" "$udp_pps" "$ping_ms" "$cpu" "$rss_idle" "$rss_a")"
   stop_pids
   del_ns
+}
+
+# mem_rss N: VmRSS (KiB) of an idle `ztmesh tunnel` configured with N peers
+# (random public keys, AllowedIPs 100.65.x.y/32, no endpoints), once all N
+# are applied (`wg show` lists them) and a timer pass has run.
+mem_rss() {
+  local n=$1 conf=$WORK/mem-$1.conf ifname="${TAG}m" rss tries
+  setup_ns
+  python3 - "$n" "$KEY_A" "$OVER_A" "$MTU" >"$conf" <<'PY'
+import base64, os, sys
+n, key, addr, mtu = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+print(f"[Interface]\nPrivateKey = {key}\nListenPort = 51821\nAddress = {addr}/32\nMTU = {mtu}\n")
+for i in range(1, n + 1):
+    pub = base64.b64encode(os.urandom(32)).decode()
+    print(f"[Peer]\nPublicKey = {pub}\nAllowedIPs = 100.65.{i >> 8}.{i & 255}/32\n")
+PY
+  start A "mem-$n" "$BIN/ztmesh" tunnel --config "$conf" --interface "$ifname"
+  # Routes are added one `ip route` call per prefix: allow 10 ms each.
+  tries=$((300 + n / 10))
+  wait_for "$n peers applied" "$tries" bash -c "[[ \$(ip netns exec '$NS_A' wg show '$ifname' peers | wc -l) -eq $n ]]"
+  sleep 1
+  rss=$(rss_kib "$PID_A")
+  stop_pids
+  del_ns
+  echo "$rss"
 }
 
 # --- main ---
@@ -362,25 +391,37 @@ awk -F, -v order="$IMPLS" '
   }
   function ratio(x, base) { return (base > 0 && x > 0) ? sprintf("%.2fx", x / base) : "-" }
   {
-    for (c = 3; c <= 9; c++) vals[$1 SUBSEP c] = vals[$1 SUBSEP c] (vals[$1 SUBSEP c] == "" ? "" : " ") $c
+    for (c = 3; c <= 10; c++) vals[$1 SUBSEP c] = vals[$1 SUBSEP c] (vals[$1 SUBSEP c] == "" ? "" : " ") $c
   }
   END {
     label["bare"] = "bare veth"; label["ztmesh"] = "ztmesh tunnel"; label["agent"] = "ztmesh daemon (agent)"
     label["wggo"] = "wireguard-go"; label["bt"] = "boringtun-cli (default)"; label["bt1"] = "boringtun-cli -t 1"
     n = split(order, impls, " ")
-    for (c = 3; c <= 9; c++) base[c] = median("wggo" SUBSEP c)
-    printf "| %-23s | %-15s | %-15s | %-17s | %-15s | %-13s | %-9s | %-9s |\n", "implementation", "TCP 1 Gbit/s", "TCP 4 Gbit/s", "UDP 64 B kpkt/s", "ping RTT ms", "CPU s (TCP1)", "retrans", "RSS A MiB"
-    printf "|%s|%s|%s|%s|%s|%s|%s|%s|\n", "-------------------------", "-----------------", "-----------------", "-------------------", "-----------------", "---------------", "-----------", "-----------"
+    for (c = 3; c <= 10; c++) base[c] = median("wggo" SUBSEP c)
+    printf "| %-23s | %-15s | %-15s | %-17s | %-15s | %-12s | %-9s | %-14s |\n", "implementation", "TCP 1 Gbit/s", "TCP 4 Gbit/s", "UDP 64 B kpkt/s", "ping RTT ms", "CPU s (TCP1)", "retrans", "RSS A MiB idle/after"
+    printf "|%s|%s|%s|%s|%s|%s|%s|%s|\n", "-------------------------", "-----------------", "-----------------", "-------------------", "-----------------", "--------------", "-----------", "----------------"
     for (i = 1; i <= n; i++) {
       k = impls[i]
       if (vals[k SUBSEP 3] == "") continue
       t1 = median(k SUBSEP 3); t4 = median(k SUBSEP 4); u = median(k SUBSEP 5); p = median(k SUBSEP 6)
-      cpu = median(k SUBSEP 7); re = median(k SUBSEP 8); rss = median(k SUBSEP 9)
-      printf "| %-23s | %6.2f (%6s) | %6.2f (%6s) | %7.1f (%6s) | %5.3f (%6s) | %13s | %9d | %9s |\n", label[k], \
+      cpu = median(k SUBSEP 7); re = median(k SUBSEP 8); idle = median(k SUBSEP 9); rss = median(k SUBSEP 10)
+      printf "| %-23s | %6.2f (%6s) | %6.2f (%6s) | %7.1f (%6s) | %5.3f (%6s) | %12s | %9d | %14s |\n", label[k], \
         t1, ratio(t1, base[3]), t4, ratio(t4, base[4]), u / 1000, ratio(u, base[5]), p, ratio(p, base[6]), \
-        (k == "bare" ? "-" : sprintf("%.2f", cpu)), re, (k == "bare" ? "-" : sprintf("%.1f", rss / 1024))
+        (k == "bare" ? "-" : sprintf("%.2f", cpu)), re, (k == "bare" ? "-" : sprintf("%.1f / %.1f", idle / 1024, rss / 1024))
     }
     print ""
     print "Ratios in parentheses are against wireguard-go (higher is better except for ping RTT)."
     print "CPU s: utime+stime of both tunnel processes during the 1-stream TCP test (agent: both daemons)."
+    print "RSS A: VmRSS of the tunnel process in namespace A (sender), idle after the handshake / after all tests."
   }' "$SAMPLES"
+
+if ((MEM_PEERS > 0)) && [[ " $IMPLS " == *" ztmesh "* ]] && command -v python3 >/dev/null; then
+  log "memory: ztmesh tunnel with 1 and $MEM_PEERS peers"
+  RSS_ONE=$(mem_rss 1)
+  RSS_MANY=$(mem_rss "$MEM_PEERS")
+  echo
+  awk -v one="$RSS_ONE" -v many="$RSS_MANY" -v n="$MEM_PEERS" 'BEGIN {
+    printf "Memory (ztmesh tunnel, idle, VmRSS): 1 peer %.1f MiB; %d peers %.1f MiB; %.2f KiB per extra peer\n", \
+      one / 1024, n, many / 1024, (many - one) / (n - 1)
+  }'
+fi
