@@ -546,3 +546,57 @@ fn random_datagrams_never_panic_and_are_counted() {
     let total: u64 = net.nodes[1].dev.drops().iter().map(|(_, n)| n).sum();
     assert!(total >= 4900, "drops counted: {total}");
 }
+
+#[test]
+fn peers_build_their_tunn_only_when_used() {
+    let mut net = Net::mesh(3);
+    let built = |n: &Node| -> Vec<bool> {
+        n.dev
+            .peers
+            .iter()
+            .flatten()
+            .map(|p| p.tunn.is_some())
+            .collect()
+    };
+    assert_eq!(built(&net.nodes[0]), vec![false, false]);
+    // Timers over idle peers build nothing.
+    net.now += TIMER_TICK;
+    let now = net.now;
+    net.nodes[0].dev.handle_timeout(now);
+    let mut out = vec![0u8; BUF];
+    assert!(net.nodes[0].dev.poll_transmit(now, &mut out).is_none());
+    assert_eq!(built(&net.nodes[0]), vec![false, false]);
+
+    net.send_ip(0, &net.ping(0, 1, 1)).unwrap();
+    assert!(net.run().is_empty());
+    assert_eq!(net.nodes[1].tun_rx.len(), 1);
+    // Node 0 built the Tunn of node 1 only; node 1 that of node 0 only.
+    assert_eq!(built(&net.nodes[0]).iter().filter(|b| **b).count(), 1);
+    assert_eq!(built(&net.nodes[1]).iter().filter(|b| **b).count(), 1);
+    assert_eq!(built(&net.nodes[2]), vec![false, false]);
+}
+
+#[test]
+fn data_for_a_peer_that_never_handshaked_is_an_unknown_index() {
+    let mut net = Net::mesh(2);
+    net.send_ip(0, &net.ping(0, 1, 1)).unwrap();
+    net.run();
+    let (from, _, data) = {
+        net.send_ip(0, &net.ping(0, 1, 2)).unwrap();
+        net.wire.pop_front().unwrap()
+    };
+    // Node 1's receiver index for node 0, replayed against a fresh node 1
+    // that has node 0 configured but never built its Tunn.
+    let fresh_key = net.nodes[1].key.clone();
+    let mut fresh = Device::new(&fresh_key, None, net.now);
+    fresh.set_peers(
+        vec![peer_of(&net.nodes[0], &["100.64.0.1/32"], None)],
+        net.now,
+    );
+    let mut out = vec![0u8; BUF];
+    assert!(matches!(
+        fresh.handle_udp(net.now, from, &data, &mut out),
+        Output::Dropped(DropReason::UnknownIndex)
+    ));
+    assert!(fresh.peers.iter().flatten().all(|p| p.tunn.is_none()));
+}
