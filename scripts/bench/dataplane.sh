@@ -204,6 +204,8 @@ impl_ztmesh_start() {
 
 impl_agent_start() {
   local policy=$WORK/policy.hujson key side sock
+  # A fresh controller and fresh node state for every repetition.
+  rm -rf "$WORK/ctl" "$WORK/node-A" "$WORK/node-B"
   printf '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}\n' >"$policy"
   start A controller "$BIN/ztmesh-controller" serve --data-dir "$WORK/ctl" --listen "$UNDER_A:$CTL_PORT"
   PID_CTL=$PID_A
