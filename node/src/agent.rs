@@ -73,10 +73,26 @@ struct State {
     refused_maps: u64,
 }
 
-struct Daemon {
-    cfg: DaemonConfig,
+/// The node's private keys.
+struct Keys {
     machine: SigningKey,
     wg: WgPrivateKey,
+}
+
+impl Keys {
+    fn load_or_generate(state_dir: &Path) -> anyhow::Result<Keys> {
+        Ok(Keys {
+            machine: SigningKey::load_or_generate(&state_dir.join("machine.key"))?,
+            wg: WgPrivateKey::load_or_generate(&state_dir.join("wg.key"))?,
+        })
+    }
+}
+
+struct Daemon {
+    cfg: DaemonConfig,
+    /// Replaced (on disk and here) by `logout`, so the next `up` enrolls a
+    /// fresh identity that survives a restart.
+    keys: Mutex<Arc<Keys>>,
     state: Mutex<State>,
     dp: tokio::sync::Mutex<Option<DataPlane>>,
     /// Serial of the last netmap applied from a live controller session.
@@ -92,6 +108,10 @@ fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
 impl Daemon {
     fn path(&self, name: &str) -> PathBuf {
         self.cfg.state_dir.join(name)
+    }
+
+    fn keys(&self) -> Arc<Keys> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -157,7 +177,7 @@ impl Daemon {
         let plane = DataPlane::start(DataPlaneConfig {
             interface: self.cfg.interface.clone(),
             mtu: self.cfg.mtu,
-            private_key: self.wg.clone(),
+            private_key: self.keys().wg.clone(),
             listen_port: self.cfg.listen_port,
             addresses,
             routes,
@@ -222,14 +242,14 @@ impl Daemon {
         };
         if let Some(ep) = local_endpoint(&e.controller_url, port) {
             if let Err(s) = ctl
-                .report_endpoints(&self.machine, vec![ep.to_string()])
+                .report_endpoints(&self.keys().machine, vec![ep.to_string()])
                 .await
             {
                 return Err(status_error(s));
             }
         }
         let mut stream = ctl
-            .stream(&self.machine, *have)
+            .stream(&self.keys().machine, *have)
             .await
             .map_err(status_error)?;
         let mut gate = NetMapGate::new(key, *have);
@@ -391,6 +411,7 @@ impl Daemon {
             .fingerprint
             .ok_or_else(|| anyhow!("auth key carries no controller fingerprint"))?;
         let hostname = hostname.unwrap_or_else(system_hostname);
+        let keys = self.keys();
         let left = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_secs(1));
@@ -398,7 +419,7 @@ impl Daemon {
             .await
             .map_err(|e| anyhow!("cannot reach the controller at {url}: {e:#}"))?;
         let resp = ctl
-            .enroll(key, &self.machine, &self.wg, &hostname)
+            .enroll(key, &keys.machine, &keys.wg, &hostname)
             .await
             .map_err(|s| anyhow!("enrollment refused: {}", s.message()))?;
         let controller_key = PublicKey::from_slice(&resp.controller_key)
@@ -432,7 +453,7 @@ impl Daemon {
             remote = match auth::parse_fingerprint(&e.fingerprint) {
                 Some(fp) => {
                     match Controller::connect(&e.controller_url, fp, Duration::from_secs(5)).await {
-                        Ok(mut c) => match c.logout(&self.machine).await {
+                        Ok(mut c) => match c.logout(&self.keys().machine).await {
                             Ok(()) => "deregistered".into(),
                             Err(s) => format!("controller refused logout: {}", s.message()),
                         },
@@ -454,6 +475,9 @@ impl Daemon {
         ] {
             let _ = std::fs::remove_file(self.path(f));
         }
+        // A fresh identity for the next `up`, on disk before it is used.
+        let fresh = Keys::load_or_generate(&self.cfg.state_dir)?;
+        *self.keys.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
         {
             let mut st = self.lock();
             st.enrollment = None;
@@ -506,7 +530,7 @@ impl Daemon {
             "enrolled": st.enrollment.is_some(),
             "self": st.enrollment.as_ref().map(|e| json!({
                 "name": e.name, "id": e.node_id, "addresses": e.addresses,
-                "public_key": self.wg.public().to_string(),
+                "public_key": self.keys().wg.public().to_string(),
             })),
             "controller": {
                 "url": st.enrollment.as_ref().map(|e| e.controller_url.clone()),
@@ -546,7 +570,7 @@ impl Daemon {
             ").\n# The controller-enforced inbound filter is not expressible here.\n[Interface]\n",
         );
         if include_private_key {
-            out.push_str(&format!("PrivateKey = {}\n", self.wg.to_base64()));
+            out.push_str(&format!("PrivateKey = {}\n", self.keys().wg.to_base64()));
         } else {
             out.push_str("# PrivateKey omitted (use --include-private-key)\n");
         }
@@ -652,13 +676,11 @@ fn system_hostname() -> String {
 /// Unusable state dir or socket path.
 pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     ensure_private_dir(&cfg.state_dir)?;
-    let machine = SigningKey::load_or_generate(&cfg.state_dir.join("machine.key"))?;
-    let wg = WgPrivateKey::load_or_generate(&cfg.state_dir.join("wg.key"))?;
+    let keys = Keys::load_or_generate(&cfg.state_dir)?;
     let (live_serial, _) = watch::channel(0u64);
     let daemon = Arc::new(Daemon {
         cfg: cfg.clone(),
-        machine,
-        wg,
+        keys: Mutex::new(Arc::new(keys)),
         state: Mutex::new(State {
             enrollment: None,
             netmap: None,

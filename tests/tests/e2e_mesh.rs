@@ -218,6 +218,7 @@ fn node_cli_status_ping_down_up_and_logout_work_end_to_end() {
 
     // logout: the node disappears from the controller and its keys are wiped.
     let bob = mesh.node_name(BOB);
+    let old_key = fs::read(mesh.node(BOB).state_dir.join("machine.key")).unwrap();
     mesh.node_cli(BOB, &["logout"])
         .unwrap_or_else(|o| panic!("logout: {o}"));
     assert!(
@@ -225,9 +226,25 @@ fn node_cli_status_ping_down_up_and_logout_work_end_to_end() {
         "{bob} still listed"
     );
     let state = &mesh.node(BOB).state_dir;
-    assert!(!state.join("machine.key").exists() && !state.join("enrollment.json").exists());
+    assert!(!state.join("enrollment.json").exists());
+    assert_ne!(
+        fs::read(state.join("machine.key")).unwrap_or_default(),
+        old_key,
+        "logout wipes the machine key (a fresh one is made for the next up)"
+    );
     let st = mesh.status(BOB);
     assert_eq!(st["enrolled"], false, "{st:#}");
+
+    // Re-joining after logout uses a fresh identity that survives a restart.
+    let key = mesh.create_key(&["--user", "bob@example.com"]);
+    let out = mesh.up(BOB, &key);
+    assert!(out.status.success(), "up after logout failed:\n{out}");
+    mesh.stop_daemon(BOB);
+    mesh.start_daemon(BOB);
+    let reconnected = wait_until(Duration::from_secs(20), Duration::from_millis(200), || {
+        mesh.status(BOB)["controller"]["state"] == "connected"
+    });
+    assert!(reconnected.is_ok(), "{:#}", mesh.status(BOB));
 }
 
 /// Scenario 2: adding and then removing a rule takes effect within 2 s.
