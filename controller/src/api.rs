@@ -127,6 +127,7 @@ impl Control for ControlService {
                 port = f.dst_port, reason = %f.reason, packets = f.packets, "denied flow"
             );
         }
+        self.mesh.record_denied_flows(&node, flows, now_ms());
         Ok(Response::new(pb::ReportFlowsResponse {}))
     }
 

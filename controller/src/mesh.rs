@@ -58,6 +58,9 @@ impl Default for MeshConfig {
 /// written once per step instead of once per map.
 const SERIAL_STEP: u64 = 10_000_000;
 
+/// Audit rows written for one flow report at most (plus one summary row).
+pub const MAX_FLOW_ROWS_PER_REPORT: usize = 100;
+
 /// What a node's netmap stream receives.
 #[derive(Clone, Debug)]
 pub enum Update {
@@ -616,6 +619,43 @@ impl Mesh {
         let seen: Vec<(u64, UnixMs)> = dirty.into_iter().collect();
         if let Err(e) = self.store.set_nodes_seen(&seen) {
             tracing::error!(error = %e, nodes = seen.len(), "cannot persist last_seen");
+        }
+    }
+
+    /// Records the denied flows a node reports in the audit log, one row per
+    /// (source, destination, protocol, port, reason) up to
+    /// [`MAX_FLOW_ROWS_PER_REPORT`], then one summary row for the rest.
+    /// Fields are length-capped: a node cannot write unbounded text.
+    pub fn record_denied_flows(&self, node: &NodeRow, flows: &[pb::FlowSummary], now: UnixMs) {
+        let actor = format!("node:{}", node.name);
+        let clip = |s: &str| {
+            s.chars()
+                .filter(|c| !c.is_control())
+                .take(64)
+                .collect::<String>()
+        };
+        let denied: Vec<&pb::FlowSummary> = flows.iter().filter(|f| !f.allowed).collect();
+        for f in denied.iter().take(MAX_FLOW_ROWS_PER_REPORT) {
+            let target = format!(
+                "{} -> {}:{}/{}",
+                clip(&f.src),
+                clip(&f.dst),
+                f.dst_port,
+                ztmesh_policy::proto_name(u8::try_from(f.protocol).unwrap_or(0))
+            );
+            let detail = format!("reason={} packets={}", clip(&f.reason), f.packets);
+            self.audit(now, &actor, "flow.denied", &target, &detail);
+        }
+        if denied.len() > MAX_FLOW_ROWS_PER_REPORT {
+            let rest: u64 = denied[MAX_FLOW_ROWS_PER_REPORT..]
+                .iter()
+                .map(|f| f.packets)
+                .sum();
+            let detail = format!(
+                "{} more denied flows, {rest} packets",
+                denied.len() - MAX_FLOW_ROWS_PER_REPORT
+            );
+            self.audit(now, &actor, "flow.denied", "(more)", &detail);
         }
     }
 

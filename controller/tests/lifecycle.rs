@@ -235,3 +235,37 @@ fn serials_never_go_backwards_across_a_restart() {
     let map = m.netmap(n.node_id, T0 - 3_600_000).unwrap();
     assert!(map.serial > before, "{} <= {before}", map.serial);
 }
+
+#[test]
+fn denied_flow_reports_are_audited_with_bounded_rows_and_text() {
+    use ztmesh_controller::mesh::MAX_FLOW_ROWS_PER_REPORT;
+    let m = mesh(MeshConfig::default());
+    let (_, k) = m
+        .create_auth_key("admin", None, &["tag:web".into()], false, false, None, T0)
+        .unwrap();
+    let n = enroll(&m, &k, "web", T0).unwrap();
+    let node = m.find_node(&n.name).unwrap();
+    let flow = |port: u32| pb::FlowSummary {
+        src: "100.64.0.9\n".repeat(20),
+        dst: "100.64.0.1".into(),
+        protocol: 6,
+        dst_port: port,
+        allowed: false,
+        reason: "no_rule".into(),
+        packets: 2,
+    };
+    let flows: Vec<_> = (0..(MAX_FLOW_ROWS_PER_REPORT as u32 + 50))
+        .map(flow)
+        .collect();
+    m.record_denied_flows(&node, &flows, T0);
+    let log = m.store().audit_log(10_000).unwrap();
+    let denied: Vec<_> = log.iter().filter(|a| a.action == "flow.denied").collect();
+    assert_eq!(denied.len(), MAX_FLOW_ROWS_PER_REPORT + 1);
+    assert!(denied.iter().all(|a| a.actor == "node:web"));
+    assert!(denied
+        .iter()
+        .all(|a| !a.target.contains('\n') && a.target.len() < 100));
+    assert!(denied
+        .iter()
+        .any(|a| a.detail == "50 more denied flows, 100 packets"));
+}

@@ -30,6 +30,9 @@ use crate::control::{now_ms, translate, Backoff, Controller, NetMapGate};
 use crate::io::{DataPlane, DataPlaneConfig};
 use crate::localapi::{Request, Response, MAX_LINE};
 
+/// How often denied-flow summaries are sent to the controller.
+const FLOW_REPORT_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Daemon settings (every path and name is a flag, so several daemons can run
 /// on one machine in separate network namespaces).
 #[derive(Debug, Clone)]
@@ -255,8 +258,17 @@ impl Daemon {
         let mut gate = NetMapGate::new(key, *have);
         self.set_conn(ConnState::Connected { since_ms: now_ms() });
         tracing::info!(controller = %e.controller_url, "connected to controller");
+        let mut report = tokio::time::interval(FLOW_REPORT_INTERVAL);
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            match stream.message().await {
+            let next = tokio::select! {
+                m = stream.message() => m,
+                _ = report.tick() => {
+                    self.report_denied_flows(&mut ctl).await;
+                    continue;
+                }
+            };
+            match next {
                 Ok(Some(signed)) => match self.apply(&signed, &mut gate).await {
                     Ok(serial) => {
                         *have = serial;
@@ -270,6 +282,33 @@ impl Daemon {
                 Ok(None) => return Err(SessionError::Retry("controller closed the stream".into())),
                 Err(s) => return Err(status_error(s)),
             }
+        }
+    }
+
+    /// Sends the denied flows the data plane saw since the last report. A
+    /// failed report is logged and the flows are dropped (counters remain).
+    async fn report_denied_flows(&self, ctl: &mut Controller) {
+        let flows = match self.dp.lock().await.as_ref() {
+            Some(dp) => dp.take_denied_flows(),
+            None => return,
+        };
+        if flows.is_empty() {
+            return;
+        }
+        let summaries = flows
+            .iter()
+            .map(|(f, n)| ztmesh_proto::control::FlowSummary {
+                src: f.src.to_string(),
+                dst: f.dst.to_string(),
+                protocol: u32::from(f.proto),
+                dst_port: u32::from(f.dst_port),
+                allowed: false,
+                reason: f.reason.as_str().to_string(),
+                packets: *n,
+            })
+            .collect();
+        if let Err(s) = ctl.report_flows(&self.keys().machine, summaries).await {
+            tracing::warn!(error = %s.message(), flows = flows.len(), "flow report failed");
         }
     }
 

@@ -309,6 +309,26 @@ impl Controller {
         Ok(())
     }
 
+    /// Reports denied-flow summaries (the controller records them).
+    ///
+    /// # Errors
+    /// Authentication or transport failures.
+    pub async fn report_flows(
+        &mut self,
+        machine: &SigningKey,
+        flows: Vec<pb::FlowSummary>,
+    ) -> Result<(), tonic::Status> {
+        let req = signed_request(
+            machine,
+            methods::REPORT_FLOWS,
+            pb::ReportFlowsRequest { flows },
+            now_ms(),
+            &mut OsRng,
+        );
+        self.client.report_flows(req).await?;
+        Ok(())
+    }
+
     /// Deregisters this node.
     ///
     /// # Errors

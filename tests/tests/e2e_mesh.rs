@@ -188,6 +188,24 @@ fn node_cli_status_ping_down_up_and_logout_work_end_to_end() {
     });
     assert!(handshake_seen.is_ok(), "{:#}", mesh.status(ALICE));
 
+    // A denied flow is recorded by the controller: db may not open web:22
+    // (web -> db:5432 makes them peers), web's filter drops it and reports it.
+    mesh.expect_denied(DB, WEB, 22);
+    let recorded = wait_until(Duration::from_secs(20), Duration::from_millis(250), || {
+        let audit = mesh.admin_ok(&["audit", "--limit", "200", "-o", "json"]);
+        let events: Value = serde_json::from_str(&audit).unwrap_or(Value::Null);
+        events.as_array().into_iter().flatten().any(|e| {
+            e["action"] == "flow.denied"
+                && e["actor"] == "node:web"
+                && e["target"].as_str().is_some_and(|t| t.ends_with(":22/tcp"))
+        })
+    });
+    assert!(
+        recorded.is_ok(),
+        "no flow.denied record for db -> web:22:\n{}",
+        mesh.admin_ok(&["audit", "--limit", "50"])
+    );
+
     // ICMP to web is allowed (the rule has no proto: TCP, UDP and ICMP).
     let out = mesh
         .node_cli(ALICE, &["ping", "web", "-c", "2"])

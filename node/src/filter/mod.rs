@@ -129,6 +129,24 @@ pub struct Filter {
     limits: Limits,
     drops: [u64; Reason::ALL.len()],
     last_sweep: Option<Instant>,
+    denied: HashMap<DeniedFlow, u64>,
+}
+
+/// At most this many distinct denied flows are summarized between two
+/// [`Filter::take_denied`] calls; beyond it only the per-reason counters grow,
+/// so a flood of spoofed ports cannot grow memory.
+pub const MAX_DENIED_FLOWS: usize = 1024;
+
+/// A denied inbound flow, summarized for flow reports (assume breach: every
+/// denied flow is recorded by the controller).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeniedFlow {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    /// Destination port (0 for protocols without ports).
+    pub dst_port: u16,
+    pub reason: Reason,
 }
 
 impl Filter {
@@ -146,6 +164,7 @@ impl Filter {
             limits,
             drops: [0; Reason::ALL.len()],
             last_sweep: None,
+            denied: HashMap::new(),
         }
     }
 
@@ -169,8 +188,38 @@ impl Filter {
         let verdict = self.decide_inbound(now, peer, buf);
         if let Verdict::Deny(r) = verdict {
             self.drops[r as usize] += 1;
+            self.note_denied(buf, r);
         }
         verdict
+    }
+
+    /// Summarizes a denied packet (the deny path only: the allowed hot path
+    /// never gets here).
+    fn note_denied(&mut self, buf: &[u8], reason: Reason) {
+        let Ok(p) = packet::parse(buf) else { return };
+        let dst_port = match p.transport {
+            Transport::Ports { dst, .. } => dst,
+            _ => 0,
+        };
+        let key = DeniedFlow {
+            src: p.src,
+            dst: p.dst,
+            proto: p.proto,
+            dst_port,
+            reason,
+        };
+        if let Some(n) = self.denied.get_mut(&key) {
+            *n += 1;
+        } else if self.denied.len() < MAX_DENIED_FLOWS {
+            self.denied.insert(key, 1);
+        }
+    }
+
+    /// Denied flows (with packet counts) since the last call, sorted.
+    pub fn take_denied(&mut self) -> Vec<(DeniedFlow, u64)> {
+        let mut v: Vec<_> = self.denied.drain().collect();
+        v.sort();
+        v
     }
 
     /// Records an outbound packet to `peer`, so that its replies are admitted.
@@ -669,6 +718,46 @@ mod tests {
         }
         let drops: u64 = f.drops().iter().map(|(_, n)| n).sum();
         assert_eq!(drops, 5);
+    }
+
+    #[test]
+    fn denied_flows_are_summarized_bounded_and_taken_once() {
+        let mut f = Filter::new(Some(vec![rule("100.64.0.2/32", &[PROTO_TCP], &[(22, 22)])]));
+        let now = t0();
+        let allowed = v4(PEER, ME, PROTO_TCP, &tcp(4000, 22, TCP_SYN));
+        let denied = v4(PEER, ME, PROTO_TCP, &tcp(4000, 5432, TCP_SYN));
+        assert_eq!(f.inbound(now, 1, &allowed), Verdict::Allow);
+        for _ in 0..3 {
+            assert_eq!(
+                f.inbound(now, 1, &denied),
+                Verdict::Deny(Reason::PortNotAllowed)
+            );
+        }
+        assert_eq!(
+            f.inbound(now, 1, &[0x45]),
+            Verdict::Deny(Reason::Unparseable)
+        );
+        let taken = f.take_denied();
+        assert_eq!(
+            taken,
+            vec![(
+                DeniedFlow {
+                    src: IpAddr::V4(PEER),
+                    dst: IpAddr::V4(ME),
+                    proto: PROTO_TCP,
+                    dst_port: 5432,
+                    reason: Reason::PortNotAllowed,
+                },
+                3
+            )],
+            "allowed and unparseable packets are not summarized"
+        );
+        assert!(f.take_denied().is_empty(), "taken once");
+        // A port scan cannot grow the summary without bound.
+        for port in 0..(MAX_DENIED_FLOWS as u16 + 500) {
+            f.inbound(now, 1, &v4(PEER, ME, PROTO_TCP, &tcp(4000, port, TCP_SYN)));
+        }
+        assert_eq!(f.take_denied().len(), MAX_DENIED_FLOWS);
     }
 
     #[test]

@@ -93,6 +93,9 @@ pub struct Stats {
     pub peers: Vec<PeerStats>,
     /// Drop counters by reason (`spoofed_source`, `no_rule`, `replay`, …), fixed order.
     pub drops: Vec<(&'static str, u64)>,
+    /// Denied inbound flows not yet taken by [`DataPlane::take_denied_flows`]
+    /// (at most [`crate::filter::MAX_DENIED_FLOWS`] distinct ones).
+    pub denied_flows: std::collections::BTreeMap<crate::filter::DeniedFlow, u64>,
 }
 
 /// One peer in [`Stats`].
@@ -205,6 +208,14 @@ impl DataPlane {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
+    /// Takes the denied-flow summaries gathered since the last call.
+    pub fn take_denied_flows(&self) -> Vec<(crate::filter::DeniedFlow, u64)> {
+        self.stats
+            .lock()
+            .map(|mut s| std::mem::take(&mut s.denied_flows).into_iter().collect())
+            .unwrap_or_default()
+    }
+
     /// The UDP port the data plane listens on.
     pub fn local_port(&self) -> u16 {
         self.port
@@ -266,7 +277,7 @@ fn run_thread(
             })
         };
         match setup() {
-            Ok(worker) => {
+            Ok(mut worker) => {
                 worker.publish_stats();
                 if ready.send(Ok(worker.port)).is_ok() {
                     worker.run().await;
@@ -547,8 +558,9 @@ impl Worker {
         }
     }
 
-    fn publish_stats(&self) {
+    fn publish_stats(&mut self) {
         let now = Instant::now();
+        let denied = self.device.take_denied_flows();
         let snapshot = Stats {
             public_key: Some(self.device.public_key()),
             listen_port: self.port,
@@ -572,9 +584,17 @@ impl Worker {
                 .into_iter()
                 .map(|(r, n)| (r.as_str(), n))
                 .collect(),
+            denied_flows: Default::default(),
         };
         if let Ok(mut s) = self.stats.lock() {
+            let mut pending = std::mem::take(&mut s.denied_flows);
+            for (flow, n) in denied {
+                if pending.len() < crate::filter::MAX_DENIED_FLOWS || pending.contains_key(&flow) {
+                    *pending.entry(flow).or_default() += n;
+                }
+            }
             *s = snapshot;
+            s.denied_flows = pending;
         }
     }
 }

@@ -436,6 +436,11 @@ impl Device {
         self.filter.flow_count()
     }
 
+    /// Denied inbound flows since the last call (see [`Filter::take_denied`]).
+    pub fn take_denied_flows(&mut self) -> Vec<(filter::DeniedFlow, u64)> {
+        self.filter.take_denied()
+    }
+
     fn add_peer(&mut self, config: PeerConfig, now: Instant) -> Option<usize> {
         let slot = match self.free.pop() {
             Some(s) => s,
