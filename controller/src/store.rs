@@ -18,7 +18,8 @@ use crate::UnixMs;
 /// Store failures.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database could not be opened, read or written.
+    /// The database could not be opened, read or written, or a stored value
+    /// does not parse (corruption or a newer schema).
     #[error("database: {0}")]
     Db(#[from] rusqlite::Error),
     /// A unique name, key or address is already taken.
@@ -30,9 +31,6 @@ pub enum StoreError {
     /// The auth key cannot be used (unknown, wrong secret, revoked, expired or used).
     #[error("auth key refused: {0}")]
     KeyRefused(&'static str),
-    /// Stored data does not parse (corruption or a newer schema).
-    #[error("corrupt stored data: {0}")]
-    Corrupt(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -254,9 +252,27 @@ fn split_list(s: &str) -> Vec<String> {
         .collect()
 }
 
-fn blob32(v: Vec<u8>, what: &str) -> Result<[u8; 32]> {
-    v.try_into()
-        .map_err(|_| StoreError::Corrupt(format!("{what} is not 32 bytes")))
+/// A stored value that does not parse: corruption or a newer schema.
+fn corrupt(col: usize, what: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        col,
+        rusqlite::types::Type::Text,
+        format!("corrupt stored {what}").into(),
+    )
+}
+
+fn key32(r: &rusqlite::Row<'_>, col: usize) -> rusqlite::Result<[u8; 32]> {
+    let v: Vec<u8> = r.get(col)?;
+    v.try_into().map_err(|_| corrupt(col, "32-byte key"))
+}
+
+fn parsed<T: std::str::FromStr>(r: &rusqlite::Row<'_>, col: usize) -> rusqlite::Result<T> {
+    let s: String = r.get(col)?;
+    s.parse().map_err(|_| corrupt(col, "address"))
+}
+
+fn list(r: &rusqlite::Row<'_>, col: usize) -> rusqlite::Result<Vec<String>> {
+    Ok(split_list(&r.get::<_, String>(col)?))
 }
 
 fn conflict(e: rusqlite::Error, what: &str) -> StoreError {
@@ -275,113 +291,39 @@ const NODE_COLS: &str = "id, name, hostname, machine_key, wg_key, ipv4, ipv6, us
 const KEY_COLS: &str = "id, key_id, secret_hash, user_login, tags, reusable, ephemeral, \
                         created_ms, expires_ms, used_count, revoked, created_by";
 
-type RawNode = (
-    u64,
-    String,
-    String,
-    Vec<u8>,
-    Vec<u8>,
-    String,
-    String,
-    Option<String>,
-    String,
-    bool,
-    i64,
-    i64,
-    i64,
-    String,
-);
-
-fn raw_node(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawNode> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-        r.get(7)?,
-        r.get(8)?,
-        r.get(9)?,
-        r.get(10)?,
-        r.get(11)?,
-        r.get(12)?,
-        r.get(13)?,
-    ))
-}
-
-fn node_from_raw(r: RawNode) -> Result<NodeRow> {
+fn node_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRow> {
     Ok(NodeRow {
-        id: r.0,
-        name: r.1,
-        hostname: r.2,
-        machine_key: blob32(r.3, "machine key")?,
-        wg_key: blob32(r.4, "wg key")?,
-        ipv4: r
-            .5
-            .parse()
-            .map_err(|_| StoreError::Corrupt("ipv4".into()))?,
-        ipv6: r
-            .6
-            .parse()
-            .map_err(|_| StoreError::Corrupt("ipv6".into()))?,
-        user: r.7,
-        tags: split_list(&r.8),
-        ephemeral: r.9,
-        created_ms: r.10,
-        last_seen_ms: r.11,
-        expiry_ms: r.12,
-        endpoints: split_list(&r.13),
+        id: r.get(0)?,
+        name: r.get(1)?,
+        hostname: r.get(2)?,
+        machine_key: key32(r, 3)?,
+        wg_key: key32(r, 4)?,
+        ipv4: parsed(r, 5)?,
+        ipv6: parsed(r, 6)?,
+        user: r.get(7)?,
+        tags: list(r, 8)?,
+        ephemeral: r.get(9)?,
+        created_ms: r.get(10)?,
+        last_seen_ms: r.get(11)?,
+        expiry_ms: r.get(12)?,
+        endpoints: list(r, 13)?,
     })
 }
 
-type RawKey = (
-    u64,
-    String,
-    Vec<u8>,
-    Option<String>,
-    String,
-    bool,
-    bool,
-    i64,
-    i64,
-    u64,
-    bool,
-    String,
-);
-
-fn raw_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawKey> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-        r.get(7)?,
-        r.get(8)?,
-        r.get(9)?,
-        r.get(10)?,
-        r.get(11)?,
-    ))
-}
-
-fn key_from_raw(r: RawKey) -> Result<AuthKeyRow> {
+fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuthKeyRow> {
     Ok(AuthKeyRow {
-        id: r.0,
-        key_id: r.1,
-        secret_hash: blob32(r.2, "key hash")?,
-        user: r.3,
-        tags: split_list(&r.4),
-        reusable: r.5,
-        ephemeral: r.6,
-        created_ms: r.7,
-        expires_ms: r.8,
-        used_count: r.9,
-        revoked: r.10,
-        created_by: r.11,
+        id: r.get(0)?,
+        key_id: r.get(1)?,
+        secret_hash: key32(r, 2)?,
+        user: r.get(3)?,
+        tags: list(r, 4)?,
+        reusable: r.get(5)?,
+        ephemeral: r.get(6)?,
+        created_ms: r.get(7)?,
+        expires_ms: r.get(8)?,
+        used_count: r.get(9)?,
+        revoked: r.get(10)?,
+        created_by: r.get(11)?,
     })
 }
 
@@ -523,10 +465,8 @@ impl Store for SqliteStore {
     fn auth_keys(&self) -> Result<Vec<AuthKeyRow>> {
         let c = self.conn();
         let mut st = c.prepare(&format!("SELECT {KEY_COLS} FROM auth_keys ORDER BY id"))?;
-        let raws = st
-            .query_map([], raw_key)?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        raws.into_iter().map(key_from_raw).collect()
+        let keys = st.query_map([], key_row)?;
+        Ok(keys.collect::<rusqlite::Result<_>>()?)
     }
 
     fn revoke_auth_key(&self, key_id: &str) -> Result<()> {
@@ -554,11 +494,10 @@ impl Store for SqliteStore {
             .query_row(
                 &format!("SELECT {KEY_COLS} FROM auth_keys WHERE key_id = ?1"),
                 [key_id],
-                raw_key,
+                key_row,
             )
             .optional()?
             .ok_or(StoreError::KeyRefused("unknown auth key"))?;
-        let key = key_from_raw(key)?;
         check(&key).map_err(StoreError::KeyRefused)?;
         if !key.reusable && key.used_count > 0 {
             return Err(StoreError::KeyRefused(
@@ -617,10 +556,8 @@ impl Store for SqliteStore {
     fn nodes(&self) -> Result<Vec<NodeRow>> {
         let c = self.conn();
         let mut st = c.prepare(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY id"))?;
-        let raws = st
-            .query_map([], raw_node)?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        raws.into_iter().map(node_from_raw).collect()
+        let nodes = st.query_map([], node_row)?;
+        Ok(nodes.collect::<rusqlite::Result<_>>()?)
     }
 
     fn delete_node(&self, id: u64) -> Result<()> {
@@ -705,32 +642,18 @@ impl Store for SqliteStore {
             "SELECT id, key_id, secret_hash, description, created_ms, expires_ms, revoked
              FROM api_keys ORDER BY id",
         )?;
-        let raws = st
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, u64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Vec<u8>>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, i64>(5)?,
-                    r.get::<_, bool>(6)?,
-                ))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        raws.into_iter()
-            .map(|r| {
-                Ok(ApiKeyRow {
-                    id: r.0,
-                    key_id: r.1,
-                    secret_hash: blob32(r.2, "api key hash")?,
-                    description: r.3,
-                    created_ms: r.4,
-                    expires_ms: r.5,
-                    revoked: r.6,
-                })
+        let keys = st.query_map([], |r| {
+            Ok(ApiKeyRow {
+                id: r.get(0)?,
+                key_id: r.get(1)?,
+                secret_hash: key32(r, 2)?,
+                description: r.get(3)?,
+                created_ms: r.get(4)?,
+                expires_ms: r.get(5)?,
+                revoked: r.get(6)?,
             })
-            .collect()
+        })?;
+        Ok(keys.collect::<rusqlite::Result<_>>()?)
     }
 
     fn revoke_api_key(&self, key_id: &str) -> Result<()> {
