@@ -265,6 +265,7 @@ fn inbound_rules(rules: &[ztmesh_policy::InboundRule]) -> Vec<pb::InboundRule> {
         .iter()
         .map(|r| pb::InboundRule {
             src_prefixes: r.src.iter().map(IpNet::to_string).collect(),
+            dst_prefixes: r.dst.iter().map(IpNet::to_string).collect(),
             protocols: r.protocols.iter().map(|&p| u32::from(p)).collect(),
             ports: r
                 .ports

@@ -190,7 +190,7 @@ impl Daemon {
         .await
         .context("starting the data plane")?;
         // Default deny until a netmap says otherwise.
-        plane.set_filter(Some(Vec::new()));
+        plane.set_filter(Some(crate::filter::Ruleset::default()));
         *dp = Some(plane);
         Ok(())
     }
@@ -221,7 +221,7 @@ impl Daemon {
 
     async fn clear_peers(&self) {
         if let Some(dp) = self.dp.lock().await.as_ref() {
-            dp.set_filter(Some(Vec::new()));
+            dp.set_filter(Some(crate::filter::Ruleset::default()));
             dp.set_peers(Vec::new());
         }
     }

@@ -56,7 +56,7 @@ pub enum TranslateError {
     PeerKey { peer: String },
     #[error("peer {peer}: invalid allowed IP {value:?}")]
     AllowedIp { peer: String, value: String },
-    #[error("rule {rule}: invalid source prefix {value:?}")]
+    #[error("rule {rule}: invalid prefix {value:?}")]
     RulePrefix { rule: String, value: String },
     #[error("rule {rule}: invalid protocol or port")]
     RuleValue { rule: String },
@@ -69,7 +69,8 @@ pub enum TranslateError {
 pub struct Translated {
     pub addresses: Vec<IpNet>,
     pub peers: Vec<PeerConfig>,
-    pub rules: Vec<filter::Rule>,
+    /// The filter: this node's own addresses and the rules admitting traffic to them.
+    pub rules: filter::Ruleset,
 }
 
 /// Converts a verified netmap into peers and filter rules. Pure.
@@ -127,6 +128,13 @@ pub fn translate(map: &pb::NetMap) -> Result<Translated, TranslateError> {
                 value: s.clone(),
             })?);
         }
+        let mut dst = Vec::with_capacity(r.dst_prefixes.len());
+        for d in &r.dst_prefixes {
+            dst.push(d.parse::<IpNet>().map_err(|_| TranslateError::RulePrefix {
+                rule: r.rule_id.clone(),
+                value: d.clone(),
+            })?);
+        }
         let bad = || TranslateError::RuleValue {
             rule: r.rule_id.clone(),
         };
@@ -155,15 +163,19 @@ pub fn translate(map: &pb::NetMap) -> Result<Translated, TranslateError> {
         }
         rules.push(filter::Rule {
             src,
+            dst,
             protocols,
             ports,
             rule_id: r.rule_id.clone(),
         });
     }
     Ok(Translated {
+        rules: filter::Ruleset {
+            local: addresses.clone(),
+            rules,
+        },
         addresses,
         peers,
-        rules,
     })
 }
 
@@ -439,6 +451,7 @@ mod tests {
                     last: 443,
                 }],
                 rule_id: "policy.hujson:7".into(),
+                dst_prefixes: vec!["100.64.0.1/32".into()],
             }],
             ..Default::default()
         }
@@ -453,8 +466,11 @@ mod tests {
             Some("198.18.0.3:51820".parse().unwrap())
         );
         assert_eq!(t.peers[0].persistent_keepalive, Some(25));
-        assert_eq!(t.rules[0].ports, vec![(443, 443)]);
-        assert_eq!(t.rules[0].protocols, vec![6]);
+        assert_eq!(t.rules.rules[0].ports, vec![(443, 443)]);
+        assert_eq!(t.rules.rules[0].protocols, vec![6]);
+        assert_eq!(t.rules.rules[0].dst, vec!["100.64.0.1/32".parse().unwrap()]);
+        // The filter's local addresses are exactly the node's own.
+        assert_eq!(t.rules.local, t.addresses);
     }
 
     #[test]
@@ -471,5 +487,11 @@ mod tests {
         let mut m = map();
         m.inbound_rules[0].src_prefixes[0] = "100.64.0.2/33".into();
         assert!(translate(&m).is_err());
+        let mut m = map();
+        m.inbound_rules[0].dst_prefixes[0] = "junk".into();
+        assert!(matches!(
+            translate(&m),
+            Err(TranslateError::RulePrefix { .. })
+        ));
     }
 }

@@ -7,7 +7,7 @@ use std::cell::Cell;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use ztmesh_node::filter::Rule;
+use ztmesh_node::filter::{Rule, Ruleset};
 use ztmesh_node::tunnel::{Device, Output, PeerConfig};
 use ztmesh_proto::keys::WgPrivateKey;
 
@@ -64,13 +64,15 @@ fn pair(managed: bool) -> (Device, Device, SocketAddr, SocketAddr) {
         "198.18.0.1:51820".parse().unwrap(),
         "198.18.0.2:51820".parse().unwrap(),
     );
-    let rules = managed.then(|| {
-        vec![Rule {
+    let rules = managed.then(|| Ruleset {
+        local: vec!["100.64.0.1/32".parse().unwrap()],
+        rules: vec![Rule {
             src: vec!["100.64.0.2/32".parse().unwrap()],
+            dst: vec!["100.64.0.1/32".parse().unwrap()],
             protocols: vec![17],
             ports: vec![(9000, 9000)],
             rule_id: "r".into(),
-        }]
+        }],
     });
     let mut a = Device::new(&ka, rules, now);
     let mut b = Device::new(&kb, None, now);

@@ -25,8 +25,13 @@ use crate::eval::owner;
 use crate::policy::{proto_has_ports, Entry, Policy, PortRange, SelKind};
 use crate::NodeInfo;
 
-/// One inbound filter rule of a node: traffic from `src` on one of
-/// `protocols` to one of `ports` is allowed.
+/// One inbound filter rule of a node: traffic from `src` to one of `dst` on
+/// one of `protocols` and `ports` is allowed.
+///
+/// `dst` holds the node's own addresses that the ACL entry's destination
+/// selects: all of them for a named destination (`tag:web:443`, a user,
+/// `autogroup:self`, `*`), only those inside the prefix for an address
+/// destination (`100.64.0.5:22`). A receiver delivers nothing else.
 ///
 /// `ports` only restrict protocols that carry ports (TCP, UDP, SCTP); a rule
 /// whose protocols include others (ICMP) always has `ports == [0-65535]`,
@@ -35,6 +40,8 @@ use crate::NodeInfo;
 pub struct InboundRule {
     /// Source prefixes, sorted and aggregated (no overlaps).
     pub src: Vec<IpNet>,
+    /// Destination addresses of this node (host prefixes), sorted.
+    pub dst: Vec<IpNet>,
     /// IP protocol numbers, sorted.
     pub protocols: Vec<u8>,
     /// Destination port ranges, sorted and merged.
@@ -53,16 +60,17 @@ pub struct NodeView {
 }
 
 impl NodeView {
-    /// The first inbound rule admitting a packet from `src`, if any.
+    /// The first inbound rule admitting a packet from `src` to `dst`, if any.
     ///
     /// A reference for the node's packet filter (which compiles the rules
     /// into its own lookup structure); the port is ignored for protocols
     /// without ports.
-    pub fn admits(&self, src: IpAddr, proto: u8, port: u16) -> Option<&InboundRule> {
+    pub fn admits(&self, src: IpAddr, dst: IpAddr, proto: u8, port: u16) -> Option<&InboundRule> {
         self.inbound.iter().find(|r| {
             r.protocols.contains(&proto)
                 && (!proto_has_ports(proto) || r.ports.iter().any(|p| p.contains(port)))
                 && r.src.iter().any(|n| n.contains(&src))
+                && r.dst.iter().any(|n| n.contains(&dst))
         })
     }
 }
@@ -99,13 +107,21 @@ struct Membership {
     owner: Option<String>,
 }
 
+/// Which of a node's addresses a group of destination elements selects.
+///
+/// `None`: all of them (a named selector: user, group, tag, autogroup, `*`).
+/// `Some(p)`: those inside the address destination `p`.
+type Scope = Option<IpNet>;
+
 /// The part of a membership that determines inbound rules and inbound peers.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 struct InKey {
-    /// Entries whose regular dst selects the node, with the merged ports.
-    dst: Vec<(u32, Vec<PortRange>)>,
-    /// Entries whose `autogroup:self` dst applies to the node, with ports.
-    self_dst: Vec<(u32, Vec<PortRange>)>,
+    /// Entries whose regular dst selects the node, per destination scope,
+    /// with the merged ports.
+    dst: Vec<(u32, Scope, Vec<PortRange>)>,
+    /// Entries whose `autogroup:self` dst applies to the node, with ports
+    /// (scope: all the node's addresses).
+    self_dst: Vec<(u32, Scope, Vec<PortRange>)>,
     /// The owner, when `self_dst` is not empty.
     self_owner: Option<String>,
 }
@@ -397,7 +413,10 @@ impl Compiled {
             let Some(m) = self.members.get(&other) else {
                 continue;
             };
-            let rules = self.rules_memo(&m.inbound, &mut memo);
+            let rules = resolve_dst(
+                self.nodes.get(&other),
+                self.rules_memo(&m.inbound, &mut memo),
+            );
             if let Some(v) = self.views.get_mut(&other) {
                 if v.inbound != rules {
                     v.inbound = rules;
@@ -464,7 +483,7 @@ impl Compiled {
                 self.src_named[e as usize].insert(id);
             }
         }
-        for (e, _) in &m.inbound.dst {
+        for (e, _, _) in &m.inbound.dst {
             self.dst[*e as usize].insert(id);
         }
         if let Some(u) = &m.owner {
@@ -477,7 +496,7 @@ impl Compiled {
             self.src_all[e as usize].remove(&id);
             self.src_named[e as usize].remove(&id);
         }
-        for (e, _) in &m.inbound.dst {
+        for (e, _, _) in &m.inbound.dst {
             self.dst[*e as usize].remove(&id);
         }
         if let Some(u) = &m.owner {
@@ -505,7 +524,7 @@ impl Compiled {
         let Some(m) = self.members.get(&id) else {
             return NodeView::default();
         };
-        let inbound = self.rules_memo(&m.inbound, memo);
+        let inbound = resolve_dst(self.nodes.get(&id), self.rules_memo(&m.inbound, memo));
         let key = (m.inbound.clone(), m.outbound.clone());
         let mut peers = match memo.peers.get(&key) {
             Some(p) => p.clone(),
@@ -549,16 +568,19 @@ impl Compiled {
     }
 
     /// Inbound rules for a class, in entry order (regular before self).
+    ///
+    /// A rule's `dst` holds its scope here (empty: all the node's
+    /// addresses); [`resolve_dst`] turns it into the node's addresses.
     fn rules(&self, key: &InKey) -> Vec<InboundRule> {
-        let mut items: Vec<(u32, bool, &Vec<PortRange>)> = key
+        let mut items: Vec<(u32, bool, Scope, &Vec<PortRange>)> = key
             .dst
             .iter()
-            .map(|(e, p)| (*e, false, p))
-            .chain(key.self_dst.iter().map(|(e, p)| (*e, true, p)))
+            .map(|(e, s, p)| (*e, false, *s, p))
+            .chain(key.self_dst.iter().map(|(e, s, p)| (*e, true, *s, p)))
             .collect();
-        items.sort_by_key(|(e, is_self, _)| (*e, *is_self));
+        items.sort_by_key(|(e, is_self, s, _)| (*e, *is_self, *s));
         let mut out = Vec::new();
-        for (e, is_self, ports) in items {
+        for (e, is_self, scope, ports) in items {
             let src = if is_self {
                 self.self_prefixes(e, key.self_owner.as_deref())
             } else {
@@ -568,7 +590,14 @@ impl Compiled {
                 continue;
             }
             let entry = &self.policy.entries[e as usize];
-            push_rules(&mut out, src, &entry.protocols, ports, &entry.rule_id);
+            push_rules(
+                &mut out,
+                src,
+                scope,
+                &entry.protocols,
+                ports,
+                &entry.rule_id,
+            );
         }
         out
     }
@@ -590,11 +619,11 @@ impl Compiled {
 
     fn in_peers(&self, key: &InKey) -> Vec<u64> {
         let mut out: Vec<u64> = Vec::new();
-        for (e, _) in &key.dst {
+        for (e, _, _) in &key.dst {
             out.extend(&self.src_all[*e as usize]);
         }
         if let Some(mine) = key.self_owner.as_ref().and_then(|u| self.user_nodes.get(u)) {
-            for (e, _) in &key.self_dst {
+            for (e, _, _) in &key.self_dst {
                 let src = &self.src_all[*e as usize];
                 out.extend(mine.iter().filter(|id| src.contains(id)));
             }
@@ -614,22 +643,56 @@ impl Compiled {
     }
 }
 
-/// Groups (entry, dst element) hits by entry, merging the elements' ports.
-fn group_ports(entries: &[Entry], mut hits: Vec<(u32, u32)>) -> Vec<(u32, Vec<PortRange>)> {
+/// Groups (entry, dst element) hits by entry and destination scope, merging
+/// the ports of elements with the same scope.
+///
+/// Named elements of one entry share one scope (all the node's addresses);
+/// each address element keeps its own, so `100.64.0.5:22` never lends its
+/// port to the node's other addresses.
+fn group_ports(entries: &[Entry], mut hits: Vec<(u32, u32)>) -> Vec<(u32, Scope, Vec<PortRange>)> {
     hits.sort_unstable();
     hits.dedup();
-    let mut out: Vec<(u32, Vec<PortRange>)> = Vec::new();
+    let mut out: Vec<(u32, Scope, Vec<PortRange>)> = Vec::new();
     for (e, d) in hits {
-        let ports = &entries[e as usize].dst[d as usize].ports;
-        match out.last_mut() {
-            Some((last, p)) if *last == e => p.extend(ports),
-            _ => out.push((e, ports.clone())),
+        let elem = &entries[e as usize].dst[d as usize];
+        let scope = match elem.sel.kind {
+            SelKind::Prefix(p) => Some(p),
+            _ => None,
+        };
+        match out.iter_mut().find(|(x, s, _)| *x == e && *s == scope) {
+            Some((_, _, p)) => p.extend(&elem.ports),
+            None => out.push((e, scope, elem.ports.clone())),
         }
     }
-    for (_, p) in &mut out {
+    out.sort_by_key(|a| (a.0, a.1));
+    for (_, _, p) in &mut out {
         *p = crate::policy::merge_ports(std::mem::take(p));
     }
     out
+}
+
+/// Resolves a class's rules for one node: each rule's destination scope
+/// becomes the node's own addresses inside it (see [`InboundRule::dst`]).
+fn resolve_dst(node: Option<&NodeInfo>, rules: Vec<InboundRule>) -> Vec<InboundRule> {
+    let Some(node) = node else {
+        return Vec::new();
+    };
+    rules
+        .into_iter()
+        .filter_map(|mut r| {
+            let scope = std::mem::take(&mut r.dst);
+            let mut dst: Vec<IpNet> = node
+                .addresses
+                .iter()
+                .filter(|a| scope.is_empty() || scope.iter().any(|p| p.contains(*a)))
+                .map(|a| IpNet::from(*a))
+                .collect();
+            dst.sort_unstable();
+            dst.dedup();
+            r.dst = dst;
+            (!r.dst.is_empty()).then_some(r)
+        })
+        .collect()
 }
 
 /// Appends the rule(s) for one entry: port-less protocols get their own rule
@@ -637,6 +700,7 @@ fn group_ports(entries: &[Entry], mut hits: Vec<(u32, u32)>) -> Vec<(u32, Vec<Po
 fn push_rules(
     out: &mut Vec<InboundRule>,
     src: Vec<IpNet>,
+    scope: Scope,
     protocols: &[u8],
     ports: &[PortRange],
     rule_id: &str,
@@ -647,6 +711,7 @@ fn push_rules(
         let ports = if with.is_empty() { &all[..] } else { ports };
         out.push(InboundRule {
             src,
+            dst: scope.into_iter().collect(),
             protocols: protocols.to_vec(),
             ports: ports.to_vec(),
             rule_id: rule_id.to_string(),
@@ -655,12 +720,14 @@ fn push_rules(
     }
     out.push(InboundRule {
         src: src.clone(),
+        dst: scope.into_iter().collect(),
         protocols: with,
         ports: ports.to_vec(),
         rule_id: rule_id.to_string(),
     });
     out.push(InboundRule {
         src,
+        dst: scope.into_iter().collect(),
         protocols: without,
         ports: all.to_vec(),
         rule_id: rule_id.to_string(),

@@ -19,9 +19,16 @@ fn ids(list: &[u64]) -> BTreeSet<u64> {
     list.iter().copied().collect()
 }
 
-fn rule(src: &[&str], protocols: &[u8], ports: &[(u16, u16)], rule_id: &str) -> InboundRule {
+fn rule(
+    src: &[&str],
+    dst: &[&str],
+    protocols: &[u8],
+    ports: &[(u16, u16)],
+    rule_id: &str,
+) -> InboundRule {
     InboundRule {
         src: nets(src),
+        dst: nets(dst),
         protocols: protocols.to_vec(),
         ports: ports
             .iter()
@@ -39,6 +46,53 @@ fn rule_id(text: &str, needle: &str) -> String {
         .expect("needle")
         + 1;
     format!("p.hujson:{line}")
+}
+
+/// Rules carry destinations: a named destination admits every address of
+/// the node, an address destination only itself, and its ports never spill
+/// over to the node's other addresses.
+#[test]
+fn rules_carry_the_destination_addresses_they_select() {
+    let text = with_acls(
+        r#"
+    {"action": "accept", "src": ["bob@example.com"], "proto": "tcp", "dst": ["100.64.0.3:22", "tag:web:443"]},"#,
+    );
+    let c = Compiled::new(parse(&text), fleet());
+    let id = rule_id(&text, "100.64.0.3:22");
+    let web1 = c.view(3).expect("web1");
+    assert_eq!(
+        web1.inbound,
+        vec![
+            rule(
+                &["100.64.0.2/32"],
+                &["100.64.0.3/32", "fd00::3/128"],
+                &[6],
+                &[(443, 443)],
+                &id
+            ),
+            rule(
+                &["100.64.0.2/32"],
+                &["100.64.0.3/32"],
+                &[6],
+                &[(22, 22)],
+                &id
+            ),
+        ]
+    );
+    let bob: std::net::IpAddr = "100.64.0.2".parse().unwrap();
+    let v4: std::net::IpAddr = "100.64.0.3".parse().unwrap();
+    let v6: std::net::IpAddr = "fd00::3".parse().unwrap();
+    let other: std::net::IpAddr = "198.18.9.9".parse().unwrap();
+    assert!(web1.admits(bob, v4, 6, 22).is_some());
+    assert!(
+        web1.admits(bob, v6, 6, 22).is_none(),
+        "22 is for the v4 address only"
+    );
+    assert!(web1.admits(bob, v6, 6, 443).is_some());
+    assert!(
+        web1.admits(bob, other, 6, 443).is_none(),
+        "not an address of web1"
+    );
 }
 
 #[test]
@@ -66,6 +120,7 @@ fn exact_views_for_a_small_fleet() {
                         "100.64.0.6/32",
                         "fd00::1/128"
                     ],
+                    &["100.64.0.4/32"],
                     &[6, 17],
                     &[(22, 22), (5432, 5433)],
                     &eng
@@ -77,12 +132,14 @@ fn exact_views_for_a_small_fleet() {
                         "100.64.0.6/32",
                         "fd00::1/128"
                     ],
+                    &["100.64.0.4/32"],
                     &[1, 58],
                     &[(0, 65535)],
                     &eng
                 ),
                 rule(
                     &["100.64.0.3/32", "198.18.0.0/24", "fd00::3/128"],
+                    &["100.64.0.4/32"],
                     &[6],
                     &[(0, 65535)],
                     &web
@@ -97,6 +154,7 @@ fn exact_views_for_a_small_fleet() {
             peers: ids(&[1, 4]),
             inbound: vec![rule(
                 &["100.64.0.1/32", "100.64.0.6/32", "fd00::1/128"],
+                &["100.64.0.6/32"],
                 &[1, 6, 17, 58],
                 &[(0, 65535)],
                 &own

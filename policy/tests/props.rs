@@ -229,6 +229,27 @@ proptest! {
                         );
                     }
                 }
+                if s.id == d.id {
+                    continue;
+                }
+                // Per destination address: the naive reading of a node that
+                // owns only `to` decides whether `to` may be reached.
+                for to in &d.addresses {
+                    let mut only = nodes.clone();
+                    if let Some(n) = only.iter_mut().find(|n| n.id == d.id) {
+                        n.addresses = vec![*to];
+                    }
+                    for proto in PROTOS {
+                        for port in PORTS {
+                            let naive = p.explain(&only, &s.name, &d.name, port, proto);
+                            let compiled = common::admitted_at(&c, s.id, d.id, *to, proto, port);
+                            prop_assert_eq!(
+                                compiled, naive.allowed,
+                                "{} -> {} at {} proto {} port {}: {}\n{}", s.name, d.name, to, proto, port, naive.detail, render(&spec)
+                            );
+                        }
+                    }
+                }
             }
         }
     }

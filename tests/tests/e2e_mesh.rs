@@ -408,6 +408,81 @@ fn deleted_node_replaying_its_exported_wireguard_config_is_refused() {
     report_against_target("scenario 3: receivers refusing the deleted node", took);
 }
 
+/// Hardening (issue 9): a peer allowed to reach web:443 routes *another*
+/// address of web — 198.19.77.1 on a dummy interface, standing for a container
+/// bridge, a LAN address or a network web forwards to — through its own
+/// WireGuard: wireguard-go with alice's exported config, web's AllowedIPs
+/// widened to cover it. Web's filter refuses it (the inner destination is not
+/// one of web's own addresses) and counts it as `foreign_destination`; the
+/// same flow to web's overlay address keeps working.
+///
+/// ```text
+///  alice (wireguard-go, AllowedIPs for web += 198.19.77.1/32)
+///     │  tcp → 198.19.77.1:443, inner src = alice's overlay address
+///     ▼
+///  web: ztm0 ── filter ──✗ (foreign_destination)      zx0 (dummy) 198.19.77.1
+/// ```
+#[test]
+fn peer_routing_another_address_of_a_node_into_its_tunnel_is_refused() {
+    if !require_root_or_skip() {
+        return;
+    }
+    const HIDDEN: &str = "198.19.77.1";
+    let mut mesh = Mesh::standard();
+    let web = mesh.ns(WEB);
+    web.run_ok(["ip", "link", "add", "zx0", "type", "dummy"]);
+    web.run_ok(["ip", "addr", "add", &format!("{HIDDEN}/32"), "dev", "zx0"]);
+    web.run_ok(["ip", "link", "set", "zx0", "up"]);
+    let _hidden_echo = web.spawn_echo(&[&format!("{HIDDEN}:443")]);
+    web.tcp_check(HIDDEN, 443, ALLOW_TIMEOUT)
+        .unwrap_or_else(|e| panic!("the hidden service does not answer inside web: {e}"));
+
+    let conf = mesh
+        .node_cli(ALICE, &["wg-config", "--include-private-key"])
+        .unwrap_or_else(|out| panic!("wg-config failed:\n{out}"));
+    let mut wg = WgQuick::parse(&conf);
+    let web_v4 = format!("{}/32", mesh.node(WEB).v4);
+    let peer = wg
+        .peers
+        .iter_mut()
+        .find(|p| p.allowed_ips.contains(&web_v4))
+        .unwrap_or_else(|| panic!("web is not a peer in alice's config:\n{conf}"));
+    peer.widen(&format!("{HIDDEN}/32"));
+    mesh.stop_daemon(ALICE);
+    let iface = format!("zw{}", std::process::id() % 10_000_000);
+    let _wg = mesh.replay_with_wireguard_go(ALICE, &iface, &wg);
+    wait_until(Duration::from_secs(15), Duration::from_millis(50), || {
+        mesh.try_flow(ALICE, WEB, 443, Duration::from_millis(500))
+            .is_ok()
+    })
+    .unwrap_or_else(|e| panic!("alice's replayed config does not reach web:443: {e}"));
+
+    let before = foreign_destination_drops(&mesh.status(WEB));
+    let bypass = mesh.ns(ALICE).tcp_check(HIDDEN, 443, DENY_TIMEOUT);
+    assert!(
+        bypass.is_err(),
+        "alice reached {HIDDEN}:443 (not an overlay address of web) through web's tunnel"
+    );
+    let after = foreign_destination_drops(&mesh.status(WEB));
+    assert!(
+        after > before,
+        "web did not count the refused packets as foreign_destination ({before} -> {after}): {:#}",
+        mesh.status(WEB)
+    );
+    // The policy's own flow is untouched, and nothing else opened up.
+    mesh.expect_allowed(ALICE, WEB, 443);
+    mesh.expect_denied(ALICE, WEB, 22);
+}
+
+/// The `foreign_destination` drop counter in a `status -o json` document.
+fn foreign_destination_drops(status: &Value) -> u64 {
+    status
+        .get("drops")
+        .and_then(|d| d.get("foreign_destination"))
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("no drops.foreign_destination in status: {status:#}"))
+}
+
 /// Scenario 4: SIGKILL on the controller interrupts nothing in the data plane;
 /// after a restart the nodes resync and nothing stored is lost.
 #[test]
@@ -1182,6 +1257,22 @@ struct WgQuick {
 struct WgPeer {
     lines: Vec<(String, String)>,
     allowed_ips: Vec<String>,
+}
+
+impl WgPeer {
+    /// Adds `prefix` to the peer's AllowedIPs (what a hostile node edits).
+    fn widen(&mut self, prefix: &str) {
+        self.allowed_ips.push(prefix.to_owned());
+        let joined = self.allowed_ips.join(", ");
+        match self
+            .lines
+            .iter_mut()
+            .find(|(k, _)| k.eq_ignore_ascii_case("AllowedIPs"))
+        {
+            Some(line) => line.1 = joined,
+            None => self.lines.push(("AllowedIPs".to_owned(), joined)),
+        }
+    }
 }
 
 impl WgQuick {

@@ -47,7 +47,10 @@ fuzz_target!(|data: &[u8]| {
     let mut b = Device::new(
         &kb,
         if data.first() == Some(&0) {
-            Some(vec![])
+            Some(ztmesh_node::filter::Ruleset {
+                local: vec!["100.64.0.2/32".parse().unwrap()],
+                rules: vec![],
+            })
         } else {
             None
         },

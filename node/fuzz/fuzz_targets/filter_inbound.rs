@@ -5,12 +5,14 @@
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use ztmesh_node::filter::{Filter, Limits, Rule};
+use ztmesh_node::filter::{Filter, Limits, Rule, Ruleset};
 
 fuzz_target!(|data: &[u8]| {
     let limits = Limits {
         max_flows: 32,
+        max_flows_per_peer: 12,
         max_fragments: 8,
+        max_fragments_per_peer: 4,
         ..Limits::default()
     };
     let rules = vec![Rule {
@@ -18,11 +20,16 @@ fuzz_target!(|data: &[u8]| {
             "100.64.0.0/10".parse().unwrap(),
             "fd00::/8".parse().unwrap(),
         ],
+        dst: vec!["100.64.0.1/32".parse().unwrap()],
         protocols: vec![],
         ports: vec![(22, 22), (8000, 8100)],
         rule_id: "fuzz".into(),
     }];
-    let mut filter = Filter::with_limits(Some(rules), limits);
+    let local = vec![
+        "100.64.0.1/32".parse().unwrap(),
+        "fd00::1/128".parse().unwrap(),
+    ];
+    let mut filter = Filter::with_limits(Some(Ruleset { local, rules }), limits);
     let start = Instant::now();
     // Records: [control byte][len byte][len bytes]; control picks direction,
     // peer and a clock step.

@@ -6,13 +6,19 @@
 //! Semantics:
 //! - `Filter::new(None)` is *standalone* mode: every packet a configured peer
 //!   sends is accepted (cryptokey routing is still enforced by the tunnel).
-//! - `Filter::new(Some(rules))` is *managed* mode: default deny. An inbound
-//!   packet is accepted when it is a reply to (or an ICMP error about) a flow
-//!   this node opened *with the same peer*, or when a rule matches it.
-//! - A rule matches when the source is in one of its prefixes, the protocol is
-//!   in its list (an empty list means TCP, UDP, ICMP and ICMPv6), and, for TCP,
-//!   UDP and SCTP, the destination port is in one of its ranges (an empty list
-//!   means any port). ICMP and other portless protocols ignore the port list.
+//! - `Filter::new(Some(ruleset))` is *managed* mode: default deny. A packet
+//!   whose destination is not one of this node's own addresses
+//!   ([`Ruleset::local`]) is dropped first, whatever else matches: a peer must
+//!   not reach the node's other interfaces, or anything it forwards to, by
+//!   routing them into its own tunnel. Otherwise an inbound packet is
+//!   accepted when it is a reply to (or an ICMP error about) a flow this node
+//!   opened *with the same peer*, or when a rule matches it.
+//! - A rule matches when the source is in one of its prefixes, the
+//!   destination in one of its destination prefixes (an empty list means any
+//!   local address), the protocol is in its list (an empty list means TCP,
+//!   UDP, ICMP and ICMPv6), and, for TCP, UDP and SCTP, the destination port
+//!   is in one of its ranges (an empty list means any port). ICMP and other
+//!   portless protocols ignore the port list.
 //! - Non-first fragments are accepted only if their first fragment was.
 //! - Flows are keyed by the peer, so one peer cannot ride another's connection.
 
@@ -29,11 +35,14 @@ use self::packet::{
 };
 use self::packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
-/// An inbound rule: which sources may reach this node, with which protocols and ports.
+/// An inbound rule: which sources may reach which of this node's addresses,
+/// with which protocols and ports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     /// Source prefixes (overlay addresses of the permitted peers).
     pub src: Vec<IpNet>,
+    /// Destination prefixes; empty means any of [`Ruleset::local`].
+    pub dst: Vec<IpNet>,
     /// IP protocol numbers; empty means TCP, UDP, ICMP and ICMPv6.
     pub protocols: Vec<u8>,
     /// Inclusive destination port ranges; empty means any port.
@@ -42,35 +51,56 @@ pub struct Rule {
     pub rule_id: String,
 }
 
+/// What a managed filter enforces: the node's own addresses, and the rules
+/// admitting traffic to them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ruleset {
+    /// The addresses this node owns (its overlay addresses; later, routes it
+    /// serves). Nothing else is ever delivered from the tunnel.
+    pub local: Vec<IpNet>,
+    /// Inbound rules, first match wins.
+    pub rules: Vec<Rule>,
+}
+
 /// Why a packet was dropped by the filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Reason {
     /// The packet could not be parsed (fail closed).
     Unparseable,
+    /// The destination is not one of this node's own addresses: a peer
+    /// tried to reach another interface of this node, or a network behind it.
+    ForeignDestination,
     /// No rule admits the source and protocol.
     NoRule,
     /// A rule admits the source and protocol, but not the destination port.
     PortNotAllowed,
     /// A non-first fragment whose first fragment was not admitted.
     OrphanFragment,
+    /// A non-first fragment that overlaps its first fragment: it would
+    /// rewrite the headers the filter checked (RFC 1858, RFC 5722).
+    OverlappingFragment,
 }
 
 impl Reason {
     /// All reasons, in counter order.
-    pub const ALL: [Reason; 4] = [
+    pub const ALL: [Reason; 6] = [
         Reason::Unparseable,
+        Reason::ForeignDestination,
         Reason::NoRule,
         Reason::PortNotAllowed,
         Reason::OrphanFragment,
+        Reason::OverlappingFragment,
     ];
 
     /// A stable snake_case name for metrics and logs.
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Unparseable => "unparseable",
+            Reason::ForeignDestination => "foreign_destination",
             Reason::NoRule => "no_rule",
             Reason::PortNotAllowed => "port_not_allowed",
             Reason::OrphanFragment => "orphan_fragment",
+            Reason::OverlappingFragment => "overlapping_fragment",
         }
     }
 }
@@ -89,8 +119,14 @@ pub enum Verdict {
 pub struct Limits {
     /// Maximum tracked flows; beyond it the oldest sampled entry is evicted.
     pub max_flows: usize,
+    /// Maximum tracked flows of one peer; beyond it one of that peer's own
+    /// flows is evicted, so one peer cannot push out everyone else's.
+    pub max_flows_per_peer: usize,
     /// Maximum tracked fragment chains.
     pub max_fragments: usize,
+    /// Maximum tracked fragment chains of one peer; beyond it that peer's
+    /// new chains are not tracked (their later fragments are dropped).
+    pub max_fragments_per_peer: usize,
     /// Idle timeout of a TCP flow seen in both directions.
     pub tcp_established: Duration,
     /// Idle timeout of a TCP flow that is opening or closing.
@@ -107,7 +143,9 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_flows: 65_536,
+            max_flows_per_peer: 16_384,
             max_fragments: 1024,
+            max_fragments_per_peer: 64,
             tcp_established: Duration::from_secs(2 * 3600),
             tcp_transitory: Duration::from_secs(60),
             udp: Duration::from_secs(120),
@@ -124,8 +162,12 @@ pub type PeerId = u32;
 #[derive(Debug)]
 pub struct Filter {
     rules: Option<Vec<Compiled>>,
+    /// This node's own addresses (managed mode).
+    local: Prefixes,
     flows: HashMap<FlowKey, Flow>,
-    fragments: HashMap<FragKey, Instant>,
+    fragments: HashMap<FragKey, FragChain>,
+    /// Per peer: how many entries of `flows` and `fragments` it holds.
+    usage: HashMap<PeerId, Usage>,
     limits: Limits,
     drops: [u64; Reason::ALL.len()],
     last_sweep: Option<Instant>,
@@ -150,17 +192,20 @@ pub struct DeniedFlow {
 }
 
 impl Filter {
-    /// Creates a filter: `None` accepts everything (standalone), `Some(rules)` is default deny.
-    pub fn new(rules: Option<Vec<Rule>>) -> Self {
+    /// Creates a filter: `None` accepts everything (standalone), `Some(ruleset)` is default deny.
+    pub fn new(rules: Option<Ruleset>) -> Self {
         Self::with_limits(rules, Limits::default())
     }
 
     /// Like [`Filter::new`] with explicit limits.
-    pub fn with_limits(rules: Option<Vec<Rule>>, limits: Limits) -> Self {
+    pub fn with_limits(rules: Option<Ruleset>, limits: Limits) -> Self {
+        let local = Prefixes::new(rules.iter().flat_map(|r| &r.local));
         Self {
-            rules: rules.map(|r| r.iter().map(Compiled::new).collect()),
+            rules: rules.map(|r| r.rules.iter().map(Compiled::new).collect()),
+            local,
             flows: HashMap::new(),
             fragments: HashMap::new(),
+            usage: HashMap::new(),
             limits,
             drops: [0; Reason::ALL.len()],
             last_sweep: None,
@@ -170,12 +215,14 @@ impl Filter {
 
     /// Replaces the rules. Flows this node opened stay tracked; flows admitted
     /// by a rule are re-evaluated against the new rules on their next packet.
-    pub fn set_rules(&mut self, rules: Option<Vec<Rule>>) {
+    pub fn set_rules(&mut self, rules: Option<Ruleset>) {
         if rules.is_none() {
             self.flows.clear();
             self.fragments.clear();
+            self.usage.clear();
         }
-        self.rules = rules.map(|r| r.iter().map(Compiled::new).collect());
+        self.local = Prefixes::new(rules.iter().flat_map(|r| &r.local));
+        self.rules = rules.map(|r| r.rules.iter().map(Compiled::new).collect());
     }
 
     /// True in standalone mode (no rules: accept all).
@@ -271,12 +318,26 @@ impl Filter {
     pub fn remove_peer(&mut self, peer: PeerId) {
         self.flows.retain(|k, _| k.peer != peer);
         self.fragments.retain(|k, _| k.peer != peer);
+        self.usage.remove(&peer);
     }
 
     /// Removes expired flows and fragment chains. Call about once a second.
     pub fn expire(&mut self, now: Instant) {
-        self.flows.retain(|_, f| f.expires > now);
-        self.fragments.retain(|_, t| *t > now);
+        let usage = &mut self.usage;
+        self.flows.retain(|k, f| {
+            let keep = f.expires > now;
+            if !keep {
+                Usage::release(usage, k.peer, |u| &mut u.flows);
+            }
+            keep
+        });
+        self.fragments.retain(|k, c| {
+            let keep = c.expires > now;
+            if !keep {
+                Usage::release(usage, k.peer, |u| &mut u.fragments);
+            }
+            keep
+        });
         self.last_sweep = Some(now);
     }
 
@@ -301,10 +362,16 @@ impl Filter {
         if self.rules.is_none() {
             return Verdict::Allow;
         }
-        if let Fragment::Later { id } = p.fragment {
+        if !self.local.contains(p.dst) {
+            return Verdict::Deny(Reason::ForeignDestination);
+        }
+        if let Fragment::Later { id, offset } = p.fragment {
             let key = FragKey::new(peer, &p, id);
             return match self.fragments.get(&key) {
-                Some(expires) if *expires > now => Verdict::Allow,
+                Some(c) if c.expires > now && offset < c.first_len => {
+                    Verdict::Deny(Reason::OverlappingFragment)
+                }
+                Some(c) if c.expires > now => Verdict::Allow,
                 _ => Verdict::Deny(Reason::OrphanFragment),
             };
         }
@@ -402,19 +469,44 @@ impl Filter {
         p: &packet::Packet,
         verdict: Verdict,
     ) -> Verdict {
-        if let (Verdict::Allow, Fragment::First { id }) = (verdict, p.fragment) {
-            if self.fragments.len() >= self.limits.max_fragments {
-                self.fragments.retain(|_, t| *t > now);
+        if let (Verdict::Allow, Fragment::First { id, len }) = (verdict, p.fragment) {
+            let key = FragKey::new(peer, p, id);
+            let chain = FragChain {
+                expires: now + self.limits.fragment,
+                first_len: len,
+            };
+            if let Some(c) = self.fragments.get_mut(&key) {
+                *c = chain;
+                return verdict;
             }
-            if self.fragments.len() < self.limits.max_fragments {
-                self.fragments
-                    .insert(FragKey::new(peer, p, id), now + self.limits.fragment);
+            let full = |f: &Self| {
+                f.fragments.len() >= f.limits.max_fragments
+                    || f.usage.get(&peer).map_or(0, |u| u.fragments)
+                        >= f.limits.max_fragments_per_peer
+            };
+            if full(self) {
+                let usage = &mut self.usage;
+                self.fragments.retain(|k, c| {
+                    let keep = c.expires > now;
+                    if !keep {
+                        Usage::release(usage, k.peer, |u| &mut u.fragments);
+                    }
+                    keep
+                });
+            }
+            if !full(self) {
+                self.fragments.insert(key, chain);
+                self.usage.entry(peer).or_default().fragments += 1;
             }
         }
         verdict
     }
 
     fn insert_flow(&mut self, now: Instant, key: FlowKey, flow: Flow) {
+        if self.usage.get(&key.peer).map_or(0, |u| u.flows) >= self.limits.max_flows_per_peer {
+            // The peer is at its share: it pays with one of its own flows.
+            self.evict_one(Some(key.peer));
+        }
         if self.flows.len() >= self.limits.max_flows {
             // Sweep at most once a second; under a flood, evict instead.
             if self
@@ -424,23 +516,28 @@ impl Filter {
                 self.expire(now);
             }
             if self.flows.len() >= self.limits.max_flows {
-                self.evict_one();
+                self.evict_one(None);
             }
         }
-        self.flows.insert(key, flow);
+        if self.flows.insert(key, flow).is_none() {
+            self.usage.entry(key.peer).or_default().flows += 1;
+        }
     }
 
-    /// Evicts the entry that expires first among a small sample, preferring
-    /// flows that are closing or were never answered.
-    fn evict_one(&mut self) {
+    /// Evicts the entry that expires first among a small sample (of `peer`'s
+    /// flows, or of all), preferring flows that are closing or were never
+    /// answered.
+    fn evict_one(&mut self, peer: Option<PeerId>) {
         let victim = self
             .flows
             .iter()
+            .filter(|(k, _)| peer.is_none_or(|p| k.peer == p))
             .take(16)
             .min_by_key(|(_, f)| (f.established, f.expires))
             .map(|(k, _)| *k);
         if let Some(k) = victim {
             self.flows.remove(&k);
+            Usage::release(&mut self.usage, k.peer, |u| &mut u.flows);
         }
     }
 }
@@ -453,7 +550,10 @@ fn evaluate(rules: &[Compiled], p: &packet::Packet) -> Verdict {
     };
     let mut best = Reason::NoRule;
     for rule in rules {
-        if !rule.protocol(p.proto) || !rule.source(p.src) {
+        if !rule.protocol(p.proto) || !rule.src.contains(p.src) {
+            continue;
+        }
+        if !rule.dst.is_empty() && !rule.dst.contains(p.dst) {
             continue;
         }
         match port {
@@ -478,6 +578,38 @@ struct FlowKey {
     remote_port: u16,
 }
 
+/// A fragment chain whose first fragment was admitted.
+#[derive(Debug, Clone, Copy)]
+struct FragChain {
+    expires: Instant,
+    /// Bytes the first fragment carried: later fragments start at or after it.
+    first_len: u32,
+}
+
+/// What one peer holds in the connection tracker.
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    flows: usize,
+    fragments: usize,
+}
+
+impl Usage {
+    /// Counts one entry of `peer` less, forgetting peers that hold nothing.
+    fn release(
+        usage: &mut HashMap<PeerId, Usage>,
+        peer: PeerId,
+        field: impl FnOnce(&mut Usage) -> &mut usize,
+    ) {
+        if let Some(u) = usage.get_mut(&peer) {
+            let n = field(u);
+            *n = n.saturating_sub(1);
+            if u.flows == 0 && u.fragments == 0 {
+                usage.remove(&peer);
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct FragKey {
     peer: PeerId,
@@ -488,12 +620,15 @@ struct FragKey {
 }
 
 impl FragKey {
+    /// IPv4 reassembles by (src, dst, protocol, id); IPv6 by (src, dst, id)
+    /// only, since a later fragment's next header names the first header of
+    /// the fragmentable part, not the transport (RFC 8200 section 4.5).
     fn new(peer: PeerId, p: &packet::Packet, id: u32) -> Self {
         Self {
             peer,
             src: p.src,
             dst: p.dst,
-            proto: p.proto,
+            proto: if p.src.is_ipv4() { p.proto } else { 0 },
             id,
         }
     }
@@ -554,32 +689,61 @@ impl Flow {
     }
 }
 
+/// A prefix list compiled to masks: membership costs a few AND/compares.
+#[derive(Debug, Clone, Default)]
+struct Prefixes {
+    v4: Vec<(u32, u32)>,
+    v6: Vec<(u128, u128)>,
+}
+
+impl Prefixes {
+    fn new<'a>(nets: impl IntoIterator<Item = &'a IpNet>) -> Self {
+        let mut out = Self::default();
+        for net in nets {
+            match net.trunc() {
+                IpNet::V4(n) => {
+                    let mask = u32::from(n.netmask());
+                    out.v4.push((u32::from(n.network()) & mask, mask));
+                }
+                IpNet::V6(n) => {
+                    let mask = u128::from(n.netmask());
+                    out.v6.push((u128::from(n.network()) & mask, mask));
+                }
+            }
+        }
+        out
+    }
+
+    fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty()
+    }
+
+    fn contains(&self, addr: IpAddr) -> bool {
+        match addr {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                self.v4.iter().any(|&(net, mask)| a & mask == net)
+            }
+            IpAddr::V6(a) => {
+                let a = u128::from(a);
+                self.v6.iter().any(|&(net, mask)| a & mask == net)
+            }
+        }
+    }
+}
+
 /// A rule compiled for cheap evaluation: prefix masks, a protocol bitmap and
 /// sorted, merged port ranges.
 #[derive(Debug, Clone)]
 struct Compiled {
-    v4: Vec<(u32, u32)>,
-    v6: Vec<(u128, u128)>,
+    src: Prefixes,
+    dst: Prefixes,
     protocols: [u64; 4],
     ports: Vec<(u16, u16)>,
 }
 
 impl Compiled {
     fn new(rule: &Rule) -> Self {
-        let mut v4 = Vec::new();
-        let mut v6 = Vec::new();
-        for net in &rule.src {
-            match net.trunc() {
-                IpNet::V4(n) => {
-                    let mask = u32::from(n.netmask());
-                    v4.push((u32::from(n.network()) & mask, mask));
-                }
-                IpNet::V6(n) => {
-                    let mask = u128::from(n.netmask());
-                    v6.push((u128::from(n.network()) & mask, mask));
-                }
-            }
-        }
         let mut protocols = [0u64; 4];
         let list: &[u8] = if rule.protocols.is_empty() {
             &[PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6]
@@ -606,8 +770,8 @@ impl Compiled {
             merged.push((0, u16::MAX));
         }
         Self {
-            v4,
-            v6,
+            src: Prefixes::new(&rule.src),
+            dst: Prefixes::new(&rule.dst),
             protocols,
             ports: merged,
         }
@@ -615,19 +779,6 @@ impl Compiled {
 
     fn protocol(&self, proto: u8) -> bool {
         self.protocols[usize::from(proto / 64)] & (1 << (proto % 64)) != 0
-    }
-
-    fn source(&self, src: IpAddr) -> bool {
-        match src {
-            IpAddr::V4(a) => {
-                let a = u32::from(a);
-                self.v4.iter().any(|&(net, mask)| a & mask == net)
-            }
-            IpAddr::V6(a) => {
-                let a = u128::from(a);
-                self.v6.iter().any(|&(net, mask)| a & mask == net)
-            }
-        }
     }
 
     fn port(&self, port: u16) -> bool {
@@ -653,10 +804,22 @@ mod tests {
     fn rule(src: &str, protocols: &[u8], ports: &[(u16, u16)]) -> Rule {
         Rule {
             src: src.split(',').map(|s| s.parse().unwrap()).collect(),
+            dst: Vec::new(),
             protocols: protocols.to_vec(),
             ports: ports.to_vec(),
             rule_id: "r".into(),
         }
+    }
+
+    /// A managed ruleset for a node owning `ME` and `fd00::1`.
+    fn managed(rules: Vec<Rule>) -> Option<Ruleset> {
+        Some(Ruleset {
+            local: vec![
+                "100.64.0.1/32".parse().unwrap(),
+                "fd00::1/128".parse().unwrap(),
+            ],
+            rules,
+        })
     }
 
     fn t0() -> Instant {
@@ -665,7 +828,7 @@ mod tests {
 
     #[test]
     fn rule_table() {
-        let mut f = Filter::new(Some(vec![
+        let mut f = Filter::new(managed(vec![
             rule("100.64.0.2/32", &[PROTO_TCP], &[(22, 22), (8000, 8999)]),
             rule("100.64.0.0/24", &[PROTO_UDP], &[]),
             rule("fd00::/64", &[], &[(443, 443)]),
@@ -722,7 +885,11 @@ mod tests {
 
     #[test]
     fn denied_flows_are_summarized_bounded_and_taken_once() {
-        let mut f = Filter::new(Some(vec![rule("100.64.0.2/32", &[PROTO_TCP], &[(22, 22)])]));
+        let mut f = Filter::new(managed(vec![rule(
+            "100.64.0.2/32",
+            &[PROTO_TCP],
+            &[(22, 22)],
+        )]));
         let now = t0();
         let allowed = v4(PEER, ME, PROTO_TCP, &tcp(4000, 22, TCP_SYN));
         let denied = v4(PEER, ME, PROTO_TCP, &tcp(4000, 5432, TCP_SYN));
@@ -775,7 +942,7 @@ mod tests {
 
     #[test]
     fn empty_rules_deny_all_but_admit_replies_to_our_flows() {
-        let mut f = Filter::new(Some(vec![]));
+        let mut f = Filter::new(managed(vec![]));
         let now = t0();
         let syn = v4(ME, PEER, PROTO_TCP, &tcp(40000, 80, TCP_SYN));
         let synack = v4(PEER, ME, PROTO_TCP, &tcp(80, 40000, TCP_SYN | TCP_ACK));
@@ -803,7 +970,7 @@ mod tests {
 
     #[test]
     fn our_echo_flow_does_not_admit_inbound_echo_requests() {
-        let mut f = Filter::new(Some(vec![]));
+        let mut f = Filter::new(managed(vec![]));
         let now = t0();
         f.outbound(now, 1, &v4(ME, PEER, PROTO_ICMP, &icmp(8, 9)));
         assert_eq!(
@@ -814,14 +981,22 @@ mod tests {
 
     #[test]
     fn rule_admitted_flows_are_tracked_once_and_reevaluated() {
-        let mut f = Filter::new(Some(vec![rule("100.64.0.2/32", &[PROTO_TCP], &[(22, 22)])]));
+        let mut f = Filter::new(managed(vec![rule(
+            "100.64.0.2/32",
+            &[PROTO_TCP],
+            &[(22, 22)],
+        )]));
         let now = t0();
         let syn = v4(PEER, ME, PROTO_TCP, &tcp(4000, 22, TCP_SYN));
         let ack = v4(PEER, ME, PROTO_TCP, &tcp(4000, 22, TCP_ACK));
         assert_eq!(f.inbound(now, 1, &syn), Verdict::Allow);
         assert_eq!(f.inbound(now, 1, &ack), Verdict::Allow);
         assert_eq!(f.flow_count(), 1);
-        f.set_rules(Some(vec![rule("100.64.0.2/32", &[PROTO_TCP], &[(80, 80)])]));
+        f.set_rules(managed(vec![rule(
+            "100.64.0.2/32",
+            &[PROTO_TCP],
+            &[(80, 80)],
+        )]));
         assert_eq!(
             f.inbound(now, 1, &ack),
             Verdict::Deny(Reason::PortNotAllowed)
@@ -830,7 +1005,7 @@ mod tests {
 
     #[test]
     fn tcp_non_syn_outbound_does_not_open_a_flow() {
-        let mut f = Filter::new(Some(vec![]));
+        let mut f = Filter::new(managed(vec![]));
         let now = t0();
         f.outbound(now, 1, &v4(ME, PEER, PROTO_TCP, &tcp(22, 5000, TCP_ACK)));
         assert_eq!(
@@ -841,19 +1016,23 @@ mod tests {
 
     #[test]
     fn replies_to_inbound_flows_do_not_survive_rule_revocation() {
-        let mut f = Filter::new(Some(vec![rule("100.64.0.2/32", &[PROTO_UDP], &[(53, 53)])]));
+        let mut f = Filter::new(managed(vec![rule(
+            "100.64.0.2/32",
+            &[PROTO_UDP],
+            &[(53, 53)],
+        )]));
         let now = t0();
         let q = v4(PEER, ME, PROTO_UDP, &udp(5000, 53, b"q"));
         assert_eq!(f.inbound(now, 1, &q), Verdict::Allow);
         // Our reply must not turn the flow into one "we opened".
         f.outbound(now, 1, &v4(ME, PEER, PROTO_UDP, &udp(53, 5000, b"a")));
-        f.set_rules(Some(vec![]));
+        f.set_rules(managed(vec![]));
         assert_eq!(f.inbound(now, 1, &q), Verdict::Deny(Reason::NoRule));
     }
 
     #[test]
     fn flows_expire_and_are_dropped_with_their_peer() {
-        let mut f = Filter::new(Some(vec![]));
+        let mut f = Filter::new(managed(vec![]));
         let now = t0();
         f.outbound(now, 1, &v4(ME, PEER, PROTO_UDP, &udp(5000, 53, b"q")));
         f.outbound(now, 2, &v4(ME, OTHER, PROTO_UDP, &udp(5000, 53, b"q")));
@@ -875,7 +1054,7 @@ mod tests {
             max_flows: 64,
             ..Limits::default()
         };
-        let mut f = Filter::with_limits(Some(vec![]), limits);
+        let mut f = Filter::with_limits(managed(vec![]), limits);
         let now = t0();
         for port in 0..1000u16 {
             f.outbound(now, 1, &v4(ME, PEER, PROTO_UDP, &udp(port, 53, b"")));
@@ -890,7 +1069,11 @@ mod tests {
 
     #[test]
     fn fragments_follow_their_first_fragment() {
-        let mut f = Filter::new(Some(vec![rule("100.64.0.2/32", &[PROTO_UDP], &[(53, 53)])]));
+        let mut f = Filter::new(managed(vec![rule(
+            "100.64.0.2/32",
+            &[PROTO_UDP],
+            &[(53, 53)],
+        )]));
         let now = t0();
         let mut first = v4(PEER, ME, PROTO_UDP, &udp(5000, 53, b"abcdefgh"));
         first[4..6].copy_from_slice(&42u16.to_be_bytes());
@@ -916,9 +1099,144 @@ mod tests {
         );
     }
 
+    /// One peer opening flows without end (each admitted by a rule) cannot
+    /// push another peer's flow out of the tracker: it pays with its own.
+    #[test]
+    fn one_peer_cannot_push_out_the_flows_of_another() {
+        let limits = Limits {
+            max_flows: 64,
+            max_flows_per_peer: 16,
+            ..Limits::default()
+        };
+        let mut f = Filter::with_limits(
+            managed(vec![rule("100.64.0.2/32", &[PROTO_UDP], &[(53, 53)])]),
+            limits,
+        );
+        let now = t0();
+        // This node asks peer 2 something; its answer must still get in.
+        f.outbound(now, 2, &v4(ME, OTHER, PROTO_UDP, &udp(5000, 9999, b"q")));
+        for port in 0..1000u16 {
+            let later = now + Duration::from_millis(u64::from(port));
+            let flood = v4(PEER, ME, PROTO_UDP, &udp(10_000 + port, 53, b"x"));
+            assert_eq!(f.inbound(later, 1, &flood), Verdict::Allow);
+        }
+        assert!(f.flow_count() <= 17, "{} flows", f.flow_count());
+        let answer = v4(OTHER, ME, PROTO_UDP, &udp(9999, 5000, b"a"));
+        assert_eq!(
+            f.inbound(now + Duration::from_secs(1), 2, &answer),
+            Verdict::Allow
+        );
+    }
+
+    /// One peer's first fragments cannot fill the fragment table for all.
+    #[test]
+    fn one_peer_cannot_exhaust_the_fragment_table() {
+        let limits = Limits {
+            max_fragments: 8,
+            max_fragments_per_peer: 4,
+            ..Limits::default()
+        };
+        let mut f = Filter::with_limits(
+            managed(vec![rule("100.64.0.0/24", &[PROTO_UDP], &[(53, 53)])]),
+            limits,
+        );
+        let now = t0();
+        let first = |src: Ipv4Addr, id: u16| {
+            let mut p = v4(src, ME, PROTO_UDP, &udp(5000, 53, b"abcdefgh"));
+            p[4..6].copy_from_slice(&id.to_be_bytes());
+            p[6..8].copy_from_slice(&0x2000u16.to_be_bytes());
+            p
+        };
+        let later = |src: Ipv4Addr, id: u16| {
+            let mut p = v4(src, ME, PROTO_UDP, b"tail");
+            p[4..6].copy_from_slice(&id.to_be_bytes());
+            p[6..8].copy_from_slice(&2u16.to_be_bytes());
+            p
+        };
+        for id in 0..100 {
+            assert_eq!(f.inbound(now, 1, &first(PEER, id)), Verdict::Allow);
+        }
+        assert_eq!(f.inbound(now, 2, &first(OTHER, 7)), Verdict::Allow);
+        assert_eq!(f.inbound(now, 2, &later(OTHER, 7)), Verdict::Allow);
+        // The flooder's own early chains still work; its later ones were not tracked.
+        assert_eq!(f.inbound(now, 1, &later(PEER, 0)), Verdict::Allow);
+        assert_eq!(
+            f.inbound(now, 1, &later(PEER, 99)),
+            Verdict::Deny(Reason::OrphanFragment)
+        );
+    }
+
+    /// A later fragment that starts inside its first fragment would rewrite
+    /// the ports the filter checked: refused, in both families.
+    #[test]
+    fn fragments_overlapping_their_first_fragment_are_refused() {
+        let mut f = Filter::new(managed(vec![rule(
+            "100.64.0.2/32,fd00::2/128",
+            &[PROTO_UDP, PROTO_TCP],
+            &[(53, 53)],
+        )]));
+        let now = t0();
+        let mut first = v4(PEER, ME, PROTO_UDP, &udp(5000, 53, b"abcdefgh"));
+        first[4..6].copy_from_slice(&42u16.to_be_bytes());
+        first[6..8].copy_from_slice(&0x2000u16.to_be_bytes());
+        let mut overlap = v4(PEER, ME, PROTO_UDP, b"evil-ports");
+        overlap[4..6].copy_from_slice(&42u16.to_be_bytes());
+        overlap[6..8].copy_from_slice(&1u16.to_be_bytes()); // byte 8 < 16
+        assert_eq!(f.inbound(now, 1, &first), Verdict::Allow);
+        assert_eq!(
+            f.inbound(now, 1, &overlap),
+            Verdict::Deny(Reason::OverlappingFragment)
+        );
+
+        let (a, b) = ("fd00::2".parse().unwrap(), "fd00::1".parse().unwrap());
+        let mut first6 = vec![PROTO_TCP, 0, 0, 1, 0, 0, 0, 9];
+        first6.extend_from_slice(&tcp(1234, 53, TCP_SYN));
+        assert_eq!(f.inbound(now, 1, &v6(a, b, 44, &first6)), Verdict::Allow);
+        // Offset 8 bytes: inside the 20-byte TCP header of the first.
+        let overlap6 = [PROTO_TCP, 0, 0, 8, 0, 0, 0, 9, 0, 22, 0, 0];
+        assert_eq!(
+            f.inbound(now, 1, &v6(a, b, 44, &overlap6)),
+            Verdict::Deny(Reason::OverlappingFragment)
+        );
+        let tail6 = [PROTO_TCP, 0, 0, 24, 0, 0, 0, 9, 1, 2, 3, 4];
+        assert_eq!(f.inbound(now, 1, &v6(a, b, 44, &tail6)), Verdict::Allow);
+    }
+
+    /// IPv6: extension headers after the fragment header do not orphan the
+    /// later fragments (their next header is that extension header).
+    #[test]
+    fn ipv6_fragments_with_extension_headers_after_the_fragment_header_pass() {
+        let mut f = Filter::new(managed(vec![rule(
+            "fd00::2/128",
+            &[PROTO_TCP],
+            &[(443, 443)],
+        )]));
+        let now = t0();
+        let (a, b) = ("fd00::2".parse().unwrap(), "fd00::1".parse().unwrap());
+        let mut first = vec![60, 0, 0, 1, 0, 0, 0, 5];
+        first.extend_from_slice(&[PROTO_TCP, 0, 1, 4, 0, 0, 0, 0]);
+        first.extend_from_slice(&tcp(1234, 443, TCP_SYN));
+        assert_eq!(f.inbound(now, 1, &v6(a, b, 44, &first)), Verdict::Allow);
+        let later = [60, 0, 0, 32, 0, 0, 0, 5, 9, 9, 9, 9];
+        assert_eq!(f.inbound(now, 1, &v6(a, b, 44, &later)), Verdict::Allow);
+        // A port the rule does not admit: neither the first nor the rest.
+        let mut denied = vec![60, 0, 0, 1, 0, 0, 0, 6];
+        denied.extend_from_slice(&[PROTO_TCP, 0, 1, 4, 0, 0, 0, 0]);
+        denied.extend_from_slice(&tcp(1234, 22, TCP_SYN));
+        assert_eq!(
+            f.inbound(now, 1, &v6(a, b, 44, &denied)),
+            Verdict::Deny(Reason::PortNotAllowed)
+        );
+        let rest = [60, 0, 0, 32, 0, 0, 0, 6, 9, 9, 9, 9];
+        assert_eq!(
+            f.inbound(now, 1, &v6(a, b, 44, &rest)),
+            Verdict::Deny(Reason::OrphanFragment)
+        );
+    }
+
     #[test]
     fn icmp_errors_about_our_flows_are_admitted() {
-        let mut f = Filter::new(Some(vec![]));
+        let mut f = Filter::new(managed(vec![]));
         let now = t0();
         let sent = v4(ME, PEER, PROTO_UDP, &udp(5000, 53, b"q"));
         f.outbound(now, 1, &sent);
@@ -938,8 +1256,115 @@ mod tests {
     }
 
     /// The obvious reading of the rule semantics, with no compilation.
-    fn naive(rules: &[Rule], src: IpAddr, proto: u8, port: Option<u16>) -> bool {
+    /// A peer allowed to reach this node's port 22 routes one of the node's
+    /// other addresses (a container bridge, a LAN address, a network it
+    /// forwards to) into its own tunnel: refused under its own reason, while
+    /// the same flow to the overlay address is admitted.
+    #[test]
+    fn refuses_destinations_that_are_not_this_nodes_own() {
+        let mut f = Filter::new(managed(vec![rule(
+            "100.64.0.2/32",
+            &[PROTO_TCP, PROTO_UDP, PROTO_ICMP],
+            &[(22, 22)],
+        )]));
+        let now = t0();
+        let lan = Ipv4Addr::new(198, 18, 7, 1);
+        let neighbour = Ipv4Addr::new(100, 64, 0, 9);
+        for dst in [
+            lan,
+            neighbour,
+            Ipv4Addr::BROADCAST,
+            Ipv4Addr::new(224, 0, 0, 1),
+        ] {
+            assert_eq!(
+                f.inbound(now, 1, &v4(PEER, dst, PROTO_TCP, &tcp(1000, 22, TCP_SYN))),
+                Verdict::Deny(Reason::ForeignDestination),
+                "{dst}"
+            );
+        }
+        assert_eq!(
+            f.inbound(now, 1, &v4(PEER, lan, PROTO_ICMP, &icmp(8, 1))),
+            Verdict::Deny(Reason::ForeignDestination)
+        );
+        assert_eq!(
+            f.inbound(now, 1, &v4(PEER, ME, PROTO_TCP, &tcp(1000, 22, TCP_SYN))),
+            Verdict::Allow
+        );
+        let drops: HashMap<Reason, u64> = f.drops().into_iter().collect();
+        assert_eq!(drops[&Reason::ForeignDestination], 5);
+        let denied = f.take_denied();
+        assert!(denied
+            .iter()
+            .any(|(d, _)| d.dst == IpAddr::V4(lan) && d.reason == Reason::ForeignDestination));
+    }
+
+    /// A reply to a flow this node opened is still only delivered to a local
+    /// address: conntrack never widens the destination check.
+    #[test]
+    fn conntrack_never_admits_a_foreign_destination() {
+        let mut f = Filter::new(managed(vec![]));
+        let now = t0();
+        let lan = Ipv4Addr::new(198, 18, 7, 1);
+        // Even if this node sent from a non-overlay address (it cannot: the
+        // peer's cryptokey routing drops it), the reply is not delivered.
+        f.outbound(now, 1, &v4(lan, PEER, PROTO_UDP, &udp(5000, 53, b"q")));
+        assert_eq!(
+            f.inbound(now, 1, &v4(PEER, lan, PROTO_UDP, &udp(53, 5000, b"a"))),
+            Verdict::Deny(Reason::ForeignDestination)
+        );
+        f.outbound(now, 1, &v4(ME, PEER, PROTO_UDP, &udp(5000, 53, b"q")));
+        assert_eq!(
+            f.inbound(now, 1, &v4(PEER, ME, PROTO_UDP, &udp(53, 5000, b"a"))),
+            Verdict::Allow
+        );
+    }
+
+    /// A rule's destinations restrict it to some of the node's addresses:
+    /// `100.64.0.1:22` does not open port 22 on the node's IPv6 address.
+    #[test]
+    fn rule_destinations_restrict_which_local_address_is_reached() {
+        let mut r = rule("100.64.0.2/32,fd00::2/128", &[PROTO_TCP], &[(22, 22)]);
+        r.dst = vec!["100.64.0.1/32".parse().unwrap()];
+        let mut f = Filter::new(managed(vec![r]));
+        let now = t0();
+        assert_eq!(
+            f.inbound(now, 1, &v4(PEER, ME, PROTO_TCP, &tcp(1000, 22, TCP_SYN))),
+            Verdict::Allow
+        );
+        let six = v6(
+            "fd00::2".parse().unwrap(),
+            "fd00::1".parse().unwrap(),
+            PROTO_TCP,
+            &tcp(1000, 22, TCP_SYN),
+        );
+        assert_eq!(f.inbound(now, 1, &six), Verdict::Deny(Reason::NoRule));
+    }
+
+    /// A managed filter with no local addresses (no map yet) delivers nothing.
+    #[test]
+    fn no_local_addresses_means_nothing_is_delivered() {
+        let mut f = Filter::new(Some(Ruleset {
+            local: Vec::new(),
+            rules: vec![rule("0.0.0.0/0", &[], &[])],
+        }));
+        assert_eq!(
+            f.inbound(t0(), 1, &v4(PEER, ME, PROTO_UDP, &udp(1, 2, b""))),
+            Verdict::Deny(Reason::ForeignDestination)
+        );
+    }
+
+    /// The filter's semantics read literally: the destination is local, and
+    /// some rule admits source, destination, protocol and port.
+    fn naive(rules: &[Rule], src: IpAddr, dst: IpAddr, proto: u8, port: Option<u16>) -> bool {
+        let local: [IpNet; 2] = [
+            "100.64.0.1/32".parse().unwrap(),
+            "fd00::1/128".parse().unwrap(),
+        ];
+        if !local.iter().any(|n| n.contains(&dst)) {
+            return false;
+        }
         rules.iter().any(|r| {
+            let dst_ok = r.dst.is_empty() || r.dst.iter().any(|n| n.contains(&dst));
             let proto_ok = if r.protocols.is_empty() {
                 [PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6].contains(&proto)
             } else {
@@ -953,17 +1378,30 @@ mod tests {
                 }
                 _ => true,
             };
-            proto_ok && src_ok && port_ok
+            proto_ok && src_ok && dst_ok && port_ok
         })
     }
+
+    /// Destinations the property probes: this node, a neighbour in the
+    /// overlay, and an underlay address this node might own or forward to.
+    const DSTS: [Ipv4Addr; 3] = [
+        ME,
+        Ipv4Addr::new(100, 64, 9, 1),
+        Ipv4Addr::new(198, 18, 0, 1),
+    ];
 
     fn arb_rule() -> impl Strategy<Value = Rule> {
         (
             prop::collection::vec((0u8..4, 0u8..=32), 1..4),
             prop::collection::vec(prop::sample::select(vec![1u8, 6, 17, 58, 132]), 0..3),
             prop::collection::vec((0u16..64, 0u16..64), 0..4),
+            prop::collection::vec(prop::sample::select(DSTS.to_vec()), 0..3),
         )
-            .prop_map(|(srcs, protocols, ports)| Rule {
+            .prop_map(|(srcs, protocols, ports, dst)| Rule {
+                dst: dst
+                    .into_iter()
+                    .map(|d| IpNet::from(IpAddr::V4(d)))
+                    .collect(),
                 src: srcs
                     .into_iter()
                     .map(|(b, len)| {
@@ -985,6 +1423,7 @@ mod tests {
             b in 0u8..4, host in 0u8..4,
             proto in prop::sample::select(vec![1u8, 6, 17, 58, 132, 47]),
             port in 0u16..64,
+            dst in prop::sample::select(DSTS.to_vec()),
         ) {
             let src = Ipv4Addr::new(100, 64, b, host);
             let l4 = match proto {
@@ -993,10 +1432,10 @@ mod tests {
                 PROTO_ICMP | PROTO_ICMPV6 => icmp(8, 1),
                 _ => vec![0; 8],
             };
-            let pkt = v4(src, ME, proto, &l4);
-            let mut f = Filter::new(Some(rules.clone()));
+            let pkt = v4(src, dst, proto, &l4);
+            let mut f = Filter::new(managed(rules.clone()));
             let got = f.inbound(Instant::now(), 1, &pkt) == Verdict::Allow;
-            let want = naive(&rules, IpAddr::V4(src), proto, Some(port));
+            let want = naive(&rules, IpAddr::V4(src), IpAddr::V4(dst), proto, Some(port));
             prop_assert_eq!(got, want);
         }
     }

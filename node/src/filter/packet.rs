@@ -58,11 +58,16 @@ pub enum Fragment {
     First {
         /// IP identification (IPv4: 16 bits; IPv6: 32 bits).
         id: u32,
+        /// Bytes of the fragmentable part it carries: a later fragment
+        /// starting before this would overwrite what the filter checked.
+        len: u32,
     },
     /// A later fragment: no transport header.
     Later {
         /// IP identification.
         id: u32,
+        /// Byte offset of its data in the fragmentable part.
+        offset: u32,
     },
 }
 
@@ -203,8 +208,14 @@ fn parse_v4(buf: &[u8], outer: bool) -> Result<Packet, ParseError> {
     let dst = IpAddr::V4(ipv4_at(buf, 16));
     let fragment = match (offset, more) {
         (0, false) => Fragment::None,
-        (0, true) => Fragment::First { id },
-        _ => Fragment::Later { id },
+        (0, true) => Fragment::First {
+            id,
+            len: (end - ihl) as u32,
+        },
+        _ => Fragment::Later {
+            id,
+            offset: u32::from(offset) * 8,
+        },
     };
     if let Fragment::Later { .. } = fragment {
         // RFC 1858: a TCP fragment at offset 8 can rewrite the flags of the first.
@@ -293,13 +304,24 @@ fn parse_v6(buf: &[u8], outer: bool) -> Result<Packet, ParseError> {
                 fragment = match (offset, more) {
                     // An atomic fragment (RFC 6946) is a whole packet.
                     (0, false) => Fragment::None,
-                    (0, true) => Fragment::First { id },
+                    // Extension headers may follow the fragment header in the
+                    // first fragment: the loop goes on walking them.
+                    (0, true) => Fragment::First {
+                        id,
+                        len: (end - off) as u32,
+                    },
+                    // A later fragment's next header names the first header
+                    // of the fragmentable part (an extension header, often),
+                    // not the transport: reassembly keys on (src, dst, id).
                     _ => {
                         return Ok(Packet {
                             src,
                             dst,
                             proto: next,
-                            fragment: Fragment::Later { id },
+                            fragment: Fragment::Later {
+                                id,
+                                offset: u32::from(offset) * 8,
+                            },
                             transport: Transport::Opaque,
                         })
                     }
@@ -555,14 +577,14 @@ mod tests {
         first[4..6].copy_from_slice(&7u16.to_be_bytes());
         first[6..8].copy_from_slice(&0x2000u16.to_be_bytes());
         let p = parse(&first).unwrap();
-        assert_eq!(p.fragment, Fragment::First { id: 7 });
+        assert_eq!(p.fragment, Fragment::First { id: 7, len: 16 });
         assert!(matches!(p.transport, Transport::Ports { dst: 2, .. }));
 
         let mut later = v4(A, B, PROTO_UDP, b"tail");
         later[4..6].copy_from_slice(&7u16.to_be_bytes());
         later[6..8].copy_from_slice(&3u16.to_be_bytes());
         let p = parse(&later).unwrap();
-        assert_eq!(p.fragment, Fragment::Later { id: 7 });
+        assert_eq!(p.fragment, Fragment::Later { id: 7, offset: 24 });
         assert_eq!(p.transport, Transport::Opaque);
     }
 
@@ -583,11 +605,31 @@ mod tests {
         let mut payload = vec![PROTO_TCP, 0, 0, 1, 0, 0, 0, 9]; // offset 0, M=1, id 9
         payload.extend_from_slice(&tcp(1234, 443, TCP_SYN));
         let p = parse(&v6(a6(), b6(), 44, &payload)).unwrap();
-        assert_eq!(p.fragment, Fragment::First { id: 9 });
+        assert_eq!(p.fragment, Fragment::First { id: 9, len: 20 });
         assert!(matches!(p.transport, Transport::Ports { dst: 443, .. }));
-        let later = [PROTO_TCP, 0, 0, 16, 0, 0, 0, 9, 1, 2, 3];
+        let later = [PROTO_TCP, 0, 0, 24, 0, 0, 0, 9, 1, 2, 3];
         let p = parse(&v6(a6(), b6(), 44, &later)).unwrap();
-        assert_eq!(p.fragment, Fragment::Later { id: 9 });
+        assert_eq!(p.fragment, Fragment::Later { id: 9, offset: 24 });
+    }
+
+    /// Extension headers after the fragment header (a destination options
+    /// header here) are walked in the first fragment; a later fragment names
+    /// that header, not the transport, as its next header.
+    #[test]
+    fn ipv6_extension_headers_after_the_fragment_header() {
+        // Fragment header (next: dest opts, offset 0, M=1, id 5), dest opts
+        // (next: TCP, 8 bytes), then TCP.
+        let mut payload = vec![60, 0, 0, 1, 0, 0, 0, 5];
+        payload.extend_from_slice(&[PROTO_TCP, 0, 1, 4, 0, 0, 0, 0]);
+        payload.extend_from_slice(&tcp(1234, 443, TCP_SYN));
+        let p = parse(&v6(a6(), b6(), 44, &payload)).unwrap();
+        assert_eq!(p.proto, PROTO_TCP);
+        assert_eq!(p.fragment, Fragment::First { id: 5, len: 28 });
+        assert!(matches!(p.transport, Transport::Ports { dst: 443, .. }));
+        let later = [60, 0, 0, 32, 0, 0, 0, 5, 9, 9, 9, 9];
+        let p = parse(&v6(a6(), b6(), 44, &later)).unwrap();
+        assert_eq!(p.fragment, Fragment::Later { id: 5, offset: 32 });
+        assert_eq!(p.transport, Transport::Opaque);
     }
 
     #[test]

@@ -33,7 +33,7 @@ use ztmesh_proto::keys::{WgPrivateKey, WgPublicKey};
 
 use self::tun::{TunRx, TunTx};
 use self::udp::{unmap, TxBatch, Udp};
-use crate::filter::Rule;
+use crate::filter::Ruleset;
 use crate::tunnel::{Device, Output, PeerConfig, PeerStatus, Transmit, MIN_BUFFER, OVERHEAD};
 use crate::uapi;
 
@@ -119,7 +119,7 @@ pub struct PeerStats {
 
 enum Command {
     Peers(Vec<PeerConfig>),
-    Filter(Option<Vec<Rule>>),
+    Filter(Option<Ruleset>),
     Shutdown,
 }
 
@@ -199,7 +199,7 @@ impl DataPlane {
     /// Replaces the inbound filter: `None` accepts all traffic from peers
     /// (standalone); `Some(vec![])` denies all inbound flows but still admits
     /// replies to flows this node opened.
-    pub fn set_filter(&self, rules: Option<Vec<Rule>>) {
+    pub fn set_filter(&self, rules: Option<Ruleset>) {
         let _ = self.commands.send(Command::Filter(rules));
     }
 
@@ -261,7 +261,11 @@ fn run_thread(
             let port = udp4.local_addr()?.port();
             let tun =
                 create_tun(&cfg).with_context(|| format!("creating TUN {}", cfg.interface))?;
-            let rules = if cfg.managed { Some(Vec::new()) } else { None };
+            let rules = if cfg.managed {
+                Some(Ruleset::default())
+            } else {
+                None
+            };
             Ok(Worker {
                 device: Device::new(&cfg.private_key, rules.clone(), Instant::now()),
                 private_key: cfg.private_key.clone(),
@@ -293,7 +297,7 @@ fn run_thread(
 struct Worker {
     device: Device,
     private_key: WgPrivateKey,
-    rules: Option<Vec<Rule>>,
+    rules: Option<Ruleset>,
     tun: AsyncDevice,
     udp4: Udp,
     udp6: Option<Udp>,

@@ -245,8 +245,8 @@ impl fmt::Debug for Device {
 
 impl Device {
     /// Creates a device with no peers. `rules` as for [`Filter::new`]: `None`
-    /// accepts all traffic from peers, `Some(rules)` is default deny.
-    pub fn new(private_key: &WgPrivateKey, rules: Option<Vec<filter::Rule>>, now: Instant) -> Self {
+    /// accepts all traffic from peers, `Some(ruleset)` is default deny.
+    pub fn new(private_key: &WgPrivateKey, rules: Option<filter::Ruleset>, now: Instant) -> Self {
         let private = private_key.to_dalek();
         let public = x25519::PublicKey::from(&private);
         Self {
@@ -328,7 +328,7 @@ impl Device {
     }
 
     /// Replaces the inbound filter rules (`None`: accept all from peers).
-    pub fn set_filter(&mut self, rules: Option<Vec<filter::Rule>>) {
+    pub fn set_filter(&mut self, rules: Option<filter::Ruleset>) {
         self.filter.set_rules(rules);
     }
 

@@ -9,6 +9,15 @@ use rand::{Rng, SeedableRng};
 use super::*;
 use crate::filter::packet::build;
 use crate::filter::packet::{PROTO_ICMP, PROTO_UDP};
+use crate::filter::{Rule, Ruleset};
+
+/// A managed filter for a node owning `ip`.
+fn managed(ip: Ipv4Addr, rules: Vec<Rule>) -> Option<Ruleset> {
+    Some(Ruleset {
+        local: vec![IpNet::from(std::net::IpAddr::V4(ip))],
+        rules,
+    })
+}
 
 const BUF: usize = 2048;
 
@@ -354,7 +363,8 @@ fn unknown_receiver_index_is_dropped() {
 fn removed_peer_loses_session_and_flows_at_once() {
     let mut net = Net::mesh(2);
     let now = net.now;
-    net.nodes[1].dev.set_filter(Some(vec![]));
+    let deny_all = managed(net.nodes[1].ip, vec![]);
+    net.nodes[1].dev.set_filter(deny_all);
     // B opens a UDP flow to A so that conntrack holds an entry for A.
     let q = build::v4(
         net.nodes[1].ip,
@@ -444,7 +454,8 @@ fn spoofed_inner_source_is_dropped_even_inside_an_overlapping_range() {
 #[test]
 fn managed_filter_denies_new_inbound_flows_but_admits_replies() {
     let mut net = Net::mesh(2);
-    net.nodes[0].dev.set_filter(Some(vec![]));
+    let deny_all = managed(net.nodes[0].ip, vec![]);
+    net.nodes[0].dev.set_filter(deny_all);
     // B pings A: denied by default.
     net.send_ip(1, &net.ping(1, 0, 1)).unwrap();
     assert_eq!(

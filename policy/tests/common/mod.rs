@@ -100,8 +100,20 @@ pub fn parse_err(text: &str) -> String {
     }
 }
 
-/// Whether the compiled rules of `dst` admit a packet from any address of `src`.
+/// Whether the compiled rules of `dst` admit a packet from any address of
+/// `src` to any address of `dst`.
 pub fn admitted(c: &Compiled, src: u64, dst: u64, proto: u8, port: u16) -> bool {
+    let Some(d) = c.nodes().find(|n| n.id == dst) else {
+        return false;
+    };
+    d.addresses
+        .iter()
+        .any(|to| admitted_at(c, src, dst, *to, proto, port))
+}
+
+/// Whether the compiled rules of `dst` admit a packet from any address of
+/// `src` to the address `to`.
+pub fn admitted_at(c: &Compiled, src: u64, dst: u64, to: IpAddr, proto: u8, port: u16) -> bool {
     let Some(view) = c.view(dst) else {
         return false;
     };
@@ -110,5 +122,5 @@ pub fn admitted(c: &Compiled, src: u64, dst: u64, proto: u8, port: u16) -> bool 
     };
     s.addresses
         .iter()
-        .any(|a| view.admits(*a, proto, port).is_some())
+        .any(|a| view.admits(*a, to, proto, port).is_some())
 }
