@@ -409,7 +409,7 @@ fn deleted_node_replaying_its_exported_wireguard_config_is_refused() {
 }
 
 /// Hardening (issue 9): a peer allowed to reach web:443 routes *another*
-/// address of web — 198.19.77.1 on a dummy interface, standing for a container
+/// address of web — 198.19.77.1 on a veth inside web, standing for a container
 /// bridge, a LAN address or a network web forwards to — through its own
 /// WireGuard: wireguard-go with alice's exported config, web's AllowedIPs
 /// widened to cover it. Web's filter refuses it (the inner destination is not
@@ -420,7 +420,7 @@ fn deleted_node_replaying_its_exported_wireguard_config_is_refused() {
 ///  alice (wireguard-go, AllowedIPs for web += 198.19.77.1/32)
 ///     │  tcp → 198.19.77.1:443, inner src = alice's overlay address
 ///     ▼
-///  web: ztm0 ── filter ──✗ (foreign_destination)      zx0 (dummy) 198.19.77.1
+///  web: ztm0 ── filter ──✗ (foreign_destination)      zx0 (veth) 198.19.77.1
 /// ```
 #[test]
 fn peer_routing_another_address_of_a_node_into_its_tunnel_is_refused() {
@@ -430,9 +430,10 @@ fn peer_routing_another_address_of_a_node_into_its_tunnel_is_refused() {
     const HIDDEN: &str = "198.19.77.1";
     let mut mesh = Mesh::standard();
     let web = mesh.ns(WEB);
-    web.run_ok(["ip", "link", "add", "zx0", "type", "dummy"]);
+    web.run_ok(["ip", "link", "add", "zx0", "type", "veth", "peer", "name", "zx1"]);
     web.run_ok(["ip", "addr", "add", &format!("{HIDDEN}/32"), "dev", "zx0"]);
     web.run_ok(["ip", "link", "set", "zx0", "up"]);
+    web.run_ok(["ip", "link", "set", "zx1", "up"]);
     let _hidden_echo = web.spawn_echo(&[&format!("{HIDDEN}:443")]);
     web.tcp_check(HIDDEN, 443, ALLOW_TIMEOUT)
         .unwrap_or_else(|e| panic!("the hidden service does not answer inside web: {e}"));
