@@ -25,6 +25,9 @@
 #   IMPLS="..."       subset, in order, of: bare ztmesh agent wggo bt bt1
 #   TCP_SECS=10 UDP_SECS=5 PINGS=20
 #   BIN=target/release  where ztmesh and ztmesh-controller are
+#   BASE_BIN=DIR      binaries of a baseline build (e.g. an earlier commit);
+#                     implementation `agent0` runs agent mode with them, so a
+#                     change is measured side by side with its baseline
 #   BORINGTUN=...     boringtun-cli binary
 #   MEM_PEERS=10000   also measure `ztmesh tunnel` RSS with 1 and with this many
 #                     peers (random keys, distinct /32s; 0: skip; needs python3)
@@ -41,6 +44,7 @@ UDP_SECS=${UDP_SECS:-5}
 PINGS=${PINGS:-20}
 MEM_PEERS=${MEM_PEERS:-10000}
 BIN=${BIN:-$ROOT/target/release}
+BASE_BIN=${BASE_BIN:-}
 BORINGTUN=${BORINGTUN:-$ROOT/target/bench-tools/bin/boringtun-cli}
 MTU=1420
 PORT=51820
@@ -248,6 +252,9 @@ wg_uapi_start() { # NAME CMD... (CMD gets IFNAME appended)
   DST=$OVER_B
 }
 
+# Agent mode with the baseline binaries (BASE_BIN).
+impl_agent0_start() { BIN=$BASE_BIN impl_agent_start; }
+
 impl_wggo_start() { wg_uapi_start wggo env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f; }
 impl_bt_start() { wg_uapi_start bt "$BORINGTUN" -f --disable-drop-privileges; }
 impl_bt1_start() { wg_uapi_start bt1 "$BORINGTUN" -f --disable-drop-privileges --threads 1; }
@@ -257,6 +264,7 @@ impl_label() {
     bare) echo "bare veth" ;;
     ztmesh) echo "ztmesh tunnel (standalone)" ;;
     agent) echo "ztmesh daemon (agent mode)" ;;
+    agent0) echo "ztmesh daemon (agent mode, baseline \$BASE_BIN)" ;;
     wggo) echo "wireguard-go" ;;
     bt) echo "boringtun-cli (default threads)" ;;
     bt1) echo "boringtun-cli --threads 1" ;;
@@ -361,6 +369,10 @@ for impl in $IMPLS; do
       echo "dataplane.sh: $BIN/ztmesh missing; run: cargo build --release -p ztmesh-node -p ztmesh-controller" >&2
       exit 1
     } ;;
+    agent0) [[ -n ${BASE_BIN:-} && -x $BASE_BIN/ztmesh && -x $BASE_BIN/ztmesh-controller ]] || {
+      echo "dataplane.sh: agent0 needs BASE_BIN=DIR holding a baseline ztmesh and ztmesh-controller" >&2
+      exit 1
+    } ;;
     wggo) command -v wireguard-go >/dev/null || { echo "dataplane.sh: wireguard-go missing (apt-get install wireguard-go)" >&2; exit 1; } ;;
     bt | bt1) [[ -x $BORINGTUN ]] || {
       echo "dataplane.sh: $BORINGTUN missing; run: cargo install boringtun-cli --locked --root target/bench-tools" >&2
@@ -397,6 +409,7 @@ awk -F, -v order="$IMPLS" '
   }
   END {
     label["bare"] = "bare veth"; label["ztmesh"] = "ztmesh tunnel"; label["agent"] = "ztmesh daemon (agent)"
+    label["agent0"] = "ztmesh daemon (baseline)"
     label["wggo"] = "wireguard-go"; label["bt"] = "boringtun-cli (default)"; label["bt1"] = "boringtun-cli -t 1"
     n = split(order, impls, " ")
     for (c = 3; c <= 10; c++) base[c] = median("wggo" SUBSEP c)
