@@ -9,6 +9,7 @@ pub mod api;
 pub mod cli;
 pub mod error;
 pub mod mesh;
+pub mod nodelimit;
 pub mod ratelimit;
 pub mod server;
 pub mod store;

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ipnet::{IpNet, Ipv6Net};
@@ -20,6 +21,7 @@ use ztmesh_proto::control::{self as pb, NetMap, SignedNetMap};
 use ztmesh_proto::keys::{PublicKey, SigningKey, WgPublicKey};
 
 use crate::error::{Error, Result};
+use crate::nodelimit::{Call, NodeLimiter};
 use crate::ratelimit::FailureLimiter;
 use crate::store::{ApiKeyRow, AuthKeyRow, NewNode, NodeRow, PolicyRow, Store, UserRow};
 use crate::UnixMs;
@@ -38,6 +40,13 @@ pub struct MeshConfig {
     pub dns_domain: String,
     /// Keepalive the controller asks peers to use (seconds).
     pub persistent_keepalive: u32,
+    /// At most one endpoint-driven republish of a node's peers' maps per
+    /// this interval; reports in between are coalesced (the latest wins).
+    pub endpoint_publish_interval_ms: i64,
+    /// Audit rows older than this are pruned; 0 = keep forever.
+    pub audit_max_age_ms: i64,
+    /// At most this many node-reported (`flow.*`) audit rows are kept; 0 = no cap.
+    pub audit_max_flow_rows: u64,
 }
 
 impl Default for MeshConfig {
@@ -49,6 +58,9 @@ impl Default for MeshConfig {
             auth_key_ttl_ms: 3600 * 1000,
             dns_domain: "ztmesh.internal".into(),
             persistent_keepalive: 25,
+            endpoint_publish_interval_ms: 5_000,
+            audit_max_age_ms: 90 * 24 * 3600 * 1000,
+            audit_max_flow_rows: 1_000_000,
         }
     }
 }
@@ -168,6 +180,10 @@ pub struct Mesh {
     ula: Ipv6Net,
     cfg: MeshConfig,
     inner: Mutex<Inner>,
+    /// Per-node call limits; a lock of its own, never held with `inner`.
+    limits: Mutex<NodeLimiter>,
+    /// Netmaps signed since load (a cost metric: every signature is work).
+    maps_signed: AtomicU64,
 }
 
 /// Turns a hostname into a DNS label: lowercase a-z0-9 and '-', at most 63 chars.
@@ -348,6 +364,8 @@ impl Mesh {
             ula,
             cfg,
             inner: Mutex::new(inner),
+            limits: Mutex::new(NodeLimiter::default()),
+            maps_signed: AtomicU64::new(0),
         })
     }
 
@@ -386,6 +404,21 @@ impl Mesh {
     pub fn record_failure(&self, src: Option<IpAddr>, now: UnixMs) {
         self.lock().limiter.record_failure(src, now);
     }
+
+    /// Charges one `call` to an authenticated `node`.
+    ///
+    /// # Errors
+    /// [`Error::Throttled`] naming the call, the limit and when to retry.
+    pub fn throttle(&self, node: u64, call: Call, now: UnixMs) -> Result<()> {
+        self.limits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .check(node, call, now)
+            .map_err(Error::Throttled)
+    }
+
+    /// STUB
+    pub fn prune_audit(&self, _now: UnixMs) {}
 
     // ---- node enrollment and sessions ------------------------------------
 
@@ -785,6 +818,7 @@ impl Mesh {
     }
 
     fn sign(&self, body: Vec<u8>) -> SignedNetMap {
+        self.maps_signed.fetch_add(1, Ordering::Relaxed);
         ztmesh_proto::netmap::sign_encoded(&self.signer, body)
     }
 
@@ -808,9 +842,13 @@ impl Mesh {
         tracing::debug!(affected = affected.len(), sent, "netmaps pushed");
     }
 
-    /// Periodic housekeeping: expire nodes, delete offline ephemeral nodes,
-    /// refresh maps nearing their not-after time.
+    /// [`Mesh::tick_at`] with the monotonic clock derived from `now` (ms since load).
     pub fn tick(&self, now: UnixMs) {
+        self.tick_at(now, 0);
+    }
+
+    /// STUB
+    pub fn tick_at(&self, now: UnixMs, _mono_ms: u64) {
         let mut inner = self.lock();
         let mut affected = BTreeSet::new();
         let expired: Vec<u64> = inner
@@ -1184,6 +1222,11 @@ impl Mesh {
         b[0] = 0xfd;
         OsRng.fill_bytes(&mut b[1..6]);
         Ipv6Net::new(Ipv6Addr::from(b), 48).expect("48 is a valid prefix length")
+    }
+
+    /// How many netmaps were signed since load.
+    pub fn maps_signed(&self) -> u64 {
+        self.maps_signed.load(Ordering::Relaxed)
     }
 
     pub fn serial(&self) -> u64 {

@@ -170,6 +170,10 @@ pub trait Store: Send + Sync {
         detail: &str,
     ) -> Result<()>;
     fn audit_log(&self, limit: u32) -> Result<Vec<AuditRow>>;
+    /// STUB
+    fn prune_audit(&self, _older_than_ms: UnixMs, _max_flow_rows: u64) -> Result<u64> {
+        Ok(0)
+    }
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records progress.
