@@ -8,6 +8,7 @@
 pub mod api;
 pub mod cli;
 pub mod error;
+pub mod lockfile;
 pub mod mesh;
 pub mod nodelimit;
 pub mod ratelimit;

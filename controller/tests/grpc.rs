@@ -779,8 +779,16 @@ async fn a_second_machine_with_the_same_identity_is_refused_while_the_first_is_l
         .any(|a| a.action == "node.duplicate_session" && a.target == "web"));
 
     // The first session is undisturbed: it still receives changes.
-    ctl.set_policy(&POLICY.replace("5432", "5433")).await;
+    ctl.admin()
+        .await
+        .rename_node(apb::RenameNodeRequest {
+            node: "db".into(),
+            new_name: "db-renamed".into(),
+        })
+        .await
+        .unwrap();
     let m1 = next_map(&ctl, &mut first, m0.serial).await;
+    assert_eq!(peer_names(&m1), vec!["db-renamed".to_string()]);
     assert!(m1.serial > m0.serial);
 
     // Its connection dies; the same machine reconnects (bounded retries).
