@@ -1116,6 +1116,12 @@ impl Mesh {
             affected.extend(inner.compiled.upsert_node(n));
             affected.insert(id);
         }
+        let Inner {
+            nodes,
+            offline_since,
+            ..
+        } = &mut *inner;
+        offline_since.retain(|id, _| nodes.contains_key(id));
         let timeout = u64::try_from(self.cfg.ephemeral_timeout_ms).unwrap_or(0);
         let stale_ephemeral: Vec<u64> = inner
             .nodes

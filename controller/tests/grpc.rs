@@ -810,3 +810,50 @@ async fn a_second_machine_with_the_same_identity_is_refused_while_the_first_is_l
     next_map(&ctl, &mut s, 0).await;
     ctl.stop().await;
 }
+
+#[tokio::test]
+async fn flow_reports_and_stream_opens_are_limited_per_node() {
+    let ctl = Ctl::start().await;
+    let k = ctl.key("", &["tag:web"], true).await;
+    let a = enroll(&ctl, &k, "a").await.unwrap();
+    let b = enroll(&ctl, &k, "b").await.unwrap();
+    let report = |n: &TestNode| {
+        signed_request(
+            &n.machine,
+            methods::REPORT_FLOWS,
+            pb::ReportFlowsRequest { flows: vec![] },
+            now_ms(),
+            &mut OsRng,
+        )
+    };
+    let mut refused = None;
+    for i in 0..100 {
+        if let Err(s) = ctl.control().await.report_flows(report(&a)).await {
+            refused = Some((i, s));
+            break;
+        }
+    }
+    let (n, s) = refused.expect("a burst of flow reports is throttled");
+    assert!(n >= 5, "only {n} reports accepted");
+    assert_eq!(s.code(), Code::ResourceExhausted);
+    assert!(s.message().contains("ReportFlows"), "{}", s.message());
+    // Another node is unaffected.
+    ctl.control().await.report_flows(report(&b)).await.unwrap();
+
+    let mut refused = None;
+    for i in 0..100 {
+        match open_stream(&ctl, &a).await {
+            Ok(s) => drop(s),
+            Err(s) => {
+                refused = Some((i, s));
+                break;
+            }
+        }
+    }
+    let (n, s) = refused.expect("a burst of stream opens is throttled");
+    assert!(n >= 5, "only {n} opens accepted");
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(s.message().contains("StreamNetMap"), "{}", s.message());
+    open_stream(&ctl, &b).await.unwrap();
+    ctl.stop().await;
+}
