@@ -10,6 +10,7 @@ pub mod cli;
 pub mod error;
 pub mod lockfile;
 pub mod mesh;
+pub mod nodeinput;
 pub mod nodelimit;
 pub mod ratelimit;
 pub mod server;

@@ -21,6 +21,7 @@ use ztmesh_proto::control::{self as pb, NetMap, SignedNetMap};
 use ztmesh_proto::keys::{PublicKey, SigningKey, WgPublicKey};
 
 use crate::error::{Error, Result};
+use crate::nodeinput::{is_low_order_x25519, is_weak_ed25519, validate_endpoints};
 use crate::nodelimit::{Call, EndpointCoalescer, NodeLimiter};
 use crate::ratelimit::FailureLimiter;
 use crate::store::{
@@ -74,10 +75,6 @@ const SERIAL_STEP: u64 = 10_000_000;
 
 /// Audit rows written for one flow report at most (plus one summary row).
 pub const MAX_FLOW_ROWS_PER_REPORT: usize = 100;
-
-/// Endpoint candidates a node may report at most (local and reflexive
-/// addresses of both families; more would only be noise every peer probes).
-pub const MAX_ENDPOINTS: usize = 16;
 
 /// How often `last_seen` of connected nodes is refreshed (then written by
 /// [`Mesh::flush`] in one transaction), so a restart finds it recent.
@@ -273,78 +270,6 @@ pub fn validate_tag(tag: &str) -> Result<()> {
             "invalid tag {tag:?}: expected tag:NAME (lowercase letters, digits, -)"
         )))
     }
-}
-
-/// Checks the endpoints a node reports and returns them canonical, sorted
-/// and deduplicated.
-///
-/// # Errors
-/// `Invalid` naming the first bad entry: not `ip:port`, port 0, or an
-/// address no peer could use (unspecified, loopback, multicast, broadcast,
-/// link-local); or more than [`MAX_ENDPOINTS`] entries.
-pub fn validate_endpoints(endpoints: &[String]) -> Result<Vec<String>> {
-    if endpoints.len() > MAX_ENDPOINTS {
-        return Err(Error::Invalid(format!(
-            "at most {MAX_ENDPOINTS} endpoints per report, got {}",
-            endpoints.len()
-        )));
-    }
-    let mut parsed = Vec::with_capacity(endpoints.len());
-    for (i, e) in endpoints.iter().enumerate() {
-        let shown: String = e.chars().take(64).collect();
-        let sa: SocketAddr = e
-            .parse()
-            .map_err(|_| Error::Invalid(format!("endpoint #{i} {shown:?} is not ip:port")))?;
-        let sa = SocketAddr::new(sa.ip().to_canonical(), sa.port());
-        if let Some(why) = unusable_endpoint(&sa) {
-            return Err(Error::Invalid(format!(
-                "endpoint #{i} {shown:?} is refused: {why}"
-            )));
-        }
-        parsed.push(sa.to_string());
-    }
-    parsed.sort();
-    parsed.dedup();
-    Ok(parsed)
-}
-
-/// Why peers could not use `sa` as a WireGuard endpoint, if they could not.
-fn unusable_endpoint(sa: &SocketAddr) -> Option<&'static str> {
-    if sa.port() == 0 {
-        return Some("port 0");
-    }
-    match sa.ip() {
-        IpAddr::V4(a) if a.is_unspecified() || a.octets()[0] == 0 => Some("unspecified address"),
-        IpAddr::V4(a) if a.is_loopback() => Some("loopback address"),
-        IpAddr::V4(a) if a.is_multicast() => Some("multicast address"),
-        IpAddr::V4(a) if a.is_broadcast() => Some("broadcast address"),
-        IpAddr::V4(a) if a.is_link_local() => Some("link-local address"),
-        IpAddr::V6(a) if a.is_unspecified() => Some("unspecified address"),
-        IpAddr::V6(a) if a.is_loopback() => Some("loopback address"),
-        IpAddr::V6(a) if a.is_multicast() => Some("multicast address"),
-        IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80 => {
-            Some("link-local address (meaningless without its interface)")
-        }
-        _ => None,
-    }
-}
-
-/// Whether an x25519 public key has small order (including zero and the
-/// non-canonical encodings of such points): every Diffie-Hellman result
-/// with it is all-zero, so a peer "handshaking" with it has no secret.
-///
-/// RFC 7748 §6.1: a clamped scalar is a multiple of the cofactor 8, so it
-/// maps exactly the small-order points (of the curve and of its twist) to 0.
-pub fn is_low_order_x25519(key: &[u8; 32]) -> bool {
-    // Any fixed scalar works; the key is public, so no secret is involved.
-    const PROBE: [u8; 32] = [0x5a; 32];
-    x25519_dalek::x25519(PROBE, *key) == [0u8; 32]
-}
-
-/// Whether an ed25519 public key is weak (small order, e.g. the identity):
-/// signatures by "anyone" could verify under it.
-pub fn is_weak_ed25519(key: &[u8; 32]) -> bool {
-    ed25519_dalek::VerifyingKey::from_bytes(key).is_ok_and(|k| k.is_weak())
 }
 
 /// The clock in µs, the floor of the next serial (saturating at both ends).
@@ -787,7 +712,9 @@ impl Mesh {
                 &detail,
             );
             return Err(Error::SessionConflict(
-                "another session of this node is live (same machine key, another connection);                  refusing this one. A copy of this machine must be re-enrolled with its own                  identity; a reconnect succeeds once the old connection has closed"
+                "another session of this node is live (same machine key, another connection); \
+                 refusing this one. A copy of this machine must be re-enrolled with its own \
+                 identity; a reconnect succeeds once the old connection has closed"
                     .into(),
             ));
         }
