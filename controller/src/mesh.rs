@@ -172,6 +172,9 @@ struct Inner {
     offline_since: HashMap<u64, u64>,
     /// When `last_seen` of the live nodes was last refreshed (monotonic).
     seen_refreshed: u64,
+    /// Nodes the ticker found expired in this run: the only ones that come
+    /// back if the clock goes back (an admin's `expire` is final).
+    clock_expired: HashSet<u64>,
 }
 
 impl Inner {
@@ -392,6 +395,7 @@ impl Mesh {
             load_wall: now,
             offline_since: HashMap::new(),
             seen_refreshed: 0,
+            clock_expired: HashSet::new(),
         };
         for n in nodes.into_values() {
             // Nobody is connected yet: every ephemeral node's offline time
@@ -1028,27 +1032,32 @@ impl Mesh {
             .collect();
         for id in expired {
             tracing::info!(node = id, "node key expired");
+            inner.clock_expired.insert(id);
             affected.extend(inner.compiled.remove_node(id));
             affected.insert(id);
         }
         let revived: Vec<PolicyNode> = inner
-            .nodes
-            .values()
-            .filter(|n| is_active(n, now) && inner.compiled.view(n.id).is_none())
+            .clock_expired
+            .iter()
+            .filter_map(|id| inner.nodes.get(id))
+            .filter(|n| is_active(n, now))
             .map(node_info)
             .collect();
         for n in revived {
             tracing::warn!(node = n.id, "node key valid again (the clock went back)");
             let id = n.id;
+            inner.clock_expired.remove(&id);
             affected.extend(inner.compiled.upsert_node(n));
             affected.insert(id);
         }
         let Inner {
             nodes,
             offline_since,
+            clock_expired,
             ..
         } = &mut *inner;
         offline_since.retain(|id, _| nodes.contains_key(id));
+        clock_expired.retain(|id| nodes.contains_key(id));
         let timeout = u64::try_from(self.cfg.ephemeral_timeout_ms).unwrap_or(0);
         let stale_ephemeral: Vec<u64> = inner
             .nodes
@@ -1294,6 +1303,7 @@ impl Mesh {
         if let Some(n) = inner.nodes.get_mut(&node.id) {
             n.expiry_ms = now;
         }
+        inner.clock_expired.remove(&node.id);
         let mut affected = inner.compiled.remove_node(node.id);
         affected.insert(node.id);
         self.audit(now, actor, "node.expire", &node.name, "");

@@ -496,3 +496,18 @@ fn time_arithmetic_saturates_near_the_ends_of_the_clock() {
     let _ = m.create_auth_key("admin", None, &["tag:web".into()], false, false, None, far);
     let _ = m.create_api_key("admin", "x", None, far);
 }
+
+#[test]
+fn an_admin_expiry_stays_final_when_the_clock_goes_back() {
+    let m = mesh(MeshConfig::default());
+    m.set_policy("admin", "p.hujson", POLICY, T0).unwrap();
+    let _web = enroll(&m, &key(&m, "tag:web", false), "web", T0);
+    let db = enroll(&m, &key(&m, "tag:db", false), "db", T0);
+    assert_eq!(m.netmap(db.node_id, T0).unwrap().peers.len(), 1);
+    m.expire_node("admin", "web", T0 + 60_000).unwrap();
+    m.tick_at(T0 + 60_500, 60_500);
+    // The clock steps back a minute: the expired node does not return.
+    m.tick_at(T0 + 1_000, 61_000);
+    m.tick_at(T0 + 1_500, 61_500);
+    assert!(m.netmap(db.node_id, T0 + 1_500).unwrap().peers.is_empty());
+}
