@@ -511,3 +511,55 @@ fn an_admin_expiry_stays_final_when_the_clock_goes_back() {
     m.tick_at(T0 + 1_500, 61_500);
     assert!(m.netmap(db.node_id, T0 + 1_500).unwrap().peers.is_empty());
 }
+
+/// Transactions committed to a WAL file: frames whose header carries the
+/// database size after commit (nonzero only on a transaction's last frame).
+fn wal_commits(wal: &std::path::Path) -> usize {
+    let b = std::fs::read(wal).unwrap();
+    if b.len() < 32 {
+        return 0;
+    }
+    let page = u32::from_be_bytes([b[8], b[9], b[10], b[11]]) as usize;
+    b[32..]
+        .chunks(24 + page)
+        .take_while(|f| f.len() == 24 + page)
+        .filter(|f| f[4..8] != [0, 0, 0, 0])
+        .count()
+}
+
+#[test]
+fn a_flow_report_is_written_in_one_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db).unwrap());
+    let m = load(store.clone(), MeshConfig::default(), T0);
+    let n = enroll(&m, &key(&m, "tag:web", false), "web", T0);
+    let node = m.find_node(&n.name).unwrap();
+    let flows: Vec<_> = (0..150u32)
+        .map(|port| pb::FlowSummary {
+            src: "100.64.0.9".into(),
+            dst: "100.64.0.1".into(),
+            protocol: 17,
+            dst_port: port,
+            allowed: false,
+            reason: "no_rule".into(),
+            packets: 1,
+        })
+        .collect();
+    let other = rusqlite::Connection::open(&db).unwrap();
+    other
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    let wal = dir.path().join("db.sqlite-wal");
+    assert_eq!(wal_commits(&wal), 0);
+    m.record_denied_flows(&node, &flows, T0);
+    assert_eq!(wal_commits(&wal), 1, "one report, one transaction");
+    let rows: i64 = other
+        .query_row(
+            "SELECT count(*) FROM audit WHERE action = 'flow.denied'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(rows, 101);
+}
