@@ -131,10 +131,18 @@ impl Control for ControlService {
         req: Request<pb::ReportEndpointsRequest>,
     ) -> Result<Response<pb::ReportEndpointsResponse>, Status> {
         let node = self.node(&req, M_ENDPOINTS)?;
-        let now = now_ms();
-        self.mesh.throttle(node.id, Call::ReportEndpoints, now)?;
         self.mesh
-            .report_endpoints(node.id, &req.get_ref().endpoints, now)?;
+            .throttle(node.id, Call::ReportEndpoints, now_ms())?;
+        let src = req.remote_addr();
+        for _ in 0..SESSION_WAIT_STEPS {
+            if self.mesh.check_session_owner(node.id, src).is_ok() {
+                break;
+            }
+            tokio::time::sleep(SESSION_WAIT_STEP).await;
+        }
+        self.mesh.check_session_owner(node.id, src)?;
+        self.mesh
+            .report_endpoints(node.id, &req.get_ref().endpoints, now_ms())?;
         Ok(Response::new(pb::ReportEndpointsResponse {}))
     }
 

@@ -275,6 +275,16 @@ pub fn validate_tag(tag: &str) -> Result<()> {
     }
 }
 
+/// The refusal of a second session of one node.
+fn duplicate_session() -> Error {
+    Error::SessionConflict(
+        "another session of this node is live (same machine key, another connection); \
+         refusing this one. A copy of this machine must be re-enrolled with its own \
+         identity; a reconnect succeeds once the old connection has closed"
+            .into(),
+    )
+}
+
 /// The clock in µs, the floor of the next serial (saturating at both ends).
 fn clock_serial(now: UnixMs) -> u64 {
     u64::try_from(now).unwrap_or(0).saturating_mul(1000)
@@ -673,6 +683,29 @@ impl Mesh {
             .is_some_and(Subscription::is_live)
     }
 
+    /// Checks that a call from `src` may speak for `node`: refused while a
+    /// live session of the node runs on another connection, so a second
+    /// machine with the same identity cannot steer the first one's peers to
+    /// its own endpoints. The agent reports endpoints over the connection
+    /// of its stream, so the session's owner always passes.
+    ///
+    /// # Errors
+    /// `SessionConflict`, as for a second stream.
+    pub fn check_session_owner(&self, node: u64, src: Option<SocketAddr>) -> Result<()> {
+        let inner = self.lock();
+        let other = inner
+            .subs
+            .get(&node)
+            .filter(|s| s.is_live())
+            .and_then(|s| s.src)
+            .zip(src)
+            .is_some_and(|(live, src)| live != src);
+        if other {
+            return Err(duplicate_session());
+        }
+        Ok(())
+    }
+
     /// Opens a netmap stream for `node`, coming from `src`.
     ///
     /// One identity, one session: while a stream of this node is live (its
@@ -715,12 +748,7 @@ impl Mesh {
                 &name,
                 &detail,
             );
-            return Err(Error::SessionConflict(
-                "another session of this node is live (same machine key, another connection); \
-                 refusing this one. A copy of this machine must be re-enrolled with its own \
-                 identity; a reconnect succeeds once the old connection has closed"
-                    .into(),
-            ));
+            return Err(duplicate_session());
         }
         let map = self
             .build_signed(&mut inner, node, now)

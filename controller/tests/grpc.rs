@@ -755,8 +755,27 @@ async fn a_second_machine_with_the_same_identity_is_refused_while_the_first_is_l
     let kd = ctl.key("", &["tag:db"], false).await;
     let w = enroll(&ctl, &kw, "web").await.unwrap();
     let _d = enroll(&ctl, &kd, "db").await.unwrap();
-    let mut first = open_stream(&ctl, &w).await.unwrap();
+    // The real machine: its stream and its reports share one connection.
+    let mut real = ctl.control().await;
+    let req = signed_request(
+        &w.machine,
+        methods::STREAM_NETMAP,
+        pb::StreamNetMapRequest { have_serial: 0 },
+        now_ms(),
+        &mut OsRng,
+    );
+    let mut first = real.stream_net_map(req).await.unwrap().into_inner();
     let m0 = next_map(&ctl, &mut first, 0).await;
+    let req = signed_request(
+        &w.machine,
+        methods::REPORT_ENDPOINTS,
+        pb::ReportEndpointsRequest {
+            endpoints: vec!["198.18.3.1:51820".into()],
+        },
+        now_ms(),
+        &mut OsRng,
+    );
+    real.report_endpoints(req).await.unwrap();
 
     // The clone: same machine key, another connection.
     let e = open_stream(&ctl, &w).await.err().unwrap();
@@ -777,6 +796,21 @@ async fn a_second_machine_with_the_same_identity_is_refused_while_the_first_is_l
     assert!(audit
         .iter()
         .any(|a| a.action == "node.duplicate_session" && a.target == "web"));
+    // Nor can it steer the real machine's peers to its own endpoint.
+    let e = report_endpoints(&ctl, &w, &["198.18.3.2:51820".into()])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let nodes = ctl
+        .admin()
+        .await
+        .list_nodes(apb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    let web = nodes.iter().find(|n| n.id == w.id).unwrap();
+    assert_eq!(web.endpoints, vec!["198.18.3.1:51820".to_string()]);
 
     // The first session is undisturbed: it still receives changes.
     ctl.admin()
