@@ -485,16 +485,34 @@ fn a_forward_clock_jump_neither_deletes_ephemeral_nodes_nor_loses_expiring_ones(
 
 #[test]
 fn time_arithmetic_saturates_near_the_ends_of_the_clock() {
-    let m = mesh(MeshConfig::default());
+    let m = mesh(MeshConfig {
+        node_key_ttl_ms: 0, // never expires, so maps are built at the end of time
+        ..MeshConfig::default()
+    });
     let k = key(&m, "tag:web", false);
     let n = enroll(&m, &k, "web", T0);
     let far = i64::MAX - 1_000;
-    // Building a map, ticking and key creation at the end of time do not overflow.
-    assert!(m.netmap(n.node_id, T0).is_some());
+    let before = m.netmap(n.node_id, T0).unwrap();
     m.tick(far);
-    let _ = m.netmap(n.node_id, far);
-    let _ = m.create_auth_key("admin", None, &["tag:web".into()], false, false, None, far);
-    let _ = m.create_api_key("admin", "x", None, far);
+    let map = m.netmap(n.node_id, far).unwrap();
+    assert_eq!(map.not_after_ms, i64::MAX, "now + ttl saturates");
+    assert!(map.serial > before.serial);
+    let (row, _) = m
+        .create_auth_key("admin", None, &["tag:web".into()], false, false, None, far)
+        .unwrap();
+    assert_eq!(row.expires_ms, i64::MAX);
+    let (row, _) = m.create_api_key("admin", "x", None, far).unwrap();
+    assert_eq!(row.expires_ms, i64::MAX);
+    // An enrollment stamped at the end of time is refused, not overflowed.
+    let machine = SigningKey::generate(&mut OsRng);
+    let wg = *WgPrivateKey::generate(&mut OsRng).public().as_bytes();
+    let (_, k2) = m
+        .create_auth_key("admin", None, &["tag:web".into()], false, false, None, T0)
+        .unwrap();
+    let e = m
+        .enroll(&request(&k2, &machine, wg, "x", i64::MIN), far)
+        .unwrap_err();
+    assert!(matches!(e, Error::Unauthenticated(_)), "{e}");
 }
 
 #[test]
