@@ -26,6 +26,7 @@ use ztmesh_proto::keys::{PublicKey, WgPublicKey};
 
 use crate::error::Error;
 use crate::mesh::{Mesh, Subscriber, Update};
+use crate::nodelimit::Call;
 use crate::now_ms;
 use crate::store::{AuthKeyRow, NodeRow};
 
@@ -57,6 +58,31 @@ impl ControlService {
     }
 }
 
+/// How long a new stream waits for a previous stream of the same node to be
+/// seen closed (a reconnect racing the old connection's teardown), in steps.
+const SESSION_WAIT_STEPS: u32 = 10;
+const SESSION_WAIT_STEP: std::time::Duration = std::time::Duration::from_millis(200);
+
+impl ControlService {
+    /// Charges a stream open to `node` and opens its session. If another
+    /// session of the node is live, waits briefly (bounded) for it to end:
+    /// a reconnect often races the teardown of the old connection.
+    async fn open_session(
+        &self,
+        node: &NodeRow,
+        src: Option<std::net::SocketAddr>,
+    ) -> Result<Subscriber, Status> {
+        self.mesh.throttle(node.id, Call::StreamOpen, now_ms())?;
+        for _ in 0..SESSION_WAIT_STEPS {
+            if !self.mesh.has_live_session(node.id) {
+                break;
+            }
+            tokio::time::sleep(SESSION_WAIT_STEP).await;
+        }
+        Ok(self.mesh.open_stream_from(node.id, src, now_ms())?)
+    }
+}
+
 #[tonic::async_trait]
 impl Control for ControlService {
     async fn enroll(
@@ -85,7 +111,7 @@ impl Control for ControlService {
         req: Request<pb::StreamNetMapRequest>,
     ) -> Result<Response<MapStream>, Status> {
         let node = self.node(&req, M_STREAM)?;
-        let sub = self.mesh.open_stream(node.id, now_ms())?;
+        let sub = self.open_session(&node, req.remote_addr()).await?;
         tracing::info!(node = %node.name, "netmap stream opened");
         let (tx, out) = tokio::sync::mpsc::channel::<Result<pb::SignedNetMap, Status>>(1);
         tokio::spawn(forward_maps(
@@ -106,6 +132,16 @@ impl Control for ControlService {
     ) -> Result<Response<pb::ReportEndpointsResponse>, Status> {
         let node = self.node(&req, M_ENDPOINTS)?;
         self.mesh
+            .throttle(node.id, Call::ReportEndpoints, now_ms())?;
+        let src = req.remote_addr();
+        for _ in 0..SESSION_WAIT_STEPS {
+            if self.mesh.check_session_owner(node.id, src).is_ok() {
+                break;
+            }
+            tokio::time::sleep(SESSION_WAIT_STEP).await;
+        }
+        self.mesh.check_session_owner(node.id, src)?;
+        self.mesh
             .report_endpoints(node.id, &req.get_ref().endpoints, now_ms())?;
         Ok(Response::new(pb::ReportEndpointsResponse {}))
     }
@@ -115,18 +151,21 @@ impl Control for ControlService {
         req: Request<pb::ReportFlowsRequest>,
     ) -> Result<Response<pb::ReportFlowsResponse>, Status> {
         let node = self.node(&req, M_FLOWS)?;
+        self.mesh.throttle(node.id, Call::ReportFlows, now_ms())?;
         let flows = &req.get_ref().flows;
         if flows.len() > 10_000 {
             return Err(Status::invalid_argument(
                 "at most 10000 flow summaries per report",
             ));
         }
-        for f in flows.iter().filter(|f| !f.allowed) {
-            tracing::info!(
-                node = %node.name, src = %f.src, dst = %f.dst, proto = f.protocol,
-                port = f.dst_port, reason = %f.reason, packets = f.packets, "denied flow"
-            );
-        }
+        // One line per report: the flows themselves go to the audit table,
+        // clipped and bounded; a node cannot flood the log with its strings.
+        tracing::info!(
+            node = %node.name,
+            flows = flows.len(),
+            denied = flows.iter().filter(|f| !f.allowed).count(),
+            "flow report"
+        );
         self.mesh.record_denied_flows(&node, flows, now_ms());
         Ok(Response::new(pb::ReportFlowsResponse {}))
     }
@@ -278,9 +317,9 @@ impl ControlService {
             Ok(n) => n,
             Err(status) => return status.into_http(),
         };
-        let sub = match self.mesh.open_stream(node.id, now_ms()) {
+        let sub = match self.open_session(&node, req.remote_addr()).await {
             Ok(s) => s,
-            Err(e) => return Status::from(e).into_http(),
+            Err(status) => return status.into_http(),
         };
         tracing::info!(node = %node.name, "netmap stream opened");
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Status>>(1);

@@ -73,6 +73,12 @@ pub enum Cmd {
         /// Lifetime of a signed netmap; connected nodes get a fresh one at half-life.
         #[arg(long, default_value = "12h", value_parser = parse_duration)]
         netmap_ttl: Duration,
+        /// Prune audit records older than this ("0s" = keep forever).
+        #[arg(long, default_value = "90d", value_parser = parse_duration)]
+        audit_max_age: Duration,
+        /// Keep at most this many node-reported flow records (newest first; 0 = no cap).
+        #[arg(long, default_value_t = 1_000_000)]
+        audit_max_flow_rows: u64,
     },
     /// Print the controller's TLS fingerprint and netmap key (offline).
     Fingerprint,

@@ -26,6 +26,14 @@ pub enum Error {
     /// Too many failures from this source; retry later.
     #[error("too many failed attempts from this source; retry in a minute")]
     RateLimited,
+    /// An enrolled node called too often; the message names the call, the
+    /// limit and when to retry.
+    #[error("{0}")]
+    Throttled(String),
+    /// Another session of this node is live (a second machine with the same
+    /// identity, or a reconnect before the old connection was seen to close).
+    #[error("{0}")]
+    SessionConflict(String),
     /// Policy rejected; the message holds `FILE:LINE:COL: message` lines.
     #[error("{0}")]
     Policy(String),
@@ -55,6 +63,8 @@ impl From<Error> for tonic::Status {
             Error::NotFound(_) => Status::not_found(e.to_string()),
             Error::Conflict(_) => Status::already_exists(e.to_string()),
             Error::RateLimited => Status::resource_exhausted(e.to_string()),
+            Error::Throttled(m) => Status::resource_exhausted(m.clone()),
+            Error::SessionConflict(m) => Status::failed_precondition(m.clone()),
             Error::Policy(m) => Status::invalid_argument(m.clone()),
             Error::Store(inner) => {
                 tracing::error!(error = %inner, "store failure");

@@ -8,7 +8,10 @@
 pub mod api;
 pub mod cli;
 pub mod error;
+pub mod lockfile;
 pub mod mesh;
+pub mod nodeinput;
+pub mod nodelimit;
 pub mod ratelimit;
 pub mod server;
 pub mod store;

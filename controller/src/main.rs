@@ -26,6 +26,8 @@ fn main() -> ExitCode {
                 ephemeral_timeout,
                 node_key_expiry,
                 netmap_ttl,
+                audit_max_age,
+                audit_max_flow_rows,
             } => {
                 tracing_subscriber::fmt()
                     .with_max_level(log_level())
@@ -35,6 +37,8 @@ fn main() -> ExitCode {
                     ephemeral_timeout_ms: ephemeral_timeout.as_millis() as i64,
                     node_key_ttl_ms: node_key_expiry.as_millis() as i64,
                     netmap_ttl_ms: netmap_ttl.as_millis().max(10_000) as i64,
+                    audit_max_age_ms: i64::try_from(audit_max_age.as_millis()).unwrap_or(i64::MAX),
+                    audit_max_flow_rows,
                     ..MeshConfig::default()
                 };
                 server::serve(&DataDir::new(&args.conn.data_dir), listen, cfg).await

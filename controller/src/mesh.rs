@@ -7,7 +7,8 @@
 //! map to exactly those that are connected; unaffected nodes get nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ipnet::{IpNet, Ipv6Net};
@@ -20,8 +21,12 @@ use ztmesh_proto::control::{self as pb, NetMap, SignedNetMap};
 use ztmesh_proto::keys::{PublicKey, SigningKey, WgPublicKey};
 
 use crate::error::{Error, Result};
+use crate::nodeinput::{is_low_order_x25519, is_weak_ed25519, validate_endpoints};
+use crate::nodelimit::{Call, EndpointCoalescer, NodeLimiter};
 use crate::ratelimit::FailureLimiter;
-use crate::store::{ApiKeyRow, AuthKeyRow, NewNode, NodeRow, PolicyRow, Store, UserRow};
+use crate::store::{
+    ApiKeyRow, AuditEntry, AuthKeyRow, NewNode, NodeRow, PolicyRow, Store, UserRow,
+};
 use crate::UnixMs;
 
 /// Tunables, with the defaults documented in the README.
@@ -38,6 +43,13 @@ pub struct MeshConfig {
     pub dns_domain: String,
     /// Keepalive the controller asks peers to use (seconds).
     pub persistent_keepalive: u32,
+    /// At most one endpoint-driven republish of a node's peers' maps per
+    /// this interval; reports in between are coalesced (the latest wins).
+    pub endpoint_publish_interval_ms: i64,
+    /// Audit rows older than this are pruned; 0 = keep forever.
+    pub audit_max_age_ms: i64,
+    /// At most this many node-reported (`flow.*`) audit rows are kept; 0 = no cap.
+    pub audit_max_flow_rows: u64,
 }
 
 impl Default for MeshConfig {
@@ -49,6 +61,9 @@ impl Default for MeshConfig {
             auth_key_ttl_ms: 3600 * 1000,
             dns_domain: "ztmesh.internal".into(),
             persistent_keepalive: 25,
+            endpoint_publish_interval_ms: 5_000,
+            audit_max_age_ms: 90 * 24 * 3600 * 1000,
+            audit_max_flow_rows: 1_000_000,
         }
     }
 }
@@ -60,6 +75,10 @@ const SERIAL_STEP: u64 = 10_000_000;
 
 /// Audit rows written for one flow report at most (plus one summary row).
 pub const MAX_FLOW_ROWS_PER_REPORT: usize = 100;
+
+/// How often `last_seen` of connected nodes is refreshed (then written by
+/// [`Mesh::flush`] in one transaction), so a restart finds it recent.
+pub const SEEN_REFRESH_MS: u64 = 60_000;
 
 /// What a node's netmap stream receives.
 #[derive(Clone, Debug)]
@@ -102,7 +121,19 @@ impl Subscriber {
 struct Subscription {
     conn: u64,
     tx: Arc<watch::Sender<Update>>,
-    last_sent_ms: UnixMs,
+    /// When the last map was pushed, on the monotonic clock.
+    last_sent_mono: u64,
+    /// Where the stream comes from, for the duplicate-session audit row.
+    src: Option<SocketAddr>,
+    opened_ms: UnixMs,
+}
+
+impl Subscription {
+    /// Whether the stream's task still holds its receiver: once the
+    /// transport is gone the task ends and drops it.
+    fn is_live(&self) -> bool {
+        !self.tx.is_closed()
+    }
 }
 
 struct Inner {
@@ -130,6 +161,20 @@ struct Inner {
     seen_dirty: BTreeMap<u64, UnixMs>,
     replay: ReplayGuard,
     limiter: FailureLimiter,
+    /// Endpoint reports waiting for their node's republish interval.
+    coalesce: EndpointCoalescer,
+    /// The monotonic clock (ms since load) as of the last tick.
+    mono: u64,
+    /// The wall clock at load: `tick(now)` derives the monotonic clock from it.
+    load_wall: UnixMs,
+    /// When each ephemeral node was last seen going offline, on the
+    /// monotonic clock of this run (nodes offline at load: 0).
+    offline_since: HashMap<u64, u64>,
+    /// When `last_seen` of the live nodes was last refreshed (monotonic).
+    seen_refreshed: u64,
+    /// Nodes the ticker found expired in this run: the only ones that come
+    /// back if the clock goes back (an admin's `expire` is final).
+    clock_expired: HashSet<u64>,
 }
 
 impl Inner {
@@ -168,6 +213,10 @@ pub struct Mesh {
     ula: Ipv6Net,
     cfg: MeshConfig,
     inner: Mutex<Inner>,
+    /// Per-node call limits; a lock of its own, never held with `inner`.
+    limits: Mutex<NodeLimiter>,
+    /// Netmaps signed since load (a cost metric: every signature is work).
+    maps_signed: AtomicU64,
 }
 
 /// Turns a hostname into a DNS label: lowercase a-z0-9 and '-', at most 63 chars.
@@ -224,6 +273,21 @@ pub fn validate_tag(tag: &str) -> Result<()> {
             "invalid tag {tag:?}: expected tag:NAME (lowercase letters, digits, -)"
         )))
     }
+}
+
+/// The refusal of a second session of one node.
+fn duplicate_session() -> Error {
+    Error::SessionConflict(
+        "another session of this node is live (same machine key, another connection); \
+         refusing this one. A copy of this machine must be re-enrolled with its own \
+         identity; a reconnect succeeds once the old connection has closed"
+            .into(),
+    )
+}
+
+/// The clock in µs, the floor of the next serial (saturating at both ends).
+fn clock_serial(now: UnixMs) -> u64 {
+    u64::try_from(now).unwrap_or(0).saturating_mul(1000)
 }
 
 fn node_info(n: &NodeRow) -> PolicyNode {
@@ -319,7 +383,7 @@ impl Mesh {
             .unwrap_or(0);
         // The stored value bounds every serial ever issued (it is written
         // before a serial beyond it goes out), so this start is above all of them.
-        let serial = stored.max((now.max(0) as u64) * 1000);
+        let serial = stored.max(clock_serial(now));
         let mut inner = Inner {
             nodes: BTreeMap::new(),
             by_machine_key: HashMap::new(),
@@ -337,8 +401,19 @@ impl Mesh {
             seen_dirty: BTreeMap::new(),
             replay: ReplayGuard::default(),
             limiter: FailureLimiter::new(10, 60_000),
+            coalesce: EndpointCoalescer::new(cfg.endpoint_publish_interval_ms),
+            mono: 0,
+            load_wall: now,
+            offline_since: HashMap::new(),
+            seen_refreshed: 0,
+            clock_expired: HashSet::new(),
         };
         for n in nodes.into_values() {
+            // Nobody is connected yet: every ephemeral node's offline time
+            // starts now, which is the grace period after a restart.
+            if n.ephemeral {
+                inner.offline_since.insert(n.id, 0);
+            }
             inner.insert_node(n);
         }
         inner.v4_hint = 1;
@@ -349,6 +424,8 @@ impl Mesh {
             ula,
             cfg,
             inner: Mutex::new(inner),
+            limits: Mutex::new(NodeLimiter::default()),
+            maps_signed: AtomicU64::new(0),
         })
     }
 
@@ -388,6 +465,18 @@ impl Mesh {
         self.lock().limiter.record_failure(src, now);
     }
 
+    /// Charges one `call` to an authenticated `node`.
+    ///
+    /// # Errors
+    /// [`Error::Throttled`] naming the call, the limit and when to retry.
+    pub fn throttle(&self, node: u64, call: Call, now: UnixMs) -> Result<()> {
+        self.limits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .check(node, call, now)
+            .map_err(Error::Throttled)
+    }
+
     // ---- node enrollment and sessions ------------------------------------
 
     /// Checks the auth key and the proof, consumes the key and registers the node.
@@ -405,14 +494,26 @@ impl Mesh {
         }
         let machine_key = PublicKey::from_slice(&req.machine_key)
             .map_err(|_| Error::Invalid("machine_key must be a 32-byte ed25519 key".into()))?;
+        if is_weak_ed25519(machine_key.as_bytes()) {
+            return Err(Error::Invalid(
+                "machine_key is a weak (small-order) ed25519 key; generate a new machine key"
+                    .into(),
+            ));
+        }
         let wg_key = WgPublicKey::from_slice(&req.wg_key)
             .map_err(|_| Error::Invalid("wg_key must be a 32-byte x25519 key".into()))?;
+        if is_low_order_x25519(wg_key.as_bytes()) {
+            return Err(Error::Invalid(
+                "wg_key is a low-order x25519 point (zero or small-subgroup); generate a new WireGuard key"
+                    .into(),
+            ));
+        }
         if req.hostname.is_empty() || req.hostname.len() > 253 {
             return Err(Error::Invalid(
                 "hostname must be 1 to 253 characters".into(),
             ));
         }
-        if (req.timestamp_ms - now).abs() > auth::PROOF_WINDOW_MS {
+        if req.timestamp_ms.abs_diff(now) > auth::PROOF_WINDOW_MS.unsigned_abs() {
             return Err(Error::Unauthenticated(
                 "enrollment proof is stale (check the node's clock)".into(),
             ));
@@ -468,7 +569,7 @@ impl Mesh {
                 ipv6,
                 created_ms: now,
                 expiry_ms: if self.cfg.node_key_ttl_ms > 0 {
-                    now + self.cfg.node_key_ttl_ms
+                    now.saturating_add(self.cfg.node_key_ttl_ms)
                 } else {
                     0
                 },
@@ -490,6 +591,10 @@ impl Mesh {
             key_expiry_ms: row.expiry_ms,
         };
         let affected = inner.compiled.upsert_node(node_info(&row));
+        if row.ephemeral {
+            let mono = inner.mono;
+            inner.offline_since.insert(row.id, mono);
+        }
         inner.insert_node(row);
         self.push(&mut inner, &affected, now);
         Ok(resp)
@@ -551,10 +656,10 @@ impl Mesh {
     }
 
     /// Registers a netmap stream for `node`; the receiver already holds a full map.
-    /// A second stream for the same node replaces the first.
     ///
     /// # Errors
-    /// `Unauthenticated` if the node is unknown or expired.
+    /// `Unauthenticated` if the node is unknown or expired; `SessionConflict`
+    /// if another stream of this node is live (see [`Mesh::open_stream_from`]).
     pub fn subscribe(&self, node: u64, now: UnixMs) -> Result<(u64, watch::Receiver<Update>)> {
         self.open_stream(node, now).map(|s| (s.conn, s.rx))
     }
@@ -566,9 +671,86 @@ impl Mesh {
     /// reconnect storm must not cost one synchronous database write per node.
     ///
     /// # Errors
-    /// `Unauthenticated` if the node is unknown or expired.
+    /// As [`Mesh::open_stream_from`].
     pub fn open_stream(&self, node: u64, now: UnixMs) -> Result<Subscriber> {
+        self.open_stream_from(node, None, now)
+    }
+
+    /// Whether `node` has a live netmap stream.
+    pub fn has_live_session(&self, node: u64) -> bool {
+        self.lock()
+            .subs
+            .get(&node)
+            .is_some_and(Subscription::is_live)
+    }
+
+    /// Checks that a call from `src` may speak for `node`: refused while a
+    /// live session of the node runs on another connection, so a second
+    /// machine with the same identity cannot steer the first one's peers to
+    /// its own endpoints. The agent reports endpoints over the connection
+    /// of its stream, so the session's owner always passes.
+    ///
+    /// # Errors
+    /// `SessionConflict`, as for a second stream.
+    pub fn check_session_owner(&self, node: u64, src: Option<SocketAddr>) -> Result<()> {
+        let inner = self.lock();
+        let other = inner
+            .subs
+            .get(&node)
+            .filter(|s| s.is_live())
+            .and_then(|s| s.src)
+            .zip(src)
+            .is_some_and(|(live, src)| live != src);
+        if other {
+            return Err(duplicate_session());
+        }
+        Ok(())
+    }
+
+    /// Opens a netmap stream for `node`, coming from `src`.
+    ///
+    /// One identity, one session: while a stream of this node is live (its
+    /// task still runs, i.e. its connection has not closed), another is
+    /// refused and audited as `node.duplicate_session` — two machines with
+    /// the same machine key would otherwise replace each other forever. A
+    /// genuine reconnect succeeds once the old connection is seen to close
+    /// (at once for a closed socket; HTTP/2 keepalive finds a dead one
+    /// within 25 s), and the refused node is told to retry.
+    ///
+    /// # Errors
+    /// `Unauthenticated` if the node is unknown or expired;
+    /// `SessionConflict` if another stream of it is live.
+    pub fn open_stream_from(
+        &self,
+        node: u64,
+        src: Option<SocketAddr>,
+        now: UnixMs,
+    ) -> Result<Subscriber> {
         let mut inner = self.lock();
+        if let Some(live) = inner.subs.get(&node).filter(|s| s.is_live()) {
+            let name = inner
+                .nodes
+                .get(&node)
+                .map(|n| n.name.clone())
+                .unwrap_or_default();
+            let show = |a: Option<SocketAddr>| a.map_or_else(|| "-".to_string(), |a| a.to_string());
+            let detail = format!(
+                "id={node} live session from {} since {}; refused from {}",
+                show(live.src),
+                live.opened_ms,
+                show(src)
+            );
+            tracing::warn!(node = %name, live = %show(live.src), refused = %show(src), "duplicate session refused");
+            drop(inner);
+            self.audit(
+                now,
+                &format!("node:{name}"),
+                "node.duplicate_session",
+                &name,
+                &detail,
+            );
+            return Err(duplicate_session());
+        }
         let map = self
             .build_signed(&mut inner, node, now)
             .ok_or_else(|| Error::Unauthenticated("node is not active".into()))?;
@@ -576,18 +758,23 @@ impl Mesh {
         inner.next_conn += 1;
         let (tx, rx) = watch::channel(Update::Map(Arc::new(map)));
         let tx = Arc::new(tx);
+        let mono = inner.mono;
         if let Some(old) = inner.subs.insert(
             node,
             Subscription {
                 conn,
                 tx: tx.clone(),
-                last_sent_ms: now,
+                last_sent_mono: mono,
+                src,
+                opened_ms: now,
             },
         ) {
+            // Its task is gone; close it for good measure.
             old.tx
                 .send_replace(Update::Closed("replaced by a newer session".into()));
         }
         inner.online.insert(node);
+        inner.offline_since.remove(&node);
         if let Some(n) = inner.nodes.get_mut(&node) {
             n.last_seen_ms = now;
         }
@@ -601,6 +788,10 @@ impl Mesh {
         if inner.subs.get(&node).is_some_and(|s| s.conn == conn) {
             inner.subs.remove(&node);
             inner.online.remove(&node);
+            if inner.nodes.get(&node).is_some_and(|n| n.ephemeral) {
+                let mono = inner.mono;
+                inner.offline_since.insert(node, mono);
+            }
             if let Some(n) = inner.nodes.get_mut(&node) {
                 n.last_seen_ms = now;
             }
@@ -636,6 +827,7 @@ impl Mesh {
                 .collect::<String>()
         };
         let denied: Vec<&pb::FlowSummary> = flows.iter().filter(|f| !f.allowed).collect();
+        let mut rows = Vec::with_capacity(denied.len().min(MAX_FLOW_ROWS_PER_REPORT) + 1);
         for f in denied.iter().take(MAX_FLOW_ROWS_PER_REPORT) {
             let target = format!(
                 "{} -> {}:{}/{}",
@@ -645,48 +837,73 @@ impl Mesh {
                 ztmesh_policy::proto_name(u8::try_from(f.protocol).unwrap_or(0))
             );
             let detail = format!("reason={} packets={}", clip(&f.reason), f.packets);
-            self.audit(now, &actor, "flow.denied", &target, &detail);
+            rows.push(AuditEntry {
+                time_ms: now,
+                actor: actor.clone(),
+                action: "flow.denied".into(),
+                target,
+                detail,
+            });
         }
-        if denied.len() > MAX_FLOW_ROWS_PER_REPORT {
-            let rest: u64 = denied[MAX_FLOW_ROWS_PER_REPORT..]
+        if let Some(rest) = denied.get(MAX_FLOW_ROWS_PER_REPORT..) {
+            let packets = rest
                 .iter()
-                .map(|f| f.packets)
-                .sum();
-            let detail = format!(
-                "{} more denied flows, {rest} packets",
-                denied.len() - MAX_FLOW_ROWS_PER_REPORT
-            );
-            self.audit(now, &actor, "flow.denied", "(more)", &detail);
+                .fold(0u64, |sum, f| sum.saturating_add(f.packets));
+            rows.push(AuditEntry {
+                time_ms: now,
+                actor,
+                action: "flow.denied".into(),
+                target: "(more)".into(),
+                detail: format!("{} more denied flows, {packets} packets", rest.len()),
+            });
+        }
+        if rows.is_empty() {
+            return;
+        }
+        // One transaction per report, outside the state lock.
+        if let Err(e) = self.store.audit_batch(&rows) {
+            tracing::error!(error = %e, rows = rows.len(), "cannot write flow audit records");
         }
     }
 
-    /// Records the endpoints a node reports; its peers get new maps.
+    /// Records the endpoints a node reports; its peers get new maps — at
+    /// most once per `endpoint_publish_interval_ms` per node: reports in
+    /// between are coalesced (the latest wins) and published by [`Mesh::tick`].
     ///
     /// # Errors
-    /// `Invalid` for more than 16 endpoints or one that is not `ip:port`.
+    /// `Invalid` as [`validate_endpoints`]; `NotFound` for an unknown node.
     pub fn report_endpoints(&self, node: u64, endpoints: &[String], now: UnixMs) -> Result<()> {
-        if endpoints.len() > 16 {
-            return Err(Error::Invalid("at most 16 endpoints".into()));
-        }
-        let mut parsed = Vec::with_capacity(endpoints.len());
-        for e in endpoints {
-            let sa: std::net::SocketAddr = e
-                .parse()
-                .map_err(|_| Error::Invalid(format!("endpoint {e:?} is not ip:port")))?;
-            parsed.push(sa.to_string());
-        }
-        parsed.sort();
-        parsed.dedup();
+        let parsed = validate_endpoints(endpoints)?;
         let mut inner = self.lock();
         let Some(n) = inner.nodes.get(&node) else {
             return Err(Error::NotFound(format!("node {node}")));
         };
-        if n.endpoints == parsed {
+        if n.endpoints == parsed && !inner.coalesce.has_pending(node) {
             return Ok(());
         }
-        self.store.set_node_endpoints(node, &parsed)?;
+        match inner.coalesce.offer(node, parsed, now) {
+            Some(eps) => self.publish_endpoints(&mut inner, node, eps, now),
+            None => Ok(()),
+        }
+    }
+
+    /// Stores a node's endpoints and pushes its peers' maps, if they changed.
+    fn publish_endpoints(
+        &self,
+        inner: &mut Inner,
+        node: u64,
+        endpoints: Vec<String>,
+        now: UnixMs,
+    ) -> Result<()> {
+        let Some(n) = inner.nodes.get(&node) else {
+            return Err(Error::NotFound(format!("node {node}")));
+        };
+        if n.endpoints == endpoints {
+            return Ok(());
+        }
+        self.store.set_node_endpoints(node, &endpoints)?;
         if let Some(n) = inner.nodes.get_mut(&node) {
-            n.endpoints = parsed;
+            n.endpoints = endpoints;
         }
         inner.peer_entries.remove(&node);
         let peers: BTreeSet<u64> = inner
@@ -694,7 +911,7 @@ impl Mesh {
             .view(node)
             .map(|v| v.peers.clone())
             .unwrap_or_default();
-        self.push(&mut inner, &peers, now);
+        self.push(inner, &peers, now);
         Ok(())
     }
 
@@ -704,9 +921,9 @@ impl Mesh {
     /// Before it passes the persisted ceiling, a new ceiling is written, so
     /// after a restart (which starts at the stored ceiling) serials still grow.
     fn next_serial(&self, inner: &mut Inner, now: UnixMs) -> u64 {
-        let serial = (inner.serial + 1).max((now.max(0) as u64) * 1000);
+        let serial = inner.serial.saturating_add(1).max(clock_serial(now));
         if serial > inner.serial_ceiling {
-            let ceiling = serial + SERIAL_STEP;
+            let ceiling = serial.saturating_add(SERIAL_STEP);
             match self.store.set_meta("serial", &ceiling.to_string()) {
                 Ok(()) => inner.serial_ceiling = ceiling,
                 Err(e) => tracing::error!(error = %e, "cannot persist netmap serial"),
@@ -731,7 +948,7 @@ impl Mesh {
     /// map that lists it.
     fn build(&self, inner: &mut Inner, node: u64, now: UnixMs) -> Option<Vec<u8>> {
         let me = inner.nodes.get(&node).filter(|n| is_active(n, now))?;
-        let mut not_after = now + self.cfg.netmap_ttl_ms;
+        let mut not_after = now.saturating_add(self.cfg.netmap_ttl_ms);
         if me.expiry_ms > 0 {
             not_after = not_after.min(me.expiry_ms);
         }
@@ -786,6 +1003,7 @@ impl Mesh {
     }
 
     fn sign(&self, body: Vec<u8>) -> SignedNetMap {
+        self.maps_signed.fetch_add(1, Ordering::Relaxed);
         ztmesh_proto::netmap::sign_encoded(&self.signer, body)
     }
 
@@ -800,19 +1018,40 @@ impl Mesh {
                 Some(m) => Update::Map(Arc::new(m)),
                 None => Update::Closed("node was deleted or has expired".into()),
             };
+            let mono = inner.mono;
             if let Some(sub) = inner.subs.get_mut(id) {
                 sub.tx.send_replace(update);
-                sub.last_sent_ms = now;
+                sub.last_sent_mono = mono;
                 sent += 1;
             }
         }
         tracing::debug!(affected = affected.len(), sent, "netmaps pushed");
     }
 
-    /// Periodic housekeeping: expire nodes, delete offline ephemeral nodes,
-    /// refresh maps nearing their not-after time.
+    /// [`Mesh::tick_at`] with the monotonic clock taken as the wall clock
+    /// since load: for virtual-time tests, where the two agree.
     pub fn tick(&self, now: UnixMs) {
+        let load_wall = self.lock().load_wall;
+        let mono = u64::try_from(now.saturating_sub(load_wall)).unwrap_or(0);
+        self.tick_at(now, mono);
+    }
+
+    /// Periodic housekeeping at wall time `now` and monotonic time `mono_ms`
+    /// (ms since load; the ticker reads a monotonic clock): key expiry in
+    /// both directions, deletion of offline ephemeral nodes, refresh of
+    /// `last_seen` for live nodes, coalesced endpoint republishes, and fresh
+    /// maps for streams whose map is at half-life.
+    ///
+    /// Key expiry follows the wall clock, since it is a wall-clock date: a
+    /// node whose key looks expired is dropped from maps, and comes back when
+    /// the clock does. Offline time is measured on the monotonic clock only,
+    /// from the moment this run saw the node go offline (or from load): a
+    /// wall-clock jump deletes nobody, and a restart gives every ephemeral
+    /// node a full timeout to reconnect.
+    pub fn tick_at(&self, now: UnixMs, mono_ms: u64) {
         let mut inner = self.lock();
+        let mono = mono_ms.max(inner.mono);
+        inner.mono = mono;
         let mut affected = BTreeSet::new();
         let expired: Vec<u64> = inner
             .nodes
@@ -822,38 +1061,103 @@ impl Mesh {
             .collect();
         for id in expired {
             tracing::info!(node = id, "node key expired");
+            inner.clock_expired.insert(id);
             affected.extend(inner.compiled.remove_node(id));
             affected.insert(id);
         }
+        let revived: Vec<PolicyNode> = inner
+            .clock_expired
+            .iter()
+            .filter_map(|id| inner.nodes.get(id))
+            .filter(|n| is_active(n, now))
+            .map(node_info)
+            .collect();
+        for n in revived {
+            tracing::warn!(node = n.id, "node key valid again (the clock went back)");
+            let id = n.id;
+            inner.clock_expired.remove(&id);
+            affected.extend(inner.compiled.upsert_node(n));
+            affected.insert(id);
+        }
+        let Inner {
+            nodes,
+            offline_since,
+            clock_expired,
+            ..
+        } = &mut *inner;
+        offline_since.retain(|id, _| nodes.contains_key(id));
+        clock_expired.retain(|id| nodes.contains_key(id));
+        let timeout = u64::try_from(self.cfg.ephemeral_timeout_ms).unwrap_or(0);
         let stale_ephemeral: Vec<u64> = inner
             .nodes
             .values()
-            .filter(|n| {
-                n.ephemeral
-                    && !inner.online.contains(&n.id)
-                    && n.last_seen_ms + self.cfg.ephemeral_timeout_ms <= now
-            })
+            .filter(|n| n.ephemeral && !inner.online.contains(&n.id))
             .map(|n| n.id)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .filter(|id| {
+                let since = *inner.offline_since.entry(*id).or_insert(mono);
+                mono.saturating_sub(since) >= timeout
+            })
             .collect();
         for id in stale_ephemeral {
             if self.store.delete_node(id).is_ok() {
+                inner.offline_since.remove(&id);
                 let name = inner.remove_node(id).map(|n| n.name).unwrap_or_default();
-                let _ =
-                    self.store
-                        .audit(now, "controller", "node.delete.ephemeral", &name, "offline");
+                self.audit(now, "controller", "node.delete.ephemeral", &name, "offline");
                 affected.extend(inner.compiled.remove_node(id));
             }
         }
-        let half = self.cfg.netmap_ttl_ms / 2;
+        if mono.saturating_sub(inner.seen_refreshed) >= SEEN_REFRESH_MS {
+            inner.seen_refreshed = mono;
+            let live: Vec<u64> = inner.online.iter().copied().collect();
+            for id in live {
+                if let Some(n) = inner.nodes.get_mut(&id) {
+                    n.last_seen_ms = now;
+                }
+                inner.seen_dirty.insert(id, now);
+            }
+        }
+        for (node, eps) in inner.coalesce.due(now) {
+            if let Err(e) = self.publish_endpoints(&mut inner, node, eps, now) {
+                tracing::debug!(node, error = %e, "coalesced endpoints not published");
+            }
+        }
+        let half = u64::try_from(self.cfg.netmap_ttl_ms / 2).unwrap_or(0);
         let refresh: Vec<u64> = inner
             .subs
             .iter()
-            .filter(|(_, s)| s.last_sent_ms + half <= now)
+            .filter(|(_, s)| mono.saturating_sub(s.last_sent_mono) >= half)
             .map(|(id, _)| *id)
             .collect();
         affected.extend(refresh);
         if !affected.is_empty() {
             self.push(&mut inner, &affected, now);
+        }
+        drop(inner);
+        self.limits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .prune(now);
+    }
+
+    /// Prunes the audit table: rows older than `audit_max_age_ms`, and
+    /// node-reported flow rows beyond the newest `audit_max_flow_rows` (so a
+    /// node flooding flow reports can never evict the admin trail). Runs
+    /// outside the state lock; the ticker calls it once a minute.
+    pub fn prune_audit(&self, now: UnixMs) {
+        let older_than = if self.cfg.audit_max_age_ms > 0 {
+            now.saturating_sub(self.cfg.audit_max_age_ms)
+        } else {
+            i64::MIN
+        };
+        match self
+            .store
+            .prune_audit(older_than, self.cfg.audit_max_flow_rows)
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(rows = n, "audit log pruned"),
+            Err(e) => tracing::error!(error = %e, "cannot prune the audit log"),
         }
     }
 
@@ -951,7 +1255,7 @@ impl Mesh {
             reusable,
             ephemeral,
             created_ms: now,
-            expires_ms: now + ttl,
+            expires_ms: now.saturating_add(ttl),
             used_count: 0,
             revoked: false,
             created_by: actor.to_string(),
@@ -1028,6 +1332,7 @@ impl Mesh {
         if let Some(n) = inner.nodes.get_mut(&node.id) {
             n.expiry_ms = now;
         }
+        inner.clock_expired.remove(&node.id);
         let mut affected = inner.compiled.remove_node(node.id);
         affected.insert(node.id);
         self.audit(now, actor, "node.expire", &node.name, "");
@@ -1142,7 +1447,7 @@ impl Mesh {
             secret_hash: token.secret_hash(),
             description: description.to_string(),
             created_ms: now,
-            expires_ms: now + ttl,
+            expires_ms: now.saturating_add(ttl),
             revoked: false,
         })?;
         self.audit(now, actor, "apikey.create", &row.key_id, description);
@@ -1185,6 +1490,11 @@ impl Mesh {
         b[0] = 0xfd;
         OsRng.fill_bytes(&mut b[1..6]);
         Ipv6Net::new(Ipv6Addr::from(b), 48).expect("48 is a valid prefix length")
+    }
+
+    /// How many netmaps were signed since load.
+    pub fn maps_signed(&self) -> u64 {
+        self.maps_signed.load(Ordering::Relaxed)
     }
 
     pub fn serial(&self) -> u64 {

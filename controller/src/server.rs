@@ -15,6 +15,7 @@ use ztmesh_proto::auth::{hex, sha256};
 use ztmesh_proto::keys::{write_secret_file, SigningKey};
 
 use crate::api::{AdminService, ControlRouter, ControlService};
+use crate::lockfile::DirLock;
 use crate::mesh::{Mesh, MeshConfig};
 use crate::now_ms;
 use crate::store::{SqliteStore, Store};
@@ -44,6 +45,9 @@ impl DataDir {
     }
     pub fn admin_socket(&self) -> PathBuf {
         self.root.join("admin.sock")
+    }
+    pub fn lock_file(&self) -> PathBuf {
+        self.root.join("ztmesh.lock")
     }
 }
 
@@ -103,7 +107,14 @@ pub fn open(dir: &DataDir, cfg: MeshConfig) -> anyhow::Result<(Arc<Mesh>, String
 }
 
 /// Runs the controller until SIGINT/SIGTERM.
+///
+/// The data dir is locked first (before anything in it is touched) and
+/// stays locked until `serve` returns: a second controller exits at once.
 pub async fn serve(dir: &DataDir, listen: SocketAddr, cfg: MeshConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&dir.root)
+        .with_context(|| format!("creating data dir {}", dir.root.display()))?;
+    std::fs::set_permissions(&dir.root, std::fs::Permissions::from_mode(0o700))?;
+    let _lock = DirLock::acquire(&dir.lock_file())?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
@@ -115,6 +126,9 @@ pub async fn serve(dir: &DataDir, listen: SocketAddr, cfg: MeshConfig) -> anyhow
     println!("  admin socket:   {}", dir.admin_socket().display());
     run(dir, mesh, cert, key, listener, shutdown_signal()).await
 }
+
+/// The audit table is pruned every this many ticks (one minute).
+const AUDIT_PRUNE_TICKS: u64 = 120;
 
 /// Serves the Control and Admin APIs on `listener` (TLS) and the admin socket
 /// until `shutdown` completes. Used by `serve` and by in-process tests.
@@ -147,11 +161,17 @@ pub async fn run(
 
     let ticker_mesh = mesh.clone();
     let ticker = tokio::spawn(async move {
+        // Offline time is measured on this monotonic clock (see Mesh::tick_at).
+        let started = std::time::Instant::now();
         let mut t = tokio::time::interval(Duration::from_millis(500));
-        loop {
+        for n in 0u64.. {
             t.tick().await;
-            ticker_mesh.tick(now_ms());
+            let mono = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            ticker_mesh.tick_at(now_ms(), mono);
             ticker_mesh.flush();
+            if n % AUDIT_PRUNE_TICKS == 0 {
+                ticker_mesh.prune_audit(now_ms());
+            }
         }
     });
 

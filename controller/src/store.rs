@@ -105,6 +105,19 @@ pub struct AuditRow {
     pub detail: String,
 }
 
+/// An audit record to write (the store assigns the id).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub time_ms: UnixMs,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+}
+
+/// The audit action of node-reported rows, the ones capped by count.
+pub const FLOW_AUDIT_ACTION: &str = "flow.denied";
+
 /// A node to insert at enrollment; the store assigns the id.
 #[derive(Clone, Debug)]
 pub struct NewNode {
@@ -169,11 +182,20 @@ pub trait Store: Send + Sync {
         target: &str,
         detail: &str,
     ) -> Result<()>;
+    /// Many audit records in one transaction (where the store has them).
+    fn audit_batch(&self, rows: &[AuditEntry]) -> Result<()> {
+        rows.iter()
+            .try_for_each(|r| self.audit(r.time_ms, &r.actor, &r.action, &r.target, &r.detail))
+    }
     fn audit_log(&self, limit: u32) -> Result<Vec<AuditRow>>;
+    /// Deletes audit rows older than `older_than_ms`, and [`FLOW_AUDIT_ACTION`]
+    /// rows beyond the newest `max_flow_rows` (0 = no cap); returns how many.
+    fn prune_audit(&self, older_than_ms: UnixMs, max_flow_rows: u64) -> Result<u64>;
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records progress.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE users (
     id INTEGER PRIMARY KEY,
@@ -234,7 +256,12 @@ CREATE TABLE audit (
     target TEXT NOT NULL,
     detail TEXT NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE INDEX audit_time ON audit (time_ms);
+CREATE INDEX audit_action_id ON audit (action, id);
+"#,
+];
 
 /// The embedded SQLite store: one connection, WAL, `synchronous=FULL`.
 pub struct SqliteStore {
@@ -332,7 +359,20 @@ impl SqliteStore {
     ///
     /// # Errors
     /// [`StoreError::Db`] if the file cannot be opened or migrated.
+    ///
+    /// The database and its `-wal`/`-shm` files are made 0600 whatever the
+    /// umask: SQLite creates the latter with the database file's mode, so
+    /// the file is created 0600 before SQLite opens it.
     pub fn open(path: &Path) -> Result<Self> {
+        private_file(path)?;
+        for suffix in ["-wal", "-shm", "-journal"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            let p = std::path::PathBuf::from(p);
+            if p.exists() {
+                private_file(&p)?;
+            }
+        }
         let conn = Connection::open(path)?;
         Self::init(conn)
     }
@@ -367,6 +407,25 @@ impl SqliteStore {
         // write is a transaction), so a poisoned lock is safe to reuse.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Creates `path` if missing, and makes it 0600 either way.
+fn private_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |e: std::io::Error| {
+        StoreError::Db(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            Some(format!("{}: {e}", path.display())),
+        ))
+    };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)
 }
 
 impl Store for SqliteStore {
@@ -710,6 +769,39 @@ impl Store for SqliteStore {
             params![time_ms, actor, action, target, detail],
         )?;
         Ok(())
+    }
+
+    fn audit_batch(&self, rows: &[AuditEntry]) -> Result<()> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut st = tx.prepare(
+                "INSERT INTO audit (time_ms, actor, action, target, detail)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for r in rows {
+                st.execute(params![r.time_ms, r.actor, r.action, r.target, r.detail])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn prune_audit(&self, older_than_ms: UnixMs, max_flow_rows: u64) -> Result<u64> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut n = tx.execute("DELETE FROM audit WHERE time_ms < ?1", [older_than_ms])?;
+        if max_flow_rows > 0 {
+            let keep = i64::try_from(max_flow_rows).unwrap_or(i64::MAX);
+            n += tx.execute(
+                "DELETE FROM audit WHERE action = ?1 AND id <= (
+                     SELECT id FROM audit WHERE action = ?1
+                     ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+                params![FLOW_AUDIT_ACTION, keep],
+            )?;
+        }
+        tx.commit()?;
+        Ok(n as u64)
     }
 
     fn audit_log(&self, limit: u32) -> Result<Vec<AuditRow>> {

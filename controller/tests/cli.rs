@@ -192,3 +192,76 @@ fn policy_plan_shows_changes_and_set_refuses_a_broken_policy() {
         "old policy stays in force: {current}"
     );
 }
+
+#[test]
+fn a_second_controller_on_the_same_data_dir_exits_naming_the_lock_and_its_holder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let first = start(&dir);
+    let mut second = Killed(
+        Command::new(BIN)
+            .args([
+                "--data-dir",
+                dir.to_str().unwrap(),
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Liveness bound: the refusal is immediate; 20 s is generous.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = second.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second controller kept running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(second.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("ztmesh.lock"), "{err}");
+    assert!(err.contains(&first.0.id().to_string()), "{err}");
+    // The first one still serves its admin socket.
+    admin(&dir, &["users", "list"]).unwrap();
+}
+
+#[test]
+fn database_wal_and_shm_files_are_private_under_umask_022() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let child = Command::new("sh")
+        .args(["-c", "umask 022 && exec \"$0\" \"$@\""])
+        .arg(BIN)
+        .args([
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _ctl = Killed(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while admin(&dir, &["users", "list"]).is_err() {
+        assert!(Instant::now() < deadline, "controller did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    admin(&dir, &["keys", "create", "--tags", "tag:web"]).unwrap();
+    for f in ["ztmesh.db", "ztmesh.db-wal", "ztmesh.db-shm"] {
+        let mode = std::fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f} is {mode:o}");
+    }
+}

@@ -37,9 +37,13 @@ struct Ctl {
 
 impl Ctl {
     async fn start() -> Ctl {
+        Self::start_with(MeshConfig::default()).await
+    }
+
+    async fn start_with(cfg: MeshConfig) -> Ctl {
         let dir = tempfile::tempdir().unwrap();
         let data = DataDir::new(&dir.path().join("data"));
-        let (mesh, cert, key) = server::open(&data, MeshConfig::default()).unwrap();
+        let (mesh, cert, key) = server::open(&data, cfg).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("https://{}", listener.local_addr().unwrap());
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
@@ -632,5 +636,261 @@ async fn plan_lists_node_pairs_that_gain_and_lose_flows_and_changes_nothing() {
         .into_inner();
     assert!(e.allowed, "{e:?}");
     assert_eq!(e.rule_id, "policy.hujson:6");
+    ctl.stop().await;
+}
+
+async fn report_endpoints(ctl: &Ctl, node: &TestNode, eps: &[String]) -> Result<(), tonic::Status> {
+    let req = signed_request(
+        &node.machine,
+        methods::REPORT_ENDPOINTS,
+        pb::ReportEndpointsRequest {
+            endpoints: eps.to_vec(),
+        },
+        now_ms(),
+        &mut OsRng,
+    );
+    ctl.control().await.report_endpoints(req).await.map(|_| ())
+}
+
+#[tokio::test]
+async fn a_flapping_node_is_throttled_and_its_peers_maps_are_re_signed_a_bounded_number_of_times() {
+    const INTERVAL_MS: u64 = 1_000;
+    let ctl = Ctl::start_with(MeshConfig {
+        endpoint_publish_interval_ms: INTERVAL_MS as i64,
+        ..MeshConfig::default()
+    })
+    .await;
+    ctl.set_policy(POLICY).await;
+    let kw = ctl.key("", &["tag:web"], false).await;
+    let kd = ctl.key("", &["tag:db"], false).await;
+    let w = enroll(&ctl, &kw, "web").await.unwrap();
+    let d = enroll(&ctl, &kd, "db").await.unwrap();
+    let mut sd = open_stream(&ctl, &d).await.unwrap();
+    let m0 = next_map(&ctl, &mut sd, 0).await;
+    assert_eq!(peer_names(&m0), vec!["web".to_string()]);
+
+    let before = ctl.mesh.maps_signed();
+    let start = std::time::Instant::now();
+    let (mut accepted, mut refused) = (Vec::new(), 0);
+    for i in 0..40u32 {
+        let ep = format!("198.18.2.{}:{}", i + 1, 40_000 + i);
+        match report_endpoints(&ctl, &w, std::slice::from_ref(&ep)).await {
+            Ok(()) => accepted.push(ep),
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                assert!(
+                    s.message().contains("ReportEndpoints") && s.message().contains("retry"),
+                    "{}",
+                    s.message()
+                );
+                refused += 1;
+            }
+        }
+    }
+    let elapsed = start.elapsed().as_millis() as u64;
+    let signed = ctl.mesh.maps_signed() - before;
+    assert!(refused > 0, "a burst of 40 reports was not throttled");
+    assert!(
+        accepted.len() >= 5,
+        "only {} reports accepted",
+        accepted.len()
+    );
+    // One immediate republish, then at most one per interval (plus one
+    // partial interval at the end) — never one per report.
+    let bound = 2 + elapsed / INTERVAL_MS;
+    assert!(
+        signed <= bound,
+        "{signed} maps signed for {} accepted reports in {elapsed} ms (bound {bound})",
+        accepted.len()
+    );
+    // The peer ends up with the latest accepted value (liveness bound, 20 s).
+    let last = accepted.last().unwrap().clone();
+    let mut have = m0.serial;
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        let Ok(Ok(Some(signed))) = tokio::time::timeout(Duration::from_secs(1), sd.message()).await
+        else {
+            continue;
+        };
+        let m = netmap::verify(&ctl.mesh.controller_key(), &signed, have, now_ms()).unwrap();
+        have = m.serial;
+        seen = m.peers[0].endpoints.clone();
+        if seen == vec![last.clone()] {
+            break;
+        }
+    }
+    assert_eq!(seen, vec![last]);
+    ctl.stop().await;
+}
+
+#[tokio::test]
+async fn low_order_wireguard_keys_are_refused_with_invalid_argument() {
+    let ctl = Ctl::start().await;
+    let k = ctl.key("", &["tag:web"], true).await;
+    let machine = SigningKey::generate(&mut OsRng);
+    let wg = WgPrivateKey::generate(&mut OsRng);
+    let mut req = enroll_request(&k, &machine, &wg, "zero");
+    req.wg_key = vec![0; 32];
+    req.proof = machine
+        .sign(&auth::enroll_message(
+            &k,
+            &req.machine_key,
+            &req.wg_key,
+            "zero",
+            req.timestamp_ms,
+        ))
+        .to_vec();
+    let e = ctl.control().await.enroll(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("low-order"), "{}", e.message());
+    assert!(enroll(&ctl, &k, "good").await.is_ok());
+    ctl.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_machine_with_the_same_identity_is_refused_while_the_first_is_live() {
+    let ctl = Ctl::start().await;
+    ctl.set_policy(POLICY).await;
+    let kw = ctl.key("", &["tag:web"], false).await;
+    let kd = ctl.key("", &["tag:db"], false).await;
+    let w = enroll(&ctl, &kw, "web").await.unwrap();
+    let _d = enroll(&ctl, &kd, "db").await.unwrap();
+    // The real machine: its stream and its reports share one connection.
+    let mut real = ctl.control().await;
+    let req = signed_request(
+        &w.machine,
+        methods::STREAM_NETMAP,
+        pb::StreamNetMapRequest { have_serial: 0 },
+        now_ms(),
+        &mut OsRng,
+    );
+    let mut first = real.stream_net_map(req).await.unwrap().into_inner();
+    let m0 = next_map(&ctl, &mut first, 0).await;
+    let req = signed_request(
+        &w.machine,
+        methods::REPORT_ENDPOINTS,
+        pb::ReportEndpointsRequest {
+            endpoints: vec!["198.18.3.1:51820".into()],
+        },
+        now_ms(),
+        &mut OsRng,
+    );
+    real.report_endpoints(req).await.unwrap();
+
+    // The clone: same machine key, another connection.
+    let e = open_stream(&ctl, &w).await.err().unwrap();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("another session of this node is live"),
+        "{}",
+        e.message()
+    );
+    let audit = ctl
+        .admin()
+        .await
+        .list_audit(apb::ListAuditRequest { limit: 100 })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert!(audit
+        .iter()
+        .any(|a| a.action == "node.duplicate_session" && a.target == "web"));
+    // Nor can it steer the real machine's peers to its own endpoint.
+    let e = report_endpoints(&ctl, &w, &["198.18.3.2:51820".into()])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let nodes = ctl
+        .admin()
+        .await
+        .list_nodes(apb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    let web = nodes.iter().find(|n| n.id == w.id).unwrap();
+    assert_eq!(web.endpoints, vec!["198.18.3.1:51820".to_string()]);
+
+    // The first session is undisturbed: it still receives changes.
+    ctl.admin()
+        .await
+        .rename_node(apb::RenameNodeRequest {
+            node: "db".into(),
+            new_name: "db-renamed".into(),
+        })
+        .await
+        .unwrap();
+    let m1 = next_map(&ctl, &mut first, m0.serial).await;
+    assert_eq!(peer_names(&m1), vec!["db-renamed".to_string()]);
+    assert!(m1.serial > m0.serial);
+
+    // Its connection dies; the same machine reconnects (bounded retries).
+    drop(first);
+    let mut reconnected = None;
+    for _ in 0..50 {
+        match open_stream(&ctl, &w).await {
+            Ok(s) => {
+                reconnected = Some(s);
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    matches!(e.code(), Code::FailedPrecondition | Code::ResourceExhausted),
+                    "{e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let mut s = reconnected.expect("a genuine reconnect is accepted");
+    next_map(&ctl, &mut s, 0).await;
+    ctl.stop().await;
+}
+
+#[tokio::test]
+async fn flow_reports_and_stream_opens_are_limited_per_node() {
+    let ctl = Ctl::start().await;
+    let k = ctl.key("", &["tag:web"], true).await;
+    let a = enroll(&ctl, &k, "a").await.unwrap();
+    let b = enroll(&ctl, &k, "b").await.unwrap();
+    let report = |n: &TestNode| {
+        signed_request(
+            &n.machine,
+            methods::REPORT_FLOWS,
+            pb::ReportFlowsRequest { flows: vec![] },
+            now_ms(),
+            &mut OsRng,
+        )
+    };
+    let mut refused = None;
+    for i in 0..100 {
+        if let Err(s) = ctl.control().await.report_flows(report(&a)).await {
+            refused = Some((i, s));
+            break;
+        }
+    }
+    let (n, s) = refused.expect("a burst of flow reports is throttled");
+    assert!(n >= 5, "only {n} reports accepted");
+    assert_eq!(s.code(), Code::ResourceExhausted);
+    assert!(s.message().contains("ReportFlows"), "{}", s.message());
+    // Another node is unaffected.
+    ctl.control().await.report_flows(report(&b)).await.unwrap();
+
+    let mut refused = None;
+    for i in 0..100 {
+        match open_stream(&ctl, &a).await {
+            Ok(s) => drop(s),
+            Err(s) => {
+                refused = Some((i, s));
+                break;
+            }
+        }
+    }
+    let (n, s) = refused.expect("a burst of stream opens is throttled");
+    assert!(n >= 5, "only {n} opens accepted");
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(s.message().contains("StreamNetMap"), "{}", s.message());
+    open_stream(&ctl, &b).await.unwrap();
     ctl.stop().await;
 }
