@@ -26,7 +26,7 @@ use ztmesh_proto::control::{NetMap, SignedNetMap};
 use ztmesh_proto::keys::{write_secret_file, PublicKey, SigningKey, WgPrivateKey, WgPublicKey};
 use ztmesh_proto::netmap;
 
-use crate::control::{now_ms, translate, Backoff, Controller, NetMapGate};
+use crate::control::{now_ms, translate, Backoff, Controller, Identity, NetMapGate};
 use crate::io::{DataPlane, DataPlaneConfig};
 use crate::localapi::{Request, Response, MAX_LINE};
 
@@ -131,6 +131,16 @@ impl Daemon {
         }
     }
 
+    /// What a netmap's `self_node` must name: our enrolled id and current keys.
+    fn identity(&self, e: &Enrollment) -> Identity {
+        let keys = self.keys();
+        Identity {
+            node_id: Some(e.node_id).filter(|id| *id != 0),
+            machine: keys.machine.public(),
+            wg: keys.wg.public(),
+        }
+    }
+
     fn controller_key(e: &Enrollment) -> anyhow::Result<PublicKey> {
         e.controller_key
             .parse()
@@ -143,6 +153,10 @@ impl Daemon {
         let signed = SignedNetMap::decode(bytes.as_slice()).ok()?;
         let key = Self::controller_key(e).ok()?;
         match netmap::verify_signature(&key, &signed) {
+            Ok(m) if self.identity(e).check(&m).is_err() => {
+                tracing::error!("stored netmap is for another node; starting with no peers");
+                None
+            }
             Ok(m) if m.not_after_ms > now_ms() => Some(m),
             Ok(_) => {
                 tracing::warn!("stored netmap has expired; starting with no peers");
@@ -255,7 +269,7 @@ impl Daemon {
             .stream(&self.keys().machine, *have)
             .await
             .map_err(status_error)?;
-        let mut gate = NetMapGate::new(key, *have);
+        let mut gate = NetMapGate::new(key, self.identity(e), *have);
         self.set_conn(ConnState::Connected { since_ms: now_ms() });
         tracing::info!(controller = %e.controller_url, "connected to controller");
         let mut report = tokio::time::interval(FLOW_REPORT_INTERVAL);

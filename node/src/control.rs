@@ -174,21 +174,78 @@ pub enum RefusedMap {
     Verify(#[from] ztmesh_proto::netmap::NetMapError),
     #[error(transparent)]
     Content(#[from] TranslateError),
+    /// The map is signed correctly but addressed to another node: a controller
+    /// bug or a mix-up of node state; applying it would hand this node another
+    /// node's peers and rules. Re-enroll if it persists.
+    #[error("netmap is for another node: its {0} does not match this node's")]
+    NotForMe(SelfMismatch),
+}
+
+/// Which part of a netmap's `self_node` names another node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SelfMismatch {
+    NodeId,
+    MachineKey,
+    WgKey,
+}
+
+impl std::fmt::Display for SelfMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SelfMismatch::NodeId => "node id",
+            SelfMismatch::MachineKey => "machine key",
+            SelfMismatch::WgKey => "WireGuard key",
+        })
+    }
+}
+
+/// Who this node is: what a netmap's `self_node` must name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The node id the controller assigned, once enrolled.
+    pub node_id: Option<u64>,
+    pub machine: ztmesh_proto::keys::PublicKey,
+    pub wg: WgPublicKey,
+}
+
+impl Identity {
+    /// Checks that `map` is addressed to this node: its `self_node` carries our
+    /// node id (once known) and exactly our machine and WireGuard keys. Pure.
+    ///
+    /// # Errors
+    /// [`RefusedMap::NotForMe`] naming the first field that differs (id, then
+    /// machine key, then WireGuard key); a map without `self_node` is
+    /// [`TranslateError::NoSelf`].
+    pub fn check(&self, map: &pb::NetMap) -> Result<(), RefusedMap> {
+        let me = map.self_node.as_ref().ok_or(TranslateError::NoSelf)?;
+        let mismatch = if self.node_id.is_some_and(|id| id != me.id) {
+            Some(SelfMismatch::NodeId)
+        } else if me.machine_key.as_slice() != self.machine.as_bytes() {
+            Some(SelfMismatch::MachineKey)
+        } else if me.wg_key.as_slice() != self.wg.as_bytes() {
+            Some(SelfMismatch::WgKey)
+        } else {
+            None
+        };
+        mismatch.map_or(Ok(()), |m| Err(RefusedMap::NotForMe(m)))
+    }
 }
 
 /// The gate every netmap passes before it reaches the data plane: signature by
-/// the pinned controller key, strictly newer serial, not expired, well-formed.
-/// Pure: `now_ms` is an argument.
+/// the pinned controller key, strictly newer serial, not expired, addressed to
+/// this node, well-formed. Pure: `now_ms` is an argument.
 #[derive(Debug, Clone)]
 pub struct NetMapGate {
     controller: ztmesh_proto::keys::PublicKey,
+    me: Identity,
     have_serial: u64,
 }
 
 impl NetMapGate {
-    pub fn new(controller: ztmesh_proto::keys::PublicKey, have_serial: u64) -> Self {
+    pub fn new(controller: ztmesh_proto::keys::PublicKey, me: Identity, have_serial: u64) -> Self {
         Self {
             controller,
+            me,
             have_serial,
         }
     }
@@ -207,6 +264,7 @@ impl NetMapGate {
         now_ms: UnixMs,
     ) -> Result<(pb::NetMap, Translated), RefusedMap> {
         let map = ztmesh_proto::netmap::verify(&self.controller, signed, self.have_serial, now_ms)?;
+        self.me.check(&map)?;
         let t = translate(&map)?;
         self.have_serial = map.serial;
         Ok((map, t))
@@ -348,6 +406,8 @@ impl Controller {
 
 #[cfg(test)]
 mod tests {
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
     use ztmesh_proto::keys::SigningKey;
 
     use super::*;
@@ -356,7 +416,7 @@ mod tests {
     fn gate_refuses_foreign_signatures_rollbacks_and_expired_maps() {
         let controller = SigningKey::generate(&mut OsRng);
         let rogue = SigningKey::generate(&mut OsRng);
-        let mut gate = NetMapGate::new(controller.public(), 0);
+        let mut gate = NetMapGate::new(controller.public(), me(), 0);
         let mut m = map();
         m.serial = 10;
         m.not_after_ms = 5_000;
@@ -390,6 +450,109 @@ mod tests {
         assert_eq!(gate.have_serial(), 11);
     }
 
+    /// The identity `map()` is addressed to.
+    fn me() -> Identity {
+        Identity {
+            node_id: Some(1),
+            machine: signing(7).public(),
+            wg: wg(8).public(),
+        }
+    }
+
+    #[test]
+    fn gate_refuses_a_correctly_signed_map_for_another_node() {
+        let controller = SigningKey::generate(&mut OsRng);
+        let other = Identity {
+            node_id: Some(2),
+            machine: signing(17).public(),
+            wg: wg(18).public(),
+        };
+        let not_yet_known = Identity {
+            node_id: None,
+            ..me()
+        };
+        type Edit = fn(&mut pb::NodeInfo);
+        let cases: [(&str, Identity, Edit, Result<(), SelfMismatch>); 8] = [
+            ("mine", me(), |_| {}, Ok(())),
+            (
+                "id not known yet",
+                not_yet_known.clone(),
+                |n| n.id = 99,
+                Ok(()),
+            ),
+            ("other id", me(), |n| n.id = 2, Err(SelfMismatch::NodeId)),
+            (
+                "other machine key",
+                me(),
+                |n| n.machine_key = other_key(17),
+                Err(SelfMismatch::MachineKey),
+            ),
+            (
+                "other wg key",
+                me(),
+                |n| n.wg_key = vec![1; 32],
+                Err(SelfMismatch::WgKey),
+            ),
+            (
+                "missing keys",
+                not_yet_known,
+                |n| {
+                    n.machine_key.clear();
+                    n.wg_key.clear();
+                },
+                Err(SelfMismatch::MachineKey),
+            ),
+            (
+                "everything another node's",
+                me(),
+                |n| {
+                    n.id = 2;
+                    n.machine_key = other_key(17);
+                    n.wg_key = wg(18).public().as_bytes().to_vec();
+                },
+                Err(SelfMismatch::NodeId),
+            ),
+            (
+                "map for other, seen by other",
+                other,
+                |n| {
+                    n.id = 2;
+                    n.machine_key = other_key(17);
+                    n.wg_key = wg(18).public().as_bytes().to_vec();
+                },
+                Ok(()),
+            ),
+        ];
+        for (name, identity, edit, want) in cases {
+            let mut gate = NetMapGate::new(controller.public(), identity, 0);
+            let mut m = map();
+            m.not_after_ms = 5_000;
+            edit(m.self_node.as_mut().unwrap());
+            let got = gate.accept(&ztmesh_proto::netmap::sign(&controller, &m), 1_000);
+            match want {
+                Ok(()) => assert!(got.is_ok(), "{name}: {got:?}"),
+                Err(w) => {
+                    assert_eq!(got.err(), Some(RefusedMap::NotForMe(w)), "{name}");
+                    assert_eq!(gate.have_serial(), 0, "{name}: nothing applied");
+                }
+            }
+        }
+        let msg = RefusedMap::NotForMe(SelfMismatch::WgKey).to_string();
+        assert!(msg.contains("another node"), "{msg}");
+    }
+
+    fn signing(seed: u64) -> SigningKey {
+        SigningKey::generate(&mut StdRng::seed_from_u64(seed))
+    }
+
+    fn wg(seed: u64) -> WgPrivateKey {
+        WgPrivateKey::generate(&mut StdRng::seed_from_u64(seed))
+    }
+
+    fn other_key(seed: u64) -> Vec<u8> {
+        signing(seed).public().as_bytes().to_vec()
+    }
+
     #[test]
     fn backoff_grows_is_bounded_and_jittered() {
         let b = Backoff::default();
@@ -416,7 +579,10 @@ mod tests {
         pb::NetMap {
             serial: 1,
             self_node: Some(pb::NodeInfo {
+                id: 1,
                 addresses: vec!["100.64.0.1/32".into(), "fd01:2:3::1/128".into()],
+                machine_key: me().machine.as_bytes().to_vec(),
+                wg_key: me().wg.as_bytes().to_vec(),
                 ..Default::default()
             }),
             peers: vec![pb::Peer {
