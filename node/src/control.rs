@@ -271,6 +271,17 @@ impl NetMapGate {
     }
 }
 
+/// Largest message the node accepts from the controller (a signed netmap).
+///
+/// tonic's default of 4 MiB holds only ~20,000 peers, so a larger mesh's map
+/// would be refused on every reconnect, forever. A peer costs ~200 bytes on the
+/// wire (name, key, two overlay prefixes, three endpoints) and up to ~1 KiB with
+/// a long endpoint list and its share of the rules' source prefixes; the data
+/// plane holds at most [`crate::tunnel::MAX_PEERS`] (65,536) peers, so
+/// 65,536 × 1 KiB = 64 MiB. The map comes only from the pinned controller over
+/// TLS, so this bounds a controller's mistake, not a stranger's input.
+pub const MAX_NETMAP_BYTES: usize = 64 << 20;
+
 /// A connected, authenticated client of the controller.
 pub struct Controller {
     client: ControlClient<tonic::transport::Channel>,
@@ -295,9 +306,14 @@ impl Controller {
         timeout: Duration,
     ) -> anyhow::Result<Self> {
         let ch = ztmesh_proto::tls::connect(url, fingerprint, timeout).await?;
-        Ok(Self {
-            client: ControlClient::new(ch),
-        })
+        Ok(Self::from_channel(ch))
+    }
+
+    /// Wraps an established channel (TLS, or in-memory in tests).
+    pub fn from_channel(ch: tonic::transport::Channel) -> Self {
+        Self {
+            client: ControlClient::new(ch).max_decoding_message_size(MAX_NETMAP_BYTES),
+        }
     }
 
     /// Enrolls with an auth key, proving possession of the machine key.
