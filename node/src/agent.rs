@@ -592,8 +592,9 @@ impl Daemon {
             },
             "netmap": map.map(|m| json!({
                 "serial": m.serial,
-                "age_secs": (now_ms() - st.netmap_received_ms).max(0) / 1000,
+                "age_secs": secs_between(st.netmap_received_ms, now_ms()),
                 "not_after_ms": m.not_after_ms,
+                "expires_in_secs": secs_between(now_ms(), m.not_after_ms),
                 "inbound_rules": m.inbound_rules.len(),
                 "refused": st.refused_maps,
             })),
@@ -713,6 +714,12 @@ fn local_endpoint(controller_url: &str, port: u16) -> Option<SocketAddr> {
     let s = std::net::UdpSocket::bind(bind).ok()?;
     s.connect((ip, uri.port_u16().unwrap_or(443))).ok()?;
     Some(SocketAddr::new(s.local_addr().ok()?.ip(), port))
+}
+
+/// Whole seconds from `from_ms` to `to_ms`, 0 if `to_ms` is earlier. The
+/// times may come from a netmap (any `i64`), so this never overflows.
+fn secs_between(from_ms: i64, to_ms: i64) -> i64 {
+    to_ms.saturating_sub(from_ms).max(0) / 1000
 }
 
 fn system_hostname() -> String {
@@ -843,6 +850,22 @@ async fn serve_client(d: Arc<Daemon>, stream: tokio::net::UnixStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn netmap_times_at_the_extremes_never_overflow() {
+        let cases = [
+            (0, 1_999, 1),
+            (5_000, 1_000, 0),
+            (i64::MIN, i64::MAX, i64::MAX / 1000),
+            (i64::MAX, i64::MIN, 0),
+            (i64::MIN, 0, i64::MAX / 1000),
+            (-1, i64::MAX, i64::MAX / 1000),
+            (i64::MAX, i64::MAX, 0),
+        ];
+        for (from, to, want) in cases {
+            assert_eq!(secs_between(from, to), want, "{from} -> {to}");
+        }
+    }
 
     #[test]
     fn local_endpoint_uses_the_route_toward_the_controller() {

@@ -291,7 +291,7 @@ pub struct Controller {
 pub fn now_ms() -> UnixMs {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
 
@@ -425,6 +425,7 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::SeedableRng;
     use ztmesh_proto::keys::SigningKey;
+    use ztmesh_proto::netmap::NetMapError;
 
     use super::*;
 
@@ -567,6 +568,38 @@ mod tests {
 
     fn other_key(seed: u64) -> Vec<u8> {
         signing(seed).public().as_bytes().to_vec()
+    }
+
+    #[test]
+    fn gate_handles_netmap_times_at_the_extremes() {
+        let controller = SigningKey::generate(&mut OsRng);
+        let mut serial = 0;
+        let mut offer = |issued_at_ms, not_after_ms, now_ms| {
+            serial += 1;
+            let mut m = map();
+            m.serial = serial;
+            m.issued_at_ms = issued_at_ms;
+            m.not_after_ms = not_after_ms;
+            let mut gate = NetMapGate::new(controller.public(), me(), 0);
+            gate.accept(&ztmesh_proto::netmap::sign(&controller, &m), now_ms)
+        };
+        for issued in [i64::MIN, -1, 0, i64::MAX] {
+            assert!(offer(issued, i64::MAX, 1_000).is_ok(), "issued {issued}");
+            assert!(
+                matches!(
+                    offer(issued, i64::MIN, 1_000),
+                    Err(RefusedMap::Verify(NetMapError::Expired { .. }))
+                ),
+                "issued {issued}"
+            );
+        }
+        for now in [i64::MIN, 0, i64::MAX - 1] {
+            assert!(offer(0, i64::MAX, now).is_ok(), "now {now}");
+        }
+        assert!(
+            offer(0, i64::MAX, i64::MAX).is_err(),
+            "expired at the very end"
+        );
     }
 
     #[test]

@@ -537,7 +537,7 @@ impl Device {
     fn count(&mut self, reason: DropReason) {
         // Filter verdicts are counted by the filter itself.
         if let Some(i) = reason.slot() {
-            self.drops[i] += 1;
+            self.drops[i] = self.drops[i].saturating_add(1);
         }
     }
 
@@ -565,7 +565,7 @@ impl Device {
                 let Some(to) = peer.endpoint else {
                     return Out::Drop(DropReason::NoEndpoint);
                 };
-                peer.tx_bytes += range.len() as u64;
+                peer.tx_bytes = peer.tx_bytes.saturating_add(range.len() as u64);
                 peer.last_traffic = now;
                 if range.len() > OVERHEAD || !packet.is_empty() {
                     peer.last_data_sent = Some(now);
@@ -659,7 +659,7 @@ impl Device {
                     peer.initiator = kind == 2;
                     peer.rekey_requested = None;
                 }
-                peer.tx_bytes += range.len() as u64;
+                peer.tx_bytes = peer.tx_bytes.saturating_add(range.len() as u64);
                 *flush = Some(slot);
                 Out::Net(from, range)
             }
@@ -778,7 +778,7 @@ impl Device {
                     let range = range_in(base, p);
                     match peer.endpoint {
                         Some(to) => {
-                            peer.tx_bytes += range.len() as u64;
+                            peer.tx_bytes = peer.tx_bytes.saturating_add(range.len() as u64);
                             peer.last_data_sent = Some(now);
                             peer.last_traffic = now;
                             return Some((to, range));
@@ -801,7 +801,7 @@ impl Device {
             let n = peer.timers(now, &self.private, &self.mac1, &mut scratch);
             if n > 0 {
                 if let Some(to) = peer.endpoint {
-                    peer.tx_bytes += n as u64;
+                    peer.tx_bytes = peer.tx_bytes.saturating_add(n as u64);
                     peer.last_traffic = now;
                     out[..n].copy_from_slice(&scratch[..n]);
                     return Some((to, 0..n));
@@ -830,7 +830,7 @@ impl Peer {
 
     fn authenticated(&mut self, now: Instant, from: SocketAddr, len: usize) {
         self.endpoint = Some(from);
-        self.rx_bytes += len as u64;
+        self.rx_bytes = self.rx_bytes.saturating_add(len as u64);
         self.last_traffic = now;
     }
 
