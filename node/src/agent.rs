@@ -736,6 +736,10 @@ fn system_hostname() -> String {
 /// Unusable state dir or socket path.
 pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     ensure_private_dir(&cfg.state_dir)?;
+    // Before anything in the state dir or the socket is touched; held until
+    // this function returns.
+    let lock = crate::statelock::StateLock::acquire(&cfg.state_dir)?;
+    tracing::debug!(lock = %lock.path().display(), "state directory locked");
     let keys = Keys::load_or_generate(&cfg.state_dir)?;
     let (live_serial, _) = watch::channel(0u64);
     let daemon = Arc::new(Daemon {
@@ -828,6 +832,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     tracing::info!("daemon stopping");
     daemon.stop().await;
     let _ = std::fs::remove_file(&cfg.socket);
+    drop(lock);
     Ok(())
 }
 

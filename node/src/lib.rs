@@ -9,6 +9,7 @@ pub mod filter;
 pub mod io;
 pub mod localapi;
 pub mod standalone;
+pub mod statelock;
 pub mod tunnel;
 pub mod uapi;
 pub mod wgconf;
