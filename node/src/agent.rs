@@ -418,7 +418,9 @@ impl Daemon {
                 e
             }
         };
-        let _ = std::fs::remove_file(self.path("down"));
+        if std::fs::remove_file(self.path("down")).is_ok() {
+            ztmesh_proto::keys::sync_dir(&self.cfg.state_dir)?;
+        }
         self.ensure_dataplane(&enrollment).await?;
         let mut applied = self.live_serial.subscribe();
         let have_before = *applied.borrow_and_update();
@@ -495,7 +497,8 @@ impl Daemon {
 
     async fn down(&self) -> anyhow::Result<serde_json::Value> {
         self.stop().await;
-        std::fs::write(self.path("down"), b"")?;
+        // Durable like every state file: a restart right after must stay down.
+        write_secret_file(&self.path("down"), b"")?;
         Ok(json!({"state": "down"}))
     }
 
@@ -528,6 +531,8 @@ impl Daemon {
         ] {
             let _ = std::fs::remove_file(self.path(f));
         }
+        // The removals must be durable before the fresh keys are written.
+        ztmesh_proto::keys::sync_dir(&self.cfg.state_dir)?;
         // A fresh identity for the next `up`, on disk before it is used.
         let fresh = Keys::load_or_generate(&self.cfg.state_dir)?;
         *self.keys.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
