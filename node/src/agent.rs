@@ -28,7 +28,7 @@ use ztmesh_proto::netmap;
 
 use crate::control::{now_ms, translate, Backoff, Controller, Identity, NetMapGate};
 use crate::io::{DataPlane, DataPlaneConfig};
-use crate::localapi::{Request, Response, MAX_LINE};
+use crate::localapi::{authorize, Caller, Request, Response, MAX_LINE};
 
 /// How often denied-flow summaries are sent to the controller.
 const FLOW_REPORT_INTERVAL: Duration = Duration::from_secs(5);
@@ -45,6 +45,9 @@ pub struct DaemonConfig {
     pub uapi_dir: Option<PathBuf>,
     /// Group allowed to use the local API (socket mode 0660); root-only otherwise.
     pub socket_gid: Option<u32>,
+    /// Group whose members may send privileged requests (see
+    /// [`crate::localapi::authorize`]); root only otherwise.
+    pub operator_gid: Option<u32>,
 }
 
 /// What the node keeps about its enrollment.
@@ -705,6 +708,59 @@ fn status_error(s: tonic::Status) -> SessionError {
     }
 }
 
+/// The caller's credentials as the kernel recorded them at `connect`. If they
+/// cannot be read, the caller is nobody in no group: only reads are allowed.
+fn peer_caller(stream: &tokio::net::UnixStream) -> Caller {
+    let Ok(cred) = stream.peer_cred() else {
+        return Caller {
+            uid: u32::MAX,
+            gids: Vec::new(),
+        };
+    };
+    let mut gids = peer_groups(stream).unwrap_or_default();
+    gids.push(cred.gid());
+    Caller {
+        uid: cred.uid(),
+        gids,
+    }
+}
+
+/// The peer's supplementary groups (`SO_PEERGROUPS`, Linux 4.13+).
+fn peer_groups(stream: &tokio::net::UnixStream) -> std::io::Result<Vec<u32>> {
+    use std::os::fd::AsRawFd;
+    /// `SO_PEERGROUPS` on every architecture but alpha, mips, parisc and sparc.
+    const SO_PEERGROUPS: libc::c_int = 59;
+    /// The kernel's NGROUPS_MAX: the most groups a process can have.
+    const MAX_GROUPS: usize = 65_536;
+    let mut gids: Vec<libc::gid_t> = vec![0; 64];
+    for _ in 0..2 {
+        let mut len = libc::socklen_t::try_from(gids.len() * std::mem::size_of::<libc::gid_t>())
+            .unwrap_or(libc::socklen_t::MAX);
+        // SAFETY: the buffer is valid for `len` bytes, and the kernel writes
+        // at most `len` bytes and updates `len`.
+        let r = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                gids.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let n = len as usize / std::mem::size_of::<libc::gid_t>();
+        if r == 0 {
+            gids.truncate(n);
+            return Ok(gids);
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::ERANGE) || n > MAX_GROUPS {
+            return Err(err);
+        }
+        gids.resize(n, 0);
+    }
+    Err(std::io::Error::other("group list changed size twice"))
+}
+
 /// The local address the kernel would use toward the controller, with our port:
 /// the endpoint peers on the same underlay can reach us at.
 fn local_endpoint(controller_url: &str, port: u16) -> Option<SocketAddr> {
@@ -842,12 +898,23 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
 }
 
 async fn serve_client(d: Arc<Daemon>, stream: tokio::net::UnixStream) {
+    let caller = peer_caller(&stream);
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r).take(MAX_LINE as u64);
     let mut line = String::new();
     let resp = match reader.read_line(&mut line).await {
         Ok(_) => match serde_json::from_str::<Request>(&line) {
-            Ok(req) => d.handle(req).await,
+            Ok(req) => match authorize(&req, &caller, d.cfg.operator_gid) {
+                Ok(()) => d.handle(req).await,
+                Err(denied) => {
+                    tracing::warn!(
+                        uid = caller.uid,
+                        command = req.command(),
+                        "local API request refused"
+                    );
+                    Response::err(denied)
+                }
+            },
             Err(e) => Response::err(format!("bad request: {e}")),
         },
         Err(e) => Response::err(format!("bad request: {e}")),

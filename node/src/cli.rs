@@ -40,6 +40,10 @@ pub enum AgentCmd {
         /// Numeric group id allowed to use the local socket (default: root only).
         #[arg(long)]
         socket_group: Option<u32>,
+        /// Numeric group id whose members may also run `up`, `down`, `logout`
+        /// and `wg-config --include-private-key` (default: root only).
+        #[arg(long)]
+        operator_group: Option<u32>,
     },
     /// Enroll (if needed) and connect; returns once the first netmap is applied.
     Up {
@@ -122,6 +126,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
             mtu,
             uapi_dir,
             socket_group,
+            operator_group,
         } => {
             crate::agent::run(DaemonConfig {
                 state_dir,
@@ -131,6 +136,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
                 mtu,
                 uapi_dir: Some(uapi_dir),
                 socket_gid: socket_group,
+                operator_gid: operator_group,
             })
             .await
         }
