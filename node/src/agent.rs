@@ -791,16 +791,49 @@ fn system_hostname() -> String {
         .unwrap_or_else(|| "node".into())
 }
 
+/// What the daemon holds before its async runtime starts (and before it drops
+/// its capabilities, see [`crate::privs`]).
+pub struct Prepared {
+    /// The state directory's lock, held for the daemon's life.
+    lock: crate::statelock::StateLock,
+    /// The local API socket, bound, with its owner group and mode set.
+    listener: std::os::unix::net::UnixListener,
+}
+
+/// Creates the state dir, takes its lock, and binds the local socket. Blocking;
+/// needs whatever privilege the paths and `--socket-group` (chown) need.
+///
+/// # Errors
+/// Another daemon holds the state dir; unusable state dir or socket path.
+pub fn prepare(cfg: &DaemonConfig) -> anyhow::Result<Prepared> {
+    ensure_private_dir(&cfg.state_dir)?;
+    // Before anything in the state dir or the socket is touched.
+    let lock = crate::statelock::StateLock::acquire(&cfg.state_dir)?;
+    if let Some(parent) = cfg.socket.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let _ = std::fs::remove_file(&cfg.socket);
+    let listener = std::os::unix::net::UnixListener::bind(&cfg.socket)
+        .with_context(|| format!("binding {}", cfg.socket.display()))?;
+    let mode = if let Some(gid) = cfg.socket_gid {
+        std::os::unix::fs::chown(&cfg.socket, None, Some(gid))?;
+        0o660
+    } else {
+        0o600
+    };
+    std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(mode))?;
+    listener.set_nonblocking(true)?;
+    Ok(Prepared { lock, listener })
+}
+
 /// Runs the daemon until SIGINT/SIGTERM.
 ///
 /// # Errors
-/// Unusable state dir or socket path.
-pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
-    ensure_private_dir(&cfg.state_dir)?;
-    // Before anything in the state dir or the socket is touched; held until
-    // this function returns.
-    let lock = crate::statelock::StateLock::acquire(&cfg.state_dir)?;
-    tracing::debug!(lock = %lock.path().display(), "state directory locked");
+/// Unusable state dir.
+pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
+    let Prepared { lock, listener } = prepared;
+    let listener = tokio::net::UnixListener::from_std(listener)
+        .with_context(|| format!("listening on {}", cfg.socket.display()))?;
     let keys = Keys::load_or_generate(&cfg.state_dir)?;
     let (live_serial, _) = watch::channel(0u64);
     let daemon = Arc::new(Daemon {
@@ -862,19 +895,6 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         }
     });
 
-    if let Some(parent) = cfg.socket.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let _ = std::fs::remove_file(&cfg.socket);
-    let listener = tokio::net::UnixListener::bind(&cfg.socket)
-        .with_context(|| format!("binding {}", cfg.socket.display()))?;
-    let mode = if let Some(gid) = cfg.socket_gid {
-        std::os::unix::fs::chown(&cfg.socket, None, Some(gid))?;
-        0o660
-    } else {
-        0o600
-    };
-    std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(mode))?;
     tracing::info!(socket = %cfg.socket.display(), "daemon ready");
 
     use tokio::signal::unix::{signal, SignalKind};

@@ -8,6 +8,7 @@ pub mod control;
 pub mod filter;
 pub mod io;
 pub mod localapi;
+pub mod privs;
 pub mod standalone;
 pub mod statelock;
 pub mod tunnel;
