@@ -728,7 +728,21 @@ fn peer_caller(stream: &tokio::net::UnixStream) -> Caller {
 /// The peer's supplementary groups (`SO_PEERGROUPS`, Linux 4.13+).
 fn peer_groups(stream: &tokio::net::UnixStream) -> std::io::Result<Vec<u32>> {
     use std::os::fd::AsRawFd;
-    /// `SO_PEERGROUPS` on every architecture but alpha, mips, parisc and sparc.
+    // `SO_PEERGROUPS` is 59 where the kernel uses asm-generic/socket.h; alpha,
+    // mips, parisc and sparc number it differently, and there only the
+    // primary group is checked.
+    if !cfg!(any(
+        target_arch = "x86",
+        target_arch = "x86_64",
+        target_arch = "arm",
+        target_arch = "aarch64",
+        target_arch = "riscv64",
+        target_arch = "powerpc64",
+        target_arch = "s390x",
+        target_arch = "loongarch64"
+    )) {
+        return Err(std::io::Error::from(std::io::ErrorKind::Unsupported));
+    }
     const SO_PEERGROUPS: libc::c_int = 59;
     /// The kernel's NGROUPS_MAX: the most groups a process can have.
     const MAX_GROUPS: usize = 65_536;
