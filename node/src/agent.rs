@@ -26,9 +26,9 @@ use ztmesh_proto::control::{NetMap, SignedNetMap};
 use ztmesh_proto::keys::{write_secret_file, PublicKey, SigningKey, WgPrivateKey, WgPublicKey};
 use ztmesh_proto::netmap;
 
-use crate::control::{now_ms, translate, Backoff, Controller, NetMapGate};
+use crate::control::{now_ms, translate, Backoff, Controller, Identity, NetMapGate};
 use crate::io::{DataPlane, DataPlaneConfig};
-use crate::localapi::{Request, Response, MAX_LINE};
+use crate::localapi::{authorize, Caller, Request, Response, MAX_LINE};
 
 /// How often denied-flow summaries are sent to the controller.
 const FLOW_REPORT_INTERVAL: Duration = Duration::from_secs(5);
@@ -45,6 +45,9 @@ pub struct DaemonConfig {
     pub uapi_dir: Option<PathBuf>,
     /// Group allowed to use the local API (socket mode 0660); root-only otherwise.
     pub socket_gid: Option<u32>,
+    /// Group whose members may send privileged requests (see
+    /// [`crate::localapi::authorize`]); root only otherwise.
+    pub operator_gid: Option<u32>,
 }
 
 /// What the node keeps about its enrollment.
@@ -131,6 +134,16 @@ impl Daemon {
         }
     }
 
+    /// What a netmap's `self_node` must name: our enrolled id and current keys.
+    fn identity(&self, e: &Enrollment) -> Identity {
+        let keys = self.keys();
+        Identity {
+            node_id: Some(e.node_id).filter(|id| *id != 0),
+            machine: keys.machine.public(),
+            wg: keys.wg.public(),
+        }
+    }
+
     fn controller_key(e: &Enrollment) -> anyhow::Result<PublicKey> {
         e.controller_key
             .parse()
@@ -143,6 +156,10 @@ impl Daemon {
         let signed = SignedNetMap::decode(bytes.as_slice()).ok()?;
         let key = Self::controller_key(e).ok()?;
         match netmap::verify_signature(&key, &signed) {
+            Ok(m) if self.identity(e).check(&m).is_err() => {
+                tracing::error!("stored netmap is for another node; starting with no peers");
+                None
+            }
             Ok(m) if m.not_after_ms > now_ms() => Some(m),
             Ok(_) => {
                 tracing::warn!("stored netmap has expired; starting with no peers");
@@ -255,7 +272,7 @@ impl Daemon {
             .stream(&self.keys().machine, *have)
             .await
             .map_err(status_error)?;
-        let mut gate = NetMapGate::new(key, *have);
+        let mut gate = NetMapGate::new(key, self.identity(e), *have);
         self.set_conn(ConnState::Connected { since_ms: now_ms() });
         tracing::info!(controller = %e.controller_url, "connected to controller");
         let mut report = tokio::time::interval(FLOW_REPORT_INTERVAL);
@@ -404,7 +421,9 @@ impl Daemon {
                 e
             }
         };
-        let _ = std::fs::remove_file(self.path("down"));
+        if std::fs::remove_file(self.path("down")).is_ok() {
+            ztmesh_proto::keys::sync_dir(&self.cfg.state_dir)?;
+        }
         self.ensure_dataplane(&enrollment).await?;
         let mut applied = self.live_serial.subscribe();
         let have_before = *applied.borrow_and_update();
@@ -481,7 +500,8 @@ impl Daemon {
 
     async fn down(&self) -> anyhow::Result<serde_json::Value> {
         self.stop().await;
-        std::fs::write(self.path("down"), b"")?;
+        // Durable like every state file: a restart right after must stay down.
+        write_secret_file(&self.path("down"), b"")?;
         Ok(json!({"state": "down"}))
     }
 
@@ -514,6 +534,8 @@ impl Daemon {
         ] {
             let _ = std::fs::remove_file(self.path(f));
         }
+        // The removals must be durable before the fresh keys are written.
+        ztmesh_proto::keys::sync_dir(&self.cfg.state_dir)?;
         // A fresh identity for the next `up`, on disk before it is used.
         let fresh = Keys::load_or_generate(&self.cfg.state_dir)?;
         *self.keys.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
@@ -578,8 +600,9 @@ impl Daemon {
             },
             "netmap": map.map(|m| json!({
                 "serial": m.serial,
-                "age_secs": (now_ms() - st.netmap_received_ms).max(0) / 1000,
+                "age_secs": secs_between(st.netmap_received_ms, now_ms()),
                 "not_after_ms": m.not_after_ms,
+                "expires_in_secs": secs_between(now_ms(), m.not_after_ms),
                 "inbound_rules": m.inbound_rules.len(),
                 "refused": st.refused_maps,
             })),
@@ -685,6 +708,73 @@ fn status_error(s: tonic::Status) -> SessionError {
     }
 }
 
+/// The caller's credentials as the kernel recorded them at `connect`. If they
+/// cannot be read, the caller is nobody in no group: only reads are allowed.
+fn peer_caller(stream: &tokio::net::UnixStream) -> Caller {
+    let Ok(cred) = stream.peer_cred() else {
+        return Caller {
+            uid: u32::MAX,
+            gids: Vec::new(),
+        };
+    };
+    let mut gids = peer_groups(stream).unwrap_or_default();
+    gids.push(cred.gid());
+    Caller {
+        uid: cred.uid(),
+        gids,
+    }
+}
+
+/// The peer's supplementary groups (`SO_PEERGROUPS`, Linux 4.13+).
+fn peer_groups(stream: &tokio::net::UnixStream) -> std::io::Result<Vec<u32>> {
+    use std::os::fd::AsRawFd;
+    // `SO_PEERGROUPS` is 59 where the kernel uses asm-generic/socket.h; alpha,
+    // mips, parisc and sparc number it differently, and there only the
+    // primary group is checked.
+    if !cfg!(any(
+        target_arch = "x86",
+        target_arch = "x86_64",
+        target_arch = "arm",
+        target_arch = "aarch64",
+        target_arch = "riscv64",
+        target_arch = "powerpc64",
+        target_arch = "s390x",
+        target_arch = "loongarch64"
+    )) {
+        return Err(std::io::Error::from(std::io::ErrorKind::Unsupported));
+    }
+    const SO_PEERGROUPS: libc::c_int = 59;
+    /// The kernel's NGROUPS_MAX: the most groups a process can have.
+    const MAX_GROUPS: usize = 65_536;
+    let mut gids: Vec<libc::gid_t> = vec![0; 64];
+    for _ in 0..2 {
+        let mut len = libc::socklen_t::try_from(gids.len() * std::mem::size_of::<libc::gid_t>())
+            .unwrap_or(libc::socklen_t::MAX);
+        // SAFETY: the buffer is valid for `len` bytes, and the kernel writes
+        // at most `len` bytes and updates `len`.
+        let r = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                gids.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let n = len as usize / std::mem::size_of::<libc::gid_t>();
+        if r == 0 {
+            gids.truncate(n);
+            return Ok(gids);
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::ERANGE) || n > MAX_GROUPS {
+            return Err(err);
+        }
+        gids.resize(n, 0);
+    }
+    Err(std::io::Error::other("group list changed size twice"))
+}
+
 /// The local address the kernel would use toward the controller, with our port:
 /// the endpoint peers on the same underlay can reach us at.
 fn local_endpoint(controller_url: &str, port: u16) -> Option<SocketAddr> {
@@ -701,6 +791,12 @@ fn local_endpoint(controller_url: &str, port: u16) -> Option<SocketAddr> {
     Some(SocketAddr::new(s.local_addr().ok()?.ip(), port))
 }
 
+/// Whole seconds from `from_ms` to `to_ms`, 0 if `to_ms` is earlier. The
+/// times may come from a netmap (any `i64`), so this never overflows.
+fn secs_between(from_ms: i64, to_ms: i64) -> i64 {
+    to_ms.saturating_sub(from_ms).max(0) / 1000
+}
+
 fn system_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -709,12 +805,49 @@ fn system_hostname() -> String {
         .unwrap_or_else(|| "node".into())
 }
 
+/// What the daemon holds before its async runtime starts (and before it drops
+/// its capabilities, see [`crate::privs`]).
+pub struct Prepared {
+    /// The state directory's lock, held for the daemon's life.
+    lock: crate::statelock::StateLock,
+    /// The local API socket, bound, with its owner group and mode set.
+    listener: std::os::unix::net::UnixListener,
+}
+
+/// Creates the state dir, takes its lock, and binds the local socket. Blocking;
+/// needs whatever privilege the paths and `--socket-group` (chown) need.
+///
+/// # Errors
+/// Another daemon holds the state dir; unusable state dir or socket path.
+pub fn prepare(cfg: &DaemonConfig) -> anyhow::Result<Prepared> {
+    ensure_private_dir(&cfg.state_dir)?;
+    // Before anything in the state dir or the socket is touched.
+    let lock = crate::statelock::StateLock::acquire(&cfg.state_dir)?;
+    if let Some(parent) = cfg.socket.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let _ = std::fs::remove_file(&cfg.socket);
+    let listener = std::os::unix::net::UnixListener::bind(&cfg.socket)
+        .with_context(|| format!("binding {}", cfg.socket.display()))?;
+    let mode = if let Some(gid) = cfg.socket_gid {
+        std::os::unix::fs::chown(&cfg.socket, None, Some(gid))?;
+        0o660
+    } else {
+        0o600
+    };
+    std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(mode))?;
+    listener.set_nonblocking(true)?;
+    Ok(Prepared { lock, listener })
+}
+
 /// Runs the daemon until SIGINT/SIGTERM.
 ///
 /// # Errors
-/// Unusable state dir or socket path.
-pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
-    ensure_private_dir(&cfg.state_dir)?;
+/// Unusable state dir.
+pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
+    let Prepared { lock, listener } = prepared;
+    let listener = tokio::net::UnixListener::from_std(listener)
+        .with_context(|| format!("listening on {}", cfg.socket.display()))?;
     let keys = Keys::load_or_generate(&cfg.state_dir)?;
     let (live_serial, _) = watch::channel(0u64);
     let daemon = Arc::new(Daemon {
@@ -776,19 +909,6 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         }
     });
 
-    if let Some(parent) = cfg.socket.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let _ = std::fs::remove_file(&cfg.socket);
-    let listener = tokio::net::UnixListener::bind(&cfg.socket)
-        .with_context(|| format!("binding {}", cfg.socket.display()))?;
-    let mode = if let Some(gid) = cfg.socket_gid {
-        std::os::unix::fs::chown(&cfg.socket, None, Some(gid))?;
-        0o660
-    } else {
-        0o600
-    };
-    std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(mode))?;
     tracing::info!(socket = %cfg.socket.display(), "daemon ready");
 
     use tokio::signal::unix::{signal, SignalKind};
@@ -807,16 +927,28 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     tracing::info!("daemon stopping");
     daemon.stop().await;
     let _ = std::fs::remove_file(&cfg.socket);
+    drop(lock);
     Ok(())
 }
 
 async fn serve_client(d: Arc<Daemon>, stream: tokio::net::UnixStream) {
+    let caller = peer_caller(&stream);
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r).take(MAX_LINE as u64);
     let mut line = String::new();
     let resp = match reader.read_line(&mut line).await {
         Ok(_) => match serde_json::from_str::<Request>(&line) {
-            Ok(req) => d.handle(req).await,
+            Ok(req) => match authorize(&req, &caller, d.cfg.operator_gid) {
+                Ok(()) => d.handle(req).await,
+                Err(denied) => {
+                    tracing::warn!(
+                        uid = caller.uid,
+                        command = req.command(),
+                        "local API request refused"
+                    );
+                    Response::err(denied)
+                }
+            },
             Err(e) => Response::err(format!("bad request: {e}")),
         },
         Err(e) => Response::err(format!("bad request: {e}")),
@@ -829,6 +961,22 @@ async fn serve_client(d: Arc<Daemon>, stream: tokio::net::UnixStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn netmap_times_at_the_extremes_never_overflow() {
+        let cases = [
+            (0, 1_999, 1),
+            (5_000, 1_000, 0),
+            (i64::MIN, i64::MAX, i64::MAX / 1000),
+            (i64::MAX, i64::MIN, 0),
+            (i64::MIN, 0, i64::MAX / 1000),
+            (-1, i64::MAX, i64::MAX / 1000),
+            (i64::MAX, i64::MAX, 0),
+        ];
+        for (from, to, want) in cases {
+            assert_eq!(secs_between(from, to), want, "{from} -> {to}");
+        }
+    }
 
     #[test]
     fn local_endpoint_uses_the_route_toward_the_controller() {

@@ -40,6 +40,10 @@ pub enum AgentCmd {
         /// Numeric group id allowed to use the local socket (default: root only).
         #[arg(long)]
         socket_group: Option<u32>,
+        /// Numeric group id whose members may also run `up`, `down`, `logout`
+        /// and `wg-config --include-private-key` (default: root only).
+        #[arg(long)]
+        operator_group: Option<u32>,
     },
     /// Enroll (if needed) and connect; returns once the first netmap is applied.
     Up {
@@ -111,8 +115,8 @@ async fn ask(socket: &std::path::Path, req: Request) -> anyhow::Result<serde_jso
     Ok(r.data)
 }
 
-/// Runs an agent subcommand.
-pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
+/// The daemon's settings, if `cmd` is `daemon`.
+pub fn daemon_config(cmd: &AgentCmd) -> Option<DaemonConfig> {
     match cmd {
         AgentCmd::Daemon {
             state_dir,
@@ -122,17 +126,30 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
             mtu,
             uapi_dir,
             socket_group,
-        } => {
-            crate::agent::run(DaemonConfig {
-                state_dir,
-                socket,
-                interface,
-                listen_port: port,
-                mtu,
-                uapi_dir: Some(uapi_dir),
-                socket_gid: socket_group,
-            })
-            .await
+            operator_group,
+        } => Some(DaemonConfig {
+            state_dir: state_dir.clone(),
+            socket: socket.clone(),
+            interface: interface.clone(),
+            listen_port: *port,
+            mtu: *mtu,
+            uapi_dir: Some(uapi_dir.clone()),
+            socket_gid: *socket_group,
+            operator_gid: *operator_group,
+        }),
+        _ => None,
+    }
+}
+
+/// Runs an agent subcommand. `daemon` runs with the privileges it has; the
+/// `ztmesh` binary instead prepares it and drops capabilities before its
+/// runtime starts (see `main.rs`).
+pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
+    match cmd {
+        AgentCmd::Daemon { .. } => {
+            let cfg = daemon_config(&cmd).expect("a daemon command");
+            let prepared = crate::agent::prepare(&cfg)?;
+            crate::agent::run(cfg, prepared).await
         }
         AgentCmd::Up {
             socket,

@@ -186,21 +186,78 @@ pub enum RefusedMap {
     Verify(#[from] ztmesh_proto::netmap::NetMapError),
     #[error(transparent)]
     Content(#[from] TranslateError),
+    /// The map is signed correctly but addressed to another node: a controller
+    /// bug or a mix-up of node state; applying it would hand this node another
+    /// node's peers and rules. Re-enroll if it persists.
+    #[error("netmap is for another node: its {0} does not match this node's")]
+    NotForMe(SelfMismatch),
+}
+
+/// Which part of a netmap's `self_node` names another node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SelfMismatch {
+    NodeId,
+    MachineKey,
+    WgKey,
+}
+
+impl std::fmt::Display for SelfMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SelfMismatch::NodeId => "node id",
+            SelfMismatch::MachineKey => "machine key",
+            SelfMismatch::WgKey => "WireGuard key",
+        })
+    }
+}
+
+/// Who this node is: what a netmap's `self_node` must name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The node id the controller assigned, once enrolled.
+    pub node_id: Option<u64>,
+    pub machine: ztmesh_proto::keys::PublicKey,
+    pub wg: WgPublicKey,
+}
+
+impl Identity {
+    /// Checks that `map` is addressed to this node: its `self_node` carries our
+    /// node id (once known) and exactly our machine and WireGuard keys. Pure.
+    ///
+    /// # Errors
+    /// [`RefusedMap::NotForMe`] naming the first field that differs (id, then
+    /// machine key, then WireGuard key); a map without `self_node` is
+    /// [`TranslateError::NoSelf`].
+    pub fn check(&self, map: &pb::NetMap) -> Result<(), RefusedMap> {
+        let me = map.self_node.as_ref().ok_or(TranslateError::NoSelf)?;
+        let mismatch = if self.node_id.is_some_and(|id| id != me.id) {
+            Some(SelfMismatch::NodeId)
+        } else if me.machine_key.as_slice() != self.machine.as_bytes() {
+            Some(SelfMismatch::MachineKey)
+        } else if me.wg_key.as_slice() != self.wg.as_bytes() {
+            Some(SelfMismatch::WgKey)
+        } else {
+            None
+        };
+        mismatch.map_or(Ok(()), |m| Err(RefusedMap::NotForMe(m)))
+    }
 }
 
 /// The gate every netmap passes before it reaches the data plane: signature by
-/// the pinned controller key, strictly newer serial, not expired, well-formed.
-/// Pure: `now_ms` is an argument.
+/// the pinned controller key, strictly newer serial, not expired, addressed to
+/// this node, well-formed. Pure: `now_ms` is an argument.
 #[derive(Debug, Clone)]
 pub struct NetMapGate {
     controller: ztmesh_proto::keys::PublicKey,
+    me: Identity,
     have_serial: u64,
 }
 
 impl NetMapGate {
-    pub fn new(controller: ztmesh_proto::keys::PublicKey, have_serial: u64) -> Self {
+    pub fn new(controller: ztmesh_proto::keys::PublicKey, me: Identity, have_serial: u64) -> Self {
         Self {
             controller,
+            me,
             have_serial,
         }
     }
@@ -219,11 +276,23 @@ impl NetMapGate {
         now_ms: UnixMs,
     ) -> Result<(pb::NetMap, Translated), RefusedMap> {
         let map = ztmesh_proto::netmap::verify(&self.controller, signed, self.have_serial, now_ms)?;
+        self.me.check(&map)?;
         let t = translate(&map)?;
         self.have_serial = map.serial;
         Ok((map, t))
     }
 }
+
+/// Largest message the node accepts from the controller (a signed netmap).
+///
+/// tonic's default of 4 MiB holds only ~20,000 peers, so a larger mesh's map
+/// would be refused on every reconnect, forever. A peer costs ~200 bytes on the
+/// wire (name, key, two overlay prefixes, three endpoints) and up to ~1 KiB with
+/// a long endpoint list and its share of the rules' source prefixes; the data
+/// plane holds at most [`crate::tunnel::MAX_PEERS`] (65,536) peers, so
+/// 65,536 × 1 KiB = 64 MiB. The map comes only from the pinned controller over
+/// TLS, so this bounds a controller's mistake, not a stranger's input.
+pub const MAX_NETMAP_BYTES: usize = 64 << 20;
 
 /// A connected, authenticated client of the controller.
 pub struct Controller {
@@ -234,7 +303,7 @@ pub struct Controller {
 pub fn now_ms() -> UnixMs {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
 
@@ -249,9 +318,14 @@ impl Controller {
         timeout: Duration,
     ) -> anyhow::Result<Self> {
         let ch = ztmesh_proto::tls::connect(url, fingerprint, timeout).await?;
-        Ok(Self {
-            client: ControlClient::new(ch),
-        })
+        Ok(Self::from_channel(ch))
+    }
+
+    /// Wraps an established channel (TLS, or in-memory in tests).
+    pub fn from_channel(ch: tonic::transport::Channel) -> Self {
+        Self {
+            client: ControlClient::new(ch).max_decoding_message_size(MAX_NETMAP_BYTES),
+        }
     }
 
     /// Enrolls with an auth key, proving possession of the machine key.
@@ -360,7 +434,10 @@ impl Controller {
 
 #[cfg(test)]
 mod tests {
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
     use ztmesh_proto::keys::SigningKey;
+    use ztmesh_proto::netmap::NetMapError;
 
     use super::*;
 
@@ -368,7 +445,7 @@ mod tests {
     fn gate_refuses_foreign_signatures_rollbacks_and_expired_maps() {
         let controller = SigningKey::generate(&mut OsRng);
         let rogue = SigningKey::generate(&mut OsRng);
-        let mut gate = NetMapGate::new(controller.public(), 0);
+        let mut gate = NetMapGate::new(controller.public(), me(), 0);
         let mut m = map();
         m.serial = 10;
         m.not_after_ms = 5_000;
@@ -402,6 +479,141 @@ mod tests {
         assert_eq!(gate.have_serial(), 11);
     }
 
+    /// The identity `map()` is addressed to.
+    fn me() -> Identity {
+        Identity {
+            node_id: Some(1),
+            machine: signing(7).public(),
+            wg: wg(8).public(),
+        }
+    }
+
+    #[test]
+    fn gate_refuses_a_correctly_signed_map_for_another_node() {
+        let controller = SigningKey::generate(&mut OsRng);
+        let other = Identity {
+            node_id: Some(2),
+            machine: signing(17).public(),
+            wg: wg(18).public(),
+        };
+        let not_yet_known = Identity {
+            node_id: None,
+            ..me()
+        };
+        type Edit = fn(&mut pb::NodeInfo);
+        let cases: [(&str, Identity, Edit, Result<(), SelfMismatch>); 8] = [
+            ("mine", me(), |_| {}, Ok(())),
+            (
+                "id not known yet",
+                not_yet_known.clone(),
+                |n| n.id = 99,
+                Ok(()),
+            ),
+            ("other id", me(), |n| n.id = 2, Err(SelfMismatch::NodeId)),
+            (
+                "other machine key",
+                me(),
+                |n| n.machine_key = other_key(17),
+                Err(SelfMismatch::MachineKey),
+            ),
+            (
+                "other wg key",
+                me(),
+                |n| n.wg_key = vec![1; 32],
+                Err(SelfMismatch::WgKey),
+            ),
+            (
+                "missing keys",
+                not_yet_known,
+                |n| {
+                    n.machine_key.clear();
+                    n.wg_key.clear();
+                },
+                Err(SelfMismatch::MachineKey),
+            ),
+            (
+                "everything another node's",
+                me(),
+                |n| {
+                    n.id = 2;
+                    n.machine_key = other_key(17);
+                    n.wg_key = wg(18).public().as_bytes().to_vec();
+                },
+                Err(SelfMismatch::NodeId),
+            ),
+            (
+                "map for other, seen by other",
+                other,
+                |n| {
+                    n.id = 2;
+                    n.machine_key = other_key(17);
+                    n.wg_key = wg(18).public().as_bytes().to_vec();
+                },
+                Ok(()),
+            ),
+        ];
+        for (name, identity, edit, want) in cases {
+            let mut gate = NetMapGate::new(controller.public(), identity, 0);
+            let mut m = map();
+            m.not_after_ms = 5_000;
+            edit(m.self_node.as_mut().unwrap());
+            let got = gate.accept(&ztmesh_proto::netmap::sign(&controller, &m), 1_000);
+            match want {
+                Ok(()) => assert!(got.is_ok(), "{name}: {got:?}"),
+                Err(w) => {
+                    assert_eq!(got.err(), Some(RefusedMap::NotForMe(w)), "{name}");
+                    assert_eq!(gate.have_serial(), 0, "{name}: nothing applied");
+                }
+            }
+        }
+        let msg = RefusedMap::NotForMe(SelfMismatch::WgKey).to_string();
+        assert!(msg.contains("another node"), "{msg}");
+    }
+
+    fn signing(seed: u64) -> SigningKey {
+        SigningKey::generate(&mut StdRng::seed_from_u64(seed))
+    }
+
+    fn wg(seed: u64) -> WgPrivateKey {
+        WgPrivateKey::generate(&mut StdRng::seed_from_u64(seed))
+    }
+
+    fn other_key(seed: u64) -> Vec<u8> {
+        signing(seed).public().as_bytes().to_vec()
+    }
+
+    #[test]
+    fn gate_handles_netmap_times_at_the_extremes() {
+        let controller = SigningKey::generate(&mut OsRng);
+        let mut serial = 0;
+        let mut offer = |issued_at_ms, not_after_ms, now_ms| {
+            serial += 1;
+            let mut m = map();
+            m.serial = serial;
+            m.issued_at_ms = issued_at_ms;
+            m.not_after_ms = not_after_ms;
+            let mut gate = NetMapGate::new(controller.public(), me(), 0);
+            gate.accept(&ztmesh_proto::netmap::sign(&controller, &m), now_ms)
+        };
+        for issued in [i64::MIN, -1, 0, i64::MAX] {
+            assert!(offer(issued, i64::MAX, 1_000).is_ok(), "issued {issued}");
+            assert!(
+                matches!(
+                    offer(issued, i64::MIN, 1_000),
+                    Err(RefusedMap::Verify(NetMapError::Expired { .. }))
+                ),
+                "issued {issued}"
+            );
+        }
+        for now in [i64::MIN, 0, i64::MAX - 1] {
+            assert!(offer(0, i64::MAX, now).is_ok(), "now {now}");
+        }
+        assert!(
+            offer(0, i64::MAX, i64::MAX).is_err(),
+            "expired at the very end"
+        );
+    }
+
     #[test]
     fn backoff_grows_is_bounded_and_jittered() {
         let b = Backoff::default();
@@ -428,7 +640,10 @@ mod tests {
         pb::NetMap {
             serial: 1,
             self_node: Some(pb::NodeInfo {
+                id: 1,
                 addresses: vec!["100.64.0.1/32".into(), "fd01:2:3::1/128".into()],
+                machine_key: me().machine.as_bytes().to_vec(),
+                wg_key: me().wg.as_bytes().to_vec(),
                 ..Default::default()
             }),
             peers: vec![pb::Peer {

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use ztmesh_node::cli::{self, AgentCmd};
+use ztmesh_node::privs;
 
 /// ztmesh node: userspace WireGuard data plane and mesh agent.
 #[derive(Parser, Debug)]
@@ -38,6 +39,26 @@ fn main() -> ExitCode {
             .with_max_level(level)
             .init();
     }
+    // The daemon takes its lock and socket, then drops every capability but
+    // the ones it needs, while it is still one thread: capabilities are per
+    // thread, and the runtime's threads inherit the reduced sets.
+    let mut daemon = None;
+    if let Command::Agent(cmd) = &cli.command {
+        if let Some(cfg) = cli::daemon_config(cmd) {
+            let prepared = match ztmesh_node::agent::prepare(&cfg) {
+                Ok(p) => p,
+                Err(e) => return fail(&e),
+            };
+            match privs::restrict_to(privs::daemon_keeps(cfg.listen_port)) {
+                Ok(kept) => tracing::info!(
+                    effective = format_args!("{:#x}", kept.effective),
+                    "capabilities reduced"
+                ),
+                Err(e) => return fail(&e.into()),
+            }
+            daemon = Some((cfg, prepared));
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -49,16 +70,19 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
-            Command::Tunnel(args) => ztmesh_node::standalone::run(args).await,
-            Command::Agent(cmd) => cli::run(cmd).await,
+        match (cli.command, daemon) {
+            (_, Some((cfg, prepared))) => ztmesh_node::agent::run(cfg, prepared).await,
+            (Command::Tunnel(args), None) => ztmesh_node::standalone::run(args).await,
+            (Command::Agent(cmd), None) => cli::run(cmd).await,
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", format!("{e:#}").replace('\n', "\n  "));
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(&e),
     }
+}
+
+fn fail(e: &anyhow::Error) -> ExitCode {
+    eprintln!("error: {}", format!("{e:#}").replace('\n', "\n  "));
+    ExitCode::FAILURE
 }

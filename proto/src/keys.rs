@@ -235,6 +235,11 @@ impl fmt::Debug for WgPrivateKey {
 /// Writes `contents` to `path` atomically (temp file + rename), mode 0600 from
 /// creation so the secret is never readable by others, even briefly.
 ///
+/// Durable when it returns: the file is fsynced before the rename and its
+/// directory after, so a power loss leaves either the old or the new file,
+/// never an empty or missing one (ext4 and XFS may otherwise lose the rename
+/// or keep a zero-length file).
+///
 /// # Errors
 /// Any I/O error, with the path in the message.
 pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
@@ -255,7 +260,21 @@ pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
     f.sync_all().map_err(io)?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(io)?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    sync_dir(dir).map_err(io)?;
     Ok(())
+}
+
+/// Fsyncs the directory `dir`, making a rename, creation or removal of an
+/// entry in it durable.
+///
+/// # Errors
+/// The directory cannot be opened or synced.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
@@ -280,6 +299,41 @@ mod tests {
     fn rejects_wrong_length_keys() {
         assert!("AAAA".parse::<WgPublicKey>().is_err());
         assert!("not base64!".parse::<PublicKey>().is_err());
+    }
+
+    fn scratch(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("ztmesh-keys-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn secret_files_replace_the_old_content_with_mode_0600_and_no_temp_left() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("write");
+        let path = dir.join("netmap.bin");
+        std::fs::write(&path, b"old, world-readable").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_secret_file(&path, b"new").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("netmap.bin")]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn directory_sync_runs_on_a_real_directory_and_reports_failures() {
+        let dir = scratch("sync");
+        sync_dir(&dir).unwrap();
+        let err = sync_dir(&dir.join("missing")).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -592,20 +592,33 @@ impl Worker {
         };
         if let Ok(mut s) = self.stats.lock() {
             let mut pending = std::mem::take(&mut s.denied_flows);
-            for (flow, n) in denied {
-                if pending.len() < crate::filter::MAX_DENIED_FLOWS || pending.contains_key(&flow) {
-                    *pending.entry(flow).or_default() += n;
-                }
-            }
+            merge_denied(&mut pending, denied);
             *s = snapshot;
             s.denied_flows = pending;
         }
     }
 }
 
+/// Adds `denied` to the flows not yet reported: at most
+/// [`crate::filter::MAX_DENIED_FLOWS`] flows, counts saturating (a peer
+/// controls how many packets it sends, and reports may be skipped).
+fn merge_denied(
+    pending: &mut std::collections::BTreeMap<crate::filter::DeniedFlow, u64>,
+    denied: Vec<(crate::filter::DeniedFlow, u64)>,
+) {
+    for (flow, n) in denied {
+        if pending.len() < crate::filter::MAX_DENIED_FLOWS || pending.contains_key(&flow) {
+            let c = pending.entry(flow).or_default();
+            *c = c.saturating_add(n);
+        }
+    }
+}
+
 /// Converts a monotonic instant in the past to wall-clock time.
 fn wall_clock(now: Instant, then: Instant) -> SystemTime {
-    SystemTime::now() - now.saturating_duration_since(then)
+    SystemTime::now()
+        .checked_sub(now.saturating_duration_since(then))
+        .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
 async fn send_on(udp4: &Udp, udp6: Option<&Udp>, to: SocketAddr, packet: &[u8]) {
@@ -756,4 +769,35 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr).trim()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::filter::{DeniedFlow, Reason, MAX_DENIED_FLOWS};
+
+    fn flow(port: u16) -> DeniedFlow {
+        DeniedFlow {
+            src: IpAddr::from([100, 64, 0, 2]),
+            dst: IpAddr::from([100, 64, 0, 1]),
+            proto: 6,
+            dst_port: port,
+            reason: Reason::NoRule,
+        }
+    }
+
+    #[test]
+    fn denied_flow_counts_saturate_and_the_table_stays_bounded() {
+        let mut pending = BTreeMap::new();
+        merge_denied(&mut pending, vec![(flow(22), u64::MAX - 1)]);
+        merge_denied(&mut pending, vec![(flow(22), u64::MAX), (flow(22), 5)]);
+        assert_eq!(pending[&flow(22)], u64::MAX);
+        let many = (0..u16::MAX).map(|p| (flow(p), 1)).collect();
+        merge_denied(&mut pending, many);
+        assert_eq!(pending.len(), MAX_DENIED_FLOWS);
+        assert_eq!(pending[&flow(22)], u64::MAX);
+    }
 }

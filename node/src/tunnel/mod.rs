@@ -16,6 +16,7 @@
 //! timer cadence are kept here on the caller's clock, so they are deterministic
 //! in tests.
 
+mod admission;
 mod allowed_ips;
 #[cfg(test)]
 mod tests;
@@ -35,6 +36,7 @@ use boringtun::x25519;
 use ipnet::IpNet;
 use ztmesh_proto::keys::{WgPrivateKey, WgPublicKey};
 
+pub use self::admission::{Admission, Admissions};
 pub use self::allowed_ips::AllowedIps;
 use crate::filter::{self, Filter, Verdict};
 
@@ -44,12 +46,6 @@ pub const TIMER_TICK: Duration = Duration::from_millis(250);
 pub const REKEY_AFTER: Duration = Duration::from_secs(120);
 /// How long to wait for a rekey before asking again.
 const REKEY_RETRY: Duration = Duration::from_secs(5);
-/// Handshake messages per second across all peers before cookies are required.
-///
-/// boringtun's device allows 100/s. Handshake initiations pass the shared
-/// limiter twice here (once to find the peer before any Diffie-Hellman, once
-/// inside `Tunn::decapsulate`), so the limit is doubled to keep that rate.
-const HANDSHAKE_RATE_LIMIT: u64 = 200;
 /// Maximum number of peers (the slot part of a receiver index is 16 bits).
 pub const MAX_PEERS: usize = 1 << 16;
 /// Bytes a data message adds to an IP packet.
@@ -95,7 +91,8 @@ pub enum DropReason {
     UnknownPeer,
     /// A handshake message that failed authentication, or an unexpected one.
     HandshakeFailed,
-    /// A handshake refused because the device is under load and no source was known.
+    /// A handshake from a source that used up its budgets, cookie-proven one
+    /// included (see [`Admissions`]).
     UnderLoad,
     /// A data message that failed decryption.
     Decrypt,
@@ -220,7 +217,13 @@ enum Out {
 pub struct Device {
     private: x25519::StaticSecret,
     public: x25519::PublicKey,
-    rate_limiter: Arc<RateLimiter>,
+    /// MAC1 checks only (never "under load"); every `Tunn` shares it, so
+    /// admission is decided here, per source, before a `Tunn` sees a handshake.
+    mac1: Arc<RateLimiter>,
+    /// Always "under load": checks MAC2 against our cookie for the source and
+    /// formats cookie replies. Used for sources over their budget.
+    cookies: RateLimiter,
+    admissions: Admissions,
     peers: Vec<Option<Peer>>,
     generations: Vec<u8>,
     free: Vec<usize>,
@@ -250,7 +253,9 @@ impl Device {
         let private = private_key.to_dalek();
         let public = x25519::PublicKey::from(&private);
         Self {
-            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            mac1: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            cookies: RateLimiter::new(&public, 0),
+            admissions: Admissions::new(now),
             private,
             public,
             peers: Vec::new(),
@@ -367,9 +372,12 @@ impl Device {
         }
         self.next_tick = now + TIMER_TICK;
         self.timer_cursor = 0;
-        self.rate_limiter.reset_count();
+        // The counter of the MAC1-only limiter is never compared to anything
+        // reachable; resetting it keeps it far from wrapping.
+        self.mac1.reset_count();
         if now >= self.next_sweep {
             self.filter.expire(now);
+            self.admissions.sweep(now);
             self.next_sweep = now + Duration::from_secs(1);
         }
     }
@@ -529,7 +537,7 @@ impl Device {
     fn count(&mut self, reason: DropReason) {
         // Filter verdicts are counted by the filter itself.
         if let Some(i) = reason.slot() {
-            self.drops[i] += 1;
+            self.drops[i] = self.drops[i].saturating_add(1);
         }
     }
 
@@ -549,7 +557,7 @@ impl Device {
         self.filter.outbound(now, peer.index, packet);
         let base = out.as_ptr() as usize;
         match peer
-            .tunn(&self.private, &self.rate_limiter)
+            .tunn(&self.private, &self.mac1)
             .encapsulate(packet, out)
         {
             TunnResult::WriteToNetwork(p) => {
@@ -557,7 +565,7 @@ impl Device {
                 let Some(to) = peer.endpoint else {
                     return Out::Drop(DropReason::NoEndpoint);
                 };
-                peer.tx_bytes += range.len() as u64;
+                peer.tx_bytes = peer.tx_bytes.saturating_add(range.len() as u64);
                 peer.last_traffic = now;
                 if range.len() > OVERHEAD || !packet.is_empty() {
                     peer.last_data_sent = Some(now);
@@ -581,34 +589,22 @@ impl Device {
             return Out::Drop(DropReason::Malformed);
         }
         let kind = datagram[0];
+        if kind == 1 || kind == 2 {
+            if let Err(out_early) = self.admit_handshake(now, from, datagram, out) {
+                return out_early;
+            }
+        }
         let slot = match kind {
             1 => {
-                // Check MAC1 and load on the shared limiter before any Diffie-Hellman.
-                let mut cookie = [0u8; 64];
-                match self
-                    .rate_limiter
-                    .verify_packet(Some(from.ip()), datagram, &mut cookie)
-                {
-                    Ok(Packet::HandshakeInit(init)) => {
-                        match parse_handshake_anon(&self.private, &self.public, &init) {
-                            Ok(half) => {
-                                match self.by_key.get(&WgPublicKey(half.peer_static_public)) {
-                                    Some(slot) => *slot,
-                                    None => return Out::Drop(DropReason::UnknownPeer),
-                                }
-                            }
-                            Err(_) => return Out::Drop(DropReason::HandshakeFailed),
-                        }
-                    }
-                    Ok(_) => return Out::Drop(DropReason::Malformed),
-                    Err(TunnResult::WriteToNetwork(c)) => {
-                        let n = c.len();
-                        out[..n].copy_from_slice(&cookie[..n]);
-                        return Out::Net(from, 0..n);
-                    }
-                    Err(TunnResult::Err(WireGuardError::UnderLoad)) => {
-                        return Out::Drop(DropReason::UnderLoad)
-                    }
+                // Admitted above: find the peer before the Tunn's Diffie-Hellman.
+                let Ok(Packet::HandshakeInit(init)) = Tunn::parse_incoming_packet(datagram) else {
+                    return Out::Drop(DropReason::Malformed);
+                };
+                match parse_handshake_anon(&self.private, &self.public, &init) {
+                    Ok(half) => match self.by_key.get(&WgPublicKey(half.peer_static_public)) {
+                        Some(slot) => *slot,
+                        None => return Out::Drop(DropReason::UnknownPeer),
+                    },
                     Err(_) => return Out::Drop(DropReason::HandshakeFailed),
                 }
             }
@@ -641,13 +637,13 @@ impl Device {
             filter,
             flush,
             private,
-            rate_limiter,
+            mac1,
             ..
         } = self;
         let peer = peers[slot].as_mut().expect("slot checked above");
         let base = out.as_ptr() as usize;
         match peer
-            .tunn(private, rate_limiter)
+            .tunn(private, mac1)
             .decapsulate(Some(from.ip()), datagram, out)
         {
             TunnResult::WriteToNetwork(p) => {
@@ -663,7 +659,7 @@ impl Device {
                     peer.initiator = kind == 2;
                     peer.rekey_requested = None;
                 }
-                peer.tx_bytes += range.len() as u64;
+                peer.tx_bytes = peer.tx_bytes.saturating_add(range.len() as u64);
                 *flush = Some(slot);
                 Out::Net(from, range)
             }
@@ -719,6 +715,50 @@ impl Device {
         }
     }
 
+    /// Checks MAC1 and the source's budget before any Diffie-Hellman. `Err`
+    /// carries the early answer: a drop, or a cookie reply written to `out`.
+    fn admit_handshake(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), Out> {
+        let mut reply = [0u8; 64];
+        match self
+            .mac1
+            .verify_packet(Some(from.ip()), datagram, &mut reply)
+        {
+            Ok(Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)) => {}
+            Ok(_) => return Err(Out::Drop(DropReason::Malformed)),
+            Err(TunnResult::Err(
+                WireGuardError::InvalidPacket | WireGuardError::IncorrectPacketLength,
+            )) => return Err(Out::Drop(DropReason::Malformed)),
+            Err(_) => return Err(Out::Drop(DropReason::HandshakeFailed)),
+        }
+        if self.admissions.check(from.ip(), now) == Admission::Admit {
+            return Ok(());
+        }
+        match self
+            .cookies
+            .verify_packet(Some(from.ip()), datagram, &mut reply)
+        {
+            Ok(_) if self.admissions.admit_with_cookie(from.ip(), now) => Ok(()),
+            Ok(_) => Err(Out::Drop(DropReason::UnderLoad)),
+            Err(TunnResult::WriteToNetwork(c)) => {
+                let n = c.len();
+                match out.get_mut(..n) {
+                    Some(dst) => {
+                        dst.copy_from_slice(&reply[..n]);
+                        Err(Out::Net(from, 0..n))
+                    }
+                    None => Err(Out::Drop(DropReason::TooLarge)),
+                }
+            }
+            Err(_) => Err(Out::Drop(DropReason::HandshakeFailed)),
+        }
+    }
+
     fn poll_inner(&mut self, now: Instant, out: &mut [u8]) -> Option<(SocketAddr, Range<usize>)> {
         if out.len() < MIN_BUFFER {
             return None;
@@ -738,7 +778,7 @@ impl Device {
                     let range = range_in(base, p);
                     match peer.endpoint {
                         Some(to) => {
-                            peer.tx_bytes += range.len() as u64;
+                            peer.tx_bytes = peer.tx_bytes.saturating_add(range.len() as u64);
                             peer.last_data_sent = Some(now);
                             peer.last_traffic = now;
                             return Some((to, range));
@@ -758,10 +798,10 @@ impl Device {
             let Some(peer) = self.peers[slot].as_mut() else {
                 continue;
             };
-            let n = peer.timers(now, &self.private, &self.rate_limiter, &mut scratch);
+            let n = peer.timers(now, &self.private, &self.mac1, &mut scratch);
             if n > 0 {
                 if let Some(to) = peer.endpoint {
-                    peer.tx_bytes += n as u64;
+                    peer.tx_bytes = peer.tx_bytes.saturating_add(n as u64);
                     peer.last_traffic = now;
                     out[..n].copy_from_slice(&scratch[..n]);
                     return Some((to, 0..n));
@@ -790,7 +830,7 @@ impl Peer {
 
     fn authenticated(&mut self, now: Instant, from: SocketAddr, len: usize) {
         self.endpoint = Some(from);
-        self.rx_bytes += len as u64;
+        self.rx_bytes = self.rx_bytes.saturating_add(len as u64);
         self.last_traffic = now;
     }
 

@@ -611,3 +611,95 @@ fn data_for_a_peer_that_never_handshaked_is_an_unknown_index() {
     ));
     assert!(fresh.peers.iter().flatten().all(|p| p.tunn.is_none()));
 }
+
+#[test]
+fn one_flooding_source_does_not_starve_another_peers_handshake() {
+    // Node 1 is the victim; node 0's initiation is replayed by a flooder at
+    // another address, far beyond any limit, all at one instant; node 2 then
+    // handshakes with node 1 at that same instant.
+    let mut net = Net::mesh(3);
+    net.send_ip(0, &net.ping(0, 1, 1)).unwrap();
+    let (_, _, init) = net.wire.front().cloned().unwrap();
+    net.run();
+    let flooder: SocketAddr = "198.18.0.66:9999".parse().unwrap();
+    let (mut cookies, mut handshakes_tried) = (0, 0);
+    for _ in 0..5_000 {
+        let mut out = [0u8; BUF];
+        let now = net.now;
+        match net.nodes[1].dev.handle_udp(now, flooder, &init, &mut out) {
+            Output::Network(t) if t.packet[0] == 3 => cookies += 1,
+            Output::Dropped(DropReason::HandshakeFailed) => handshakes_tried += 1,
+            _ => {}
+        }
+    }
+    assert!(
+        cookies > 4_000,
+        "the flooder is asked for cookies ({cookies})"
+    );
+    assert!(
+        handshakes_tried <= 2 * admission::SOURCE_BURST,
+        "the flooder costs at most its own small budget of Diffie-Hellman ({handshakes_tried})"
+    );
+
+    let p = net.ping(2, 1, 7);
+    net.send_ip(2, &p).unwrap();
+    assert!(net.run().is_empty());
+    assert_eq!(
+        net.nodes[1].tun_rx.last(),
+        Some(&p),
+        "node 2 completed its handshake and its ping arrived"
+    );
+    assert!(net.nodes[1]
+        .dev
+        .peers()
+        .iter()
+        .any(|s| s.config.public_key == net.nodes[2].key.public() && s.last_handshake.is_some()));
+}
+
+#[test]
+fn under_global_load_a_peer_completes_its_handshake_with_a_cookie() {
+    // Many spoofed sources use up the global budget of free handshakes; node
+    // 2 is then asked for a cookie, and its next initiation (carrying MAC2
+    // for its real address) is admitted.
+    let mut net = Net::mesh(3);
+    net.send_ip(0, &net.ping(0, 1, 1)).unwrap();
+    let (_, _, init) = net.wire.front().cloned().unwrap();
+    net.run();
+    for i in 0..(2 * admission::GLOBAL_RATE as u32) {
+        let spoofed = SocketAddr::from((Ipv4Addr::from(0xc613_0000 | i), 51820));
+        let mut out = [0u8; BUF];
+        let now = net.now;
+        let _ = net.nodes[1].dev.handle_udp(now, spoofed, &init, &mut out);
+    }
+    let p = net.ping(2, 1, 9);
+    net.send_ip(2, &p).unwrap();
+    let (from, to, first) = net.wire.pop_front().unwrap();
+    assert_eq!(first[0], 1, "node 2 initiates");
+    let mut out = [0u8; BUF];
+    let now = net.now;
+    let cookie = match net.nodes[1].dev.handle_udp(now, from, &first, &mut out) {
+        Output::Network(t) => t.packet.to_vec(),
+        other => panic!("expected a cookie reply, got {other:?}"),
+    };
+    assert_eq!(cookie[0], 3, "a cookie reply, not a handshake response");
+    assert_eq!(net.inject(2, to, &cookie), Ok(()));
+    // boringtun would resend after its retry timer; force the resend now.
+    let slot = net.nodes[2].dev.by_key[&net.nodes[1].key.public()];
+    let mut init2 = [0u8; BUF];
+    let n = match net.nodes[2].dev.peers[slot]
+        .as_mut()
+        .and_then(|p| p.tunn.as_deref_mut())
+        .expect("node 2's tunn")
+        .format_handshake_initiation(&mut init2, true)
+    {
+        TunnResult::WriteToNetwork(b) => b.len(),
+        _ => panic!("no initiation"),
+    };
+    net.wire.push_back((from, to, init2[..n].to_vec()));
+    assert!(net.run().is_empty());
+    assert_eq!(
+        net.nodes[1].tun_rx.last(),
+        Some(&p),
+        "the handshake completed"
+    );
+}
