@@ -411,7 +411,7 @@ impl Mesh {
                 "hostname must be 1 to 253 characters".into(),
             ));
         }
-        if (req.timestamp_ms - now).abs() > auth::PROOF_WINDOW_MS {
+        if !auth::within_window(req.timestamp_ms, now) {
             return Err(Error::Unauthenticated(
                 "enrollment proof is stale (check the node's clock)".into(),
             ));
