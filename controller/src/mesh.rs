@@ -549,6 +549,11 @@ impl Mesh {
         Ok(node.clone())
     }
 
+    /// Proofs currently remembered by the replay cache.
+    pub fn replay_cache_len(&self) -> usize {
+        self.lock().replay.len()
+    }
+
     /// Registers a netmap stream for `node`; the receiver already holds a full map.
     /// A second stream for the same node replaces the first.
     ///

@@ -116,14 +116,58 @@ pub async fn serve(dir: &DataDir, listen: SocketAddr, cfg: MeshConfig) -> anyhow
     run(dir, mesh, cert, key, listener, shutdown_signal()).await
 }
 
+/// Limits on the TLS listener against hostile clients; the defaults are
+/// documented in the README and exposed as `serve` flags.
+#[derive(Clone, Debug)]
+pub struct ListenerLimits {
+    /// A connection that has not completed its TLS handshake by then is closed.
+    pub handshake_timeout: Duration,
+    /// Open connections (handshaking or established), all sources together.
+    pub max_connections: usize,
+    /// Open connections per source (an IPv4 address, an IPv6 /64).
+    pub max_connections_per_source: usize,
+    /// Concurrent HTTP/2 streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_streams_per_connection: u32,
+    /// Deadline of a unary call (reading the request through sending the
+    /// reply); the long-lived `StreamNetMap` only until its response starts.
+    pub request_timeout: Duration,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 16_384,
+            max_connections_per_source: 512,
+            max_streams_per_connection: 32,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Serves the Control and Admin APIs on `listener` (TLS) and the admin socket
-/// until `shutdown` completes. Used by `serve` and by in-process tests.
+/// until `shutdown` completes, with the default [`ListenerLimits`].
 pub async fn run(
     dir: &DataDir,
     mesh: Arc<Mesh>,
     cert: String,
     key: String,
     listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let limits = ListenerLimits::default();
+    run_with(dir, mesh, cert, key, listener, limits, shutdown).await
+}
+
+/// Like [`run`], with explicit listener limits. Used by `serve` and by
+/// in-process tests.
+pub async fn run_with(
+    dir: &DataDir,
+    mesh: Arc<Mesh>,
+    cert: String,
+    key: String,
+    listener: tokio::net::TcpListener,
+    _limits: ListenerLimits,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     // Admin over the unix socket, authorized by its 0600 permissions.
