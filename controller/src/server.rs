@@ -17,6 +17,7 @@ use ztmesh_proto::keys::{write_secret_file, SigningKey};
 use crate::api::{AdminService, ControlRouter, ControlService};
 use crate::mesh::{Mesh, MeshConfig};
 use crate::now_ms;
+use crate::ratelimit::SharedLimiter;
 use crate::store::{SqliteStore, Store};
 
 /// Files in the data dir.
@@ -178,9 +179,13 @@ pub async fn run_with(
     let uds = tokio::net::UnixListener::bind(&sock)
         .with_context(|| format!("binding {}", sock.display()))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
+    // One limiter for every unauthenticated path on the TLS listener, with
+    // its own lock (never the mesh lock).
+    let limiter = Arc::new(SharedLimiter::default());
     let local_admin = AdminServer::new(AdminService {
         mesh: mesh.clone(),
         local: true,
+        limiter: limiter.clone(),
     });
     let uds_task = tokio::spawn(async move {
         Server::builder()
@@ -205,10 +210,14 @@ pub async fn run_with(
         .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(ControlRouter::new(ControlService { mesh: mesh.clone() }))
+        .add_service(ControlRouter::new(ControlService {
+            mesh: mesh.clone(),
+            limiter: limiter.clone(),
+        }))
         .add_service(AdminServer::new(AdminService {
             mesh: mesh.clone(),
             local: false,
+            limiter,
         }))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;

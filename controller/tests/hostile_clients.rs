@@ -215,9 +215,8 @@ async fn closed_by_server(sock: &mut tokio::net::TcpStream) -> bool {
 /// would never do (stall a request body, inspect SETTINGS).
 async fn raw_h2(ctl: &Ctl) -> h2::client::SendRequest<bytes::Bytes> {
     let tcp = tokio::net::TcpStream::connect(ctl.addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(
-        ztmesh_proto::tls::pinned_client_config(ctl.fp),
-    ));
+    let tls =
+        tokio_rustls::TlsConnector::from(Arc::new(ztmesh_proto::tls::pinned_client_config(ctl.fp)));
     let name = rustls::pki_types::ServerName::try_from("ztmesh-controller").unwrap();
     let io = tls.connect(name, tcp).await.unwrap();
     let (client, conn) = h2::client::handshake(io).await.unwrap();
@@ -385,9 +384,7 @@ async fn a_source_over_its_failure_limit_still_serves_nodes_whose_proof_verifies
     // A bad client behind the same address (127.0.0.1) exhausts its failures.
     for _ in 0..12 {
         let stranger = SigningKey::generate(&mut OsRng);
-        let _ = c
-            .stream_net_map(stream_request(&stranger, now_ms()))
-            .await;
+        let _ = c.stream_net_map(stream_request(&stranger, now_ms())).await;
     }
     let stranger = SigningKey::generate(&mut OsRng);
     let e = c
@@ -439,7 +436,11 @@ fn the_replay_cache_records_only_verified_proofs_of_enrolled_nodes() {
         let p = NodeProof::create(&k, methods::STREAM_NETMAP, t0, &mut OsRng);
         assert!(m.authenticate(&md(&p), methods::STREAM_NETMAP, t0).is_err());
     }
-    assert_eq!(m.replay_cache_len(), 0, "strangers' proofs are not recorded");
+    assert_eq!(
+        m.replay_cache_len(),
+        0,
+        "strangers' proofs are not recorded"
+    );
 
     let (_, key) = m
         .create_auth_key("admin", None, &["tag:db".into()], false, false, None, t0)
@@ -452,7 +453,11 @@ fn the_replay_cache_records_only_verified_proofs_of_enrolled_nodes() {
     assert!(m
         .authenticate(&md(&wrong), methods::STREAM_NETMAP, t0)
         .is_err());
-    assert_eq!(m.replay_cache_len(), 0, "unverified proofs are not recorded");
+    assert_eq!(
+        m.replay_cache_len(),
+        0,
+        "unverified proofs are not recorded"
+    );
     // A valid one is recorded once.
     let p = NodeProof::create(&machine, methods::STREAM_NETMAP, t0, &mut OsRng);
     m.authenticate(&md(&p), methods::STREAM_NETMAP, t0).unwrap();

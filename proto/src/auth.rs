@@ -430,7 +430,11 @@ mod tests {
         ] {
             let proof = NodeProof::create(&key, M, ts, &mut OsRng);
             let parsed: NodeProof = proof.to_string().parse().unwrap();
-            assert_eq!(parsed.verify(M, now), Err(AuthError::Stale), "{ts} at {now}");
+            assert_eq!(
+                parsed.verify(M, now),
+                Err(AuthError::Stale),
+                "{ts} at {now}"
+            );
             assert!(!within_window(ts, now), "{ts} at {now}");
         }
         assert!(within_window(i64::MAX, i64::MAX - PROOF_WINDOW_MS));
@@ -440,7 +444,10 @@ mod tests {
         let mut guard = ReplayGuard::default();
         let p = NodeProof::create(&key, M, i64::MIN, &mut OsRng);
         guard.check_and_record(&p, i64::MIN).unwrap();
-        assert_eq!(guard.check_and_record(&p, i64::MIN + 1), Err(AuthError::Replayed));
+        assert_eq!(
+            guard.check_and_record(&p, i64::MIN + 1),
+            Err(AuthError::Replayed)
+        );
     }
 
     #[test]
