@@ -73,6 +73,8 @@ pub enum Cmd {
         /// Lifetime of a signed netmap; connected nodes get a fresh one at half-life.
         #[arg(long, default_value = "12h", value_parser = parse_duration)]
         netmap_ttl: Duration,
+        #[command(flatten)]
+        limits: ListenerArgs,
     },
     /// Print the controller's TLS fingerprint and netmap key (offline).
     Fingerprint,
@@ -203,6 +205,47 @@ pub enum ApiKeysCmd {
     Revoke {
         key_id: String,
     },
+}
+
+/// Limits of the TLS listener against hostile clients (`serve`).
+#[derive(Args, Debug, Clone)]
+pub struct ListenerArgs {
+    /// Close connections that have not completed the TLS handshake by then.
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+    pub handshake_timeout: Duration,
+    /// Open connections, all sources together (raise `ulimit -n` to match).
+    #[arg(long, default_value_t = 16_384)]
+    pub max_connections: usize,
+    /// Open connections per source address (IPv4 address or IPv6 /64); a
+    /// NAT with more nodes behind it needs a higher value.
+    #[arg(long, default_value_t = 512)]
+    pub max_connections_per_source: usize,
+    /// Concurrent HTTP/2 streams per connection (a node uses at most 3).
+    #[arg(long, default_value_t = 32)]
+    pub max_streams_per_connection: u32,
+    /// Deadline of a unary call (the netmap stream is not timed once open).
+    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
+    pub request_timeout: Duration,
+}
+
+impl ListenerArgs {
+    pub fn limits(&self) -> crate::server::ListenerLimits {
+        crate::server::ListenerLimits {
+            handshake_timeout: self.handshake_timeout,
+            max_connections: self.max_connections,
+            max_connections_per_source: self.max_connections_per_source,
+            max_streams_per_connection: self.max_streams_per_connection,
+            request_timeout: self.request_timeout,
+        }
+    }
+}
+
+/// Like [`parse_duration`], refusing zero.
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("duration {s:?} must be positive")),
+        d => Ok(d),
+    }
 }
 
 /// Parses `90s`, `10m`, `1h`, `7d` (a bare number is seconds).

@@ -26,6 +26,7 @@ fn main() -> ExitCode {
                 ephemeral_timeout,
                 node_key_expiry,
                 netmap_ttl,
+                limits,
             } => {
                 tracing_subscriber::fmt()
                     .with_max_level(log_level())
@@ -37,7 +38,8 @@ fn main() -> ExitCode {
                     netmap_ttl_ms: netmap_ttl.as_millis().max(10_000) as i64,
                     ..MeshConfig::default()
                 };
-                server::serve(&DataDir::new(&args.conn.data_dir), listen, cfg).await
+                let dir = DataDir::new(&args.conn.data_dir);
+                server::serve(&dir, listen, cfg, limits.limits()).await
             }
             cmd => cli::run(&args.conn, cmd).await,
         }

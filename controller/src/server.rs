@@ -9,12 +9,13 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use base64::Engine;
 use ipnet::Ipv6Net;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use ztmesh_proto::admin::admin_server::AdminServer;
 use ztmesh_proto::auth::{hex, sha256};
 use ztmesh_proto::keys::{write_secret_file, SigningKey};
 
 use crate::api::{AdminService, ControlRouter, ControlService};
+use crate::listener::{self, ConnSlots, Incoming};
 use crate::mesh::{Mesh, MeshConfig};
 use crate::now_ms;
 use crate::ratelimit::SharedLimiter;
@@ -104,7 +105,12 @@ pub fn open(dir: &DataDir, cfg: MeshConfig) -> anyhow::Result<(Arc<Mesh>, String
 }
 
 /// Runs the controller until SIGINT/SIGTERM.
-pub async fn serve(dir: &DataDir, listen: SocketAddr, cfg: MeshConfig) -> anyhow::Result<()> {
+pub async fn serve(
+    dir: &DataDir,
+    listen: SocketAddr,
+    cfg: MeshConfig,
+    limits: ListenerLimits,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
@@ -114,7 +120,7 @@ pub async fn serve(dir: &DataDir, listen: SocketAddr, cfg: MeshConfig) -> anyhow
     println!("  controller key: {}", mesh.controller_key());
     println!("  listening:      https://{listen}");
     println!("  admin socket:   {}", dir.admin_socket().display());
-    run(dir, mesh, cert, key, listener, shutdown_signal()).await
+    run_with(dir, mesh, cert, key, listener, limits, shutdown_signal()).await
 }
 
 /// Limits on the TLS listener against hostile clients; the defaults are
@@ -168,7 +174,7 @@ pub async fn run_with(
     cert: String,
     key: String,
     listener: tokio::net::TcpListener,
-    _limits: ListenerLimits,
+    limits: ListenerLimits,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     // Admin over the unix socket, authorized by its 0600 permissions.
@@ -204,12 +210,18 @@ pub async fn run_with(
         }
     });
 
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    // TLS is done by the listener (handshake deadline, connection caps), so
+    // the server itself sees only established connections.
+    let tls = Arc::new(listener::server_tls_config(&cert, &key)?);
+    let slots = ConnSlots::new(limits.max_connections, limits.max_connections_per_source);
+    let incoming = Incoming::new(listener, tls, slots, limits.handshake_timeout);
     let result = Server::builder()
-        .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        // Bounds each call until its response starts: all of a unary call,
+        // only the opening of a StreamNetMap (its body is not timed).
+        .timeout(limits.request_timeout)
         .add_service(ControlRouter::new(ControlService {
             mesh: mesh.clone(),
             limiter: limiter.clone(),
