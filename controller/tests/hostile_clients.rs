@@ -566,8 +566,7 @@ async fn each_refusal_carries_its_reason() {
     let end = tokio::time::timeout(LIVENESS, first.message())
         .await
         .unwrap()
-        .err()
-        .expect("the replaced stream ends with a status");
+        .expect_err("the replaced stream ends with a status");
     assert_eq!(
         (end.code(), reason(&end)),
         (Code::Aborted, Some(AuthReason::Replaced))
@@ -584,8 +583,7 @@ async fn each_refusal_carries_its_reason() {
     let end = tokio::time::timeout(LIVENESS, second.message())
         .await
         .unwrap()
-        .err()
-        .expect("the deleted node's stream ends with a status");
+        .expect_err("the deleted node's stream ends with a status");
     assert_eq!(
         (end.code(), reason(&end)),
         (Code::Unauthenticated, Some(AuthReason::Revoked))
