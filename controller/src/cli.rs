@@ -210,7 +210,7 @@ pub enum ApiKeysCmd {
 /// Limits of the TLS listener against hostile clients (`serve`).
 #[derive(Args, Debug, Clone)]
 pub struct ListenerArgs {
-    /// Close connections that have not completed the TLS handshake by then.
+    /// Close connections that have not completed TLS and begun HTTP/2 by then.
     #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
     pub handshake_timeout: Duration,
     /// Open connections, all sources together (raise `ulimit -n` to match).

@@ -6,7 +6,8 @@
 //! a client that opens TCP and sends nothing (or stalls mid-handshake) would
 //! hold a socket and a task forever. Here every accepted socket first takes
 //! a slot from [`ConnSlots`] (or is closed at once), then has
-//! `handshake_timeout` to finish TLS (or is closed). The slot is released
+//! `handshake_timeout` to finish TLS and send the HTTP/2 client preface (or
+//! is closed). The slot is released
 //! when the connection ends, whoever ends it.
 
 use std::collections::HashMap;
@@ -20,7 +21,7 @@ use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::server::TlsStream;
@@ -133,9 +134,16 @@ impl Drop for Slot {
     }
 }
 
-/// An established TLS connection holding its [`Slot`].
+/// The fixed bytes an HTTP/2 client sends first (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// An established TLS connection holding its [`Slot`]. The HTTP/2 preface
+/// was already read (to check it arrived in time) and is replayed to the
+/// server first.
 pub struct Conn {
     tls: TlsStream<TcpStream>,
+    /// How much of [`H2_PREFACE`] the server has read back.
+    preface_sent: usize,
     info: TcpConnectInfo,
     _slot: Slot,
 }
@@ -154,6 +162,15 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Some(rest) = H2_PREFACE
+            .get(self.preface_sent..)
+            .filter(|r| !r.is_empty())
+        {
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            self.preface_sent += n;
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.tls).poll_read(cx, buf)
     }
 }
@@ -235,18 +252,33 @@ impl Incoming {
         let acceptor = self.acceptor.clone();
         let limit = self.handshake_timeout;
         self.handshakes.spawn(async move {
-            match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
+            // TLS and the client's HTTP/2 preface share one deadline: a
+            // client that completes TLS and then idles is dropped as well.
+            let opening = async {
+                let mut tls = acceptor.accept(tcp).await?;
+                let mut preface = [0u8; H2_PREFACE.len()];
+                tls.read_exact(&mut preface).await?;
+                if preface != *H2_PREFACE {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "not an HTTP/2 client preface",
+                    ));
+                }
+                Ok(tls)
+            };
+            match tokio::time::timeout(limit, opening).await {
                 Ok(Ok(tls)) => Some(Conn {
                     tls,
+                    preface_sent: 0,
                     info,
                     _slot: slot,
                 }),
                 Ok(Err(e)) => {
-                    tracing::debug!(source = %peer.ip(), error = %e, "TLS handshake failed");
+                    tracing::debug!(source = %peer.ip(), error = %e, "connection opening failed");
                     None
                 }
                 Err(_) => {
-                    tracing::debug!(source = %peer.ip(), "TLS handshake timed out");
+                    tracing::debug!(source = %peer.ip(), "TLS handshake or HTTP/2 preface timed out");
                     None
                 }
             }

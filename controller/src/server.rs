@@ -127,7 +127,8 @@ pub async fn serve(
 /// documented in the README and exposed as `serve` flags.
 #[derive(Clone, Debug)]
 pub struct ListenerLimits {
-    /// A connection that has not completed its TLS handshake by then is closed.
+    /// A connection that has not completed its TLS handshake and sent the
+    /// HTTP/2 client preface by then is closed.
     pub handshake_timeout: Duration,
     /// Open connections (handshaking or established), all sources together.
     pub max_connections: usize,

@@ -226,6 +226,15 @@ async fn raw_h2(ctl: &Ctl) -> h2::client::SendRequest<bytes::Bytes> {
     client
 }
 
+/// A TLS connection that completes the handshake and sends nothing more.
+async fn tls_only(ctl: &Ctl) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(ctl.addr).await.unwrap();
+    let tls =
+        tokio_rustls::TlsConnector::from(Arc::new(ztmesh_proto::tls::pinned_client_config(ctl.fp)));
+    let name = rustls::pki_types::ServerName::try_from("ztmesh-controller").unwrap();
+    tls.connect(name, tcp).await.unwrap()
+}
+
 fn grpc_request(path: &str) -> http::Request<()> {
     http::Request::builder()
         .method("POST")
@@ -258,6 +267,12 @@ async fn idle_and_stalled_handshakes_are_dropped_while_a_real_node_enrolls_and_s
         idle.push(s);
     }
 
+    // 5 that complete TLS and then never send the HTTP/2 preface.
+    let mut after_tls = Vec::new();
+    for _ in 0..5 {
+        after_tls.push(tls_only(&ctl).await);
+    }
+
     // Meanwhile a real node enrolls and follows its stream.
     ctl.admin()
         .await
@@ -276,6 +291,18 @@ async fn idle_and_stalled_handshakes_are_dropped_while_a_real_node_enrolls_and_s
 
     for (i, s) in idle.iter_mut().enumerate() {
         assert!(closed_by_server(s).await, "idle connection {i} was dropped");
+    }
+    for (i, s) in after_tls.iter_mut().enumerate() {
+        let mut buf = [0u8; 512];
+        let deadline = tokio::time::Instant::now() + LIVENESS;
+        let closed = loop {
+            match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+                Err(_) => break false,
+                Ok(Ok(0)) | Ok(Err(_)) => break true,
+                Ok(Ok(_)) => continue,
+            }
+        };
+        assert!(closed, "connection {i} that stopped after TLS was dropped");
     }
 
     // The stream outlives the unary request timeout: a change made after it
