@@ -311,6 +311,7 @@ async fn idle_and_stalled_handshakes_are_dropped_while_a_real_node_enrolls_and_s
     let _w = enroll(&ctl, &kw, "web").await;
     let m2 = next_map(&ctl, &mut sd, m.serial).await;
     assert_eq!(m2.peers.len(), 1, "the long-lived stream is not timed out");
+    drop((sd, idle, after_tls));
     ctl.stop().await;
 }
 
@@ -358,15 +359,100 @@ async fn the_server_caps_concurrent_streams_per_connection() {
         ..ListenerLimits::default()
     })
     .await;
+    // A well-behaved client learns the cap from SETTINGS.
     let mut h2c = raw_h2(&ctl).await;
-    // One full exchange makes sure the server's SETTINGS were applied.
     h2c = h2c.ready().await.unwrap();
     let (resp, _) = h2c
         .send_request(grpc_request(methods::STREAM_NETMAP), true)
         .unwrap();
     let _ = tokio::time::timeout(LIVENESS, resp).await.unwrap();
     assert_eq!(h2c.current_max_send_streams(), 4);
+
+    // A client that ignores it: hand-written frames open 5 streams whose
+    // request bodies never come; the fifth is refused.
+    let mut io = tls_only(&ctl).await;
+    io.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    io.write_all(&frame(4, 0, 0, &[])).await.unwrap();
+    // Wait for the server's SETTINGS and acknowledge them.
+    let mut cap = None;
+    for _ in 0..16 {
+        let (ty, flags, _, payload) = read_frame(&mut io).await;
+        if ty == 4 && flags & 1 == 0 {
+            for s in payload.chunks_exact(6) {
+                if u16::from_be_bytes([s[0], s[1]]) == 3 {
+                    cap = Some(u32::from_be_bytes([s[2], s[3], s[4], s[5]]));
+                }
+            }
+            break;
+        }
+    }
+    assert_eq!(cap, Some(4), "SETTINGS_MAX_CONCURRENT_STREAMS");
+    io.write_all(&frame(4, 1, 0, &[])).await.unwrap();
+    let block = hpack_literal(&[
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":path", "/ztmesh.control.v1.Control/Enroll"),
+        (":authority", "ztmesh-controller"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]);
+    for id in [1u32, 3, 5, 7, 9] {
+        // HEADERS with END_HEADERS, without END_STREAM: the call stays open.
+        io.write_all(&frame(1, 4, id, &block)).await.unwrap();
+    }
+    let mut refused = Vec::new();
+    for _ in 0..64 {
+        let (ty, _, id, payload) = read_frame(&mut io).await;
+        if ty == 3 {
+            let code = u32::from_be_bytes(payload[..4].try_into().unwrap());
+            refused.push((id, code));
+            if id == 9 {
+                break;
+            }
+        }
+    }
+    // REFUSED_STREAM (7) for the fifth stream only.
+    assert_eq!(refused, vec![(9, 7)]);
+    drop((io, h2c));
     ctl.stop().await;
+}
+
+/// One HTTP/2 frame: type, flags, stream id, payload.
+fn frame(ty: u8, flags: u8, id: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], ty, flags];
+    f.extend_from_slice(&id.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Reads one frame (type, flags, stream id, payload) within [`LIVENESS`].
+async fn read_frame(io: &mut (impl tokio::io::AsyncRead + Unpin)) -> (u8, u8, u32, Vec<u8>) {
+    let mut head = [0u8; 9];
+    tokio::time::timeout(LIVENESS, io.read_exact(&mut head))
+        .await
+        .expect("a frame within the liveness bound")
+        .unwrap();
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    io.read_exact(&mut payload).await.unwrap();
+    let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    (head[3], head[4], id, payload)
+}
+
+/// An HPACK header block of literals without indexing (short strings only).
+fn hpack_literal(headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (name, value) in headers {
+        b.push(0);
+        for s in [name, value] {
+            b.push(u8::try_from(s.len()).ok().filter(|l| *l < 127).unwrap());
+            b.extend_from_slice(s.as_bytes());
+        }
+    }
+    b
 }
 
 #[tokio::test]
@@ -435,6 +521,7 @@ async fn a_source_over_its_failure_limit_still_serves_nodes_whose_proof_verifies
     let mut s = open_stream(&ctl, &good).await.unwrap();
     let m = next_map(&ctl, &mut s, 0).await;
     assert_eq!(m.self_node.unwrap().name, good.name);
+    drop((s, c));
     ctl.stop().await;
 }
 
@@ -516,6 +603,7 @@ async fn extreme_timestamps_are_refused_cleanly_and_the_controller_keeps_serving
     }
     let mut s = open_stream(&ctl, &d).await.unwrap();
     next_map(&ctl, &mut s, 0).await;
+    drop((s, c));
     ctl.stop().await;
 }
 
