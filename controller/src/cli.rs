@@ -229,12 +229,13 @@ pub struct ListenerArgs {
 }
 
 impl ListenerArgs {
+    /// The limits, each at least 1 (a cap of 0 would refuse everyone).
     pub fn limits(&self) -> crate::server::ListenerLimits {
         crate::server::ListenerLimits {
             handshake_timeout: self.handshake_timeout,
-            max_connections: self.max_connections,
-            max_connections_per_source: self.max_connections_per_source,
-            max_streams_per_connection: self.max_streams_per_connection,
+            max_connections: self.max_connections.max(1),
+            max_connections_per_source: self.max_connections_per_source.max(1),
+            max_streams_per_connection: self.max_streams_per_connection.max(1),
             request_timeout: self.request_timeout,
         }
     }
