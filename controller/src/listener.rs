@@ -305,6 +305,8 @@ impl Stream for Incoming {
                 }
                 match this.listener.poll_accept(cx) {
                     Poll::Ready(Ok((tcp, peer))) => this.start(tcp, peer),
+                    // A peer that reset before we accepted: its problem only.
+                    Poll::Ready(Err(e)) if is_connection_error(&e) => {}
                     Poll::Ready(Err(e)) => {
                         tracing::warn!(error = %e, "accepting a connection failed; pausing");
                         let mut p = Box::pin(tokio::time::sleep(ACCEPT_ERROR_PAUSE));
@@ -328,6 +330,17 @@ impl Stream for Incoming {
             }
         }
     }
+}
+
+/// Errors of one incoming connection, as opposed to the listener's own
+/// (e.g. out of file descriptors), which pause accepting.
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
 }
 
 #[cfg(test)]
