@@ -26,7 +26,9 @@ use ztmesh_proto::control::{NetMap, SignedNetMap};
 use ztmesh_proto::keys::{write_secret_file, PublicKey, SigningKey, WgPrivateKey, WgPublicKey};
 use ztmesh_proto::netmap;
 
-use crate::control::{now_ms, session_end, translate, Backoff, Controller, NetMapGate, SessionEnd};
+use crate::control::{
+    clock_hint, now_ms, session_end, translate, Backoff, Controller, NetMapGate, SessionEnd,
+};
 use crate::io::{DataPlane, DataPlaneConfig};
 use crate::localapi::{Request, Response, MAX_LINE};
 
@@ -701,23 +703,10 @@ enum SessionError {
 fn status_error(s: tonic::Status) -> SessionError {
     match session_end(&s, now_ms()) {
         SessionEnd::Revoked(m) => SessionError::Revoked(m),
-        SessionEnd::ClockSkew { skew_ms, message } => {
-            let hint = match skew_ms {
-                Some(ms) if ms >= 0 => format!(
-                    "the local clock appears to be about {} s ahead of the controller's",
-                    ms / 1000
-                ),
-                Some(ms) => format!(
-                    "the local clock appears to be about {} s behind the controller's",
-                    ms.saturating_neg() / 1000
-                ),
-                None => "the local clock appears to be off".to_string(),
-            };
-            SessionError::Refused {
-                reason: "clock-skew",
-                message: format!("{hint}; fix the clock (e.g. enable NTP): {message}"),
-            }
-        }
+        SessionEnd::ClockSkew { skew_ms, message } => SessionError::Refused {
+            reason: "clock-skew",
+            message: format!("{}: {message}", clock_hint(skew_ms)),
+        },
         SessionEnd::Refused { reason, message } => SessionError::Refused { reason, message },
         SessionEnd::Retry(m) => SessionError::Retry(m),
     }

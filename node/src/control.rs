@@ -267,6 +267,23 @@ pub fn session_end(status: &tonic::Status, now_ms: UnixMs) -> SessionEnd {
     }
 }
 
+/// The log line for a clock-skew refusal: how far off the local clock looks
+/// (`skew_ms` = local minus controller, if the controller sent its clock).
+pub fn clock_hint(skew_ms: Option<i64>) -> String {
+    let fix = "fix the clock (e.g. enable NTP)";
+    match skew_ms {
+        Some(ms) if ms >= 0 => format!(
+            "the local clock appears to be about {} s ahead of the controller's; {fix}",
+            ms / 1000
+        ),
+        Some(ms) => format!(
+            "the local clock appears to be about {} s behind the controller's; {fix}",
+            ms.saturating_neg() / 1000
+        ),
+        None => format!("the local clock appears to be off; {fix}"),
+    }
+}
+
 /// A connected, authenticated client of the controller.
 pub struct Controller {
     client: ControlClient<tonic::transport::Channel>,
@@ -535,6 +552,14 @@ mod tests {
                 message: "skew".into()
             }
         );
+    }
+
+    #[test]
+    fn clock_hints_say_which_way_and_by_how_much() {
+        assert!(clock_hint(Some(300_400)).contains("about 300 s ahead"));
+        assert!(clock_hint(Some(-90_000)).contains("about 90 s behind"));
+        assert!(clock_hint(Some(i64::MIN)).contains("behind"));
+        assert!(clock_hint(None).contains("appears to be off"));
     }
 
     #[test]
