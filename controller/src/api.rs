@@ -28,6 +28,7 @@ use crate::error::Error;
 use crate::mesh::{Mesh, Subscriber, Update};
 use crate::nodelimit::Call;
 use crate::now_ms;
+use crate::ratelimit::SharedLimiter;
 use crate::store::{AuthKeyRow, NodeRow};
 
 use ztmesh_proto::auth::methods::{
@@ -39,20 +40,31 @@ use ztmesh_proto::auth::methods::{
 #[derive(Clone)]
 pub struct ControlService {
     pub mesh: Arc<Mesh>,
+    /// Failures per source on the unauthenticated paths (shared with the
+    /// remote admin service).
+    pub limiter: Arc<SharedLimiter>,
 }
 
 type MapStream = Pin<Box<dyn Stream<Item = Result<pb::SignedNetMap, Status>> + Send>>;
 
 impl ControlService {
+    /// Authenticates a node call. A source over its failure limit is still
+    /// served when the proof verifies (see [`Mesh::authenticate_from`]).
     fn node<T>(&self, req: &Request<T>, method: &str) -> Result<NodeRow, Status> {
         let now = now_ms();
         let src = req.remote_addr().map(|a| a.ip());
-        self.mesh.check_rate(src, now)?;
+        let limited = !self.limiter.allowed(src, now);
         self.mesh
-            .authenticate(req.metadata(), method, now)
+            .authenticate_from(req.metadata(), method, now, limited)
             .map_err(|e| {
-                self.mesh.record_failure(src, now);
-                tracing::info!(source = ?src, method, error = %e, "node authentication failed");
+                if !matches!(e, Error::RateLimited) {
+                    self.limiter.record_failure(src, now);
+                }
+                let reason = match &e {
+                    Error::NodeAuth { reason, .. } => reason.as_str(),
+                    _ => "rate-limited",
+                };
+                tracing::info!(source = ?src, method, reason, error = %e, "node authentication failed");
                 Status::from(e)
             })
     }
@@ -91,12 +103,15 @@ impl Control for ControlService {
     ) -> Result<Response<pb::EnrollResponse>, Status> {
         let now = now_ms();
         let src = req.remote_addr().map(|a| a.ip());
-        self.mesh.check_rate(src, now)?;
+        self.limiter.check(src, now)?;
         match self.mesh.enroll(req.get_ref(), now) {
             Ok(resp) => Ok(Response::new(resp)),
             Err(e) => {
-                if matches!(e, Error::Unauthenticated(_) | Error::Invalid(_)) {
-                    self.mesh.record_failure(src, now);
+                if matches!(
+                    e,
+                    Error::Unauthenticated(_) | Error::Invalid(_) | Error::NodeAuth { .. }
+                ) {
+                    self.limiter.record_failure(src, now);
                 }
                 tracing::info!(source = ?src, error = %e, "enrollment refused");
                 Err(e.into())
@@ -349,11 +364,14 @@ async fn forward_maps<T: Send + 'static>(
 ) {
     loop {
         let closed = match &*sub.rx.borrow_and_update() {
-            Update::Closed(why) => Some(why.clone()),
+            Update::Closed(reason, why) => Some((*reason, why.clone())),
             Update::Map(_) | Update::Delivered => None,
         };
-        if let Some(why) = closed {
-            let _ = tx.send(Err(Status::unauthenticated(why))).await;
+        if let Some((reason, why)) = closed {
+            tracing::info!(node = %node.name, reason = reason.as_str(), "netmap stream ended by the controller");
+            let _ = tx
+                .send(Err(Status::from(Error::node_auth(reason, why))))
+                .await;
             break;
         }
         if let Some(m) = sub.take() {
@@ -376,6 +394,8 @@ async fn forward_maps<T: Send + 'static>(
 pub struct AdminService {
     pub mesh: Arc<Mesh>,
     pub local: bool,
+    /// Failures per source (remote instances only).
+    pub limiter: Arc<SharedLimiter>,
 }
 
 impl AdminService {
@@ -385,18 +405,18 @@ impl AdminService {
         }
         let now = now_ms();
         let src = req.remote_addr().map(|a| a.ip());
-        self.mesh.check_rate(src, now)?;
+        self.limiter.check(src, now)?;
         let key = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| {
-                self.mesh.record_failure(src, now);
+                self.limiter.record_failure(src, now);
                 Status::unauthenticated("missing API key (authorization: Bearer ztma1...)")
             })?;
         self.mesh.check_api_key(key, now).map_err(|e| {
-            self.mesh.record_failure(src, now);
+            self.limiter.record_failure(src, now);
             tracing::info!(source = ?src, "admin authentication failed");
             Status::from(e)
         })

@@ -79,6 +79,8 @@ pub enum Cmd {
         /// Keep at most this many node-reported flow records (newest first; 0 = no cap).
         #[arg(long, default_value_t = 1_000_000)]
         audit_max_flow_rows: u64,
+        #[command(flatten)]
+        limits: ListenerArgs,
     },
     /// Print the controller's TLS fingerprint and netmap key (offline).
     Fingerprint,
@@ -209,6 +211,48 @@ pub enum ApiKeysCmd {
     Revoke {
         key_id: String,
     },
+}
+
+/// Limits of the TLS listener against hostile clients (`serve`).
+#[derive(Args, Debug, Clone)]
+pub struct ListenerArgs {
+    /// Close connections that have not completed TLS and begun HTTP/2 by then.
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+    pub handshake_timeout: Duration,
+    /// Open connections, all sources together (raise `ulimit -n` to match).
+    #[arg(long, default_value_t = 16_384)]
+    pub max_connections: usize,
+    /// Open connections per source address (IPv4 address or IPv6 /64); a
+    /// NAT with more nodes behind it needs a higher value.
+    #[arg(long, default_value_t = 512)]
+    pub max_connections_per_source: usize,
+    /// Concurrent HTTP/2 streams per connection (a node uses at most 3).
+    #[arg(long, default_value_t = 32)]
+    pub max_streams_per_connection: u32,
+    /// Deadline of a unary call (the netmap stream is not timed once open).
+    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
+    pub request_timeout: Duration,
+}
+
+impl ListenerArgs {
+    /// The limits, each at least 1 (a cap of 0 would refuse everyone).
+    pub fn limits(&self) -> crate::server::ListenerLimits {
+        crate::server::ListenerLimits {
+            handshake_timeout: self.handshake_timeout,
+            max_connections: self.max_connections.max(1),
+            max_connections_per_source: self.max_connections_per_source.max(1),
+            max_streams_per_connection: self.max_streams_per_connection.max(1),
+            request_timeout: self.request_timeout,
+        }
+    }
+}
+
+/// Like [`parse_duration`], refusing zero.
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("duration {s:?} must be positive")),
+        d => Ok(d),
+    }
 }
 
 /// Parses `90s`, `10m`, `1h`, `7d` (a bare number is seconds).

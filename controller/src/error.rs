@@ -3,7 +3,10 @@
 //! Messages sent to peers are precise but never carry internal details
 //! (SQL, paths); those go to the log.
 
+use ztmesh_proto::refusal::{self, AuthReason};
+
 use crate::store::StoreError;
+use crate::UnixMs;
 
 /// Errors from controller operations.
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +17,16 @@ pub enum Error {
     /// Missing, wrong, stale or replayed credentials.
     #[error("{0}")]
     Unauthenticated(String),
+    /// A node's proof or session was refused. The node reads `reason` (sent as
+    /// the `ztmesh-auth-reason` status metadata) to tell a revocation from a
+    /// problem it can fix (clock, replaced session); `server_time_ms` is the
+    /// controller's clock, sent with `clock-skew`.
+    #[error("{message}")]
+    NodeAuth {
+        reason: AuthReason,
+        message: String,
+        server_time_ms: Option<UnixMs>,
+    },
     /// Authenticated, but not allowed (e.g. a tag the user may not own).
     #[error("{0}")]
     Forbidden(String),
@@ -59,6 +72,11 @@ impl From<Error> for tonic::Status {
         match &e {
             Error::Invalid(m) => Status::invalid_argument(m.clone()),
             Error::Unauthenticated(m) => Status::unauthenticated(m.clone()),
+            Error::NodeAuth {
+                reason,
+                message,
+                server_time_ms,
+            } => refusal::status(*reason, message, *server_time_ms),
             Error::Forbidden(m) => Status::permission_denied(m.clone()),
             Error::NotFound(_) => Status::not_found(e.to_string()),
             Error::Conflict(_) => Status::already_exists(e.to_string()),
@@ -70,6 +88,17 @@ impl From<Error> for tonic::Status {
                 tracing::error!(error = %inner, "store failure");
                 Status::internal(e.to_string())
             }
+        }
+    }
+}
+
+impl Error {
+    /// A node-auth refusal without a clock reading.
+    pub fn node_auth(reason: AuthReason, message: impl Into<String>) -> Self {
+        Error::NodeAuth {
+            reason,
+            message: message.into(),
+            server_time_ms: None,
         }
     }
 }

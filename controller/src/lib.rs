@@ -3,11 +3,13 @@
 //!
 //! Layers: [`store`] (durable, SQLite by default) ← [`mesh`] (in-memory state,
 //! change propagation; time is an argument) ← [`api`] (tonic services) ←
-//! [`server`] (listeners, TLS, ticker). [`cli`] is the admin client.
+//! [`server`] (listeners, TLS, ticker; [`listener`] caps hostile clients).
+//! [`cli`] is the admin client.
 
 pub mod api;
 pub mod cli;
 pub mod error;
+pub mod listener;
 pub mod lockfile;
 pub mod mesh;
 pub mod nodeinput;

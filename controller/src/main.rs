@@ -28,6 +28,7 @@ fn main() -> ExitCode {
                 netmap_ttl,
                 audit_max_age,
                 audit_max_flow_rows,
+                limits,
             } => {
                 tracing_subscriber::fmt()
                     .with_max_level(log_level())
@@ -41,7 +42,8 @@ fn main() -> ExitCode {
                     audit_max_flow_rows,
                     ..MeshConfig::default()
                 };
-                server::serve(&DataDir::new(&args.conn.data_dir), listen, cfg).await
+                let dir = DataDir::new(&args.conn.data_dir);
+                server::serve(&dir, listen, cfg, limits.limits()).await
             }
             cmd => cli::run(&args.conn, cmd).await,
         }

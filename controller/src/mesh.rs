@@ -19,11 +19,11 @@ use ztmesh_policy::{Compiled, NodeInfo as PolicyNode, Policy};
 use ztmesh_proto::auth::{self, KeyToken, NodeProof, ReplayGuard};
 use ztmesh_proto::control::{self as pb, NetMap, SignedNetMap};
 use ztmesh_proto::keys::{PublicKey, SigningKey, WgPublicKey};
+use ztmesh_proto::refusal::AuthReason;
 
 use crate::error::{Error, Result};
 use crate::nodeinput::{is_low_order_x25519, is_weak_ed25519, validate_endpoints};
 use crate::nodelimit::{Call, EndpointCoalescer, NodeLimiter};
-use crate::ratelimit::FailureLimiter;
 use crate::store::{
     ApiKeyRow, AuditEntry, AuthKeyRow, NewNode, NodeRow, PolicyRow, Store, UserRow,
 };
@@ -84,8 +84,9 @@ pub const SEEN_REFRESH_MS: u64 = 60_000;
 #[derive(Clone, Debug)]
 pub enum Update {
     Map(Arc<SignedNetMap>),
-    /// The node was deleted or expired; the stream ends with this reason.
-    Closed(String),
+    /// The stream ends with this reason: the node was deleted or expired
+    /// (`Revoked`), or a newer session took over (`Replaced`).
+    Closed(AuthReason, String),
     /// The last map was taken by the stream ([`Subscriber::take`]) and the
     /// channel no longer holds it, so an idle stream keeps no map in memory.
     Delivered,
@@ -159,8 +160,6 @@ struct Inner {
     online: BTreeSet<u64>,
     /// `last_seen` values not yet written to the store (see [`Mesh::flush`]).
     seen_dirty: BTreeMap<u64, UnixMs>,
-    replay: ReplayGuard,
-    limiter: FailureLimiter,
     /// Endpoint reports waiting for their node's republish interval.
     coalesce: EndpointCoalescer,
     /// The monotonic clock (ms since load) as of the last tick.
@@ -201,6 +200,20 @@ impl Inner {
 
 const V4_BASE: u32 = 0x6440_0000; // 100.64.0.0
 
+/// The refusal message for a proof stamped `ts` when the controller's clock
+/// reads `now`: how far apart the clocks are, in whole seconds.
+fn skew_message(ts: UnixMs, now: UnixMs) -> String {
+    let secs = ts.saturating_sub(now) / 1000;
+    let (dir, secs) = if secs >= 0 {
+        ("ahead of", secs)
+    } else {
+        ("behind", secs.saturating_neg())
+    };
+    format!(
+        "proof timestamp is outside the accepted window: {secs} s {dir} the controller's clock (check the node's clock)"
+    )
+}
+
 fn v4_offset(a: Ipv4Addr) -> u32 {
     u32::from(a).wrapping_sub(V4_BASE)
 }
@@ -217,6 +230,9 @@ pub struct Mesh {
     limits: Mutex<NodeLimiter>,
     /// Netmaps signed since load (a cost metric: every signature is work).
     maps_signed: AtomicU64,
+    /// Proofs accepted recently; its own lock, so the mesh lock is not held
+    /// while it is pruned.
+    replay: Mutex<ReplayGuard>,
 }
 
 /// Turns a hostname into a DNS label: lowercase a-z0-9 and '-', at most 63 chars.
@@ -399,8 +415,6 @@ impl Mesh {
             next_conn: 1,
             online: BTreeSet::new(),
             seen_dirty: BTreeMap::new(),
-            replay: ReplayGuard::default(),
-            limiter: FailureLimiter::new(10, 60_000),
             coalesce: EndpointCoalescer::new(cfg.endpoint_publish_interval_ms),
             mono: 0,
             load_wall: now,
@@ -426,6 +440,7 @@ impl Mesh {
             inner: Mutex::new(inner),
             limits: Mutex::new(NodeLimiter::default()),
             maps_signed: AtomicU64::new(0),
+            replay: Mutex::new(ReplayGuard::default()),
         })
     }
 
@@ -450,20 +465,6 @@ impl Mesh {
     }
 
     // ---- rate limiting -------------------------------------------------
-
-    /// # Errors
-    /// [`Error::RateLimited`] if `src` failed too often recently.
-    pub fn check_rate(&self, src: Option<IpAddr>, now: UnixMs) -> Result<()> {
-        if self.lock().limiter.allowed(src, now) {
-            Ok(())
-        } else {
-            Err(Error::RateLimited)
-        }
-    }
-
-    pub fn record_failure(&self, src: Option<IpAddr>, now: UnixMs) {
-        self.lock().limiter.record_failure(src, now);
-    }
 
     /// Charges one `call` to an authenticated `node`.
     ///
@@ -513,10 +514,15 @@ impl Mesh {
                 "hostname must be 1 to 253 characters".into(),
             ));
         }
-        if req.timestamp_ms.abs_diff(now) > auth::PROOF_WINDOW_MS.unsigned_abs() {
-            return Err(Error::Unauthenticated(
-                "enrollment proof is stale (check the node's clock)".into(),
-            ));
+        if !auth::within_window(req.timestamp_ms, now) {
+            return Err(Error::NodeAuth {
+                reason: AuthReason::ClockSkew,
+                message: format!(
+                    "enrollment proof is stale: {}",
+                    skew_message(req.timestamp_ms, now)
+                ),
+                server_time_ms: Some(now),
+            });
         }
         let msg = auth::enroll_message(
             &req.auth_key,
@@ -619,40 +625,88 @@ impl Mesh {
     /// Verifies the node proof in `metadata` for `method` and returns the node.
     ///
     /// # Errors
-    /// `Unauthenticated` when the proof is missing, malformed, stale, replayed,
-    /// or for an unknown/expired node.
+    /// [`Error::NodeAuth`] with the reason: `bad-proof` (missing, malformed,
+    /// signature), `revoked` (unknown machine key, expired node),
+    /// `clock-skew` (timestamp outside the window), `replayed`.
     pub fn authenticate(
         &self,
         metadata: &tonic::metadata::MetadataMap,
         method: &str,
         now: UnixMs,
     ) -> Result<NodeRow> {
+        self.authenticate_from(metadata, method, now, false)
+    }
+
+    /// [`Mesh::authenticate`] for a caller whose source may be over its
+    /// failure limit.
+    ///
+    /// When `source_limited`, a proof that does not name an enrolled machine
+    /// key is refused with [`Error::RateLimited`] before any signature work,
+    /// while a node whose proof verifies is still served: one bad client
+    /// behind a shared address cannot lock the good nodes out.
+    ///
+    /// Order of checks: the key must be enrolled, the proof fresh and its
+    /// signature valid, the node active; only then is the proof recorded in
+    /// the replay cache, so strangers and forgers cannot fill it. The mesh
+    /// lock is held only for the key lookup.
+    ///
+    /// # Errors
+    /// As [`Mesh::authenticate`], and [`Error::RateLimited`].
+    pub fn authenticate_from(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        method: &str,
+        now: UnixMs,
+        source_limited: bool,
+    ) -> Result<NodeRow> {
+        let refuse = |reason, message: &str| {
+            if source_limited {
+                Error::RateLimited
+            } else {
+                Error::node_auth(reason, message)
+            }
+        };
         let text = metadata
             .get(auth::PROOF_HEADER)
             .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| Error::Unauthenticated("missing node proof".into()))?;
+            .ok_or_else(|| refuse(AuthReason::BadProof, "missing node proof"))?;
         let proof: NodeProof = text
             .parse()
-            .map_err(|e: auth::AuthError| Error::Unauthenticated(e.to_string()))?;
-        proof
-            .verify(method, now)
-            .map_err(|e| Error::Unauthenticated(e.to_string()))?;
-        let mut inner = self.lock();
-        inner
-            .replay
-            .check_and_record(&proof, now)
-            .map_err(|e| Error::Unauthenticated(e.to_string()))?;
-        let node = inner
-            .by_machine_key
-            .get(proof.machine_key.as_bytes())
-            .and_then(|id| inner.nodes.get(id))
-            .ok_or_else(|| Error::Unauthenticated("unknown machine key (node deleted?)".into()))?;
-        if !is_active(node, now) {
-            return Err(Error::Unauthenticated(
-                "node key has expired; re-enroll".into(),
+            .map_err(|e: auth::AuthError| refuse(AuthReason::BadProof, &e.to_string()))?;
+        let node = {
+            let inner = self.lock();
+            inner
+                .by_machine_key
+                .get(proof.machine_key.as_bytes())
+                .and_then(|id| inner.nodes.get(id))
+                .cloned()
+        }
+        .ok_or_else(|| refuse(AuthReason::Revoked, "unknown machine key (node deleted?)"))?;
+        proof.verify(method, now).map_err(|e| match e {
+            auth::AuthError::Stale => Error::NodeAuth {
+                reason: AuthReason::ClockSkew,
+                message: skew_message(proof.timestamp_ms, now),
+                server_time_ms: Some(now),
+            },
+            other => Error::node_auth(AuthReason::BadProof, other.to_string()),
+        })?;
+        if !is_active(&node, now) {
+            return Err(Error::node_auth(
+                AuthReason::Revoked,
+                "node key has expired; re-enroll",
             ));
         }
-        Ok(node.clone())
+        self.replay
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .check_and_record(&proof, now)
+            .map_err(|e| Error::node_auth(AuthReason::Replayed, e.to_string()))?;
+        Ok(node)
+    }
+
+    /// Proofs currently remembered by the replay cache.
+    pub fn replay_cache_len(&self) -> usize {
+        self.replay.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Registers a netmap stream for `node`; the receiver already holds a full map.
@@ -753,7 +807,7 @@ impl Mesh {
         }
         let map = self
             .build_signed(&mut inner, node, now)
-            .ok_or_else(|| Error::Unauthenticated("node is not active".into()))?;
+            .ok_or_else(|| Error::node_auth(AuthReason::Revoked, "node is not active"))?;
         let conn = inner.next_conn;
         inner.next_conn += 1;
         let (tx, rx) = watch::channel(Update::Map(Arc::new(map)));
@@ -770,8 +824,10 @@ impl Mesh {
             },
         ) {
             // Its task is gone; close it for good measure.
-            old.tx
-                .send_replace(Update::Closed("replaced by a newer session".into()));
+            old.tx.send_replace(Update::Closed(
+                AuthReason::Replaced,
+                "replaced by a newer session of this node".into(),
+            ));
         }
         inner.online.insert(node);
         inner.offline_since.remove(&node);
@@ -1016,7 +1072,10 @@ impl Mesh {
             }
             let update = match self.build_signed(inner, *id, now) {
                 Some(m) => Update::Map(Arc::new(m)),
-                None => Update::Closed("node was deleted or has expired".into()),
+                None => Update::Closed(
+                    AuthReason::Revoked,
+                    "node was deleted or has expired".into(),
+                ),
             };
             let mono = inner.mono;
             if let Some(sub) = inner.subs.get_mut(id) {

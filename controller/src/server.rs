@@ -9,15 +9,17 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use base64::Engine;
 use ipnet::Ipv6Net;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use ztmesh_proto::admin::admin_server::AdminServer;
 use ztmesh_proto::auth::{hex, sha256};
 use ztmesh_proto::keys::{write_secret_file, SigningKey};
 
 use crate::api::{AdminService, ControlRouter, ControlService};
+use crate::listener::{self, ConnSlots, Incoming};
 use crate::lockfile::DirLock;
 use crate::mesh::{Mesh, MeshConfig};
 use crate::now_ms;
+use crate::ratelimit::SharedLimiter;
 use crate::store::{SqliteStore, Store};
 
 /// Files in the data dir.
@@ -110,7 +112,12 @@ pub fn open(dir: &DataDir, cfg: MeshConfig) -> anyhow::Result<(Arc<Mesh>, String
 ///
 /// The data dir is locked first (before anything in it is touched) and
 /// stays locked until `serve` returns: a second controller exits at once.
-pub async fn serve(dir: &DataDir, listen: SocketAddr, cfg: MeshConfig) -> anyhow::Result<()> {
+pub async fn serve(
+    dir: &DataDir,
+    listen: SocketAddr,
+    cfg: MeshConfig,
+    limits: ListenerLimits,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir.root)
         .with_context(|| format!("creating data dir {}", dir.root.display()))?;
     std::fs::set_permissions(&dir.root, std::fs::Permissions::from_mode(0o700))?;
@@ -124,20 +131,65 @@ pub async fn serve(dir: &DataDir, listen: SocketAddr, cfg: MeshConfig) -> anyhow
     println!("  controller key: {}", mesh.controller_key());
     println!("  listening:      https://{listen}");
     println!("  admin socket:   {}", dir.admin_socket().display());
-    run(dir, mesh, cert, key, listener, shutdown_signal()).await
+    run_with(dir, mesh, cert, key, listener, limits, shutdown_signal()).await
+}
+
+/// Limits on the TLS listener against hostile clients; the defaults are
+/// documented in the README and exposed as `serve` flags.
+#[derive(Clone, Debug)]
+pub struct ListenerLimits {
+    /// A connection that has not completed its TLS handshake and sent the
+    /// HTTP/2 client preface by then is closed.
+    pub handshake_timeout: Duration,
+    /// Open connections (handshaking or established), all sources together.
+    pub max_connections: usize,
+    /// Open connections per source (an IPv4 address, an IPv6 /64).
+    pub max_connections_per_source: usize,
+    /// Concurrent HTTP/2 streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_streams_per_connection: u32,
+    /// Deadline of a unary call (reading the request through sending the
+    /// reply); the long-lived `StreamNetMap` only until its response starts.
+    pub request_timeout: Duration,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 16_384,
+            max_connections_per_source: 512,
+            max_streams_per_connection: 32,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// The audit table is pruned every this many ticks (one minute).
 const AUDIT_PRUNE_TICKS: u64 = 120;
 
 /// Serves the Control and Admin APIs on `listener` (TLS) and the admin socket
-/// until `shutdown` completes. Used by `serve` and by in-process tests.
+/// until `shutdown` completes, with the default [`ListenerLimits`].
 pub async fn run(
     dir: &DataDir,
     mesh: Arc<Mesh>,
     cert: String,
     key: String,
     listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let limits = ListenerLimits::default();
+    run_with(dir, mesh, cert, key, listener, limits, shutdown).await
+}
+
+/// Like [`run`], with explicit listener limits. Used by `serve` and by
+/// in-process tests.
+pub async fn run_with(
+    dir: &DataDir,
+    mesh: Arc<Mesh>,
+    cert: String,
+    key: String,
+    listener: tokio::net::TcpListener,
+    limits: ListenerLimits,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     // Admin over the unix socket, authorized by its 0600 permissions.
@@ -148,9 +200,13 @@ pub async fn run(
     let uds = tokio::net::UnixListener::bind(&sock)
         .with_context(|| format!("binding {}", sock.display()))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
+    // One limiter for every unauthenticated path on the TLS listener, with
+    // its own lock (never the mesh lock).
+    let limiter = Arc::new(SharedLimiter::default());
     let local_admin = AdminServer::new(AdminService {
         mesh: mesh.clone(),
         local: true,
+        limiter: limiter.clone(),
     });
     let uds_task = tokio::spawn(async move {
         Server::builder()
@@ -175,16 +231,26 @@ pub async fn run(
         }
     });
 
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    // TLS is done by the listener (handshake deadline, connection caps), so
+    // the server itself sees only established connections.
+    let tls = Arc::new(listener::server_tls_config(&cert, &key)?);
+    let slots = ConnSlots::new(limits.max_connections, limits.max_connections_per_source);
+    let incoming = Incoming::new(listener, tls, slots, limits.handshake_timeout);
     let result = Server::builder()
-        .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(ControlRouter::new(ControlService { mesh: mesh.clone() }))
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        // Bounds each call until its response starts: all of a unary call,
+        // only the opening of a StreamNetMap (its body is not timed).
+        .timeout(limits.request_timeout)
+        .add_service(ControlRouter::new(ControlService {
+            mesh: mesh.clone(),
+            limiter: limiter.clone(),
+        }))
         .add_service(AdminServer::new(AdminService {
             mesh: mesh.clone(),
             local: false,
+            limiter,
         }))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;

@@ -26,7 +26,10 @@ use ztmesh_proto::control::{NetMap, SignedNetMap};
 use ztmesh_proto::keys::{write_secret_file, PublicKey, SigningKey, WgPrivateKey, WgPublicKey};
 use ztmesh_proto::netmap;
 
-use crate::control::{now_ms, translate, Backoff, Controller, Identity, NetMapGate};
+use crate::control::{
+    clock_hint, now_ms, session_end, translate, Backoff, Controller, Identity, NetMapGate,
+    SessionEnd,
+};
 use crate::io::{DataPlane, DataPlaneConfig};
 use crate::localapi::{authorize, Caller, Request, Response, MAX_LINE};
 
@@ -333,10 +336,23 @@ impl Daemon {
         let backoff = Backoff::default();
         let mut attempt = 0u32;
         let mut have = self.lock().netmap.as_ref().map(|m| m.serial).unwrap_or(0);
+        // The last recoverable refusal logged, so a refusal that repeats on
+        // every retry is one error line, not one per attempt.
+        let mut last_refusal: Option<&'static str> = None;
         loop {
             let err = match self.session(&e, &mut have).await {
                 Ok(()) => "session ended".to_string(),
                 Err(SessionError::Retry(m)) => m,
+                Err(SessionError::Refused { reason, message }) => {
+                    // Not a revocation: the data plane keeps the last verified map.
+                    if last_refusal != Some(reason) {
+                        tracing::error!(reason, error = %message, "controller refused the session; keeping the last netmap and retrying");
+                    } else {
+                        tracing::debug!(reason, error = %message, "controller refused the session again");
+                    }
+                    last_refusal = Some(reason);
+                    format!("{reason}: {message}")
+                }
                 Err(SessionError::Revoked(m)) => {
                     // The controller no longer accepts this node (deleted or
                     // expired): fail closed and drop every peer.
@@ -355,6 +371,8 @@ impl Daemon {
             };
             if matches!(self.lock().conn, ConnState::Connected { .. }) {
                 attempt = 0;
+                // A session got through: the next refusal is news again.
+                last_refusal = None;
             }
             tracing::info!(error = %err, attempt, "controller connection lost; retrying");
             self.set_conn(ConnState::Connecting {
@@ -695,16 +713,26 @@ enum SessionError {
     Retry(String),
     /// The controller refused this node (deleted, expired): fail closed, keep retrying slowly.
     Revoked(String),
+    /// The controller refused the session for a reason this node can recover
+    /// from (`clock-skew`, `replaced`, `replayed`, `bad-proof`): keep the last
+    /// verified map, log an error, retry with backoff.
+    Refused {
+        reason: &'static str,
+        message: String,
+    },
     /// Local state is broken; stop.
     Fatal(String),
 }
 
 fn status_error(s: tonic::Status) -> SessionError {
-    match s.code() {
-        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
-            SessionError::Revoked(s.message().to_string())
-        }
-        _ => SessionError::Retry(format!("{}: {}", s.code(), s.message())),
+    match session_end(&s, now_ms()) {
+        SessionEnd::Revoked(m) => SessionError::Revoked(m),
+        SessionEnd::ClockSkew { skew_ms, message } => SessionError::Refused {
+            reason: "clock-skew",
+            message: format!("{}: {message}", clock_hint(skew_ms)),
+        },
+        SessionEnd::Refused { reason, message } => SessionError::Refused { reason, message },
+        SessionEnd::Retry(m) => SessionError::Retry(m),
     }
 }
 

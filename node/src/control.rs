@@ -1,7 +1,8 @@
 //! The node's side of the control protocol.
 //!
 //! Pure parts: [`Backoff`] (jittered exponential reconnect schedule; the random
-//! value is an argument) and [`translate`] (a verified netmap → data-plane peers
+//! value is an argument), [`session_end`] (what a refusal by the controller
+//! means: only a revocation drops the peers) and [`translate`] (a verified netmap → data-plane peers
 //! and filter rules, parsed once here at the edge). The thin client
 //! ([`Controller`]) wraps the pinned-TLS gRPC channel and signs every call with
 //! the machine key.
@@ -14,6 +15,7 @@ use rand_core::OsRng;
 use ztmesh_proto::auth::{self, methods, signed_request};
 use ztmesh_proto::control::{self as pb, control_client::ControlClient};
 use ztmesh_proto::keys::{SigningKey, WgPrivateKey, WgPublicKey};
+use ztmesh_proto::refusal::{self, AuthReason};
 use ztmesh_proto::UnixMs;
 
 use crate::filter;
@@ -293,6 +295,75 @@ impl NetMapGate {
 /// 65,536 × 1 KiB = 64 MiB. The map comes only from the pinned controller over
 /// TLS, so this bounds a controller's mistake, not a stranger's input.
 pub const MAX_NETMAP_BYTES: usize = 64 << 20;
+
+/// What the node does when the controller refuses or ends its session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// No longer a member (deleted, unknown key, key expired), or an
+    /// authentication refusal without a reason this node knows (an older
+    /// controller): fail closed, drop every peer, keep retrying.
+    Revoked(String),
+    /// This node's clock is off by more than the proof window: keep the last
+    /// verified map, say so, retry. `skew_ms` is the local clock minus the
+    /// controller's, when the controller sent its clock.
+    ClockSkew {
+        skew_ms: Option<i64>,
+        message: String,
+    },
+    /// Recoverable refusal (replaced session, replayed or bad proof): keep
+    /// the last verified map and retry. `reason` is the wire reason.
+    Refused {
+        reason: &'static str,
+        message: String,
+    },
+    /// Anything else (transport, unavailable, ...): keep the map and retry.
+    Retry(String),
+}
+
+/// Decides what a refusal `status` means for this node. Pure: the local
+/// clock reading `now_ms` is an argument.
+pub fn session_end(status: &tonic::Status, now_ms: UnixMs) -> SessionEnd {
+    let r = refusal::refusal(status);
+    let message = status.message().to_string();
+    match r.reason {
+        Some(Ok(AuthReason::Revoked)) => SessionEnd::Revoked(message),
+        Some(Ok(AuthReason::ClockSkew)) => SessionEnd::ClockSkew {
+            skew_ms: r.server_time_ms.map(|t| now_ms.saturating_sub(t)),
+            message,
+        },
+        Some(Ok(reason @ (AuthReason::Replaced | AuthReason::Replayed | AuthReason::BadProof))) => {
+            SessionEnd::Refused {
+                reason: reason.as_str(),
+                message,
+            }
+        }
+        // No reason (an older controller) or one this node does not know:
+        // judge by the code, and fail closed on an authentication refusal.
+        None | Some(Err(_)) => match status.code() {
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                SessionEnd::Revoked(message)
+            }
+            code => SessionEnd::Retry(format!("{code}: {message}")),
+        },
+    }
+}
+
+/// The log line for a clock-skew refusal: how far off the local clock looks
+/// (`skew_ms` = local minus controller, if the controller sent its clock).
+pub fn clock_hint(skew_ms: Option<i64>) -> String {
+    let fix = "fix the clock (e.g. enable NTP)";
+    match skew_ms {
+        Some(ms) if ms >= 0 => format!(
+            "the local clock appears to be about {} s ahead of the controller's; {fix}",
+            ms / 1000
+        ),
+        Some(ms) => format!(
+            "the local clock appears to be about {} s behind the controller's; {fix}",
+            ms.saturating_neg() / 1000
+        ),
+        None => format!("the local clock appears to be off; {fix}"),
+    }
+}
 
 /// A connected, authenticated client of the controller.
 pub struct Controller {
@@ -612,6 +683,107 @@ mod tests {
             offer(0, i64::MAX, i64::MAX).is_err(),
             "expired at the very end"
         );
+    }
+
+    #[test]
+    fn only_revocations_and_reasonless_auth_refusals_drop_the_peers() {
+        use tonic::{Code, Status};
+        use ztmesh_proto::refusal::{self, AuthReason};
+
+        let now = 1_800_000_300_000;
+        let with = |reason: &'static str, code: Code| {
+            let mut s = Status::new(code, "m");
+            s.metadata_mut()
+                .insert(refusal::REASON_HEADER, reason.parse().unwrap());
+            s
+        };
+        let revoked = |m: &str| SessionEnd::Revoked(m.to_string());
+        let table: Vec<(Status, SessionEnd)> = vec![
+            // Reasons from this controller.
+            (
+                refusal::status(AuthReason::Revoked, "node was deleted", None),
+                revoked("node was deleted"),
+            ),
+            (
+                refusal::status(AuthReason::ClockSkew, "skew", Some(now - 300_000)),
+                SessionEnd::ClockSkew {
+                    skew_ms: Some(300_000),
+                    message: "skew".into(),
+                },
+            ),
+            (
+                refusal::status(AuthReason::ClockSkew, "skew", None),
+                SessionEnd::ClockSkew {
+                    skew_ms: None,
+                    message: "skew".into(),
+                },
+            ),
+            (
+                refusal::status(AuthReason::Replaced, "newer session", None),
+                SessionEnd::Refused {
+                    reason: "replaced",
+                    message: "newer session".into(),
+                },
+            ),
+            (
+                refusal::status(AuthReason::Replayed, "r", None),
+                SessionEnd::Refused {
+                    reason: "replayed",
+                    message: "r".into(),
+                },
+            ),
+            (
+                refusal::status(AuthReason::BadProof, "b", None),
+                SessionEnd::Refused {
+                    reason: "bad-proof",
+                    message: "b".into(),
+                },
+            ),
+            // An older controller: no reason; unauthenticated means revoked.
+            (
+                Status::unauthenticated("unknown machine key"),
+                revoked("unknown machine key"),
+            ),
+            (Status::permission_denied("no"), revoked("no")),
+            // A reason this node does not know: judged by the code, failing closed.
+            (with("quarantined", Code::Unauthenticated), revoked("m")),
+            (
+                with("quarantined", Code::Aborted),
+                SessionEnd::Retry("The operation was aborted: m".into()),
+            ),
+            // Not an auth refusal.
+            (
+                Status::unavailable("down"),
+                SessionEnd::Retry("The service is currently unavailable: down".into()),
+            ),
+        ];
+        for (status, want) in table {
+            assert_eq!(session_end(&status, now), want, "{status:?}");
+        }
+        // A garbled clock reading is ignored, not trusted; extreme values saturate.
+        let mut s = refusal::status(AuthReason::ClockSkew, "skew", None);
+        s.metadata_mut()
+            .insert(refusal::SERVER_TIME_HEADER, "yesterday".parse().unwrap());
+        assert!(matches!(
+            session_end(&s, now),
+            SessionEnd::ClockSkew { skew_ms: None, .. }
+        ));
+        let s = refusal::status(AuthReason::ClockSkew, "skew", Some(i64::MIN));
+        assert_eq!(
+            session_end(&s, i64::MAX),
+            SessionEnd::ClockSkew {
+                skew_ms: Some(i64::MAX),
+                message: "skew".into()
+            }
+        );
+    }
+
+    #[test]
+    fn clock_hints_say_which_way_and_by_how_much() {
+        assert!(clock_hint(Some(300_400)).contains("about 300 s ahead"));
+        assert!(clock_hint(Some(-90_000)).contains("about 90 s behind"));
+        assert!(clock_hint(Some(i64::MIN)).contains("behind"));
+        assert!(clock_hint(None).contains("appears to be off"));
     }
 
     #[test]

@@ -116,6 +116,7 @@ async fn a_signed_map_with_20000_peers_travels_through_grpc_and_verifies() {
                 last: 22,
             }],
             rule_id: "policy.hujson:12".into(),
+            dst_prefixes: Vec::new(),
         }],
         ..Default::default()
     };
@@ -164,6 +165,6 @@ async fn a_signed_map_with_20000_peers_travels_through_grpc_and_verifies() {
     assert_eq!(got.serial, 7);
     assert_eq!(translated.peers.len(), PEERS as usize);
     assert_eq!(translated.peers[PEERS as usize - 1].allowed_ips.len(), 2);
-    assert_eq!(translated.rules[0].src.len(), PEERS as usize);
+    assert_eq!(translated.rules.rules[0].src.len(), PEERS as usize);
     server.abort();
 }

@@ -36,6 +36,14 @@ pub const PROOF_WINDOW_MS: i64 = 60_000;
 const PROOF_DOMAIN: &[u8] = b"ztmesh-node-proof-v1\0";
 const ENROLL_DOMAIN: &[u8] = b"ztmesh-enroll-v1\0";
 
+/// Whether a timestamp `ts` is within [`PROOF_WINDOW_MS`] of `now_ms`.
+///
+/// Total over all of `i64`: the timestamp comes from the network, so an
+/// extreme value (`i64::MIN`, `i64::MAX`) is refused, never overflowed.
+pub fn within_window(ts: UnixMs, now_ms: UnixMs) -> bool {
+    ts.abs_diff(now_ms) <= PROOF_WINDOW_MS.unsigned_abs()
+}
+
 /// Why a proof or a key was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
@@ -130,7 +138,7 @@ impl NodeProof {
     /// # Errors
     /// [`AuthError::Stale`] or [`AuthError::BadSignature`].
     pub fn verify(&self, method: &str, now_ms: UnixMs) -> Result<(), AuthError> {
-        if (self.timestamp_ms - now_ms).abs() > PROOF_WINDOW_MS {
+        if !within_window(self.timestamp_ms, now_ms) {
             return Err(AuthError::Stale);
         }
         let msg = proof_message(method, self.timestamp_ms, &self.nonce);
@@ -204,7 +212,7 @@ impl ReplayGuard {
     /// # Errors
     /// [`AuthError::Replayed`].
     pub fn check_and_record(&mut self, proof: &NodeProof, now_ms: UnixMs) -> Result<(), AuthError> {
-        let horizon = now_ms - 2 * PROOF_WINDOW_MS;
+        let horizon = now_ms.saturating_sub(2 * PROOF_WINDOW_MS);
         while let Some((&(t, n), _)) = self.by_time.first_key_value() {
             if t >= horizon {
                 break;
@@ -407,6 +415,38 @@ mod tests {
         assert_eq!(
             proof.verify("/ztmesh.control.v1.Control/Logout", 1_000_000),
             Err(AuthError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn extreme_timestamps_are_refused_without_overflow() {
+        let key = SigningKey::generate(&mut OsRng);
+        for (ts, now) in [
+            (i64::MIN, 1_000_000),
+            (i64::MAX, 1_000_000),
+            (i64::MIN, i64::MAX),
+            (i64::MAX, i64::MIN),
+            (i64::MIN + 1, -1),
+        ] {
+            let proof = NodeProof::create(&key, M, ts, &mut OsRng);
+            let parsed: NodeProof = proof.to_string().parse().unwrap();
+            assert_eq!(
+                parsed.verify(M, now),
+                Err(AuthError::Stale),
+                "{ts} at {now}"
+            );
+            assert!(!within_window(ts, now), "{ts} at {now}");
+        }
+        assert!(within_window(i64::MAX, i64::MAX - PROOF_WINDOW_MS));
+        assert!(within_window(i64::MIN, i64::MIN + PROOF_WINDOW_MS));
+        assert!(!within_window(i64::MIN, i64::MIN + PROOF_WINDOW_MS + 1));
+        // The replay guard's pruning horizon near the bottom of the range.
+        let mut guard = ReplayGuard::default();
+        let p = NodeProof::create(&key, M, i64::MIN, &mut OsRng);
+        guard.check_and_record(&p, i64::MIN).unwrap();
+        assert_eq!(
+            guard.check_and_record(&p, i64::MIN + 1),
+            Err(AuthError::Replayed)
         );
     }
 

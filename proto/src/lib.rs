@@ -6,10 +6,12 @@
 //! - [`netmap`]: signing and verification of network maps.
 //! - [`auth`]: node session proofs, the auth-key format and its parser.
 //! - [`tls`]: certificate-pinned TLS channels to the controller.
+//! - [`refusal`]: machine-readable reasons a node's session was refused.
 
 pub mod auth;
 pub mod keys;
 pub mod netmap;
+pub mod refusal;
 pub mod tls;
 
 /// Generated control API (node ↔ controller).

@@ -430,7 +430,9 @@ fn peer_routing_another_address_of_a_node_into_its_tunnel_is_refused() {
     const HIDDEN: &str = "198.19.77.1";
     let mut mesh = Mesh::standard();
     let web = mesh.ns(WEB);
-    web.run_ok(["ip", "link", "add", "zx0", "type", "veth", "peer", "name", "zx1"]);
+    web.run_ok([
+        "ip", "link", "add", "zx0", "type", "veth", "peer", "name", "zx1",
+    ]);
     web.run_ok(["ip", "addr", "add", &format!("{HIDDEN}/32"), "dev", "zx0"]);
     web.run_ok(["ip", "link", "set", "zx0", "up"]);
     web.run_ok(["ip", "link", "set", "zx1", "up"]);

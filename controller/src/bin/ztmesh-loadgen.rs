@@ -130,6 +130,10 @@ impl Controller {
             .arg("--data-dir")
             .arg(dir)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            // Simulated nodes share a few connections from one address; real
+            // nodes use one connection each with at most 3 streams.
+            .args(["--max-streams-per-connection", "100000"])
+            .args(["--max-connections-per-source", "100000"])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
