@@ -649,8 +649,25 @@ fn protocol_candidates() -> Vec<String> {
         out.push(n.to_string());
     }
     for odd in [
-        "", " ", "06", "006", "0006", "+6", "-1", " 6", "6 ", "0x6", "1e2", "icmpv6", "ipv6",
-        "tcpp", "any", "*", "udp,tcp", "t\u{0}cp", "ＴＣＰ",
+        "",
+        " ",
+        "06",
+        "006",
+        "0006",
+        "+6",
+        "-1",
+        " 6",
+        "6 ",
+        "0x6",
+        "1e2",
+        "icmpv6",
+        "ipv6",
+        "tcpp",
+        "any",
+        "*",
+        "udp,tcp",
+        "t\u{0}cp",
+        "ＴＣＰ",
     ] {
         out.push(odd.to_string());
     }
