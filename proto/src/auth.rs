@@ -130,7 +130,9 @@ impl NodeProof {
     /// # Errors
     /// [`AuthError::Stale`] or [`AuthError::BadSignature`].
     pub fn verify(&self, method: &str, now_ms: UnixMs) -> Result<(), AuthError> {
-        if (self.timestamp_ms - now_ms).abs() > PROOF_WINDOW_MS {
+        // The client picks the timestamp: `abs_diff` cannot overflow, even
+        // for i64::MIN against a positive clock.
+        if self.timestamp_ms.abs_diff(now_ms) > PROOF_WINDOW_MS.unsigned_abs() {
             return Err(AuthError::Stale);
         }
         let msg = proof_message(method, self.timestamp_ms, &self.nonce);
@@ -204,7 +206,7 @@ impl ReplayGuard {
     /// # Errors
     /// [`AuthError::Replayed`].
     pub fn check_and_record(&mut self, proof: &NodeProof, now_ms: UnixMs) -> Result<(), AuthError> {
-        let horizon = now_ms - 2 * PROOF_WINDOW_MS;
+        let horizon = now_ms.saturating_sub(2 * PROOF_WINDOW_MS);
         while let Some((&(t, n), _)) = self.by_time.first_key_value() {
             if t >= horizon {
                 break;
@@ -408,6 +410,23 @@ mod tests {
             proof.verify("/ztmesh.control.v1.Control/Logout", 1_000_000),
             Err(AuthError::BadSignature)
         );
+    }
+
+    #[test]
+    fn extreme_timestamps_are_stale_not_a_panic() {
+        let key = SigningKey::generate(&mut OsRng);
+        let proof = NodeProof::create(&key, M, i64::MIN, &mut OsRng);
+        assert_eq!(proof.verify(M, i64::MAX), Err(AuthError::Stale));
+        assert_eq!(proof.verify(M, i64::MIN), Ok(()));
+        let mut guard = ReplayGuard::default();
+        guard.check_and_record(&proof, i64::MIN).unwrap();
+        assert_eq!(
+            guard.check_and_record(&proof, i64::MIN),
+            Err(AuthError::Replayed)
+        );
+        // Far in the future the entry is pruned; `verify` refuses it as stale.
+        guard.check_and_record(&proof, i64::MAX).unwrap();
+        assert_eq!(guard.len(), 1);
     }
 
     #[test]
