@@ -56,7 +56,7 @@ else
 fi
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
   echo "fuzz: installing cargo-fuzz"
-  cargo install --locked cargo-fuzz
+  cargo install --locked cargo-fuzz --version 0.13.2
 fi
 sanitizer=${ZTMESH_FUZZ_SANITIZER:-address}
 
@@ -69,6 +69,8 @@ for t in "${targets[@]}"; do
   artifacts=$root/target/fuzz-artifacts/$t
   log=$root/target/fuzz-logs/$t.log
   mkdir -p "$corpus" "$work" "$artifacts" "$(dirname "$log")"
+  # Only this run's findings: earlier artifacts are already in the corpus.
+  rm -f "$artifacts"/*
   echo "== fuzz $t for ${seconds}s (corpus ${corpus#"$root"/})"
   set +e
   (cd "$dir" && cargo "${toolchain[@]}" fuzz run --sanitizer "$sanitizer" "$t" "$work" "$corpus" -- \
