@@ -19,7 +19,7 @@ root=$PWD
 
 seconds=${ZTMESH_FUZZ_SECONDS:-60}
 if [[ ${1:-} == -t ]]; then
-  seconds=$2
+  seconds=${2:-}
   shift 2
 fi
 if ! [[ $seconds =~ ^[0-9]+$ ]] || (( seconds < 1 || seconds > 3600 )); then
