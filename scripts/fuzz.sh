@@ -20,7 +20,7 @@ root=$PWD
 seconds=${ZTMESH_FUZZ_SECONDS:-60}
 if [[ ${1:-} == -t ]]; then
   seconds=${2:-}
-  shift 2
+  shift $(( $# >= 2 ? 2 : 1 ))
 fi
 if ! [[ $seconds =~ ^[0-9]+$ ]] || (( seconds < 1 || seconds > 3600 )); then
   echo "fuzz: -t takes 1-3600 seconds" >&2
