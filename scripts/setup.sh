@@ -2,7 +2,7 @@
 # Installs what a fresh Debian machine lacks for ztmesh's demo and tests. Idempotent.
 set -euo pipefail
 need=()
-for pair in ip:iproute2 iperf3:iperf3 wg:wireguard-tools wireguard-go:wireguard-go ping:iputils-ping python3:python3; do
+for pair in git:git ip:iproute2 iperf3:iperf3 wg:wireguard-tools wireguard-go:wireguard-go ping:iputils-ping python3:python3; do
   cmd=${pair%%:*}; pkg=${pair##*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
@@ -17,4 +17,11 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install Rust (https://rustup.rs) and rerun" >&2
   exit 1
+fi
+# Supply-chain audit (scripts/deny.sh). Pinned: 0.20.2 builds with rustc 1.95
+# and reads the offline advisory snapshot the way deny.toml expects.
+CARGO_DENY_VERSION=0.20.2
+if ! command -v cargo-deny >/dev/null 2>&1; then
+  echo "setup: installing cargo-deny $CARGO_DENY_VERSION"
+  cargo install --locked cargo-deny --version "$CARGO_DENY_VERSION"
 fi

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: format check, clippy with -D warnings, then
-# `cargo test --workspace` (unit, property, in-process gRPC and, as root,
+# Runs the whole test suite: format check, the offline supply-chain audit
+# (scripts/deny.sh), clippy with -D warnings, then `cargo test --workspace`
+# (unit, property, fuzz-corpus replay, in-process gRPC and, as root,
 # end-to-end tests in network namespaces). Installs what it needs first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,8 @@ cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+echo "== cargo deny (offline advisory snapshot, licenses, bans, sources)"
+./scripts/deny.sh
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo build (binaries used by end-to-end tests)"

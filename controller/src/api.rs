@@ -654,7 +654,13 @@ impl Admin for AdminService {
         self.actor(&req)?;
         let r = req.get_ref();
         let port = u16::try_from(r.port).map_err(|_| Status::invalid_argument("port > 65535"))?;
-        let proto = crate::cli::parse_proto(&r.proto).map_err(Status::invalid_argument)?;
+        // Empty means "not given": TCP, as in a policy's `tests`.
+        let proto = if r.proto.is_empty() {
+            ztmesh_policy::DEFAULT_TEST_PROTO
+        } else {
+            ztmesh_policy::parse_proto(&r.proto)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?
+        };
         let e = self.mesh.explain(&r.src, &r.dst, port, proto);
         ok(apb::ExplainPolicyResponse {
             allowed: e.allowed,

@@ -190,6 +190,7 @@ pub enum PolicyCmd {
         /// IDENTITY:PORT
         #[arg(long)]
         dst: String,
+        /// A protocol name or number, exactly as a policy's "proto" accepts it.
         #[arg(long, default_value = "tcp")]
         proto: String,
     },
@@ -271,19 +272,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     n.checked_mul(mult)
         .map(Duration::from_secs)
         .ok_or_else(|| format!("duration {s:?} is too large"))
-}
-
-/// Parses a protocol name or number.
-pub fn parse_proto(s: &str) -> Result<u8, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "" | "tcp" => Ok(6),
-        "udp" => Ok(17),
-        "icmp" => Ok(1),
-        "ipv6-icmp" | "icmpv6" => Ok(58),
-        n => n.parse().map_err(|_| {
-            format!("unknown protocol {s:?}: use tcp, udp, icmp, ipv6-icmp or a number")
-        }),
-    }
 }
 
 /// Splits `IDENTITY:PORT` at the last colon (IPv6 in brackets).
@@ -784,7 +772,7 @@ fn policy_explain_offline(file: &Path, src: &str, dst: &str, proto: &str) -> any
     let (name, text) = read_policy(file)?;
     let policy = ztmesh_policy::Policy::parse(&name, &text).map_err(|e| anyhow!("{e}"))?;
     let (dst_id, port) = split_dst(dst)?;
-    let proto = parse_proto(proto).map_err(|e| anyhow!(e))?;
+    let proto = ztmesh_policy::parse_proto(proto)?;
     let e = policy.explain(&[], src, &dst_id, port, proto);
     print_explain(e.allowed, e.rule_id.as_deref().unwrap_or(""), &e.detail);
     Ok(())

@@ -894,3 +894,148 @@ async fn flow_reports_and_stream_opens_are_limited_per_node() {
     open_stream(&ctl, &b).await.unwrap();
     ctl.stop().await;
 }
+
+/// Protocol texts that probe the edges of the one protocol parser: every name
+/// in the policy's table (any case), every number 0-255 (with and without
+/// leading zeros), and near misses.
+fn protocol_candidates() -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, _) in ztmesh_policy::PROTOCOLS {
+        out.push((*name).to_string());
+        out.push(name.to_ascii_uppercase());
+        out.push(format!("{name}x"));
+    }
+    for n in 0..=300u32 {
+        out.push(n.to_string());
+    }
+    for odd in [
+        "",
+        " ",
+        "06",
+        "006",
+        "0006",
+        "+6",
+        "-1",
+        " 6",
+        "6 ",
+        "0x6",
+        "1e2",
+        "icmpv6",
+        "ipv6",
+        "tcpp",
+        "any",
+        "*",
+        "udp,tcp",
+        "t\u{0}cp",
+        "ＴＣＰ",
+    ] {
+        out.push(odd.to_string());
+    }
+    out
+}
+
+#[tokio::test]
+async fn explain_accepts_exactly_the_protocols_a_policy_accepts() {
+    let ctl = Ctl::start().await;
+    // One entry per protocol text the policy accepts, each to its own
+    // destination address, so explain must map the text to the same number.
+    let mut acls = String::new();
+    let mut accepted = Vec::new();
+    let mut rejected = Vec::new();
+    for cand in protocol_candidates() {
+        let entry = format!(
+            r#"{{"action": "accept", "src": ["*"], "proto": {}, "dst": ["{{DST}}:*"]}}"#,
+            serde_json::to_string(&cand).unwrap()
+        );
+        let alone = format!("{{\"acls\": [{}]}}", entry.replace("{DST}", "100.64.0.1"));
+        if ztmesh_policy::Policy::parse("p.hujson", &alone).is_ok() {
+            let i = accepted.len() + 1;
+            let dst = format!("100.64.{}.{}", i / 250, i % 250 + 1);
+            acls += &entry.replace("{DST}", &dst);
+            acls += ",\n";
+            accepted.push((cand, dst));
+        } else {
+            rejected.push(cand);
+        }
+    }
+    // Every name in the table and every number 0-255 is a policy protocol.
+    assert_eq!(
+        accepted.len(),
+        2 * ztmesh_policy::PROTOCOLS.len() + 256 + 2,
+        "{accepted:?}"
+    );
+    ctl.set_policy(&format!("{{\"acls\": [\n{acls}]}}")).await;
+    let mut admin = ctl.admin().await;
+    let mut mismatches = Vec::new();
+    for (cand, dst) in &accepted {
+        let r = admin
+            .explain_policy(apb::ExplainPolicyRequest {
+                src: "198.18.0.9".into(),
+                dst: dst.clone(),
+                port: 1,
+                proto: cand.clone(),
+            })
+            .await;
+        match r {
+            Ok(e) if e.get_ref().allowed => {}
+            other => mismatches.push(format!("policy accepts {cand:?}, explain: {other:?}")),
+        }
+    }
+    for cand in &rejected {
+        // The empty text is explain's "not given" (TCP), not a protocol.
+        if cand.is_empty() {
+            continue;
+        }
+        let r = admin
+            .explain_policy(apb::ExplainPolicyRequest {
+                src: "198.18.0.9".into(),
+                dst: "100.64.0.1".into(),
+                port: 1,
+                proto: cand.clone(),
+            })
+            .await;
+        match r {
+            Err(s) if s.code() == Code::InvalidArgument => {}
+            other => mismatches.push(format!("policy rejects {cand:?}, explain: {other:?}")),
+        }
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+    ctl.stop().await;
+}
+
+#[tokio::test]
+async fn policies_with_validation_gaps_are_refused_and_the_old_one_stays() {
+    let ctl = Ctl::start().await;
+    ctl.set_policy(POLICY).await;
+    let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policy/tests/golden");
+    for case in [
+        "self_with_non_user_sources",
+        "tests_without_assertions",
+        "tests_cidr_destinations",
+    ] {
+        let file_name = format!("{case}.hujson");
+        let text = std::fs::read_to_string(golden.join(&file_name)).unwrap();
+        let want = std::fs::read_to_string(golden.join(format!("{case}.err"))).unwrap();
+        let e = ctl
+            .admin()
+            .await
+            .set_policy(apb::SetPolicyRequest {
+                file_name: file_name.clone(),
+                text,
+            })
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{case}: accepted"));
+        assert_eq!(e.code(), Code::InvalidArgument, "{case}");
+        assert_eq!(e.message(), want.trim_end(), "{case}");
+        let p = ctl
+            .admin()
+            .await
+            .get_policy(apb::GetPolicyRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(p.text, POLICY, "{case}: the old policy stays in force");
+    }
+    ctl.stop().await;
+}

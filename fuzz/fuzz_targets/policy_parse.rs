@@ -1,33 +1,10 @@
-//! Fuzz target: `Policy::parse` (and the tests section, explain and compile
-//! on whatever parses) must never panic, hang or overflow the stack.
+//! Fuzz target: `Policy::parse` and what runs on a parsed policy (see
+//! `checks/policy_parse.rs`).
 //!
-//! Run: `cargo +nightly fuzz run policy_parse` from `fuzz/`.
+//! Run: `scripts/fuzz.sh policy_parse` (or `cargo +nightly fuzz run policy_parse` from `fuzz/`).
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-use ztmesh_policy::{Compiled, NodeInfo, Policy};
+#[path = "../checks/policy_parse.rs"]
+mod check;
 
-fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    match Policy::parse("fuzz.hujson", text) {
-        Ok(policy) => {
-            let _ = policy.run_tests();
-            let node = NodeInfo {
-                id: 1,
-                name: "n1".to_string(),
-                user: Some("alice@example.com".to_string()),
-                tags: policy.tags().into_iter().take(1).collect(),
-                addresses: vec!["100.64.0.1".parse().expect("literal address")],
-            };
-            let nodes = vec![node];
-            let _ = policy.explain(&nodes, "alice@example.com", "n1", 22, 6);
-            let _ = Compiled::new(policy, nodes);
-        }
-        Err(e) => {
-            // Every diagnostic is one `FILE:LINE:COL: message` line.
-            assert!(e.to_string().lines().all(|l| l.starts_with("fuzz.hujson:")));
-        }
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| check::run(data));

@@ -13,7 +13,8 @@
 //! is an error: an ignored restriction would widen access. Selectors: `*`,
 //! users (`alice@example.com`), `group:x`, `tag:x` (defined in `tagOwners`),
 //! host aliases, IPs and CIDRs, `autogroup:member`, `autogroup:tagged`,
-//! `autogroup:self` (dst only). Destinations are `alias:ports` with ports
+//! `autogroup:self` (dst only, with user, group or `autogroup:member`
+//! sources only). Destinations are `alias:ports` with ports
 //! `*`, `22`, `80,443` or `8000-8999`; the last colon separates the ports,
 //! so IPv6 is written `fd00::1:22`, `[fd00::1]:22` or `fd00::/64:22`. `proto` is a name or number; without it an entry covers
 //! TCP, UDP, ICMP and ICMPv6.
@@ -43,7 +44,10 @@ pub use compile::{Compiled, InboundRule, NodeView};
 pub use error::{Diagnostic, PolicyError, Pos};
 pub use eval::Explanation;
 pub use plan::{plan, FlowChange};
-pub use policy::{proto_has_ports, proto_name, Policy, PortRange};
+pub use policy::{
+    parse_proto, proto_has_ports, proto_name, Policy, PortRange, ProtoError, DEFAULT_TEST_PROTO,
+    PROTOCOLS,
+};
 
 /// A node as the policy sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -137,7 +137,13 @@ pub(crate) struct TestDst {
 /// Protocols used when an ACL entry has no `proto`: TCP, UDP, ICMP and ICMPv6.
 pub(crate) const DEFAULT_PROTOCOLS: [u8; 4] = [1, 6, 17, 58];
 
-const PROTO_NAMES: &[(&str, u8)] = &[
+/// Protocol used by a `tests` entry (and by `explain`) without `proto`: TCP.
+pub const DEFAULT_TEST_PROTO: u8 = 6;
+
+/// Every protocol name a policy's `proto` accepts, with its IP protocol
+/// number (Tailscale's names; matched case-insensitively). Any decimal number
+/// 0-255 (at most three digits) is accepted as well.
+pub const PROTOCOLS: &[(&str, u8)] = &[
     ("icmp", 1),
     ("igmp", 2),
     ("ipv4", 4),
@@ -152,6 +158,11 @@ const PROTO_NAMES: &[(&str, u8)] = &[
     ("ipv6-icmp", 58),
     ("sctp", 132),
 ];
+
+/// A protocol that is neither a name from [`PROTOCOLS`] nor a number 0-255.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown protocol {0:?}: use tcp, udp, icmp, ipv6-icmp, sctp, gre, esp, ah, igmp or a number 0-255")]
+pub struct ProtoError(pub String);
 
 /// Sections Tailscale defines that ztmesh does not implement yet. Rejected,
 /// because ignoring a restriction (a posture, an SSH rule) would widen access.
@@ -178,22 +189,29 @@ pub fn proto_has_ports(proto: u8) -> bool {
 
 /// The policy name of an IP protocol number (`tcp`, `ipv6-icmp`), or the number.
 pub fn proto_name(proto: u8) -> String {
-    PROTO_NAMES
+    PROTOCOLS
         .iter()
         .find(|(_, n)| *n == proto)
         .map_or_else(|| proto.to_string(), |(name, _)| (*name).to_string())
 }
 
-/// Parses a protocol name or number as written in `proto`.
-pub(crate) fn parse_proto(text: &str) -> Option<u8> {
+/// Parses a protocol name or number as written in a policy's `proto`: the one
+/// parser for the policy, its tests and `explain` (CLI and admin API).
+///
+/// # Errors
+/// [`ProtoError`] for anything but a name from [`PROTOCOLS`] (any case) or a
+/// decimal number 0-255 of at most three digits.
+pub fn parse_proto(text: &str) -> Result<u8, ProtoError> {
     let lower = text.to_ascii_lowercase();
-    if let Some((_, n)) = PROTO_NAMES.iter().find(|(name, _)| *name == lower) {
-        return Some(*n);
+    if let Some((_, n)) = PROTOCOLS.iter().find(|(name, _)| *name == lower) {
+        return Ok(*n);
     }
     if !text.is_empty() && text.len() <= 3 && text.bytes().all(|b| b.is_ascii_digit()) {
-        return text.parse().ok();
+        if let Ok(n) = text.parse() {
+            return Ok(n);
+        }
     }
-    None
+    Err(ProtoError(text.to_string()))
 }
 
 impl Policy {
@@ -755,7 +773,7 @@ impl<'a> Resolver<'a> {
             Some(m) => {
                 for (pos, s) in self.strings(&m.value, "\"src\"") {
                     match self.selector(s, Side::Src) {
-                        Ok(sel) => srcs.push(sel),
+                        Ok(sel) => srcs.push((pos, sel)),
                         Err(e) => {
                             self.sink.error(pos, e);
                             ok = false;
@@ -782,12 +800,42 @@ impl<'a> Resolver<'a> {
                 }
             }
         }
+        if dsts.iter().any(|d| d.sel.kind == SelKind::SelfNodes) {
+            ok &= self.check_self_sources(&srcs);
+        }
         ok.then(|| Entry {
             rule_id: format!("{}:{}", self.policy.file, v.pos.line),
             protocols,
-            src: srcs,
+            src: srcs.into_iter().map(|(_, sel)| sel).collect(),
             dst: dsts,
         })
+    }
+
+    /// `autogroup:self` means "the source user's own nodes", so it needs a
+    /// source that is a person: a user, a group or `autogroup:member`.
+    /// Tailscale rejects the rest (tags, addresses, host aliases, `*` and
+    /// `autogroup:tagged`, which have no user), and so do we: accepting them
+    /// would silently select nothing (or, for `*`, only the users in it).
+    fn check_self_sources(&mut self, srcs: &[(Pos, Selector)]) -> bool {
+        let mut ok = true;
+        for (pos, sel) in srcs {
+            let what = match &sel.kind {
+                SelKind::Users(_) | SelKind::Member => continue,
+                SelKind::Any => "\"*\" includes tagged nodes and addresses",
+                SelKind::Tag(_) | SelKind::Tagged => "tagged nodes belong to no user",
+                SelKind::Prefix(_) => "an address belongs to no user",
+                SelKind::SelfNodes => continue,
+            };
+            self.sink.error(
+                *pos,
+                format!(
+                    "source {:?} cannot be used with an autogroup:self destination ({what}); autogroup:self only works with users, groups and autogroup:member",
+                    sel.text
+                ),
+            );
+            ok = false;
+        }
+        ok
     }
 
     fn proto(&mut self, v: &Value) -> Option<u8> {
@@ -799,14 +847,13 @@ impl<'a> Resolver<'a> {
                 return None;
             }
         };
-        let p = parse_proto(text);
-        if p.is_none() {
-            self.sink.error(
-                v.pos,
-                format!("unknown protocol {text:?}: use tcp, udp, icmp, ipv6-icmp, sctp, gre, esp, ah, igmp or a number 0-255"),
-            );
+        match parse_proto(text) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                self.sink.error(v.pos, e.to_string());
+                None
+            }
         }
-        p
     }
 
     fn dst_elem(&self, text: &str, protocols: &[u8]) -> Result<DstElem, String> {
@@ -907,9 +954,11 @@ impl<'a> Resolver<'a> {
         let members = self.object(v, "a test")?;
         let mut ok = true;
         let mut src = None;
-        let mut proto = 6;
+        let mut proto = DEFAULT_TEST_PROTO;
         let mut accept = Vec::new();
         let mut deny = Vec::new();
+        // Whether "accept" or "deny" names at least one destination (valid or not).
+        let mut asserted = false;
         for m in members {
             match m.key.to_ascii_lowercase().as_str() {
                 "src" => {
@@ -928,6 +977,7 @@ impl<'a> Resolver<'a> {
                 "accept" | "deny" => {
                     let mut list = Vec::new();
                     for (pos, s) in self.strings(&m.value, &format!("{:?}", m.key)) {
+                        asserted = true;
                         match self.test_dst(s) {
                             Ok((dst, port)) => list.push(TestDst {
                                 pos,
@@ -970,6 +1020,18 @@ impl<'a> Resolver<'a> {
             self.sink.error(v.pos, "test has no \"src\"");
             ok = false;
         }
+        let lists_ok = members.iter().all(|m| {
+            !matches!(m.key.to_ascii_lowercase().as_str(), "accept" | "deny")
+                || matches!(m.value.kind, Kind::Array(_))
+        });
+        if !asserted && lists_ok {
+            // A test without destinations always passes: it would hide a typo.
+            self.sink.error(
+                v.pos,
+                "test asserts nothing: give \"accept\" or \"deny\" destinations",
+            );
+            ok = false;
+        }
         let (src_text, src) = src?;
         ok.then_some(TestCase {
             pos: v.pos,
@@ -984,6 +1046,22 @@ impl<'a> Resolver<'a> {
     fn test_dst(&self, text: &str) -> Result<(Identity, u16), String> {
         let (host, port) = split_host_port(text)?;
         let dst = self.policy.identity(&host)?;
+        // A test destination is one host: "accept 100.64.0.0/10:22" would pass
+        // when any one address in the range is reachable. A /32 or /128 is
+        // one host, so it is accepted.
+        if let Identity::Addr(net) = &dst {
+            if net.prefix_len() != net.max_prefix_len() {
+                return Err(if host.contains('/') {
+                    format!(
+                        "test destination {text:?} is a range of addresses; name one host (an IP, a /32 or /128, a user, group, tag or host alias of one address)"
+                    )
+                } else {
+                    format!(
+                        "test destination {text:?}: host {host:?} is the range {net}; name one host (an IP, a /32 or /128, a user, group, tag or host alias of one address)"
+                    )
+                });
+            }
+        }
         let ports = parse_ports(port)?;
         match ports.as_slice() {
             [r] if r.first == r.last => Ok((dst, r.first)),

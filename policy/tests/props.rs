@@ -87,7 +87,17 @@ fn entry() -> impl Strategy<Value = EntrySpec> {
         prop::collection::vec((dst_alias(), ports), 1..3),
         proto,
     )
-        .prop_map(|(src, mut dst, proto)| {
+        .prop_map(|(mut src, mut dst, proto)| {
+            // autogroup:self only accepts people as sources (tags, addresses
+            // and `*` are rejected at parse time).
+            if dst.iter().any(|(a, _)| a == "autogroup:self") {
+                src.retain(|a| {
+                    a.contains('@') || a.starts_with("group:") || a == "autogroup:member"
+                });
+                if src.is_empty() {
+                    src.push("autogroup:member".to_string());
+                }
+            }
             if matches!(proto, Some("icmp" | "58")) {
                 for d in &mut dst {
                     d.1 = "*";

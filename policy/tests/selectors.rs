@@ -122,7 +122,7 @@ const CASES: &[Case] = &[
         ],
     ),
     (
-        r#"{"action": "accept", "src": ["*"], "dst": ["autogroup:self:22"]}"#,
+        r#"{"action": "accept", "src": ["group:eng", "dave@example.com"], "dst": ["autogroup:self:22"]}"#,
         &[
             (1, 6, TCP, 22, true),
             (3, 1, TCP, 22, false),

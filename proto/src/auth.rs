@@ -451,6 +451,23 @@ mod tests {
     }
 
     #[test]
+    fn extreme_timestamps_are_stale_not_a_panic() {
+        let key = SigningKey::generate(&mut OsRng);
+        let proof = NodeProof::create(&key, M, i64::MIN, &mut OsRng);
+        assert_eq!(proof.verify(M, i64::MAX), Err(AuthError::Stale));
+        assert_eq!(proof.verify(M, i64::MIN), Ok(()));
+        let mut guard = ReplayGuard::default();
+        guard.check_and_record(&proof, i64::MIN).unwrap();
+        assert_eq!(
+            guard.check_and_record(&proof, i64::MIN),
+            Err(AuthError::Replayed)
+        );
+        // Far in the future the entry is pruned; `verify` refuses it as stale.
+        guard.check_and_record(&proof, i64::MAX).unwrap();
+        assert_eq!(guard.len(), 1);
+    }
+
+    #[test]
     fn replay_guard_forgets_entries_older_than_two_windows() {
         let key = SigningKey::generate(&mut OsRng);
         let mut guard = ReplayGuard::default();
