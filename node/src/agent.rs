@@ -24,7 +24,6 @@ use ztmesh_proto::auth::{self, KeyToken};
 use ztmesh_proto::control::{NetMap, SignedNetMap};
 use ztmesh_proto::keys::{write_secret_file, PublicKey, SigningKey, WgPrivateKey, WgPublicKey};
 use ztmesh_proto::netmap;
-
 use ztmesh_proto::time::now_ms;
 
 use crate::control::{
@@ -1096,8 +1095,29 @@ mod tests {
         let e: Enrollment = serde_json::from_str(STATE_FILE).unwrap();
         assert_eq!(e.node_id, 7);
         assert_eq!(e.name, "web-1");
+        assert_eq!(e.fingerprint, std::array::from_fn(|i| i as u8));
+        assert_eq!(
+            e.controller_key,
+            "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="
+                .parse()
+                .unwrap()
+        );
+        assert_eq!(
+            e.addresses,
+            [
+                "100.64.0.7/32".parse::<IpNet>().unwrap(),
+                "fd7a:115c:a1e0::7/128".parse().unwrap()
+            ]
+        );
         let again = serde_json::to_string_pretty(&e).unwrap();
         assert_eq!(again, STATE_FILE, "same bytes on disk");
+        // Addresses written as prefixes load as the same addresses.
+        let prefixed = STATE_FILE
+            .replace("\"100.64.0.7\"", "\"100.64.0.7/32\"")
+            .replace("a1e0::7\"", "a1e0::7/128\"");
+        assert_ne!(prefixed, STATE_FILE);
+        let p: Enrollment = serde_json::from_str(&prefixed).unwrap();
+        assert_eq!(p, e);
     }
 
     #[test]
