@@ -18,12 +18,5 @@ pub mod ratelimit;
 pub mod server;
 pub mod store;
 
+pub use ztmesh_proto::time::now_ms;
 pub use ztmesh_proto::UnixMs;
-
-/// The wall clock in Unix milliseconds; read only by the I/O shells.
-pub fn now_ms() -> UnixMs {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use ipnet::IpNet;
 use prost::Message;
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -25,10 +24,11 @@ use ztmesh_proto::auth::{self, KeyToken};
 use ztmesh_proto::control::{NetMap, SignedNetMap};
 use ztmesh_proto::keys::{write_secret_file, PublicKey, SigningKey, WgPrivateKey, WgPublicKey};
 use ztmesh_proto::netmap;
+use ztmesh_proto::time::now_ms;
 
 use crate::control::{
-    clock_hint, now_ms, session_end, translate, Backoff, Controller, Identity, NetMapGate,
-    SessionEnd,
+    clock_hint, reconnect_delay, session_end, translate, Backoff, Controller, Identity, Install,
+    NetMapGate, SessionEnd, Step,
 };
 use crate::io::{DataPlane, DataPlaneConfig};
 use crate::localapi::{authorize, Caller, Request, Response, MAX_LINE};
@@ -53,17 +53,102 @@ pub struct DaemonConfig {
     pub operator_gid: Option<u32>,
 }
 
-/// What the node keeps about its enrollment.
+/// What the node keeps about its enrollment, parsed once when
+/// `enrollment.json` is read (stored as [`EnrollmentFile`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(try_from = "EnrollmentFile", into = "EnrollmentFile")]
 pub struct Enrollment {
     pub controller_url: String,
-    /// SHA-256 of the controller's TLS certificate, hex.
-    pub fingerprint: String,
-    /// The controller's netmap signing key, base64.
-    pub controller_key: String,
+    /// SHA-256 of the controller's TLS certificate (the pin).
+    pub fingerprint: [u8; 32],
+    /// The controller's netmap signing key.
+    pub controller_key: PublicKey,
     pub node_id: u64,
     pub name: String,
-    pub addresses: Vec<String>,
+    /// This node's overlay addresses.
+    pub addresses: Vec<IpNet>,
+}
+
+/// `enrollment.json` on disk: the fingerprint in hex, the key in base64, the
+/// addresses as text (a host address bare, as the controller sends it).
+#[derive(Serialize, Deserialize)]
+pub struct EnrollmentFile {
+    controller_url: String,
+    fingerprint: String,
+    controller_key: String,
+    node_id: u64,
+    name: String,
+    addresses: Vec<String>,
+}
+
+/// A field of `enrollment.json` that does not parse: the file is corrupt;
+/// re-enroll (`ztmesh logout`, then `ztmesh up`).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid {field} {value:?}")]
+pub struct EnrollmentError {
+    pub field: &'static str,
+    pub value: String,
+}
+
+impl TryFrom<EnrollmentFile> for Enrollment {
+    type Error = EnrollmentError;
+
+    fn try_from(f: EnrollmentFile) -> Result<Self, EnrollmentError> {
+        let bad = |field, value: &str| EnrollmentError {
+            field,
+            value: value.to_string(),
+        };
+        let fingerprint = auth::parse_fingerprint(&f.fingerprint)
+            .ok_or_else(|| bad("fingerprint", &f.fingerprint))?;
+        let controller_key = f
+            .controller_key
+            .parse()
+            .map_err(|_| bad("controller_key", &f.controller_key))?;
+        let addresses = f
+            .addresses
+            .iter()
+            .map(|a| parse_address(a).ok_or_else(|| bad("addresses", a)))
+            .collect::<Result<_, _>>()?;
+        Ok(Enrollment {
+            controller_url: f.controller_url,
+            fingerprint,
+            controller_key,
+            node_id: f.node_id,
+            name: f.name,
+            addresses,
+        })
+    }
+}
+
+impl From<Enrollment> for EnrollmentFile {
+    fn from(e: Enrollment) -> Self {
+        EnrollmentFile {
+            controller_url: e.controller_url,
+            fingerprint: auth::hex(&e.fingerprint),
+            controller_key: e.controller_key.to_string(),
+            node_id: e.node_id,
+            name: e.name,
+            addresses: e.addresses.iter().map(address_text).collect(),
+        }
+    }
+}
+
+/// An overlay address as the controller sends it (a bare address) or as a
+/// prefix.
+fn parse_address(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+}
+
+/// The text of an overlay address: bare for a single host (as the controller
+/// sends it), a prefix otherwise.
+fn address_text(a: &IpNet) -> String {
+    if a.prefix_len() == a.max_prefix_len() {
+        a.addr().to_string()
+    } else {
+        a.to_string()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,18 +232,11 @@ impl Daemon {
         }
     }
 
-    fn controller_key(e: &Enrollment) -> anyhow::Result<PublicKey> {
-        e.controller_key
-            .parse()
-            .map_err(|_| anyhow!("enrollment.json has an invalid controller key"))
-    }
-
     /// Loads the stored netmap if its signature still verifies and it has not expired.
     fn load_cached_netmap(&self, e: &Enrollment) -> Option<NetMap> {
         let bytes = std::fs::read(self.path("netmap.bin")).ok()?;
         let signed = SignedNetMap::decode(bytes.as_slice()).ok()?;
-        let key = Self::controller_key(e).ok()?;
-        match netmap::verify_signature(&key, &signed) {
+        match netmap::verify_signature(&e.controller_key, &signed) {
             Ok(m) if self.identity(e).check(&m).is_err() => {
                 tracing::error!("stored netmap is for another node; starting with no peers");
                 None
@@ -180,15 +258,7 @@ impl Daemon {
         if dp.is_some() {
             return Ok(());
         }
-        let addresses: Vec<IpNet> = e
-            .addresses
-            .iter()
-            .filter_map(|a| {
-                a.parse::<IpNet>()
-                    .ok()
-                    .or_else(|| a.parse::<std::net::IpAddr>().ok().map(IpNet::from))
-            })
-            .collect();
+        let addresses = e.addresses.clone();
         let mut routes: Vec<IpNet> = vec!["100.64.0.0/10".parse().expect("static prefix")];
         for a in &addresses {
             if let IpNet::V6(v6) = a {
@@ -210,7 +280,7 @@ impl Daemon {
         .await
         .context("starting the data plane")?;
         // Default deny until a netmap says otherwise.
-        plane.set_filter(Some(crate::filter::Ruleset::default()));
+        install(&plane, Install::Empty);
         *dp = Some(plane);
         Ok(())
     }
@@ -221,9 +291,7 @@ impl Daemon {
         {
             let dp = self.dp.lock().await;
             let dp = dp.as_ref().ok_or_else(|| anyhow!("data plane is down"))?;
-            // Rules first, then peers: a new peer is never reachable under the old rules.
-            dp.set_filter(Some(t.rules));
-            dp.set_peers(t.peers);
+            install(dp, t.into());
         }
         write_secret_file(&self.path("netmap.bin"), &signed.encode_to_vec())?;
         let serial = map.serial;
@@ -239,10 +307,10 @@ impl Daemon {
         Ok(serial)
     }
 
+    /// Fails closed: default deny and no peers (revoked, or the map expired).
     async fn clear_peers(&self) {
         if let Some(dp) = self.dp.lock().await.as_ref() {
-            dp.set_filter(Some(crate::filter::Ruleset::default()));
-            dp.set_peers(Vec::new());
+            install(dp, Install::Empty);
         }
     }
 
@@ -252,11 +320,8 @@ impl Daemon {
 
     /// One controller session: connect, report endpoints, follow the netmap stream.
     async fn session(self: &Arc<Self>, e: &Enrollment, have: &mut u64) -> Result<(), SessionError> {
-        let fp = auth::parse_fingerprint(&e.fingerprint).ok_or_else(|| {
-            SessionError::Fatal("enrollment.json has an invalid fingerprint".into())
-        })?;
-        let key = Self::controller_key(e).map_err(|e| SessionError::Fatal(e.to_string()))?;
-        let mut ctl = Controller::connect(&e.controller_url, fp, Duration::from_secs(5))
+        let key = e.controller_key;
+        let mut ctl = Controller::connect(&e.controller_url, e.fingerprint, Duration::from_secs(5))
             .await
             .map_err(|err| SessionError::Retry(format!("{err:#}")))?;
         let port = match self.dp.lock().await.as_ref() {
@@ -360,14 +425,6 @@ impl Daemon {
                     self.clear_peers().await;
                     m
                 }
-                Err(SessionError::Fatal(m)) => {
-                    tracing::error!(error = %m, "control loop stopped");
-                    self.set_conn(ConnState::Connecting {
-                        attempt,
-                        last_error: m,
-                    });
-                    return;
-                }
             };
             if matches!(self.lock().conn, ConnState::Connected { .. }) {
                 attempt = 0;
@@ -379,7 +436,7 @@ impl Daemon {
                 attempt,
                 last_error: err,
             });
-            let delay = backoff.delay(attempt, rand::thread_rng().gen());
+            let delay = reconnect_delay(&backoff, attempt);
             attempt = attempt.saturating_add(1);
             tokio::time::sleep(delay).await;
         }
@@ -500,13 +557,20 @@ impl Daemon {
             .map_err(|s| anyhow!("enrollment refused: {}", s.message()))?;
         let controller_key = PublicKey::from_slice(&resp.controller_key)
             .map_err(|_| anyhow!("controller sent an invalid netmap key"))?;
+        let addresses = resp
+            .addresses
+            .iter()
+            .map(|a| {
+                parse_address(a).ok_or_else(|| anyhow!("controller sent an invalid address {a:?}"))
+            })
+            .collect::<anyhow::Result<_>>()?;
         let e = Enrollment {
             controller_url: url.to_string(),
-            fingerprint: auth::hex(&fp),
-            controller_key: controller_key.to_string(),
+            fingerprint: fp,
+            controller_key,
             node_id: resp.node_id,
             name: resp.name,
-            addresses: resp.addresses,
+            addresses,
         };
         write_secret_file(
             &self.path("enrollment.json"),
@@ -527,20 +591,16 @@ impl Daemon {
         let e = self.lock().enrollment.clone();
         let mut remote = "not enrolled".to_string();
         if let Some(e) = &e {
-            remote = match auth::parse_fingerprint(&e.fingerprint) {
-                Some(fp) => {
-                    match Controller::connect(&e.controller_url, fp, Duration::from_secs(5)).await {
-                        Ok(mut c) => match c.logout(&self.keys().machine).await {
-                            Ok(()) => "deregistered".into(),
-                            Err(s) => format!("controller refused logout: {}", s.message()),
-                        },
-                        Err(err) => {
-                            format!("controller unreachable ({err:#}); delete the node there")
-                        }
-                    }
-                }
-                None => "invalid fingerprint".into(),
-            };
+            remote =
+                match Controller::connect(&e.controller_url, e.fingerprint, Duration::from_secs(5))
+                    .await
+                {
+                    Ok(mut c) => match c.logout(&self.keys().machine).await {
+                        Ok(()) => "deregistered".into(),
+                        Err(s) => format!("controller refused logout: {}", s.message()),
+                    },
+                    Err(err) => format!("controller unreachable ({err:#}); delete the node there"),
+                };
         }
         self.stop().await;
         for f in [
@@ -608,7 +668,8 @@ impl Daemon {
         json!({
             "enrolled": st.enrollment.is_some(),
             "self": st.enrollment.as_ref().map(|e| json!({
-                "name": e.name, "id": e.node_id, "addresses": e.addresses,
+                "name": e.name, "id": e.node_id,
+                "addresses": e.addresses.iter().map(address_text).collect::<Vec<_>>(),
                 "public_key": self.keys().wg.public().to_string(),
             })),
             "controller": {
@@ -654,7 +715,8 @@ impl Daemon {
         } else {
             out.push_str("# PrivateKey omitted (use --include-private-key)\n");
         }
-        out.push_str(&format!("Address = {}\n", e.addresses.join(", ")));
+        let addresses: Vec<String> = e.addresses.iter().map(address_text).collect();
+        out.push_str(&format!("Address = {}\n", addresses.join(", ")));
         out.push_str(&format!("ListenPort = {}\n", self.cfg.listen_port));
         out.push_str(&format!("MTU = {}\n", self.cfg.mtu));
         if let Some(m) = &st.netmap {
@@ -720,8 +782,17 @@ enum SessionError {
         reason: &'static str,
         message: String,
     },
-    /// Local state is broken; stop.
-    Fatal(String),
+}
+
+/// The one place the agent changes the data plane's peers and filter: the
+/// steps of [`Install::steps`], in their order (rules before peers).
+fn install(dp: &DataPlane, what: Install) {
+    for step in what.steps() {
+        match step {
+            Step::Filter(rules) => dp.set_filter(Some(rules)),
+            Step::Peers(peers) => dp.set_peers(peers),
+        }
+    }
 }
 
 fn status_error(s: tonic::Status) -> SessionError {
@@ -903,8 +974,7 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
                 match translate(&map) {
                     Ok(t) => {
                         if let Some(dp) = daemon.dp.lock().await.as_ref() {
-                            dp.set_filter(Some(t.rules));
-                            dp.set_peers(t.peers);
+                            install(dp, t.into());
                         }
                         tracing::info!(serial = map.serial, "restored the last netmap");
                         let mut st = daemon.lock();
@@ -1003,6 +1073,71 @@ mod tests {
         ];
         for (from, to, want) in cases {
             assert_eq!(secs_between(from, to), want, "{from} -> {to}");
+        }
+    }
+
+    /// `enrollment.json` exactly as `ztmesh up` writes it (pretty JSON; the
+    /// controller sends bare overlay addresses).
+    const STATE_FILE: &str = r#"{
+  "controller_url": "https://[fd00::1]:8443",
+  "fingerprint": "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
+  "controller_key": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+  "node_id": 7,
+  "name": "web-1",
+  "addresses": [
+    "100.64.0.7",
+    "fd7a:115c:a1e0::7"
+  ]
+}"#;
+
+    #[test]
+    fn a_state_file_written_today_loads_and_is_written_back_unchanged() {
+        let e: Enrollment = serde_json::from_str(STATE_FILE).unwrap();
+        assert_eq!(e.node_id, 7);
+        assert_eq!(e.name, "web-1");
+        assert_eq!(e.fingerprint, std::array::from_fn(|i| i as u8));
+        assert_eq!(
+            e.controller_key,
+            "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="
+                .parse()
+                .unwrap()
+        );
+        assert_eq!(
+            e.addresses,
+            [
+                "100.64.0.7/32".parse::<IpNet>().unwrap(),
+                "fd7a:115c:a1e0::7/128".parse().unwrap()
+            ]
+        );
+        let again = serde_json::to_string_pretty(&e).unwrap();
+        assert_eq!(again, STATE_FILE, "same bytes on disk");
+        // Addresses written as prefixes load as the same addresses.
+        let prefixed = STATE_FILE
+            .replace("\"100.64.0.7\"", "\"100.64.0.7/32\"")
+            .replace("a1e0::7\"", "a1e0::7/128\"");
+        assert_ne!(prefixed, STATE_FILE);
+        let p: Enrollment = serde_json::from_str(&prefixed).unwrap();
+        assert_eq!(p, e);
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_refused_naming_the_field() {
+        let cases = [
+            ("fingerprint", "0001020304050607", "deadbeef"),
+            (
+                "controller_key",
+                "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+                "not a key",
+            ),
+            ("addresses", "100.64.0.7", "100.64.0.300"),
+        ];
+        for (field, good, bad) in cases {
+            let corrupt = STATE_FILE.replacen(good, bad, 1);
+            assert_ne!(corrupt, STATE_FILE, "{field}: the case edits the file");
+            let err = serde_json::from_str::<Enrollment>(&corrupt)
+                .expect_err(field)
+                .to_string();
+            assert!(err.contains(field), "{field}: {err}");
         }
     }
 

@@ -7,11 +7,13 @@
 //! - [`auth`]: node session proofs, the auth-key format and its parser.
 //! - [`tls`]: certificate-pinned TLS channels to the controller.
 //! - [`refusal`]: machine-readable reasons a node's session was refused.
+//! - [`time`]: the one wall-clock read ([`time::now_ms`]) both sides use.
 
 pub mod auth;
 pub mod keys;
 pub mod netmap;
 pub mod refusal;
+pub mod time;
 pub mod tls;
 
 /// Generated control API (node ↔ controller).

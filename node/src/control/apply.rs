@@ -1,21 +1,21 @@
-//! The node's side of the control protocol.
+//! The pure half of the node's control protocol: no I/O, no clock, no RNG
+//! (time and random values are arguments).
 //!
-//! Pure parts: [`Backoff`] (jittered exponential reconnect schedule; the random
-//! value is an argument), [`session_end`] (what a refusal by the controller
-//! means: only a revocation drops the peers) and [`translate`] (a verified netmap → data-plane peers
-//! and filter rules, parsed once here at the edge). The thin client
-//! ([`Controller`]) wraps the pinned-TLS gRPC channel and signs every call with
-//! the machine key.
+//! [`NetMapGate`] passes a signed netmap only if it is signed by the pinned
+//! controller key, newer, unexpired and addressed to this node ([`Identity`]);
+//! [`translate`] turns it into data-plane peers and filter rules, parsed once
+//! here at the edge; [`Install`] is what the agent hands the data plane, rules
+//! before peers. [`decide`] says what a refusal by the controller means (only a
+//! revocation drops the peers), [`clock_hint`] words a clock-skew refusal and
+//! [`Backoff`] is the jittered reconnect schedule.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use rand_core::OsRng;
-use ztmesh_proto::auth::{self, methods, signed_request};
-use ztmesh_proto::control::{self as pb, control_client::ControlClient};
-use ztmesh_proto::keys::{SigningKey, WgPrivateKey, WgPublicKey};
-use ztmesh_proto::refusal::{self, AuthReason};
+use ztmesh_proto::control as pb;
+use ztmesh_proto::keys::WgPublicKey;
+use ztmesh_proto::refusal::{AuthReason, Refusal};
 use ztmesh_proto::UnixMs;
 
 use crate::filter;
@@ -73,6 +73,46 @@ pub struct Translated {
     pub peers: Vec<PeerConfig>,
     /// The filter: this node's own addresses and the rules admitting traffic to them.
     pub rules: filter::Ruleset,
+}
+
+/// What the agent installs in the data plane: a verified map's rules and
+/// peers, or [`Install::Empty`] (revoked or expired: default deny, no peers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Install {
+    Map {
+        rules: filter::Ruleset,
+        peers: Vec<PeerConfig>,
+    },
+    Empty,
+}
+
+/// One data-plane call of an [`Install`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Filter(filter::Ruleset),
+    Peers(Vec<PeerConfig>),
+}
+
+impl From<Translated> for Install {
+    fn from(t: Translated) -> Self {
+        Install::Map {
+            rules: t.rules,
+            peers: t.peers,
+        }
+    }
+}
+
+impl Install {
+    /// The data-plane calls that install this, in the order they must run:
+    /// the filter first, then the peers, so a new peer is never reachable
+    /// under the old rules (and a dropped peer is already denied when it goes).
+    pub fn steps(self) -> [Step; 2] {
+        let (rules, peers) = match self {
+            Install::Map { rules, peers } => (rules, peers),
+            Install::Empty => (filter::Ruleset::default(), Vec::new()),
+        };
+        [Step::Filter(rules), Step::Peers(peers)]
+    }
 }
 
 /// Converts a verified netmap into peers and filter rules. Pure.
@@ -285,17 +325,6 @@ impl NetMapGate {
     }
 }
 
-/// Largest message the node accepts from the controller (a signed netmap).
-///
-/// tonic's default of 4 MiB holds only ~20,000 peers, so a larger mesh's map
-/// would be refused on every reconnect, forever. A peer costs ~200 bytes on the
-/// wire (name, key, two overlay prefixes, three endpoints) and up to ~1 KiB with
-/// a long endpoint list and its share of the rules' source prefixes; the data
-/// plane holds at most [`crate::tunnel::MAX_PEERS`] (65,536) peers, so
-/// 65,536 × 1 KiB = 64 MiB. The map comes only from the pinned controller over
-/// TLS, so this bounds a controller's mistake, not a stranger's input.
-pub const MAX_NETMAP_BYTES: usize = 64 << 20;
-
 /// What the node does when the controller refuses or ends its session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionEnd {
@@ -320,11 +349,27 @@ pub enum SessionEnd {
     Retry(String),
 }
 
-/// Decides what a refusal `status` means for this node. Pure: the local
-/// clock reading `now_ms` is an argument.
-pub fn session_end(status: &tonic::Status, now_ms: UnixMs) -> SessionEnd {
-    let r = refusal::refusal(status);
-    let message = status.message().to_string();
+/// How the controller ended a session, as the pure core sees it: the refusal
+/// metadata and the gRPC status, read by [`super::client::session_end`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ending {
+    pub refusal: Refusal,
+    /// The status code is `UNAUTHENTICATED` or `PERMISSION_DENIED`.
+    pub auth_refused: bool,
+    /// The status code's description (e.g. "The operation was aborted").
+    pub code: String,
+    pub message: String,
+}
+
+/// Decides what a refusal means for this node. Pure: the local clock reading
+/// `now_ms` is an argument.
+pub fn decide(end: Ending, now_ms: UnixMs) -> SessionEnd {
+    let Ending {
+        refusal: r,
+        auth_refused,
+        code,
+        message,
+    } = end;
     match r.reason {
         Some(Ok(AuthReason::Revoked)) => SessionEnd::Revoked(message),
         Some(Ok(AuthReason::ClockSkew)) => SessionEnd::ClockSkew {
@@ -339,12 +384,8 @@ pub fn session_end(status: &tonic::Status, now_ms: UnixMs) -> SessionEnd {
         }
         // No reason (an older controller) or one this node does not know:
         // judge by the code, and fail closed on an authentication refusal.
-        None | Some(Err(_)) => match status.code() {
-            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
-                SessionEnd::Revoked(message)
-            }
-            code => SessionEnd::Retry(format!("{code}: {message}")),
-        },
+        None | Some(Err(_)) if auth_refused => SessionEnd::Revoked(message),
+        None | Some(Err(_)) => SessionEnd::Retry(format!("{code}: {message}")),
     }
 }
 
@@ -365,157 +406,21 @@ pub fn clock_hint(skew_ms: Option<i64>) -> String {
     }
 }
 
-/// A connected, authenticated client of the controller.
-pub struct Controller {
-    client: ControlClient<tonic::transport::Channel>,
-}
-
-/// Unix time in milliseconds.
-pub fn now_ms() -> UnixMs {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-impl Controller {
-    /// Connects over TLS pinned to `fingerprint`.
-    ///
-    /// # Errors
-    /// Unreachable controller, bad URL or pin mismatch.
-    pub async fn connect(
-        url: &str,
-        fingerprint: [u8; 32],
-        timeout: Duration,
-    ) -> anyhow::Result<Self> {
-        let ch = ztmesh_proto::tls::connect(url, fingerprint, timeout).await?;
-        Ok(Self::from_channel(ch))
-    }
-
-    /// Wraps an established channel (TLS, or in-memory in tests).
-    pub fn from_channel(ch: tonic::transport::Channel) -> Self {
-        Self {
-            client: ControlClient::new(ch).max_decoding_message_size(MAX_NETMAP_BYTES),
-        }
-    }
-
-    /// Enrolls with an auth key, proving possession of the machine key.
-    ///
-    /// # Errors
-    /// The controller's refusal (e.g. a used or expired key), verbatim.
-    pub async fn enroll(
-        &mut self,
-        auth_key: &str,
-        machine: &SigningKey,
-        wg: &WgPrivateKey,
-        hostname: &str,
-    ) -> Result<pb::EnrollResponse, tonic::Status> {
-        let ts = now_ms();
-        let mk = machine.public().as_bytes().to_vec();
-        let wk = wg.public().as_bytes().to_vec();
-        let proof = machine
-            .sign(&auth::enroll_message(auth_key, &mk, &wk, hostname, ts))
-            .to_vec();
-        let req = pb::EnrollRequest {
-            auth_key: auth_key.to_string(),
-            machine_key: mk,
-            wg_key: wk,
-            hostname: hostname.to_string(),
-            timestamp_ms: ts,
-            proof,
-        };
-        Ok(self.client.enroll(req).await?.into_inner())
-    }
-
-    /// Opens the netmap stream.
-    ///
-    /// # Errors
-    /// Authentication or transport failures.
-    pub async fn stream(
-        &mut self,
-        machine: &SigningKey,
-        have_serial: u64,
-    ) -> Result<tonic::Streaming<pb::SignedNetMap>, tonic::Status> {
-        let req = signed_request(
-            machine,
-            methods::STREAM_NETMAP,
-            pb::StreamNetMapRequest { have_serial },
-            now_ms(),
-            &mut OsRng,
-        );
-        Ok(self.client.stream_net_map(req).await?.into_inner())
-    }
-
-    /// Reports where this node can be reached.
-    ///
-    /// # Errors
-    /// Authentication or transport failures.
-    pub async fn report_endpoints(
-        &mut self,
-        machine: &SigningKey,
-        endpoints: Vec<String>,
-    ) -> Result<(), tonic::Status> {
-        let req = signed_request(
-            machine,
-            methods::REPORT_ENDPOINTS,
-            pb::ReportEndpointsRequest { endpoints },
-            now_ms(),
-            &mut OsRng,
-        );
-        self.client.report_endpoints(req).await?;
-        Ok(())
-    }
-
-    /// Reports denied-flow summaries (the controller records them).
-    ///
-    /// # Errors
-    /// Authentication or transport failures.
-    pub async fn report_flows(
-        &mut self,
-        machine: &SigningKey,
-        flows: Vec<pb::FlowSummary>,
-    ) -> Result<(), tonic::Status> {
-        let req = signed_request(
-            machine,
-            methods::REPORT_FLOWS,
-            pb::ReportFlowsRequest { flows },
-            now_ms(),
-            &mut OsRng,
-        );
-        self.client.report_flows(req).await?;
-        Ok(())
-    }
-
-    /// Deregisters this node.
-    ///
-    /// # Errors
-    /// Authentication or transport failures.
-    pub async fn logout(&mut self, machine: &SigningKey) -> Result<(), tonic::Status> {
-        let req = signed_request(
-            machine,
-            methods::LOGOUT,
-            pb::LogoutRequest {},
-            now_ms(),
-            &mut OsRng,
-        );
-        self.client.logout(req).await?;
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use rand::rngs::StdRng;
     use rand::SeedableRng;
-    use ztmesh_proto::keys::SigningKey;
+    use ztmesh_proto::keys::{SigningKey, WgPrivateKey};
     use ztmesh_proto::netmap::NetMapError;
 
     use super::*;
 
     #[test]
     fn gate_refuses_foreign_signatures_rollbacks_and_expired_maps() {
-        let controller = SigningKey::generate(&mut OsRng);
-        let rogue = SigningKey::generate(&mut OsRng);
+        let controller = signing(101);
+        let rogue = signing(102);
         let mut gate = NetMapGate::new(controller.public(), me(), 0);
         let mut m = map();
         m.serial = 10;
@@ -561,7 +466,7 @@ mod tests {
 
     #[test]
     fn gate_refuses_a_correctly_signed_map_for_another_node() {
-        let controller = SigningKey::generate(&mut OsRng);
+        let controller = signing(101);
         let other = Identity {
             node_id: Some(2),
             machine: signing(17).public(),
@@ -655,7 +560,7 @@ mod tests {
 
     #[test]
     fn gate_handles_netmap_times_at_the_extremes() {
-        let controller = SigningKey::generate(&mut OsRng);
+        let controller = signing(101);
         let mut serial = 0;
         let mut offer = |issued_at_ms, not_after_ms, now_ms| {
             serial += 1;
@@ -686,96 +591,46 @@ mod tests {
     }
 
     #[test]
-    fn only_revocations_and_reasonless_auth_refusals_drop_the_peers() {
-        use tonic::{Code, Status};
-        use ztmesh_proto::refusal::{self, AuthReason};
-
-        let now = 1_800_000_300_000;
-        let with = |reason: &'static str, code: Code| {
-            let mut s = Status::new(code, "m");
-            s.metadata_mut()
-                .insert(refusal::REASON_HEADER, reason.parse().unwrap());
-            s
+    fn decides_without_a_transport_failing_closed_on_unknown_auth_refusals() {
+        let end = |reason, auth_refused, server_time_ms| Ending {
+            refusal: Refusal {
+                reason,
+                server_time_ms,
+            },
+            auth_refused,
+            code: "code".into(),
+            message: "m".into(),
         };
-        let revoked = |m: &str| SessionEnd::Revoked(m.to_string());
-        let table: Vec<(Status, SessionEnd)> = vec![
-            // Reasons from this controller.
+        let unknown = Some(Err(ztmesh_proto::refusal::UnknownReason));
+        let table = [
             (
-                refusal::status(AuthReason::Revoked, "node was deleted", None),
-                revoked("node was deleted"),
+                end(Some(Ok(AuthReason::Revoked)), false, None),
+                SessionEnd::Revoked("m".into()),
+            ),
+            (end(None, true, None), SessionEnd::Revoked("m".into())),
+            (end(unknown, true, None), SessionEnd::Revoked("m".into())),
+            (
+                end(unknown, false, None),
+                SessionEnd::Retry("code: m".into()),
             ),
             (
-                refusal::status(AuthReason::ClockSkew, "skew", Some(now - 300_000)),
+                end(Some(Ok(AuthReason::ClockSkew)), true, Some(i64::MIN)),
                 SessionEnd::ClockSkew {
-                    skew_ms: Some(300_000),
-                    message: "skew".into(),
+                    skew_ms: Some(i64::MAX),
+                    message: "m".into(),
                 },
             ),
             (
-                refusal::status(AuthReason::ClockSkew, "skew", None),
-                SessionEnd::ClockSkew {
-                    skew_ms: None,
-                    message: "skew".into(),
-                },
-            ),
-            (
-                refusal::status(AuthReason::Replaced, "newer session", None),
+                end(Some(Ok(AuthReason::Replaced)), false, None),
                 SessionEnd::Refused {
                     reason: "replaced",
-                    message: "newer session".into(),
+                    message: "m".into(),
                 },
-            ),
-            (
-                refusal::status(AuthReason::Replayed, "r", None),
-                SessionEnd::Refused {
-                    reason: "replayed",
-                    message: "r".into(),
-                },
-            ),
-            (
-                refusal::status(AuthReason::BadProof, "b", None),
-                SessionEnd::Refused {
-                    reason: "bad-proof",
-                    message: "b".into(),
-                },
-            ),
-            // An older controller: no reason; unauthenticated means revoked.
-            (
-                Status::unauthenticated("unknown machine key"),
-                revoked("unknown machine key"),
-            ),
-            (Status::permission_denied("no"), revoked("no")),
-            // A reason this node does not know: judged by the code, failing closed.
-            (with("quarantined", Code::Unauthenticated), revoked("m")),
-            (
-                with("quarantined", Code::Aborted),
-                SessionEnd::Retry("The operation was aborted: m".into()),
-            ),
-            // Not an auth refusal.
-            (
-                Status::unavailable("down"),
-                SessionEnd::Retry("The service is currently unavailable: down".into()),
             ),
         ];
-        for (status, want) in table {
-            assert_eq!(session_end(&status, now), want, "{status:?}");
+        for (ending, want) in table {
+            assert_eq!(decide(ending.clone(), i64::MAX), want, "{ending:?}");
         }
-        // A garbled clock reading is ignored, not trusted; extreme values saturate.
-        let mut s = refusal::status(AuthReason::ClockSkew, "skew", None);
-        s.metadata_mut()
-            .insert(refusal::SERVER_TIME_HEADER, "yesterday".parse().unwrap());
-        assert!(matches!(
-            session_end(&s, now),
-            SessionEnd::ClockSkew { skew_ms: None, .. }
-        ));
-        let s = refusal::status(AuthReason::ClockSkew, "skew", Some(i64::MIN));
-        assert_eq!(
-            session_end(&s, i64::MAX),
-            SessionEnd::ClockSkew {
-                skew_ms: Some(i64::MAX),
-                message: "skew".into()
-            }
-        );
     }
 
     #[test]
@@ -858,6 +713,31 @@ mod tests {
         assert_eq!(t.rules.rules[0].dst, vec!["100.64.0.1/32".parse().unwrap()]);
         // The filter's local addresses are exactly the node's own.
         assert_eq!(t.rules.local, t.addresses);
+    }
+
+    #[test]
+    fn installs_rules_before_peers_and_empty_denies_everything() {
+        let t = translate(&map()).unwrap();
+        let (rules, peers) = (t.rules.clone(), t.peers.clone());
+        assert!(!peers.is_empty() && !rules.rules.is_empty());
+        assert_eq!(
+            Install::from(t).steps(),
+            [Step::Filter(rules), Step::Peers(peers)],
+            "the new rules are in force before any new peer"
+        );
+        let empty = Install::Empty.steps();
+        assert_eq!(
+            empty,
+            [
+                Step::Filter(filter::Ruleset::default()),
+                Step::Peers(vec![])
+            ]
+        );
+        // Default deny: no local address, no rule.
+        let [Step::Filter(deny), _] = empty else {
+            panic!("filter first")
+        };
+        assert!(deny.rules.is_empty() && deny.local.is_empty());
     }
 
     #[test]

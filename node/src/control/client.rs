@@ -1,0 +1,282 @@
+//! The I/O half of the node's control protocol: the tonic client over the
+//! pinned-TLS channel, the machine-key proofs on every call (reading the clock
+//! and drawing nonces), the netmap size limit, reading a refusal from a gRPC
+//! status, and the reconnect jitter drawn from an RNG. Decisions are made by
+//! the pure [`super::apply`].
+
+use std::time::Duration;
+
+use rand::Rng;
+use rand_core::OsRng;
+use ztmesh_proto::auth::{self, methods, signed_request};
+use ztmesh_proto::control::{self as pb, control_client::ControlClient};
+use ztmesh_proto::keys::{SigningKey, WgPrivateKey};
+use ztmesh_proto::refusal;
+use ztmesh_proto::time::now_ms;
+use ztmesh_proto::UnixMs;
+
+use super::apply::{decide, Backoff, Ending, SessionEnd};
+
+/// Largest message the node accepts from the controller (a signed netmap).
+///
+/// tonic's default of 4 MiB holds only ~20,000 peers, so a larger mesh's map
+/// would be refused on every reconnect, forever. A peer costs ~200 bytes on the
+/// wire (name, key, two overlay prefixes, three endpoints) and up to ~1 KiB with
+/// a long endpoint list and its share of the rules' source prefixes; the data
+/// plane holds at most [`crate::tunnel::MAX_PEERS`] (65,536) peers, so
+/// 65,536 × 1 KiB = 64 MiB. The map comes only from the pinned controller over
+/// TLS, so this bounds a controller's mistake, not a stranger's input.
+pub const MAX_NETMAP_BYTES: usize = 64 << 20;
+
+/// Decides what a refusal `status` means for this node (see
+/// [`super::apply::decide`]); `now_ms` is the local clock reading.
+pub fn session_end(status: &tonic::Status, now_ms: UnixMs) -> SessionEnd {
+    decide(ending(status), now_ms)
+}
+
+/// Reads what [`decide`] needs from a gRPC status.
+pub fn ending(status: &tonic::Status) -> Ending {
+    let code = status.code();
+    Ending {
+        refusal: refusal::refusal(status),
+        auth_refused: matches!(
+            code,
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+        ),
+        code: code.to_string(),
+        message: status.message().to_string(),
+    }
+}
+
+/// The delay before reconnect attempt `attempt`, jittered from the thread RNG.
+pub fn reconnect_delay(backoff: &Backoff, attempt: u32) -> Duration {
+    backoff.delay(attempt, rand::thread_rng().gen())
+}
+
+/// A connected, authenticated client of the controller.
+pub struct Controller {
+    client: ControlClient<tonic::transport::Channel>,
+}
+
+impl Controller {
+    /// Connects over TLS pinned to `fingerprint`.
+    ///
+    /// # Errors
+    /// Unreachable controller, bad URL or pin mismatch.
+    pub async fn connect(
+        url: &str,
+        fingerprint: [u8; 32],
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let ch = ztmesh_proto::tls::connect(url, fingerprint, timeout).await?;
+        Ok(Self::from_channel(ch))
+    }
+
+    /// Wraps an established channel (TLS, or in-memory in tests).
+    pub fn from_channel(ch: tonic::transport::Channel) -> Self {
+        Self {
+            client: ControlClient::new(ch).max_decoding_message_size(MAX_NETMAP_BYTES),
+        }
+    }
+
+    /// Enrolls with an auth key, proving possession of the machine key.
+    ///
+    /// # Errors
+    /// The controller's refusal (e.g. a used or expired key), verbatim.
+    pub async fn enroll(
+        &mut self,
+        auth_key: &str,
+        machine: &SigningKey,
+        wg: &WgPrivateKey,
+        hostname: &str,
+    ) -> Result<pb::EnrollResponse, tonic::Status> {
+        let ts = now_ms();
+        let mk = machine.public().as_bytes().to_vec();
+        let wk = wg.public().as_bytes().to_vec();
+        let proof = machine
+            .sign(&auth::enroll_message(auth_key, &mk, &wk, hostname, ts))
+            .to_vec();
+        let req = pb::EnrollRequest {
+            auth_key: auth_key.to_string(),
+            machine_key: mk,
+            wg_key: wk,
+            hostname: hostname.to_string(),
+            timestamp_ms: ts,
+            proof,
+        };
+        Ok(self.client.enroll(req).await?.into_inner())
+    }
+
+    /// Opens the netmap stream.
+    ///
+    /// # Errors
+    /// Authentication or transport failures.
+    pub async fn stream(
+        &mut self,
+        machine: &SigningKey,
+        have_serial: u64,
+    ) -> Result<tonic::Streaming<pb::SignedNetMap>, tonic::Status> {
+        let req = signed_request(
+            machine,
+            methods::STREAM_NETMAP,
+            pb::StreamNetMapRequest { have_serial },
+            now_ms(),
+            &mut OsRng,
+        );
+        Ok(self.client.stream_net_map(req).await?.into_inner())
+    }
+
+    /// Reports where this node can be reached.
+    ///
+    /// # Errors
+    /// Authentication or transport failures.
+    pub async fn report_endpoints(
+        &mut self,
+        machine: &SigningKey,
+        endpoints: Vec<String>,
+    ) -> Result<(), tonic::Status> {
+        let req = signed_request(
+            machine,
+            methods::REPORT_ENDPOINTS,
+            pb::ReportEndpointsRequest { endpoints },
+            now_ms(),
+            &mut OsRng,
+        );
+        self.client.report_endpoints(req).await?;
+        Ok(())
+    }
+
+    /// Reports denied-flow summaries (the controller records them).
+    ///
+    /// # Errors
+    /// Authentication or transport failures.
+    pub async fn report_flows(
+        &mut self,
+        machine: &SigningKey,
+        flows: Vec<pb::FlowSummary>,
+    ) -> Result<(), tonic::Status> {
+        let req = signed_request(
+            machine,
+            methods::REPORT_FLOWS,
+            pb::ReportFlowsRequest { flows },
+            now_ms(),
+            &mut OsRng,
+        );
+        self.client.report_flows(req).await?;
+        Ok(())
+    }
+
+    /// Deregisters this node.
+    ///
+    /// # Errors
+    /// Authentication or transport failures.
+    pub async fn logout(&mut self, machine: &SigningKey) -> Result<(), tonic::Status> {
+        let req = signed_request(
+            machine,
+            methods::LOGOUT,
+            pb::LogoutRequest {},
+            now_ms(),
+            &mut OsRng,
+        );
+        self.client.logout(req).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_revocations_and_reasonless_auth_refusals_drop_the_peers() {
+        use tonic::{Code, Status};
+        use ztmesh_proto::refusal::{self, AuthReason};
+
+        let now = 1_800_000_300_000;
+        let with = |reason: &'static str, code: Code| {
+            let mut s = Status::new(code, "m");
+            s.metadata_mut()
+                .insert(refusal::REASON_HEADER, reason.parse().unwrap());
+            s
+        };
+        let revoked = |m: &str| SessionEnd::Revoked(m.to_string());
+        let table: Vec<(Status, SessionEnd)> = vec![
+            // Reasons from this controller.
+            (
+                refusal::status(AuthReason::Revoked, "node was deleted", None),
+                revoked("node was deleted"),
+            ),
+            (
+                refusal::status(AuthReason::ClockSkew, "skew", Some(now - 300_000)),
+                SessionEnd::ClockSkew {
+                    skew_ms: Some(300_000),
+                    message: "skew".into(),
+                },
+            ),
+            (
+                refusal::status(AuthReason::ClockSkew, "skew", None),
+                SessionEnd::ClockSkew {
+                    skew_ms: None,
+                    message: "skew".into(),
+                },
+            ),
+            (
+                refusal::status(AuthReason::Replaced, "newer session", None),
+                SessionEnd::Refused {
+                    reason: "replaced",
+                    message: "newer session".into(),
+                },
+            ),
+            (
+                refusal::status(AuthReason::Replayed, "r", None),
+                SessionEnd::Refused {
+                    reason: "replayed",
+                    message: "r".into(),
+                },
+            ),
+            (
+                refusal::status(AuthReason::BadProof, "b", None),
+                SessionEnd::Refused {
+                    reason: "bad-proof",
+                    message: "b".into(),
+                },
+            ),
+            // An older controller: no reason; unauthenticated means revoked.
+            (
+                Status::unauthenticated("unknown machine key"),
+                revoked("unknown machine key"),
+            ),
+            (Status::permission_denied("no"), revoked("no")),
+            // A reason this node does not know: judged by the code, failing closed.
+            (with("quarantined", Code::Unauthenticated), revoked("m")),
+            (
+                with("quarantined", Code::Aborted),
+                SessionEnd::Retry("The operation was aborted: m".into()),
+            ),
+            // Not an auth refusal.
+            (
+                Status::unavailable("down"),
+                SessionEnd::Retry("The service is currently unavailable: down".into()),
+            ),
+        ];
+        for (status, want) in table {
+            assert_eq!(session_end(&status, now), want, "{status:?}");
+        }
+        // A garbled clock reading is ignored, not trusted; extreme values saturate.
+        let mut s = refusal::status(AuthReason::ClockSkew, "skew", None);
+        s.metadata_mut()
+            .insert(refusal::SERVER_TIME_HEADER, "yesterday".parse().unwrap());
+        assert!(matches!(
+            session_end(&s, now),
+            SessionEnd::ClockSkew { skew_ms: None, .. }
+        ));
+        let s = refusal::status(AuthReason::ClockSkew, "skew", Some(i64::MIN));
+        assert_eq!(
+            session_end(&s, i64::MAX),
+            SessionEnd::ClockSkew {
+                skew_ms: Some(i64::MAX),
+                message: "skew".into()
+            }
+        );
+    }
+}

@@ -1,0 +1,12 @@
+//! The node's side of the control protocol, in two halves: [`apply`] (pure:
+//! gate, translate, what to install, what a refusal means, backoff schedule)
+//! and [`client`] (tonic, TLS, proofs, the clock and the RNG).
+
+pub mod apply;
+pub mod client;
+
+pub use apply::{
+    clock_hint, decide, translate, Backoff, Ending, Identity, Install, NetMapGate, RefusedMap,
+    SelfMismatch, SessionEnd, Step, TranslateError, Translated,
+};
+pub use client::{reconnect_delay, session_end, Controller, MAX_NETMAP_BYTES};
