@@ -27,23 +27,14 @@ if ! [[ $seconds =~ ^[0-9]+$ ]] || (( seconds < 1 || seconds > 3600 )); then
   exit 2
 fi
 
-# Target -> the cargo-fuzz project that holds it.
-declare -A project=(
-  [policy_parse]=fuzz
-  [node_proof]=fuzz
-  [key_token]=fuzz
-  [packet_parse]=node/fuzz
-  [filter_inbound]=node/fuzz
-  [device_udp]=node/fuzz
-  [wgconf_parse]=node/fuzz
-  [uapi_set]=node/fuzz
-)
+# Every target lives in the one cargo-fuzz project fuzz/ (fuzz/Cargo.toml).
+known=(policy_parse node_proof key_token packet_parse filter_inbound device_udp wgconf_parse uapi_set)
 targets=("$@")
 if ((${#targets[@]} == 0)); then
-  targets=(policy_parse node_proof key_token packet_parse filter_inbound device_udp wgconf_parse uapi_set)
+  targets=("${known[@]}")
 fi
 for t in "${targets[@]}"; do
-  [[ -n ${project[$t]:-} ]] || { echo "fuzz: unknown target $t (known: ${!project[*]})" >&2; exit 2; }
+  [[ " ${known[*]} " == *" $t "* ]] || { echo "fuzz: unknown target $t (known: ${known[*]})" >&2; exit 2; }
 done
 
 toolchain=()
@@ -63,7 +54,7 @@ sanitizer=${ZTMESH_FUZZ_SANITIZER:-address}
 summary=()
 crashed=0
 for t in "${targets[@]}"; do
-  dir=$root/${project[$t]}
+  dir=$root/fuzz
   corpus=$dir/corpus/$t
   work=$root/target/fuzz-work/$t
   artifacts=$root/target/fuzz-artifacts/$t

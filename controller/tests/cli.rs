@@ -265,3 +265,106 @@ fn database_wal_and_shm_files_are_private_under_umask_022() {
         assert_eq!(mode, 0o600, "{f} is {mode:o}");
     }
 }
+
+/// Every admin subcommand group answers in its text table and in `-o json`
+/// with the same fields (the CLI's output is an interface scripts rely on).
+#[test]
+fn every_admin_group_prints_its_text_table_and_json_fields() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let _ctl = start(&dir);
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = admin(&dir, args).unwrap();
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
+    };
+
+    let created = admin(&dir, &["users", "create", "alice@example.com"]).unwrap();
+    assert!(
+        created.starts_with("created user alice@example.com (id "),
+        "{created}"
+    );
+    let users = json(&["users", "list", "-o", "json"]);
+    assert_eq!(users[0]["login"], "alice@example.com", "{users}");
+    for field in ["id", "created_ms"] {
+        assert!(users[0].get(field).is_some(), "users: no {field}: {users}");
+    }
+    let text = admin(&dir, &["users", "list"]).unwrap();
+    assert!(text.starts_with("ID     LOGIN"), "{text}");
+    assert!(text.contains("alice@example.com"), "{text}");
+
+    let secret = admin(
+        &dir,
+        &[
+            "keys",
+            "create",
+            "--user",
+            "alice@example.com",
+            "--reusable",
+        ],
+    )
+    .unwrap();
+    assert_eq!(secret.trim_end().lines().count(), 1, "{secret}");
+    let keys = json(&["keys", "list", "-o", "json"]);
+    for field in [
+        "key_id",
+        "user",
+        "tags",
+        "reusable",
+        "ephemeral",
+        "created_ms",
+        "expires_ms",
+        "used",
+        "revoked",
+        "created_by",
+    ] {
+        assert!(keys[0].get(field).is_some(), "keys: no {field}: {keys}");
+    }
+    assert_eq!(keys[0]["reusable"], true, "{keys}");
+    let key_id = keys[0]["key_id"].as_str().unwrap().to_string();
+    let text = admin(&dir, &["keys", "list"]).unwrap();
+    assert!(text.starts_with("KEY ID"), "{text}");
+    assert!(text.contains(&key_id), "{text}");
+    assert_eq!(
+        admin(&dir, &["keys", "revoke", &key_id]).unwrap(),
+        format!("revoked auth key {key_id}\n")
+    );
+
+    assert_eq!(
+        json(&["nodes", "list", "-o", "json"]),
+        serde_json::json!([])
+    );
+    let text = admin(&dir, &["nodes", "list"]).unwrap();
+    assert!(text.starts_with("ID    NAME"), "{text}");
+    let err = admin(&dir, &["nodes", "show", "nope", "-o", "json"]).unwrap_err();
+    assert!(err.starts_with("error: "), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+
+    let api = admin(&dir, &["apikeys", "create", "--description", "ci"]).unwrap();
+    assert_eq!(api.trim_end().lines().count(), 1, "{api}");
+    let apikeys = json(&["apikeys", "list", "-o", "json"]);
+    let mine = apikeys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["description"] == "ci")
+        .unwrap_or_else(|| panic!("no key described ci: {apikeys}"));
+    for field in ["key_id", "created_ms", "expires_ms", "revoked"] {
+        assert!(mine.get(field).is_some(), "apikeys: no {field}: {apikeys}");
+    }
+    let text = admin(&dir, &["apikeys", "list"]).unwrap();
+    assert!(text.starts_with("KEY ID         DESCRIPTION"), "{text}");
+
+    let audit = json(&["audit", "--limit", "50", "-o", "json"]);
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert!(!actions.is_empty(), "{audit}");
+    for field in ["id", "time_ms", "actor", "action", "target", "detail"] {
+        assert!(audit[0].get(field).is_some(), "audit: no {field}: {audit}");
+    }
+    let text = admin(&dir, &["audit"]).unwrap();
+    assert_eq!(text.lines().count(), actions.len(), "{text}");
+}

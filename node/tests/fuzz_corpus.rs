@@ -1,4 +1,5 @@
-//! Fuzz corpus replay for the node targets (`node/fuzz/`).
+//! Fuzz corpus replay for the node targets (`fuzz/`: packet_parse,
+//! filter_inbound, device_udp, wgconf_parse, uapi_set).
 //! Replays every committed fuzz input (seeds and every crash ever found) through
 //! the same check the fuzz target runs, so `cargo test` on the stable toolchain
 //! guards against regressions; the campaign itself is `scripts/fuzz.sh`.
@@ -7,21 +8,21 @@ use std::fs;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-#[path = "../fuzz/checks/device_udp.rs"]
+#[path = "../../fuzz/checks/device_udp.rs"]
 mod device_udp;
-#[path = "../fuzz/checks/filter_inbound.rs"]
+#[path = "../../fuzz/checks/filter_inbound.rs"]
 mod filter_inbound;
-#[path = "../fuzz/checks/packet_parse.rs"]
+#[path = "../../fuzz/checks/packet_parse.rs"]
 mod packet_parse;
-#[path = "../fuzz/checks/uapi_set.rs"]
+#[path = "../../fuzz/checks/uapi_set.rs"]
 mod uapi_set;
-#[path = "../fuzz/checks/wgconf_parse.rs"]
+#[path = "../../fuzz/checks/wgconf_parse.rs"]
 mod wgconf_parse;
 
 /// Runs `check` on every file of the target's corpus; reports all failures.
 fn replay(target: &str, check: fn(&[u8])) {
     let dir: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
+        .join("../fuzz/corpus")
         .join(target);
     let mut files: Vec<PathBuf> = fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("corpus {}: {e}", dir.display()))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Control-plane benchmark: ztmesh-loadgen against the real controller binary,
-# everything on 127.0.0.1.
+# Control-plane benchmark: ztmesh-loadgen (crate bench/loadgen/) against the
+# real controller binary, everything on 127.0.0.1.
 #
 #   ztmesh-loadgen (1 tokio thread)                ztmesh-controller serve (child)
 #   N simulated nodes = tokio tasks   --TLS/h2-->  127.0.0.1:<free port>
@@ -34,7 +34,7 @@ GROUP=${GROUP:-100}
 BIN=${BIN:-$ROOT/target/release}
 
 if [[ -z "${NO_BUILD:-}" ]]; then
-    cargo build --release -p ztmesh-controller --bins >&2
+    cargo build --release -p ztmesh-controller -p ztmesh-loadgen --bins >&2
 fi
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 

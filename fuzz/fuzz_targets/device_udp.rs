@@ -1,7 +1,7 @@
 //! Fuzz target: `Device::handle_udp` with a live session.
 //! See `checks/device_udp.rs`.
 //!
-//! Run: `scripts/fuzz.sh device_udp` (or `cargo +nightly fuzz run device_udp` from `node/fuzz/`).
+//! Run: `scripts/fuzz.sh device_udp` (or `cargo +nightly fuzz run device_udp` from `fuzz/`).
 #![no_main]
 
 #[path = "../checks/device_udp.rs"]

@@ -1,6 +1,6 @@
 //! Fuzz target: the UAPI set protocol (see `checks/uapi_set.rs`).
 //!
-//! Run: `scripts/fuzz.sh uapi_set` (or `cargo +nightly fuzz run uapi_set` from `node/fuzz/`).
+//! Run: `scripts/fuzz.sh uapi_set` (or `cargo +nightly fuzz run uapi_set` from `fuzz/`).
 #![no_main]
 
 #[path = "../checks/uapi_set.rs"]

@@ -1,0 +1,127 @@
+//! Admin CLI: clap definitions and a short dispatch to one module per
+//! subcommand group; the commands talk to a running controller (local unix
+//! socket, or `--server URL --api-key K --fingerprint FP`), except the offline
+//! `fingerprint`, `policy check` and `policy explain --policy`.
+//!
+//! Output contract shared by every group: tables on stdout by default, `-o
+//! json` for scripts, errors as one line on stderr (printed by `main`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::server::DataDir;
+
+mod apikeys;
+mod args;
+mod audit;
+mod client;
+mod keys;
+mod nodes;
+mod output;
+mod policy;
+mod users;
+
+pub use apikeys::ApiKeysCmd;
+pub use args::{parse_duration, parse_positive_duration, ConnArgs, ListenerArgs, Output};
+pub use client::{connect, Auth, Client};
+pub use keys::KeysCmd;
+pub use nodes::NodesCmd;
+pub use policy::{split_dst, PolicyCmd};
+pub use users::UsersCmd;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ztmesh-controller",
+    version,
+    about = "ztmesh controller and admin CLI"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run the controller.
+    Serve {
+        /// Address for gRPC over TLS (nodes and remote admin).
+        #[arg(long, default_value = "[::]:8443")]
+        listen: std::net::SocketAddr,
+        /// Delete ephemeral nodes after they have been offline this long.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        ephemeral_timeout: Duration,
+        /// Node key lifetime ("0s" = never expire).
+        #[arg(long, default_value = "180d", value_parser = parse_duration)]
+        node_key_expiry: Duration,
+        /// Lifetime of a signed netmap; connected nodes get a fresh one at half-life.
+        #[arg(long, default_value = "12h", value_parser = parse_duration)]
+        netmap_ttl: Duration,
+        /// Prune audit records older than this ("0s" = keep forever).
+        #[arg(long, default_value = "90d", value_parser = parse_duration)]
+        audit_max_age: Duration,
+        /// Keep at most this many node-reported flow records (newest first; 0 = no cap).
+        #[arg(long, default_value_t = 1_000_000)]
+        audit_max_flow_rows: u64,
+        #[command(flatten)]
+        limits: ListenerArgs,
+    },
+    /// Print the controller's TLS fingerprint and netmap key (offline).
+    Fingerprint,
+    #[command(subcommand)]
+    Users(UsersCmd),
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    #[command(subcommand)]
+    Nodes(NodesCmd),
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    #[command(subcommand)]
+    Apikeys(ApiKeysCmd),
+    /// Show the audit log, newest first.
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+/// Runs an admin command (everything except `serve`).
+///
+/// Offline commands run first and never contact the controller; the others
+/// connect once and hand the client to their group's module.
+///
+/// # Errors
+///
+/// The first failure: the controller unreachable, a refused call (its status
+/// message), or a local file that cannot be read or parsed.
+pub async fn run(conn: &ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
+    match &cmd {
+        Cmd::Policy(p) if p.is_offline() => return policy::run_offline(p),
+        Cmd::Fingerprint => return fingerprint(&conn.data_dir),
+        _ => {}
+    }
+    let mut c = connect(conn).await?;
+    match cmd {
+        Cmd::Serve { .. } => unreachable!("handled by the caller"),
+        Cmd::Fingerprint => unreachable!("handled offline"),
+        Cmd::Users(u) => users::run(&mut c, u).await,
+        Cmd::Keys(k) => keys::run(&mut c, k).await,
+        Cmd::Nodes(n) => nodes::run(&mut c, n).await,
+        Cmd::Policy(p) => policy::run(&mut c, p).await,
+        Cmd::Apikeys(a) => apikeys::run(&mut c, a).await,
+        Cmd::Audit { limit, output } => audit::run(&mut c, limit, output).await,
+    }
+}
+
+/// Prints the controller's TLS fingerprint from the data dir (offline).
+fn fingerprint(data_dir: &Path) -> anyhow::Result<()> {
+    let dir = DataDir::new(data_dir);
+    let fp = crate::server::fingerprint(&dir)?;
+    println!("{}", ztmesh_proto::auth::hex(&fp));
+    Ok(())
+}
