@@ -9,7 +9,7 @@
 //! The daemon is not enrolled, so it opens no TUN device and sends nothing.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// `nobody` and its group on Debian; the operator group needs no name.
@@ -33,38 +33,8 @@ fn require_root_or_skip() -> bool {
     panic!("this test needs root (euid is {euid}); run as root or set ZTMESH_SKIP_NETNS=1");
 }
 
-/// A scratch directory (0755, so `nobody` can reach the socket) removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!("ztmesh-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        Self(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A child process killed on drop, even when the test panics.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod common;
+use common::{Daemon, Scratch};
 
 fn start_daemon(dir: &Path, extra: &[&str]) -> (Daemon, PathBuf) {
     let socket = dir.join("ztmesh.sock");

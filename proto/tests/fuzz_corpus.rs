@@ -1,44 +1,15 @@
 //! Fuzz corpus replay for the proto targets (`fuzz/`: node_proof, key_token).
-//! Replays every committed fuzz input (seeds and every crash ever found) through
-//! the same check the fuzz target runs, so `cargo test` on the stable toolchain
-//! guards against regressions; the campaign itself is `scripts/fuzz.sh`.
+//! Every committed input goes through the target's own check
+//! (`fuzz/replay.rs`).
 
-use std::fs;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+#[path = "../../fuzz/replay.rs"]
+mod replay;
+use replay::replay;
 
 #[path = "../../fuzz/checks/key_token.rs"]
 mod key_token;
 #[path = "../../fuzz/checks/node_proof.rs"]
 mod node_proof;
-
-/// Runs `check` on every file of the target's corpus; reports all failures.
-fn replay(target: &str, check: fn(&[u8])) {
-    let dir: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/corpus")
-        .join(target);
-    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("corpus {}: {e}", dir.display()))
-        .map(|e| e.expect("corpus entry").path())
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "corpus {} is empty", dir.display());
-    let mut failed = Vec::new();
-    for file in &files {
-        let data = fs::read(file).expect("read corpus file");
-        if catch_unwind(AssertUnwindSafe(|| check(&data))).is_err() {
-            failed.push(file.display().to_string());
-        }
-    }
-    assert!(
-        failed.is_empty(),
-        "{} of {} inputs fail:\n{}",
-        failed.len(),
-        files.len(),
-        failed.join("\n")
-    );
-}
 
 #[test]
 fn node_proof_corpus_replays_cleanly() {
