@@ -1,20 +1,21 @@
 //! In-process gRPC tests: a real controller (TLS listener on 127.0.0.1, admin
 //! unix socket, SQLite file in a temp dir) driven through real tonic clients.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use rand_core::OsRng;
 use tonic::Code;
 use ztmesh_controller::cli::{self, ConnArgs};
-use ztmesh_controller::mesh::{Mesh, MeshConfig};
+use ztmesh_controller::mesh::MeshConfig;
 use ztmesh_controller::now_ms;
-use ztmesh_controller::server::{self, DataDir};
 use ztmesh_proto::admin as apb;
 use ztmesh_proto::auth::{self, methods, signed_request};
-use ztmesh_proto::control::{self as pb, control_client::ControlClient};
+use ztmesh_proto::control as pb;
 use ztmesh_proto::keys::{SigningKey, WgPrivateKey};
 use ztmesh_proto::netmap;
+
+mod common;
+use common::Ctl;
 
 const POLICY: &str = r#"{
   "groups": {"group:eng": ["alice@example.com", "bob@example.com"]},
@@ -24,117 +25,6 @@ const POLICY: &str = r#"{
     {"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432"]},
   ],
 }"#;
-
-struct Ctl {
-    _dir: tempfile::TempDir,
-    data: DataDir,
-    url: String,
-    fp: [u8; 32],
-    mesh: Arc<Mesh>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-}
-
-impl Ctl {
-    async fn start() -> Ctl {
-        Self::start_with(MeshConfig::default()).await
-    }
-
-    async fn start_with(cfg: MeshConfig) -> Ctl {
-        let dir = tempfile::tempdir().unwrap();
-        let data = DataDir::new(&dir.path().join("data"));
-        let (mesh, cert, key) = server::open(&data, cfg).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("https://{}", listener.local_addr().unwrap());
-        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let d2 = DataDir::new(&data.root);
-        let m2 = mesh.clone();
-        let task = tokio::spawn(async move {
-            server::run(&d2, m2, cert, key, listener, async {
-                let _ = rx.await;
-            })
-            .await
-        });
-        let fp = mesh.fingerprint();
-        // Wait until the admin socket answers.
-        let conn = ConnArgs {
-            data_dir: data.root.clone(),
-            server: None,
-            api_key: None,
-            fingerprint: None,
-        };
-        for _ in 0..100 {
-            if cli::connect(&conn).await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ctl {
-            _dir: dir,
-            data,
-            url,
-            fp,
-            mesh,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    async fn admin(&self) -> cli::Client {
-        cli::connect(&ConnArgs {
-            data_dir: self.data.root.clone(),
-            server: None,
-            api_key: None,
-            fingerprint: None,
-        })
-        .await
-        .unwrap()
-    }
-
-    async fn control(&self) -> ControlClient<tonic::transport::Channel> {
-        let ch = ztmesh_proto::tls::connect(&self.url, self.fp, Duration::from_secs(5))
-            .await
-            .unwrap();
-        ControlClient::new(ch)
-    }
-
-    async fn key(&self, user: &str, tags: &[&str], reusable: bool) -> String {
-        let r = self
-            .admin()
-            .await
-            .create_auth_key(apb::CreateAuthKeyRequest {
-                user: user.into(),
-                tags: tags.iter().map(|s| s.to_string()).collect(),
-                reusable,
-                ephemeral: false,
-                expiry_secs: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        r.secret
-    }
-
-    async fn set_policy(&self, text: &str) {
-        self.admin()
-            .await
-            .set_policy(apb::SetPolicyRequest {
-                file_name: "policy.hujson".into(),
-                text: text.into(),
-            })
-            .await
-            .unwrap();
-    }
-
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
-        }
-    }
-}
 
 struct TestNode {
     machine: SigningKey,

@@ -10,10 +10,9 @@ use std::time::Duration;
 use rand_core::OsRng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
-use ztmesh_controller::cli::{self, ConnArgs};
 use ztmesh_controller::mesh::{Mesh, MeshConfig};
 use ztmesh_controller::now_ms;
-use ztmesh_controller::server::{self, DataDir, ListenerLimits};
+use ztmesh_controller::server::ListenerLimits;
 use ztmesh_proto::admin as apb;
 use ztmesh_proto::auth::{self, methods, signed_request, NodeProof};
 use ztmesh_proto::control::{self as pb, control_client::ControlClient};
@@ -21,106 +20,13 @@ use ztmesh_proto::keys::{SigningKey, WgPrivateKey};
 use ztmesh_proto::netmap;
 use ztmesh_proto::refusal::{self, AuthReason};
 
+mod common;
+use common::{Ctl, LIVENESS};
+
 const POLICY: &str = r#"{
   "tagOwners": {"tag:web": [], "tag:db": []},
   "acls": [{"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432"]}],
 }"#;
-
-/// Generous liveness bound for anything the tests wait on.
-const LIVENESS: Duration = Duration::from_secs(10);
-
-struct Ctl {
-    _dir: tempfile::TempDir,
-    data: DataDir,
-    addr: std::net::SocketAddr,
-    url: String,
-    fp: [u8; 32],
-    mesh: Arc<Mesh>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-}
-
-impl Ctl {
-    async fn start(limits: ListenerLimits) -> Ctl {
-        let dir = tempfile::tempdir().unwrap();
-        let data = DataDir::new(&dir.path().join("data"));
-        let (mesh, cert, key) = server::open(&data, MeshConfig::default()).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let d2 = DataDir::new(&data.root);
-        let m2 = mesh.clone();
-        let task = tokio::spawn(async move {
-            server::run_with(&d2, m2, cert, key, listener, limits, async {
-                let _ = rx.await;
-            })
-            .await
-        });
-        let fp = mesh.fingerprint();
-        let ctl = Ctl {
-            _dir: dir,
-            data,
-            addr,
-            url: format!("https://{addr}"),
-            fp,
-            mesh,
-            stop: Some(stop),
-            task: Some(task),
-        };
-        for _ in 0..250 {
-            if cli::connect(&ctl.conn_args()).await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        ctl
-    }
-
-    fn conn_args(&self) -> ConnArgs {
-        ConnArgs {
-            data_dir: self.data.root.clone(),
-            server: None,
-            api_key: None,
-            fingerprint: None,
-        }
-    }
-
-    async fn admin(&self) -> cli::Client {
-        cli::connect(&self.conn_args()).await.unwrap()
-    }
-
-    async fn control(&self) -> ControlClient<tonic::transport::Channel> {
-        let ch = ztmesh_proto::tls::connect(&self.url, self.fp, LIVENESS)
-            .await
-            .unwrap();
-        ControlClient::new(ch)
-    }
-
-    async fn key(&self, tags: &[&str]) -> String {
-        self.admin()
-            .await
-            .create_auth_key(apb::CreateAuthKeyRequest {
-                user: String::new(),
-                tags: tags.iter().map(|s| s.to_string()).collect(),
-                reusable: true,
-                ephemeral: false,
-                expiry_secs: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .secret
-    }
-
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(LIVENESS, t).await;
-        }
-    }
-}
 
 struct TestNode {
     machine: SigningKey,
@@ -249,11 +155,14 @@ fn grpc_request(path: &str) -> http::Request<()> {
 
 #[tokio::test]
 async fn idle_and_stalled_handshakes_are_dropped_while_a_real_node_enrolls_and_streams() {
-    let ctl = Ctl::start(ListenerLimits {
-        handshake_timeout: Duration::from_secs(1),
-        request_timeout: Duration::from_secs(1),
-        ..ListenerLimits::default()
-    })
+    let ctl = Ctl::start_with_limits(
+        MeshConfig::default(),
+        ListenerLimits {
+            handshake_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+            ..ListenerLimits::default()
+        },
+    )
     .await;
     // 20 connections that never send a byte, and 5 that stall after the
     // first bytes of a TLS record header.
@@ -282,8 +191,8 @@ async fn idle_and_stalled_handshakes_are_dropped_while_a_real_node_enrolls_and_s
         })
         .await
         .unwrap();
-    let kd = ctl.key(&["tag:db"]).await;
-    let kw = ctl.key(&["tag:web"]).await;
+    let kd = ctl.key("", &["tag:db"], true).await;
+    let kw = ctl.key("", &["tag:web"], true).await;
     let d = enroll(&ctl, &kd, "db").await;
     let mut sd = open_stream(&ctl, &d).await.unwrap();
     let m = next_map(&ctl, &mut sd, 0).await;
@@ -317,10 +226,13 @@ async fn idle_and_stalled_handshakes_are_dropped_while_a_real_node_enrolls_and_s
 
 #[tokio::test]
 async fn connections_beyond_the_per_source_cap_are_closed_and_freed_slots_are_reused() {
-    let ctl = Ctl::start(ListenerLimits {
-        max_connections_per_source: 4,
-        ..ListenerLimits::default()
-    })
+    let ctl = Ctl::start_with_limits(
+        MeshConfig::default(),
+        ListenerLimits {
+            max_connections_per_source: 4,
+            ..ListenerLimits::default()
+        },
+    )
     .await;
     // Four idle connections hold every slot of 127.0.0.1.
     let mut held = Vec::new();
@@ -354,10 +266,13 @@ async fn connections_beyond_the_per_source_cap_are_closed_and_freed_slots_are_re
 
 #[tokio::test]
 async fn the_server_caps_concurrent_streams_per_connection() {
-    let ctl = Ctl::start(ListenerLimits {
-        max_streams_per_connection: 4,
-        ..ListenerLimits::default()
-    })
+    let ctl = Ctl::start_with_limits(
+        MeshConfig::default(),
+        ListenerLimits {
+            max_streams_per_connection: 4,
+            ..ListenerLimits::default()
+        },
+    )
     .await;
     // A well-behaved client learns the cap from SETTINGS.
     let mut h2c = raw_h2(&ctl).await;
@@ -457,10 +372,13 @@ fn hpack_literal(headers: &[(&str, &str)]) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_unary_request_whose_body_never_arrives_is_timed_out() {
-    let ctl = Ctl::start(ListenerLimits {
-        request_timeout: Duration::from_secs(1),
-        ..ListenerLimits::default()
-    })
+    let ctl = Ctl::start_with_limits(
+        MeshConfig::default(),
+        ListenerLimits {
+            request_timeout: Duration::from_secs(1),
+            ..ListenerLimits::default()
+        },
+    )
     .await;
     let h2c = raw_h2(&ctl).await;
     let mut h2c = h2c.ready().await.unwrap();
@@ -490,8 +408,8 @@ async fn a_unary_request_whose_body_never_arrives_is_timed_out() {
 
 #[tokio::test]
 async fn a_source_over_its_failure_limit_still_serves_nodes_whose_proof_verifies() {
-    let ctl = Ctl::start(ListenerLimits::default()).await;
-    let kd = ctl.key(&["tag:db"]).await;
+    let ctl = Ctl::start().await;
+    let kd = ctl.key("", &["tag:db"], true).await;
     let good = enroll(&ctl, &kd, "db").await;
     let mut c = ctl.control().await;
     // A bad client behind the same address (127.0.0.1) exhausts its failures.
@@ -581,8 +499,8 @@ fn the_replay_cache_records_only_verified_proofs_of_enrolled_nodes() {
 
 #[tokio::test]
 async fn extreme_timestamps_are_refused_cleanly_and_the_controller_keeps_serving() {
-    let ctl = Ctl::start(ListenerLimits::default()).await;
-    let kd = ctl.key(&["tag:db"]).await;
+    let ctl = Ctl::start().await;
+    let kd = ctl.key("", &["tag:db"], true).await;
     let d = enroll(&ctl, &kd, "db").await;
     let mut c = ctl.control().await;
     for ts in [i64::MIN, i64::MAX, i64::MIN + 1, -1] {
@@ -611,8 +529,8 @@ async fn extreme_timestamps_are_refused_cleanly_and_the_controller_keeps_serving
 
 #[tokio::test]
 async fn a_proof_stamped_five_minutes_ahead_is_refused_as_clock_skew() {
-    let ctl = Ctl::start(ListenerLimits::default()).await;
-    let kd = ctl.key(&["tag:db"]).await;
+    let ctl = Ctl::start().await;
+    let kd = ctl.key("", &["tag:db"], true).await;
     let d = enroll(&ctl, &kd, "db").await;
     let before = now_ms();
     let e = ctl
@@ -634,8 +552,8 @@ async fn a_proof_stamped_five_minutes_ahead_is_refused_as_clock_skew() {
 
 #[tokio::test]
 async fn each_refusal_carries_its_reason() {
-    let ctl = Ctl::start(ListenerLimits::default()).await;
-    let kd = ctl.key(&["tag:db"]).await;
+    let ctl = Ctl::start().await;
+    let kd = ctl.key("", &["tag:db"], true).await;
     let d = enroll(&ctl, &kd, "db").await;
     let mut c = ctl.control().await;
 
