@@ -1,17 +1,26 @@
 //! ztmesh controller: enrollment, authenticated node sessions, the policy in
 //! force, and signed per-node network maps, over gRPC (tonic) with TLS.
 //!
-//! Layers: [`store`] (durable, SQLite by default) ← [`mesh`] (in-memory state,
-//! change propagation; time is an argument) ← [`api`] (tonic services) ←
-//! [`server`] (listeners, TLS, ticker; [`listener`] caps hostile clients).
-//! [`cli`] is the admin client.
+//! Layers, each using only those below it:
+//! - [`model`]: plain data (node rows);
+//! - [`netcore`]: the pure netmap core — nodes, compiled policy and clock in,
+//!   per-node views and the set of changed views out;
+//! - [`store`]: durable state (SQLite by default); [`auth`]: who is calling
+//!   (proofs, enrollment checks, per-node limits, replay cache);
+//! - [`mesh`]: the coordinator — store, then core, then publish the changed
+//!   views; time and randomness come in as arguments;
+//! - [`api`] (tonic services) ← [`server`] (listeners, TLS, ticker;
+//!   [`listener`] caps hostile clients). [`cli`] is the admin client.
 
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod error;
 pub mod listener;
 pub mod lockfile;
 pub mod mesh;
+pub mod model;
+pub mod netcore;
 pub mod nodeinput;
 pub mod nodelimit;
 pub mod ratelimit;

@@ -1,29 +1,38 @@
-//! The controller's working state: nodes, the compiled policy, live netmap
-//! subscriptions; every change is written through to the [`Store`] first.
+//! The coordinator: applies each change to the [`Store`], then to the pure
+//! netmap core ([`NetCore`]), then signs and publishes the maps of the nodes
+//! whose view changed — to exactly those that are connected.
 //!
-//! All mutations take `now` as an argument; the clock is read by the API layer
-//! and the background ticker only. A change computes the set of nodes whose view
-//! changed (via the policy engine's incremental API) and pushes a freshly signed
-//! map to exactly those that are connected; unaffected nodes get nothing.
+//! Two locks, never held together with I/O in between:
+//! - the *turn* (`changes`) serializes changes: store write, core step and
+//!   publication happen in one turn, so maps go out in the order changes
+//!   were made durable;
+//! - the *state* lock guards the in-memory state (the core, the sessions) and
+//!   is held only for in-memory steps: never across a store write, a
+//!   signature or a send. Authentication and lookups take only this one.
+//!
+//! All mutations take `now` as an argument; the clock is read by the API
+//! layer and the background ticker only. Who may call is checked by
+//! [`Authenticator`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use ipnet::{IpNet, Ipv6Net};
-use prost::Message;
+use ipnet::Ipv6Net;
 use rand_core::{OsRng, RngCore};
 use tokio::sync::watch;
 use ztmesh_policy::{Compiled, NodeInfo as PolicyNode, Policy};
-use ztmesh_proto::auth::{self, KeyToken, NodeProof, ReplayGuard};
+use ztmesh_proto::auth::{self, KeyToken};
 use ztmesh_proto::control::{self as pb, NetMap, SignedNetMap};
-use ztmesh_proto::keys::{PublicKey, SigningKey, WgPublicKey};
+use ztmesh_proto::keys::{PublicKey, SigningKey};
 use ztmesh_proto::refusal::AuthReason;
 
+use crate::auth::Authenticator;
 use crate::error::{Error, Result};
-use crate::nodeinput::{is_low_order_x25519, is_weak_ed25519, validate_endpoints};
-use crate::nodelimit::{Call, EndpointCoalescer, NodeLimiter};
+use crate::netcore::{Change, CoreConfig, NetCore};
+use crate::nodeinput::validate_endpoints;
+use crate::nodelimit::{Call, EndpointCoalescer};
 use crate::store::{
     ApiKeyRow, AuditEntry, AuthKeyRow, NewNode, NodeRow, PolicyRow, Store, UserRow,
 };
@@ -68,6 +77,16 @@ impl Default for MeshConfig {
     }
 }
 
+impl MeshConfig {
+    fn core(&self) -> CoreConfig {
+        CoreConfig {
+            netmap_ttl_ms: self.netmap_ttl_ms,
+            dns_domain: self.dns_domain.clone(),
+            persistent_keepalive: self.persistent_keepalive,
+        }
+    }
+}
+
 /// How far ahead of the serials actually issued the persisted serial ceiling
 /// is set (in serial units, which track the clock in µs: 10 s). The store is
 /// written once per step instead of once per map.
@@ -79,6 +98,14 @@ pub const MAX_FLOW_ROWS_PER_REPORT: usize = 100;
 /// How often `last_seen` of connected nodes is refreshed (then written by
 /// [`Mesh::flush`] in one transaction), so a restart finds it recent.
 pub const SEEN_REFRESH_MS: u64 = 60_000;
+
+/// A map encoded under the state lock, to be signed and sent outside it
+/// (`None`: the node is no longer active; its stream is closed).
+struct Outgoing {
+    id: u64,
+    tx: Arc<watch::Sender<Update>>,
+    body: Option<Vec<u8>>,
+}
 
 /// What a node's netmap stream receives.
 #[derive(Clone, Debug)]
@@ -137,19 +164,9 @@ impl Subscription {
     }
 }
 
-struct Inner {
-    nodes: BTreeMap<u64, NodeRow>,
-    /// Machine key → node id, for authenticating every node call.
-    by_machine_key: HashMap<[u8; 32], u64>,
-    names: HashSet<String>,
-    /// Used IPv4 overlay addresses, and an offset below which all are used.
-    used_v4: HashSet<Ipv4Addr>,
-    v4_hint: u32,
-    /// Each node's encoded `peers` entry (field 5 of `NetMap`, tag and
-    /// length included) as other nodes' maps carry it; filled on demand,
-    /// dropped when the node changes.
-    peer_entries: HashMap<u64, Vec<u8>>,
-    compiled: Compiled,
+/// The in-memory state: the netmap core and the sessions around it.
+struct State {
+    core: NetCore,
     policy_row: Option<PolicyRow>,
     serial: u64,
     /// Persisted upper bound of every serial issued so far.
@@ -171,68 +188,31 @@ struct Inner {
     offline_since: HashMap<u64, u64>,
     /// When `last_seen` of the live nodes was last refreshed (monotonic).
     seen_refreshed: u64,
-    /// Nodes the ticker found expired in this run: the only ones that come
-    /// back if the clock goes back (an admin's `expire` is final).
-    clock_expired: HashSet<u64>,
 }
 
-impl Inner {
-    /// Adds or replaces a node, keeping the indexes in step.
-    fn insert_node(&mut self, row: NodeRow) {
-        self.remove_node(row.id);
-        self.by_machine_key.insert(row.machine_key, row.id);
-        self.names.insert(row.name.clone());
-        self.used_v4.insert(row.ipv4);
-        self.nodes.insert(row.id, row);
-    }
-
-    /// Removes a node and its index entries.
-    fn remove_node(&mut self, id: u64) -> Option<NodeRow> {
-        let row = self.nodes.remove(&id)?;
-        self.by_machine_key.remove(&row.machine_key);
-        self.names.remove(&row.name);
-        self.used_v4.remove(&row.ipv4);
-        self.v4_hint = self.v4_hint.min(v4_offset(row.ipv4));
-        self.peer_entries.remove(&id);
-        Some(row)
+impl State {
+    fn seen(&mut self, node: u64, now: UnixMs) {
+        self.core.set_last_seen(node, now);
+        self.seen_dirty.insert(node, now);
     }
 }
 
-const V4_BASE: u32 = 0x6440_0000; // 100.64.0.0
-
-/// The refusal message for a proof stamped `ts` when the controller's clock
-/// reads `now`: how far apart the clocks are, in whole seconds.
-fn skew_message(ts: UnixMs, now: UnixMs) -> String {
-    let secs = ts.saturating_sub(now) / 1000;
-    let (dir, secs) = if secs >= 0 {
-        ("ahead of", secs)
-    } else {
-        ("behind", secs.saturating_neg())
-    };
-    format!(
-        "proof timestamp is outside the accepted window: {secs} s {dir} the controller's clock (check the node's clock)"
-    )
-}
-
-fn v4_offset(a: Ipv4Addr) -> u32 {
-    u32::from(a).wrapping_sub(V4_BASE)
-}
+/// Proof that the caller holds the turn: changes and publications happen
+/// one at a time, in order.
+type Turn<'a> = MutexGuard<'a, ()>;
 
 /// Shared controller state.
 pub struct Mesh {
     store: Arc<dyn Store>,
     signer: SigningKey,
-    fingerprint: [u8; 32],
     ula: Ipv6Net,
     cfg: MeshConfig,
-    inner: Mutex<Inner>,
-    /// Per-node call limits; a lock of its own, never held with `inner`.
-    limits: Mutex<NodeLimiter>,
+    auth: Authenticator,
+    /// Serializes changes (see the module docs).
+    changes: Mutex<()>,
+    state: Mutex<State>,
     /// Netmaps signed since load (a cost metric: every signature is work).
     maps_signed: AtomicU64,
-    /// Proofs accepted recently; its own lock, so the mesh lock is not held
-    /// while it is pruned.
-    replay: Mutex<ReplayGuard>,
 }
 
 /// Turns a hostname into a DNS label: lowercase a-z0-9 and '-', at most 63 chars.
@@ -306,60 +286,6 @@ fn clock_serial(now: UnixMs) -> u64 {
     u64::try_from(now).unwrap_or(0).saturating_mul(1000)
 }
 
-fn node_info(n: &NodeRow) -> PolicyNode {
-    PolicyNode {
-        id: n.id,
-        name: n.name.clone(),
-        user: n.user.clone(),
-        tags: n.tags.iter().cloned().collect(),
-        addresses: vec![IpAddr::V4(n.ipv4), IpAddr::V6(n.ipv6)],
-    }
-}
-
-fn is_active(n: &NodeRow, now: UnixMs) -> bool {
-    n.expiry_ms == 0 || n.expiry_ms > now
-}
-
-fn addresses(n: &NodeRow) -> Vec<String> {
-    vec![format!("{}/32", n.ipv4), format!("{}/128", n.ipv6)]
-}
-
-/// `n` as a `peers` entry of another node's map: field 5 of `NetMap`, tag
-/// and length included.
-fn peer_entry(n: &NodeRow, keepalive: u32) -> Vec<u8> {
-    let peer = pb::Peer {
-        id: n.id,
-        name: n.name.clone(),
-        wg_key: n.wg_key.to_vec(),
-        allowed_ips: addresses(n),
-        endpoints: n.endpoints.clone(),
-        persistent_keepalive: keepalive,
-    };
-    let mut buf = Vec::with_capacity(peer.encoded_len() + 4);
-    prost::encoding::message::encode(5, &peer, &mut buf);
-    buf
-}
-
-fn inbound_rules(rules: &[ztmesh_policy::InboundRule]) -> Vec<pb::InboundRule> {
-    rules
-        .iter()
-        .map(|r| pb::InboundRule {
-            src_prefixes: r.src.iter().map(IpNet::to_string).collect(),
-            dst_prefixes: r.dst.iter().map(IpNet::to_string).collect(),
-            protocols: r.protocols.iter().map(|&p| u32::from(p)).collect(),
-            ports: r
-                .ports
-                .iter()
-                .map(|p| pb::PortRange {
-                    first: p.first.into(),
-                    last: p.last.into(),
-                })
-                .collect(),
-            rule_id: r.rule_id.clone(),
-        })
-        .collect()
-}
-
 impl Mesh {
     /// Loads state from the store and compiles the stored policy.
     ///
@@ -376,7 +302,7 @@ impl Mesh {
         cfg: MeshConfig,
         now: UnixMs,
     ) -> Result<Self> {
-        let nodes: BTreeMap<u64, NodeRow> = store.nodes()?.into_iter().map(|n| (n.id, n)).collect();
+        let nodes = store.nodes()?;
         let policy_row = store.policy()?;
         let policy = match &policy_row {
             Some(p) => Policy::parse(&p.file_name, &p.text).unwrap_or_else(|e| {
@@ -385,12 +311,14 @@ impl Mesh {
             }),
             None => Policy::empty(),
         };
-        let active: Vec<PolicyNode> = nodes
-            .values()
-            .filter(|n| is_active(n, now))
-            .map(node_info)
+        // Nobody is connected yet: every ephemeral node's offline time
+        // starts now, which is the grace period after a restart.
+        let offline_since = nodes
+            .iter()
+            .filter(|n| n.ephemeral)
+            .map(|n| (n.id, 0))
             .collect();
-        let compiled = Compiled::new(policy, active);
+        let core = NetCore::new(cfg.core(), policy, nodes, now);
         // Serials must grow across restarts: start above both the stored value
         // and the clock (in µs), whichever is larger.
         let stored: u64 = store
@@ -400,14 +328,8 @@ impl Mesh {
         // The stored value bounds every serial ever issued (it is written
         // before a serial beyond it goes out), so this start is above all of them.
         let serial = stored.max(clock_serial(now));
-        let mut inner = Inner {
-            nodes: BTreeMap::new(),
-            by_machine_key: HashMap::new(),
-            names: HashSet::new(),
-            used_v4: HashSet::new(),
-            v4_hint: 1,
-            peer_entries: HashMap::new(),
-            compiled,
+        let state = State {
+            core,
             policy_row,
             serial,
             serial_ceiling: stored,
@@ -418,34 +340,28 @@ impl Mesh {
             coalesce: EndpointCoalescer::new(cfg.endpoint_publish_interval_ms),
             mono: 0,
             load_wall: now,
-            offline_since: HashMap::new(),
+            offline_since,
             seen_refreshed: 0,
-            clock_expired: HashSet::new(),
         };
-        for n in nodes.into_values() {
-            // Nobody is connected yet: every ephemeral node's offline time
-            // starts now, which is the grace period after a restart.
-            if n.ephemeral {
-                inner.offline_since.insert(n.id, 0);
-            }
-            inner.insert_node(n);
-        }
-        inner.v4_hint = 1;
         Ok(Self {
             store,
             signer,
-            fingerprint,
             ula,
             cfg,
-            inner: Mutex::new(inner),
-            limits: Mutex::new(NodeLimiter::default()),
+            auth: Authenticator::new(fingerprint),
+            changes: Mutex::new(()),
+            state: Mutex::new(state),
             maps_signed: AtomicU64::new(0),
-            replay: Mutex::new(ReplayGuard::default()),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for the turn to change something.
+    fn turn(&self) -> Turn<'_> {
+        self.changes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn controller_key(&self) -> PublicKey {
@@ -453,7 +369,7 @@ impl Mesh {
     }
 
     pub fn fingerprint(&self) -> [u8; 32] {
-        self.fingerprint
+        self.auth.fingerprint()
     }
 
     pub fn config(&self) -> &MeshConfig {
@@ -464,18 +380,160 @@ impl Mesh {
         self.store.as_ref()
     }
 
-    // ---- rate limiting -------------------------------------------------
+    fn audit(&self, now: UnixMs, actor: &str, action: &str, target: &str, detail: &str) {
+        if let Err(e) = self.store.audit(now, actor, action, target, detail) {
+            tracing::error!(error = %e, action, "cannot write audit record");
+        }
+    }
+
+    // ---- publication ----------------------------------------------------------
+
+    /// The next serial: above the last one and at least the clock in µs.
+    /// Before it passes the persisted ceiling, a new ceiling is written, so
+    /// after a restart (which starts at the stored ceiling) serials still grow.
+    /// One serial serves every map of one publication: serials only need to
+    /// grow per node.
+    fn next_serial(&self, _turn: &Turn<'_>, now: UnixMs) -> u64 {
+        let (serial, ceiling) = {
+            let mut st = self.state();
+            let serial = st.serial.saturating_add(1).max(clock_serial(now));
+            st.serial = serial;
+            (serial, st.serial_ceiling)
+        };
+        if serial > ceiling {
+            let ceiling = serial.saturating_add(SERIAL_STEP);
+            match self.store.set_meta("serial", &ceiling.to_string()) {
+                Ok(()) => self.state().serial_ceiling = ceiling,
+                Err(e) => tracing::error!(error = %e, "cannot persist netmap serial"),
+            }
+        }
+        serial
+    }
+
+    fn sign(&self, body: Vec<u8>) -> SignedNetMap {
+        self.maps_signed.fetch_add(1, Ordering::Relaxed);
+        ztmesh_proto::netmap::sign_encoded(&self.signer, body)
+    }
+
+    /// Sends fresh maps to the connected nodes among `changed`, and tells a
+    /// connected node that is no longer active that its stream is over.
+    /// Maps are encoded under the state lock, signed and sent outside it.
+    fn publish(&self, turn: &Turn<'_>, changed: &BTreeSet<u64>, now: UnixMs) {
+        if changed.is_empty() {
+            return;
+        }
+        let connected = {
+            let st = self.state();
+            changed.iter().any(|id| st.subs.contains_key(id))
+        };
+        if !connected {
+            return;
+        }
+        let serial = self.next_serial(turn, now);
+        let outbox: Vec<Outgoing> = {
+            let st = self.state();
+            changed
+                .iter()
+                .filter_map(|&id| {
+                    let sub = st.subs.get(&id)?;
+                    Some(Outgoing {
+                        id,
+                        tx: sub.tx.clone(),
+                        body: st.core.encode(id, serial, now),
+                    })
+                })
+                .collect()
+        };
+        let mut sent = Vec::with_capacity(outbox.len());
+        for Outgoing { id, tx, body } in outbox {
+            let update = match body {
+                Some(b) => Update::Map(Arc::new(self.sign(b))),
+                None => Update::Closed(
+                    AuthReason::Revoked,
+                    "node was deleted or has expired".into(),
+                ),
+            };
+            tx.send_replace(update);
+            sent.push(id);
+        }
+        let mut st = self.state();
+        let mono = st.mono;
+        for id in &sent {
+            if let Some(sub) = st.subs.get_mut(id) {
+                sub.last_sent_mono = mono;
+            }
+        }
+        tracing::debug!(changed = changed.len(), sent = sent.len(), "netmaps pushed");
+    }
+
+    /// Applies `change` to the core and publishes the result; the change
+    /// must already be durable.
+    fn apply(&self, turn: &Turn<'_>, change: Change, now: UnixMs) {
+        let changed = self.state().core.apply(change);
+        self.publish(turn, &changed, now);
+    }
+
+    /// The netmap of `node` as of now (unsigned), if the node is active.
+    pub fn netmap(&self, node: u64, now: UnixMs) -> Option<NetMap> {
+        let turn = self.turn();
+        let serial = self.next_serial(&turn, now);
+        self.state().core.netmap(node, serial, now)
+    }
+
+    /// How many netmaps were signed since load.
+    pub fn maps_signed(&self) -> u64 {
+        self.maps_signed.load(Ordering::Relaxed)
+    }
+
+    pub fn serial(&self) -> u64 {
+        self.state().serial
+    }
+
+    // ---- who is calling ----------------------------------------------------
 
     /// Charges one `call` to an authenticated `node`.
     ///
     /// # Errors
     /// [`Error::Throttled`] naming the call, the limit and when to retry.
     pub fn throttle(&self, node: u64, call: Call, now: UnixMs) -> Result<()> {
-        self.limits
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .check(node, call, now)
-            .map_err(Error::Throttled)
+        self.auth.throttle(node, call, now)
+    }
+
+    /// Verifies the node proof in `metadata` for `method` and returns the node.
+    ///
+    /// # Errors
+    /// As [`Authenticator::verify_node`].
+    pub fn authenticate(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        method: &str,
+        now: UnixMs,
+    ) -> Result<NodeRow> {
+        self.authenticate_from(metadata, method, now, false)
+    }
+
+    /// [`Mesh::authenticate`] for a caller whose source may be over its
+    /// failure limit (see [`Authenticator::verify_node`]). The state lock is
+    /// held only for the key lookup.
+    ///
+    /// # Errors
+    /// As [`Authenticator::verify_node`].
+    pub fn authenticate_from(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        method: &str,
+        now: UnixMs,
+        source_limited: bool,
+    ) -> Result<NodeRow> {
+        self.auth
+            .verify_node(metadata, method, now, source_limited, |key| {
+                self.state().core.nodes().by_machine_key(key).cloned()
+            })
+    }
+
+    /// Proofs currently remembered by the replay cache.
+    pub fn replay_cache_len(&self) -> usize {
+        self.auth.replay_cache_len()
     }
 
     // ---- node enrollment and sessions ------------------------------------
@@ -486,66 +544,27 @@ impl Mesh {
     /// `Unauthenticated` for a bad key or proof, `Invalid` for malformed fields,
     /// `Conflict` if the machine key is already enrolled.
     pub fn enroll(&self, req: &pb::EnrollRequest, now: UnixMs) -> Result<pb::EnrollResponse> {
-        let token = KeyToken::decode(auth::AUTH_KEY_PREFIX, &req.auth_key)
-            .map_err(|_| Error::Unauthenticated("malformed auth key".into()))?;
-        if token.fingerprint != Some(self.fingerprint) {
-            return Err(Error::Unauthenticated(
-                "auth key was issued by a different controller".into(),
-            ));
-        }
-        let machine_key = PublicKey::from_slice(&req.machine_key)
-            .map_err(|_| Error::Invalid("machine_key must be a 32-byte ed25519 key".into()))?;
-        if is_weak_ed25519(machine_key.as_bytes()) {
-            return Err(Error::Invalid(
-                "machine_key is a weak (small-order) ed25519 key; generate a new machine key"
-                    .into(),
-            ));
-        }
-        let wg_key = WgPublicKey::from_slice(&req.wg_key)
-            .map_err(|_| Error::Invalid("wg_key must be a 32-byte x25519 key".into()))?;
-        if is_low_order_x25519(wg_key.as_bytes()) {
-            return Err(Error::Invalid(
-                "wg_key is a low-order x25519 point (zero or small-subgroup); generate a new WireGuard key"
-                    .into(),
-            ));
-        }
-        if req.hostname.is_empty() || req.hostname.len() > 253 {
-            return Err(Error::Invalid(
-                "hostname must be 1 to 253 characters".into(),
-            ));
-        }
-        if !auth::within_window(req.timestamp_ms, now) {
-            return Err(Error::NodeAuth {
-                reason: AuthReason::ClockSkew,
-                message: format!(
-                    "enrollment proof is stale: {}",
-                    skew_message(req.timestamp_ms, now)
-                ),
-                server_time_ms: Some(now),
-            });
-        }
-        let msg = auth::enroll_message(
-            &req.auth_key,
-            &req.machine_key,
-            &req.wg_key,
-            &req.hostname,
-            req.timestamp_ms,
-        );
-        if !machine_key.verify(&msg, &req.proof) {
-            return Err(Error::Unauthenticated(
-                "enrollment proof does not verify with the machine key".into(),
-            ));
-        }
-        let hostname: String = req.hostname.chars().filter(|c| !c.is_control()).collect();
-
-        let mut inner = self.lock();
-        if inner.by_machine_key.contains_key(machine_key.as_bytes()) {
-            return Err(Error::Conflict("a node with this machine key".into()));
-        }
-        let name = unique_name(&inner.names, &dns_label(&hostname));
-        let (ipv4, ipv6) = self.allocate_addresses(&mut inner)?;
+        let claim = self.auth.check_enroll(req, now)?;
+        let turn = self.turn();
+        let (name, (ipv4, ipv6), policy) = {
+            let mut st = self.state();
+            if st
+                .core
+                .nodes()
+                .by_machine_key(claim.machine_key.as_bytes())
+                .is_some()
+            {
+                return Err(Error::Conflict("a node with this machine key".into()));
+            }
+            let name = st.core.nodes().unique_name(&dns_label(&claim.hostname));
+            let addresses = st
+                .core
+                .allocate(self.ula)
+                .map_err(|_| Error::Invalid("overlay IPv4 range exhausted".into()))?;
+            (name, addresses, st.core.policy().clone())
+        };
+        let token = &claim.token;
         let secret_hash = token.secret_hash();
-        let policy = inner.compiled.policy().clone();
         let check = |k: &AuthKeyRow| -> std::result::Result<(), &'static str> {
             if !auth::ct_eq(&k.secret_hash, &secret_hash) {
                 return Err("unknown auth key");
@@ -568,9 +587,9 @@ impl Mesh {
             &check,
             NewNode {
                 name,
-                hostname,
-                machine_key: *machine_key.as_bytes(),
-                wg_key: *wg_key.as_bytes(),
+                hostname: claim.hostname,
+                machine_key: *claim.machine_key.as_bytes(),
+                wg_key: *claim.wg_key.as_bytes(),
                 ipv4,
                 ipv6,
                 created_ms: now,
@@ -581,7 +600,7 @@ impl Mesh {
                 },
             },
         )?;
-        let _ = self.store.audit(
+        self.audit(
             now,
             &format!("authkey:{}", token.key_id),
             "node.enroll",
@@ -596,117 +615,16 @@ impl Mesh {
             controller_key: self.signer.public().as_bytes().to_vec(),
             key_expiry_ms: row.expiry_ms,
         };
-        let affected = inner.compiled.upsert_node(node_info(&row));
-        if row.ephemeral {
-            let mono = inner.mono;
-            inner.offline_since.insert(row.id, mono);
-        }
-        inner.insert_node(row);
-        self.push(&mut inner, &affected, now);
-        Ok(resp)
-    }
-
-    /// The lowest free overlay address pair. Every offset below `v4_hint` is
-    /// taken, so the search starts there (amortized O(1) per enrollment).
-    fn allocate_addresses(&self, inner: &mut Inner) -> Result<(Ipv4Addr, Ipv6Addr)> {
-        // 100.64.0.0/10: skip the network address and the .0/.255 of each /24
-        // so no address looks like a broadcast to a confused host stack.
-        let offset = (inner.v4_hint.max(1)..(1u32 << 22))
-            .filter(|o| o & 0xff != 0 && o & 0xff != 0xff)
-            .find(|o| !inner.used_v4.contains(&Ipv4Addr::from(V4_BASE + o)))
-            .ok_or_else(|| Error::Invalid("overlay IPv4 range exhausted".into()))?;
-        inner.v4_hint = offset;
-        let v4 = Ipv4Addr::from(V4_BASE + offset);
-        let mut v6 = self.ula.network().octets();
-        v6[12..16].copy_from_slice(&offset.to_be_bytes());
-        Ok((v4, Ipv6Addr::from(v6)))
-    }
-
-    /// Verifies the node proof in `metadata` for `method` and returns the node.
-    ///
-    /// # Errors
-    /// [`Error::NodeAuth`] with the reason: `bad-proof` (missing, malformed,
-    /// signature), `revoked` (unknown machine key, expired node),
-    /// `clock-skew` (timestamp outside the window), `replayed`.
-    pub fn authenticate(
-        &self,
-        metadata: &tonic::metadata::MetadataMap,
-        method: &str,
-        now: UnixMs,
-    ) -> Result<NodeRow> {
-        self.authenticate_from(metadata, method, now, false)
-    }
-
-    /// [`Mesh::authenticate`] for a caller whose source may be over its
-    /// failure limit.
-    ///
-    /// When `source_limited`, a proof that does not name an enrolled machine
-    /// key is refused with [`Error::RateLimited`] before any signature work,
-    /// while a node whose proof verifies is still served: one bad client
-    /// behind a shared address cannot lock the good nodes out.
-    ///
-    /// Order of checks: the key must be enrolled, the proof fresh and its
-    /// signature valid, the node active; only then is the proof recorded in
-    /// the replay cache, so strangers and forgers cannot fill it. The mesh
-    /// lock is held only for the key lookup.
-    ///
-    /// # Errors
-    /// As [`Mesh::authenticate`], and [`Error::RateLimited`].
-    pub fn authenticate_from(
-        &self,
-        metadata: &tonic::metadata::MetadataMap,
-        method: &str,
-        now: UnixMs,
-        source_limited: bool,
-    ) -> Result<NodeRow> {
-        let refuse = |reason, message: &str| {
-            if source_limited {
-                Error::RateLimited
-            } else {
-                Error::node_auth(reason, message)
+        let changed = {
+            let mut st = self.state();
+            if row.ephemeral {
+                let mono = st.mono;
+                st.offline_since.insert(row.id, mono);
             }
+            st.core.apply(Change::Upsert(row))
         };
-        let text = metadata
-            .get(auth::PROOF_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| refuse(AuthReason::BadProof, "missing node proof"))?;
-        let proof: NodeProof = text
-            .parse()
-            .map_err(|e: auth::AuthError| refuse(AuthReason::BadProof, &e.to_string()))?;
-        let node = {
-            let inner = self.lock();
-            inner
-                .by_machine_key
-                .get(proof.machine_key.as_bytes())
-                .and_then(|id| inner.nodes.get(id))
-                .cloned()
-        }
-        .ok_or_else(|| refuse(AuthReason::Revoked, "unknown machine key (node deleted?)"))?;
-        proof.verify(method, now).map_err(|e| match e {
-            auth::AuthError::Stale => Error::NodeAuth {
-                reason: AuthReason::ClockSkew,
-                message: skew_message(proof.timestamp_ms, now),
-                server_time_ms: Some(now),
-            },
-            other => Error::node_auth(AuthReason::BadProof, other.to_string()),
-        })?;
-        if !is_active(&node, now) {
-            return Err(Error::node_auth(
-                AuthReason::Revoked,
-                "node key has expired; re-enroll",
-            ));
-        }
-        self.replay
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .check_and_record(&proof, now)
-            .map_err(|e| Error::node_auth(AuthReason::Replayed, e.to_string()))?;
-        Ok(node)
-    }
-
-    /// Proofs currently remembered by the replay cache.
-    pub fn replay_cache_len(&self) -> usize {
-        self.replay.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.publish(&turn, &changed, now);
+        Ok(resp)
     }
 
     /// Registers a netmap stream for `node`; the receiver already holds a full map.
@@ -732,7 +650,7 @@ impl Mesh {
 
     /// Whether `node` has a live netmap stream.
     pub fn has_live_session(&self, node: u64) -> bool {
-        self.lock()
+        self.state()
             .subs
             .get(&node)
             .is_some_and(Subscription::is_live)
@@ -747,8 +665,8 @@ impl Mesh {
     /// # Errors
     /// `SessionConflict`, as for a second stream.
     pub fn check_session_owner(&self, node: u64, src: Option<SocketAddr>) -> Result<()> {
-        let inner = self.lock();
-        let other = inner
+        let st = self.state();
+        let other = st
             .subs
             .get(&node)
             .filter(|s| s.is_live())
@@ -771,6 +689,9 @@ impl Mesh {
     /// (at once for a closed socket; HTTP/2 keepalive finds a dead one
     /// within 25 s), and the refused node is told to retry.
     ///
+    /// The stream is registered in the same turn as its first map is built,
+    /// so no publication can fall between the two.
+    ///
     /// # Errors
     /// `Unauthenticated` if the node is unknown or expired;
     /// `SessionConflict` if another stream of it is live.
@@ -780,22 +701,27 @@ impl Mesh {
         src: Option<SocketAddr>,
         now: UnixMs,
     ) -> Result<Subscriber> {
-        let mut inner = self.lock();
-        if let Some(live) = inner.subs.get(&node).filter(|s| s.is_live()) {
-            let name = inner
-                .nodes
-                .get(&node)
-                .map(|n| n.name.clone())
-                .unwrap_or_default();
+        let turn = self.turn();
+        let live = {
+            let st = self.state();
+            st.subs.get(&node).filter(|s| s.is_live()).map(|live| {
+                let name = st
+                    .core
+                    .nodes()
+                    .get(node)
+                    .map(|n| n.name.clone())
+                    .unwrap_or_default();
+                (name, live.src, live.opened_ms)
+            })
+        };
+        if let Some((name, live_src, opened_ms)) = live {
             let show = |a: Option<SocketAddr>| a.map_or_else(|| "-".to_string(), |a| a.to_string());
             let detail = format!(
-                "id={node} live session from {} since {}; refused from {}",
-                show(live.src),
-                live.opened_ms,
+                "id={node} live session from {} since {opened_ms}; refused from {}",
+                show(live_src),
                 show(src)
             );
-            tracing::warn!(node = %name, live = %show(live.src), refused = %show(src), "duplicate session refused");
-            drop(inner);
+            tracing::warn!(node = %name, live = %show(live_src), refused = %show(src), "duplicate session refused");
             self.audit(
                 now,
                 &format!("node:{name}"),
@@ -805,15 +731,20 @@ impl Mesh {
             );
             return Err(duplicate_session());
         }
-        let map = self
-            .build_signed(&mut inner, node, now)
+        let serial = self.next_serial(&turn, now);
+        let body = self
+            .state()
+            .core
+            .encode(node, serial, now)
             .ok_or_else(|| Error::node_auth(AuthReason::Revoked, "node is not active"))?;
-        let conn = inner.next_conn;
-        inner.next_conn += 1;
+        let map = self.sign(body);
+        let mut st = self.state();
+        let conn = st.next_conn;
+        st.next_conn += 1;
         let (tx, rx) = watch::channel(Update::Map(Arc::new(map)));
         let tx = Arc::new(tx);
-        let mono = inner.mono;
-        if let Some(old) = inner.subs.insert(
+        let mono = st.mono;
+        if let Some(old) = st.subs.insert(
             node,
             Subscription {
                 conn,
@@ -829,29 +760,23 @@ impl Mesh {
                 "replaced by a newer session of this node".into(),
             ));
         }
-        inner.online.insert(node);
-        inner.offline_since.remove(&node);
-        if let Some(n) = inner.nodes.get_mut(&node) {
-            n.last_seen_ms = now;
-        }
-        inner.seen_dirty.insert(node, now);
+        st.online.insert(node);
+        st.offline_since.remove(&node);
+        st.seen(node, now);
         Ok(Subscriber { conn, rx, tx })
     }
 
     /// Ends the stream `conn` of `node` (if it is still the current one).
     pub fn unsubscribe(&self, node: u64, conn: u64, now: UnixMs) {
-        let mut inner = self.lock();
-        if inner.subs.get(&node).is_some_and(|s| s.conn == conn) {
-            inner.subs.remove(&node);
-            inner.online.remove(&node);
-            if inner.nodes.get(&node).is_some_and(|n| n.ephemeral) {
-                let mono = inner.mono;
-                inner.offline_since.insert(node, mono);
+        let mut st = self.state();
+        if st.subs.get(&node).is_some_and(|s| s.conn == conn) {
+            st.subs.remove(&node);
+            st.online.remove(&node);
+            if st.core.nodes().get(node).is_some_and(|n| n.ephemeral) {
+                let mono = st.mono;
+                st.offline_since.insert(node, mono);
             }
-            if let Some(n) = inner.nodes.get_mut(&node) {
-                n.last_seen_ms = now;
-            }
-            inner.seen_dirty.insert(node, now);
+            st.seen(node, now);
         }
     }
 
@@ -860,7 +785,7 @@ impl Mesh {
     /// shutdown; a crash loses at most one tick of `last_seen`, which only
     /// delays the deletion of an offline ephemeral node.
     pub fn flush(&self) {
-        let dirty = std::mem::take(&mut self.lock().seen_dirty);
+        let dirty = std::mem::take(&mut self.state().seen_dirty);
         if dirty.is_empty() {
             return;
         }
@@ -930,167 +855,48 @@ impl Mesh {
     /// `Invalid` as [`validate_endpoints`]; `NotFound` for an unknown node.
     pub fn report_endpoints(&self, node: u64, endpoints: &[String], now: UnixMs) -> Result<()> {
         let parsed = validate_endpoints(endpoints)?;
-        let mut inner = self.lock();
-        let Some(n) = inner.nodes.get(&node) else {
-            return Err(Error::NotFound(format!("node {node}")));
+        let turn = self.turn();
+        let due = {
+            let mut st = self.state();
+            let Some(n) = st.core.nodes().get(node) else {
+                return Err(Error::NotFound(format!("node {node}")));
+            };
+            if n.endpoints == parsed && !st.coalesce.has_pending(node) {
+                return Ok(());
+            }
+            st.coalesce.offer(node, parsed, now)
         };
-        if n.endpoints == parsed && !inner.coalesce.has_pending(node) {
-            return Ok(());
+        if let Some(eps) = due {
+            let changed = self.store_endpoints(&turn, node, eps)?;
+            self.publish(&turn, &changed, now);
         }
-        match inner.coalesce.offer(node, parsed, now) {
-            Some(eps) => self.publish_endpoints(&mut inner, node, eps, now),
-            None => Ok(()),
-        }
-    }
-
-    /// Stores a node's endpoints and pushes its peers' maps, if they changed.
-    fn publish_endpoints(
-        &self,
-        inner: &mut Inner,
-        node: u64,
-        endpoints: Vec<String>,
-        now: UnixMs,
-    ) -> Result<()> {
-        let Some(n) = inner.nodes.get(&node) else {
-            return Err(Error::NotFound(format!("node {node}")));
-        };
-        if n.endpoints == endpoints {
-            return Ok(());
-        }
-        self.store.set_node_endpoints(node, &endpoints)?;
-        if let Some(n) = inner.nodes.get_mut(&node) {
-            n.endpoints = endpoints;
-        }
-        inner.peer_entries.remove(&node);
-        let peers: BTreeSet<u64> = inner
-            .compiled
-            .view(node)
-            .map(|v| v.peers.clone())
-            .unwrap_or_default();
-        self.push(inner, &peers, now);
         Ok(())
     }
 
-    // ---- netmaps ------------------------------------------------------------
-
-    /// The next serial: above the last one and at least the clock in µs.
-    /// Before it passes the persisted ceiling, a new ceiling is written, so
-    /// after a restart (which starts at the stored ceiling) serials still grow.
-    fn next_serial(&self, inner: &mut Inner, now: UnixMs) -> u64 {
-        let serial = inner.serial.saturating_add(1).max(clock_serial(now));
-        if serial > inner.serial_ceiling {
-            let ceiling = serial.saturating_add(SERIAL_STEP);
-            match self.store.set_meta("serial", &ceiling.to_string()) {
-                Ok(()) => inner.serial_ceiling = ceiling,
-                Err(e) => tracing::error!(error = %e, "cannot persist netmap serial"),
-            }
+    /// Stores a node's endpoints and applies them to the core; returns the
+    /// nodes whose view changed (the node's peers), for the caller to publish.
+    fn store_endpoints(
+        &self,
+        _turn: &Turn<'_>,
+        node: u64,
+        endpoints: Vec<String>,
+    ) -> Result<BTreeSet<u64>> {
+        match self.state().core.nodes().get(node) {
+            None => return Err(Error::NotFound(format!("node {node}"))),
+            Some(n) if n.endpoints == endpoints => return Ok(BTreeSet::new()),
+            Some(_) => {}
         }
-        inner.serial = serial;
-        serial
-    }
-
-    /// The netmap of `node` as of now (unsigned), if the node is active.
-    pub fn netmap(&self, node: u64, now: UnixMs) -> Option<NetMap> {
-        let mut inner = self.lock();
-        let body = self.build(&mut inner, node, now)?;
-        NetMap::decode(body.as_slice()).ok()
-    }
-
-    /// The encoded `NetMap` of `node` with a fresh serial, if the node is active.
-    ///
-    /// The bytes are exactly prost's encoding of the full message (fields in
-    /// tag order: 1–4, the peers, then 6–7), but each peer's entry comes
-    /// from `peer_entries` instead of being rebuilt and re-encoded for every
-    /// map that lists it.
-    fn build(&self, inner: &mut Inner, node: u64, now: UnixMs) -> Option<Vec<u8>> {
-        let me = inner.nodes.get(&node).filter(|n| is_active(n, now))?;
-        let mut not_after = now.saturating_add(self.cfg.netmap_ttl_ms);
-        if me.expiry_ms > 0 {
-            not_after = not_after.min(me.expiry_ms);
-        }
-        let self_node = pb::NodeInfo {
-            id: me.id,
-            name: me.name.clone(),
-            addresses: addresses(me),
-            key_expiry_ms: me.expiry_ms,
-            machine_key: me.machine_key.to_vec(),
-            wg_key: me.wg_key.to_vec(),
-            user: me.user.clone().unwrap_or_default(),
-            tags: me.tags.clone(),
-        };
-        let serial = self.next_serial(inner, now);
-        let head = NetMap {
-            serial,
-            issued_at_ms: now,
-            not_after_ms: not_after,
-            self_node: Some(self_node),
-            ..NetMap::default()
-        };
-        let Inner {
-            nodes,
-            compiled,
-            peer_entries,
-            ..
-        } = inner;
-        let view = compiled.view(node);
-        let tail = NetMap {
-            inbound_rules: view.map(|v| inbound_rules(&v.inbound)).unwrap_or_default(),
-            dns_domain: self.cfg.dns_domain.clone(),
-            ..NetMap::default()
-        };
-        let mut body = head.encode_to_vec();
-        for id in view.iter().flat_map(|v| v.peers.iter()) {
-            let Some(p) = nodes.get(id).filter(|p| is_active(p, now)) else {
-                continue;
-            };
-            let entry = peer_entries
-                .entry(*id)
-                .or_insert_with(|| peer_entry(p, self.cfg.persistent_keepalive));
-            body.extend_from_slice(entry);
-        }
-        tail.encode(&mut body)
-            .expect("a Vec grows to fit any message");
-        Some(body)
-    }
-
-    fn build_signed(&self, inner: &mut Inner, node: u64, now: UnixMs) -> Option<SignedNetMap> {
-        let body = self.build(inner, node, now)?;
-        Some(self.sign(body))
-    }
-
-    fn sign(&self, body: Vec<u8>) -> SignedNetMap {
-        self.maps_signed.fetch_add(1, Ordering::Relaxed);
-        ztmesh_proto::netmap::sign_encoded(&self.signer, body)
-    }
-
-    /// Sends fresh maps to the connected nodes in `affected`.
-    fn push(&self, inner: &mut Inner, affected: &BTreeSet<u64>, now: UnixMs) {
-        let mut sent = 0usize;
-        for id in affected {
-            if !inner.subs.contains_key(id) {
-                continue;
-            }
-            let update = match self.build_signed(inner, *id, now) {
-                Some(m) => Update::Map(Arc::new(m)),
-                None => Update::Closed(
-                    AuthReason::Revoked,
-                    "node was deleted or has expired".into(),
-                ),
-            };
-            let mono = inner.mono;
-            if let Some(sub) = inner.subs.get_mut(id) {
-                sub.tx.send_replace(update);
-                sub.last_sent_mono = mono;
-                sent += 1;
-            }
-        }
-        tracing::debug!(affected = affected.len(), sent, "netmaps pushed");
+        self.store.set_node_endpoints(node, &endpoints)?;
+        Ok(self
+            .state()
+            .core
+            .apply(Change::Endpoints { node, endpoints }))
     }
 
     /// [`Mesh::tick_at`] with the monotonic clock taken as the wall clock
     /// since load: for virtual-time tests, where the two agree.
     pub fn tick(&self, now: UnixMs) {
-        let load_wall = self.lock().load_wall;
+        let load_wall = self.state().load_wall;
         let mono = u64::try_from(now.saturating_sub(load_wall)).unwrap_or(0);
         self.tick_at(now, mono);
     }
@@ -1108,96 +914,76 @@ impl Mesh {
     /// wall-clock jump deletes nobody, and a restart gives every ephemeral
     /// node a full timeout to reconnect.
     pub fn tick_at(&self, now: UnixMs, mono_ms: u64) {
-        let mut inner = self.lock();
-        let mono = mono_ms.max(inner.mono);
-        inner.mono = mono;
-        let mut affected = BTreeSet::new();
-        let expired: Vec<u64> = inner
-            .nodes
-            .values()
-            .filter(|n| !is_active(n, now) && inner.compiled.view(n.id).is_some())
-            .map(|n| n.id)
-            .collect();
-        for id in expired {
-            tracing::info!(node = id, "node key expired");
-            inner.clock_expired.insert(id);
-            affected.extend(inner.compiled.remove_node(id));
-            affected.insert(id);
-        }
-        let revived: Vec<PolicyNode> = inner
-            .clock_expired
-            .iter()
-            .filter_map(|id| inner.nodes.get(id))
-            .filter(|n| is_active(n, now))
-            .map(node_info)
-            .collect();
-        for n in revived {
-            tracing::warn!(node = n.id, "node key valid again (the clock went back)");
-            let id = n.id;
-            inner.clock_expired.remove(&id);
-            affected.extend(inner.compiled.upsert_node(n));
-            affected.insert(id);
-        }
-        let Inner {
-            nodes,
-            offline_since,
-            clock_expired,
-            ..
-        } = &mut *inner;
-        offline_since.retain(|id, _| nodes.contains_key(id));
-        clock_expired.retain(|id| nodes.contains_key(id));
+        let turn = self.turn();
         let timeout = u64::try_from(self.cfg.ephemeral_timeout_ms).unwrap_or(0);
-        let stale_ephemeral: Vec<u64> = inner
-            .nodes
-            .values()
-            .filter(|n| n.ephemeral && !inner.online.contains(&n.id))
-            .map(|n| n.id)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .filter(|id| {
-                let since = *inner.offline_since.entry(*id).or_insert(mono);
-                mono.saturating_sub(since) >= timeout
-            })
-            .collect();
-        for id in stale_ephemeral {
-            if self.store.delete_node(id).is_ok() {
-                inner.offline_since.remove(&id);
-                let name = inner.remove_node(id).map(|n| n.name).unwrap_or_default();
-                self.audit(now, "controller", "node.delete.ephemeral", &name, "offline");
-                affected.extend(inner.compiled.remove_node(id));
-            }
-        }
-        if mono.saturating_sub(inner.seen_refreshed) >= SEEN_REFRESH_MS {
-            inner.seen_refreshed = mono;
-            let live: Vec<u64> = inner.online.iter().copied().collect();
-            for id in live {
-                if let Some(n) = inner.nodes.get_mut(&id) {
-                    n.last_seen_ms = now;
-                }
-                inner.seen_dirty.insert(id, now);
-            }
-        }
-        for (node, eps) in inner.coalesce.due(now) {
-            if let Err(e) = self.publish_endpoints(&mut inner, node, eps, now) {
-                tracing::debug!(node, error = %e, "coalesced endpoints not published");
-            }
-        }
         let half = u64::try_from(self.cfg.netmap_ttl_ms / 2).unwrap_or(0);
-        let refresh: Vec<u64> = inner
-            .subs
-            .iter()
-            .filter(|(_, s)| mono.saturating_sub(s.last_sent_mono) >= half)
-            .map(|(id, _)| *id)
-            .collect();
-        affected.extend(refresh);
-        if !affected.is_empty() {
-            self.push(&mut inner, &affected, now);
+        let (mut changed, stale, due) = {
+            let mut st = self.state();
+            let mono = mono_ms.max(st.mono);
+            st.mono = mono;
+            let changed = st.core.apply(Change::Clock(now));
+            if !changed.is_empty() {
+                tracing::info!(nodes = changed.len(), "key expiry changed maps");
+            }
+            let State {
+                core,
+                offline_since,
+                online,
+                ..
+            } = &mut *st;
+            offline_since.retain(|id, _| core.nodes().get(*id).is_some());
+            let stale: Vec<u64> = core
+                .nodes()
+                .iter()
+                .filter(|n| n.ephemeral && !online.contains(&n.id))
+                .map(|n| n.id)
+                .filter(|id| {
+                    let since = *offline_since.entry(*id).or_insert(mono);
+                    mono.saturating_sub(since) >= timeout
+                })
+                .collect();
+            if mono.saturating_sub(st.seen_refreshed) >= SEEN_REFRESH_MS {
+                st.seen_refreshed = mono;
+                let live: Vec<u64> = st.online.iter().copied().collect();
+                for id in live {
+                    st.seen(id, now);
+                }
+            }
+            let due = st.coalesce.due(now);
+            (changed, stale, due)
+        };
+        for id in stale {
+            if self.store.delete_node(id).is_err() {
+                continue;
+            }
+            let name = {
+                let mut st = self.state();
+                st.offline_since.remove(&id);
+                let name = st.core.nodes().get(id).map(|n| n.name.clone());
+                changed.extend(st.core.apply(Change::Remove(id)));
+                name.unwrap_or_default()
+            };
+            self.audit(now, "controller", "node.delete.ephemeral", &name, "offline");
         }
-        drop(inner);
-        self.limits
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .prune(now);
+        for (node, eps) in due {
+            match self.store_endpoints(&turn, node, eps) {
+                Ok(c) => changed.extend(c),
+                Err(e) => tracing::debug!(node, error = %e, "coalesced endpoints not published"),
+            }
+        }
+        {
+            let st = self.state();
+            let mono = st.mono;
+            changed.extend(
+                st.subs
+                    .iter()
+                    .filter(|(_, s)| mono.saturating_sub(s.last_sent_mono) >= half)
+                    .map(|(id, _)| *id),
+            );
+        }
+        self.publish(&turn, &changed, now);
+        drop(turn);
+        self.auth.prune(now);
     }
 
     /// Prunes the audit table: rows older than `audit_max_age_ms`, and
@@ -1222,12 +1008,6 @@ impl Mesh {
 
     // ---- admin operations ---------------------------------------------------
 
-    fn audit(&self, now: UnixMs, actor: &str, action: &str, target: &str, detail: &str) {
-        if let Err(e) = self.store.audit(now, actor, action, target, detail) {
-            tracing::error!(error = %e, action, "cannot write audit record");
-        }
-    }
-
     pub fn create_user(&self, actor: &str, login: &str, now: UnixMs) -> Result<UserRow> {
         validate_login(login)?;
         let row = self.store.create_user(login, now)?;
@@ -1240,14 +1020,8 @@ impl Mesh {
     }
 
     pub fn delete_user(&self, actor: &str, login: &str, now: UnixMs) -> Result<()> {
-        let mut inner = self.lock();
+        let turn = self.turn();
         let ids = self.store.delete_user(login)?;
-        let mut affected = BTreeSet::new();
-        for id in &ids {
-            inner.remove_node(*id);
-            affected.extend(inner.compiled.remove_node(*id));
-            affected.insert(*id);
-        }
         self.audit(
             now,
             actor,
@@ -1255,7 +1029,15 @@ impl Mesh {
             login,
             &format!("nodes deleted: {ids:?}"),
         );
-        self.push(&mut inner, &affected, now);
+        let changed = {
+            let mut st = self.state();
+            let mut changed = BTreeSet::new();
+            for id in &ids {
+                changed.extend(st.core.apply(Change::Remove(*id)));
+            }
+            changed
+        };
+        self.publish(&turn, &changed, now);
         Ok(())
     }
 
@@ -1289,7 +1071,7 @@ impl Mesh {
         }
         if let Some(u) = user {
             validate_login(u)?;
-            let policy = self.lock().compiled.policy().clone();
+            let policy = self.state().core.policy().clone();
             for t in &tags {
                 if !policy.may_own_tag(u, t) {
                     return Err(Error::Forbidden(format!(
@@ -1304,7 +1086,7 @@ impl Mesh {
                 "expiry must be between 1s and 10 years".into(),
             ));
         }
-        let token = KeyToken::generate(Some(self.fingerprint), &mut OsRng);
+        let token = KeyToken::generate(Some(self.fingerprint()), &mut OsRng);
         let row = self.store.create_auth_key(&AuthKeyRow {
             id: 0,
             key_id: token.key_id.clone(),
@@ -1345,21 +1127,23 @@ impl Mesh {
 
     /// Finds a node by name or numeric id.
     pub fn find_node(&self, r: &str) -> Result<NodeRow> {
-        let inner = self.lock();
-        let by_id = r.parse::<u64>().ok().and_then(|id| inner.nodes.get(&id));
-        by_id
-            .or_else(|| inner.nodes.values().find(|n| n.name == r))
+        let st = self.state();
+        let nodes = st.core.nodes();
+        r.parse::<u64>()
+            .ok()
+            .and_then(|id| nodes.get(id))
+            .or_else(|| nodes.by_name(r))
             .cloned()
             .ok_or_else(|| Error::NotFound(format!("node {r:?}")))
     }
 
-    /// All nodes with their online state and the serial each last received.
+    /// All nodes with their online state.
     pub fn nodes(&self) -> Vec<(NodeRow, bool)> {
-        let inner = self.lock();
-        inner
-            .nodes
-            .values()
-            .map(|n| (n.clone(), inner.online.contains(&n.id)))
+        let st = self.state();
+        st.core
+            .nodes()
+            .iter()
+            .map(|n| (n.clone(), st.online.contains(&n.id)))
             .collect()
     }
 
@@ -1374,29 +1158,40 @@ impl Mesh {
     }
 
     fn remove_node(&self, actor: &str, node: &NodeRow, action: &str, now: UnixMs) -> Result<()> {
-        let mut inner = self.lock();
+        let turn = self.turn();
         self.store.delete_node(node.id)?;
-        inner.remove_node(node.id);
-        let mut affected = inner.compiled.remove_node(node.id);
-        affected.insert(node.id);
         self.audit(now, actor, action, &node.name, &format!("id={}", node.id));
-        self.push(&mut inner, &affected, now);
+        self.apply(&turn, Change::Remove(node.id), now);
         Ok(())
     }
 
+    /// Expires a node's key now; an expired node is in nobody's map and its
+    /// stream is closed.
+    ///
+    /// # Errors
+    /// `NotFound`; store failures.
     pub fn expire_node(&self, actor: &str, r: &str, now: UnixMs) -> Result<NodeRow> {
+        let turn = self.turn();
         let node = self.find_node(r)?;
-        let mut inner = self.lock();
-        self.store.set_node_expiry(node.id, now)?;
-        if let Some(n) = inner.nodes.get_mut(&node.id) {
-            n.expiry_ms = now;
-        }
-        inner.clock_expired.remove(&node.id);
-        let mut affected = inner.compiled.remove_node(node.id);
-        affected.insert(node.id);
+        self.store.revoke_node_key(node.id, now)?;
         self.audit(now, actor, "node.expire", &node.name, "");
-        self.push(&mut inner, &affected, now);
-        Ok(inner.nodes.get(&node.id).cloned().unwrap_or(node))
+        let updated = NodeRow {
+            expiry_ms: now,
+            key_revoked: true,
+            ..node
+        };
+        let changed = {
+            let mut st = self.state();
+            let mut changed = st.core.apply(Change::Upsert(updated.clone()));
+            // The core judges expiry by its clock; bring it to `now` so the
+            // node leaves the views at once, not at the next tick.
+            if now > st.core.clock() {
+                changed.extend(st.core.apply(Change::Clock(now)));
+            }
+            changed
+        };
+        self.publish(&turn, &changed, now);
+        Ok(updated)
     }
 
     pub fn rename_node(
@@ -1406,29 +1201,21 @@ impl Mesh {
         new_name: &str,
         now: UnixMs,
     ) -> Result<NodeRow> {
-        let node = self.find_node(r)?;
         let label = dns_label(new_name);
         if label != new_name {
             return Err(Error::Invalid(format!(
                 "invalid node name {new_name:?}: use lowercase letters, digits and '-' (e.g. {label:?})"
             )));
         }
-        let mut inner = self.lock();
+        let turn = self.turn();
+        let node = self.find_node(r)?;
         self.store.rename_node(node.id, new_name)?;
-        let mut updated = node.clone();
-        updated.name = new_name.to_string();
-        inner.insert_node(updated.clone());
-        let mut affected = BTreeSet::new();
-        if is_active(&updated, now) {
-            affected = inner.compiled.upsert_node(node_info(&updated));
-            affected.insert(node.id);
-            // Peers see the new name too.
-            if let Some(v) = inner.compiled.view(node.id) {
-                affected.extend(v.peers.iter().copied());
-            }
-        }
         self.audit(now, actor, "node.rename", &node.name, new_name);
-        self.push(&mut inner, &affected, now);
+        let updated = NodeRow {
+            name: new_name.to_string(),
+            ..node
+        };
+        self.apply(&turn, Change::Upsert(updated.clone()), now);
         Ok(updated)
     }
 
@@ -1439,23 +1226,26 @@ impl Mesh {
     /// `Policy` with `FILE:LINE:COL: message` lines.
     pub fn set_policy(&self, actor: &str, file_name: &str, text: &str, now: UnixMs) -> Result<u64> {
         let policy = Policy::check(file_name, text).map_err(|e| Error::Policy(e.to_string()))?;
-        let mut inner = self.lock();
+        let turn = self.turn();
         let row = self.store.set_policy(file_name, text, now)?;
-        let affected = inner.compiled.set_policy(policy);
-        inner.policy_row = Some(row.clone());
+        let changed = {
+            let mut st = self.state();
+            st.policy_row = Some(row.clone());
+            st.core.apply(Change::Policy(policy))
+        };
         self.audit(
             now,
             actor,
             "policy.set",
             file_name,
-            &format!("version={} nodes affected={}", row.version, affected.len()),
+            &format!("version={} nodes affected={}", row.version, changed.len()),
         );
-        self.push(&mut inner, &affected, now);
+        self.publish(&turn, &changed, now);
         Ok(row.version)
     }
 
     pub fn policy_row(&self) -> Option<PolicyRow> {
-        self.lock().policy_row.clone()
+        self.state().policy_row.clone()
     }
 
     /// What would change if `text` replaced the current policy. Changes nothing.
@@ -1465,10 +1255,11 @@ impl Mesh {
         text: &str,
     ) -> Result<Vec<ztmesh_policy::FlowChange>> {
         let policy = Policy::check(file_name, text).map_err(|e| Error::Policy(e.to_string()))?;
-        let inner = self.lock();
-        let nodes: Vec<PolicyNode> = inner.compiled.nodes().cloned().collect();
+        let st = self.state();
+        let old = st.core.compiled();
+        let nodes: Vec<PolicyNode> = old.nodes().cloned().collect();
         let new = Compiled::new(policy, nodes);
-        Ok(ztmesh_policy::plan(&inner.compiled, &new))
+        Ok(ztmesh_policy::plan(old, &new))
     }
 
     pub fn explain(
@@ -1478,12 +1269,9 @@ impl Mesh {
         port: u16,
         proto: u8,
     ) -> ztmesh_policy::Explanation {
-        let inner = self.lock();
-        let nodes: Vec<PolicyNode> = inner.compiled.nodes().cloned().collect();
-        inner
-            .compiled
-            .policy()
-            .explain(&nodes, src, dst, port, proto)
+        let st = self.state();
+        let nodes: Vec<PolicyNode> = st.core.compiled().nodes().cloned().collect();
+        st.core.policy().explain(&nodes, src, dst, port, proto)
     }
 
     pub fn create_api_key(
@@ -1550,30 +1338,11 @@ impl Mesh {
         OsRng.fill_bytes(&mut b[1..6]);
         Ipv6Net::new(Ipv6Addr::from(b), 48).expect("48 is a valid prefix length")
     }
-
-    /// How many netmaps were signed since load.
-    pub fn maps_signed(&self) -> u64 {
-        self.maps_signed.load(Ordering::Relaxed)
-    }
-
-    pub fn serial(&self) -> u64 {
-        self.lock().serial
-    }
-}
-
-fn unique_name(names: &HashSet<String>, base: &str) -> String {
-    let taken = |n: &str| names.contains(n);
-    if !taken(base) {
-        return base.to_string();
-    }
-    (2..)
-        .map(|i| format!("{base}-{i}"))
-        .find(|n| !taken(n))
-        .expect("an unbounded range always finds a free name")
 }
 
 #[cfg(test)]
 mod tests {
+    use prost::Message;
     use ztmesh_proto::keys::WgPrivateKey;
 
     use super::*;
@@ -1633,8 +1402,8 @@ mod tests {
     }
 
     fn encoded(m: &Mesh, node: u64, now: UnixMs) -> Vec<u8> {
-        let mut inner = m.lock();
-        m.build(&mut inner, node, now).unwrap()
+        let st = m.state();
+        st.core.encode(node, st.serial, now).unwrap()
     }
 
     #[test]

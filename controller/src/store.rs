@@ -13,6 +13,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+pub use crate::model::NodeRow;
 use crate::UnixMs;
 
 /// Store failures.
@@ -56,25 +57,6 @@ pub struct AuthKeyRow {
     pub used_count: u64,
     pub revoked: bool,
     pub created_by: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NodeRow {
-    pub id: u64,
-    pub name: String,
-    pub hostname: String,
-    pub machine_key: [u8; 32],
-    pub wg_key: [u8; 32],
-    pub ipv4: Ipv4Addr,
-    pub ipv6: Ipv6Addr,
-    pub user: Option<String>,
-    pub tags: Vec<String>,
-    pub ephemeral: bool,
-    pub created_ms: UnixMs,
-    pub last_seen_ms: UnixMs,
-    /// 0 = never expires.
-    pub expiry_ms: UnixMs,
-    pub endpoints: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -156,7 +138,9 @@ pub trait Store: Send + Sync {
     ) -> Result<NodeRow>;
     fn nodes(&self) -> Result<Vec<NodeRow>>;
     fn delete_node(&self, id: u64) -> Result<()>;
-    fn set_node_expiry(&self, id: u64, expiry_ms: UnixMs) -> Result<()>;
+    /// Revokes a node's key as of `at`: it stays expired whatever the
+    /// clock later reads.
+    fn revoke_node_key(&self, id: u64, at: UnixMs) -> Result<()>;
     fn rename_node(&self, id: u64, name: &str) -> Result<()>;
     fn set_node_seen(&self, id: u64, last_seen_ms: UnixMs) -> Result<()>;
     /// Many `last_seen` updates at once (one transaction where the store has them).
@@ -261,6 +245,9 @@ CREATE TABLE audit (
 CREATE INDEX audit_time ON audit (time_ms);
 CREATE INDEX audit_action_id ON audit (action, id);
 "#,
+    r#"
+ALTER TABLE nodes ADD COLUMN key_revoked INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// The embedded SQLite store: one connection, WAL, `synchronous=FULL`.
@@ -314,7 +301,7 @@ fn conflict(e: rusqlite::Error, what: &str) -> StoreError {
 }
 
 const NODE_COLS: &str = "id, name, hostname, machine_key, wg_key, ipv4, ipv6, user_login, tags, \
-                         ephemeral, created_ms, last_seen_ms, expiry_ms, endpoints";
+                         ephemeral, created_ms, last_seen_ms, expiry_ms, endpoints, key_revoked";
 const KEY_COLS: &str = "id, key_id, secret_hash, user_login, tags, reusable, ephemeral, \
                         created_ms, expires_ms, used_count, revoked, created_by";
 
@@ -334,6 +321,7 @@ fn node_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRow> {
         last_seen_ms: r.get(11)?,
         expiry_ms: r.get(12)?,
         endpoints: list(r, 13)?,
+        key_revoked: r.get(14)?,
     })
 }
 
@@ -609,6 +597,7 @@ impl Store for SqliteStore {
             last_seen_ms: n.created_ms,
             expiry_ms: n.expiry_ms,
             endpoints: Vec::new(),
+            key_revoked: false,
         })
     }
 
@@ -629,10 +618,10 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn set_node_expiry(&self, id: u64, expiry_ms: UnixMs) -> Result<()> {
+    fn revoke_node_key(&self, id: u64, at: UnixMs) -> Result<()> {
         self.conn().execute(
-            "UPDATE nodes SET expiry_ms = ?2 WHERE id = ?1",
-            params![id, expiry_ms],
+            "UPDATE nodes SET expiry_ms = ?2, key_revoked = 1 WHERE id = ?1",
+            params![id, at],
         )?;
         Ok(())
     }

@@ -18,6 +18,24 @@ const PURE: &[&str] = &[
     "node/src/filter",
     "node/src/tunnel",
     "node/src/control/apply.rs",
+    "controller/src/netcore",
+    "controller/src/model.rs",
+];
+
+/// The controller's modules, bottom layer first. A module may name modules
+/// of lower layers only: values and pure helpers at the bottom, then the pure
+/// netmap core and the store shell beside it, errors, authentication, the
+/// coordinator, the gRPC services, the server, the admin CLI.
+const CONTROLLER_LAYERS: &[&[&str]] = &[
+    &["model", "nodelimit", "lockfile"],
+    &["netcore", "store"],
+    &["error"],
+    &["nodeinput", "ratelimit"],
+    &["auth"],
+    &["mesh"],
+    &["api", "listener"],
+    &["server"],
+    &["cli"],
 ];
 
 /// What a pure file must not name, and why.
@@ -121,6 +139,90 @@ fn pure_modules_do_no_io_and_read_no_clock_or_entropy() {
         "pure modules reach for I/O, the clock or entropy:\n{}",
         found.join("\n")
     );
+}
+
+/// The `crate::` modules `text` names in code (comments aside).
+fn crate_modules(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let code = line.split("//").next().unwrap_or("");
+        for (i, _) in code.match_indices("crate::") {
+            let rest = &code[i + "crate::".len()..];
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            if !name.is_empty() && !out.contains(&name) {
+                out.push(name);
+            }
+        }
+    }
+    out
+}
+
+fn layer_of(module: &str) -> Option<usize> {
+    CONTROLLER_LAYERS
+        .iter()
+        .position(|layer| layer.contains(&module))
+}
+
+#[test]
+fn controller_modules_import_only_modules_below_them() {
+    let src = root().join("controller/src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut found = Vec::new();
+    let mut seen = 0;
+    for f in &files {
+        let rel = f.strip_prefix(&src).expect("under controller/src");
+        let module = rel
+            .components()
+            .next()
+            .and_then(|c| c.as_os_str().to_str())
+            .map(|m| m.trim_end_matches(".rs").to_string())
+            .expect("a module path");
+        if module == "lib" || module == "main" {
+            continue;
+        }
+        let Some(mine) = layer_of(&module) else {
+            found.push(format!(
+                "{}: module `{module}` has no layer in CONTROLLER_LAYERS",
+                f.display()
+            ));
+            continue;
+        };
+        seen += 1;
+        let text = fs::read_to_string(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        for used in crate_modules(&non_test_part(f, &text)) {
+            match layer_of(&used) {
+                Some(theirs) if used != module && theirs >= mine => found.push(format!(
+                    "{}: `{module}` (layer {mine}) names `crate::{used}` (layer {theirs})",
+                    f.display()
+                )),
+                _ => {}
+            }
+        }
+    }
+    assert!(seen >= 15, "too few controller files checked: {seen}");
+    assert!(found.is_empty(), "layering broken:\n{}", found.join("\n"));
+}
+
+/// The netmap core knows nothing of persistence: not even the word.
+#[test]
+fn the_netmap_core_does_not_mention_the_store() {
+    let mut files = Vec::new();
+    rust_files(&root().join("controller/src/netcore"), &mut files);
+    for f in &files {
+        let text = fs::read_to_string(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        for (n, line) in text.lines().enumerate() {
+            assert!(
+                !line.to_lowercase().contains("store"),
+                "{}:{}: {line}",
+                f.display(),
+                n + 1
+            );
+        }
+    }
 }
 
 /// The check itself catches what it is meant to catch, and only that.

@@ -1,0 +1,365 @@
+//! The netmap core: what each node may see, as a pure function of the
+//! mesh's facts.
+//!
+//! Facts in: the enrolled nodes (their rows: keys, names, owners, tags,
+//! endpoints, key expiry), the policy in force, and the wall clock. Out: for
+//! every [`Change`] to those facts, the set of nodes whose view changed; and
+//! on demand, a node's view encoded as a `NetMap` body for a given serial and
+//! time. Nothing here persists, locks, signs, sends, reads a clock or draws
+//! randomness: the coordinator ([`crate::mesh::Mesh`]) makes a change durable,
+//! applies it here, then signs and publishes the maps of the nodes returned.
+//!
+//! Every later per-node fact that changes what a node sees (posture,
+//! quarantine, approved routes, exit nodes, DNS names) is one more field of
+//! the node's row and one more arm of [`Change`]; the change-set rule in
+//! [`NetCore::upsert`] covers it as long as the fact reaches the node's own
+//! map or its peer entry.
+//!
+//! What it keeps per node: the row, the encoded peer entry other maps embed,
+//! and the policy compiler's view (peers and inbound rules), which the next
+//! change is diffed against. It keeps no encoded or signed maps: those are
+//! built when a node needs one and handed to the publisher.
+
+pub mod table;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use ipnet::{IpNet, Ipv6Net};
+use prost::Message;
+use ztmesh_policy::{Compiled, NodeInfo as PolicyNode, Policy};
+use ztmesh_proto::control::{self as pb, NetMap};
+
+pub use table::{Exhausted, NodeTable};
+
+use crate::model::NodeRow;
+use crate::UnixMs;
+
+/// What the maps carry besides the views.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoreConfig {
+    /// How long a map stays valid after it is issued.
+    pub netmap_ttl_ms: i64,
+    pub dns_domain: String,
+    /// The keepalive (seconds) each peer entry asks for.
+    pub persistent_keepalive: u32,
+}
+
+/// A change to the facts the views are computed from.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// A node joined, or changed (renamed, retagged, new key expiry): its
+    /// whole new row.
+    Upsert(NodeRow),
+    /// A node left: deleted, logged out, timed out, its user deleted.
+    Remove(u64),
+    /// A node's reachable endpoints changed.
+    Endpoints { node: u64, endpoints: Vec<String> },
+    /// Another policy is in force.
+    Policy(Policy),
+    /// The wall clock reads this now, forward or back: keys expire, or
+    /// become valid again when the clock went back.
+    Clock(UnixMs),
+}
+
+/// The nodes, the compiled policy and the clock; see the module docs.
+#[derive(Debug)]
+pub struct NetCore {
+    cfg: CoreConfig,
+    table: NodeTable,
+    /// The policy compiled against the active nodes (key not expired at
+    /// `clock`); expired nodes are in `table` only.
+    compiled: Compiled,
+    clock: UnixMs,
+    /// Each node's `peers` entry (field 5 of `NetMap`, tag and length
+    /// included), exactly as every map that lists the node embeds it.
+    entries: HashMap<u64, Vec<u8>>,
+}
+
+/// Whether `n`'s key is valid at `now`: not revoked by an admin, and not
+/// past its expiry (which follows the clock both ways).
+pub fn is_active(n: &NodeRow, now: UnixMs) -> bool {
+    !n.key_revoked && (n.expiry_ms == 0 || n.expiry_ms > now)
+}
+
+fn policy_node(n: &NodeRow) -> PolicyNode {
+    PolicyNode {
+        id: n.id,
+        name: n.name.clone(),
+        user: n.user.clone(),
+        tags: n.tags.iter().cloned().collect(),
+        addresses: vec![IpAddr::V4(n.ipv4), IpAddr::V6(n.ipv6)],
+    }
+}
+
+/// The fields of a node's row its own map shows (`self_node` and the
+/// validity end, which the key expiry caps).
+fn self_fields(n: &NodeRow) -> impl PartialEq + '_ {
+    (
+        &n.name,
+        n.ipv4,
+        n.ipv6,
+        n.expiry_ms,
+        n.machine_key,
+        n.wg_key,
+        &n.user,
+        &n.tags,
+    )
+}
+
+fn addresses(n: &NodeRow) -> Vec<String> {
+    vec![format!("{}/32", n.ipv4), format!("{}/128", n.ipv6)]
+}
+
+/// `n` as a `peers` entry of another node's map.
+fn peer_entry(n: &NodeRow, keepalive: u32) -> Vec<u8> {
+    let peer = pb::Peer {
+        id: n.id,
+        name: n.name.clone(),
+        wg_key: n.wg_key.to_vec(),
+        allowed_ips: addresses(n),
+        endpoints: n.endpoints.clone(),
+        persistent_keepalive: keepalive,
+    };
+    let mut buf = Vec::with_capacity(peer.encoded_len() + 4);
+    prost::encoding::message::encode(5, &peer, &mut buf);
+    buf
+}
+
+fn inbound_rules(rules: &[ztmesh_policy::InboundRule]) -> Vec<pb::InboundRule> {
+    rules
+        .iter()
+        .map(|r| pb::InboundRule {
+            src_prefixes: r.src.iter().map(IpNet::to_string).collect(),
+            dst_prefixes: r.dst.iter().map(IpNet::to_string).collect(),
+            protocols: r.protocols.iter().map(|&p| u32::from(p)).collect(),
+            ports: r
+                .ports
+                .iter()
+                .map(|p| pb::PortRange {
+                    first: p.first.into(),
+                    last: p.last.into(),
+                })
+                .collect(),
+            rule_id: r.rule_id.clone(),
+        })
+        .collect()
+}
+
+impl NetCore {
+    /// Computes every view from scratch: `nodes` under `policy` at `now`.
+    pub fn new(
+        cfg: CoreConfig,
+        policy: Policy,
+        nodes: impl IntoIterator<Item = NodeRow>,
+        now: UnixMs,
+    ) -> NetCore {
+        let mut table = NodeTable::default();
+        for n in nodes {
+            table.insert(n);
+        }
+        let active = table
+            .iter()
+            .filter(|n| is_active(n, now))
+            .map(policy_node)
+            .collect();
+        let entries = table
+            .iter()
+            .map(|n| (n.id, peer_entry(n, cfg.persistent_keepalive)))
+            .collect();
+        NetCore {
+            compiled: Compiled::new(policy, active),
+            cfg,
+            table,
+            clock: now,
+            entries,
+        }
+    }
+
+    /// Applies `change`; returns the nodes whose view changed (a node that
+    /// left is included: it must be told).
+    pub fn apply(&mut self, change: Change) -> BTreeSet<u64> {
+        match change {
+            Change::Upsert(row) => self.upsert(row),
+            Change::Remove(id) => self.remove(id),
+            Change::Endpoints { node, endpoints } => match self.table.get(node) {
+                Some(n) if n.endpoints != endpoints => {
+                    let row = NodeRow {
+                        endpoints,
+                        ..n.clone()
+                    };
+                    self.upsert(row)
+                }
+                _ => BTreeSet::new(),
+            },
+            Change::Policy(policy) => self.compiled.set_policy(policy),
+            Change::Clock(now) => self.set_clock(now),
+        }
+    }
+
+    /// A node's new row. Its own view changes when a field its map shows
+    /// changed; the policy views it takes part in are repaired when what the
+    /// policy sees of it (owner, tags, addresses, whether its key is valid)
+    /// changed; and when its peer entry changed (name, key, addresses,
+    /// endpoints) so does the view of every node it is a peer of.
+    fn upsert(&mut self, row: NodeRow) -> BTreeSet<u64> {
+        let id = row.id;
+        let old = self.table.get(id);
+        if old == Some(&row) {
+            return BTreeSet::new();
+        }
+        let clock = self.clock;
+        let seen_by_policy = |n: &NodeRow| is_active(n, clock).then(|| policy_node(n));
+        let policy_changed = old.and_then(seen_by_policy) != seen_by_policy(&row);
+        let self_changed = old.is_none_or(|o| self_fields(o) != self_fields(&row));
+        let entry = peer_entry(&row, self.cfg.persistent_keepalive);
+        let entry_changed = self.entries.get(&id) != Some(&entry);
+        let mut changed = match (policy_changed, is_active(&row, clock)) {
+            (false, _) => BTreeSet::new(),
+            (true, true) => self.compiled.upsert_node(policy_node(&row)),
+            (true, false) => self.compiled.remove_node(id),
+        };
+        if self_changed || policy_changed {
+            changed.insert(id);
+        }
+        if entry_changed {
+            if let Some(v) = self.compiled.view(id) {
+                changed.extend(&v.peers);
+            }
+        }
+        self.entries.insert(id, entry);
+        self.table.insert(row);
+        changed
+    }
+
+    fn remove(&mut self, id: u64) -> BTreeSet<u64> {
+        if self.table.remove(id).is_none() {
+            return BTreeSet::new();
+        }
+        self.entries.remove(&id);
+        let mut changed = self.compiled.remove_node(id);
+        changed.insert(id);
+        changed
+    }
+
+    /// Moves the clock: nodes whose key expired leave the compiled policy,
+    /// nodes whose key is valid again (the clock went back) rejoin it.
+    fn set_clock(&mut self, now: UnixMs) -> BTreeSet<u64> {
+        self.clock = now;
+        let flips: Vec<(u64, bool)> = self
+            .table
+            .iter()
+            .map(|n| (n.id, is_active(n, now)))
+            .filter(|&(id, active)| active != self.compiled.view(id).is_some())
+            .collect();
+        let mut changed = BTreeSet::new();
+        for (id, active) in flips {
+            changed.insert(id);
+            if active {
+                if let Some(n) = self.table.get(id) {
+                    changed.extend(self.compiled.upsert_node(policy_node(n)));
+                }
+            } else {
+                changed.extend(self.compiled.remove_node(id));
+            }
+        }
+        changed
+    }
+
+    /// Records when a node was last seen; no view depends on it.
+    pub fn set_last_seen(&mut self, id: u64, ms: UnixMs) {
+        self.table.set_last_seen(id, ms);
+    }
+
+    /// The clock as of the last [`Change::Clock`] (or construction).
+    pub fn clock(&self) -> UnixMs {
+        self.clock
+    }
+
+    pub fn nodes(&self) -> &NodeTable {
+        &self.table
+    }
+
+    /// The lowest free overlay address pair (see [`NodeTable::allocate`]).
+    ///
+    /// # Errors
+    /// [`Exhausted`].
+    pub fn allocate(
+        &mut self,
+        ula: Ipv6Net,
+    ) -> Result<(std::net::Ipv4Addr, std::net::Ipv6Addr), Exhausted> {
+        self.table.allocate(ula)
+    }
+
+    pub fn compiled(&self) -> &Compiled {
+        &self.compiled
+    }
+
+    pub fn policy(&self) -> &Policy {
+        self.compiled.policy()
+    }
+
+    /// The nodes `id` may talk to, per the policy (empty for an expired or
+    /// unknown node).
+    pub fn peers(&self, id: u64) -> BTreeSet<u64> {
+        self.compiled
+            .view(id)
+            .map(|v| v.peers.clone())
+            .unwrap_or_default()
+    }
+
+    /// The encoded `NetMap` of `node` with `serial`, issued at `now`, or
+    /// `None` when the node is unknown or its key has expired at `now`.
+    ///
+    /// The bytes are exactly prost's encoding of the full message (fields in
+    /// tag order: 1–4, the peers, then 6–7), with each peer's entry taken
+    /// from the cache instead of being rebuilt for every map that lists it.
+    pub fn encode(&self, node: u64, serial: u64, now: UnixMs) -> Option<Vec<u8>> {
+        let me = self.table.get(node).filter(|n| is_active(n, now))?;
+        let mut not_after = now.saturating_add(self.cfg.netmap_ttl_ms);
+        if me.expiry_ms > 0 {
+            not_after = not_after.min(me.expiry_ms);
+        }
+        let head = NetMap {
+            serial,
+            issued_at_ms: now,
+            not_after_ms: not_after,
+            self_node: Some(pb::NodeInfo {
+                id: me.id,
+                name: me.name.clone(),
+                addresses: addresses(me),
+                key_expiry_ms: me.expiry_ms,
+                machine_key: me.machine_key.to_vec(),
+                wg_key: me.wg_key.to_vec(),
+                user: me.user.clone().unwrap_or_default(),
+                tags: me.tags.clone(),
+            }),
+            ..NetMap::default()
+        };
+        let view = self.compiled.view(node);
+        let tail = NetMap {
+            inbound_rules: view.map(|v| inbound_rules(&v.inbound)).unwrap_or_default(),
+            dns_domain: self.cfg.dns_domain.clone(),
+            ..NetMap::default()
+        };
+        let mut body = head.encode_to_vec();
+        for id in view.iter().flat_map(|v| v.peers.iter()) {
+            let active = self.table.get(*id).is_some_and(|p| is_active(p, now));
+            if let Some(entry) = self.entries.get(id).filter(|_| active) {
+                body.extend_from_slice(entry);
+            }
+        }
+        tail.encode(&mut body)
+            .expect("a Vec grows to fit any message");
+        Some(body)
+    }
+
+    /// [`NetCore::encode`], decoded.
+    pub fn netmap(&self, node: u64, serial: u64, now: UnixMs) -> Option<NetMap> {
+        let body = self.encode(node, serial, now)?;
+        NetMap::decode(body.as_slice()).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests;
