@@ -11,6 +11,14 @@
 //!   views; time and randomness come in as arguments;
 //! - [`api`] (tonic services) ← [`server`] (listeners, TLS, ticker;
 //!   [`listener`] caps hostile clients). [`cli`] is the admin client.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::disallowed_methods,
+        clippy::disallowed_types,
+        reason = "unit tests build inputs from the real clock and entropy"
+    )
+)]
 
 pub mod api;
 pub mod auth;

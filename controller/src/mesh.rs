@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ipnet::Ipv6Net;
-use rand_core::{OsRng, RngCore};
+use rand_core::RngCore;
 use tokio::sync::watch;
 use ztmesh_policy::{Compiled, NodeInfo as PolicyNode, Policy};
 use ztmesh_proto::auth::{self, KeyToken};
@@ -1048,6 +1048,10 @@ impl Mesh {
     /// policy's tagOwners do not let `user` own a requested tag, `NotFound` for
     /// an unknown user.
     #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::disallowed_types,
+        reason = "the coordinator draws fresh secrets from OS entropy"
+    )]
     pub fn create_auth_key(
         &self,
         actor: &str,
@@ -1058,6 +1062,7 @@ impl Mesh {
         expiry_ms: Option<i64>,
         now: UnixMs,
     ) -> Result<(AuthKeyRow, String)> {
+        use rand_core::OsRng;
         if user.is_none() && tags.is_empty() {
             return Err(Error::Invalid(
                 "an auth key needs --user or --tags (nodes are owned by a user or by tags)".into(),
@@ -1274,6 +1279,10 @@ impl Mesh {
         st.core.policy().explain(&nodes, src, dst, port, proto)
     }
 
+    #[expect(
+        clippy::disallowed_types,
+        reason = "the coordinator draws fresh secrets from OS entropy"
+    )]
     pub fn create_api_key(
         &self,
         actor: &str,
@@ -1281,6 +1290,7 @@ impl Mesh {
         expiry_ms: Option<i64>,
         now: UnixMs,
     ) -> Result<(ApiKeyRow, String)> {
+        use rand_core::OsRng;
         if description.len() > 200 || description.chars().any(char::is_control) {
             return Err(Error::Invalid(
                 "description: at most 200 printable characters".into(),
@@ -1332,7 +1342,12 @@ impl Mesh {
     }
 
     /// Generates a random ULA /48 (RFC 4193: fd00::/8 + 40 random bits).
+    #[expect(
+        clippy::disallowed_types,
+        reason = "the coordinator draws fresh secrets from OS entropy"
+    )]
     pub fn random_ula() -> Ipv6Net {
+        use rand_core::OsRng;
         let mut b = [0u8; 16];
         b[0] = 0xfd;
         OsRng.fill_bytes(&mut b[1..6]);
@@ -1343,6 +1358,7 @@ impl Mesh {
 #[cfg(test)]
 mod tests {
     use prost::Message;
+    use rand_core::OsRng;
     use ztmesh_proto::keys::WgPrivateKey;
 
     use super::*;

@@ -183,6 +183,10 @@ pub async fn run(
 
 /// Like [`run`], with explicit listener limits. Used by `serve` and by
 /// in-process tests.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the server shell times its own start-up"
+)]
 pub async fn run_with(
     dir: &DataDir,
     mesh: Arc<Mesh>,

@@ -1,5 +1,10 @@
 //! The real `ztmesh-controller` binary: durability across SIGKILL, private
 //! files, one-line errors, and the policy commands (check, explain, plan, set).
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

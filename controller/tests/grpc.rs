@@ -1,5 +1,10 @@
 //! In-process gRPC tests: a real controller (TLS listener on 127.0.0.1, admin
 //! unix socket, SQLite file in a temp dir) driven through real tonic clients.
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
 
 use std::time::Duration;
 

@@ -3,6 +3,11 @@
 //! idle and stalled connections, stream and connection caps, stalled
 //! requests, failure floods from a shared source, garbage proofs, extreme
 //! timestamps, and the refusal reasons a node receives.
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
 
 use std::sync::Arc;
 use std::time::Duration;

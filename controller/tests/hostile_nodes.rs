@@ -2,6 +2,11 @@
 //! core (`Mesh` on SQLite, virtual time): endpoint validation, weak keys,
 //! duplicate sessions, flow-report arithmetic, audit pruning, restarts and
 //! clock jumps. No sockets and no clock: `now` is an argument everywhere.
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
 
 use std::sync::Arc;
 

@@ -1,6 +1,11 @@
 //! Node lifecycle on the controller's pure core (`Mesh` on an in-memory
 //! store, virtual time): ephemeral nodes, key expiry, tag ownership, rate
 //! limiting. No sockets and no clock: `now` is an argument everywhere.
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
 
 use std::sync::Arc;
 

@@ -466,6 +466,10 @@ impl Daemon {
         }
     }
 
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the agent shell bounds its wait for the first map on the real clock"
+    )]
     async fn up(
         self: &Arc<Self>,
         controller: Option<String>,
@@ -531,6 +535,10 @@ impl Daemon {
         Ok(self.status())
     }
 
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the agent shell bounds enrollment retries on the real clock"
+    )]
     async fn enroll(
         &self,
         url: &str,

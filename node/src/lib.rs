@@ -1,6 +1,14 @@
 //! ztmesh node: the userspace WireGuard data plane (sans-IO tunnel device,
 //! packet filter, TUN/UDP I/O), the wireguard userspace API, wg-quick configs
 //! and standalone mode.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::disallowed_methods,
+        clippy::disallowed_types,
+        reason = "unit tests build inputs from the real clock and entropy"
+    )
+)]
 
 pub mod agent;
 pub mod cli;

@@ -2,6 +2,11 @@
 //! dir exits at once with an error naming the lock file and the holder's PID,
 //! and leaves the first one (and its socket) alone. Runs the real binary; no
 //! privileges needed (a daemon that is not enrolled opens no TUN device).
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
 
 use std::io::Read;
 use std::path::Path;

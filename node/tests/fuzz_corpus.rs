@@ -2,6 +2,11 @@
 //! filter_inbound, device_udp, wgconf_parse, uapi_set).
 //! Every committed input goes through the target's own check
 //! (`fuzz/replay.rs`).
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
 
 #[path = "../../fuzz/replay.rs"]
 mod replay;

@@ -1,6 +1,11 @@
 //! The per-packet path allocates nothing once a session and its flow exist
 //! (as Tailscale's filter `TestNoAllocs`): a counting allocator wraps the
 //! system one and counts allocations made by this thread.
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

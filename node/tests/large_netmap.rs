@@ -3,6 +3,11 @@
 //!
 //! The transport is an in-memory duplex pipe: real HTTP/2 and gRPC framing,
 //! no sockets.
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
 
 use std::time::Duration;
 

@@ -7,6 +7,11 @@
 //!   operator group.
 //!
 //! The daemon is not enrolled, so it opens no TUN device and sends nothing.
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -2,6 +2,11 @@
 //! 100 users, 50 groups, 200 tags, 1,000 ACL entries.
 //!
 //! Run: `cargo bench -p ztmesh-policy --bench compile -- --warm-up-time 1 --measurement-time 5`
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "benchmarks build inputs from the real clock and entropy"
+)]
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;

@@ -29,6 +29,14 @@
 //!   targeted.
 //! - An empty policy (empty file or `{}`) denies everything.
 //! - A node without addresses can neither send nor receive: empty view.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::disallowed_methods,
+        clippy::disallowed_types,
+        reason = "unit tests build inputs from the real clock and entropy"
+    )
+)]
 
 mod compile;
 mod error;

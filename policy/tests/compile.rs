@@ -1,5 +1,10 @@
 //! Table tests for compilation: exact per-node views, determinism,
 //! incremental updates, policy replacement and `plan`.
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
 
 mod common;
 

@@ -1,6 +1,11 @@
 //! Fuzz corpus replay for the policy target (`fuzz/`: policy_parse).
 //! Every committed input goes through the target's own check
 //! (`fuzz/replay.rs`).
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
 
 #[path = "../../fuzz/replay.rs"]
 mod replay;

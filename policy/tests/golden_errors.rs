@@ -2,6 +2,11 @@
 //! exact diagnostics (`FILE:LINE:COL: message`, one per line) are in
 //! `NAME.err`. Regenerate with `UPDATE_GOLDEN=1 cargo test -p ztmesh-policy
 //! --test golden_errors`, then review the diff.
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
 
 use std::fs;
 use std::path::Path;

@@ -6,6 +6,11 @@
 //! - incremental upserts and removals give the same views as a full
 //!   recompile, and report exactly the views that changed;
 //! - compilation does not depend on node order.
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
 
 mod common;
 

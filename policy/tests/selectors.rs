@@ -1,5 +1,10 @@
 //! Table tests: every selector, port and protocol form, checked both through
 //! the compiled per-node rules and through `explain` (the direct evaluation).
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
 
 mod common;
 

@@ -1,5 +1,10 @@
 //! The `tests` section: passing policies, failing assertions (location, flow,
 //! expected vs actual), and the shipped example policy.
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
 
 mod common;
 

@@ -13,7 +13,7 @@ use std::str::FromStr;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use ed25519_dalek::Signer;
-use rand_core::{CryptoRngCore, OsRng};
+use rand_core::CryptoRngCore;
 
 /// Errors from parsing or loading keys.
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +116,12 @@ impl SigningKey {
     ///
     /// # Errors
     /// I/O errors, or a file that does not hold a valid key.
+    #[expect(
+        clippy::disallowed_types,
+        reason = "a key file is created here, in the shell, from OS entropy"
+    )]
     pub fn load_or_generate(path: &Path) -> Result<Self, KeyError> {
+        use rand_core::OsRng;
         match std::fs::read_to_string(path) {
             Ok(text) => Ok(Self::from_bytes(&decode32(&text)?)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -203,7 +208,12 @@ impl WgPrivateKey {
     ///
     /// # Errors
     /// I/O errors, or a file that does not hold a valid key.
+    #[expect(
+        clippy::disallowed_types,
+        reason = "a key file is created here, in the shell, from OS entropy"
+    )]
     pub fn load_or_generate(path: &Path) -> Result<Self, KeyError> {
+        use rand_core::OsRng;
         match std::fs::read_to_string(path) {
             Ok(text) => text.parse(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -279,6 +289,8 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use rand_core::OsRng;
+
     use super::*;
 
     #[test]

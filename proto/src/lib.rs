@@ -8,6 +8,14 @@
 //! - [`tls`]: certificate-pinned TLS channels to the controller.
 //! - [`refusal`]: machine-readable reasons a node's session was refused.
 //! - [`time`]: the one wall-clock read ([`time::now_ms`]) both sides use.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::disallowed_methods,
+        clippy::disallowed_types,
+        reason = "unit tests build inputs from the real clock and entropy"
+    )
+)]
 
 pub mod auth;
 pub mod keys;

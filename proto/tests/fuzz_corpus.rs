@@ -1,6 +1,11 @@
 //! Fuzz corpus replay for the proto targets (`fuzz/`: node_proof, key_token).
 //! Every committed input goes through the target's own check
 //! (`fuzz/replay.rs`).
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
 
 #[path = "../../fuzz/replay.rs"]
 mod replay;

@@ -26,6 +26,11 @@
 //!
 //! Addresses come only from the ranges DESIGN.md allows: underlay 198.18.0.0/15
 //! and fd00::/8.
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "the test harness drives real processes on the real clock"
+)]
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;

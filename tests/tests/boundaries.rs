@@ -8,6 +8,11 @@
 //! outside its `#[cfg(test)]` section (tests may use the real clock to build
 //! inputs). Address *types* (`IpAddr`, `SocketAddr`) are values and allowed;
 //! sockets are I/O and are not.
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -17,6 +17,11 @@
 //!
 //! Interface names embed the test process id: the UAPI socket directory
 //! /var/run/wireguard is shared by all namespaces on the host.
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
 
 use std::path::PathBuf;
 use std::process::Command;

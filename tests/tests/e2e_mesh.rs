@@ -21,6 +21,11 @@
 //! controller and daemons, and removes everything when it ends, also when it
 //! fails, in which case the logs of every process are printed first.
 //! Run with `--nocapture` to see the flow table and the measured times.
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;

@@ -9,6 +9,11 @@
 //!
 //!   pair "left" eth0 198.18.1.1/24 ── eth0 198.18.1.2/24 "right"  (echo on right:7001)
 //! ```
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
 
 use std::path::Path;
 use std::process::Command;

@@ -24,6 +24,11 @@
 //! Every phase has a deadline (`--phase-timeout`); on a timeout or any
 //! verification failure it prints why and exits non-zero. The data dir is a
 //! fresh temporary directory, removed at the end unless `--keep`.
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "a load generator measures on the real clock and makes real keys"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -3,6 +3,10 @@
 //! and drawing nonces), the netmap size limit, reading a refusal from a gRPC
 //! status, and the reconnect jitter drawn from an RNG. Decisions are made by
 //! the pure [`super::apply`].
+#![expect(
+    clippy::disallowed_types,
+    reason = "the client shell draws proof nonces from OS entropy"
+)]
 
 use std::time::Duration;
 
@@ -49,6 +53,10 @@ pub fn ending(status: &tonic::Status) -> Ending {
 }
 
 /// The delay before reconnect attempt `attempt`, jittered from the thread RNG.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the client shell draws the reconnect jitter; the backoff itself is pure"
+)]
 pub fn reconnect_delay(backoff: &Backoff, attempt: u32) -> Duration {
     backoff.delay(attempt, rand::thread_rng().gen())
 }

@@ -238,6 +238,10 @@ impl DataPlane {
 /// sockets and the `Device`. A thread of its own keeps the hot path off the
 /// control plane's runtime: no work stealing, no cross-thread wake-ups, and
 /// the control loop's TLS and gRPC work never delays a packet.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the data-plane shell starts the Device at the real time"
+)]
 fn run_thread(
     cfg: DataPlaneConfig,
     commands: mpsc::UnboundedReceiver<Command>,
@@ -349,6 +353,10 @@ impl Buffers {
 }
 
 impl Worker {
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the data-plane event loop reads the clock once per turn and passes it in"
+    )]
     async fn run(mut self) {
         let mut bufs = Buffers::new(self.mtu);
         let mut next_stats = Instant::now() + STATS_INTERVAL;
@@ -562,6 +570,7 @@ impl Worker {
         }
     }
 
+    #[expect(clippy::disallowed_methods, reason = "stats are stamped in the shell")]
     fn publish_stats(&mut self) {
         let now = Instant::now();
         let denied = self.device.take_denied_flows();
@@ -615,6 +624,10 @@ fn merge_denied(
 }
 
 /// Converts a monotonic instant in the past to wall-clock time.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the shell maps monotonic instants to wall-clock time for reports"
+)]
 fn wall_clock(now: Instant, then: Instant) -> SystemTime {
     SystemTime::now()
         .checked_sub(now.saturating_duration_since(then))

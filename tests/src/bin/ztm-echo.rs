@@ -15,6 +15,11 @@
 //! exits by itself after `ZTM_ECHO_MAX_SECS` (default 3600) so that a leaked
 //! server cannot outlive a test run for long. `check` and `stream` exit 0 on
 //! success and print a one-line reason on stderr and exit 1 otherwise.
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "a test helper binary, not product code"
+)]
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
