@@ -36,6 +36,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod shape;
+
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
 use rand_core::{OsRng, RngCore};
@@ -226,20 +228,7 @@ fn free_port() -> anyhow::Result<u16> {
 // ---- policy -------------------------------------------------------------------
 
 fn policy(groups: usize, version: u32) -> String {
-    let owners: Vec<String> = (0..groups).map(|g| format!("\"tag:lg{g}\": []")).collect();
-    let acls: Vec<String> = (0..groups)
-        .map(|g| {
-            format!(
-                "{{\"action\": \"accept\", \"src\": [\"tag:lg{g}\"], \"dst\": [\"tag:lg{g}:22,{}\"]}}",
-                MARKER_BASE + version
-            )
-        })
-        .collect();
-    format!(
-        "{{\n\"tagOwners\": {{{}}},\n\"acls\": [\n{}\n]\n}}\n",
-        owners.join(", "),
-        acls.join(",\n")
-    )
+    shape::policy(groups, MARKER_BASE + version)
 }
 
 /// The policy version a map reflects: the marker port in its inbound rules.
