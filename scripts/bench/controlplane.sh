@@ -21,6 +21,8 @@
 #   CHANGES=3           policy changes timed per run
 #   GROUP=100           nodes per tag group (each node gets GROUP-1 peers)
 #   BIN=target/release  where ztmesh-loadgen and ztmesh-controller are
+#   CONTROLLER_BIN=PATH the controller to measure (default $BIN/ztmesh-controller),
+#                       e.g. a baseline built in its own worktree and target dir
 #   NO_BUILD=1          skip `cargo build --release`
 #   OUT=FILE            also write the raw JSON lines there
 set -euo pipefail
@@ -32,6 +34,7 @@ SIZES=${SIZES:-"1000 5000"}
 CHANGES=${CHANGES:-3}
 GROUP=${GROUP:-100}
 BIN=${BIN:-$ROOT/target/release}
+CONTROLLER_BIN=${CONTROLLER_BIN:-$BIN/ztmesh-controller}
 
 if [[ -z "${NO_BUILD:-}" ]]; then
     cargo build --release -p ztmesh-controller -p ztmesh-loadgen --bins >&2
@@ -44,7 +47,7 @@ for n in $SIZES; do
     for rep in $(seq 1 "$REPS"); do
         echo "== N=$n run $rep/$REPS" >&2
         "$BIN/ztmesh-loadgen" --nodes "$n" --group-size "$GROUP" --changes "$CHANGES" \
-            --controller-bin "$BIN/ztmesh-controller" --json | tee /dev/stderr | tail -n 1 >>"$RAW"
+            --controller-bin "$CONTROLLER_BIN" --json | tee /dev/stderr | tail -n 1 >>"$RAW"
     done
 done
 if [[ -n "${OUT:-}" ]]; then
