@@ -82,7 +82,8 @@ pub fn is_active(n: &NodeRow, now: UnixMs) -> bool {
     !n.key_revoked && (n.expiry_ms == 0 || n.expiry_ms > now)
 }
 
-fn policy_node(n: &NodeRow) -> PolicyNode {
+/// What the policy compiler sees of `n`.
+pub fn policy_node(n: &NodeRow) -> PolicyNode {
     PolicyNode {
         id: n.id,
         name: n.name.clone(),

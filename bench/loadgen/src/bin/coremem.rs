@@ -19,12 +19,12 @@
 mod shape;
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
 use clap::Parser;
 use ztmesh_controller::model::NodeRow;
-use ztmesh_controller::netcore::{Change, CoreConfig, NetCore};
+use ztmesh_controller::netcore::{policy_node, Change, CoreConfig, NetCore};
 use ztmesh_policy::{Compiled, NodeInfo, Policy};
 
 /// Bytes currently allocated through the global allocator.
@@ -91,16 +91,6 @@ fn row(i: usize, group: usize) -> NodeRow {
         expiry_ms: T0 + 180 * 86_400_000,
         key_revoked: false,
         endpoints: Vec::new(),
-    }
-}
-
-fn policy_node(r: &NodeRow) -> NodeInfo {
-    NodeInfo {
-        id: r.id,
-        name: r.name.clone(),
-        user: r.user.clone(),
-        tags: r.tags.iter().cloned().collect(),
-        addresses: vec![IpAddr::V4(r.ipv4), IpAddr::V6(r.ipv6)],
     }
 }
 
