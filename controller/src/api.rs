@@ -447,15 +447,15 @@ impl AdminService {
         Ok(self.mesh.keys(kind)?.iter().filter_map(pb).collect())
     }
 
-    fn revoke_key<T>(
+    fn revoke_key(
         &self,
-        req: &Request<T>,
+        req: &Request<apb::KeyRef>,
         kind: SecretKind,
-        key_id: &str,
-    ) -> Result<(), Status> {
+    ) -> Result<apb::RevokeKeyResponse, Status> {
         let actor = self.actor(req)?;
-        self.mesh.revoke_key(&actor, kind, key_id, now_ms())?;
-        Ok(())
+        self.mesh
+            .revoke_key(&actor, kind, &req.get_ref().key_id, now_ms())?;
+        Ok(apb::RevokeKeyResponse {})
     }
 }
 
@@ -601,18 +601,14 @@ impl Admin for AdminService {
 
     async fn list_auth_keys(
         &self,
-        req: Request<apb::ListAuthKeysRequest>,
+        req: Request<apb::ListKeysRequest>,
     ) -> R<apb::ListAuthKeysResponse> {
         let keys = self.list_keys(&req, SecretKind::AuthKey, auth_key_pb)?;
         ok(apb::ListAuthKeysResponse { keys })
     }
 
-    async fn revoke_auth_key(
-        &self,
-        req: Request<apb::RevokeAuthKeyRequest>,
-    ) -> R<apb::RevokeAuthKeyResponse> {
-        self.revoke_key(&req, SecretKind::AuthKey, &req.get_ref().key_id)?;
-        ok(apb::RevokeAuthKeyResponse {})
+    async fn revoke_auth_key(&self, req: Request<apb::KeyRef>) -> R<apb::RevokeKeyResponse> {
+        ok(self.revoke_key(&req, SecretKind::AuthKey)?)
     }
 
     async fn list_nodes(&self, req: Request<apb::ListNodesRequest>) -> R<apb::ListNodesResponse> {
@@ -737,18 +733,14 @@ impl Admin for AdminService {
 
     async fn list_api_keys(
         &self,
-        req: Request<apb::ListApiKeysRequest>,
+        req: Request<apb::ListKeysRequest>,
     ) -> R<apb::ListApiKeysResponse> {
         let keys = self.list_keys(&req, SecretKind::ApiKey, api_key_pb)?;
         ok(apb::ListApiKeysResponse { keys })
     }
 
-    async fn revoke_api_key(
-        &self,
-        req: Request<apb::RevokeApiKeyRequest>,
-    ) -> R<apb::RevokeApiKeyResponse> {
-        self.revoke_key(&req, SecretKind::ApiKey, &req.get_ref().key_id)?;
-        ok(apb::RevokeApiKeyResponse {})
+    async fn revoke_api_key(&self, req: Request<apb::KeyRef>) -> R<apb::RevokeKeyResponse> {
+        ok(self.revoke_key(&req, SecretKind::ApiKey)?)
     }
 
     async fn list_audit(&self, req: Request<apb::ListAuditRequest>) -> R<apb::ListAuditResponse> {

@@ -171,7 +171,7 @@ async fn refuses_reused_expired_and_revoked_keys_with_clear_messages() {
     let key_id = revoked.split('.').nth(1).unwrap().to_string();
     ctl.admin()
         .await
-        .revoke_auth_key(apb::RevokeAuthKeyRequest { key_id })
+        .revoke_auth_key(apb::KeyRef { key_id })
         .await
         .unwrap();
     let e = enroll(&ctl, &revoked, "x").await.err().unwrap();
