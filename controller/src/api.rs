@@ -29,7 +29,8 @@ use crate::mesh::{Mesh, Subscriber, Update};
 use crate::nodelimit::Call;
 use crate::now_ms;
 use crate::ratelimit::SharedLimiter;
-use crate::store::{AuthKeyRow, NodeRow};
+use crate::secrets::{KeyDetail, SecretKind, SecretRecord};
+use crate::store::NodeRow;
 
 use ztmesh_proto::auth::methods::{
     LOGOUT as M_LOGOUT, REPORT_ENDPOINTS as M_ENDPOINTS, REPORT_FLOWS as M_FLOWS,
@@ -421,6 +422,41 @@ impl AdminService {
             Status::from(e)
         })
     }
+
+    /// Issues a key of either kind for `actor` (`expiry_secs` 0: the
+    /// kind's default).
+    fn create_key(
+        &self,
+        actor: &str,
+        detail: KeyDetail,
+        expiry_secs: u64,
+    ) -> Result<(SecretRecord, String), Status> {
+        Ok(self
+            .mesh
+            .create_key(actor, detail, expiry(expiry_secs), now_ms())?)
+    }
+
+    /// The keys of one kind, as `pb` shows them.
+    fn list_keys<T, M>(
+        &self,
+        req: &Request<T>,
+        kind: SecretKind,
+        pb: fn(&SecretRecord) -> Option<M>,
+    ) -> Result<Vec<M>, Status> {
+        self.actor(req)?;
+        Ok(self.mesh.keys(kind)?.iter().filter_map(pb).collect())
+    }
+
+    fn revoke_key(
+        &self,
+        req: &Request<apb::KeyRef>,
+        kind: SecretKind,
+    ) -> Result<apb::RevokeKeyResponse, Status> {
+        let actor = self.actor(req)?;
+        self.mesh
+            .revoke_key(&actor, kind, &req.get_ref().key_id, now_ms())?;
+        Ok(apb::RevokeKeyResponse {})
+    }
 }
 
 fn node_pb(n: &NodeRow, online: bool) -> apb::Node {
@@ -445,20 +481,46 @@ fn node_pb(n: &NodeRow, online: bool) -> apb::Node {
     }
 }
 
-fn key_pb(k: &AuthKeyRow) -> apb::AuthKey {
-    apb::AuthKey {
+/// An auth key as the admin API shows it; `None` for an API key.
+fn auth_key_pb(k: &SecretRecord) -> Option<apb::AuthKey> {
+    let KeyDetail::Auth {
+        user,
+        tags,
+        reusable,
+        ephemeral,
+        used_count,
+    } = &k.detail
+    else {
+        return None;
+    };
+    Some(apb::AuthKey {
         id: k.id,
         key_id: k.key_id.clone(),
-        user: k.user.clone().unwrap_or_default(),
-        tags: k.tags.clone(),
-        reusable: k.reusable,
-        ephemeral: k.ephemeral,
+        user: user.clone().unwrap_or_default(),
+        tags: tags.clone(),
+        reusable: *reusable,
+        ephemeral: *ephemeral,
         created_ms: k.created_ms,
         expires_ms: k.expires_ms,
-        used: k.used_count > 0,
+        used: *used_count > 0,
         revoked: k.revoked,
         created_by: k.created_by.clone(),
-    }
+    })
+}
+
+/// An API key as the admin API shows it; `None` for an auth key.
+fn api_key_pb(k: &SecretRecord) -> Option<apb::ApiKey> {
+    let KeyDetail::Api { description } = &k.detail else {
+        return None;
+    };
+    Some(apb::ApiKey {
+        id: k.id,
+        key_id: k.key_id.clone(),
+        description: description.clone(),
+        created_ms: k.created_ms,
+        expires_ms: k.expires_ms,
+        revoked: k.revoked,
+    })
 }
 
 fn expiry(secs: u64) -> Option<i64> {
@@ -529,38 +591,24 @@ impl Admin for AdminService {
             return Err(Status::invalid_argument("at most 64 tags"));
         }
         let user = (!r.user.is_empty()).then_some(r.user.as_str());
-        let (row, secret) = self.mesh.create_auth_key(
-            &actor,
-            user,
-            &r.tags,
-            r.reusable,
-            r.ephemeral,
-            expiry(r.expiry_secs),
-            now_ms(),
-        )?;
+        let detail = KeyDetail::auth(user, &r.tags, r.reusable, r.ephemeral);
+        let (row, secret) = self.create_key(&actor, detail, r.expiry_secs)?;
         ok(apb::CreateAuthKeyResponse {
-            key: Some(key_pb(&row)),
+            key: auth_key_pb(&row),
             secret,
         })
     }
 
     async fn list_auth_keys(
         &self,
-        req: Request<apb::ListAuthKeysRequest>,
+        req: Request<apb::ListKeysRequest>,
     ) -> R<apb::ListAuthKeysResponse> {
-        self.actor(&req)?;
-        let keys = self.mesh.auth_keys()?.iter().map(key_pb).collect();
+        let keys = self.list_keys(&req, SecretKind::AuthKey, auth_key_pb)?;
         ok(apb::ListAuthKeysResponse { keys })
     }
 
-    async fn revoke_auth_key(
-        &self,
-        req: Request<apb::RevokeAuthKeyRequest>,
-    ) -> R<apb::RevokeAuthKeyResponse> {
-        let actor = self.actor(&req)?;
-        self.mesh
-            .revoke_auth_key(&actor, &req.get_ref().key_id, now_ms())?;
-        ok(apb::RevokeAuthKeyResponse {})
+    async fn revoke_auth_key(&self, req: Request<apb::KeyRef>) -> R<apb::RevokeKeyResponse> {
+        ok(self.revoke_key(&req, SecretKind::AuthKey)?)
     }
 
     async fn list_nodes(&self, req: Request<apb::ListNodesRequest>) -> R<apb::ListNodesResponse> {
@@ -675,51 +723,24 @@ impl Admin for AdminService {
     ) -> R<apb::CreateApiKeyResponse> {
         let actor = self.actor(&req)?;
         let r = req.get_ref();
-        let (row, secret) =
-            self.mesh
-                .create_api_key(&actor, &r.description, expiry(r.expiry_secs), now_ms())?;
+        let detail = KeyDetail::api(&r.description);
+        let (row, secret) = self.create_key(&actor, detail, r.expiry_secs)?;
         ok(apb::CreateApiKeyResponse {
-            key: Some(apb::ApiKey {
-                id: row.id,
-                key_id: row.key_id,
-                description: row.description,
-                created_ms: row.created_ms,
-                expires_ms: row.expires_ms,
-                revoked: row.revoked,
-            }),
+            key: api_key_pb(&row),
             secret,
         })
     }
 
     async fn list_api_keys(
         &self,
-        req: Request<apb::ListApiKeysRequest>,
+        req: Request<apb::ListKeysRequest>,
     ) -> R<apb::ListApiKeysResponse> {
-        self.actor(&req)?;
-        let keys = self
-            .mesh
-            .api_keys()?
-            .into_iter()
-            .map(|k| apb::ApiKey {
-                id: k.id,
-                key_id: k.key_id,
-                description: k.description,
-                created_ms: k.created_ms,
-                expires_ms: k.expires_ms,
-                revoked: k.revoked,
-            })
-            .collect();
+        let keys = self.list_keys(&req, SecretKind::ApiKey, api_key_pb)?;
         ok(apb::ListApiKeysResponse { keys })
     }
 
-    async fn revoke_api_key(
-        &self,
-        req: Request<apb::RevokeApiKeyRequest>,
-    ) -> R<apb::RevokeApiKeyResponse> {
-        let actor = self.actor(&req)?;
-        self.mesh
-            .revoke_api_key(&actor, &req.get_ref().key_id, now_ms())?;
-        ok(apb::RevokeApiKeyResponse {})
+    async fn revoke_api_key(&self, req: Request<apb::KeyRef>) -> R<apb::RevokeKeyResponse> {
+        ok(self.revoke_key(&req, SecretKind::ApiKey)?)
     }
 
     async fn list_audit(&self, req: Request<apb::ListAuditRequest>) -> R<apb::ListAuditResponse> {

@@ -8,7 +8,7 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use ztmesh_proto::auth::{self, AuthError, KeyToken, NodeProof, ReplayGuard};
+use ztmesh_proto::auth::{self, AuthError, NodeProof, ReplayGuard};
 use ztmesh_proto::control as pb;
 use ztmesh_proto::keys::{PublicKey, WgPublicKey};
 use ztmesh_proto::refusal::AuthReason;
@@ -18,13 +18,15 @@ use crate::model::NodeRow;
 use crate::netcore::is_active;
 use crate::nodeinput::{is_low_order_x25519, is_weak_ed25519};
 use crate::nodelimit::{Call, NodeLimiter};
+use crate::secrets::{Presented, SecretKind};
 use crate::UnixMs;
 
 /// An enrollment request whose form and proof check out; the auth key in
 /// it is still to be checked against the stored keys (and consumed).
 #[derive(Debug)]
 pub struct EnrollClaim {
-    pub token: KeyToken,
+    /// The auth key, well-formed and issued by this controller.
+    pub key: Presented,
     pub machine_key: PublicKey,
     pub wg_key: WgPublicKey,
     /// The hostname with control characters removed.
@@ -100,9 +102,10 @@ impl Authenticator {
     /// `Unauthenticated` for a bad key or proof, `Invalid` for malformed
     /// fields, `NodeAuth(clock-skew)` for a stale proof.
     pub fn check_enroll(&self, req: &pb::EnrollRequest, now: UnixMs) -> Result<EnrollClaim> {
-        let token = KeyToken::decode(auth::AUTH_KEY_PREFIX, &req.auth_key)
-            .map_err(|_| Error::Unauthenticated("malformed auth key".into()))?;
-        if token.fingerprint != Some(self.fingerprint) {
+        let kind = SecretKind::AuthKey;
+        let key = Presented::parse(kind, &req.auth_key)
+            .map_err(|r| Error::Unauthenticated(r.message(kind)))?;
+        if key.fingerprint() != Some(self.fingerprint) {
             return Err(Error::Unauthenticated(
                 "auth key was issued by a different controller".into(),
             ));
@@ -151,7 +154,7 @@ impl Authenticator {
             ));
         }
         Ok(EnrollClaim {
-            token,
+            key,
             machine_key,
             wg_key,
             hostname: req.hostname.chars().filter(|c| !c.is_control()).collect(),

@@ -60,7 +60,7 @@ impl From<StoreError> for Error {
         match e {
             StoreError::Conflict(what) => Error::Conflict(what),
             StoreError::NotFound(what) => Error::NotFound(what),
-            StoreError::KeyRefused(why) => Error::Unauthenticated(why.to_string()),
+            StoreError::KeyRefused(why) => Error::Unauthenticated(why),
             other => Error::Store(other),
         }
     }

@@ -2,7 +2,8 @@
 //! force, and signed per-node network maps, over gRPC (tonic) with TLS.
 //!
 //! Layers, each using only those below it:
-//! - [`model`]: plain data (node rows);
+//! - [`model`]: plain data (node rows); [`secrets`]: the one lifecycle of
+//!   auth keys and API keys (issue, verify; pure);
 //! - [`netcore`]: the pure netmap core — nodes, compiled policy and clock in,
 //!   per-node views and the set of changed views out;
 //! - [`store`]: durable state (SQLite by default); [`auth`]: who is calling
@@ -32,6 +33,7 @@ pub mod netcore;
 pub mod nodeinput;
 pub mod nodelimit;
 pub mod ratelimit;
+pub mod secrets;
 pub mod server;
 pub mod store;
 

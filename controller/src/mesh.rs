@@ -23,7 +23,6 @@ use ipnet::Ipv6Net;
 use rand_core::RngCore;
 use tokio::sync::watch;
 use ztmesh_policy::{Compiled, NodeInfo as PolicyNode, Policy};
-use ztmesh_proto::auth::{self, KeyToken};
 use ztmesh_proto::control::{self as pb, NetMap, SignedNetMap};
 use ztmesh_proto::keys::{PublicKey, SigningKey};
 use ztmesh_proto::refusal::AuthReason;
@@ -33,9 +32,8 @@ use crate::error::{Error, Result};
 use crate::netcore::{Change, CoreConfig, NetCore};
 use crate::nodeinput::validate_endpoints;
 use crate::nodelimit::{Call, EndpointCoalescer};
-use crate::store::{
-    ApiKeyRow, AuditEntry, AuthKeyRow, NewNode, NodeRow, PolicyRow, Store, UserRow,
-};
+use crate::secrets::{self, KeyDetail, Presented, Refusal, SecretKind, SecretRecord};
+use crate::store::{AuditEntry, NewNode, NodeRow, PolicyRow, Store, UserRow};
 use crate::UnixMs;
 
 /// Tunables, with the defaults documented in the README.
@@ -47,7 +45,8 @@ pub struct MeshConfig {
     pub node_key_ttl_ms: i64,
     /// Ephemeral nodes are deleted after being offline this long.
     pub ephemeral_timeout_ms: i64,
-    /// Default lifetime of auth keys created without `--expiry`.
+    /// Default lifetime of auth keys created without `--expiry` (API keys:
+    /// [`secrets::API_KEY_TTL_MS`]).
     pub auth_key_ttl_ms: i64,
     pub dns_domain: String,
     /// Keepalive the controller asks peers to use (seconds).
@@ -268,6 +267,24 @@ pub fn validate_tag(tag: &str) -> Result<()> {
         Err(Error::Invalid(format!(
             "invalid tag {tag:?}: expected tag:NAME (lowercase letters, digits, -)"
         )))
+    }
+}
+
+/// The audit detail of a new key: what it grants.
+fn audit_detail(detail: &KeyDetail) -> String {
+    match detail {
+        KeyDetail::Auth {
+            user,
+            tags,
+            reusable,
+            ephemeral,
+            ..
+        } => format!(
+            "user={} tags={} reusable={reusable} ephemeral={ephemeral}",
+            user.as_deref().unwrap_or("-"),
+            tags.join(",")
+        ),
+        KeyDetail::Api { description } => description.clone(),
     }
 }
 
@@ -563,27 +580,25 @@ impl Mesh {
                 .map_err(|_| Error::Invalid("overlay IPv4 range exhausted".into()))?;
             (name, addresses, st.core.policy().clone())
         };
-        let token = &claim.token;
-        let secret_hash = token.secret_hash();
-        let check = |k: &AuthKeyRow| -> std::result::Result<(), &'static str> {
-            if !auth::ct_eq(&k.secret_hash, &secret_hash) {
-                return Err("unknown auth key");
-            }
-            if k.revoked {
-                return Err("auth key was revoked");
-            }
-            if k.expires_ms <= now {
-                return Err("auth key has expired");
-            }
-            if let Some(user) = &k.user {
-                if !k.tags.iter().all(|t| policy.may_own_tag(user, t)) {
-                    return Err("the policy's tagOwners no longer allow this key's tags");
+        let key = &claim.key;
+        // Runs inside the store's transaction, which consumes the key only
+        // if this accepts it.
+        let check = |k: Option<&SecretRecord>| -> std::result::Result<(), String> {
+            secrets::verify(key, k, now).map_err(|r| r.message(SecretKind::AuthKey))?;
+            if let Some(KeyDetail::Auth {
+                user: Some(user),
+                tags,
+                ..
+            }) = k.map(|k| &k.detail)
+            {
+                if !tags.iter().all(|t| policy.may_own_tag(user, t)) {
+                    return Err("the policy's tagOwners no longer allow this key's tags".into());
                 }
             }
             Ok(())
         };
         let row = self.store.enroll(
-            &token.key_id,
+            key.key_id(),
             &check,
             NewNode {
                 name,
@@ -602,7 +617,7 @@ impl Mesh {
         )?;
         self.audit(
             now,
-            &format!("authkey:{}", token.key_id),
+            &format!("{}:{}", SecretKind::AuthKey.audit_name(), key.key_id()),
             "node.enroll",
             &row.name,
             &format!("id={} ipv4={} ipv6={}", row.id, row.ipv4, row.ipv6),
@@ -1041,93 +1056,143 @@ impl Mesh {
         Ok(())
     }
 
-    /// Creates an auth key; returns the row and the full secret (shown once).
+    // ---- auth keys and API keys: one lifecycle (`secrets`) ------------------
+
+    /// Issues an auth key or an API key (the kind follows from `detail`);
+    /// returns its record and the full key, to be shown once.
+    ///
+    /// `expiry_ms` is the lifetime; `None` takes the kind's default
+    /// ([`MeshConfig::auth_key_ttl_ms`], [`secrets::API_KEY_TTL_MS`]).
     ///
     /// # Errors
-    /// `Invalid` for bad tags or neither user nor tags, `Forbidden` when the
-    /// policy's tagOwners do not let `user` own a requested tag, `NotFound` for
-    /// an unknown user.
-    #[allow(clippy::too_many_arguments)]
+    /// `Invalid` for an auth key with neither user nor tags, a bad tag,
+    /// login or description, or a lifetime outside 1 ms ..= 10 years;
+    /// `Forbidden` when the policy's tagOwners do not let the user own a
+    /// requested tag; `NotFound` for an unknown user.
     #[expect(
         clippy::disallowed_types,
         reason = "the coordinator draws fresh secrets from OS entropy"
     )]
-    pub fn create_auth_key(
+    pub fn create_key(
         &self,
         actor: &str,
-        user: Option<&str>,
-        tags: &[String],
-        reusable: bool,
-        ephemeral: bool,
+        detail: KeyDetail,
         expiry_ms: Option<i64>,
         now: UnixMs,
-    ) -> Result<(AuthKeyRow, String)> {
+    ) -> Result<(SecretRecord, String)> {
         use rand_core::OsRng;
-        if user.is_none() && tags.is_empty() {
-            return Err(Error::Invalid(
-                "an auth key needs --user or --tags (nodes are owned by a user or by tags)".into(),
-            ));
-        }
-        let mut tags: Vec<String> = tags.to_vec();
-        tags.sort();
-        tags.dedup();
-        for t in &tags {
-            validate_tag(t)?;
-        }
-        if let Some(u) = user {
-            validate_login(u)?;
-            let policy = self.state().core.policy().clone();
-            for t in &tags {
-                if !policy.may_own_tag(u, t) {
-                    return Err(Error::Forbidden(format!(
-                        "policy tagOwners do not allow {u} to own {t}"
-                    )));
-                }
-            }
-        }
-        let ttl = expiry_ms.unwrap_or(self.cfg.auth_key_ttl_ms);
-        if ttl <= 0 || ttl > 10 * 365 * 24 * 3600 * 1000 {
-            return Err(Error::Invalid(
-                "expiry must be between 1s and 10 years".into(),
-            ));
-        }
-        let token = KeyToken::generate(Some(self.fingerprint()), &mut OsRng);
-        let row = self.store.create_auth_key(&AuthKeyRow {
-            id: 0,
-            key_id: token.key_id.clone(),
-            secret_hash: token.secret_hash(),
-            user: user.map(str::to_string),
-            tags: tags.clone(),
-            reusable,
-            ephemeral,
-            created_ms: now,
-            expires_ms: now.saturating_add(ttl),
-            used_count: 0,
-            revoked: false,
-            created_by: actor.to_string(),
-        })?;
+        let detail = self.admit_detail(detail)?;
+        let kind = detail.kind();
+        let ttl = expiry_ms.unwrap_or(match kind {
+            SecretKind::AuthKey => self.cfg.auth_key_ttl_ms,
+            SecretKind::ApiKey => secrets::API_KEY_TTL_MS,
+        });
+        let (secret, record) =
+            secrets::issue(detail, ttl, actor, self.fingerprint(), now, &mut OsRng)
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+        let record = self.store.create_key(&record)?;
         self.audit(
             now,
             actor,
-            "authkey.create",
-            &row.key_id,
-            &format!(
-                "user={} tags={} reusable={reusable} ephemeral={ephemeral}",
-                user.unwrap_or("-"),
-                tags.join(",")
-            ),
+            &format!("{}.create", kind.audit_name()),
+            &record.key_id,
+            &audit_detail(&record.detail),
         );
-        Ok((row, token.encode(auth::AUTH_KEY_PREFIX)))
+        Ok((record, secret))
     }
 
-    pub fn auth_keys(&self) -> Result<Vec<AuthKeyRow>> {
-        Ok(self.store.auth_keys()?)
+    /// The keys of one kind, by id.
+    pub fn keys(&self, kind: SecretKind) -> Result<Vec<SecretRecord>> {
+        Ok(self.store.keys(kind)?)
     }
 
-    pub fn revoke_auth_key(&self, actor: &str, key_id: &str, now: UnixMs) -> Result<()> {
-        self.store.revoke_auth_key(key_id)?;
-        self.audit(now, actor, "authkey.revoke", key_id, "");
+    /// Revokes a key for good; nodes already enrolled with an auth key stay.
+    ///
+    /// # Errors
+    /// `NotFound` when no key of `kind` has this key id.
+    pub fn revoke_key(
+        &self,
+        actor: &str,
+        kind: SecretKind,
+        key_id: &str,
+        now: UnixMs,
+    ) -> Result<()> {
+        self.store.revoke_key(kind, key_id)?;
+        self.audit(
+            now,
+            actor,
+            &format!("{}.revoke", kind.audit_name()),
+            key_id,
+            "",
+        );
         Ok(())
+    }
+
+    /// Checks an API key; returns the actor name for the audit log
+    /// (`apikey:KEYID`).
+    ///
+    /// # Errors
+    /// `Unauthenticated` naming the [`Refusal`]: malformed, unknown (or a
+    /// wrong secret), revoked, expired.
+    pub fn check_api_key(&self, text: &str, now: UnixMs) -> Result<String> {
+        let kind = SecretKind::ApiKey;
+        let refused = |r: Refusal| Error::Unauthenticated(r.message(kind));
+        let presented = Presented::parse(kind, text).map_err(refused)?;
+        let record = self.store.find_key(kind, presented.key_id())?;
+        secrets::verify(&presented, record.as_ref(), now).map_err(refused)?;
+        Ok(format!("{}:{}", kind.audit_name(), presented.key_id()))
+    }
+
+    /// Checks and normalizes what a new key grants: an auth key's tags
+    /// sorted and deduplicated, its user allowed to own them; nothing used.
+    fn admit_detail(&self, detail: KeyDetail) -> Result<KeyDetail> {
+        match detail {
+            KeyDetail::Auth {
+                user,
+                mut tags,
+                reusable,
+                ephemeral,
+                used_count: _,
+            } => {
+                if user.is_none() && tags.is_empty() {
+                    return Err(Error::Invalid(
+                        "an auth key needs --user or --tags (nodes are owned by a user or by tags)"
+                            .into(),
+                    ));
+                }
+                tags.sort();
+                tags.dedup();
+                for t in &tags {
+                    validate_tag(t)?;
+                }
+                if let Some(u) = &user {
+                    validate_login(u)?;
+                    let policy = self.state().core.policy().clone();
+                    for t in &tags {
+                        if !policy.may_own_tag(u, t) {
+                            return Err(Error::Forbidden(format!(
+                                "policy tagOwners do not allow {u} to own {t}"
+                            )));
+                        }
+                    }
+                }
+                Ok(KeyDetail::Auth {
+                    user,
+                    tags,
+                    reusable,
+                    ephemeral,
+                    used_count: 0,
+                })
+            }
+            KeyDetail::Api { description } => {
+                if description.len() > 200 || description.chars().any(char::is_control) {
+                    return Err(Error::Invalid(
+                        "description: at most 200 printable characters".into(),
+                    ));
+                }
+                Ok(KeyDetail::Api { description })
+            }
+        }
     }
 
     /// Finds a node by name or numeric id.
@@ -1279,68 +1344,6 @@ impl Mesh {
         st.core.policy().explain(&nodes, src, dst, port, proto)
     }
 
-    #[expect(
-        clippy::disallowed_types,
-        reason = "the coordinator draws fresh secrets from OS entropy"
-    )]
-    pub fn create_api_key(
-        &self,
-        actor: &str,
-        description: &str,
-        expiry_ms: Option<i64>,
-        now: UnixMs,
-    ) -> Result<(ApiKeyRow, String)> {
-        use rand_core::OsRng;
-        if description.len() > 200 || description.chars().any(char::is_control) {
-            return Err(Error::Invalid(
-                "description: at most 200 printable characters".into(),
-            ));
-        }
-        let ttl = expiry_ms.unwrap_or(90 * 24 * 3600 * 1000);
-        let token = KeyToken::generate(None, &mut OsRng);
-        let row = self.store.create_api_key(&ApiKeyRow {
-            id: 0,
-            key_id: token.key_id.clone(),
-            secret_hash: token.secret_hash(),
-            description: description.to_string(),
-            created_ms: now,
-            expires_ms: now.saturating_add(ttl),
-            revoked: false,
-        })?;
-        self.audit(now, actor, "apikey.create", &row.key_id, description);
-        Ok((row, token.encode(auth::API_KEY_PREFIX)))
-    }
-
-    pub fn api_keys(&self) -> Result<Vec<ApiKeyRow>> {
-        Ok(self.store.api_keys()?)
-    }
-
-    pub fn revoke_api_key(&self, actor: &str, key_id: &str, now: UnixMs) -> Result<()> {
-        self.store.revoke_api_key(key_id)?;
-        self.audit(now, actor, "apikey.revoke", key_id, "");
-        Ok(())
-    }
-
-    /// Checks an API key; returns the actor name for the audit log.
-    ///
-    /// # Errors
-    /// `Unauthenticated` for a malformed, unknown, revoked or expired key.
-    pub fn check_api_key(&self, text: &str, now: UnixMs) -> Result<String> {
-        let token = KeyToken::decode(auth::API_KEY_PREFIX, text)
-            .map_err(|_| Error::Unauthenticated("malformed API key".into()))?;
-        let keys = self.store.api_keys()?;
-        let hash = token.secret_hash();
-        let key = keys
-            .iter()
-            .find(|k| k.key_id == token.key_id)
-            .filter(|k| auth::ct_eq(&k.secret_hash, &hash))
-            .ok_or_else(|| Error::Unauthenticated("invalid API key".into()))?;
-        if key.revoked || key.expires_ms <= now {
-            return Err(Error::Unauthenticated("API key revoked or expired".into()));
-        }
-        Ok(format!("apikey:{}", key.key_id))
-    }
-
     /// Generates a random ULA /48 (RFC 4193: fd00::/8 + 40 random bits).
     #[expect(
         clippy::disallowed_types,
@@ -1359,6 +1362,7 @@ impl Mesh {
 mod tests {
     use prost::Message;
     use rand_core::OsRng;
+    use ztmesh_proto::auth;
     use ztmesh_proto::keys::WgPrivateKey;
 
     use super::*;
@@ -1390,7 +1394,12 @@ mod tests {
     fn enroll_nodes(m: &Mesh, n: usize) -> Vec<u64> {
         m.set_policy("admin", "p.hujson", POLICY, T0).unwrap();
         let (_, key) = m
-            .create_auth_key("admin", None, &["tag:a".into()], true, false, None, T0)
+            .create_key(
+                "admin",
+                KeyDetail::auth(None, &["tag:a".into()], true, false),
+                None,
+                T0,
+            )
             .unwrap();
         (0..n)
             .map(|i| {

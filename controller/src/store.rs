@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 pub use crate::model::NodeRow;
+use crate::secrets::{KeyDetail, SecretKind, SecretRecord};
 use crate::UnixMs;
 
 /// Store failures.
@@ -29,9 +30,10 @@ pub enum StoreError {
     /// The referenced row does not exist.
     #[error("{0} not found")]
     NotFound(String),
-    /// The auth key cannot be used (unknown, wrong secret, revoked, expired or used).
+    /// The auth key cannot be used; the message is the enrollment check's
+    /// verdict (unknown, revoked, expired, used up, not allowed).
     #[error("auth key refused: {0}")]
-    KeyRefused(&'static str),
+    KeyRefused(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -41,33 +43,6 @@ pub struct UserRow {
     pub id: u64,
     pub login: String,
     pub created_ms: UnixMs,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AuthKeyRow {
-    pub id: u64,
-    pub key_id: String,
-    pub secret_hash: [u8; 32],
-    pub user: Option<String>,
-    pub tags: Vec<String>,
-    pub reusable: bool,
-    pub ephemeral: bool,
-    pub created_ms: UnixMs,
-    pub expires_ms: UnixMs,
-    pub used_count: u64,
-    pub revoked: bool,
-    pub created_by: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ApiKeyRow {
-    pub id: u64,
-    pub key_id: String,
-    pub secret_hash: [u8; 32],
-    pub description: String,
-    pub created_ms: UnixMs,
-    pub expires_ms: UnixMs,
-    pub revoked: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,17 +98,35 @@ pub trait Store: Send + Sync {
     /// Deletes the user and every node it owns; returns the deleted node ids.
     fn delete_user(&self, login: &str) -> Result<Vec<u64>>;
 
-    fn create_auth_key(&self, key: &AuthKeyRow) -> Result<AuthKeyRow>;
-    fn auth_keys(&self) -> Result<Vec<AuthKeyRow>>;
-    fn revoke_auth_key(&self, key_id: &str) -> Result<()>;
+    /// Stores a new auth or API key; the store assigns its id, counted per kind.
+    ///
+    /// # Errors
+    /// `NotFound` for an auth key's unknown user, `Conflict` for a key id
+    /// already taken by a key of the same kind.
+    fn create_key(&self, key: &SecretRecord) -> Result<SecretRecord>;
+    /// The keys of one kind, by id.
+    fn keys(&self, kind: SecretKind) -> Result<Vec<SecretRecord>>;
+    /// The key of `kind` with this key id, if any.
+    fn find_key(&self, kind: SecretKind, key_id: &str) -> Result<Option<SecretRecord>>;
+    /// Marks a key revoked, for good.
+    ///
+    /// # Errors
+    /// `NotFound` when no key of `kind` has this key id.
+    fn revoke_key(&self, kind: SecretKind, key_id: &str) -> Result<()>;
 
     /// Checks and consumes the auth key and inserts the node, in one transaction:
     /// of two concurrent enrollments with one single-use key, exactly one succeeds.
-    /// `check` sees the key row and may refuse it (secret, expiry, revocation).
+    /// `check` sees the auth key stored under `key_id` (or `None`) and
+    /// decides (secret, revocation, expiry, use, ownership); only a key it
+    /// accepts is consumed.
+    ///
+    /// # Errors
+    /// `KeyRefused` with the check's message; `Conflict` when the node's keys,
+    /// name or addresses are taken (the key is then not consumed).
     fn enroll(
         &self,
         key_id: &str,
-        check: &dyn Fn(&AuthKeyRow) -> std::result::Result<(), &'static str>,
+        check: &dyn Fn(Option<&SecretRecord>) -> std::result::Result<(), String>,
         node: NewNode,
     ) -> Result<NodeRow>;
     fn nodes(&self) -> Result<Vec<NodeRow>>;
@@ -149,10 +142,6 @@ pub trait Store: Send + Sync {
             .try_for_each(|&(id, ms)| self.set_node_seen(id, ms))
     }
     fn set_node_endpoints(&self, id: u64, endpoints: &[String]) -> Result<()>;
-
-    fn create_api_key(&self, key: &ApiKeyRow) -> Result<ApiKeyRow>;
-    fn api_keys(&self) -> Result<Vec<ApiKeyRow>>;
-    fn revoke_api_key(&self, key_id: &str) -> Result<()>;
 
     /// Stores a new policy version and returns it.
     fn set_policy(&self, file_name: &str, text: &str, now: UnixMs) -> Result<PolicyRow>;
@@ -248,6 +237,44 @@ CREATE INDEX audit_action_id ON audit (action, id);
     r#"
 ALTER TABLE nodes ADD COLUMN key_revoked INTEGER NOT NULL DEFAULT 0;
 "#,
+    // One table for auth keys and API keys (one lifecycle: `secrets`). Ids
+    // stay counted per kind, so every id and key id is kept; API keys learn
+    // who created them from the audit log, where it still has the row.
+    r#"
+CREATE TABLE secret_keys (
+    kind TEXT NOT NULL CHECK (kind IN ('auth', 'api')),
+    id INTEGER NOT NULL,
+    key_id TEXT NOT NULL,
+    secret_hash BLOB NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    created_by TEXT NOT NULL,
+    user_login TEXT REFERENCES users(login) ON DELETE CASCADE,
+    tags TEXT NOT NULL DEFAULT '',
+    reusable INTEGER NOT NULL DEFAULT 0,
+    ephemeral INTEGER NOT NULL DEFAULT 0,
+    used_count INTEGER NOT NULL DEFAULT 0,
+    description TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (kind, id),
+    UNIQUE (kind, key_id)
+);
+INSERT INTO secret_keys (kind, id, key_id, secret_hash, created_ms, expires_ms, revoked,
+                         created_by, user_login, tags, reusable, ephemeral, used_count)
+    SELECT 'auth', id, key_id, secret_hash, created_ms, expires_ms, revoked,
+           created_by, user_login, tags, reusable, ephemeral, used_count
+    FROM auth_keys;
+INSERT INTO secret_keys (kind, id, key_id, secret_hash, created_ms, expires_ms, revoked,
+                         created_by, description)
+    SELECT 'api', id, key_id, secret_hash, created_ms, expires_ms, revoked,
+           COALESCE((SELECT actor FROM audit
+                     WHERE action = 'apikey.create' AND target = api_keys.key_id
+                     ORDER BY id LIMIT 1), ''),
+           description
+    FROM api_keys;
+DROP TABLE auth_keys;
+DROP TABLE api_keys;
+"#,
 ];
 
 /// The embedded SQLite store: one connection, WAL, `synchronous=FULL`.
@@ -302,8 +329,9 @@ fn conflict(e: rusqlite::Error, what: &str) -> StoreError {
 
 const NODE_COLS: &str = "id, name, hostname, machine_key, wg_key, ipv4, ipv6, user_login, tags, \
                          ephemeral, created_ms, last_seen_ms, expiry_ms, endpoints, key_revoked";
-const KEY_COLS: &str = "id, key_id, secret_hash, user_login, tags, reusable, ephemeral, \
-                        created_ms, expires_ms, used_count, revoked, created_by";
+const KEY_COLS: &str = "kind, id, key_id, secret_hash, created_ms, expires_ms, revoked, \
+                        created_by, user_login, tags, reusable, ephemeral, used_count, \
+                        description";
 
 fn node_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRow> {
     Ok(NodeRow {
@@ -325,20 +353,31 @@ fn node_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRow> {
     })
 }
 
-fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuthKeyRow> {
-    Ok(AuthKeyRow {
-        id: r.get(0)?,
-        key_id: r.get(1)?,
-        secret_hash: key32(r, 2)?,
-        user: r.get(3)?,
-        tags: list(r, 4)?,
-        reusable: r.get(5)?,
-        ephemeral: r.get(6)?,
-        created_ms: r.get(7)?,
-        expires_ms: r.get(8)?,
-        used_count: r.get(9)?,
-        revoked: r.get(10)?,
-        created_by: r.get(11)?,
+/// A `secret_keys` row ([`KEY_COLS`]): the kind decides which of the
+/// kind-specific columns make up the detail.
+fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SecretRecord> {
+    let kind: String = r.get(0)?;
+    let detail = match SecretKind::from_stored(&kind).ok_or_else(|| corrupt(0, "key kind"))? {
+        SecretKind::AuthKey => KeyDetail::Auth {
+            user: r.get(8)?,
+            tags: list(r, 9)?,
+            reusable: r.get(10)?,
+            ephemeral: r.get(11)?,
+            used_count: r.get(12)?,
+        },
+        SecretKind::ApiKey => KeyDetail::Api {
+            description: r.get(13)?,
+        },
+    };
+    Ok(SecretRecord {
+        id: r.get(1)?,
+        key_id: r.get(2)?,
+        secret_hash: key32(r, 3)?,
+        created_ms: r.get(4)?,
+        expires_ms: r.get(5)?,
+        revoked: r.get(6)?,
+        created_by: r.get(7)?,
+        detail,
     })
 }
 
@@ -469,7 +508,8 @@ impl Store for SqliteStore {
             rows.collect::<rusqlite::Result<_>>()?
         };
         tx.execute("DELETE FROM nodes WHERE user_login = ?1", [login])?;
-        tx.execute("DELETE FROM auth_keys WHERE user_login = ?1", [login])?;
+        // Only auth keys have an owner.
+        tx.execute("DELETE FROM secret_keys WHERE user_login = ?1", [login])?;
         let n = tx.execute("DELETE FROM users WHERE login = ?1", [login])?;
         if n == 0 {
             return Err(StoreError::NotFound(format!("user {login}")));
@@ -478,51 +518,92 @@ impl Store for SqliteStore {
         Ok(ids)
     }
 
-    fn create_auth_key(&self, k: &AuthKeyRow) -> Result<AuthKeyRow> {
-        let c = self.conn();
-        c.execute(
-            "INSERT INTO auth_keys (key_id, secret_hash, user_login, tags, reusable, ephemeral,
-                                    created_ms, expires_ms, created_by)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                k.key_id,
-                k.secret_hash.as_slice(),
-                k.user,
-                join_list(&k.tags),
-                k.reusable,
-                k.ephemeral,
-                k.created_ms,
-                k.expires_ms,
-                k.created_by
-            ],
-        )
-        .map_err(|e| match e {
-            rusqlite::Error::SqliteFailure(f, _)
-                if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY =>
-            {
-                StoreError::NotFound(format!("user {}", k.user.as_deref().unwrap_or("")))
+    fn create_key(&self, k: &SecretRecord) -> Result<SecretRecord> {
+        let kind = k.kind();
+        let no_tags = Vec::new();
+        let (user, tags, reusable, ephemeral, used_count, description) = match &k.detail {
+            KeyDetail::Auth {
+                user,
+                tags,
+                reusable,
+                ephemeral,
+                used_count,
+            } => (
+                user.as_deref(),
+                tags,
+                *reusable,
+                *ephemeral,
+                *used_count,
+                "",
+            ),
+            KeyDetail::Api { description } => {
+                (None, &no_tags, false, false, 0, description.as_str())
             }
-            e => conflict(e, "auth key id"),
-        })?;
-        let mut row = k.clone();
-        row.id = c.last_insert_rowid() as u64;
-        Ok(row)
+        };
+        let id = self
+            .conn()
+            .query_row(
+                "INSERT INTO secret_keys (kind, id, key_id, secret_hash, created_ms, expires_ms,
+                                          revoked, created_by, user_login, tags, reusable,
+                                          ephemeral, used_count, description)
+                 VALUES (?1, (SELECT COALESCE(MAX(id), 0) + 1 FROM secret_keys WHERE kind = ?1),
+                         ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                 RETURNING id",
+                params![
+                    kind.as_str(),
+                    k.key_id,
+                    k.secret_hash.as_slice(),
+                    k.created_ms,
+                    k.expires_ms,
+                    k.revoked,
+                    k.created_by,
+                    user,
+                    join_list(tags),
+                    reusable,
+                    ephemeral,
+                    used_count,
+                    description
+                ],
+                |r| r.get(0),
+            )
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _)
+                    if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY =>
+                {
+                    StoreError::NotFound(format!("user {}", user.unwrap_or("")))
+                }
+                e => conflict(e, &format!("{} id", kind.noun())),
+            })?;
+        Ok(SecretRecord { id, ..k.clone() })
     }
 
-    fn auth_keys(&self) -> Result<Vec<AuthKeyRow>> {
+    fn keys(&self, kind: SecretKind) -> Result<Vec<SecretRecord>> {
         let c = self.conn();
-        let mut st = c.prepare(&format!("SELECT {KEY_COLS} FROM auth_keys ORDER BY id"))?;
-        let keys = st.query_map([], key_row)?;
+        let mut st = c.prepare(&format!(
+            "SELECT {KEY_COLS} FROM secret_keys WHERE kind = ?1 ORDER BY id"
+        ))?;
+        let keys = st.query_map([kind.as_str()], key_row)?;
         Ok(keys.collect::<rusqlite::Result<_>>()?)
     }
 
-    fn revoke_auth_key(&self, key_id: &str) -> Result<()> {
+    fn find_key(&self, kind: SecretKind, key_id: &str) -> Result<Option<SecretRecord>> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {KEY_COLS} FROM secret_keys WHERE kind = ?1 AND key_id = ?2"),
+                params![kind.as_str(), key_id],
+                key_row,
+            )
+            .optional()?)
+    }
+
+    fn revoke_key(&self, kind: SecretKind, key_id: &str) -> Result<()> {
         let n = self.conn().execute(
-            "UPDATE auth_keys SET revoked = 1 WHERE key_id = ?1",
-            [key_id],
+            "UPDATE secret_keys SET revoked = 1 WHERE kind = ?1 AND key_id = ?2",
+            params![kind.as_str(), key_id],
         )?;
         if n == 0 {
-            return Err(StoreError::NotFound(format!("auth key {key_id}")));
+            return Err(StoreError::NotFound(format!("{} {key_id}", kind.noun())));
         }
         Ok(())
     }
@@ -530,7 +611,7 @@ impl Store for SqliteStore {
     fn enroll(
         &self,
         key_id: &str,
-        check: &dyn Fn(&AuthKeyRow) -> std::result::Result<(), &'static str>,
+        check: &dyn Fn(Option<&SecretRecord>) -> std::result::Result<(), String>,
         n: NewNode,
     ) -> Result<NodeRow> {
         let mut c = self.conn();
@@ -539,21 +620,30 @@ impl Store for SqliteStore {
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let key = tx
             .query_row(
-                &format!("SELECT {KEY_COLS} FROM auth_keys WHERE key_id = ?1"),
+                &format!("SELECT {KEY_COLS} FROM secret_keys WHERE kind = 'auth' AND key_id = ?1"),
                 [key_id],
                 key_row,
             )
-            .optional()?
-            .ok_or(StoreError::KeyRefused("unknown auth key"))?;
-        check(&key).map_err(StoreError::KeyRefused)?;
-        if !key.reusable && key.used_count > 0 {
-            return Err(StoreError::KeyRefused(
-                "single-use auth key was already used",
-            ));
-        }
+            .optional()?;
+        check(key.as_ref()).map_err(StoreError::KeyRefused)?;
+        // Whatever the check says, no key enrolls nothing.
+        let Some(SecretRecord {
+            id: key_row_id,
+            detail:
+                KeyDetail::Auth {
+                    user,
+                    tags,
+                    ephemeral,
+                    ..
+                },
+            ..
+        }) = key
+        else {
+            return Err(StoreError::KeyRefused("unknown auth key".into()));
+        };
         tx.execute(
-            "UPDATE auth_keys SET used_count = used_count + 1 WHERE id = ?1",
-            [key.id],
+            "UPDATE secret_keys SET used_count = used_count + 1 WHERE kind = 'auth' AND id = ?1",
+            [key_row_id],
         )?;
         tx.execute(
             "INSERT INTO nodes (name, hostname, machine_key, wg_key, ipv4, ipv6, user_login, tags,
@@ -566,12 +656,12 @@ impl Store for SqliteStore {
                 n.wg_key.as_slice(),
                 n.ipv4.to_string(),
                 n.ipv6.to_string(),
-                key.user,
-                join_list(&key.tags),
-                key.ephemeral,
+                user,
+                join_list(&tags),
+                ephemeral,
                 n.created_ms,
                 n.expiry_ms,
-                key.key_id
+                key_id
             ],
         )
         .map_err(|e| {
@@ -590,9 +680,9 @@ impl Store for SqliteStore {
             wg_key: n.wg_key,
             ipv4: n.ipv4,
             ipv6: n.ipv6,
-            user: key.user,
-            tags: key.tags,
-            ephemeral: key.ephemeral,
+            user,
+            tags,
+            ephemeral,
             created_ms: n.created_ms,
             last_seen_ms: n.created_ms,
             expiry_ms: n.expiry_ms,
@@ -662,56 +752,6 @@ impl Store for SqliteStore {
             "UPDATE nodes SET endpoints = ?2 WHERE id = ?1",
             params![id, join_list(endpoints)],
         )?;
-        Ok(())
-    }
-
-    fn create_api_key(&self, k: &ApiKeyRow) -> Result<ApiKeyRow> {
-        let c = self.conn();
-        c.execute(
-            "INSERT INTO api_keys (key_id, secret_hash, description, created_ms, expires_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
-                k.key_id,
-                k.secret_hash.as_slice(),
-                k.description,
-                k.created_ms,
-                k.expires_ms
-            ],
-        )
-        .map_err(|e| conflict(e, "api key id"))?;
-        let mut row = k.clone();
-        row.id = c.last_insert_rowid() as u64;
-        Ok(row)
-    }
-
-    fn api_keys(&self) -> Result<Vec<ApiKeyRow>> {
-        let c = self.conn();
-        let mut st = c.prepare(
-            "SELECT id, key_id, secret_hash, description, created_ms, expires_ms, revoked
-             FROM api_keys ORDER BY id",
-        )?;
-        let keys = st.query_map([], |r| {
-            Ok(ApiKeyRow {
-                id: r.get(0)?,
-                key_id: r.get(1)?,
-                secret_hash: key32(r, 2)?,
-                description: r.get(3)?,
-                created_ms: r.get(4)?,
-                expires_ms: r.get(5)?,
-                revoked: r.get(6)?,
-            })
-        })?;
-        Ok(keys.collect::<rusqlite::Result<_>>()?)
-    }
-
-    fn revoke_api_key(&self, key_id: &str) -> Result<()> {
-        let n = self.conn().execute(
-            "UPDATE api_keys SET revoked = 1 WHERE key_id = ?1",
-            [key_id],
-        )?;
-        if n == 0 {
-            return Err(StoreError::NotFound(format!("api key {key_id}")));
-        }
         Ok(())
     }
 
@@ -817,22 +857,50 @@ impl Store for SqliteStore {
 mod tests {
     use std::sync::Arc;
 
-    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
 
-    fn key(key_id: &str, reusable: bool) -> AuthKeyRow {
-        AuthKeyRow {
-            id: 0,
-            key_id: key_id.into(),
-            secret_hash: [1; 32],
-            user: None,
-            tags: vec!["tag:web".into()],
+    use super::*;
+    use crate::secrets::{self, Presented};
+
+    const FP: [u8; 32] = [7; 32];
+
+    fn auth_detail(user: Option<&str>, reusable: bool) -> KeyDetail {
+        KeyDetail::Auth {
+            user: user.map(str::to_string),
+            tags: if user.is_some() {
+                Vec::new()
+            } else {
+                vec!["tag:web".into()]
+            },
             reusable,
             ephemeral: false,
-            created_ms: 0,
-            expires_ms: 1_000,
             used_count: 0,
-            revoked: false,
-            created_by: "test".into(),
+        }
+    }
+
+    /// Issues and stores a key; returns its text and stored record.
+    fn stored(s: &dyn Store, detail: KeyDetail, seed: u64) -> (String, SecretRecord) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (text, rec) = secrets::issue(detail, 1_000, "test", FP, 0, &mut rng).unwrap();
+        (text, s.create_key(&rec).unwrap())
+    }
+
+    /// The check `Mesh::enroll` makes of an auth key, as of time 0.
+    fn verifies(text: &str) -> impl Fn(Option<&SecretRecord>) -> std::result::Result<(), String> {
+        let presented = Presented::parse(SecretKind::AuthKey, text).unwrap();
+        move |k| secrets::verify(&presented, k, 0).map_err(|r| r.message(SecretKind::AuthKey))
+    }
+
+    fn used_count(s: &dyn Store, key_id: &str) -> u64 {
+        match s
+            .find_key(SecretKind::AuthKey, key_id)
+            .unwrap()
+            .unwrap()
+            .detail
+        {
+            KeyDetail::Auth { used_count, .. } => used_count,
+            KeyDetail::Api { .. } => unreachable!("found as an auth key"),
         }
     }
 
@@ -851,67 +919,288 @@ mod tests {
 
     #[test]
     fn single_use_key_enrolls_exactly_once_under_concurrency() {
-        let dir = std::env::temp_dir().join(format!("ztm-store-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let store = Arc::new(SqliteStore::open(&dir.join("db.sqlite")).unwrap());
-        store.create_auth_key(&key("aaaaaaaaaaaa", false)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("db.sqlite")).unwrap());
+        let (text, key) = stored(store.as_ref(), auth_detail(None, false), 1);
         let handles: Vec<_> = (1..=8u8)
             .map(|i| {
                 let s = store.clone();
-                std::thread::spawn(move || s.enroll("aaaaaaaaaaaa", &|_| Ok(()), node(i)))
+                let (text, key_id) = (text.clone(), key.key_id.clone());
+                std::thread::spawn(move || s.enroll(&key_id, &verifies(&text), node(i)))
             })
             .collect();
-        let ok = handles
-            .into_iter()
-            .map(|h| h.join().unwrap())
-            .filter(Result::is_ok)
-            .count();
-        assert_eq!(ok, 1);
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+        for e in results.into_iter().filter_map(|r| r.err()) {
+            assert_eq!(
+                e.to_string(),
+                "auth key refused: single-use auth key was already used"
+            );
+        }
         assert_eq!(store.nodes().unwrap().len(), 1);
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(used_count(store.as_ref(), &key.key_id), 1);
     }
 
     #[test]
     fn reusable_key_enrolls_many_and_check_can_refuse() {
         let s = SqliteStore::in_memory().unwrap();
-        s.create_auth_key(&key("bbbbbbbbbbbb", true)).unwrap();
-        s.enroll("bbbbbbbbbbbb", &|_| Ok(()), node(1)).unwrap();
-        s.enroll("bbbbbbbbbbbb", &|_| Ok(()), node(2)).unwrap();
+        let (text, key) = stored(&s, auth_detail(None, true), 2);
+        s.enroll(&key.key_id, &verifies(&text), node(1)).unwrap();
+        s.enroll(&key.key_id, &verifies(&text), node(2)).unwrap();
         let err = s
-            .enroll("bbbbbbbbbbbb", &|_| Err("auth key expired"), node(3))
+            .enroll(
+                &key.key_id,
+                &|_| Err("auth key has expired".into()),
+                node(3),
+            )
             .unwrap_err();
         assert!(err.to_string().contains("expired"));
         assert_eq!(s.nodes().unwrap().len(), 2);
-        assert_eq!(s.auth_keys().unwrap()[0].used_count, 2);
+        assert_eq!(used_count(&s, &key.key_id), 2);
+    }
+
+    #[test]
+    fn an_unknown_key_enrolls_nothing_whatever_the_check_says() {
+        let s = SqliteStore::in_memory().unwrap();
+        let (text, _) = stored(&s, auth_detail(None, true), 3);
+        let err = s
+            .enroll("000000000000", &verifies(&text), node(1))
+            .unwrap_err();
+        assert_eq!(err.to_string(), "auth key refused: unknown auth key");
+        let err = s.enroll("000000000000", &|_| Ok(()), node(1)).unwrap_err();
+        assert!(matches!(err, StoreError::KeyRefused(_)), "{err}");
+        // An API key's id is no auth key.
+        let (_, api) = stored(
+            &s,
+            KeyDetail::Api {
+                description: "ci".into(),
+            },
+            4,
+        );
+        assert!(s.enroll(&api.key_id, &|_| Ok(()), node(1)).is_err());
+        assert!(s.nodes().unwrap().is_empty());
     }
 
     #[test]
     fn duplicate_machine_key_is_a_conflict_and_consumes_nothing() {
         let s = SqliteStore::in_memory().unwrap();
-        s.create_auth_key(&key("cccccccccccc", true)).unwrap();
-        s.enroll("cccccccccccc", &|_| Ok(()), node(1)).unwrap();
+        let (text, key) = stored(&s, auth_detail(None, true), 5);
+        s.enroll(&key.key_id, &verifies(&text), node(1)).unwrap();
         let mut dup = node(2);
         dup.machine_key = [1; 32];
         assert!(matches!(
-            s.enroll("cccccccccccc", &|_| Ok(()), dup),
+            s.enroll(&key.key_id, &verifies(&text), dup),
             Err(StoreError::Conflict(_))
         ));
-        assert_eq!(s.auth_keys().unwrap()[0].used_count, 1);
+        assert_eq!(used_count(&s, &key.key_id), 1);
     }
 
     #[test]
-    fn deleting_a_user_deletes_its_nodes() {
+    fn deleting_a_user_deletes_its_nodes_and_keys() {
         let s = SqliteStore::in_memory().unwrap();
         s.create_user("alice@example.com", 0).unwrap();
-        let mut k = key("dddddddddddd", true);
-        k.user = Some("alice@example.com".into());
-        k.tags.clear();
-        s.create_auth_key(&k).unwrap();
-        let n = s.enroll("dddddddddddd", &|_| Ok(()), node(1)).unwrap();
+        let (text, key) = stored(&s, auth_detail(Some("alice@example.com"), true), 6);
+        let n = s.enroll(&key.key_id, &verifies(&text), node(1)).unwrap();
+        assert_eq!(n.user.as_deref(), Some("alice@example.com"));
         assert_eq!(s.delete_user("alice@example.com").unwrap(), vec![n.id]);
         assert!(s.nodes().unwrap().is_empty());
         assert!(s.users().unwrap().is_empty());
+        assert!(s.keys(SecretKind::AuthKey).unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_auth_key_for_an_unknown_user_is_not_found() {
+        let s = SqliteStore::in_memory().unwrap();
+        let mut rng = StdRng::seed_from_u64(7);
+        let detail = auth_detail(Some("nobody@example.com"), false);
+        let (_, rec) = secrets::issue(detail, 1_000, "test", FP, 0, &mut rng).unwrap();
+        assert!(matches!(s.create_key(&rec), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn each_kind_is_counted_listed_found_and_revoked_apart() {
+        let s = SqliteStore::in_memory().unwrap();
+        let api = |d: &str| KeyDetail::Api {
+            description: d.into(),
+        };
+        let (_, a1) = stored(&s, auth_detail(None, false), 8);
+        let (_, p1) = stored(&s, api("ci"), 9);
+        let (_, p2) = stored(&s, api("ops"), 10);
+        let (_, a2) = stored(&s, auth_detail(None, true), 11);
+        assert_eq!((a1.id, a2.id, p1.id, p2.id), (1, 2, 1, 2));
+        assert_eq!(s.keys(SecretKind::AuthKey).unwrap(), vec![a1.clone(), a2]);
+        assert_eq!(s.keys(SecretKind::ApiKey).unwrap(), vec![p1.clone(), p2]);
+        assert_eq!(
+            s.find_key(SecretKind::ApiKey, &p1.key_id).unwrap(),
+            Some(p1.clone())
+        );
+        assert_eq!(s.find_key(SecretKind::ApiKey, &a1.key_id).unwrap(), None);
+        assert_eq!(s.find_key(SecretKind::AuthKey, &p1.key_id).unwrap(), None);
+
+        let e = s.revoke_key(SecretKind::ApiKey, &a1.key_id).unwrap_err();
+        assert_eq!(e.to_string(), format!("API key {} not found", a1.key_id));
+        s.revoke_key(SecretKind::AuthKey, &a1.key_id).unwrap();
+        let found = s
+            .find_key(SecretKind::AuthKey, &a1.key_id)
+            .unwrap()
+            .unwrap();
+        assert!(found.revoked);
+        assert!(
+            !s.find_key(SecretKind::ApiKey, &p1.key_id)
+                .unwrap()
+                .unwrap()
+                .revoked
+        );
+
+        // A key id is unique within its kind.
+        assert!(matches!(s.create_key(&a1), Err(StoreError::Conflict(_))));
+    }
+
+    /// The schema before `secret_keys`: the first three migrations, as they
+    /// were shipped (migrations are never edited).
+    fn old_schema_db(path: &Path) {
+        let c = Connection::open(path).unwrap();
+        for m in &MIGRATIONS[..3] {
+            c.execute_batch(m).unwrap();
+        }
+        c.pragma_update(None, "user_version", 3).unwrap();
+        c.execute_batch(
+            "INSERT INTO users (login, created_ms) VALUES ('alice@example.com', 1);
+             INSERT INTO auth_keys (id, key_id, secret_hash, user_login, tags, reusable,
+                                    ephemeral, created_ms, expires_ms, used_count, revoked,
+                                    created_by)
+                 VALUES (1, 'aaaaaaaaaaaa', X'0101010101010101010101010101010101010101010101010101010101010101',
+                         'alice@example.com', '', 0, 1, 10, 1000, 1, 0, 'local-admin'),
+                        (4, 'bbbbbbbbbbbb', X'0202020202020202020202020202020202020202020202020202020202020202',
+                         NULL, 'tag:a,tag:b', 1, 0, 20, 2000, 5, 1, 'apikey:cccccccccccc');
+             INSERT INTO api_keys (id, key_id, secret_hash, description, created_ms,
+                                   expires_ms, revoked)
+                 VALUES (1, 'cccccccccccc', X'0303030303030303030303030303030303030303030303030303030303030303',
+                         'ci', 30, 3000, 0),
+                        (2, 'dddddddddddd', X'0404040404040404040404040404040404040404040404040404040404040404',
+                         'old', 40, 4000, 1);
+             INSERT INTO audit (time_ms, actor, action, target, detail)
+                 VALUES (30, 'local-admin', 'apikey.create', 'cccccccccccc', 'ci'),
+                        (31, 'local-admin', 'authkey.create', 'dddddddddddd', '');",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn migration_moves_both_old_key_tables_into_one_keeping_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        old_schema_db(&path);
+        let s = SqliteStore::open(&path).unwrap();
+
+        let auth = s.keys(SecretKind::AuthKey).unwrap();
+        assert_eq!(
+            auth,
+            vec![
+                SecretRecord {
+                    id: 1,
+                    key_id: "aaaaaaaaaaaa".into(),
+                    secret_hash: [1; 32],
+                    created_ms: 10,
+                    expires_ms: 1000,
+                    revoked: false,
+                    created_by: "local-admin".into(),
+                    detail: KeyDetail::Auth {
+                        user: Some("alice@example.com".into()),
+                        tags: vec![],
+                        reusable: false,
+                        ephemeral: true,
+                        used_count: 1,
+                    },
+                },
+                SecretRecord {
+                    id: 4,
+                    key_id: "bbbbbbbbbbbb".into(),
+                    secret_hash: [2; 32],
+                    created_ms: 20,
+                    expires_ms: 2000,
+                    revoked: true,
+                    created_by: "apikey:cccccccccccc".into(),
+                    detail: KeyDetail::Auth {
+                        user: None,
+                        tags: vec!["tag:a".into(), "tag:b".into()],
+                        reusable: true,
+                        ephemeral: false,
+                        used_count: 5,
+                    },
+                },
+            ]
+        );
+        let api = s.keys(SecretKind::ApiKey).unwrap();
+        assert_eq!(
+            api,
+            vec![
+                SecretRecord {
+                    id: 1,
+                    key_id: "cccccccccccc".into(),
+                    secret_hash: [3; 32],
+                    created_ms: 30,
+                    expires_ms: 3000,
+                    revoked: false,
+                    created_by: "local-admin".into(),
+                    detail: KeyDetail::Api {
+                        description: "ci".into()
+                    },
+                },
+                SecretRecord {
+                    id: 2,
+                    key_id: "dddddddddddd".into(),
+                    secret_hash: [4; 32],
+                    created_ms: 40,
+                    expires_ms: 4000,
+                    revoked: true,
+                    // No apikey.create row for it (an authkey row with its id does not count).
+                    created_by: String::new(),
+                    detail: KeyDetail::Api {
+                        description: "old".into()
+                    },
+                },
+            ]
+        );
+        let old_tables: i64 = s
+            .conn()
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name IN ('auth_keys', 'api_keys')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(old_tables, 0);
+
+        // New keys continue each kind's ids; the owner reference still holds.
+        let (_, a) = stored(&s, auth_detail(None, false), 12);
+        let (_, p) = stored(
+            &s,
+            KeyDetail::Api {
+                description: "new".into(),
+            },
+            13,
+        );
+        assert_eq!((a.id, p.id), (5, 3));
+        assert_eq!(
+            s.delete_user("alice@example.com").unwrap(),
+            Vec::<u64>::new()
+        );
+        assert!(s
+            .find_key(SecretKind::AuthKey, "aaaaaaaaaaaa")
+            .unwrap()
+            .is_none());
+        drop(s);
+
+        // Opening again migrates nothing twice.
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.keys(SecretKind::AuthKey).unwrap().len(), 2);
+        assert_eq!(s.keys(SecretKind::ApiKey).unwrap().len(), 3);
+        let version: usize = s
+            .conn()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len());
     }
 
     #[test]

@@ -358,6 +358,22 @@ fn every_admin_group_prints_its_text_table_and_json_fields() {
     }
     let text = admin(&dir, &["apikeys", "list"]).unwrap();
     assert!(text.starts_with("KEY ID         DESCRIPTION"), "{text}");
+    let api_id = mine["key_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        admin(&dir, &["apikeys", "revoke", &api_id]).unwrap(),
+        format!("revoked API key {api_id}\n")
+    );
+    // Each group revokes only its own kind of key.
+    let err = admin(&dir, &["apikeys", "revoke", &key_id]).unwrap_err();
+    assert!(
+        err.contains(&format!("API key {key_id} not found")),
+        "{err}"
+    );
+    let err = admin(&dir, &["keys", "revoke", &api_id]).unwrap_err();
+    assert!(
+        err.contains(&format!("auth key {api_id} not found")),
+        "{err}"
+    );
 
     let audit = json(&["audit", "--limit", "50", "-o", "json"]);
     let actions: Vec<&str> = audit

@@ -13,6 +13,7 @@ use tonic::Code;
 use ztmesh_controller::cli::{self, ConnArgs};
 use ztmesh_controller::mesh::MeshConfig;
 use ztmesh_controller::now_ms;
+use ztmesh_controller::secrets::KeyDetail;
 use ztmesh_proto::admin as apb;
 use ztmesh_proto::auth::{self, methods, signed_request};
 use ztmesh_proto::control as pb;
@@ -170,7 +171,7 @@ async fn refuses_reused_expired_and_revoked_keys_with_clear_messages() {
     let key_id = revoked.split('.').nth(1).unwrap().to_string();
     ctl.admin()
         .await
-        .revoke_auth_key(apb::RevokeAuthKeyRequest { key_id })
+        .revoke_auth_key(apb::KeyRef { key_id })
         .await
         .unwrap();
     let e = enroll(&ctl, &revoked, "x").await.err().unwrap();
@@ -178,12 +179,9 @@ async fn refuses_reused_expired_and_revoked_keys_with_clear_messages() {
 
     let (row, expired) = ctl
         .mesh
-        .create_auth_key(
+        .create_key(
             "test",
-            None,
-            &["tag:web".into()],
-            true,
-            false,
+            KeyDetail::auth(None, &["tag:web".into()], true, false),
             Some(1),
             now_ms() - 10,
         )

@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use ztmesh_controller::mesh::{Mesh, MeshConfig};
 use ztmesh_controller::now_ms;
+use ztmesh_controller::secrets::KeyDetail;
 use ztmesh_controller::server::ListenerLimits;
 use ztmesh_proto::admin as apb;
 use ztmesh_proto::auth::{self, methods, signed_request, NodeProof};
@@ -480,7 +481,12 @@ fn the_replay_cache_records_only_verified_proofs_of_enrolled_nodes() {
     );
 
     let (_, key) = m
-        .create_auth_key("admin", None, &["tag:db".into()], false, false, None, t0)
+        .create_key(
+            "admin",
+            KeyDetail::auth(None, &["tag:db".into()], false, false),
+            None,
+            t0,
+        )
         .unwrap();
     let machine = SigningKey::generate(&mut OsRng);
     m.enroll(&enroll_request(&key, &machine, "db", t0), t0)

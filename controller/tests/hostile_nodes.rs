@@ -13,6 +13,7 @@ use std::sync::Arc;
 use rand_core::OsRng;
 use ztmesh_controller::error::Error;
 use ztmesh_controller::mesh::{Mesh, MeshConfig, Update};
+use ztmesh_controller::secrets::KeyDetail;
 use ztmesh_controller::store::{SqliteStore, Store};
 use ztmesh_proto::auth;
 use ztmesh_proto::control as pb;
@@ -74,9 +75,14 @@ fn enroll(m: &Mesh, key: &str, host: &str, now: i64) -> pb::EnrollResponse {
 }
 
 fn key(m: &Mesh, tag: &str, ephemeral: bool) -> String {
-    m.create_auth_key("admin", None, &[tag.into()], true, ephemeral, None, T0)
-        .unwrap()
-        .1
+    m.create_key(
+        "admin",
+        KeyDetail::auth(None, &[tag.into()], true, ephemeral),
+        None,
+        T0,
+    )
+    .unwrap()
+    .1
 }
 
 fn code(e: Error) -> (tonic::Code, String) {
@@ -513,16 +519,28 @@ fn time_arithmetic_saturates_near_the_ends_of_the_clock() {
     assert_eq!(map.not_after_ms, i64::MAX, "now + ttl saturates");
     assert!(map.serial > before.serial);
     let (row, _) = m
-        .create_auth_key("admin", None, &["tag:web".into()], false, false, None, far)
+        .create_key(
+            "admin",
+            KeyDetail::auth(None, &["tag:web".into()], false, false),
+            None,
+            far,
+        )
         .unwrap();
     assert_eq!(row.expires_ms, i64::MAX);
-    let (row, _) = m.create_api_key("admin", "x", None, far).unwrap();
+    let (row, _) = m
+        .create_key("admin", KeyDetail::api("x"), None, far)
+        .unwrap();
     assert_eq!(row.expires_ms, i64::MAX);
     // An enrollment stamped at the end of time is refused, not overflowed.
     let machine = SigningKey::generate(&mut OsRng);
     let wg = *WgPrivateKey::generate(&mut OsRng).public().as_bytes();
     let (_, k2) = m
-        .create_auth_key("admin", None, &["tag:web".into()], false, false, None, T0)
+        .create_key(
+            "admin",
+            KeyDetail::auth(None, &["tag:web".into()], false, false),
+            None,
+            T0,
+        )
         .unwrap();
     let e = m
         .enroll(&request(&k2, &machine, wg, "x", i64::MIN), far)

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use rand_core::OsRng;
 use ztmesh_controller::error::Error;
 use ztmesh_controller::mesh::{Mesh, MeshConfig, Update};
+use ztmesh_controller::secrets::{KeyDetail, SecretKind};
 use ztmesh_controller::store::{SqliteStore, Store};
 use ztmesh_proto::auth;
 use ztmesh_proto::control as pb;
@@ -68,10 +69,20 @@ fn ephemeral_nodes_are_deleted_after_the_offline_timeout() {
     });
     m.set_policy("admin", "p.hujson", POLICY, T0).unwrap();
     let (_, eph) = m
-        .create_auth_key("admin", None, &["tag:web".into()], true, true, None, T0)
+        .create_key(
+            "admin",
+            KeyDetail::auth(None, &["tag:web".into()], true, true),
+            None,
+            T0,
+        )
         .unwrap();
     let (_, db) = m
-        .create_auth_key("admin", None, &["tag:db".into()], false, false, None, T0)
+        .create_key(
+            "admin",
+            KeyDetail::auth(None, &["tag:db".into()], false, false),
+            None,
+            T0,
+        )
         .unwrap();
     let e = enroll(&m, &eph, "runner", T0).unwrap();
     let d = enroll(&m, &db, "db", T0).unwrap();
@@ -99,7 +110,12 @@ fn ephemeral_nodes_are_deleted_after_the_offline_timeout() {
 fn connected_ephemeral_nodes_are_kept() {
     let m = mesh(MeshConfig::default());
     let (_, eph) = m
-        .create_auth_key("admin", None, &["tag:web".into()], false, true, None, T0)
+        .create_key(
+            "admin",
+            KeyDetail::auth(None, &["tag:web".into()], false, true),
+            None,
+            T0,
+        )
         .unwrap();
     let e = enroll(&m, &eph, "runner", T0).unwrap();
     let _sub = m.subscribe(e.node_id, T0).unwrap();
@@ -115,10 +131,20 @@ fn expired_nodes_are_refused_and_dropped_from_peer_maps() {
     });
     m.set_policy("admin", "p.hujson", POLICY, T0).unwrap();
     let (_, web) = m
-        .create_auth_key("admin", None, &["tag:web".into()], false, false, None, T0)
+        .create_key(
+            "admin",
+            KeyDetail::auth(None, &["tag:web".into()], false, false),
+            None,
+            T0,
+        )
         .unwrap();
     let (_, db) = m
-        .create_auth_key("admin", None, &["tag:db".into()], false, false, None, T0)
+        .create_key(
+            "admin",
+            KeyDetail::auth(None, &["tag:db".into()], false, false),
+            None,
+            T0,
+        )
         .unwrap();
     let w = enroll(&m, &web, "web", T0).unwrap();
     let d = enroll(&m, &db, "db", T0 + 30_000).unwrap();
@@ -136,48 +162,216 @@ fn user_keys_may_only_carry_tags_the_user_owns() {
     m.set_policy("admin", "p.hujson", POLICY, T0).unwrap();
     m.create_user("admin", "alice@example.com", T0).unwrap();
     m.create_user("admin", "mallory@example.com", T0).unwrap();
-    m.create_auth_key(
+    m.create_key(
         "admin",
-        Some("alice@example.com"),
-        &["tag:web".into()],
-        false,
-        false,
+        KeyDetail::auth(Some("alice@example.com"), &["tag:web".into()], false, false),
         None,
         T0,
     )
     .unwrap();
     let e = m
-        .create_auth_key(
+        .create_key(
             "admin",
-            Some("mallory@example.com"),
-            &["tag:web".into()],
-            false,
-            false,
+            KeyDetail::auth(
+                Some("mallory@example.com"),
+                &["tag:web".into()],
+                false,
+                false,
+            ),
             None,
             T0,
         )
         .unwrap_err();
     assert!(matches!(e, Error::Forbidden(_)), "{e}");
     let e = m
-        .create_auth_key(
+        .create_key(
             "admin",
-            Some("alice@example.com"),
-            &["tag:db".into()],
-            false,
-            false,
+            KeyDetail::auth(Some("alice@example.com"), &["tag:db".into()], false, false),
             None,
             T0,
         )
         .unwrap_err();
     assert!(matches!(e, Error::Forbidden(_)), "{e}");
     let e = m
-        .create_auth_key("admin", None, &["web".into()], false, false, None, T0)
+        .create_key(
+            "admin",
+            KeyDetail::auth(None, &["web".into()], false, false),
+            None,
+            T0,
+        )
         .unwrap_err();
     assert!(matches!(e, Error::Invalid(_)), "{e}");
     let e = m
-        .create_auth_key("admin", None, &[], false, false, None, T0)
+        .create_key("admin", KeyDetail::auth(None, &[], false, false), None, T0)
         .unwrap_err();
     assert!(matches!(e, Error::Invalid(_)), "{e}");
+}
+
+/// The parts of a key text: `[prefix, key id, secret, (fingerprint)]`.
+fn parts(text: &str) -> Vec<String> {
+    text.split('.').map(str::to_string).collect()
+}
+
+#[test]
+fn auth_keys_and_api_keys_share_one_lifecycle_and_keep_their_audit_names() {
+    let m = mesh(MeshConfig::default());
+    let (auth_row, auth_text) = m
+        .create_key(
+            "admin",
+            KeyDetail::auth(None, &["tag:web".into(), "tag:web".into()], true, false),
+            None,
+            T0,
+        )
+        .unwrap();
+    let (api_row, api_text) = m
+        .create_key("admin", KeyDetail::api("ci"), None, T0)
+        .unwrap();
+    assert_eq!(
+        auth_row.expires_ms,
+        T0 + MeshConfig::default().auth_key_ttl_ms
+    );
+    assert_eq!(api_row.expires_ms, T0 + 90 * 24 * 3_600_000);
+    assert_eq!(
+        auth_row.detail,
+        KeyDetail::auth(None, &["tag:web".into()], true, false),
+        "tags deduplicated"
+    );
+    assert_eq!(m.keys(SecretKind::AuthKey).unwrap(), vec![auth_row.clone()]);
+    assert_eq!(m.keys(SecretKind::ApiKey).unwrap(), vec![api_row.clone()]);
+
+    let n = enroll(&m, &auth_text, "web", T0).unwrap();
+    assert_eq!(
+        m.check_api_key(&api_text, T0).unwrap(),
+        format!("apikey:{}", api_row.key_id)
+    );
+    // Revoking names the kind: a key id of the other kind is not found.
+    let e = m
+        .revoke_key("admin", SecretKind::ApiKey, &auth_row.key_id, T0)
+        .unwrap_err();
+    assert!(matches!(e, Error::NotFound(_)), "{e}");
+    m.revoke_key("admin", SecretKind::AuthKey, &auth_row.key_id, T0)
+        .unwrap();
+    m.revoke_key("admin", SecretKind::ApiKey, &api_row.key_id, T0)
+        .unwrap();
+    assert_eq!(
+        enroll(&m, &auth_text, "web2", T0).unwrap_err().to_string(),
+        "auth key was revoked"
+    );
+    assert_eq!(
+        m.check_api_key(&api_text, T0).unwrap_err().to_string(),
+        "API key was revoked"
+    );
+
+    let mut audit: Vec<_> = m
+        .store()
+        .audit_log(100)
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.actor, a.action, a.target, a.detail))
+        .collect();
+    audit.reverse();
+    let (a, p) = (auth_row.key_id.clone(), api_row.key_id.clone());
+    let row = |actor: &str, action: &str, target: &str, detail: &str| {
+        (actor.into(), action.into(), target.into(), detail.into())
+    };
+    assert_eq!(
+        audit,
+        vec![
+            row(
+                "admin",
+                "authkey.create",
+                &a,
+                "user=- tags=tag:web reusable=true ephemeral=false"
+            ),
+            row("admin", "apikey.create", &p, "ci"),
+            row(
+                &format!("authkey:{a}"),
+                "node.enroll",
+                &n.name,
+                &format!(
+                    "id={} ipv4={} ipv6={}",
+                    n.node_id, n.addresses[0], n.addresses[1]
+                )
+            ),
+            row("admin", "authkey.revoke", &a, ""),
+            row("admin", "apikey.revoke", &p, ""),
+        ]
+    );
+}
+
+#[test]
+fn a_key_of_one_kind_never_passes_as_the_other() {
+    let m = mesh(MeshConfig::default());
+    let (_, auth_text) = m
+        .create_key(
+            "admin",
+            KeyDetail::auth(None, &["tag:web".into()], true, false),
+            None,
+            T0,
+        )
+        .unwrap();
+    let (_, api_text) = m
+        .create_key("admin", KeyDetail::api("ci"), None, T0)
+        .unwrap();
+    // As they are: the wrong format for the other use.
+    assert_eq!(
+        enroll(&m, &api_text, "x", T0).unwrap_err().to_string(),
+        "malformed auth key"
+    );
+    assert_eq!(
+        m.check_api_key(&auth_text, T0).unwrap_err().to_string(),
+        "malformed API key"
+    );
+    // Rewrapped in the other format, with the right id and secret: unknown.
+    let api = parts(&api_text);
+    let as_auth = format!(
+        "{}.{}.{}.{}",
+        auth::AUTH_KEY_PREFIX,
+        api[1],
+        api[2],
+        auth::hex(&FP)
+    );
+    assert_eq!(
+        enroll(&m, &as_auth, "x", T0).unwrap_err().to_string(),
+        "unknown auth key"
+    );
+    let a = parts(&auth_text);
+    let as_api = format!("{}.{}.{}", auth::API_KEY_PREFIX, a[1], a[2]);
+    assert_eq!(
+        m.check_api_key(&as_api, T0).unwrap_err().to_string(),
+        "unknown API key"
+    );
+    assert!(m.store().nodes().unwrap().is_empty());
+}
+
+#[test]
+fn api_keys_expire_and_refuse_wrong_secrets() {
+    let m = mesh(MeshConfig::default());
+    let (row, text) = m
+        .create_key("admin", KeyDetail::api("ci"), Some(60_000), T0)
+        .unwrap();
+    assert!(m.check_api_key(&text, T0 + 59_999).is_ok());
+    assert_eq!(
+        m.check_api_key(&text, T0 + 60_000).unwrap_err().to_string(),
+        "API key has expired"
+    );
+    let mut p = parts(&text);
+    p[2] = "A".repeat(p[2].len()); // another secret, same id
+    assert_eq!(
+        m.check_api_key(&p.join("."), T0).unwrap_err().to_string(),
+        "unknown API key"
+    );
+    // Lifetimes are bounded the same for both kinds.
+    for detail in [
+        KeyDetail::api("x"),
+        KeyDetail::auth(None, &["tag:web".into()], false, false),
+    ] {
+        let e = m
+            .create_key("admin", detail, Some(11 * 365 * 24 * 3_600_000), T0)
+            .unwrap_err();
+        assert!(matches!(e, Error::Invalid(_)), "{e}");
+    }
+    assert_eq!(m.keys(SecretKind::ApiKey).unwrap(), vec![row]);
 }
 
 #[test]
@@ -199,7 +393,12 @@ fn repeated_failures_from_one_source_are_rate_limited() {
 fn hostile_names_are_sanitized_or_refused() {
     let m = mesh(MeshConfig::default());
     let (_, k) = m
-        .create_auth_key("admin", None, &["tag:web".into()], true, false, None, T0)
+        .create_key(
+            "admin",
+            KeyDetail::auth(None, &["tag:web".into()], true, false),
+            None,
+            T0,
+        )
         .unwrap();
     let n = enroll(&m, &k, "x'; DROP TABLE nodes;--\n\u{7}", T0).unwrap();
     assert_eq!(n.name, "x---drop-table-nodes");
@@ -229,7 +428,12 @@ fn serials_never_go_backwards_across_a_restart() {
     };
     let m = open(T0);
     let (_, k) = m
-        .create_auth_key("admin", None, &["tag:web".into()], true, false, None, T0)
+        .create_key(
+            "admin",
+            KeyDetail::auth(None, &["tag:web".into()], true, false),
+            None,
+            T0,
+        )
         .unwrap();
     let n = enroll(&m, &k, "n", T0).unwrap();
     let _sub = m.subscribe(n.node_id, T0).unwrap();
@@ -246,7 +450,12 @@ fn denied_flow_reports_are_audited_with_bounded_rows_and_text() {
     use ztmesh_controller::mesh::MAX_FLOW_ROWS_PER_REPORT;
     let m = mesh(MeshConfig::default());
     let (_, k) = m
-        .create_auth_key("admin", None, &["tag:web".into()], false, false, None, T0)
+        .create_key(
+            "admin",
+            KeyDetail::auth(None, &["tag:web".into()], false, false),
+            None,
+            T0,
+        )
         .unwrap();
     let n = enroll(&m, &k, "web", T0).unwrap();
     let node = m.find_node(&n.name).unwrap();

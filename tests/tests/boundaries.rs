@@ -1,5 +1,6 @@
 //! Architecture boundaries, enforced: the pure cores (the policy crate, the
-//! packet filter, the tunnel `Device`, the node's netmap gate and translation)
+//! packet filter, the tunnel `Device`, the node's netmap gate and translation,
+//! the controller's netmap core and key lifecycle)
 //! do no I/O and read no clock or entropy of their own. Time and randomness
 //! come in as arguments; sockets, files, processes, async runtimes, gRPC and
 //! SQLite live in the shells around them.
@@ -25,6 +26,7 @@ const PURE: &[&str] = &[
     "node/src/control/apply.rs",
     "controller/src/netcore",
     "controller/src/model.rs",
+    "controller/src/secrets.rs",
 ];
 
 /// The controller's modules, bottom layer first. A module may name modules
@@ -32,7 +34,7 @@ const PURE: &[&str] = &[
 /// netmap core and the store shell beside it, errors, authentication, the
 /// coordinator, the gRPC services, the server, the admin CLI.
 const CONTROLLER_LAYERS: &[&[&str]] = &[
-    &["model", "nodelimit", "lockfile"],
+    &["model", "secrets", "nodelimit", "lockfile"],
     &["netcore", "store"],
     &["error"],
     &["nodeinput", "ratelimit"],

@@ -1,4 +1,7 @@
-//! `keys`: auth keys for enrolling nodes (create, list, revoke).
+//! `keys` (auth keys, to enroll nodes) and `apikeys` (API keys, for the
+//! remote admin CLI): create, list, revoke. One lifecycle on the controller
+//! (`secrets`), so the two groups share everything but their fields: a new
+//! key is printed alone on stdout, shown once; a revocation names the kind.
 
 use std::time::Duration;
 
@@ -9,6 +12,7 @@ use ztmesh_proto::admin as apb;
 use super::client::{status_err, Client};
 use super::output::{ms_to_text, print_json};
 use super::{parse_duration, Output};
+use crate::secrets::SecretKind;
 
 #[derive(Subcommand, Debug)]
 pub enum KeysCmd {
@@ -38,6 +42,25 @@ pub enum KeysCmd {
     },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum ApiKeysCmd {
+    /// Create an API key; prints it alone on stdout (shown once).
+    Create {
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long, value_parser = parse_duration)]
+        expiry: Option<Duration>,
+    },
+    List {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    Revoke {
+        key_id: String,
+    },
+}
+
+/// Runs a `keys` command.
 pub(super) async fn run(c: &mut Client, cmd: KeysCmd) -> anyhow::Result<()> {
     match cmd {
         KeysCmd::Create {
@@ -53,7 +76,7 @@ pub(super) async fn run(c: &mut Client, cmd: KeysCmd) -> anyhow::Result<()> {
                     tags,
                     reusable,
                     ephemeral,
-                    expiry_secs: expiry.map(|d| d.as_secs()).unwrap_or(0),
+                    expiry_secs: expiry_secs(expiry),
                 })
                 .await
                 .map_err(status_err)?
@@ -62,49 +85,124 @@ pub(super) async fn run(c: &mut Client, cmd: KeysCmd) -> anyhow::Result<()> {
         }
         KeysCmd::List { output } => {
             let keys = c
-                .list_auth_keys(apb::ListAuthKeysRequest {})
+                .list_auth_keys(apb::ListKeysRequest {})
                 .await
                 .map_err(status_err)?
                 .into_inner()
                 .keys;
-            if output == Output::Json {
-                let v: Vec<_> = keys
-                    .iter()
-                    .map(|k| {
-                        json!({"key_id": k.key_id, "user": k.user, "tags": k.tags,
-                            "reusable": k.reusable, "ephemeral": k.ephemeral,
-                            "created_ms": k.created_ms, "expires_ms": k.expires_ms,
-                            "used": k.used, "revoked": k.revoked, "created_by": k.created_by})
-                    })
-                    .collect();
-                print_json(&json!(v));
-            } else {
-                println!(
-                    "{:<14} {:<26} {:<24} {:<9} {:<6} {:<8} EXPIRES",
-                    "KEY ID", "USER", "TAGS", "REUSABLE", "USED", "REVOKED"
-                );
-                for k in keys {
-                    println!(
-                        "{:<14} {:<26} {:<24} {:<9} {:<6} {:<8} {}",
-                        k.key_id,
-                        if k.user.is_empty() { "-" } else { &k.user },
-                        k.tags.join(","),
-                        k.reusable,
-                        k.used,
-                        k.revoked,
-                        ms_to_text(k.expires_ms)
-                    );
-                }
-            }
+            print_auth_keys(&keys, output);
         }
-        KeysCmd::Revoke { key_id } => {
-            c.revoke_auth_key(apb::RevokeAuthKeyRequest {
-                key_id: key_id.clone(),
-            })
-            .await
-            .map_err(status_err)?;
-            println!("revoked auth key {key_id}");
-        }
+        KeysCmd::Revoke { key_id } => revoke(c, SecretKind::AuthKey, key_id).await?,
     }
     Ok(())
+}
+
+/// Runs an `apikeys` command.
+pub(super) async fn run_api(c: &mut Client, cmd: ApiKeysCmd) -> anyhow::Result<()> {
+    match cmd {
+        ApiKeysCmd::Create {
+            description,
+            expiry,
+        } => {
+            let r = c
+                .create_api_key(apb::CreateApiKeyRequest {
+                    description,
+                    expiry_secs: expiry_secs(expiry),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!("{}", r.secret);
+        }
+        ApiKeysCmd::List { output } => {
+            let keys = c
+                .list_api_keys(apb::ListKeysRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .keys;
+            print_api_keys(&keys, output);
+        }
+        ApiKeysCmd::Revoke { key_id } => revoke(c, SecretKind::ApiKey, key_id).await?,
+    }
+    Ok(())
+}
+
+/// The requested lifetime in seconds; 0 asks for the kind's default.
+fn expiry_secs(expiry: Option<Duration>) -> u64 {
+    expiry.map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Revokes a key of `kind` and says so: `revoked auth key KEYID`.
+async fn revoke(c: &mut Client, kind: SecretKind, key_id: String) -> anyhow::Result<()> {
+    let req = apb::KeyRef {
+        key_id: key_id.clone(),
+    };
+    match kind {
+        SecretKind::AuthKey => c.revoke_auth_key(req).await,
+        SecretKind::ApiKey => c.revoke_api_key(req).await,
+    }
+    .map_err(status_err)?;
+    println!("revoked {} {key_id}", kind.noun());
+    Ok(())
+}
+
+fn print_auth_keys(keys: &[apb::AuthKey], output: Output) {
+    if output == Output::Json {
+        let v: Vec<_> = keys
+            .iter()
+            .map(|k| {
+                json!({"key_id": k.key_id, "user": k.user, "tags": k.tags,
+                    "reusable": k.reusable, "ephemeral": k.ephemeral,
+                    "created_ms": k.created_ms, "expires_ms": k.expires_ms,
+                    "used": k.used, "revoked": k.revoked, "created_by": k.created_by})
+            })
+            .collect();
+        print_json(&json!(v));
+        return;
+    }
+    println!(
+        "{:<14} {:<26} {:<24} {:<9} {:<6} {:<8} EXPIRES",
+        "KEY ID", "USER", "TAGS", "REUSABLE", "USED", "REVOKED"
+    );
+    for k in keys {
+        println!(
+            "{:<14} {:<26} {:<24} {:<9} {:<6} {:<8} {}",
+            k.key_id,
+            if k.user.is_empty() { "-" } else { &k.user },
+            k.tags.join(","),
+            k.reusable,
+            k.used,
+            k.revoked,
+            ms_to_text(k.expires_ms)
+        );
+    }
+}
+
+fn print_api_keys(keys: &[apb::ApiKey], output: Output) {
+    if output == Output::Json {
+        let v: Vec<_> = keys
+            .iter()
+            .map(|k| {
+                json!({"key_id": k.key_id, "description": k.description,
+                    "created_ms": k.created_ms, "expires_ms": k.expires_ms,
+                    "revoked": k.revoked})
+            })
+            .collect();
+        print_json(&json!(v));
+        return;
+    }
+    println!(
+        "{:<14} {:<30} {:<8} EXPIRES",
+        "KEY ID", "DESCRIPTION", "REVOKED"
+    );
+    for k in keys {
+        println!(
+            "{:<14} {:<30} {:<8} {}",
+            k.key_id,
+            k.description,
+            k.revoked,
+            ms_to_text(k.expires_ms)
+        );
+    }
 }

@@ -13,7 +13,6 @@ use clap::{Parser, Subcommand};
 
 use crate::server::DataDir;
 
-mod apikeys;
 mod args;
 mod audit;
 mod client;
@@ -23,10 +22,9 @@ mod output;
 mod policy;
 mod users;
 
-pub use apikeys::ApiKeysCmd;
 pub use args::{parse_duration, parse_positive_duration, ConnArgs, ListenerArgs, Output};
 pub use client::{connect, Auth, Client};
-pub use keys::KeysCmd;
+pub use keys::{ApiKeysCmd, KeysCmd};
 pub use nodes::NodesCmd;
 pub use policy::{split_dst, PolicyCmd};
 pub use users::UsersCmd;
@@ -113,7 +111,7 @@ pub async fn run(conn: &ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Keys(k) => keys::run(&mut c, k).await,
         Cmd::Nodes(n) => nodes::run(&mut c, n).await,
         Cmd::Policy(p) => policy::run(&mut c, p).await,
-        Cmd::Apikeys(a) => apikeys::run(&mut c, a).await,
+        Cmd::Apikeys(a) => keys::run_api(&mut c, a).await,
         Cmd::Audit { limit, output } => audit::run(&mut c, limit, output).await,
     }
 }
