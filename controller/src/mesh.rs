@@ -98,6 +98,9 @@ pub const MAX_FLOW_ROWS_PER_REPORT: usize = 100;
 /// [`Mesh::flush`] in one transaction), so a restart finds it recent.
 pub const SEEN_REFRESH_MS: u64 = 60_000;
 
+/// Maps encoded per hold of the state lock while publishing.
+const PUBLISH_BATCH: usize = 32;
+
 /// A map encoded under the state lock, to be signed and sent outside it
 /// (`None`: the node is no longer active; its stream is closed).
 struct Outgoing {
@@ -447,31 +450,36 @@ impl Mesh {
             return;
         }
         let serial = self.next_serial(turn, now);
-        let outbox: Vec<Outgoing> = {
-            let st = self.state();
-            changed
-                .iter()
-                .filter_map(|&id| {
-                    let sub = st.subs.get(&id)?;
-                    Some(Outgoing {
-                        id,
-                        tx: sub.tx.clone(),
-                        body: st.core.encode(id, serial, now),
+        let ids: Vec<u64> = changed.iter().copied().collect();
+        let mut sent = Vec::with_capacity(ids.len());
+        // In batches, so the first nodes get their maps while later ones are
+        // still being encoded, and no lock window grows with the mesh.
+        for batch in ids.chunks(PUBLISH_BATCH) {
+            let outbox: Vec<Outgoing> = {
+                let st = self.state();
+                batch
+                    .iter()
+                    .filter_map(|&id| {
+                        let sub = st.subs.get(&id)?;
+                        Some(Outgoing {
+                            id,
+                            tx: sub.tx.clone(),
+                            body: st.core.encode(id, serial, now),
+                        })
                     })
-                })
-                .collect()
-        };
-        let mut sent = Vec::with_capacity(outbox.len());
-        for Outgoing { id, tx, body } in outbox {
-            let update = match body {
-                Some(b) => Update::Map(Arc::new(self.sign(b))),
-                None => Update::Closed(
-                    AuthReason::Revoked,
-                    "node was deleted or has expired".into(),
-                ),
+                    .collect()
             };
-            tx.send_replace(update);
-            sent.push(id);
+            for Outgoing { id, tx, body } in outbox {
+                let update = match body {
+                    Some(b) => Update::Map(Arc::new(self.sign(b))),
+                    None => Update::Closed(
+                        AuthReason::Revoked,
+                        "node was deleted or has expired".into(),
+                    ),
+                };
+                tx.send_replace(update);
+                sent.push(id);
+            }
         }
         let mut st = self.state();
         let mono = st.mono;
