@@ -8,6 +8,7 @@
 //! - [`tls`]: certificate-pinned TLS channels to the controller.
 //! - [`relay`]: the relay protocol's frame codec (pure).
 //! - [`refusal`]: machine-readable reasons a node's session was refused.
+//! - [`stun`]: STUN Binding requests and responses (pure codec).
 //! - [`time`]: the one wall-clock read ([`time::now_ms`]) both sides use.
 #![cfg_attr(
     test,
@@ -23,6 +24,7 @@ pub mod keys;
 pub mod netmap;
 pub mod refusal;
 pub mod relay;
+pub mod stun;
 pub mod time;
 pub mod tls;
 
