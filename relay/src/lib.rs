@@ -4,6 +4,11 @@
 //!
 //! - [`core`]: the authorization core (pure: sessions, HELLO/MAP checks,
 //!   the mutual-listing rule, counters, memory budget).
+//! - [`server`]: the shell around it (quinn endpoint, TLS/TCP acceptor,
+//!   STUN sockets, the stats file).
+//! - [`client`]: the client the node uses (QUIC or TCP, pinned certificate).
+//! - [`datadir`]: certificate, identity, stats and lock files.
+//! - [`wire`]: frame reading, QUIC transport and TLS settings shared by both sides.
 #![cfg_attr(
     test,
     allow(
@@ -13,4 +18,8 @@
     )
 )]
 
+pub mod client;
 pub mod core;
+pub mod datadir;
+pub mod server;
+pub mod wire;
