@@ -128,22 +128,23 @@ fn serve(s: Serve) -> anyhow::Result<()> {
     cfg.max_conns_per_source = s.max_conns_per_source.max(1);
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async {
+        // Signals are caught before the identity is printed, so a caller
+        // may stop the relay as soon as it has read that line.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .context("installing the SIGINT handler")?;
         let running = server::start(cfg).await?;
         println!("{}", serde_json::to_string(&running.identity)?);
-        running.run_until(shutdown_signal()).await
+        running
+            .run_until(async move {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            })
+            .await
     })
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
 
 /// `ZTMESH_LOG=trace|debug|info|warn|error` (default info).
