@@ -116,12 +116,13 @@ async fn main() -> anyhow::Result<()> {
             let datagram = vec![4u8; size];
             let start = Instant::now();
             let deadline = start + Duration::from_secs(seconds);
-            let mut sent = 0u64;
+            let (mut sent, mut packets) = (0u64, 0u64);
             while Instant::now() < deadline {
                 a.send(2, &datagram).await?;
                 sent += size as u64;
+                packets += 1;
                 // Yield now and then so the receiver keeps up on 2 cores.
-                if sent % (size as u64 * 64) == 0 {
+                if packets & 63 == 0 {
                     tokio::task::yield_now().await;
                 }
             }
