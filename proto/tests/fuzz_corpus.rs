@@ -1,4 +1,4 @@
-//! Fuzz corpus replay for the proto targets (`fuzz/`: node_proof, key_token).
+//! Fuzz corpus replay for the proto targets (`fuzz/`: node_proof, key_token, stun).
 //! Every committed input goes through the target's own check
 //! (`fuzz/replay.rs`).
 #![allow(
@@ -15,6 +15,8 @@ use replay::replay;
 mod key_token;
 #[path = "../../fuzz/checks/node_proof.rs"]
 mod node_proof;
+#[path = "../../fuzz/checks/stun.rs"]
+mod stun;
 
 #[test]
 fn node_proof_corpus_replays_cleanly() {
@@ -24,4 +26,9 @@ fn node_proof_corpus_replays_cleanly() {
 #[test]
 fn key_token_corpus_replays_cleanly() {
     replay("key_token", key_token::run);
+}
+
+#[test]
+fn stun_corpus_replays_cleanly() {
+    replay("stun", stun::run);
 }
