@@ -24,6 +24,7 @@ const PURE: &[&str] = &[
     "node/src/filter",
     "node/src/tunnel",
     "node/src/control/apply.rs",
+    "node/src/nat",
     "proto/src/stun.rs",
     "controller/src/netcore",
     "controller/src/model.rs",
