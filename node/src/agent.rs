@@ -30,11 +30,15 @@ use crate::control::{
     clock_hint, reconnect_delay, session_end, translate, Backoff, Controller, Identity, Install,
     NetMapGate, SessionEnd, Step,
 };
-use crate::io::{DataPlane, DataPlaneConfig};
+use crate::io::{interface_addresses, DataPlane, DataPlaneConfig};
 use crate::localapi::{authorize, Caller, Request, Response, MAX_LINE};
+use crate::nat::discovery::{with_primary, EndpointReporter, STUN_INTERVAL};
 
 /// How often denied-flow summaries are sent to the controller.
 const FLOW_REPORT_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the endpoint candidates are compared with the last report
+/// (reports themselves are rate-limited by [`EndpointReporter`]).
+const ENDPOINT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Daemon settings (every path and name is a flag, so several daemons can run
 /// on one machine in separate network namespaces).
@@ -51,6 +55,9 @@ pub struct DaemonConfig {
     /// Group whose members may send privileged requests (see
     /// [`crate::localapi::authorize`]); root only otherwise.
     pub operator_gid: Option<u32>,
+    /// STUN servers asked for this node's reflexive address, besides those
+    /// the netmap names.
+    pub stun_servers: Vec<SocketAddr>,
 }
 
 /// What the node keeps about its enrollment, parsed once when
@@ -281,6 +288,7 @@ impl Daemon {
         .context("starting the data plane")?;
         // Default deny until a netmap says otherwise.
         install(&plane, Install::Empty);
+        plane.set_stun_servers(self.cfg.stun_servers.clone());
         *dp = Some(plane);
         Ok(())
     }
@@ -324,13 +332,11 @@ impl Daemon {
         let mut ctl = Controller::connect(&e.controller_url, e.fingerprint, Duration::from_secs(5))
             .await
             .map_err(|err| SessionError::Retry(format!("{err:#}")))?;
-        let port = match self.dp.lock().await.as_ref() {
-            Some(dp) => dp.local_port(),
-            None => self.cfg.listen_port,
-        };
-        if let Some(ep) = local_endpoint(&e.controller_url, port) {
+        let mut endpoints = EndpointReporter::default();
+        let mut primary = self.refresh_local_addresses(e).await;
+        if let Some(list) = endpoints.poll(&self.candidates(primary).await, now_ms()) {
             if let Err(s) = ctl
-                .report_endpoints(&self.keys().machine, vec![ep.to_string()])
+                .report_endpoints(&self.keys().machine, endpoint_strings(&list))
                 .await
             {
                 return Err(status_error(s));
@@ -345,11 +351,24 @@ impl Daemon {
         tracing::info!(controller = %e.controller_url, "connected to controller");
         let mut report = tokio::time::interval(FLOW_REPORT_INTERVAL);
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut endpoint_check = tokio::time::interval(ENDPOINT_CHECK_INTERVAL);
+        endpoint_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut local_refresh = tokio::time::interval(STUN_INTERVAL);
+        local_refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        local_refresh.reset();
         loop {
             let next = tokio::select! {
                 m = stream.message() => m,
                 _ = report.tick() => {
                     self.report_denied_flows(&mut ctl).await;
+                    continue;
+                }
+                _ = endpoint_check.tick() => {
+                    self.report_endpoints(&mut ctl, &mut endpoints, primary).await;
+                    continue;
+                }
+                _ = local_refresh.tick() => {
+                    primary = self.refresh_local_addresses(e).await;
                     continue;
                 }
             };
@@ -366,6 +385,57 @@ impl Daemon {
                 },
                 Ok(None) => return Err(SessionError::Retry("controller closed the stream".into())),
                 Err(s) => return Err(status_error(s)),
+            }
+        }
+    }
+
+    /// Reads the interface addresses and hands them to the data plane, the
+    /// route toward the controller first; returns that endpoint (the one
+    /// peers on the controller's network reach us at).
+    async fn refresh_local_addresses(&self, e: &Enrollment) -> Option<SocketAddr> {
+        let dp = self.dp.lock().await;
+        let port = dp
+            .as_ref()
+            .map_or(self.cfg.listen_port, DataPlane::local_port);
+        let primary = local_endpoint(&e.controller_url, port);
+        if let Some(dp) = dp.as_ref() {
+            let mut addrs: Vec<std::net::IpAddr> = primary.map(|p| p.ip()).into_iter().collect();
+            addrs.extend(interface_addresses(&[self.cfg.interface.as_str()]));
+            dp.set_local_addresses(addrs);
+        }
+        primary
+    }
+
+    /// What this node reports as its endpoints: `primary` first, then the
+    /// data plane's candidates.
+    async fn candidates(&self, primary: Option<SocketAddr>) -> Vec<SocketAddr> {
+        let found = match self.dp.lock().await.as_ref() {
+            Some(dp) => dp.candidates(),
+            None => Vec::new(),
+        };
+        with_primary(primary, &found)
+    }
+
+    /// Reports the endpoint candidates when they changed (rate-limited by
+    /// `reporter`). A failed report is logged and retried later.
+    async fn report_endpoints(
+        &self,
+        ctl: &mut Controller,
+        reporter: &mut EndpointReporter,
+        primary: Option<SocketAddr>,
+    ) {
+        let candidates = self.candidates(primary).await;
+        let Some(list) = reporter.poll(&candidates, now_ms()) else {
+            return;
+        };
+        match ctl
+            .report_endpoints(&self.keys().machine, endpoint_strings(&list))
+            .await
+        {
+            Ok(()) => tracing::info!(endpoints = ?list, "endpoints reported"),
+            Err(s) => {
+                reporter.failed();
+                tracing::warn!(error = %s.message(), "endpoint report failed; retrying later");
             }
         }
     }
@@ -695,6 +765,11 @@ impl Daemon {
             })),
             "interface": self.cfg.interface,
             "data_plane": stats.is_some(),
+            "endpoints": stats.as_ref().map(|s| s.candidates.iter().map(ToString::to_string).collect::<Vec<_>>()),
+            "stun": stats.as_ref().map(|s| s.stun.iter().map(|(server, seen)| json!({
+                "server": server.to_string(),
+                "reflexive": seen.map(|a| a.to_string()),
+            })).collect::<Vec<_>>()),
             "drops": stats.as_ref().map(|s| json!(s.drops.iter().map(|(r, n)| (r.to_string(), *n)).collect::<std::collections::BTreeMap<_, _>>())),
             "peers": peers,
         })
@@ -896,6 +971,10 @@ fn local_endpoint(controller_url: &str, port: u16) -> Option<SocketAddr> {
     let s = std::net::UdpSocket::bind(bind).ok()?;
     s.connect((ip, uri.port_u16().unwrap_or(443))).ok()?;
     Some(SocketAddr::new(s.local_addr().ok()?.ip(), port))
+}
+
+fn endpoint_strings(list: &[SocketAddr]) -> Vec<String> {
+    list.iter().map(ToString::to_string).collect()
 }
 
 /// Whole seconds from `from_ms` to `to_ms`, 0 if `to_ms` is earlier. The

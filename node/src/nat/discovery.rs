@@ -288,6 +288,44 @@ pub fn with_primary(primary: Option<SocketAddr>, candidates: &[SocketAddr]) -> V
     out
 }
 
+/// Least time between two endpoint reports of one session (the controller
+/// refills a node's `ReportEndpoints` allowance every 6 s, with a burst of 10).
+pub const REPORT_MIN_INTERVAL_MS: i64 = 5_000;
+
+/// Decides when the agent reports its candidates to the controller: when
+/// they differ from the last report, at most once per
+/// [`REPORT_MIN_INTERVAL_MS`], never an empty list.
+#[derive(Debug, Default, Clone)]
+pub struct EndpointReporter {
+    last: Option<Vec<SocketAddr>>,
+    last_ms: Option<i64>,
+}
+
+impl EndpointReporter {
+    /// The list to report at `now_ms`, if a report is due; the attempt is
+    /// recorded (call [`EndpointReporter::failed`] if it does not go through).
+    pub fn poll(&mut self, candidates: &[SocketAddr], now_ms: i64) -> Option<Vec<SocketAddr>> {
+        if candidates.is_empty() || self.last.as_deref() == Some(candidates) {
+            return None;
+        }
+        // A clock stepped backwards must not silence reports until it catches up.
+        let waited = self
+            .last_ms
+            .is_none_or(|t| now_ms < t || now_ms - t >= REPORT_MIN_INTERVAL_MS);
+        if !waited {
+            return None;
+        }
+        self.last = Some(candidates.to_vec());
+        self.last_ms = Some(now_ms);
+        Some(candidates.to_vec())
+    }
+
+    /// The last report failed: report again once the interval has passed.
+    pub fn failed(&mut self) {
+        self.last = None;
+    }
+}
+
 /// Whether peers elsewhere could send to `ip` (the controller's rules).
 fn usable(ip: IpAddr) -> bool {
     match ip {
@@ -632,6 +670,26 @@ mod tests {
             Response::Malformed(stun::StunError::BadAddress)
         );
         assert_eq!(d.dropped(), (0, 1));
+    }
+
+    #[test]
+    fn reports_go_out_on_change_at_most_every_five_seconds() {
+        let a = vec![sa(ip4(198, 18, 0, 2), PORT)];
+        let b = vec![sa(ip4(198, 18, 0, 2), PORT), sa(ip4(198, 18, 0, 9), 40_000)];
+        let mut r = EndpointReporter::default();
+        assert_eq!(r.poll(&[], 0), None, "nothing to say");
+        assert_eq!(r.poll(&a, 1_000), Some(a.clone()));
+        assert_eq!(r.poll(&a, 60_000), None, "unchanged");
+        assert_eq!(r.poll(&b, 60_001), Some(b.clone()));
+        assert_eq!(r.poll(&a, 60_002), None, "too soon");
+        assert_eq!(r.poll(&a, 65_000), None, "still too soon");
+        assert_eq!(r.poll(&a, 65_001), Some(a.clone()));
+        // A failed report is retried after the interval.
+        r.failed();
+        assert_eq!(r.poll(&a, 66_000), None);
+        assert_eq!(r.poll(&a, 70_001), Some(a.clone()));
+        // The clock steps back an hour: the next change is not held back.
+        assert_eq!(r.poll(&b, 70_001 - 3_600_000), Some(b));
     }
 
     /// Offset of the address family byte in a `binding_response`.
