@@ -285,6 +285,10 @@ fn print_status(s: &serde_json::Value) {
         s["controller"]["state"].as_str().unwrap_or("-"),
         s["controller"]["detail"].as_str().unwrap_or("")
     );
+    if let Some(eps) = s["endpoints"].as_array().filter(|a| !a.is_empty()) {
+        let eps: Vec<&str> = eps.iter().filter_map(|e| e.as_str()).collect();
+        println!("endpoints: {}", eps.join(" "));
+    }
     match s["netmap"].as_object() {
         Some(m) => println!(
             "netmap: serial {} ({}s old, {} inbound rules)",
