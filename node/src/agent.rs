@@ -39,6 +39,8 @@ const FLOW_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 /// How often the endpoint candidates are compared with the last report
 /// (reports themselves are rate-limited by [`EndpointReporter`]).
 const ENDPOINT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a session waits for STUN answers before its first endpoint report.
+const DISCOVERY_SETTLE: Duration = Duration::from_secs(1);
 
 /// Daemon settings (every path and name is a flag, so several daemons can run
 /// on one machine in separate network namespaces).
@@ -334,6 +336,7 @@ impl Daemon {
             .map_err(|err| SessionError::Retry(format!("{err:#}")))?;
         let mut endpoints = EndpointReporter::default();
         let mut primary = self.refresh_local_addresses(e).await;
+        self.await_discovery().await;
         if let Some(list) = endpoints.poll(&self.candidates(primary).await, now_ms()) {
             if let Err(s) = ctl
                 .report_endpoints(&self.keys().machine, endpoint_strings(&list))
@@ -341,6 +344,7 @@ impl Daemon {
             {
                 return Err(status_error(s));
             }
+            tracing::info!(endpoints = ?list, "endpoints reported");
         }
         let mut stream = ctl
             .stream(&self.keys().machine, *have)
@@ -404,6 +408,22 @@ impl Daemon {
             dp.set_local_addresses(addrs);
         }
         primary
+    }
+
+    /// Waits (at most [`DISCOVERY_SETTLE`]) until every STUN server has
+    /// answered, so the session's first report carries the reflexive
+    /// addresses instead of waiting out the report interval for them.
+    async fn await_discovery(&self) {
+        for _ in 0..DISCOVERY_SETTLE.as_millis() / 50 {
+            let settled = match self.dp.lock().await.as_ref() {
+                Some(dp) => dp.stats().stun.iter().all(|(_, seen)| seen.is_some()),
+                None => true,
+            };
+            if settled {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// What this node reports as its endpoints: `primary` first, then the

@@ -241,12 +241,14 @@ fn daemon_behind_nat_reports_its_lan_and_reflexive_endpoints() {
         let listed = lab.admin_ok(&["nodes", "list", "-o", "json"]);
         listed.contains(&lan) && listed.contains(&reflexive)
     });
-    assert!(
-        reported.is_ok(),
-        "controller never saw {lan} and {reflexive}:\n{}\n{}",
-        lab.admin_ok(&["nodes", "list", "-o", "json"]),
-        daemon.logs()
-    );
+    match reported {
+        Ok(took) => println!("endpoints at the controller {took:?} after `up` returned"),
+        Err(e) => panic!(
+            "controller never saw {lan} and {reflexive} ({e}):\n{}\n{}",
+            lab.admin_ok(&["nodes", "list", "-o", "json"]),
+            daemon.logs()
+        ),
+    }
 
     // The node's own view: candidates, and what each server saw.
     let st = lab.run(
