@@ -346,7 +346,8 @@ struct Worker {
     discovery: Discovery,
     /// [`Discovery::poll_timeout`], kept so a turn of the loop does not recompute it.
     stun_deadline: Option<Instant>,
-    /// Set when a STUN datagram reached `discovery` during a batch.
+    /// Set when discovery's state changed (a command, an answer): its
+    /// deadline and the published candidates are brought up to date.
     stun_dirty: bool,
     private_key: WgPrivateKey,
     rules: Option<Ruleset>,
@@ -563,7 +564,10 @@ impl Worker {
                         match self.discovery.handle_response(now, from, datagram) {
                             StunResponse::Answer { changed } => {
                                 tracing::debug!(%from, changed, "STUN answer");
+                                self.stun_dirty = true;
                             }
+                            // Counted; a flood of these costs no more than
+                            // the check and the count (no stats publish).
                             StunResponse::Unsolicited => {
                                 tracing::trace!(%from, "unsolicited STUN datagram dropped");
                             }
@@ -571,7 +575,6 @@ impl Worker {
                                 tracing::trace!(%from, error = %e, "malformed STUN datagram dropped");
                             }
                         }
-                        self.stun_dirty = true;
                         continue;
                     }
                     if bufs.tun_tx.is_full() {
