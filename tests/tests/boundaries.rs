@@ -30,6 +30,7 @@ const PURE: &[&str] = &[
     "relay/src/core.rs",
     "controller/src/netcore",
     "controller/src/model.rs",
+    "controller/src/relays.rs",
     "controller/src/secrets.rs",
 ];
 
@@ -38,7 +39,7 @@ const PURE: &[&str] = &[
 /// netmap core and the store shell beside it, errors, authentication, the
 /// coordinator, the gRPC services, the server, the admin CLI.
 const CONTROLLER_LAYERS: &[&[&str]] = &[
-    &["model", "secrets", "nodelimit", "lockfile"],
+    &["model", "secrets", "relays", "nodelimit", "lockfile"],
     &["netcore", "store"],
     &["error"],
     &["nodeinput", "ratelimit"],
