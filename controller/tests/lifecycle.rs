@@ -40,6 +40,18 @@ fn mesh(cfg: MeshConfig) -> Mesh {
     .unwrap()
 }
 
+/// A fresh auth key for `tag`, issued at `T0`.
+fn tag_key(m: &Mesh, tag: &str, reusable: bool, ephemeral: bool) -> String {
+    m.create_key(
+        "admin",
+        KeyDetail::auth(None, &[tag.into()], reusable, ephemeral),
+        None,
+        T0,
+    )
+    .unwrap()
+    .1
+}
+
 fn enroll(m: &Mesh, key: &str, host: &str, now: i64) -> Result<pb::EnrollResponse, Error> {
     let machine = SigningKey::generate(&mut OsRng);
     let wg = WgPrivateKey::generate(&mut OsRng);
@@ -68,22 +80,8 @@ fn ephemeral_nodes_are_deleted_after_the_offline_timeout() {
         ..MeshConfig::default()
     });
     m.set_policy("admin", "p.hujson", POLICY, T0).unwrap();
-    let (_, eph) = m
-        .create_key(
-            "admin",
-            KeyDetail::auth(None, &["tag:web".into()], true, true),
-            None,
-            T0,
-        )
-        .unwrap();
-    let (_, db) = m
-        .create_key(
-            "admin",
-            KeyDetail::auth(None, &["tag:db".into()], false, false),
-            None,
-            T0,
-        )
-        .unwrap();
+    let eph = tag_key(&m, "tag:web", true, true);
+    let db = tag_key(&m, "tag:db", false, false);
     let e = enroll(&m, &eph, "runner", T0).unwrap();
     let d = enroll(&m, &db, "db", T0).unwrap();
     let (_conn, mut rx) = m.subscribe(d.node_id, T0).unwrap();
@@ -109,14 +107,7 @@ fn ephemeral_nodes_are_deleted_after_the_offline_timeout() {
 #[test]
 fn connected_ephemeral_nodes_are_kept() {
     let m = mesh(MeshConfig::default());
-    let (_, eph) = m
-        .create_key(
-            "admin",
-            KeyDetail::auth(None, &["tag:web".into()], false, true),
-            None,
-            T0,
-        )
-        .unwrap();
+    let eph = tag_key(&m, "tag:web", false, true);
     let e = enroll(&m, &eph, "runner", T0).unwrap();
     let _sub = m.subscribe(e.node_id, T0).unwrap();
     m.tick(T0 + 3_600_000);
@@ -130,22 +121,8 @@ fn expired_nodes_are_refused_and_dropped_from_peer_maps() {
         ..MeshConfig::default()
     });
     m.set_policy("admin", "p.hujson", POLICY, T0).unwrap();
-    let (_, web) = m
-        .create_key(
-            "admin",
-            KeyDetail::auth(None, &["tag:web".into()], false, false),
-            None,
-            T0,
-        )
-        .unwrap();
-    let (_, db) = m
-        .create_key(
-            "admin",
-            KeyDetail::auth(None, &["tag:db".into()], false, false),
-            None,
-            T0,
-        )
-        .unwrap();
+    let web = tag_key(&m, "tag:web", false, false);
+    let db = tag_key(&m, "tag:db", false, false);
     let w = enroll(&m, &web, "web", T0).unwrap();
     let d = enroll(&m, &db, "db", T0 + 30_000).unwrap();
     assert_eq!(m.netmap(d.node_id, T0 + 30_000).unwrap().peers.len(), 1);
@@ -302,14 +279,7 @@ fn auth_keys_and_api_keys_share_one_lifecycle_and_keep_their_audit_names() {
 #[test]
 fn a_key_of_one_kind_never_passes_as_the_other() {
     let m = mesh(MeshConfig::default());
-    let (_, auth_text) = m
-        .create_key(
-            "admin",
-            KeyDetail::auth(None, &["tag:web".into()], true, false),
-            None,
-            T0,
-        )
-        .unwrap();
+    let auth_text = tag_key(&m, "tag:web", true, false);
     let (_, api_text) = m
         .create_key("admin", KeyDetail::api("ci"), None, T0)
         .unwrap();
@@ -392,14 +362,7 @@ fn repeated_failures_from_one_source_are_rate_limited() {
 #[test]
 fn hostile_names_are_sanitized_or_refused() {
     let m = mesh(MeshConfig::default());
-    let (_, k) = m
-        .create_key(
-            "admin",
-            KeyDetail::auth(None, &["tag:web".into()], true, false),
-            None,
-            T0,
-        )
-        .unwrap();
+    let k = tag_key(&m, "tag:web", true, false);
     let n = enroll(&m, &k, "x'; DROP TABLE nodes;--\n\u{7}", T0).unwrap();
     assert_eq!(n.name, "x---drop-table-nodes");
     assert_eq!(m.store().nodes().unwrap().len(), 1);
@@ -427,14 +390,7 @@ fn serials_never_go_backwards_across_a_restart() {
         .unwrap()
     };
     let m = open(T0);
-    let (_, k) = m
-        .create_key(
-            "admin",
-            KeyDetail::auth(None, &["tag:web".into()], true, false),
-            None,
-            T0,
-        )
-        .unwrap();
+    let k = tag_key(&m, "tag:web", true, false);
     let n = enroll(&m, &k, "n", T0).unwrap();
     let _sub = m.subscribe(n.node_id, T0).unwrap();
     let before = m.serial();
@@ -449,14 +405,7 @@ fn serials_never_go_backwards_across_a_restart() {
 fn denied_flow_reports_are_audited_with_bounded_rows_and_text() {
     use ztmesh_controller::mesh::MAX_FLOW_ROWS_PER_REPORT;
     let m = mesh(MeshConfig::default());
-    let (_, k) = m
-        .create_key(
-            "admin",
-            KeyDetail::auth(None, &["tag:web".into()], false, false),
-            None,
-            T0,
-        )
-        .unwrap();
+    let k = tag_key(&m, "tag:web", false, false);
     let n = enroll(&m, &k, "web", T0).unwrap();
     let node = m.find_node(&n.name).unwrap();
     let flow = |port: u32| pb::FlowSummary {

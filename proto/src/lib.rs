@@ -6,6 +6,7 @@
 //! - [`netmap`]: signing and verification of network maps.
 //! - [`auth`]: node session proofs, the auth-key format and its parser.
 //! - [`tls`]: certificate-pinned TLS channels to the controller.
+//! - [`relay`]: the relay protocol's frame codec (pure).
 //! - [`refusal`]: machine-readable reasons a node's session was refused.
 //! - [`stun`]: STUN Binding requests and responses (pure codec).
 //! - [`time`]: the one wall-clock read ([`time::now_ms`]) both sides use.
@@ -22,6 +23,7 @@ pub mod auth;
 pub mod keys;
 pub mod netmap;
 pub mod refusal;
+pub mod relay;
 pub mod stun;
 pub mod time;
 pub mod tls;

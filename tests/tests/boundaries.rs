@@ -1,6 +1,7 @@
 //! Architecture boundaries, enforced: the pure cores (the policy crate, the
 //! packet filter, the tunnel `Device`, the node's netmap gate and translation,
-//! the controller's netmap core and key lifecycle)
+//! the controller's netmap core and key lifecycle, the STUN and relay
+//! codecs, the relay's authorization core)
 //! do no I/O and read no clock or entropy of their own. Time and randomness
 //! come in as arguments; sockets, files, processes, async runtimes, gRPC and
 //! SQLite live in the shells around them.
@@ -26,8 +27,11 @@ const PURE: &[&str] = &[
     "node/src/control/apply.rs",
     "node/src/nat",
     "proto/src/stun.rs",
+    "proto/src/relay.rs",
+    "relay/src/core.rs",
     "controller/src/netcore",
     "controller/src/model.rs",
+    "controller/src/relays.rs",
     "controller/src/secrets.rs",
 ];
 
@@ -36,7 +40,7 @@ const PURE: &[&str] = &[
 /// netmap core and the store shell beside it, errors, authentication, the
 /// coordinator, the gRPC services, the server, the admin CLI.
 const CONTROLLER_LAYERS: &[&[&str]] = &[
-    &["model", "secrets", "nodelimit", "lockfile"],
+    &["model", "secrets", "relays", "nodelimit", "lockfile"],
     &["netcore", "store"],
     &["error"],
     &["nodeinput", "ratelimit"],

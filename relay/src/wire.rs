@@ -1,0 +1,112 @@
+//! What the relay server and its client share on the wire (shell): reading
+//! one length-prefixed frame from a byte stream, the QUIC transport
+//! parameters and the TLS configurations.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use ztmesh_proto::relay::{frame_len, FrameError, ALPN, HEADER_LEN};
+
+/// The UDP payload QUIC starts with. 1,400 bytes fit any 1,500-byte path
+/// over IPv4 or IPv6 (1,400 + 48 bytes of IPv6 and UDP headers) and leave a
+/// QUIC datagram room for a full tunnel packet (1,280 + 32 bytes of
+/// WireGuard + the 8-byte peer id, plus ~40 bytes of QUIC overhead), where
+/// quinn's default of 1,200 does not. MTU discovery stays on and raises it
+/// where the path allows; a datagram that does not fit `max_datagram_size()`
+/// goes as a `DATA` frame on the stream instead.
+pub const INITIAL_MTU: u16 = 1_400;
+/// A session with no packets for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The client's QUIC keepalive, well inside [`IDLE_TIMEOUT`] and NAT UDP timeouts.
+pub const KEEPALIVE: Duration = Duration::from_secs(10);
+/// Queued outbound frames per connection; beyond, datagrams are dropped
+/// (WireGuard is loss-tolerant; queueing more only adds latency).
+pub const OUT_QUEUE: usize = 1_024;
+/// Frames written to the stream in one go.
+pub const WRITE_BATCH: usize = 64 * 1024;
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The transport failed or the stream ended inside a frame.
+    #[error("read failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The length prefix is invalid; the stream is out of sync.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+/// Reads one frame (`type | body`, without the length) into `buf`.
+/// `Ok(false)` is a clean end of stream between frames.
+///
+/// # Errors
+/// [`ReadError`]. Not cancel-safe: do not race it against other branches
+/// whose winning does not end the stream.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<bool, ReadError> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        let n = r.read(&mut header[got..]).await?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(false);
+            }
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+        got += n;
+    }
+    let len = frame_len(header)?;
+    buf.resize(len, 0);
+    r.read_exact(buf).await?;
+    Ok(true)
+}
+
+/// QUIC transport parameters; `bidi_streams` is how many streams the peer
+/// may open (the server allows the client one, the client allows none).
+pub fn transport(bidi_streams: u32, keepalive: Option<Duration>) -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.max_idle_timeout(Some(
+        IdleTimeout::try_from(IDLE_TIMEOUT).expect("30 s is a valid idle timeout"),
+    ));
+    t.keep_alive_interval(keepalive);
+    t.initial_mtu(INITIAL_MTU);
+    t.mtu_discovery_config(Some(MtuDiscoveryConfig::default()));
+    t.datagram_receive_buffer_size(Some(2 * 1024 * 1024));
+    t.datagram_send_buffer_size(2 * 1024 * 1024);
+    t.max_concurrent_bidi_streams(VarInt::from_u32(bidi_streams));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t
+}
+
+/// The server's TLS configuration (TLS 1.3, ALPN `ztmesh-relay/1`), for QUIC and TCP.
+///
+/// # Errors
+/// A key that does not match the certificate.
+pub fn server_tls(
+    cert: rustls::pki_types::CertificateDer<'static>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+) -> Result<rustls::ServerConfig, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(cfg)
+}
+
+/// The client's TLS configuration: only the certificate with SHA-256 `pin`,
+/// ALPN `ztmesh-relay/1`.
+pub fn client_tls(pin: [u8; 32]) -> rustls::ClientConfig {
+    let mut cfg = ztmesh_proto::tls::pinned_client_config(pin);
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg
+}
+
+/// The TLS server name the client sends (the pin, not the name, is checked).
+pub const SERVER_NAME: &str = "ztmesh-relay";
