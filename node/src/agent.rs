@@ -32,7 +32,7 @@ use crate::control::{
 };
 use crate::io::{interface_addresses, DataPlane, DataPlaneConfig};
 use crate::localapi::{authorize, Caller, Request, Response, MAX_LINE};
-use crate::nat::discovery::{with_primary, EndpointReporter, STUN_INTERVAL};
+use crate::nat::discovery::{stun_servers, with_primary, EndpointReporter, STUN_INTERVAL};
 
 /// How often denied-flow summaries are sent to the controller.
 const FLOW_REPORT_INTERVAL: Duration = Duration::from_secs(5);
@@ -302,6 +302,7 @@ impl Daemon {
             let dp = self.dp.lock().await;
             let dp = dp.as_ref().ok_or_else(|| anyhow!("data plane is down"))?;
             install(dp, t.into());
+            dp.set_stun_servers(stun_servers(&self.cfg.stun_servers, &map.relays));
         }
         write_secret_file(&self.path("netmap.bin"), &signed.encode_to_vec())?;
         let serial = map.serial;
@@ -317,10 +318,12 @@ impl Daemon {
         Ok(serial)
     }
 
-    /// Fails closed: default deny and no peers (revoked, or the map expired).
+    /// Fails closed: default deny and no peers (revoked, or the map expired);
+    /// STUN goes back to the configured servers only.
     async fn clear_peers(&self) {
         if let Some(dp) = self.dp.lock().await.as_ref() {
             install(dp, Install::Empty);
+            dp.set_stun_servers(self.cfg.stun_servers.clone());
         }
     }
 
@@ -977,6 +980,26 @@ fn peer_groups(stream: &tokio::net::UnixStream) -> std::io::Result<Vec<u32>> {
     Err(std::io::Error::other("group list changed size twice"))
 }
 
+/// The last netmap this node installed (`STATE_DIR/netmap.bin`), if its
+/// signature verifies against the controller key of `STATE_DIR/enrollment.json`
+/// (expired or not: `ztmesh netcheck` only reads the relays from it).
+///
+/// # Errors
+/// Not enrolled, no map yet, the files unreadable (the state dir is
+/// root's), or a map that does not verify.
+pub fn last_netmap(state_dir: &Path) -> anyhow::Result<NetMap> {
+    let read = |name: &str| {
+        let path = state_dir.join(name);
+        std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
+    };
+    let e: Enrollment =
+        serde_json::from_slice(&read("enrollment.json")?).context("enrollment.json is corrupt")?;
+    let signed =
+        SignedNetMap::decode(read("netmap.bin")?.as_slice()).context("netmap.bin is corrupt")?;
+    netmap::verify_signature(&e.controller_key, &signed)
+        .map_err(|err| anyhow!("netmap.bin does not verify: {err}"))
+}
+
 /// The local address the kernel would use toward the controller, with our port:
 /// the endpoint peers on the same underlay can reach us at.
 fn local_endpoint(controller_url: &str, port: u16) -> Option<SocketAddr> {
@@ -1082,6 +1105,7 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
                     Ok(t) => {
                         if let Some(dp) = daemon.dp.lock().await.as_ref() {
                             install(dp, t.into());
+                            dp.set_stun_servers(stun_servers(&cfg.stun_servers, &map.relays));
                         }
                         tracing::info!(serial = map.serial, "restored the last netmap");
                         let mut st = daemon.lock();

@@ -105,13 +105,17 @@ pub enum AgentCmd {
     },
     /// Probe this network with STUN (no daemon needed): UDP reachability,
     /// the public (reflexive) address, whether the NAT mapping varies by
-    /// destination, and the round trip to each server. Exits 0 with the
-    /// report even when UDP is blocked.
+    /// destination, and the round trip to each server (a relay's latency).
+    /// Exits 0 with the report even when UDP is blocked.
     Netcheck {
         /// A STUN server, HOST:PORT; repeat for several (two or more tell
-        /// whether the mapping varies by destination).
+        /// whether the mapping varies by destination). Default: the STUN
+        /// addresses of the relays in this node's last netmap.
         #[arg(long = "stun", value_name = "HOST:PORT")]
         stun: Vec<String>,
+        /// The daemon's state dir, where the last netmap is (without --stun).
+        #[arg(long, default_value = "/var/lib/ztmesh")]
+        state_dir: PathBuf,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -243,7 +247,11 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
             )
             .await
         }
-        AgentCmd::Netcheck { stun, json } => netcheck(&stun, json).await,
+        AgentCmd::Netcheck {
+            stun,
+            state_dir,
+            json,
+        } => netcheck(&stun, &state_dir, json).await,
         AgentCmd::WgConfig {
             socket,
             include_private_key,
@@ -425,12 +433,23 @@ async fn resolve_stun_servers(names: &[String]) -> anyhow::Result<Vec<SocketAddr
     clippy::disallowed_methods,
     reason = "netcheck's shell times round trips on the real clock"
 )]
-async fn netcheck(stun: &[String], json: bool) -> anyhow::Result<()> {
+async fn netcheck(stun: &[String], state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     use crate::nat::netcheck::Netcheck;
-    if stun.is_empty() {
-        bail!("no STUN server: give one or more --stun HOST:PORT");
-    }
-    let servers = resolve_stun_servers(stun).await?;
+    let (servers, relays) = if stun.is_empty() {
+        let map = crate::agent::last_netmap(state_dir).map_err(|e| {
+            anyhow!(
+                "no STUN server: give --stun HOST:PORT, or run as a user who can read the \
+                 state dir of an enrolled node (the relays of its last netmap are the default): {e:#}"
+            )
+        })?;
+        let named = crate::nat::discovery::relay_stun_servers(&map.relays);
+        if named.is_empty() {
+            bail!("no STUN server: the last netmap lists no relay with a STUN address; give --stun HOST:PORT");
+        }
+        (named.iter().map(|(a, _)| *a).collect(), named)
+    } else {
+        (resolve_stun_servers(stun).await?, Vec::new())
+    };
     let bind = |addr: &str| {
         let addr: SocketAddr = addr.parse().expect("a literal socket address");
         async move { tokio::net::UdpSocket::bind(addr).await.ok() }
@@ -446,6 +465,9 @@ async fn netcheck(stun: &[String], json: bool) -> anyhow::Result<()> {
         None
     };
     let mut probe = Netcheck::new(&servers, Instant::now());
+    for (server, relay) in &relays {
+        probe.label(*server, relay);
+    }
     let mut buf4 = vec![0u8; 2048];
     let mut buf6 = vec![0u8; 2048];
     // Time-bounded by the probe (3 s); the count bounds a flood of datagrams.

@@ -150,12 +150,16 @@ fn netcheck_with_udp_blocked_reports_blocked_and_exits_zero() {
     }
 }
 
-/// Bad input is refused with a clear message; no server at all is an error.
+/// Bad input is refused with a clear message; no server at all (no --stun,
+/// not enrolled) is an error.
 #[test]
 fn netcheck_without_servers_or_with_a_bad_one_fails_clearly() {
     let bin = bin_path("ztmesh");
+    let nowhere = TempDir::new("not-enrolled");
     let out = std::process::Command::new(&bin)
         .arg("netcheck")
+        .arg("--state-dir")
+        .arg(nowhere.path())
         .output()
         .expect("run ztmesh netcheck");
     assert!(!out.status.success());
@@ -184,85 +188,17 @@ fn daemon_behind_nat_reports_its_lan_and_reflexive_endpoints() {
         return;
     }
     let mut lab = NatLab::new(true);
-    lab.start_controller();
-    lab.admin_ok(&["users", "create", "alice@example.com"]);
-    let key = lab
-        .admin_ok(&["keys", "create", "--user", "alice@example.com"])
-        .trim()
-        .to_owned();
-
+    lab.start_controller(None);
     let node = NodeDirs::new("home");
-    let bin = bin_path("ztmesh");
-    let mut cmd = lab.home.command(&bin);
-    cmd.arg("daemon")
-        .arg("--state-dir")
-        .arg(&node.state)
-        .arg("--socket")
-        .arg(&node.socket)
-        .args(["--interface", "ztm0", "--port", &WG_PORT.to_string()])
-        .arg("--uapi-dir")
-        .arg(&node.uapi);
+    let mut extra = Vec::new();
     for s in lab.stun_servers() {
-        cmd.args(["--stun", &s]);
+        extra.extend(["--stun".to_string(), s]);
     }
-    cmd.env("ZTMESH_LOG", "debug");
-    let mut daemon = Proc::spawn("home/ztmesh-daemon", cmd);
-    let socket = node.socket.clone();
-    let ready = wait_until(Duration::from_secs(20), Duration::from_millis(20), || {
-        !daemon.is_running() || UnixStream::connect(&socket).is_ok()
-    });
-    assert!(
-        ready.is_ok() && daemon.is_running(),
-        "daemon did not open its socket\n{}",
-        daemon.logs()
-    );
-    let url = format!("https://{}:{CONTROLLER_PORT}", lab.topo.addr(CONTROLLER));
-    let socket_arg = node.socket.to_str().expect("utf-8 temp path");
-    let up = lab.run(
-        &lab.home,
-        &[
-            bin.to_str().expect("utf-8 path"),
-            "up",
-            "--controller",
-            &url,
-            "--auth-key",
-            &key,
-            "--hostname",
-            "home",
-            "--socket",
-            socket_arg,
-        ],
-    );
-    assert!(up.status.success(), "ztmesh up: {up}\n{}", daemon.logs());
-
-    let lan = format!("198.19.1.2:{WG_PORT}");
-    let reflexive = format!("{}:{WG_PORT}", lab.topo.addr(HOME_ROUTER));
-    let reported = wait_until(Duration::from_secs(30), Duration::from_millis(250), || {
-        let listed = lab.admin_ok(&["nodes", "list", "-o", "json"]);
-        listed.contains(&lan) && listed.contains(&reflexive)
-    });
-    match reported {
-        Ok(took) => println!("endpoints at the controller {took:?} after `up` returned"),
-        Err(e) => panic!(
-            "controller never saw {lan} and {reflexive} ({e}):\n{}\n{}",
-            lab.admin_ok(&["nodes", "list", "-o", "json"]),
-            daemon.logs()
-        ),
-    }
+    let daemon = lab.enroll_home(&node, &extra);
+    let (lan, reflexive) = lab.wait_home_endpoints(&daemon);
 
     // The node's own view: candidates, and what each server saw.
-    let st = lab.run(
-        &lab.home,
-        &[
-            bin.to_str().expect("utf-8 path"),
-            "status",
-            "-o",
-            "json",
-            "--socket",
-            socket_arg,
-        ],
-    );
-    let st: Value = serde_json::from_str(&st.stdout).expect("status -o json");
+    let st = lab.home_status(&node);
     let endpoints: Vec<&str> = st["endpoints"]
         .as_array()
         .expect("endpoints")
@@ -275,9 +211,72 @@ fn daemon_behind_nat_reports_its_lan_and_reflexive_endpoints() {
         !endpoints.iter().any(|e| e.starts_with("100.")),
         "the overlay address is never a candidate: {st:#}"
     );
-    for s in st["stun"].as_array().expect("stun servers") {
+    let stun = st["stun"].as_array().expect("stun servers");
+    assert_eq!(stun.len(), 2, "{st:#}");
+    for s in stun {
         assert_eq!(s["reflexive"], reflexive.as_str(), "{st:#}");
     }
+    drop(daemon);
+}
+
+/// Without `--stun`, the daemon asks the STUN addresses of the relays its
+/// netmap lists, and `ztmesh netcheck` defaults to them too, naming the relay.
+#[test]
+fn netmap_relays_are_the_stun_servers_of_the_daemon_and_of_netcheck() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let mut lab = NatLab::new(true);
+    let servers = lab.stun_servers();
+    // A relay entry as `ztmesh-relay identity` prints it; only its STUN
+    // addresses are used here (they are the ztm-stun responder's).
+    let relay_file = lab.controller_dir.join("relays.jsonl");
+    std::fs::write(
+        &relay_file,
+        format!(
+            "{{\"name\":\"relay1\",\"quic_addr\":\"{ip}:3340\",\"tcp_addr\":\"{ip}:443\",\
+             \"stun_addrs\":[\"{}\",\"{}\"],\"cert_sha256\":\"{}\"}}\n",
+            servers[0],
+            servers[1],
+            "ab".repeat(32),
+            ip = lab.topo.addr(STUN),
+        ),
+    )
+    .expect("write the relay file");
+    lab.start_controller(Some(&relay_file));
+    let node = NodeDirs::new("home");
+    let daemon = lab.enroll_home(&node, &[]);
+    let (_, reflexive) = lab.wait_home_endpoints(&daemon);
+    let st = lab.home_status(&node);
+    let asked: Vec<&str> = st["stun"]
+        .as_array()
+        .expect("stun servers")
+        .iter()
+        .filter_map(|s| s["server"].as_str())
+        .collect();
+    assert_eq!(asked, servers, "{st:#}");
+
+    let bin = bin_path("ztmesh");
+    let state = node.state.to_str().expect("utf-8 temp path");
+    let args = [
+        bin.to_str().expect("utf-8 path"),
+        "netcheck",
+        "--state-dir",
+        state,
+    ];
+    let out = lab.run(&lab.home, &args);
+    assert!(out.status.success(), "{out}");
+    assert!(out.stdout.contains("UDP: yes"), "{out}");
+    assert!(
+        out.stdout.contains(&format!("relay1 {}", servers[0])),
+        "{out}"
+    );
+    let outside = reflexive.split(':').next().expect("ip:port").to_string();
+    assert!(
+        out.stdout
+            .contains(&format!("reflexive address: {outside}:")),
+        "{out}"
+    );
     drop(daemon);
 }
 
@@ -420,8 +419,9 @@ impl NatLab {
         }
     }
 
-    /// Starts `ztmesh-controller serve` and waits until it answers.
-    fn start_controller(&mut self) {
+    /// Starts `ztmesh-controller serve` (with `--relay-file` when given) and
+    /// waits until it answers.
+    fn start_controller(&mut self, relay_file: Option<&std::path::Path>) {
         let bin = bin_path("ztmesh-controller");
         let mut cmd = self.topo.ns(CONTROLLER).command(&bin);
         cmd.arg("serve")
@@ -429,6 +429,9 @@ impl NatLab {
             .arg(self.controller_dir.join("data"))
             .args(["--listen", &format!("[::]:{CONTROLLER_PORT}")])
             .env("ZTMESH_LOG", "debug");
+        if let Some(f) = relay_file {
+            cmd.arg("--relay-file").arg(f);
+        }
         let mut proc = Proc::spawn("controller/ztmesh-controller", cmd);
         let addr = self.topo.addr(CONTROLLER).to_string();
         let ready = wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
@@ -449,6 +452,93 @@ impl NatLab {
             proc.logs()
         );
         self.controller = Some(proc);
+    }
+
+    /// Starts a daemon in `home` (WireGuard port [`WG_PORT`], plus `extra`
+    /// flags), enrolls it as `home` with a fresh key, and returns it.
+    fn enroll_home(&self, node: &NodeDirs, extra: &[String]) -> Proc {
+        self.admin_ok(&["users", "create", "alice@example.com"]);
+        let key = self
+            .admin_ok(&["keys", "create", "--user", "alice@example.com"])
+            .trim()
+            .to_owned();
+        let bin = bin_path("ztmesh");
+        let mut cmd = self.home.command(&bin);
+        cmd.arg("daemon")
+            .arg("--state-dir")
+            .arg(&node.state)
+            .arg("--socket")
+            .arg(&node.socket)
+            .args(["--interface", "ztm0", "--port", &WG_PORT.to_string()])
+            .arg("--uapi-dir")
+            .arg(&node.uapi)
+            .args(extra)
+            .env("ZTMESH_LOG", "debug");
+        let mut daemon = Proc::spawn("home/ztmesh-daemon", cmd);
+        let socket = node.socket.clone();
+        let ready = wait_until(Duration::from_secs(20), Duration::from_millis(20), || {
+            !daemon.is_running() || UnixStream::connect(&socket).is_ok()
+        });
+        assert!(
+            ready.is_ok() && daemon.is_running(),
+            "daemon did not open its socket\n{}",
+            daemon.logs()
+        );
+        let url = format!("https://{}:{CONTROLLER_PORT}", self.topo.addr(CONTROLLER));
+        let up = self.run(
+            &self.home,
+            &[
+                bin.to_str().expect("utf-8 path"),
+                "up",
+                "--controller",
+                &url,
+                "--auth-key",
+                &key,
+                "--hostname",
+                "home",
+                "--socket",
+                node.socket.to_str().expect("utf-8 temp path"),
+            ],
+        );
+        assert!(up.status.success(), "ztmesh up: {up}\n{}", daemon.logs());
+        daemon
+    }
+
+    /// Waits until the controller lists `home`'s LAN endpoint and the home
+    /// router's outside address, both with the WireGuard port; returns them.
+    fn wait_home_endpoints(&self, daemon: &Proc) -> (String, String) {
+        let lan = format!("198.19.1.2:{WG_PORT}");
+        let reflexive = format!("{}:{WG_PORT}", self.topo.addr(HOME_ROUTER));
+        let reported = wait_until(Duration::from_secs(30), Duration::from_millis(250), || {
+            let listed = self.admin_ok(&["nodes", "list", "-o", "json"]);
+            listed.contains(&lan) && listed.contains(&reflexive)
+        });
+        match reported {
+            Ok(took) => println!("endpoints at the controller {took:?} after `up` returned"),
+            Err(e) => panic!(
+                "controller never saw {lan} and {reflexive} ({e}):\n{}\n{}",
+                self.admin_ok(&["nodes", "list", "-o", "json"]),
+                daemon.logs()
+            ),
+        }
+        (lan, reflexive)
+    }
+
+    /// `ztmesh status -o json` of the `home` daemon.
+    fn home_status(&self, node: &NodeDirs) -> Value {
+        let bin = bin_path("ztmesh");
+        let out = self.run(
+            &self.home,
+            &[
+                bin.to_str().expect("utf-8 path"),
+                "status",
+                "-o",
+                "json",
+                "--socket",
+                node.socket.to_str().expect("utf-8 temp path"),
+            ],
+        );
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("status -o json ({e}): {out}"))
     }
 
     fn admin(&self, args: &[&str]) -> CliOut {

@@ -19,6 +19,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use ztmesh_proto::control::Relay;
 use ztmesh_proto::stun;
 
 /// How often each STUN server is asked again (NAT mappings for UDP live at
@@ -267,6 +268,34 @@ impl Discovery {
     pub fn dropped(&self) -> (u64, u64) {
         (self.unsolicited, self.malformed)
     }
+}
+
+/// Each STUN address the netmap's relays offer, with the relay's name, in
+/// map order (an entry that is not `ip:port` is skipped: the controller
+/// checked them, and a signed map is trusted no further than that).
+pub fn relay_stun_servers(relays: &[Relay]) -> Vec<(SocketAddr, String)> {
+    relays
+        .iter()
+        .flat_map(|r| {
+            r.stun_addrs
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .map(|a| (a, r.name.clone()))
+        })
+        .collect()
+}
+
+/// The STUN servers the data plane asks: `configured` (`ztmesh daemon
+/// --stun`) first, then the relays', deduplicated, at most [`MAX_SERVERS`].
+pub fn stun_servers(configured: &[SocketAddr], relays: &[Relay]) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    let from_relays = relay_stun_servers(relays).into_iter().map(|(a, _)| a);
+    for a in configured.iter().copied().chain(from_relays) {
+        if out.len() < MAX_SERVERS && !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    out
 }
 
 /// `candidates` with `primary` (the endpoint the agent reports today) first,
@@ -690,6 +719,37 @@ mod tests {
         assert_eq!(r.poll(&a, 70_001), Some(a.clone()));
         // The clock steps back an hour: the next change is not held back.
         assert_eq!(r.poll(&b, 70_001 - 3_600_000), Some(b));
+    }
+
+    #[test]
+    fn stun_servers_come_from_the_flag_then_the_netmap_relays() {
+        let relay = |name: &str, stun: &[&str]| Relay {
+            name: name.into(),
+            quic_addr: "198.18.0.9:3340".into(),
+            tcp_addr: "198.18.0.9:443".into(),
+            stun_addrs: stun.iter().map(|s| (*s).to_string()).collect(),
+            cert_sha256: vec![0; 32],
+        };
+        let relays = [
+            relay("relay1", &["198.18.0.9:3478", "198.18.0.9:3479"]),
+            relay("relay2", &["not an address", "[fd00:18::9]:3478"]),
+            relay("relay3", &[]),
+        ];
+        let named = relay_stun_servers(&relays);
+        assert_eq!(
+            named,
+            vec![
+                (server(9), "relay1".to_string()),
+                (sa(ip4(198, 18, 0, 9), 3479), "relay1".to_string()),
+                ("[fd00:18::9]:3478".parse().unwrap(), "relay2".to_string()),
+            ]
+        );
+        let all = stun_servers(&[server(1), server(9)], &relays);
+        assert_eq!(all[0], server(1), "configured first");
+        assert_eq!(all.len(), 4, "deduplicated: {all:?}");
+        assert_eq!(stun_servers(&[], &[]), Vec::<SocketAddr>::new());
+        let many: Vec<SocketAddr> = (1..=20).map(server).collect();
+        assert_eq!(stun_servers(&many, &relays).len(), MAX_SERVERS);
     }
 
     /// Offset of the address family byte in a `binding_response`.

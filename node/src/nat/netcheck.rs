@@ -32,6 +32,7 @@ pub struct Netcheck {
 #[derive(Debug)]
 struct Target {
     addr: SocketAddr,
+    relay: Option<String>,
     /// (transaction id, sent at) per attempt.
     attempts: Vec<([u8; 12], Instant)>,
     answer: Option<(SocketAddr, Duration)>,
@@ -42,6 +43,8 @@ struct Target {
 pub struct ServerReport {
     /// The STUN server.
     pub server: SocketAddr,
+    /// The relay that runs it, when it came from the netmap.
+    pub relay: Option<String>,
     /// The address it saw the probe come from (`None`: no answer).
     pub reflexive: Option<SocketAddr>,
     /// Round-trip time of the answered attempt, in microseconds.
@@ -74,6 +77,7 @@ impl Netcheck {
             if targets.len() < NETCHECK_MAX_SERVERS && !targets.iter().any(|t| t.addr == *s) {
                 targets.push(Target {
                     addr: *s,
+                    relay: None,
                     attempts: Vec::new(),
                     answer: None,
                 });
@@ -82,6 +86,14 @@ impl Netcheck {
         Self {
             start,
             servers: targets,
+        }
+    }
+
+    /// Names the relay that runs `server` (the report shows it: the round
+    /// trip to a relay's STUN port is the relay's latency).
+    pub fn label(&mut self, server: SocketAddr, relay: &str) {
+        if let Some(t) = self.servers.iter_mut().find(|t| t.addr == server) {
+            t.relay = Some(relay.to_string());
         }
     }
 
@@ -160,6 +172,7 @@ impl Netcheck {
             .iter()
             .map(|t| ServerReport {
                 server: t.addr,
+                relay: t.relay.clone(),
                 reflexive: t.answer.map(|(a, _)| a),
                 rtt_us: t
                     .answer
@@ -217,16 +230,18 @@ impl Report {
             None => "mapping varies by destination: unknown (needs answers from two servers)\n",
         });
         for s in &self.servers {
+            let server = match &s.relay {
+                Some(name) => format!("{name} {}", s.server),
+                None => s.server.to_string(),
+            };
             match (s.reflexive, s.rtt_us) {
                 (Some(a), Some(us)) => out.push_str(&format!(
-                    "  {:<40} {:<40} {:.1} ms\n",
-                    s.server.to_string(),
+                    "  {server:<40} {:<40} {:.1} ms\n",
                     a.to_string(),
                     us as f64 / 1000.0
                 )),
                 _ => out.push_str(&format!(
-                    "  {:<40} no answer ({} attempts)\n",
-                    s.server.to_string(),
+                    "  {server:<40} no answer ({} attempts)\n",
                     s.attempts
                 )),
             }
@@ -277,6 +292,11 @@ mod tests {
         assert_eq!(r.mapping_varies, Some(false));
         assert_eq!(r.servers[0].rtt_us, Some(3000));
         assert!(r.text().contains("mapping varies by destination: no"));
+        assert_eq!(r.servers[0].relay, None);
+        n.label(sa(1, 3479), "relay1");
+        let r = n.report();
+        assert_eq!(r.servers[1].relay.as_deref(), Some("relay1"));
+        assert!(r.text().contains("relay1 198.18.0.1:3479"), "{}", r.text());
     }
 
     #[test]
