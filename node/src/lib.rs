@@ -16,6 +16,7 @@ pub mod control;
 pub mod filter;
 pub mod io;
 pub mod localapi;
+pub mod nat;
 pub mod privs;
 pub mod standalone;
 pub mod statelock;

@@ -25,6 +25,7 @@ const PURE: &[&str] = &[
     "node/src/filter",
     "node/src/tunnel",
     "node/src/control/apply.rs",
+    "node/src/nat",
     "proto/src/stun.rs",
     "proto/src/relay.rs",
     "relay/src/core.rs",
