@@ -2,7 +2,7 @@
 # Installs what a fresh Debian machine lacks for ztmesh's demo and tests. Idempotent.
 set -euo pipefail
 need=()
-for pair in git:git ip:iproute2 iperf3:iperf3 wg:wireguard-tools wireguard-go:wireguard-go ping:iputils-ping python3:python3; do
+for pair in git:git ip:iproute2 iperf3:iperf3 wg:wireguard-tools wireguard-go:wireguard-go ping:iputils-ping nft:nftables python3:python3; do
   cmd=${pair%%:*}; pkg=${pair##*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

@@ -33,6 +33,7 @@ pub mod netcore;
 pub mod nodeinput;
 pub mod nodelimit;
 pub mod ratelimit;
+pub mod relays;
 pub mod secrets;
 pub mod server;
 pub mod store;

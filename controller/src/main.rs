@@ -28,6 +28,7 @@ fn main() -> ExitCode {
                 netmap_ttl,
                 audit_max_age,
                 audit_max_flow_rows,
+                relay_file,
                 limits,
             } => {
                 tracing_subscriber::fmt()
@@ -40,6 +41,7 @@ fn main() -> ExitCode {
                     netmap_ttl_ms: netmap_ttl.as_millis().max(10_000) as i64,
                     audit_max_age_ms: i64::try_from(audit_max_age.as_millis()).unwrap_or(i64::MAX),
                     audit_max_flow_rows,
+                    relays: read_relays(relay_file.as_deref())?,
                     ..MeshConfig::default()
                 };
                 let dir = DataDir::new(&args.conn.data_dir);
@@ -65,4 +67,16 @@ fn log_level() -> tracing::Level {
         Ok("error") => tracing::Level::ERROR,
         _ => tracing::Level::INFO,
     }
+}
+
+/// The relays of `--relay-file` (none without it).
+fn read_relays(
+    path: Option<&std::path::Path>,
+) -> anyhow::Result<Vec<ztmesh_proto::control::Relay>> {
+    let Some(path) = path else {
+        return Ok(Vec::new());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("--relay-file {}: {e}", path.display()))?;
+    ztmesh_controller::relays::parse(&path.display().to_string(), &text).map_err(anyhow::Error::msg)
 }

@@ -58,6 +58,8 @@ pub struct MeshConfig {
     pub audit_max_age_ms: i64,
     /// At most this many node-reported (`flow.*`) audit rows are kept; 0 = no cap.
     pub audit_max_flow_rows: u64,
+    /// The relays every netmap lists ([`crate::relays`]).
+    pub relays: Vec<ztmesh_proto::control::Relay>,
 }
 
 impl Default for MeshConfig {
@@ -72,6 +74,7 @@ impl Default for MeshConfig {
             endpoint_publish_interval_ms: 5_000,
             audit_max_age_ms: 90 * 24 * 3600 * 1000,
             audit_max_flow_rows: 1_000_000,
+            relays: Vec::new(),
         }
     }
 }
@@ -82,6 +85,7 @@ impl MeshConfig {
             netmap_ttl_ms: self.netmap_ttl_ms,
             dns_domain: self.dns_domain.clone(),
             persistent_keepalive: self.persistent_keepalive,
+            relays: self.relays.clone(),
         }
     }
 }

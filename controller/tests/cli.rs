@@ -389,3 +389,42 @@ fn every_admin_group_prints_its_text_table_and_json_fields() {
     let text = admin(&dir, &["audit"]).unwrap();
     assert_eq!(text.lines().count(), actions.len(), "{text}");
 }
+
+#[test]
+fn serve_refuses_a_bad_relay_file_naming_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let file = tmp.path().join("relays.jsonl");
+    let fp = "ab".repeat(32);
+    std::fs::write(
+        &file,
+        format!(
+            "# one relay per line, as `ztmesh-relay identity` prints it\n\
+             {{\"name\":\"r1\",\"quic_addr\":\"0.0.0.0:7443\",\"tcp_addr\":\"198.18.0.9:443\",\"stun_addrs\":[],\"cert_sha256\":\"{fp}\"}}\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--relay-file")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let want = format!(
+        "{}:2: quic_addr \"0.0.0.0:7443\" cannot be dialled",
+        file.display()
+    );
+    assert!(err.contains(&want), "{err}");
+    assert!(
+        !dir.join("ztmesh.db").exists(),
+        "nothing was created before the check"
+    );
+}

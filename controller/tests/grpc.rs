@@ -932,3 +932,34 @@ async fn policies_with_validation_gaps_are_refused_and_the_old_one_stays() {
     }
     ctl.stop().await;
 }
+
+#[tokio::test]
+async fn every_streamed_map_lists_the_configured_relays() {
+    let relay = pb::Relay {
+        name: "r1".into(),
+        quic_addr: "198.18.0.9:7443".into(),
+        tcp_addr: "198.18.0.9:443".into(),
+        stun_addrs: vec!["198.18.0.9:3478".into(), "198.18.0.9:3479".into()],
+        cert_sha256: vec![9; 32],
+    };
+    let ctl = Ctl::start_with(MeshConfig {
+        relays: vec![relay.clone()],
+        ..MeshConfig::default()
+    })
+    .await;
+    ctl.set_policy(POLICY).await;
+    let kw = ctl.key("", &["tag:web"], false).await;
+    let w = enroll(&ctl, &kw, "web").await.unwrap();
+    let mut client = ctl.control().await;
+    let req = signed_request(
+        &w.machine,
+        methods::STREAM_NETMAP,
+        pb::StreamNetMapRequest { have_serial: 0 },
+        now_ms(),
+        &mut OsRng,
+    );
+    let mut stream = client.stream_net_map(req).await.unwrap().into_inner();
+    let map = next_map(&ctl, &mut stream, 0).await;
+    assert_eq!(map.relays, vec![relay]);
+    ctl.stop().await;
+}

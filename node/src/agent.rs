@@ -30,11 +30,17 @@ use crate::control::{
     clock_hint, reconnect_delay, session_end, translate, Backoff, Controller, Identity, Install,
     NetMapGate, SessionEnd, Step,
 };
-use crate::io::{DataPlane, DataPlaneConfig};
+use crate::io::{interface_addresses, DataPlane, DataPlaneConfig};
 use crate::localapi::{authorize, Caller, Request, Response, MAX_LINE};
+use crate::nat::discovery::{stun_servers, with_primary, EndpointReporter, STUN_INTERVAL};
 
 /// How often denied-flow summaries are sent to the controller.
 const FLOW_REPORT_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the endpoint candidates are compared with the last report
+/// (reports themselves are rate-limited by [`EndpointReporter`]).
+const ENDPOINT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a session waits for STUN answers before its first endpoint report.
+const DISCOVERY_SETTLE: Duration = Duration::from_secs(1);
 
 /// Daemon settings (every path and name is a flag, so several daemons can run
 /// on one machine in separate network namespaces).
@@ -51,6 +57,9 @@ pub struct DaemonConfig {
     /// Group whose members may send privileged requests (see
     /// [`crate::localapi::authorize`]); root only otherwise.
     pub operator_gid: Option<u32>,
+    /// STUN servers asked for this node's reflexive address, besides those
+    /// the netmap names.
+    pub stun_servers: Vec<SocketAddr>,
 }
 
 /// What the node keeps about its enrollment, parsed once when
@@ -281,6 +290,7 @@ impl Daemon {
         .context("starting the data plane")?;
         // Default deny until a netmap says otherwise.
         install(&plane, Install::Empty);
+        plane.set_stun_servers(self.cfg.stun_servers.clone());
         *dp = Some(plane);
         Ok(())
     }
@@ -292,6 +302,7 @@ impl Daemon {
             let dp = self.dp.lock().await;
             let dp = dp.as_ref().ok_or_else(|| anyhow!("data plane is down"))?;
             install(dp, t.into());
+            dp.set_stun_servers(stun_servers(&self.cfg.stun_servers, &map.relays));
         }
         write_secret_file(&self.path("netmap.bin"), &signed.encode_to_vec())?;
         let serial = map.serial;
@@ -307,10 +318,12 @@ impl Daemon {
         Ok(serial)
     }
 
-    /// Fails closed: default deny and no peers (revoked, or the map expired).
+    /// Fails closed: default deny and no peers (revoked, or the map expired);
+    /// STUN goes back to the configured servers only.
     async fn clear_peers(&self) {
         if let Some(dp) = self.dp.lock().await.as_ref() {
             install(dp, Install::Empty);
+            dp.set_stun_servers(self.cfg.stun_servers.clone());
         }
     }
 
@@ -324,17 +337,17 @@ impl Daemon {
         let mut ctl = Controller::connect(&e.controller_url, e.fingerprint, Duration::from_secs(5))
             .await
             .map_err(|err| SessionError::Retry(format!("{err:#}")))?;
-        let port = match self.dp.lock().await.as_ref() {
-            Some(dp) => dp.local_port(),
-            None => self.cfg.listen_port,
-        };
-        if let Some(ep) = local_endpoint(&e.controller_url, port) {
+        let mut endpoints = EndpointReporter::default();
+        let mut primary = self.refresh_local_addresses(e).await;
+        self.await_discovery().await;
+        if let Some(list) = endpoints.poll(&self.candidates(primary).await, now_ms()) {
             if let Err(s) = ctl
-                .report_endpoints(&self.keys().machine, vec![ep.to_string()])
+                .report_endpoints(&self.keys().machine, endpoint_strings(&list))
                 .await
             {
                 return Err(status_error(s));
             }
+            tracing::info!(endpoints = ?list, "endpoints reported");
         }
         let mut stream = ctl
             .stream(&self.keys().machine, *have)
@@ -345,11 +358,24 @@ impl Daemon {
         tracing::info!(controller = %e.controller_url, "connected to controller");
         let mut report = tokio::time::interval(FLOW_REPORT_INTERVAL);
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut endpoint_check = tokio::time::interval(ENDPOINT_CHECK_INTERVAL);
+        endpoint_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut local_refresh = tokio::time::interval(STUN_INTERVAL);
+        local_refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        local_refresh.reset();
         loop {
             let next = tokio::select! {
                 m = stream.message() => m,
                 _ = report.tick() => {
                     self.report_denied_flows(&mut ctl).await;
+                    continue;
+                }
+                _ = endpoint_check.tick() => {
+                    self.report_endpoints(&mut ctl, &mut endpoints, primary).await;
+                    continue;
+                }
+                _ = local_refresh.tick() => {
+                    primary = self.refresh_local_addresses(e).await;
                     continue;
                 }
             };
@@ -366,6 +392,73 @@ impl Daemon {
                 },
                 Ok(None) => return Err(SessionError::Retry("controller closed the stream".into())),
                 Err(s) => return Err(status_error(s)),
+            }
+        }
+    }
+
+    /// Reads the interface addresses and hands them to the data plane, the
+    /// route toward the controller first; returns that endpoint (the one
+    /// peers on the controller's network reach us at).
+    async fn refresh_local_addresses(&self, e: &Enrollment) -> Option<SocketAddr> {
+        let dp = self.dp.lock().await;
+        let port = dp
+            .as_ref()
+            .map_or(self.cfg.listen_port, DataPlane::local_port);
+        let primary = local_endpoint(&e.controller_url, port);
+        if let Some(dp) = dp.as_ref() {
+            let mut addrs: Vec<std::net::IpAddr> = primary.map(|p| p.ip()).into_iter().collect();
+            addrs.extend(interface_addresses(&[self.cfg.interface.as_str()]));
+            dp.set_local_addresses(addrs);
+        }
+        primary
+    }
+
+    /// Waits (at most [`DISCOVERY_SETTLE`]) until every STUN server has
+    /// answered, so the session's first report carries the reflexive
+    /// addresses instead of waiting out the report interval for them.
+    async fn await_discovery(&self) {
+        for _ in 0..DISCOVERY_SETTLE.as_millis() / 50 {
+            let settled = match self.dp.lock().await.as_ref() {
+                Some(dp) => dp.stats().stun.iter().all(|(_, seen)| seen.is_some()),
+                None => true,
+            };
+            if settled {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// What this node reports as its endpoints: `primary` first, then the
+    /// data plane's candidates.
+    async fn candidates(&self, primary: Option<SocketAddr>) -> Vec<SocketAddr> {
+        let found = match self.dp.lock().await.as_ref() {
+            Some(dp) => dp.candidates(),
+            None => Vec::new(),
+        };
+        with_primary(primary, &found)
+    }
+
+    /// Reports the endpoint candidates when they changed (rate-limited by
+    /// `reporter`). A failed report is logged and retried later.
+    async fn report_endpoints(
+        &self,
+        ctl: &mut Controller,
+        reporter: &mut EndpointReporter,
+        primary: Option<SocketAddr>,
+    ) {
+        let candidates = self.candidates(primary).await;
+        let Some(list) = reporter.poll(&candidates, now_ms()) else {
+            return;
+        };
+        match ctl
+            .report_endpoints(&self.keys().machine, endpoint_strings(&list))
+            .await
+        {
+            Ok(()) => tracing::info!(endpoints = ?list, "endpoints reported"),
+            Err(s) => {
+                reporter.failed();
+                tracing::warn!(error = %s.message(), "endpoint report failed; retrying later");
             }
         }
     }
@@ -695,6 +788,11 @@ impl Daemon {
             })),
             "interface": self.cfg.interface,
             "data_plane": stats.is_some(),
+            "endpoints": stats.as_ref().map(|s| s.candidates.iter().map(ToString::to_string).collect::<Vec<_>>()),
+            "stun": stats.as_ref().map(|s| s.stun.iter().map(|(server, seen)| json!({
+                "server": server.to_string(),
+                "reflexive": seen.map(|a| a.to_string()),
+            })).collect::<Vec<_>>()),
             "drops": stats.as_ref().map(|s| json!(s.drops.iter().map(|(r, n)| (r.to_string(), *n)).collect::<std::collections::BTreeMap<_, _>>())),
             "peers": peers,
         })
@@ -882,6 +980,26 @@ fn peer_groups(stream: &tokio::net::UnixStream) -> std::io::Result<Vec<u32>> {
     Err(std::io::Error::other("group list changed size twice"))
 }
 
+/// The last netmap this node installed (`STATE_DIR/netmap.bin`), if its
+/// signature verifies against the controller key of `STATE_DIR/enrollment.json`
+/// (expired or not: `ztmesh netcheck` only reads the relays from it).
+///
+/// # Errors
+/// Not enrolled, no map yet, the files unreadable (the state dir is
+/// root's), or a map that does not verify.
+pub fn last_netmap(state_dir: &Path) -> anyhow::Result<NetMap> {
+    let read = |name: &str| {
+        let path = state_dir.join(name);
+        std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
+    };
+    let e: Enrollment =
+        serde_json::from_slice(&read("enrollment.json")?).context("enrollment.json is corrupt")?;
+    let signed =
+        SignedNetMap::decode(read("netmap.bin")?.as_slice()).context("netmap.bin is corrupt")?;
+    netmap::verify_signature(&e.controller_key, &signed)
+        .map_err(|err| anyhow!("netmap.bin does not verify: {err}"))
+}
+
 /// The local address the kernel would use toward the controller, with our port:
 /// the endpoint peers on the same underlay can reach us at.
 fn local_endpoint(controller_url: &str, port: u16) -> Option<SocketAddr> {
@@ -896,6 +1014,10 @@ fn local_endpoint(controller_url: &str, port: u16) -> Option<SocketAddr> {
     let s = std::net::UdpSocket::bind(bind).ok()?;
     s.connect((ip, uri.port_u16().unwrap_or(443))).ok()?;
     Some(SocketAddr::new(s.local_addr().ok()?.ip(), port))
+}
+
+fn endpoint_strings(list: &[SocketAddr]) -> Vec<String> {
+    list.iter().map(ToString::to_string).collect()
 }
 
 /// Whole seconds from `from_ms` to `to_ms`, 0 if `to_ms` is earlier. The
@@ -983,6 +1105,7 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
                     Ok(t) => {
                         if let Some(dp) = daemon.dp.lock().await.as_ref() {
                             install(dp, t.into());
+                            dp.set_stun_servers(stun_servers(&cfg.stun_servers, &map.relays));
                         }
                         tracing::info!(serial = map.serial, "restored the last netmap");
                         let mut st = daemon.lock();

@@ -1,5 +1,6 @@
 //! The node CLI: `daemon` and the commands that drive it over the local socket
-//! (`up`, `down`, `status`, `ip`, `ping`, `logout`, `wg-config`).
+//! (`up`, `down`, `status`, `ip`, `ping`, `logout`, `wg-config`), and
+//! `netcheck`, which needs no daemon.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -44,6 +45,10 @@ pub enum AgentCmd {
         /// and `wg-config --include-private-key` (default: root only).
         #[arg(long)]
         operator_group: Option<u32>,
+        /// A STUN server (IP:PORT) asked for this node's public address from
+        /// the WireGuard socket, besides the relays of the netmap; repeatable.
+        #[arg(long = "stun", value_name = "IP:PORT")]
+        stun: Vec<SocketAddr>,
     },
     /// Enroll (if needed) and connect; returns once the first netmap is applied.
     Up {
@@ -98,6 +103,23 @@ pub enum AgentCmd {
         #[arg(long, default_value_t = 2)]
         timeout: u64,
     },
+    /// Probe this network with STUN (no daemon needed): UDP reachability,
+    /// the public (reflexive) address, whether the NAT mapping varies by
+    /// destination, and the round trip to each server (a relay's latency).
+    /// Exits 0 with the report even when UDP is blocked.
+    Netcheck {
+        /// A STUN server, HOST:PORT; repeat for several (two or more tell
+        /// whether the mapping varies by destination). Default: the STUN
+        /// addresses of the relays in this node's last netmap.
+        #[arg(long = "stun", value_name = "HOST:PORT")]
+        stun: Vec<String>,
+        /// The daemon's state dir, where the last netmap is (without --stun).
+        #[arg(long, default_value = "/var/lib/ztmesh")]
+        state_dir: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print this node's view as a wg-quick config.
     WgConfig {
         #[arg(long, env = "ZTMESH_SOCKET", default_value = "/run/ztmesh/ztmesh.sock")]
@@ -127,6 +149,7 @@ pub fn daemon_config(cmd: &AgentCmd) -> Option<DaemonConfig> {
             uapi_dir,
             socket_group,
             operator_group,
+            stun,
         } => Some(DaemonConfig {
             state_dir: state_dir.clone(),
             socket: socket.clone(),
@@ -136,6 +159,7 @@ pub fn daemon_config(cmd: &AgentCmd) -> Option<DaemonConfig> {
             uapi_dir: Some(uapi_dir.clone()),
             socket_gid: *socket_group,
             operator_gid: *operator_group,
+            stun_servers: stun.clone(),
         }),
         _ => None,
     }
@@ -223,6 +247,11 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
             )
             .await
         }
+        AgentCmd::Netcheck {
+            stun,
+            state_dir,
+            json,
+        } => netcheck(&stun, &state_dir, json).await,
         AgentCmd::WgConfig {
             socket,
             include_private_key,
@@ -264,6 +293,10 @@ fn print_status(s: &serde_json::Value) {
         s["controller"]["state"].as_str().unwrap_or("-"),
         s["controller"]["detail"].as_str().unwrap_or("")
     );
+    if let Some(eps) = s["endpoints"].as_array().filter(|a| !a.is_empty()) {
+        let eps: Vec<&str> = eps.iter().filter_map(|e| e.as_str()).collect();
+        println!("endpoints: {}", eps.join(" "));
+    }
     match s["netmap"].as_object() {
         Some(m) => println!(
             "netmap: serial {} ({}s old, {} inbound rules)",
@@ -373,6 +406,113 @@ async fn ping(
         bail!("no reply from {name} ({ip})");
     }
     Ok(())
+}
+
+/// Resolves `HOST:PORT` STUN server names (each within a few seconds; the
+/// first address of each name).
+async fn resolve_stun_servers(names: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
+    let mut out = Vec::new();
+    for name in names {
+        let lookup = tokio::time::timeout(Duration::from_secs(3), tokio::net::lookup_host(name))
+            .await
+            .map_err(|_| anyhow!("resolving STUN server {name:?}: timed out"))?
+            .map_err(|e| anyhow!("STUN server {name:?} is not HOST:PORT: {e}"))?;
+        let addr = lookup
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow!("STUN server {name:?} has no address"))?;
+        out.push(addr);
+    }
+    Ok(out)
+}
+
+/// `ztmesh netcheck`: Binding requests from a fresh UDP socket per address
+/// family, driven by [`crate::nat::netcheck::Netcheck`] for at most
+/// [`crate::nat::netcheck::NETCHECK_TIMEOUT`].
+#[expect(
+    clippy::disallowed_methods,
+    reason = "netcheck's shell times round trips on the real clock"
+)]
+async fn netcheck(stun: &[String], state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    use crate::nat::netcheck::Netcheck;
+    let (servers, relays) = if stun.is_empty() {
+        let map = crate::agent::last_netmap(state_dir).map_err(|e| {
+            anyhow!(
+                "no STUN server: give --stun HOST:PORT, or run as a user who can read the \
+                 state dir of an enrolled node (the relays of its last netmap are the default): {e:#}"
+            )
+        })?;
+        let named = crate::nat::discovery::relay_stun_servers(&map.relays);
+        if named.is_empty() {
+            bail!("no STUN server: the last netmap lists no relay with a STUN address; give --stun HOST:PORT");
+        }
+        (named.iter().map(|(a, _)| *a).collect(), named)
+    } else {
+        (resolve_stun_servers(stun).await?, Vec::new())
+    };
+    let bind = |addr: &str| {
+        let addr: SocketAddr = addr.parse().expect("a literal socket address");
+        async move { tokio::net::UdpSocket::bind(addr).await.ok() }
+    };
+    let udp4 = if servers.iter().any(SocketAddr::is_ipv4) {
+        bind("0.0.0.0:0").await
+    } else {
+        None
+    };
+    let udp6 = if servers.iter().any(SocketAddr::is_ipv6) {
+        bind("[::]:0").await
+    } else {
+        None
+    };
+    let mut probe = Netcheck::new(&servers, Instant::now());
+    for (server, relay) in &relays {
+        probe.label(*server, relay);
+    }
+    let mut buf4 = vec![0u8; 2048];
+    let mut buf6 = vec![0u8; 2048];
+    // Time-bounded by the probe (3 s); the count bounds a flood of datagrams.
+    for _ in 0..10_000 {
+        let now = Instant::now();
+        while let Some((to, request)) = probe.poll_transmit(now, &mut rand_core::OsRng) {
+            let sock = if to.is_ipv4() { &udp4 } else { &udp6 };
+            if let Some(sock) = sock {
+                // An unreachable network shows as "no answer" in the report.
+                let _ = sock.send_to(&request, to).await;
+            }
+        }
+        if probe.is_done(now) {
+            break;
+        }
+        let deadline = tokio::time::Instant::from_std(probe.poll_timeout());
+        let received = tokio::select! {
+            r = recv_opt(udp4.as_ref(), &mut buf4) => r.map(|(n, from)| (from, buf4[..n].to_vec())),
+            r = recv_opt(udp6.as_ref(), &mut buf6) => r.map(|(n, from)| (from, buf6[..n].to_vec())),
+            () = tokio::time::sleep_until(deadline) => None,
+        };
+        if let Some((from, datagram)) = received {
+            let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+            probe.handle_datagram(Instant::now(), from, &datagram);
+        }
+    }
+    let report = probe.report();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(())
+}
+
+/// One datagram from `sock`, or never when there is no socket. Receive
+/// errors (ICMP unreachable from an earlier send) read as no datagram.
+async fn recv_opt(
+    sock: Option<&tokio::net::UdpSocket>,
+    buf: &mut [u8],
+) -> Option<(usize, SocketAddr)> {
+    match sock {
+        Some(s) => s.recv_from(buf).await.ok(),
+        None => std::future::pending().await,
+    }
 }
 
 fn open_icmp(ip: IpAddr) -> anyhow::Result<socket2::Socket> {

@@ -16,6 +16,7 @@ pub mod control;
 pub mod filter;
 pub mod io;
 pub mod localapi;
+pub mod nat;
 pub mod path;
 pub mod privs;
 pub mod standalone;

@@ -26,11 +26,13 @@ const PURE: &[&str] = &[
     "node/src/tunnel",
     "node/src/path",
     "node/src/control/apply.rs",
+    "node/src/nat",
     "proto/src/stun.rs",
     "proto/src/relay.rs",
     "relay/src/core.rs",
     "controller/src/netcore",
     "controller/src/model.rs",
+    "controller/src/relays.rs",
     "controller/src/secrets.rs",
 ];
 
@@ -39,7 +41,7 @@ const PURE: &[&str] = &[
 /// netmap core and the store shell beside it, errors, authentication, the
 /// coordinator, the gRPC services, the server, the admin CLI.
 const CONTROLLER_LAYERS: &[&[&str]] = &[
-    &["model", "secrets", "nodelimit", "lockfile"],
+    &["model", "secrets", "relays", "nodelimit", "lockfile"],
     &["netcore", "store"],
     &["error"],
     &["nodeinput", "ratelimit"],

@@ -64,6 +64,10 @@ pub enum Cmd {
         /// Keep at most this many node-reported flow records (newest first; 0 = no cap).
         #[arg(long, default_value_t = 1_000_000)]
         audit_max_flow_rows: u64,
+        /// Relays every netmap lists: one `ztmesh-relay identity` JSON line per
+        /// relay (read at start).
+        #[arg(long)]
+        relay_file: Option<std::path::PathBuf>,
         #[command(flatten)]
         limits: ListenerArgs,
     },

@@ -43,6 +43,8 @@ pub struct CoreConfig {
     pub dns_domain: String,
     /// The keepalive (seconds) each peer entry asks for.
     pub persistent_keepalive: u32,
+    /// The relays every map lists (`NetMap.relays`).
+    pub relays: Vec<pb::Relay>,
 }
 
 /// A change to the facts the views are computed from.
@@ -74,6 +76,8 @@ pub struct NetCore {
     /// Each node's `peers` entry (field 5 of `NetMap`, tag and length
     /// included), exactly as every map that lists the node embeds it.
     entries: HashMap<u64, Vec<u8>>,
+    /// The `relays` entries (field 8), the same in every map.
+    relays: Vec<u8>,
 }
 
 /// Whether `n`'s key is valid at `now`: not revoked by an admin, and not
@@ -168,7 +172,13 @@ impl NetCore {
             .iter()
             .map(|n| (n.id, peer_entry(n, cfg.persistent_keepalive)))
             .collect();
+        let relays = NetMap {
+            relays: cfg.relays.clone(),
+            ..NetMap::default()
+        }
+        .encode_to_vec();
         NetCore {
+            relays,
             compiled: Compiled::new(policy, active),
             cfg,
             table,
@@ -313,7 +323,7 @@ impl NetCore {
     /// `None` when the node is unknown or its key has expired at `now`.
     ///
     /// The bytes are exactly prost's encoding of the full message (fields in
-    /// tag order: 1–4, the peers, then 6–7), with each peer's entry taken
+    /// tag order: 1–4, the peers, 6–7, then the relays), with each peer's entry taken
     /// from the cache instead of being rebuilt for every map that lists it.
     pub fn encode(&self, node: u64, serial: u64, now: UnixMs) -> Option<Vec<u8>> {
         let me = self.table.get(node).filter(|n| is_active(n, now))?;
@@ -352,6 +362,7 @@ impl NetCore {
         }
         tail.encode(&mut body)
             .expect("a Vec grows to fit any message");
+        body.extend_from_slice(&self.relays);
         Some(body)
     }
 

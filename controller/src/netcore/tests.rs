@@ -40,6 +40,7 @@ fn cfg() -> CoreConfig {
         netmap_ttl_ms: 3_600_000,
         dns_domain: "ztmesh.internal".into(),
         persistent_keepalive: 25,
+        relays: vec![],
     }
 }
 
@@ -323,4 +324,26 @@ fn maps_are_prosts_own_encoding_and_end_at_the_key_expiry() {
         T0 + 3_600_000,
         "the TTL without a key expiry"
     );
+}
+
+#[test]
+fn every_map_lists_the_relays_and_stays_prosts_encoding() {
+    let relay = pb::Relay {
+        name: "r1".into(),
+        quic_addr: "198.18.0.9:7443".into(),
+        tcp_addr: "198.18.0.9:443".into(),
+        stun_addrs: vec!["198.18.0.9:3478".into()],
+        cert_sha256: vec![7; 32],
+    };
+    let cfg = CoreConfig {
+        relays: vec![relay.clone()],
+        ..cfg()
+    };
+    let core = NetCore::new(cfg, policy(1), [row(1, 2, None), row(2, 2, None)], T0);
+    for id in [1, 2] {
+        let body = core.encode(id, SERIAL, T0).unwrap();
+        let map = NetMap::decode(body.as_slice()).unwrap();
+        assert_eq!(map.encode_to_vec(), body, "byte-identical to prost");
+        assert_eq!(map.relays, vec![relay.clone()]);
+    }
 }

@@ -12,14 +12,24 @@
 //!   (UDP GRO) → `handle_udp` per datagram → the plaintexts coalesced per
 //!   flow (TUN GRO) → one TUN write per flow.
 //!
-//! Control calls ([`DataPlane::set_peers`], [`DataPlane::set_filter`]) travel
+//! Control calls ([`DataPlane::set_peers`], [`DataPlane::set_filter`],
+//! [`DataPlane::set_stun_servers`], [`DataPlane::set_local_addresses`]) travel
 //! over a channel and are applied between batches.
+//!
+//! Endpoint discovery shares the WireGuard sockets: Binding requests go out
+//! of them (so a STUN server reports the NAT mapping peers must use), and on
+//! receive one [`is_stun`] check per datagram sends STUN answers to the pure
+//! [`Discovery`] instead of the `Device`. That check is all it costs the
+//! WireGuard path.
 
+mod ifaddrs;
 mod tun;
 mod udp;
 
+pub use self::ifaddrs::interface_addresses;
+
 use std::io::{self, IoSliceMut};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -30,10 +40,12 @@ use quinn_udp::RecvMeta;
 use tokio::sync::mpsc;
 use tun_rs::AsyncDevice;
 use ztmesh_proto::keys::{WgPrivateKey, WgPublicKey};
+use ztmesh_proto::stun::is_stun;
 
 use self::tun::{TunRx, TunTx};
 use self::udp::{unmap, TxBatch, Udp};
 use crate::filter::Ruleset;
+use crate::nat::discovery::{Discovery, Response as StunResponse};
 use crate::tunnel::{Device, Output, PeerConfig, PeerStatus, Transmit, MIN_BUFFER, OVERHEAD};
 use crate::uapi;
 
@@ -96,6 +108,11 @@ pub struct Stats {
     /// Denied inbound flows not yet taken by [`DataPlane::take_denied_flows`]
     /// (at most [`crate::filter::MAX_DENIED_FLOWS`] distinct ones).
     pub denied_flows: std::collections::BTreeMap<crate::filter::DeniedFlow, u64>,
+    /// This node's endpoint candidates (local first, then reflexive), see
+    /// [`Discovery::candidates`].
+    pub candidates: Vec<SocketAddr>,
+    /// Each STUN server and the reflexive address it last reported.
+    pub stun: Vec<(SocketAddr, Option<SocketAddr>)>,
 }
 
 /// One peer in [`Stats`].
@@ -120,6 +137,8 @@ pub struct PeerStats {
 enum Command {
     Peers(Vec<PeerConfig>),
     Filter(Option<Ruleset>),
+    StunServers(Vec<SocketAddr>),
+    LocalAddresses(Vec<IpAddr>),
     Shutdown,
 }
 
@@ -203,6 +222,27 @@ impl DataPlane {
         let _ = self.commands.send(Command::Filter(rules));
     }
 
+    /// Sets the STUN servers asked for this node's reflexive address, from
+    /// the data-plane sockets: at once when the set changes, then every
+    /// [`crate::nat::discovery::STUN_INTERVAL`]. An empty set stops it.
+    pub fn set_stun_servers(&self, servers: Vec<SocketAddr>) {
+        let _ = self.commands.send(Command::StunServers(servers));
+    }
+
+    /// Sets this node's interface addresses (most preferred first), the
+    /// local endpoint candidates (with the data-plane port).
+    pub fn set_local_addresses(&self, addrs: Vec<IpAddr>) {
+        let _ = self.commands.send(Command::LocalAddresses(addrs));
+    }
+
+    /// This node's endpoint candidates, as of the latest snapshot.
+    pub fn candidates(&self) -> Vec<SocketAddr> {
+        self.stats
+            .lock()
+            .map(|s| s.candidates.clone())
+            .unwrap_or_default()
+    }
+
     /// The latest snapshot (refreshed every second and after each change).
     pub fn stats(&self) -> Stats {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
@@ -271,6 +311,9 @@ fn run_thread(
                 None
             };
             Ok(Worker {
+                discovery: Discovery::new(port),
+                stun_deadline: None,
+                stun_dirty: false,
                 device: Device::new(&cfg.private_key, rules.clone(), Instant::now()),
                 private_key: cfg.private_key.clone(),
                 rules,
@@ -300,6 +343,12 @@ fn run_thread(
 
 struct Worker {
     device: Device,
+    discovery: Discovery,
+    /// [`Discovery::poll_timeout`], kept so a turn of the loop does not recompute it.
+    stun_deadline: Option<Instant>,
+    /// Set when discovery's state changed (a command, an answer): its
+    /// deadline and the published candidates are brought up to date.
+    stun_dirty: bool,
     private_key: WgPrivateKey,
     rules: Option<Ruleset>,
     tun: AsyncDevice,
@@ -366,7 +415,11 @@ impl Worker {
         tokio::pin!(timer);
         let mut uapi_open = true;
         loop {
-            let deadline = tokio::time::Instant::from_std(self.device.poll_timeout());
+            let next = match self.stun_deadline {
+                Some(stun) => stun.min(self.device.poll_timeout()),
+                None => self.device.poll_timeout(),
+            };
+            let deadline = tokio::time::Instant::from_std(next);
             if timer.deadline() != deadline || timer.is_elapsed() {
                 timer.as_mut().reset(deadline);
             }
@@ -390,7 +443,12 @@ impl Worker {
                 Event::Udp4(Err(e)) | Event::Udp6(Err(e)) => {
                     tracing::trace!(error = %e, "UDP readiness error");
                 }
-                Event::Timer => self.device.handle_timeout(now),
+                // The timer serves the device and discovery; the device's
+                // timers run only when they are due.
+                Event::Timer if now >= self.device.poll_timeout() => {
+                    self.device.handle_timeout(now);
+                }
+                Event::Timer => {}
                 Event::Command(None) | Event::Command(Some(Command::Shutdown)) => break,
                 Event::Command(Some(Command::Peers(p))) => {
                     self.device.set_peers(p, now);
@@ -400,6 +458,14 @@ impl Worker {
                     self.rules = r.clone();
                     self.device.set_filter(r);
                 }
+                Event::Command(Some(Command::StunServers(servers))) => {
+                    self.discovery.set_servers(&servers, now);
+                    self.stun_dirty = true;
+                }
+                Event::Command(Some(Command::LocalAddresses(addrs))) => {
+                    self.discovery.set_local(&addrs);
+                    self.stun_dirty = true;
+                }
                 Event::Uapi(Some(req)) => self.uapi_request(req, now),
                 // No UAPI socket (or it stopped): stop polling the closed
                 // channel, which would otherwise be ready on every turn.
@@ -407,6 +473,9 @@ impl Worker {
             }
             while let Some(t) = self.device.poll_transmit(now, &mut bufs.out) {
                 self.send(&t).await;
+            }
+            if self.stun_dirty || self.stun_deadline.is_some_and(|d| d <= now) {
+                self.stun_poll(now).await;
             }
             if now >= next_stats {
                 next_stats = now + STATS_INTERVAL;
@@ -491,6 +560,23 @@ impl Worker {
                 let from = unmap(meta.addr);
                 let stride = meta.stride.max(1);
                 for datagram in buf[..meta.len.min(buf.len())].chunks(stride) {
+                    if is_stun(datagram) {
+                        match self.discovery.handle_response(now, from, datagram) {
+                            StunResponse::Answer { changed } => {
+                                tracing::debug!(%from, changed, "STUN answer");
+                                self.stun_dirty = true;
+                            }
+                            // Counted; a flood of these costs no more than
+                            // the check and the count (no stats publish).
+                            StunResponse::Unsolicited => {
+                                tracing::trace!(%from, "unsolicited STUN datagram dropped");
+                            }
+                            StunResponse::Malformed(e) => {
+                                tracing::trace!(%from, error = %e, "malformed STUN datagram dropped");
+                            }
+                        }
+                        continue;
+                    }
                     if bufs.tun_tx.is_full() {
                         bufs.tun_tx.flush(&self.tun).await;
                     }
@@ -533,6 +619,27 @@ impl Worker {
 
     async fn send(&self, t: &Transmit<'_>) {
         send_on(&self.udp4, self.udp6.as_ref(), t.to, t.packet).await;
+    }
+
+    /// Discovery's turn: expires stale reflexive addresses, sends the
+    /// Binding requests that are due, and publishes the candidates when
+    /// anything changed.
+    async fn stun_poll(&mut self, now: Instant) {
+        let expired = self.discovery.handle_timeout(now);
+        let before = self.discovery.candidates();
+        // One request per server at most per turn (MAX_SERVERS bounds it).
+        for _ in 0..crate::nat::discovery::MAX_SERVERS {
+            let Some((to, request)) = self.discovery.poll_request(now, fresh_txid()) else {
+                break;
+            };
+            tracing::trace!(server = %to, "STUN binding request");
+            send_on(&self.udp4, self.udp6.as_ref(), to, &request).await;
+        }
+        self.stun_deadline = self.discovery.poll_timeout();
+        if self.stun_dirty || expired || self.discovery.candidates() != before {
+            self.stun_dirty = false;
+            self.publish_stats();
+        }
     }
 
     fn uapi_request(&mut self, req: uapi::Request, now: Instant) {
@@ -591,13 +698,21 @@ impl Worker {
                     persistent_keepalive: p.config.persistent_keepalive,
                 })
                 .collect(),
-            drops: self
-                .device
-                .drops()
-                .into_iter()
-                .map(|(r, n)| (r.as_str(), n))
-                .collect(),
+            drops: {
+                let (unsolicited, malformed) = self.discovery.dropped();
+                let mut drops: Vec<(&'static str, u64)> = self
+                    .device
+                    .drops()
+                    .into_iter()
+                    .map(|(r, n)| (r.as_str(), n))
+                    .collect();
+                drops.push(("stun_unsolicited", unsolicited));
+                drops.push(("stun_malformed", malformed));
+                drops
+            },
             denied_flows: Default::default(),
+            candidates: self.discovery.candidates(),
+            stun: self.discovery.reflexive(),
         };
         if let Ok(mut s) = self.stats.lock() {
             let mut pending = std::mem::take(&mut s.denied_flows);
@@ -621,6 +736,15 @@ fn merge_denied(
             *c = c.saturating_add(n);
         }
     }
+}
+
+/// A random STUN transaction id (a new Binding round, every 25 s per
+/// server), drawn from the OS in the data-plane shell.
+fn fresh_txid() -> [u8; 12] {
+    use rand_core::RngCore as _;
+    let mut txid = [0u8; 12];
+    rand_core::OsRng.fill_bytes(&mut txid);
+    txid
 }
 
 /// Converts a monotonic instant in the past to wall-clock time.

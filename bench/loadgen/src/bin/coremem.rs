@@ -104,6 +104,7 @@ fn measure(n: usize, group: usize) -> serde_json::Value {
         netmap_ttl_ms: 3_600_000,
         dns_domain: "ztmesh.internal".into(),
         persistent_keepalive: 25,
+        relays: Vec::new(),
     };
 
     // The policy compiler's share, alone.
