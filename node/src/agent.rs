@@ -30,7 +30,7 @@ use crate::control::{
     clock_hint, reconnect_delay, session_end, translate, Backoff, Controller, Identity, Install,
     NetMapGate, SessionEnd, Step,
 };
-use crate::io::{interface_addresses, DataPlane, DataPlaneConfig};
+use crate::io::{interface_addresses, DataPlane, DataPlaneConfig, RelaySetup};
 use crate::localapi::{authorize, Caller, Request, Response, MAX_LINE};
 use crate::nat::discovery::{stun_servers, with_primary, EndpointReporter, STUN_INTERVAL};
 
@@ -178,14 +178,16 @@ struct State {
 
 /// The node's private keys.
 struct Keys {
-    machine: SigningKey,
+    machine: Arc<SigningKey>,
     wg: WgPrivateKey,
 }
 
 impl Keys {
     fn load_or_generate(state_dir: &Path) -> anyhow::Result<Keys> {
         Ok(Keys {
-            machine: SigningKey::load_or_generate(&state_dir.join("machine.key"))?,
+            machine: Arc::new(SigningKey::load_or_generate(
+                &state_dir.join("machine.key"),
+            )?),
             wg: WgPrivateKey::load_or_generate(&state_dir.join("wg.key"))?,
         })
     }
@@ -242,7 +244,7 @@ impl Daemon {
     }
 
     /// Loads the stored netmap if its signature still verifies and it has not expired.
-    fn load_cached_netmap(&self, e: &Enrollment) -> Option<NetMap> {
+    fn load_cached_netmap(&self, e: &Enrollment) -> Option<(NetMap, SignedNetMap)> {
         let bytes = std::fs::read(self.path("netmap.bin")).ok()?;
         let signed = SignedNetMap::decode(bytes.as_slice()).ok()?;
         match netmap::verify_signature(&e.controller_key, &signed) {
@@ -250,7 +252,7 @@ impl Daemon {
                 tracing::error!("stored netmap is for another node; starting with no peers");
                 None
             }
-            Ok(m) if m.not_after_ms > now_ms() => Some(m),
+            Ok(m) if m.not_after_ms > now_ms() => Some((m, signed)),
             Ok(_) => {
                 tracing::warn!("stored netmap has expired; starting with no peers");
                 None
@@ -303,6 +305,8 @@ impl Daemon {
             let dp = dp.as_ref().ok_or_else(|| anyhow!("data plane is down"))?;
             install(dp, t.into());
             dp.set_stun_servers(stun_servers(&self.cfg.stun_servers, &map.relays));
+            // After the peers: the relay learns the map the device now uses.
+            dp.set_relay(Some(self.relay_setup(&map, signed)));
         }
         write_secret_file(&self.path("netmap.bin"), &signed.encode_to_vec())?;
         let serial = map.serial;
@@ -324,6 +328,16 @@ impl Daemon {
         if let Some(dp) = self.dp.lock().await.as_ref() {
             install(dp, Install::Empty);
             dp.set_stun_servers(self.cfg.stun_servers.clone());
+            dp.set_relay(None);
+        }
+    }
+
+    /// The relay link's setup for an installed map.
+    fn relay_setup(&self, map: &NetMap, signed: &SignedNetMap) -> RelaySetup {
+        RelaySetup {
+            relays: map.relays.clone(),
+            machine_key: self.keys().machine.clone(),
+            map: signed.clone(),
         }
     }
 
@@ -1100,12 +1114,13 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
         daemon.lock().enrollment = Some(e.clone());
         if !daemon.path("down").exists() {
             daemon.ensure_dataplane(&e).await?;
-            if let Some(map) = daemon.load_cached_netmap(&e) {
+            if let Some((map, signed)) = daemon.load_cached_netmap(&e) {
                 match translate(&map) {
                     Ok(t) => {
                         if let Some(dp) = daemon.dp.lock().await.as_ref() {
                             install(dp, t.into());
                             dp.set_stun_servers(stun_servers(&cfg.stun_servers, &map.relays));
+                            dp.set_relay(Some(daemon.relay_setup(&map, &signed)));
                         }
                         tracing::info!(serial = map.serial, "restored the last netmap");
                         let mut st = daemon.lock();

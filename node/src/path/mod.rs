@@ -190,6 +190,18 @@ impl Path {
         self.direct.map(|(a, _)| a)
     }
 
+    /// Whether data went either way within [`IN_USE`].
+    pub fn in_use(&self, now: Instant) -> bool {
+        self.used
+            .is_some_and(|t| now.saturating_duration_since(t) < IN_USE)
+    }
+
+    /// Forgets the direct address (a newly configured endpoint replaces it,
+    /// as in WireGuard).
+    pub fn forget_direct(&mut self) {
+        self.direct = None;
+    }
+
     /// The peer's relay id, when a relay can reach it.
     pub fn relay(&self) -> Option<u64> {
         self.relay
@@ -197,17 +209,20 @@ impl Path {
 
     /// What to send for this peer now; call it on every timer pass.
     pub fn poll_probe(&mut self, now: Instant) -> Probe {
-        let in_use = self
-            .used
-            .is_some_and(|t| now.saturating_duration_since(t) < IN_USE);
+        let in_use = self.in_use(now);
         if let Some(addr) = self.fresh(now) {
-            if in_use && now >= self.next_keepalive {
+            // Only against a relay does a direct path need holding: without
+            // one, a stale direct address is still the destination.
+            if in_use && self.relay.is_some() && now >= self.next_keepalive {
                 self.next_keepalive = now + DIRECT_KEEPALIVE;
                 return Probe::Direct(addr);
             }
             return Probe::None;
         }
-        if now < self.next_probe || self.probe_targets().next().is_none() {
+        // Probing is an upgrade over the relay, or a choice between
+        // several addresses; one address and no relay is plain WireGuard.
+        let worth = self.relay.is_some() || self.probe_targets().nth(1).is_some();
+        if now < self.next_probe || !worth || self.probe_targets().next().is_none() {
             return Probe::None;
         }
         self.refill(now);
