@@ -33,6 +33,7 @@ use crate::control::{
 use crate::io::{interface_addresses, DataPlane, DataPlaneConfig, RelaySetup};
 use crate::localapi::{authorize, Caller, Request, Response, MAX_LINE};
 use crate::nat::discovery::{stun_servers, with_primary, EndpointReporter, STUN_INTERVAL};
+use crate::tunnel::Destination;
 
 /// How often denied-flow summaries are sent to the controller.
 const FLOW_REPORT_INTERVAL: Duration = Duration::from_secs(5);
@@ -741,6 +742,11 @@ impl Daemon {
     }
 
     fn status(&self) -> serde_json::Value {
+        let relay = self
+            .dp
+            .try_lock()
+            .ok()
+            .and_then(|dp| dp.as_ref().map(|d| d.stats().relay));
         let st = self.lock();
         let (conn, detail) = match &st.conn {
             ConnState::Idle => ("idle", String::new()),
@@ -765,12 +771,16 @@ impl Daemon {
                         let s = stats.as_ref().and_then(|s| {
                             key.and_then(|k| s.peers.iter().find(|x| x.public_key == k))
                         });
+                        let relay_name = stats.as_ref().map(|s| s.relay.name.clone()).unwrap_or_default();
                         json!({
                             "name": p.name,
                             "public_key": key.map(|k| k.to_string()).unwrap_or_default(),
                             "addresses": p.allowed_ips,
                             "endpoint": s.and_then(|s| s.endpoint).map(|e| e.to_string())
                                 .or_else(|| p.endpoints.first().cloned()).unwrap_or_default(),
+                            "path": path_text(s.and_then(|s| s.destination), s.is_some_and(|s| s.direct), &relay_name),
+                            "last_rx_path": s.and_then(|s| s.last_rx)
+                                .map(|d| path_text(Some(d), matches!(d, Destination::Udp(_)), &relay_name)),
                             "last_handshake_secs_ago": s.and_then(|s| s.last_handshake)
                                 .and_then(|t| t.elapsed().ok()).map(|d| d.as_secs()),
                             "rx_bytes": s.map(|s| s.rx_bytes).unwrap_or(0),
@@ -781,6 +791,10 @@ impl Daemon {
             })
             .unwrap_or_default();
         json!({
+            "relay": relay.filter(|r| !r.name.is_empty()).map(|r| json!({
+                "name": r.name, "transport": r.transport, "error": r.error,
+                "sessions": r.sessions, "dropped": r.dropped,
+            })),
             "enrolled": st.enrollment.is_some(),
             "self": st.enrollment.as_ref().map(|e| json!({
                 "name": e.name, "id": e.node_id,
@@ -912,6 +926,20 @@ fn install(dp: &DataPlane, what: Install) {
             Step::Filter(rules) => dp.set_filter(Some(rules)),
             Step::Peers(peers) => dp.set_peers(peers),
         }
+    }
+}
+
+/// How `status` names a path: `direct ADDR`, `relay NAME`, or `none`
+/// (`direct` is false for a UDP destination that is not fresh: a path that
+/// is being tried, not one that answered).
+fn path_text(d: Option<Destination>, direct: bool, relay: &str) -> String {
+    match d {
+        Some(Destination::Udp(a)) if direct => format!("direct {a}"),
+        Some(Destination::Udp(a)) => format!("trying {a}"),
+        Some(Destination::Relay(_)) => {
+            format!("relay {}", if relay.is_empty() { "-" } else { relay })
+        }
+        None => "none".into(),
     }
 }
 
