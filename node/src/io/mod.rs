@@ -787,6 +787,13 @@ impl Worker {
     #[expect(clippy::disallowed_methods, reason = "stats are stamped in the shell")]
     fn publish_stats(&mut self) {
         let now = Instant::now();
+        let relay_state = self
+            .relay
+            .as_ref()
+            .map(RelayLink::state)
+            .unwrap_or_default();
+        // Checked once a second: data avoids a relay link that is down.
+        self.device.set_relay_up(!relay_state.transport.is_empty());
         let denied = self.device.take_denied_flows();
         let snapshot = Stats {
             public_key: Some(self.device.public_key()),
@@ -823,11 +830,7 @@ impl Worker {
             denied_flows: Default::default(),
             candidates: self.discovery.candidates(),
             stun: self.discovery.reflexive(),
-            relay: self
-                .relay
-                .as_ref()
-                .map(RelayLink::state)
-                .unwrap_or_default(),
+            relay: relay_state,
         };
         if let Ok(mut s) = self.stats.lock() {
             let mut pending = std::mem::take(&mut s.denied_flows);

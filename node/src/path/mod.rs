@@ -74,6 +74,9 @@ pub enum Probe {
 pub struct Path {
     candidates: Vec<SocketAddr>,
     relay: Option<u64>,
+    /// Whether the relay link is up: while it is down, data goes to the
+    /// last direct address or the first candidate instead.
+    relay_up: bool,
     /// The source of the last authenticated UDP packet, and when it arrived.
     direct: Option<(SocketAddr, Instant)>,
     /// When data last went either way.
@@ -99,6 +102,7 @@ impl Path {
         Self {
             candidates: bounded(candidates),
             relay,
+            relay_up: true,
             direct: None,
             used: None,
             next_probe: now,
@@ -169,7 +173,7 @@ impl Path {
         if let Some(addr) = self.fresh(now) {
             return Some(Destination::Udp(addr));
         }
-        if let Some(id) = self.relay {
+        if let Some(id) = self.relay.filter(|_| self.relay_up) {
             return Some(Destination::Relay(id));
         }
         self.direct
@@ -194,6 +198,11 @@ impl Path {
     pub fn in_use(&self, now: Instant) -> bool {
         self.used
             .is_some_and(|t| now.saturating_duration_since(t) < IN_USE)
+    }
+
+    /// The relay link went up or down (the shell tells the device).
+    pub fn set_relay_up(&mut self, up: bool) {
+        self.relay_up = up;
     }
 
     /// Forgets the direct address (a newly configured endpoint replaces it,
@@ -470,6 +479,17 @@ mod tests {
         // And a probe round covers both the candidate and the stale address.
         let targets: Vec<_> = p.probe_targets().collect();
         assert_eq!(targets, vec![addr(1, 51820), addr(9, 4000)]);
+    }
+
+    #[test]
+    fn while_the_relay_link_is_down_data_tries_the_candidates() {
+        let t0 = Instant::now();
+        let mut p = Path::new(&[addr(1, 51820)], Some(7), t0);
+        p.set_relay_up(false);
+        assert_eq!(p.destination(t0), Some(Destination::Udp(addr(1, 51820))));
+        assert_eq!(p.poll_probe(t0), Probe::Candidates, "still probing");
+        p.set_relay_up(true);
+        assert_eq!(p.destination(t0), Some(Destination::Relay(7)));
     }
 
     #[test]

@@ -284,6 +284,7 @@ pub struct Device {
     probe_len: usize,
     /// The address of a round that only keeps the direct path warm.
     pending_direct: Option<SocketAddr>,
+    relay_up: bool,
     next_tick: Instant,
     next_sweep: Instant,
 }
@@ -323,6 +324,7 @@ impl Device {
             probe: [0; MIN_BUFFER],
             probe_len: 0,
             pending_direct: None,
+            relay_up: true,
             next_tick: now,
             next_sweep: now,
         }
@@ -390,6 +392,18 @@ impl Device {
             }
         }
         self.rebuild_routes();
+    }
+
+    /// Tells every peer's path whether the relay link is up (while it is
+    /// down, data goes to a UDP candidate rather than into a dead link).
+    pub fn set_relay_up(&mut self, up: bool) {
+        if self.relay_up == up {
+            return;
+        }
+        self.relay_up = up;
+        for p in self.peers.iter_mut().flatten() {
+            p.path.set_relay_up(up);
+        }
     }
 
     /// Replaces the inbound filter rules (`None`: accept all from peers).
@@ -548,7 +562,8 @@ impl Device {
         // with its peers right away instead of waiting for their session to
         // time out.
         let keepalive = Duration::from_secs(u64::from(config.persistent_keepalive.unwrap_or(0)));
-        let path = Path::new(&config.path_candidates(), config.relay, now);
+        let mut path = Path::new(&config.path_candidates(), config.relay, now);
+        path.set_relay_up(self.relay_up);
         let last_traffic = match (path.peek(now), keepalive.is_zero()) {
             (Some(_), false) => now.checked_sub(keepalive).unwrap_or(now),
             _ => now,
