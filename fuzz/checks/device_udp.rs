@@ -20,6 +20,8 @@ fn peer(key: WgPublicKey, allowed: &str, endpoint: SocketAddr) -> PeerConfig {
         preshared_key: None,
         allowed_ips: vec![allowed.parse().unwrap()],
         endpoint: Some(endpoint),
+        candidates: Vec::new(),
+        relay: None,
         persistent_keepalive: None,
     }
 }

@@ -24,6 +24,8 @@ fn current() -> Vec<PeerConfig> {
             preshared_key: None,
             allowed_ips: vec!["100.64.0.2/32".parse().expect("literal")],
             endpoint: Some("198.18.0.2:51820".parse().expect("literal")),
+            candidates: Vec::new(),
+            relay: None,
             persistent_keepalive: None,
         },
         PeerConfig {
@@ -31,6 +33,8 @@ fn current() -> Vec<PeerConfig> {
             preshared_key: Some([9; 32]),
             allowed_ips: vec!["fd00::3/128".parse().expect("literal")],
             endpoint: None,
+            candidates: Vec::new(),
+            relay: None,
             persistent_keepalive: Some(25),
         },
     ]
@@ -73,6 +77,10 @@ pub fn run(data: &[u8]) {
             .map(|config| {
                 let status = PeerStatus {
                     endpoint: config.endpoint,
+                    destination: None,
+                    direct: false,
+                    last_rx: None,
+                    path: Default::default(),
                     config,
                     last_handshake: None,
                     rx_bytes: 0,

@@ -30,9 +30,10 @@ use crate::control::{
     clock_hint, reconnect_delay, session_end, translate, Backoff, Controller, Identity, Install,
     NetMapGate, SessionEnd, Step,
 };
-use crate::io::{interface_addresses, DataPlane, DataPlaneConfig};
+use crate::io::{interface_addresses, DataPlane, DataPlaneConfig, RelaySetup};
 use crate::localapi::{authorize, Caller, Request, Response, MAX_LINE};
 use crate::nat::discovery::{stun_servers, with_primary, EndpointReporter, STUN_INTERVAL};
+use crate::tunnel::Destination;
 
 /// How often denied-flow summaries are sent to the controller.
 const FLOW_REPORT_INTERVAL: Duration = Duration::from_secs(5);
@@ -178,14 +179,16 @@ struct State {
 
 /// The node's private keys.
 struct Keys {
-    machine: SigningKey,
+    machine: Arc<SigningKey>,
     wg: WgPrivateKey,
 }
 
 impl Keys {
     fn load_or_generate(state_dir: &Path) -> anyhow::Result<Keys> {
         Ok(Keys {
-            machine: SigningKey::load_or_generate(&state_dir.join("machine.key"))?,
+            machine: Arc::new(SigningKey::load_or_generate(
+                &state_dir.join("machine.key"),
+            )?),
             wg: WgPrivateKey::load_or_generate(&state_dir.join("wg.key"))?,
         })
     }
@@ -242,7 +245,7 @@ impl Daemon {
     }
 
     /// Loads the stored netmap if its signature still verifies and it has not expired.
-    fn load_cached_netmap(&self, e: &Enrollment) -> Option<NetMap> {
+    fn load_cached_netmap(&self, e: &Enrollment) -> Option<(NetMap, SignedNetMap)> {
         let bytes = std::fs::read(self.path("netmap.bin")).ok()?;
         let signed = SignedNetMap::decode(bytes.as_slice()).ok()?;
         match netmap::verify_signature(&e.controller_key, &signed) {
@@ -250,7 +253,7 @@ impl Daemon {
                 tracing::error!("stored netmap is for another node; starting with no peers");
                 None
             }
-            Ok(m) if m.not_after_ms > now_ms() => Some(m),
+            Ok(m) if m.not_after_ms > now_ms() => Some((m, signed)),
             Ok(_) => {
                 tracing::warn!("stored netmap has expired; starting with no peers");
                 None
@@ -303,6 +306,8 @@ impl Daemon {
             let dp = dp.as_ref().ok_or_else(|| anyhow!("data plane is down"))?;
             install(dp, t.into());
             dp.set_stun_servers(stun_servers(&self.cfg.stun_servers, &map.relays));
+            // After the peers: the relay learns the map the device now uses.
+            dp.set_relay(Some(self.relay_setup(&map, signed)));
         }
         write_secret_file(&self.path("netmap.bin"), &signed.encode_to_vec())?;
         let serial = map.serial;
@@ -324,6 +329,16 @@ impl Daemon {
         if let Some(dp) = self.dp.lock().await.as_ref() {
             install(dp, Install::Empty);
             dp.set_stun_servers(self.cfg.stun_servers.clone());
+            dp.set_relay(None);
+        }
+    }
+
+    /// The relay link's setup for an installed map.
+    fn relay_setup(&self, map: &NetMap, signed: &SignedNetMap) -> RelaySetup {
+        RelaySetup {
+            relays: map.relays.clone(),
+            machine_key: self.keys().machine.clone(),
+            map: signed.clone(),
         }
     }
 
@@ -727,6 +742,11 @@ impl Daemon {
     }
 
     fn status(&self) -> serde_json::Value {
+        let relay = self
+            .dp
+            .try_lock()
+            .ok()
+            .and_then(|dp| dp.as_ref().map(|d| d.stats().relay));
         let st = self.lock();
         let (conn, detail) = match &st.conn {
             ConnState::Idle => ("idle", String::new()),
@@ -751,12 +771,16 @@ impl Daemon {
                         let s = stats.as_ref().and_then(|s| {
                             key.and_then(|k| s.peers.iter().find(|x| x.public_key == k))
                         });
+                        let relay_name = stats.as_ref().map(|s| s.relay.name.clone()).unwrap_or_default();
                         json!({
                             "name": p.name,
                             "public_key": key.map(|k| k.to_string()).unwrap_or_default(),
                             "addresses": p.allowed_ips,
                             "endpoint": s.and_then(|s| s.endpoint).map(|e| e.to_string())
                                 .or_else(|| p.endpoints.first().cloned()).unwrap_or_default(),
+                            "path": path_text(s.and_then(|s| s.destination), s.is_some_and(|s| s.direct), &relay_name),
+                            "last_rx_path": s.and_then(|s| s.last_rx)
+                                .map(|d| path_text(Some(d), matches!(d, Destination::Udp(_)), &relay_name)),
                             "last_handshake_secs_ago": s.and_then(|s| s.last_handshake)
                                 .and_then(|t| t.elapsed().ok()).map(|d| d.as_secs()),
                             "rx_bytes": s.map(|s| s.rx_bytes).unwrap_or(0),
@@ -767,6 +791,10 @@ impl Daemon {
             })
             .unwrap_or_default();
         json!({
+            "relay": relay.filter(|r| !r.name.is_empty()).map(|r| json!({
+                "name": r.name, "transport": r.transport, "error": r.error,
+                "sessions": r.sessions, "dropped": r.dropped,
+            })),
             "enrolled": st.enrollment.is_some(),
             "self": st.enrollment.as_ref().map(|e| json!({
                 "name": e.name, "id": e.node_id,
@@ -898,6 +926,20 @@ fn install(dp: &DataPlane, what: Install) {
             Step::Filter(rules) => dp.set_filter(Some(rules)),
             Step::Peers(peers) => dp.set_peers(peers),
         }
+    }
+}
+
+/// How `status` names a path: `direct ADDR`, `relay NAME`, or `none`
+/// (`direct` is false for a UDP destination that is not fresh: a path that
+/// is being tried, not one that answered).
+fn path_text(d: Option<Destination>, direct: bool, relay: &str) -> String {
+    match d {
+        Some(Destination::Udp(a)) if direct => format!("direct {a}"),
+        Some(Destination::Udp(a)) => format!("trying {a}"),
+        Some(Destination::Relay(_)) => {
+            format!("relay {}", if relay.is_empty() { "-" } else { relay })
+        }
+        None => "none".into(),
     }
 }
 
@@ -1100,12 +1142,13 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
         daemon.lock().enrollment = Some(e.clone());
         if !daemon.path("down").exists() {
             daemon.ensure_dataplane(&e).await?;
-            if let Some(map) = daemon.load_cached_netmap(&e) {
+            if let Some((map, signed)) = daemon.load_cached_netmap(&e) {
                 match translate(&map) {
                     Ok(t) => {
                         if let Some(dp) = daemon.dp.lock().await.as_ref() {
                             install(dp, t.into());
                             dp.set_stun_servers(stun_servers(&cfg.stun_servers, &map.relays));
+                            dp.set_relay(Some(daemon.relay_setup(&map, &signed)));
                         }
                         tracing::info!(serial = map.serial, "restored the last netmap");
                         let mut st = daemon.lock();

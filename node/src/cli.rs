@@ -102,6 +102,10 @@ pub enum AgentCmd {
         /// Seconds to wait for each reply.
         #[arg(long, default_value_t = 2)]
         timeout: u64,
+        /// Keep pinging (up to --count, default 60 then) until a reply
+        /// arrives over a direct path; fails if none does.
+        #[arg(long)]
+        until_direct: bool,
     },
     /// Probe this network with STUN (no daemon needed): UDP reachability,
     /// the public (reflexive) address, whether the NAT mapping varies by
@@ -238,12 +242,20 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
             socket,
             count,
             timeout,
+            until_direct,
         } => {
+            // `--until-direct` without `--count`: up to 60 pings.
+            let count = if until_direct && count == 4 {
+                60
+            } else {
+                count
+            };
             ping(
                 &socket,
                 &target,
                 count.clamp(1, 1000),
                 Duration::from_secs(timeout.clamp(1, 60)),
+                until_direct,
             )
             .await
         }
@@ -304,9 +316,16 @@ fn print_status(s: &serde_json::Value) {
         ),
         None => println!("netmap: none (no peers)"),
     }
+    if let Some(r) = s["relay"].as_object() {
+        let state = match r["transport"].as_str() {
+            Some(t) if !t.is_empty() => format!("connected ({t})"),
+            _ => format!("down: {}", r["error"].as_str().unwrap_or("connecting")),
+        };
+        println!("relay: {} {state}", r["name"].as_str().unwrap_or("-"));
+    }
     println!(
-        "{:<20} {:<36} {:<24} {:>10} {:>12} {:>12}",
-        "PEER", "ADDRESSES", "ENDPOINT", "HANDSHAKE", "RX", "TX"
+        "{:<20} {:<36} {:<28} {:>10} {:>12} {:>12}",
+        "PEER", "ADDRESSES", "PATH", "HANDSHAKE", "RX", "TX"
     );
     for p in s["peers"].as_array().into_iter().flatten() {
         let hs = p["last_handshake_secs_ago"]
@@ -314,7 +333,7 @@ fn print_status(s: &serde_json::Value) {
             .map(|x| format!("{x}s ago"))
             .unwrap_or_else(|| "never".into());
         println!(
-            "{:<20} {:<36} {:<24} {:>10} {:>12} {:>12}",
+            "{:<20} {:<36} {:<28} {:>10} {:>12} {:>12}",
             p["name"].as_str().unwrap_or("?"),
             p["addresses"]
                 .as_array()
@@ -324,7 +343,10 @@ fn print_status(s: &serde_json::Value) {
                     .collect::<Vec<_>>()
                     .join(","))
                 .unwrap_or_default(),
-            p["endpoint"].as_str().unwrap_or("-"),
+            p["path"]
+                .as_str()
+                .or_else(|| p["endpoint"].as_str())
+                .unwrap_or("-"),
             hs,
             p["rx_bytes"],
             p["tx_bytes"]
@@ -353,8 +375,9 @@ fn resolve(status: &serde_json::Value, target: &str) -> anyhow::Result<(IpAddr, 
                 .flatten(),
         };
         if let Some(ip) = hit {
-            let path = match p["endpoint"].as_str() {
-                Some(e) if !e.is_empty() => format!("direct {e}"),
+            let path = match (p["path"].as_str(), p["endpoint"].as_str()) {
+                (Some(path), _) => path.to_string(),
+                (None, Some(e)) if !e.is_empty() => format!("direct {e}"),
                 _ => "no endpoint known".into(),
             };
             return Ok((ip, name.to_string(), path));
@@ -372,15 +395,19 @@ async fn ping(
     target: &str,
     count: u32,
     timeout: Duration,
+    until_direct: bool,
 ) -> anyhow::Result<()> {
     let status = ask(socket, Request::Status).await?;
     let (ip, name, path) = resolve(&status, target)?;
+    let mut direct = false;
+    let mut sent = 0u32;
     println!("PING {name} ({ip}) via {path}");
     let mut received = 0u32;
     let mut rtts = Vec::new();
     let sock = tokio::task::spawn_blocking(move || open_icmp(ip)).await??;
     let ident = (std::process::id() & 0xffff) as u16;
     for seq in 0..count {
+        sent += 1;
         let start = Instant::now();
         let sock2 = sock.try_clone()?;
         let r = tokio::task::spawn_blocking(move || echo(&sock2, ip, ident, seq as u16, timeout))
@@ -390,10 +417,23 @@ async fn ping(
                 let rtt = start.elapsed();
                 received += 1;
                 rtts.push(rtt);
+                // The path the last authenticated packet from the peer took.
+                let via = ask(socket, Request::Status)
+                    .await
+                    .ok()
+                    .and_then(|s| last_rx_path(&s, &name))
+                    .unwrap_or_else(|| "unknown path".into());
                 println!(
-                    "reply from {ip}: seq={seq} time={:.2} ms",
+                    "reply from {ip}: seq={seq} time={:.2} ms via {via}",
                     rtt.as_secs_f64() * 1000.0
                 );
+                if via.starts_with("direct") {
+                    direct = true;
+                    if until_direct {
+                        println!("direct path to {name} after {} pings", seq + 1);
+                        break;
+                    }
+                }
             }
             Err(e) => println!("no reply from {ip}: seq={seq} ({e})"),
         }
@@ -401,11 +441,24 @@ async fn ping(
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    println!("{count} sent, {received} received");
+    println!("{sent} sent, {received} received");
     if received == 0 {
         bail!("no reply from {name} ({ip})");
     }
+    if until_direct && !direct {
+        bail!("no reply from {name} ({ip}) over a direct path after {count} pings");
+    }
     Ok(())
+}
+
+/// The `last_rx_path` of peer `name` in a status answer.
+fn last_rx_path(status: &serde_json::Value, name: &str) -> Option<String> {
+    status["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"].as_str() == Some(name))?["last_rx_path"]
+        .as_str()
+        .map(str::to_string)
 }
 
 /// Resolves `HOST:PORT` STUN server names (each within a few seconds; the

@@ -17,6 +17,7 @@ pub mod filter;
 pub mod io;
 pub mod localapi;
 pub mod nat;
+pub mod path;
 pub mod privs;
 pub mod standalone;
 pub mod statelock;

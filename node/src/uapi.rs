@@ -196,6 +196,8 @@ impl SetRequest {
                         preshared_key: None,
                         allowed_ips: Vec::new(),
                         endpoint: None,
+                        candidates: Vec::new(),
+                        relay: None,
                         persistent_keepalive: None,
                     };
                     &mut peers.entry(change.key).or_insert((next, fresh)).1
@@ -403,9 +405,15 @@ mod tests {
                     "fd00::2/128".parse().unwrap(),
                 ],
                 endpoint: Some("198.18.0.2:51820".parse().unwrap()),
+                candidates: Vec::new(),
+                relay: None,
                 persistent_keepalive: Some(25),
             },
             endpoint: Some("198.18.0.2:51820".parse().unwrap()),
+            destination: None,
+            direct: false,
+            last_rx: None,
+            path: Default::default(),
             last_handshake: None,
             rx_bytes: 10,
             tx_bytes: 20,
@@ -443,6 +451,8 @@ mod tests {
             preshared_key: None,
             allowed_ips: vec!["100.64.0.1/32".parse().unwrap()],
             endpoint: None,
+            candidates: Vec::new(),
+            relay: None,
             persistent_keepalive: None,
         }];
         let body = format!(

@@ -103,6 +103,8 @@ impl PeerSection {
             preshared_key: self.preshared_key,
             allowed_ips: self.allowed_ips.clone(),
             endpoint,
+            candidates: Vec::new(),
+            relay: None,
             persistent_keepalive: self.persistent_keepalive.filter(|k| *k > 0),
         })
     }

@@ -86,6 +86,8 @@ fn pair(managed: bool) -> (Device, Device, SocketAddr, SocketAddr) {
         preshared_key: None,
         allowed_ips: vec![ip.parse().unwrap()],
         endpoint: Some(e),
+        candidates: Vec::new(),
+        relay: None,
         persistent_keepalive: None,
     };
     a.set_peers(vec![peer(&kb, "100.64.0.2/32", eb)], now);

@@ -24,6 +24,7 @@ const PURE: &[&str] = &[
     "policy/src",
     "node/src/filter",
     "node/src/tunnel",
+    "node/src/path",
     "node/src/control/apply.rs",
     "node/src/nat",
     "proto/src/stun.rs",

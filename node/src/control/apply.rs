@@ -147,17 +147,24 @@ pub fn translate(map: &pb::NetMap) -> Result<Translated, TranslateError> {
                 value: a.clone(),
             })?);
         }
-        let endpoint = p
+        // Every parsable endpoint is a candidate, IPv4 first (stable order);
+        // the first one is where data goes until a path is known.
+        let mut candidates: Vec<SocketAddr> = p
             .endpoints
             .iter()
             .filter_map(|e| e.parse::<SocketAddr>().ok())
-            .min_by_key(|e| e.is_ipv6());
+            .collect();
+        candidates.sort_by_key(SocketAddr::is_ipv6);
+        let endpoint = (!candidates.is_empty()).then(|| candidates.remove(0));
         let keepalive = u16::try_from(p.persistent_keepalive).unwrap_or(25);
         peers.push(PeerConfig {
             public_key,
             preshared_key: None,
             allowed_ips,
             endpoint,
+            candidates,
+            // The relay addresses peers by their netmap id.
+            relay: (!map.relays.is_empty()).then_some(p.id),
             persistent_keepalive: (keepalive > 0).then_some(keepalive),
         });
     }

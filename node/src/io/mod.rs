@@ -23,10 +23,12 @@
 //! WireGuard path.
 
 mod ifaddrs;
+mod relay;
 mod tun;
 mod udp;
 
 pub use self::ifaddrs::interface_addresses;
+pub use self::relay::{RelaySetup, RelayState};
 
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -42,11 +44,14 @@ use tun_rs::AsyncDevice;
 use ztmesh_proto::keys::{WgPrivateKey, WgPublicKey};
 use ztmesh_proto::stun::is_stun;
 
+use self::relay::RelayLink;
 use self::tun::{TunRx, TunTx};
 use self::udp::{unmap, TxBatch, Udp};
 use crate::filter::Ruleset;
 use crate::nat::discovery::{Discovery, Response as StunResponse};
-use crate::tunnel::{Device, Output, PeerConfig, PeerStatus, Transmit, MIN_BUFFER, OVERHEAD};
+use crate::tunnel::{
+    Destination, Device, Output, PeerConfig, PeerStatus, Transmit, MIN_BUFFER, OVERHEAD,
+};
 use crate::uapi;
 
 /// Default inner MTU: safe for WireGuard over IPv6 paths with a 1280-byte minimum.
@@ -113,6 +118,8 @@ pub struct Stats {
     pub candidates: Vec<SocketAddr>,
     /// Each STUN server and the reflexive address it last reported.
     pub stun: Vec<(SocketAddr, Option<SocketAddr>)>,
+    /// The relay link (name empty: none).
+    pub relay: RelayState,
 }
 
 /// One peer in [`Stats`].
@@ -122,6 +129,12 @@ pub struct PeerStats {
     pub public_key: WgPublicKey,
     /// Current endpoint.
     pub endpoint: Option<SocketAddr>,
+    /// Where data for the peer goes now (a UDP address or the relay).
+    pub destination: Option<Destination>,
+    /// True while a direct path is fresh.
+    pub direct: bool,
+    /// The path the last authenticated packet from the peer came by.
+    pub last_rx: Option<Destination>,
     /// Wall-clock time of the last completed handshake.
     pub last_handshake: Option<SystemTime>,
     /// Bytes received (WireGuard datagrams).
@@ -139,6 +152,7 @@ enum Command {
     Filter(Option<Ruleset>),
     StunServers(Vec<SocketAddr>),
     LocalAddresses(Vec<IpAddr>),
+    Relay(Option<RelaySetup>),
     Shutdown,
 }
 
@@ -235,6 +249,13 @@ impl DataPlane {
         let _ = self.commands.send(Command::LocalAddresses(addrs));
     }
 
+    /// Sets the relay link: `Some` with the map's relays, this node's
+    /// machine key and the signed map (connects to the first relay, or
+    /// pushes the map to the one already connected); `None` closes it.
+    pub fn set_relay(&self, setup: Option<RelaySetup>) {
+        let _ = self.commands.send(Command::Relay(setup));
+    }
+
     /// This node's endpoint candidates, as of the latest snapshot.
     pub fn candidates(&self) -> Vec<SocketAddr> {
         self.stats
@@ -310,7 +331,11 @@ fn run_thread(
             } else {
                 None
             };
+            let (relay_tx, relay_rx) = mpsc::channel(relay::OUT_QUEUE);
             Ok(Worker {
+                relay: None,
+                relay_tx,
+                relay_rx,
                 discovery: Discovery::new(port),
                 stun_deadline: None,
                 stun_dirty: false,
@@ -343,6 +368,10 @@ fn run_thread(
 
 struct Worker {
     device: Device,
+    relay: Option<RelayLink>,
+    /// Datagrams the relay link received, for the device.
+    relay_tx: mpsc::Sender<(u64, Vec<u8>)>,
+    relay_rx: mpsc::Receiver<(u64, Vec<u8>)>,
     discovery: Discovery,
     /// [`Discovery::poll_timeout`], kept so a turn of the loop does not recompute it.
     stun_deadline: Option<Instant>,
@@ -366,6 +395,7 @@ enum Event {
     Udp4(io::Result<()>),
     Udp6(io::Result<()>),
     Timer,
+    Relay(Option<(u64, Vec<u8>)>),
     Command(Option<Command>),
     Uapi(Option<uapi::Request>),
 }
@@ -429,6 +459,7 @@ impl Worker {
                 r = self.udp4.readable() => Event::Udp4(r),
                 r = readable6(self.udp6.as_ref()) => Event::Udp6(r),
                 r = self.tun.readable() => Event::Tun(r),
+                r = self.relay_rx.recv() => Event::Relay(r),
                 () = &mut timer => Event::Timer,
             };
             let now = Instant::now();
@@ -462,6 +493,12 @@ impl Worker {
                     self.discovery.set_servers(&servers, now);
                     self.stun_dirty = true;
                 }
+                Event::Relay(Some((peer, datagram))) => {
+                    self.relay_datagram(now, peer, &datagram, &mut bufs).await;
+                }
+                // The worker holds a sender: never closed while it runs.
+                Event::Relay(None) => {}
+                Event::Command(Some(Command::Relay(setup))) => self.set_relay(setup),
                 Event::Command(Some(Command::LocalAddresses(addrs))) => {
                     self.discovery.set_local(&addrs);
                     self.stun_dirty = true;
@@ -516,8 +553,15 @@ impl Worker {
                 match self.device.handle_tun(now, packet, free) {
                     Output::Network(t) => {
                         let start = t.packet.as_ptr() as usize - base;
-                        let (to, range) = (t.to, start..start + t.packet.len());
-                        bufs.udp_tx.push(to, range);
+                        let range = start..start + t.packet.len();
+                        match t.to {
+                            Destination::Udp(to) => bufs.udp_tx.push(to, range),
+                            Destination::Relay(peer) => {
+                                // Relayed datagrams leave the batch at once.
+                                let packet = &bufs.udp_tx.free()[range];
+                                Self::relay_send_on(self.relay.as_ref(), peer, packet);
+                            }
+                        }
                     }
                     Output::Tunnel(_) | Output::Done => {}
                     Output::Dropped(reason) => {
@@ -593,7 +637,7 @@ impl Worker {
                             let (to, len) = (t.to, t.packet.len());
                             let start = t.packet.as_ptr() as usize - base;
                             let packet = &bufs.tun_tx.current()[start..start + len];
-                            send_on(&self.udp4, self.udp6.as_ref(), to, packet).await;
+                            self.send_to(to, packet).await;
                         }
                         Output::Done => {}
                         Output::Dropped(reason) => {
@@ -618,7 +662,66 @@ impl Worker {
     }
 
     async fn send(&self, t: &Transmit<'_>) {
-        send_on(&self.udp4, self.udp6.as_ref(), t.to, t.packet).await;
+        self.send_to(t.to, t.packet).await;
+    }
+
+    async fn send_to(&self, to: Destination, packet: &[u8]) {
+        match to {
+            Destination::Udp(addr) => send_on(&self.udp4, self.udp6.as_ref(), addr, packet).await,
+            Destination::Relay(peer) => self.relay_send(peer, packet),
+        }
+    }
+
+    fn relay_send(&self, peer: u64, packet: &[u8]) {
+        Self::relay_send_on(self.relay.as_ref(), peer, packet);
+    }
+
+    fn relay_send_on(relay: Option<&RelayLink>, peer: u64, packet: &[u8]) {
+        match relay {
+            Some(link) => link.send(peer, packet),
+            None => tracing::trace!(peer, "no relay link; datagram dropped"),
+        }
+    }
+
+    /// A datagram from the relay: the same device path as a UDP one.
+    async fn relay_datagram(
+        &mut self,
+        now: Instant,
+        peer: u64,
+        datagram: &[u8],
+        bufs: &mut Buffers,
+    ) {
+        let out = bufs.tun_tx.slot(datagram.len().max(MIN_BUFFER));
+        let base = out.as_ptr() as usize;
+        match self.device.handle_relay(now, peer, datagram, out) {
+            Output::Tunnel(p) => {
+                let start = p.as_ptr() as usize - base;
+                let end = start + p.len();
+                bufs.tun_tx.commit(start, end);
+                bufs.tun_tx.flush(&self.tun).await;
+            }
+            Output::Network(t) => {
+                let (to, len) = (t.to, t.packet.len());
+                let start = t.packet.as_ptr() as usize - base;
+                let packet = &bufs.tun_tx.current()[start..start + len];
+                self.send_to(to, packet).await;
+            }
+            Output::Done => {}
+            Output::Dropped(reason) => {
+                tracing::trace!(reason = reason.as_str(), peer, "relayed datagram dropped");
+            }
+        }
+    }
+
+    fn set_relay(&mut self, setup: Option<RelaySetup>) {
+        match setup {
+            Some(s) if s.relays.is_empty() => self.relay = None,
+            Some(s) => match &self.relay {
+                Some(link) if link.serves(&s.relays) => link.push_map(s.map),
+                _ => self.relay = RelayLink::start(s, self.relay_tx.clone()),
+            },
+            None => self.relay = None,
+        }
     }
 
     /// Discovery's turn: expires stale reflexive addresses, sends the
@@ -645,7 +748,7 @@ impl Worker {
     fn uapi_request(&mut self, req: uapi::Request, now: Instant) {
         match req {
             uapi::Request::Get(reply) => {
-                let peers = self.device.peers();
+                let peers = self.device.peers(now);
                 let state = uapi::State {
                     private_key: self.private_key.clone(),
                     listen_port: self.port,
@@ -660,8 +763,12 @@ impl Worker {
                 let _ = reply.send(state);
             }
             uapi::Request::Set(set, reply) => {
-                let current: Vec<PeerConfig> =
-                    self.device.peers().into_iter().map(|p| p.config).collect();
+                let current: Vec<PeerConfig> = self
+                    .device
+                    .peers(now)
+                    .into_iter()
+                    .map(|p| p.config)
+                    .collect();
                 let result = set.apply(&current, self.port).map(|(key, peers)| {
                     if let Some(key) = key {
                         if key.public() != self.private_key.public() {
@@ -680,17 +787,27 @@ impl Worker {
     #[expect(clippy::disallowed_methods, reason = "stats are stamped in the shell")]
     fn publish_stats(&mut self) {
         let now = Instant::now();
+        let relay_state = self
+            .relay
+            .as_ref()
+            .map(RelayLink::state)
+            .unwrap_or_default();
+        // Checked once a second: data avoids a relay link that is down.
+        self.device.set_relay_up(!relay_state.transport.is_empty());
         let denied = self.device.take_denied_flows();
         let snapshot = Stats {
             public_key: Some(self.device.public_key()),
             listen_port: self.port,
             peers: self
                 .device
-                .peers()
+                .peers(now)
                 .into_iter()
                 .map(|p: PeerStatus| PeerStats {
                     public_key: p.config.public_key,
                     endpoint: p.endpoint,
+                    destination: p.destination,
+                    direct: p.direct,
+                    last_rx: p.last_rx,
                     last_handshake: p.last_handshake.map(|t| wall_clock(now, t)),
                     rx_bytes: p.rx_bytes,
                     tx_bytes: p.tx_bytes,
@@ -713,6 +830,7 @@ impl Worker {
             denied_flows: Default::default(),
             candidates: self.discovery.candidates(),
             stun: self.discovery.reflexive(),
+            relay: relay_state,
         };
         if let Ok(mut s) = self.stats.lock() {
             let mut pending = std::mem::take(&mut s.denied_flows);

@@ -5,7 +5,9 @@
 //!
 //! Driving it (quinn-proto style):
 //! - a packet read from the TUN: [`Device::handle_tun`];
-//! - a UDP datagram: [`Device::handle_udp`];
+//! - a UDP datagram: [`Device::handle_udp`]; a datagram from the relay:
+//!   [`Device::handle_relay`] (the same decapsulation, cryptokey routing and
+//!   filter: the receiver enforces policy on relayed traffic too);
 //! - when [`Device::poll_timeout`] passes: [`Device::handle_timeout`];
 //! - after each of those: [`Device::poll_transmit`] until it returns `None`
 //!   (queued packets flushed after a handshake, handshakes and keepalives from timers).
@@ -15,6 +17,10 @@
 //! rekey after [`REKEY_AFTER`], handshake timestamps for stats and the 250 ms
 //! timer cadence are kept here on the caller's clock, so they are deterministic
 //! in tests.
+//!
+//! Each peer has a [`Path`] (`crate::path`): outputs name a [`Destination`],
+//! a UDP address or the relay, and the timer pass sends the probes that
+//! punch holes and keep a direct path warm.
 
 mod admission;
 mod allowed_ips;
@@ -23,7 +29,7 @@ mod tests;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +45,8 @@ use ztmesh_proto::keys::{WgPrivateKey, WgPublicKey};
 pub use self::admission::{Admission, Admissions};
 pub use self::allowed_ips::AllowedIps;
 use crate::filter::{self, Filter, Verdict};
+pub use crate::path::Destination;
+use crate::path::{Path, PathCounters, Probe};
 
 /// How often boringtun's per-peer timers are driven (as boringtun's own device does).
 pub const TIMER_TICK: Duration = Duration::from_millis(250);
@@ -64,8 +72,23 @@ pub struct PeerConfig {
     pub allowed_ips: Vec<IpNet>,
     /// Where to send to until the peer is heard from another address.
     pub endpoint: Option<SocketAddr>,
+    /// More candidate endpoints to probe (the netmap's other endpoints).
+    pub candidates: Vec<SocketAddr>,
+    /// The peer's id at the relay, when a relay can reach it.
+    pub relay: Option<u64>,
     /// Persistent keepalive interval in seconds (`None` or 0: off).
     pub persistent_keepalive: Option<u16>,
+}
+
+impl PeerConfig {
+    /// The addresses a path probes: the endpoint, then the other candidates.
+    pub fn path_candidates(&self) -> Vec<SocketAddr> {
+        self.endpoint
+            .iter()
+            .chain(self.candidates.iter())
+            .copied()
+            .collect()
+    }
 }
 
 impl fmt::Debug for PeerConfig {
@@ -75,6 +98,8 @@ impl fmt::Debug for PeerConfig {
             .field("preshared_key", &self.preshared_key.map(|_| "<redacted>"))
             .field("allowed_ips", &self.allowed_ips)
             .field("endpoint", &self.endpoint)
+            .field("candidates", &self.candidates)
+            .field("relay", &self.relay)
             .field("persistent_keepalive", &self.persistent_keepalive)
             .finish()
     }
@@ -108,12 +133,15 @@ pub enum DropReason {
     NoEndpoint,
     /// An outbound packet too large for the output buffer.
     TooLarge,
+    /// A datagram from the relay whose claimed source peer id is not the
+    /// peer the datagram belongs to (or no relay peer at all).
+    RelayMismatch,
     /// The inbound filter denied the packet.
     Filtered(filter::Reason),
 }
 
 impl DropReason {
-    const DEVICE: [DropReason; 12] = [
+    const DEVICE: [DropReason; 13] = [
         DropReason::Malformed,
         DropReason::UnknownIndex,
         DropReason::UnknownPeer,
@@ -126,6 +154,7 @@ impl DropReason {
         DropReason::NoRoute,
         DropReason::NoEndpoint,
         DropReason::TooLarge,
+        DropReason::RelayMismatch,
     ];
 
     /// A stable snake_case name for metrics and logs.
@@ -143,6 +172,7 @@ impl DropReason {
             DropReason::NoRoute => "no_route",
             DropReason::NoEndpoint => "no_endpoint",
             DropReason::TooLarge => "too_large",
+            DropReason::RelayMismatch => "relay_mismatch",
             DropReason::Filtered(r) => r.as_str(),
         }
     }
@@ -155,8 +185,8 @@ impl DropReason {
 /// A datagram to send.
 #[derive(Debug)]
 pub struct Transmit<'a> {
-    /// Destination address.
-    pub to: SocketAddr,
+    /// Where it goes: a UDP address or the relay.
+    pub to: Destination,
     /// The datagram, borrowed from the caller's buffer.
     pub packet: &'a [u8],
 }
@@ -164,7 +194,7 @@ pub struct Transmit<'a> {
 /// What to do with the result of one input.
 #[derive(Debug)]
 pub enum Output<'a> {
-    /// Send a UDP datagram.
+    /// Send a datagram (over UDP or through the relay).
     Network(Transmit<'a>),
     /// Write an IP packet to the TUN device.
     Tunnel(&'a [u8]),
@@ -179,8 +209,18 @@ pub enum Output<'a> {
 pub struct PeerStatus {
     /// The configuration the peer was set with.
     pub config: PeerConfig,
-    /// The current endpoint (configured, or learned from authenticated packets).
+    /// The current UDP endpoint: the last address an authenticated packet
+    /// came from, else the configured one.
     pub endpoint: Option<SocketAddr>,
+    /// Where data for the peer goes now.
+    pub destination: Option<Destination>,
+    /// True while a direct path is fresh (authenticated UDP within
+    /// [`crate::path::DIRECT_TIMEOUT`]).
+    pub direct: bool,
+    /// The path the last authenticated packet from the peer came by.
+    pub last_rx: Option<Destination>,
+    /// Probe rounds, upgrades and fallbacks.
+    pub path: PathCounters,
     /// When the last handshake completed, on the caller's clock.
     pub last_handshake: Option<Instant>,
     /// Bytes received from the peer (whole WireGuard datagrams, as wireguard-go counts).
@@ -196,7 +236,8 @@ struct Peer {
     tunn: Option<Box<Tunn>>,
     /// The 24-bit index boringtun puts in the top bits of our receiver indexes.
     index: u32,
-    endpoint: Option<SocketAddr>,
+    path: Path,
+    last_rx: Option<Destination>,
     last_handshake: Option<Instant>,
     initiator: bool,
     last_data_sent: Option<Instant>,
@@ -207,7 +248,7 @@ struct Peer {
 }
 
 enum Out {
-    Net(SocketAddr, Range<usize>),
+    Net(Destination, Range<usize>),
     Tun(Range<usize>),
     Done,
     Drop(DropReason),
@@ -233,6 +274,17 @@ pub struct Device {
     drops: [u64; DropReason::DEVICE.len()],
     flush: Option<usize>,
     timer_cursor: usize,
+    /// Whether the peer at `timer_cursor` already ran its timers this pass
+    /// (its probes come next).
+    timers_done: bool,
+    /// A probe round in progress: the peer's slot and the next target.
+    probing: Option<(usize, usize)>,
+    /// The probe datagram of that round, and its length.
+    probe: [u8; MIN_BUFFER],
+    probe_len: usize,
+    /// The address of a round that only keeps the direct path warm.
+    pending_direct: Option<SocketAddr>,
+    relay_up: bool,
     next_tick: Instant,
     next_sweep: Instant,
 }
@@ -267,6 +319,12 @@ impl Device {
             drops: [0; DropReason::DEVICE.len()],
             flush: None,
             timer_cursor: usize::MAX,
+            timers_done: false,
+            probing: None,
+            probe: [0; MIN_BUFFER],
+            probe_len: 0,
+            pending_direct: None,
+            relay_up: true,
             next_tick: now,
             next_sweep: now,
         }
@@ -320,8 +378,12 @@ impl Device {
                         peer.last_handshake = None;
                     }
                     if config.endpoint.is_some() && config.endpoint != peer.config.endpoint {
-                        peer.endpoint = config.endpoint;
+                        // As WireGuard: a newly configured endpoint replaces
+                        // the learned one.
+                        peer.path.forget_direct();
                     }
+                    peer.path
+                        .update(&config.path_candidates(), config.relay, now);
                     peer.config = config;
                 }
                 None => {
@@ -330,6 +392,18 @@ impl Device {
             }
         }
         self.rebuild_routes();
+    }
+
+    /// Tells every peer's path whether the relay link is up (while it is
+    /// down, data goes to a UDP candidate rather than into a dead link).
+    pub fn set_relay_up(&mut self, up: bool) {
+        if self.relay_up == up {
+            return;
+        }
+        self.relay_up = up;
+        for p in self.peers.iter_mut().flatten() {
+            p.path.set_relay_up(up);
+        }
     }
 
     /// Replaces the inbound filter rules (`None`: accept all from peers).
@@ -355,7 +429,25 @@ impl Device {
         datagram: &[u8],
         out: &'a mut [u8],
     ) -> Output<'a> {
-        let r = self.udp_inner(now, from, datagram, out);
+        let r = self.udp_inner(now, Destination::Udp(from), datagram, out);
+        self.finish(r, out)
+    }
+
+    /// Handles a WireGuard datagram the relay delivered from peer id `from`.
+    ///
+    /// Exactly as [`Device::handle_udp`] (decapsulation, cryptokey routing,
+    /// the filter), and the claimed peer id must be the relay id of the peer
+    /// the datagram belongs to, else it is dropped as
+    /// [`DropReason::RelayMismatch`] before any decryption. A relayed packet
+    /// never becomes the direct path.
+    pub fn handle_relay<'a>(
+        &mut self,
+        now: Instant,
+        from: u64,
+        datagram: &[u8],
+        out: &'a mut [u8],
+    ) -> Output<'a> {
+        let r = self.udp_inner(now, Destination::Relay(from), datagram, out);
         self.finish(r, out)
     }
 
@@ -392,15 +484,19 @@ impl Device {
         })
     }
 
-    /// The state of every peer, in public key order.
-    pub fn peers(&self) -> Vec<PeerStatus> {
+    /// The state of every peer at `now`, in public key order.
+    pub fn peers(&self, now: Instant) -> Vec<PeerStatus> {
         let mut v: Vec<PeerStatus> = self
             .peers
             .iter()
             .flatten()
             .map(|p| PeerStatus {
                 config: p.config.clone(),
-                endpoint: p.endpoint,
+                endpoint: p.path.last_direct().or(p.config.endpoint),
+                destination: p.path.peek(now),
+                direct: p.path.fresh(now).is_some(),
+                last_rx: p.last_rx,
+                path: p.path.counters(),
                 last_handshake: p.last_handshake,
                 rx_bytes: p.rx_bytes,
                 tx_bytes: p.tx_bytes,
@@ -466,13 +562,16 @@ impl Device {
         // with its peers right away instead of waiting for their session to
         // time out.
         let keepalive = Duration::from_secs(u64::from(config.persistent_keepalive.unwrap_or(0)));
-        let last_traffic = match (config.endpoint, keepalive.is_zero()) {
+        let mut path = Path::new(&config.path_candidates(), config.relay, now);
+        path.set_relay_up(self.relay_up);
+        let last_traffic = match (path.peek(now), keepalive.is_zero()) {
             (Some(_), false) => now.checked_sub(keepalive).unwrap_or(now),
             _ => now,
         };
         self.by_key.insert(config.public_key, slot);
         self.peers[slot] = Some(Peer {
-            endpoint: config.endpoint,
+            path,
+            last_rx: None,
             config,
             tunn: None,
             index,
@@ -498,6 +597,9 @@ impl Device {
         self.free.push(slot);
         if self.flush == Some(slot) {
             self.flush = None;
+        }
+        if self.probing.is_some_and(|(s, _)| s == slot) {
+            self.probing = None;
         }
     }
 
@@ -562,7 +664,8 @@ impl Device {
         {
             TunnResult::WriteToNetwork(p) => {
                 let range = range_in(base, p);
-                let Some(to) = peer.endpoint else {
+                peer.path.used(now);
+                let Some(to) = peer.path.destination(now) else {
                     return Out::Drop(DropReason::NoEndpoint);
                 };
                 peer.tx_bytes = peer.tx_bytes.saturating_add(range.len() as u64);
@@ -572,7 +675,10 @@ impl Device {
                 }
                 Out::Net(to, range)
             }
-            TunnResult::Done => Out::Done,
+            TunnResult::Done => {
+                peer.path.used(now);
+                Out::Done
+            }
             TunnResult::Err(_) => Out::Drop(DropReason::NoSession),
             TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => Out::Done,
         }
@@ -581,16 +687,17 @@ impl Device {
     fn udp_inner(
         &mut self,
         now: Instant,
-        from: SocketAddr,
+        from: Destination,
         datagram: &[u8],
         out: &mut [u8],
     ) -> Out {
         if datagram.len() < 8 || out.len() < datagram.len().max(MIN_BUFFER) {
             return Out::Drop(DropReason::Malformed);
         }
+        let source_ip = source_ip(from);
         let kind = datagram[0];
         if kind == 1 || kind == 2 {
-            if let Err(out_early) = self.admit_handshake(now, from, datagram, out) {
+            if let Err(out_early) = self.admit_handshake(now, from, source_ip, datagram, out) {
                 return out_early;
             }
         }
@@ -631,6 +738,14 @@ impl Device {
             }
             _ => return Out::Drop(DropReason::Malformed),
         };
+        if let Destination::Relay(claimed) = from {
+            // The relay names the sender; it must be the peer the datagram
+            // belongs to (a data message's index, a handshake's static key).
+            let owner = self.peers[slot].as_ref().and_then(|p| p.config.relay);
+            if owner != Some(claimed) {
+                return Out::Drop(DropReason::RelayMismatch);
+            }
+        }
         let Self {
             peers,
             routes,
@@ -644,7 +759,7 @@ impl Device {
         let base = out.as_ptr() as usize;
         match peer
             .tunn(private, mac1)
-            .decapsulate(Some(from.ip()), datagram, out)
+            .decapsulate(Some(source_ip), datagram, out)
         {
             TunnResult::WriteToNetwork(p) => {
                 let range = range_in(base, p);
@@ -666,6 +781,7 @@ impl Device {
             TunnResult::WriteToTunnelV4(p, src) => {
                 let range = range_in(base, p);
                 peer.authenticated(now, from, datagram.len());
+                peer.path.used(now);
                 tunnel_out(
                     routes,
                     filter,
@@ -680,6 +796,7 @@ impl Device {
             TunnResult::WriteToTunnelV6(p, src) => {
                 let range = range_in(base, p);
                 peer.authenticated(now, from, datagram.len());
+                peer.path.used(now);
                 tunnel_out(
                     routes,
                     filter,
@@ -720,14 +837,15 @@ impl Device {
     fn admit_handshake(
         &mut self,
         now: Instant,
-        from: SocketAddr,
+        from: Destination,
+        source_ip: IpAddr,
         datagram: &[u8],
         out: &mut [u8],
     ) -> Result<(), Out> {
         let mut reply = [0u8; 64];
         match self
             .mac1
-            .verify_packet(Some(from.ip()), datagram, &mut reply)
+            .verify_packet(Some(source_ip), datagram, &mut reply)
         {
             Ok(Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)) => {}
             Ok(_) => return Err(Out::Drop(DropReason::Malformed)),
@@ -736,14 +854,14 @@ impl Device {
             )) => return Err(Out::Drop(DropReason::Malformed)),
             Err(_) => return Err(Out::Drop(DropReason::HandshakeFailed)),
         }
-        if self.admissions.check(from.ip(), now) == Admission::Admit {
+        if self.admissions.check(source_ip, now) == Admission::Admit {
             return Ok(());
         }
         match self
             .cookies
-            .verify_packet(Some(from.ip()), datagram, &mut reply)
+            .verify_packet(Some(source_ip), datagram, &mut reply)
         {
-            Ok(_) if self.admissions.admit_with_cookie(from.ip(), now) => Ok(()),
+            Ok(_) if self.admissions.admit_with_cookie(source_ip, now) => Ok(()),
             Ok(_) => Err(Out::Drop(DropReason::UnderLoad)),
             Err(TunnResult::WriteToNetwork(c)) => {
                 let n = c.len();
@@ -759,7 +877,7 @@ impl Device {
         }
     }
 
-    fn poll_inner(&mut self, now: Instant, out: &mut [u8]) -> Option<(SocketAddr, Range<usize>)> {
+    fn poll_inner(&mut self, now: Instant, out: &mut [u8]) -> Option<(Destination, Range<usize>)> {
         if out.len() < MIN_BUFFER {
             return None;
         }
@@ -776,7 +894,7 @@ impl Device {
             match tunn.decapsulate(None, &[], out) {
                 TunnResult::WriteToNetwork(p) => {
                     let range = range_in(base, p);
-                    match peer.endpoint {
+                    match peer.path.destination(now) {
                         Some(to) => {
                             peer.tx_bytes = peer.tx_bytes.saturating_add(range.len() as u64);
                             peer.last_data_sent = Some(now);
@@ -789,26 +907,118 @@ impl Device {
                 _ => self.flush = None,
             }
         }
+        if let Some(next) = self.next_probe_target(out) {
+            return Some(next);
+        }
         // Timer outputs are at most a handshake initiation: use a small scratch
         // buffer so that a peer with nothing to send does not hold `out`.
         let mut scratch = [0u8; MIN_BUFFER];
         while self.timer_cursor < self.peers.len() {
             let slot = self.timer_cursor;
-            self.timer_cursor += 1;
             let Some(peer) = self.peers[slot].as_mut() else {
+                self.timer_cursor += 1;
+                self.timers_done = false;
                 continue;
             };
-            let n = peer.timers(now, &self.private, &self.mac1, &mut scratch);
-            if n > 0 {
-                if let Some(to) = peer.endpoint {
-                    peer.tx_bytes = peer.tx_bytes.saturating_add(n as u64);
-                    peer.last_traffic = now;
-                    out[..n].copy_from_slice(&scratch[..n]);
-                    return Some((to, 0..n));
+            if !self.timers_done {
+                self.timers_done = true;
+                let n = peer.timers(now, &self.private, &self.mac1, &mut scratch);
+                if n > 0 {
+                    if let Some(to) = peer.path.destination(now) {
+                        peer.tx_bytes = peer.tx_bytes.saturating_add(n as u64);
+                        peer.last_traffic = now;
+                        out[..n].copy_from_slice(&scratch[..n]);
+                        return Some((to, 0..n));
+                    }
+                }
+            }
+            self.timer_cursor += 1;
+            self.timers_done = false;
+            if self.start_probe(slot, now) {
+                if let Some(next) = self.next_probe_target(out) {
+                    return Some(next);
                 }
             }
         }
         None
+    }
+
+    /// Prepares the probe datagram of peer `slot` when its path asks for
+    /// one: a keepalive when a session exists, else (only while the peer is
+    /// in use) a new handshake initiation, sent to every target. A peer that
+    /// never built its `Tunn` is never probed.
+    fn start_probe(&mut self, slot: usize, now: Instant) -> bool {
+        let Some(peer) = self.peers[slot].as_mut() else {
+            return false;
+        };
+        if peer.tunn.is_none() {
+            return false;
+        }
+        let probe = peer.path.poll_probe(now);
+        if probe == Probe::None {
+            return false;
+        }
+        let has_session = peer.tunn.as_deref().is_some_and(|t| t.stats().0.is_some());
+        let in_use = peer.path.in_use(now);
+        let (private, mac1) = (&self.private, &self.mac1);
+        let tunn = peer.tunn(private, mac1);
+        let r = if has_session {
+            tunn.encapsulate(&[], &mut self.probe)
+        } else if in_use && probe == Probe::Candidates {
+            tunn.format_handshake_initiation(&mut self.probe, true)
+        } else {
+            return false;
+        };
+        let TunnResult::WriteToNetwork(p) = r else {
+            return false;
+        };
+        self.probe_len = p.len();
+        self.probing = Some((slot, 0));
+        peer.last_traffic = now;
+        if let Probe::Direct(addr) = probe {
+            // One target: the direct path (index 0 of a one-address round).
+            self.probing = Some((slot, usize::MAX));
+            let n = self.probe_len;
+            peer.tx_bytes = peer.tx_bytes.saturating_add(n as u64);
+            self.pending_direct = Some(addr);
+        }
+        true
+    }
+
+    /// The next datagram of the probe round in progress.
+    fn next_probe_target(&mut self, out: &mut [u8]) -> Option<(Destination, Range<usize>)> {
+        let (slot, i) = self.probing?;
+        let n = self.probe_len;
+        let peer = self.peers.get_mut(slot).and_then(Option::as_mut);
+        let (Some(peer), Some(dst)) = (peer, out.get_mut(..n)) else {
+            self.probing = None;
+            return None;
+        };
+        let to = if i == usize::MAX {
+            self.probing = None;
+            Destination::Udp(self.pending_direct.take()?)
+        } else {
+            match peer.path.probe_target(i) {
+                Some(addr) => {
+                    self.probing = Some((slot, i + 1));
+                    Destination::Udp(addr)
+                }
+                None => {
+                    self.probing = None;
+                    // A handshake initiation also goes through the relay:
+                    // it replaced any initiation in flight there.
+                    match (self.probe[0], peer.path.relay()) {
+                        (1, Some(id)) => Destination::Relay(id),
+                        _ => return None,
+                    }
+                }
+            }
+        };
+        if i != usize::MAX {
+            peer.tx_bytes = peer.tx_bytes.saturating_add(n as u64);
+        }
+        dst.copy_from_slice(&self.probe[..n]);
+        Some((to, 0..n))
     }
 }
 
@@ -828,8 +1038,13 @@ impl Peer {
         })
     }
 
-    fn authenticated(&mut self, now: Instant, from: SocketAddr, len: usize) {
-        self.endpoint = Some(from);
+    /// An authenticated packet from the peer arrived by `from`: only a UDP
+    /// source becomes (or refreshes) the direct path.
+    fn authenticated(&mut self, now: Instant, from: Destination, len: usize) {
+        if let Destination::Udp(addr) = from {
+            self.path.heard_udp(addr, now);
+        }
+        self.last_rx = Some(from);
         self.rx_bytes = self.rx_bytes.saturating_add(len as u64);
         self.last_traffic = now;
     }
@@ -867,7 +1082,7 @@ impl Peer {
         // Without an endpoint the keepalive could not be sent: do not build
         // a `Tunn` for it.
         if keepalive > 0
-            && self.endpoint.is_some()
+            && self.path.peek(now).is_some()
             && now.duration_since(self.last_traffic) >= Duration::from_secs(u64::from(keepalive))
         {
             self.last_traffic = now;
@@ -901,6 +1116,19 @@ fn tunnel_out(
     match filter.inbound(now, index, packet) {
         Verdict::Allow => Ok(()),
         Verdict::Deny(r) => Err(DropReason::Filtered(r)),
+    }
+}
+
+/// The address admission and cookies key on: the UDP source, or for the
+/// relay a per-peer address in its own /64 (fd00::/8, never on a wire), so
+/// each relayed peer has its own handshake budget.
+fn source_ip(from: Destination) -> IpAddr {
+    match from {
+        Destination::Udp(a) => a.ip(),
+        Destination::Relay(id) => {
+            let id = u128::from(id & 0x00ff_ffff_ffff_ffff);
+            IpAddr::V6(Ipv6Addr::from((0xfd_u128 << 120) | (id << 64)))
+        }
     }
 }
 

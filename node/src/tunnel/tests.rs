@@ -32,9 +32,13 @@ struct Node {
 /// A virtual network: nodes, in-flight datagrams and a clock.
 struct Net {
     nodes: Vec<Node>,
-    wire: VecDeque<(SocketAddr, SocketAddr, Vec<u8>)>,
+    wire: VecDeque<(SocketAddr, Destination, Vec<u8>)>,
     now: Instant,
-    captured: Vec<(SocketAddr, Vec<u8>)>,
+    captured: Vec<(Destination, Vec<u8>)>,
+    /// Underlay addresses that drop everything sent to them (a dead path).
+    blackholed: Vec<SocketAddr>,
+    /// Datagrams the relay carried.
+    relayed: usize,
 }
 
 fn key(seed: u8) -> WgPrivateKey {
@@ -48,6 +52,8 @@ fn peer_of(n: &Node, allowed: &[&str], keepalive: Option<u16>) -> PeerConfig {
         preshared_key: None,
         allowed_ips: allowed.iter().map(|s| s.parse().unwrap()).collect(),
         endpoint: Some(n.addr),
+        candidates: Vec::new(),
+        relay: None,
         persistent_keepalive: keepalive,
     }
 }
@@ -73,6 +79,8 @@ impl Net {
             wire: VecDeque::new(),
             now,
             captured: Vec::new(),
+            blackholed: Vec::new(),
+            relayed: 0,
         }
     }
 
@@ -127,10 +135,44 @@ impl Net {
     fn deliver_one(&mut self) -> Option<Result<(), DropReason>> {
         let (from, to, data) = self.wire.pop_front()?;
         self.captured.push((to, data.clone()));
-        let Some(i) = self.index_of(to) else {
-            return Some(Ok(()));
+        match to {
+            Destination::Udp(to) => {
+                if self.blackholed.contains(&to) || self.blackholed.contains(&from) {
+                    return Some(Ok(()));
+                }
+                let Some(i) = self.index_of(to) else {
+                    return Some(Ok(()));
+                };
+                Some(self.inject(i, from, &data))
+            }
+            // The relay: node i is peer id i + 1; the source is the sender's id.
+            Destination::Relay(id) => {
+                self.relayed += 1;
+                let i = usize::try_from(id).ok()?.checked_sub(1)?;
+                let src = self.index_of(from)? as u64 + 1;
+                Some(self.inject_relay(i, src, &data))
+            }
+        }
+    }
+
+    fn inject_relay(&mut self, i: usize, src: u64, data: &[u8]) -> Result<(), DropReason> {
+        let mut out = [0u8; BUF];
+        let now = self.now;
+        let me = self.nodes[i].addr;
+        let r = match self.nodes[i].dev.handle_relay(now, src, data, &mut out) {
+            Output::Network(t) => {
+                self.wire.push_back((me, t.to, t.packet.to_vec()));
+                Ok(())
+            }
+            Output::Tunnel(p) => {
+                self.nodes[i].tun_rx.push(p.to_vec());
+                Ok(())
+            }
+            Output::Done => Ok(()),
+            Output::Dropped(r) => Err(r),
         };
-        Some(self.inject(i, from, &data))
+        self.drain(i);
+        r
     }
 
     fn inject(&mut self, i: usize, from: SocketAddr, data: &[u8]) -> Result<(), DropReason> {
@@ -214,7 +256,7 @@ fn handshake_then_data_both_ways() {
 
     let now = net.now;
     for n in &net.nodes {
-        let st = n.dev.peers();
+        let st = n.dev.peers(net.now);
         assert_eq!(st.len(), 1);
         assert_eq!(st[0].last_handshake, Some(now));
         assert!(st[0].rx_bytes > 0 && st[0].tx_bytes > 0);
@@ -233,14 +275,14 @@ fn learns_the_endpoint_only_from_authenticated_packets() {
     junk.extend_from_slice(&[0; 40]);
     let _ = net.inject(1, roamed, &junk);
     assert_eq!(
-        net.nodes[1].dev.peers()[0].endpoint,
+        net.nodes[1].dev.peers(net.now)[0].endpoint,
         Some(net.nodes[0].addr)
     );
     // A real packet replayed from a new address is dropped too (replay window).
     let (_, data) = net.captured.last().unwrap().clone();
     assert_eq!(net.inject(1, roamed, &data), Err(DropReason::Replay));
     assert_eq!(
-        net.nodes[1].dev.peers()[0].endpoint,
+        net.nodes[1].dev.peers(net.now)[0].endpoint,
         Some(net.nodes[0].addr)
     );
 }
@@ -262,7 +304,9 @@ fn persistent_keepalive_runs_on_the_callers_clock() {
     let keepalives = |net: &Net, from: usize| {
         net.captured[before..]
             .iter()
-            .filter(|(to, d)| *to == net.nodes[1 - from].addr && d[0] == 4 && d.len() == 32)
+            .filter(|(to, d)| {
+                *to == Destination::Udp(net.nodes[1 - from].addr) && d[0] == 4 && d.len() == 32
+            })
             .count()
     };
     assert_eq!(keepalives(&net, 0), 0, "no keepalive before the interval");
@@ -287,7 +331,7 @@ fn new_peer_with_keepalive_handshakes_on_the_first_tick() {
     net.nodes[1].dev.set_peers(vec![to_a], now);
     net.advance(TIMER_TICK);
     assert!(
-        net.nodes[0].dev.peers()[0].last_handshake.is_some(),
+        net.nodes[0].dev.peers(net.now)[0].last_handshake.is_some(),
         "handshake completed within one timer tick"
     );
     // Without keepalive nothing is sent until there is traffic.
@@ -327,8 +371,8 @@ fn initiator_rekeys_after_120_seconds() {
     assert_ne!(receiver_index(&last), first, "data uses the new session");
     assert_eq!(net.nodes[1].tun_rx.len(), 4);
     assert_eq!(
-        net.nodes[0].dev.peers()[0].last_handshake,
-        net.nodes[1].dev.peers()[0].last_handshake
+        net.nodes[0].dev.peers(net.now)[0].last_handshake,
+        net.nodes[1].dev.peers(net.now)[0].last_handshake
     );
 }
 
@@ -495,7 +539,11 @@ fn handshake_flood_gets_cookie_replies() {
         let now = net.now;
         if let Output::Network(t) = net.nodes[1].dev.handle_udp(now, attacker, &init, &mut out) {
             if t.packet[0] == 3 {
-                assert_eq!(t.to, attacker, "cookies go to the packet's source");
+                assert_eq!(
+                    t.to,
+                    Destination::Udp(attacker),
+                    "cookies go to the packet's source"
+                );
                 cookies += 1;
             }
         }
@@ -503,7 +551,7 @@ fn handshake_flood_gets_cookie_replies() {
     assert!(cookies > 100, "got {cookies} cookie replies");
     // Replayed initiations never move the peer's endpoint.
     assert_eq!(
-        net.nodes[1].dev.peers()[0].endpoint,
+        net.nodes[1].dev.peers(net.now)[0].endpoint,
         Some(net.nodes[0].addr)
     );
     assert!(net.nodes[1].dev.drop_count(DropReason::HandshakeFailed) > 0);
@@ -651,7 +699,7 @@ fn one_flooding_source_does_not_starve_another_peers_handshake() {
     );
     assert!(net.nodes[1]
         .dev
-        .peers()
+        .peers(net.now)
         .iter()
         .any(|s| s.config.public_key == net.nodes[2].key.public() && s.last_handshake.is_some()));
 }
@@ -682,6 +730,9 @@ fn under_global_load_a_peer_completes_its_handshake_with_a_cookie() {
         other => panic!("expected a cookie reply, got {other:?}"),
     };
     assert_eq!(cookie[0], 3, "a cookie reply, not a handshake response");
+    let Destination::Udp(to) = to else {
+        panic!("a UDP destination");
+    };
     assert_eq!(net.inject(2, to, &cookie), Ok(()));
     // boringtun would resend after its retry timer; force the resend now.
     let slot = net.nodes[2].dev.by_key[&net.nodes[1].key.public()];
@@ -695,11 +746,208 @@ fn under_global_load_a_peer_completes_its_handshake_with_a_cookie() {
         TunnResult::WriteToNetwork(b) => b.len(),
         _ => panic!("no initiation"),
     };
-    net.wire.push_back((from, to, init2[..n].to_vec()));
+    net.wire
+        .push_back((from, Destination::Udp(to), init2[..n].to_vec()));
     assert!(net.run().is_empty());
     assert_eq!(
         net.nodes[1].tun_rx.last(),
         Some(&p),
         "the handshake completed"
     );
+}
+
+/// A full mesh where every peer is reachable through the relay as id
+/// `index + 1`, with a dead LAN candidate listed first.
+fn relay_mesh(n: u8) -> Net {
+    let mut net = Net::new(n);
+    for i in 0..n as usize {
+        let peers = (0..n as usize)
+            .filter(|j| *j != i)
+            .map(|j| {
+                let ip = format!("{}/32", net.nodes[j].ip);
+                let mut p = peer_of(&net.nodes[j], &[&ip], None);
+                p.endpoint = Some(SocketAddr::from(([198, 19, 9, j as u8 + 1], 51820)));
+                p.candidates = vec![net.nodes[j].addr];
+                p.relay = Some(j as u64 + 1);
+                p
+            })
+            .collect();
+        let now = net.now;
+        net.nodes[i].dev.set_peers(peers, now);
+    }
+    net
+}
+
+fn destination(net: &Net, i: usize) -> Option<Destination> {
+    net.nodes[i].dev.peers(net.now)[0].destination
+}
+
+#[test]
+fn traffic_starts_on_the_relay_and_upgrades_to_the_candidate_that_answers() {
+    let mut net = relay_mesh(2);
+    assert_eq!(destination(&net, 0), Some(Destination::Relay(2)));
+    let p = net.ping(0, 1, 1);
+    net.send_ip(0, &p).unwrap();
+    assert!(net.run().is_empty());
+    assert_eq!(
+        net.nodes[1].tun_rx,
+        vec![p],
+        "the handshake and the ping went via the relay"
+    );
+    assert!(net.relayed > 0);
+    assert_eq!(
+        net.nodes[1].dev.peers(net.now)[0].last_rx,
+        Some(Destination::Relay(1))
+    );
+    // Probe rounds on the next timer passes; node 1 answers a probe and
+    // both sides hold an authenticated UDP path.
+    for id in 2..6 {
+        let p = net.ping(0, 1, id);
+        net.send_ip(0, &p).unwrap();
+        let back = net.ping(1, 0, id);
+        net.send_ip(1, &back).unwrap();
+        net.advance(Duration::from_millis(500));
+    }
+    let direct_0 = Some(Destination::Udp(net.nodes[1].addr));
+    let direct_1 = Some(Destination::Udp(net.nodes[0].addr));
+    assert_eq!(destination(&net, 0), direct_0);
+    assert_eq!(destination(&net, 1), direct_1);
+    assert!(net.nodes[0].dev.peers(net.now)[0].direct);
+    // Data now goes direct: nothing more through the relay.
+    let relayed = net.relayed;
+    let p = net.ping(0, 1, 9);
+    net.send_ip(0, &p).unwrap();
+    assert!(net.run().is_empty());
+    assert_eq!(net.nodes[1].tun_rx.last(), Some(&p));
+    assert_eq!(net.relayed, relayed);
+    assert_eq!(
+        net.nodes[1].dev.peers(net.now)[0].last_rx,
+        Some(Destination::Udp(net.nodes[0].addr))
+    );
+    // The dead candidate was probed but never became the path.
+    let dead = SocketAddr::from(([198, 19, 9, 2], 51820));
+    assert!(net
+        .captured
+        .iter()
+        .any(|(to, _)| *to == Destination::Udp(dead)));
+}
+
+#[test]
+fn a_dead_direct_path_falls_back_to_the_relay_and_returns_when_restored() {
+    let mut net = relay_mesh(2);
+    for id in 1..6 {
+        net.send_ip(0, &net.ping(0, 1, id)).unwrap();
+        net.send_ip(1, &net.ping(1, 0, id)).unwrap();
+        net.advance(Duration::from_millis(500));
+    }
+    assert_eq!(
+        destination(&net, 0),
+        Some(Destination::Udp(net.nodes[1].addr))
+    );
+    // The NAT routers now drop UDP between them; traffic keeps flowing.
+    net.blackholed = vec![net.nodes[0].addr, net.nodes[1].addr];
+    let mut delivered = 0;
+    for id in 10..30 {
+        let p = net.ping(0, 1, id);
+        net.send_ip(0, &p).unwrap();
+        net.send_ip(1, &net.ping(1, 0, id)).unwrap();
+        net.run();
+        if net.nodes[1].tun_rx.last() == Some(&p) {
+            delivered += 1;
+        }
+        net.advance(Duration::from_millis(500));
+    }
+    assert_eq!(destination(&net, 0), Some(Destination::Relay(2)));
+    assert_eq!(destination(&net, 1), Some(Destination::Relay(1)));
+    assert!(net.nodes[0].dev.peers(net.now)[0].path.fallbacks >= 1);
+    // Lost only while the direct path timed out (at most DIRECT_TIMEOUT of 0.5 s steps).
+    assert!(delivered >= 20 - 11, "{delivered} of 20 pings crossed");
+    // Restored: direct again.
+    net.blackholed.clear();
+    for id in 40..46 {
+        net.send_ip(0, &net.ping(0, 1, id)).unwrap();
+        net.send_ip(1, &net.ping(1, 0, id)).unwrap();
+        net.advance(Duration::from_millis(500));
+    }
+    assert_eq!(
+        destination(&net, 0),
+        Some(Destination::Udp(net.nodes[1].addr))
+    );
+}
+
+#[test]
+fn a_relayed_datagram_claiming_another_peer_is_dropped_and_counted() {
+    let mut net = relay_mesh(3);
+    net.send_ip(0, &net.ping(0, 1, 1)).unwrap();
+    net.send_ip(2, &net.ping(2, 1, 1)).unwrap();
+    assert!(net.run().is_empty());
+    // Node 0's next data message to node 1, delivered by a lying relay as
+    // coming from node 2 (id 3).
+    let p = net.ping(0, 1, 2);
+    let mut out = [0u8; BUF];
+    let now = net.now;
+    let Output::Network(t) = net.nodes[0].dev.handle_tun(now, &p, &mut out) else {
+        panic!("an encrypted datagram");
+    };
+    let data = t.packet.to_vec();
+    assert_eq!(
+        net.inject_relay(1, 3, &data),
+        Err(DropReason::RelayMismatch)
+    );
+    // An id that is no peer at all.
+    assert_eq!(
+        net.inject_relay(1, 77, &data),
+        Err(DropReason::RelayMismatch)
+    );
+    assert_eq!(net.nodes[1].dev.drop_count(DropReason::RelayMismatch), 2);
+    // The same datagram with the true id is delivered (and it was not
+    // consumed by the refused attempts).
+    assert_eq!(net.inject_relay(1, 1, &data), Ok(()));
+    assert_eq!(net.nodes[1].tun_rx.last(), Some(&p));
+    // Garbage claiming a real peer does not decrypt.
+    let now = net.now;
+    let Output::Network(t) = net.nodes[0].dev.handle_tun(now, &p, &mut out) else {
+        panic!("an encrypted datagram");
+    };
+    let mut forged = t.packet.to_vec();
+    forged[20] ^= 0xff;
+    assert_eq!(net.inject_relay(1, 1, &forged), Err(DropReason::Decrypt));
+    // Relayed packets never became a direct path.
+    assert!(!net.nodes[1].dev.peers(net.now).iter().any(|s| s.direct));
+}
+
+#[test]
+fn garbage_from_an_unknown_address_never_becomes_the_path() {
+    let mut net = relay_mesh(2);
+    net.send_ip(0, &net.ping(0, 1, 1)).unwrap();
+    assert!(net.run().is_empty());
+    let stranger: SocketAddr = "198.18.0.99:4444".parse().unwrap();
+    let (_, data) = net.captured.last().unwrap().clone();
+    let mut junk = data.clone();
+    junk[30] ^= 1;
+    let _ = net.inject(1, stranger, &junk);
+    let _ = net.inject(1, stranger, &data);
+    let st = &net.nodes[1].dev.peers(net.now)[0];
+    assert!(!st.direct);
+    assert_eq!(st.destination, Some(Destination::Relay(1)));
+}
+
+#[test]
+fn the_receiver_filters_relayed_traffic_like_direct_traffic() {
+    let mut net = relay_mesh(2);
+    let ip1 = net.nodes[1].ip;
+    net.nodes[1].dev.set_filter(managed(ip1, vec![]));
+    let p = net.ping(0, 1, 1);
+    net.send_ip(0, &p).unwrap();
+    let drops = net.run();
+    assert_eq!(drops, vec![DropReason::Filtered(filter::Reason::NoRule)]);
+    assert!(net.nodes[1].tun_rx.is_empty());
+    assert!(net.relayed > 0, "it came through the relay");
+}
+
+#[test]
+fn idle_peers_without_a_session_are_never_probed() {
+    let mut net = relay_mesh(3);
+    net.advance(Duration::from_secs(120));
+    assert!(net.captured.is_empty(), "{} datagrams", net.captured.len());
 }
