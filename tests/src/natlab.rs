@@ -99,7 +99,8 @@ pub enum Masquerade {
 }
 
 /// Links `lan` behind `router` (198.19.`n`.0/24) and makes the router NAT it
-/// onto the internet with nftables masquerade.
+/// onto the internet with nftables masquerade; the router refuses new
+/// connections from the internet to itself, as home routers do.
 pub fn nat_router(router: &Netns, lan: &Netns, n: u8, masquerade: Masquerade) {
     router.run_ok([
         "ip",
@@ -167,6 +168,27 @@ pub fn nat_router(router: &Netns, lan: &Netns, n: u8, masquerade: Masquerade) {
                 "{ type nat hook postrouting priority 100 ; policy accept ; }",
             ],
             &rule,
+            // Like any home router's firewall, nothing from the internet
+            // may open a connection to the router itself. Without it, a
+            // peer's hole-punching probe that arrives before this side's
+            // own probe left would be accepted for local delivery (port
+            // unreachable) and its conntrack entry would hold the outside
+            // port, so masquerade would give this side's probe another
+            // port and the two never meet (seen in relay_paths.rs). Dropped
+            // in `input`, the entry is never confirmed.
+            &["add", "table", "inet", "wan"],
+            &[
+                "add",
+                "chain",
+                "inet",
+                "wan",
+                "input",
+                "{ type filter hook input priority 0 ; policy accept ; }",
+            ],
+            &[
+                "add", "rule", "inet", "wan", "input", "iifname", "eth0", "ct", "state", "new",
+                "drop",
+            ],
         ],
     );
 }
