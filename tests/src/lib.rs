@@ -32,6 +32,8 @@
     reason = "the test harness drives real processes on the real clock"
 )]
 
+pub mod natlab;
+
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fmt;

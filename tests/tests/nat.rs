@@ -28,12 +28,14 @@
 
 use std::ffi::OsStr;
 use std::net::SocketAddr;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::ExitStatus;
 use std::time::Duration;
 
 use serde_json::Value;
+use ztmesh_tests::natlab::{
+    admin_ok, block_udp, controller_url, lan_addr, nat_router, node_cli, run_cli, start_controller,
+    start_daemon, up, CliOut, Masquerade, NodeDirs, WG_PORT,
+};
 use ztmesh_tests::{bin_path, require_root_or_skip, wait_until, Netns, Proc, TempDir, Topology};
 
 const STUN: &str = "stun";
@@ -41,10 +43,6 @@ const HOME_ROUTER: &str = "home-router";
 const SYM_ROUTER: &str = "sym-router";
 const CONTROLLER: &str = "controller";
 const STUN_PORTS: [u16; 2] = [3478, 3479];
-const CONTROLLER_PORT: u16 = 8443;
-const WG_PORT: u16 = 41641;
-/// How long a command may run before the test gives up on it.
-const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------
 // netcheck
@@ -119,23 +117,7 @@ fn netcheck_with_udp_blocked_reports_blocked_and_exits_zero() {
         return;
     }
     let lab = NatLab::new(false);
-    nft(
-        lab.topo.ns(HOME_ROUTER),
-        &[
-            &["add", "table", "inet", "udpblock"],
-            &[
-                "add",
-                "chain",
-                "inet",
-                "udpblock",
-                "drop_udp",
-                "{ type filter hook forward priority 0 ; policy accept ; }",
-            ],
-            &[
-                "add", "rule", "inet", "udpblock", "drop_udp", "meta", "l4proto", "udp", "drop",
-            ],
-        ],
-    );
+    block_udp(lab.topo.ns(HOME_ROUTER));
     let out = lab.netcheck(&lab.home, &[]);
     assert!(out.status.success(), "exit 0 with the report: {out}");
     assert!(out.stdout.contains("UDP: blocked"), "{out}");
@@ -264,7 +246,7 @@ fn netmap_relays_are_the_stun_servers_of_the_daemon_and_of_netcheck() {
         "--state-dir",
         state,
     ];
-    let out = lab.run(&lab.home, &args);
+    let out = run_cli(&lab.home, &args);
     assert!(out.status.success(), "{out}");
     assert!(out.stdout.contains("UDP: yes"), "{out}");
     assert!(
@@ -295,43 +277,6 @@ struct NatLab {
     topo: Topology,
 }
 
-/// The captured result of one bounded command.
-struct CliOut {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Display for CliOut {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit: {}\nstdout:\n{}\nstderr:\n{}",
-            self.status, self.stdout, self.stderr
-        )
-    }
-}
-
-/// A node's state dir, local socket and UAPI dir, removed at the end.
-struct NodeDirs {
-    state: PathBuf,
-    socket: PathBuf,
-    uapi: PathBuf,
-    _dir: TempDir,
-}
-
-impl NodeDirs {
-    fn new(tag: &str) -> Self {
-        let dir = TempDir::new(&format!("node-{tag}"));
-        Self {
-            state: dir.join("state"),
-            socket: dir.join("ztmesh.sock"),
-            uapi: dir.join("uapi"),
-            _dir: dir,
-        }
-    }
-}
-
 impl NatLab {
     fn new(with_controller: bool) -> Self {
         let mut names = vec![STUN, HOME_ROUTER, SYM_ROUTER];
@@ -341,8 +286,8 @@ impl NatLab {
         let topo = Topology::new(&names);
         let home = Netns::new("home");
         let sym = Netns::new("sym");
-        nat_router(topo.ns(HOME_ROUTER), &home, 1, false);
-        nat_router(topo.ns(SYM_ROUTER), &sym, 2, true);
+        nat_router(topo.ns(HOME_ROUTER), &home, 1, Masquerade::Plain);
+        nat_router(topo.ns(SYM_ROUTER), &sym, 2, Masquerade::FullyRandom);
         let stun_ip = topo.addr(STUN);
         let specs: Vec<String> = STUN_PORTS
             .iter()
@@ -389,7 +334,7 @@ impl NatLab {
             args.extend(["--stun", s.as_str()]);
         }
         args.extend_from_slice(extra);
-        self.run(ns, &args)
+        run_cli(ns, &args)
     }
 
     fn netcheck_json(&self, ns: &Netns) -> Value {
@@ -399,57 +344,18 @@ impl NatLab {
             .unwrap_or_else(|e| panic!("netcheck --json is not JSON ({e}): {out}"))
     }
 
-    /// Runs a command to completion in `ns`, killing it after [`CLI_TIMEOUT`].
-    fn run(&self, ns: &Netns, args: &[&str]) -> CliOut {
-        let mut proc = ns.spawn("cli", args);
-        match proc.wait_exit(CLI_TIMEOUT) {
-            Some(status) => CliOut {
-                status,
-                stdout: proc.stdout(),
-                stderr: proc.stderr(),
-            },
-            None => {
-                let logs = proc.logs();
-                proc.kill9();
-                panic!(
-                    "`{}` did not finish within {CLI_TIMEOUT:?}\n{logs}",
-                    args.join(" ")
-                );
-            }
-        }
+    fn data_dir(&self) -> PathBuf {
+        self.controller_dir.join("data")
     }
 
     /// Starts `ztmesh-controller serve` (with `--relay-file` when given) and
     /// waits until it answers.
     fn start_controller(&mut self, relay_file: Option<&std::path::Path>) {
-        let bin = bin_path("ztmesh-controller");
-        let mut cmd = self.topo.ns(CONTROLLER).command(&bin);
-        cmd.arg("serve")
-            .arg("--data-dir")
-            .arg(self.controller_dir.join("data"))
-            .args(["--listen", &format!("[::]:{CONTROLLER_PORT}")])
-            .env("ZTMESH_LOG", "debug");
-        if let Some(f) = relay_file {
-            cmd.arg("--relay-file").arg(f);
-        }
-        let mut proc = Proc::spawn("controller/ztmesh-controller", cmd);
-        let addr = self.topo.addr(CONTROLLER).to_string();
-        let ready = wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
-            !proc.is_running()
-                || (self
-                    .topo
-                    .ns(CONTROLLER)
-                    .tcp_connect(&addr, CONTROLLER_PORT, Duration::from_millis(200))
-                    .is_ok()
-                    && self
-                        .admin(&["nodes", "list", "-o", "json"])
-                        .status
-                        .success())
-        });
-        assert!(
-            ready.is_ok() && proc.is_running(),
-            "controller not ready\n{}",
-            proc.logs()
+        let proc = start_controller(
+            self.topo.ns(CONTROLLER),
+            self.topo.addr(CONTROLLER),
+            &self.data_dir(),
+            relay_file,
         );
         self.controller = Some(proc);
     }
@@ -462,52 +368,21 @@ impl NatLab {
             .admin_ok(&["keys", "create", "--user", "alice@example.com"])
             .trim()
             .to_owned();
-        let bin = bin_path("ztmesh");
-        let mut cmd = self.home.command(&bin);
-        cmd.arg("daemon")
-            .arg("--state-dir")
-            .arg(&node.state)
-            .arg("--socket")
-            .arg(&node.socket)
-            .args(["--interface", "ztm0", "--port", &WG_PORT.to_string()])
-            .arg("--uapi-dir")
-            .arg(&node.uapi)
-            .args(extra)
-            .env("ZTMESH_LOG", "debug");
-        let mut daemon = Proc::spawn("home/ztmesh-daemon", cmd);
-        let socket = node.socket.clone();
-        let ready = wait_until(Duration::from_secs(20), Duration::from_millis(20), || {
-            !daemon.is_running() || UnixStream::connect(&socket).is_ok()
-        });
-        assert!(
-            ready.is_ok() && daemon.is_running(),
-            "daemon did not open its socket\n{}",
-            daemon.logs()
-        );
-        let url = format!("https://{}:{CONTROLLER_PORT}", self.topo.addr(CONTROLLER));
-        let up = self.run(
+        let daemon = start_daemon(&self.home, node, extra);
+        up(
             &self.home,
-            &[
-                bin.to_str().expect("utf-8 path"),
-                "up",
-                "--controller",
-                &url,
-                "--auth-key",
-                &key,
-                "--hostname",
-                "home",
-                "--socket",
-                node.socket.to_str().expect("utf-8 temp path"),
-            ],
+            node,
+            &controller_url(self.topo.addr(CONTROLLER)),
+            &key,
+            "home",
         );
-        assert!(up.status.success(), "ztmesh up: {up}\n{}", daemon.logs());
         daemon
     }
 
     /// Waits until the controller lists `home`'s LAN endpoint and the home
     /// router's outside address, both with the WireGuard port; returns them.
     fn wait_home_endpoints(&self, daemon: &Proc) -> (String, String) {
-        let lan = format!("198.19.1.2:{WG_PORT}");
+        let lan = format!("{}:{WG_PORT}", lan_addr(1));
         let reflexive = format!("{}:{WG_PORT}", self.topo.addr(HOME_ROUTER));
         let reported = wait_until(Duration::from_secs(30), Duration::from_millis(250), || {
             let listed = self.admin_ok(&["nodes", "list", "-o", "json"]);
@@ -526,116 +401,12 @@ impl NatLab {
 
     /// `ztmesh status -o json` of the `home` daemon.
     fn home_status(&self, node: &NodeDirs) -> Value {
-        let bin = bin_path("ztmesh");
-        let out = self.run(
-            &self.home,
-            &[
-                bin.to_str().expect("utf-8 path"),
-                "status",
-                "-o",
-                "json",
-                "--socket",
-                node.socket.to_str().expect("utf-8 temp path"),
-            ],
-        );
+        let out = node_cli(&self.home, node, &["status", "-o", "json"]);
         serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("status -o json ({e}): {out}"))
     }
 
-    fn admin(&self, args: &[&str]) -> CliOut {
-        let bin = bin_path("ztmesh-controller");
-        let data = self.controller_dir.join("data");
-        let mut full: Vec<&str> = vec![bin.to_str().expect("utf-8 path")];
-        full.extend_from_slice(args);
-        full.extend(["--data-dir", data.to_str().expect("utf-8 temp path")]);
-        self.run(self.topo.ns(CONTROLLER), &full)
-    }
-
     fn admin_ok(&self, args: &[&str]) -> String {
-        let out = self.admin(args);
-        assert!(out.status.success(), "ztmesh-controller {args:?}: {out}");
-        out.stdout
-    }
-}
-
-/// Links `lan` behind `router` (198.19.N.0/24) and makes the router NAT it
-/// onto the internet with nftables masquerade.
-fn nat_router(router: &Netns, lan: &Netns, n: u8, fully_random: bool) {
-    router.run_ok([
-        "ip",
-        "link",
-        "add",
-        "eth1",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        lan.name(),
-    ]);
-    router.run_ok([
-        "ip",
-        "addr",
-        "add",
-        &format!("198.19.{n}.1/24"),
-        "dev",
-        "eth1",
-    ]);
-    router.set_link("eth1", true);
-    router.run_ok(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
-    lan.run_ok([
-        "ip",
-        "addr",
-        "add",
-        &format!("198.19.{n}.2/24"),
-        "dev",
-        "eth0",
-    ]);
-    lan.set_link("eth0", true);
-    lan.run_ok([
-        "ip",
-        "route",
-        "add",
-        "default",
-        "via",
-        &format!("198.19.{n}.1"),
-    ]);
-    let mut rule = vec![
-        "add",
-        "rule",
-        "ip",
-        "nat",
-        "post",
-        "oifname",
-        "eth0",
-        "masquerade",
-    ];
-    if fully_random {
-        rule.push("fully-random");
-    }
-    nft(
-        router,
-        &[
-            &["add", "table", "ip", "nat"],
-            &[
-                "add",
-                "chain",
-                "ip",
-                "nat",
-                "post",
-                "{ type nat hook postrouting priority 100 ; policy accept ; }",
-            ],
-            &rule,
-        ],
-    );
-}
-
-/// Runs `nft` commands in `ns`.
-fn nft(ns: &Netns, commands: &[&[&str]]) {
-    for c in commands {
-        let mut args = vec!["nft"];
-        args.extend_from_slice(c);
-        ns.run_ok(args);
+        admin_ok(self.topo.ns(CONTROLLER), &self.data_dir(), args)
     }
 }
 

@@ -1,0 +1,763 @@
+//! Paths end to end (issue 11): two nodes behind NAT routers, a real
+//! `ztmesh-relay` and a controller that hands it out in the netmap. Each
+//! scenario checks which path the pair uses (`ztmesh status` and `ztmesh
+//! ping`), that flows work over it, that the receiver still enforces the
+//! policy, and what the relay's per-pair counters say. Needs root, `nft`
+//! (scripts/setup.sh) and the `ztmesh`, `ztmesh-controller`, `ztmesh-relay`
+//! and `ztm-echo` binaries. Run with `--nocapture` to see the measured times
+//! (they go to BENCHMARKS.md; nothing here asserts a speed).
+//!
+//! ```text
+//!                  internet: switch ns, bridge br0 (198.18.0.0/24)
+//!    ┌─────────────────┬──────────────────────┬──────────────────┬──────────────────┐
+//!  controller         relay                  router-a           router-b
+//!  198.18.0.1         198.18.0.2             198.18.0.3         198.18.0.4
+//!  :8443              relay1: QUIC :3340     eth1 198.19.1.1    eth1 198.19.2.1
+//!  --relay-file       TLS/TCP :443           masquerade         masquerade
+//!                     STUN :3478 :3479       (plain or          (plain or
+//!                                             fully-random)      fully-random)
+//!                                             │                  │
+//!                                            a 198.19.1.2       b 198.19.2.2
+//!                                            home-a             home-b (tag:srv)
+//!                                            (alice@…)          ztm-echo :5201 :22
+//!                                                               on its overlay IPv4
+//!
+//!  policy: alice@example.com → tag:srv tcp/5201 and icmp; nothing else
+//!          (so b's filter drops a's tcp/22, whatever path carried it).
+//! ```
+//!
+//! Every namespace is unique to the test and removed when it ends, also
+//! when it fails (processes first, then the inner namespaces, then the
+//! topology); the logs of every process are printed on failure.
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+use ztmesh_tests::natlab::{
+    admin_ok, block_udp, controller_key, controller_url, nat_router, nft, node_cli,
+    start_controller, start_daemon, up, CliOut, Masquerade, NodeDirs,
+};
+use ztmesh_tests::{
+    bin_path, require_root_or_skip, wait_for, wait_until, Netns, Proc, TempDir, Topology,
+};
+
+const CONTROLLER: &str = "controller";
+const RELAY: &str = "relay";
+const ROUTER_A: &str = "router-a";
+const ROUTER_B: &str = "router-b";
+const RELAY_NAME: &str = "relay1";
+const RELAY_QUIC_PORT: u16 = 3340;
+const RELAY_TCP_PORT: u16 = 443;
+const RELAY_STUN_PORTS: [u16; 2] = [3478, 3479];
+/// The port the policy opens from a to b.
+const ALLOWED_PORT: u16 = 5201;
+/// A port b listens on that the policy does not open.
+const DENIED_PORT: u16 = 22;
+
+/// Liveness bounds: about 5x what a run on the 2-core VM measures, so a
+/// loaded CI machine does not fail them; the measured figures are printed.
+const PATH_BOUND: Duration = Duration::from_secs(60);
+/// How long an allowed TCP exchange may take.
+const ALLOW_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a denied TCP exchange is given before it counts as denied.
+const DENY_TIMEOUT: Duration = Duration::from_millis(2000);
+
+const POLICY: &str = r#"// relay_paths.rs: a reaches b's tcp/5201 and pings it; nothing else.
+{
+  "tagOwners": {
+    "tag:srv": ["alice@example.com"],
+  },
+  "acls": [
+    {"action": "accept", "src": ["alice@example.com"], "proto": "tcp", "dst": ["tag:srv:5201"]},
+    {"action": "accept", "src": ["alice@example.com"], "proto": "icmp", "dst": ["tag:srv:*"]},
+  ],
+}
+"#;
+
+// ---------------------------------------------------------------------------
+// Scenarios
+// ---------------------------------------------------------------------------
+
+/// (a) Both behind fully-random masquerade: no direct path can form, so the
+/// pair is relayed; ping and TCP work through the relay, tcp/22 stays denied
+/// by b's filter, and the relay counts bytes for the pair both ways.
+#[test]
+fn symmetric_nats_on_both_sides_relay_the_pair_and_the_receiver_still_filters() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let lab = RelayLab::new(Masquerade::FullyRandom, Masquerade::FullyRandom);
+    let t0 = Instant::now();
+    lab.expect_flow(ALLOW_TIMEOUT * 3);
+    println!(
+        "(a) first TCP exchange a -> b:{ALLOWED_PORT} {:?} after both were up",
+        t0.elapsed()
+    );
+    let took = lab.wait_path(PATH_BOUND, |p| p.starts_with("relay "));
+    println!("(a) a's path to b is relayed {took:?} later");
+    assert_eq!(lab.path(Side::A), format!("relay {RELAY_NAME}"));
+    lab.wait_path_of(Side::B, PATH_BOUND, |p| p.starts_with("relay "));
+
+    // Ping names the path that answered.
+    let ping = lab.ping(&[]);
+    assert!(ping.status.success(), "{ping}");
+    assert!(
+        ping.stdout.contains(&format!("via relay {RELAY_NAME}")),
+        "{ping}"
+    );
+    assert!(!ping.stdout.contains("via direct"), "{ping}");
+    let until = lab.ping(&["--until-direct", "--count", "5"]);
+    assert!(
+        !until.status.success(),
+        "no direct path exists here: {until}"
+    );
+
+    // A full-size exchange and a stream of round trips.
+    lab.expect_flow(ALLOW_TIMEOUT);
+    let mut stream = lab.spawn_stream(20, 50);
+    let done = stream.wait_exit(Duration::from_secs(60));
+    assert!(
+        done.is_some_and(|s| s.success()),
+        "stream through the relay\n{}",
+        stream.logs()
+    );
+
+    // The receiver's filter refuses tcp/22, relayed or not.
+    let before = lab.filter_drops(Side::B);
+    lab.expect_denied(DENIED_PORT);
+    let dropped = wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
+        lab.filter_drops(Side::B) > before
+    });
+    assert!(
+        dropped.is_ok(),
+        "b's filter counted no drop for tcp/{DENIED_PORT}: {:#}",
+        lab.status(Side::B)
+    );
+
+    // The relay carried it: bytes both ways for this pair (at least the
+    // two 1,200-byte exchanges' payload; the stats file lags up to 1 s).
+    let (a, b) = (lab.node_id(Side::A), lab.node_id(Side::B));
+    let counted = wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
+        let stats = lab.relay_stats();
+        pair_bytes(&stats, a, b) > 2400 && pair_bytes(&stats, b, a) > 2400
+    });
+    let stats = lab.relay_stats();
+    assert!(counted.is_ok(), "relay pair counters: {stats:#}");
+    println!(
+        "(a) relay bytes a->b {}, b->a {}; a's relay link: {}",
+        pair_bytes(&stats, a, b),
+        pair_bytes(&stats, b, a),
+        lab.relay_transport(Side::A)
+    );
+    assert_eq!(
+        lab.relay_transport(Side::A),
+        "quic",
+        "{:#}",
+        lab.status(Side::A)
+    );
+}
+
+/// (b) Both behind plain masquerade (endpoint-independent mappings that keep
+/// the WireGuard port): the pair goes direct, and once it is direct the
+/// relay forwards nothing more for it.
+#[test]
+fn endpoint_independent_nats_go_direct_and_the_relay_stops_carrying_the_pair() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let lab = RelayLab::new(Masquerade::Plain, Masquerade::Plain);
+    let ping = lab.ping(&["--until-direct", "--count", "40"]);
+    let took = lab.up_at.elapsed();
+    assert!(ping.status.success(), "{ping}");
+    assert!(ping.stdout.contains("via direct"), "{ping}");
+    println!("(b) first direct reply {took:?} after a's `up` returned");
+    let outside_b = lab.topo.addr(ROUTER_B).to_string();
+    lab.wait_path(PATH_BOUND, |p| {
+        p.starts_with(&format!("direct {outside_b}:"))
+    });
+    let outside_a = lab.topo.addr(ROUTER_A).to_string();
+    lab.wait_path_of(Side::B, PATH_BOUND, |p| {
+        p.starts_with(&format!("direct {outside_a}:"))
+    });
+
+    // The first handshake may cross the relay before the direct path
+    // answers (initiations go to the relay too while nothing direct is
+    // fresh), so the pair's counters need not be exactly 0; what must hold
+    // is that they stop growing once the path is direct.
+    let (a, b) = (lab.node_id(Side::A), lab.node_id(Side::B));
+    let before = lab.relay_stats_after(SystemTime::now());
+    let (ab, ba) = (pair_bytes(&before, a, b), pair_bytes(&before, b, a));
+    println!("(b) relay bytes for the pair once direct: a->b {ab}, b->a {ba}");
+    for _ in 0..3 {
+        lab.expect_flow(ALLOW_TIMEOUT);
+    }
+    let mut stream = lab.spawn_stream(20, 50);
+    let done = stream.wait_exit(Duration::from_secs(60));
+    assert!(
+        done.is_some_and(|s| s.success()),
+        "direct stream\n{}",
+        stream.logs()
+    );
+    let ping = lab.ping(&["--count", "3"]);
+    assert!(ping.stdout.contains("via direct"), "{ping}");
+    let after = lab.relay_stats_after(SystemTime::now());
+    assert_eq!(
+        (pair_bytes(&after, a, b), pair_bytes(&after, b, a)),
+        (ab, ba),
+        "the relay carried the pair's traffic after the path was direct: {after:#}"
+    );
+    assert!(
+        lab.path(Side::A).starts_with("direct "),
+        "{:#}",
+        lab.status(Side::A)
+    );
+}
+
+/// (c) A direct path that dies (router a drops UDP to and from router b)
+/// falls back to the relay, and the TCP connection open across the switch
+/// keeps working; restored, the pair goes direct again.
+#[test]
+fn a_dead_direct_path_falls_back_to_the_relay_and_returns_when_restored() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let lab = RelayLab::new(Masquerade::Plain, Masquerade::Plain);
+    let ping = lab.ping(&["--until-direct", "--count", "40"]);
+    assert!(ping.status.success(), "{ping}");
+    lab.wait_path(PATH_BOUND, |p| p.starts_with("direct "));
+    let mut stream = lab.spawn_stream(100_000, 100);
+    let rounds = |s: &Proc| s.stdout().lines().filter(|l| l.ends_with(" ok")).count();
+    let progressed = |s: &mut Proc, from: usize, bound: Duration| -> Duration {
+        let res = wait_until(bound, Duration::from_millis(50), || {
+            !s.is_running() || rounds(s) >= from + 10
+        });
+        assert!(
+            res.is_ok() && s.is_running(),
+            "the stream stalled\n{}",
+            s.logs()
+        );
+        res.expect("checked above")
+    };
+    progressed(&mut stream, 0, PATH_BOUND);
+
+    // Cut the direct path on router a's forwarding path, both directions.
+    let router_a = lab.topo.ns(ROUTER_A);
+    let outside_b = lab.topo.addr(ROUTER_B).to_string();
+    let cut_at = Instant::now();
+    let at_cut = rounds(&stream);
+    nft(
+        router_a,
+        &[
+            &["add", "table", "inet", "cut"],
+            &[
+                "add",
+                "chain",
+                "inet",
+                "cut",
+                "drop_direct",
+                "{ type filter hook forward priority 0 ; policy accept ; }",
+            ],
+            &[
+                "add",
+                "rule",
+                "inet",
+                "cut",
+                "drop_direct",
+                "ip",
+                "daddr",
+                &outside_b,
+                "meta",
+                "l4proto",
+                "udp",
+                "drop",
+            ],
+            &[
+                "add",
+                "rule",
+                "inet",
+                "cut",
+                "drop_direct",
+                "ip",
+                "saddr",
+                &outside_b,
+                "meta",
+                "l4proto",
+                "udp",
+                "drop",
+            ],
+        ],
+    );
+    let relayed = lab.wait_path(PATH_BOUND, |p| p.starts_with("relay "));
+    println!("(c) direct path cut: a's path is relayed {relayed:?} later");
+    progressed(&mut stream, at_cut, PATH_BOUND);
+    println!(
+        "(c) the open TCP stream made 10 more round trips {:?} after the cut",
+        cut_at.elapsed()
+    );
+
+    // Restore: probing finds the direct path again.
+    nft(router_a, &[&["delete", "table", "inet", "cut"]]);
+    let direct = lab.wait_path(PATH_BOUND, |p| p.starts_with("direct "));
+    println!("(c) path restored: a's path is direct again {direct:?} later");
+    let at_restore = rounds(&stream);
+    progressed(&mut stream, at_restore, PATH_BOUND);
+    println!("(c) stream round trips in all: {}", rounds(&stream));
+    assert!(
+        stream.is_running(),
+        "the stream's connection survived\n{}",
+        stream.logs()
+    );
+}
+
+/// (d) Router a drops all UDP (a network that blocks it): a's relay link
+/// falls back to TLS over TCP, and the pair's flows cross the relay.
+#[test]
+fn a_network_without_udp_reaches_the_peer_through_the_relay_over_tcp() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let lab = RelayLab::with(Masquerade::Plain, Masquerade::Plain, true);
+    let took = wait_until(PATH_BOUND, Duration::from_millis(100), || {
+        lab.relay_transport(Side::A) == "tcp"
+    });
+    assert!(
+        took.is_ok(),
+        "a's relay link never came up over TCP: {:#}",
+        lab.status(Side::A)
+    );
+    println!(
+        "(d) a's relay link up over TCP {:?} after `up`",
+        lab.up_at.elapsed()
+    );
+    lab.expect_flow(ALLOW_TIMEOUT * 3);
+    println!(
+        "(d) first TCP exchange {:?} after `up`",
+        lab.up_at.elapsed()
+    );
+    lab.wait_path(PATH_BOUND, |p| p == format!("relay {RELAY_NAME}"));
+    let ping = lab.ping(&["--count", "3"]);
+    assert!(ping.status.success(), "{ping}");
+    assert!(
+        ping.stdout.contains(&format!("via relay {RELAY_NAME}")),
+        "{ping}"
+    );
+    let mut stream = lab.spawn_stream(20, 50);
+    let done = stream.wait_exit(Duration::from_secs(60));
+    assert!(
+        done.is_some_and(|s| s.success()),
+        "stream over TCP\n{}",
+        stream.logs()
+    );
+    lab.expect_denied(DENIED_PORT);
+
+    let (a, b) = (lab.node_id(Side::A), lab.node_id(Side::B));
+    let stats = lab.relay_stats_after(SystemTime::now());
+    assert!(
+        stats["transport"]["tcp_connections"].as_u64() >= Some(1),
+        "{stats:#}"
+    );
+    assert!(
+        pair_bytes(&stats, a, b) > 2400 && pair_bytes(&stats, b, a) > 2400,
+        "{stats:#}"
+    );
+    assert_eq!(lab.relay_transport(Side::B), "quic");
+}
+
+/// (e) The relay restarts on the same data dir (same certificate): both
+/// nodes reconnect by themselves and relayed traffic resumes, with no
+/// re-enrollment.
+#[test]
+fn relayed_traffic_resumes_after_the_relay_restarts_without_reenrollment() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let mut lab = RelayLab::new(Masquerade::FullyRandom, Masquerade::FullyRandom);
+    lab.expect_flow(ALLOW_TIMEOUT * 3);
+    lab.wait_path(PATH_BOUND, |p| p.starts_with("relay "));
+    let ids = (lab.node_id(Side::A), lab.node_id(Side::B));
+
+    let mut old = lab.relay.take().expect("relay running");
+    old.stop();
+    drop(old);
+    let restarted_at = Instant::now();
+    let (relay, identity) = start_relay(&lab.topo, &lab.relay_dir, &lab.controller_key);
+    lab.relay = Some(relay);
+    assert_eq!(identity, lab.relay_identity, "same data dir, same identity");
+    let back = wait_until(PATH_BOUND, Duration::from_millis(200), || {
+        lab.flow(ALLOWED_PORT, Duration::from_secs(2)).is_ok()
+    });
+    assert!(
+        back.is_ok(),
+        "no flow after the relay restart\n{:#}\n{:#}",
+        lab.status(Side::A),
+        lab.status(Side::B)
+    );
+    println!(
+        "(e) relayed flow back {:?} after the relay restarted",
+        restarted_at.elapsed()
+    );
+    assert_eq!(lab.path(Side::A), format!("relay {RELAY_NAME}"));
+    assert_eq!((lab.node_id(Side::A), lab.node_id(Side::B)), ids);
+    let stats = lab.relay_stats_after(SystemTime::now());
+    assert_eq!(stats["hellos_accepted"].as_u64(), Some(2), "{stats:#}");
+    assert!(pair_bytes(&stats, ids.0, ids.1) > 0, "{stats:#}");
+    for d in [&mut lab.daemon_a, &mut lab.daemon_b] {
+        assert!(d.is_running(), "{}", d.logs());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The lab
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    A,
+    B,
+}
+
+/// The topology drawn at the top of the file, enrolled and serving. Fields
+/// drop in declaration order: processes, then directories, then the LAN
+/// namespaces, then the internet.
+struct RelayLab {
+    _echo: Proc,
+    daemon_a: Proc,
+    daemon_b: Proc,
+    relay: Option<Proc>,
+    _controller: Proc,
+    node_a: NodeDirs,
+    node_b: NodeDirs,
+    /// b's overlay IPv4 address.
+    b_ip: String,
+    /// When a's `ztmesh up` returned (b was up before).
+    up_at: Instant,
+    controller_key: String,
+    relay_identity: String,
+    relay_dir: PathBuf,
+    _controller_dir: TempDir,
+    a: Netns,
+    b: Netns,
+    topo: Topology,
+}
+
+impl RelayLab {
+    /// Builds the lab with routers `a` and `b` NATing as given, starts the
+    /// controller, the relay and both nodes, enrolls them and starts b's
+    /// echo servers. (Timing starts when this returns.)
+    fn new(masq_a: Masquerade, masq_b: Masquerade) -> Self {
+        Self::with(masq_a, masq_b, false)
+    }
+
+    /// Like [`RelayLab::new`]; with `udp_blocked_a` router a drops all UDP
+    /// from the start.
+    fn with(masq_a: Masquerade, masq_b: Masquerade, udp_blocked_a: bool) -> Self {
+        let topo = Topology::new(&[CONTROLLER, RELAY, ROUTER_A, ROUTER_B]);
+        let a = Netns::new("home-a");
+        let b = Netns::new("home-b");
+        nat_router(topo.ns(ROUTER_A), &a, 1, masq_a);
+        nat_router(topo.ns(ROUTER_B), &b, 2, masq_b);
+        if udp_blocked_a {
+            block_udp(topo.ns(ROUTER_A));
+        }
+        let controller_dir = TempDir::new("controller");
+        let data = controller_dir.join("data");
+        let ctl_ns = topo.ns(CONTROLLER);
+        let ctl_addr = topo.addr(CONTROLLER);
+
+        // The relay needs the controller's key and the controller the
+        // relay's identity: a first start prints the key, the second
+        // (same data dir, same key) gets the relay file.
+        let mut first = start_controller(ctl_ns, ctl_addr, &data, None);
+        let key = controller_key(&first)
+            .unwrap_or_else(|| panic!("no `controller key:` line\n{}", first.logs()));
+        first.stop();
+        drop(first);
+        let relay_dir = controller_dir.join("relay");
+        let (relay, identity) = start_relay(&topo, &relay_dir, &key);
+        let relay_file = controller_dir.join("relays.jsonl");
+        std::fs::write(&relay_file, format!("{identity}\n")).expect("write the relay file");
+        let controller = start_controller(ctl_ns, ctl_addr, &data, Some(&relay_file));
+
+        admin_ok(ctl_ns, &data, &["users", "create", "alice@example.com"]);
+        let policy = controller_dir.join("policy.hujson");
+        std::fs::write(&policy, POLICY).expect("write the policy");
+        admin_ok(
+            ctl_ns,
+            &data,
+            &["policy", "set", policy.to_str().expect("utf-8")],
+        );
+        let key_a = admin_ok(
+            ctl_ns,
+            &data,
+            &["keys", "create", "--user", "alice@example.com"],
+        )
+        .trim()
+        .to_owned();
+        let key_b = admin_ok(ctl_ns, &data, &["keys", "create", "--tags", "tag:srv"])
+            .trim()
+            .to_owned();
+
+        let url = controller_url(ctl_addr);
+        let node_b = NodeDirs::new("b");
+        let daemon_b = start_daemon(&b, &node_b, &[]);
+        up(&b, &node_b, &url, &key_b, "home-b");
+        let b_ip = overlay_v4(&b, &node_b);
+        let echo = b.spawn_echo(&[
+            &format!("{b_ip}:{ALLOWED_PORT}"),
+            &format!("{b_ip}:{DENIED_PORT}"),
+        ]);
+        let node_a = NodeDirs::new("a");
+        let daemon_a = start_daemon(&a, &node_a, &[]);
+        up(&a, &node_a, &url, &key_a, "home-a");
+        let up_at = Instant::now();
+
+        let lab = Self {
+            _echo: echo,
+            daemon_a,
+            daemon_b,
+            relay: Some(relay),
+            _controller: controller,
+            node_a,
+            node_b,
+            b_ip,
+            up_at,
+            controller_key: key,
+            relay_identity: identity,
+            relay_dir,
+            _controller_dir: controller_dir,
+            a,
+            b,
+            topo,
+        };
+        // Both netmaps list the other before any scenario starts.
+        let listed = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            lab.peer(Side::A).is_some() && lab.peer(Side::B).is_some()
+        });
+        assert!(
+            listed.is_ok(),
+            "the nodes never saw each other:\n{:#}\n{:#}",
+            lab.status(Side::A),
+            lab.status(Side::B)
+        );
+        lab
+    }
+
+    fn ns(&self, side: Side) -> &Netns {
+        match side {
+            Side::A => &self.a,
+            Side::B => &self.b,
+        }
+    }
+
+    fn node(&self, side: Side) -> &NodeDirs {
+        match side {
+            Side::A => &self.node_a,
+            Side::B => &self.node_b,
+        }
+    }
+
+    fn status(&self, side: Side) -> Value {
+        let out = node_cli(self.ns(side), self.node(side), &["status", "-o", "json"]);
+        assert!(out.status.success(), "{out}");
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("status -o json ({e}): {out}"))
+    }
+
+    /// `side`'s status entry for the other node, once its netmap lists it.
+    fn peer(&self, side: Side) -> Option<Value> {
+        let st = self.status(side);
+        st["peers"].as_array()?.first().cloned()
+    }
+
+    /// `side`'s path to the other node ("direct ADDR", "relay NAME", …).
+    fn path(&self, side: Side) -> String {
+        self.peer(side)
+            .and_then(|p| p["path"].as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+
+    fn wait_path(&self, bound: Duration, want: impl Fn(&str) -> bool) -> Duration {
+        self.wait_path_of(Side::A, bound, want)
+    }
+
+    /// Polls `side`'s path until `want` holds; returns how long it took.
+    fn wait_path_of(&self, side: Side, bound: Duration, want: impl Fn(&str) -> bool) -> Duration {
+        match wait_until(bound, Duration::from_millis(100), || want(&self.path(side))) {
+            Ok(took) => took,
+            Err(e) => panic!(
+                "{side:?}'s path never became what the test waits for ({e}); now {:?}\n{:#}",
+                self.path(side),
+                self.status(side)
+            ),
+        }
+    }
+
+    /// The node's netmap id (what the relay's stats name it by).
+    fn node_id(&self, side: Side) -> u64 {
+        let st = self.status(side);
+        st["self"]["id"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no self.id: {st:#}"))
+    }
+
+    /// The transport of `side`'s relay link ("" while it is down).
+    fn relay_transport(&self, side: Side) -> String {
+        self.status(side)["relay"]["transport"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Packets `side`'s inbound filter dropped for the policy (no rule or
+    /// port not allowed).
+    fn filter_drops(&self, side: Side) -> u64 {
+        let st = self.status(side);
+        ["no_rule", "port_not_allowed"]
+            .iter()
+            .map(|r| st["drops"][r].as_u64().unwrap_or(0))
+            .sum()
+    }
+
+    /// One TCP echo exchange (1,200 bytes each way) from a to b's `port`.
+    fn flow(&self, port: u16, timeout: Duration) -> Result<(), String> {
+        self.a.tcp_check(&self.b_ip, port, timeout)
+    }
+
+    fn expect_flow(&self, timeout: Duration) {
+        if let Err(e) = self.flow(ALLOWED_PORT, timeout) {
+            panic!(
+                "a -> b:{ALLOWED_PORT} should echo, but: {e}\n{:#}\n{:#}",
+                self.status(Side::A),
+                self.status(Side::B)
+            );
+        }
+    }
+
+    fn expect_denied(&self, port: u16) {
+        assert!(
+            self.flow(port, DENY_TIMEOUT).is_err(),
+            "a -> b:{port} should be denied, but it echoed"
+        );
+    }
+
+    /// A background `ztm-echo stream` of `rounds` round trips `interval_ms`
+    /// apart from a to b's allowed port (each round may wait 30 s).
+    fn spawn_stream(&self, rounds: u32, interval_ms: u32) -> Proc {
+        let bin = bin_path("ztm-echo");
+        let args = [
+            bin.to_string_lossy().into_owned(),
+            "stream".to_owned(),
+            self.b_ip.clone(),
+            ALLOWED_PORT.to_string(),
+            rounds.to_string(),
+            interval_ms.to_string(),
+            "30000".to_owned(),
+        ];
+        self.a.spawn("stream", args)
+    }
+
+    /// `ztmesh ping B_IP ARGS` from a.
+    fn ping(&self, args: &[&str]) -> CliOut {
+        let mut full = vec!["ping", self.b_ip.as_str()];
+        full.extend_from_slice(args);
+        node_cli(&self.a, &self.node_a, &full)
+    }
+
+    /// The relay's `stats.json`, once it exists.
+    fn relay_stats(&self) -> Value {
+        relay_stats(&self.relay_dir)
+    }
+
+    /// The relay's stats as written after `t` (it rewrites them every second).
+    fn relay_stats_after(&self, t: SystemTime) -> Value {
+        let ms = t
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis() as u64;
+        let fresh = wait_for(Duration::from_secs(10), Duration::from_millis(100), || {
+            let stats = self.relay_stats();
+            (stats["written_at_ms"].as_u64() > Some(ms)).then_some(stats)
+        });
+        match fresh {
+            Ok((stats, _)) => stats,
+            Err(e) => panic!(
+                "the relay wrote no stats after {ms} ({e}): {:#}",
+                self.relay_stats()
+            ),
+        }
+    }
+}
+
+/// Starts `ztmesh-relay serve` in the relay namespace on `dir` and returns it
+/// with the identity line it prints.
+fn start_relay(topo: &Topology, dir: &Path, controller_key: &str) -> (Proc, String) {
+    let ip = topo.addr(RELAY);
+    let bin = bin_path("ztmesh-relay");
+    let mut cmd = topo.ns(RELAY).command(&bin);
+    cmd.args(["serve", "--name", RELAY_NAME])
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--quic-listen", &format!("{ip}:{RELAY_QUIC_PORT}")])
+        .args(["--tcp-listen", &format!("{ip}:{RELAY_TCP_PORT}")])
+        .args(["--controller-key", controller_key])
+        .env("ZTMESH_LOG", ztmesh_tests::natlab::log_level());
+    for p in RELAY_STUN_PORTS {
+        cmd.args(["--stun-listen", &format!("{ip}:{p}")]);
+    }
+    let mut relay = Proc::spawn("relay/ztmesh-relay", cmd);
+    let identity = wait_for(Duration::from_secs(20), Duration::from_millis(20), || {
+        if !relay.is_running() {
+            return Some(None);
+        }
+        relay
+            .stdout()
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .map(|l| Some(l.to_owned()))
+    });
+    match identity {
+        Ok((Some(line), _)) => (relay, line),
+        _ => panic!("the relay did not print its identity\n{}", relay.logs()),
+    }
+}
+
+/// The relay's `stats.json` (written every second), waiting for the first.
+fn relay_stats(dir: &Path) -> Value {
+    let file = dir.join("stats.json");
+    let read = wait_for(Duration::from_secs(10), Duration::from_millis(100), || {
+        let text = std::fs::read_to_string(&file).ok()?;
+        serde_json::from_str::<Value>(&text).ok()
+    });
+    match read {
+        Ok((v, _)) => v,
+        Err(e) => panic!("no readable {} ({e})", file.display()),
+    }
+}
+
+/// Bytes the relay forwarded from node `src` to node `dst`.
+fn pair_bytes(stats: &Value, src: u64, dst: u64) -> u64 {
+    stats["pairs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["src"].as_u64() == Some(src) && p["dst"].as_u64() == Some(dst))
+        .and_then(|p| p["bytes"].as_u64())
+        .unwrap_or(0)
+}
+
+/// The node's overlay IPv4 address (`ztmesh ip -4`).
+fn overlay_v4(ns: &Netns, node: &NodeDirs) -> String {
+    let out = node_cli(ns, node, &["ip", "-4"]);
+    assert!(out.status.success(), "{out}");
+    out.stdout
+        .lines()
+        .next()
+        .map(|l| l.trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .unwrap_or_else(|| panic!("`ztmesh ip -4` printed no address: {out}"))
+}
