@@ -354,15 +354,24 @@ impl Daemon {
             .map_err(|err| SessionError::Retry(format!("{err:#}")))?;
         let mut endpoints = EndpointReporter::default();
         let mut primary = self.refresh_local_addresses(e).await;
-        self.await_discovery().await;
-        if let Some(list) = endpoints.poll(&self.candidates(primary).await, now_ms()) {
-            if let Err(s) = ctl
-                .report_endpoints(&self.keys().machine, endpoint_strings(&list))
-                .await
-            {
-                return Err(status_error(s));
+        // With STUN servers known (flags, or the relays of a restored map),
+        // report before the stream opens, reflexive addresses included. A
+        // node that learns its servers from its first map reports once that
+        // map is applied instead: a LAN-only report now would hold the
+        // reflexive address back by the controller's republish interval.
+        let mut first_report_due = true;
+        if self.has_stun_servers().await {
+            self.await_discovery().await;
+            if let Some(list) = endpoints.poll(&self.candidates(primary).await, now_ms()) {
+                if let Err(s) = ctl
+                    .report_endpoints(&self.keys().machine, endpoint_strings(&list))
+                    .await
+                {
+                    return Err(status_error(s));
+                }
+                tracing::info!(endpoints = ?list, "endpoints reported");
             }
-            tracing::info!(endpoints = ?list, "endpoints reported");
+            first_report_due = false;
         }
         let mut stream = ctl
             .stream(&self.keys().machine, *have)
@@ -399,6 +408,12 @@ impl Daemon {
                     Ok(serial) => {
                         *have = serial;
                         self.live_serial.send_replace(serial);
+                        if first_report_due {
+                            first_report_due = false;
+                            self.await_discovery().await;
+                            self.report_endpoints(&mut ctl, &mut endpoints, primary)
+                                .await;
+                        }
                     }
                     Err(err) => {
                         self.lock().refused_maps += 1;
@@ -428,13 +443,26 @@ impl Daemon {
         primary
     }
 
-    /// Waits (at most [`DISCOVERY_SETTLE`]) until every STUN server has
-    /// answered, so the session's first report carries the reflexive
-    /// addresses instead of waiting out the report interval for them.
+    /// Whether the data plane has STUN servers to ask.
+    async fn has_stun_servers(&self) -> bool {
+        self.dp
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|dp| !dp.stats().stun.is_empty())
+    }
+
+    /// Waits (at most [`DISCOVERY_SETTLE`]) until the data plane has STUN
+    /// servers and every one has answered, so the session's first report
+    /// carries the reflexive addresses instead of waiting out the report
+    /// interval for them.
     async fn await_discovery(&self) {
         for _ in 0..DISCOVERY_SETTLE.as_millis() / 50 {
             let settled = match self.dp.lock().await.as_ref() {
-                Some(dp) => dp.stats().stun.iter().all(|(_, seen)| seen.is_some()),
+                Some(dp) => {
+                    let stun = dp.stats().stun;
+                    !stun.is_empty() && stun.iter().all(|(_, seen)| seen.is_some())
+                }
                 None => true,
             };
             if settled {
