@@ -360,6 +360,8 @@ impl Daemon {
         // map is applied instead: a LAN-only report now would hold the
         // reflexive address back by the controller's republish interval.
         let mut first_report_due = true;
+        // Endpoint checks since the first map of the session was applied.
+        let mut first_map_checks: Option<u8> = None;
         if self.has_stun_servers().await {
             self.await_discovery().await;
             if let Some(list) = endpoints.poll(&self.candidates(primary).await, now_ms()) {
@@ -395,6 +397,19 @@ impl Daemon {
                     continue;
                 }
                 _ = endpoint_check.tick() => {
+                    if first_report_due {
+                        // Not before the first map (it names the STUN
+                        // servers), and for one check after it not before
+                        // every server answered; the stream is read meanwhile.
+                        match first_map_checks {
+                            None => continue,
+                            Some(0) if !self.discovery_settled().await => {
+                                first_map_checks = Some(1);
+                                continue;
+                            }
+                            Some(_) => first_report_due = false,
+                        }
+                    }
                     self.report_endpoints(&mut ctl, &mut endpoints, primary).await;
                     continue;
                 }
@@ -408,11 +423,8 @@ impl Daemon {
                     Ok(serial) => {
                         *have = serial;
                         self.live_serial.send_replace(serial);
-                        if first_report_due {
-                            first_report_due = false;
-                            self.await_discovery().await;
-                            self.report_endpoints(&mut ctl, &mut endpoints, primary)
-                                .await;
+                        if first_report_due && first_map_checks.is_none() {
+                            first_map_checks = Some(0);
                         }
                     }
                     Err(err) => {
@@ -452,19 +464,21 @@ impl Daemon {
             .is_some_and(|dp| !dp.stats().stun.is_empty())
     }
 
-    /// Waits (at most [`DISCOVERY_SETTLE`]) until the data plane has STUN
-    /// servers and every one has answered, so the session's first report
-    /// carries the reflexive addresses instead of waiting out the report
-    /// interval for them.
+    /// Whether every STUN server of the data plane has answered (true
+    /// without servers or data plane: there is nothing to wait for).
+    async fn discovery_settled(&self) -> bool {
+        match self.dp.lock().await.as_ref() {
+            Some(dp) => dp.stats().stun.iter().all(|(_, seen)| seen.is_some()),
+            None => true,
+        }
+    }
+
+    /// Waits (at most [`DISCOVERY_SETTLE`]) until every STUN server has
+    /// answered, so the session's first report carries the reflexive
+    /// addresses instead of waiting out the report interval for them.
     async fn await_discovery(&self) {
         for _ in 0..DISCOVERY_SETTLE.as_millis() / 50 {
-            let settled = match self.dp.lock().await.as_ref() {
-                Some(dp) => {
-                    let stun = dp.stats().stun;
-                    !stun.is_empty() && stun.iter().all(|(_, seen)| seen.is_some())
-                }
-                None => true,
-            };
+            let settled = self.discovery_settled().await;
             if settled {
                 return;
             }
