@@ -80,18 +80,9 @@ async fn nodes_the_policy_does_not_pair_are_never_bridged() {
     let w = World::new(2);
     let relay = w.relay().await;
     // 1 lists 2, but 2 lists only 3: one-sided listing is not enough.
-    let a = w
-        .connect(&relay, Transport::Quic, 1, &w.map(1, &[2], 1))
-        .await
-        .unwrap();
-    let mut b = w
-        .connect(&relay, Transport::Tcp, 2, &w.map(2, &[3], 1))
-        .await
-        .unwrap();
-    let c = w
-        .connect(&relay, Transport::Quic, 3, &w.map(3, &[2], 1))
-        .await
-        .unwrap();
+    let a = w.joined(&relay, Transport::Quic, 1, &[2], 1).await;
+    let mut b = w.joined(&relay, Transport::Tcp, 2, &[3], 1).await;
+    let c = w.joined(&relay, Transport::Quic, 3, &[2], 1).await;
     for n in 0..5 {
         a.send(2, &datagram(1, n, 1_312)).await.unwrap();
     }
@@ -159,14 +150,8 @@ async fn connect_as(
 async fn a_deleted_node_is_cut_off_when_its_peer_presents_its_next_map() {
     let w = World::new(4);
     let relay = w.relay().await;
-    let a = w
-        .connect(&relay, Transport::Quic, 1, &w.map(1, &[2], 5))
-        .await
-        .unwrap();
-    let mut b = w
-        .connect(&relay, Transport::Tcp, 2, &w.map(2, &[1], 5))
-        .await
-        .unwrap();
+    let a = w.joined(&relay, Transport::Quic, 1, &[2], 5).await;
+    let mut b = w.joined(&relay, Transport::Tcp, 2, &[1], 5).await;
     a.send(2, &datagram(1, 1, 1_312)).await.unwrap();
     assert_eq!(recv(&mut b).await.0, 1);
     // Node 1 is deleted: the controller's next map for 2 no longer lists it.
@@ -211,10 +196,7 @@ async fn an_expired_map_and_a_stale_serial_are_refused() {
         "{err}"
     );
     // Serial 10, then a rollback to 9.
-    let a = w
-        .connect(&relay, Transport::Quic, 1, &w.map(1, &[2], 10))
-        .await
-        .unwrap();
+    let a = w.joined(&relay, Transport::Quic, 1, &[2], 10).await;
     a.close().await;
     w.stats_until("the session to end", |v| {
         v["sessions"].as_array().is_some_and(Vec::is_empty)
@@ -229,10 +211,7 @@ async fn an_expired_map_and_a_stale_serial_are_refused() {
         "{err}"
     );
     // A MAP that is not newer ends the session, with the reason.
-    let mut a = w
-        .connect(&relay, Transport::Tcp, 1, &w.map(1, &[2], 10))
-        .await
-        .unwrap();
+    let mut a = w.joined(&relay, Transport::Tcp, 1, &[2], 10).await;
     a.push_map(&w.map(1, &[2], 10)).await.unwrap();
     let end = tokio::time::timeout(PATIENCE, a.recv())
         .await
@@ -290,14 +269,8 @@ async fn until_closed<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> Vec<u8> {
 async fn malformed_frames_are_counted_and_close_only_that_connection() {
     let w = World::new(6);
     let relay = w.relay().await;
-    let mut a = w
-        .connect(&relay, Transport::Quic, 1, &w.map(1, &[2], 1))
-        .await
-        .unwrap();
-    let mut b = w
-        .connect(&relay, Transport::Tcp, 2, &w.map(2, &[1], 1))
-        .await
-        .unwrap();
+    let mut a = w.joined(&relay, Transport::Quic, 1, &[2], 1).await;
+    let mut b = w.joined(&relay, Transport::Tcp, 2, &[1], 1).await;
 
     // 1. A length beyond the maximum instead of a HELLO.
     let mut s = raw_tls(&relay).await;
@@ -369,14 +342,8 @@ async fn the_memory_budget_refuses_a_new_node_while_the_connected_ones_keep_work
     // Room for two sessions (and their pair counters), not three.
     cfg.memory_budget = 2 * (SESSION_BASE_BYTES + 100) + 1_000;
     let relay = ztmesh_relay::server::start(cfg).await.unwrap();
-    let mut a = w
-        .connect(&relay, Transport::Quic, 1, &w.map(1, &[2, 3], 1))
-        .await
-        .unwrap();
-    let mut b = w
-        .connect(&relay, Transport::Tcp, 2, &w.map(2, &[1, 3], 1))
-        .await
-        .unwrap();
+    let mut a = w.joined(&relay, Transport::Quic, 1, &[2, 3], 1).await;
+    let mut b = w.joined(&relay, Transport::Tcp, 2, &[1, 3], 1).await;
     let err = w
         .connect(&relay, Transport::Quic, 3, &w.map(3, &[1, 2], 1))
         .await
@@ -405,14 +372,8 @@ async fn a_restarted_relay_keeps_its_certificate_and_clients_reconnect() {
     let w = World::new(8);
     let relay = w.relay().await;
     let first = relay.identity.clone();
-    let mut a = w
-        .connect(&relay, Transport::Quic, 1, &w.map(1, &[2], 3))
-        .await
-        .unwrap();
-    let mut b = w
-        .connect(&relay, Transport::Tcp, 2, &w.map(2, &[1], 3))
-        .await
-        .unwrap();
+    let mut a = w.joined(&relay, Transport::Quic, 1, &[2], 3).await;
+    let mut b = w.joined(&relay, Transport::Tcp, 2, &[1], 3).await;
     a.send(2, &datagram(1, 1, 1_312)).await.unwrap();
     assert_eq!(recv(&mut b).await.0, 1);
     relay.stop().await.unwrap();
@@ -435,14 +396,8 @@ async fn a_restarted_relay_keeps_its_certificate_and_clients_reconnect() {
     let relay = ztmesh_relay::server::start(cfg).await.unwrap();
     assert_eq!(relay.identity, first, "same certificate, same addresses");
     // The nodes reconnect with the maps they hold (pinned to the same cert).
-    let mut a = w
-        .connect(&relay, Transport::Quic, 1, &w.map(1, &[2], 3))
-        .await
-        .unwrap();
-    let mut b = w
-        .connect(&relay, Transport::Tcp, 2, &w.map(2, &[1], 3))
-        .await
-        .unwrap();
+    let mut a = w.joined(&relay, Transport::Quic, 1, &[2], 3).await;
+    let mut b = w.joined(&relay, Transport::Tcp, 2, &[1], 3).await;
     a.send(2, &datagram(1, 2, 1_400)).await.unwrap();
     assert_eq!(recv(&mut b).await, (1, datagram(1, 2, 1_400)));
     b.send(1, &datagram(2, 2, 1_400)).await.unwrap();
@@ -464,10 +419,7 @@ async fn a_second_session_of_a_node_replaces_the_first() {
         matches!(&end, Err(ClientError::Closed(r)) if r.contains("replaced")),
         "{end:?}"
     );
-    let b = w
-        .connect(&relay, Transport::Tcp, 2, &w.map(2, &[1], 1))
-        .await
-        .unwrap();
+    let b = w.joined(&relay, Transport::Tcp, 2, &[1], 1).await;
     b.send(1, &datagram(2, 1, 1_312)).await.unwrap();
     assert_eq!(recv(&mut new).await.0, 2);
     relay.stop().await.unwrap();
@@ -528,9 +480,6 @@ async fn slow_handshakes_time_out_and_sources_are_capped() {
         .await;
     assert_eq!(count(&v, "transport", "tcp_connections"), 0);
     // The slots are free again: a real node gets in.
-    let _a = w
-        .connect(&relay, Transport::Tcp, 1, &w.map(1, &[], 1))
-        .await
-        .unwrap();
+    let _a = w.joined(&relay, Transport::Tcp, 1, &[], 1).await;
     relay.stop().await.unwrap();
 }

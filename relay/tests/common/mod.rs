@@ -95,6 +95,21 @@ impl World {
         )
     }
 
+    /// Node `id` with a map listing `peers` (serial `serial`), connected
+    /// and welcomed.
+    pub async fn joined(
+        &self,
+        relay: &Running,
+        transport: Transport,
+        id: u64,
+        peers: &[u64],
+        serial: u64,
+    ) -> RelayClient {
+        self.connect(relay, transport, id, &self.map(id, peers, serial))
+            .await
+            .unwrap_or_else(|e| panic!("node {id} joins: {e}"))
+    }
+
     pub async fn connect(
         &self,
         relay: &Running,
