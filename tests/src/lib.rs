@@ -298,6 +298,35 @@ impl Netns {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Runs a command to completion in this namespace and captures it,
+    /// killing it after `timeout`.
+    ///
+    /// # Panics
+    /// If it does not finish in time (its output is in the message).
+    pub fn run_bounded<S: AsRef<OsStr>>(
+        &self,
+        label: &str,
+        args: &[S],
+        timeout: Duration,
+    ) -> CliOut {
+        let mut proc = self.spawn(label, args);
+        match proc.wait_exit(timeout) {
+            Some(status) => CliOut {
+                status,
+                stdout: proc.stdout(),
+                stderr: proc.stderr(),
+            },
+            None => {
+                let logs = proc.logs();
+                proc.kill9();
+                panic!(
+                    "`{}` did not finish within {timeout:?}\n{logs}",
+                    describe(args.iter().map(AsRef::as_ref))
+                );
+            }
+        }
+    }
+
     /// Starts `args[0]` inside the namespace as a background [`Proc`] named
     /// `label`, with stdout and stderr captured to files.
     pub fn spawn<I, S>(&self, label: &str, args: I) -> Proc
@@ -961,6 +990,27 @@ fn sh_ok(cmd: &mut Command) -> Output {
         );
     }
     out
+}
+
+/// The captured result of one bounded command ([`Netns::run_bounded`]).
+#[derive(Debug)]
+pub struct CliOut {
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// Everything it wrote to stdout.
+    pub stdout: String,
+    /// Everything it wrote to stderr.
+    pub stderr: String,
+}
+
+impl fmt::Display for CliOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "exit: {}\nstdout:\n{}\nstderr:\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
 }
 
 fn describe<'a>(args: impl IntoIterator<Item = &'a OsStr>) -> String {

@@ -7,13 +7,12 @@
 //! home namespace's `eth0` is 198.19.n.2 with its default route via the router,
 //! and the router masquerades everything leaving its internet side (`eth0`).
 
-use std::fmt;
 use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
 use std::time::Duration;
 
+pub use crate::CliOut;
 use crate::{bin_path, wait_until, Netns, Proc, TempDir};
 
 /// The controller's TLS port in the lab.
@@ -27,48 +26,12 @@ pub const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 // Commands
 // ---------------------------------------------------------------------------
 
-/// The captured result of one bounded command.
-#[derive(Debug)]
-pub struct CliOut {
-    /// Its exit status.
-    pub status: ExitStatus,
-    /// Everything it wrote to stdout.
-    pub stdout: String,
-    /// Everything it wrote to stderr.
-    pub stderr: String,
-}
-
-impl fmt::Display for CliOut {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "exit: {}\nstdout:\n{}\nstderr:\n{}",
-            self.status, self.stdout, self.stderr
-        )
-    }
-}
-
 /// Runs a command to completion in `ns`, killing it after [`CLI_TIMEOUT`].
 ///
 /// # Panics
 /// If it does not finish in time (its output is in the message).
 pub fn run_cli(ns: &Netns, args: &[&str]) -> CliOut {
-    let mut proc = ns.spawn("cli", args);
-    match proc.wait_exit(CLI_TIMEOUT) {
-        Some(status) => CliOut {
-            status,
-            stdout: proc.stdout(),
-            stderr: proc.stderr(),
-        },
-        None => {
-            let logs = proc.logs();
-            proc.kill9();
-            panic!(
-                "`{}` did not finish within {CLI_TIMEOUT:?}\n{logs}",
-                args.join(" ")
-            );
-        }
-    }
+    ns.run_bounded("cli", args, CLI_TIMEOUT)
 }
 
 /// Runs `nft` commands in `ns`.

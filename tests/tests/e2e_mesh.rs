@@ -33,11 +33,12 @@ use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use ztmesh_tests::{bin_path, require_root_or_skip, wait_until, Netns, Proc, TempDir, Topology};
+use ztmesh_tests::{
+    bin_path, require_root_or_skip, wait_until, CliOut, Netns, Proc, TempDir, Topology,
+};
 
 const CONTROLLER: &str = "controller";
 const CONTROLLER_PORT: u16 = 8443;
@@ -674,23 +675,6 @@ struct Node {
     dir: TempDir,
 }
 
-/// The captured result of one bounded CLI call.
-struct CliOut {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Display for CliOut {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit: {}\nstdout:\n{}\nstderr:\n{}",
-            self.status, self.stdout, self.stderr
-        )
-    }
-}
-
 /// Prints a measured propagation time next to the 2 s target.
 fn report_against_target(what: &str, took: Duration) {
     let verdict = if took <= PROPAGATION_BOUND {
@@ -813,7 +797,7 @@ impl Mesh {
         let mut full: Vec<&OsStr> = vec![bin.as_os_str()];
         full.extend(args.iter().map(OsStr::new));
         full.extend([OsStr::new("--data-dir"), data.as_os_str()]);
-        run_bounded(self.ns(CONTROLLER), "admin", &full)
+        self.ns(CONTROLLER).run_bounded("admin", &full, CLI_TIMEOUT)
     }
 
     /// Like [`Mesh::admin`], but fails the test unless the command succeeds.
@@ -940,7 +924,8 @@ impl Mesh {
         let mut full: Vec<&OsStr> = vec![bin.as_os_str()];
         full.extend(args.iter().map(OsStr::new));
         full.extend([OsStr::new("--socket"), node.socket.as_os_str()]);
-        run_bounded(self.ns(member), "ztmesh-cli", &full)
+        self.ns(member)
+            .run_bounded("ztmesh-cli", &full, CLI_TIMEOUT)
     }
 
     /// Like [`Mesh::node_cli_raw`]; `Err` carries the output of a failed call.
@@ -1128,33 +1113,6 @@ impl Mesh {
 /// are only printed when a test fails).
 fn log_level() -> String {
     std::env::var("ZTMESH_LOG").unwrap_or_else(|_| "debug".to_owned())
-}
-
-/// Runs a command to completion in `ns`, killing it after [`CLI_TIMEOUT`].
-fn run_bounded(ns: &Netns, label: &str, args: &[&OsStr]) -> CliOut {
-    let mut proc = ns.spawn(label, args);
-    match proc.wait_exit(CLI_TIMEOUT) {
-        Some(status) => CliOut {
-            status,
-            stdout: proc.stdout(),
-            stderr: proc.stderr(),
-        },
-        None => {
-            let logs = proc.logs();
-            proc.kill9();
-            panic!(
-                "`{}` did not finish within {CLI_TIMEOUT:?}\n{logs}",
-                describe(args)
-            );
-        }
-    }
-}
-
-fn describe(args: &[&OsStr]) -> String {
-    args.iter()
-        .map(|a| a.to_string_lossy())
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 // ---------------------------------------------------------------------------
