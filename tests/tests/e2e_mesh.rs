@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use ztmesh_tests::{
-    bin_path, require_root_or_skip, wait_until, CliOut, Netns, Proc, TempDir, Topology,
+    bin_path, require_root_or_skip, wait_for, wait_until, CliOut, Netns, Proc, TempDir, Topology,
 };
 
 const CONTROLLER: &str = "controller";
@@ -373,17 +373,10 @@ fn deleted_node_replaying_its_exported_wireguard_config_is_refused() {
         return;
     }
     let mut mesh = Mesh::standard();
-    let conf = mesh
-        .node_cli(ALICE, &["wg-config", "--include-private-key"])
-        .unwrap_or_else(|out| panic!("wg-config failed:\n{out}"));
-    let wg = WgQuick::parse(&conf);
-    assert!(
-        !wg.peers.is_empty(),
-        "alice-laptop's config has no peers:\n{conf}"
-    );
+    let (conf, wg) = mesh.exported_wg_config(ALICE);
     mesh.stop_daemon(ALICE);
 
-    let iface = format!("zw{}", std::process::id() % 10_000_000);
+    let iface = unique_wg_iface();
     let wg_proc = mesh.replay_with_wireguard_go(ALICE, &iface, &wg);
     let took = wait_until(Duration::from_secs(15), Duration::from_millis(50), || {
         mesh.try_flow(ALICE, WEB, 443, Duration::from_millis(500))
@@ -446,10 +439,7 @@ fn peer_routing_another_address_of_a_node_into_its_tunnel_is_refused() {
     web.tcp_check(HIDDEN, 443, ALLOW_TIMEOUT)
         .unwrap_or_else(|e| panic!("the hidden service does not answer inside web: {e}"));
 
-    let conf = mesh
-        .node_cli(ALICE, &["wg-config", "--include-private-key"])
-        .unwrap_or_else(|out| panic!("wg-config failed:\n{out}"));
-    let mut wg = WgQuick::parse(&conf);
+    let (conf, mut wg) = mesh.exported_wg_config(ALICE);
     let web_v4 = format!("{}/32", mesh.node(WEB).v4);
     let peer = wg
         .peers
@@ -458,7 +448,7 @@ fn peer_routing_another_address_of_a_node_into_its_tunnel_is_refused() {
         .unwrap_or_else(|| panic!("web is not a peer in alice's config:\n{conf}"));
     peer.widen(&format!("{HIDDEN}/32"));
     mesh.stop_daemon(ALICE);
-    let iface = format!("zw{}", std::process::id() % 10_000_000);
+    let iface = unique_wg_iface();
     let _wg = mesh.replay_with_wireguard_go(ALICE, &iface, &wg);
     wait_until(Duration::from_secs(15), Duration::from_millis(50), || {
         mesh.try_flow(ALICE, WEB, 443, Duration::from_millis(500))
@@ -938,6 +928,31 @@ impl Mesh {
         }
     }
 
+    /// `member`'s `wg-config --include-private-key` once every peer in it has
+    /// an Endpoint: a peer's endpoints reach the controller only after its
+    /// first map and one STUN round, so a config exported right after the
+    /// mesh came up may still list a peer without one (what a user exporting
+    /// then gets too; wg-quick would wait for that peer to call in).
+    fn exported_wg_config(&self, member: &str) -> (String, WgQuick) {
+        let args = ["wg-config", "--include-private-key"];
+        let mut last = String::new();
+        let found = wait_for(PROPAGATION_WAIT, Duration::from_millis(100), || {
+            let conf = self
+                .node_cli(member, &args)
+                .unwrap_or_else(|out| panic!("wg-config failed:\n{out}"));
+            let wg = WgQuick::parse(&conf);
+            let complete = !wg.peers.is_empty() && wg.peers.iter().all(WgPeer::has_endpoint);
+            last = conf.clone();
+            complete.then_some((conf, wg))
+        });
+        match found {
+            Ok((pair, _)) => pair,
+            Err(e) => {
+                panic!("{member}'s exported config never listed every peer's endpoint: {e}\n{last}")
+            }
+        }
+    }
+
     /// `ztmesh up` for `member` with `key`; returns the raw result.
     fn up(&self, member: &str, key: &str) -> CliOut {
         let url = self.controller_url();
@@ -1109,6 +1124,15 @@ impl Mesh {
     }
 }
 
+/// A WireGuard interface name no other test in this run uses: wireguard-go's
+/// control socket (`/var/run/wireguard/NAME.sock`) lives in the shared
+/// filesystem, not in the namespace, so two replays with one name collide.
+fn unique_wg_iface() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("zw{}x{n}", std::process::id() % 10_000_000)
+}
+
 /// Log level of the controller and daemons: `$ZTMESH_LOG`, else debug (logs
 /// are only printed when a test fails).
 fn log_level() -> String {
@@ -1226,6 +1250,12 @@ struct WgPeer {
 }
 
 impl WgPeer {
+    fn has_endpoint(&self) -> bool {
+        self.lines
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("Endpoint") && !v.is_empty())
+    }
+
     /// Adds `prefix` to the peer's AllowedIPs (what a hostile node edits).
     fn widen(&mut self, prefix: &str) {
         self.allowed_ips.push(prefix.to_owned());
