@@ -33,9 +33,17 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// A direct path is fresh while authenticated UDP keeps arriving this often.
-pub const DIRECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// While in use and direct, a keepalive goes on the direct path this often.
-pub const DIRECT_KEEPALIVE: Duration = Duration::from_secs(2);
+/// Both sides of a pair in use send at least a keepalive every
+/// [`DIRECT_KEEPALIVE`], so this is three missed keepalives: a dead direct
+/// path falls back to the relay within about 3 s (plus one timer tick), a
+/// single lost keepalive does not.
+pub const DIRECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// While in use and direct, a keepalive goes on the direct path this often
+/// (a 32-byte WireGuard keepalive per second per active peer).
+pub const DIRECT_KEEPALIVE: Duration = Duration::from_secs(1);
+// Keepalives come well inside the freshness window: two may be lost before
+// the path falls back.
+const _: () = assert!(DIRECT_TIMEOUT.as_millis() >= 3 * DIRECT_KEEPALIVE.as_millis());
 /// Probe rounds while the peer is in use and has no fresh direct path.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// The longest pause between probe rounds of an idle peer.
@@ -395,9 +403,11 @@ mod tests {
         p.used(t0);
         p.heard_udp(addr(1, 51820), t0);
         assert_eq!(p.poll_probe(t0), Probe::Direct(addr(1, 51820)));
-        assert_eq!(p.poll_probe(t0 + secs(1)), Probe::None);
-        p.heard_udp(addr(1, 51820), t0 + secs(2));
-        assert_eq!(p.poll_probe(t0 + secs(2)), Probe::Direct(addr(1, 51820)));
+        let half = DIRECT_KEEPALIVE / 2;
+        assert_eq!(p.poll_probe(t0 + half), Probe::None);
+        let next = t0 + DIRECT_KEEPALIVE;
+        p.heard_udp(addr(1, 51820), next);
+        assert_eq!(p.poll_probe(next), Probe::Direct(addr(1, 51820)));
     }
 
     #[test]
