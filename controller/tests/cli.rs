@@ -94,6 +94,55 @@ fn admin_errors_are_one_line_on_stderr_with_nonzero_exit() {
 }
 
 #[test]
+fn fingerprint_and_controller_key_print_what_nodes_and_relays_pin_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    // Before the first `serve`: a clear error naming the file, nothing created.
+    let err = admin(&dir, &["controller-key"]).unwrap_err();
+    assert!(err.contains("controller.key"), "{err}");
+    assert!(err.contains("has `serve` run"), "{err}");
+    assert!(!dir.join("controller.key").exists());
+
+    let log = tmp.path().join("serve.out");
+    let mut child = Killed(
+        Command::new(BIN)
+            .args([
+                "--data-dir",
+                dir.to_str().unwrap(),
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let printed = |label: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(label).map(|v| v.trim().to_owned()))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while printed("controller key:").is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let served_key = printed("controller key:").expect("serve prints its controller key");
+    let served_fp = printed("fingerprint:").expect("serve prints its fingerprint");
+    let _ = child.0.kill();
+    let _ = child.0.wait();
+
+    // Offline, with the controller stopped: the same values, one line each.
+    let key = admin(&dir, &["controller-key"]).unwrap();
+    assert_eq!(key.trim(), served_key);
+    assert_eq!(key.lines().count(), 1, "{key}");
+    let fp = admin(&dir, &["fingerprint"]).unwrap();
+    assert_eq!(fp.trim(), served_fp);
+    assert_eq!(fp.trim().len(), 64, "{fp}");
+}
+
+#[test]
 fn data_dir_and_keys_are_private() {
     use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().unwrap();

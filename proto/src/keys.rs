@@ -112,6 +112,19 @@ impl SigningKey {
         B64.encode(self.0.to_bytes())
     }
 
+    /// Loads an existing key from `path` (never creates one).
+    ///
+    /// # Errors
+    /// I/O errors (a missing file included), or a file that does not hold a
+    /// valid key.
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Self::from_bytes(&decode32(&text)?))
+    }
+
     /// Loads the key from `path`, or generates one and writes it with mode 0600.
     ///
     /// # Errors

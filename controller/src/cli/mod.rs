@@ -9,6 +9,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use crate::server::DataDir;
@@ -71,8 +72,12 @@ pub enum Cmd {
         #[command(flatten)]
         limits: ListenerArgs,
     },
-    /// Print the controller's TLS fingerprint and netmap key (offline).
+    /// Print the controller's TLS fingerprint, which nodes pin (offline).
     Fingerprint,
+    /// Print the controller's netmap signing key (public half), which
+    /// relays verify netmaps with: `ztmesh-relay --controller-key-file`
+    /// (offline).
+    ControllerKey,
     #[command(subcommand)]
     Users(UsersCmd),
     #[command(subcommand)]
@@ -105,12 +110,13 @@ pub async fn run(conn: &ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
     match &cmd {
         Cmd::Policy(p) if p.is_offline() => return policy::run_offline(p),
         Cmd::Fingerprint => return fingerprint(&conn.data_dir),
+        Cmd::ControllerKey => return controller_key(&conn.data_dir),
         _ => {}
     }
     let mut c = connect(conn).await?;
     match cmd {
         Cmd::Serve { .. } => unreachable!("handled by the caller"),
-        Cmd::Fingerprint => unreachable!("handled offline"),
+        Cmd::Fingerprint | Cmd::ControllerKey => unreachable!("handled offline"),
         Cmd::Users(u) => users::run(&mut c, u).await,
         Cmd::Keys(k) => keys::run(&mut c, k).await,
         Cmd::Nodes(n) => nodes::run(&mut c, n).await,
@@ -118,6 +124,21 @@ pub async fn run(conn: &ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Apikeys(a) => keys::run_api(&mut c, a).await,
         Cmd::Audit { limit, output } => audit::run(&mut c, limit, output).await,
     }
+}
+
+/// Prints the public half of the controller's netmap signing key from the
+/// data dir (offline; the same value `serve` prints as `controller key:`).
+fn controller_key(data_dir: &Path) -> anyhow::Result<()> {
+    let dir = DataDir::new(data_dir);
+    let path = dir.signing_key();
+    let key = ztmesh_proto::keys::SigningKey::load(&path).with_context(|| {
+        format!(
+            "reading the netmap signing key {} (has `serve` run on this data dir?)",
+            path.display()
+        )
+    })?;
+    println!("{}", key.public());
+    Ok(())
 }
 
 /// Prints the controller's TLS fingerprint from the data dir (offline).
