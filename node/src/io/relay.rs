@@ -1,6 +1,8 @@
 //! The data plane's relay link (shell): one task on the data-plane runtime
-//! keeps a session with the netmap's first relay — QUIC first, TLS over TCP
-//! when QUIC does not connect within [`QUIC_TIMEOUT`] (UDP blocked) — says
+//! keeps one session with the map's relays — the first relay that answers,
+//! in map order, QUIC first and TLS over TCP when QUIC does not connect
+//! within [`QUIC_TIMEOUT`] (UDP blocked); a session on a later relay or on
+//! TCP keeps trying the better positions in the background — says
 //! `HELLO` with the machine key and the current signed map, pushes every
 //! newer map (`MAP`), carries `Relay(peer)` transmits out and hands received
 //! datagrams back to the device task. It reconnects with backoff; the relay
@@ -25,8 +27,9 @@ const TCP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Datagrams queued toward the relay; beyond it they are dropped (WireGuard
 /// tolerates loss, a deeper queue only adds latency).
 pub const OUT_QUEUE: usize = 1_024;
-/// How often a session that fell back to TCP tries QUIC again.
-const QUIC_RETRY: Duration = Duration::from_secs(60);
+/// How often a session that is not at the best position (a later relay of
+/// the map, or TLS over TCP) tries the better ones, in the background.
+pub const RETRY_BETTER: Duration = Duration::from_secs(30);
 
 /// What the relay link needs: the relays of the map, this node's machine
 /// key (the `HELLO` proof) and the signed map to present.
@@ -62,7 +65,7 @@ pub struct RelayState {
 
 /// A running link.
 pub struct RelayLink {
-    relay: Relay,
+    relays: Vec<Relay>,
     out: mpsc::Sender<(u64, Vec<u8>)>,
     map: watch::Sender<SignedNetMap>,
     task: JoinHandle<()>,
@@ -70,17 +73,18 @@ pub struct RelayLink {
 }
 
 impl RelayLink {
-    /// Starts the link to `setup.relays[0]`; received datagrams go to `inbound`.
+    /// Starts the link to the best of `setup.relays` that answers (see
+    /// [`preference`]); received datagrams go to `inbound`.
     pub fn start(setup: RelaySetup, inbound: mpsc::Sender<(u64, Vec<u8>)>) -> Option<Self> {
-        let relay = setup.relays.first()?.clone();
+        let first = setup.relays.first()?;
         let (out, out_rx) = mpsc::channel(OUT_QUEUE);
         let (map, map_rx) = watch::channel(setup.map);
         let state = Arc::new(Mutex::new(RelayState {
-            name: relay.name.clone(),
+            name: first.name.clone(),
             ..RelayState::default()
         }));
         let task = tokio::spawn(run(
-            relay.clone(),
+            setup.relays.clone(),
             setup.machine_key,
             map_rx,
             out_rx,
@@ -88,7 +92,7 @@ impl RelayLink {
             state.clone(),
         ));
         Some(Self {
-            relay,
+            relays: setup.relays,
             out,
             map,
             task,
@@ -96,9 +100,9 @@ impl RelayLink {
         })
     }
 
-    /// Whether this link already serves `relays` (same first relay).
+    /// Whether this link already serves `relays` (the same list, in order).
     pub fn serves(&self, relays: &[Relay]) -> bool {
-        relays.first() == Some(&self.relay)
+        self.relays == relays
     }
 
     /// A newer signed map: presented to the relay at once (`MAP`) and on
@@ -128,9 +132,20 @@ impl Drop for RelayLink {
     }
 }
 
+/// Where a session may go, best first: the map's relays in order, each over
+/// QUIC before TLS over TCP. A position is an index into this order.
+pub fn preference(relays: usize) -> impl Iterator<Item = (usize, Transport)> {
+    (0..relays).flat_map(|i| [(i, Transport::Quic), (i, Transport::Tcp)])
+}
+
+/// A boxed attempt to reach a better position.
+type Attempt = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(usize, RelayClient), ClientError>> + Send>,
+>;
+
 /// Connects and serves sessions until aborted.
 async fn run(
-    relay: Relay,
+    relays: Vec<Relay>,
     key: Arc<SigningKey>,
     mut map: watch::Receiver<SignedNetMap>,
     mut out: mpsc::Receiver<(u64, Vec<u8>)>,
@@ -142,110 +157,197 @@ async fn run(
         max: Duration::from_secs(10),
     };
     let mut attempt = 0u32;
+    let mut next: Option<(usize, RelayClient)> = None;
     loop {
-        let current = map.borrow_and_update().clone();
-        let client = match connect(&relay, &key, &current).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::debug!(relay = %relay.name, error = %e, "relay connect failed");
-                set(&state, |s| {
-                    s.transport.clear();
-                    s.error = Some(e.to_string());
-                });
-                // Drain what waits meanwhile: it cannot be delivered.
-                while out.try_recv().is_ok() {
-                    set(&state, |s| s.dropped = s.dropped.saturating_add(1));
+        let (pos, client) = match next.take() {
+            Some(session) => session,
+            None => {
+                let current = map.borrow_and_update().clone();
+                match connect_best(relays.clone(), key.clone(), current, usize::MAX).await {
+                    Ok(session) => session,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "no relay connected");
+                        set(&state, |s| {
+                            s.transport.clear();
+                            s.error = Some(e.to_string());
+                        });
+                        // Drain what waits meanwhile: it cannot be delivered.
+                        while out.try_recv().is_ok() {
+                            set(&state, |s| s.dropped = s.dropped.saturating_add(1));
+                        }
+                        tokio::time::sleep(backoff.delay(attempt, jitter())).await;
+                        attempt = attempt.saturating_add(1);
+                        continue;
+                    }
                 }
-                tokio::time::sleep(backoff.delay(attempt, jitter())).await;
-                attempt = attempt.saturating_add(1);
-                continue;
             }
         };
         attempt = 0;
-        let transport = match client.transport() {
-            Transport::Quic => "quic",
-            Transport::Tcp => "tcp",
-        };
-        tracing::info!(relay = %relay.name, transport, node_id = client.node_id(), "relay session up");
+        let name = relays[pos / 2].name.clone();
+        let transport = transport_name(client.transport());
+        tracing::info!(relay = %name, transport, node_id = client.node_id(), "relay session up");
         set(&state, |s| {
+            s.name.clone_from(&name);
             s.transport = transport.into();
             s.error = None;
             s.sessions = s.sessions.saturating_add(1);
         });
-        let reason = serve(client, &mut map, &mut out, &inbound).await;
-        tracing::info!(relay = %relay.name, reason = %reason, "relay session ended");
-        set(&state, |s| {
-            s.transport.clear();
-            s.error = Some(reason);
-        });
-        tokio::time::sleep(backoff.delay(0, jitter())).await;
-    }
-}
-
-/// QUIC first; TLS over TCP when QUIC does not answer in time.
-async fn connect(
-    relay: &Relay,
-    key: &SigningKey,
-    map: &SignedNetMap,
-) -> Result<RelayClient, ClientError> {
-    let quic = match Target::from_relay(relay, Transport::Quic) {
-        Ok(t) => RelayClient::connect(&t, key, map, QUIC_TIMEOUT).await,
-        Err(e) => Err(e),
-    };
-    match quic {
-        Ok(c) => Ok(c),
-        // A refusal is the relay's answer: TCP would get the same.
-        Err(e @ ClientError::Refused(_)) => Err(e),
-        Err(e) => {
-            tracing::debug!(relay = %relay.name, error = %e, "QUIC to the relay failed; trying TLS over TCP");
-            let t = Target::from_relay(relay, Transport::Tcp)?;
-            RelayClient::connect(&t, key, map, TCP_TIMEOUT).await
+        let session = Session {
+            client,
+            pos,
+            relays: &relays,
+            key: &key,
+        };
+        match session.serve(&mut map, &mut out, &inbound).await {
+            Ended::Better(better) => {
+                let (to, t) = (
+                    &relays[better.0 / 2].name,
+                    transport_name(better.1.transport()),
+                );
+                tracing::info!(from = %name, to = %to, transport = t, "relay session moved to a better relay or transport");
+                next = Some(better);
+            }
+            Ended::Reason(reason) => {
+                tracing::info!(relay = %name, reason = %reason, "relay session ended");
+                set(&state, |s| {
+                    s.transport.clear();
+                    s.error = Some(reason);
+                });
+                tokio::time::sleep(backoff.delay(0, jitter())).await;
+            }
         }
     }
 }
 
-/// One session: until it ends (the reason) or, over TCP, until it is time
-/// to try QUIC again.
-async fn serve(
-    mut client: RelayClient,
-    map: &mut watch::Receiver<SignedNetMap>,
-    out: &mut mpsc::Receiver<(u64, Vec<u8>)>,
-    inbound: &mpsc::Sender<(u64, Vec<u8>)>,
-) -> String {
-    let retry_quic = tokio::time::sleep(QUIC_RETRY);
-    tokio::pin!(retry_quic);
-    let tcp = client.transport() == Transport::Tcp;
-    loop {
-        tokio::select! {
-            changed = map.changed() => {
-                if changed.is_err() {
-                    return "data plane stopped".into();
+fn transport_name(t: Transport) -> &'static str {
+    match t {
+        Transport::Quic => "quic",
+        Transport::Tcp => "tcp",
+    }
+}
+
+/// The first of the first `limit` positions of [`preference`] that
+/// accepts a session. A relay that refuses the node is skipped whole (TCP
+/// would get the same answer).
+async fn connect_best(
+    relays: Vec<Relay>,
+    key: Arc<SigningKey>,
+    map: SignedNetMap,
+    limit: usize,
+) -> Result<(usize, RelayClient), ClientError> {
+    let mut last = ClientError::Connect {
+        addr: String::new(),
+        reason: "no relay in the netmap".into(),
+    };
+    let mut refused = None;
+    for (pos, (i, transport)) in preference(relays.len()).enumerate().take(limit) {
+        if refused == Some(i) {
+            continue;
+        }
+        let timeout = match transport {
+            Transport::Quic => QUIC_TIMEOUT,
+            Transport::Tcp => TCP_TIMEOUT,
+        };
+        let result = match Target::from_relay(&relays[i], transport) {
+            Ok(t) => RelayClient::connect(&t, &key, &map, timeout).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(client) => return Ok((pos, client)),
+            Err(e) => {
+                tracing::debug!(relay = %relays[i].name, transport = transport_name(transport), error = %e, "relay connect failed");
+                if matches!(e, ClientError::Refused(_)) {
+                    refused = Some(i);
                 }
-                let m = map.borrow_and_update().clone();
-                if let Err(e) = client.push_map(&m).await {
-                    return e.to_string();
-                }
+                last = e;
             }
-            d = out.recv() => {
-                let Some((peer, datagram)) = d else {
-                    return "data plane stopped".into();
-                };
-                match client.send(peer, &datagram).await {
-                    Ok(()) | Err(ClientError::Frame(_)) => {}
-                    Err(e) => return e.to_string(),
-                }
-            }
-            r = client.recv() => match r {
-                Ok(d) => {
-                    if inbound.send(d).await.is_err() {
-                        return "data plane stopped".into();
+        }
+    }
+    Err(last)
+}
+
+/// Why a session ended.
+enum Ended {
+    /// The reason, for status.
+    Reason(String),
+    /// A session at a better position connected (the old one is closed).
+    Better((usize, RelayClient)),
+}
+
+/// One session at position `pos` of [`preference`].
+struct Session<'a> {
+    client: RelayClient,
+    pos: usize,
+    relays: &'a [Relay],
+    key: &'a Arc<SigningKey>,
+}
+
+impl Session<'_> {
+    /// Serves until the session ends or, when it is not at the best
+    /// position (a later relay, or TCP where QUIC may work again), until a
+    /// better one connects: every [`RETRY_BETTER`] one attempt walks the
+    /// better positions in the background while this session keeps
+    /// carrying traffic. So a node that failed over comes back to the
+    /// first relay, where its peers are, once it answers again.
+    async fn serve(
+        mut self,
+        map: &mut watch::Receiver<SignedNetMap>,
+        out: &mut mpsc::Receiver<(u64, Vec<u8>)>,
+        inbound: &mpsc::Sender<(u64, Vec<u8>)>,
+    ) -> Ended {
+        let mut retry = tokio::time::interval(RETRY_BETTER);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is immediate: take it, so the first try comes one
+        // period into the session.
+        retry.tick().await;
+        let mut better: Option<Attempt> = None;
+        loop {
+            tokio::select! {
+                changed = map.changed() => {
+                    if changed.is_err() {
+                        return Ended::Reason("data plane stopped".into());
+                    }
+                    let m = map.borrow_and_update().clone();
+                    if let Err(e) = self.client.push_map(&m).await {
+                        return Ended::Reason(e.to_string());
                     }
                 }
-                Err(e) => return e.to_string(),
-            },
-            () = &mut retry_quic, if tcp => {
-                client.close().await;
-                return "trying QUIC again".into();
+                d = out.recv() => {
+                    let Some((peer, datagram)) = d else {
+                        return Ended::Reason("data plane stopped".into());
+                    };
+                    match self.client.send(peer, &datagram).await {
+                        Ok(()) | Err(ClientError::Frame(_)) => {}
+                        Err(e) => return Ended::Reason(e.to_string()),
+                    }
+                }
+                r = self.client.recv() => match r {
+                    Ok(d) => {
+                        if inbound.send(d).await.is_err() {
+                            return Ended::Reason("data plane stopped".into());
+                        }
+                    }
+                    Err(e) => return Ended::Reason(e.to_string()),
+                },
+                _ = retry.tick(), if self.pos > 0 && better.is_none() => {
+                    let current = map.borrow().clone();
+                    better = Some(Box::pin(connect_best(
+                        self.relays.to_vec(),
+                        self.key.clone(),
+                        current,
+                        self.pos,
+                    )));
+                }
+                r = async { better.as_mut().expect("guarded by is_some").await }, if better.is_some() => {
+                    better = None;
+                    match r {
+                        Ok(session) => {
+                            self.client.close().await;
+                            return Ended::Better(session);
+                        }
+                        Err(e) => tracing::debug!(error = %e, "no better relay position yet"),
+                    }
+                }
             }
         }
     }
@@ -261,4 +363,26 @@ fn set(state: &Mutex<RelayState>, f: impl FnOnce(&mut RelayState)) {
 fn jitter() -> u64 {
     use rand_core::RngCore as _;
     rand_core::OsRng.next_u64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_go_relay_by_relay_quic_before_tcp() {
+        let order: Vec<_> = preference(2).collect();
+        assert_eq!(
+            order,
+            [
+                (0, Transport::Quic),
+                (0, Transport::Tcp),
+                (1, Transport::Quic),
+                (1, Transport::Tcp)
+            ]
+        );
+        // A position's relay is position / 2, as the link reads it.
+        assert!(order.iter().enumerate().all(|(pos, (i, _))| pos / 2 == *i));
+        assert_eq!(preference(0).count(), 0);
+    }
 }
