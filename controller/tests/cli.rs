@@ -21,16 +21,18 @@ impl Drop for Killed {
     }
 }
 
+/// `ztmesh-controller --data-dir DIR serve` on a free loopback port.
+fn serve_command(dir: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--data-dir")
+        .arg(dir)
+        .args(["serve", "--listen", "127.0.0.1:0"]);
+    cmd
+}
+
 fn start(dir: &Path) -> Killed {
     let child = Killed(
-        Command::new(BIN)
-            .args([
-                "--data-dir",
-                dir.to_str().unwrap(),
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-            ])
+        serve_command(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -105,14 +107,7 @@ fn fingerprint_and_controller_key_print_what_nodes_and_relays_pin_offline() {
 
     let log = tmp.path().join("serve.out");
     let mut child = Killed(
-        Command::new(BIN)
-            .args([
-                "--data-dir",
-                dir.to_str().unwrap(),
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-            ])
+        serve_command(&dir)
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::null())
             .spawn()
@@ -253,14 +248,7 @@ fn a_second_controller_on_the_same_data_dir_exits_naming_the_lock_and_its_holder
     let dir = tmp.path().join("data");
     let first = start(&dir);
     let mut second = Killed(
-        Command::new(BIN)
-            .args([
-                "--data-dir",
-                dir.to_str().unwrap(),
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-            ])
+        serve_command(&dir)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
