@@ -1,30 +1,46 @@
 //! Paths end to end (issue 11): two nodes behind NAT routers, a real
 //! `ztmesh-relay` and a controller that hands it out in the netmap. Each
 //! scenario checks which path the pair uses (`ztmesh status` and `ztmesh
-//! ping`), that flows work over it, that the receiver still enforces the
-//! policy, and what the relay's per-pair counters say. Needs root, `nft`
-//! (scripts/setup.sh) and the `ztmesh`, `ztmesh-controller`, `ztmesh-relay`
-//! and `ztm-echo` binaries. Run with `--nocapture` to see the measured times
-//! (they go to BENCHMARKS.md; nothing here asserts a speed).
+//! ping`), that flows work over it (full-size packets and a bulk transfer
+//! included), that the receiver still enforces the policy, what the relay's
+//! per-pair counters say, and that the relay forwards nothing for nodes the
+//! policy does not pair, for an impostor without the node key, or after a
+//! node is deleted. Needs root, `nft` (scripts/setup.sh) and the `ztmesh`,
+//! `ztmesh-controller`, `ztmesh-relay`, `ztm-echo` and `ztm-relay-probe`
+//! binaries. Run with `--nocapture` to see the measured times (they go to
+//! BENCHMARKS.md; nothing here asserts a speed).
 //!
 //! ```text
 //!                  internet: switch ns, bridge br0 (198.18.0.0/24)
-//!    ┌─────────────────┬──────────────────────┬──────────────────┬──────────────────┐
-//!  controller         relay                  router-a           router-b
-//!  198.18.0.1         198.18.0.2             198.18.0.3         198.18.0.4
-//!  :8443              relay1: QUIC :3340     eth1 198.19.1.1    eth1 198.19.2.1
-//!  --relay-file       TLS/TCP :443           masquerade         masquerade
-//!                     STUN :3478 :3479       (plain or          (plain or
-//!                                             fully-random)      fully-random)
-//!                                             │                  │
-//!                                            a 198.19.1.2       b 198.19.2.2
-//!                                            home-a             home-b (tag:srv)
-//!                                            (alice@…)          ztm-echo :5201 :22
-//!                                                               on its overlay IPv4
+//!    ┌─────────────────┬──────────────────────┬──────────────────┬──────────────────┬──────────────────┐
+//!  controller         relay                  router-a           router-b           router-c (only (f))
+//!  198.18.0.1         198.18.0.2             198.18.0.3         198.18.0.4         198.18.0.5
+//!  :8443              relay1: QUIC :3340     eth1 198.19.1.1    eth1 198.19.2.1    eth1 198.19.3.1
+//!  --relay-file       TLS/TCP :443           masquerade         masquerade         masquerade
+//!                     STUN :3478 :3479       (plain or          (plain or          fully-random
+//!                     stats.json              fully-random)      fully-random)      │
+//!                                             │                  │                 c 198.19.3.2
+//!                                            a 198.19.1.2       b 198.19.2.2       home-c
+//!                                            home-a             home-b (tag:srv)   (carol@…: the
+//!                                            (alice@…)          ztm-echo :5201 :22  policy gives
+//!                                                               on its overlay IPv4 her nothing)
 //!
 //!  policy: alice@example.com → tag:srv tcp/5201 and icmp; nothing else
-//!          (so b's filter drops a's tcp/22, whatever path carried it).
+//!          (so b's filter drops a's tcp/22, whatever path carried it,
+//!          and c is nobody's peer).
+//!
+//!  ztm-relay-probe (tests/src/bin) speaks to the relay as a node would,
+//!  with a copied netmap.bin and either the node's machine.key or a fresh
+//!  key, to show what the relay itself refuses or drops.
 //! ```
+//!
+//! Scenarios: (a) symmetric NATs → relayed over QUIC, filtered by the
+//! receiver, full-size pings and a 4 MiB bulk transfer; (b) plain NATs →
+//! direct, the relay stops carrying the pair; (c) a dead direct path falls
+//! back to the relay and returns; (d) no UDP → the relay over TLS/TCP, with
+//! full-size pings and the bulk transfer; (e) a relay restart; (f) an
+//! unpaired node c gets nothing through the relay; (g) an impostor with a
+//! stolen map but no key is refused; (h) a deleted node is cut off.
 //!
 //! Every namespace is unique to the test and removed when it ends, also
 //! when it fails (processes first, then the inner namespaces, then the
@@ -51,6 +67,7 @@ const CONTROLLER: &str = "controller";
 const RELAY: &str = "relay";
 const ROUTER_A: &str = "router-a";
 const ROUTER_B: &str = "router-b";
+const ROUTER_C: &str = "router-c";
 const RELAY_NAME: &str = "relay1";
 const RELAY_QUIC_PORT: u16 = 3340;
 const RELAY_TCP_PORT: u16 = 443;
@@ -67,6 +84,14 @@ const PATH_BOUND: Duration = Duration::from_secs(60);
 const ALLOW_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a denied TCP exchange is given before it counts as denied.
 const DENY_TIMEOUT: Duration = Duration::from_millis(2000);
+/// Payload of a full-size ping: 1252 + 8 (ICMP) + 20 (IPv4) = 1280 bytes,
+/// the overlay MTU.
+const FULL_PING_PAYLOAD: &str = "1252";
+/// Bytes of the bulk TCP transfer a -> b (echoed back, so twice that
+/// crosses the relay).
+const BULK_BYTES: u64 = 4 << 20;
+/// How long the bulk transfer may take.
+const BULK_TIMEOUT: Duration = Duration::from_secs(120);
 
 const POLICY: &str = r#"// relay_paths.rs: a reaches b's tcp/5201 and pings it; nothing else.
 {
@@ -128,6 +153,12 @@ fn symmetric_nats_on_both_sides_relay_the_pair_and_the_receiver_still_filters() 
         stream.logs()
     );
 
+    // Full-size packets over the QUIC link (issue 11 item 3): 1,280-byte
+    // IPv4 pings that may not fragment, and a bulk TCP transfer.
+    lab.expect_full_size_ping();
+    let bulk = lab.expect_bulk();
+    println!("(a) {BULK_BYTES} bytes a -> b and back through the relay over QUIC in {bulk:?}");
+
     // The receiver's filter refuses tcp/22, relayed or not.
     let before = lab.filter_drops(Side::B);
     lab.expect_denied(DENIED_PORT);
@@ -147,13 +178,19 @@ fn symmetric_nats_on_both_sides_relay_the_pair_and_the_receiver_still_filters() 
         let stats = lab.relay_stats();
         pair_bytes(&stats, a, b) > 2400 && pair_bytes(&stats, b, a) > 2400
     });
-    let stats = lab.relay_stats();
+    let stats = lab.relay_stats_after(SystemTime::now());
     assert!(counted.is_ok(), "relay pair counters: {stats:#}");
     println!(
-        "(a) relay bytes a->b {}, b->a {}; a's relay link: {}",
+        "(a) relay bytes a->b {}, b->a {}; a's relay link: {}; datagrams sent on the stream \
+         (too large for a QUIC datagram): {}",
         pair_bytes(&stats, a, b),
         pair_bytes(&stats, b, a),
-        lab.relay_transport(Side::A)
+        lab.relay_transport(Side::A),
+        stats["transport"]["datagrams_on_stream"]
+    );
+    assert!(
+        pair_bytes(&stats, a, b) > BULK_BYTES && pair_bytes(&stats, b, a) > BULK_BYTES,
+        "the bulk transfer crossed the relay both ways: {stats:#}"
     );
     assert_eq!(
         lab.relay_transport(Side::A),
@@ -356,6 +393,11 @@ fn a_network_without_udp_reaches_the_peer_through_the_relay_over_tcp() {
     );
     lab.expect_denied(DENIED_PORT);
 
+    // Full-size packets over the TLS/TCP link (issue 11 item 3).
+    lab.expect_full_size_ping();
+    let bulk = lab.expect_bulk();
+    println!("(d) {BULK_BYTES} bytes a -> b and back through the relay over TCP in {bulk:?}");
+
     let (a, b) = (lab.node_id(Side::A), lab.node_id(Side::B));
     let stats = lab.relay_stats_after(SystemTime::now());
     assert!(
@@ -363,9 +405,10 @@ fn a_network_without_udp_reaches_the_peer_through_the_relay_over_tcp() {
         "{stats:#}"
     );
     assert!(
-        pair_bytes(&stats, a, b) > 2400 && pair_bytes(&stats, b, a) > 2400,
+        pair_bytes(&stats, a, b) > BULK_BYTES && pair_bytes(&stats, b, a) > BULK_BYTES,
         "{stats:#}"
     );
+    assert_eq!(lab.relay_transport(Side::A), "tcp");
     assert_eq!(lab.relay_transport(Side::B), "quic");
 }
 
@@ -412,6 +455,313 @@ fn relayed_traffic_resumes_after_the_relay_restarts_without_reenrollment() {
     }
 }
 
+/// (f) Node c is enrolled (a user the policy gives nothing) and connected to
+/// the relay: b's netmap does not list it, c's lists nobody, c reaches b
+/// neither by TCP nor by ping, and the relay's counters for c <-> b stay 0
+/// while a <-> b keeps flowing through it. c's daemon never sends to a peer
+/// its map does not list, so the relay's own refusal is shown with c's key
+/// and c's real map (ztm-relay-probe, c's daemon stopped so that the probe
+/// holds c's only session): datagrams addressed to b are dropped as
+/// `not_listed_by_source`, none reaches b.
+#[test]
+fn the_relay_forwards_nothing_between_nodes_the_policy_does_not_pair() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let mut lab = RelayLab::with_stranger(Masquerade::FullyRandom);
+    lab.expect_flow(ALLOW_TIMEOUT * 3);
+    lab.wait_path(PATH_BOUND, |p| p.starts_with("relay "));
+    let c_link = wait_until(PATH_BOUND, Duration::from_millis(100), || {
+        lab.relay_transport(Side::C) == "quic"
+    });
+    assert!(
+        c_link.is_ok(),
+        "c's relay link never came up: {:#}",
+        lab.status(Side::C)
+    );
+    println!(
+        "(f) c's relay link up {:?} after a's `up`",
+        lab.up_at.elapsed()
+    );
+    let (a, b, c) = (
+        lab.node_id(Side::A),
+        lab.node_id(Side::B),
+        lab.node_id(Side::C),
+    );
+    assert_eq!(lab.peer_names(Side::C), Vec::<String>::new());
+    assert_eq!(lab.peer_names(Side::B), vec!["home-a".to_owned()]);
+    assert_eq!(lab.peer_names(Side::A), vec!["home-b".to_owned()]);
+
+    // c cannot reach b, by TCP or ping.
+    let tcp = lab
+        .ns(Side::C)
+        .tcp_check(&lab.b_ip, ALLOWED_PORT, DENY_TIMEOUT);
+    assert!(tcp.is_err(), "c reached b:{ALLOWED_PORT}");
+    let ping = lab.sys_ping(Side::C, &lab.b_ip, &["-c", "3"]);
+    assert!(!ping.status.success(), "c pinged b: {ping}");
+
+    // The relay refuses to bridge them even when c asks it to.
+    let stranger = lab.stranger.as_mut().expect("with_stranger");
+    stranger.daemon.stop();
+    let dir = TempDir::new("probe");
+    let map_c = lab.copy_netmap(Side::C, &dir);
+    let key_c = lab.node(Side::C).state.join("machine.key");
+    let before = lab.relay_stats_after(SystemTime::now());
+    let out = lab.probe(
+        Side::C,
+        &map_c,
+        "quic",
+        &[
+            "--key",
+            key_c.to_str().expect("utf-8 path"),
+            "--send",
+            &b.to_string(),
+            "10",
+        ],
+    );
+    assert!(out.status.success(), "probe as c: {out}");
+    assert_eq!(
+        probe_line(&out, "WELCOME "),
+        Some(c.to_string().as_str()),
+        "{out}"
+    );
+    assert_eq!(probe_line(&out, "SENT "), Some("10"), "{out}");
+    assert_eq!(probe_line(&out, "RECEIVED "), Some("0"), "{out}");
+    let floor = drops(&before, "not_listed_by_source");
+    let counted = wait_for(Duration::from_secs(10), Duration::from_millis(200), || {
+        let st = lab.relay_stats();
+        (drops(&st, "not_listed_by_source") > floor).then_some(st)
+    });
+    let after = match counted {
+        Ok((st, _)) => st,
+        Err(e) => panic!(
+            "the relay counted no not_listed_by_source drop ({e}): {:#}",
+            lab.relay_stats()
+        ),
+    };
+    println!(
+        "(f) probe as c -> b: {} datagrams dropped as not_listed_by_source",
+        drops(&after, "not_listed_by_source") - floor
+    );
+
+    // a <-> b still flows through the relay; nothing ever went c <-> b.
+    let ab = pair_bytes(&after, a, b);
+    lab.expect_flow(ALLOW_TIMEOUT);
+    let grew = wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
+        pair_bytes(&lab.relay_stats(), a, b) > ab
+    });
+    let stats = lab.relay_stats_after(SystemTime::now());
+    assert!(grew.is_ok(), "a -> b stopped crossing the relay: {stats:#}");
+    for (src, dst) in [(c, b), (b, c), (c, a), (a, c)] {
+        assert_eq!(pair_bytes(&stats, src, dst), 0, "{src} -> {dst}: {stats:#}");
+    }
+}
+
+/// (g) An impostor who copied a's `netmap.bin` (a real map, signed by the
+/// controller) but not a's machine key: ztm-relay-probe says HELLO with a
+/// fresh key, over QUIC and over TLS/TCP. The relay refuses both
+/// (`key_mismatch`), admits no new session, leaves a's session as it was,
+/// and a's flow to b keeps crossing the relay.
+#[test]
+fn the_relay_refuses_an_impostor_with_a_stolen_map_but_no_node_key() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let lab = RelayLab::new(Masquerade::FullyRandom, Masquerade::FullyRandom);
+    lab.expect_flow(ALLOW_TIMEOUT * 3);
+    lab.wait_path(PATH_BOUND, |p| p.starts_with("relay "));
+    let (a, b) = (lab.node_id(Side::A), lab.node_id(Side::B));
+    let dir = TempDir::new("stolen");
+    let stolen = lab.copy_netmap(Side::A, &dir);
+    let before = lab.relay_stats_after(SystemTime::now());
+    let a_conn = |st: &Value| {
+        st["sessions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["node"].as_u64() == Some(a))
+            .map(|s| s["conn"].clone())
+    };
+    assert!(
+        a_conn(&before).is_some(),
+        "a has a relay session: {before:#}"
+    );
+
+    for transport in ["quic", "tcp"] {
+        // From b's network: the attacker is not on a's LAN.
+        let t0 = Instant::now();
+        let out = lab.probe(
+            Side::B,
+            &stolen,
+            transport,
+            &["--send", &b.to_string(), "5"],
+        );
+        println!(
+            "(g) impostor over {transport}: {:?} -> {}",
+            t0.elapsed(),
+            out.stdout.trim()
+        );
+        assert_eq!(out.status.code(), Some(2), "the relay must refuse: {out}");
+        let reason = probe_line(&out, "REFUSED ").unwrap_or_default();
+        assert!(reason.contains("another machine key"), "{out}");
+    }
+    let after = lab.relay_stats_after(SystemTime::now());
+    assert_eq!(
+        refusals(&after, "key_mismatch"),
+        refusals(&before, "key_mismatch") + 2,
+        "{after:#}"
+    );
+    assert_eq!(
+        after["hellos_accepted"], before["hellos_accepted"],
+        "{after:#}"
+    );
+    assert_eq!(
+        a_conn(&after),
+        a_conn(&before),
+        "a's session was touched: {after:#}"
+    );
+    assert!(
+        after["transport"]["tcp_connections"].as_u64() >= Some(1),
+        "the TCP attempt reached the relay: {after:#}"
+    );
+
+    // a's own session is unaffected.
+    let ab = pair_bytes(&after, a, b);
+    lab.expect_flow(ALLOW_TIMEOUT);
+    let grew = wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
+        pair_bytes(&lab.relay_stats(), a, b) > ab
+    });
+    assert!(
+        grew.is_ok(),
+        "a -> b stopped crossing the relay: {:#}",
+        lab.relay_stats()
+    );
+}
+
+/// (h) a and b relayed, a TCP exchange works; the admin deletes b. a's new
+/// map no longer lists b, a's flows to b stop, a presents that map to the
+/// relay (its session lists no peer) and the pair's counters stop growing.
+/// b's daemon, refused by the controller, drops its peers and its relay
+/// link; b's key with b's last map (still signed, still unexpired) gets a
+/// session from the relay, which cannot know about the deletion, but
+/// nothing it sends reaches a: a's map no longer lists b, so every
+/// datagram is dropped as `not_listed_by_peer`.
+#[test]
+fn the_relay_forwards_nothing_for_a_deleted_node() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let mut lab = RelayLab::new(Masquerade::FullyRandom, Masquerade::FullyRandom);
+    lab.expect_flow(ALLOW_TIMEOUT * 3);
+    lab.wait_path(PATH_BOUND, |p| p.starts_with("relay "));
+    let (a, b) = (lab.node_id(Side::A), lab.node_id(Side::B));
+    let dir = TempDir::new("old-map");
+    let old_map_b = lab.copy_netmap(Side::B, &dir);
+    let key_b = lab.node(Side::B).state.join("machine.key");
+
+    let deleted_at = Instant::now();
+    admin_ok(
+        lab.topo.ns(CONTROLLER),
+        &lab.data,
+        &["nodes", "delete", "home-b"],
+    );
+    let unlisted = wait_until(PATH_BOUND, Duration::from_millis(100), || {
+        lab.peer_names(Side::A).is_empty()
+    });
+    assert!(
+        unlisted.is_ok(),
+        "a still lists b: {:#}",
+        lab.status(Side::A)
+    );
+    println!(
+        "(h) a's map stops listing b {:?} after the delete",
+        deleted_at.elapsed()
+    );
+    let cut = wait_for(PATH_BOUND, Duration::from_millis(200), || {
+        let st = lab.relay_stats();
+        (session_peers(&st, a) == Some(0) && session_peers(&st, b).is_none()).then_some(())
+    });
+    assert!(
+        cut.is_ok(),
+        "the relay never saw a's new map and b's link go: {:#}",
+        lab.relay_stats()
+    );
+    println!(
+        "(h) the relay's stats (written every second) show a's map without b and no session \
+         for b {:?} after the delete",
+        deleted_at.elapsed()
+    );
+    let mut tried_at = deleted_at;
+    let stopped = wait_until(PATH_BOUND, Duration::from_millis(100), || {
+        tried_at = Instant::now();
+        lab.flow(ALLOWED_PORT, Duration::from_secs(2)).is_err()
+    });
+    assert!(stopped.is_ok(), "a's flows to b never stopped");
+    println!(
+        "(h) a flow a -> b begun {:?} after the delete fails (2 s timeout)",
+        tried_at - deleted_at
+    );
+
+    // The pair's counters stop growing while a keeps trying.
+    let frozen = lab.relay_stats_after(SystemTime::now());
+    for _ in 0..3 {
+        lab.expect_denied(ALLOWED_PORT);
+    }
+    let later = lab.relay_stats_after(SystemTime::now());
+    for (src, dst) in [(a, b), (b, a)] {
+        assert_eq!(
+            pair_bytes(&later, src, dst),
+            pair_bytes(&frozen, src, dst),
+            "{src} -> {dst} grew after the delete: {later:#}"
+        );
+    }
+
+    // b, still running, with its old map and its key: nothing reaches a.
+    assert!(lab.daemon_b.is_running(), "{}", lab.daemon_b.logs());
+    let out = lab.probe(
+        Side::B,
+        &old_map_b,
+        "quic",
+        &[
+            "--key",
+            key_b.to_str().expect("utf-8 path"),
+            "--send",
+            &a.to_string(),
+            "10",
+        ],
+    );
+    println!(
+        "(h) deleted b's key and old map at the relay: {}",
+        out.stdout.trim().replace('\n', "; ")
+    );
+    let end = lab.relay_stats_after(SystemTime::now());
+    match probe_line(&out, "WELCOME ") {
+        Some(_) => {
+            assert!(out.status.success(), "{out}");
+            assert_eq!(probe_line(&out, "RECEIVED "), Some("0"), "{out}");
+            let sent: u64 = probe_line(&out, "SENT ")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            assert!(sent > 0, "{out}");
+            let dropped = drops(&end, "not_listed_by_peer") - drops(&later, "not_listed_by_peer");
+            println!("(h) {sent} datagrams b -> a sent, {dropped} dropped as not_listed_by_peer");
+            assert!(dropped >= 1, "{end:#}");
+        }
+        None => {
+            assert_eq!(out.status.code(), Some(2), "{out}");
+            let total = |st: &Value| {
+                st["refusals"]
+                    .as_object()
+                    .map(|m| m.values().filter_map(Value::as_u64).sum::<u64>())
+                    .unwrap_or(0)
+            };
+            assert!(total(&end) > total(&later), "{end:#}");
+        }
+    }
+    assert_eq!(pair_bytes(&end, b, a), pair_bytes(&frozen, b, a), "{end:#}");
+    assert_eq!(pair_bytes(&end, a, b), pair_bytes(&frozen, a, b), "{end:#}");
+}
+
 // ---------------------------------------------------------------------------
 // The lab
 // ---------------------------------------------------------------------------
@@ -420,12 +770,23 @@ fn relayed_traffic_resumes_after_the_relay_restarts_without_reenrollment() {
 enum Side {
     A,
     B,
+    /// The stranger of [`RelayLab::with_stranger`].
+    C,
+}
+
+/// Node c: enrolled as a user the policy gives nothing, behind its own
+/// NAT router. Fields drop in order: the daemon, its dirs, its LAN.
+struct Stranger {
+    daemon: Proc,
+    node: NodeDirs,
+    ns: Netns,
 }
 
 /// The topology drawn at the top of the file, enrolled and serving. Fields
 /// drop in declaration order: processes, then directories, then the LAN
 /// namespaces, then the internet.
 struct RelayLab {
+    stranger: Option<Stranger>,
     _echo: Proc,
     daemon_a: Proc,
     daemon_b: Proc,
@@ -440,6 +801,8 @@ struct RelayLab {
     controller_key: String,
     relay_identity: String,
     relay_dir: PathBuf,
+    /// The controller's data dir (for admin commands).
+    data: PathBuf,
     _controller_dir: TempDir,
     a: Netns,
     b: Netns,
@@ -457,11 +820,41 @@ impl RelayLab {
     /// Like [`RelayLab::new`]; with `udp_blocked_a` router a drops all UDP
     /// from the start.
     fn with(masq_a: Masquerade, masq_b: Masquerade, udp_blocked_a: bool) -> Self {
-        let topo = Topology::new(&[CONTROLLER, RELAY, ROUTER_A, ROUTER_B]);
+        Self::build(masq_a, masq_b, udp_blocked_a, None)
+    }
+
+    /// Both a and b behind fully-random NATs (relayed), plus node c
+    /// (`carol@example.com`, whom the policy gives nothing) behind its own
+    /// router-c (198.18.0.5, LAN 198.19.3.0/24) NATing as `masq_c`.
+    fn with_stranger(masq_c: Masquerade) -> Self {
+        Self::build(
+            Masquerade::FullyRandom,
+            Masquerade::FullyRandom,
+            false,
+            Some(masq_c),
+        )
+    }
+
+    fn build(
+        masq_a: Masquerade,
+        masq_b: Masquerade,
+        udp_blocked_a: bool,
+        stranger: Option<Masquerade>,
+    ) -> Self {
+        let mut names = vec![CONTROLLER, RELAY, ROUTER_A, ROUTER_B];
+        if stranger.is_some() {
+            names.push(ROUTER_C);
+        }
+        let topo = Topology::new(&names);
         let a = Netns::new("home-a");
         let b = Netns::new("home-b");
         nat_router(topo.ns(ROUTER_A), &a, 1, masq_a);
         nat_router(topo.ns(ROUTER_B), &b, 2, masq_b);
+        let c = stranger.map(|masq_c| {
+            let c = Netns::new("home-c");
+            nat_router(topo.ns(ROUTER_C), &c, 3, masq_c);
+            c
+        });
         if udp_blocked_a {
             block_udp(topo.ns(ROUTER_A));
         }
@@ -516,8 +909,23 @@ impl RelayLab {
         let daemon_a = start_daemon(&a, &node_a, &[]);
         up(&a, &node_a, &url, &key_a, "home-a");
         let up_at = Instant::now();
+        let stranger = c.map(|ns| {
+            admin_ok(ctl_ns, &data, &["users", "create", "carol@example.com"]);
+            let key_c = admin_ok(
+                ctl_ns,
+                &data,
+                &["keys", "create", "--user", "carol@example.com"],
+            )
+            .trim()
+            .to_owned();
+            let node = NodeDirs::new("c");
+            let daemon = start_daemon(&ns, &node, &[]);
+            up(&ns, &node, &url, &key_c, "home-c");
+            Stranger { daemon, node, ns }
+        });
 
         let lab = Self {
+            stranger,
             _echo: echo,
             daemon_a,
             daemon_b,
@@ -530,6 +938,7 @@ impl RelayLab {
             controller_key: key,
             relay_identity: identity,
             relay_dir,
+            data,
             _controller_dir: controller_dir,
             a,
             b,
@@ -552,6 +961,7 @@ impl RelayLab {
         match side {
             Side::A => &self.a,
             Side::B => &self.b,
+            Side::C => &self.stranger().ns,
         }
     }
 
@@ -559,7 +969,102 @@ impl RelayLab {
         match side {
             Side::A => &self.node_a,
             Side::B => &self.node_b,
+            Side::C => &self.stranger().node,
         }
+    }
+
+    fn stranger(&self) -> &Stranger {
+        self.stranger
+            .as_ref()
+            .expect("node c exists only in RelayLab::with_stranger")
+    }
+
+    /// The names of the peers `side`'s netmap lists.
+    fn peer_names(&self, side: Side) -> Vec<String> {
+        self.status(side)["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["name"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// `ping -c COUNT` from a to b's overlay address with `args` (system
+    /// ping, so the packet is a real ICMP echo through the tunnel).
+    fn sys_ping(&self, from: Side, to: &str, args: &[&str]) -> CliOut {
+        let mut full = vec!["ping", "-n", "-W", "2"];
+        full.extend_from_slice(args);
+        full.push(to);
+        self.ns(from)
+            .run_bounded("ping", &full, Duration::from_secs(60))
+    }
+
+    /// `ping -s 1252 -M do -c 3` a -> b: three 1,280-byte IPv4 packets
+    /// (the overlay MTU) that may not be fragmented, each must come back.
+    fn expect_full_size_ping(&self) {
+        let mut last = None;
+        // The first echo may race the path's first handshake; a few tries.
+        for _ in 0..3 {
+            let out = self.sys_ping(
+                Side::A,
+                &self.b_ip,
+                &["-c", "3", "-s", FULL_PING_PAYLOAD, "-M", "do"],
+            );
+            if out.status.success() && out.stdout.contains(" 0% packet loss") {
+                return;
+            }
+            last = Some(out);
+        }
+        panic!(
+            "full-size ping a -> b failed: {}",
+            last.expect("the loop ran")
+        );
+    }
+
+    /// A bounded bulk TCP transfer a -> b's allowed port of [`BULK_BYTES`],
+    /// echoed back byte for byte; returns how long it took.
+    fn expect_bulk(&self) -> Duration {
+        let bin = bin_path("ztm-echo");
+        let t0 = Instant::now();
+        let out = self.a.run_bounded(
+            "bulk",
+            &[
+                bin.to_string_lossy().into_owned(),
+                "bulk".to_owned(),
+                self.b_ip.clone(),
+                ALLOWED_PORT.to_string(),
+                BULK_BYTES.to_string(),
+                BULK_TIMEOUT.as_millis().to_string(),
+            ],
+            BULK_TIMEOUT + Duration::from_secs(10),
+        );
+        assert!(out.status.success(), "bulk a -> b: {out}");
+        assert!(
+            out.stdout.contains(&format!("bytes={BULK_BYTES} ")),
+            "bulk a -> b: {out}"
+        );
+        t0.elapsed()
+    }
+
+    /// Runs `ztm-relay-probe MAP TRANSPORT ARGS` in `from`'s namespace.
+    fn probe(&self, from: Side, map: &Path, transport: &str, args: &[&str]) -> CliOut {
+        let bin = bin_path("ztm-relay-probe");
+        let mut full = vec![
+            bin.to_str().expect("utf-8 path"),
+            map.to_str().expect("utf-8 path"),
+            transport,
+        ];
+        full.extend_from_slice(args);
+        self.ns(from)
+            .run_bounded("probe", &full, Duration::from_secs(60))
+    }
+
+    /// A copy of `side`'s cached signed netmap (`netmap.bin`) in `dir`.
+    fn copy_netmap(&self, side: Side, dir: &TempDir) -> PathBuf {
+        let to = dir.join(format!("{side:?}-netmap.bin"));
+        std::fs::copy(self.node(side).state.join("netmap.bin"), &to)
+            .unwrap_or_else(|e| panic!("copy {side:?}'s netmap.bin: {e}"));
+        to
     }
 
     fn status(&self, side: Side) -> Value {
@@ -748,6 +1253,34 @@ fn pair_bytes(stats: &Value, src: u64, dst: u64) -> u64 {
         .find(|p| p["src"].as_u64() == Some(src) && p["dst"].as_u64() == Some(dst))
         .and_then(|p| p["bytes"].as_u64())
         .unwrap_or(0)
+}
+
+/// The relay's count of refused `HELLO`/`MAP`s for `reason` (`key_mismatch`, …).
+fn refusals(stats: &Value, reason: &str) -> u64 {
+    stats["refusals"][reason].as_u64().unwrap_or(0)
+}
+
+/// The relay's count of datagrams dropped for `reason` (`not_listed_by_peer`, …).
+fn drops(stats: &Value, reason: &str) -> u64 {
+    stats["drops"][reason].as_u64().unwrap_or(0)
+}
+
+/// How many peers the map of `node`'s relay session lists (`None` while
+/// it has no session).
+fn session_peers(stats: &Value, node: u64) -> Option<u64> {
+    stats["sessions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["node"].as_u64() == Some(node))
+        .and_then(|s| s["peers"].as_u64())
+}
+
+/// The probe's `KEY VALUE` line (`WELCOME 3`, `SENT 10`, …), if it printed one.
+fn probe_line<'a>(out: &'a CliOut, key: &str) -> Option<&'a str> {
+    out.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(key).map(str::trim))
 }
 
 /// The node's overlay IPv4 address (`ztmesh ip -4`).

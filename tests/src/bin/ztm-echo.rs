@@ -7,6 +7,9 @@
 //! ztm-echo connect ADDR PORT TIMEOUT_MS       a TCP connection is accepted (any server)
 //! ztm-echo stream ADDR PORT COUNT INTERVAL_MS TIMEOUT_MS
 //!                                             one connection, COUNT round trips
+//! ztm-echo bulk ADDR PORT BYTES TIMEOUT_MS    one connection: send BYTES (at most
+//!                                             32 MiB) while reading the echo back;
+//!                                             every byte must return, in order
 //! ```
 //!
 //! `serve` retries a bind for a few seconds while its address is not (yet)
@@ -32,6 +35,8 @@ const CONN_IDLE: Duration = Duration::from_secs(30);
 const CONN_MAX_BYTES: u64 = 64 << 20;
 /// Payload size of `check`.
 const CHECK_BYTES: usize = 1200;
+/// Most bytes `bulk` sends (the server echoes at most [`CONN_MAX_BYTES`]).
+const BULK_MAX_BYTES: u64 = 32 << 20;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -42,6 +47,7 @@ fn main() -> ExitCode {
         Some("stream") if args.len() == 6 => {
             stream(&args[1], &args[2], &args[3], &args[4], &args[5])
         }
+        Some("bulk") if args.len() == 5 => bulk(&args[1], &args[2], &args[3], &args[4]),
         _ => Err(usage()),
     };
     match result {
@@ -56,7 +62,8 @@ fn main() -> ExitCode {
 fn usage() -> String {
     "usage: ztm-echo serve SPEC... | check ADDR PORT TIMEOUT_MS | \
      connect ADDR PORT TIMEOUT_MS | \
-     stream ADDR PORT COUNT INTERVAL_MS TIMEOUT_MS"
+     stream ADDR PORT COUNT INTERVAL_MS TIMEOUT_MS | \
+     bulk ADDR PORT BYTES TIMEOUT_MS"
         .to_owned()
 }
 
@@ -248,5 +255,79 @@ fn stream(
         std::thread::sleep(interval);
     }
     println!("ok {to} rounds={count}");
+    Ok(())
+}
+
+/// Sends `bytes` bytes of a per-run pattern on one connection from a writer
+/// thread while this thread reads the echo and compares it byte for byte.
+/// `timeout_ms` bounds every read and write and the whole transfer.
+fn bulk(addr: &str, port: &str, bytes: &str, timeout_ms: &str) -> Result<(), String> {
+    let to = target(addr, port)?;
+    let total: u64 = bytes
+        .parse()
+        .map_err(|e| format!("bad byte count {bytes:?}: {e}"))?;
+    if total > BULK_MAX_BYTES {
+        return Err(format!("at most {BULK_MAX_BYTES} bytes"));
+    }
+    let timeout = millis(timeout_ms)?;
+    let start = Instant::now();
+    let stream = connect(to, timeout)?;
+    let pattern = payload(64 * 1024, 0);
+    let mut writer = stream
+        .try_clone()
+        .map_err(|e| format!("clone socket: {e}"))?;
+    let chunks = pattern.clone();
+    let send = std::thread::spawn(move || -> Result<(), String> {
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(chunks.len() as u64) as usize;
+            writer
+                .write_all(&chunks[..n])
+                .map_err(|e| format!("send: {e} ({} of {total} bytes sent)", total - left))?;
+            left -= n as u64;
+        }
+        writer
+            .shutdown(Shutdown::Write)
+            .map_err(|e| format!("shutdown: {e}"))
+    });
+    let mut reader = stream.take(total + 1);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got: u64 = 0;
+    let result = loop {
+        if start.elapsed() > timeout {
+            break Err(format!(
+                "bulk with {to}: {got} of {total} bytes back after {timeout:?}"
+            ));
+        }
+        match reader.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                for (i, b) in buf[..n].iter().enumerate() {
+                    let at = got + i as u64;
+                    if *b != pattern[(at % pattern.len() as u64) as usize] {
+                        return Err(format!("bulk with {to}: byte {at} differs"));
+                    }
+                }
+                got += n as u64;
+            }
+            Err(e) => {
+                break Err(format!(
+                    "receive from {to}: {e} ({got} of {total} bytes back)"
+                ))
+            }
+        }
+    };
+    let sent = send
+        .join()
+        .unwrap_or_else(|_| Err("the sender panicked".to_owned()));
+    result?;
+    sent?;
+    if got != total {
+        return Err(format!(
+            "bulk with {to}: sent {total} bytes, {got} came back"
+        ));
+    }
+    let ms = start.elapsed().as_millis();
+    println!("ok {to} bytes={got} ms={ms}");
     Ok(())
 }
