@@ -69,9 +69,30 @@ const ROUTER_A: &str = "router-a";
 const ROUTER_B: &str = "router-b";
 const ROUTER_C: &str = "router-c";
 const RELAY_NAME: &str = "relay1";
-const RELAY_QUIC_PORT: u16 = 3340;
-const RELAY_TCP_PORT: u16 = 443;
-const RELAY_STUN_PORTS: [u16; 2] = [3478, 3479];
+
+/// One relay process of the lab: its name and ports on the relay namespace's
+/// address.
+struct RelaySpec {
+    name: &'static str,
+    quic: u16,
+    tcp: u16,
+    stun: [u16; 2],
+}
+
+/// The lab's relay (the first in the controller's relay file).
+const RELAY1: RelaySpec = RelaySpec {
+    name: RELAY_NAME,
+    quic: 3340,
+    tcp: 443,
+    stun: [3478, 3479],
+};
+/// The second relay of the failover scenario, listed after [`RELAY1`].
+const RELAY2: RelaySpec = RelaySpec {
+    name: "relay2",
+    quic: 3341,
+    tcp: 444,
+    stun: [3480, 3481],
+};
 /// The port the policy opens from a to b.
 const ALLOWED_PORT: u16 = 5201;
 /// A port b listens on that the policy does not open.
@@ -429,7 +450,7 @@ fn relayed_traffic_resumes_after_the_relay_restarts_without_reenrollment() {
     old.stop();
     drop(old);
     let restarted_at = Instant::now();
-    let (relay, identity) = start_relay(&lab.topo, &lab.relay_dir, &lab.controller_key);
+    let (relay, identity) = start_relay(&lab.topo, &RELAY1, &lab.relay_dir, &lab.controller_key);
     lab.relay = Some(relay);
     assert_eq!(identity, lab.relay_identity, "same data dir, same identity");
     let back = wait_until(PATH_BOUND, Duration::from_millis(200), || {
@@ -762,6 +783,71 @@ fn the_relay_forwards_nothing_for_a_deleted_node() {
     assert_eq!(pair_bytes(&end, a, b), pair_bytes(&frozen, a, b), "{end:#}");
 }
 
+/// (j) Two relays in the map: both nodes use the first; it dies, and both
+/// move to the second (the link walks the map's relays in order) and the
+/// pair's flow resumes there; the first comes back, and both return to it
+/// (a session on a later relay tries the better ones every 30 s in the
+/// background), so a node that failed over does not stay split from peers
+/// that joined since.
+#[test]
+fn nodes_fail_over_to_the_second_relay_and_return_to_the_first() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let mut lab = RelayLab::with_second_relay();
+    lab.expect_flow(ALLOW_TIMEOUT * 3);
+    lab.wait_relay_of_both(RELAY1.name, PATH_BOUND);
+    lab.wait_path(PATH_BOUND, |p| p == format!("relay {}", RELAY1.name));
+
+    let mut first = lab.relay.take().expect("relay1 running");
+    first.stop();
+    drop(first);
+    let killed_at = Instant::now();
+    let took = lab.wait_relay_of_both(RELAY2.name, PATH_BOUND);
+    println!(
+        "(j) both nodes on {} {took:?} after {} stopped",
+        RELAY2.name, RELAY1.name
+    );
+    let back = wait_until(PATH_BOUND, Duration::from_millis(200), || {
+        lab.flow(ALLOWED_PORT, Duration::from_secs(2)).is_ok()
+    });
+    assert!(
+        back.is_ok(),
+        "no flow over {}\n{:#}\n{:#}",
+        RELAY2.name,
+        lab.status(Side::A),
+        lab.status(Side::B)
+    );
+    println!(
+        "(j) flow over {} {:?} after {} stopped",
+        RELAY2.name,
+        killed_at.elapsed(),
+        RELAY1.name
+    );
+    assert_eq!(lab.path(Side::A), format!("relay {}", RELAY2.name));
+    lab.expect_full_size_ping();
+
+    let (relay, _) = start_relay(&lab.topo, &RELAY1, &lab.relay_dir, &lab.controller_key);
+    lab.relay = Some(relay);
+    let restarted_at = Instant::now();
+    // Liveness bound: one 30 s retry period plus a connect, times about 4.
+    let took = lab.wait_relay_of_both(RELAY1.name, Duration::from_secs(150));
+    println!(
+        "(j) both nodes back on {} {took:?} after it restarted",
+        RELAY1.name
+    );
+    lab.expect_flow(ALLOW_TIMEOUT);
+    lab.wait_path(PATH_BOUND, |p| p == format!("relay {}", RELAY1.name));
+    let second = lab.second.as_ref().expect("the lab has a second relay");
+    let stats = relay_stats_fresh(&second.dir, SystemTime::now());
+    let (a, b) = (lab.node_id(Side::A), lab.node_id(Side::B));
+    assert!(
+        session_peers(&stats, a).is_none() && session_peers(&stats, b).is_none(),
+        "a node stayed on the second relay: {stats:#}"
+    );
+    println!("(j) restart to both back: {:?}", restarted_at.elapsed());
+}
+
 // ---------------------------------------------------------------------------
 // The lab
 // ---------------------------------------------------------------------------
@@ -786,6 +872,8 @@ struct Stranger {
 /// drop in declaration order: processes, then directories, then the LAN
 /// namespaces, then the internet.
 struct RelayLab {
+    /// The second relay, when the lab has one.
+    second: Option<SecondRelay>,
     stranger: Option<Stranger>,
     _echo: Proc,
     daemon_a: Proc,
@@ -809,6 +897,36 @@ struct RelayLab {
     topo: Topology,
 }
 
+/// What [`RelayLab::build`] sets up.
+struct LabSpec {
+    masq_a: Masquerade,
+    masq_b: Masquerade,
+    /// Router a drops all UDP from the start.
+    udp_blocked_a: bool,
+    /// Node c behind its own router NATing like this.
+    stranger: Option<Masquerade>,
+    /// A second relay ([`RELAY2`]) after the first in the relay file.
+    second_relay: bool,
+}
+
+impl LabSpec {
+    fn new(masq_a: Masquerade, masq_b: Masquerade) -> Self {
+        Self {
+            masq_a,
+            masq_b,
+            udp_blocked_a: false,
+            stranger: None,
+            second_relay: false,
+        }
+    }
+}
+
+/// The second relay's process and data dir.
+struct SecondRelay {
+    _proc: Proc,
+    dir: PathBuf,
+}
+
 impl RelayLab {
     /// Builds the lab with routers `a` and `b` NATing as given, starts the
     /// controller, the relay and both nodes, enrolls them and starts b's
@@ -817,30 +935,42 @@ impl RelayLab {
         Self::with(masq_a, masq_b, false)
     }
 
+    /// Both behind fully-random NATs (relayed), and a second relay listed
+    /// after the first in the controller's relay file.
+    fn with_second_relay() -> Self {
+        Self::build(LabSpec {
+            second_relay: true,
+            ..LabSpec::new(Masquerade::FullyRandom, Masquerade::FullyRandom)
+        })
+    }
+
     /// Like [`RelayLab::new`]; with `udp_blocked_a` router a drops all UDP
     /// from the start.
     fn with(masq_a: Masquerade, masq_b: Masquerade, udp_blocked_a: bool) -> Self {
-        Self::build(masq_a, masq_b, udp_blocked_a, None)
+        Self::build(LabSpec {
+            udp_blocked_a,
+            ..LabSpec::new(masq_a, masq_b)
+        })
     }
 
     /// Both a and b behind fully-random NATs (relayed), plus node c
     /// (`carol@example.com`, whom the policy gives nothing) behind its own
     /// router-c (198.18.0.5, LAN 198.19.3.0/24) NATing as `masq_c`.
     fn with_stranger(masq_c: Masquerade) -> Self {
-        Self::build(
-            Masquerade::FullyRandom,
-            Masquerade::FullyRandom,
-            false,
-            Some(masq_c),
-        )
+        Self::build(LabSpec {
+            stranger: Some(masq_c),
+            ..LabSpec::new(Masquerade::FullyRandom, Masquerade::FullyRandom)
+        })
     }
 
-    fn build(
-        masq_a: Masquerade,
-        masq_b: Masquerade,
-        udp_blocked_a: bool,
-        stranger: Option<Masquerade>,
-    ) -> Self {
+    fn build(spec: LabSpec) -> Self {
+        let LabSpec {
+            masq_a,
+            masq_b,
+            udp_blocked_a,
+            stranger,
+            second_relay,
+        } = spec;
         let mut names = vec![CONTROLLER, RELAY, ROUTER_A, ROUTER_B];
         if stranger.is_some() {
             names.push(ROUTER_C);
@@ -872,9 +1002,16 @@ impl RelayLab {
         first.stop();
         drop(first);
         let relay_dir = controller_dir.join("relay");
-        let (relay, identity) = start_relay(&topo, &relay_dir, &key);
+        let (relay, identity) = start_relay(&topo, &RELAY1, &relay_dir, &key);
+        let mut relay_lines = format!("{identity}\n");
+        let second = second_relay.then(|| {
+            let dir = controller_dir.join("relay2");
+            let (proc, identity2) = start_relay(&topo, &RELAY2, &dir, &key);
+            relay_lines.push_str(&format!("{identity2}\n"));
+            SecondRelay { _proc: proc, dir }
+        });
         let relay_file = controller_dir.join("relays.jsonl");
-        std::fs::write(&relay_file, format!("{identity}\n")).expect("write the relay file");
+        std::fs::write(&relay_file, relay_lines).expect("write the relay file");
         let controller = start_controller(ctl_ns, ctl_addr, &data, Some(&relay_file));
 
         admin_ok(ctl_ns, &data, &["users", "create", "alice@example.com"]);
@@ -925,6 +1062,7 @@ impl RelayLab {
         });
 
         let lab = Self {
+            second,
             stranger,
             _echo: echo,
             daemon_a,
@@ -1111,6 +1249,33 @@ impl RelayLab {
     }
 
     /// The transport of `side`'s relay link ("" while it is down).
+    /// The relay `side`'s link is connected to ("" while it is down).
+    fn relay_name(&self, side: Side) -> String {
+        let st = self.status(side);
+        if st["relay"]["transport"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty()
+        {
+            return String::new();
+        }
+        st["relay"]["name"].as_str().unwrap_or_default().to_owned()
+    }
+
+    /// Waits until both a's and b's links are up on relay `name`.
+    fn wait_relay_of_both(&self, name: &str, bound: Duration) -> Duration {
+        let on = wait_until(bound, Duration::from_millis(200), || {
+            self.relay_name(Side::A) == name && self.relay_name(Side::B) == name
+        });
+        on.unwrap_or_else(|e| {
+            panic!(
+                "a and b never both used {name} ({e})\n{:#}\n{:#}",
+                self.status(Side::A),
+                self.status(Side::B)
+            )
+        })
+    }
+
     fn relay_transport(&self, side: Side) -> String {
         self.status(side)["relay"]["transport"]
             .as_str()
@@ -1180,41 +1345,51 @@ impl RelayLab {
 
     /// The relay's stats as written after `t` (it rewrites them every second).
     fn relay_stats_after(&self, t: SystemTime) -> Value {
-        let ms = t
-            .duration_since(UNIX_EPOCH)
-            .expect("after 1970")
-            .as_millis() as u64;
-        let fresh = wait_for(Duration::from_secs(10), Duration::from_millis(100), || {
-            let stats = self.relay_stats();
-            (stats["written_at_ms"].as_u64() > Some(ms)).then_some(stats)
-        });
-        match fresh {
-            Ok((stats, _)) => stats,
-            Err(e) => panic!(
-                "the relay wrote no stats after {ms} ({e}): {:#}",
-                self.relay_stats()
-            ),
-        }
+        relay_stats_fresh(&self.relay_dir, t)
+    }
+}
+
+/// The `stats.json` of the relay on `dir` written after `t` (waiting for it).
+fn relay_stats_fresh(dir: &Path, t: SystemTime) -> Value {
+    let ms = t
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64;
+    let fresh = wait_for(Duration::from_secs(10), Duration::from_millis(100), || {
+        let stats = relay_stats(dir);
+        (stats["written_at_ms"].as_u64() > Some(ms)).then_some(stats)
+    });
+    match fresh {
+        Ok((stats, _)) => stats,
+        Err(e) => panic!(
+            "the relay wrote no stats after {ms} ({e}): {:#}",
+            relay_stats(dir)
+        ),
     }
 }
 
 /// Starts `ztmesh-relay serve` in the relay namespace on `dir` and returns it
 /// with the identity line it prints.
-fn start_relay(topo: &Topology, dir: &Path, controller_key: &str) -> (Proc, String) {
+fn start_relay(
+    topo: &Topology,
+    spec: &RelaySpec,
+    dir: &Path,
+    controller_key: &str,
+) -> (Proc, String) {
     let ip = topo.addr(RELAY);
     let bin = bin_path("ztmesh-relay");
     let mut cmd = topo.ns(RELAY).command(&bin);
-    cmd.args(["serve", "--name", RELAY_NAME])
+    cmd.args(["serve", "--name", spec.name])
         .arg("--data-dir")
         .arg(dir)
-        .args(["--quic-listen", &format!("{ip}:{RELAY_QUIC_PORT}")])
-        .args(["--tcp-listen", &format!("{ip}:{RELAY_TCP_PORT}")])
+        .args(["--quic-listen", &format!("{ip}:{}", spec.quic)])
+        .args(["--tcp-listen", &format!("{ip}:{}", spec.tcp)])
         .args(["--controller-key", controller_key])
         .env("ZTMESH_LOG", ztmesh_tests::natlab::log_level());
-    for p in RELAY_STUN_PORTS {
+    for p in spec.stun {
         cmd.args(["--stun-listen", &format!("{ip}:{p}")]);
     }
-    let mut relay = Proc::spawn("relay/ztmesh-relay", cmd);
+    let mut relay = Proc::spawn(&format!("relay/{}", spec.name), cmd);
     let identity = wait_for(Duration::from_secs(20), Duration::from_millis(20), || {
         if !relay.is_running() {
             return Some(None);
