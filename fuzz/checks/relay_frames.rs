@@ -6,11 +6,14 @@
 //! Input layout: 8 bytes of the relay's clock (`now_ms`, i64 LE), then a
 //! byte stream of frames. Properties: nothing panics; a decoded frame
 //! re-encodes and decodes to the same frame; decoding never reads past the
-//! declared length; HELLO and MAP go through the core (which refuses what
+//! declared length, and the length is within its type's bound (only HELLO
+//! and MAP may exceed a data frame's); HELLO and MAP go through the core (which refuses what
 //! the fuzzer cannot sign, without panicking); DATA goes through `route`.
 
 use ztmesh_proto::keys::SigningKey;
-use ztmesh_proto::relay::{decode, decode_datagram, Frame, HEADER_LEN, MAX_FRAME_LEN};
+use ztmesh_proto::relay::{
+    decode, decode_datagram, max_len, Frame, HEADER_LEN, MAX_FRAME_LEN, MAX_MAP_FRAME_LEN,
+};
 use ztmesh_relay::core::{Config, Core};
 
 /// A deterministic "RNG" for the controller key.
@@ -52,7 +55,14 @@ pub fn run(data: &[u8]) {
     let mut node = None;
     // Each frame takes at least HEADER_LEN + 1 bytes, so this is bounded.
     while let Ok(Some((frame, used))) = decode(rest) {
-        assert!(used > HEADER_LEN && used <= HEADER_LEN + MAX_FRAME_LEN && used <= rest.len());
+        assert!(used > HEADER_LEN && used <= rest.len());
+        // Every frame within the bound of its type; only maps beyond a data frame's.
+        let ty = rest[HEADER_LEN];
+        assert!(used - HEADER_LEN <= max_len(ty).expect("a decoded frame has a known type"));
+        assert!(used - HEADER_LEN <= MAX_MAP_FRAME_LEN);
+        if !matches!(frame, Frame::Hello { .. } | Frame::Map(_)) {
+            assert!(used - HEADER_LEN <= MAX_FRAME_LEN);
+        }
         let again = frame.to_vec().expect("a decoded frame encodes");
         let (back, n) = decode(&again)
             .expect("our encoding decodes")

@@ -34,7 +34,9 @@ use ztmesh_proto::UnixMs;
 
 use crate::core::{Config, ConnId, Core, DropReason, NodeId, Snapshot};
 use crate::datadir::{load_or_create_tls, write_atomic, DataDir, DirLock, Identity};
-use crate::wire::{read_frame, server_tls, transport, ReadError, OUT_QUEUE, WRITE_BATCH};
+use crate::wire::{
+    from_client, read_frame, server_tls, transport, ReadError, OUT_QUEUE, READ_CHUNK, WRITE_BATCH,
+};
 
 /// What `serve` is given.
 #[derive(Clone, Debug)]
@@ -397,18 +399,14 @@ async fn quic_conn(shared: Arc<Shared>, incoming: quinn::Incoming, _slot: Source
     let handshake = async {
         let conn = incoming.await.ok()?;
         let (send, mut recv) = conn.accept_bi().await.ok()?;
-        let mut hello = Vec::new();
-        match read_frame(&mut recv, &mut hello).await {
-            Ok(true) => Some((conn, send, recv, Ok(hello))),
-            Ok(false) => None,
-            Err(e) => Some((conn, send, recv, Err(e))),
-        }
+        let (hello, held) = read_hello(&shared, &mut recv).await?;
+        Some((conn, send, recv, hello, held))
     };
-    let Some((conn, send, recv, hello)) = handshake_within(&shared, handshake).await else {
+    let Some((conn, send, recv, hello, held)) = handshake_within(&shared, handshake).await else {
         return;
     };
     Counters::inc(&shared.counters.quic_connections);
-    session(shared, recv, send, Some(conn), hello).await;
+    session(shared, recv, send, Some(conn), hello, held).await;
 }
 
 async fn tcp_accept(
@@ -439,18 +437,57 @@ async fn tcp_conn(
     let handshake = async {
         let tls = acceptor.accept(tcp).await.ok()?;
         let (mut recv, send) = tokio::io::split(tls);
-        let mut hello = Vec::new();
-        match read_frame(&mut recv, &mut hello).await {
-            Ok(true) => Some((recv, send, Ok(hello))),
-            Ok(false) => None,
-            Err(e) => Some((recv, send, Err(e))),
-        }
+        let (hello, held) = read_hello(&shared, &mut recv).await?;
+        Some((recv, send, hello, held))
     };
-    let Some((recv, send, hello)) = handshake_within(&shared, handshake).await else {
+    let Some((recv, send, hello, held)) = handshake_within(&shared, handshake).await else {
         return;
     };
     Counters::inc(&shared.counters.tcp_connections);
-    session(shared, recv, send, None, hello).await;
+    session(shared, recv, send, None, hello, held).await;
+}
+
+/// Budget bytes held for the `HELLO` buffer of a client not yet welcomed;
+/// returned when dropped.
+struct Unauthenticated {
+    shared: Arc<Shared>,
+    bytes: u64,
+}
+
+impl Unauthenticated {
+    fn grow(&mut self, n: usize) -> bool {
+        let ok = self.shared.core().reserve_unauthenticated(n as u64).is_ok();
+        if ok {
+            self.bytes += n as u64;
+        }
+        ok
+    }
+}
+
+impl Drop for Unauthenticated {
+    fn drop(&mut self) {
+        self.shared.core().release_unauthenticated(self.bytes);
+    }
+}
+
+/// Reads the first frame of a client; its buffer is reserved from the
+/// unauthenticated share of the memory budget as it grows. `None` for a
+/// stream that ended before a frame.
+async fn read_hello<R: AsyncRead + Unpin>(
+    shared: &Arc<Shared>,
+    recv: &mut R,
+) -> Option<(Result<Vec<u8>, ReadError>, Unauthenticated)> {
+    let mut held = Unauthenticated {
+        shared: shared.clone(),
+        bytes: 0,
+    };
+    let mut hello = Vec::new();
+    let read = read_frame(recv, &mut hello, from_client, &mut |n| held.grow(n)).await;
+    match read {
+        Ok(true) => Some((Ok(hello), held)),
+        Ok(false) => None,
+        Err(e) => Some((Err(e), held)),
+    }
 }
 
 /// Runs a handshake under the deadline, counting timeouts and failures.
@@ -478,25 +515,22 @@ async fn session<R, W>(
     mut writer: W,
     quic: Option<quinn::Connection>,
     hello: Result<Vec<u8>, ReadError>,
+    held: Unauthenticated,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let conn_id = shared.conn_id();
-    let (proof, map) = match hello
-        .as_deref()
-        .map_err(ToString::to_string)
-        .map(decode_frame)
-    {
-        Ok(Ok(Frame::Hello { proof, map })) => (proof, map),
-        Ok(Ok(_)) => {
-            shared.core().count_drop(DropReason::UnexpectedFrame);
-            refuse(&mut writer, quic.as_ref(), "expected HELLO".into()).await;
-            return;
-        }
-        Ok(Err(e)) => {
-            shared.core().count_drop(DropReason::MalformedFrame);
-            refuse(&mut writer, quic.as_ref(), format!("malformed HELLO: {e}")).await;
+    let hello = match hello {
+        Ok(bytes) => bytes,
+        Err(ReadError::OverBudget { len }) => {
+            // Counted by the core as an `over_memory_budget` refusal.
+            drop(held);
+            let reason = format!(
+                "relay over its memory budget: no room for a {len}-byte HELLO now; \
+                 try again later or another relay"
+            );
+            refuse(&mut writer, quic.as_ref(), reason).await;
             return;
         }
         Err(e) => {
@@ -505,6 +539,20 @@ async fn session<R, W>(
             return;
         }
     };
+    let (proof, map) = match decode_frame(&hello) {
+        Ok(Frame::Hello { proof, map }) => (proof, map),
+        Ok(_) => {
+            shared.core().count_drop(DropReason::UnexpectedFrame);
+            refuse(&mut writer, quic.as_ref(), "expected HELLO".into()).await;
+            return;
+        }
+        Err(e) => {
+            shared.core().count_drop(DropReason::MalformedFrame);
+            refuse(&mut writer, quic.as_ref(), format!("malformed HELLO: {e}")).await;
+            return;
+        }
+    };
+    drop(hello);
     let (tx, rx) = mpsc::channel(OUT_QUEUE);
     let kill = Arc::new(Notify::new());
     let link = Link {
@@ -512,6 +560,9 @@ async fn session<R, W>(
         quic: quic.clone(),
         kill: kill.clone(),
     };
+    // The HELLO is decoded: its buffer no longer counts, so the admission
+    // check below does not see this client's own bytes.
+    drop(held);
     let welcome = shared
         .core()
         .hello(conn_id, link.clone(), &proof, &map, now_ms());
@@ -542,10 +593,13 @@ async fn session<R, W>(
         .map(|c| tokio::spawn(datagram_loop(shared.clone(), node, conn_id, c)));
     let mut shutdown = shared.shutdown.clone();
     let mut buf = Vec::new();
+    let mut big = BigBuffer::default();
     let mut refused = false;
     loop {
+        big.shrink(&shared, &mut buf);
+        let mut grow = |n| big.grow(&shared, n);
         let read = tokio::select! {
-            r = read_frame(&mut reader, &mut buf) => r,
+            r = read_frame(&mut reader, &mut buf, from_client, &mut grow) => r,
             _ = kill.notified() => { refused = true; break }
             _ = shutdown.wait_for(|stop| *stop) => {
                 link.close("relay stopping".into());
@@ -554,7 +608,8 @@ async fn session<R, W>(
             }
         };
         let reason = match read {
-            Ok(false) | Err(ReadError::Io(_)) => break,
+            // A session's buffer is never refused (`BigBuffer::grow`).
+            Ok(false) | Err(ReadError::Io(_) | ReadError::OverBudget { .. }) => break,
             Err(ReadError::Frame(e)) => {
                 shared.core().count_drop(DropReason::MalformedFrame);
                 format!("malformed frame: {e}")
@@ -585,6 +640,7 @@ async fn session<R, W>(
         break;
     }
     shared.core().disconnect(node, conn_id, now_ms());
+    big.release(&shared);
     tracing::debug!(node, conn = conn_id, "session closed");
     if let Some(t) = datagrams {
         t.abort();
@@ -605,6 +661,41 @@ async fn session<R, W>(
             let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
         }
         conn.close(quinn::VarInt::from_u32(0), b"session ended");
+    }
+}
+
+/// A session's frame buffer beyond [`READ_CHUNK`] (a large `MAP`): counted
+/// in the memory estimate while held, freed after the frame.
+#[derive(Default)]
+struct BigBuffer {
+    capacity: usize,
+    counted: u64,
+}
+
+impl BigBuffer {
+    fn grow(&mut self, shared: &Shared, n: usize) -> bool {
+        self.capacity += n;
+        let over = self.capacity.saturating_sub(READ_CHUNK) as u64;
+        if over > self.counted {
+            shared.core().hold_session_buffer(over - self.counted);
+            self.counted = over;
+        }
+        true
+    }
+
+    /// Frees a buffer that grew beyond [`READ_CHUNK`].
+    fn shrink(&mut self, shared: &Shared, buf: &mut Vec<u8>) {
+        if buf.capacity() > READ_CHUNK {
+            *buf = Vec::new();
+            self.capacity = 0;
+            self.release(shared);
+        }
+    }
+
+    fn release(&mut self, shared: &Shared) {
+        shared
+            .core()
+            .release_session_buffer(std::mem::take(&mut self.counted));
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 use tokio::io::{AsyncRead, AsyncReadExt};
-use ztmesh_proto::relay::{frame_len, FrameError, ALPN, HEADER_LEN};
+use ztmesh_proto::relay::{frame_len, max_len, FrameError, ALPN, HEADER_LEN, MAX_FRAME_LEN};
 
 /// The UDP payload QUIC starts with. 1,400 bytes fit any 1,500-byte path
 /// over IPv4 or IPv6 (1,400 + 48 bytes of IPv6 and UDP headers) and leave a
@@ -27,26 +27,56 @@ pub const OUT_QUEUE: usize = 1_024;
 /// Frames written to the stream in one go.
 pub const WRITE_BATCH: usize = 64 * 1024;
 
+/// Bytes a frame buffer grows by at most per read: a data frame is read in
+/// one go, a large map in steps that each ask the budget first.
+pub const READ_CHUNK: usize = 256 * 1024;
+
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     /// The transport failed or the stream ended inside a frame.
     #[error("read failed: {0}")]
     Io(#[from] std::io::Error),
-    /// The length prefix is invalid; the stream is out of sync.
+    /// The length prefix is invalid (too long for its type, or an unknown
+    /// type); the stream is out of sync.
     #[error(transparent)]
     Frame(#[from] FrameError),
+    /// The memory budget refused the bytes the frame needs.
+    #[error("no memory budget for a {len}-byte frame")]
+    OverBudget { len: usize },
+}
+
+/// The bounds of the frames a relay accepts from a client: `HELLO` and `MAP`
+/// up to [`MAX_MAP_FRAME_LEN`](ztmesh_proto::relay::MAX_MAP_FRAME_LEN),
+/// the rest up to [`MAX_FRAME_LEN`].
+pub fn from_client(ty: u8) -> Result<usize, FrameError> {
+    max_len(ty)
+}
+
+/// The bounds of the frames a client accepts from the relay, which never
+/// sends a map: [`MAX_FRAME_LEN`] for every type.
+pub fn from_relay(ty: u8) -> Result<usize, FrameError> {
+    max_len(ty).map(|m| m.min(MAX_FRAME_LEN))
 }
 
 /// Reads one frame (`type | body`, without the length) into `buf`.
 /// `Ok(false)` is a clean end of stream between frames.
 ///
+/// The length is checked against `limit(type)` as soon as the type byte is
+/// in, before any body is buffered. The buffer then grows as bytes arrive,
+/// at most [`READ_CHUNK`] past what was received and never more than doubling,
+/// and `grow(bytes)` is asked before each growth of its capacity (a sender
+/// that announces megabytes and trickles holds only what it sent).
+///
 /// # Errors
-/// [`ReadError`]. Not cancel-safe: do not race it against other branches
-/// whose winning does not end the stream.
+/// [`ReadError`]; [`ReadError::OverBudget`] when `grow` says no. Not
+/// cancel-safe: do not race it against other branches whose winning does
+/// not end the stream.
 pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
+    limit: fn(u8) -> Result<usize, FrameError>,
+    grow: &mut (dyn FnMut(usize) -> bool + Send),
 ) -> Result<bool, ReadError> {
     let mut header = [0u8; HEADER_LEN];
     let mut got = 0;
@@ -61,9 +91,36 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         got += n;
     }
     let len = frame_len(header)?;
-    buf.resize(len, 0);
-    r.read_exact(buf).await?;
+    let ty = r.read_u8().await?;
+    let max = limit(ty)?;
+    if len > max {
+        return Err(FrameError::TooLong { len, max }.into());
+    }
+    buf.clear();
+    while buf.len() < len {
+        let want = (len - buf.len()).min(READ_CHUNK);
+        let need = buf.len() + want;
+        if need > buf.capacity() {
+            let target = need.max(buf.capacity().saturating_mul(2)).min(len);
+            if !grow(target - buf.capacity()) {
+                return Err(ReadError::OverBudget { len });
+            }
+            buf.reserve_exact(target - buf.len());
+        }
+        if buf.is_empty() {
+            buf.push(ty);
+            continue;
+        }
+        let at = buf.len();
+        buf.resize(need, 0);
+        r.read_exact(&mut buf[at..]).await?;
+    }
     Ok(true)
+}
+
+/// A `grow` for [`read_frame`] that never refuses.
+pub fn unbounded(_: usize) -> bool {
+    true
 }
 
 /// QUIC transport parameters; `bidi_streams` is how many streams the peer
