@@ -116,6 +116,16 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Whether the client is at fault (a forged, stale or foreign proof or
+    /// map), as opposed to the relay's state (full, over budget): the
+    /// failures the [`crate::limiter`] counts.
+    pub fn is_clients_fault(&self) -> bool {
+        !matches!(
+            self,
+            Self::TooManyNodes { .. } | Self::OverMemoryBudget { .. } | Self::NoSession
+        )
+    }
+
     /// A short stable name for counters.
     pub fn name(&self) -> &'static str {
         match self {

@@ -12,7 +12,7 @@
 //! `DATA_DIR/stats.json` every second.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -34,6 +34,7 @@ use ztmesh_proto::UnixMs;
 
 use crate::core::{Config, ConnId, Core, DropReason, NodeId, Snapshot};
 use crate::datadir::{load_or_create_tls, write_atomic, DataDir, DirLock, Identity};
+use crate::limiter::{FailureLimiter, LimiterConfig, LimiterStats, Source};
 use crate::wire::{
     from_client, read_frame, server_tls, transport, ReadError, OUT_QUEUE, READ_CHUNK, WRITE_BATCH,
 };
@@ -53,8 +54,11 @@ pub struct ServeConfig {
     pub memory_budget: u64,
     /// Transport handshake plus `HELLO` must finish within this.
     pub handshake_timeout: Duration,
-    /// Open connections per source address, QUIC and TCP together.
+    /// Open connections per source (an IPv4 address or an IPv6 /64), QUIC
+    /// and TCP together.
     pub max_conns_per_source: usize,
+    /// When a source that sends invalid `HELLO`s is blocked.
+    pub hello_limiter: LimiterConfig,
 }
 
 impl ServeConfig {
@@ -78,6 +82,7 @@ impl ServeConfig {
             memory_budget: DEFAULT_MEMORY_BUDGET,
             handshake_timeout: Duration::from_secs(10),
             max_conns_per_source: 32,
+            hello_limiter: LimiterConfig::default(),
         }
     }
 }
@@ -95,6 +100,8 @@ pub struct Stats {
     #[serde(flatten)]
     pub core: Snapshot,
     pub transport: TransportStats,
+    /// The failure limiter for invalid `HELLO`s.
+    pub limiter: LimiterStats,
 }
 
 /// Counters the shell keeps (the core does not see these events).
@@ -194,7 +201,8 @@ struct Shared {
     core: Mutex<Core<Link>>,
     next_conn: AtomicU64,
     counters: Counters,
-    per_source: Mutex<HashMap<IpAddr, usize>>,
+    per_source: Mutex<HashMap<Source, usize>>,
+    limiter: Mutex<FailureLimiter>,
     max_per_source: usize,
     handshake_timeout: Duration,
     shutdown: watch::Receiver<bool>,
@@ -209,10 +217,19 @@ impl Shared {
         self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Takes a connection slot for `ip`, or `None` over the per-source cap.
-    fn slot(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+    fn limiter(&self) -> MutexGuard<'_, FailureLimiter> {
+        self.limiter.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a connection slot for `source`, or `None` while the source is
+    /// blocked by the failure limiter (counted there) or over the
+    /// per-source cap.
+    fn slot(self: &Arc<Self>, source: Source) -> Option<SourceSlot> {
+        if self.limiter().check(source, now_ms()).is_err() {
+            return None;
+        }
         let mut m = self.per_source.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(ip).or_default();
+        let n = m.entry(source).or_default();
         if *n >= self.max_per_source {
             drop(m);
             Counters::inc(&self.counters.over_source_cap);
@@ -221,8 +238,19 @@ impl Shared {
         *n += 1;
         Some(SourceSlot {
             shared: self.clone(),
-            ip,
+            source,
         })
+    }
+
+    /// Counts an invalid `HELLO` from `source`.
+    fn hello_failed(&self, source: Source) {
+        if let Some(b) = self.limiter().failure(source, now_ms()) {
+            tracing::info!(
+                ?source,
+                until_ms = b.until_ms,
+                "source blocked after invalid HELLOs"
+            );
+        }
     }
 
     fn stats(&self, name: &str) -> Stats {
@@ -231,13 +259,14 @@ impl Shared {
             written_at_ms: now_ms(),
             core: self.core().snapshot(),
             transport: self.counters.read(),
+            limiter: self.limiter().stats(now_ms()),
         }
     }
 }
 
 struct SourceSlot {
     shared: Arc<Shared>,
-    ip: IpAddr,
+    source: Source,
 }
 
 impl Drop for SourceSlot {
@@ -247,10 +276,10 @@ impl Drop for SourceSlot {
             .per_source
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.ip) {
+        if let Some(n) = m.get_mut(&self.source) {
             *n -= 1;
             if *n == 0 {
-                m.remove(&self.ip);
+                m.remove(&self.source);
             }
         }
     }
@@ -346,6 +375,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         next_conn: AtomicU64::new(0),
         counters: Counters::default(),
         per_source: Mutex::new(HashMap::new()),
+        limiter: Mutex::new(FailureLimiter::new(cfg.hello_limiter)),
         max_per_source: cfg.max_conns_per_source,
         handshake_timeout: cfg.handshake_timeout,
         shutdown: shutdown_rx.clone(),
@@ -387,7 +417,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
 
 async fn quic_accept(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
-        let Some(slot) = shared.slot(incoming.remote_address().ip()) else {
+        let Some(slot) = shared.slot(incoming.remote_address().ip().into()) else {
             incoming.refuse();
             continue;
         };
@@ -395,7 +425,7 @@ async fn quic_accept(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     }
 }
 
-async fn quic_conn(shared: Arc<Shared>, incoming: quinn::Incoming, _slot: SourceSlot) {
+async fn quic_conn(shared: Arc<Shared>, incoming: quinn::Incoming, slot: SourceSlot) {
     let handshake = async {
         let conn = incoming.await.ok()?;
         let (send, mut recv) = conn.accept_bi().await.ok()?;
@@ -406,7 +436,7 @@ async fn quic_conn(shared: Arc<Shared>, incoming: quinn::Incoming, _slot: Source
         return;
     };
     Counters::inc(&shared.counters.quic_connections);
-    session(shared, recv, send, Some(conn), hello, held).await;
+    session(shared, recv, send, Some(conn), hello, held, slot.source).await;
 }
 
 async fn tcp_accept(
@@ -420,7 +450,7 @@ async fn tcp_accept(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let Some(slot) = shared.slot(peer.ip()) else {
+        let Some(slot) = shared.slot(peer.ip().into()) else {
             continue;
         };
         let _ = tcp.set_nodelay(true);
@@ -432,7 +462,7 @@ async fn tcp_conn(
     shared: Arc<Shared>,
     tcp: tokio::net::TcpStream,
     acceptor: tokio_rustls::TlsAcceptor,
-    _slot: SourceSlot,
+    slot: SourceSlot,
 ) {
     let handshake = async {
         let tls = acceptor.accept(tcp).await.ok()?;
@@ -444,7 +474,7 @@ async fn tcp_conn(
         return;
     };
     Counters::inc(&shared.counters.tcp_connections);
-    session(shared, recv, send, None, hello, held).await;
+    session(shared, recv, send, None, hello, held, slot.source).await;
 }
 
 /// Budget bytes held for the `HELLO` buffer of a client not yet welcomed;
@@ -516,6 +546,7 @@ async fn session<R, W>(
     quic: Option<quinn::Connection>,
     hello: Result<Vec<u8>, ReadError>,
     held: Unauthenticated,
+    source: Source,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -535,19 +566,31 @@ async fn session<R, W>(
         }
         Err(e) => {
             shared.core().count_drop(DropReason::MalformedFrame);
+            shared.hello_failed(source);
             refuse(&mut writer, quic.as_ref(), format!("malformed HELLO: {e}")).await;
             return;
         }
     };
+    // Blocked while this connection was in its handshake: refused before
+    // the proof and the map are verified.
+    let blocked = shared.limiter().check(source, now_ms());
+    if let Err(b) = blocked {
+        let secs = (b.until_ms - now_ms()).max(0) / 1_000 + 1;
+        let reason = format!("too many invalid HELLOs from this address; try again in {secs} s");
+        refuse(&mut writer, quic.as_ref(), reason).await;
+        return;
+    }
     let (proof, map) = match decode_frame(&hello) {
         Ok(Frame::Hello { proof, map }) => (proof, map),
         Ok(_) => {
             shared.core().count_drop(DropReason::UnexpectedFrame);
+            shared.hello_failed(source);
             refuse(&mut writer, quic.as_ref(), "expected HELLO".into()).await;
             return;
         }
         Err(e) => {
             shared.core().count_drop(DropReason::MalformedFrame);
+            shared.hello_failed(source);
             refuse(&mut writer, quic.as_ref(), format!("malformed HELLO: {e}")).await;
             return;
         }
@@ -575,6 +618,9 @@ async fn session<R, W>(
         }
         Err(r) => {
             tracing::debug!(conn = conn_id, reason = r.name(), "HELLO refused");
+            if r.is_clients_fault() {
+                shared.hello_failed(source);
+            }
             refuse(&mut writer, quic.as_ref(), r.to_string()).await;
             return;
         }

@@ -26,6 +26,7 @@ use ztmesh_proto::stun::{binding_request, parse_binding_response};
 use ztmesh_proto::time::now_ms;
 use ztmesh_relay::client::{ClientError, Transport};
 use ztmesh_relay::core::SESSION_BASE_BYTES;
+use ztmesh_relay::limiter::LimiterConfig;
 use ztmesh_relay::server::Running;
 use ztmesh_relay::wire::{client_tls, transport, SERVER_NAME};
 
@@ -110,7 +111,9 @@ async fn an_impostor_with_a_copied_map_but_without_the_machine_key_is_refused() 
     let relay = w.relay().await;
     let copied = w.map(1, &[2], 1);
     // Machine 5 proves its own key, with node 1's genuine map.
-    let err = connect_as(&w, &relay, 5, &copied).await.unwrap_err();
+    let err = connect_as(&w, &relay, 5, &copied, Transport::Quic)
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, ClientError::Refused(r) if r.contains("another machine key")),
         "{err}"
@@ -136,9 +139,10 @@ async fn connect_as(
     relay: &Running,
     key_id: usize,
     map: &ztmesh_proto::control::SignedNetMap,
+    transport: Transport,
 ) -> Result<ztmesh_relay::client::RelayClient, ClientError> {
     ztmesh_relay::client::RelayClient::connect(
-        &target(relay, Transport::Quic),
+        &target(relay, transport),
         &w.machines[key_id],
         map,
         PATIENCE,
@@ -649,5 +653,59 @@ async fn a_large_hello_that_trickles_is_cut_off_by_the_deadline_or_the_budget() 
     assert_eq!(count(&v, "", "unauthenticated_buffers"), 0, "all returned");
     // A real node still gets in.
     let _a = w.joined(&relay, Transport::Tcp, 1, &[], 1).await;
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_source_that_sends_invalid_hellos_is_blocked_before_the_handshake() {
+    let w = World::new(15);
+    let mut cfg = w.config();
+    cfg.hello_limiter = LimiterConfig {
+        max_failures: 3,
+        window_ms: 60_000,
+        block_ms: 60_000,
+        max_sources: 16,
+    };
+    let relay = ztmesh_relay::server::start(cfg).await.unwrap();
+    // A valid session from the same source is not touched by the block.
+    let a = w.joined(&relay, Transport::Tcp, 1, &[2], 1).await;
+    let expired = w.map_until(2, &[1], 1, now_ms() - 1);
+    let forged = w.map(1, &[2], 2);
+    for (t, map) in [
+        (Transport::Quic, &expired),
+        (Transport::Tcp, &expired),
+        (Transport::Quic, &forged),
+    ] {
+        let err = connect_as(&w, &relay, 2, map, t).await.unwrap_err();
+        assert!(matches!(err, ClientError::Refused(_)), "{err}");
+    }
+    // The source is blocked: QUIC and TCP connections end before TLS, even
+    // with a valid HELLO.
+    for t in [Transport::Quic, Transport::Tcp] {
+        let err = w
+            .connect(&relay, t, 2, &w.map(2, &[1], 1))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Connect { .. }), "{t:?}: {err}");
+    }
+    let v = w
+        .stats_until("the block", |v| {
+            count(v, "limiter", "blocks") == 1 && count(v, "limiter", "refused") == 2
+        })
+        .await;
+    assert_eq!(count(&v, "limiter", "failures"), 3);
+    assert_eq!(count(&v, "limiter", "blocked_sources"), 1);
+    assert_eq!(count(&v, "refusals", "expired_map"), 2);
+    assert_eq!(count(&v, "refusals", "key_mismatch"), 1);
+    assert_eq!(
+        v["hellos_accepted"], 1,
+        "no HELLO was verified after the block"
+    );
+    // The session that was already up keeps working.
+    let err = a.send(1, &datagram(1, 1, 10)).await;
+    assert!(err.is_ok());
+    w.stats_until("the to-self drop", |v| count(v, "drops", "to_self") == 1)
+        .await;
+    drop(a);
     relay.stop().await.unwrap();
 }
