@@ -27,8 +27,8 @@ use ztmesh_proto::relay::{
 use ztmesh_proto::time::now_ms;
 
 use crate::wire::{
-    client_tls, from_relay, read_frame, transport, unbounded, KEEPALIVE, OUT_QUEUE, SERVER_NAME,
-    WRITE_BATCH,
+    client_tls, from_relay, read_frame, transport, tune_tcp, unbounded, KEEPALIVE, OUT_QUEUE,
+    SERVER_NAME, WRITE_BATCH,
 };
 
 /// How to reach the relay.
@@ -195,7 +195,7 @@ impl RelayClient {
         let tcp = tokio::net::TcpStream::connect(target.addr)
             .await
             .map_err(|e| fail(e.to_string()))?;
-        tcp.set_nodelay(true).map_err(|e| fail(e.to_string()))?;
+        tune_tcp(&tcp).map_err(|e| fail(e.to_string()))?;
         let name = rustls::pki_types::ServerName::try_from(SERVER_NAME)
             .expect("static name is valid")
             .to_owned();

@@ -36,7 +36,8 @@ use crate::core::{Config, ConnId, Core, DropReason, NodeId, Snapshot};
 use crate::datadir::{load_or_create_tls, write_atomic, DataDir, DirLock, Identity};
 use crate::limiter::{FailureLimiter, LimiterConfig, LimiterStats, Source};
 use crate::wire::{
-    from_client, read_frame, server_tls, transport, ReadError, OUT_QUEUE, READ_CHUNK, WRITE_BATCH,
+    from_client, read_frame, server_tls, transport, tune_tcp, ReadError, OUT_QUEUE, READ_CHUNK,
+    WRITE_BATCH,
 };
 
 /// What `serve` is given.
@@ -453,7 +454,10 @@ async fn tcp_accept(
         let Some(slot) = shared.slot(peer.ip().into()) else {
             continue;
         };
-        let _ = tcp.set_nodelay(true);
+        if let Err(e) = tune_tcp(&tcp) {
+            tracing::debug!(error = %e, "cannot set TCP keepalive; closing");
+            continue;
+        }
         tokio::spawn(tcp_conn(shared.clone(), tcp, acceptor.clone(), slot));
     }
 }

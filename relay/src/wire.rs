@@ -21,6 +21,19 @@ pub const INITIAL_MTU: u16 = 1_400;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The client's QUIC keepalive, well inside [`IDLE_TIMEOUT`] and NAT UDP timeouts.
 pub const KEEPALIVE: Duration = Duration::from_secs(10);
+/// TCP keepalive on the TLS/TCP fallback (both ends): the first probe after
+/// this much silence, the QUIC client's keepalive interval.
+pub const TCP_KEEPALIVE_IDLE: Duration = KEEPALIVE;
+/// Between unanswered keepalive probes.
+pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// Unanswered probes before the kernel drops the connection:
+/// 10 s + 4 × 5 s = 30 s, the QUIC [`IDLE_TIMEOUT`], so a laptop that
+/// vanishes behind a NAT loses its session after ~30 s on either transport.
+pub const TCP_KEEPALIVE_PROBES: u32 = 4;
+/// Sent data left unacknowledged this long also ends the connection
+/// (`TCP_USER_TIMEOUT`): a peer that vanished while the relay was sending to
+/// it would otherwise keep the session through minutes of retransmissions.
+pub const TCP_USER_TIMEOUT: Duration = IDLE_TIMEOUT;
 /// Queued outbound frames per connection; beyond, datagrams are dropped
 /// (WireGuard is loss-tolerant; queueing more only adds latency).
 pub const OUT_QUEUE: usize = 1_024;
@@ -123,6 +136,25 @@ pub fn unbounded(_: usize) -> bool {
     true
 }
 
+/// Sets `TCP_NODELAY`, keepalive ([`TCP_KEEPALIVE_IDLE`],
+/// [`TCP_KEEPALIVE_INTERVAL`], [`TCP_KEEPALIVE_PROBES`]) and
+/// [`TCP_USER_TIMEOUT`] on a TLS/TCP fallback connection, at the relay and
+/// at the client.
+///
+/// # Errors
+/// The socket option that could not be set.
+pub fn tune_tcp(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
+    tcp.set_nodelay(true)?;
+    let sock = socket2::SockRef::from(tcp);
+    sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(TCP_KEEPALIVE_IDLE)
+            .with_interval(TCP_KEEPALIVE_INTERVAL)
+            .with_retries(TCP_KEEPALIVE_PROBES),
+    )?;
+    sock.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT))
+}
+
 /// QUIC transport parameters; `bidi_streams` is how many streams the peer
 /// may open (the server allows the client one, the client allows none).
 pub fn transport(bidi_streams: u32, keepalive: Option<Duration>) -> TransportConfig {
@@ -167,3 +199,33 @@ pub fn client_tls(pin: [u8; 32]) -> rustls::ClientConfig {
 
 /// The TLS server name the client sends (the pin, not the name, is checked).
 pub const SERVER_NAME: &str = "ztmesh-relay";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tcp_links_get_keepalive_and_a_user_timeout_within_the_quic_idle_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        for tcp in [&client, &server] {
+            tune_tcp(tcp).unwrap();
+            let s = socket2::SockRef::from(tcp);
+            assert!(s.nodelay().unwrap());
+            assert!(s.keepalive().unwrap());
+            assert_eq!(s.keepalive_time().unwrap(), TCP_KEEPALIVE_IDLE);
+            assert_eq!(s.keepalive_interval().unwrap(), TCP_KEEPALIVE_INTERVAL);
+            assert_eq!(s.keepalive_retries().unwrap(), TCP_KEEPALIVE_PROBES);
+            assert_eq!(s.tcp_user_timeout().unwrap(), Some(TCP_USER_TIMEOUT));
+        }
+        // A dead peer is noticed when the QUIC side would notice it.
+        assert_eq!(
+            TCP_KEEPALIVE_IDLE + TCP_KEEPALIVE_INTERVAL * TCP_KEEPALIVE_PROBES,
+            IDLE_TIMEOUT
+        );
+        assert!(KEEPALIVE < IDLE_TIMEOUT / 2);
+    }
+}
