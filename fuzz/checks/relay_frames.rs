@@ -7,8 +7,9 @@
 //! byte stream of frames. Properties: nothing panics; a decoded frame
 //! re-encodes and decodes to the same frame; decoding never reads past the
 //! declared length, and the length is within its type's bound (only HELLO
-//! and MAP may exceed a data frame's); HELLO and MAP go through the core (which refuses what
-//! the fuzzer cannot sign, without panicking); DATA goes through `route`.
+//! and MAP may exceed a data frame's); HELLO and MAP go through the core
+//! (which refuses what the fuzzer cannot sign, without panicking); DATA goes
+//! through `route`.
 
 use ztmesh_proto::keys::SigningKey;
 use ztmesh_proto::relay::{
@@ -16,28 +17,9 @@ use ztmesh_proto::relay::{
 };
 use ztmesh_relay::core::{Config, Core};
 
-/// A deterministic "RNG" for the controller key.
-struct Fixed(u8);
-
-impl rand_core::RngCore for Fixed {
-    fn next_u32(&mut self) -> u32 {
-        u32::from(self.0)
-    }
-    fn next_u64(&mut self) -> u64 {
-        u64::from(self.0)
-    }
-    fn fill_bytes(&mut self, dest: &mut [u8]) {
-        for (i, b) in dest.iter_mut().enumerate() {
-            *b = self.0.wrapping_add(i as u8);
-        }
-    }
-    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core::Error> {
-        self.fill_bytes(dest);
-        Ok(())
-    }
-}
-
-impl rand_core::CryptoRng for Fixed {}
+#[path = "common.rs"]
+mod common;
+use common::Fixed;
 
 pub fn run(data: &[u8]) {
     let (now_ms, mut rest) = match data.split_first_chunk::<8>() {
