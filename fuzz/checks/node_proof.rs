@@ -12,28 +12,9 @@
 use ztmesh_proto::auth::{methods, AuthError, NodeProof, ReplayGuard, PROOF_WINDOW_MS};
 use ztmesh_proto::keys::SigningKey;
 
-/// A deterministic "RNG" for the check (the nonce and key come from the input).
-struct Fixed(u8);
-
-impl rand_core::RngCore for Fixed {
-    fn next_u32(&mut self) -> u32 {
-        u32::from(self.0)
-    }
-    fn next_u64(&mut self) -> u64 {
-        u64::from(self.0)
-    }
-    fn fill_bytes(&mut self, dest: &mut [u8]) {
-        for (i, b) in dest.iter_mut().enumerate() {
-            *b = self.0.wrapping_add(i as u8);
-        }
-    }
-    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core::Error> {
-        self.fill_bytes(dest);
-        Ok(())
-    }
-}
-
-impl rand_core::CryptoRng for Fixed {}
+#[path = "common.rs"]
+mod common;
+use common::Fixed;
 
 pub fn run(data: &[u8]) {
     let (now_ms, rest) = match data.split_first_chunk::<8>() {

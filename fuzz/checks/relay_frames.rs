@@ -6,35 +6,20 @@
 //! Input layout: 8 bytes of the relay's clock (`now_ms`, i64 LE), then a
 //! byte stream of frames. Properties: nothing panics; a decoded frame
 //! re-encodes and decodes to the same frame; decoding never reads past the
-//! declared length; HELLO and MAP go through the core (which refuses what
-//! the fuzzer cannot sign, without panicking); DATA goes through `route`.
+//! declared length, and the length is within its type's bound (only HELLO
+//! and MAP may exceed a data frame's); HELLO and MAP go through the core
+//! (which refuses what the fuzzer cannot sign, without panicking); DATA goes
+//! through `route`.
 
 use ztmesh_proto::keys::SigningKey;
-use ztmesh_proto::relay::{decode, decode_datagram, Frame, HEADER_LEN, MAX_FRAME_LEN};
+use ztmesh_proto::relay::{
+    decode, decode_datagram, max_len, Frame, HEADER_LEN, MAX_FRAME_LEN, MAX_MAP_FRAME_LEN,
+};
 use ztmesh_relay::core::{Config, Core};
 
-/// A deterministic "RNG" for the controller key.
-struct Fixed(u8);
-
-impl rand_core::RngCore for Fixed {
-    fn next_u32(&mut self) -> u32 {
-        u32::from(self.0)
-    }
-    fn next_u64(&mut self) -> u64 {
-        u64::from(self.0)
-    }
-    fn fill_bytes(&mut self, dest: &mut [u8]) {
-        for (i, b) in dest.iter_mut().enumerate() {
-            *b = self.0.wrapping_add(i as u8);
-        }
-    }
-    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core::Error> {
-        self.fill_bytes(dest);
-        Ok(())
-    }
-}
-
-impl rand_core::CryptoRng for Fixed {}
+#[path = "common.rs"]
+mod common;
+use common::Fixed;
 
 pub fn run(data: &[u8]) {
     let (now_ms, mut rest) = match data.split_first_chunk::<8>() {
@@ -52,7 +37,14 @@ pub fn run(data: &[u8]) {
     let mut node = None;
     // Each frame takes at least HEADER_LEN + 1 bytes, so this is bounded.
     while let Ok(Some((frame, used))) = decode(rest) {
-        assert!(used > HEADER_LEN && used <= HEADER_LEN + MAX_FRAME_LEN && used <= rest.len());
+        assert!(used > HEADER_LEN && used <= rest.len());
+        // Every frame within the bound of its type; only maps beyond a data frame's.
+        let ty = rest[HEADER_LEN];
+        assert!(used - HEADER_LEN <= max_len(ty).expect("a decoded frame has a known type"));
+        assert!(used - HEADER_LEN <= MAX_MAP_FRAME_LEN);
+        if !matches!(frame, Frame::Hello { .. } | Frame::Map(_)) {
+            assert!(used - HEADER_LEN <= MAX_FRAME_LEN);
+        }
         let again = frame.to_vec().expect("a decoded frame encodes");
         let (back, n) = decode(&again)
             .expect("our encoding decodes")

@@ -2,7 +2,11 @@
 //!
 //! On a byte stream (the QUIC bidirectional stream, or the TLS-over-TCP
 //! fallback) every frame is
-//! `u32 BE length (of type + body, 1..=MAX_FRAME_LEN) | u8 type | body`:
+//! `u32 BE length (of type + body) | u8 type | body`, where the length is
+//! at most [`MAX_FRAME_LEN`] for every type but `HELLO` and `MAP`, which
+//! carry a signed netmap and may take up to [`MAX_MAP_FRAME_LEN`]
+//! ([`max_len`]; a reader checks it as soon as it has the type byte, before
+//! it buffers the body):
 //!
 //! | type | name | body |
 //! |---|---|---|
@@ -32,9 +36,18 @@ use crate::control::SignedNetMap;
 pub const ALPN: &[u8] = b"ztmesh-relay/1";
 /// Bytes of the length prefix.
 pub const HEADER_LEN: usize = 4;
-/// Largest `type + body` a frame may have: a maximal UDP payload plus room
-/// for the headers.
+/// Largest `type + body` of every frame but `HELLO` and `MAP`: a maximal
+/// UDP payload plus room for the headers.
 pub const MAX_FRAME_LEN: usize = 65_535 + 64;
+/// Largest signed netmap (protobuf) a `HELLO` or `MAP` carries: the same
+/// bound as the node's `MAX_NETMAP_BYTES` for a map from the controller
+/// (64 MiB: the data plane's 65,536 peers at up to ~1 KiB each), so every map
+/// a node accepts can also be shown to a relay. A typical peer is ~200 bytes,
+/// so 10,000 peers are ~2 MB.
+pub const MAX_SIGNED_MAP_LEN: usize = 64 << 20;
+/// Largest `type + body` of a `HELLO` or `MAP`: the map plus the `HELLO`'s
+/// proof and length fields.
+pub const MAX_MAP_FRAME_LEN: usize = 1 + 2 + MAX_PROOF_LEN + 4 + MAX_SIGNED_MAP_LEN;
 /// Bytes of the peer id in front of a datagram.
 pub const PEER_ID_LEN: usize = 8;
 /// Largest WireGuard datagram a `DATA` frame (and a QUIC datagram) carries.
@@ -121,7 +134,9 @@ impl FrameError {
     }
 }
 
-/// Reads a frame's length prefix: the number of bytes (type + body) that follow.
+/// Reads a frame's length prefix: the number of bytes (type + body) that
+/// follow. This checks only the bound of the largest type
+/// ([`MAX_MAP_FRAME_LEN`]); [`max_len`] of the type byte is the real bound.
 ///
 /// # Errors
 /// [`FrameError::Empty`] or [`FrameError::TooLong`]; a stream that sent
@@ -131,13 +146,30 @@ pub fn frame_len(header: [u8; HEADER_LEN]) -> Result<usize, FrameError> {
     if len == 0 {
         return Err(FrameError::Empty);
     }
-    if len > MAX_FRAME_LEN {
-        return Err(FrameError::TooLong {
-            len,
-            max: MAX_FRAME_LEN,
-        });
-    }
+    check_len(len, MAX_MAP_FRAME_LEN)?;
     Ok(len)
+}
+
+/// The largest `type + body` a frame of type `ty` may have:
+/// [`MAX_MAP_FRAME_LEN`] for `HELLO` and `MAP`, [`MAX_FRAME_LEN`] for the others.
+///
+/// # Errors
+/// [`FrameError::UnknownType`].
+pub fn max_len(ty: u8) -> Result<usize, FrameError> {
+    match ty {
+        kind::HELLO | kind::MAP => Ok(MAX_MAP_FRAME_LEN),
+        kind::WELCOME | kind::REFUSED | kind::DATA => Ok(MAX_FRAME_LEN),
+        other => Err(FrameError::UnknownType(other)),
+    }
+}
+
+/// Checks a frame's length against the bound of its type, before its body
+/// is read: what a reader does once it has the length and the type byte.
+///
+/// # Errors
+/// [`FrameError::UnknownType`] or [`FrameError::TooLong`].
+pub fn check_frame_len(len: usize, ty: u8) -> Result<(), FrameError> {
+    check_len(len, max_len(ty)?)
 }
 
 /// Decodes the first frame of `buf`: `Ok(None)` while it is incomplete,
@@ -150,6 +182,9 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
         return Ok(None);
     };
     let len = frame_len(*header)?;
+    if let Some(&ty) = rest.first() {
+        check_frame_len(len, ty)?;
+    }
     let Some(frame) = rest.get(..len) else {
         return Ok(None);
     };
@@ -164,12 +199,7 @@ pub fn decode_frame(frame: &[u8]) -> Result<Frame<'_>, FrameError> {
     let Some((&ty, body)) = frame.split_first() else {
         return Err(FrameError::Empty);
     };
-    if frame.len() > MAX_FRAME_LEN {
-        return Err(FrameError::TooLong {
-            len: frame.len(),
-            max: MAX_FRAME_LEN,
-        });
-    }
+    check_frame_len(frame.len(), ty)?;
     match ty {
         kind::HELLO => decode_hello(body),
         kind::MAP => Ok(Frame::Map(decode_map("MAP", body)?)),
@@ -206,8 +236,9 @@ impl Frame<'_> {
     /// Appends the frame, length prefix included, to `out`.
     ///
     /// # Errors
-    /// [`FrameError::TooLong`] (nothing is appended) for a map or datagram
-    /// that does not fit in [`MAX_FRAME_LEN`], or a reason longer than
+    /// [`FrameError::TooLong`] (nothing is appended) for a map that does not
+    /// fit in [`MAX_MAP_FRAME_LEN`], a datagram that does not fit in
+    /// [`MAX_FRAME_LEN`], or a reason longer than
     /// [`MAX_REASON_LEN`]; [`FrameError::Empty`] for an empty datagram.
     pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), FrameError> {
         match self {
@@ -215,7 +246,7 @@ impl Frame<'_> {
                 let proof = proof.to_string();
                 let map_len = map.encoded_len();
                 let len = 1 + 2 + proof.len() + 4 + map_len;
-                check_len(len, MAX_FRAME_LEN)?;
+                check_len(len, MAX_MAP_FRAME_LEN)?;
                 let proof_len = u16::try_from(proof.len()).map_err(|_| FrameError::TooLong {
                     len: proof.len(),
                     max: MAX_PROOF_LEN,
@@ -228,7 +259,7 @@ impl Frame<'_> {
             }
             Frame::Map(map) => {
                 let len = 1 + map.encoded_len();
-                check_len(len, MAX_FRAME_LEN)?;
+                check_len(len, MAX_MAP_FRAME_LEN)?;
                 put_header(out, len, kind::MAP);
                 map.encode(out).expect("a Vec grows to fit any message");
             }
@@ -313,7 +344,7 @@ fn check_len(len: usize, max: usize) -> Result<(), FrameError> {
 }
 
 fn put_header(out: &mut Vec<u8>, len: usize, ty: u8) {
-    let len = u32::try_from(len).expect("callers bound len by MAX_FRAME_LEN");
+    let len = u32::try_from(len).expect("callers bound len by MAX_MAP_FRAME_LEN");
     out.reserve(HEADER_LEN + len as usize);
     out.extend_from_slice(&len.to_be_bytes());
     out.push(ty);
@@ -528,12 +559,13 @@ mod tests {
 
     #[test]
     fn oversized_and_empty_lengths_are_refused_before_reading_the_body() {
-        let len = (MAX_FRAME_LEN as u32 + 1).to_be_bytes();
+        // Past the largest type's bound: refused on the prefix alone.
+        let len = (MAX_MAP_FRAME_LEN as u32 + 1).to_be_bytes();
         assert_eq!(
             decode(&len),
             Err(FrameError::TooLong {
-                len: MAX_FRAME_LEN + 1,
-                max: MAX_FRAME_LEN
+                len: MAX_MAP_FRAME_LEN + 1,
+                max: MAX_MAP_FRAME_LEN
             })
         );
         assert_eq!(
@@ -542,9 +574,60 @@ mod tests {
         );
         assert_eq!(decode(&[0, 0, 0, 0, 5]), Err(FrameError::Empty));
         assert_eq!(
-            frame_len((MAX_FRAME_LEN as u32).to_be_bytes()),
-            Ok(MAX_FRAME_LEN)
+            frame_len((MAX_MAP_FRAME_LEN as u32).to_be_bytes()),
+            Ok(MAX_MAP_FRAME_LEN)
         );
+        // Past a data frame's bound: refused as soon as the type byte is
+        // there, before any body; a map may be that long.
+        let data_len = (MAX_FRAME_LEN as u32 + 1).to_be_bytes();
+        assert_eq!(decode(&data_len), Ok(None), "the type decides");
+        for ty in [kind::DATA, kind::WELCOME, kind::REFUSED] {
+            let mut b = data_len.to_vec();
+            b.push(ty);
+            assert_eq!(
+                decode(&b),
+                Err(FrameError::TooLong {
+                    len: MAX_FRAME_LEN + 1,
+                    max: MAX_FRAME_LEN
+                }),
+                "type {ty}"
+            );
+        }
+        for ty in [kind::HELLO, kind::MAP] {
+            let mut b = data_len.to_vec();
+            b.push(ty);
+            assert_eq!(decode(&b), Ok(None), "type {ty} waits for its body");
+        }
+        let mut b = data_len.to_vec();
+        b.push(77);
+        assert_eq!(decode(&b), Err(FrameError::UnknownType(77)));
+        assert_eq!(check_frame_len(MAX_FRAME_LEN, kind::DATA), Ok(()));
+        assert_eq!(check_frame_len(MAX_MAP_FRAME_LEN, kind::MAP), Ok(()));
+        assert!(check_frame_len(MAX_MAP_FRAME_LEN + 1, kind::HELLO).is_err());
+    }
+
+    #[test]
+    fn hello_and_map_carry_maps_beyond_a_data_frame() {
+        // A map of several megabytes (thousands of peers) fits HELLO and MAP.
+        let big = signed(3 << 20);
+        for f in [
+            Frame::Hello {
+                proof: proof(),
+                map: big.clone(),
+            },
+            Frame::Map(big.clone()),
+        ] {
+            let bytes = f.to_vec().unwrap();
+            assert!(bytes.len() > MAX_FRAME_LEN);
+            assert_eq!(decode(&bytes).unwrap(), Some((f, bytes.len())));
+        }
+        // A map beyond the bound is refused by the encoder, not sent.
+        let mut out = Vec::new();
+        assert!(matches!(
+            Frame::Map(signed(MAX_MAP_FRAME_LEN)).encode(&mut out),
+            Err(FrameError::TooLong { .. })
+        ));
+        assert!(out.is_empty());
     }
 
     #[test]
@@ -555,7 +638,9 @@ mod tests {
         ));
         assert_eq!(encode_data(1, &[], &mut Vec::new()), Err(FrameError::Empty));
         let mut out = Vec::new();
-        assert!(Frame::Map(signed(MAX_FRAME_LEN)).encode(&mut out).is_err());
+        assert!(Frame::Map(signed(MAX_MAP_FRAME_LEN))
+            .encode(&mut out)
+            .is_err());
         let long = "x".repeat(MAX_REASON_LEN + 1);
         assert!(Frame::Refused {
             reason: long.into()

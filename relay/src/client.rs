@@ -27,7 +27,8 @@ use ztmesh_proto::relay::{
 use ztmesh_proto::time::now_ms;
 
 use crate::wire::{
-    client_tls, read_frame, transport, KEEPALIVE, OUT_QUEUE, SERVER_NAME, WRITE_BATCH,
+    client_tls, from_relay, read_frame, transport, tune_tcp, unbounded, KEEPALIVE, OUT_QUEUE,
+    SERVER_NAME, WRITE_BATCH,
 };
 
 /// How to reach the relay.
@@ -194,7 +195,7 @@ impl RelayClient {
         let tcp = tokio::net::TcpStream::connect(target.addr)
             .await
             .map_err(|e| fail(e.to_string()))?;
-        tcp.set_nodelay(true).map_err(|e| fail(e.to_string()))?;
+        tune_tcp(&tcp).map_err(|e| fail(e.to_string()))?;
         let name = rustls::pki_types::ServerName::try_from(SERVER_NAME)
             .expect("static name is valid")
             .to_owned();
@@ -357,7 +358,7 @@ async fn welcome<R: AsyncRead + Unpin>(recv: &mut R, target: &Target) -> Result<
         addr: target.addr.to_string(),
         reason,
     };
-    match read_frame(recv, &mut buf).await {
+    match read_frame(recv, &mut buf, from_relay, &mut unbounded).await {
         Ok(true) => {}
         Ok(false) => return Err(closed("closed before WELCOME".into())),
         Err(e) => return Err(closed(e.to_string())),
@@ -384,7 +385,7 @@ async fn frame_reader<R: AsyncRead + Unpin>(
 ) {
     let mut buf = Vec::new();
     loop {
-        match read_frame(&mut recv, &mut buf).await {
+        match read_frame(&mut recv, &mut buf, from_relay, &mut unbounded).await {
             Ok(true) => {}
             Ok(false) => return end(&ended, "closed by the relay".into()),
             Err(e) => return end(&ended, e.to_string()),

@@ -47,6 +47,11 @@ pub const SESSION_BASE_BYTES: u64 = 64 * 1024;
 pub const PEER_BYTES: u64 = 8;
 /// Estimated bytes per pair counter.
 pub const PAIR_BYTES: u64 = 64;
+/// The share of the memory budget that frames from unauthenticated clients
+/// (`HELLO`s being read) may hold at once: a quarter. Strangers who announce
+/// large maps and trickle them can delay other newcomers, never take the
+/// whole budget.
+pub const UNAUTHENTICATED_SHARE: u64 = 4;
 /// Pairs counted one by one; beyond this, forwarded traffic is added to
 /// `other_pairs` so the counters' memory stays bounded.
 pub const MAX_PAIRS: usize = 65_536;
@@ -111,6 +116,16 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Whether the client is at fault (a forged, stale or foreign proof or
+    /// map), as opposed to the relay's state (full, over budget): the
+    /// failures the [`crate::limiter`] counts.
+    pub fn is_clients_fault(&self) -> bool {
+        !matches!(
+            self,
+            Self::TooManyNodes { .. } | Self::OverMemoryBudget { .. } | Self::NoSession
+        )
+    }
+
     /// A short stable name for counters.
     pub fn name(&self) -> &'static str {
         match self {
@@ -223,6 +238,10 @@ pub struct Snapshot {
     pub refusals: BTreeMap<&'static str, u64>,
     pub drops: BTreeMap<&'static str, u64>,
     pub memory_estimate: u64,
+    /// Of the estimate: frame buffers of clients not yet welcomed.
+    pub unauthenticated_buffers: u64,
+    /// Of the estimate: frame buffers of sessions (large `MAP`s being read).
+    pub session_buffers: u64,
     pub memory_budget: u64,
     pub max_nodes: usize,
 }
@@ -296,6 +315,10 @@ pub struct Core<H> {
     refusals: BTreeMap<&'static str, u64>,
     drops: [u64; DropReason::ALL.len()],
     memory: u64,
+    /// Bytes of frame buffers being read: from clients not yet welcomed
+    /// (bounded by the budget's [`UNAUTHENTICATED_SHARE`]) and from sessions.
+    unauthenticated: u64,
+    session_buffers: u64,
 }
 
 impl<H: Clone> Core<H> {
@@ -313,6 +336,8 @@ impl<H: Clone> Core<H> {
             refusals: BTreeMap::new(),
             drops: [0; DropReason::ALL.len()],
             memory: 0,
+            unauthenticated: 0,
+            session_buffers: 0,
         }
     }
 
@@ -532,6 +557,47 @@ impl<H: Clone> Core<H> {
         }
     }
 
+    /// Reserves `bytes` of the budget for a frame an unauthenticated client
+    /// is sending (its `HELLO`), before the shell buffers them.
+    ///
+    /// # Errors
+    /// [`Refusal::OverMemoryBudget`] (counted) when the reservation would
+    /// take the unauthenticated buffers beyond their share of the budget, or
+    /// the whole estimate beyond the budget; nothing is reserved.
+    pub fn reserve_unauthenticated(&mut self, bytes: u64) -> Result<(), Refusal> {
+        let share = self.cfg.memory_budget / UNAUTHENTICATED_SHARE;
+        let used = self.memory_estimate();
+        if self.unauthenticated.saturating_add(bytes) > share
+            || used.saturating_add(bytes) > self.cfg.memory_budget
+        {
+            let r = Refusal::OverMemoryBudget {
+                need: bytes,
+                used,
+                budget: self.cfg.memory_budget,
+            };
+            self.count_refusal(&r);
+            return Err(r);
+        }
+        self.unauthenticated += bytes;
+        Ok(())
+    }
+
+    /// Returns a reservation of [`Core::reserve_unauthenticated`].
+    pub fn release_unauthenticated(&mut self, bytes: u64) {
+        self.unauthenticated = self.unauthenticated.saturating_sub(bytes);
+    }
+
+    /// Counts `bytes` of a session's frame buffer (a large `MAP`). Never
+    /// refused: the budget refuses new nodes only.
+    pub fn hold_session_buffer(&mut self, bytes: u64) {
+        self.session_buffers = self.session_buffers.saturating_add(bytes);
+    }
+
+    /// Returns bytes counted by [`Core::hold_session_buffer`].
+    pub fn release_session_buffer(&mut self, bytes: u64) {
+        self.session_buffers = self.session_buffers.saturating_sub(bytes);
+    }
+
     /// Counts a drop the shell decided (a malformed frame, a full queue).
     pub fn count_drop(&mut self, d: DropReason) {
         let i = DropReason::ALL
@@ -548,7 +614,10 @@ impl<H: Clone> Core<H> {
 
     /// The estimated bytes of all sessions and counters.
     pub fn memory_estimate(&self) -> u64 {
-        self.memory + PAIR_BYTES * self.pairs.len() as u64
+        self.memory
+            + PAIR_BYTES * self.pairs.len() as u64
+            + self.unauthenticated
+            + self.session_buffers
     }
 
     /// How many nodes are connected.
@@ -606,6 +675,8 @@ impl<H: Clone> Core<H> {
                 .map(|(d, n)| (d.name(), n))
                 .collect(),
             memory_estimate: self.memory_estimate(),
+            unauthenticated_buffers: self.unauthenticated,
+            session_buffers: self.session_buffers,
             memory_budget: self.cfg.memory_budget,
             max_nodes: self.cfg.max_nodes,
         }

@@ -4,6 +4,7 @@
 //!
 //! - [`core`]: the authorization core (pure: sessions, HELLO/MAP checks,
 //!   the mutual-listing rule, counters, memory budget).
+//! - [`limiter`]: the failure limiter for invalid `HELLO`s by source (pure).
 //! - [`server`]: the shell around it (quinn endpoint, TLS/TCP acceptor,
 //!   STUN sockets, the stats file).
 //! - [`client`]: the client the node uses (QUIC or TCP, pinned certificate).
@@ -21,5 +22,6 @@
 pub mod client;
 pub mod core;
 pub mod datadir;
+pub mod limiter;
 pub mod server;
 pub mod wire;

@@ -12,7 +12,7 @@
 //! `DATA_DIR/stats.json` every second.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -34,7 +34,11 @@ use ztmesh_proto::UnixMs;
 
 use crate::core::{Config, ConnId, Core, DropReason, NodeId, Snapshot};
 use crate::datadir::{load_or_create_tls, write_atomic, DataDir, DirLock, Identity};
-use crate::wire::{read_frame, server_tls, transport, ReadError, OUT_QUEUE, WRITE_BATCH};
+use crate::limiter::{FailureLimiter, LimiterConfig, LimiterStats, Source};
+use crate::wire::{
+    from_client, read_frame, server_tls, transport, tune_tcp, ReadError, OUT_QUEUE, READ_CHUNK,
+    WRITE_BATCH,
+};
 
 /// What `serve` is given.
 #[derive(Clone, Debug)]
@@ -51,8 +55,11 @@ pub struct ServeConfig {
     pub memory_budget: u64,
     /// Transport handshake plus `HELLO` must finish within this.
     pub handshake_timeout: Duration,
-    /// Open connections per source address, QUIC and TCP together.
+    /// Open connections per source (an IPv4 address or an IPv6 /64), QUIC
+    /// and TCP together.
     pub max_conns_per_source: usize,
+    /// When a source that sends invalid `HELLO`s is blocked.
+    pub hello_limiter: LimiterConfig,
 }
 
 impl ServeConfig {
@@ -76,6 +83,7 @@ impl ServeConfig {
             memory_budget: DEFAULT_MEMORY_BUDGET,
             handshake_timeout: Duration::from_secs(10),
             max_conns_per_source: 32,
+            hello_limiter: LimiterConfig::default(),
         }
     }
 }
@@ -93,6 +101,8 @@ pub struct Stats {
     #[serde(flatten)]
     pub core: Snapshot,
     pub transport: TransportStats,
+    /// The failure limiter for invalid `HELLO`s.
+    pub limiter: LimiterStats,
 }
 
 /// Counters the shell keeps (the core does not see these events).
@@ -192,7 +202,8 @@ struct Shared {
     core: Mutex<Core<Link>>,
     next_conn: AtomicU64,
     counters: Counters,
-    per_source: Mutex<HashMap<IpAddr, usize>>,
+    per_source: Mutex<HashMap<Source, usize>>,
+    limiter: Mutex<FailureLimiter>,
     max_per_source: usize,
     handshake_timeout: Duration,
     shutdown: watch::Receiver<bool>,
@@ -207,10 +218,19 @@ impl Shared {
         self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Takes a connection slot for `ip`, or `None` over the per-source cap.
-    fn slot(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+    fn limiter(&self) -> MutexGuard<'_, FailureLimiter> {
+        self.limiter.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a connection slot for `source`, or `None` while the source is
+    /// blocked by the failure limiter (counted there) or over the
+    /// per-source cap.
+    fn slot(self: &Arc<Self>, source: Source) -> Option<SourceSlot> {
+        if self.limiter().check(source, now_ms()).is_err() {
+            return None;
+        }
         let mut m = self.per_source.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(ip).or_default();
+        let n = m.entry(source).or_default();
         if *n >= self.max_per_source {
             drop(m);
             Counters::inc(&self.counters.over_source_cap);
@@ -219,8 +239,19 @@ impl Shared {
         *n += 1;
         Some(SourceSlot {
             shared: self.clone(),
-            ip,
+            source,
         })
+    }
+
+    /// Counts an invalid `HELLO` from `source`.
+    fn hello_failed(&self, source: Source) {
+        if let Some(b) = self.limiter().failure(source, now_ms()) {
+            tracing::info!(
+                ?source,
+                until_ms = b.until_ms,
+                "source blocked after invalid HELLOs"
+            );
+        }
     }
 
     fn stats(&self, name: &str) -> Stats {
@@ -229,13 +260,14 @@ impl Shared {
             written_at_ms: now_ms(),
             core: self.core().snapshot(),
             transport: self.counters.read(),
+            limiter: self.limiter().stats(now_ms()),
         }
     }
 }
 
 struct SourceSlot {
     shared: Arc<Shared>,
-    ip: IpAddr,
+    source: Source,
 }
 
 impl Drop for SourceSlot {
@@ -245,10 +277,10 @@ impl Drop for SourceSlot {
             .per_source
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.ip) {
+        if let Some(n) = m.get_mut(&self.source) {
             *n -= 1;
             if *n == 0 {
-                m.remove(&self.ip);
+                m.remove(&self.source);
             }
         }
     }
@@ -344,6 +376,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         next_conn: AtomicU64::new(0),
         counters: Counters::default(),
         per_source: Mutex::new(HashMap::new()),
+        limiter: Mutex::new(FailureLimiter::new(cfg.hello_limiter)),
         max_per_source: cfg.max_conns_per_source,
         handshake_timeout: cfg.handshake_timeout,
         shutdown: shutdown_rx.clone(),
@@ -385,7 +418,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
 
 async fn quic_accept(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
-        let Some(slot) = shared.slot(incoming.remote_address().ip()) else {
+        let Some(slot) = shared.slot(incoming.remote_address().ip().into()) else {
             incoming.refuse();
             continue;
         };
@@ -393,22 +426,18 @@ async fn quic_accept(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     }
 }
 
-async fn quic_conn(shared: Arc<Shared>, incoming: quinn::Incoming, _slot: SourceSlot) {
+async fn quic_conn(shared: Arc<Shared>, incoming: quinn::Incoming, slot: SourceSlot) {
     let handshake = async {
         let conn = incoming.await.ok()?;
         let (send, mut recv) = conn.accept_bi().await.ok()?;
-        let mut hello = Vec::new();
-        match read_frame(&mut recv, &mut hello).await {
-            Ok(true) => Some((conn, send, recv, Ok(hello))),
-            Ok(false) => None,
-            Err(e) => Some((conn, send, recv, Err(e))),
-        }
+        let (hello, held) = read_hello(&shared, &mut recv).await?;
+        Some((conn, send, recv, hello, held))
     };
-    let Some((conn, send, recv, hello)) = handshake_within(&shared, handshake).await else {
+    let Some((conn, send, recv, hello, held)) = handshake_within(&shared, handshake).await else {
         return;
     };
     Counters::inc(&shared.counters.quic_connections);
-    session(shared, recv, send, Some(conn), hello).await;
+    session(shared, recv, send, Some(conn), hello, held, slot.source).await;
 }
 
 async fn tcp_accept(
@@ -422,10 +451,13 @@ async fn tcp_accept(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let Some(slot) = shared.slot(peer.ip()) else {
+        let Some(slot) = shared.slot(peer.ip().into()) else {
             continue;
         };
-        let _ = tcp.set_nodelay(true);
+        if let Err(e) = tune_tcp(&tcp) {
+            tracing::debug!(error = %e, "cannot set TCP keepalive; closing");
+            continue;
+        }
         tokio::spawn(tcp_conn(shared.clone(), tcp, acceptor.clone(), slot));
     }
 }
@@ -434,23 +466,62 @@ async fn tcp_conn(
     shared: Arc<Shared>,
     tcp: tokio::net::TcpStream,
     acceptor: tokio_rustls::TlsAcceptor,
-    _slot: SourceSlot,
+    slot: SourceSlot,
 ) {
     let handshake = async {
         let tls = acceptor.accept(tcp).await.ok()?;
         let (mut recv, send) = tokio::io::split(tls);
-        let mut hello = Vec::new();
-        match read_frame(&mut recv, &mut hello).await {
-            Ok(true) => Some((recv, send, Ok(hello))),
-            Ok(false) => None,
-            Err(e) => Some((recv, send, Err(e))),
-        }
+        let (hello, held) = read_hello(&shared, &mut recv).await?;
+        Some((recv, send, hello, held))
     };
-    let Some((recv, send, hello)) = handshake_within(&shared, handshake).await else {
+    let Some((recv, send, hello, held)) = handshake_within(&shared, handshake).await else {
         return;
     };
     Counters::inc(&shared.counters.tcp_connections);
-    session(shared, recv, send, None, hello).await;
+    session(shared, recv, send, None, hello, held, slot.source).await;
+}
+
+/// Budget bytes held for the `HELLO` buffer of a client not yet welcomed;
+/// returned when dropped.
+struct Unauthenticated {
+    shared: Arc<Shared>,
+    bytes: u64,
+}
+
+impl Unauthenticated {
+    fn grow(&mut self, n: usize) -> bool {
+        let ok = self.shared.core().reserve_unauthenticated(n as u64).is_ok();
+        if ok {
+            self.bytes += n as u64;
+        }
+        ok
+    }
+}
+
+impl Drop for Unauthenticated {
+    fn drop(&mut self) {
+        self.shared.core().release_unauthenticated(self.bytes);
+    }
+}
+
+/// Reads the first frame of a client; its buffer is reserved from the
+/// unauthenticated share of the memory budget as it grows. `None` for a
+/// stream that ended before a frame.
+async fn read_hello<R: AsyncRead + Unpin>(
+    shared: &Arc<Shared>,
+    recv: &mut R,
+) -> Option<(Result<Vec<u8>, ReadError>, Unauthenticated)> {
+    let mut held = Unauthenticated {
+        shared: shared.clone(),
+        bytes: 0,
+    };
+    let mut hello = Vec::new();
+    let read = read_frame(recv, &mut hello, from_client, &mut |n| held.grow(n)).await;
+    match read {
+        Ok(true) => Some((Ok(hello), held)),
+        Ok(false) => None,
+        Err(e) => Some((Err(e), held)),
+    }
 }
 
 /// Runs a handshake under the deadline, counting timeouts and failures.
@@ -478,33 +549,57 @@ async fn session<R, W>(
     mut writer: W,
     quic: Option<quinn::Connection>,
     hello: Result<Vec<u8>, ReadError>,
+    held: Unauthenticated,
+    source: Source,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let conn_id = shared.conn_id();
-    let (proof, map) = match hello
-        .as_deref()
-        .map_err(ToString::to_string)
-        .map(decode_frame)
-    {
-        Ok(Ok(Frame::Hello { proof, map })) => (proof, map),
-        Ok(Ok(_)) => {
-            shared.core().count_drop(DropReason::UnexpectedFrame);
-            refuse(&mut writer, quic.as_ref(), "expected HELLO".into()).await;
-            return;
-        }
-        Ok(Err(e)) => {
-            shared.core().count_drop(DropReason::MalformedFrame);
-            refuse(&mut writer, quic.as_ref(), format!("malformed HELLO: {e}")).await;
+    let hello = match hello {
+        Ok(bytes) => bytes,
+        Err(ReadError::OverBudget { len }) => {
+            // Counted by the core as an `over_memory_budget` refusal.
+            drop(held);
+            let reason = format!(
+                "relay over its memory budget: no room for a {len}-byte HELLO now; \
+                 try again later or another relay"
+            );
+            refuse(&mut writer, quic.as_ref(), reason).await;
             return;
         }
         Err(e) => {
             shared.core().count_drop(DropReason::MalformedFrame);
+            shared.hello_failed(source);
             refuse(&mut writer, quic.as_ref(), format!("malformed HELLO: {e}")).await;
             return;
         }
     };
+    // Blocked while this connection was in its handshake: refused before
+    // the proof and the map are verified.
+    let blocked = shared.limiter().check(source, now_ms());
+    if let Err(b) = blocked {
+        let secs = (b.until_ms - now_ms()).max(0) / 1_000 + 1;
+        let reason = format!("too many invalid HELLOs from this address; try again in {secs} s");
+        refuse(&mut writer, quic.as_ref(), reason).await;
+        return;
+    }
+    let (proof, map) = match decode_frame(&hello) {
+        Ok(Frame::Hello { proof, map }) => (proof, map),
+        Ok(_) => {
+            shared.core().count_drop(DropReason::UnexpectedFrame);
+            shared.hello_failed(source);
+            refuse(&mut writer, quic.as_ref(), "expected HELLO".into()).await;
+            return;
+        }
+        Err(e) => {
+            shared.core().count_drop(DropReason::MalformedFrame);
+            shared.hello_failed(source);
+            refuse(&mut writer, quic.as_ref(), format!("malformed HELLO: {e}")).await;
+            return;
+        }
+    };
+    drop(hello);
     let (tx, rx) = mpsc::channel(OUT_QUEUE);
     let kill = Arc::new(Notify::new());
     let link = Link {
@@ -512,6 +607,9 @@ async fn session<R, W>(
         quic: quic.clone(),
         kill: kill.clone(),
     };
+    // The HELLO is decoded: its buffer no longer counts, so the admission
+    // check below does not see this client's own bytes.
+    drop(held);
     let welcome = shared
         .core()
         .hello(conn_id, link.clone(), &proof, &map, now_ms());
@@ -524,6 +622,9 @@ async fn session<R, W>(
         }
         Err(r) => {
             tracing::debug!(conn = conn_id, reason = r.name(), "HELLO refused");
+            if r.is_clients_fault() {
+                shared.hello_failed(source);
+            }
             refuse(&mut writer, quic.as_ref(), r.to_string()).await;
             return;
         }
@@ -542,10 +643,13 @@ async fn session<R, W>(
         .map(|c| tokio::spawn(datagram_loop(shared.clone(), node, conn_id, c)));
     let mut shutdown = shared.shutdown.clone();
     let mut buf = Vec::new();
+    let mut big = BigBuffer::default();
     let mut refused = false;
     loop {
+        big.shrink(&shared, &mut buf);
+        let mut grow = |n| big.grow(&shared, n);
         let read = tokio::select! {
-            r = read_frame(&mut reader, &mut buf) => r,
+            r = read_frame(&mut reader, &mut buf, from_client, &mut grow) => r,
             _ = kill.notified() => { refused = true; break }
             _ = shutdown.wait_for(|stop| *stop) => {
                 link.close("relay stopping".into());
@@ -554,7 +658,8 @@ async fn session<R, W>(
             }
         };
         let reason = match read {
-            Ok(false) | Err(ReadError::Io(_)) => break,
+            // A session's buffer is never refused (`BigBuffer::grow`).
+            Ok(false) | Err(ReadError::Io(_) | ReadError::OverBudget { .. }) => break,
             Err(ReadError::Frame(e)) => {
                 shared.core().count_drop(DropReason::MalformedFrame);
                 format!("malformed frame: {e}")
@@ -585,6 +690,7 @@ async fn session<R, W>(
         break;
     }
     shared.core().disconnect(node, conn_id, now_ms());
+    big.release(&shared);
     tracing::debug!(node, conn = conn_id, "session closed");
     if let Some(t) = datagrams {
         t.abort();
@@ -605,6 +711,41 @@ async fn session<R, W>(
             let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
         }
         conn.close(quinn::VarInt::from_u32(0), b"session ended");
+    }
+}
+
+/// A session's frame buffer beyond [`READ_CHUNK`] (a large `MAP`): counted
+/// in the memory estimate while held, freed after the frame.
+#[derive(Default)]
+struct BigBuffer {
+    capacity: usize,
+    counted: u64,
+}
+
+impl BigBuffer {
+    fn grow(&mut self, shared: &Shared, n: usize) -> bool {
+        self.capacity += n;
+        let over = self.capacity.saturating_sub(READ_CHUNK) as u64;
+        if over > self.counted {
+            shared.core().hold_session_buffer(over - self.counted);
+            self.counted = over;
+        }
+        true
+    }
+
+    /// Frees a buffer that grew beyond [`READ_CHUNK`].
+    fn shrink(&mut self, shared: &Shared, buf: &mut Vec<u8>) {
+        if buf.capacity() > READ_CHUNK {
+            *buf = Vec::new();
+            self.capacity = 0;
+            self.release(shared);
+        }
+    }
+
+    fn release(&mut self, shared: &Shared) {
+        shared
+            .core()
+            .release_session_buffer(std::mem::take(&mut self.counted));
     }
 }
 

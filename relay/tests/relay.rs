@@ -21,11 +21,12 @@ use common::*;
 use rand_core::OsRng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ztmesh_proto::auth::NodeProof;
-use ztmesh_proto::relay::{hello_method, Frame};
+use ztmesh_proto::relay::{hello_method, kind, Frame, MAX_FRAME_LEN, MAX_MAP_FRAME_LEN};
 use ztmesh_proto::stun::{binding_request, parse_binding_response};
 use ztmesh_proto::time::now_ms;
 use ztmesh_relay::client::{ClientError, Transport};
 use ztmesh_relay::core::SESSION_BASE_BYTES;
+use ztmesh_relay::limiter::LimiterConfig;
 use ztmesh_relay::server::Running;
 use ztmesh_relay::wire::{client_tls, transport, SERVER_NAME};
 
@@ -110,7 +111,9 @@ async fn an_impostor_with_a_copied_map_but_without_the_machine_key_is_refused() 
     let relay = w.relay().await;
     let copied = w.map(1, &[2], 1);
     // Machine 5 proves its own key, with node 1's genuine map.
-    let err = connect_as(&w, &relay, 5, &copied).await.unwrap_err();
+    let err = connect_as(&w, &relay, 5, &copied, Transport::Quic)
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, ClientError::Refused(r) if r.contains("another machine key")),
         "{err}"
@@ -136,9 +139,10 @@ async fn connect_as(
     relay: &Running,
     key_id: usize,
     map: &ztmesh_proto::control::SignedNetMap,
+    transport: Transport,
 ) -> Result<ztmesh_relay::client::RelayClient, ClientError> {
     ztmesh_relay::client::RelayClient::connect(
-        &target(relay, Transport::Quic),
+        &target(relay, transport),
         &w.machines[key_id],
         map,
         PATIENCE,
@@ -315,8 +319,10 @@ async fn malformed_frames_are_counted_and_close_only_that_connection() {
     for _ in 0..3 {
         conn.send_datagram(vec![1, 2, 3].into()).unwrap();
     }
-    // ...then an oversized DATA frame on its stream closes it.
+    // ...then an oversized DATA frame on its stream closes it (refused on
+    // its type byte, before the body).
     send.write_all(&(70_000u32).to_be_bytes()).await.unwrap();
+    send.write_all(&[kind::DATA]).await.unwrap();
     until_closed(&mut stream).await;
 
     let v = w
@@ -481,5 +487,225 @@ async fn slow_handshakes_time_out_and_sources_are_capped() {
     assert_eq!(count(&v, "transport", "tcp_connections"), 0);
     // The slots are free again: a real node gets in.
     let _a = w.joined(&relay, Transport::Tcp, 1, &[], 1).await;
+    relay.stop().await.unwrap();
+}
+
+/// A raw QUIC connection to the relay (no HELLO yet).
+async fn raw_quic(relay: &Running) -> (quinn::Endpoint, quinn::Connection) {
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(client_tls(relay.fingerprint)).unwrap();
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport(0, None)));
+    let conn = endpoint
+        .connect_with(cfg, relay.identity.quic_addr.parse().unwrap(), SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    (endpoint, conn)
+}
+
+#[tokio::test]
+async fn a_hello_with_a_map_of_two_thousand_peers_is_accepted_and_the_pair_exchanges_datagrams() {
+    let w = World::new(12);
+    let relay = w.relay().await;
+    let many: Vec<u64> = std::iter::once(2).chain(100..2_099).collect();
+    assert_eq!(many.len(), 2_000);
+    let big = w.map(1, &many, 1);
+    let hello = Frame::Hello {
+        proof: NodeProof::create(&w.machines[1], &hello_method(NAME), now_ms(), &mut OsRng),
+        map: big.clone(),
+    }
+    .to_vec()
+    .unwrap();
+    assert!(
+        hello.len() > MAX_FRAME_LEN,
+        "the HELLO ({} bytes) is larger than a data frame",
+        hello.len()
+    );
+    for (t1, t2) in [
+        (Transport::Quic, Transport::Tcp),
+        (Transport::Tcp, Transport::Quic),
+    ] {
+        let mut a = w.connect(&relay, t1, 1, &big).await.unwrap();
+        let mut b = w.joined(&relay, t2, 2, &[1], 1).await;
+        a.send(2, &datagram(1, 1, 1_312)).await.unwrap();
+        assert_eq!(recv(&mut b).await, (1, datagram(1, 1, 1_312)));
+        b.send(1, &datagram(2, 1, 1_400)).await.unwrap();
+        assert_eq!(recv(&mut a).await, (2, datagram(2, 1, 1_400)));
+        a.close().await;
+        b.close().await;
+        w.stats_until("both sessions to end", |v| {
+            v["sessions"].as_array().is_some_and(Vec::is_empty)
+        })
+        .await;
+    }
+    // A MAP that large goes through too, and the session keeps forwarding.
+    let mut a = w.joined(&relay, Transport::Tcp, 1, &[2], 1).await;
+    let mut b = w.joined(&relay, Transport::Quic, 2, &[1], 1).await;
+    b.push_map(
+        &w.map(
+            2,
+            &many
+                .iter()
+                .map(|&p| if p == 2 { 1 } else { p })
+                .collect::<Vec<_>>(),
+            2,
+        ),
+    )
+    .await
+    .unwrap();
+    let v = w
+        .stats_until("the large MAP", |v| v["maps_accepted"] == 1)
+        .await;
+    assert_eq!(
+        v["sessions"][1]["peers"], 2_000,
+        "node 2's session holds the large map"
+    );
+    a.send(2, &datagram(1, 2, 1_312)).await.unwrap();
+    assert_eq!(recv(&mut b).await, (1, datagram(1, 2, 1_312)));
+    b.send(1, &datagram(2, 2, 1_312)).await.unwrap();
+    assert_eq!(recv(&mut a).await, (2, datagram(2, 2, 1_312)));
+    let v = w
+        .stats_until("the buffers to be freed", |v| {
+            count(v, "", "session_buffers") == 0 && v["hellos_accepted"] == 6
+        })
+        .await;
+    assert_eq!(count(&v, "", "unauthenticated_buffers"), 0);
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn length_prefixes_beyond_the_bound_of_their_type_are_refused_with_a_reason() {
+    let w = World::new(13);
+    let relay = w.relay().await;
+    // One past the map bound: refused on the prefix alone.
+    let mut s = raw_tls(&relay).await;
+    s.write_all(&(MAX_MAP_FRAME_LEN as u32 + 1).to_be_bytes())
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&until_closed(&mut s).await).into_owned();
+    assert!(
+        text.contains(&format!("exceeds the maximum {MAX_MAP_FRAME_LEN}")),
+        "{text}"
+    );
+    // One past the data bound, typed DATA: refused on the type byte.
+    let mut s = raw_tls(&relay).await;
+    let mut head = (MAX_FRAME_LEN as u32 + 1).to_be_bytes().to_vec();
+    head.push(kind::DATA);
+    s.write_all(&head).await.unwrap();
+    let text = String::from_utf8_lossy(&until_closed(&mut s).await).into_owned();
+    assert!(
+        text.contains(&format!("exceeds the maximum {MAX_FRAME_LEN}")),
+        "{text}"
+    );
+    w.stats_until("two malformed HELLOs", |v| {
+        count(v, "drops", "malformed_frame") == 2
+    })
+    .await;
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_large_hello_that_trickles_is_cut_off_by_the_deadline_or_the_budget() {
+    let w = World::new(14);
+    let mut cfg = w.config();
+    cfg.handshake_timeout = Duration::from_secs(1);
+    // A quarter of it (512 KiB) for the HELLOs of clients not yet welcomed.
+    cfg.memory_budget = 2 << 20;
+    let relay = ztmesh_relay::server::start(cfg).await.unwrap();
+    let eight_mib = (8u32 << 20).to_be_bytes();
+
+    // Announces 8 MiB, sends a little, then nothing: the deadline ends it.
+    let mut s = raw_tls(&relay).await;
+    s.write_all(&eight_mib).await.unwrap();
+    s.write_all(&[kind::HELLO]).await.unwrap();
+    s.write_all(&[0; 1_000]).await.unwrap();
+    assert!(
+        until_closed(&mut s).await.is_empty(),
+        "no REFUSED, just closed"
+    );
+    w.stats_until("the timeout", |v| {
+        count(v, "transport", "handshake_timeouts") == 1
+    })
+    .await;
+
+    // Announces 8 MiB and sends fast: refused at the unauthenticated share.
+    let (_endpoint, conn) = raw_quic(&relay).await;
+    let (mut send, mut stream) = conn.open_bi().await.unwrap();
+    let writer = tokio::spawn(async move {
+        let _ = send.write_all(&eight_mib).await;
+        let _ = send.write_all(&[kind::HELLO]).await;
+        for _ in 0..16 {
+            if send.write_all(&[0; 64 * 1024]).await.is_err() {
+                break;
+            }
+        }
+    });
+    let text = String::from_utf8_lossy(&until_closed(&mut stream).await).into_owned();
+    assert!(text.contains("memory budget"), "{text}");
+    writer.abort();
+    let v = w
+        .stats_until("the budget refusal", |v| {
+            count(v, "refusals", "over_memory_budget") == 1
+        })
+        .await;
+    assert_eq!(count(&v, "", "unauthenticated_buffers"), 0, "all returned");
+    // A real node still gets in.
+    let _a = w.joined(&relay, Transport::Tcp, 1, &[], 1).await;
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_source_that_sends_invalid_hellos_is_blocked_before_the_handshake() {
+    let w = World::new(15);
+    let mut cfg = w.config();
+    cfg.hello_limiter = LimiterConfig {
+        max_failures: 3,
+        window_ms: 60_000,
+        block_ms: 60_000,
+        max_sources: 16,
+    };
+    let relay = ztmesh_relay::server::start(cfg).await.unwrap();
+    // A valid session from the same source is not touched by the block.
+    let a = w.joined(&relay, Transport::Tcp, 1, &[2], 1).await;
+    let expired = w.map_until(2, &[1], 1, now_ms() - 1);
+    let forged = w.map(1, &[2], 2);
+    for (t, map) in [
+        (Transport::Quic, &expired),
+        (Transport::Tcp, &expired),
+        (Transport::Quic, &forged),
+    ] {
+        let err = connect_as(&w, &relay, 2, map, t).await.unwrap_err();
+        assert!(matches!(err, ClientError::Refused(_)), "{err}");
+    }
+    // The source is blocked: QUIC and TCP connections end before TLS, even
+    // with a valid HELLO.
+    for t in [Transport::Quic, Transport::Tcp] {
+        let err = w
+            .connect(&relay, t, 2, &w.map(2, &[1], 1))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Connect { .. }), "{t:?}: {err}");
+    }
+    let v = w
+        .stats_until("the block", |v| {
+            count(v, "limiter", "blocks") == 1 && count(v, "limiter", "refused") == 2
+        })
+        .await;
+    assert_eq!(count(&v, "limiter", "failures"), 3);
+    assert_eq!(count(&v, "limiter", "blocked_sources"), 1);
+    assert_eq!(count(&v, "refusals", "expired_map"), 2);
+    assert_eq!(count(&v, "refusals", "key_mismatch"), 1);
+    assert_eq!(
+        v["hellos_accepted"], 1,
+        "no HELLO was verified after the block"
+    );
+    // The session that was already up keeps working.
+    let err = a.send(1, &datagram(1, 1, 10)).await;
+    assert!(err.is_ok());
+    w.stats_until("the to-self drop", |v| count(v, "drops", "to_self") == 1)
+        .await;
+    drop(a);
     relay.stop().await.unwrap();
 }

@@ -1,7 +1,7 @@
 //! Architecture boundaries, enforced: the pure cores (the policy crate, the
 //! packet filter, the tunnel `Device`, the node's netmap gate and translation,
 //! the controller's netmap core and key lifecycle, the STUN and relay
-//! codecs, the relay's authorization core)
+//! codecs, the relay's authorization core and failure limiter)
 //! do no I/O and read no clock or entropy of their own. Time and randomness
 //! come in as arguments; sockets, files, processes, async runtimes, gRPC and
 //! SQLite live in the shells around them.
@@ -30,6 +30,7 @@ const PURE: &[&str] = &[
     "proto/src/stun.rs",
     "proto/src/relay.rs",
     "relay/src/core.rs",
+    "relay/src/limiter.rs",
     "controller/src/netcore",
     "controller/src/model.rs",
     "controller/src/relays.rs",

@@ -174,8 +174,10 @@ pub async fn recv(c: &mut RelayClient) -> (u64, Vec<u8>) {
         .expect("session alive")
 }
 
+/// A counter of the stats, in `section` (`""` for the top level).
 pub fn count(v: &Value, section: &str, key: &str) -> u64 {
-    v[section][key].as_u64().unwrap_or(0)
+    let v = if section.is_empty() { v } else { &v[section] };
+    v[key].as_u64().unwrap_or(0)
 }
 
 /// Traffic of one pair in the stats, or zeros.
