@@ -10,6 +10,14 @@
 
 use prost::Message;
 
+/// Largest signed netmap (protobuf) anyone accepts: the node from its
+/// controller, the relay in a `HELLO` or `MAP`. A peer entry is ~200 bytes
+/// on the wire (name, key, two overlay prefixes, three endpoints) and up to
+/// ~1 KiB with a long endpoint list and its share of the rules' source
+/// prefixes; the data plane holds at most 65,536 peers, so 65,536 × 1 KiB =
+/// 64 MiB. 10,000 typical peers are ~2 MB.
+pub const MAX_SIGNED_MAP_BYTES: usize = 64 << 20;
+
 use crate::control::{NetMap, SignedNetMap};
 use crate::keys::{PublicKey, SigningKey};
 use crate::UnixMs;

@@ -39,12 +39,10 @@ pub const HEADER_LEN: usize = 4;
 /// Largest `type + body` of every frame but `HELLO` and `MAP`: a maximal
 /// UDP payload plus room for the headers.
 pub const MAX_FRAME_LEN: usize = 65_535 + 64;
-/// Largest signed netmap (protobuf) a `HELLO` or `MAP` carries: the same
-/// bound as the node's `MAX_NETMAP_BYTES` for a map from the controller
-/// (64 MiB: the data plane's 65,536 peers at up to ~1 KiB each), so every map
-/// a node accepts can also be shown to a relay. A typical peer is ~200 bytes,
-/// so 10,000 peers are ~2 MB.
-pub const MAX_SIGNED_MAP_LEN: usize = 64 << 20;
+/// Largest signed netmap a `HELLO` or `MAP` carries: the bound a node
+/// applies to maps from its controller, so every map a node accepts can also
+/// be shown to a relay.
+pub const MAX_SIGNED_MAP_LEN: usize = crate::netmap::MAX_SIGNED_MAP_BYTES;
 /// Largest `type + body` of a `HELLO` or `MAP`: the map plus the `HELLO`'s
 /// proof and length fields.
 pub const MAX_MAP_FRAME_LEN: usize = 1 + 2 + MAX_PROOF_LEN + 4 + MAX_SIGNED_MAP_LEN;

@@ -21,16 +21,11 @@ use ztmesh_proto::UnixMs;
 
 use super::apply::{decide, Backoff, Ending, SessionEnd};
 
-/// Largest message the node accepts from the controller (a signed netmap).
-///
-/// tonic's default of 4 MiB holds only ~20,000 peers, so a larger mesh's map
-/// would be refused on every reconnect, forever. A peer costs ~200 bytes on the
-/// wire (name, key, two overlay prefixes, three endpoints) and up to ~1 KiB with
-/// a long endpoint list and its share of the rules' source prefixes; the data
-/// plane holds at most [`crate::tunnel::MAX_PEERS`] (65,536) peers, so
-/// 65,536 × 1 KiB = 64 MiB. The map comes only from the pinned controller over
-/// TLS, so this bounds a controller's mistake, not a stranger's input.
-pub const MAX_NETMAP_BYTES: usize = 64 << 20;
+/// Largest netmap message accepted from the controller (see
+/// [`ztmesh_proto::netmap::MAX_SIGNED_MAP_BYTES`]). The map comes only from
+/// the pinned controller over TLS, so this bounds a controller's mistake,
+/// not a stranger's input.
+pub const MAX_NETMAP_BYTES: usize = ztmesh_proto::netmap::MAX_SIGNED_MAP_BYTES;
 
 /// Decides what a refusal `status` means for this node (see
 /// [`super::apply::decide`]); `now_ms` is the local clock reading.
