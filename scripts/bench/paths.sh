@@ -19,7 +19,8 @@
 # release binaries and runs it.
 #
 # Environment:
-#   PATHS_SECS=10   iperf3 duration per path
+#   PATHS_SECS=10   iperf3 duration per stream
+#   PATHS_REPS=3    streams per path (the table shows medians)
 #   BIN=target/release  where ztmesh, ztmesh-controller, ztmesh-relay and
 #                   ztm-echo are (copy them aside if others build there)
 #   NO_BUILD=1      skip `cargo build --release`
@@ -40,7 +41,7 @@ if [[ -z "${NO_BUILD:-}" ]]; then
     cargo build --release --bins -p ztmesh-node -p ztmesh-controller -p ztmesh-relay -p ztmesh-tests >&2
 fi
 export ZTMESH_BIN_DIR=${BIN:-$ROOT/target/release}
-export PATHS_SECS=${PATHS_SECS:-10}
+export PATHS_SECS=${PATHS_SECS:-10} PATHS_REPS=${PATHS_REPS:-3}
 export ZTMESH_LOG=${ZTMESH_LOG:-warn}
 # The test binary itself is small; release keeps it consistent with the rest.
 exec cargo test --release -p ztmesh-tests --test relay_paths -- \

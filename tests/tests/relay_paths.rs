@@ -860,119 +860,114 @@ const IPERF_PORT: u16 = 5202;
 /// Issue 11's path figures, side by side from one run: for the relayed pair
 /// (QUIC, and TLS/TCP with a's UDP blocked) and the directly punched pair
 /// (plain masquerade both sides), the time from a's `up` to the first packet
-/// over that path and an iperf3 TCP single stream a -> b with the CPU the
-/// relay spent; for the direct pair also the standalone tunnel (`ztmesh
-/// tunnel` with the same keys, addresses, MTU and ports, through the same
-/// NAT mappings). Prints a table; asserts only that each path formed.
+/// over that path, and iperf3 TCP single streams a -> b with the CPU the
+/// relay and both tunnel processes spent; for the direct pair also the
+/// standalone tunnel (`ztmesh tunnel` with the same keys, addresses, MTU
+/// and ports, through the same NAT mappings). `PATHS_SECS` (10) per stream,
+/// `PATHS_REPS` (3) streams per path, medians. Prints a table; asserts only
+/// that each path formed.
 #[test]
 #[ignore = "benchmark: scripts/bench/paths.sh runs it on release builds"]
 fn bench_paths() {
     if !require_root_or_skip() {
         return;
     }
-    let secs: u64 = std::env::var("PATHS_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
-    let mut rows: Vec<(String, String, Option<Iperf>)> = Vec::new();
+    let env = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    let (secs, reps) = (env("PATHS_SECS", 10), env("PATHS_REPS", 3));
+    let mut rows: Vec<(&str, String, Iperf)> = Vec::new();
 
     let lab = RelayLab::new(Masquerade::FullyRandom, Masquerade::FullyRandom);
     lab.expect_flow(ALLOW_TIMEOUT * 3);
-    let first = lab.up_at.elapsed();
+    let first = format!("{:.2?} (first TCP exchange)", lab.up_at.elapsed());
     lab.wait_path(PATH_BOUND, |p| p.starts_with("relay "));
     assert_eq!(lab.relay_transport(Side::A), "quic");
-    rows.push((
-        "relayed, QUIC".into(),
-        format!("{first:.2?} (first TCP exchange)"),
-        Some(lab.iperf(secs)),
-    ));
+    let m = lab.iperf(secs, reps, &lab.daemon_pids());
+    rows.push(("relayed, QUIC", first, m));
     drop(lab);
 
     let lab = RelayLab::with(Masquerade::FullyRandom, Masquerade::FullyRandom, true);
     lab.expect_flow(ALLOW_TIMEOUT * 3);
-    let first = lab.up_at.elapsed();
+    let first = format!("{:.2?} (first TCP exchange)", lab.up_at.elapsed());
     assert_eq!(lab.relay_transport(Side::A), "tcp");
-    rows.push((
-        "relayed, TLS/TCP (a's UDP blocked)".into(),
-        format!("{first:.2?} (first TCP exchange)"),
-        Some(lab.iperf(secs)),
-    ));
+    let m = lab.iperf(secs, reps, &lab.daemon_pids());
+    rows.push(("relayed, TLS/TCP (a's UDP blocked)", first, m));
     drop(lab);
 
     let mut lab = RelayLab::new(Masquerade::Plain, Masquerade::Plain);
     let ping = lab.ping(&["--until-direct", "--count", "40"]);
-    let first = lab.up_at.elapsed();
+    let first = format!("{:.2?} (first direct reply)", lab.up_at.elapsed());
     assert!(
         ping.status.success() && ping.stdout.contains("via direct"),
         "{ping}"
     );
-    let direct = lab.iperf(secs);
-    let path_a = lab.path(Side::A);
+    let m = lab.iperf(secs, reps, &lab.daemon_pids());
+    let path = lab.path(Side::A);
     assert!(
-        path_a.starts_with("direct "),
-        "the pair left the direct path: {path_a}"
+        path.starts_with("direct "),
+        "the pair left the direct path: {path}"
     );
-    rows.push((
-        "direct after hole punching".into(),
-        format!("{first:.2?} (first direct reply)"),
-        Some(direct),
-    ));
-    let standalone = lab.standalone_iperf(secs);
-    rows.push((
-        "standalone tunnel, same NATs".into(),
-        "-".into(),
-        Some(standalone),
-    ));
+    rows.push(("direct after hole punching", first, m));
+    let m = lab.standalone_iperf(secs, reps);
+    rows.push(("standalone tunnel, same NATs", "-".into(), m));
 
-    println!("\nbench_paths: iperf3 TCP 1 stream a -> b, {secs} s each; relay CPU = utime+stime of ztmesh-relay during the run");
-    println!("| path | up -> first packet | Gbit/s | relay CPU s | relay CPU s per Gbit |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "\nbench_paths: iperf3 TCP 1 stream a -> b, {secs} s x {reps}, medians; CPU s = \
+         utime+stime during one stream (tunnels: both sides' daemon or `ztmesh tunnel`)"
+    );
+    println!("| path | up -> first packet | Gbit/s | relay CPU s | relay CPU s per Gbit | tunnels' CPU s |");
+    println!("|---|---|---|---|---|---|");
     for (what, first, m) in &rows {
-        let Some(m) = m else { continue };
         let gbits = m.gbit_s * m.secs;
-        let per = if m.relay_cpu_s > 0.0 && gbits > 0.0 {
+        let per = if m.relay_cpu_s > 0.05 {
             format!("{:.2}", m.relay_cpu_s / gbits)
         } else {
             "-".into()
         };
         println!(
-            "| {what} | {first} | {:.2} | {:.2} | {per} |",
-            m.gbit_s, m.relay_cpu_s
+            "| {what} | {first} | {:.2} | {:.2} | {per} | {:.2} |",
+            m.gbit_s, m.relay_cpu_s, m.tunnels_cpu_s
         );
     }
-    if let (Some(d), Some(s)) = (&rows[2].2, &rows[3].2) {
-        println!(
-            "direct vs standalone: {:+.1} %",
-            (d.gbit_s / s.gbit_s - 1.0) * 100.0
-        );
-    }
+    let (direct, standalone) = (&rows[2].2, &rows[3].2);
+    println!(
+        "direct vs standalone: {:+.1} % (samples {:?} vs {:?})",
+        (direct.gbit_s / standalone.gbit_s - 1.0) * 100.0,
+        direct.samples,
+        standalone.samples
+    );
 }
 
-/// One iperf3 run's result.
+/// Medians of a path's iperf3 streams.
 struct Iperf {
     /// Received throughput.
     gbit_s: f64,
-    /// The run's length in seconds.
+    /// Every stream's Gbit/s, in order.
+    samples: Vec<f64>,
+    /// One stream's length in seconds.
     secs: f64,
-    /// CPU seconds the relay used during the run (0 when it carried nothing).
+    /// CPU seconds the relay used during one stream.
     relay_cpu_s: f64,
+    /// CPU seconds both tunnel processes used during one stream.
+    tunnels_cpu_s: f64,
 }
 
 impl RelayLab {
-    /// iperf3 TCP single stream a -> b's overlay address for `secs` s, with
-    /// the relay's CPU time over the run.
-    fn iperf(&self, secs: u64) -> Iperf {
-        let server = self.b.spawn(
-            "iperf3",
-            [
-                "iperf3",
-                "-s",
-                "-B",
-                &self.b_ip,
-                "-p",
-                &IPERF_PORT.to_string(),
-            ],
-        );
+    fn daemon_pids(&self) -> [u32; 2] {
+        [self.daemon_a.pid(), self.daemon_b.pid()]
+    }
+
+    /// `reps` iperf3 TCP single streams a -> b's overlay address, `secs` s
+    /// each, with the CPU the relay and the `tunnels` spent.
+    fn iperf(&self, secs: u64, reps: u64, tunnels: &[u32]) -> Iperf {
+        let port = IPERF_PORT.to_string();
+        let server = self
+            .b
+            .spawn("iperf3", ["iperf3", "-s", "-B", &self.b_ip, "-p", &port]);
         let up = wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
             self.a
                 .tcp_connect(&self.b_ip, IPERF_PORT, Duration::from_secs(1))
@@ -983,51 +978,60 @@ impl RelayLab {
             "iperf3 server on b never answered\n{}",
             server.logs()
         );
-        let before = self.relay_cpu_ticks();
-        let out = self.a.run_bounded(
-            "iperf3",
-            &[
-                "iperf3",
-                "-c",
-                self.b_ip.as_str(),
-                "-p",
-                &IPERF_PORT.to_string(),
-                "-t",
-                &secs.to_string(),
-                "-J",
-            ],
-            Duration::from_secs(secs + 30),
-        );
-        let after = self.relay_cpu_ticks();
-        drop(server);
-        assert!(out.status.success(), "iperf3 a -> b failed: {out}");
-        let json: Value =
-            serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("iperf3 -J ({e}): {out}"));
-        let end = &json["end"]["sum_received"];
+        let relay = self.relay.as_ref().expect("the relay runs").pid();
         let hz = clock_ticks_per_sec();
-        Iperf {
-            gbit_s: end["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9,
-            secs: end["seconds"].as_f64().unwrap_or(secs as f64),
-            relay_cpu_s: after.saturating_sub(before) as f64 / hz,
+        let mut runs = Vec::new();
+        for _ in 0..reps {
+            let relay0 = cpu_ticks(relay);
+            let tunnels0: u64 = tunnels.iter().map(|p| cpu_ticks(*p)).sum();
+            let out = self.a.run_bounded(
+                "iperf3",
+                &[
+                    "iperf3",
+                    "-c",
+                    &self.b_ip,
+                    "-p",
+                    &port,
+                    "-t",
+                    &secs.to_string(),
+                    "-J",
+                ],
+                Duration::from_secs(secs + 30),
+            );
+            let relay_s = cpu_ticks(relay).saturating_sub(relay0) as f64 / hz;
+            let tunnels1: u64 = tunnels.iter().map(|p| cpu_ticks(*p)).sum();
+            let tunnels_s = tunnels1.saturating_sub(tunnels0) as f64 / hz;
+            assert!(
+                out.status.success(),
+                "iperf3 a -> b failed: {out}\n{}",
+                server.logs()
+            );
+            let json: Value = serde_json::from_str(&out.stdout)
+                .unwrap_or_else(|e| panic!("iperf3 -J ({e}): {out}"));
+            let end = &json["end"]["sum_received"];
+            let gbit = end["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9;
+            let took = end["seconds"].as_f64().unwrap_or(secs as f64);
+            runs.push((gbit, took, relay_s, tunnels_s));
         }
-    }
-
-    /// utime + stime of the relay process, in clock ticks.
-    fn relay_cpu_ticks(&self) -> u64 {
-        let pid = self.relay.as_ref().expect("the relay runs").pid();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("relay /proc stat");
-        // Fields after the command name (which may hold spaces) start at 3.
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
-            + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+        let median = |f: fn(&(f64, f64, f64, f64)) -> f64| {
+            let mut v: Vec<f64> = runs.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        Iperf {
+            gbit_s: median(|r| r.0),
+            samples: runs.iter().map(|r| (r.0 * 100.0).round() / 100.0).collect(),
+            secs: median(|r| r.1),
+            relay_cpu_s: median(|r| r.2),
+            tunnels_cpu_s: median(|r| r.3),
+        }
     }
 
     /// The direct pair's daemons replaced by the standalone tunnel: each
     /// side's `wg-config --include-private-key` with the peer's endpoint set
     /// to the direct address the daemon was using (so the packets take the
     /// NAT mappings the punch opened), run by `ztmesh tunnel`; then iperf3.
-    fn standalone_iperf(&mut self, secs: u64) -> Iperf {
+    fn standalone_iperf(&mut self, secs: u64, reps: u64) -> Iperf {
         let mut confs = Vec::new();
         for side in [Side::A, Side::B] {
             let path = self.path(side);
@@ -1072,10 +1076,22 @@ impl RelayLab {
             tunnels[0].logs(),
             tunnels[1].logs()
         );
-        let m = self.iperf(secs);
-        drop(tunnels);
-        m
+        let pids: Vec<u32> = tunnels.iter().map(Proc::pid).collect();
+        self.iperf(secs, reps, &pids)
     }
+}
+
+/// utime + stime of process `pid`, in clock ticks (0 once it is gone).
+fn cpu_ticks(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // The fields after the command name (which may hold spaces): utime and
+    // stime are the 12th and 13th of them.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    field(11) + field(12)
 }
 
 /// `wg-config` output made into a standalone config for one peer: its
