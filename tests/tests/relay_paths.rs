@@ -887,6 +887,7 @@ fn bench_paths() {
     lab.wait_path(PATH_BOUND, |p| p.starts_with("relay "));
     assert_eq!(lab.relay_transport(Side::A), "quic");
     let m = lab.iperf(secs, reps, &lab.daemon_pids());
+    lab.print_relay_losses("relayed, QUIC");
     rows.push(("relayed, QUIC", first, m));
     drop(lab);
 
@@ -895,6 +896,7 @@ fn bench_paths() {
     let first = format!("{:.2?} (first TCP exchange)", lab.up_at.elapsed());
     assert_eq!(lab.relay_transport(Side::A), "tcp");
     let m = lab.iperf(secs, reps, &lab.daemon_pids());
+    lab.print_relay_losses("relayed, TLS/TCP");
     rows.push(("relayed, TLS/TCP (a's UDP blocked)", first, m));
     drop(lab);
 
@@ -957,6 +959,19 @@ struct Iperf {
 }
 
 impl RelayLab {
+    /// Where relayed datagrams were lost: each node's relay link (queue
+    /// full or link down) and the relay's drops by reason.
+    fn print_relay_losses(&self, what: &str) {
+        let link = |side| self.status(side)["relay"]["dropped"].as_u64().unwrap_or(0);
+        let stats = self.relay_stats_after(SystemTime::now());
+        println!(
+            "{what}: link drops a {} b {}; relay drops {}",
+            link(Side::A),
+            link(Side::B),
+            stats["drops"]
+        );
+    }
+
     fn daemon_pids(&self) -> [u32; 2] {
         [self.daemon_a.pid(), self.daemon_b.pid()]
     }
