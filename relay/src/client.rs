@@ -95,6 +95,75 @@ pub enum ClientError {
     /// The datagram or map cannot be framed (empty, or too large).
     #[error(transparent)]
     Frame(#[from] FrameError),
+    /// The outbound queue is full ([`RelaySender::try_send`]): the datagram
+    /// was dropped.
+    #[error("relay queue full")]
+    Full,
+}
+
+/// Where a session's received datagrams go: `data`, and `alive` held only
+/// so that [`RelayClient::recv`] sees the session end when every reader has
+/// stopped.
+#[derive(Clone)]
+struct Sink {
+    data: mpsc::Sender<(u64, Vec<u8>)>,
+    _alive: mpsc::Sender<(u64, Vec<u8>)>,
+}
+
+/// A cheap, cloneable handle that sends datagrams on a session without
+/// waiting (for a data plane that must not block): over QUIC straight into
+/// the connection, otherwise onto the writer's queue.
+#[derive(Clone)]
+pub struct RelaySender {
+    quic: Option<quinn::Connection>,
+    out: mpsc::Sender<Vec<u8>>,
+}
+
+impl RelaySender {
+    /// Sends one WireGuard datagram to `peer` now.
+    ///
+    /// # Errors
+    /// [`ClientError::Full`] when the queue is full (the datagram is
+    /// dropped), [`ClientError::Frame`] for an empty or oversized datagram,
+    /// [`ClientError::Closed`] once the session ended.
+    pub fn try_send(&self, peer: u64, datagram: &[u8]) -> Result<(), ClientError> {
+        if let Some(conn) = &self.quic {
+            if let Some(sent) = send_quic_datagram(conn, peer, datagram) {
+                return sent;
+            }
+        }
+        let mut frame = Vec::with_capacity(13 + datagram.len());
+        encode_data(peer, datagram, &mut frame)?;
+        self.out.try_send(frame).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => ClientError::Full,
+            mpsc::error::TrySendError::Closed(_) => ClientError::Closed("session ended".into()),
+        })
+    }
+}
+
+/// Sends `datagram` for `peer` as a QUIC datagram when it fits the path;
+/// `None` when it does not (the caller uses the stream).
+fn send_quic_datagram(
+    conn: &quinn::Connection,
+    peer: u64,
+    datagram: &[u8],
+) -> Option<Result<(), ClientError>> {
+    let fits = conn
+        .max_datagram_size()
+        .is_some_and(|max| PEER_ID_LEN + datagram.len() <= max);
+    if !fits {
+        return None;
+    }
+    let mut buf = Vec::with_capacity(PEER_ID_LEN + datagram.len());
+    if let Err(e) = encode_datagram(peer, datagram, &mut buf) {
+        return Some(Err(e.into()));
+    }
+    match conn.send_datagram(Bytes::from(buf)) {
+        Ok(()) => Some(Ok(())),
+        // The path shrank since we looked: use the stream.
+        Err(quinn::SendDatagramError::TooLarge) => None,
+        Err(e) => Some(Err(ClientError::Closed(e.to_string()))),
+    }
 }
 
 /// A session with a relay.
@@ -114,15 +183,41 @@ impl RelayClient {
     ///
     /// # Errors
     /// [`ClientError::Connect`] or [`ClientError::Refused`].
-    #[expect(
-        clippy::disallowed_types,
-        reason = "the proof's nonce comes from OS entropy, in this shell"
-    )]
     pub async fn connect(
         target: &Target,
         machine_key: &SigningKey,
         map: &SignedNetMap,
         timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        Self::connect_with(target, machine_key, map, timeout, None).await
+    }
+
+    /// Like [`RelayClient::connect`], but received datagrams go straight to
+    /// `inbound` (no hop through this client); [`RelayClient::recv`] then
+    /// only reports the end of the session.
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`] or [`ClientError::Refused`].
+    pub async fn connect_into(
+        target: &Target,
+        machine_key: &SigningKey,
+        map: &SignedNetMap,
+        timeout: Duration,
+        inbound: mpsc::Sender<(u64, Vec<u8>)>,
+    ) -> Result<Self, ClientError> {
+        Self::connect_with(target, machine_key, map, timeout, Some(inbound)).await
+    }
+
+    #[expect(
+        clippy::disallowed_types,
+        reason = "the proof's nonce comes from OS entropy, in this shell"
+    )]
+    async fn connect_with(
+        target: &Target,
+        machine_key: &SigningKey,
+        map: &SignedNetMap,
+        timeout: Duration,
+        inbound: Option<mpsc::Sender<(u64, Vec<u8>)>>,
     ) -> Result<Self, ClientError> {
         use rand_core::OsRng;
         let proof = NodeProof::create(
@@ -138,8 +233,8 @@ impl RelayClient {
         .to_vec()?;
         let connect = async {
             match target.transport {
-                Transport::Quic => Self::connect_quic(target, hello).await,
-                Transport::Tcp => Self::connect_tcp(target, hello).await,
+                Transport::Quic => Self::connect_quic(target, hello, inbound).await,
+                Transport::Tcp => Self::connect_tcp(target, hello, inbound).await,
             }
         };
         tokio::time::timeout(timeout, connect)
@@ -150,7 +245,11 @@ impl RelayClient {
             })?
     }
 
-    async fn connect_quic(target: &Target, hello: Vec<u8>) -> Result<Self, ClientError> {
+    async fn connect_quic(
+        target: &Target,
+        hello: Vec<u8>,
+        inbound: Option<mpsc::Sender<(u64, Vec<u8>)>>,
+    ) -> Result<Self, ClientError> {
         let fail = |reason: String| ClientError::Connect {
             addr: target.addr.to_string(),
             reason,
@@ -177,17 +276,21 @@ impl RelayClient {
         let node_id = welcome(&mut recv, target).await?;
         let Started {
             mut client,
-            sender,
+            sink,
             ended,
-        } = Self::start(node_id, Transport::Quic, recv, send);
+        } = Self::start(node_id, Transport::Quic, recv, send, inbound);
         client
             .tasks
-            .push(tokio::spawn(datagram_reader(conn.clone(), sender, ended)));
+            .push(tokio::spawn(datagram_reader(conn.clone(), sink, ended)));
         client.quic = Some((endpoint, conn));
         Ok(client)
     }
 
-    async fn connect_tcp(target: &Target, hello: Vec<u8>) -> Result<Self, ClientError> {
+    async fn connect_tcp(
+        target: &Target,
+        hello: Vec<u8>,
+        inbound: Option<mpsc::Sender<(u64, Vec<u8>)>>,
+    ) -> Result<Self, ClientError> {
         let fail = |reason: String| ClientError::Connect {
             addr: target.addr.to_string(),
             reason,
@@ -209,23 +312,33 @@ impl RelayClient {
             .map_err(|e| fail(e.to_string()))?;
         send.flush().await.map_err(|e| fail(e.to_string()))?;
         let node_id = welcome(&mut recv, target).await?;
-        Ok(Self::start(node_id, Transport::Tcp, recv, send).client)
+        Ok(Self::start(node_id, Transport::Tcp, recv, send, inbound).client)
     }
 
-    fn start<R, W>(node_id: u64, transport: Transport, recv: R, send: W) -> Started
+    fn start<R, W>(
+        node_id: u64,
+        transport: Transport,
+        recv: R,
+        send: W,
+        inbound: Option<mpsc::Sender<(u64, Vec<u8>)>>,
+    ) -> Started
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let (out, out_rx) = mpsc::channel(OUT_QUEUE);
         let (tx, rx) = mpsc::channel(OUT_QUEUE);
+        let sink = Sink {
+            data: inbound.unwrap_or_else(|| tx.clone()),
+            _alive: tx,
+        };
         let ended = Arc::new(Mutex::new(None));
         let tasks = vec![
             tokio::spawn(writer(send, out_rx)),
-            tokio::spawn(frame_reader(recv, tx.clone(), ended.clone())),
+            tokio::spawn(frame_reader(recv, sink.clone(), ended.clone())),
         ];
         Started {
-            sender: tx,
+            sink,
             ended: ended.clone(),
             client: Self {
                 node_id,
@@ -262,23 +375,21 @@ impl RelayClient {
     /// [`ClientError::Closed`] once the session ended.
     pub async fn send(&self, peer: u64, datagram: &[u8]) -> Result<(), ClientError> {
         if let Some((_, conn)) = &self.quic {
-            if conn
-                .max_datagram_size()
-                .is_some_and(|max| PEER_ID_LEN + datagram.len() <= max)
-            {
-                let mut buf = Vec::with_capacity(PEER_ID_LEN + datagram.len());
-                encode_datagram(peer, datagram, &mut buf)?;
-                match conn.send_datagram(Bytes::from(buf)) {
-                    Ok(()) => return Ok(()),
-                    // The path shrank since we looked: use the stream.
-                    Err(quinn::SendDatagramError::TooLarge) => {}
-                    Err(e) => return Err(ClientError::Closed(e.to_string())),
-                }
+            if let Some(sent) = send_quic_datagram(conn, peer, datagram) {
+                return sent;
             }
         }
         let mut frame = Vec::with_capacity(13 + datagram.len());
         encode_data(peer, datagram, &mut frame)?;
         self.queue(frame).await
+    }
+
+    /// A handle that sends on this session without waiting.
+    pub fn sender(&self) -> RelaySender {
+        RelaySender {
+            quic: self.quic.as_ref().map(|(_, c)| c.clone()),
+            out: self.out.clone(),
+        }
     }
 
     /// Sends a newer signed map (each time the node installs one).
@@ -347,7 +458,7 @@ impl Drop for RelayClient {
 
 struct Started {
     client: RelayClient,
-    sender: mpsc::Sender<(u64, Vec<u8>)>,
+    sink: Sink,
     ended: Arc<Mutex<Option<String>>>,
 }
 
@@ -380,7 +491,7 @@ fn end(ended: &Mutex<Option<String>>, reason: String) {
 
 async fn frame_reader<R: AsyncRead + Unpin>(
     mut recv: R,
-    tx: mpsc::Sender<(u64, Vec<u8>)>,
+    sink: Sink,
     ended: Arc<Mutex<Option<String>>>,
 ) {
     let mut buf = Vec::new();
@@ -392,7 +503,7 @@ async fn frame_reader<R: AsyncRead + Unpin>(
         }
         match decode_frame(&buf) {
             Ok(Frame::Data { peer, datagram }) => {
-                if tx.send((peer, datagram.to_vec())).await.is_err() {
+                if sink.data.send((peer, datagram.to_vec())).await.is_err() {
                     return;
                 }
             }
@@ -403,16 +514,12 @@ async fn frame_reader<R: AsyncRead + Unpin>(
     }
 }
 
-async fn datagram_reader(
-    conn: quinn::Connection,
-    tx: mpsc::Sender<(u64, Vec<u8>)>,
-    ended: Arc<Mutex<Option<String>>>,
-) {
+async fn datagram_reader(conn: quinn::Connection, sink: Sink, ended: Arc<Mutex<Option<String>>>) {
     loop {
         match conn.read_datagram().await {
             Ok(d) => {
                 if let Ok((peer, datagram)) = decode_datagram(&d) {
-                    if tx.send((peer, datagram.to_vec())).await.is_err() {
+                    if sink.data.send((peer, datagram.to_vec())).await.is_err() {
                         return;
                     }
                 }

@@ -76,6 +76,47 @@ async fn paired_nodes_exchange_full_size_datagrams_over_quic_and_tcp() {
     relay.stop().await.unwrap();
 }
 
+/// The data plane's way in: `connect_into` delivers received datagrams to
+/// the caller's channel, `RelaySender::try_send` sends without waiting
+/// (QUIC datagram or DATA frame), and `recv` reports the session's end,
+/// here the relay stopping.
+#[tokio::test]
+async fn connect_into_delivers_to_the_callers_channel_and_try_send_never_waits() {
+    let w = World::new(1);
+    let relay = w.relay().await;
+    let mut last = None;
+    for (t, serial) in [(Transport::Tcp, 20), (Transport::Quic, 21)] {
+        let (tx, mut inbound) = tokio::sync::mpsc::channel(16);
+        let a = ztmesh_relay::client::RelayClient::connect_into(
+            &target(&relay, t),
+            &w.machines[1],
+            &w.map(1, &[2], serial),
+            PATIENCE,
+            tx,
+        )
+        .await
+        .unwrap();
+        let mut b = w.joined(&relay, t, 2, &[1], serial).await;
+        let (to_b, to_a) = (a.sender(), b.sender());
+        for (n, len) in [(1u8, 1_312), (2, 1_400)] {
+            to_a.try_send(1, &datagram(2, n, len)).unwrap();
+            let got = tokio::time::timeout(PATIENCE, inbound.recv()).await;
+            assert_eq!(got.unwrap(), Some((2, datagram(2, n, len))), "{t:?} #{n}");
+            to_b.try_send(2, &datagram(1, n, len)).unwrap();
+            assert_eq!(recv(&mut b).await, (1, datagram(1, n, len)), "{t:?} #{n}");
+        }
+        b.close().await;
+        last = Some(a);
+    }
+    let mut a = last.expect("the QUIC session");
+    relay.stop().await.unwrap();
+    let ended = tokio::time::timeout(PATIENCE, a.recv()).await;
+    assert!(
+        matches!(ended, Ok(Err(ClientError::Closed(_)))),
+        "recv reports the end: {ended:?}"
+    );
+}
+
 #[tokio::test]
 async fn nodes_the_policy_does_not_pair_are_never_bridged() {
     let w = World::new(2);

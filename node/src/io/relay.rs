@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use ztmesh_proto::control::{Relay, SignedNetMap};
 use ztmesh_proto::keys::SigningKey;
-use ztmesh_relay::client::{ClientError, RelayClient, Target, Transport};
+use ztmesh_relay::client::{ClientError, RelayClient, RelaySender, Target, Transport};
 
 use crate::control::Backoff;
 
@@ -24,8 +24,8 @@ use crate::control::Backoff;
 pub const QUIC_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the TLS/TCP connection may take.
 const TCP_TIMEOUT: Duration = Duration::from_secs(5);
-/// Datagrams queued toward the relay; beyond it they are dropped (WireGuard
-/// tolerates loss, a deeper queue only adds latency).
+/// Datagrams queued from the relay toward the device task; beyond it the
+/// reader waits (the relay's own queues then drop).
 pub const OUT_QUEUE: usize = 1_024;
 /// How often a session that is not at the best position (a later relay of
 /// the map, or TLS over TCP) tries the better ones, in the background.
@@ -66,7 +66,10 @@ pub struct RelayState {
 /// A running link.
 pub struct RelayLink {
     relays: Vec<Relay>,
-    out: mpsc::Sender<(u64, Vec<u8>)>,
+    /// The current session's sender (`None` while the link is down): the
+    /// device task sends through it directly, without a hop through the
+    /// link's task.
+    sender: Arc<Mutex<Option<RelaySender>>>,
     map: watch::Sender<SignedNetMap>,
     task: JoinHandle<()>,
     state: Arc<Mutex<RelayState>>,
@@ -77,7 +80,7 @@ impl RelayLink {
     /// [`preference`]); received datagrams go to `inbound`.
     pub fn start(setup: RelaySetup, inbound: mpsc::Sender<(u64, Vec<u8>)>) -> Option<Self> {
         let first = setup.relays.first()?;
-        let (out, out_rx) = mpsc::channel(OUT_QUEUE);
+        let sender = Arc::new(Mutex::new(None));
         let (map, map_rx) = watch::channel(setup.map);
         let state = Arc::new(Mutex::new(RelayState {
             name: first.name.clone(),
@@ -87,13 +90,13 @@ impl RelayLink {
             setup.relays.clone(),
             setup.machine_key,
             map_rx,
-            out_rx,
+            sender.clone(),
             inbound,
             state.clone(),
         ));
         Some(Self {
             relays: setup.relays,
-            out,
+            sender,
             map,
             task,
             state,
@@ -111,13 +114,15 @@ impl RelayLink {
         self.map.send_replace(map);
     }
 
-    /// Queues a datagram for `peer`; drops it (counted) when the queue is
-    /// full or the link is down.
+    /// Sends a datagram for `peer` on the current session without waiting;
+    /// drops it (counted) when the link is down or its queue is full.
     pub fn send(&self, peer: u64, datagram: &[u8]) {
-        if self.out.try_send((peer, datagram.to_vec())).is_err() {
-            if let Ok(mut s) = self.state.lock() {
-                s.dropped = s.dropped.saturating_add(1);
-            }
+        let sent = match &*self.sender.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(s) => s.try_send(peer, datagram).is_ok(),
+            None => false,
+        };
+        if !sent {
+            set(&self.state, |s| s.dropped = s.dropped.saturating_add(1));
         }
     }
 
@@ -148,7 +153,7 @@ async fn run(
     relays: Vec<Relay>,
     key: Arc<SigningKey>,
     mut map: watch::Receiver<SignedNetMap>,
-    mut out: mpsc::Receiver<(u64, Vec<u8>)>,
+    sender: Arc<Mutex<Option<RelaySender>>>,
     inbound: mpsc::Sender<(u64, Vec<u8>)>,
     state: Arc<Mutex<RelayState>>,
 ) {
@@ -163,7 +168,12 @@ async fn run(
             Some(session) => session,
             None => {
                 let current = map.borrow_and_update().clone();
-                match connect_best(relays.clone(), key.clone(), current, usize::MAX).await {
+                let dial = Dial {
+                    relays: relays.clone(),
+                    key: key.clone(),
+                    inbound: inbound.clone(),
+                };
+                match connect_best(dial, current, usize::MAX).await {
                     Ok(session) => session,
                     Err(e) => {
                         tracing::debug!(error = %e, "no relay connected");
@@ -171,10 +181,6 @@ async fn run(
                             s.transport.clear();
                             s.error = Some(e.to_string());
                         });
-                        // Drain what waits meanwhile: it cannot be delivered.
-                        while out.try_recv().is_ok() {
-                            set(&state, |s| s.dropped = s.dropped.saturating_add(1));
-                        }
                         tokio::time::sleep(backoff.delay(attempt, jitter())).await;
                         attempt = attempt.saturating_add(1);
                         continue;
@@ -186,6 +192,7 @@ async fn run(
         let name = relays[pos / 2].name.clone();
         let transport = transport_name(client.transport());
         tracing::info!(relay = %name, transport, node_id = client.node_id(), "relay session up");
+        *sender.lock().unwrap_or_else(|e| e.into_inner()) = Some(client.sender());
         set(&state, |s| {
             s.name.clone_from(&name);
             s.transport = transport.into();
@@ -197,8 +204,11 @@ async fn run(
             pos,
             relays: &relays,
             key: &key,
+            inbound: &inbound,
         };
-        match session.serve(&mut map, &mut out, &inbound).await {
+        let ended = session.serve(&mut map).await;
+        *sender.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        match ended {
             Ended::Better(better) => {
                 let (to, t) = (
                     &relays[better.0 / 2].name,
@@ -230,11 +240,15 @@ fn transport_name(t: Transport) -> &'static str {
 /// accepts a session. A relay that refuses the node is skipped whole (TCP
 /// would get the same answer).
 async fn connect_best(
-    relays: Vec<Relay>,
-    key: Arc<SigningKey>,
+    dial: Dial,
     map: SignedNetMap,
     limit: usize,
 ) -> Result<(usize, RelayClient), ClientError> {
+    let Dial {
+        relays,
+        key,
+        inbound,
+    } = dial;
     let mut last = ClientError::Connect {
         addr: String::new(),
         reason: "no relay in the netmap".into(),
@@ -249,7 +263,7 @@ async fn connect_best(
             Transport::Tcp => TCP_TIMEOUT,
         };
         let result = match Target::from_relay(&relays[i], transport) {
-            Ok(t) => RelayClient::connect(&t, &key, &map, timeout).await,
+            Ok(t) => RelayClient::connect_into(&t, &key, &map, timeout, inbound.clone()).await,
             Err(e) => Err(e),
         };
         match result {
@@ -266,6 +280,14 @@ async fn connect_best(
     Err(last)
 }
 
+/// What a connection attempt needs: the map's relays, the machine key, and
+/// where received datagrams go.
+struct Dial {
+    relays: Vec<Relay>,
+    key: Arc<SigningKey>,
+    inbound: mpsc::Sender<(u64, Vec<u8>)>,
+}
+
 /// Why a session ended.
 enum Ended {
     /// The reason, for status.
@@ -280,6 +302,8 @@ struct Session<'a> {
     pos: usize,
     relays: &'a [Relay],
     key: &'a Arc<SigningKey>,
+    /// Where received datagrams go (the readers deliver there directly).
+    inbound: &'a mpsc::Sender<(u64, Vec<u8>)>,
 }
 
 impl Session<'_> {
@@ -289,12 +313,7 @@ impl Session<'_> {
     /// better positions in the background while this session keeps
     /// carrying traffic. So a node that failed over comes back to the
     /// first relay, where its peers are, once it answers again.
-    async fn serve(
-        mut self,
-        map: &mut watch::Receiver<SignedNetMap>,
-        out: &mut mpsc::Receiver<(u64, Vec<u8>)>,
-        inbound: &mpsc::Sender<(u64, Vec<u8>)>,
-    ) -> Ended {
+    async fn serve(mut self, map: &mut watch::Receiver<SignedNetMap>) -> Ended {
         let mut retry = tokio::time::interval(RETRY_BETTER);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The first tick is immediate: take it, so the first try comes one
@@ -312,18 +331,10 @@ impl Session<'_> {
                         return Ended::Reason(e.to_string());
                     }
                 }
-                d = out.recv() => {
-                    let Some((peer, datagram)) = d else {
-                        return Ended::Reason("data plane stopped".into());
-                    };
-                    match self.client.send(peer, &datagram).await {
-                        Ok(()) | Err(ClientError::Frame(_)) => {}
-                        Err(e) => return Ended::Reason(e.to_string()),
-                    }
-                }
+                // Datagrams go to `inbound` directly; this only sees the end.
                 r = self.client.recv() => match r {
                     Ok(d) => {
-                        if inbound.send(d).await.is_err() {
+                        if self.inbound.send(d).await.is_err() {
                             return Ended::Reason("data plane stopped".into());
                         }
                     }
@@ -331,12 +342,12 @@ impl Session<'_> {
                 },
                 _ = retry.tick(), if self.pos > 0 && better.is_none() => {
                     let current = map.borrow().clone();
-                    better = Some(Box::pin(connect_best(
-                        self.relays.to_vec(),
-                        self.key.clone(),
-                        current,
-                        self.pos,
-                    )));
+                    let dial = Dial {
+                        relays: self.relays.to_vec(),
+                        key: self.key.clone(),
+                        inbound: self.inbound.clone(),
+                    };
+                    better = Some(Box::pin(connect_best(dial, current, self.pos)));
                 }
                 r = async { better.as_mut().expect("guarded by is_some").await }, if better.is_some() => {
                     better = None;
