@@ -34,6 +34,7 @@ pub mod nodeinput;
 pub mod nodelimit;
 pub mod ratelimit;
 pub mod relays;
+pub mod routes;
 pub mod secrets;
 pub mod server;
 pub mod store;

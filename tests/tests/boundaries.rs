@@ -34,6 +34,7 @@ const PURE: &[&str] = &[
     "controller/src/netcore",
     "controller/src/model.rs",
     "controller/src/relays.rs",
+    "controller/src/routes.rs",
     "controller/src/secrets.rs",
 ];
 
@@ -45,7 +46,7 @@ const CONTROLLER_LAYERS: &[&[&str]] = &[
     &["model", "secrets", "relays", "nodelimit", "lockfile"],
     &["netcore", "store"],
     &["error"],
-    &["nodeinput", "ratelimit"],
+    &["nodeinput", "ratelimit", "routes"],
     &["auth"],
     &["mesh"],
     &["api", "listener"],
