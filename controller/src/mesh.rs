@@ -1457,13 +1457,13 @@ mod tests {
         // Cached peer entries follow renames and endpoint reports.
         m.rename_node("admin", &ids[1].to_string(), "renamed", T0)
             .unwrap();
-        m.report_endpoints(ids[2], &["192.0.2.7:51820".into()], T0)
+        m.report_endpoints(ids[2], &["198.18.5.7:51820".into()], T0)
             .unwrap();
         let body = encoded(&m, ids[0], T0);
         let map = NetMap::decode(body.as_slice()).unwrap();
         assert_eq!(map.encode_to_vec(), body);
         assert_eq!(map.peers[0].name, "renamed");
-        assert_eq!(map.peers[1].endpoints, vec!["192.0.2.7:51820".to_string()]);
+        assert_eq!(map.peers[1].endpoints, vec!["198.18.5.7:51820".to_string()]);
 
         // A deleted peer disappears.
         m.delete_node("admin", &ids[3].to_string(), T0).unwrap();
