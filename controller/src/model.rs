@@ -25,4 +25,36 @@ pub struct NodeRow {
     /// (`expiry_ms` records when).
     pub key_revoked: bool,
     pub endpoints: Vec<String>,
+    /// Subnet routes and exit node: advertised by the node, approved by an
+    /// admin (or the policy's `autoApprovers`).
+    pub routes: NodeRoutes,
+}
+
+/// A node's subnet routes and exit-node role (see `crate::routes`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeRoutes {
+    /// What the node last advertised: canonical prefixes, sorted.
+    pub advertised: Vec<ipnet::IpNet>,
+    /// Approved prefixes, sorted. An approval outlives a withdrawn
+    /// advertisement (it takes effect again when the node re-advertises);
+    /// only advertised *and* approved routes are served.
+    pub approved: Vec<ipnet::IpNet>,
+    pub exit_advertised: bool,
+    pub exit_approved: bool,
+}
+
+impl NodeRoutes {
+    /// Routes the node may serve: advertised and approved.
+    pub fn active(&self) -> Vec<ipnet::IpNet> {
+        self.advertised
+            .iter()
+            .filter(|r| self.approved.contains(r))
+            .copied()
+            .collect()
+    }
+
+    /// Whether the node is an exit node: advertised and approved.
+    pub fn exit_node(&self) -> bool {
+        self.exit_advertised && self.exit_approved
+    }
 }

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-pub use crate::model::NodeRow;
+pub use crate::model::{NodeRoutes, NodeRow};
 use crate::secrets::{KeyDetail, SecretKind, SecretRecord};
 use crate::UnixMs;
 
@@ -142,6 +142,8 @@ pub trait Store: Send + Sync {
             .try_for_each(|&(id, ms)| self.set_node_seen(id, ms))
     }
     fn set_node_endpoints(&self, id: u64, endpoints: &[String]) -> Result<()>;
+    /// Replaces a node's advertised and approved routes.
+    fn set_node_routes(&self, id: u64, routes: &NodeRoutes) -> Result<()>;
 
     /// Stores a new policy version and returns it.
     fn set_policy(&self, file_name: &str, text: &str, now: UnixMs) -> Result<PolicyRow>;
@@ -275,6 +277,14 @@ INSERT INTO secret_keys (kind, id, key_id, secret_hash, created_ms, expires_ms, 
 DROP TABLE auth_keys;
 DROP TABLE api_keys;
 "#,
+    // Subnet routes and exit nodes (issue 12): comma-separated canonical
+    // prefixes, as advertised by the node and as approved.
+    r#"
+ALTER TABLE nodes ADD COLUMN routes_advertised TEXT NOT NULL DEFAULT '';
+ALTER TABLE nodes ADD COLUMN routes_approved TEXT NOT NULL DEFAULT '';
+ALTER TABLE nodes ADD COLUMN exit_advertised INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN exit_approved INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// The embedded SQLite store: one connection, WAL, `synchronous=FULL`.
@@ -328,7 +338,8 @@ fn conflict(e: rusqlite::Error, what: &str) -> StoreError {
 }
 
 const NODE_COLS: &str = "id, name, hostname, machine_key, wg_key, ipv4, ipv6, user_login, tags, \
-                         ephemeral, created_ms, last_seen_ms, expiry_ms, endpoints, key_revoked";
+                         ephemeral, created_ms, last_seen_ms, expiry_ms, endpoints, key_revoked, \
+                         routes_advertised, routes_approved, exit_advertised, exit_approved";
 const KEY_COLS: &str = "kind, id, key_id, secret_hash, created_ms, expires_ms, revoked, \
                         created_by, user_login, tags, reusable, ephemeral, used_count, \
                         description";
@@ -350,7 +361,21 @@ fn node_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRow> {
         expiry_ms: r.get(12)?,
         endpoints: list(r, 13)?,
         key_revoked: r.get(14)?,
+        routes: NodeRoutes {
+            advertised: prefixes(r, 15)?,
+            approved: prefixes(r, 16)?,
+            exit_advertised: r.get(17)?,
+            exit_approved: r.get(18)?,
+        },
     })
+}
+
+/// A comma-separated list of prefixes (a `routes_*` column).
+fn prefixes(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Vec<ipnet::IpNet>> {
+    list(r, i)?
+        .iter()
+        .map(|p| p.parse().map_err(|_| corrupt(i, "route prefix")))
+        .collect()
 }
 
 /// A `secret_keys` row ([`KEY_COLS`]): the kind decides which of the
@@ -688,6 +713,7 @@ impl Store for SqliteStore {
             expiry_ms: n.expiry_ms,
             endpoints: Vec::new(),
             key_revoked: false,
+            routes: NodeRoutes::default(),
         })
     }
 
@@ -744,6 +770,25 @@ impl Store for SqliteStore {
             }
         }
         tx.commit()?;
+        Ok(())
+    }
+
+    fn set_node_routes(&self, id: u64, routes: &NodeRoutes) -> Result<()> {
+        let text = |v: &[ipnet::IpNet]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        let n = self.conn().execute(
+            "UPDATE nodes SET routes_advertised = ?2, routes_approved = ?3,
+                              exit_advertised = ?4, exit_approved = ?5 WHERE id = ?1",
+            params![
+                id,
+                join_list(&text(&routes.advertised)),
+                join_list(&text(&routes.approved)),
+                routes.exit_advertised,
+                routes.exit_approved
+            ],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("node {id}")));
+        }
         Ok(())
     }
 
@@ -1201,6 +1246,35 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(version, MIGRATIONS.len());
+    }
+
+    #[test]
+    fn node_routes_round_trip_and_an_unknown_node_is_not_found() {
+        let s = SqliteStore::in_memory().unwrap();
+        let (text, key) = stored(&s, auth_detail(None, true), 4);
+        let n = s.enroll(&key.key_id, &verifies(&text), node(1)).unwrap();
+        assert_eq!(n.routes, NodeRoutes::default());
+        let routes = NodeRoutes {
+            advertised: vec![
+                "198.19.50.0/24".parse().unwrap(),
+                "fd00:50::/64".parse().unwrap(),
+            ],
+            approved: vec!["198.19.50.0/24".parse().unwrap()],
+            exit_advertised: true,
+            exit_approved: false,
+        };
+        s.set_node_routes(n.id, &routes).unwrap();
+        let back = s.nodes().unwrap().remove(0);
+        assert_eq!(back.routes, routes);
+        assert_eq!(
+            back.routes.active(),
+            vec!["198.19.50.0/24".parse().unwrap()]
+        );
+        assert!(!back.routes.exit_node());
+        assert!(matches!(
+            s.set_node_routes(n.id + 100, &routes),
+            Err(StoreError::NotFound(_))
+        ));
     }
 
     #[test]

@@ -143,6 +143,7 @@ mod tests {
             expiry_ms: 0,
             endpoints: vec![],
             key_revoked: false,
+            routes: Default::default(),
         }
     }
 

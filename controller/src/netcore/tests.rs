@@ -77,6 +77,7 @@ fn row(id: u64, o: u8, e: Option<i8>) -> NodeRow {
         expiry_ms: expiry(e),
         endpoints: vec![],
         key_revoked: false,
+        routes: Default::default(),
     }
 }
 
