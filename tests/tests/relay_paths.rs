@@ -758,29 +758,24 @@ fn the_relay_forwards_nothing_for_a_deleted_node() {
         out.stdout.trim().replace('\n', "; ")
     );
     let end = lab.relay_stats_after(SystemTime::now());
-    match probe_line(&out, "WELCOME ") {
-        Some(_) => {
-            assert!(out.status.success(), "{out}");
-            assert_eq!(probe_line(&out, "RECEIVED "), Some("0"), "{out}");
-            let sent: u64 = probe_line(&out, "SENT ")
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
-            assert!(sent > 0, "{out}");
-            let dropped = drops(&end, "not_listed_by_peer") - drops(&later, "not_listed_by_peer");
-            println!("(h) {sent} datagrams b -> a sent, {dropped} dropped as not_listed_by_peer");
-            assert!(dropped >= 1, "{end:#}");
-        }
-        None => {
-            assert_eq!(out.status.code(), Some(2), "{out}");
-            let total = |st: &Value| {
-                st["refusals"]
-                    .as_object()
-                    .map(|m| m.values().filter_map(Value::as_u64).sum::<u64>())
-                    .unwrap_or(0)
-            };
-            assert!(total(&end) > total(&later), "{end:#}");
-        }
-    }
+    // The relay keeps no revocation list: b's old map has not expired, so
+    // b gets a session; what cuts it off is that a's new map no longer
+    // lists b (the mutual-listing rule), so every datagram is dropped.
+    assert!(
+        probe_line(&out, "WELCOME ").is_some() && out.status.success(),
+        "the deleted node's unexpired map should get a session: {out}"
+    );
+    assert_eq!(probe_line(&out, "RECEIVED "), Some("0"), "{out}");
+    let sent: u64 = probe_line(&out, "SENT ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(sent > 0, "{out}");
+    let dropped = drops(&end, "not_listed_by_peer") - drops(&later, "not_listed_by_peer");
+    println!("(h) {sent} datagrams b -> a sent, {dropped} dropped as not_listed_by_peer");
+    assert_eq!(
+        dropped, sent,
+        "every datagram is dropped at the relay: {end:#}"
+    );
     assert_eq!(pair_bytes(&end, b, a), pair_bytes(&frozen, b, a), "{end:#}");
     assert_eq!(pair_bytes(&end, a, b), pair_bytes(&frozen, a, b), "{end:#}");
 }
@@ -1543,7 +1538,6 @@ impl RelayLab {
             .unwrap_or_else(|| panic!("no self.id: {st:#}"))
     }
 
-    /// The transport of `side`'s relay link ("" while it is down).
     /// The relay `side`'s link is connected to ("" while it is down).
     fn relay_name(&self, side: Side) -> String {
         let st = self.status(side);
@@ -1571,6 +1565,7 @@ impl RelayLab {
         })
     }
 
+    /// The transport of `side`'s relay link ("" while it is down).
     fn relay_transport(&self, side: Side) -> String {
         self.status(side)["relay"]["transport"]
             .as_str()

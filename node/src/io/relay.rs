@@ -144,9 +144,8 @@ pub fn preference(relays: usize) -> impl Iterator<Item = (usize, Transport)> {
 }
 
 /// A boxed attempt to reach a better position.
-type Attempt = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<(usize, RelayClient), ClientError>> + Send>,
->;
+type Attempt =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Connected, ClientError>> + Send>>;
 
 /// Connects and serves sessions until aborted.
 async fn run(
@@ -162,9 +161,9 @@ async fn run(
         max: Duration::from_secs(10),
     };
     let mut attempt = 0u32;
-    let mut next: Option<(usize, RelayClient)> = None;
+    let mut next: Option<Connected> = None;
     loop {
-        let (pos, client) = match next.take() {
+        let Connected { pos, client, hello } = match next.take() {
             Some(session) => session,
             None => {
                 let current = map.borrow_and_update().clone();
@@ -192,7 +191,6 @@ async fn run(
         let name = relays[pos / 2].name.clone();
         let transport = transport_name(client.transport());
         tracing::info!(relay = %name, transport, node_id = client.node_id(), "relay session up");
-        *sender.lock().unwrap_or_else(|e| e.into_inner()) = Some(client.sender());
         set(&state, |s| {
             s.name.clone_from(&name);
             s.transport = transport.into();
@@ -205,19 +203,20 @@ async fn run(
             relays: &relays,
             key: &key,
             inbound: &inbound,
+            sender: &sender,
         };
-        let ended = session.serve(&mut map).await;
-        *sender.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        match ended {
+        match session.serve(&mut map, hello).await {
             Ended::Better(better) => {
+                // The session's sender already points at `better`.
                 let (to, t) = (
-                    &relays[better.0 / 2].name,
-                    transport_name(better.1.transport()),
+                    &relays[better.pos / 2].name,
+                    transport_name(better.client.transport()),
                 );
                 tracing::info!(from = %name, to = %to, transport = t, "relay session moved to a better relay or transport");
                 next = Some(better);
             }
             Ended::Reason(reason) => {
+                *sender.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 tracing::info!(relay = %name, reason = %reason, "relay session ended");
                 set(&state, |s| {
                     s.transport.clear();
@@ -243,7 +242,7 @@ async fn connect_best(
     dial: Dial,
     map: SignedNetMap,
     limit: usize,
-) -> Result<(usize, RelayClient), ClientError> {
+) -> Result<Connected, ClientError> {
     let Dial {
         relays,
         key,
@@ -267,7 +266,13 @@ async fn connect_best(
             Err(e) => Err(e),
         };
         match result {
-            Ok(client) => return Ok((pos, client)),
+            Ok(client) => {
+                return Ok(Connected {
+                    pos,
+                    client,
+                    hello: map,
+                })
+            }
             Err(e) => {
                 tracing::debug!(relay = %relays[i].name, transport = transport_name(transport), error = %e, "relay connect failed");
                 if matches!(e, ClientError::Refused(_)) {
@@ -288,12 +293,22 @@ struct Dial {
     inbound: mpsc::Sender<(u64, Vec<u8>)>,
 }
 
+/// A session that said `HELLO` and got `WELCOME`.
+struct Connected {
+    /// Its position in [`preference`].
+    pos: usize,
+    client: RelayClient,
+    /// The map its `HELLO` presented.
+    hello: SignedNetMap,
+}
+
 /// Why a session ended.
 enum Ended {
     /// The reason, for status.
     Reason(String),
-    /// A session at a better position connected (the old one is closed).
-    Better((usize, RelayClient)),
+    /// A session at a better position connected; the link's sender already
+    /// points at it and the old session is being closed.
+    Better(Connected),
 }
 
 /// One session at position `pos` of [`preference`].
@@ -304,6 +319,8 @@ struct Session<'a> {
     key: &'a Arc<SigningKey>,
     /// Where received datagrams go (the readers deliver there directly).
     inbound: &'a mpsc::Sender<(u64, Vec<u8>)>,
+    /// The link's sender, for the device task.
+    sender: &'a Mutex<Option<RelaySender>>,
 }
 
 impl Session<'_> {
@@ -313,12 +330,26 @@ impl Session<'_> {
     /// better positions in the background while this session keeps
     /// carrying traffic. So a node that failed over comes back to the
     /// first relay, where its peers are, once it answers again.
-    async fn serve(mut self, map: &mut watch::Receiver<SignedNetMap>) -> Ended {
-        let mut retry = tokio::time::interval(RETRY_BETTER);
+    async fn serve(
+        mut self,
+        map: &mut watch::Receiver<SignedNetMap>,
+        hello: SignedNetMap,
+    ) -> Ended {
+        *self.sender.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.client.sender());
+        // A newer map may have arrived while this session was connecting:
+        // the relay must judge by the newest one.
+        let newest = map.borrow_and_update().clone();
+        if newest != hello {
+            if let Err(e) = self.client.push_map(&newest).await {
+                return Ended::Reason(e.to_string());
+            }
+        }
+        // Retries at wall-clock multiples of the period, so that nodes that
+        // failed over move back at about the same moment: relays do not
+        // forward to each other, and a pair is split while its two nodes
+        // sit on different relays.
+        let mut retry = tokio::time::interval_at(aligned_start(RETRY_BETTER), RETRY_BETTER);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The first tick is immediate: take it, so the first try comes one
-        // period into the session.
-        retry.tick().await;
         let mut better: Option<Attempt> = None;
         loop {
             tokio::select! {
@@ -338,7 +369,17 @@ impl Session<'_> {
                             return Ended::Reason("data plane stopped".into());
                         }
                     }
-                    Err(e) => return Ended::Reason(e.to_string()),
+                    Err(e) => {
+                        // Moving to a better session can end this one first
+                        // (the relay replaces a node's session before it
+                        // welcomes the new one): finish the move.
+                        if let Some(attempt) = better.take() {
+                            if let Ok(c) = attempt.await {
+                                return self.switch(c);
+                            }
+                        }
+                        return Ended::Reason(e.to_string());
+                    }
                 },
                 _ = retry.tick(), if self.pos > 0 && better.is_none() => {
                     let current = map.borrow().clone();
@@ -352,16 +393,37 @@ impl Session<'_> {
                 r = async { better.as_mut().expect("guarded by is_some").await }, if better.is_some() => {
                     better = None;
                     match r {
-                        Ok(session) => {
-                            self.client.close().await;
-                            return Ended::Better(session);
-                        }
+                        Ok(c) => return self.switch(c),
                         Err(e) => tracing::debug!(error = %e, "no better relay position yet"),
                     }
                 }
             }
         }
     }
+}
+
+impl Session<'_> {
+    /// Points the device at `better` at once, then closes this session in
+    /// the background (a QUIC close waits up to a second for the peer).
+    fn switch(self, better: Connected) -> Ended {
+        *self.sender.lock().unwrap_or_else(|e| e.into_inner()) = Some(better.client.sender());
+        tokio::spawn(self.client.close());
+        Ended::Better(better)
+    }
+}
+
+/// The next wall-clock multiple of `period`, as a tokio instant.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the shell reads the clocks to align retries across nodes"
+)]
+fn aligned_start(period: Duration) -> tokio::time::Instant {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let p = period.as_millis().max(1);
+    let wait = p - since_epoch.as_millis() % p;
+    tokio::time::Instant::now() + Duration::from_millis(u64::try_from(wait).unwrap_or(0))
 }
 
 fn set(state: &Mutex<RelayState>, f: impl FnOnce(&mut RelayState)) {

@@ -34,16 +34,16 @@ use std::time::{Duration, Instant};
 
 /// A direct path is fresh while authenticated UDP keeps arriving this often.
 /// Both sides of a pair in use send at least a keepalive every
-/// [`DIRECT_KEEPALIVE`], so this is three missed keepalives: a dead direct
-/// path falls back to the relay within about 3 s (plus one timer tick), a
-/// single lost keepalive does not.
+/// [`DIRECT_KEEPALIVE`] (up to a timer tick, 250 ms, later), so one lost
+/// keepalive leaves a gap of at most 2.5 s and does not flap the path; a
+/// dead direct path falls back to the relay within about 3 s (plus a tick).
 pub const DIRECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// While in use and direct, a keepalive goes on the direct path this often
 /// (a 32-byte WireGuard keepalive per second per active peer).
 pub const DIRECT_KEEPALIVE: Duration = Duration::from_secs(1);
-// Keepalives come well inside the freshness window: two may be lost before
-// the path falls back.
-const _: () = assert!(DIRECT_TIMEOUT.as_millis() >= 3 * DIRECT_KEEPALIVE.as_millis());
+// One lost keepalive (two intervals, each up to a 250 ms tick late) must
+// stay inside the freshness window.
+const _: () = assert!(DIRECT_TIMEOUT.as_millis() > 2 * (DIRECT_KEEPALIVE.as_millis() + 250));
 /// Probe rounds while the peer is in use and has no fresh direct path.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// The longest pause between probe rounds of an idle peer.
