@@ -44,9 +44,12 @@ mod eval;
 mod hujson;
 mod plan;
 mod policy;
+mod routes;
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+
+use ipnet::IpNet;
 
 pub use compile::{Compiled, InboundRule, NodeView};
 pub use error::{Diagnostic, PolicyError, Pos};
@@ -56,9 +59,13 @@ pub use policy::{
     parse_proto, proto_has_ports, proto_name, Policy, PortRange, ProtoError, DEFAULT_TEST_PROTO,
     PROTOCOLS,
 };
+pub use routes::{default_routes, internet_prefixes};
 
 /// A node as the policy sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// `Default` is a node with no identity, addresses or routes, for
+/// `NodeInfo { id, name, ..NodeInfo::default() }`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NodeInfo {
     /// Controller-assigned node id.
     pub id: u64,
@@ -70,4 +77,12 @@ pub struct NodeInfo {
     pub tags: BTreeSet<String>,
     /// Overlay addresses.
     pub addresses: Vec<IpAddr>,
+    /// Subnet routes this node serves as primary: approved, and chosen by
+    /// the controller among the routers advertising the same CIDR.
+    /// Canonical CIDRs (host bits zero), never a default route (an exit
+    /// node sets `exit_node` instead).
+    pub routes: Vec<IpNet>,
+    /// Whether this node is an approved exit node (the destination of
+    /// `autogroup:internet`).
+    pub exit_node: bool,
 }
