@@ -18,6 +18,7 @@ pub fn run(data: &[u8]) {
                 user: Some("alice@example.com".to_string()),
                 tags: policy.tags().into_iter().take(1).collect(),
                 addresses: vec!["100.64.0.1".parse().expect("literal address")],
+                ..NodeInfo::default()
             };
             let nodes = vec![node];
             let _ = policy.explain(&nodes, "alice@example.com", "n1", 22, 6);

@@ -126,6 +126,7 @@ fn node(i: usize) -> NodeInfo {
         user,
         tags,
         addresses: vec![IpAddr::V4(v4), IpAddr::V6(v6)],
+        ..NodeInfo::default()
     }
 }
 

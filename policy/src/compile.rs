@@ -15,6 +15,9 @@
 //! per distinct membership ("class": e.g. all `tag:web` servers) and cloned.
 //! A node's peers are the union of the `src_all` sets of the entries that
 //! target it and of the dst sets of the entries whose src selects it.
+//! Its peer routes come from the (few) routers and exit nodes among them:
+//! per router, the destination scopes of the entries whose src selects the
+//! node.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -23,15 +26,19 @@ use ipnet::IpNet;
 
 use crate::eval::owner;
 use crate::policy::{proto_has_ports, Entry, Policy, PortRange, SelKind};
+use crate::routes::{default_routes, internet_prefixes, intersect};
 use crate::NodeInfo;
 
 /// One inbound filter rule of a node: traffic from `src` to one of `dst` on
 /// one of `protocols` and `ports` is allowed.
 ///
-/// `dst` holds the node's own addresses that the ACL entry's destination
-/// selects: all of them for a named destination (`tag:web:443`, a user,
-/// `autogroup:self`, `*`), only those inside the prefix for an address
-/// destination (`100.64.0.5:22`). A receiver delivers nothing else.
+/// `dst` holds what of the node the ACL entry's destination selects: its
+/// own addresses for a named destination (`tag:web:443`, a user,
+/// `autogroup:self`); its addresses and subnet routes for `*`; for an
+/// address destination (`100.64.0.5:22`, `198.19.50.10/32:443`), its
+/// addresses inside the prefix plus the intersection of each route with the
+/// prefix; the internet prefix set for `autogroup:internet` on an exit
+/// node. A receiver delivers (or forwards) nothing else.
 ///
 /// `ports` only restrict protocols that carry ports (TCP, UDP, SCTP); a rule
 /// whose protocols include others (ICMP) always has `ports == [0-65535]`,
@@ -40,7 +47,8 @@ use crate::NodeInfo;
 pub struct InboundRule {
     /// Source prefixes, sorted and aggregated (no overlaps).
     pub src: Vec<IpNet>,
-    /// Destination addresses of this node (host prefixes), sorted.
+    /// Destination prefixes: this node's addresses (host prefixes), parts
+    /// of its routes, or the internet set; sorted.
     pub dst: Vec<IpNet>,
     /// IP protocol numbers, sorted.
     pub protocols: Vec<u8>,
@@ -57,6 +65,13 @@ pub struct NodeView {
     pub peers: BTreeSet<u64>,
     /// Inbound rules, in ACL order.
     pub inbound: Vec<InboundRule>,
+    /// Per peer that is a subnet router or exit node: the whole routes
+    /// through which this node may reach at least one address under some
+    /// rule, sorted; plus `0.0.0.0/0` and `::/0` when this node may use the
+    /// peer as an exit node (the node routes those only through the exit
+    /// node its user chose). Peers reached only at their own addresses have
+    /// no entry.
+    pub peer_routes: BTreeMap<u64, Vec<IpNet>>,
 }
 
 impl NodeView {
@@ -94,6 +109,8 @@ pub struct Compiled {
     prefixes: Vec<Vec<IpNet>>,
     /// Untagged nodes (with addresses) per owning user.
     user_nodes: HashMap<String, BTreeSet<u64>>,
+    /// Nodes with subnet routes or approved as exit nodes.
+    routers: BTreeSet<u64>,
     views: BTreeMap<u64, NodeView>,
 }
 
@@ -107,11 +124,20 @@ struct Membership {
     owner: Option<String>,
 }
 
-/// Which of a node's addresses a group of destination elements selects.
-///
-/// `None`: all of them (a named selector: user, group, tag, autogroup, `*`).
-/// `Some(p)`: those inside the address destination `p`.
-type Scope = Option<IpNet>;
+/// What of a node a group of destination elements selects (see
+/// [`InboundRule::dst`]); [`scope_dst`] turns it into prefixes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Scope {
+    /// The node's own addresses: a named selector, or `*` on a node without
+    /// routes (so that its rules are what they were before routes existed).
+    Own,
+    /// Own addresses and routes: `*` on a subnet router.
+    All,
+    /// Own addresses and route parts inside the prefix.
+    Prefix(IpNet),
+    /// The internet prefix set: `autogroup:internet` on an exit node.
+    Internet,
+}
 
 /// The part of a membership that determines inbound rules and inbound peers.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -144,6 +170,7 @@ struct SelIndex<T> {
     tagged: Vec<T>,
     prefix: Vec<(IpNet, T)>,
     self_nodes: Vec<T>,
+    internet: Vec<T>,
 }
 
 impl<T: Copy> SelIndex<T> {
@@ -160,12 +187,15 @@ impl<T: Copy> SelIndex<T> {
             SelKind::Tagged => self.tagged.push(t),
             SelKind::Prefix(p) => self.prefix.push((*p, t)),
             SelKind::SelfNodes => self.self_nodes.push(t),
+            SelKind::Internet => self.internet.push(t),
         }
     }
 
     /// Calls `f(t, by_identity)` for every selector selecting `node`
-    /// (`autogroup:self` excluded).
-    fn each_match(&self, node: &NodeInfo, mut f: impl FnMut(T, bool)) {
+    /// (`autogroup:self` excluded). On the destination side (`dst`), a
+    /// prefix also selects a node by its routes, and `autogroup:internet`
+    /// selects exit nodes.
+    fn each_match(&self, node: &NodeInfo, dst: bool, mut f: impl FnMut(T, bool)) {
         for &t in &self.any {
             f(t, false);
         }
@@ -188,8 +218,15 @@ impl<T: Copy> SelIndex<T> {
             }
         }
         for (p, t) in &self.prefix {
-            if node.addresses.iter().any(|a| p.contains(a)) {
+            if node.addresses.iter().any(|a| p.contains(a))
+                || (dst && node.routes.iter().any(|r| intersect(r, p).is_some()))
+            {
                 f(*t, false);
+            }
+        }
+        if dst && node.exit_node {
+            for &t in &self.internet {
+                f(t, false);
             }
         }
     }
@@ -216,7 +253,7 @@ impl Index {
             for s in &entry.src {
                 index.src.add(&s.kind, e);
                 match s.kind {
-                    SelKind::Any => literal.extend(all_addresses()),
+                    SelKind::Any => literal.extend(default_routes()),
                     SelKind::Prefix(p) => literal.push(p),
                     _ => {}
                 }
@@ -233,17 +270,11 @@ impl Index {
     }
 }
 
-fn all_addresses() -> [IpNet; 2] {
-    [
-        IpNet::new(IpAddr::from([0u8; 4]), 0).expect("prefix length 0 is valid"),
-        IpNet::new(IpAddr::from([0u16; 8]), 0).expect("prefix length 0 is valid"),
-    ]
-}
-
 /// Memoised per-class results while building views.
 #[derive(Default)]
 struct Memo {
-    rules: HashMap<InKey, Vec<InboundRule>>,
+    rules: HashMap<InKey, Vec<(Scope, InboundRule)>>,
+    routes: HashMap<OutKey, BTreeMap<u64, Vec<IpNet>>>,
     in_peers: HashMap<InKey, Vec<u64>>,
     out_peers: HashMap<OutKey, Vec<u64>>,
     peers: HashMap<(InKey, OutKey), BTreeSet<u64>>,
@@ -267,6 +298,7 @@ impl Compiled {
             dst: vec![BTreeSet::new(); n],
             prefixes: vec![Vec::new(); n],
             user_nodes: HashMap::new(),
+            routers: BTreeSet::new(),
             views: BTreeMap::new(),
         };
         for node in nodes {
@@ -280,6 +312,12 @@ impl Compiled {
             c.members.insert(node.id, m);
             c.nodes.insert(node.id, node);
         }
+        c.routers = c
+            .nodes
+            .values()
+            .filter(|n| is_router(n))
+            .map(|n| n.id)
+            .collect();
         for e in 0..n {
             c.prefixes[e] = c.entry_prefixes(e);
         }
@@ -313,8 +351,13 @@ impl Compiled {
     pub fn upsert_node(&mut self, node: NodeInfo) -> BTreeSet<u64> {
         let id = node.id;
         let new_m = self.membership(&node);
+        let was_router = if is_router(&node) {
+            !self.routers.insert(id)
+        } else {
+            self.routers.remove(&id)
+        };
         self.nodes.insert(id, node);
-        self.replace_membership(id, Some(new_m))
+        self.replace_membership(id, Some(new_m), was_router)
     }
 
     /// Removes a node; recomputes only the views it affected.
@@ -324,7 +367,8 @@ impl Compiled {
         if self.nodes.remove(&id).is_none() {
             return BTreeSet::new();
         }
-        self.replace_membership(id, None)
+        let was_router = self.routers.remove(&id);
+        self.replace_membership(id, None, was_router)
     }
 
     /// Replaces the policy: compiles once, then diffs every node's view.
@@ -344,8 +388,15 @@ impl Compiled {
     }
 
     /// Swaps node `id`'s membership (`None`: the node left) and repairs the
-    /// views that depend on it. `self.nodes` already holds the new state.
-    fn replace_membership(&mut self, id: u64, new_m: Option<Membership>) -> BTreeSet<u64> {
+    /// views that depend on it. `self.nodes` and `self.routers` already hold
+    /// the new state; `was_router`: whether the node had routes or was an
+    /// exit node before.
+    fn replace_membership(
+        &mut self,
+        id: u64,
+        new_m: Option<Membership>,
+        was_router: bool,
+    ) -> BTreeSet<u64> {
         let old_m = self.members.remove(&id).unwrap_or_default();
         let old_peers = self
             .views
@@ -408,6 +459,22 @@ impl Compiled {
                 changed.insert(*other);
             }
         }
+        // A router's routes and destination scopes are in its peers' peer
+        // routes (and only theirs: peer routes name peers).
+        if was_router || self.routers.contains(&id) {
+            for &other in old_peers.union(&new_peers) {
+                let Some(m) = self.members.get(&other) else {
+                    continue;
+                };
+                let routes = self.routes_memo(&m.outbound, other, &mut memo);
+                if let Some(v) = self.views.get_mut(&other) {
+                    if v.peer_routes != routes {
+                        v.peer_routes = routes;
+                        changed.insert(other);
+                    }
+                }
+            }
+        }
         rules_dirty.remove(&id);
         for other in rules_dirty {
             let Some(m) = self.members.get(&other) else {
@@ -436,7 +503,7 @@ impl Compiled {
         let mut src: Vec<(u32, bool)> = Vec::new();
         self.index
             .src
-            .each_match(node, |e, named| src.push((e, named)));
+            .each_match(node, false, |e, named| src.push((e, named)));
         src.sort_unstable();
         // Keep one item per entry, preferring "by identity" (sorts last).
         let mut merged: Vec<(u32, bool)> = Vec::with_capacity(src.len());
@@ -447,11 +514,13 @@ impl Compiled {
             }
         }
         let mut dst_hits: Vec<(u32, u32)> = Vec::new();
-        self.index.dst.each_match(node, |t, _| dst_hits.push(t));
-        let dst = group_ports(entries, dst_hits);
+        self.index
+            .dst
+            .each_match(node, true, |t, _| dst_hits.push(t));
+        let dst = group_ports(entries, dst_hits, node);
         let owner = owner(node).map(str::to_string);
         let self_dst = if owner.is_some() {
-            group_ports(entries, self.index.dst.self_nodes.clone())
+            group_ports(entries, self.index.dst.self_nodes.clone(), node)
         } else {
             Vec::new()
         };
@@ -555,10 +624,66 @@ impl Compiled {
             }
         };
         peers.remove(&id);
-        NodeView { peers, inbound }
+        let peer_routes = self.routes_memo(&m.outbound, id, memo);
+        NodeView {
+            peers,
+            inbound,
+            peer_routes,
+        }
     }
 
-    fn rules_memo(&self, key: &InKey, memo: &mut Memo) -> Vec<InboundRule> {
+    /// The peer routes of node `id`, whose outbound key is `key`.
+    fn routes_memo(&self, key: &OutKey, id: u64, memo: &mut Memo) -> BTreeMap<u64, Vec<IpNet>> {
+        let mut routes = match memo.routes.get(key) {
+            Some(r) => r.clone(),
+            None => {
+                let r = self.peer_routes(key);
+                memo.routes.insert(key.clone(), r.clone());
+                r
+            }
+        };
+        routes.remove(&id);
+        routes
+    }
+
+    /// Per router or exit node: the routes a node whose src entries are
+    /// `key.src` may reach through it (see [`NodeView::peer_routes`]).
+    ///
+    /// The node's addresses are in the sources of each of these entries'
+    /// rules, so any destination scope that overlaps a route is a reachable
+    /// address in it.
+    fn peer_routes(&self, key: &OutKey) -> BTreeMap<u64, Vec<IpNet>> {
+        let mut out = BTreeMap::new();
+        for r in &self.routers {
+            let (Some(node), Some(m)) = (self.nodes.get(r), self.members.get(r)) else {
+                continue;
+            };
+            let mut nets: Vec<IpNet> = Vec::new();
+            for (e, scope, _) in &m.inbound.dst {
+                if key.src.binary_search(e).is_err() {
+                    continue;
+                }
+                match scope {
+                    Scope::Own => {}
+                    Scope::All => nets.extend(&node.routes),
+                    Scope::Prefix(p) => nets.extend(
+                        node.routes
+                            .iter()
+                            .filter(|route| intersect(route, p).is_some()),
+                    ),
+                    Scope::Internet => nets.extend(default_routes()),
+                }
+            }
+            if !nets.is_empty() {
+                nets.sort_unstable();
+                nets.dedup();
+                out.insert(*r, nets);
+            }
+        }
+        out
+    }
+
+    fn rules_memo(&self, key: &InKey, memo: &mut Memo) -> Vec<(Scope, InboundRule)> {
         if let Some(r) = memo.rules.get(key) {
             return r.clone();
         }
@@ -567,11 +692,9 @@ impl Compiled {
         r
     }
 
-    /// Inbound rules for a class, in entry order (regular before self).
-    ///
-    /// A rule's `dst` holds its scope here (empty: all the node's
-    /// addresses); [`resolve_dst`] turns it into the node's addresses.
-    fn rules(&self, key: &InKey) -> Vec<InboundRule> {
+    /// Inbound rules for a class, in entry order (regular before self),
+    /// each with its destination scope; [`resolve_dst`] fills in `dst`.
+    fn rules(&self, key: &InKey) -> Vec<(Scope, InboundRule)> {
         let mut items: Vec<(u32, bool, Scope, &Vec<PortRange>)> = key
             .dst
             .iter()
@@ -643,21 +766,27 @@ impl Compiled {
     }
 }
 
-/// Groups (entry, dst element) hits by entry and destination scope, merging
-/// the ports of elements with the same scope.
+/// Groups (entry, dst element) hits on `node` by entry and destination
+/// scope, merging the ports of elements with the same scope.
 ///
-/// Named elements of one entry share one scope (all the node's addresses);
+/// Named elements of one entry share one scope (the node's own addresses);
 /// each address element keeps its own, so `100.64.0.5:22` never lends its
 /// port to the node's other addresses.
-fn group_ports(entries: &[Entry], mut hits: Vec<(u32, u32)>) -> Vec<(u32, Scope, Vec<PortRange>)> {
+fn group_ports(
+    entries: &[Entry],
+    mut hits: Vec<(u32, u32)>,
+    node: &NodeInfo,
+) -> Vec<(u32, Scope, Vec<PortRange>)> {
     hits.sort_unstable();
     hits.dedup();
     let mut out: Vec<(u32, Scope, Vec<PortRange>)> = Vec::new();
     for (e, d) in hits {
         let elem = &entries[e as usize].dst[d as usize];
         let scope = match elem.sel.kind {
-            SelKind::Prefix(p) => Some(p),
-            _ => None,
+            SelKind::Prefix(p) => Scope::Prefix(p),
+            SelKind::Any if !node.routes.is_empty() => Scope::All,
+            SelKind::Internet => Scope::Internet,
+            _ => Scope::Own,
         };
         match out.iter_mut().find(|(x, s, _)| *x == e && *s == scope) {
             Some((_, _, p)) => p.extend(&elem.ports),
@@ -672,33 +801,47 @@ fn group_ports(entries: &[Entry], mut hits: Vec<(u32, u32)>) -> Vec<(u32, Scope,
 }
 
 /// Resolves a class's rules for one node: each rule's destination scope
-/// becomes the node's own addresses inside it (see [`InboundRule::dst`]).
-fn resolve_dst(node: Option<&NodeInfo>, rules: Vec<InboundRule>) -> Vec<InboundRule> {
+/// becomes prefixes of the node (see [`InboundRule::dst`]); a rule left
+/// with no destination is dropped.
+fn resolve_dst(node: Option<&NodeInfo>, rules: Vec<(Scope, InboundRule)>) -> Vec<InboundRule> {
     let Some(node) = node else {
         return Vec::new();
     };
     rules
         .into_iter()
-        .filter_map(|mut r| {
-            let scope = std::mem::take(&mut r.dst);
-            let mut dst: Vec<IpNet> = node
-                .addresses
-                .iter()
-                .filter(|a| scope.is_empty() || scope.iter().any(|p| p.contains(*a)))
-                .map(|a| IpNet::from(*a))
-                .collect();
-            dst.sort_unstable();
-            dst.dedup();
-            r.dst = dst;
+        .filter_map(|(scope, mut r)| {
+            r.dst = scope_dst(node, scope);
             (!r.dst.is_empty()).then_some(r)
         })
         .collect()
 }
 
+/// The prefixes of `node` a destination scope selects, sorted.
+fn scope_dst(node: &NodeInfo, scope: Scope) -> Vec<IpNet> {
+    let own = node.addresses.iter().map(|a| IpNet::from(*a));
+    let mut dst: Vec<IpNet> = match scope {
+        Scope::Own => own.collect(),
+        Scope::All => own.chain(node.routes.iter().copied()).collect(),
+        Scope::Prefix(p) => own
+            .filter(|a| p.contains(a))
+            .chain(node.routes.iter().filter_map(|r| intersect(r, &p)))
+            .collect(),
+        Scope::Internet => internet_prefixes().to_vec(),
+    };
+    dst.sort_unstable();
+    dst.dedup();
+    dst
+}
+
+/// Whether `node` serves subnet routes or is an exit node.
+fn is_router(node: &NodeInfo) -> bool {
+    !node.routes.is_empty() || node.exit_node
+}
+
 /// Appends the rule(s) for one entry: port-less protocols get their own rule
 /// with every port, so that a rule's ports never need special-casing.
 fn push_rules(
-    out: &mut Vec<InboundRule>,
+    out: &mut Vec<(Scope, InboundRule)>,
     src: Vec<IpNet>,
     scope: Scope,
     protocols: &[u8],
@@ -707,29 +850,21 @@ fn push_rules(
 ) {
     let all = [PortRange::ALL];
     let (with, without): (Vec<u8>, Vec<u8>) = protocols.iter().partition(|p| proto_has_ports(**p));
-    if ports == all || without.is_empty() || with.is_empty() {
-        let ports = if with.is_empty() { &all[..] } else { ports };
-        out.push(InboundRule {
+    let rule = |src: Vec<IpNet>, protocols: Vec<u8>, ports: &[PortRange]| {
+        let rule = InboundRule {
             src,
-            dst: scope.into_iter().collect(),
-            protocols: protocols.to_vec(),
+            dst: Vec::new(),
+            protocols,
             ports: ports.to_vec(),
             rule_id: rule_id.to_string(),
-        });
+        };
+        (scope, rule)
+    };
+    if ports == all || without.is_empty() || with.is_empty() {
+        let ports = if with.is_empty() { &all[..] } else { ports };
+        out.push(rule(src, protocols.to_vec(), ports));
         return;
     }
-    out.push(InboundRule {
-        src: src.clone(),
-        dst: scope.into_iter().collect(),
-        protocols: with,
-        ports: ports.to_vec(),
-        rule_id: rule_id.to_string(),
-    });
-    out.push(InboundRule {
-        src,
-        dst: scope.into_iter().collect(),
-        protocols: without,
-        ports: all.to_vec(),
-        rule_id: rule_id.to_string(),
-    });
+    out.push(rule(src.clone(), with, ports));
+    out.push(rule(src, without, &all));
 }

@@ -12,6 +12,7 @@ use ipnet::IpNet;
 
 use crate::error::{PolicyError, Sink};
 use crate::policy::{proto_has_ports, proto_name, Entry, Identity, Policy, SelKind};
+use crate::routes::is_internet;
 use crate::NodeInfo;
 
 /// The verdict of [`Policy::explain`] and the reason for it.
@@ -31,8 +32,23 @@ enum Who<'a> {
     User(&'a str),
     Group(&'a str, &'a BTreeSet<String>),
     Tag(&'a str),
+    /// An address or CIDR with no node set to place it in (a `tests`
+    /// destination, any source): matched by the policy text alone.
     Addr(IpNet),
     Node(&'a NodeInfo),
+    /// A destination address of `explain` that is no node's own, placed
+    /// against the node set.
+    Dest(Placed),
+}
+
+/// Where an `explain` destination address lies in the mesh.
+#[derive(Clone, Copy)]
+struct Placed {
+    addr: IpNet,
+    /// The node with addresses whose route (the longest) holds it, and that route.
+    router: Option<(u64, IpNet)>,
+    /// Whether some node with addresses is an exit node.
+    exits: bool,
 }
 
 /// The login owning a node, if the node is user-owned: tagged nodes belong
@@ -57,6 +73,8 @@ impl<'a> Who<'a> {
     /// Whether a non-`autogroup:self` selector selects this identity.
     fn selected_by(&self, sel: &SelKind) -> bool {
         match (sel, *self) {
+            // `*` is every node's addresses and routes, not internet egress.
+            (SelKind::Any, Who::Dest(d)) => d.router.is_some() || !is_internet(&d.addr),
             (SelKind::Any, _) => true,
             (SelKind::SelfNodes, _) => false,
             (SelKind::Users(set), Who::User(u)) => set.contains(u),
@@ -71,6 +89,9 @@ impl<'a> Who<'a> {
             (SelKind::Tagged, Who::Node(n)) => !n.tags.is_empty(),
             (SelKind::Prefix(p), Who::Addr(a)) => p.contains(&a),
             (SelKind::Prefix(p), Who::Node(n)) => n.addresses.iter().any(|a| p.contains(a)),
+            (SelKind::Internet, Who::Addr(a)) => is_internet(&a),
+            (SelKind::Prefix(p), Who::Dest(d)) => p.contains(&d.addr),
+            (SelKind::Internet, Who::Dest(d)) => d.exits && is_internet(&d.addr),
             _ => false,
         }
     }
@@ -81,6 +102,7 @@ impl<'a> Who<'a> {
             Who::Group(name, _) => format!("every member of {name}"),
             Who::Tag(t) => t.to_string(),
             Who::Addr(a) => a.to_string(),
+            Who::Dest(d) => d.addr.to_string(),
             Who::Node(n) => format!("node {}", n.name),
         }
     }
@@ -128,6 +150,12 @@ impl Policy {
     /// symbolically: address-based rules (IPs, CIDRs, hosts) only match
     /// address or node identities. A group is allowed when all its members
     /// are. The port is ignored for protocols without ports (ICMP).
+    ///
+    /// A destination IP that is no node's address is placed against the
+    /// nodes' routes: inside a route, `*` and the address rules covering it
+    /// apply (the detail names the router); outside every route, an
+    /// internet address is reached only by `autogroup:internet` (when some
+    /// node is an exit node), any other address by the rules naming it.
     pub fn explain(
         &self,
         nodes: &[NodeInfo],
@@ -167,7 +195,12 @@ impl Policy {
             Err(e) => return deny(format!("destination: {e}")),
         };
         let src_who = who(&src_id, nodes);
-        let dst_who = who(&dst_id, nodes);
+        let dst_who = match dst_id {
+            Identity::Addr(net) if net.prefix_len() == net.max_prefix_len() => {
+                Who::Dest(place(net, nodes))
+            }
+            _ => who(&dst_id, nodes),
+        };
         for w in [src_who, dst_who] {
             if let Who::Node(n) = w {
                 if n.addresses.is_empty() {
@@ -175,7 +208,26 @@ impl Policy {
                 }
             }
         }
-        self.verdict(src_who, dst_who, proto, port)
+        let mut e = self.verdict(src_who, dst_who, proto, port);
+        if let Who::Dest(d) = dst_who {
+            let note = match d.router {
+                Some((id, route)) => {
+                    let name = nodes.iter().find(|n| n.id == id).map_or("", |n| &n.name);
+                    format!("{} is in route {route} of node {name}", d.addr.addr())
+                }
+                None if is_internet(&d.addr) && d.exits => format!(
+                    "{} is in no route: internet, through an exit node",
+                    d.addr.addr()
+                ),
+                None if is_internet(&d.addr) => format!(
+                    "{} is in no route and no node is an exit node",
+                    d.addr.addr()
+                ),
+                None => format!("{} is no node's address and in no route", d.addr.addr()),
+            };
+            let _ = write!(e.detail, " ({note})");
+        }
+        e
     }
 
     fn verdict(&self, src: Who<'_>, dst: Who<'_>, proto: u8, port: u16) -> Explanation {
@@ -243,6 +295,20 @@ impl Policy {
             }
         }
         sink.into_result(())
+    }
+}
+
+/// Places a destination address that is no node's own against `nodes`.
+fn place(addr: IpNet, nodes: &[NodeInfo]) -> Placed {
+    let live = || nodes.iter().filter(|n| !n.addresses.is_empty());
+    let router = live()
+        .flat_map(|n| n.routes.iter().map(move |r| (n.id, *r)))
+        .filter(|(_, r)| r.contains(&addr))
+        .max_by_key(|(id, r)| (r.prefix_len(), std::cmp::Reverse(*id)));
+    Placed {
+        addr,
+        router,
+        exits: live().any(|n| n.exit_node),
     }
 }
 

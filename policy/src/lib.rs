@@ -9,12 +9,16 @@
 //! evaluate the ACL list directly; [`plan`] diffs two compiled states.
 //!
 //! # Supported format
-//! Sections `groups`, `tagOwners`, `hosts`, `acls`, `tests`. Every other key
-//! is an error: an ignored restriction would widen access. Selectors: `*`,
-//! users (`alice@example.com`), `group:x`, `tag:x` (defined in `tagOwners`),
-//! host aliases, IPs and CIDRs, `autogroup:member`, `autogroup:tagged`,
-//! `autogroup:self` (dst only, with user, group or `autogroup:member`
-//! sources only). Destinations are `alias:ports` with ports
+//! Sections `groups`, `tagOwners`, `hosts`, `acls`, `tests`, `autoApprovers`.
+//! Every other key is an error: an ignored restriction would widen access.
+//! Selectors: `*`, users (`alice@example.com`), `group:x`, `tag:x` (defined
+//! in `tagOwners`), host aliases, IPs and CIDRs, `autogroup:member`,
+//! `autogroup:tagged`, `autogroup:self` (dst only, with user, group or
+//! `autogroup:member` sources only), `autogroup:internet` (dst only).
+//! `autoApprovers` is `{"routes": {CIDR: [approver]}, "exitNode":
+//! [approver]}` with canonical, non-default CIDRs and approvers that are
+//! users, groups, tags or `autogroup:member`
+//! ([`Policy::auto_approves_route`], [`Policy::auto_approves_exit`]). Destinations are `alias:ports` with ports
 //! `*`, `22`, `80,443` or `8000-8999`; the last colon separates the ports,
 //! so IPv6 is written `fd00::1:22`, `[fd00::1]:22` or `fd00::/64:22`. `proto` is a name or number; without it an entry covers
 //! TCP, UDP, ICMP and ICMPv6.
@@ -23,10 +27,38 @@
 //! - A tagged node belongs to its tags: user, group and `autogroup:member`
 //!   selectors only select untagged nodes.
 //! - `*` as a source is every address (`0.0.0.0/0`, `::/0`); as a
-//!   destination, every node.
-//! - A destination IP/CIDR selects the nodes owning an address in it; the
-//!   inbound rules of a node do not restrict which of its own addresses is
-//!   targeted.
+//!   destination, every node's addresses and subnet routes
+//!   ([`NodeInfo::routes`]), but not internet egress through exit nodes.
+//! - A destination IP/CIDR selects the nodes whose addresses or routes
+//!   overlap it; the rule's `dst` is the overlap: the node's addresses
+//!   inside the prefix, and for each route the smaller of route and prefix
+//!   when they nest. So `198.19.50.10:443` gives the router of
+//!   `198.19.50.0/24` a rule for `198.19.50.10/32`, which it enforces
+//!   before forwarding.
+//! - Named destinations (users, groups, tags, `autogroup:member`,
+//!   `autogroup:tagged`, `autogroup:self`) are nodes' own addresses, never
+//!   their routes.
+//! - `autogroup:internet` selects the exit nodes ([`NodeInfo::exit_node`]);
+//!   their rule's `dst` is [`internet_prefixes`]: everything but the
+//!   overlay, loopback, link-local, multicast and private ranges (an exit
+//!   node's own LANs are subnet routes, granted by address). A source must
+//!   not be `autogroup:internet`.
+//! - [`NodeView::peer_routes`] gives a node, per router, the *whole* routes
+//!   in which it may reach some address (the router's rules do the
+//!   narrowing), and `0.0.0.0/0` + `::/0` per exit node it may use; the node
+//!   installs the default routes only for the exit node its user chose.
+//!   Flows *from* a subnet into the mesh (no SNAT) are not modelled: source
+//!   selectors match nodes' own addresses only.
+//! - `explain` places a destination IP that is no node's address: inside a
+//!   route, address rules and `*` apply and the detail names the router;
+//!   outside every route, an internet address is reached only through an
+//!   exit node by `autogroup:internet`, other addresses by the address rules
+//!   naming them. The `tests` section knows no nodes: there, `*` matches
+//!   every address and `autogroup:internet` the internet set.
+//! - The internet set is a constant, so an exit node that can itself reach
+//!   a subnet at internet addresses (outside RFC 1918) forwards to it under
+//!   `autogroup:internet`; serve such subnets from a router that is not an
+//!   exit node.
 //! - An empty policy (empty file or `{}`) denies everything.
 //! - A node without addresses can neither send nor receive: empty view.
 #![cfg_attr(
@@ -44,9 +76,12 @@ mod eval;
 mod hujson;
 mod plan;
 mod policy;
+mod routes;
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+
+use ipnet::IpNet;
 
 pub use compile::{Compiled, InboundRule, NodeView};
 pub use error::{Diagnostic, PolicyError, Pos};
@@ -56,9 +91,13 @@ pub use policy::{
     parse_proto, proto_has_ports, proto_name, Policy, PortRange, ProtoError, DEFAULT_TEST_PROTO,
     PROTOCOLS,
 };
+pub use routes::{default_routes, internet_prefixes};
 
 /// A node as the policy sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// `Default` is a node with no identity, addresses or routes, for
+/// `NodeInfo { id, name, ..NodeInfo::default() }`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NodeInfo {
     /// Controller-assigned node id.
     pub id: u64,
@@ -70,4 +109,12 @@ pub struct NodeInfo {
     pub tags: BTreeSet<String>,
     /// Overlay addresses.
     pub addresses: Vec<IpAddr>,
+    /// Subnet routes this node serves as primary: approved, and chosen by
+    /// the controller among the routers advertising the same CIDR.
+    /// Canonical CIDRs (host bits zero), never a default route (an exit
+    /// node sets `exit_node` instead).
+    pub routes: Vec<IpNet>,
+    /// Whether this node is an approved exit node (the destination of
+    /// `autogroup:internet`).
+    pub exit_node: bool,
 }

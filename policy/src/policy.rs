@@ -11,7 +11,9 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::error::{PolicyError, Pos, Sink};
+use crate::eval::owner;
 use crate::hujson::{self, Kind, Member, Value};
+use crate::NodeInfo;
 
 /// An inclusive range of destination ports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -46,6 +48,11 @@ pub struct Policy {
     pub(crate) hosts: BTreeMap<String, IpNet>,
     pub(crate) entries: Vec<Entry>,
     pub(crate) tests: Vec<TestCase>,
+    /// `autoApprovers.routes`: approver CIDR → who may have routes inside it
+    /// approved, in file order.
+    pub(crate) auto_routes: Vec<(IpNet, Vec<SelKind>)>,
+    /// `autoApprovers.exitNode`: who may have an exit node approved.
+    pub(crate) auto_exit: Vec<SelKind>,
 }
 
 /// Who may apply a tag.
@@ -92,6 +99,9 @@ pub(crate) enum SelKind {
     Prefix(IpNet),
     /// `autogroup:self` (destination only): the source user's own untagged nodes.
     SelfNodes,
+    /// `autogroup:internet` (destination only): the exit nodes, for the
+    /// internet prefix set.
+    Internet,
 }
 
 /// One `alias:ports` destination of an ACL entry.
@@ -173,7 +183,6 @@ const UNSUPPORTED_SECTIONS: &[&str] = &[
     "postures",
     "defaultsrcposture",
     "nodeattrs",
-    "autoapprovers",
     "ipsets",
     "derpmap",
     "disableipv4",
@@ -228,6 +237,8 @@ impl Policy {
             hosts: BTreeMap::new(),
             entries: Vec::new(),
             tests: Vec::new(),
+            auto_routes: Vec::new(),
+            auto_exit: Vec::new(),
         }
     }
 
@@ -279,6 +290,23 @@ impl Policy {
     /// The file name the policy was parsed from.
     pub fn file_name(&self) -> &str {
         &self.file
+    }
+
+    /// Whether `autoApprovers.routes` approves `route` for `node`: `route`
+    /// lies inside (or is) an approver CIDR whose list selects the node.
+    ///
+    /// A tagged node is selected by its tags only; an untagged one by its
+    /// user, a group holding that user, or `autogroup:member`.
+    pub fn auto_approves_route(&self, node: &NodeInfo, route: IpNet) -> bool {
+        self.auto_routes.iter().any(|(net, approvers)| {
+            net.contains(&route) && approvers.iter().any(|a| approver_selects(a, node))
+        })
+    }
+
+    /// Whether `autoApprovers.exitNode` approves `node` as an exit node
+    /// (selection as in [`Policy::auto_approves_route`]).
+    pub fn auto_approves_exit(&self, node: &NodeInfo) -> bool {
+        self.auto_exit.iter().any(|a| approver_selects(a, node))
     }
 
     /// Resolves an identity as written in a test or an `explain` query
@@ -367,6 +395,30 @@ pub(crate) fn split_host_port(text: &str) -> Result<(String, &str), String> {
     Ok((host, ports))
 }
 
+/// Parses an `autoApprovers.routes` key: a canonical CIDR, not a default route.
+fn approver_route(key: &str) -> Result<IpNet, String> {
+    if !key.contains('/') {
+        return Err(format!(
+            "invalid route {key:?}: expected a CIDR (ADDRESS/LENGTH)"
+        ));
+    }
+    let net: IpNet = key
+        .parse()
+        .map_err(|_| format!("invalid route {key:?}: expected a CIDR (ADDRESS/LENGTH)"))?;
+    if net.trunc() != net {
+        return Err(format!(
+            "route {key:?} has host bits set: write {:?}",
+            net.trunc().to_string()
+        ));
+    }
+    if net.prefix_len() == 0 {
+        return Err(format!(
+            "route {key:?} is a default route: auto-approve exit nodes with \"exitNode\""
+        ));
+    }
+    Ok(net)
+}
+
 /// Parses `*`, `22`, `80,443`, `8000-8999` into sorted, merged ranges.
 pub(crate) fn parse_ports(text: &str) -> Result<Vec<PortRange>, String> {
     if text == "*" {
@@ -414,6 +466,16 @@ pub(crate) fn merge_ports(mut ranges: Vec<PortRange>) -> Vec<PortRange> {
     out
 }
 
+/// Whether an auto-approver (a user set, tag or `autogroup:member`) selects `node`.
+fn approver_selects(approver: &SelKind, node: &NodeInfo) -> bool {
+    match approver {
+        SelKind::Users(users) => owner(node).is_some_and(|u| users.contains(u)),
+        SelKind::Tag(tag) => node.tags.contains(tag),
+        SelKind::Member => owner(node).is_some(),
+        _ => false,
+    }
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name
@@ -459,6 +521,7 @@ impl<'a> Resolver<'a> {
                 "hosts" => "hosts",
                 "acls" => "acls",
                 "tests" => "tests",
+                "autoapprovers" => "autoapprovers",
                 other if UNSUPPORTED_SECTIONS.contains(&other) => {
                     self.sink.error(
                         m.key_pos,
@@ -473,7 +536,7 @@ impl<'a> Resolver<'a> {
                     self.sink.error(
                         m.key_pos,
                         format!(
-                            "unknown section {:?}; expected groups, tagOwners, hosts, acls or tests",
+                            "unknown section {:?}; expected groups, tagOwners, hosts, acls, tests or autoApprovers",
                             m.key
                         ),
                     );
@@ -500,6 +563,9 @@ impl<'a> Resolver<'a> {
         }
         if let Some(m) = sections.get("tests") {
             self.tests(&m.value);
+        }
+        if let Some(m) = sections.get("autoapprovers") {
+            self.auto_approvers(&m.value);
         }
         self.policy
     }
@@ -824,7 +890,7 @@ impl<'a> Resolver<'a> {
                 SelKind::Any => "\"*\" includes tagged nodes and addresses",
                 SelKind::Tag(_) | SelKind::Tagged => "tagged nodes belong to no user",
                 SelKind::Prefix(_) => "an address belongs to no user",
-                SelKind::SelfNodes => continue,
+                SelKind::SelfNodes | SelKind::Internet => continue,
             };
             self.sink.error(
                 *pos,
@@ -923,8 +989,13 @@ impl<'a> Resolver<'a> {
                 ("self", Side::Src) => {
                     Err("autogroup:self is only allowed in \"dst\"".to_string())
                 }
+                ("internet", Side::Dst) => Ok(SelKind::Internet),
+                ("internet", Side::Src) => Err(
+                    "autogroup:internet is only allowed in \"dst\" (it grants use of exit nodes)"
+                        .to_string(),
+                ),
                 _ => Err(format!(
-                    "{text:?} is not supported; use autogroup:member, autogroup:tagged or autogroup:self"
+                    "{text:?} is not supported; use autogroup:member, autogroup:tagged, autogroup:self or autogroup:internet"
                 )),
             };
         }
@@ -936,6 +1007,84 @@ impl<'a> Resolver<'a> {
         }
         Err(format!(
             "unknown alias {text:?}: not a user, group, tag, autogroup, host or IP address"
+        ))
+    }
+
+    /// `{"routes": {CIDR: [approver, ...]}, "exitNode": [approver, ...]}`.
+    fn auto_approvers(&mut self, v: &Value) {
+        let Some(members) = self.object(v, "\"autoApprovers\"") else {
+            return;
+        };
+        for m in members {
+            match m.key.to_ascii_lowercase().as_str() {
+                "routes" => {
+                    let Some(routes) = self.object(&m.value, "\"autoApprovers.routes\"") else {
+                        continue;
+                    };
+                    for r in routes {
+                        let net = match approver_route(&r.key) {
+                            Ok(net) => Some(net),
+                            Err(e) => {
+                                self.sink.error(r.key_pos, e);
+                                None
+                            }
+                        };
+                        let what = format!("the approvers of route {:?}", r.key);
+                        let approvers = self.approvers(&r.value, &what);
+                        if let Some(net) = net {
+                            self.policy.auto_routes.push((net, approvers));
+                        }
+                    }
+                }
+                "exitnode" => {
+                    let approvers = self.approvers(&m.value, "\"autoApprovers.exitNode\"");
+                    self.policy.auto_exit.extend(approvers);
+                }
+                _ => self.sink.error(
+                    m.key_pos,
+                    format!(
+                        "unknown key {:?} in autoApprovers; expected routes or exitNode",
+                        m.key
+                    ),
+                ),
+            }
+        }
+    }
+
+    /// The approvers of one `autoApprovers` list: users, groups, tags, `autogroup:member`.
+    fn approvers(&mut self, v: &Value, what: &str) -> Vec<SelKind> {
+        let mut out = Vec::new();
+        for (pos, s) in self.strings(v, what) {
+            match self.approver(s) {
+                Ok(kind) => out.push(kind),
+                Err(e) => self.sink.error(pos, e),
+            }
+        }
+        out
+    }
+
+    fn approver(&self, s: &str) -> Result<SelKind, String> {
+        if s == "autogroup:member" {
+            return Ok(SelKind::Member);
+        }
+        if s.starts_with("group:") {
+            return match self.policy.groups.get(s) {
+                Some(users) => Ok(SelKind::Users(users.clone())),
+                None => Err(format!("undefined group {s:?}")),
+            };
+        }
+        if s.starts_with("tag:") {
+            return if self.policy.tag_owners.contains_key(s) {
+                Ok(SelKind::Tag(s.to_string()))
+            } else {
+                Err(format!("tag {s:?} is not defined in tagOwners"))
+            };
+        }
+        if !s.starts_with("autogroup:") && valid_user(s) {
+            return Ok(SelKind::Users(BTreeSet::from([s.to_string()])));
+        }
+        Err(format!(
+            "invalid approver {s:?}: expected a user, group, tag or autogroup:member"
         ))
     }
 

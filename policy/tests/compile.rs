@@ -150,6 +150,7 @@ fn exact_views_for_a_small_fleet() {
                     &web
                 ),
             ],
+            ..NodeView::default()
         })
     );
     // alice's desktop: only her own devices reach it.
@@ -164,6 +165,7 @@ fn exact_views_for_a_small_fleet() {
                 &[(0, 65535)],
                 &own
             )],
+            ..NodeView::default()
         })
     );
     // web1 receives nothing but may reach db1: still a peer of it.
@@ -171,7 +173,8 @@ fn exact_views_for_a_small_fleet() {
         c.view(3),
         Some(&NodeView {
             peers: ids(&[4]),
-            inbound: vec![]
+            inbound: vec![],
+            ..NodeView::default()
         })
     );
     // The lab box only sends.
@@ -179,7 +182,8 @@ fn exact_views_for_a_small_fleet() {
         c.view(7),
         Some(&NodeView {
             peers: ids(&[4]),
-            inbound: vec![]
+            inbound: vec![],
+            ..NodeView::default()
         })
     );
     assert_eq!(c.view(99), None);

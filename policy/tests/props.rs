@@ -5,7 +5,11 @@
 //! - a node's peer set is exactly the nodes with a permitted flow either way;
 //! - incremental upserts and removals give the same views as a full
 //!   recompile, and report exactly the views that changed;
-//! - compilation does not depend on node order.
+//! - compilation does not depend on node order;
+//! - with subnet routers and exit nodes: some node's rules admit a flow to
+//!   an address in a route (or on the internet) iff direct evaluation
+//!   allows it, and a node's peer routes are exactly the routes (and exit
+//!   nodes) through which direct evaluation allows it some flow.
 #![allow(
     clippy::disallowed_methods,
     clippy::disallowed_types,
@@ -14,8 +18,10 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
+use ipnet::IpNet;
 use proptest::prelude::*;
 use ztmesh_policy::{Compiled, NodeInfo, Policy};
 
@@ -25,6 +31,31 @@ const TAGS: usize = 3;
 /// policies (their port sets are `*`, `22`, `80,443` and `1000-2000`).
 const PROTOS: [u8; 5] = [1, 6, 17, 58, 132];
 const PORTS: [u16; 6] = [1, 22, 80, 443, 1000, 2001];
+/// Subnet routes a generated node may serve (nested, disjoint, IPv6).
+const ROUTES: [&str; 4] = [
+    "198.19.50.0/24",
+    "198.19.50.128/25",
+    "198.19.51.0/24",
+    "fd00:50::/64",
+];
+/// Address destinations that overlap the routes: every non-empty
+/// intersection of one of these with a route holds a probe.
+const ROUTE_LITERALS: [&str; 5] = [
+    "198.19.50.10",
+    "198.19.50.0/25",
+    "198.19.0.0/16",
+    "198.19.50.200/32",
+    "fd00:50::/120",
+];
+/// Addresses probed inside the routes.
+const PROBES: [&str; 4] = [
+    "198.19.50.10",
+    "198.19.50.200",
+    "198.19.51.7",
+    "fd00:50::10",
+];
+/// An internet address no generated route or literal covers.
+const INTERNET: &str = "198.18.7.7";
 
 #[derive(Debug, Clone)]
 struct Spec {
@@ -47,6 +78,8 @@ struct NodeSpec {
     tags: Vec<usize>,
     v6: bool,
     no_addr: bool,
+    routes: Vec<usize>,
+    exit: bool,
 }
 
 fn literal() -> impl Strategy<Value = String> {
@@ -75,6 +108,8 @@ fn dst_alias() -> impl Strategy<Value = String> {
         4 => alias(),
         2 => Just("autogroup:self".to_string()),
         1 => (1u16..14).prop_map(|x| format!("[fd00::{x:x}]")),
+        1 => prop::sample::select(&ROUTE_LITERALS[..]).prop_map(str::to_string),
+        1 => Just("autogroup:internet".to_string()),
     ]
 }
 
@@ -118,12 +153,16 @@ fn node_spec() -> impl Strategy<Value = NodeSpec> {
         prop::collection::vec(0..TAGS, 0..2),
         any::<bool>(),
         prop::bool::weighted(0.05),
+        prop::collection::vec(0..ROUTES.len(), 0..3),
+        prop::bool::weighted(0.2),
     )
-        .prop_map(|(user, tags, v6, no_addr)| NodeSpec {
+        .prop_map(|(user, tags, v6, no_addr, routes, exit)| NodeSpec {
             user,
             tags,
             v6,
             no_addr,
+            routes,
+            exit,
         })
 }
 
@@ -194,7 +233,12 @@ fn nodes(spec: &Spec) -> Vec<NodeInfo> {
             let tags: Vec<String> = n.tags.iter().map(|t| format!("tag:t{t}")).collect();
             let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
             let user = n.user.map(|u| format!("u{u}@example.com"));
-            common::node(i, &format!("n{i}"), user.as_deref(), &tags, &addrs)
+            let mut node = common::node(i, &format!("n{i}"), user.as_deref(), &tags, &addrs);
+            node.routes = n.routes.iter().map(|r| net(ROUTES[*r])).collect();
+            node.routes.sort_unstable();
+            node.routes.dedup();
+            node.exit_node = n.exit;
+            node
         })
         .collect()
 }
@@ -205,13 +249,73 @@ fn policy(spec: &Spec) -> Policy {
         .unwrap_or_else(|e| panic!("generated policy rejected:\n{e}\n{text}"))
 }
 
-/// Whether some probed flow from `s` to `d` is allowed by direct evaluation.
-fn any_flow(p: &Policy, nodes: &[NodeInfo], s: &NodeInfo, d: &NodeInfo) -> bool {
+/// A prefix, or an address as a host prefix.
+fn net(s: &str) -> IpNet {
+    s.parse()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .expect("test prefix or address")
+}
+
+/// Whether direct evaluation allows some probed flow from `s` to `dst`.
+fn any_flow_to(p: &Policy, nodes: &[NodeInfo], s: &NodeInfo, dst: &str) -> bool {
     PROTOS.iter().any(|&proto| {
         PORTS
             .iter()
-            .any(|&port| p.explain(nodes, &s.name, &d.name, port, proto).allowed)
+            .any(|&port| p.explain(nodes, &s.name, dst, port, proto).allowed)
     })
+}
+
+/// `nodes` where only `d` serves routes (`routes`) or is an exit node
+/// (`!routes`): direct evaluation then answers for `d` alone.
+fn only(nodes: &[NodeInfo], d: &NodeInfo, routes: bool) -> Vec<NodeInfo> {
+    nodes
+        .iter()
+        .cloned()
+        .map(|mut n| {
+            let keep = n.id == d.id;
+            if !(keep && routes) {
+                n.routes.clear();
+            }
+            n.exit_node &= keep && !routes;
+            n
+        })
+        .collect()
+}
+
+/// What direct evaluation lets `s` reach through router or exit node `d`:
+/// `d`'s routes holding an allowed probe, and the default routes when `s`
+/// may reach the internet through `d`. `None` when that is nothing.
+fn naive_peer_routes(
+    p: &Policy,
+    nodes: &[NodeInfo],
+    s: &NodeInfo,
+    d: &NodeInfo,
+) -> Option<Vec<IpNet>> {
+    if d.addresses.is_empty() {
+        return None;
+    }
+    let with_routes = only(nodes, d, true);
+    let mut out: Vec<IpNet> = d
+        .routes
+        .iter()
+        .filter(|r| {
+            PROBES
+                .iter()
+                .any(|a| r.contains(&net(a)) && any_flow_to(p, &with_routes, s, a))
+        })
+        .copied()
+        .collect();
+    if d.exit_node && any_flow_to(p, &only(nodes, d, false), s, INTERNET) {
+        out.extend([net("0.0.0.0/0"), net("::/0")]);
+    }
+    out.sort_unstable();
+    (!out.is_empty()).then_some(out)
+}
+
+/// Whether some probed flow from `s` to `d` (its addresses, routes or, as
+/// an exit node, the internet) is allowed by direct evaluation.
+fn any_flow(p: &Policy, nodes: &[NodeInfo], s: &NodeInfo, d: &NodeInfo) -> bool {
+    any_flow_to(p, nodes, s, &d.name) || naive_peer_routes(p, nodes, s, d).is_some()
 }
 
 fn assert_same_views(a: &Compiled, b: &Compiled) -> Result<(), TestCaseError> {
@@ -266,6 +370,32 @@ proptest! {
                     }
                 }
             }
+            // Addresses behind routers and on the internet. An address in
+            // no route is only reachable as internet (textual address
+            // rules naming it select no node), so only the internet probe,
+            // which no generated literal covers, is checked outside routes.
+            let routed: Vec<IpNet> = nodes
+                .iter()
+                .filter(|n| !n.addresses.is_empty())
+                .flat_map(|n| n.routes.clone())
+                .collect();
+            let probes = PROBES
+                .iter()
+                .filter(|a| routed.iter().any(|r| r.contains(&net(a))))
+                .chain([&INTERNET]);
+            for to in probes {
+                let addr: IpAddr = to.parse().expect("probe");
+                for proto in PROTOS {
+                    for port in PORTS {
+                        let naive = p.explain(&nodes, &s.name, to, port, proto);
+                        let compiled = common::admitted_anywhere(&c, s.id, addr, proto, port);
+                        prop_assert_eq!(
+                            compiled, naive.allowed,
+                            "{} -> {} proto {} port {}: {}\n{}", s.name, to, proto, port, naive.detail, render(&spec)
+                        );
+                    }
+                }
+            }
         }
     }
 
@@ -282,6 +412,12 @@ proptest! {
                 .collect();
             let view = c.view(d.id).expect("view for every node");
             prop_assert_eq!(&view.peers, &want, "peers of {}\n{}", d.name, render(&spec));
+            let want_routes: BTreeMap<u64, Vec<IpNet>> = nodes
+                .iter()
+                .filter(|r| r.id != d.id)
+                .filter_map(|r| naive_peer_routes(&p, &nodes, d, r).map(|v| (r.id, v)))
+                .collect();
+            prop_assert_eq!(&view.peer_routes, &want_routes, "peer routes of {}\n{}", d.name, render(&spec));
             for peer in &view.peers {
                 prop_assert!(c.view(*peer).expect("peer view").peers.contains(&d.id), "asymmetric");
             }

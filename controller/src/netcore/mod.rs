@@ -94,6 +94,9 @@ pub fn policy_node(n: &NodeRow) -> PolicyNode {
         user: n.user.clone(),
         tags: n.tags.iter().cloned().collect(),
         addresses: vec![IpAddr::V4(n.ipv4), IpAddr::V6(n.ipv6)],
+        // Routes and exit nodes come with route approval (issue 12).
+        routes: Vec::new(),
+        exit_node: false,
     }
 }
 

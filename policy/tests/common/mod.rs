@@ -33,7 +33,27 @@ pub fn node(id: u64, name: &str, user: Option<&str>, tags: &[&str], addrs: &[&st
             .iter()
             .map(|a| a.parse::<IpAddr>().expect("test address"))
             .collect(),
+        routes: Vec::new(),
+        exit_node: false,
     }
+}
+
+/// `node(...)` serving the subnet routes `routes` (canonical CIDRs).
+pub fn router(id: u64, name: &str, tags: &[&str], addrs: &[&str], routes: &[&str]) -> NodeInfo {
+    NodeInfo {
+        routes: routes
+            .iter()
+            .map(|r| r.parse().expect("test route"))
+            .collect(),
+        ..node(id, name, None, tags, addrs)
+    }
+}
+
+/// Whether some node's compiled rules admit a packet from any address of
+/// `src` to the address `to` (a node's own, in a route, or on the internet).
+pub fn admitted_anywhere(c: &Compiled, src: u64, to: IpAddr, proto: u8, port: u16) -> bool {
+    c.nodes()
+        .any(|d| admitted_at(c, src, d.id, to, proto, port))
 }
 
 /// alice (laptop, desktop), bob, carol, a web server enrolled by alice, a db
