@@ -91,6 +91,7 @@ fn row(i: usize, group: usize) -> NodeRow {
         expiry_ms: T0 + 180 * 86_400_000,
         key_revoked: false,
         endpoints: Vec::new(),
+        routes: Default::default(),
     }
 }
 
