@@ -289,20 +289,74 @@ fn session_estimate(peers: usize, name_len: usize) -> u64 {
     SESSION_BASE_BYTES + PEER_BYTES * peers as u64 + name_len as u64
 }
 
-/// A map that passed every check, reduced to what the relay keeps.
-struct Checked {
+/// A map that passed every check of [`Verifier`], reduced to what the relay
+/// keeps; [`Core::admit`] and [`Core::apply_map`] take it.
+#[derive(Debug, Clone)]
+pub struct Checked {
     node: NodeId,
+    /// The machine key the map was checked against.
+    machine_key: PublicKey,
     name: String,
     peers: Vec<NodeId>,
     serial: u64,
     not_after_ms: UnixMs,
 }
 
+/// The stateless checks of a `HELLO` and a map: the proof, the controller's
+/// signature, decoding, the self node's machine key, expiry. They cost a
+/// hash of the whole map (up to 64 MiB) and an Ed25519 verification, so the
+/// shell runs them outside the core's lock (which every forwarded datagram
+/// takes) and hands the result to [`Core::admit`] / [`Core::apply_map`].
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    method: String,
+    controller_key: PublicKey,
+}
+
+impl Verifier {
+    pub fn new(cfg: &Config) -> Self {
+        Self {
+            method: hello_method(&cfg.relay_name),
+            controller_key: cfg.controller_key,
+        }
+    }
+
+    /// Checks a `HELLO`'s proof and map.
+    ///
+    /// # Errors
+    /// The first [`Refusal`] (not counted: [`Core::count_refusal`]).
+    pub fn hello(
+        &self,
+        proof: &NodeProof,
+        signed: &SignedNetMap,
+        now_ms: UnixMs,
+    ) -> Result<Checked, Refusal> {
+        proof.verify(&self.method, now_ms).map_err(|e| match e {
+            AuthError::Stale => Refusal::StaleProof,
+            _ => Refusal::BadProof,
+        })?;
+        self.map(&proof.machine_key, signed, now_ms)
+    }
+
+    /// Checks a map presented by the holder of `machine_key`.
+    ///
+    /// # Errors
+    /// The first [`Refusal`] (not counted).
+    pub fn map(
+        &self,
+        machine_key: &PublicKey,
+        signed: &SignedNetMap,
+        now_ms: UnixMs,
+    ) -> Result<Checked, Refusal> {
+        check_map(&self.controller_key, machine_key, signed, now_ms)
+    }
+}
+
 /// The relay's state. `H` is the shell's handle to a connection (cloned out
 /// of [`Core::route`] to send to the destination).
 pub struct Core<H> {
     cfg: Config,
-    method: String,
+    verifier: Verifier,
     sessions: BTreeMap<NodeId, Session<H>>,
     /// The last serial each node showed, kept after it disconnects (bounded:
     /// the entry of the node gone longest is forgotten first).
@@ -324,7 +378,7 @@ pub struct Core<H> {
 impl<H: Clone> Core<H> {
     pub fn new(cfg: Config) -> Self {
         Self {
-            method: hello_method(&cfg.relay_name),
+            verifier: Verifier::new(&cfg),
             cfg,
             sessions: BTreeMap::new(),
             serials: BTreeMap::new(),
@@ -354,7 +408,35 @@ impl<H: Clone> Core<H> {
         signed: &SignedNetMap,
         now_ms: UnixMs,
     ) -> Result<Welcome<H>, Refusal> {
-        let result = self.try_hello(conn, handle, proof, signed, now_ms);
+        match self.verifier.hello(proof, signed, now_ms) {
+            Ok(checked) => self.admit(conn, handle, proof, checked, now_ms),
+            Err(r) => {
+                self.count_refusal(&r);
+                Err(r)
+            }
+        }
+    }
+
+    /// The stateless checks, for a shell that runs them outside its lock.
+    pub fn verifier(&self) -> Verifier {
+        self.verifier.clone()
+    }
+
+    /// Opens (or replaces) a session for a `HELLO` whose proof and map
+    /// [`Verifier::hello`] accepted: the stateful checks (serial, replay,
+    /// capacity, memory budget).
+    ///
+    /// # Errors
+    /// A [`Refusal`] (counted); nothing else changes.
+    pub fn admit(
+        &mut self,
+        conn: ConnId,
+        handle: H,
+        proof: &NodeProof,
+        checked: Checked,
+        now_ms: UnixMs,
+    ) -> Result<Welcome<H>, Refusal> {
+        let result = self.try_admit(conn, handle, proof, checked, now_ms);
         match &result {
             Ok(_) => self.hellos_accepted += 1,
             Err(r) => self.count_refusal(r),
@@ -362,19 +444,17 @@ impl<H: Clone> Core<H> {
         result
     }
 
-    fn try_hello(
+    fn try_admit(
         &mut self,
         conn: ConnId,
         handle: H,
         proof: &NodeProof,
-        signed: &SignedNetMap,
+        checked: Checked,
         now_ms: UnixMs,
     ) -> Result<Welcome<H>, Refusal> {
-        proof.verify(&self.method, now_ms).map_err(|e| match e {
-            AuthError::Stale => Refusal::StaleProof,
-            _ => Refusal::BadProof,
-        })?;
-        let checked = self.check_map(&proof.machine_key, signed, now_ms)?;
+        if checked.machine_key != proof.machine_key {
+            return Err(Refusal::KeyMismatch);
+        }
         if let Some(&(have, _)) = self.serials.get(&checked.node) {
             if checked.serial < have {
                 return Err(Refusal::StaleSerial {
@@ -432,7 +512,35 @@ impl<H: Clone> Core<H> {
         signed: &SignedNetMap,
         now_ms: UnixMs,
     ) -> Result<(), Refusal> {
-        let result = self.try_update_map(node, conn, signed, now_ms);
+        let key = match self.sessions.get(&node) {
+            Some(s) if s.conn == conn => s.machine_key,
+            _ => {
+                self.count_refusal(&Refusal::NoSession);
+                return Err(Refusal::NoSession);
+            }
+        };
+        match self.verifier.map(&key, signed, now_ms) {
+            Ok(checked) => self.apply_map(node, conn, checked, now_ms),
+            Err(r) => {
+                self.count_refusal(&r);
+                Err(r)
+            }
+        }
+    }
+
+    /// Installs a map [`Verifier::map`] accepted (checked against the
+    /// session's machine key) for `node`'s session on `conn`.
+    ///
+    /// # Errors
+    /// A [`Refusal`] (counted); the session keeps its current map.
+    pub fn apply_map(
+        &mut self,
+        node: NodeId,
+        conn: ConnId,
+        checked: Checked,
+        now_ms: UnixMs,
+    ) -> Result<(), Refusal> {
+        let result = self.try_apply_map(node, conn, checked, now_ms);
         match &result {
             Ok(()) => self.maps_accepted += 1,
             Err(r) => self.count_refusal(r),
@@ -440,18 +548,18 @@ impl<H: Clone> Core<H> {
         result
     }
 
-    fn try_update_map(
+    fn try_apply_map(
         &mut self,
         node: NodeId,
         conn: ConnId,
-        signed: &SignedNetMap,
+        checked: Checked,
         now_ms: UnixMs,
     ) -> Result<(), Refusal> {
-        let key = match self.sessions.get(&node) {
-            Some(s) if s.conn == conn => s.machine_key,
+        match self.sessions.get(&node) {
+            Some(s) if s.conn == conn && s.machine_key == checked.machine_key => {}
+            Some(s) if s.conn == conn => return Err(Refusal::KeyMismatch),
             _ => return Err(Refusal::NoSession),
-        };
-        let checked = self.check_map(&key, signed, now_ms)?;
+        }
         if checked.node != node {
             return Err(Refusal::WrongNode {
                 got: checked.node,
@@ -682,44 +790,6 @@ impl<H: Clone> Core<H> {
         }
     }
 
-    /// Signature, decoding, self node, machine key, expiry.
-    fn check_map(
-        &self,
-        machine_key: &PublicKey,
-        signed: &SignedNetMap,
-        now_ms: UnixMs,
-    ) -> Result<Checked, Refusal> {
-        let map: NetMap =
-            verify_signature(&self.cfg.controller_key, signed).map_err(|e| match e {
-                NetMapError::Malformed(m) => Refusal::MalformedMap(m),
-                _ => Refusal::BadMapSignature,
-            })?;
-        let me = map
-            .self_node
-            .as_ref()
-            .filter(|n| n.id != 0)
-            .ok_or_else(|| Refusal::MalformedMap("no self node".into()))?;
-        if me.machine_key.as_slice() != machine_key.as_bytes() {
-            return Err(Refusal::KeyMismatch);
-        }
-        if map.not_after_ms <= now_ms {
-            return Err(Refusal::ExpiredMap {
-                not_after_ms: map.not_after_ms,
-                now_ms,
-            });
-        }
-        let mut peers: Vec<NodeId> = map.peers.iter().map(|p| p.id).collect();
-        peers.sort_unstable();
-        peers.dedup();
-        Ok(Checked {
-            node: me.id,
-            name: me.name.clone(),
-            peers,
-            serial: map.serial,
-            not_after_ms: map.not_after_ms,
-        })
-    }
-
     /// Records `node`'s serial; when the table is full, the entry of the
     /// disconnected node seen longest ago is forgotten.
     fn remember_serial(&mut self, node: NodeId, serial: u64, now_ms: UnixMs) {
@@ -737,6 +807,44 @@ impl<H: Clone> Core<H> {
         }
         self.serials.insert(node, (serial, now_ms));
     }
+}
+
+/// Signature, decoding, self node, machine key, expiry.
+fn check_map(
+    controller_key: &PublicKey,
+    machine_key: &PublicKey,
+    signed: &SignedNetMap,
+    now_ms: UnixMs,
+) -> Result<Checked, Refusal> {
+    let map: NetMap = verify_signature(controller_key, signed).map_err(|e| match e {
+        NetMapError::Malformed(m) => Refusal::MalformedMap(m),
+        _ => Refusal::BadMapSignature,
+    })?;
+    let me = map
+        .self_node
+        .as_ref()
+        .filter(|n| n.id != 0)
+        .ok_or_else(|| Refusal::MalformedMap("no self node".into()))?;
+    if me.machine_key.as_slice() != machine_key.as_bytes() {
+        return Err(Refusal::KeyMismatch);
+    }
+    if map.not_after_ms <= now_ms {
+        return Err(Refusal::ExpiredMap {
+            not_after_ms: map.not_after_ms,
+            now_ms,
+        });
+    }
+    let mut peers: Vec<NodeId> = map.peers.iter().map(|p| p.id).collect();
+    peers.sort_unstable();
+    peers.dedup();
+    Ok(Checked {
+        node: me.id,
+        machine_key: *machine_key,
+        name: me.name.clone(),
+        peers,
+        serial: map.serial,
+        not_after_ms: map.not_after_ms,
+    })
 }
 
 #[cfg(test)]

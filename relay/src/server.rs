@@ -32,7 +32,7 @@ use ztmesh_proto::stun::binding_response;
 use ztmesh_proto::time::now_ms;
 use ztmesh_proto::UnixMs;
 
-use crate::core::{Config, ConnId, Core, DropReason, NodeId, Snapshot};
+use crate::core::{Config, ConnId, Core, DropReason, NodeId, Snapshot, Verifier};
 use crate::datadir::{load_or_create_tls, write_atomic, DataDir, DirLock, Identity};
 use crate::limiter::{FailureLimiter, LimiterConfig, LimiterStats, Source};
 use crate::wire::{
@@ -200,6 +200,8 @@ impl Link {
 
 struct Shared {
     core: Mutex<Core<Link>>,
+    /// The core's stateless checks, run outside its lock.
+    verifier: Verifier,
     next_conn: AtomicU64,
     counters: Counters,
     per_source: Mutex<HashMap<Source, usize>>,
@@ -366,13 +368,15 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
     write_atomic(&dir.identity(), &serde_json::to_vec(&identity)?)?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let core = Core::new(Config {
+        relay_name: cfg.name.clone(),
+        controller_key: cfg.controller_key,
+        max_nodes: cfg.max_nodes,
+        memory_budget: cfg.memory_budget,
+    });
     let shared = Arc::new(Shared {
-        core: Mutex::new(Core::new(Config {
-            relay_name: cfg.name.clone(),
-            controller_key: cfg.controller_key,
-            max_nodes: cfg.max_nodes,
-            memory_budget: cfg.memory_budget,
-        })),
+        verifier: core.verifier(),
+        core: Mutex::new(core),
         next_conn: AtomicU64::new(0),
         counters: Counters::default(),
         per_source: Mutex::new(HashMap::new()),
@@ -568,6 +572,14 @@ async fn session<R, W>(
             refuse(&mut writer, quic.as_ref(), reason).await;
             return;
         }
+        Err(ReadError::Io(e)) => {
+            // The client went away mid-HELLO (a slow uplink gave up, a
+            // laptop changed networks): not evidence of an attack, so the
+            // failure limiter does not count it.
+            shared.core().count_drop(DropReason::MalformedFrame);
+            tracing::debug!(conn = conn_id, error = %e, "HELLO cut short");
+            return;
+        }
         Err(e) => {
             shared.core().count_drop(DropReason::MalformedFrame);
             shared.hello_failed(source);
@@ -610,9 +622,30 @@ async fn session<R, W>(
     // The HELLO is decoded: its buffer no longer counts, so the admission
     // check below does not see this client's own bytes.
     drop(held);
-    let welcome = shared
-        .core()
-        .hello(conn_id, link.clone(), &proof, &map, now_ms());
+    // The expensive checks (a hash of the whole map, an Ed25519
+    // verification) run outside the core's lock, on the blocking pool: a
+    // stranger's large HELLO must not stall the datagrams of everyone else.
+    let verifier = shared.verifier.clone();
+    let verified = tokio::task::spawn_blocking(move || {
+        let checked = verifier.hello(&proof, &map, now_ms());
+        (proof, checked)
+    })
+    .await;
+    let Ok((proof, checked)) = verified else {
+        refuse(&mut writer, quic.as_ref(), "relay stopping".into()).await;
+        return;
+    };
+    // Every later MAP of this session is checked against this key.
+    let machine_key = proof.machine_key;
+    let welcome = match checked {
+        Ok(checked) => shared
+            .core()
+            .admit(conn_id, link.clone(), &proof, checked, now_ms()),
+        Err(r) => {
+            shared.core().count_refusal(&r);
+            Err(r)
+        }
+    };
     let node = match welcome {
         Ok(w) => {
             if let Some(old) = w.replaced {
@@ -670,7 +703,21 @@ async fn session<R, W>(
                     continue;
                 }
                 Ok(Frame::Map(map)) => {
-                    match shared.core().update_map(node, conn_id, &map, now_ms()) {
+                    // Checked outside the core's lock, as the HELLO was.
+                    let verifier = shared.verifier.clone();
+                    let checked = tokio::task::spawn_blocking(move || {
+                        verifier.map(&machine_key, &map, now_ms())
+                    })
+                    .await;
+                    let applied = match checked {
+                        Ok(Ok(c)) => shared.core().apply_map(node, conn_id, c, now_ms()),
+                        Ok(Err(r)) => {
+                            shared.core().count_refusal(&r);
+                            Err(r)
+                        }
+                        Err(_) => break,
+                    };
+                    match applied {
                         Ok(()) => continue,
                         Err(r) => r.to_string(),
                     }

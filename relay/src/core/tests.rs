@@ -539,3 +539,45 @@ fn counters_for_shell_drops_and_the_snapshot_are_deterministic() {
     assert_eq!(a.drops["congested"], 1);
     assert_eq!(a.hellos_accepted, 2);
 }
+
+/// The split the shell uses (checks outside the lock, state inside): a
+/// result of the stateless checks only opens or updates a session of the
+/// key it was checked against, and every refusal is still counted.
+#[test]
+fn verified_maps_are_admitted_only_for_the_key_they_were_checked_against() {
+    let mut w = World::new();
+    let mut core = w.core();
+    let v = core.verifier();
+    let p1 = w.proof(1, NOW);
+    let p2 = w.proof(2, NOW);
+    let checked1 = v.hello(&p1, &w.map(1, &[2], 10, LATER), NOW).unwrap();
+    // Node 1's verified map with node 2's proof: refused, counted.
+    assert_eq!(
+        core.admit(2, 2, &p2, checked1.clone(), NOW).err(),
+        Some(Refusal::KeyMismatch)
+    );
+    core.admit(1, 1, &p1, checked1, NOW).unwrap();
+    // A map checked against node 2's key cannot update node 1's session.
+    let key2 = w.machines[2].public();
+    let checked2 = v.map(&key2, &w.map(2, &[1], 11, LATER), NOW).unwrap();
+    assert_eq!(
+        core.apply_map(1, 1, checked2, NOW),
+        Err(Refusal::KeyMismatch)
+    );
+    let key1 = w.machines[1].public();
+    let newer = v.map(&key1, &w.map(1, &[2, 3], 11, LATER), NOW).unwrap();
+    assert_eq!(
+        core.apply_map(1, 9, newer.clone(), NOW),
+        Err(Refusal::NoSession)
+    );
+    core.apply_map(1, 1, newer, NOW).unwrap();
+    let snap = core.snapshot();
+    assert_eq!((snap.hellos_accepted, snap.maps_accepted), (1, 1));
+    assert_eq!(snap.sessions[0].peers, 2);
+    assert_eq!(
+        snap.refusals.values().sum::<u64>(),
+        3,
+        "{:?}",
+        snap.refusals
+    );
+}
