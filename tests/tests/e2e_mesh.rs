@@ -721,6 +721,13 @@ impl Mesh {
         for member in NODES {
             mesh.restart_echo(member);
         }
+        // Every map carries every peer's endpoints before a scenario starts
+        // (scenario 6 restarts a node from its cached map with the
+        // controller down: a peer without an endpoint there stays
+        // unreachable until that peer calls in).
+        for member in NODES {
+            mesh.config_with_all_endpoints(member, &["wg-config"]);
+        }
         mesh
     }
 
@@ -929,16 +936,22 @@ impl Mesh {
     }
 
     /// `member`'s `wg-config --include-private-key` once every peer in it has
-    /// an Endpoint: a peer's endpoints reach the controller only after its
-    /// first map and one STUN round, so a config exported right after the
-    /// mesh came up may still list a peer without one (what a user exporting
-    /// then gets too; wg-quick would wait for that peer to call in).
+    /// an Endpoint (see [`Mesh::config_with_all_endpoints`]).
     fn exported_wg_config(&self, member: &str) -> (String, WgQuick) {
-        let args = ["wg-config", "--include-private-key"];
+        self.config_with_all_endpoints(member, &["wg-config", "--include-private-key"])
+    }
+
+    /// `member`'s `wg-config` (run with `args`) once every peer in it has an
+    /// Endpoint, i.e. once the node's netmap — and the copy it caches for a
+    /// restart — carries every peer's endpoints. A node reports its
+    /// endpoints after its first map, so a map published right after the
+    /// mesh came up may still list a peer without one (a user exporting
+    /// then gets that too; wg-quick would wait for that peer to call in).
+    fn config_with_all_endpoints(&self, member: &str, args: &[&str]) -> (String, WgQuick) {
         let mut last = String::new();
         let found = wait_for(PROPAGATION_WAIT, Duration::from_millis(100), || {
             let conf = self
-                .node_cli(member, &args)
+                .node_cli(member, args)
                 .unwrap_or_else(|out| panic!("wg-config failed:\n{out}"));
             let wg = WgQuick::parse(&conf);
             let complete = !wg.peers.is_empty() && wg.peers.iter().all(WgPeer::has_endpoint);
@@ -947,9 +960,7 @@ impl Mesh {
         });
         match found {
             Ok((pair, _)) => pair,
-            Err(e) => {
-                panic!("{member}'s exported config never listed every peer's endpoint: {e}\n{last}")
-            }
+            Err(e) => panic!("{member}'s netmap never listed every peer's endpoint: {e}\n{last}"),
         }
     }
 
