@@ -33,6 +33,8 @@ use ztmesh_proto::netmap::{verify_signature, NetMapError};
 use ztmesh_proto::relay::hello_method;
 use ztmesh_proto::UnixMs;
 
+use crate::limiter::Source;
+
 /// A node id, as the controller assigns it (the map's `self_node.id`).
 pub type NodeId = u64;
 /// A connection id, unique for the life of the relay process (the shell
@@ -52,6 +54,13 @@ pub const PAIR_BYTES: u64 = 64;
 /// large maps and trickle them can delay other newcomers, never take the
 /// whole budget.
 pub const UNAUTHENTICATED_SHARE: u64 = 4;
+/// The part of that share one source (an IPv4 address, an IPv6 /64) may
+/// hold: an eighth, so one address cannot keep every newcomer waiting
+/// (32 MiB of the default budget's 256 MiB share)...
+pub const SOURCE_SHARE: u64 = 8;
+/// ...but never less than this (two read steps of a frame), so a small
+/// budget still admits one large `HELLO` per source.
+pub const MIN_SOURCE_SHARE: u64 = 512 * 1024;
 /// Pairs counted one by one; beyond this, forwarded traffic is added to
 /// `other_pairs` so the counters' memory stays bounded.
 pub const MAX_PAIRS: usize = 65_536;
@@ -372,6 +381,9 @@ pub struct Core<H> {
     /// Bytes of frame buffers being read: from clients not yet welcomed
     /// (bounded by the budget's [`UNAUTHENTICATED_SHARE`]) and from sessions.
     unauthenticated: u64,
+    /// The same bytes by source; an entry goes when its bytes are returned,
+    /// so the table holds only sources with a `HELLO` being read.
+    unauthenticated_by_source: BTreeMap<Source, u64>,
     session_buffers: u64,
 }
 
@@ -391,6 +403,7 @@ impl<H: Clone> Core<H> {
             drops: [0; DropReason::ALL.len()],
             memory: 0,
             unauthenticated: 0,
+            unauthenticated_by_source: BTreeMap::new(),
             session_buffers: 0,
         }
     }
@@ -672,10 +685,16 @@ impl<H: Clone> Core<H> {
     /// [`Refusal::OverMemoryBudget`] (counted) when the reservation would
     /// take the unauthenticated buffers beyond their share of the budget, or
     /// the whole estimate beyond the budget; nothing is reserved.
-    pub fn reserve_unauthenticated(&mut self, bytes: u64) -> Result<(), Refusal> {
+    pub fn reserve_unauthenticated(&mut self, source: Source, bytes: u64) -> Result<(), Refusal> {
         let share = self.cfg.memory_budget / UNAUTHENTICATED_SHARE;
         let used = self.memory_estimate();
+        let mine = self
+            .unauthenticated_by_source
+            .get(&source)
+            .copied()
+            .unwrap_or(0);
         if self.unauthenticated.saturating_add(bytes) > share
+            || mine.saturating_add(bytes) > (share / SOURCE_SHARE).max(MIN_SOURCE_SHARE).min(share)
             || used.saturating_add(bytes) > self.cfg.memory_budget
         {
             let r = Refusal::OverMemoryBudget {
@@ -687,12 +706,19 @@ impl<H: Clone> Core<H> {
             return Err(r);
         }
         self.unauthenticated += bytes;
+        *self.unauthenticated_by_source.entry(source).or_default() += bytes;
         Ok(())
     }
 
     /// Returns a reservation of [`Core::reserve_unauthenticated`].
-    pub fn release_unauthenticated(&mut self, bytes: u64) {
+    pub fn release_unauthenticated(&mut self, source: Source, bytes: u64) {
         self.unauthenticated = self.unauthenticated.saturating_sub(bytes);
+        if let Some(n) = self.unauthenticated_by_source.get_mut(&source) {
+            *n = n.saturating_sub(bytes);
+            if *n == 0 {
+                self.unauthenticated_by_source.remove(&source);
+            }
+        }
     }
 
     /// Counts `bytes` of a session's frame buffer (a large `MAP`). Never

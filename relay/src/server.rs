@@ -434,7 +434,7 @@ async fn quic_conn(shared: Arc<Shared>, incoming: quinn::Incoming, slot: SourceS
     let handshake = async {
         let conn = incoming.await.ok()?;
         let (send, mut recv) = conn.accept_bi().await.ok()?;
-        let (hello, held) = read_hello(&shared, &mut recv).await?;
+        let (hello, held) = read_hello(&shared, slot.source, &mut recv).await?;
         Some((conn, send, recv, hello, held))
     };
     let Some((conn, send, recv, hello, held)) = handshake_within(&shared, handshake).await else {
@@ -475,7 +475,7 @@ async fn tcp_conn(
     let handshake = async {
         let tls = acceptor.accept(tcp).await.ok()?;
         let (mut recv, send) = tokio::io::split(tls);
-        let (hello, held) = read_hello(&shared, &mut recv).await?;
+        let (hello, held) = read_hello(&shared, slot.source, &mut recv).await?;
         Some((recv, send, hello, held))
     };
     let Some((recv, send, hello, held)) = handshake_within(&shared, handshake).await else {
@@ -489,12 +489,17 @@ async fn tcp_conn(
 /// returned when dropped.
 struct Unauthenticated {
     shared: Arc<Shared>,
+    source: Source,
     bytes: u64,
 }
 
 impl Unauthenticated {
     fn grow(&mut self, n: usize) -> bool {
-        let ok = self.shared.core().reserve_unauthenticated(n as u64).is_ok();
+        let ok = self
+            .shared
+            .core()
+            .reserve_unauthenticated(self.source, n as u64)
+            .is_ok();
         if ok {
             self.bytes += n as u64;
         }
@@ -504,7 +509,9 @@ impl Unauthenticated {
 
 impl Drop for Unauthenticated {
     fn drop(&mut self) {
-        self.shared.core().release_unauthenticated(self.bytes);
+        self.shared
+            .core()
+            .release_unauthenticated(self.source, self.bytes);
     }
 }
 
@@ -513,10 +520,12 @@ impl Drop for Unauthenticated {
 /// stream that ended before a frame.
 async fn read_hello<R: AsyncRead + Unpin>(
     shared: &Arc<Shared>,
+    source: Source,
     recv: &mut R,
 ) -> Option<(Result<Vec<u8>, ReadError>, Unauthenticated)> {
     let mut held = Unauthenticated {
         shared: shared.clone(),
+        source,
         bytes: 0,
     };
     let mut hello = Vec::new();

@@ -455,34 +455,49 @@ fn memory_is_accounted_exactly_through_joins_updates_and_leaves() {
 #[test]
 fn unauthenticated_buffers_take_at_most_their_share_of_the_budget() {
     let mut w = World::new();
-    let budget = 4 * 1_000_000;
+    let budget = 64 * 1_000_000;
     let mut core = w.core_with(100, budget);
     let share = budget / UNAUTHENTICATED_SHARE;
-    core.reserve_unauthenticated(share - 10).unwrap();
-    let refused = core.reserve_unauthenticated(11).unwrap_err();
+    let per_source = share / SOURCE_SHARE;
+    assert!(per_source > MIN_SOURCE_SHARE);
+    let src = |i: u8| Source::from(std::net::IpAddr::from([198, 18, 0, i]));
+    // One source gets an eighth of the share, not more.
+    core.reserve_unauthenticated(src(1), per_source).unwrap();
+    assert!(core.reserve_unauthenticated(src(1), 1).is_err());
+    // Eight sources fill the share; one byte more is refused to a ninth.
+    for i in 2..=7 {
+        core.reserve_unauthenticated(src(i), per_source).unwrap();
+    }
+    core.reserve_unauthenticated(src(8), per_source - 10)
+        .unwrap();
+    let refused = core.reserve_unauthenticated(src(9), 11).unwrap_err();
     assert!(
         matches!(refused, Refusal::OverMemoryBudget { need: 11, .. }),
         "{refused:?}"
     );
-    core.reserve_unauthenticated(10).unwrap();
+    core.reserve_unauthenticated(src(9), 10).unwrap();
     assert_eq!(core.memory_estimate(), share);
     assert_eq!(core.snapshot().unauthenticated_buffers, share);
     // Buffers in flight count against newcomers like sessions do.
     w.hello(&mut core, 1, &[2], 10).unwrap();
-    core.release_unauthenticated(share);
+    for i in 1..=7 {
+        core.release_unauthenticated(src(i), per_source);
+    }
+    core.release_unauthenticated(src(8), per_source - 10);
+    core.release_unauthenticated(src(9), 10);
     assert_eq!(core.memory_estimate(), session_estimate(1, 2));
     // A session's large MAP buffer is counted but never refused...
     core.hold_session_buffer(budget);
     assert_eq!(core.snapshot().session_buffers, budget);
     // ...and while it is held, strangers get nothing.
-    assert!(core.reserve_unauthenticated(1).is_err());
+    assert!(core.reserve_unauthenticated(src(1), 1).is_err());
     core.release_session_buffer(budget);
-    core.reserve_unauthenticated(1).unwrap();
-    core.release_unauthenticated(1);
+    core.reserve_unauthenticated(src(1), 1).unwrap();
+    core.release_unauthenticated(src(1), 1);
     // Releasing more than was held saturates instead of wrapping.
-    core.release_unauthenticated(5);
+    core.release_unauthenticated(src(1), 5);
     assert_eq!(core.memory_estimate(), session_estimate(1, 2));
-    assert_eq!(core.snapshot().refusals["over_memory_budget"], 2);
+    assert_eq!(core.snapshot().refusals["over_memory_budget"], 3);
 }
 
 #[test]
