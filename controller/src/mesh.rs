@@ -19,7 +19,7 @@ use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use ipnet::Ipv6Net;
+use ipnet::{IpNet, Ipv6Net};
 use rand_core::RngCore;
 use tokio::sync::watch;
 use ztmesh_policy::{Compiled, NodeInfo as PolicyNode, Policy};
@@ -35,6 +35,15 @@ use crate::nodelimit::{Call, EndpointCoalescer};
 use crate::secrets::{self, KeyDetail, Presented, Refusal, SecretKind, SecretRecord};
 use crate::store::{AuditEntry, NewNode, NodeRow, PolicyRow, Store, UserRow};
 use crate::UnixMs;
+
+/// An admin's change to a node's route approvals.
+#[derive(Clone, Debug, Default)]
+pub struct RouteApproval {
+    pub approve: Vec<String>,
+    pub unapprove: Vec<String>,
+    pub approve_exit_node: bool,
+    pub unapprove_exit_node: bool,
+}
 
 /// Tunables, with the defaults documented in the README.
 #[derive(Clone, Debug)]
@@ -1276,6 +1285,186 @@ impl Mesh {
         Ok(updated)
     }
 
+    /// What advertised routes must stay clear of: the overlay and the
+    /// relays' addresses (nodes reach them outside the tunnel).
+    fn route_limits(&self) -> crate::routes::RouteLimits {
+        let overlay = vec![
+            "100.64.0.0/10".parse().expect("static prefix"),
+            IpNet::V6(self.ula),
+        ];
+        let reserved = self
+            .cfg
+            .relays
+            .iter()
+            .flat_map(|r| {
+                [r.quic_addr.as_str(), r.tcp_addr.as_str()]
+                    .into_iter()
+                    .chain(r.stun_addrs.iter().map(String::as_str))
+            })
+            .filter_map(|a| a.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.ip())
+            .collect();
+        crate::routes::RouteLimits { overlay, reserved }
+    }
+
+    /// A node's advertisement (`ztmesh up --advertise-routes …`): replaces
+    /// the last one; routes and the exit-node role the policy's
+    /// `autoApprovers` cover are approved on the spot. Nothing is routed
+    /// until a route is both advertised and approved.
+    ///
+    /// # Errors
+    /// `Invalid` as [`crate::routes::validate_advertisement`]; `NotFound`.
+    pub fn set_routes(
+        &self,
+        node: u64,
+        routes: &[String],
+        exit_node: bool,
+        now: UnixMs,
+    ) -> Result<NodeRow> {
+        let adv = crate::routes::validate_advertisement(routes, exit_node, &self.route_limits())?;
+        let turn = self.turn();
+        let (row, policy) = {
+            let st = self.state();
+            let row = st
+                .core
+                .nodes()
+                .get(node)
+                .cloned()
+                .ok_or_else(|| Error::NotFound(format!("node {node}")))?;
+            (row, st.core.policy().clone())
+        };
+        let who = crate::netcore::policy_node(&row);
+        let mut approved = row.routes.approved.clone();
+        let auto: Vec<IpNet> = adv
+            .routes
+            .iter()
+            .filter(|r| !approved.contains(r) && policy.auto_approves_route(&who, **r))
+            .copied()
+            .collect();
+        approved.extend(&auto);
+        approved.sort();
+        let exit_auto =
+            adv.exit_node && !row.routes.exit_approved && policy.auto_approves_exit(&who);
+        let routes = crate::model::NodeRoutes {
+            advertised: adv.routes,
+            approved,
+            exit_advertised: adv.exit_node,
+            exit_approved: row.routes.exit_approved || exit_auto,
+        };
+        if routes == row.routes {
+            return Ok(row);
+        }
+        self.store.set_node_routes(node, &routes)?;
+        let list = |v: &[IpNet]| {
+            v.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let mut detail = format!(
+            "advertised [{}] exit_node={}",
+            list(&routes.advertised),
+            routes.exit_advertised
+        );
+        if !auto.is_empty() || exit_auto {
+            detail.push_str(&format!(
+                "; auto-approved [{}]{}",
+                list(&auto),
+                if exit_auto { " exit_node" } else { "" }
+            ));
+        }
+        self.audit(now, &row.name, "node.routes.advertise", &row.name, &detail);
+        let updated = NodeRow { routes, ..row };
+        self.apply(&turn, Change::Upsert(updated.clone()), now);
+        Ok(updated)
+    }
+
+    /// An admin approves or withdraws approval of a node's routes and
+    /// exit-node role (`nodes routes NODE --approve CIDR`). Only advertised
+    /// routes can be approved; an approval outlives a withdrawn
+    /// advertisement.
+    ///
+    /// # Errors
+    /// `Invalid` for a prefix that is not canonical or not advertised, or
+    /// approving an exit node that does not offer it; `NotFound`.
+    pub fn approve_routes(
+        &self,
+        actor: &str,
+        r: &str,
+        change: &RouteApproval,
+        now: UnixMs,
+    ) -> Result<NodeRow> {
+        let parse = |list: &[String]| -> Result<Vec<IpNet>> {
+            list.iter()
+                .map(|t| {
+                    let n: IpNet = t.trim().parse().map_err(|_| {
+                        Error::Invalid(format!("{t:?} is not a CIDR prefix such as 198.19.50.0/24"))
+                    })?;
+                    if n.trunc() != n {
+                        return Err(Error::Invalid(format!(
+                            "{t:?} has host bits set; the prefix is {}",
+                            n.trunc()
+                        )));
+                    }
+                    Ok(n)
+                })
+                .collect()
+        };
+        let (approve, unapprove) = (parse(&change.approve)?, parse(&change.unapprove)?);
+        let turn = self.turn();
+        let node = self.find_node(r)?;
+        if let Some(p) = approve.iter().find(|p| !node.routes.advertised.contains(p)) {
+            return Err(Error::Invalid(format!(
+                "{} does not advertise {p} (it advertises [{}])",
+                node.name,
+                node.routes
+                    .advertised
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        if change.approve_exit_node && !node.routes.exit_advertised {
+            return Err(Error::Invalid(format!(
+                "{} does not offer to be an exit node (ztmesh up --advertise-exit-node)",
+                node.name
+            )));
+        }
+        let mut routes = node.routes.clone();
+        routes.approved.retain(|p| !unapprove.contains(p));
+        for p in approve {
+            if !routes.approved.contains(&p) {
+                routes.approved.push(p);
+            }
+        }
+        routes.approved.sort();
+        if change.approve_exit_node {
+            routes.exit_approved = true;
+        }
+        if change.unapprove_exit_node {
+            routes.exit_approved = false;
+        }
+        if routes == node.routes {
+            return Ok(node);
+        }
+        self.store.set_node_routes(node.id, &routes)?;
+        let detail = format!(
+            "approved [{}] exit_node={}",
+            routes
+                .approved
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            routes.exit_approved
+        );
+        self.audit(now, actor, "node.routes.approve", &node.name, &detail);
+        let updated = NodeRow { routes, ..node };
+        self.apply(&turn, Change::Upsert(updated.clone()), now);
+        Ok(updated)
+    }
+
     pub fn rename_node(
         &self,
         actor: &str,
@@ -1528,5 +1717,104 @@ mod tests {
         m.unsubscribe(ids[0], sub.conn, T0 + 9_000);
         m.flush();
         assert_eq!(seen(&m), T0 + 9_000);
+    }
+
+    #[test]
+    fn routes_are_checked_approved_by_admin_or_auto_approvers_and_audited() {
+        let m = mesh();
+        let ids = enroll_nodes(&m, 1);
+        // Refused with the reason, nothing stored.
+        let e = m
+            .set_routes(ids[0], &["100.64.1.0/24".into()], false, T0)
+            .unwrap_err();
+        assert!(e.to_string().contains("overlaps the mesh's overlay"), "{e}");
+        let e = m
+            .set_routes(ids[0], &["0.0.0.0/0".into()], false, T0)
+            .unwrap_err();
+        assert!(e.to_string().contains("--advertise-exit-node"), "{e}");
+
+        // Advertised, not approved: nothing to route yet.
+        let row = m
+            .set_routes(ids[0], &["198.19.50.0/24".into()], true, T0)
+            .unwrap();
+        assert_eq!(row.routes.advertised, vec![net("198.19.50.0/24")]);
+        assert!(row.routes.active().is_empty() && !row.routes.exit_node());
+        // An admin cannot approve what the node does not advertise.
+        let name = row.name.clone();
+        let e = m
+            .approve_routes(
+                "admin",
+                &name,
+                &RouteApproval {
+                    approve: vec!["198.19.60.0/24".into()],
+                    ..RouteApproval::default()
+                },
+                T0,
+            )
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("does not advertise 198.19.60.0/24"),
+            "{e}"
+        );
+        let row = m
+            .approve_routes(
+                "admin",
+                &name,
+                &RouteApproval {
+                    approve: vec!["198.19.50.0/24".into()],
+                    approve_exit_node: true,
+                    ..RouteApproval::default()
+                },
+                T0,
+            )
+            .unwrap();
+        assert_eq!(row.routes.active(), vec![net("198.19.50.0/24")]);
+        assert!(row.routes.exit_node());
+        // Persisted, and audited with the actor.
+        let stored = m.store.nodes().unwrap();
+        assert_eq!(stored[0].routes, row.routes);
+        let log = m.store.audit_log(10).unwrap();
+        assert!(
+            log.iter()
+                .any(|a| a.action == "node.routes.approve" && a.actor == "admin"),
+            "{log:?}"
+        );
+        assert!(log.iter().any(|a| a.action == "node.routes.advertise"));
+
+        // autoApprovers: a route inside an approver CIDR is approved on advertise.
+        m.set_policy(
+            "admin",
+            "p.hujson",
+            r#"{
+              "tagOwners": {"tag:a": []},
+              "autoApprovers": {"routes": {"198.19.0.0/16": ["tag:a"]}},
+              "acls": [{"action": "accept", "src": ["tag:a"], "dst": ["tag:a:22,443"]}],
+            }"#,
+            T0,
+        )
+        .unwrap();
+        let row = m
+            .set_routes(
+                ids[0],
+                &[
+                    "198.19.50.0/24".into(),
+                    "198.19.70.0/24".into(),
+                    "198.18.200.0/24".into(),
+                ],
+                false,
+                T0,
+            )
+            .unwrap();
+        assert_eq!(
+            row.routes.active(),
+            vec![net("198.19.50.0/24"), net("198.19.70.0/24")],
+            "198.18.200.0/24 is outside the approver CIDR"
+        );
+        assert!(!row.routes.exit_node(), "no longer advertised");
+        assert!(row.routes.exit_approved, "the approval itself stays");
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
     }
 }
