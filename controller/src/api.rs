@@ -34,7 +34,7 @@ use crate::store::NodeRow;
 
 use ztmesh_proto::auth::methods::{
     LOGOUT as M_LOGOUT, REPORT_ENDPOINTS as M_ENDPOINTS, REPORT_FLOWS as M_FLOWS,
-    STREAM_NETMAP as M_STREAM,
+    SET_ROUTES as M_ROUTES, STREAM_NETMAP as M_STREAM,
 };
 
 /// The node-facing service.
@@ -160,6 +160,27 @@ impl Control for ControlService {
         self.mesh
             .report_endpoints(node.id, &req.get_ref().endpoints, now_ms())?;
         Ok(Response::new(pb::ReportEndpointsResponse {}))
+    }
+
+    async fn set_routes(
+        &self,
+        req: Request<pb::SetRoutesRequest>,
+    ) -> Result<Response<pb::SetRoutesResponse>, Status> {
+        let node = self.node(&req, M_ROUTES)?;
+        self.mesh.throttle(node.id, Call::SetRoutes, now_ms())?;
+        let r = req.get_ref();
+        let row = self
+            .mesh
+            .set_routes(node.id, &r.routes, r.exit_node, now_ms())?;
+        Ok(Response::new(pb::SetRoutesResponse {
+            approved: row
+                .routes
+                .active()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            exit_node_approved: row.routes.exit_node(),
+        }))
     }
 
     async fn report_flows(
@@ -478,6 +499,15 @@ fn node_pb(n: &NodeRow, online: bool) -> apb::Node {
         ephemeral: n.ephemeral,
         endpoints: n.endpoints.clone(),
         netmap_serial: 0,
+        advertised_routes: n
+            .routes
+            .advertised
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        approved_routes: n.routes.approved.iter().map(ToString::to_string).collect(),
+        exit_node_advertised: n.routes.exit_advertised,
+        exit_node_approved: n.routes.exit_approved,
     }
 }
 
@@ -650,6 +680,24 @@ impl Admin for AdminService {
         let n = self
             .mesh
             .rename_node(&actor, &r.node, &r.new_name, now_ms())?;
+        ok(node_pb(&n, false))
+    }
+
+    async fn set_node_routes(&self, req: Request<apb::SetNodeRoutesRequest>) -> R<apb::Node> {
+        let actor = self.actor(&req)?;
+        let r = req.get_ref();
+        if r.approve.len() + r.unapprove.len() > crate::routes::MAX_ROUTES * 2 {
+            return Err(Status::invalid_argument("too many prefixes in one request"));
+        }
+        let change = crate::mesh::RouteApproval {
+            approve: r.approve.clone(),
+            unapprove: r.unapprove.clone(),
+            approve_exit_node: r.approve_exit_node,
+            unapprove_exit_node: r.unapprove_exit_node,
+        };
+        let n = self
+            .mesh
+            .approve_routes(&actor, &r.node, &change, now_ms())?;
         ok(node_pb(&n, false))
     }
 

@@ -21,6 +21,7 @@ pub enum Call {
     ReportEndpoints,
     ReportFlows,
     StreamOpen,
+    SetRoutes,
 }
 
 /// A token bucket: `burst` calls at once, then one per `refill_ms`.
@@ -37,6 +38,7 @@ impl Call {
             Call::ReportEndpoints => "ReportEndpoints",
             Call::ReportFlows => "ReportFlows",
             Call::StreamOpen => "StreamNetMap",
+            Call::SetRoutes => "SetRoutes",
         }
     }
 
@@ -57,6 +59,12 @@ impl Call {
             Call::StreamOpen => Limit {
                 burst: 10,
                 refill_ms: 6_000,
+            },
+            // The agent advertises once per session and on `up` changes;
+            // each accepted change is audited and may republish maps.
+            Call::SetRoutes => Limit {
+                burst: 5,
+                refill_ms: 12_000,
             },
         }
     }

@@ -963,3 +963,111 @@ async fn every_streamed_map_lists_the_configured_relays() {
     assert_eq!(map.relays, vec![relay]);
     ctl.stop().await;
 }
+
+async fn set_routes(
+    ctl: &Ctl,
+    node: &TestNode,
+    routes: &[&str],
+    exit_node: bool,
+) -> Result<pb::SetRoutesResponse, tonic::Status> {
+    let req = signed_request(
+        &node.machine,
+        methods::SET_ROUTES,
+        pb::SetRoutesRequest {
+            routes: routes.iter().map(|r| (*r).to_owned()).collect(),
+            exit_node,
+        },
+        now_ms(),
+        &mut OsRng,
+    );
+    ctl.control()
+        .await
+        .set_routes(req)
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// A router advertises over the node API (a proof for SetRoutes, not
+/// another method's); bad prefixes get INVALID_ARGUMENT naming the route;
+/// an admin approves only what is advertised; autoApprovers approve on the
+/// spot.
+#[tokio::test]
+async fn routes_are_advertised_by_the_node_and_approved_by_an_admin_or_the_policy() {
+    let ctl = Ctl::start().await;
+    ctl.set_policy(POLICY).await;
+    let k = ctl.key("", &["tag:db"], true).await;
+    let r = enroll(&ctl, &k, "router").await.unwrap();
+
+    let e = set_routes(&ctl, &r, &["198.19.50.7/24"], false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("the prefix is 198.19.50.0/24"),
+        "{e:?}"
+    );
+    // A proof for another method does not authorize SetRoutes.
+    let wrong = signed_request(
+        &r.machine,
+        methods::REPORT_ENDPOINTS,
+        pb::SetRoutesRequest {
+            routes: vec!["198.19.50.0/24".into()],
+            exit_node: false,
+        },
+        now_ms(),
+        &mut OsRng,
+    );
+    let e = ctl.control().await.set_routes(wrong).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+
+    let got = set_routes(&ctl, &r, &["198.19.50.0/24"], true)
+        .await
+        .unwrap();
+    assert!(got.approved.is_empty() && !got.exit_node_approved);
+    let mut admin = ctl.admin().await;
+    let e = admin
+        .set_node_routes(apb::SetNodeRoutesRequest {
+            node: r.name.clone(),
+            approve: vec!["198.19.60.0/24".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let n = admin
+        .set_node_routes(apb::SetNodeRoutesRequest {
+            node: r.name.clone(),
+            approve: vec!["198.19.50.0/24".into()],
+            approve_exit_node: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(n.approved_routes, vec!["198.19.50.0/24".to_string()]);
+    assert!(n.exit_node_approved);
+    let audit = admin
+        .list_audit(apb::ListAuditRequest { limit: 20 })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert!(
+        audit
+            .iter()
+            .any(|a| a.action == "node.routes.approve" && a.target == r.name),
+        "{audit:?}"
+    );
+
+    // autoApprovers: tag:db routers get 198.19.0.0/16 approved on advertise.
+    ctl.set_policy(&POLICY.replace(
+        r#""acls": ["#,
+        r#""autoApprovers": {"routes": {"198.19.0.0/16": ["tag:db"]}}, "acls": ["#,
+    ))
+    .await;
+    let got = set_routes(&ctl, &r, &["198.19.50.0/24", "198.19.70.0/24"], false)
+        .await
+        .unwrap();
+    assert_eq!(got.approved, vec!["198.19.50.0/24", "198.19.70.0/24"]);
+    ctl.stop().await;
+}

@@ -55,6 +55,13 @@ impl Control for OneMap {
         Err(Status::unimplemented("not in this test"))
     }
 
+    async fn set_routes(
+        &self,
+        _: Request<pb::SetRoutesRequest>,
+    ) -> Result<Response<pb::SetRoutesResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
     async fn report_flows(
         &self,
         _: Request<pb::ReportFlowsRequest>,

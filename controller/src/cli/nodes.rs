@@ -30,6 +30,24 @@ pub enum NodesCmd {
         node: String,
         new_name: String,
     },
+    /// Show a node's subnet routes and exit-node role, and approve or
+    /// withdraw approval (only advertised routes can be approved).
+    Routes {
+        node: String,
+        /// Approve these advertised prefixes (comma-separated or repeated).
+        #[arg(long, value_delimiter = ',')]
+        approve: Vec<String>,
+        /// Withdraw approval of these prefixes.
+        #[arg(long, value_delimiter = ',')]
+        unapprove: Vec<String>,
+        /// Approve the node as an exit node (it must advertise it).
+        #[arg(long, conflicts_with = "unapprove_exit_node")]
+        approve_exit_node: bool,
+        #[arg(long)]
+        unapprove_exit_node: bool,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
 }
 
 pub(super) async fn run(c: &mut Client, cmd: NodesCmd) -> anyhow::Result<()> {
@@ -85,6 +103,15 @@ pub(super) async fn run(c: &mut Client, cmd: NodesCmd) -> anyhow::Result<()> {
                 println!("wg key:      {}", n.wg_key);
                 println!("online:      {}", n.online);
                 println!("endpoints:   {}", n.endpoints.join(" "));
+                println!(
+                    "routes:      {} (approved: {})",
+                    n.advertised_routes.join(" "),
+                    n.approved_routes.join(" ")
+                );
+                println!(
+                    "exit node:   advertised {}, approved {}",
+                    n.exit_node_advertised, n.exit_node_approved
+                );
                 println!("created:     {}", ms_to_text(n.created_ms));
                 println!("last seen:   {}", ms_to_text(n.last_seen_ms));
                 println!("expires:     {}", ms_to_text(n.expiry_ms));
@@ -110,6 +137,59 @@ pub(super) async fn run(c: &mut Client, cmd: NodesCmd) -> anyhow::Result<()> {
                 .into_inner();
             println!("renamed node {} to {}", n.id, n.name);
         }
+        NodesCmd::Routes {
+            node,
+            approve,
+            unapprove,
+            approve_exit_node,
+            unapprove_exit_node,
+            output,
+        } => {
+            let change = !approve.is_empty()
+                || !unapprove.is_empty()
+                || approve_exit_node
+                || unapprove_exit_node;
+            let n = if change {
+                c.set_node_routes(apb::SetNodeRoutesRequest {
+                    node,
+                    approve,
+                    unapprove,
+                    approve_exit_node,
+                    unapprove_exit_node,
+                })
+                .await
+            } else {
+                c.get_node(apb::NodeRef { node }).await
+            }
+            .map_err(status_err)?
+            .into_inner();
+            if output == Output::Json {
+                print_json(&routes_json(&n));
+            } else {
+                println!("{:<20} {:<10} SERVED", "ROUTE", "APPROVED");
+                let mut all: Vec<&String> = n
+                    .advertised_routes
+                    .iter()
+                    .chain(&n.approved_routes)
+                    .collect();
+                all.sort();
+                all.dedup();
+                for r in all {
+                    let approved = n.approved_routes.contains(r);
+                    let served = approved && n.advertised_routes.contains(r);
+                    let note = if n.advertised_routes.contains(r) {
+                        ""
+                    } else {
+                        " (not advertised)"
+                    };
+                    println!("{r:<20} {approved:<10} {served}{note}");
+                }
+                println!(
+                    "exit node: advertised {}, approved {}",
+                    n.exit_node_advertised, n.exit_node_approved
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -121,5 +201,14 @@ fn node_json(n: &apb::Node) -> serde_json::Value {
         "user": n.user, "tags": n.tags, "machine_key": n.machine_key, "wg_key": n.wg_key,
         "created_ms": n.created_ms, "last_seen_ms": n.last_seen_ms, "expiry_ms": n.expiry_ms,
         "online": n.online, "ephemeral": n.ephemeral, "endpoints": n.endpoints,
+        "routes": routes_json(n),
+    })
+}
+
+/// A node's routes as `-o json` prints them.
+fn routes_json(n: &apb::Node) -> serde_json::Value {
+    json!({
+        "advertised": n.advertised_routes, "approved": n.approved_routes,
+        "exit_node_advertised": n.exit_node_advertised, "exit_node_approved": n.exit_node_approved,
     })
 }
