@@ -342,16 +342,7 @@ async fn malformed_frames_are_counted_and_close_only_that_connection() {
 
     // 4. QUIC: datagrams too short for a peer id are counted and dropped;
     // the connection stays.
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let crypto =
-        quinn::crypto::rustls::QuicClientConfig::try_from(client_tls(relay.fingerprint)).unwrap();
-    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport(0, None)));
-    let conn = endpoint
-        .connect_with(cfg, relay.identity.quic_addr.parse().unwrap(), SERVER_NAME)
-        .unwrap()
-        .await
-        .unwrap();
+    let (_endpoint, conn) = raw_quic(&relay).await;
     let (mut send, mut stream) = conn.open_bi().await.unwrap();
     send.write_all(&hello_bytes(&w, 5, 1)).await.unwrap();
     let mut welcome = [0u8; 13];
