@@ -119,11 +119,17 @@ mod tests {
             "ff02::1/128",
             "fe80::1/128",
             "::1/128",
-            "10.1.2.3/32",
-            "172.16.0.1/32",
-            "192.168.1.1/32",
         ] {
             assert!(!is_internet(&net(outside)), "{outside}");
+        }
+        // Every excluded range (the private ones included), from the table
+        // itself: its whole prefix and a host inside it are not internet.
+        for &(addr, len) in NOT_INTERNET {
+            let range = IpNet::new(addr, len).unwrap();
+            assert!(!is_internet(&range), "{range}");
+            let host =
+                IpNet::new(range.hosts().next().unwrap_or(addr), range.max_prefix_len()).unwrap();
+            assert!(!is_internet(&host), "{host}");
         }
     }
 
