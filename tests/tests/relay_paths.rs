@@ -232,10 +232,7 @@ fn endpoint_independent_nats_go_direct_and_the_relay_stops_carrying_the_pair() {
         return;
     }
     let lab = RelayLab::new(Masquerade::Plain, Masquerade::Plain);
-    let ping = lab.ping(&["--until-direct", "--count", "40"]);
-    let took = lab.up_at.elapsed();
-    assert!(ping.status.success(), "{ping}");
-    assert!(ping.stdout.contains("via direct"), "{ping}");
+    let took = lab.ping_until_direct();
     println!("(b) first direct reply {took:?} after a's `up` returned");
     let outside_b = lab.topo.addr(ROUTER_B).to_string();
     lab.wait_path(PATH_BOUND, |p| {
@@ -288,8 +285,7 @@ fn a_dead_direct_path_falls_back_to_the_relay_and_returns_when_restored() {
         return;
     }
     let lab = RelayLab::new(Masquerade::Plain, Masquerade::Plain);
-    let ping = lab.ping(&["--until-direct", "--count", "40"]);
-    assert!(ping.status.success(), "{ping}");
+    lab.ping_until_direct();
     lab.wait_path(PATH_BOUND, |p| p.starts_with("direct "));
     let mut stream = lab.spawn_stream(100_000, 100);
     let rounds = |s: &Proc| s.stdout().lines().filter(|l| l.ends_with(" ok")).count();
@@ -896,12 +892,7 @@ fn bench_paths() {
     drop(lab);
 
     let mut lab = RelayLab::new(Masquerade::Plain, Masquerade::Plain);
-    let ping = lab.ping(&["--until-direct", "--count", "40"]);
-    let first = format!("{:.2?} (first direct reply)", lab.up_at.elapsed());
-    assert!(
-        ping.status.success() && ping.stdout.contains("via direct"),
-        "{ping}"
-    );
+    let first = format!("{:.2?} (first direct reply)", lab.ping_until_direct());
     let m = lab.iperf(secs, reps, &lab.daemon_pids());
     let path = lab.path(Side::A);
     assert!(
@@ -1619,6 +1610,16 @@ impl RelayLab {
             "30000".to_owned(),
         ];
         self.a.spawn("stream", args)
+    }
+
+    /// `ztmesh ping --until-direct` from a to b (up to 40 pings) until a
+    /// reply comes direct; returns the time since a's `up`.
+    fn ping_until_direct(&self) -> Duration {
+        let ping = self.ping(&["--until-direct", "--count", "40"]);
+        let took = self.up_at.elapsed();
+        assert!(ping.status.success(), "{ping}");
+        assert!(ping.stdout.contains("via direct"), "{ping}");
+        took
     }
 
     /// `ztmesh ping B_IP ARGS` from a.

@@ -156,30 +156,25 @@ impl Net {
     }
 
     fn inject_relay(&mut self, i: usize, src: u64, data: &[u8]) -> Result<(), DropReason> {
-        let mut out = [0u8; BUF];
-        let now = self.now;
-        let me = self.nodes[i].addr;
-        let r = match self.nodes[i].dev.handle_relay(now, src, data, &mut out) {
-            Output::Network(t) => {
-                self.wire.push_back((me, t.to, t.packet.to_vec()));
-                Ok(())
-            }
-            Output::Tunnel(p) => {
-                self.nodes[i].tun_rx.push(p.to_vec());
-                Ok(())
-            }
-            Output::Done => Ok(()),
-            Output::Dropped(r) => Err(r),
-        };
-        self.drain(i);
-        r
+        self.inject_from(i, Destination::Relay(src), data)
     }
 
     fn inject(&mut self, i: usize, from: SocketAddr, data: &[u8]) -> Result<(), DropReason> {
+        self.inject_from(i, Destination::Udp(from), data)
+    }
+
+    /// Hands node `i` a datagram that came by UDP from an address or through
+    /// the relay from a peer id, and routes what it outputs.
+    fn inject_from(&mut self, i: usize, from: Destination, data: &[u8]) -> Result<(), DropReason> {
         let mut out = [0u8; BUF];
         let now = self.now;
         let me = self.nodes[i].addr;
-        let r = match self.nodes[i].dev.handle_udp(now, from, data, &mut out) {
+        let dev = &mut self.nodes[i].dev;
+        let output = match from {
+            Destination::Udp(addr) => dev.handle_udp(now, addr, data, &mut out),
+            Destination::Relay(id) => dev.handle_relay(now, id, data, &mut out),
+        };
+        let r = match output {
             Output::Network(t) => {
                 self.wire.push_back((me, t.to, t.packet.to_vec()));
                 Ok(())
