@@ -43,6 +43,7 @@ pub enum NodesCmd {
         /// Approve the node as an exit node (it must advertise it).
         #[arg(long, conflicts_with = "unapprove_exit_node")]
         approve_exit_node: bool,
+        /// Withdraw the exit-node approval.
         #[arg(long)]
         unapprove_exit_node: bool,
         #[arg(short, long, value_enum, default_value_t)]
