@@ -347,6 +347,7 @@ impl NetCore {
                 wg_key: me.wg_key.to_vec(),
                 user: me.user.clone().unwrap_or_default(),
                 tags: me.tags.clone(),
+                ..pb::NodeInfo::default()
             }),
             ..NetMap::default()
         };
