@@ -768,11 +768,23 @@ impl Mesh {
             return Err(duplicate_session());
         }
         let serial = self.next_serial(&turn, now);
-        let body = self
-            .state()
-            .core
-            .encode(node, serial, now)
-            .ok_or_else(|| Error::node_auth(AuthReason::Revoked, "node is not active"))?;
+        let (body, mut rerouted) = {
+            let mut st = self.state();
+            let body = st
+                .core
+                .encode(node, serial, now)
+                .ok_or_else(|| Error::node_auth(AuthReason::Revoked, "node is not active"))?;
+            // A router coming online may take over routes whose primary is
+            // offline; its first map is built after that.
+            let rerouted = st.core.apply(Change::Online { node, online: true });
+            let body = if rerouted.contains(&node) {
+                st.core.encode(node, serial, now).unwrap_or(body)
+            } else {
+                body
+            };
+            (body, rerouted)
+        };
+        rerouted.remove(&node);
         let map = self.sign(body);
         let mut st = self.state();
         let conn = st.next_conn;
@@ -799,13 +811,20 @@ impl Mesh {
         st.online.insert(node);
         st.offline_since.remove(&node);
         st.seen(node, now);
+        drop(st);
+        self.publish(&turn, &rerouted, now);
         Ok(Subscriber { conn, rx, tx })
     }
 
-    /// Ends the stream `conn` of `node` (if it is still the current one).
+    /// Ends the stream `conn` of `node` (if it is still the current one);
+    /// the routes it was primary for fail over to another online router.
     pub fn unsubscribe(&self, node: u64, conn: u64, now: UnixMs) {
-        let mut st = self.state();
-        if st.subs.get(&node).is_some_and(|s| s.conn == conn) {
+        let turn = self.turn();
+        let changed = {
+            let mut st = self.state();
+            if !st.subs.get(&node).is_some_and(|s| s.conn == conn) {
+                return;
+            }
             st.subs.remove(&node);
             st.online.remove(&node);
             if st.core.nodes().get(node).is_some_and(|n| n.ephemeral) {
@@ -813,7 +832,12 @@ impl Mesh {
                 st.offline_since.insert(node, mono);
             }
             st.seen(node, now);
-        }
+            st.core.apply(Change::Online {
+                node,
+                online: false,
+            })
+        };
+        self.publish(&turn, &changed, now);
     }
 
     /// Writes the `last_seen` times recorded since the last flush, in one
@@ -1333,7 +1357,7 @@ impl Mesh {
                 .ok_or_else(|| Error::NotFound(format!("node {node}")))?;
             (row, st.core.policy().clone())
         };
-        let who = crate::netcore::policy_node(&row);
+        let who = crate::netcore::policy_node(&row, &[]);
         let mut approved = row.routes.approved.clone();
         let auto: Vec<IpNet> = adv
             .routes

@@ -22,7 +22,7 @@
 
 pub mod table;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use ipnet::{IpNet, Ipv6Net};
@@ -33,6 +33,7 @@ use ztmesh_proto::control::{self as pb, NetMap};
 pub use table::{Exhausted, NodeTable};
 
 use crate::model::NodeRow;
+use crate::routes;
 use crate::UnixMs;
 
 /// What the maps carry besides the views.
@@ -62,6 +63,9 @@ pub enum Change {
     /// The wall clock reads this now, forward or back: keys expire, or
     /// become valid again when the clock went back.
     Clock(UnixMs),
+    /// A node connected (its netmap stream opened) or went away: a subnet
+    /// route fails over to another router when its primary goes offline.
+    Online { node: u64, online: bool },
 }
 
 /// The nodes, the compiled policy and the clock; see the module docs.
@@ -78,6 +82,12 @@ pub struct NetCore {
     entries: HashMap<u64, Vec<u8>>,
     /// The `relays` entries (field 8), the same in every map.
     relays: Vec<u8>,
+    /// Nodes connected now (see [`Change::Online`]).
+    online: BTreeSet<u64>,
+    /// The router serving each approved route ([`routes::primaries`]).
+    primaries: BTreeMap<IpNet, u64>,
+    /// The same, per router: what each serves.
+    served: BTreeMap<u64, Vec<IpNet>>,
 }
 
 /// Whether `n`'s key is valid at `now`: not revoked by an admin, and not
@@ -86,18 +96,30 @@ pub fn is_active(n: &NodeRow, now: UnixMs) -> bool {
     !n.key_revoked && (n.expiry_ms == 0 || n.expiry_ms > now)
 }
 
-/// What the policy compiler sees of `n`.
-pub fn policy_node(n: &NodeRow) -> PolicyNode {
+/// What the policy compiler sees of `n`, which serves `routes` (the
+/// approved routes it is primary for).
+pub fn policy_node(n: &NodeRow, routes: &[IpNet]) -> PolicyNode {
     PolicyNode {
         id: n.id,
         name: n.name.clone(),
         user: n.user.clone(),
         tags: n.tags.iter().cloned().collect(),
         addresses: vec![IpAddr::V4(n.ipv4), IpAddr::V6(n.ipv6)],
-        // Routes and exit nodes come with route approval (issue 12).
-        routes: Vec::new(),
-        exit_node: false,
+        routes: routes.to_vec(),
+        exit_node: n.routes.exit_node(),
     }
+}
+
+/// The approved routes of the nodes active at `now`, per node.
+fn approved_routes<'a>(
+    nodes: impl Iterator<Item = &'a NodeRow>,
+    now: UnixMs,
+) -> BTreeMap<u64, Vec<IpNet>> {
+    nodes
+        .filter(|n| is_active(n, now))
+        .map(|n| (n.id, n.routes.active()))
+        .filter(|(_, r)| !r.is_empty())
+        .collect()
 }
 
 /// The fields of a node's row its own map shows (`self_node` and the
@@ -112,6 +134,7 @@ fn self_fields(n: &NodeRow) -> impl PartialEq + '_ {
         n.wg_key,
         &n.user,
         &n.tags,
+        n.routes.exit_node(),
     )
 }
 
@@ -119,13 +142,17 @@ fn addresses(n: &NodeRow) -> Vec<String> {
     vec![format!("{}/32", n.ipv4), format!("{}/128", n.ipv6)]
 }
 
-/// `n` as a `peers` entry of another node's map.
-fn peer_entry(n: &NodeRow, keepalive: u32) -> Vec<u8> {
+/// `n` as a `peers` entry of another node's map, which may reach `routes`
+/// through it (subnet routes, and `0.0.0.0/0` + `::/0` for an exit node the
+/// viewer may use) besides its own addresses.
+fn peer_entry(n: &NodeRow, keepalive: u32, routes: &[IpNet]) -> Vec<u8> {
+    let mut allowed_ips = addresses(n);
+    allowed_ips.extend(routes.iter().map(IpNet::to_string));
     let peer = pb::Peer {
         id: n.id,
         name: n.name.clone(),
         wg_key: n.wg_key.to_vec(),
-        allowed_ips: addresses(n),
+        allowed_ips,
         endpoints: n.endpoints.clone(),
         persistent_keepalive: keepalive,
     };
@@ -155,25 +182,42 @@ fn inbound_rules(rules: &[ztmesh_policy::InboundRule]) -> Vec<pb::InboundRule> {
 }
 
 impl NetCore {
-    /// Computes every view from scratch: `nodes` under `policy` at `now`.
+    /// Computes every view from scratch: `nodes` under `policy` at `now`,
+    /// with nobody connected yet.
     pub fn new(
         cfg: CoreConfig,
         policy: Policy,
         nodes: impl IntoIterator<Item = NodeRow>,
         now: UnixMs,
     ) -> NetCore {
+        Self::with_routing(cfg, policy, nodes, now, BTreeSet::new(), &BTreeMap::new())
+    }
+
+    /// [`NetCore::new`] with `online` connected and `previous` as the last
+    /// primaries (which stay where they still may, see
+    /// [`routes::primaries`]).
+    pub fn with_routing(
+        cfg: CoreConfig,
+        policy: Policy,
+        nodes: impl IntoIterator<Item = NodeRow>,
+        now: UnixMs,
+        online: BTreeSet<u64>,
+        previous: &BTreeMap<IpNet, u64>,
+    ) -> NetCore {
         let mut table = NodeTable::default();
         for n in nodes {
             table.insert(n);
         }
+        let primaries = routes::primaries(&approved_routes(table.iter(), now), &online, previous);
+        let served = routes::served_by(&primaries);
         let active = table
             .iter()
             .filter(|n| is_active(n, now))
-            .map(policy_node)
+            .map(|n| policy_node(n, served.get(&n.id).map_or(&[], Vec::as_slice)))
             .collect();
         let entries = table
             .iter()
-            .map(|n| (n.id, peer_entry(n, cfg.persistent_keepalive)))
+            .map(|n| (n.id, peer_entry(n, cfg.persistent_keepalive, &[])))
             .collect();
         let relays = NetMap {
             relays: cfg.relays.clone(),
@@ -187,12 +231,62 @@ impl NetCore {
             table,
             clock: now,
             entries,
+            online,
+            primaries,
+            served,
         }
+    }
+
+    /// The routes `id` serves now.
+    fn served(&self, id: u64) -> &[IpNet] {
+        self.served.get(&id).map_or(&[], Vec::as_slice)
+    }
+
+    /// The router serving each approved route.
+    pub fn primaries(&self) -> &BTreeMap<IpNet, u64> {
+        &self.primaries
+    }
+
+    /// Chooses the primaries again after a change to the routers (approved
+    /// routes, keys, who is online); a router whose served routes changed
+    /// is seen anew by the policy, and its own map shows them.
+    fn reroute(&mut self) -> BTreeSet<u64> {
+        let approved = approved_routes(self.table.iter(), self.clock);
+        let primaries = routes::primaries(&approved, &self.online, &self.primaries);
+        if primaries == self.primaries {
+            return BTreeSet::new();
+        }
+        let served = routes::served_by(&primaries);
+        let moved: BTreeSet<u64> = self
+            .served
+            .keys()
+            .chain(served.keys())
+            .filter(|id| self.served.get(id) != served.get(id))
+            .copied()
+            .collect();
+        self.primaries = primaries;
+        self.served = served;
+        let mut changed = BTreeSet::new();
+        for id in moved {
+            let Some(n) = self.table.get(id).filter(|n| is_active(n, self.clock)) else {
+                continue;
+            };
+            let node = policy_node(n, self.served(id));
+            changed.extend(self.compiled.upsert_node(node));
+            changed.insert(id);
+        }
+        changed
     }
 
     /// Applies `change`; returns the nodes whose view changed (a node that
     /// left is included: it must be told).
     pub fn apply(&mut self, change: Change) -> BTreeSet<u64> {
+        let mut changed = self.apply_fact(change);
+        changed.extend(self.reroute());
+        changed
+    }
+
+    fn apply_fact(&mut self, change: Change) -> BTreeSet<u64> {
         match change {
             Change::Upsert(row) => self.upsert(row),
             Change::Remove(id) => self.remove(id),
@@ -208,6 +302,14 @@ impl NetCore {
             },
             Change::Policy(policy) => self.compiled.set_policy(policy),
             Change::Clock(now) => self.set_clock(now),
+            Change::Online { node, online } => {
+                if online {
+                    self.online.insert(node);
+                } else {
+                    self.online.remove(&node);
+                }
+                BTreeSet::new()
+            }
         }
     }
 
@@ -223,14 +325,15 @@ impl NetCore {
             return BTreeSet::new();
         }
         let clock = self.clock;
-        let seen_by_policy = |n: &NodeRow| is_active(n, clock).then(|| policy_node(n));
+        let served = self.served(id).to_vec();
+        let seen_by_policy = |n: &NodeRow| is_active(n, clock).then(|| policy_node(n, &served));
         let policy_changed = old.and_then(seen_by_policy) != seen_by_policy(&row);
         let self_changed = old.is_none_or(|o| self_fields(o) != self_fields(&row));
-        let entry = peer_entry(&row, self.cfg.persistent_keepalive);
+        let entry = peer_entry(&row, self.cfg.persistent_keepalive, &[]);
         let entry_changed = self.entries.get(&id) != Some(&entry);
         let mut changed = match (policy_changed, is_active(&row, clock)) {
             (false, _) => BTreeSet::new(),
-            (true, true) => self.compiled.upsert_node(policy_node(&row)),
+            (true, true) => self.compiled.upsert_node(policy_node(&row, &served)),
             (true, false) => self.compiled.remove_node(id),
         };
         if self_changed || policy_changed {
@@ -271,7 +374,8 @@ impl NetCore {
             changed.insert(id);
             if active {
                 if let Some(n) = self.table.get(id) {
-                    changed.extend(self.compiled.upsert_node(policy_node(n)));
+                    let node = policy_node(n, self.served(id));
+                    changed.extend(self.compiled.upsert_node(node));
                 }
             } else {
                 changed.extend(self.compiled.remove_node(id));
@@ -347,7 +451,8 @@ impl NetCore {
                 wg_key: me.wg_key.to_vec(),
                 user: me.user.clone().unwrap_or_default(),
                 tags: me.tags.clone(),
-                ..pb::NodeInfo::default()
+                routes: self.served(node).iter().map(IpNet::to_string).collect(),
+                exit_node: me.routes.exit_node(),
             }),
             ..NetMap::default()
         };
@@ -358,10 +463,23 @@ impl NetCore {
             ..NetMap::default()
         };
         let mut body = head.encode_to_vec();
-        for id in view.iter().flat_map(|v| v.peers.iter()) {
-            let active = self.table.get(*id).is_some_and(|p| is_active(p, now));
-            if let Some(entry) = self.entries.get(id).filter(|_| active) {
-                body.extend_from_slice(entry);
+        if let Some(v) = view {
+            for id in &v.peers {
+                let Some(peer) = self.table.get(*id).filter(|p| is_active(p, now)) else {
+                    continue;
+                };
+                // A router's entry lists the routes this node may reach
+                // through it, so it is built for this map.
+                match v.peer_routes.get(id) {
+                    Some(routes) => {
+                        body.extend(peer_entry(peer, self.cfg.persistent_keepalive, routes))
+                    }
+                    None => {
+                        if let Some(entry) = self.entries.get(id) {
+                            body.extend_from_slice(entry);
+                        }
+                    }
+                }
             }
         }
         tail.encode(&mut body)

@@ -20,7 +20,7 @@ const PRELUDE: &str = r#"
 
 /// The policies a sequence switches between: deny all, tagged servers,
 /// people to their own devices and to servers, everyone to everything.
-const ACLS: [&str; 5] = [
+const ACLS: [&str; 6] = [
     "",
     r#"{"action": "accept", "src": ["tag:a"], "dst": ["tag:a:22,443"]}"#,
     r#"{"action": "accept", "src": ["group:eng"], "dst": ["autogroup:self:*"]},
@@ -28,7 +28,27 @@ const ACLS: [&str; 5] = [
     r#"{"action": "accept", "src": ["*"], "dst": ["*:*"]}"#,
     r#"{"action": "accept", "src": ["tag:b"], "dst": ["tag:a:80", "100.64.0.3:22"]},
        {"action": "accept", "src": ["bob@example.com"], "proto": "icmp", "dst": ["tag:a:*"]}"#,
+    r#"{"action": "accept", "src": ["alice@example.com"], "dst": ["198.19.50.0/25:443", "autogroup:internet:*"]},
+       {"action": "accept", "src": ["tag:b"], "dst": ["198.19.51.0/24:22"]}"#,
 ];
+
+/// The routes a node advertises (all approved): bit 0 198.19.50.0/24, bit 1
+/// 198.19.51.0/24, bit 2 the exit-node role.
+fn node_routes(bits: u8) -> crate::model::NodeRoutes {
+    let mut advertised = Vec::new();
+    if bits & 1 != 0 {
+        advertised.push("198.19.50.0/24".parse().unwrap());
+    }
+    if bits & 2 != 0 {
+        advertised.push("198.19.51.0/24".parse().unwrap());
+    }
+    crate::model::NodeRoutes {
+        approved: advertised.clone(),
+        advertised,
+        exit_advertised: bits & 4 != 0,
+        exit_approved: bits & 4 != 0,
+    }
+}
 
 fn policy(i: usize) -> Policy {
     let text = format!("{{{PRELUDE} \"acls\": [{}]}}", ACLS[i % ACLS.len()]);
@@ -99,6 +119,10 @@ enum Op {
     Policy(usize),
     /// Seconds the clock moves, forward or back.
     Clock(i8),
+    /// Advertised and approved routes ([`node_routes`]).
+    Routes(u64, u8),
+    /// A node connects or goes away.
+    Online(u64, bool),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -113,9 +137,11 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (id.clone(), any::<u8>()).prop_map(|(id, k)| Op::Rekey(id, k)),
         2 => (id.clone(), 0u8..4).prop_map(|(id, e)| Op::Endpoints(id, e)),
         2 => (id.clone(), exp).prop_map(|(id, e)| Op::Expiry(id, e)),
-        1 => id.prop_map(Op::Revoke),
+        1 => id.clone().prop_map(Op::Revoke),
         2 => (0..ACLS.len()).prop_map(Op::Policy),
         2 => (-4i8..5).prop_map(Op::Clock),
+        3 => (id.clone(), 0u8..8).prop_map(|(id, r)| Op::Routes(id, r)),
+        3 => (id, any::<bool>()).prop_map(|(id, on)| Op::Online(id, on)),
     ]
 }
 
@@ -124,6 +150,9 @@ struct Model {
     nodes: BTreeMap<u64, NodeRow>,
     policy: usize,
     clock: UnixMs,
+    online: BTreeSet<u64>,
+    /// The primaries as [`routes::primaries`] chooses them step by step.
+    primaries: BTreeMap<IpNet, u64>,
 }
 
 impl Model {
@@ -172,15 +201,32 @@ impl Model {
                 self.clock = self.clock.saturating_add(i64::from(s) * 1000);
                 Some(Change::Clock(self.clock))
             }
+            Op::Routes(id, r) => edit(self, id, &|n| n.routes = node_routes(r)),
+            Op::Online(node, online) => {
+                if online {
+                    self.online.insert(node);
+                } else {
+                    self.online.remove(&node);
+                }
+                Some(Change::Online { node, online })
+            }
         }
     }
 
+    /// After a step: the primaries follow the routers that are active now.
+    fn reroute(&mut self) {
+        let approved = approved_routes(self.nodes.values(), self.clock);
+        self.primaries = routes::primaries(&approved, &self.online, &self.primaries);
+    }
+
     fn rebuild(&self) -> NetCore {
-        NetCore::new(
+        NetCore::with_routing(
             cfg(),
             policy(self.policy),
             self.nodes.values().cloned(),
             self.clock,
+            self.online.clone(),
+            &self.primaries,
         )
     }
 }
@@ -209,12 +255,20 @@ proptest! {
 
     #[test]
     fn incremental_changes_equal_a_full_rebuild(ops in proptest::collection::vec(op(), 1..40)) {
-        let mut model = Model { nodes: BTreeMap::new(), policy: 1, clock: T0 };
+        let mut model = Model {
+            nodes: BTreeMap::new(),
+            policy: 1,
+            clock: T0,
+            online: BTreeSet::new(),
+            primaries: BTreeMap::new(),
+        };
         let mut core = model.rebuild();
         for (step, op) in ops.iter().enumerate() {
             let before = views(&core, model.clock);
             let Some(change) = model.step(op) else { continue };
+            model.reroute();
             let changed = core.apply(change);
+            prop_assert_eq!(core.primaries(), &model.primaries, "step {} ({:?})", step, op);
             let after = views(&core, model.clock);
             let full = maps(&model.rebuild(), model.clock);
             prop_assert_eq!(&maps(&core, model.clock), &full, "step {} ({:?}): incremental != rebuild", step, op);
@@ -347,4 +401,121 @@ fn every_map_lists_the_relays_and_stays_prosts_encoding() {
         assert_eq!(map.encode_to_vec(), body, "byte-identical to prost");
         assert_eq!(map.relays, vec![relay.clone()]);
     }
+}
+
+fn router(id: u64, bits: u8) -> NodeRow {
+    NodeRow {
+        routes: node_routes(bits),
+        ..row(id, 3, None)
+    }
+}
+
+fn allowed(core: &NetCore, viewer: u64, peer: u64) -> Vec<String> {
+    core.netmap(viewer, SERIAL, T0)
+        .unwrap()
+        .peers
+        .into_iter()
+        .find(|p| p.id == peer)
+        .map(|p| p.allowed_ips)
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_router_entry_lists_the_routes_each_viewer_may_reach_and_nothing_else() {
+    // ACLS[5]: alice may reach 198.19.50.0/25:443 and the internet; tag:b
+    // may reach 198.19.51.0/24:22. Node 2 (tag:b) routes both /24s and is an
+    // exit node.
+    let alice = row(1, 0, None);
+    let bob = row(3, 1, None);
+    let core = core_with(&[alice, router(2, 7), bob, row(4, 3, None)], 5);
+    assert_eq!(
+        allowed(&core, 1, 2),
+        [
+            "100.64.0.2/32",
+            "fd00::2/128",
+            "0.0.0.0/0",
+            "198.19.50.0/24",
+            "::/0"
+        ],
+        "the whole route alice reaches part of, and the exit node"
+    );
+    assert_eq!(
+        allowed(&core, 4, 2),
+        ["100.64.0.2/32", "fd00::2/128", "198.19.51.0/24"],
+        "tag:b: its route only, no internet"
+    );
+    assert!(
+        allowed(&core, 3, 2).is_empty(),
+        "bob has no rule: not a peer"
+    );
+    let me = core.netmap(2, SERIAL, T0).unwrap();
+    let node = me.self_node.unwrap();
+    assert_eq!(node.routes, ["198.19.50.0/24", "198.19.51.0/24"]);
+    assert!(node.exit_node);
+    let rule = me
+        .inbound_rules
+        .iter()
+        .find(|r| r.src_prefixes.contains(&"100.64.0.1/32".to_string()) && r.ports[0].first == 443)
+        .expect("alice's rule reaches the router");
+    assert_eq!(
+        rule.dst_prefixes,
+        ["198.19.50.0/25"],
+        "only the granted part"
+    );
+}
+
+#[test]
+fn a_route_fails_over_to_an_online_router_and_stays_there() {
+    let alice = row(1, 0, None);
+    let mut core = core_with(&[alice, router(2, 1), router(3, 1)], 5);
+    assert_eq!(core.primaries().values().collect::<Vec<_>>(), [&2]);
+    assert_eq!(allowed(&core, 1, 2).len(), 3);
+    assert_eq!(allowed(&core, 1, 3).len(), 0, "not a peer: serves nothing");
+    // Both connect; 2 stays primary.
+    assert!(core
+        .apply(Change::Online {
+            node: 2,
+            online: true
+        })
+        .is_empty());
+    assert!(core
+        .apply(Change::Online {
+            node: 3,
+            online: true
+        })
+        .is_empty());
+    // 2 goes away: 3 takes over, and alice, 2 and 3 get new maps.
+    let changed = core.apply(Change::Online {
+        node: 2,
+        online: false,
+    });
+    assert_eq!(changed, BTreeSet::from([1, 2, 3]));
+    assert_eq!(allowed(&core, 1, 3)[2], "198.19.50.0/24");
+    assert_eq!(
+        core.netmap(3, SERIAL, T0)
+            .unwrap()
+            .self_node
+            .unwrap()
+            .routes,
+        ["198.19.50.0/24"]
+    );
+    assert!(core
+        .netmap(2, SERIAL, T0)
+        .unwrap()
+        .self_node
+        .unwrap()
+        .routes
+        .is_empty());
+    // 2 returns: no flap back.
+    assert!(core
+        .apply(Change::Online {
+            node: 2,
+            online: true
+        })
+        .is_empty());
+    assert_eq!(core.primaries().values().collect::<Vec<_>>(), [&3]);
+    // Approval withdrawn from 3: back to 2 at once.
+    let changed = core.apply(Change::Upsert(router(3, 0)));
+    assert!(changed.contains(&1) && changed.contains(&2));
+    assert_eq!(core.primaries().values().collect::<Vec<_>>(), [&2]);
 }
