@@ -822,7 +822,7 @@ impl Mesh {
         let turn = self.turn();
         let changed = {
             let mut st = self.state();
-            if !st.subs.get(&node).is_some_and(|s| s.conn == conn) {
+            if st.subs.get(&node).is_none_or(|s| s.conn != conn) {
                 return;
             }
             st.subs.remove(&node);
