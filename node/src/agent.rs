@@ -4,10 +4,11 @@
 //! State dir (0700): `machine.key` and `wg.key` (0600), `enrollment.json`
 //! (controller URL, pinned fingerprint and netmap key, node id and addresses),
 //! `netmap.bin` (the last verified signed netmap, so the data plane comes back
-//! with it after a restart while the controller is down) and `down` (present
-//! after `ztmesh down`).
+//! with it after a restart while the controller is down), `prefs.json` (the
+//! routing and DNS choices of the last `ztmesh up`, see [`Prefs`]) and `down`
+//! (present after `ztmesh down`).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -21,18 +22,21 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
 use ztmesh_proto::auth::{self, KeyToken};
-use ztmesh_proto::control::{NetMap, SignedNetMap};
+use ztmesh_proto::control::{self as pb, NetMap, SignedNetMap};
 use ztmesh_proto::keys::{write_secret_file, PublicKey, SigningKey, WgPrivateKey, WgPublicKey};
 use ztmesh_proto::netmap;
 use ztmesh_proto::time::now_ms;
 
+use crate::control::apply::{overlay_prefixes, Translated};
 use crate::control::{
     clock_hint, reconnect_delay, session_end, translate, Backoff, Controller, Identity, Install,
     NetMapGate, SessionEnd, Step,
 };
+use crate::io::hostroute::HostRoutes;
 use crate::io::{interface_addresses, DataPlane, DataPlaneConfig, RelaySetup};
 use crate::localapi::{authorize, Caller, Request, Response, MAX_LINE};
 use crate::nat::discovery::{stun_servers, with_primary, EndpointReporter, STUN_INTERVAL};
+use crate::routing::{self, Offered, Prefs, PrefsUpdate};
 use crate::tunnel::Destination;
 
 /// How often denied-flow summaries are sent to the controller.
@@ -196,6 +200,11 @@ impl Keys {
 
 struct Daemon {
     cfg: DaemonConfig,
+    /// The user's routing and DNS choices (`prefs.json`); a session
+    /// re-advertises when they change.
+    prefs: watch::Sender<Prefs>,
+    /// Routes, exit-node routing and forwarding installed on the host.
+    host: Mutex<HostRoutes>,
     /// Replaced (on disk and here) by `logout`, so the next `up` enrolls a
     /// fresh identity that survives a restart.
     keys: Mutex<Arc<Keys>>,
@@ -300,14 +309,12 @@ impl Daemon {
 
     /// Passes a netmap through the gate and applies it; returns its serial.
     async fn apply(&self, signed: &SignedNetMap, gate: &mut NetMapGate) -> anyhow::Result<u64> {
-        let (map, t) = gate.accept(signed, now_ms())?;
+        let exit = self.prefs.borrow().exit_node.clone();
+        let (map, t) = gate.accept(signed, now_ms(), exit.as_deref())?;
         {
             let dp = self.dp.lock().await;
             let dp = dp.as_ref().ok_or_else(|| anyhow!("data plane is down"))?;
-            install(dp, t.into());
-            dp.set_stun_servers(stun_servers(&self.cfg.stun_servers, &map.relays));
-            // After the peers: the relay learns the map the device now uses.
-            dp.set_relay(Some(self.relay_setup(&map, signed)));
+            self.install_map(dp, &map, signed, t);
         }
         write_secret_file(&self.path("netmap.bin"), &signed.encode_to_vec())?;
         let serial = map.serial;
@@ -323,14 +330,121 @@ impl Daemon {
         Ok(serial)
     }
 
+    /// Installs a verified map: filter and peers, STUN servers, the relay
+    /// link, then the host's routes for it.
+    fn install_map(&self, dp: &DataPlane, map: &NetMap, signed: &SignedNetMap, t: Translated) {
+        let offered = t.offered.clone();
+        let addresses = t.addresses.clone();
+        install(dp, t.into());
+        dp.set_stun_servers(stun_servers(&self.cfg.stun_servers, &map.relays));
+        // After the peers: the relay learns the map the device now uses.
+        dp.set_relay(Some(self.relay_setup(map, signed)));
+        self.route_host(&offered, &addresses, &map.relays);
+    }
+
+    /// Makes the host's routes match what the map offers under the prefs.
+    fn route_host(&self, offered: &Offered, addresses: &[IpNet], relays: &[pb::Relay]) {
+        let prefs = self.prefs.borrow().clone();
+        let controller = self
+            .lock()
+            .enrollment
+            .as_ref()
+            .and_then(|e| controller_ip(&e.controller_url));
+        let mut bypass: Vec<IpAddr> = controller.into_iter().collect();
+        bypass.extend(relay_ips(relays));
+        let own: Vec<IpAddr> = addresses.iter().map(IpNet::addr).collect();
+        let overlay = overlay_prefixes(addresses);
+        let plan = routing::plan(offered, &prefs, bypass, &own, &overlay);
+        let mut host = self.host.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = host.apply(&plan) {
+            tracing::error!(error = %format!("{e:#}"), "host routes not fully applied");
+        }
+    }
+
     /// Fails closed: default deny and no peers (revoked, or the map expired);
-    /// STUN goes back to the configured servers only.
+    /// STUN goes back to the configured servers only. Subnet routes and
+    /// forwarding go; a chosen exit node's route stays (non-mesh traffic
+    /// goes nowhere rather than around the tunnel).
     async fn clear_peers(&self) {
         if let Some(dp) = self.dp.lock().await.as_ref() {
             install(dp, Install::Empty);
             dp.set_stun_servers(self.cfg.stun_servers.clone());
             dp.set_relay(None);
         }
+        let addresses = self
+            .lock()
+            .enrollment
+            .as_ref()
+            .map(|e| e.addresses.clone())
+            .unwrap_or_default();
+        self.route_host(&Offered::default(), &addresses, &[]);
+    }
+
+    /// Tells the controller what this node advertises (every session, and
+    /// when `up` changes it). A refusal is logged, not fatal: the session
+    /// goes on without the routes.
+    async fn advertise(&self, ctl: &mut Controller) {
+        let (routes, exit) = {
+            let p = self.prefs.borrow();
+            (p.advertise_routes.clone(), p.advertise_exit_node)
+        };
+        let text: Vec<String> = routes.iter().map(ToString::to_string).collect();
+        match ctl.set_routes(&self.keys().machine, text, exit).await {
+            Ok(r) => tracing::info!(
+                advertised = ?routes, exit_node = exit,
+                approved = ?r.approved, exit_approved = r.exit_node_approved,
+                "routes advertised"
+            ),
+            Err(s) => {
+                tracing::error!(code = ?s.code(), error = %s.message(), "routes refused by the controller")
+            }
+        }
+    }
+
+    /// Re-applies the map in force (after the prefs changed).
+    async fn reinstall(&self) {
+        let (map, exit) = {
+            let st = self.lock();
+            (st.netmap.clone(), self.prefs.borrow().exit_node.clone())
+        };
+        let Some(map) = map else { return };
+        let Ok(bytes) = std::fs::read(self.path("netmap.bin")) else {
+            return;
+        };
+        let Ok(signed) = SignedNetMap::decode(bytes.as_slice()) else {
+            return;
+        };
+        match translate(&map, exit.as_deref()) {
+            Ok(t) => {
+                if let Some(dp) = self.dp.lock().await.as_ref() {
+                    self.install_map(dp, &map, &signed, t);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "netmap in force no longer translates"),
+        }
+    }
+
+    /// Applies `up`'s flags: validated as a whole (a bad route changes
+    /// nothing), saved, and put in force.
+    async fn update_prefs(&self, u: &PrefsUpdate) -> anyhow::Result<()> {
+        let (overlay, controller) = {
+            let st = self.lock();
+            let e = st.enrollment.as_ref();
+            (
+                e.map(|e| overlay_prefixes(&e.addresses))
+                    .unwrap_or_default(),
+                e.and_then(|e| controller_ip(&e.controller_url)),
+            )
+        };
+        let old = self.prefs.borrow().clone();
+        let new = old.updated(u, &overlay, controller)?;
+        if new == old {
+            return Ok(());
+        }
+        write_secret_file(&self.path("prefs.json"), &serde_json::to_vec_pretty(&new)?)?;
+        self.prefs.send_replace(new);
+        self.reinstall().await;
+        Ok(())
     }
 
     /// The relay link's setup for an installed map.
@@ -375,6 +489,9 @@ impl Daemon {
             }
             first_report_due = false;
         }
+        let mut prefs = self.prefs.subscribe();
+        prefs.mark_unchanged();
+        self.advertise(&mut ctl).await;
         let mut stream = ctl
             .stream(&self.keys().machine, *have)
             .await
@@ -415,6 +532,11 @@ impl Daemon {
                 }
                 _ = local_refresh.tick() => {
                     primary = self.refresh_local_addresses(e).await;
+                    continue;
+                }
+                Ok(()) = prefs.changed() => {
+                    prefs.mark_unchanged();
+                    self.advertise(&mut ctl).await;
                     continue;
                 }
             };
@@ -610,6 +732,7 @@ impl Daemon {
             t.abort();
         }
         self.set_conn(ConnState::Idle);
+        self.host.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let dp = self.dp.lock().await.take();
         if let Some(dp) = dp {
             dp.shutdown().await;
@@ -626,6 +749,7 @@ impl Daemon {
         auth_key: Option<String>,
         hostname: Option<String>,
         timeout: Duration,
+        prefs: PrefsUpdate,
     ) -> anyhow::Result<serde_json::Value> {
         let deadline = Instant::now() + timeout;
         let existing = self.lock().enrollment.clone();
@@ -650,6 +774,7 @@ impl Daemon {
                 e
             }
         };
+        self.update_prefs(&prefs).await?;
         if std::fs::remove_file(self.path("down")).is_ok() {
             ztmesh_proto::keys::sync_dir(&self.cfg.state_dir)?;
         }
@@ -923,12 +1048,14 @@ impl Daemon {
                 auth_key,
                 hostname,
                 timeout_ms,
+                prefs,
             } => {
                 self.up(
                     controller,
                     auth_key,
                     hostname,
                     Duration::from_millis(timeout_ms.clamp(1000, 600_000)),
+                    prefs,
                 )
                 .await
             }
@@ -1084,6 +1211,43 @@ pub fn last_netmap(state_dir: &Path) -> anyhow::Result<NetMap> {
         .map_err(|err| anyhow!("netmap.bin does not verify: {err}"))
 }
 
+/// `prefs.json` in `state_dir`, or the defaults when there is none.
+///
+/// # Errors
+/// The file exists but cannot be read or parsed (the daemon refuses to
+/// start rather than forget the user's routing choices).
+fn load_prefs(state_dir: &Path) -> anyhow::Result<Prefs> {
+    let path = state_dir.join("prefs.json");
+    match std::fs::read(&path) {
+        Ok(b) => {
+            serde_json::from_slice(&b).with_context(|| format!("{} is corrupt", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Prefs::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// The controller's address when its URL names one (a host name is not
+/// resolved here: the exit-node bypass then covers only the relays).
+fn controller_ip(controller_url: &str) -> Option<IpAddr> {
+    let uri: tonic::transport::Uri = controller_url.parse().ok()?;
+    uri.host()?.trim_matches(['[', ']']).parse().ok()
+}
+
+/// The relays' underlay addresses (QUIC, TCP, STUN).
+fn relay_ips(relays: &[pb::Relay]) -> Vec<IpAddr> {
+    relays
+        .iter()
+        .flat_map(|r| {
+            [r.quic_addr.as_str(), r.tcp_addr.as_str()]
+                .into_iter()
+                .chain(r.stun_addrs.iter().map(String::as_str))
+        })
+        .filter_map(|a| a.parse::<SocketAddr>().ok())
+        .map(|a| a.ip())
+        .collect()
+}
+
 /// The local address the kernel would use toward the controller, with our port:
 /// the endpoint peers on the same underlay can reach us at.
 fn local_endpoint(controller_url: &str, port: u16) -> Option<SocketAddr> {
@@ -1163,8 +1327,11 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", cfg.socket.display()))?;
     let keys = Keys::load_or_generate(&cfg.state_dir)?;
     let (live_serial, _) = watch::channel(0u64);
+    let prefs = load_prefs(&cfg.state_dir)?;
     let daemon = Arc::new(Daemon {
         cfg: cfg.clone(),
+        prefs: watch::channel(prefs).0,
+        host: Mutex::new(HostRoutes::new(&cfg.interface)),
         keys: Mutex::new(Arc::new(keys)),
         state: Mutex::new(State {
             enrollment: None,
@@ -1185,12 +1352,11 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
         if !daemon.path("down").exists() {
             daemon.ensure_dataplane(&e).await?;
             if let Some((map, signed)) = daemon.load_cached_netmap(&e) {
-                match translate(&map) {
+                let exit = daemon.prefs.borrow().exit_node.clone();
+                match translate(&map, exit.as_deref()) {
                     Ok(t) => {
                         if let Some(dp) = daemon.dp.lock().await.as_ref() {
-                            install(dp, t.into());
-                            dp.set_stun_servers(stun_servers(&cfg.stun_servers, &map.relays));
-                            dp.set_relay(Some(daemon.relay_setup(&map, &signed)));
+                            daemon.install_map(dp, &map, &signed, t);
                         }
                         tracing::info!(serial = map.serial, "restored the last netmap");
                         let mut st = daemon.lock();

@@ -65,6 +65,8 @@ pub enum AgentCmd {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 30)]
         timeout: u64,
+        #[command(flatten)]
+        prefs: UpPrefs,
     },
     /// Take the tunnel down (stays enrolled).
     Down {
@@ -133,6 +135,50 @@ pub enum AgentCmd {
     },
 }
 
+/// `up`'s routing and DNS flags; each one given replaces the stored
+/// choice, the others stay as the last `up` left them.
+#[derive(clap::Args, Debug, Default)]
+pub struct UpPrefs {
+    /// Offer these subnets behind this node to the mesh (comma-separated
+    /// CIDRs, e.g. 198.19.50.0/24); an admin or the policy's autoApprovers
+    /// must approve them. An empty value withdraws them all.
+    #[arg(long, value_name = "CIDR,...")]
+    advertise_routes: Option<String>,
+    /// Offer this node as an exit node (needs approval too).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    advertise_exit_node: Option<bool>,
+    /// Send all non-mesh traffic through this exit node (a peer's name or
+    /// overlay IP); the controller and relays stay outside the tunnel. An
+    /// empty value stops using one.
+    #[arg(long, value_name = "NAME|IP")]
+    exit_node: Option<String>,
+    /// With --exit-node: keep reaching the local networks directly.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    exit_node_allow_lan_access: Option<bool>,
+    /// As a subnet router: rewrite forwarded traffic's source to this
+    /// node's address (default true; false needs a route back to the
+    /// overlay in the subnet).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    snat_subnet_routes: Option<bool>,
+    /// Answer DNS for mesh names on 100.100.100.100 and point the host's
+    /// resolver at it (default true).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    accept_dns: Option<bool>,
+}
+
+impl From<UpPrefs> for crate::routing::PrefsUpdate {
+    fn from(p: UpPrefs) -> Self {
+        Self {
+            advertise_routes: p.advertise_routes,
+            advertise_exit_node: p.advertise_exit_node,
+            exit_node: p.exit_node,
+            exit_node_allow_lan_access: p.exit_node_allow_lan_access,
+            snat_subnet_routes: p.snat_subnet_routes,
+            accept_dns: p.accept_dns,
+        }
+    }
+}
+
 async fn ask(socket: &std::path::Path, req: Request) -> anyhow::Result<serde_json::Value> {
     let r = call(socket, &req).await?;
     if !r.ok {
@@ -185,6 +231,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
             auth_key,
             hostname,
             timeout,
+            prefs,
         } => {
             let s = ask(
                 &socket,
@@ -193,6 +240,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
                     auth_key,
                     hostname,
                     timeout_ms: timeout.saturating_mul(1000),
+                    prefs: prefs.into(),
                 },
             )
             .await?;

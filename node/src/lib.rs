@@ -19,6 +19,7 @@ pub mod localapi;
 pub mod nat;
 pub mod path;
 pub mod privs;
+pub mod routing;
 pub mod standalone;
 pub mod statelock;
 pub mod tunnel;

@@ -14,6 +14,9 @@ pub enum Request {
         auth_key: Option<String>,
         hostname: Option<String>,
         timeout_ms: u64,
+        /// Routing and DNS flags (`--advertise-routes`, `--exit-node` …).
+        #[serde(default)]
+        prefs: crate::routing::PrefsUpdate,
     },
     Down,
     Logout,
@@ -150,6 +153,7 @@ mod tests {
             auth_key: None,
             hostname: None,
             timeout_ms: 1000,
+            prefs: Default::default(),
         };
         let secret = Request::WgConfig {
             include_private_key: true,

@@ -33,6 +33,7 @@
 )]
 
 pub mod natlab;
+pub mod wgreplay;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;

@@ -19,6 +19,7 @@ use ztmesh_proto::refusal::{AuthReason, Refusal};
 use ztmesh_proto::UnixMs;
 
 use crate::filter;
+use crate::routing::{self, Offered};
 use crate::tunnel::PeerConfig;
 
 /// Reconnect delays: full jitter over an exponentially growing cap.
@@ -71,8 +72,12 @@ pub enum TranslateError {
 pub struct Translated {
     pub addresses: Vec<IpNet>,
     pub peers: Vec<PeerConfig>,
-    /// The filter: this node's own addresses and the rules admitting traffic to them.
+    /// The filter: the destinations this node delivers or forwards to (its
+    /// own addresses, the routes it serves, the internet for an exit node)
+    /// and the rules admitting traffic to them.
     pub rules: filter::Ruleset,
+    /// Subnet routes and exit nodes offered to this node, and what it serves.
+    pub offered: Offered,
 }
 
 /// What the agent installs in the data plane: a verified map's rules and
@@ -123,7 +128,12 @@ impl Install {
 ///
 /// # Errors
 /// [`TranslateError`] naming the first bad field.
-pub fn translate(map: &pb::NetMap) -> Result<Translated, TranslateError> {
+///
+/// `exit_node` is the exit node the user chose (a peer's name or overlay
+/// address): only that peer keeps the default routes in its AllowedIPs;
+/// every other peer offering itself as an exit node is used for its own
+/// addresses and subnet routes only.
+pub fn translate(map: &pb::NetMap, exit_node: Option<&str>) -> Result<Translated, TranslateError> {
     let me = map.self_node.as_ref().ok_or(TranslateError::NoSelf)?;
     let addresses = me
         .addresses
@@ -134,18 +144,50 @@ pub fn translate(map: &pb::NetMap) -> Result<Translated, TranslateError> {
             peer: "self".into(),
             value: me.addresses.join(","),
         })?;
+    let serves = me
+        .routes
+        .iter()
+        .map(|a| a.parse::<IpNet>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| TranslateError::AllowedIp {
+            peer: "self".into(),
+            value: me.routes.join(","),
+        })?;
+    let overlay = overlay_prefixes(&addresses);
+    let in_overlay = |n: &IpNet| overlay.iter().any(|o| o.contains(n));
+    let mut offered = Offered {
+        serves: serves.clone(),
+        is_exit: me.exit_node,
+        ..Offered::default()
+    };
     let mut peers = Vec::with_capacity(map.peers.len());
     for p in &map.peers {
         let public_key =
             WgPublicKey::from_slice(&p.wg_key).map_err(|_| TranslateError::PeerKey {
                 peer: p.name.clone(),
             })?;
+        let chosen = exit_node.is_some_and(|sel| {
+            p.name.eq_ignore_ascii_case(sel)
+                || p.allowed_ips
+                    .iter()
+                    .filter_map(|a| a.parse::<IpNet>().ok())
+                    .any(|a| a.prefix_len() == a.max_prefix_len() && a.addr().to_string() == sel)
+        });
         let mut allowed_ips = Vec::with_capacity(p.allowed_ips.len());
         for a in &p.allowed_ips {
-            allowed_ips.push(a.parse::<IpNet>().map_err(|_| TranslateError::AllowedIp {
+            let net = a.parse::<IpNet>().map_err(|_| TranslateError::AllowedIp {
                 peer: p.name.clone(),
                 value: a.clone(),
-            })?);
+            })?;
+            if routing::is_default(&net) {
+                if !chosen {
+                    continue;
+                }
+                offered.exit_usable = true;
+            } else if !in_overlay(&net) {
+                offered.routes.push(net);
+            }
+            allowed_ips.push(net);
         }
         // Every parsable endpoint is a candidate, IPv4 first (stable order);
         // the first one is where data goes until a path is known.
@@ -184,6 +226,11 @@ pub fn translate(map: &pb::NetMap) -> Result<Translated, TranslateError> {
                 value: d.clone(),
             })?);
         }
+        if dst.is_empty() {
+            // A map from before destination prefixes means this node's own
+            // addresses: never the routes it serves.
+            dst.clone_from(&addresses);
+        }
         let bad = || TranslateError::RuleValue {
             rule: r.rule_id.clone(),
         };
@@ -218,14 +265,34 @@ pub fn translate(map: &pb::NetMap) -> Result<Translated, TranslateError> {
             rule_id: r.rule_id.clone(),
         });
     }
+    let mut local = addresses.clone();
+    local.extend(&serves);
+    if me.exit_node {
+        local.extend(["0.0.0.0/0", "::/0"].map(|d| d.parse::<IpNet>().expect("static prefix")));
+    }
+    offered.routes.sort();
+    offered.routes.dedup();
     Ok(Translated {
-        rules: filter::Ruleset {
-            local: addresses.clone(),
-            rules,
-        },
+        rules: filter::Ruleset { local, rules },
         addresses,
         peers,
+        offered,
     })
+}
+
+/// The mesh's overlay prefixes as this node's addresses show them:
+/// 100.64.0.0/10 and the /48 of its IPv6 overlay address.
+pub fn overlay_prefixes(addresses: &[IpNet]) -> Vec<IpNet> {
+    let mut out = vec!["100.64.0.0/10".parse().expect("static prefix")];
+    for a in addresses {
+        if let IpNet::V6(v6) = a {
+            if let Ok(ula) = ipnet::Ipv6Net::new(v6.addr(), 48) {
+                out.push(IpNet::V6(ula.trunc()));
+            }
+        }
+    }
+    out.dedup();
+    out
 }
 
 /// Why a received netmap was not applied.
@@ -319,14 +386,16 @@ impl NetMapGate {
     ///
     /// # Errors
     /// [`RefusedMap`]; the serial in force is unchanged.
+    /// `exit_node` as [`translate`].
     pub fn accept(
         &mut self,
         signed: &pb::SignedNetMap,
         now_ms: UnixMs,
+        exit_node: Option<&str>,
     ) -> Result<(pb::NetMap, Translated), RefusedMap> {
         let map = ztmesh_proto::netmap::verify(&self.controller, signed, self.have_serial, now_ms)?;
         self.me.check(&map)?;
-        let t = translate(&map)?;
+        let t = translate(&map, exit_node)?;
         self.have_serial = map.serial;
         Ok((map, t))
     }
@@ -433,7 +502,7 @@ mod tests {
         m.serial = 10;
         m.not_after_ms = 5_000;
         let good = ztmesh_proto::netmap::sign(&controller, &m);
-        gate.accept(&good, 1_000).unwrap();
+        gate.accept(&good, 1_000, None).unwrap();
         assert_eq!(gate.have_serial(), 10);
 
         // Signed by a different key: refused, serial unchanged.
@@ -441,24 +510,24 @@ mod tests {
         m2.serial = 11;
         let forged = ztmesh_proto::netmap::sign(&rogue, &m2);
         assert!(matches!(
-            gate.accept(&forged, 1_000),
+            gate.accept(&forged, 1_000, None),
             Err(RefusedMap::Verify(_))
         ));
         // A lower (or equal) serial from the right key: refused.
         let mut old = m.clone();
         old.serial = 9;
         let old = ztmesh_proto::netmap::sign(&controller, &old);
-        assert!(gate.accept(&old, 1_000).is_err());
+        assert!(gate.accept(&old, 1_000, None).is_err());
         assert!(
-            gate.accept(&good, 1_000).is_err(),
+            gate.accept(&good, 1_000, None).is_err(),
             "replay of the map in force"
         );
         // Expired.
         let late = ztmesh_proto::netmap::sign(&controller, &m2);
-        assert!(gate.accept(&late, 5_000).is_err());
+        assert!(gate.accept(&late, 5_000, None).is_err());
         assert_eq!(gate.have_serial(), 10);
         // Newer and valid: accepted.
-        gate.accept(&late, 1_000).unwrap();
+        gate.accept(&late, 1_000, None).unwrap();
         assert_eq!(gate.have_serial(), 11);
     }
 
@@ -540,7 +609,7 @@ mod tests {
             let mut m = map();
             m.not_after_ms = 5_000;
             edit(m.self_node.as_mut().unwrap());
-            let got = gate.accept(&ztmesh_proto::netmap::sign(&controller, &m), 1_000);
+            let got = gate.accept(&ztmesh_proto::netmap::sign(&controller, &m), 1_000, None);
             match want {
                 Ok(()) => assert!(got.is_ok(), "{name}: {got:?}"),
                 Err(w) => {
@@ -576,7 +645,7 @@ mod tests {
             m.issued_at_ms = issued_at_ms;
             m.not_after_ms = not_after_ms;
             let mut gate = NetMapGate::new(controller.public(), me(), 0);
-            gate.accept(&ztmesh_proto::netmap::sign(&controller, &m), now_ms)
+            gate.accept(&ztmesh_proto::netmap::sign(&controller, &m), now_ms, None)
         };
         for issued in [i64::MIN, -1, 0, i64::MAX] {
             assert!(offer(issued, i64::MAX, 1_000).is_ok(), "issued {issued}");
@@ -708,7 +777,7 @@ mod tests {
 
     #[test]
     fn translates_peers_and_rules_preferring_ipv4_endpoints() {
-        let t = translate(&map()).unwrap();
+        let t = translate(&map(), None).unwrap();
         assert_eq!(t.addresses.len(), 2);
         assert_eq!(
             t.peers[0].endpoint,
@@ -724,7 +793,7 @@ mod tests {
 
     #[test]
     fn installs_rules_before_peers_and_empty_denies_everything() {
-        let t = translate(&map()).unwrap();
+        let t = translate(&map(), None).unwrap();
         let (rules, peers) = (t.rules.clone(), t.peers.clone());
         assert!(!peers.is_empty() && !rules.rules.is_empty());
         assert_eq!(
@@ -751,20 +820,23 @@ mod tests {
     fn rejects_maps_with_bad_fields_rather_than_widening() {
         let mut m = map();
         m.inbound_rules[0].protocols.clear();
-        assert!(translate(&m).is_err());
+        assert!(translate(&m, None).is_err());
         let mut m = map();
         m.inbound_rules[0].ports[0].first = 70_000;
-        assert!(translate(&m).is_err());
+        assert!(translate(&m, None).is_err());
         let mut m = map();
         m.peers[0].wg_key = vec![1; 5];
-        assert!(matches!(translate(&m), Err(TranslateError::PeerKey { .. })));
+        assert!(matches!(
+            translate(&m, None),
+            Err(TranslateError::PeerKey { .. })
+        ));
         let mut m = map();
         m.inbound_rules[0].src_prefixes[0] = "100.64.0.2/33".into();
-        assert!(translate(&m).is_err());
+        assert!(translate(&m, None).is_err());
         let mut m = map();
         m.inbound_rules[0].dst_prefixes[0] = "junk".into();
         assert!(matches!(
-            translate(&m),
+            translate(&m, None),
             Err(TranslateError::RulePrefix { .. })
         ));
     }

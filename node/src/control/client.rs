@@ -169,6 +169,28 @@ impl Controller {
         Ok(())
     }
 
+    /// Advertises this node's subnet routes and exit-node role; returns
+    /// what is approved now.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` naming a bad route; authentication or transport
+    /// failures.
+    pub async fn set_routes(
+        &mut self,
+        machine: &SigningKey,
+        routes: Vec<String>,
+        exit_node: bool,
+    ) -> Result<pb::SetRoutesResponse, tonic::Status> {
+        let req = signed_request(
+            machine,
+            methods::SET_ROUTES,
+            pb::SetRoutesRequest { routes, exit_node },
+            now_ms(),
+            &mut OsRng,
+        );
+        Ok(self.client.set_routes(req).await?.into_inner())
+    }
+
     /// Deregisters this node.
     ///
     /// # Errors

@@ -22,6 +22,7 @@
 //! [`Discovery`] instead of the `Device`. That check is all it costs the
 //! WireGuard path.
 
+pub mod hostroute;
 mod ifaddrs;
 mod relay;
 mod tun;
@@ -903,6 +904,11 @@ fn bind_udp(port: u16) -> anyhow::Result<(Udp, Option<Udp>)> {
         }
         if force_buffer(&s, libc::SO_SNDBUFFORCE, SOCKET_SEND_BUFFER).is_err() {
             let _ = s.set_send_buffer_size(SOCKET_SEND_BUFFER);
+        }
+        // The exit-node policy routing sends marked packets by the main
+        // table: the encrypted traffic never loops into its own tunnel.
+        if let Err(e) = s.set_mark(hostroute::BYPASS_MARK) {
+            tracing::debug!(error = %e, "SO_MARK unavailable");
         }
         s.set_nonblocking(true)?;
         s.bind(&addr.into())?;
