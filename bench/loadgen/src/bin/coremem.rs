@@ -109,7 +109,7 @@ fn measure(n: usize, group: usize) -> serde_json::Value {
     };
 
     // The policy compiler's share, alone.
-    let infos: Vec<NodeInfo> = rows.iter().map(policy_node).collect();
+    let infos: Vec<NodeInfo> = rows.iter().map(|r| policy_node(r, &[])).collect();
     let p = parse(9000);
     let before = live();
     let compiled = Compiled::new(p, infos);

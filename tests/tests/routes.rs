@@ -1,0 +1,571 @@
+//! Subnet routers and exit nodes end to end (issue 12): real daemons,
+//! controller, nftables and wireguard-go in network namespaces. Needs root,
+//! `nft`, `wireguard-go` and `wg` (scripts/setup.sh) and the `ztmesh`,
+//! `ztmesh-controller` and `ztm-echo` binaries.
+//!
+//! ```text
+//!             underlay: switch ns, bridge br0 (198.18.0.0/24)
+//!   ┌──────────────┬──────────────┬──────────────┬────────────┬──────────┐
+//!  controller     router1        router2        laptop       exit / bob
+//!                  │ eth1 .1      │ eth1 .2      (alice)      exit: eth1 198.19.99.1
+//!                  │ (+ other0    │                              │
+//!                  │  198.19.60.1)│                            inet: 198.19.99.10
+//!              legacy: br50, 198.19.50.10 (no agent; ztm-echo on 443 and 22)
+//! ```
+//!
+//! Every namespace is unique to the test and removed when it ends, also
+//! when it fails.
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use ztmesh_tests::natlab::{
+    admin, admin_ok, controller_url, node_cli, start_controller, start_daemon, up, CliOut,
+    NodeDirs, CONTROLLER_PORT,
+};
+use ztmesh_tests::wgreplay::{replay_with_wireguard_go, unique_wg_iface, WgQuick};
+use ztmesh_tests::{require_root_or_skip, wait_until, Netns, Proc, TempDir, Topology};
+
+const CONTROLLER: &str = "controller";
+const ROUTER1: &str = "router1";
+const ROUTER2: &str = "router2";
+const LAPTOP: &str = "laptop";
+const EXIT: &str = "exit";
+const BOB: &str = "bob";
+
+/// The legacy subnet behind the routers, and its server (no agent).
+const SUBNET: &str = "198.19.50.0/24";
+const SERVER: &str = "198.19.50.10";
+/// Another network of router1, never advertised.
+const ROUTER1_OTHER: &str = "198.19.60.1";
+/// A host on the "internet" behind the exit node.
+const INTERNET_HOST: &str = "198.19.99.10";
+
+const DENY_TIMEOUT: Duration = Duration::from_millis(1500);
+const ALLOW_TIMEOUT: Duration = Duration::from_secs(5);
+/// Generous liveness bound for anything the issue wants "within 2 s" or
+/// "within seconds" (the measured times are printed and go to BENCHMARKS.md).
+const CHANGE_BOUND: Duration = Duration::from_secs(20);
+/// How long a wireguard-go replay of a node's config may take to get its
+/// first handshake through: boringtun's TAI64N timestamps run 27 s ahead of
+/// wireguard-go's (label base 2^62 + 37 vs + 10), so the peer refuses the
+/// replay's initiations as replays until that much time has passed since
+/// the node's own last initiation.
+const REPLAY_BOUND: Duration = Duration::from_secs(60);
+
+const POLICY: &str = r#"{
+  "tagOwners": {"tag:router": [], "tag:exit": []},
+  "acls": [
+    // Alice reaches one server of the legacy subnet on 443, and the internet.
+    {"action": "accept", "src": ["alice@example.com"], "dst": ["198.19.50.10/32:443", "autogroup:internet:*"]},
+    // Bob may SSH to the exit node, nothing more: a peer of it, not granted the internet.
+    {"action": "accept", "src": ["bob@example.com"], "dst": ["tag:exit:22"]},
+  ],
+}"#;
+
+struct Node {
+    dirs: NodeDirs,
+    daemon: Proc,
+}
+
+struct Lab {
+    nodes: std::collections::BTreeMap<&'static str, Node>,
+    _controller: Proc,
+    /// Kept until the end: echo servers.
+    _servers: Vec<Proc>,
+    extra: Vec<Netns>,
+    controller_dir: TempDir,
+    topo: Topology,
+}
+
+impl Lab {
+    /// The switch with `members` (controller first), the controller with
+    /// [`POLICY`], users alice and bob.
+    fn new(members: &[&str]) -> Self {
+        let mut names = vec![CONTROLLER];
+        names.extend_from_slice(members);
+        let topo = Topology::new(&names);
+        let controller_dir = TempDir::new("controller");
+        let data = controller_dir.join("data");
+        let ns = topo.ns(CONTROLLER);
+        let controller = start_controller(ns, topo.addr(CONTROLLER), &data, None);
+        for user in ["alice@example.com", "bob@example.com"] {
+            admin_ok(ns, &data, &["users", "create", user]);
+        }
+        let policy = controller_dir.join("policy.hujson");
+        std::fs::write(&policy, POLICY).expect("write the policy");
+        admin_ok(
+            ns,
+            &data,
+            &["policy", "set", policy.to_str().expect("utf-8")],
+        );
+        Self {
+            nodes: Default::default(),
+            _controller: controller,
+            _servers: Vec::new(),
+            extra: Vec::new(),
+            controller_dir,
+            topo,
+        }
+    }
+
+    fn data(&self) -> PathBuf {
+        self.controller_dir.join("data")
+    }
+
+    fn admin(&self, args: &[&str]) -> CliOut {
+        admin(self.topo.ns(CONTROLLER), &self.data(), args)
+    }
+
+    fn admin_ok(&self, args: &[&str]) -> String {
+        admin_ok(self.topo.ns(CONTROLLER), &self.data(), args)
+    }
+
+    /// Starts `name`'s daemon and joins it with a key for `owner` (`--user
+    /// LOGIN` or `--tags TAG`), with extra `up` flags.
+    fn join(&mut self, name: &'static str, owner: [&str; 2], flags: &[&str]) {
+        let mut args = vec!["keys", "create"];
+        args.extend(owner);
+        let key = self.admin_ok(&args).trim().to_owned();
+        let ns = self.topo.ns(name);
+        let dirs = NodeDirs::new(name);
+        let daemon = start_daemon(ns, &dirs, &[]);
+        let url = controller_url(self.topo.addr(CONTROLLER));
+        up(ns, &dirs, &url, &key, name);
+        if !flags.is_empty() {
+            let mut args = vec!["up"];
+            args.extend_from_slice(flags);
+            let out = node_cli(ns, &dirs, &args);
+            assert!(out.status.success(), "ztmesh up {flags:?} on {name}: {out}");
+        }
+        self.nodes.insert(name, Node { dirs, daemon });
+    }
+
+    fn cli(&self, name: &str, args: &[&str]) -> CliOut {
+        node_cli(self.topo.ns(name), &self.nodes[name].dirs, args)
+    }
+
+    fn status(&self, name: &str) -> Value {
+        let out = self.cli(name, &["status", "-o", "json"]);
+        assert!(out.status.success(), "status on {name}: {out}");
+        serde_json::from_str(&out.stdout).expect("status is JSON")
+    }
+
+    /// The peer of `name` whose addresses include `route`, by name.
+    fn route_via(&self, name: &str, route: &str) -> Option<String> {
+        let s = self.status(name);
+        s["peers"].as_array()?.iter().find_map(|p| {
+            let has = p["addresses"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x == route));
+            has.then(|| p["name"].as_str().unwrap_or_default().to_owned())
+        })
+    }
+
+    /// `name`'s overlay IPv4 address.
+    fn overlay_v4(&self, name: &str) -> String {
+        let s = self.status(name);
+        s["self"]["addresses"]
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .find(|a| !a.contains(':'))
+            })
+            .map(|a| a.split('/').next().unwrap_or(a).to_owned())
+            .unwrap_or_else(|| panic!("no overlay IPv4 address in {name}'s status: {s:#}"))
+    }
+
+    /// `name`'s `wg-config --include-private-key`, once every peer in it
+    /// has an Endpoint (a node reports its endpoints after its first map,
+    /// so an early export may list a peer without one).
+    fn exported_config(&self, name: &str) -> (String, WgQuick) {
+        let mut found = None;
+        self.until("the exported config never listed every endpoint", || {
+            let out = self.cli(name, &["wg-config", "--include-private-key"]);
+            let wg = WgQuick::parse(&out.stdout);
+            let complete = out.status.success()
+                && !wg.peers.is_empty()
+                && wg.peers.iter().all(|p| p.has_endpoint());
+            if complete {
+                found = Some((out.stdout, wg));
+            }
+            complete
+        });
+        found.expect("set when the wait ends")
+    }
+
+    fn drops(&self, name: &str, reason: &str) -> u64 {
+        let s = self.status(name);
+        s["drops"][reason]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no drops.{reason} in {name}'s status: {s:#}"))
+    }
+
+    fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|(n, node)| format!("==== {n}\n{}", node.daemon.logs()))
+            .collect()
+    }
+
+    /// Waits until `check` holds, returning how long that took.
+    fn until(&self, what: &str, check: impl FnMut() -> bool) -> Duration {
+        self.until_within(CHANGE_BOUND, what, check)
+    }
+
+    fn until_within(
+        &self,
+        bound: Duration,
+        what: &str,
+        mut check: impl FnMut() -> bool,
+    ) -> Duration {
+        let t0 = Instant::now();
+        wait_until(bound, Duration::from_millis(50), &mut check)
+            .unwrap_or_else(|e| panic!("{what}: {e}\n{}", self.logs()));
+        t0.elapsed()
+    }
+
+    fn reaches(&self, from: &str, addr: &str, port: u16, timeout: Duration) -> bool {
+        self.topo.ns(from).tcp_check(addr, port, timeout).is_ok()
+    }
+
+    /// A namespace attached to `router` by a veth: the router's end `eth1`
+    /// gets `router_addr/24`, the other end `eth0` in the new namespace.
+    fn attach(&mut self, router: &str, tag: &str) -> usize {
+        let ns = Netns::new(tag);
+        self.topo.ns(router).run_ok([
+            "ip",
+            "link",
+            "add",
+            "eth1",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ]);
+        self.extra.push(ns);
+        self.extra.len() - 1
+    }
+}
+
+/// The legacy subnet: `legacy` holds bridge br50 with the server address,
+/// router1 and router2 plug into it.
+fn legacy_subnet(lab: &mut Lab) -> usize {
+    let legacy = Netns::new("legacy");
+    legacy.run_ok(["ip", "link", "add", "br50", "type", "bridge"]);
+    legacy.run_ok(["ip", "addr", "add", &format!("{SERVER}/24"), "dev", "br50"]);
+    legacy.run_ok(["ip", "link", "set", "br50", "up"]);
+    for (router, addr, port) in [
+        (ROUTER1, "198.19.50.1", "r1"),
+        (ROUTER2, "198.19.50.2", "r2"),
+    ] {
+        let r = lab.topo.ns(router);
+        r.run_ok([
+            "ip",
+            "link",
+            "add",
+            "eth1",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            port,
+            "netns",
+            legacy.name(),
+        ]);
+        r.run_ok(["ip", "addr", "add", &format!("{addr}/24"), "dev", "eth1"]);
+        r.run_ok(["ip", "link", "set", "eth1", "up"]);
+        legacy.run_ok(["ip", "link", "set", port, "master", "br50"]);
+        legacy.run_ok(["ip", "link", "set", port, "up"]);
+    }
+    lab._servers
+        .push(legacy.spawn_echo(&[&format!("{SERVER}:443"), &format!("{SERVER}:22")]));
+    lab.extra.push(legacy);
+    lab.extra.len() - 1
+}
+
+/// Router1's other network (a veth pair inside router1, standing for a
+/// LAN or container bridge), never advertised, with an echo server.
+fn other_network(lab: &mut Lab) {
+    let r1 = lab.topo.ns(ROUTER1);
+    r1.run_ok([
+        "ip", "link", "add", "other0", "type", "veth", "peer", "name", "other1",
+    ]);
+    r1.run_ok([
+        "ip",
+        "addr",
+        "add",
+        &format!("{ROUTER1_OTHER}/24"),
+        "dev",
+        "other0",
+    ]);
+    r1.run_ok(["ip", "link", "set", "other0", "up"]);
+    r1.run_ok(["ip", "link", "set", "other1", "up"]);
+    lab._servers
+        .push(r1.spawn_echo(&[&format!("{ROUTER1_OTHER}:443")]));
+}
+
+/// Subnet router end to end: nothing is routed before approval; then the
+/// laptop reaches the server's allowed port only; revoking approval cuts
+/// the flow; with two routers, the second takes over when the first dies.
+#[test]
+fn a_subnet_router_forwards_only_approved_routes_and_allowed_ports_and_fails_over() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let mut lab = Lab::new(&[ROUTER1, ROUTER2, LAPTOP]);
+    legacy_subnet(&mut lab);
+    other_network(&mut lab);
+
+    lab.join(
+        ROUTER1,
+        ["--tags", "tag:router"],
+        &["--advertise-routes", SUBNET],
+    );
+    lab.join(
+        ROUTER2,
+        ["--tags", "tag:router"],
+        &["--advertise-routes", SUBNET],
+    );
+    lab.join(LAPTOP, ["--user", "alice@example.com"], &[]);
+
+    // Advertised, not approved: nothing is routed.
+    let shown = lab.admin_ok(&["nodes", "routes", ROUTER1, "-o", "json"]);
+    assert!(shown.contains(SUBNET), "{shown}");
+    assert!(
+        !lab.reaches(LAPTOP, SERVER, 443, DENY_TIMEOUT),
+        "the subnet is reachable before any approval"
+    );
+
+    // An admin approves router1: the laptop reaches 443, not 22.
+    let t0 = Instant::now();
+    lab.admin_ok(&["nodes", "routes", ROUTER1, "--approve", SUBNET]);
+    lab.until("the approved route never carried the flow", || {
+        lab.reaches(LAPTOP, SERVER, 443, Duration::from_millis(500))
+    });
+    let approved = t0.elapsed();
+    assert!(
+        !lab.reaches(LAPTOP, SERVER, 22, DENY_TIMEOUT),
+        "port 22 of the server is not in the policy"
+    );
+    assert!(
+        !lab.reaches(LAPTOP, ROUTER1_OTHER, 443, DENY_TIMEOUT),
+        "router1's other network was reached"
+    );
+    assert_eq!(lab.route_via(LAPTOP, SUBNET).as_deref(), Some(ROUTER1));
+
+    // Revoking the approval cuts the flow.
+    let t0 = Instant::now();
+    lab.admin_ok(&["nodes", "routes", ROUTER1, "--unapprove", SUBNET]);
+    lab.until("the flow survived the revoked approval", || {
+        !lab.reaches(LAPTOP, SERVER, 443, Duration::from_millis(300))
+    });
+    let revoked = t0.elapsed();
+    assert_eq!(lab.route_via(LAPTOP, SUBNET), None);
+
+    // Both routers approved: router1 (first online) is primary; killing it
+    // hands the route to router2.
+    lab.admin_ok(&["nodes", "routes", ROUTER1, "--approve", SUBNET]);
+    lab.admin_ok(&["nodes", "routes", ROUTER2, "--approve", SUBNET]);
+    lab.until("the re-approved route never carried the flow", || {
+        lab.reaches(LAPTOP, SERVER, 443, Duration::from_millis(500))
+    });
+    assert_eq!(lab.route_via(LAPTOP, SUBNET).as_deref(), Some(ROUTER1));
+    let t0 = Instant::now();
+    lab.nodes.get_mut(ROUTER1).expect("joined").daemon.kill9();
+    lab.until("router2 never took over", || {
+        lab.reaches(LAPTOP, SERVER, 443, Duration::from_millis(500))
+    });
+    let failover = t0.elapsed();
+    assert_eq!(lab.route_via(LAPTOP, SUBNET).as_deref(), Some(ROUTER2));
+    assert!(
+        !lab.reaches(LAPTOP, SERVER, 22, DENY_TIMEOUT),
+        "router2 forwards port 22"
+    );
+    println!(
+        "subnet router: approval -> flow {approved:?}; revocation -> cut {revoked:?}; \
+         primary killed -> flow via router2 {failover:?}"
+    );
+}
+
+/// A hostile peer routes router1's other network into its tunnel
+/// (wireguard-go with the laptop's exported config, router1's AllowedIPs
+/// widened): router1 refuses it as a foreign destination; the approved
+/// route keeps working.
+#[test]
+fn a_router_refuses_destinations_outside_its_approved_routes_from_a_hostile_peer() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let mut lab = Lab::new(&[ROUTER1, ROUTER2, LAPTOP]);
+    legacy_subnet(&mut lab);
+    other_network(&mut lab);
+    lab.join(
+        ROUTER1,
+        ["--tags", "tag:router"],
+        &["--advertise-routes", SUBNET],
+    );
+    lab.join(LAPTOP, ["--user", "alice@example.com"], &[]);
+    lab.admin_ok(&["nodes", "routes", ROUTER1, "--approve", SUBNET]);
+    lab.until("the approved route never carried the flow", || {
+        lab.reaches(LAPTOP, SERVER, 443, Duration::from_millis(500))
+    });
+
+    let (conf, mut wg) = lab.exported_config(LAPTOP);
+    let router = wg
+        .peers
+        .iter_mut()
+        .find(|p| p.allowed_ips.iter().any(|a| a == SUBNET))
+        .unwrap_or_else(|| panic!("router1 with the subnet is not in the config:\n{conf}"));
+    router.widen("198.19.60.0/24");
+    let ns = lab.topo.ns(LAPTOP);
+    lab.nodes.get_mut(LAPTOP).expect("joined").daemon.stop();
+    let iface = unique_wg_iface();
+    let dir = TempDir::new("replay");
+    let _wg = replay_with_wireguard_go(ns, &iface, &wg, dir.path());
+    lab.until_within(
+        REPLAY_BOUND,
+        "the replayed config never reached the server",
+        || lab.reaches(LAPTOP, SERVER, 443, Duration::from_millis(500)),
+    );
+    let before = lab.drops(ROUTER1, "foreign_destination");
+    assert!(
+        !lab.reaches(LAPTOP, ROUTER1_OTHER, 443, DENY_TIMEOUT),
+        "a hostile peer reached router1's unadvertised network"
+    );
+    let after = lab.drops(ROUTER1, "foreign_destination");
+    assert!(after > before, "not counted: {before} -> {after}");
+    assert!(
+        !lab.reaches(LAPTOP, SERVER, 22, DENY_TIMEOUT),
+        "the replayed config reached port 22"
+    );
+}
+
+/// Exit node end to end: the laptop (granted autogroup:internet) reaches an
+/// internet host through it while the controller stays reachable; it never
+/// reaches the exit node's own underlay address that way; bob (a peer of
+/// the exit node, not granted) gets nothing through it — neither with his
+/// own client nor with a hostile one that routes 0.0.0.0/0 to it anyway.
+#[test]
+fn an_exit_node_carries_only_granted_nodes_and_the_controller_stays_reachable() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let mut lab = Lab::new(&[EXIT, LAPTOP, BOB]);
+    let inet = lab.attach(EXIT, "inet");
+    let ex = lab.topo.ns(EXIT);
+    ex.run_ok(["ip", "addr", "add", "198.19.99.1/24", "dev", "eth1"]);
+    ex.run_ok(["ip", "link", "set", "eth1", "up"]);
+    let inet_ns = &lab.extra[inet];
+    inet_ns.run_ok([
+        "ip",
+        "addr",
+        "add",
+        &format!("{INTERNET_HOST}/24"),
+        "dev",
+        "eth0",
+    ]);
+    inet_ns.run_ok(["ip", "link", "set", "eth0", "up"]);
+    let exit_underlay = lab.topo.addr(EXIT).to_string();
+    let servers = vec![
+        inet_ns.spawn_echo(&[&format!("{INTERNET_HOST}:443")]),
+        ex.spawn_echo(&[&format!("{exit_underlay}:443")]),
+    ];
+    lab._servers.extend(servers);
+
+    lab.join(EXIT, ["--tags", "tag:exit"], &["--advertise-exit-node"]);
+    lab.join(LAPTOP, ["--user", "alice@example.com"], &[]);
+    lab.join(BOB, ["--user", "bob@example.com"], &[]);
+    let exit_overlay = lab.overlay_v4(EXIT);
+    let ssh = lab
+        .topo
+        .ns(EXIT)
+        .spawn_echo(&[&format!("{exit_overlay}:22")]);
+    lab._servers.push(ssh);
+    assert!(
+        !lab.reaches(LAPTOP, INTERNET_HOST, 443, DENY_TIMEOUT),
+        "the internet host is reachable without an exit node"
+    );
+    lab.admin_ok(&["nodes", "routes", EXIT, "--approve-exit-node"]);
+
+    let t0 = Instant::now();
+    let out = lab.cli(LAPTOP, &["up", "--exit-node", EXIT]);
+    assert!(out.status.success(), "{out}");
+    lab.until("the laptop never reached the internet host", || {
+        lab.reaches(LAPTOP, INTERNET_HOST, 443, Duration::from_millis(500))
+    });
+    let via_exit = t0.elapsed();
+    // The controller stays reachable (outside the tunnel), and the session
+    // with it stays up.
+    let ctl = lab.topo.addr(CONTROLLER).to_string();
+    lab.topo
+        .ns(LAPTOP)
+        .tcp_connect(&ctl, CONTROLLER_PORT, ALLOW_TIMEOUT)
+        .unwrap_or_else(|e| panic!("the controller is unreachable with an exit node: {e}"));
+    lab.admin_ok(&["policy", "get"]);
+    let status = lab.status(LAPTOP);
+    assert_eq!(status["controller"]["state"], "connected", "{status:#}");
+    // The exit node's own underlay address is not internet for its users.
+    assert!(
+        !lab.reaches(LAPTOP, &exit_underlay, 443, DENY_TIMEOUT),
+        "the laptop reached the exit node's own address through it"
+    );
+
+    // Bob chooses the exit node too: his map does not offer it, so his
+    // internet traffic goes nowhere (not around the tunnel), and the
+    // controller stays reachable.
+    let out = lab.cli(BOB, &["up", "--exit-node", EXIT]);
+    assert!(out.status.success(), "{out}");
+    assert!(
+        !lab.reaches(BOB, INTERNET_HOST, 443, DENY_TIMEOUT),
+        "bob used an exit node he is not granted"
+    );
+    lab.topo
+        .ns(BOB)
+        .tcp_connect(&ctl, CONTROLLER_PORT, ALLOW_TIMEOUT)
+        .unwrap_or_else(|e| panic!("bob lost the controller: {e}"));
+
+    // A hostile bob routes everything to the exit node anyway: the exit
+    // node refuses (no rule admits bob to the internet).
+    let (conf, mut wg) = lab.exported_config(BOB);
+    assert_eq!(
+        wg.peers.len(),
+        1,
+        "bob's one peer is the exit node:\n{conf}"
+    );
+    wg.peers[0].widen("198.19.99.0/24");
+    let out = lab.cli(BOB, &["up", "--exit-node", ""]);
+    assert!(out.status.success(), "{out}");
+    lab.nodes.get_mut(BOB).expect("joined").daemon.stop();
+    let iface = unique_wg_iface();
+    let dir = TempDir::new("replay");
+    let _wg = replay_with_wireguard_go(lab.topo.ns(BOB), &iface, &wg, dir.path());
+    // The tunnel is up once the exit node answers on the port bob may use.
+    lab.until_within(
+        REPLAY_BOUND,
+        "bob's replayed config never reached exit:22",
+        || lab.reaches(BOB, &exit_overlay, 22, Duration::from_millis(500)),
+    );
+    let before = lab.drops(EXIT, "no_rule");
+    assert!(
+        !lab.reaches(BOB, INTERNET_HOST, 443, Duration::from_secs(3)),
+        "the exit node forwarded for bob"
+    );
+    let after = lab.drops(EXIT, "no_rule");
+    assert!(
+        after > before,
+        "the exit node did not count bob's packets: {before} -> {after}"
+    );
+    let _ = lab.admin(&["nodes", "list"]);
+    println!("exit node: up --exit-node -> internet host reached {via_exit:?}");
+}
