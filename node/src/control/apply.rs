@@ -775,6 +775,90 @@ mod tests {
         }
     }
 
+    /// `map()` where this node routes 198.19.50.0/24 and is an exit node,
+    /// and two peers offer routes: web (a subnet and the exit-node role)
+    /// and gw (the exit-node role).
+    fn routed_map() -> pb::NetMap {
+        let mut m = map();
+        let me = m.self_node.as_mut().unwrap();
+        me.routes = vec!["198.19.50.0/24".into()];
+        me.exit_node = true;
+        m.peers[0].allowed_ips = [
+            "100.64.0.2/32",
+            "fd01:2:3::2/128",
+            "0.0.0.0/0",
+            "198.19.51.0/24",
+            "::/0",
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut gw = m.peers[0].clone();
+        gw.id = 3;
+        gw.name = "gw".into();
+        gw.wg_key = vec![8; 32];
+        gw.allowed_ips = ["100.64.0.3/32", "0.0.0.0/0", "::/0"]
+            .map(String::from)
+            .to_vec();
+        m.peers.push(gw);
+        m.inbound_rules[0].dst_prefixes.clear();
+        m
+    }
+
+    fn nets(v: &[&str]) -> Vec<IpNet> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn only_the_chosen_exit_node_keeps_default_routes_and_served_routes_are_local() {
+        let m = routed_map();
+        let t = translate(&m, None).unwrap();
+        assert_eq!(
+            t.peers[0].allowed_ips,
+            nets(&["100.64.0.2/32", "fd01:2:3::2/128", "198.19.51.0/24"]),
+            "no exit node chosen: no default route to anyone"
+        );
+        assert_eq!(t.peers[1].allowed_ips, nets(&["100.64.0.3/32"]));
+        assert_eq!(t.offered.routes, nets(&["198.19.51.0/24"]));
+        assert!(!t.offered.exit_usable);
+        assert_eq!(t.offered.serves, nets(&["198.19.50.0/24"]));
+        assert!(t.offered.is_exit);
+        assert_eq!(
+            t.rules.local,
+            nets(&[
+                "100.64.0.1/32",
+                "fd01:2:3::1/128",
+                "198.19.50.0/24",
+                "0.0.0.0/0",
+                "::/0"
+            ])
+        );
+        assert_eq!(
+            t.rules.rules[0].dst,
+            nets(&["100.64.0.1/32", "fd01:2:3::1/128"]),
+            "a rule without destinations admits the node's own addresses, never its routes"
+        );
+        // Chosen by name (any case) or overlay address: that peer only.
+        for sel in ["GW", "100.64.0.3"] {
+            let t = translate(&m, Some(sel)).unwrap();
+            assert_eq!(
+                t.peers[1].allowed_ips,
+                nets(&["100.64.0.3/32", "0.0.0.0/0", "::/0"])
+            );
+            assert!(!t.peers[0].allowed_ips.iter().any(routing::is_default));
+            assert!(t.offered.exit_usable, "{sel}");
+        }
+        // A peer that does not offer itself is not usable as one.
+        let mut plain = m.clone();
+        plain.peers[1].allowed_ips.truncate(1);
+        assert!(!translate(&plain, Some("gw")).unwrap().offered.exit_usable);
+        let mut bad = m;
+        bad.self_node.as_mut().unwrap().routes = vec!["198.19.50.0/33".into()];
+        assert!(
+            translate(&bad, None).is_err(),
+            "a bad served route rejects the map"
+        );
+    }
+
     #[test]
     fn translates_peers_and_rules_preferring_ipv4_endpoints() {
         let t = translate(&map(), None).unwrap();
