@@ -157,6 +157,12 @@ impl Lab {
         serde_json::from_str(&out.stdout).expect("status is JSON")
     }
 
+    /// `policy explain` against the live controller (its nodes and routes).
+    fn explain(&self, src: &str, dst: &str) -> String {
+        let out = self.admin(&["policy", "explain", "--src", src, "--dst", dst]);
+        format!("{}{}", out.stdout, out.stderr)
+    }
+
     /// The peer of `name` whose addresses include `route`, by name.
     fn route_via(&self, name: &str, route: &str) -> Option<String> {
         let s = self.status(name);
@@ -363,6 +369,14 @@ fn a_subnet_router_forwards_only_approved_routes_and_allowed_ports_and_fails_ove
         "router1's other network was reached"
     );
     assert_eq!(lab.route_via(LAPTOP, SUBNET).as_deref(), Some(ROUTER1));
+    // `policy explain` names the rule and the router for a subnet address.
+    let allow = lab.explain("alice@example.com", &format!("{SERVER}:443"));
+    assert!(
+        allow.contains("ALLOW") && allow.contains("route 198.19.50.0/24 of node router1"),
+        "{allow}"
+    );
+    let deny = lab.explain("alice@example.com", &format!("{SERVER}:22"));
+    assert!(deny.contains("DENY"), "{deny}");
 
     // Revoking the approval cuts the flow.
     let t0 = Instant::now();
@@ -512,7 +526,13 @@ fn an_exit_node_carries_only_granted_nodes_and_the_controller_stays_reachable() 
         .ns(LAPTOP)
         .tcp_connect(&ctl, CONTROLLER_PORT, ALLOW_TIMEOUT)
         .unwrap_or_else(|e| panic!("the controller is unreachable with an exit node: {e}"));
-    lab.admin_ok(&["policy", "get"]);
+    let explained = lab.explain("alice@example.com", &format!("{INTERNET_HOST}:443"));
+    assert!(
+        explained.contains("ALLOW") && explained.contains("through an exit node"),
+        "{explained}"
+    );
+    let explained = lab.explain("bob@example.com", &format!("{INTERNET_HOST}:443"));
+    assert!(explained.contains("DENY"), "{explained}");
     let status = lab.status(LAPTOP);
     assert_eq!(status["controller"]["state"], "connected", "{status:#}");
     // The exit node's own underlay address is not internet for its users.
