@@ -480,7 +480,7 @@ impl AdminService {
     }
 }
 
-fn node_pb(n: &NodeRow, online: bool) -> apb::Node {
+fn node_pb(n: &NodeRow, online: bool, primary: &[ipnet::IpNet]) -> apb::Node {
     apb::Node {
         id: n.id,
         name: n.name.clone(),
@@ -508,6 +508,7 @@ fn node_pb(n: &NodeRow, online: bool) -> apb::Node {
         approved_routes: n.routes.approved.iter().map(ToString::to_string).collect(),
         exit_node_advertised: n.routes.exit_advertised,
         exit_node_approved: n.routes.exit_approved,
+        primary_routes: primary.iter().map(ToString::to_string).collect(),
     }
 }
 
@@ -647,7 +648,7 @@ impl Admin for AdminService {
             .mesh
             .nodes()
             .iter()
-            .map(|(n, online)| node_pb(n, *online))
+            .map(|(n, online)| node_pb(n, *online, &self.mesh.primary_routes(n.id)))
             .collect();
         ok(apb::ListNodesResponse { nodes })
     }
@@ -656,7 +657,7 @@ impl Admin for AdminService {
         self.actor(&req)?;
         let n = self.mesh.find_node(&req.get_ref().node)?;
         let online = self.mesh.nodes().iter().any(|(x, o)| x.id == n.id && *o);
-        ok(node_pb(&n, online))
+        ok(node_pb(&n, online, &self.mesh.primary_routes(n.id)))
     }
 
     async fn delete_node(&self, req: Request<apb::NodeRef>) -> R<apb::DeleteNodeResponse> {
@@ -671,7 +672,7 @@ impl Admin for AdminService {
         let n = self
             .mesh
             .expire_node(&actor, &req.get_ref().node, now_ms())?;
-        ok(node_pb(&n, false))
+        ok(node_pb(&n, false, &self.mesh.primary_routes(n.id)))
     }
 
     async fn rename_node(&self, req: Request<apb::RenameNodeRequest>) -> R<apb::Node> {
@@ -680,7 +681,7 @@ impl Admin for AdminService {
         let n = self
             .mesh
             .rename_node(&actor, &r.node, &r.new_name, now_ms())?;
-        ok(node_pb(&n, false))
+        ok(node_pb(&n, false, &self.mesh.primary_routes(n.id)))
     }
 
     async fn set_node_routes(&self, req: Request<apb::SetNodeRoutesRequest>) -> R<apb::Node> {
@@ -698,7 +699,7 @@ impl Admin for AdminService {
         let n = self
             .mesh
             .approve_routes(&actor, &r.node, &change, now_ms())?;
-        ok(node_pb(&n, false))
+        ok(node_pb(&n, false, &self.mesh.primary_routes(n.id)))
     }
 
     async fn set_policy(&self, req: Request<apb::SetPolicyRequest>) -> R<apb::SetPolicyResponse> {

@@ -1252,6 +1252,17 @@ impl Mesh {
             .ok_or_else(|| Error::NotFound(format!("node {r:?}")))
     }
 
+    /// The approved routes `node` is the primary router for now.
+    pub fn primary_routes(&self, node: u64) -> Vec<IpNet> {
+        self.state()
+            .core
+            .primaries()
+            .iter()
+            .filter(|(_, n)| **n == node)
+            .map(|(r, _)| *r)
+            .collect()
+    }
+
     /// All nodes with their online state.
     pub fn nodes(&self) -> Vec<(NodeRow, bool)> {
         let st = self.state();

@@ -402,6 +402,10 @@ fn a_subnet_router_forwards_only_approved_routes_and_allowed_ports_and_fails_ove
     });
     let failover = t0.elapsed();
     assert_eq!(lab.route_via(LAPTOP, SUBNET).as_deref(), Some(ROUTER2));
+    let shown: Value =
+        serde_json::from_str(&lab.admin_ok(&["nodes", "routes", ROUTER2, "-o", "json"]))
+            .expect("nodes routes -o json");
+    assert_eq!(shown["primary"], serde_json::json!([SUBNET]), "{shown:#}");
     assert!(
         !lab.reaches(LAPTOP, SERVER, 22, DENY_TIMEOUT),
         "router2 forwards port 22"

@@ -167,7 +167,7 @@ pub(super) async fn run(c: &mut Client, cmd: NodesCmd) -> anyhow::Result<()> {
             if output == Output::Json {
                 print_json(&routes_json(&n));
             } else {
-                println!("{:<20} {:<10} SERVED", "ROUTE", "APPROVED");
+                println!("{:<20} {:<10} {:<8} PRIMARY", "ROUTE", "APPROVED", "SERVED");
                 let mut all: Vec<&String> = n
                     .advertised_routes
                     .iter()
@@ -183,7 +183,8 @@ pub(super) async fn run(c: &mut Client, cmd: NodesCmd) -> anyhow::Result<()> {
                     } else {
                         " (not advertised)"
                     };
-                    println!("{r:<20} {approved:<10} {served}{note}");
+                    let primary = n.primary_routes.contains(r);
+                    println!("{r:<20} {approved:<10} {served:<8} {primary}{note}");
                 }
                 println!(
                     "exit node: advertised {}, approved {}",
@@ -211,5 +212,6 @@ fn routes_json(n: &apb::Node) -> serde_json::Value {
     json!({
         "advertised": n.advertised_routes, "approved": n.approved_routes,
         "exit_node_advertised": n.exit_node_advertised, "exit_node_approved": n.exit_node_approved,
+        "primary": n.primary_routes,
     })
 }
