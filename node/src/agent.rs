@@ -179,6 +179,9 @@ struct State {
     conn: ConnState,
     control_task: Option<tokio::task::JoinHandle<()>>,
     refused_maps: u64,
+    /// The controller's addresses as last resolved (its URL may name a
+    /// host): routed outside the tunnel whatever the routes.
+    controller_addrs: Vec<IpAddr>,
 }
 
 /// The node's private keys.
@@ -339,18 +342,21 @@ impl Daemon {
         dp.set_stun_servers(stun_servers(&self.cfg.stun_servers, &map.relays));
         // After the peers: the relay learns the map the device now uses.
         dp.set_relay(Some(self.relay_setup(map, signed)));
-        self.route_host(&offered, &addresses, &map.relays);
+        self.route_host(dp, &offered, &addresses, &map.relays);
     }
 
     /// Makes the host's routes match what the map offers under the prefs.
-    fn route_host(&self, offered: &Offered, addresses: &[IpNet], relays: &[pb::Relay]) {
+    /// Takes the data plane as proof that it is up: once `stop` has taken
+    /// it, nothing installs host routes again.
+    fn route_host(
+        &self,
+        _up: &DataPlane,
+        offered: &Offered,
+        addresses: &[IpNet],
+        relays: &[pb::Relay],
+    ) {
         let prefs = self.prefs.borrow().clone();
-        let controller = self
-            .lock()
-            .enrollment
-            .as_ref()
-            .and_then(|e| controller_ip(&e.controller_url));
-        let mut bypass: Vec<IpAddr> = controller.into_iter().collect();
+        let mut bypass = self.lock().controller_addrs.clone();
         bypass.extend(relay_ips(relays));
         let own: Vec<IpAddr> = addresses.iter().map(IpNet::addr).collect();
         let overlay = overlay_prefixes(addresses);
@@ -366,18 +372,18 @@ impl Daemon {
     /// forwarding go; a chosen exit node's route stays (non-mesh traffic
     /// goes nowhere rather than around the tunnel).
     async fn clear_peers(&self) {
-        if let Some(dp) = self.dp.lock().await.as_ref() {
-            install(dp, Install::Empty);
-            dp.set_stun_servers(self.cfg.stun_servers.clone());
-            dp.set_relay(None);
-        }
         let addresses = self
             .lock()
             .enrollment
             .as_ref()
             .map(|e| e.addresses.clone())
             .unwrap_or_default();
-        self.route_host(&Offered::default(), &addresses, &[]);
+        if let Some(dp) = self.dp.lock().await.as_ref() {
+            install(dp, Install::Empty);
+            dp.set_stun_servers(self.cfg.stun_servers.clone());
+            dp.set_relay(None);
+            self.route_host(dp, &Offered::default(), &addresses, &[]);
+        }
     }
 
     /// Tells the controller what this node advertises (every session, and
@@ -463,6 +469,10 @@ impl Daemon {
     /// One controller session: connect, report endpoints, follow the netmap stream.
     async fn session(self: &Arc<Self>, e: &Enrollment, have: &mut u64) -> Result<(), SessionError> {
         let key = e.controller_key;
+        let addrs = controller_addrs(&e.controller_url).await;
+        if !addrs.is_empty() {
+            self.lock().controller_addrs = addrs;
+        }
         let mut ctl = Controller::connect(&e.controller_url, e.fingerprint, Duration::from_secs(5))
             .await
             .map_err(|err| SessionError::Retry(format!("{err:#}")))?;
@@ -732,8 +742,10 @@ impl Daemon {
             t.abort();
         }
         self.set_conn(ConnState::Idle);
-        self.host.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        // The data plane first: an install running now finishes before the
+        // take, and none starts after it, so the clear is the last word.
         let dp = self.dp.lock().await.take();
+        self.host.lock().unwrap_or_else(|p| p.into_inner()).clear();
         if let Some(dp) = dp {
             dp.shutdown().await;
         }
@@ -1227,11 +1239,35 @@ fn load_prefs(state_dir: &Path) -> anyhow::Result<Prefs> {
     }
 }
 
-/// The controller's address when its URL names one (a host name is not
-/// resolved here: the exit-node bypass then covers only the relays).
+/// The controller's address when its URL names one as a literal.
 fn controller_ip(controller_url: &str) -> Option<IpAddr> {
     let uri: tonic::transport::Uri = controller_url.parse().ok()?;
     uri.host()?.trim_matches(['[', ']']).parse().ok()
+}
+
+/// The controller's addresses: the literal in its URL, else what its host
+/// name resolves to now (bounded: 3 s); empty when neither works.
+async fn controller_addrs(controller_url: &str) -> Vec<IpAddr> {
+    if let Some(ip) = controller_ip(controller_url) {
+        return vec![ip];
+    }
+    let Ok(uri) = controller_url.parse::<tonic::transport::Uri>() else {
+        return Vec::new();
+    };
+    let Some(host) = uri.host() else {
+        return Vec::new();
+    };
+    let target = format!("{host}:{}", uri.port_u16().unwrap_or(443));
+    match tokio::time::timeout(Duration::from_secs(3), tokio::net::lookup_host(target)).await {
+        Ok(Ok(addrs)) => {
+            let mut v: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
+            v.sort();
+            v.dedup();
+            v.truncate(16);
+            v
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// The relays' underlay addresses (QUIC, TCP, STUN).
@@ -1328,10 +1364,14 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
     let keys = Keys::load_or_generate(&cfg.state_dir)?;
     let (live_serial, _) = watch::channel(0u64);
     let prefs = load_prefs(&cfg.state_dir)?;
+    // A daemon that crashed may have left policy rules and its nftables
+    // table behind; this interface's are ours to remove.
+    let mut host = HostRoutes::new(&cfg.interface);
+    host.reset();
     let daemon = Arc::new(Daemon {
         cfg: cfg.clone(),
         prefs: watch::channel(prefs).0,
-        host: Mutex::new(HostRoutes::new(&cfg.interface)),
+        host: Mutex::new(host),
         keys: Mutex::new(Arc::new(keys)),
         state: Mutex::new(State {
             enrollment: None,
@@ -1340,6 +1380,7 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
             conn: ConnState::Idle,
             control_task: None,
             refused_maps: 0,
+            controller_addrs: Vec::new(),
         }),
         dp: tokio::sync::Mutex::new(None),
         live_serial,
@@ -1348,7 +1389,11 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
     // Come back as we were: enrolled and not `down` → data plane up with the
     // last verified netmap, then reconnect.
     if let Some(e) = daemon.load_enrollment()? {
-        daemon.lock().enrollment = Some(e.clone());
+        {
+            let mut st = daemon.lock();
+            st.enrollment = Some(e.clone());
+            st.controller_addrs = controller_ip(&e.controller_url).into_iter().collect();
+        }
         if !daemon.path("down").exists() {
             daemon.ensure_dataplane(&e).await?;
             if let Some((map, signed)) = daemon.load_cached_netmap(&e) {

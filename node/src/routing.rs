@@ -188,6 +188,9 @@ pub fn is_default(net: &IpNet) -> bool {
 pub struct RoutePlan {
     /// Subnet routes of peers, routed into the tunnel interface (sorted).
     pub routes: Vec<IpNet>,
+    /// Addresses reached outside the tunnel whatever a peer offers or the
+    /// exit node carries: the controller and the relays (sorted).
+    pub bypass: Vec<IpAddr>,
     /// Everything else through an exit node.
     pub exit: Option<ExitRouting>,
     /// This node forwards for others.
@@ -197,9 +200,6 @@ pub struct RoutePlan {
 /// A client's default route through its exit node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExitRouting {
-    /// Addresses reached outside the tunnel whatever else is routed: the
-    /// controller and the relays (sorted).
-    pub bypass: Vec<IpAddr>,
     /// Keep the host's non-default routes (its LANs) outside the tunnel.
     pub allow_lan: bool,
 }
@@ -251,7 +251,6 @@ pub fn plan(
     bypass.sort();
     bypass.dedup();
     let exit = prefs.exit_node.as_ref().map(|_| ExitRouting {
-        bypass,
         allow_lan: prefs.exit_node_allow_lan_access,
     });
     let forward = (!offered.serves.is_empty() || offered.is_exit).then(|| Forwarding {
@@ -266,6 +265,7 @@ pub fn plan(
     routes.dedup();
     RoutePlan {
         routes,
+        bypass,
         exit,
         forward,
     }
@@ -385,13 +385,8 @@ mod tests {
         // The exit node is not offered (exit_usable false): the exit route
         // stays, fail closed.
         let p = plan(&offered, &prefs, vec![relay, ctl, ctl], &own, &overlay());
-        assert_eq!(
-            p.exit,
-            Some(ExitRouting {
-                bypass: vec![ctl, relay],
-                allow_lan: false
-            })
-        );
+        assert_eq!(p.exit, Some(ExitRouting { allow_lan: false }));
+        assert_eq!(p.bypass, vec![ctl, relay], "sorted, no duplicates");
         let router = Offered {
             serves: vec!["198.19.50.0/24".parse().unwrap()],
             ..Offered::default()

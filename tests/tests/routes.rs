@@ -515,12 +515,31 @@ fn an_exit_node_carries_only_granted_nodes_and_the_controller_stays_reachable() 
         "the internet host is reachable without an exit node"
     );
     lab.admin_ok(&["nodes", "routes", EXIT, "--approve-exit-node"]);
+    // A path around the tunnel: the laptop's default route goes to the
+    // exit node's underlay address, whose kernel now forwards (it is an
+    // exit node), and the internet host routes back to it. Traffic that
+    // leaks outside the tunnel reaches the host from the laptop's own
+    // address; through the tunnel it comes from the exit node's (NAT).
+    let laptop_underlay = lab.topo.addr(LAPTOP).to_string();
+    lab.topo
+        .ns(LAPTOP)
+        .run_ok(["ip", "route", "add", "default", "via", &exit_underlay]);
+    lab.extra[inet].run_ok(["ip", "route", "add", "default", "via", "198.19.99.1"]);
+    lab.until("the path around the tunnel never worked", || {
+        lab.reaches(LAPTOP, INTERNET_HOST, 443, Duration::from_millis(500))
+    });
+    assert!(
+        last_peer_of(&lab._servers[0]).starts_with(&format!("{laptop_underlay}:")),
+        "{}",
+        lab._servers[0].stdout()
+    );
 
     let t0 = Instant::now();
     let out = lab.cli(LAPTOP, &["up", "--exit-node", EXIT]);
     assert!(out.status.success(), "{out}");
     lab.until("the laptop never reached the internet host", || {
         lab.reaches(LAPTOP, INTERNET_HOST, 443, Duration::from_millis(500))
+            && last_peer_of(&lab._servers[0]).starts_with("198.19.99.1:")
     });
     let via_exit = t0.elapsed();
     // The controller stays reachable (outside the tunnel), and the session
@@ -590,6 +609,31 @@ fn an_exit_node_carries_only_granted_nodes_and_the_controller_stays_reachable() 
         after > before,
         "the exit node did not count bob's packets: {before} -> {after}"
     );
-    let _ = lab.admin(&["nodes", "list"]);
+
+    // The laptop's daemon dies while the exit node is in use: its traffic
+    // fails closed (the routing table's unreachable default) instead of
+    // taking the path around the tunnel.
+    lab.nodes.get_mut(LAPTOP).expect("joined").daemon.kill9();
+    assert!(
+        !lab.reaches(LAPTOP, INTERNET_HOST, 443, DENY_TIMEOUT),
+        "traffic leaked around the tunnel after the daemon died: {}",
+        lab._servers[0].stdout()
+    );
+    lab.topo
+        .ns(LAPTOP)
+        .tcp_connect(&ctl, CONTROLLER_PORT, ALLOW_TIMEOUT)
+        .unwrap_or_else(|e| panic!("the controller is unreachable after the crash: {e}"));
     println!("exit node: up --exit-node -> internet host reached {via_exit:?}");
+}
+
+/// The peer address of the last connection an echo server answered
+/// (`echoed N bytes to ADDR:PORT`).
+fn last_peer_of(echo: &Proc) -> String {
+    echo.stdout()
+        .lines()
+        .rev()
+        .find_map(|l| l.split(" to ").nth(1))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
 }

@@ -1,17 +1,24 @@
 //! Makes the host match a [`RoutePlan`]: routes into the tunnel interface
-//! (`ip route`), exit-node policy routing (`ip rule` + a routing table),
-//! and a router's forwarding (sysctls + one nftables table). Every change
-//! is undone by [`HostRoutes::clear`] (on `down`, shutdown, or when the
-//! plan no longer asks for it); each piece is replaced only when its part
-//! of the plan changed.
+//! and exit-node routing (`ip rule` + one routing table), and a router's
+//! forwarding (sysctls + one nftables table). Every change is undone by
+//! [`HostRoutes::clear`] (on `down`, shutdown, or when the plan no longer
+//! asks for it) and leftovers of a crashed daemon by [`HostRoutes::reset`]
+//! at start; each piece is replaced only when its part of the plan changed.
 //!
-//! Exit-node routing, in priority order (both families):
-//! 1. packets of this node's own WireGuard socket (marked [`BYPASS_MARK`])
-//!    use the main table: the encrypted traffic never loops into the tunnel;
-//! 2. the controller and the relays use the main table;
-//! 3. with LAN access, the main table except its default route
-//!    (`suppress_prefixlength 0`);
-//! 4. everything else: [`EXIT_TABLE`], whose default route is the tunnel.
+//! Offered subnet routes and the exit node's default route live in
+//! [`ROUTE_TABLE`], never in the main table, consulted by rules in this
+//! order (both families):
+//! 1. packets of this node's own WireGuard sockets (marked [`BYPASS_MARK`])
+//!    use the main table: encrypted traffic never loops into its tunnel,
+//!    whatever a peer's routes cover;
+//! 2. the controller and the relays use the main table: no route a peer
+//!    offers, and no exit node, locks the node out of its control plane;
+//! 3. the main table except its default route (`suppress_prefixlength 0`):
+//!    the host's own networks win over offered routes; with an exit node this
+//!    rule is there only with `--exit-node-allow-lan-access`;
+//! 4. [`ROUTE_TABLE`]: the offered routes, and with an exit node a default
+//!    route into the tunnel backed by an `unreachable` default, so when the
+//!    tunnel device is gone non-mesh traffic fails instead of leaking.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -19,32 +26,54 @@ use std::net::IpAddr;
 use anyhow::Context as _;
 use ipnet::IpNet;
 
-use crate::routing::{ExitRouting, Forwarding, RoutePlan};
+use crate::routing::{Forwarding, RoutePlan};
 
 /// The mark on this node's WireGuard UDP sockets (`SO_MARK`).
 pub const BYPASS_MARK: u32 = 0x5a7e;
-/// The routing table holding the exit node's default route.
-pub const EXIT_TABLE: u32 = 5270;
-/// `ip rule` priorities: mark, bypass addresses, LAN, exit table.
+/// The routing table of offered routes and the exit node's default route.
+pub const ROUTE_TABLE: u32 = 5270;
+/// `ip rule` priorities: mark, bypass addresses, host networks, the table.
 const PRIO_MARK: u32 = 5200;
 const PRIO_BYPASS: u32 = 5210;
 const PRIO_LAN: u32 = 5220;
-const PRIO_EXIT: u32 = 5270;
-/// The sysctls a router needs, and the value it sets.
-const FORWARDING: [&str; 2] = [
-    "/proc/sys/net/ipv4/ip_forward",
-    "/proc/sys/net/ipv6/conf/all/forwarding",
-];
+const PRIO_TABLE: u32 = 5270;
+/// Metric of the `unreachable` default route under the tunnel's.
+const UNREACHABLE_METRIC: &str = "4000000000";
+/// The IPv4 forwarding sysctl, and IPv6's (set only when IPv6 is forwarded).
+const FORWARD_V4: &str = "/proc/sys/net/ipv4/ip_forward";
+const FORWARD_V6: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+
+/// The policy rules in force: what bypasses the table, and whether the
+/// host's own networks come first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rules {
+    bypass: Vec<IpAddr>,
+    lan: bool,
+}
 
 /// What is installed on the host, to diff the next plan against.
 #[derive(Debug)]
 pub struct HostRoutes {
     interface: String,
+    /// Offered routes in [`ROUTE_TABLE`].
     routes: BTreeSet<IpNet>,
-    exit: Option<ExitRouting>,
+    /// Whether the exit node's default routes are in the table.
+    exit: bool,
+    rules: Option<Rules>,
     forward: Option<Forwarding>,
-    /// The sysctl values found before forwarding was turned on.
+    /// The sysctls this node turned on, with the values it found.
     saved_sysctls: Vec<(&'static str, String)>,
+}
+
+/// The address families the host has (IPv6 may be disabled).
+fn families() -> Vec<&'static str> {
+    let v6 = std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+        .is_ok_and(|v| v.trim() == "0");
+    if v6 {
+        vec!["-4", "-6"]
+    } else {
+        vec!["-4"]
+    }
 }
 
 impl HostRoutes {
@@ -52,14 +81,29 @@ impl HostRoutes {
         Self {
             interface: interface.to_string(),
             routes: BTreeSet::new(),
-            exit: None,
+            exit: false,
+            rules: None,
             forward: None,
             saved_sysctls: Vec::new(),
         }
     }
 
-    /// Applies `plan`. Best effort per piece: a piece that fails is logged
-    /// and retried with the next plan; the error names the first failure.
+    /// Removes what a previous daemon on this interface may have left
+    /// (it crashed): the rules, the table, the nftables table.
+    pub fn reset(&mut self) {
+        self.clear_rules();
+        for family in families() {
+            let _ = ip(&[family, "route", "flush", "table", &ROUTE_TABLE.to_string()]);
+        }
+        let _ = nft(&format!(
+            "delete table inet {}\n",
+            table_name(&self.interface)
+        ));
+    }
+
+    /// Applies `plan`. A piece that fails is logged and retried with the
+    /// next plan; the error names the first failure. Nothing is undone on
+    /// failure: a half-installed exit route fails closed.
     ///
     /// # Errors
     /// The first `ip`/`nft`/sysctl failure.
@@ -71,30 +115,42 @@ impl HostRoutes {
                 first.get_or_insert(e);
             }
         };
-        let want: BTreeSet<IpNet> = plan.routes.iter().copied().collect();
+        let fams = families();
+        let has = |n: &IpNet| fams.contains(&if n.addr().is_ipv4() { "-4" } else { "-6" });
+        let want: BTreeSet<IpNet> = plan.routes.iter().copied().filter(has).collect();
+        let rules = (!want.is_empty() || plan.exit.is_some()).then(|| Rules {
+            bypass: plan.bypass.clone(),
+            lan: plan.exit.as_ref().is_none_or(|e| e.allow_lan),
+        });
+        // Table first, then rules: a route is never consulted half-built.
         for gone in self.routes.difference(&want).copied().collect::<Vec<_>>() {
-            note(route(&["del"], &gone, &self.interface, None));
+            note(self.table_route(&["del"], &gone.to_string(), family_of(&gone)));
             self.routes.remove(&gone);
         }
         for new in want.difference(&self.routes).copied().collect::<Vec<_>>() {
-            match route(&["replace"], &new, &self.interface, None) {
+            match self.table_route(&["replace"], &new.to_string(), family_of(&new)) {
                 Ok(()) => {
                     self.routes.insert(new);
                 }
                 Err(e) => note(Err(e)),
             }
         }
-        if self.exit != plan.exit {
-            self.clear_exit();
-            if let Some(exit) = &plan.exit {
-                let r = self.install_exit(exit);
-                if r.is_err() {
-                    self.clear_exit();
-                } else {
-                    self.exit = Some(exit.clone());
-                }
-                note(r);
+        if plan.exit.is_some() != self.exit {
+            if plan.exit.is_some() {
+                note(self.install_exit_routes(&fams));
+                self.exit = true;
+            } else {
+                self.remove_exit_routes(&fams);
+                self.exit = false;
             }
+        }
+        if self.rules != rules {
+            self.clear_rules();
+            if let Some(r) = &rules {
+                note(install_rules(r, &fams));
+                tracing::info!(bypass = ?r.bypass, lan = r.lan, exit = self.exit, "policy routing on");
+            }
+            self.rules = rules;
         }
         if self.forward != plan.forward {
             match &plan.forward {
@@ -113,82 +169,97 @@ impl HostRoutes {
 
     /// Undoes everything [`HostRoutes::apply`] installed.
     pub fn clear(&mut self) {
-        for r in std::mem::take(&mut self.routes) {
-            // The interface may be gone already, taking its routes along.
-            let _ = route(&["del"], &r, &self.interface, None);
+        // Rules first: nothing is sent into a table being emptied.
+        self.clear_rules();
+        self.rules = None;
+        for family in families() {
+            let _ = ip(&[family, "route", "flush", "table", &ROUTE_TABLE.to_string()]);
         }
-        self.clear_exit();
+        self.routes.clear();
+        self.exit = false;
         self.clear_forwarding();
     }
 
-    fn install_exit(&self, exit: &ExitRouting) -> anyhow::Result<()> {
-        for family in ["-4", "-6"] {
-            let default = if family == "-4" { "0.0.0.0/0" } else { "::/0" };
-            let table = EXIT_TABLE.to_string();
+    fn table_route(&self, op: &[&str], dst: &str, family: &str) -> anyhow::Result<()> {
+        let table = ROUTE_TABLE.to_string();
+        let mut args = vec![family, "route"];
+        args.extend(op);
+        args.extend([dst, "dev", self.interface.as_str(), "table", &table]);
+        ip(&args)
+    }
+
+    fn install_exit_routes(&self, fams: &[&str]) -> anyhow::Result<()> {
+        let table = ROUTE_TABLE.to_string();
+        for family in fams {
+            let default = if *family == "-4" { "0.0.0.0/0" } else { "::/0" };
             ip(&[
                 family,
                 "route",
                 "replace",
+                "unreachable",
                 default,
-                "dev",
-                &self.interface,
                 "table",
                 &table,
+                "metric",
+                UNREACHABLE_METRIC,
             ])?;
-            let mark = format!("{BYPASS_MARK:#x}");
-            rule(family, PRIO_MARK, &["fwmark", &mark, "lookup", "main"])?;
-            for a in exit
-                .bypass
-                .iter()
-                .filter(|a| a.is_ipv4() == (family == "-4"))
-            {
-                let to = a.to_string();
-                rule(family, PRIO_BYPASS, &["to", &to, "lookup", "main"])?;
-            }
-            if exit.allow_lan {
-                rule(
-                    family,
-                    PRIO_LAN,
-                    &["lookup", "main", "suppress_prefixlength", "0"],
-                )?;
-            }
-            rule(family, PRIO_EXIT, &["lookup", &table])?;
+            self.table_route(&["replace"], default, family)?;
         }
-        tracing::info!(bypass = ?exit.bypass, lan = exit.allow_lan, "exit node routing on");
         Ok(())
     }
 
-    fn clear_exit(&mut self) {
-        let was = self.exit.take().is_some();
+    fn remove_exit_routes(&self, fams: &[&str]) {
+        let table = ROUTE_TABLE.to_string();
+        for family in fams {
+            let default = if *family == "-4" { "0.0.0.0/0" } else { "::/0" };
+            let _ = self.table_route(&["del"], default, family);
+            let _ = ip(&[
+                family,
+                "route",
+                "del",
+                "unreachable",
+                default,
+                "table",
+                &table,
+                "metric",
+                UNREACHABLE_METRIC,
+            ]);
+        }
+    }
+
+    fn clear_rules(&self) {
         for family in ["-4", "-6"] {
-            for prio in [PRIO_MARK, PRIO_BYPASS, PRIO_LAN, PRIO_EXIT] {
+            for prio in [PRIO_MARK, PRIO_BYPASS, PRIO_LAN, PRIO_TABLE] {
                 // Several rules may share a priority; bounded by the most
-                // one plan installs.
+                // one plan installs (the bypass list is short).
                 for _ in 0..64 {
                     if ip(&[family, "rule", "del", "priority", &prio.to_string()]).is_err() {
                         break;
                     }
                 }
             }
-            let _ = ip(&[family, "route", "flush", "table", &EXIT_TABLE.to_string()]);
-        }
-        if was {
-            tracing::info!("exit node routing off");
         }
     }
 
     fn install_forwarding(&mut self, f: &Forwarding) -> anyhow::Result<()> {
-        if self.saved_sysctls.is_empty() {
-            for path in FORWARDING {
-                let old = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {path}"))?
-                    .trim()
-                    .to_string();
-                self.saved_sysctls.push((path, old));
-            }
+        let v6 = f.exit || f.routes.iter().any(|r| r.addr().is_ipv6());
+        let mut wanted = vec![FORWARD_V4];
+        if v6 && families().contains(&"-6") {
+            wanted.push(FORWARD_V6);
         }
-        for path in FORWARDING {
-            std::fs::write(path, "1\n").with_context(|| format!("enabling forwarding ({path})"))?;
+        for path in wanted {
+            let old = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {path}"))?
+                .trim()
+                .to_string();
+            if old != "1" {
+                std::fs::write(path, "1\n")
+                    .with_context(|| format!("enabling forwarding ({path})"))?;
+                tracing::info!(sysctl = path, "forwarding enabled");
+                if !self.saved_sysctls.iter().any(|(p, _)| *p == path) {
+                    self.saved_sysctls.push((path, old));
+                }
+            }
         }
         nft(&nft_script(&self.interface, f))?;
         tracing::info!(routes = ?f.routes, exit = f.exit, snat = f.snat, "forwarding on");
@@ -201,6 +272,7 @@ impl HostRoutes {
                 "delete table inet {}\n",
                 table_name(&self.interface)
             ));
+            // Only what this node turned on goes back.
             for (path, old) in std::mem::take(&mut self.saved_sysctls) {
                 if let Err(e) = std::fs::write(path, format!("{old}\n")) {
                     tracing::warn!(error = %e, path, "cannot restore sysctl");
@@ -215,6 +287,35 @@ impl Drop for HostRoutes {
     fn drop(&mut self) {
         self.clear();
     }
+}
+
+fn family_of(n: &IpNet) -> &'static str {
+    if n.addr().is_ipv4() {
+        "-4"
+    } else {
+        "-6"
+    }
+}
+
+fn install_rules(r: &Rules, fams: &[&str]) -> anyhow::Result<()> {
+    let mark = format!("{BYPASS_MARK:#x}");
+    let table = ROUTE_TABLE.to_string();
+    for family in fams {
+        rule(family, PRIO_MARK, &["fwmark", &mark, "lookup", "main"])?;
+        for a in r.bypass.iter().filter(|a| a.is_ipv4() == (*family == "-4")) {
+            let to = a.to_string();
+            rule(family, PRIO_BYPASS, &["to", &to, "lookup", "main"])?;
+        }
+        if r.lan {
+            rule(
+                family,
+                PRIO_LAN,
+                &["lookup", "main", "suppress_prefixlength", "0"],
+            )?;
+        }
+        rule(family, PRIO_TABLE, &["lookup", &table])?;
+    }
+    Ok(())
 }
 
 /// The nftables table of `interface` (one per daemon, so several daemons
@@ -236,7 +337,10 @@ pub fn nft_script(interface: &str, f: &Forwarding) -> String {
     let iface = format!("\"{interface}\"");
     let mut s = format!("table inet {t} {{}}\ndelete table inet {t}\ntable inet {t} {{\n");
     s.push_str("  chain input {\n    type filter hook input priority -10; policy accept;\n");
-    for (nfproto, ip, v4) in [("ipv4", "ip", true), ("ipv6", "ip6", false)] {
+    // The input hook sees only what is delivered locally: from the tunnel,
+    // that is the node's own overlay addresses and nothing else (not its
+    // underlay, not a broadcast, not an anycast address).
+    for (ip, v4) in [("ip", true), ("ip6", false)] {
         let own: Vec<String> = f
             .own
             .iter()
@@ -248,8 +352,9 @@ pub fn nft_script(interface: &str, f: &Forwarding) -> String {
         } else {
             format!(" {ip} daddr != {{ {} }}", own.join(", "))
         };
+        let proto = if v4 { "ipv4" } else { "ipv6" };
         s.push_str(&format!(
-            "    iifname {iface} meta nfproto {nfproto} fib daddr type local{except} counter drop\n"
+            "    iifname {iface} meta nfproto {proto}{except} counter drop\n"
         ));
     }
     s.push_str("  }\n");
@@ -295,19 +400,6 @@ pub fn nft_script(interface: &str, f: &Forwarding) -> String {
     }
     s.push_str("  }\n}\n");
     s
-}
-
-fn route(op: &[&str], net: &IpNet, interface: &str, table: Option<u32>) -> anyhow::Result<()> {
-    let family = if net.addr().is_ipv4() { "-4" } else { "-6" };
-    let dst = net.trunc().to_string();
-    let table = table.map(|t| t.to_string());
-    let mut args = vec![family, "route"];
-    args.extend(op);
-    args.extend([dst.as_str(), "dev", interface]);
-    if let Some(t) = &table {
-        args.extend(["table", t.as_str()]);
-    }
-    ip(&args)
 }
 
 fn rule(family: &str, prio: u32, args: &[&str]) -> anyhow::Result<()> {
@@ -379,7 +471,7 @@ mod tests {
         let s = nft_script("zt-r1", &forwarding(true, false));
         assert!(s.starts_with("table inet ztmesh_zt_r1 {}\ndelete table inet ztmesh_zt_r1\n"));
         assert!(s.contains(
-            "iifname \"zt-r1\" meta nfproto ipv4 fib daddr type local ip daddr != { 100.64.0.3 } counter drop"
+            "iifname \"zt-r1\" meta nfproto ipv4 ip daddr != { 100.64.0.3 } counter drop"
         ));
         assert!(s.contains("ip6 daddr != { fd51:7e2a:9c04::3 } counter drop"));
         assert!(s.contains("oifname \"zt-r1\" tcp flags syn tcp option maxseg size set rt mtu"));
