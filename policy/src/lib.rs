@@ -9,7 +9,8 @@
 //! evaluate the ACL list directly; [`plan`] diffs two compiled states.
 //!
 //! # Supported format
-//! Sections `groups`, `tagOwners`, `hosts`, `acls`, `tests`, `autoApprovers`.
+//! Sections `groups`, `tagOwners`, `hosts`, `acls`, `tests`, `autoApprovers`,
+//! `dns`.
 //! Every other key is an error: an ignored restriction would widen access.
 //! Selectors: `*`, users (`alice@example.com`), `group:x`, `tag:x` (defined
 //! in `tagOwners`), host aliases, IPs and CIDRs, `autogroup:member`,
@@ -18,7 +19,11 @@
 //! `autoApprovers` is `{"routes": {CIDR: [approver]}, "exitNode":
 //! [approver]}` with canonical, non-default CIDRs and approvers that are
 //! users, groups, tags or `autogroup:member`
-//! ([`Policy::auto_approves_route`], [`Policy::auto_approves_exit`]). Destinations are `alias:ports` with ports
+//! ([`Policy::auto_approves_route`], [`Policy::auto_approves_exit`]).
+//! `dns` is `{"split": {SUFFIX: [RESOLVER]}}`: a DNS suffix (labels of
+//! `[a-z0-9-]`, any case, no trailing dot) and 1-8 resolvers, each an IP
+//! (port 53) or `IP:PORT` outside the overlay 100.64.0.0/10; at most 64
+//! suffixes ([`Policy::split_dns`]). Destinations are `alias:ports` with ports
 //! `*`, `22`, `80,443` or `8000-8999`; the last colon separates the ports,
 //! so IPv6 is written `fd00::1:22`, `[fd00::1]:22` or `fd00::/64:22`. `proto` is a name or number; without it an entry covers
 //! TCP, UDP, ICMP and ICMPv6.
@@ -71,6 +76,7 @@
 )]
 
 mod compile;
+mod dns;
 mod error;
 mod eval;
 mod hujson;
@@ -84,6 +90,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 pub use compile::{Compiled, InboundRule, NodeView};
+pub use dns::{DNS_PORT, MAX_SPLIT_RESOLVERS, MAX_SPLIT_SUFFIXES};
 pub use error::{Diagnostic, PolicyError, Pos};
 pub use eval::Explanation;
 pub use plan::{plan, FlowChange};

@@ -6,10 +6,11 @@
 //! (compile, explain, tests) works on the resolved form and never re-checks.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
+use crate::dns::{self, MAX_SPLIT_RESOLVERS, MAX_SPLIT_SUFFIXES};
 use crate::error::{PolicyError, Pos, Sink};
 use crate::eval::owner;
 use crate::hujson::{self, Kind, Member, Value};
@@ -53,6 +54,8 @@ pub struct Policy {
     pub(crate) auto_routes: Vec<(IpNet, Vec<SelKind>)>,
     /// `autoApprovers.exitNode`: who may have an exit node approved.
     pub(crate) auto_exit: Vec<SelKind>,
+    /// `dns.split`: suffix → resolvers, sorted by suffix.
+    pub(crate) split_dns: Vec<(String, Vec<SocketAddr>)>,
 }
 
 /// Who may apply a tag.
@@ -239,6 +242,7 @@ impl Policy {
             tests: Vec::new(),
             auto_routes: Vec::new(),
             auto_exit: Vec::new(),
+            split_dns: Vec::new(),
         }
     }
 
@@ -307,6 +311,16 @@ impl Policy {
     /// (selection as in [`Policy::auto_approves_route`]).
     pub fn auto_approves_exit(&self, node: &NodeInfo) -> bool {
         self.auto_exit.iter().any(|a| approver_selects(a, node))
+    }
+
+    /// The `dns.split` section: each suffix (lowercase, no trailing dot)
+    /// with its resolvers (port 53 where none was written), sorted by
+    /// suffix; empty without a `dns` section.
+    ///
+    /// Names under a suffix go to its resolvers instead of the node's
+    /// upstreams; the node picks the longest matching suffix.
+    pub fn split_dns(&self) -> &[(String, Vec<SocketAddr>)] {
+        &self.split_dns
     }
 
     /// Resolves an identity as written in a test or an `explain` query
@@ -522,6 +536,7 @@ impl<'a> Resolver<'a> {
                 "acls" => "acls",
                 "tests" => "tests",
                 "autoapprovers" => "autoapprovers",
+                "dns" => "dns",
                 other if UNSUPPORTED_SECTIONS.contains(&other) => {
                     self.sink.error(
                         m.key_pos,
@@ -536,7 +551,7 @@ impl<'a> Resolver<'a> {
                     self.sink.error(
                         m.key_pos,
                         format!(
-                            "unknown section {:?}; expected groups, tagOwners, hosts, acls, tests or autoApprovers",
+                            "unknown section {:?}; expected groups, tagOwners, hosts, acls, tests, autoApprovers or dns",
                             m.key
                         ),
                     );
@@ -566,6 +581,9 @@ impl<'a> Resolver<'a> {
         }
         if let Some(m) = sections.get("autoapprovers") {
             self.auto_approvers(&m.value);
+        }
+        if let Some(m) = sections.get("dns") {
+            self.dns(&m.value);
         }
         self.policy
     }
@@ -1049,6 +1067,86 @@ impl<'a> Resolver<'a> {
                 ),
             }
         }
+    }
+
+    /// `{"split": {SUFFIX: [RESOLVER, ...]}}`.
+    fn dns(&mut self, v: &Value) {
+        let Some(members) = self.object(v, "\"dns\"") else {
+            return;
+        };
+        for m in members {
+            if m.key.eq_ignore_ascii_case("split") {
+                self.split_dns(&m.value);
+            } else {
+                self.sink.error(
+                    m.key_pos,
+                    format!("unknown key {:?} in dns; expected split", m.key),
+                );
+            }
+        }
+    }
+
+    fn split_dns(&mut self, v: &Value) {
+        let Some(routes) = self.object(v, "\"dns.split\"") else {
+            return;
+        };
+        let mut split: BTreeMap<String, Vec<SocketAddr>> = BTreeMap::new();
+        for (i, r) in routes.iter().enumerate() {
+            if i == MAX_SPLIT_SUFFIXES {
+                self.sink.error(
+                    r.key_pos,
+                    format!("too many split DNS suffixes: at most {MAX_SPLIT_SUFFIXES}"),
+                );
+            }
+            let suffix = match dns::split_suffix(&r.key) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    self.sink.error(r.key_pos, e);
+                    None
+                }
+            };
+            if let Some(s) = &suffix {
+                if split.contains_key(s) {
+                    self.sink.error(
+                        r.key_pos,
+                        format!(
+                            "duplicate split DNS suffix {s:?} (suffixes match case-insensitively)"
+                        ),
+                    );
+                }
+            }
+            let what = format!("the resolvers of {:?}", r.key);
+            let resolvers = self.strings(&r.value, &what);
+            if matches!(&r.value.kind, Kind::Array(items) if items.is_empty()) {
+                self.sink.error(
+                    r.value.pos,
+                    format!("{what} must name at least one resolver"),
+                );
+            }
+            let mut addrs: Vec<SocketAddr> = Vec::new();
+            for (j, (pos, text)) in resolvers.into_iter().enumerate() {
+                if j == MAX_SPLIT_RESOLVERS {
+                    self.sink.error(
+                        pos,
+                        format!(
+                            "too many resolvers for {:?}: at most {MAX_SPLIT_RESOLVERS}",
+                            r.key
+                        ),
+                    );
+                }
+                match dns::resolver(text) {
+                    Ok(a) if addrs.contains(&a) => {
+                        self.sink.error(pos, format!("duplicate resolver {text:?}"));
+                    }
+                    Ok(a) => addrs.push(a),
+                    Err(e) => self.sink.error(pos, e),
+                }
+            }
+            if let Some(s) = suffix {
+                split.entry(s).or_insert(addrs);
+            }
+        }
+        self.policy.split_dns = split.into_iter().collect();
     }
 
     /// The approvers of one `autoApprovers` list: users, groups, tags, `autogroup:member`.
