@@ -82,6 +82,9 @@ pub struct NetCore {
     entries: HashMap<u64, Vec<u8>>,
     /// The `relays` entries (field 8), the same in every map.
     relays: Vec<u8>,
+    /// The `split_dns` entries (field 9) of the policy in force, the same
+    /// in every map.
+    split_dns: Vec<u8>,
     /// Nodes connected now (see [`Change::Online`]).
     online: BTreeSet<u64>,
     /// The router serving each approved route ([`routes::primaries`]).
@@ -161,6 +164,22 @@ fn peer_entry(n: &NodeRow, keepalive: u32, routes: &[IpNet]) -> Vec<u8> {
     buf
 }
 
+/// The `split_dns` entries (field 9) for `policy`'s `dns.split` section.
+fn encode_split_dns(policy: &Policy) -> Vec<u8> {
+    NetMap {
+        split_dns: policy
+            .split_dns()
+            .iter()
+            .map(|(suffix, resolvers)| pb::SplitDns {
+                suffix: suffix.clone(),
+                resolvers: resolvers.iter().map(ToString::to_string).collect(),
+            })
+            .collect(),
+        ..NetMap::default()
+    }
+    .encode_to_vec()
+}
+
 fn inbound_rules(rules: &[ztmesh_policy::InboundRule]) -> Vec<pb::InboundRule> {
     rules
         .iter()
@@ -226,6 +245,7 @@ impl NetCore {
         .encode_to_vec();
         NetCore {
             relays,
+            split_dns: encode_split_dns(&policy),
             compiled: Compiled::new(policy, active),
             cfg,
             table,
@@ -300,7 +320,21 @@ impl NetCore {
                 }
                 _ => BTreeSet::new(),
             },
-            Change::Policy(policy) => self.compiled.set_policy(policy),
+            Change::Policy(policy) => {
+                let split_dns = encode_split_dns(&policy);
+                let mut changed = self.compiled.set_policy(policy);
+                if split_dns != self.split_dns {
+                    // Every map lists the split DNS routes.
+                    self.split_dns = split_dns;
+                    changed.extend(
+                        self.table
+                            .iter()
+                            .filter(|n| is_active(n, self.clock))
+                            .map(|n| n.id),
+                    );
+                }
+                changed
+            }
             Change::Clock(now) => self.set_clock(now),
             Change::Online { node, online } => {
                 if online {
@@ -430,7 +464,7 @@ impl NetCore {
     /// `None` when the node is unknown or its key has expired at `now`.
     ///
     /// The bytes are exactly prost's encoding of the full message (fields in
-    /// tag order: 1–4, the peers, 6–7, then the relays), with each peer's entry taken
+    /// tag order: 1–4, the peers, 6–7, the relays, then the split DNS routes), with each peer's entry taken
     /// from the cache instead of being rebuilt for every map that lists it.
     pub fn encode(&self, node: u64, serial: u64, now: UnixMs) -> Option<Vec<u8>> {
         let me = self.table.get(node).filter(|n| is_active(n, now))?;
@@ -485,6 +519,7 @@ impl NetCore {
         tail.encode(&mut body)
             .expect("a Vec grows to fit any message");
         body.extend_from_slice(&self.relays);
+        body.extend_from_slice(&self.split_dns);
         Some(body)
     }
 

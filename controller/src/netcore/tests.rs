@@ -20,7 +20,7 @@ const PRELUDE: &str = r#"
 
 /// The policies a sequence switches between: deny all, tagged servers,
 /// people to their own devices and to servers, everyone to everything.
-const ACLS: [&str; 6] = [
+const ACLS: [&str; 7] = [
     "",
     r#"{"action": "accept", "src": ["tag:a"], "dst": ["tag:a:22,443"]}"#,
     r#"{"action": "accept", "src": ["group:eng"], "dst": ["autogroup:self:*"]},
@@ -30,6 +30,8 @@ const ACLS: [&str; 6] = [
        {"action": "accept", "src": ["bob@example.com"], "proto": "icmp", "dst": ["tag:a:*"]}"#,
     r#"{"action": "accept", "src": ["alice@example.com"], "dst": ["198.19.50.0/25:443", "autogroup:internet:*"]},
        {"action": "accept", "src": ["tag:b"], "dst": ["198.19.51.0/24:22"]}"#,
+    // With a split DNS route (see `policy`).
+    r#"{"action": "accept", "src": ["tag:a"], "dst": ["tag:a:22,443"]}"#,
 ];
 
 /// The routes a node advertises (all approved): bit 0 198.19.50.0/24, bit 1
@@ -51,7 +53,12 @@ fn node_routes(bits: u8) -> crate::model::NodeRoutes {
 }
 
 fn policy(i: usize) -> Policy {
-    let text = format!("{{{PRELUDE} \"acls\": [{}]}}", ACLS[i % ACLS.len()]);
+    let dns = if i % ACLS.len() == 6 {
+        r#", "dns": {"split": {"example.corp": ["198.19.50.53"]}}"#
+    } else {
+        ""
+    };
+    let text = format!("{{{PRELUDE} \"acls\": [{}]{dns}}}", ACLS[i % ACLS.len()]);
     Policy::parse("p.hujson", &text).expect("test policy parses")
 }
 
@@ -518,4 +525,26 @@ fn a_route_fails_over_to_an_online_router_and_stays_there() {
     let changed = core.apply(Change::Upsert(router(3, 0)));
     assert!(changed.contains(&1) && changed.contains(&2));
     assert_eq!(core.primaries().values().collect::<Vec<_>>(), [&2]);
+}
+
+#[test]
+fn a_split_dns_change_reaches_every_map_and_stays_prosts_encoding() {
+    let mut core = core_with(&[row(1, 2, None), row(2, 2, None), row(3, 3, None)], 1);
+    // ACLS[6] has ACLS[1]'s rule and a split DNS route: every node is told.
+    let changed = core.apply(Change::Policy(policy(6)));
+    assert_eq!(changed, BTreeSet::from([1, 2, 3]));
+    let body = core.encode(3, SERIAL, T0).unwrap();
+    let map = NetMap::decode(body.as_slice()).unwrap();
+    assert_eq!(map.encode_to_vec(), body, "byte-identical to prost");
+    assert_eq!(
+        map.split_dns,
+        vec![pb::SplitDns {
+            suffix: "example.corp".into(),
+            resolvers: vec!["198.19.50.53:53".into()],
+        }]
+    );
+    assert!(
+        core.apply(Change::Policy(policy(6))).is_empty(),
+        "same policy"
+    );
 }
