@@ -49,7 +49,7 @@ fn main() -> ExitCode {
                 Ok(p) => p,
                 Err(e) => return fail(&e),
             };
-            match privs::restrict_to(privs::daemon_keeps(cfg.listen_port)) {
+            match privs::restrict_to(privs::daemon_keeps()) {
                 Ok(kept) => tracing::info!(
                     effective = format_args!("{:#x}", kept.effective),
                     "capabilities reduced"

@@ -5,7 +5,9 @@
 //! What the daemon needs once its lock, state dir and local socket exist:
 //! `CAP_NET_ADMIN`, because the data plane is (re)created on `up` and on a
 //! netmap change (TUN device, addresses, routes via `ip`, `SO_RCVBUFFORCE`),
-//! and `CAP_NET_BIND_SERVICE` only when the WireGuard port is below 1024.
+//! and `CAP_NET_BIND_SERVICE`, because the DNS server binds port 53 on
+//! 100.100.100.100 when `up` turns it on (and a WireGuard port below 1024
+//! needs it too).
 //! Not kept: `CAP_DAC_OVERRIDE` (the state files are root's own), `CAP_CHOWN`
 //! (the socket is chowned before the drop), `CAP_SYS_ADMIN`, `CAP_SETUID`….
 //! The bounding set keeps the same bits, so the `ip` child gets
@@ -50,13 +52,9 @@ pub struct CapSets {
     pub inheritable: u64,
 }
 
-/// The bit mask of the capabilities the daemon keeps for `listen_port`.
-pub fn daemon_keeps(listen_port: u16) -> u64 {
-    let mut keep = 1 << CAP_NET_ADMIN;
-    if (1..1024).contains(&listen_port) {
-        keep |= 1 << CAP_NET_BIND_SERVICE;
-    }
-    keep
+/// The bit mask of the capabilities the daemon keeps.
+pub fn daemon_keeps() -> u64 {
+    (1 << CAP_NET_ADMIN) | (1 << CAP_NET_BIND_SERVICE)
 }
 
 /// The sets after keeping only `keep`: of `keep`, what was permitted stays
@@ -185,8 +183,8 @@ mod tests {
             permitted: u64::MAX >> 23,
             inheritable: 1 << 5,
         };
-        let keep = daemon_keeps(41641);
-        assert_eq!(keep, 1 << CAP_NET_ADMIN);
+        let keep = daemon_keeps();
+        assert_eq!(keep, (1 << CAP_NET_ADMIN) | (1 << CAP_NET_BIND_SERVICE));
         assert_eq!(
             reduced(all, keep),
             CapSets {
@@ -201,15 +199,6 @@ mod tests {
             inheritable: 0,
         };
         assert_eq!(reduced(none, keep), none, "never gains a capability");
-        assert_eq!(
-            daemon_keeps(443),
-            (1 << CAP_NET_ADMIN) | (1 << CAP_NET_BIND_SERVICE)
-        );
-        assert_eq!(
-            daemon_keeps(0),
-            1 << CAP_NET_ADMIN,
-            "0 is any free high port"
-        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Least privilege of the running daemon (real binary, as root):
-//! - after start-up every thread keeps only `CAP_NET_ADMIN` (effective,
+//! - after start-up every thread keeps only `CAP_NET_ADMIN` and `CAP_NET_BIND_SERVICE` (effective,
 //!   permitted and bounding sets; nothing inheritable or ambient);
 //! - the local API checks the caller's credentials (`SO_PEERCRED`,
 //!   `SO_PEERGROUPS`): a real unprivileged uid may read `status` but not run
@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 const NOBODY: u32 = 65534;
 const OPERATORS: u32 = 65533;
 const CAP_NET_ADMIN: u32 = 12;
+const CAP_NET_BIND_SERVICE: u32 = 10;
 
 fn require_root_or_skip() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -87,7 +88,7 @@ fn cap_field(status: &str, field: &str) -> u64 {
 }
 
 #[test]
-fn every_daemon_thread_keeps_only_cap_net_admin() {
+fn every_daemon_thread_keeps_only_cap_net_admin_and_bind_service() {
     if !require_root_or_skip() {
         return;
     }
@@ -101,8 +102,8 @@ fn every_daemon_thread_keeps_only_cap_net_admin() {
         for field in ["CapEff:", "CapPrm:", "CapBnd:"] {
             assert_eq!(
                 cap_field(&status, field),
-                1 << CAP_NET_ADMIN,
-                "{field} of every thread is exactly CAP_NET_ADMIN"
+                (1 << CAP_NET_ADMIN) | (1 << CAP_NET_BIND_SERVICE),
+                "{field} of every thread is exactly CAP_NET_ADMIN + CAP_NET_BIND_SERVICE (DNS on port 53)"
             );
         }
         assert_eq!(cap_field(&status, "CapInh:"), 0);
