@@ -723,7 +723,7 @@ impl Mesh {
     /// the same machine key would otherwise replace each other forever. A
     /// genuine reconnect succeeds once the old connection is seen to close
     /// (at once for a closed socket; HTTP/2 keepalive finds a dead one
-    /// within 25 s), and the refused node is told to retry.
+    /// within 10 s), and the refused node is told to retry.
     ///
     /// The stream is registered in the same turn as its first map is built,
     /// so no publication can fall between the two.

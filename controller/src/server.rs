@@ -241,8 +241,11 @@ pub async fn run_with(
     let slots = ConnSlots::new(limits.max_connections, limits.max_connections_per_source);
     let incoming = Incoming::new(listener, tls, slots, limits.handshake_timeout);
     let result = Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(15)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // A node whose connection died unseen (power, network) counts as
+        // offline within 10 s: its subnet routes fail over to another
+        // router, and its next session is not refused as a duplicate.
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .max_concurrent_streams(limits.max_streams_per_connection)
         // Bounds each call until its response starts: all of a unary call,
         // only the opening of a StreamNetMap (its body is not timed).

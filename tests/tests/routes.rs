@@ -416,6 +416,45 @@ fn a_subnet_router_forwards_only_approved_routes_and_allowed_ports_and_fails_ove
     );
 }
 
+/// The primary router drops off the network without closing anything
+/// (its switch port goes down): the controller sees its connection die by
+/// HTTP/2 keepalive (5 s + 5 s) and hands the route to router2.
+#[test]
+fn a_route_fails_over_when_its_primary_router_is_cut_off_the_network() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let mut lab = Lab::new(&[ROUTER1, ROUTER2, LAPTOP]);
+    legacy_subnet(&mut lab);
+    lab.join(
+        ROUTER1,
+        ["--tags", "tag:router"],
+        &["--advertise-routes", SUBNET],
+    );
+    lab.join(
+        ROUTER2,
+        ["--tags", "tag:router"],
+        &["--advertise-routes", SUBNET],
+    );
+    lab.join(LAPTOP, ["--user", "alice@example.com"], &[]);
+    lab.admin_ok(&["nodes", "routes", ROUTER1, "--approve", SUBNET]);
+    lab.admin_ok(&["nodes", "routes", ROUTER2, "--approve", SUBNET]);
+    lab.until("the approved route never carried the flow", || {
+        lab.reaches(LAPTOP, SERVER, 443, Duration::from_millis(500))
+    });
+    assert_eq!(lab.route_via(LAPTOP, SUBNET).as_deref(), Some(ROUTER1));
+    let t0 = Instant::now();
+    lab.topo.set_connected(ROUTER1, false);
+    lab.until_within(
+        Duration::from_secs(60),
+        "router2 never took over from the cut-off router",
+        || lab.reaches(LAPTOP, SERVER, 443, Duration::from_millis(500)),
+    );
+    let failover = t0.elapsed();
+    assert_eq!(lab.route_via(LAPTOP, SUBNET).as_deref(), Some(ROUTER2));
+    println!("subnet router: primary cut off the network -> flow via router2 {failover:?}");
+}
+
 /// A hostile peer routes router1's other network into its tunnel
 /// (wireguard-go with the laptop's exported config, router1's AllowedIPs
 /// widened): router1 refuses it as a foreign destination; the approved
