@@ -13,6 +13,7 @@
 pub mod agent;
 pub mod cli;
 pub mod control;
+pub mod dns;
 pub mod filter;
 pub mod io;
 pub mod localapi;

@@ -1,6 +1,7 @@
 //! Architecture boundaries, enforced: the pure cores (the policy crate, the
 //! packet filter, the tunnel `Device`, the node's netmap gate and translation,
-//! the controller's netmap core and key lifecycle, the STUN and relay
+//! the controller's netmap core and key lifecycle, the MagicDNS core
+//! (decisions, zone, names, rate limit), the STUN and relay
 //! codecs, the relay's authorization core and failure limiter)
 //! do no I/O and read no clock or entropy of their own. Time and randomness
 //! come in as arguments; sockets, files, processes, async runtimes, gRPC and
@@ -27,6 +28,10 @@ const PURE: &[&str] = &[
     "node/src/path",
     "node/src/control/apply.rs",
     "node/src/nat",
+    "node/src/dns/mod.rs",
+    "node/src/dns/name.rs",
+    "node/src/dns/zone.rs",
+    "node/src/dns/limit.rs",
     "proto/src/stun.rs",
     "proto/src/relay.rs",
     "relay/src/core.rs",
