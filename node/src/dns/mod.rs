@@ -29,12 +29,13 @@
 //!   decode → FORMERR; EDNS version above 0 → BADVERS; a class other than
 //!   IN or ANY under the domain → REFUSED.
 //!
-//! The shells: `server` (UDP and TCP listeners, forwarding, rate limit,
+//! The shells: [`server`] (UDP and TCP listeners, forwarding, rate limit,
 //! counters) and `hostcfg` (pointing the host's resolver at MagicDNS and
 //! back). [`limit`] is the pure per-source token bucket the server uses.
 
 pub mod limit;
 pub mod name;
+pub mod server;
 mod zone;
 
 use std::net::SocketAddr;
@@ -207,6 +208,12 @@ pub fn response_matches(query: &[u8], response: &[u8]) -> bool {
         (Ok(q), Ok(r)) => q.queries == r.queries,
         _ => false,
     }
+}
+
+/// The 4-bit response code of a message's header (SERVFAIL is 2,
+/// REFUSED 5), if there is a header.
+pub fn rcode(message: &[u8]) -> Option<u8> {
+    RawHeader::read(message).map(|h| h.0[3] & 0x0f)
 }
 
 /// Whether a response has the TC (truncated) bit set.
