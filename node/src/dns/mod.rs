@@ -30,9 +30,10 @@
 //!   IN or ANY under the domain → REFUSED.
 //!
 //! The shells: [`server`] (UDP and TCP listeners, forwarding, rate limit,
-//! counters) and `hostcfg` (pointing the host's resolver at MagicDNS and
+//! counters) and [`hostcfg`] (pointing the host's resolver at MagicDNS and
 //! back). [`limit`] is the pure per-source token bucket the server uses.
 
+pub mod hostcfg;
 pub mod limit;
 pub mod name;
 pub mod server;
