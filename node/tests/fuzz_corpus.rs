@@ -1,5 +1,5 @@
 //! Fuzz corpus replay for the node targets (`fuzz/`: packet_parse,
-//! filter_inbound, device_udp, wgconf_parse, uapi_set).
+//! filter_inbound, device_udp, wgconf_parse, uapi_set, dns_query).
 //! Every committed input goes through the target's own check
 //! (`fuzz/replay.rs`).
 #![allow(
@@ -14,6 +14,8 @@ use replay::replay;
 
 #[path = "../../fuzz/checks/device_udp.rs"]
 mod device_udp;
+#[path = "../../fuzz/checks/dns_query.rs"]
+mod dns_query;
 #[path = "../../fuzz/checks/filter_inbound.rs"]
 mod filter_inbound;
 #[path = "../../fuzz/checks/packet_parse.rs"]
@@ -46,4 +48,9 @@ fn wgconf_parse_corpus_replays_cleanly() {
 #[test]
 fn uapi_set_corpus_replays_cleanly() {
     replay("uapi_set", uapi_set::run);
+}
+
+#[test]
+fn dns_query_corpus_replays_cleanly() {
+    replay("dns_query", dns_query::run);
 }
