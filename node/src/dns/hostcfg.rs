@@ -19,8 +19,11 @@
 //! [`MANAGED_MARKER`]) is never saved as an original.
 //!
 //! [`read_upstreams`] reads the resolvers MagicDNS forwards to from a
-//! resolv.conf text (the host's file before [`HostDns::apply`], or
-//! `/run/systemd/resolve/resolv.conf` under systemd-resolved).
+//! resolv.conf text; [`original_upstreams`] picks the right file in managed
+//! mode (the backup once there is one). Under systemd-resolved, read
+//! `/run/systemd/resolve/resolv.conf` (resolved's own upstreams; its stub
+//! 127.0.0.53 would work too, as only the mesh domain and split suffixes
+//! are routed to MagicDNS).
 
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
@@ -76,6 +79,18 @@ pub fn read_upstreams(resolv_conf: &str) -> Vec<SocketAddr> {
         }
     }
     out
+}
+
+/// The upstreams of the host's original resolver configuration: from the
+/// backup when one exists (after [`HostDns::apply`], or after a crash that
+/// left the managed file in place), else from `resolv_path`; empty when
+/// neither can be read.
+pub fn original_upstreams(resolv_path: &Path, backup_path: &Path) -> Vec<SocketAddr> {
+    let text = fs::read(backup_path).or_else(|_| fs::read(resolv_path));
+    text.map_or_else(
+        |_| Vec::new(),
+        |t| read_upstreams(&String::from_utf8_lossy(&t)),
+    )
 }
 
 /// Whether a resolv.conf is one ztmesh wrote (its first line is
@@ -445,6 +460,20 @@ mod tests {
         );
         assert!(read_upstreams(&ours).is_empty());
         assert!(read_upstreams("").is_empty());
+    }
+
+    #[test]
+    fn original_upstreams_come_from_the_backup_once_the_file_is_managed() {
+        let dir = TempDir::new("upstreams");
+        let (resolv, backup) = (dir.path("resolv.conf"), dir.path("backup"));
+        assert!(original_upstreams(&resolv, &backup).is_empty());
+        fs::write(&resolv, ORIGINAL).unwrap();
+        let want = [addr("198.18.0.53:53"), addr("[fd00::53]:53")];
+        assert_eq!(original_upstreams(&resolv, &backup), want);
+        HostDns::apply(&resolv, &backup, "ztmesh.internal").unwrap();
+        // The file now names only MagicDNS; the backup still knows.
+        assert!(read_upstreams(&fs::read_to_string(&resolv).unwrap()).is_empty());
+        assert_eq!(original_upstreams(&resolv, &backup), want);
     }
 
     #[test]
