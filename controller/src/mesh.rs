@@ -1356,7 +1356,8 @@ impl Mesh {
         exit_node: bool,
         now: UnixMs,
     ) -> Result<NodeRow> {
-        let adv = crate::routes::validate_advertisement(routes, exit_node, &self.route_limits())?;
+        let adv = crate::routes::validate_advertisement(routes, exit_node, &self.route_limits())
+            .map_err(|e| Error::Invalid(e.0))?;
         let turn = self.turn();
         let (row, policy) = {
             let st = self.state();

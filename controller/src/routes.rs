@@ -13,7 +13,16 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::error::{Error, Result};
+/// An advertisement refused, with the reason (the coordinator answers it
+/// as `INVALID_ARGUMENT`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidRoute(pub String);
+
+impl std::fmt::Display for InvalidRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 /// Routes one node may advertise at most.
 pub const MAX_ROUTES: usize = 64;
@@ -42,7 +51,7 @@ pub struct Advertisement {
 /// Checks what a node advertises.
 ///
 /// # Errors
-/// `Invalid` naming the first bad route and why: not a CIDR, host bits set
+/// [`InvalidRoute`] naming the first bad route and why: not a CIDR, host bits set
 /// (with the canonical form to use), a default route (that is
 /// `--advertise-exit-node`), an overlap with the overlay, a prefix covering
 /// the controller's or a relay's address, a special-purpose range
@@ -52,9 +61,9 @@ pub fn validate_advertisement(
     routes: &[String],
     exit_node: bool,
     limits: &RouteLimits,
-) -> Result<Advertisement> {
+) -> Result<Advertisement, InvalidRoute> {
     if routes.len() > MAX_ROUTES {
-        return Err(Error::Invalid(format!(
+        return Err(InvalidRoute(format!(
             "at most {MAX_ROUTES} advertised routes, got {}",
             routes.len()
         )));
@@ -62,7 +71,7 @@ pub fn validate_advertisement(
     let mut out = Vec::with_capacity(routes.len());
     for (i, text) in routes.iter().enumerate() {
         let shown: String = text.chars().take(64).collect();
-        let refuse = |why: String| Error::Invalid(format!("route #{i} {shown:?}: {why}"));
+        let refuse = |why: String| InvalidRoute(format!("route #{i} {shown:?}: {why}"));
         let net: IpNet = text
             .trim()
             .parse()
@@ -188,7 +197,7 @@ mod tests {
         }
     }
 
-    fn check(routes: &[&str]) -> Result<Advertisement> {
+    fn check(routes: &[&str]) -> Result<Advertisement, InvalidRoute> {
         let routes: Vec<String> = routes.iter().map(|s| (*s).to_owned()).collect();
         validate_advertisement(&routes, false, &limits())
     }

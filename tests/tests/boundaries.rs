@@ -48,10 +48,17 @@ const PURE: &[&str] = &[
 /// netmap core and the store shell beside it, errors, authentication, the
 /// coordinator, the gRPC services, the server, the admin CLI.
 const CONTROLLER_LAYERS: &[&[&str]] = &[
-    &["model", "secrets", "relays", "nodelimit", "lockfile"],
+    &[
+        "model",
+        "secrets",
+        "relays",
+        "nodelimit",
+        "lockfile",
+        "routes",
+    ],
     &["netcore", "store"],
     &["error"],
-    &["nodeinput", "ratelimit", "routes"],
+    &["nodeinput", "ratelimit"],
     &["auth"],
     &["mesh"],
     &["api", "listener"],
