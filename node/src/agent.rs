@@ -32,6 +32,9 @@ use crate::control::{
     clock_hint, reconnect_delay, session_end, translate, Backoff, Controller, Identity, Install,
     NetMapGate, SessionEnd, Step,
 };
+use crate::dns::hostcfg::{HostDns, Resolved};
+use crate::dns::server::DnsServer;
+use crate::dns::{self, Zone, MAGIC_DNS_ADDR};
 use crate::io::hostroute::HostRoutes;
 use crate::io::{interface_addresses, DataPlane, DataPlaneConfig, RelaySetup};
 use crate::localapi::{authorize, Caller, Request, Response, MAX_LINE};
@@ -65,6 +68,9 @@ pub struct DaemonConfig {
     /// STUN servers asked for this node's reflexive address, besides those
     /// the netmap names.
     pub stun_servers: Vec<SocketAddr>,
+    /// The host's resolver configuration (managed while MagicDNS is on
+    /// and systemd-resolved is absent).
+    pub resolv_conf: PathBuf,
 }
 
 /// What the node keeps about its enrollment, parsed once when
@@ -208,6 +214,8 @@ struct Daemon {
     prefs: watch::Sender<Prefs>,
     /// Routes, exit-node routing and forwarding installed on the host.
     host: Mutex<HostRoutes>,
+    /// MagicDNS while it is on.
+    dns: Mutex<Option<MagicDns>>,
     /// Replaced (on disk and here) by `logout`, so the next `up` enrolls a
     /// fresh identity that survives a restart.
     keys: Mutex<Arc<Keys>>,
@@ -215,6 +223,18 @@ struct Daemon {
     dp: tokio::sync::Mutex<Option<DataPlane>>,
     /// Serial of the last netmap applied from a live controller session.
     live_serial: watch::Sender<u64>,
+}
+
+/// MagicDNS: the server on 100.100.100.100 and how the host was pointed
+/// at it.
+struct MagicDns {
+    server: DnsServer,
+    /// The resolvers the host used before (or the backup's, after a crash).
+    upstreams: Vec<SocketAddr>,
+    /// systemd-resolved (per-link settings), or `None`: the managed file.
+    resolved: Option<Resolved>,
+    /// The mesh domain the host configuration names.
+    domain: String,
 }
 
 fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
@@ -343,6 +363,110 @@ impl Daemon {
         // After the peers: the relay learns the map the device now uses.
         dp.set_relay(Some(self.relay_setup(map, signed)));
         self.route_host(dp, &offered, &addresses, &map.relays);
+        self.dns_follow(dp, map);
+    }
+
+    /// Starts MagicDNS if the prefs want it and it is not running: the
+    /// address 100.100.100.100 on the tunnel interface, the server, then
+    /// the host's resolver pointed at it. A failure is logged; the mesh
+    /// works without names.
+    fn dns_start(&self, _up: &DataPlane, domain: &str) {
+        if !self.prefs.borrow().accept_dns {
+            return;
+        }
+        let mut dns = self.dns.lock().unwrap_or_else(|p| p.into_inner());
+        if dns.is_some() {
+            return;
+        }
+        match self.start_magic_dns(domain) {
+            Ok(m) => {
+                tracing::info!(domain = %m.domain, upstreams = ?m.upstreams,
+                    resolved = m.resolved.is_some(), "MagicDNS on 100.100.100.100");
+                *dns = Some(m);
+            }
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "MagicDNS not started"),
+        }
+    }
+
+    fn start_magic_dns(&self, domain: &str) -> anyhow::Result<MagicDns> {
+        let iface = &self.cfg.interface;
+        let addr = format!("{MAGIC_DNS_ADDR}/32");
+        run_ip(&["-4", "addr", "replace", &addr, "dev", iface])?;
+        let resolved = Resolved::system();
+        let upstreams = match &resolved {
+            Some(_) => std::fs::read_to_string("/run/systemd/resolve/resolv.conf")
+                .map(|t| dns::hostcfg::read_upstreams(&t))
+                .unwrap_or_default(),
+            None => dns::hostcfg::original_upstreams(&self.cfg.resolv_conf, &self.dns_backup()),
+        };
+        let server = DnsServer::start(SocketAddr::from((MAGIC_DNS_ADDR, 53)))
+            .context("binding 100.100.100.100:53")?;
+        server.set_zone(Zone::new(domain, upstreams.clone()));
+        let m = MagicDns {
+            server,
+            upstreams,
+            resolved,
+            domain: String::new(),
+        };
+        Ok(m)
+    }
+
+    /// Feeds a new map to MagicDNS (its names and split routes) and points
+    /// the host at it for the map's domain.
+    fn dns_follow(&self, dp: &DataPlane, map: &NetMap) {
+        self.dns_start(dp, &map.dns_domain);
+        let mut dns = self.dns.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(m) = dns.as_mut() else { return };
+        let zone = Zone::from_netmap(map, m.upstreams.clone());
+        let domain = zone.domain().to_string();
+        let splits: Vec<String> = zone.split().iter().map(|(s, _)| s.clone()).collect();
+        m.server.set_zone(zone);
+        if m.domain != domain {
+            let r = match &m.resolved {
+                Some(r) => r.apply(&self.cfg.interface, &domain, &splits),
+                None => {
+                    HostDns::apply(&self.cfg.resolv_conf, &self.dns_backup(), &domain).map(|_| ())
+                }
+            };
+            match r {
+                Ok(()) => m.domain = domain,
+                Err(e) => {
+                    tracing::error!(error = %e, "the host resolver is not pointed at MagicDNS")
+                }
+            }
+        }
+    }
+
+    /// Stops MagicDNS and gives the host its resolver configuration back.
+    fn dns_stop(&self) {
+        let Some(m) = self.dns.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        let r = match &m.resolved {
+            Some(r) => r
+                .revert(&self.cfg.interface)
+                .map(|()| "reverted".to_string()),
+            None => HostDns::restore(&self.cfg.resolv_conf, &self.dns_backup())
+                .map(|r| format!("{r:?}")),
+        };
+        match r {
+            Ok(how) => tracing::info!(how, "host resolver configuration restored"),
+            Err(e) => tracing::error!(error = %e, "host resolver configuration not restored"),
+        }
+        m.server.shutdown();
+        let _ = run_ip(&[
+            "-4",
+            "addr",
+            "del",
+            &format!("{MAGIC_DNS_ADDR}/32"),
+            "dev",
+            &self.cfg.interface,
+        ]);
+    }
+
+    /// Where the host's original resolv.conf is kept while MagicDNS runs.
+    fn dns_backup(&self) -> PathBuf {
+        self.path("resolv.conf.orig")
     }
 
     /// Makes the host's routes match what the map offers under the prefs.
@@ -448,7 +572,11 @@ impl Daemon {
             return Ok(());
         }
         write_secret_file(&self.path("prefs.json"), &serde_json::to_vec_pretty(&new)?)?;
+        let dns_off = old.accept_dns && !new.accept_dns;
         self.prefs.send_replace(new);
+        if dns_off {
+            self.dns_stop();
+        }
         self.reinstall().await;
         Ok(())
     }
@@ -746,6 +874,7 @@ impl Daemon {
         // take, and none starts after it, so the clear is the last word.
         let dp = self.dp.lock().await.take();
         self.host.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.dns_stop();
         if let Some(dp) = dp {
             dp.shutdown().await;
         }
@@ -926,6 +1055,24 @@ impl Daemon {
             .try_lock()
             .ok()
             .and_then(|dp| dp.as_ref().map(|d| d.stats().relay));
+        let dns = self
+            .dns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|m| {
+                let st = m.server.stats();
+                json!({
+                    "address": MAGIC_DNS_ADDR.to_string(),
+                    "domain": m.domain,
+                    "upstreams": m.upstreams.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "host": if m.resolved.is_some() { "systemd-resolved" } else { "resolv.conf" },
+                    "queries": st.queries, "answered": st.answered_local, "forwarded": st.forwarded,
+                    "forward_failed": st.forward_failed, "formerr": st.formerr,
+                    "dropped": st.dropped_malformed + st.dropped_response + st.dropped_oversized
+                        + st.dropped_rate_limited + st.dropped_overloaded,
+                })
+            });
         let st = self.lock();
         let (conn, detail) = match &st.conn {
             ConnState::Idle => ("idle", String::new()),
@@ -1002,6 +1149,8 @@ impl Daemon {
             })).collect::<Vec<_>>()),
             "drops": stats.as_ref().map(|s| json!(s.drops.iter().map(|(r, n)| (r.to_string(), *n)).collect::<std::collections::BTreeMap<_, _>>())),
             "peers": peers,
+            "prefs": *self.prefs.borrow(),
+            "dns": dns,
         })
     }
 
@@ -1223,6 +1372,21 @@ pub fn last_netmap(state_dir: &Path) -> anyhow::Result<NetMap> {
         .map_err(|err| anyhow!("netmap.bin does not verify: {err}"))
 }
 
+/// Runs `ip ARGS` (iproute2).
+fn run_ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ip {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
 /// `prefs.json` in `state_dir`, or the defaults when there is none.
 ///
 /// # Errors
@@ -1372,6 +1536,7 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
         cfg: cfg.clone(),
         prefs: watch::channel(prefs).0,
         host: Mutex::new(host),
+        dns: Mutex::new(None),
         keys: Mutex::new(Arc::new(keys)),
         state: Mutex::new(State {
             enrollment: None,

@@ -49,6 +49,10 @@ pub enum AgentCmd {
         /// the WireGuard socket, besides the relays of the netmap; repeatable.
         #[arg(long = "stun", value_name = "IP:PORT")]
         stun: Vec<SocketAddr>,
+        /// The resolver configuration MagicDNS takes over while up (unless
+        /// `up --accept-dns=false`) and restores on `down`.
+        #[arg(long, default_value = "/etc/resolv.conf")]
+        resolv_conf: PathBuf,
     },
     /// Enroll (if needed) and connect; returns once the first netmap is applied.
     Up {
@@ -200,6 +204,7 @@ pub fn daemon_config(cmd: &AgentCmd) -> Option<DaemonConfig> {
             socket_group,
             operator_group,
             stun,
+            resolv_conf,
         } => Some(DaemonConfig {
             state_dir: state_dir.clone(),
             socket: socket.clone(),
@@ -210,6 +215,7 @@ pub fn daemon_config(cmd: &AgentCmd) -> Option<DaemonConfig> {
             socket_gid: *socket_group,
             operator_gid: *operator_group,
             stun_servers: stun.clone(),
+            resolv_conf: resolv_conf.clone(),
         }),
         _ => None,
     }

@@ -234,6 +234,21 @@ impl Netns {
         &self.tag
     }
 
+    /// Writes `/etc/netns/NAME/FILE`, which `ip netns exec` mounts over
+    /// `/etc/FILE` for every command run in this namespace (how a test gives
+    /// a namespace its own `resolv.conf` without touching the host's);
+    /// removed with the namespace. Returns the path.
+    ///
+    /// # Panics
+    /// If the file cannot be written.
+    pub fn etc_file(&self, file: &str, contents: &[u8]) -> PathBuf {
+        let dir = Path::new("/etc/netns").join(&self.name);
+        fs::create_dir_all(&dir).expect("create /etc/netns/NAME");
+        let path = dir.join(file);
+        fs::write(&path, contents).expect("write the namespace's /etc file");
+        path
+    }
+
     /// A `Command` that runs `program` inside this namespace (`ip netns exec`);
     /// add arguments, environment and stdio as needed.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
@@ -439,6 +454,11 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         delete_namespace(&self.name, self.pids());
+        // Files `ip netns exec` mounts over /etc for this namespace.
+        let etc = Path::new("/etc/netns").join(&self.name);
+        if etc.exists() {
+            let _ = fs::remove_dir_all(&etc);
+        }
     }
 }
 

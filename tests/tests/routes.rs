@@ -1,4 +1,4 @@
-//! Subnet routers and exit nodes end to end (issue 12): real daemons,
+//! Subnet routers, exit nodes and MagicDNS end to end (issue 12): real daemons,
 //! controller, nftables and wireguard-go in network namespaces. Needs root,
 //! `nft`, `wireguard-go` and `wg` (scripts/setup.sh) and the `ztmesh`,
 //! `ztmesh-controller` and `ztm-echo` binaries.
@@ -60,13 +60,18 @@ const CHANGE_BOUND: Duration = Duration::from_secs(20);
 const REPLAY_BOUND: Duration = Duration::from_secs(60);
 
 const POLICY: &str = r#"{
-  "tagOwners": {"tag:router": [], "tag:exit": []},
+  "tagOwners": {"tag:router": [], "tag:exit": [], "tag:web": [], "tag:hidden": []},
   "acls": [
-    // Alice reaches one server of the legacy subnet on 443, and the internet.
+    // Alice reaches one server of the legacy subnet on 443, the company's
+    // DNS server there, web, and the internet.
     {"action": "accept", "src": ["alice@example.com"], "dst": ["198.19.50.10/32:443", "autogroup:internet:*"]},
+    {"action": "accept", "src": ["alice@example.com"], "proto": "udp", "dst": ["198.19.50.53/32:53"]},
+    {"action": "accept", "src": ["alice@example.com"], "dst": ["tag:web:443"]},
     // Bob may SSH to the exit node, nothing more: a peer of it, not granted the internet.
     {"action": "accept", "src": ["bob@example.com"], "dst": ["tag:exit:22"]},
   ],
+  // Names under example.corp are the company DNS server's, behind router1.
+  "dns": {"split": {"example.corp": ["198.19.50.53"]}},
 }"#;
 
 struct Node {
@@ -264,17 +269,18 @@ impl Lab {
     }
 }
 
-/// The legacy subnet: `legacy` holds bridge br50 with the server address,
-/// router1 and router2 plug into it.
-fn legacy_subnet(lab: &mut Lab) -> usize {
+/// The legacy subnet: `legacy` holds bridge br50 with the server address;
+/// `routers` (router1, router2) plug into it.
+fn legacy_subnet(lab: &mut Lab, routers: &[&str]) -> usize {
     let legacy = Netns::new("legacy");
     legacy.run_ok(["ip", "link", "add", "br50", "type", "bridge"]);
     legacy.run_ok(["ip", "addr", "add", &format!("{SERVER}/24"), "dev", "br50"]);
     legacy.run_ok(["ip", "link", "set", "br50", "up"]);
-    for (router, addr, port) in [
+    let all = [
         (ROUTER1, "198.19.50.1", "r1"),
         (ROUTER2, "198.19.50.2", "r2"),
-    ] {
+    ];
+    for (router, addr, port) in all.into_iter().filter(|(r, _, _)| routers.contains(r)) {
         let r = lab.topo.ns(router);
         r.run_ok([
             "ip",
@@ -330,7 +336,7 @@ fn a_subnet_router_forwards_only_approved_routes_and_allowed_ports_and_fails_ove
         return;
     }
     let mut lab = Lab::new(&[ROUTER1, ROUTER2, LAPTOP]);
-    legacy_subnet(&mut lab);
+    legacy_subnet(&mut lab, &[ROUTER1, ROUTER2]);
     other_network(&mut lab);
 
     lab.join(
@@ -425,7 +431,7 @@ fn a_route_fails_over_when_its_primary_router_is_cut_off_the_network() {
         return;
     }
     let mut lab = Lab::new(&[ROUTER1, ROUTER2, LAPTOP]);
-    legacy_subnet(&mut lab);
+    legacy_subnet(&mut lab, &[ROUTER1, ROUTER2]);
     lab.join(
         ROUTER1,
         ["--tags", "tag:router"],
@@ -465,7 +471,7 @@ fn a_router_refuses_destinations_outside_its_approved_routes_from_a_hostile_peer
         return;
     }
     let mut lab = Lab::new(&[ROUTER1, ROUTER2, LAPTOP]);
-    legacy_subnet(&mut lab);
+    legacy_subnet(&mut lab, &[ROUTER1, ROUTER2]);
     other_network(&mut lab);
     lab.join(
         ROUTER1,
@@ -675,4 +681,117 @@ fn last_peer_of(echo: &Proc) -> String {
         .unwrap_or_default()
         .trim()
         .to_owned()
+}
+
+/// MagicDNS from the laptop's own resolver configuration (its namespace's
+/// `/etc/netns/NAME/resolv.conf`, which `ip netns exec` mounts over
+/// `/etc/resolv.conf`): web's name resolves to its overlay address, a node
+/// the policy hides from the laptop does not, a split-DNS name resolves
+/// through the company DNS server behind the subnet router, and `down`
+/// restores the original file byte for byte.
+#[test]
+fn magic_dns_names_visible_nodes_routes_split_names_and_restores_the_resolver() {
+    if !require_root_or_skip() {
+        return;
+    }
+    const WEB: &str = "web";
+    const HIDDEN: &str = "hidden";
+    const CORP_DNS: &str = "198.19.50.53";
+    let mut lab = Lab::new(&[ROUTER1, LAPTOP, WEB, HIDDEN]);
+    let legacy = legacy_subnet(&mut lab, &[ROUTER1]);
+    lab.extra[legacy].run_ok([
+        "ip",
+        "addr",
+        "add",
+        &format!("{CORP_DNS}/24"),
+        "dev",
+        "br50",
+    ]);
+    let dns = ztmesh_tests::bin_path("ztm-dns");
+    let corp = lab.extra[legacy].spawn(
+        "ztm-dns",
+        [
+            dns.to_str().expect("utf-8 path"),
+            &format!("{CORP_DNS}:53"),
+            "example.corp",
+            SERVER,
+        ],
+    );
+    lab._servers.push(corp);
+    // The laptop's original resolver configuration, before its daemon starts.
+    let original = b"# the laptop's own resolver\nnameserver 198.18.0.250\noptions edns0\n";
+    let resolv = lab.topo.ns(LAPTOP).etc_file("resolv.conf", original);
+
+    lab.join(
+        ROUTER1,
+        ["--tags", "tag:router"],
+        &["--advertise-routes", SUBNET],
+    );
+    lab.join(WEB, ["--tags", "tag:web"], &[]);
+    lab.join(HIDDEN, ["--tags", "tag:hidden"], &[]);
+    lab.join(LAPTOP, ["--user", "alice@example.com"], &[]);
+    lab.admin_ok(&["nodes", "routes", ROUTER1, "--approve", SUBNET]);
+    let web_v4 = lab.overlay_v4(WEB);
+
+    let managed = std::fs::read_to_string(&resolv).expect("read resolv.conf");
+    assert!(
+        managed.contains("nameserver 100.100.100.100")
+            && managed.contains("search ztmesh.internal"),
+        "the laptop's resolver does not point at MagicDNS:\n{managed}"
+    );
+    let getent = |name: &str| lab.topo.ns(LAPTOP).run(["getent", "ahostsv4", name]);
+    lab.until("web.ztmesh.internal never resolved", || {
+        let out = getent("web.ztmesh.internal");
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains(&web_v4)
+    });
+    // The short name works through the search domain, any case.
+    let out = getent("WEB");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&web_v4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Hidden by the policy: not in the laptop's map, so no name.
+    let out = getent("hidden.ztmesh.internal");
+    assert!(
+        !out.status.success(),
+        "a node the policy hides resolved: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // A split-DNS name, answered by the company server through router1.
+    lab.until(
+        "db.example.corp never resolved through the subnet router",
+        || {
+            let out = getent("db.example.corp");
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains(SERVER)
+        },
+    );
+    let status = lab.status(LAPTOP);
+    assert!(
+        status["dns"]["answered"].as_u64().unwrap_or(0) > 0,
+        "{status:#}"
+    );
+    assert!(
+        status["dns"]["forwarded"].as_u64().unwrap_or(0) > 0,
+        "{status:#}"
+    );
+
+    // `down` gives the file back, byte for byte.
+    let out = lab.cli(LAPTOP, &["down"]);
+    assert!(out.status.success(), "{out}");
+    let after = std::fs::read(&resolv).expect("read resolv.conf");
+    assert_eq!(
+        after,
+        original.to_vec(),
+        "not restored byte for byte:\n{}",
+        String::from_utf8_lossy(&after)
+    );
+    // `up --accept-dns=false` leaves the host alone.
+    let out = lab.cli(LAPTOP, &["up", "--accept-dns=false"]);
+    assert!(out.status.success(), "{out}");
+    assert_eq!(
+        std::fs::read(&resolv).expect("read resolv.conf"),
+        original.to_vec()
+    );
+    assert!(lab.status(LAPTOP)["dns"].is_null());
 }
