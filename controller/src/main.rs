@@ -29,6 +29,7 @@ fn main() -> ExitCode {
                 audit_max_age,
                 audit_max_flow_rows,
                 relay_file,
+                dns_domain,
                 limits,
             } => {
                 tracing_subscriber::fmt()
@@ -42,6 +43,7 @@ fn main() -> ExitCode {
                     audit_max_age_ms: i64::try_from(audit_max_age.as_millis()).unwrap_or(i64::MAX),
                     audit_max_flow_rows,
                     relays: read_relays(relay_file.as_deref())?,
+                    dns_domain,
                     ..MeshConfig::default()
                 };
                 let dir = DataDir::new(&args.conn.data_dir);

@@ -69,6 +69,11 @@ pub enum Cmd {
         /// relay (read at start).
         #[arg(long)]
         relay_file: Option<std::path::PathBuf>,
+        /// The mesh DNS domain: every node is NAME.DOMAIN in MagicDNS. Must
+        /// not be a domain the company already uses (names under it never
+        /// leave the mesh).
+        #[arg(long, default_value = "ztmesh.internal", value_parser = parse_dns_domain)]
+        dns_domain: String,
         #[command(flatten)]
         limits: ListenerArgs,
     },
@@ -147,4 +152,50 @@ fn fingerprint(data_dir: &Path) -> anyhow::Result<()> {
     let fp = crate::server::fingerprint(&dir)?;
     println!("{}", ztmesh_proto::auth::hex(&fp));
     Ok(())
+}
+
+/// A DNS domain for `--dns-domain`: labels of letters, digits and `-`
+/// (not at either end), at least two labels, at most 253 characters;
+/// lowercased, without a trailing dot.
+fn parse_dns_domain(text: &str) -> Result<String, String> {
+    let d = text.trim().trim_end_matches('.').to_ascii_lowercase();
+    let labels: Vec<&str> = d.split('.').collect();
+    let label_ok = |l: &&str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if d.len() > 253 || labels.len() < 2 || !labels.iter().all(label_ok) {
+        return Err(format!(
+            "{text:?} is not a DNS domain such as ztmesh.internal (two or more labels of letters, digits and '-')"
+        ));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod dns_domain_tests {
+    use super::parse_dns_domain;
+
+    #[test]
+    fn the_mesh_domain_is_a_lowercase_multi_label_name() {
+        assert_eq!(parse_dns_domain("Mesh.Example.").unwrap(), "mesh.example");
+        assert_eq!(
+            parse_dns_domain("ztmesh.internal").unwrap(),
+            "ztmesh.internal"
+        );
+        for bad in [
+            "internal",
+            "a..b",
+            "-a.b",
+            "a-.b",
+            "a_b.c",
+            "",
+            &"a.".repeat(130),
+        ] {
+            assert!(parse_dns_domain(bad).is_err(), "{bad:?}");
+        }
+    }
 }
