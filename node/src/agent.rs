@@ -231,11 +231,34 @@ struct MagicDns {
     server: DnsServer,
     /// The resolvers the host used before (or the backup's, after a crash).
     upstreams: Vec<SocketAddr>,
-    /// systemd-resolved (per-link settings), or `None`: the managed file.
-    resolved: Option<Resolved>,
-    /// The mesh domain the host configuration names.
-    domain: String,
+    host: HostMode,
+    /// The mesh domain and split suffixes the host configuration names.
+    applied: Option<(String, Vec<String>)>,
 }
+
+/// The resolver configuration MagicDNS manages (see [`Daemon::host_dns_mode`]).
+enum HostMode {
+    /// systemd-resolved, per-link settings on the tunnel interface.
+    Resolved(Resolved),
+    /// The resolv.conf file, rewritten in place with a backup.
+    File,
+    /// Neither: the file is the host's while this daemon runs in a network
+    /// namespace (why, for the log and `status`).
+    Untouched(String),
+}
+
+impl HostMode {
+    fn describe(&self) -> String {
+        match self {
+            HostMode::Resolved(_) => "systemd-resolved".into(),
+            HostMode::File => "resolv.conf".into(),
+            HostMode::Untouched(why) => format!("untouched: {why}"),
+        }
+    }
+}
+
+/// The resolver configuration file the daemon manages by default.
+const DEFAULT_RESOLV_CONF: &str = "/etc/resolv.conf";
 
 fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -326,6 +349,9 @@ impl Daemon {
         // Default deny until a netmap says otherwise.
         install(&plane, Install::Empty);
         plane.set_stun_servers(self.cfg.stun_servers.clone());
+        // Before any map: a chosen exit node's route is in place (failing
+        // closed) from the start, not only once a map arrives.
+        self.route_host(&plane, &Offered::default(), &e.addresses, &[]);
         *dp = Some(plane);
         Ok(())
     }
@@ -371,20 +397,35 @@ impl Daemon {
     /// the host's resolver pointed at it. A failure is logged; the mesh
     /// works without names.
     fn dns_start(&self, _up: &DataPlane, domain: &str) {
-        if !self.prefs.borrow().accept_dns {
-            return;
-        }
         let mut dns = self.dns.lock().unwrap_or_else(|p| p.into_inner());
-        if dns.is_some() {
+        // Read under the lock: `update_prefs` turns it off under it too.
+        if dns.is_some() || !self.prefs.borrow().accept_dns {
             return;
         }
         match self.start_magic_dns(domain) {
             Ok(m) => {
-                tracing::info!(domain = %m.domain, upstreams = ?m.upstreams,
-                    resolved = m.resolved.is_some(), "MagicDNS on 100.100.100.100");
+                tracing::info!(domain, upstreams = ?m.upstreams, host = %m.host.describe(),
+                    "MagicDNS on 100.100.100.100");
                 *dns = Some(m);
             }
             Err(e) => tracing::error!(error = %format!("{e:#}"), "MagicDNS not started"),
+        }
+    }
+
+    /// How the host's resolver is to be pointed at MagicDNS, if at all.
+    fn host_dns_mode(&self) -> HostMode {
+        let netns = dns::hostcfg::named_netns(Path::new("/run/netns"));
+        let default_file = self.cfg.resolv_conf == Path::new(DEFAULT_RESOLV_CONF);
+        if default_file {
+            if let Some(why) =
+                dns::hostcfg::host_resolver_not_ours(netns.as_deref(), Path::new("/etc/netns"))
+            {
+                return HostMode::Untouched(why);
+            }
+        }
+        match Resolved::system().filter(|_| netns.is_none() && default_file) {
+            Some(r) => HostMode::Resolved(r),
+            None => HostMode::File,
         }
     }
 
@@ -392,62 +433,93 @@ impl Daemon {
         let iface = &self.cfg.interface;
         let addr = format!("{MAGIC_DNS_ADDR}/32");
         run_ip(&["-4", "addr", "replace", &addr, "dev", iface])?;
-        let resolved = Resolved::system();
-        let upstreams = match &resolved {
-            Some(_) => std::fs::read_to_string("/run/systemd/resolve/resolv.conf")
+        let host = self.host_dns_mode();
+        let upstreams = match &host {
+            HostMode::Resolved(_) => std::fs::read_to_string("/run/systemd/resolve/resolv.conf")
                 .map(|t| dns::hostcfg::read_upstreams(&t))
                 .unwrap_or_default(),
-            None => dns::hostcfg::original_upstreams(&self.cfg.resolv_conf, &self.dns_backup()),
+            HostMode::File | HostMode::Untouched(_) => {
+                dns::hostcfg::original_upstreams(&self.cfg.resolv_conf, &self.dns_backup())
+            }
         };
-        let server = DnsServer::start(SocketAddr::from((MAGIC_DNS_ADDR, 53)))
-            .context("binding 100.100.100.100:53")?;
+        let server = match DnsServer::start(SocketAddr::from((MAGIC_DNS_ADDR, 53))) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = run_ip(&["-4", "addr", "del", &addr, "dev", iface]);
+                return Err(e).context("binding 100.100.100.100:53");
+            }
+        };
         server.set_zone(Zone::new(domain, upstreams.clone()));
-        let m = MagicDns {
+        Ok(MagicDns {
             server,
             upstreams,
-            resolved,
-            domain: String::new(),
-        };
-        Ok(m)
+            host,
+            applied: None,
+        })
     }
 
     /// Feeds a new map to MagicDNS (its names and split routes) and points
-    /// the host at it for the map's domain.
+    /// the host at it for the map's domain and split suffixes.
     fn dns_follow(&self, dp: &DataPlane, map: &NetMap) {
         self.dns_start(dp, &map.dns_domain);
         let mut dns = self.dns.lock().unwrap_or_else(|p| p.into_inner());
         let Some(m) = dns.as_mut() else { return };
         let zone = Zone::from_netmap(map, m.upstreams.clone());
-        let domain = zone.domain().to_string();
-        let splits: Vec<String> = zone.split().iter().map(|(s, _)| s.clone()).collect();
+        let want = (
+            zone.domain().to_string(),
+            zone.split()
+                .iter()
+                .map(|(s, _)| s.clone())
+                .collect::<Vec<_>>(),
+        );
         m.server.set_zone(zone);
-        if m.domain != domain {
-            let r = match &m.resolved {
-                Some(r) => r.apply(&self.cfg.interface, &domain, &splits),
-                None => {
-                    HostDns::apply(&self.cfg.resolv_conf, &self.dns_backup(), &domain).map(|_| ())
-                }
-            };
-            match r {
-                Ok(()) => m.domain = domain,
-                Err(e) => {
-                    tracing::error!(error = %e, "the host resolver is not pointed at MagicDNS")
-                }
+        if m.applied.as_ref() == Some(&want) {
+            return;
+        }
+        let (domain, splits) = &want;
+        let r = match &m.host {
+            HostMode::Resolved(r) => r.apply(&self.cfg.interface, domain, splits),
+            HostMode::File if m.applied.as_ref().is_some_and(|(d, _)| d == domain) => Ok(()),
+            HostMode::File => {
+                HostDns::apply(&self.cfg.resolv_conf, &self.dns_backup(), domain).map(|_| ())
             }
+            HostMode::Untouched(why) => {
+                tracing::warn!(reason = %why, "MagicDNS serves 100.100.100.100; the host resolver is left alone");
+                Ok(())
+            }
+        };
+        match r {
+            Ok(()) => m.applied = Some(want),
+            Err(e) => tracing::error!(error = %e, "the host resolver is not pointed at MagicDNS"),
+        }
+    }
+
+    /// Empties MagicDNS's names (the peers are gone: revoked or expired).
+    fn dns_forget_names(&self) {
+        if let Some(m) = self.dns.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let domain = m
+                .applied
+                .as_ref()
+                .map_or(dns::DEFAULT_DOMAIN, |(d, _)| d.as_str());
+            m.server.set_zone(Zone::new(domain, m.upstreams.clone()));
         }
     }
 
     /// Stops MagicDNS and gives the host its resolver configuration back.
+    /// Without MagicDNS running, a resolv.conf left managed by a daemon
+    /// that crashed is restored too.
     fn dns_stop(&self) {
         let Some(m) = self.dns.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            self.restore_host_dns();
             return;
         };
-        let r = match &m.resolved {
-            Some(r) => r
+        let r = match &m.host {
+            HostMode::Resolved(r) => r
                 .revert(&self.cfg.interface)
                 .map(|()| "reverted".to_string()),
-            None => HostDns::restore(&self.cfg.resolv_conf, &self.dns_backup())
+            HostMode::File => HostDns::restore(&self.cfg.resolv_conf, &self.dns_backup())
                 .map(|r| format!("{r:?}")),
+            HostMode::Untouched(_) => Ok("untouched".to_string()),
         };
         match r {
             Ok(how) => tracing::info!(how, "host resolver configuration restored"),
@@ -462,6 +534,19 @@ impl Daemon {
             "dev",
             &self.cfg.interface,
         ]);
+    }
+
+    /// Puts back a resolv.conf this daemon's state dir holds the original
+    /// of (a previous run crashed with MagicDNS on), if the file is still
+    /// ours to manage.
+    fn restore_host_dns(&self) {
+        if !self.dns_backup().exists() || !matches!(self.host_dns_mode(), HostMode::File) {
+            return;
+        }
+        match HostDns::restore(&self.cfg.resolv_conf, &self.dns_backup()) {
+            Ok(how) => tracing::info!(how = ?how, "resolv.conf of a previous run restored"),
+            Err(e) => tracing::error!(error = %e, "resolv.conf of a previous run not restored"),
+        }
     }
 
     /// Where the host's original resolv.conf is kept while MagicDNS runs.
@@ -508,6 +593,7 @@ impl Daemon {
             dp.set_relay(None);
             self.route_host(dp, &Offered::default(), &addresses, &[]);
         }
+        self.dns_forget_names();
     }
 
     /// Tells the controller what this node advertises (every session, and
@@ -528,6 +614,15 @@ impl Daemon {
             Err(s) => {
                 tracing::error!(code = ?s.code(), error = %s.message(), "routes refused by the controller")
             }
+        }
+    }
+
+    /// Re-applies the host routes for the map in force (or none).
+    async fn refresh_host_routes(&self, e: &Enrollment) {
+        if self.lock().netmap.is_some() {
+            self.reinstall().await;
+        } else if let Some(dp) = self.dp.lock().await.as_ref() {
+            self.route_host(dp, &Offered::default(), &e.addresses, &[]);
         }
     }
 
@@ -598,8 +693,16 @@ impl Daemon {
     async fn session(self: &Arc<Self>, e: &Enrollment, have: &mut u64) -> Result<(), SessionError> {
         let key = e.controller_key;
         let addrs = controller_addrs(&e.controller_url).await;
-        if !addrs.is_empty() {
-            self.lock().controller_addrs = addrs;
+        let moved = !addrs.is_empty() && {
+            let mut st = self.lock();
+            let moved = st.controller_addrs != addrs;
+            st.controller_addrs = addrs;
+            moved
+        };
+        if moved {
+            // The bypass of the exit-node and route tables must follow the
+            // controller, or a dead exit node locks the node out.
+            self.refresh_host_routes(e).await;
         }
         let mut ctl = Controller::connect(&e.controller_url, e.fingerprint, Duration::from_secs(5))
             .await
@@ -1055,24 +1158,22 @@ impl Daemon {
             .try_lock()
             .ok()
             .and_then(|dp| dp.as_ref().map(|d| d.stats().relay));
-        let dns = self
-            .dns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|m| {
+        // try_lock: a resolvectl call in progress never stalls `status`.
+        let dns = self.dns.try_lock().ok().and_then(|d| {
+            d.as_ref().map(|m| {
                 let st = m.server.stats();
                 json!({
                     "address": MAGIC_DNS_ADDR.to_string(),
-                    "domain": m.domain,
+                    "domain": m.applied.as_ref().map(|(d, _)| d.clone()),
                     "upstreams": m.upstreams.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                    "host": if m.resolved.is_some() { "systemd-resolved" } else { "resolv.conf" },
+                    "host": m.host.describe(),
                     "queries": st.queries, "answered": st.answered_local, "forwarded": st.forwarded,
                     "forward_failed": st.forward_failed, "formerr": st.formerr,
                     "dropped": st.dropped_malformed + st.dropped_response + st.dropped_oversized
                         + st.dropped_rate_limited + st.dropped_overloaded,
                 })
-            });
+            })
+        });
         let st = self.lock();
         let (conn, detail) = match &st.conn {
             ConnState::Idle => ("idle", String::new()),
@@ -1550,6 +1651,10 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
         dp: tokio::sync::Mutex::new(None),
         live_serial,
     });
+
+    // A resolv.conf left pointing at MagicDNS by a run that crashed goes
+    // back first; MagicDNS points it again once a map is installed.
+    daemon.restore_host_dns();
 
     // Come back as we were: enrolled and not `down` → data plane up with the
     // last verified netmap, then reconnect.

@@ -454,16 +454,16 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         delete_namespace(&self.name, self.pids());
-        // Files `ip netns exec` mounts over /etc for this namespace.
-        let etc = Path::new("/etc/netns").join(&self.name);
-        if etc.exists() {
-            let _ = fs::remove_dir_all(&etc);
-        }
     }
 }
 
-/// Kills (by PID) what is left in a namespace this harness created, then deletes it.
+/// Kills (by PID) what is left in a namespace this harness created, then
+/// deletes it and the files `ip netns exec` mounts over /etc for it.
 fn delete_namespace(name: &str, pids: Vec<i32>) {
+    let etc = Path::new("/etc/netns").join(name);
+    if etc.exists() {
+        let _ = fs::remove_dir_all(&etc);
+    }
     for pid in &pids {
         // SAFETY: plain syscall; the PID was just listed as inside our namespace.
         unsafe { libc::kill(*pid, libc::SIGKILL) };

@@ -74,9 +74,11 @@ const POLICY: &str = r#"{
   "dns": {"split": {"example.corp": ["198.19.50.53"]}},
 }"#;
 
+/// The daemon is declared first so it stops (and restores what it changed)
+/// before its state dir is removed.
 struct Node {
-    dirs: NodeDirs,
     daemon: Proc,
+    dirs: NodeDirs,
 }
 
 struct Lab {
@@ -718,6 +720,9 @@ fn magic_dns_names_visible_nodes_routes_split_names_and_restores_the_resolver() 
         ],
     );
     lab._servers.push(corp);
+    // The host's own resolver configuration must never change: the other
+    // daemons run in namespaces without their own resolv.conf.
+    let host_before = std::fs::read("/etc/resolv.conf").ok();
     // The laptop's original resolver configuration, before its daemon starts.
     let original = b"# the laptop's own resolver\nnameserver 198.18.0.250\noptions edns0\n";
     let resolv = lab.topo.ns(LAPTOP).etc_file("resolv.conf", original);
@@ -767,6 +772,22 @@ fn magic_dns_names_visible_nodes_routes_split_names_and_restores_the_resolver() 
         },
     );
     let status = lab.status(LAPTOP);
+    assert_eq!(status["dns"]["host"], "resolv.conf", "{status:#}");
+    // Web's namespace has no resolv.conf of its own: its daemon serves
+    // MagicDNS but leaves the (host's) file alone.
+    let web = lab.status(WEB);
+    assert!(
+        web["dns"]["host"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("untouched"),
+        "{web:#}"
+    );
+    assert_eq!(
+        std::fs::read("/etc/resolv.conf").ok(),
+        host_before,
+        "the host's resolv.conf changed"
+    );
     assert!(
         status["dns"]["answered"].as_u64().unwrap_or(0) > 0,
         "{status:#}"

@@ -235,6 +235,41 @@ impl HostDns {
     }
 }
 
+/// The named network namespace this process runs in (`ip netns
+/// identify`): the entry of `netns_dir` (`/run/netns`) whose nsfs inode is
+/// this process's network namespace; `None` in the host's namespace or an
+/// unnamed one (a container's).
+pub fn named_netns(netns_dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let own = fs::read_link("/proc/self/ns/net").ok()?;
+    let own = own.to_str()?;
+    let inode: u64 = own.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()?;
+    fs::read_dir(netns_dir)
+        .ok()?
+        .take(4096)
+        .filter_map(Result::ok)
+        .find(|e| fs::metadata(e.path()).is_ok_and(|m| m.ino() == inode))
+        .and_then(|e| e.file_name().into_string().ok())
+}
+
+/// Why the host's resolver must be left alone, if it must: a daemon in a
+/// named network namespace (`ip netns exec NAME`) shares `/etc` with the
+/// host unless `/etc/netns/NAME/resolv.conf` exists (which `ip netns exec`
+/// mounts over `/etc/resolv.conf`), and pointing the host at
+/// 100.100.100.100 — an address only that namespace has — would break every
+/// name lookup outside it; systemd-resolved (`resolvectl`) is the host's in
+/// any case.
+pub fn host_resolver_not_ours(netns: Option<&str>, etc_netns: &Path) -> Option<String> {
+    let name = netns?;
+    if etc_netns.join(name).join("resolv.conf").exists() {
+        return None;
+    }
+    Some(format!(
+        "running in network namespace {name} without /etc/netns/{name}/resolv.conf: \
+         the resolver configuration is the host's"
+    ))
+}
+
 /// The systemd-resolved way: per-link settings through `resolvectl`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
@@ -435,6 +470,26 @@ mod tests {
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_named_namespace_without_its_own_resolv_conf_leaves_the_host_alone() {
+        let tmp = TempDir::new("etc-netns");
+        let dir = tmp.0.clone();
+        assert!(
+            host_resolver_not_ours(None, &dir).is_none(),
+            "the host's own daemon"
+        );
+        let why = host_resolver_not_ours(Some("lab1"), &dir).expect("shared with the host");
+        assert!(why.contains("/etc/netns/lab1/resolv.conf"), "{why}");
+        fs::create_dir_all(dir.join("lab1")).unwrap();
+        fs::write(dir.join("lab1/resolv.conf"), b"nameserver 198.18.0.1\n").unwrap();
+        assert!(
+            host_resolver_not_ours(Some("lab1"), &dir).is_none(),
+            "its own file"
+        );
+        // This test process runs in no named namespace of an empty dir.
+        assert_eq!(named_netns(&dir), None);
     }
 
     #[test]
