@@ -432,7 +432,7 @@ impl Daemon {
     fn start_magic_dns(&self, domain: &str) -> anyhow::Result<MagicDns> {
         let iface = &self.cfg.interface;
         let addr = format!("{MAGIC_DNS_ADDR}/32");
-        run_ip(&["-4", "addr", "replace", &addr, "dev", iface])?;
+        crate::io::ip(&["-4", "addr", "replace", &addr, "dev", iface])?;
         let host = self.host_dns_mode();
         let upstreams = match &host {
             HostMode::Resolved(_) => std::fs::read_to_string("/run/systemd/resolve/resolv.conf")
@@ -445,7 +445,7 @@ impl Daemon {
         let server = match DnsServer::start(SocketAddr::from((MAGIC_DNS_ADDR, 53))) {
             Ok(s) => s,
             Err(e) => {
-                let _ = run_ip(&["-4", "addr", "del", &addr, "dev", iface]);
+                let _ = crate::io::ip(&["-4", "addr", "del", &addr, "dev", iface]);
                 return Err(e).context("binding 100.100.100.100:53");
             }
         };
@@ -526,7 +526,7 @@ impl Daemon {
             Err(e) => tracing::error!(error = %e, "host resolver configuration not restored"),
         }
         m.server.shutdown();
-        let _ = run_ip(&[
+        let _ = crate::io::ip(&[
             "-4",
             "addr",
             "del",
@@ -1471,21 +1471,6 @@ pub fn last_netmap(state_dir: &Path) -> anyhow::Result<NetMap> {
         SignedNetMap::decode(read("netmap.bin")?.as_slice()).context("netmap.bin is corrupt")?;
     netmap::verify_signature(&e.controller_key, &signed)
         .map_err(|err| anyhow!("netmap.bin does not verify: {err}"))
-}
-
-/// Runs `ip ARGS` (iproute2).
-fn run_ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "ip {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
 }
 
 /// `prefs.json` in `state_dir`, or the defaults when there is none.

@@ -154,6 +154,27 @@ impl Lab {
         self.nodes.insert(name, Node { dirs, daemon });
     }
 
+    /// A subnet router (tag:router) advertising [`SUBNET`].
+    fn join_router(&mut self, name: &'static str) {
+        self.join(
+            name,
+            ["--tags", "tag:router"],
+            &["--advertise-routes", SUBNET],
+        );
+    }
+
+    /// An admin approves [`SUBNET`] on `router`.
+    fn approve(&self, router: &str) {
+        self.admin_ok(&["nodes", "routes", router, "--approve", SUBNET]);
+    }
+
+    /// Waits until the laptop reaches the server's allowed port.
+    fn until_server_reached(&self, what: &str) -> Duration {
+        self.until(what, || {
+            self.reaches(LAPTOP, SERVER, 443, Duration::from_millis(500))
+        })
+    }
+
     fn cli(&self, name: &str, args: &[&str]) -> CliOut {
         node_cli(self.topo.ns(name), &self.nodes[name].dirs, args)
     }
@@ -341,16 +362,8 @@ fn a_subnet_router_forwards_only_approved_routes_and_allowed_ports_and_fails_ove
     legacy_subnet(&mut lab, &[ROUTER1, ROUTER2]);
     other_network(&mut lab);
 
-    lab.join(
-        ROUTER1,
-        ["--tags", "tag:router"],
-        &["--advertise-routes", SUBNET],
-    );
-    lab.join(
-        ROUTER2,
-        ["--tags", "tag:router"],
-        &["--advertise-routes", SUBNET],
-    );
+    lab.join_router(ROUTER1);
+    lab.join_router(ROUTER2);
     lab.join(LAPTOP, ["--user", "alice@example.com"], &[]);
 
     // Advertised, not approved: nothing is routed.
@@ -363,10 +376,8 @@ fn a_subnet_router_forwards_only_approved_routes_and_allowed_ports_and_fails_ove
 
     // An admin approves router1: the laptop reaches 443, not 22.
     let t0 = Instant::now();
-    lab.admin_ok(&["nodes", "routes", ROUTER1, "--approve", SUBNET]);
-    lab.until("the approved route never carried the flow", || {
-        lab.reaches(LAPTOP, SERVER, 443, Duration::from_millis(500))
-    });
+    lab.approve(ROUTER1);
+    lab.until_server_reached("the approved route never carried the flow");
     let approved = t0.elapsed();
     assert!(
         !lab.reaches(LAPTOP, SERVER, 22, DENY_TIMEOUT),
@@ -397,17 +408,13 @@ fn a_subnet_router_forwards_only_approved_routes_and_allowed_ports_and_fails_ove
 
     // Both routers approved: router1 (first online) is primary; killing it
     // hands the route to router2.
-    lab.admin_ok(&["nodes", "routes", ROUTER1, "--approve", SUBNET]);
-    lab.admin_ok(&["nodes", "routes", ROUTER2, "--approve", SUBNET]);
-    lab.until("the re-approved route never carried the flow", || {
-        lab.reaches(LAPTOP, SERVER, 443, Duration::from_millis(500))
-    });
+    lab.approve(ROUTER1);
+    lab.approve(ROUTER2);
+    lab.until_server_reached("the re-approved route never carried the flow");
     assert_eq!(lab.route_via(LAPTOP, SUBNET).as_deref(), Some(ROUTER1));
     let t0 = Instant::now();
     lab.nodes.get_mut(ROUTER1).expect("joined").daemon.kill9();
-    lab.until("router2 never took over", || {
-        lab.reaches(LAPTOP, SERVER, 443, Duration::from_millis(500))
-    });
+    lab.until_server_reached("router2 never took over");
     let failover = t0.elapsed();
     assert_eq!(lab.route_via(LAPTOP, SUBNET).as_deref(), Some(ROUTER2));
     let shown: Value =
@@ -434,22 +441,12 @@ fn a_route_fails_over_when_its_primary_router_is_cut_off_the_network() {
     }
     let mut lab = Lab::new(&[ROUTER1, ROUTER2, LAPTOP]);
     legacy_subnet(&mut lab, &[ROUTER1, ROUTER2]);
-    lab.join(
-        ROUTER1,
-        ["--tags", "tag:router"],
-        &["--advertise-routes", SUBNET],
-    );
-    lab.join(
-        ROUTER2,
-        ["--tags", "tag:router"],
-        &["--advertise-routes", SUBNET],
-    );
+    lab.join_router(ROUTER1);
+    lab.join_router(ROUTER2);
     lab.join(LAPTOP, ["--user", "alice@example.com"], &[]);
-    lab.admin_ok(&["nodes", "routes", ROUTER1, "--approve", SUBNET]);
-    lab.admin_ok(&["nodes", "routes", ROUTER2, "--approve", SUBNET]);
-    lab.until("the approved route never carried the flow", || {
-        lab.reaches(LAPTOP, SERVER, 443, Duration::from_millis(500))
-    });
+    lab.approve(ROUTER1);
+    lab.approve(ROUTER2);
+    lab.until_server_reached("the approved route never carried the flow");
     assert_eq!(lab.route_via(LAPTOP, SUBNET).as_deref(), Some(ROUTER1));
     let t0 = Instant::now();
     lab.topo.set_connected(ROUTER1, false);
@@ -475,16 +472,10 @@ fn a_router_refuses_destinations_outside_its_approved_routes_from_a_hostile_peer
     let mut lab = Lab::new(&[ROUTER1, ROUTER2, LAPTOP]);
     legacy_subnet(&mut lab, &[ROUTER1, ROUTER2]);
     other_network(&mut lab);
-    lab.join(
-        ROUTER1,
-        ["--tags", "tag:router"],
-        &["--advertise-routes", SUBNET],
-    );
+    lab.join_router(ROUTER1);
     lab.join(LAPTOP, ["--user", "alice@example.com"], &[]);
-    lab.admin_ok(&["nodes", "routes", ROUTER1, "--approve", SUBNET]);
-    lab.until("the approved route never carried the flow", || {
-        lab.reaches(LAPTOP, SERVER, 443, Duration::from_millis(500))
-    });
+    lab.approve(ROUTER1);
+    lab.until_server_reached("the approved route never carried the flow");
 
     let (conf, mut wg) = lab.exported_config(LAPTOP);
     let router = wg
@@ -727,15 +718,11 @@ fn magic_dns_names_visible_nodes_routes_split_names_and_restores_the_resolver() 
     let original = b"# the laptop's own resolver\nnameserver 198.18.0.250\noptions edns0\n";
     let resolv = lab.topo.ns(LAPTOP).etc_file("resolv.conf", original);
 
-    lab.join(
-        ROUTER1,
-        ["--tags", "tag:router"],
-        &["--advertise-routes", SUBNET],
-    );
+    lab.join_router(ROUTER1);
     lab.join(WEB, ["--tags", "tag:web"], &[]);
     lab.join(HIDDEN, ["--tags", "tag:hidden"], &[]);
     lab.join(LAPTOP, ["--user", "alice@example.com"], &[]);
-    lab.admin_ok(&["nodes", "routes", ROUTER1, "--approve", SUBNET]);
+    lab.approve(ROUTER1);
     let web_v4 = lab.overlay_v4(WEB);
 
     let managed = std::fs::read_to_string(&resolv).expect("read resolv.conf");

@@ -26,6 +26,7 @@ use std::net::IpAddr;
 use anyhow::Context as _;
 use ipnet::IpNet;
 
+use super::ip;
 use crate::routing::{Forwarding, RoutePlan};
 
 /// The mark on this node's WireGuard UDP sockets (`SO_MARK`).
@@ -407,20 +408,6 @@ fn rule(family: &str, prio: u32, args: &[&str]) -> anyhow::Result<()> {
     let mut all = vec![family, "rule", "add", "priority", &prio];
     all.extend(args);
     ip(&all)
-}
-
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "ip {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
 }
 
 fn nft(script: &str) -> anyhow::Result<()> {

@@ -1018,7 +1018,11 @@ fn add_route(interface: &str, net: &IpNet) -> anyhow::Result<()> {
     ])
 }
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
+/// Runs `ip ARGS` (iproute2), failing with its stderr.
+///
+/// # Errors
+/// `ip` is missing or exits non-zero.
+pub(crate) fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = std::process::Command::new("ip")
         .args(args)
         .output()
