@@ -301,8 +301,22 @@ impl NetCore {
     /// Applies `change`; returns the nodes whose view changed (a node that
     /// left is included: it must be told).
     pub fn apply(&mut self, change: Change) -> BTreeSet<u64> {
+        // Only a change that touches a router (or the clock, which may
+        // expire one) can move a route: endpoint reports and enrollments of
+        // ordinary nodes stay O(1) in the number of nodes.
+        let is_router = |n: &NodeRow| !n.routes.approved.is_empty();
+        let maybe_moves = match &change {
+            Change::Upsert(row) => is_router(row) || self.table.get(row.id).is_some_and(is_router),
+            Change::Remove(id) | Change::Online { node: id, .. } => {
+                self.table.get(*id).is_some_and(is_router)
+            }
+            Change::Clock(_) => true,
+            Change::Endpoints { .. } | Change::Policy(_) => false,
+        };
         let mut changed = self.apply_fact(change);
-        changed.extend(self.reroute());
+        if maybe_moves {
+            changed.extend(self.reroute());
+        }
         changed
     }
 
