@@ -96,6 +96,10 @@ impl ControlService {
     }
 }
 
+/// The events of an interactive login.
+pub type LoginStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::LoginEvent, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Control for ControlService {
     async fn enroll(
@@ -118,6 +122,17 @@ impl Control for ControlService {
                 Err(e.into())
             }
         }
+    }
+
+    type LoginStream = LoginStream;
+
+    async fn login(
+        &self,
+        _req: Request<pb::LoginRequest>,
+    ) -> Result<Response<LoginStream>, Status> {
+        Err(Status::unimplemented(
+            "interactive login is being built (issue 13)",
+        ))
     }
 
     type StreamNetMapStream = MapStream;

@@ -35,6 +35,15 @@ impl Control for OneMap {
         Err(Status::unimplemented("not in this test"))
     }
 
+    type LoginStream = ReceiverStream<Result<pb::LoginEvent, Status>>;
+
+    async fn login(
+        &self,
+        _: Request<pb::LoginRequest>,
+    ) -> Result<Response<Self::LoginStream>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
     type StreamNetMapStream = ReceiverStream<Result<pb::SignedNetMap, Status>>;
 
     async fn stream_net_map(

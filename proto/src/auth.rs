@@ -35,6 +35,7 @@ pub const PROOF_HEADER: &str = "x-ztmesh-proof";
 pub const PROOF_WINDOW_MS: i64 = 60_000;
 const PROOF_DOMAIN: &[u8] = b"ztmesh-node-proof-v1\0";
 const ENROLL_DOMAIN: &[u8] = b"ztmesh-enroll-v1\0";
+const LOGIN_DOMAIN: &[u8] = b"ztmesh-login-v1\0";
 
 /// Whether a timestamp `ts` is within [`PROOF_WINDOW_MS`] of `now_ms`.
 ///
@@ -251,6 +252,29 @@ pub fn enroll_message(
     m.extend_from_slice(machine_key);
     m.extend_from_slice(wg_key);
     m.extend_from_slice(hostname.as_bytes());
+    m.push(0);
+    m.extend_from_slice(ts.to_string().as_bytes());
+    m
+}
+
+/// The bytes a node signs to start an interactive login
+/// (`Control.Login`): a domain separator, its keys, hostname, OS and the
+/// timestamp. No secret is involved; the proof shows the caller holds the
+/// machine key it asks to enroll (or re-authenticate).
+pub fn login_message(
+    machine_key: &[u8],
+    wg_key: &[u8],
+    hostname: &str,
+    os: &str,
+    ts: UnixMs,
+) -> Vec<u8> {
+    let mut m = Vec::new();
+    m.extend_from_slice(LOGIN_DOMAIN);
+    m.extend_from_slice(machine_key);
+    m.extend_from_slice(wg_key);
+    m.extend_from_slice(hostname.as_bytes());
+    m.push(0);
+    m.extend_from_slice(os.as_bytes());
     m.push(0);
     m.extend_from_slice(ts.to_string().as_bytes());
     m

@@ -5,8 +5,8 @@
 //! [`REASON_HEADER`] = one of the [`AuthReason`] strings, plus the message for
 //! humans. For [`AuthReason::ClockSkew`] the controller also sends its own
 //! clock in [`SERVER_TIME_HEADER`] (Unix ms), so the node can say how far off
-//! its clock is. Only [`AuthReason::Revoked`] means "this node is no longer a
-//! member": the others are fixable, and a node keeps its last verified map.
+//! its clock is. Only [`AuthReason::Revoked`] and [`AuthReason::Expired`] mean "this node is
+//! not a member now": the others are fixable, and a node keeps its last verified map.
 
 use std::fmt;
 use std::str::FromStr;
@@ -25,9 +25,13 @@ pub const SERVER_TIME_HEADER: &str = "ztmesh-server-time-ms";
 /// Why a node's credentials or session were refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AuthReason {
-    /// The node was deleted, its machine key is unknown, or its key expired:
-    /// it is no longer a member; it must drop its peers and re-enroll.
+    /// The node was deleted or its machine key is unknown: it is no longer
+    /// a member; it must drop its peers and re-enroll.
     Revoked,
+    /// The node's key expired (its owner's session ended, or an admin
+    /// expired it): it drops its peers until a person re-authenticates it
+    /// (`ztmesh up`), keeping its identity and addresses.
+    Expired,
     /// The proof's timestamp is outside the accepted window of the
     /// controller's clock: fix the node's clock.
     ClockSkew,
@@ -41,8 +45,9 @@ pub enum AuthReason {
 
 impl AuthReason {
     /// Every reason, for tests and documentation.
-    pub const ALL: [AuthReason; 5] = [
+    pub const ALL: [AuthReason; 6] = [
         AuthReason::Revoked,
+        AuthReason::Expired,
         AuthReason::ClockSkew,
         AuthReason::Replaced,
         AuthReason::Replayed,
@@ -53,6 +58,7 @@ impl AuthReason {
     pub fn as_str(self) -> &'static str {
         match self {
             AuthReason::Revoked => "revoked",
+            AuthReason::Expired => "expired",
             AuthReason::ClockSkew => "clock-skew",
             AuthReason::Replaced => "replaced",
             AuthReason::Replayed => "replayed",

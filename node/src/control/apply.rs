@@ -447,7 +447,7 @@ pub fn decide(end: Ending, now_ms: UnixMs) -> SessionEnd {
         message,
     } = end;
     match r.reason {
-        Some(Ok(AuthReason::Revoked)) => SessionEnd::Revoked(message),
+        Some(Ok(AuthReason::Revoked | AuthReason::Expired)) => SessionEnd::Revoked(message),
         Some(Ok(AuthReason::ClockSkew)) => SessionEnd::ClockSkew {
             skew_ms: r.server_time_ms.map(|t| now_ms.saturating_sub(t)),
             message,
