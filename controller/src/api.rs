@@ -25,12 +25,14 @@ use ztmesh_proto::control::{
 use ztmesh_proto::keys::{PublicKey, WgPublicKey};
 
 use crate::error::Error;
-use crate::mesh::{Mesh, Subscriber, Update};
+use crate::mesh::{Actor, Mesh, Subscriber, Update, UserUpdate};
 use crate::nodelimit::Call;
 use crate::now_ms;
 use crate::ratelimit::SharedLimiter;
+use crate::roles::{Access, Role};
 use crate::secrets::{KeyDetail, SecretKind, SecretRecord};
 use crate::store::NodeRow;
+use crate::store::UserRow;
 
 use ztmesh_proto::auth::methods::{
     LOGOUT as M_LOGOUT, REPORT_ENDPOINTS as M_ENDPOINTS, REPORT_FLOWS as M_FLOWS,
@@ -436,27 +438,41 @@ pub struct AdminService {
 }
 
 impl AdminService {
-    fn actor<T>(&self, req: &Request<T>) -> Result<String, Status> {
-        if self.local {
-            return Ok("local-admin".into());
-        }
-        let now = now_ms();
-        let src = req.remote_addr().map(|a| a.ip());
-        self.limiter.check(src, now)?;
-        let key = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
+    /// Who is calling, refused unless their role allows `access`.
+    fn actor<T>(&self, req: &Request<T>, access: Access) -> Result<Actor, Status> {
+        let actor = if self.local {
+            Actor::local()
+        } else {
+            let now = now_ms();
+            let src = req.remote_addr().map(|a| a.ip());
+            self.limiter.check(src, now)?;
+            let key = req
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .ok_or_else(|| {
+                    self.limiter.record_failure(src, now);
+                    Status::unauthenticated("missing API key (authorization: Bearer ztma1...)")
+                })?;
+            self.mesh.check_api_key(key, now).map_err(|e| {
                 self.limiter.record_failure(src, now);
-                Status::unauthenticated("missing API key (authorization: Bearer ztma1...)")
-            })?;
-        self.mesh.check_api_key(key, now).map_err(|e| {
-            self.limiter.record_failure(src, now);
-            tracing::info!(source = ?src, "admin authentication failed");
-            Status::from(e)
-        })
+                tracing::info!(source = ?src, "admin authentication failed");
+                Status::from(e)
+            })?
+        };
+        if !actor.role.allows(access) {
+            let needs = match access {
+                Access::Read => "auditor, network-admin or admin",
+                Access::Network => "network-admin or admin",
+                Access::Identity => "admin",
+            };
+            return Err(Status::permission_denied(format!(
+                "{} has the {} role; this call needs {needs}",
+                actor.name, actor.role
+            )));
+        }
+        Ok(actor)
     }
 
     /// Issues a key of either kind for `actor` (`expiry_secs` 0: the
@@ -479,7 +495,7 @@ impl AdminService {
         kind: SecretKind,
         pb: fn(&SecretRecord) -> Option<M>,
     ) -> Result<Vec<M>, Status> {
-        self.actor(req)?;
+        self.actor(req, Access::Read)?;
         Ok(self.mesh.keys(kind)?.iter().filter_map(pb).collect())
     }
 
@@ -488,9 +504,13 @@ impl AdminService {
         req: &Request<apb::KeyRef>,
         kind: SecretKind,
     ) -> Result<apb::RevokeKeyResponse, Status> {
-        let actor = self.actor(req)?;
+        let access = match kind {
+            SecretKind::AuthKey => Access::Network,
+            SecretKind::ApiKey => Access::Identity,
+        };
+        let actor = self.actor(req, access)?;
         self.mesh
-            .revoke_key(&actor, kind, &req.get_ref().key_id, now_ms())?;
+            .revoke_key(&actor.name, kind, &req.get_ref().key_id, now_ms())?;
         Ok(apb::RevokeKeyResponse {})
     }
 }
@@ -556,10 +576,11 @@ fn auth_key_pb(k: &SecretRecord) -> Option<apb::AuthKey> {
 
 /// An API key as the admin API shows it; `None` for an auth key.
 fn api_key_pb(k: &SecretRecord) -> Option<apb::ApiKey> {
-    let KeyDetail::Api { description } = &k.detail else {
+    let KeyDetail::Api { description, role } = &k.detail else {
         return None;
     };
     Some(apb::ApiKey {
+        role: role.to_string(),
         id: k.id,
         key_id: k.key_id.clone(),
         description: description.clone(),
@@ -567,6 +588,28 @@ fn api_key_pb(k: &SecretRecord) -> Option<apb::ApiKey> {
         expires_ms: k.expires_ms,
         revoked: k.revoked,
     })
+}
+
+fn user_pb(u: UserRow) -> apb::User {
+    apb::User {
+        id: u.id,
+        login: u.login,
+        created_ms: u.created_ms,
+        role: u.role.to_string(),
+        key_expiry_ms: u.key_expiry_ms,
+        has_password: u.has_password,
+        has_totp: u.has_totp,
+    }
+}
+
+/// A role from a request (`None` when empty).
+fn parse_role(s: &str) -> Result<Option<Role>, Status> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|e: crate::roles::UnknownRole| Status::invalid_argument(e.to_string()))
 }
 
 fn expiry(secs: u64) -> Option<i64> {
@@ -591,29 +634,18 @@ fn limit_len(field: &str, s: &str, max: usize) -> Result<(), Status> {
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn create_user(&self, req: Request<apb::CreateUserRequest>) -> R<apb::User> {
-        let actor = self.actor(&req)?;
+        let actor = self.actor(&req, Access::Identity)?;
+        let r = req.get_ref();
+        let role = parse_role(&r.role)?.unwrap_or(Role::Member);
         let u = self
             .mesh
-            .create_user(&actor, &req.get_ref().login, now_ms())?;
-        ok(apb::User {
-            id: u.id,
-            login: u.login,
-            created_ms: u.created_ms,
-        })
+            .create_user(&actor.name, &r.login, role, now_ms())?;
+        ok(user_pb(u))
     }
 
     async fn list_users(&self, req: Request<apb::ListUsersRequest>) -> R<apb::ListUsersResponse> {
-        self.actor(&req)?;
-        let users = self
-            .mesh
-            .users()?
-            .into_iter()
-            .map(|u| apb::User {
-                id: u.id,
-                login: u.login,
-                created_ms: u.created_ms,
-            })
-            .collect();
+        self.actor(&req, Access::Read)?;
+        let users = self.mesh.users()?.into_iter().map(user_pb).collect();
         ok(apb::ListUsersResponse { users })
     }
 
@@ -621,24 +653,63 @@ impl Admin for AdminService {
         &self,
         req: Request<apb::DeleteUserRequest>,
     ) -> R<apb::DeleteUserResponse> {
-        let actor = self.actor(&req)?;
+        let actor = self.actor(&req, Access::Identity)?;
         self.mesh
-            .delete_user(&actor, &req.get_ref().login, now_ms())?;
+            .delete_user(&actor.name, &req.get_ref().login, now_ms())?;
         ok(apb::DeleteUserResponse {})
+    }
+
+    #[expect(
+        clippy::disallowed_types,
+        reason = "a password hash's salt comes from OS entropy"
+    )]
+    async fn update_user(&self, req: Request<apb::UpdateUserRequest>) -> R<apb::User> {
+        use rand_core::OsRng;
+        let actor = self.actor(&req, Access::Identity)?;
+        let r = req.get_ref();
+        limit_len("password", &r.password, crate::accounts::MAX_PASSWORD)?;
+        if r.key_expiry_ms.is_some() && r.clear_key_expiry {
+            return Err(Status::invalid_argument(
+                "key_expiry_ms and clear_key_expiry are exclusive",
+            ));
+        }
+        if !r.password.is_empty() && r.clear_password {
+            return Err(Status::invalid_argument(
+                "password and clear_password are exclusive",
+            ));
+        }
+        let update = UserUpdate {
+            role: parse_role(&r.role)?,
+            key_expiry_ms: if r.clear_key_expiry {
+                Some(None)
+            } else {
+                r.key_expiry_ms.map(Some)
+            },
+            password: if r.clear_password {
+                Some(None)
+            } else {
+                (!r.password.is_empty()).then(|| Some(r.password.clone()))
+            },
+            reset_mfa: r.reset_mfa,
+        };
+        let u = self
+            .mesh
+            .update_user(&actor.name, &r.login, &update, &mut OsRng, now_ms())?;
+        ok(user_pb(u))
     }
 
     async fn create_auth_key(
         &self,
         req: Request<apb::CreateAuthKeyRequest>,
     ) -> R<apb::CreateAuthKeyResponse> {
-        let actor = self.actor(&req)?;
+        let actor = self.actor(&req, Access::Network)?;
         let r = req.get_ref();
         if r.tags.len() > 64 {
             return Err(Status::invalid_argument("at most 64 tags"));
         }
         let user = (!r.user.is_empty()).then_some(r.user.as_str());
         let detail = KeyDetail::auth(user, &r.tags, r.reusable, r.ephemeral);
-        let (row, secret) = self.create_key(&actor, detail, r.expiry_secs)?;
+        let (row, secret) = self.create_key(&actor.name, detail, r.expiry_secs)?;
         ok(apb::CreateAuthKeyResponse {
             key: auth_key_pb(&row),
             secret,
@@ -658,7 +729,7 @@ impl Admin for AdminService {
     }
 
     async fn list_nodes(&self, req: Request<apb::ListNodesRequest>) -> R<apb::ListNodesResponse> {
-        self.actor(&req)?;
+        self.actor(&req, Access::Read)?;
         let nodes = self
             .mesh
             .nodes()
@@ -669,38 +740,38 @@ impl Admin for AdminService {
     }
 
     async fn get_node(&self, req: Request<apb::NodeRef>) -> R<apb::Node> {
-        self.actor(&req)?;
+        self.actor(&req, Access::Read)?;
         let n = self.mesh.find_node(&req.get_ref().node)?;
         let online = self.mesh.nodes().iter().any(|(x, o)| x.id == n.id && *o);
         ok(node_pb(&n, online, &self.mesh.primary_routes(n.id)))
     }
 
     async fn delete_node(&self, req: Request<apb::NodeRef>) -> R<apb::DeleteNodeResponse> {
-        let actor = self.actor(&req)?;
+        let actor = self.actor(&req, Access::Network)?;
         self.mesh
-            .delete_node(&actor, &req.get_ref().node, now_ms())?;
+            .delete_node(&actor.name, &req.get_ref().node, now_ms())?;
         ok(apb::DeleteNodeResponse {})
     }
 
     async fn expire_node(&self, req: Request<apb::NodeRef>) -> R<apb::Node> {
-        let actor = self.actor(&req)?;
+        let actor = self.actor(&req, Access::Network)?;
         let n = self
             .mesh
-            .expire_node(&actor, &req.get_ref().node, now_ms())?;
+            .expire_node(&actor.name, &req.get_ref().node, now_ms())?;
         ok(node_pb(&n, false, &self.mesh.primary_routes(n.id)))
     }
 
     async fn rename_node(&self, req: Request<apb::RenameNodeRequest>) -> R<apb::Node> {
-        let actor = self.actor(&req)?;
+        let actor = self.actor(&req, Access::Network)?;
         let r = req.get_ref();
         let n = self
             .mesh
-            .rename_node(&actor, &r.node, &r.new_name, now_ms())?;
+            .rename_node(&actor.name, &r.node, &r.new_name, now_ms())?;
         ok(node_pb(&n, false, &self.mesh.primary_routes(n.id)))
     }
 
     async fn set_node_routes(&self, req: Request<apb::SetNodeRoutesRequest>) -> R<apb::Node> {
-        let actor = self.actor(&req)?;
+        let actor = self.actor(&req, Access::Network)?;
         let r = req.get_ref();
         if r.approve.len() + r.unapprove.len() > crate::routes::MAX_ROUTES * 2 {
             return Err(Status::invalid_argument("too many prefixes in one request"));
@@ -713,23 +784,23 @@ impl Admin for AdminService {
         };
         let n = self
             .mesh
-            .approve_routes(&actor, &r.node, &change, now_ms())?;
+            .approve_routes(&actor.name, &r.node, &change, now_ms())?;
         ok(node_pb(&n, false, &self.mesh.primary_routes(n.id)))
     }
 
     async fn set_policy(&self, req: Request<apb::SetPolicyRequest>) -> R<apb::SetPolicyResponse> {
-        let actor = self.actor(&req)?;
+        let actor = self.actor(&req, Access::Network)?;
         let r = req.get_ref();
         limit_len("policy", &r.text, 4 << 20)?;
         limit_len("file_name", &r.file_name, 256)?;
         let version = self
             .mesh
-            .set_policy(&actor, &r.file_name, &r.text, now_ms())?;
+            .set_policy(&actor.name, &r.file_name, &r.text, now_ms())?;
         ok(apb::SetPolicyResponse { version })
     }
 
     async fn get_policy(&self, req: Request<apb::GetPolicyRequest>) -> R<apb::GetPolicyResponse> {
-        self.actor(&req)?;
+        self.actor(&req, Access::Read)?;
         let p = self.mesh.policy_row();
         ok(apb::GetPolicyResponse {
             file_name: p.as_ref().map(|p| p.file_name.clone()).unwrap_or_default(),
@@ -742,7 +813,7 @@ impl Admin for AdminService {
         &self,
         req: Request<apb::PlanPolicyRequest>,
     ) -> R<apb::PlanPolicyResponse> {
-        self.actor(&req)?;
+        self.actor(&req, Access::Read)?;
         let r = req.get_ref();
         limit_len("policy", &r.text, 4 << 20)?;
         let changes = self
@@ -763,7 +834,7 @@ impl Admin for AdminService {
         &self,
         req: Request<apb::ExplainPolicyRequest>,
     ) -> R<apb::ExplainPolicyResponse> {
-        self.actor(&req)?;
+        self.actor(&req, Access::Read)?;
         let r = req.get_ref();
         let port = u16::try_from(r.port).map_err(|_| Status::invalid_argument("port > 65535"))?;
         // Empty means "not given": TCP, as in a policy's `tests`.
@@ -785,10 +856,17 @@ impl Admin for AdminService {
         &self,
         req: Request<apb::CreateApiKeyRequest>,
     ) -> R<apb::CreateApiKeyResponse> {
-        let actor = self.actor(&req)?;
+        let actor = self.actor(&req, Access::Identity)?;
         let r = req.get_ref();
-        let detail = KeyDetail::api(&r.description);
-        let (row, secret) = self.create_key(&actor, detail, r.expiry_secs)?;
+        let role = parse_role(&r.role)?.unwrap_or(actor.role);
+        if !actor.role.may_grant(role) {
+            return Err(Status::permission_denied(format!(
+                "{} has the {} role and cannot issue a key with the {role} role",
+                actor.name, actor.role
+            )));
+        }
+        let detail = KeyDetail::api(&r.description, role);
+        let (row, secret) = self.create_key(&actor.name, detail, r.expiry_secs)?;
         ok(apb::CreateApiKeyResponse {
             key: api_key_pb(&row),
             secret,
@@ -808,7 +886,7 @@ impl Admin for AdminService {
     }
 
     async fn list_audit(&self, req: Request<apb::ListAuditRequest>) -> R<apb::ListAuditResponse> {
-        self.actor(&req)?;
+        self.actor(&req, Access::Read)?;
         let limit = match req.get_ref().limit {
             0 => 100,
             n => n.min(10_000),

@@ -161,6 +161,74 @@ impl Authenticator {
         })
     }
 
+    /// Checks an interactive login request (no secret in it): usable keys,
+    /// sane hostname and OS, and a fresh proof signed by the machine key.
+    ///
+    /// # Errors
+    /// `Invalid` for malformed fields, `NodeAuth(clock-skew)` for a stale
+    /// proof, `Unauthenticated` for a proof that does not verify.
+    pub fn check_login(
+        &self,
+        req: &pb::LoginRequest,
+        now: UnixMs,
+    ) -> Result<(crate::mesh::DeviceClaim, String)> {
+        let machine_key = PublicKey::from_slice(&req.machine_key)
+            .map_err(|_| Error::Invalid("machine_key must be a 32-byte ed25519 key".into()))?;
+        if is_weak_ed25519(machine_key.as_bytes()) {
+            return Err(Error::Invalid(
+                "machine_key is a weak (small-order) ed25519 key; generate a new machine key"
+                    .into(),
+            ));
+        }
+        let wg_key = WgPublicKey::from_slice(&req.wg_key)
+            .map_err(|_| Error::Invalid("wg_key must be a 32-byte x25519 key".into()))?;
+        if is_low_order_x25519(wg_key.as_bytes()) {
+            return Err(Error::Invalid(
+                "wg_key is a low-order x25519 point (zero or small-subgroup); generate a new WireGuard key"
+                    .into(),
+            ));
+        }
+        if req.hostname.is_empty() || req.hostname.len() > 253 {
+            return Err(Error::Invalid(
+                "hostname must be 1 to 253 characters".into(),
+            ));
+        }
+        if req.os.len() > 256 {
+            return Err(Error::Invalid("os must be at most 256 bytes".into()));
+        }
+        if !auth::within_window(req.timestamp_ms, now) {
+            return Err(Error::NodeAuth {
+                reason: AuthReason::ClockSkew,
+                message: format!(
+                    "login proof is stale: {}",
+                    skew_message(req.timestamp_ms, now)
+                ),
+                server_time_ms: Some(now),
+            });
+        }
+        let msg = auth::login_message(
+            &req.machine_key,
+            &req.wg_key,
+            &req.hostname,
+            &req.os,
+            req.timestamp_ms,
+        );
+        if !machine_key.verify(&msg, &req.proof) {
+            return Err(Error::Unauthenticated(
+                "login proof does not verify with the machine key".into(),
+            ));
+        }
+        let printable = |s: &str| -> String { s.chars().filter(|c| !c.is_control()).collect() };
+        Ok((
+            crate::mesh::DeviceClaim {
+                machine_key: *machine_key.as_bytes(),
+                wg_key: *wg_key.as_bytes(),
+                hostname: printable(&req.hostname),
+            },
+            printable(&req.os),
+        ))
+    }
+
     /// Verifies the node proof in `metadata` for `method`; `lookup` finds the
     /// node enrolled with a machine key.
     ///
@@ -212,8 +280,8 @@ impl Authenticator {
         })?;
         if !is_active(&node, now) {
             return Err(Error::node_auth(
-                AuthReason::Revoked,
-                "node key has expired; re-enroll",
+                AuthReason::Expired,
+                "node key has expired: run `ztmesh up` to sign in again",
             ));
         }
         relock(&self.replay)

@@ -21,9 +21,11 @@
     )
 )]
 
+pub mod accounts;
 pub mod api;
 pub mod auth;
 pub mod cli;
+pub mod device;
 pub mod error;
 pub mod listener;
 pub mod lockfile;
@@ -32,12 +34,15 @@ pub mod model;
 pub mod netcore;
 pub mod nodeinput;
 pub mod nodelimit;
+pub mod oidc;
 pub mod ratelimit;
 pub mod relays;
+pub mod roles;
 pub mod routes;
 pub mod secrets;
 pub mod server;
 pub mod store;
+pub mod web;
 
 pub use ztmesh_proto::time::now_ms;
 pub use ztmesh_proto::UnixMs;

@@ -32,9 +32,12 @@ use crate::error::{Error, Result};
 use crate::netcore::{Change, CoreConfig, NetCore};
 use crate::nodeinput::validate_endpoints;
 use crate::nodelimit::{Call, EndpointCoalescer};
-use crate::secrets::{self, KeyDetail, Presented, Refusal, SecretKind, SecretRecord};
+use crate::secrets::{self, KeyDetail, SecretKind, SecretRecord};
 use crate::store::{AuditEntry, NewNode, NodeRow, PolicyRow, Store, UserRow};
 use crate::UnixMs;
+
+mod identity;
+pub use identity::{Actor, DeviceClaim, DeviceEnrolled, UserUpdate};
 
 /// An admin's change to a node's route approvals.
 #[derive(Clone, Debug, Default)]
@@ -50,8 +53,11 @@ pub struct RouteApproval {
 pub struct MeshConfig {
     /// How long a signed netmap stays valid; connected nodes get a fresh one at half-life.
     pub netmap_ttl_ms: i64,
-    /// Node key lifetime from enrollment; 0 = never expires.
+    /// Key lifetime of a user's node from enrollment or sign-in, unless the
+    /// user has their own; 0 = never expires.
     pub node_key_ttl_ms: i64,
+    /// Key lifetime of a node owned by tags (a server); 0 = never expires.
+    pub tagged_key_ttl_ms: i64,
     /// Ephemeral nodes are deleted after being offline this long.
     pub ephemeral_timeout_ms: i64,
     /// Default lifetime of auth keys created without `--expiry` (API keys:
@@ -75,7 +81,8 @@ impl Default for MeshConfig {
     fn default() -> Self {
         Self {
             netmap_ttl_ms: 12 * 3600 * 1000,
-            node_key_ttl_ms: 180 * 24 * 3600 * 1000,
+            node_key_ttl_ms: 30 * 24 * 3600 * 1000,
+            tagged_key_ttl_ms: 30 * 24 * 3600 * 1000,
             ephemeral_timeout_ms: 5 * 60 * 1000,
             auth_key_ttl_ms: 3600 * 1000,
             dns_domain: "ztmesh.internal".into(),
@@ -300,7 +307,7 @@ fn audit_detail(detail: &KeyDetail) -> String {
             user.as_deref().unwrap_or("-"),
             tags.join(",")
         ),
-        KeyDetail::Api { description } => description.clone(),
+        KeyDetail::Api { description, role } => format!("role={role} {description}"),
     }
 }
 
@@ -580,20 +587,34 @@ impl Mesh {
     ///
     /// # Errors
     /// `Unauthenticated` for a bad key or proof, `Invalid` for malformed fields,
-    /// `Conflict` if the machine key is already enrolled.
+    /// `Conflict` if the machine key is enrolled with another WireGuard key,
+    /// `KeyRefused` if it is enrolled with another owner than the key's (an
+    /// enrolled machine key with a matching key is re-authenticated).
     pub fn enroll(&self, req: &pb::EnrollRequest, now: UnixMs) -> Result<pb::EnrollResponse> {
         let claim = self.auth.check_enroll(req, now)?;
         let turn = self.turn();
+        let key = &claim.key;
+        // The key's owner sets the node's key lifetime; the check inside the
+        // store's transaction below is what admits it.
+        let owner = match self.store.find_key(SecretKind::AuthKey, key.key_id())? {
+            Some(SecretRecord {
+                detail: KeyDetail::Auth { user: Some(u), .. },
+                ..
+            }) => self.store.users()?.into_iter().find(|x| x.login == u),
+            _ => None,
+        };
+        let expiry_ms = Self::expiry_at(self.key_ttl(owner.as_ref()), now);
+        let existing = self
+            .state()
+            .core
+            .nodes()
+            .by_machine_key(claim.machine_key.as_bytes())
+            .cloned();
+        if let Some(node) = existing {
+            return self.reauth_with_key(&turn, &claim, node, expiry_ms, now);
+        }
         let (name, (ipv4, ipv6), policy) = {
             let mut st = self.state();
-            if st
-                .core
-                .nodes()
-                .by_machine_key(claim.machine_key.as_bytes())
-                .is_some()
-            {
-                return Err(Error::Conflict("a node with this machine key".into()));
-            }
             let name = st.core.nodes().unique_name(&dns_label(&claim.hostname));
             let addresses = st
                 .core
@@ -601,7 +622,6 @@ impl Mesh {
                 .map_err(|_| Error::Invalid("overlay IPv4 range exhausted".into()))?;
             (name, addresses, st.core.policy().clone())
         };
-        let key = &claim.key;
         // Runs inside the store's transaction, which consumes the key only
         // if this accepts it.
         let check = |k: Option<&SecretRecord>| -> std::result::Result<(), String> {
@@ -629,11 +649,7 @@ impl Mesh {
                 ipv4,
                 ipv6,
                 created_ms: now,
-                expiry_ms: if self.cfg.node_key_ttl_ms > 0 {
-                    now.saturating_add(self.cfg.node_key_ttl_ms)
-                } else {
-                    0
-                },
+                expiry_ms,
             },
         )?;
         self.audit(
@@ -644,13 +660,7 @@ impl Mesh {
             &format!("id={} ipv4={} ipv6={}", row.id, row.ipv4, row.ipv6),
         );
         tracing::info!(node = %row.name, id = row.id, "node enrolled");
-        let resp = pb::EnrollResponse {
-            node_id: row.id,
-            name: row.name.clone(),
-            addresses: vec![row.ipv4.to_string(), row.ipv6.to_string()],
-            controller_key: self.signer.public().as_bytes().to_vec(),
-            key_expiry_ms: row.expiry_ms,
-        };
+        let resp = self.enroll_response(&row);
         let changed = {
             let mut st = self.state();
             if row.ephemeral {
@@ -661,6 +671,45 @@ impl Mesh {
         };
         self.publish(&turn, &changed, now);
         Ok(resp)
+    }
+
+    /// Enroll with an auth key for a machine key already enrolled: a
+    /// re-authentication (new key expiry, same node) when the key grants
+    /// exactly what the node is (same user, same tags) and the WireGuard key
+    /// is the node's; the key is consumed like an enrollment's.
+    fn reauth_with_key(
+        &self,
+        turn: &Turn<'_>,
+        claim: &crate::auth::EnrollClaim,
+        node: NodeRow,
+        expiry_ms: UnixMs,
+        now: UnixMs,
+    ) -> Result<pb::EnrollResponse> {
+        if node.wg_key != *claim.wg_key.as_bytes() {
+            return Err(Error::Conflict(
+                "a node with this machine key and a different WireGuard key".into(),
+            ));
+        }
+        let key = &claim.key;
+        let check = |k: Option<&SecretRecord>| -> std::result::Result<(), String> {
+            secrets::verify(key, k, now).map_err(|r| r.message(SecretKind::AuthKey))?;
+            match k.map(|k| &k.detail) {
+                Some(KeyDetail::Auth { user, tags, .. })
+                    if *user == node.user && *tags == node.tags =>
+                {
+                    Ok(())
+                }
+                _ => Err(
+                    "this machine is enrolled with another owner or other tags than this key \
+                     grants (a key re-authenticates only a node it could have enrolled)"
+                        .into(),
+                ),
+            }
+        };
+        self.store.consume_key(key.key_id(), &check)?;
+        let actor = format!("{}:{}", SecretKind::AuthKey.audit_name(), key.key_id());
+        let node = self.reauthenticate(turn, &actor, node, expiry_ms, now)?;
+        Ok(self.enroll_response(&node))
     }
 
     /// Registers a netmap stream for `node`; the receiver already holds a full map.
@@ -1068,13 +1117,6 @@ impl Mesh {
 
     // ---- admin operations ---------------------------------------------------
 
-    pub fn create_user(&self, actor: &str, login: &str, now: UnixMs) -> Result<UserRow> {
-        validate_login(login)?;
-        let row = self.store.create_user(login, now)?;
-        self.audit(now, actor, "user.create", login, "");
-        Ok(row)
-    }
-
     pub fn users(&self) -> Result<Vec<UserRow>> {
         Ok(self.store.users()?)
     }
@@ -1173,21 +1215,6 @@ impl Mesh {
         Ok(())
     }
 
-    /// Checks an API key; returns the actor name for the audit log
-    /// (`apikey:KEYID`).
-    ///
-    /// # Errors
-    /// `Unauthenticated` naming the [`Refusal`]: malformed, unknown (or a
-    /// wrong secret), revoked, expired.
-    pub fn check_api_key(&self, text: &str, now: UnixMs) -> Result<String> {
-        let kind = SecretKind::ApiKey;
-        let refused = |r: Refusal| Error::Unauthenticated(r.message(kind));
-        let presented = Presented::parse(kind, text).map_err(refused)?;
-        let record = self.store.find_key(kind, presented.key_id())?;
-        secrets::verify(&presented, record.as_ref(), now).map_err(refused)?;
-        Ok(format!("{}:{}", kind.audit_name(), presented.key_id()))
-    }
-
     /// Checks and normalizes what a new key grants: an auth key's tags
     /// sorted and deduplicated, its user allowed to own them; nothing used.
     fn admit_detail(&self, detail: KeyDetail) -> Result<KeyDetail> {
@@ -1229,13 +1256,20 @@ impl Mesh {
                     used_count: 0,
                 })
             }
-            KeyDetail::Api { description } => {
+            KeyDetail::Api { description, role } => {
                 if description.len() > 200 || description.chars().any(char::is_control) {
                     return Err(Error::Invalid(
                         "description: at most 200 printable characters".into(),
                     ));
                 }
-                Ok(KeyDetail::Api { description })
+                if role == crate::roles::Role::Member {
+                    return Err(Error::Invalid(
+                        "an API key's role is admin, network-admin or auditor (a member has no \
+                         admin access)"
+                            .into(),
+                    ));
+                }
+                Ok(KeyDetail::Api { description, role })
             }
         }
     }

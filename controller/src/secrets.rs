@@ -88,8 +88,11 @@ pub enum KeyDetail {
         /// Nodes enrolled so far.
         used_count: u64,
     },
-    /// Full admin access; the description says whose.
-    Api { description: String },
+    /// Admin access as far as `role` allows; the description says whose.
+    Api {
+        description: String,
+        role: crate::roles::Role,
+    },
 }
 
 impl KeyDetail {
@@ -105,9 +108,10 @@ impl KeyDetail {
     }
 
     /// The detail of a new API key.
-    pub fn api(description: &str) -> Self {
+    pub fn api(description: &str, role: crate::roles::Role) -> Self {
         Self::Api {
             description: description.to_string(),
+            role,
         }
     }
 
@@ -318,6 +322,7 @@ mod tests {
     fn api_detail() -> KeyDetail {
         KeyDetail::Api {
             description: "ci".into(),
+            role: crate::roles::Role::Admin,
         }
     }
 

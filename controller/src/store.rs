@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 pub use crate::model::{NodeRoutes, NodeRow};
+use crate::roles::Role;
 use crate::secrets::{KeyDetail, SecretKind, SecretRecord};
 use crate::UnixMs;
 
@@ -43,6 +44,40 @@ pub struct UserRow {
     pub id: u64,
     pub login: String,
     pub created_ms: UnixMs,
+    pub role: Role,
+    /// Lifetime of the keys of this user's nodes, overriding the
+    /// controller's default; `Some(0)` = they never expire.
+    pub key_expiry_ms: Option<UnixMs>,
+    /// Signs in with a built-in password (else only through SSO).
+    pub has_password: bool,
+    /// Has a TOTP second factor enrolled.
+    pub has_totp: bool,
+}
+
+/// What a built-in account signs in with (see [`crate::accounts`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub login: String,
+    pub role: Role,
+    /// argon2id PHC string.
+    pub password_hash: Option<String>,
+    pub totp_secret: Option<Vec<u8>>,
+    /// The last TOTP step accepted (a code works once).
+    pub totp_last_step: i64,
+    /// SHA-256 (hex) of each unused recovery code.
+    pub recovery: Vec<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("login", &self.login)
+            .field("role", &self.role)
+            .field("password", &self.password_hash.is_some())
+            .field("totp", &self.totp_secret.is_some())
+            .field("recovery_codes", &self.recovery.len())
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,8 +128,35 @@ pub trait Store: Send + Sync {
     fn meta(&self, key: &str) -> Result<Option<String>>;
     fn set_meta(&self, key: &str, value: &str) -> Result<()>;
 
-    fn create_user(&self, login: &str, now: UnixMs) -> Result<UserRow>;
+    fn create_user(&self, login: &str, role: Role, now: UnixMs) -> Result<UserRow>;
     fn users(&self) -> Result<Vec<UserRow>>;
+    fn set_user_role(&self, login: &str, role: Role) -> Result<()>;
+    /// `None`: the controller's default key lifetime for this user's nodes.
+    fn set_user_key_expiry(&self, login: &str, ms: Option<UnixMs>) -> Result<()>;
+    fn credentials(&self, login: &str) -> Result<Option<Credentials>>;
+    /// Sets (or with `None` removes) the user's password hash.
+    fn set_password(&self, login: &str, phc: Option<&str>) -> Result<()>;
+    /// Enrols (or with `None` removes) a TOTP secret with new recovery code
+    /// hashes; the last accepted step starts again at `last_step`.
+    fn set_totp(
+        &self,
+        login: &str,
+        secret: Option<&[u8]>,
+        recovery: &[String],
+        last_step: i64,
+    ) -> Result<()>;
+    /// Records TOTP `step` as used, atomically: `false` when this step (or a
+    /// later one) was already used, so of two logins racing with one code
+    /// exactly one gets through.
+    fn use_totp_step(&self, login: &str, step: i64) -> Result<bool>;
+    /// Removes one recovery code hash, atomically: `false` when it was
+    /// already gone.
+    fn use_recovery_code(&self, login: &str, hash: &str) -> Result<bool>;
+    /// The login an SSO identity (issuer, subject) is linked to.
+    fn identity_login(&self, issuer: &str, subject: &str) -> Result<Option<String>>;
+    /// Links an SSO identity to a user, for good (the user's deletion
+    /// removes the link).
+    fn link_identity(&self, issuer: &str, subject: &str, login: &str, now: UnixMs) -> Result<()>;
     /// Deletes the user and every node it owns; returns the deleted node ids.
     fn delete_user(&self, login: &str) -> Result<Vec<u64>>;
 
@@ -129,6 +191,24 @@ pub trait Store: Send + Sync {
         check: &dyn Fn(Option<&SecretRecord>) -> std::result::Result<(), String>,
         node: NewNode,
     ) -> Result<NodeRow>;
+    /// Checks and consumes an auth key without enrolling a node (a
+    /// re-authentication), in one transaction like [`Store::enroll`].
+    ///
+    /// # Errors
+    /// `KeyRefused` with the check's message.
+    fn consume_key(
+        &self,
+        key_id: &str,
+        check: &dyn Fn(Option<&SecretRecord>) -> std::result::Result<(), String>,
+    ) -> Result<()>;
+    /// Inserts a node owned by `user`, enrolled by an interactive login.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown user; `Conflict` as [`Store::enroll`].
+    fn enroll_for_user(&self, user: &str, node: NewNode) -> Result<NodeRow>;
+    /// A node's owner signed in again: a new key expiry, the key no longer
+    /// revoked; id, keys and addresses stay.
+    fn reauth_node(&self, id: u64, expiry_ms: UnixMs) -> Result<()>;
     fn nodes(&self) -> Result<Vec<NodeRow>>;
     fn delete_node(&self, id: u64) -> Result<()>;
     /// Revokes a node's key as of `at`: it stays expired whatever the
@@ -285,6 +365,25 @@ ALTER TABLE nodes ADD COLUMN routes_approved TEXT NOT NULL DEFAULT '';
 ALTER TABLE nodes ADD COLUMN exit_advertised INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE nodes ADD COLUMN exit_approved INTEGER NOT NULL DEFAULT 0;
 "#,
+    // Identity (issue 13): roles for users and API keys (API keys issued
+    // before were full admins, and stay so), built-in credentials, per-user
+    // key lifetime, SSO identities linked by (issuer, subject).
+    r#"
+ALTER TABLE users ADD COLUMN role TEXT NOT NULL DEFAULT 'member';
+ALTER TABLE users ADD COLUMN key_expiry_ms INTEGER;
+ALTER TABLE users ADD COLUMN password_hash TEXT;
+ALTER TABLE users ADD COLUMN totp_secret BLOB;
+ALTER TABLE users ADD COLUMN totp_last_step INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE users ADD COLUMN recovery_codes TEXT NOT NULL DEFAULT '';
+ALTER TABLE secret_keys ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
+CREATE TABLE identities (
+    issuer TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    user_login TEXT NOT NULL REFERENCES users(login) ON DELETE CASCADE,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (issuer, subject)
+);
+"#,
 ];
 
 /// The embedded SQLite store: one connection, WAL, `synchronous=FULL`.
@@ -319,7 +418,7 @@ fn key32(r: &rusqlite::Row<'_>, col: usize) -> rusqlite::Result<[u8; 32]> {
 
 fn parsed<T: std::str::FromStr>(r: &rusqlite::Row<'_>, col: usize) -> rusqlite::Result<T> {
     let s: String = r.get(col)?;
-    s.parse().map_err(|_| corrupt(col, "address"))
+    s.parse().map_err(|_| corrupt(col, "value"))
 }
 
 fn list(r: &rusqlite::Row<'_>, col: usize) -> rusqlite::Result<Vec<String>> {
@@ -342,7 +441,7 @@ const NODE_COLS: &str = "id, name, hostname, machine_key, wg_key, ipv4, ipv6, us
                          routes_advertised, routes_approved, exit_advertised, exit_approved";
 const KEY_COLS: &str = "kind, id, key_id, secret_hash, created_ms, expires_ms, revoked, \
                         created_by, user_login, tags, reusable, ephemeral, used_count, \
-                        description";
+                        description, role";
 
 fn node_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRow> {
     Ok(NodeRow {
@@ -392,6 +491,7 @@ fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SecretRecord> {
         },
         SecretKind::ApiKey => KeyDetail::Api {
             description: r.get(13)?,
+            role: parsed(r, 14)?,
         },
     };
     Ok(SecretRecord {
@@ -403,6 +503,61 @@ fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SecretRecord> {
         revoked: r.get(6)?,
         created_by: r.get(7)?,
         detail,
+    })
+}
+
+/// Inserts an enrolled node inside `tx`; `auth_key_id` records how it
+/// joined (an auth key's id, or `login`).
+fn insert_node(
+    tx: &rusqlite::Transaction<'_>,
+    n: NewNode,
+    user: Option<String>,
+    tags: Vec<String>,
+    ephemeral: bool,
+    auth_key_id: &str,
+) -> Result<NodeRow> {
+    tx.execute(
+        "INSERT INTO nodes (name, hostname, machine_key, wg_key, ipv4, ipv6, user_login, tags,
+                            ephemeral, created_ms, last_seen_ms, expiry_ms, auth_key_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?12)",
+        params![
+            n.name,
+            n.hostname,
+            n.machine_key.as_slice(),
+            n.wg_key.as_slice(),
+            n.ipv4.to_string(),
+            n.ipv6.to_string(),
+            user,
+            join_list(&tags),
+            ephemeral,
+            n.created_ms,
+            n.expiry_ms,
+            auth_key_id
+        ],
+    )
+    .map_err(|e| {
+        conflict(
+            e,
+            "node with this machine key, WireGuard key, name or address",
+        )
+    })?;
+    Ok(NodeRow {
+        id: tx.last_insert_rowid() as u64,
+        name: n.name,
+        hostname: n.hostname,
+        machine_key: n.machine_key,
+        wg_key: n.wg_key,
+        ipv4: n.ipv4,
+        ipv6: n.ipv6,
+        user,
+        tags,
+        ephemeral,
+        created_ms: n.created_ms,
+        last_seen_ms: n.created_ms,
+        expiry_ms: n.expiry_ms,
+        endpoints: Vec::new(),
+        key_revoked: false,
+        routes: NodeRoutes::default(),
     })
 }
 
@@ -454,6 +609,17 @@ impl SqliteStore {
         })
     }
 
+    /// `UPDATE users SET {set} WHERE login = ?1`; `NotFound` if no such user.
+    fn update_user(&self, login: &str, set: &str, p: &[&dyn rusqlite::ToSql]) -> Result<()> {
+        let n = self
+            .conn()
+            .execute(&format!("UPDATE users SET {set} WHERE login = ?1"), p)?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("user {login}")));
+        }
+        Ok(())
+    }
+
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves SQLite itself consistent (every
         // write is a transaction), so a poisoned lock is safe to reuse.
@@ -497,31 +663,150 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn create_user(&self, login: &str, now: UnixMs) -> Result<UserRow> {
+    fn create_user(&self, login: &str, role: Role, now: UnixMs) -> Result<UserRow> {
         let c = self.conn();
         c.execute(
-            "INSERT INTO users (login, created_ms) VALUES (?1, ?2)",
-            params![login, now],
+            "INSERT INTO users (login, created_ms, role) VALUES (?1, ?2, ?3)",
+            params![login, now, role.as_str()],
         )
         .map_err(|e| conflict(e, &format!("user {login}")))?;
         Ok(UserRow {
             id: c.last_insert_rowid() as u64,
             login: login.to_string(),
             created_ms: now,
+            role,
+            key_expiry_ms: None,
+            has_password: false,
+            has_totp: false,
         })
     }
 
     fn users(&self) -> Result<Vec<UserRow>> {
         let c = self.conn();
-        let mut st = c.prepare("SELECT id, login, created_ms FROM users ORDER BY login")?;
+        let mut st = c.prepare(
+            "SELECT id, login, created_ms, role, key_expiry_ms,
+                    password_hash IS NOT NULL, totp_secret IS NOT NULL
+             FROM users ORDER BY login",
+        )?;
         let rows = st.query_map([], |r| {
             Ok(UserRow {
                 id: r.get(0)?,
                 login: r.get(1)?,
                 created_ms: r.get(2)?,
+                role: parsed(r, 3)?,
+                key_expiry_ms: r.get(4)?,
+                has_password: r.get(5)?,
+                has_totp: r.get(6)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn set_user_role(&self, login: &str, role: Role) -> Result<()> {
+        self.update_user(login, "role = ?2", params![login, role.as_str()])
+    }
+
+    fn set_user_key_expiry(&self, login: &str, ms: Option<UnixMs>) -> Result<()> {
+        self.update_user(login, "key_expiry_ms = ?2", params![login, ms])
+    }
+
+    fn credentials(&self, login: &str) -> Result<Option<Credentials>> {
+        let c = self.conn();
+        Ok(c.query_row(
+            "SELECT login, role, password_hash, totp_secret, totp_last_step, recovery_codes
+             FROM users WHERE login = ?1",
+            [login],
+            |r| {
+                Ok(Credentials {
+                    login: r.get(0)?,
+                    role: parsed(r, 1)?,
+                    password_hash: r.get(2)?,
+                    totp_secret: r.get(3)?,
+                    totp_last_step: r.get(4)?,
+                    recovery: list(r, 5)?,
+                })
+            },
+        )
+        .optional()?)
+    }
+
+    fn set_password(&self, login: &str, phc: Option<&str>) -> Result<()> {
+        self.update_user(login, "password_hash = ?2", params![login, phc])
+    }
+
+    fn set_totp(
+        &self,
+        login: &str,
+        secret: Option<&[u8]>,
+        recovery: &[String],
+        last_step: i64,
+    ) -> Result<()> {
+        self.update_user(
+            login,
+            "totp_secret = ?2, recovery_codes = ?3, totp_last_step = ?4",
+            params![login, secret, join_list(recovery), last_step],
+        )
+    }
+
+    fn use_totp_step(&self, login: &str, step: i64) -> Result<bool> {
+        let n = self.conn().execute(
+            "UPDATE users SET totp_last_step = ?2 WHERE login = ?1 AND totp_last_step < ?2",
+            params![login, step],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn use_recovery_code(&self, login: &str, hash: &str) -> Result<bool> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let codes: Option<String> = tx
+            .query_row(
+                "SELECT recovery_codes FROM users WHERE login = ?1",
+                [login],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let mut codes = split_list(&codes.unwrap_or_default());
+        let before = codes.len();
+        codes.retain(|h| h != hash);
+        if codes.len() == before {
+            return Ok(false);
+        }
+        tx.execute(
+            "UPDATE users SET recovery_codes = ?2 WHERE login = ?1",
+            params![login, join_list(&codes)],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn identity_login(&self, issuer: &str, subject: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT user_login FROM identities WHERE issuer = ?1 AND subject = ?2",
+                [issuer, subject],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    fn link_identity(&self, issuer: &str, subject: &str, login: &str, now: UnixMs) -> Result<()> {
+        self.conn()
+            .execute(
+                "INSERT INTO identities (issuer, subject, user_login, created_ms)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![issuer, subject, login, now],
+            )
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _)
+                    if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY =>
+                {
+                    StoreError::NotFound(format!("user {login}"))
+                }
+                e => conflict(e, "SSO identity"),
+            })?;
+        Ok(())
     }
 
     fn delete_user(&self, login: &str) -> Result<Vec<u64>> {
@@ -546,7 +831,7 @@ impl Store for SqliteStore {
     fn create_key(&self, k: &SecretRecord) -> Result<SecretRecord> {
         let kind = k.kind();
         let no_tags = Vec::new();
-        let (user, tags, reusable, ephemeral, used_count, description) = match &k.detail {
+        let (user, tags, reusable, ephemeral, used_count, description, role) = match &k.detail {
             KeyDetail::Auth {
                 user,
                 tags,
@@ -560,9 +845,10 @@ impl Store for SqliteStore {
                 *ephemeral,
                 *used_count,
                 "",
+                Role::Member,
             ),
-            KeyDetail::Api { description } => {
-                (None, &no_tags, false, false, 0, description.as_str())
+            KeyDetail::Api { description, role } => {
+                (None, &no_tags, false, false, 0, description.as_str(), *role)
             }
         };
         let id = self
@@ -570,9 +856,9 @@ impl Store for SqliteStore {
             .query_row(
                 "INSERT INTO secret_keys (kind, id, key_id, secret_hash, created_ms, expires_ms,
                                           revoked, created_by, user_login, tags, reusable,
-                                          ephemeral, used_count, description)
+                                          ephemeral, used_count, description, role)
                  VALUES (?1, (SELECT COALESCE(MAX(id), 0) + 1 FROM secret_keys WHERE kind = ?1),
-                         ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                         ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
                  RETURNING id",
                 params![
                     kind.as_str(),
@@ -587,7 +873,8 @@ impl Store for SqliteStore {
                     reusable,
                     ephemeral,
                     used_count,
-                    description
+                    description,
+                    role.as_str()
                 ],
                 |r| r.get(0),
             )
@@ -670,51 +957,62 @@ impl Store for SqliteStore {
             "UPDATE secret_keys SET used_count = used_count + 1 WHERE kind = 'auth' AND id = ?1",
             [key_row_id],
         )?;
-        tx.execute(
-            "INSERT INTO nodes (name, hostname, machine_key, wg_key, ipv4, ipv6, user_login, tags,
-                                ephemeral, created_ms, last_seen_ms, expiry_ms, auth_key_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?12)",
-            params![
-                n.name,
-                n.hostname,
-                n.machine_key.as_slice(),
-                n.wg_key.as_slice(),
-                n.ipv4.to_string(),
-                n.ipv6.to_string(),
-                user,
-                join_list(&tags),
-                ephemeral,
-                n.created_ms,
-                n.expiry_ms,
-                key_id
-            ],
-        )
-        .map_err(|e| {
-            conflict(
-                e,
-                "node with this machine key, WireGuard key, name or address",
-            )
-        })?;
-        let id = tx.last_insert_rowid() as u64;
+        let row = insert_node(&tx, n, user, tags, ephemeral, key_id)?;
         tx.commit()?;
-        Ok(NodeRow {
-            id,
-            name: n.name,
-            hostname: n.hostname,
-            machine_key: n.machine_key,
-            wg_key: n.wg_key,
-            ipv4: n.ipv4,
-            ipv6: n.ipv6,
-            user,
-            tags,
-            ephemeral,
-            created_ms: n.created_ms,
-            last_seen_ms: n.created_ms,
-            expiry_ms: n.expiry_ms,
-            endpoints: Vec::new(),
-            key_revoked: false,
-            routes: NodeRoutes::default(),
-        })
+        Ok(row)
+    }
+
+    fn consume_key(
+        &self,
+        key_id: &str,
+        check: &dyn Fn(Option<&SecretRecord>) -> std::result::Result<(), String>,
+    ) -> Result<()> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let key = tx
+            .query_row(
+                &format!("SELECT {KEY_COLS} FROM secret_keys WHERE kind = 'auth' AND key_id = ?1"),
+                [key_id],
+                key_row,
+            )
+            .optional()?;
+        check(key.as_ref()).map_err(StoreError::KeyRefused)?;
+        let Some(key) = key else {
+            return Err(StoreError::KeyRefused("unknown auth key".into()));
+        };
+        tx.execute(
+            "UPDATE secret_keys SET used_count = used_count + 1 WHERE kind = 'auth' AND id = ?1",
+            [key.id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn enroll_for_user(&self, user: &str, n: NewNode) -> Result<NodeRow> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let known: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM users WHERE login = ?1)",
+            [user],
+            |r| r.get(0),
+        )?;
+        if !known {
+            return Err(StoreError::NotFound(format!("user {user}")));
+        }
+        let row = insert_node(&tx, n, Some(user.to_string()), Vec::new(), false, "login")?;
+        tx.commit()?;
+        Ok(row)
+    }
+
+    fn reauth_node(&self, id: u64, expiry_ms: UnixMs) -> Result<()> {
+        let n = self.conn().execute(
+            "UPDATE nodes SET expiry_ms = ?2, key_revoked = 0 WHERE id = ?1",
+            params![id, expiry_ms],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("node {id}")));
+        }
+        Ok(())
     }
 
     fn nodes(&self) -> Result<Vec<NodeRow>> {
@@ -1019,6 +1317,7 @@ mod tests {
             &s,
             KeyDetail::Api {
                 description: "ci".into(),
+                role: Role::Admin,
             },
             4,
         );
@@ -1043,7 +1342,7 @@ mod tests {
     #[test]
     fn deleting_a_user_deletes_its_nodes_and_keys() {
         let s = SqliteStore::in_memory().unwrap();
-        s.create_user("alice@example.com", 0).unwrap();
+        s.create_user("alice@example.com", Role::Member, 0).unwrap();
         let (text, key) = stored(&s, auth_detail(Some("alice@example.com"), true), 6);
         let n = s.enroll(&key.key_id, &verifies(&text), node(1)).unwrap();
         assert_eq!(n.user.as_deref(), Some("alice@example.com"));
@@ -1067,6 +1366,7 @@ mod tests {
         let s = SqliteStore::in_memory().unwrap();
         let api = |d: &str| KeyDetail::Api {
             description: d.into(),
+            role: Role::Admin,
         };
         let (_, a1) = stored(&s, auth_detail(None, false), 8);
         let (_, p1) = stored(&s, api("ci"), 9);
@@ -1189,7 +1489,8 @@ mod tests {
                     revoked: false,
                     created_by: "local-admin".into(),
                     detail: KeyDetail::Api {
-                        description: "ci".into()
+                        description: "ci".into(),
+                        role: Role::Admin,
                     },
                 },
                 SecretRecord {
@@ -1202,7 +1503,8 @@ mod tests {
                     // No apikey.create row for it (an authkey row with its id does not count).
                     created_by: String::new(),
                     detail: KeyDetail::Api {
-                        description: "old".into()
+                        description: "old".into(),
+                        role: Role::Admin,
                     },
                 },
             ]
@@ -1223,6 +1525,7 @@ mod tests {
             &s,
             KeyDetail::Api {
                 description: "new".into(),
+                role: Role::Admin,
             },
             13,
         );

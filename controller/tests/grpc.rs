@@ -114,6 +114,7 @@ async fn enrolls_with_user_tag_and_reusable_keys() {
         .await
         .create_user(apb::CreateUserRequest {
             login: "alice@example.com".into(),
+            role: String::new(),
         })
         .await
         .unwrap();
@@ -431,6 +432,7 @@ async fn remote_admin_needs_a_valid_api_key() {
         .create_api_key(apb::CreateApiKeyRequest {
             description: "ci".into(),
             expiry_secs: 0,
+            role: String::new(),
         })
         .await
         .unwrap()
@@ -1069,5 +1071,120 @@ async fn routes_are_advertised_by_the_node_and_approved_by_an_admin_or_the_polic
         .await
         .unwrap();
     assert_eq!(got.approved, vec!["198.19.50.0/24", "198.19.70.0/24"]);
+    ctl.stop().await;
+}
+
+/// API keys carry a role: an auditor reads and changes nothing, a network
+/// admin changes the network but not who administers it, and nobody hands
+/// out more than they hold. Every refusal is PERMISSION_DENIED naming the
+/// role the call needs.
+#[tokio::test]
+async fn api_key_roles_limit_what_a_caller_may_do() {
+    let ctl = Ctl::start().await;
+    ctl.set_policy(POLICY).await;
+    let key = |role: &'static str| {
+        let ctl = &ctl;
+        async move {
+            ctl.admin()
+                .await
+                .create_api_key(apb::CreateApiKeyRequest {
+                    description: role.into(),
+                    expiry_secs: 0,
+                    role: role.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .secret
+        }
+    };
+    let remote = |key: &str| ConnArgs {
+        data_dir: "/nonexistent".into(),
+        server: Some(ctl.url.clone()),
+        api_key: Some(key.to_string()),
+        fingerprint: Some(auth::hex(&ctl.fp)),
+    };
+    let auditor = key("auditor").await;
+    let netadmin = key("network-admin").await;
+    let mut a = cli::connect(&remote(&auditor)).await.unwrap();
+    a.list_nodes(apb::ListNodesRequest {}).await.unwrap();
+    a.get_policy(apb::GetPolicyRequest {}).await.unwrap();
+    a.list_audit(apb::ListAuditRequest { limit: 5 })
+        .await
+        .unwrap();
+    let e = a
+        .set_policy(apb::SetPolicyRequest {
+            file_name: "p.hujson".into(),
+            text: POLICY.into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(
+        e.message().contains("auditor role") && e.message().contains("network-admin or admin"),
+        "{}",
+        e.message()
+    );
+    let e = a
+        .create_user(apb::CreateUserRequest {
+            login: "eve@example.com".into(),
+            role: "admin".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+
+    let mut n = cli::connect(&remote(&netadmin)).await.unwrap();
+    n.create_auth_key(apb::CreateAuthKeyRequest {
+        tags: vec!["tag:web".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for e in [
+        n.create_api_key(apb::CreateApiKeyRequest {
+            description: "escalate".into(),
+            expiry_secs: 0,
+            role: "admin".into(),
+        })
+        .await
+        .unwrap_err(),
+        n.update_user(apb::UpdateUserRequest {
+            login: "alice@example.com".into(),
+            role: "admin".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+    ] {
+        assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    }
+
+    // An admin cannot issue a member key (a member has no admin access)
+    // nor an unknown role.
+    for role in ["member", "root"] {
+        let e = ctl
+            .admin()
+            .await
+            .create_api_key(apb::CreateApiKeyRequest {
+                description: "x".into(),
+                expiry_secs: 0,
+                role: role.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{role}: {}", e.message());
+    }
+    // Listed with their roles; the refusals changed nothing.
+    let keys = ctl
+        .admin()
+        .await
+        .list_api_keys(apb::ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    let roles: Vec<&str> = keys.iter().map(|k| k.role.as_str()).collect();
+    assert_eq!(roles, ["auditor", "network-admin"]);
     ctl.stop().await;
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use rand_core::OsRng;
 use ztmesh_controller::error::Error;
 use ztmesh_controller::mesh::{Mesh, MeshConfig, Update};
+use ztmesh_controller::roles::Role;
 use ztmesh_controller::secrets::KeyDetail;
 use ztmesh_controller::store::{SqliteStore, Store};
 use ztmesh_proto::auth;
@@ -411,8 +412,13 @@ fn the_audit_table_is_pruned_by_age_and_by_flow_row_count_in_a_real_sqlite_file(
     m.tick(T0 + 2 * 86_400_000);
     m.prune_audit(T0 + 2 * 86_400_000);
     assert!(store.audit_log(10_000).unwrap().is_empty());
-    m.create_user("admin", "alice@example.com", T0 + 2 * 86_400_000)
-        .unwrap();
+    m.create_user(
+        "admin",
+        "alice@example.com",
+        Role::Member,
+        T0 + 2 * 86_400_000,
+    )
+    .unwrap();
     assert_eq!(store.audit_log(10_000).unwrap().len(), 1);
 }
 
@@ -469,6 +475,7 @@ fn a_forward_clock_jump_neither_deletes_ephemeral_nodes_nor_loses_expiring_ones(
     let m = mesh(MeshConfig {
         ephemeral_timeout_ms: 5 * MIN,
         node_key_ttl_ms: 24 * 60 * MIN,
+        tagged_key_ttl_ms: 24 * 60 * MIN,
         ..MeshConfig::default()
     });
     m.set_policy("admin", "p.hujson", POLICY, T0).unwrap();
@@ -508,6 +515,7 @@ fn a_forward_clock_jump_neither_deletes_ephemeral_nodes_nor_loses_expiring_ones(
 fn time_arithmetic_saturates_near_the_ends_of_the_clock() {
     let m = mesh(MeshConfig {
         node_key_ttl_ms: 0, // never expires, so maps are built at the end of time
+        tagged_key_ttl_ms: 0,
         ..MeshConfig::default()
     });
     let k = key(&m, "tag:web", false);
@@ -528,7 +536,7 @@ fn time_arithmetic_saturates_near_the_ends_of_the_clock() {
         .unwrap();
     assert_eq!(row.expires_ms, i64::MAX);
     let (row, _) = m
-        .create_key("admin", KeyDetail::api("x"), None, far)
+        .create_key("admin", KeyDetail::api("x", Role::Admin), None, far)
         .unwrap();
     assert_eq!(row.expires_ms, i64::MAX);
     // An enrollment stamped at the end of time is refused, not overflowed.

@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use rand_core::OsRng;
 use ztmesh_controller::error::Error;
-use ztmesh_controller::mesh::{Mesh, MeshConfig, Update};
+use ztmesh_controller::mesh::{DeviceClaim, Mesh, MeshConfig, Update, UserUpdate};
+use ztmesh_controller::roles::Role;
 use ztmesh_controller::secrets::{KeyDetail, SecretKind};
 use ztmesh_controller::store::{SqliteStore, Store};
 use ztmesh_proto::auth;
@@ -118,6 +119,7 @@ fn connected_ephemeral_nodes_are_kept() {
 fn expired_nodes_are_refused_and_dropped_from_peer_maps() {
     let m = mesh(MeshConfig {
         node_key_ttl_ms: 60_000,
+        tagged_key_ttl_ms: 60_000,
         ..MeshConfig::default()
     });
     m.set_policy("admin", "p.hujson", POLICY, T0).unwrap();
@@ -137,8 +139,10 @@ fn expired_nodes_are_refused_and_dropped_from_peer_maps() {
 fn user_keys_may_only_carry_tags_the_user_owns() {
     let m = mesh(MeshConfig::default());
     m.set_policy("admin", "p.hujson", POLICY, T0).unwrap();
-    m.create_user("admin", "alice@example.com", T0).unwrap();
-    m.create_user("admin", "mallory@example.com", T0).unwrap();
+    m.create_user("admin", "alice@example.com", Role::Member, T0)
+        .unwrap();
+    m.create_user("admin", "mallory@example.com", Role::Member, T0)
+        .unwrap();
     m.create_key(
         "admin",
         KeyDetail::auth(Some("alice@example.com"), &["tag:web".into()], false, false),
@@ -201,7 +205,7 @@ fn auth_keys_and_api_keys_share_one_lifecycle_and_keep_their_audit_names() {
         )
         .unwrap();
     let (api_row, api_text) = m
-        .create_key("admin", KeyDetail::api("ci"), None, T0)
+        .create_key("admin", KeyDetail::api("ci", Role::Admin), None, T0)
         .unwrap();
     assert_eq!(
         auth_row.expires_ms,
@@ -218,7 +222,7 @@ fn auth_keys_and_api_keys_share_one_lifecycle_and_keep_their_audit_names() {
 
     let n = enroll(&m, &auth_text, "web", T0).unwrap();
     assert_eq!(
-        m.check_api_key(&api_text, T0).unwrap(),
+        m.check_api_key(&api_text, T0).unwrap().name,
         format!("apikey:{}", api_row.key_id)
     );
     // Revoking names the kind: a key id of the other kind is not found.
@@ -260,7 +264,7 @@ fn auth_keys_and_api_keys_share_one_lifecycle_and_keep_their_audit_names() {
                 &a,
                 "user=- tags=tag:web reusable=true ephemeral=false"
             ),
-            row("admin", "apikey.create", &p, "ci"),
+            row("admin", "apikey.create", &p, "role=admin ci"),
             row(
                 &format!("authkey:{a}"),
                 "node.enroll",
@@ -281,7 +285,7 @@ fn a_key_of_one_kind_never_passes_as_the_other() {
     let m = mesh(MeshConfig::default());
     let auth_text = tag_key(&m, "tag:web", true, false);
     let (_, api_text) = m
-        .create_key("admin", KeyDetail::api("ci"), None, T0)
+        .create_key("admin", KeyDetail::api("ci", Role::Admin), None, T0)
         .unwrap();
     // As they are: the wrong format for the other use.
     assert_eq!(
@@ -318,7 +322,7 @@ fn a_key_of_one_kind_never_passes_as_the_other() {
 fn api_keys_expire_and_refuse_wrong_secrets() {
     let m = mesh(MeshConfig::default());
     let (row, text) = m
-        .create_key("admin", KeyDetail::api("ci"), Some(60_000), T0)
+        .create_key("admin", KeyDetail::api("ci", Role::Admin), Some(60_000), T0)
         .unwrap();
     assert!(m.check_api_key(&text, T0 + 59_999).is_ok());
     assert_eq!(
@@ -333,7 +337,7 @@ fn api_keys_expire_and_refuse_wrong_secrets() {
     );
     // Lifetimes are bounded the same for both kinds.
     for detail in [
-        KeyDetail::api("x"),
+        KeyDetail::api("x", Role::Admin),
         KeyDetail::auth(None, &["tag:web".into()], false, false),
     ] {
         let e = m
@@ -368,7 +372,9 @@ fn hostile_names_are_sanitized_or_refused() {
     assert_eq!(m.store().nodes().unwrap().len(), 1);
     assert!(enroll(&m, &k, "", T0).is_err());
     assert!(enroll(&m, &k, &"a".repeat(300), T0).is_err());
-    assert!(m.create_user("admin", "bob'--@example.com", T0).is_err());
+    assert!(m
+        .create_user("admin", "bob'--@example.com", Role::Member, T0)
+        .is_err());
     assert!(m.rename_node("admin", &n.name, "Bad Name", T0).is_err());
 }
 
@@ -431,4 +437,194 @@ fn denied_flow_reports_are_audited_with_bounded_rows_and_text() {
     assert!(denied
         .iter()
         .any(|a| a.detail == "50 more denied flows, 100 packets"));
+}
+
+fn enroll_with(
+    m: &Mesh,
+    machine: &SigningKey,
+    wg: &WgPrivateKey,
+    key: &str,
+    host: &str,
+    now: i64,
+) -> Result<pb::EnrollResponse, Error> {
+    let mk = machine.public().as_bytes().to_vec();
+    let wk = wg.public().as_bytes().to_vec();
+    let proof = machine
+        .sign(&auth::enroll_message(key, &mk, &wk, host, now))
+        .to_vec();
+    m.enroll(
+        &pb::EnrollRequest {
+            auth_key: key.into(),
+            machine_key: mk,
+            wg_key: wk,
+            hostname: host.into(),
+            timestamp_ms: now,
+            proof,
+        },
+        now,
+    )
+}
+
+const DAY: i64 = 86_400_000;
+
+/// Sessions expire on the controller's clock: a user's device gets the
+/// default lifetime (or the user's own), drops out of every map when it
+/// passes, and the same person signing in again brings the same node back
+/// (same id and addresses). Another person cannot take it over.
+#[test]
+fn a_signed_in_device_expires_and_its_owner_re_authenticates_it() {
+    let m = mesh(MeshConfig::default());
+    m.set_policy(
+        "admin",
+        "p.hujson",
+        r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}"#,
+        T0,
+    )
+    .unwrap();
+    m.create_user("admin", "alice@example.com", Role::Member, T0)
+        .unwrap();
+    m.create_user("admin", "bob@example.com", Role::Member, T0)
+        .unwrap();
+    let claim = |i: u8| DeviceClaim {
+        machine_key: *SigningKey::generate(&mut OsRng).public().as_bytes(),
+        wg_key: [i; 32],
+        hostname: format!("laptop{i}"),
+    };
+    let laptop = claim(7);
+    let first = m.enroll_device("alice@example.com", &laptop, T0).unwrap();
+    assert!(!first.reauth);
+    assert_eq!(first.node.expiry_ms, T0 + 30 * DAY, "the default: 30 days");
+    assert_eq!(first.node.user.as_deref(), Some("alice@example.com"));
+    // Bob's device joined a day later: it outlives alice's.
+    let other = m
+        .enroll_device("bob@example.com", &claim(8), T0 + DAY)
+        .unwrap();
+    assert_eq!(m.netmap(other.node.id, T0 + DAY).unwrap().peers.len(), 1);
+
+    // Expired: out of bob's map, and its own map is gone.
+    let after = T0 + 30 * DAY;
+    m.tick(after);
+    assert!(m.netmap(first.node.id, after).is_none());
+    assert!(m.netmap(other.node.id, after).unwrap().peers.is_empty());
+
+    // Bob cannot sign alice's machine in as his.
+    let e = m
+        .enroll_device("bob@example.com", &laptop, after)
+        .unwrap_err();
+    assert!(matches!(e, Error::Forbidden(_)), "{e}");
+    // A different WireGuard key under the same machine key is refused.
+    let swapped = DeviceClaim {
+        wg_key: [9; 32],
+        ..laptop.clone()
+    };
+    let e = m
+        .enroll_device("alice@example.com", &swapped, after)
+        .unwrap_err();
+    assert!(matches!(e, Error::Conflict(_)), "{e}");
+
+    // Alice signs in again, with a per-user lifetime of 7 days now.
+    m.update_user(
+        "admin",
+        "alice@example.com",
+        &UserUpdate {
+            key_expiry_ms: Some(Some(7 * DAY)),
+            ..UserUpdate::default()
+        },
+        &mut OsRng,
+        after,
+    )
+    .unwrap();
+    let again = m
+        .enroll_device("alice@example.com", &laptop, after)
+        .unwrap();
+    assert!(again.reauth);
+    assert_eq!(again.node.id, first.node.id);
+    assert_eq!(
+        (again.node.ipv4, again.node.ipv6),
+        (first.node.ipv4, first.node.ipv6)
+    );
+    assert_eq!(again.node.expiry_ms, after + 7 * DAY);
+    assert_eq!(m.netmap(other.node.id, after).unwrap().peers.len(), 1);
+
+    // An admin's expiry is lifted by the next sign-in too.
+    m.expire_node("admin", &first.node.name, after + 1).unwrap();
+    assert!(m.netmap(first.node.id, after + 1).is_none());
+    m.enroll_device("alice@example.com", &laptop, after + 2)
+        .unwrap();
+    assert!(m.netmap(first.node.id, after + 2).is_some());
+    let actions: Vec<String> = m
+        .store()
+        .audit_log(100)
+        .unwrap()
+        .into_iter()
+        .map(|a| a.action)
+        .collect();
+    assert!(actions.iter().filter(|a| *a == "node.reauth").count() >= 2);
+}
+
+/// A tagged server re-authenticates with an auth key that grants exactly
+/// what it is; a key for other tags, or for a user, cannot take it over.
+#[test]
+fn an_auth_key_re_authenticates_only_the_node_it_could_have_enrolled() {
+    let m = mesh(MeshConfig {
+        tagged_key_ttl_ms: DAY,
+        ..MeshConfig::default()
+    });
+    m.set_policy("admin", "p.hujson", POLICY, T0).unwrap();
+    let machine = SigningKey::generate(&mut OsRng);
+    let wg = WgPrivateKey::generate(&mut OsRng);
+    let web = m
+        .create_key(
+            "admin",
+            KeyDetail::auth(None, &["tag:web".into()], true, false),
+            Some(10 * DAY),
+            T0,
+        )
+        .unwrap()
+        .1;
+    let first = enroll_with(&m, &machine, &wg, &web, "web", T0).unwrap();
+    assert_eq!(first.key_expiry_ms, T0 + DAY);
+    let later = T0 + DAY + 1;
+    m.tick(later);
+    assert!(m.netmap(first.node_id, later).is_none(), "expired");
+
+    let db = m
+        .create_key(
+            "admin",
+            KeyDetail::auth(None, &["tag:db".into()], false, false),
+            Some(10 * DAY),
+            T0,
+        )
+        .unwrap()
+        .1;
+    let e = enroll_with(&m, &machine, &wg, &db, "web", later).unwrap_err();
+    assert!(e.to_string().contains("another owner or other tags"), "{e}");
+    let again = enroll_with(&m, &machine, &wg, &web, "web", later).unwrap();
+    assert_eq!(again.node_id, first.node_id);
+    assert_eq!(again.addresses, first.addresses);
+    assert_eq!(again.key_expiry_ms, later + DAY);
+    assert!(m.netmap(first.node_id, later).is_some());
+    // Another WireGuard key under this machine key: refused.
+    let e = enroll_with(
+        &m,
+        &machine,
+        &WgPrivateKey::generate(&mut OsRng),
+        &web,
+        "web",
+        later,
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::Conflict(_)), "{e}");
+}
+
+/// Tagged servers can be exempt from expiry when the admin says so.
+#[test]
+fn tagged_nodes_never_expire_when_configured_so() {
+    let m = mesh(MeshConfig {
+        tagged_key_ttl_ms: 0,
+        ..MeshConfig::default()
+    });
+    m.set_policy("admin", "p.hujson", POLICY, T0).unwrap();
+    let n = enroll(&m, &tag_key(&m, "tag:db", false, false), "db", T0).unwrap();
+    assert_eq!(n.key_expiry_ms, 0);
 }

@@ -50,6 +50,9 @@ pub enum ApiKeysCmd {
         description: String,
         #[arg(long, value_parser = parse_duration)]
         expiry: Option<Duration>,
+        /// admin, network-admin or auditor (default: your own role).
+        #[arg(long, default_value = "")]
+        role: String,
     },
     List {
         #[arg(short, long, value_enum, default_value_t)]
@@ -103,11 +106,13 @@ pub(super) async fn run_api(c: &mut Client, cmd: ApiKeysCmd) -> anyhow::Result<(
         ApiKeysCmd::Create {
             description,
             expiry,
+            role,
         } => {
             let r = c
                 .create_api_key(apb::CreateApiKeyRequest {
                     description,
                     expiry_secs: expiry_secs(expiry),
+                    role,
                 })
                 .await
                 .map_err(status_err)?
@@ -186,21 +191,22 @@ fn print_api_keys(keys: &[apb::ApiKey], output: Output) {
             .map(|k| {
                 json!({"key_id": k.key_id, "description": k.description,
                     "created_ms": k.created_ms, "expires_ms": k.expires_ms,
-                    "revoked": k.revoked})
+                    "revoked": k.revoked, "role": k.role})
             })
             .collect();
         print_json(&json!(v));
         return;
     }
     println!(
-        "{:<14} {:<30} {:<8} EXPIRES",
-        "KEY ID", "DESCRIPTION", "REVOKED"
+        "{:<14} {:<30} {:<14} {:<8} EXPIRES",
+        "KEY ID", "DESCRIPTION", "ROLE", "REVOKED"
     );
     for k in keys {
         println!(
-            "{:<14} {:<30} {:<8} {}",
+            "{:<14} {:<30} {:<14} {:<8} {}",
             k.key_id,
             k.description,
+            k.role,
             k.revoked,
             ms_to_text(k.expires_ms)
         );

@@ -1,0 +1,224 @@
+//! Browser sessions of the controller's pages. Pure: time and randomness
+//! are arguments.
+//!
+//! A session is a random 256-bit id in a `__Host-` cookie (Secure, HttpOnly,
+//! SameSite=Lax, Path=/); the server keeps only its SHA-256, so the table
+//! never holds a usable cookie. Each session has its own CSRF token. The id
+//! changes whenever the session's privilege does (password accepted, signed
+//! in), so an id planted before sign-in is worthless after. Sessions end
+//! after 30 idle minutes or 12 hours, whichever comes first; the table is
+//! bounded (the stalest session goes first).
+
+use std::collections::HashMap;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use rand::RngCore;
+use subtle::ConstantTimeEq;
+use ztmesh_proto::auth::sha256;
+
+use crate::roles::Role;
+use crate::UnixMs;
+
+pub const IDLE_MS: i64 = 30 * 60 * 1000;
+pub const ABSOLUTE_MS: i64 = 12 * 3600 * 1000;
+/// The session cookie's name (`__Host-`: Secure, Path=/, no Domain).
+pub const COOKIE: &str = "__Host-ztmesh";
+
+/// How far a session has got.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Auth {
+    Anonymous,
+    /// The password was right; the second factor is next.
+    Password {
+        login: String,
+    },
+    /// Signed in (`via`: "password+totp", "password+recovery-code", "sso").
+    SignedIn {
+        login: String,
+        role: Role,
+        via: &'static str,
+    },
+}
+
+/// One browser's session.
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub csrf: String,
+    pub created_ms: UnixMs,
+    pub last_ms: UnixMs,
+    pub auth: Auth,
+    /// A TOTP secret shown for enrolment, not yet confirmed by a code.
+    pub pending_totp: Option<[u8; 20]>,
+    /// An SSO sign-in under way: its state, nonce and PKCE verifier.
+    pub oidc: Option<crate::oidc::AuthRequest>,
+    /// Where to go once signed in (a path checked by the caller).
+    pub next: String,
+}
+
+impl Session {
+    /// Whether `token` is this session's CSRF token (constant time).
+    pub fn csrf_ok(&self, token: &str) -> bool {
+        bool::from(self.csrf.as_bytes().ct_eq(token.as_bytes()))
+    }
+
+    /// The signed-in user, if any.
+    pub fn user(&self) -> Option<(&str, Role)> {
+        match &self.auth {
+            Auth::SignedIn { login, role, .. } => Some((login, *role)),
+            _ => None,
+        }
+    }
+}
+
+fn random_token(rng: &mut impl RngCore) -> String {
+    let mut b = [0u8; 32];
+    rng.fill_bytes(&mut b);
+    B64.encode(b)
+}
+
+/// The session table, keyed by the SHA-256 of the cookie value.
+#[derive(Debug)]
+pub struct Sessions {
+    max: usize,
+    map: HashMap<[u8; 32], Session>,
+}
+
+impl Sessions {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            map: HashMap::new(),
+        }
+    }
+
+    /// A new anonymous session; returns its cookie value.
+    pub fn create(&mut self, now: UnixMs, rng: &mut impl RngCore) -> String {
+        self.prune(now);
+        if self.map.len() >= self.max {
+            if let Some(k) = self
+                .map
+                .iter()
+                .min_by_key(|(_, s)| s.last_ms)
+                .map(|(k, _)| *k)
+            {
+                self.map.remove(&k);
+            }
+        }
+        let id = random_token(rng);
+        self.map.insert(
+            sha256(id.as_bytes()),
+            Session {
+                csrf: random_token(rng),
+                created_ms: now,
+                last_ms: now,
+                auth: Auth::Anonymous,
+                pending_totp: None,
+                oidc: None,
+                next: "/".into(),
+            },
+        );
+        id
+    }
+
+    /// The live session of a cookie value (its idle clock restarted).
+    pub fn get(&mut self, id: &str, now: UnixMs) -> Option<&mut Session> {
+        if id.len() > 64 {
+            return None;
+        }
+        let key = sha256(id.as_bytes());
+        let live = self
+            .map
+            .get(&key)
+            .is_some_and(|s| now - s.last_ms < IDLE_MS && now - s.created_ms < ABSOLUTE_MS);
+        if !live {
+            self.map.remove(&key);
+            return None;
+        }
+        let s = self.map.get_mut(&key)?;
+        s.last_ms = now;
+        Some(s)
+    }
+
+    /// Moves a session to a new id (and a new CSRF token), for a change of
+    /// privilege; returns the new cookie value. The old id stops working.
+    pub fn rotate(&mut self, id: &str, now: UnixMs, rng: &mut impl RngCore) -> Option<String> {
+        let mut s = self.map.remove(&sha256(id.as_bytes()))?;
+        s.csrf = random_token(rng);
+        s.last_ms = now;
+        let new = random_token(rng);
+        self.map.insert(sha256(new.as_bytes()), s);
+        Some(new)
+    }
+
+    pub fn remove(&mut self, id: &str) {
+        self.map.remove(&sha256(id.as_bytes()));
+    }
+
+    pub fn prune(&mut self, now: UnixMs) {
+        self.map
+            .retain(|_, s| now - s.last_ms < IDLE_MS && now - s.created_ms < ABSOLUTE_MS);
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn sessions_expire_idle_and_absolute() {
+        let mut r = rand::rngs::StdRng::seed_from_u64(3);
+        let mut s = Sessions::new(10);
+        let id = s.create(0, &mut r);
+        assert!(s.get(&id, IDLE_MS - 1).is_some());
+        // Kept alive by use, but never past the absolute limit.
+        let mut t = IDLE_MS - 1;
+        while t + IDLE_MS / 2 < ABSOLUTE_MS {
+            t += IDLE_MS / 2;
+            assert!(s.get(&id, t).is_some(), "{t}");
+        }
+        assert!(s.get(&id, ABSOLUTE_MS).is_none());
+        let id = s.create(0, &mut r);
+        assert!(s.get(&id, IDLE_MS).is_none(), "idle too long");
+    }
+
+    #[test]
+    fn rotation_retires_the_old_id_and_csrf_token() {
+        let mut r = rand::rngs::StdRng::seed_from_u64(4);
+        let mut s = Sessions::new(10);
+        let id = s.create(0, &mut r);
+        let csrf = s.get(&id, 0).unwrap().csrf.clone();
+        let new = s.rotate(&id, 1, &mut r).unwrap();
+        assert!(s.get(&id, 1).is_none());
+        let sess = s.get(&new, 1).unwrap();
+        assert!(!sess.csrf_ok(&csrf));
+        let fresh = sess.csrf.clone();
+        assert!(sess.csrf_ok(&fresh));
+        assert!(!sess.csrf_ok(""));
+    }
+
+    #[test]
+    fn the_table_is_bounded_and_ids_are_not_stored() {
+        let mut r = rand::rngs::StdRng::seed_from_u64(5);
+        let mut s = Sessions::new(5);
+        let ids: Vec<String> = (0..20).map(|i| s.create(i, &mut r)).collect();
+        assert_eq!(s.len(), 5);
+        assert!(s.get(&ids[19], 20).is_some());
+        assert!(s.get(&ids[0], 20).is_none(), "the stalest went first");
+        assert!(!s.map.contains_key(&{
+            let mut k = [0u8; 32];
+            k.copy_from_slice(&ids[19].as_bytes()[..32]);
+            k
+        }));
+        assert!(s.get(&"x".repeat(10_000), 20).is_none());
+    }
+}
