@@ -43,6 +43,8 @@ use ztmesh_proto::auth::methods::{
 #[derive(Clone)]
 pub struct ControlService {
     pub mesh: Arc<Mesh>,
+    /// Devices waiting for a person to confirm them (interactive login).
+    pub logins: Arc<crate::web::LoginHub>,
     /// Failures per source on the unauthenticated paths (shared with the
     /// remote admin service).
     pub limiter: Arc<SharedLimiter>,
@@ -98,6 +100,10 @@ impl ControlService {
     }
 }
 
+/// The `:authority` a node called the controller by.
+#[derive(Clone, Debug)]
+struct RequestAuthority(String);
+
 /// The events of an interactive login.
 pub type LoginStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::LoginEvent, Status>> + Send>>;
@@ -128,13 +134,86 @@ impl Control for ControlService {
 
     type LoginStream = LoginStream;
 
-    async fn login(
-        &self,
-        _req: Request<pb::LoginRequest>,
-    ) -> Result<Response<LoginStream>, Status> {
-        Err(Status::unimplemented(
-            "interactive login is being built (issue 13)",
-        ))
+    async fn login(&self, req: Request<pb::LoginRequest>) -> Result<Response<LoginStream>, Status> {
+        let now = now_ms();
+        let src = req.remote_addr().map(|a| a.ip());
+        self.limiter.check(src, now)?;
+        let (claim, os) = self.mesh.check_login(req.get_ref(), now).map_err(|e| {
+            self.limiter.record_failure(src, now);
+            tracing::info!(source = ?src, error = %e, "login refused");
+            Status::from(e)
+        })?;
+        let base = match &self.logins.public_url {
+            Some(u) => u.clone(),
+            None => {
+                let authority = req
+                    .extensions()
+                    .get::<RequestAuthority>()
+                    .map(|a| a.0.clone())
+                    .ok_or_else(|| {
+                        Status::failed_precondition(
+                            "the controller does not know its own address: start it with --public-url",
+                        )
+                    })?;
+                format!("https://{authority}")
+            }
+        };
+        let (waiter, done) = tokio::sync::oneshot::channel();
+        let hostname = claim.hostname.clone();
+        let (code, expires_ms) = self
+            .logins
+            .start(claim, &os, src, waiter, now)
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        let shown = crate::device::display_code(&code);
+        tracing::info!(host = %hostname, source = ?src, "interactive login waiting for confirmation");
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::LoginEvent, Status>>(2);
+        let prompt = pb::LoginEvent {
+            event: Some(pb::login_event::Event::Prompt(pb::LoginPrompt {
+                url: format!("{base}/device?code={shown}"),
+                code: shown,
+                expires_ms,
+            })),
+        };
+        let _ = tx.send(Ok(prompt)).await;
+        let logins = self.logins.clone();
+        tokio::spawn(async move {
+            let left = u64::try_from(expires_ms.saturating_sub(now_ms())).unwrap_or(0);
+            let outcome = tokio::select! {
+                r = done => Some(r),
+                _ = tx.closed() => None,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(left)) => {
+                    let _ = tx.send(Err(Status::deadline_exceeded(
+                        "the login code expired before anyone confirmed this device; run `ztmesh up` again",
+                    ))).await;
+                    None
+                }
+            };
+            match outcome {
+                Some(Ok(Ok(resp))) => {
+                    let _ = tx
+                        .send(Ok(pb::LoginEvent {
+                            event: Some(pb::login_event::Event::Enrolled(resp)),
+                        }))
+                        .await;
+                }
+                Some(Ok(Err(why))) => {
+                    let _ = tx.send(Err(Status::permission_denied(why))).await;
+                }
+                // The registry dropped it (a newer login of this machine).
+                Some(Err(_)) => {
+                    let _ = tx
+                        .send(Err(Status::aborted(
+                            "a newer login of this device replaced this one",
+                        )))
+                        .await;
+                }
+                None => {}
+            }
+            logins.cancel(&code);
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     type StreamNetMapStream = MapStream;
@@ -273,7 +352,14 @@ impl tower::Service<http::Request<Body>> for ControlRouter {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        // The address the node used, for the login URL it is shown.
+        let authority = req.uri().authority().map(|a| a.as_str().to_string());
+        if let Some(a) =
+            authority.filter(|a| a.len() <= 255 && a.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            req.extensions_mut().insert(RequestAuthority(a));
+        }
         if req.uri().path() == M_STREAM {
             let svc = self.svc.clone();
             Box::pin(async move { Ok(svc.stream_raw(req).await) })

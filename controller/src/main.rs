@@ -25,6 +25,8 @@ fn main() -> ExitCode {
                 listen,
                 ephemeral_timeout,
                 node_key_expiry,
+                tagged_node_key_expiry,
+                public_url,
                 netmap_ttl,
                 audit_max_age,
                 audit_max_flow_rows,
@@ -39,6 +41,8 @@ fn main() -> ExitCode {
                 let cfg = MeshConfig {
                     ephemeral_timeout_ms: ephemeral_timeout.as_millis() as i64,
                     node_key_ttl_ms: node_key_expiry.as_millis() as i64,
+                    tagged_key_ttl_ms: tagged_node_key_expiry.as_millis() as i64,
+                    public_url,
                     netmap_ttl_ms: netmap_ttl.as_millis().max(10_000) as i64,
                     audit_max_age_ms: i64::try_from(audit_max_age.as_millis()).unwrap_or(i64::MAX),
                     audit_max_flow_rows,

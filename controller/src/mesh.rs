@@ -75,6 +75,9 @@ pub struct MeshConfig {
     pub audit_max_flow_rows: u64,
     /// The relays every netmap lists ([`crate::relays`]).
     pub relays: Vec<ztmesh_proto::control::Relay>,
+    /// The base URL of the sign-in pages printed to nodes that log in
+    /// interactively; `None`: the address the node reached the controller by.
+    pub public_url: Option<String>,
 }
 
 impl Default for MeshConfig {
@@ -91,6 +94,7 @@ impl Default for MeshConfig {
             audit_max_age_ms: 90 * 24 * 3600 * 1000,
             audit_max_flow_rows: 1_000_000,
             relays: Vec::new(),
+            public_url: None,
         }
     }
 }
@@ -582,6 +586,18 @@ impl Mesh {
     }
 
     // ---- node enrollment and sessions ------------------------------------
+
+    /// Checks an interactive login request (see [`Authenticator::check_login`]).
+    ///
+    /// # Errors
+    /// As [`Authenticator::check_login`].
+    pub fn check_login(
+        &self,
+        req: &pb::LoginRequest,
+        now: UnixMs,
+    ) -> Result<(DeviceClaim, String)> {
+        self.auth.check_login(req, now)
+    }
 
     /// Checks the auth key and the proof, consumes the key and registers the node.
     ///

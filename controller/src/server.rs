@@ -240,6 +240,25 @@ pub async fn run_with(
     let tls = Arc::new(listener::server_tls_config(&cert, &key)?);
     let slots = ConnSlots::new(limits.max_connections, limits.max_connections_per_source);
     let incoming = Incoming::new(listener, tls, slots, limits.handshake_timeout);
+    // The sign-in pages share the listener with gRPC: tonic routes by the
+    // gRPC service path, everything else falls through to the pages.
+    let logins = Arc::new(crate::web::LoginHub::new(mesh.config().public_url.clone()));
+    let web = Arc::new(crate::web::Web::new(mesh.clone(), logins.clone()));
+    let mut routes = tonic::service::Routes::builder();
+    routes
+        .add_service(ControlRouter::new(ControlService {
+            mesh: mesh.clone(),
+            logins,
+            limiter: limiter.clone(),
+        }))
+        .add_service(AdminServer::new(AdminService {
+            mesh: mesh.clone(),
+            local: false,
+            limiter,
+        }));
+    let routes = routes.routes();
+    let routes =
+        tonic::service::Routes::from(routes.into_axum_router().merge(crate::web::router(web)));
     let result = Server::builder()
         // A node whose connection died unseen (power, network) counts as
         // offline within 10 s: its subnet routes fail over to another
@@ -250,15 +269,7 @@ pub async fn run_with(
         // Bounds each call until its response starts: all of a unary call,
         // only the opening of a StreamNetMap (its body is not timed).
         .timeout(limits.request_timeout)
-        .add_service(ControlRouter::new(ControlService {
-            mesh: mesh.clone(),
-            limiter: limiter.clone(),
-        }))
-        .add_service(AdminServer::new(AdminService {
-            mesh: mesh.clone(),
-            local: false,
-            limiter,
-        }))
+        .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     ticker.abort();

@@ -53,9 +53,20 @@ pub enum Cmd {
         /// Delete ephemeral nodes after they have been offline this long.
         #[arg(long, default_value = "5m", value_parser = parse_duration)]
         ephemeral_timeout: Duration,
-        /// Node key lifetime ("0s" = never expire).
-        #[arg(long, default_value = "180d", value_parser = parse_duration)]
+        /// Key lifetime of a user's node, from enrollment or its owner's
+        /// last sign-in ("0s" = never expire); `users update --key-expiry`
+        /// overrides it per user.
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
         node_key_expiry: Duration,
+        /// Key lifetime of a node owned by tags (a server); "0s" exempts
+        /// tagged nodes from expiry.
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
+        tagged_node_key_expiry: Duration,
+        /// The base URL of the sign-in pages that interactive logins print
+        /// (e.g. https://ztmesh.example.com:8443); default: the address
+        /// the node reached the controller by.
+        #[arg(long, value_parser = parse_public_url)]
+        public_url: Option<String>,
         /// Lifetime of a signed netmap; connected nodes get a fresh one at half-life.
         #[arg(long, default_value = "12h", value_parser = parse_duration)]
         netmap_ttl: Duration,
@@ -100,6 +111,23 @@ pub enum Cmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
+}
+
+/// An https URL without path, query or credentials (the pages' base).
+fn parse_public_url(s: &str) -> Result<String, String> {
+    let rest = s
+        .strip_prefix("https://")
+        .ok_or("must start with https://")?
+        .trim_end_matches('/');
+    if rest.is_empty()
+        || rest.len() > 253
+        || !rest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+    {
+        return Err("expected https://HOST[:PORT] (no path, query or credentials)".into());
+    }
+    Ok(format!("https://{rest}"))
 }
 
 /// Runs an admin command (everything except `serve`).
