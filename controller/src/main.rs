@@ -32,6 +32,8 @@ fn main() -> ExitCode {
                 audit_max_flow_rows,
                 relay_file,
                 dns_domain,
+                tls_cert,
+                tls_key,
                 limits,
             } => {
                 tracing_subscriber::fmt()
@@ -51,7 +53,12 @@ fn main() -> ExitCode {
                     ..MeshConfig::default()
                 };
                 let dir = DataDir::new(&args.conn.data_dir);
-                server::serve(&dir, listen, cfg, limits.limits()).await
+                let tls = match (&tls_cert, &tls_key) {
+                    (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+                    (None, None) => None,
+                    _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+                };
+                server::serve(&dir, listen, cfg, limits.limits(), tls).await
             }
             cmd => cli::run(&args.conn, cmd).await,
         }

@@ -1042,10 +1042,20 @@ impl Mesh {
         let turn = self.turn();
         let timeout = u64::try_from(self.cfg.ephemeral_timeout_ms).unwrap_or(0);
         let half = u64::try_from(self.cfg.netmap_ttl_ms / 2).unwrap_or(0);
-        let (mut changed, stale, due) = {
+        let (mut changed, stale, due, expired) = {
             let mut st = self.state();
             let mono = mono_ms.max(st.mono);
             st.mono = mono;
+            let before = st.core.clock();
+            // Keys that run out between the last tick and this one (an
+            // admin's expiry was audited when it was made).
+            let expired: Vec<(String, UnixMs)> = st
+                .core
+                .nodes()
+                .iter()
+                .filter(|n| !n.key_revoked && n.expiry_ms > before && n.expiry_ms <= now)
+                .map(|n| (n.name.clone(), n.expiry_ms))
+                .collect();
             let changed = st.core.apply(Change::Clock(now));
             if !changed.is_empty() {
                 tracing::info!(nodes = changed.len(), "key expiry changed maps");
@@ -1075,8 +1085,17 @@ impl Mesh {
                 }
             }
             let due = st.coalesce.due(now);
-            (changed, stale, due)
+            (changed, stale, due, expired)
         };
+        for (name, at) in expired {
+            self.audit(
+                now,
+                "controller",
+                "node.key-expired",
+                &name,
+                &format!("expiry_ms={at}"),
+            );
+        }
         for id in stale {
             if self.store.delete_node(id).is_err() {
                 continue;

@@ -81,6 +81,30 @@ pub fn init_tls(dir: &DataDir) -> anyhow::Result<(String, String, [u8; 32])> {
     Ok((cert, key, fp))
 }
 
+/// Makes an admin's certificate and key (PEM) the listener's identity: both
+/// are checked to parse and match, then written into the data dir (the key
+/// 0600), so `fingerprint` and every restart see them. Nodes pin the new
+/// certificate's fingerprint.
+///
+/// # Errors
+/// Unreadable files, a certificate and key that do not parse or match.
+pub fn install_tls(dir: &DataDir, (cert, key): (&Path, &Path)) -> anyhow::Result<()> {
+    let cert_pem =
+        std::fs::read_to_string(cert).with_context(|| format!("--tls-cert {}", cert.display()))?;
+    let key_pem =
+        std::fs::read_to_string(key).with_context(|| format!("--tls-key {}", key.display()))?;
+    listener::server_tls_config(&cert_pem, &key_pem).with_context(|| {
+        format!(
+            "--tls-cert {} / --tls-key {}",
+            cert.display(),
+            key.display()
+        )
+    })?;
+    write_secret_file(&dir.tls_key(), key_pem.as_bytes())?;
+    std::fs::write(dir.tls_cert(), cert_pem.as_bytes())?;
+    Ok(())
+}
+
 /// Reads the controller's fingerprint from an initialised data dir.
 pub fn fingerprint(dir: &DataDir) -> anyhow::Result<[u8; 32]> {
     let cert = std::fs::read_to_string(dir.tls_cert())
@@ -117,11 +141,15 @@ pub async fn serve(
     listen: SocketAddr,
     cfg: MeshConfig,
     limits: ListenerLimits,
+    tls_files: Option<(&Path, &Path)>,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir.root)
         .with_context(|| format!("creating data dir {}", dir.root.display()))?;
     std::fs::set_permissions(&dir.root, std::fs::Permissions::from_mode(0o700))?;
     let _lock = DirLock::acquire(&dir.lock_file())?;
+    if let Some(files) = tls_files {
+        install_tls(dir, files)?;
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;

@@ -505,6 +505,13 @@ fn a_signed_in_device_expires_and_its_owner_re_authenticates_it() {
     let after = T0 + 30 * DAY;
     m.tick(after);
     assert!(m.netmap(first.node.id, after).is_none());
+    let expired = m.store().audit_log(10).unwrap();
+    assert!(
+        expired
+            .iter()
+            .any(|a| a.action == "node.key-expired" && a.target == first.node.name),
+        "the expiry is audited: {expired:?}"
+    );
     assert!(m.netmap(other.node.id, after).unwrap().peers.is_empty());
 
     // Bob cannot sign alice's machine in as his.

@@ -85,6 +85,14 @@ pub enum Cmd {
         /// leave the mesh).
         #[arg(long, default_value = "ztmesh.internal", value_parser = parse_dns_domain)]
         dns_domain: String,
+        /// A certificate (PEM, leaf first) for the listener instead of the
+        /// self-signed one, e.g. one browsers trust for the sign-in pages;
+        /// installed into the data dir. Nodes pin its fingerprint.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<std::path::PathBuf>,
+        /// The certificate's private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
         #[command(flatten)]
         limits: ListenerArgs,
     },
