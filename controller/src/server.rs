@@ -319,3 +319,46 @@ async fn shutdown_signal() {
     }
     tracing::info!("shutting down");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(name: &str) -> (String, String) {
+        let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+        (ck.cert.pem(), ck.signing_key.serialize_pem())
+    }
+
+    #[test]
+    fn an_admins_certificate_replaces_the_self_signed_one_and_a_mismatch_changes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path());
+        let (_, _, self_signed) = init_tls(&dir).unwrap();
+        let (cert, key) = pair("ztmesh.example.com");
+        let (_, other_key) = pair("other.example.com");
+        let write = |name: &str, text: &str| {
+            let p = tmp.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let (c, k, bad) = (
+            write("in.crt", &cert),
+            write("in.key", &key),
+            write("other.key", &other_key),
+        );
+        let e = install_tls(&dir, (&c, &bad)).unwrap_err();
+        assert!(format!("{e:#}").contains("--tls-cert"), "{e:#}");
+        assert_eq!(fingerprint(&dir).unwrap(), self_signed, "nothing changed");
+        install_tls(&dir, (&c, &k)).unwrap();
+        let fp = fingerprint(&dir).unwrap();
+        assert_ne!(fp, self_signed);
+        assert_eq!(fp, sha256(&pem_to_der(&cert).unwrap()));
+        let mode = std::fs::metadata(dir.tls_key())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A restart keeps it (init_tls does not regenerate).
+        assert_eq!(init_tls(&dir).unwrap().2, fp);
+    }
+}
