@@ -778,9 +778,13 @@ impl Admin for AdminService {
             },
             reset_mfa: r.reset_mfa,
         };
-        let u = self
-            .mesh
-            .update_user(&actor.name, &r.login, &update, &mut OsRng, now_ms())?;
+        // A new password is hashed with argon2: off the async workers.
+        let (mesh, login) = (self.mesh.clone(), r.login.clone());
+        let u = tokio::task::spawn_blocking(move || {
+            mesh.update_user(&actor.name, &login, &update, &mut OsRng, now_ms())
+        })
+        .await
+        .map_err(|_| Status::internal("updating the user failed"))??;
         ok(user_pb(u))
     }
 

@@ -218,7 +218,11 @@ impl Authenticator {
                 "login proof does not verify with the machine key".into(),
             ));
         }
-        let printable = |s: &str| -> String { s.chars().filter(|c| !c.is_control()).collect() };
+        let printable = |s: &str| -> String {
+            s.chars()
+                .filter(|c| !c.is_control() && !crate::nodeinput::is_deceptive(*c))
+                .collect()
+        };
         Ok((
             crate::mesh::DeviceClaim {
                 machine_key: *machine_key.as_bytes(),

@@ -102,11 +102,28 @@ impl<W> DeviceLogins<W> {
         self.prune(now);
         self.by_code
             .retain(|_, p| p.claim.machine_key != claim.machine_key);
-        if self.by_code.len() >= self.max_total {
-            return Err(Full::Total);
-        }
         if self.by_code.values().filter(|p| p.source == source).count() >= self.max_per_source {
             return Err(Full::Source);
+        }
+        if self.by_code.len() >= self.max_total {
+            // Full: the source holding the most waits gives up its oldest, so
+            // a flood from many addresses displaces mostly itself.
+            let mut per_source: HashMap<&str, usize> = HashMap::new();
+            for p in self.by_code.values() {
+                *per_source.entry(p.source.as_str()).or_default() += 1;
+            }
+            let heaviest = per_source
+                .into_iter()
+                .max_by_key(|(s, n)| (*n, std::cmp::Reverse(*s)))
+                .map(|(s, _)| s.to_string());
+            let oldest = self
+                .by_code
+                .values()
+                .filter(|p| Some(&p.source) == heaviest.as_ref())
+                .min_by_key(|p| (p.created_ms, p.code.clone()))
+                .map(|p| p.code.clone())
+                .ok_or(Full::Total)?;
+            self.by_code.remove(&oldest);
         }
         let code = loop {
             let mut bytes = [0u8; CODE_LEN];
@@ -232,14 +249,19 @@ mod tests {
         d.start(claim(1), "", "a", (), 0, &mut r).unwrap();
         d.start(claim(2), "", "a", (), 0, &mut r).unwrap();
         assert_eq!(d.start(claim(3), "", "a", (), 0, &mut r), Err(Full::Source));
-        d.start(claim(3), "", "b", (), 0, &mut r).unwrap();
-        assert_eq!(d.start(claim(4), "", "c", (), 0, &mut r), Err(Full::Total));
+        let (b, _) = d.start(claim(3), "", "b", (), 0, &mut r).unwrap();
         // The same machine key again replaces its pending login.
         let (code, _) = d.start(claim(1), "", "a", (), 1, &mut r).unwrap();
         assert_eq!(d.len(), 3);
         assert_eq!(d.get(&code, 2).unwrap().created_ms, 1);
+        // Full: the heaviest source ("a") gives up its oldest wait (claim 2).
+        let (c, _) = d.start(claim(4), "", "c", (), 2, &mut r).unwrap();
+        assert_eq!(d.len(), 3);
+        for kept in [&b, &c, &code] {
+            assert!(d.get(kept, 2).is_some());
+        }
         // Expired ones make room.
-        d.start(claim(4), "", "c", (), CODE_TTL_MS + 5, &mut r)
+        d.start(claim(5), "", "c", (), CODE_TTL_MS + 5, &mut r)
             .unwrap();
         assert_eq!(d.len(), 1);
     }

@@ -34,12 +34,16 @@ fn main() -> ExitCode {
                 dns_domain,
                 tls_cert,
                 tls_key,
+                oidc,
                 limits,
             } => {
                 tracing_subscriber::fmt()
                     .with_max_level(log_level())
                     .with_target(false)
                     .init();
+                let web = server::WebOptions {
+                    oidc: oidc.config(public_url.as_deref())?,
+                };
                 let cfg = MeshConfig {
                     ephemeral_timeout_ms: ephemeral_timeout.as_millis() as i64,
                     node_key_ttl_ms: node_key_expiry.as_millis() as i64,
@@ -58,7 +62,7 @@ fn main() -> ExitCode {
                     (None, None) => None,
                     _ => anyhow::bail!("--tls-cert and --tls-key go together"),
                 };
-                server::serve(&dir, listen, cfg, limits.limits(), tls).await
+                server::serve(&dir, listen, cfg, limits.limits(), tls, web).await
             }
             cmd => cli::run(&args.conn, cmd).await,
         }

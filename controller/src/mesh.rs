@@ -315,6 +315,17 @@ fn audit_detail(detail: &KeyDetail) -> String {
     }
 }
 
+/// Nodes whose keys run out when the core's clock moves to `now` (an
+/// admin's expiry was audited when it was made).
+fn expiring(core: &NetCore, now: UnixMs) -> Vec<(String, UnixMs)> {
+    let before = core.clock();
+    core.nodes()
+        .iter()
+        .filter(|n| !n.key_revoked && n.expiry_ms > before && n.expiry_ms <= now)
+        .map(|n| (n.name.clone(), n.expiry_ms))
+        .collect()
+}
+
 /// The refusal of a second session of one node.
 fn duplicate_session() -> Error {
     Error::SessionConflict(
@@ -1046,16 +1057,7 @@ impl Mesh {
             let mut st = self.state();
             let mono = mono_ms.max(st.mono);
             st.mono = mono;
-            let before = st.core.clock();
-            // Keys that run out between the last tick and this one (an
-            // admin's expiry was audited when it was made).
-            let expired: Vec<(String, UnixMs)> = st
-                .core
-                .nodes()
-                .iter()
-                .filter(|n| !n.key_revoked && n.expiry_ms > before && n.expiry_ms <= now)
-                .map(|n| (n.name.clone(), n.expiry_ms))
-                .collect();
+            let expired = expiring(&st.core, now);
             let changed = st.core.apply(Change::Clock(now));
             if !changed.is_empty() {
                 tracing::info!(nodes = changed.len(), "key expiry changed maps");
@@ -1375,16 +1377,27 @@ impl Mesh {
             key_revoked: true,
             ..node
         };
-        let changed = {
+        let (changed, expired) = {
             let mut st = self.state();
             let mut changed = st.core.apply(Change::Upsert(updated.clone()));
             // The core judges expiry by its clock; bring it to `now` so the
             // node leaves the views at once, not at the next tick.
+            let mut expired = Vec::new();
             if now > st.core.clock() {
+                expired = expiring(&st.core, now);
                 changed.extend(st.core.apply(Change::Clock(now)));
             }
-            changed
+            (changed, expired)
         };
+        for (name, at) in expired {
+            self.audit(
+                now,
+                "controller",
+                "node.key-expired",
+                &name,
+                &format!("expiry_ms={at}"),
+            );
+        }
         self.publish(&turn, &changed, now);
         Ok(updated)
     }

@@ -81,6 +81,14 @@ pub fn is_weak_ed25519(key: &[u8; 32]) -> bool {
     ed25519_dalek::VerifyingKey::from_bytes(key).is_ok_and(|k| k.is_weak())
 }
 
+/// Invisible formatting characters that can make text read as other text:
+/// bidirectional overrides and isolates, zero-width characters, soft hyphen.
+pub fn is_deceptive(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+}
+
 #[cfg(test)]
 mod tests {
     use rand_core::OsRng;

@@ -142,6 +142,7 @@ pub async fn serve(
     cfg: MeshConfig,
     limits: ListenerLimits,
     tls_files: Option<(&Path, &Path)>,
+    web: WebOptions,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir.root)
         .with_context(|| format!("creating data dir {}", dir.root.display()))?;
@@ -159,7 +160,24 @@ pub async fn serve(
     println!("  controller key: {}", mesh.controller_key());
     println!("  listening:      https://{listen}");
     println!("  admin socket:   {}", dir.admin_socket().display());
-    run_with(dir, mesh, cert, key, listener, limits, shutdown_signal()).await
+    run_with(
+        dir,
+        mesh,
+        cert,
+        key,
+        listener,
+        limits,
+        web,
+        shutdown_signal(),
+    )
+    .await
+}
+
+/// What the sign-in pages offer besides built-in accounts.
+#[derive(Clone, Debug, Default)]
+pub struct WebOptions {
+    /// Single sign-on at an OpenID provider.
+    pub oidc: Option<crate::oidc::OidcConfig>,
 }
 
 /// Limits on the TLS listener against hostile clients; the defaults are
@@ -206,7 +224,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let limits = ListenerLimits::default();
-    run_with(dir, mesh, cert, key, listener, limits, shutdown).await
+    let web = WebOptions::default();
+    run_with(dir, mesh, cert, key, listener, limits, web, shutdown).await
 }
 
 /// Like [`run`], with explicit listener limits. Used by `serve` and by
@@ -215,6 +234,10 @@ pub async fn run(
     clippy::disallowed_methods,
     reason = "the server shell times its own start-up"
 )]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the shell's wiring: identity, listener, limits, pages and shutdown are distinct inputs"
+)]
 pub async fn run_with(
     dir: &DataDir,
     mesh: Arc<Mesh>,
@@ -222,6 +245,7 @@ pub async fn run_with(
     key: String,
     listener: tokio::net::TcpListener,
     limits: ListenerLimits,
+    web: WebOptions,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     // Admin over the unix socket, authorized by its 0600 permissions.
@@ -271,7 +295,11 @@ pub async fn run_with(
     // The sign-in pages share the listener with gRPC: tonic routes by the
     // gRPC service path, everything else falls through to the pages.
     let logins = Arc::new(crate::web::LoginHub::new(mesh.config().public_url.clone()));
-    let web = Arc::new(crate::web::Web::new(mesh.clone(), logins.clone()));
+    let sso = web.oidc.map(crate::web::Sso::new);
+    let discovery = sso
+        .clone()
+        .map(|s| tokio::spawn(s.discover(Duration::from_secs(10))));
+    let web = Arc::new(crate::web::Web::new(mesh.clone(), logins.clone(), sso));
     let mut routes = tonic::service::Routes::builder();
     routes
         .add_service(ControlRouter::new(ControlService {
@@ -302,6 +330,9 @@ pub async fn run_with(
         .await;
     ticker.abort();
     uds_task.abort();
+    if let Some(d) = discovery {
+        d.abort();
+    }
     mesh.flush();
     let _ = std::fs::remove_file(&sock);
     if let Err(e) = result {

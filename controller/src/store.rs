@@ -145,6 +145,15 @@ pub trait Store: Send + Sync {
         recovery: &[String],
         last_step: i64,
     ) -> Result<()>;
+    /// Enrols a TOTP secret only if the user has none, atomically: `false`
+    /// when one is enrolled already (two enrolments racing: one wins).
+    fn enroll_totp(
+        &self,
+        login: &str,
+        secret: &[u8],
+        recovery: &[String],
+        last_step: i64,
+    ) -> Result<bool>;
     /// Records TOTP `step` as used, atomically: `false` when this step (or a
     /// later one) was already used, so of two logins racing with one code
     /// exactly one gets through.
@@ -746,6 +755,21 @@ impl Store for SqliteStore {
             "totp_secret = ?2, recovery_codes = ?3, totp_last_step = ?4",
             params![login, secret, join_list(recovery), last_step],
         )
+    }
+
+    fn enroll_totp(
+        &self,
+        login: &str,
+        secret: &[u8],
+        recovery: &[String],
+        last_step: i64,
+    ) -> Result<bool> {
+        let n = self.conn().execute(
+            "UPDATE users SET totp_secret = ?2, recovery_codes = ?3, totp_last_step = ?4
+             WHERE login = ?1 AND totp_secret IS NULL",
+            params![login, secret, join_list(recovery), last_step],
+        )?;
+        Ok(n == 1)
     }
 
     fn use_totp_step(&self, login: &str, step: i64) -> Result<bool> {

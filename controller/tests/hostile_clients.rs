@@ -633,7 +633,8 @@ async fn each_refusal_carries_its_reason() {
         (Code::Unauthenticated, Some(AuthReason::Revoked))
     );
 
-    // An expired node: revoked.
+    // An expired node: expired (it keeps its identity; a person signs in
+    // again), not revoked.
     let x = enroll(&ctl, &kd, "x").await;
     ctl.admin()
         .await
@@ -645,7 +646,7 @@ async fn each_refusal_carries_its_reason() {
     let e = open_stream(&ctl, &x).await.err().unwrap();
     assert_eq!(
         (e.code(), reason(&e)),
-        (Code::Unauthenticated, Some(AuthReason::Revoked))
+        (Code::Unauthenticated, Some(AuthReason::Expired))
     );
     ctl.stop().await;
 }

@@ -419,6 +419,23 @@ async fn a_person_signs_in_with_password_and_totp_and_confirms_the_device() {
         home.body
     );
 
+    // An admin resets the password: sessions resting on the old one are
+    // signed out at their next request.
+    mesh.update_user(
+        "admin",
+        "alice@example.com",
+        &UserUpdate {
+            password: Some(Some("a brand new password".into())),
+            ..UserUpdate::default()
+        },
+        &mut OsRng,
+        0,
+    )
+    .unwrap();
+    let r = b2.get("/").await;
+    assert_eq!(r.status, 303, "signed out after the reset");
+    assert_eq!(location(&r), "/login");
+
     let actions: Vec<(String, String)> = mesh
         .store()
         .audit_log(200)

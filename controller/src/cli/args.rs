@@ -34,6 +34,75 @@ pub enum Output {
     Json,
 }
 
+/// Single sign-on at an OpenID provider (`serve`).
+#[derive(Args, Debug, Clone)]
+pub struct OidcArgs {
+    /// The provider's issuer URL (https); enables "Sign in with SSO". Needs
+    /// --public-url (the callback is PUBLIC_URL/oidc/callback).
+    #[arg(long, requires_all = ["oidc_client_id", "public_url"])]
+    pub oidc_issuer: Option<String>,
+    /// This controller's client ID at the provider.
+    #[arg(long)]
+    pub oidc_client_id: Option<String>,
+    /// A file holding the client secret (a confidential client); without
+    /// it, a public client with PKCE.
+    #[arg(long)]
+    pub oidc_client_secret_file: Option<PathBuf>,
+    /// Email domains that may sign in (comma-separated; default any). A
+    /// first sign-in from one of them creates the user as a member; without
+    /// this list an admin creates users first.
+    #[arg(long, value_delimiter = ',')]
+    pub oidc_allowed_domains: Vec<String>,
+    /// Groups (the token's `groups` claim) that may sign in (default any).
+    #[arg(long, value_delimiter = ',')]
+    pub oidc_allowed_groups: Vec<String>,
+    /// Require a second factor: the token's `amr` must contain one of
+    /// these methods (e.g. mfa,otp,hwk).
+    #[arg(long, value_delimiter = ',')]
+    pub oidc_required_amr: Vec<String>,
+    /// Require this `acr` (also requested with acr_values).
+    #[arg(long)]
+    pub oidc_required_acr: Option<String>,
+    /// An extra CA (PEM) trusted for the provider, besides the system's.
+    #[arg(long)]
+    pub oidc_ca_file: Option<PathBuf>,
+}
+
+impl OidcArgs {
+    /// The provider configuration, if SSO is enabled.
+    ///
+    /// # Errors
+    /// An unreadable or empty secret file.
+    pub fn config(
+        &self,
+        public_url: Option<&str>,
+    ) -> anyhow::Result<Option<crate::oidc::OidcConfig>> {
+        let (Some(issuer), Some(client_id), Some(base)) =
+            (&self.oidc_issuer, &self.oidc_client_id, public_url)
+        else {
+            return Ok(None);
+        };
+        let mut cfg =
+            crate::oidc::OidcConfig::new(issuer, client_id, &format!("{base}/oidc/callback"));
+        if let Some(path) = &self.oidc_client_secret_file {
+            let secret = std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!("--oidc-client-secret-file {}: {e}", path.display())
+            })?;
+            let secret = secret.trim();
+            if secret.is_empty() {
+                anyhow::bail!("--oidc-client-secret-file {} is empty", path.display());
+            }
+            cfg.client_secret = Some(secret.to_string());
+        }
+        cfg.allowed_domains = self.oidc_allowed_domains.clone();
+        cfg.allowed_groups = self.oidc_allowed_groups.clone();
+        cfg.required_amr = self.oidc_required_amr.clone();
+        cfg.required_acr = self.oidc_required_acr.clone();
+        cfg.ca_file = self.oidc_ca_file.clone();
+        Ok(Some(cfg))
+    }
+}
+
 /// Limits of the TLS listener against hostile clients (`serve`).
 #[derive(Args, Debug, Clone)]
 pub struct ListenerArgs {

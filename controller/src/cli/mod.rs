@@ -23,7 +23,7 @@ mod output;
 mod policy;
 mod users;
 
-pub use args::{parse_duration, parse_positive_duration, ConnArgs, ListenerArgs, Output};
+pub use args::{parse_duration, parse_positive_duration, ConnArgs, ListenerArgs, OidcArgs, Output};
 pub use client::{connect, Auth, Client};
 pub use keys::{ApiKeysCmd, KeysCmd};
 pub use nodes::NodesCmd;
@@ -44,6 +44,10 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; `serve` simply has many flags"
+)]
 pub enum Cmd {
     /// Run the controller.
     Serve {
@@ -93,6 +97,8 @@ pub enum Cmd {
         /// The certificate's private key (PEM).
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        oidc: OidcArgs,
         #[command(flatten)]
         limits: ListenerArgs,
     },

@@ -212,6 +212,10 @@ impl Mesh {
     /// Enrols a TOTP factor after the person proved they hold it (`step`
     /// is the step of the code they typed, recorded used); returns the
     /// recovery codes, to be shown once.
+    ///
+    /// # Errors
+    /// `Conflict` when a factor was enrolled meanwhile (never overwritten
+    /// here: only an admin's `--reset-mfa` removes one).
     pub fn enroll_totp(
         &self,
         login: &str,
@@ -221,9 +225,28 @@ impl Mesh {
         now: UnixMs,
     ) -> Result<Vec<String>> {
         let (codes, hashes) = accounts::new_recovery_codes(rng);
-        self.store.set_totp(login, Some(secret), &hashes, step)?;
+        if !self.store.enroll_totp(login, secret, &hashes, step)? {
+            return Err(Error::Conflict("a second factor for this account".into()));
+        }
         self.audit(now, &format!("user:{login}"), "mfa.enroll", login, "totp");
         Ok(codes)
+    }
+
+    /// A digest of what a signed-in browser session rests on: the user's
+    /// id, role, password hash and second factor. A session made before any
+    /// of them changed (password reset, MFA reset, role change, the user
+    /// deleted and made again) no longer matches and is signed out.
+    pub fn credential_stamp(&self, login: &str) -> Option<[u8; 32]> {
+        let user = self.user(login).ok()?;
+        let creds = self.store.credentials(login).ok()??;
+        let mut m = Vec::new();
+        m.extend_from_slice(&user.id.to_be_bytes());
+        m.extend_from_slice(user.role.as_str().as_bytes());
+        m.push(0);
+        m.extend_from_slice(creds.password_hash.as_deref().unwrap_or("").as_bytes());
+        m.push(0);
+        m.extend_from_slice(creds.totp_secret.as_deref().unwrap_or(&[]));
+        Some(ztmesh_proto::auth::sha256(&m))
     }
 
     /// Writes an audit row for the sign-in pages.

@@ -1,11 +1,13 @@
 //! The pages' HTML: one layout, escaped text, no script, no inline style
 //! (the CSP allows neither), no third-party resource.
 
-/// Escapes text for HTML element content and double-quoted attributes.
+/// Escapes text for HTML element content and double-quoted attributes;
+/// control and deceptive formatting characters are dropped.
 pub fn esc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
+            c if crate::nodeinput::is_deceptive(c) => {}
             '&' => out.push_str("&amp;"),
             '<' => out.push_str("&lt;"),
             '>' => out.push_str("&gt;"),
@@ -73,6 +75,7 @@ mod tests {
             esc("<script>alert('x')</script> & \"q\"\u{7}"),
             "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &quot;q&quot;"
         );
+        assert_eq!(esc("lap\u{202E}top\u{200B}-alice"), "laptop-alice");
         let p = page("<b>", &error(Some("<img src=x>")));
         assert!(!p.contains("<b>") && !p.contains("<img src=x>"));
         assert!(!p.contains("<script") && !p.contains("style=\""));

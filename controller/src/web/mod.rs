@@ -40,6 +40,7 @@ use ztmesh_proto::control as pb;
 use crate::accounts::{self, Backoff};
 use crate::device::{self, DeviceLogins, Pending};
 use crate::mesh::{DeviceClaim, Mesh};
+use crate::oidc::{Callback, Oidc, OidcConfig};
 use crate::ratelimit::source_key;
 use crate::roles::Role;
 use crate::UnixMs;
@@ -120,10 +121,57 @@ impl LoginHub {
     }
 }
 
+/// Single sign-on at one OpenID provider: discovered in the background, so
+/// the controller starts (and built-in accounts work) while the provider is
+/// down; discovery is retried until it answers.
+pub struct Sso {
+    cfg: OidcConfig,
+    /// Whether a first SSO sign-in may create its user (a member): only when
+    /// the provider's allowed domains vouch for the email; otherwise an
+    /// admin creates users first.
+    create_users: bool,
+    provider: std::sync::RwLock<Result<Arc<Oidc>, String>>,
+}
+
+impl Sso {
+    pub fn new(cfg: OidcConfig) -> Arc<Self> {
+        Arc::new(Self {
+            create_users: !cfg.allowed_domains.is_empty(),
+            cfg,
+            provider: std::sync::RwLock::new(Err("not discovered yet".into())),
+        })
+    }
+
+    /// Discovers the provider, retrying every `retry` until it answers.
+    pub async fn discover(self: Arc<Self>, retry: std::time::Duration) {
+        loop {
+            match Oidc::discover(self.cfg.clone()).await {
+                Ok(o) => {
+                    *self.provider.write().unwrap_or_else(|p| p.into_inner()) = Ok(Arc::new(o));
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(issuer = %self.cfg.issuer, error = %e, "SSO provider not available; retrying");
+                    *self.provider.write().unwrap_or_else(|p| p.into_inner()) = Err(e.to_string());
+                }
+            }
+            tokio::time::sleep(retry).await;
+        }
+    }
+
+    fn provider(&self) -> Result<Arc<Oidc>, String> {
+        self.provider
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
 /// The pages' shared state.
 pub struct Web {
     mesh: Arc<Mesh>,
     hub: Arc<LoginHub>,
+    sso: Option<Arc<Sso>>,
     sessions: Mutex<Sessions>,
     /// Password failures per account (a delay the owner sits out at most
     /// 30 s) and per source (up to 5 minutes).
@@ -133,20 +181,24 @@ pub struct Web {
     mfa: Mutex<Backoff>,
     /// Unknown device codes per source.
     codes: Mutex<Backoff>,
+    /// Password checks running at once (argon2: 19 MiB and ~50 ms each).
+    hashing: Arc<tokio::sync::Semaphore>,
     fingerprint: String,
 }
 
 impl Web {
-    pub fn new(mesh: Arc<Mesh>, hub: Arc<LoginHub>) -> Self {
+    pub fn new(mesh: Arc<Mesh>, hub: Arc<LoginHub>, sso: Option<Arc<Sso>>) -> Self {
         let fingerprint = hex(&mesh.fingerprint());
         Self {
             mesh,
             hub,
+            sso,
             sessions: Mutex::new(Sessions::new(10_000)),
             pw_account: Mutex::new(Backoff::new(5, 1000, 30_000, 100_000)),
             pw_source: Mutex::new(Backoff::new(20, 1000, 300_000, 100_000)),
             mfa: Mutex::new(Backoff::new(3, 1000, 30_000, 100_000)),
             codes: Mutex::new(Backoff::new(5, 1000, 60_000, 100_000)),
+            hashing: Arc::new(tokio::sync::Semaphore::new(2)),
             fingerprint,
         }
     }
@@ -161,6 +213,8 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/mfa/enroll", get(enroll_page).post(enroll_post))
         .route("/device", get(device_page).post(device_post))
         .route("/logout", axum::routing::post(logout))
+        .route("/oidc/start", get(oidc_start))
+        .route("/oidc/callback", get(oidc_callback))
         .route("/static/style.css", get(style))
         .layer(DefaultBodyLimit::max(16 * 1024))
         .layer(axum::middleware::map_response(security_headers))
@@ -298,9 +352,21 @@ fn session_or_new<T>(
             return (f(s), None);
         }
     }
-    let id = sessions.create(now, &mut OsRng);
-    let s = sessions.get(&id, now).expect("just created");
-    (f(s), Some(id))
+    match sessions.create(now, &mut OsRng) {
+        Some(id) => {
+            let s = sessions.get(&id, now).expect("just created");
+            (f(s), Some(id))
+        }
+        // Full of signed-in sessions: serve this request from a throwaway
+        // session (its forms will be refused as stale).
+        None => {
+            let mut throwaway = Sessions::new(1);
+            let id = throwaway
+                .create(now, &mut OsRng)
+                .expect("an empty table has room");
+            (f(throwaway.get(&id, now).expect("just created")), None)
+        }
+    }
 }
 
 /// Checks a state-changing request: a live session whose CSRF token the
@@ -350,6 +416,22 @@ fn rotate(w: &Web, id: &str) -> Option<String> {
     relock(&w.sessions).rotate(id, now(), &mut OsRng)
 }
 
+/// The signed-in user of session `id`, if their credentials have not
+/// changed since they signed in (else the session is signed out).
+fn current_user(w: &Web, id: &str) -> Option<(String, Role)> {
+    let (login, role, stamp) = with_session(w, id, |s| match &s.auth {
+        Auth::SignedIn {
+            login, role, stamp, ..
+        } => Some((login.clone(), *role, *stamp)),
+        _ => None,
+    })??;
+    if w.mesh.credential_stamp(&login) == Some(stamp) {
+        return Some((login, role));
+    }
+    with_session(w, id, |s| s.auth = Auth::Anonymous);
+    None
+}
+
 fn with_session<T>(w: &Web, id: &str, f: impl FnOnce(&mut Session) -> T) -> Option<T> {
     relock(&w.sessions).get(id, now()).map(f)
 }
@@ -369,9 +451,10 @@ struct NextQuery {
 }
 
 async fn home(State(w): State<Arc<Web>>, headers: HeaderMap) -> Response {
-    let ((user, csrf), set) = session_or_new(&w, &headers, |s| {
-        (s.user().map(|(l, r)| (l.to_string(), r)), s.csrf.clone())
-    });
+    let (csrf, set) = session_or_new(&w, &headers, |s| s.csrf.clone());
+    let user = cookie(&headers)
+        .filter(|_| set.is_none())
+        .and_then(|id| current_user(&w, &id));
     let Some((login, role)) = user else {
         return redirect("/login", set.as_deref());
     };
@@ -388,9 +471,18 @@ async fn home(State(w): State<Arc<Web>>, headers: HeaderMap) -> Response {
     respond(StatusCode::OK, set.as_deref(), page("ztmesh", &body))
 }
 
-fn login_form(csrf: &str, next: &str, login: &str, err: Option<&str>) -> String {
+fn login_form(sso: bool, csrf: &str, next: &str, login: &str, err: Option<&str>) -> String {
+    let sso = if sso {
+        format!(
+            "<p><a id=\"sso\" class=\"button\" href=\"/oidc/start?next={}\">Sign in with SSO</a></p>\
+             <div class=\"sep\"></div><p>Or with a built-in account:</p>",
+            esc(&percent(next))
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "{}<form id=\"password\" method=\"post\" action=\"/login\">{}{}\
+        "{sso}{}<form id=\"password\" method=\"post\" action=\"/login\">{}{}\
          <label for=\"login\">Login</label>\
          <input type=\"text\" id=\"login\" name=\"login\" autocomplete=\"username\" value=\"{}\" required>\
          <label for=\"password-input\">Password</label>\
@@ -419,7 +511,10 @@ async fn login_page(
     respond(
         StatusCode::OK,
         set.as_deref(),
-        page("Sign in", &login_form(&csrf, &next, "", None)),
+        page(
+            "Sign in",
+            &login_form(w.sso.is_some(), &csrf, &next, "", None),
+        ),
     )
 }
 
@@ -443,34 +538,23 @@ async fn login_post(
         Err(r) => return r,
     };
     let now = now();
-    let src = format!("src:{}", source_text(&conn));
+    let source = source_text(&conn);
     let login = f.login.trim().to_ascii_lowercase();
     let next = safe_next(f.next.as_deref());
-    let actor = format!("web:{}", source_text(&conn));
+    let actor = format!("web:{source}");
     let refuse = |status: StatusCode, msg: &str| {
         let csrf = with_session(&w, &id, |s| s.csrf.clone()).unwrap_or_default();
         respond(
             status,
             None,
-            page("Sign in", &login_form(&csrf, &next, &login, Some(msg))),
+            page(
+                "Sign in",
+                &login_form(w.sso.is_some(), &csrf, &next, &login, Some(msg)),
+            ),
         )
     };
     if login.len() > 254 || f.password.len() > accounts::MAX_PASSWORD {
         return refuse(StatusCode::BAD_REQUEST, "Login or password too long.");
-    }
-    let acct = format!("acct:{login}");
-    let wait = relock(&w.pw_source)
-        .check(&src, now)
-        .and_then(|()| relock(&w.pw_account).check(&acct, now));
-    if let Err(ms) = wait {
-        w.mesh.audit_event(
-            now,
-            &actor,
-            "login.throttled",
-            &login,
-            &format!("wait_ms={ms}"),
-        );
-        return refuse(StatusCode::TOO_MANY_REQUESTS, &wait_message(ms));
     }
     let creds = match w.mesh.credentials(&login) {
         Ok(c) => c,
@@ -483,34 +567,77 @@ async fn login_post(
             );
         }
     };
+    // What the audit log names: a known login, never what a stranger typed
+    // (it may be a password, or terminal escapes).
+    let target = if creds.is_some() {
+        login.clone()
+    } else {
+        format!("unknown:{}", &hex(&sha256(login.as_bytes()))[..12])
+    };
+    // Back-off per source and per (account, source): guesses from one place
+    // are slowed, and nobody elsewhere can keep the owner out.
+    let src_key = format!("src:{source}");
+    let acct_key = format!("acct:{login}|{source}");
+    let wait = relock(&w.pw_source)
+        .check(&src_key, now)
+        .and_then(|()| relock(&w.pw_account).check(&acct_key, now));
+    if let Err(ms) = wait {
+        return refuse(StatusCode::TOO_MANY_REQUESTS, &wait_message(ms));
+    }
+    // Charged before the (slow) check, so parallel requests cannot all slip
+    // through one window; a match takes the charge back.
+    let waits = (
+        relock(&w.pw_source).fail(&src_key, now),
+        relock(&w.pw_account).fail(&acct_key, now),
+    );
+    let Ok(permit) = w.hashing.clone().try_acquire_owned() else {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The controller is busy checking other sign-ins. Try again in a moment.",
+        );
+    };
     let hash = creds
         .as_ref()
         .and_then(|c| c.password_hash.clone())
         .unwrap_or_else(|| accounts::dummy_hash().to_string());
     let pw = f.password.clone();
-    // argon2 is deliberately slow: off the async workers.
-    let matched = tokio::task::spawn_blocking(move || accounts::verify_password(&pw, &hash))
-        .await
-        .unwrap_or(false)
+    // argon2 is deliberately slow (and 19 MiB): off the async workers, at
+    // most a few at a time.
+    let matched = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        accounts::verify_password(&pw, &hash)
+    })
+    .await
+    .unwrap_or(false)
         && creds.as_ref().is_some_and(|c| c.password_hash.is_some());
     if !matched {
-        relock(&w.pw_source).fail(&src, now);
-        relock(&w.pw_account).fail(&acct, now);
         w.mesh.audit_event(
             now,
             &actor,
             "login.failed",
-            &login,
+            &target,
             "wrong login or password",
         );
+        if waits.0 > 0 || waits.1 > 0 {
+            // Once per step up of the back-off, not per refused attempt.
+            w.mesh.audit_event(
+                now,
+                &actor,
+                "login.throttled",
+                &target,
+                &format!("wait_ms={}", waits.0.max(waits.1)),
+            );
+        }
         return refuse(StatusCode::UNAUTHORIZED, "Wrong login or password.");
     }
-    relock(&w.pw_account).succeed(&acct);
+    relock(&w.pw_account).succeed(&acct_key);
+    relock(&w.pw_source).succeed(&src_key);
     let enrolled = creds.is_some_and(|c| c.totp_secret.is_some());
     with_session(&w, &id, |s| {
         s.auth = Auth::Password {
             login: login.clone(),
         };
+        s.mfa_failures = 0;
         s.next = next;
     });
     let new = rotate(&w, &id);
@@ -530,6 +657,9 @@ fn password_stage(w: &Web, headers: &HeaderMap) -> Result<(String, String, Strin
     })
     .unwrap_or_else(|| Err(redirect("/login", None)))
 }
+
+/// Wrong second-factor codes one password entry allows.
+const MAX_MFA_FAILURES: u32 = 10;
 
 fn mfa_form(csrf: &str, err: Option<&str>) -> String {
     format!(
@@ -608,6 +738,28 @@ async fn mfa_post(
             &login,
             "wrong or reused second-factor code",
         );
+        // Past a few wrong codes the password is asked for again: a holder
+        // of the password alone gets no endless stream of code guesses.
+        let again = with_session(&w, &id, |s| {
+            s.mfa_failures += 1;
+            if s.mfa_failures >= MAX_MFA_FAILURES {
+                s.auth = Auth::Anonymous;
+                true
+            } else {
+                false
+            }
+        })
+        .unwrap_or(true);
+        if again {
+            w.mesh.audit_event(
+                now,
+                &actor,
+                "login.mfa-reset",
+                &login,
+                "too many wrong codes",
+            );
+            return redirect("/login", None);
+        }
         let msg = if wait > 0 {
             format!(
                 "That code is wrong or was already used. {}",
@@ -641,9 +793,9 @@ fn sign_in(
     actor: &str,
     now: UnixMs,
 ) -> Response {
-    let role = match w.mesh.user(login) {
-        Ok(u) => u.role,
-        Err(_) => {
+    let (role, stamp) = match (w.mesh.user(login), w.mesh.credential_stamp(login)) {
+        (Ok(u), Some(stamp)) => (u.role, stamp),
+        _ => {
             return problem(
                 StatusCode::FORBIDDEN,
                 "Sign-in refused",
@@ -656,6 +808,7 @@ fn sign_in(
             login: login.to_string(),
             role,
             via,
+            stamp,
         };
         s.pending_totp = None;
         s.oidc = None;
@@ -802,6 +955,8 @@ async fn enroll_post(
     };
     let codes = match w.mesh.enroll_totp(&login, &secret, step, &mut OsRng, now) {
         Ok(c) => c,
+        // Enrolled meanwhile (another browser): sign in with that one.
+        Err(crate::error::Error::Conflict(_)) => return redirect("/mfa", None),
         Err(e) => {
             return problem(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -814,11 +969,13 @@ async fn enroll_post(
     // Signed in now; the recovery codes are shown this once, on this
     // response (never stored in clear, never shown again).
     let role = w.mesh.user(&login).map(|u| u.role).unwrap_or(Role::Member);
+    let stamp = w.mesh.credential_stamp(&login).unwrap_or_default();
     let next = with_session(&w, &id, |s| {
         s.auth = Auth::SignedIn {
             login: login.clone(),
             role,
             via: "password+totp",
+            stamp,
         };
         s.pending_totp = None;
         s.next.clone()
@@ -866,7 +1023,6 @@ fn device_unknown() -> Response {
 
 async fn device_page(
     State(w): State<Arc<Web>>,
-    conn: Conn,
     headers: HeaderMap,
     Query(q): Query<CodeQuery>,
 ) -> Response {
@@ -874,14 +1030,15 @@ async fn device_page(
         return device_unknown();
     };
     let next = format!("/device?code={}", device::display_code(&code));
-    let ((user, csrf), set) = session_or_new(&w, &headers, |s| {
-        (s.user().map(|(l, _)| l.to_string()), s.csrf.clone())
-    });
-    let Some(login) = user else {
+    let (csrf, set) = session_or_new(&w, &headers, |s| s.csrf.clone());
+    let user = cookie(&headers)
+        .filter(|_| set.is_none())
+        .and_then(|id| current_user(&w, &id));
+    let Some((login, _)) = user else {
         return redirect(&format!("/login?next={}", percent(&next)), set.as_deref());
     };
     let now = now();
-    let src = format!("src:{}", source_text(&conn));
+    let src = format!("user:{login}");
     if let Err(ms) = relock(&w.codes).check(&src, now) {
         return problem(
             StatusCode::TOO_MANY_REQUESTS,
@@ -966,14 +1123,23 @@ async fn device_post(
         Ok(id) => id,
         Err(r) => return r,
     };
-    let Some(Some((login, _))) =
-        with_session(&w, &id, |s| s.user().map(|(l, r)| (l.to_string(), r)))
-    else {
+    let Some((login, _)) = current_user(&w, &id) else {
         return redirect("/login", None);
     };
     let now = now();
     let actor = format!("user:{login}");
+    let src = format!("user:{login}");
+    if let Err(ms) = relock(&w.codes).check(&src, now) {
+        return problem(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Slow down",
+            &wait_message(ms),
+        );
+    }
     let Some(p) = w.hub.take(&f.code, now) else {
+        relock(&w.codes).fail(&src, now);
+        w.mesh
+            .audit_event(now, &actor, "device.unknown-code", &login, "confirmation");
         return device_unknown();
     };
     if f.action != "approve" {
@@ -1023,6 +1189,137 @@ async fn device_post(
             problem(StatusCode::CONFLICT, "Device not added", &e.to_string())
         }
     }
+}
+
+#[expect(
+    clippy::disallowed_types,
+    reason = "state, nonce and PKCE verifier come from OS entropy"
+)]
+async fn oidc_start(
+    State(w): State<Arc<Web>>,
+    headers: HeaderMap,
+    Query(q): Query<NextQuery>,
+) -> Response {
+    use rand_core::OsRng;
+    let Some(sso) = &w.sso else {
+        return problem(
+            StatusCode::NOT_FOUND,
+            "No SSO",
+            "Single sign-on is not configured on this controller.",
+        );
+    };
+    let provider = match sso.provider() {
+        Ok(p) => p,
+        Err(e) => {
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "SSO unavailable",
+                &format!("The identity provider cannot be reached right now ({e}). Try again in a minute, or use a built-in account."),
+            )
+        }
+    };
+    let next = safe_next(q.next.as_deref());
+    let (url, req) = provider.begin(&mut OsRng);
+    let ((), set) = session_or_new(&w, &headers, |s| {
+        s.next = next;
+        s.oidc = Some(req);
+    });
+    redirect(&url, set.as_deref())
+}
+
+#[derive(Deserialize)]
+struct CallbackQuery {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+/// The provider sends the browser back here. Whatever the outcome, the
+/// session's pending request is used up (a reload or a replayed callback
+/// URL finds none), and success answers with a redirect away, so the code
+/// never sits in the address bar to be reloaded.
+async fn oidc_callback(
+    State(w): State<Arc<Web>>,
+    conn: Conn,
+    headers: HeaderMap,
+    Query(q): Query<CallbackQuery>,
+) -> Response {
+    let now = now();
+    let actor = format!("web:{}", source_text(&conn));
+    let refuse = |status: StatusCode, reason: &str, msg: &str| {
+        w.mesh.audit_event(
+            now,
+            &actor,
+            "login.failed",
+            "sso",
+            &format!("reason={reason}"),
+        );
+        respond(
+            status,
+            None,
+            page(
+                "Sign-in refused",
+                &format!(
+                    "{}<p><a id=\"again\" href=\"/login\">Start again</a></p>",
+                    html::error(Some(msg))
+                ),
+            ),
+        )
+    };
+    let Some(sso) = w.sso.clone() else {
+        return problem(
+            StatusCode::NOT_FOUND,
+            "No SSO",
+            "Single sign-on is not configured on this controller.",
+        );
+    };
+    let id = cookie(&headers);
+    let pending = id
+        .as_deref()
+        .and_then(|id| with_session(&w, id, |s| s.oidc.take()))
+        .flatten();
+    let (Some(id), Some(req)) = (id, pending) else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "state-mismatch",
+            "No sign-in was started in this browser, or this sign-in response was already used. Start again.",
+        );
+    };
+    let provider = match sso.provider() {
+        Ok(p) => p,
+        Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, "discovery", &e),
+    };
+    let cb = Callback {
+        code: q.code,
+        state: q.state,
+        error: q.error,
+        error_description: q.error_description,
+    };
+    let identity = match provider.finish(&req, &cb, now).await {
+        Ok(i) => i,
+        Err(e) => {
+            let status = match e.reason() {
+                "http" | "discovery" => StatusCode::BAD_GATEWAY,
+                "mfa-required" | "domain-refused" | "group-refused" | "email-unverified" => {
+                    StatusCode::FORBIDDEN
+                }
+                _ => StatusCode::BAD_REQUEST,
+            };
+            return refuse(status, e.reason(), &e.to_string());
+        }
+    };
+    let user = match w.mesh.sso_user(
+        &identity.issuer,
+        &identity.subject,
+        identity.email.as_deref(),
+        sso.create_users,
+        now,
+    ) {
+        Ok(u) => u,
+        Err(e) => return refuse(StatusCode::FORBIDDEN, "no-user", &e.to_string()),
+    };
+    sign_in(&w, &id, &user.login, "sso", &actor, now)
 }
 
 #[derive(Deserialize)]

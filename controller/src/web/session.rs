@@ -33,11 +33,14 @@ pub enum Auth {
     Password {
         login: String,
     },
-    /// Signed in (`via`: "password+totp", "password+recovery-code", "sso").
+    /// Signed in (`via`: "password+totp", "password+recovery-code", "sso"),
+    /// resting on the user's credentials as `stamp` records them
+    /// (`Mesh::credential_stamp`).
     SignedIn {
         login: String,
         role: Role,
         via: &'static str,
+        stamp: [u8; 32],
     },
 }
 
@@ -54,6 +57,9 @@ pub struct Session {
     pub oidc: Option<crate::oidc::AuthRequest>,
     /// Where to go once signed in (a path checked by the caller).
     pub next: String,
+    /// Wrong second-factor codes in this session: past a few, the password
+    /// must be entered again.
+    pub mfa_failures: u32,
 }
 
 impl Session {
@@ -92,18 +98,20 @@ impl Sessions {
         }
     }
 
-    /// A new anonymous session; returns its cookie value.
-    pub fn create(&mut self, now: UnixMs, rng: &mut impl RngCore) -> String {
+    /// A new anonymous session; returns its cookie value. When the table
+    /// is full the stalest session that is not signed in makes room; a
+    /// signed-in one is never evicted for a stranger (`None`: full of
+    /// signed-in sessions).
+    pub fn create(&mut self, now: UnixMs, rng: &mut impl RngCore) -> Option<String> {
         self.prune(now);
         if self.map.len() >= self.max {
-            if let Some(k) = self
+            let k = self
                 .map
                 .iter()
+                .filter(|(_, s)| !matches!(s.auth, Auth::SignedIn { .. }))
                 .min_by_key(|(_, s)| s.last_ms)
-                .map(|(k, _)| *k)
-            {
-                self.map.remove(&k);
-            }
+                .map(|(k, _)| *k)?;
+            self.map.remove(&k);
         }
         let id = random_token(rng);
         self.map.insert(
@@ -116,9 +124,10 @@ impl Sessions {
                 pending_totp: None,
                 oidc: None,
                 next: "/".into(),
+                mfa_failures: 0,
             },
         );
-        id
+        Some(id)
     }
 
     /// The live session of a cookie value (its idle clock restarted).
@@ -178,7 +187,7 @@ mod tests {
     fn sessions_expire_idle_and_absolute() {
         let mut r = rand::rngs::StdRng::seed_from_u64(3);
         let mut s = Sessions::new(10);
-        let id = s.create(0, &mut r);
+        let id = s.create(0, &mut r).unwrap();
         assert!(s.get(&id, IDLE_MS - 1).is_some());
         // Kept alive by use, but never past the absolute limit.
         let mut t = IDLE_MS - 1;
@@ -187,7 +196,7 @@ mod tests {
             assert!(s.get(&id, t).is_some(), "{t}");
         }
         assert!(s.get(&id, ABSOLUTE_MS).is_none());
-        let id = s.create(0, &mut r);
+        let id = s.create(0, &mut r).unwrap();
         assert!(s.get(&id, IDLE_MS).is_none(), "idle too long");
     }
 
@@ -195,7 +204,7 @@ mod tests {
     fn rotation_retires_the_old_id_and_csrf_token() {
         let mut r = rand::rngs::StdRng::seed_from_u64(4);
         let mut s = Sessions::new(10);
-        let id = s.create(0, &mut r);
+        let id = s.create(0, &mut r).unwrap();
         let csrf = s.get(&id, 0).unwrap().csrf.clone();
         let new = s.rotate(&id, 1, &mut r).unwrap();
         assert!(s.get(&id, 1).is_none());
@@ -210,10 +219,23 @@ mod tests {
     fn the_table_is_bounded_and_ids_are_not_stored() {
         let mut r = rand::rngs::StdRng::seed_from_u64(5);
         let mut s = Sessions::new(5);
-        let ids: Vec<String> = (0..20).map(|i| s.create(i, &mut r)).collect();
+        let ids: Vec<String> = (0..20).map(|i| s.create(i, &mut r).unwrap()).collect();
         assert_eq!(s.len(), 5);
         assert!(s.get(&ids[19], 20).is_some());
         assert!(s.get(&ids[0], 20).is_none(), "the stalest went first");
+        // Signed-in sessions are never evicted for strangers.
+        for id in &ids[15..] {
+            s.get(id, 21).unwrap().auth = Auth::SignedIn {
+                login: "a@example.com".into(),
+                role: Role::Member,
+                via: "sso",
+                stamp: [0; 32],
+            };
+        }
+        assert!(s.create(22, &mut r).is_none());
+        for id in &ids[15..] {
+            assert!(s.get(id, 23).is_some());
+        }
         assert!(!s.map.contains_key(&{
             let mut k = [0u8; 32];
             k.copy_from_slice(&ids[19].as_bytes()[..32]);

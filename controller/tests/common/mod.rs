@@ -46,9 +46,18 @@ impl Ctl {
         let d2 = DataDir::new(&data.root);
         let m2 = mesh.clone();
         let task = tokio::spawn(async move {
-            server::run_with(&d2, m2, cert, key, listener, limits, async {
-                let _ = rx.await;
-            })
+            server::run_with(
+                &d2,
+                m2,
+                cert,
+                key,
+                listener,
+                limits,
+                Default::default(),
+                async {
+                    let _ = rx.await;
+                },
+            )
             .await
         });
         let fp = mesh.fingerprint();
