@@ -2608,6 +2608,21 @@ vb97uiO4Qr1swYKakEmLyOQG8CwkQM1dc/Zc5qKePM/65vCpByrShA==\n\
         }
     }
 
+    /// Web handlers run these futures on a multi-threaded runtime and share
+    /// one `Oidc`: a compile-time check that they may.
+    #[test]
+    fn futures_are_send_and_the_provider_is_shareable() {
+        fn send<T: Send>(_: &T) {}
+        fn shared<T: Send + Sync + 'static>() {}
+        shared::<Oidc>();
+        let discover = Oidc::discover(cfg());
+        send(&discover);
+        #[allow(dead_code, reason = "only type-checked")]
+        fn finish_is_send(oidc: &Oidc, req: &AuthRequest, cb: &Callback) {
+            send(&oidc.finish(req, cb, NOW_MS));
+        }
+    }
+
     #[test]
     fn form_encoding_follows_rfc6749_basic_rules() {
         assert_eq!(form_encode("client:id"), "client%3Aid");
