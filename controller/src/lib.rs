@@ -12,6 +12,8 @@
 //!   views; time and randomness come in as arguments;
 //! - [`api`] (tonic services) ← [`server`] (listeners, TLS, ticker;
 //!   [`listener`] caps hostile clients). [`cli`] is the admin client.
+//! - [`oidc`]: the OpenID Connect relying party (discovery, code flow with
+//!   PKCE, ID-token verification, the admission policy) for interactive login.
 #![cfg_attr(
     test,
     allow(

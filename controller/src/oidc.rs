@@ -789,8 +789,9 @@ pub fn check_callback<'a>(
     if !state_ok {
         return Err(OidcError::StateMismatch);
     }
+    // A small step back of the clock must not break a login in progress.
     let age = now_ms.saturating_sub(req.created_ms);
-    if !(0..=LOGIN_TTL_MS).contains(&age) {
+    if !(-CLOCK_LEEWAY_MS..=LOGIN_TTL_MS).contains(&age) {
         return Err(OidcError::LoginExpired);
     }
     if let Some(error) = &cb.error {
@@ -1407,10 +1408,7 @@ fn http_client(cfg: &OidcConfig) -> Result<reqwest::Client, OidcError> {
 
 /// Sends a request and reads at most [`MAX_RESPONSE_BYTES`] of the answer.
 async fn fetch(request: reqwest::RequestBuilder) -> Result<(StatusCode, Vec<u8>), OidcError> {
-    let mut response = request
-        .send()
-        .await
-        .map_err(|e| OidcError::Http(error_chain(&e)))?;
+    let mut response = request.send().await.map_err(http_error)?;
     let status = response.status();
     if status.is_redirection() {
         return Err(OidcError::Http(format!(
@@ -1432,17 +1430,23 @@ async fn fetch(request: reqwest::RequestBuilder) -> Result<(StatusCode, Vec<u8>)
         return Err(too_large());
     }
     let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| OidcError::Http(error_chain(&e)))?
-    {
+    while let Some(chunk) = response.chunk().await.map_err(http_error)? {
         if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
             return Err(too_large());
         }
         body.extend_from_slice(&chunk);
     }
     Ok((status, body))
+}
+
+/// A failed request, with a hint for the one TLS failure an admin can fix
+/// here: a provider certificate from a CA the controller does not trust.
+fn http_error(e: reqwest::Error) -> OidcError {
+    let mut text = error_chain(&e);
+    if text.contains("invalid peer certificate") {
+        text.push_str(" (the provider's certificate is not trusted: configure its CA file)");
+    }
+    OidcError::Http(text)
 }
 
 /// An error and its sources on one line (the TLS reason, say), bounded.
@@ -1836,6 +1840,18 @@ vb97uiO4Qr1swYKakEmLyOQG8CwkQM1dc/Zc5qKePM/65vCpByrShA==\n\
                     .unwrap();
             assert_eq!(reason(verify(&token, &jwks)), "alg-refused", "{alg:?}");
         }
+        // Even a symmetric key published in the JWKS is never used.
+        let secret = b"shared-secret-published-by-mistake";
+        let oct: JwkSet = serde_json::from_value(
+            json!({"keys": [{"kty": "oct", "kid": "oct-1", "alg": "HS256", "k": b64(secret)}]}),
+        )
+        .unwrap();
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("oct-1".into());
+        let token =
+            jsonwebtoken::encode(&header, &good_claims(), &EncodingKey::from_secret(secret))
+                .unwrap();
+        assert_eq!(reason(verify(&token, &oct)), "alg-refused");
     }
 
     #[test]
@@ -2561,6 +2577,49 @@ vb97uiO4Qr1swYKakEmLyOQG8CwkQM1dc/Zc5qKePM/65vCpByrShA==\n\
                 "{word}"
             );
             assert!(!e.to_string().is_empty());
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_tokens_never_panic_or_verify(
+            token in "[A-Za-z0-9_.-]{0,600}",
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+        ) {
+            let key = ec_key("k1");
+            let jwks = set(&[&key]);
+            proptest::prop_assert!(verify(&token, &jwks).is_err());
+            let lossy = String::from_utf8_lossy(&bytes);
+            proptest::prop_assert!(verify(&lossy, &jwks).is_err());
+            let header = b64(br#"{"alg":"ES256","kid":"k1"}"#);
+            let spliced = format!("{header}.{}.{token}", b64(&bytes));
+            proptest::prop_assert!(verify(&spliced, &jwks).is_err());
+        }
+
+        #[test]
+        fn normalized_emails_are_plain_lowercase_and_stable(raw in "\\PC{0,80}|[a-zA-Z0-9.+@-]{0,80}") {
+            if let Ok(email) = normalize_email(&raw) {
+                proptest::prop_assert!(email.len() <= MAX_EMAIL_BYTES);
+                proptest::prop_assert!(email.bytes().all(|b| b.is_ascii_graphic() && !b.is_ascii_uppercase()));
+                proptest::prop_assert_eq!(email.matches('@').count(), 1);
+                proptest::prop_assert_eq!(normalize_email(&email).unwrap(), email.clone());
+                proptest::prop_assert!(email.eq_ignore_ascii_case(&raw));
+            }
+        }
+    }
+
+    /// Web handlers run these futures on a multi-threaded runtime and share
+    /// one `Oidc`: a compile-time check that they may.
+    #[test]
+    fn futures_are_send_and_the_provider_is_shareable() {
+        fn send<T: Send>(_: &T) {}
+        fn shared<T: Send + Sync + 'static>() {}
+        shared::<Oidc>();
+        let discover = Oidc::discover(cfg());
+        send(&discover);
+        #[allow(dead_code, reason = "only type-checked")]
+        fn finish_is_send(oidc: &Oidc, req: &AuthRequest, cb: &Callback) {
+            send(&oidc.finish(req, cb, NOW_MS));
         }
     }
 
