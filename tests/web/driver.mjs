@@ -5,8 +5,8 @@
 //
 // Reads one JSON command a line on stdin and answers each with one JSON line
 // on stdout, in order: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
-// Every command may carry `timeout_ms` (default 15000); no command waits
-// longer. Commands (`op`):
+// Every command may carry `timeout_ms` (default 15000; no command waits
+// longer) and an `id`, echoed in its answer. Commands (`op`):
 //   goto {url}          load a page (waits for `load`)     -> {status, url}
 //   fill {sel, value}   type into an input
 //   click {sel}         click; if a navigation starts, waits for it
@@ -119,7 +119,7 @@ const page = await context.newPage();
 const state = {
   status: null,
   navRequests: 0,
-  navDone: 0,
+  commits: 0,
   urls: [],
   failed: [],
   violations: [],
@@ -145,12 +145,13 @@ page.on('requestfailed', (request) => {
     const failure = { url: request.url(), error: request.failure()?.errorText ?? 'failed' };
     state.status = null;
     record(state.failed, failure);
-    state.navDone += 1;
     log('navigation.failed', failure);
   }
 });
-page.on('load', () => {
-  state.navDone += 1;
+// A new document in the main frame: the end of a redirect chain, or
+// Chromium's error page for a load that failed.
+page.on('framenavigated', (frame) => {
+  if (frame === page.mainFrame()) state.commits += 1;
 });
 page.on('console', (msg) => {
   if (msg.type() !== 'error') return;
@@ -186,15 +187,36 @@ await page.addInitScript(() => {
   });
 });
 
-async function navigation(fn) {
-  const response = await fn();
-  return { status: response ? response.status() : null, url: page.url() };
+// Waits until a navigation that started after `commits` documents and
+// `failed` failures has put a new document in place (its page or Chromium's
+// error page) and that document has loaded; a load that was aborted (a 204,
+// a download) puts none.
+async function settle(commits, failed, timeout) {
+  const aborted = () => state.failed.slice(failed).some((f) => f.error === 'net::ERR_ABORTED');
+  if (!(await waitFor(() => state.commits > commits || aborted(), timeout))) {
+    throw new Error(`the navigation did not finish within ${timeout} ms`);
+  }
+  await page.waitForLoadState('load', { timeout });
+}
+
+async function navigation(fn, timeout) {
+  const commits = state.commits;
+  const failed = state.failed.length;
+  try {
+    const response = await fn();
+    return { status: response ? response.status() : null, url: page.url() };
+  } catch (e) {
+    // Playwright reports a failed load before Chromium shows its error
+    // page; let that happen now rather than cut into the next command.
+    if (state.failed.length > failed) await settle(commits, failed, Math.min(timeout, 3000)).catch(() => {});
+    throw e;
+  }
 }
 
 const ops = {
   async goto(cmd, timeout) {
     need(cmd, 'url');
-    return navigation(() => page.goto(cmd.url, { timeout, waitUntil: 'load' }));
+    return navigation(() => page.goto(cmd.url, { timeout, waitUntil: 'load' }), timeout);
   },
   async fill(cmd, timeout) {
     need(cmd, 'sel', 'value');
@@ -204,13 +226,11 @@ const ops = {
   async click(cmd, timeout) {
     need(cmd, 'sel');
     const started = state.navRequests;
-    const done = state.navDone;
-    await page.locator(cmd.sel).click({ timeout });
+    const commits = state.commits;
     const failedBefore = state.failed.length;
+    await page.locator(cmd.sel).click({ timeout });
     const navigated = await waitFor(() => state.navRequests > started, NAV_START_WINDOW_MS);
-    if (navigated && !(await waitFor(() => state.navDone > done, timeout))) {
-      throw new Error(`click ${cmd.sel}: the navigation it started did not finish in ${timeout} ms`);
-    }
+    if (navigated) await settle(commits, failedBefore, timeout);
     const failed = state.failed.length > failedBefore ? state.failed[state.failed.length - 1] : null;
     return { navigated, url: page.url(), failed };
   },
@@ -254,10 +274,10 @@ const ops = {
     return { cookies: await context.cookies() };
   },
   async reload(_cmd, timeout) {
-    return navigation(() => page.reload({ timeout, waitUntil: 'load' }));
+    return navigation(() => page.reload({ timeout, waitUntil: 'load' }), timeout);
   },
   async back(_cmd, timeout) {
-    return navigation(() => page.goBack({ timeout, waitUntil: 'load' }));
+    return navigation(() => page.goBack({ timeout, waitUntil: 'load' }), timeout);
   },
   async screenshot(cmd, timeout) {
     need(cmd, 'path');
@@ -297,13 +317,17 @@ for await (const line of lines) {
     reply({ ok: false, error: 'a command is a JSON object with a string "op"' });
     continue;
   }
+  // An `id` is echoed, so a client that gave up on a slow answer can tell
+  // it from the next one.
+  const id = cmd.id ?? null;
   if (cmd.op === 'close') {
-    reply({ ok: true });
+    reply({ ok: true, id });
     await shutdown(0);
+    continue;
   }
   const op = Object.hasOwn(ops, cmd.op) ? ops[cmd.op] : undefined;
   if (!op) {
-    reply({ ok: false, error: `unknown op ${JSON.stringify(cmd.op)}` });
+    reply({ ok: false, id, error: `unknown op ${JSON.stringify(cmd.op)}` });
     continue;
   }
   const timeout = Number.isInteger(cmd.timeout_ms) && cmd.timeout_ms > 0 ? cmd.timeout_ms : DEFAULT_TIMEOUT_MS;
@@ -311,9 +335,9 @@ for await (const line of lines) {
     // A little more than the op's own timeout, so Playwright's clearer
     // message wins when it is the one that expires.
     const out = await bounded(op(cmd, timeout), timeout + 1000, cmd.op);
-    reply({ ok: true, ...out });
+    reply({ ok: true, id, ...out });
   } catch (e) {
-    reply({ ok: false, error: String(e?.message ?? e).split('\n')[0] });
+    reply({ ok: false, id, error: String(e?.message ?? e).split('\n')[0] });
   }
 }
 await shutdown(0);

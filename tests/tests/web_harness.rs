@@ -1,0 +1,352 @@
+//! Self-test of the browser-login harness (`ztmesh_tests::web`): a real
+//! OpenID provider and a real headless Chromium, each in its own namespace.
+//!
+//! ```text
+//!                  switch ns: br0
+//!          ┌──────────────┴──────────────┐
+//!   ns "idp" eth0 198.18.0.1       ns "user" eth0 198.18.0.2
+//!   idp.mjs on :8443 (HTTPS,       Chromium (driver.mjs), curl;
+//!   leaf of a test CA)             nothing listens on :8444, so the
+//!                                  redirect to the client's callback
+//!                                  fails and its URL (with the code) is kept
+//! ```
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "integration tests build inputs from the real clock and entropy"
+)]
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde_json::{json, Value};
+use ztmesh_tests::web::{
+    https_get, https_post_form, jwt_claims_unverified, query_param, AuthorizationRequest, Browser,
+    Idp, IdpClient, IdpConfig, IdpUser, Pkce, TestCa, ViolationKind, WebTools,
+};
+use ztmesh_tests::{require_root_or_skip, TempDir, Topology};
+
+const CLIENT: &str = "ztmesh-test";
+const SECRET: &str = "client-secret-for-tests";
+const PUBLIC_CLIENT: &str = "ztmesh-cli";
+/// The user namespace's own address, on a port nothing listens on.
+const REDIRECT: &str = "https://198.18.0.2:8444/callback";
+const IDP_PORT: u16 = 8443;
+const ID_TOKEN_TTL: u32 = 120;
+
+fn ready() -> bool {
+    require_root_or_skip() && WebTools::require_or_skip()
+}
+
+fn alice() -> IdpUser {
+    let mut alice = IdpUser::new("alice", "correct horse battery");
+    alice.groups = vec!["eng".to_owned(), "ops".to_owned()];
+    alice.acr = Some("urn:example:mfa".to_owned());
+    alice
+}
+
+fn start_idp(topo: &Topology, dir: &TempDir, clients: Vec<IdpClient>) -> Idp {
+    let config = IdpConfig {
+        clients,
+        users: vec![alice()],
+        id_token_ttl_secs: ID_TOKEN_TTL,
+        ..IdpConfig::default()
+    };
+    let addr = SocketAddr::new(IpAddr::V4(topo.addr("idp")), IDP_PORT);
+    Idp::start(topo.ns("idp"), addr, &config, dir.path()).expect("start the OpenID provider")
+}
+
+fn discovery_url(idp: &Idp) -> String {
+    format!("{}/.well-known/openid-configuration", idp.issuer())
+}
+
+/// The URL of the last load that failed: where the provider sent the browser.
+fn last_failed_url(browser: &mut Browser) -> String {
+    let navs = browser.navigations().expect("navigations");
+    navs.failed
+        .last()
+        .unwrap_or_else(|| panic!("no failed load; requests were {:?}", navs.urls))
+        .url
+        .clone()
+}
+
+fn callback_code(url: &str, state: &str, issuer: &str) -> String {
+    assert!(url.starts_with(&format!("{REDIRECT}?")), "{url}");
+    assert_eq!(query_param(url, "state").as_deref(), Some(state), "{url}");
+    assert_eq!(query_param(url, "iss").as_deref(), Some(issuer), "{url}");
+    query_param(url, "code").unwrap_or_else(|| panic!("no code in {url}"))
+}
+
+fn token_form<'a>(code: &'a str, verifier: &'a str) -> [(&'static str, &'a str); 4] {
+    [
+        ("grant_type", "authorization_code"),
+        ("code", code),
+        ("redirect_uri", REDIRECT),
+        ("code_verifier", verifier),
+    ]
+}
+
+#[test]
+fn code_flow_with_pkce_in_chromium_yields_an_id_token_with_mfa_claims() {
+    if !ready() {
+        return;
+    }
+    let topo = Topology::new(&["idp", "user"]);
+    let dir = TempDir::new("web-idp");
+    let idp = start_idp(
+        &topo,
+        &dir,
+        vec![IdpClient::confidential(CLIENT, SECRET, REDIRECT)],
+    );
+    assert_eq!(idp.issuer(), "https://198.18.0.1:8443");
+    let user = topo.ns("user");
+    let mut browser = Browser::launch(user, &[idp.spki().to_owned()]).expect("launch Chromium");
+
+    // Discovery, as the browser and as a relying party (curl, CA file) see it.
+    let nav = browser
+        .goto(&discovery_url(&idp))
+        .expect("browser loads discovery");
+    assert_eq!(nav.status, Some(200));
+    let seen: Value = serde_json::from_str(&browser.text("body").unwrap()).unwrap();
+    assert_eq!(seen["issuer"], idp.issuer());
+    assert_eq!(seen["code_challenge_methods_supported"], json!(["S256"]));
+    let discovery = https_get(user, idp.ca_path(), &discovery_url(&idp))
+        .expect("curl trusts the provider's CA")
+        .json()
+        .unwrap();
+    assert_eq!(discovery["issuer"], idp.issuer());
+    let token_endpoint = discovery["token_endpoint"].as_str().unwrap().to_owned();
+
+    // No PKCE: sent back to the client with an error, and no code.
+    let no_pkce = idp.authorization_url(&AuthorizationRequest {
+        client_id: CLIENT,
+        redirect_uri: REDIRECT,
+        scope: "openid email groups",
+        state: "state-0",
+        nonce: "nonce-0",
+        code_challenge: None,
+    });
+    let err = browser.goto(&no_pkce).unwrap_err();
+    assert!(err.contains("ERR_CONNECTION_REFUSED"), "{err}");
+    let refused = last_failed_url(&mut browser);
+    assert!(refused.starts_with(REDIRECT), "{refused}");
+    assert_eq!(
+        query_param(&refused, "error").as_deref(),
+        Some("invalid_request")
+    );
+    assert_eq!(query_param(&refused, "code"), None);
+
+    // Sign in: a wrong password first, then the right one.
+    let pkce = Pkce::generate();
+    let login = idp.authorization_url(&AuthorizationRequest {
+        client_id: CLIENT,
+        redirect_uri: REDIRECT,
+        scope: "openid email groups",
+        state: "state-1",
+        nonce: "nonce-1",
+        code_challenge: Some(&pkce.challenge),
+    });
+    let nav = browser.goto(&login).expect("authorization request");
+    assert_eq!(nav.status, Some(200));
+    assert!(nav.url.contains("/interaction/"), "{}", nav.url);
+    browser.fill("#login", "alice").unwrap();
+    browser.fill("#password", "not the password").unwrap();
+    let click = browser.click("#submit").unwrap();
+    assert!(click.navigated && click.failed.is_none(), "{click:?}");
+    assert_eq!(browser.text("#error").unwrap(), "wrong login or password");
+    assert_eq!(browser.status().unwrap(), Some(401));
+    browser.fill("#login", "alice").unwrap();
+    browser.fill("#password", "correct horse battery").unwrap();
+    let click = browser.click("#submit").unwrap();
+    let callback = click.failed.expect("redirected to the client's callback");
+    assert!(
+        callback.error.contains("ERR_CONNECTION_REFUSED"),
+        "{callback:?}"
+    );
+    let code = callback_code(&callback.url, "state-1", idp.issuer());
+
+    // The relying party's side: exchange the code, read the ID token.
+    let reply = https_post_form(
+        user,
+        idp.ca_path(),
+        &token_endpoint,
+        Some((CLIENT, SECRET)),
+        &token_form(&code, &pkce.verifier),
+    )
+    .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let tokens = reply.json().unwrap();
+    let claims = jwt_claims_unverified(tokens["id_token"].as_str().unwrap()).unwrap();
+    assert_eq!(claims["iss"], idp.issuer());
+    assert_eq!(claims["aud"], CLIENT);
+    assert_eq!(claims["sub"], "sub-alice");
+    assert_eq!(claims["nonce"], "nonce-1");
+    assert_eq!(claims["email"], "alice@example.com");
+    assert_eq!(claims["email_verified"], true);
+    assert_eq!(claims["groups"], json!(["eng", "ops"]));
+    assert_eq!(claims["amr"], json!(["pwd", "otp"]));
+    assert_eq!(claims["acr"], "urn:example:mfa");
+    let lifetime = claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap();
+    assert_eq!(lifetime, u64::from(ID_TOKEN_TTL));
+
+    // The same code twice: refused.
+    let replay = https_post_form(
+        user,
+        idp.ca_path(),
+        &token_endpoint,
+        Some((CLIENT, SECRET)),
+        &token_form(&code, &pkce.verifier),
+    )
+    .unwrap();
+    assert_eq!(replay.status, 400, "{}", replay.body);
+    assert_eq!(replay.json().unwrap()["error"], "invalid_grant");
+
+    // The provider's session signs the next request in without a form; that
+    // code with another request's verifier, or a wrong client secret: refused.
+    let pkce2 = Pkce::generate();
+    let again = idp.authorization_url(&AuthorizationRequest {
+        state: "state-2",
+        nonce: "nonce-2",
+        code_challenge: Some(&pkce2.challenge),
+        client_id: CLIENT,
+        redirect_uri: REDIRECT,
+        scope: "openid email groups",
+    });
+    let err = browser.goto(&again).unwrap_err();
+    assert!(err.contains("ERR_CONNECTION_REFUSED"), "{err}");
+    let code2 = callback_code(&last_failed_url(&mut browser), "state-2", idp.issuer());
+    let bad_secret = https_post_form(
+        user,
+        idp.ca_path(),
+        &token_endpoint,
+        Some((CLIENT, "wrong-secret")),
+        &token_form(&code2, &pkce2.verifier),
+    )
+    .unwrap();
+    assert_eq!(bad_secret.status, 401, "{}", bad_secret.body);
+    assert_eq!(bad_secret.json().unwrap()["error"], "invalid_client");
+    let bad_verifier = https_post_form(
+        user,
+        idp.ca_path(),
+        &token_endpoint,
+        Some((CLIENT, SECRET)),
+        &token_form(&code2, &pkce.verifier),
+    )
+    .unwrap();
+    assert_eq!(bad_verifier.status, 400, "{}", bad_verifier.body);
+    assert_eq!(bad_verifier.json().unwrap()["error"], "invalid_grant");
+
+    // The provider's pages ran no script and broke no policy.
+    let problems: Vec<_> = browser
+        .violations()
+        .unwrap()
+        .into_iter()
+        .filter(|v| v.kind != ViolationKind::Resource)
+        .collect();
+    assert!(problems.is_empty(), "{problems:?}");
+}
+
+#[test]
+fn consent_page_and_cancel_are_driven_by_their_buttons() {
+    if !ready() {
+        return;
+    }
+    let topo = Topology::new(&["idp", "user"]);
+    let dir = TempDir::new("web-idp");
+    let mut client = IdpClient::public(PUBLIC_CLIENT, REDIRECT);
+    client.consent = true;
+    let idp = start_idp(&topo, &dir, vec![client]);
+    let user = topo.ns("user");
+    let mut browser = Browser::launch(user, &[idp.spki().to_owned()]).expect("launch Chromium");
+    let pkce = Pkce::generate();
+    let request = |state| AuthorizationRequest {
+        client_id: PUBLIC_CLIENT,
+        redirect_uri: REDIRECT,
+        scope: "openid email",
+        state,
+        nonce: "n",
+        code_challenge: Some(&pkce.challenge),
+    };
+
+    // Cancel at the sign-in page: the client hears access_denied.
+    browser
+        .goto(&idp.authorization_url(&request("s-cancel")))
+        .unwrap();
+    let click = browser.click("#abort").unwrap();
+    let back = click.failed.expect("sent back to the client");
+    assert!(back.url.starts_with(REDIRECT), "{back:?}");
+    assert_eq!(
+        query_param(&back.url, "error").as_deref(),
+        Some("access_denied")
+    );
+    assert_eq!(query_param(&back.url, "state").as_deref(), Some("s-cancel"));
+
+    // Sign in, then the consent page, then a code a public client redeems
+    // with its verifier alone.
+    browser
+        .goto(&idp.authorization_url(&request("s-ok")))
+        .unwrap();
+    browser.fill("#login", "alice").unwrap();
+    browser.fill("#password", "correct horse battery").unwrap();
+    let click = browser.click("#submit").unwrap();
+    assert!(click.failed.is_none(), "{click:?}");
+    assert_eq!(browser.text("#client").unwrap(), PUBLIC_CLIENT);
+    assert!(browser.text("#scopes").unwrap().contains("email"));
+    let click = browser.click("#continue").unwrap();
+    let back = click.failed.expect("sent back to the client");
+    let code = callback_code(&back.url, "s-ok", idp.issuer());
+    let token_endpoint = format!("{}/token", idp.issuer());
+    let mut form = token_form(&code, &pkce.verifier).to_vec();
+    form.push(("client_id", PUBLIC_CLIENT));
+    let reply = https_post_form(user, idp.ca_path(), &token_endpoint, None, &form).unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let claims =
+        jwt_claims_unverified(reply.json().unwrap()["id_token"].as_str().unwrap()).unwrap();
+    assert_eq!(claims["aud"], PUBLIC_CLIENT);
+    assert_eq!(claims["email_verified"], true);
+    assert_eq!(claims.get("groups"), None, "groups were not asked for");
+
+    // The sign-in cookie the provider set is Secure and HttpOnly.
+    let cookies = browser.cookies().unwrap();
+    let session = cookies
+        .iter()
+        .find(|c| c.name == "_session")
+        .unwrap_or_else(|| panic!("no session cookie in {cookies:?}"));
+    assert!(session.secure && session.http_only, "{session:?}");
+}
+
+#[test]
+fn browser_pinned_to_another_key_refuses_the_idp() {
+    if !ready() {
+        return;
+    }
+    let topo = Topology::new(&["idp", "user"]);
+    let dir = TempDir::new("web-idp");
+    let idp = start_idp(
+        &topo,
+        &dir,
+        vec![IdpClient::confidential(CLIENT, SECRET, REDIRECT)],
+    );
+    let user = topo.ns("user");
+    let url = discovery_url(&idp);
+
+    // A certificate for the same address from another CA: a different key.
+    let (other_cert, _) = TestCa::new("other").leaf(IpAddr::V4(topo.addr("idp")));
+    let other_pin = TestCa::spki_sha256_b64(&other_cert).unwrap();
+    assert_ne!(other_pin, idp.spki());
+    for pins in [vec![other_pin], Vec::new()] {
+        let mut browser = Browser::launch(user, &pins).expect("launch Chromium");
+        let err = browser.goto(&url).unwrap_err();
+        assert!(
+            err.contains("ERR_CERT_AUTHORITY_INVALID"),
+            "pins {pins:?}: {err}"
+        );
+        assert_eq!(browser.status().unwrap(), None);
+        assert_eq!(browser.count("#login").unwrap(), 0, "no provider page");
+        drop(browser);
+        assert_eq!(user.pids(), Vec::<i32>::new(), "Chromium left running");
+    }
+
+    // The same browser pinned to the provider's key loads it.
+    let mut browser = Browser::launch(user, &[idp.spki().to_owned()]).expect("launch Chromium");
+    assert_eq!(browser.goto(&url).unwrap().status, Some(200));
+}
