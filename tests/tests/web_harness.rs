@@ -10,6 +10,8 @@
 //!                                  redirect to the client's callback
 //!                                  fails and its URL (with the code) is kept
 //! ```
+//!
+//! The last test runs a browser alone in a namespace, on `data:` pages.
 #![allow(
     clippy::disallowed_methods,
     clippy::disallowed_types,
@@ -23,7 +25,7 @@ use ztmesh_tests::web::{
     https_get, https_post_form, jwt_claims_unverified, query_param, AuthorizationRequest, Browser,
     Idp, IdpClient, IdpConfig, IdpUser, Pkce, TestCa, ViolationKind, WebTools,
 };
-use ztmesh_tests::{require_root_or_skip, TempDir, Topology};
+use ztmesh_tests::{require_root_or_skip, Netns, TempDir, Topology};
 
 const CLIENT: &str = "ztmesh-test";
 const SECRET: &str = "client-secret-for-tests";
@@ -349,4 +351,40 @@ fn browser_pinned_to_another_key_refuses_the_idp() {
     // The same browser pinned to the provider's key loads it.
     let mut browser = Browser::launch(user, &[idp.spki().to_owned()]).expect("launch Chromium");
     assert_eq!(browser.goto(&url).unwrap().status, Some(200));
+}
+
+#[test]
+fn page_problems_are_reported_so_a_clean_page_means_something() {
+    if !ready() {
+        return;
+    }
+    let ns = Netns::new("browser");
+    let mut browser = Browser::launch(&ns, &[]).expect("launch Chromium");
+    browser
+        .goto(concat!(
+            "data:text/html,<meta http-equiv=\"Content-Security-Policy\" content=\"script-src 'none'\">",
+            "<script>document.title='ran'</script><p id=p>blocked</p>"
+        ))
+        .unwrap();
+    assert_eq!(browser.text("#p").unwrap(), "blocked");
+    let csp = browser.take_violations().unwrap();
+    assert!(
+        csp.iter()
+            .any(|v| v.kind == ViolationKind::Csp && v.text.contains("script-src")),
+        "{csp:?}"
+    );
+    assert!(browser.violations().unwrap().is_empty(), "taken");
+
+    browser
+        .goto("data:text/html,<script>console.error('oops'); throw new Error('boom')</script>")
+        .unwrap();
+    let found = browser.violations().unwrap();
+    let kinds: Vec<ViolationKind> = found.iter().map(|v| v.kind).collect();
+    assert!(kinds.contains(&ViolationKind::Console), "{found:?}");
+    assert!(
+        found
+            .iter()
+            .any(|v| v.kind == ViolationKind::PageError && v.text.contains("boom")),
+        "{found:?}"
+    );
 }
