@@ -340,6 +340,38 @@ pub struct IdpUser {
     pub amr: Vec<String>,
     /// The `acr` claim (omitted when `None`).
     pub acr: Option<String>,
+    /// Makes the provider misbehave for this user: its ID tokens are
+    /// rewritten after issue (`None`: honest tokens).
+    pub tamper: Option<IdTokenTamper>,
+}
+
+/// How the provider rewrites a user's ID token at the token endpoint, to test
+/// what a relying party refuses (expired, wrong audience, unsigned, …).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IdTokenTamper {
+    /// Added to `iat`, `exp` and `auth_time` (e.g. -3600: expired an hour ago).
+    pub shift_time_secs: i64,
+    /// Claims set (or replaced), e.g. `{"aud": "another-client"}`.
+    pub set_claims: serde_json::Map<String, Value>,
+    /// Claims removed, e.g. `["amr"]`.
+    pub remove_claims: Vec<String>,
+    /// How the result is signed.
+    pub signature: TamperSignature,
+}
+
+/// The signature on a tampered ID token.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TamperSignature {
+    /// Signed with the provider's key: valid, only the claims are off.
+    #[default]
+    Provider,
+    /// `alg: none` and an empty signature.
+    None,
+    /// Signed with a key the JWKS does not have, under the provider's `kid`.
+    ForeignKey,
+    /// Signed with a key the JWKS does not have, under a `kid` it does not list.
+    UnknownKid,
 }
 
 impl IdpUser {
@@ -356,6 +388,7 @@ impl IdpUser {
             groups: Vec::new(),
             amr: vec!["pwd".to_owned(), "otp".to_owned()],
             acr: None,
+            tamper: None,
         }
     }
 }
@@ -554,6 +587,54 @@ pub fn jwt_claims_unverified(token: &str) -> Result<Value, String> {
     } else {
         Err("JWT payload is not a JSON object".to_owned())
     }
+}
+
+/// The claims of an RS256 JWT whose signature verifies with a key of `jwks`
+/// (a JWK Set as the provider's `jwks_uri` serves it), chosen by `kid`.
+/// Only `alg` and the signature are checked, no claim: it is how a test
+/// tells a well-signed token from a forged one, not a relying party.
+///
+/// # Errors
+/// Malformed token, another `alg`, no key with its `kid`, bad signature.
+pub fn jwt_verify_rs256(token: &str, jwks: &Value) -> Result<Value, String> {
+    let (input, signature) = token
+        .rsplit_once('.')
+        .ok_or_else(|| "a JWT has 3 parts".to_owned())?;
+    let header_part = input.split('.').next().unwrap_or_default();
+    let header: Value = URL_SAFE_NO_PAD
+        .decode(header_part)
+        .ok()
+        .and_then(|h| serde_json::from_slice(&h).ok())
+        .ok_or_else(|| "JWT header is not base64url JSON".to_owned())?;
+    if header["alg"] != "RS256" {
+        return Err(format!("JWT alg is {}, not RS256", header["alg"]));
+    }
+    let kid = header["kid"].as_str().unwrap_or_default();
+    let key = jwks["keys"]
+        .as_array()
+        .and_then(|keys| keys.iter().find(|k| k["kid"] == kid))
+        .ok_or_else(|| format!("no key with kid {kid:?} in the JWKS"))?;
+    let component = |name: &str| -> Result<Vec<u8>, String> {
+        key[name]
+            .as_str()
+            .and_then(|v| URL_SAFE_NO_PAD.decode(v).ok())
+            .ok_or_else(|| format!("JWK {kid:?} has no RSA {name}"))
+    };
+    let public = ring::signature::RsaPublicKeyComponents {
+        n: component("n")?,
+        e: component("e")?,
+    };
+    let signature = URL_SAFE_NO_PAD
+        .decode(signature)
+        .map_err(|e| format!("JWT signature is not base64url: {e}"))?;
+    public
+        .verify(
+            &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+            input.as_bytes(),
+            &signature,
+        )
+        .map_err(|_| format!("JWT signature does not verify with key {kid:?}"))?;
+    jwt_claims_unverified(token)
 }
 
 /// The first value of query parameter `name` in `url`, percent-decoded.
@@ -1005,6 +1086,14 @@ impl Browser {
         serde_json::from_value(v["cookies"].clone()).map_err(|e| format!("cookies: {e}"))
     }
 
+    /// Forgets every cookie: to servers, a new visitor.
+    ///
+    /// # Errors
+    /// Only when the driver is gone.
+    pub fn clear_cookies(&mut self) -> Result<(), String> {
+        self.call(json!({"op": "clear_cookies"})).map(drop)
+    }
+
     /// Reloads the page (a POST result is re-requested as the browser would).
     ///
     /// # Errors
@@ -1298,6 +1387,42 @@ mod tests {
         ] {
             assert!(jwt_claims_unverified(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn jwt_verifier_refuses_malformed_tokens_and_keys_without_panicking() {
+        let header = |h: &str| URL_SAFE_NO_PAD.encode(h.as_bytes());
+        let jwks = json!({"keys": [{"kid": "k", "kty": "RSA", "n": "AQAB", "e": "AQAB"}]});
+        let cases = [
+            ("", "3 parts"),
+            ("x.y", "not base64url JSON"),
+            (
+                &format!("{}.e30.", header(r#"{"alg":"none"}"#)),
+                "not RS256",
+            ),
+            (
+                &format!("{}.e30.AA", header(r#"{"alg":"RS256","kid":"z"}"#)),
+                "no key",
+            ),
+            (
+                &format!("{}.e30.!!", header(r#"{"alg":"RS256","kid":"k"}"#)),
+                "base64url",
+            ),
+            (
+                &format!("{}.e30.AAAA", header(r#"{"alg":"RS256","kid":"k"}"#)),
+                "does not verify",
+            ),
+        ];
+        for (token, want) in cases {
+            let err = jwt_verify_rs256(token, &jwks).unwrap_err();
+            assert!(err.contains(want), "{token:?}: {err}");
+        }
+        let err = jwt_verify_rs256(
+            &format!("{}.e30.AA", header(r#"{"alg":"RS256","kid":"k"}"#)),
+            &json!({}),
+        )
+        .unwrap_err();
+        assert!(err.contains("no key"), "{err}");
     }
 
     #[test]

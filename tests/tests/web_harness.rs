@@ -22,8 +22,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde_json::{json, Value};
 use ztmesh_tests::web::{
-    https_get, https_post_form, jwt_claims_unverified, query_param, AuthorizationRequest, Browser,
-    Idp, IdpClient, IdpConfig, IdpUser, Pkce, TestCa, ViolationKind, WebTools,
+    https_get, https_post_form, jwt_claims_unverified, jwt_verify_rs256, query_param,
+    AuthorizationRequest, Browser, IdTokenTamper, Idp, IdpClient, IdpConfig, IdpUser, Pkce,
+    TamperSignature, TestCa, ViolationKind, WebTools,
 };
 use ztmesh_tests::{require_root_or_skip, Netns, TempDir, Topology};
 
@@ -387,4 +388,132 @@ fn page_problems_are_reported_so_a_clean_page_means_something() {
             .any(|v| v.kind == ViolationKind::PageError && v.text.contains("boom")),
         "{found:?}"
     );
+}
+
+/// Signs `login` in through the browser (a new visitor each time) and
+/// redeems the code; returns the ID token.
+fn sign_in_for_id_token(browser: &mut Browser, idp: &Idp, user: &Netns, login: &str) -> String {
+    browser.clear_cookies().unwrap();
+    let pkce = Pkce::generate();
+    let url = idp.authorization_url(&AuthorizationRequest {
+        client_id: CLIENT,
+        redirect_uri: REDIRECT,
+        scope: "openid email",
+        state: login,
+        nonce: "n",
+        code_challenge: Some(&pkce.challenge),
+    });
+    browser.goto(&url).unwrap();
+    browser.fill("#login", login).unwrap();
+    browser.fill("#password", "pw").unwrap();
+    let back = browser.click("#submit").unwrap().failed.expect("callback");
+    let code = callback_code(&back.url, login, idp.issuer());
+    let reply = https_post_form(
+        user,
+        idp.ca_path(),
+        &format!("{}/token", idp.issuer()),
+        Some((CLIENT, SECRET)),
+        &token_form(&code, &pkce.verifier),
+    )
+    .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    reply.json().unwrap()["id_token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn tampering_users_get_the_id_tokens_a_relying_party_must_refuse() {
+    if !ready() {
+        return;
+    }
+    let topo = Topology::new(&["idp", "user"]);
+    let dir = TempDir::new("web-idp");
+    let tampered = |login: &str, tamper: IdTokenTamper| IdpUser {
+        tamper: Some(tamper),
+        ..IdpUser::new(login, "pw")
+    };
+    let mut other_aud = serde_json::Map::new();
+    other_aud.insert("aud".to_owned(), json!("someone-else"));
+    let config = IdpConfig {
+        clients: vec![IdpClient::confidential(CLIENT, SECRET, REDIRECT)],
+        users: vec![
+            IdpUser::new("honest", "pw"),
+            tampered(
+                "late",
+                IdTokenTamper {
+                    shift_time_secs: -3600,
+                    remove_claims: vec!["amr".to_owned()],
+                    set_claims: other_aud,
+                    ..IdTokenTamper::default()
+                },
+            ),
+            tampered(
+                "forged",
+                IdTokenTamper {
+                    signature: TamperSignature::ForeignKey,
+                    ..IdTokenTamper::default()
+                },
+            ),
+            tampered(
+                "nokid",
+                IdTokenTamper {
+                    signature: TamperSignature::UnknownKid,
+                    ..IdTokenTamper::default()
+                },
+            ),
+            tampered(
+                "unsigned",
+                IdTokenTamper {
+                    signature: TamperSignature::None,
+                    ..IdTokenTamper::default()
+                },
+            ),
+        ],
+        ..IdpConfig::default()
+    };
+    let addr = SocketAddr::new(IpAddr::V4(topo.addr("idp")), IDP_PORT);
+    let idp = Idp::start(topo.ns("idp"), addr, &config, dir.path()).expect("start the provider");
+    let user = topo.ns("user");
+    let discovery = https_get(user, idp.ca_path(), &discovery_url(&idp))
+        .unwrap()
+        .json()
+        .unwrap();
+    let jwks = https_get(user, idp.ca_path(), discovery["jwks_uri"].as_str().unwrap())
+        .unwrap()
+        .json()
+        .unwrap();
+    let mut browser = Browser::launch(user, &[idp.spki().to_owned()]).expect("launch Chromium");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+
+    let honest = sign_in_for_id_token(&mut browser, &idp, user, "honest");
+    let claims = jwt_verify_rs256(&honest, &jwks).expect("the provider's own token verifies");
+    assert!(claims["exp"].as_u64().unwrap() > now);
+    assert_eq!(claims["aud"], CLIENT);
+    assert_eq!(claims["amr"], json!(["pwd", "otp"]));
+
+    let late = sign_in_for_id_token(&mut browser, &idp, user, "late");
+    let claims = jwt_verify_rs256(&late, &jwks).expect("re-signed with the provider's key");
+    assert!(claims["exp"].as_u64().unwrap() + 3000 < now, "{claims}");
+    assert_eq!(claims["aud"], "someone-else");
+    assert_eq!(claims.get("amr"), None);
+    assert_eq!(claims["sub"], "sub-late");
+
+    let forged = sign_in_for_id_token(&mut browser, &idp, user, "forged");
+    let err = jwt_verify_rs256(&forged, &jwks).unwrap_err();
+    assert!(err.contains("does not verify"), "{err}");
+    assert_eq!(jwt_claims_unverified(&forged).unwrap()["sub"], "sub-forged");
+
+    let nokid = sign_in_for_id_token(&mut browser, &idp, user, "nokid");
+    let err = jwt_verify_rs256(&nokid, &jwks).unwrap_err();
+    assert!(err.contains("no key with kid"), "{err}");
+
+    let unsigned = sign_in_for_id_token(&mut browser, &idp, user, "unsigned");
+    assert!(unsigned.ends_with('.'), "no signature: {unsigned}");
+    let err = jwt_verify_rs256(&unsigned, &jwks).unwrap_err();
+    assert!(err.contains("\"none\""), "{err}");
 }

@@ -23,6 +23,7 @@
 //   navigations         every main-frame request URL so far, redirects included,
 //                       and the loads that failed -> {urls, failed: [{url, error}]}
 //   cookies             the browser's cookies              -> {cookies: [...]}
+//   clear_cookies       forget them all (a new visitor, as far as servers can tell)
 //   reload / back       reload the page / go back          -> {status, url}
 //   screenshot {path}   full-page PNG (for a person to look at)
 //   violations {clear?} what went wrong in pages so far -> {violations: [{kind, text, url}]},
@@ -272,6 +273,10 @@ const ops = {
   },
   async cookies() {
     return { cookies: await context.cookies() };
+  },
+  async clear_cookies() {
+    await context.clearCookies();
+    return {};
   },
   async reload(_cmd, timeout) {
     return navigation(() => page.reload({ timeout, waitUntil: 'load' }), timeout);

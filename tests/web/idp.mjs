@@ -8,13 +8,24 @@
 //   { "clients": [{ "client_id", "client_secret" (null: public client),
 //                   "redirect_uris": [...], "consent": false }],
 //     "users":   [{ "login", "password", "sub", "email", "email_verified",
-//                   "groups": [...], "amr": [...], "acr": null | "..." }],
+//                   "groups": [...], "amr": [...], "acr": null | "...",
+//                   "tamper": null | { "shift_time_secs", "set_claims": {...},
+//                                      "remove_claims": [...], "signature" } }],
 //     "id_token_ttl_secs", "access_token_ttl_secs", "code_ttl_secs" }
+//
+// `tamper` makes the provider misbehave for that user, to test what a relying
+// party refuses: the ID token from the token endpoint is rewritten (times
+// shifted, claims set or removed) and signed again: `"provider"` with the
+// provider's key, `"none"` as `alg: none` with no signature, `"foreign_key"`
+// with another key under the provider's `kid`, `"unknown_kid"` with another
+// key under a `kid` the JWKS does not have.
 //
 // Prints one JSON line `{"ready":true,"issuer":...}` on stdout once listening;
 // everything else (one JSON object a line) goes to stderr.
 
-import { generateKeyPairSync, randomBytes, timingSafeEqual } from 'node:crypto';
+import {
+  createPrivateKey, generateKeyPairSync, randomBytes, sign, timingSafeEqual,
+} from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createServer } from 'node:https';
 import Provider from 'oidc-provider';
@@ -70,6 +81,10 @@ function loadConfig(path) {
       fail('config: every user needs login, password and sub (strings)');
     }
     if (logins.has(u.login)) fail(`config: duplicate login ${u.login}`);
+    const signature = u.tamper?.signature ?? 'provider';
+    if (!['provider', 'none', 'foreign_key', 'unknown_kid'].includes(signature)) {
+      fail(`config: user ${u.login}: unknown tamper signature ${signature}`);
+    }
     logins.add(u.login);
   }
   return cfg;
@@ -129,6 +144,8 @@ const signingKey = generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKe
 signingKey.kid = randomBytes(8).toString('hex');
 signingKey.use = 'sig';
 signingKey.alg = 'RS256';
+const providerKey = createPrivateKey({ key: signingKey, format: 'jwk' });
+const foreignKey = generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey;
 
 const clients = cfg.clients.map((c) => ({
   client_id: c.client_id,
@@ -198,6 +215,42 @@ for (const event of ['server_error', 'authorization.error', 'grant.error', 'user
 }
 provider.on('grant.success', (ctx) => log('grant.success', { client_id: ctx.oidc.client?.clientId }));
 provider.on('authorization_code.consumed', (code) => log('code.consumed', { client_id: code.clientId }));
+
+const b64url = (buf) => Buffer.from(buf).toString('base64url');
+
+// The ID token `tamper` asks for (see the header), from the one the provider issued.
+function tamperIdToken(idToken, tamper) {
+  const [, payloadPart] = idToken.split('.');
+  const claims = JSON.parse(Buffer.from(payloadPart, 'base64url').toString('utf8'));
+  const shift = Number(tamper.shift_time_secs ?? 0);
+  for (const claim of ['iat', 'exp', 'auth_time', 'nbf']) {
+    if (typeof claims[claim] === 'number') claims[claim] += shift;
+  }
+  Object.assign(claims, tamper.set_claims ?? {});
+  for (const claim of tamper.remove_claims ?? []) delete claims[claim];
+  const signature = tamper.signature ?? 'provider';
+  if (signature === 'none') {
+    return `${b64url(JSON.stringify({ alg: 'none', typ: 'JWT' }))}.${b64url(JSON.stringify(claims))}.`;
+  }
+  const key = signature === 'provider' ? providerKey : foreignKey;
+  const kid = signature === 'unknown_kid' ? `${signingKey.kid}-unknown` : signingKey.kid;
+  const input = `${b64url(JSON.stringify({ alg: 'RS256', typ: 'JWT', kid }))}.${b64url(JSON.stringify(claims))}`;
+  return `${input}.${b64url(sign('sha256', Buffer.from(input), key))}`;
+}
+
+provider.use(async (ctx, next) => {
+  await next();
+  const body = ctx.body;
+  if (ctx.method !== 'POST' || ctx.path !== '/token' || ctx.status !== 200 || typeof body?.id_token !== 'string') {
+    return;
+  }
+  const sub = JSON.parse(Buffer.from(body.id_token.split('.')[1], 'base64url').toString('utf8')).sub;
+  const tamper = usersBySub.get(sub)?.tamper;
+  if (tamper) {
+    body.id_token = tamperIdToken(body.id_token, tamper);
+    log('id_token.tampered', { sub, signature: tamper.signature ?? 'provider' });
+  }
+});
 
 function loginForm(res, uid, clientId, error) {
   page(res, error ? 401 : 200, 'Sign in', `<p id="client">${esc(clientId)}</p>
