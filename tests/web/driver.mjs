@@ -37,7 +37,7 @@ import { chromium } from 'playwright-core';
 
 const DEFAULT_TIMEOUT_MS = 15000;
 // How long after a click a navigation may take to start and still be waited for.
-const NAV_START_WINDOW_MS = 400;
+const NAV_START_WINDOW_MS = 1000;
 const MAX_RECORDED = 1000;
 
 function reply(obj) {
