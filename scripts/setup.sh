@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine lacks for ztmesh's demo and tests. Idempotent.
 set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
 need=()
-for pair in git:git ip:iproute2 iperf3:iperf3 wg:wireguard-tools wireguard-go:wireguard-go ping:iputils-ping nft:nftables python3:python3; do
+# node, npm, chromium and curl: the browser-login tests (tests/web, tests/src/web.rs).
+for pair in git:git ip:iproute2 iperf3:iperf3 wg:wireguard-tools wireguard-go:wireguard-go ping:iputils-ping nft:nftables python3:python3 \
+  curl:curl node:nodejs npm:npm chromium:chromium chromedriver:chromium-driver; do
   cmd=${pair%%:*}; pkg=${pair##*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
@@ -13,6 +16,17 @@ if ((${#need[@]})); then
   lock=(-o DPkg::Lock::Timeout=300)
   apt-get "${lock[@]}" update -qq
   apt-get "${lock[@]}" install -y -qq --no-install-recommends "${need[@]}"
+fi
+# The OpenID provider and the browser driver, exactly as the committed lockfile
+# pins them (no install scripts: neither package needs one). The stamp inside
+# node_modules (which npm ci recreates) says which lockfile it was built from.
+web="$root/tests/web"
+lock_sum=$(sha256sum "$web/package-lock.json" | cut -d' ' -f1)
+stamp="$web/node_modules/.ztmesh-lock.sha256"
+if [[ ! -f $stamp || $(cat "$stamp") != "$lock_sum" ]]; then
+  echo "setup: npm ci in tests/web"
+  (cd "$web" && npm ci --no-audit --no-fund --ignore-scripts)
+  echo "$lock_sum" >"$stamp"
 fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install Rust (https://rustup.rs) and rerun" >&2

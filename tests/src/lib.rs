@@ -33,6 +33,7 @@
 )]
 
 pub mod natlab;
+pub mod web;
 pub mod wgreplay;
 
 use std::collections::BTreeMap;
