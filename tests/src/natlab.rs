@@ -204,16 +204,30 @@ pub fn start_controller(
     data_dir: &Path,
     relay_file: Option<&Path>,
 ) -> Proc {
+    let extra: Vec<String> = relay_file
+        .map(|f| vec!["--relay-file".into(), f.to_string_lossy().into_owned()])
+        .unwrap_or_default();
+    start_controller_with(ns, addr, data_dir, &extra)
+}
+
+/// [`start_controller`] with `extra` flags of `serve`.
+///
+/// # Panics
+/// If it is not ready within 30 s (its logs are in the message).
+pub fn start_controller_with(
+    ns: &Netns,
+    addr: Ipv4Addr,
+    data_dir: &Path,
+    extra: &[String],
+) -> Proc {
     let bin = bin_path("ztmesh-controller");
     let mut cmd = ns.command(&bin);
     cmd.arg("serve")
         .arg("--data-dir")
         .arg(data_dir)
         .args(["--listen", &format!("[::]:{CONTROLLER_PORT}")])
+        .args(extra)
         .env("ZTMESH_LOG", log_level());
-    if let Some(f) = relay_file {
-        cmd.arg("--relay-file").arg(f);
-    }
     let mut proc = Proc::spawn(&format!("{}/ztmesh-controller", ns.tag()), cmd);
     let addr = addr.to_string();
     let ready = wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
