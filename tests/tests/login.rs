@@ -297,7 +297,7 @@ fn a_person_signs_in_with_a_built_in_account_and_totp_then_the_session_expires_a
     let _daemon = start_daemon(lab.topo.ns(LAPTOP), &dirs, &[]);
 
     let (upc, url) = interactive_up(&lab, &dirs, &[]);
-    let mut b = browser(&lab, &[lab.controller_spki.clone()]);
+    let mut b = browser(&lab, std::slice::from_ref(&lab.controller_spki));
     let nav = b.goto(&url).expect("open the login URL");
     assert!(
         nav.url.contains("/login?next="),
@@ -348,7 +348,7 @@ fn a_person_signs_in_with_a_built_in_account_and_totp_then_the_session_expires_a
 
     // Signing in again in a fresh browser: the code just used is refused,
     // wrong codes are slowed down, and the right code still works after.
-    let mut b2 = browser(&lab, &[lab.controller_spki.clone()]);
+    let mut b2 = browser(&lab, std::slice::from_ref(&lab.controller_spki));
     b2.goto(&format!("{}/login", lab.url())).unwrap();
     b2.fill("#login", "alice@example.com").unwrap();
     b2.fill("#password-input", "correct horse battery").unwrap();
@@ -666,7 +666,7 @@ fn bad_login_codes_are_refused_without_enrolling_anything() {
     }
     let lab = Lab::new(&[LAPTOP], &[]);
     lab.user_with_password("bob@example.com", "another good password");
-    let mut b = browser(&lab, &[lab.controller_spki.clone()]);
+    let mut b = browser(&lab, std::slice::from_ref(&lab.controller_spki));
     b.goto(&format!("{}/login", lab.url())).unwrap();
     b.fill("#login", "bob@example.com").unwrap();
     b.fill("#password-input", "another good password").unwrap();
