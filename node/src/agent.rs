@@ -1332,16 +1332,16 @@ impl Daemon {
                 fingerprint: fingerprint.clone(),
             });
         });
-        let (e, key_expiry_ms) = tokio::select! {
-            r = tokio::time::timeout_at(deadline.into(), sign_in) => match r {
-                Ok(r) => r?,
-                Err(_) => bail!(
-                    "timed out after {} s waiting for the sign-in (--timeout); run `ztmesh up` again",
-                    left.as_secs()
-                ),
-            },
-            () = link.hung_up() => bail!("login cancelled: the client went away"),
+        let signed_in = tokio::select! {
+            r = tokio::time::timeout_at(deadline.into(), sign_in) => r.unwrap_or_else(|_| Err(anyhow!(
+                "timed out after {} s waiting for the sign-in (--timeout); run `ztmesh up` again",
+                left.as_secs()
+            ))),
+            () = link.hung_up() => Err(anyhow!("login cancelled: the client went away")),
         };
+        let (e, key_expiry_ms) = signed_in.inspect_err(|err| {
+            tracing::warn!(error = %format!("{err:#}"), "interactive login failed; nothing stored");
+        })?;
         self.lock().key_expiry_ms = Some(key_expiry_ms);
         tracing::info!(name = %e.name, node_id = e.node_id, "signed in");
         Ok(e)
