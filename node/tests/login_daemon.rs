@@ -18,7 +18,9 @@
 //! early and one against the wrong pin (nothing stored); a good login (the
 //! prompt printed before the enrollment is sent; the proof verifies); the
 //! key expires (peers dropped, status says so, no hammering); `up` signs in
-//! again with the same keys; a CLI killed during a login cancels it.
+//! again with the same keys; a CLI killed during a login cancels it; after
+//! another expiry, `up --auth-key` re-authenticates through `Enroll` (same
+//! keys), and refuses a key for another controller.
 #![allow(
     clippy::disallowed_methods,
     clippy::disallowed_types,
@@ -128,6 +130,10 @@ struct Script {
     logins: Mutex<Vec<pb::LoginRequest>>,
     /// Every login request's proof verified against login_message.
     proofs_ok: Mutex<Vec<bool>>,
+    /// The auth key `Enroll` accepts, and every enroll request whose proof
+    /// verified.
+    auth_key: String,
+    enrolls: Mutex<Vec<pb::EnrollRequest>>,
     /// The test saw the prompt on the CLI's stdout.
     shown: Notify,
     /// A held-open login stream was dropped by the node.
@@ -141,8 +147,11 @@ struct Script {
 }
 
 impl Script {
-    fn new() -> Self {
+    fn new(fingerprint: [u8; 32]) -> Self {
+        let token = auth::KeyToken::generate(Some(fingerprint), &mut StdRng::seed_from_u64(1301));
         Script {
+            auth_key: token.encode(auth::AUTH_KEY_PREFIX),
+            enrolls: Mutex::new(Vec::new()),
             key: SigningKey::generate(&mut StdRng::seed_from_u64(1300)),
             login: Mutex::new(LoginScript::Good),
             logins: Mutex::new(Vec::new()),
@@ -170,9 +179,11 @@ impl Script {
         }
     }
 
-    /// A map for the node that logged in last, with one peer.
+    /// A map for the node that logged in first, with one peer.
     fn map(&self) -> Option<pb::SignedNetMap> {
         let req = self.logins.lock().unwrap().last().cloned()?;
+        let first = self.logins.lock().unwrap().first().cloned()?;
+        assert_eq!(req.machine_key, first.machine_key, "one node throughout");
         let now = now_ms();
         let map = pb::NetMap {
             serial: self.serial.fetch_add(1, Ordering::SeqCst),
@@ -207,9 +218,29 @@ struct Scripted(Arc<Script>);
 impl Control for Scripted {
     async fn enroll(
         &self,
-        _: Request<pb::EnrollRequest>,
+        req: Request<pb::EnrollRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
+        let req = req.into_inner();
+        let ok = req.auth_key == self.0.auth_key
+            && PublicKey::from_slice(&req.machine_key).is_ok_and(|k| {
+                k.verify(
+                    &auth::enroll_message(
+                        &req.auth_key,
+                        &req.machine_key,
+                        &req.wg_key,
+                        &req.hostname,
+                        req.timestamp_ms,
+                    ),
+                    &req.proof,
+                )
+            });
+        if !ok {
+            return Err(Status::unauthenticated("invalid auth key or proof"));
+        }
+        self.0.enrolls.lock().unwrap().push(req);
+        // Re-authenticates the node, as a login does.
+        self.0.expired.send_replace(false);
+        Ok(Response::new(self.0.enrollment()))
     }
 
     type LoginStream = ReceiverStream<Result<pb::LoginEvent, Status>>;
@@ -348,11 +379,20 @@ struct Controller {
 }
 
 impl Controller {
-    fn start(netns: &Netns, script: Arc<Script>) -> Self {
+    /// A fresh TLS identity and its fingerprint.
+    fn identity() -> (rcgen::CertifiedKey<rcgen::KeyPair>, [u8; 32]) {
         let ck = rcgen::generate_simple_self_signed(vec!["ztmesh-controller".to_string()])
             .expect("certificate");
+        let fingerprint = auth::sha256(ck.cert.der());
+        (ck, fingerprint)
+    }
+
+    fn start(
+        netns: &Netns,
+        (ck, fingerprint): (rcgen::CertifiedKey<rcgen::KeyPair>, [u8; 32]),
+        script: Arc<Script>,
+    ) -> Self {
         let cert = ck.cert.der().clone();
-        let fingerprint = auth::sha256(&cert);
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
         let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -640,11 +680,12 @@ fn interactive_login_expiry_and_reauthentication_through_the_daemon() {
         return;
     }
     let netns = Netns::new();
-    let script = Arc::new(Script::new());
+    let identity = Controller::identity();
+    let script = Arc::new(Script::new(identity.1));
     script
         .key_expiry_ms
         .store((now_ms() + 2 * DAY_MS - 60_000) as u64, Ordering::SeqCst);
-    let ctl = Controller::start(&netns, script.clone());
+    let ctl = Controller::start(&netns, identity, script.clone());
     let scratch = Scratch::new("login");
     let (_daemon, node) = Node::start(&netns, &scratch.0);
     let url = ctl.url();
@@ -813,4 +854,44 @@ fn interactive_login_expiry_and_reauthentication_through_the_daemon() {
     }
     node.until("no login pending", |s| s["login"] == "ok");
     assert_eq!(node.status()["self"]["id"], NODE_ID, "still enrolled");
+
+    // Expired again: an auth key re-authenticates through Enroll, with the
+    // same keys; a key for another controller is refused first.
+    phase("auth key");
+    script.expired.send_replace(true);
+    node.until("expired again", |s| s["login"] == "expired");
+    let other = auth::KeyToken::generate(Some([7; 32]), &mut StdRng::seed_from_u64(1302))
+        .encode(auth::AUTH_KEY_PREFIX);
+    let out = up(&["--auth-key", &other]).output().unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("the auth key is for the controller with certificate fingerprint SHA256:0707"),
+        "{err}"
+    );
+    assert!(script.enrolls.lock().unwrap().is_empty());
+    assert_eq!(node.status()["login"], "expired");
+    let out = up(&["--auth-key", &script.auth_key]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stderr),
+        node.log()
+    );
+    let enrolled = script
+        .enrolls
+        .lock()
+        .unwrap()
+        .last()
+        .cloned()
+        .expect("an Enroll");
+    assert_eq!(
+        enrolled.machine_key, first_login.machine_key,
+        "same machine key"
+    );
+    assert_eq!(enrolled.wg_key, first_login.wg_key, "same WireGuard key");
+    let s = node.status();
+    assert_eq!(s["login"], "ok");
+    assert_eq!(s["peers"].as_array().map(Vec::len), Some(1), "{s:#}");
+    assert_eq!(node.uapi_peers(), 1);
 }
