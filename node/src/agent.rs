@@ -7,6 +7,12 @@
 //! with it after a restart while the controller is down), `prefs.json` (the
 //! routing and DNS choices of the last `ztmesh up`, see [`Prefs`]) and `down`
 //! (present after `ztmesh down`).
+//!
+//! A node enrolls with an auth key (`Control.Enroll`) or, without one, by
+//! an interactive login (`Control.Login`: the CLI shows a URL and code, a
+//! person signs in). When the controller says the node's key expired, the
+//! node drops its peers but keeps its enrollment and keys; the next `ztmesh
+//! up` re-authenticates the same node, either way.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
@@ -28,6 +34,7 @@ use ztmesh_proto::netmap;
 use ztmesh_proto::time::now_ms;
 
 use crate::control::apply::{overlay_prefixes, Translated};
+use crate::control::login::{self, parse_address, Enrolled, EXPIRED_MESSAGE, FINGERPRINT_HINT};
 use crate::control::{
     clock_hint, reconnect_delay, session_end, translate, Backoff, Controller, Identity, Install,
     NetMapGate, SessionEnd, Step,
@@ -37,7 +44,7 @@ use crate::dns::server::DnsServer;
 use crate::dns::{self, Zone, MAGIC_DNS_ADDR};
 use crate::io::hostroute::HostRoutes;
 use crate::io::{interface_addresses, DataPlane, DataPlaneConfig, RelaySetup};
-use crate::localapi::{authorize, Caller, Request, Response, MAX_LINE};
+use crate::localapi::{authorize, to_line, Caller, Progress, Request, Response, MAX_LINE};
 use crate::nat::discovery::{stun_servers, with_primary, EndpointReporter, STUN_INTERVAL};
 use crate::routing::{self, Offered, Prefs, PrefsUpdate};
 use crate::tunnel::Destination;
@@ -110,6 +117,21 @@ pub struct EnrollmentError {
     pub value: String,
 }
 
+impl Enrollment {
+    /// The enrollment the controller at `controller_url` (pinned to
+    /// `fingerprint`) answered.
+    fn new(controller_url: &str, fingerprint: [u8; 32], e: Enrolled) -> Self {
+        Enrollment {
+            controller_url: controller_url.to_string(),
+            fingerprint,
+            controller_key: e.controller_key,
+            node_id: e.node_id,
+            name: e.name,
+            addresses: e.addresses,
+        }
+    }
+}
+
 impl TryFrom<EnrollmentFile> for Enrollment {
     type Error = EnrollmentError;
 
@@ -153,14 +175,6 @@ impl From<Enrollment> for EnrollmentFile {
     }
 }
 
-/// An overlay address as the controller sends it (a bare address) or as a
-/// prefix.
-fn parse_address(s: &str) -> Option<IpNet> {
-    s.parse::<IpNet>()
-        .ok()
-        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
-}
-
 /// The text of an overlay address: bare for a single host (as the controller
 /// sends it), a prefix otherwise.
 fn address_text(a: &IpNet) -> String {
@@ -188,6 +202,12 @@ struct State {
     /// The controller's addresses as last resolved (its URL may name a
     /// host): routed outside the tunnel whatever the routes.
     controller_addrs: Vec<IpAddr>,
+    /// When this node's key expires (Unix ms, 0 = never), from the last
+    /// map or enrollment; `None` until one says.
+    key_expiry_ms: Option<i64>,
+    /// An `up` is enrolling or re-authenticating (an interactive login may
+    /// wait minutes for a person); a second one is refused meanwhile.
+    enrolling: bool,
 }
 
 /// The node's private keys.
@@ -223,6 +243,47 @@ struct Daemon {
     dp: tokio::sync::Mutex<Option<DataPlane>>,
     /// Serial of the last netmap applied from a live controller session.
     live_serial: watch::Sender<u64>,
+    /// The controller's message while it refuses this node because its key
+    /// expired (peers dropped; `ztmesh up` signs in again); `None` otherwise.
+    expired: watch::Sender<Option<String>>,
+}
+
+/// The CLI on the other end of a local API request: where progress lines
+/// go (if it asked for them), and whether it hung up.
+struct Link {
+    progress: Option<tokio::sync::mpsc::Sender<Progress>>,
+    hung_up: watch::Receiver<bool>,
+}
+
+impl Link {
+    /// Resolves once the client has closed its end of the socket.
+    async fn hung_up(&mut self) {
+        if self.hung_up.wait_for(|gone| *gone).await.is_err() {
+            // The watcher is gone without saying: the request is over anyway.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Clears [`State::enrolling`] when the `up` that set it ends, however.
+struct Enrolling<'a>(&'a Daemon);
+
+impl Drop for Enrolling<'_> {
+    fn drop(&mut self) {
+        self.0.lock().enrolling = false;
+    }
+}
+
+/// What `ztmesh up` asked for (see [`Request::Up`]).
+struct UpArgs {
+    controller: Option<String>,
+    auth_key: Option<String>,
+    hostname: Option<String>,
+    fingerprint: Option<String>,
+    timeout: Duration,
+    login_timeout: Duration,
+    force_reauth: bool,
+    prefs: PrefsUpdate,
 }
 
 /// MagicDNS: the server on 100.100.100.100 and how the host was pointed
@@ -374,6 +435,7 @@ impl Daemon {
             "netmap applied"
         );
         let mut st = self.lock();
+        st.key_expiry_ms = self_key_expiry(&map).or(st.key_expiry_ms);
         st.netmap = Some(map);
         st.netmap_received_ms = now_ms();
         Ok(serial)
@@ -596,6 +658,14 @@ impl Daemon {
         self.dns_forget_names();
     }
 
+    /// Fails closed because the controller refused this node (revoked, or
+    /// its key expired): no peers, and no map in force that a prefs change
+    /// could install again. The enrollment and keys stay.
+    async fn fail_closed(&self) {
+        self.clear_peers().await;
+        self.lock().netmap = None;
+    }
+
     /// Tells the controller what this node advertises (every session, and
     /// when `up` changes it). A refusal is logged, not fatal: the session
     /// goes on without the routes.
@@ -739,6 +809,10 @@ impl Daemon {
             .map_err(status_error)?;
         let mut gate = NetMapGate::new(key, self.identity(e), *have);
         self.set_conn(ConnState::Connected { since_ms: now_ms() });
+        // The controller took this node's proof: its key is valid (again).
+        if self.expired.send_if_modified(|m| m.take().is_some()) {
+            tracing::info!("the controller accepts this node's key again");
+        }
         tracing::info!(controller = %e.controller_url, "connected to controller");
         let mut report = tokio::time::interval(FLOW_REPORT_INTERVAL);
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -913,7 +987,14 @@ impl Daemon {
     async fn control_loop(self: Arc<Self>, e: Enrollment) {
         let backoff = Backoff::default();
         let mut attempt = 0u32;
-        let mut have = self.lock().netmap.as_ref().map(|m| m.serial).unwrap_or(0);
+        // The newest serial seen, also across a re-authentication (which
+        // restarts this loop after the peers and the map were dropped).
+        let mut have = self
+            .lock()
+            .netmap
+            .as_ref()
+            .map_or(0, |m| m.serial)
+            .max(*self.live_serial.borrow());
         // The last recoverable refusal logged, so a refusal that repeats on
         // every retry is one error line, not one per attempt.
         let mut last_refusal: Option<&'static str> = None;
@@ -932,10 +1013,22 @@ impl Daemon {
                     format!("{reason}: {message}")
                 }
                 Err(SessionError::Revoked(m)) => {
-                    // The controller no longer accepts this node (deleted or
-                    // expired): fail closed and drop every peer.
+                    // The controller no longer accepts this node (deleted):
+                    // fail closed and drop every peer.
                     tracing::warn!(reason = %m, "controller refused this node; dropping all peers");
-                    self.clear_peers().await;
+                    self.fail_closed().await;
+                    m
+                }
+                Err(SessionError::Expired(m)) => {
+                    // Fail closed, keep the identity: `ztmesh up` signs in
+                    // again; meanwhile ask rarely, in case an admin extends it.
+                    if self.expired.borrow().is_none() {
+                        tracing::warn!(reason = %m, "node key expired; dropping all peers until someone signs in again (`ztmesh up`)");
+                    } else {
+                        tracing::debug!(reason = %m, "node key still expired");
+                    }
+                    self.fail_closed().await;
+                    self.expired.send_replace(Some(m.clone()));
                     m
                 }
             };
@@ -949,7 +1042,8 @@ impl Daemon {
                 attempt,
                 last_error: err,
             });
-            let delay = reconnect_delay(&backoff, attempt);
+            let expired = self.expired.borrow().is_some();
+            let delay = reconnect_delay(&backoff, attempt, expired);
             attempt = attempt.saturating_add(1);
             tokio::time::sleep(delay).await;
         }
@@ -983,60 +1077,129 @@ impl Daemon {
         }
     }
 
+    /// `ztmesh up`: enrolls if needed (with an auth key, or by an interactive
+    /// login when there is none), re-authenticates the same node when its
+    /// key expired or `--force-reauth` asks, applies the prefs, and returns
+    /// once a map from the live controller is applied.
     #[expect(
         clippy::disallowed_methods,
-        reason = "the agent shell bounds its wait for the first map on the real clock"
+        reason = "the agent shell bounds its waits for the sign-in and the first map on the real clock"
     )]
     async fn up(
         self: &Arc<Self>,
-        controller: Option<String>,
-        auth_key: Option<String>,
-        hostname: Option<String>,
-        timeout: Duration,
-        prefs: PrefsUpdate,
+        args: UpArgs,
+        link: &mut Link,
     ) -> anyhow::Result<serde_json::Value> {
-        let deadline = Instant::now() + timeout;
+        let mut deadline = Instant::now() + args.timeout;
+        let pin = args
+            .fingerprint
+            .as_deref()
+            .map(login::parse_fingerprint_arg)
+            .transpose()?;
         let existing = self.lock().enrollment.clone();
+        let expired = self.expired.borrow().is_some();
+        let mut reauthenticated = false;
         let enrollment = match existing {
             Some(e) => {
-                if let Some(url) = controller.as_deref().filter(|u| *u != e.controller_url) {
+                if let Some(url) = args
+                    .controller
+                    .as_deref()
+                    .filter(|u| *u != e.controller_url)
+                {
                     bail!(
                         "already enrolled as {} with {}; run `ztmesh logout` before joining {url}",
                         e.name,
                         e.controller_url
                     );
                 }
-                e
+                if pin.is_some_and(|fp| fp != e.fingerprint) {
+                    bail!(
+                        "--fingerprint is not the one pinned for {} at enrollment ({}); run \
+                         `ztmesh logout` before joining another controller",
+                        e.controller_url,
+                        login::fingerprint_text(&e.fingerprint)
+                    );
+                }
+                if expired || args.force_reauth {
+                    let _busy = self.begin_enrolling()?;
+                    let url = &e.controller_url;
+                    let new = match &args.auth_key {
+                        Some(key) => {
+                            self.enroll(url, key, Some(e.fingerprint), args.hostname, deadline)
+                                .await?
+                        }
+                        None => {
+                            let until = Instant::now() + args.login_timeout;
+                            let new = self
+                                .login(url, e.fingerprint, args.hostname, until, link)
+                                .await?;
+                            deadline = Instant::now() + args.timeout;
+                            new
+                        }
+                    };
+                    self.reauthenticated(&e, &new).await;
+                    reauthenticated = true;
+                    new
+                } else {
+                    e
+                }
             }
             None => {
-                let url = controller.ok_or_else(|| {
-                    anyhow!("not enrolled: pass --controller URL and --auth-key KEY")
+                let url = args.controller.ok_or_else(|| {
+                    anyhow!(
+                        "not enrolled: pass --controller URL, and --auth-key KEY or \
+                         --fingerprint SHA256HEX to sign in interactively"
+                    )
                 })?;
-                let key = auth_key.ok_or_else(|| anyhow!("not enrolled: pass --auth-key KEY"))?;
-                let e = self.enroll(&url, &key, hostname, deadline).await?;
+                let _busy = self.begin_enrolling()?;
+                let e = match &args.auth_key {
+                    Some(key) => self.enroll(&url, key, pin, args.hostname, deadline).await?,
+                    None => {
+                        let fp = pin.ok_or_else(|| {
+                            anyhow!(
+                                "not enrolled: pass --auth-key KEY, or --fingerprint SHA256HEX \
+                                 to sign in interactively: the controller's certificate \
+                                 fingerprint, which {FINGERPRINT_HINT}"
+                            )
+                        })?;
+                        let until = Instant::now() + args.login_timeout;
+                        let e = self.login(&url, fp, args.hostname, until, link).await?;
+                        deadline = Instant::now() + args.timeout;
+                        e
+                    }
+                };
                 self.lock().enrollment = Some(e.clone());
                 e
             }
         };
-        self.update_prefs(&prefs).await?;
+        self.update_prefs(&args.prefs).await?;
         if std::fs::remove_file(self.path("down")).is_ok() {
             ztmesh_proto::keys::sync_dir(&self.cfg.state_dir)?;
         }
         self.ensure_dataplane(&enrollment).await?;
         let mut applied = self.live_serial.subscribe();
         let have_before = *applied.borrow_and_update();
+        let mut expiry = self.expired.subscribe();
         self.start_control(enrollment.clone());
-        // Return once a netmap from the live controller is applied.
+        // Return once a netmap from the live controller is applied (after a
+        // re-authentication, a new one: the peers were dropped).
         let wait = async {
             loop {
                 if *applied.borrow_and_update() > have_before
-                    || (have_before > 0 && matches!(self.lock().conn, ConnState::Connected { .. }))
+                    || (!reauthenticated
+                        && have_before > 0
+                        && matches!(self.lock().conn, ConnState::Connected { .. }))
                 {
                     return Ok(());
                 }
-                if applied.changed().await.is_err() {
-                    return Err(anyhow!("daemon is shutting down"));
+                if let Some(m) = expiry.borrow_and_update().clone() {
+                    return Err(anyhow!("{EXPIRED_MESSAGE} (the controller says: {m})"));
                 }
+                tokio::select! {
+                    r = applied.changed() => r,
+                    r = expiry.changed() => r,
+                }
+                .map_err(|_| anyhow!("daemon is shutting down"))?;
             }
         };
         match tokio::time::timeout_at(deadline.into(), wait).await {
@@ -1054,6 +1217,25 @@ impl Daemon {
         Ok(self.status())
     }
 
+    /// Marks an enrollment in progress until the guard drops.
+    ///
+    /// # Errors
+    /// Another `up` is enrolling (or signing in) now.
+    fn begin_enrolling(&self) -> anyhow::Result<Enrolling<'_>> {
+        let mut st = self.lock();
+        if st.enrolling {
+            bail!(
+                "another `ztmesh up` is enrolling this node (an interactive login may be waiting \
+                 for someone to sign in); wait for it or interrupt it"
+            );
+        }
+        st.enrolling = true;
+        Ok(Enrolling(self))
+    }
+
+    /// Enrolls with an auth key (re-authenticating the same node when it is
+    /// enrolled already: same keys). `pin`, when given, must be the
+    /// controller fingerprint the key carries.
     #[expect(
         clippy::disallowed_methods,
         reason = "the agent shell bounds enrollment retries on the real clock"
@@ -1062,6 +1244,7 @@ impl Daemon {
         &self,
         url: &str,
         key: &str,
+        pin: Option<[u8; 32]>,
         hostname: Option<String>,
         deadline: Instant,
     ) -> anyhow::Result<Enrollment> {
@@ -1070,6 +1253,14 @@ impl Daemon {
         let fp = token
             .fingerprint
             .ok_or_else(|| anyhow!("auth key carries no controller fingerprint"))?;
+        if let Some(pin) = pin.filter(|p| *p != fp) {
+            bail!(
+                "the auth key is for the controller with certificate fingerprint {}, not {} \
+                 (--fingerprint, or the controller this node is enrolled with)",
+                login::fingerprint_text(&fp),
+                login::fingerprint_text(&pin)
+            );
+        }
         let hostname = hostname.unwrap_or_else(system_hostname);
         let keys = self.keys();
         let left = deadline
@@ -1082,29 +1273,111 @@ impl Daemon {
             .enroll(key, &keys.machine, &keys.wg, &hostname)
             .await
             .map_err(|s| anyhow!("enrollment refused: {}", s.message()))?;
-        let controller_key = PublicKey::from_slice(&resp.controller_key)
-            .map_err(|_| anyhow!("controller sent an invalid netmap key"))?;
-        let addresses = resp
-            .addresses
-            .iter()
-            .map(|a| {
-                parse_address(a).ok_or_else(|| anyhow!("controller sent an invalid address {a:?}"))
-            })
-            .collect::<anyhow::Result<_>>()?;
-        let e = Enrollment {
-            controller_url: url.to_string(),
-            fingerprint: fp,
-            controller_key,
-            node_id: resp.node_id,
-            name: resp.name,
-            addresses,
-        };
-        write_secret_file(
-            &self.path("enrollment.json"),
-            &serde_json::to_vec_pretty(&e)?,
-        )?;
+        let enrolled = login::parse_enrollment(resp)?;
+        let key_expiry_ms = enrolled.key_expiry_ms;
+        let e = Enrollment::new(url, fp, enrolled);
+        self.store_enrollment(&e, key_expiry_ms)?;
         tracing::info!(name = %e.name, "enrolled");
         Ok(e)
+    }
+
+    /// Signs in interactively: opens `Control.Login` over TLS pinned to
+    /// `fp`, sends the prompt to the CLI as a progress line, and waits for
+    /// the enrollment until `deadline` or until the CLI hangs up (dropping
+    /// the stream, which cancels the login). Stores the enrollment like
+    /// [`Self::enroll`]; on any failure nothing is stored.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the agent shell bounds the wait for a person on the real clock"
+    )]
+    async fn login(
+        &self,
+        url: &str,
+        fp: [u8; 32],
+        hostname: Option<String>,
+        deadline: Instant,
+        link: &mut Link,
+    ) -> anyhow::Result<Enrollment> {
+        let Some(progress) = link.progress.clone() else {
+            bail!(
+                "signing in needs a client that shows the login URL (this one asked for no \
+                 progress): use a current `ztmesh up`, or pass --auth-key KEY"
+            );
+        };
+        let hostname = hostname.unwrap_or_else(system_hostname);
+        let os = host_os();
+        let keys = self.keys();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let connect_within = left.clamp(Duration::from_secs(1), Duration::from_secs(30));
+        let mut ctl = Controller::connect(url, fp, connect_within)
+            .await
+            .map_err(|e| anyhow!("cannot reach the controller at {url}: {e:#}"))?;
+        let fingerprint = login::fingerprint_text(&fp);
+        let who = Applicant {
+            machine: &keys.machine,
+            wg: &keys.wg,
+            hostname: &hostname,
+            os: &os,
+        };
+        let sign_in = sign_in(&mut ctl, &self.cfg.state_dir, url, fp, &who, |p| {
+            tracing::info!(
+                expires_ms = p.expires_ms,
+                "interactive login: waiting for someone to sign in"
+            );
+            // The only progress line of a login: the queue has room for it.
+            let _ = progress.try_send(Progress::Login {
+                url: p.url.clone(),
+                code: p.code.clone(),
+                expires_ms: p.expires_ms,
+                fingerprint: fingerprint.clone(),
+            });
+        });
+        let signed_in = tokio::select! {
+            r = tokio::time::timeout_at(deadline.into(), sign_in) => r.unwrap_or_else(|_| Err(anyhow!(
+                "timed out after {} s waiting for the sign-in (--timeout); run `ztmesh up` again",
+                left.as_secs()
+            ))),
+            () = link.hung_up() => Err(anyhow!("login cancelled: the client went away")),
+        };
+        let (e, key_expiry_ms) = signed_in.inspect_err(|err| {
+            tracing::warn!(error = %format!("{err:#}"), "interactive login failed; nothing stored");
+        })?;
+        self.lock().key_expiry_ms = Some(key_expiry_ms);
+        tracing::info!(name = %e.name, node_id = e.node_id, "signed in");
+        Ok(e)
+    }
+
+    /// Writes `enrollment.json` and notes the key expiry the controller gave.
+    fn store_enrollment(&self, e: &Enrollment, key_expiry_ms: i64) -> anyhow::Result<()> {
+        store_enrollment(&self.cfg.state_dir, e)?;
+        self.lock().key_expiry_ms = Some(key_expiry_ms);
+        Ok(())
+    }
+
+    /// Puts a re-authenticated enrollment in force: the session of the old
+    /// one ends (`up` starts a new one), the expiry is over, and a data
+    /// plane whose addresses changed goes (`up` starts it again).
+    async fn reauthenticated(&self, old: &Enrollment, new: &Enrollment) {
+        if new.node_id != old.node_id {
+            tracing::warn!(
+                old = old.node_id,
+                new = new.node_id,
+                "the controller re-authenticated this node under another id"
+            );
+        }
+        let task = self.lock().control_task.take();
+        if let Some(t) = task {
+            t.abort();
+            // Finished before the new session starts: no map of the old
+            // one is applied after it.
+            let _ = t.await;
+        }
+        if new.addresses != old.addresses {
+            self.stop().await;
+        }
+        self.lock().enrollment = Some(new.clone());
+        self.expired.send_replace(None);
+        tracing::info!(name = %new.name, "re-authenticated");
     }
 
     async fn down(&self) -> anyhow::Result<serde_json::Value> {
@@ -1115,6 +1388,13 @@ impl Daemon {
     }
 
     async fn logout(&self) -> anyhow::Result<serde_json::Value> {
+        // The keys an enrollment in progress is proving must outlive it.
+        if self.lock().enrolling {
+            bail!(
+                "`ztmesh up` is enrolling this node (an interactive login may be waiting for \
+                 someone to sign in); interrupt it before logging out"
+            );
+        }
         let e = self.lock().enrollment.clone();
         let mut remote = "not enrolled".to_string();
         if let Some(e) = &e {
@@ -1148,7 +1428,11 @@ impl Daemon {
             let mut st = self.lock();
             st.enrollment = None;
             st.netmap = None;
+            st.key_expiry_ms = None;
         }
+        // A new enrollment starts its serials afresh.
+        self.live_serial.send_replace(0);
+        self.expired.send_replace(None);
         Ok(json!({"state": "logged out", "controller": remote}))
     }
 
@@ -1174,7 +1458,14 @@ impl Daemon {
                 })
             })
         });
+        let expired = self.expired.borrow().clone();
         let st = self.lock();
+        let login_state = match (&expired, st.enrolling, &st.enrollment) {
+            (Some(_), _, _) => "expired",
+            (None, true, _) => "pending",
+            (None, false, Some(_)) => "ok",
+            (None, false, None) => "none",
+        };
         let (conn, detail) = match &st.conn {
             ConnState::Idle => ("idle", String::new()),
             ConnState::Connecting {
@@ -1223,6 +1514,11 @@ impl Daemon {
                 "sessions": r.sessions, "dropped": r.dropped,
             })),
             "enrolled": st.enrollment.is_some(),
+            "login": login_state,
+            "login_message": expired.as_ref().map(|_| EXPIRED_MESSAGE),
+            "login_detail": expired,
+            "key_expiry_ms": st.key_expiry_ms,
+            "key_expires_in_secs": st.key_expiry_ms.and_then(|k| login::key_expires_in_secs(k, now_ms())),
             "self": st.enrollment.as_ref().map(|e| json!({
                 "name": e.name, "id": e.node_id,
                 "addresses": e.addresses.iter().map(address_text).collect::<Vec<_>>(),
@@ -1303,7 +1599,7 @@ impl Daemon {
         Ok(out)
     }
 
-    async fn handle(self: &Arc<Self>, req: Request) -> Response {
+    async fn handle(self: &Arc<Self>, req: Request, link: &mut Link) -> Response {
         let r = match req {
             Request::Up {
                 controller,
@@ -1311,15 +1607,26 @@ impl Daemon {
                 hostname,
                 timeout_ms,
                 prefs,
+                fingerprint,
+                login_timeout_ms,
+                force_reauth,
+                progress: _,
             } => {
-                self.up(
+                let args = UpArgs {
                     controller,
                     auth_key,
                     hostname,
-                    Duration::from_millis(timeout_ms.clamp(1000, 600_000)),
+                    fingerprint,
+                    timeout: Duration::from_millis(timeout_ms.clamp(1000, 600_000)),
+                    login_timeout: Duration::from_millis(
+                        login_timeout_ms
+                            .unwrap_or(timeout_ms)
+                            .clamp(1000, MAX_LOGIN_WAIT_MS),
+                    ),
+                    force_reauth,
                     prefs,
-                )
-                .await
+                };
+                self.up(args, link).await
             }
             Request::Down => self.down().await,
             Request::Logout => self.logout().await,
@@ -1335,11 +1642,16 @@ impl Daemon {
     }
 }
 
+/// Longest wait for a person to sign in that `up` accepts (1 hour).
+const MAX_LOGIN_WAIT_MS: u64 = 3_600_000;
+
 enum SessionError {
     /// Transient: reconnect with backoff.
     Retry(String),
-    /// The controller refused this node (deleted, expired): fail closed, keep retrying slowly.
+    /// The controller refused this node (deleted): fail closed, keep retrying.
     Revoked(String),
+    /// The node's key expired: fail closed, keep the identity, retry slowly.
+    Expired(String),
     /// The controller refused the session for a reason this node can recover
     /// from (`clock-skew`, `replaced`, `replayed`, `bad-proof`): keep the last
     /// verified map, log an error, retry with backoff.
@@ -1377,6 +1689,7 @@ fn path_text(d: Option<Destination>, direct: bool, relay: &str) -> String {
 fn status_error(s: tonic::Status) -> SessionError {
     match session_end(&s, now_ms()) {
         SessionEnd::Revoked(m) => SessionError::Revoked(m),
+        SessionEnd::Expired(m) => SessionError::Expired(m),
         SessionEnd::ClockSkew { skew_ms, message } => SessionError::Refused {
             reason: "clock-skew",
             message: format!("{}: {message}", clock_hint(skew_ms)),
@@ -1451,6 +1764,51 @@ fn peer_groups(stream: &tokio::net::UnixStream) -> std::io::Result<Vec<u32>> {
         gids.resize(n, 0);
     }
     Err(std::io::Error::other("group list changed size twice"))
+}
+
+/// Who signs in: the node's keys, and the hostname and OS the confirmation
+/// page shows.
+pub struct Applicant<'a> {
+    pub machine: &'a SigningKey,
+    pub wg: &'a WgPrivateKey,
+    pub hostname: &'a str,
+    pub os: &'a str,
+}
+
+/// Runs an interactive login on `ctl` (a controller at `url`, pinned to
+/// `fp`) and stores the enrollment in `STATE_DIR/enrollment.json` once it
+/// completes; `on_prompt` gets the prompt first. Returns the enrollment and
+/// the key expiry (Unix ms, 0 = never). The caller bounds the time; on any
+/// failure, or when the future is dropped, nothing is stored.
+///
+/// # Errors
+/// The login failed ([`crate::control::client::SignInError`]), or the file
+/// cannot be written.
+pub async fn sign_in(
+    ctl: &mut Controller,
+    state_dir: &Path,
+    url: &str,
+    fp: [u8; 32],
+    who: &Applicant<'_>,
+    on_prompt: impl FnMut(&login::Prompt),
+) -> anyhow::Result<(Enrollment, i64)> {
+    let enrolled = ctl
+        .sign_in(who.machine, who.wg, who.hostname, who.os, on_prompt)
+        .await
+        .map_err(anyhow::Error::new)?;
+    let key_expiry_ms = enrolled.key_expiry_ms;
+    let e = Enrollment::new(url, fp, enrolled);
+    store_enrollment(state_dir, &e)?;
+    Ok((e, key_expiry_ms))
+}
+
+/// Writes `STATE_DIR/enrollment.json` (0600, durably).
+fn store_enrollment(state_dir: &Path, e: &Enrollment) -> anyhow::Result<()> {
+    write_secret_file(
+        &state_dir.join("enrollment.json"),
+        &serde_json::to_vec_pretty(e)?,
+    )?;
+    Ok(())
 }
 
 /// The last netmap this node installed (`STATE_DIR/netmap.bin`), if its
@@ -1560,6 +1918,17 @@ fn secs_between(from_ms: i64, to_ms: i64) -> i64 {
     to_ms.saturating_sub(from_ms).max(0) / 1000
 }
 
+/// The key expiry a map names for this node (Unix ms, 0 = never).
+fn self_key_expiry(map: &NetMap) -> Option<i64> {
+    map.self_node.as_ref().map(|n| n.key_expiry_ms)
+}
+
+/// The OS string sent at login: the OS and the kernel release (`uname -r`).
+fn host_os() -> String {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    login::os_string(std::env::consts::OS, &release)
+}
+
 fn system_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -1632,9 +2001,12 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
             control_task: None,
             refused_maps: 0,
             controller_addrs: Vec::new(),
+            key_expiry_ms: None,
+            enrolling: false,
         }),
         dp: tokio::sync::Mutex::new(None),
         live_serial,
+        expired: watch::channel(None).0,
     });
 
     // A resolv.conf left pointing at MagicDNS by a run that crashed goes
@@ -1660,6 +2032,7 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
                         }
                         tracing::info!(serial = map.serial, "restored the last netmap");
                         let mut st = daemon.lock();
+                        st.key_expiry_ms = self_key_expiry(&map);
                         st.netmap = Some(map);
                         st.netmap_received_ms = now_ms();
                     }
@@ -1711,30 +2084,70 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Serves one local API connection (framing in [`crate::localapi`]): the
+/// request line, progress lines if it asked for them, the response line.
 async fn serve_client(d: Arc<Daemon>, stream: tokio::net::UnixStream) {
     let caller = peer_caller(&stream);
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r).take(MAX_LINE as u64);
     let mut line = String::new();
-    let resp = match reader.read_line(&mut line).await {
-        Ok(_) => match serde_json::from_str::<Request>(&line) {
-            Ok(req) => match authorize(&req, &caller, d.cfg.operator_gid) {
-                Ok(()) => d.handle(req).await,
-                Err(denied) => {
-                    tracing::warn!(
-                        uid = caller.uid,
-                        command = req.command(),
-                        "local API request refused"
-                    );
-                    Response::err(denied)
-                }
-            },
-            Err(e) => Response::err(format!("bad request: {e}")),
-        },
-        Err(e) => Response::err(format!("bad request: {e}")),
+    let req = match reader.read_line(&mut line).await {
+        Ok(_) => serde_json::from_str::<Request>(&line).map_err(|e| format!("bad request: {e}")),
+        Err(e) => Err(format!("bad request: {e}")),
     };
-    let mut out = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
-    out.push('\n');
+    let req = req.and_then(|req| match authorize(&req, &caller, d.cfg.operator_gid) {
+        Ok(()) => Ok(req),
+        Err(denied) => {
+            tracing::warn!(
+                uid = caller.uid,
+                command = req.command(),
+                "local API request refused"
+            );
+            Err(denied)
+        }
+    });
+    let resp = match req {
+        Err(e) => Response::err(e),
+        Ok(req) => {
+            let wants_progress = matches!(req, Request::Up { progress: true, .. });
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Progress>(4);
+            let (gone_tx, gone_rx) = watch::channel(false);
+            // The client sends nothing after its request: the end of its
+            // stream means it hung up (bytes it should not send are dropped).
+            let mut rest = reader.into_inner();
+            let watcher = tokio::spawn(async move {
+                let mut buf = [0u8; 256];
+                while matches!(rest.read(&mut buf).await, Ok(n) if n > 0) {}
+                let _ = gone_tx.send(true);
+            });
+            let mut link = Link {
+                progress: wants_progress.then_some(tx),
+                hung_up: gone_rx,
+            };
+            let handled = d.handle(req, &mut link);
+            tokio::pin!(handled);
+            let resp = loop {
+                tokio::select! {
+                    resp = &mut handled => break resp,
+                    Some(p) = rx.recv() => {
+                        // A client that is gone shows as hung up to the request.
+                        if let Ok(l) = to_line(&p) {
+                            let _ = w.write_all(l.as_bytes()).await;
+                        }
+                    }
+                }
+            };
+            // Progress queued just before the end still precedes the response.
+            while let Ok(p) = rx.try_recv() {
+                if let Ok(l) = to_line(&p) {
+                    let _ = w.write_all(l.as_bytes()).await;
+                }
+            }
+            watcher.abort();
+            resp
+        }
+    };
+    let out = to_line(&resp).unwrap_or_else(|_| "{\"ok\":false}\n".into());
     let _ = w.write_all(out.as_bytes()).await;
 }
 

@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail};
 use clap::{Subcommand, ValueEnum};
 
 use crate::agent::DaemonConfig;
-use crate::localapi::{call, Request};
+use crate::localapi::{call, call_with_progress, Progress, Request};
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Default)]
 pub enum Output {
@@ -55,6 +55,10 @@ pub enum AgentCmd {
         resolv_conf: PathBuf,
     },
     /// Enroll (if needed) and connect; returns once the first netmap is applied.
+    ///
+    /// Without --auth-key, a node that is not enrolled (or whose key
+    /// expired) signs in interactively: this prints a URL and a code for a
+    /// person to open and confirm in a browser, and waits.
     Up {
         #[arg(long, env = "ZTMESH_SOCKET", default_value = "/run/ztmesh/ztmesh.sock")]
         socket: PathBuf,
@@ -64,11 +68,22 @@ pub enum AgentCmd {
         /// Auth key from `ztmesh-controller keys create`.
         #[arg(long, env = "ZTMESH_AUTH_KEY", hide_env_values = true)]
         auth_key: Option<String>,
+        /// The controller's TLS certificate fingerprint (SHA256:HEX, hex with
+        /// or without colons), pinned by an interactive login; `ztmesh-controller
+        /// serve` prints it. Not needed with --auth-key (the key carries it).
+        #[arg(long, value_name = "SHA256HEX", value_parser = fingerprint_arg)]
+        fingerprint: Option<String>,
         #[arg(long)]
         hostname: Option<String>,
-        /// Give up after this many seconds.
-        #[arg(long, default_value_t = 30)]
-        timeout: u64,
+        /// Sign in again (interactively, or with --auth-key) although the
+        /// node's key has not expired: the same node gets a new key expiry.
+        #[arg(long)]
+        force_reauth: bool,
+        /// Give up after this many seconds: each of the wait for a person to
+        /// sign in (default 600 without --auth-key) and the wait for the
+        /// first netmap (default 30).
+        #[arg(long)]
+        timeout: Option<u64>,
         #[command(flatten)]
         prefs: UpPrefs,
     },
@@ -183,6 +198,39 @@ impl From<UpPrefs> for crate::routing::PrefsUpdate {
     }
 }
 
+/// Default `--timeout` for the wait for the first netmap (and enrollment
+/// with an auth key), seconds.
+const UP_TIMEOUT_SECS: u64 = 30;
+/// Default `--timeout` for the wait for a person to sign in, seconds.
+const LOGIN_TIMEOUT_SECS: u64 = 600;
+
+/// Checks `--fingerprint` and passes it on in lowercase hex.
+fn fingerprint_arg(s: &str) -> Result<String, String> {
+    crate::control::login::parse_fingerprint_arg(s)
+        .map(|fp| ztmesh_proto::auth::hex(&fp))
+        .map_err(|e| e.to_string())
+}
+
+/// What `up` prints when the daemon reports progress.
+fn progress_text(p: &Progress, now_ms: i64) -> String {
+    match p {
+        Progress::Login {
+            url,
+            code,
+            expires_ms,
+            fingerprint,
+        } => {
+            let left = crate::control::login::span_text(expires_ms.saturating_sub(now_ms));
+            format!(
+                "To sign in, open: {url}\n\
+                 and check that the page shows the code {code} (valid for {left}).\n\
+                 The controller's certificate fingerprint is {fingerprint}; your browser should show the same.\n\
+                 Waiting for the sign-in..."
+            )
+        }
+    }
+}
+
 async fn ask(socket: &std::path::Path, req: Request) -> anyhow::Result<serde_json::Value> {
     let r = call(socket, &req).await?;
     if !r.ok {
@@ -235,21 +283,32 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
             socket,
             controller,
             auth_key,
+            fingerprint,
             hostname,
+            force_reauth,
             timeout,
             prefs,
         } => {
-            let s = ask(
-                &socket,
-                Request::Up {
-                    controller,
-                    auth_key,
-                    hostname,
-                    timeout_ms: timeout.saturating_mul(1000),
-                    prefs: prefs.into(),
-                },
-            )
+            let secs = |default: u64| timeout.unwrap_or(default).saturating_mul(1000);
+            let req = Request::Up {
+                controller,
+                auth_key,
+                hostname,
+                timeout_ms: secs(UP_TIMEOUT_SECS),
+                prefs: prefs.into(),
+                fingerprint,
+                login_timeout_ms: Some(secs(LOGIN_TIMEOUT_SECS)),
+                force_reauth,
+                progress: true,
+            };
+            let r = call_with_progress(&socket, &req, |p| {
+                println!("{}", progress_text(&p, ztmesh_proto::time::now_ms()));
+            })
             .await?;
+            if !r.ok {
+                bail!("{}", r.error);
+            }
+            let s = r.data;
             let name = s["self"]["name"].as_str().unwrap_or("?");
             let addrs: Vec<&str> = s["self"]["addresses"]
                 .as_array()
@@ -337,7 +396,14 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
 
 fn print_status(s: &serde_json::Value) {
     if !s["enrolled"].as_bool().unwrap_or(false) {
-        println!("not enrolled: run `ztmesh up --controller URL --auth-key KEY`");
+        if s["login"] == "pending" {
+            println!("not enrolled yet: `ztmesh up` is waiting for someone to sign in");
+        } else {
+            println!(
+                "not enrolled: run `ztmesh up --controller URL --auth-key KEY`, or \
+                 `ztmesh up --controller URL --fingerprint SHA256HEX` to sign in in a browser"
+            );
+        }
         return;
     }
     let me = &s["self"];
@@ -359,6 +425,9 @@ fn print_status(s: &serde_json::Value) {
         s["controller"]["state"].as_str().unwrap_or("-"),
         s["controller"]["detail"].as_str().unwrap_or("")
     );
+    if let Some(w) = login_warning(s, ztmesh_proto::time::now_ms()) {
+        println!("WARNING: {w}");
+    }
     if let Some(eps) = s["endpoints"].as_array().filter(|a| !a.is_empty()) {
         let eps: Vec<&str> = eps.iter().filter_map(|e| e.as_str()).collect();
         println!("endpoints: {}", eps.join(" "));
@@ -406,6 +475,22 @@ fn print_status(s: &serde_json::Value) {
             p["tx_bytes"]
         );
     }
+}
+
+/// The login warning of a status answer: the key expired (the daemon's
+/// word), or expires soon ([`crate::control::login::expiry_warning`] at
+/// `now_ms`).
+fn login_warning(status: &serde_json::Value, now_ms: i64) -> Option<String> {
+    if status["login"] == "expired" {
+        return Some(
+            status["login_message"]
+                .as_str()
+                .unwrap_or(crate::control::login::EXPIRED_MESSAGE)
+                .to_string(),
+        );
+    }
+    let expiry = status["key_expiry_ms"].as_i64()?;
+    crate::control::login::expiry_warning(expiry, now_ms)
 }
 
 /// Resolves `target` (peer name or IP) against the daemon's netmap; returns the
@@ -716,6 +801,63 @@ fn echo(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_warns_about_expired_and_expiring_keys() {
+        use serde_json::json;
+        let now = 1_800_000_000_000_i64;
+        let day = 86_400_000_i64;
+        let expired = json!({"login": "expired", "login_message": "node key expired: run `ztmesh up` to sign in again", "key_expiry_ms": now - day});
+        assert_eq!(
+            login_warning(&expired, now).as_deref(),
+            Some("node key expired: run `ztmesh up` to sign in again")
+        );
+        let soon = json!({"login": "ok", "key_expiry_ms": now + 2 * day + 3 * 3_600_000});
+        assert_eq!(
+            login_warning(&soon, now).as_deref(),
+            Some("key expires in 2d 3h: run `ztmesh up --force-reauth` to extend")
+        );
+        for quiet in [
+            json!({"login": "ok", "key_expiry_ms": 0}),
+            json!({"login": "ok", "key_expiry_ms": now + 30 * day}),
+            json!({"login": "ok", "key_expiry_ms": null}),
+            json!({"login": "ok"}),
+        ] {
+            assert_eq!(login_warning(&quiet, now), None, "{quiet}");
+        }
+    }
+
+    #[test]
+    fn the_login_prompt_names_url_code_and_fingerprint() {
+        let p = Progress::Login {
+            url: "https://198.18.0.1:8443/device?code=KXQP-7RTM".into(),
+            code: "KXQP-7RTM".into(),
+            expires_ms: 1_000 + 600_000,
+            fingerprint: format!("SHA256:{}", "0f".repeat(32)),
+        };
+        let text = progress_text(&p, 1_000);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "To sign in, open: https://198.18.0.1:8443/device?code=KXQP-7RTM"
+        );
+        assert!(
+            lines[1].contains("KXQP-7RTM") && lines[1].contains("10m"),
+            "{text}"
+        );
+        assert_eq!(
+            lines[2],
+            format!(
+                "The controller's certificate fingerprint is SHA256:{}; your browser should show the same.",
+                "0f".repeat(32)
+            )
+        );
+        assert!(fingerprint_arg("sha256:xyz").is_err());
+        assert_eq!(
+            fingerprint_arg(&format!("SHA256:{}", "AB:".repeat(31) + "AB")).unwrap(),
+            "ab".repeat(32)
+        );
+    }
 
     #[test]
     fn icmp_checksum_matches_a_known_packet() {

@@ -6,8 +6,9 @@
 //! [`translate`] turns it into data-plane peers and filter rules, parsed once
 //! here at the edge; [`Install`] is what the agent hands the data plane, rules
 //! before peers. [`decide`] says what a refusal by the controller means (only a
-//! revocation drops the peers), [`clock_hint`] words a clock-skew refusal and
-//! [`Backoff`] is the jittered reconnect schedule.
+//! revocation or an expired key drops the peers), [`clock_hint`] words a
+//! clock-skew refusal and [`Backoff`] is the jittered reconnect schedule
+//! ([`Backoff::expired`] the slow one of an expired node).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -50,7 +51,20 @@ impl Backoff {
         // Half fixed, half random: spreads a reconnect storm while still backing off.
         Duration::from_millis(cap_ms / 2 + r % (cap_ms / 2 + 1)).max(Duration::from_millis(10))
     }
+
+    /// The delay between attempts of a node whose key expired, given a
+    /// uniform random `r`: [`EXPIRED_RETRY`] plus up to a tenth of it. Only
+    /// an admin extending the key makes an attempt succeed, so the node
+    /// asks rarely rather than hammering the controller.
+    pub fn expired(r: u64) -> Duration {
+        let jitter_ms = EXPIRED_RETRY.as_millis() as u64 / 10;
+        EXPIRED_RETRY + Duration::from_millis(r % (jitter_ms + 1))
+    }
 }
+
+/// How often a node whose key expired asks the controller again (see
+/// [`Backoff::expired`]).
+pub const EXPIRED_RETRY: Duration = Duration::from_secs(60);
 
 /// Errors in a netmap's content (after its signature was verified).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -404,10 +418,14 @@ impl NetMapGate {
 /// What the node does when the controller refuses or ends its session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionEnd {
-    /// No longer a member (deleted, unknown key, key expired), or an
-    /// authentication refusal without a reason this node knows (an older
-    /// controller): fail closed, drop every peer, keep retrying.
+    /// No longer a member (deleted, unknown key), or an authentication
+    /// refusal without a reason this node knows (an older controller): fail
+    /// closed, drop every peer, keep retrying.
     Revoked(String),
+    /// The node's key expired: fail closed (drop every peer) but keep the
+    /// enrollment and keys, so that `ztmesh up` re-authenticates the same
+    /// node; retry slowly ([`Backoff::expired`]) in case an admin extends it.
+    Expired(String),
     /// This node's clock is off by more than the proof window: keep the last
     /// verified map, say so, retry. `skew_ms` is the local clock minus the
     /// controller's, when the controller sent its clock.
@@ -447,7 +465,8 @@ pub fn decide(end: Ending, now_ms: UnixMs) -> SessionEnd {
         message,
     } = end;
     match r.reason {
-        Some(Ok(AuthReason::Revoked | AuthReason::Expired)) => SessionEnd::Revoked(message),
+        Some(Ok(AuthReason::Revoked)) => SessionEnd::Revoked(message),
+        Some(Ok(AuthReason::Expired)) => SessionEnd::Expired(message),
         Some(Ok(AuthReason::ClockSkew)) => SessionEnd::ClockSkew {
             skew_ms: r.server_time_ms.map(|t| now_ms.saturating_sub(t)),
             message,
@@ -683,6 +702,15 @@ mod tests {
                 end(Some(Ok(AuthReason::Revoked)), false, None),
                 SessionEnd::Revoked("m".into()),
             ),
+            (
+                end(Some(Ok(AuthReason::Expired)), true, None),
+                SessionEnd::Expired("m".into()),
+            ),
+            // The reason decides, whatever the code.
+            (
+                end(Some(Ok(AuthReason::Expired)), false, None),
+                SessionEnd::Expired("m".into()),
+            ),
             (end(None, true, None), SessionEnd::Revoked("m".into())),
             (end(unknown, true, None), SessionEnd::Revoked("m".into())),
             (
@@ -737,6 +765,19 @@ mod tests {
             b.delay(10, 7777),
             "jitter spreads reconnects"
         );
+    }
+
+    #[test]
+    fn an_expired_node_retries_about_once_a_minute() {
+        for r in [0, 1, 5_999, 6_000, 6_001, 12345, u64::MAX] {
+            let d = Backoff::expired(r);
+            assert!(
+                d >= EXPIRED_RETRY && d <= EXPIRED_RETRY + Duration::from_secs(6),
+                "{r} {d:?}"
+            );
+        }
+        assert_ne!(Backoff::expired(1), Backoff::expired(4_321), "jittered");
+        assert!(Backoff::expired(0) > Backoff::default().max);
     }
 
     fn map() -> pb::NetMap {

@@ -20,6 +20,7 @@ use ztmesh_proto::time::now_ms;
 use ztmesh_proto::UnixMs;
 
 use super::apply::{decide, Backoff, Ending, SessionEnd};
+use super::login::{Enrolled, LoginError, LoginFlow, LoginStep, Prompt};
 
 /// Largest netmap message accepted from the controller (see
 /// [`ztmesh_proto::netmap::MAX_SIGNED_MAP_BYTES`]). The map comes only from
@@ -47,13 +48,36 @@ pub fn ending(status: &tonic::Status) -> Ending {
     }
 }
 
-/// The delay before reconnect attempt `attempt`, jittered from the thread RNG.
+/// The delay before reconnect attempt `attempt`, jittered from the thread
+/// RNG; the slow pace of [`Backoff::expired`] while the node's key is expired.
 #[expect(
     clippy::disallowed_methods,
     reason = "the client shell draws the reconnect jitter; the backoff itself is pure"
 )]
-pub fn reconnect_delay(backoff: &Backoff, attempt: u32) -> Duration {
-    backoff.delay(attempt, rand::thread_rng().gen())
+pub fn reconnect_delay(backoff: &Backoff, attempt: u32, expired: bool) -> Duration {
+    let r = rand::thread_rng().gen();
+    if expired {
+        Backoff::expired(r)
+    } else {
+        backoff.delay(attempt, r)
+    }
+}
+
+/// Why an interactive login ([`Controller::sign_in`]) failed; nothing was
+/// enrolled.
+#[derive(Debug, thiserror::Error)]
+pub enum SignInError {
+    /// The controller refused to start the login (a bad proof, a clock far
+    /// off, too many logins): its message.
+    #[error("login refused: {}", .0.message())]
+    Refused(tonic::Status),
+    /// The controller ended the login with an error (the sign-in was
+    /// declined or failed), or the connection broke: its message.
+    #[error("login failed: {}", .0.message())]
+    Stream(tonic::Status),
+    /// The controller broke the protocol (see [`LoginError`]).
+    #[error(transparent)]
+    Protocol(#[from] LoginError),
 }
 
 /// A connected, authenticated client of the controller.
@@ -108,6 +132,69 @@ impl Controller {
             proof,
         };
         Ok(self.client.enroll(req).await?.into_inner())
+    }
+
+    /// Starts an interactive login: proves possession of the machine key
+    /// over [`auth::login_message`] and returns the event stream (a prompt,
+    /// then the enrollment; see [`super::login::LoginFlow`]). The pending
+    /// login lives as long as the stream: dropping it cancels the login.
+    ///
+    /// # Errors
+    /// The controller's refusal, verbatim.
+    pub async fn login(
+        &mut self,
+        machine: &SigningKey,
+        wg: &WgPrivateKey,
+        hostname: &str,
+        os: &str,
+    ) -> Result<tonic::Streaming<pb::LoginEvent>, tonic::Status> {
+        let ts = now_ms();
+        let mk = machine.public().as_bytes().to_vec();
+        let wk = wg.public().as_bytes().to_vec();
+        let proof = machine
+            .sign(&auth::login_message(&mk, &wk, hostname, os, ts))
+            .to_vec();
+        let req = pb::LoginRequest {
+            machine_key: mk,
+            wg_key: wk,
+            hostname: hostname.to_string(),
+            os: os.to_string(),
+            timestamp_ms: ts,
+            proof,
+        };
+        Ok(self.client.login(req).await?.into_inner())
+    }
+
+    /// Runs an interactive login to its end: [`Self::login`], then the
+    /// events in order ([`LoginFlow`]); `on_prompt` gets the prompt before
+    /// the wait for the enrollment starts. The caller bounds the time (and
+    /// cancels by dropping the future, which drops the stream).
+    ///
+    /// # Errors
+    /// [`SignInError`]; nothing is enrolled.
+    pub async fn sign_in(
+        &mut self,
+        machine: &SigningKey,
+        wg: &WgPrivateKey,
+        hostname: &str,
+        os: &str,
+        mut on_prompt: impl FnMut(&Prompt),
+    ) -> Result<Enrolled, SignInError> {
+        let mut stream = self
+            .login(machine, wg, hostname, os)
+            .await
+            .map_err(SignInError::Refused)?;
+        let mut flow = LoginFlow::default();
+        // Bounded: the flow passes at most a prompt and an enrollment.
+        loop {
+            let Some(ev) = stream.message().await.map_err(SignInError::Stream)? else {
+                return Err(flow.ended().unwrap_or(LoginError::Ended).into());
+            };
+            match flow.handle(ev)? {
+                LoginStep::Prompt(p) => on_prompt(&p),
+                LoginStep::Enrolled(e) => return Ok(e),
+            }
+        }
     }
 
     /// Opens the netmap stream.
@@ -213,7 +300,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_revocations_and_reasonless_auth_refusals_drop_the_peers() {
+    fn only_revocations_expiry_and_reasonless_auth_refusals_drop_the_peers() {
         use tonic::{Code, Status};
         use ztmesh_proto::refusal::{self, AuthReason};
 
@@ -230,6 +317,10 @@ mod tests {
             (
                 refusal::status(AuthReason::Revoked, "node was deleted", None),
                 revoked("node was deleted"),
+            ),
+            (
+                refusal::status(AuthReason::Expired, "key expired", None),
+                SessionEnd::Expired("key expired".into()),
             ),
             (
                 refusal::status(AuthReason::ClockSkew, "skew", Some(now - 300_000)),
