@@ -58,7 +58,9 @@ pub enum AgentCmd {
     ///
     /// Without --auth-key, a node that is not enrolled (or whose key
     /// expired) signs in interactively: this prints a URL and a code for a
-    /// person to open and confirm in a browser, and waits.
+    /// person to open and confirm in a browser, and waits. `login` is the
+    /// same command.
+    #[command(visible_alias = "login")]
     Up {
         #[arg(long, env = "ZTMESH_SOCKET", default_value = "/run/ztmesh/ztmesh.sock")]
         socket: PathBuf,
