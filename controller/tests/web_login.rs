@@ -260,7 +260,7 @@ async fn a_person_signs_in_with_password_and_totp_and_confirms_the_device() {
     for (h, want) in [
         ("content-security-policy", CSP),
         ("cache-control", "no-store"),
-        ("referrer-policy", "no-referrer"),
+        ("referrer-policy", "same-origin"),
         ("x-frame-options", "DENY"),
         ("x-content-type-options", "nosniff"),
     ] {

@@ -5,8 +5,8 @@
 //!
 //! Hardening, on every response: a strict Content-Security-Policy (no
 //! script at all, styles only from /static, no framing, forms only to this
-//! origin), `no-store`, `no-referrer` (a login code in a URL never leaks to
-//! the identity provider), HSTS, `nosniff`. State-changing requests are
+//! origin), `no-store`, `Referrer-Policy: same-origin` (a login code in a URL
+//! never leaks to the identity provider), HSTS, `nosniff`. State-changing requests are
 //! POSTs that carry the session's CSRF token and, when the browser sends
 //! them, a same-origin `Origin` and `Sec-Fetch-Site`. Cookies are
 //! `__Host-`, Secure, HttpOnly, SameSite=Lax. Guessing is slowed by
@@ -230,7 +230,10 @@ async fn security_headers(mut r: Response) -> Response {
     for (k, v) in [
         (header::CONTENT_SECURITY_POLICY, CSP),
         (header::CACHE_CONTROL, "no-store"),
-        (header::REFERRER_POLICY, "no-referrer"),
+        // `same-origin`: a login code in a URL never reaches the identity
+        // provider in a Referer. (`no-referrer` would also make Chromium
+        // send `Origin: null` on our own form posts.)
+        (header::REFERRER_POLICY, "same-origin"),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::STRICT_TRANSPORT_SECURITY, "max-age=31536000"),
@@ -372,7 +375,8 @@ fn session_or_new<T>(
 /// Checks a state-changing request: a live session whose CSRF token the
 /// form carries, from this site (Origin / Sec-Fetch-Site when sent).
 fn check_post(w: &Web, uri: &Uri, headers: &HeaderMap, csrf: &str) -> Result<String, Response> {
-    let stale = || {
+    let stale = |why: &str| {
+        tracing::info!(why, "form refused");
         problem(
             StatusCode::FORBIDDEN,
             "Form expired",
@@ -384,7 +388,7 @@ fn check_post(w: &Web, uri: &Uri, headers: &HeaderMap, csrf: &str) -> Result<Str
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v != "same-origin" && v != "none")
     {
-        return Err(stale());
+        return Err(stale("cross-site request"));
     }
     if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
         // HTTP/2 carries the authority in the URI (`:authority`), HTTP/1 in Host.
@@ -394,17 +398,26 @@ fn check_post(w: &Web, uri: &Uri, headers: &HeaderMap, csrf: &str) -> Result<Str
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         });
-        let same = ours.is_some_and(|h| origin.strip_prefix("https://") == Some(h.as_str()));
+        let same_site_fetch = headers
+            .get("sec-fetch-site")
+            .is_some_and(|v| v == "same-origin");
+        let same = ours
+            .as_deref()
+            .is_some_and(|h| origin.strip_prefix("https://") == Some(h))
+            || (origin == "null" && same_site_fetch);
         if !same {
-            return Err(stale());
+            tracing::info!(origin, ours = ?ours, "origin differs");
+            return Err(stale("foreign origin"));
         }
     }
-    let id = cookie(headers).ok_or_else(stale)?;
+    let id = cookie(headers).ok_or_else(|| stale("no session cookie"))?;
     let now = now();
     let mut sessions = relock(&w.sessions);
-    let s = sessions.get(&id, now).ok_or_else(stale)?;
+    let s = sessions
+        .get(&id, now)
+        .ok_or_else(|| stale("no such session"))?;
     if !s.csrf_ok(csrf) {
-        return Err(stale());
+        return Err(stale("wrong CSRF token"));
     }
     Ok(id)
 }
