@@ -26,6 +26,7 @@ fn main() -> ExitCode {
                 ephemeral_timeout,
                 node_key_expiry,
                 tagged_node_key_expiry,
+                tag_key_expiry,
                 public_url,
                 netmap_ttl,
                 audit_max_age,
@@ -48,6 +49,10 @@ fn main() -> ExitCode {
                     ephemeral_timeout_ms: ephemeral_timeout.as_millis() as i64,
                     node_key_ttl_ms: node_key_expiry.as_millis() as i64,
                     tagged_key_ttl_ms: tagged_node_key_expiry.as_millis() as i64,
+                    tag_key_ttl_ms: tag_key_expiry
+                        .into_iter()
+                        .map(|(t, d)| (t, i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
+                        .collect(),
                     public_url,
                     netmap_ttl_ms: netmap_ttl.as_millis().max(10_000) as i64,
                     audit_max_age_ms: i64::try_from(audit_max_age.as_millis()).unwrap_or(i64::MAX),

@@ -58,6 +58,9 @@ pub struct MeshConfig {
     pub node_key_ttl_ms: i64,
     /// Key lifetime of a node owned by tags (a server); 0 = never expires.
     pub tagged_key_ttl_ms: i64,
+    /// Per-tag key lifetimes overriding `tagged_key_ttl_ms` (0 = never); a
+    /// node with several takes the shortest.
+    pub tag_key_ttl_ms: BTreeMap<String, i64>,
     /// Ephemeral nodes are deleted after being offline this long.
     pub ephemeral_timeout_ms: i64,
     /// Default lifetime of auth keys created without `--expiry` (API keys:
@@ -86,6 +89,7 @@ impl Default for MeshConfig {
             netmap_ttl_ms: 12 * 3600 * 1000,
             node_key_ttl_ms: 30 * 24 * 3600 * 1000,
             tagged_key_ttl_ms: 30 * 24 * 3600 * 1000,
+            tag_key_ttl_ms: BTreeMap::new(),
             ephemeral_timeout_ms: 5 * 60 * 1000,
             auth_key_ttl_ms: 3600 * 1000,
             dns_domain: "ztmesh.internal".into(),
@@ -623,14 +627,20 @@ impl Mesh {
         let key = &claim.key;
         // The key's owner sets the node's key lifetime; the check inside the
         // store's transaction below is what admits it.
-        let owner = match self.store.find_key(SecretKind::AuthKey, key.key_id())? {
+        let (owner, tags) = match self.store.find_key(SecretKind::AuthKey, key.key_id())? {
             Some(SecretRecord {
-                detail: KeyDetail::Auth { user: Some(u), .. },
+                detail: KeyDetail::Auth { user, tags, .. },
                 ..
-            }) => self.store.users()?.into_iter().find(|x| x.login == u),
-            _ => None,
+            }) => (
+                match user {
+                    Some(u) => self.store.users()?.into_iter().find(|x| x.login == u),
+                    None => None,
+                },
+                tags,
+            ),
+            _ => (None, Vec::new()),
         };
-        let expiry_ms = Self::expiry_at(self.key_ttl(owner.as_ref()), now);
+        let expiry_ms = Self::expiry_at(self.key_ttl(owner.as_ref(), &tags), now);
         let existing = self
             .state()
             .core

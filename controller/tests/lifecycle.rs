@@ -624,7 +624,8 @@ fn an_auth_key_re_authenticates_only_the_node_it_could_have_enrolled() {
     assert!(matches!(e, Error::Conflict(_)), "{e}");
 }
 
-/// Tagged servers can be exempt from expiry when the admin says so.
+/// Tagged servers can be exempt from expiry when the admin says so, for
+/// all tags or per tag (the shortest of a node's overrides wins).
 #[test]
 fn tagged_nodes_never_expire_when_configured_so() {
     let m = mesh(MeshConfig {
@@ -634,4 +635,27 @@ fn tagged_nodes_never_expire_when_configured_so() {
     m.set_policy("admin", "p.hujson", POLICY, T0).unwrap();
     let n = enroll(&m, &tag_key(&m, "tag:db", false, false), "db", T0).unwrap();
     assert_eq!(n.key_expiry_ms, 0);
+
+    let m = mesh(MeshConfig {
+        tag_key_ttl_ms: [("tag:db".to_string(), 0), ("tag:web".to_string(), DAY)]
+            .into_iter()
+            .collect(),
+        ..MeshConfig::default()
+    });
+    m.set_policy("admin", "p.hujson", POLICY, T0).unwrap();
+    let db = enroll(&m, &tag_key(&m, "tag:db", false, false), "db", T0).unwrap();
+    assert_eq!(db.key_expiry_ms, 0, "tag:db never expires");
+    let web = enroll(&m, &tag_key(&m, "tag:web", false, false), "web", T0).unwrap();
+    assert_eq!(web.key_expiry_ms, T0 + DAY);
+    let both = m
+        .create_key(
+            "admin",
+            KeyDetail::auth(None, &["tag:db".into(), "tag:web".into()], false, false),
+            None,
+            T0,
+        )
+        .unwrap()
+        .1;
+    let n = enroll(&m, &both, "both", T0).unwrap();
+    assert_eq!(n.key_expiry_ms, T0 + DAY, "the shortest override wins");
 }

@@ -66,6 +66,11 @@ pub enum Cmd {
         /// tagged nodes from expiry.
         #[arg(long, default_value = "30d", value_parser = parse_duration)]
         tagged_node_key_expiry: Duration,
+        /// A key lifetime for nodes with one tag, e.g. `tag:server=0s`
+        /// (never) or `tag:ci=1d` (repeatable; a node with several such tags
+        /// takes the shortest).
+        #[arg(long = "tag-key-expiry", value_name = "TAG=DURATION", value_parser = parse_tag_expiry)]
+        tag_key_expiry: Vec<(String, Duration)>,
         /// The base URL of the sign-in pages that interactive logins print
         /// (e.g. https://ztmesh.example.com:8443); default: the address
         /// the node reached the controller by.
@@ -125,6 +130,15 @@ pub enum Cmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
+}
+
+/// `tag:NAME=DURATION`.
+fn parse_tag_expiry(s: &str) -> Result<(String, Duration), String> {
+    let (tag, d) = s
+        .split_once('=')
+        .ok_or("expected tag:NAME=DURATION, e.g. tag:server=0s")?;
+    crate::mesh::validate_tag(tag).map_err(|e| e.to_string())?;
+    Ok((tag.to_string(), parse_duration(d)?))
 }
 
 /// An https URL without path, query or credentials (the pages' base).

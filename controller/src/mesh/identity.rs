@@ -305,12 +305,18 @@ impl Mesh {
         Ok(user)
     }
 
-    /// The key lifetime of a node owned by `user` or by tags (0 = never).
-    pub fn key_ttl(&self, user: Option<&UserRow>) -> i64 {
-        match user {
-            Some(u) => u.key_expiry_ms.unwrap_or(self.cfg.node_key_ttl_ms),
-            None => self.cfg.tagged_key_ttl_ms,
+    /// The key lifetime of a node owned by `user`, or else by `tags` (0 =
+    /// never): the user's own lifetime or the default; for tags, the
+    /// shortest of their overrides (a tag that never expires counts as
+    /// longest), or the tagged default.
+    pub fn key_ttl(&self, user: Option<&UserRow>, tags: &[String]) -> i64 {
+        if let Some(u) = user {
+            return u.key_expiry_ms.unwrap_or(self.cfg.node_key_ttl_ms);
         }
+        tags.iter()
+            .filter_map(|t| self.cfg.tag_key_ttl_ms.get(t).copied())
+            .min_by_key(|ttl| if *ttl == 0 { i64::MAX } else { *ttl })
+            .unwrap_or(self.cfg.tagged_key_ttl_ms)
     }
 
     /// `now + ttl`, or 0 (never) for a zero lifetime.
@@ -337,7 +343,7 @@ impl Mesh {
         now: UnixMs,
     ) -> Result<DeviceEnrolled> {
         let user = self.user(login)?;
-        let expiry = Self::expiry_at(self.key_ttl(Some(&user)), now);
+        let expiry = Self::expiry_at(self.key_ttl(Some(&user), &[]), now);
         let actor = format!("user:{login}");
         let turn = self.turn();
         let existing = self
