@@ -47,6 +47,36 @@ fn skew_message(ts: UnixMs, now: UnixMs) -> String {
     )
 }
 
+/// A joining node's keys, usable (not weak, not low-order), and a sane
+/// hostname: what enrollment and interactive login both require.
+fn node_keys(
+    machine_key: &[u8],
+    wg_key: &[u8],
+    hostname: &str,
+) -> Result<(PublicKey, WgPublicKey)> {
+    let machine_key = PublicKey::from_slice(machine_key)
+        .map_err(|_| Error::Invalid("machine_key must be a 32-byte ed25519 key".into()))?;
+    if is_weak_ed25519(machine_key.as_bytes()) {
+        return Err(Error::Invalid(
+            "machine_key is a weak (small-order) ed25519 key; generate a new machine key".into(),
+        ));
+    }
+    let wg_key = WgPublicKey::from_slice(wg_key)
+        .map_err(|_| Error::Invalid("wg_key must be a 32-byte x25519 key".into()))?;
+    if is_low_order_x25519(wg_key.as_bytes()) {
+        return Err(Error::Invalid(
+            "wg_key is a low-order x25519 point (zero or small-subgroup); generate a new WireGuard key"
+                .into(),
+        ));
+    }
+    if hostname.is_empty() || hostname.len() > 253 {
+        return Err(Error::Invalid(
+            "hostname must be 1 to 253 characters".into(),
+        ));
+    }
+    Ok((machine_key, wg_key))
+}
+
 fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -110,27 +140,7 @@ impl Authenticator {
                 "auth key was issued by a different controller".into(),
             ));
         }
-        let machine_key = PublicKey::from_slice(&req.machine_key)
-            .map_err(|_| Error::Invalid("machine_key must be a 32-byte ed25519 key".into()))?;
-        if is_weak_ed25519(machine_key.as_bytes()) {
-            return Err(Error::Invalid(
-                "machine_key is a weak (small-order) ed25519 key; generate a new machine key"
-                    .into(),
-            ));
-        }
-        let wg_key = WgPublicKey::from_slice(&req.wg_key)
-            .map_err(|_| Error::Invalid("wg_key must be a 32-byte x25519 key".into()))?;
-        if is_low_order_x25519(wg_key.as_bytes()) {
-            return Err(Error::Invalid(
-                "wg_key is a low-order x25519 point (zero or small-subgroup); generate a new WireGuard key"
-                    .into(),
-            ));
-        }
-        if req.hostname.is_empty() || req.hostname.len() > 253 {
-            return Err(Error::Invalid(
-                "hostname must be 1 to 253 characters".into(),
-            ));
-        }
+        let (machine_key, wg_key) = node_keys(&req.machine_key, &req.wg_key, &req.hostname)?;
         if !auth::within_window(req.timestamp_ms, now) {
             return Err(Error::NodeAuth {
                 reason: AuthReason::ClockSkew,
@@ -172,27 +182,7 @@ impl Authenticator {
         req: &pb::LoginRequest,
         now: UnixMs,
     ) -> Result<(crate::mesh::DeviceClaim, String)> {
-        let machine_key = PublicKey::from_slice(&req.machine_key)
-            .map_err(|_| Error::Invalid("machine_key must be a 32-byte ed25519 key".into()))?;
-        if is_weak_ed25519(machine_key.as_bytes()) {
-            return Err(Error::Invalid(
-                "machine_key is a weak (small-order) ed25519 key; generate a new machine key"
-                    .into(),
-            ));
-        }
-        let wg_key = WgPublicKey::from_slice(&req.wg_key)
-            .map_err(|_| Error::Invalid("wg_key must be a 32-byte x25519 key".into()))?;
-        if is_low_order_x25519(wg_key.as_bytes()) {
-            return Err(Error::Invalid(
-                "wg_key is a low-order x25519 point (zero or small-subgroup); generate a new WireGuard key"
-                    .into(),
-            ));
-        }
-        if req.hostname.is_empty() || req.hostname.len() > 253 {
-            return Err(Error::Invalid(
-                "hostname must be 1 to 253 characters".into(),
-            ));
-        }
+        let (machine_key, wg_key) = node_keys(&req.machine_key, &req.wg_key, &req.hostname)?;
         if req.os.len() > 256 {
             return Err(Error::Invalid("os must be at most 256 bytes".into()));
         }

@@ -319,6 +319,21 @@ fn audit_detail(detail: &KeyDetail) -> String {
     }
 }
 
+impl Mesh {
+    /// Audits keys that ran out (see [`expiring`]).
+    fn audit_expired(&self, expired: &[(String, UnixMs)], now: UnixMs) {
+        for (name, at) in expired {
+            self.audit(
+                now,
+                "controller",
+                "node.key-expired",
+                name,
+                &format!("expiry_ms={at}"),
+            );
+        }
+    }
+}
+
 /// Nodes whose keys run out when the core's clock moves to `now` (an
 /// admin's expiry was audited when it was made).
 fn expiring(core: &NetCore, now: UnixMs) -> Vec<(String, UnixMs)> {
@@ -1099,15 +1114,7 @@ impl Mesh {
             let due = st.coalesce.due(now);
             (changed, stale, due, expired)
         };
-        for (name, at) in expired {
-            self.audit(
-                now,
-                "controller",
-                "node.key-expired",
-                &name,
-                &format!("expiry_ms={at}"),
-            );
-        }
+        self.audit_expired(&expired, now);
         for id in stale {
             if self.store.delete_node(id).is_err() {
                 continue;
@@ -1399,15 +1406,7 @@ impl Mesh {
             }
             (changed, expired)
         };
-        for (name, at) in expired {
-            self.audit(
-                now,
-                "controller",
-                "node.key-expired",
-                &name,
-                &format!("expiry_ms={at}"),
-            );
-        }
+        self.audit_expired(&expired, now);
         self.publish(&turn, &changed, now);
         Ok(updated)
     }

@@ -515,6 +515,17 @@ fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SecretRecord> {
     })
 }
 
+/// The auth key stored under `key_id`, read inside `tx`.
+fn auth_key_in(tx: &rusqlite::Transaction<'_>, key_id: &str) -> Result<Option<SecretRecord>> {
+    Ok(tx
+        .query_row(
+            &format!("SELECT {KEY_COLS} FROM secret_keys WHERE kind = 'auth' AND key_id = ?1"),
+            [key_id],
+            key_row,
+        )
+        .optional()?)
+}
+
 /// Inserts an enrolled node inside `tx`; `auth_key_id` records how it
 /// joined (an auth key's id, or `login`).
 fn insert_node(
@@ -954,13 +965,7 @@ impl Store for SqliteStore {
         // IMMEDIATE takes the write lock up front: a second enrollment (in this
         // or another process) waits here and then sees used_count = 1.
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let key = tx
-            .query_row(
-                &format!("SELECT {KEY_COLS} FROM secret_keys WHERE kind = 'auth' AND key_id = ?1"),
-                [key_id],
-                key_row,
-            )
-            .optional()?;
+        let key = auth_key_in(&tx, key_id)?;
         check(key.as_ref()).map_err(StoreError::KeyRefused)?;
         // Whatever the check says, no key enrolls nothing.
         let Some(SecretRecord {
@@ -993,13 +998,7 @@ impl Store for SqliteStore {
     ) -> Result<()> {
         let mut c = self.conn();
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let key = tx
-            .query_row(
-                &format!("SELECT {KEY_COLS} FROM secret_keys WHERE kind = 'auth' AND key_id = ?1"),
-                [key_id],
-                key_row,
-            )
-            .optional()?;
+        let key = auth_key_in(&tx, key_id)?;
         check(key.as_ref()).map_err(StoreError::KeyRefused)?;
         let Some(key) = key else {
             return Err(StoreError::KeyRefused("unknown auth key".into()));

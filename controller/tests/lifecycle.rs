@@ -56,22 +56,7 @@ fn tag_key(m: &Mesh, tag: &str, reusable: bool, ephemeral: bool) -> String {
 fn enroll(m: &Mesh, key: &str, host: &str, now: i64) -> Result<pb::EnrollResponse, Error> {
     let machine = SigningKey::generate(&mut OsRng);
     let wg = WgPrivateKey::generate(&mut OsRng);
-    let mk = machine.public().as_bytes().to_vec();
-    let wk = wg.public().as_bytes().to_vec();
-    let proof = machine
-        .sign(&auth::enroll_message(key, &mk, &wk, host, now))
-        .to_vec();
-    m.enroll(
-        &pb::EnrollRequest {
-            auth_key: key.into(),
-            machine_key: mk,
-            wg_key: wk,
-            hostname: host.into(),
-            timestamp_ms: now,
-            proof,
-        },
-        now,
-    )
+    enroll_with(m, &machine, &wg, key, host, now)
 }
 
 #[test]

@@ -674,6 +674,18 @@ fn password_stage(w: &Web, headers: &HeaderMap) -> Result<(String, String, Strin
 /// Wrong second-factor codes one password entry allows.
 const MAX_MFA_FAILURES: u32 = 10;
 
+/// A second-factor form's POST: checked like every form, from a session
+/// whose password was accepted; its id, login and (current) CSRF token.
+fn code_post(
+    w: &Web,
+    uri: &Uri,
+    headers: &HeaderMap,
+    csrf: &str,
+) -> Result<(String, String, String), Response> {
+    check_post(w, uri, headers, csrf)?;
+    password_stage(w, headers)
+}
+
 fn mfa_form(csrf: &str, err: Option<&str>) -> String {
     format!(
         "<p>Enter the 6-digit code from your authenticator app, or one of your recovery codes.</p>{}\
@@ -710,11 +722,7 @@ async fn mfa_post(
     headers: HeaderMap,
     Form(f): Form<CodeForm>,
 ) -> Response {
-    let id = match check_post(&w, &uri, &headers, &f.csrf) {
-        Ok(id) => id,
-        Err(r) => return r,
-    };
-    let (_, login, csrf) = match password_stage(&w, &headers) {
+    let (id, login, csrf) = match code_post(&w, &uri, &headers, &f.csrf) {
         Ok(x) => x,
         Err(r) => return r,
     };
@@ -915,11 +923,7 @@ async fn enroll_post(
     Form(f): Form<CodeForm>,
 ) -> Response {
     use rand_core::OsRng;
-    let id = match check_post(&w, &uri, &headers, &f.csrf) {
-        Ok(id) => id,
-        Err(r) => return r,
-    };
-    let (_, login, csrf) = match password_stage(&w, &headers) {
+    let (id, login, csrf) = match code_post(&w, &uri, &headers, &f.csrf) {
         Ok(x) => x,
         Err(r) => return r,
     };
