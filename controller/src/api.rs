@@ -561,6 +561,19 @@ impl AdminService {
         Ok(actor)
     }
 
+    /// A user as the admin API shows it, with its linked SSO identities.
+    fn user_pb(&self, u: UserRow) -> apb::User {
+        let ids = self
+            .mesh
+            .store()
+            .identities(&u.login)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(i, s)| format!("{i} {s}"))
+            .collect();
+        user_pb(u, ids)
+    }
+
     /// Issues a key of either kind for `actor` (`expiry_secs` 0: the
     /// kind's default).
     fn create_key(
@@ -676,8 +689,9 @@ fn api_key_pb(k: &SecretRecord) -> Option<apb::ApiKey> {
     })
 }
 
-fn user_pb(u: UserRow) -> apb::User {
+fn user_pb(u: UserRow, sso_identities: Vec<String>) -> apb::User {
     apb::User {
+        sso_identities,
         id: u.id,
         login: u.login,
         created_ms: u.created_ms,
@@ -726,12 +740,17 @@ impl Admin for AdminService {
         let u = self
             .mesh
             .create_user(&actor.name, &r.login, role, now_ms())?;
-        ok(user_pb(u))
+        ok(self.user_pb(u))
     }
 
     async fn list_users(&self, req: Request<apb::ListUsersRequest>) -> R<apb::ListUsersResponse> {
         self.actor(&req, Access::Read)?;
-        let users = self.mesh.users()?.into_iter().map(user_pb).collect();
+        let users = self
+            .mesh
+            .users()?
+            .into_iter()
+            .map(|u| self.user_pb(u))
+            .collect();
         ok(apb::ListUsersResponse { users })
     }
 
@@ -777,6 +796,7 @@ impl Admin for AdminService {
                 (!r.password.is_empty()).then(|| Some(r.password.clone()))
             },
             reset_mfa: r.reset_mfa,
+            unlink_sso: r.unlink_sso,
         };
         // A new password is hashed with argon2: off the async workers.
         let (mesh, login) = (self.mesh.clone(), r.login.clone());
@@ -785,7 +805,7 @@ impl Admin for AdminService {
         })
         .await
         .map_err(|_| Status::internal("updating the user failed"))??;
-        ok(user_pb(u))
+        ok(self.user_pb(u))
     }
 
     async fn create_auth_key(

@@ -163,6 +163,10 @@ pub trait Store: Send + Sync {
     fn use_recovery_code(&self, login: &str, hash: &str) -> Result<bool>;
     /// The login an SSO identity (issuer, subject) is linked to.
     fn identity_login(&self, issuer: &str, subject: &str) -> Result<Option<String>>;
+    /// The SSO identities (issuer, subject) linked to a user.
+    fn identities(&self, login: &str) -> Result<Vec<(String, String)>>;
+    /// Forgets every SSO identity linked to a user; returns how many.
+    fn unlink_identities(&self, login: &str) -> Result<usize>;
     /// Links an SSO identity to a user, for good (the user's deletion
     /// removes the link).
     fn link_identity(&self, issuer: &str, subject: &str, login: &str, now: UnixMs) -> Result<()>;
@@ -824,6 +828,21 @@ impl Store for SqliteStore {
                 |r| r.get(0),
             )
             .optional()?)
+    }
+
+    fn identities(&self, login: &str) -> Result<Vec<(String, String)>> {
+        let c = self.conn();
+        let mut st = c.prepare(
+            "SELECT issuer, subject FROM identities WHERE user_login = ?1 ORDER BY issuer, subject",
+        )?;
+        let rows = st.query_map([login], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn unlink_identities(&self, login: &str) -> Result<usize> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM identities WHERE user_login = ?1", [login])?)
     }
 
     fn link_identity(&self, issuer: &str, subject: &str, login: &str, now: UnixMs) -> Result<()> {

@@ -644,3 +644,70 @@ fn tagged_nodes_never_expire_when_configured_so() {
     let n = enroll(&m, &both, "both", T0).unwrap();
     assert_eq!(n.key_expiry_ms, T0 + DAY, "the shortest override wins");
 }
+
+/// SSO links a person to a user once, by verified email, and never takes
+/// over a built-in account (an admin opts it in by removing its password);
+/// mixed-case logins are refused (sign-in compares lowercase).
+#[test]
+fn sso_links_by_verified_email_but_never_takes_over_a_built_in_account() {
+    let m = mesh(MeshConfig::default());
+    m.create_user("admin", "boss@example.com", Role::Admin, T0)
+        .unwrap();
+    m.update_user(
+        "admin",
+        "boss@example.com",
+        &UserUpdate {
+            password: Some(Some("a long admin password".into())),
+            ..UserUpdate::default()
+        },
+        &mut OsRng,
+        T0,
+    )
+    .unwrap();
+    let iss = "https://idp.example.com";
+    let e = m
+        .sso_user(iss, "attacker", Some("boss@example.com"), true, T0)
+        .unwrap_err();
+    assert!(matches!(e, Error::Forbidden(_)), "{e}");
+    assert!(m.store().identities("boss@example.com").unwrap().is_empty());
+
+    // Unknown user: created (as a member) only when allowed.
+    assert!(m
+        .sso_user(iss, "s1", Some("new@example.com"), false, T0)
+        .is_err());
+    let u = m
+        .sso_user(iss, "s1", Some("new@example.com"), true, T0)
+        .unwrap();
+    assert_eq!(u.role, Role::Member);
+    // Linked for good: the subject finds the user even with another email.
+    let again = m
+        .sso_user(iss, "s1", Some("other@example.com"), true, T0)
+        .unwrap();
+    assert_eq!(again.login, "new@example.com");
+    let stamp = m.credential_stamp("new@example.com").unwrap();
+    m.update_user(
+        "admin",
+        "new@example.com",
+        &UserUpdate {
+            unlink_sso: true,
+            ..UserUpdate::default()
+        },
+        &mut OsRng,
+        T0,
+    )
+    .unwrap();
+    assert_ne!(
+        m.credential_stamp("new@example.com").unwrap(),
+        stamp,
+        "unlinking ends the SSO sessions"
+    );
+    assert!(
+        m.sso_user(iss, "s1", None, true, T0).is_err(),
+        "no email: no link"
+    );
+
+    let e = m
+        .create_user("admin", "Bob@example.com", Role::Member, T0)
+        .unwrap_err();
+    assert!(e.to_string().contains("lowercase"), "{e}");
+}

@@ -236,7 +236,7 @@ fn progress_text(p: &Progress, now_ms: i64) -> String {
 async fn ask(socket: &std::path::Path, req: Request) -> anyhow::Result<serde_json::Value> {
     let r = call(socket, &req).await?;
     if !r.ok {
-        bail!("{}", r.error);
+        bail!("{}", printable(&r.error));
     }
     Ok(r.data)
 }
@@ -308,7 +308,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
             })
             .await?;
             if !r.ok {
-                bail!("{}", r.error);
+                bail!("{}", printable(&r.error));
             }
             let s = r.data;
             let name = s["self"]["name"].as_str().unwrap_or("?");
@@ -800,9 +800,27 @@ fn echo(
     }
 }
 
+/// A daemon's (or, through it, the controller's) message made safe for a
+/// terminal: control characters (escape sequences, OSC links, screen
+/// clears) become `?`.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() && c != '\n' { '?' } else { c })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_reach_the_terminal_without_escapes() {
+        assert_eq!(
+            printable("refused\u{1b}]8;;https://evil.example\u{7}open\u{1b}[2J"),
+            "refused?]8;;https://evil.example?open?[2J"
+        );
+        assert_eq!(printable("two\nlines"), "two\nlines");
+    }
 
     #[test]
     fn status_warns_about_expired_and_expiring_keys() {

@@ -41,6 +41,10 @@ pub enum UsersCmd {
         /// one is enrolled at the next sign-in.
         #[arg(long)]
         reset_mfa: bool,
+        /// Forget the SSO identities linked to this user (ends their
+        /// browser sessions; the next SSO sign-in links by email again).
+        #[arg(long)]
+        unlink_sso: bool,
     },
     List {
         #[arg(short, long, value_enum, default_value_t)]
@@ -89,6 +93,7 @@ pub(super) async fn run(c: &mut Client, cmd: UsersCmd) -> anyhow::Result<()> {
             password_stdin,
             clear_password,
             reset_mfa,
+            unlink_sso,
         } => {
             let (key_expiry_ms, clear_key_expiry) = match key_expiry.as_deref() {
                 None => (None, false),
@@ -119,6 +124,7 @@ pub(super) async fn run(c: &mut Client, cmd: UsersCmd) -> anyhow::Result<()> {
                     password,
                     clear_password,
                     reset_mfa,
+                    unlink_sso,
                 })
                 .await
                 .map_err(status_err)?
@@ -138,7 +144,8 @@ pub(super) async fn run(c: &mut Client, cmd: UsersCmd) -> anyhow::Result<()> {
                     .map(|u| {
                         json!({"id": u.id, "login": u.login, "created_ms": u.created_ms,
                                "role": u.role, "key_expiry_ms": u.key_expiry_ms,
-                               "password": u.has_password, "totp": u.has_totp})
+                               "password": u.has_password, "totp": u.has_totp,
+                               "sso_identities": u.sso_identities})
                     })
                     .collect();
                 print_json(&json!(v));

@@ -51,6 +51,7 @@ pub struct UserUpdate {
     /// `Some(None)` removes the password.
     pub password: Option<Option<String>>,
     pub reset_mfa: bool,
+    pub unlink_sso: bool,
 }
 
 /// A device waiting for a person to confirm it (see [`crate::device`]).
@@ -103,6 +104,14 @@ impl Mesh {
         now: UnixMs,
     ) -> Result<UserRow> {
         validate_login(login)?;
+        if login.bytes().any(|b| b.is_ascii_uppercase()) {
+            // Sign-in compares lowercased logins and emails: a mixed-case
+            // login could never sign in, and its lowercase twin could.
+            return Err(Error::Invalid(format!(
+                "invalid user login {login:?}: logins are lowercase ({:?})",
+                login.to_ascii_lowercase()
+            )));
+        }
         let row = self.store.create_user(login, role, now)?;
         self.audit(now, actor, "user.create", login, &format!("role={role}"));
         Ok(row)
@@ -171,6 +180,10 @@ impl Mesh {
         if update.reset_mfa {
             self.store.set_totp(login, None, &[], 0)?;
             did.push("mfa=reset".into());
+        }
+        if update.unlink_sso {
+            let n = self.store.unlink_identities(login)?;
+            did.push(format!("sso-unlinked={n}"));
         }
         self.audit(now, actor, "user.update", login, &did.join(" "));
         self.user(login)
@@ -246,6 +259,12 @@ impl Mesh {
         m.extend_from_slice(creds.password_hash.as_deref().unwrap_or("").as_bytes());
         m.push(0);
         m.extend_from_slice(creds.totp_secret.as_deref().unwrap_or(&[]));
+        for (issuer, subject) in self.store.identities(login).ok()? {
+            m.push(0);
+            m.extend_from_slice(issuer.as_bytes());
+            m.push(0);
+            m.extend_from_slice(subject.as_bytes());
+        }
         Some(ztmesh_proto::auth::sha256(&m))
     }
 
@@ -283,6 +302,15 @@ impl Mesh {
             Error::Forbidden(format!("{login:?} cannot be a ztmesh login; ask an admin"))
         })?;
         let user = match self.user(&login) {
+            // A built-in account is never taken over by a provider that
+            // vouches for the same address: an admin opts it in to SSO by
+            // removing its password.
+            Ok(u) if u.has_password => {
+                return Err(Error::Forbidden(format!(
+                    "{login} signs in with its built-in password here, not with single sign-on; \
+                     ask an admin (`users update {login} --clear-password` allows SSO)"
+                )))
+            }
             Ok(u) => u,
             Err(Error::NotFound(_)) if create => {
                 self.create_user("sso", &login, Role::Member, now)?

@@ -183,6 +183,8 @@ pub struct Web {
     codes: Mutex<Backoff>,
     /// Password checks running at once (argon2: 19 MiB and ~50 ms each).
     hashing: Arc<tokio::sync::Semaphore>,
+    /// SSO callbacks running at once (each may wait on the provider).
+    callbacks: Arc<tokio::sync::Semaphore>,
     fingerprint: String,
 }
 
@@ -193,12 +195,13 @@ impl Web {
             mesh,
             hub,
             sso,
-            sessions: Mutex::new(Sessions::new(10_000)),
+            sessions: Mutex::new(Sessions::new(10_000, 64)),
             pw_account: Mutex::new(Backoff::new(5, 1000, 30_000, 100_000)),
             pw_source: Mutex::new(Backoff::new(20, 1000, 300_000, 100_000)),
             mfa: Mutex::new(Backoff::new(3, 1000, 30_000, 100_000)),
             codes: Mutex::new(Backoff::new(5, 1000, 60_000, 100_000)),
             hashing: Arc::new(tokio::sync::Semaphore::new(2)),
+            callbacks: Arc::new(tokio::sync::Semaphore::new(8)),
             fingerprint,
         }
     }
@@ -344,6 +347,7 @@ fn safe_next(next: Option<&str>) -> String {
 #[expect(clippy::disallowed_types, reason = "session ids come from OS entropy")]
 fn session_or_new<T>(
     w: &Web,
+    conn: &Conn,
     headers: &HeaderMap,
     f: impl FnOnce(&mut Session) -> T,
 ) -> (T, Option<String>) {
@@ -355,7 +359,7 @@ fn session_or_new<T>(
             return (f(s), None);
         }
     }
-    match sessions.create(now, &mut OsRng) {
+    match sessions.create(now, &source_text(conn), &mut OsRng) {
         Some(id) => {
             let s = sessions.get(&id, now).expect("just created");
             (f(s), Some(id))
@@ -363,9 +367,9 @@ fn session_or_new<T>(
         // Full of signed-in sessions: serve this request from a throwaway
         // session (its forms will be refused as stale).
         None => {
-            let mut throwaway = Sessions::new(1);
+            let mut throwaway = Sessions::new(1, 1);
             let id = throwaway
-                .create(now, &mut OsRng)
+                .create(now, "", &mut OsRng)
                 .expect("an empty table has room");
             (f(throwaway.get(&id, now).expect("just created")), None)
         }
@@ -463,8 +467,8 @@ struct NextQuery {
     next: Option<String>,
 }
 
-async fn home(State(w): State<Arc<Web>>, headers: HeaderMap) -> Response {
-    let (csrf, set) = session_or_new(&w, &headers, |s| s.csrf.clone());
+async fn home(State(w): State<Arc<Web>>, conn: Conn, headers: HeaderMap) -> Response {
+    let (csrf, set) = session_or_new(&w, &conn, &headers, |s| s.csrf.clone());
     let user = cookie(&headers)
         .filter(|_| set.is_none())
         .and_then(|id| current_user(&w, &id));
@@ -510,11 +514,12 @@ fn login_form(sso: bool, csrf: &str, next: &str, login: &str, err: Option<&str>)
 
 async fn login_page(
     State(w): State<Arc<Web>>,
+    conn: Conn,
     headers: HeaderMap,
     Query(q): Query<NextQuery>,
 ) -> Response {
     let next = safe_next(q.next.as_deref());
-    let ((user, csrf), set) = session_or_new(&w, &headers, |s| {
+    let ((user, csrf), set) = session_or_new(&w, &conn, &headers, |s| {
         s.next = next.clone();
         (s.user().is_some(), s.csrf.clone())
     });
@@ -550,7 +555,6 @@ async fn login_post(
         Ok(id) => id,
         Err(r) => return r,
     };
-    let now = now();
     let source = source_text(&conn);
     let login = f.login.trim().to_ascii_lowercase();
     let next = safe_next(f.next.as_deref());
@@ -591,24 +595,32 @@ async fn login_post(
     // are slowed, and nobody elsewhere can keep the owner out.
     let src_key = format!("src:{source}");
     let acct_key = format!("acct:{login}|{source}");
+    // At most a few argon2 checks at once (19 MiB each); a request waits a
+    // little for its turn, then is told to retry (and is not charged).
+    let Ok(Ok(permit)) = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        w.hashing.clone().acquire_owned(),
+    )
+    .await
+    else {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The controller is busy checking other sign-ins. Try again in a moment.",
+        );
+    };
+    let now = self::now();
     let wait = relock(&w.pw_source)
         .check(&src_key, now)
         .and_then(|()| relock(&w.pw_account).check(&acct_key, now));
     if let Err(ms) = wait {
         return refuse(StatusCode::TOO_MANY_REQUESTS, &wait_message(ms));
     }
-    // Charged before the (slow) check, so parallel requests cannot all slip
-    // through one window; a match takes the charge back.
+    // Charged before the (slow) check, so requests racing each other cannot
+    // all slip through one window; a match takes the account's charge back.
     let waits = (
         relock(&w.pw_source).fail(&src_key, now),
         relock(&w.pw_account).fail(&acct_key, now),
     );
-    let Ok(permit) = w.hashing.clone().try_acquire_owned() else {
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "The controller is busy checking other sign-ins. Try again in a moment.",
-        );
-    };
     let hash = creds
         .as_ref()
         .and_then(|c| c.password_hash.clone())
@@ -643,12 +655,16 @@ async fn login_post(
         }
         return refuse(StatusCode::UNAUTHORIZED, "Wrong login or password.");
     }
+    // The source's count is not cleared: one good password (a colleague
+    // behind the same NAT, or the attacker's own account) must not reset
+    // the budget of guesses at others' accounts.
     relock(&w.pw_account).succeed(&acct_key);
-    relock(&w.pw_source).succeed(&src_key);
     let enrolled = creds.is_some_and(|c| c.totp_secret.is_some());
+    let stamp = w.mesh.credential_stamp(&login).unwrap_or_default();
     with_session(&w, &id, |s| {
         s.auth = Auth::Password {
             login: login.clone(),
+            stamp,
         };
         s.mfa_failures = 0;
         s.next = next;
@@ -665,11 +681,23 @@ async fn login_post(
 fn password_stage(w: &Web, headers: &HeaderMap) -> Result<(String, String, String), Response> {
     let id = cookie(headers).ok_or_else(|| redirect("/login", None))?;
     with_session(w, &id, |s| match &s.auth {
-        Auth::Password { login } => Ok((id.clone(), login.clone(), s.csrf.clone())),
+        Auth::Password { login, stamp } => Ok((id.clone(), login.clone(), s.csrf.clone(), *stamp)),
         _ => Err(redirect("/login", None)),
     })
     .unwrap_or_else(|| Err(redirect("/login", None)))
+    .and_then(|(id, login, csrf, stamp)| {
+        // A password reset (or a deleted user) since ends this stage.
+        if w.mesh.credential_stamp(&login) == Some(stamp) {
+            Ok((id, login, csrf))
+        } else {
+            with_session(w, &id, |s| s.auth = Auth::Anonymous);
+            Err(redirect("/login", None))
+        }
+    })
 }
+
+/// Signed-in browser sessions one user keeps (the stalest go).
+const MAX_SESSIONS_PER_USER: usize = 20;
 
 /// Wrong second-factor codes one password entry allows.
 const MAX_MFA_FAILURES: u32 = 10;
@@ -844,6 +872,7 @@ fn sign_in(
         &format!("via={via} role={role}"),
     );
     let new = rotate(w, id);
+    relock(&w.sessions).limit_user(login, MAX_SESSIONS_PER_USER);
     redirect(&safe_next(Some(&next)), new.as_deref())
 }
 
@@ -1006,6 +1035,7 @@ async fn enroll_post(
         &format!("via=password+totp role={role} (first)"),
     );
     let new = rotate(&w, &id);
+    relock(&w.sessions).limit_user(&login, MAX_SESSIONS_PER_USER);
     let list: String = codes
         .iter()
         .map(|c| format!("<li>{}</li>", esc(c)))
@@ -1040,6 +1070,7 @@ fn device_unknown() -> Response {
 
 async fn device_page(
     State(w): State<Arc<Web>>,
+    conn: Conn,
     headers: HeaderMap,
     Query(q): Query<CodeQuery>,
 ) -> Response {
@@ -1047,7 +1078,7 @@ async fn device_page(
         return device_unknown();
     };
     let next = format!("/device?code={}", device::display_code(&code));
-    let (csrf, set) = session_or_new(&w, &headers, |s| s.csrf.clone());
+    let (csrf, set) = session_or_new(&w, &conn, &headers, |s| s.csrf.clone());
     let user = cookie(&headers)
         .filter(|_| set.is_none())
         .and_then(|id| current_user(&w, &id));
@@ -1214,6 +1245,7 @@ async fn device_post(
 )]
 async fn oidc_start(
     State(w): State<Arc<Web>>,
+    conn: Conn,
     headers: HeaderMap,
     Query(q): Query<NextQuery>,
 ) -> Response {
@@ -1235,9 +1267,25 @@ async fn oidc_start(
             )
         }
     };
+    // Only from this site's own sign-in page: a link elsewhere must not
+    // start (or overwrite) a sign-in in this browser.
+    if headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v != "same-origin" && v != "none")
+    {
+        return respond(
+            StatusCode::FORBIDDEN,
+            None,
+            page(
+                "Sign in",
+                "<p id=\"error\" class=\"error\">Single sign-on starts from this controller's own sign-in page.</p>\
+                 <p><a id=\"again\" href=\"/login\">Go to the sign-in page</a></p>",
+            ),
+        );
+    }
     let next = safe_next(q.next.as_deref());
     let (url, req) = provider.begin(&mut OsRng);
-    let ((), set) = session_or_new(&w, &headers, |s| {
+    let ((), set) = session_or_new(&w, &conn, &headers, |s| {
         s.next = next;
         s.oidc = Some(req);
     });
@@ -1289,6 +1337,14 @@ async fn oidc_callback(
             StatusCode::NOT_FOUND,
             "No SSO",
             "Single sign-on is not configured on this controller.",
+        );
+    };
+    // Each callback may call the provider: a few at a time.
+    let Ok(_permit) = w.callbacks.clone().try_acquire_owned() else {
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Busy",
+            "The controller is busy finishing other sign-ins. Reload this page in a moment.",
         );
     };
     let id = cookie(&headers);

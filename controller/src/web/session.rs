@@ -29,9 +29,11 @@ pub const COOKIE: &str = "__Host-ztmesh";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Auth {
     Anonymous,
-    /// The password was right; the second factor is next.
+    /// The password was right; the second factor is next. `stamp` as for
+    /// `SignedIn`: a password reset meanwhile ends this stage too.
     Password {
         login: String,
+        stamp: [u8; 32],
     },
     /// Signed in (`via`: "password+totp", "password+recovery-code", "sso"),
     /// resting on the user's credentials as `stamp` records them
@@ -60,6 +62,9 @@ pub struct Session {
     /// Wrong second-factor codes in this session: past a few, the password
     /// must be entered again.
     pub mfa_failures: u32,
+    /// The address (IPv4, IPv6 /64) that opened the session: sessions not
+    /// signed in are counted per source.
+    pub source: String,
 }
 
 impl Session {
@@ -87,30 +92,55 @@ fn random_token(rng: &mut impl RngCore) -> String {
 #[derive(Debug)]
 pub struct Sessions {
     max: usize,
+    per_source: usize,
     map: HashMap<[u8; 32], Session>,
 }
 
 impl Sessions {
-    pub fn new(max: usize) -> Self {
+    /// At most `max` sessions, of which at most `per_source` not signed in
+    /// per source.
+    pub fn new(max: usize, per_source: usize) -> Self {
         Self {
             max,
+            per_source,
             map: HashMap::new(),
         }
     }
 
-    /// A new anonymous session; returns its cookie value. When the table
-    /// is full the stalest session that is not signed in makes room; a
-    /// signed-in one is never evicted for a stranger (`None`: full of
-    /// signed-in sessions).
-    pub fn create(&mut self, now: UnixMs, rng: &mut impl RngCore) -> Option<String> {
+    /// A new anonymous session for a browser at `source`; returns its
+    /// cookie value. Sessions not signed in are bounded per source (the
+    /// source's stalest goes first), and when the table is full the source
+    /// holding the most of them gives one up: a flood of new sessions
+    /// displaces mostly the flooder's. A signed-in session is never evicted
+    /// for a stranger (`None`: full of signed-in sessions).
+    pub fn create(&mut self, now: UnixMs, source: &str, rng: &mut impl RngCore) -> Option<String> {
         self.prune(now);
-        if self.map.len() >= self.max {
-            let k = self
-                .map
-                .iter()
-                .filter(|(_, s)| !matches!(s.auth, Auth::SignedIn { .. }))
+        let pending = |s: &Session| !matches!(s.auth, Auth::SignedIn { .. });
+        let stalest_of = |map: &HashMap<[u8; 32], Session>, src: &str| {
+            map.iter()
+                .filter(|(_, s)| pending(s) && s.source == src)
                 .min_by_key(|(_, s)| s.last_ms)
-                .map(|(k, _)| *k)?;
+                .map(|(k, _)| *k)
+        };
+        let mine = self
+            .map
+            .values()
+            .filter(|s| pending(s) && s.source == source)
+            .count();
+        if mine >= self.per_source {
+            if let Some(k) = stalest_of(&self.map, source) {
+                self.map.remove(&k);
+            }
+        } else if self.map.len() >= self.max {
+            let mut counts: HashMap<&str, usize> = HashMap::new();
+            for s in self.map.values().filter(|s| pending(s)) {
+                *counts.entry(s.source.as_str()).or_default() += 1;
+            }
+            let heaviest = counts
+                .into_iter()
+                .max_by_key(|(src, n)| (*n, std::cmp::Reverse(*src)))
+                .map(|(src, _)| src.to_string())?;
+            let k = stalest_of(&self.map, &heaviest)?;
             self.map.remove(&k);
         }
         let id = random_token(rng);
@@ -125,9 +155,28 @@ impl Sessions {
                 oidc: None,
                 next: "/".into(),
                 mfa_failures: 0,
+                source: source.to_string(),
             },
         );
         Some(id)
+    }
+
+    /// Keeps at most `max` signed-in sessions of `login` (its stalest go):
+    /// one account cannot fill the table by signing in over and over.
+    pub fn limit_user(&mut self, login: &str, max: usize) {
+        let mut mine: Vec<([u8; 32], UnixMs)> = self
+            .map
+            .iter()
+            .filter(|(_, s)| matches!(&s.auth, Auth::SignedIn { login: l, .. } if l == login))
+            .map(|(k, s)| (*k, s.last_ms))
+            .collect();
+        if mine.len() <= max {
+            return;
+        }
+        mine.sort_by_key(|(_, last)| std::cmp::Reverse(*last));
+        for (k, _) in mine.into_iter().skip(max) {
+            self.map.remove(&k);
+        }
     }
 
     /// The live session of a cookie value (its idle clock restarted).
@@ -186,8 +235,8 @@ mod tests {
     #[test]
     fn sessions_expire_idle_and_absolute() {
         let mut r = rand::rngs::StdRng::seed_from_u64(3);
-        let mut s = Sessions::new(10);
-        let id = s.create(0, &mut r).unwrap();
+        let mut s = Sessions::new(10, 10);
+        let id = s.create(0, "a", &mut r).unwrap();
         assert!(s.get(&id, IDLE_MS - 1).is_some());
         // Kept alive by use, but never past the absolute limit.
         let mut t = IDLE_MS - 1;
@@ -196,15 +245,61 @@ mod tests {
             assert!(s.get(&id, t).is_some(), "{t}");
         }
         assert!(s.get(&id, ABSOLUTE_MS).is_none());
-        let id = s.create(0, &mut r).unwrap();
+        let id = s.create(0, "a", &mut r).unwrap();
         assert!(s.get(&id, IDLE_MS).is_none(), "idle too long");
+    }
+
+    #[test]
+    fn a_flood_from_one_source_displaces_its_own_sessions_only() {
+        let mut r = rand::rngs::StdRng::seed_from_u64(6);
+        let mut s = Sessions::new(10, 4);
+        let victim = s.create(0, "victim", &mut r).unwrap();
+        s.get(&victim, 1).unwrap().auth = Auth::Password {
+            login: "v@example.com".into(),
+            stamp: [0; 32],
+        };
+        let other = s.create(1, "other", &mut r).unwrap();
+        for i in 0..1000 {
+            s.create(2 + i, "flood", &mut r).unwrap();
+        }
+        assert!(s.get(&victim, 2000).is_some(), "mid-sign-in, kept");
+        assert!(s.get(&other, 2000).is_some());
+        assert!(s.len() <= 6);
+        // Many sources: the heaviest gives way, the victim stays.
+        for i in 0..100 {
+            s.create(3000 + i, &format!("src{}", i % 20), &mut r);
+        }
+        assert!(s.get(&victim, 4000).is_some());
+        assert!(s.len() <= 10);
+    }
+
+    #[test]
+    fn one_user_keeps_a_bounded_number_of_signed_in_sessions() {
+        let mut r = rand::rngs::StdRng::seed_from_u64(7);
+        let mut s = Sessions::new(100, 100);
+        let ids: Vec<String> = (0..10)
+            .map(|i| {
+                let id = s.create(i, "a", &mut r).unwrap();
+                s.get(&id, i).unwrap().auth = Auth::SignedIn {
+                    login: "u@example.com".into(),
+                    role: Role::Member,
+                    via: "sso",
+                    stamp: [0; 32],
+                };
+                id
+            })
+            .collect();
+        s.limit_user("u@example.com", 3);
+        assert_eq!(s.len(), 3);
+        assert!(s.get(&ids[9], 10).is_some(), "the newest stay");
+        assert!(s.get(&ids[0], 10).is_none());
     }
 
     #[test]
     fn rotation_retires_the_old_id_and_csrf_token() {
         let mut r = rand::rngs::StdRng::seed_from_u64(4);
-        let mut s = Sessions::new(10);
-        let id = s.create(0, &mut r).unwrap();
+        let mut s = Sessions::new(10, 10);
+        let id = s.create(0, "a", &mut r).unwrap();
         let csrf = s.get(&id, 0).unwrap().csrf.clone();
         let new = s.rotate(&id, 1, &mut r).unwrap();
         assert!(s.get(&id, 1).is_none());
@@ -218,8 +313,8 @@ mod tests {
     #[test]
     fn the_table_is_bounded_and_ids_are_not_stored() {
         let mut r = rand::rngs::StdRng::seed_from_u64(5);
-        let mut s = Sessions::new(5);
-        let ids: Vec<String> = (0..20).map(|i| s.create(i, &mut r).unwrap()).collect();
+        let mut s = Sessions::new(5, 5);
+        let ids: Vec<String> = (0..20).map(|i| s.create(i, "a", &mut r).unwrap()).collect();
         assert_eq!(s.len(), 5);
         assert!(s.get(&ids[19], 20).is_some());
         assert!(s.get(&ids[0], 20).is_none(), "the stalest went first");
@@ -232,7 +327,7 @@ mod tests {
                 stamp: [0; 32],
             };
         }
-        assert!(s.create(22, &mut r).is_none());
+        assert!(s.create(22, "a", &mut r).is_none());
         for id in &ids[15..] {
             assert!(s.get(id, 23).is_some());
         }
