@@ -181,7 +181,7 @@ impl Authenticator {
         &self,
         req: &pb::LoginRequest,
         now: UnixMs,
-    ) -> Result<(crate::mesh::DeviceClaim, String)> {
+    ) -> Result<(crate::model::DeviceClaim, String)> {
         let (machine_key, wg_key) = node_keys(&req.machine_key, &req.wg_key, &req.hostname)?;
         if req.os.len() > 256 {
             return Err(Error::Invalid("os must be at most 256 bytes".into()));
@@ -214,7 +214,7 @@ impl Authenticator {
                 .collect()
         };
         Ok((
-            crate::mesh::DeviceClaim {
+            crate::model::DeviceClaim {
                 machine_key: *machine_key.as_bytes(),
                 wg_key: *wg_key.as_bytes(),
                 hostname: printable(&req.hostname),

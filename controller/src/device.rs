@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use rand::RngCore;
 
-use crate::mesh::DeviceClaim;
+use crate::model::DeviceClaim;
 use crate::UnixMs;
 
 /// The alphabet of login codes.

@@ -58,3 +58,11 @@ impl NodeRoutes {
         self.exit_advertised && self.exit_approved
     }
 }
+
+/// A device waiting for a person to confirm it (see `crate::device`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceClaim {
+    pub machine_key: [u8; 32],
+    pub wg_key: [u8; 32],
+    pub hostname: String,
+}

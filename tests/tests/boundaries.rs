@@ -41,26 +41,34 @@ const PURE: &[&str] = &[
     "controller/src/relays.rs",
     "controller/src/routes.rs",
     "controller/src/secrets.rs",
+    "controller/src/roles.rs",
+    "controller/src/accounts.rs",
+    "controller/src/device.rs",
+    "controller/src/web/session.rs",
+    "controller/src/web/html.rs",
 ];
 
 /// The controller's modules, bottom layer first. A module may name modules
 /// of lower layers only: values and pure helpers at the bottom, then the pure
 /// netmap core and the store shell beside it, errors, authentication, the
-/// coordinator, the gRPC services, the server, the admin CLI.
+/// coordinator, the sign-in pages, the gRPC services, the server, the admin
+/// CLI.
 const CONTROLLER_LAYERS: &[&[&str]] = &[
     &[
         "model",
-        "secrets",
+        "roles",
         "relays",
         "nodelimit",
         "lockfile",
         "routes",
     ],
+    &["secrets", "accounts", "device", "oidc"],
     &["netcore", "store"],
     &["error"],
     &["nodeinput", "ratelimit"],
     &["auth"],
     &["mesh"],
+    &["web"],
     &["api", "listener"],
     &["server"],
     &["cli"],

@@ -10,6 +10,7 @@ use ztmesh_proto::control as pb;
 use super::{dns_label, validate_login, Mesh};
 use crate::accounts;
 use crate::error::{Error, Result};
+pub use crate::model::DeviceClaim;
 use crate::netcore::Change;
 use crate::roles::Role;
 use crate::secrets::{self, KeyDetail, Presented, Refusal, SecretKind};
@@ -52,14 +53,6 @@ pub struct UserUpdate {
     pub password: Option<Option<String>>,
     pub reset_mfa: bool,
     pub unlink_sso: bool,
-}
-
-/// A device waiting for a person to confirm it (see [`crate::device`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeviceClaim {
-    pub machine_key: [u8; 32],
-    pub wg_key: [u8; 32],
-    pub hostname: String,
 }
 
 /// What confirming a device did.
