@@ -1,19 +1,23 @@
 //! ztmesh controller: enrollment, authenticated node sessions, the policy in
 //! force, and signed per-node network maps, over gRPC (tonic) with TLS.
 //!
-//! Layers, each using only those below it:
-//! - [`model`]: plain data (node rows); [`secrets`]: the one lifecycle of
-//!   auth keys and API keys (issue, verify; pure);
+//! Layers, each using only those below it (tests/tests/boundaries.rs checks):
+//! - [`model`]: plain data (node rows, device claims); [`roles`]: who may do
+//!   what (pure);
+//! - [`secrets`]: the one lifecycle of auth keys and API keys (issue,
+//!   verify); [`accounts`]: passwords, TOTP, recovery codes, back-off;
+//!   [`device`]: pending interactive logins (all pure); [`oidc`]: the OpenID
+//!   Connect relying party (discovery, code flow with PKCE, ID-token
+//!   verification, the admission policy);
 //! - [`netcore`]: the pure netmap core — nodes, compiled policy and clock in,
 //!   per-node views and the set of changed views out;
 //! - [`store`]: durable state (SQLite by default); [`auth`]: who is calling
 //!   (proofs, enrollment checks, per-node limits, replay cache);
 //! - [`mesh`]: the coordinator — store, then core, then publish the changed
 //!   views; time and randomness come in as arguments;
+//! - [`web`]: the sign-in pages (sessions, CSRF, SSO, device confirmation);
 //! - [`api`] (tonic services) ← [`server`] (listeners, TLS, ticker;
 //!   [`listener`] caps hostile clients). [`cli`] is the admin client.
-//! - [`oidc`]: the OpenID Connect relying party (discovery, code flow with
-//!   PKCE, ID-token verification, the admission policy) for interactive login.
 #![cfg_attr(
     test,
     allow(
