@@ -833,25 +833,20 @@ async fn mfa_post(
 }
 
 /// Completes a sign-in: the session is the user's (with their current
-/// role), under a new id; audited.
-fn sign_in(
+/// role and credential stamp), under a new id; audited. Returns where to go
+/// next and the new cookie value; `None` when the user no longer exists.
+fn complete_sign_in(
     w: &Web,
     id: &str,
     login: &str,
     via: &'static str,
     actor: &str,
     now: UnixMs,
-) -> Response {
-    let (role, stamp) = match (w.mesh.user(login), w.mesh.credential_stamp(login)) {
-        (Ok(u), Some(stamp)) => (u.role, stamp),
-        _ => {
-            return problem(
-                StatusCode::FORBIDDEN,
-                "Sign-in refused",
-                "This user no longer exists.",
-            )
-        }
+) -> Option<(String, Option<String>)> {
+    let (Ok(user), Some(stamp)) = (w.mesh.user(login), w.mesh.credential_stamp(login)) else {
+        return None;
     };
+    let role = user.role;
     let next = with_session(w, id, |s| {
         s.auth = Auth::SignedIn {
             login: login.to_string(),
@@ -873,7 +868,26 @@ fn sign_in(
     );
     let new = rotate(w, id);
     relock(&w.sessions).limit_user(login, MAX_SESSIONS_PER_USER);
-    redirect(&safe_next(Some(&next)), new.as_deref())
+    Some((safe_next(Some(&next)), new))
+}
+
+/// [`complete_sign_in`], then on to where the person was going.
+fn sign_in(
+    w: &Web,
+    id: &str,
+    login: &str,
+    via: &'static str,
+    actor: &str,
+    now: UnixMs,
+) -> Response {
+    match complete_sign_in(w, id, login, via, actor, now) {
+        Some((next, new)) => redirect(&next, new.as_deref()),
+        None => problem(
+            StatusCode::FORBIDDEN,
+            "Sign-in refused",
+            "This user no longer exists.",
+        ),
+    }
 }
 
 fn qr_svg_data_uri(uri: &str) -> String {
@@ -1014,28 +1028,13 @@ async fn enroll_post(
     relock(&w.mfa).succeed(&key);
     // Signed in now; the recovery codes are shown this once, on this
     // response (never stored in clear, never shown again).
-    let role = w.mesh.user(&login).map(|u| u.role).unwrap_or(Role::Member);
-    let stamp = w.mesh.credential_stamp(&login).unwrap_or_default();
-    let next = with_session(&w, &id, |s| {
-        s.auth = Auth::SignedIn {
-            login: login.clone(),
-            role,
-            via: "password+totp",
-            stamp,
-        };
-        s.pending_totp = None;
-        s.next.clone()
-    })
-    .unwrap_or_else(|| "/".into());
-    w.mesh.audit_event(
-        now,
-        &actor,
-        "login",
-        &login,
-        &format!("via=password+totp role={role} (first)"),
-    );
-    let new = rotate(&w, &id);
-    relock(&w.sessions).limit_user(&login, MAX_SESSIONS_PER_USER);
+    let Some((next, new)) = complete_sign_in(&w, &id, &login, "password+totp", &actor, now) else {
+        return problem(
+            StatusCode::FORBIDDEN,
+            "Sign-in refused",
+            "This user no longer exists.",
+        );
+    };
     let list: String = codes
         .iter()
         .map(|c| format!("<li>{}</li>", esc(c)))
@@ -1045,7 +1044,7 @@ async fn enroll_post(
          signs you in once if you lose your phone. They are shown only now.</p>\
          <ul id=\"recovery-codes\">{list}</ul>\
          <p><a id=\"continue\" class=\"button\" href=\"{}\">Continue</a></p>",
-        esc(&safe_next(Some(&next)))
+        esc(&next)
     );
     respond(
         StatusCode::OK,
