@@ -82,6 +82,7 @@ mod eval;
 mod hujson;
 mod plan;
 mod policy;
+mod posture;
 mod routes;
 
 use std::collections::BTreeSet;
@@ -98,6 +99,7 @@ pub use policy::{
     parse_proto, proto_has_ports, proto_name, Policy, PortRange, ProtoError, DEFAULT_TEST_PROTO,
     PROTOCOLS,
 };
+pub use posture::{AttrType, AttrValue, Attributes, PostureCheck, NODE_ATTRIBUTES};
 pub use routes::{default_routes, internet_prefixes};
 
 /// A node as the policy sees it.
@@ -124,4 +126,6 @@ pub struct NodeInfo {
     /// Whether this node is an approved exit node (the destination of
     /// `autogroup:internet`).
     pub exit_node: bool,
+    /// Device posture attributes, for `srcPosture` / `defaultSrcPosture`.
+    pub posture: Attributes,
 }
