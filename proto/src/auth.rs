@@ -386,6 +386,7 @@ pub mod methods {
     pub const STREAM_NETMAP: &str = "/ztmesh.control.v1.Control/StreamNetMap";
     pub const REPORT_ENDPOINTS: &str = "/ztmesh.control.v1.Control/ReportEndpoints";
     pub const REPORT_FLOWS: &str = "/ztmesh.control.v1.Control/ReportFlows";
+    pub const REPORT_POSTURE: &str = "/ztmesh.control.v1.Control/ReportPosture";
     pub const SET_ROUTES: &str = "/ztmesh.control.v1.Control/SetRoutes";
     pub const LOGOUT: &str = "/ztmesh.control.v1.Control/Logout";
 }
