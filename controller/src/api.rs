@@ -17,6 +17,7 @@ use tokio_stream::Stream;
 use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
+use ztmesh_policy::AttrValue;
 use ztmesh_proto::admin::{self as apb, admin_server::Admin};
 use ztmesh_proto::control::{
     self as pb,
@@ -36,6 +37,7 @@ use crate::store::UserRow;
 
 use ztmesh_proto::auth::methods::{
     LOGOUT as M_LOGOUT, REPORT_ENDPOINTS as M_ENDPOINTS, REPORT_FLOWS as M_FLOWS,
+    REPORT_POSTURE as M_POSTURE,
     SET_ROUTES as M_ROUTES, STREAM_NETMAP as M_STREAM,
 };
 
@@ -256,6 +258,29 @@ impl Control for ControlService {
         self.mesh
             .report_endpoints(node.id, &req.get_ref().endpoints, now_ms())?;
         Ok(Response::new(pb::ReportEndpointsResponse {}))
+    }
+
+    async fn report_posture(
+        &self,
+        req: Request<pb::ReportPostureRequest>,
+    ) -> Result<Response<pb::ReportPostureResponse>, Status> {
+        let node = self.node(&req, M_POSTURE)?;
+        self.mesh.throttle(node.id, Call::ReportPosture, now_ms())?;
+        // Only the connection holding the node's session speaks for it (as
+        // for endpoints): a copy of the key elsewhere cannot vouch for the
+        // device that is connected.
+        let src = req.remote_addr();
+        for _ in 0..SESSION_WAIT_STEPS {
+            if self.mesh.check_session_owner(node.id, src).is_ok() {
+                break;
+            }
+            tokio::time::sleep(SESSION_WAIT_STEP).await;
+        }
+        self.mesh.check_session_owner(node.id, src)?;
+        let clipped = self
+            .mesh
+            .report_posture(node.id, &req.get_ref().attributes, now_ms())?;
+        Ok(Response::new(pb::ReportPostureResponse { clipped }))
     }
 
     async fn set_routes(
@@ -524,6 +549,16 @@ pub struct AdminService {
 }
 
 impl AdminService {
+    /// [`node_pb`] with what the mesh knows now.
+    fn node_pb(&self, n: &NodeRow, online: bool) -> apb::Node {
+        node_pb(
+            n,
+            online,
+            &self.mesh.primary_routes(n.id),
+            &self.mesh.posture_checks(n.id),
+        )
+    }
+
     /// Who is calling, refused unless their role allows `access`.
     fn actor<T>(&self, req: &Request<T>, access: Access) -> Result<Actor, Status> {
         let actor = if self.local {
@@ -614,7 +649,26 @@ impl AdminService {
     }
 }
 
-fn node_pb(n: &NodeRow, online: bool, primary: &[ipnet::IpNet]) -> apb::Node {
+fn attr_pb(key: &str, v: &AttrValue) -> apb::Attribute {
+    use apb::attribute::Value;
+    apb::Attribute {
+        key: key.to_string(),
+        value: Some(match v {
+            AttrValue::Str(s) => Value::Text(s.clone()),
+            AttrValue::Int(n) => Value::Number(*n),
+            AttrValue::Bool(b) => Value::Flag(*b),
+        }),
+    }
+}
+
+/// A node as the admin API shows it: its row, whether it is connected, the
+/// routes it is primary for, and its posture results.
+fn node_pb(
+    n: &NodeRow,
+    online: bool,
+    primary: &[ipnet::IpNet],
+    checks: &[ztmesh_policy::PostureCheck],
+) -> apb::Node {
     apb::Node {
         id: n.id,
         name: n.name.clone(),
@@ -643,6 +697,21 @@ fn node_pb(n: &NodeRow, online: bool, primary: &[ipnet::IpNet]) -> apb::Node {
         exit_node_advertised: n.routes.exit_advertised,
         exit_node_approved: n.routes.exit_approved,
         primary_routes: primary.iter().map(ToString::to_string).collect(),
+        attributes: n
+            .posture
+            .values()
+            .iter()
+            .map(|(k, v)| attr_pb(k, v))
+            .collect(),
+        posture_reported_ms: n.posture.reported_ms,
+        posture: checks
+            .iter()
+            .map(|c| apb::PostureResult {
+                name: c.name.clone(),
+                passed: c.passed,
+                detail: c.detail.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -844,7 +913,7 @@ impl Admin for AdminService {
             .mesh
             .nodes()
             .iter()
-            .map(|(n, online)| node_pb(n, *online, &self.mesh.primary_routes(n.id)))
+            .map(|(n, online)| self.node_pb(n, *online))
             .collect();
         ok(apb::ListNodesResponse { nodes })
     }
@@ -853,7 +922,7 @@ impl Admin for AdminService {
         self.actor(&req, Access::Read)?;
         let n = self.mesh.find_node(&req.get_ref().node)?;
         let online = self.mesh.nodes().iter().any(|(x, o)| x.id == n.id && *o);
-        ok(node_pb(&n, online, &self.mesh.primary_routes(n.id)))
+        ok(self.node_pb(&n, online))
     }
 
     async fn delete_node(&self, req: Request<apb::NodeRef>) -> R<apb::DeleteNodeResponse> {
@@ -868,7 +937,7 @@ impl Admin for AdminService {
         let n = self
             .mesh
             .expire_node(&actor.name, &req.get_ref().node, now_ms())?;
-        ok(node_pb(&n, false, &self.mesh.primary_routes(n.id)))
+        ok(self.node_pb(&n, false))
     }
 
     async fn rename_node(&self, req: Request<apb::RenameNodeRequest>) -> R<apb::Node> {
@@ -877,7 +946,7 @@ impl Admin for AdminService {
         let n = self
             .mesh
             .rename_node(&actor.name, &r.node, &r.new_name, now_ms())?;
-        ok(node_pb(&n, false, &self.mesh.primary_routes(n.id)))
+        ok(self.node_pb(&n, false))
     }
 
     async fn set_node_routes(&self, req: Request<apb::SetNodeRoutesRequest>) -> R<apb::Node> {
@@ -895,7 +964,38 @@ impl Admin for AdminService {
         let n = self
             .mesh
             .approve_routes(&actor.name, &r.node, &change, now_ms())?;
-        ok(node_pb(&n, false, &self.mesh.primary_routes(n.id)))
+        ok(self.node_pb(&n, false))
+    }
+
+    async fn set_node_attributes(
+        &self,
+        req: Request<apb::SetNodeAttributesRequest>,
+    ) -> R<apb::Node> {
+        let actor = self.actor(&req, Access::Network)?;
+        let r = req.get_ref();
+        if r.set.len() + r.unset.len() > crate::nodeinput::MAX_CUSTOM_ATTRIBUTES {
+            return Err(Status::invalid_argument("too many attributes in one request"));
+        }
+        let mut set = Vec::with_capacity(r.set.len());
+        for a in &r.set {
+            use apb::attribute::Value;
+            let v = match &a.value {
+                Some(Value::Text(t)) => AttrValue::Str(t.clone()),
+                Some(Value::Number(n)) => AttrValue::Int(*n),
+                Some(Value::Flag(b)) => AttrValue::Bool(*b),
+                None => {
+                    return Err(Status::invalid_argument(format!(
+                        "attribute {:?} has no value",
+                        a.key.chars().take(64).collect::<String>()
+                    )))
+                }
+            };
+            set.push((a.key.clone(), v));
+        }
+        let n = self
+            .mesh
+            .set_node_attributes(&actor.name, &r.node, &set, &r.unset, now_ms())?;
+        ok(self.node_pb(&n, false))
     }
 
     async fn set_policy(&self, req: Request<apb::SetPolicyRequest>) -> R<apb::SetPolicyResponse> {

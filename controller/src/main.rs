@@ -29,6 +29,7 @@ fn main() -> ExitCode {
                 tag_key_expiry,
                 public_url,
                 netmap_ttl,
+                posture_ttl,
                 audit_max_age,
                 audit_max_flow_rows,
                 relay_file,
@@ -55,6 +56,9 @@ fn main() -> ExitCode {
                         .collect(),
                     public_url,
                     netmap_ttl_ms: netmap_ttl.as_millis().max(10_000) as i64,
+                    posture_ttl_ms: i64::try_from(posture_ttl.as_millis())
+                        .unwrap_or(i64::MAX)
+                        .max(3_000),
                     audit_max_age_ms: i64::try_from(audit_max_age.as_millis()).unwrap_or(i64::MAX),
                     audit_max_flow_rows,
                     relays: read_relays(relay_file.as_deref())?,

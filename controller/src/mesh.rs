@@ -81,6 +81,9 @@ pub struct MeshConfig {
     /// The base URL of the sign-in pages printed to nodes that log in
     /// interactively; `None`: the address the node reached the controller by.
     pub public_url: Option<String>,
+    /// A node's posture report is believed this long; nodes report every
+    /// third of it ([`CoreConfig::posture_interval_ms`]).
+    pub posture_ttl_ms: i64,
 }
 
 impl Default for MeshConfig {
@@ -99,6 +102,7 @@ impl Default for MeshConfig {
             audit_max_flow_rows: 1_000_000,
             relays: Vec::new(),
             public_url: None,
+            posture_ttl_ms: DEFAULT_POSTURE_TTL_MS,
         }
     }
 }
@@ -110,9 +114,13 @@ impl MeshConfig {
             dns_domain: self.dns_domain.clone(),
             persistent_keepalive: self.persistent_keepalive,
             relays: self.relays.clone(),
+            posture_ttl_ms: self.posture_ttl_ms,
         }
     }
 }
+
+/// Default posture TTL: 10 minutes (nodes report every 200 s).
+pub const DEFAULT_POSTURE_TTL_MS: i64 = 10 * 60 * 1000;
 
 /// How far ahead of the serials actually issued the persisted serial ceiling
 /// is set (in serial units, which track the clock in µs: 10 s). The store is
@@ -346,6 +354,26 @@ fn expiring(core: &NetCore, now: UnixMs) -> Vec<(String, UnixMs)> {
 }
 
 /// The refusal of a second session of one node.
+/// What changed between two attribute sets, for the audit log:
+/// `node:firewall: true -> false; custom:tier: set 'gold'; node:kernel: removed`.
+fn attribute_changes(
+    old: &BTreeMap<String, ztmesh_policy::AttrValue>,
+    new: &BTreeMap<String, ztmesh_policy::AttrValue>,
+) -> String {
+    let mut parts = Vec::new();
+    for (k, v) in new {
+        match old.get(k) {
+            Some(o) if o == v => {}
+            Some(o) => parts.push(format!("{k}: {o} -> {v}")),
+            None => parts.push(format!("{k}: set {v}")),
+        }
+    }
+    for k in old.keys().filter(|k| !new.contains_key(*k)) {
+        parts.push(format!("{k}: removed"));
+    }
+    parts.join("; ")
+}
+
 fn duplicate_session() -> Error {
     Error::SessionConflict(
         "another session of this node is live (same machine key, another connection); \
@@ -493,6 +521,7 @@ impl Mesh {
     /// connected node that is no longer active that its stream is over.
     /// Maps are encoded under the state lock, signed and sent outside it.
     fn publish(&self, turn: &Turn<'_>, changed: &BTreeSet<u64>, now: UnixMs) {
+        self.audit_posture_events(now);
         if changed.is_empty() {
             return;
         }
@@ -1340,6 +1369,137 @@ impl Mesh {
             .ok_or_else(|| Error::NotFound(format!("node {r:?}")))
     }
 
+    /// Node `id`'s posture results under the policy in force.
+    pub fn posture_checks(&self, id: u64) -> Vec<ztmesh_policy::PostureCheck> {
+        self.state().core.posture_checks(id).to_vec()
+    }
+
+    /// Audits the posture results that flipped in the core (a report, an
+    /// admin's attribute, a policy change, a report going stale).
+    fn audit_posture_events(&self, now: UnixMs) {
+        let events: Vec<(String, crate::netcore::PostureEvent)> = {
+            let mut st = self.state();
+            let events = st.core.take_posture_events();
+            events
+                .into_iter()
+                .map(|e| {
+                    let name = st
+                        .core
+                        .nodes()
+                        .get(e.node)
+                        .map_or_else(|| e.node.to_string(), |n| n.name.clone());
+                    (name, e)
+                })
+                .collect()
+        };
+        for (name, e) in events {
+            let (action, detail) = if e.passed {
+                ("node.posture.pass", e.name.clone())
+            } else {
+                ("node.posture.fail", format!("{}: {}", e.name, e.detail))
+            };
+            self.audit(now, "controller", action, &name, &detail);
+        }
+    }
+
+    /// A node's posture report ([`crate::nodeinput::sanitize_posture`]):
+    /// replaces its `node:*` attributes and restarts its posture TTL. The
+    /// node's maps, and those of the peers whose flows depend on its
+    /// posture, change when a result does. Changed values and anything
+    /// clipped are audited.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown node; store errors.
+    pub fn report_posture(
+        &self,
+        node: u64,
+        attrs: &[pb::PostureAttribute],
+        now: UnixMs,
+    ) -> Result<Vec<String>> {
+        let report = crate::nodeinput::sanitize_posture(attrs);
+        let turn = self.turn();
+        let row = self
+            .state()
+            .core
+            .nodes()
+            .get(node)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("node {node}")))?;
+        let posture = crate::model::NodePosture {
+            reported: report.attributes,
+            reported_ms: now,
+            custom: row.posture.custom.clone(),
+        };
+        self.store.set_node_posture(node, &posture)?;
+        let changes = attribute_changes(&row.posture.reported, &posture.reported);
+        if !changes.is_empty() {
+            self.audit(now, &row.name, "node.posture.report", &row.name, &changes);
+        }
+        if !report.clipped.is_empty() {
+            self.audit(
+                now,
+                &row.name,
+                "node.posture.clipped",
+                &row.name,
+                &report.clipped.join("; "),
+            );
+        }
+        let updated = NodeRow { posture, ..row };
+        self.apply(&turn, Change::Upsert(updated), now);
+        Ok(report.clipped)
+    }
+
+    /// An admin sets and removes a node's `custom:*` attributes
+    /// (`nodes attrs NODE --set custom:compliant=true`); audited with the
+    /// old values.
+    ///
+    /// # Errors
+    /// `Invalid` for a key outside `custom:`, a bad name or value, or more
+    /// than [`crate::nodeinput::MAX_CUSTOM_ATTRIBUTES`]; `NotFound`.
+    pub fn set_node_attributes(
+        &self,
+        actor: &str,
+        r: &str,
+        set: &[(String, ztmesh_policy::AttrValue)],
+        unset: &[String],
+        now: UnixMs,
+    ) -> Result<NodeRow> {
+        for (k, v) in set {
+            crate::nodeinput::validate_custom(k, v)?;
+        }
+        for k in unset {
+            crate::nodeinput::validate_custom(k, &ztmesh_policy::AttrValue::Bool(true))?;
+        }
+        let turn = self.turn();
+        let row = self.find_node(r)?;
+        let mut custom = row.posture.custom.clone();
+        for k in unset {
+            custom.remove(k);
+        }
+        for (k, v) in set {
+            custom.insert(k.clone(), v.clone());
+        }
+        if custom.len() > crate::nodeinput::MAX_CUSTOM_ATTRIBUTES {
+            return Err(Error::Invalid(format!(
+                "a node carries at most {} custom attributes",
+                crate::nodeinput::MAX_CUSTOM_ATTRIBUTES
+            )));
+        }
+        if custom == row.posture.custom {
+            return Ok(row);
+        }
+        let posture = crate::model::NodePosture {
+            custom,
+            ..row.posture.clone()
+        };
+        self.store.set_node_posture(row.id, &posture)?;
+        let changes = attribute_changes(&row.posture.custom, &posture.custom);
+        self.audit(now, actor, "node.attributes", &row.name, &changes);
+        let updated = NodeRow { posture, ..row };
+        self.apply(&turn, Change::Upsert(updated.clone()), now);
+        Ok(updated)
+    }
+
     /// The approved routes `node` is the primary router for now.
     pub fn primary_routes(&self, node: u64) -> Vec<IpNet> {
         self.state()
@@ -1460,7 +1620,7 @@ impl Mesh {
                 .ok_or_else(|| Error::NotFound(format!("node {node}")))?;
             (row, st.core.policy().clone())
         };
-        let who = crate::netcore::policy_node(&row, &[]);
+        let who = crate::netcore::policy_node(&row, &[], false);
         let mut approved = row.routes.approved.clone();
         let auto: Vec<IpNet> = adv
             .routes

@@ -1,6 +1,9 @@
 //! The controller's data types shared by the layers: plain values, no I/O.
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ztmesh_policy::AttrValue;
 
 use crate::UnixMs;
 
@@ -28,6 +31,39 @@ pub struct NodeRow {
     /// Subnet routes and exit node: advertised by the node, approved by an
     /// admin (or the policy's `autoApprovers`).
     pub routes: NodeRoutes,
+    /// Device posture attributes.
+    pub posture: NodePosture,
+}
+
+/// A node's device posture attributes.
+///
+/// `node:*` ones are what the node last reported about itself (advisory:
+/// a compromised node can claim anything); `custom:*` ones are set by an
+/// admin through the admin API (e.g. from an MDM). The namespaces never
+/// overlap.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodePosture {
+    /// `node:*`, as last reported.
+    pub reported: BTreeMap<String, AttrValue>,
+    /// When the node last reported (0: never); a report older than the
+    /// posture TTL is stale.
+    pub reported_ms: UnixMs,
+    /// `custom:*`, set by admins.
+    pub custom: BTreeMap<String, AttrValue>,
+}
+
+impl NodePosture {
+    /// Both namespaces, for the policy.
+    pub fn values(&self) -> BTreeMap<String, AttrValue> {
+        let mut all = self.reported.clone();
+        all.extend(self.custom.iter().map(|(k, v)| (k.clone(), v.clone())));
+        all
+    }
+
+    /// Whether the last report is younger than `ttl_ms` at `now`.
+    pub fn fresh(&self, now: UnixMs, ttl_ms: i64) -> bool {
+        self.reported_ms > 0 && now < self.reported_ms.saturating_add(ttl_ms)
+    }
 }
 
 /// A node's subnet routes and exit-node role (see `crate::routes`).

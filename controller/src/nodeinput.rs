@@ -1,7 +1,11 @@
 //! Checks of what enrolled nodes send: reported endpoints and enrollment
 //! keys. Pure: no I/O.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+
+use ztmesh_policy::{AttrType, AttrValue, NODE_ATTRIBUTES};
+use ztmesh_proto::control::{posture_attribute::Value as PbValue, PostureAttribute};
 
 use crate::error::{Error, Result};
 
@@ -89,6 +93,138 @@ pub fn is_deceptive(c: char) -> bool {
         | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
 }
 
+/// Posture attributes a node's report keeps at most (there are fewer
+/// known ones; more is a broken or hostile node).
+pub const MAX_POSTURE_ATTRIBUTES: usize = 32;
+
+/// Bytes of a posture attribute's text kept; longer values are clipped.
+pub const MAX_POSTURE_VALUE: usize = 256;
+
+/// Custom (admin-set) attributes a node may carry at most.
+pub const MAX_CUSTOM_ATTRIBUTES: usize = 64;
+
+/// A posture report's attributes, kept and clipped: what the controller
+/// believes the node said, and one line per thing it dropped or cut
+/// (for the audit log and the node's answer).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PostureReport {
+    pub attributes: BTreeMap<String, AttrValue>,
+    pub clipped: Vec<String>,
+}
+
+/// The first `max` bytes of `s`, cut at a character boundary.
+fn clip(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A key for a message: printable, at most 64 characters.
+fn shown(key: &str) -> String {
+    key.chars()
+        .filter(|c| !c.is_control() && !is_deceptive(*c))
+        .take(64)
+        .collect()
+}
+
+fn type_name(t: AttrType) -> &'static str {
+    match t {
+        AttrType::Str => "text",
+        AttrType::Int => "number",
+        AttrType::Bool => "flag",
+    }
+}
+
+/// Sorts a node's posture report: only the known `node:*` attributes of
+/// the right type are kept (the node cannot set `custom:*` ones, nor
+/// invent others), text values are clipped to [`MAX_POSTURE_VALUE`] bytes
+/// and control characters removed, a repeated key keeps its first value,
+/// and at most [`MAX_POSTURE_ATTRIBUTES`] entries are looked at. Never
+/// fails: a node that says something odd is recorded, not cut off.
+pub fn sanitize_posture(attrs: &[PostureAttribute]) -> PostureReport {
+    let mut out = PostureReport::default();
+    if attrs.len() > MAX_POSTURE_ATTRIBUTES {
+        out.clipped.push(format!(
+            "{} attributes sent, only the first {MAX_POSTURE_ATTRIBUTES} read",
+            attrs.len()
+        ));
+    }
+    for a in attrs.iter().take(MAX_POSTURE_ATTRIBUTES) {
+        let Some(&(key, want)) = NODE_ATTRIBUTES.iter().find(|(k, _)| *k == a.key) else {
+            out.clipped
+                .push(format!("{:?}: not an attribute a node reports", shown(&a.key)));
+            continue;
+        };
+        if out.attributes.contains_key(key) {
+            out.clipped.push(format!("{key}: repeated, first value kept"));
+            continue;
+        }
+        let value = match (&a.value, want) {
+            (Some(PbValue::Text(t)), AttrType::Str) => {
+                let clean: String = t.chars().filter(|c| !c.is_control()).collect();
+                let kept = clip(&clean, MAX_POSTURE_VALUE);
+                if kept.len() < t.len() {
+                    out.clipped.push(format!(
+                        "{key}: {} bytes, clipped to {}",
+                        t.len(),
+                        kept.len()
+                    ));
+                }
+                AttrValue::Str(kept.to_string())
+            }
+            (Some(PbValue::Number(n)), AttrType::Int) => AttrValue::Int(*n),
+            (Some(PbValue::Flag(b)), AttrType::Bool) => AttrValue::Bool(*b),
+            (None, _) => {
+                out.clipped.push(format!("{key}: no value"));
+                continue;
+            }
+            (Some(_), t) => {
+                out.clipped
+                    .push(format!("{key}: not a {}", type_name(t)));
+                continue;
+            }
+        };
+        out.attributes.insert(key.to_string(), value);
+    }
+    out
+}
+
+/// Checks a `custom:*` attribute an admin sets: the key is `custom:NAME`
+/// (NAME of letters, digits, `_` and `-`, at most 64), text at most
+/// [`MAX_POSTURE_VALUE`] bytes without control characters.
+///
+/// # Errors
+/// `Invalid` naming the key and the problem.
+pub fn validate_custom(key: &str, value: &AttrValue) -> Result<()> {
+    let name = key.strip_prefix("custom:").ok_or_else(|| {
+        Error::Invalid(format!(
+            "{:?}: admins set custom:* attributes only (node:* ones are reported by the node)",
+            shown(key)
+        ))
+    })?;
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(Error::Invalid(format!(
+            "{:?}: the name after custom: must be 1-64 letters, digits, '_' or '-'",
+            shown(key)
+        )));
+    }
+    if let AttrValue::Str(s) = value {
+        if s.len() > MAX_POSTURE_VALUE || s.chars().any(char::is_control) {
+            return Err(Error::Invalid(format!(
+                "{key}: text values are at most {MAX_POSTURE_VALUE} bytes, without control characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use rand_core::OsRng;
@@ -156,5 +292,87 @@ mod tests {
         identity[0] = 1;
         assert!(is_low_order_x25519(&identity));
         assert!(is_weak_ed25519(&identity));
+    }
+
+    fn attr(key: &str, v: PbValue) -> PostureAttribute {
+        PostureAttribute {
+            key: key.into(),
+            value: Some(v),
+        }
+    }
+
+    #[test]
+    fn posture_reports_keep_known_typed_attributes_and_clip_the_rest() {
+        let long = "x".repeat(5000);
+        let mut attrs = vec![
+            attr("node:os", PbValue::Text("linux".into())),
+            attr("node:firewall", PbValue::Flag(true)),
+            attr("node:securityUpdates", PbValue::Number(3)),
+            attr("node:kernel", PbValue::Text(long)),
+            attr("custom:compliant", PbValue::Flag(true)),
+            attr("node:colour", PbValue::Text("red".into())),
+            attr("node:os", PbValue::Text("windows".into())),
+            attr("node:diskEncrypted", PbValue::Text("yes".into())),
+            PostureAttribute {
+                key: "node:tsVersion".into(),
+                value: None,
+            },
+        ];
+        let r = sanitize_posture(&attrs);
+        assert_eq!(r.attributes.len(), 4, "{r:?}");
+        assert_eq!(r.attributes["node:os"], AttrValue::Str("linux".into()));
+        assert_eq!(r.attributes["node:firewall"], AttrValue::Bool(true));
+        assert_eq!(r.attributes["node:securityUpdates"], AttrValue::Int(3));
+        assert_eq!(
+            r.attributes["node:kernel"],
+            AttrValue::Str("x".repeat(MAX_POSTURE_VALUE))
+        );
+        assert!(!r.attributes.contains_key("custom:compliant"), "a node cannot set custom:*");
+        let text = r.clipped.join("\n");
+        for want in [
+            "node:kernel: 5000 bytes, clipped to 256",
+            "\"custom:compliant\": not an attribute a node reports",
+            "\"node:colour\": not an attribute a node reports",
+            "node:os: repeated",
+            "node:diskEncrypted: not a flag",
+            "node:tsVersion: no value",
+        ] {
+            assert!(text.contains(want), "{want:?} missing from {text}");
+        }
+
+        attrs = (0..1000)
+            .map(|i| attr(&format!("node:{i}"), PbValue::Number(i)))
+            .collect();
+        let r = sanitize_posture(&attrs);
+        assert!(r.attributes.is_empty());
+        assert_eq!(r.clipped.len(), MAX_POSTURE_ATTRIBUTES + 1);
+        assert!(r.clipped[0].starts_with("1000 attributes sent"));
+    }
+
+    #[test]
+    fn clipping_respects_character_boundaries() {
+        let text = "é".repeat(300);
+        let r = sanitize_posture(&[attr("node:osVersion", PbValue::Text(text))]);
+        let AttrValue::Str(kept) = &r.attributes["node:osVersion"] else {
+            panic!("{r:?}")
+        };
+        assert_eq!(kept.len(), MAX_POSTURE_VALUE);
+        assert_eq!(kept.chars().count(), MAX_POSTURE_VALUE / 2);
+    }
+
+    #[test]
+    fn custom_attributes_are_custom_and_bounded() {
+        validate_custom("custom:compliant", &AttrValue::Bool(true)).unwrap();
+        validate_custom("custom:risk_score-2", &AttrValue::Int(-4)).unwrap();
+        for (key, value) in [
+            ("node:os", AttrValue::Str("linux".into())),
+            ("custom:", AttrValue::Bool(true)),
+            ("custom:a b", AttrValue::Bool(true)),
+            ("custom:x", AttrValue::Str("y".repeat(257))),
+            ("custom:x", AttrValue::Str("line\nbreak".into())),
+            ("compliant", AttrValue::Bool(true)),
+        ] {
+            assert!(validate_custom(key, &value).is_err(), "{key} {value}");
+        }
     }
 }

@@ -22,6 +22,7 @@ pub enum Call {
     ReportFlows,
     StreamOpen,
     SetRoutes,
+    ReportPosture,
 }
 
 /// A token bucket: `burst` calls at once, then one per `refill_ms`.
@@ -39,6 +40,7 @@ impl Call {
             Call::ReportFlows => "ReportFlows",
             Call::StreamOpen => "StreamNetMap",
             Call::SetRoutes => "SetRoutes",
+            Call::ReportPosture => "ReportPosture",
         }
     }
 
@@ -65,6 +67,13 @@ impl Call {
             Call::SetRoutes => Limit {
                 burst: 5,
                 refill_ms: 12_000,
+            },
+            // The agent reports once per session and every third of the
+            // posture TTL (at least 1 s apart); a changed report is
+            // audited and may republish maps.
+            Call::ReportPosture => Limit {
+                burst: 10,
+                refill_ms: 2_000,
             },
         }
     }

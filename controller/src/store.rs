@@ -7,13 +7,15 @@
 //! controllers) can follow without touching callers. Every query is
 //! parameterized.
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use ztmesh_policy::AttrValue;
 
-pub use crate::model::{NodeRoutes, NodeRow};
+pub use crate::model::{NodePosture, NodeRoutes, NodeRow};
 use crate::roles::Role;
 use crate::secrets::{KeyDetail, SecretKind, SecretRecord};
 use crate::UnixMs;
@@ -237,6 +239,9 @@ pub trait Store: Send + Sync {
     fn set_node_endpoints(&self, id: u64, endpoints: &[String]) -> Result<()>;
     /// Replaces a node's advertised and approved routes.
     fn set_node_routes(&self, id: u64, routes: &NodeRoutes) -> Result<()>;
+    /// Replaces a node's posture attributes (reported and custom) and the
+    /// time of its last report.
+    fn set_node_posture(&self, id: u64, posture: &NodePosture) -> Result<()>;
 
     /// Stores a new policy version and returns it.
     fn set_policy(&self, file_name: &str, text: &str, now: UnixMs) -> Result<PolicyRow>;
@@ -397,7 +402,52 @@ CREATE TABLE identities (
     PRIMARY KEY (issuer, subject)
 );
 "#,
+    // Device posture (issue 14): the node's last report (a JSON object of
+    // node:* attributes) and when it came, and the admin-set custom:*
+    // attributes (a JSON object).
+    r#"
+ALTER TABLE nodes ADD COLUMN posture_reported TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE nodes ADD COLUMN posture_reported_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN posture_custom TEXT NOT NULL DEFAULT '{}';
+"#,
 ];
+
+/// Posture attributes as a JSON object (strings, integers, booleans).
+fn attrs_json(attrs: &BTreeMap<String, AttrValue>) -> String {
+    let map: serde_json::Map<String, serde_json::Value> = attrs
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                AttrValue::Str(s) => serde_json::Value::from(s.as_str()),
+                AttrValue::Int(n) => serde_json::Value::from(*n),
+                AttrValue::Bool(b) => serde_json::Value::from(*b),
+            };
+            (k.clone(), v)
+        })
+        .collect();
+    serde_json::Value::Object(map).to_string()
+}
+
+/// The inverse of [`attrs_json`].
+fn json_attrs(r: &rusqlite::Row<'_>, col: usize) -> rusqlite::Result<BTreeMap<String, AttrValue>> {
+    let text: String = r.get(col)?;
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_str(&text) else {
+        return Err(corrupt(col, "posture attributes"));
+    };
+    map.into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                serde_json::Value::String(s) => AttrValue::Str(s),
+                serde_json::Value::Bool(b) => AttrValue::Bool(b),
+                serde_json::Value::Number(n) => {
+                    AttrValue::Int(n.as_i64().ok_or_else(|| corrupt(col, "posture number"))?)
+                }
+                _ => return Err(corrupt(col, "posture attribute")),
+            };
+            Ok((k, v))
+        })
+        .collect()
+}
 
 /// The embedded SQLite store: one connection, WAL, `synchronous=FULL`.
 pub struct SqliteStore {
@@ -451,7 +501,8 @@ fn conflict(e: rusqlite::Error, what: &str) -> StoreError {
 
 const NODE_COLS: &str = "id, name, hostname, machine_key, wg_key, ipv4, ipv6, user_login, tags, \
                          ephemeral, created_ms, last_seen_ms, expiry_ms, endpoints, key_revoked, \
-                         routes_advertised, routes_approved, exit_advertised, exit_approved";
+                         routes_advertised, routes_approved, exit_advertised, exit_approved, \
+                         posture_reported, posture_reported_ms, posture_custom";
 const KEY_COLS: &str = "kind, id, key_id, secret_hash, created_ms, expires_ms, revoked, \
                         created_by, user_login, tags, reusable, ephemeral, used_count, \
                         description, role";
@@ -478,6 +529,11 @@ fn node_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRow> {
             approved: prefixes(r, 16)?,
             exit_advertised: r.get(17)?,
             exit_approved: r.get(18)?,
+        },
+        posture: NodePosture {
+            reported: json_attrs(r, 19)?,
+            reported_ms: r.get(20)?,
+            custom: json_attrs(r, 21)?,
         },
     })
 }
@@ -582,6 +638,7 @@ fn insert_node(
         endpoints: Vec::new(),
         key_revoked: false,
         routes: NodeRoutes::default(),
+        posture: NodePosture::default(),
     })
 }
 
@@ -1124,6 +1181,23 @@ impl Store for SqliteStore {
                 join_list(&text(&routes.approved)),
                 routes.exit_advertised,
                 routes.exit_approved
+            ],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("node {id}")));
+        }
+        Ok(())
+    }
+
+    fn set_node_posture(&self, id: u64, posture: &NodePosture) -> Result<()> {
+        let n = self.conn().execute(
+            "UPDATE nodes SET posture_reported = ?2, posture_reported_ms = ?3,
+                              posture_custom = ?4 WHERE id = ?1",
+            params![
+                id,
+                attrs_json(&posture.reported),
+                posture.reported_ms,
+                attrs_json(&posture.custom)
             ],
         )?;
         if n == 0 {

@@ -631,3 +631,212 @@ fn a_flow_report_is_written_in_one_transaction() {
         .unwrap();
     assert_eq!(rows, 101);
 }
+
+// ---- device posture --------------------------------------------------------
+
+const POSTURE_POLICY: &str = r#"{
+  "tagOwners": {"tag:web": [], "tag:db": []},
+  "postures": {"posture:compliant": ["custom:compliant == true", "node:os == 'linux'"]},
+  "acls": [
+    {"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432"], "srcPosture": ["posture:compliant"]},
+    {"action": "accept", "src": ["tag:web"], "dst": ["tag:db:22"]},
+  ],
+}"#;
+
+fn attr(key: &str, v: pb::posture_attribute::Value) -> pb::PostureAttribute {
+    pb::PostureAttribute {
+        key: key.into(),
+        value: Some(v),
+    }
+}
+
+fn linux() -> Vec<pb::PostureAttribute> {
+    vec![attr(
+        "node:os",
+        pb::posture_attribute::Value::Text("linux".into()),
+    )]
+}
+
+/// The ports of db's inbound rules whose sources include web's address.
+fn db_ports_for_web(m: &Mesh, db: u64, web_v4: &str, now: i64) -> Vec<u32> {
+    let map = m.netmap(db, now).unwrap();
+    let mut ports: Vec<u32> = map
+        .inbound_rules
+        .iter()
+        .filter(|r| {
+            r.src_prefixes
+                .iter()
+                .any(|p| p.split('/').next() == Some(web_v4))
+        })
+        .flat_map(|r| r.ports.iter().map(|p| p.first))
+        .collect();
+    ports.sort_unstable();
+    ports
+}
+
+fn posture_mesh(ttl_ms: i64) -> (Mesh, u64, u64, String) {
+    let m = mesh(MeshConfig {
+        posture_ttl_ms: ttl_ms,
+        ..MeshConfig::default()
+    });
+    m.set_policy("admin", "p.hujson", POSTURE_POLICY, T0).unwrap();
+    let web = enroll(&m, &key(&m, "tag:web", false), "web", T0);
+    let db = enroll(&m, &key(&m, "tag:db", false), "db", T0);
+    let web_v4 = web.addresses[0].split('/').next().unwrap().to_string();
+    (m, web.node_id, db.node_id, web_v4)
+}
+
+#[test]
+fn a_node_cannot_vouch_for_itself_and_an_oversized_report_is_clipped_and_audited() {
+    use pb::posture_attribute::Value;
+    let (m, web, db, web_v4) = posture_mesh(60_000);
+    let mut attrs = linux();
+    attrs.push(attr("custom:compliant", Value::Flag(true)));
+    attrs.push(attr("node:kernel", Value::Text("6".repeat(1 << 20))));
+    attrs.extend((0..1000).map(|i| attr(&format!("node:x{i}"), Value::Number(i))));
+    let clipped = m.report_posture(web, &attrs, T0).unwrap();
+    assert!(
+        clipped.iter().any(|c| c.contains("\"custom:compliant\"")),
+        "{clipped:?}"
+    );
+    assert!(clipped.iter().any(|c| c.contains("node:kernel")), "{clipped:?}");
+    assert!(clipped[0].starts_with("1003 attributes sent"), "{clipped:?}");
+    let row = m.find_node("web").unwrap();
+    assert!(row.posture.custom.is_empty(), "a node cannot set custom:*");
+    assert_eq!(
+        row.posture.reported.len(),
+        2,
+        "node:os and the clipped kernel: {:?}",
+        row.posture.reported.keys()
+    );
+    // Its own claim bought nothing: only the ungated port.
+    assert_eq!(db_ports_for_web(&m, db, &web_v4, T0), vec![22]);
+    let audit = m.store().audit_log(100).unwrap();
+    let clip = audit
+        .iter()
+        .find(|a| a.action == "node.posture.clipped")
+        .expect("clipping is audited");
+    assert_eq!(clip.target, "web");
+    assert!(clip.detail.len() < 64 * 1024, "the audit row is bounded");
+}
+
+#[test]
+fn posture_decides_a_gated_flow_and_a_stale_report_loses_it_in_virtual_time() {
+    const TTL: i64 = 30_000;
+    let (m, web, db, web_v4) = posture_mesh(TTL);
+    assert_eq!(db_ports_for_web(&m, db, &web_v4, T0), vec![22], "unset fails");
+
+    m.report_posture(web, &linux(), T0).unwrap();
+    assert_eq!(db_ports_for_web(&m, db, &web_v4, T0), vec![22]);
+    m.set_node_attributes(
+        "admin",
+        "web",
+        &[("custom:compliant".into(), ztmesh_policy::AttrValue::Bool(true))],
+        &[],
+        T0,
+    )
+    .unwrap();
+    assert_eq!(db_ports_for_web(&m, db, &web_v4, T0), vec![22, 5432]);
+    let own = m.netmap(web, T0).unwrap();
+    assert_eq!(own.posture_interval_ms, TTL / 3);
+    assert!(own.posture_checks.iter().all(|c| c.passed), "{own:?}");
+
+    // Reports keep it fresh...
+    m.report_posture(web, &linux(), T0 + TTL - 1_000).unwrap();
+    m.tick(T0 + TTL + 1_000);
+    assert_eq!(db_ports_for_web(&m, db, &web_v4, T0 + TTL + 1_000), vec![22, 5432]);
+    // ...until they stop: the admin's attribute alone is not enough.
+    let later = T0 + 2 * TTL;
+    m.tick(later);
+    assert_eq!(db_ports_for_web(&m, db, &web_v4, later), vec![22]);
+    let own = m.netmap(web, later).unwrap();
+    let check = &own.posture_checks[0];
+    assert!(!check.passed && check.detail.contains("stale"), "{check:?}");
+
+    // A restart keeps attributes and report times (still stale), and a new
+    // report brings the flow back.
+    let audit = m.store().audit_log(100).unwrap();
+    let actions: Vec<&str> = audit.iter().map(|a| a.action.as_str()).collect();
+    for want in ["node.attributes", "node.posture.report", "node.posture.pass", "node.posture.fail"] {
+        assert!(actions.contains(&want), "{want} not audited: {actions:?}");
+    }
+    let fail = audit
+        .iter()
+        .find(|a| a.action == "node.posture.fail" && a.detail.contains("stale"))
+        .expect("going stale is audited");
+    assert_eq!(fail.target, "web");
+    m.report_posture(web, &linux(), later).unwrap();
+    assert_eq!(db_ports_for_web(&m, db, &web_v4, later), vec![22, 5432]);
+}
+
+#[test]
+fn posture_attributes_survive_a_restart_and_staleness_is_judged_by_the_stored_report_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ztmesh.db");
+    let cfg = MeshConfig {
+        posture_ttl_ms: 30_000,
+        ..MeshConfig::default()
+    };
+    let (web, db, web_v4) = {
+        let m = load(Arc::new(SqliteStore::open(&path).unwrap()), cfg.clone(), T0);
+        m.set_policy("admin", "p.hujson", POSTURE_POLICY, T0).unwrap();
+        let web = enroll(&m, &key(&m, "tag:web", false), "web", T0);
+        let db = enroll(&m, &key(&m, "tag:db", false), "db", T0);
+        m.report_posture(web.node_id, &linux(), T0).unwrap();
+        m.set_node_attributes(
+            "admin",
+            "web",
+            &[("custom:compliant".into(), ztmesh_policy::AttrValue::Bool(true))],
+            &[],
+            T0,
+        )
+        .unwrap();
+        let v4 = web.addresses[0].split('/').next().unwrap().to_string();
+        (web.node_id, db.node_id, v4)
+    };
+    let m = load(Arc::new(SqliteStore::open(&path).unwrap()), cfg.clone(), T0 + 1_000);
+    assert_eq!(db_ports_for_web(&m, db, &web_v4, T0 + 1_000), vec![22, 5432]);
+    let row = m.find_node("web").unwrap();
+    assert_eq!(row.posture.reported_ms, T0);
+    assert_eq!(
+        row.posture.custom.get("custom:compliant"),
+        Some(&ztmesh_policy::AttrValue::Bool(true))
+    );
+    drop(m);
+    // Loaded after the TTL: stale from the start.
+    let m = load(Arc::new(SqliteStore::open(&path).unwrap()), cfg, T0 + 60_000);
+    assert_eq!(db_ports_for_web(&m, db, &web_v4, T0 + 60_000), vec![22]);
+    let _ = web;
+}
+
+#[test]
+fn admins_set_only_custom_attributes_with_sane_names_and_values() {
+    use ztmesh_policy::AttrValue;
+    let (m, _web, _db, _) = posture_mesh(60_000);
+    for (k, v) in [
+        ("node:os", AttrValue::Str("linux".into())),
+        ("custom:", AttrValue::Bool(true)),
+        ("custom:a/b", AttrValue::Bool(true)),
+        ("custom:big", AttrValue::Str("x".repeat(10_000))),
+    ] {
+        let (c, msg) = code(
+            m.set_node_attributes("admin", "web", &[(k.into(), v)], &[], T0)
+                .unwrap_err(),
+        );
+        assert_eq!(c, tonic::Code::InvalidArgument, "{k}: {msg}");
+    }
+    let many: Vec<(String, AttrValue)> = (0..65)
+        .map(|i| (format!("custom:a{i}"), AttrValue::Int(i)))
+        .collect();
+    let (c, msg) = code(
+        m.set_node_attributes("admin", "web", &many, &[], T0)
+            .unwrap_err(),
+    );
+    assert_eq!(c, tonic::Code::InvalidArgument, "{msg}");
+    assert!(m.find_node("web").unwrap().posture.custom.is_empty());
+    let (c, _) = code(
+        m.set_node_attributes("admin", "nope", &[], &["custom:x".into()], T0)
+            .unwrap_err(),
+    );
+    assert_eq!(c, tonic::Code::NotFound);
+}

@@ -79,6 +79,11 @@ pub enum Cmd {
         /// Lifetime of a signed netmap; connected nodes get a fresh one at half-life.
         #[arg(long, default_value = "12h", value_parser = parse_duration)]
         netmap_ttl: Duration,
+        /// How long a node's device-posture report is believed (at least
+        /// 3s); nodes report every third of it. A node silent for longer
+        /// fails every posture check until it reports again.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        posture_ttl: Duration,
         /// Prune audit records older than this ("0s" = keep forever).
         #[arg(long, default_value = "90d", value_parser = parse_duration)]
         audit_max_age: Duration,

@@ -1,4 +1,5 @@
-//! `nodes`: list, show, delete, expire and rename enrolled nodes.
+//! `nodes`: list, show, delete, expire and rename enrolled nodes; their
+//! routes and posture attributes.
 
 use clap::Subcommand;
 use serde_json::json;
@@ -49,6 +50,92 @@ pub enum NodesCmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Show a node's posture attributes and results, and set or remove its
+    /// custom:* attributes (e.g. from an MDM; the ones to gate on: node:*
+    /// attributes are reported by the node itself and only advisory).
+    Attrs {
+        node: String,
+        /// Set an attribute: custom:NAME=VALUE, where VALUE is true, false,
+        /// a whole number or text (repeatable).
+        #[arg(long, value_name = "custom:NAME=VALUE", value_parser = parse_attr)]
+        set: Vec<apb::Attribute>,
+        /// Remove an attribute (repeatable).
+        #[arg(long, value_name = "custom:NAME")]
+        unset: Vec<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+/// `custom:NAME=VALUE`: `true`/`false` are flags, a whole number is a
+/// number, anything else is text (the controller checks the name).
+fn parse_attr(s: &str) -> Result<apb::Attribute, String> {
+    use apb::attribute::Value;
+    let (key, value) = s
+        .split_once('=')
+        .ok_or("expected custom:NAME=VALUE, e.g. custom:compliant=true")?;
+    let value = match value {
+        "true" => Value::Flag(true),
+        "false" => Value::Flag(false),
+        v => match v.parse::<i64>() {
+            Ok(n) => Value::Number(n),
+            Err(_) => Value::Text(v.to_string()),
+        },
+    };
+    Ok(apb::Attribute {
+        key: key.to_string(),
+        value: Some(value),
+    })
+}
+
+/// An attribute's value as a posture condition writes it.
+fn attr_text(a: &apb::Attribute) -> String {
+    use apb::attribute::Value;
+    match &a.value {
+        Some(Value::Text(t)) => format!("'{t}'"),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(Value::Flag(b)) => b.to_string(),
+        None => String::new(),
+    }
+}
+
+fn attr_json(a: &apb::Attribute) -> serde_json::Value {
+    use apb::attribute::Value;
+    match &a.value {
+        Some(Value::Text(t)) => json!(t),
+        Some(Value::Number(n)) => json!(n),
+        Some(Value::Flag(b)) => json!(b),
+        None => serde_json::Value::Null,
+    }
+}
+
+/// Where an attribute comes from.
+fn provenance(key: &str) -> &'static str {
+    if key.starts_with("custom:") {
+        "set by an admin"
+    } else {
+        "reported by the node, advisory"
+    }
+}
+
+/// The posture lines of `nodes show` and `nodes attrs`.
+fn print_posture(n: &apb::Node) {
+    let reported = if n.posture_reported_ms == 0 {
+        "never".to_string()
+    } else {
+        ms_to_text(n.posture_reported_ms)
+    };
+    println!("posture reported: {reported}");
+    for a in &n.attributes {
+        println!("  {:<24} {:<24} ({})", a.key, attr_text(a), provenance(&a.key));
+    }
+    for p in &n.posture {
+        if p.passed {
+            println!("  {:<24} ok", p.name);
+        } else {
+            println!("  {:<24} FAILED: {}", p.name, p.detail);
+        }
+    }
 }
 
 pub(super) async fn run(c: &mut Client, cmd: NodesCmd) -> anyhow::Result<()> {
@@ -116,6 +203,27 @@ pub(super) async fn run(c: &mut Client, cmd: NodesCmd) -> anyhow::Result<()> {
                 println!("created:     {}", ms_to_text(n.created_ms));
                 println!("last seen:   {}", ms_to_text(n.last_seen_ms));
                 println!("expires:     {}", ms_to_text(n.expiry_ms));
+                print_posture(&n);
+            }
+        }
+        NodesCmd::Attrs {
+            node,
+            set,
+            unset,
+            output,
+        } => {
+            let n = if set.is_empty() && unset.is_empty() {
+                c.get_node(apb::NodeRef { node }).await
+            } else {
+                c.set_node_attributes(apb::SetNodeAttributesRequest { node, set, unset })
+                    .await
+            }
+            .map_err(status_err)?
+            .into_inner();
+            if output == Output::Json {
+                print_json(&posture_json(&n));
+            } else {
+                print_posture(&n);
             }
         }
         NodesCmd::Delete { node } => {
@@ -203,7 +311,23 @@ fn node_json(n: &apb::Node) -> serde_json::Value {
         "user": n.user, "tags": n.tags, "machine_key": n.machine_key, "wg_key": n.wg_key,
         "created_ms": n.created_ms, "last_seen_ms": n.last_seen_ms, "expiry_ms": n.expiry_ms,
         "online": n.online, "ephemeral": n.ephemeral, "endpoints": n.endpoints,
-        "routes": routes_json(n),
+        "routes": routes_json(n), "posture": posture_json(n),
+    })
+}
+
+/// A node's posture as `-o json` prints it.
+fn posture_json(n: &apb::Node) -> serde_json::Value {
+    let attributes: serde_json::Map<String, serde_json::Value> = n
+        .attributes
+        .iter()
+        .map(|a| (a.key.clone(), attr_json(a)))
+        .collect();
+    json!({
+        "reported_ms": n.posture_reported_ms,
+        "attributes": attributes,
+        "checks": n.posture.iter().map(|p| json!({
+            "name": p.name, "passed": p.passed, "detail": p.detail,
+        })).collect::<Vec<_>>(),
     })
 }
 

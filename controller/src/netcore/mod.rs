@@ -27,7 +27,7 @@ use std::net::IpAddr;
 
 use ipnet::{IpNet, Ipv6Net};
 use prost::Message;
-use ztmesh_policy::{Compiled, NodeInfo as PolicyNode, Policy};
+use ztmesh_policy::{Attributes, Compiled, NodeInfo as PolicyNode, Policy, PostureCheck};
 use ztmesh_proto::control::{self as pb, NetMap};
 
 pub use table::{Exhausted, NodeTable};
@@ -46,6 +46,29 @@ pub struct CoreConfig {
     pub persistent_keepalive: u32,
     /// The relays every map lists (`NetMap.relays`).
     pub relays: Vec<pb::Relay>,
+    /// How long a node's posture report stays believable; after that the
+    /// node fails every posture with a condition until it reports again.
+    pub posture_ttl_ms: i64,
+}
+
+impl CoreConfig {
+    /// How often nodes are asked to report their posture: a third of the
+    /// TTL (so two reports may be lost before a node goes stale), at least
+    /// a second.
+    pub fn posture_interval_ms(&self) -> i64 {
+        (self.posture_ttl_ms / 3).max(1_000)
+    }
+}
+
+/// A node's result for one posture changed (for the audit log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostureEvent {
+    pub node: u64,
+    /// `posture:name`.
+    pub name: String,
+    pub passed: bool,
+    /// Why it fails (empty when it passes).
+    pub detail: String,
 }
 
 /// A change to the facts the views are computed from.
@@ -91,6 +114,11 @@ pub struct NetCore {
     primaries: BTreeMap<IpNet, u64>,
     /// The same, per router: what each serves.
     served: BTreeMap<u64, Vec<IpNet>>,
+    /// Each active node's posture results under the policy in force (its
+    /// own map shows them).
+    checks: HashMap<u64, Vec<PostureCheck>>,
+    /// Posture results that changed since the last [`NetCore::take_posture_events`].
+    events: Vec<PostureEvent>,
 }
 
 /// Whether `n`'s key is valid at `now`: not revoked by an admin, and not
@@ -100,8 +128,8 @@ pub fn is_active(n: &NodeRow, now: UnixMs) -> bool {
 }
 
 /// What the policy compiler sees of `n`, which serves `routes` (the
-/// approved routes it is primary for).
-pub fn policy_node(n: &NodeRow, routes: &[IpNet]) -> PolicyNode {
+/// approved routes it is primary for), and whose posture report is `fresh`.
+pub fn policy_node(n: &NodeRow, routes: &[IpNet], fresh: bool) -> PolicyNode {
     PolicyNode {
         id: n.id,
         name: n.name.clone(),
@@ -110,6 +138,10 @@ pub fn policy_node(n: &NodeRow, routes: &[IpNet]) -> PolicyNode {
         addresses: vec![IpAddr::V4(n.ipv4), IpAddr::V6(n.ipv6)],
         routes: routes.to_vec(),
         exit_node: n.routes.exit_node(),
+        posture: Attributes {
+            values: n.posture.values(),
+            fresh,
+        },
     }
 }
 
@@ -229,10 +261,14 @@ impl NetCore {
         }
         let primaries = routes::primaries(&approved_routes(table.iter(), now), &online, previous);
         let served = routes::served_by(&primaries);
+        let ttl = cfg.posture_ttl_ms;
         let active = table
             .iter()
             .filter(|n| is_active(n, now))
-            .map(|n| policy_node(n, served.get(&n.id).map_or(&[], Vec::as_slice)))
+            .map(|n| {
+                let routes = served.get(&n.id).map_or(&[][..], Vec::as_slice);
+                policy_node(n, routes, n.posture.fresh(now, ttl))
+            })
             .collect();
         let entries = table
             .iter()
@@ -243,7 +279,7 @@ impl NetCore {
             ..NetMap::default()
         }
         .encode_to_vec();
-        NetCore {
+        let mut core = NetCore {
             relays,
             split_dns: encode_split_dns(&policy),
             compiled: Compiled::new(policy, active),
@@ -254,7 +290,69 @@ impl NetCore {
             online,
             primaries,
             served,
+            checks: HashMap::new(),
+            events: Vec::new(),
+        };
+        let ids: Vec<u64> = core.table.iter().map(|n| n.id).collect();
+        for id in ids {
+            core.refresh_checks(id);
         }
+        // The results a controller starts with are not changes.
+        core.events.clear();
+        core
+    }
+
+    /// What the policy sees of node `n` now.
+    fn seen(&self, n: &NodeRow) -> PolicyNode {
+        let fresh = n.posture.fresh(self.clock, self.cfg.posture_ttl_ms);
+        policy_node(n, self.served(n.id), fresh)
+    }
+
+    /// Recomputes node `id`'s posture results; returns whether they
+    /// changed (its own map shows them). A result that flips is recorded
+    /// for [`NetCore::take_posture_events`]: a posture newly passed by a
+    /// node that had no result for it is not news, every other flip is.
+    fn refresh_checks(&mut self, id: u64) -> bool {
+        let Some(n) = self.table.get(id).filter(|n| is_active(n, self.clock)) else {
+            return self.checks.remove(&id).is_some();
+        };
+        let attrs = Attributes {
+            values: n.posture.values(),
+            fresh: n.posture.fresh(self.clock, self.cfg.posture_ttl_ms),
+        };
+        let new = self.compiled.policy().posture_checks(&attrs);
+        let old = self.checks.get(&id);
+        if old == Some(&new) || (old.is_none() && new.is_empty()) {
+            return false;
+        }
+        for c in &new {
+            let before = old.and_then(|o| o.iter().find(|x| x.name == c.name));
+            let flipped = match before {
+                Some(b) => b.passed != c.passed,
+                None => !c.passed,
+            };
+            if flipped {
+                self.events.push(PostureEvent {
+                    node: id,
+                    name: c.name.clone(),
+                    passed: c.passed,
+                    detail: c.detail.clone(),
+                });
+            }
+        }
+        self.checks.insert(id, new);
+        true
+    }
+
+    /// The posture results that flipped since the last call, oldest first.
+    pub fn take_posture_events(&mut self) -> Vec<PostureEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Node `id`'s posture results under the policy in force (empty for an
+    /// inactive node or a policy without postures).
+    pub fn posture_checks(&self, id: u64) -> &[PostureCheck] {
+        self.checks.get(&id).map_or(&[], Vec::as_slice)
     }
 
     /// The routes `id` serves now.
@@ -291,7 +389,7 @@ impl NetCore {
             let Some(n) = self.table.get(id).filter(|n| is_active(n, self.clock)) else {
                 continue;
             };
-            let node = policy_node(n, self.served(id));
+            let node = self.seen(n);
             changed.extend(self.compiled.upsert_node(node));
             changed.insert(id);
         }
@@ -337,6 +435,12 @@ impl NetCore {
             Change::Policy(policy) => {
                 let split_dns = encode_split_dns(&policy);
                 let mut changed = self.compiled.set_policy(policy);
+                let ids: Vec<u64> = self.table.iter().map(|n| n.id).collect();
+                for id in ids {
+                    if self.refresh_checks(id) {
+                        changed.insert(id);
+                    }
+                }
                 if split_dns != self.split_dns {
                     // Every map lists the split DNS routes.
                     self.split_dns = split_dns;
@@ -373,15 +477,22 @@ impl NetCore {
             return BTreeSet::new();
         }
         let clock = self.clock;
+        let ttl = self.cfg.posture_ttl_ms;
         let served = self.served(id).to_vec();
-        let seen_by_policy = |n: &NodeRow| is_active(n, clock).then(|| policy_node(n, &served));
+        let seen_by_policy = |n: &NodeRow| {
+            is_active(n, clock).then(|| policy_node(n, &served, n.posture.fresh(clock, ttl)))
+        };
         let policy_changed = old.and_then(seen_by_policy) != seen_by_policy(&row);
         let self_changed = old.is_none_or(|o| self_fields(o) != self_fields(&row));
         let entry = peer_entry(&row, self.cfg.persistent_keepalive, &[]);
         let entry_changed = self.entries.get(&id) != Some(&entry);
         let mut changed = match (policy_changed, is_active(&row, clock)) {
             (false, _) => BTreeSet::new(),
-            (true, true) => self.compiled.upsert_node(policy_node(&row, &served)),
+            (true, true) => self.compiled.upsert_node(policy_node(
+                &row,
+                &served,
+                row.posture.fresh(clock, ttl),
+            )),
             (true, false) => self.compiled.remove_node(id),
         };
         if self_changed || policy_changed {
@@ -394,6 +505,9 @@ impl NetCore {
         }
         self.entries.insert(id, entry);
         self.table.insert(row);
+        if policy_changed && self.refresh_checks(id) {
+            changed.insert(id);
+        }
         changed
     }
 
@@ -402,31 +516,52 @@ impl NetCore {
             return BTreeSet::new();
         }
         self.entries.remove(&id);
+        self.checks.remove(&id);
         let mut changed = self.compiled.remove_node(id);
         changed.insert(id);
         changed
     }
 
     /// Moves the clock: nodes whose key expired leave the compiled policy,
-    /// nodes whose key is valid again (the clock went back) rejoin it.
+    /// nodes whose key is valid again (the clock went back) rejoin it, and
+    /// nodes whose posture report went stale (or, the clock going back,
+    /// fresh again) are seen anew.
     fn set_clock(&mut self, now: UnixMs) -> BTreeSet<u64> {
+        let before = self.clock;
         self.clock = now;
+        let ttl = self.cfg.posture_ttl_ms;
         let flips: Vec<(u64, bool)> = self
             .table
             .iter()
             .map(|n| (n.id, is_active(n, now)))
             .filter(|&(id, active)| active != self.compiled.view(id).is_some())
             .collect();
+        let stale: Vec<u64> = self
+            .table
+            .iter()
+            .filter(|n| is_active(n, now) && n.posture.fresh(before, ttl) != n.posture.fresh(now, ttl))
+            .map(|n| n.id)
+            .collect();
         let mut changed = BTreeSet::new();
         for (id, active) in flips {
             changed.insert(id);
             if active {
                 if let Some(n) = self.table.get(id) {
-                    let node = policy_node(n, self.served(id));
+                    let node = self.seen(n);
                     changed.extend(self.compiled.upsert_node(node));
                 }
             } else {
                 changed.extend(self.compiled.remove_node(id));
+            }
+            self.refresh_checks(id);
+        }
+        for id in stale {
+            if let Some(n) = self.table.get(id) {
+                let node = self.seen(n);
+                changed.extend(self.compiled.upsert_node(node));
+            }
+            if self.refresh_checks(id) {
+                changed.insert(id);
             }
         }
         changed
@@ -478,7 +613,8 @@ impl NetCore {
     /// `None` when the node is unknown or its key has expired at `now`.
     ///
     /// The bytes are exactly prost's encoding of the full message (fields in
-    /// tag order: 1–4, the peers, 6–7, the relays, then the split DNS routes), with each peer's entry taken
+    /// tag order: 1–4, the peers, 6–7, the relays, the split DNS routes, then
+    /// the posture fields 10–11), with each peer's entry taken
     /// from the cache instead of being rebuilt for every map that lists it.
     pub fn encode(&self, node: u64, serial: u64, now: UnixMs) -> Option<Vec<u8>> {
         let me = self.table.get(node).filter(|n| is_active(n, now))?;
@@ -534,6 +670,22 @@ impl NetCore {
             .expect("a Vec grows to fit any message");
         body.extend_from_slice(&self.relays);
         body.extend_from_slice(&self.split_dns);
+        let posture = NetMap {
+            posture_interval_ms: self.cfg.posture_interval_ms(),
+            posture_checks: self
+                .posture_checks(node)
+                .iter()
+                .map(|c| pb::PostureCheck {
+                    name: c.name.clone(),
+                    passed: c.passed,
+                    detail: c.detail.clone(),
+                })
+                .collect(),
+            ..NetMap::default()
+        };
+        posture
+            .encode(&mut body)
+            .expect("a Vec grows to fit any message");
         Some(body)
     }
 

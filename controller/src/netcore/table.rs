@@ -144,6 +144,7 @@ mod tests {
             endpoints: vec![],
             key_revoked: false,
             routes: Default::default(),
+            posture: Default::default(),
         }
     }
 

@@ -68,6 +68,7 @@ fn cfg() -> CoreConfig {
         dns_domain: "ztmesh.internal".into(),
         persistent_keepalive: 25,
         relays: vec![],
+        posture_ttl_ms: 60_000,
     }
 }
 
@@ -105,6 +106,7 @@ fn row(id: u64, o: u8, e: Option<i8>) -> NodeRow {
         endpoints: vec![],
         key_revoked: false,
         routes: Default::default(),
+        posture: Default::default(),
     }
 }
 
