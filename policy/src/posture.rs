@@ -415,8 +415,8 @@ pub(crate) fn attribute_type(key: &str) -> Result<Option<AttrType>, String> {
     }
     match key.split_once(':') {
         Some((ns, _)) => Err(format!(
-            "attribute namespace {}: is not available in ztmesh: use node:* (reported by the node) or custom:* (set by an admin)",
-            shown_text(ns)
+            "attribute namespace {} is not available in ztmesh: use node:* (reported by the node) or custom:* (set by an admin)",
+            shown_text(&format!("{ns}:"))
         )),
         None => Err(format!(
             "expected an attribute (node:NAME or custom:NAME), found {}",
@@ -525,10 +525,12 @@ fn lex(text: &str) -> Result<Vec<(usize, Tok)>, ConditionError> {
                 i += 1;
                 continue;
             }
-            c if c.is_ascii_alphabetic() => {
-                while chars.get(i).is_some_and(|c| {
-                    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.')
-                }) {
+            // Any letter, so that `custom:é` is reported as a bad name.
+            c if c.is_alphabetic() => {
+                while chars
+                    .get(i)
+                    .is_some_and(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | ':' | '.'))
+                {
                     i += 1;
                 }
                 Tok::Word(chars[start..i].iter().collect())
@@ -636,12 +638,7 @@ fn lex(text: &str) -> Result<Vec<(usize, Tok)>, ConditionError> {
                 i += 1;
                 Tok::Comma
             }
-            other => {
-                return Err(err(
-                    start,
-                    format!("unexpected character {}", other.escape_debug()),
-                ))
-            }
+            other => return Err(err(start, format!("unexpected character {other:?}"))),
         };
         out.push((start, tok));
     }
