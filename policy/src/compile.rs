@@ -242,6 +242,8 @@ struct Index {
     literal: Vec<Vec<IpNet>>,
     /// Per entry: whether a destination is `autogroup:self`.
     has_self: Vec<bool>,
+    /// Per entry: whether a source must pass a posture ([`Entry::gate`]).
+    gated: Vec<bool>,
 }
 
 impl Index {
@@ -265,6 +267,7 @@ impl Index {
             index
                 .has_self
                 .push(entry.dst.iter().any(|d| d.sel.kind == SelKind::SelfNodes));
+            index.gated.push(entry.gate.is_some());
         }
         index
     }
@@ -411,7 +414,8 @@ impl Compiled {
         let new_ref = new_m.as_ref().unwrap_or(&empty);
 
         // Entries whose source prefixes may change: the node is (or was)
-        // selected by identity, so its addresses are (or were) in them.
+        // selected by identity or in a posture-gated entry, so its
+        // addresses are (or were) in them.
         let mut touched: BTreeSet<u32> = BTreeSet::new();
         let mut rules_dirty: BTreeSet<u64> = BTreeSet::from([id]);
         for &(e, named) in old_m.src.iter().chain(&new_ref.src) {
@@ -422,7 +426,7 @@ impl Compiled {
                     }
                 }
             }
-            if named {
+            if named || self.index.gated[e as usize] {
                 touched.insert(e);
             }
         }
@@ -504,6 +508,24 @@ impl Compiled {
         self.index
             .src
             .each_match(node, false, |e, named| src.push((e, named)));
+        // A source of a gated entry is a node passing one of its postures;
+        // each posture is evaluated at most once per node.
+        let postures = &self.policy.postures;
+        let mut verdicts: Vec<Option<bool>> = Vec::new();
+        src.retain(|&(e, _)| {
+            let Some(gate) = &entries[e as usize].gate else {
+                return true;
+            };
+            if verdicts.is_empty() {
+                verdicts = vec![None; postures.len()];
+            }
+            gate.postures
+                .iter()
+                .any(|&i| match (verdicts.get_mut(i), postures.get(i)) {
+                    (Some(v), Some(p)) => *v.get_or_insert_with(|| p.passes(&node.posture)),
+                    _ => false,
+                })
+        });
         src.sort_unstable();
         // Keep one item per entry, preferring "by identity" (sorts last).
         let mut merged: Vec<(u32, bool)> = Vec::with_capacity(src.len());
@@ -578,8 +600,30 @@ impl Compiled {
         }
     }
 
-    /// Source prefixes of entry `e`: addresses of the nodes it names, plus literals.
+    /// Source prefixes of entry `e`: addresses of the nodes it names, plus
+    /// literals. For a posture-gated entry, only passing nodes' addresses:
+    /// all of them for a node it names, those inside a literal (`*`: any)
+    /// for a node it selects by address; the literals themselves cover no
+    /// device to check.
     fn entry_prefixes(&self, e: usize) -> Vec<IpNet> {
+        if self.index.gated[e] {
+            let literal = &self.index.literal[e];
+            let named = &self.src_named[e];
+            let mut nets: Vec<IpNet> = Vec::new();
+            for id in &self.src_all[e] {
+                let Some(n) = self.nodes.get(id) else {
+                    continue;
+                };
+                let all = named.contains(id);
+                nets.extend(
+                    n.addresses
+                        .iter()
+                        .filter(|a| all || literal.iter().any(|p| p.contains(*a)))
+                        .map(|a| IpNet::from(*a)),
+                );
+            }
+            return IpNet::aggregate(&nets);
+        }
         let mut nets = self.index.literal[e].clone();
         for id in &self.src_named[e] {
             if let Some(n) = self.nodes.get(id) {

@@ -2,8 +2,9 @@
 //! section (pure: no I/O).
 //!
 //! This is deliberately the naive reading of the policy — walk the entries in
-//! order, match selectors against identities — so that it doubles as the
-//! reference the compiled per-node rules are property-tested against.
+//! order, match selectors against identities, check the source's posture —
+//! so that it doubles as the reference the compiled per-node rules are
+//! property-tested against.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -11,9 +12,9 @@ use std::fmt::Write as _;
 use ipnet::IpNet;
 
 use crate::error::{PolicyError, Sink};
-use crate::policy::{proto_has_ports, proto_name, Entry, Identity, Policy, SelKind};
+use crate::policy::{proto_has_ports, proto_name, Entry, Gate, Identity, Policy, SelKind};
 use crate::routes::is_internet;
-use crate::NodeInfo;
+use crate::{Attributes, NodeInfo};
 
 /// The verdict of [`Policy::explain`] and the reason for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,8 +23,26 @@ pub struct Explanation {
     pub allowed: bool,
     /// `FILE:LINE` of the first ACL entry that accepts the flow.
     pub rule_id: Option<String>,
-    /// Human-readable reason, e.g. `no rule matches`.
+    /// Human-readable reason, e.g. `no rule matches`; for a denied flow
+    /// that a rule would accept but for the source's posture, followed by
+    /// the first line of `posture`.
     pub detail: String,
+    /// One line per ACL entry, before the accepting one (if any), that
+    /// matches the flow except for its posture requirement, in ACL order:
+    /// `FILE:LINE requires posture:compliant; node laptop fails it:
+    /// custom:compliant == true: seen false (set by an admin)`.
+    pub posture: Vec<String>,
+}
+
+/// Where a flow's source posture comes from, for the message when there
+/// is none.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Context {
+    /// `explain`: a node has its attributes; a user, group, tag or an
+    /// address that is no node's has no device.
+    Explain,
+    /// The `tests` section: the test's `srcPostureAttrs`, if given.
+    Tests,
 }
 
 /// An identity with node references resolved, for matching.
@@ -108,15 +127,29 @@ impl<'a> Who<'a> {
     }
 }
 
-/// The first entry accepting `src → dst` on `proto`/`port`, if any.
+/// The source of a flow: who, and its posture attributes (`None`: no
+/// device, so no posture-gated entry applies).
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    who: Who<'a>,
+    attrs: Option<&'a Attributes>,
+}
+
+/// The first entry accepting `src → dst` on `proto`/`port`, if any; the
+/// entries before it that match but for the source's posture add a line
+/// each to `skipped`.
 fn first_match<'p>(
-    entries: &'p [Entry],
-    src: Who<'_>,
+    policy: &'p Policy,
+    src: Source<'_>,
     dst: Who<'_>,
     proto: u8,
     port: u16,
+    ctx: Context,
+    skipped: &mut Vec<String>,
 ) -> Option<(&'p Entry, usize, usize)> {
-    for entry in entries {
+    let src_attrs = src.attrs;
+    let src = src.who;
+    for entry in &policy.entries {
         if !entry.protocols.contains(&proto) {
             continue;
         }
@@ -134,11 +167,51 @@ fn first_match<'p>(
             };
             port_ok && sel_ok
         });
-        if let Some(di) = dst_hit {
-            return Some((entry, si, di));
+        let Some(di) = dst_hit else {
+            continue;
+        };
+        if let Some(gate) = &entry.gate {
+            if !src_attrs.is_some_and(|a| policy.gate_passes(gate, a)) {
+                skipped.push(posture_line(policy, entry, gate, src, src_attrs, ctx));
+                continue;
+            }
         }
+        return Some((entry, si, di));
     }
     None
+}
+
+/// Why `src` does not pass `entry`'s posture requirement.
+fn posture_line(
+    policy: &Policy,
+    entry: &Entry,
+    gate: &Gate,
+    src: Who<'_>,
+    attrs: Option<&Attributes>,
+    ctx: Context,
+) -> String {
+    let names = policy.gate_names(gate).join(" or ");
+    let who = src.describe();
+    let why = match (attrs, ctx) {
+        (None, Context::Explain) => {
+            format!("{who} is no node, so it has no posture to check")
+        }
+        (None, Context::Tests) => format!("{who} has no \"srcPostureAttrs\" in this test"),
+        (Some(a), _) => {
+            let failed = policy.gate_failures(gate, a);
+            match failed.as_slice() {
+                [one] => format!("{who} fails it: {}", one.detail),
+                many => {
+                    let each: Vec<String> = many
+                        .iter()
+                        .map(|c| format!("{}: {}", c.name, c.detail))
+                        .collect();
+                    format!("{who} fails each: {}", each.join("; "))
+                }
+            }
+        }
+    };
+    format!("{} requires {names}; {why}", entry.rule_id)
 }
 
 impl Policy {
@@ -185,6 +258,7 @@ impl Policy {
             allowed: false,
             rule_id: None,
             detail,
+            posture: Vec::new(),
         };
         let src_id = match resolve(src) {
             Ok(id) => id,
@@ -208,7 +282,14 @@ impl Policy {
                 }
             }
         }
-        let mut e = self.verdict(src_who, dst_who, proto, port);
+        let src = Source {
+            who: src_who,
+            attrs: match src_who {
+                Who::Node(n) => Some(&n.posture),
+                _ => None,
+            },
+        };
+        let mut e = self.verdict(src, dst_who, proto, port, Context::Explain);
         if let Who::Dest(d) = dst_who {
             let note = match d.router {
                 Some((id, route)) => {
@@ -230,14 +311,22 @@ impl Policy {
         e
     }
 
-    fn verdict(&self, src: Who<'_>, dst: Who<'_>, proto: u8, port: u16) -> Explanation {
-        match first_match(&self.entries, src, dst, proto, port) {
+    fn verdict(
+        &self,
+        src: Source<'_>,
+        dst: Who<'_>,
+        proto: u8,
+        port: u16,
+        ctx: Context,
+    ) -> Explanation {
+        let mut posture = Vec::new();
+        match first_match(self, src, dst, proto, port, ctx, &mut posture) {
             Some((entry, si, di)) => {
                 let mut detail = format!(
                     "accepted by {}: src {:?} matches {}, dst {:?}",
                     entry.rule_id,
                     entry.src[si].text,
-                    src.describe(),
+                    src.who.describe(),
                     entry.dst[di].sel.text
                 );
                 if proto_has_ports(proto) {
@@ -248,13 +337,21 @@ impl Policy {
                     allowed: true,
                     rule_id: Some(entry.rule_id.clone()),
                     detail,
+                    posture,
                 }
             }
-            None => Explanation {
-                allowed: false,
-                rule_id: None,
-                detail: "no rule matches".to_string(),
-            },
+            None => {
+                let mut detail = "no rule matches".to_string();
+                if let Some(first) = posture.first() {
+                    let _ = write!(detail, "; {first}");
+                }
+                Explanation {
+                    allowed: false,
+                    rule_id: None,
+                    detail,
+                    posture,
+                }
+            }
         }
     }
 
@@ -266,14 +363,17 @@ impl Policy {
     pub fn run_tests(&self) -> Result<(), PolicyError> {
         let mut sink = Sink::new(&self.file);
         for test in &self.tests {
-            let src = who(&test.src, &[]);
+            let src = Source {
+                who: who(&test.src, &[]),
+                attrs: test.attrs.as_ref(),
+            };
             for (expect_accept, list) in [(true, &test.accept), (false, &test.deny)] {
                 for d in list {
                     let dst = who(&d.dst, &[]);
-                    let got = self.verdict(src, dst, test.proto, d.port);
+                    let got = self.verdict(src, dst, test.proto, d.port, Context::Tests);
                     if got.allowed != expect_accept {
                         let (want, actual) = if expect_accept {
-                            ("accept", "deny (no rule matches)".to_string())
+                            ("accept", format!("deny ({})", got.detail))
                         } else {
                             (
                                 "deny",

@@ -99,7 +99,11 @@ pub use policy::{
     parse_proto, proto_has_ports, proto_name, Policy, PortRange, ProtoError, DEFAULT_TEST_PROTO,
     PROTOCOLS,
 };
-pub use posture::{AttrType, AttrValue, Attributes, PostureCheck, NODE_ATTRIBUTES};
+pub use posture::{
+    check_node_attribute, compare_versions, node_attribute_type, parse_custom_attribute, AttrType,
+    AttrValue, Attributes, PostureCheck, MAX_ATTR_VALUE_LEN, MAX_CONDITIONS, MAX_CONDITION_BYTES,
+    MAX_CUSTOM_NAME, MAX_LIST_ITEMS, MAX_POSTURES, MAX_VERSION_COMPONENTS, NODE_ATTRIBUTES,
+};
 pub use routes::{default_routes, internet_prefixes};
 
 /// A node as the policy sees it.

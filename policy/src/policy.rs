@@ -14,6 +14,10 @@ use crate::dns::{self, MAX_SPLIT_RESOLVERS, MAX_SPLIT_SUFFIXES};
 use crate::error::{PolicyError, Pos, Sink};
 use crate::eval::owner;
 use crate::hujson::{self, Kind, Member, Value};
+use crate::posture::{
+    self, AttrType, AttrValue, Attributes, Posture, PostureCheck, MAX_ATTR_VALUE_LEN,
+    MAX_CONDITIONS, MAX_POSTURES,
+};
 use crate::NodeInfo;
 
 /// An inclusive range of destination ports.
@@ -56,6 +60,8 @@ pub struct Policy {
     pub(crate) auto_exit: Vec<SelKind>,
     /// `dns.split`: suffix → resolvers, sorted by suffix.
     pub(crate) split_dns: Vec<(String, Vec<SocketAddr>)>,
+    /// The `postures` section, sorted by name.
+    pub(crate) postures: Vec<Posture>,
 }
 
 /// Who may apply a tag.
@@ -76,6 +82,18 @@ pub(crate) struct Entry {
     pub protocols: Vec<u8>,
     pub src: Vec<Selector>,
     pub dst: Vec<DstElem>,
+    /// The posture a source must pass: the entry's `srcPosture`, else the
+    /// policy's `defaultSrcPosture`. `None` when there is neither, or when
+    /// one of the postures has no conditions (every source passes it).
+    pub gate: Option<Gate>,
+}
+
+/// A rule's posture requirement: a source passes when any posture passes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Gate {
+    /// Indexes into [`Policy::postures`], sorted, deduplicated; none of
+    /// them without conditions.
+    pub postures: Vec<usize>,
 }
 
 /// A source or destination alias, with its text for explanations.
@@ -136,6 +154,9 @@ pub(crate) struct TestCase {
     pub proto: u8,
     pub accept: Vec<TestDst>,
     pub deny: Vec<TestDst>,
+    /// `srcPostureAttrs`: the source's posture attributes (fresh); `None`
+    /// without them, so that no posture-gated rule applies to the source.
+    pub attrs: Option<Attributes>,
 }
 
 /// One `alias:port` of a test's `accept` or `deny` list.
@@ -178,13 +199,12 @@ pub const PROTOCOLS: &[(&str, u8)] = &[
 pub struct ProtoError(pub String);
 
 /// Sections Tailscale defines that ztmesh does not implement yet. Rejected,
-/// because ignoring a restriction (a posture, an SSH rule) would widen access.
+/// because ignoring a restriction (an SSH rule, a grant's condition) would
+/// widen access.
 const UNSUPPORTED_SECTIONS: &[&str] = &[
     "grants",
     "ssh",
     "sshtests",
-    "postures",
-    "defaultsrcposture",
     "nodeattrs",
     "ipsets",
     "derpmap",
@@ -243,6 +263,7 @@ impl Policy {
             auto_routes: Vec::new(),
             auto_exit: Vec::new(),
             split_dns: Vec::new(),
+            postures: Vec::new(),
         }
     }
 
@@ -263,7 +284,7 @@ impl Policy {
                 return sink.into_result(Policy::empty_named(file_name));
             }
         };
-        let policy = Resolver::new(file_name, &mut sink).run(&root);
+        let policy = Resolver::new(file_name, text, &mut sink).run(&root);
         sink.into_result(policy)
     }
 
@@ -321,6 +342,44 @@ impl Policy {
     /// upstreams; the node picks the longest matching suffix.
     pub fn split_dns(&self) -> &[(String, Vec<SocketAddr>)] {
         &self.split_dns
+    }
+
+    /// Every posture of the `postures` section, by name, with its result
+    /// for a node whose attributes are `attrs` (see [`PostureCheck`]).
+    pub fn posture_checks(&self, attrs: &Attributes) -> Vec<PostureCheck> {
+        self.postures.iter().map(|p| p.check(attrs)).collect()
+    }
+
+    /// Whether some ACL entry requires a posture that can fail (one with a
+    /// condition): only then do nodes' attributes change what they may reach.
+    pub fn has_postures(&self) -> bool {
+        self.entries.iter().any(|e| e.gate.is_some())
+    }
+
+    /// Whether a source with `attrs` passes `gate` (any of its postures).
+    pub(crate) fn gate_passes(&self, gate: &Gate, attrs: &Attributes) -> bool {
+        gate.postures
+            .iter()
+            .any(|&i| self.postures.get(i).is_some_and(|p| p.passes(attrs)))
+    }
+
+    /// The failing result of each posture of `gate` for `attrs`, in name order.
+    pub(crate) fn gate_failures(&self, gate: &Gate, attrs: &Attributes) -> Vec<PostureCheck> {
+        gate.postures
+            .iter()
+            .filter_map(|&i| self.postures.get(i))
+            .map(|p| p.check(attrs))
+            .filter(|c| !c.passed)
+            .collect()
+    }
+
+    /// The names of the postures of `gate`, in name order.
+    pub(crate) fn gate_names(&self, gate: &Gate) -> Vec<&str> {
+        gate.postures
+            .iter()
+            .filter_map(|&i| self.postures.get(i))
+            .map(|p| p.name.as_str())
+            .collect()
     }
 
     /// Resolves an identity as written in a test or an `explain` query
@@ -497,6 +556,18 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// Most attributes of one test's `srcPostureAttrs`.
+const MAX_TEST_ATTRIBUTES: usize = 64;
+
+/// An attribute type in a message.
+fn type_name(t: AttrType) -> &'static str {
+    match t {
+        AttrType::Str => "a string",
+        AttrType::Int => "a number",
+        AttrType::Bool => "a boolean",
+    }
+}
+
 fn valid_user(login: &str) -> bool {
     login.contains('@') && !login.starts_with('@') && !login.chars().any(char::is_whitespace)
 }
@@ -504,7 +575,11 @@ fn valid_user(login: &str) -> bool {
 /// Walks the document and builds the resolved policy, reporting every problem.
 struct Resolver<'a> {
     sink: &'a mut Sink,
+    /// The source, to place errors inside string literals.
+    text: &'a str,
     policy: Policy,
+    /// `defaultSrcPosture`, for entries without their own `srcPosture`.
+    default_gate: Option<Gate>,
 }
 
 /// Where an alias appears: sources and destinations accept different autogroups.
@@ -515,10 +590,12 @@ enum Side {
 }
 
 impl<'a> Resolver<'a> {
-    fn new(file: &str, sink: &'a mut Sink) -> Resolver<'a> {
+    fn new(file: &str, text: &'a str, sink: &'a mut Sink) -> Resolver<'a> {
         Resolver {
             sink,
+            text,
             policy: Policy::empty_named(file),
+            default_gate: None,
         }
     }
 
@@ -537,6 +614,8 @@ impl<'a> Resolver<'a> {
                 "tests" => "tests",
                 "autoapprovers" => "autoapprovers",
                 "dns" => "dns",
+                "postures" => "postures",
+                "defaultsrcposture" => "defaultsrcposture",
                 other if UNSUPPORTED_SECTIONS.contains(&other) => {
                     self.sink.error(
                         m.key_pos,
@@ -551,7 +630,7 @@ impl<'a> Resolver<'a> {
                     self.sink.error(
                         m.key_pos,
                         format!(
-                            "unknown section {:?}; expected groups, tagOwners, hosts, acls, tests, autoApprovers or dns",
+                            "unknown section {:?}; expected groups, tagOwners, hosts, postures, defaultSrcPosture, acls, tests, autoApprovers or dns",
                             m.key
                         ),
                     );
@@ -563,7 +642,8 @@ impl<'a> Resolver<'a> {
                     .error(m.key_pos, format!("duplicate section {:?}", m.key));
             }
         }
-        // Dependency order: groups, then tags (owners may be groups), hosts, rules.
+        // Dependency order: groups, then tags (owners may be groups), hosts,
+        // postures, rules.
         if let Some(m) = sections.get("groups") {
             self.groups(&m.value);
         }
@@ -572,6 +652,14 @@ impl<'a> Resolver<'a> {
         }
         if let Some(m) = sections.get("hosts") {
             self.hosts(&m.value);
+        }
+        if let Some(m) = sections.get("postures") {
+            self.postures(&m.value);
+        }
+        if let Some(m) = sections.get("defaultsrcposture") {
+            self.default_gate = self
+                .posture_refs(&m.value, "\"defaultSrcPosture\"")
+                .and_then(|names| self.gate(&names));
         }
         if let Some(m) = sections.get("acls") {
             self.acls(&m.value);
@@ -784,6 +872,7 @@ impl<'a> Resolver<'a> {
         let mut src = None;
         let mut dst = None;
         let mut proto = None;
+        let mut own_gate = None;
         for m in members {
             match m.key.to_ascii_lowercase().as_str() {
                 "action" => action = Some(m),
@@ -803,17 +892,23 @@ impl<'a> Resolver<'a> {
                     ok = false;
                 }
                 "srcposture" => {
-                    self.sink.error(
-                        m.key_pos,
-                        "\"srcPosture\" is not supported by ztmesh yet; remove it",
-                    );
-                    ok = false;
+                    if matches!(&m.value.kind, Kind::Array(items) if items.is_empty()) {
+                        self.sink.error(
+                            m.value.pos,
+                            "empty \"srcPosture\": to exempt a rule from defaultSrcPosture, reference a posture with no conditions",
+                        );
+                        ok = false;
+                    }
+                    match self.posture_refs(&m.value, "\"srcPosture\"") {
+                        Some(names) => own_gate = Some(self.gate(&names)),
+                        None => ok = false,
+                    }
                 }
                 _ => {
                     self.sink.error(
                         m.key_pos,
                         format!(
-                            "unknown key {:?} in acl entry; expected action, src, proto or dst",
+                            "unknown key {:?} in acl entry; expected action, src, proto, dst or srcPosture",
                             m.key
                         ),
                     );
@@ -892,6 +987,7 @@ impl<'a> Resolver<'a> {
             protocols,
             src: srcs.into_iter().map(|(_, sel)| sel).collect(),
             dst: dsts,
+            gate: own_gate.unwrap_or_else(|| self.default_gate.clone()),
         })
     }
 
@@ -1149,6 +1245,205 @@ impl<'a> Resolver<'a> {
         self.policy.split_dns = split.into_iter().collect();
     }
 
+    /// `{"posture:NAME": ["CONDITION", ...]}`.
+    fn postures(&mut self, v: &Value) {
+        let Some(members) = self.object(v, "\"postures\"") else {
+            return;
+        };
+        let mut postures: BTreeMap<String, Posture> = BTreeMap::new();
+        for (i, m) in members.iter().enumerate() {
+            if i == MAX_POSTURES {
+                self.sink.error(
+                    m.key_pos,
+                    format!("too many postures: at most {MAX_POSTURES}"),
+                );
+            }
+            let valid = m.key.strip_prefix("posture:").is_some_and(valid_name);
+            if !valid {
+                self.sink.error(
+                    m.key_pos,
+                    format!(
+                        "invalid posture name {:?}: expected \"posture:NAME\" (letters, digits, '-', '_', '.')",
+                        m.key
+                    ),
+                );
+            }
+            let what = format!("the conditions of {:?}", m.key);
+            let mut conditions = Vec::new();
+            for (j, (pos, text)) in self.strings(&m.value, &what).into_iter().enumerate() {
+                if j == MAX_CONDITIONS {
+                    self.sink.error(
+                        pos,
+                        format!(
+                            "too many conditions in {:?}: at most {MAX_CONDITIONS}",
+                            m.key
+                        ),
+                    );
+                }
+                match posture::parse_condition(text) {
+                    Ok(c) => conditions.push(c),
+                    Err(e) => {
+                        let at = self.inside_string(pos, text, e.offset);
+                        self.sink.error(at, e.message);
+                    }
+                }
+            }
+            if valid && i < MAX_POSTURES {
+                postures.insert(
+                    m.key.clone(),
+                    Posture {
+                        name: m.key.clone(),
+                        conditions,
+                    },
+                );
+            }
+        }
+        self.policy.postures = postures.into_values().collect();
+    }
+
+    /// A list of `posture:NAME` references (`srcPosture`,
+    /// `defaultSrcPosture`), deduplicated; `None` if one is not defined.
+    fn posture_refs(&mut self, v: &Value, what: &str) -> Option<Vec<String>> {
+        let mut ok = matches!(v.kind, Kind::Array(_));
+        let mut names: Vec<String> = Vec::new();
+        for (pos, s) in self.strings(v, what) {
+            let defined = self.policy.postures.iter().any(|p| p.name == s);
+            if defined {
+                if !names.iter().any(|n| n == s) {
+                    names.push(s.to_string());
+                }
+                continue;
+            }
+            ok = false;
+            let message = if s.strip_prefix("posture:").is_some_and(valid_name) {
+                format!("undefined posture {s:?}: define it in \"postures\"")
+            } else {
+                format!("invalid posture reference {s:?}: expected \"posture:NAME\"")
+            };
+            self.sink.error(pos, message);
+        }
+        if let Kind::Array(items) = &v.kind {
+            ok &= items.iter().all(|i| matches!(i.kind, Kind::String(_)));
+        }
+        ok.then_some(names)
+    }
+
+    /// The requirement of defined posture names: `None` when there are none
+    /// or one has no conditions (every source passes it).
+    fn gate(&self, names: &[String]) -> Option<Gate> {
+        let mut postures = Vec::new();
+        for name in names {
+            let i = self.policy.postures.iter().position(|p| &p.name == name)?;
+            if self.policy.postures[i].is_open() {
+                return None;
+            }
+            postures.push(i);
+        }
+        postures.sort_unstable();
+        postures.dedup();
+        (!postures.is_empty()).then_some(Gate { postures })
+    }
+
+    /// A test's `srcPostureAttrs`: `{"custom:compliant": true, "node:os": "linux"}`.
+    fn src_posture_attrs(&mut self, v: &Value) -> Option<Attributes> {
+        let members = self.object(v, "\"srcPostureAttrs\"")?;
+        let mut ok = true;
+        let mut values = BTreeMap::new();
+        for (i, m) in members.iter().enumerate() {
+            if i == MAX_TEST_ATTRIBUTES {
+                self.sink.error(
+                    m.key_pos,
+                    format!("too many attributes: at most {MAX_TEST_ATTRIBUTES}"),
+                );
+                ok = false;
+            }
+            let ty = match posture::attribute_type(&m.key) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.sink.error(m.key_pos, e);
+                    ok = false;
+                    continue;
+                }
+            };
+            let value = match &m.value.kind {
+                Kind::String(s) if s.len() > MAX_ATTR_VALUE_LEN => Err(format!(
+                    "value of {:?} is longer than {MAX_ATTR_VALUE_LEN} bytes",
+                    m.key
+                )),
+                Kind::String(s) => Ok(AttrValue::Str(s.clone())),
+                Kind::Bool(b) => Ok(AttrValue::Bool(*b)),
+                Kind::Number(n) => n.parse::<i64>().map(AttrValue::Int).map_err(|_| {
+                    format!(
+                        "value of {:?} must be a whole number in the 64-bit range, found {n}",
+                        m.key
+                    )
+                }),
+                other => Err(format!(
+                    "value of {:?} must be a string, number or boolean, found {}",
+                    m.key,
+                    other.name()
+                )),
+            };
+            let value = value.and_then(|val| {
+                let got = match val {
+                    AttrValue::Str(_) => AttrType::Str,
+                    AttrValue::Int(_) => AttrType::Int,
+                    AttrValue::Bool(_) => AttrType::Bool,
+                };
+                match ty {
+                    Some(want) if want != got => Err(format!(
+                        "{} holds {}, found {}",
+                        m.key,
+                        type_name(want),
+                        m.value.kind.name()
+                    )),
+                    _ => Ok(val),
+                }
+            });
+            match value {
+                Ok(val) => {
+                    values.insert(m.key.clone(), val);
+                }
+                Err(e) => {
+                    self.sink.error(m.value.pos, e);
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(Attributes {
+            values,
+            fresh: true,
+        })
+    }
+
+    /// The position of character `offset` inside the JSON string literal
+    /// at `pos` whose value is `value`: exact when the literal holds no
+    /// escapes (its source text is the value), else the literal's start.
+    fn inside_string(&self, pos: Pos, value: &str, offset: usize) -> Pos {
+        let line = self
+            .text
+            .split('\n')
+            .nth(pos.line.saturating_sub(1) as usize)
+            .unwrap_or("");
+        let line = if pos.line == 1 {
+            line.strip_prefix('\u{feff}').unwrap_or(line)
+        } else {
+            line
+        };
+        let mut chars = line.chars().skip(pos.col.saturating_sub(1) as usize);
+        if chars.next() != Some('"') {
+            return pos;
+        }
+        let raw: String = chars.take_while(|c| !matches!(c, '"' | '\\')).collect();
+        match u32::try_from(offset) {
+            Ok(off) if raw == value => Pos {
+                line: pos.line,
+                col: pos.col.saturating_add(1).saturating_add(off),
+            },
+            _ => pos,
+        }
+    }
+
     /// The approvers of one `autoApprovers` list: users, groups, tags, `autogroup:member`.
     fn approvers(&mut self, v: &Value, what: &str) -> Vec<SelKind> {
         let mut out = Vec::new();
@@ -1204,6 +1499,7 @@ impl<'a> Resolver<'a> {
         let mut proto = DEFAULT_TEST_PROTO;
         let mut accept = Vec::new();
         let mut deny = Vec::new();
+        let mut attrs = None;
         // Whether "accept" or "deny" names at least one destination (valid or not).
         let mut asserted = false;
         for m in members {
@@ -1244,18 +1540,15 @@ impl<'a> Resolver<'a> {
                         deny = list;
                     }
                 }
-                "srcpostureattrs" => {
-                    self.sink.error(
-                        m.key_pos,
-                        "\"srcPostureAttrs\" is not supported by ztmesh yet; remove it",
-                    );
-                    ok = false;
-                }
+                "srcpostureattrs" => match self.src_posture_attrs(&m.value) {
+                    Some(a) => attrs = Some(a),
+                    None => ok = false,
+                },
                 _ => {
                     self.sink.error(
                         m.key_pos,
                         format!(
-                            "unknown key {:?} in test; expected src, proto, accept or deny",
+                            "unknown key {:?} in test; expected src, proto, accept, deny or srcPostureAttrs",
                             m.key
                         ),
                     );
@@ -1287,6 +1580,7 @@ impl<'a> Resolver<'a> {
             proto,
             accept,
             deny,
+            attrs,
         })
     }
 

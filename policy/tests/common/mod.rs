@@ -33,8 +33,7 @@ pub fn node(id: u64, name: &str, user: Option<&str>, tags: &[&str], addrs: &[&st
             .iter()
             .map(|a| a.parse::<IpAddr>().expect("test address"))
             .collect(),
-        routes: Vec::new(),
-        exit_node: false,
+        ..NodeInfo::default()
     }
 }
 
