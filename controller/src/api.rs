@@ -1059,6 +1059,7 @@ impl Admin for AdminService {
             allowed: e.allowed,
             rule_id: e.rule_id.unwrap_or_default(),
             detail: e.detail,
+            posture: e.posture,
         })
     }
 

@@ -657,16 +657,17 @@ fn linux() -> Vec<pb::PostureAttribute> {
     )]
 }
 
-/// The ports of db's inbound rules whose sources include web's address.
+/// The TCP ports of db's inbound rules whose sources include web's address.
 fn db_ports_for_web(m: &Mesh, db: u64, web_v4: &str, now: i64) -> Vec<u32> {
     let map = m.netmap(db, now).unwrap();
     let mut ports: Vec<u32> = map
         .inbound_rules
         .iter()
         .filter(|r| {
-            r.src_prefixes
-                .iter()
-                .any(|p| p.split('/').next() == Some(web_v4))
+            r.protocols.contains(&6)
+                && r.src_prefixes
+                    .iter()
+                    .any(|p| p.split('/').next() == Some(web_v4))
         })
         .flat_map(|r| r.ports.iter().map(|p| p.first))
         .collect();

@@ -141,7 +141,7 @@ pub(super) async fn run(c: &mut Client, cmd: PolicyCmd) -> anyhow::Result<()> {
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            print_explain(r.allowed, &r.rule_id, &r.detail);
+            print_explain(r.allowed, &r.rule_id, &r.detail, &r.posture);
         }
     }
     Ok(())
@@ -170,16 +170,25 @@ fn explain_offline(file: &Path, src: &str, dst: &str, proto: &str) -> anyhow::Re
     let (dst_id, port) = split_dst(dst)?;
     let proto = ztmesh_policy::parse_proto(proto)?;
     let e = policy.explain(&[], src, &dst_id, port, proto);
-    print_explain(e.allowed, e.rule_id.as_deref().unwrap_or(""), &e.detail);
+    print_explain(
+        e.allowed,
+        e.rule_id.as_deref().unwrap_or(""),
+        &e.detail,
+        &e.posture,
+    );
     Ok(())
 }
 
-fn print_explain(allowed: bool, rule_id: &str, detail: &str) {
+/// The verdict, then one line per rule skipped for the source's posture.
+fn print_explain(allowed: bool, rule_id: &str, detail: &str, posture: &[String]) {
     let verdict = if allowed { "ALLOW" } else { "DENY" };
     if rule_id.is_empty() {
         println!("{verdict}: {detail}");
     } else {
         println!("{verdict} by {rule_id}: {detail}");
+    }
+    for line in posture {
+        println!("  posture: {line}");
     }
 }
 
