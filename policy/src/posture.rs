@@ -1,5 +1,6 @@
 //! Device posture: attributes of a node, the conditions of the policy's
-//! `postures` section, and their evaluation (pure: no I/O, no clock).
+//! `postures` section (grammar, type checks against [`NODE_ATTRIBUTES`])
+//! and their evaluation (pure: no I/O, no clock).
 //!
 //! Tailscale's syntax and semantics: a posture is a list of conditions, all
 //! of which must hold; a rule's `srcPosture` (or, without one, the policy's
