@@ -9,8 +9,8 @@
 //! evaluate the ACL list directly; [`plan`] diffs two compiled states.
 //!
 //! # Supported format
-//! Sections `groups`, `tagOwners`, `hosts`, `acls`, `tests`, `autoApprovers`,
-//! `dns`.
+//! Sections `groups`, `tagOwners`, `hosts`, `postures`, `defaultSrcPosture`,
+//! `acls`, `tests`, `autoApprovers`, `dns`.
 //! Every other key is an error: an ignored restriction would widen access.
 //! Selectors: `*`, users (`alice@example.com`), `group:x`, `tag:x` (defined
 //! in `tagOwners`), host aliases, IPs and CIDRs, `autogroup:member`,
@@ -27,6 +27,19 @@
 //! `*`, `22`, `80,443` or `8000-8999`; the last colon separates the ports,
 //! so IPv6 is written `fd00::1:22`, `[fd00::1]:22` or `fd00::/64:22`. `proto` is a name or number; without it an entry covers
 //! TCP, UDP, ICMP and ICMPv6.
+//!
+//! Device posture, with Tailscale's syntax: `postures` maps `posture:NAME`
+//! to conditions, all of which must hold (`node:os IN ['linux']`,
+//! `node:tsVersion >= '1.40'`, `custom:riskScore < 50`, `custom:mdm IS
+//! SET`, bare `custom:compliant` for `== true`; operators `==`, `!=`,
+//! `IN`, `NOT IN`, `<`, `<=`, `>`, `>=`, `IS SET`, `NOT SET`). An ACL
+//! entry's `srcPosture` (else `defaultSrcPosture`) lists postures of which
+//! the source must pass one; an empty `srcPosture` is an error (exempt a
+//! rule with a posture without conditions). Attributes are the `node:`
+//! ones of [`NODE_ATTRIBUTES`] (reported by the node: advisory) and
+//! `custom:NAME` (set by an admin: the ones for hard gates); other
+//! namespaces (`ip:`, `falcon:`, ...) are errors. A test's
+//! `srcPostureAttrs` gives its source attributes.
 //!
 //! # Semantics (where they differ from, or refine, Tailscale's)
 //! - A tagged node belongs to its tags: user, group and `autogroup:member`
@@ -64,6 +77,25 @@
 //!   a subnet at internet addresses (outside RFC 1918) forwards to it under
 //!   `autogroup:internet`; serve such subnets from a router that is not an
 //!   exit node.
+//! - Posture gates sources, and only devices have a posture: a node
+//!   failing an entry's requirement (or whose report is stale, see
+//!   [`Attributes::fresh`]) is not among the entry's sources, so it loses
+//!   the entry's peers and its addresses leave the entry's source prefixes.
+//!   An address source of a gated entry (`*`, an IP, a CIDR, a host) stands
+//!   for the passing nodes it covers, at their addresses inside it (`*`:
+//!   all of them), never for the literal prefix, which has no device to
+//!   check — unless a required posture has no conditions. This is stricter
+//!   than Tailscale, whose posture checks never see traffic coming from
+//!   behind a subnet router: here such traffic matches no gated entry.
+//!   Likewise `explain` and the `tests` section match gated entries only
+//!   for a node (or a test with `srcPostureAttrs`), never for a user,
+//!   group, tag or bare address.
+//! - An unset attribute fails every condition but `NOT SET` (even `!=` and
+//!   `NOT IN`); so does a value of another type than the literal. `<`,
+//!   `<=`, `>`, `>=` compare numbers, or, with a quoted literal, versions:
+//!   the leading dotted numbers of the value (`6.1.0-18-amd64` is 6.1.0,
+//!   `1.40` is `1.40.0`; a value not starting with a digit fails), see
+//!   [`compare_versions`].
 //! - An empty policy (empty file or `{}`) denies everything.
 //! - A node without addresses can neither send nor receive: empty view.
 #![cfg_attr(

@@ -1,5 +1,6 @@
 //! Device posture: attributes of a node, the conditions of the policy's
-//! `postures` section, and their evaluation (pure: no I/O, no clock).
+//! `postures` section (grammar, type checks against [`NODE_ATTRIBUTES`])
+//! and their evaluation (pure: no I/O, no clock).
 //!
 //! Tailscale's syntax and semantics: a posture is a list of conditions, all
 //! of which must hold; a rule's `srcPosture` (or, without one, the policy's
@@ -85,7 +86,8 @@ pub struct PostureCheck {
     /// Empty when passed; else the first failing condition and the value
     /// seen, e.g. `custom:compliant == true: seen false (set by an admin)`,
     /// `node:osVersion >= '12': seen '11' (reported by the node, advisory)`,
-    /// `node:firewall == true: not set`, or `posture report is stale`.
+    /// `node:firewall == true: not set`, or, for a stale report, `no fresh
+    /// posture report from the node (never sent, or expired): ...`.
     pub detail: String,
 }
 
@@ -101,8 +103,8 @@ pub const MAX_LIST_ITEMS: usize = 64;
 pub const MAX_VERSION_COMPONENTS: usize = 8;
 /// Longest `NAME` of a `custom:NAME` attribute.
 pub const MAX_CUSTOM_NAME: usize = 64;
-/// Longest text value of an attribute, in bytes: what an admin may set
-/// and what a node's report is clipped to.
+/// Longest text value of an attribute, in bytes: longer text is refused
+/// by [`parse_custom_attribute`] and [`check_node_attribute`].
 pub const MAX_ATTR_VALUE_LEN: usize = 256;
 
 /// The type of the `node:` attribute `key`, or `None` if ztmesh nodes do
@@ -119,7 +121,8 @@ pub fn node_attribute_type(key: &str) -> Option<AttrType> {
 /// control characters.
 ///
 /// # Errors
-/// Why the attribute cannot be kept, e.g. `node:colour: unknown attribute`.
+/// Why the attribute cannot be kept, e.g. `"node:colour": unknown attribute`
+/// (untrusted keys are quoted, clipped and escaped).
 pub fn check_node_attribute(key: &str, value: &AttrValue) -> Result<(), String> {
     let Some(ty) = node_attribute_type(key) else {
         return Err(format!("{}: unknown attribute", shown_text(key)));
@@ -168,7 +171,7 @@ pub fn parse_custom_attribute(key: &str, value: &str) -> Result<AttrValue, Strin
         return value
             .parse::<i64>()
             .map(AttrValue::Int)
-            .map_err(|_| format!("{value} is out of range for a number attribute"));
+            .map_err(|_| format!("{} is out of range for a number attribute", clip(value)));
     }
     check_text_value(value)?;
     Ok(AttrValue::Str(value.to_string()))

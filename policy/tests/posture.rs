@@ -683,7 +683,7 @@ fn explain_names_the_failed_posture_check_and_the_value_seen() {
     let e = p.explain(&nodes, "alice-laptop", "web1", 443, 6);
     let line = format!("{l443} requires posture:compliant; node alice-laptop fails it: custom:compliant == true: seen false (set by an admin)");
     assert!(!e.allowed);
-    assert_eq!(e.posture, [line.clone()]);
+    assert_eq!(e.posture, std::slice::from_ref(&line));
     assert_eq!(e.detail, format!("no rule matches; {line}"));
 
     // A later rule may still accept; the skipped gated rule is reported.

@@ -9,7 +9,10 @@
 //! - with subnet routers and exit nodes: some node's rules admit a flow to
 //!   an address in a route (or on the internet) iff direct evaluation
 //!   allows it, and a node's peer routes are exactly the routes (and exit
-//!   nodes) through which direct evaluation allows it some flow.
+//!   nodes) through which direct evaluation allows it some flow;
+//! - with random postures (`srcPosture`, `defaultSrcPosture`, postures
+//!   without conditions) and random, possibly stale, node attributes, all
+//!   of the above, including upserts that change only a node's attributes.
 #![allow(
     clippy::disallowed_methods,
     clippy::disallowed_types,
@@ -23,7 +26,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use proptest::prelude::*;
-use ztmesh_policy::{Compiled, NodeInfo, Policy};
+use ztmesh_policy::{AttrValue, Attributes, Compiled, NodeInfo, Policy};
 
 const USERS: usize = 4;
 const TAGS: usize = 3;
@@ -56,11 +59,30 @@ const PROBES: [&str; 4] = [
 ];
 /// An internet address no generated route or literal covers.
 const INTERNET: &str = "198.18.7.7";
+/// Conditions a generated posture picks from, over the attributes that
+/// [`attributes`] generates.
+const CONDITIONS: [&str; 10] = [
+    "custom:c == true",
+    "custom:c",
+    "custom:c != false",
+    "custom:n >= 5",
+    "custom:n IN [1, 2, 3]",
+    "custom:n IS SET",
+    "node:os IN ['linux', 'macos']",
+    "node:os != 'windows'",
+    "node:tsVersion >= '1.40'",
+    "custom:c NOT SET",
+];
+/// Number of generated postures (`posture:q0` ...).
+const POSTURES: usize = 3;
 
 #[derive(Debug, Clone)]
 struct Spec {
     groups: [Vec<usize>; 2],
     host: String,
+    /// Per posture, indexes into [`CONDITIONS`] (empty: passes everyone).
+    postures: [Vec<usize>; POSTURES],
+    default_posture: Option<Vec<usize>>,
     entries: Vec<EntrySpec>,
     nodes: Vec<NodeSpec>,
 }
@@ -70,6 +92,7 @@ struct EntrySpec {
     src: Vec<String>,
     dst: Vec<(String, &'static str)>,
     proto: Option<&'static str>,
+    posture: Option<Vec<usize>>,
 }
 
 #[derive(Debug, Clone)]
@@ -80,6 +103,7 @@ struct NodeSpec {
     no_addr: bool,
     routes: Vec<usize>,
     exit: bool,
+    attrs: Attributes,
 }
 
 fn literal() -> impl Strategy<Value = String> {
@@ -126,8 +150,9 @@ fn entry() -> impl Strategy<Value = EntrySpec> {
         prop::collection::vec(alias(), 1..3),
         prop::collection::vec((dst_alias(), ports), 1..3),
         proto,
+        posture_refs(),
     )
-        .prop_map(|(mut src, mut dst, proto)| {
+        .prop_map(|(mut src, mut dst, proto, posture)| {
             // autogroup:self only accepts people as sources (tags, addresses
             // and `*` are rejected at parse time).
             if dst.iter().any(|(a, _)| a == "autogroup:self") {
@@ -143,8 +168,51 @@ fn entry() -> impl Strategy<Value = EntrySpec> {
                     d.1 = "*";
                 }
             }
-            EntrySpec { src, dst, proto }
+            EntrySpec {
+                src,
+                dst,
+                proto,
+                posture,
+            }
         })
+}
+
+/// A `srcPosture` / `defaultSrcPosture` list, or none.
+fn posture_refs() -> impl Strategy<Value = Option<Vec<usize>>> {
+    prop::option::weighted(0.4, prop::collection::vec(0..POSTURES, 1..3))
+}
+
+/// Attributes over the keys [`CONDITIONS`] test, each maybe unset or of
+/// another type; sometimes stale.
+fn attributes() -> impl Strategy<Value = Attributes> {
+    let value = prop_oneof![
+        Just(None),
+        any::<bool>().prop_map(|b| Some(AttrValue::Bool(b))),
+        (0i64..7).prop_map(|n| Some(AttrValue::Int(n))),
+        prop::sample::select(
+            &[
+                "linux",
+                "macos",
+                "windows",
+                "1.38.4",
+                "1.40",
+                "1.40.0-beta",
+                "1.100",
+                "x"
+            ][..]
+        )
+        .prop_map(|s| Some(AttrValue::Str(s.to_string()))),
+    ];
+    (prop::bool::weighted(0.85), prop::collection::vec(value, 4)).prop_map(|(fresh, values)| {
+        Attributes {
+            values: ["custom:c", "custom:n", "node:os", "node:tsVersion"]
+                .iter()
+                .zip(values)
+                .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+                .collect(),
+            fresh,
+        }
+    })
 }
 
 fn node_spec() -> impl Strategy<Value = NodeSpec> {
@@ -155,14 +223,16 @@ fn node_spec() -> impl Strategy<Value = NodeSpec> {
         prop::bool::weighted(0.05),
         prop::collection::vec(0..ROUTES.len(), 0..3),
         prop::bool::weighted(0.2),
+        attributes(),
     )
-        .prop_map(|(user, tags, v6, no_addr, routes, exit)| NodeSpec {
+        .prop_map(|(user, tags, v6, no_addr, routes, exit, attrs)| NodeSpec {
             user,
             tags,
             v6,
             no_addr,
             routes,
             exit,
+            attrs,
         })
 }
 
@@ -171,15 +241,27 @@ fn spec() -> impl Strategy<Value = Spec> {
         prop::collection::vec(0..USERS, 0..3),
         prop::collection::vec(0..USERS, 0..3),
         literal(),
+        (
+            [
+                prop::collection::vec(0..CONDITIONS.len(), 0..3),
+                prop::collection::vec(0..CONDITIONS.len(), 0..3),
+                prop::collection::vec(0..CONDITIONS.len(), 1..3),
+            ],
+            posture_refs(),
+        ),
         prop::collection::vec(entry(), 0..6),
         prop::collection::vec(node_spec(), 0..10),
     )
-        .prop_map(|(g0, g1, host, entries, nodes)| Spec {
-            groups: [g0, g1],
-            host,
-            entries,
-            nodes,
-        })
+        .prop_map(
+            |(g0, g1, host, (postures, default_posture), entries, nodes)| Spec {
+                groups: [g0, g1],
+                host,
+                postures,
+                default_posture,
+                entries,
+                nodes,
+            },
+        )
 }
 
 fn render(spec: &Spec) -> String {
@@ -196,10 +278,20 @@ fn render(spec: &Spec) -> String {
     for t in 0..TAGS {
         s += &format!("\"tag:t{t}\": [\"group:g0\"], ");
     }
-    s += &format!(
-        "}},\n  \"hosts\": {{\"h0\": \"{}\"}},\n  \"acls\": [\n",
-        spec.host
-    );
+    s += &format!("}},\n  \"hosts\": {{\"h0\": \"{}\"}},\n", spec.host);
+    s += "  \"postures\": {\n";
+    for (i, conds) in spec.postures.iter().enumerate() {
+        let list: Vec<String> = conds
+            .iter()
+            .map(|c| format!("\"{}\"", CONDITIONS[*c]))
+            .collect();
+        s += &format!("    \"posture:q{i}\": [{}],\n", list.join(", "));
+    }
+    s += "  },\n";
+    if let Some(d) = &spec.default_posture {
+        s += &format!("  \"defaultSrcPosture\": [{}],\n", posture_list(d));
+    }
+    s += "  \"acls\": [\n";
     for e in &spec.entries {
         let src: Vec<String> = e.src.iter().map(|a| format!("\"{a}\"")).collect();
         let dst: Vec<String> = e.dst.iter().map(|(a, p)| format!("\"{a}:{p}\"")).collect();
@@ -210,10 +302,18 @@ fn render(spec: &Spec) -> String {
         if let Some(p) = e.proto {
             s += &format!("\"proto\": \"{p}\", ");
         }
+        if let Some(list) = &e.posture {
+            s += &format!("\"srcPosture\": [{}], ", posture_list(list));
+        }
         s += &format!("\"dst\": [{}]}},\n", dst.join(", "));
     }
     s += "  ],\n}\n";
     s
+}
+
+fn posture_list(list: &[usize]) -> String {
+    let names: Vec<String> = list.iter().map(|p| format!("\"posture:q{p}\"")).collect();
+    names.join(", ")
 }
 
 fn nodes(spec: &Spec) -> Vec<NodeInfo> {
@@ -238,6 +338,7 @@ fn nodes(spec: &Spec) -> Vec<NodeInfo> {
             node.routes.sort_unstable();
             node.routes.dedup();
             node.exit_node = n.exit;
+            node.posture = n.attrs.clone();
             node
         })
         .collect()
@@ -428,21 +529,30 @@ proptest! {
     fn incremental_updates_match_a_full_recompile(
         spec in spec(),
         initial in 0usize..10,
-        ops in prop::collection::vec((any::<bool>(), 0usize..10, node_spec()), 0..12),
+        ops in prop::collection::vec((0u8..3, 0usize..10, node_spec()), 0..12),
     ) {
         let p = policy(&spec);
         let all = nodes(&spec);
         let initial = initial.min(all.len());
         let mut c = Compiled::new(p.clone(), all[..initial].to_vec());
-        let mut steps: Vec<(bool, NodeInfo)> = all[initial..].iter().map(|n| (true, n.clone())).collect();
-        for (remove, i, ns) in ops {
-            // Mutate or remove an existing or fresh id with new attributes.
+        let mut steps: Vec<(u8, NodeInfo)> = all[initial..].iter().map(|n| (1, n.clone())).collect();
+        for (kind, i, ns) in ops {
+            // Remove (0) or upsert (1) an existing or fresh id with new
+            // attributes, or (2) change only the posture attributes of
+            // a node when it is applied.
             let mut one = spec.clone();
             one.nodes = vec![ns; i + 1];
             let n = nodes(&one).pop().expect("one node");
-            steps.push((!remove, n));
+            steps.push((kind, n));
         }
-        for (upsert, n) in steps {
+        for (kind, mut n) in steps {
+            if kind == 2 {
+                let Some(old) = c.nodes().find(|x| x.id == n.id) else {
+                    continue;
+                };
+                n = NodeInfo { posture: n.posture, ..old.clone() };
+            }
+            let upsert = kind != 0;
             let before: Vec<(u64, Option<ztmesh_policy::NodeView>)> =
                 c.nodes().map(|x| (x.id, c.view(x.id).cloned())).collect();
             let id = n.id;
