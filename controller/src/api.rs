@@ -37,8 +37,7 @@ use crate::store::UserRow;
 
 use ztmesh_proto::auth::methods::{
     LOGOUT as M_LOGOUT, REPORT_ENDPOINTS as M_ENDPOINTS, REPORT_FLOWS as M_FLOWS,
-    REPORT_POSTURE as M_POSTURE,
-    SET_ROUTES as M_ROUTES, STREAM_NETMAP as M_STREAM,
+    REPORT_POSTURE as M_POSTURE, SET_ROUTES as M_ROUTES, STREAM_NETMAP as M_STREAM,
 };
 
 /// The node-facing service.
@@ -974,7 +973,9 @@ impl Admin for AdminService {
         let actor = self.actor(&req, Access::Network)?;
         let r = req.get_ref();
         if r.set.len() + r.unset.len() > crate::nodeinput::MAX_CUSTOM_ATTRIBUTES {
-            return Err(Status::invalid_argument("too many attributes in one request"));
+            return Err(Status::invalid_argument(
+                "too many attributes in one request",
+            ));
         }
         let mut set = Vec::with_capacity(r.set.len());
         for a in &r.set {

@@ -153,12 +153,15 @@ pub fn sanitize_posture(attrs: &[PostureAttribute]) -> PostureReport {
     }
     for a in attrs.iter().take(MAX_POSTURE_ATTRIBUTES) {
         let Some(&(key, want)) = NODE_ATTRIBUTES.iter().find(|(k, _)| *k == a.key) else {
-            out.clipped
-                .push(format!("{:?}: not an attribute a node reports", shown(&a.key)));
+            out.clipped.push(format!(
+                "{:?}: not an attribute a node reports",
+                shown(&a.key)
+            ));
             continue;
         };
         if out.attributes.contains_key(key) {
-            out.clipped.push(format!("{key}: repeated, first value kept"));
+            out.clipped
+                .push(format!("{key}: repeated, first value kept"));
             continue;
         }
         let value = match (&a.value, want) {
@@ -181,8 +184,7 @@ pub fn sanitize_posture(attrs: &[PostureAttribute]) -> PostureReport {
                 continue;
             }
             (Some(_), t) => {
-                out.clipped
-                    .push(format!("{key}: not a {}", type_name(t)));
+                out.clipped.push(format!("{key}: not a {}", type_name(t)));
                 continue;
             }
         };
@@ -327,7 +329,10 @@ mod tests {
             r.attributes["node:kernel"],
             AttrValue::Str("x".repeat(MAX_POSTURE_VALUE))
         );
-        assert!(!r.attributes.contains_key("custom:compliant"), "a node cannot set custom:*");
+        assert!(
+            !r.attributes.contains_key("custom:compliant"),
+            "a node cannot set custom:*"
+        );
         let text = r.clipped.join("\n");
         for want in [
             "node:kernel: 5000 bytes, clipped to 256",

@@ -680,7 +680,8 @@ fn posture_mesh(ttl_ms: i64) -> (Mesh, u64, u64, String) {
         posture_ttl_ms: ttl_ms,
         ..MeshConfig::default()
     });
-    m.set_policy("admin", "p.hujson", POSTURE_POLICY, T0).unwrap();
+    m.set_policy("admin", "p.hujson", POSTURE_POLICY, T0)
+        .unwrap();
     let web = enroll(&m, &key(&m, "tag:web", false), "web", T0);
     let db = enroll(&m, &key(&m, "tag:db", false), "db", T0);
     let web_v4 = web.addresses[0].split('/').next().unwrap().to_string();
@@ -700,8 +701,14 @@ fn a_node_cannot_vouch_for_itself_and_an_oversized_report_is_clipped_and_audited
         clipped.iter().any(|c| c.contains("\"custom:compliant\"")),
         "{clipped:?}"
     );
-    assert!(clipped.iter().any(|c| c.contains("node:kernel")), "{clipped:?}");
-    assert!(clipped[0].starts_with("1003 attributes sent"), "{clipped:?}");
+    assert!(
+        clipped.iter().any(|c| c.contains("node:kernel")),
+        "{clipped:?}"
+    );
+    assert!(
+        clipped[0].starts_with("1003 attributes sent"),
+        "{clipped:?}"
+    );
     let row = m.find_node("web").unwrap();
     assert!(row.posture.custom.is_empty(), "a node cannot set custom:*");
     assert_eq!(
@@ -725,14 +732,21 @@ fn a_node_cannot_vouch_for_itself_and_an_oversized_report_is_clipped_and_audited
 fn posture_decides_a_gated_flow_and_a_stale_report_loses_it_in_virtual_time() {
     const TTL: i64 = 30_000;
     let (m, web, db, web_v4) = posture_mesh(TTL);
-    assert_eq!(db_ports_for_web(&m, db, &web_v4, T0), vec![22], "unset fails");
+    assert_eq!(
+        db_ports_for_web(&m, db, &web_v4, T0),
+        vec![22],
+        "unset fails"
+    );
 
     m.report_posture(web, &linux(), T0).unwrap();
     assert_eq!(db_ports_for_web(&m, db, &web_v4, T0), vec![22]);
     m.set_node_attributes(
         "admin",
         "web",
-        &[("custom:compliant".into(), ztmesh_policy::AttrValue::Bool(true))],
+        &[(
+            "custom:compliant".into(),
+            ztmesh_policy::AttrValue::Bool(true),
+        )],
         &[],
         T0,
     )
@@ -745,7 +759,10 @@ fn posture_decides_a_gated_flow_and_a_stale_report_loses_it_in_virtual_time() {
     // Reports keep it fresh...
     m.report_posture(web, &linux(), T0 + TTL - 1_000).unwrap();
     m.tick(T0 + TTL + 1_000);
-    assert_eq!(db_ports_for_web(&m, db, &web_v4, T0 + TTL + 1_000), vec![22, 5432]);
+    assert_eq!(
+        db_ports_for_web(&m, db, &web_v4, T0 + TTL + 1_000),
+        vec![22, 5432]
+    );
     // ...until they stop: the admin's attribute alone is not enough.
     let later = T0 + 2 * TTL;
     m.tick(later);
@@ -758,7 +775,12 @@ fn posture_decides_a_gated_flow_and_a_stale_report_loses_it_in_virtual_time() {
     // report brings the flow back.
     let audit = m.store().audit_log(100).unwrap();
     let actions: Vec<&str> = audit.iter().map(|a| a.action.as_str()).collect();
-    for want in ["node.attributes", "node.posture.report", "node.posture.pass", "node.posture.fail"] {
+    for want in [
+        "node.attributes",
+        "node.posture.report",
+        "node.posture.pass",
+        "node.posture.fail",
+    ] {
         assert!(actions.contains(&want), "{want} not audited: {actions:?}");
     }
     let fail = audit
@@ -780,14 +802,18 @@ fn posture_attributes_survive_a_restart_and_staleness_is_judged_by_the_stored_re
     };
     let (web, db, web_v4) = {
         let m = load(Arc::new(SqliteStore::open(&path).unwrap()), cfg.clone(), T0);
-        m.set_policy("admin", "p.hujson", POSTURE_POLICY, T0).unwrap();
+        m.set_policy("admin", "p.hujson", POSTURE_POLICY, T0)
+            .unwrap();
         let web = enroll(&m, &key(&m, "tag:web", false), "web", T0);
         let db = enroll(&m, &key(&m, "tag:db", false), "db", T0);
         m.report_posture(web.node_id, &linux(), T0).unwrap();
         m.set_node_attributes(
             "admin",
             "web",
-            &[("custom:compliant".into(), ztmesh_policy::AttrValue::Bool(true))],
+            &[(
+                "custom:compliant".into(),
+                ztmesh_policy::AttrValue::Bool(true),
+            )],
             &[],
             T0,
         )
@@ -795,8 +821,15 @@ fn posture_attributes_survive_a_restart_and_staleness_is_judged_by_the_stored_re
         let v4 = web.addresses[0].split('/').next().unwrap().to_string();
         (web.node_id, db.node_id, v4)
     };
-    let m = load(Arc::new(SqliteStore::open(&path).unwrap()), cfg.clone(), T0 + 1_000);
-    assert_eq!(db_ports_for_web(&m, db, &web_v4, T0 + 1_000), vec![22, 5432]);
+    let m = load(
+        Arc::new(SqliteStore::open(&path).unwrap()),
+        cfg.clone(),
+        T0 + 1_000,
+    );
+    assert_eq!(
+        db_ports_for_web(&m, db, &web_v4, T0 + 1_000),
+        vec![22, 5432]
+    );
     let row = m.find_node("web").unwrap();
     assert_eq!(row.posture.reported_ms, T0);
     assert_eq!(
@@ -805,7 +838,11 @@ fn posture_attributes_survive_a_restart_and_staleness_is_judged_by_the_stored_re
     );
     drop(m);
     // Loaded after the TTL: stale from the start.
-    let m = load(Arc::new(SqliteStore::open(&path).unwrap()), cfg, T0 + 60_000);
+    let m = load(
+        Arc::new(SqliteStore::open(&path).unwrap()),
+        cfg,
+        T0 + 60_000,
+    );
     assert_eq!(db_ports_for_web(&m, db, &web_v4, T0 + 60_000), vec![22]);
     let _ = web;
 }

@@ -227,7 +227,7 @@ pub(crate) struct Posture {
 /// What a node whose report is stale (or missing) sees for every posture
 /// with a condition.
 const STALE: &str =
-    "no fresh posture report from the node (never sent, or expired): its postures fail until it reports again";
+    "posture report is stale (none within the posture TTL, or never sent): every posture fails until the node reports again";
 
 impl Posture {
     /// This posture's result for a node with `attrs`: the first failing

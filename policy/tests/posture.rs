@@ -173,7 +173,7 @@ fn every_operator_against_set_unset_wrong_type_and_stale_attributes() {
         );
         let c = check(cond, &stale);
         assert!(!c.passed, "{cond} stale");
-        assert!(c.detail.contains("no fresh posture report"), "{}", c.detail);
+        assert!(c.detail.contains("posture report is stale"), "{}", c.detail);
     }
 }
 
@@ -696,7 +696,7 @@ fn explain_names_the_failed_posture_check_and_the_value_seen() {
     let e = p.explain(&nodes, "alice-laptop", "db1", 5432, 6);
     assert!(!e.allowed);
     assert_eq!(e.posture.len(), 1);
-    assert!(e.posture[0].ends_with("node alice-laptop fails it: no fresh posture report from the node (never sent, or expired): its postures fail until it reports again"), "{}", e.posture[0]);
+    assert!(e.posture[0].ends_with("node alice-laptop fails it: posture report is stale (none within the posture TTL, or never sent): every posture fails until the node reports again"), "{}", e.posture[0]);
 
     // Users and addresses that are no node's have no device.
     let e = p.explain(&nodes, "bob@example.com", "web1", 443, 6);

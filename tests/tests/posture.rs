@@ -138,7 +138,13 @@ impl Lab {
         let ns = self.topo.ns(name);
         let dirs = NodeDirs::new(name);
         let daemon = start_daemon(ns, &dirs, &[]);
-        up(ns, &dirs, &controller_url(self.topo.addr(CONTROLLER)), &key, name);
+        up(
+            ns,
+            &dirs,
+            &controller_url(self.topo.addr(CONTROLLER)),
+            &key,
+            name,
+        );
         self.nodes.insert(name, Node { daemon, dirs });
     }
 
@@ -213,7 +219,15 @@ fn assert_flows(lab: &Lab, web: &str, db: &str, gated_open: bool) {
     let ok = |addr: &str, port| lab.reaches(addr, port, ALLOW_TIMEOUT);
     assert!(ok(web, 22), "web:22 needs no posture\n{}", lab.logs());
     assert!(ok(db, 5432), "db:5432 needs no posture\n{}", lab.logs());
-    let open = lab.reaches(web, 443, if gated_open { ALLOW_TIMEOUT } else { DENY_TIMEOUT });
+    let open = lab.reaches(
+        web,
+        443,
+        if gated_open {
+            ALLOW_TIMEOUT
+        } else {
+            DENY_TIMEOUT
+        },
+    );
     assert_eq!(
         open,
         gated_open,
@@ -233,18 +247,24 @@ fn posture_gates_exactly_the_flows_that_need_it() {
 
     // The laptop reports node:os, but no admin has vouched for it yet.
     lab.until(CHANGE_BOUND, "the laptop's first posture report", || {
-        lab.admin_ok(&["nodes", "attrs", LAPTOP]).contains("node:os")
+        lab.admin_ok(&["nodes", "attrs", LAPTOP])
+            .contains("node:os")
     });
     assert_flows(&lab, &web, &db, false);
     let why = lab.explain(&format!("{web}:443"));
     assert!(
-        why.contains("DENY") && why.contains("posture:compliant") && why.contains("custom:compliant"),
+        why.contains("DENY")
+            && why.contains("posture:compliant")
+            && why.contains("custom:compliant"),
         "explain names the failed check: {why}"
     );
     let check = lab.laptop_check().expect("status lists posture:compliant");
     assert_eq!(check["passed"], false, "{check}");
     assert!(
-        check["detail"].as_str().unwrap_or_default().contains("custom:compliant"),
+        check["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("custom:compliant"),
         "{check}"
     );
 
@@ -263,9 +283,11 @@ fn posture_gates_exactly_the_flows_that_need_it() {
     // and web's filter drops what the laptop still sends.
     let start = Instant::now();
     lab.admin_ok(&["nodes", "attrs", LAPTOP, "--set", "custom:compliant=false"]);
-    lab.until(CHANGE_BOUND, "web:443 denied after custom:compliant=false", || {
-        !lab.reaches(&web, 443, Duration::from_millis(500))
-    });
+    lab.until(
+        CHANGE_BOUND,
+        "web:443 denied after custom:compliant=false",
+        || !lab.reaches(&web, 443, Duration::from_millis(500)),
+    );
     let revoked = start.elapsed();
     assert_flows(&lab, &web, &db, false);
     let why = lab.explain(&format!("{web}:443"));
@@ -273,11 +295,15 @@ fn posture_gates_exactly_the_flows_that_need_it() {
         why.contains("DENY") && why.contains("custom:compliant") && why.contains("false"),
         "explain names the failed check and the value seen: {why}"
     );
-    lab.until(CHANGE_BOUND, "the laptop's status shows the failed check", || {
-        lab.laptop_check().is_some_and(|c| {
-            c["passed"] == false && c["detail"].as_str().unwrap_or_default().contains("false")
-        })
-    });
+    lab.until(
+        CHANGE_BOUND,
+        "the laptop's status shows the failed check",
+        || {
+            lab.laptop_check().is_some_and(|c| {
+                c["passed"] == false && c["detail"].as_str().unwrap_or_default().contains("false")
+            })
+        },
+    );
     let text = lab.cli(LAPTOP, &["status"]);
     assert!(
         text.stdout.contains("posture:compliant") && text.stdout.contains("FAILED"),
@@ -297,20 +323,27 @@ fn posture_gates_exactly_the_flows_that_need_it() {
     let start = Instant::now();
     let out = lab.cli(LAPTOP, &["up", "--report-posture=false"]);
     assert!(out.status.success(), "up --report-posture=false: {out}");
-    lab.until(STALE_BOUND, "web:443 denied once the report is stale", || {
-        !lab.reaches(&web, 443, Duration::from_millis(500))
-    });
+    lab.until(
+        STALE_BOUND,
+        "web:443 denied once the report is stale",
+        || !lab.reaches(&web, 443, Duration::from_millis(500)),
+    );
     let stale = start.elapsed();
     assert_flows(&lab, &web, &db, false);
     let why = lab.explain(&format!("{web}:443"));
-    assert!(why.contains("stale"), "explain says the report is stale: {why}");
+    assert!(
+        why.contains("stale"),
+        "explain says the report is stale: {why}"
+    );
 
     // Reporting again restores it.
     let out = lab.cli(LAPTOP, &["up", "--report-posture=true"]);
     assert!(out.status.success(), "up --report-posture=true: {out}");
-    lab.until(CHANGE_BOUND, "web:443 restored after reporting again", || {
-        lab.reaches(&web, 443, Duration::from_millis(500))
-    });
+    lab.until(
+        CHANGE_BOUND,
+        "web:443 restored after reporting again",
+        || lab.reaches(&web, 443, Duration::from_millis(500)),
+    );
 
     // Every change is in the audit log: the admin's attribute changes and
     // each flip of the laptop's result.

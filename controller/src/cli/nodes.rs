@@ -67,20 +67,19 @@ pub enum NodesCmd {
     },
 }
 
-/// `custom:NAME=VALUE`: `true`/`false` are flags, a whole number is a
-/// number, anything else is text (the controller checks the name).
+/// `custom:NAME=VALUE`, typed as [`ztmesh_policy::parse_custom_attribute`]
+/// types it: `true`/`false` are flags, a whole number is a number, anything
+/// else is text.
 fn parse_attr(s: &str) -> Result<apb::Attribute, String> {
     use apb::attribute::Value;
+    use ztmesh_policy::AttrValue;
     let (key, value) = s
         .split_once('=')
         .ok_or("expected custom:NAME=VALUE, e.g. custom:compliant=true")?;
-    let value = match value {
-        "true" => Value::Flag(true),
-        "false" => Value::Flag(false),
-        v => match v.parse::<i64>() {
-            Ok(n) => Value::Number(n),
-            Err(_) => Value::Text(v.to_string()),
-        },
+    let value = match ztmesh_policy::parse_custom_attribute(key, value)? {
+        AttrValue::Bool(b) => Value::Flag(b),
+        AttrValue::Int(n) => Value::Number(n),
+        AttrValue::Str(t) => Value::Text(t),
     };
     Ok(apb::Attribute {
         key: key.to_string(),
@@ -127,7 +126,12 @@ fn print_posture(n: &apb::Node) {
     };
     println!("posture reported: {reported}");
     for a in &n.attributes {
-        println!("  {:<24} {:<24} ({})", a.key, attr_text(a), provenance(&a.key));
+        println!(
+            "  {:<24} {:<24} ({})",
+            a.key,
+            attr_text(a),
+            provenance(&a.key)
+        );
     }
     for p in &n.posture {
         if p.passed {

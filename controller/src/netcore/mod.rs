@@ -488,11 +488,10 @@ impl NetCore {
         let entry_changed = self.entries.get(&id) != Some(&entry);
         let mut changed = match (policy_changed, is_active(&row, clock)) {
             (false, _) => BTreeSet::new(),
-            (true, true) => self.compiled.upsert_node(policy_node(
-                &row,
-                &served,
-                row.posture.fresh(clock, ttl),
-            )),
+            (true, true) => {
+                self.compiled
+                    .upsert_node(policy_node(&row, &served, row.posture.fresh(clock, ttl)))
+            }
             (true, false) => self.compiled.remove_node(id),
         };
         if self_changed || policy_changed {
@@ -539,7 +538,9 @@ impl NetCore {
         let stale: Vec<u64> = self
             .table
             .iter()
-            .filter(|n| is_active(n, now) && n.posture.fresh(before, ttl) != n.posture.fresh(now, ttl))
+            .filter(|n| {
+                is_active(n, now) && n.posture.fresh(before, ttl) != n.posture.fresh(now, ttl)
+            })
             .map(|n| n.id)
             .collect();
         let mut changed = BTreeSet::new();
