@@ -14,8 +14,11 @@
 #                  (group:eng)    (group:admins)
 #
 # examples/policy.hujson: group:eng laptops → tag:web:443, tag:web → tag:db:5432,
-# group:admins → *:22. Every node listens on ports 22, 443 and 5432 of its
-# overlay address, and every node tries every other node on each port.
+# group:admins → *:22, and group:eng → tag:db:5432 from a compliant device only
+# (posture:compliant; no device is marked compliant at first). Every node
+# listens on ports 22, 443 and 5432 of its overlay address, and every node
+# tries every other node on each port. Then an admin marks alice's laptop
+# compliant and back, and alice → db:5432 opens and closes with it.
 #
 # Environment: ZTMESH_DEMO_KEEP=1 keeps the work dir (logs, state) for inspection.
 set -euo pipefail
@@ -234,3 +237,34 @@ if ((mismatches)); then
   exit 1
 fi
 echo "demo.sh: all ${#FLOWS[@]} flows match the policy"
+
+# ---------------------------------------------------------------------------
+# alice_db: exit 0 when alice's laptop reaches db:5432.
+alice_db() { in_ns alice "$BIN/ztm-echo" check "${IP[db]}" 5432 500; }
+# posture_step VALUE EXPECTED: an admin sets custom:compliant on alice's
+# laptop; waits (up to 20 s) until alice → db:5432 is EXPECTED (allow|deny).
+posture_step() {
+  local value=$1 want=$2 start end
+  start=$(date +%s%N)
+  admin nodes attrs alice-laptop --set "custom:compliant=$value" >/dev/null
+  for _ in $(seq 40); do
+    if alice_db >/dev/null 2>&1; then got=allow; else got=deny; fi
+    [[ $got == "$want" ]] && break
+  done
+  end=$(date +%s%N)
+  printf '   custom:compliant=%-5s  alice -> db:5432  %-5s (expected %s, after %d ms)\n' \
+    "$value" "$got" "$want" $(((end - start) / 1000000))
+  if [[ $got != "$want" ]]; then
+    echo "demo.sh: device posture did not take effect" >&2
+    exit 1
+  fi
+}
+
+log "device posture: alice -> db:5432 needs posture:compliant (custom:compliant == true)"
+posture_step true allow
+posture_step false deny
+echo "   policy explain --src alice-laptop --dst ${IP[db]}:5432:"
+admin policy explain --src alice-laptop --dst "${IP[db]}:5432" | sed 's/^/     /'
+echo "   ztmesh status on alice's laptop (posture lines):"
+node alice status | grep -i 'posture' | sed 's/^/     /'
+echo "demo.sh: device posture gates exactly alice -> db:5432"
