@@ -22,6 +22,10 @@ use ztmesh_proto::UnixMs;
 use super::apply::{decide, Backoff, Ending, SessionEnd};
 use super::login::{Enrolled, LoginError, LoginFlow, LoginStep, Prompt};
 
+/// The method path `ReportPosture` proofs are signed for (as the other
+/// paths of [`methods`]; to move there with the next proto change).
+pub const REPORT_POSTURE_METHOD: &str = "/ztmesh.control.v1.Control/ReportPosture";
+
 /// Largest netmap message accepted from the controller (see
 /// [`ztmesh_proto::netmap::MAX_SIGNED_MAP_BYTES`]). The map comes only from
 /// the pinned controller over TLS, so this bounds a controller's mistake,
@@ -254,6 +258,27 @@ impl Controller {
         );
         self.client.report_flows(req).await?;
         Ok(())
+    }
+
+    /// Reports this node's posture attributes (replacing its last report);
+    /// returns what the controller clipped or dropped, one line each.
+    ///
+    /// # Errors
+    /// Authentication or transport failures; `UNIMPLEMENTED` from a
+    /// controller without posture.
+    pub async fn report_posture(
+        &mut self,
+        machine: &SigningKey,
+        attributes: Vec<pb::PostureAttribute>,
+    ) -> Result<Vec<String>, tonic::Status> {
+        let req = signed_request(
+            machine,
+            REPORT_POSTURE_METHOD,
+            pb::ReportPostureRequest { attributes },
+            now_ms(),
+            &mut OsRng,
+        );
+        Ok(self.client.report_posture(req).await?.into_inner().clipped)
     }
 
     /// Advertises this node's subnet routes and exit-node role; returns
