@@ -395,10 +395,7 @@ impl Control for Scripted {
             .get(auth::PROOF_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<auth::NodeProof>().ok())
-            .is_some_and(|p| {
-                p.verify("/ztmesh.control.v1.Control/ReportPosture", now_ms())
-                    .is_ok()
-            });
+            .is_some_and(|p| p.verify(auth::methods::REPORT_POSTURE, now_ms()).is_ok());
         self.0
             .postures
             .lock()

@@ -22,10 +22,6 @@ use ztmesh_proto::UnixMs;
 use super::apply::{decide, Backoff, Ending, SessionEnd};
 use super::login::{Enrolled, LoginError, LoginFlow, LoginStep, Prompt};
 
-/// The method path `ReportPosture` proofs are signed for (as the other
-/// paths of [`methods`]; to move there with the next proto change).
-pub const REPORT_POSTURE_METHOD: &str = "/ztmesh.control.v1.Control/ReportPosture";
-
 /// Largest netmap message accepted from the controller (see
 /// [`ztmesh_proto::netmap::MAX_SIGNED_MAP_BYTES`]). The map comes only from
 /// the pinned controller over TLS, so this bounds a controller's mistake,
@@ -273,7 +269,7 @@ impl Controller {
     ) -> Result<Vec<String>, tonic::Status> {
         let req = signed_request(
             machine,
-            REPORT_POSTURE_METHOD,
+            methods::REPORT_POSTURE,
             pb::ReportPostureRequest { attributes },
             now_ms(),
             &mut OsRng,

@@ -1026,6 +1026,29 @@ Conf libgnutls30 (3.7.9-2+deb12u7 Debian-Security:12/oldstable-security [amd64])
         );
     }
 
+    proptest::proptest! {
+        /// Whatever the host's files and tools print, the parsers answer
+        /// and never panic.
+        #[test]
+        fn parsers_take_any_text(text in "(\\PC|[ \t\n'\"\\\\=:()\\[\\]{},-])*") {
+            let os = parse_os_release(&text);
+            proptest::prop_assert!(os.id.is_none_or(|v| !v.is_empty()));
+            let _ = root_mount(&text);
+            let _ = firewall_active(&text);
+            let n = pending_security_updates(&text);
+            proptest::prop_assert!(n as usize <= text.lines().count());
+            proptest::prop_assert!(clip(&text).len() <= MAX_VALUE_BYTES);
+        }
+
+        #[test]
+        fn the_root_mount_line_round_trips(major in 0u32..4096, minor in 0u32..1_000_000, fs in "[a-z0-9]{1,8}", opt in proptest::option::of("shared:[0-9]{1,3}")) {
+            let optional = opt.map(|o| format!(" {o}")).unwrap_or_default();
+            let line = format!("27 1 {major}:{minor} / / rw,relatime{optional} - {fs} /dev/x rw\n");
+            let m = root_mount(&line).unwrap();
+            proptest::prop_assert_eq!((m.major, m.minor, m.fstype.as_str(), m.source.as_str()), (major, minor, fs.as_str(), "/dev/x"));
+        }
+    }
+
     #[test]
     fn clock_text_wraps_days_and_zones() {
         assert_eq!(clock_text(0, 0), "00:00:00");
