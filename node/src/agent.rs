@@ -46,6 +46,8 @@ use crate::io::hostroute::HostRoutes;
 use crate::io::{interface_addresses, DataPlane, DataPlaneConfig, RelaySetup};
 use crate::localapi::{authorize, to_line, Caller, Progress, Request, Response, MAX_LINE};
 use crate::nat::discovery::{stun_servers, with_primary, EndpointReporter, STUN_INTERVAL};
+use crate::posture::collect::Collector;
+use crate::posture::{self, AttrSet, PostureReporter};
 use crate::routing::{self, Offered, Prefs, PrefsUpdate};
 use crate::tunnel::Destination;
 
@@ -56,6 +58,13 @@ const FLOW_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 const ENDPOINT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a session waits for STUN answers before its first endpoint report.
 const DISCOVERY_SETTLE: Duration = Duration::from_secs(1);
+/// How often the posture attributes are read again; a change is reported
+/// soon after (see [`PostureReporter`]).
+const POSTURE_COLLECT_INTERVAL: Duration = Duration::from_secs(15);
+/// How often a session asks [`PostureReporter`] whether a report is due.
+const POSTURE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Most lines of a `ReportPosture` answer kept for `status` and the log.
+const MAX_CLIPPED_LINES: usize = 32;
 
 /// Daemon settings (every path and name is a flag, so several daemons can run
 /// on one machine in separate network namespaces).
@@ -208,6 +217,16 @@ struct State {
     /// An `up` is enrolling or re-authenticating (an interactive login may
     /// wait minutes for a person); a second one is refused meanwhile.
     enrolling: bool,
+    /// The last posture report the controller took.
+    posture_sent: Option<PostureSent>,
+}
+
+/// A posture report the controller took (for `status`).
+struct PostureSent {
+    at_ms: i64,
+    attributes: AttrSet,
+    /// What the controller clipped or dropped of it, one line each.
+    clipped: Vec<String>,
 }
 
 /// The node's private keys.
@@ -246,6 +265,18 @@ struct Daemon {
     /// The controller's message while it refuses this node because its key
     /// expired (peers dropped; `ztmesh up` signs in again); `None` otherwise.
     expired: watch::Sender<Option<String>>,
+    /// Reads the posture attributes (on a blocking thread); kept across
+    /// sessions for its cached `apt-get` count.
+    posture: Arc<Mutex<Collector>>,
+}
+
+/// Aborts a task when dropped: a session's helper tasks end with it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The CLI on the other end of a local API request: where progress lines
@@ -808,6 +839,16 @@ impl Daemon {
             .await
             .map_err(status_error)?;
         let mut gate = NetMapGate::new(key, self.identity(e), *have);
+        // Posture: read on a blocking thread, reported from this loop.
+        let (attrs_tx, mut attrs) = watch::channel(None);
+        let _collector = AbortOnDrop(tokio::spawn(collect_posture(
+            self.posture.clone(),
+            self.prefs.subscribe(),
+            attrs_tx,
+        )));
+        let mut posture = PostureReporter::default();
+        let mut posture_check = tokio::time::interval(POSTURE_CHECK_INTERVAL);
+        posture_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.set_conn(ConnState::Connected { since_ms: now_ms() });
         // The controller took this node's proof: its key is valid (again).
         if self.expired.send_if_modified(|m| m.take().is_some()) {
@@ -847,6 +888,16 @@ impl Daemon {
                 }
                 _ = local_refresh.tick() => {
                     primary = self.refresh_local_addresses(e).await;
+                    continue;
+                }
+                Ok(()) = attrs.changed() => {
+                    let current = attrs.borrow_and_update().clone();
+                    self.report_posture(&mut ctl, &mut posture, current).await;
+                    continue;
+                }
+                _ = posture_check.tick() => {
+                    let current = attrs.borrow().clone();
+                    self.report_posture(&mut ctl, &mut posture, current).await;
                     continue;
                 }
                 Ok(()) = prefs.changed() => {
@@ -953,6 +1004,70 @@ impl Daemon {
             Err(s) => {
                 reporter.failed();
                 tracing::warn!(error = %s.message(), "endpoint report failed; retrying later");
+            }
+        }
+    }
+
+    /// Sends this node's posture attributes when a report is due (see
+    /// [`PostureReporter`]) and `up --report-posture` is on; notes what the
+    /// controller took for `status`. A failed report is logged and retried
+    /// later; a controller without `ReportPosture` is not asked again this
+    /// session.
+    async fn report_posture(
+        &self,
+        ctl: &mut Controller,
+        reporter: &mut PostureReporter,
+        current: Option<AttrSet>,
+    ) {
+        if !self.prefs.borrow().report_posture {
+            reporter.pause();
+            return;
+        }
+        let Some(attrs) = current else { return };
+        let interval = posture::report_interval_ms(
+            self.lock()
+                .netmap
+                .as_ref()
+                .map_or(0, |m| m.posture_interval_ms),
+        );
+        let now = now_ms();
+        if !reporter.poll(now, interval, &attrs) {
+            return;
+        }
+        match ctl
+            .report_posture(&self.keys().machine, attrs.to_proto())
+            .await
+        {
+            Ok(mut clipped) => {
+                clipped.truncate(MAX_CLIPPED_LINES);
+                for line in &mut clipped {
+                    *line = posture::clip(line).to_string();
+                }
+                let mut st = self.lock();
+                let last = st.posture_sent.as_ref();
+                if last.is_none_or(|s| s.clipped != clipped) {
+                    for line in &clipped {
+                        tracing::warn!(clipped = %line, "the controller clipped the posture report");
+                    }
+                }
+                if last.is_none_or(|s| s.attributes != attrs) {
+                    tracing::info!(attributes = ?attrs, "posture reported");
+                } else {
+                    tracing::debug!("posture reported again");
+                }
+                st.posture_sent = Some(PostureSent {
+                    at_ms: now,
+                    attributes: attrs,
+                    clipped,
+                });
+            }
+            Err(s) if s.code() == tonic::Code::Unimplemented => {
+                reporter.unsupported();
+                tracing::info!("the controller takes no posture reports");
+            }
+            Err(s) => {
+                reporter.failed();
+                tracing::warn!(code = ?s.code(), error = %s.message(), "posture report failed; retrying later");
             }
         }
     }
@@ -1429,6 +1544,7 @@ impl Daemon {
             st.enrollment = None;
             st.netmap = None;
             st.key_expiry_ms = None;
+            st.posture_sent = None;
         }
         // A new enrollment starts its serials afresh.
         self.live_serial.send_replace(0);
@@ -1475,6 +1591,17 @@ impl Daemon {
             ConnState::Connected { since_ms } => ("connected", format!("since {since_ms}")),
         };
         let map = st.netmap.as_ref();
+        let posture = {
+            let sent = st.posture_sent.as_ref();
+            posture::status_json(
+                map.map_or(&[][..], |m| &m.posture_checks),
+                self.prefs.borrow().report_posture,
+                posture::report_interval_ms(map.map_or(0, |m| m.posture_interval_ms)),
+                sent.map(|s| s.at_ms),
+                sent.map_or(&AttrSet::default(), |s| &s.attributes),
+                sent.map_or(&[][..], |s| &s.clipped),
+            )
+        };
         let stats = self
             .dp
             .try_lock()
@@ -1548,6 +1675,7 @@ impl Daemon {
             "peers": peers,
             "prefs": *self.prefs.borrow(),
             "dns": dns,
+            "posture": posture,
         })
     }
 
@@ -2003,10 +2131,12 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
             controller_addrs: Vec::new(),
             key_expiry_ms: None,
             enrolling: false,
+            posture_sent: None,
         }),
         dp: tokio::sync::Mutex::new(None),
         live_serial,
         expired: watch::channel(None).0,
+        posture: Arc::new(Mutex::new(Collector::default())),
     });
 
     // A resolv.conf left pointing at MagicDNS by a run that crashed goes
@@ -2082,6 +2212,47 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&cfg.socket);
     drop(lock);
     Ok(())
+}
+
+/// Reads the posture attributes every [`POSTURE_COLLECT_INTERVAL`] while
+/// `up --report-posture` is on, on a blocking thread (nft and apt-get may
+/// take seconds), and publishes them when they change. A pass that may run
+/// `apt-get` follows a quick one without it, so a session's first report
+/// does not wait for apt.
+async fn collect_posture(
+    collector: Arc<Mutex<Collector>>,
+    mut prefs: watch::Receiver<Prefs>,
+    out: watch::Sender<Option<AttrSet>>,
+) {
+    loop {
+        if prefs.borrow_and_update().report_posture {
+            for run_apt in [false, true] {
+                let c = collector.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    let mut c = c.lock().unwrap_or_else(|p| p.into_inner());
+                    let now = now_ms();
+                    let due = c.apt_due(now);
+                    (!run_apt || due).then(|| c.collect(now, run_apt))
+                })
+                .await;
+                match read {
+                    Ok(Some(set)) => {
+                        out.send_if_modified(|cur| {
+                            let changed = cur.as_ref() != Some(&set);
+                            *cur = Some(set);
+                            changed
+                        });
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(error = %e, "posture collection failed"),
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(POSTURE_COLLECT_INTERVAL) => {}
+            r = prefs.changed() => if r.is_err() { return },
+        }
+    }
 }
 
 /// Serves one local API connection (framing in [`crate::localapi`]): the

@@ -185,6 +185,13 @@ pub struct UpPrefs {
     /// resolver at it (default true).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     accept_dns: Option<bool>,
+    /// Report this node's device posture (OS and kernel versions, host
+    /// firewall, disk encryption, pending security updates) to the
+    /// controller (default true). These attributes are self-asserted. With
+    /// false, no more reports go out: the controller lets the last one go
+    /// stale, and a stale report fails every posture check.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    report_posture: Option<bool>,
 }
 
 impl From<UpPrefs> for crate::routing::PrefsUpdate {
@@ -196,6 +203,7 @@ impl From<UpPrefs> for crate::routing::PrefsUpdate {
             exit_node_allow_lan_access: p.exit_node_allow_lan_access,
             snat_subnet_routes: p.snat_subnet_routes,
             accept_dns: p.accept_dns,
+            report_posture: p.report_posture,
         }
     }
 }
@@ -448,6 +456,10 @@ fn print_status(s: &serde_json::Value) {
         };
         println!("relay: {} {state}", r["name"].as_str().unwrap_or("-"));
     }
+    let now = ztmesh_proto::time::now_ms();
+    for line in crate::posture::status_lines(&s["posture"], utc_offset_s(now)) {
+        println!("{}", printable(&line));
+    }
     println!(
         "{:<20} {:<36} {:<28} {:>10} {:>12} {:>12}",
         "PEER", "ADDRESSES", "PATH", "HANDSHAKE", "RX", "TX"
@@ -476,6 +488,27 @@ fn print_status(s: &serde_json::Value) {
             p["rx_bytes"],
             p["tx_bytes"]
         );
+    }
+}
+
+/// The local time zone's offset from UTC at `unix_ms`, in seconds east (0
+/// when the C library cannot tell).
+fn utc_offset_s(unix_ms: i64) -> i64 {
+    let t = libc::time_t::try_from(unix_ms.div_euclid(1000)).unwrap_or_default();
+    // SAFETY: `tm` is plain data (integers and a pointer), valid zeroed.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the call; `localtime_r` writes
+    // only into `tm`.
+    let r = unsafe { libc::localtime_r(&t, &mut tm) };
+    #[allow(
+        clippy::useless_conversion,
+        reason = "c_long is i64 here but i32 on 32-bit targets"
+    )]
+    let offset = i64::from(tm.tm_gmtoff);
+    if r.is_null() {
+        0
+    } else {
+        offset
     }
 }
 

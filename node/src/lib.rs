@@ -19,6 +19,7 @@ pub mod io;
 pub mod localapi;
 pub mod nat;
 pub mod path;
+pub mod posture;
 pub mod privs;
 pub mod routing;
 pub mod standalone;

@@ -46,6 +46,9 @@ pub struct Prefs {
     pub snat_subnet_routes: bool,
     /// Answer DNS on 100.100.100.100 and point the host's resolver at it.
     pub accept_dns: bool,
+    /// Report this node's posture attributes to the controller (see
+    /// [`crate::posture`]); off, the last report goes stale.
+    pub report_posture: bool,
 }
 
 impl Default for Prefs {
@@ -57,6 +60,7 @@ impl Default for Prefs {
             exit_node_allow_lan_access: false,
             snat_subnet_routes: true,
             accept_dns: true,
+            report_posture: true,
         }
     }
 }
@@ -73,6 +77,7 @@ pub struct PrefsUpdate {
     pub exit_node_allow_lan_access: Option<bool>,
     pub snat_subnet_routes: Option<bool>,
     pub accept_dns: Option<bool>,
+    pub report_posture: Option<bool>,
 }
 
 /// A route the node itself refuses to advertise.
@@ -172,6 +177,9 @@ impl Prefs {
         }
         if let Some(v) = u.accept_dns {
             p.accept_dns = v;
+        }
+        if let Some(v) = u.report_posture {
+            p.report_posture = v;
         }
         Ok(p)
     }
@@ -317,7 +325,7 @@ mod tests {
     fn up_flags_change_only_what_they_name_and_a_bad_route_changes_nothing() {
         let p = Prefs::default();
         assert!(
-            p.snat_subnet_routes && p.accept_dns,
+            p.snat_subnet_routes && p.accept_dns && p.report_posture,
             "defaults as Tailscale"
         );
         let u = PrefsUpdate {
@@ -340,6 +348,20 @@ mod tests {
             .unwrap();
         assert_eq!(p2.advertise_routes, p.advertise_routes, "kept");
         assert!(!p2.accept_dns);
+        let quiet = p2
+            .updated(
+                &PrefsUpdate {
+                    report_posture: Some(false),
+                    ..PrefsUpdate::default()
+                },
+                &overlay(),
+                None,
+            )
+            .unwrap();
+        assert!(
+            !quiet.report_posture && !quiet.accept_dns,
+            "only what is named"
+        );
         let cleared = p2
             .updated(
                 &PrefsUpdate {
@@ -360,7 +382,7 @@ mod tests {
         assert!(p.updated(&bad, &overlay(), None).is_err());
         // Stored prefs from an older version (fields missing) take defaults.
         let old: Prefs = serde_json::from_str(r#"{"advertise_exit_node": true}"#).unwrap();
-        assert!(old.advertise_exit_node && old.snat_subnet_routes);
+        assert!(old.advertise_exit_node && old.snat_subnet_routes && old.report_posture);
     }
 
     #[test]

@@ -78,6 +78,13 @@ impl Control for OneMap {
         Err(Status::unimplemented("not in this test"))
     }
 
+    async fn report_posture(
+        &self,
+        _: Request<pb::ReportPostureRequest>,
+    ) -> Result<Response<pb::ReportPostureResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
     async fn logout(
         &self,
         _: Request<pb::LogoutRequest>,

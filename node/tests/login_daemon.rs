@@ -20,7 +20,11 @@
 //! key expires (peers dropped, status says so, no hammering); `up` signs in
 //! again with the same keys; a CLI killed during a login cancels it; after
 //! another expiry, `up --auth-key` re-authenticates through `Enroll` (same
-//! keys), and refuses a key for another controller.
+//! keys), and refuses a key for another controller. Posture, once logged
+//! in: reports signed for `ReportPosture` as the stream opens and every
+//! `posture_interval_ms`, the map's checks and the controller's clipped
+//! lines in `status`, and `up --report-posture=false` stops the reports
+//! (and `up --report-posture` resumes them) without a reconnect.
 #![allow(
     clippy::disallowed_methods,
     clippy::disallowed_types,
@@ -144,7 +148,14 @@ struct Script {
     expired: watch::Sender<bool>,
     stream_calls: AtomicU32,
     serial: AtomicU64,
+    /// Every posture report, and whether its proof verified for the method.
+    postures: Mutex<Vec<(bool, pb::ReportPostureRequest)>>,
 }
+
+/// The posture interval the scripted maps ask for.
+const POSTURE_INTERVAL_MS: i64 = 1_000;
+/// What the scripted controller says it clipped of every posture report.
+const CLIPPED: &str = "node:colour: unknown attribute";
 
 impl Script {
     fn new(fingerprint: [u8; 32]) -> Self {
@@ -162,6 +173,7 @@ impl Script {
             expired: watch::channel(false).0,
             stream_calls: AtomicU32::new(0),
             serial: AtomicU64::new(1),
+            postures: Mutex::new(Vec::new()),
         }
     }
 
@@ -206,6 +218,19 @@ impl Script {
                 endpoints: vec!["198.18.13.20:41641".into()],
                 persistent_keepalive: 0,
             }],
+            posture_interval_ms: POSTURE_INTERVAL_MS,
+            posture_checks: vec![
+                pb::PostureCheck {
+                    name: "posture:compliant".into(),
+                    passed: false,
+                    detail: "custom:compliant == true: seen false (set by an admin)".into(),
+                },
+                pb::PostureCheck {
+                    name: "posture:base".into(),
+                    passed: true,
+                    detail: String::new(),
+                },
+            ],
             ..Default::default()
         };
         Some(ztmesh_proto::netmap::sign(&self.key, &map))
@@ -359,6 +384,26 @@ impl Control for Scripted {
         _: Request<pb::ReportFlowsRequest>,
     ) -> Result<Response<pb::ReportFlowsResponse>, Status> {
         Ok(Response::new(pb::ReportFlowsResponse {}))
+    }
+
+    async fn report_posture(
+        &self,
+        req: Request<pb::ReportPostureRequest>,
+    ) -> Result<Response<pb::ReportPostureResponse>, Status> {
+        let proof_ok = req
+            .metadata()
+            .get(auth::PROOF_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<auth::NodeProof>().ok())
+            .is_some_and(|p| p.verify(auth::methods::REPORT_POSTURE, now_ms()).is_ok());
+        self.0
+            .postures
+            .lock()
+            .unwrap()
+            .push((proof_ok, req.into_inner()));
+        Ok(Response::new(pb::ReportPostureResponse {
+            clipped: vec![CLIPPED.into()],
+        }))
     }
 
     async fn logout(
@@ -789,6 +834,9 @@ fn interactive_login_expiry_and_reauthentication_through_the_daemon() {
         text(&out.stdout)
     );
 
+    phase("Posture");
+    posture_reports_follow_the_map_and_the_pref(&node, &script, &up);
+
     phase("The key expires");
     // The key expires: peers gone, enrollment kept, status says so, and
     // the node does not hammer the controller.
@@ -894,4 +942,106 @@ fn interactive_login_expiry_and_reauthentication_through_the_daemon() {
     assert_eq!(s["login"], "ok");
     assert_eq!(s["peers"].as_array().map(Vec::len), Some(1), "{s:#}");
     assert_eq!(node.uapi_peers(), 1);
+}
+
+/// The posture phase (see the module doc): a logged-in node with a map
+/// asking for reports every second.
+fn posture_reports_follow_the_map_and_the_pref(
+    node: &Node,
+    script: &Script,
+    up: &dyn Fn(&[&str]) -> Command,
+) {
+    let reports = || script.postures.lock().unwrap().len();
+    let wait_for = |what: &str, n: usize| {
+        let deadline = Instant::now() + BOUND;
+        while reports() < n {
+            assert!(Instant::now() < deadline, "{what}\n{}", node.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for("a posture report", 1);
+    let (proof_ok, first) = script.postures.lock().unwrap()[0].clone();
+    assert!(proof_ok, "signed for ReportPosture");
+    let attr = |key: &str| {
+        first
+            .attributes
+            .iter()
+            .find(|a| a.key == key)
+            .and_then(|a| a.value.clone())
+    };
+    use pb::posture_attribute::Value;
+    assert_eq!(attr("node:os"), Some(Value::Text("linux".into())));
+    assert_eq!(
+        attr("node:tsVersion"),
+        Some(Value::Text(env!("CARGO_PKG_VERSION").into()))
+    );
+    assert!(matches!(attr("node:kernel"), Some(Value::Text(k)) if !k.is_empty()));
+    let keys: Vec<&str> = first.attributes.iter().map(|a| a.key.as_str()).collect();
+    let mut sorted = keys.clone();
+    sorted.sort_unstable();
+    assert_eq!(keys, sorted, "in key order");
+    // Every posture_interval_ms (1 s) while nothing changes.
+    let at = Instant::now();
+    wait_for("reports on the interval", 3);
+    assert!(
+        at.elapsed() >= Duration::from_millis(900),
+        "not faster than asked"
+    );
+
+    node.until("status shows the report", |s| {
+        s["posture"]["last_report_ms"].is_i64()
+    });
+    let s = node.status();
+    let p = &s["posture"];
+    assert_eq!(p["reporting"], true);
+    assert_eq!(p["interval_ms"], POSTURE_INTERVAL_MS);
+    assert_eq!(p["attributes"]["node:os"], "linux");
+    assert_eq!(p["clipped"], serde_json::json!([CLIPPED]));
+    assert_eq!(
+        p["checks"],
+        serde_json::json!([
+            {"name": "posture:compliant", "passed": false, "detail": "custom:compliant == true: seen false (set by an admin)"},
+            {"name": "posture:base", "passed": true, "detail": ""},
+        ])
+    );
+    assert_eq!(s["prefs"]["report_posture"], true);
+    let out = text(&node.cli(&["status"]).stdout);
+    for want in [
+        "posture:compliant  FAILED: custom:compliant == true: seen false (set by an admin)\n",
+        "posture:base       ok\n",
+        "posture: reporting every 1s, last report ",
+    ] {
+        assert!(out.contains(want), "{want:?} in\n{out}");
+    }
+    assert!(
+        node.log()
+            .contains("the controller clipped the posture report"),
+        "logged"
+    );
+
+    // Off: no more reports (the controller lets the last one go stale).
+    let out = up(&["--report-posture=false"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = node.status();
+    assert_eq!(s["posture"]["reporting"], false);
+    assert_eq!(s["prefs"]["report_posture"], false);
+    assert!(text(&node.cli(&["status"]).stdout)
+        .contains("posture: reporting off (up --report-posture=false)\n"));
+    // A report already on its way may still land.
+    std::thread::sleep(Duration::from_millis(1_200));
+    let quiet = reports();
+    std::thread::sleep(Duration::from_millis(3_000));
+    assert_eq!(reports(), quiet, "no reports while off");
+
+    // On again: a report at once, without a reconnect.
+    let calls = script.stream_calls.load(Ordering::SeqCst);
+    let out = up(&["--report-posture"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_for("reporting resumed", quiet + 1);
+    assert_eq!(
+        script.stream_calls.load(Ordering::SeqCst),
+        calls,
+        "same session"
+    );
+    assert_eq!(node.status()["posture"]["reporting"], true);
 }

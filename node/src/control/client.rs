@@ -256,6 +256,27 @@ impl Controller {
         Ok(())
     }
 
+    /// Reports this node's posture attributes (replacing its last report);
+    /// returns what the controller clipped or dropped, one line each.
+    ///
+    /// # Errors
+    /// Authentication or transport failures; `UNIMPLEMENTED` from a
+    /// controller without posture.
+    pub async fn report_posture(
+        &mut self,
+        machine: &SigningKey,
+        attributes: Vec<pb::PostureAttribute>,
+    ) -> Result<Vec<String>, tonic::Status> {
+        let req = signed_request(
+            machine,
+            methods::REPORT_POSTURE,
+            pb::ReportPostureRequest { attributes },
+            now_ms(),
+            &mut OsRng,
+        );
+        Ok(self.client.report_posture(req).await?.into_inner().clipped)
+    }
+
     /// Advertises this node's subnet routes and exit-node role; returns
     /// what is approved now.
     ///
