@@ -32,6 +32,7 @@ const PURE: &[&str] = &[
     "node/src/dns/name.rs",
     "node/src/dns/zone.rs",
     "node/src/dns/limit.rs",
+    "node/src/posture/mod.rs",
     "proto/src/stun.rs",
     "proto/src/relay.rs",
     "relay/src/core.rs",

@@ -92,6 +92,7 @@ fn row(i: usize, group: usize) -> NodeRow {
         key_revoked: false,
         endpoints: Vec::new(),
         routes: Default::default(),
+        posture: Default::default(),
     }
 }
 
@@ -106,10 +107,11 @@ fn measure(n: usize, group: usize) -> serde_json::Value {
         dns_domain: "ztmesh.internal".into(),
         persistent_keepalive: 25,
         relays: Vec::new(),
+        posture_ttl_ms: 600_000,
     };
 
     // The policy compiler's share, alone.
-    let infos: Vec<NodeInfo> = rows.iter().map(|r| policy_node(r, &[])).collect();
+    let infos: Vec<NodeInfo> = rows.iter().map(|r| policy_node(r, &[], false)).collect();
     let p = parse(9000);
     let before = live();
     let compiled = Compiled::new(p, infos);
