@@ -1133,6 +1133,19 @@ async fn api_key_roles_limit_what_a_caller_may_do() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
+    // Vouching for a device is a network admin's act, not an auditor's.
+    let e = a
+        .set_node_attributes(apb::SetNodeAttributesRequest {
+            node: "web".into(),
+            set: vec![apb::Attribute {
+                key: "custom:compliant".into(),
+                value: Some(apb::attribute::Value::Flag(true)),
+            }],
+            unset: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
 
     let mut n = cli::connect(&remote(&netadmin)).await.unwrap();
     n.create_auth_key(apb::CreateAuthKeyRequest {
@@ -1186,5 +1199,95 @@ async fn api_key_roles_limit_what_a_caller_may_do() {
         .keys;
     let roles: Vec<&str> = keys.iter().map(|k| k.role.as_str()).collect();
     assert_eq!(roles, ["auditor", "network-admin"]);
+    ctl.stop().await;
+}
+
+async fn report_posture(
+    ctl: &Ctl,
+    node: &TestNode,
+    attributes: Vec<pb::PostureAttribute>,
+) -> Result<Vec<String>, tonic::Status> {
+    let req = signed_request(
+        &node.machine,
+        methods::REPORT_POSTURE,
+        pb::ReportPostureRequest { attributes },
+        now_ms(),
+        &mut OsRng,
+    );
+    Ok(ctl
+        .control()
+        .await
+        .report_posture(req)
+        .await?
+        .into_inner()
+        .clipped)
+}
+
+#[tokio::test]
+async fn posture_reports_are_node_authenticated_clipped_and_throttled() {
+    use pb::posture_attribute::Value;
+    let ctl = Ctl::start().await;
+    ctl.set_policy(POLICY).await;
+    let kw = ctl.key("", &["tag:web"], false).await;
+    let w = enroll(&ctl, &kw, "web").await.unwrap();
+    let attr = |k: &str, v: Value| pb::PostureAttribute {
+        key: k.into(),
+        value: Some(v),
+    };
+
+    // Without a proof, or with a proof for another call: refused.
+    let mut c = ctl.control().await;
+    let e = c
+        .report_posture(pb::ReportPostureRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let req = signed_request(
+        &w.machine,
+        methods::REPORT_ENDPOINTS,
+        pb::ReportPostureRequest::default(),
+        now_ms(),
+        &mut OsRng,
+    );
+    assert_eq!(
+        c.report_posture(req).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+
+    // A node's own claim to be compliant is dropped and said so.
+    let clipped = report_posture(
+        &ctl,
+        &w,
+        vec![
+            attr("node:os", Value::Text("linux".into())),
+            attr("custom:compliant", Value::Flag(true)),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(clipped.len(), 1, "{clipped:?}");
+    assert!(clipped[0].contains("custom:compliant"), "{clipped:?}");
+    let n = ctl
+        .admin()
+        .await
+        .get_node(apb::NodeRef { node: "web".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let keys: Vec<&str> = n.attributes.iter().map(|a| a.key.as_str()).collect();
+    assert_eq!(keys, ["node:os"]);
+    assert!(n.posture_reported_ms > 0);
+
+    // A burst is throttled with a message naming the call.
+    let mut refused = None;
+    for _ in 0..30 {
+        if let Err(s) = report_posture(&ctl, &w, vec![]).await {
+            refused = Some(s);
+            break;
+        }
+    }
+    let s = refused.expect("a burst of 30 reports was not throttled");
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(s.message().contains("ReportPosture"), "{}", s.message());
     ctl.stop().await;
 }
