@@ -58,7 +58,7 @@ fn main() -> ExitCode {
                     netmap_ttl_ms: netmap_ttl.as_millis().max(10_000) as i64,
                     posture_ttl_ms: i64::try_from(posture_ttl.as_millis())
                         .unwrap_or(i64::MAX)
-                        .max(3_000),
+                        .max(6_000),
                     audit_max_age_ms: i64::try_from(audit_max_age.as_millis()).unwrap_or(i64::MAX),
                     audit_max_flow_rows,
                     relays: read_relays(relay_file.as_deref())?,

@@ -226,6 +226,9 @@ struct State {
     offline_since: HashMap<u64, u64>,
     /// When `last_seen` of the live nodes was last refreshed (monotonic).
     seen_refreshed: u64,
+    /// What each node's last posture report had clipped (audited when it
+    /// changes).
+    posture_clipped: HashMap<u64, Vec<String>>,
 }
 
 impl State {
@@ -353,7 +356,6 @@ fn expiring(core: &NetCore, now: UnixMs) -> Vec<(String, UnixMs)> {
         .collect()
 }
 
-/// The refusal of a second session of one node.
 /// What changed between two attribute sets, for the audit log:
 /// `node:firewall: true -> false; custom:tier: set 'gold'; node:kernel: removed`.
 fn attribute_changes(
@@ -374,6 +376,7 @@ fn attribute_changes(
     parts.join("; ")
 }
 
+/// The refusal of a second session of one node.
 fn duplicate_session() -> Error {
     Error::SessionConflict(
         "another session of this node is live (same machine key, another connection); \
@@ -444,6 +447,7 @@ impl Mesh {
             load_wall: now,
             offline_since,
             seen_refreshed: 0,
+            posture_clipped: HashMap::new(),
         };
         Ok(Self {
             store,
@@ -521,7 +525,19 @@ impl Mesh {
     /// connected node that is no longer active that its stream is over.
     /// Maps are encoded under the state lock, signed and sent outside it.
     fn publish(&self, turn: &Turn<'_>, changed: &BTreeSet<u64>, now: UnixMs) {
-        self.audit_posture_events(now);
+        // The posture results that flipped with this change are audited
+        // after the maps are out, in one transaction: a policy change that
+        // flips thousands must not hold the maps back.
+        let events = self.posture_events(now);
+        self.publish_maps(turn, changed, now);
+        if !events.is_empty() {
+            if let Err(e) = self.store.audit_batch(&events) {
+                tracing::error!(error = %e, rows = events.len(), "cannot write posture audit records");
+            }
+        }
+    }
+
+    fn publish_maps(&self, turn: &Turn<'_>, changed: &BTreeSet<u64>, now: UnixMs) {
         if changed.is_empty() {
             return;
         }
@@ -1114,15 +1130,20 @@ impl Mesh {
             let expired = expiring(&st.core, now);
             let changed = st.core.apply(Change::Clock(now));
             if !changed.is_empty() {
-                tracing::info!(nodes = changed.len(), "key expiry changed maps");
+                tracing::info!(
+                    nodes = changed.len(),
+                    "key expiry or posture age changed maps"
+                );
             }
             let State {
                 core,
                 offline_since,
                 online,
+                posture_clipped,
                 ..
             } = &mut *st;
             offline_since.retain(|id, _| core.nodes().get(*id).is_some());
+            posture_clipped.retain(|id, _| core.nodes().get(*id).is_some());
             let stale: Vec<u64> = core
                 .nodes()
                 .iter()
@@ -1374,32 +1395,34 @@ impl Mesh {
         self.state().core.posture_checks(id).to_vec()
     }
 
-    /// Audits the posture results that flipped in the core (a report, an
-    /// admin's attribute, a policy change, a report going stale).
-    fn audit_posture_events(&self, now: UnixMs) {
-        let events: Vec<(String, crate::netcore::PostureEvent)> = {
-            let mut st = self.state();
-            let events = st.core.take_posture_events();
-            events
-                .into_iter()
-                .map(|e| {
-                    let name = st
-                        .core
-                        .nodes()
-                        .get(e.node)
-                        .map_or_else(|| e.node.to_string(), |n| n.name.clone());
-                    (name, e)
-                })
-                .collect()
-        };
-        for (name, e) in events {
-            let (action, detail) = if e.passed {
-                ("node.posture.pass", e.name.clone())
-            } else {
-                ("node.posture.fail", format!("{}: {}", e.name, e.detail))
-            };
-            self.audit(now, "controller", action, &name, &detail);
-        }
+    /// The posture results that flipped in the core since the last call (a
+    /// report, an admin's attribute, a policy change, a report going
+    /// stale), as audit rows.
+    fn posture_events(&self, now: UnixMs) -> Vec<crate::store::AuditEntry> {
+        let mut st = self.state();
+        let events = st.core.take_posture_events();
+        events
+            .into_iter()
+            .map(|e| {
+                let target = st
+                    .core
+                    .nodes()
+                    .get(e.node)
+                    .map_or_else(|| e.node.to_string(), |n| n.name.clone());
+                let (action, detail) = if e.passed {
+                    ("node.posture.pass", e.name)
+                } else {
+                    ("node.posture.fail", format!("{}: {}", e.name, e.detail))
+                };
+                crate::store::AuditEntry {
+                    time_ms: now,
+                    actor: "controller".into(),
+                    action: action.into(),
+                    target,
+                    detail,
+                }
+            })
+            .collect()
     }
 
     /// A node's posture report ([`crate::nodeinput::sanitize_posture`]):
@@ -1431,14 +1454,28 @@ impl Mesh {
             custom: row.posture.custom.clone(),
         };
         self.store.set_node_posture(node, &posture)?;
+        let actor = format!("node:{}", row.name);
         let changes = attribute_changes(&row.posture.reported, &posture.reported);
         if !changes.is_empty() {
-            self.audit(now, &row.name, "node.posture.report", &row.name, &changes);
+            self.audit(now, &actor, "node.posture.report", &row.name, &changes);
         }
-        if !report.clipped.is_empty() {
+        // What a node keeps sending that we drop is recorded when it starts
+        // (or changes), not on every report.
+        let clipped_news = {
+            let mut st = self.state();
+            let last = st.posture_clipped.get(&node);
+            let news = !report.clipped.is_empty() && last != Some(&report.clipped);
+            if report.clipped.is_empty() {
+                st.posture_clipped.remove(&node);
+            } else {
+                st.posture_clipped.insert(node, report.clipped.clone());
+            }
+            news
+        };
+        if clipped_news {
             self.audit(
                 now,
-                &row.name,
+                &actor,
                 "node.posture.clipped",
                 &row.name,
                 &report.clipped.join("; "),

@@ -61,10 +61,23 @@ impl NodePosture {
     }
 
     /// Whether the last report is younger than `ttl_ms` at `now`.
+    ///
+    /// A report stamped more than [`POSTURE_CLOCK_SLACK_MS`] after `now`
+    /// (the controller's clock was stepped back since) is not believed
+    /// either: otherwise a step back by an hour would keep a silent node
+    /// passing for an hour more. Fail closed; the node's next report (a
+    /// third of the TTL away) fixes it.
     pub fn fresh(&self, now: UnixMs, ttl_ms: i64) -> bool {
-        self.reported_ms > 0 && now < self.reported_ms.saturating_add(ttl_ms)
+        self.reported_ms > 0
+            && self.reported_ms <= now.saturating_add(POSTURE_CLOCK_SLACK_MS)
+            && now < self.reported_ms.saturating_add(ttl_ms)
     }
 }
+
+/// How far in the future of the core's clock a report may be stamped and
+/// still be believed: reports are stamped with the wall clock when they
+/// arrive, the core's clock is the last tick's (0.5 s steps).
+pub const POSTURE_CLOCK_SLACK_MS: i64 = 5_000;
 
 /// A node's subnet routes and exit-node role (see `crate::routes`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

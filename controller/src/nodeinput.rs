@@ -140,7 +140,7 @@ fn type_name(t: AttrType) -> &'static str {
 /// Sorts a node's posture report: only the known `node:*` attributes of
 /// the right type are kept (the node cannot set `custom:*` ones, nor
 /// invent others), text values are clipped to [`MAX_POSTURE_VALUE`] bytes
-/// and control characters removed, a repeated key keeps its first value,
+/// and control and deceptive (bidi, zero-width) characters removed, a repeated key keeps its first value,
 /// and at most [`MAX_POSTURE_ATTRIBUTES`] entries are looked at. Never
 /// fails: a node that says something odd is recorded, not cut off.
 pub fn sanitize_posture(attrs: &[PostureAttribute]) -> PostureReport {
@@ -166,7 +166,10 @@ pub fn sanitize_posture(attrs: &[PostureAttribute]) -> PostureReport {
         }
         let value = match (&a.value, want) {
             (Some(PbValue::Text(t)), AttrType::Str) => {
-                let clean: String = t.chars().filter(|c| !c.is_control()).collect();
+                let clean: String = t
+                    .chars()
+                    .filter(|c| !c.is_control() && !is_deceptive(*c))
+                    .collect();
                 let kept = clip(&clean, MAX_POSTURE_VALUE);
                 if kept.len() < t.len() {
                     out.clipped.push(format!(
@@ -218,9 +221,9 @@ pub fn validate_custom(key: &str, value: &AttrValue) -> Result<()> {
         )));
     }
     if let AttrValue::Str(s) = value {
-        if s.len() > MAX_POSTURE_VALUE || s.chars().any(char::is_control) {
+        if s.len() > MAX_POSTURE_VALUE || s.chars().any(|c| c.is_control() || is_deceptive(c)) {
             return Err(Error::Invalid(format!(
-                "{key}: text values are at most {MAX_POSTURE_VALUE} bytes, without control characters"
+                "{key}: text values are at most {MAX_POSTURE_VALUE} bytes, without control or invisible characters"
             )));
         }
     }
@@ -363,6 +366,16 @@ mod tests {
         };
         assert_eq!(kept.len(), MAX_POSTURE_VALUE);
         assert_eq!(kept.chars().count(), MAX_POSTURE_VALUE / 2);
+
+        // What would fool an admin reading the value is removed.
+        let r = sanitize_posture(&[attr(
+            "node:osDistro",
+            PbValue::Text("deb\u{202E}ian\u{200B}\n".into()),
+        )]);
+        assert_eq!(
+            r.attributes["node:osDistro"],
+            AttrValue::Str("debian".into())
+        );
     }
 
     #[test]
@@ -375,6 +388,7 @@ mod tests {
             ("custom:a b", AttrValue::Bool(true)),
             ("custom:x", AttrValue::Str("y".repeat(257))),
             ("custom:x", AttrValue::Str("line\nbreak".into())),
+            ("custom:x", AttrValue::Str("ok\u{202E}".into())),
             ("compliant", AttrValue::Bool(true)),
         ] {
             assert!(validate_custom(key, &value).is_err(), "{key} {value}");

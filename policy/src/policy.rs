@@ -865,9 +865,34 @@ impl<'a> Resolver<'a> {
         }
     }
 
+    /// Reports keys of one object that differ only in case: keys are
+    /// matched case-insensitively, so without this the last spelling would
+    /// silently win (`"srcPosture"` then `"SrcPosture"` would drop a
+    /// restriction). Returns whether there were none.
+    fn unique_keys(&mut self, members: &[Member], what: &str) -> bool {
+        let mut seen: Vec<String> = Vec::with_capacity(members.len());
+        let mut ok = true;
+        for m in members {
+            let lower = m.key.to_ascii_lowercase();
+            if seen.contains(&lower) {
+                self.sink.error(
+                    m.key_pos,
+                    format!(
+                        "duplicate key {:?} in {what} (keys are case-insensitive)",
+                        m.key
+                    ),
+                );
+                ok = false;
+            } else {
+                seen.push(lower);
+            }
+        }
+        ok
+    }
+
     fn acl(&mut self, v: &Value) -> Option<Entry> {
         let members = self.object(v, "an acl entry")?;
-        let mut ok = true;
+        let mut ok = self.unique_keys(members, "an acl entry");
         let mut action = None;
         let mut src = None;
         let mut dst = None;
@@ -1129,6 +1154,7 @@ impl<'a> Resolver<'a> {
         let Some(members) = self.object(v, "\"autoApprovers\"") else {
             return;
         };
+        self.unique_keys(members, "\"autoApprovers\"");
         for m in members {
             match m.key.to_ascii_lowercase().as_str() {
                 "routes" => {
@@ -1494,6 +1520,9 @@ impl<'a> Resolver<'a> {
 
     fn test(&mut self, v: &Value) -> Option<TestCase> {
         let members = self.object(v, "a test")?;
+        if !self.unique_keys(members, "a test") {
+            return None;
+        }
         let mut ok = true;
         let mut src = None;
         let mut proto = DEFAULT_TEST_PROTO;

@@ -986,3 +986,28 @@ const CONDITION_TOKENS: &[&str] = &[
     "\u{0}",
     "\n",
 ];
+
+/// Keys are matched case-insensitively, so two spellings of one key in an
+/// entry are an error: otherwise the last would silently replace a
+/// restriction (`srcPosture` by `SrcPosture`).
+#[test]
+fn a_key_repeated_in_another_case_is_an_error_not_a_silent_override() {
+    let err = parse_err(
+        r#"{
+  "tagOwners": {"tag:web": []},
+  "postures": {"posture:strict": ["custom:compliant == true"], "posture:open": []},
+  "acls": [
+    {"action": "accept", "src": ["*"], "dst": ["tag:web:22"],
+     "srcPosture": ["posture:strict"], "SrcPosture": ["posture:open"]},
+  ],
+  "tests": [{"src": "tag:web", "accept": ["tag:web:22"], "Accept": []}],
+}"#,
+    );
+    assert!(
+        err.contains(
+            "6:40: duplicate key \"SrcPosture\" in an acl entry (keys are case-insensitive)"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("duplicate key \"Accept\" in a test"), "{err}");
+}

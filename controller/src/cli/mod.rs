@@ -80,7 +80,7 @@ pub enum Cmd {
         #[arg(long, default_value = "12h", value_parser = parse_duration)]
         netmap_ttl: Duration,
         /// How long a node's device-posture report is believed (at least
-        /// 3s); nodes report every third of it. A node silent for longer
+        /// 6s); nodes report every third of it. A node silent for longer
         /// fails every posture check until it reports again.
         #[arg(long, default_value = "10m", value_parser = parse_duration)]
         posture_ttl: Duration,
