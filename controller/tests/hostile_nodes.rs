@@ -878,3 +878,28 @@ fn admins_set_only_custom_attributes_with_sane_names_and_values() {
     );
     assert_eq!(c, tonic::Code::NotFound);
 }
+
+#[test]
+fn a_report_from_a_clock_that_was_stepped_back_is_not_believed() {
+    const TTL: i64 = 30_000;
+    const HOUR: i64 = 3_600_000;
+    let (m, web, db, web_v4) = posture_mesh(TTL);
+    m.set_node_attributes(
+        "admin",
+        "web",
+        &[("custom:compliant".into(), ztmesh_policy::AttrValue::Bool(true))],
+        &[],
+        T0,
+    )
+    .unwrap();
+    // The controller's clock ran an hour fast when the report came...
+    m.tick(T0 + HOUR);
+    m.report_posture(web, &linux(), T0 + HOUR).unwrap();
+    assert_eq!(db_ports_for_web(&m, db, &web_v4, T0 + HOUR), vec![22, 5432]);
+    // ...then NTP stepped it back: the report is not an hour of credit.
+    m.tick(T0 + 1_000);
+    assert_eq!(db_ports_for_web(&m, db, &web_v4, T0 + 1_000), vec![22]);
+    // The next report counts again.
+    m.report_posture(web, &linux(), T0 + 2_000).unwrap();
+    assert_eq!(db_ports_for_web(&m, db, &web_v4, T0 + 2_000), vec![22, 5432]);
+}
