@@ -244,7 +244,7 @@ alice_db() { in_ns alice "$BIN/ztm-echo" check "${IP[db]}" 5432 500; }
 # posture_step VALUE EXPECTED: an admin sets custom:compliant on alice's
 # laptop; waits (up to 20 s) until alice → db:5432 is EXPECTED (allow|deny).
 posture_step() {
-  local value=$1 want=$2 start end
+  local value=$1 want=$2 start end got=deny
   start=$(date +%s%N)
   admin nodes attrs alice-laptop --set "custom:compliant=$value" >/dev/null
   for _ in $(seq 40); do
