@@ -187,7 +187,8 @@ fn print_explain(allowed: bool, rule_id: &str, detail: &str, posture: &[String])
     } else {
         println!("{verdict} by {rule_id}: {detail}");
     }
-    for line in posture {
+    // The first line is already in a denial's detail.
+    for line in posture.iter().filter(|l| !detail.contains(l.as_str())) {
         println!("  posture: {line}");
     }
 }
