@@ -14,6 +14,7 @@
 //! node drops its peers but keeps its enrollment and keys; the next `ztmesh
 //! up` re-authenticates the same node, either way.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -47,7 +48,7 @@ use crate::io::{interface_addresses, DataPlane, DataPlaneConfig, RelaySetup};
 use crate::localapi::{authorize, to_line, Caller, Progress, Request, Response, MAX_LINE};
 use crate::nat::discovery::{stun_servers, with_primary, EndpointReporter, STUN_INTERVAL};
 use crate::posture::collect::Collector;
-use crate::posture::{self, AttrSet, PostureReporter};
+use crate::posture::{self, AttrSet, Collection, PostureReporter};
 use crate::routing::{self, Offered, Prefs, PrefsUpdate};
 use crate::tunnel::Destination;
 
@@ -219,6 +220,8 @@ struct State {
     enrolling: bool,
     /// The last posture report the controller took.
     posture_sent: Option<PostureSent>,
+    /// Why the last posture collection left attributes out (for `status`).
+    posture_unreported: BTreeMap<&'static str, String>,
 }
 
 /// A posture report the controller took (for `status`).
@@ -893,11 +896,15 @@ impl Daemon {
                 }
                 Ok(()) = attrs.changed() => {
                     let current = attrs.borrow_and_update().clone();
-                    self.report_posture(&mut ctl, &mut posture, current).await;
+                    self.lock().posture_unreported = current
+                        .as_ref()
+                        .map(|(c, _)| c.unreported.clone())
+                        .unwrap_or_default();
+                    self.report_posture(&mut ctl, &mut posture, current.map(|(c, at)| (c.attrs, at))).await;
                     continue;
                 }
                 _ = posture_check.tick() => {
-                    let current = attrs.borrow().clone();
+                    let current = attrs.borrow().as_ref().map(|(c, at)| (c.attrs.clone(), *at));
                     self.report_posture(&mut ctl, &mut posture, current).await;
                     continue;
                 }
@@ -1023,7 +1030,7 @@ impl Daemon {
         &self,
         ctl: &mut Controller,
         reporter: &mut PostureReporter,
-        current: Option<Collected>,
+        current: Option<(AttrSet, i64)>,
     ) {
         if !self.prefs.borrow().report_posture {
             reporter.pause();
@@ -1618,6 +1625,7 @@ impl Daemon {
                 sent.map(|s| s.at_ms),
                 sent.map_or(&AttrSet::default(), |s| &s.attributes),
                 sent.map_or(&[][..], |s| &s.clipped),
+                &st.posture_unreported,
             )
         };
         let stats = self
@@ -2150,6 +2158,7 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
             key_expiry_ms: None,
             enrolling: false,
             posture_sent: None,
+            posture_unreported: BTreeMap::new(),
         }),
         dp: tokio::sync::Mutex::new(None),
         live_serial,
@@ -2232,14 +2241,13 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A posture collection: the attributes and when their collection
-/// finished (Unix ms).
-type Collected = (AttrSet, i64);
+/// A posture collection and when it finished (Unix ms).
+type Collected = (Collection, i64);
 
 /// Reads the posture attributes every [`posture::COLLECT_INTERVAL`] while
 /// `up --report-posture` is on, on a blocking thread (nft and apt-get may
 /// take seconds), and publishes each collection with its time (waking the
-/// session when the attributes changed); publishes `None` while reporting
+/// session when it changed); publishes `None` while reporting
 /// is off, so turning it on again never sends the set of long ago. A pass
 /// that may run `apt-get` follows a quick one without it, so a session's
 /// first report does not wait for apt.

@@ -83,7 +83,9 @@ fn main() -> ExitCode {
     });
     // Dropping the runtime would wait for every blocking task, and a posture
     // collection may be running apt-get (seconds) or stuck in a read: after
-    // SIGTERM the daemon exits within this bound instead.
+    // SIGTERM the daemon exits within this bound instead, and takes the
+    // commands it started with it.
+    ztmesh_node::posture::collect::kill_running();
     runtime.shutdown_timeout(SHUTDOWN_TIMEOUT);
     match result {
         Ok(()) => ExitCode::SUCCESS,

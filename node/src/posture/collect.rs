@@ -6,13 +6,14 @@
 //! (`spawn_blocking`), never on the control loop or the packet path. What
 //! the text means is decided by the pure [`super`] module.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ztmesh_policy::AttrValue;
@@ -21,7 +22,7 @@ use ztmesh_proto::UnixMs;
 
 use super::{
     apt_lists_fresh, days_since_upgrade, device_numbers, firewall_active, is_encrypting_dm_uuid,
-    parse_os_release, pending_security_updates, root_mount, AttrSet, AGENT_VERSION,
+    parse_os_release, pending_security_updates, root_mount, Collection, AGENT_VERSION,
     DAYS_SINCE_UPGRADE, DISK_ENCRYPTED, FIREWALL, KERNEL, OS, OS_DISTRO, OS_VERSION,
     SECURITY_UPDATES,
 };
@@ -33,6 +34,9 @@ pub const APT_TIMEOUT: Duration = Duration::from_secs(20);
 /// `apt-get -s dist-upgrade` runs at most this often; its count is kept
 /// between.
 pub const APT_EVERY_MS: i64 = 30 * 60_000;
+/// After a failed `apt-get` run (a timeout on a busy host, say), the next
+/// try comes this much later.
+pub const APT_RETRY_MS: i64 = 5 * 60_000;
 /// Most output read from a command; more and its output is not used.
 pub const MAX_OUTPUT_BYTES: usize = 8 << 20;
 /// Most bytes read from a file (mountinfo of a busy container host is
@@ -50,6 +54,9 @@ const MAX_LIST_FILES: usize = 10_000;
 /// How long a killed command gets to be reaped before a thread is left
 /// to wait for it (a process stuck in the kernel dies only when it wakes).
 const REAP_GRACE: Duration = Duration::from_secs(1);
+
+/// The process groups of the commands running now (see [`kill_running`]).
+static RUNNING: Mutex<BTreeSet<libc::pid_t>> = Mutex::new(BTreeSet::new());
 /// Searched after `PATH` (a daemon started with a bare environment).
 const FALLBACK_PATH: &[&str] = &[
     "/usr/local/sbin",
@@ -100,9 +107,9 @@ impl Default for HostPaths {
 #[derive(Debug, Default)]
 pub struct Collector {
     paths: HostPaths,
-    /// When `apt-get -s dist-upgrade` last ran and what it counted
-    /// (`None`: it failed).
-    apt: Option<(UnixMs, Option<u32>)>,
+    /// When `apt-get -s dist-upgrade` last ran and what it counted, or why
+    /// it failed.
+    apt: Option<(UnixMs, Result<u32, String>)>,
 }
 
 impl Collector {
@@ -115,60 +122,84 @@ impl Collector {
     /// [`APT_TIMEOUT`]); without it the last count is used, if any. No
     /// count is reported while apt's package lists are older than a week
     /// ([`apt_lists_fresh`]). Blocking. What cannot be determined is left
-    /// out.
-    pub fn collect(&mut self, now_ms: UnixMs, run_apt: bool) -> AttrSet {
-        let mut set = AttrSet::default();
-        set.set(OS, AttrValue::Str(std::env::consts::OS.to_string()));
-        set.set(
+    /// out, with the reason.
+    pub fn collect(&mut self, now_ms: UnixMs, run_apt: bool) -> Collection {
+        let mut c = Collection::default();
+        c.put(OS, Ok(AttrValue::Str(std::env::consts::OS.to_string())));
+        c.put(
             AGENT_VERSION,
-            AttrValue::Str(env!("CARGO_PKG_VERSION").into()),
+            Ok(AttrValue::Str(env!("CARGO_PKG_VERSION").into())),
         );
-        set.set_known(KERNEL, kernel_release().map(AttrValue::Str));
-        if let Some(text) = self
+        c.put(
+            KERNEL,
+            kernel_release()
+                .map(AttrValue::Str)
+                .ok_or_else(|| "uname(2) gave no release".to_string()),
+        );
+        let os = self
             .paths
             .os_release
             .iter()
             .find_map(|p| read_capped(p, MAX_FILE_BYTES).ok())
-        {
-            let os = parse_os_release(&text);
-            set.set_known(OS_DISTRO, os.id.map(AttrValue::Str));
-            set.set_known(OS_VERSION, os.version_id.map(AttrValue::Str));
-        }
-        set.set_known(FIREWALL, host_firewall().map(AttrValue::Bool));
-        set.set_known(
+            .map(|text| parse_os_release(&text));
+        let (id, version) = match os {
+            Some(os) => (
+                os.id.ok_or("os-release has no ID"),
+                os.version_id
+                    .ok_or("os-release has no VERSION_ID (a rolling release)"),
+            ),
+            None => (Err("no readable os-release"), Err("no readable os-release")),
+        };
+        c.put(OS_DISTRO, text_or(id));
+        c.put(OS_VERSION, text_or(version));
+        c.put(FIREWALL, host_firewall().map(AttrValue::Bool));
+        c.put(
             DISK_ENCRYPTED,
             root_encrypted(&self.paths).map(AttrValue::Bool),
         );
         // Debian and Ubuntu only: without apt, neither is reported.
-        if let Some(apt) = find_program("apt-get") {
-            let newest = self
-                .paths
-                .package_times
-                .iter()
-                .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-                .map(unix_ms)
-                .max();
-            set.set_known(
-                DAYS_SINCE_UPGRADE,
-                days_since_upgrade(now_ms, newest).map(AttrValue::Int),
-            );
-            if self.apt_lists_fresh(now_ms) {
-                if run_apt && self.apt_stale(now_ms) {
-                    self.apt = Some((now_ms, security_updates(&apt)));
-                }
-                let pending = self.apt.and_then(|(_, n)| n);
-                set.set_known(
-                    SECURITY_UPDATES,
-                    pending.map(|n| AttrValue::Int(i64::from(n))),
-                );
+        let Some(apt) = find_program("apt-get") else {
+            for key in [DAYS_SINCE_UPGRADE, SECURITY_UPDATES] {
+                c.put(key, Err("no apt-get (Debian and Ubuntu only)".into()));
             }
+            return c;
+        };
+        let newest = self
+            .paths
+            .package_times
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .map(unix_ms)
+            .max();
+        let days = match (newest, days_since_upgrade(now_ms, newest)) {
+            (_, Some(days)) => Ok(AttrValue::Int(days)),
+            (None, None) => Err("no package database files".into()),
+            (Some(_), None) => Err("the package database was written in the future".into()),
+        };
+        c.put(DAYS_SINCE_UPGRADE, days);
+        if !self.apt_lists_fresh(now_ms) {
+            c.put(
+                SECURITY_UPDATES,
+                Err("apt's package lists are missing or over 7 days old (apt-get update)".into()),
+            );
+            return c;
         }
-        set
+        if run_apt && self.apt_stale(now_ms) {
+            self.apt = Some((now_ms, security_updates(&apt)));
+        }
+        let pending = match &self.apt {
+            Some((_, Ok(n))) => Ok(AttrValue::Int(i64::from(*n))),
+            Some((_, Err(why))) => Err(why.clone()),
+            None => Err("apt-get -s dist-upgrade has not counted yet".into()),
+        };
+        c.put(SECURITY_UPDATES, pending);
+        c
     }
 
     /// Whether a [`Self::collect`] with `run_apt` would run `apt-get` now:
     /// apt is installed, its package lists are recent and its last count is
-    /// older than [`APT_EVERY_MS`].
+    /// older than [`APT_EVERY_MS`] (its last failure older than
+    /// [`APT_RETRY_MS`]).
     pub fn apt_due(&self, now_ms: UnixMs) -> bool {
         self.apt_stale(now_ms) && find_program("apt-get").is_some() && self.apt_lists_fresh(now_ms)
     }
@@ -178,26 +209,40 @@ impl Collector {
     }
 
     fn apt_stale(&self, now_ms: UnixMs) -> bool {
-        self.apt
-            .is_none_or(|(at, _)| now_ms < at || now_ms.saturating_sub(at) >= APT_EVERY_MS)
+        self.apt.as_ref().is_none_or(|(at, result)| {
+            let every = if result.is_ok() {
+                APT_EVERY_MS
+            } else {
+                APT_RETRY_MS
+            };
+            now_ms < *at || now_ms.saturating_sub(*at) >= every
+        })
     }
 }
 
+/// A text attribute, or why it is missing.
+fn text_or(value: Result<String, &str>) -> Result<AttrValue, String> {
+    value.map(AttrValue::Str).map_err(str::to_string)
+}
+
 /// Whether the filesystem of `/` sits on dm-crypt (see [`disk_encrypted`]);
-/// `None` when `/` is on no block device (overlay, tmpfs, 9p, virtiofs,
-/// NFS, ZFS …) or the tables cannot be read.
-fn root_encrypted(paths: &HostPaths) -> Option<bool> {
-    let root = root_mount(&read_capped(&paths.mountinfo, MAX_FILE_BYTES).ok()?)?;
+/// why not known when `/` is on no block device (overlay, tmpfs, 9p,
+/// virtiofs, NFS, ZFS …) or the tables cannot be read.
+fn root_encrypted(paths: &HostPaths) -> Result<bool, String> {
+    let mountinfo = read_capped(&paths.mountinfo, MAX_FILE_BYTES)
+        .map_err(|e| format!("reading {}: {e}", paths.mountinfo.display()))?;
+    let root = root_mount(&mountinfo).ok_or("no mount of / in mountinfo")?;
     if let Some(found) = disk_encrypted(&paths.sys, root.major, root.minor) {
-        return Some(found);
+        return Ok(found);
     }
+    let no_device = || format!("/ ({}) is on no block device", root.fstype);
     // btrfs shows an anonymous device number: take the source's instead.
     if !root.source.starts_with("/dev/") {
-        return None;
+        return Err(no_device());
     }
-    let meta = std::fs::metadata(&root.source).ok()?;
+    let meta = std::fs::metadata(&root.source).map_err(|_| no_device())?;
     let (major, minor) = device_numbers(meta.rdev());
-    disk_encrypted(&paths.sys, major, minor)
+    disk_encrypted(&paths.sys, major, minor).ok_or_else(no_device)
 }
 
 /// Whether block device `major:minor` stores its data encrypted, from sysfs
@@ -263,12 +308,12 @@ impl StackWalk {
 }
 
 /// `node:firewall` from `nft -j -t list ruleset` (see
-/// [`super::firewall_active`]); `None` when nft is missing, fails (no
-/// `CAP_NET_ADMIN`, no JSON support) or takes longer than [`NFT_TIMEOUT`].
-/// Rules of the legacy iptables back end are invisible to nft, so a host
-/// filtering only through them reads as false.
-fn host_firewall() -> Option<bool> {
-    let nft = find_program("nft")?;
+/// [`super::firewall_active`]); why not known when nft is missing, fails
+/// (no `CAP_NET_ADMIN`, no JSON support) or takes longer than
+/// [`NFT_TIMEOUT`]. Rules of the legacy iptables back end are invisible to
+/// nft, so a host filtering only through them reads as false.
+fn host_firewall() -> Result<bool, String> {
+    let nft = find_program("nft").ok_or("no nft (nftables)")?;
     let out = run_bounded(
         &nft,
         // Terse: without set elements, which a large blocklist would
@@ -277,20 +322,17 @@ fn host_firewall() -> Option<bool> {
         NFT_TIMEOUT,
         MAX_OUTPUT_BYTES,
     )
-    .inspect_err(|e| tracing::debug!(error = %e, "firewall state unknown"))
-    .ok()?;
-    firewall_active(&String::from_utf8_lossy(&out))
-        .inspect_err(|e| tracing::debug!(error = %e, "firewall state unknown"))
-        .ok()
+    .map_err(|e| e.to_string())?;
+    firewall_active(&String::from_utf8_lossy(&out)).map_err(|e| e.to_string())
 }
 
-/// Pending security upgrades from `apt-get -s dist-upgrade`; `None` if it
-/// fails or times out. A simulation: it changes nothing, takes no lock
+/// Pending security upgrades from `apt-get -s dist-upgrade`; why not if
+/// it fails or times out. A simulation: it changes nothing, takes no lock
 /// (`Debug::NoLocking`) and writes no binary cache (the empty
 /// `Dir::Cache::*pkgcache`), so it cannot disturb a real apt run.
 /// `dist-upgrade`, not `upgrade`: `upgrade` holds back upgrades that need
 /// new packages, which is how Ubuntu ships kernel security fixes.
-fn security_updates(apt_get: &Path) -> Option<u32> {
+fn security_updates(apt_get: &Path) -> Result<u32, String> {
     let args = [
         "-s",
         "-o",
@@ -302,9 +344,9 @@ fn security_updates(apt_get: &Path) -> Option<u32> {
         "dist-upgrade",
     ];
     let out = run_bounded(apt_get, &args, APT_TIMEOUT, MAX_OUTPUT_BYTES)
-        .inspect_err(|e| tracing::debug!(error = %e, "security updates unknown"))
-        .ok()?;
-    Some(pending_security_updates(&String::from_utf8_lossy(&out)))
+        .inspect_err(|e| tracing::warn!(error = %e, "pending security updates unknown"))
+        .map_err(|e| e.to_string())?;
+    Ok(pending_security_updates(&String::from_utf8_lossy(&out)))
 }
 
 /// The kernel release, as `uname -r` prints it.
@@ -385,6 +427,7 @@ pub fn run_bounded(
             program: name.clone(),
             source,
         })?;
+    let group = Running::new(&child);
     let read = match child.stdout.take() {
         Some(out) => read_until(out, deadline, cap),
         None => Err(std::io::Error::other("no stdout pipe")),
@@ -413,8 +456,47 @@ pub fn run_bounded(
             source,
         },
     };
+    drop(group);
     kill_group(child);
     Err(outcome)
+}
+
+/// Kills every command [`run_bounded`] is running (with its process
+/// group), for a daemon that is exiting: its blocking threads are not
+/// waited for, and a command left behind would outlive it.
+pub fn kill_running() {
+    let running = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
+    for pgid in running.iter() {
+        // SAFETY: kill(2) with a negative id signals that process group.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    }
+}
+
+/// A command's process group, listed in [`RUNNING`] from its start until
+/// `run_bounded` is done with it. A command that exited by itself has been
+/// reaped a moment before that; its id cannot name another group in that
+/// moment, as Linux hands out process ids in sequence.
+struct Running(Option<libc::pid_t>);
+
+impl Running {
+    fn new(child: &Child) -> Running {
+        let pgid = libc::pid_t::try_from(child.id()).ok();
+        if let Some(id) = pgid {
+            RUNNING.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+        }
+        Running(pgid)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(id) = self.0 {
+            RUNNING
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        }
+    }
 }
 
 /// What [`read_until`] got of a command's output.
@@ -784,7 +866,8 @@ mod tests {
             apt_lists: lists.clone(),
         };
         let mut c = Collector::new(paths.clone());
-        let set = c.collect(now, false);
+        let got = c.collect(now, false);
+        let set = &got.attrs;
         assert_eq!(set.get(OS), Some(&AttrValue::Str("linux".into())));
         assert_eq!(set.get(OS_DISTRO), Some(&AttrValue::Str("fixture".into())));
         assert_eq!(set.get(OS_VERSION), Some(&AttrValue::Str("7.1".into())));
@@ -795,21 +878,46 @@ mod tests {
         );
         assert!(matches!(set.get(KERNEL), Some(AttrValue::Str(k)) if !k.is_empty()));
         assert_eq!(set.get(SECURITY_UPDATES), None, "apt-get not run");
-        if find_program("apt-get").is_some() {
-            assert_eq!(
-                set.get(DAYS_SINCE_UPGRADE),
-                Some(&AttrValue::Int(3)),
-                "the newest file"
+        // Every attribute is either reported or has a reason.
+        for (key, _) in ztmesh_policy::NODE_ATTRIBUTES {
+            assert!(
+                set.get(key).is_some() != got.unreported.contains_key(key),
+                "{key}"
             );
-        } else {
-            assert_eq!(set.get(DAYS_SINCE_UPGRADE), None);
         }
-        // A count from apt is reported while the package lists are recent.
+        let why = |c: &Collection, key: &str| c.unreported.get(key).cloned().unwrap_or_default();
         let with_apt = find_program("apt-get").is_some();
-        c.apt = Some((now, Some(4)));
-        let set = c.collect(now, false);
-        let want = with_apt.then_some(AttrValue::Int(4));
-        assert_eq!(set.get(SECURITY_UPDATES), want.as_ref(), "fresh lists");
+        if !with_apt {
+            assert_eq!(set.get(DAYS_SINCE_UPGRADE), None);
+            assert!(why(&got, SECURITY_UPDATES).contains("no apt-get"));
+            return;
+        }
+        assert_eq!(
+            set.get(DAYS_SINCE_UPGRADE),
+            Some(&AttrValue::Int(3)),
+            "the newest file"
+        );
+        assert_eq!(
+            why(&got, SECURITY_UPDATES),
+            "apt-get -s dist-upgrade has not counted yet"
+        );
+        // A count from apt is reported while the package lists are recent;
+        // a failure says why.
+        c.apt = Some((now, Ok(4)));
+        let got = c.collect(now, false);
+        assert_eq!(got.attrs.get(SECURITY_UPDATES), Some(&AttrValue::Int(4)));
+        assert!(!got.unreported.contains_key(SECURITY_UPDATES));
+        assert!(!c.apt_due(now + APT_EVERY_MS - 1));
+        c.apt = Some((now, Err("apt-get did not finish within 20s".into())));
+        let got = c.collect(now, false);
+        assert_eq!(got.attrs.get(SECURITY_UPDATES), None);
+        assert_eq!(
+            why(&got, SECURITY_UPDATES),
+            "apt-get did not finish within 20s"
+        );
+        assert!(!c.apt_due(now + APT_RETRY_MS - 1));
+        assert!(c.apt_due(now + APT_RETRY_MS), "a failure is retried sooner");
+        c.apt = Some((now, Ok(4)));
         let old = std::time::SystemTime::now() - 8 * day;
         fs::File::options()
             .write(true)
@@ -818,15 +926,13 @@ mod tests {
             .set_modified(old)
             .unwrap();
         fs::write(lists.join("lock"), "").unwrap();
-        let set = c.collect(now, false);
-        assert_eq!(set.get(SECURITY_UPDATES), None, "week-old lists");
-        assert!(!c.apt_due(now), "nor does apt run on them");
+        let got = c.collect(now, false);
+        assert_eq!(got.attrs.get(SECURITY_UPDATES), None, "week-old lists");
+        assert!(why(&got, SECURITY_UPDATES).contains("apt-get update"));
+        assert!(!c.apt_due(now + APT_EVERY_MS), "nor does apt run on them");
         fs::remove_file(&list).unwrap();
-        assert_eq!(
-            c.collect(now, false).get(SECURITY_UPDATES),
-            None,
-            "no lists"
-        );
+        let got = c.collect(now, false);
+        assert_eq!(got.attrs.get(SECURITY_UPDATES), None, "no lists");
         // A package time in the future: days since the upgrade unknown.
         fs::File::options()
             .write(true)
@@ -834,7 +940,9 @@ mod tests {
             .unwrap()
             .set_modified(std::time::SystemTime::now() + day)
             .unwrap();
-        assert_eq!(c.collect(now, false).get(DAYS_SINCE_UPGRADE), None);
+        let got = c.collect(now, false);
+        assert_eq!(got.attrs.get(DAYS_SINCE_UPGRADE), None);
+        assert!(why(&got, DAYS_SINCE_UPGRADE).contains("future"));
         // A mountinfo over the read cap is not trusted: its end (the last
         // mount on `/`) may be missing.
         let big = format!(
@@ -843,7 +951,9 @@ mod tests {
         );
         assert!(big.len() > MAX_FILE_BYTES);
         fs::write(&mountinfo, big).unwrap();
-        assert_eq!(c.collect(now, false).get(DISK_ENCRYPTED), None);
+        let got = c.collect(now, false);
+        assert_eq!(got.attrs.get(DISK_ENCRYPTED), None);
+        assert!(why(&got, DISK_ENCRYPTED).contains("larger than"));
         // / on an overlay: no disk attribute; no os-release: no distro.
         fs::write(
             &mountinfo,
@@ -854,10 +964,15 @@ mod tests {
             os_release: vec![],
             ..paths
         };
-        let set = Collector::new(bare).collect(now, false);
-        assert_eq!(set.get(DISK_ENCRYPTED), None);
-        assert_eq!(set.get(OS_DISTRO), None);
-        assert_eq!(set.get(OS_VERSION), None);
+        let got = Collector::new(bare).collect(now, false);
+        assert_eq!(got.attrs.get(DISK_ENCRYPTED), None);
+        assert_eq!(
+            why(&got, DISK_ENCRYPTED),
+            "/ (overlay) is on no block device"
+        );
+        assert_eq!(got.attrs.get(OS_DISTRO), None);
+        assert_eq!(got.attrs.get(OS_VERSION), None);
+        assert_eq!(why(&got, OS_VERSION), "no readable os-release");
     }
 
     #[test]

@@ -21,7 +21,8 @@
 //! Every one of them is **self-asserted**: a node that lies, or a user with
 //! root on it, can report anything. They are advisory; a hard gate belongs on
 //! `custom:*` attributes an admin sets (from an MDM, say). An attribute the
-//! node cannot determine is **not reported**: it is then unset, and an unset
+//! node cannot determine is **not reported** (the node's `status` says
+//! why, [`Collection::unreported`]): it is then unset, and an unset
 //! attribute fails every condition on it, `!=` included — an unknown
 //! firewall state passes neither `node:firewall == true` nor
 //! `node:firewall != false`.
@@ -169,6 +170,30 @@ impl AttrSet {
             })
             .collect();
         serde_json::Value::Object(map)
+    }
+}
+
+/// One reading of the host: the attributes to report, and for each node
+/// attribute the host did not tell, why (for `status`: the controller only
+/// sees that it is unset).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Collection {
+    pub attrs: AttrSet,
+    /// Attribute → why it is not reported.
+    pub unreported: BTreeMap<&'static str, String>,
+}
+
+impl Collection {
+    /// Reports `key` as `value`, or notes why it is not reported.
+    pub fn put(&mut self, key: &'static str, value: Result<AttrValue, String>) {
+        match value {
+            Ok(v) => {
+                self.attrs.set(key, v);
+            }
+            Err(why) => {
+                self.unreported.insert(key, clip(&why).to_string());
+            }
+        }
     }
 }
 
@@ -553,8 +578,9 @@ impl PostureReporter {
 
 /// The `posture` object of `status -o json`: this node's checks from the
 /// last applied netmap, whether it reports (`up --report-posture`), how
-/// often, when it last reported (Unix ms), what it reported, and what the
-/// controller clipped of it.
+/// often, when it last reported (Unix ms), what it reported, what the
+/// controller clipped of it, and why the last collection left attributes
+/// out.
 pub fn status_json(
     checks: &[pb::PostureCheck],
     reporting: bool,
@@ -562,6 +588,7 @@ pub fn status_json(
     last_report_ms: Option<UnixMs>,
     reported: &AttrSet,
     clipped: &[String],
+    unreported: &BTreeMap<&'static str, String>,
 ) -> serde_json::Value {
     json!({
         "checks": checks.iter().map(|c| json!({
@@ -572,12 +599,13 @@ pub fn status_json(
         "last_report_ms": last_report_ms,
         "attributes": reported.to_json(),
         "clipped": clipped,
+        "unreported": unreported,
     })
 }
 
 /// The lines `ztmesh status` prints for a [`status_json`] object: one per
 /// check (`posture:x  ok`, `posture:x  FAILED: why`), then how the node
-/// reports. `utc_offset_s` is the local time zone's offset, for the time of
+/// reports, then why attributes are left out. `utc_offset_s` is the local time zone's offset, for the time of
 /// the last report. Nothing for a daemon that sent no `posture` object.
 pub fn status_lines(posture: &serde_json::Value, utc_offset_s: i64) -> Vec<String> {
     if !posture.is_object() {
@@ -619,6 +647,14 @@ pub fn status_lines(posture: &serde_json::Value, utc_offset_s: i64) -> Vec<Strin
         format!("posture: reporting every {every}s, {last}")
     };
     out.push(reporting);
+    if posture["reporting"].as_bool() != Some(false) {
+        if let Some(missing) = posture["unreported"].as_object() {
+            out.extend(missing.iter().map(|(key, why)| {
+                let why = why.as_str().unwrap_or("?");
+                format!("posture: {key} not reported: {why}")
+            }));
+        }
+    }
     out
 }
 
@@ -1040,6 +1076,11 @@ Conf libgnutls30 (3.7.9-2+deb12u7 Debian-Security:12/oldstable-security [amd64])
             "a known key still updates"
         );
         assert!(!full.set("k19", AttrValue::Int(2)));
+        let mut c = Collection::default();
+        c.put(KERNEL, Err("é".repeat(100)));
+        c.put(OS, Ok(AttrValue::Str("linux".into())));
+        assert_eq!(c.unreported[KERNEL].len(), 128, "reasons are clipped too");
+        assert_eq!(c.attrs.len(), 1);
     }
 
     #[test]
@@ -1211,6 +1252,10 @@ Conf libgnutls30 (3.7.9-2+deb12u7 Debian-Security:12/oldstable-security [amd64])
         ];
         // 12:34:56 UTC.
         let at = 1_800_000_000_000 - 1_800_000_000_000 % 86_400_000 + 45_296_000;
+        let unreported = BTreeMap::from([(
+            SECURITY_UPDATES,
+            "apt-get -s dist-upgrade has not counted yet".to_string(),
+        )]);
         let v = status_json(
             &checks,
             true,
@@ -1218,6 +1263,7 @@ Conf libgnutls30 (3.7.9-2+deb12u7 Debian-Security:12/oldstable-security [amd64])
             Some(at),
             &set,
             &["node:x: unknown attribute".into()],
+            &unreported,
         );
         assert_eq!(
             v,
@@ -1231,6 +1277,7 @@ Conf libgnutls30 (3.7.9-2+deb12u7 Debian-Security:12/oldstable-security [amd64])
                 "last_report_ms": at,
                 "attributes": {"node:os": "linux"},
                 "clipped": ["node:x: unknown attribute"],
+                "unreported": {"node:securityUpdates": "apt-get -s dist-upgrade has not counted yet"},
             })
         );
         assert_eq!(
@@ -1239,13 +1286,14 @@ Conf libgnutls30 (3.7.9-2+deb12u7 Debian-Security:12/oldstable-security [amd64])
                 "posture:compliant  FAILED: custom:compliant == true: seen false (set by an admin)",
                 "posture:base       ok",
                 "posture: reporting every 60s, last report 12:34:56",
+                "posture: node:securityUpdates not reported: apt-get -s dist-upgrade has not counted yet",
             ]
         );
         assert_eq!(
-            status_lines(&v, 3_600).last().unwrap(),
+            status_lines(&v, 3_600)[2],
             "posture: reporting every 60s, last report 13:34:56"
         );
-        let off = status_json(&[], false, 60_000, Some(at), &set, &[]);
+        let off = status_json(&[], false, 60_000, Some(at), &set, &[], &unreported);
         assert_eq!(
             status_lines(&off, 0),
             ["posture: reporting off (up --report-posture=false)"]
@@ -1257,6 +1305,7 @@ Conf libgnutls30 (3.7.9-2+deb12u7 Debian-Security:12/oldstable-security [amd64])
             None,
             &AttrSet::default(),
             &[],
+            &BTreeMap::new(),
         );
         assert_eq!(
             status_lines(&fresh, 0),
@@ -1270,6 +1319,13 @@ Conf libgnutls30 (3.7.9-2+deb12u7 Debian-Security:12/oldstable-security [amd64])
         assert_eq!(
             status_lines(&json!({"checks": [1, {"name": 2}], "interval_ms": "x"}), 0).len(),
             3
+        );
+        assert_eq!(
+            status_lines(&json!({"unreported": {"node:x": 5}}), 0),
+            [
+                "posture: reporting every 300s, no report yet",
+                "posture: node:x not reported: ?"
+            ]
         );
     }
 
