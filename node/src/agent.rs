@@ -900,11 +900,15 @@ impl Daemon {
                         .as_ref()
                         .map(|(c, _)| c.unreported.clone())
                         .unwrap_or_default();
-                    self.report_posture(&mut ctl, &mut posture, current.map(|(c, at)| (c.attrs, at))).await;
+                    let current = current.map(|(c, at)| (c.attrs, at));
+                    self.report_posture(&mut ctl, &mut posture, current).await;
                     continue;
                 }
                 _ = posture_check.tick() => {
-                    let current = attrs.borrow().as_ref().map(|(c, at)| (c.attrs.clone(), *at));
+                    let current = attrs
+                        .borrow()
+                        .as_ref()
+                        .map(|(c, at)| (c.attrs.clone(), *at));
                     self.report_posture(&mut ctl, &mut posture, current).await;
                     continue;
                 }
