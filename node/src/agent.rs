@@ -14,6 +14,7 @@
 //! node drops its peers but keeps its enrollment and keys; the next `ztmesh
 //! up` re-authenticates the same node, either way.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -47,7 +48,7 @@ use crate::io::{interface_addresses, DataPlane, DataPlaneConfig, RelaySetup};
 use crate::localapi::{authorize, to_line, Caller, Progress, Request, Response, MAX_LINE};
 use crate::nat::discovery::{stun_servers, with_primary, EndpointReporter, STUN_INTERVAL};
 use crate::posture::collect::Collector;
-use crate::posture::{self, AttrSet, PostureReporter};
+use crate::posture::{self, AttrSet, Collection, PostureReporter};
 use crate::routing::{self, Offered, Prefs, PrefsUpdate};
 use crate::tunnel::Destination;
 
@@ -58,11 +59,11 @@ const FLOW_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 const ENDPOINT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a session waits for STUN answers before its first endpoint report.
 const DISCOVERY_SETTLE: Duration = Duration::from_secs(1);
-/// How often the posture attributes are read again; a change is reported
-/// soon after (see [`PostureReporter`]).
-const POSTURE_COLLECT_INTERVAL: Duration = Duration::from_secs(15);
 /// How often a session asks [`PostureReporter`] whether a report is due.
 const POSTURE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest wait for the controller to answer a `ReportPosture` (the session
+/// loop waits for it); then the report counts as failed and is retried.
+const POSTURE_REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most lines of a `ReportPosture` answer kept for `status` and the log.
 const MAX_CLIPPED_LINES: usize = 32;
 
@@ -219,6 +220,8 @@ struct State {
     enrolling: bool,
     /// The last posture report the controller took.
     posture_sent: Option<PostureSent>,
+    /// Why the last posture collection left attributes out (for `status`).
+    posture_unreported: BTreeMap<&'static str, String>,
 }
 
 /// A posture report the controller took (for `status`).
@@ -698,13 +701,10 @@ impl Daemon {
     }
 
     /// Tells the controller what this node advertises (every session, and
-    /// when `up` changes it). A refusal is logged, not fatal: the session
-    /// goes on without the routes.
-    async fn advertise(&self, ctl: &mut Controller) {
-        let (routes, exit) = {
-            let p = self.prefs.borrow();
-            (p.advertise_routes.clone(), p.advertise_exit_node)
-        };
+    /// when `up` changes it) and returns what that was. A refusal is
+    /// logged, not fatal: the session goes on without the routes.
+    async fn advertise(&self, ctl: &mut Controller) -> (Vec<IpNet>, bool) {
+        let (routes, exit) = self.prefs.borrow().advertisement();
         let text: Vec<String> = routes.iter().map(ToString::to_string).collect();
         match ctl.set_routes(&self.keys().machine, text, exit).await {
             Ok(r) => tracing::info!(
@@ -716,6 +716,7 @@ impl Daemon {
                 tracing::error!(code = ?s.code(), error = %s.message(), "routes refused by the controller")
             }
         }
+        (routes, exit)
     }
 
     /// Re-applies the host routes for the map in force (or none).
@@ -769,11 +770,14 @@ impl Daemon {
         }
         write_secret_file(&self.path("prefs.json"), &serde_json::to_vec_pretty(&new)?)?;
         let dns_off = old.accept_dns && !new.accept_dns;
+        let host_changed = old.host_changed(&new);
         self.prefs.send_replace(new);
         if dns_off {
             self.dns_stop();
         }
-        self.reinstall().await;
+        if host_changed {
+            self.reinstall().await;
+        }
         Ok(())
     }
 
@@ -833,7 +837,7 @@ impl Daemon {
         }
         let mut prefs = self.prefs.subscribe();
         prefs.mark_unchanged();
-        self.advertise(&mut ctl).await;
+        let mut advertised = self.advertise(&mut ctl).await;
         let mut stream = ctl
             .stream(&self.keys().machine, *have)
             .await
@@ -892,17 +896,30 @@ impl Daemon {
                 }
                 Ok(()) = attrs.changed() => {
                     let current = attrs.borrow_and_update().clone();
+                    self.lock().posture_unreported = current
+                        .as_ref()
+                        .map(|(c, _)| c.unreported.clone())
+                        .unwrap_or_default();
+                    let current = current.map(|(c, at)| (c.attrs, at));
                     self.report_posture(&mut ctl, &mut posture, current).await;
                     continue;
                 }
                 _ = posture_check.tick() => {
-                    let current = attrs.borrow().clone();
+                    let current = attrs
+                        .borrow()
+                        .as_ref()
+                        .map(|(c, at)| (c.attrs.clone(), *at));
                     self.report_posture(&mut ctl, &mut posture, current).await;
                     continue;
                 }
                 Ok(()) = prefs.changed() => {
                     prefs.mark_unchanged();
-                    self.advertise(&mut ctl).await;
+                    // Only a change of what is advertised is news to the
+                    // controller (not, say, `--report-posture`).
+                    let changed = self.prefs.borrow().advertisement() != advertised;
+                    if changed {
+                        advertised = self.advertise(&mut ctl).await;
+                    }
                     continue;
                 }
             };
@@ -1017,13 +1034,15 @@ impl Daemon {
         &self,
         ctl: &mut Controller,
         reporter: &mut PostureReporter,
-        current: Option<AttrSet>,
+        current: Option<(AttrSet, i64)>,
     ) {
         if !self.prefs.borrow().report_posture {
             reporter.pause();
             return;
         }
-        let Some(attrs) = current else { return };
+        let Some((attrs, collected_ms)) = current else {
+            return;
+        };
         let interval = posture::report_interval_ms(
             self.lock()
                 .netmap
@@ -1031,13 +1050,23 @@ impl Daemon {
                 .map_or(0, |m| m.posture_interval_ms),
         );
         let now = now_ms();
-        if !reporter.poll(now, interval, &attrs) {
+        if !reporter.poll(now, interval, &attrs, collected_ms) {
             return;
         }
-        match ctl
-            .report_posture(&self.keys().machine, attrs.to_proto())
-            .await
-        {
+        let sent = tokio::time::timeout(
+            POSTURE_REPORT_TIMEOUT,
+            ctl.report_posture(&self.keys().machine, attrs.to_proto()),
+        )
+        .await;
+        let Ok(sent) = sent else {
+            reporter.failed();
+            tracing::warn!(
+                timeout_s = POSTURE_REPORT_TIMEOUT.as_secs(),
+                "posture report unanswered; retrying later"
+            );
+            return;
+        };
+        match sent {
             Ok(mut clipped) => {
                 clipped.truncate(MAX_CLIPPED_LINES);
                 for line in &mut clipped {
@@ -1600,6 +1629,7 @@ impl Daemon {
                 sent.map(|s| s.at_ms),
                 sent.map_or(&AttrSet::default(), |s| &s.attributes),
                 sent.map_or(&[][..], |s| &s.clipped),
+                &st.posture_unreported,
             )
         };
         let stats = self
@@ -2132,6 +2162,7 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
             key_expiry_ms: None,
             enrolling: false,
             posture_sent: None,
+            posture_unreported: BTreeMap::new(),
         }),
         dp: tokio::sync::Mutex::new(None),
         live_serial,
@@ -2214,19 +2245,27 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads the posture attributes every [`POSTURE_COLLECT_INTERVAL`] while
+/// A posture collection and when it finished (Unix ms).
+type Collected = (Collection, i64);
+
+/// Reads the posture attributes every [`posture::COLLECT_INTERVAL`] while
 /// `up --report-posture` is on, on a blocking thread (nft and apt-get may
-/// take seconds), and publishes them when they change. A pass that may run
-/// `apt-get` follows a quick one without it, so a session's first report
-/// does not wait for apt.
+/// take seconds), and publishes each collection with its time (waking the
+/// session when it changed); publishes `None` while reporting
+/// is off, so turning it on again never sends the set of long ago. A pass
+/// that may run `apt-get` follows a quick one without it, so a session's
+/// first report does not wait for apt.
 async fn collect_posture(
     collector: Arc<Mutex<Collector>>,
     mut prefs: watch::Receiver<Prefs>,
-    out: watch::Sender<Option<AttrSet>>,
+    out: watch::Sender<Option<Collected>>,
 ) {
     loop {
         if prefs.borrow_and_update().report_posture {
             for run_apt in [false, true] {
+                if run_apt && !prefs.borrow().report_posture {
+                    break;
+                }
                 let c = collector.clone();
                 let read = tokio::task::spawn_blocking(move || {
                     let mut c = c.lock().unwrap_or_else(|p| p.into_inner());
@@ -2237,9 +2276,10 @@ async fn collect_posture(
                 .await;
                 match read {
                     Ok(Some(set)) => {
+                        let at = now_ms();
                         out.send_if_modified(|cur| {
-                            let changed = cur.as_ref() != Some(&set);
-                            *cur = Some(set);
+                            let changed = cur.as_ref().is_none_or(|(old, _)| *old != set);
+                            *cur = Some((set, at));
                             changed
                         });
                     }
@@ -2247,9 +2287,11 @@ async fn collect_posture(
                     Err(e) => tracing::error!(error = %e, "posture collection failed"),
                 }
             }
+        } else {
+            out.send_if_modified(|cur| cur.take().is_some());
         }
         tokio::select! {
-            () = tokio::time::sleep(POSTURE_COLLECT_INTERVAL) => {}
+            () = tokio::time::sleep(posture::COLLECT_INTERVAL) => {}
             r = prefs.changed() => if r.is_err() { return },
         }
     }

@@ -1,10 +1,15 @@
 //! The `ztmesh` binary: the node daemon, its CLI, and standalone tunnel mode.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ztmesh_node::cli::{self, AgentCmd};
 use ztmesh_node::privs;
+
+/// Longest wait for the runtime's remaining tasks once `main`'s future is
+/// done.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// ztmesh node: userspace WireGuard data plane and mesh agent.
 #[derive(Parser, Debug)]
@@ -76,6 +81,12 @@ fn main() -> ExitCode {
             (Command::Agent(cmd), None) => cli::run(cmd).await,
         }
     });
+    // Dropping the runtime would wait for every blocking task, and a posture
+    // collection may be running apt-get (seconds) or stuck in a read: after
+    // SIGTERM the daemon exits within this bound instead, and takes the
+    // commands it started with it.
+    ztmesh_node::posture::collect::kill_running();
+    runtime.shutdown_timeout(SHUTDOWN_TIMEOUT);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),

@@ -183,6 +183,23 @@ impl Prefs {
         }
         Ok(p)
     }
+
+    /// What the node advertises to the controller: its subnet routes and
+    /// whether it offers itself as an exit node.
+    pub fn advertisement(&self) -> (Vec<IpNet>, bool) {
+        (self.advertise_routes.clone(), self.advertise_exit_node)
+    }
+
+    /// Whether going from these prefs to `new` changes what the host and
+    /// the data plane are configured from: anything but `report_posture`,
+    /// which only the posture reporter reads.
+    pub fn host_changed(&self, new: &Prefs) -> bool {
+        let same_posture = Prefs {
+            report_posture: self.report_posture,
+            ..new.clone()
+        };
+        *self != same_posture
+    }
 }
 
 /// Whether `net` is a default route (`0.0.0.0/0` or `::/0`).
@@ -362,6 +379,13 @@ mod tests {
             !quiet.report_posture && !quiet.accept_dns,
             "only what is named"
         );
+        // Turning posture reports off or on touches neither the host nor
+        // what is advertised; anything else does.
+        assert!(!p2.host_changed(&quiet) && !quiet.host_changed(&p2));
+        assert_eq!(p2.advertisement(), quiet.advertisement());
+        assert!(p.host_changed(&p2), "accept_dns");
+        assert_eq!(p.advertisement(), p2.advertisement(), "not advertised");
+        assert!(!p.host_changed(&p));
         let cleared = p2
             .updated(
                 &PrefsUpdate {
@@ -374,6 +398,7 @@ mod tests {
             )
             .unwrap();
         assert!(cleared.advertise_routes.is_empty() && cleared.exit_node.is_none());
+        assert_ne!(cleared.advertisement(), p2.advertisement());
         let bad = PrefsUpdate {
             advertise_routes: Some("198.19.50.0/24,0.0.0.0/0".into()),
             exit_node: Some("other".into()),

@@ -150,10 +150,12 @@ struct Script {
     serial: AtomicU64,
     /// Every posture report, and whether its proof verified for the method.
     postures: Mutex<Vec<(bool, pb::ReportPostureRequest)>>,
+    /// `SetRoutes` calls (advertisements).
+    routes_calls: AtomicU32,
 }
 
-/// The posture interval the scripted maps ask for.
-const POSTURE_INTERVAL_MS: i64 = 1_000;
+/// The posture interval the scripted maps ask for (the node's floor).
+const POSTURE_INTERVAL_MS: i64 = 2_000;
 /// What the scripted controller says it clipped of every posture report.
 const CLIPPED: &str = "node:colour: unknown attribute";
 
@@ -174,6 +176,7 @@ impl Script {
             stream_calls: AtomicU32::new(0),
             serial: AtomicU64::new(1),
             postures: Mutex::new(Vec::new()),
+            routes_calls: AtomicU32::new(0),
         }
     }
 
@@ -376,6 +379,7 @@ impl Control for Scripted {
         &self,
         _: Request<pb::SetRoutesRequest>,
     ) -> Result<Response<pb::SetRoutesResponse>, Status> {
+        self.0.routes_calls.fetch_add(1, Ordering::SeqCst);
         Ok(Response::new(pb::SetRoutesResponse::default()))
     }
 
@@ -980,11 +984,11 @@ fn posture_reports_follow_the_map_and_the_pref(
     let mut sorted = keys.clone();
     sorted.sort_unstable();
     assert_eq!(keys, sorted, "in key order");
-    // Every posture_interval_ms (1 s) while nothing changes.
+    // Every posture_interval_ms (2 s) while nothing changes.
     let at = Instant::now();
     wait_for("reports on the interval", 3);
     assert!(
-        at.elapsed() >= Duration::from_millis(900),
+        at.elapsed() >= Duration::from_millis(1_900),
         "not faster than asked"
     );
 
@@ -1009,7 +1013,7 @@ fn posture_reports_follow_the_map_and_the_pref(
     for want in [
         "posture:compliant  FAILED: custom:compliant == true: seen false (set by an admin)\n",
         "posture:base       ok\n",
-        "posture: reporting every 1s, last report ",
+        "posture: reporting every 2s, last report ",
     ] {
         assert!(out.contains(want), "{want:?} in\n{out}");
     }
@@ -1020,6 +1024,7 @@ fn posture_reports_follow_the_map_and_the_pref(
     );
 
     // Off: no more reports (the controller lets the last one go stale).
+    let advertised = script.routes_calls.load(Ordering::SeqCst);
     let out = up(&["--report-posture=false"]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let s = node.status();
@@ -1030,7 +1035,7 @@ fn posture_reports_follow_the_map_and_the_pref(
     // A report already on its way may still land.
     std::thread::sleep(Duration::from_millis(1_200));
     let quiet = reports();
-    std::thread::sleep(Duration::from_millis(3_000));
+    std::thread::sleep(Duration::from_millis(4_500));
     assert_eq!(reports(), quiet, "no reports while off");
 
     // On again: a report at once, without a reconnect.
@@ -1044,4 +1049,9 @@ fn posture_reports_follow_the_map_and_the_pref(
         "same session"
     );
     assert_eq!(node.status()["posture"]["reporting"], true);
+    assert_eq!(
+        script.routes_calls.load(Ordering::SeqCst),
+        advertised,
+        "toggling posture reports advertises nothing"
+    );
 }

@@ -29,7 +29,16 @@ fn shell(script: &str) -> String {
 #[test]
 fn the_real_collection_agrees_with_the_host() {
     let now = ztmesh_proto::time::now_ms();
-    let set = Collector::default().collect(now, true);
+    let got = Collector::default().collect(now, true);
+    let set = &got.attrs;
+    // Every attribute is reported or its absence explained.
+    for (key, _) in ztmesh_policy::NODE_ATTRIBUTES {
+        assert!(
+            set.get(key).is_some() != got.unreported.contains_key(key),
+            "{key}: {:?}",
+            got.unreported.get(key)
+        );
+    }
     assert_eq!(text(set.get(posture::OS)), Some("linux"));
     assert_eq!(
         text(set.get(posture::KERNEL)),
@@ -84,7 +93,7 @@ fn the_real_collection_agrees_with_the_host() {
         );
     }
     assert!(set.len() <= posture::MAX_ATTRIBUTES);
-    eprintln!("collected: {set:?}");
+    eprintln!("collected: {set:?}; not reported: {:?}", got.unreported);
 }
 
 /// Loads `ruleset` with nft in a fresh network namespace and reads it
@@ -94,7 +103,7 @@ fn firewall_in_fresh_netns(ruleset: &str) -> Option<bool> {
     let nft = find_program("nft")?;
     let unshare = find_program("unshare")?;
     let nft = nft.display().to_string();
-    let script = format!("{nft} -f - <<'EOF'\n{ruleset}\nEOF\nexec {nft} -j list ruleset");
+    let script = format!("{nft} -f - <<'EOF'\n{ruleset}\nEOF\nexec {nft} -j -t list ruleset");
     let out = run_bounded(
         &unshare,
         &["-n", "sh", "-c", &script],
@@ -124,6 +133,20 @@ fn nft_rulesets_in_a_fresh_namespace_read_as_expected() {
         ),
         (
             "table inet ztmesh_ztm0 { chain input { type filter hook input priority -10; policy accept; iifname \"ztm0\" drop; }; }",
+            false,
+        ),
+        // A blocklist: its elements are left out of the terse listing.
+        (
+            "table inet t { set bl { type ipv4_addr; elements = { 198.18.0.1, 198.18.0.2 }; }; chain input { type filter hook input priority 0; policy accept; ip saddr @bl drop; }; }",
+            true,
+        ),
+        // A dormant table does not run; a nat chain on input does not filter.
+        (
+            "table ip d { flags dormant; chain input { type filter hook input priority 0; policy drop; }; }",
+            false,
+        ),
+        (
+            "table ip n { chain pre { type nat hook input priority 100; policy accept; counter; }; }",
             false,
         ),
     ];

@@ -13,15 +13,16 @@
 //! | `node:osVersion` | e.g. `"12"` | `VERSION_ID` of `/etc/os-release` |
 //! | `node:kernel` | e.g. `"6.1.0-18-amd64"` | `uname(2)` release |
 //! | `node:tsVersion` | the agent's version | the crate version |
-//! | `node:firewall` | bool | an nftables base chain on the input hook ([`firewall_active`]) |
+//! | `node:firewall` | bool | an nftables filter base chain on the input hook ([`firewall_active`]) |
 //! | `node:diskEncrypted` | bool | dm-crypt under the device of `/` ([`collect::disk_encrypted`]) |
-//! | `node:securityUpdates` | int | pending upgrades from a security suite ([`pending_security_updates`]) |
-//! | `node:daysSinceUpgrade` | int | days since the package set last changed ([`whole_days`]) |
+//! | `node:securityUpdates` | int | pending upgrades from a security suite ([`pending_security_updates`]), only while apt's package lists are recent ([`apt_lists_fresh`]) |
+//! | `node:daysSinceUpgrade` | int | days since the package set last changed ([`days_since_upgrade`]) |
 //!
 //! Every one of them is **self-asserted**: a node that lies, or a user with
 //! root on it, can report anything. They are advisory; a hard gate belongs on
 //! `custom:*` attributes an admin sets (from an MDM, say). An attribute the
-//! node cannot determine is **not reported**: it is then unset, and an unset
+//! node cannot determine is **not reported** (the node's `status` says
+//! why, [`Collection::unreported`]): it is then unset, and an unset
 //! attribute fails every condition on it, `!=` included — an unknown
 //! firewall state passes neither `node:firewall == true` nor
 //! `node:firewall != false`.
@@ -29,6 +30,7 @@
 pub mod collect;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 pub use ztmesh_policy::AttrValue;
 
@@ -64,13 +66,29 @@ pub const MAX_ATTRIBUTES: usize = 16;
 /// Report interval when the netmap names none (`posture_interval_ms` 0).
 pub const DEFAULT_INTERVAL_MS: i64 = 300_000;
 /// Least time between two reports, whatever the netmap says or how often
-/// the attributes change.
-pub const MIN_INTERVAL_MS: i64 = 1_000;
+/// the attributes change: the controller takes 10 reports at once, then
+/// one per 2 s.
+pub const MIN_INTERVAL_MS: i64 = 2_000;
 /// Longest interval honoured: a map asking for less often than this gets
 /// reports this often (more often than asked only refreshes the report).
 pub const MAX_INTERVAL_MS: i64 = 3_600_000;
 /// Delay before a failed report is tried again (or the interval, if shorter).
 pub const RETRY_MS: i64 = 10_000;
+/// How often the agent reads the attributes again.
+pub const COLLECT_INTERVAL: Duration = Duration::from_secs(15);
+/// Oldest collection still reported: about two collection intervals. A
+/// collection that hangs (a blocking read that never returns) must not
+/// keep an old set alive; the node then sends nothing and its last report
+/// goes stale at the controller.
+pub const MAX_COLLECTED_AGE_MS: i64 = 30_000;
+/// How far in the future a file time may lie and still be believed (clocks
+/// of file servers and of the host disagree a little); beyond it the time
+/// is unknown.
+pub const FUTURE_SLACK_MS: i64 = 60_000;
+/// Oldest apt package lists whose pending-update count is reported: older
+/// lists do not know of recent security releases, so their count would be a
+/// reassuring, stale 0.
+pub const MAX_APT_LISTS_AGE_MS: i64 = 7 * 86_400_000;
 
 /// The nftables tables of ztmesh itself (`ztmesh_<interface>`, see
 /// [`crate::io::hostroute`]): they guard the tunnel, not the host, and do
@@ -152,6 +170,30 @@ impl AttrSet {
             })
             .collect();
         serde_json::Value::Object(map)
+    }
+}
+
+/// One reading of the host: the attributes to report, and for each node
+/// attribute the host did not tell, why (for `status`: the controller only
+/// sees that it is unset).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Collection {
+    pub attrs: AttrSet,
+    /// Attribute → why it is not reported.
+    pub unreported: BTreeMap<&'static str, String>,
+}
+
+impl Collection {
+    /// Reports `key` as `value`, or notes why it is not reported.
+    pub fn put(&mut self, key: &'static str, value: Result<AttrValue, String>) {
+        match value {
+            Ok(v) => {
+                self.attrs.set(key, v);
+            }
+            Err(why) => {
+                self.unreported.insert(key, clip(&why).to_string());
+            }
+        }
     }
 }
 
@@ -290,14 +332,17 @@ pub enum NftError {
     NoRuleset,
 }
 
-/// Whether the ruleset (`nft -j list ruleset`, libnftables-json(5)) has a
-/// host firewall: a base chain of family `ip`, `ip6` or `inet` on the
-/// `input` hook whose policy is `drop` or that holds any rule. Tables named
-/// [`OWN_NFT_TABLE_PREFIX`]`*` are ztmesh's own and do not count.
+/// Whether the ruleset (`nft -j -t list ruleset`, libnftables-json(5)) has
+/// a host firewall: a base chain of type `filter`, family `ip`, `ip6` or
+/// `inet`, on the `input` hook, whose policy is `drop` or that holds any
+/// rule. Tables named [`OWN_NFT_TABLE_PREFIX`]`*` are ztmesh's own and do
+/// not count; nor do dormant tables (flag `dormant`), whose chains the
+/// kernel does not run.
 ///
 /// Only the input hook counts: it is what guards the host itself. A
 /// `forward` chain with policy drop is what Docker installs on any host
-/// running it, and says nothing about what reaches the host.
+/// running it, and says nothing about what reaches the host. A `nat` or
+/// `route` chain on that hook does not filter.
 ///
 /// # Errors
 /// [`NftError`] when the text is not an nftables JSON ruleset.
@@ -305,16 +350,31 @@ pub fn firewall_active(nft_json: &str) -> Result<bool, NftError> {
     let doc: serde_json::Value =
         serde_json::from_str(nft_json).map_err(|e| NftError::NotJson(e.to_string()))?;
     let items = doc["nftables"].as_array().ok_or(NftError::NoRuleset)?;
-    let host_family = |o: &serde_json::Value| {
-        matches!(o["family"].as_str(), Some("ip" | "ip6" | "inet"))
-            && !o["table"]
-                .as_str()
-                .is_some_and(|t| t.starts_with(OWN_NFT_TABLE_PREFIX))
+    let dormant: Vec<(&str, &str)> = items
+        .iter()
+        .map(|i| &i["table"])
+        .filter(|t| t.is_object() && is_dormant(&t["flags"]))
+        .map(|t| {
+            (
+                t["family"].as_str().unwrap_or_default(),
+                t["name"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let host_table = |o: &serde_json::Value| {
+        let family = o["family"].as_str().unwrap_or_default();
+        let table = o["table"].as_str().unwrap_or_default();
+        matches!(family, "ip" | "ip6" | "inet")
+            && !table.starts_with(OWN_NFT_TABLE_PREFIX)
+            && !dormant.contains(&(family, table))
     };
-    // (family, table, chain) of the input base chains whose policy accepts.
+    // (family, table, chain) of the input filter chains whose policy accepts.
     let mut accepting: Vec<(&str, &str, &str)> = Vec::new();
     for chain in items.iter().map(|i| &i["chain"]).filter(|c| c.is_object()) {
-        if !host_family(chain) || chain["hook"].as_str() != Some("input") {
+        if !host_table(chain)
+            || chain["hook"].as_str() != Some("input")
+            || chain["type"].as_str() != Some("filter")
+        {
             continue;
         }
         if chain["policy"].as_str() == Some("drop") {
@@ -329,7 +389,7 @@ pub fn firewall_active(nft_json: &str) -> Result<bool, NftError> {
     let has_rule = items
         .iter()
         .map(|i| &i["rule"])
-        .filter(|r| r.is_object() && host_family(r))
+        .filter(|r| r.is_object() && host_table(r))
         .any(|r| {
             let key = (
                 r["family"].as_str().unwrap_or_default(),
@@ -341,8 +401,19 @@ pub fn firewall_active(nft_json: &str) -> Result<bool, NftError> {
     Ok(has_rule)
 }
 
+/// Whether a table's `flags` (one name or an array of names) include
+/// `dormant`. nft 1.0.6 prints a lone flag by its first letter (`"d"`), a
+/// bug later versions fixed; both spellings count.
+fn is_dormant(flags: &serde_json::Value) -> bool {
+    let dormant = |f: &serde_json::Value| matches!(f.as_str(), Some("dormant" | "d"));
+    match flags {
+        serde_json::Value::Array(list) => list.iter().any(dormant),
+        f => dormant(f),
+    }
+}
+
 /// The number of pending upgrades from a security suite in the output of
-/// `apt-get -s upgrade`: `Inst` lines whose origins (in the first
+/// `apt-get -s dist-upgrade`: `Inst` lines whose origins (in the first
 /// parentheses, after the candidate version) name a `security` suite, e.g.
 /// `Inst libssl3 [3.0.11-1] (3.0.11-2 Debian-Security:12/stable-security [amd64])`.
 pub fn pending_security_updates(apt_output: &str) -> u32 {
@@ -364,10 +435,48 @@ pub fn pending_security_updates(apt_output: &str) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-/// Whole days from `then_ms` to `now_ms`; 0 when `then_ms` is in the future
-/// (a clock set back, or a file touched with a future time).
+/// Whole days from `then_ms` to `now_ms`; 0 when `then_ms` is in the future.
 pub fn whole_days(now_ms: UnixMs, then_ms: UnixMs) -> i64 {
     now_ms.saturating_sub(then_ms).max(0) / 86_400_000
+}
+
+/// `node:daysSinceUpgrade` from the newest modification time of the
+/// package database's files: whole days since then; unknown (`None`)
+/// without a time, or when the time lies more than [`FUTURE_SLACK_MS`]
+/// ahead of `now_ms` (a file touched with a future time, or a clock set
+/// back): a 0 would pass every `< N` gate.
+pub fn days_since_upgrade(now_ms: UnixMs, newest_ms: Option<UnixMs>) -> Option<i64> {
+    let newest = newest_ms?;
+    (newest.saturating_sub(now_ms) <= FUTURE_SLACK_MS).then(|| whole_days(now_ms, newest))
+}
+
+/// Whether apt's package lists, last written at `newest_ms` (the newest
+/// modification time under `/var/lib/apt/lists`; `None` when there are
+/// none), are recent enough for a pending-update count to mean something:
+/// at most [`MAX_APT_LISTS_AGE_MS`] old and not more than
+/// [`FUTURE_SLACK_MS`] in the future.
+pub fn apt_lists_fresh(now_ms: UnixMs, newest_ms: Option<UnixMs>) -> bool {
+    newest_ms.is_some_and(|t| {
+        t.saturating_sub(now_ms) <= FUTURE_SLACK_MS
+            && now_ms.saturating_sub(t) <= MAX_APT_LISTS_AGE_MS
+    })
+}
+
+/// Whether a device-mapper `dm/uuid` names a target that encrypts: the
+/// prefixes cryptsetup gives LUKS1, LUKS2, plain dm-crypt, TrueCrypt /
+/// VeraCrypt, BitLocker and loop-AES mappings. cryptsetup's other
+/// `CRYPT-` mappings (`VERITY`, `INTEGRITY`, `SUBDEV`) check or carry data
+/// without encrypting it.
+pub fn is_encrypting_dm_uuid(uuid: &str) -> bool {
+    const ENCRYPTING: [&str; 6] = [
+        "CRYPT-LUKS1-",
+        "CRYPT-LUKS2-",
+        "CRYPT-PLAIN-",
+        "CRYPT-TCRYPT-",
+        "CRYPT-BITLK-",
+        "CRYPT-LOOPAES-",
+    ];
+    ENCRYPTING.iter().any(|p| uuid.starts_with(p))
 }
 
 /// The report interval for a netmap's `posture_interval_ms`: the default
@@ -405,8 +514,12 @@ pub fn report_due(
 /// remembers what it sent.
 #[derive(Debug, Clone, Default)]
 pub struct PostureReporter {
-    /// The attributes of the last attempt and when it was made.
-    last: Option<(AttrSet, UnixMs)>,
+    /// When the last attempt was made; kept across [`Self::pause`], so
+    /// turning reporting off and on cannot beat [`MIN_INTERVAL_MS`].
+    last_ms: Option<UnixMs>,
+    /// The attributes of the last attempt (`None` after a pause: the next
+    /// set counts as a change).
+    last_attrs: Option<AttrSet>,
     /// The last attempt failed: retry after [`RETRY_MS`].
     failed: bool,
     /// The controller does not know `ReportPosture`: quiet for this session.
@@ -414,22 +527,31 @@ pub struct PostureReporter {
 }
 
 impl PostureReporter {
-    /// Whether to report `current` at `now_ms` under the netmap's interval
-    /// (already passed through [`report_interval_ms`]); a `true` is recorded
-    /// as an attempt (call [`Self::failed`] if it does not go through).
-    pub fn poll(&mut self, now_ms: UnixMs, interval_ms: i64, current: &AttrSet) -> bool {
-        if self.unsupported {
+    /// Whether to report `current`, collected at `collected_ms`, at `now_ms`
+    /// under the netmap's interval (already passed through
+    /// [`report_interval_ms`]); a `true` is recorded as an attempt (call
+    /// [`Self::failed`] if it does not go through). A set collected more
+    /// than [`MAX_COLLECTED_AGE_MS`] from `now_ms` (either way: a clock
+    /// step) is never reported.
+    pub fn poll(
+        &mut self,
+        now_ms: UnixMs,
+        interval_ms: i64,
+        current: &AttrSet,
+        collected_ms: UnixMs,
+    ) -> bool {
+        if self.unsupported || now_ms.abs_diff(collected_ms) > MAX_COLLECTED_AGE_MS.unsigned_abs() {
             return false;
         }
-        let last_ms = self.last.as_ref().map(|(_, t)| *t);
         let due = if self.failed {
-            report_due(now_ms, last_ms, interval_ms.min(RETRY_MS), false)
+            report_due(now_ms, self.last_ms, interval_ms.min(RETRY_MS), false)
         } else {
-            let changed = self.last.as_ref().is_none_or(|(a, _)| a != current);
-            report_due(now_ms, last_ms, interval_ms, changed)
+            let changed = self.last_attrs.as_ref() != Some(current);
+            report_due(now_ms, self.last_ms, interval_ms, changed)
         };
         if due {
-            self.last = Some((current.clone(), now_ms));
+            self.last_ms = Some(now_ms);
+            self.last_attrs = Some(current.clone());
             self.failed = false;
         }
         due
@@ -446,19 +568,19 @@ impl PostureReporter {
         self.unsupported = true;
     }
 
-    /// Reporting was turned off: when it is turned on again, report at once.
+    /// Reporting was turned off: when it is turned on again, the first set
+    /// goes out as soon as [`MIN_INTERVAL_MS`] since the last attempt allows.
     pub fn pause(&mut self) {
-        *self = Self {
-            unsupported: self.unsupported,
-            ..Self::default()
-        };
+        self.last_attrs = None;
+        self.failed = false;
     }
 }
 
 /// The `posture` object of `status -o json`: this node's checks from the
 /// last applied netmap, whether it reports (`up --report-posture`), how
-/// often, when it last reported (Unix ms), what it reported, and what the
-/// controller clipped of it.
+/// often, when it last reported (Unix ms), what it reported, what the
+/// controller clipped of it, and why the last collection left attributes
+/// out.
 pub fn status_json(
     checks: &[pb::PostureCheck],
     reporting: bool,
@@ -466,6 +588,7 @@ pub fn status_json(
     last_report_ms: Option<UnixMs>,
     reported: &AttrSet,
     clipped: &[String],
+    unreported: &BTreeMap<&'static str, String>,
 ) -> serde_json::Value {
     json!({
         "checks": checks.iter().map(|c| json!({
@@ -476,12 +599,13 @@ pub fn status_json(
         "last_report_ms": last_report_ms,
         "attributes": reported.to_json(),
         "clipped": clipped,
+        "unreported": unreported,
     })
 }
 
 /// The lines `ztmesh status` prints for a [`status_json`] object: one per
 /// check (`posture:x  ok`, `posture:x  FAILED: why`), then how the node
-/// reports. `utc_offset_s` is the local time zone's offset, for the time of
+/// reports, then why attributes are left out. `utc_offset_s` is the local time zone's offset, for the time of
 /// the last report. Nothing for a daemon that sent no `posture` object.
 pub fn status_lines(posture: &serde_json::Value, utc_offset_s: i64) -> Vec<String> {
     if !posture.is_object() {
@@ -523,6 +647,14 @@ pub fn status_lines(posture: &serde_json::Value, utc_offset_s: i64) -> Vec<Strin
         format!("posture: reporting every {every}s, {last}")
     };
     out.push(reporting);
+    if posture["reporting"].as_bool() != Some(false) {
+        if let Some(missing) = posture["unreported"].as_object() {
+            out.extend(missing.iter().map(|(key, why)| {
+                let why = why.as_str().unwrap_or("?");
+                format!("posture: {key} not reported: {why}")
+            }));
+        }
+    }
     out
 }
 
@@ -727,10 +859,72 @@ mod tests {
                 false,
                 "ztmesh's own table",
             ),
+            (
+                ruleset(&format!(
+                    "{}{}",
+                    chain("ip", "n", "pre", "input", "accept").replace("filter", "nat"),
+                    rule("ip", "n", "pre")
+                )),
+                false,
+                "a nat chain on the input hook",
+            ),
+            (
+                ruleset(
+                    &chain("ip", "n", "pre", "input", "drop").replace("\"filter\"", "\"route\""),
+                ),
+                false,
+                "a route chain",
+            ),
+            (
+                ruleset(
+                    &chain("inet", "filter", "input", "input", "drop")
+                        .replace(r#""type": "filter", "#, ""),
+                ),
+                false,
+                "a chain without a type",
+            ),
         ];
         for (json, want, what) in cases {
             assert_eq!(firewall_active(&json), Ok(want), "{what}");
         }
+        // Dormant tables do not run: however nft spells the flag.
+        let dropping = chain("inet", "filter", "input", "input", "drop");
+        for flags in [r#""dormant""#, r#""d""#, r#"["owner", "dormant"]"#] {
+            let t = format!(
+                r#", {{"table": {{"family": "inet", "name": "filter", "handle": 1, "flags": {flags}}}}}"#
+            );
+            assert_eq!(
+                firewall_active(&ruleset(&format!("{t}{dropping}"))),
+                Ok(false),
+                "{flags}"
+            );
+            // The same table in another family is not the dormant one.
+            let other = t.replace("inet", "ip");
+            assert_eq!(
+                firewall_active(&ruleset(&format!("{other}{dropping}"))),
+                Ok(true),
+                "{flags}"
+            );
+        }
+        let owned =
+            r#", {"table": {"family": "inet", "name": "filter", "handle": 1, "flags": "owner"}}"#;
+        assert_eq!(
+            firewall_active(&ruleset(&format!("{owned}{dropping}"))),
+            Ok(true)
+        );
+        // As nft 1.0.6 prints `nft -j -t list ruleset` (no set elements):
+        // a blocklist filter, a dormant table and a nat chain on input.
+        let terse = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"table": {"family": "inet", "name": "t", "handle": 1}}, {"set": {"family": "inet", "name": "bl", "table": "t", "type": "ipv4_addr", "handle": 2}}, {"chain": {"family": "inet", "table": "t", "name": "input", "handle": 1, "type": "filter", "hook": "input", "prio": 0, "policy": "accept"}}, {"rule": {"family": "inet", "table": "t", "chain": "input", "handle": 3, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "@bl"}}, {"drop": null}]}}, {"table": {"family": "ip", "name": "d", "handle": 2, "flags": "d"}}, {"chain": {"family": "ip", "table": "d", "name": "input", "handle": 1, "type": "filter", "hook": "input", "prio": 0, "policy": "drop"}}, {"table": {"family": "ip", "name": "n", "handle": 3}}, {"chain": {"family": "ip", "table": "n", "name": "pre", "handle": 1, "type": "nat", "hook": "input", "prio": 100, "policy": "accept"}}, {"rule": {"family": "ip", "table": "n", "chain": "pre", "handle": 2, "expr": [{"counter": {"packets": 0, "bytes": 0}}]}}]}"#;
+        assert_eq!(firewall_active(terse), Ok(true));
+        let no_blocklist = terse.replace(
+            r#""chain": "input", "handle": 3"#,
+            r#""chain": "other", "handle": 3"#,
+        );
+        assert_eq!(
+            firewall_active(&no_blocklist),
+            Ok(false),
+            "the dormant drop and the nat rule do not count"
+        );
         // As nft 1.0.6 prints it: an accepting input chain with one rule.
         let real = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"table": {"family": "inet", "name": "filter", "handle": 1}}, {"chain": {"family": "inet", "table": "filter", "name": "input", "handle": 1, "type": "filter", "hook": "input", "prio": 0, "policy": "accept"}}, {"chain": {"family": "inet", "table": "filter", "name": "forward", "handle": 2, "type": "filter", "hook": "forward", "prio": 0, "policy": "drop"}}, {"rule": {"family": "inet", "table": "filter", "chain": "input", "handle": 3, "expr": [{"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "established"}}, {"accept": null}]}}, {"table": {"family": "ip", "name": "nat", "handle": 2}}, {"chain": {"family": "ip", "table": "nat", "name": "post", "handle": 1, "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}}]}"#;
         assert_eq!(firewall_active(real), Ok(true));
@@ -790,6 +984,68 @@ Conf libgnutls30 (3.7.9-2+deb12u7 Debian-Security:12/oldstable-security [amd64])
     }
 
     #[test]
+    fn a_package_time_in_the_future_is_unknown_not_zero_days() {
+        let day = 86_400_000;
+        let now = 1_800_000_000_000;
+        let table = [
+            (None, None),
+            (Some(now), Some(0)),
+            (Some(now - 3 * day - 1), Some(3)),
+            (Some(now + FUTURE_SLACK_MS), Some(0)),
+            (Some(now + FUTURE_SLACK_MS + 1), None),
+            (Some(now + 30 * day), None),
+            (Some(i64::MIN), Some(i64::MAX / day)),
+            (Some(i64::MAX), None),
+        ];
+        for (newest, want) in table {
+            assert_eq!(days_since_upgrade(now, newest), want, "{newest:?}");
+        }
+    }
+
+    #[test]
+    fn apt_counts_need_package_lists_from_the_last_week() {
+        let day = 86_400_000;
+        let now = 1_800_000_000_000;
+        let table = [
+            (None, false),
+            (Some(now), true),
+            (Some(now - 7 * day), true),
+            (Some(now - 7 * day - 1), false),
+            (Some(now - 400 * day), false),
+            (Some(now + FUTURE_SLACK_MS), true),
+            (Some(now + FUTURE_SLACK_MS + 1), false),
+            (Some(i64::MIN), false),
+            (Some(i64::MAX), false),
+        ];
+        for (newest, want) in table {
+            assert_eq!(apt_lists_fresh(now, newest), want, "{newest:?}");
+        }
+    }
+
+    #[test]
+    fn only_encrypting_device_mapper_targets_count() {
+        let table = [
+            ("CRYPT-LUKS1-0123abcd-root", true),
+            ("CRYPT-LUKS2-0123abcd-luks-root", true),
+            ("CRYPT-PLAIN-swap", true),
+            ("CRYPT-TCRYPT-vc", true),
+            ("CRYPT-BITLK-win", true),
+            ("CRYPT-LOOPAES-old", true),
+            ("CRYPT-VERITY-0123abcd-usr", false),
+            ("CRYPT-INTEGRITY-0123abcd-data", false),
+            ("CRYPT-SUBDEV-0123abcd-luks-root_dif", false),
+            ("CRYPT-", false),
+            ("CRYPT-LUKS2", false),
+            ("crypt-luks2-x", false),
+            ("LVM-AbCdEf", false),
+            ("", false),
+        ];
+        for (uuid, want) in table {
+            assert_eq!(is_encrypting_dm_uuid(uuid), want, "{uuid}");
+        }
+    }
+
+    #[test]
     fn values_are_clipped_and_the_count_bounded() {
         let mut set = AttrSet::default();
         let long = "é".repeat(100); // 200 bytes
@@ -820,6 +1076,11 @@ Conf libgnutls30 (3.7.9-2+deb12u7 Debian-Security:12/oldstable-security [amd64])
             "a known key still updates"
         );
         assert!(!full.set("k19", AttrValue::Int(2)));
+        let mut c = Collection::default();
+        c.put(KERNEL, Err("é".repeat(100)));
+        c.put(OS, Ok(AttrValue::Str("linux".into())));
+        assert_eq!(c.unreported[KERNEL].len(), 128, "reasons are clipped too");
+        assert_eq!(c.attrs.len(), 1);
     }
 
     #[test]
@@ -885,11 +1146,11 @@ Conf libgnutls30 (3.7.9-2+deb12u7 Debian-Security:12/oldstable-security [amd64])
             (t0, None, 60 * s, false, true),
             (t0 + 59 * s, Some(t0), 60 * s, false, false),
             (t0 + 60 * s, Some(t0), 60 * s, false, true),
-            (t0 + 500, Some(t0), 60 * s, true, false),
-            (t0 + s, Some(t0), 60 * s, true, true),
+            (t0 + 1_999, Some(t0), 60 * s, true, false),
+            (t0 + 2 * s, Some(t0), 60 * s, true, true),
             // The floor holds even for a zero or negative interval.
-            (t0 + 999, Some(t0), 0, false, false),
-            (t0 + s, Some(t0), -1, false, true),
+            (t0 + 1_999, Some(t0), 0, false, false),
+            (t0 + 2 * s, Some(t0), -1, false, true),
             // A clock stepped back reports rather than waits.
             (t0 - 5 * s, Some(t0), 60 * s, false, true),
             // Extremes never overflow.
@@ -914,32 +1175,59 @@ Conf libgnutls30 (3.7.9-2+deb12u7 Debian-Security:12/oldstable-security [amd64])
         let mut b = a.clone();
         b.set(FIREWALL, AttrValue::Bool(true));
         let mut r = PostureReporter::default();
-        assert!(r.poll(t0, minute, &a), "first report at once");
-        assert!(!r.poll(t0 + 1, minute, &a));
+        // Each set is polled as freshly collected unless said otherwise.
+        let poll = |r: &mut PostureReporter, now: i64, set: &AttrSet| r.poll(now, minute, set, now);
+        assert!(poll(&mut r, t0, &a), "first report at once");
+        assert!(!poll(&mut r, t0 + 1, &a));
         assert!(
-            !r.poll(t0 + 500, minute, &b),
+            !poll(&mut r, t0 + 1_999, &b),
             "a change waits for the floor"
         );
-        assert!(r.poll(t0 + 1_000, minute, &b), "then goes out");
-        assert!(!r.poll(t0 + 30_000, minute, &b));
-        assert!(r.poll(t0 + 61_000, minute, &b), "the interval refreshes");
+        assert!(poll(&mut r, t0 + 2_000, &b), "then goes out");
+        assert!(!poll(&mut r, t0 + 30_000, &b));
+        assert!(poll(&mut r, t0 + 62_000, &b), "the interval refreshes");
         // A failure retries after RETRY_MS, not at once and not a whole interval later.
         r.failed();
-        assert!(!r.poll(t0 + 62_000, minute, &b));
-        assert!(r.poll(t0 + 61_000 + RETRY_MS, minute, &b));
+        assert!(!poll(&mut r, t0 + 63_000, &b));
+        let t1 = t0 + 62_000 + RETRY_MS;
+        assert!(poll(&mut r, t1, &b));
         assert!(
-            !r.poll(t0 + 61_000 + RETRY_MS + 1_000, minute, &b),
+            !poll(&mut r, t1 + 3_000, &b),
             "success: back to the interval"
         );
-        // Turned off and on again: reports at once.
+        // Turned off and on again: the set goes out as a change, but not
+        // within the floor of the last attempt (toggling cannot flood).
         r.pause();
-        assert!(r.poll(t0 + 61_000 + RETRY_MS + 1_001, minute, &b));
+        assert!(!poll(&mut r, t1 + 1_000, &b));
+        assert!(poll(&mut r, t1 + 2_000, &b));
+        // A set collected too long ago (a hung collection) is never sent;
+        // nor one stamped far in the future (a clock stepped back).
+        let t2 = t1 + 10 * minute;
+        assert!(!r.poll(t2, minute, &a, t2 - MAX_COLLECTED_AGE_MS - 1));
+        assert!(!r.poll(t2, minute, &a, t2 + MAX_COLLECTED_AGE_MS + 1));
+        assert!(r.poll(t2, minute, &a, t2 - MAX_COLLECTED_AGE_MS));
+        assert!(
+            !r.poll(i64::MAX, minute, &a, i64::MIN),
+            "extremes do not overflow"
+        );
         // A controller without the RPC: quiet until the next session.
         r.unsupported();
-        assert!(!r.poll(t0 + 10 * minute, minute, &a));
+        assert!(!poll(&mut r, t2 + 10 * minute, &b));
         r.pause();
-        assert!(!r.poll(t0 + 11 * minute, minute, &a));
-        assert!(PostureReporter::default().poll(t0, minute, &AttrSet::default()));
+        assert!(!poll(&mut r, t2 + 11 * minute, &a));
+        assert!(PostureReporter::default().poll(t0, minute, &AttrSet::default(), t0));
+    }
+
+    #[test]
+    fn stale_collections_are_about_two_collection_intervals_old() {
+        let interval = i64::try_from(COLLECT_INTERVAL.as_millis()).unwrap();
+        assert_eq!(MAX_COLLECTED_AGE_MS, 2 * interval);
+        // A quick pass (nft's timeout, the reaping) and the sleep fit; so
+        // does an apt pass between two quick ones.
+        let nft = i64::try_from(collect::NFT_TIMEOUT.as_millis()).unwrap();
+        let apt = i64::try_from(collect::APT_TIMEOUT.as_millis()).unwrap();
+        assert!(interval + nft + 1_000 < MAX_COLLECTED_AGE_MS);
+        assert!(apt + nft + 1_000 < MAX_COLLECTED_AGE_MS);
     }
 
     fn check(name: &str, passed: bool, detail: &str) -> pb::PostureCheck {
@@ -964,6 +1252,10 @@ Conf libgnutls30 (3.7.9-2+deb12u7 Debian-Security:12/oldstable-security [amd64])
         ];
         // 12:34:56 UTC.
         let at = 1_800_000_000_000 - 1_800_000_000_000 % 86_400_000 + 45_296_000;
+        let unreported = BTreeMap::from([(
+            SECURITY_UPDATES,
+            "apt-get -s dist-upgrade has not counted yet".to_string(),
+        )]);
         let v = status_json(
             &checks,
             true,
@@ -971,6 +1263,7 @@ Conf libgnutls30 (3.7.9-2+deb12u7 Debian-Security:12/oldstable-security [amd64])
             Some(at),
             &set,
             &["node:x: unknown attribute".into()],
+            &unreported,
         );
         assert_eq!(
             v,
@@ -984,6 +1277,7 @@ Conf libgnutls30 (3.7.9-2+deb12u7 Debian-Security:12/oldstable-security [amd64])
                 "last_report_ms": at,
                 "attributes": {"node:os": "linux"},
                 "clipped": ["node:x: unknown attribute"],
+                "unreported": {"node:securityUpdates": "apt-get -s dist-upgrade has not counted yet"},
             })
         );
         assert_eq!(
@@ -992,13 +1286,14 @@ Conf libgnutls30 (3.7.9-2+deb12u7 Debian-Security:12/oldstable-security [amd64])
                 "posture:compliant  FAILED: custom:compliant == true: seen false (set by an admin)",
                 "posture:base       ok",
                 "posture: reporting every 60s, last report 12:34:56",
+                "posture: node:securityUpdates not reported: apt-get -s dist-upgrade has not counted yet",
             ]
         );
         assert_eq!(
-            status_lines(&v, 3_600).last().unwrap(),
+            status_lines(&v, 3_600)[2],
             "posture: reporting every 60s, last report 13:34:56"
         );
-        let off = status_json(&[], false, 60_000, Some(at), &set, &[]);
+        let off = status_json(&[], false, 60_000, Some(at), &set, &[], &unreported);
         assert_eq!(
             status_lines(&off, 0),
             ["posture: reporting off (up --report-posture=false)"]
@@ -1010,6 +1305,7 @@ Conf libgnutls30 (3.7.9-2+deb12u7 Debian-Security:12/oldstable-security [amd64])
             None,
             &AttrSet::default(),
             &[],
+            &BTreeMap::new(),
         );
         assert_eq!(
             status_lines(&fresh, 0),
@@ -1023,6 +1319,13 @@ Conf libgnutls30 (3.7.9-2+deb12u7 Debian-Security:12/oldstable-security [amd64])
         assert_eq!(
             status_lines(&json!({"checks": [1, {"name": 2}], "interval_ms": "x"}), 0).len(),
             3
+        );
+        assert_eq!(
+            status_lines(&json!({"unreported": {"node:x": 5}}), 0),
+            [
+                "posture: reporting every 300s, no report yet",
+                "posture: node:x not reported: ?"
+            ]
         );
     }
 
