@@ -265,6 +265,15 @@ posture_step true allow
 posture_step false deny
 echo "   policy explain --src alice-laptop --dst ${IP[db]}:5432:"
 admin policy explain --src alice-laptop --dst "${IP[db]}:5432" | sed 's/^/     /'
+# The node counts pending security updates (apt-get -s) a few seconds after
+# its first report; wait for that report (at most 20 s) so the status below
+# shows posture:patched decided on it (the status says why when the
+# platform cannot tell, e.g. package lists older than 7 days).
+has_updates_count() {
+  node alice status -o json | python3 -c \
+    'import json,sys; sys.exit(0 if "node:securityUpdates" in json.load(sys.stdin)["posture"]["attributes"] else 1)'
+}
+wait_for "alice's security-update count" 200 has_updates_count || true
 echo "   ztmesh status on alice's laptop (posture lines):"
 node alice status | grep -i 'posture' | sed 's/^/     /'
 echo "demo.sh: device posture gates exactly alice -> db:5432"

@@ -887,7 +887,10 @@ fn a_report_from_a_clock_that_was_stepped_back_is_not_believed() {
     m.set_node_attributes(
         "admin",
         "web",
-        &[("custom:compliant".into(), ztmesh_policy::AttrValue::Bool(true))],
+        &[(
+            "custom:compliant".into(),
+            ztmesh_policy::AttrValue::Bool(true),
+        )],
         &[],
         T0,
     )
@@ -901,5 +904,8 @@ fn a_report_from_a_clock_that_was_stepped_back_is_not_believed() {
     assert_eq!(db_ports_for_web(&m, db, &web_v4, T0 + 1_000), vec![22]);
     // The next report counts again.
     m.report_posture(web, &linux(), T0 + 2_000).unwrap();
-    assert_eq!(db_ports_for_web(&m, db, &web_v4, T0 + 2_000), vec![22, 5432]);
+    assert_eq!(
+        db_ports_for_web(&m, db, &web_v4, T0 + 2_000),
+        vec![22, 5432]
+    );
 }
