@@ -99,6 +99,23 @@ impl ControlService {
         }
         Ok(self.mesh.open_stream_from(node.id, src, now_ms())?)
     }
+
+    /// Refuses a report unless it comes from the connection that holds the
+    /// node's live session (a copy of the node's key elsewhere cannot speak
+    /// for it); waits briefly (bounded) for a session that is being opened.
+    async fn session_owner(
+        &self,
+        node: &NodeRow,
+        src: Option<std::net::SocketAddr>,
+    ) -> Result<(), Status> {
+        for _ in 0..SESSION_WAIT_STEPS {
+            if self.mesh.check_session_owner(node.id, src).is_ok() {
+                break;
+            }
+            tokio::time::sleep(SESSION_WAIT_STEP).await;
+        }
+        Ok(self.mesh.check_session_owner(node.id, src)?)
+    }
 }
 
 /// The `:authority` a node called the controller by.
@@ -246,14 +263,7 @@ impl Control for ControlService {
         let node = self.node(&req, M_ENDPOINTS)?;
         self.mesh
             .throttle(node.id, Call::ReportEndpoints, now_ms())?;
-        let src = req.remote_addr();
-        for _ in 0..SESSION_WAIT_STEPS {
-            if self.mesh.check_session_owner(node.id, src).is_ok() {
-                break;
-            }
-            tokio::time::sleep(SESSION_WAIT_STEP).await;
-        }
-        self.mesh.check_session_owner(node.id, src)?;
+        self.session_owner(&node, req.remote_addr()).await?;
         self.mesh
             .report_endpoints(node.id, &req.get_ref().endpoints, now_ms())?;
         Ok(Response::new(pb::ReportEndpointsResponse {}))
@@ -268,14 +278,7 @@ impl Control for ControlService {
         // Only the connection holding the node's session speaks for it (as
         // for endpoints): a copy of the key elsewhere cannot vouch for the
         // device that is connected.
-        let src = req.remote_addr();
-        for _ in 0..SESSION_WAIT_STEPS {
-            if self.mesh.check_session_owner(node.id, src).is_ok() {
-                break;
-            }
-            tokio::time::sleep(SESSION_WAIT_STEP).await;
-        }
-        self.mesh.check_session_owner(node.id, src)?;
+        self.session_owner(&node, req.remote_addr()).await?;
         let clipped = self
             .mesh
             .report_posture(node.id, &req.get_ref().attributes, now_ms())?;

@@ -675,6 +675,21 @@ fn db_ports_for_web(m: &Mesh, db: u64, web_v4: &str, now: i64) -> Vec<u32> {
     ports
 }
 
+/// An admin marks `node` compliant (`custom:compliant=true`).
+fn vouch(m: &Mesh, node: &str, now: i64) {
+    m.set_node_attributes(
+        "admin",
+        node,
+        &[(
+            "custom:compliant".into(),
+            ztmesh_policy::AttrValue::Bool(true),
+        )],
+        &[],
+        now,
+    )
+    .unwrap();
+}
+
 fn posture_mesh(ttl_ms: i64) -> (Mesh, u64, u64, String) {
     let m = mesh(MeshConfig {
         posture_ttl_ms: ttl_ms,
@@ -740,17 +755,7 @@ fn posture_decides_a_gated_flow_and_a_stale_report_loses_it_in_virtual_time() {
 
     m.report_posture(web, &linux(), T0).unwrap();
     assert_eq!(db_ports_for_web(&m, db, &web_v4, T0), vec![22]);
-    m.set_node_attributes(
-        "admin",
-        "web",
-        &[(
-            "custom:compliant".into(),
-            ztmesh_policy::AttrValue::Bool(true),
-        )],
-        &[],
-        T0,
-    )
-    .unwrap();
+    vouch(&m, "web", T0);
     assert_eq!(db_ports_for_web(&m, db, &web_v4, T0), vec![22, 5432]);
     let own = m.netmap(web, T0).unwrap();
     assert_eq!(own.posture_interval_ms, TTL / 3);
@@ -807,17 +812,7 @@ fn posture_attributes_survive_a_restart_and_staleness_is_judged_by_the_stored_re
         let web = enroll(&m, &key(&m, "tag:web", false), "web", T0);
         let db = enroll(&m, &key(&m, "tag:db", false), "db", T0);
         m.report_posture(web.node_id, &linux(), T0).unwrap();
-        m.set_node_attributes(
-            "admin",
-            "web",
-            &[(
-                "custom:compliant".into(),
-                ztmesh_policy::AttrValue::Bool(true),
-            )],
-            &[],
-            T0,
-        )
-        .unwrap();
+        vouch(&m, "web", T0);
         let v4 = web.addresses[0].split('/').next().unwrap().to_string();
         (web.node_id, db.node_id, v4)
     };
@@ -884,17 +879,7 @@ fn a_report_from_a_clock_that_was_stepped_back_is_not_believed() {
     const TTL: i64 = 30_000;
     const HOUR: i64 = 3_600_000;
     let (m, web, db, web_v4) = posture_mesh(TTL);
-    m.set_node_attributes(
-        "admin",
-        "web",
-        &[(
-            "custom:compliant".into(),
-            ztmesh_policy::AttrValue::Bool(true),
-        )],
-        &[],
-        T0,
-    )
-    .unwrap();
+    vouch(&m, "web", T0);
     // The controller's clock ran an hour fast when the report came...
     m.tick(T0 + HOUR);
     m.report_posture(web, &linux(), T0 + HOUR).unwrap();
