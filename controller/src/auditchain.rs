@@ -296,7 +296,10 @@ pub struct Verified {
 enum Pending {
     /// The row's content does not match its hash: maybe it holds a later
     /// row's content (a swap), else it was altered.
-    Content { row: ChainRow, from: Option<u64> },
+    Content {
+        row: Box<ChainRow>,
+        from: Option<u64>,
+    },
     /// The row does not chain to the one before: maybe its `prev_hash` is a
     /// later row's hash (a swap), else it is out of order.
     Link {
@@ -429,7 +432,7 @@ impl Verifier {
         self.out.rows += 1;
         let Ok(prev) = <Hash>::try_from(&row.prev_hash[..]) else {
             self.pending = Some(Pending::Content {
-                row: row.clone(),
+                row: Box::new(row.clone()),
                 from: None,
             });
             return;
@@ -437,7 +440,7 @@ impl Verifier {
         let hash = row.fields().hash(&prev);
         if hash[..] != row.hash[..] {
             self.pending = Some(Pending::Content {
-                row: row.clone(),
+                row: Box::new(row.clone()),
                 from: None,
             });
             return;
