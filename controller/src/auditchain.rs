@@ -919,4 +919,47 @@ mod tests {
         cp.time_ms = 2;
         assert!(!cp.verifies(&k.public()));
     }
+
+    proptest::proptest! {
+        /// Whatever single change is made to a signed chain (a row altered,
+        /// deleted, two swapped, the tail cut), verification names the
+        /// first row it touched, with the right kind.
+        #[test]
+        fn any_single_tampering_is_named_at_its_first_row(
+            n in 1u64..24, op in 0u8..4, a in 0usize..24, b in 0usize..24,
+        ) {
+            let k = key();
+            let rows = chain(n);
+            let last = rows.last().unwrap();
+            let cps = [head(&k, last, 1)];
+            let rec = recorded(last);
+            proptest::prop_assert!(verify(&rows, &cps, rec, &k.public()).is_ok());
+            let (i, j) = (a % rows.len(), b % rows.len());
+            let mut t = rows.clone();
+            let (row, kind) = match op {
+                0 => {
+                    t[i].detail.push('!');
+                    (i as u64 + 1, "altered")
+                }
+                1 => {
+                    t.remove(i);
+                    (i as u64 + 1, "missing")
+                }
+                2 if i != j => {
+                    let (lo, hi) = (i.min(j), i.max(j));
+                    let (x, y) = (t[lo].clone(), t[hi].clone());
+                    t[lo] = ChainRow { id: x.id, prev_hash: x.prev_hash, hash: x.hash, ..y.clone() };
+                    t[hi] = ChainRow { id: y.id, prev_hash: y.prev_hash, hash: y.hash, ..x };
+                    (lo as u64 + 1, "reordered")
+                }
+                _ => {
+                    t.truncate(i);
+                    (i as u64 + 1, "missing")
+                }
+            };
+            let e = verify(&t, &cps, rec, &k.public()).unwrap_err();
+            proptest::prop_assert_eq!(e.row(), row, "{}", e);
+            proptest::prop_assert_eq!(e.kind(), kind, "{}", e);
+        }
+    }
 }
