@@ -71,6 +71,10 @@ impl ControlService {
                     _ => "rate-limited",
                 };
                 tracing::info!(source = ?src, method, reason, error = %e, "node authentication failed");
+                if !matches!(e, Error::RateLimited) {
+                    self.mesh
+                        .audit_refusal(now, &source_actor(src), "node.refused", method, reason);
+                }
                 Status::from(e)
             })
     }
@@ -145,6 +149,13 @@ impl Control for ControlService {
                     self.limiter.record_failure(src, now);
                 }
                 tracing::info!(source = ?src, error = %e, "enrollment refused");
+                self.mesh.audit_refusal(
+                    now,
+                    &source_actor(src),
+                    "node.enroll.refused",
+                    "Enroll",
+                    &e.to_string(),
+                );
                 Err(e.into())
             }
         }
@@ -159,6 +170,13 @@ impl Control for ControlService {
         let (claim, os) = self.mesh.check_login(req.get_ref(), now).map_err(|e| {
             self.limiter.record_failure(src, now);
             tracing::info!(source = ?src, error = %e, "login refused");
+            self.mesh.audit_refusal(
+                now,
+                &source_actor(src),
+                "node.login.refused",
+                "Login",
+                &e.to_string(),
+            );
             Status::from(e)
         })?;
         let base = match &self.logins.public_url {
@@ -561,25 +579,35 @@ impl AdminService {
         )
     }
 
-    /// Who is calling, refused unless their role allows `access`.
-    fn actor<T>(&self, req: &Request<T>, access: Access) -> Result<Actor, Status> {
+    /// Who is calling `method`, refused unless their role allows `access`.
+    ///
+    /// Audited: a caller refused for a missing or bad API key (`api.refused`,
+    /// at most once per source per minute), a role refused (`api.denied`,
+    /// at most once per actor per minute), and every read that goes through
+    /// (`api.read`); changes are audited by the mesh with what they did.
+    fn actor<T>(&self, req: &Request<T>, access: Access, method: &str) -> Result<Actor, Status> {
+        let now = now_ms();
         let actor = if self.local {
             Actor::local()
         } else {
-            let now = now_ms();
             let src = req.remote_addr().map(|a| a.ip());
             self.limiter.check(src, now)?;
+            let refused = |why: &str| {
+                self.limiter.record_failure(src, now);
+                self.mesh
+                    .audit_refusal(now, &source_actor(src), "api.refused", method, why);
+            };
             let key = req
                 .metadata()
                 .get("authorization")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .ok_or_else(|| {
-                    self.limiter.record_failure(src, now);
+                    refused("missing API key");
                     Status::unauthenticated("missing API key (authorization: Bearer ztma1...)")
                 })?;
             self.mesh.check_api_key(key, now).map_err(|e| {
-                self.limiter.record_failure(src, now);
+                refused(&e.to_string());
                 tracing::info!(source = ?src, "admin authentication failed");
                 Status::from(e)
             })?
@@ -590,10 +618,20 @@ impl AdminService {
                 Access::Network => "network-admin or admin",
                 Access::Identity => "admin",
             };
+            self.mesh.audit_refusal(
+                now,
+                &actor.name,
+                "api.denied",
+                method,
+                &format!("role {} (needs {needs})", actor.role),
+            );
             return Err(Status::permission_denied(format!(
                 "{} has the {} role; this call needs {needs}",
                 actor.name, actor.role
             )));
+        }
+        if access == Access::Read {
+            self.mesh.audit_read(now, &actor.name, method, "");
         }
         Ok(actor)
     }
@@ -628,26 +666,36 @@ impl AdminService {
     fn list_keys<T, M>(
         &self,
         req: &Request<T>,
+        method: &str,
         kind: SecretKind,
         pb: fn(&SecretRecord) -> Option<M>,
     ) -> Result<Vec<M>, Status> {
-        self.actor(req, Access::Read)?;
+        self.actor(req, Access::Read, method)?;
         Ok(self.mesh.keys(kind)?.iter().filter_map(pb).collect())
     }
 
     fn revoke_key(
         &self,
         req: &Request<apb::KeyRef>,
+        method: &str,
         kind: SecretKind,
     ) -> Result<apb::RevokeKeyResponse, Status> {
         let access = match kind {
             SecretKind::AuthKey => Access::Network,
             SecretKind::ApiKey => Access::Identity,
         };
-        let actor = self.actor(req, access)?;
+        let actor = self.actor(req, access, method)?;
         self.mesh
             .revoke_key(&actor.name, kind, &req.get_ref().key_id, now_ms())?;
         Ok(apb::RevokeKeyResponse {})
+    }
+}
+
+/// The audit actor of an unauthenticated caller: its source address.
+fn source_actor(src: Option<std::net::IpAddr>) -> String {
+    match src {
+        Some(ip) => format!("source:{ip}"),
+        None => "source:unknown".into(),
     }
 }
 
@@ -805,7 +853,7 @@ fn limit_len(field: &str, s: &str, max: usize) -> Result<(), Status> {
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn create_user(&self, req: Request<apb::CreateUserRequest>) -> R<apb::User> {
-        let actor = self.actor(&req, Access::Identity)?;
+        let actor = self.actor(&req, Access::Identity, "CreateUser")?;
         let r = req.get_ref();
         let role = parse_role(&r.role)?.unwrap_or(Role::Member);
         let u = self
@@ -815,7 +863,7 @@ impl Admin for AdminService {
     }
 
     async fn list_users(&self, req: Request<apb::ListUsersRequest>) -> R<apb::ListUsersResponse> {
-        self.actor(&req, Access::Read)?;
+        self.actor(&req, Access::Read, "ListUsers")?;
         let users = self
             .mesh
             .users()?
@@ -829,7 +877,7 @@ impl Admin for AdminService {
         &self,
         req: Request<apb::DeleteUserRequest>,
     ) -> R<apb::DeleteUserResponse> {
-        let actor = self.actor(&req, Access::Identity)?;
+        let actor = self.actor(&req, Access::Identity, "DeleteUser")?;
         self.mesh
             .delete_user(&actor.name, &req.get_ref().login, now_ms())?;
         ok(apb::DeleteUserResponse {})
@@ -841,7 +889,7 @@ impl Admin for AdminService {
     )]
     async fn update_user(&self, req: Request<apb::UpdateUserRequest>) -> R<apb::User> {
         use rand_core::OsRng;
-        let actor = self.actor(&req, Access::Identity)?;
+        let actor = self.actor(&req, Access::Identity, "UpdateUser")?;
         let r = req.get_ref();
         limit_len("password", &r.password, crate::accounts::MAX_PASSWORD)?;
         if r.key_expiry_ms.is_some() && r.clear_key_expiry {
@@ -883,7 +931,7 @@ impl Admin for AdminService {
         &self,
         req: Request<apb::CreateAuthKeyRequest>,
     ) -> R<apb::CreateAuthKeyResponse> {
-        let actor = self.actor(&req, Access::Network)?;
+        let actor = self.actor(&req, Access::Network, "CreateAuthKey")?;
         let r = req.get_ref();
         if r.tags.len() > 64 {
             return Err(Status::invalid_argument("at most 64 tags"));
@@ -901,16 +949,16 @@ impl Admin for AdminService {
         &self,
         req: Request<apb::ListKeysRequest>,
     ) -> R<apb::ListAuthKeysResponse> {
-        let keys = self.list_keys(&req, SecretKind::AuthKey, auth_key_pb)?;
+        let keys = self.list_keys(&req, "ListAuthKeys", SecretKind::AuthKey, auth_key_pb)?;
         ok(apb::ListAuthKeysResponse { keys })
     }
 
     async fn revoke_auth_key(&self, req: Request<apb::KeyRef>) -> R<apb::RevokeKeyResponse> {
-        ok(self.revoke_key(&req, SecretKind::AuthKey)?)
+        ok(self.revoke_key(&req, "RevokeAuthKey", SecretKind::AuthKey)?)
     }
 
     async fn list_nodes(&self, req: Request<apb::ListNodesRequest>) -> R<apb::ListNodesResponse> {
-        self.actor(&req, Access::Read)?;
+        self.actor(&req, Access::Read, "ListNodes")?;
         let nodes = self
             .mesh
             .nodes()
@@ -921,21 +969,21 @@ impl Admin for AdminService {
     }
 
     async fn get_node(&self, req: Request<apb::NodeRef>) -> R<apb::Node> {
-        self.actor(&req, Access::Read)?;
+        self.actor(&req, Access::Read, "GetNode")?;
         let n = self.mesh.find_node(&req.get_ref().node)?;
         let online = self.mesh.nodes().iter().any(|(x, o)| x.id == n.id && *o);
         ok(self.node_pb(&n, online))
     }
 
     async fn delete_node(&self, req: Request<apb::NodeRef>) -> R<apb::DeleteNodeResponse> {
-        let actor = self.actor(&req, Access::Network)?;
+        let actor = self.actor(&req, Access::Network, "DeleteNode")?;
         self.mesh
             .delete_node(&actor.name, &req.get_ref().node, now_ms())?;
         ok(apb::DeleteNodeResponse {})
     }
 
     async fn expire_node(&self, req: Request<apb::NodeRef>) -> R<apb::Node> {
-        let actor = self.actor(&req, Access::Network)?;
+        let actor = self.actor(&req, Access::Network, "ExpireNode")?;
         let n = self
             .mesh
             .expire_node(&actor.name, &req.get_ref().node, now_ms())?;
@@ -943,7 +991,7 @@ impl Admin for AdminService {
     }
 
     async fn rename_node(&self, req: Request<apb::RenameNodeRequest>) -> R<apb::Node> {
-        let actor = self.actor(&req, Access::Network)?;
+        let actor = self.actor(&req, Access::Network, "RenameNode")?;
         let r = req.get_ref();
         let n = self
             .mesh
@@ -952,7 +1000,7 @@ impl Admin for AdminService {
     }
 
     async fn set_node_routes(&self, req: Request<apb::SetNodeRoutesRequest>) -> R<apb::Node> {
-        let actor = self.actor(&req, Access::Network)?;
+        let actor = self.actor(&req, Access::Network, "SetNodeRoutes")?;
         let r = req.get_ref();
         if r.approve.len() + r.unapprove.len() > crate::routes::MAX_ROUTES * 2 {
             return Err(Status::invalid_argument("too many prefixes in one request"));
@@ -973,7 +1021,7 @@ impl Admin for AdminService {
         &self,
         req: Request<apb::SetNodeAttributesRequest>,
     ) -> R<apb::Node> {
-        let actor = self.actor(&req, Access::Network)?;
+        let actor = self.actor(&req, Access::Network, "SetNodeAttributes")?;
         let r = req.get_ref();
         if r.set.len() + r.unset.len() > crate::nodeinput::MAX_CUSTOM_ATTRIBUTES {
             return Err(Status::invalid_argument(
@@ -1003,7 +1051,7 @@ impl Admin for AdminService {
     }
 
     async fn set_policy(&self, req: Request<apb::SetPolicyRequest>) -> R<apb::SetPolicyResponse> {
-        let actor = self.actor(&req, Access::Network)?;
+        let actor = self.actor(&req, Access::Network, "SetPolicy")?;
         let r = req.get_ref();
         limit_len("policy", &r.text, 4 << 20)?;
         limit_len("file_name", &r.file_name, 256)?;
@@ -1014,7 +1062,7 @@ impl Admin for AdminService {
     }
 
     async fn get_policy(&self, req: Request<apb::GetPolicyRequest>) -> R<apb::GetPolicyResponse> {
-        self.actor(&req, Access::Read)?;
+        self.actor(&req, Access::Read, "GetPolicy")?;
         let p = self.mesh.policy_row();
         ok(apb::GetPolicyResponse {
             file_name: p.as_ref().map(|p| p.file_name.clone()).unwrap_or_default(),
@@ -1027,7 +1075,7 @@ impl Admin for AdminService {
         &self,
         req: Request<apb::PlanPolicyRequest>,
     ) -> R<apb::PlanPolicyResponse> {
-        self.actor(&req, Access::Read)?;
+        self.actor(&req, Access::Read, "PlanPolicy")?;
         let r = req.get_ref();
         limit_len("policy", &r.text, 4 << 20)?;
         let changes = self
@@ -1048,7 +1096,7 @@ impl Admin for AdminService {
         &self,
         req: Request<apb::ExplainPolicyRequest>,
     ) -> R<apb::ExplainPolicyResponse> {
-        self.actor(&req, Access::Read)?;
+        self.actor(&req, Access::Read, "ExplainPolicy")?;
         let r = req.get_ref();
         let port = u16::try_from(r.port).map_err(|_| Status::invalid_argument("port > 65535"))?;
         // Empty means "not given": TCP, as in a policy's `tests`.
@@ -1071,7 +1119,7 @@ impl Admin for AdminService {
         &self,
         req: Request<apb::CreateApiKeyRequest>,
     ) -> R<apb::CreateApiKeyResponse> {
-        let actor = self.actor(&req, Access::Identity)?;
+        let actor = self.actor(&req, Access::Identity, "CreateApiKey")?;
         let r = req.get_ref();
         let role = parse_role(&r.role)?.unwrap_or(actor.role);
         if !actor.role.may_grant(role) {
@@ -1092,16 +1140,16 @@ impl Admin for AdminService {
         &self,
         req: Request<apb::ListKeysRequest>,
     ) -> R<apb::ListApiKeysResponse> {
-        let keys = self.list_keys(&req, SecretKind::ApiKey, api_key_pb)?;
+        let keys = self.list_keys(&req, "ListApiKeys", SecretKind::ApiKey, api_key_pb)?;
         ok(apb::ListApiKeysResponse { keys })
     }
 
     async fn revoke_api_key(&self, req: Request<apb::KeyRef>) -> R<apb::RevokeKeyResponse> {
-        ok(self.revoke_key(&req, SecretKind::ApiKey)?)
+        ok(self.revoke_key(&req, "RevokeApiKey", SecretKind::ApiKey)?)
     }
 
     async fn list_audit(&self, req: Request<apb::ListAuditRequest>) -> R<apb::ListAuditResponse> {
-        self.actor(&req, Access::Read)?;
+        self.actor(&req, Access::Read, "ListAudit")?;
         let limit = match req.get_ref().limit {
             0 => 100,
             n => n.min(10_000),

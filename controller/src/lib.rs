@@ -3,7 +3,8 @@
 //!
 //! Layers, each using only those below it (tests/tests/boundaries.rs checks):
 //! - [`model`]: plain data (node rows, device claims); [`roles`]: who may do
-//!   what (pure);
+//!   what; [`auditchain`]: the audit log's hash chain and its verification
+//!   (all pure);
 //! - [`secrets`]: the one lifecycle of auth keys and API keys (issue,
 //!   verify); [`accounts`]: passwords, TOTP, recovery codes, back-off;
 //!   [`device`]: pending interactive logins (all pure); [`oidc`]: the OpenID
@@ -29,6 +30,7 @@
 
 pub mod accounts;
 pub mod api;
+pub mod auditchain;
 pub mod auth;
 pub mod cli;
 pub mod device;

@@ -254,7 +254,14 @@ pub struct Mesh {
     state: Mutex<State>,
     /// Netmaps signed since load (a cost metric: every signature is work).
     maps_signed: AtomicU64,
+    /// When each refused source was last audited ([`Mesh::audit_refusal`]).
+    refusals: Mutex<HashMap<String, UnixMs>>,
 }
+
+/// A refused source is audited at most once per this interval.
+pub const REFUSAL_AUDIT_INTERVAL_MS: i64 = 60_000;
+/// Refused sources remembered per interval.
+pub const MAX_REFUSAL_SOURCES: usize = 4096;
 
 /// Turns a hostname into a DNS label: lowercase a-z0-9 and '-', at most 63 chars.
 pub fn dns_label(hostname: &str) -> String {
@@ -458,6 +465,7 @@ impl Mesh {
             changes: Mutex::new(()),
             state: Mutex::new(state),
             maps_signed: AtomicU64::new(0),
+            refusals: Mutex::new(HashMap::new()),
         })
     }
 
@@ -1203,6 +1211,11 @@ impl Mesh {
     /// node-reported flow rows beyond the newest `audit_max_flow_rows` (so a
     /// node flooding flow reports can never evict the admin trail). Runs
     /// outside the state lock; the ticker calls it once a minute.
+    ///
+    /// The chain stays verifiable: each run of pruned rows is recorded in a
+    /// checkpoint signed with the controller key, and the head is signed
+    /// too ([`Mesh::sign_audit_head`]). Rows whose chain does not verify are
+    /// not pruned (the evidence stays; the error is logged).
     pub fn prune_audit(&self, now: UnixMs) {
         let older_than = if self.cfg.audit_max_age_ms > 0 {
             now.saturating_sub(self.cfg.audit_max_age_ms)
@@ -1211,12 +1224,78 @@ impl Mesh {
         };
         match self
             .store
-            .prune_audit(older_than, self.cfg.audit_max_flow_rows)
+            .prune_audit(older_than, self.cfg.audit_max_flow_rows, now, &self.signer)
         {
             Ok(0) => {}
             Ok(n) => tracing::info!(rows = n, "audit log pruned"),
             Err(e) => tracing::error!(error = %e, "cannot prune the audit log"),
         }
+        self.sign_audit_head(now);
+    }
+
+    /// Signs the audit chain's head if rows were written since the last
+    /// signed head; the ticker calls it once a minute and at shutdown.
+    /// Cutting rows from the end of the log is detected up to the newest
+    /// signed head.
+    pub fn sign_audit_head(&self, now: UnixMs) {
+        match self.store.sign_audit_head(now, &self.signer) {
+            Ok(Some(id)) => tracing::debug!(head = id, "audit chain head signed"),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "cannot sign the audit chain head"),
+        }
+    }
+
+    /// Verifies the audit chain with this controller's key.
+    ///
+    /// # Errors
+    /// Store failures; the inner error names the first broken row.
+    pub fn verify_audit(
+        &self,
+    ) -> Result<std::result::Result<crate::auditchain::Verified, crate::auditchain::ChainError>>
+    {
+        Ok(self.store.verify_audit(&self.signer.public())?)
+    }
+
+    /// Audits a refused caller (a node failing authentication, a refused
+    /// enrollment or login, a bad API key): at most one row per `source`
+    /// per minute, so that a flood of refusals cannot flood the log. Past
+    /// [`MAX_REFUSAL_SOURCES`] sources within a minute, refusals are only
+    /// logged.
+    pub fn audit_refusal(
+        &self,
+        now: UnixMs,
+        source: &str,
+        action: &str,
+        target: &str,
+        detail: &str,
+    ) {
+        {
+            let mut seen = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            let recent =
+                |t: &UnixMs| now.saturating_sub(*t) < REFUSAL_AUDIT_INTERVAL_MS && now >= *t;
+            if seen.get(source).is_some_and(recent) {
+                return;
+            }
+            if seen.len() >= MAX_REFUSAL_SOURCES {
+                seen.retain(|_, t| recent(t));
+            }
+            if seen.len() >= MAX_REFUSAL_SOURCES {
+                tracing::warn!(
+                    source,
+                    action,
+                    "refusal not audited: too many refused sources this minute"
+                );
+                return;
+            }
+            seen.insert(source.to_string(), now);
+        }
+        self.audit(now, source, action, target, detail);
+    }
+
+    /// Audits an admin API read (`api.read`; target: the method). Reads are
+    /// rare (people and scripts), so each is written, not coalesced.
+    pub fn audit_read(&self, now: UnixMs, actor: &str, method: &str, detail: &str) {
+        self.audit(now, actor, "api.read", method, detail);
     }
 
     // ---- admin operations ---------------------------------------------------

@@ -210,7 +210,8 @@ impl Default for ListenerLimits {
     }
 }
 
-/// The audit table is pruned every this many ticks (one minute).
+/// The audit table is pruned, and its chain head signed, every this many
+/// ticks (one minute).
 const AUDIT_PRUNE_TICKS: u64 = 120;
 
 /// Serves the Control and Admin APIs on `listener` (TLS) and the admin socket
@@ -334,6 +335,7 @@ pub async fn run_with(
         d.abort();
     }
     mesh.flush();
+    mesh.sign_audit_head(now_ms());
     let _ = std::fs::remove_file(&sock);
     if let Err(e) = result {
         bail!("server failed: {}", ztmesh_proto::tls::error_chain(&e));

@@ -12,9 +12,14 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::sync::Mutex;
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::types::ValueRef;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use ztmesh_policy::AttrValue;
+use ztmesh_proto::keys::{PublicKey, SigningKey};
 
+use crate::auditchain::{
+    ChainError, ChainRow, Checkpoint, Hash, Mark, RowFields, Verified, Verifier, GENESIS,
+};
 pub use crate::model::{NodePosture, NodeRoutes, NodeRow};
 use crate::roles::Role;
 use crate::secrets::{KeyDetail, SecretKind, SecretRecord};
@@ -37,6 +42,15 @@ pub enum StoreError {
     /// verdict (unknown, revoked, expired, used up, not allowed).
     #[error("auth key refused: {0}")]
     KeyRefused(String),
+    /// The audit chain does not verify where the store was about to prune
+    /// or sign: it refuses to vouch for rows it did not write. Run `audit
+    /// verify` and investigate.
+    #[error("audit chain broken at {0}")]
+    Chain(ChainError),
+    /// The database's schema is not the one this binary writes: open it
+    /// read-write once (`serve`) to migrate, or use the matching binary.
+    #[error("database schema: {0}")]
+    Schema(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -263,7 +277,35 @@ pub trait Store: Send + Sync {
     fn audit_log(&self, limit: u32) -> Result<Vec<AuditRow>>;
     /// Deletes audit rows older than `older_than_ms`, and [`FLOW_AUDIT_ACTION`]
     /// rows beyond the newest `max_flow_rows` (0 = no cap); returns how many.
-    fn prune_audit(&self, older_than_ms: UnixMs, max_flow_rows: u64) -> Result<u64>;
+    ///
+    /// The chain stays verifiable: the rows around the deleted ones are
+    /// verified first, and every run of deleted rows is recorded in a gap
+    /// checkpoint signed with `key` as of `now` (see [`crate::auditchain`]).
+    ///
+    /// # Errors
+    /// [`StoreError::Chain`] (nothing deleted) when the rows to prune or
+    /// their neighbours do not verify.
+    fn prune_audit(
+        &self,
+        older_than_ms: UnixMs,
+        max_flow_rows: u64,
+        now: UnixMs,
+        key: &SigningKey,
+    ) -> Result<u64>;
+    /// Signs the chain head with `key` as of `now` if rows were written
+    /// since the last signed head, after verifying those rows; returns the
+    /// signed row id.
+    ///
+    /// # Errors
+    /// [`StoreError::Chain`] (nothing signed) when those rows do not verify.
+    fn sign_audit_head(&self, now: UnixMs, key: &SigningKey) -> Result<Option<u64>>;
+    /// Verifies the whole audit chain with the controller's public key, in
+    /// one snapshot; the outer error is a store failure, the inner one the
+    /// first broken row.
+    fn verify_audit(&self, key: &PublicKey) -> Result<std::result::Result<Verified, ChainError>>;
+    /// Calls `each` with the rows written at or after `since_ms`, with their
+    /// hashes, in id order, until it returns `false`.
+    fn audit_rows(&self, since_ms: UnixMs, each: &mut dyn FnMut(&ChainRow) -> bool) -> Result<()>;
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records progress.
@@ -410,7 +452,34 @@ ALTER TABLE nodes ADD COLUMN posture_reported TEXT NOT NULL DEFAULT '{}';
 ALTER TABLE nodes ADD COLUMN posture_reported_ms INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE nodes ADD COLUMN posture_custom TEXT NOT NULL DEFAULT '{}';
 "#,
+    // Tamper-evident audit (issue 15): each row's prev_hash and hash (see
+    // `auditchain`; existing rows are chained in id order right after this
+    // migration, by `chain_existing_audit`), the chain head as last written,
+    // and the signed checkpoints: heads, and gaps left by pruning.
+    r#"
+ALTER TABLE audit ADD COLUMN prev_hash BLOB;
+ALTER TABLE audit ADD COLUMN hash BLOB;
+CREATE TABLE audit_head (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    id INTEGER NOT NULL,
+    hash BLOB NOT NULL
+);
+CREATE TABLE audit_checkpoints (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('head', 'gap')),
+    before_id INTEGER,
+    before_hash BLOB,
+    head_id INTEGER NOT NULL,
+    head_hash BLOB NOT NULL,
+    time_ms INTEGER NOT NULL,
+    signature BLOB NOT NULL
+);
+CREATE INDEX audit_checkpoints_kind_head ON audit_checkpoints (kind, head_id);
+"#,
 ];
+
+/// The migration (index into [`MIGRATIONS`]) that adds the audit chain.
+const AUDIT_CHAIN_MIGRATION: usize = 7;
 
 /// Posture attributes as a JSON object (strings, integers, booleans).
 fn attrs_json(attrs: &BTreeMap<String, AttrValue>) -> String {
@@ -642,6 +711,392 @@ fn insert_node(
     })
 }
 
+/// The chain head as last written: (0, [`GENESIS`]) before the first row.
+fn audit_head_in(c: &Connection) -> Result<(u64, Hash)> {
+    let row: Option<(u64, Vec<u8>)> = c
+        .query_row("SELECT id, hash FROM audit_head WHERE one = 1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    match row {
+        None => Ok((0, GENESIS)),
+        Some((id, hash)) => Ok((
+            id,
+            hash.try_into()
+                .map_err(|_| StoreError::Db(corrupt(1, "audit head hash")))?,
+        )),
+    }
+}
+
+fn set_audit_head(c: &Connection, id: u64, hash: &Hash) -> Result<()> {
+    c.execute(
+        "INSERT INTO audit_head (one, id, hash) VALUES (1, ?1, ?2)
+         ON CONFLICT(one) DO UPDATE SET id = excluded.id, hash = excluded.hash",
+        params![id, hash.as_slice()],
+    )?;
+    Ok(())
+}
+
+/// Appends `rows` to the chain inside a write transaction: each gets the
+/// next id after the head (ids are never reused, even after the newest rows
+/// were pruned) and is chained to the row before.
+fn append_audit(tx: &Connection, rows: &[AuditEntry]) -> Result<()> {
+    let (head_id, mut prev) = audit_head_in(tx)?;
+    // Rows written behind the controller's back keep their ids (verification
+    // names them); new rows go after them.
+    let max: Option<u64> = tx.query_row("SELECT MAX(id) FROM audit", [], |r| r.get(0))?;
+    let mut id = head_id.max(max.unwrap_or(0));
+    let mut st = tx.prepare_cached(
+        "INSERT INTO audit (id, time_ms, actor, action, target, detail, prev_hash, hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    for r in rows {
+        id += 1;
+        let hash = RowFields {
+            id,
+            time_ms: r.time_ms,
+            actor: &r.actor,
+            action: &r.action,
+            target: &r.target,
+            detail: &r.detail,
+        }
+        .hash(&prev);
+        st.execute(params![
+            id,
+            r.time_ms,
+            r.actor,
+            r.action,
+            r.target,
+            r.detail,
+            prev.as_slice(),
+            hash.as_slice()
+        ])?;
+        prev = hash;
+    }
+    set_audit_head(tx, id, &prev)
+}
+
+/// Chains the rows written before the chain existed, in id order (holes
+/// left by earlier pruning are linked over: those rows were never covered).
+fn chain_existing_audit(tx: &Connection) -> Result<()> {
+    let mut rows = Vec::new();
+    for_rows(tx, "1", [], &mut |r| {
+        rows.push(r.clone());
+        true
+    })?;
+    let mut prev = GENESIS;
+    let mut last = 0;
+    {
+        let mut st = tx.prepare("UPDATE audit SET prev_hash = ?2, hash = ?3 WHERE id = ?1")?;
+        for r in &rows {
+            let hash = r.fields().hash(&prev);
+            st.execute(params![r.id, prev.as_slice(), hash.as_slice()])?;
+            prev = hash;
+            last = r.id;
+        }
+    }
+    tx.execute(
+        "INSERT INTO audit_head (one, id, hash) VALUES (1, ?1, ?2)",
+        params![last, prev.as_slice()],
+    )?;
+    Ok(())
+}
+
+const CHAIN_COLS: &str = "id, time_ms, actor, action, target, detail, prev_hash, hash";
+
+/// A stored audit row as the chain sees it. Columns of an unexpected type
+/// (written behind the controller's back) do not fail the read: the row
+/// comes back with an empty hash, which verification names as altered.
+fn chain_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChainRow> {
+    let mut sound = true;
+    let mut text = |i: usize| -> rusqlite::Result<String> {
+        Ok(match r.get_ref(i)? {
+            ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+            _ => {
+                sound = false;
+                String::new()
+            }
+        })
+    };
+    let actor = text(2)?;
+    let action = text(3)?;
+    let target = text(4)?;
+    let detail = text(5)?;
+    let blob = |i: usize| -> rusqlite::Result<Vec<u8>> {
+        Ok(match r.get_ref(i)? {
+            ValueRef::Blob(b) => b.to_vec(),
+            _ => Vec::new(),
+        })
+    };
+    let time_ms = match r.get_ref(1)? {
+        ValueRef::Integer(t) => t,
+        _ => {
+            sound = false;
+            0
+        }
+    };
+    Ok(ChainRow {
+        id: r.get(0)?,
+        time_ms,
+        actor,
+        action,
+        target,
+        detail,
+        prev_hash: blob(6)?,
+        hash: if sound { blob(7)? } else { Vec::new() },
+    })
+}
+
+/// Calls `each` with the audit rows matching `cond`, in id order, until it
+/// returns `false`.
+fn for_rows<P: rusqlite::Params>(
+    c: &Connection,
+    cond: &str,
+    p: P,
+    each: &mut dyn FnMut(&ChainRow) -> bool,
+) -> Result<()> {
+    let mut st = c.prepare(&format!(
+        "SELECT {CHAIN_COLS} FROM audit WHERE {cond} ORDER BY id"
+    ))?;
+    let mut rows = st.query(p)?;
+    while let Some(r) = rows.next()? {
+        if !each(&chain_row(r)?) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// A 32-byte hash column; anything else reads as zeros (the checkpoint
+/// then fails its signature check, as a forged one would).
+fn hash_col(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Hash> {
+    Ok(match r.get_ref(i)? {
+        ValueRef::Blob(b) => b.try_into().unwrap_or([0; 32]),
+        _ => [0; 32],
+    })
+}
+
+/// The checkpoints matching `cond`, in id order.
+fn checkpoints_where<P: rusqlite::Params>(
+    c: &Connection,
+    cond: &str,
+    p: P,
+) -> Result<Vec<Checkpoint>> {
+    let mut st = c.prepare(&format!(
+        "SELECT kind, before_id, before_hash, head_id, head_hash, time_ms, signature
+         FROM audit_checkpoints WHERE {cond} ORDER BY id"
+    ))?;
+    let rows = st.query_map(p, |r| {
+        let kind: String = r.get(0)?;
+        let head_id: u64 = r.get(3)?;
+        let head_hash = hash_col(r, 4)?;
+        let mark = if kind == "gap" {
+            Mark::Gap {
+                before_id: r.get::<_, Option<u64>>(1)?.unwrap_or(0),
+                before_hash: hash_col(r, 2)?,
+                last_id: head_id,
+                last_hash: head_hash,
+            }
+        } else {
+            Mark::Head {
+                id: head_id,
+                hash: head_hash,
+            }
+        };
+        Ok(Checkpoint {
+            mark,
+            time_ms: r.get(5)?,
+            signature: match r.get_ref(6)? {
+                ValueRef::Blob(b) => b.to_vec(),
+                _ => Vec::new(),
+            },
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+fn insert_checkpoint(c: &Connection, cp: &Checkpoint) -> Result<()> {
+    let (kind, before_id, before_hash, head_id, head_hash) = match &cp.mark {
+        Mark::Head { id, hash } => ("head", None, None, *id, hash),
+        Mark::Gap {
+            before_id,
+            before_hash,
+            last_id,
+            last_hash,
+        } => (
+            "gap",
+            Some(*before_id),
+            Some(before_hash.as_slice()),
+            *last_id,
+            last_hash,
+        ),
+    };
+    c.execute(
+        "INSERT INTO audit_checkpoints (kind, before_id, before_hash, head_id, head_hash,
+                                        time_ms, signature)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            kind,
+            before_id,
+            before_hash,
+            head_id,
+            head_hash.as_slice(),
+            cp.time_ms,
+            cp.signature
+        ],
+    )?;
+    Ok(())
+}
+
+/// The newest validly signed head whose row is still there unchanged
+/// (verification of new rows starts after it), else the start of the chain.
+fn trusted_head(c: &Connection, key: &PublicKey) -> Result<(u64, Hash)> {
+    let cps = checkpoints_where(
+        c,
+        "kind = 'head' AND EXISTS (SELECT 1 FROM audit a
+             WHERE a.id = audit_checkpoints.head_id AND a.hash = audit_checkpoints.head_hash)
+         AND id IN (SELECT id FROM audit_checkpoints WHERE kind = 'head'
+                    ORDER BY head_id DESC LIMIT 16)",
+        [],
+    )?;
+    Ok(cps
+        .iter()
+        .rev()
+        .filter(|c| c.verifies(key))
+        .find_map(|c| match c.mark {
+            Mark::Head { id, hash } => Some((id, hash)),
+            Mark::Gap { .. } => None,
+        })
+        .unwrap_or((0, GENESIS)))
+}
+
+/// The rows around a range about to be pruned: the kept row before it
+/// (or the start), the kept row after it (or the end: the recorded head).
+struct Span {
+    start: (u64, Hash),
+    after: Option<u64>,
+    head: (u64, Hash),
+}
+
+impl Span {
+    /// The span around ids `lo..=hi`.
+    fn around(c: &Connection, lo: u64, hi: u64) -> Result<Self> {
+        let start: Option<(u64, Vec<u8>)> = c
+            .query_row(
+                "SELECT id, hash FROM audit WHERE id < ?1 ORDER BY id DESC LIMIT 1",
+                [lo],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get::<_, Option<Vec<u8>>>(1)?.unwrap_or_default(),
+                    ))
+                },
+            )
+            .optional()?;
+        let start = match start {
+            None => (0, GENESIS),
+            Some((id, hash)) => match Hash::try_from(hash) {
+                Ok(h) => (id, h),
+                Err(_) => return Err(StoreError::Chain(ChainError::Altered { id })),
+            },
+        };
+        let after = c.query_row("SELECT MIN(id) FROM audit WHERE id > ?1", [hi], |r| {
+            r.get(0)
+        })?;
+        Ok(Self {
+            start,
+            after,
+            head: audit_head_in(c)?,
+        })
+    }
+
+    /// The end of the span: the kept row after it, or past the head.
+    fn end(&self) -> u64 {
+        self.after.unwrap_or(self.head.0.saturating_add(1))
+    }
+
+    /// Verifies the rows of the span (the kept row after it included).
+    fn verify(&self, c: &Connection, key: &PublicKey) -> Result<()> {
+        let (from, end) = (self.start.0, self.end());
+        let cps = checkpoints_where(c, "head_id >= ?1 AND head_id <= ?2", params![from, end])?;
+        let recorded = self.after.is_none().then_some(self.head);
+        let mut v = Verifier::new(key, &cps, recorded).starting_after(from, self.start.1);
+        for_rows(c, "id > ?1 AND id <= ?2", params![from, end], &mut |r| {
+            v.push(r);
+            !v.is_decided()
+        })?;
+        let verdict = if self.after.is_some() {
+            v.segment().map(|_| ())
+        } else {
+            v.finish().map(|_| ())
+        };
+        verdict.map_err(StoreError::Chain)
+    }
+
+    /// After the deletion: one signed gap checkpoint per run of deleted rows
+    /// in the span (replacing those the span had), and signed heads of
+    /// deleted rows dropped (except the newest, which marks the chain's end).
+    fn reseal(&self, c: &Connection, now: UnixMs, key: &SigningKey) -> Result<()> {
+        let (from, end) = (self.start.0, self.end());
+        let mut links: Vec<(u64, Vec<u8>, Vec<u8>)> = Vec::new();
+        {
+            let mut st = c.prepare(
+                "SELECT id, prev_hash, hash FROM audit WHERE id > ?1 AND id < ?2 ORDER BY id",
+            )?;
+            let rows = st.query_map(params![from, end], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get::<_, Option<Vec<u8>>>(1)?.unwrap_or_default(),
+                    r.get::<_, Option<Vec<u8>>>(2)?.unwrap_or_default(),
+                ))
+            })?;
+            for row in rows {
+                links.push(row?);
+            }
+        }
+        let last_link = match self.after {
+            Some(id) => c.query_row("SELECT prev_hash FROM audit WHERE id = ?1", [id], |r| {
+                r.get::<_, Option<Vec<u8>>>(0)
+                    .map(Option::unwrap_or_default)
+            })?,
+            None => self.head.1.to_vec(),
+        };
+        links.push((end, last_link, Vec::new()));
+        c.execute(
+            "DELETE FROM audit_checkpoints WHERE kind = 'gap' AND head_id >= ?1 AND head_id < ?2",
+            params![from, end],
+        )?;
+        let (mut before_id, mut before_hash) = self.start;
+        for (id, prev, hash) in links {
+            if prev[..] != before_hash[..] {
+                let last_hash = Hash::try_from(&prev[..])
+                    .map_err(|_| StoreError::Chain(ChainError::Altered { id }))?;
+                let mark = Mark::Gap {
+                    before_id,
+                    before_hash,
+                    last_id: id - 1,
+                    last_hash,
+                };
+                insert_checkpoint(c, &Checkpoint::signed(mark, now, &|m| key.sign(m)))?;
+            }
+            if id == end {
+                break;
+            }
+            before_id = id;
+            before_hash = Hash::try_from(&hash[..])
+                .map_err(|_| StoreError::Chain(ChainError::Altered { id }))?;
+        }
+        c.execute(
+            "DELETE FROM audit_checkpoints
+             WHERE kind = 'head' AND head_id > ?1 AND head_id < ?2
+               AND NOT EXISTS (SELECT 1 FROM audit WHERE audit.id = audit_checkpoints.head_id)
+               AND head_id < (SELECT MAX(head_id) FROM audit_checkpoints WHERE kind = 'head')",
+            params![from, end],
+        )?;
+        Ok(())
+    }
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and applies migrations.
     ///
@@ -665,6 +1120,32 @@ impl SqliteStore {
         Self::init(conn)
     }
 
+    /// Opens an existing database read-only, without migrating (for
+    /// offline reads such as `audit verify`; safe while the controller runs,
+    /// which keeps writing in WAL mode).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] if it cannot be opened; [`StoreError::Schema`] if
+    /// it is not at this binary's schema.
+    pub fn open_read_only(path: &Path) -> Result<Self> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version != MIGRATIONS.len() {
+            return Err(StoreError::Schema(format!(
+                "{} is at version {version}, this binary reads version {} (run `serve` once to migrate)",
+                path.display(),
+                MIGRATIONS.len()
+            )));
+        }
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
     /// An in-memory database, for tests.
     ///
     /// # Errors
@@ -682,6 +1163,9 @@ impl SqliteStore {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for (i, m) in MIGRATIONS.iter().enumerate().skip(version) {
             tx.execute_batch(m)?;
+            if i == AUDIT_CHAIN_MIGRATION {
+                chain_existing_audit(&tx)?;
+            }
             tx.pragma_update(None, "user_version", i + 1)?;
         }
         tx.commit()?;
@@ -1252,44 +1736,137 @@ impl Store for SqliteStore {
         target: &str,
         detail: &str,
     ) -> Result<()> {
-        self.conn().execute(
-            "INSERT INTO audit (time_ms, actor, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![time_ms, actor, action, target, detail],
-        )?;
-        Ok(())
+        self.audit_batch(&[AuditEntry {
+            time_ms,
+            actor: actor.to_string(),
+            action: action.to_string(),
+            target: target.to_string(),
+            detail: detail.to_string(),
+        }])
     }
 
     fn audit_batch(&self, rows: &[AuditEntry]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
         let mut c = self.conn();
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        {
-            let mut st = tx.prepare(
-                "INSERT INTO audit (time_ms, actor, action, target, detail)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
-            for r in rows {
-                st.execute(params![r.time_ms, r.actor, r.action, r.target, r.detail])?;
-            }
-        }
+        append_audit(&tx, rows)?;
         tx.commit()?;
         Ok(())
     }
 
-    fn prune_audit(&self, older_than_ms: UnixMs, max_flow_rows: u64) -> Result<u64> {
+    fn prune_audit(
+        &self,
+        older_than_ms: UnixMs,
+        max_flow_rows: u64,
+        now: UnixMs,
+        key: &SigningKey,
+    ) -> Result<u64> {
         let mut c = self.conn();
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut n = tx.execute("DELETE FROM audit WHERE time_ms < ?1", [older_than_ms])?;
-        if max_flow_rows > 0 {
+        // Which rows go, as an id range to reseal.
+        let (old_lo, old_hi): (Option<u64>, Option<u64>) = tx.query_row(
+            "SELECT MIN(id), MAX(id) FROM audit WHERE time_ms < ?1",
+            [older_than_ms],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let flow_hi: Option<u64> = if max_flow_rows > 0 {
             let keep = i64::try_from(max_flow_rows).unwrap_or(i64::MAX);
-            n += tx.execute(
-                "DELETE FROM audit WHERE action = ?1 AND id <= (
-                     SELECT id FROM audit WHERE action = ?1
-                     ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+            tx.query_row(
+                "SELECT id FROM audit WHERE action = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2",
                 params![FLOW_AUDIT_ACTION, keep],
+                |r| r.get(0),
+            )
+            .optional()?
+        } else {
+            None
+        };
+        let flow_lo: Option<u64> = match flow_hi {
+            Some(_) => tx.query_row(
+                "SELECT MIN(id) FROM audit WHERE action = ?1",
+                [FLOW_AUDIT_ACTION],
+                |r| r.get(0),
+            )?,
+            None => None,
+        };
+        let lo = old_lo.into_iter().chain(flow_lo).min();
+        let hi = old_hi.into_iter().chain(flow_hi).max();
+        let (Some(lo), Some(hi)) = (lo, hi) else {
+            return Ok(0);
+        };
+        let span = Span::around(&tx, lo, hi)?;
+        span.verify(&tx, &key.public())?;
+        let mut n = tx.execute("DELETE FROM audit WHERE time_ms < ?1", [older_than_ms])?;
+        if let Some(flow_hi) = flow_hi {
+            n += tx.execute(
+                "DELETE FROM audit WHERE action = ?1 AND id <= ?2",
+                params![FLOW_AUDIT_ACTION, flow_hi],
             )?;
         }
+        span.reseal(&tx, now, key)?;
         tx.commit()?;
         Ok(n as u64)
+    }
+
+    fn sign_audit_head(&self, now: UnixMs, key: &SigningKey) -> Result<Option<u64>> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (head_id, head_hash) = audit_head_in(&tx)?;
+        let newest: Option<u64> = tx.query_row(
+            "SELECT MAX(head_id) FROM audit_checkpoints WHERE kind = 'head'",
+            [],
+            |r| r.get(0),
+        )?;
+        if head_id == 0 || newest.is_some_and(|n| n >= head_id) {
+            return Ok(None);
+        }
+        let public = key.public();
+        let (from, from_hash) = trusted_head(&tx, &public)?;
+        let cps = checkpoints_where(&tx, "head_id > ?1", params![from])?;
+        let mut v = Verifier::new(&public, &cps, Some((head_id, head_hash)))
+            .starting_after(from, from_hash);
+        for_rows(&tx, "id > ?1", params![from], &mut |r| {
+            v.push(r);
+            !v.is_decided()
+        })?;
+        v.finish().map_err(StoreError::Chain)?;
+        // A head pruned away is vouched for by its gap already.
+        let present: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM audit WHERE id = ?1 AND hash = ?2)",
+            params![head_id, head_hash.as_slice()],
+            |r| r.get(0),
+        )?;
+        if !present {
+            return Ok(None);
+        }
+        let mark = Mark::Head {
+            id: head_id,
+            hash: head_hash,
+        };
+        insert_checkpoint(&tx, &Checkpoint::signed(mark, now, &|m| key.sign(m)))?;
+        tx.commit()?;
+        Ok(Some(head_id))
+    }
+
+    fn verify_audit(&self, key: &PublicKey) -> Result<std::result::Result<Verified, ChainError>> {
+        let mut c = self.conn();
+        // One read transaction: a snapshot, whatever the controller writes
+        // meanwhile.
+        let tx = c.transaction_with_behavior(TransactionBehavior::Deferred)?;
+        let cps = checkpoints_where(&tx, "1", [])?;
+        let head = audit_head_in(&tx)?;
+        let mut v = Verifier::new(key, &cps, Some(head));
+        for_rows(&tx, "1", [], &mut |r| {
+            v.push(r);
+            !v.is_decided()
+        })?;
+        Ok(v.finish())
+    }
+
+    fn audit_rows(&self, since_ms: UnixMs, each: &mut dyn FnMut(&ChainRow) -> bool) -> Result<()> {
+        let c = self.conn();
+        for_rows(&c, "time_ms >= ?1", [since_ms], each)
     }
 
     fn audit_log(&self, limit: u32) -> Result<Vec<AuditRow>> {

@@ -194,6 +194,11 @@ async fn refuses_reused_expired_and_revoked_keys_with_clear_messages() {
     let e = enroll(&ctl, "ztmk1.garbage", "z").await.err().unwrap();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("malformed"), "{}", e.message());
+    // The first refusal of this source is audited with its reason; the
+    // others within the minute are not (a refusal flood stays one row).
+    let refused = audit_rows(&ctl, "node.enroll.refused").await;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0].detail.contains("already used"), "{refused:?}");
     ctl.stop().await;
 }
 
@@ -264,7 +269,30 @@ async fn refuses_wrong_stale_and_replayed_proofs() {
     replay.metadata_mut().insert(auth::PROOF_HEADER, proof);
     let e = c.stream_net_map(replay).await.err().unwrap();
     assert!(e.message().contains("replay"), "{}", e.message());
+
+    // Refusals are audited, one row per source per minute.
+    let refused = audit_rows(&ctl, "node.refused").await;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(
+        refused[0].actor.starts_with("source:127.0.0.1"),
+        "{refused:?}"
+    );
+    assert_eq!(refused[0].target, methods::STREAM_NETMAP);
     ctl.stop().await;
+}
+
+/// The audit rows with `action`, newest first.
+async fn audit_rows(ctl: &Ctl, action: &str) -> Vec<apb::AuditEvent> {
+    ctl.admin()
+        .await
+        .list_audit(apb::ListAuditRequest { limit: 10_000 })
+        .await
+        .unwrap()
+        .into_inner()
+        .events
+        .into_iter()
+        .filter(|e| e.action == action)
+        .collect()
 }
 
 #[tokio::test]
@@ -475,6 +503,19 @@ async fn remote_admin_needs_a_valid_api_key() {
     assert!(
         e.to_string().contains("does not match the pinned"),
         "the error names the pin mismatch: {e}"
+    );
+
+    // Both refusals came from one source within a minute: one row. The
+    // good key's read is audited with its actor.
+    let refused = audit_rows(&ctl, "api.refused").await;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].target, "ListNodes");
+    let reads = audit_rows(&ctl, "api.read").await;
+    assert!(
+        reads
+            .iter()
+            .any(|r| r.target == "ListNodes" && r.actor.starts_with("apikey:")),
+        "{reads:?}"
     );
     ctl.stop().await;
 }
@@ -1146,6 +1187,19 @@ async fn api_key_roles_limit_what_a_caller_may_do() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    // Audited: three refusals of one actor within a minute make one row;
+    // its reads, one row each.
+    let denied = audit_rows(&ctl, "api.denied").await;
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert_eq!(denied[0].target, "SetPolicy");
+    assert!(denied[0].detail.contains("auditor"), "{denied:?}");
+    let reads = audit_rows(&ctl, "api.read").await;
+    let auditor_reads: Vec<&str> = reads
+        .iter()
+        .filter(|r| r.actor == denied[0].actor)
+        .map(|r| r.target.as_str())
+        .collect();
+    assert_eq!(auditor_reads, ["ListAudit", "GetPolicy", "ListNodes"]);
 
     let mut n = cli::connect(&remote(&netadmin)).await.unwrap();
     n.create_auth_key(apb::CreateAuthKeyRequest {

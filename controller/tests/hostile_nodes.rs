@@ -31,9 +31,13 @@ const POLICY: &str = r#"{
 }"#;
 
 fn load(store: Arc<dyn Store>, cfg: MeshConfig, now: i64) -> Mesh {
+    load_with(store, SigningKey::generate(&mut OsRng), cfg, now)
+}
+
+fn load_with(store: Arc<dyn Store>, signer: SigningKey, cfg: MeshConfig, now: i64) -> Mesh {
     Mesh::load(
         store,
-        SigningKey::generate(&mut OsRng),
+        signer,
         FP,
         "fd00:1:2::/48".parse().unwrap(),
         cfg,
@@ -379,7 +383,15 @@ fn the_audit_table_is_pruned_by_age_and_by_flow_row_count_in_a_real_sqlite_file(
             .audit(T0 + i, "node:web", "flow.denied", "f", &i.to_string())
             .unwrap();
     }
-    let deleted = store.prune_audit(T0 - 90 * 86_400_000, 100).unwrap();
+    let key_file = dir.path().join("controller.key");
+    let signer = SigningKey::load_or_generate(&key_file).unwrap();
+    let deleted = store
+        .prune_audit(T0 - 90 * 86_400_000, 100, T0, &signer)
+        .unwrap();
+    assert!(
+        store.verify_audit(&signer.public()).unwrap().is_ok(),
+        "pruned rows leave signed gaps"
+    );
     assert_eq!(deleted, 250);
     let log = store.audit_log(10_000).unwrap();
     assert_eq!(log.iter().filter(|a| a.target == "old").count(), 0);
@@ -400,8 +412,9 @@ fn the_audit_table_is_pruned_by_age_and_by_flow_row_count_in_a_real_sqlite_file(
 
     // The mesh prunes on its own, with the configured limits.
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("db.sqlite")).unwrap());
-    let m = load(
+    let m = load_with(
         store.clone(),
+        SigningKey::load(&key_file).unwrap(),
         MeshConfig {
             audit_max_age_ms: 86_400_000,
             audit_max_flow_rows: 10,
@@ -420,6 +433,8 @@ fn the_audit_table_is_pruned_by_age_and_by_flow_row_count_in_a_real_sqlite_file(
     )
     .unwrap();
     assert_eq!(store.audit_log(10_000).unwrap().len(), 1);
+    let v = m.verify_audit().unwrap().unwrap();
+    assert_eq!(v.rows, 1);
 }
 
 // ---- restarts and clock jumps -------------------------------------------------

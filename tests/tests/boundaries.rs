@@ -39,6 +39,7 @@ const PURE: &[&str] = &[
     "relay/src/limiter.rs",
     "controller/src/netcore",
     "controller/src/model.rs",
+    "controller/src/auditchain.rs",
     "controller/src/relays.rs",
     "controller/src/routes.rs",
     "controller/src/secrets.rs",
@@ -57,6 +58,7 @@ const PURE: &[&str] = &[
 const CONTROLLER_LAYERS: &[&[&str]] = &[
     &[
         "model",
+        "auditchain",
         "roles",
         "relays",
         "nodelimit",

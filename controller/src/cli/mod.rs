@@ -1,7 +1,8 @@
 //! Admin CLI: clap definitions and a short dispatch to one module per
 //! subcommand group; the commands talk to a running controller (local unix
 //! socket, or `--server URL --api-key K --fingerprint FP`), except the offline
-//! `fingerprint`, `policy check` and `policy explain --policy`.
+//! `fingerprint`, `controller-key`, `policy check`, `policy explain
+//! --policy`, `audit verify` and `audit export`.
 //!
 //! Output contract shared by every group: tables on stdout by default, `-o
 //! json` for scripts, errors as one line on stderr (printed by `main`).
@@ -24,6 +25,7 @@ mod policy;
 mod users;
 
 pub use args::{parse_duration, parse_positive_duration, ConnArgs, ListenerArgs, OidcArgs, Output};
+pub use audit::{AuditCmd, ExportFormat};
 pub use client::{connect, Auth, Client};
 pub use keys::{ApiKeysCmd, KeysCmd};
 pub use nodes::NodesCmd;
@@ -128,12 +130,15 @@ pub enum Cmd {
     Policy(PolicyCmd),
     #[command(subcommand)]
     Apikeys(ApiKeysCmd),
-    /// Show the audit log, newest first.
+    /// Show the audit log, newest first; `audit verify` checks its hash
+    /// chain and `audit export` prints it for a SIEM (both offline).
     Audit {
         #[arg(long, default_value_t = 50)]
         limit: u32,
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
+        #[command(subcommand)]
+        action: Option<AuditCmd>,
     },
 }
 
@@ -177,6 +182,9 @@ pub async fn run(conn: &ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Policy(p) if p.is_offline() => return policy::run_offline(p),
         Cmd::Fingerprint => return fingerprint(&conn.data_dir),
         Cmd::ControllerKey => return controller_key(&conn.data_dir),
+        Cmd::Audit {
+            action: Some(a), ..
+        } => return audit::run_offline(&conn.data_dir, a),
         _ => {}
     }
     let mut c = connect(conn).await?;
@@ -188,7 +196,7 @@ pub async fn run(conn: &ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Nodes(n) => nodes::run(&mut c, n).await,
         Cmd::Policy(p) => policy::run(&mut c, p).await,
         Cmd::Apikeys(a) => keys::run_api(&mut c, a).await,
-        Cmd::Audit { limit, output } => audit::run(&mut c, limit, output).await,
+        Cmd::Audit { limit, output, .. } => audit::run(&mut c, limit, output).await,
     }
 }
 
