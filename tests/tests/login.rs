@@ -727,7 +727,7 @@ fn bad_login_codes_are_refused_without_enrolling_anything() {
     let out = admin(
         lab.topo.ns(CONTROLLER),
         &lab.data(),
-        &["audit", "-o", "json"],
+        &["audit", "--limit", "500", "-o", "json"],
     );
     assert!(out.stdout.contains("device.unknown-code"));
     assert_clean(&mut b);
