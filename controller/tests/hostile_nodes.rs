@@ -355,6 +355,7 @@ fn flow_report_packet_sums_saturate() {
             allowed: false,
             reason: "no_rule".into(),
             packets: u64::MAX,
+            ..Default::default()
         })
         .collect();
     m.record_denied_flows(&node, &flows, T0);
@@ -627,6 +628,7 @@ fn a_flow_report_is_written_in_one_transaction() {
             allowed: false,
             reason: "no_rule".into(),
             packets: 1,
+            ..Default::default()
         })
         .collect();
     let other = rusqlite::Connection::open(&db).unwrap();

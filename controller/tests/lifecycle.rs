@@ -407,6 +407,7 @@ fn denied_flow_reports_are_audited_with_bounded_rows_and_text() {
         allowed: false,
         reason: "no_rule".into(),
         packets: 2,
+        ..Default::default()
     };
     let flows: Vec<_> = (0..(MAX_FLOW_ROWS_PER_REPORT as u32 + 50))
         .map(flow)

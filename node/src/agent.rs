@@ -1121,6 +1121,7 @@ impl Daemon {
                 allowed: false,
                 reason: f.reason.as_str().to_string(),
                 packets: *n,
+                ..Default::default()
             })
             .collect();
         if let Err(s) = ctl.report_flows(&self.keys().machine, summaries).await {
