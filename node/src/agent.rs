@@ -860,6 +860,7 @@ impl Daemon {
         }
         tracing::info!(controller = %e.controller_url, "connected to controller");
         let mut report = tokio::time::interval(FLOW_REPORT_INTERVAL);
+        let mut flow_overflow = 0;
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut endpoint_check = tokio::time::interval(ENDPOINT_CHECK_INTERVAL);
         endpoint_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -870,7 +871,7 @@ impl Daemon {
             let next = tokio::select! {
                 m = stream.message() => m,
                 _ = report.tick() => {
-                    self.report_denied_flows(&mut ctl).await;
+                    self.report_flows(&mut ctl, &mut flow_overflow).await;
                     continue;
                 }
                 _ = endpoint_check.tick() => {
@@ -1101,31 +1102,29 @@ impl Daemon {
         }
     }
 
-    /// Sends the denied flows the data plane saw since the last report. A
-    /// failed report is logged and the flows are dropped (counters remain).
-    async fn report_denied_flows(&self, ctl: &mut Controller) {
-        let flows = match self.dp.lock().await.as_ref() {
-            Some(dp) => dp.take_denied_flows(),
+    /// Sends the allowed and denied flows the data plane saw since the last
+    /// report. A failed report is logged and the flows are dropped (the
+    /// counters remain).
+    async fn report_flows(&self, ctl: &mut Controller, overflow_seen: &mut u64) {
+        let log = match self.dp.lock().await.as_ref() {
+            Some(dp) => dp.take_flows().await,
             None => return,
         };
-        if flows.is_empty() {
+        if log.allowed_overflow > *overflow_seen {
+            *overflow_seen = log.allowed_overflow;
+            tracing::warn!(
+                total = log.allowed_overflow,
+                max = crate::filter::MAX_ALLOWED_FLOWS,
+                "more allowed flows in one report than it holds; the rest are not logged"
+            );
+        }
+        let summaries = crate::control::flows::summaries(&log);
+        if summaries.is_empty() {
             return;
         }
-        let summaries = flows
-            .iter()
-            .map(|(f, n)| ztmesh_proto::control::FlowSummary {
-                src: f.src.to_string(),
-                dst: f.dst.to_string(),
-                protocol: u32::from(f.proto),
-                dst_port: u32::from(f.dst_port),
-                allowed: false,
-                reason: f.reason.as_str().to_string(),
-                packets: *n,
-                ..Default::default()
-            })
-            .collect();
+        let n = summaries.len();
         if let Err(s) = ctl.report_flows(&self.keys().machine, summaries).await {
-            tracing::warn!(error = %s.message(), flows = flows.len(), "flow report failed");
+            tracing::warn!(error = %s.message(), flows = n, "flow report failed");
         }
     }
 

@@ -6,6 +6,7 @@
 
 pub mod apply;
 pub mod client;
+pub mod flows;
 pub mod login;
 
 pub use apply::{

@@ -26,6 +26,7 @@ pub mod packet;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
@@ -172,12 +173,82 @@ pub struct Filter {
     drops: [u64; Reason::ALL.len()],
     last_sweep: Option<Instant>,
     denied: HashMap<DeniedFlow, u64>,
+    /// Allowed-flow summaries folded from tracked flows, until taken.
+    allowed: HashMap<AllowedKey, Traffic>,
+    /// Allowed flows not summarized because `allowed` was full.
+    allowed_overflow: u64,
 }
 
 /// At most this many distinct denied flows are summarized between two
 /// [`Filter::take_denied`] calls; beyond it only the per-reason counters grow,
 /// so a flood of spoofed ports cannot grow memory.
 pub const MAX_DENIED_FLOWS: usize = 1024;
+
+/// At most this many distinct allowed flows are summarized between two
+/// [`Filter::take_allowed`] calls; beyond it a flow's traffic is only counted
+/// in [`Filter::allowed_overflow`].
+pub const MAX_ALLOWED_FLOWS: usize = 1024;
+
+/// An allowed inbound flow (opened by a peer and admitted by a rule),
+/// summarized over the source ports for flow logs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AllowedKey {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    /// Destination port (0 for protocols without ports).
+    pub dst_port: u16,
+    /// The rule that admitted the flow's latest packet ([`Rule::rule_id`]).
+    pub rule_id: Arc<str>,
+}
+
+/// What flowed in an allowed flow: packets and bytes (IP packet lengths)
+/// from the peer, and replies from this node, since the last take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    /// When the flow was first seen (it may predate the last take).
+    pub first_seen: Instant,
+    /// Its latest packet, either way.
+    pub last_seen: Instant,
+}
+
+impl Traffic {
+    fn new(now: Instant) -> Self {
+        Self {
+            packets: 0,
+            bytes: 0,
+            reply_packets: 0,
+            reply_bytes: 0,
+            first_seen: now,
+            last_seen: now,
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.packets == 0 && self.reply_packets == 0
+    }
+
+    fn add(&mut self, other: &Traffic) {
+        self.packets = self.packets.saturating_add(other.packets);
+        self.bytes = self.bytes.saturating_add(other.bytes);
+        self.reply_packets = self.reply_packets.saturating_add(other.reply_packets);
+        self.reply_bytes = self.reply_bytes.saturating_add(other.reply_bytes);
+        self.first_seen = self.first_seen.min(other.first_seen);
+        self.last_seen = self.last_seen.max(other.last_seen);
+    }
+
+    /// Starts a new reporting window: the counts go, the times stay.
+    fn reset(&mut self) {
+        self.packets = 0;
+        self.bytes = 0;
+        self.reply_packets = 0;
+        self.reply_bytes = 0;
+    }
+}
 
 /// A denied inbound flow, summarized for flow reports (assume breach: every
 /// denied flow is recorded by the controller).
@@ -210,12 +281,16 @@ impl Filter {
             drops: [0; Reason::ALL.len()],
             last_sweep: None,
             denied: HashMap::new(),
+            allowed: HashMap::new(),
+            allowed_overflow: 0,
         }
     }
 
     /// Replaces the rules. Flows this node opened stay tracked; flows admitted
     /// by a rule are re-evaluated against the new rules on their next packet.
     pub fn set_rules(&mut self, rules: Option<Ruleset>) {
+        // Traffic so far is summarized under the rules that admitted it.
+        self.fold_all();
         if rules.is_none() {
             self.flows.clear();
             self.fragments.clear();
@@ -269,6 +344,36 @@ impl Filter {
         v
     }
 
+    /// Allowed inbound flows that carried traffic since the last call
+    /// (those still tracked and those that ended meanwhile), summarized over
+    /// source ports, sorted. Costs one pass over the tracked flows.
+    pub fn take_allowed(&mut self) -> Vec<(AllowedKey, Traffic)> {
+        self.fold_all();
+        let mut v: Vec<_> = self.allowed.drain().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Allowed flows whose traffic went unsummarized because
+    /// [`MAX_ALLOWED_FLOWS`] were pending (a total since start).
+    pub fn allowed_overflow(&self) -> u64 {
+        self.allowed_overflow
+    }
+
+    /// Folds the traffic of every tracked flow into the summaries.
+    fn fold_all(&mut self) {
+        let rules = self.rules.as_deref().unwrap_or(&[]);
+        for (key, flow) in &mut self.flows {
+            fold(
+                &mut self.allowed,
+                &mut self.allowed_overflow,
+                rules,
+                key,
+                flow,
+            );
+        }
+    }
+
     /// Records an outbound packet to `peer`, so that its replies are admitted.
     ///
     /// Only packets that open a flow create state: a TCP SYN, any UDP/SCTP
@@ -306,6 +411,11 @@ impl Filter {
         let limits = self.limits;
         if let Some(flow) = self.flows.get_mut(&key) {
             flow.touch(now, flags, false, &limits);
+            if let Some(t) = &mut flow.traffic {
+                t.reply_packets += 1;
+                t.reply_bytes += buf.len() as u64;
+                t.last_seen = now;
+            }
             return;
         }
         let opens = p.proto != PROTO_TCP || (flags & TCP_SYN != 0 && flags & TCP_ACK == 0);
@@ -316,7 +426,15 @@ impl Filter {
 
     /// Drops every flow and fragment chain of `peer` (the peer was removed).
     pub fn remove_peer(&mut self, peer: PeerId) {
-        self.flows.retain(|k, _| k.peer != peer);
+        let rules = self.rules.as_deref().unwrap_or(&[]);
+        let (allowed, overflow) = (&mut self.allowed, &mut self.allowed_overflow);
+        self.flows.retain(|k, f| {
+            let keep = k.peer != peer;
+            if !keep {
+                fold(allowed, overflow, rules, k, f);
+            }
+            keep
+        });
         self.fragments.retain(|k, _| k.peer != peer);
         self.usage.remove(&peer);
     }
@@ -324,9 +442,12 @@ impl Filter {
     /// Removes expired flows and fragment chains. Call about once a second.
     pub fn expire(&mut self, now: Instant) {
         let usage = &mut self.usage;
+        let rules = self.rules.as_deref().unwrap_or(&[]);
+        let (allowed, overflow) = (&mut self.allowed, &mut self.allowed_overflow);
         self.flows.retain(|k, f| {
             let keep = f.expires > now;
             if !keep {
+                fold(allowed, overflow, rules, k, f);
                 Usage::release(usage, k.peer, |u| &mut u.flows);
             }
             keep
@@ -438,12 +559,22 @@ impl Filter {
                     // Flows the remote opened are re-evaluated on every packet,
                     // so that a rule change takes effect at once.
                     let verdict = match flow.origin {
-                        Origin::Local => Verdict::Allow,
-                        Origin::Remote => evaluate(rules, &p),
+                        Origin::Local => Ok(None),
+                        Origin::Remote => evaluate(rules, &p).map(Some),
                     };
-                    if verdict == Verdict::Allow {
-                        flow.touch(now, flags, true, &limits);
-                    }
+                    let verdict = match verdict {
+                        Ok(rule) => {
+                            flow.touch(now, flags, true, &limits);
+                            if let (Some(rule), Some(t)) = (rule, &mut flow.traffic) {
+                                flow.rule = rule;
+                                t.packets += 1;
+                                t.bytes += buf.len() as u64;
+                                t.last_seen = now;
+                            }
+                            Verdict::Allow
+                        }
+                        Err(reason) => Verdict::Deny(reason),
+                    };
                     return self.admit_fragment(now, peer, &p, verdict);
                 }
             }
@@ -453,12 +584,21 @@ impl Filter {
             p.transport,
             Transport::Ports { .. } | Transport::Echo { request: true, .. }
         );
-        if let (Verdict::Allow, true, Some(key)) = (verdict, opens, track_key) {
+        if let (Ok(rule), true, Some(key)) = (verdict, opens, track_key) {
             // Remember that the remote opened this flow, so that our replies do
             // not later count as flows this node opened.
-            let flow = Flow::new(now, Origin::Remote, p.proto, &limits);
+            let mut flow = Flow::new(now, Origin::Remote, p.proto, &limits);
+            flow.rule = rule;
+            let mut t = Traffic::new(now);
+            t.packets = 1;
+            t.bytes = buf.len() as u64;
+            flow.traffic = Some(Box::new(t));
             self.insert_flow(now, key, flow);
         }
+        let verdict = match verdict {
+            Ok(_) => Verdict::Allow,
+            Err(reason) => Verdict::Deny(reason),
+        };
         self.admit_fragment(now, peer, &p, verdict)
     }
 
@@ -519,8 +659,19 @@ impl Filter {
                 self.evict_one(None);
             }
         }
-        if self.flows.insert(key, flow).is_none() {
-            self.usage.entry(key.peer).or_default().flows += 1;
+        match self.flows.insert(key, flow) {
+            None => self.usage.entry(key.peer).or_default().flows += 1,
+            // An expired flow replaced by a new one: its traffic is summarized.
+            Some(mut old) => {
+                let rules = self.rules.as_deref().unwrap_or(&[]);
+                fold(
+                    &mut self.allowed,
+                    &mut self.allowed_overflow,
+                    rules,
+                    &key,
+                    &mut old,
+                );
+            }
         }
     }
 
@@ -536,20 +687,30 @@ impl Filter {
             .min_by_key(|(_, f)| (f.established, f.expires))
             .map(|(k, _)| *k);
         if let Some(k) = victim {
-            self.flows.remove(&k);
+            if let Some(mut f) = self.flows.remove(&k) {
+                let rules = self.rules.as_deref().unwrap_or(&[]);
+                fold(
+                    &mut self.allowed,
+                    &mut self.allowed_overflow,
+                    rules,
+                    &k,
+                    &mut f,
+                );
+            }
             Usage::release(&mut self.usage, k.peer, |u| &mut u.flows);
         }
     }
 }
 
-/// First-match evaluation of compiled rules (default deny).
-fn evaluate(rules: &[Compiled], p: &packet::Packet) -> Verdict {
+/// First-match evaluation of compiled rules (default deny): the index of
+/// the rule that admits the packet, or why none does.
+fn evaluate(rules: &[Compiled], p: &packet::Packet) -> Result<u32, Reason> {
     let port = match p.transport {
         Transport::Ports { dst, .. } if has_ports(p.proto) => Some(dst),
         _ => None,
     };
     let mut best = Reason::NoRule;
-    for rule in rules {
+    for (i, rule) in rules.iter().enumerate() {
         if !rule.protocol(p.proto) || !rule.src.contains(p.src) {
             continue;
         }
@@ -558,10 +719,50 @@ fn evaluate(rules: &[Compiled], p: &packet::Packet) -> Verdict {
         }
         match port {
             Some(port) if !rule.port(port) => best = Reason::PortNotAllowed,
-            _ => return Verdict::Allow,
+            // At most `u32::MAX` rules: a map is far smaller.
+            _ => return Ok(u32::try_from(i).unwrap_or(u32::MAX)),
         }
     }
-    Verdict::Deny(best)
+    Err(best)
+}
+
+/// Moves a tracked flow's traffic since the last fold into the allowed-flow
+/// summaries (flows the remote opened only), under the rule that admitted
+/// its latest packet.
+fn fold(
+    allowed: &mut HashMap<AllowedKey, Traffic>,
+    overflow: &mut u64,
+    rules: &[Compiled],
+    key: &FlowKey,
+    flow: &mut Flow,
+) {
+    let Some(t) = flow.traffic.as_deref_mut() else {
+        return;
+    };
+    if t.is_idle() {
+        return;
+    }
+    let summary_key = AllowedKey {
+        src: key.remote,
+        dst: key.local,
+        proto: key.proto,
+        dst_port: if has_ports(key.proto) {
+            key.local_port
+        } else {
+            0
+        },
+        rule_id: rules
+            .get(flow.rule as usize)
+            .map_or_else(|| Arc::from(""), |r| r.rule_id.clone()),
+    };
+    if let Some(sum) = allowed.get_mut(&summary_key) {
+        sum.add(t);
+    } else if allowed.len() < MAX_ALLOWED_FLOWS {
+        allowed.insert(summary_key, *t);
+    } else {
+        *overflow = overflow.saturating_add(1);
+    }
+    t.reset();
 }
 
 fn has_ports(proto: u8) -> bool {
@@ -642,7 +843,7 @@ enum Origin {
     Remote,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Flow {
     origin: Origin,
     proto: u8,
@@ -650,7 +851,13 @@ struct Flow {
     established: bool,
     /// TCP FIN or RST seen.
     closing: bool,
+    /// Index of the rule that admitted the latest packet (`Origin::Remote`).
+    rule: u32,
     expires: Instant,
+    /// Traffic since the last fold, for flow logs (`Origin::Remote` only:
+    /// flows this node opened are logged by the peer that admitted them).
+    /// Boxed so that the tracker's entries for this node's own flows stay small.
+    traffic: Option<Box<Traffic>>,
 }
 
 impl Flow {
@@ -660,7 +867,9 @@ impl Flow {
             proto,
             established: false,
             closing: false,
+            rule: 0,
             expires: now,
+            traffic: None,
         };
         f.expires = now + f.timeout(limits);
         f
@@ -740,6 +949,7 @@ struct Compiled {
     dst: Prefixes,
     protocols: [u64; 4],
     ports: Vec<(u16, u16)>,
+    rule_id: Arc<str>,
 }
 
 impl Compiled {
@@ -774,6 +984,7 @@ impl Compiled {
             dst: Prefixes::new(&rule.dst),
             protocols,
             ports: merged,
+            rule_id: Arc::from(rule.rule_id.as_str()),
         }
     }
 
@@ -925,6 +1136,133 @@ mod tests {
             f.inbound(now, 1, &v4(PEER, ME, PROTO_TCP, &tcp(4000, port, TCP_SYN)));
         }
         assert_eq!(f.take_denied().len(), MAX_DENIED_FLOWS);
+    }
+
+    fn with_id(mut r: Rule, id: &str) -> Rule {
+        r.rule_id = id.into();
+        r
+    }
+
+    fn allowed_key(src: Ipv4Addr, port: u16, rule: &str) -> AllowedKey {
+        AllowedKey {
+            src: IpAddr::V4(src),
+            dst: IpAddr::V4(ME),
+            proto: PROTO_TCP,
+            dst_port: port,
+            rule_id: Arc::from(rule),
+        }
+    }
+
+    #[test]
+    fn allowed_flows_name_their_rule_and_count_both_directions() {
+        let mut f = Filter::new(managed(vec![
+            with_id(
+                rule("100.64.0.3/32", &[PROTO_TCP], &[(22, 22)]),
+                "p.hujson:4",
+            ),
+            with_id(
+                rule("100.64.0.2/32", &[PROTO_TCP], &[(22, 22)]),
+                "p.hujson:7",
+            ),
+        ]));
+        let t = t0();
+        let syn = v4(PEER, ME, PROTO_TCP, &tcp(4000, 22, TCP_SYN));
+        let data = v4(PEER, ME, PROTO_TCP, &tcp(4000, 22, TCP_ACK));
+        let reply = v4(ME, PEER, PROTO_TCP, &tcp(22, 4000, TCP_ACK));
+        assert_eq!(f.inbound(t, 1, &syn), Verdict::Allow);
+        f.outbound(t + Duration::from_millis(5), 1, &reply);
+        let last = t + Duration::from_millis(9);
+        assert_eq!(f.inbound(last, 1, &data), Verdict::Allow);
+        // Another source port of the same flow: summarized together.
+        let second = v4(PEER, ME, PROTO_TCP, &tcp(4001, 22, TCP_SYN));
+        assert_eq!(f.inbound(t, 1, &second), Verdict::Allow);
+        // A flow this node opened is the peer's to log, not ours.
+        f.outbound(t, 1, &v4(ME, PEER, PROTO_TCP, &tcp(5000, 80, TCP_SYN)));
+        f.inbound(
+            t,
+            1,
+            &v4(PEER, ME, PROTO_TCP, &tcp(80, 5000, TCP_SYN | TCP_ACK)),
+        );
+        let taken = f.take_allowed();
+        assert_eq!(taken.len(), 1, "{taken:?}");
+        let (key, traffic) = &taken[0];
+        assert_eq!(*key, allowed_key(PEER, 22, "p.hujson:7"));
+        assert_eq!(traffic.packets, 3);
+        assert_eq!(
+            traffic.bytes,
+            (syn.len() + data.len() + second.len()) as u64
+        );
+        assert_eq!(
+            (traffic.reply_packets, traffic.reply_bytes),
+            (1, reply.len() as u64)
+        );
+        assert_eq!((traffic.first_seen, traffic.last_seen), (t, last));
+        assert!(
+            f.take_allowed().is_empty(),
+            "an idle flow is not reported again"
+        );
+        // More traffic: a new window with the flow's first-seen time kept.
+        let later = t + Duration::from_secs(5);
+        assert_eq!(f.inbound(later, 1, &data), Verdict::Allow);
+        let taken = f.take_allowed();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].1.packets, 1);
+        assert_eq!((taken[0].1.first_seen, taken[0].1.last_seen), (t, later));
+    }
+
+    #[test]
+    fn allowed_traffic_survives_expiry_peer_removal_and_rule_changes() {
+        let rules = |id: &str| {
+            managed(vec![with_id(
+                rule("100.64.0.2/32,100.64.0.3/32", &[PROTO_TCP], &[(22, 22)]),
+                id,
+            )])
+        };
+        let mut f = Filter::new(rules("old:1"));
+        let t = t0();
+        let flow = |src, sport| v4(src, ME, PROTO_TCP, &tcp(sport, 22, TCP_SYN));
+        assert_eq!(f.inbound(t, 1, &flow(PEER, 1)), Verdict::Allow);
+        assert_eq!(f.inbound(t, 2, &flow(OTHER, 1)), Verdict::Allow);
+        // The first flow expires, the second's peer goes, then the rules change:
+        // each one's traffic is still summarized, under the rule that admitted it.
+        f.expire(t + Duration::from_secs(3600));
+        assert_eq!(f.flow_count(), 0);
+        let t2 = t + Duration::from_secs(3601);
+        assert_eq!(f.inbound(t2, 1, &flow(PEER, 2)), Verdict::Allow);
+        f.set_rules(rules("new:1"));
+        assert_eq!(f.inbound(t2, 1, &flow(PEER, 2)), Verdict::Allow);
+        f.remove_peer(1);
+        let taken: Vec<_> = f
+            .take_allowed()
+            .into_iter()
+            .map(|(k, t)| (k, t.packets))
+            .collect();
+        assert_eq!(
+            taken,
+            vec![
+                (allowed_key(PEER, 22, "new:1"), 1),
+                (allowed_key(PEER, 22, "old:1"), 2),
+                (allowed_key(OTHER, 22, "old:1"), 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn allowed_summaries_are_bounded() {
+        let mut f = Filter::new(managed(vec![rule("100.64.0.2/32", &[PROTO_TCP], &[])]));
+        let t = t0();
+        for port in 0..(MAX_ALLOWED_FLOWS as u16 + 100) {
+            let p = v4(PEER, ME, PROTO_TCP, &tcp(4000, port, TCP_SYN));
+            assert_eq!(f.inbound(t, 1, &p), Verdict::Allow);
+        }
+        assert_eq!(f.take_allowed().len(), MAX_ALLOWED_FLOWS);
+        assert_eq!(f.allowed_overflow(), 100);
+        // The overflowed flows are still tracked: next window, they are summarized.
+        assert_eq!(
+            f.take_allowed().len(),
+            0,
+            "their traffic was counted as overflow"
+        );
     }
 
     #[test]

@@ -111,7 +111,7 @@ pub struct Stats {
     pub peers: Vec<PeerStats>,
     /// Drop counters by reason (`spoofed_source`, `no_rule`, `replay`, …), fixed order.
     pub drops: Vec<(&'static str, u64)>,
-    /// Denied inbound flows not yet taken by [`DataPlane::take_denied_flows`]
+    /// Denied inbound flows not yet taken by [`DataPlane::take_flows`]
     /// (at most [`crate::filter::MAX_DENIED_FLOWS`] distinct ones).
     pub denied_flows: std::collections::BTreeMap<crate::filter::DeniedFlow, u64>,
     /// This node's endpoint candidates (local first, then reflexive), see
@@ -148,8 +148,33 @@ pub struct PeerStats {
     pub persistent_keepalive: Option<u16>,
 }
 
+/// The flows the filter saw since the last [`DataPlane::take_flows`].
+#[derive(Debug, Clone, Default)]
+pub struct FlowLog {
+    /// Allowed inbound flows that carried traffic, with wall-clock times.
+    pub allowed: Vec<AllowedFlow>,
+    /// Allowed flows not summarized because too many were pending (a total
+    /// since the data plane started).
+    pub allowed_overflow: u64,
+    /// Denied inbound flows and their packet counts.
+    pub denied: Vec<(crate::filter::DeniedFlow, u64)>,
+}
+
+/// One allowed flow in a [`FlowLog`].
+#[derive(Debug, Clone)]
+pub struct AllowedFlow {
+    pub key: crate::filter::AllowedKey,
+    pub packets: u64,
+    pub bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    pub first_seen: SystemTime,
+    pub last_seen: SystemTime,
+}
+
 enum Command {
     Peers(Vec<PeerConfig>),
+    TakeFlows(tokio::sync::oneshot::Sender<FlowLog>),
     Filter(Option<Ruleset>),
     StunServers(Vec<SocketAddr>),
     LocalAddresses(Vec<IpAddr>),
@@ -270,12 +295,14 @@ impl DataPlane {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    /// Takes the denied-flow summaries gathered since the last call.
-    pub fn take_denied_flows(&self) -> Vec<(crate::filter::DeniedFlow, u64)> {
-        self.stats
-            .lock()
-            .map(|mut s| std::mem::take(&mut s.denied_flows).into_iter().collect())
-            .unwrap_or_default()
+    /// Takes the allowed and denied flows the filter summarized since the
+    /// last call (empty if the data plane has stopped).
+    pub async fn take_flows(&self) -> FlowLog {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.commands.send(Command::TakeFlows(tx)).is_err() {
+            return FlowLog::default();
+        }
+        rx.await.unwrap_or_default()
     }
 
     /// The UDP port the data plane listens on.
@@ -485,6 +512,9 @@ impl Worker {
                 Event::Command(Some(Command::Peers(p))) => {
                     self.device.set_peers(p, now);
                     self.publish_stats();
+                }
+                Event::Command(Some(Command::TakeFlows(reply))) => {
+                    let _ = reply.send(self.take_flows(now));
                 }
                 Event::Command(Some(Command::Filter(r))) => {
                     self.rules = r.clone();
@@ -782,6 +812,32 @@ impl Worker {
                 self.publish_stats();
                 let _ = reply.send(result);
             }
+        }
+    }
+
+    fn take_flows(&mut self, now: Instant) -> FlowLog {
+        let mut denied = self
+            .stats
+            .lock()
+            .map(|mut s| std::mem::take(&mut s.denied_flows))
+            .unwrap_or_default();
+        merge_denied(&mut denied, self.device.take_denied_flows());
+        let (allowed, allowed_overflow) = self.device.take_allowed_flows();
+        FlowLog {
+            allowed: allowed
+                .into_iter()
+                .map(|(key, t)| AllowedFlow {
+                    key,
+                    packets: t.packets,
+                    bytes: t.bytes,
+                    reply_packets: t.reply_packets,
+                    reply_bytes: t.reply_bytes,
+                    first_seen: wall_clock(now, t.first_seen),
+                    last_seen: wall_clock(now, t.last_seen),
+                })
+                .collect(),
+            allowed_overflow,
+            denied: denied.into_iter().collect(),
         }
     }
 

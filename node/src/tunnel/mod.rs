@@ -545,6 +545,12 @@ impl Device {
         self.filter.take_denied()
     }
 
+    /// Allowed inbound flows with traffic since the last call (see
+    /// [`Filter::take_allowed`]), and the total of flows that did not fit.
+    pub fn take_allowed_flows(&mut self) -> (Vec<(filter::AllowedKey, filter::Traffic)>, u64) {
+        (self.filter.take_allowed(), self.filter.allowed_overflow())
+    }
+
     fn add_peer(&mut self, config: PeerConfig, now: Instant) -> Option<usize> {
         let slot = match self.free.pop() {
             Some(s) => s,
