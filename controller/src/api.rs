@@ -32,8 +32,8 @@ use crate::now_ms;
 use crate::ratelimit::SharedLimiter;
 use crate::roles::{Access, Role};
 use crate::secrets::{KeyDetail, SecretKind, SecretRecord};
-use crate::store::NodeRow;
 use crate::store::UserRow;
+use crate::store::{FlowQuery, NodeRow};
 
 use ztmesh_proto::auth::methods::{
     LOGOUT as M_LOGOUT, REPORT_ENDPOINTS as M_ENDPOINTS, REPORT_FLOWS as M_FLOWS,
@@ -336,15 +336,21 @@ impl Control for ControlService {
                 "at most 10000 flow summaries per report",
             ));
         }
-        // One line per report: the flows themselves go to the audit table,
-        // clipped and bounded; a node cannot flood the log with its strings.
+        // One line per report: the flows themselves go to the flow log (and
+        // the denied ones to the audit table), clipped and bounded; a node
+        // cannot flood the log with its strings.
         tracing::info!(
             node = %node.name,
             flows = flows.len(),
             denied = flows.iter().filter(|f| !f.allowed).count(),
             "flow report"
         );
-        self.mesh.record_denied_flows(&node, flows, now_ms());
+        let now = now_ms();
+        let dropped = self.mesh.record_flows(&node, flows, now);
+        if dropped > 0 {
+            tracing::debug!(node = %node.name, dropped, "flow summaries dropped (malformed or beyond the cap)");
+        }
+        self.mesh.record_denied_flows(&node, flows, now);
         Ok(Response::new(pb::ReportFlowsResponse {}))
     }
 
@@ -1170,5 +1176,60 @@ impl Admin for AdminService {
             })
             .collect();
         ok(apb::ListAuditResponse { events })
+    }
+
+    async fn list_flows(&self, req: Request<apb::ListFlowsRequest>) -> R<apb::ListFlowsResponse> {
+        self.actor(&req, Access::Read, "ListFlows")?;
+        let r = req.get_ref();
+        let allowed = match (r.denied_only, r.allowed_only) {
+            (true, true) => {
+                return Err(Status::invalid_argument(
+                    "denied_only and allowed_only exclude each other",
+                ))
+            }
+            (true, false) => Some(false),
+            (false, true) => Some(true),
+            (false, false) => None,
+        };
+        let node_id = match r.node.as_str() {
+            "" => None,
+            n => Some(self.mesh.find_node(n)?.id),
+        };
+        let q = FlowQuery {
+            node_id,
+            since_ms: r.since_ms,
+            allowed,
+            limit: match r.limit {
+                0 => 100,
+                n => n.min(10_000),
+            },
+        };
+        let flows = self
+            .mesh
+            .store()
+            .flows(&q)
+            .map_err(Error::from)?
+            .into_iter()
+            .map(|f| apb::FlowRecord {
+                id: f.id,
+                time_ms: f.time_ms,
+                node: f.node_name,
+                node_id: f.node_id,
+                src: f.src,
+                dst: f.dst,
+                protocol: u32::from(f.proto),
+                dst_port: u32::from(f.dst_port),
+                allowed: f.allowed,
+                rule_id: f.rule_id,
+                reason: f.reason,
+                packets: f.packets,
+                bytes: f.bytes,
+                reply_packets: f.reply_packets,
+                reply_bytes: f.reply_bytes,
+                first_seen_ms: f.first_seen_ms,
+                last_seen_ms: f.last_seen_ms,
+            })
+            .collect();
+        ok(apb::ListFlowsResponse { flows })
     }
 }

@@ -32,6 +32,8 @@ fn main() -> ExitCode {
                 posture_ttl,
                 audit_max_age,
                 audit_max_flow_rows,
+                flow_max_age,
+                flow_max_rows,
                 relay_file,
                 dns_domain,
                 tls_cert,
@@ -61,6 +63,8 @@ fn main() -> ExitCode {
                         .max(6_000),
                     audit_max_age_ms: i64::try_from(audit_max_age.as_millis()).unwrap_or(i64::MAX),
                     audit_max_flow_rows,
+                    flow_max_age_ms: i64::try_from(flow_max_age.as_millis()).unwrap_or(i64::MAX),
+                    flow_max_rows,
                     relays: read_relays(relay_file.as_deref())?,
                     dns_domain,
                     ..MeshConfig::default()

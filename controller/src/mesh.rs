@@ -30,7 +30,7 @@ use ztmesh_proto::refusal::AuthReason;
 use crate::auth::Authenticator;
 use crate::error::{Error, Result};
 use crate::netcore::{Change, CoreConfig, NetCore};
-use crate::nodeinput::validate_endpoints;
+use crate::nodeinput::{self, validate_endpoints};
 use crate::nodelimit::{Call, EndpointCoalescer};
 use crate::secrets::{self, KeyDetail, SecretKind, SecretRecord};
 use crate::store::{AuditEntry, NewNode, NodeRow, PolicyRow, Store, UserRow};
@@ -76,6 +76,10 @@ pub struct MeshConfig {
     pub audit_max_age_ms: i64,
     /// At most this many node-reported (`flow.*`) audit rows are kept; 0 = no cap.
     pub audit_max_flow_rows: u64,
+    /// Flow records (`flows`) older than this are pruned; 0 = keep forever.
+    pub flow_max_age_ms: i64,
+    /// At most this many flow records are kept, newest first; 0 = no cap.
+    pub flow_max_rows: u64,
     /// The relays every netmap lists ([`crate::relays`]).
     pub relays: Vec<ztmesh_proto::control::Relay>,
     /// The base URL of the sign-in pages printed to nodes that log in
@@ -100,6 +104,8 @@ impl Default for MeshConfig {
             endpoint_publish_interval_ms: 5_000,
             audit_max_age_ms: 90 * 24 * 3600 * 1000,
             audit_max_flow_rows: 1_000_000,
+            flow_max_age_ms: 7 * 24 * 3600 * 1000,
+            flow_max_rows: 1_000_000,
             relays: Vec::new(),
             public_url: None,
             posture_ttl_ms: DEFAULT_POSTURE_TTL_MS,
@@ -1058,6 +1064,32 @@ impl Mesh {
         // One transaction per report, outside the state lock.
         if let Err(e) = self.store.audit_batch(&rows) {
             tracing::error!(error = %e, rows = rows.len(), "cannot write flow audit records");
+        }
+    }
+
+    /// Stores the flows a node reports (allowed and denied) in the flow log,
+    /// checked and bounded by [`nodeinput::flow_rows`]; returns how many
+    /// summaries were dropped as malformed or beyond the cap.
+    pub fn record_flows(&self, node: &NodeRow, flows: &[pb::FlowSummary], now: UnixMs) -> usize {
+        let (rows, dropped) = nodeinput::flow_rows(node.id, &node.name, flows, now);
+        if let Err(e) = self.store.record_flows(&rows) {
+            tracing::error!(error = %e, rows = rows.len(), "cannot store flow records");
+        }
+        dropped
+    }
+
+    /// Prunes the flow log: records older than `flow_max_age_ms`, then the
+    /// oldest beyond `flow_max_rows`. The ticker calls it once a minute.
+    pub fn prune_flows(&self, now: UnixMs) {
+        let older_than = if self.cfg.flow_max_age_ms > 0 {
+            now.saturating_sub(self.cfg.flow_max_age_ms)
+        } else {
+            i64::MIN
+        };
+        match self.store.prune_flows(older_than, self.cfg.flow_max_rows) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(rows = n, "flow log pruned"),
+            Err(e) => tracing::error!(error = %e, "cannot prune the flow log"),
         }
     }
 

@@ -5,9 +5,11 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use ztmesh_policy::{AttrType, AttrValue, NODE_ATTRIBUTES};
-use ztmesh_proto::control::{posture_attribute::Value as PbValue, PostureAttribute};
+use ztmesh_proto::control::{posture_attribute::Value as PbValue, FlowSummary, PostureAttribute};
 
 use crate::error::{Error, Result};
+use crate::store::FlowRow;
+use crate::UnixMs;
 
 /// Endpoint candidates a node may report at most (local and reflexive
 /// addresses of both families; more would only be noise every peer probes).
@@ -230,6 +232,84 @@ pub fn validate_custom(key: &str, value: &AttrValue) -> Result<()> {
     Ok(())
 }
 
+/// Flow records one report may add at most: a node summarizes at most 1,024
+/// allowed and 1,024 denied flows per report.
+pub const MAX_FLOWS_PER_REPORT: usize = 2048;
+
+/// Characters of a rule id or reason kept.
+const MAX_FLOW_TEXT: usize = 128;
+
+/// The flow records to store from a node's report: flows whose addresses,
+/// protocol and port make sense, at most [`MAX_FLOWS_PER_REPORT`], text
+/// printable and clipped, an allowed flow with its rule id only and a denied
+/// one with its reason only, times clamped to the controller's clock (never
+/// in the future, first ≤ last; a flow without times is stamped `now`).
+/// Returns the records and how many summaries were dropped.
+pub fn flow_rows(
+    node_id: u64,
+    node_name: &str,
+    flows: &[FlowSummary],
+    now: UnixMs,
+) -> (Vec<FlowRow>, usize) {
+    let text = |s: &str| -> String {
+        s.chars()
+            .filter(|c| !c.is_control() && !is_deceptive(*c))
+            .take(MAX_FLOW_TEXT)
+            .collect()
+    };
+    let mut rows = Vec::with_capacity(flows.len().min(MAX_FLOWS_PER_REPORT));
+    for f in flows {
+        if rows.len() == MAX_FLOWS_PER_REPORT {
+            break;
+        }
+        let (Ok(src), Ok(dst), Ok(proto), Ok(dst_port)) = (
+            f.src.parse::<IpAddr>(),
+            f.dst.parse::<IpAddr>(),
+            u8::try_from(f.protocol),
+            u16::try_from(f.dst_port),
+        ) else {
+            continue;
+        };
+        let last = match f.last_seen_ms {
+            t if t <= 0 => now,
+            t => t.min(now),
+        };
+        let first = match f.first_seen_ms {
+            t if t <= 0 => last,
+            t => t.min(last),
+        };
+        rows.push(FlowRow {
+            id: 0,
+            time_ms: now,
+            node_id,
+            node_name: node_name.to_string(),
+            src: src.to_string(),
+            dst: dst.to_string(),
+            proto,
+            dst_port,
+            allowed: f.allowed,
+            rule_id: if f.allowed {
+                text(&f.rule_id)
+            } else {
+                String::new()
+            },
+            reason: if f.allowed {
+                String::new()
+            } else {
+                text(&f.reason)
+            },
+            packets: f.packets,
+            bytes: f.bytes,
+            reply_packets: if f.allowed { f.reply_packets } else { 0 },
+            reply_bytes: if f.allowed { f.reply_bytes } else { 0 },
+            first_seen_ms: first,
+            last_seen_ms: last,
+        });
+    }
+    let dropped = flows.len() - rows.len();
+    (rows, dropped)
+}
+
 #[cfg(test)]
 mod tests {
     use rand_core::OsRng;
@@ -393,5 +473,110 @@ mod tests {
         ] {
             assert!(validate_custom(key, &value).is_err(), "{key} {value}");
         }
+    }
+
+    fn summary(src: &str, dst: &str, allowed: bool) -> FlowSummary {
+        FlowSummary {
+            src: src.into(),
+            dst: dst.into(),
+            protocol: 6,
+            dst_port: 22,
+            allowed,
+            rule_id: "policy.hujson:12".into(),
+            reason: "no_rule".into(),
+            packets: 3,
+            bytes: 180,
+            reply_packets: 2,
+            reply_bytes: 120,
+            first_seen_ms: 1_000,
+            last_seen_ms: 4_000,
+        }
+    }
+
+    #[test]
+    fn flow_rows_keep_what_each_kind_of_flow_means() {
+        let (rows, dropped) = flow_rows(
+            7,
+            "db",
+            &[
+                summary("100.64.0.2", "100.64.0.1", true),
+                summary("100.64.0.2", "100.64.0.1", false),
+            ],
+            10_000,
+        );
+        assert_eq!(dropped, 0);
+        assert_eq!(
+            rows[0],
+            FlowRow {
+                id: 0,
+                time_ms: 10_000,
+                node_id: 7,
+                node_name: "db".into(),
+                src: "100.64.0.2".into(),
+                dst: "100.64.0.1".into(),
+                proto: 6,
+                dst_port: 22,
+                allowed: true,
+                rule_id: "policy.hujson:12".into(),
+                reason: String::new(),
+                packets: 3,
+                bytes: 180,
+                reply_packets: 2,
+                reply_bytes: 120,
+                first_seen_ms: 1_000,
+                last_seen_ms: 4_000,
+            }
+        );
+        // A denied flow has a reason and no rule, and no replies.
+        let d = &rows[1];
+        assert_eq!((d.rule_id.as_str(), d.reason.as_str()), ("", "no_rule"));
+        assert_eq!((d.reply_packets, d.reply_bytes), (0, 0));
+    }
+
+    #[test]
+    fn hostile_flow_reports_are_dropped_clipped_and_clamped() {
+        let mut bad_proto = summary("100.64.0.2", "100.64.0.1", true);
+        bad_proto.protocol = 256;
+        let mut bad_port = summary("100.64.0.2", "100.64.0.1", true);
+        bad_port.dst_port = 70_000;
+        let mut text = summary("fd7a:115c:a1e0::2", "fd7a:115c:a1e0::1", true);
+        text.rule_id = format!("p.hujson:1\n\u{202e}{}", "x".repeat(1000));
+        let mut future = summary("100.64.0.2", "100.64.0.1", true);
+        future.first_seen_ms = i64::MAX;
+        future.last_seen_ms = i64::MAX;
+        let mut timeless = summary("100.64.0.2", "100.64.0.1", false);
+        timeless.first_seen_ms = -5;
+        timeless.last_seen_ms = 0;
+        let flows = vec![
+            summary("100.64.0.2/32", "100.64.0.1", true),
+            summary("100.64.0.2", "not an address", true),
+            bad_proto,
+            bad_port,
+            text,
+            future,
+            timeless,
+        ];
+        let (rows, dropped) = flow_rows(1, "web", &flows, 50_000);
+        assert_eq!((rows.len(), dropped), (3, 4));
+        assert_eq!(rows[0].src, "fd7a:115c:a1e0::2");
+        assert!(
+            rows[0].rule_id.starts_with("p.hujson:1x"),
+            "{}",
+            rows[0].rule_id
+        );
+        assert_eq!(rows[0].rule_id.chars().count(), MAX_FLOW_TEXT);
+        // Never in the future; a flow without times is stamped when received.
+        assert_eq!(
+            (rows[1].first_seen_ms, rows[1].last_seen_ms),
+            (50_000, 50_000)
+        );
+        assert_eq!(
+            (rows[2].first_seen_ms, rows[2].last_seen_ms),
+            (50_000, 50_000)
+        );
+        // The cap: a report cannot add more than MAX_FLOWS_PER_REPORT records.
+        let many = vec![summary("100.64.0.2", "100.64.0.1", true); MAX_FLOWS_PER_REPORT + 10];
+        let (rows, dropped) = flow_rows(1, "web", &many, 50_000);
+        assert_eq!((rows.len(), dropped), (MAX_FLOWS_PER_REPORT, 10));
     }
 }

@@ -284,6 +284,7 @@ pub async fn run_with(
             ticker_mesh.flush();
             if n % AUDIT_PRUNE_TICKS == 0 {
                 ticker_mesh.prune_audit(now_ms());
+                ticker_mesh.prune_flows(now_ms());
             }
         }
     });

@@ -126,6 +126,47 @@ pub struct AuditEntry {
 /// The audit action of node-reported rows, the ones capped by count.
 pub const FLOW_AUDIT_ACTION: &str = "flow.denied";
 
+/// A flow a node reported: allowed (with the rule that admitted it) or
+/// denied (with the reason), as its receiver saw it over one report window.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct FlowRow {
+    /// Assigned by the store (0 when writing).
+    pub id: u64,
+    /// When the controller received the report.
+    pub time_ms: UnixMs,
+    /// The reporting node (the flow's receiver), by id and by its name then.
+    pub node_id: u64,
+    pub node_name: String,
+    pub src: String,
+    pub dst: String,
+    pub proto: u8,
+    pub dst_port: u16,
+    pub allowed: bool,
+    /// Allowed flows: the ACL entry, "FILE:LINE".
+    pub rule_id: String,
+    /// Denied flows: why.
+    pub reason: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    /// The node's clock, clamped by the controller (see `Mesh::record_flows`).
+    pub first_seen_ms: UnixMs,
+    pub last_seen_ms: UnixMs,
+}
+
+/// Which flow records to read, newest first.
+#[derive(Clone, Debug, Default)]
+pub struct FlowQuery {
+    /// Only the ones this node reported.
+    pub node_id: Option<u64>,
+    /// Only the ones received at or after this time.
+    pub since_ms: UnixMs,
+    /// Only allowed (`Some(true)`) or only denied (`Some(false)`) flows.
+    pub allowed: Option<bool>,
+    pub limit: u32,
+}
+
 /// A node to insert at enrollment; the store assigns the id.
 #[derive(Clone, Debug)]
 pub struct NewNode {
@@ -306,6 +347,14 @@ pub trait Store: Send + Sync {
     /// Calls `each` with the rows written at or after `since_ms`, with their
     /// hashes, in id order, until it returns `false`.
     fn audit_rows(&self, since_ms: UnixMs, each: &mut dyn FnMut(&ChainRow) -> bool) -> Result<()>;
+
+    /// Stores the flows of one report, in one transaction.
+    fn record_flows(&self, rows: &[FlowRow]) -> Result<()>;
+    /// Flow records matching `q`, newest first.
+    fn flows(&self, q: &FlowQuery) -> Result<Vec<FlowRow>>;
+    /// Deletes flow records received before `older_than_ms`, then the oldest
+    /// beyond the newest `max_rows` (0 = no cap); returns how many.
+    fn prune_flows(&self, older_than_ms: UnixMs, max_rows: u64) -> Result<u64>;
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records progress.
@@ -475,6 +524,32 @@ CREATE TABLE audit_checkpoints (
     signature BLOB NOT NULL
 );
 CREATE INDEX audit_checkpoints_kind_head ON audit_checkpoints (kind, head_id);
+"#,
+    // Flow logs (issue 15): allowed and denied flows as nodes report them,
+    // kept for a retention period and up to a row cap (not in the audit
+    // chain: they are node-reported telemetry, pruned freely).
+    r#"
+CREATE TABLE flows (
+    id INTEGER PRIMARY KEY,
+    time_ms INTEGER NOT NULL,
+    node_id INTEGER NOT NULL,
+    node_name TEXT NOT NULL,
+    src TEXT NOT NULL,
+    dst TEXT NOT NULL,
+    proto INTEGER NOT NULL,
+    dst_port INTEGER NOT NULL,
+    allowed INTEGER NOT NULL,
+    rule_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    packets INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    reply_packets INTEGER NOT NULL,
+    reply_bytes INTEGER NOT NULL,
+    first_seen_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL
+);
+CREATE INDEX flows_time ON flows (time_ms);
+CREATE INDEX flows_node_time ON flows (node_id, time_ms);
 "#,
 ];
 
@@ -1887,6 +1962,99 @@ impl Store for SqliteStore {
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
+
+    fn record_flows(&self, rows: &[FlowRow]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO flows (time_ms, node_id, node_name, src, dst, proto, dst_port,
+                   allowed, rule_id, reason, packets, bytes, reply_packets, reply_bytes,
+                   first_seen_ms, last_seen_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+            )?;
+            // SQLite integers are signed: counts beyond i64::MAX saturate.
+            let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            for f in rows {
+                st.execute(params![
+                    f.time_ms,
+                    n(f.node_id),
+                    f.node_name,
+                    f.src,
+                    f.dst,
+                    f.proto,
+                    f.dst_port,
+                    f.allowed,
+                    f.rule_id,
+                    f.reason,
+                    n(f.packets),
+                    n(f.bytes),
+                    n(f.reply_packets),
+                    n(f.reply_bytes),
+                    f.first_seen_ms,
+                    f.last_seen_ms,
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn flows(&self, q: &FlowQuery) -> Result<Vec<FlowRow>> {
+        let c = self.conn();
+        let mut st = c.prepare_cached(
+            "SELECT id, time_ms, node_id, node_name, src, dst, proto, dst_port, allowed,
+                    rule_id, reason, packets, bytes, reply_packets, reply_bytes,
+                    first_seen_ms, last_seen_ms
+             FROM flows
+             WHERE time_ms >= ?1 AND (?2 IS NULL OR node_id = ?2)
+               AND (?3 IS NULL OR allowed = ?3)
+             ORDER BY id DESC LIMIT ?4",
+        )?;
+        let node = q.node_id.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+        let n = |r: &rusqlite::Row<'_>, i: usize| -> rusqlite::Result<u64> {
+            Ok(u64::try_from(r.get::<_, i64>(i)?).unwrap_or(0))
+        };
+        let rows = st.query_map(params![q.since_ms, node, q.allowed, q.limit], |r| {
+            Ok(FlowRow {
+                id: n(r, 0)?,
+                time_ms: r.get(1)?,
+                node_id: n(r, 2)?,
+                node_name: r.get(3)?,
+                src: r.get(4)?,
+                dst: r.get(5)?,
+                proto: r.get(6)?,
+                dst_port: r.get(7)?,
+                allowed: r.get(8)?,
+                rule_id: r.get(9)?,
+                reason: r.get(10)?,
+                packets: n(r, 11)?,
+                bytes: n(r, 12)?,
+                reply_packets: n(r, 13)?,
+                reply_bytes: n(r, 14)?,
+                first_seen_ms: r.get(15)?,
+                last_seen_ms: r.get(16)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn prune_flows(&self, older_than_ms: UnixMs, max_rows: u64) -> Result<u64> {
+        let c = self.conn();
+        let mut n = c.execute("DELETE FROM flows WHERE time_ms < ?1", [older_than_ms])?;
+        if max_rows > 0 {
+            // The id of the oldest row kept; rows are only ever appended.
+            n += c.execute(
+                "DELETE FROM flows WHERE id <= (SELECT id FROM flows ORDER BY id DESC
+                   LIMIT 1 OFFSET ?1)",
+                [i64::try_from(max_rows).unwrap_or(i64::MAX)],
+            )?;
+        }
+        Ok(n as u64)
+    }
 }
 
 #[cfg(test)]
@@ -2281,5 +2449,57 @@ mod tests {
         let b = s.set_policy("b.hujson", "{}", 1).unwrap();
         assert!(b.version > a.version);
         assert_eq!(s.policy().unwrap().unwrap().file_name, "b.hujson");
+    }
+
+    #[test]
+    fn flow_log_is_queried_newest_first_and_pruned_by_age_and_count() {
+        let s = SqliteStore::in_memory().unwrap();
+        let row = |time_ms, node_id, allowed| FlowRow {
+            time_ms,
+            node_id,
+            node_name: format!("n{node_id}"),
+            src: "100.64.0.2".into(),
+            dst: "100.64.0.1".into(),
+            proto: 6,
+            dst_port: 22,
+            allowed,
+            packets: u64::MAX,
+            ..FlowRow::default()
+        };
+        s.record_flows(&[row(100, 1, true), row(200, 2, false), row(300, 1, false)])
+            .unwrap();
+        let q = |node_id, since_ms, allowed| FlowQuery {
+            node_id,
+            since_ms,
+            allowed,
+            limit: 100,
+        };
+        let times =
+            |q: FlowQuery| -> Vec<i64> { s.flows(&q).unwrap().iter().map(|f| f.time_ms).collect() };
+        assert_eq!(times(q(None, 0, None)), [300, 200, 100]);
+        assert_eq!(times(q(Some(1), 0, None)), [300, 100]);
+        assert_eq!(times(q(None, 150, None)), [300, 200]);
+        assert_eq!(times(q(None, 0, Some(false))), [300, 200]);
+        assert_eq!(times(q(Some(1), 0, Some(true))), [100]);
+        assert_eq!(
+            s.flows(&q(None, 0, Some(true))).unwrap()[0].packets,
+            i64::MAX as u64,
+            "counts beyond SQLite's integers saturate"
+        );
+        assert_eq!(
+            s.flows(&FlowQuery {
+                limit: 1,
+                ..q(None, 0, None)
+            })
+            .unwrap()
+            .len(),
+            1
+        );
+        // Age first, then the newest `max_rows` are kept.
+        assert_eq!(s.prune_flows(150, 0).unwrap(), 1);
+        s.record_flows(&[row(400, 3, true)]).unwrap();
+        assert_eq!(s.prune_flows(0, 2).unwrap(), 1);
+        assert_eq!(times(q(None, 0, None)), [400, 300]);
+        assert_eq!(s.prune_flows(0, 2).unwrap(), 0);
     }
 }

@@ -18,6 +18,7 @@ use crate::server::DataDir;
 mod args;
 mod audit;
 mod client;
+mod flows;
 mod keys;
 mod nodes;
 mod output;
@@ -92,6 +93,12 @@ pub enum Cmd {
         /// Keep at most this many node-reported flow records (newest first; 0 = no cap).
         #[arg(long, default_value_t = 1_000_000)]
         audit_max_flow_rows: u64,
+        /// Prune flow-log records (`flows`) older than this ("0s" = keep forever).
+        #[arg(long, default_value = "7d", value_parser = parse_duration)]
+        flow_max_age: Duration,
+        /// Keep at most this many flow-log records (newest first; 0 = no cap).
+        #[arg(long, default_value_t = 1_000_000)]
+        flow_max_rows: u64,
         /// Relays every netmap lists: one `ztmesh-relay identity` JSON line per
         /// relay (read at start).
         #[arg(long)]
@@ -139,6 +146,29 @@ pub enum Cmd {
         output: Output,
         #[command(subcommand)]
         action: Option<AuditCmd>,
+    },
+    /// Show the flow log, newest first: flows nodes reported, allowed ones
+    /// with the policy rule that admitted them (FILE:LINE), denied ones with
+    /// the reason. Each record is one report window (about 5 s) of one flow
+    /// at its receiver, summed over source ports.
+    Flows {
+        /// Only flows this node (name or id) received.
+        #[arg(long)]
+        node: Option<String>,
+        /// Only flows reported in the last DURATION (e.g. 15m, 1h, 7d).
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
+        /// Only denied flows.
+        #[arg(long, conflicts_with = "allowed")]
+        denied: bool,
+        /// Only allowed flows.
+        #[arg(long)]
+        allowed: bool,
+        /// At most this many records (at most 10000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
     },
 }
 
@@ -197,6 +227,24 @@ pub async fn run(conn: &ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Policy(p) => policy::run(&mut c, p).await,
         Cmd::Apikeys(a) => keys::run_api(&mut c, a).await,
         Cmd::Audit { limit, output, .. } => audit::run(&mut c, limit, output).await,
+        Cmd::Flows {
+            node,
+            since,
+            denied,
+            allowed,
+            limit,
+            output,
+        } => {
+            let args = flows::FlowsArgs {
+                node,
+                since,
+                denied,
+                allowed,
+                limit,
+                output,
+            };
+            flows::run(&mut c, args).await
+        }
     }
 }
 
