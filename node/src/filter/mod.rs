@@ -1248,6 +1248,18 @@ mod tests {
     }
 
     #[test]
+    fn flow_log_memory_per_tracked_flow_is_what_the_docs_say() {
+        // ARCHITECTURE "Flow logs": the counters live in a 64-byte box, only
+        // on flows a peer opened; every entry grows by at most 16 bytes.
+        assert_eq!(std::mem::size_of::<Traffic>(), 64);
+        assert!(
+            std::mem::size_of::<Flow>() <= 40,
+            "{}",
+            std::mem::size_of::<Flow>()
+        );
+    }
+
+    #[test]
     fn allowed_summaries_are_bounded() {
         let mut f = Filter::new(managed(vec![rule("100.64.0.2/32", &[PROTO_TCP], &[])]));
         let t = t0();
