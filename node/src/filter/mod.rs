@@ -163,6 +163,9 @@ pub type PeerId = u32;
 #[derive(Debug)]
 pub struct Filter {
     rules: Option<Vec<Compiled>>,
+    /// The ruleset `rules` was compiled from: installing the same one again
+    /// (a netmap that changed only peers) is a no-op.
+    source: Option<Ruleset>,
     /// This node's own addresses (managed mode).
     local: Prefixes,
     flows: HashMap<FlowKey, Flow>,
@@ -174,9 +177,7 @@ pub struct Filter {
     last_sweep: Option<Instant>,
     denied: HashMap<DeniedFlow, u64>,
     /// Allowed-flow summaries folded from tracked flows, until taken.
-    allowed: HashMap<AllowedKey, Traffic>,
-    /// Allowed flows not summarized because `allowed` was full.
-    allowed_overflow: u64,
+    allowed: AllowedLog,
 }
 
 /// At most this many distinct denied flows are summarized between two
@@ -272,7 +273,10 @@ impl Filter {
     pub fn with_limits(rules: Option<Ruleset>, limits: Limits) -> Self {
         let local = Prefixes::new(rules.iter().flat_map(|r| &r.local));
         Self {
-            rules: rules.map(|r| r.rules.iter().map(Compiled::new).collect()),
+            rules: rules
+                .as_ref()
+                .map(|r| r.rules.iter().map(Compiled::new).collect()),
+            source: rules,
             local,
             flows: HashMap::new(),
             fragments: HashMap::new(),
@@ -281,14 +285,18 @@ impl Filter {
             drops: [0; Reason::ALL.len()],
             last_sweep: None,
             denied: HashMap::new(),
-            allowed: HashMap::new(),
-            allowed_overflow: 0,
+            allowed: AllowedLog::default(),
         }
     }
 
     /// Replaces the rules. Flows this node opened stay tracked; flows admitted
-    /// by a rule are re-evaluated against the new rules on their next packet.
+    /// by a rule are re-evaluated against the new rules on their next packet
+    /// (and at once for the flow log: a flow no rule admits any more logs
+    /// none of its later replies as allowed).
     pub fn set_rules(&mut self, rules: Option<Ruleset>) {
+        if rules == self.source {
+            return;
+        }
         // Traffic so far is summarized under the rules that admitted it.
         self.fold_all();
         if rules.is_none() {
@@ -297,7 +305,18 @@ impl Filter {
             self.usage.clear();
         }
         self.local = Prefixes::new(rules.iter().flat_map(|r| &r.local));
-        self.rules = rules.map(|r| r.rules.iter().map(Compiled::new).collect());
+        self.rules = rules
+            .as_ref()
+            .map(|r| r.rules.iter().map(Compiled::new).collect());
+        self.source = rules;
+        let compiled = self.rules.as_deref().unwrap_or(&[]);
+        for (key, flow) in &mut self.flows {
+            if flow.origin == Origin::Remote {
+                let port = has_ports(key.proto).then_some(key.local_port);
+                flow.rule = evaluate_parts(compiled, key.proto, key.remote, key.local, port)
+                    .unwrap_or(REVOKED);
+            }
+        }
     }
 
     /// True in standalone mode (no rules: accept all).
@@ -349,7 +368,8 @@ impl Filter {
     /// source ports, sorted. Costs one pass over the tracked flows.
     pub fn take_allowed(&mut self) -> Vec<(AllowedKey, Traffic)> {
         self.fold_all();
-        let mut v: Vec<_> = self.allowed.drain().collect();
+        self.allowed.per_source.clear();
+        let mut v: Vec<_> = self.allowed.flows.drain().collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
@@ -357,20 +377,14 @@ impl Filter {
     /// Allowed flows whose traffic went unsummarized because
     /// [`MAX_ALLOWED_FLOWS`] were pending (a total since start).
     pub fn allowed_overflow(&self) -> u64 {
-        self.allowed_overflow
+        self.allowed.overflow
     }
 
     /// Folds the traffic of every tracked flow into the summaries.
     fn fold_all(&mut self) {
         let rules = self.rules.as_deref().unwrap_or(&[]);
         for (key, flow) in &mut self.flows {
-            fold(
-                &mut self.allowed,
-                &mut self.allowed_overflow,
-                rules,
-                key,
-                flow,
-            );
+            fold(&mut self.allowed, rules, key, flow);
         }
     }
 
@@ -383,6 +397,21 @@ impl Filter {
             return;
         }
         let Ok(p) = packet::parse(buf) else { return };
+        if let Transport::Echo { id, request: false } = p.transport {
+            // A reply to a peer's echo request (a flow it opened): for the log.
+            let key = FlowKey {
+                peer,
+                proto: p.proto,
+                local: p.src,
+                remote: p.dst,
+                local_port: id,
+                remote_port: 1,
+            };
+            if let Some(flow) = self.flows.get_mut(&key) {
+                flow.reply(now, buf.len());
+            }
+            return;
+        }
         let (key, flags) = match p.transport {
             Transport::Ports { src, dst, flags } => (
                 FlowKey {
@@ -411,11 +440,7 @@ impl Filter {
         let limits = self.limits;
         if let Some(flow) = self.flows.get_mut(&key) {
             flow.touch(now, flags, false, &limits);
-            if let Some(t) = &mut flow.traffic {
-                t.reply_packets += 1;
-                t.reply_bytes += buf.len() as u64;
-                t.last_seen = now;
-            }
+            flow.reply(now, buf.len());
             return;
         }
         let opens = p.proto != PROTO_TCP || (flags & TCP_SYN != 0 && flags & TCP_ACK == 0);
@@ -427,11 +452,11 @@ impl Filter {
     /// Drops every flow and fragment chain of `peer` (the peer was removed).
     pub fn remove_peer(&mut self, peer: PeerId) {
         let rules = self.rules.as_deref().unwrap_or(&[]);
-        let (allowed, overflow) = (&mut self.allowed, &mut self.allowed_overflow);
+        let allowed = &mut self.allowed;
         self.flows.retain(|k, f| {
             let keep = k.peer != peer;
             if !keep {
-                fold(allowed, overflow, rules, k, f);
+                fold(allowed, rules, k, f);
             }
             keep
         });
@@ -443,11 +468,11 @@ impl Filter {
     pub fn expire(&mut self, now: Instant) {
         let usage = &mut self.usage;
         let rules = self.rules.as_deref().unwrap_or(&[]);
-        let (allowed, overflow) = (&mut self.allowed, &mut self.allowed_overflow);
+        let allowed = &mut self.allowed;
         self.flows.retain(|k, f| {
             let keep = f.expires > now;
             if !keep {
-                fold(allowed, overflow, rules, k, f);
+                fold(allowed, rules, k, f);
                 Usage::release(usage, k.peer, |u| &mut u.flows);
             }
             keep
@@ -573,6 +598,15 @@ impl Filter {
                             }
                             Verdict::Allow
                         }
+                        // No rule admits it now: its replies are not logged
+                        // as allowed either, until a rule admits it again.
+                        Err(reason) if flow.origin == Origin::Remote => {
+                            if flow.rule != REVOKED {
+                                fold(&mut self.allowed, rules, key, flow);
+                                flow.rule = REVOKED;
+                            }
+                            Verdict::Deny(reason)
+                        }
                         Err(reason) => Verdict::Deny(reason),
                     };
                     return self.admit_fragment(now, peer, &p, verdict);
@@ -664,13 +698,7 @@ impl Filter {
             // An expired flow replaced by a new one: its traffic is summarized.
             Some(mut old) => {
                 let rules = self.rules.as_deref().unwrap_or(&[]);
-                fold(
-                    &mut self.allowed,
-                    &mut self.allowed_overflow,
-                    rules,
-                    &key,
-                    &mut old,
-                );
+                fold(&mut self.allowed, rules, &key, &mut old);
             }
         }
     }
@@ -689,18 +717,15 @@ impl Filter {
         if let Some(k) = victim {
             if let Some(mut f) = self.flows.remove(&k) {
                 let rules = self.rules.as_deref().unwrap_or(&[]);
-                fold(
-                    &mut self.allowed,
-                    &mut self.allowed_overflow,
-                    rules,
-                    &k,
-                    &mut f,
-                );
+                fold(&mut self.allowed, rules, &k, &mut f);
             }
             Usage::release(&mut self.usage, k.peer, |u| &mut u.flows);
         }
     }
 }
+
+/// [`Flow::rule`] of a flow the peer opened that no rule admits any more.
+const REVOKED: u32 = u32::MAX;
 
 /// First-match evaluation of compiled rules (default deny): the index of
 /// the rule that admits the packet, or why none does.
@@ -709,18 +734,29 @@ fn evaluate(rules: &[Compiled], p: &packet::Packet) -> Result<u32, Reason> {
         Transport::Ports { dst, .. } if has_ports(p.proto) => Some(dst),
         _ => None,
     };
+    evaluate_parts(rules, p.proto, p.src, p.dst, port)
+}
+
+/// [`evaluate`] on a packet's protocol, addresses and destination port.
+fn evaluate_parts(
+    rules: &[Compiled],
+    proto: u8,
+    src: IpAddr,
+    dst: IpAddr,
+    port: Option<u16>,
+) -> Result<u32, Reason> {
     let mut best = Reason::NoRule;
     for (i, rule) in rules.iter().enumerate() {
-        if !rule.protocol(p.proto) || !rule.src.contains(p.src) {
+        if !rule.protocol(proto) || !rule.src.contains(src) {
             continue;
         }
-        if !rule.dst.is_empty() && !rule.dst.contains(p.dst) {
+        if !rule.dst.is_empty() && !rule.dst.contains(dst) {
             continue;
         }
         match port {
             Some(port) if !rule.port(port) => best = Reason::PortNotAllowed,
             // At most `u32::MAX` rules: a map is far smaller.
-            _ => return Ok(u32::try_from(i).unwrap_or(u32::MAX)),
+            _ => return Ok(u32::try_from(i).unwrap_or(REVOKED)),
         }
     }
     Err(best)
@@ -729,13 +765,7 @@ fn evaluate(rules: &[Compiled], p: &packet::Packet) -> Result<u32, Reason> {
 /// Moves a tracked flow's traffic since the last fold into the allowed-flow
 /// summaries (flows the remote opened only), under the rule that admitted
 /// its latest packet.
-fn fold(
-    allowed: &mut HashMap<AllowedKey, Traffic>,
-    overflow: &mut u64,
-    rules: &[Compiled],
-    key: &FlowKey,
-    flow: &mut Flow,
-) {
+fn fold(allowed: &mut AllowedLog, rules: &[Compiled], key: &FlowKey, flow: &mut Flow) {
     let Some(t) = flow.traffic.as_deref_mut() else {
         return;
     };
@@ -755,14 +785,50 @@ fn fold(
             .get(flow.rule as usize)
             .map_or_else(|| Arc::from(""), |r| r.rule_id.clone()),
     };
-    if let Some(sum) = allowed.get_mut(&summary_key) {
-        sum.add(t);
-    } else if allowed.len() < MAX_ALLOWED_FLOWS {
-        allowed.insert(summary_key, *t);
-    } else {
-        *overflow = overflow.saturating_add(1);
-    }
+    allowed.add(summary_key, t);
     t.reset();
+}
+
+/// Distinct destination ports (keys) one source may hold in the allowed-flow
+/// summaries between two takes; the rest of its flows are summed in one
+/// key per (destination, protocol, rule) with port 0 ("other ports"), so a
+/// peer scanning allowed ports cannot push other peers' flows out.
+pub const MAX_ALLOWED_FLOWS_PER_SOURCE: u32 = 64;
+
+/// Room beyond [`MAX_ALLOWED_FLOWS`] for the "other ports" keys.
+const MAX_OTHER_PORT_KEYS: usize = 256;
+
+/// The allowed-flow summaries between two takes, bounded overall and per source.
+#[derive(Debug, Default)]
+struct AllowedLog {
+    flows: HashMap<AllowedKey, Traffic>,
+    /// Keys each source holds in `flows` (its "other ports" key excluded).
+    per_source: HashMap<IpAddr, u32>,
+    /// Flows not summarized at all (total since start).
+    overflow: u64,
+}
+
+impl AllowedLog {
+    fn add(&mut self, key: AllowedKey, t: &Traffic) {
+        if let Some(sum) = self.flows.get_mut(&key) {
+            sum.add(t);
+            return;
+        }
+        let held = self.per_source.get(&key.src).copied().unwrap_or(0);
+        if held < MAX_ALLOWED_FLOWS_PER_SOURCE && self.flows.len() < MAX_ALLOWED_FLOWS {
+            *self.per_source.entry(key.src).or_default() += 1;
+            self.flows.insert(key, *t);
+            return;
+        }
+        let other = AllowedKey { dst_port: 0, ..key };
+        if let Some(sum) = self.flows.get_mut(&other) {
+            sum.add(t);
+        } else if self.flows.len() < MAX_ALLOWED_FLOWS + MAX_OTHER_PORT_KEYS {
+            self.flows.insert(other, *t);
+        } else {
+            self.overflow = self.overflow.saturating_add(1);
+        }
+    }
 }
 
 fn has_ports(proto: u8) -> bool {
@@ -886,6 +952,19 @@ impl Flow {
             self.closing = true;
         }
         self.expires = now + self.timeout(limits);
+    }
+
+    /// Counts a packet this node sent in a flow the peer opened (for the
+    /// log), unless no rule admits the flow any more.
+    fn reply(&mut self, now: Instant, len: usize) {
+        if self.rule == REVOKED {
+            return;
+        }
+        if let Some(t) = &mut self.traffic {
+            t.reply_packets += 1;
+            t.reply_bytes += len as u64;
+            t.last_seen = now;
+        }
     }
 
     fn timeout(&self, limits: &Limits) -> Duration {
@@ -1250,7 +1329,7 @@ mod tests {
     #[test]
     fn flow_log_memory_per_tracked_flow_is_what_the_docs_say() {
         // ARCHITECTURE "Flow logs": the counters live in a 64-byte box, only
-        // on flows a peer opened; every entry grows by at most 16 bytes.
+        // on flows a peer opened; every entry grows by 8 bytes (24 before).
         assert_eq!(std::mem::size_of::<Traffic>(), 64);
         assert!(
             std::mem::size_of::<Flow>() <= 40,
@@ -1260,20 +1339,122 @@ mod tests {
     }
 
     #[test]
-    fn allowed_summaries_are_bounded() {
-        let mut f = Filter::new(managed(vec![rule("100.64.0.2/32", &[PROTO_TCP], &[])]));
+    fn allowed_summaries_are_bounded_overall_and_per_source() {
+        let mut f = Filter::new(managed(vec![rule("100.64.0.0/16", &[PROTO_TCP], &[])]));
         let t = t0();
-        for port in 0..(MAX_ALLOWED_FLOWS as u16 + 100) {
+        // One source scanning allowed ports: 64 ports of its own, the rest
+        // summed under port 0 ("other ports"); nothing is lost.
+        for port in 1..=1100u16 {
             let p = v4(PEER, ME, PROTO_TCP, &tcp(4000, port, TCP_SYN));
             assert_eq!(f.inbound(t, 1, &p), Verdict::Allow);
         }
-        assert_eq!(f.take_allowed().len(), MAX_ALLOWED_FLOWS);
-        assert_eq!(f.allowed_overflow(), 100);
-        // The overflowed flows are still tracked: next window, they are summarized.
+        let taken = f.take_allowed();
+        assert_eq!(taken.len(), MAX_ALLOWED_FLOWS_PER_SOURCE as usize + 1);
+        assert_eq!(taken[0].0.dst_port, 0, "the other-ports key sorts first");
         assert_eq!(
-            f.take_allowed().len(),
-            0,
-            "their traffic was counted as overflow"
+            taken[0].1.packets,
+            1100 - u64::from(MAX_ALLOWED_FLOWS_PER_SOURCE)
+        );
+        // Many sources: at most MAX_ALLOWED_FLOWS keys plus the other-ports
+        // ones, and every packet is counted somewhere.
+        let mut f = Filter::new(managed(vec![rule("100.64.0.0/16", &[PROTO_TCP], &[])]));
+        let sources: Vec<Ipv4Addr> = (0..40u8).map(|i| Ipv4Addr::new(100, 64, 9, i)).collect();
+        for (i, src) in sources.iter().enumerate() {
+            for port in 1..=64u16 {
+                let p = v4(*src, ME, PROTO_TCP, &tcp(4000, port, TCP_SYN));
+                assert_eq!(f.inbound(t, i as u32, &p), Verdict::Allow);
+            }
+        }
+        let taken = f.take_allowed();
+        assert!(
+            taken.len() <= MAX_ALLOWED_FLOWS + MAX_OTHER_PORT_KEYS,
+            "{}",
+            taken.len()
+        );
+        assert!(taken.len() >= MAX_ALLOWED_FLOWS);
+        let packets: u64 = taken.iter().map(|(_, t)| t.packets).sum();
+        assert_eq!(packets, 40 * 64);
+        assert_eq!(f.allowed_overflow(), 0);
+        assert!(f.take_allowed().is_empty(), "taken once");
+    }
+
+    #[test]
+    fn a_flow_no_rule_admits_any_more_logs_no_more_allowed_traffic() {
+        let admit = |id: &str, port| {
+            managed(vec![with_id(
+                rule("100.64.0.2/32", &[PROTO_TCP], &[(port, port)]),
+                id,
+            )])
+        };
+        let t = t0();
+        let syn = v4(PEER, ME, PROTO_TCP, &tcp(4000, 22, TCP_SYN));
+        let reply = v4(ME, PEER, PROTO_TCP, &tcp(22, 4000, TCP_ACK));
+        // Revoked by a new ruleset: replies after it are not "allowed".
+        let mut f = Filter::new(admit("a:1", 22));
+        assert_eq!(f.inbound(t, 1, &syn), Verdict::Allow);
+        f.set_rules(admit("b:1", 80));
+        f.outbound(t, 1, &reply);
+        let taken = f.take_allowed();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(
+            (taken[0].0.rule_id.as_ref(), taken[0].1.reply_packets),
+            ("a:1", 0)
+        );
+        // A ruleset equal to the one in force changes nothing.
+        let mut f = Filter::new(admit("a:1", 22));
+        assert_eq!(f.inbound(t, 1, &syn), Verdict::Allow);
+        f.set_rules(admit("a:1", 22));
+        f.outbound(t, 1, &reply);
+        let taken = f.take_allowed();
+        assert_eq!((taken[0].1.packets, taken[0].1.reply_packets), (1, 1));
+    }
+
+    #[test]
+    fn evicted_and_replaced_flows_keep_their_traffic_and_echo_flows_their_replies() {
+        let limits = Limits {
+            max_flows_per_peer: 2,
+            ..Limits::default()
+        };
+        let mut f = Filter::with_limits(
+            managed(vec![rule("100.64.0.2/32,fd00::2/128", &[], &[])]),
+            limits,
+        );
+        let t = t0();
+        for port in [1, 2, 3] {
+            let p = v4(PEER, ME, PROTO_TCP, &tcp(4000, port, TCP_SYN));
+            assert_eq!(f.inbound(t, 1, &p), Verdict::Allow);
+        }
+        assert_eq!(f.flow_count(), 2, "one flow was evicted");
+        // An expired flow replaced by a new one with the same key.
+        let udp_in = v4(PEER, ME, PROTO_UDP, &udp(5000, 53, b"q"));
+        assert_eq!(f.inbound(t, 2, &udp_in), Verdict::Allow);
+        let later = t + Duration::from_secs(600);
+        assert_eq!(f.inbound(later, 2, &udp_in), Verdict::Allow);
+        // Echo: the peer's request and this node's reply; IPv6 too.
+        let ping = v4(PEER, ME, PROTO_ICMP, &icmp(8, 77));
+        let pong = v4(ME, PEER, PROTO_ICMP, &icmp(0, 77));
+        assert_eq!(f.inbound(t, 3, &ping), Verdict::Allow);
+        f.outbound(t, 3, &pong);
+        let v6_peer: std::net::Ipv6Addr = "fd00::2".parse().unwrap();
+        let v6_me: std::net::Ipv6Addr = "fd00::1".parse().unwrap();
+        let tcp6 = v6(v6_peer, v6_me, PROTO_TCP, &tcp(4000, 443, TCP_SYN));
+        assert_eq!(f.inbound(t, 4, &tcp6), Verdict::Allow);
+        let got: Vec<(IpAddr, u8, u16, u64, u64)> = f
+            .take_allowed()
+            .into_iter()
+            .map(|(k, t)| (k.src, k.proto, k.dst_port, t.packets, t.reply_packets))
+            .collect();
+        let p4 = IpAddr::V4(PEER);
+        assert_eq!(
+            got,
+            vec![
+                (p4, PROTO_ICMP, 0, 1, 1),
+                (p4, PROTO_TCP, 1, 1, 0),
+                (p4, PROTO_TCP, 2, 1, 0),
+                (p4, PROTO_TCP, 3, 1, 0),
+                (p4, PROTO_UDP, 53, 2, 0),
+                (IpAddr::V6(v6_peer), PROTO_TCP, 443, 1, 0),
+            ]
         );
     }
 
