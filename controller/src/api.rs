@@ -1191,12 +1191,20 @@ impl Admin for AdminService {
             (false, true) => Some(true),
             (false, false) => None,
         };
-        let node_id = match r.node.as_str() {
-            "" => None,
-            n => Some(self.mesh.find_node(n)?.id),
+        // A live node by name or id; else a deleted one's records, by the id
+        // or the name it had.
+        let (node_id, node_name) = match r.node.as_str() {
+            "" => (None, None),
+            n => match (self.mesh.find_node(n), n.parse::<u64>()) {
+                (Ok(row), _) => (Some(row.id), None),
+                (Err(_), Ok(id)) => (Some(id), None),
+                (Err(_), Err(_)) => (None, Some(n.to_string())),
+            },
         };
         let q = FlowQuery {
             node_id,
+            node_name,
+            before_id: (r.before_id > 0).then_some(r.before_id),
             since_ms: r.since_ms,
             allowed,
             limit: match r.limit {

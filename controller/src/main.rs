@@ -34,6 +34,7 @@ fn main() -> ExitCode {
                 audit_max_flow_rows,
                 flow_max_age,
                 flow_max_rows,
+                flow_max_rows_per_node,
                 relay_file,
                 dns_domain,
                 tls_cert,
@@ -65,6 +66,7 @@ fn main() -> ExitCode {
                     audit_max_flow_rows,
                     flow_max_age_ms: i64::try_from(flow_max_age.as_millis()).unwrap_or(i64::MAX),
                     flow_max_rows,
+                    flow_max_rows_per_node,
                     relays: read_relays(relay_file.as_deref())?,
                     dns_domain,
                     ..MeshConfig::default()

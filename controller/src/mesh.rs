@@ -80,6 +80,8 @@ pub struct MeshConfig {
     pub flow_max_age_ms: i64,
     /// At most this many flow records are kept, newest first; 0 = no cap.
     pub flow_max_rows: u64,
+    /// At most this many of one node's flow records are kept; 0 = no cap.
+    pub flow_max_rows_per_node: u64,
     /// The relays every netmap lists ([`crate::relays`]).
     pub relays: Vec<ztmesh_proto::control::Relay>,
     /// The base URL of the sign-in pages printed to nodes that log in
@@ -106,6 +108,7 @@ impl Default for MeshConfig {
             audit_max_flow_rows: 1_000_000,
             flow_max_age_ms: 7 * 24 * 3600 * 1000,
             flow_max_rows: 1_000_000,
+            flow_max_rows_per_node: 100_000,
             relays: Vec::new(),
             public_url: None,
             posture_ttl_ms: DEFAULT_POSTURE_TTL_MS,
@@ -1071,22 +1074,28 @@ impl Mesh {
     /// checked and bounded by [`nodeinput::flow_rows`]; returns how many
     /// summaries were dropped as malformed or beyond the cap.
     pub fn record_flows(&self, node: &NodeRow, flows: &[pb::FlowSummary], now: UnixMs) -> usize {
-        let (rows, dropped) = nodeinput::flow_rows(node.id, &node.name, flows, now);
+        let (rows, dropped) = nodeinput::flow_rows(node, flows, now);
         if let Err(e) = self.store.record_flows(&rows) {
             tracing::error!(error = %e, rows = rows.len(), "cannot store flow records");
         }
         dropped
     }
 
-    /// Prunes the flow log: records older than `flow_max_age_ms`, then the
-    /// oldest beyond `flow_max_rows`. The ticker calls it once a minute.
+    /// Prunes the flow log: records older than `flow_max_age_ms`, then each
+    /// node's oldest beyond `flow_max_rows_per_node` (so one node's reports
+    /// cannot push out everyone else's), then the oldest beyond
+    /// `flow_max_rows`. The ticker calls it once a minute.
     pub fn prune_flows(&self, now: UnixMs) {
         let older_than = if self.cfg.flow_max_age_ms > 0 {
             now.saturating_sub(self.cfg.flow_max_age_ms)
         } else {
             i64::MIN
         };
-        match self.store.prune_flows(older_than, self.cfg.flow_max_rows) {
+        match self.store.prune_flows(
+            older_than,
+            self.cfg.flow_max_rows_per_node,
+            self.cfg.flow_max_rows,
+        ) {
             Ok(0) => {}
             Ok(n) => tracing::debug!(rows = n, "flow log pruned"),
             Err(e) => tracing::error!(error = %e, "cannot prune the flow log"),

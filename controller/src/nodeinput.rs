@@ -4,10 +4,13 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
+use ipnet::IpNet;
+
 use ztmesh_policy::{AttrType, AttrValue, NODE_ATTRIBUTES};
 use ztmesh_proto::control::{posture_attribute::Value as PbValue, FlowSummary, PostureAttribute};
 
 use crate::error::{Error, Result};
+use crate::model::NodeRow;
 use crate::store::FlowRow;
 use crate::UnixMs;
 
@@ -236,27 +239,44 @@ pub fn validate_custom(key: &str, value: &AttrValue) -> Result<()> {
 /// allowed and 1,024 denied flows per report.
 pub const MAX_FLOWS_PER_REPORT: usize = 2048;
 
-/// Characters of a rule id or reason kept.
+/// Bytes of a rule id kept.
 const MAX_FLOW_TEXT: usize = 128;
 
-/// The flow records to store from a node's report: flows whose addresses,
-/// protocol and port make sense, at most [`MAX_FLOWS_PER_REPORT`], text
-/// printable and clipped, an allowed flow with its rule id only and a denied
-/// one with its reason only, times clamped to the controller's clock (never
-/// in the future, first ≤ last; a flow without times is stamped `now`).
-/// Returns the records and how many summaries were dropped.
-pub fn flow_rows(
-    node_id: u64,
-    node_name: &str,
-    flows: &[FlowSummary],
-    now: UnixMs,
-) -> (Vec<FlowRow>, usize) {
+/// The reasons a node's filter denies for (`node::filter::Reason`); any
+/// other reason a node reports is stored as `unknown`.
+const DENY_REASONS: [&str; 6] = [
+    "unparseable",
+    "foreign_destination",
+    "no_rule",
+    "port_not_allowed",
+    "orphan_fragment",
+    "overlapping_fragment",
+];
+
+/// The flow records to store from `node`'s report: flows whose addresses,
+/// protocol and port make sense and whose destination is the node's own
+/// (its overlay addresses or the routes it serves; anything for an exit
+/// node) — a node reports what its own filter decided, never flows "to"
+/// another node — at most [`MAX_FLOWS_PER_REPORT`], rule ids printable and
+/// clipped, denied reasons from the filter's list, an allowed flow with its
+/// rule id only and a denied one with its reason only, times clamped to the
+/// controller's clock (never in the future, first ≤ last; a flow without
+/// times is stamped `now`). Returns the records and how many summaries were
+/// dropped. The rest is the node's claim: authenticated, not verified.
+pub fn flow_rows(node: &NodeRow, flows: &[FlowSummary], now: UnixMs) -> (Vec<FlowRow>, usize) {
     let text = |s: &str| -> String {
-        s.chars()
+        let s: String = s
+            .chars()
             .filter(|c| !c.is_control() && !is_deceptive(*c))
-            .take(MAX_FLOW_TEXT)
-            .collect()
+            .collect();
+        clip(&s, MAX_FLOW_TEXT).to_string()
     };
+    let mut owned: Vec<IpNet> = vec![
+        IpNet::from(IpAddr::V4(node.ipv4)),
+        IpNet::from(IpAddr::V6(node.ipv6)),
+    ];
+    owned.extend(node.routes.active());
+    let exit = node.routes.exit_node();
     let mut rows = Vec::with_capacity(flows.len().min(MAX_FLOWS_PER_REPORT));
     for f in flows {
         if rows.len() == MAX_FLOWS_PER_REPORT {
@@ -270,6 +290,9 @@ pub fn flow_rows(
         ) else {
             continue;
         };
+        if !exit && !owned.iter().any(|n| n.contains(&dst)) {
+            continue;
+        }
         let last = match f.last_seen_ms {
             t if t <= 0 => now,
             t => t.min(now),
@@ -281,8 +304,8 @@ pub fn flow_rows(
         rows.push(FlowRow {
             id: 0,
             time_ms: now,
-            node_id,
-            node_name: node_name.to_string(),
+            node_id: node.id,
+            node_name: node.name.clone(),
             src: src.to_string(),
             dst: dst.to_string(),
             proto,
@@ -293,10 +316,10 @@ pub fn flow_rows(
             } else {
                 String::new()
             },
-            reason: if f.allowed {
-                String::new()
-            } else {
-                text(&f.reason)
+            reason: match DENY_REASONS.iter().find(|r| **r == f.reason) {
+                _ if f.allowed => String::new(),
+                Some(r) => (*r).to_string(),
+                None => "unknown".into(),
             },
             packets: f.packets,
             bytes: f.bytes,
@@ -475,6 +498,28 @@ mod tests {
         }
     }
 
+    fn node(id: u64, name: &str) -> NodeRow {
+        NodeRow {
+            id,
+            name: name.into(),
+            hostname: name.into(),
+            machine_key: [1; 32],
+            wg_key: [2; 32],
+            ipv4: "100.64.0.1".parse().unwrap(),
+            ipv6: "fd7a:115c:a1e0::1".parse().unwrap(),
+            user: None,
+            tags: vec!["tag:db".into()],
+            ephemeral: false,
+            created_ms: 0,
+            last_seen_ms: 0,
+            expiry_ms: 0,
+            key_revoked: false,
+            endpoints: Vec::new(),
+            routes: crate::model::NodeRoutes::default(),
+            posture: crate::model::NodePosture::default(),
+        }
+    }
+
     fn summary(src: &str, dst: &str, allowed: bool) -> FlowSummary {
         FlowSummary {
             src: src.into(),
@@ -496,8 +541,7 @@ mod tests {
     #[test]
     fn flow_rows_keep_what_each_kind_of_flow_means() {
         let (rows, dropped) = flow_rows(
-            7,
-            "db",
+            &node(7, "db"),
             &[
                 summary("100.64.0.2", "100.64.0.1", true),
                 summary("100.64.0.2", "100.64.0.1", false),
@@ -540,7 +584,7 @@ mod tests {
         let mut bad_port = summary("100.64.0.2", "100.64.0.1", true);
         bad_port.dst_port = 70_000;
         let mut text = summary("fd7a:115c:a1e0::2", "fd7a:115c:a1e0::1", true);
-        text.rule_id = format!("p.hujson:1\n\u{202e}{}", "x".repeat(1000));
+        text.rule_id = format!("p.hujson:1\n\u{202e}{}", "é".repeat(1000));
         let mut future = summary("100.64.0.2", "100.64.0.1", true);
         future.first_seen_ms = i64::MAX;
         future.last_seen_ms = i64::MAX;
@@ -556,15 +600,15 @@ mod tests {
             future,
             timeless,
         ];
-        let (rows, dropped) = flow_rows(1, "web", &flows, 50_000);
+        let (rows, dropped) = flow_rows(&node(1, "web"), &flows, 50_000);
         assert_eq!((rows.len(), dropped), (3, 4));
         assert_eq!(rows[0].src, "fd7a:115c:a1e0::2");
         assert!(
-            rows[0].rule_id.starts_with("p.hujson:1x"),
+            rows[0].rule_id.starts_with("p.hujson:1é"),
             "{}",
             rows[0].rule_id
         );
-        assert_eq!(rows[0].rule_id.chars().count(), MAX_FLOW_TEXT);
+        assert!(rows[0].rule_id.len() <= MAX_FLOW_TEXT && rows[0].rule_id.len() > 100);
         // Never in the future; a flow without times is stamped when received.
         assert_eq!(
             (rows[1].first_seen_ms, rows[1].last_seen_ms),
@@ -576,7 +620,36 @@ mod tests {
         );
         // The cap: a report cannot add more than MAX_FLOWS_PER_REPORT records.
         let many = vec![summary("100.64.0.2", "100.64.0.1", true); MAX_FLOWS_PER_REPORT + 10];
-        let (rows, dropped) = flow_rows(1, "web", &many, 50_000);
+        let (rows, dropped) = flow_rows(&node(1, "web"), &many, 50_000);
         assert_eq!((rows.len(), dropped), (MAX_FLOWS_PER_REPORT, 10));
+    }
+
+    #[test]
+    fn a_node_reports_only_flows_to_itself_and_known_reasons() {
+        let mut n = node(3, "router");
+        let to = |dst: &str| summary("100.64.0.2", dst, true);
+        let mut odd_reason = summary("100.64.0.2", "100.64.0.1", false);
+        odd_reason.reason = "framed by 100.64.0.9".into();
+        let flows = [
+            to("100.64.0.9"),
+            to("198.19.50.7"),
+            to("100.64.0.1"),
+            odd_reason,
+        ];
+        let (rows, dropped) = flow_rows(&n, &flows, 1);
+        assert_eq!(dropped, 2, "another node's address and an unserved route");
+        assert_eq!(rows[0].dst, "100.64.0.1");
+        assert_eq!(rows[1].reason, "unknown");
+        // A route it serves (advertised and approved) is its own.
+        let net: IpNet = "198.19.50.0/24".parse().unwrap();
+        n.routes.advertised = vec![net];
+        n.routes.approved = vec![net];
+        let (rows, dropped) = flow_rows(&n, &flows, 1);
+        assert_eq!((rows.len(), dropped), (3, 1));
+        // An exit node forwards anywhere.
+        n.routes.exit_advertised = true;
+        n.routes.exit_approved = true;
+        let (rows, dropped) = flow_rows(&n, &flows, 1);
+        assert_eq!((rows.len(), dropped), (4, 0));
     }
 }

@@ -160,6 +160,10 @@ pub struct FlowRow {
 pub struct FlowQuery {
     /// Only the ones this node reported.
     pub node_id: Option<u64>,
+    /// Only the ones a node of this name reported (e.g. a deleted node).
+    pub node_name: Option<String>,
+    /// Only the ones older than this record (paging: the last id seen).
+    pub before_id: Option<u64>,
     /// Only the ones received at or after this time.
     pub since_ms: UnixMs,
     /// Only allowed (`Some(true)`) or only denied (`Some(false)`) flows.
@@ -352,9 +356,10 @@ pub trait Store: Send + Sync {
     fn record_flows(&self, rows: &[FlowRow]) -> Result<()>;
     /// Flow records matching `q`, newest first.
     fn flows(&self, q: &FlowQuery) -> Result<Vec<FlowRow>>;
-    /// Deletes flow records received before `older_than_ms`, then the oldest
+    /// Deletes flow records received before `older_than_ms`, then each
+    /// node's oldest beyond its newest `max_per_node`, then the oldest
     /// beyond the newest `max_rows` (0 = no cap); returns how many.
-    fn prune_flows(&self, older_than_ms: UnixMs, max_rows: u64) -> Result<u64>;
+    fn prune_flows(&self, older_than_ms: UnixMs, max_per_node: u64, max_rows: u64) -> Result<u64>;
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records progress.
@@ -530,7 +535,7 @@ CREATE INDEX audit_checkpoints_kind_head ON audit_checkpoints (kind, head_id);
     // chain: they are node-reported telemetry, pruned freely).
     r#"
 CREATE TABLE flows (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     time_ms INTEGER NOT NULL,
     node_id INTEGER NOT NULL,
     node_name TEXT NOT NULL,
@@ -549,7 +554,8 @@ CREATE TABLE flows (
     last_seen_ms INTEGER NOT NULL
 );
 CREATE INDEX flows_time ON flows (time_ms);
-CREATE INDEX flows_node_time ON flows (node_id, time_ms);
+CREATE INDEX flows_node ON flows (node_id, id);
+CREATE INDEX flows_node_name ON flows (node_name, id);
 "#,
 ];
 
@@ -2004,21 +2010,39 @@ impl Store for SqliteStore {
     }
 
     fn flows(&self, q: &FlowQuery) -> Result<Vec<FlowRow>> {
+        // Only the conditions asked for, so SQLite can use the indices.
+        let big = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let mut conds = vec!["time_ms >= ?".to_string()];
+        let mut args: Vec<rusqlite::types::Value> = vec![q.since_ms.into()];
+        if let Some(n) = q.node_id {
+            conds.push("node_id = ?".into());
+            args.push(big(n).into());
+        }
+        if let Some(n) = &q.node_name {
+            conds.push("node_name = ?".into());
+            args.push(n.clone().into());
+        }
+        if let Some(b) = q.before_id {
+            conds.push("id < ?".into());
+            args.push(big(b).into());
+        }
+        if let Some(a) = q.allowed {
+            conds.push("allowed = ?".into());
+            args.push(i64::from(a).into());
+        }
+        args.push(i64::from(q.limit).into());
         let c = self.conn();
-        let mut st = c.prepare_cached(
+        let mut st = c.prepare_cached(&format!(
             "SELECT id, time_ms, node_id, node_name, src, dst, proto, dst_port, allowed,
                     rule_id, reason, packets, bytes, reply_packets, reply_bytes,
                     first_seen_ms, last_seen_ms
-             FROM flows
-             WHERE time_ms >= ?1 AND (?2 IS NULL OR node_id = ?2)
-               AND (?3 IS NULL OR allowed = ?3)
-             ORDER BY id DESC LIMIT ?4",
-        )?;
-        let node = q.node_id.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+             FROM flows WHERE {} ORDER BY id DESC LIMIT ?",
+            conds.join(" AND ")
+        ))?;
         let n = |r: &rusqlite::Row<'_>, i: usize| -> rusqlite::Result<u64> {
             Ok(u64::try_from(r.get::<_, i64>(i)?).unwrap_or(0))
         };
-        let rows = st.query_map(params![q.since_ms, node, q.allowed, q.limit], |r| {
+        let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
             Ok(FlowRow {
                 id: n(r, 0)?,
                 time_ms: r.get(1)?,
@@ -2042,9 +2066,24 @@ impl Store for SqliteStore {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    fn prune_flows(&self, older_than_ms: UnixMs, max_rows: u64) -> Result<u64> {
+    fn prune_flows(&self, older_than_ms: UnixMs, max_per_node: u64, max_rows: u64) -> Result<u64> {
         let c = self.conn();
         let mut n = c.execute("DELETE FROM flows WHERE time_ms < ?1", [older_than_ms])?;
+        if max_per_node > 0 {
+            // One node's reports cannot push out everyone else's.
+            let nodes: Vec<i64> = c
+                .prepare_cached("SELECT DISTINCT node_id FROM flows")?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let keep = i64::try_from(max_per_node).unwrap_or(i64::MAX);
+            for node in nodes {
+                n += c.execute(
+                    "DELETE FROM flows WHERE node_id = ?1 AND id <= (SELECT id FROM flows
+                       WHERE node_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+                    [node, keep],
+                )?;
+            }
+        }
         if max_rows > 0 {
             // The id of the oldest row kept; rows are only ever appended.
             n += c.execute(
@@ -2473,6 +2512,7 @@ mod tests {
             since_ms,
             allowed,
             limit: 100,
+            ..FlowQuery::default()
         };
         let times =
             |q: FlowQuery| -> Vec<i64> { s.flows(&q).unwrap().iter().map(|f| f.time_ms).collect() };
@@ -2495,11 +2535,30 @@ mod tests {
             .len(),
             1
         );
-        // Age first, then the newest `max_rows` are kept.
-        assert_eq!(s.prune_flows(150, 0).unwrap(), 1);
-        s.record_flows(&[row(400, 3, true)]).unwrap();
-        assert_eq!(s.prune_flows(0, 2).unwrap(), 1);
-        assert_eq!(times(q(None, 0, None)), [400, 300]);
-        assert_eq!(s.prune_flows(0, 2).unwrap(), 0);
+        // By the name a node had, and paging back from an id.
+        let by_name = FlowQuery {
+            node_name: Some("n1".into()),
+            ..q(None, 0, None)
+        };
+        assert_eq!(times(by_name), [300, 100]);
+        let newest = s.flows(&q(None, 0, None)).unwrap()[0].id;
+        let page = FlowQuery {
+            before_id: Some(newest),
+            ..q(None, 0, None)
+        };
+        assert_eq!(times(page), [200, 100]);
+        // Age first, then each node's newest, then the newest `max_rows`.
+        assert_eq!(s.prune_flows(150, 0, 0).unwrap(), 1);
+        s.record_flows(&[row(400, 3, true), row(500, 3, true), row(600, 3, true)])
+            .unwrap();
+        assert_eq!(s.prune_flows(0, 2, 0).unwrap(), 1, "node 3's oldest");
+        assert_eq!(times(q(None, 0, None)), [600, 500, 300, 200]);
+        assert_eq!(s.prune_flows(0, 0, 2).unwrap(), 2);
+        assert_eq!(times(q(None, 0, None)), [600, 500]);
+        assert_eq!(s.prune_flows(0, 2, 2).unwrap(), 0);
+        // Ids are never reused, even once the table is empty.
+        assert_eq!(s.prune_flows(i64::MAX, 0, 0).unwrap(), 2);
+        s.record_flows(&[row(700, 1, true)]).unwrap();
+        assert!(s.flows(&q(None, 0, None)).unwrap()[0].id > newest);
     }
 }

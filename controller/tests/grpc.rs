@@ -1352,9 +1352,25 @@ async fn reported_flows_are_listed_by_node_kind_and_time_and_read_by_an_auditor(
     let k = ctl.key("", &["tag:db"], true).await;
     let db = enroll(&ctl, &k, "db").await.unwrap();
     let web = enroll(&ctl, &k, "web").await.unwrap();
-    let flow = |allowed: bool, port: u32| pb::FlowSummary {
-        src: "100.64.0.2".into(),
-        dst: "100.64.0.1".into(),
+    let v4 = |n: &TestNode| {
+        let ctl = &ctl;
+        let node = n.name.clone();
+        async move {
+            let a = ctl
+                .admin()
+                .await
+                .get_node(apb::NodeRef { node })
+                .await
+                .unwrap()
+                .into_inner()
+                .addresses;
+            a.into_iter().find(|a| !a.contains(':')).unwrap()
+        }
+    };
+    let (db_ip, web_ip) = (v4(&db).await, v4(&web).await);
+    let flow = |dst: &str, allowed: bool, port: u32| pb::FlowSummary {
+        src: "100.64.0.200".into(),
+        dst: dst.into(),
         protocol: 6,
         dst_port: port,
         allowed,
@@ -1384,12 +1400,20 @@ async fn reported_flows_are_listed_by_node_kind_and_time_and_read_by_an_auditor(
     let before = now_ms();
     ctl.control()
         .await
-        .report_flows(report(&db, vec![flow(true, 5432), flow(false, 22)]))
+        .report_flows(report(
+            &db,
+            vec![
+                flow(&db_ip, true, 5432),
+                flow(&db_ip, false, 22),
+                // A flow "to" another node is not db's to report.
+                flow(&web_ip, false, 22),
+            ],
+        ))
         .await
         .unwrap();
     ctl.control()
         .await
-        .report_flows(report(&web, vec![flow(true, 443)]))
+        .report_flows(report(&web, vec![flow(&web_ip, true, 443)]))
         .await
         .unwrap();
     let list = |req: apb::ListFlowsRequest| {
@@ -1427,6 +1451,7 @@ async fn reported_flows_are_listed_by_node_kind_and_time_and_read_by_an_auditor(
         (22, "no_rule")
     );
     assert_eq!(denied[0].rule_id, "");
+    assert_eq!(denied[0].dst, db_ip);
     let allowed = list(apb::ListFlowsRequest {
         allowed_only: true,
         node: db.id.to_string(),
@@ -1455,6 +1480,17 @@ async fn reported_flows_are_listed_by_node_kind_and_time_and_read_by_an_auditor(
     .into_inner()
     .flows;
     assert!(later.is_empty());
+    // Paging back from the newest record.
+    let page = list(apb::ListFlowsRequest {
+        before_id: all[0].id,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .flows;
+    assert_eq!(page.len(), 2);
+    assert!(page.iter().all(|f| f.id < all[0].id));
     // Precise refusals.
     let e = list(apb::ListFlowsRequest {
         denied_only: true,
@@ -1464,13 +1500,26 @@ async fn reported_flows_are_listed_by_node_kind_and_time_and_read_by_an_auditor(
     .await
     .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    let e = list(apb::ListFlowsRequest {
-        node: "nosuchnode".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap_err();
-    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    // A deleted node's records stay readable by its name or id.
+    ctl.admin()
+        .await
+        .delete_node(apb::NodeRef {
+            node: web.name.clone(),
+        })
+        .await
+        .unwrap();
+    for node in [web.name.clone(), web.id.to_string()] {
+        let got = list(apb::ListFlowsRequest {
+            node,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .flows;
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].dst_port, 443);
+    }
     // An auditor reads the flow log; the read is audited.
     let secret = ctl
         .admin()

@@ -18,6 +18,7 @@ pub(super) struct FlowsArgs {
     pub denied: bool,
     pub allowed: bool,
     pub limit: u32,
+    pub before_id: Option<u64>,
     pub output: Output,
 }
 
@@ -32,6 +33,7 @@ pub(super) async fn run(c: &mut Client, a: FlowsArgs) -> anyhow::Result<()> {
             denied_only: a.denied,
             allowed_only: a.allowed,
             limit: a.limit,
+            before_id: a.before_id.unwrap_or(0),
         })
         .await
         .map_err(status_err)?
@@ -42,12 +44,13 @@ pub(super) async fn run(c: &mut Client, a: FlowsArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<20} {:<14} {:<40} {:<6} {:<24} {:>8} {:>10} {:>10}",
-        "TIME", "NODE", "FLOW", "", "RULE/REASON", "PACKETS", "BYTES", "REPLY"
+        "{:>8} {:<20} {:<14} {:<40} {:<6} {:<24} {:>8} {:>10} {:>10}",
+        "ID", "TIME", "NODE", "FLOW", "", "RULE/REASON", "PACKETS", "BYTES", "REPLY"
     );
     for f in &flows {
         println!(
-            "{:<20} {:<14} {:<40} {:<6} {:<24} {:>8} {:>10} {:>10}",
+            "{:>8} {:<20} {:<14} {:<40} {:<6} {:<24} {:>8} {:>10} {:>10}",
+            f.id,
             ms_to_text(f.time_ms),
             f.node,
             flow_text(f),

@@ -99,6 +99,9 @@ pub enum Cmd {
         /// Keep at most this many flow-log records (newest first; 0 = no cap).
         #[arg(long, default_value_t = 1_000_000)]
         flow_max_rows: u64,
+        /// Keep at most this many flow-log records of one node (0 = no cap).
+        #[arg(long, default_value_t = 100_000)]
+        flow_max_rows_per_node: u64,
         /// Relays every netmap lists: one `ztmesh-relay identity` JSON line per
         /// relay (read at start).
         #[arg(long)]
@@ -167,6 +170,9 @@ pub enum Cmd {
         /// At most this many records (at most 10000).
         #[arg(long, default_value_t = 100)]
         limit: u32,
+        /// Only records older than this id (to page back: the last id shown).
+        #[arg(long)]
+        before_id: Option<u64>,
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
@@ -233,6 +239,7 @@ pub async fn run(conn: &ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
             denied,
             allowed,
             limit,
+            before_id,
             output,
         } => {
             let args = flows::FlowsArgs {
@@ -241,6 +248,7 @@ pub async fn run(conn: &ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
                 denied,
                 allowed,
                 limit,
+                before_id,
                 output,
             };
             flows::run(&mut c, args).await
