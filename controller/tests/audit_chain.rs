@@ -249,7 +249,7 @@ fn a_database_from_before_the_chain_is_chained_at_migration() {
     Connection::open(&db)
         .unwrap()
         .execute_batch(
-            "DROP TABLE audit_head; DROP TABLE audit_checkpoints;
+            "DROP TABLE flows; DROP TABLE audit_head; DROP TABLE audit_checkpoints;
              ALTER TABLE audit DROP COLUMN prev_hash; ALTER TABLE audit DROP COLUMN hash;
              INSERT INTO audit (id, time_ms, actor, action, target, detail)
                  VALUES (3, 1, 'a', 'user.create', 'u3', '');
