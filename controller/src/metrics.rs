@@ -9,15 +9,15 @@
 //! is fixed and small: a method, a reason from [`failure_reason`], a store
 //! operation name.
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
-use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{prometheus_text, text};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
+use ztmesh_proto::scrape::Format;
 
 use crate::error::Error;
 
@@ -156,8 +156,8 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// The OpenMetrics exposition of these metrics and `gauges`.
-    pub fn render(&self, gauges: Gauges) -> String {
+    /// The exposition of these metrics and `gauges` in `format`.
+    pub fn render(&self, gauges: Gauges, format: Format) -> String {
         let mut r = Registry::with_prefix("ztmesh_controller");
         let nodes = Family::<Label, Gauge>::default();
         for (state, n) in [
@@ -218,14 +218,25 @@ impl Metrics {
             Unit::Seconds,
             self.store_ops.clone(),
         );
-        let mut out = String::new();
-        if encode(&mut out, &r).is_err() {
-            // Writing to a String cannot fail; an empty exposition is still valid.
-            out.clear();
-            let _ = writeln!(out, "# EOF");
-        }
-        out
+        exposition(&r, format)
     }
+}
+
+/// `r` in `format`.
+pub fn exposition(r: &Registry, format: Format) -> String {
+    let mut out = String::new();
+    let written = match format {
+        Format::OpenMetrics => text::encode(&mut out, r),
+        Format::Text => prometheus_text::encode(&mut out, r),
+    };
+    if written.is_err() {
+        // Writing to a String cannot fail; keep the exposition well formed.
+        out.clear();
+        if format == Format::OpenMetrics {
+            out.push_str("# EOF\n");
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -253,12 +264,13 @@ mod tests {
         m.netmap_applied(None);
         m.call_refused(refusal_reason(&Error::Throttled("x".into())));
         m.store_op("nodes", Duration::from_micros(300));
-        let text = m.render(Gauges {
+        let gauges = Gauges {
             online: 2,
             offline: 1,
             expired: 3,
             streams: 2,
-        });
+        };
+        let text = m.render(gauges, Format::OpenMetrics);
         for (name, want) in [
             (r#"ztmesh_controller_nodes{state="online"}"#, 2.0),
             (r#"ztmesh_controller_nodes{state="offline"}"#, 1.0),
@@ -300,6 +312,17 @@ mod tests {
         assert!(
             text.contains("# UNIT ztmesh_controller_netmap_sent_bytes bytes"),
             "{text}"
+        );
+        // The text format has the same samples, typed under their own names.
+        let plain = m.render(gauges, Format::Text);
+        assert!(!plain.contains("# EOF"), "{plain}");
+        assert!(
+            plain.contains("# TYPE ztmesh_controller_netmap_builds_total counter"),
+            "{plain}"
+        );
+        assert_eq!(
+            sample(&plain, "ztmesh_controller_netmap_builds_total"),
+            Some(2.0)
         );
     }
 }

@@ -175,10 +175,13 @@ pub async fn serve(
     let (mesh, cert, key) = open(dir, cfg)?;
     let _metrics = metrics_listener.map(|l| {
         let mesh = mesh.clone();
-        AbortOnDrop(tokio::spawn(ztmesh_proto::scrape::serve(l, move || {
-            let text = mesh.metrics().render(mesh.gauges(now_ms()));
-            async move { text }
-        })))
+        AbortOnDrop(tokio::spawn(ztmesh_proto::scrape::serve(
+            l,
+            move |format| {
+                let text = mesh.metrics().render(mesh.gauges(now_ms()), format);
+                async move { text }
+            },
+        )))
     });
     println!("ztmesh controller");
     println!("  fingerprint:    {}", hex(&mesh.fingerprint()));

@@ -1,6 +1,10 @@
 //! The `/metrics` listener the controller and the node both run: plain
 //! HTTP/1.1, `GET /metrics` only, one request per connection.
 //!
+//! A scraper that accepts OpenMetrics (Prometheus does) gets OpenMetrics;
+//! any other client gets the Prometheus text format 0.0.4 (what
+//! `promtool check metrics` and `curl` users read), the same metrics.
+//!
 //! A thin shell: [`serve`] owns the socket and the timers; what a request
 //! head asks for ([`route`]) and the response bytes ([`response`]) are pure.
 //! Bounded against a hostile or broken scraper: at most
@@ -18,6 +22,25 @@ use tokio::sync::Semaphore;
 
 /// The OpenMetrics text exposition format.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The Prometheus text exposition format 0.0.4.
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Which exposition format a scrape gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4.
+    Text,
+}
+
+impl Format {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => CONTENT_TYPE,
+            Format::Text => TEXT_CONTENT_TYPE,
+        }
+    }
+}
 /// Longest request head read; a longer one is answered 431.
 pub const MAX_HEAD: usize = 8192;
 /// Connections served at once; more are closed at once.
@@ -28,8 +51,8 @@ pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// What a request head asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
-    /// `GET /metrics` (a query string is ignored).
-    Metrics,
+    /// `GET /metrics` (a query string is ignored), in this format.
+    Metrics(Format),
     /// Another path.
     NotFound,
     /// Another method on `/metrics`.
@@ -60,16 +83,32 @@ pub fn route(head: &[u8]) -> Route {
     }
     let path = target.split('?').next().unwrap_or(target);
     match (method, path) {
-        ("GET", "/metrics") => Route::Metrics,
+        ("GET", "/metrics") => Route::Metrics(format_of(head)),
         (_, "/metrics") => Route::MethodNotAllowed,
         _ => Route::NotFound,
+    }
+}
+
+/// OpenMetrics if an `Accept` header names it, else the text format.
+fn format_of(head: &[u8]) -> Format {
+    let text = String::from_utf8_lossy(head);
+    let accepts_openmetrics = text.split("\r\n").skip(1).any(|line| {
+        line.split_once(':').is_some_and(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("accept")
+                && value.contains("application/openmetrics-text")
+        })
+    });
+    if accepts_openmetrics {
+        Format::OpenMetrics
+    } else {
+        Format::Text
     }
 }
 
 /// The complete response to `route`; `body` is used for [`Route::Metrics`] only.
 pub fn response(route: Route, body: &str) -> Vec<u8> {
     let (status, content_type, body) = match route {
-        Route::Metrics => ("200 OK", CONTENT_TYPE, body),
+        Route::Metrics(f) => ("200 OK", f.content_type(), body),
         Route::NotFound => ("404 Not Found", "text/plain", "not found: try /metrics\n"),
         Route::MethodNotAllowed => ("405 Method Not Allowed", "text/plain", "GET only\n"),
         Route::BadRequest => ("400 Bad Request", "text/plain", "bad request\n"),
@@ -94,10 +133,10 @@ pub fn response(route: Route, body: &str) -> Vec<u8> {
 }
 
 /// Serves `/metrics` on `listener` until the task is dropped; `render`
-/// produces the exposition for each scrape.
+/// produces the exposition for each scrape, in the format asked for.
 pub async fn serve<F, Fut>(listener: TcpListener, render: F)
 where
-    F: Fn() -> Fut + Send + Sync + 'static,
+    F: Fn(Format) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = String> + Send + 'static,
 {
     let render = Arc::new(render);
@@ -123,7 +162,7 @@ where
                     None => Route::HeadTooLarge,
                 };
                 let body = match route {
-                    Route::Metrics => render().await,
+                    Route::Metrics(f) => render(f).await,
                     _ => String::new(),
                 };
                 let _ = conn.write_all(&response(route, &body)).await;
@@ -161,8 +200,14 @@ mod tests {
     #[test]
     fn routes_get_metrics_and_refuses_the_rest() {
         let cases: &[(&[u8], Route)] = &[
-            (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", Route::Metrics),
-            (b"GET /metrics?x=1 HTTP/1.0\r\n\r\n", Route::Metrics),
+            (
+                b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+                Route::Metrics(Format::Text),
+            ),
+            (
+                b"GET /metrics?x=1 HTTP/1.0\r\naccept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\n\r\n",
+                Route::Metrics(Format::OpenMetrics),
+            ),
             (b"POST /metrics HTTP/1.1\r\n\r\n", Route::MethodNotAllowed),
             (b"GET / HTTP/1.1\r\n\r\n", Route::NotFound),
             (b"GET /metrics/x HTTP/1.1\r\n\r\n", Route::NotFound),
@@ -178,7 +223,8 @@ mod tests {
 
     #[test]
     fn a_response_carries_its_length_and_closes() {
-        let r = String::from_utf8(response(Route::Metrics, "# EOF\n")).unwrap();
+        let r =
+            String::from_utf8(response(Route::Metrics(Format::OpenMetrics), "# EOF\n")).unwrap();
         assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
         assert!(
             r.contains(&format!("Content-Type: {CONTENT_TYPE}\r\n")),
@@ -196,7 +242,12 @@ mod tests {
     async fn serves_a_scrape_and_bounds_a_head_without_end() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(serve(listener, || async { "x 1\n# EOF\n".to_string() }));
+        let task = tokio::spawn(serve(listener, |f| async move {
+            match f {
+                Format::OpenMetrics => "x 1\n# EOF\n".to_string(),
+                Format::Text => "x 1\n".to_string(),
+            }
+        }));
         let ask = |req: Vec<u8>| async move {
             let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
             c.write_all(&req).await.unwrap();
@@ -206,7 +257,13 @@ mod tests {
         };
         let ok = ask(b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\nignored body".to_vec()).await;
         assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
-        assert!(ok.ends_with("x 1\n# EOF\n"), "{ok}");
+        assert!(ok.contains(TEXT_CONTENT_TYPE), "{ok}");
+        assert!(ok.ends_with("\r\n\r\nx 1\n"), "{ok}");
+        let om =
+            ask(b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text\r\n\r\n".to_vec())
+                .await;
+        assert!(om.contains(CONTENT_TYPE), "{om}");
+        assert!(om.ends_with("x 1\n# EOF\n"), "{om}");
         let big = ask(vec![b'a'; MAX_HEAD]).await;
         assert!(big.starts_with("HTTP/1.1 431"), "{big}");
         task.abort();

@@ -170,6 +170,8 @@ pub struct Filter {
     usage: HashMap<PeerId, Usage>,
     limits: Limits,
     drops: [u64; Reason::ALL.len()],
+    /// Inbound packets allowed (a plain add on the allow path: metrics).
+    allowed: u64,
     last_sweep: Option<Instant>,
     denied: HashMap<DeniedFlow, u64>,
 }
@@ -208,6 +210,7 @@ impl Filter {
             usage: HashMap::new(),
             limits,
             drops: [0; Reason::ALL.len()],
+            allowed: 0,
             last_sweep: None,
             denied: HashMap::new(),
         }
@@ -233,9 +236,12 @@ impl Filter {
     /// Decides whether an inbound packet from `peer` may be delivered.
     pub fn inbound(&mut self, now: Instant, peer: PeerId, buf: &[u8]) -> Verdict {
         let verdict = self.decide_inbound(now, peer, buf);
-        if let Verdict::Deny(r) = verdict {
-            self.drops[r as usize] += 1;
-            self.note_denied(buf, r);
+        match verdict {
+            Verdict::Allow => self.allowed = self.allowed.wrapping_add(1),
+            Verdict::Deny(r) => {
+                self.drops[r as usize] += 1;
+                self.note_denied(buf, r);
+            }
         }
         verdict
     }
@@ -347,6 +353,11 @@ impl Filter {
     }
 
     /// Drop counters, one per [`Reason`].
+    /// Inbound packets allowed so far.
+    pub fn allowed(&self) -> u64 {
+        self.allowed
+    }
+
     pub fn drops(&self) -> Vec<(Reason, u64)> {
         Reason::ALL
             .iter()
