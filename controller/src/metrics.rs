@@ -51,8 +51,49 @@ pub struct Metrics {
     store_ops: Family<Label, Histogram, MakeHistogram>,
 }
 
+/// Every value of the `reason` label of enrollment failures.
+pub const FAILURE_REASONS: [&str; 10] = [
+    "invalid_request",
+    "invalid_key",
+    "node_auth",
+    "forbidden",
+    "conflict",
+    "rate_limited",
+    "internal",
+    "login_denied",
+    "login_expired",
+    "other",
+];
+
+/// Every value of the `reason` label of refused node calls.
+pub const REFUSAL_REASONS: [&str; 5] = [
+    "throttled",
+    "unauthenticated",
+    "session_conflict",
+    "invalid",
+    "other",
+];
+
 impl Default for Metrics {
+    /// Every labelled series of a fixed label set starts at zero, so a
+    /// dashboard shows "none yet" rather than "no data".
     fn default() -> Self {
+        let m = Self::empty();
+        for method in ["authkey", "login"] {
+            let _ = m.enrollments.get_or_create(&[("method", method)]);
+        }
+        for reason in FAILURE_REASONS {
+            let _ = m.enrollment_failures.get_or_create(&[("reason", reason)]);
+        }
+        for reason in REFUSAL_REASONS {
+            let _ = m.refused_calls.get_or_create(&[("reason", reason)]);
+        }
+        m
+    }
+}
+
+impl Metrics {
+    fn empty() -> Self {
         Self {
             enrollments: Family::default(),
             enrollment_failures: Family::default(),
