@@ -2176,6 +2176,37 @@ mod tests {
     }
 
     #[test]
+    fn only_a_nodes_newest_map_is_timed_and_only_once() {
+        let m = mesh();
+        let ids = enroll_nodes(&m, 2);
+        let sub = m.open_stream(ids[0], T0).unwrap();
+        let key = m.controller_key();
+        let first = ztmesh_proto::netmap::verify(&key, &sub.take().unwrap(), 0, T0).unwrap();
+        m.set_policy("admin", "p.hujson", &POLICY.replace("22,443", "22"), T0 + 100)
+            .unwrap();
+        let next = sub.take().expect("the new map");
+        let next = ztmesh_proto::netmap::verify(&key, &next, first.serial, T0).unwrap();
+        m.netmap_applied(ids[0], first.serial, T0 + 150); // superseded
+        m.netmap_applied(ids[1], next.serial, T0 + 150); // not connected
+        m.netmap_applied(ids[0], next.serial + 1, T0 + 150); // never sent
+        m.netmap_applied(ids[0], next.serial, T0 + 350); // 250 ms after the change began
+        m.netmap_applied(ids[0], next.serial, T0 + 9_000); // a repeat
+        let text = m
+            .metrics()
+            .render(m.gauges(T0), ztmesh_proto::scrape::Format::Text);
+        for line in [
+            "ztmesh_controller_netmap_propagation_seconds_count 1",
+            "ztmesh_controller_netmap_propagation_seconds_sum 0.25",
+            "ztmesh_controller_netmap_acks_ignored_total 4",
+            "ztmesh_controller_streams 1",
+            r#"ztmesh_controller_nodes{state="online"} 1"#,
+            r#"ztmesh_controller_nodes{state="offline"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+    }
+
+    #[test]
     fn last_seen_reaches_the_store_on_flush() {
         let m = mesh();
         let ids = enroll_nodes(&m, 1);

@@ -59,6 +59,9 @@ const POLICY: &str = r#"{
   ],
 }"#;
 
+/// What a key series' value must satisfy.
+type Check = fn(f64) -> bool;
+
 /// Whether `program --version` runs.
 fn have(program: &str) -> bool {
     Command::new(program)
@@ -314,7 +317,7 @@ fn prometheus_scrapes_the_mesh_and_every_dashboard_panel_has_data() {
     }
 
     // Key series, non-zero after the traffic.
-    let checks: &[(&str, fn(f64) -> bool)] = &[
+    let checks: &[(&str, Check)] = &[
         (r#"sum(ztmesh_controller_nodes{state="online"})"#, |v| {
             v == 2.0
         }),
