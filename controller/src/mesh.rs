@@ -2182,8 +2182,13 @@ mod tests {
         let sub = m.open_stream(ids[0], T0).unwrap();
         let key = m.controller_key();
         let first = ztmesh_proto::netmap::verify(&key, &sub.take().unwrap(), 0, T0).unwrap();
-        m.set_policy("admin", "p.hujson", &POLICY.replace("22,443", "22"), T0 + 100)
-            .unwrap();
+        m.set_policy(
+            "admin",
+            "p.hujson",
+            &POLICY.replace("22,443", "22"),
+            T0 + 100,
+        )
+        .unwrap();
         let next = sub.take().expect("the new map");
         let next = ztmesh_proto::netmap::verify(&key, &next, first.serial, T0).unwrap();
         m.netmap_applied(ids[0], first.serial, T0 + 150); // superseded

@@ -64,6 +64,9 @@ const POSTURE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest wait for the controller to answer a `ReportPosture` (the session
 /// loop waits for it); then the report counts as failed and is retried.
 const POSTURE_REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for the controller to take a `NetMapApplied` (the session
+/// loop waits for it); a late one only loses a latency sample.
+const NETMAP_ACK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most lines of a `ReportPosture` answer kept for `status` and the log.
 const MAX_CLIPPED_LINES: usize = 32;
 
@@ -936,8 +939,13 @@ impl Daemon {
                         // For the controller's propagation latency; a
                         // controller without the call, or a throttled
                         // one, only misses a sample.
-                        if let Err(s) = ctl.netmap_applied(&self.keys().machine, serial).await {
-                            tracing::debug!(error = %s.message(), serial, "NetMapApplied not taken");
+                        let ack = ctl.netmap_applied(&self.keys().machine, serial);
+                        match tokio::time::timeout(NETMAP_ACK_TIMEOUT, ack).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(s)) => {
+                                tracing::debug!(error = %s.message(), serial, "NetMapApplied not taken")
+                            }
+                            Err(_) => tracing::debug!(serial, "NetMapApplied timed out"),
                         }
                         if first_report_due && first_map_checks.is_none() {
                             first_map_checks = Some(0);
