@@ -939,7 +939,8 @@ impl Daemon {
                         // For the controller's propagation latency; a
                         // controller without the call, or a throttled
                         // one, only misses a sample.
-                        let ack = ctl.netmap_applied(&self.keys().machine, serial);
+                        let keys = self.keys();
+                        let ack = ctl.netmap_applied(&keys.machine, serial);
                         match tokio::time::timeout(NETMAP_ACK_TIMEOUT, ack).await {
                             Ok(Ok(())) => {}
                             Ok(Err(s)) => {
