@@ -218,7 +218,7 @@ impl Metrics {
         );
         r.register(
             "enrollments",
-            "Nodes enrolled, by method",
+            "Enrollments (and re-authentications), by method",
             self.enrollments.clone(),
         );
         r.register(
