@@ -292,6 +292,31 @@ mod tests {
     }
 
     #[test]
+    fn every_reason_given_is_one_of_the_precreated_series() {
+        let errors = [
+            Error::Invalid("x".into()),
+            Error::Unauthenticated("x".into()),
+            Error::Forbidden("x".into()),
+            Error::NotFound("x".into()),
+            Error::Conflict("x".into()),
+            Error::RateLimited,
+            Error::Throttled("x".into()),
+            Error::SessionConflict("x".into()),
+            Error::Policy("x".into()),
+        ];
+        for e in &errors {
+            assert!(FAILURE_REASONS.contains(&failure_reason(e)), "{e:?}");
+            assert!(REFUSAL_REASONS.contains(&refusal_reason(e)), "{e:?}");
+        }
+        let text = Metrics::default().render(Gauges::default(), Format::Text);
+        for reason in FAILURE_REASONS {
+            let line =
+                format!("ztmesh_controller_enrollment_failures_total{{reason=\"{reason}\"}} 0");
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+    }
+
+    #[test]
     fn renders_every_metric_with_conventional_names() {
         let m = Metrics::default();
         m.enrolled(EnrollMethod::AuthKey);

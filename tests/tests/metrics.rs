@@ -362,6 +362,15 @@ fn prometheus_scrapes_the_mesh_and_every_dashboard_panel_has_data() {
         });
         assert!(got.is_ok(), "{expr}: {last:?}");
     }
+    let mean = query(
+        monitor,
+        "sum(ztmesh_controller_netmap_propagation_seconds_sum) \
+         / sum(ztmesh_controller_netmap_propagation_seconds_count)",
+    );
+    println!(
+        "mean netmap propagation (change → node applied): {:?} s",
+        mean.as_ref().and_then(|r| r.first()).map(value)
+    );
     // Peer names label the bytes (never keys): alpha's row for beta.
     let named = query(
         monitor,
