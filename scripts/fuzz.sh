@@ -28,7 +28,7 @@ if ! [[ $seconds =~ ^[0-9]+$ ]] || (( seconds < 1 || seconds > 3600 )); then
 fi
 
 # Every target lives in the one cargo-fuzz project fuzz/ (fuzz/Cargo.toml).
-known=(policy_parse node_proof key_token stun relay_frames packet_parse filter_inbound device_udp wgconf_parse uapi_set dns_query)
+known=(policy_parse node_proof key_token stun metrics_request relay_frames packet_parse filter_inbound device_udp wgconf_parse uapi_set dns_query)
 targets=("$@")
 if ((${#targets[@]} == 0)); then
   targets=("${known[@]}")

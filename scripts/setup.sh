@@ -17,6 +17,30 @@ if ((${#need[@]})); then
   apt-get "${lock[@]}" update -qq
   apt-get "${lock[@]}" install -y -qq --no-install-recommends "${need[@]}"
 fi
+# Prometheus and promtool (Debian's prometheus package): the metrics test
+# (tests/tests/metrics.rs) starts its own Prometheus in a test namespace. The
+# package's own service must not run on the host: policy-rc.d keeps it from
+# starting during the install, and where systemd runs it is disabled.
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+  echo "setup: installing prometheus"
+  export DEBIAN_FRONTEND=noninteractive
+  lock=(-o DPkg::Lock::Timeout=300)
+  policy=/usr/sbin/policy-rc.d
+  made_policy=0
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    made_policy=1
+  fi
+  status=0
+  { apt-get "${lock[@]}" update -qq &&
+    apt-get "${lock[@]}" install -y -qq --no-install-recommends prometheus; } || status=$?
+  if ((made_policy)); then rm -f "$policy"; fi
+  ((status == 0)) || exit "$status"
+fi
+if [[ -d /run/systemd/system ]] && systemctl is-enabled --quiet prometheus 2>/dev/null; then
+  systemctl disable --now prometheus >/dev/null 2>&1 || true
+fi
 # The OpenID provider and the browser driver, exactly as the committed lockfile
 # pins them (no install scripts: neither package needs one). The stamp inside
 # node_modules (which npm ci recreates) says which lockfile it was built from.

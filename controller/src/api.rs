@@ -27,6 +27,7 @@ use ztmesh_proto::keys::{PublicKey, WgPublicKey};
 
 use crate::error::Error;
 use crate::mesh::{Actor, Mesh, Subscriber, Update, UserUpdate};
+use crate::metrics::{failure_reason, refusal_reason, EnrollMethod};
 use crate::nodelimit::Call;
 use crate::now_ms;
 use crate::ratelimit::SharedLimiter;
@@ -36,8 +37,9 @@ use crate::store::UserRow;
 use crate::store::{FlowQuery, NodeRow};
 
 use ztmesh_proto::auth::methods::{
-    LOGOUT as M_LOGOUT, REPORT_ENDPOINTS as M_ENDPOINTS, REPORT_FLOWS as M_FLOWS,
-    REPORT_POSTURE as M_POSTURE, SET_ROUTES as M_ROUTES, STREAM_NETMAP as M_STREAM,
+    LOGOUT as M_LOGOUT, NETMAP_APPLIED as M_APPLIED, REPORT_ENDPOINTS as M_ENDPOINTS,
+    REPORT_FLOWS as M_FLOWS, REPORT_POSTURE as M_POSTURE, SET_ROUTES as M_ROUTES,
+    STREAM_NETMAP as M_STREAM,
 };
 
 /// The node-facing service.
@@ -66,6 +68,7 @@ impl ControlService {
                 if !matches!(e, Error::RateLimited) {
                     self.limiter.record_failure(src, now);
                 }
+                self.mesh.metrics().call_refused(refusal_reason(&e));
                 let reason = match &e {
                     Error::NodeAuth { reason, .. } => reason.as_str(),
                     _ => "rate-limited",
@@ -138,10 +141,16 @@ impl Control for ControlService {
     ) -> Result<Response<pb::EnrollResponse>, Status> {
         let now = now_ms();
         let src = req.remote_addr().map(|a| a.ip());
-        self.limiter.check(src, now)?;
+        self.limiter.check(src, now).inspect_err(|_| {
+            self.mesh.metrics().enrollment_failed("rate_limited");
+        })?;
         match self.mesh.enroll(req.get_ref(), now) {
-            Ok(resp) => Ok(Response::new(resp)),
+            Ok(resp) => {
+                self.mesh.metrics().enrolled(EnrollMethod::AuthKey);
+                Ok(Response::new(resp))
+            }
             Err(e) => {
+                self.mesh.metrics().enrollment_failed(failure_reason(&e));
                 if matches!(
                     e,
                     Error::Unauthenticated(_) | Error::Invalid(_) | Error::NodeAuth { .. }
@@ -166,8 +175,11 @@ impl Control for ControlService {
     async fn login(&self, req: Request<pb::LoginRequest>) -> Result<Response<LoginStream>, Status> {
         let now = now_ms();
         let src = req.remote_addr().map(|a| a.ip());
-        self.limiter.check(src, now)?;
+        self.limiter.check(src, now).inspect_err(|_| {
+            self.mesh.metrics().enrollment_failed("rate_limited");
+        })?;
         let (claim, os) = self.mesh.check_login(req.get_ref(), now).map_err(|e| {
+            self.mesh.metrics().enrollment_failed(failure_reason(&e));
             self.limiter.record_failure(src, now);
             tracing::info!(source = ?src, error = %e, "login refused");
             self.mesh.audit_refusal(
@@ -212,12 +224,14 @@ impl Control for ControlService {
         };
         let _ = tx.send(Ok(prompt)).await;
         let logins = self.logins.clone();
+        let mesh = self.mesh.clone();
         tokio::spawn(async move {
             let left = u64::try_from(expires_ms.saturating_sub(now_ms())).unwrap_or(0);
             let outcome = tokio::select! {
                 r = done => Some(r),
                 _ = tx.closed() => None,
                 _ = tokio::time::sleep(std::time::Duration::from_millis(left)) => {
+                    mesh.metrics().enrollment_failed("login_expired");
                     let _ = tx.send(Err(Status::deadline_exceeded(
                         "the login code expired before anyone confirmed this device; run `ztmesh up` again",
                     ))).await;
@@ -226,6 +240,7 @@ impl Control for ControlService {
             };
             match outcome {
                 Some(Ok(Ok(resp))) => {
+                    mesh.metrics().enrolled(EnrollMethod::Login);
                     let _ = tx
                         .send(Ok(pb::LoginEvent {
                             event: Some(pb::login_event::Event::Enrolled(resp)),
@@ -233,6 +248,7 @@ impl Control for ControlService {
                         .await;
                 }
                 Some(Ok(Err(why))) => {
+                    mesh.metrics().enrollment_failed("login_denied");
                     let _ = tx.send(Err(Status::permission_denied(why))).await;
                 }
                 // The registry dropped it (a newer login of this machine).
@@ -352,6 +368,17 @@ impl Control for ControlService {
         }
         self.mesh.record_denied_flows(&node, flows, now);
         Ok(Response::new(pb::ReportFlowsResponse {}))
+    }
+
+    async fn net_map_applied(
+        &self,
+        req: Request<pb::NetMapAppliedRequest>,
+    ) -> Result<Response<pb::NetMapAppliedResponse>, Status> {
+        let node = self.node(&req, M_APPLIED)?;
+        self.mesh.throttle(node.id, Call::NetMapApplied, now_ms())?;
+        self.mesh
+            .netmap_applied(node.id, req.get_ref().serial, now_ms());
+        Ok(Response::new(pb::NetMapAppliedResponse {}))
     }
 
     async fn logout(

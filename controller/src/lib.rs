@@ -38,6 +38,7 @@ pub mod error;
 pub mod listener;
 pub mod lockfile;
 pub mod mesh;
+pub mod metrics;
 pub mod model;
 pub mod netcore;
 pub mod nodeinput;
@@ -50,6 +51,7 @@ pub mod routes;
 pub mod secrets;
 pub mod server;
 pub mod store;
+pub mod timedstore;
 pub mod web;
 
 pub use ztmesh_proto::time::now_ms;

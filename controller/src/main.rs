@@ -41,6 +41,7 @@ fn main() -> ExitCode {
                 tls_key,
                 oidc,
                 limits,
+                metrics_listen,
             } => {
                 tracing_subscriber::fmt()
                     .with_max_level(log_level())
@@ -77,7 +78,15 @@ fn main() -> ExitCode {
                     (None, None) => None,
                     _ => anyhow::bail!("--tls-cert and --tls-key go together"),
                 };
-                server::serve(&dir, listen, cfg, limits.limits(), tls, web).await
+                server::serve(
+                    &dir,
+                    (listen, metrics_listen),
+                    cfg,
+                    limits.limits(),
+                    tls,
+                    web,
+                )
+                .await
             }
             cmd => cli::run(&args.conn, cmd).await,
         }

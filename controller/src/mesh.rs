@@ -29,6 +29,7 @@ use ztmesh_proto::refusal::AuthReason;
 
 use crate::auth::Authenticator;
 use crate::error::{Error, Result};
+use crate::metrics::{Gauges, Metrics};
 use crate::netcore::{Change, CoreConfig, NetCore};
 use crate::nodeinput::{self, validate_endpoints};
 use crate::nodelimit::{Call, EndpointCoalescer};
@@ -238,6 +239,10 @@ struct State {
     /// What each node's last posture report had clipped (audited when it
     /// changes).
     posture_clipped: HashMap<u64, Vec<String>>,
+    /// Per connected node: the serial of its newest map and when the change
+    /// behind it began, until the node reports it applied (one entry per
+    /// node: see [`Mesh::netmap_applied`]).
+    unacked: HashMap<u64, (u64, UnixMs)>,
 }
 
 impl State {
@@ -265,6 +270,8 @@ pub struct Mesh {
     maps_signed: AtomicU64,
     /// When each refused source was last audited ([`Mesh::audit_refusal`]).
     refusals: Mutex<HashMap<String, UnixMs>>,
+    /// Counters and histograms for `/metrics`.
+    metrics: Arc<Metrics>,
 }
 
 /// A refused source is audited at most once per this interval.
@@ -464,6 +471,7 @@ impl Mesh {
             offline_since,
             seen_refreshed: 0,
             posture_clipped: HashMap::new(),
+            unacked: HashMap::new(),
         };
         Ok(Self {
             store,
@@ -475,7 +483,57 @@ impl Mesh {
             state: Mutex::new(state),
             maps_signed: AtomicU64::new(0),
             refusals: Mutex::new(HashMap::new()),
+            metrics: Arc::new(Metrics::default()),
         })
+    }
+
+    /// Uses `metrics` (shared with the store wrapper) instead of the
+    /// mesh's own.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The facts `/metrics` shows as gauges: nodes by state, open streams.
+    pub fn gauges(&self, now: UnixMs) -> Gauges {
+        let st = self.state();
+        let mut g = Gauges {
+            streams: st.subs.len() as u64,
+            ..Gauges::default()
+        };
+        for n in st.core.nodes().iter() {
+            if n.key_revoked || (n.expiry_ms != 0 && n.expiry_ms <= now) {
+                g.expired += 1;
+            } else if st.online.contains(&n.id) {
+                g.online += 1;
+            } else {
+                g.offline += 1;
+            }
+        }
+        g
+    }
+
+    /// A node reports the map with `serial` applied: the time since the
+    /// change behind it began is observed as propagation latency. Only the
+    /// node's newest map counts, once: an older, unknown or repeated serial
+    /// is ignored, so a node can report nothing but its own pending map.
+    pub fn netmap_applied(&self, node: u64, serial: u64, now: UnixMs) {
+        let began = {
+            let mut st = self.state();
+            match st.unacked.get(&node) {
+                Some(&(pending, began)) if pending == serial => {
+                    st.unacked.remove(&node);
+                    Some(began)
+                }
+                _ => None,
+            }
+        };
+        self.metrics
+            .netmap_applied(began.map(|b| now.saturating_sub(b)));
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -535,6 +593,7 @@ impl Mesh {
 
     fn sign(&self, body: Vec<u8>) -> SignedNetMap {
         self.maps_signed.fetch_add(1, Ordering::Relaxed);
+        self.metrics.netmap_built(body.len());
         ztmesh_proto::netmap::sign_encoded(&self.signer, body)
     }
 
@@ -593,15 +652,19 @@ impl Mesh {
                         "node was deleted or has expired".into(),
                     ),
                 };
+                let is_map = matches!(update, Update::Map(_));
                 tx.send_replace(update);
-                sent.push(id);
+                sent.push((id, is_map));
             }
         }
         let mut st = self.state();
         let mono = st.mono;
-        for id in &sent {
-            if let Some(sub) = st.subs.get_mut(id) {
+        for &(id, is_map) in &sent {
+            if let Some(sub) = st.subs.get_mut(&id) {
                 sub.last_sent_mono = mono;
+            }
+            if is_map {
+                st.unacked.insert(id, (serial, now));
             }
         }
         tracing::debug!(changed = changed.len(), sent = sent.len(), "netmaps pushed");
@@ -637,7 +700,9 @@ impl Mesh {
     /// # Errors
     /// [`Error::Throttled`] naming the call, the limit and when to retry.
     pub fn throttle(&self, node: u64, call: Call, now: UnixMs) -> Result<()> {
-        self.auth.throttle(node, call, now)
+        self.auth
+            .throttle(node, call, now)
+            .inspect_err(|_| self.metrics.call_refused("throttled"))
     }
 
     /// Verifies the node proof in `metadata` for `method` and returns the node.
@@ -973,6 +1038,7 @@ impl Mesh {
         }
         st.online.insert(node);
         st.offline_since.remove(&node);
+        st.unacked.insert(node, (serial, now));
         st.seen(node, now);
         drop(st);
         self.publish(&turn, &rerouted, now);
@@ -989,6 +1055,7 @@ impl Mesh {
                 return;
             }
             st.subs.remove(&node);
+            st.unacked.remove(&node);
             st.online.remove(&node);
             if st.core.nodes().get(node).is_some_and(|n| n.ephemeral) {
                 let mono = st.mono;
@@ -2147,6 +2214,42 @@ mod tests {
         let a = ztmesh_proto::netmap::verify(&key, &first, 0, T0).unwrap();
         let b = ztmesh_proto::netmap::verify(&key, &next, a.serial, T0).unwrap();
         assert_eq!(b.inbound_rules[0].ports.len(), 1);
+    }
+
+    #[test]
+    fn only_a_nodes_newest_map_is_timed_and_only_once() {
+        let m = mesh();
+        let ids = enroll_nodes(&m, 2);
+        let sub = m.open_stream(ids[0], T0).unwrap();
+        let key = m.controller_key();
+        let first = ztmesh_proto::netmap::verify(&key, &sub.take().unwrap(), 0, T0).unwrap();
+        m.set_policy(
+            "admin",
+            "p.hujson",
+            &POLICY.replace("22,443", "22"),
+            T0 + 100,
+        )
+        .unwrap();
+        let next = sub.take().expect("the new map");
+        let next = ztmesh_proto::netmap::verify(&key, &next, first.serial, T0).unwrap();
+        m.netmap_applied(ids[0], first.serial, T0 + 150); // superseded
+        m.netmap_applied(ids[1], next.serial, T0 + 150); // not connected
+        m.netmap_applied(ids[0], next.serial + 1, T0 + 150); // never sent
+        m.netmap_applied(ids[0], next.serial, T0 + 350); // 250 ms after the change began
+        m.netmap_applied(ids[0], next.serial, T0 + 9_000); // a repeat
+        let text = m
+            .metrics()
+            .render(m.gauges(T0), ztmesh_proto::scrape::Format::Text);
+        for line in [
+            "ztmesh_controller_netmap_propagation_seconds_count 1",
+            "ztmesh_controller_netmap_propagation_seconds_sum 0.25",
+            "ztmesh_controller_netmap_acks_ignored_total 4",
+            "ztmesh_controller_streams 1",
+            r#"ztmesh_controller_nodes{state="online"} 1"#,
+            r#"ztmesh_controller_nodes{state="offline"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub enum Call {
     StreamOpen,
     SetRoutes,
     ReportPosture,
+    NetMapApplied,
 }
 
 /// A token bucket: `burst` calls at once, then one per `refill_ms`.
@@ -41,6 +42,7 @@ impl Call {
             Call::StreamOpen => "StreamNetMap",
             Call::SetRoutes => "SetRoutes",
             Call::ReportPosture => "ReportPosture",
+            Call::NetMapApplied => "NetMapApplied",
         }
     }
 
@@ -74,6 +76,12 @@ impl Call {
             Call::ReportPosture => Limit {
                 burst: 10,
                 refill_ms: 2_000,
+            },
+            // The agent acknowledges each map it applies; a refused one
+            // only loses a latency sample, and each costs one lookup.
+            Call::NetMapApplied => Limit {
+                burst: 20,
+                refill_ms: 1_000,
             },
         }
     }

@@ -18,9 +18,14 @@ use crate::api::{AdminService, ControlRouter, ControlService};
 use crate::listener::{self, ConnSlots, Incoming};
 use crate::lockfile::DirLock;
 use crate::mesh::{Mesh, MeshConfig};
+use crate::metrics::Metrics;
 use crate::now_ms;
 use crate::ratelimit::SharedLimiter;
 use crate::store::{SqliteStore, Store};
+use crate::timedstore::TimedStore;
+
+/// Where `serve --metrics-listen` without an address serves `/metrics`.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
 /// Files in the data dir.
 pub struct DataDir {
@@ -119,7 +124,11 @@ pub fn open(dir: &DataDir, cfg: MeshConfig) -> anyhow::Result<(Arc<Mesh>, String
     std::fs::set_permissions(&dir.root, std::fs::Permissions::from_mode(0o700))?;
     let signer = SigningKey::load_or_generate(&dir.signing_key())?;
     let (cert, key, fp) = init_tls(dir)?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.db())?);
+    let metrics = Arc::new(Metrics::default());
+    let store: Arc<dyn Store> = Arc::new(TimedStore::new(
+        SqliteStore::open(&dir.db())?,
+        metrics.clone(),
+    ));
     let ula: Ipv6Net = match store.meta("ula")? {
         Some(s) => s.parse().context("stored ULA prefix is invalid")?,
         None => {
@@ -128,17 +137,18 @@ pub fn open(dir: &DataDir, cfg: MeshConfig) -> anyhow::Result<(Arc<Mesh>, String
             ula
         }
     };
-    let mesh = Mesh::load(store, signer, fp, ula, cfg, now_ms())?;
+    let mesh = Mesh::load(store, signer, fp, ula, cfg, now_ms())?.with_metrics(metrics);
     Ok((Arc::new(mesh), cert, key))
 }
 
-/// Runs the controller until SIGINT/SIGTERM.
+/// Runs the controller until SIGINT/SIGTERM, with `/metrics` on the
+/// second address if one is given.
 ///
 /// The data dir is locked first (before anything in it is touched) and
 /// stays locked until `serve` returns: a second controller exits at once.
 pub async fn serve(
     dir: &DataDir,
-    listen: SocketAddr,
+    (listen, metrics_listen): (SocketAddr, Option<SocketAddr>),
     cfg: MeshConfig,
     limits: ListenerLimits,
     tls_files: Option<(&Path, &Path)>,
@@ -154,12 +164,33 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
+    let metrics_listener = match metrics_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding --metrics-listen {a}"))?,
+        ),
+        None => None,
+    };
     let (mesh, cert, key) = open(dir, cfg)?;
+    let _metrics = metrics_listener.map(|l| {
+        let mesh = mesh.clone();
+        AbortOnDrop(tokio::spawn(ztmesh_proto::scrape::serve(
+            l,
+            move |format| {
+                let text = mesh.metrics().render(mesh.gauges(now_ms()), format);
+                async move { text }
+            },
+        )))
+    });
     println!("ztmesh controller");
     println!("  fingerprint:    {}", hex(&mesh.fingerprint()));
     println!("  controller key: {}", mesh.controller_key());
     println!("  listening:      https://{listen}");
     println!("  admin socket:   {}", dir.admin_socket().display());
+    if let Some(a) = metrics_listen {
+        println!("  metrics:        http://{a}/metrics");
+    }
     run_with(
         dir,
         mesh,
@@ -342,6 +373,15 @@ pub async fn run_with(
         bail!("server failed: {}", ztmesh_proto::tls::error_chain(&e));
     }
     Ok(())
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn shutdown_signal() {

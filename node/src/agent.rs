@@ -64,6 +64,9 @@ const POSTURE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest wait for the controller to answer a `ReportPosture` (the session
 /// loop waits for it); then the report counts as failed and is retried.
 const POSTURE_REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for the controller to take a `NetMapApplied` (the session
+/// loop waits for it); a late one only loses a latency sample.
+const NETMAP_ACK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most lines of a `ReportPosture` answer kept for `status` and the log.
 const MAX_CLIPPED_LINES: usize = 32;
 
@@ -88,7 +91,12 @@ pub struct DaemonConfig {
     /// The host's resolver configuration (managed while MagicDNS is on
     /// and systemd-resolved is absent).
     pub resolv_conf: PathBuf,
+    /// Where `/metrics` is served (`None`: nowhere).
+    pub metrics_listen: Option<SocketAddr>,
 }
+
+/// Where `daemon --metrics-listen` without an address serves `/metrics`.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9465";
 
 /// What the node keeps about its enrollment, parsed once when
 /// `enrollment.json` is read (stored as [`EnrollmentFile`]).
@@ -929,6 +937,18 @@ impl Daemon {
                     Ok(serial) => {
                         *have = serial;
                         self.live_serial.send_replace(serial);
+                        // For the controller's propagation latency; a
+                        // controller without the call, or a throttled
+                        // one, only misses a sample.
+                        let keys = self.keys();
+                        let ack = ctl.netmap_applied(&keys.machine, serial);
+                        match tokio::time::timeout(NETMAP_ACK_TIMEOUT, ack).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(s)) => {
+                                tracing::debug!(error = %s.message(), serial, "NetMapApplied not taken")
+                            }
+                            Err(_) => tracing::debug!(serial, "NetMapApplied timed out"),
+                        }
                         if first_report_due && first_map_checks.is_none() {
                             first_map_checks = Some(0);
                         }
@@ -942,6 +962,22 @@ impl Daemon {
                 Err(s) => return Err(status_error(s)),
             }
         }
+    }
+
+    /// The `/metrics` exposition: the data plane's latest stats snapshot
+    /// (taken by its thread every second) and the agent's state.
+    async fn metrics_text(&self, format: ztmesh_proto::scrape::Format) -> String {
+        let stats = self.dp.lock().await.as_ref().map(DataPlane::stats);
+        let sample = {
+            let st = self.lock();
+            crate::metrics::sample(
+                stats.as_ref(),
+                st.netmap.as_ref(),
+                matches!(st.conn, ConnState::Connected { .. }),
+                st.refused_maps,
+            )
+        };
+        crate::metrics::render(&sample, format)
     }
 
     /// Reads the interface addresses and hands them to the data plane, the
@@ -2102,6 +2138,8 @@ pub struct Prepared {
     lock: crate::statelock::StateLock,
     /// The local API socket, bound, with its owner group and mode set.
     listener: std::os::unix::net::UnixListener,
+    /// The `/metrics` listener, bound, if asked for.
+    metrics: Option<std::net::TcpListener>,
 }
 
 /// Creates the state dir, takes its lock, and binds the local socket. Blocking;
@@ -2127,7 +2165,20 @@ pub fn prepare(cfg: &DaemonConfig) -> anyhow::Result<Prepared> {
     };
     std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(mode))?;
     listener.set_nonblocking(true)?;
-    Ok(Prepared { lock, listener })
+    let metrics = match cfg.metrics_listen {
+        Some(a) => {
+            let l = std::net::TcpListener::bind(a)
+                .with_context(|| format!("binding --metrics-listen {a}"))?;
+            l.set_nonblocking(true)?;
+            Some(l)
+        }
+        None => None,
+    };
+    Ok(Prepared {
+        lock,
+        listener,
+        metrics,
+    })
 }
 
 /// Runs the daemon until SIGINT/SIGTERM.
@@ -2135,7 +2186,11 @@ pub fn prepare(cfg: &DaemonConfig) -> anyhow::Result<Prepared> {
 /// # Errors
 /// Unusable state dir.
 pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
-    let Prepared { lock, listener } = prepared;
+    let Prepared {
+        lock,
+        listener,
+        metrics,
+    } = prepared;
     let listener = tokio::net::UnixListener::from_std(listener)
         .with_context(|| format!("listening on {}", cfg.socket.display()))?;
     let keys = Keys::load_or_generate(&cfg.state_dir)?;
@@ -2222,6 +2277,22 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
             }
         }
     });
+
+    let _metrics = match metrics {
+        Some(l) => {
+            let l = tokio::net::TcpListener::from_std(l).context("--metrics-listen")?;
+            tracing::info!(address = ?cfg.metrics_listen, "serving /metrics");
+            let d = daemon.clone();
+            Some(AbortOnDrop(tokio::spawn(ztmesh_proto::scrape::serve(
+                l,
+                move |format| {
+                    let d = d.clone();
+                    async move { d.metrics_text(format).await }
+                },
+            ))))
+        }
+        None => None,
+    };
 
     tracing::info!(socket = %cfg.socket.display(), "daemon ready");
 

@@ -53,6 +53,12 @@ pub enum AgentCmd {
         /// `up --accept-dns=false`) and restores on `down`.
         #[arg(long, default_value = "/etc/resolv.conf")]
         resolv_conf: PathBuf,
+        /// Serve OpenMetrics on plain HTTP at `GET /metrics` on this address
+        /// (off without the flag; the flag alone listens on 127.0.0.1:9465).
+        /// No authentication: keep it on loopback or a monitoring network.
+        #[arg(long, value_name = "ADDR", num_args = 0..=1,
+              default_missing_value = crate::agent::DEFAULT_METRICS_LISTEN)]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Enroll (if needed) and connect; returns once the first netmap is applied.
     ///
@@ -263,6 +269,7 @@ pub fn daemon_config(cmd: &AgentCmd) -> Option<DaemonConfig> {
             operator_group,
             stun,
             resolv_conf,
+            metrics_listen,
         } => Some(DaemonConfig {
             state_dir: state_dir.clone(),
             socket: socket.clone(),
@@ -274,6 +281,7 @@ pub fn daemon_config(cmd: &AgentCmd) -> Option<DaemonConfig> {
             operator_gid: *operator_group,
             stun_servers: stun.clone(),
             resolv_conf: resolv_conf.clone(),
+            metrics_listen: *metrics_listen,
         }),
         _ => None,
     }

@@ -17,6 +17,7 @@ pub mod dns;
 pub mod filter;
 pub mod io;
 pub mod localapi;
+pub mod metrics;
 pub mod nat;
 pub mod path;
 pub mod posture;

@@ -153,6 +153,13 @@ impl Control for Scripted {
         Err(Status::unimplemented("not in this test"))
     }
 
+    async fn net_map_applied(
+        &self,
+        _: Request<pb::NetMapAppliedRequest>,
+    ) -> Result<Response<pb::NetMapAppliedResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
     async fn logout(
         &self,
         _: Request<pb::LogoutRequest>,

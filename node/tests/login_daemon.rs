@@ -410,6 +410,13 @@ impl Control for Scripted {
         }))
     }
 
+    async fn net_map_applied(
+        &self,
+        _: Request<pb::NetMapAppliedRequest>,
+    ) -> Result<Response<pb::NetMapAppliedResponse>, Status> {
+        Ok(Response::new(pb::NetMapAppliedResponse {}))
+    }
+
     async fn logout(
         &self,
         _: Request<pb::LogoutRequest>,

@@ -389,6 +389,7 @@ pub mod methods {
     pub const REPORT_POSTURE: &str = "/ztmesh.control.v1.Control/ReportPosture";
     pub const SET_ROUTES: &str = "/ztmesh.control.v1.Control/SetRoutes";
     pub const LOGOUT: &str = "/ztmesh.control.v1.Control/Logout";
+    pub const NETMAP_APPLIED: &str = "/ztmesh.control.v1.Control/NetMapApplied";
 }
 
 /// Wraps `msg` in a request carrying a fresh proof for `method`.

@@ -8,6 +8,7 @@
 //! - [`tls`]: certificate-pinned TLS channels to the controller.
 //! - [`relay`]: the relay protocol's frame codec (pure).
 //! - [`refusal`]: machine-readable reasons a node's session was refused.
+//! - [`scrape`]: the `/metrics` HTTP listener (shell; request routing pure).
 //! - [`stun`]: STUN Binding requests and responses (pure codec).
 //! - [`time`]: the one wall-clock read ([`time::now_ms`]) both sides use.
 #![cfg_attr(
@@ -24,6 +25,7 @@ pub mod keys;
 pub mod netmap;
 pub mod refusal;
 pub mod relay;
+pub mod scrape;
 pub mod stun;
 pub mod time;
 pub mod tls;

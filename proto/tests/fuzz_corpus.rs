@@ -1,4 +1,5 @@
-//! Fuzz corpus replay for the proto targets (`fuzz/`: node_proof, key_token, stun).
+//! Fuzz corpus replay for the proto targets (`fuzz/`: node_proof, key_token, stun,
+//! metrics_request).
 //! Every committed input goes through the target's own check
 //! (`fuzz/replay.rs`).
 #![allow(
@@ -13,6 +14,8 @@ use replay::replay;
 
 #[path = "../../fuzz/checks/key_token.rs"]
 mod key_token;
+#[path = "../../fuzz/checks/metrics_request.rs"]
+mod metrics_request;
 #[path = "../../fuzz/checks/node_proof.rs"]
 mod node_proof;
 #[path = "../../fuzz/checks/stun.rs"]
@@ -31,4 +34,9 @@ fn key_token_corpus_replays_cleanly() {
 #[test]
 fn stun_corpus_replays_cleanly() {
     replay("stun", stun::run);
+}
+
+#[test]
+fn metrics_request_corpus_replays_cleanly() {
+    replay("metrics_request", metrics_request::run);
 }

@@ -48,6 +48,8 @@ const PURE: &[&str] = &[
     "controller/src/device.rs",
     "controller/src/web/session.rs",
     "controller/src/web/html.rs",
+    "controller/src/metrics.rs",
+    "node/src/metrics.rs",
 ];
 
 /// The controller's modules, bottom layer first. A module may name modules
@@ -68,8 +70,8 @@ const CONTROLLER_LAYERS: &[&[&str]] = &[
     &["secrets", "accounts", "device", "oidc"],
     &["netcore", "store"],
     &["error"],
-    &["nodeinput", "ratelimit"],
-    &["auth"],
+    &["nodeinput", "ratelimit", "metrics"],
+    &["auth", "timedstore"],
     &["mesh"],
     &["web"],
     &["api", "listener"],

@@ -123,6 +123,13 @@ pub enum Cmd {
         oidc: OidcArgs,
         #[command(flatten)]
         limits: ListenerArgs,
+        /// Serve OpenMetrics on plain HTTP at `GET /metrics` on this
+        /// address (off without the flag; the flag alone listens on
+        /// 127.0.0.1:9464). No authentication: keep it on loopback or a
+        /// monitoring network.
+        #[arg(long, value_name = "ADDR", num_args = 0..=1,
+              default_missing_value = crate::server::DEFAULT_METRICS_LISTEN)]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Print the controller's TLS fingerprint, which nodes pin (offline).
     Fingerprint,

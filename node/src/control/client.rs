@@ -277,6 +277,28 @@ impl Controller {
         Ok(self.client.report_posture(req).await?.into_inner().clipped)
     }
 
+    /// Tells the controller the map with `serial` is applied (it times
+    /// the change that produced it).
+    ///
+    /// # Errors
+    /// Authentication, throttling or transport failures; `UNIMPLEMENTED`
+    /// from a controller without the call.
+    pub async fn netmap_applied(
+        &mut self,
+        machine: &SigningKey,
+        serial: u64,
+    ) -> Result<(), tonic::Status> {
+        let req = signed_request(
+            machine,
+            methods::NETMAP_APPLIED,
+            pb::NetMapAppliedRequest { serial },
+            now_ms(),
+            &mut OsRng,
+        );
+        self.client.net_map_applied(req).await?;
+        Ok(())
+    }
+
     /// Advertises this node's subnet routes and exit-node role; returns
     /// what is approved now.
     ///

@@ -174,6 +174,8 @@ pub struct Filter {
     usage: HashMap<PeerId, Usage>,
     limits: Limits,
     drops: [u64; Reason::ALL.len()],
+    /// Inbound packets allowed (a plain add on the allow path: metrics).
+    accepted: u64,
     last_sweep: Option<Instant>,
     denied: HashMap<DeniedFlow, u64>,
     /// Allowed-flow summaries folded from tracked flows, until taken.
@@ -283,6 +285,7 @@ impl Filter {
             usage: HashMap::new(),
             limits,
             drops: [0; Reason::ALL.len()],
+            accepted: 0,
             last_sweep: None,
             denied: HashMap::new(),
             allowed: AllowedLog::default(),
@@ -327,9 +330,12 @@ impl Filter {
     /// Decides whether an inbound packet from `peer` may be delivered.
     pub fn inbound(&mut self, now: Instant, peer: PeerId, buf: &[u8]) -> Verdict {
         let verdict = self.decide_inbound(now, peer, buf);
-        if let Verdict::Deny(r) = verdict {
-            self.drops[r as usize] += 1;
-            self.note_denied(buf, r);
+        match verdict {
+            Verdict::Allow => self.accepted = self.accepted.wrapping_add(1),
+            Verdict::Deny(r) => {
+                self.drops[r as usize] += 1;
+                self.note_denied(buf, r);
+            }
         }
         verdict
     }
@@ -490,6 +496,11 @@ impl Filter {
     /// Number of tracked flows.
     pub fn flow_count(&self) -> usize {
         self.flows.len()
+    }
+
+    /// Inbound packets allowed so far.
+    pub fn allowed(&self) -> u64 {
+        self.accepted
     }
 
     /// Drop counters, one per [`Reason`].

@@ -51,7 +51,7 @@ use self::udp::{unmap, TxBatch, Udp};
 use crate::filter::Ruleset;
 use crate::nat::discovery::{Discovery, Response as StunResponse};
 use crate::tunnel::{
-    Destination, Device, Output, PeerConfig, PeerStatus, Transmit, MIN_BUFFER, OVERHEAD,
+    Destination, Device, DropReason, Output, PeerConfig, PeerStatus, Transmit, MIN_BUFFER, OVERHEAD,
 };
 use crate::uapi;
 
@@ -121,6 +121,12 @@ pub struct Stats {
     pub stun: Vec<(SocketAddr, Option<SocketAddr>)>,
     /// The relay link (name empty: none).
     pub relay: RelayState,
+    /// Handshakes completed since the data plane started.
+    pub handshakes: u64,
+    /// Inbound packets the filter allowed (its denials are among `drops`).
+    pub filter_allowed: u64,
+    /// Inbound packets the filter denied (the sum of its reasons in `drops`).
+    pub filter_denied: u64,
 }
 
 /// One peer in [`Stats`].
@@ -852,6 +858,7 @@ impl Worker {
         // Checked once a second: data avoids a relay link that is down.
         self.device.set_relay_up(!relay_state.transport.is_empty());
         let denied = self.device.take_denied_flows();
+        let device_drops = self.device.drops();
         let snapshot = Stats {
             public_key: Some(self.device.public_key()),
             listen_port: self.port,
@@ -872,11 +879,16 @@ impl Worker {
                     persistent_keepalive: p.config.persistent_keepalive,
                 })
                 .collect(),
+            handshakes: self.device.handshakes(),
+            filter_allowed: self.device.filter_allowed(),
+            filter_denied: device_drops
+                .iter()
+                .filter(|(r, _)| matches!(r, DropReason::Filtered(_)))
+                .map(|(_, n)| n)
+                .sum(),
             drops: {
                 let (unsolicited, malformed) = self.discovery.dropped();
-                let mut drops: Vec<(&'static str, u64)> = self
-                    .device
-                    .drops()
+                let mut drops: Vec<(&'static str, u64)> = device_drops
                     .into_iter()
                     .map(|(r, n)| (r.as_str(), n))
                     .collect();

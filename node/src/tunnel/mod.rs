@@ -272,6 +272,8 @@ pub struct Device {
     routes: AllowedIps<usize>,
     filter: Filter,
     drops: [u64; DropReason::DEVICE.len()],
+    /// Handshakes completed, with any peer (metrics).
+    handshakes: u64,
     flush: Option<usize>,
     timer_cursor: usize,
     /// Whether the peer at `timer_cursor` already ran its timers this pass
@@ -317,6 +319,7 @@ impl Device {
             routes: AllowedIps::default(),
             filter: Filter::new(rules),
             drops: [0; DropReason::DEVICE.len()],
+            handshakes: 0,
             flush: None,
             timer_cursor: usize::MAX,
             timers_done: false,
@@ -520,6 +523,16 @@ impl Device {
                 .map(|(r, n)| (DropReason::Filtered(r), n)),
         );
         v
+    }
+
+    /// Handshakes completed so far (as responder or initiator).
+    pub fn handshakes(&self) -> u64 {
+        self.handshakes
+    }
+
+    /// Inbound packets the filter allowed so far.
+    pub fn filter_allowed(&self) -> u64 {
+        self.filter.allowed()
     }
 
     /// The count for one drop reason.
@@ -776,6 +789,7 @@ impl Device {
                 }
                 peer.authenticated(now, from, datagram.len());
                 if (kind == 1 && reply == 2) || kind == 2 {
+                    self.handshakes = self.handshakes.wrapping_add(1);
                     peer.last_handshake = Some(now);
                     peer.initiator = kind == 2;
                     peer.rekey_requested = None;
