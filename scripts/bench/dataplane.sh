@@ -31,6 +31,10 @@
 #   BORINGTUN=...     boringtun-cli binary
 #   MEM_PEERS=10000   also measure `ztmesh tunnel` RSS with 1 and with this many
 #                     peers (random keys, distinct /32s; 0: skip; needs python3)
+#   AGENT_METRICS=1   agent mode (not agent0) runs its daemons with
+#                     --metrics-listen 127.0.0.1:9465 and scrapes each once a
+#                     second during the run (the metrics' cost is measured;
+#                     the flow log is always on in agent mode)
 #   OUT=FILE          also write the raw samples (CSV) there
 #   KEEP=1            keep the work dir (logs) for inspection
 set -euo pipefail
@@ -221,8 +225,10 @@ impl_agent_start() {
     sock=$WORK/node-$side/ztmesh.sock
     mkdir -p "$WORK/node-$side"
     local ifname=$IF_A; [[ $side == B ]] && ifname=$IF_B
+    local metrics=()
+    [[ ${AGENT_METRICS:-0} == 1 ]] && metrics=(--metrics-listen 127.0.0.1:9465)
     start "$side" "daemon-$side" "$BIN/ztmesh" daemon --state-dir "$WORK/node-$side/state" --socket "$sock" \
-      --interface "$ifname" --mtu "$MTU" --port "$PORT" --uapi-dir "$WORK/node-$side/uapi"
+      --interface "$ifname" --mtu "$MTU" --port "$PORT" --uapi-dir "$WORK/node-$side/uapi" "${metrics[@]}"
     wait_for "daemon $side socket" 200 test -S "$sock"
     if [[ $side == A ]]; then
       ina timeout 60 "$BIN/ztmesh" up --socket "$sock" --controller "https://$UNDER_A:$CTL_PORT" \
@@ -234,6 +240,17 @@ impl_agent_start() {
   done
   DST=$(inb timeout 10 "$BIN/ztmesh" ip -4 --socket "$WORK/node-B/ztmesh.sock" | head -n1)
   [[ -n $DST ]] || { echo "dataplane.sh: no overlay address for B" >&2; return 1; }
+  if [[ ${AGENT_METRICS:-0} == 1 ]]; then
+    # A scraper per side, once a second, bounded (not PID_A/PID_B: the CPU
+    # figure is the daemons' own, which includes rendering the metrics).
+    local ns
+    for ns in "$NS_A" "$NS_B"; do
+      ip netns exec "$ns" bash -c 'for _ in $(seq 3600); do
+          curl -s -o /dev/null --max-time 2 http://127.0.0.1:9465/metrics; sleep 1; done' \
+        >/dev/null 2>&1 &
+      PIDS+=($!)
+    done
+  fi
 }
 
 wg_uapi_start() { # NAME CMD... (CMD gets IFNAME appended)
@@ -253,7 +270,7 @@ wg_uapi_start() { # NAME CMD... (CMD gets IFNAME appended)
 }
 
 # Agent mode with the baseline binaries (BASE_BIN).
-impl_agent0_start() { BIN=$BASE_BIN impl_agent_start; }
+impl_agent0_start() { BIN=$BASE_BIN AGENT_METRICS=0 impl_agent_start; }
 
 impl_wggo_start() { wg_uapi_start wggo env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f; }
 impl_bt_start() { wg_uapi_start bt "$BORINGTUN" -f --disable-drop-privileges; }
