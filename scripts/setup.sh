@@ -37,9 +37,11 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
     apt-get "${lock[@]}" install -y -qq --no-install-recommends prometheus; } || status=$?
   if ((made_policy)); then rm -f "$policy"; fi
   ((status == 0)) || exit "$status"
-fi
-if [[ -d /run/systemd/system ]] && systemctl is-enabled --quiet prometheus 2>/dev/null; then
-  systemctl disable --now prometheus >/dev/null 2>&1 || true
+  # Only the service this script just installed: a Prometheus the machine
+  # already had (and ran) is none of our business.
+  if [[ -d /run/systemd/system ]] && systemctl is-enabled --quiet prometheus 2>/dev/null; then
+    systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
 fi
 # The OpenID provider and the browser driver, exactly as the committed lockfile
 # pins them (no install scripts: neither package needs one). The stamp inside

@@ -239,10 +239,11 @@ struct State {
     /// What each node's last posture report had clipped (audited when it
     /// changes).
     posture_clipped: HashMap<u64, Vec<String>>,
-    /// Per connected node: the serial of its newest map and when the change
-    /// behind it began, until the node reports it applied (one entry per
-    /// node: see [`Mesh::netmap_applied`]).
-    unacked: HashMap<u64, (u64, UnixMs)>,
+    /// Per connected node: the serial of its newest map and when the oldest
+    /// change not yet applied began (`None`: only the stream's first map is
+    /// pending, which is not a sample), until the node reports it applied
+    /// (one entry per node: see [`Mesh::netmap_applied`]).
+    unacked: HashMap<u64, (u64, Option<UnixMs>)>,
 }
 
 impl State {
@@ -532,8 +533,12 @@ impl Mesh {
                 _ => None,
             }
         };
-        self.metrics
-            .netmap_applied(began.map(|b| now.saturating_sub(b)));
+        match began {
+            Some(Some(b)) => self.metrics.netmap_applied(Some(now.saturating_sub(b))),
+            // The stream's first map: applied, but not a change.
+            Some(None) => {}
+            None => self.metrics.netmap_applied(None),
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -601,11 +606,24 @@ impl Mesh {
     /// connected node that is no longer active that its stream is over.
     /// Maps are encoded under the state lock, signed and sent outside it.
     fn publish(&self, turn: &Turn<'_>, changed: &BTreeSet<u64>, now: UnixMs) {
+        self.publish_with(turn, changed, &BTreeSet::new(), now);
+    }
+
+    /// [`Mesh::publish`], where the maps of `refreshed` are re-sent only
+    /// because they age (nothing changed for them): their acknowledgements
+    /// are not propagation samples.
+    fn publish_with(
+        &self,
+        turn: &Turn<'_>,
+        changed: &BTreeSet<u64>,
+        refreshed: &BTreeSet<u64>,
+        now: UnixMs,
+    ) {
         // The posture results that flipped with this change are audited
         // after the maps are out, in one transaction: a policy change that
         // flips thousands must not hold the maps back.
         let events = self.posture_events(now);
-        self.publish_maps(turn, changed, now);
+        self.publish_maps(turn, changed, refreshed, now);
         if !events.is_empty() {
             if let Err(e) = self.store.audit_batch(&events) {
                 tracing::error!(error = %e, rows = events.len(), "cannot write posture audit records");
@@ -613,7 +631,13 @@ impl Mesh {
         }
     }
 
-    fn publish_maps(&self, turn: &Turn<'_>, changed: &BTreeSet<u64>, now: UnixMs) {
+    fn publish_maps(
+        &self,
+        turn: &Turn<'_>,
+        changed: &BTreeSet<u64>,
+        refreshed: &BTreeSet<u64>,
+        now: UnixMs,
+    ) {
         if changed.is_empty() {
             return;
         }
@@ -631,8 +655,8 @@ impl Mesh {
         // still being encoded, and no lock window grows with the mesh.
         for batch in ids.chunks(PUBLISH_BATCH) {
             let outbox: Vec<Outgoing> = {
-                let st = self.state();
-                batch
+                let mut st = self.state();
+                let outbox: Vec<Outgoing> = batch
                     .iter()
                     .filter_map(|&id| {
                         let sub = st.subs.get(&id)?;
@@ -642,7 +666,22 @@ impl Mesh {
                             body: st.core.encode(id, serial, now),
                         })
                     })
-                    .collect()
+                    .collect();
+                // Pending before the map leaves, so that no acknowledgement
+                // can come first; a node that has not applied an earlier
+                // change yet keeps that change's start (the oldest one).
+                for o in &outbox {
+                    if o.body.is_some() && !refreshed.contains(&o.id) {
+                        st.unacked
+                            .entry(o.id)
+                            .and_modify(|e| {
+                                e.0 = serial;
+                                e.1.get_or_insert(now);
+                            })
+                            .or_insert((serial, Some(now)));
+                    }
+                }
+                outbox
             };
             for Outgoing { id, tx, body } in outbox {
                 let update = match body {
@@ -659,12 +698,9 @@ impl Mesh {
         }
         let mut st = self.state();
         let mono = st.mono;
-        for &(id, is_map) in &sent {
+        for &(id, _) in &sent {
             if let Some(sub) = st.subs.get_mut(&id) {
                 sub.last_sent_mono = mono;
-            }
-            if is_map {
-                st.unacked.insert(id, (serial, now));
             }
         }
         tracing::debug!(changed = changed.len(), sent = sent.len(), "netmaps pushed");
@@ -1038,7 +1074,9 @@ impl Mesh {
         }
         st.online.insert(node);
         st.offline_since.remove(&node);
-        st.unacked.insert(node, (serial, now));
+        // The first map of a stream is not a change being propagated: its
+        // acknowledgement is not a sample.
+        st.unacked.insert(node, (serial, None));
         st.seen(node, now);
         drop(st);
         self.publish(&turn, &rerouted, now);
@@ -1300,17 +1338,19 @@ impl Mesh {
                 Err(e) => tracing::debug!(node, error = %e, "coalesced endpoints not published"),
             }
         }
-        {
+        let refreshed: BTreeSet<u64> = {
             let st = self.state();
             let mono = st.mono;
-            changed.extend(
-                st.subs
-                    .iter()
-                    .filter(|(_, s)| mono.saturating_sub(s.last_sent_mono) >= half)
-                    .map(|(id, _)| *id),
-            );
-        }
-        self.publish(&turn, &changed, now);
+            st.subs
+                .iter()
+                .filter(|(id, s)| {
+                    mono.saturating_sub(s.last_sent_mono) >= half && !changed.contains(id)
+                })
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        changed.extend(&refreshed);
+        self.publish_with(&turn, &changed, &refreshed, now);
         drop(turn);
         self.auth.prune(now);
     }
@@ -2214,6 +2254,35 @@ mod tests {
         let a = ztmesh_proto::netmap::verify(&key, &first, 0, T0).unwrap();
         let b = ztmesh_proto::netmap::verify(&key, &next, a.serial, T0).unwrap();
         assert_eq!(b.inbound_rules[0].ports.len(), 1);
+    }
+
+    #[test]
+    fn the_oldest_unapplied_change_is_timed_and_a_first_map_is_no_sample() {
+        let m = mesh();
+        let ids = enroll_nodes(&m, 1);
+        let sub = m.open_stream(ids[0], T0).unwrap();
+        let key = m.controller_key();
+        let first = ztmesh_proto::netmap::verify(&key, &sub.take().unwrap(), 0, T0).unwrap();
+        // The stream's first map: applied, neither a sample nor ignored.
+        m.netmap_applied(ids[0], first.serial, T0 + 10);
+        for (at, ports) in [(T0 + 100, "22"), (T0 + 200, "443")] {
+            m.set_policy("admin", "p.hujson", &POLICY.replace("22,443", ports), at)
+                .unwrap();
+        }
+        let last = sub.take().expect("the newest map");
+        let last = ztmesh_proto::netmap::verify(&key, &last, first.serial, T0).unwrap();
+        // Applied 400 ms after the first change it had not applied yet.
+        m.netmap_applied(ids[0], last.serial, T0 + 500);
+        let text = m
+            .metrics()
+            .render(m.gauges(T0), ztmesh_proto::scrape::Format::Text);
+        for line in [
+            "ztmesh_controller_netmap_propagation_seconds_count 1",
+            "ztmesh_controller_netmap_propagation_seconds_sum 0.4",
+            "ztmesh_controller_netmap_acks_ignored_total 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
     }
 
     #[test]

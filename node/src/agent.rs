@@ -937,18 +937,22 @@ impl Daemon {
                     Ok(serial) => {
                         *have = serial;
                         self.live_serial.send_replace(serial);
-                        // For the controller's propagation latency; a
-                        // controller without the call, or a throttled
-                        // one, only misses a sample.
+                        // For the controller's propagation latency, on the
+                        // side: a slow controller must not hold up the next
+                        // map or the reports. A controller without the call,
+                        // or a throttled one, only misses a sample.
                         let keys = self.keys();
-                        let ack = ctl.netmap_applied(&keys.machine, serial);
-                        match tokio::time::timeout(NETMAP_ACK_TIMEOUT, ack).await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(s)) => {
-                                tracing::debug!(error = %s.message(), serial, "NetMapApplied not taken")
+                        let mut ack_ctl = ctl.clone();
+                        tokio::spawn(async move {
+                            let ack = ack_ctl.netmap_applied(&keys.machine, serial);
+                            match tokio::time::timeout(NETMAP_ACK_TIMEOUT, ack).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(s)) => {
+                                    tracing::debug!(error = %s.message(), serial, "NetMapApplied not taken")
+                                }
+                                Err(_) => tracing::debug!(serial, "NetMapApplied timed out"),
                             }
-                            Err(_) => tracing::debug!(serial, "NetMapApplied timed out"),
-                        }
+                        });
                         if first_report_due && first_map_checks.is_none() {
                             first_map_checks = Some(0);
                         }

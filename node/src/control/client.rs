@@ -80,7 +80,9 @@ pub enum SignInError {
     Protocol(#[from] LoginError),
 }
 
-/// A connected, authenticated client of the controller.
+/// A connected, authenticated client of the controller (a clone shares
+/// the connection).
+#[derive(Clone)]
 pub struct Controller {
     client: ControlClient<tonic::transport::Channel>,
 }
