@@ -47,6 +47,9 @@ pub const MAX_HEAD: usize = 8192;
 pub const MAX_CONNECTIONS: usize = 16;
 /// A connection is closed this long after it was accepted, answered or not.
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// The request head must arrive within this long (a scraper sends it at
+/// once): idle connections cannot hold the slots for long.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What a request head asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,9 +160,12 @@ where
         tokio::spawn(async move {
             let _slot = slot;
             let _ = tokio::time::timeout(CONNECTION_TIMEOUT, async {
-                let route = match read_head(&mut conn).await {
-                    Some(head) => route(&head),
-                    None => Route::HeadTooLarge,
+                let head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut conn)).await;
+                let route = match head {
+                    Ok(Some(head)) => route(&head),
+                    Ok(None) => Route::HeadTooLarge,
+                    // Nothing worth answering.
+                    Err(_) => return,
                 };
                 let body = match route {
                     Route::Metrics(f) => render(f).await,
