@@ -354,6 +354,29 @@ pub fn node_cli(ns: &Netns, node: &NodeDirs, args: &[&str]) -> CliOut {
     run_cli(ns, &full)
 }
 
+/// The node's own overlay IPv4 address from a `ztmesh status -o json`
+/// document (`self.addresses`, without the prefix length).
+pub fn self_v4(status: &serde_json::Value) -> Option<String> {
+    status["self"]["addresses"]
+        .as_array()?
+        .iter()
+        .filter_map(serde_json::Value::as_str)
+        .find(|a| !a.contains(':'))
+        .map(|a| a.split('/').next().unwrap_or(a).to_owned())
+}
+
+/// The overlay IPv4 address of the node whose daemon listens on `node`'s
+/// socket, from its `status`.
+///
+/// # Panics
+/// If `status` fails or names no IPv4 address.
+pub fn overlay_v4(ns: &Netns, node: &NodeDirs) -> String {
+    let out = node_cli(ns, node, &["status", "-o", "json"]);
+    assert!(out.status.success(), "status: {out}");
+    let s: serde_json::Value = serde_json::from_str(&out.stdout).expect("status is JSON");
+    self_v4(&s).unwrap_or_else(|| panic!("no overlay IPv4 address in {s:#}"))
+}
+
 /// `ztmesh up` against the controller at `url` with `key` as `hostname`.
 ///
 /// # Panics

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use ztmesh_tests::natlab::{
-    admin, admin_ok, controller_url, node_cli, start_controller, start_daemon, up, NodeDirs,
+    admin, admin_ok, controller_url, overlay_v4, start_controller, start_daemon, up, NodeDirs,
 };
 use ztmesh_tests::{require_root_or_skip, wait_for, Proc, TempDir, Topology};
 
@@ -93,22 +93,8 @@ fn allowed_flows_name_their_rule_and_denied_ones_their_reason() {
     let laptop = join(LAPTOP, "tag:laptop");
     let web = join(WEB, "tag:web");
     let _echo = topo.ns(WEB).spawn_echo(&["22", "443"]);
-    let overlay = |name: &str, node: &Node| -> String {
-        let out = node_cli(topo.ns(name), &node.dirs, &["status", "-o", "json"]);
-        assert!(out.status.success(), "status: {out}");
-        let s: Value = serde_json::from_str(&out.stdout).expect("status is JSON");
-        s["self"]["addresses"]
-            .as_array()
-            .and_then(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .find(|a| !a.contains(':'))
-            })
-            .map(|a| a.split('/').next().unwrap_or(a).to_owned())
-            .unwrap_or_else(|| panic!("no overlay IPv4 address: {s:#}"))
-    };
-    let web_ip = overlay(WEB, &web);
-    let laptop_ip = overlay(LAPTOP, &laptop);
+    let web_ip = overlay_v4(topo.ns(WEB), &web.dirs);
+    let laptop_ip = overlay_v4(topo.ns(LAPTOP), &laptop.dirs);
     let logs = || format!("==== controller\n{}", controller.logs());
 
     // The allowed flow works (the maps may take a moment), the denied one not.

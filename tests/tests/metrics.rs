@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use ztmesh_tests::natlab::{
-    admin_ok, controller_url, node_cli, start_controller_with, start_daemon, up, NodeDirs,
+    admin_ok, controller_url, overlay_v4, start_controller_with, start_daemon, up, NodeDirs,
 };
 use ztmesh_tests::{require_root_or_skip, wait_until, Netns, Proc, TempDir, Topology};
 
@@ -127,22 +127,6 @@ fn dashboard_exprs() -> Vec<(String, String)> {
 fn substitute(expr: &str) -> String {
     expr.replace("$__rate_interval", RATE_WINDOW)
         .replace("$node", ".+")
-}
-
-/// The node's first overlay IPv4 address, from `ztmesh status`.
-fn overlay_v4(ns: &Netns, dirs: &NodeDirs) -> String {
-    let out = node_cli(ns, dirs, &["status", "-o", "json"]);
-    assert!(out.status.success(), "status: {out}");
-    let s: Value = serde_json::from_str(&out.stdout).expect("status is JSON");
-    s["self"]["addresses"]
-        .as_array()
-        .and_then(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .find(|a| !a.contains(':'))
-        })
-        .map(|a| a.split('/').next().unwrap_or(a).to_owned())
-        .unwrap_or_else(|| panic!("no overlay IPv4 address in {s:#}"))
 }
 
 /// Fetches `/metrics` at `target` from `ns` in the text format and runs

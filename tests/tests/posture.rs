@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use ztmesh_tests::natlab::{
-    admin, admin_ok, controller_url, node_cli, start_controller_with, start_daemon, up, CliOut,
-    NodeDirs,
+    admin, admin_ok, controller_url, node_cli, self_v4, start_controller_with, start_daemon, up,
+    CliOut, NodeDirs,
 };
 use ztmesh_tests::{require_root_or_skip, wait_until, Proc, TempDir, Topology};
 
@@ -160,15 +160,7 @@ impl Lab {
 
     fn overlay_v4(&self, name: &str) -> String {
         let s = self.status(name);
-        s["self"]["addresses"]
-            .as_array()
-            .and_then(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .find(|a| !a.contains(':'))
-            })
-            .map(|a| a.split('/').next().unwrap_or(a).to_owned())
-            .unwrap_or_else(|| panic!("no overlay IPv4 address in {name}'s status: {s:#}"))
+        self_v4(&s).unwrap_or_else(|| panic!("no overlay IPv4 address in {name}'s status: {s:#}"))
     }
 
     /// Whether the laptop reaches `addr:port` (echo round trip).

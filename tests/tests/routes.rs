@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use ztmesh_tests::natlab::{
-    admin, admin_ok, controller_url, node_cli, start_controller, start_daemon, up, CliOut,
+    admin, admin_ok, controller_url, node_cli, self_v4, start_controller, start_daemon, up, CliOut,
     NodeDirs, CONTROLLER_PORT,
 };
 use ztmesh_tests::wgreplay::{replay_with_wireguard_go, unique_wg_iface, WgQuick};
@@ -205,15 +205,7 @@ impl Lab {
     /// `name`'s overlay IPv4 address.
     fn overlay_v4(&self, name: &str) -> String {
         let s = self.status(name);
-        s["self"]["addresses"]
-            .as_array()
-            .and_then(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .find(|a| !a.contains(':'))
-            })
-            .map(|a| a.split('/').next().unwrap_or(a).to_owned())
-            .unwrap_or_else(|| panic!("no overlay IPv4 address in {name}'s status: {s:#}"))
+        self_v4(&s).unwrap_or_else(|| panic!("no overlay IPv4 address in {name}'s status: {s:#}"))
     }
 
     /// `name`'s `wg-config --include-private-key`, once every peer in it
