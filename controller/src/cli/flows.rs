@@ -8,17 +8,31 @@ use ztmesh_proto::admin as apb;
 
 use super::client::{status_err, Client};
 use super::output::{ms_to_text, print_json};
-use super::Output;
+use super::{parse_duration, Output};
+use clap::Args;
 
 /// What `flows` asks for.
-#[derive(Debug, Clone)]
-pub(super) struct FlowsArgs {
+#[derive(Args, Debug, Clone)]
+pub struct FlowsArgs {
+    /// Only flows this node (name or id) received.
+    #[arg(long)]
     pub node: Option<String>,
+    /// Only flows reported in the last DURATION (e.g. 15m, 1h, 7d).
+    #[arg(long, value_parser = parse_duration)]
     pub since: Option<Duration>,
+    /// Only denied flows.
+    #[arg(long, conflicts_with = "allowed")]
     pub denied: bool,
+    /// Only allowed flows.
+    #[arg(long)]
     pub allowed: bool,
+    /// At most this many records (at most 10000).
+    #[arg(long, default_value_t = 100)]
     pub limit: u32,
+    /// Only records older than this id (to page back: the last id shown).
+    #[arg(long)]
     pub before_id: Option<u64>,
+    #[arg(short, long, value_enum, default_value_t)]
     pub output: Output,
 }
 

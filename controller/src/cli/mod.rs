@@ -28,6 +28,7 @@ mod users;
 pub use args::{parse_duration, parse_positive_duration, ConnArgs, ListenerArgs, OidcArgs, Output};
 pub use audit::{AuditCmd, ExportFormat};
 pub use client::{connect, Auth, Client};
+pub use flows::FlowsArgs;
 pub use keys::{ApiKeysCmd, KeysCmd};
 pub use nodes::NodesCmd;
 pub use policy::{split_dst, PolicyCmd};
@@ -161,28 +162,7 @@ pub enum Cmd {
     /// with the policy rule that admitted them (FILE:LINE), denied ones with
     /// the reason. Each record is one report window (about 5 s) of one flow
     /// at its receiver, summed over source ports.
-    Flows {
-        /// Only flows this node (name or id) received.
-        #[arg(long)]
-        node: Option<String>,
-        /// Only flows reported in the last DURATION (e.g. 15m, 1h, 7d).
-        #[arg(long, value_parser = parse_duration)]
-        since: Option<Duration>,
-        /// Only denied flows.
-        #[arg(long, conflicts_with = "allowed")]
-        denied: bool,
-        /// Only allowed flows.
-        #[arg(long)]
-        allowed: bool,
-        /// At most this many records (at most 10000).
-        #[arg(long, default_value_t = 100)]
-        limit: u32,
-        /// Only records older than this id (to page back: the last id shown).
-        #[arg(long)]
-        before_id: Option<u64>,
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
-    },
+    Flows(FlowsArgs),
 }
 
 /// `tag:NAME=DURATION`.
@@ -240,26 +220,7 @@ pub async fn run(conn: &ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Policy(p) => policy::run(&mut c, p).await,
         Cmd::Apikeys(a) => keys::run_api(&mut c, a).await,
         Cmd::Audit { limit, output, .. } => audit::run(&mut c, limit, output).await,
-        Cmd::Flows {
-            node,
-            since,
-            denied,
-            allowed,
-            limit,
-            before_id,
-            output,
-        } => {
-            let args = flows::FlowsArgs {
-                node,
-                since,
-                denied,
-                allowed,
-                limit,
-                before_id,
-                output,
-            };
-            flows::run(&mut c, args).await
-        }
+        Cmd::Flows(args) => flows::run(&mut c, args).await,
     }
 }
 
