@@ -352,6 +352,12 @@ impl Control for ControlService {
                 "at most 10000 flow summaries per report",
             ));
         }
+        let handshakes = &req.get_ref().unknown_handshakes;
+        if handshakes.len() > 1_000 {
+            return Err(Status::invalid_argument(
+                "at most 1000 unknown-handshake entries per report",
+            ));
+        }
         // One line per report: the flows themselves go to the flow log (and
         // the denied ones to the audit table), clipped and bounded; a node
         // cannot flood the log with its strings.
@@ -367,6 +373,7 @@ impl Control for ControlService {
             tracing::debug!(node = %node.name, dropped, "flow summaries dropped (malformed or beyond the cap)");
         }
         self.mesh.record_denied_flows(&node, flows, now);
+        self.mesh.observe_report(&node, flows, handshakes, now);
         Ok(Response::new(pb::ReportFlowsResponse {}))
     }
 
@@ -795,6 +802,12 @@ fn node_pb(
                 detail: c.detail.clone(),
             })
             .collect(),
+        quarantined_since_ms: n.quarantine.as_ref().map_or(0, |q| q.since_ms),
+        quarantine_reason: n
+            .quarantine
+            .as_ref()
+            .map(|q| q.reason.clone())
+            .unwrap_or_default(),
     }
 }
 
@@ -1021,6 +1034,45 @@ impl Admin for AdminService {
             .mesh
             .expire_node(&actor.name, &req.get_ref().node, now_ms())?;
         ok(self.node_pb(&n, false))
+    }
+
+    async fn release_node(&self, req: Request<apb::NodeRef>) -> R<apb::Node> {
+        let actor = self.actor(&req, Access::Network, "ReleaseNode")?;
+        let n = self
+            .mesh
+            .release_node(&actor.name, &req.get_ref().node, now_ms())?;
+        let online = self.mesh.has_live_session(n.id);
+        ok(self.node_pb(&n, online))
+    }
+
+    async fn list_detections(
+        &self,
+        req: Request<apb::ListDetectionsRequest>,
+    ) -> R<apb::ListDetectionsResponse> {
+        self.actor(&req, Access::Read, "ListDetections")?;
+        let r = req.get_ref();
+        let limit = match r.limit {
+            0 => 100,
+            n => n.min(10_000),
+        };
+        let detections = self
+            .mesh
+            .store()
+            .detections(limit, (r.before_id > 0).then_some(r.before_id))
+            .map_err(Error::from)?
+            .into_iter()
+            .map(|d| apb::Detection {
+                id: d.id,
+                time_ms: d.time_ms,
+                node_id: d.node_id,
+                node: d.node_name,
+                detectors_json: d.detectors,
+                action: d.action,
+                evidence_json: d.evidence,
+                alert: d.alert,
+            })
+            .collect();
+        ok(apb::ListDetectionsResponse { detections })
     }
 
     async fn rename_node(&self, req: Request<apb::RenameNodeRequest>) -> R<apb::Node> {

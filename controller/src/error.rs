@@ -47,6 +47,10 @@ pub enum Error {
     /// identity, or a reconnect before the old connection was seen to close).
     #[error("{0}")]
     SessionConflict(String),
+    /// The object is not in the state the request needs (e.g. releasing a
+    /// node that is not quarantined).
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// Policy rejected; the message holds `FILE:LINE:COL: message` lines.
     #[error("{0}")]
     Policy(String),
@@ -82,7 +86,9 @@ impl From<Error> for tonic::Status {
             Error::Conflict(_) => Status::already_exists(e.to_string()),
             Error::RateLimited => Status::resource_exhausted(e.to_string()),
             Error::Throttled(m) => Status::resource_exhausted(m.clone()),
-            Error::SessionConflict(m) => Status::failed_precondition(m.clone()),
+            Error::SessionConflict(m) | Error::FailedPrecondition(m) => {
+                Status::failed_precondition(m.clone())
+            }
             Error::Policy(m) => Status::invalid_argument(m.clone()),
             Error::Store(inner) => {
                 tracing::error!(error = %inner, "store failure");

@@ -29,12 +29,15 @@
 )]
 
 pub mod accounts;
+pub mod alert;
 pub mod api;
 pub mod auditchain;
 pub mod auth;
 pub mod cli;
+pub mod detect;
 pub mod device;
 pub mod error;
+pub mod httpclient;
 pub mod listener;
 pub mod lockfile;
 pub mod mesh;

@@ -41,6 +41,7 @@ fn main() -> ExitCode {
                 tls_key,
                 oidc,
                 limits,
+                detect,
                 metrics_listen,
             } => {
                 tracing_subscriber::fmt()
@@ -70,6 +71,8 @@ fn main() -> ExitCode {
                     flow_max_rows_per_node,
                     relays: read_relays(relay_file.as_deref())?,
                     dns_domain,
+                    detect: detect.config()?,
+                    webhook: detect.webhook()?,
                     ..MeshConfig::default()
                 };
                 let dir = DataDir::new(&args.conn.data_dir);

@@ -38,7 +38,9 @@ use crate::store::{AuditEntry, NewNode, NodeRow, PolicyRow, Store, UserRow};
 use crate::UnixMs;
 
 mod identity;
+mod respond;
 pub use identity::{Actor, DeviceClaim, DeviceEnrolled, UserUpdate};
+pub use respond::{AlertJob, MAX_TESTIMONIES};
 
 /// An admin's change to a node's route approvals.
 #[derive(Clone, Debug, Default)]
@@ -91,6 +93,11 @@ pub struct MeshConfig {
     /// A node's posture report is believed this long; nodes report every
     /// third of it ([`CoreConfig::posture_interval_ms`]).
     pub posture_ttl_ms: i64,
+    /// The detectors and what they do ([`crate::detect`]).
+    pub detect: crate::detect::DetectConfig,
+    /// Where alerts are POSTed ([`crate::alert`]); none: detections are
+    /// only recorded and audited.
+    pub webhook: Option<crate::alert::Webhook>,
 }
 
 impl Default for MeshConfig {
@@ -113,6 +120,8 @@ impl Default for MeshConfig {
             relays: Vec::new(),
             public_url: None,
             posture_ttl_ms: DEFAULT_POSTURE_TTL_MS,
+            detect: crate::detect::DetectConfig::default(),
+            webhook: None,
         }
     }
 }
@@ -273,6 +282,10 @@ pub struct Mesh {
     refusals: Mutex<HashMap<String, UnixMs>>,
     /// Counters and histograms for `/metrics`.
     metrics: Arc<Metrics>,
+    /// Recent evidence about nodes ([`crate::detect`]).
+    detector: Mutex<crate::detect::Detector>,
+    /// Where alerts go (the webhook task), if a webhook is configured.
+    alerts: Option<tokio::sync::mpsc::Sender<AlertJob>>,
 }
 
 /// A refused source is audited at most once per this interval.
@@ -478,14 +491,22 @@ impl Mesh {
             store,
             signer,
             ula,
-            cfg,
             auth: Authenticator::new(fingerprint),
             changes: Mutex::new(()),
             state: Mutex::new(state),
             maps_signed: AtomicU64::new(0),
             refusals: Mutex::new(HashMap::new()),
             metrics: Arc::new(Metrics::default()),
+            detector: Mutex::new(crate::detect::Detector::new(cfg.detect.clone())),
+            alerts: None,
+            cfg,
         })
+    }
+
+    /// Sends alerts to `tx` (the webhook task, [`crate::alert`]).
+    pub fn with_alerts(mut self, tx: tokio::sync::mpsc::Sender<AlertJob>) -> Self {
+        self.alerts = Some(tx);
+        self
     }
 
     /// Uses `metrics` (shared with the store wrapper) instead of the
@@ -1800,6 +1821,7 @@ impl Mesh {
         self.store.delete_node(node.id)?;
         self.audit(now, actor, action, &node.name, &format!("id={}", node.id));
         self.apply(&turn, Change::Remove(node.id), now);
+        self.forget_evidence(node.id);
         Ok(())
     }
 
@@ -2120,19 +2142,23 @@ mod tests {
     use super::*;
     use crate::store::SqliteStore;
 
-    const T0: UnixMs = 1_800_000_000_000;
+    pub(super) const T0: UnixMs = 1_800_000_000_000;
     const POLICY: &str = r#"{
       "tagOwners": {"tag:a": []},
       "acls": [{"action": "accept", "src": ["tag:a"], "dst": ["tag:a:22,443"]}],
     }"#;
 
     fn open(store: Arc<dyn Store>, now: UnixMs) -> Mesh {
+        open_with(store, MeshConfig::default(), now)
+    }
+
+    pub(super) fn open_with(store: Arc<dyn Store>, cfg: MeshConfig, now: UnixMs) -> Mesh {
         Mesh::load(
             store,
             SigningKey::generate(&mut OsRng),
             [7; 32],
             Mesh::random_ula(),
-            MeshConfig::default(),
+            cfg,
             now,
         )
         .unwrap()
@@ -2143,7 +2169,7 @@ mod tests {
     }
 
     /// Enrolls `n` nodes tagged `tag:a` under POLICY; returns their ids.
-    fn enroll_nodes(m: &Mesh, n: usize) -> Vec<u64> {
+    pub(super) fn enroll_nodes(m: &Mesh, n: usize) -> Vec<u64> {
         m.set_policy("admin", "p.hujson", POLICY, T0).unwrap();
         let (_, key) = m
             .create_key(

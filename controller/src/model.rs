@@ -33,6 +33,17 @@ pub struct NodeRow {
     pub routes: NodeRoutes,
     /// Device posture attributes.
     pub posture: NodePosture,
+    /// Set when a detector quarantined the node (see `crate::detect`):
+    /// it is in no map and its own map is empty until an admin releases it.
+    pub quarantine: Option<Quarantine>,
+}
+
+/// Why and since when a node is quarantined.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quarantine {
+    pub since_ms: UnixMs,
+    /// One line: the detectors that fired and the detection id.
+    pub reason: String,
 }
 
 /// A node's device posture attributes.

@@ -517,6 +517,7 @@ mod tests {
             endpoints: Vec::new(),
             routes: crate::model::NodeRoutes::default(),
             posture: crate::model::NodePosture::default(),
+            quarantine: None,
         }
     }
 

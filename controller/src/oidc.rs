@@ -1354,56 +1354,8 @@ fn check_config(cfg: &OidcConfig) -> Result<(), OidcError> {
 /// CA file, HTTP/1.1, no redirects, no environment proxies, a per-request
 /// timeout.
 fn http_client(cfg: &OidcConfig) -> Result<reqwest::Client, OidcError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::CertificateDer;
-
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    let (system, _unparsable) = roots.add_parsable_certificates(native.certs);
-    if let Some(path) = &cfg.ca_file {
-        let shown_path = path.display();
-        let pem = std::fs::read(path).map_err(|e| {
-            OidcError::Discovery(format!("cannot read the CA file {shown_path}: {e}"))
-        })?;
-        let certs = CertificateDer::pem_slice_iter(&pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| {
-                OidcError::Discovery(format!("the CA file {shown_path} is not PEM: {e}"))
-            })?;
-        let (added, _) = roots.add_parsable_certificates(certs);
-        if added == 0 {
-            return Err(OidcError::Discovery(format!(
-                "the CA file {shown_path} holds no usable certificate"
-            )));
-        }
-    }
-    if roots.is_empty() {
-        return Err(OidcError::Discovery(
-            "no trusted CA: the system has no root certificates and no CA file is configured"
-                .into(),
-        ));
-    }
-    tracing::debug!(
-        system_roots = system,
-        total = roots.len(),
-        "oidc tls roots loaded"
-    );
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| OidcError::Discovery(format!("tls setup: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .timeout(cfg.http_timeout)
-        .connect_timeout(cfg.http_timeout)
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .user_agent(concat!("ztmesh-controller/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| OidcError::Discovery(format!("http client setup: {}", error_chain(&e))))
+    crate::httpclient::client(cfg.ca_file.as_deref(), cfg.http_timeout)
+        .map_err(OidcError::Discovery)
 }
 
 /// Sends a request and reads at most [`MAX_RESPONSE_BYTES`] of the answer.
@@ -1450,7 +1402,7 @@ fn http_error(e: reqwest::Error) -> OidcError {
 }
 
 /// An error and its sources on one line (the TLS reason, say), bounded.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {

@@ -137,7 +137,17 @@ pub fn open(dir: &DataDir, cfg: MeshConfig) -> anyhow::Result<(Arc<Mesh>, String
             ula
         }
     };
-    let mesh = Mesh::load(store, signer, fp, ula, cfg, now_ms())?.with_metrics(metrics);
+    let alerts = match &cfg.webhook {
+        Some(hook) => Some(
+            crate::alert::spawn(hook.clone(), store.clone())
+                .map_err(|e| anyhow::anyhow!("--alert-webhook: {e}"))?,
+        ),
+        None => None,
+    };
+    let mut mesh = Mesh::load(store, signer, fp, ula, cfg, now_ms())?.with_metrics(metrics);
+    if let Some(tx) = alerts {
+        mesh = mesh.with_alerts(tx);
+    }
     Ok((Arc::new(mesh), cert, key))
 }
 

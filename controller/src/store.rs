@@ -20,7 +20,7 @@ use ztmesh_proto::keys::{PublicKey, SigningKey};
 use crate::auditchain::{
     ChainError, ChainRow, Checkpoint, Hash, Mark, RowFields, Verified, Verifier, GENESIS,
 };
-pub use crate::model::{NodePosture, NodeRoutes, NodeRow};
+pub use crate::model::{NodePosture, NodeRoutes, NodeRow, Quarantine};
 use crate::roles::Role;
 use crate::secrets::{KeyDetail, SecretKind, SecretRecord};
 use crate::UnixMs;
@@ -360,6 +360,32 @@ pub trait Store: Send + Sync {
     /// node's oldest beyond its newest `max_per_node`, then the oldest
     /// beyond the newest `max_rows` (0 = no cap); returns how many.
     fn prune_flows(&self, older_than_ms: UnixMs, max_per_node: u64, max_rows: u64) -> Result<u64>;
+
+    /// Quarantines node `id` (`Some`) or releases it (`None`).
+    fn set_node_quarantine(&self, id: u64, q: Option<&Quarantine>) -> Result<()>;
+    /// Records a detection (its `id` is ignored); returns the id given.
+    fn record_detection(&self, d: &DetectionRow) -> Result<u64>;
+    /// Sets the alert state of detection `id` ("pending", "sent", "failed: …").
+    fn set_detection_alert(&self, id: u64, alert: &str) -> Result<()>;
+    /// Detections, newest first: at most `limit`, with ids below `before_id`.
+    fn detections(&self, limit: u32, before_id: Option<u64>) -> Result<Vec<DetectionRow>>;
+}
+
+/// One decision of the detectors, as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DetectionRow {
+    pub id: u64,
+    pub time_ms: UnixMs,
+    pub node_id: u64,
+    pub node_name: String,
+    /// The detectors that fired, JSON ([`crate::detect::Fired`] list).
+    pub detectors: String,
+    /// What was done ([`crate::detect::Action::label`]).
+    pub action: String,
+    /// The reporters' testimonies, JSON.
+    pub evidence: String,
+    /// The alert's state: "none", "pending", "sent", "failed: …".
+    pub alert: String,
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records progress.
@@ -557,6 +583,22 @@ CREATE INDEX flows_time ON flows (time_ms);
 CREATE INDEX flows_node ON flows (node_id, id);
 CREATE INDEX flows_node_name ON flows (node_name, id);
 "#,
+    // Respond (issue 16): quarantined nodes, and what the detectors found.
+    r#"
+ALTER TABLE nodes ADD COLUMN quarantined_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN quarantine_reason TEXT NOT NULL DEFAULT '';
+CREATE TABLE detections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time_ms INTEGER NOT NULL,
+    node_id INTEGER NOT NULL,
+    node_name TEXT NOT NULL,
+    detectors TEXT NOT NULL,
+    action TEXT NOT NULL,
+    evidence TEXT NOT NULL,
+    alert TEXT NOT NULL
+);
+CREATE INDEX detections_node ON detections (node_id, id);
+"#,
 ];
 
 /// The migration (index into [`MIGRATIONS`]) that adds the audit chain.
@@ -652,7 +694,8 @@ fn conflict(e: rusqlite::Error, what: &str) -> StoreError {
 const NODE_COLS: &str = "id, name, hostname, machine_key, wg_key, ipv4, ipv6, user_login, tags, \
                          ephemeral, created_ms, last_seen_ms, expiry_ms, endpoints, key_revoked, \
                          routes_advertised, routes_approved, exit_advertised, exit_approved, \
-                         posture_reported, posture_reported_ms, posture_custom";
+                         posture_reported, posture_reported_ms, posture_custom, \
+                         quarantined_ms, quarantine_reason";
 const KEY_COLS: &str = "kind, id, key_id, secret_hash, created_ms, expires_ms, revoked, \
                         created_by, user_login, tags, reusable, ephemeral, used_count, \
                         description, role";
@@ -684,6 +727,13 @@ fn node_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRow> {
             reported: json_attrs(r, 19)?,
             reported_ms: r.get(20)?,
             custom: json_attrs(r, 21)?,
+        },
+        quarantine: match r.get::<_, i64>(22)? {
+            0 => None,
+            since_ms => Some(Quarantine {
+                since_ms,
+                reason: r.get(23)?,
+            }),
         },
     })
 }
@@ -789,6 +839,7 @@ fn insert_node(
         key_revoked: false,
         routes: NodeRoutes::default(),
         posture: NodePosture::default(),
+        quarantine: None,
     })
 }
 
@@ -2093,6 +2144,66 @@ impl Store for SqliteStore {
             )?;
         }
         Ok(n as u64)
+    }
+
+    fn set_node_quarantine(&self, id: u64, q: Option<&Quarantine>) -> Result<()> {
+        let (since, reason) = q.map_or((0, ""), |q| (q.since_ms, q.reason.as_str()));
+        let n = self.conn().execute(
+            "UPDATE nodes SET quarantined_ms = ?2, quarantine_reason = ?3 WHERE id = ?1",
+            params![id, since, reason],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("node {id}")));
+        }
+        Ok(())
+    }
+
+    fn record_detection(&self, d: &DetectionRow) -> Result<u64> {
+        let c = self.conn();
+        c.execute(
+            "INSERT INTO detections (time_ms, node_id, node_name, detectors, action, evidence, alert)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                d.time_ms,
+                i64::try_from(d.node_id).unwrap_or(i64::MAX),
+                d.node_name,
+                d.detectors,
+                d.action,
+                d.evidence,
+                d.alert
+            ],
+        )?;
+        Ok(c.last_insert_rowid() as u64)
+    }
+
+    fn set_detection_alert(&self, id: u64, alert: &str) -> Result<()> {
+        self.conn().execute(
+            "UPDATE detections SET alert = ?2 WHERE id = ?1",
+            params![i64::try_from(id).unwrap_or(i64::MAX), alert],
+        )?;
+        Ok(())
+    }
+
+    fn detections(&self, limit: u32, before_id: Option<u64>) -> Result<Vec<DetectionRow>> {
+        let before = before_id.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
+        let c = self.conn();
+        let mut st = c.prepare_cached(
+            "SELECT id, time_ms, node_id, node_name, detectors, action, evidence, alert
+             FROM detections WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![before, limit], |r| {
+            Ok(DetectionRow {
+                id: r.get::<_, i64>(0)? as u64,
+                time_ms: r.get(1)?,
+                node_id: r.get::<_, i64>(2)? as u64,
+                node_name: r.get(3)?,
+                detectors: r.get(4)?,
+                action: r.get(5)?,
+                evidence: r.get(6)?,
+                alert: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 }
 

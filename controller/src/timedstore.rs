@@ -16,8 +16,8 @@ use crate::metrics::Metrics;
 use crate::roles::Role;
 use crate::secrets::{SecretKind, SecretRecord};
 use crate::store::{
-    AuditEntry, AuditRow, Credentials, FlowQuery, FlowRow, NewNode, NodePosture, NodeRoutes,
-    NodeRow, PolicyRow, Result, Store, UserRow,
+    AuditEntry, AuditRow, Credentials, DetectionRow, FlowQuery, FlowRow, NewNode, NodePosture,
+    NodeRoutes, NodeRow, PolicyRow, Quarantine, Result, Store, UserRow,
 };
 use crate::UnixMs;
 
@@ -242,5 +242,21 @@ impl<S: Store> Store for TimedStore<S> {
             self.inner
                 .prune_flows(older_than_ms, max_per_node, max_rows)
         })
+    }
+    fn set_node_quarantine(&self, id: u64, q: Option<&Quarantine>) -> Result<()> {
+        self.timed("set_node_quarantine", || {
+            self.inner.set_node_quarantine(id, q)
+        })
+    }
+    fn record_detection(&self, d: &DetectionRow) -> Result<u64> {
+        self.timed("record_detection", || self.inner.record_detection(d))
+    }
+    fn set_detection_alert(&self, id: u64, alert: &str) -> Result<()> {
+        self.timed("set_detection_alert", || {
+            self.inner.set_detection_alert(id, alert)
+        })
+    }
+    fn detections(&self, limit: u32, before_id: Option<u64>) -> Result<Vec<DetectionRow>> {
+        self.timed("detections", || self.inner.detections(limit, before_id))
     }
 }

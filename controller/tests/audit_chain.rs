@@ -249,7 +249,9 @@ fn a_database_from_before_the_chain_is_chained_at_migration() {
     Connection::open(&db)
         .unwrap()
         .execute_batch(
-            "DROP TABLE flows; DROP TABLE audit_head; DROP TABLE audit_checkpoints;
+            "DROP TABLE detections; ALTER TABLE nodes DROP COLUMN quarantined_ms;
+             ALTER TABLE nodes DROP COLUMN quarantine_reason;
+             DROP TABLE flows; DROP TABLE audit_head; DROP TABLE audit_checkpoints;
              ALTER TABLE audit DROP COLUMN prev_hash; ALTER TABLE audit DROP COLUMN hash;
              INSERT INTO audit (id, time_ms, actor, action, target, detail)
                  VALUES (3, 1, 'a', 'user.create', 'u3', '');

@@ -794,7 +794,10 @@ async fn flow_reports_and_stream_opens_are_limited_per_node() {
         signed_request(
             &n.machine,
             methods::REPORT_FLOWS,
-            pb::ReportFlowsRequest { flows: vec![] },
+            pb::ReportFlowsRequest {
+                flows: vec![],
+                ..Default::default()
+            },
             now_ms(),
             &mut OsRng,
         )
@@ -1392,7 +1395,10 @@ async fn reported_flows_are_listed_by_node_kind_and_time_and_read_by_an_auditor(
         signed_request(
             &n.machine,
             methods::REPORT_FLOWS,
-            pb::ReportFlowsRequest { flows },
+            pb::ReportFlowsRequest {
+                flows,
+                ..Default::default()
+            },
             now_ms(),
             &mut OsRng,
         )

@@ -103,6 +103,125 @@ impl OidcArgs {
     }
 }
 
+/// The detectors and the response to what they find (`serve`); see
+/// `crate::detect`. Evidence is what receivers report; every detector needs
+/// `--detect-min-reporters` distinct receivers, each counted up to
+/// threshold / min-reporters.
+#[derive(Args, Debug, Clone)]
+pub struct DetectArgs {
+    /// off, dry-run (record what would be done, change nothing) or enforce.
+    #[arg(long = "detect", default_value = "enforce", value_name = "MODE")]
+    pub detect_mode: crate::detect::Mode,
+    /// What a finding does: quarantine (and alert), or alert only.
+    #[arg(long, default_value = "quarantine")]
+    pub detect_response: crate::detect::Response,
+    /// Evidence older than this is forgotten.
+    #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
+    pub detect_window: Duration,
+    /// Distinct reporting nodes every detector needs (at least 2).
+    #[arg(long, default_value_t = 2)]
+    pub detect_min_reporters: usize,
+    /// Scanning: distinct (receiver, protocol, port) a node was refused on.
+    #[arg(long, default_value_t = 40)]
+    pub detect_scan_ports: u64,
+    /// Scanning: distinct receivers that refused a node.
+    #[arg(long, default_value_t = 8)]
+    pub detect_scan_peers: u64,
+    /// A burst: denied packets from a node, summed over receivers.
+    #[arg(long, default_value_t = 5_000)]
+    pub detect_burst_packets: u64,
+    /// Handshake failures: distinct receivers that got verified handshakes
+    /// from a node they do not list as a peer…
+    #[arg(long, default_value_t = 4)]
+    pub detect_handshake_peers: u64,
+    /// …at least this many each.
+    #[arg(long, default_value_t = 3)]
+    pub detect_handshake_min: u64,
+    /// Never act on nodes with this tag, e.g. tag:scanner for a sanctioned
+    /// vulnerability scanner (repeatable; findings are still recorded).
+    #[arg(long = "detect-exempt-tag", value_name = "TAG")]
+    pub detect_exempt_tags: Vec<String>,
+    /// At most this many nodes quarantined at once; beyond it findings
+    /// only alert.
+    #[arg(long, default_value_t = 3)]
+    pub max_quarantined: usize,
+    /// POST each alert (JSON, HMAC-signed) to this URL.
+    #[arg(long, requires = "alert_webhook_secret_file")]
+    pub alert_webhook: Option<String>,
+    /// The webhook's HMAC key: a file readable by its owner only (0600).
+    #[arg(long, requires = "alert_webhook")]
+    pub alert_webhook_secret_file: Option<PathBuf>,
+    /// An extra CA (PEM) trusted for an https webhook, besides the system's.
+    #[arg(long, requires = "alert_webhook")]
+    pub alert_webhook_ca_file: Option<PathBuf>,
+}
+
+impl DetectArgs {
+    /// The detector configuration.
+    ///
+    /// # Errors
+    /// Thresholds one reporter could reach alone; a bad tag.
+    pub fn config(&self) -> anyhow::Result<crate::detect::DetectConfig> {
+        for t in &self.detect_exempt_tags {
+            crate::mesh::validate_tag(t)
+                .map_err(|e| anyhow::anyhow!("--detect-exempt-tag {t}: {e}"))?;
+        }
+        let cfg = crate::detect::DetectConfig {
+            mode: self.detect_mode,
+            response: self.detect_response,
+            window_ms: i64::try_from(self.detect_window.as_millis()).unwrap_or(i64::MAX),
+            min_reporters: self.detect_min_reporters,
+            scan_ports: self.detect_scan_ports,
+            scan_peers: self.detect_scan_peers,
+            burst_packets: self.detect_burst_packets,
+            handshake_peers: self.detect_handshake_peers,
+            handshake_min: self.detect_handshake_min,
+            exempt_tags: self.detect_exempt_tags.clone(),
+            max_quarantined: self.max_quarantined,
+        };
+        cfg.validate().map_err(anyhow::Error::msg)?;
+        Ok(cfg)
+    }
+
+    /// The webhook, if one is configured.
+    ///
+    /// # Errors
+    /// A URL that is not http(s); a secret file that is unreadable, empty,
+    /// or readable by others than its owner.
+    pub fn webhook(&self) -> anyhow::Result<Option<crate::alert::Webhook>> {
+        use std::os::unix::fs::PermissionsExt;
+        let (Some(url), Some(path)) = (&self.alert_webhook, &self.alert_webhook_secret_file) else {
+            return Ok(None);
+        };
+        let url: reqwest::Url = url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--alert-webhook {url}: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            anyhow::bail!("--alert-webhook {url}: expected an http or https URL");
+        }
+        let shown = path.display();
+        let meta = std::fs::metadata(path)
+            .map_err(|e| anyhow::anyhow!("--alert-webhook-secret-file {shown}: {e}"))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            anyhow::bail!(
+                "--alert-webhook-secret-file {shown}: readable by others (mode {:o}); chmod 600 it",
+                meta.permissions().mode() & 0o777
+            );
+        }
+        let secret = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("--alert-webhook-secret-file {shown}: {e}"))?;
+        let secret = secret.trim();
+        if secret.len() < 16 {
+            anyhow::bail!("--alert-webhook-secret-file {shown}: at least 16 characters");
+        }
+        Ok(Some(crate::alert::Webhook {
+            url,
+            secret: secret.as_bytes().to_vec(),
+            ca_file: self.alert_webhook_ca_file.clone(),
+        }))
+    }
+}
+
 /// Limits of the TLS listener against hostile clients (`serve`).
 #[derive(Args, Debug, Clone)]
 pub struct ListenerArgs {

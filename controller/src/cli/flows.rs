@@ -1,5 +1,6 @@
 //! `flows`: the flow log — allowed flows with the rule that admitted them,
-//! denied ones with the reason — newest first, from the running controller.
+//! denied ones with the reason — newest first, from the running controller;
+//! and `detections`: what the detectors made of them.
 
 use std::time::Duration;
 
@@ -74,6 +75,81 @@ pub(super) async fn run(c: &mut Client, a: FlowsArgs) -> anyhow::Result<()> {
             f.bytes,
             f.reply_bytes,
         );
+    }
+    Ok(())
+}
+
+pub(super) async fn detections(
+    c: &mut Client,
+    limit: u32,
+    before_id: Option<u64>,
+    output: Output,
+) -> anyhow::Result<()> {
+    let found = c
+        .list_detections(apb::ListDetectionsRequest {
+            limit,
+            before_id: before_id.unwrap_or(0),
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner()
+        .detections;
+    let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap_or_default();
+    if output == Output::Json {
+        let all: Vec<serde_json::Value> = found
+            .iter()
+            .map(|d| {
+                json!({
+                    "id": d.id, "time_ms": d.time_ms, "time": ms_to_text(d.time_ms),
+                    "node": d.node, "node_id": d.node_id,
+                    "detectors": parse(&d.detectors_json), "action": d.action,
+                    "evidence": parse(&d.evidence_json), "alert": d.alert,
+                })
+            })
+            .collect();
+        print_json(&json!(all));
+        return Ok(());
+    }
+    println!(
+        "{:>6} {:<20} {:<16} {:<28} {:<32} ALERT",
+        "ID", "TIME", "NODE", "DETECTORS", "ACTION"
+    );
+    for d in &found {
+        let fired: Vec<String> = parse(&d.detectors_json)
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|f| format!("{}={}", f["detector"].as_str().unwrap_or("?"), f["value"]))
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "{:>6} {:<20} {:<16} {:<28} {:<32} {}",
+            d.id,
+            ms_to_text(d.time_ms),
+            d.node,
+            fired.join(","),
+            d.action,
+            d.alert
+        );
+        let evidence = parse(&d.evidence_json);
+        let list = evidence
+            .get("testimonies")
+            .unwrap_or(&evidence)
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for t in list {
+            println!(
+                "{:>6}   seen by {} (id {}): {} ports {} denied packets {} handshakes",
+                "",
+                t["reporter_name"].as_str().unwrap_or("?"),
+                t["reporter"],
+                t["ports"],
+                t["denied_packets"],
+                t["handshakes"]
+            );
+        }
     }
     Ok(())
 }

@@ -25,7 +25,9 @@ mod output;
 mod policy;
 mod users;
 
-pub use args::{parse_duration, parse_positive_duration, ConnArgs, ListenerArgs, OidcArgs, Output};
+pub use args::{
+    parse_duration, parse_positive_duration, ConnArgs, DetectArgs, ListenerArgs, OidcArgs, Output,
+};
 pub use audit::{AuditCmd, ExportFormat};
 pub use client::{connect, Auth, Client};
 pub use flows::FlowsArgs;
@@ -124,6 +126,8 @@ pub enum Cmd {
         oidc: OidcArgs,
         #[command(flatten)]
         limits: ListenerArgs,
+        #[command(flatten)]
+        detect: DetectArgs,
         /// Serve OpenMetrics on plain HTTP at `GET /metrics` on this
         /// address (off without the flag; the flag alone listens on
         /// 127.0.0.1:9464). No authentication: keep it on loopback or a
@@ -163,6 +167,19 @@ pub enum Cmd {
     /// the reason. Each record is one report window (about 5 s) of one flow
     /// at its receiver, summed over source ports.
     Flows(FlowsArgs),
+    /// Show what the detectors found, newest first: the node, the detectors
+    /// that fired, the evidence (which receivers saw what) and what was
+    /// done (quarantine, alert, dry-run, exempt) with the alert's state.
+    Detections {
+        /// At most this many (at most 10000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Only detections older than this id (to page back).
+        #[arg(long)]
+        before_id: Option<u64>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
 }
 
 /// `tag:NAME=DURATION`.
@@ -221,6 +238,11 @@ pub async fn run(conn: &ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Apikeys(a) => keys::run_api(&mut c, a).await,
         Cmd::Audit { limit, output, .. } => audit::run(&mut c, limit, output).await,
         Cmd::Flows(args) => flows::run(&mut c, args).await,
+        Cmd::Detections {
+            limit,
+            before_id,
+            output,
+        } => flows::detections(&mut c, limit, before_id, output).await,
     }
 }
 

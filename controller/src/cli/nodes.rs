@@ -31,6 +31,10 @@ pub enum NodesCmd {
         node: String,
         new_name: String,
     },
+    /// End a detector's quarantine: the node is back in the maps (audited).
+    Release {
+        node: String,
+    },
     /// Show a node's subnet routes and exit-node role, and approve or
     /// withdraw approval (only advertised routes can be approved).
     Routes {
@@ -170,7 +174,11 @@ pub(super) async fn run(c: &mut Client, cmd: NodesCmd) -> anyhow::Result<()> {
                         n.name,
                         n.addresses.join(" "),
                         owner,
-                        n.online,
+                        if n.quarantined_since_ms > 0 {
+                            "QUARANTINED".to_string()
+                        } else {
+                            n.online.to_string()
+                        },
                         ms_to_text(n.expiry_ms)
                     );
                 }
@@ -207,6 +215,14 @@ pub(super) async fn run(c: &mut Client, cmd: NodesCmd) -> anyhow::Result<()> {
                 println!("created:     {}", ms_to_text(n.created_ms));
                 println!("last seen:   {}", ms_to_text(n.last_seen_ms));
                 println!("expires:     {}", ms_to_text(n.expiry_ms));
+                if n.quarantined_since_ms > 0 {
+                    println!(
+                        "QUARANTINED: since {}: {} (release: ztmesh-controller nodes release {})",
+                        ms_to_text(n.quarantined_since_ms),
+                        n.quarantine_reason,
+                        n.name
+                    );
+                }
                 print_posture(&n);
             }
         }
@@ -241,6 +257,14 @@ pub(super) async fn run(c: &mut Client, cmd: NodesCmd) -> anyhow::Result<()> {
                 .await
                 .map_err(status_err)?;
             println!("expired node {node}");
+        }
+        NodesCmd::Release { node } => {
+            let n = c
+                .release_node(apb::NodeRef { node })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!("released node {}", n.name);
         }
         NodesCmd::Rename { node, new_name } => {
             let n = c
@@ -316,6 +340,9 @@ fn node_json(n: &apb::Node) -> serde_json::Value {
         "created_ms": n.created_ms, "last_seen_ms": n.last_seen_ms, "expiry_ms": n.expiry_ms,
         "online": n.online, "ephemeral": n.ephemeral, "endpoints": n.endpoints,
         "routes": routes_json(n), "posture": posture_json(n),
+        "quarantine": (n.quarantined_since_ms > 0).then(|| json!({
+            "since_ms": n.quarantined_since_ms, "reason": n.quarantine_reason,
+        })),
     })
 }
 

@@ -127,6 +127,13 @@ pub fn is_active(n: &NodeRow, now: UnixMs) -> bool {
     !n.key_revoked && (n.expiry_ms == 0 || n.expiry_ms > now)
 }
 
+/// Whether `n` takes part in the policy at `now`: active and not
+/// quarantined. A quarantined node is in nobody's map, and its own map
+/// lists no peers, rules or routes (it still gets one, which says so).
+pub fn in_policy(n: &NodeRow, now: UnixMs) -> bool {
+    is_active(n, now) && n.quarantine.is_none()
+}
+
 /// What the policy compiler sees of `n`, which serves `routes` (the
 /// approved routes it is primary for), and whose posture report is `fresh`.
 pub fn policy_node(n: &NodeRow, routes: &[IpNet], fresh: bool) -> PolicyNode {
@@ -151,7 +158,7 @@ fn approved_routes<'a>(
     now: UnixMs,
 ) -> BTreeMap<u64, Vec<IpNet>> {
     nodes
-        .filter(|n| is_active(n, now))
+        .filter(|n| in_policy(n, now))
         .map(|n| (n.id, n.routes.active()))
         .filter(|(_, r)| !r.is_empty())
         .collect()
@@ -170,6 +177,7 @@ fn self_fields(n: &NodeRow) -> impl PartialEq + '_ {
         &n.user,
         &n.tags,
         n.routes.exit_node(),
+        &n.quarantine,
     )
 }
 
@@ -264,7 +272,7 @@ impl NetCore {
         let ttl = cfg.posture_ttl_ms;
         let active = table
             .iter()
-            .filter(|n| is_active(n, now))
+            .filter(|n| in_policy(n, now))
             .map(|n| {
                 let routes = served.get(&n.id).map_or(&[][..], Vec::as_slice);
                 policy_node(n, routes, n.posture.fresh(now, ttl))
@@ -386,7 +394,7 @@ impl NetCore {
         self.served = served;
         let mut changed = BTreeSet::new();
         for id in moved {
-            let Some(n) = self.table.get(id).filter(|n| is_active(n, self.clock)) else {
+            let Some(n) = self.table.get(id).filter(|n| in_policy(n, self.clock)) else {
                 continue;
             };
             let node = self.seen(n);
@@ -447,7 +455,7 @@ impl NetCore {
                     changed.extend(
                         self.table
                             .iter()
-                            .filter(|n| is_active(n, self.clock))
+                            .filter(|n| in_policy(n, self.clock))
                             .map(|n| n.id),
                     );
                 }
@@ -480,13 +488,13 @@ impl NetCore {
         let ttl = self.cfg.posture_ttl_ms;
         let served = self.served(id).to_vec();
         let seen_by_policy = |n: &NodeRow| {
-            is_active(n, clock).then(|| policy_node(n, &served, n.posture.fresh(clock, ttl)))
+            in_policy(n, clock).then(|| policy_node(n, &served, n.posture.fresh(clock, ttl)))
         };
         let policy_changed = old.and_then(seen_by_policy) != seen_by_policy(&row);
         let self_changed = old.is_none_or(|o| self_fields(o) != self_fields(&row));
         let entry = peer_entry(&row, self.cfg.persistent_keepalive, &[]);
         let entry_changed = self.entries.get(&id) != Some(&entry);
-        let mut changed = match (policy_changed, is_active(&row, clock)) {
+        let mut changed = match (policy_changed, in_policy(&row, clock)) {
             (false, _) => BTreeSet::new(),
             (true, true) => {
                 self.compiled
@@ -532,18 +540,25 @@ impl NetCore {
         let flips: Vec<(u64, bool)> = self
             .table
             .iter()
-            .map(|n| (n.id, is_active(n, now)))
+            .map(|n| (n.id, in_policy(n, now)))
             .filter(|&(id, active)| active != self.compiled.view(id).is_some())
             .collect();
         let stale: Vec<u64> = self
             .table
             .iter()
             .filter(|n| {
-                is_active(n, now) && n.posture.fresh(before, ttl) != n.posture.fresh(now, ttl)
+                in_policy(n, now) && n.posture.fresh(before, ttl) != n.posture.fresh(now, ttl)
             })
             .map(|n| n.id)
             .collect();
-        let mut changed = BTreeSet::new();
+        // A quarantined node is in no view either way, but its own map
+        // comes and goes with its key.
+        let mut changed: BTreeSet<u64> = self
+            .table
+            .iter()
+            .filter(|n| n.quarantine.is_some() && is_active(n, before) != is_active(n, now))
+            .map(|n| n.id)
+            .collect();
         for (id, active) in flips {
             changed.insert(id);
             if active {
@@ -615,7 +630,7 @@ impl NetCore {
     ///
     /// The bytes are exactly prost's encoding of the full message (fields in
     /// tag order: 1–4, the peers, 6–7, the relays, the split DNS routes, then
-    /// the posture fields 10–11), with each peer's entry taken
+    /// the posture fields 10–11 and the quarantine, 12), with each peer's entry taken
     /// from the cache instead of being rebuilt for every map that lists it.
     pub fn encode(&self, node: u64, serial: u64, now: UnixMs) -> Option<Vec<u8>> {
         let me = self.table.get(node).filter(|n| is_active(n, now))?;
@@ -669,8 +684,10 @@ impl NetCore {
         }
         tail.encode(&mut body)
             .expect("a Vec grows to fit any message");
-        body.extend_from_slice(&self.relays);
-        body.extend_from_slice(&self.split_dns);
+        if me.quarantine.is_none() {
+            body.extend_from_slice(&self.relays);
+            body.extend_from_slice(&self.split_dns);
+        }
         let posture = NetMap {
             posture_interval_ms: self.cfg.posture_interval_ms(),
             posture_checks: self
@@ -682,6 +699,10 @@ impl NetCore {
                     detail: c.detail.clone(),
                 })
                 .collect(),
+            quarantine: me.quarantine.as_ref().map(|q| pb::QuarantineInfo {
+                since_ms: q.since_ms,
+                reason: q.reason.clone(),
+            }),
             ..NetMap::default()
         };
         posture

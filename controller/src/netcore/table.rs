@@ -145,6 +145,7 @@ mod tests {
             key_revoked: false,
             routes: Default::default(),
             posture: Default::default(),
+            quarantine: None,
         }
     }
 

@@ -107,6 +107,7 @@ fn row(id: u64, o: u8, e: Option<i8>) -> NodeRow {
         key_revoked: false,
         routes: Default::default(),
         posture: Default::default(),
+        quarantine: None,
     }
 }
 
@@ -132,6 +133,8 @@ enum Op {
     Routes(u64, u8),
     /// A node connects or goes away.
     Online(u64, bool),
+    /// A detector quarantines the node (`true`) or an admin releases it.
+    Quarantine(u64, bool),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -150,7 +153,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..ACLS.len()).prop_map(Op::Policy),
         2 => (-4i8..5).prop_map(Op::Clock),
         3 => (id.clone(), 0u8..8).prop_map(|(id, r)| Op::Routes(id, r)),
-        3 => (id, any::<bool>()).prop_map(|(id, on)| Op::Online(id, on)),
+        3 => (id.clone(), any::<bool>()).prop_map(|(id, on)| Op::Online(id, on)),
+        2 => (id, any::<bool>()).prop_map(|(id, q)| Op::Quarantine(id, q)),
     ]
 }
 
@@ -211,6 +215,15 @@ impl Model {
                 Some(Change::Clock(self.clock))
             }
             Op::Routes(id, r) => edit(self, id, &|n| n.routes = node_routes(r)),
+            Op::Quarantine(id, q) => {
+                let at = self.clock;
+                edit(self, id, &|n| {
+                    n.quarantine = q.then(|| crate::model::Quarantine {
+                        since_ms: at,
+                        reason: "scan_ports (detection 1)".into(),
+                    })
+                })
+            }
             Op::Online(node, online) => {
                 if online {
                     self.online.insert(node);
@@ -364,6 +377,43 @@ fn a_revoked_key_stays_expired_when_the_clock_goes_back() {
         .unwrap()
         .peers
         .is_empty());
+}
+
+#[test]
+fn a_quarantined_node_vanishes_from_every_map_and_its_own_is_empty() {
+    let mut core = core_with(&[row(1, 2, None), row(2, 2, None), row(3, 2, None)], 1);
+    let quarantined = NodeRow {
+        quarantine: Some(crate::model::Quarantine {
+            since_ms: T0,
+            reason: "scan_ports (detection 7)".into(),
+        }),
+        ..row(1, 2, None)
+    };
+    assert_eq!(
+        core.apply(Change::Upsert(quarantined)),
+        BTreeSet::from([1, 2, 3]),
+        "the node and both its peers"
+    );
+    let own = core.netmap(1, SERIAL, T0).expect("it still gets a map");
+    assert!(own.peers.is_empty() && own.inbound_rules.is_empty());
+    let q = own.quarantine.expect("the map says why");
+    assert_eq!(
+        (q.since_ms, q.reason.as_str()),
+        (T0, "scan_ports (detection 7)")
+    );
+    for other in [2, 3] {
+        let map = core.netmap(other, SERIAL, T0).unwrap();
+        assert_eq!(map.peers.iter().map(|p| p.id).collect::<Vec<_>>().len(), 1);
+        assert!(map.peers.iter().all(|p| p.id != 1), "{other} still lists 1");
+        assert!(map.quarantine.is_none());
+    }
+    // The clock moving does not let it back in; a release does.
+    assert!(core.apply(Change::Clock(T0 + 1_000)).is_empty());
+    assert_eq!(
+        core.apply(Change::Upsert(row(1, 2, None))),
+        BTreeSet::from([1, 2, 3])
+    );
+    assert_eq!(core.netmap(1, SERIAL, T0).unwrap().peers.len(), 2);
 }
 
 #[test]

@@ -250,7 +250,10 @@ impl Controller {
         let req = signed_request(
             machine,
             methods::REPORT_FLOWS,
-            pb::ReportFlowsRequest { flows },
+            pb::ReportFlowsRequest {
+                flows,
+                ..Default::default()
+            },
             now_ms(),
             &mut OsRng,
         );

@@ -93,6 +93,7 @@ fn row(i: usize, group: usize) -> NodeRow {
         endpoints: Vec::new(),
         routes: Default::default(),
         posture: Default::default(),
+        quarantine: None,
     }
 }
 
