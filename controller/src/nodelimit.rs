@@ -54,10 +54,11 @@ impl Call {
                 burst: 10,
                 refill_ms: 6_000,
             },
-            // The agent reports flows every 5 s.
+            // The agent reports flows every 5 s, and denied flows (the
+            // detectors' evidence) within a second when there are any.
             Call::ReportFlows => Limit {
                 burst: 10,
-                refill_ms: 2_000,
+                refill_ms: 500,
             },
             // One per session; reconnects back off from 250 ms to 15 s.
             Call::StreamOpen => Limit {

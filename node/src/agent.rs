@@ -54,6 +54,10 @@ use crate::tunnel::Destination;
 
 /// How often denied-flow summaries are sent to the controller.
 const FLOW_REPORT_INTERVAL: Duration = Duration::from_secs(5);
+/// Denied flows and unknown handshakes are evidence for the controller's
+/// detectors: they go out this soon (allowed flows wait for the regular
+/// report).
+const EVIDENCE_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the endpoint candidates are compared with the last report
 /// (reports themselves are rate-limited by [`EndpointReporter`]).
 const ENDPOINT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -476,6 +480,13 @@ impl Daemon {
             rules = map.inbound_rules.len(),
             "netmap applied"
         );
+        if let Some(q) = &map.quarantine {
+            tracing::warn!(
+                since_ms = q.since_ms,
+                reason = %q.reason,
+                "this node is quarantined by the controller: no peers until an admin releases it"
+            );
+        }
         let mut st = self.lock();
         st.key_expiry_ms = self_key_expiry(&map).or(st.key_expiry_ms);
         st.netmap = Some(map);
@@ -870,6 +881,8 @@ impl Daemon {
         let mut report = tokio::time::interval(FLOW_REPORT_INTERVAL);
         let mut flow_overflow = 0;
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut evidence = tokio::time::interval(EVIDENCE_REPORT_INTERVAL);
+        evidence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut endpoint_check = tokio::time::interval(ENDPOINT_CHECK_INTERVAL);
         endpoint_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut local_refresh = tokio::time::interval(STUN_INTERVAL);
@@ -879,7 +892,11 @@ impl Daemon {
             let next = tokio::select! {
                 m = stream.message() => m,
                 _ = report.tick() => {
-                    self.report_flows(&mut ctl, &mut flow_overflow).await;
+                    self.report_flows(&mut ctl, &mut flow_overflow, true).await;
+                    continue;
+                }
+                _ = evidence.tick() => {
+                    self.report_flows(&mut ctl, &mut flow_overflow, false).await;
                     continue;
                 }
                 _ = endpoint_check.tick() => {
@@ -1142,12 +1159,17 @@ impl Daemon {
         }
     }
 
-    /// Sends the allowed and denied flows the data plane saw since the last
-    /// report. A failed report is logged and the flows are dropped (the
-    /// counters remain).
-    async fn report_flows(&self, ctl: &mut Controller, overflow_seen: &mut u64) {
+    /// Sends the allowed (`with_allowed`) and denied flows and the unknown
+    /// handshakes the data plane saw since the last report. A failed report
+    /// is logged and the flows are dropped (the counters remain).
+    async fn report_flows(
+        &self,
+        ctl: &mut Controller,
+        overflow_seen: &mut u64,
+        with_allowed: bool,
+    ) {
         let log = match self.dp.lock().await.as_ref() {
-            Some(dp) => dp.take_flows().await,
+            Some(dp) => dp.take_flows(with_allowed).await,
             None => return,
         };
         if log.allowed_overflow > *overflow_seen {
@@ -1159,11 +1181,15 @@ impl Daemon {
             );
         }
         let summaries = crate::control::flows::summaries(&log);
-        if summaries.is_empty() {
+        let unknown = crate::control::flows::unknown_handshakes(&log);
+        if summaries.is_empty() && unknown.is_empty() {
             return;
         }
         let n = summaries.len();
-        if let Err(s) = ctl.report_flows(&self.keys().machine, summaries).await {
+        if let Err(s) = ctl
+            .report_flows(&self.keys().machine, summaries, unknown)
+            .await
+        {
             tracing::warn!(error = %s.message(), flows = n, "flow report failed");
         }
     }
@@ -1746,6 +1772,9 @@ impl Daemon {
             "prefs": *self.prefs.borrow(),
             "dns": dns,
             "posture": posture,
+            "quarantine": map.and_then(|m| m.quarantine.as_ref()).map(|q| json!({
+                "since_ms": q.since_ms, "reason": q.reason,
+            })),
         })
     }
 

@@ -446,6 +446,18 @@ fn print_status(s: &serde_json::Value) {
     if let Some(w) = login_warning(s, ztmesh_proto::time::now_ms()) {
         println!("WARNING: {w}");
     }
+    if let Some(q) = s["quarantine"].as_object() {
+        println!(
+            "QUARANTINED by the controller since {}: {} — no peers until an admin runs \
+             `ztmesh-controller nodes release {}`",
+            crate::posture::clock_text(
+                q["since_ms"].as_i64().unwrap_or(0),
+                utc_offset_s(ztmesh_proto::time::now_ms())
+            ),
+            printable(q["reason"].as_str().unwrap_or("")),
+            printable(me["name"].as_str().unwrap_or("?")),
+        );
+    }
     if let Some(eps) = s["endpoints"].as_array().filter(|a| !a.is_empty()) {
         let eps: Vec<&str> = eps.iter().filter_map(|e| e.as_str()).collect();
         println!("endpoints: {}", eps.join(" "));

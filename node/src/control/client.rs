@@ -238,7 +238,8 @@ impl Controller {
         Ok(())
     }
 
-    /// Reports denied-flow summaries (the controller records them).
+    /// Reports flow summaries and verified handshakes from unknown keys
+    /// (the controller records them and its detectors weigh them).
     ///
     /// # Errors
     /// Authentication or transport failures.
@@ -246,13 +247,14 @@ impl Controller {
         &mut self,
         machine: &SigningKey,
         flows: Vec<pb::FlowSummary>,
+        unknown_handshakes: Vec<pb::UnknownHandshakes>,
     ) -> Result<(), tonic::Status> {
         let req = signed_request(
             machine,
             methods::REPORT_FLOWS,
             pb::ReportFlowsRequest {
                 flows,
-                ..Default::default()
+                unknown_handshakes,
             },
             now_ms(),
             &mut OsRng,

@@ -39,6 +39,17 @@ pub fn summaries(log: &FlowLog) -> Vec<pb::FlowSummary> {
     allowed.chain(denied).collect()
 }
 
+/// The verified initiations from keys that are not peers, per key.
+pub fn unknown_handshakes(log: &FlowLog) -> Vec<pb::UnknownHandshakes> {
+    log.unknown_handshakes
+        .iter()
+        .map(|(key, count)| pb::UnknownHandshakes {
+            wg_key: key.to_vec(),
+            count: *count,
+        })
+        .collect()
+}
+
 fn unix_ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -86,7 +97,15 @@ mod tests {
                 },
                 7,
             )],
+            unknown_handshakes: vec![([9; 32], 4)],
         };
+        assert_eq!(
+            unknown_handshakes(&log),
+            vec![pb::UnknownHandshakes {
+                wg_key: vec![9; 32],
+                count: 4
+            }]
+        );
         let got = summaries(&log);
         assert_eq!(
             got,

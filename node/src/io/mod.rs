@@ -164,6 +164,8 @@ pub struct FlowLog {
     pub allowed_overflow: u64,
     /// Denied inbound flows and their packet counts.
     pub denied: Vec<(crate::filter::DeniedFlow, u64)>,
+    /// Verified handshake initiations from keys that are not peers.
+    pub unknown_handshakes: Vec<([u8; 32], u64)>,
 }
 
 /// One allowed flow in a [`FlowLog`].
@@ -180,7 +182,9 @@ pub struct AllowedFlow {
 
 enum Command {
     Peers(Vec<PeerConfig>),
-    TakeFlows(tokio::sync::oneshot::Sender<FlowLog>),
+    /// Take the flow log; `false`: denied flows and unknown handshakes
+    /// only (the early report), the allowed flows stay for the next one.
+    TakeFlows(tokio::sync::oneshot::Sender<FlowLog>, bool),
     Filter(Option<Ruleset>),
     StunServers(Vec<SocketAddr>),
     LocalAddresses(Vec<IpAddr>),
@@ -303,9 +307,13 @@ impl DataPlane {
 
     /// Takes the allowed and denied flows the filter summarized since the
     /// last call (empty if the data plane has stopped).
-    pub async fn take_flows(&self) -> FlowLog {
+    pub async fn take_flows(&self, with_allowed: bool) -> FlowLog {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.commands.send(Command::TakeFlows(tx)).is_err() {
+        if self
+            .commands
+            .send(Command::TakeFlows(tx, with_allowed))
+            .is_err()
+        {
             return FlowLog::default();
         }
         rx.await.unwrap_or_default()
@@ -519,8 +527,8 @@ impl Worker {
                     self.device.set_peers(p, now);
                     self.publish_stats();
                 }
-                Event::Command(Some(Command::TakeFlows(reply))) => {
-                    let _ = reply.send(self.take_flows(now));
+                Event::Command(Some(Command::TakeFlows(reply, with_allowed))) => {
+                    let _ = reply.send(self.take_flows(now, with_allowed));
                 }
                 Event::Command(Some(Command::Filter(r))) => {
                     self.rules = r.clone();
@@ -821,14 +829,19 @@ impl Worker {
         }
     }
 
-    fn take_flows(&mut self, now: Instant) -> FlowLog {
+    fn take_flows(&mut self, now: Instant, with_allowed: bool) -> FlowLog {
         let mut denied = self
             .stats
             .lock()
             .map(|mut s| std::mem::take(&mut s.denied_flows))
             .unwrap_or_default();
         merge_denied(&mut denied, self.device.take_denied_flows());
-        let (allowed, allowed_overflow) = self.device.take_allowed_flows();
+        let unknown_handshakes = self.device.take_unknown_handshakes();
+        let (allowed, allowed_overflow) = if with_allowed {
+            self.device.take_allowed_flows()
+        } else {
+            (Vec::new(), 0)
+        };
         FlowLog {
             allowed: allowed
                 .into_iter()
@@ -844,6 +857,7 @@ impl Worker {
                 .collect(),
             allowed_overflow,
             denied: denied.into_iter().collect(),
+            unknown_handshakes,
         }
     }
 

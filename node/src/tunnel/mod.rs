@@ -24,6 +24,7 @@
 
 mod admission;
 mod allowed_ips;
+pub mod initiation;
 #[cfg(test)]
 mod tests;
 
@@ -274,6 +275,9 @@ pub struct Device {
     drops: [u64; DropReason::DEVICE.len()],
     /// Handshakes completed, with any peer (metrics).
     handshakes: u64,
+    /// Verified initiations from keys that are not peers (evidence for the
+    /// controller's detectors).
+    unknown: initiation::Unknown,
     flush: Option<usize>,
     timer_cursor: usize,
     /// Whether the peer at `timer_cursor` already ran its timers this pass
@@ -320,6 +324,7 @@ impl Device {
             filter: Filter::new(rules),
             drops: [0; DropReason::DEVICE.len()],
             handshakes: 0,
+            unknown: initiation::Unknown::default(),
             flush: None,
             timer_cursor: usize::MAX,
             timers_done: false,
@@ -558,6 +563,12 @@ impl Device {
         self.filter.take_denied()
     }
 
+    /// Verified handshake initiations from keys that are not peers, per
+    /// key, since the last call (see [`initiation::Unknown`]).
+    pub fn take_unknown_handshakes(&mut self) -> Vec<([u8; 32], u64)> {
+        self.unknown.take()
+    }
+
     /// Allowed inbound flows with traffic since the last call (see
     /// [`Filter::take_allowed`]), and the total of flows that did not fit.
     pub fn take_allowed_flows(&mut self) -> (Vec<(filter::AllowedKey, filter::Traffic)>, u64) {
@@ -729,7 +740,16 @@ impl Device {
                 match parse_handshake_anon(&self.private, &self.public, &init) {
                     Ok(half) => match self.by_key.get(&WgPublicKey(half.peer_static_public)) {
                         Some(slot) => *slot,
-                        None => return Out::Drop(DropReason::UnknownPeer),
+                        None => {
+                            // Admitted (MAC1, budgets) before this second
+                            // Diffie-Hellman: a flood is answered by cookies.
+                            if let Some((key, ts)) =
+                                initiation::verify(&self.private, &self.public, datagram)
+                            {
+                                self.unknown.record(key, ts);
+                            }
+                            return Out::Drop(DropReason::UnknownPeer);
+                        }
                     },
                     Err(_) => return Out::Drop(DropReason::HandshakeFailed),
                 }
