@@ -426,6 +426,29 @@ fn removed_peer_loses_session_and_flows_at_once() {
 }
 
 #[test]
+fn a_handshake_from_a_key_that_is_no_peer_is_verified_and_counted() {
+    let mut net = Net::mesh(2);
+    let now = net.now;
+    // B no longer lists A; A still tries to reach B.
+    net.nodes[1].dev.set_peers(vec![], now);
+    net.send_ip(0, &net.ping(0, 1, 1)).unwrap();
+    assert_eq!(net.run(), vec![DropReason::UnknownPeer]);
+    let a_key = net.nodes[0].key.public().0;
+    assert_eq!(net.nodes[1].dev.take_unknown_handshakes(), vec![(a_key, 1)]);
+    assert!(net.nodes[1].dev.take_unknown_handshakes().is_empty(), "taken");
+    // The same initiation again (a replay) is not counted.
+    let init = net
+        .captured
+        .iter()
+        .find(|(_, d)| d.first() == Some(&1))
+        .map(|(_, d)| d.clone())
+        .expect("the initiation crossed the wire");
+    let from = net.nodes[0].addr;
+    assert_eq!(net.inject(1, from, &init), Err(DropReason::UnknownPeer));
+    assert!(net.nodes[1].dev.take_unknown_handshakes().is_empty());
+}
+
+#[test]
 fn unchanged_peers_keep_their_session_across_set_peers() {
     let mut net = Net::mesh(3);
     net.send_ip(0, &net.ping(0, 1, 1)).unwrap();
