@@ -435,7 +435,10 @@ fn a_handshake_from_a_key_that_is_no_peer_is_verified_and_counted() {
     assert_eq!(net.run(), vec![DropReason::UnknownPeer]);
     let a_key = net.nodes[0].key.public().0;
     assert_eq!(net.nodes[1].dev.take_unknown_handshakes(), vec![(a_key, 1)]);
-    assert!(net.nodes[1].dev.take_unknown_handshakes().is_empty(), "taken");
+    assert!(
+        net.nodes[1].dev.take_unknown_handshakes().is_empty(),
+        "taken"
+    );
     // The same initiation again (a replay) is not counted.
     let init = net
         .captured
