@@ -1563,3 +1563,163 @@ async fn reported_flows_are_listed_by_node_kind_and_time_and_read_by_an_auditor(
     );
     ctl.stop().await;
 }
+
+/// Respond over the wire: reports from two receivers quarantine a scanning
+/// node (its stream's next map is empty and says why), an auditor lists the
+/// detection but cannot release, an admin can; bad requests get precise
+/// statuses.
+#[tokio::test]
+async fn receivers_reports_quarantine_a_scanner_and_release_is_an_admins_act() {
+    let ctl = Ctl::start().await;
+    let k = ctl.key("", &["tag:db"], true).await;
+    let scanner = enroll(&ctl, &k, "scanner").await.unwrap();
+    let a = enroll(&ctl, &k, "a").await.unwrap();
+    let b = enroll(&ctl, &k, "b").await.unwrap();
+    ctl.admin()
+        .await
+        .set_policy(apb::SetPolicyRequest {
+            file_name: "p.hujson".into(),
+            text: r#"{"tagOwners": {"tag:db": []},
+                      "acls": [{"action": "accept", "src": ["tag:db"], "dst": ["tag:db:5432"]}]}"#
+                .into(),
+        })
+        .await
+        .unwrap();
+    let node = |n: &TestNode| {
+        let ctl = &ctl;
+        let node = n.name.clone();
+        async move {
+            ctl.admin()
+                .await
+                .get_node(apb::NodeRef { node })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let scanner_ip = node(&scanner)
+        .await
+        .addresses
+        .into_iter()
+        .find(|a| !a.contains(':'))
+        .unwrap();
+    let report = |n: &TestNode, flows: Vec<pb::FlowSummary>, hs: Vec<pb::UnknownHandshakes>| {
+        signed_request(
+            &n.machine,
+            methods::REPORT_FLOWS,
+            pb::ReportFlowsRequest {
+                flows,
+                unknown_handshakes: hs,
+            },
+            now_ms(),
+            &mut OsRng,
+        )
+    };
+    let scan: Vec<pb::FlowSummary> = (1..=100)
+        .map(|port| pb::FlowSummary {
+            src: scanner_ip.clone(),
+            dst: "100.64.0.250".into(),
+            protocol: 6,
+            dst_port: port,
+            allowed: false,
+            reason: "port_not_allowed".into(),
+            packets: 1,
+            ..Default::default()
+        })
+        .collect();
+    // Too many handshake entries: refused whole, nothing recorded.
+    let many = vec![pb::UnknownHandshakes::default(); 1001];
+    let e = ctl
+        .control()
+        .await
+        .report_flows(report(&a, scan.clone(), many))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(node(&scanner).await.quarantined_since_ms == 0);
+    for r in [&a, &b] {
+        ctl.control()
+            .await
+            .report_flows(report(r, scan.clone(), vec![]))
+            .await
+            .unwrap();
+    }
+    let q = node(&scanner).await;
+    assert!(q.quarantined_since_ms > 0, "{q:?}");
+    assert!(q.quarantine_reason.contains("scan_ports"), "{q:?}");
+
+    let secret = ctl
+        .admin()
+        .await
+        .create_api_key(apb::CreateApiKeyRequest {
+            description: "soc".into(),
+            expiry_secs: 0,
+            role: "auditor".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let mut auditor = cli::connect(&ConnArgs {
+        data_dir: "/nonexistent".into(),
+        server: Some(ctl.url.clone()),
+        api_key: Some(secret),
+        fingerprint: Some(auth::hex(&ctl.fp)),
+    })
+    .await
+    .unwrap();
+    let found = auditor
+        .list_detections(apb::ListDetectionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .detections;
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        (found[0].node.as_str(), found[0].action.as_str()),
+        ("scanner", "quarantine")
+    );
+    assert!(found[0].evidence_json.contains("\"reporter_name\":\"a\""));
+    let e = auditor
+        .release_node(apb::NodeRef {
+            node: "scanner".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let released = ctl
+        .admin()
+        .await
+        .release_node(apb::NodeRef {
+            node: "scanner".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(released.quarantined_since_ms, 0);
+    let e = ctl
+        .admin()
+        .await
+        .release_node(apb::NodeRef {
+            node: "scanner".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = ctl
+        .admin()
+        .await
+        .release_node(apb::NodeRef {
+            node: "nobody".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let actions: Vec<String> = audit_rows(&ctl, "node.release")
+        .await
+        .into_iter()
+        .map(|r| r.actor)
+        .collect();
+    assert_eq!(actions.len(), 1, "{actions:?}");
+    ctl.stop().await;
+}

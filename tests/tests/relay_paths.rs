@@ -221,6 +221,14 @@ fn symmetric_nats_on_both_sides_relay_the_pair_and_the_receiver_still_filters() 
         "{:#}",
         lab.status(Side::A)
     );
+    // Direct handshakes that never complete behind symmetric NATs, and a
+    // denied port, are no finding for the detectors (on by default).
+    let found = admin_ok(
+        lab.topo.ns(CONTROLLER),
+        &lab.data,
+        &["detections", "-o", "json"],
+    );
+    assert_eq!(found.trim(), "[]", "{found}");
 }
 
 /// (b) Both behind plain masquerade (endpoint-independent mappings that keep
