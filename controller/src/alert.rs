@@ -18,8 +18,14 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::mesh::AlertJob;
 use crate::store::Store;
+
+/// An alert for the webhook: the detection's id and its body (signed when sent).
+#[derive(Clone, Debug)]
+pub struct AlertJob {
+    pub detection: u64,
+    pub body: Vec<u8>,
+}
 
 /// Attempts per alert (the first and the retries).
 pub const MAX_ATTEMPTS: u32 = 6;
@@ -133,11 +139,19 @@ async fn deliver(client: &reqwest::Client, hook: &Webhook, job: &AlertJob) -> St
                     break;
                 }
             }
-            Err(e) => last = crate::oidc::error_chain(&e),
+            Err(e) => last = crate::httpclient::error_chain(&e),
         }
         tracing::warn!(detection = job.detection, attempt, error = %last, "alert not delivered");
     }
-    format!("failed: {last}")
+    let mut state = format!("failed: {last}");
+    if state.len() > 200 {
+        let mut end = 200;
+        while !state.is_char_boundary(end) {
+            end -= 1;
+        }
+        state.truncate(end);
+    }
+    state
 }
 
 #[cfg(test)]

@@ -57,5 +57,17 @@ pub fn client(ca_file: Option<&Path>, timeout: Duration) -> Result<reqwest::Clie
         .no_proxy()
         .user_agent(concat!("ztmesh-controller/", env!("CARGO_PKG_VERSION")))
         .build()
-        .map_err(|e| format!("http client setup: {}", crate::oidc::error_chain(&e)))
+        .map_err(|e| format!("http client setup: {}", error_chain(&e)))
+}
+
+/// An error and its sources (the TLS reason, say) on one line, unbounded.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
 }

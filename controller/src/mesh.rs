@@ -40,7 +40,7 @@ use crate::UnixMs;
 mod identity;
 mod respond;
 pub use identity::{Actor, DeviceClaim, DeviceEnrolled, UserUpdate};
-pub use respond::{AlertJob, MAX_TESTIMONIES};
+pub use respond::MAX_TESTIMONIES;
 
 /// An admin's change to a node's route approvals.
 #[derive(Clone, Debug, Default)]
@@ -285,7 +285,7 @@ pub struct Mesh {
     /// Recent evidence about nodes ([`crate::detect`]).
     detector: Mutex<crate::detect::Detector>,
     /// Where alerts go (the webhook task), if a webhook is configured.
-    alerts: Option<tokio::sync::mpsc::Sender<AlertJob>>,
+    alerts: Option<tokio::sync::mpsc::Sender<crate::alert::AlertJob>>,
 }
 
 /// A refused source is audited at most once per this interval.
@@ -504,7 +504,7 @@ impl Mesh {
     }
 
     /// Sends alerts to `tx` (the webhook task, [`crate::alert`]).
-    pub fn with_alerts(mut self, tx: tokio::sync::mpsc::Sender<AlertJob>) -> Self {
+    pub fn with_alerts(mut self, tx: tokio::sync::mpsc::Sender<crate::alert::AlertJob>) -> Self {
         self.alerts = Some(tx);
         self
     }

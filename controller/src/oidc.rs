@@ -1394,23 +1394,11 @@ async fn fetch(request: reqwest::RequestBuilder) -> Result<(StatusCode, Vec<u8>)
 /// A failed request, with a hint for the one TLS failure an admin can fix
 /// here: a provider certificate from a CA the controller does not trust.
 fn http_error(e: reqwest::Error) -> OidcError {
-    let mut text = error_chain(&e);
+    let mut text = shown(&crate::httpclient::error_chain(&e));
     if text.contains("invalid peer certificate") {
         text.push_str(" (the provider's certificate is not trusted: configure its CA file)");
     }
     OidcError::Http(text)
-}
-
-/// An error and its sources on one line (the TLS reason, say), bounded.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    shown(&text)
 }
 
 async fn fetch_jwks(http: &reqwest::Client, url: &Url) -> Result<JwkSet, OidcError> {

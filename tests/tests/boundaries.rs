@@ -49,6 +49,7 @@ const PURE: &[&str] = &[
     "controller/src/web/session.rs",
     "controller/src/web/html.rs",
     "controller/src/metrics.rs",
+    "controller/src/detect.rs",
     "node/src/metrics.rs",
 ];
 
@@ -66,12 +67,14 @@ const CONTROLLER_LAYERS: &[&[&str]] = &[
         "nodelimit",
         "lockfile",
         "routes",
+        "detect",
+        "httpclient",
     ],
     &["secrets", "accounts", "device", "oidc"],
     &["netcore", "store"],
     &["error"],
     &["nodeinput", "ratelimit", "metrics"],
-    &["auth", "timedstore"],
+    &["auth", "timedstore", "alert"],
     &["mesh"],
     &["web"],
     &["api", "listener"],

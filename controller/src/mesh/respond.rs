@@ -9,6 +9,7 @@ use serde_json::json;
 use ztmesh_proto::control as pb;
 
 use super::{Mesh, Turn};
+use crate::alert::AlertJob;
 use crate::detect::{decide, Action, Finding, Mode, Seen};
 use crate::error::{Error, Result};
 use crate::netcore::Change;
@@ -21,13 +22,6 @@ pub const MAX_TESTIMONIES: usize = 16;
 
 /// Verified unknown-key handshakes counted per (reporter, key) and report.
 const MAX_HANDSHAKES_PER_REPORT: u64 = 1_000;
-
-/// An alert for the webhook: the detection's id and its signed-to-be body.
-#[derive(Clone, Debug)]
-pub struct AlertJob {
-    pub detection: u64,
-    pub body: Vec<u8>,
-}
 
 impl Mesh {
     /// Turns a node's report into evidence: denied flows whose source is

@@ -166,7 +166,6 @@ mod tests {
     use super::*;
 
     fn keypair() -> (x25519::StaticSecret, x25519::PublicKey) {
-        #[expect(clippy::disallowed_types, reason = "test keys")]
         let s = x25519::StaticSecret::random_from_rng(OsRng);
         let p = x25519::PublicKey::from(&s);
         (s, p)
