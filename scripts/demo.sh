@@ -19,7 +19,7 @@
 # listens on ports 22, 443 and 5432 of its overlay address, and every node
 # tries every other node on each port. Then an admin marks alice's laptop
 # compliant and back, and alice → db:5432 opens and closes with it; db's flow
-# log is shown; and alice's laptop scans web and db, is quarantined on their
+# log is shown; and carol's laptop scans web and db, is quarantined on their
 # word (detections), and is released by an admin.
 #
 # Environment: ZTMESH_DEMO_KEEP=1 keeps the work dir (logs, state) for inspection.
@@ -299,19 +299,20 @@ admin flows --node db --since 10m --denied --limit 4 | sed 's/^/   /'
 echo "demo.sh: the flow log names the rule of every allowed flow and the reason of every denied one"
 
 # ---------------------------------------------------------------------------
-# Respond: alice's laptop turns hostile and scans web and db. Their filters
-# deny the probes and report them; with two receivers' word the controller
-# quarantines the laptop (no peers, no rules) until an admin releases it.
-alice_web() { in_ns alice "$BIN/ztm-echo" check "${IP[web]}" 443 500; }
-alice_quarantined() {
-  admin nodes show alice-laptop -o json | python3 -c \
+# Respond: carol's laptop (group:admins: ssh to every node) turns hostile and
+# scans web and db. Their filters deny the probes and report them; with two
+# receivers' word the controller quarantines the laptop (no peers, no rules)
+# until an admin releases it.
+carol_web() { in_ns carol "$BIN/ztm-echo" check "${IP[web]}" 22 500; }
+carol_quarantined() {
+  admin nodes show carol-laptop -o json | python3 -c \
     'import json,sys; sys.exit(0 if json.load(sys.stdin)["quarantine"] else 1)'
 }
-log "respond: alice's laptop scans ports 1-100 on web and db"
+log "respond: carol's laptop scans ports 1-100 on web and db"
 start=$(date +%s%N)
-in_ns alice "$BIN/ztm-echo" scan "${IP[web]}" 1 100 300 | sed 's/^/   web: /' &
-in_ns alice "$BIN/ztm-echo" scan "${IP[db]}" 1 100 300 | sed 's/^/   db:  /' &
-wait_for "alice's quarantine" 200 alice_quarantined || {
+in_ns carol "$BIN/ztm-echo" scan "${IP[web]}" 1 100 300 | sed 's/^/   web: /' &
+in_ns carol "$BIN/ztm-echo" scan "${IP[db]}" 1 100 300 | sed 's/^/   db:  /' &
+wait_for "carol's quarantine" 200 carol_quarantined || {
   echo "demo.sh: the scan was not detected" >&2
   exit 1
 }
@@ -319,20 +320,20 @@ end=$(date +%s%N)
 wait
 echo "   quarantined $(((end - start) / 1000000)) ms after the scan started"
 admin detections | sed 's/^/   /'
-node alice status | grep QUARANTINED | sed 's/^/   /'
-if alice_web >/dev/null 2>&1; then
-  echo "demo.sh: the quarantined laptop still reaches web:443" >&2
+node carol status | grep QUARANTINED | sed 's/^/   /'
+if carol_web >/dev/null 2>&1; then
+  echo "demo.sh: the quarantined laptop still reaches web:22" >&2
   exit 1
 fi
-in_ns carol "$BIN/ztm-echo" check "${IP[web]}" 22 1500 >/dev/null || {
-  echo "demo.sh: carol lost web:22 to alice's quarantine" >&2
+in_ns alice "$BIN/ztm-echo" check "${IP[web]}" 443 1500 >/dev/null || {
+  echo "demo.sh: alice lost web:443 to carol's quarantine" >&2
   exit 1
 }
-echo "   alice -> web:443 deny (quarantined); carol -> web:22 allow (unaffected)"
-admin nodes release alice-laptop | sed 's/^/   /'
-wait_for "alice -> web:443 after the release" 200 alice_web || {
-  echo "demo.sh: the released laptop does not reach web:443" >&2
+echo "   carol -> web:22 deny (quarantined); alice -> web:443 allow (unaffected)"
+admin nodes release carol-laptop | sed 's/^/   /'
+wait_for "carol -> web:22 after the release" 200 carol_web || {
+  echo "demo.sh: the released laptop does not reach web:22" >&2
   exit 1
 }
-echo "   alice -> web:443 allow again"
+echo "   carol -> web:22 allow again"
 echo "demo.sh: a scanning node is quarantined on its receivers' word and released by an admin"

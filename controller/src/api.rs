@@ -353,9 +353,9 @@ impl Control for ControlService {
             ));
         }
         let handshakes = &req.get_ref().unknown_handshakes;
-        if handshakes.len() > 1_000 {
+        if handshakes.len() > 256 {
             return Err(Status::invalid_argument(
-                "at most 1000 unknown-handshake entries per report",
+                "at most 256 unknown-handshake entries per report",
             ));
         }
         // One line per report: the flows themselves go to the flow log (and

@@ -1628,7 +1628,7 @@ async fn receivers_reports_quarantine_a_scanner_and_release_is_an_admins_act() {
         })
         .collect();
     // Too many handshake entries: refused whole, nothing recorded.
-    let many = vec![pb::UnknownHandshakes::default(); 1001];
+    let many = vec![pb::UnknownHandshakes::default(); 257];
     let e = ctl
         .control()
         .await

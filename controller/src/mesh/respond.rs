@@ -48,57 +48,47 @@ impl Mesh {
                 Some(n) if n.quarantine.is_none() => {}
                 _ => return,
             }
-            let peers = core.peers(reporter.id);
-            let denied: Vec<&pb::FlowSummary> = flows.iter().filter(|f| !f.allowed).collect();
-            if !denied.is_empty() {
-                let mut by_addr: HashMap<IpAddr, u64> = HashMap::with_capacity(peers.len() * 2);
-                for id in &peers {
-                    if let Some(n) = core.nodes().get(*id) {
-                        by_addr.insert(IpAddr::V4(n.ipv4), n.id);
-                        by_addr.insert(IpAddr::V6(n.ipv6), n.id);
-                    }
-                }
-                for f in denied {
-                    let (Ok(src), Ok(proto), Ok(port)) = (
-                        f.src.parse::<IpAddr>(),
-                        u8::try_from(f.protocol),
-                        u16::try_from(f.dst_port),
-                    ) else {
-                        continue;
-                    };
-                    if let Some(&suspect) = by_addr.get(&src) {
-                        seen.push((
-                            suspect,
-                            Seen::Denied {
-                                proto,
-                                port,
-                                packets: f.packets,
-                            },
-                        ));
-                    }
+            // Lookups by address and by key, and a peer test per entry: no
+            // pass over the reporter's peers or over all nodes per report.
+            for f in flows.iter().filter(|f| !f.allowed) {
+                let (Ok(src), Ok(proto), Ok(port)) = (
+                    f.src.parse::<IpAddr>(),
+                    u8::try_from(f.protocol),
+                    u16::try_from(f.dst_port),
+                ) else {
+                    continue;
+                };
+                let Some(suspect) = core.nodes().by_address(src).map(|n| n.id) else {
+                    continue;
+                };
+                if core.is_peer(reporter.id, suspect) {
+                    seen.push((
+                        suspect,
+                        Seen::Denied {
+                            proto,
+                            port,
+                            packets: f.packets,
+                        },
+                    ));
                 }
             }
-            if !handshakes.is_empty() {
-                let by_key: HashMap<[u8; 32], u64> =
-                    core.nodes().iter().map(|n| (n.wg_key, n.id)).collect();
-                let mut keys = BTreeSet::new();
-                for h in handshakes {
-                    let Ok(key) = <[u8; 32]>::try_from(h.wg_key.as_slice()) else {
-                        continue;
-                    };
-                    // One entry per key and report.
-                    if !keys.insert(key) {
-                        continue;
-                    }
-                    match by_key.get(&key) {
-                        Some(&suspect) if !peers.contains(&suspect) => seen.push((
-                            suspect,
-                            Seen::Handshakes {
-                                count: h.count.min(MAX_HANDSHAKES_PER_REPORT),
-                            },
-                        )),
-                        _ => {}
-                    }
+            let mut keys = BTreeSet::new();
+            for h in handshakes {
+                let Ok(key) = <[u8; 32]>::try_from(h.wg_key.as_slice()) else {
+                    continue;
+                };
+                // One entry per key and report.
+                if !keys.insert(key) {
+                    continue;
+                }
+                match core.nodes().by_wg_key(&key).map(|n| n.id) {
+                    Some(suspect) if !core.is_peer(reporter.id, suspect) => seen.push((
+                        suspect,
+                        Seen::Handshakes {
+                            count: h.count.min(MAX_HANDSHAKES_PER_REPORT),
+                        },
+                    )),
+                    _ => {}
                 }
             }
         }

@@ -625,6 +625,14 @@ impl NetCore {
             .unwrap_or_default()
     }
 
+    /// Whether `other` is among the nodes `viewer` may talk to (without
+    /// copying the set).
+    pub fn is_peer(&self, viewer: u64, other: u64) -> bool {
+        self.compiled
+            .view(viewer)
+            .is_some_and(|v| v.peers.contains(&other))
+    }
+
     /// The encoded `NetMap` of `node` with `serial`, issued at `now`, or
     /// `None` when the node is unknown or its key has expired at `now`.
     ///

@@ -1,8 +1,8 @@
-//! The enrolled nodes and the indexes enrollment and authentication need:
-//! by machine key, by name, and the overlay addresses in use.
+//! The enrolled nodes and the indexes enrollment, authentication and the
+//! detectors need: by machine key, WireGuard key, name and overlay address.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::Ipv6Net;
 
@@ -28,8 +28,10 @@ pub struct Exhausted;
 pub struct NodeTable {
     nodes: BTreeMap<u64, NodeRow>,
     by_machine_key: HashMap<[u8; 32], u64>,
+    by_wg_key: HashMap<[u8; 32], u64>,
     by_name: HashMap<String, u64>,
-    used_v4: HashSet<Ipv4Addr>,
+    /// Overlay IPv4 addresses in use, and by whom.
+    used_v4: HashMap<Ipv4Addr, u64>,
     /// Every offset below this one is taken, so the search for a free
     /// address starts here (amortized O(1) per enrollment).
     v4_hint: u32,
@@ -40,8 +42,9 @@ impl NodeTable {
     pub fn insert(&mut self, row: NodeRow) -> Option<NodeRow> {
         let old = self.remove(row.id);
         self.by_machine_key.insert(row.machine_key, row.id);
+        self.by_wg_key.insert(row.wg_key, row.id);
         self.by_name.insert(row.name.clone(), row.id);
-        self.used_v4.insert(row.ipv4);
+        self.used_v4.insert(row.ipv4, row.id);
         self.nodes.insert(row.id, row);
         old
     }
@@ -50,6 +53,7 @@ impl NodeTable {
     pub fn remove(&mut self, id: u64) -> Option<NodeRow> {
         let row = self.nodes.remove(&id)?;
         self.by_machine_key.remove(&row.machine_key);
+        self.by_wg_key.remove(&row.wg_key);
         self.by_name.remove(&row.name);
         self.used_v4.remove(&row.ipv4);
         self.v4_hint = self.v4_hint.min(v4_offset(row.ipv4));
@@ -71,6 +75,29 @@ impl NodeTable {
         self.by_machine_key
             .get(key)
             .and_then(|id| self.nodes.get(id))
+    }
+
+    pub fn by_wg_key(&self, key: &[u8; 32]) -> Option<&NodeRow> {
+        self.by_wg_key.get(key).and_then(|id| self.nodes.get(id))
+    }
+
+    /// The node with overlay address `ip`. An IPv6 address is found through
+    /// the IPv4 address of the same offset ([`NodeTable::allocate`] gives a
+    /// node both), then checked.
+    pub fn by_address(&self, ip: IpAddr) -> Option<&NodeRow> {
+        let v4 = match ip {
+            IpAddr::V4(a) => a,
+            IpAddr::V6(a) => {
+                let o = a.octets();
+                Ipv4Addr::from(V4_BASE.wrapping_add(u32::from_be_bytes([o[12], o[13], o[14], o[15]])))
+            }
+        };
+        let n = self.nodes.get(self.used_v4.get(&v4)?)?;
+        let same = match ip {
+            IpAddr::V4(a) => n.ipv4 == a,
+            IpAddr::V6(a) => n.ipv6 == a,
+        };
+        same.then_some(n)
     }
 
     pub fn by_name(&self, name: &str) -> Option<&NodeRow> {
@@ -113,7 +140,7 @@ impl NodeTable {
     pub fn allocate(&mut self, ula: Ipv6Net) -> Result<(Ipv4Addr, Ipv6Addr), Exhausted> {
         let offset = (self.v4_hint.max(1)..V4_OFFSETS)
             .filter(|o| o & 0xff != 0 && o & 0xff != 0xff)
-            .find(|o| !self.used_v4.contains(&Ipv4Addr::from(V4_BASE + o)))
+            .find(|o| !self.used_v4.contains_key(&Ipv4Addr::from(V4_BASE + o)))
             .ok_or(Exhausted)?;
         self.v4_hint = offset;
         let mut v6 = ula.network().octets();
@@ -165,6 +192,31 @@ mod tests {
         assert_eq!(t.by_name("b").map(|n| n.id), Some(2));
         assert!(t.by_name("a").is_none());
         assert_eq!(t.by_machine_key(&[2; 32]).map(|n| n.id), Some(2));
+        assert_eq!(t.by_wg_key(&[2; 32]).map(|n| n.id), Some(2));
+        assert!(t.by_wg_key(&[1; 32]).is_none());
+    }
+
+    #[test]
+    fn nodes_are_found_by_either_overlay_address_and_only_by_their_own() {
+        let ula: Ipv6Net = "fd00:1:2::/48".parse().unwrap();
+        let mut t = NodeTable::default();
+        let (a, a6) = t.allocate(ula).unwrap();
+        t.insert(NodeRow {
+            ipv6: a6,
+            ..row(1, "a", a)
+        });
+        let (b, _) = t.allocate(ula).unwrap();
+        t.insert(row(2, "b", b));
+        let id = |ip: &str| t.by_address(ip.parse().unwrap()).map(|n| n.id);
+        assert_eq!(id("100.64.0.1"), Some(1));
+        assert_eq!(id("fd00:1:2::1"), Some(1));
+        assert_eq!(id("100.64.0.2"), Some(2));
+        // b's IPv6 address is not the one of its offset: not found that way.
+        assert_eq!(id("fd00:1:2::2"), None);
+        assert_eq!(id("fd00:9:9::1"), None, "another prefix, same offset");
+        assert_eq!(id("100.64.0.3"), None);
+        t.remove(1);
+        assert_eq!(id("100.64.0.1"), None);
     }
 
     #[test]
