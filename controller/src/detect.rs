@@ -12,12 +12,20 @@
 //! the suspect about itself.
 //!
 //! A lying node can still report anything about its peers. So no reporter
-//! alone can make a detector fire: every detector needs
-//! [`DetectConfig::min_reporters`] distinct reporters, and a reporter's
+//! alone can make a detector fire: evidence is kept per *principal* — the
+//! user who owns the reporting node, or the node itself when it is tagged —
+//! so one person's several devices are one voice; every detector needs
+//! [`DetectConfig::min_reporters`] distinct principals, and a principal's
 //! share of any sum is capped at `threshold / min_reporters` (rounded up).
-//! Framing a node takes that many colluding nodes, all of them its peers.
+//! Framing a node takes that many colluding principals, all with nodes that
+//! are its peers.
+//!
+//! Windows slide: counts live in time buckets, refused ports with the time
+//! they were last seen. Scans are judged over a long window (10 min by
+//! default) so one paced a receiver at a time still shows on several;
+//! bursts and handshakes over a short one.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use serde::Serialize;
 
@@ -74,18 +82,22 @@ impl std::str::FromStr for Response {
 pub struct DetectConfig {
     pub mode: Mode,
     pub response: Response,
-    /// Evidence older than this is forgotten (and a fired detector stays
-    /// quiet about the node this long).
+    /// The sliding window of the burst and handshake detectors.
     pub window_ms: i64,
-    /// Distinct reporters every detector needs (at least 2).
+    /// The sliding window of the scan detectors: long, so that a scan paced
+    /// one receiver at a time still shows on several.
+    pub scan_window_ms: i64,
+    /// Distinct reporting principals every detector needs (at least 2).
     pub min_reporters: usize,
-    /// Scanning: distinct (receiver, protocol, port) the node was refused on.
+    /// Scanning: distinct (principal, protocol, port) the node was refused on.
     pub scan_ports: u64,
-    /// Scanning: distinct receivers that refused the node (any port).
+    /// Scanning: distinct principals that refused the node (any port).
     pub scan_peers: u64,
-    /// Burst: denied packets from the node, summed over receivers.
-    pub burst_packets: u64,
-    /// Handshake failures: distinct receivers that got at least
+    /// Burst: denied flows from the node (one per flow and report, ~1 s),
+    /// summed over principals — flows, not packets, so one busy stream a
+    /// policy change cut off is one flow per second, not thousands.
+    pub burst_flows: u64,
+    /// Handshake failures: distinct principals that got at least
     /// [`DetectConfig::handshake_min`] verified initiations from the node
     /// while not listing it as a peer.
     pub handshake_peers: u64,
@@ -104,10 +116,11 @@ impl Default for DetectConfig {
             mode: Mode::Enforce,
             response: Response::Quarantine,
             window_ms: 60_000,
+            scan_window_ms: 600_000,
             min_reporters: 2,
             scan_ports: 40,
             scan_peers: 8,
-            burst_packets: 5_000,
+            burst_flows: 1_000,
             handshake_peers: 4,
             handshake_min: 3,
             exempt_tags: Vec::new(),
@@ -131,15 +144,15 @@ impl DetectConfig {
         for (flag, v) in [
             ("--detect-scan-ports", self.scan_ports),
             ("--detect-scan-peers", self.scan_peers),
-            ("--detect-burst-packets", self.burst_packets),
+            ("--detect-burst-flows", self.burst_flows),
             ("--detect-handshake-peers", self.handshake_peers),
         ] {
             if v < min {
                 return Err(format!("{flag} {v} is below --detect-min-reporters {min}"));
             }
         }
-        if self.window_ms < 1_000 {
-            return Err("--detect-window must be at least 1s".into());
+        if self.window_ms < 1_000 || self.scan_window_ms < 1_000 {
+            return Err("--detect-window and --detect-scan-window must be at least 1s".into());
         }
         if self.handshake_min == 0 {
             return Err("--detect-handshake-min must be at least 1".into());
@@ -147,41 +160,110 @@ impl DetectConfig {
         Ok(())
     }
 
-    /// A reporter's share of a summed threshold.
+    /// A principal's share of a summed threshold.
     fn share(&self, threshold: u64) -> u64 {
         threshold.div_ceil(self.min_reporters.max(1) as u64)
+    }
+
+    /// How long evidence is kept: the longer window.
+    fn horizon(&self) -> i64 {
+        self.window_ms.max(self.scan_window_ms)
     }
 }
 
 /// One thing a reporter saw the suspect do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Seen {
-    /// `packets` to (`proto`, `port`) were refused by the reporter's filter.
+    /// A denied flow to (`proto`, `port`) with `packets`, in one report.
     Denied { proto: u8, port: u16, packets: u64 },
     /// `count` verified handshake initiations from the suspect's key while
     /// the reporter did not list it.
     Handshakes { count: u64 },
 }
 
-/// One reporter's evidence about one suspect in the current window.
+/// Counts in time buckets: a sliding sum over a window, in bounded memory.
 #[derive(Clone, Debug, Default)]
-struct Witness {
-    since_ms: UnixMs,
-    last_ms: UnixMs,
-    /// Distinct (protocol, port) refused, at most the reporter's share.
-    ports: BTreeSet<(u8, u16)>,
-    denied_packets: u64,
-    handshakes: u64,
+struct Buckets(VecDeque<(UnixMs, u64)>);
+
+/// Buckets per window.
+const BUCKETS: i64 = 8;
+
+impl Buckets {
+    fn add(&mut self, now: UnixMs, n: u64, window: i64) {
+        let width = (window / BUCKETS).max(1);
+        let start = now - now.rem_euclid(width);
+        match self.0.back_mut() {
+            Some((s, c)) if *s == start => *c = c.saturating_add(n),
+            _ => self.0.push_back((start, n)),
+        }
+        self.prune(now, window);
+    }
+
+    fn prune(&mut self, now: UnixMs, window: i64) {
+        while self.0.front().is_some_and(|(s, _)| *s <= now - window) {
+            self.0.pop_front();
+        }
+        // A clock stepped back leaves buckets "in the future": bounded anyway.
+        while self.0.len() as i64 > BUCKETS + 1 {
+            self.0.pop_front();
+        }
+    }
+
+    fn sum(&self, now: UnixMs, window: i64) -> u64 {
+        self.0
+            .iter()
+            .filter(|(s, _)| *s > now - window)
+            .fold(0u64, |a, (_, c)| a.saturating_add(*c))
+    }
 }
 
-/// A reporter's evidence as a finding shows it.
+/// Reporter ids a witness lists at most (for the record; the principal counts).
+const MAX_REPORTERS_LISTED: usize = 8;
+
+/// One principal's evidence about one suspect.
+#[derive(Clone, Debug, Default)]
+struct Witness {
+    /// The principal's nodes that reported (at most [`MAX_REPORTERS_LISTED`]).
+    reporters: BTreeSet<u64>,
+    first_ms: UnixMs,
+    last_ms: UnixMs,
+    /// Refused (protocol, port) and when last, at most the principal's share.
+    ports: BTreeMap<(u8, u16), UnixMs>,
+    flows: Buckets,
+    packets: Buckets,
+    handshakes: Buckets,
+}
+
+impl Witness {
+    fn prune(&mut self, now: UnixMs, cfg: &DetectConfig) {
+        self.ports
+            .retain(|_, last| *last > now - cfg.scan_window_ms);
+        self.flows.prune(now, cfg.window_ms);
+        self.packets.prune(now, cfg.window_ms);
+        self.handshakes.prune(now, cfg.window_ms);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ports.is_empty()
+            && self.flows.0.is_empty()
+            && self.packets.0.is_empty()
+            && self.handshakes.0.is_empty()
+    }
+}
+
+/// A principal's evidence as a finding shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Testimony {
-    pub reporter: u64,
-    /// Distinct ports refused (capped at the reporter's share).
+    /// The node, or the user whose nodes, reported.
+    pub principal: String,
+    /// Its reporting nodes (some of them).
+    pub reporters: Vec<u64>,
+    /// Distinct ports refused in the scan window (capped at its share).
     pub ports: u64,
     /// A few of them, "tcp/22" style.
     pub sample: Vec<String>,
+    /// Denied flows and their packets in the window.
+    pub denied_flows: u64,
     pub denied_packets: u64,
     pub handshakes: u64,
     pub first_ms: UnixMs,
@@ -208,19 +290,19 @@ pub struct Finding {
 /// How many distinct ports a testimony names in its sample.
 const SAMPLE_PORTS: usize = 8;
 
-/// (suspect, reporter) pairs held at most; beyond it new pairs are dropped
-/// (and counted) until old ones expire.
-pub const MAX_WITNESSES: usize = 100_000;
+/// (suspect, principal) witnesses held at most; beyond it new ones are
+/// dropped (and counted) until old ones expire. About 1 KiB each at most.
+pub const MAX_WITNESSES: usize = 50_000;
 
-/// The detectors' state: recent evidence per suspect, per reporter.
+/// The detectors' state: recent evidence per suspect, per principal.
 #[derive(Debug)]
 pub struct Detector {
     cfg: DetectConfig,
-    suspects: HashMap<u64, BTreeMap<u64, Witness>>,
+    suspects: HashMap<u64, BTreeMap<String, Witness>>,
     witnesses: usize,
     /// Evidence dropped because [`MAX_WITNESSES`] was reached.
     pub dropped: u64,
-    /// Until when a suspect that fired stays quiet.
+    /// Until when a suspect stays quiet (after a finding).
     quiet: HashMap<u64, UnixMs>,
 }
 
@@ -239,30 +321,44 @@ impl Detector {
         &self.cfg
     }
 
-    /// Records what `reporter` saw `suspect` do at `now`. Reports by a node
-    /// about itself are ignored.
-    pub fn observe(&mut self, reporter: u64, suspect: u64, seen: Seen, now: UnixMs) {
+    /// Records what node `reporter`, speaking for `principal` (its owner, or
+    /// the node itself when tagged), saw `suspect` do at `now`. Reports by a
+    /// node about itself are ignored.
+    pub fn observe(
+        &mut self,
+        principal: &str,
+        reporter: u64,
+        suspect: u64,
+        seen: Seen,
+        now: UnixMs,
+    ) {
         if reporter == suspect || self.cfg.mode == Mode::Off {
             return;
         }
         let port_share = self.cfg.share(self.cfg.scan_ports);
-        let burst_share = self.cfg.share(self.cfg.burst_packets);
-        let window = self.cfg.window_ms;
-        let witnesses = self.suspects.entry(suspect).or_default();
-        let fresh = !witnesses.contains_key(&reporter);
+        let flow_share = self.cfg.share(self.cfg.burst_flows);
+        let cfg = self.cfg.clone();
+        let fresh = !self
+            .suspects
+            .get(&suspect)
+            .is_some_and(|w| w.contains_key(principal));
         if fresh && self.witnesses >= MAX_WITNESSES {
             self.dropped = self.dropped.saturating_add(1);
             return;
         }
-        let w = witnesses.entry(reporter).or_default();
+        let w = self
+            .suspects
+            .entry(suspect)
+            .or_default()
+            .entry(principal.to_string())
+            .or_default();
         if fresh {
             self.witnesses += 1;
+            w.first_ms = now;
         }
-        if fresh || now.saturating_sub(w.since_ms) > window {
-            *w = Witness {
-                since_ms: now,
-                ..Witness::default()
-            };
+        w.prune(now, &cfg);
+        if w.reporters.len() < MAX_REPORTERS_LISTED {
+            w.reporters.insert(reporter);
         }
         w.last_ms = w.last_ms.max(now);
         match seen {
@@ -271,39 +367,55 @@ impl Detector {
                 port,
                 packets,
             } => {
-                if (w.ports.len() as u64) < port_share {
-                    w.ports.insert((proto, port));
+                if (w.ports.len() as u64) < port_share || w.ports.contains_key(&(proto, port)) {
+                    w.ports.insert((proto, port), now);
                 }
-                w.denied_packets = w.denied_packets.saturating_add(packets).min(burst_share);
+                if w.flows.sum(now, cfg.window_ms) < flow_share {
+                    w.flows.add(now, 1, cfg.window_ms);
+                }
+                w.packets.add(now, packets, cfg.window_ms);
             }
             Seen::Handshakes { count } => {
-                w.handshakes = w.handshakes.saturating_add(count);
+                w.handshakes.add(now, count, cfg.window_ms);
             }
         }
     }
 
-    /// Forgets everything about `node`, as suspect and as reporter (it was
-    /// released, deleted, or exempted).
+    /// Forgets everything about `node`: as a suspect, and the testimony of
+    /// every principal it reported for (it was released, quarantined,
+    /// deleted).
     pub fn forget(&mut self, node: u64) {
         if let Some(w) = self.suspects.remove(&node) {
             self.witnesses -= w.len();
         }
+        let mut removed = 0;
         for w in self.suspects.values_mut() {
-            if w.remove(&node).is_some() {
-                self.witnesses -= 1;
-            }
+            let before = w.len();
+            w.retain(|_, x| !x.reporters.contains(&node));
+            removed += before - w.len();
         }
+        self.witnesses -= removed;
         self.suspects.retain(|_, w| !w.is_empty());
         self.quiet.remove(&node);
     }
 
-    /// Drops evidence older than the window.
+    /// Keeps `node` quiet until `until` (a decision that is not a
+    /// quarantine is not repeated every window).
+    pub fn silence(&mut self, node: u64, until: UnixMs) {
+        let q = self.quiet.entry(node).or_insert(until);
+        *q = (*q).max(until);
+    }
+
+    /// Drops evidence older than the windows.
     pub fn expire(&mut self, now: UnixMs) {
-        let window = self.cfg.window_ms;
+        let cfg = self.cfg.clone();
         let mut removed = 0;
         for w in self.suspects.values_mut() {
             let before = w.len();
-            w.retain(|_, x| now.saturating_sub(x.since_ms) <= window);
+            for x in w.values_mut() {
+                x.prune(now, &cfg);
+            }
+            w.retain(|_, x| !x.is_empty() && x.last_ms > now - cfg.horizon());
             removed += before - w.len();
         }
         self.witnesses -= removed;
@@ -311,8 +423,8 @@ impl Detector {
         self.quiet.retain(|_, until| *until > now);
     }
 
-    /// The suspects whose evidence now crosses a threshold, each once per
-    /// window (it stays quiet afterwards).
+    /// The suspects whose evidence now crosses a threshold, each once (it
+    /// stays quiet for the scan window afterwards).
     pub fn evaluate(&mut self, now: UnixMs) -> Vec<Finding> {
         self.expire(now);
         let mut found = Vec::new();
@@ -320,73 +432,77 @@ impl Detector {
             if self.quiet.contains_key(&node) {
                 continue;
             }
-            if let Some(f) = self.judge(node, witnesses) {
+            if let Some(f) = self.judge(node, witnesses, now) {
                 found.push(f);
             }
         }
         found.sort_by_key(|f| f.node);
+        let quiet = self.cfg.horizon();
         for f in &found {
-            self.quiet
-                .insert(f.node, now.saturating_add(self.cfg.window_ms));
+            self.quiet.insert(f.node, now.saturating_add(quiet));
         }
         found
     }
 
-    fn judge(&self, node: u64, witnesses: &BTreeMap<u64, Witness>) -> Option<Finding> {
+    fn judge(
+        &self,
+        node: u64,
+        witnesses: &BTreeMap<String, Witness>,
+        now: UnixMs,
+    ) -> Option<Finding> {
         let cfg = &self.cfg;
-        let min = cfg.min_reporters;
-        let denying: Vec<&Witness> = witnesses
+        let min = cfg.min_reporters as u64;
+        let scanning: Vec<&Witness> = witnesses.values().filter(|w| !w.ports.is_empty()).collect();
+        let flowing: Vec<u64> = witnesses
             .values()
-            .filter(|w| w.denied_packets > 0 || !w.ports.is_empty())
+            .map(|w| w.flows.sum(now, cfg.window_ms))
+            .filter(|&n| n > 0)
             .collect();
         let shaking = witnesses
             .values()
-            .filter(|w| w.handshakes >= cfg.handshake_min)
+            .filter(|w| w.handshakes.sum(now, cfg.window_ms) >= cfg.handshake_min)
             .count() as u64;
-        let ports: u64 = denying.iter().map(|w| w.ports.len() as u64).sum();
-        let packets: u64 = denying
-            .iter()
-            .fold(0u64, |s, w| s.saturating_add(w.denied_packets));
+        let ports: u64 = scanning.iter().map(|w| w.ports.len() as u64).sum();
+        let flows: u64 = flowing.iter().fold(0u64, |s, n| s.saturating_add(*n));
         let mut fired = Vec::new();
-        if denying.len() >= min {
-            for (detector, value, threshold) in [
-                ("scan_ports", ports, cfg.scan_ports),
-                ("scan_peers", denying.len() as u64, cfg.scan_peers),
-                ("denied_burst", packets, cfg.burst_packets),
-            ] {
-                if value >= threshold {
-                    fired.push(Fired {
-                        detector,
-                        value,
-                        threshold,
-                    });
-                }
+        for (detector, value, threshold, principals) in [
+            ("scan_ports", ports, cfg.scan_ports, scanning.len() as u64),
+            (
+                "scan_peers",
+                scanning.len() as u64,
+                cfg.scan_peers,
+                scanning.len() as u64,
+            ),
+            ("denied_burst", flows, cfg.burst_flows, flowing.len() as u64),
+            ("handshake_failures", shaking, cfg.handshake_peers, shaking),
+        ] {
+            if principals >= min && value >= threshold {
+                fired.push(Fired {
+                    detector,
+                    value,
+                    threshold,
+                });
             }
-        }
-        if shaking >= cfg.handshake_peers && shaking >= min as u64 {
-            fired.push(Fired {
-                detector: "handshake_failures",
-                value: shaking,
-                threshold: cfg.handshake_peers,
-            });
         }
         if fired.is_empty() {
             return None;
         }
         let evidence = witnesses
             .iter()
-            .map(|(&reporter, w)| Testimony {
-                reporter,
+            .map(|(principal, w)| Testimony {
+                principal: principal.clone(),
+                reporters: w.reporters.iter().copied().collect(),
                 ports: w.ports.len() as u64,
                 sample: w
                     .ports
-                    .iter()
+                    .keys()
                     .take(SAMPLE_PORTS)
                     .map(|&(p, port)| format!("{}/{port}", ztmesh_policy::proto_name(p)))
                     .collect(),
-                denied_packets: w.denied_packets,
-                handshakes: w.handshakes,
-                first_ms: w.since_ms,
+                denied_flows: w.flows.sum(now, cfg.window_ms),
+                denied_packets: w.packets.sum(now, cfg.window_ms),
+                handshakes: w.handshakes.sum(now, cfg.window_ms),
+                first_ms: w.first_ms,
                 last_ms: w.last_ms,
             })
             .collect();
@@ -463,9 +579,14 @@ mod tests {
         Detector::new(DetectConfig::default())
     }
 
+    fn who(r: u64) -> String {
+        format!("node:{r}")
+    }
+
     fn scan(d: &mut Detector, reporter: u64, suspect: u64, ports: u16, now: UnixMs) {
         for port in 1..=ports {
             d.observe(
+                &who(reporter),
                 reporter,
                 suspect,
                 Seen::Denied {
@@ -479,7 +600,7 @@ mod tests {
     }
 
     #[test]
-    fn a_scan_seen_by_two_receivers_fires_once() {
+    fn a_scan_seen_by_two_principals_fires_once() {
         let mut d = detector();
         scan(&mut d, 2, 9, 100, T0);
         assert!(d.evaluate(T0).is_empty(), "one receiver is never enough");
@@ -489,18 +610,19 @@ mod tests {
         let f = &found[0];
         assert_eq!(f.node, 9);
         assert_eq!(
-            f.fired,
-            vec![Fired {
+            f.fired[0],
+            Fired {
                 detector: "scan_ports",
                 value: 40,
                 threshold: 40
-            }]
+            }
         );
         assert_eq!(f.evidence.len(), 2);
-        assert_eq!(f.evidence[0].ports, 20, "a reporter's share is capped");
+        assert_eq!(f.evidence[0].ports, 20, "a principal's share is capped");
         assert_eq!(f.evidence[0].sample.len(), SAMPLE_PORTS);
         assert_eq!(f.evidence[0].sample[0], "tcp/1");
-        // Quiet for the window: more evidence does not fire again.
+        assert_eq!(f.evidence[0].reporters, vec![2]);
+        // Quiet afterwards: more evidence does not fire again.
         scan(&mut d, 4, 9, 100, T0 + 2_000);
         assert!(d.evaluate(T0 + 2_000).is_empty());
     }
@@ -510,71 +632,147 @@ mod tests {
         let mut d = detector();
         // Every detector's input, maximal, from one reporter.
         scan(&mut d, 2, 9, 60_000, T0);
-        d.observe(
-            2,
-            9,
-            Seen::Denied {
-                proto: TCP,
-                port: 1,
-                packets: u64::MAX,
-            },
-            T0,
-        );
-        d.observe(2, 9, Seen::Handshakes { count: u64::MAX }, T0);
-        assert!(d.evaluate(T0).is_empty());
-        // A second, quiet reporter adds its share only: with one reporter's
-        // share capped at half a threshold, the pair needs both to testify.
-        scan(&mut d, 3, 9, 5, T0);
-        assert!(d.evaluate(T0).is_empty(), "20 + 5 ports < 40");
+        for t in 0..100 {
+            d.observe(
+                &who(2),
+                2,
+                9,
+                Seen::Denied {
+                    proto: TCP,
+                    port: 1,
+                    packets: u64::MAX,
+                },
+                T0 + t,
+            );
+        }
+        d.observe(&who(2), 2, 9, Seen::Handshakes { count: u64::MAX }, T0);
+        assert!(d.evaluate(T0 + 100).is_empty());
+        // A second, quiet reporter adds its share only.
+        scan(&mut d, 3, 9, 5, T0 + 100);
+        assert!(d.evaluate(T0 + 100).is_empty(), "20 + 5 ports < 40");
         // Reports by the suspect about itself are not evidence.
-        scan(&mut d, 9, 9, 1000, T0);
-        assert!(d.evaluate(T0).is_empty());
+        scan(&mut d, 9, 9, 1000, T0 + 100);
+        assert!(d.evaluate(T0 + 100).is_empty());
     }
 
     #[test]
-    fn handshake_failures_need_many_receivers_each_with_repeats() {
+    fn one_persons_devices_are_one_voice() {
+        let mut d = detector();
+        for reporter in [2, 3, 4] {
+            for port in 1..=100 {
+                d.observe(
+                    "alice@example.com",
+                    reporter,
+                    9,
+                    Seen::Denied {
+                        proto: TCP,
+                        port,
+                        packets: 1,
+                    },
+                    T0,
+                );
+            }
+        }
+        assert!(d.evaluate(T0).is_empty(), "three laptops of alice's");
+        scan(&mut d, 5, 9, 100, T0);
+        let f = d.evaluate(T0);
+        assert_eq!(f.len(), 1);
+        let alice = f[0]
+            .evidence
+            .iter()
+            .find(|t| t.principal == "alice@example.com")
+            .unwrap();
+        assert_eq!((alice.ports, alice.reporters.clone()), (20, vec![2, 3, 4]));
+    }
+
+    #[test]
+    fn a_scan_paced_one_receiver_at_a_time_still_fires() {
+        let mut d = detector();
+        scan(&mut d, 2, 9, 100, T0);
+        assert!(d.evaluate(T0).is_empty());
+        // Two minutes later (beyond the short window), the next receiver.
+        scan(&mut d, 3, 9, 100, T0 + 120_000);
+        let f = d.evaluate(T0 + 120_000);
+        assert_eq!(f.len(), 1, "the scan window is 10 minutes");
+        // Beyond the scan window, the first receiver's ports are gone.
+        let mut d = detector();
+        scan(&mut d, 2, 9, 100, T0);
+        scan(&mut d, 3, 9, 100, T0 + 601_000);
+        assert!(d.evaluate(T0 + 601_000).is_empty());
+    }
+
+    #[test]
+    fn handshake_failures_need_many_principals_each_with_repeats() {
         let mut d = detector();
         for r in 2..=4 {
-            d.observe(r, 9, Seen::Handshakes { count: 50 }, T0);
+            d.observe(&who(r), r, 9, Seen::Handshakes { count: 50 }, T0);
         }
         // A lone stale initiation to a fourth receiver (a map race) is not enough.
-        d.observe(5, 9, Seen::Handshakes { count: 1 }, T0);
+        d.observe(&who(5), 5, 9, Seen::Handshakes { count: 1 }, T0);
         assert!(d.evaluate(T0).is_empty());
-        d.observe(5, 9, Seen::Handshakes { count: 2 }, T0);
+        d.observe(&who(5), 5, 9, Seen::Handshakes { count: 2 }, T0);
         let f = d.evaluate(T0);
         assert_eq!(f.len(), 1);
         assert_eq!(f[0].fired[0].detector, "handshake_failures");
         assert_eq!(f[0].fired[0].value, 4);
+        // The short window slides: handshakes a minute old no longer count.
+        let mut d = detector();
+        for r in 2..=4 {
+            d.observe(&who(r), r, 9, Seen::Handshakes { count: 50 }, T0);
+        }
+        d.observe(&who(5), 5, 9, Seen::Handshakes { count: 3 }, T0 + 61_000);
+        assert!(d.evaluate(T0 + 61_000).is_empty());
     }
 
     #[test]
-    fn a_burst_of_denied_packets_fires_and_evidence_expires() {
-        let mut d = detector();
-        let burst = |d: &mut Detector, r: u64, now: UnixMs| {
-            d.observe(
-                r,
-                9,
-                Seen::Denied {
-                    proto: 17,
-                    port: 53,
-                    packets: 2_500,
-                },
-                now,
-            )
+    fn a_burst_counts_denied_flows_not_packets() {
+        let stream = |d: &mut Detector, r: u64, secs: i64, start: UnixMs| {
+            for s in 0..secs {
+                d.observe(
+                    &who(r),
+                    r,
+                    9,
+                    Seen::Denied {
+                        proto: 17,
+                        port: 514,
+                        packets: 100,
+                    },
+                    start + s * 1_000,
+                )
+            }
         };
-        burst(&mut d, 2, T0);
-        // The window passes before the second receiver testifies.
-        burst(&mut d, 3, T0 + 61_000);
-        assert!(d.evaluate(T0 + 61_000).is_empty());
-        burst(&mut d, 2, T0 + 62_000);
-        let f = d.evaluate(T0 + 62_000);
+        // One busy UDP stream (100 pps) to each of two receivers that a
+        // policy change cut off: one flow per report, not 6,000 packets.
+        let mut d = detector();
+        stream(&mut d, 2, 60, T0);
+        stream(&mut d, 3, 60, T0);
+        assert!(d.evaluate(T0 + 59_000).is_empty());
+        // Many denied flows at once: 500 per principal (its share) per minute.
+        let mut d = detector();
+        for r in [2, 3] {
+            for port in 0..600u16 {
+                d.observe(
+                    &who(r),
+                    r,
+                    9,
+                    Seen::Denied {
+                        proto: 17,
+                        port: 1000 + port % 10,
+                        packets: 1,
+                    },
+                    T0,
+                );
+            }
+        }
+        let f = d.evaluate(T0);
         assert_eq!(f.len(), 1);
         assert_eq!(f[0].fired[0].detector, "denied_burst");
-        assert_eq!(f[0].fired[0].value, 5_000);
+        assert_eq!(f[0].fired[0].value, 1_000);
+        assert_eq!(f[0].evidence[0].denied_packets, 600);
     }
 
     #[test]
-    fn forget_clears_a_released_node_and_the_witness_count() {
+    fn forget_clears_a_node_as_suspect_and_as_witness() {
         let mut d = detector();
         scan(&mut d, 2, 9, 100, T0);
         scan(&mut d, 3, 9, 100, T0);
@@ -582,23 +780,48 @@ mod tests {
         assert_eq!(d.witnesses, 3);
         assert_eq!(d.evaluate(T0).len(), 1);
         d.forget(9);
-        assert_eq!(d.witnesses, 0);
+        assert_eq!(d.witnesses, 0, "9 as suspect, and its testimony about 2");
         assert!(d.suspects.is_empty() && d.quiet.is_empty());
         // Released, it starts from nothing: one new report is not a finding.
         scan(&mut d, 2, 9, 100, T0 + 1);
         assert!(d.evaluate(T0 + 1).is_empty());
+        // A quarantined reporter's earlier testimony is gone with it.
+        let mut d = detector();
+        scan(&mut d, 5, 1, 100, T0);
+        d.forget(5);
+        scan(&mut d, 6, 1, 100, T0 + 1);
+        assert!(d.evaluate(T0 + 1).is_empty());
+    }
+
+    #[test]
+    fn silenced_nodes_stay_quiet_until_the_time_given() {
+        let mut d = detector();
+        d.silence(9, T0 + 3_600_000);
+        scan(&mut d, 2, 9, 100, T0);
+        scan(&mut d, 3, 9, 100, T0);
+        assert!(d.evaluate(T0).is_empty());
+        scan(&mut d, 2, 9, 100, T0 + 3_600_001);
+        scan(&mut d, 3, 9, 100, T0 + 3_600_001);
+        assert_eq!(d.evaluate(T0 + 3_600_001).len(), 1);
     }
 
     #[test]
     fn witnesses_are_bounded() {
         let mut d = detector();
         for s in 0..(MAX_WITNESSES as u64 + 10) {
-            d.observe(1_000_000, s + 1, Seen::Handshakes { count: 1 }, T0);
+            d.observe(
+                &who(1_000_000),
+                1_000_000,
+                s + 1,
+                Seen::Handshakes { count: 1 },
+                T0,
+            );
         }
         assert_eq!(d.witnesses, MAX_WITNESSES);
         assert_eq!(d.dropped, 10);
-        d.expire(T0 + 61_000);
+        d.expire(T0 + 601_000);
         assert_eq!(d.witnesses, 0);
+        assert!(d.suspects.is_empty());
     }
 
     #[test]
@@ -630,7 +853,7 @@ mod tests {
     }
 
     #[test]
-    fn config_refuses_thresholds_one_reporter_could_reach() {
+    fn config_refuses_thresholds_one_principal_could_reach() {
         let ok = DetectConfig::default();
         assert!(ok.validate().is_ok());
         let one = DetectConfig {

@@ -1679,7 +1679,9 @@ async fn receivers_reports_quarantine_a_scanner_and_release_is_an_admins_act() {
         (found[0].node.as_str(), found[0].action.as_str()),
         ("scanner", "quarantine")
     );
-    assert!(found[0].evidence_json.contains("\"reporter_name\":\"a\""));
+    assert!(found[0]
+        .evidence_json
+        .contains("\"reporter_names\":[\"a\"]"));
     let e = auditor
         .release_node(apb::NodeRef {
             node: "scanner".into(),

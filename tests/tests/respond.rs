@@ -281,7 +281,7 @@ fn a_scanning_node_is_quarantined_on_its_receivers_word_and_released_by_an_admin
         .as_array()
         .expect("testimonies")
         .iter()
-        .filter_map(|t| t["reporter_name"].as_str())
+        .filter_map(|t| t["reporter_names"][0].as_str())
         .collect();
     witnesses.sort_unstable();
     assert_eq!(witnesses, vec![DB, WEB], "{d:#}");

@@ -115,22 +115,28 @@ pub struct DetectArgs {
     /// What a finding does: quarantine (and alert), or alert only.
     #[arg(long, default_value = "quarantine")]
     pub detect_response: crate::detect::Response,
-    /// Evidence older than this is forgotten.
+    /// The sliding window of the burst and handshake detectors.
     #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
     pub detect_window: Duration,
-    /// Distinct reporting nodes every detector needs (at least 2).
+    /// The sliding window of the scan detectors (long: a scan paced one
+    /// receiver at a time still shows on several).
+    #[arg(long, default_value = "10m", value_parser = parse_positive_duration)]
+    pub detect_scan_window: Duration,
+    /// Distinct reporting principals every detector needs (at least 2): a
+    /// user's nodes are one principal, a tagged node is its own.
     #[arg(long, default_value_t = 2)]
     pub detect_min_reporters: usize,
-    /// Scanning: distinct (receiver, protocol, port) a node was refused on.
+    /// Scanning: distinct (principal, protocol, port) a node was refused on.
     #[arg(long, default_value_t = 40)]
     pub detect_scan_ports: u64,
-    /// Scanning: distinct receivers that refused a node.
+    /// Scanning: distinct principals that refused a node.
     #[arg(long, default_value_t = 8)]
     pub detect_scan_peers: u64,
-    /// A burst: denied packets from a node, summed over receivers.
-    #[arg(long, default_value_t = 5_000)]
-    pub detect_burst_packets: u64,
-    /// Handshake failures: distinct receivers that got verified handshakes
+    /// A burst: denied flows from a node (one per flow and report, about a
+    /// second), summed over principals.
+    #[arg(long, default_value_t = 1_000)]
+    pub detect_burst_flows: u64,
+    /// Handshake failures: distinct principals that got verified handshakes
     /// from a node they do not list as a peer…
     #[arg(long, default_value_t = 4)]
     pub detect_handshake_peers: u64,
@@ -170,10 +176,11 @@ impl DetectArgs {
             mode: self.detect_mode,
             response: self.detect_response,
             window_ms: i64::try_from(self.detect_window.as_millis()).unwrap_or(i64::MAX),
+            scan_window_ms: i64::try_from(self.detect_scan_window.as_millis()).unwrap_or(i64::MAX),
             min_reporters: self.detect_min_reporters,
             scan_ports: self.detect_scan_ports,
             scan_peers: self.detect_scan_peers,
-            burst_packets: self.detect_burst_packets,
+            burst_flows: self.detect_burst_flows,
             handshake_peers: self.detect_handshake_peers,
             handshake_min: self.detect_handshake_min,
             exempt_tags: self.detect_exempt_tags.clone(),

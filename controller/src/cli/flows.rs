@@ -140,12 +140,17 @@ pub(super) async fn detections(
             .cloned()
             .unwrap_or_default();
         for t in list {
+            let names: Vec<&str> = t["reporter_names"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|n| n.as_str()).collect())
+                .unwrap_or_default();
             println!(
-                "{:>6}   seen by {} (id {}): {} ports {} denied packets {} handshakes",
+                "{:>6}   seen by {} ({}): {} ports, {} denied flows ({} packets), {} handshakes",
                 "",
-                t["reporter_name"].as_str().unwrap_or("?"),
-                t["reporter"],
+                names.join(","),
+                t["principal"].as_str().unwrap_or("?"),
                 t["ports"],
+                t["denied_flows"],
                 t["denied_packets"],
                 t["handshakes"]
             );

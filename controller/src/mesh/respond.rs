@@ -20,6 +20,19 @@ use crate::UnixMs;
 /// are counted.
 pub const MAX_TESTIMONIES: usize = 16;
 
+/// A finding that did not quarantine (alert only, dry-run, exempt) is not
+/// recorded again for the node for this long.
+pub const REPEAT_AFTER_MS: i64 = 3_600_000;
+
+/// The voice a node speaks with as a witness: its owner, so one person's
+/// devices are one principal; a tagged node (a server) speaks for itself.
+pub fn principal_of(n: &NodeRow) -> String {
+    match &n.user {
+        Some(u) => format!("user:{u}"),
+        None => format!("node:{}", n.id),
+    }
+}
+
 /// Verified unknown-key handshakes counted per (reporter, key) and report.
 const MAX_HANDSHAKES_PER_REPORT: u64 = 1_000;
 
@@ -40,12 +53,13 @@ impl Mesh {
             return;
         }
         let mut seen: Vec<(u64, Seen)> = Vec::new();
+        let principal;
         {
             let st = self.state();
             let core = &st.core;
             // A quarantined (or departed) node's word counts for nothing.
             match core.nodes().get(reporter.id) {
-                Some(n) if n.quarantine.is_none() => {}
+                Some(n) if n.quarantine.is_none() => principal = principal_of(n),
                 _ => return,
             }
             // Lookups by address and by key, and a peer test per entry: no
@@ -98,7 +112,7 @@ impl Mesh {
         let findings = {
             let mut d = self.detector.lock().unwrap_or_else(|p| p.into_inner());
             for (suspect, s) in seen {
-                d.observe(reporter.id, suspect, s, now);
+                d.observe(&principal, reporter.id, suspect, s, now);
             }
             d.evaluate(now)
         };
@@ -124,7 +138,8 @@ impl Mesh {
             let names: HashMap<u64, String> = f
                 .evidence
                 .iter()
-                .filter_map(|t| nodes.get(t.reporter).map(|n| (t.reporter, n.name.clone())))
+                .flat_map(|t| t.reporters.iter())
+                .filter_map(|&r| nodes.get(r).map(|n| (r, n.name.clone())))
                 .collect();
             (node, quarantined, names)
         };
@@ -135,11 +150,7 @@ impl Mesh {
         let detectors: Vec<&str> = f.fired.iter().map(|x| x.detector).collect();
         let mut testimonies = f.evidence.clone();
         testimonies.sort_by(|a, b| {
-            (b.ports, b.denied_packets, b.handshakes).cmp(&(
-                a.ports,
-                a.denied_packets,
-                a.handshakes,
-            ))
+            (b.ports, b.denied_flows, b.handshakes).cmp(&(a.ports, a.denied_flows, a.handshakes))
         });
         let more = testimonies.len().saturating_sub(MAX_TESTIMONIES);
         testimonies.truncate(MAX_TESTIMONIES);
@@ -147,7 +158,11 @@ impl Mesh {
             .iter()
             .map(|t| {
                 let mut v = serde_json::to_value(t).unwrap_or_default();
-                v["reporter_name"] = json!(names.get(&t.reporter).cloned().unwrap_or_default());
+                v["reporter_names"] = json!(t
+                    .reporters
+                    .iter()
+                    .map(|r| names.get(r).cloned().unwrap_or_default())
+                    .collect::<Vec<_>>());
                 v
             })
             .collect();
@@ -193,13 +208,29 @@ impl Mesh {
             action = %row.action,
             "detector fired"
         );
-        self.audit(now, "controller:detect", audit_action, &node.name, &detail);
         if action == Action::Quarantine {
+            // The quarantine first: the audit row says what was done.
             let q = Quarantine {
                 since_ms: now,
                 reason: format!("{} (detection {})", detectors.join(", "), row.id),
             };
-            self.store.set_node_quarantine(node.id, Some(&q))?;
+            if let Err(e) = self.store.set_node_quarantine(node.id, Some(&q)) {
+                self.audit(
+                    now,
+                    "controller:detect",
+                    "detect.quarantine_failed",
+                    &node.name,
+                    &detail,
+                );
+                if let Err(e) = self
+                    .store
+                    .set_detection_alert(row.id, "none (quarantine failed)")
+                {
+                    tracing::error!(error = %e, "cannot record the detection state");
+                }
+                return Err(e.into());
+            }
+            self.audit(now, "controller:detect", audit_action, &node.name, &detail);
             self.apply(
                 &turn,
                 Change::Upsert(NodeRow {
@@ -208,6 +239,15 @@ impl Mesh {
                 }),
                 now,
             );
+            // Its word counts for nothing now, also what it said before.
+            self.forget_evidence(node.id);
+        } else {
+            self.audit(now, "controller:detect", audit_action, &node.name, &detail);
+            // Not repeated every window: the record stands for an hour.
+            self.detector
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .silence(node.id, now.saturating_add(REPEAT_AFTER_MS));
         }
         if alerts {
             self.send_alert(&row, &f.fired, &evidence, &node);
@@ -373,7 +413,7 @@ mod tests {
             .as_array()
             .unwrap()
             .iter()
-            .map(|t| t["reporter_name"].as_str().unwrap())
+            .map(|t| t["reporter_names"][0].as_str().unwrap())
             .collect();
         assert_eq!(names, vec!["n1", "n2"]);
         let audit = store.audit_log(50).unwrap();
@@ -382,7 +422,7 @@ mod tests {
             .find(|r| r.action == "detect.quarantine")
             .expect("audited");
         assert!(
-            row_q.detail.contains("\"reporter_name\":\"n2\""),
+            row_q.detail.contains("\"reporter_names\":[\"n2\"]"),
             "{}",
             row_q.detail
         );
@@ -439,6 +479,36 @@ mod tests {
     }
 
     #[test]
+    fn verified_handshakes_from_a_non_peer_at_four_receivers_quarantine_it() {
+        let (m, store) = mesh(DetectConfig::default());
+        let ids = enroll_nodes(&m, 6);
+        // Nobody may talk to anybody: every handshake is from a non-peer.
+        m.set_policy("admin", "p.hujson", r#"{"acls": []}"#, T0)
+            .unwrap();
+        let s = row(&m, ids[0]);
+        let hs = |count| {
+            vec![pb::UnknownHandshakes {
+                wg_key: s.wg_key.to_vec(),
+                count,
+            }]
+        };
+        // One receiver, however loud, and three with a stale map's worth.
+        m.observe_report(&row(&m, ids[1]), &[], &hs(u64::MAX), T0);
+        for r in &ids[2..5] {
+            m.observe_report(&row(&m, *r), &[], &hs(1), T0);
+        }
+        assert!(row(&m, s.id).quarantine.is_none());
+        // Repeated initiations at four receivers.
+        for r in &ids[2..5] {
+            m.observe_report(&row(&m, *r), &[], &hs(2), T0 + 1);
+        }
+        let q = row(&m, s.id).quarantine.expect("quarantined");
+        assert!(q.reason.starts_with("handshake_failures"), "{q:?}");
+        let d = &store.detections(10, None).unwrap()[0];
+        assert!(d.detectors.contains("\"value\":4"), "{}", d.detectors);
+    }
+
+    #[test]
     fn a_quarantined_node_is_no_witness() {
         let (m, _store) = mesh(DetectConfig::default());
         let ids = enroll_nodes(&m, 4);
@@ -451,6 +521,44 @@ mod tests {
         m.observe_report(&s1, &denied(&a, 1..=100), &[], T0 + 1);
         m.observe_report(&b, &denied(&a, 1..=100), &[], T0 + 1);
         assert!(row(&m, a.id).quarantine.is_none());
+    }
+
+    #[test]
+    fn what_a_node_said_before_its_quarantine_counts_for_nothing_after() {
+        let (m, _store) = mesh(DetectConfig::default());
+        let ids = enroll_nodes(&m, 5);
+        let (liar, victim) = (row(&m, ids[0]), row(&m, ids[1]));
+        let (b, x, y) = (row(&m, ids[2]), row(&m, ids[3]), row(&m, ids[4]));
+        m.observe_report(&liar, &denied(&victim, 1..=100), &[], T0);
+        // The liar is itself caught scanning.
+        m.observe_report(&x, &denied(&liar, 1..=100), &[], T0 + 1);
+        m.observe_report(&y, &denied(&liar, 1..=100), &[], T0 + 1);
+        assert!(row(&m, liar.id).quarantine.is_some());
+        // One more accuser of the victim is not a second voice.
+        m.observe_report(&b, &denied(&victim, 1..=100), &[], T0 + 2);
+        assert!(row(&m, victim.id).quarantine.is_none());
+    }
+
+    #[test]
+    fn a_finding_that_does_not_quarantine_is_not_repeated_every_window() {
+        let (m, store) = mesh(DetectConfig {
+            mode: Mode::DryRun,
+            ..DetectConfig::default()
+        });
+        let ids = enroll_nodes(&m, 3);
+        let s = row(&m, ids[0]);
+        for t in [0, 700_000, 1_400_000] {
+            m.observe_report(&row(&m, ids[1]), &denied(&s, 1..=100), &[], T0 + t);
+            m.observe_report(&row(&m, ids[2]), &denied(&s, 1..=100), &[], T0 + t);
+        }
+        assert_eq!(store.detections(10, None).unwrap().len(), 1);
+        m.observe_report(&row(&m, ids[1]), &denied(&s, 1..=100), &[], T0 + 3_700_000);
+        m.observe_report(&row(&m, ids[2]), &denied(&s, 1..=100), &[], T0 + 3_700_000);
+        assert_eq!(
+            store.detections(10, None).unwrap().len(),
+            2,
+            "an hour later"
+        );
     }
 
     #[test]
