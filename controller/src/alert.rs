@@ -90,6 +90,29 @@ pub fn retryable(status: u16) -> bool {
 /// The https client cannot be set up (CA file).
 pub fn spawn(hook: Webhook, store: Arc<dyn Store>) -> Result<mpsc::Sender<AlertJob>, String> {
     let client = crate::httpclient::client(hook.ca_file.as_deref(), TIMEOUT)?;
+    let host = hook.url.host_str().unwrap_or("");
+    let loopback = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback());
+    if hook.url.scheme() == "http" && !loopback {
+        tracing::warn!(
+            "--alert-webhook is plain http to a remote host: alerts and their evidence cross the network in clear (use https)"
+        );
+    }
+    // Alerts pending when the controller last stopped were lost with its queue.
+    match store.detections(500, None) {
+        Ok(rows) => {
+            for d in rows.iter().filter(|d| d.alert == "pending") {
+                if let Err(e) = store.set_detection_alert(d.id, "failed: controller restarted") {
+                    tracing::error!(error = %e, "cannot record the alert state");
+                }
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot read the detections"),
+    }
     let (tx, mut rx) = mpsc::channel::<AlertJob>(QUEUE);
     let hook = Arc::new(hook);
     let slots = Arc::new(Semaphore::new(CONCURRENT));
@@ -139,7 +162,8 @@ async fn deliver(client: &reqwest::Client, hook: &Webhook, job: &AlertJob) -> St
                     break;
                 }
             }
-            Err(e) => last = crate::httpclient::error_chain(&e),
+            // Without the URL: a webhook's path often holds a token.
+            Err(e) => last = crate::httpclient::error_chain(&e.without_url()),
         }
         tracing::warn!(detection = job.detection, attempt, error = %last, "alert not delivered");
     }

@@ -1322,7 +1322,9 @@ impl Mesh {
             let stale: Vec<u64> = core
                 .nodes()
                 .iter()
-                .filter(|n| n.ephemeral && !online.contains(&n.id))
+                // A quarantined node stays (and stays quarantined) until an
+                // admin releases or deletes it: going offline is no way out.
+                .filter(|n| n.ephemeral && n.quarantine.is_none() && !online.contains(&n.id))
                 .map(|n| n.id)
                 .filter(|id| {
                     let since = *offline_since.entry(*id).or_insert(mono);
@@ -1398,6 +1400,12 @@ impl Mesh {
             Ok(0) => {}
             Ok(n) => tracing::info!(rows = n, "audit log pruned"),
             Err(e) => tracing::error!(error = %e, "cannot prune the audit log"),
+        }
+        // Detections live as long as the audit rows that record them.
+        match self.store.prune_detections(older_than) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(rows = n, "detections pruned"),
+            Err(e) => tracing::error!(error = %e, "cannot prune the detections"),
         }
         self.sign_audit_head(now);
     }
@@ -1813,6 +1821,20 @@ impl Mesh {
 
     /// Deregisters the node itself (node-authenticated logout).
     pub fn logout(&self, node: &NodeRow, now: UnixMs) -> Result<()> {
+        // Not a way out of a quarantine (a new enrollment would start clean).
+        if let Some(q) = self.find_node(&node.id.to_string())?.quarantine {
+            self.audit(
+                now,
+                &format!("node:{}", node.name),
+                "node.logout.refused",
+                &node.name,
+                &format!("quarantined: {}", q.reason),
+            );
+            return Err(Error::FailedPrecondition(format!(
+                "node {} is quarantined ({}); an admin must release or delete it",
+                node.name, q.reason
+            )));
+        }
         self.remove_node(&format!("node:{}", node.name), node, "node.logout", now)
     }
 

@@ -369,6 +369,8 @@ pub trait Store: Send + Sync {
     fn set_detection_alert(&self, id: u64, alert: &str) -> Result<()>;
     /// Detections, newest first: at most `limit`, with ids below `before_id`.
     fn detections(&self, limit: u32, before_id: Option<u64>) -> Result<Vec<DetectionRow>>;
+    /// Deletes detections recorded before `older_than_ms`; returns how many.
+    fn prune_detections(&self, older_than_ms: UnixMs) -> Result<u64>;
 }
 
 /// One decision of the detectors, as stored.
@@ -2205,6 +2207,13 @@ impl Store for SqliteStore {
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
+
+    fn prune_detections(&self, older_than_ms: UnixMs) -> Result<u64> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM detections WHERE time_ms < ?1", [older_than_ms])?;
+        Ok(n as u64)
+    }
 }
 
 #[cfg(test)]
@@ -2587,6 +2596,52 @@ mod tests {
         assert!(!back.routes.exit_node());
         assert!(matches!(
             s.set_node_routes(n.id + 100, &routes),
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn quarantines_and_detections_persist_and_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("ztmesh.db");
+        let s = SqliteStore::open(&db).unwrap();
+        let (text, key) = stored(&s, auth_detail(None, true), 3);
+        let n = s.enroll(&key.key_id, &verifies(&text), node(1)).unwrap();
+        assert!(n.quarantine.is_none());
+        let q = Quarantine {
+            since_ms: 1_000,
+            reason: "scan_ports (detection 1)".into(),
+        };
+        s.set_node_quarantine(n.id, Some(&q)).unwrap();
+        let d = |time_ms| DetectionRow {
+            id: 0,
+            time_ms,
+            node_id: n.id,
+            node_name: "n1".into(),
+            detectors: "[]".into(),
+            action: "quarantine".into(),
+            evidence: "[]".into(),
+            alert: "pending".into(),
+        };
+        let first = s.record_detection(&d(1_000)).unwrap();
+        let second = s.record_detection(&d(2_000)).unwrap();
+        s.set_detection_alert(first, "sent").unwrap();
+        drop(s);
+        let s = SqliteStore::open(&db).unwrap();
+        assert_eq!(s.nodes().unwrap()[0].quarantine.as_ref(), Some(&q));
+        let all = s.detections(10, None).unwrap();
+        assert_eq!(
+            all.iter().map(|d| d.id).collect::<Vec<_>>(),
+            [second, first]
+        );
+        assert_eq!(all[1].alert, "sent");
+        assert_eq!(s.detections(10, Some(second)).unwrap()[0].id, first);
+        assert_eq!(s.prune_detections(1_500).unwrap(), 1);
+        assert_eq!(s.detections(10, None).unwrap()[0].id, second);
+        s.set_node_quarantine(n.id, None).unwrap();
+        assert!(s.nodes().unwrap()[0].quarantine.is_none());
+        assert!(matches!(
+            s.set_node_quarantine(9_999, None),
             Err(StoreError::NotFound(_))
         ));
     }

@@ -259,4 +259,9 @@ impl<S: Store> Store for TimedStore<S> {
     fn detections(&self, limit: u32, before_id: Option<u64>) -> Result<Vec<DetectionRow>> {
         self.timed("detections", || self.inner.detections(limit, before_id))
     }
+    fn prune_detections(&self, older_than_ms: UnixMs) -> Result<u64> {
+        self.timed("prune_detections", || {
+            self.inner.prune_detections(older_than_ms)
+        })
+    }
 }

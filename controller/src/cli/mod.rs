@@ -171,7 +171,7 @@ pub enum Cmd {
     /// that fired, the evidence (which receivers saw what) and what was
     /// done (quarantine, alert, dry-run, exempt) with the alert's state.
     Detections {
-        /// At most this many (at most 10000).
+        /// At most this many (at most 500).
         #[arg(long, default_value_t = 50)]
         limit: u32,
         /// Only detections older than this id (to page back).

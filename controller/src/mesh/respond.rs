@@ -430,6 +430,10 @@ mod tests {
         m.observe_report(&row(&m, c), &denied(&s, 1..=100), &[], T0 + 4);
         assert_eq!(store.detections(10, None).unwrap().len(), 1);
 
+        // Logging out is no way out.
+        let e = m.logout(&row(&m, suspect), T0 + 4).unwrap_err();
+        assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
+        assert!(row(&m, suspect).quarantine.is_some());
         let released = m.release_node("admin", &s.name, T0 + 5).unwrap();
         assert!(released.quarantine.is_none());
         assert!(peers_of(&m, a).contains(&suspect));
