@@ -836,7 +836,10 @@ impl Worker {
             .map(|mut s| std::mem::take(&mut s.denied_flows))
             .unwrap_or_default();
         merge_denied(&mut denied, self.device.take_denied_flows());
-        let unknown_handshakes = self.device.take_unknown_handshakes();
+        let unix_s = wall_clock(now, now)
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let unknown_handshakes = self.device.take_unknown_handshakes(unix_s);
         let (allowed, allowed_overflow) = if with_allowed {
             self.device.take_allowed_flows()
         } else {

@@ -96,6 +96,17 @@ pub fn verify(
     Some((initiator, timestamp))
 }
 
+/// How far an initiation's timestamp may be from this node's clock and
+/// still count (clocks differ; WireGuard itself only needs them to grow).
+pub const FRESH_S: u64 = 120;
+
+/// Unix seconds of a TAI64N label (2^62 + seconds; the ten-second TAI
+/// offset WireGuard implementations add is within [`FRESH_S`]).
+pub fn tai64_unix_s(ts: &[u8; 12]) -> u64 {
+    let label = u64::from_be_bytes([ts[0], ts[1], ts[2], ts[3], ts[4], ts[5], ts[6], ts[7]]);
+    label.saturating_sub(1 << 62)
+}
+
 /// Keys tracked at most between two reports; initiations from further keys
 /// are counted in [`Unknown::overflow`] only.
 pub const MAX_UNKNOWN_KEYS: usize = 64;
@@ -142,13 +153,16 @@ impl Unknown {
         self.keys.insert(key, (1, timestamp));
     }
 
-    /// The counts since the last take. Every key keeps its newest
-    /// timestamp against replays until a new key needs its room.
-    pub fn take(&mut self) -> Vec<([u8; 32], u64)> {
+    /// The counts since the last take, of keys whose newest initiation was
+    /// stamped within [`FRESH_S`] of `unix_s` (the wall clock): an old
+    /// initiation replayed after its key's record was evicted or lost with a
+    /// restart is not evidence. Every key keeps its newest timestamp
+    /// against replays until a new key needs its room.
+    pub fn take(&mut self, unix_s: u64) -> Vec<([u8; 32], u64)> {
         let out: Vec<([u8; 32], u64)> = self
             .keys
             .iter()
-            .filter(|(_, (n, _))| *n > 0)
+            .filter(|(_, (n, ts))| *n > 0 && unix_s.abs_diff(tai64_unix_s(ts)) <= FRESH_S)
             .map(|(k, (n, _))| (*k, *n))
             .collect();
         for (n, _) in self.keys.values_mut() {
@@ -242,23 +256,46 @@ mod tests {
         assert!(verify(&bob, &bob_pub, &good[..100]).is_none());
     }
 
+    /// A TAI64N label for Unix second `s`, nanoseconds `n`.
+    fn at(s: u64, n: u32) -> [u8; 12] {
+        let mut ts = [0; 12];
+        ts[..8].copy_from_slice(&((1u64 << 62) + s).to_be_bytes());
+        ts[8..].copy_from_slice(&n.to_be_bytes());
+        ts
+    }
+
+    const NOW: u64 = 1_800_000_000;
+
     #[test]
     fn replays_count_once_and_keys_are_bounded() {
         let mut u = Unknown::default();
-        u.record([1; 32], [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0]);
-        u.record([1; 32], [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0]);
-        u.record([1; 32], [0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0]);
-        assert_eq!(u.take(), vec![([1; 32], 2)]);
+        u.record([1; 32], at(NOW, 1));
+        u.record([1; 32], at(NOW, 1));
+        u.record([1; 32], at(NOW, 2));
+        assert_eq!(u.take(NOW), vec![([1; 32], 2)]);
         // The newest timestamp outlives takes: the same replay is nothing.
         for _ in 0..3 {
-            u.record([1; 32], [0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0]);
-            assert!(u.take().is_empty());
+            u.record([1; 32], at(NOW, 2));
+            assert!(u.take(NOW).is_empty());
         }
         // A new key takes a quiet key's room; busy keys are never evicted.
         for k in 0..(MAX_UNKNOWN_KEYS as u8 + 5) {
-            u.record([k + 10; 32], [0; 12]);
+            u.record([k + 10; 32], at(NOW, 0));
         }
         assert_eq!(u.overflow, 5, "the quiet key made room for one");
-        assert_eq!(u.take().len(), MAX_UNKNOWN_KEYS);
+        assert_eq!(u.take(NOW).len(), MAX_UNKNOWN_KEYS);
+    }
+
+    #[test]
+    fn stale_initiations_are_no_evidence() {
+        let mut u = Unknown::default();
+        // Replayed an hour later, after the key's record was lost.
+        u.record([1; 32], at(NOW - 3_600, 0));
+        u.record([2; 32], at(NOW - 100, 0));
+        u.record([3; 32], at(NOW + 100, 0));
+        let mut got = u.take(NOW);
+        got.sort();
+        assert_eq!(got, vec![([2; 32], 1), ([3; 32], 1)]);
+        assert_eq!(tai64_unix_s(&at(NOW, 7)), NOW);
     }
 }

@@ -564,9 +564,10 @@ impl Device {
     }
 
     /// Verified handshake initiations from keys that are not peers, per
-    /// key, since the last call (see [`initiation::Unknown`]).
-    pub fn take_unknown_handshakes(&mut self) -> Vec<([u8; 32], u64)> {
-        self.unknown.take()
+    /// key, since the last call, from keys whose newest initiation is fresh
+    /// at `unix_s` (see [`initiation::Unknown::take`]).
+    pub fn take_unknown_handshakes(&mut self, unix_s: u64) -> Vec<([u8; 32], u64)> {
+        self.unknown.take(unix_s)
     }
 
     /// Allowed inbound flows with traffic since the last call (see

@@ -434,9 +434,16 @@ fn a_handshake_from_a_key_that_is_no_peer_is_verified_and_counted() {
     net.send_ip(0, &net.ping(0, 1, 1)).unwrap();
     assert_eq!(net.run(), vec![DropReason::UnknownPeer]);
     let a_key = net.nodes[0].key.public().0;
-    assert_eq!(net.nodes[1].dev.take_unknown_handshakes(), vec![(a_key, 1)]);
+    let unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert_eq!(
+        net.nodes[1].dev.take_unknown_handshakes(unix_s),
+        vec![(a_key, 1)]
+    );
     assert!(
-        net.nodes[1].dev.take_unknown_handshakes().is_empty(),
+        net.nodes[1].dev.take_unknown_handshakes(unix_s).is_empty(),
         "taken"
     );
     // The same initiation again (a replay) is not counted.
@@ -448,7 +455,7 @@ fn a_handshake_from_a_key_that_is_no_peer_is_verified_and_counted() {
         .expect("the initiation crossed the wire");
     let from = net.nodes[0].addr;
     assert_eq!(net.inject(1, from, &init), Err(DropReason::UnknownPeer));
-    assert!(net.nodes[1].dev.take_unknown_handshakes().is_empty());
+    assert!(net.nodes[1].dev.take_unknown_handshakes(unix_s).is_empty());
 }
 
 #[test]
