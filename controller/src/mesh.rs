@@ -530,6 +530,8 @@ impl Mesh {
         for n in st.core.nodes().iter() {
             if n.key_revoked || (n.expiry_ms != 0 && n.expiry_ms <= now) {
                 g.expired += 1;
+            } else if n.quarantine.is_some() {
+                g.quarantined += 1;
             } else if st.online.contains(&n.id) {
                 g.online += 1;
             } else {

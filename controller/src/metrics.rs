@@ -48,8 +48,12 @@ pub struct Metrics {
     propagation: Histogram,
     acks_ignored: Counter,
     refused_calls: Family<Label, Counter>,
+    detections: Family<Label, Counter>,
     store_ops: Family<Label, Histogram, MakeHistogram>,
 }
+
+/// Every value of the `action` label of detections.
+pub const DETECTION_ACTIONS: [&str; 4] = ["quarantine", "alert", "dry_run", "exempt"];
 
 /// Every value of the `reason` label of enrollment failures.
 pub const FAILURE_REASONS: [&str; 10] = [
@@ -88,6 +92,9 @@ impl Default for Metrics {
         for reason in REFUSAL_REASONS {
             let _ = m.refused_calls.get_or_create(&[("reason", reason)]);
         }
+        for action in DETECTION_ACTIONS {
+            let _ = m.detections.get_or_create(&[("action", action)]);
+        }
         m
     }
 }
@@ -102,6 +109,7 @@ impl Metrics {
             propagation: latency_histogram(),
             acks_ignored: Counter::default(),
             refused_calls: Family::default(),
+            detections: Family::default(),
             store_ops: Family::new_with_constructor(store_histogram),
         }
     }
@@ -121,6 +129,9 @@ pub struct Gauges {
     pub offline: u64,
     /// Key expired or revoked (by an admin or a logout).
     pub expired: u64,
+    /// Quarantined by a detector (and not expired; not counted as online
+    /// or offline).
+    pub quarantined: u64,
     /// Open netmap streams.
     pub streams: u64,
 }
@@ -184,6 +195,11 @@ impl Metrics {
     }
 
     /// A node call was refused (authentication, throttling, session).
+    /// A detector's finding was decided (`action`: one of [`DETECTION_ACTIONS`]).
+    pub fn detection(&self, action: &'static str) {
+        self.detections.get_or_create(&[("action", action)]).inc();
+    }
+
     pub fn call_refused(&self, reason: &'static str) {
         self.refused_calls
             .get_or_create(&[("reason", reason)])
@@ -205,6 +221,7 @@ impl Metrics {
             ("online", gauges.online),
             ("offline", gauges.offline),
             ("expired", gauges.expired),
+            ("quarantined", gauges.quarantined),
         ] {
             nodes
                 .get_or_create(&[("state", state)])
@@ -252,6 +269,11 @@ impl Metrics {
             "refused_calls",
             "Node calls refused, by reason",
             self.refused_calls.clone(),
+        );
+        r.register(
+            "detections",
+            "Detector findings, by what was done",
+            self.detections.clone(),
         );
         r.register_with_unit(
             "store_operation",
@@ -334,13 +356,24 @@ mod tests {
             online: 2,
             offline: 1,
             expired: 3,
+            quarantined: 1,
             streams: 2,
         };
+        m.detection("quarantine");
         let text = m.render(gauges, Format::OpenMetrics);
         for (name, want) in [
             (r#"ztmesh_controller_nodes{state="online"}"#, 2.0),
             (r#"ztmesh_controller_nodes{state="offline"}"#, 1.0),
             (r#"ztmesh_controller_nodes{state="expired"}"#, 3.0),
+            (r#"ztmesh_controller_nodes{state="quarantined"}"#, 1.0),
+            (
+                r#"ztmesh_controller_detections_total{action="quarantine"}"#,
+                1.0,
+            ),
+            (
+                r#"ztmesh_controller_detections_total{action="exempt"}"#,
+                0.0,
+            ),
             ("ztmesh_controller_streams", 2.0),
             (
                 r#"ztmesh_controller_enrollments_total{method="login"}"#,

@@ -195,12 +195,13 @@ impl Mesh {
             "evidence": evidence,
         })
         .to_string();
-        let audit_action = match action {
-            Action::Quarantine => "detect.quarantine",
-            Action::Alert { .. } => "detect.alert",
-            Action::DryRun { .. } => "detect.dry_run",
-            Action::Exempt { .. } => "detect.exempt",
+        let (audit_action, kind) = match action {
+            Action::Quarantine => ("detect.quarantine", "quarantine"),
+            Action::Alert { .. } => ("detect.alert", "alert"),
+            Action::DryRun { .. } => ("detect.dry_run", "dry_run"),
+            Action::Exempt { .. } => ("detect.exempt", "exempt"),
         };
+        self.metrics.detection(kind);
         tracing::warn!(
             node = %node.name,
             detection = row.id,
