@@ -311,13 +311,15 @@ carol_quarantined() {
 log "respond: carol's laptop scans ports 1-100 on web and db"
 start=$(date +%s%N)
 in_ns carol "$BIN/ztm-echo" scan "${IP[web]}" 1 100 300 | sed 's/^/   web: /' &
+scan_web=$!
 in_ns carol "$BIN/ztm-echo" scan "${IP[db]}" 1 100 300 | sed 's/^/   db:  /' &
+scan_db=$!
 wait_for "carol's quarantine" 200 carol_quarantined || {
   echo "demo.sh: the scan was not detected" >&2
   exit 1
 }
 end=$(date +%s%N)
-wait
+wait "$scan_web" "$scan_db"
 echo "   quarantined $(((end - start) / 1000000)) ms after the scan started"
 admin detections | sed 's/^/   /'
 node carol status | grep QUARANTINED | sed 's/^/   /'

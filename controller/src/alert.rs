@@ -102,16 +102,26 @@ pub fn spawn(hook: Webhook, store: Arc<dyn Store>) -> Result<mpsc::Sender<AlertJ
             "--alert-webhook is plain http to a remote host: alerts and their evidence cross the network in clear (use https)"
         );
     }
-    // Alerts pending when the controller last stopped were lost with its queue.
-    match store.detections(500, None) {
-        Ok(rows) => {
-            for d in rows.iter().filter(|d| d.alert == "pending") {
-                if let Err(e) = store.set_detection_alert(d.id, "failed: controller restarted") {
-                    tracing::error!(error = %e, "cannot record the alert state");
-                }
+    // Alerts pending when the controller last stopped were lost with its
+    // queue (all of them: paged, newest first).
+    let mut before = None;
+    loop {
+        let rows = match store.detections(500, before) {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the detections");
+                break;
+            }
+        };
+        for d in rows.iter().filter(|d| d.alert == "pending") {
+            if let Err(e) = store.set_detection_alert(d.id, "failed: controller restarted") {
+                tracing::error!(error = %e, "cannot record the alert state");
             }
         }
-        Err(e) => tracing::error!(error = %e, "cannot read the detections"),
+        match rows.last() {
+            Some(last) if rows.len() == 500 => before = Some(last.id),
+            _ => break,
+        }
     }
     let (tx, mut rx) = mpsc::channel::<AlertJob>(QUEUE);
     let hook = Arc::new(hook);

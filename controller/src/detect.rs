@@ -217,13 +217,14 @@ impl Buckets {
     }
 }
 
-/// Reporter ids a witness lists at most (for the record; the principal counts).
+/// Reporter ids a testimony lists at most (the principal is what counts).
 const MAX_REPORTERS_LISTED: usize = 8;
 
 /// One principal's evidence about one suspect.
 #[derive(Clone, Debug, Default)]
 struct Witness {
-    /// The principal's nodes that reported (at most [`MAX_REPORTERS_LISTED`]).
+    /// The principal's nodes that reported (all of them: `forget` needs
+    /// them; at most the principal's nodes that are the suspect's peers).
     reporters: BTreeSet<u64>,
     first_ms: UnixMs,
     last_ms: UnixMs,
@@ -291,8 +292,14 @@ pub struct Finding {
 const SAMPLE_PORTS: usize = 8;
 
 /// (suspect, principal) witnesses held at most; beyond it new ones are
-/// dropped (and counted) until old ones expire. About 1 KiB each at most.
-pub const MAX_WITNESSES: usize = 50_000;
+/// dropped (and counted) until old ones expire. By their layout (the map
+/// slot, 20 ports, three bucket queues) up to about 3.5 KiB each: 70 MiB at
+/// worst.
+pub const MAX_WITNESSES: usize = 20_000;
+
+/// Witnesses one principal may hold, so that one cannot fill the table
+/// and blind the detectors to everyone else's evidence.
+pub const MAX_WITNESSES_PER_PRINCIPAL: usize = 2_000;
 
 /// The detectors' state: recent evidence per suspect, per principal.
 #[derive(Debug)]
@@ -300,6 +307,8 @@ pub struct Detector {
     cfg: DetectConfig,
     suspects: HashMap<u64, BTreeMap<String, Witness>>,
     witnesses: usize,
+    /// Witnesses per principal.
+    per_principal: HashMap<String, usize>,
     /// Evidence dropped because [`MAX_WITNESSES`] was reached.
     pub dropped: u64,
     /// Until when a suspect stays quiet (after a finding).
@@ -312,6 +321,7 @@ impl Detector {
             cfg,
             suspects: HashMap::new(),
             witnesses: 0,
+            per_principal: HashMap::new(),
             dropped: 0,
             quiet: HashMap::new(),
         }
@@ -342,7 +352,8 @@ impl Detector {
             .suspects
             .get(&suspect)
             .is_some_and(|w| w.contains_key(principal));
-        if fresh && self.witnesses >= MAX_WITNESSES {
+        let held = self.per_principal.get(principal).copied().unwrap_or(0);
+        if fresh && (self.witnesses >= MAX_WITNESSES || held >= MAX_WITNESSES_PER_PRINCIPAL) {
             self.dropped = self.dropped.saturating_add(1);
             return;
         }
@@ -354,12 +365,11 @@ impl Detector {
             .or_default();
         if fresh {
             self.witnesses += 1;
+            *self.per_principal.entry(principal.to_string()).or_default() += 1;
             w.first_ms = now;
         }
         w.prune(now, &cfg);
-        if w.reporters.len() < MAX_REPORTERS_LISTED {
-            w.reporters.insert(reporter);
-        }
+        w.reporters.insert(reporter);
         w.last_ms = w.last_ms.max(now);
         match seen {
             Seen::Denied {
@@ -385,18 +395,35 @@ impl Detector {
     /// every principal it reported for (it was released, quarantined,
     /// deleted).
     pub fn forget(&mut self, node: u64) {
+        let mut gone: Vec<String> = Vec::new();
         if let Some(w) = self.suspects.remove(&node) {
-            self.witnesses -= w.len();
+            gone.extend(w.into_keys());
         }
-        let mut removed = 0;
         for w in self.suspects.values_mut() {
-            let before = w.len();
-            w.retain(|_, x| !x.reporters.contains(&node));
-            removed += before - w.len();
+            w.retain(|p, x| {
+                let keep = !x.reporters.contains(&node);
+                if !keep {
+                    gone.push(p.clone());
+                }
+                keep
+            });
         }
-        self.witnesses -= removed;
         self.suspects.retain(|_, w| !w.is_empty());
         self.quiet.remove(&node);
+        self.removed(gone);
+    }
+
+    /// Bookkeeping for witnesses removed, by principal.
+    fn removed(&mut self, principals: Vec<String>) {
+        self.witnesses -= principals.len();
+        for p in principals {
+            if let Some(n) = self.per_principal.get_mut(&p) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_principal.remove(&p);
+                }
+            }
+        }
     }
 
     /// Keeps `node` quiet until `until` (a decision that is not a
@@ -409,17 +436,19 @@ impl Detector {
     /// Drops evidence older than the windows.
     pub fn expire(&mut self, now: UnixMs) {
         let cfg = self.cfg.clone();
-        let mut removed = 0;
+        let mut gone: Vec<String> = Vec::new();
         for w in self.suspects.values_mut() {
-            let before = w.len();
-            for x in w.values_mut() {
+            w.retain(|p, x| {
                 x.prune(now, &cfg);
-            }
-            w.retain(|_, x| !x.is_empty() && x.last_ms > now - cfg.horizon());
-            removed += before - w.len();
+                let keep = !x.is_empty() && x.last_ms > now - cfg.horizon();
+                if !keep {
+                    gone.push(p.clone());
+                }
+                keep
+            });
         }
-        self.witnesses -= removed;
         self.suspects.retain(|_, w| !w.is_empty());
+        self.removed(gone);
         self.quiet.retain(|_, until| *until > now);
     }
 
@@ -491,7 +520,12 @@ impl Detector {
             .iter()
             .map(|(principal, w)| Testimony {
                 principal: principal.clone(),
-                reporters: w.reporters.iter().copied().collect(),
+                reporters: w
+                    .reporters
+                    .iter()
+                    .take(MAX_REPORTERS_LISTED)
+                    .copied()
+                    .collect(),
                 ports: w.ports.len() as u64,
                 sample: w
                     .ports
@@ -806,22 +840,28 @@ mod tests {
     }
 
     #[test]
-    fn witnesses_are_bounded() {
+    fn witnesses_are_bounded_in_all_and_per_principal() {
         let mut d = detector();
-        for s in 0..(MAX_WITNESSES as u64 + 10) {
-            d.observe(
-                &who(1_000_000),
-                1_000_000,
-                s + 1,
-                Seen::Handshakes { count: 1 },
-                T0,
-            );
+        let hs = Seen::Handshakes { count: 1 };
+        // One principal cannot fill the table…
+        for s in 0..(MAX_WITNESSES_PER_PRINCIPAL as u64 + 10) {
+            d.observe(&who(1_000_000), 1_000_000, s + 1, hs, T0);
+        }
+        assert_eq!(d.witnesses, MAX_WITNESSES_PER_PRINCIPAL);
+        assert_eq!(d.dropped, 10);
+        // …many together can, up to the cap.
+        let per = MAX_WITNESSES_PER_PRINCIPAL as u64;
+        for p in 0..(MAX_WITNESSES as u64 / per + 1) {
+            for s in 0..per {
+                d.observe(&format!("user:{p}"), 2_000_000 + p, s + 1, hs, T0);
+            }
         }
         assert_eq!(d.witnesses, MAX_WITNESSES);
-        assert_eq!(d.dropped, 10);
+        d.forget(1);
+        assert_eq!(d.per_principal.values().sum::<usize>(), d.witnesses);
         d.expire(T0 + 601_000);
         assert_eq!(d.witnesses, 0);
-        assert!(d.suspects.is_empty());
+        assert!(d.suspects.is_empty() && d.per_principal.is_empty());
     }
 
     #[test]

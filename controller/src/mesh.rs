@@ -1356,6 +1356,8 @@ impl Mesh {
                 name.unwrap_or_default()
             };
             self.audit(now, "controller", "node.delete.ephemeral", &name, "offline");
+            // Node ids can be reused: nothing said by or about it lingers.
+            self.forget_evidence(id);
         }
         for (node, eps) in due {
             match self.store_endpoints(&turn, node, eps) {
@@ -1501,6 +1503,9 @@ impl Mesh {
             }
             changed
         };
+        for id in &ids {
+            self.forget_evidence(*id);
+        }
         self.publish(&turn, &changed, now);
         Ok(())
     }
@@ -1823,11 +1828,24 @@ impl Mesh {
 
     /// Deregisters the node itself (node-authenticated logout).
     pub fn logout(&self, node: &NodeRow, now: UnixMs) -> Result<()> {
-        // Not a way out of a quarantine (a new enrollment would start clean).
-        if let Some(q) = self.find_node(&node.id.to_string())?.quarantine {
+        self.remove_node(&format!("node:{}", node.name), node, "node.logout", now)
+    }
+
+    fn remove_node(&self, actor: &str, node: &NodeRow, action: &str, now: UnixMs) -> Result<()> {
+        let turn = self.turn();
+        // A logout is no way out of a quarantine (a new enrollment would
+        // start clean); checked under the turn, so a quarantine decided
+        // meanwhile is seen.
+        let quarantine = self
+            .state()
+            .core
+            .nodes()
+            .get(node.id)
+            .and_then(|n| n.quarantine.clone());
+        if let (Some(q), "node.logout") = (quarantine, action) {
             self.audit(
                 now,
-                &format!("node:{}", node.name),
+                actor,
                 "node.logout.refused",
                 &node.name,
                 &format!("quarantined: {}", q.reason),
@@ -1837,11 +1855,6 @@ impl Mesh {
                 node.name, q.reason
             )));
         }
-        self.remove_node(&format!("node:{}", node.name), node, "node.logout", now)
-    }
-
-    fn remove_node(&self, actor: &str, node: &NodeRow, action: &str, now: UnixMs) -> Result<()> {
-        let turn = self.turn();
         self.store.delete_node(node.id)?;
         self.audit(now, actor, action, &node.name, &format!("id={}", node.id));
         self.apply(&turn, Change::Remove(node.id), now);

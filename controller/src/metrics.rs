@@ -194,12 +194,12 @@ impl Metrics {
         }
     }
 
-    /// A node call was refused (authentication, throttling, session).
     /// A detector's finding was decided (`action`: one of [`DETECTION_ACTIONS`]).
     pub fn detection(&self, action: &'static str) {
         self.detections.get_or_create(&[("action", action)]).inc();
     }
 
+    /// A node call was refused (authentication, throttling, session).
     pub fn call_refused(&self, reason: &'static str) {
         self.refused_calls
             .get_or_create(&[("reason", reason)])

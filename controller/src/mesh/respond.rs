@@ -54,7 +54,7 @@ impl Mesh {
         }
         let mut seen: Vec<(u64, Seen)> = Vec::new();
         let principal;
-        {
+        let findings = {
             let st = self.state();
             let core = &st.core;
             // A quarantined (or departed) node's word counts for nothing.
@@ -105,11 +105,14 @@ impl Mesh {
                     _ => {}
                 }
             }
-        }
-        if seen.is_empty() {
-            return;
-        }
-        let findings = {
+            if seen.is_empty() {
+                return;
+            }
+            // Recorded under the state lock that saw the reporter free: a
+            // quarantine is applied under it too and forgets the reporter's
+            // testimony afterwards, so nothing it said survives the
+            // quarantine (lock order: state, then detector; the detector
+            // lock is never held while taking another).
             let mut d = self.detector.lock().unwrap_or_else(|p| p.into_inner());
             for (suspect, s) in seen {
                 d.observe(&principal, reporter.id, suspect, s, now);
@@ -244,11 +247,15 @@ impl Mesh {
             self.forget_evidence(node.id);
         } else {
             self.audit(now, "controller:detect", audit_action, &node.name, &detail);
-            // Not repeated every window: the record stands for an hour.
-            self.detector
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .silence(node.id, now.saturating_add(REPEAT_AFTER_MS));
+            // Not repeated every window: the record stands for an hour —
+            // except a quarantine held back by the cap, judged again after
+            // the scan window (a slot may have come free).
+            if action != (Action::Alert { capped: true }) {
+                self.detector
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .silence(node.id, now.saturating_add(REPEAT_AFTER_MS));
+            }
         }
         if alerts {
             self.send_alert(&row, &f.fired, &evidence, &node);
@@ -511,6 +518,46 @@ mod tests {
         assert!(q.reason.starts_with("handshake_failures"), "{q:?}");
         let d = &store.detections(10, None).unwrap()[0];
         assert!(d.detectors.contains("\"value\":4"), "{}", d.detectors);
+    }
+
+    #[test]
+    fn a_quarantined_nodes_word_about_non_peers_counts_for_nothing() {
+        // Handshake evidence is about non-peers, and a quarantined node is
+        // nobody's peer: only the quarantine check keeps its word out.
+        let (m, _store) = mesh(DetectConfig::default());
+        let ids = enroll_nodes(&m, 9);
+        m.set_policy("admin", "p.hujson", r#"{"acls": []}"#, T0)
+            .unwrap();
+        let hs = |n: &NodeRow| {
+            vec![pb::UnknownHandshakes {
+                wg_key: n.wg_key.to_vec(),
+                count: 5,
+            }]
+        };
+        let (liar, victim) = (row(&m, ids[0]), row(&m, ids[1]));
+        for r in &ids[2..6] {
+            m.observe_report(&row(&m, *r), &[], &hs(&liar), T0);
+        }
+        let liar = row(&m, liar.id);
+        assert!(liar.quarantine.is_some());
+        m.observe_report(&liar, &[], &hs(&victim), T0 + 1);
+        for r in &ids[6..9] {
+            m.observe_report(&row(&m, *r), &[], &hs(&victim), T0 + 1);
+        }
+        assert!(row(&m, victim.id).quarantine.is_none(), "3 voices, not 4");
+    }
+
+    #[test]
+    fn a_users_nodes_speak_as_the_user_a_tagged_node_as_itself() {
+        let (m, _store) = mesh(DetectConfig::default());
+        let ids = enroll_nodes(&m, 1);
+        let tagged = row(&m, ids[0]);
+        assert_eq!(principal_of(&tagged), format!("node:{}", tagged.id));
+        let owned = NodeRow {
+            user: Some("alice@example.com".into()),
+            ..tagged
+        };
+        assert_eq!(principal_of(&owned), "user:alice@example.com");
     }
 
     #[test]

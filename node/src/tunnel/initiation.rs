@@ -100,8 +100,8 @@ pub fn verify(
 /// still count (clocks differ; WireGuard itself only needs them to grow).
 pub const FRESH_S: u64 = 120;
 
-/// Unix seconds of a TAI64N label (2^62 + seconds; the ten-second TAI
-/// offset WireGuard implementations add is within [`FRESH_S`]).
+/// Unix seconds of a TAI64N label (2^62 + seconds; the TAI offset some
+/// WireGuard implementations add, 10 or 37 s, is within [`FRESH_S`]).
 pub fn tai64_unix_s(ts: &[u8; 12]) -> u64 {
     let label = u64::from_be_bytes([ts[0], ts[1], ts[2], ts[3], ts[4], ts[5], ts[6], ts[7]]);
     label.saturating_sub(1 << 62)
@@ -111,12 +111,21 @@ pub fn tai64_unix_s(ts: &[u8; 12]) -> u64 {
 /// are counted in [`Unknown::overflow`] only.
 pub const MAX_UNKNOWN_KEYS: usize = 64;
 
+/// One key's initiations: how many since the last take, the first of them,
+/// and the newest ever (kept across takes against replays).
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    count: u64,
+    first: [u8; 12],
+    last: [u8; 12],
+}
+
 /// Verified initiations from keys that are not peers, since the last take.
 #[derive(Debug, Default)]
 pub struct Unknown {
     /// Per key: initiations counted and the newest timestamp seen (kept
     /// across takes, so a replay never counts again).
-    keys: HashMap<[u8; 32], (u64, [u8; 12])>,
+    keys: HashMap<[u8; 32], Seen>,
     pub overflow: u64,
 }
 
@@ -124,11 +133,14 @@ impl Unknown {
     /// Counts a verified initiation unless its timestamp is not newer than
     /// the last one counted for the key (a replay).
     pub fn record(&mut self, key: [u8; 32], timestamp: [u8; 12]) {
-        if let Some((n, last)) = self.keys.get_mut(&key) {
+        if let Some(seen) = self.keys.get_mut(&key) {
             // TAI64N is big-endian: bytes compare like the times.
-            if timestamp > *last {
-                *n += 1;
-                *last = timestamp;
+            if timestamp > seen.last {
+                if seen.count == 0 {
+                    seen.first = timestamp;
+                }
+                seen.count += 1;
+                seen.last = timestamp;
             }
             return;
         }
@@ -138,7 +150,7 @@ impl Unknown {
             let quiet = self
                 .keys
                 .iter()
-                .find(|(_, (n, _))| *n == 0)
+                .find(|(_, seen)| seen.count == 0)
                 .map(|(k, _)| *k);
             match quiet {
                 Some(k) => {
@@ -150,7 +162,14 @@ impl Unknown {
                 }
             }
         }
-        self.keys.insert(key, (1, timestamp));
+        self.keys.insert(
+            key,
+            Seen {
+                count: 1,
+                first: timestamp,
+                last: timestamp,
+            },
+        );
     }
 
     /// The counts since the last take, of keys whose newest initiation was
@@ -159,14 +178,17 @@ impl Unknown {
     /// restart is not evidence. Every key keeps its newest timestamp
     /// against replays until a new key needs its room.
     pub fn take(&mut self, unix_s: u64) -> Vec<([u8; 32], u64)> {
+        let fresh = |ts: &[u8; 12]| unix_s.abs_diff(tai64_unix_s(ts)) <= FRESH_S;
         let out: Vec<([u8; 32], u64)> = self
             .keys
             .iter()
-            .filter(|(_, (n, ts))| *n > 0 && unix_s.abs_diff(tai64_unix_s(ts)) <= FRESH_S)
-            .map(|(k, (n, _))| (*k, *n))
+            .filter(|(_, seen)| seen.count > 0 && fresh(&seen.last))
+            // Timestamps only grow: with the first fresh too, every one in
+            // between is; otherwise only the newest is counted.
+            .map(|(k, seen)| (*k, if fresh(&seen.first) { seen.count } else { 1 }))
             .collect();
-        for (n, _) in self.keys.values_mut() {
-            *n = 0;
+        for seen in self.keys.values_mut() {
+            seen.count = 0;
         }
         out
     }
@@ -296,6 +318,14 @@ mod tests {
         let mut got = u.take(NOW);
         got.sort();
         assert_eq!(got, vec![([2; 32], 1), ([3; 32], 1)]);
+        // After a restart: old captures replayed, then one fresh initiation:
+        // the old ones do not count.
+        let mut u = Unknown::default();
+        for s in 0..5 {
+            u.record([4; 32], at(NOW - 3_600 + s, 0));
+        }
+        u.record([4; 32], at(NOW, 0));
+        assert_eq!(u.take(NOW), vec![([4; 32], 1)]);
         assert_eq!(tai64_unix_s(&at(NOW, 7)), NOW);
     }
 }
