@@ -23,6 +23,30 @@ use ztmesh_proto::netmap;
 mod common;
 use common::Ctl;
 
+/// A remote admin client over TLS with a fresh API key of `role`.
+async fn remote_as(ctl: &Ctl, role: &str) -> cli::Client {
+    let secret = ctl
+        .admin()
+        .await
+        .create_api_key(apb::CreateApiKeyRequest {
+            description: format!("{role} key"),
+            expiry_secs: 0,
+            role: role.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    cli::connect(&ConnArgs {
+        data_dir: "/nonexistent".into(),
+        server: Some(ctl.url.clone()),
+        api_key: Some(secret),
+        fingerprint: Some(auth::hex(&ctl.fp)),
+    })
+    .await
+    .unwrap()
+}
+
 const POLICY: &str = r#"{
   "groups": {"group:eng": ["alice@example.com", "bob@example.com"]},
   "tagOwners": {"tag:web": ["group:eng"], "tag:db": []},
@@ -1527,26 +1551,7 @@ async fn reported_flows_are_listed_by_node_kind_and_time_and_read_by_an_auditor(
         assert_eq!(got[0].dst_port, 443);
     }
     // An auditor reads the flow log; the read is audited.
-    let secret = ctl
-        .admin()
-        .await
-        .create_api_key(apb::CreateApiKeyRequest {
-            description: "siem".into(),
-            expiry_secs: 0,
-            role: "auditor".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
-    let mut a = cli::connect(&ConnArgs {
-        data_dir: "/nonexistent".into(),
-        server: Some(ctl.url.clone()),
-        api_key: Some(secret),
-        fingerprint: Some(auth::hex(&ctl.fp)),
-    })
-    .await
-    .unwrap();
+    let mut a = remote_as(&ctl, "auditor").await;
     let got = a
         .list_flows(apb::ListFlowsRequest::default())
         .await
@@ -1648,26 +1653,7 @@ async fn receivers_reports_quarantine_a_scanner_and_release_is_an_admins_act() {
     assert!(q.quarantined_since_ms > 0, "{q:?}");
     assert!(q.quarantine_reason.contains("scan_ports"), "{q:?}");
 
-    let secret = ctl
-        .admin()
-        .await
-        .create_api_key(apb::CreateApiKeyRequest {
-            description: "soc".into(),
-            expiry_secs: 0,
-            role: "auditor".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
-    let mut auditor = cli::connect(&ConnArgs {
-        data_dir: "/nonexistent".into(),
-        server: Some(ctl.url.clone()),
-        api_key: Some(secret),
-        fingerprint: Some(auth::hex(&ctl.fp)),
-    })
-    .await
-    .unwrap();
+    let mut auditor = remote_as(&ctl, "auditor").await;
     let found = auditor
         .list_detections(apb::ListDetectionsRequest::default())
         .await

@@ -377,6 +377,40 @@ pub fn overlay_v4(ns: &Netns, node: &NodeDirs) -> String {
     self_v4(&s).unwrap_or_else(|| panic!("no overlay IPv4 address in {s:#}"))
 }
 
+/// Enrolls member `name` of `topo` as a `tag` server: an auth key from the
+/// controller (member `controller`, data dir `data`), a daemon in `name`'s
+/// namespace, `ztmesh up` with hostname `name`. The daemon is returned first
+/// so a caller that keeps both in that order stops it before its dirs go.
+///
+/// # Panics
+/// If any step fails.
+pub fn join(
+    topo: &crate::Topology,
+    controller: &str,
+    data: &Path,
+    name: &str,
+    tag: &str,
+) -> (Proc, NodeDirs) {
+    let key = admin_ok(
+        topo.ns(controller),
+        data,
+        &["keys", "create", "--tags", tag],
+    )
+    .trim()
+    .to_owned();
+    let ns = topo.ns(name);
+    let dirs = NodeDirs::new(name);
+    let daemon = start_daemon(ns, &dirs, &[]);
+    up(
+        ns,
+        &dirs,
+        &controller_url(topo.addr(controller)),
+        &key,
+        name,
+    );
+    (daemon, dirs)
+}
+
 /// `ztmesh up` against the controller at `url` with `key` as `hostname`.
 ///
 /// # Panics

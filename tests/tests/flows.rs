@@ -23,9 +23,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
-use ztmesh_tests::natlab::{
-    admin, admin_ok, controller_url, overlay_v4, start_controller, start_daemon, up, NodeDirs,
-};
+use ztmesh_tests::natlab::{admin, admin_ok, join, overlay_v4, start_controller, NodeDirs};
 use ztmesh_tests::{require_root_or_skip, wait_for, Proc, TempDir, Topology};
 
 const CONTROLLER: &str = "controller";
@@ -71,27 +69,15 @@ fn allowed_flows_name_their_rule_and_denied_ones_their_reason() {
         .position(|l| l.contains("tag:web:22"))
         .expect("the rule's line")
         + 1;
-    let join = |name: &str, tag: &str| {
-        let key = admin_ok(ns, &data, &["keys", "create", "--tags", tag])
-            .trim()
-            .to_owned();
-        let node_ns = topo.ns(name);
-        let dirs = NodeDirs::new(name);
-        let daemon = start_daemon(node_ns, &dirs, &[]);
-        up(
-            node_ns,
-            &dirs,
-            &controller_url(topo.addr(CONTROLLER)),
-            &key,
-            name,
-        );
+    let enroll = |name: &str, tag: &str| {
+        let (daemon, dirs) = join(&topo, CONTROLLER, &data, name, tag);
         Node {
             _daemon: daemon,
             dirs,
         }
     };
-    let laptop = join(LAPTOP, "tag:laptop");
-    let web = join(WEB, "tag:web");
+    let laptop = enroll(LAPTOP, "tag:laptop");
+    let web = enroll(WEB, "tag:web");
     let _echo = topo.ns(WEB).spawn_echo(&["22", "443"]);
     let web_ip = overlay_v4(topo.ns(WEB), &web.dirs);
     let laptop_ip = overlay_v4(topo.ns(LAPTOP), &laptop.dirs);

@@ -32,8 +32,7 @@ use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;
 use ztmesh_tests::natlab::{
-    admin, admin_ok, controller_url, node_cli, overlay_v4, start_controller_with, start_daemon, up,
-    NodeDirs,
+    admin, admin_ok, join, node_cli, overlay_v4, start_controller_with, NodeDirs,
 };
 use ztmesh_tests::{bin_path, require_root_or_skip, wait_for, Proc, TempDir, Topology};
 
@@ -132,31 +131,19 @@ fn a_scanning_node_is_quarantined_on_its_receivers_word_and_released_by_an_admin
         &data,
         &["policy", "set", policy.to_str().expect("utf-8")],
     );
-    let join = |name: &str, tag: &str| {
-        let key = admin_ok(ns, &data, &["keys", "create", "--tags", tag])
-            .trim()
-            .to_owned();
-        let node_ns = topo.ns(name);
-        let dirs = NodeDirs::new(name);
-        let daemon = start_daemon(node_ns, &dirs, &[]);
-        up(
-            node_ns,
-            &dirs,
-            &controller_url(topo.addr(CONTROLLER)),
-            &key,
-            name,
-        );
-        let ip = overlay_v4(node_ns, &dirs);
+    let enroll = |name: &str, tag: &str| {
+        let (daemon, dirs) = join(&topo, CONTROLLER, &data, name, tag);
+        let ip = overlay_v4(topo.ns(name), &dirs);
         Node {
             _daemon: daemon,
             dirs,
             ip,
         }
     };
-    let intruder = join(INTRUDER, "tag:laptop");
-    let web = join(WEB, "tag:web");
-    let db = join(DB, "tag:db");
-    let laptop = join(LAPTOP, "tag:laptop");
+    let intruder = enroll(INTRUDER, "tag:laptop");
+    let web = enroll(WEB, "tag:web");
+    let db = enroll(DB, "tag:db");
+    let laptop = enroll(LAPTOP, "tag:laptop");
     let _web_echo = topo.ns(WEB).spawn_echo(&["22"]);
     let _db_echo = topo.ns(DB).spawn_echo(&["5432"]);
     let logs = || format!("==== controller\n{}", controller.logs());
