@@ -1711,3 +1711,94 @@ async fn receivers_reports_quarantine_a_scanner_and_release_is_an_admins_act() {
     assert_eq!(actions.len(), 1, "{actions:?}");
     ctl.stop().await;
 }
+
+/// Framing over the wire: one node reports, as loudly as the limits allow,
+/// forged denied flows and handshakes "from" a victim; nobody is
+/// quarantined and nothing is detected.
+#[tokio::test]
+async fn one_node_reporting_forged_flows_from_a_victim_frames_nobody() {
+    let ctl = Ctl::start().await;
+    let k = ctl.key("", &["tag:db"], true).await;
+    let victim = enroll(&ctl, &k, "victim").await.unwrap();
+    let liar = enroll(&ctl, &k, "liar").await.unwrap();
+    let _bystander = enroll(&ctl, &k, "bystander").await.unwrap();
+    ctl.admin()
+        .await
+        .set_policy(apb::SetPolicyRequest {
+            file_name: "p.hujson".into(),
+            text: r#"{"tagOwners": {"tag:db": []},
+                      "acls": [{"action": "accept", "src": ["tag:db"], "dst": ["tag:db:5432"]}]}"#
+                .into(),
+        })
+        .await
+        .unwrap();
+    let victim_node = ctl
+        .admin()
+        .await
+        .get_node(apb::NodeRef {
+            node: "victim".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let victim_ip = victim_node
+        .addresses
+        .iter()
+        .find(|a| !a.contains(':'))
+        .unwrap()
+        .clone();
+    let forged: Vec<pb::FlowSummary> = (1..=9_000)
+        .map(|port| pb::FlowSummary {
+            src: victim_ip.clone(),
+            dst: "100.64.0.250".into(),
+            protocol: 6,
+            dst_port: port,
+            allowed: false,
+            reason: "port_not_allowed".into(),
+            packets: u64::MAX,
+            ..Default::default()
+        })
+        .collect();
+    let hs = vec![pb::UnknownHandshakes {
+        wg_key: victim.wg.public().0.to_vec(),
+        count: u64::MAX,
+    }];
+    let mut sent = 0;
+    for _ in 0..12 {
+        let req = signed_request(
+            &liar.machine,
+            methods::REPORT_FLOWS,
+            pb::ReportFlowsRequest {
+                flows: forged.clone(),
+                unknown_handshakes: hs.clone(),
+            },
+            now_ms(),
+            &mut OsRng,
+        );
+        match ctl.control().await.report_flows(req).await {
+            Ok(_) => sent += 1,
+            Err(s) => assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}"),
+        }
+    }
+    assert!(sent >= 10, "the liar got its reports in: {sent}");
+    let v = ctl
+        .admin()
+        .await
+        .get_node(apb::NodeRef {
+            node: "victim".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.quarantined_since_ms, 0, "{v:?}");
+    let found = ctl
+        .admin()
+        .await
+        .list_detections(apb::ListDetectionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .detections;
+    assert!(found.is_empty(), "{found:?}");
+    ctl.stop().await;
+}
