@@ -23,6 +23,40 @@ use ztmesh_proto::netmap;
 mod common;
 use common::Ctl;
 
+/// A node as the admin API shows it.
+async fn admin_node(ctl: &Ctl, name: &str) -> apb::Node {
+    ctl.admin()
+        .await
+        .get_node(apb::NodeRef { node: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// A node's overlay IPv4 address.
+async fn node_v4(ctl: &Ctl, name: &str) -> String {
+    admin_node(ctl, name)
+        .await
+        .addresses
+        .into_iter()
+        .find(|a| !a.contains(':'))
+        .unwrap()
+}
+
+/// Sets a policy under which every `tag:db` node reaches every other on 5432.
+async fn db_to_db_policy(ctl: &Ctl) {
+    ctl.admin()
+        .await
+        .set_policy(apb::SetPolicyRequest {
+            file_name: "p.hujson".into(),
+            text: r#"{"tagOwners": {"tag:db": []},
+                      "acls": [{"action": "accept", "src": ["tag:db"], "dst": ["tag:db:5432"]}]}"#
+                .into(),
+        })
+        .await
+        .unwrap();
+}
+
 /// A remote admin client over TLS with a fresh API key of `role`.
 async fn remote_as(ctl: &Ctl, role: &str) -> cli::Client {
     let secret = ctl
@@ -1379,22 +1413,10 @@ async fn reported_flows_are_listed_by_node_kind_and_time_and_read_by_an_auditor(
     let k = ctl.key("", &["tag:db"], true).await;
     let db = enroll(&ctl, &k, "db").await.unwrap();
     let web = enroll(&ctl, &k, "web").await.unwrap();
-    let v4 = |n: &TestNode| {
-        let ctl = &ctl;
-        let node = n.name.clone();
-        async move {
-            let a = ctl
-                .admin()
-                .await
-                .get_node(apb::NodeRef { node })
-                .await
-                .unwrap()
-                .into_inner()
-                .addresses;
-            a.into_iter().find(|a| !a.contains(':')).unwrap()
-        }
-    };
-    let (db_ip, web_ip) = (v4(&db).await, v4(&web).await);
+    let (db_ip, web_ip) = (
+        node_v4(&ctl, &db.name).await,
+        node_v4(&ctl, &web.name).await,
+    );
     let flow = |dst: &str, allowed: bool, port: u32| pb::FlowSummary {
         src: "100.64.0.200".into(),
         dst: dst.into(),
@@ -1580,34 +1602,8 @@ async fn receivers_reports_quarantine_a_scanner_and_release_is_an_admins_act() {
     let scanner = enroll(&ctl, &k, "scanner").await.unwrap();
     let a = enroll(&ctl, &k, "a").await.unwrap();
     let b = enroll(&ctl, &k, "b").await.unwrap();
-    ctl.admin()
-        .await
-        .set_policy(apb::SetPolicyRequest {
-            file_name: "p.hujson".into(),
-            text: r#"{"tagOwners": {"tag:db": []},
-                      "acls": [{"action": "accept", "src": ["tag:db"], "dst": ["tag:db:5432"]}]}"#
-                .into(),
-        })
-        .await
-        .unwrap();
-    let node = |n: &TestNode| {
-        let ctl = &ctl;
-        let node = n.name.clone();
-        async move {
-            ctl.admin()
-                .await
-                .get_node(apb::NodeRef { node })
-                .await
-                .unwrap()
-                .into_inner()
-        }
-    };
-    let scanner_ip = node(&scanner)
-        .await
-        .addresses
-        .into_iter()
-        .find(|a| !a.contains(':'))
-        .unwrap();
+    db_to_db_policy(&ctl).await;
+    let scanner_ip = node_v4(&ctl, &scanner.name).await;
     let report = |n: &TestNode, flows: Vec<pb::FlowSummary>, hs: Vec<pb::UnknownHandshakes>| {
         signed_request(
             &n.machine,
@@ -1641,7 +1637,7 @@ async fn receivers_reports_quarantine_a_scanner_and_release_is_an_admins_act() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    assert!(node(&scanner).await.quarantined_since_ms == 0);
+    assert!(admin_node(&ctl, &scanner.name).await.quarantined_since_ms == 0);
     for r in [&a, &b] {
         ctl.control()
             .await
@@ -1649,7 +1645,7 @@ async fn receivers_reports_quarantine_a_scanner_and_release_is_an_admins_act() {
             .await
             .unwrap();
     }
-    let q = node(&scanner).await;
+    let q = admin_node(&ctl, &scanner.name).await;
     assert!(q.quarantined_since_ms > 0, "{q:?}");
     assert!(q.quarantine_reason.contains("scan_ports"), "{q:?}");
 
@@ -1722,31 +1718,8 @@ async fn one_node_reporting_forged_flows_from_a_victim_frames_nobody() {
     let victim = enroll(&ctl, &k, "victim").await.unwrap();
     let liar = enroll(&ctl, &k, "liar").await.unwrap();
     let _bystander = enroll(&ctl, &k, "bystander").await.unwrap();
-    ctl.admin()
-        .await
-        .set_policy(apb::SetPolicyRequest {
-            file_name: "p.hujson".into(),
-            text: r#"{"tagOwners": {"tag:db": []},
-                      "acls": [{"action": "accept", "src": ["tag:db"], "dst": ["tag:db:5432"]}]}"#
-                .into(),
-        })
-        .await
-        .unwrap();
-    let victim_node = ctl
-        .admin()
-        .await
-        .get_node(apb::NodeRef {
-            node: "victim".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let victim_ip = victim_node
-        .addresses
-        .iter()
-        .find(|a| !a.contains(':'))
-        .unwrap()
-        .clone();
+    db_to_db_policy(&ctl).await;
+    let victim_ip = node_v4(&ctl, "victim").await;
     let forged: Vec<pb::FlowSummary> = (1..=9_000)
         .map(|port| pb::FlowSummary {
             src: victim_ip.clone(),
@@ -1781,15 +1754,7 @@ async fn one_node_reporting_forged_flows_from_a_victim_frames_nobody() {
         }
     }
     assert!(sent >= 10, "the liar got its reports in: {sent}");
-    let v = ctl
-        .admin()
-        .await
-        .get_node(apb::NodeRef {
-            node: "victim".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let v = admin_node(&ctl, "victim").await;
     assert_eq!(v.quarantined_since_ms, 0, "{v:?}");
     let found = ctl
         .admin()

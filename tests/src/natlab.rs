@@ -272,6 +272,20 @@ pub fn admin(ns: &Netns, data_dir: &Path, args: &[&str]) -> CliOut {
     run_cli(ns, &full)
 }
 
+/// Writes `text` to `file` and makes it the controller's policy
+/// (`policy set FILE`: rule ids then name `file`).
+///
+/// # Panics
+/// If the file cannot be written or the policy is refused.
+pub fn set_policy(ns: &Netns, data_dir: &Path, file: &Path, text: &str) {
+    std::fs::write(file, text).expect("write the policy");
+    admin_ok(
+        ns,
+        data_dir,
+        &["policy", "set", file.to_str().expect("utf-8 path")],
+    );
+}
+
 /// Like [`admin`], but fails the test unless the command succeeds; returns stdout.
 pub fn admin_ok(ns: &Netns, data_dir: &Path, args: &[&str]) -> String {
     let out = admin(ns, data_dir, args);

@@ -23,7 +23,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
-use ztmesh_tests::natlab::{admin, admin_ok, join, overlay_v4, start_controller, NodeDirs};
+use ztmesh_tests::natlab::{
+    admin, admin_ok, join, overlay_v4, set_policy, start_controller, NodeDirs,
+};
 use ztmesh_tests::{require_root_or_skip, wait_for, Proc, TempDir, Topology};
 
 const CONTROLLER: &str = "controller";
@@ -58,12 +60,7 @@ fn allowed_flows_name_their_rule_and_denied_ones_their_reason() {
     let ns = topo.ns(CONTROLLER);
     let controller = start_controller(ns, topo.addr(CONTROLLER), &data, None);
     let policy = controller_dir.join("policy.hujson");
-    std::fs::write(&policy, POLICY).expect("write the policy");
-    admin_ok(
-        ns,
-        &data,
-        &["policy", "set", policy.to_str().expect("utf-8")],
-    );
+    set_policy(ns, &data, &policy, POLICY);
     let rule_line = POLICY
         .lines()
         .position(|l| l.contains("tag:web:22"))

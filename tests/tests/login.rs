@@ -32,7 +32,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use ztmesh_tests::natlab::{
-    admin, admin_ok, controller_url, node_cli, start_controller_with, start_daemon, up, NodeDirs,
+    admin, admin_ok, controller_url, node_cli, set_policy, start_controller_with, start_daemon, up,
+    NodeDirs,
 };
 use ztmesh_tests::web::{
     Browser, IdTokenTamper, Idp, IdpClient, IdpConfig, IdpUser, TamperSignature, TestCa,
@@ -83,12 +84,7 @@ impl Lab {
         let ns = topo.ns(CONTROLLER);
         let controller = start_controller_with(ns, topo.addr(CONTROLLER), &data, extra);
         let policy = dir.join("policy.hujson");
-        std::fs::write(&policy, POLICY).expect("write the policy");
-        admin_ok(
-            ns,
-            &data,
-            &["policy", "set", policy.to_str().expect("utf-8")],
-        );
+        set_policy(ns, &data, &policy, POLICY);
         let fingerprint = admin_ok(ns, &data, &["fingerprint"]).trim().to_owned();
         let cert = std::fs::read_to_string(data.join("tls.crt")).expect("tls.crt");
         let controller_spki = TestCa::spki_sha256_b64(&cert).expect("controller SPKI");

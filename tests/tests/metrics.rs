@@ -32,7 +32,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use ztmesh_tests::natlab::{
-    admin_ok, controller_url, overlay_v4, start_controller_with, start_daemon, up, NodeDirs,
+    admin_ok, controller_url, overlay_v4, set_policy, start_controller_with, start_daemon, up,
+    NodeDirs,
 };
 use ztmesh_tests::{require_root_or_skip, wait_until, Netns, Proc, TempDir, Topology};
 
@@ -193,12 +194,7 @@ fn prometheus_scrapes_the_mesh_and_every_dashboard_panel_has_data() {
     );
     admin_ok(cns, &data, &["users", "create", "alice@example.com"]);
     let policy = controller_dir.join("policy.hujson");
-    std::fs::write(&policy, POLICY).expect("write the policy");
-    admin_ok(
-        cns,
-        &data,
-        &["policy", "set", policy.to_str().expect("utf-8")],
-    );
+    set_policy(cns, &data, &policy, POLICY);
 
     let mut nodes = Vec::new();
     let mut targets = vec![controller_metrics.clone()];
@@ -301,12 +297,7 @@ fn prometheus_scrapes_the_mesh_and_every_dashboard_panel_has_data() {
     }
     // A policy change both nodes must apply: the propagation samples (the
     // stream's first maps are not samples).
-    std::fs::write(&policy, POLICY.replace("*:*", "*:1-65535")).expect("write the policy");
-    admin_ok(
-        cns,
-        &data,
-        &["policy", "set", policy.to_str().expect("utf-8")],
-    );
+    set_policy(cns, &data, &policy, &POLICY.replace("*:*", "*:1-65535"));
 
     // Key series, non-zero after the traffic.
     let checks: &[(&str, Check)] = &[

@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use ztmesh_tests::natlab::{
-    admin, admin_ok, controller_url, node_cli, self_v4, start_controller_with, start_daemon, up,
-    CliOut, NodeDirs,
+    admin, admin_ok, controller_url, node_cli, self_v4, set_policy, start_controller_with,
+    start_daemon, up, CliOut, NodeDirs,
 };
 use ztmesh_tests::{require_root_or_skip, wait_until, Proc, TempDir, Topology};
 
@@ -97,12 +97,7 @@ impl Lab {
         );
         admin_ok(ns, &data, &["users", "create", "alice@example.com"]);
         let policy = controller_dir.join("policy.hujson");
-        std::fs::write(&policy, POLICY).expect("write the policy");
-        admin_ok(
-            ns,
-            &data,
-            &["policy", "set", policy.to_str().expect("utf-8")],
-        );
+        set_policy(ns, &data, &policy, POLICY);
         let mut lab = Self {
             nodes: BTreeMap::new(),
             _servers: Vec::new(),

@@ -56,7 +56,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use ztmesh_tests::natlab::{
-    admin_ok, block_udp, controller_key, controller_url, nat_router, nft, node_cli,
+    admin_ok, block_udp, controller_key, controller_url, nat_router, nft, node_cli, set_policy,
     start_controller, start_daemon, up, CliOut, Masquerade, NodeDirs,
 };
 use ztmesh_tests::{
@@ -1305,12 +1305,7 @@ impl RelayLab {
 
         admin_ok(ctl_ns, &data, &["users", "create", "alice@example.com"]);
         let policy = controller_dir.join("policy.hujson");
-        std::fs::write(&policy, POLICY).expect("write the policy");
-        admin_ok(
-            ctl_ns,
-            &data,
-            &["policy", "set", policy.to_str().expect("utf-8")],
-        );
+        set_policy(ctl_ns, &data, &policy, POLICY);
         let key_a = admin_ok(
             ctl_ns,
             &data,

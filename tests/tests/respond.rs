@@ -32,7 +32,7 @@ use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;
 use ztmesh_tests::natlab::{
-    admin, admin_ok, join, node_cli, overlay_v4, start_controller_with, NodeDirs,
+    admin, admin_ok, join, node_cli, overlay_v4, set_policy, start_controller_with, NodeDirs,
 };
 use ztmesh_tests::{bin_path, require_root_or_skip, wait_for, Proc, TempDir, Topology};
 
@@ -125,12 +125,7 @@ fn a_scanning_node_is_quarantined_on_its_receivers_word_and_released_by_an_admin
         ],
     );
     let policy = dir.join("policy.hujson");
-    std::fs::write(&policy, POLICY).expect("write the policy");
-    admin_ok(
-        ns,
-        &data,
-        &["policy", "set", policy.to_str().expect("utf-8")],
-    );
+    set_policy(ns, &data, &policy, POLICY);
     let enroll = |name: &str, tag: &str| {
         let (daemon, dirs) = join(&topo, CONTROLLER, &data, name, tag);
         let ip = overlay_v4(topo.ns(name), &dirs);

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use ztmesh_tests::natlab::{
-    admin, admin_ok, controller_url, node_cli, self_v4, start_controller, start_daemon, up, CliOut,
-    NodeDirs, CONTROLLER_PORT,
+    admin, admin_ok, controller_url, node_cli, self_v4, set_policy, start_controller, start_daemon,
+    up, CliOut, NodeDirs, CONTROLLER_PORT,
 };
 use ztmesh_tests::wgreplay::{replay_with_wireguard_go, unique_wg_iface, WgQuick};
 use ztmesh_tests::{require_root_or_skip, wait_until, Netns, Proc, TempDir, Topology};
@@ -106,12 +106,7 @@ impl Lab {
             admin_ok(ns, &data, &["users", "create", user]);
         }
         let policy = controller_dir.join("policy.hujson");
-        std::fs::write(&policy, POLICY).expect("write the policy");
-        admin_ok(
-            ns,
-            &data,
-            &["policy", "set", policy.to_str().expect("utf-8")],
-        );
+        set_policy(ns, &data, &policy, POLICY);
         Self {
             nodes: Default::default(),
             _controller: controller,
