@@ -9,11 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::path::Path;
-use std::sync::Mutex;
-
-use rusqlite::types::ValueRef;
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use ztmesh_policy::AttrValue;
 use ztmesh_proto::keys::{PublicKey, SigningKey};
 
@@ -25,13 +20,21 @@ use crate::roles::Role;
 use crate::secrets::{KeyDetail, SecretKind, SecretRecord};
 use crate::UnixMs;
 
+mod postgres;
+pub mod sql;
+mod sqlite;
+
+pub use postgres::{is_postgres_url, PgOptions, PgStore, Postgres};
+use sql::{args, corrupt, join_list, split_list, Backend, Conn, DbError, DbResult, Row, Value};
+pub use sqlite::{Sqlite, SqliteStore};
+
 /// Store failures.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database could not be opened, read or written, or a stored value
     /// does not parse (corruption or a newer schema).
     #[error("database: {0}")]
-    Db(#[from] rusqlite::Error),
+    Db(String),
     /// A unique name, key or address is already taken.
     #[error("{0} already exists")]
     Conflict(String),
@@ -390,222 +393,6 @@ pub struct DetectionRow {
     pub alert: String,
 }
 
-/// Schema migrations, applied in order; `PRAGMA user_version` records progress.
-const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE users (
-    id INTEGER PRIMARY KEY,
-    login TEXT NOT NULL UNIQUE,
-    created_ms INTEGER NOT NULL
-);
-CREATE TABLE auth_keys (
-    id INTEGER PRIMARY KEY,
-    key_id TEXT NOT NULL UNIQUE,
-    secret_hash BLOB NOT NULL,
-    user_login TEXT REFERENCES users(login) ON DELETE CASCADE,
-    tags TEXT NOT NULL,
-    reusable INTEGER NOT NULL,
-    ephemeral INTEGER NOT NULL,
-    created_ms INTEGER NOT NULL,
-    expires_ms INTEGER NOT NULL,
-    used_count INTEGER NOT NULL DEFAULT 0,
-    revoked INTEGER NOT NULL DEFAULT 0,
-    created_by TEXT NOT NULL
-);
-CREATE TABLE nodes (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    hostname TEXT NOT NULL,
-    machine_key BLOB NOT NULL UNIQUE,
-    wg_key BLOB NOT NULL UNIQUE,
-    ipv4 TEXT NOT NULL UNIQUE,
-    ipv6 TEXT NOT NULL UNIQUE,
-    user_login TEXT REFERENCES users(login) ON DELETE CASCADE,
-    tags TEXT NOT NULL,
-    ephemeral INTEGER NOT NULL,
-    created_ms INTEGER NOT NULL,
-    last_seen_ms INTEGER NOT NULL,
-    expiry_ms INTEGER NOT NULL,
-    endpoints TEXT NOT NULL DEFAULT '',
-    auth_key_id TEXT NOT NULL
-);
-CREATE TABLE api_keys (
-    id INTEGER PRIMARY KEY,
-    key_id TEXT NOT NULL UNIQUE,
-    secret_hash BLOB NOT NULL,
-    description TEXT NOT NULL,
-    created_ms INTEGER NOT NULL,
-    expires_ms INTEGER NOT NULL,
-    revoked INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE policies (
-    version INTEGER PRIMARY KEY,
-    file_name TEXT NOT NULL,
-    text TEXT NOT NULL,
-    created_ms INTEGER NOT NULL
-);
-CREATE TABLE audit (
-    id INTEGER PRIMARY KEY,
-    time_ms INTEGER NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    target TEXT NOT NULL,
-    detail TEXT NOT NULL
-);
-"#,
-    r#"
-CREATE INDEX audit_time ON audit (time_ms);
-CREATE INDEX audit_action_id ON audit (action, id);
-"#,
-    r#"
-ALTER TABLE nodes ADD COLUMN key_revoked INTEGER NOT NULL DEFAULT 0;
-"#,
-    // One table for auth keys and API keys (one lifecycle: `secrets`). Ids
-    // stay counted per kind, so every id and key id is kept; API keys learn
-    // who created them from the audit log, where it still has the row.
-    r#"
-CREATE TABLE secret_keys (
-    kind TEXT NOT NULL CHECK (kind IN ('auth', 'api')),
-    id INTEGER NOT NULL,
-    key_id TEXT NOT NULL,
-    secret_hash BLOB NOT NULL,
-    created_ms INTEGER NOT NULL,
-    expires_ms INTEGER NOT NULL,
-    revoked INTEGER NOT NULL DEFAULT 0,
-    created_by TEXT NOT NULL,
-    user_login TEXT REFERENCES users(login) ON DELETE CASCADE,
-    tags TEXT NOT NULL DEFAULT '',
-    reusable INTEGER NOT NULL DEFAULT 0,
-    ephemeral INTEGER NOT NULL DEFAULT 0,
-    used_count INTEGER NOT NULL DEFAULT 0,
-    description TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (kind, id),
-    UNIQUE (kind, key_id)
-);
-INSERT INTO secret_keys (kind, id, key_id, secret_hash, created_ms, expires_ms, revoked,
-                         created_by, user_login, tags, reusable, ephemeral, used_count)
-    SELECT 'auth', id, key_id, secret_hash, created_ms, expires_ms, revoked,
-           created_by, user_login, tags, reusable, ephemeral, used_count
-    FROM auth_keys;
-INSERT INTO secret_keys (kind, id, key_id, secret_hash, created_ms, expires_ms, revoked,
-                         created_by, description)
-    SELECT 'api', id, key_id, secret_hash, created_ms, expires_ms, revoked,
-           COALESCE((SELECT actor FROM audit
-                     WHERE action = 'apikey.create' AND target = api_keys.key_id
-                     ORDER BY id LIMIT 1), ''),
-           description
-    FROM api_keys;
-DROP TABLE auth_keys;
-DROP TABLE api_keys;
-"#,
-    // Subnet routes and exit nodes (issue 12): comma-separated canonical
-    // prefixes, as advertised by the node and as approved.
-    r#"
-ALTER TABLE nodes ADD COLUMN routes_advertised TEXT NOT NULL DEFAULT '';
-ALTER TABLE nodes ADD COLUMN routes_approved TEXT NOT NULL DEFAULT '';
-ALTER TABLE nodes ADD COLUMN exit_advertised INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE nodes ADD COLUMN exit_approved INTEGER NOT NULL DEFAULT 0;
-"#,
-    // Identity (issue 13): roles for users and API keys (API keys issued
-    // before were full admins, and stay so), built-in credentials, per-user
-    // key lifetime, SSO identities linked by (issuer, subject).
-    r#"
-ALTER TABLE users ADD COLUMN role TEXT NOT NULL DEFAULT 'member';
-ALTER TABLE users ADD COLUMN key_expiry_ms INTEGER;
-ALTER TABLE users ADD COLUMN password_hash TEXT;
-ALTER TABLE users ADD COLUMN totp_secret BLOB;
-ALTER TABLE users ADD COLUMN totp_last_step INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE users ADD COLUMN recovery_codes TEXT NOT NULL DEFAULT '';
-ALTER TABLE secret_keys ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
-CREATE TABLE identities (
-    issuer TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    user_login TEXT NOT NULL REFERENCES users(login) ON DELETE CASCADE,
-    created_ms INTEGER NOT NULL,
-    PRIMARY KEY (issuer, subject)
-);
-"#,
-    // Device posture (issue 14): the node's last report (a JSON object of
-    // node:* attributes) and when it came, and the admin-set custom:*
-    // attributes (a JSON object).
-    r#"
-ALTER TABLE nodes ADD COLUMN posture_reported TEXT NOT NULL DEFAULT '{}';
-ALTER TABLE nodes ADD COLUMN posture_reported_ms INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE nodes ADD COLUMN posture_custom TEXT NOT NULL DEFAULT '{}';
-"#,
-    // Tamper-evident audit (issue 15): each row's prev_hash and hash (see
-    // `auditchain`; existing rows are chained in id order right after this
-    // migration, by `chain_existing_audit`), the chain head as last written,
-    // and the signed checkpoints: heads, and gaps left by pruning.
-    r#"
-ALTER TABLE audit ADD COLUMN prev_hash BLOB;
-ALTER TABLE audit ADD COLUMN hash BLOB;
-CREATE TABLE audit_head (
-    one INTEGER PRIMARY KEY CHECK (one = 1),
-    id INTEGER NOT NULL,
-    hash BLOB NOT NULL
-);
-CREATE TABLE audit_checkpoints (
-    id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL CHECK (kind IN ('head', 'gap')),
-    before_id INTEGER,
-    before_hash BLOB,
-    head_id INTEGER NOT NULL,
-    head_hash BLOB NOT NULL,
-    time_ms INTEGER NOT NULL,
-    signature BLOB NOT NULL
-);
-CREATE INDEX audit_checkpoints_kind_head ON audit_checkpoints (kind, head_id);
-"#,
-    // Flow logs (issue 15): allowed and denied flows as nodes report them,
-    // kept for a retention period and up to a row cap (not in the audit
-    // chain: they are node-reported telemetry, pruned freely).
-    r#"
-CREATE TABLE flows (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    time_ms INTEGER NOT NULL,
-    node_id INTEGER NOT NULL,
-    node_name TEXT NOT NULL,
-    src TEXT NOT NULL,
-    dst TEXT NOT NULL,
-    proto INTEGER NOT NULL,
-    dst_port INTEGER NOT NULL,
-    allowed INTEGER NOT NULL,
-    rule_id TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    packets INTEGER NOT NULL,
-    bytes INTEGER NOT NULL,
-    reply_packets INTEGER NOT NULL,
-    reply_bytes INTEGER NOT NULL,
-    first_seen_ms INTEGER NOT NULL,
-    last_seen_ms INTEGER NOT NULL
-);
-CREATE INDEX flows_time ON flows (time_ms);
-CREATE INDEX flows_node ON flows (node_id, id);
-CREATE INDEX flows_node_name ON flows (node_name, id);
-"#,
-    // Respond (issue 16): quarantined nodes, and what the detectors found.
-    r#"
-ALTER TABLE nodes ADD COLUMN quarantined_ms INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE nodes ADD COLUMN quarantine_reason TEXT NOT NULL DEFAULT '';
-CREATE TABLE detections (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    time_ms INTEGER NOT NULL,
-    node_id INTEGER NOT NULL,
-    node_name TEXT NOT NULL,
-    detectors TEXT NOT NULL,
-    action TEXT NOT NULL,
-    evidence TEXT NOT NULL,
-    alert TEXT NOT NULL
-);
-CREATE INDEX detections_node ON detections (node_id, id);
-"#,
-];
-
-/// The migration (index into [`MIGRATIONS`]) that adds the audit chain.
-const AUDIT_CHAIN_MIGRATION: usize = 7;
-
 /// Posture attributes as a JSON object (strings, integers, booleans).
 fn attrs_json(attrs: &BTreeMap<String, AttrValue>) -> String {
     let map: serde_json::Map<String, serde_json::Value> = attrs
@@ -623,8 +410,8 @@ fn attrs_json(attrs: &BTreeMap<String, AttrValue>) -> String {
 }
 
 /// The inverse of [`attrs_json`].
-fn json_attrs(r: &rusqlite::Row<'_>, col: usize) -> rusqlite::Result<BTreeMap<String, AttrValue>> {
-    let text: String = r.get(col)?;
+fn json_attrs(r: &Row, col: usize) -> DbResult<BTreeMap<String, AttrValue>> {
+    let text = r.text(col)?;
     let Ok(serde_json::Value::Object(map)) = serde_json::from_str(&text) else {
         return Err(corrupt(col, "posture attributes"));
     };
@@ -643,53 +430,47 @@ fn json_attrs(r: &rusqlite::Row<'_>, col: usize) -> rusqlite::Result<BTreeMap<St
         .collect()
 }
 
-/// The embedded SQLite store: one connection, WAL, `synchronous=FULL`.
-pub struct SqliteStore {
-    conn: Mutex<Connection>,
+/// The store, on an engine ([`SqliteStore`], [`PgStore`]): every query is
+/// written once, in the dialect both share ([`sql`]).
+pub struct SqlStore<B> {
+    db: B,
 }
 
-fn join_list(v: &[String]) -> String {
-    v.join(",")
-}
+impl<B: Backend> SqlStore<B> {
+    fn on(db: B) -> Self {
+        Self { db }
+    }
 
-fn split_list(s: &str) -> Vec<String> {
-    s.split(',')
-        .filter(|x| !x.is_empty())
-        .map(str::to_string)
-        .collect()
-}
-
-/// A stored value that does not parse: corruption or a newer schema.
-fn corrupt(col: usize, what: &str) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(
-        col,
-        rusqlite::types::Type::Text,
-        format!("corrupt stored {what}").into(),
-    )
-}
-
-fn key32(r: &rusqlite::Row<'_>, col: usize) -> rusqlite::Result<[u8; 32]> {
-    let v: Vec<u8> = r.get(col)?;
-    v.try_into().map_err(|_| corrupt(col, "32-byte key"))
-}
-
-fn parsed<T: std::str::FromStr>(r: &rusqlite::Row<'_>, col: usize) -> rusqlite::Result<T> {
-    let s: String = r.get(col)?;
-    s.parse().map_err(|_| corrupt(col, "value"))
-}
-
-fn list(r: &rusqlite::Row<'_>, col: usize) -> rusqlite::Result<Vec<String>> {
-    Ok(split_list(&r.get::<_, String>(col)?))
-}
-
-fn conflict(e: rusqlite::Error, what: &str) -> StoreError {
-    match e {
-        rusqlite::Error::SqliteFailure(f, _)
-            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
-        {
-            StoreError::Conflict(what.to_string())
+    /// `UPDATE users SET {set} WHERE login = ?1`; `NotFound` if no such user.
+    fn update_user(&self, login: &str, set: &str, args: &[Value]) -> Result<()> {
+        let n = self
+            .db
+            .with(|c| Ok(c.exec(&format!("UPDATE users SET {set} WHERE login = ?1"), args)?))?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("user {login}")));
         }
-        other => StoreError::Db(other),
+        Ok(())
+    }
+
+    /// `UPDATE nodes SET {set} WHERE id = ?1`; `NotFound` if no such node
+    /// and `must_exist`.
+    fn update_node(&self, id: u64, set: &str, args: &[Value], must_exist: bool) -> Result<()> {
+        let n = self
+            .db
+            .with(|c| Ok(c.exec(&format!("UPDATE nodes SET {set} WHERE id = ?1"), args)?))?;
+        if n == 0 && must_exist {
+            return Err(StoreError::NotFound(format!("node {id}")));
+        }
+        Ok(())
+    }
+}
+
+/// A UNIQUE (or other integrity) violation is a [`StoreError::Conflict`]
+/// over `what`.
+fn conflict(e: DbError, what: &str) -> StoreError {
+    match e {
+        DbError::Unique | DbError::ForeignKey => StoreError::Conflict(what.to_string()),
+        other => other.into(),
     }
 }
 
@@ -702,47 +483,47 @@ const KEY_COLS: &str = "kind, id, key_id, secret_hash, created_ms, expires_ms, r
                         created_by, user_login, tags, reusable, ephemeral, used_count, \
                         description, role";
 
-fn node_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRow> {
+fn node_row(r: &Row) -> DbResult<NodeRow> {
     Ok(NodeRow {
-        id: r.get(0)?,
-        name: r.get(1)?,
-        hostname: r.get(2)?,
-        machine_key: key32(r, 3)?,
-        wg_key: key32(r, 4)?,
-        ipv4: parsed(r, 5)?,
-        ipv6: parsed(r, 6)?,
-        user: r.get(7)?,
-        tags: list(r, 8)?,
-        ephemeral: r.get(9)?,
-        created_ms: r.get(10)?,
-        last_seen_ms: r.get(11)?,
-        expiry_ms: r.get(12)?,
-        endpoints: list(r, 13)?,
-        key_revoked: r.get(14)?,
+        id: r.u64(0)?,
+        name: r.text(1)?,
+        hostname: r.text(2)?,
+        machine_key: r.key32(3)?,
+        wg_key: r.key32(4)?,
+        ipv4: r.parsed(5)?,
+        ipv6: r.parsed(6)?,
+        user: r.opt_text(7)?,
+        tags: r.list(8)?,
+        ephemeral: r.bool(9)?,
+        created_ms: r.i64(10)?,
+        last_seen_ms: r.i64(11)?,
+        expiry_ms: r.i64(12)?,
+        endpoints: r.list(13)?,
+        key_revoked: r.bool(14)?,
         routes: NodeRoutes {
             advertised: prefixes(r, 15)?,
             approved: prefixes(r, 16)?,
-            exit_advertised: r.get(17)?,
-            exit_approved: r.get(18)?,
+            exit_advertised: r.bool(17)?,
+            exit_approved: r.bool(18)?,
         },
         posture: NodePosture {
             reported: json_attrs(r, 19)?,
-            reported_ms: r.get(20)?,
+            reported_ms: r.i64(20)?,
             custom: json_attrs(r, 21)?,
         },
-        quarantine: match r.get::<_, i64>(22)? {
+        quarantine: match r.i64(22)? {
             0 => None,
             since_ms => Some(Quarantine {
                 since_ms,
-                reason: r.get(23)?,
+                reason: r.text(23)?,
             }),
         },
     })
 }
 
 /// A comma-separated list of prefixes (a `routes_*` column).
-fn prefixes(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Vec<ipnet::IpNet>> {
-    list(r, i)?
+fn prefixes(r: &Row, i: usize) -> DbResult<Vec<ipnet::IpNet>> {
+    r.list(i)?
         .iter()
         .map(|p| p.parse().map_err(|_| corrupt(i, "route prefix")))
         .collect()
@@ -750,72 +531,81 @@ fn prefixes(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Vec<ipnet::IpNe
 
 /// A `secret_keys` row ([`KEY_COLS`]): the kind decides which of the
 /// kind-specific columns make up the detail.
-fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SecretRecord> {
-    let kind: String = r.get(0)?;
+fn key_row(r: &Row) -> DbResult<SecretRecord> {
+    let kind = r.text(0)?;
     let detail = match SecretKind::from_stored(&kind).ok_or_else(|| corrupt(0, "key kind"))? {
         SecretKind::AuthKey => KeyDetail::Auth {
-            user: r.get(8)?,
-            tags: list(r, 9)?,
-            reusable: r.get(10)?,
-            ephemeral: r.get(11)?,
-            used_count: r.get(12)?,
+            user: r.opt_text(8)?,
+            tags: r.list(9)?,
+            reusable: r.bool(10)?,
+            ephemeral: r.bool(11)?,
+            used_count: r.u64(12)?,
         },
         SecretKind::ApiKey => KeyDetail::Api {
-            description: r.get(13)?,
-            role: parsed(r, 14)?,
+            description: r.text(13)?,
+            role: r.parsed(14)?,
         },
     };
     Ok(SecretRecord {
-        id: r.get(1)?,
-        key_id: r.get(2)?,
-        secret_hash: key32(r, 3)?,
-        created_ms: r.get(4)?,
-        expires_ms: r.get(5)?,
-        revoked: r.get(6)?,
-        created_by: r.get(7)?,
+        id: r.u64(1)?,
+        key_id: r.text(2)?,
+        secret_hash: r.key32(3)?,
+        created_ms: r.i64(4)?,
+        expires_ms: r.i64(5)?,
+        revoked: r.bool(6)?,
+        created_by: r.text(7)?,
         detail,
     })
 }
 
-/// The auth key stored under `key_id`, read inside `tx`.
-fn auth_key_in(tx: &rusqlite::Transaction<'_>, key_id: &str) -> Result<Option<SecretRecord>> {
-    Ok(tx
-        .query_row(
-            &format!("SELECT {KEY_COLS} FROM secret_keys WHERE kind = 'auth' AND key_id = ?1"),
-            [key_id],
-            key_row,
-        )
-        .optional()?)
+/// The auth key stored under `key_id`, read (and on PostgreSQL row-locked
+/// until the transaction ends) inside a write transaction: a second
+/// enrollment with the same key waits here and then sees the first's count.
+fn auth_key_in<B: Backend>(tx: &mut dyn Conn, key_id: &str) -> Result<Option<SecretRecord>> {
+    Ok(tx.opt(
+        &format!(
+            "SELECT {KEY_COLS} FROM secret_keys WHERE kind = 'auth' AND key_id = ?1{}",
+            B::LOCK_ROW
+        ),
+        args![key_id],
+        key_row,
+    )?)
 }
 
 /// Inserts an enrolled node inside `tx`; `auth_key_id` records how it
 /// joined (an auth key's id, or `login`).
 fn insert_node(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &mut dyn Conn,
     n: NewNode,
     user: Option<String>,
     tags: Vec<String>,
     ephemeral: bool,
     auth_key_id: &str,
 ) -> Result<NodeRow> {
-    tx.execute(
+    let mut id = 0;
+    tx.query(
         "INSERT INTO nodes (name, hostname, machine_key, wg_key, ipv4, ipv6, user_login, tags,
                             ephemeral, created_ms, last_seen_ms, expiry_ms, auth_key_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?12)",
-        params![
-            n.name,
-            n.hostname,
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?12)
+         RETURNING id",
+        args![
+            n.name.as_str(),
+            n.hostname.as_str(),
             n.machine_key.as_slice(),
             n.wg_key.as_slice(),
             n.ipv4.to_string(),
             n.ipv6.to_string(),
-            user,
+            user.as_deref(),
             join_list(&tags),
             ephemeral,
             n.created_ms,
             n.expiry_ms,
             auth_key_id
         ],
+        &mut |r| {
+            id = r.u64(0)?;
+            Ok(false)
+        },
     )
     .map_err(|e| {
         conflict(
@@ -824,7 +614,7 @@ fn insert_node(
         )
     })?;
     Ok(NodeRow {
-        id: tx.last_insert_rowid() as u64,
+        id,
         name: n.name,
         hostname: n.hostname,
         machine_key: n.machine_key,
@@ -846,27 +636,25 @@ fn insert_node(
 }
 
 /// The chain head as last written: (0, [`GENESIS`]) before the first row.
-fn audit_head_in(c: &Connection) -> Result<(u64, Hash)> {
-    let row: Option<(u64, Vec<u8>)> = c
-        .query_row("SELECT id, hash FROM audit_head WHERE one = 1", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()?;
+fn audit_head_in(c: &mut dyn Conn) -> Result<(u64, Hash)> {
+    let row = c.opt("SELECT id, hash FROM audit_head WHERE one = 1", &[], |r| {
+        Ok((r.u64(0)?, r.blob(1)?))
+    })?;
     match row {
         None => Ok((0, GENESIS)),
         Some((id, hash)) => Ok((
             id,
             hash.try_into()
-                .map_err(|_| StoreError::Db(corrupt(1, "audit head hash")))?,
+                .map_err(|_| StoreError::from(corrupt(1, "audit head hash")))?,
         )),
     }
 }
 
-fn set_audit_head(c: &Connection, id: u64, hash: &Hash) -> Result<()> {
-    c.execute(
+fn set_audit_head(c: &mut dyn Conn, id: u64, hash: &Hash) -> Result<()> {
+    c.exec(
         "INSERT INTO audit_head (one, id, hash) VALUES (1, ?1, ?2)
          ON CONFLICT(one) DO UPDATE SET id = excluded.id, hash = excluded.hash",
-        params![id, hash.as_slice()],
+        args![id, hash.as_slice()],
     )?;
     Ok(())
 }
@@ -874,16 +662,12 @@ fn set_audit_head(c: &Connection, id: u64, hash: &Hash) -> Result<()> {
 /// Appends `rows` to the chain inside a write transaction: each gets the
 /// next id after the head (ids are never reused, even after the newest rows
 /// were pruned) and is chained to the row before.
-fn append_audit(tx: &Connection, rows: &[AuditEntry]) -> Result<()> {
+fn append_audit(tx: &mut dyn Conn, rows: &[AuditEntry]) -> Result<()> {
     let (head_id, mut prev) = audit_head_in(tx)?;
     // Rows written behind the controller's back keep their ids (verification
     // names them); new rows go after them.
-    let max: Option<u64> = tx.query_row("SELECT MAX(id) FROM audit", [], |r| r.get(0))?;
+    let max = tx.one("SELECT MAX(id) FROM audit", &[], |r| r.opt_u64(0))?;
     let mut id = head_id.max(max.unwrap_or(0));
-    let mut st = tx.prepare_cached(
-        "INSERT INTO audit (id, time_ms, actor, action, target, detail, prev_hash, hash)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )?;
     for r in rows {
         id += 1;
         let hash = RowFields {
@@ -895,16 +679,20 @@ fn append_audit(tx: &Connection, rows: &[AuditEntry]) -> Result<()> {
             detail: &r.detail,
         }
         .hash(&prev);
-        st.execute(params![
-            id,
-            r.time_ms,
-            r.actor,
-            r.action,
-            r.target,
-            r.detail,
-            prev.as_slice(),
-            hash.as_slice()
-        ])?;
+        tx.exec(
+            "INSERT INTO audit (id, time_ms, actor, action, target, detail, prev_hash, hash)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            args![
+                id,
+                r.time_ms,
+                r.actor.as_str(),
+                r.action.as_str(),
+                r.target.as_str(),
+                r.detail.as_str(),
+                prev.as_slice(),
+                hash.as_slice()
+            ],
+        )?;
         prev = hash;
     }
     set_audit_head(tx, id, &prev)
@@ -912,26 +700,26 @@ fn append_audit(tx: &Connection, rows: &[AuditEntry]) -> Result<()> {
 
 /// Chains the rows written before the chain existed, in id order (holes
 /// left by earlier pruning are linked over: those rows were never covered).
-fn chain_existing_audit(tx: &Connection) -> Result<()> {
+pub(crate) fn chain_existing_audit(tx: &mut dyn Conn) -> Result<()> {
     let mut rows = Vec::new();
-    for_rows(tx, "1", [], &mut |r| {
+    for_rows(tx, "TRUE", &[], &mut |r| {
         rows.push(r.clone());
         true
     })?;
     let mut prev = GENESIS;
     let mut last = 0;
-    {
-        let mut st = tx.prepare("UPDATE audit SET prev_hash = ?2, hash = ?3 WHERE id = ?1")?;
-        for r in &rows {
-            let hash = r.fields().hash(&prev);
-            st.execute(params![r.id, prev.as_slice(), hash.as_slice()])?;
-            prev = hash;
-            last = r.id;
-        }
+    for r in &rows {
+        let hash = r.fields().hash(&prev);
+        tx.exec(
+            "UPDATE audit SET prev_hash = ?2, hash = ?3 WHERE id = ?1",
+            args![r.id, prev.as_slice(), hash.as_slice()],
+        )?;
+        prev = hash;
+        last = r.id;
     }
-    tx.execute(
+    tx.exec(
         "INSERT INTO audit_head (one, id, hash) VALUES (1, ?1, ?2)",
-        params![last, prev.as_slice()],
+        args![last, prev.as_slice()],
     )?;
     Ok(())
 }
@@ -941,115 +729,104 @@ const CHAIN_COLS: &str = "id, time_ms, actor, action, target, detail, prev_hash,
 /// A stored audit row as the chain sees it. Columns of an unexpected type
 /// (written behind the controller's back) do not fail the read: the row
 /// comes back with an empty hash, which verification names as altered.
-fn chain_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChainRow> {
+fn chain_row(r: &Row) -> DbResult<ChainRow> {
     let mut sound = true;
-    let mut text = |i: usize| -> rusqlite::Result<String> {
-        Ok(match r.get_ref(i)? {
-            ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
-            _ => {
-                sound = false;
-                String::new()
-            }
-        })
+    let mut text = |i: usize| match r.value(i) {
+        Value::Text(t) => t.clone(),
+        _ => {
+            sound = false;
+            String::new()
+        }
     };
-    let actor = text(2)?;
-    let action = text(3)?;
-    let target = text(4)?;
-    let detail = text(5)?;
-    let blob = |i: usize| -> rusqlite::Result<Vec<u8>> {
-        Ok(match r.get_ref(i)? {
-            ValueRef::Blob(b) => b.to_vec(),
-            _ => Vec::new(),
-        })
+    let actor = text(2);
+    let action = text(3);
+    let target = text(4);
+    let detail = text(5);
+    let blob = |i: usize| match r.value(i) {
+        Value::Blob(b) => b.clone(),
+        _ => Vec::new(),
     };
-    let time_ms = match r.get_ref(1)? {
-        ValueRef::Integer(t) => t,
+    let time_ms = match r.value(1) {
+        Value::Int(t) => *t,
         _ => {
             sound = false;
             0
         }
     };
     Ok(ChainRow {
-        id: r.get(0)?,
+        id: r.u64(0)?,
         time_ms,
         actor,
         action,
         target,
         detail,
-        prev_hash: blob(6)?,
-        hash: if sound { blob(7)? } else { Vec::new() },
+        prev_hash: blob(6),
+        hash: if sound { blob(7) } else { Vec::new() },
     })
 }
 
 /// Calls `each` with the audit rows matching `cond`, in id order, until it
 /// returns `false`.
-fn for_rows<P: rusqlite::Params>(
-    c: &Connection,
+fn for_rows(
+    c: &mut dyn Conn,
     cond: &str,
-    p: P,
+    args: &[Value],
     each: &mut dyn FnMut(&ChainRow) -> bool,
 ) -> Result<()> {
-    let mut st = c.prepare(&format!(
-        "SELECT {CHAIN_COLS} FROM audit WHERE {cond} ORDER BY id"
-    ))?;
-    let mut rows = st.query(p)?;
-    while let Some(r) = rows.next()? {
-        if !each(&chain_row(r)?) {
-            break;
-        }
-    }
+    c.query(
+        &format!("SELECT {CHAIN_COLS} FROM audit WHERE {cond} ORDER BY id"),
+        args,
+        &mut |r| Ok(each(&chain_row(&r)?)),
+    )?;
     Ok(())
 }
 
 /// A 32-byte hash column; anything else reads as zeros (the checkpoint
 /// then fails its signature check, as a forged one would).
-fn hash_col(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Hash> {
-    Ok(match r.get_ref(i)? {
-        ValueRef::Blob(b) => b.try_into().unwrap_or([0; 32]),
+fn hash_col(r: &Row, i: usize) -> Hash {
+    match r.value(i) {
+        Value::Blob(b) => b.as_slice().try_into().unwrap_or([0; 32]),
         _ => [0; 32],
-    })
+    }
 }
 
 /// The checkpoints matching `cond`, in id order.
-fn checkpoints_where<P: rusqlite::Params>(
-    c: &Connection,
-    cond: &str,
-    p: P,
-) -> Result<Vec<Checkpoint>> {
-    let mut st = c.prepare(&format!(
-        "SELECT kind, before_id, before_hash, head_id, head_hash, time_ms, signature
-         FROM audit_checkpoints WHERE {cond} ORDER BY id"
-    ))?;
-    let rows = st.query_map(p, |r| {
-        let kind: String = r.get(0)?;
-        let head_id: u64 = r.get(3)?;
-        let head_hash = hash_col(r, 4)?;
-        let mark = if kind == "gap" {
-            Mark::Gap {
-                before_id: r.get::<_, Option<u64>>(1)?.unwrap_or(0),
-                before_hash: hash_col(r, 2)?,
-                last_id: head_id,
-                last_hash: head_hash,
-            }
-        } else {
-            Mark::Head {
-                id: head_id,
-                hash: head_hash,
-            }
-        };
-        Ok(Checkpoint {
-            mark,
-            time_ms: r.get(5)?,
-            signature: match r.get_ref(6)? {
-                ValueRef::Blob(b) => b.to_vec(),
-                _ => Vec::new(),
-            },
-        })
-    })?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+fn checkpoints_where(c: &mut dyn Conn, cond: &str, args: &[Value]) -> Result<Vec<Checkpoint>> {
+    Ok(c.rows(
+        &format!(
+            "SELECT kind, before_id, before_hash, head_id, head_hash, time_ms, signature
+             FROM audit_checkpoints WHERE {cond} ORDER BY id"
+        ),
+        args,
+        |r| {
+            let head_id = r.u64(3)?;
+            let head_hash = hash_col(r, 4);
+            let mark = if r.text(0)? == "gap" {
+                Mark::Gap {
+                    before_id: r.opt_u64(1)?.unwrap_or(0),
+                    before_hash: hash_col(r, 2),
+                    last_id: head_id,
+                    last_hash: head_hash,
+                }
+            } else {
+                Mark::Head {
+                    id: head_id,
+                    hash: head_hash,
+                }
+            };
+            Ok(Checkpoint {
+                mark,
+                time_ms: r.i64(5)?,
+                signature: match r.value(6) {
+                    Value::Blob(b) => b.clone(),
+                    _ => Vec::new(),
+                },
+            })
+        },
+    )?)
 }
 
-fn insert_checkpoint(c: &Connection, cp: &Checkpoint) -> Result<()> {
+fn insert_checkpoint(c: &mut dyn Conn, cp: &Checkpoint) -> Result<()> {
     let (kind, before_id, before_hash, head_id, head_hash) = match &cp.mark {
         Mark::Head { id, hash } => ("head", None, None, *id, hash),
         Mark::Gap {
@@ -1065,18 +842,18 @@ fn insert_checkpoint(c: &Connection, cp: &Checkpoint) -> Result<()> {
             last_hash,
         ),
     };
-    c.execute(
+    c.exec(
         "INSERT INTO audit_checkpoints (kind, before_id, before_hash, head_id, head_hash,
                                         time_ms, signature)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
+        args![
             kind,
             before_id,
             before_hash,
             head_id,
             head_hash.as_slice(),
             cp.time_ms,
-            cp.signature
+            cp.signature.as_slice()
         ],
     )?;
     Ok(())
@@ -1084,14 +861,14 @@ fn insert_checkpoint(c: &Connection, cp: &Checkpoint) -> Result<()> {
 
 /// The newest validly signed head whose row is still there unchanged
 /// (verification of new rows starts after it), else the start of the chain.
-fn trusted_head(c: &Connection, key: &PublicKey) -> Result<(u64, Hash)> {
+fn trusted_head(c: &mut dyn Conn, key: &PublicKey) -> Result<(u64, Hash)> {
     let cps = checkpoints_where(
         c,
         "kind = 'head' AND EXISTS (SELECT 1 FROM audit a
              WHERE a.id = audit_checkpoints.head_id AND a.hash = audit_checkpoints.head_hash)
          AND id IN (SELECT id FROM audit_checkpoints WHERE kind = 'head'
                     ORDER BY head_id DESC LIMIT 16)",
-        [],
+        &[],
     )?;
     Ok(cps
         .iter()
@@ -1114,19 +891,12 @@ struct Span {
 
 impl Span {
     /// The span around ids `lo..=hi`.
-    fn around(c: &Connection, lo: u64, hi: u64) -> Result<Self> {
-        let start: Option<(u64, Vec<u8>)> = c
-            .query_row(
-                "SELECT id, hash FROM audit WHERE id < ?1 ORDER BY id DESC LIMIT 1",
-                [lo],
-                |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get::<_, Option<Vec<u8>>>(1)?.unwrap_or_default(),
-                    ))
-                },
-            )
-            .optional()?;
+    fn around(c: &mut dyn Conn, lo: u64, hi: u64) -> Result<Self> {
+        let start = c.opt(
+            "SELECT id, hash FROM audit WHERE id < ?1 ORDER BY id DESC LIMIT 1",
+            args![lo],
+            |r| Ok((r.u64(0)?, r.opt_blob(1)?.unwrap_or_default())),
+        )?;
         let start = match start {
             None => (0, GENESIS),
             Some((id, hash)) => match Hash::try_from(hash) {
@@ -1134,8 +904,8 @@ impl Span {
                 Err(_) => return Err(StoreError::Chain(ChainError::Altered { id })),
             },
         };
-        let after = c.query_row("SELECT MIN(id) FROM audit WHERE id > ?1", [hi], |r| {
-            r.get(0)
+        let after = c.one("SELECT MIN(id) FROM audit WHERE id > ?1", args![hi], |r| {
+            r.opt_u64(0)
         })?;
         Ok(Self {
             start,
@@ -1150,12 +920,12 @@ impl Span {
     }
 
     /// Verifies the rows of the span (the kept row after it included).
-    fn verify(&self, c: &Connection, key: &PublicKey) -> Result<()> {
+    fn verify(&self, c: &mut dyn Conn, key: &PublicKey) -> Result<()> {
         let (from, end) = (self.start.0, self.end());
-        let cps = checkpoints_where(c, "head_id >= ?1 AND head_id <= ?2", params![from, end])?;
+        let cps = checkpoints_where(c, "head_id >= ?1 AND head_id <= ?2", args![from, end])?;
         let recorded = self.after.is_none().then_some(self.head);
         let mut v = Verifier::new(key, &cps, recorded).starting_after(from, self.start.1);
-        for_rows(c, "id > ?1 AND id <= ?2", params![from, end], &mut |r| {
+        for_rows(c, "id > ?1 AND id <= ?2", args![from, end], &mut |r| {
             v.push(r);
             !v.is_decided()
         })?;
@@ -1170,35 +940,31 @@ impl Span {
     /// After the deletion: one signed gap checkpoint per run of deleted rows
     /// in the span (replacing those the span had), and signed heads of
     /// deleted rows dropped (except the newest, which marks the chain's end).
-    fn reseal(&self, c: &Connection, now: UnixMs, key: &SigningKey) -> Result<()> {
+    fn reseal(&self, c: &mut dyn Conn, now: UnixMs, key: &SigningKey) -> Result<()> {
         let (from, end) = (self.start.0, self.end());
-        let mut links: Vec<(u64, Vec<u8>, Vec<u8>)> = Vec::new();
-        {
-            let mut st = c.prepare(
-                "SELECT id, prev_hash, hash FROM audit WHERE id > ?1 AND id < ?2 ORDER BY id",
-            )?;
-            let rows = st.query_map(params![from, end], |r| {
+        let mut links: Vec<(u64, Vec<u8>, Vec<u8>)> = c.rows(
+            "SELECT id, prev_hash, hash FROM audit WHERE id > ?1 AND id < ?2 ORDER BY id",
+            args![from, end],
+            |r| {
                 Ok((
-                    r.get(0)?,
-                    r.get::<_, Option<Vec<u8>>>(1)?.unwrap_or_default(),
-                    r.get::<_, Option<Vec<u8>>>(2)?.unwrap_or_default(),
+                    r.u64(0)?,
+                    r.opt_blob(1)?.unwrap_or_default(),
+                    r.opt_blob(2)?.unwrap_or_default(),
                 ))
-            })?;
-            for row in rows {
-                links.push(row?);
-            }
-        }
+            },
+        )?;
         let last_link = match self.after {
-            Some(id) => c.query_row("SELECT prev_hash FROM audit WHERE id = ?1", [id], |r| {
-                r.get::<_, Option<Vec<u8>>>(0)
-                    .map(Option::unwrap_or_default)
-            })?,
+            Some(id) => c.one(
+                "SELECT prev_hash FROM audit WHERE id = ?1",
+                args![id],
+                |r| Ok(r.opt_blob(0)?.unwrap_or_default()),
+            )?,
             None => self.head.1.to_vec(),
         };
         links.push((end, last_link, Vec::new()));
-        c.execute(
+        c.exec(
             "DELETE FROM audit_checkpoints WHERE kind = 'gap' AND head_id >= ?1 AND head_id < ?2",
-            params![from, end],
+            args![from, end],
         )?;
         let (mut before_id, mut before_hash) = self.start;
         for (id, prev, hash) in links {
@@ -1220,157 +986,50 @@ impl Span {
             before_hash = Hash::try_from(&hash[..])
                 .map_err(|_| StoreError::Chain(ChainError::Altered { id }))?;
         }
-        c.execute(
+        c.exec(
             "DELETE FROM audit_checkpoints
              WHERE kind = 'head' AND head_id > ?1 AND head_id < ?2
                AND NOT EXISTS (SELECT 1 FROM audit WHERE audit.id = audit_checkpoints.head_id)
                AND head_id < (SELECT MAX(head_id) FROM audit_checkpoints WHERE kind = 'head')",
-            params![from, end],
+            args![from, end],
         )?;
         Ok(())
     }
 }
 
-impl SqliteStore {
-    /// Opens (creating if needed) the database at `path` and applies migrations.
-    ///
-    /// # Errors
-    /// [`StoreError::Db`] if the file cannot be opened or migrated.
-    ///
-    /// The database and its `-wal`/`-shm` files are made 0600 whatever the
-    /// umask: SQLite creates the latter with the database file's mode, so
-    /// the file is created 0600 before SQLite opens it.
-    pub fn open(path: &Path) -> Result<Self> {
-        private_file(path)?;
-        for suffix in ["-wal", "-shm", "-journal"] {
-            let mut p = path.as_os_str().to_owned();
-            p.push(suffix);
-            let p = std::path::PathBuf::from(p);
-            if p.exists() {
-                private_file(&p)?;
-            }
-        }
-        let conn = Connection::open(path)?;
-        Self::init(conn)
-    }
-
-    /// Opens an existing database read-only, without migrating (for
-    /// offline reads such as `audit verify`; safe while the controller runs,
-    /// which keeps writing in WAL mode).
-    ///
-    /// # Errors
-    /// [`StoreError::Db`] if it cannot be opened; [`StoreError::Schema`] if
-    /// it is not at this binary's schema.
-    pub fn open_read_only(path: &Path) -> Result<Self> {
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version != MIGRATIONS.len() {
-            return Err(StoreError::Schema(format!(
-                "{} is at version {version}, this binary reads version {} (run `serve` once to migrate)",
-                path.display(),
-                MIGRATIONS.len()
-            )));
-        }
-        Ok(Self {
-            conn: Mutex::new(conn),
-        })
-    }
-
-    /// An in-memory database, for tests.
-    ///
-    /// # Errors
-    /// [`StoreError::Db`].
-    pub fn in_memory() -> Result<Self> {
-        Self::init(Connection::open_in_memory()?)
-    }
-
-    fn init(mut conn: Connection) -> Result<Self> {
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        for (i, m) in MIGRATIONS.iter().enumerate().skip(version) {
-            tx.execute_batch(m)?;
-            if i == AUDIT_CHAIN_MIGRATION {
-                chain_existing_audit(&tx)?;
-            }
-            tx.pragma_update(None, "user_version", i + 1)?;
-        }
-        tx.commit()?;
-        Ok(Self {
-            conn: Mutex::new(conn),
-        })
-    }
-
-    /// `UPDATE users SET {set} WHERE login = ?1`; `NotFound` if no such user.
-    fn update_user(&self, login: &str, set: &str, p: &[&dyn rusqlite::ToSql]) -> Result<()> {
-        let n = self
-            .conn()
-            .execute(&format!("UPDATE users SET {set} WHERE login = ?1"), p)?;
-        if n == 0 {
-            return Err(StoreError::NotFound(format!("user {login}")));
-        }
-        Ok(())
-    }
-
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A panic while holding the lock leaves SQLite itself consistent (every
-        // write is a transaction), so a poisoned lock is safe to reuse.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Creates `path` if missing, and makes it 0600 either way.
-fn private_file(path: &Path) -> Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let io = |e: std::io::Error| {
-        StoreError::Db(rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
-            Some(format!("{}: {e}", path.display())),
-        ))
-    };
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
-        .map_err(io)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)
-}
-
-impl Store for SqliteStore {
+impl<B: Backend> Store for SqlStore<B> {
     fn meta(&self, key: &str) -> Result<Option<String>> {
-        Ok(self
-            .conn()
-            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-            .optional()?)
+        self.db.with(|c| {
+            Ok(
+                c.opt("SELECT value FROM meta WHERE key = ?1", args![key], |r| {
+                    r.text(0)
+                })?,
+            )
+        })
     }
 
     fn set_meta(&self, key: &str, value: &str) -> Result<()> {
-        self.conn().execute(
-            "INSERT INTO meta (key, value) VALUES (?1, ?2)
-             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            params![key, value],
-        )?;
-        Ok(())
+        self.db.with(|c| {
+            c.exec(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                args![key, value],
+            )?;
+            Ok(())
+        })
     }
 
     fn create_user(&self, login: &str, role: Role, now: UnixMs) -> Result<UserRow> {
-        let c = self.conn();
-        c.execute(
-            "INSERT INTO users (login, created_ms, role) VALUES (?1, ?2, ?3)",
-            params![login, now, role.as_str()],
-        )
-        .map_err(|e| conflict(e, &format!("user {login}")))?;
+        let id = self.db.with(|c| {
+            c.one(
+                "INSERT INTO users (login, created_ms, role) VALUES (?1, ?2, ?3) RETURNING id",
+                args![login, now, role.as_str()],
+                |r| r.u64(0),
+            )
+            .map_err(|e| conflict(e, &format!("user {login}")))
+        })?;
         Ok(UserRow {
-            id: c.last_insert_rowid() as u64,
+            id,
             login: login.to_string(),
             created_ms: now,
             role,
@@ -1381,56 +1040,58 @@ impl Store for SqliteStore {
     }
 
     fn users(&self) -> Result<Vec<UserRow>> {
-        let c = self.conn();
-        let mut st = c.prepare(
-            "SELECT id, login, created_ms, role, key_expiry_ms,
-                    password_hash IS NOT NULL, totp_secret IS NOT NULL
-             FROM users ORDER BY login",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok(UserRow {
-                id: r.get(0)?,
-                login: r.get(1)?,
-                created_ms: r.get(2)?,
-                role: parsed(r, 3)?,
-                key_expiry_ms: r.get(4)?,
-                has_password: r.get(5)?,
-                has_totp: r.get(6)?,
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        self.db.with(|c| {
+            Ok(c.rows(
+                "SELECT id, login, created_ms, role, key_expiry_ms,
+                        CASE WHEN password_hash IS NULL THEN 0 ELSE 1 END,
+                        CASE WHEN totp_secret IS NULL THEN 0 ELSE 1 END
+                 FROM users ORDER BY login",
+                &[],
+                |r| {
+                    Ok(UserRow {
+                        id: r.u64(0)?,
+                        login: r.text(1)?,
+                        created_ms: r.i64(2)?,
+                        role: r.parsed(3)?,
+                        key_expiry_ms: r.opt_i64(4)?,
+                        has_password: r.bool(5)?,
+                        has_totp: r.bool(6)?,
+                    })
+                },
+            )?)
+        })
     }
 
     fn set_user_role(&self, login: &str, role: Role) -> Result<()> {
-        self.update_user(login, "role = ?2", params![login, role.as_str()])
+        self.update_user(login, "role = ?2", args![login, role.as_str()])
     }
 
     fn set_user_key_expiry(&self, login: &str, ms: Option<UnixMs>) -> Result<()> {
-        self.update_user(login, "key_expiry_ms = ?2", params![login, ms])
+        self.update_user(login, "key_expiry_ms = ?2", args![login, ms])
     }
 
     fn credentials(&self, login: &str) -> Result<Option<Credentials>> {
-        let c = self.conn();
-        Ok(c.query_row(
-            "SELECT login, role, password_hash, totp_secret, totp_last_step, recovery_codes
-             FROM users WHERE login = ?1",
-            [login],
-            |r| {
-                Ok(Credentials {
-                    login: r.get(0)?,
-                    role: parsed(r, 1)?,
-                    password_hash: r.get(2)?,
-                    totp_secret: r.get(3)?,
-                    totp_last_step: r.get(4)?,
-                    recovery: list(r, 5)?,
-                })
-            },
-        )
-        .optional()?)
+        self.db.with(|c| {
+            Ok(c.opt(
+                "SELECT login, role, password_hash, totp_secret, totp_last_step, recovery_codes
+                 FROM users WHERE login = ?1",
+                args![login],
+                |r| {
+                    Ok(Credentials {
+                        login: r.text(0)?,
+                        role: r.parsed(1)?,
+                        password_hash: r.opt_text(2)?,
+                        totp_secret: r.opt_blob(3)?,
+                        totp_last_step: r.i64(4)?,
+                        recovery: r.list(5)?,
+                    })
+                },
+            )?)
+        })
     }
 
     fn set_password(&self, login: &str, phc: Option<&str>) -> Result<()> {
-        self.update_user(login, "password_hash = ?2", params![login, phc])
+        self.update_user(login, "password_hash = ?2", args![login, phc])
     }
 
     fn set_totp(
@@ -1443,7 +1104,7 @@ impl Store for SqliteStore {
         self.update_user(
             login,
             "totp_secret = ?2, recovery_codes = ?3, totp_last_step = ?4",
-            params![login, secret, join_list(recovery), last_step],
+            args![login, secret, join_list(recovery), last_step],
         )
     }
 
@@ -1454,107 +1115,112 @@ impl Store for SqliteStore {
         recovery: &[String],
         last_step: i64,
     ) -> Result<bool> {
-        let n = self.conn().execute(
-            "UPDATE users SET totp_secret = ?2, recovery_codes = ?3, totp_last_step = ?4
-             WHERE login = ?1 AND totp_secret IS NULL",
-            params![login, secret, join_list(recovery), last_step],
-        )?;
+        let n = self.db.with(|c| {
+            Ok(c.exec(
+                "UPDATE users SET totp_secret = ?2, recovery_codes = ?3, totp_last_step = ?4
+                 WHERE login = ?1 AND totp_secret IS NULL",
+                args![login, secret, join_list(recovery), last_step],
+            )?)
+        })?;
         Ok(n == 1)
     }
 
     fn use_totp_step(&self, login: &str, step: i64) -> Result<bool> {
-        let n = self.conn().execute(
-            "UPDATE users SET totp_last_step = ?2 WHERE login = ?1 AND totp_last_step < ?2",
-            params![login, step],
-        )?;
+        let n = self.db.with(|c| {
+            Ok(c.exec(
+                "UPDATE users SET totp_last_step = ?2 WHERE login = ?1 AND totp_last_step < ?2",
+                args![login, step],
+            )?)
+        })?;
         Ok(n == 1)
     }
 
     fn use_recovery_code(&self, login: &str, hash: &str) -> Result<bool> {
-        let mut c = self.conn();
-        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let codes: Option<String> = tx
-            .query_row(
-                "SELECT recovery_codes FROM users WHERE login = ?1",
-                [login],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let mut codes = split_list(&codes.unwrap_or_default());
-        let before = codes.len();
-        codes.retain(|h| h != hash);
-        if codes.len() == before {
-            return Ok(false);
-        }
-        tx.execute(
-            "UPDATE users SET recovery_codes = ?2 WHERE login = ?1",
-            params![login, join_list(&codes)],
-        )?;
-        tx.commit()?;
-        Ok(true)
+        self.db.write(|tx| {
+            let codes = tx.opt(
+                &format!(
+                    "SELECT recovery_codes FROM users WHERE login = ?1{}",
+                    B::LOCK_ROW
+                ),
+                args![login],
+                |r| r.text(0),
+            )?;
+            let mut codes = split_list(&codes.unwrap_or_default());
+            let before = codes.len();
+            codes.retain(|h| h != hash);
+            if codes.len() == before {
+                return Ok(false);
+            }
+            tx.exec(
+                "UPDATE users SET recovery_codes = ?2 WHERE login = ?1",
+                args![login, join_list(&codes)],
+            )?;
+            Ok(true)
+        })
     }
 
     fn identity_login(&self, issuer: &str, subject: &str) -> Result<Option<String>> {
-        Ok(self
-            .conn()
-            .query_row(
+        self.db.with(|c| {
+            Ok(c.opt(
                 "SELECT user_login FROM identities WHERE issuer = ?1 AND subject = ?2",
-                [issuer, subject],
-                |r| r.get(0),
-            )
-            .optional()?)
+                args![issuer, subject],
+                |r| r.text(0),
+            )?)
+        })
     }
 
     fn identities(&self, login: &str) -> Result<Vec<(String, String)>> {
-        let c = self.conn();
-        let mut st = c.prepare(
-            "SELECT issuer, subject FROM identities WHERE user_login = ?1 ORDER BY issuer, subject",
-        )?;
-        let rows = st.query_map([login], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        self.db.with(|c| {
+            Ok(c.rows(
+                "SELECT issuer, subject FROM identities WHERE user_login = ?1
+                 ORDER BY issuer, subject",
+                args![login],
+                |r| Ok((r.text(0)?, r.text(1)?)),
+            )?)
+        })
     }
 
     fn unlink_identities(&self, login: &str) -> Result<usize> {
-        Ok(self
-            .conn()
-            .execute("DELETE FROM identities WHERE user_login = ?1", [login])?)
+        let n = self
+            .db
+            .with(|c| Ok(c.exec("DELETE FROM identities WHERE user_login = ?1", args![login])?))?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
 
     fn link_identity(&self, issuer: &str, subject: &str, login: &str, now: UnixMs) -> Result<()> {
-        self.conn()
-            .execute(
+        self.db.with(|c| {
+            c.exec(
                 "INSERT INTO identities (issuer, subject, user_login, created_ms)
                  VALUES (?1, ?2, ?3, ?4)",
-                params![issuer, subject, login, now],
+                args![issuer, subject, login, now],
             )
             .map_err(|e| match e {
-                rusqlite::Error::SqliteFailure(f, _)
-                    if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY =>
-                {
-                    StoreError::NotFound(format!("user {login}"))
-                }
+                DbError::ForeignKey => StoreError::NotFound(format!("user {login}")),
                 e => conflict(e, "SSO identity"),
             })?;
-        Ok(())
+            Ok(())
+        })
     }
 
     fn delete_user(&self, login: &str) -> Result<Vec<u64>> {
-        let mut c = self.conn();
-        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let ids: Vec<u64> = {
-            let mut st = tx.prepare("SELECT id FROM nodes WHERE user_login = ?1 ORDER BY id")?;
-            let rows = st.query_map([login], |r| r.get(0))?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
-        tx.execute("DELETE FROM nodes WHERE user_login = ?1", [login])?;
-        // Only auth keys have an owner.
-        tx.execute("DELETE FROM secret_keys WHERE user_login = ?1", [login])?;
-        let n = tx.execute("DELETE FROM users WHERE login = ?1", [login])?;
-        if n == 0 {
-            return Err(StoreError::NotFound(format!("user {login}")));
-        }
-        tx.commit()?;
-        Ok(ids)
+        self.db.write(|tx| {
+            let ids = tx.rows(
+                "SELECT id FROM nodes WHERE user_login = ?1 ORDER BY id",
+                args![login],
+                |r| r.u64(0),
+            )?;
+            tx.exec("DELETE FROM nodes WHERE user_login = ?1", args![login])?;
+            // Only auth keys have an owner.
+            tx.exec(
+                "DELETE FROM secret_keys WHERE user_login = ?1",
+                args![login],
+            )?;
+            let n = tx.exec("DELETE FROM users WHERE login = ?1", args![login])?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("user {login}")));
+            }
+            Ok(ids)
+        })
     }
 
     fn create_key(&self, k: &SecretRecord) -> Result<SecretRecord> {
@@ -1580,23 +1246,24 @@ impl Store for SqliteStore {
                 (None, &no_tags, false, false, 0, description.as_str(), *role)
             }
         };
-        let id = self
-            .conn()
-            .query_row(
+        // A write transaction: the next id per kind is read and taken at once,
+        // whichever controller creates a key.
+        let id = self.db.write(|tx| {
+            tx.one(
                 "INSERT INTO secret_keys (kind, id, key_id, secret_hash, created_ms, expires_ms,
                                           revoked, created_by, user_login, tags, reusable,
                                           ephemeral, used_count, description, role)
                  VALUES (?1, (SELECT COALESCE(MAX(id), 0) + 1 FROM secret_keys WHERE kind = ?1),
                          ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
                  RETURNING id",
-                params![
+                args![
                     kind.as_str(),
-                    k.key_id,
+                    k.key_id.as_str(),
                     k.secret_hash.as_slice(),
                     k.created_ms,
                     k.expires_ms,
                     k.revoked,
-                    k.created_by,
+                    k.created_by.as_str(),
                     user,
                     join_list(tags),
                     reusable,
@@ -1605,44 +1272,43 @@ impl Store for SqliteStore {
                     description,
                     role.as_str()
                 ],
-                |r| r.get(0),
+                |r| r.u64(0),
             )
             .map_err(|e| match e {
-                rusqlite::Error::SqliteFailure(f, _)
-                    if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY =>
-                {
-                    StoreError::NotFound(format!("user {}", user.unwrap_or("")))
-                }
+                DbError::ForeignKey => StoreError::NotFound(format!("user {}", user.unwrap_or(""))),
                 e => conflict(e, &format!("{} id", kind.noun())),
-            })?;
+            })
+        })?;
         Ok(SecretRecord { id, ..k.clone() })
     }
 
     fn keys(&self, kind: SecretKind) -> Result<Vec<SecretRecord>> {
-        let c = self.conn();
-        let mut st = c.prepare(&format!(
-            "SELECT {KEY_COLS} FROM secret_keys WHERE kind = ?1 ORDER BY id"
-        ))?;
-        let keys = st.query_map([kind.as_str()], key_row)?;
-        Ok(keys.collect::<rusqlite::Result<_>>()?)
+        self.db.with(|c| {
+            Ok(c.rows(
+                &format!("SELECT {KEY_COLS} FROM secret_keys WHERE kind = ?1 ORDER BY id"),
+                args![kind.as_str()],
+                key_row,
+            )?)
+        })
     }
 
     fn find_key(&self, kind: SecretKind, key_id: &str) -> Result<Option<SecretRecord>> {
-        Ok(self
-            .conn()
-            .query_row(
+        self.db.with(|c| {
+            Ok(c.opt(
                 &format!("SELECT {KEY_COLS} FROM secret_keys WHERE kind = ?1 AND key_id = ?2"),
-                params![kind.as_str(), key_id],
+                args![kind.as_str(), key_id],
                 key_row,
-            )
-            .optional()?)
+            )?)
+        })
     }
 
     fn revoke_key(&self, kind: SecretKind, key_id: &str) -> Result<()> {
-        let n = self.conn().execute(
-            "UPDATE secret_keys SET revoked = 1 WHERE kind = ?1 AND key_id = ?2",
-            params![kind.as_str(), key_id],
-        )?;
+        let n = self.db.with(|c| {
+            Ok(c.exec(
+                "UPDATE secret_keys SET revoked = 1 WHERE kind = ?1 AND key_id = ?2",
+                args![kind.as_str(), key_id],
+            )?)
+        })?;
         if n == 0 {
             return Err(StoreError::NotFound(format!("{} {key_id}", kind.noun())));
         }
@@ -1655,34 +1321,30 @@ impl Store for SqliteStore {
         check: &dyn Fn(Option<&SecretRecord>) -> std::result::Result<(), String>,
         n: NewNode,
     ) -> Result<NodeRow> {
-        let mut c = self.conn();
-        // IMMEDIATE takes the write lock up front: a second enrollment (in this
-        // or another process) waits here and then sees used_count = 1.
-        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let key = auth_key_in(&tx, key_id)?;
-        check(key.as_ref()).map_err(StoreError::KeyRefused)?;
-        // Whatever the check says, no key enrolls nothing.
-        let Some(SecretRecord {
-            id: key_row_id,
-            detail:
-                KeyDetail::Auth {
-                    user,
-                    tags,
-                    ephemeral,
-                    ..
-                },
-            ..
-        }) = key
-        else {
-            return Err(StoreError::KeyRefused("unknown auth key".into()));
-        };
-        tx.execute(
-            "UPDATE secret_keys SET used_count = used_count + 1 WHERE kind = 'auth' AND id = ?1",
-            [key_row_id],
-        )?;
-        let row = insert_node(&tx, n, user, tags, ephemeral, key_id)?;
-        tx.commit()?;
-        Ok(row)
+        self.db.write(|tx| {
+            let key = auth_key_in::<B>(tx, key_id)?;
+            check(key.as_ref()).map_err(StoreError::KeyRefused)?;
+            // Whatever the check says, no key enrolls nothing.
+            let Some(SecretRecord {
+                id: key_row_id,
+                detail:
+                    KeyDetail::Auth {
+                        user,
+                        tags,
+                        ephemeral,
+                        ..
+                    },
+                ..
+            }) = key
+            else {
+                return Err(StoreError::KeyRefused("unknown auth key".into()));
+            };
+            tx.exec(
+                "UPDATE secret_keys SET used_count = used_count + 1 WHERE kind = 'auth' AND id = ?1",
+                args![key_row_id],
+            )?;
+            insert_node(tx, n, user, tags, ephemeral, key_id)
+        })
     }
 
     fn consume_key(
@@ -1690,59 +1352,59 @@ impl Store for SqliteStore {
         key_id: &str,
         check: &dyn Fn(Option<&SecretRecord>) -> std::result::Result<(), String>,
     ) -> Result<()> {
-        let mut c = self.conn();
-        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let key = auth_key_in(&tx, key_id)?;
-        check(key.as_ref()).map_err(StoreError::KeyRefused)?;
-        let Some(key) = key else {
-            return Err(StoreError::KeyRefused("unknown auth key".into()));
-        };
-        tx.execute(
-            "UPDATE secret_keys SET used_count = used_count + 1 WHERE kind = 'auth' AND id = ?1",
-            [key.id],
-        )?;
-        tx.commit()?;
-        Ok(())
+        self.db.write(|tx| {
+            let key = auth_key_in::<B>(tx, key_id)?;
+            check(key.as_ref()).map_err(StoreError::KeyRefused)?;
+            let Some(key) = key else {
+                return Err(StoreError::KeyRefused("unknown auth key".into()));
+            };
+            tx.exec(
+                "UPDATE secret_keys SET used_count = used_count + 1 WHERE kind = 'auth' AND id = ?1",
+                args![key.id],
+            )?;
+            Ok(())
+        })
     }
 
     fn enroll_for_user(&self, user: &str, n: NewNode) -> Result<NodeRow> {
-        let mut c = self.conn();
-        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let known: bool = tx.query_row(
-            "SELECT EXISTS (SELECT 1 FROM users WHERE login = ?1)",
-            [user],
-            |r| r.get(0),
-        )?;
-        if !known {
-            return Err(StoreError::NotFound(format!("user {user}")));
-        }
-        let row = insert_node(&tx, n, Some(user.to_string()), Vec::new(), false, "login")?;
-        tx.commit()?;
-        Ok(row)
+        self.db.write(|tx| {
+            let known = tx
+                .opt(
+                    &format!("SELECT id FROM users WHERE login = ?1{}", B::LOCK_ROW),
+                    args![user],
+                    |r| r.u64(0),
+                )?
+                .is_some();
+            if !known {
+                return Err(StoreError::NotFound(format!("user {user}")));
+            }
+            insert_node(tx, n, Some(user.to_string()), Vec::new(), false, "login")
+        })
     }
 
     fn reauth_node(&self, id: u64, expiry_ms: UnixMs) -> Result<()> {
-        let n = self.conn().execute(
-            "UPDATE nodes SET expiry_ms = ?2, key_revoked = 0 WHERE id = ?1",
-            params![id, expiry_ms],
-        )?;
-        if n == 0 {
-            return Err(StoreError::NotFound(format!("node {id}")));
-        }
-        Ok(())
+        self.update_node(
+            id,
+            "expiry_ms = ?2, key_revoked = 0",
+            args![id, expiry_ms],
+            true,
+        )
     }
 
     fn nodes(&self) -> Result<Vec<NodeRow>> {
-        let c = self.conn();
-        let mut st = c.prepare(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY id"))?;
-        let nodes = st.query_map([], node_row)?;
-        Ok(nodes.collect::<rusqlite::Result<_>>()?)
+        self.db.with(|c| {
+            Ok(c.rows(
+                &format!("SELECT {NODE_COLS} FROM nodes ORDER BY id"),
+                &[],
+                node_row,
+            )?)
+        })
     }
 
     fn delete_node(&self, id: u64) -> Result<()> {
         let n = self
-            .conn()
-            .execute("DELETE FROM nodes WHERE id = ?1", [id])?;
+            .db
+            .with(|c| Ok(c.exec("DELETE FROM nodes WHERE id = ?1", args![id])?))?;
         if n == 0 {
             return Err(StoreError::NotFound(format!("node {id}")));
         }
@@ -1750,116 +1412,98 @@ impl Store for SqliteStore {
     }
 
     fn revoke_node_key(&self, id: u64, at: UnixMs) -> Result<()> {
-        self.conn().execute(
-            "UPDATE nodes SET expiry_ms = ?2, key_revoked = 1 WHERE id = ?1",
-            params![id, at],
-        )?;
-        Ok(())
+        self.update_node(id, "expiry_ms = ?2, key_revoked = 1", args![id, at], false)
     }
 
     fn rename_node(&self, id: u64, name: &str) -> Result<()> {
-        self.conn()
-            .execute(
-                "UPDATE nodes SET name = ?2 WHERE id = ?1",
-                params![id, name],
-            )
-            .map_err(|e| conflict(e, &format!("node name {name}")))?;
-        Ok(())
+        self.db.with(|c| {
+            c.exec("UPDATE nodes SET name = ?2 WHERE id = ?1", args![id, name])
+                .map_err(|e| conflict(e, &format!("node name {name}")))?;
+            Ok(())
+        })
     }
 
     fn set_node_seen(&self, id: u64, last_seen_ms: UnixMs) -> Result<()> {
-        self.conn().execute(
-            "UPDATE nodes SET last_seen_ms = ?2 WHERE id = ?1",
-            params![id, last_seen_ms],
-        )?;
-        Ok(())
+        self.update_node(id, "last_seen_ms = ?2", args![id, last_seen_ms], false)
     }
 
     fn set_nodes_seen(&self, seen: &[(u64, UnixMs)]) -> Result<()> {
-        let mut c = self.conn();
-        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        {
-            let mut st = tx.prepare("UPDATE nodes SET last_seen_ms = ?2 WHERE id = ?1")?;
+        self.db.write(|tx| {
             for (id, ms) in seen {
-                st.execute(params![id, ms])?;
+                tx.exec(
+                    "UPDATE nodes SET last_seen_ms = ?2 WHERE id = ?1",
+                    args![*id, *ms],
+                )?;
             }
-        }
-        tx.commit()?;
-        Ok(())
+            Ok(())
+        })
     }
 
     fn set_node_routes(&self, id: u64, routes: &NodeRoutes) -> Result<()> {
         let text = |v: &[ipnet::IpNet]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
-        let n = self.conn().execute(
-            "UPDATE nodes SET routes_advertised = ?2, routes_approved = ?3,
-                              exit_advertised = ?4, exit_approved = ?5 WHERE id = ?1",
-            params![
+        self.update_node(
+            id,
+            "routes_advertised = ?2, routes_approved = ?3, exit_advertised = ?4, \
+             exit_approved = ?5",
+            args![
                 id,
                 join_list(&text(&routes.advertised)),
                 join_list(&text(&routes.approved)),
                 routes.exit_advertised,
                 routes.exit_approved
             ],
-        )?;
-        if n == 0 {
-            return Err(StoreError::NotFound(format!("node {id}")));
-        }
-        Ok(())
+            true,
+        )
     }
 
     fn set_node_posture(&self, id: u64, posture: &NodePosture) -> Result<()> {
-        let n = self.conn().execute(
-            "UPDATE nodes SET posture_reported = ?2, posture_reported_ms = ?3,
-                              posture_custom = ?4 WHERE id = ?1",
-            params![
+        self.update_node(
+            id,
+            "posture_reported = ?2, posture_reported_ms = ?3, posture_custom = ?4",
+            args![
                 id,
                 attrs_json(&posture.reported),
                 posture.reported_ms,
                 attrs_json(&posture.custom)
             ],
-        )?;
-        if n == 0 {
-            return Err(StoreError::NotFound(format!("node {id}")));
-        }
-        Ok(())
+            true,
+        )
     }
 
     fn set_node_endpoints(&self, id: u64, endpoints: &[String]) -> Result<()> {
-        self.conn().execute(
-            "UPDATE nodes SET endpoints = ?2 WHERE id = ?1",
-            params![id, join_list(endpoints)],
-        )?;
-        Ok(())
+        self.update_node(id, "endpoints = ?2", args![id, join_list(endpoints)], false)
     }
 
     fn set_policy(&self, file_name: &str, text: &str, now: UnixMs) -> Result<PolicyRow> {
-        let c = self.conn();
-        c.execute(
-            "INSERT INTO policies (file_name, text, created_ms) VALUES (?1, ?2, ?3)",
-            params![file_name, text, now],
-        )?;
+        let version = self.db.with(|c| {
+            Ok(c.one(
+                "INSERT INTO policies (file_name, text, created_ms) VALUES (?1, ?2, ?3)
+                 RETURNING version",
+                args![file_name, text, now],
+                |r| r.u64(0),
+            )?)
+        })?;
         Ok(PolicyRow {
-            version: c.last_insert_rowid() as u64,
+            version,
             file_name: file_name.to_string(),
             text: text.to_string(),
         })
     }
 
     fn policy(&self) -> Result<Option<PolicyRow>> {
-        Ok(self
-            .conn()
-            .query_row(
+        self.db.with(|c| {
+            Ok(c.opt(
                 "SELECT version, file_name, text FROM policies ORDER BY version DESC LIMIT 1",
-                [],
+                &[],
                 |r| {
                     Ok(PolicyRow {
-                        version: r.get(0)?,
-                        file_name: r.get(1)?,
-                        text: r.get(2)?,
+                        version: r.u64(0)?,
+                        file_name: r.text(1)?,
+                        text: r.text(2)?,
                     })
                 },
-            )
-            .optional()?)
+            )?)
+        })
     }
 
     fn audit(
@@ -1883,11 +1527,7 @@ impl Store for SqliteStore {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut c = self.conn();
-        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        append_audit(&tx, rows)?;
-        tx.commit()?;
-        Ok(())
+        self.db.write(|tx| append_audit(tx, rows))
     }
 
     fn prune_audit(
@@ -1897,331 +1537,329 @@ impl Store for SqliteStore {
         now: UnixMs,
         key: &SigningKey,
     ) -> Result<u64> {
-        let mut c = self.conn();
-        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        // Which rows go, as an id range to reseal.
-        let (old_lo, old_hi): (Option<u64>, Option<u64>) = tx.query_row(
-            "SELECT MIN(id), MAX(id) FROM audit WHERE time_ms < ?1",
-            [older_than_ms],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        let flow_hi: Option<u64> = if max_flow_rows > 0 {
-            let keep = i64::try_from(max_flow_rows).unwrap_or(i64::MAX);
-            tx.query_row(
-                "SELECT id FROM audit WHERE action = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2",
-                params![FLOW_AUDIT_ACTION, keep],
-                |r| r.get(0),
-            )
-            .optional()?
-        } else {
-            None
-        };
-        let flow_lo: Option<u64> = match flow_hi {
-            Some(_) => tx.query_row(
-                "SELECT MIN(id) FROM audit WHERE action = ?1",
-                [FLOW_AUDIT_ACTION],
-                |r| r.get(0),
-            )?,
-            None => None,
-        };
-        let lo = old_lo.into_iter().chain(flow_lo).min();
-        let hi = old_hi.into_iter().chain(flow_hi).max();
-        let (Some(lo), Some(hi)) = (lo, hi) else {
-            return Ok(0);
-        };
-        let span = Span::around(&tx, lo, hi)?;
-        span.verify(&tx, &key.public())?;
-        let mut n = tx.execute("DELETE FROM audit WHERE time_ms < ?1", [older_than_ms])?;
-        if let Some(flow_hi) = flow_hi {
-            n += tx.execute(
-                "DELETE FROM audit WHERE action = ?1 AND id <= ?2",
-                params![FLOW_AUDIT_ACTION, flow_hi],
+        self.db.write(|tx| {
+            // Which rows go, as an id range to reseal.
+            let (old_lo, old_hi) = tx.one(
+                "SELECT MIN(id), MAX(id) FROM audit WHERE time_ms < ?1",
+                args![older_than_ms],
+                |r| Ok((r.opt_u64(0)?, r.opt_u64(1)?)),
             )?;
-        }
-        span.reseal(&tx, now, key)?;
-        tx.commit()?;
-        Ok(n as u64)
+            let flow_hi = if max_flow_rows > 0 {
+                tx.opt(
+                    "SELECT id FROM audit WHERE action = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2",
+                    args![FLOW_AUDIT_ACTION, max_flow_rows],
+                    |r| r.u64(0),
+                )?
+            } else {
+                None
+            };
+            let flow_lo = match flow_hi {
+                Some(_) => tx.one(
+                    "SELECT MIN(id) FROM audit WHERE action = ?1",
+                    args![FLOW_AUDIT_ACTION],
+                    |r| r.opt_u64(0),
+                )?,
+                None => None,
+            };
+            let lo = old_lo.into_iter().chain(flow_lo).min();
+            let hi = old_hi.into_iter().chain(flow_hi).max();
+            let (Some(lo), Some(hi)) = (lo, hi) else {
+                return Ok(0);
+            };
+            let span = Span::around(tx, lo, hi)?;
+            span.verify(tx, &key.public())?;
+            let mut n = tx.exec("DELETE FROM audit WHERE time_ms < ?1", args![older_than_ms])?;
+            if let Some(flow_hi) = flow_hi {
+                n += tx.exec(
+                    "DELETE FROM audit WHERE action = ?1 AND id <= ?2",
+                    args![FLOW_AUDIT_ACTION, flow_hi],
+                )?;
+            }
+            span.reseal(tx, now, key)?;
+            Ok(n)
+        })
     }
 
     fn sign_audit_head(&self, now: UnixMs, key: &SigningKey) -> Result<Option<u64>> {
-        let mut c = self.conn();
-        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let (head_id, head_hash) = audit_head_in(&tx)?;
-        let newest: Option<u64> = tx.query_row(
-            "SELECT MAX(head_id) FROM audit_checkpoints WHERE kind = 'head'",
-            [],
-            |r| r.get(0),
-        )?;
-        if head_id == 0 || newest.is_some_and(|n| n >= head_id) {
-            return Ok(None);
-        }
-        let public = key.public();
-        let (from, from_hash) = trusted_head(&tx, &public)?;
-        let cps = checkpoints_where(&tx, "head_id > ?1", params![from])?;
-        let mut v = Verifier::new(&public, &cps, Some((head_id, head_hash)))
-            .starting_after(from, from_hash);
-        for_rows(&tx, "id > ?1", params![from], &mut |r| {
-            v.push(r);
-            !v.is_decided()
-        })?;
-        v.finish().map_err(StoreError::Chain)?;
-        // A head pruned away is vouched for by its gap already.
-        let present: bool = tx.query_row(
-            "SELECT EXISTS (SELECT 1 FROM audit WHERE id = ?1 AND hash = ?2)",
-            params![head_id, head_hash.as_slice()],
-            |r| r.get(0),
-        )?;
-        if !present {
-            return Ok(None);
-        }
-        let mark = Mark::Head {
-            id: head_id,
-            hash: head_hash,
-        };
-        insert_checkpoint(&tx, &Checkpoint::signed(mark, now, &|m| key.sign(m)))?;
-        tx.commit()?;
-        Ok(Some(head_id))
+        self.db.write(|tx| {
+            let (head_id, head_hash) = audit_head_in(tx)?;
+            let newest = tx.one(
+                "SELECT MAX(head_id) FROM audit_checkpoints WHERE kind = 'head'",
+                &[],
+                |r| r.opt_u64(0),
+            )?;
+            if head_id == 0 || newest.is_some_and(|n| n >= head_id) {
+                return Ok(None);
+            }
+            let public = key.public();
+            let (from, from_hash) = trusted_head(tx, &public)?;
+            let cps = checkpoints_where(tx, "head_id > ?1", args![from])?;
+            let mut v = Verifier::new(&public, &cps, Some((head_id, head_hash)))
+                .starting_after(from, from_hash);
+            for_rows(tx, "id > ?1", args![from], &mut |r| {
+                v.push(r);
+                !v.is_decided()
+            })?;
+            v.finish().map_err(StoreError::Chain)?;
+            // A head pruned away is vouched for by its gap already.
+            let present = tx
+                .opt(
+                    "SELECT id FROM audit WHERE id = ?1 AND hash = ?2",
+                    args![head_id, head_hash.as_slice()],
+                    |r| r.u64(0),
+                )?
+                .is_some();
+            if !present {
+                return Ok(None);
+            }
+            let mark = Mark::Head {
+                id: head_id,
+                hash: head_hash,
+            };
+            insert_checkpoint(tx, &Checkpoint::signed(mark, now, &|m| key.sign(m)))?;
+            Ok(Some(head_id))
+        })
     }
 
     fn verify_audit(&self, key: &PublicKey) -> Result<std::result::Result<Verified, ChainError>> {
-        let mut c = self.conn();
-        // One read transaction: a snapshot, whatever the controller writes
-        // meanwhile.
-        let tx = c.transaction_with_behavior(TransactionBehavior::Deferred)?;
-        let cps = checkpoints_where(&tx, "1", [])?;
-        let head = audit_head_in(&tx)?;
-        let mut v = Verifier::new(key, &cps, Some(head));
-        for_rows(&tx, "1", [], &mut |r| {
-            v.push(r);
-            !v.is_decided()
-        })?;
-        Ok(v.finish())
+        // One read snapshot, whatever the controllers write meanwhile.
+        self.db.snapshot(|tx| {
+            let cps = checkpoints_where(tx, "TRUE", &[])?;
+            let head = audit_head_in(tx)?;
+            let mut v = Verifier::new(key, &cps, Some(head));
+            for_rows(tx, "TRUE", &[], &mut |r| {
+                v.push(r);
+                !v.is_decided()
+            })?;
+            Ok(v.finish())
+        })
     }
 
     fn audit_rows(&self, since_ms: UnixMs, each: &mut dyn FnMut(&ChainRow) -> bool) -> Result<()> {
-        let c = self.conn();
-        for_rows(&c, "time_ms >= ?1", [since_ms], each)
+        self.db
+            .with(|c| for_rows(c, "time_ms >= ?1", args![since_ms], each))
     }
 
     fn audit_log(&self, limit: u32) -> Result<Vec<AuditRow>> {
-        let c = self.conn();
-        let mut st = c.prepare(
-            "SELECT id, time_ms, actor, action, target, detail FROM audit
-             ORDER BY id DESC LIMIT ?1",
-        )?;
-        let rows = st.query_map([limit], |r| {
-            Ok(AuditRow {
-                id: r.get(0)?,
-                time_ms: r.get(1)?,
-                actor: r.get(2)?,
-                action: r.get(3)?,
-                target: r.get(4)?,
-                detail: r.get(5)?,
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        self.db.with(|c| {
+            Ok(c.rows(
+                "SELECT id, time_ms, actor, action, target, detail FROM audit
+                 ORDER BY id DESC LIMIT ?1",
+                args![limit],
+                |r| {
+                    Ok(AuditRow {
+                        id: r.u64(0)?,
+                        time_ms: r.i64(1)?,
+                        actor: r.text(2)?,
+                        action: r.text(3)?,
+                        target: r.text(4)?,
+                        detail: r.text(5)?,
+                    })
+                },
+            )?)
+        })
     }
 
     fn record_flows(&self, rows: &[FlowRow]) -> Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut c = self.conn();
-        let tx = c.transaction()?;
-        {
-            let mut st = tx.prepare_cached(
-                "INSERT INTO flows (time_ms, node_id, node_name, src, dst, proto, dst_port,
-                   allowed, rule_id, reason, packets, bytes, reply_packets, reply_bytes,
-                   first_seen_ms, last_seen_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-            )?;
-            // SQLite integers are signed: counts beyond i64::MAX saturate.
-            let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        // Counts beyond i64::MAX saturate (`Value::from(u64)`).
+        self.db.write(|tx| {
             for f in rows {
-                st.execute(params![
-                    f.time_ms,
-                    n(f.node_id),
-                    f.node_name,
-                    f.src,
-                    f.dst,
-                    f.proto,
-                    f.dst_port,
-                    f.allowed,
-                    f.rule_id,
-                    f.reason,
-                    n(f.packets),
-                    n(f.bytes),
-                    n(f.reply_packets),
-                    n(f.reply_bytes),
-                    f.first_seen_ms,
-                    f.last_seen_ms,
-                ])?;
+                tx.exec(
+                    "INSERT INTO flows (time_ms, node_id, node_name, src, dst, proto, dst_port,
+                       allowed, rule_id, reason, packets, bytes, reply_packets, reply_bytes,
+                       first_seen_ms, last_seen_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
+                             ?16)",
+                    args![
+                        f.time_ms,
+                        f.node_id,
+                        f.node_name.as_str(),
+                        f.src.as_str(),
+                        f.dst.as_str(),
+                        f.proto,
+                        f.dst_port,
+                        f.allowed,
+                        f.rule_id.as_str(),
+                        f.reason.as_str(),
+                        f.packets,
+                        f.bytes,
+                        f.reply_packets,
+                        f.reply_bytes,
+                        f.first_seen_ms,
+                        f.last_seen_ms,
+                    ],
+                )?;
             }
-        }
-        tx.commit()?;
-        Ok(())
+            Ok(())
+        })
     }
 
     fn flows(&self, q: &FlowQuery) -> Result<Vec<FlowRow>> {
-        // Only the conditions asked for, so SQLite can use the indices.
-        let big = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        let mut conds = vec!["time_ms >= ?".to_string()];
-        let mut args: Vec<rusqlite::types::Value> = vec![q.since_ms.into()];
+        // Only the conditions asked for, so the engine can use the indices.
+        let mut conds = vec!["time_ms >= ?1".to_string()];
+        let mut args: Vec<Value> = vec![q.since_ms.into()];
+        let mut cond = |sql: &str, v: Value| {
+            args.push(v);
+            conds.push(format!("{sql} ?{}", args.len()));
+        };
         if let Some(n) = q.node_id {
-            conds.push("node_id = ?".into());
-            args.push(big(n).into());
+            cond("node_id =", n.into());
         }
         if let Some(n) = &q.node_name {
-            conds.push("node_name = ?".into());
-            args.push(n.clone().into());
+            cond("node_name =", n.into());
         }
         if let Some(b) = q.before_id {
-            conds.push("id < ?".into());
-            args.push(big(b).into());
+            cond("id <", b.into());
         }
         if let Some(a) = q.allowed {
-            conds.push("allowed = ?".into());
-            args.push(i64::from(a).into());
+            cond("allowed =", a.into());
         }
-        args.push(i64::from(q.limit).into());
-        let c = self.conn();
-        let mut st = c.prepare_cached(&format!(
+        args.push(q.limit.into());
+        let sql = format!(
             "SELECT id, time_ms, node_id, node_name, src, dst, proto, dst_port, allowed,
                     rule_id, reason, packets, bytes, reply_packets, reply_bytes,
                     first_seen_ms, last_seen_ms
-             FROM flows WHERE {} ORDER BY id DESC LIMIT ?",
-            conds.join(" AND ")
-        ))?;
-        let n = |r: &rusqlite::Row<'_>, i: usize| -> rusqlite::Result<u64> {
-            Ok(u64::try_from(r.get::<_, i64>(i)?).unwrap_or(0))
-        };
-        let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
-            Ok(FlowRow {
-                id: n(r, 0)?,
-                time_ms: r.get(1)?,
-                node_id: n(r, 2)?,
-                node_name: r.get(3)?,
-                src: r.get(4)?,
-                dst: r.get(5)?,
-                proto: r.get(6)?,
-                dst_port: r.get(7)?,
-                allowed: r.get(8)?,
-                rule_id: r.get(9)?,
-                reason: r.get(10)?,
-                packets: n(r, 11)?,
-                bytes: n(r, 12)?,
-                reply_packets: n(r, 13)?,
-                reply_bytes: n(r, 14)?,
-                first_seen_ms: r.get(15)?,
-                last_seen_ms: r.get(16)?,
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+             FROM flows WHERE {} ORDER BY id DESC LIMIT ?{}",
+            conds.join(" AND "),
+            args.len()
+        );
+        // Negative counts (written behind the controller's back) read as 0.
+        let n = |r: &Row, i: usize| -> DbResult<u64> { Ok(u64::try_from(r.i64(i)?).unwrap_or(0)) };
+        self.db.with(|c| {
+            Ok(c.rows(&sql, &args, |r| {
+                Ok(FlowRow {
+                    id: n(r, 0)?,
+                    time_ms: r.i64(1)?,
+                    node_id: n(r, 2)?,
+                    node_name: r.text(3)?,
+                    src: r.text(4)?,
+                    dst: r.text(5)?,
+                    proto: r.int(6)?,
+                    dst_port: r.int(7)?,
+                    allowed: r.bool(8)?,
+                    rule_id: r.text(9)?,
+                    reason: r.text(10)?,
+                    packets: n(r, 11)?,
+                    bytes: n(r, 12)?,
+                    reply_packets: n(r, 13)?,
+                    reply_bytes: n(r, 14)?,
+                    first_seen_ms: r.i64(15)?,
+                    last_seen_ms: r.i64(16)?,
+                })
+            })?)
+        })
     }
 
     fn prune_flows(&self, older_than_ms: UnixMs, max_per_node: u64, max_rows: u64) -> Result<u64> {
-        let c = self.conn();
-        let mut n = c.execute("DELETE FROM flows WHERE time_ms < ?1", [older_than_ms])?;
-        if max_per_node > 0 {
-            // One node's reports cannot push out everyone else's.
-            let nodes: Vec<i64> = c
-                .prepare_cached("SELECT DISTINCT node_id FROM flows")?
-                .query_map([], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
-            let keep = i64::try_from(max_per_node).unwrap_or(i64::MAX);
-            for node in nodes {
-                n += c.execute(
-                    "DELETE FROM flows WHERE node_id = ?1 AND id <= (SELECT id FROM flows
-                       WHERE node_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
-                    [node, keep],
+        self.db.with(|c| {
+            let mut n = c.exec("DELETE FROM flows WHERE time_ms < ?1", args![older_than_ms])?;
+            if max_per_node > 0 {
+                // One node's reports cannot push out everyone else's.
+                let nodes = c.rows("SELECT DISTINCT node_id FROM flows", &[], |r| r.i64(0))?;
+                for node in nodes {
+                    n += c.exec(
+                        "DELETE FROM flows WHERE node_id = ?1 AND id <= (SELECT id FROM flows
+                           WHERE node_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+                        args![node, max_per_node],
+                    )?;
+                }
+            }
+            if max_rows > 0 {
+                // The id of the oldest row kept; rows are only ever appended.
+                n += c.exec(
+                    "DELETE FROM flows WHERE id <= (SELECT id FROM flows ORDER BY id DESC
+                       LIMIT 1 OFFSET ?1)",
+                    args![max_rows],
                 )?;
             }
-        }
-        if max_rows > 0 {
-            // The id of the oldest row kept; rows are only ever appended.
-            n += c.execute(
-                "DELETE FROM flows WHERE id <= (SELECT id FROM flows ORDER BY id DESC
-                   LIMIT 1 OFFSET ?1)",
-                [i64::try_from(max_rows).unwrap_or(i64::MAX)],
-            )?;
-        }
-        Ok(n as u64)
+            Ok(n)
+        })
     }
 
     fn set_node_quarantine(&self, id: u64, q: Option<&Quarantine>) -> Result<()> {
         let (since, reason) = q.map_or((0, ""), |q| (q.since_ms, q.reason.as_str()));
-        let n = self.conn().execute(
-            "UPDATE nodes SET quarantined_ms = ?2, quarantine_reason = ?3 WHERE id = ?1",
-            params![id, since, reason],
-        )?;
-        if n == 0 {
-            return Err(StoreError::NotFound(format!("node {id}")));
-        }
-        Ok(())
+        self.update_node(
+            id,
+            "quarantined_ms = ?2, quarantine_reason = ?3",
+            args![id, since, reason],
+            true,
+        )
     }
 
     fn record_detection(&self, d: &DetectionRow) -> Result<u64> {
-        let c = self.conn();
-        c.execute(
-            "INSERT INTO detections (time_ms, node_id, node_name, detectors, action, evidence, alert)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                d.time_ms,
-                i64::try_from(d.node_id).unwrap_or(i64::MAX),
-                d.node_name,
-                d.detectors,
-                d.action,
-                d.evidence,
-                d.alert
-            ],
-        )?;
-        Ok(c.last_insert_rowid() as u64)
+        self.db.with(|c| {
+            Ok(c.one(
+                "INSERT INTO detections (time_ms, node_id, node_name, detectors, action,
+                                         evidence, alert)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
+                args![
+                    d.time_ms,
+                    d.node_id,
+                    d.node_name.as_str(),
+                    d.detectors.as_str(),
+                    d.action.as_str(),
+                    d.evidence.as_str(),
+                    d.alert.as_str()
+                ],
+                |r| r.u64(0),
+            )?)
+        })
     }
 
     fn set_detection_alert(&self, id: u64, alert: &str) -> Result<()> {
-        self.conn().execute(
-            "UPDATE detections SET alert = ?2 WHERE id = ?1",
-            params![i64::try_from(id).unwrap_or(i64::MAX), alert],
-        )?;
-        Ok(())
+        self.db.with(|c| {
+            c.exec(
+                "UPDATE detections SET alert = ?2 WHERE id = ?1",
+                args![id, alert],
+            )?;
+            Ok(())
+        })
     }
 
     fn detections(&self, limit: u32, before_id: Option<u64>) -> Result<Vec<DetectionRow>> {
-        let before = before_id.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
-        let c = self.conn();
-        let mut st = c.prepare_cached(
-            "SELECT id, time_ms, node_id, node_name, detectors, action, evidence, alert
-             FROM detections WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
-        )?;
-        let rows = st.query_map(params![before, limit], |r| {
-            Ok(DetectionRow {
-                id: r.get::<_, i64>(0)? as u64,
-                time_ms: r.get(1)?,
-                node_id: r.get::<_, i64>(2)? as u64,
-                node_name: r.get(3)?,
-                detectors: r.get(4)?,
-                action: r.get(5)?,
-                evidence: r.get(6)?,
-                alert: r.get(7)?,
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let before = before_id.unwrap_or(u64::MAX);
+        self.db.with(|c| {
+            Ok(c.rows(
+                "SELECT id, time_ms, node_id, node_name, detectors, action, evidence, alert
+                 FROM detections WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
+                args![before, limit],
+                |r| {
+                    Ok(DetectionRow {
+                        id: r.u64(0)?,
+                        time_ms: r.i64(1)?,
+                        node_id: r.u64(2)?,
+                        node_name: r.text(3)?,
+                        detectors: r.text(4)?,
+                        action: r.text(5)?,
+                        evidence: r.text(6)?,
+                        alert: r.text(7)?,
+                    })
+                },
+            )?)
+        })
     }
 
     fn prune_detections(&self, older_than_ms: UnixMs) -> Result<u64> {
-        let n = self
-            .conn()
-            .execute("DELETE FROM detections WHERE time_ms < ?1", [older_than_ms])?;
-        Ok(n as u64)
+        self.db.with(|c| {
+            Ok(c.exec(
+                "DELETE FROM detections WHERE time_ms < ?1",
+                args![older_than_ms],
+            )?)
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
     use std::sync::Arc;
 
     use rand::rngs::StdRng;
     use rand::SeedableRng;
+    use rusqlite::Connection;
 
     use super::*;
     use crate::secrets::{self, Presented};
@@ -2425,7 +2063,7 @@ mod tests {
     /// were shipped (migrations are never edited).
     fn old_schema_db(path: &Path) {
         let c = Connection::open(path).unwrap();
-        for m in &MIGRATIONS[..3] {
+        for m in &sqlite::MIGRATIONS[..3] {
             c.execute_batch(m).unwrap();
         }
         c.pragma_update(None, "user_version", 3).unwrap();
@@ -2530,7 +2168,7 @@ mod tests {
             ]
         );
         let old_tables: i64 = s
-            .conn()
+            .raw()
             .query_row(
                 "SELECT count(*) FROM sqlite_master WHERE name IN ('auth_keys', 'api_keys')",
                 [],
@@ -2565,10 +2203,10 @@ mod tests {
         assert_eq!(s.keys(SecretKind::AuthKey).unwrap().len(), 2);
         assert_eq!(s.keys(SecretKind::ApiKey).unwrap().len(), 3);
         let version: usize = s
-            .conn()
+            .raw()
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(version, MIGRATIONS.len());
+        assert_eq!(version, sqlite::MIGRATIONS.len());
     }
 
     #[test]
