@@ -1905,6 +1905,26 @@ mod tests {
         }
     }
 
+    /// Each engine the suite runs on: SQLite in memory, and PostgreSQL
+    /// (a fresh database) where the test cluster runs (`scripts/pg.sh`).
+    fn engines() -> Vec<(&'static str, Arc<dyn Store>)> {
+        let mut out: Vec<(&'static str, Arc<dyn Store>)> =
+            vec![("sqlite", Arc::new(SqliteStore::in_memory().unwrap()))];
+        if let Some(url) = postgres::tests::fresh_database() {
+            let pg = PgStore::connect(PgOptions::parse(&url).unwrap()).unwrap();
+            out.push(("postgres", Arc::new(pg)));
+        }
+        out
+    }
+
+    /// Runs `test` on each engine, naming the engine if it fails.
+    fn on_each_engine(test: impl Fn(&dyn Store)) {
+        for (engine, s) in engines() {
+            eprintln!("engine: {engine}");
+            test(s.as_ref());
+        }
+    }
+
     fn node(i: u8) -> NewNode {
         NewNode {
             name: format!("n{i}"),
@@ -1918,145 +1938,203 @@ mod tests {
         }
     }
 
+    /// Two handles on one database, as two controllers have: SQLite opened
+    /// twice (two connections), PostgreSQL connected twice (two pools).
+    fn shared_engines() -> Vec<(&'static str, [Arc<dyn Store>; 2], Option<tempfile::TempDir>)> {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db.sqlite");
+        let sqlite = |_| -> Arc<dyn Store> { Arc::new(SqliteStore::open(&db).unwrap()) };
+        let mut out = vec![("sqlite", [0, 1].map(sqlite), Some(dir))];
+        if let Some(url) = postgres::tests::fresh_database() {
+            let pg = |_| -> Arc<dyn Store> {
+                Arc::new(PgStore::connect(PgOptions::parse(&url).unwrap()).unwrap())
+            };
+            out.push(("postgres", [0, 1].map(pg), None));
+        }
+        out
+    }
+
     #[test]
     fn single_use_key_enrolls_exactly_once_under_concurrency() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SqliteStore::open(&dir.path().join("db.sqlite")).unwrap());
-        let (text, key) = stored(store.as_ref(), auth_detail(None, false), 1);
-        let handles: Vec<_> = (1..=8u8)
-            .map(|i| {
-                let s = store.clone();
-                let (text, key_id) = (text.clone(), key.key_id.clone());
-                std::thread::spawn(move || s.enroll(&key_id, &verifies(&text), node(i)))
-            })
-            .collect();
-        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
-        for e in results.into_iter().filter_map(|r| r.err()) {
-            assert_eq!(
-                e.to_string(),
-                "auth key refused: single-use auth key was already used"
-            );
+        for (engine, stores, _dir) in shared_engines() {
+            let (text, key) = stored(stores[0].as_ref(), auth_detail(None, false), 1);
+            let handles: Vec<_> = (1..=8u8)
+                .map(|i| {
+                    let s = stores[usize::from(i % 2)].clone();
+                    let (text, key_id) = (text.clone(), key.key_id.clone());
+                    std::thread::spawn(move || s.enroll(&key_id, &verifies(&text), node(i)))
+                })
+                .collect();
+            let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{engine}");
+            for e in results.into_iter().filter_map(|r| r.err()) {
+                assert_eq!(
+                    e.to_string(),
+                    "auth key refused: single-use auth key was already used",
+                    "{engine}"
+                );
+            }
+            for s in &stores {
+                assert_eq!(s.nodes().unwrap().len(), 1, "{engine}");
+                assert_eq!(used_count(s.as_ref(), &key.key_id), 1, "{engine}");
+            }
         }
-        assert_eq!(store.nodes().unwrap().len(), 1);
-        assert_eq!(used_count(store.as_ref(), &key.key_id), 1);
+    }
+
+    /// Audit rows appended through both handles at once form one chain,
+    /// and keys created through both get distinct ids.
+    #[test]
+    fn two_writers_keep_one_audit_chain_and_distinct_key_ids() {
+        let signing = SigningKey::generate(&mut StdRng::seed_from_u64(9));
+        for (engine, stores, _dir) in shared_engines() {
+            let handles: Vec<_> = (0..4u64)
+                .map(|t| {
+                    let s = stores[usize::try_from(t % 2).unwrap()].clone();
+                    std::thread::spawn(move || {
+                        for i in 0..25 {
+                            s.audit(i64::try_from(t * 100 + i).unwrap(), "a", "x", "t", "")
+                                .unwrap();
+                        }
+                        let mut rng = StdRng::seed_from_u64(100 + t);
+                        let detail = auth_detail(None, true);
+                        let (_, rec) =
+                            secrets::issue(detail, 1_000, "test", FP, 0, &mut rng).unwrap();
+                        s.create_key(&rec).unwrap().id
+                    })
+                })
+                .collect();
+            let mut ids: Vec<u64> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            ids.sort_unstable();
+            assert_eq!(ids, [1, 2, 3, 4], "{engine}");
+            let head = stores[1].sign_audit_head(1, &signing).unwrap();
+            assert_eq!(head, Some(100), "{engine}");
+            let verdict = stores[0].verify_audit(&signing.public()).unwrap();
+            assert!(verdict.is_ok(), "{engine}: {verdict:?}");
+            assert_eq!(stores[0].audit_log(500).unwrap().len(), 100, "{engine}");
+        }
     }
 
     #[test]
     fn reusable_key_enrolls_many_and_check_can_refuse() {
-        let s = SqliteStore::in_memory().unwrap();
-        let (text, key) = stored(&s, auth_detail(None, true), 2);
-        s.enroll(&key.key_id, &verifies(&text), node(1)).unwrap();
-        s.enroll(&key.key_id, &verifies(&text), node(2)).unwrap();
-        let err = s
-            .enroll(
-                &key.key_id,
-                &|_| Err("auth key has expired".into()),
-                node(3),
-            )
-            .unwrap_err();
-        assert!(err.to_string().contains("expired"));
-        assert_eq!(s.nodes().unwrap().len(), 2);
-        assert_eq!(used_count(&s, &key.key_id), 2);
+        on_each_engine(|s| {
+            let (text, key) = stored(s, auth_detail(None, true), 2);
+            s.enroll(&key.key_id, &verifies(&text), node(1)).unwrap();
+            s.enroll(&key.key_id, &verifies(&text), node(2)).unwrap();
+            let err = s
+                .enroll(
+                    &key.key_id,
+                    &|_| Err("auth key has expired".into()),
+                    node(3),
+                )
+                .unwrap_err();
+            assert!(err.to_string().contains("expired"));
+            assert_eq!(s.nodes().unwrap().len(), 2);
+            assert_eq!(used_count(s, &key.key_id), 2);
+        });
     }
 
     #[test]
     fn an_unknown_key_enrolls_nothing_whatever_the_check_says() {
-        let s = SqliteStore::in_memory().unwrap();
-        let (text, _) = stored(&s, auth_detail(None, true), 3);
-        let err = s
-            .enroll("000000000000", &verifies(&text), node(1))
-            .unwrap_err();
-        assert_eq!(err.to_string(), "auth key refused: unknown auth key");
-        let err = s.enroll("000000000000", &|_| Ok(()), node(1)).unwrap_err();
-        assert!(matches!(err, StoreError::KeyRefused(_)), "{err}");
-        // An API key's id is no auth key.
-        let (_, api) = stored(
-            &s,
-            KeyDetail::Api {
-                description: "ci".into(),
-                role: Role::Admin,
-            },
-            4,
-        );
-        assert!(s.enroll(&api.key_id, &|_| Ok(()), node(1)).is_err());
-        assert!(s.nodes().unwrap().is_empty());
+        on_each_engine(|s| {
+            let (text, _) = stored(s, auth_detail(None, true), 3);
+            let err = s
+                .enroll("000000000000", &verifies(&text), node(1))
+                .unwrap_err();
+            assert_eq!(err.to_string(), "auth key refused: unknown auth key");
+            let err = s.enroll("000000000000", &|_| Ok(()), node(1)).unwrap_err();
+            assert!(matches!(err, StoreError::KeyRefused(_)), "{err}");
+            // An API key's id is no auth key.
+            let (_, api) = stored(
+                s,
+                KeyDetail::Api {
+                    description: "ci".into(),
+                    role: Role::Admin,
+                },
+                4,
+            );
+            assert!(s.enroll(&api.key_id, &|_| Ok(()), node(1)).is_err());
+            assert!(s.nodes().unwrap().is_empty());
+        });
     }
 
     #[test]
     fn duplicate_machine_key_is_a_conflict_and_consumes_nothing() {
-        let s = SqliteStore::in_memory().unwrap();
-        let (text, key) = stored(&s, auth_detail(None, true), 5);
-        s.enroll(&key.key_id, &verifies(&text), node(1)).unwrap();
-        let mut dup = node(2);
-        dup.machine_key = [1; 32];
-        assert!(matches!(
-            s.enroll(&key.key_id, &verifies(&text), dup),
-            Err(StoreError::Conflict(_))
-        ));
-        assert_eq!(used_count(&s, &key.key_id), 1);
+        on_each_engine(|s| {
+            let (text, key) = stored(s, auth_detail(None, true), 5);
+            s.enroll(&key.key_id, &verifies(&text), node(1)).unwrap();
+            let mut dup = node(2);
+            dup.machine_key = [1; 32];
+            assert!(matches!(
+                s.enroll(&key.key_id, &verifies(&text), dup),
+                Err(StoreError::Conflict(_))
+            ));
+            assert_eq!(used_count(s, &key.key_id), 1);
+        });
     }
 
     #[test]
     fn deleting_a_user_deletes_its_nodes_and_keys() {
-        let s = SqliteStore::in_memory().unwrap();
-        s.create_user("alice@example.com", Role::Member, 0).unwrap();
-        let (text, key) = stored(&s, auth_detail(Some("alice@example.com"), true), 6);
-        let n = s.enroll(&key.key_id, &verifies(&text), node(1)).unwrap();
-        assert_eq!(n.user.as_deref(), Some("alice@example.com"));
-        assert_eq!(s.delete_user("alice@example.com").unwrap(), vec![n.id]);
-        assert!(s.nodes().unwrap().is_empty());
-        assert!(s.users().unwrap().is_empty());
-        assert!(s.keys(SecretKind::AuthKey).unwrap().is_empty());
+        on_each_engine(|s| {
+            s.create_user("alice@example.com", Role::Member, 0).unwrap();
+            let (text, key) = stored(s, auth_detail(Some("alice@example.com"), true), 6);
+            let n = s.enroll(&key.key_id, &verifies(&text), node(1)).unwrap();
+            assert_eq!(n.user.as_deref(), Some("alice@example.com"));
+            assert_eq!(s.delete_user("alice@example.com").unwrap(), vec![n.id]);
+            assert!(s.nodes().unwrap().is_empty());
+            assert!(s.users().unwrap().is_empty());
+            assert!(s.keys(SecretKind::AuthKey).unwrap().is_empty());
+        });
     }
 
     #[test]
     fn an_auth_key_for_an_unknown_user_is_not_found() {
-        let s = SqliteStore::in_memory().unwrap();
-        let mut rng = StdRng::seed_from_u64(7);
-        let detail = auth_detail(Some("nobody@example.com"), false);
-        let (_, rec) = secrets::issue(detail, 1_000, "test", FP, 0, &mut rng).unwrap();
-        assert!(matches!(s.create_key(&rec), Err(StoreError::NotFound(_))));
+        on_each_engine(|s| {
+            let mut rng = StdRng::seed_from_u64(7);
+            let detail = auth_detail(Some("nobody@example.com"), false);
+            let (_, rec) = secrets::issue(detail, 1_000, "test", FP, 0, &mut rng).unwrap();
+            assert!(matches!(s.create_key(&rec), Err(StoreError::NotFound(_))));
+        });
     }
 
     #[test]
     fn each_kind_is_counted_listed_found_and_revoked_apart() {
-        let s = SqliteStore::in_memory().unwrap();
-        let api = |d: &str| KeyDetail::Api {
-            description: d.into(),
-            role: Role::Admin,
-        };
-        let (_, a1) = stored(&s, auth_detail(None, false), 8);
-        let (_, p1) = stored(&s, api("ci"), 9);
-        let (_, p2) = stored(&s, api("ops"), 10);
-        let (_, a2) = stored(&s, auth_detail(None, true), 11);
-        assert_eq!((a1.id, a2.id, p1.id, p2.id), (1, 2, 1, 2));
-        assert_eq!(s.keys(SecretKind::AuthKey).unwrap(), vec![a1.clone(), a2]);
-        assert_eq!(s.keys(SecretKind::ApiKey).unwrap(), vec![p1.clone(), p2]);
-        assert_eq!(
-            s.find_key(SecretKind::ApiKey, &p1.key_id).unwrap(),
-            Some(p1.clone())
-        );
-        assert_eq!(s.find_key(SecretKind::ApiKey, &a1.key_id).unwrap(), None);
-        assert_eq!(s.find_key(SecretKind::AuthKey, &p1.key_id).unwrap(), None);
+        on_each_engine(|s| {
+            let api = |d: &str| KeyDetail::Api {
+                description: d.into(),
+                role: Role::Admin,
+            };
+            let (_, a1) = stored(s, auth_detail(None, false), 8);
+            let (_, p1) = stored(s, api("ci"), 9);
+            let (_, p2) = stored(s, api("ops"), 10);
+            let (_, a2) = stored(s, auth_detail(None, true), 11);
+            assert_eq!((a1.id, a2.id, p1.id, p2.id), (1, 2, 1, 2));
+            assert_eq!(s.keys(SecretKind::AuthKey).unwrap(), vec![a1.clone(), a2]);
+            assert_eq!(s.keys(SecretKind::ApiKey).unwrap(), vec![p1.clone(), p2]);
+            assert_eq!(
+                s.find_key(SecretKind::ApiKey, &p1.key_id).unwrap(),
+                Some(p1.clone())
+            );
+            assert_eq!(s.find_key(SecretKind::ApiKey, &a1.key_id).unwrap(), None);
+            assert_eq!(s.find_key(SecretKind::AuthKey, &p1.key_id).unwrap(), None);
 
-        let e = s.revoke_key(SecretKind::ApiKey, &a1.key_id).unwrap_err();
-        assert_eq!(e.to_string(), format!("API key {} not found", a1.key_id));
-        s.revoke_key(SecretKind::AuthKey, &a1.key_id).unwrap();
-        let found = s
-            .find_key(SecretKind::AuthKey, &a1.key_id)
-            .unwrap()
-            .unwrap();
-        assert!(found.revoked);
-        assert!(
-            !s.find_key(SecretKind::ApiKey, &p1.key_id)
+            let e = s.revoke_key(SecretKind::ApiKey, &a1.key_id).unwrap_err();
+            assert_eq!(e.to_string(), format!("API key {} not found", a1.key_id));
+            s.revoke_key(SecretKind::AuthKey, &a1.key_id).unwrap();
+            let found = s
+                .find_key(SecretKind::AuthKey, &a1.key_id)
                 .unwrap()
-                .unwrap()
-                .revoked
-        );
+                .unwrap();
+            assert!(found.revoked);
+            assert!(
+                !s.find_key(SecretKind::ApiKey, &p1.key_id)
+                    .unwrap()
+                    .unwrap()
+                    .revoked
+            );
 
-        // A key id is unique within its kind.
-        assert!(matches!(s.create_key(&a1), Err(StoreError::Conflict(_))));
+            // A key id is unique within its kind.
+            assert!(matches!(s.create_key(&a1), Err(StoreError::Conflict(_))));
+        });
     }
 
     /// The schema before `secret_keys`: the first three migrations, as they
@@ -2211,31 +2289,32 @@ mod tests {
 
     #[test]
     fn node_routes_round_trip_and_an_unknown_node_is_not_found() {
-        let s = SqliteStore::in_memory().unwrap();
-        let (text, key) = stored(&s, auth_detail(None, true), 4);
-        let n = s.enroll(&key.key_id, &verifies(&text), node(1)).unwrap();
-        assert_eq!(n.routes, NodeRoutes::default());
-        let routes = NodeRoutes {
-            advertised: vec![
-                "198.19.50.0/24".parse().unwrap(),
-                "fd00:50::/64".parse().unwrap(),
-            ],
-            approved: vec!["198.19.50.0/24".parse().unwrap()],
-            exit_advertised: true,
-            exit_approved: false,
-        };
-        s.set_node_routes(n.id, &routes).unwrap();
-        let back = s.nodes().unwrap().remove(0);
-        assert_eq!(back.routes, routes);
-        assert_eq!(
-            back.routes.active(),
-            vec!["198.19.50.0/24".parse().unwrap()]
-        );
-        assert!(!back.routes.exit_node());
-        assert!(matches!(
-            s.set_node_routes(n.id + 100, &routes),
-            Err(StoreError::NotFound(_))
-        ));
+        on_each_engine(|s| {
+            let (text, key) = stored(s, auth_detail(None, true), 4);
+            let n = s.enroll(&key.key_id, &verifies(&text), node(1)).unwrap();
+            assert_eq!(n.routes, NodeRoutes::default());
+            let routes = NodeRoutes {
+                advertised: vec![
+                    "198.19.50.0/24".parse().unwrap(),
+                    "fd00:50::/64".parse().unwrap(),
+                ],
+                approved: vec!["198.19.50.0/24".parse().unwrap()],
+                exit_advertised: true,
+                exit_approved: false,
+            };
+            s.set_node_routes(n.id, &routes).unwrap();
+            let back = s.nodes().unwrap().remove(0);
+            assert_eq!(back.routes, routes);
+            assert_eq!(
+                back.routes.active(),
+                vec!["198.19.50.0/24".parse().unwrap()]
+            );
+            assert!(!back.routes.exit_node());
+            assert!(matches!(
+                s.set_node_routes(n.id + 100, &routes),
+                Err(StoreError::NotFound(_))
+            ));
+        });
     }
 
     #[test]
@@ -2286,83 +2365,86 @@ mod tests {
 
     #[test]
     fn policy_versions_increase() {
-        let s = SqliteStore::in_memory().unwrap();
-        assert!(s.policy().unwrap().is_none());
-        let a = s.set_policy("a.hujson", "{}", 0).unwrap();
-        let b = s.set_policy("b.hujson", "{}", 1).unwrap();
-        assert!(b.version > a.version);
-        assert_eq!(s.policy().unwrap().unwrap().file_name, "b.hujson");
+        on_each_engine(|s| {
+            assert!(s.policy().unwrap().is_none());
+            let a = s.set_policy("a.hujson", "{}", 0).unwrap();
+            let b = s.set_policy("b.hujson", "{}", 1).unwrap();
+            assert!(b.version > a.version);
+            assert_eq!(s.policy().unwrap().unwrap().file_name, "b.hujson");
+        });
     }
 
     #[test]
     fn flow_log_is_queried_newest_first_and_pruned_by_age_and_count() {
-        let s = SqliteStore::in_memory().unwrap();
-        let row = |time_ms, node_id, allowed| FlowRow {
-            time_ms,
-            node_id,
-            node_name: format!("n{node_id}"),
-            src: "100.64.0.2".into(),
-            dst: "100.64.0.1".into(),
-            proto: 6,
-            dst_port: 22,
-            allowed,
-            packets: u64::MAX,
-            ..FlowRow::default()
-        };
-        s.record_flows(&[row(100, 1, true), row(200, 2, false), row(300, 1, false)])
-            .unwrap();
-        let q = |node_id, since_ms, allowed| FlowQuery {
-            node_id,
-            since_ms,
-            allowed,
-            limit: 100,
-            ..FlowQuery::default()
-        };
-        let times =
-            |q: FlowQuery| -> Vec<i64> { s.flows(&q).unwrap().iter().map(|f| f.time_ms).collect() };
-        assert_eq!(times(q(None, 0, None)), [300, 200, 100]);
-        assert_eq!(times(q(Some(1), 0, None)), [300, 100]);
-        assert_eq!(times(q(None, 150, None)), [300, 200]);
-        assert_eq!(times(q(None, 0, Some(false))), [300, 200]);
-        assert_eq!(times(q(Some(1), 0, Some(true))), [100]);
-        assert_eq!(
-            s.flows(&q(None, 0, Some(true))).unwrap()[0].packets,
-            i64::MAX as u64,
-            "counts beyond SQLite's integers saturate"
-        );
-        assert_eq!(
-            s.flows(&FlowQuery {
-                limit: 1,
+        on_each_engine(|s| {
+            let row = |time_ms, node_id, allowed| FlowRow {
+                time_ms,
+                node_id,
+                node_name: format!("n{node_id}"),
+                src: "100.64.0.2".into(),
+                dst: "100.64.0.1".into(),
+                proto: 6,
+                dst_port: 22,
+                allowed,
+                packets: u64::MAX,
+                ..FlowRow::default()
+            };
+            s.record_flows(&[row(100, 1, true), row(200, 2, false), row(300, 1, false)])
+                .unwrap();
+            let q = |node_id, since_ms, allowed| FlowQuery {
+                node_id,
+                since_ms,
+                allowed,
+                limit: 100,
+                ..FlowQuery::default()
+            };
+            let times = |q: FlowQuery| -> Vec<i64> {
+                s.flows(&q).unwrap().iter().map(|f| f.time_ms).collect()
+            };
+            assert_eq!(times(q(None, 0, None)), [300, 200, 100]);
+            assert_eq!(times(q(Some(1), 0, None)), [300, 100]);
+            assert_eq!(times(q(None, 150, None)), [300, 200]);
+            assert_eq!(times(q(None, 0, Some(false))), [300, 200]);
+            assert_eq!(times(q(Some(1), 0, Some(true))), [100]);
+            assert_eq!(
+                s.flows(&q(None, 0, Some(true))).unwrap()[0].packets,
+                i64::MAX as u64,
+                "counts beyond SQLite's integers saturate"
+            );
+            assert_eq!(
+                s.flows(&FlowQuery {
+                    limit: 1,
+                    ..q(None, 0, None)
+                })
+                .unwrap()
+                .len(),
+                1
+            );
+            // By the name a node had, and paging back from an id.
+            let by_name = FlowQuery {
+                node_name: Some("n1".into()),
                 ..q(None, 0, None)
-            })
-            .unwrap()
-            .len(),
-            1
-        );
-        // By the name a node had, and paging back from an id.
-        let by_name = FlowQuery {
-            node_name: Some("n1".into()),
-            ..q(None, 0, None)
-        };
-        assert_eq!(times(by_name), [300, 100]);
-        let newest = s.flows(&q(None, 0, None)).unwrap()[0].id;
-        let page = FlowQuery {
-            before_id: Some(newest),
-            ..q(None, 0, None)
-        };
-        assert_eq!(times(page), [200, 100]);
-        // Age first, then each node's newest, then the newest `max_rows`.
-        assert_eq!(s.prune_flows(150, 0, 0).unwrap(), 1);
-        s.record_flows(&[row(400, 3, true), row(500, 3, true), row(600, 3, true)])
-            .unwrap();
-        assert_eq!(s.prune_flows(0, 2, 0).unwrap(), 1, "node 3's oldest");
-        assert_eq!(times(q(None, 0, None)), [600, 500, 300, 200]);
-        assert_eq!(s.prune_flows(0, 0, 2).unwrap(), 2);
-        assert_eq!(times(q(None, 0, None)), [600, 500]);
-        assert_eq!(s.prune_flows(0, 2, 2).unwrap(), 0);
-        // Ids are never reused, even once the table is empty.
-        assert_eq!(s.prune_flows(i64::MAX, 0, 0).unwrap(), 2);
-        s.record_flows(&[row(700, 1, true)]).unwrap();
-        assert!(s.flows(&q(None, 0, None)).unwrap()[0].id > newest);
+            };
+            assert_eq!(times(by_name), [300, 100]);
+            let newest = s.flows(&q(None, 0, None)).unwrap()[0].id;
+            let page = FlowQuery {
+                before_id: Some(newest),
+                ..q(None, 0, None)
+            };
+            assert_eq!(times(page), [200, 100]);
+            // Age first, then each node's newest, then the newest `max_rows`.
+            assert_eq!(s.prune_flows(150, 0, 0).unwrap(), 1);
+            s.record_flows(&[row(400, 3, true), row(500, 3, true), row(600, 3, true)])
+                .unwrap();
+            assert_eq!(s.prune_flows(0, 2, 0).unwrap(), 1, "node 3's oldest");
+            assert_eq!(times(q(None, 0, None)), [600, 500, 300, 200]);
+            assert_eq!(s.prune_flows(0, 0, 2).unwrap(), 2);
+            assert_eq!(times(q(None, 0, None)), [600, 500]);
+            assert_eq!(s.prune_flows(0, 2, 2).unwrap(), 0);
+            // Ids are never reused, even once the table is empty.
+            assert_eq!(s.prune_flows(i64::MAX, 0, 0).unwrap(), 2);
+            s.record_flows(&[row(700, 1, true)]).unwrap();
+            assert!(s.flows(&q(None, 0, None)).unwrap()[0].id > newest);
+        });
     }
 }

@@ -908,8 +908,87 @@ impl SqlStore<Postgres> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
     use super::*;
+
+    /// A URL of a new, empty database on the test cluster (`scripts/pg.sh`:
+    /// `ZTMESH_TEST_PG` is its socket directory), or `None` without one.
+    pub fn fresh_database() -> Option<String> {
+        fresh_database_owned_by("postgres")
+    }
+
+    fn fresh_database_owned_by(owner: &str) -> Option<String> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let sock = std::env::var("ZTMESH_TEST_PG").ok()?;
+        let port = std::env::var("ZTMESH_TEST_PG_PORT").unwrap_or_else(|_| "5432".into());
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let out = std::process::Command::new("psql")
+            .args(["-h", &sock, "-p", &port, "-U", "postgres", "-d", "postgres"])
+            .args(["-qAt", "-v", "ON_ERROR_STOP=1", "-c"])
+            .arg(format!("CREATE DATABASE {name} OWNER {owner}"))
+            .output()
+            .expect("psql runs");
+        assert!(
+            out.status.success(),
+            "ZTMESH_TEST_PG={sock} is set but CREATE DATABASE failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(format!(
+            "postgres://postgres@/{name}?host={sock}&port={port}"
+        ))
+    }
+
+    /// Over TCP the test cluster takes TLS with a client certificate only:
+    /// verify-full with the right CA connects; another CA, or no client
+    /// certificate, is refused.
+    #[test]
+    fn tls_verifies_the_server_and_presents_the_client_certificate() {
+        let (Ok(tls), Some(url)) = (
+            std::env::var("ZTMESH_TEST_PG_TLS"),
+            fresh_database_owned_by("ztmesh"),
+        ) else {
+            return;
+        };
+        let port = std::env::var("ZTMESH_TEST_PG_PORT").unwrap();
+        let name = url.split('/').nth(3).unwrap().split('?').next().unwrap();
+        let base = format!("postgres://ztmesh@127.0.0.1:{port}/{name}?sslmode=verify-full");
+        let good = format!(
+            "{base}&sslrootcert={tls}/ca.pem&sslcert={tls}/client.pem&sslkey={tls}/client.key"
+        );
+        let store = PgStore::connect(PgOptions::parse(&good).unwrap()).unwrap();
+        use crate::store::Store;
+        store.set_meta("k", "v").unwrap();
+        assert_eq!(store.meta("k").unwrap().as_deref(), Some("v"));
+
+        // A CA that did not sign the server's certificate.
+        let dir = tempfile::tempdir().unwrap();
+        let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        let other_ca = dir.path().join("other.pem");
+        std::fs::write(&other_ca, other.cert.pem()).unwrap();
+        let wrong_ca = format!(
+            "{base}&sslrootcert={}&sslcert={tls}/client.pem&sslkey={tls}/client.key",
+            other_ca.display()
+        );
+        let e = PgStore::connect(PgOptions::parse(&wrong_ca).unwrap())
+            .err()
+            .expect("an unknown CA is refused")
+            .to_string();
+        assert!(e.contains("certificate"), "{e}");
+
+        // No client certificate: the server refuses.
+        let anonymous = format!("{base}&sslrootcert={tls}/ca.pem");
+        let e = PgStore::connect(PgOptions::parse(&anonymous).unwrap())
+            .err()
+            .expect("no client certificate is refused")
+            .to_string();
+        assert!(e.contains("certificate"), "{e}");
+    }
 
     #[test]
     fn placeholders_become_dollars_outside_strings() {
