@@ -5,7 +5,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 need=()
 # node, npm, chromium and curl: the browser-login tests (tests/web, tests/src/web.rs).
 for pair in git:git ip:iproute2 iperf3:iperf3 wg:wireguard-tools wireguard-go:wireguard-go ping:iputils-ping nft:nftables python3:python3 \
-  curl:curl node:nodejs npm:npm chromium:chromium chromedriver:chromium-driver; do
+  curl:curl node:nodejs npm:npm chromium:chromium chromedriver:chromium-driver openssl:openssl psql:postgresql-client; do
   cmd=${pair%%:*}; pkg=${pair##*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
@@ -41,6 +41,30 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
   # already had (and ran) is none of our business.
   if [[ -d /run/systemd/system ]] && systemctl is-enabled --quiet prometheus 2>/dev/null; then
     systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
+fi
+# PostgreSQL (Debian's postgresql package): scripts/pg.sh starts a throwaway
+# cluster for the store and controller tests. The package's own cluster must
+# not run on the host: policy-rc.d keeps it from starting during the
+# install, and where systemd runs it is disabled.
+if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+  echo "setup: installing postgresql"
+  export DEBIAN_FRONTEND=noninteractive
+  lock=(-o DPkg::Lock::Timeout=300)
+  policy=/usr/sbin/policy-rc.d
+  made_policy=0
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    made_policy=1
+  fi
+  status=0
+  { apt-get "${lock[@]}" update -qq &&
+    apt-get "${lock[@]}" install -y -qq --no-install-recommends postgresql; } || status=$?
+  if ((made_policy)); then rm -f "$policy"; fi
+  ((status == 0)) || exit "$status"
+  if [[ -d /run/systemd/system ]] && systemctl is-enabled --quiet postgresql 2>/dev/null; then
+    systemctl disable --now postgresql >/dev/null 2>&1 || true
   fi
 fi
 # The OpenID provider and the browser driver, exactly as the committed lockfile

@@ -20,6 +20,19 @@ echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo build (binaries used by end-to-end tests)"
 cargo build --workspace --bins
+echo "== PostgreSQL test cluster (scripts/pg.sh)"
+# The store suite and the controller's PostgreSQL tests run against it; it
+# is stopped and removed on exit, whatever happens.
+pg_dir=$(mktemp -d /tmp/ztmesh-pg.XXXXXX)
+chmod 755 "$pg_dir"
+trap './scripts/pg.sh stop "$pg_dir"; rm -rf "$pg_dir"' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+eval "$(./scripts/pg.sh start "$pg_dir")"
+export ZTMESH_REQUIRE_POSTGRES=1
 echo "== cargo test"
 cargo test --workspace -- --test-threads="${ZTMESH_TEST_THREADS:-2}"
+echo "== cargo test: the controller's gRPC suites again, on PostgreSQL"
+ZTMESH_TEST_STORE=postgres cargo test -p ztmesh-controller --test grpc --test hostile_clients \
+  -- --test-threads="${ZTMESH_TEST_THREADS:-2}"
 echo "== all tests passed"

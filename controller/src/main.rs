@@ -43,6 +43,7 @@ fn main() -> ExitCode {
                 limits,
                 detect,
                 metrics_listen,
+                database,
             } => {
                 tracing_subscriber::fmt()
                     .with_max_level(log_level())
@@ -76,6 +77,12 @@ fn main() -> ExitCode {
                     ..MeshConfig::default()
                 };
                 let dir = DataDir::new(&args.conn.data_dir);
+                // Parsed here, not by clap: its errors quote the value, and a
+                // URL may hold a password.
+                let database = database
+                    .as_deref()
+                    .map(ztmesh_controller::store::PgOptions::parse)
+                    .transpose()?;
                 let tls = match (&tls_cert, &tls_key) {
                     (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
                     (None, None) => None,
@@ -88,6 +95,7 @@ fn main() -> ExitCode {
                     limits.limits(),
                     tls,
                     web,
+                    database.as_ref(),
                 )
                 .await
             }

@@ -21,7 +21,7 @@ use crate::mesh::{Mesh, MeshConfig};
 use crate::metrics::Metrics;
 use crate::now_ms;
 use crate::ratelimit::SharedLimiter;
-use crate::store::{SqliteStore, Store};
+use crate::store::{Claim, PgOptions, PgStore, SqliteStore, Store};
 use crate::timedstore::TimedStore;
 
 /// Where `serve --metrics-listen` without an address serves `/metrics`.
@@ -117,18 +117,43 @@ pub fn fingerprint(dir: &DataDir) -> anyhow::Result<[u8; 32]> {
     Ok(sha256(&pem_to_der(&cert)?))
 }
 
-/// Prepares the data dir and the in-memory state.
-pub fn open(dir: &DataDir, cfg: MeshConfig) -> anyhow::Result<(Arc<Mesh>, String, String)> {
+/// What [`open`] prepared.
+pub struct Opened {
+    pub mesh: Arc<Mesh>,
+    pub cert: String,
+    pub key: String,
+    /// The PostgreSQL database claimed for this controller.
+    pub claim: Option<Claim>,
+}
+
+/// Prepares the data dir, the store (SQLite in the data dir, or the
+/// PostgreSQL `database`, claimed) and the in-memory state.
+pub fn open(
+    dir: &DataDir,
+    cfg: MeshConfig,
+    database: Option<&PgOptions>,
+) -> anyhow::Result<Opened> {
     std::fs::create_dir_all(&dir.root)
         .with_context(|| format!("creating data dir {}", dir.root.display()))?;
     std::fs::set_permissions(&dir.root, std::fs::Permissions::from_mode(0o700))?;
     let signer = SigningKey::load_or_generate(&dir.signing_key())?;
     let (cert, key, fp) = init_tls(dir)?;
     let metrics = Arc::new(Metrics::default());
-    let store: Arc<dyn Store> = Arc::new(TimedStore::new(
-        SqliteStore::open(&dir.db())?,
-        metrics.clone(),
-    ));
+    let (store, claim): (Arc<dyn Store>, _) = match database {
+        None => (
+            Arc::new(TimedStore::new(
+                SqliteStore::open(&dir.db())?,
+                metrics.clone(),
+            )),
+            None,
+        ),
+        Some(options) => {
+            let pg = PgStore::connect(options.clone())?;
+            let claim = pg.claim()?;
+            tracing::info!(database = options.display(), "store: postgresql");
+            (Arc::new(TimedStore::new(pg, metrics.clone())), Some(claim))
+        }
+    };
     let ula: Ipv6Net = match store.meta("ula")? {
         Some(s) => s.parse().context("stored ULA prefix is invalid")?,
         None => {
@@ -148,7 +173,12 @@ pub fn open(dir: &DataDir, cfg: MeshConfig) -> anyhow::Result<(Arc<Mesh>, String
     if let Some(tx) = alerts {
         mesh = mesh.with_alerts(tx);
     }
-    Ok((Arc::new(mesh), cert, key))
+    Ok(Opened {
+        mesh: Arc::new(mesh),
+        cert,
+        key,
+        claim,
+    })
 }
 
 /// Runs the controller until SIGINT/SIGTERM, with `/metrics` on the
@@ -163,6 +193,7 @@ pub async fn serve(
     limits: ListenerLimits,
     tls_files: Option<(&Path, &Path)>,
     web: WebOptions,
+    database: Option<&PgOptions>,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir.root)
         .with_context(|| format!("creating data dir {}", dir.root.display()))?;
@@ -182,7 +213,12 @@ pub async fn serve(
         ),
         None => None,
     };
-    let (mesh, cert, key) = open(dir, cfg)?;
+    let Opened {
+        mesh,
+        cert,
+        key,
+        claim,
+    } = open(dir, cfg, database)?;
     let _metrics = metrics_listener.map(|l| {
         let mesh = mesh.clone();
         AbortOnDrop(tokio::spawn(ztmesh_proto::scrape::serve(
@@ -201,17 +237,30 @@ pub async fn serve(
     if let Some(a) = metrics_listen {
         println!("  metrics:        http://{a}/metrics");
     }
-    run_with(
-        dir,
-        mesh,
-        cert,
-        key,
-        listener,
-        limits,
-        web,
-        shutdown_signal(),
-    )
-    .await
+    // A controller that loses its claim on the database stops at once:
+    // another may be serving it a moment later.
+    let lost = Arc::new(std::sync::Mutex::new(None::<String>));
+    let shutdown = {
+        let lost = lost.clone();
+        async move {
+            match claim {
+                Some(mut claim) => tokio::select! {
+                    () = shutdown_signal() => {}
+                    why = &mut claim.lost => {
+                        let why = why.unwrap_or_else(|_| "claim ended".into());
+                        tracing::error!(error = %why, "lost the database claim: stopping");
+                        *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                    }
+                },
+                None => shutdown_signal().await,
+            }
+        }
+    };
+    run_with(dir, mesh, cert, key, listener, limits, web, shutdown).await?;
+    if let Some(why) = lost.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        anyhow::bail!("lost the database connection that holds this controller's claim: {why}");
+    }
+    Ok(())
 }
 
 /// What the sign-in pages offer besides built-in accounts.

@@ -24,7 +24,7 @@ mod postgres;
 pub mod sql;
 mod sqlite;
 
-pub use postgres::{is_postgres_url, PgOptions, PgStore, Postgres};
+pub use postgres::{is_postgres_url, Claim, PgOptions, PgStore, Postgres};
 use sql::{args, corrupt, join_list, split_list, Backend, Conn, DbError, DbResult, Row, Value};
 pub use sqlite::{Sqlite, SqliteStore};
 
@@ -50,6 +50,10 @@ pub enum StoreError {
     /// verify` and investigate.
     #[error("audit chain broken at {0}")]
     Chain(ChainError),
+    /// Another controller holds the database (PostgreSQL): the message
+    /// names it.
+    #[error("{0}")]
+    Busy(String),
     /// The database's schema is not the one this binary writes: open it
     /// read-write once (`serve`) to migrate, or use the matching binary.
     #[error("database schema: {0}")]
@@ -1940,6 +1944,10 @@ mod tests {
 
     /// Two handles on one database, as two controllers have: SQLite opened
     /// twice (two connections), PostgreSQL connected twice (two pools).
+    #[expect(
+        clippy::type_complexity,
+        reason = "a test helper: engine name, two handles, the SQLite file's dir"
+    )]
     fn shared_engines() -> Vec<(&'static str, [Arc<dyn Store>; 2], Option<tempfile::TempDir>)> {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("db.sqlite");

@@ -135,6 +135,14 @@ pub enum Cmd {
         #[arg(long, value_name = "ADDR", num_args = 0..=1,
               default_missing_value = crate::server::DEFAULT_METRICS_LISTEN)]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// Keep the state in PostgreSQL instead of SQLite in the data dir:
+        /// `postgres://USER@HOST/DB?sslmode=verify-full&sslrootcert=CA.pem`
+        /// (`&sslcert=…&sslkey=…` for a client certificate), or a unix
+        /// socket: `postgres://USER@/DB?host=/run/postgresql`. The signing
+        /// key and TLS identity stay files in the data dir. Prefer the
+        /// environment variable when the URL holds a password.
+        #[arg(long, env = "ZTMESH_DATABASE", hide_env_values = true)]
+        database: Option<String>,
     },
     /// Print the controller's TLS fingerprint, which nodes pin (offline).
     Fingerprint,

@@ -182,6 +182,14 @@ CREATE INDEX detections_node ON detections (node_id, id);
 /// The transaction advisory lock every write transaction takes ("ztmWRITE").
 const WRITE_LOCK: i64 = 0x7a74_6d57_5249_5445;
 
+/// The session advisory lock a serving controller holds ("ztmSERVE").
+const SERVE_LOCK: i64 = 0x7a74_6d53_4552_5645;
+
+/// How often the holder of [`SERVE_LOCK`] checks its connection, and how
+/// long one check may take before the lock counts as lost.
+const CLAIM_PING: Duration = Duration::from_secs(2);
+const CLAIM_PING_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Connections kept open at most.
 const DEFAULT_POOL: usize = 4;
 
@@ -224,7 +232,7 @@ impl PgOptions {
     /// missing or unreadable certificate, a private key readable by others,
     /// an unencrypted connection to a remote host, a malformed URL.
     pub fn parse(url: &str) -> Result<Self> {
-        let bad = |m: String| StoreError::Db(format!("--database: {m}"));
+        let bad = |m: String| StoreError::Db(format!("--database URL: {m}"));
         if !is_postgres_url(url) {
             return Err(bad("not a postgres:// URL".into()));
         }
@@ -299,6 +307,8 @@ impl PgOptions {
         }
         config.keepalives(true);
         config.keepalives_idle(Duration::from_secs(10));
+        config.keepalives_interval(Duration::from_secs(5));
+        config.keepalives_retries(3);
         let display = match base.split_once('@') {
             Some((cred, host)) => {
                 let scheme_end = cred.find("://").map_or(0, |i| i + 3);
@@ -894,7 +904,64 @@ impl Backend for Postgres {
     }
 }
 
+/// The database claimed for one controller: held while this lives (on a
+/// connection of its own, outside the pool). `lost` completes if the
+/// connection fails, after which another controller may claim it; the
+/// holder must stop serving at once.
+pub struct Claim {
+    pub lost: tokio::sync::oneshot::Receiver<String>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        // The task owns the connection: ending it closes the session and
+        // releases the lock.
+        self.task.abort();
+    }
+}
+
 impl SqlStore<Postgres> {
+    /// Claims the database for this controller (a session advisory lock).
+    /// Several controllers on one database need the change feed that keeps
+    /// their in-memory views current; until then one serves at a time.
+    ///
+    /// # Errors
+    /// [`StoreError::Busy`] if another controller holds it;
+    /// [`StoreError::Db`] without a connection.
+    pub fn claim(&self) -> Result<Claim> {
+        let pg = &self.db;
+        let PgConn { client, .. } = pg.connect()?;
+        let held = block_on(client.query_one("SELECT pg_try_advisory_lock($1)", &[&SERVE_LOCK]))
+            .map_err(DbError::from)?;
+        if !held.try_get::<_, bool>(0).map_err(DbError::from)? {
+            return Err(StoreError::Busy(format!(
+                "another controller is serving {} (one controller per database until the \
+                 change feed lands)",
+                pg.options.display
+            )));
+        }
+        let (tx, lost) = tokio::sync::oneshot::channel();
+        let rt = pg.runtime.as_ref().expect("runtime lives until drop");
+        let task = rt.spawn(async move {
+            let why = loop {
+                tokio::time::sleep(CLAIM_PING).await;
+                match tokio::time::timeout(CLAIM_PING_TIMEOUT, client.simple_query("SELECT 1"))
+                    .await
+                {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => break DbError::from(e).to_string(),
+                    Err(_) => break format!("no answer in {} s", CLAIM_PING_TIMEOUT.as_secs()),
+                }
+            };
+            let _ = tx.send(why);
+        });
+        Ok(Claim {
+            lost,
+            task: task.abort_handle(),
+        })
+    }
+
     /// Connects and brings the schema to this binary's version.
     ///
     /// # Errors
@@ -921,7 +988,13 @@ pub(super) mod tests {
 
     fn fresh_database_owned_by(owner: &str) -> Option<String> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let sock = std::env::var("ZTMESH_TEST_PG").ok()?;
+        let Ok(sock) = std::env::var("ZTMESH_TEST_PG") else {
+            assert!(
+                std::env::var_os("ZTMESH_REQUIRE_POSTGRES").is_none(),
+                "ZTMESH_REQUIRE_POSTGRES is set but ZTMESH_TEST_PG is not (scripts/pg.sh)"
+            );
+            return None;
+        };
         let port = std::env::var("ZTMESH_TEST_PG_PORT").unwrap_or_else(|_| "5432".into());
         let name = format!(
             "t{}_{}",

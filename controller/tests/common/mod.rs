@@ -1,6 +1,10 @@
 //! A real controller for in-process tests: TLS listener on 127.0.0.1, admin
 //! unix socket and SQLite file in a temp dir, driven through real tonic
 //! clients. Shared by the gRPC and hostile-client suites.
+//!
+//! With `ZTMESH_TEST_STORE=postgres` the controller keeps its state in a
+//! fresh database on the PostgreSQL test cluster instead (`scripts/pg.sh`,
+//! `ZTMESH_TEST_PG`): `scripts/test.sh` runs the gRPC suite both ways.
 #![allow(dead_code)]
 
 use std::sync::Arc;
@@ -9,6 +13,7 @@ use std::time::Duration;
 use ztmesh_controller::cli::{self, ConnArgs};
 use ztmesh_controller::mesh::{Mesh, MeshConfig};
 use ztmesh_controller::server::{self, DataDir, ListenerLimits};
+use ztmesh_controller::store::PgOptions;
 use ztmesh_proto::admin as apb;
 use ztmesh_proto::control::control_client::ControlClient;
 
@@ -26,6 +31,38 @@ pub struct Ctl {
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
+/// A fresh PostgreSQL database when `ZTMESH_TEST_STORE=postgres`.
+fn postgres_database() -> Option<PgOptions> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    if std::env::var("ZTMESH_TEST_STORE").ok()? != "postgres" {
+        return None;
+    }
+    let sock =
+        std::env::var("ZTMESH_TEST_PG").expect("ZTMESH_TEST_STORE=postgres needs ZTMESH_TEST_PG");
+    let port = std::env::var("ZTMESH_TEST_PG_PORT").unwrap_or_else(|_| "5432".into());
+    let name = format!(
+        "ctl{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let out = std::process::Command::new("psql")
+        .args([
+            "-h", &sock, "-p", &port, "-U", "postgres", "-d", "postgres", "-qAt",
+        ])
+        .args([
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            &format!("CREATE DATABASE {name}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let url = format!("postgres://postgres@/{name}?host={sock}&port={port}");
+    Some(PgOptions::parse(&url).unwrap())
+}
+
 impl Ctl {
     pub async fn start() -> Ctl {
         Self::start_with(MeshConfig::default()).await
@@ -39,13 +76,20 @@ impl Ctl {
     pub async fn start_with_limits(cfg: MeshConfig, limits: ListenerLimits) -> Ctl {
         let dir = tempfile::tempdir().unwrap();
         let data = DataDir::new(&dir.path().join("data"));
-        let (mesh, cert, key) = server::open(&data, cfg).unwrap();
+        let database = postgres_database();
+        let server::Opened {
+            mesh,
+            cert,
+            key,
+            claim,
+        } = server::open(&data, cfg, database.as_ref()).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
         let d2 = DataDir::new(&data.root);
         let m2 = mesh.clone();
         let task = tokio::spawn(async move {
+            let _claim = claim;
             server::run_with(
                 &d2,
                 m2,
