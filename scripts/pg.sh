@@ -5,7 +5,9 @@
 #   scripts/pg.sh stop DIR    stop it (by the PID in its postmaster.pid)
 #
 # The cluster listens on a unix socket in DIR/sock (trust, for the superuser
-# the tests create databases with) and on 127.0.0.1:$PORT with TLS only:
+# the tests create databases with; the directory and socket are 0700, so only
+# root, which runs the tests, and postgres reach it) and on 127.0.0.1:PORT
+# (the first free one from 55432) with TLS only:
 # `hostssl … cert`, so a TCP client must present a certificate the test CA
 # signed, whose CN is the role (`ztmesh`). The CA, server and client
 # certificates are in DIR/tls. `start` prints lines to eval:
@@ -13,14 +15,22 @@
 set -euo pipefail
 cmd=${1:?usage: pg.sh start|stop DIR}
 dir=${2:?usage: pg.sh start|stop DIR}
-port=${ZTMESH_TEST_PG_PORT:-55432}
 bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
 [[ -x $bin/initdb ]] || { echo "pg.sh: no PostgreSQL server (apt-get install postgresql)" >&2; exit 1; }
 as_pg() { runuser -u postgres -- "$@"; }
 
 case $cmd in
 start)
+  # A free port (a cluster a killed run left behind keeps its own).
+  port=${ZTMESH_TEST_PG_PORT:-}
+  if [[ -z $port ]]; then
+    for p in $(seq 55432 55531); do
+      if [[ -z $(ss -Hltn "sport = :$p") ]]; then port=$p; break; fi
+    done
+  fi
+  [[ -n $port ]] || { echo "pg.sh: no free port in 55432-55531" >&2; exit 1; }
   mkdir -p "$dir/sock" "$dir/tls"
+  chmod 700 "$dir" "$dir/sock"
   tls=$dir/tls
   # A CA, a server certificate for 127.0.0.1/localhost, a client one for `ztmesh`.
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
@@ -47,6 +57,7 @@ EOF
 listen_addresses = '127.0.0.1'
 port = $port
 unix_socket_directories = '$dir/sock'
+unix_socket_permissions = 0700
 ssl = on
 ssl_cert_file = '$tls/server.pem'
 ssl_key_file = '$tls/server.key'
@@ -59,8 +70,6 @@ EOF
   as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w -t 60 start >/dev/null
   as_pg psql -h "$dir/sock" -p "$port" -U postgres -d postgres -qAt \
     -c "CREATE ROLE ztmesh LOGIN CREATEDB" >/dev/null
-  # Root's processes (the tests) reach the socket directory.
-  chmod 755 "$dir" "$dir/sock"
   echo "export ZTMESH_TEST_PG=$dir/sock ZTMESH_TEST_PG_PORT=$port ZTMESH_TEST_PG_TLS=$tls"
   ;;
 stop)

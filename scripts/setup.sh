@@ -31,11 +31,13 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
     printf '#!/bin/sh\nexit 101\n' >"$policy"
     chmod 755 "$policy"
     made_policy=1
+    # Never left behind: it would keep every service on the host from starting.
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
   fi
   status=0
   { apt-get "${lock[@]}" update -qq &&
     apt-get "${lock[@]}" install -y -qq --no-install-recommends prometheus; } || status=$?
-  if ((made_policy)); then rm -f "$policy"; fi
+  if ((made_policy)); then rm -f "$policy"; trap - EXIT; fi
   ((status == 0)) || exit "$status"
   # Only the service this script just installed: a Prometheus the machine
   # already had (and ran) is none of our business.
@@ -57,11 +59,13 @@ if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
     printf '#!/bin/sh\nexit 101\n' >"$policy"
     chmod 755 "$policy"
     made_policy=1
+    # Never left behind: it would keep every service on the host from starting.
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
   fi
   status=0
   { apt-get "${lock[@]}" update -qq &&
     apt-get "${lock[@]}" install -y -qq --no-install-recommends postgresql; } || status=$?
-  if ((made_policy)); then rm -f "$policy"; fi
+  if ((made_policy)); then rm -f "$policy"; trap - EXIT; fi
   ((status == 0)) || exit "$status"
   if [[ -d /run/systemd/system ]] && systemctl is-enabled --quiet postgresql 2>/dev/null; then
     systemctl disable --now postgresql >/dev/null 2>&1 || true

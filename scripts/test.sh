@@ -24,11 +24,12 @@ echo "== PostgreSQL test cluster (scripts/pg.sh)"
 # The store suite and the controller's PostgreSQL tests run against it; it
 # is stopped and removed on exit, whatever happens.
 pg_dir=$(mktemp -d /tmp/ztmesh-pg.XXXXXX)
-chmod 755 "$pg_dir"
 trap './scripts/pg.sh stop "$pg_dir"; rm -rf "$pg_dir"' EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-eval "$(./scripts/pg.sh start "$pg_dir")"
+# Two steps: `eval "$(…)"` would hide a failed start from `set -e`.
+pg_env=$(./scripts/pg.sh start "$pg_dir")
+eval "$pg_env"
 export ZTMESH_REQUIRE_POSTGRES=1
 echo "== cargo test"
 cargo test --workspace -- --test-threads="${ZTMESH_TEST_THREADS:-2}"

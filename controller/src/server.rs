@@ -148,8 +148,7 @@ pub fn open(
             None,
         ),
         Some(options) => {
-            let pg = PgStore::connect(options.clone())?;
-            let claim = pg.claim()?;
+            let (pg, claim) = PgStore::connect_claimed(options.clone())?;
             tracing::info!(database = options.display(), "store: postgresql");
             (Arc::new(TimedStore::new(pg, metrics.clone())), Some(claim))
         }
@@ -240,13 +239,17 @@ pub async fn serve(
     // A controller that loses its claim on the database stops at once:
     // another may be serving it a moment later.
     let lost = Arc::new(std::sync::Mutex::new(None::<String>));
+    // The claim lives until `run_with` has drained and flushed: released
+    // earlier, a successor could load the state before the last writes.
+    let mut claim = claim;
     let shutdown = {
         let lost = lost.clone();
+        let claim_lost = claim.as_mut().map(|c| &mut c.lost);
         async move {
-            match claim {
-                Some(mut claim) => tokio::select! {
+            match claim_lost {
+                Some(claim_lost) => tokio::select! {
                     () = shutdown_signal() => {}
-                    why = &mut claim.lost => {
+                    why = claim_lost => {
                         let why = why.unwrap_or_else(|_| "claim ended".into());
                         tracing::error!(error = %why, "lost the database claim: stopping");
                         *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
@@ -257,6 +260,7 @@ pub async fn serve(
         }
     };
     run_with(dir, mesh, cert, key, listener, limits, web, shutdown).await?;
+    drop(claim);
     if let Some(why) = lost.lock().unwrap_or_else(|p| p.into_inner()).take() {
         anyhow::bail!("lost the database connection that holds this controller's claim: {why}");
     }

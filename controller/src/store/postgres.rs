@@ -257,12 +257,16 @@ impl PgOptions {
         }
         .parse()
         .map_err(|e| bad(format!("{e}")))?;
-        let local = config.get_hosts().iter().all(|h| match h {
-            tokio_postgres::config::Host::Unix(_) => true,
-            tokio_postgres::config::Host::Tcp(name) => {
-                name == "localhost" || name.parse::<IpAddr>().is_ok_and(|a| a.is_loopback())
-            }
-        });
+        // The driver connects to `hostaddr` where one is given: both lists
+        // must be local, and there must be a host at all.
+        let local = !config.get_hosts().is_empty()
+            && config.get_hosts().iter().all(|h| match h {
+                tokio_postgres::config::Host::Unix(_) => true,
+                tokio_postgres::config::Host::Tcp(name) => {
+                    name == "localhost" || name.parse::<IpAddr>().is_ok_and(|a| a.is_loopback())
+                }
+            })
+            && config.get_hostaddrs().iter().all(IpAddr::is_loopback);
         let tls = match mode.as_deref() {
             Some("verify-full") => {
                 let root = root.ok_or_else(|| {
@@ -304,6 +308,17 @@ impl PgOptions {
         }
         if config.get_application_name().is_none() {
             config.application_name("ztmesh-controller");
+        }
+        // No call blocks a controller thread for long: a dead server or path
+        // is given up on (tcp_user_timeout; statement and lock timeouts on
+        // the server), and the server drops a vanished controller's
+        // session, and so its claim, within ~25 s.
+        config.tcp_user_timeout(Duration::from_secs(30));
+        if config.get_options().is_none() {
+            config.options(
+                "-c statement_timeout=60s -c lock_timeout=60s -c tcp_keepalives_idle=10 \
+                 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3",
+            );
         }
         config.keepalives(true);
         config.keepalives_idle(Duration::from_secs(10));
@@ -679,6 +694,8 @@ pub struct Postgres {
     runtime: Option<tokio::runtime::Runtime>,
     pool: Mutex<Pool>,
     freed: Condvar,
+    /// Set when the claim is lost ([`SqlStore::claim`]).
+    fenced: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A connection taken from the pool, returned when dropped.
@@ -726,9 +743,22 @@ impl Postgres {
                 open: 0,
             }),
             freed: Condvar::new(),
+            fenced: Arc::default(),
         };
         drop(pg.lease()?);
         Ok(pg)
+    }
+
+    /// `Busy` once this controller's claim is lost: another controller may
+    /// be serving the database, so this one neither reads nor writes it.
+    fn unfenced(&self) -> Result<()> {
+        if self.fenced.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Busy(format!(
+                "this controller lost its claim on {}; it no longer reads or writes it",
+                self.options.display
+            )));
+        }
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, Pool> {
@@ -799,7 +829,10 @@ impl Postgres {
             };
             Ok::<_, tokio_postgres::Error>(client)
         });
-        let client = block_on(connecting)
+        // Unconstrained: on a runtime thread whose task spent its co-op
+        // budget, a JoinHandle would defer its wake-up to a yield that
+        // never comes while this thread is parked.
+        let client = block_on(tokio::task::unconstrained(connecting))
             .map_err(|e| StoreError::Db(format!("postgres connect task: {e}")))?
             .map_err(|e| {
                 StoreError::Db(format!("{}: {}", self.options.display, DbError::from(e)))
@@ -815,8 +848,16 @@ impl Postgres {
     fn transaction<T>(&self, begin: &str, f: impl FnOnce(&mut dyn Conn) -> Result<T>) -> Result<T> {
         let mut lease = self.lease()?;
         let c = lease.conn();
-        c.batch(begin)?;
+        // Set before BEGIN: if the lock statement fails, the session sits in
+        // an aborted transaction; unless the ROLLBACK below succeeds, the
+        // lease closes the connection instead of pooling it.
         c.in_transaction = true;
+        if let Err(e) = c.batch(begin) {
+            if c.batch("ROLLBACK").is_ok() {
+                c.in_transaction = false;
+            }
+            return Err(e.into());
+        }
         match f(c) {
             Ok(out) => {
                 c.batch("COMMIT")?;
@@ -889,10 +930,12 @@ impl Backend for Postgres {
     const LOCK_ROW: &'static str = " FOR UPDATE";
 
     fn with<T>(&self, f: impl FnOnce(&mut dyn Conn) -> Result<T>) -> Result<T> {
+        self.unfenced()?;
         f(self.lease()?.conn())
     }
 
     fn write<T>(&self, f: impl FnOnce(&mut dyn Conn) -> Result<T>) -> Result<T> {
+        self.unfenced()?;
         self.transaction(
             &format!("BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"),
             f,
@@ -900,6 +943,7 @@ impl Backend for Postgres {
     }
 
     fn snapshot<T>(&self, f: impl FnOnce(&mut dyn Conn) -> Result<T>) -> Result<T> {
+        self.unfenced()?;
         self.transaction("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", f)
     }
 }
@@ -922,6 +966,18 @@ impl Drop for Claim {
 }
 
 impl SqlStore<Postgres> {
+    /// Connects, claims the database for this controller ([`Self::claim`])
+    /// and only then migrates: a binary that is refused changes nothing.
+    ///
+    /// # Errors
+    /// As [`Self::claim`] and [`Self::connect`].
+    pub fn connect_claimed(options: PgOptions) -> Result<(Self, Claim)> {
+        let store = Self::on(Postgres::new(options)?);
+        let claim = store.claim()?;
+        store.db.migrate()?;
+        Ok((store, claim))
+    }
+
     /// Claims the database for this controller (a session advisory lock).
     /// Several controllers on one database need the change feed that keeps
     /// their in-memory views current; until then one serves at a time.
@@ -929,7 +985,7 @@ impl SqlStore<Postgres> {
     /// # Errors
     /// [`StoreError::Busy`] if another controller holds it;
     /// [`StoreError::Db`] without a connection.
-    pub fn claim(&self) -> Result<Claim> {
+    fn claim(&self) -> Result<Claim> {
         let pg = &self.db;
         let PgConn { client, .. } = pg.connect()?;
         let held = block_on(client.query_one("SELECT pg_try_advisory_lock($1)", &[&SERVE_LOCK]))
@@ -943,6 +999,7 @@ impl SqlStore<Postgres> {
         }
         let (tx, lost) = tokio::sync::oneshot::channel();
         let rt = pg.runtime.as_ref().expect("runtime lives until drop");
+        let fenced = pg.fenced.clone();
         let task = rt.spawn(async move {
             let why = loop {
                 tokio::time::sleep(CLAIM_PING).await;
@@ -954,6 +1011,8 @@ impl SqlStore<Postgres> {
                     Err(_) => break format!("no answer in {} s", CLAIM_PING_TIMEOUT.as_secs()),
                 }
             };
+            // Fenced before anyone is told: no store call starts after this.
+            fenced.store(true, std::sync::atomic::Ordering::SeqCst);
             let _ = tx.send(why);
         });
         Ok(Claim {
@@ -1092,6 +1151,11 @@ pub(super) mod tests {
                 "sslrootcert /nonexistent",
             ),
             ("mysql://u@h/z", "not a postgres"),
+            (
+                "postgres://u@localhost/z?hostaddr=198.18.0.9",
+                "must be encrypted",
+            ),
+            ("postgres://u@/z?hostaddr=198.18.0.9", "must be encrypted"),
         ] {
             let e = PgOptions::parse(url).unwrap_err().to_string();
             assert!(e.contains(why), "{url}: {e}");

@@ -298,7 +298,12 @@ impl Conn for SqliteConn<'_> {
                     ValueRef::Null => Value::Null,
                     ValueRef::Integer(v) => Value::Int(v),
                     ValueRef::Real(v) => Value::Real(v),
-                    ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+                    // Not UTF-8: not text (a text read names it corrupt; the
+                    // audit chain reader, altered).
+                    ValueRef::Text(t) => match std::str::from_utf8(t) {
+                        Ok(t) => Value::Text(t.to_string()),
+                        Err(_) => Value::Blob(t.to_vec()),
+                    },
                     ValueRef::Blob(b) => Value::Blob(b.to_vec()),
                 });
             }
