@@ -63,10 +63,13 @@ ssl_cert_file = '$tls/server.pem'
 ssl_key_file = '$tls/server.key'
 ssl_ca_file = '$tls/ca.pem'
 max_connections = 200
-fsync = off
-synchronous_commit = off
-full_page_writes = off
 EOF
+  # Tests trade durability for speed; a benchmark (ZTMESH_PG_DURABLE=1)
+  # keeps PostgreSQL's defaults, as SQLite keeps synchronous=FULL.
+  if [[ -z ${ZTMESH_PG_DURABLE:-} ]]; then
+    printf 'fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n' \
+      >>"$dir/data/postgresql.conf"
+  fi
   as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w -t 60 start >/dev/null
   as_pg psql -h "$dir/sock" -p "$port" -U postgres -d postgres -qAt \
     -c "CREATE ROLE ztmesh LOGIN CREATEDB" >/dev/null

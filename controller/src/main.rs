@@ -79,8 +79,10 @@ fn main() -> ExitCode {
                 let dir = DataDir::new(&args.conn.data_dir);
                 // Parsed here, not by clap: its errors quote the value, and a
                 // URL may hold a password.
+                // An empty ZTMESH_DATABASE counts as unset.
                 let database = database
                     .as_deref()
+                    .filter(|url| !url.is_empty())
                     .map(ztmesh_controller::store::PgOptions::parse)
                     .transpose()?;
                 let tls = match (&tls_cert, &tls_key) {

@@ -25,6 +25,10 @@
 #                       e.g. a baseline built in its own worktree and target dir
 #   NO_BUILD=1          skip `cargo build --release`
 #   OUT=FILE            also write the raw JSON lines there
+#   ENGINES="sqlite"    the controller's store: sqlite (its data dir) and/or
+#                       postgres (a throwaway cluster from scripts/pg.sh, with
+#                       fsync on, a fresh database per run, over its unix
+#                       socket), e.g. ENGINES="sqlite postgres" side by side
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -41,13 +45,42 @@ if [[ -z "${NO_BUILD:-}" ]]; then
 fi
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
+ENGINES=${ENGINES:-sqlite}
 RAW=$(mktemp)
-trap 'rm -f "$RAW"' EXIT
-for n in $SIZES; do
-    for rep in $(seq 1 "$REPS"); do
-        echo "== N=$n run $rep/$REPS" >&2
-        "$BIN/ztmesh-loadgen" --nodes "$n" --group-size "$GROUP" --changes "$CHANGES" \
-            --controller-bin "$CONTROLLER_BIN" --json | tee /dev/stderr | tail -n 1 >>"$RAW"
+PG_DIR=
+cleanup() {
+    if [[ -n $PG_DIR ]]; then
+        "$ROOT/scripts/pg.sh" stop "$PG_DIR"
+        rm -rf "$PG_DIR"
+    fi
+    rm -f "$RAW"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+if [[ " $ENGINES " == *" postgres "* ]]; then
+    PG_DIR=$(mktemp -d /tmp/ztmesh-bench-pg.XXXXXX)
+    pg_env=$(ZTMESH_PG_DURABLE=1 "$ROOT/scripts/pg.sh" start "$PG_DIR")
+    eval "$pg_env"
+fi
+db=0
+for engine in $ENGINES; do
+    for n in $SIZES; do
+        for rep in $(seq 1 "$REPS"); do
+            echo "== $engine N=$n run $rep/$REPS" >&2
+            database=
+            if [[ $engine == postgres ]]; then
+                db=$((db + 1))
+                psql -h "$ZTMESH_TEST_PG" -p "$ZTMESH_TEST_PG_PORT" \
+                    -U postgres -d postgres -qAt -c "CREATE DATABASE bench$db" >/dev/null
+                database="postgres://postgres@/bench$db?host=$ZTMESH_TEST_PG&port=$ZTMESH_TEST_PG_PORT"
+            fi
+            # The controller (the loadgen's child) reads ZTMESH_DATABASE.
+            env ${database:+ZTMESH_DATABASE=$database} "$BIN/ztmesh-loadgen" --nodes "$n" --group-size "$GROUP" \
+                --changes "$CHANGES" --controller-bin "$CONTROLLER_BIN" --json |
+                tee /dev/stderr | tail -n 1 |
+                python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r["engine"]=sys.argv[1]; print(json.dumps(r))' "$engine" >>"$RAW"
+        done
     done
 done
 if [[ -n "${OUT:-}" ]]; then
@@ -58,7 +91,7 @@ python3 - "$RAW" "$REPS" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 reps = sys.argv[2]
-sizes = sorted({r["nodes"] for r in rows})
+sizes = sorted({(r.get("engine", "sqlite"), r["nodes"]) for r in rows})
 med = lambda xs: statistics.median(xs)
 cols = [
     ("enroll/s", lambda r: r["nodes"] / r["enroll_s"], "{:.0f}", "-"),
@@ -79,12 +112,12 @@ cols = [
     ("map size KiB", lambda r: r["map_bytes_avg"] / 1024, "{:.1f}", "-"),
 ]
 print(f"\nmedians of {reps} runs per size")
-print("| metric | " + " | ".join(f"N = {n:,}" for n in sizes) + " | target |")
+print("| metric | " + " | ".join(f"{e} N = {n:,}" for e, n in sizes) + " | target |")
 print("|---|" + "---|" * len(sizes) + "---|")
 for name, f, fmt, target in cols:
     cells = []
-    for n in sizes:
-        vals = [f(r) for r in rows if r["nodes"] == n]
+    for e, n in sizes:
+        vals = [f(r) for r in rows if r["nodes"] == n and r.get("engine", "sqlite") == e]
         cells.append(fmt.format(med(vals)) + (f" ({fmt.format(min(vals))}–{fmt.format(max(vals))})" if len(vals) > 1 else ""))
     print(f"| {name} | " + " | ".join(cells) + f" | {target} |")
 EOF
