@@ -126,6 +126,22 @@ pub struct Opened {
     pub claim: Option<Claim>,
 }
 
+/// A database is served by one controller identity: every controller on
+/// it must hold the same netmap signing key (nodes pin it, and the audit
+/// log's checkpoints are signed with it). The first one to serve records
+/// its key; another is refused before it serves.
+fn same_identity(store: &dyn Store, key: &str, data_dir: &Path) -> anyhow::Result<()> {
+    match store.meta("controller_key")? {
+        None => Ok(store.set_meta("controller_key", key)?),
+        Some(k) if k == key => Ok(()),
+        Some(k) => anyhow::bail!(
+            "this database belongs to controller key {k}, but {} holds {key}: copy \
+             controller.key, tls.crt and tls.key from a data dir that serves it",
+            data_dir.display()
+        ),
+    }
+}
+
 /// Prepares the data dir, the store (SQLite in the data dir, or the
 /// PostgreSQL `database`, claimed) and the in-memory state.
 pub fn open(
@@ -149,6 +165,7 @@ pub fn open(
         ),
         Some(options) => {
             let (pg, claim) = PgStore::connect_claimed(options.clone())?;
+            same_identity(&pg, &signer.public().to_string(), &dir.root)?;
             tracing::info!(database = options.display(), "store: postgresql");
             (Arc::new(TimedStore::new(pg, metrics.clone())), Some(claim))
         }

@@ -160,9 +160,18 @@ fn state_lives_in_postgres_one_controller_serves_it_and_the_next_takes_over() {
     assert!(err.contains("another controller is serving"), "{err}");
     assert!(!err.contains("password"), "{err}");
 
-    // kill -9 the first: the next one takes over and sees what it wrote.
+    // kill -9 the first: a controller with another identity is refused;
+    // the next one, given A's key and certificate, takes over and sees
+    // what A wrote.
     first.0.kill().unwrap();
     first.0.wait().unwrap();
+    let mut stranger = serve(&b, &url, Stdio::piped());
+    let (status, err) = exit_within(&mut stranger, Duration::from_secs(30));
+    assert!(!status.success());
+    assert!(err.contains("belongs to controller key"), "{err}");
+    for f in ["controller.key", "tls.crt", "tls.key"] {
+        std::fs::copy(a.join(f), b.join(f)).unwrap();
+    }
     let _next = serve(&b, &url, Stdio::null());
     let took = wait_up(&b);
     eprintln!("takeover after kill -9: {took:?}");
@@ -172,6 +181,18 @@ fn state_lives_in_postgres_one_controller_serves_it_and_the_next_takes_over() {
     assert!(keys.contains("alice@example.com"), "{keys}");
     let audit = admin(&b, &["audit", "--limit", "500"]).unwrap();
     assert!(audit.contains("user.create"), "{audit}");
+
+    // Offline verification reads the same database while it is served.
+    let verified = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(&b)
+        .args(["audit", "verify"])
+        .env("ZTMESH_DATABASE", &url)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&verified.stdout);
+    assert!(verified.status.success(), "{verified:?}");
+    assert!(text.starts_with("audit chain ok: "), "{text}");
 }
 
 #[test]

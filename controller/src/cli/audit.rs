@@ -1,6 +1,7 @@
 //! `audit`: the audit log, newest first (from the running controller);
 //! `audit verify` and `audit export` (offline, from the data dir's database,
-//! opened read-only: they work whether or not the controller runs).
+//! opened read-only, or from the PostgreSQL `--database`: they work whether
+//! or not the controller runs).
 
 use std::path::Path;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use super::client::{status_err, Client};
 use super::output::{ms_to_text, print_json};
 use super::{parse_duration, Output};
 use crate::server::DataDir;
-use crate::store::{SqliteStore, Store};
+use crate::store::{PgOptions, PgStore, SqliteStore, Store};
 
 #[derive(Subcommand, Debug)]
 pub enum AuditCmd {
@@ -28,6 +29,10 @@ pub enum AuditCmd {
         /// default: the one in the data dir.
         #[arg(long)]
         controller_key: Option<PublicKey>,
+        /// Read the controller's PostgreSQL database (as `serve
+        /// --database`) instead of the data dir's SQLite file.
+        #[arg(long, env = "ZTMESH_DATABASE", hide_env_values = true)]
+        database: Option<String>,
     },
     /// Print the audit log oldest first, one JSON object per row with its
     /// hash and prev_hash (for a SIEM).
@@ -37,6 +42,10 @@ pub enum AuditCmd {
         /// Only the rows of the last DURATION (e.g. 1h, 7d).
         #[arg(long, value_parser = parse_duration)]
         since: Option<Duration>,
+        /// Read the controller's PostgreSQL database (as `serve
+        /// --database`) instead of the data dir's SQLite file.
+        #[arg(long, env = "ZTMESH_DATABASE", hide_env_values = true)]
+        database: Option<String>,
     },
 }
 
@@ -54,17 +63,31 @@ pub enum ExportFormat {
 /// the row).
 pub(super) fn run_offline(data_dir: &Path, cmd: &AuditCmd) -> anyhow::Result<()> {
     let dir = DataDir::new(data_dir);
-    let db = dir.db();
-    if !db.exists() {
-        anyhow::bail!(
-            "no database at {} (is --data-dir the controller's?)",
-            db.display()
-        );
-    }
-    let store = SqliteStore::open_read_only(&db)
-        .with_context(|| format!("opening {} read-only", db.display()))?;
+    let (AuditCmd::Verify { database, .. } | AuditCmd::Export { database, .. }) = cmd;
+    let store: Box<dyn Store> = match database.as_deref().filter(|u| !u.is_empty()) {
+        Some(url) => {
+            let options = PgOptions::parse(url)?;
+            Box::new(
+                PgStore::open_read_only(options.clone())
+                    .with_context(|| format!("reading {}", options.display()))?,
+            )
+        }
+        None => {
+            let db = dir.db();
+            if !db.exists() {
+                anyhow::bail!(
+                    "no database at {} (is --data-dir the controller's?)",
+                    db.display()
+                );
+            }
+            Box::new(
+                SqliteStore::open_read_only(&db)
+                    .with_context(|| format!("opening {} read-only", db.display()))?,
+            )
+        }
+    };
     match cmd {
-        AuditCmd::Verify { controller_key } => {
+        AuditCmd::Verify { controller_key, .. } => {
             let key = match controller_key {
                 Some(k) => *k,
                 None => data_dir_key(&dir)?,
@@ -83,7 +106,7 @@ pub(super) fn run_offline(data_dir: &Path, cmd: &AuditCmd) -> anyhow::Result<()>
             println!("audit chain ok: {} rows, {head}{unsigned}", v.rows);
             Ok(())
         }
-        AuditCmd::Export { format, since } => {
+        AuditCmd::Export { format, since, .. } => {
             let ExportFormat::Jsonl = format;
             let since_ms = match since {
                 Some(d) => {

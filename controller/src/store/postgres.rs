@@ -978,6 +978,32 @@ impl SqlStore<Postgres> {
         Ok((store, claim))
     }
 
+    /// Connects for reading only (`audit verify`, `audit export`): no
+    /// claim, no migration; the schema must be this binary's.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] without a connection; [`StoreError::Schema`] for
+    /// another schema version (or none).
+    pub fn open_read_only(options: PgOptions) -> Result<Self> {
+        let store = Self::on(Postgres::new(options)?);
+        let version = store
+            .db
+            .with(|c| Ok(c.opt("SELECT version FROM ztmesh_schema", &[], |r| r.u64(0))))?;
+        let known = MIGRATIONS.len() as u64;
+        match version {
+            Ok(Some(v)) if v == known => Ok(store),
+            Ok(Some(v)) => Err(StoreError::Schema(format!(
+                "the database is at version {v}, this binary reads version {known}"
+            ))),
+            Ok(None) => Err(StoreError::Schema(
+                "no ztmesh schema version recorded".into(),
+            )),
+            Err(e) => Err(StoreError::Schema(format!(
+                "no ztmesh schema in this database (has `serve --database` run on it?): {e}"
+            ))),
+        }
+    }
+
     /// Claims the database for this controller (a session advisory lock).
     /// Several controllers on one database need the change feed that keeps
     /// their in-memory views current; until then one serves at a time.
