@@ -7,7 +7,7 @@
 # The cluster listens on a unix socket in DIR/sock (trust, for the superuser
 # the tests create databases with; the directory and socket are 0700, so only
 # root, which runs the tests, and postgres reach it) and on 127.0.0.1:PORT
-# (the first free one from 55432) with TLS only:
+# (the first port from 55432 it can listen on) with TLS only:
 # `hostssl … cert`, so a TCP client must present a certificate the test CA
 # signed, whose CN is the role (`ztmesh`). The CA, server and client
 # certificates are in DIR/tls. `start` prints lines to eval:
@@ -21,14 +21,6 @@ as_pg() { runuser -u postgres -- "$@"; }
 
 case $cmd in
 start)
-  # A free port (a cluster a killed run left behind keeps its own).
-  port=${ZTMESH_TEST_PG_PORT:-}
-  if [[ -z $port ]]; then
-    for p in $(seq 55432 55531); do
-      if [[ -z $(ss -Hltn "sport = :$p") ]]; then port=$p; break; fi
-    done
-  fi
-  [[ -n $port ]] || { echo "pg.sh: no free port in 55432-55531" >&2; exit 1; }
   mkdir -p "$dir/sock" "$dir/tls"
   chmod 700 "$dir" "$dir/sock"
   tls=$dir/tls
@@ -55,7 +47,6 @@ hostssl all all 127.0.0.1/32   cert
 EOF
   cat >>"$dir/data/postgresql.conf" <<EOF
 listen_addresses = '127.0.0.1'
-port = $port
 unix_socket_directories = '$dir/sock'
 unix_socket_permissions = 0700
 ssl = on
@@ -70,7 +61,17 @@ EOF
     printf 'fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n' \
       >>"$dir/data/postgresql.conf"
   fi
-  as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w -t 60 start >/dev/null
+  # The first port from 55432 it can listen on (a cluster a killed run left
+  # behind keeps its own; two runs starting at once take turns).
+  port=
+  for p in $(seq 55432 55531); do
+    [[ -z $(ss -Hltn "sport = :$p") ]] || continue
+    if as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -o "-p $p" -w -t 60 start >/dev/null; then
+      port=$p
+      break
+    fi
+  done
+  [[ -n $port ]] || { echo "pg.sh: the cluster did not start on any port in 55432-55531 (see $dir/log)" >&2; exit 1; }
   as_pg psql -h "$dir/sock" -p "$port" -U postgres -d postgres -qAt \
     -c "CREATE ROLE ztmesh LOGIN CREATEDB" >/dev/null
   echo "export ZTMESH_TEST_PG=$dir/sock ZTMESH_TEST_PG_PORT=$port ZTMESH_TEST_PG_TLS=$tls"

@@ -254,8 +254,10 @@ pub async fn serve(
         println!("  metrics:        http://{a}/metrics");
     }
     // A controller that loses its claim on the database stops at once:
-    // another may be serving it a moment later.
+    // another may be serving it a moment later. Its store is fenced; it
+    // gives connected nodes 5 s of graceful shutdown, then exits anyway.
     let lost = Arc::new(std::sync::Mutex::new(None::<String>));
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
     // The claim lives until `run_with` has drained and flushed: released
     // earlier, a successor could load the state before the last writes.
     let mut claim = claim;
@@ -270,13 +272,25 @@ pub async fn serve(
                         let why = why.unwrap_or_else(|_| "claim ended".into());
                         tracing::error!(error = %why, "lost the database claim: stopping");
                         *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                        let _ = lost_tx.send(());
                     }
                 },
                 None => shutdown_signal().await,
             }
         }
     };
-    run_with(dir, mesh, cert, key, listener, limits, web, shutdown).await?;
+    let served = run_with(dir, mesh, cert, key, listener, limits, web, shutdown);
+    let drain_deadline = async {
+        match lost_rx.await {
+            Ok(()) => tokio::time::sleep(LOST_CLAIM_DRAIN).await,
+            // Not lost: shut down the usual way.
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        served = served => served?,
+        () = drain_deadline => {}
+    }
     drop(claim);
     if let Some(why) = lost.lock().unwrap_or_else(|p| p.into_inner()).take() {
         anyhow::bail!("lost the database connection that holds this controller's claim: {why}");
@@ -320,6 +334,10 @@ impl Default for ListenerLimits {
         }
     }
 }
+
+/// How long a controller that lost its database claim lets its open
+/// streams drain before it exits anyway.
+const LOST_CLAIM_DRAIN: Duration = Duration::from_secs(5);
 
 /// The audit table is pruned, and its chain head signed, every this many
 /// ticks (one minute).

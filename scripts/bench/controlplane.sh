@@ -46,6 +46,12 @@ fi
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 ENGINES=${ENGINES:-sqlite}
+for engine in $ENGINES; do
+    case $engine in
+    sqlite | postgres) ;;
+    *) echo "controlplane.sh: unknown engine '$engine' (sqlite, postgres)" >&2; exit 2 ;;
+    esac
+done
 RAW=$(mktemp)
 PG_DIR=
 cleanup() {

@@ -195,6 +195,11 @@ INSERT INTO ztmesh_claim (one, epoch) VALUES (1, 0);
 /// The transaction advisory lock every write transaction takes ("ztmWRITE").
 const WRITE_LOCK: i64 = 0x7a74_6d57_5249_5445;
 
+/// The claim epoch's advisory lock ("ztmEPOCH"): every transaction of a
+/// claimed controller holds it shared while it runs; a new claimant takes
+/// it exclusively to bump the epoch.
+const EPOCH_LOCK: i64 = 0x7a74_6d45_504f_4348;
+
 /// The session advisory lock a serving controller holds ("ztmSERVE").
 const SERVE_LOCK: i64 = 0x7a74_6d53_4552_5645;
 
@@ -322,17 +327,19 @@ impl PgOptions {
         if config.get_application_name().is_none() {
             config.application_name("ztmesh-controller");
         }
-        // No call blocks a controller thread for long: a dead server or path
-        // is given up on (tcp_user_timeout; statement and lock timeouts on
-        // the server), and the server drops a vanished controller's
-        // session, and so its claim, within ~25 s.
+        // No call blocks a controller thread for ever: a dead server or
+        // path is given up on (tcp_user_timeout), a lock wait ends (a prune
+        // may hold the write lock a while: 5 min), and the server drops a
+        // vanished controller's session, and so its claim, within ~25 s.
+        // The URL's own `options` come after ours (a later `-c` wins).
         config.tcp_user_timeout(Duration::from_secs(30));
-        if config.get_options().is_none() {
-            config.options(
-                "-c statement_timeout=60s -c lock_timeout=60s -c tcp_keepalives_idle=10 \
-                 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3",
-            );
-        }
+        let ours = "-c lock_timeout=300s -c tcp_keepalives_idle=10 \
+                    -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3";
+        let options = match config.get_options() {
+            Some(theirs) => format!("{ours} {theirs}"),
+            None => ours.to_string(),
+        };
+        config.options(&options);
         config.keepalives(true);
         config.keepalives_idle(Duration::from_secs(10));
         config.keepalives_interval(Duration::from_secs(5));
@@ -894,18 +901,24 @@ impl Postgres {
 
     /// Inside a transaction of a claimed controller: the database's claim
     /// epoch must still be ours, and stays so until the transaction ends
-    /// (the row is share-locked; a successor's bump waits for us). Another
-    /// epoch fences this store for good.
+    /// (the epoch lock is held shared; a successor's bump, which takes it
+    /// exclusively, waits for us). Advisory locks write nothing and are
+    /// allowed in read-only snapshots. Another epoch fences this store for
+    /// good.
     fn check_epoch(&self, c: &mut PgConn) -> Result<()> {
         let mine = self.epoch.load(std::sync::atomic::Ordering::SeqCst);
         if mine == 0 {
             return Ok(());
         }
-        let now = (c as &mut dyn Conn).one(
-            "SELECT epoch FROM ztmesh_claim WHERE one = 1 FOR SHARE",
-            &[],
-            |r| r.i64(0),
-        )?;
+        // Two statements: the epoch is read with a snapshot taken after the
+        // lock was granted.
+        c.batch(&format!(
+            "SELECT pg_advisory_xact_lock_shared({EPOCH_LOCK})"
+        ))?;
+        let now =
+            (c as &mut dyn Conn).one("SELECT epoch FROM ztmesh_claim WHERE one = 1", &[], |r| {
+                r.i64(0)
+            })?;
         if now != mine {
             self.fenced.store(true, std::sync::atomic::Ordering::SeqCst);
             return self.unfenced();
@@ -1020,6 +1033,7 @@ impl SqlStore<Postgres> {
         // A new epoch before any state is read: whoever held the claim
         // before can write nothing from here on.
         let epoch = store.db.write(|tx| {
+            tx.batch(&format!("SELECT pg_advisory_xact_lock({EPOCH_LOCK})"))?;
             Ok(tx.one(
                 "UPDATE ztmesh_claim SET epoch = epoch + 1 WHERE one = 1 RETURNING epoch",
                 &[],
@@ -1198,6 +1212,9 @@ pub(super) mod tests {
         assert!(old.meta("k").is_err(), "fenced for good");
         assert_eq!(new.meta("k").unwrap().as_deref(), Some("old"));
         new.set_meta("k", "new").unwrap();
+        // A claimed store's read-only snapshots pass the epoch check too.
+        let key = ztmesh_proto::keys::SigningKey::generate(&mut rand::rngs::OsRng).public();
+        assert!(new.verify_audit(&key).unwrap().is_ok());
     }
 
     /// Over TCP the test cluster takes TLS with a client certificate only:
