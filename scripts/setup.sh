@@ -17,59 +17,40 @@ if ((${#need[@]})); then
   apt-get "${lock[@]}" update -qq
   apt-get "${lock[@]}" install -y -qq --no-install-recommends "${need[@]}"
 fi
-# Prometheus and promtool (Debian's prometheus package): the metrics test
-# (tests/tests/metrics.rs) starts its own Prometheus in a test namespace. The
-# package's own service must not run on the host: policy-rc.d keeps it from
-# starting during the install, and where systemd runs it is disabled.
+# Installs a Debian package whose own service must not run on the host:
+# policy-rc.d keeps it from starting during the install (and is never left
+# behind: it would keep every service on the host from starting), and where
+# systemd runs the service is disabled. Only a service this script just
+# installed: one the machine already had (and ran) is none of our business.
+install_without_service() {
+  local pkg=$1 service=$2
+  echo "setup: installing $pkg"
+  export DEBIAN_FRONTEND=noninteractive
+  local lock=(-o DPkg::Lock::Timeout=300)
+  local policy=/usr/sbin/policy-rc.d made_policy=0 status=0
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    made_policy=1
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+  { apt-get "${lock[@]}" update -qq &&
+    apt-get "${lock[@]}" install -y -qq --no-install-recommends "$pkg"; } || status=$?
+  if ((made_policy)); then rm -f "$policy"; trap - EXIT; fi
+  ((status == 0)) || exit "$status"
+  if [[ -d /run/systemd/system ]] && systemctl is-enabled --quiet "$service" 2>/dev/null; then
+    systemctl disable --now "$service" >/dev/null 2>&1 || true
+  fi
+}
+# Prometheus and promtool: the metrics test (tests/tests/metrics.rs) starts
+# its own Prometheus in a test namespace.
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
-  echo "setup: installing prometheus"
-  export DEBIAN_FRONTEND=noninteractive
-  lock=(-o DPkg::Lock::Timeout=300)
-  policy=/usr/sbin/policy-rc.d
-  made_policy=0
-  if [[ ! -e $policy ]]; then
-    printf '#!/bin/sh\nexit 101\n' >"$policy"
-    chmod 755 "$policy"
-    made_policy=1
-    # Never left behind: it would keep every service on the host from starting.
-    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-  fi
-  status=0
-  { apt-get "${lock[@]}" update -qq &&
-    apt-get "${lock[@]}" install -y -qq --no-install-recommends prometheus; } || status=$?
-  if ((made_policy)); then rm -f "$policy"; trap - EXIT; fi
-  ((status == 0)) || exit "$status"
-  # Only the service this script just installed: a Prometheus the machine
-  # already had (and ran) is none of our business.
-  if [[ -d /run/systemd/system ]] && systemctl is-enabled --quiet prometheus 2>/dev/null; then
-    systemctl disable --now prometheus >/dev/null 2>&1 || true
-  fi
+  install_without_service prometheus prometheus
 fi
-# PostgreSQL (Debian's postgresql package): scripts/pg.sh starts a throwaway
-# cluster for the store and controller tests. The package's own cluster must
-# not run on the host: policy-rc.d keeps it from starting during the
-# install, and where systemd runs it is disabled.
+# PostgreSQL: scripts/pg.sh starts a throwaway cluster for the store and
+# controller tests.
 if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
-  echo "setup: installing postgresql"
-  export DEBIAN_FRONTEND=noninteractive
-  lock=(-o DPkg::Lock::Timeout=300)
-  policy=/usr/sbin/policy-rc.d
-  made_policy=0
-  if [[ ! -e $policy ]]; then
-    printf '#!/bin/sh\nexit 101\n' >"$policy"
-    chmod 755 "$policy"
-    made_policy=1
-    # Never left behind: it would keep every service on the host from starting.
-    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-  fi
-  status=0
-  { apt-get "${lock[@]}" update -qq &&
-    apt-get "${lock[@]}" install -y -qq --no-install-recommends postgresql; } || status=$?
-  if ((made_policy)); then rm -f "$policy"; trap - EXIT; fi
-  ((status == 0)) || exit "$status"
-  if [[ -d /run/systemd/system ]] && systemctl is-enabled --quiet postgresql 2>/dev/null; then
-    systemctl disable --now postgresql >/dev/null 2>&1 || true
-  fi
+  install_without_service postgresql postgresql
 fi
 # The OpenID provider and the browser driver, exactly as the committed lockfile
 # pins them (no install scripts: neither package needs one). The stamp inside
