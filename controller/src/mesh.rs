@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ipnet::{IpNet, Ipv6Net};
@@ -37,6 +37,7 @@ use crate::secrets::{self, KeyDetail, SecretKind, SecretRecord};
 use crate::store::{AuditEntry, NewNode, NodeRow, PolicyRow, Store, UserRow};
 use crate::UnixMs;
 
+mod feed;
 mod identity;
 mod respond;
 pub use identity::{Actor, DeviceClaim, DeviceEnrolled, UserUpdate};
@@ -253,6 +254,8 @@ struct State {
     /// pending, which is not a sample), until the node reports it applied
     /// (one entry per node: see [`Mesh::netmap_applied`]).
     unacked: HashMap<u64, (u64, Option<UnixMs>)>,
+    /// The newest change-log entry applied ([`Mesh::catch_up`]).
+    feed_pos: u64,
 }
 
 impl State {
@@ -286,7 +289,26 @@ pub struct Mesh {
     detector: Mutex<crate::detect::Detector>,
     /// Where alerts go (the webhook task), if a webhook is configured.
     alerts: Option<tokio::sync::mpsc::Sender<crate::alert::AlertJob>>,
+    /// One of several controllers on a shared database ([`Mesh::shared`]).
+    shared: AtomicBool,
+    /// Whether this controller runs the singleton tasks ([`Mesh::set_leader`]).
+    leader: AtomicBool,
 }
+
+/// What one enrollment attempt produced.
+enum Enrolled {
+    /// A new node's row, stored.
+    New(NodeRow),
+    /// A known machine re-authenticated: the reply.
+    Again(pb::EnrollResponse),
+}
+
+/// How long change-log entries are kept.
+const CHANGE_LOG_AGE_MS: i64 = 10 * 60 * 1000;
+
+/// Enrollment attempts when a race with another controller takes the name
+/// or address picked.
+const ENROLL_ATTEMPTS: u32 = 3;
 
 /// A refused source is audited at most once per this interval.
 pub const REFUSAL_AUDIT_INTERVAL_MS: i64 = 60_000;
@@ -444,15 +466,12 @@ impl Mesh {
         cfg: MeshConfig,
         now: UnixMs,
     ) -> Result<Self> {
+        // The log position first: a change made while the state is read
+        // is applied again by the first catch-up, which is harmless.
+        let feed_pos = store.change_head()?;
         let nodes = store.nodes()?;
         let policy_row = store.policy()?;
-        let policy = match &policy_row {
-            Some(p) => Policy::parse(&p.file_name, &p.text).unwrap_or_else(|e| {
-                tracing::error!(error = %e, "stored policy does not parse; denying all");
-                Policy::empty()
-            }),
-            None => Policy::empty(),
-        };
+        let policy = feed::stored_policy(policy_row.as_ref());
         // Nobody is connected yet: every ephemeral node's offline time
         // starts now, which is the grace period after a restart.
         let offline_since = nodes
@@ -486,6 +505,7 @@ impl Mesh {
             seen_refreshed: 0,
             posture_clipped: HashMap::new(),
             unacked: HashMap::new(),
+            feed_pos,
         };
         Ok(Self {
             store,
@@ -499,6 +519,8 @@ impl Mesh {
             metrics: Arc::new(Metrics::default()),
             detector: Mutex::new(crate::detect::Detector::new(cfg.detect.clone())),
             alerts: None,
+            shared: AtomicBool::new(false),
+            leader: AtomicBool::new(true),
             cfg,
         })
     }
@@ -603,6 +625,21 @@ impl Mesh {
     /// One serial serves every map of one publication: serials only need to
     /// grow per node.
     fn next_serial(&self, _turn: &Turn<'_>, now: UnixMs) -> u64 {
+        let floor = {
+            let st = self.state();
+            st.serial.saturating_add(1).max(clock_serial(now))
+        };
+        // Several controllers: the database's serial, so a node that moves
+        // to another controller still sees its serials grow.
+        match self.store.take_serial(floor) {
+            Ok(Some(serial)) => {
+                let mut st = self.state();
+                st.serial = serial.max(st.serial);
+                return st.serial;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "cannot take a netmap serial from the database"),
+        }
         let (serial, ceiling) = {
             let mut st = self.state();
             let serial = st.serial.saturating_add(1).max(clock_serial(now));
@@ -842,6 +879,63 @@ impl Mesh {
             _ => (None, Vec::new()),
         };
         let expiry_ms = Self::expiry_at(self.key_ttl(owner.as_ref(), &tags), now);
+        let mut attempt = 0;
+        let row = loop {
+            // Nodes another controller enrolled meanwhile hold their names and
+            // addresses; after a race lost on one of them, look again.
+            match self.catch_up_in(&turn, now) {
+                Ok(c) => self.publish(&turn, &c, now),
+                Err(e) => tracing::warn!(error = %e, "cannot read the change log before enrolling"),
+            }
+            attempt += 1;
+            match self.enroll_once(&turn, &claim, expiry_ms, now) {
+                Err(Error::Conflict(why)) if attempt < ENROLL_ATTEMPTS => {
+                    tracing::info!(
+                        why,
+                        attempt,
+                        "enrollment raced another controller; retrying"
+                    );
+                }
+                Ok(Enrolled::New(row)) => break row,
+                Ok(Enrolled::Again(resp)) => return Ok(resp),
+                Err(e) => return Err(e),
+            }
+        };
+        self.audit(
+            now,
+            &format!(
+                "{}:{}",
+                SecretKind::AuthKey.audit_name(),
+                claim.key.key_id()
+            ),
+            "node.enroll",
+            &row.name,
+            &format!("id={} ipv4={} ipv6={}", row.id, row.ipv4, row.ipv6),
+        );
+        tracing::info!(node = %row.name, id = row.id, "node enrolled");
+        let resp = self.enroll_response(&row);
+        let changed = {
+            let mut st = self.state();
+            if row.ephemeral {
+                let mono = st.mono;
+                st.offline_since.insert(row.id, mono);
+            }
+            st.core.apply(Change::Upsert(row))
+        };
+        self.publish(&turn, &changed, now);
+        Ok(resp)
+    }
+
+    /// One attempt of [`Mesh::enroll`]: a re-authentication of a known
+    /// machine, or a new node's row (names and addresses from the view).
+    fn enroll_once(
+        &self,
+        turn: &Turn<'_>,
+        claim: &crate::auth::EnrollClaim,
+        expiry_ms: UnixMs,
+        now: UnixMs,
+    ) -> Result<Enrolled> {
+        let key = &claim.key;
         let existing = self
             .state()
             .core
@@ -849,7 +943,9 @@ impl Mesh {
             .by_machine_key(claim.machine_key.as_bytes())
             .cloned();
         if let Some(node) = existing {
-            return self.reauth_with_key(&turn, &claim, node, expiry_ms, now);
+            return self
+                .reauth_with_key(turn, claim, node, expiry_ms, now)
+                .map(Enrolled::Again);
         }
         let (name, (ipv4, ipv6), policy) = {
             let mut st = self.state();
@@ -881,7 +977,7 @@ impl Mesh {
             &check,
             NewNode {
                 name,
-                hostname: claim.hostname,
+                hostname: claim.hostname.clone(),
                 machine_key: *claim.machine_key.as_bytes(),
                 wg_key: *claim.wg_key.as_bytes(),
                 ipv4,
@@ -890,25 +986,7 @@ impl Mesh {
                 expiry_ms,
             },
         )?;
-        self.audit(
-            now,
-            &format!("{}:{}", SecretKind::AuthKey.audit_name(), key.key_id()),
-            "node.enroll",
-            &row.name,
-            &format!("id={} ipv4={} ipv6={}", row.id, row.ipv4, row.ipv6),
-        );
-        tracing::info!(node = %row.name, id = row.id, "node enrolled");
-        let resp = self.enroll_response(&row);
-        let changed = {
-            let mut st = self.state();
-            if row.ephemeral {
-                let mono = st.mono;
-                st.offline_since.insert(row.id, mono);
-            }
-            st.core.apply(Change::Upsert(row))
-        };
-        self.publish(&turn, &changed, now);
-        Ok(resp)
+        Ok(Enrolled::New(row))
     }
 
     /// Enroll with an auth key for a machine key already enrolled: a
@@ -1343,8 +1421,15 @@ impl Mesh {
             let due = st.coalesce.due(now);
             (changed, stale, due, expired)
         };
-        self.audit_expired(&expired, now);
+        // Singleton tasks: one controller audits expiries and deletes
+        // ephemeral nodes (see `feed`).
+        if self.is_leader() {
+            self.audit_expired(&expired, now);
+        }
         for id in stale {
+            if !self.is_leader() || !self.offline_everywhere(id, now, timeout) {
+                continue;
+            }
             if self.store.delete_node(id).is_err() {
                 continue;
             }
@@ -1382,6 +1467,26 @@ impl Mesh {
         self.auth.prune(now);
     }
 
+    /// Whether ephemeral node `id`, offline here for `timeout_ms`, is
+    /// offline on every controller: alone on the database, yes; with
+    /// others, its stored `last_seen` (refreshed by whichever controller it
+    /// is connected to, every [`SEEN_REFRESH_MS`]) is older than the timeout
+    /// and two refreshes.
+    fn offline_everywhere(&self, id: u64, now: UnixMs, timeout_ms: u64) -> bool {
+        if !self.shared.load(Ordering::SeqCst) {
+            return true;
+        }
+        let quiet = i64::try_from(timeout_ms.max(2 * SEEN_REFRESH_MS)).unwrap_or(i64::MAX);
+        match self.store.node(id) {
+            Ok(Some(row)) => now.saturating_sub(row.last_seen_ms) >= quiet,
+            Ok(None) => false,
+            Err(e) => {
+                tracing::debug!(node = id, error = %e, "cannot read last_seen");
+                false
+            }
+        }
+    }
+
     /// Prunes the audit table: rows older than `audit_max_age_ms`, and
     /// node-reported flow rows beyond the newest `audit_max_flow_rows` (so a
     /// node flooding flow reports can never evict the admin trail). Runs
@@ -1404,6 +1509,16 @@ impl Mesh {
             Ok(0) => {}
             Ok(n) => tracing::info!(rows = n, "audit log pruned"),
             Err(e) => tracing::error!(error = %e, "cannot prune the audit log"),
+        }
+        // Other controllers read the change log within seconds; one that
+        // falls this far behind re-reads everything.
+        match self
+            .store
+            .prune_changes(now.saturating_sub(CHANGE_LOG_AGE_MS))
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(rows = n, "change log pruned"),
+            Err(e) => tracing::error!(error = %e, "cannot prune the change log"),
         }
         // Detections live as long as the audit rows that record them.
         match self.store.prune_detections(older_than) {

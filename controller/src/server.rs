@@ -21,7 +21,7 @@ use crate::mesh::{Mesh, MeshConfig};
 use crate::metrics::Metrics;
 use crate::now_ms;
 use crate::ratelimit::SharedLimiter;
-use crate::store::{Claim, PgOptions, PgStore, SqliteStore, Store};
+use crate::store::{PgOptions, PgStore, Session, SqliteStore, Store};
 use crate::timedstore::TimedStore;
 
 /// Where `serve --metrics-listen` without an address serves `/metrics`.
@@ -122,8 +122,8 @@ pub struct Opened {
     pub mesh: Arc<Mesh>,
     pub cert: String,
     pub key: String,
-    /// The PostgreSQL database claimed for this controller.
-    pub claim: Option<Claim>,
+    /// This controller's session on a shared PostgreSQL database.
+    pub session: Option<Session>,
 }
 
 /// A database is served by one controller identity: every controller on
@@ -143,7 +143,8 @@ fn same_identity(store: &dyn Store, key: &str, data_dir: &Path) -> anyhow::Resul
 }
 
 /// Prepares the data dir, the store (SQLite in the data dir, or the
-/// PostgreSQL `database`, claimed) and the in-memory state.
+/// PostgreSQL `database`, shared with any other controllers on it) and the
+/// in-memory state.
 pub fn open(
     dir: &DataDir,
     cfg: MeshConfig,
@@ -155,7 +156,7 @@ pub fn open(
     let signer = SigningKey::load_or_generate(&dir.signing_key())?;
     let (cert, key, fp) = init_tls(dir)?;
     let metrics = Arc::new(Metrics::default());
-    let (store, claim): (Arc<dyn Store>, _) = match database {
+    let (store, session): (Arc<dyn Store>, _) = match database {
         None => (
             Arc::new(TimedStore::new(
                 SqliteStore::open(&dir.db())?,
@@ -164,10 +165,13 @@ pub fn open(
             None,
         ),
         Some(options) => {
-            let (pg, claim) = PgStore::connect_claimed(options.clone())?;
+            let (pg, session) = PgStore::connect_shared(options.clone())?;
             same_identity(&pg, &signer.public().to_string(), &dir.root)?;
             tracing::info!(database = options.display(), "store: postgresql");
-            (Arc::new(TimedStore::new(pg, metrics.clone())), Some(claim))
+            (
+                Arc::new(TimedStore::new(pg, metrics.clone())),
+                Some(session),
+            )
         }
     };
     let ula: Ipv6Net = match store.meta("ula")? {
@@ -186,6 +190,9 @@ pub fn open(
         None => None,
     };
     let mut mesh = Mesh::load(store, signer, fp, ula, cfg, now_ms())?.with_metrics(metrics);
+    if session.is_some() {
+        mesh = mesh.shared();
+    }
     if let Some(tx) = alerts {
         mesh = mesh.with_alerts(tx);
     }
@@ -193,8 +200,42 @@ pub fn open(
         mesh: Arc::new(mesh),
         cert,
         key,
-        claim,
+        session,
     })
+}
+
+/// Keeps `mesh` current with the other controllers on its database: reads
+/// the change log on every wake-up of the session (and at least every
+/// [`FEED_POLL`]), and follows the session's leadership.
+fn follow(mesh: &Arc<Mesh>, session: &Session) -> [AbortOnDrop; 2] {
+    let changed = session.changed.clone();
+    let feed_mesh = mesh.clone();
+    let feed = tokio::spawn(async move {
+        loop {
+            let _ = tokio::time::timeout(FEED_POLL, changed.notified()).await;
+            let m = feed_mesh.clone();
+            match tokio::task::spawn_blocking(move || m.catch_up(now_ms())).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::debug!(nodes = n, "changes from other controllers applied"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the change log"),
+                Err(e) => tracing::error!(error = %e, "change-log reader failed"),
+            }
+        }
+    });
+    let mut leader = session.leader.clone();
+    let lead_mesh = mesh.clone();
+    let lead = tokio::spawn(async move {
+        loop {
+            let term = *leader.borrow_and_update();
+            let m = lead_mesh.clone();
+            let _ = tokio::task::spawn_blocking(move || m.set_leader(term, now_ms())).await;
+            if leader.changed().await.is_err() {
+                lead_mesh.set_leader(None, now_ms());
+                return;
+            }
+        }
+    });
+    [AbortOnDrop(feed), AbortOnDrop(lead)]
 }
 
 /// Runs the controller until SIGINT/SIGTERM, with `/metrics` on the
@@ -233,8 +274,9 @@ pub async fn serve(
         mesh,
         cert,
         key,
-        claim,
+        session,
     } = open(dir, cfg, database)?;
+    let _following = session.as_ref().map(|s| follow(&mesh, s));
     let _metrics = metrics_listener.map(|l| {
         let mesh = mesh.clone();
         AbortOnDrop(tokio::spawn(ztmesh_proto::scrape::serve(
@@ -253,48 +295,19 @@ pub async fn serve(
     if let Some(a) = metrics_listen {
         println!("  metrics:        http://{a}/metrics");
     }
-    // A controller that loses its claim on the database stops at once:
-    // another may be serving it a moment later. Its store is fenced; it
-    // gives connected nodes 5 s of graceful shutdown, then exits anyway.
-    let lost = Arc::new(std::sync::Mutex::new(None::<String>));
-    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
-    // The claim lives until `run_with` has drained and flushed: released
-    // earlier, a successor could load the state before the last writes.
-    let mut claim = claim;
-    let shutdown = {
-        let lost = lost.clone();
-        let claim_lost = claim.as_mut().map(|c| &mut c.lost);
-        async move {
-            match claim_lost {
-                Some(claim_lost) => tokio::select! {
-                    () = shutdown_signal() => {}
-                    why = claim_lost => {
-                        let why = why.unwrap_or_else(|_| "claim ended".into());
-                        tracing::error!(error = %why, "lost the database claim: stopping");
-                        *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-                        let _ = lost_tx.send(());
-                    }
-                },
-                None => shutdown_signal().await,
-            }
-        }
-    };
-    let served = run_with(dir, mesh, cert, key, listener, limits, web, shutdown);
-    let drain_deadline = async {
-        match lost_rx.await {
-            Ok(()) => tokio::time::sleep(LOST_CLAIM_DRAIN).await,
-            // Not lost: shut down the usual way.
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        served = served => served?,
-        () = drain_deadline => {}
-    }
-    drop(claim);
-    if let Some(why) = lost.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        anyhow::bail!("lost the database connection that holds this controller's claim: {why}");
-    }
+    run_with(
+        dir,
+        mesh,
+        cert,
+        key,
+        listener,
+        limits,
+        web,
+        shutdown_signal(),
+    )
+    .await?;
+    // The session (and with it the leadership) ends after the drain.
+    drop(session);
     Ok(())
 }
 
@@ -335,9 +348,8 @@ impl Default for ListenerLimits {
     }
 }
 
-/// How long a controller that lost its database claim lets its open
-/// streams drain before it exits anyway.
-const LOST_CLAIM_DRAIN: Duration = Duration::from_secs(5);
+/// How often the change log is read even without a notification.
+const FEED_POLL: Duration = Duration::from_secs(5);
 
 /// The audit table is pruned, and its chain head signed, every this many
 /// ticks (one minute).
@@ -411,7 +423,7 @@ pub async fn run_with(
             let mono = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             ticker_mesh.tick_at(now_ms(), mono);
             ticker_mesh.flush();
-            if n % AUDIT_PRUNE_TICKS == 0 {
+            if n % AUDIT_PRUNE_TICKS == 0 && ticker_mesh.is_leader() {
                 ticker_mesh.prune_audit(now_ms());
                 ticker_mesh.prune_flows(now_ms());
             }
@@ -465,7 +477,9 @@ pub async fn run_with(
         d.abort();
     }
     mesh.flush();
-    mesh.sign_audit_head(now_ms());
+    if mesh.is_leader() {
+        mesh.sign_audit_head(now_ms());
+    }
     let _ = std::fs::remove_file(&sock);
     if let Err(e) = result {
         bail!("server failed: {}", ztmesh_proto::tls::error_chain(&e));

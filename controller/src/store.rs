@@ -24,7 +24,7 @@ mod postgres;
 pub mod sql;
 mod sqlite;
 
-pub use postgres::{is_postgres_url, Claim, PgOptions, PgStore, Postgres};
+pub use postgres::{is_postgres_url, PgOptions, PgStore, Postgres, Session};
 use sql::{args, corrupt, join_list, split_list, Backend, Conn, DbError, DbResult, Row, Value};
 pub use sqlite::{Sqlite, SqliteStore};
 
@@ -378,6 +378,46 @@ pub trait Store: Send + Sync {
     fn detections(&self, limit: u32, before_id: Option<u64>) -> Result<Vec<DetectionRow>>;
     /// Deletes detections recorded before `older_than_ms`; returns how many.
     fn prune_detections(&self, older_than_ms: UnixMs) -> Result<u64>;
+
+    /// A node's row, as stored now.
+    fn node(&self, id: u64) -> Result<Option<NodeRow>>;
+
+    /// The change log's newest entry (0: none yet, or no change log).
+    fn change_head(&self) -> Result<u64>;
+
+    /// Up to `limit` change-log entries after `after`, oldest first (none
+    /// without a change log).
+    fn changes_since(&self, after: u64, limit: u32) -> Result<ChangeBatch>;
+
+    /// Deletes change-log entries written before `older_than_ms`; returns
+    /// how many. A reader still behind them re-reads everything.
+    fn prune_changes(&self, older_than_ms: UnixMs) -> Result<u64>;
+
+    /// The next netmap serial from the database: at least `floor`, and
+    /// above every serial any controller on the database took before.
+    /// `None`: the engine keeps no shared serial (one controller), and the
+    /// caller keeps its own.
+    fn take_serial(&self, floor: u64) -> Result<Option<u64>>;
+}
+
+/// One entry of the change log: what changed, not how (a reader reads the
+/// current state, so applying an entry twice or late does no harm).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangeRow {
+    pub id: u64,
+    /// The node whose row changed; `None`: the policy.
+    pub node: Option<u64>,
+    /// Written through this store (this process), which applied it already.
+    pub own: bool,
+}
+
+/// Change-log entries after a reader's position.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChangeBatch {
+    pub rows: Vec<ChangeRow>,
+    /// Entries up to this id were pruned: a reader whose position is below
+    /// it may have missed some, and must re-read every node and the policy.
+    pub pruned_to: u64,
 }
 
 /// One decision of the detectors, as stored.
@@ -1852,6 +1892,105 @@ impl<B: Backend> Store for SqlStore<B> {
                 "DELETE FROM detections WHERE time_ms < ?1",
                 args![older_than_ms],
             )?)
+        })
+    }
+
+    fn node(&self, id: u64) -> Result<Option<NodeRow>> {
+        self.db.with(|c| {
+            Ok(c.opt(
+                &format!("SELECT {NODE_COLS} FROM nodes WHERE id = ?1"),
+                args![id],
+                node_row,
+            )?)
+        })
+    }
+
+    fn change_head(&self) -> Result<u64> {
+        if !B::CHANGE_LOG {
+            return Ok(0);
+        }
+        // Where the log was pruned to, if that is past every entry left:
+        // a reader starting there has missed nothing.
+        self.db.snapshot(|c| {
+            let pruned_to = c
+                .opt(
+                    "SELECT value FROM meta WHERE key = 'changes_pruned_to'",
+                    &[],
+                    |r| r.parsed::<u64>(0),
+                )?
+                .unwrap_or(0);
+            let head = c.one(
+                "SELECT COALESCE(MAX(id), 0) FROM ztmesh_changes",
+                &[],
+                |r| r.u64(0),
+            )?;
+            Ok(head.max(pruned_to))
+        })
+    }
+
+    fn changes_since(&self, after: u64, limit: u32) -> Result<ChangeBatch> {
+        if !B::CHANGE_LOG {
+            return Ok(ChangeBatch::default());
+        }
+        let origin = self.db.origin();
+        // One snapshot: a prune between the two reads cannot hide a gap.
+        self.db.snapshot(|c| {
+            let pruned_to = c
+                .opt(
+                    "SELECT value FROM meta WHERE key = 'changes_pruned_to'",
+                    &[],
+                    |r| r.parsed::<u64>(0),
+                )?
+                .unwrap_or(0);
+            let rows = c.rows(
+                "SELECT id, node_id, origin FROM ztmesh_changes WHERE id > ?1 ORDER BY id LIMIT ?2",
+                args![after, limit],
+                |r| {
+                    Ok(ChangeRow {
+                        id: r.u64(0)?,
+                        node: r.opt_u64(1)?,
+                        own: r.text(2)? == origin,
+                    })
+                },
+            )?;
+            Ok(ChangeBatch { rows, pruned_to })
+        })
+    }
+
+    fn prune_changes(&self, older_than_ms: UnixMs) -> Result<u64> {
+        if !B::CHANGE_LOG {
+            return Ok(0);
+        }
+        self.db.write(|tx| {
+            let (n, last) = tx.one(
+                "WITH gone AS (DELETE FROM ztmesh_changes WHERE time_ms < ?1 RETURNING id)
+                 SELECT COUNT(*), COALESCE(MAX(id), 0) FROM gone",
+                args![older_than_ms],
+                |r| Ok((r.u64(0)?, r.u64(1)?)),
+            )?;
+            if n > 0 {
+                tx.exec(
+                    "INSERT INTO meta (key, value) VALUES ('changes_pruned_to', ?1)
+                     ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    args![last.to_string()],
+                )?;
+            }
+            Ok(n)
+        })
+    }
+
+    fn take_serial(&self, floor: u64) -> Result<Option<u64>> {
+        if !B::CHANGE_LOG {
+            return Ok(None);
+        }
+        let floor = i64::try_from(floor).unwrap_or(i64::MAX);
+        self.db.write(|tx| {
+            Ok(Some(tx.one(
+                "UPDATE ztmesh_serial SET serial = GREATEST(serial + 1, ?1) WHERE one = 1
+                 RETURNING serial",
+                args![floor],
+                |r| r.u64(0),
+            )?))
         })
     }
 }

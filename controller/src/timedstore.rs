@@ -16,8 +16,8 @@ use crate::metrics::Metrics;
 use crate::roles::Role;
 use crate::secrets::{SecretKind, SecretRecord};
 use crate::store::{
-    AuditEntry, AuditRow, Credentials, DetectionRow, FlowQuery, FlowRow, NewNode, NodePosture,
-    NodeRoutes, NodeRow, PolicyRow, Quarantine, Result, Store, UserRow,
+    AuditEntry, AuditRow, ChangeBatch, Credentials, DetectionRow, FlowQuery, FlowRow, NewNode,
+    NodePosture, NodeRoutes, NodeRow, PolicyRow, Quarantine, Result, Store, UserRow,
 };
 use crate::UnixMs;
 
@@ -263,5 +263,25 @@ impl<S: Store> Store for TimedStore<S> {
         self.timed("prune_detections", || {
             self.inner.prune_detections(older_than_ms)
         })
+    }
+
+    fn node(&self, id: u64) -> Result<Option<NodeRow>> {
+        self.timed("node", || self.inner.node(id))
+    }
+
+    fn change_head(&self) -> Result<u64> {
+        self.timed("change_head", || self.inner.change_head())
+    }
+
+    fn changes_since(&self, after: u64, limit: u32) -> Result<ChangeBatch> {
+        self.timed("changes_since", || self.inner.changes_since(after, limit))
+    }
+
+    fn prune_changes(&self, older_than_ms: UnixMs) -> Result<u64> {
+        self.timed("prune_changes", || self.inner.prune_changes(older_than_ms))
+    }
+
+    fn take_serial(&self, floor: u64) -> Result<Option<u64>> {
+        self.timed("take_serial", || self.inner.take_serial(floor))
     }
 }

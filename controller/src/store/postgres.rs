@@ -11,6 +11,16 @@
 //! rows read to be changed are locked with `FOR UPDATE` besides: a
 //! single-use auth key raced through two controllers enrolls one node.
 //!
+//! Several controllers serve one database. Triggers write each change to a
+//! node or the policy into the change log (`ztmesh_changes`) in the
+//! change's own transaction and NOTIFY its id; each controller's
+//! [`Session`] (one connection outside the pool) LISTENs, and the
+//! controller reads the log after every wake-up and every reconnect, so a
+//! lost notification delays a change but never loses it. Because writers
+//! are serialized, log ids commit in order. The same session competes for
+//! the leader lock: the leader runs the singleton tasks, and stops leading
+//! the moment its session fails.
+//!
 //! TLS is `sslmode=verify-full` or nothing: the server's certificate must
 //! chain to `sslrootcert` (a PEM file, or `system`) and name the host; a
 //! client certificate (`sslcert`, `sslkey`, the key 0600) is offered when
@@ -179,10 +189,8 @@ CREATE TABLE detections (
 );
 CREATE INDEX detections_node ON detections (node_id, id);
 "#,
-    // The claim epoch: bumped by each controller that claims the database;
-    // every statement of a claimed controller runs in a transaction that
-    // checks it (FOR SHARE), so one that lost its claim writes nothing once
-    // a successor has claimed (PostgreSQL only: SQLite has one process).
+    // The claim epoch (since version 3: the leader term, bumped by each
+    // controller that becomes the leader).
     r#"
 CREATE TABLE ztmesh_claim (
     one BIGINT PRIMARY KEY CHECK (one = 1),
@@ -190,23 +198,66 @@ CREATE TABLE ztmesh_claim (
 );
 INSERT INTO ztmesh_claim (one, epoch) VALUES (1, 0);
 "#,
+    // The change log and the shared netmap serial (PostgreSQL only: a
+    // SQLite file has one controller). The triggers run in the writer's
+    // transaction; `ztmesh.origin` is set by each controller's connections.
+    // A node row update that only moves `last_seen_ms` is no change.
+    r#"
+CREATE TABLE ztmesh_changes (
+    id BIGSERIAL PRIMARY KEY,
+    node_id BIGINT,
+    origin TEXT NOT NULL DEFAULT COALESCE(current_setting('ztmesh.origin', true), ''),
+    time_ms BIGINT NOT NULL DEFAULT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT
+);
+CREATE INDEX ztmesh_changes_time ON ztmesh_changes (time_ms);
+CREATE TABLE ztmesh_serial (
+    one BIGINT PRIMARY KEY CHECK (one = 1),
+    serial BIGINT NOT NULL
+);
+INSERT INTO ztmesh_serial (one, serial) VALUES (1, 0);
+CREATE FUNCTION ztmesh_note_change() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    cid BIGINT;
+BEGIN
+    IF TG_TABLE_NAME = 'nodes' THEN
+        IF TG_OP = 'UPDATE'
+           AND (to_jsonb(OLD) - 'last_seen_ms') = (to_jsonb(NEW) - 'last_seen_ms') THEN
+            RETURN NULL;
+        END IF;
+        INSERT INTO ztmesh_changes (node_id)
+            VALUES (CASE WHEN TG_OP = 'DELETE' THEN OLD.id ELSE NEW.id END)
+            RETURNING id INTO cid;
+    ELSE
+        INSERT INTO ztmesh_changes (node_id) VALUES (NULL) RETURNING id INTO cid;
+    END IF;
+    PERFORM pg_notify('ztmesh_changes', cid::text);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER nodes_changed AFTER INSERT OR UPDATE OR DELETE ON nodes
+    FOR EACH ROW EXECUTE FUNCTION ztmesh_note_change();
+CREATE TRIGGER policies_changed AFTER INSERT OR UPDATE OR DELETE ON policies
+    FOR EACH ROW EXECUTE FUNCTION ztmesh_note_change();
+"#,
 ];
 
 /// The transaction advisory lock every write transaction takes ("ztmWRITE").
 const WRITE_LOCK: i64 = 0x7a74_6d57_5249_5445;
 
-/// The claim epoch's advisory lock ("ztmEPOCH"): every transaction of a
-/// claimed controller holds it shared while it runs; a new claimant takes
-/// it exclusively to bump the epoch.
-const EPOCH_LOCK: i64 = 0x7a74_6d45_504f_4348;
+/// The session advisory lock the leader holds ("ztmLEADR").
+const LEADER_LOCK: i64 = 0x7a74_6d4c_4541_4452;
 
-/// The session advisory lock a serving controller holds ("ztmSERVE").
-const SERVE_LOCK: i64 = 0x7a74_6d53_4552_5645;
+/// How often a [`Session`] checks its connection (and, when it follows,
+/// tries for the leader lock), and how long one check may take before the
+/// session counts as lost.
+const SESSION_PING: Duration = Duration::from_secs(2);
+const SESSION_PING_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How often the holder of [`SERVE_LOCK`] checks its connection, and how
-/// long one check may take before the lock counts as lost.
-const CLAIM_PING: Duration = Duration::from_secs(2);
-const CLAIM_PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest wait between two attempts to reopen a lost session.
+const SESSION_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// The channel the change-log trigger notifies.
+const CHANGES_CHANNEL: &str = "ztmesh_changes";
 
 /// Connections kept open at most.
 const DEFAULT_POOL: usize = 4;
@@ -714,10 +765,9 @@ pub struct Postgres {
     runtime: Option<tokio::runtime::Runtime>,
     pool: Mutex<Pool>,
     freed: Condvar,
-    /// Set when the claim is lost ([`SqlStore::claim`]).
-    fenced: Arc<std::sync::atomic::AtomicBool>,
-    /// The claim epoch this controller holds; 0 before a claim (no check).
-    epoch: std::sync::atomic::AtomicI64,
+    /// What the change log records as the writer of this process's changes
+    /// (set on every connection as `ztmesh.origin`).
+    origin: String,
 }
 
 /// A connection taken from the pool, returned when dropped.
@@ -750,7 +800,14 @@ impl Postgres {
     ///
     /// # Errors
     /// [`StoreError::Db`]: the runtime, or the first connection.
-    pub fn new(options: PgOptions) -> Result<Self> {
+    pub fn new(mut options: PgOptions) -> Result<Self> {
+        let origin = hex_token();
+        // Ours first: a URL cannot take over another process's origin
+        // unknowingly, but what it sets wins as everywhere else.
+        let theirs = options.config.get_options().unwrap_or_default().to_string();
+        options
+            .config
+            .options(&format!("-c ztmesh.origin={origin} {theirs}"));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("ztmesh-postgres")
@@ -765,23 +822,10 @@ impl Postgres {
                 open: 0,
             }),
             freed: Condvar::new(),
-            fenced: Arc::default(),
-            epoch: std::sync::atomic::AtomicI64::new(0),
+            origin,
         };
         drop(pg.lease()?);
         Ok(pg)
-    }
-
-    /// `Busy` once this controller's claim is lost: another controller may
-    /// be serving the database, so this one neither reads nor writes it.
-    fn unfenced(&self) -> Result<()> {
-        if self.fenced.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(StoreError::Busy(format!(
-                "this controller lost its claim on {}; it no longer reads or writes it",
-                self.options.display
-            )));
-        }
-        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, Pool> {
@@ -881,7 +925,7 @@ impl Postgres {
             }
             return Err(e.into());
         }
-        let out = self.check_epoch(c).and_then(|()| f(c));
+        let out = f(c);
         match out {
             Ok(out) => {
                 c.batch("COMMIT")?;
@@ -897,33 +941,6 @@ impl Postgres {
                 Err(e)
             }
         }
-    }
-
-    /// Inside a transaction of a claimed controller: the database's claim
-    /// epoch must still be ours, and stays so until the transaction ends
-    /// (the epoch lock is held shared; a successor's bump, which takes it
-    /// exclusively, waits for us). Advisory locks write nothing and are
-    /// allowed in read-only snapshots. Another epoch fences this store for
-    /// good.
-    fn check_epoch(&self, c: &mut PgConn) -> Result<()> {
-        let mine = self.epoch.load(std::sync::atomic::Ordering::SeqCst);
-        if mine == 0 {
-            return Ok(());
-        }
-        // Two statements: the epoch is read with a snapshot taken after the
-        // lock was granted.
-        c.batch(&format!(
-            "SELECT pg_advisory_xact_lock_shared({EPOCH_LOCK})"
-        ))?;
-        let now =
-            (c as &mut dyn Conn).one("SELECT epoch FROM ztmesh_claim WHERE one = 1", &[], |r| {
-                r.i64(0)
-            })?;
-        if now != mine {
-            self.fenced.store(true, std::sync::atomic::Ordering::SeqCst);
-            return self.unfenced();
-        }
-        Ok(())
     }
 
     /// The schema this binary writes, applied under the write lock (two
@@ -959,6 +976,41 @@ impl Postgres {
     }
 }
 
+impl Postgres {
+    /// Starts the session task on the private runtime (see [`Session`]).
+    fn session(&self) -> Session {
+        let (leader_tx, leader) = tokio::sync::watch::channel(None);
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let options = self.options.clone();
+        let wake = changed.clone();
+        let rt = self.runtime.as_ref().expect("runtime lives until drop");
+        let task = rt.spawn(async move {
+            let mut backoff = Duration::from_millis(250);
+            loop {
+                let (why, listened) = session_once(&options, &leader_tx, &wake).await;
+                if listened {
+                    backoff = Duration::from_millis(250);
+                }
+                // Stop leading before anything else: another controller
+                // may take the lock as soon as the server drops ours.
+                if leader_tx.send_replace(None).is_some() {
+                    tracing::error!(error = %why, "database session lost: no longer the leader");
+                } else {
+                    tracing::warn!(error = %why, "database session lost");
+                }
+                let jitter = Duration::from_millis(u64::from(rand::random::<u8>()));
+                tokio::time::sleep(backoff + jitter).await;
+                backoff = (backoff * 2).min(SESSION_BACKOFF_MAX);
+            }
+        });
+        Session {
+            leader,
+            changed,
+            task: task.abort_handle(),
+        }
+    }
+}
+
 /// A connection's I/O until it closes.
 async fn drive<F: Future<Output = std::result::Result<(), tokio_postgres::Error>>>(conn: F) {
     if let Err(e) = conn.await {
@@ -980,17 +1032,17 @@ impl Drop for Postgres {
 impl Backend for Postgres {
     const LOCK_ROW: &'static str = " FOR UPDATE";
 
+    const CHANGE_LOG: bool = true;
+
+    fn origin(&self) -> &str {
+        &self.origin
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut dyn Conn) -> Result<T>) -> Result<T> {
-        self.unfenced()?;
-        if self.epoch.load(std::sync::atomic::Ordering::SeqCst) != 0 {
-            // Claimed: even one statement runs under the epoch check.
-            return self.transaction("BEGIN", f);
-        }
         f(self.lease()?.conn())
     }
 
     fn write<T>(&self, f: impl FnOnce(&mut dyn Conn) -> Result<T>) -> Result<T> {
-        self.unfenced()?;
         self.transaction(
             &format!("BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"),
             f,
@@ -998,53 +1050,154 @@ impl Backend for Postgres {
     }
 
     fn snapshot<T>(&self, f: impl FnOnce(&mut dyn Conn) -> Result<T>) -> Result<T> {
-        self.unfenced()?;
         self.transaction("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", f)
     }
 }
 
-/// The database claimed for one controller: held while this lives (on a
-/// connection of its own, outside the pool). `lost` completes if the
-/// connection fails, after which another controller may claim it; the
-/// holder must stop serving at once.
-pub struct Claim {
-    pub lost: tokio::sync::oneshot::Receiver<String>,
+/// A controller's own connection to the database, outside the pool (see
+/// the module docs): it LISTENs to the change log and competes for the
+/// leader lock, reconnecting with backoff for as long as it lives.
+pub struct Session {
+    /// The leader term while this controller leads; `None` while it
+    /// follows, and at once when the session's connection fails.
+    pub leader: tokio::sync::watch::Receiver<Option<u64>>,
+    /// Woken by every change notification and after every (re)connect: the
+    /// log must then be read (wake-ups coalesce; the log has the changes).
+    pub changed: Arc<tokio::sync::Notify>,
     task: tokio::task::AbortHandle,
 }
 
-impl Drop for Claim {
+impl Drop for Session {
     fn drop(&mut self) {
         // The task owns the connection: ending it closes the session and
-        // releases the lock.
+        // releases the leader lock.
         self.task.abort();
     }
 }
 
+/// A random token naming this process's changes in the log.
+fn hex_token() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 12];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A connection's messages until it closes: each notification wakes
+/// `changed`; the result says why it closed.
+async fn pump<S, T>(
+    mut conn: tokio_postgres::Connection<S, T>,
+    changed: Arc<tokio::sync::Notify>,
+) -> String
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => changed.notify_one(),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return DbError::from(e).to_string(),
+            None => return "connection closed".into(),
+        }
+    }
+}
+
+/// One session connection: LISTEN, then ping (or try for the leader lock)
+/// every [`SESSION_PING`] until the connection fails; returns why, and
+/// whether it was listening by then.
+async fn session_once(
+    options: &PgOptions,
+    leader: &tokio::sync::watch::Sender<Option<u64>>,
+    changed: &Arc<tokio::sync::Notify>,
+) -> (String, bool) {
+    let config = options.config.clone();
+    let (closed_tx, mut closed) = tokio::sync::oneshot::channel();
+    let connected = match options.tls.clone() {
+        Some(tls) => config
+            .connect(RustlsConnect(tls))
+            .await
+            .map(|(client, conn)| {
+                let changed = changed.clone();
+                tokio::spawn(async move { closed_tx.send(pump(conn, changed).await) });
+                client
+            }),
+        None => config.connect(NoTls).await.map(|(client, conn)| {
+            let changed = changed.clone();
+            tokio::spawn(async move { closed_tx.send(pump(conn, changed).await) });
+            client
+        }),
+    };
+    let client = match connected {
+        Ok(c) => c,
+        Err(e) => return (DbError::from(e).to_string(), false),
+    };
+    let sql = format!("LISTEN {CHANGES_CHANNEL}");
+    let listen = client.batch_execute(&sql);
+    match tokio::time::timeout(SESSION_PING_TIMEOUT, listen).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return (DbError::from(e).to_string(), false),
+        Err(_) => return ("LISTEN timed out".into(), false),
+    }
+    // Whatever was notified while no session listened is in the log.
+    changed.notify_one();
+    let mut tick = tokio::time::interval(SESSION_PING);
+    loop {
+        tokio::select! {
+            why = &mut closed => {
+                return (why.unwrap_or_else(|_| "connection task ended".into()), true);
+            }
+            _ = tick.tick() => {}
+        }
+        let leading = leader.borrow().is_some();
+        let step = async {
+            if leading {
+                client.simple_query("SELECT 1").await.map(|_| None)
+            } else {
+                let got: bool = client
+                    .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
+                    .await?
+                    .try_get(0)?;
+                if !got {
+                    return Ok(None);
+                }
+                let term: i64 = client
+                    .query_one(
+                        "UPDATE ztmesh_claim SET epoch = epoch + 1 WHERE one = 1 RETURNING epoch",
+                        &[],
+                    )
+                    .await?
+                    .try_get(0)?;
+                Ok(Some(u64::try_from(term).unwrap_or(0)))
+            }
+        };
+        match tokio::time::timeout(SESSION_PING_TIMEOUT, step).await {
+            Ok(Ok(Some(term))) => {
+                leader.send_replace(Some(term));
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => return (DbError::from(e).to_string(), true),
+            Err(_) => {
+                return (
+                    format!("no answer in {} s", SESSION_PING_TIMEOUT.as_secs()),
+                    true,
+                );
+            }
+        }
+    }
+}
+
 impl SqlStore<Postgres> {
-    /// Connects, claims the database for this controller ([`Self::claim`])
-    /// and only then migrates: a binary that is refused changes nothing.
+    /// Connects, migrates, and opens this controller's [`Session`]: it
+    /// serves alongside every other controller on the database, and leads
+    /// when it holds the leader lock.
     ///
     /// # Errors
-    /// As [`Self::claim`] and [`Self::connect`].
-    pub fn connect_claimed(options: PgOptions) -> Result<(Self, Claim)> {
-        let store = Self::on(Postgres::new(options)?);
-        let claim = store.claim()?;
-        store.db.migrate()?;
-        // A new epoch before any state is read: whoever held the claim
-        // before can write nothing from here on.
-        let epoch = store.db.write(|tx| {
-            tx.batch(&format!("SELECT pg_advisory_xact_lock({EPOCH_LOCK})"))?;
-            Ok(tx.one(
-                "UPDATE ztmesh_claim SET epoch = epoch + 1 WHERE one = 1 RETURNING epoch",
-                &[],
-                |r| r.i64(0),
-            )?)
-        })?;
-        store
-            .db
-            .epoch
-            .store(epoch, std::sync::atomic::Ordering::SeqCst);
-        Ok((store, claim))
+    /// As [`Self::connect`].
+    pub fn connect_shared(options: PgOptions) -> Result<(Self, Session)> {
+        let store = Self::connect(options)?;
+        let session = store.db.session();
+        Ok((store, session))
     }
 
     /// Connects for reading only (`audit verify`, `audit export`): no
@@ -1071,49 +1224,6 @@ impl SqlStore<Postgres> {
                 "no ztmesh schema in this database (has `serve --database` run on it?): {e}"
             ))),
         }
-    }
-
-    /// Claims the database for this controller (a session advisory lock).
-    /// Several controllers on one database need the change feed that keeps
-    /// their in-memory views current; until then one serves at a time.
-    ///
-    /// # Errors
-    /// [`StoreError::Busy`] if another controller holds it;
-    /// [`StoreError::Db`] without a connection.
-    fn claim(&self) -> Result<Claim> {
-        let pg = &self.db;
-        let PgConn { client, .. } = pg.connect()?;
-        let held = block_on(client.query_one("SELECT pg_try_advisory_lock($1)", &[&SERVE_LOCK]))
-            .map_err(DbError::from)?;
-        if !held.try_get::<_, bool>(0).map_err(DbError::from)? {
-            return Err(StoreError::Busy(format!(
-                "another controller is serving {} (one controller per database until the \
-                 change feed lands)",
-                pg.options.display
-            )));
-        }
-        let (tx, lost) = tokio::sync::oneshot::channel();
-        let rt = pg.runtime.as_ref().expect("runtime lives until drop");
-        let fenced = pg.fenced.clone();
-        let task = rt.spawn(async move {
-            let why = loop {
-                tokio::time::sleep(CLAIM_PING).await;
-                match tokio::time::timeout(CLAIM_PING_TIMEOUT, client.simple_query("SELECT 1"))
-                    .await
-                {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => break DbError::from(e).to_string(),
-                    Err(_) => break format!("no answer in {} s", CLAIM_PING_TIMEOUT.as_secs()),
-                }
-            };
-            // Fenced before anyone is told: no store call starts after this.
-            fenced.store(true, std::sync::atomic::Ordering::SeqCst);
-            let _ = tx.send(why);
-        });
-        Ok(Claim {
-            lost,
-            task: task.abort_handle(),
-        })
     }
 
     /// Connects and brings the schema to this binary's version.
@@ -1171,50 +1281,144 @@ pub(super) mod tests {
         ))
     }
 
-    /// A controller whose claim session was cut writes nothing once a
-    /// successor has claimed, even before its own ping notices.
+    fn new_node(i: u8) -> crate::store::NewNode {
+        crate::store::NewNode {
+            name: format!("n{i}"),
+            hostname: format!("n{i}"),
+            machine_key: [i; 32],
+            wg_key: [i; 32],
+            ipv4: std::net::Ipv4Addr::new(100, 64, 0, i),
+            ipv6: format!("fd00::{i}").parse().unwrap(),
+            created_ms: 0,
+            expiry_ms: 0,
+        }
+    }
+
+    /// Every change to a node or the policy is in the log, in commit order,
+    /// marked as its writer's own; a `last_seen` refresh is not a change;
+    /// serials grow across handles; a prune tells a late reader so.
     #[test]
-    fn a_successor_fences_the_previous_claimant_at_once() {
+    fn the_change_log_records_each_writers_changes_in_order() {
         use crate::store::Store;
         let Some(url) = fresh_database() else { return };
-        let (old, _old_claim) = PgStore::connect_claimed(PgOptions::parse(&url).unwrap()).unwrap();
-        old.set_meta("k", "old").unwrap();
-        // Cut the old claim's session, as a partition would.
-        let sock = std::env::var("ZTMESH_TEST_PG").unwrap();
-        let port = std::env::var("ZTMESH_TEST_PG_PORT").unwrap();
-        let name = url.split('/').nth(3).unwrap().split('?').next().unwrap();
-        let out = std::process::Command::new("psql")
-            .args([
-                "-h", &sock, "-p", &port, "-U", "postgres", "-d", name, "-qAt", "-c",
-            ])
-            .arg(
-                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
-                 AND granted AND database = (SELECT oid FROM pg_database \
-                 WHERE datname = current_database())",
-            )
-            .output()
+        let a = PgStore::connect(PgOptions::parse(&url).unwrap()).unwrap();
+        let b = PgStore::connect(PgOptions::parse(&url).unwrap()).unwrap();
+        assert_eq!(a.change_head().unwrap(), 0);
+        a.create_user("alice", crate::roles::Role::Member, 0)
             .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        // Liveness bound: the server frees the lock when the session ends.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let (new, _new_claim) = loop {
-            match PgStore::connect_claimed(PgOptions::parse(&url).unwrap()) {
-                Ok(claimed) => break claimed,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    assert!(matches!(e, StoreError::Busy(_)), "{e}");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => panic!("no takeover: {e}"),
-            }
+        let n1 = a.enroll_for_user("alice", new_node(1)).unwrap();
+        let n2 = b.enroll_for_user("alice", new_node(2)).unwrap();
+        b.rename_node(n1.id, "renamed").unwrap();
+        b.set_node_seen(n1.id, 99).unwrap();
+        a.set_policy("p.hujson", "{}", 5).unwrap();
+        b.delete_node(n2.id).unwrap();
+
+        let seen = a.changes_since(0, 100).unwrap();
+        let what: Vec<(Option<u64>, bool)> = seen.rows.iter().map(|c| (c.node, c.own)).collect();
+        assert_eq!(
+            what,
+            [
+                (Some(n1.id), true),
+                (Some(n2.id), false),
+                (Some(n1.id), false),
+                (None, true),
+                (Some(n2.id), false),
+            ],
+            "{seen:?}"
+        );
+        assert!(seen.rows.windows(2).all(|w| w[0].id < w[1].id));
+        assert_eq!(a.change_head().unwrap(), seen.rows[4].id);
+        // The other handle sees the same entries, ownership flipped.
+        let from_b: Vec<bool> = b
+            .changes_since(0, 100)
+            .unwrap()
+            .rows
+            .iter()
+            .map(|c| c.own)
+            .collect();
+        assert_eq!(from_b, [false, true, true, false, true]);
+        // Paged.
+        let page = a.changes_since(seen.rows[1].id, 2).unwrap();
+        assert_eq!(page.rows, seen.rows[2..4]);
+
+        // Serials from the database grow whoever takes them.
+        let s1 = a.take_serial(10).unwrap().unwrap();
+        let s2 = b.take_serial(0).unwrap().unwrap();
+        let s3 = a.take_serial(5).unwrap().unwrap();
+        assert!(s1 >= 10 && s2 > s1 && s3 > s2, "{s1} {s2} {s3}");
+
+        // Pruning everything: a reader below the mark knows it missed some.
+        assert_eq!(a.prune_changes(i64::MAX).unwrap(), 5);
+        let late = b.changes_since(0, 100).unwrap();
+        assert!(late.rows.is_empty());
+        assert_eq!(late.pruned_to, seen.rows[4].id);
+        assert_eq!(
+            a.change_head().unwrap(),
+            late.pruned_to,
+            "an empty log's head is where it was pruned"
+        );
+    }
+
+    /// Two sessions on one database: exactly one leads; each is woken by
+    /// the other's changes; when the leader's session ends, the other
+    /// leads with a higher term.
+    #[test]
+    fn one_session_leads_and_the_other_takes_over() {
+        use crate::store::Store;
+        let Some(url) = fresh_database() else { return };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (a, sa) = PgStore::connect_shared(PgOptions::parse(&url).unwrap()).unwrap();
+        let (b, sb) = PgStore::connect_shared(PgOptions::parse(&url).unwrap()).unwrap();
+        // Liveness bounds only (the ping is 2 s).
+        let bound = Duration::from_secs(20);
+        let wait_leader = |s: &Session| {
+            let mut rx = s.leader.clone();
+            rt.block_on(async move {
+                tokio::time::timeout(bound, async move {
+                    rx.wait_for(Option::is_some).await.map(|t| t.unwrap())
+                })
+                .await
+            })
         };
-        let e = old.set_meta("k", "stale").unwrap_err();
-        assert!(matches!(e, StoreError::Busy(_)), "{e}");
-        assert!(old.meta("k").is_err(), "fenced for good");
-        assert_eq!(new.meta("k").unwrap().as_deref(), Some("old"));
-        new.set_meta("k", "new").unwrap();
-        // A claimed store's read-only snapshots pass the epoch check too.
-        let key = ztmesh_proto::keys::SigningKey::generate(&mut rand::rngs::OsRng).public();
-        assert!(new.verify_audit(&key).unwrap().is_ok());
+        // The first to try wins; the other keeps following.
+        let (mut la, mut lb) = (sa.leader.clone(), sb.leader.clone());
+        let first = rt
+            .block_on(async {
+                tokio::time::timeout(bound, async {
+                    tokio::select! {
+                        r = la.wait_for(Option::is_some) => ('a', r.unwrap().unwrap()),
+                        r = lb.wait_for(Option::is_some) => ('b', r.unwrap().unwrap()),
+                    }
+                })
+                .await
+            })
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(5));
+        let leaders = [sa.leader.borrow().is_some(), sb.leader.borrow().is_some()];
+        assert_eq!(leaders.iter().filter(|l| **l).count(), 1, "{leaders:?}");
+
+        // A change through one store wakes the other's session.
+        let woke = {
+            let changed = sb.changed.clone();
+            rt.block_on(async {
+                // Drain the wake-up of the session's own start.
+                let _ = tokio::time::timeout(Duration::from_millis(200), changed.notified()).await;
+                a.set_policy("p.hujson", "{}", 1).unwrap();
+                tokio::time::timeout(bound, changed.notified()).await
+            })
+        };
+        assert!(woke.is_ok(), "no notification");
+        assert_eq!(b.changes_since(0, 10).unwrap().rows.len(), 1);
+
+        let (leader_session, follower) = if first.0 == 'a' { (sa, sb) } else { (sb, sa) };
+        drop(leader_session);
+        let next = wait_leader(&follower)
+            .expect("the follower takes over")
+            .unwrap();
+        assert!(next > first.1, "terms grow: {} then {next}", first.1);
     }
 
     /// Over TCP the test cluster takes TLS with a client certificate only:

@@ -311,6 +311,15 @@ pub trait Backend: Send + Sync + 'static {
     /// transaction holds the whole database already.
     const LOCK_ROW: &'static str;
 
+    /// Whether the database keeps the change log (`ztmesh_changes`, written
+    /// by triggers in the transaction of each change) that several
+    /// controllers on one database follow.
+    const CHANGE_LOG: bool;
+
+    /// What the change log records as the writer of changes made through
+    /// this handle (unique per process); empty without a change log.
+    fn origin(&self) -> &str;
+
     /// Runs `f` on a connection, each statement on its own (autocommit).
     ///
     /// # Errors

@@ -321,6 +321,12 @@ impl Conn for SqliteConn<'_> {
 
 impl Backend for Sqlite {
     const LOCK_ROW: &'static str = "";
+    /// One process serves a SQLite file: nobody follows its changes.
+    const CHANGE_LOG: bool = false;
+
+    fn origin(&self) -> &str {
+        ""
+    }
 
     fn with<T>(&self, f: impl FnOnce(&mut dyn Conn) -> Result<T>) -> Result<T> {
         f(&mut SqliteConn(&self.lock()))
