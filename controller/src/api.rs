@@ -1005,6 +1005,7 @@ impl Admin for AdminService {
 
     async fn list_nodes(&self, req: Request<apb::ListNodesRequest>) -> R<apb::ListNodesResponse> {
         self.actor(&req, Access::Read, "ListNodes")?;
+        self.mesh.sync(now_ms());
         let nodes = self
             .mesh
             .nodes()
@@ -1016,6 +1017,7 @@ impl Admin for AdminService {
 
     async fn get_node(&self, req: Request<apb::NodeRef>) -> R<apb::Node> {
         self.actor(&req, Access::Read, "GetNode")?;
+        self.mesh.sync(now_ms());
         let n = self.mesh.find_node(&req.get_ref().node)?;
         let online = self.mesh.nodes().iter().any(|(x, o)| x.id == n.id && *o);
         ok(self.node_pb(&n, online))
@@ -1023,6 +1025,7 @@ impl Admin for AdminService {
 
     async fn delete_node(&self, req: Request<apb::NodeRef>) -> R<apb::DeleteNodeResponse> {
         let actor = self.actor(&req, Access::Network, "DeleteNode")?;
+        self.mesh.sync(now_ms());
         self.mesh
             .delete_node(&actor.name, &req.get_ref().node, now_ms())?;
         ok(apb::DeleteNodeResponse {})
@@ -1030,6 +1033,7 @@ impl Admin for AdminService {
 
     async fn expire_node(&self, req: Request<apb::NodeRef>) -> R<apb::Node> {
         let actor = self.actor(&req, Access::Network, "ExpireNode")?;
+        self.mesh.sync(now_ms());
         let n = self
             .mesh
             .expire_node(&actor.name, &req.get_ref().node, now_ms())?;
@@ -1038,6 +1042,7 @@ impl Admin for AdminService {
 
     async fn release_node(&self, req: Request<apb::NodeRef>) -> R<apb::Node> {
         let actor = self.actor(&req, Access::Network, "ReleaseNode")?;
+        self.mesh.sync(now_ms());
         let n = self
             .mesh
             .release_node(&actor.name, &req.get_ref().node, now_ms())?;
@@ -1078,6 +1083,7 @@ impl Admin for AdminService {
 
     async fn rename_node(&self, req: Request<apb::RenameNodeRequest>) -> R<apb::Node> {
         let actor = self.actor(&req, Access::Network, "RenameNode")?;
+        self.mesh.sync(now_ms());
         let r = req.get_ref();
         let n = self
             .mesh
@@ -1087,6 +1093,7 @@ impl Admin for AdminService {
 
     async fn set_node_routes(&self, req: Request<apb::SetNodeRoutesRequest>) -> R<apb::Node> {
         let actor = self.actor(&req, Access::Network, "SetNodeRoutes")?;
+        self.mesh.sync(now_ms());
         let r = req.get_ref();
         if r.approve.len() + r.unapprove.len() > crate::routes::MAX_ROUTES * 2 {
             return Err(Status::invalid_argument("too many prefixes in one request"));
@@ -1108,6 +1115,7 @@ impl Admin for AdminService {
         req: Request<apb::SetNodeAttributesRequest>,
     ) -> R<apb::Node> {
         let actor = self.actor(&req, Access::Network, "SetNodeAttributes")?;
+        self.mesh.sync(now_ms());
         let r = req.get_ref();
         if r.set.len() + r.unset.len() > crate::nodeinput::MAX_CUSTOM_ATTRIBUTES {
             return Err(Status::invalid_argument(

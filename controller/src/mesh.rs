@@ -298,7 +298,7 @@ pub struct Mesh {
 /// What one enrollment attempt produced.
 enum Enrolled {
     /// A new node's row, stored.
-    New(NodeRow),
+    New(Box<NodeRow>),
     /// A known machine re-authenticated: the reply.
     Again(pb::EnrollResponse),
 }
@@ -308,7 +308,7 @@ const CHANGE_LOG_AGE_MS: i64 = 10 * 60 * 1000;
 
 /// Enrollment attempts when a race with another controller takes the name
 /// or address picked.
-const ENROLL_ATTEMPTS: u32 = 3;
+const ENROLL_ATTEMPTS: u32 = 10;
 
 /// A refused source is audited at most once per this interval.
 pub const REFUSAL_AUDIT_INTERVAL_MS: i64 = 60_000;
@@ -883,7 +883,7 @@ impl Mesh {
         let row = loop {
             // Nodes another controller enrolled meanwhile hold their names and
             // addresses; after a race lost on one of them, look again.
-            match self.catch_up_in(&turn, now) {
+            match self.catch_up_in(&turn) {
                 Ok(c) => self.publish(&turn, &c, now),
                 Err(e) => tracing::warn!(error = %e, "cannot read the change log before enrolling"),
             }
@@ -896,7 +896,7 @@ impl Mesh {
                         "enrollment raced another controller; retrying"
                     );
                 }
-                Ok(Enrolled::New(row)) => break row,
+                Ok(Enrolled::New(row)) => break *row,
                 Ok(Enrolled::Again(resp)) => return Ok(resp),
                 Err(e) => return Err(e),
             }
@@ -986,7 +986,7 @@ impl Mesh {
                 expiry_ms,
             },
         )?;
-        Ok(Enrolled::New(row))
+        Ok(Enrolled::New(Box::new(row)))
     }
 
     /// Enroll with an auth key for a machine key already enrolled: a

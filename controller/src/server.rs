@@ -207,7 +207,7 @@ pub fn open(
 /// Keeps `mesh` current with the other controllers on its database: reads
 /// the change log on every wake-up of the session (and at least every
 /// [`FEED_POLL`]), and follows the session's leadership.
-fn follow(mesh: &Arc<Mesh>, session: &Session) -> [AbortOnDrop; 2] {
+pub fn follow(mesh: &Arc<Mesh>, session: &Session) -> [AbortOnDrop; 2] {
     let changed = session.changed.clone();
     let feed_mesh = mesh.clone();
     let feed = tokio::spawn(async move {
@@ -488,7 +488,8 @@ pub async fn run_with(
 }
 
 /// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// A task aborted when this is dropped.
+pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

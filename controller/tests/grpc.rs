@@ -21,7 +21,7 @@ use ztmesh_proto::keys::{SigningKey, WgPrivateKey};
 use ztmesh_proto::netmap;
 
 mod common;
-use common::Ctl;
+use common::{enroll, enroll_request, open_stream, Ctl, TestNode};
 
 /// A node as the admin API shows it.
 async fn admin_node(ctl: &Ctl, name: &str) -> apb::Node {
@@ -89,66 +89,6 @@ const POLICY: &str = r#"{
     {"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432"]},
   ],
 }"#;
-
-struct TestNode {
-    machine: SigningKey,
-    wg: WgPrivateKey,
-    id: u64,
-    name: String,
-}
-
-fn enroll_request(
-    key: &str,
-    machine: &SigningKey,
-    wg: &WgPrivateKey,
-    host: &str,
-) -> pb::EnrollRequest {
-    let ts = now_ms();
-    let mk = machine.public().as_bytes().to_vec();
-    let wk = wg.public().as_bytes().to_vec();
-    let proof = machine
-        .sign(&auth::enroll_message(key, &mk, &wk, host, ts))
-        .to_vec();
-    pb::EnrollRequest {
-        auth_key: key.into(),
-        machine_key: mk,
-        wg_key: wk,
-        hostname: host.into(),
-        timestamp_ms: ts,
-        proof,
-    }
-}
-
-async fn enroll(ctl: &Ctl, key: &str, host: &str) -> Result<TestNode, tonic::Status> {
-    let machine = SigningKey::generate(&mut OsRng);
-    let wg = WgPrivateKey::generate(&mut OsRng);
-    let r = ctl
-        .control()
-        .await
-        .enroll(enroll_request(key, &machine, &wg, host))
-        .await?
-        .into_inner();
-    Ok(TestNode {
-        machine,
-        wg,
-        id: r.node_id,
-        name: r.name,
-    })
-}
-
-async fn open_stream(
-    ctl: &Ctl,
-    node: &TestNode,
-) -> Result<tonic::Streaming<pb::SignedNetMap>, tonic::Status> {
-    let req = signed_request(
-        &node.machine,
-        methods::STREAM_NETMAP,
-        pb::StreamNetMapRequest { have_serial: 0 },
-        now_ms(),
-        &mut OsRng,
-    );
-    Ok(ctl.control().await.stream_net_map(req).await?.into_inner())
-}
 
 async fn next_map(ctl: &Ctl, s: &mut tonic::Streaming<pb::SignedNetMap>, have: u64) -> pb::NetMap {
     let signed = tokio::time::timeout(Duration::from_secs(1), s.message())

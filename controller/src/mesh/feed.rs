@@ -75,13 +75,25 @@ impl Mesh {
     /// resumes from there).
     pub fn catch_up(&self, now: UnixMs) -> Result<usize> {
         let turn = self.turn();
-        let changed = self.catch_up_in(&turn, now)?;
+        let changed = self.catch_up_in(&turn)?;
         self.publish(&turn, &changed, now);
         Ok(changed.len())
     }
 
+    /// [`Mesh::catch_up`] before an admin call that names or lists nodes,
+    /// so that it sees what other controllers did a moment ago; a failure
+    /// is logged (the view is as of the last catch-up).
+    pub fn sync(&self, now: UnixMs) {
+        if !self.shared.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Err(e) = self.catch_up(now) {
+            tracing::warn!(error = %e, "cannot read the change log");
+        }
+    }
+
     /// [`Mesh::catch_up`] under the caller's turn, without publishing.
-    pub(super) fn catch_up_in(&self, _turn: &Turn<'_>, now: UnixMs) -> Result<BTreeSet<u64>> {
+    pub(super) fn catch_up_in(&self, _turn: &Turn<'_>) -> Result<BTreeSet<u64>> {
         let mut changed = BTreeSet::new();
         loop {
             let pos = self.state().feed_pos;
@@ -92,7 +104,7 @@ impl Mesh {
                     pruned_to = batch.pruned_to,
                     "change log pruned past us: re-reading all"
                 );
-                changed.extend(self.resync(now)?);
+                changed.extend(self.resync()?);
                 continue;
             }
             let Some(last) = batch.rows.last().map(|c| c.id) else {
@@ -136,7 +148,6 @@ impl Mesh {
                 break;
             }
         }
-        let _ = now;
         Ok(changed)
     }
 
@@ -151,7 +162,7 @@ impl Mesh {
 
     /// Re-reads every node and the policy, for a reader the log's prune
     /// left behind; resumes the log from where the read began.
-    fn resync(&self, _now: UnixMs) -> Result<BTreeSet<u64>> {
+    fn resync(&self) -> Result<BTreeSet<u64>> {
         let head = self.store.change_head()?;
         let rows = self.store.nodes()?;
         let mut changed = self.reload_policy()?;

@@ -807,7 +807,7 @@ impl Postgres {
         let theirs = options.config.get_options().unwrap_or_default().to_string();
         options
             .config
-            .options(&format!("-c ztmesh.origin={origin} {theirs}"));
+            .options(format!("-c ztmesh.origin={origin} {theirs}"));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("ztmesh-postgres")
@@ -998,7 +998,9 @@ impl Postgres {
                 } else {
                     tracing::warn!(error = %why, "database session lost");
                 }
-                let jitter = Duration::from_millis(u64::from(rand::random::<u8>()));
+                let jitter = Duration::from_millis(u64::from(
+                    rand::RngCore::next_u32(&mut rand::rngs::OsRng) % 256,
+                ));
                 tokio::time::sleep(backoff + jitter).await;
                 backoff = (backoff * 2).min(SESSION_BACKOFF_MAX);
             }

@@ -10,12 +10,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use rand_core::OsRng;
 use ztmesh_controller::cli::{self, ConnArgs};
 use ztmesh_controller::mesh::{Mesh, MeshConfig};
+use ztmesh_controller::now_ms;
 use ztmesh_controller::server::{self, DataDir, ListenerLimits};
 use ztmesh_controller::store::PgOptions;
 use ztmesh_proto::admin as apb;
+use ztmesh_proto::auth::{self, methods, signed_request};
+use ztmesh_proto::control as pb;
 use ztmesh_proto::control::control_client::ControlClient;
+use ztmesh_proto::keys::{SigningKey, WgPrivateKey};
 
 /// Generous liveness bound for anything the tests wait on.
 pub const LIVENESS: Duration = Duration::from_secs(10);
@@ -33,13 +38,26 @@ pub struct Ctl {
 
 /// A fresh PostgreSQL database when `ZTMESH_TEST_STORE=postgres`.
 fn postgres_database() -> Option<PgOptions> {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
     if std::env::var("ZTMESH_TEST_STORE").ok()? != "postgres" {
         return None;
     }
-    let sock =
-        std::env::var("ZTMESH_TEST_PG").expect("ZTMESH_TEST_STORE=postgres needs ZTMESH_TEST_PG");
+    Some(fresh_postgres().expect("ZTMESH_TEST_STORE=postgres needs ZTMESH_TEST_PG (scripts/pg.sh)"))
+}
+
+/// A fresh database on the PostgreSQL test cluster (`scripts/pg.sh`,
+/// `ZTMESH_TEST_PG`), or `None` without one (which fails the test when
+/// `ZTMESH_REQUIRE_POSTGRES` is set).
+pub fn fresh_postgres() -> Option<PgOptions> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let Ok(sock) = std::env::var("ZTMESH_TEST_PG") else {
+        assert!(
+            std::env::var_os("ZTMESH_REQUIRE_POSTGRES").is_none(),
+            "ZTMESH_REQUIRE_POSTGRES is set but ZTMESH_TEST_PG is not (scripts/pg.sh)"
+        );
+        eprintln!("skipped: no PostgreSQL test cluster (scripts/pg.sh, ZTMESH_TEST_PG)");
+        return None;
+    };
     let port = std::env::var("ZTMESH_TEST_PG_PORT").unwrap_or_else(|_| "5432".into());
     let name = format!(
         "ctl{}_{}",
@@ -74,14 +92,56 @@ impl Ctl {
 
     /// Starts a controller and waits until its admin socket answers.
     pub async fn start_with_limits(cfg: MeshConfig, limits: ListenerLimits) -> Ctl {
+        Self::start_on(cfg, limits, postgres_database(), None).await
+    }
+
+    /// Two controllers serving one fresh PostgreSQL database, with one
+    /// identity (the second is given the first's key and certificate);
+    /// `None` without the test cluster.
+    pub async fn start_pair() -> Option<(Ctl, Ctl)> {
+        let database = fresh_postgres()?;
+        let a = Self::start_on(
+            MeshConfig::default(),
+            ListenerLimits::default(),
+            Some(database.clone()),
+            None,
+        )
+        .await;
+        let b = Self::start_on(
+            MeshConfig::default(),
+            ListenerLimits::default(),
+            Some(database),
+            Some(&a.data),
+        )
+        .await;
+        Some((a, b))
+    }
+
+    /// Starts a controller on `database` (else SQLite), with the key and
+    /// certificate of `identity` if given.
+    async fn start_on(
+        cfg: MeshConfig,
+        limits: ListenerLimits,
+        database: Option<PgOptions>,
+        identity: Option<&DataDir>,
+    ) -> Ctl {
         let dir = tempfile::tempdir().unwrap();
         let data = DataDir::new(&dir.path().join("data"));
-        let database = postgres_database();
+        if let Some(from) = identity {
+            std::fs::create_dir_all(&data.root).unwrap();
+            for (src, dst) in [
+                (from.signing_key(), data.signing_key()),
+                (from.tls_cert(), data.tls_cert()),
+                (from.tls_key(), data.tls_key()),
+            ] {
+                std::fs::copy(src, dst).unwrap();
+            }
+        }
         let server::Opened {
             mesh,
             cert,
             key,
-            claim,
+            session,
         } = server::open(&data, cfg, database.as_ref()).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -89,7 +149,8 @@ impl Ctl {
         let d2 = DataDir::new(&data.root);
         let m2 = mesh.clone();
         let task = tokio::spawn(async move {
-            let _claim = claim;
+            let _following = session.as_ref().map(|s| server::follow(&m2, s));
+            let _session = session;
             server::run_with(
                 &d2,
                 m2,
@@ -182,4 +243,68 @@ impl Ctl {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
     }
+}
+
+/// A node enrolled through the real gRPC API.
+pub struct TestNode {
+    pub machine: SigningKey,
+    pub wg: WgPrivateKey,
+    pub id: u64,
+    pub name: String,
+}
+
+/// A signed enrollment request for `host` with auth key `key`.
+pub fn enroll_request(
+    key: &str,
+    machine: &SigningKey,
+    wg: &WgPrivateKey,
+    host: &str,
+) -> pb::EnrollRequest {
+    let ts = now_ms();
+    let mk = machine.public().as_bytes().to_vec();
+    let wk = wg.public().as_bytes().to_vec();
+    let proof = machine
+        .sign(&auth::enroll_message(key, &mk, &wk, host, ts))
+        .to_vec();
+    pb::EnrollRequest {
+        auth_key: key.into(),
+        machine_key: mk,
+        wg_key: wk,
+        hostname: host.into(),
+        timestamp_ms: ts,
+        proof,
+    }
+}
+
+/// Enrolls a new machine through `ctl` with auth key `key`.
+pub async fn enroll(ctl: &Ctl, key: &str, host: &str) -> Result<TestNode, tonic::Status> {
+    let machine = SigningKey::generate(&mut OsRng);
+    let wg = WgPrivateKey::generate(&mut OsRng);
+    let r = ctl
+        .control()
+        .await
+        .enroll(enroll_request(key, &machine, &wg, host))
+        .await?
+        .into_inner();
+    Ok(TestNode {
+        machine,
+        wg,
+        id: r.node_id,
+        name: r.name,
+    })
+}
+
+/// Opens `node`'s netmap stream on `ctl`.
+pub async fn open_stream(
+    ctl: &Ctl,
+    node: &TestNode,
+) -> Result<tonic::Streaming<pb::SignedNetMap>, tonic::Status> {
+    let req = signed_request(
+        &node.machine,
+        methods::STREAM_NETMAP,
+        pb::StreamNetMapRequest { have_serial: 0 },
+        now_ms(),
+        &mut OsRng,
+    );
+    Ok(ctl.control().await.stream_net_map(req).await?.into_inner())
 }
