@@ -88,6 +88,8 @@ pub struct MeshConfig {
     pub flow_max_rows_per_node: u64,
     /// The relays every netmap lists ([`crate::relays`]).
     pub relays: Vec<ztmesh_proto::control::Relay>,
+    /// Every controller of the mesh, as nodes reach them (`NetMap.controllers`).
+    pub controllers: Vec<String>,
     /// The base URL of the sign-in pages printed to nodes that log in
     /// interactively; `None`: the address the node reached the controller by.
     pub public_url: Option<String>,
@@ -119,6 +121,7 @@ impl Default for MeshConfig {
             flow_max_rows: 1_000_000,
             flow_max_rows_per_node: 100_000,
             relays: Vec::new(),
+            controllers: Vec::new(),
             public_url: None,
             posture_ttl_ms: DEFAULT_POSTURE_TTL_MS,
             detect: crate::detect::DetectConfig::default(),
@@ -135,6 +138,7 @@ impl MeshConfig {
             persistent_keepalive: self.persistent_keepalive,
             relays: self.relays.clone(),
             posture_ttl_ms: self.posture_ttl_ms,
+            controllers: self.controllers.clone(),
         }
     }
 }
@@ -829,7 +833,16 @@ impl Mesh {
     ) -> Result<NodeRow> {
         self.auth
             .verify_node(metadata, method, now, source_limited, |key| {
-                self.state().core.nodes().by_machine_key(key).cloned()
+                let known = self.state().core.nodes().by_machine_key(key).cloned();
+                match known {
+                    // Enrolled (or re-authenticated) through another
+                    // controller a moment ago: read the change log once.
+                    None if self.shared.load(Ordering::SeqCst) => {
+                        self.sync(now);
+                        self.state().core.nodes().by_machine_key(key).cloned()
+                    }
+                    known => known,
+                }
             })
     }
 
@@ -883,10 +896,11 @@ impl Mesh {
         let row = loop {
             // Nodes another controller enrolled meanwhile hold their names and
             // addresses; after a race lost on one of them, look again.
-            match self.catch_up_in(&turn) {
-                Ok(c) => self.publish(&turn, &c, now),
-                Err(e) => tracing::warn!(error = %e, "cannot read the change log before enrolling"),
+            let mut caught = BTreeSet::new();
+            if let Err(e) = self.catch_up_in(&turn, &mut caught) {
+                tracing::warn!(error = %e, "cannot read the change log before enrolling");
             }
+            self.publish(&turn, &caught, now);
             attempt += 1;
             match self.enroll_once(&turn, &claim, expiry_ms, now) {
                 Err(Error::Conflict(why)) if attempt < ENROLL_ATTEMPTS => {

@@ -131,10 +131,9 @@ pub struct Opened {
 /// log's checkpoints are signed with it). The first one to serve records
 /// its key; another is refused before it serves.
 fn same_identity(store: &dyn Store, key: &str, data_dir: &Path) -> anyhow::Result<()> {
-    match store.meta("controller_key")? {
-        None => Ok(store.set_meta("controller_key", key)?),
-        Some(k) if k == key => Ok(()),
-        Some(k) => anyhow::bail!(
+    match store.init_meta("controller_key", key)? {
+        k if k == key => Ok(()),
+        k => anyhow::bail!(
             "this database belongs to controller key {k}, but {} holds {key}: copy \
              controller.key, tls.crt and tls.key from a data dir that serves it",
             data_dir.display()
@@ -175,13 +174,11 @@ pub fn open(
         }
     };
     let ula: Ipv6Net = match store.meta("ula")? {
-        Some(s) => s.parse().context("stored ULA prefix is invalid")?,
-        None => {
-            let ula = Mesh::random_ula();
-            store.set_meta("ula", &ula.to_string())?;
-            ula
-        }
-    };
+        Some(s) => s,
+        None => store.init_meta("ula", &Mesh::random_ula().to_string())?,
+    }
+    .parse()
+    .context("stored ULA prefix is invalid")?;
     let alerts = match &cfg.webhook {
         Some(hook) => Some(
             crate::alert::spawn(hook.clone(), store.clone())

@@ -195,6 +195,9 @@ pub struct NewNode {
 pub trait Store: Send + Sync {
     fn meta(&self, key: &str) -> Result<Option<String>>;
     fn set_meta(&self, key: &str, value: &str) -> Result<()>;
+    /// Stores `value` under `key` unless a value is there already; returns
+    /// the stored one (of two controllers starting at once, one wins).
+    fn init_meta(&self, key: &str, value: &str) -> Result<String>;
 
     fn create_user(&self, login: &str, role: Role, now: UnixMs) -> Result<UserRow>;
     fn users(&self) -> Result<Vec<UserRow>>;
@@ -501,7 +504,7 @@ impl<B: Backend> SqlStore<B> {
     fn update_node(&self, id: u64, set: &str, args: &[Value], must_exist: bool) -> Result<()> {
         let n = self
             .db
-            .with(|c| Ok(c.exec(&format!("UPDATE nodes SET {set} WHERE id = ?1"), args)?))?;
+            .write(|c| Ok(c.exec(&format!("UPDATE nodes SET {set} WHERE id = ?1"), args)?))?;
         if n == 0 && must_exist {
             return Err(StoreError::NotFound(format!("node {id}")));
         }
@@ -1063,6 +1066,20 @@ impl<B: Backend> Store for SqlStore<B> {
         })
     }
 
+    fn init_meta(&self, key: &str, value: &str) -> Result<String> {
+        self.db.write(|tx| {
+            tx.exec(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO NOTHING",
+                args![key, value],
+            )?;
+            Ok(
+                tx.one("SELECT value FROM meta WHERE key = ?1", args![key], |r| {
+                    r.text(0)
+                })?,
+            )
+        })
+    }
+
     fn create_user(&self, login: &str, role: Role, now: UnixMs) -> Result<UserRow> {
         let id = self.db.with(|c| {
             c.one(
@@ -1448,7 +1465,7 @@ impl<B: Backend> Store for SqlStore<B> {
     fn delete_node(&self, id: u64) -> Result<()> {
         let n = self
             .db
-            .with(|c| Ok(c.exec("DELETE FROM nodes WHERE id = ?1", args![id])?))?;
+            .write(|c| Ok(c.exec("DELETE FROM nodes WHERE id = ?1", args![id])?))?;
         if n == 0 {
             return Err(StoreError::NotFound(format!("node {id}")));
         }
@@ -1460,7 +1477,7 @@ impl<B: Backend> Store for SqlStore<B> {
     }
 
     fn rename_node(&self, id: u64, name: &str) -> Result<()> {
-        self.db.with(|c| {
+        self.db.write(|c| {
             c.exec("UPDATE nodes SET name = ?2 WHERE id = ?1", args![id, name])
                 .map_err(|e| conflict(e, &format!("node name {name}")))?;
             Ok(())
@@ -1519,7 +1536,7 @@ impl<B: Backend> Store for SqlStore<B> {
     }
 
     fn set_policy(&self, file_name: &str, text: &str, now: UnixMs) -> Result<PolicyRow> {
-        let version = self.db.with(|c| {
+        let version = self.db.write(|c| {
             Ok(c.one(
                 "INSERT INTO policies (file_name, text, created_ms) VALUES (?1, ?2, ?3)
                  RETURNING version",
@@ -1984,7 +2001,9 @@ impl<B: Backend> Store for SqlStore<B> {
             return Ok(None);
         }
         let floor = i64::try_from(floor).unwrap_or(i64::MAX);
-        self.db.write(|tx| {
+        // One statement, outside the write lock: the row lock orders the
+        // takers, and a long write transaction does not hold maps back.
+        self.db.with(|tx| {
             Ok(Some(tx.one(
                 "UPDATE ztmesh_serial SET serial = GREATEST(serial + 1, ?1) WHERE one = 1
                  RETURNING serial",

@@ -51,6 +51,9 @@ impl<S: Store> Store for TimedStore<S> {
     fn set_meta(&self, key: &str, value: &str) -> Result<()> {
         self.timed("set_meta", || self.inner.set_meta(key, value))
     }
+    fn init_meta(&self, key: &str, value: &str) -> Result<String> {
+        self.timed("init_meta", || self.inner.init_meta(key, value))
+    }
     fn create_user(&self, login: &str, role: Role, now: UnixMs) -> Result<UserRow> {
         self.timed("create_user", || self.inner.create_user(login, role, now))
     }

@@ -37,8 +37,8 @@ use ztmesh_proto::time::now_ms;
 use crate::control::apply::{overlay_prefixes, Translated};
 use crate::control::login::{self, parse_address, Enrolled, EXPIRED_MESSAGE, FINGERPRINT_HINT};
 use crate::control::{
-    clock_hint, reconnect_delay, session_end, translate, Backoff, Controller, Identity, Install,
-    NetMapGate, SessionEnd, Step,
+    clock_hint, next_controller, reconnect_delay, session_end, translate, Backoff, Controller,
+    Identity, Install, NetMapGate, SessionEnd, Step, FAILOVER_AFTER,
 };
 use crate::dns::hostcfg::{HostDns, Resolved};
 use crate::dns::server::DnsServer;
@@ -107,7 +107,11 @@ pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9465";
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(try_from = "EnrollmentFile", into = "EnrollmentFile")]
 pub struct Enrollment {
+    /// The controller this node talks to now (it moves on failover).
     pub controller_url: String,
+    /// Every controller of the mesh, as the last netmap (or `up
+    /// --controller A,B`) listed them; empty: only `controller_url`.
+    pub controllers: Vec<String>,
     /// SHA-256 of the controller's TLS certificate (the pin).
     pub fingerprint: [u8; 32],
     /// The controller's netmap signing key.
@@ -123,6 +127,8 @@ pub struct Enrollment {
 #[derive(Serialize, Deserialize)]
 pub struct EnrollmentFile {
     controller_url: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    controllers: Vec<String>,
     fingerprint: String,
     controller_key: String,
     node_id: u64,
@@ -145,6 +151,7 @@ impl Enrollment {
     fn new(controller_url: &str, fingerprint: [u8; 32], e: Enrolled) -> Self {
         Enrollment {
             controller_url: controller_url.to_string(),
+            controllers: Vec::new(),
             fingerprint,
             controller_key: e.controller_key,
             node_id: e.node_id,
@@ -175,6 +182,7 @@ impl TryFrom<EnrollmentFile> for Enrollment {
             .collect::<Result<_, _>>()?;
         Ok(Enrollment {
             controller_url: f.controller_url,
+            controllers: f.controllers,
             fingerprint,
             controller_key,
             node_id: f.node_id,
@@ -188,6 +196,7 @@ impl From<Enrollment> for EnrollmentFile {
     fn from(e: Enrollment) -> Self {
         EnrollmentFile {
             controller_url: e.controller_url,
+            controllers: e.controllers,
             fingerprint: auth::hex(&e.fingerprint),
             controller_key: e.controller_key.to_string(),
             node_id: e.node_id,
@@ -954,6 +963,7 @@ impl Daemon {
                     Ok(serial) => {
                         *have = serial;
                         self.live_serial.send_replace(serial);
+                        self.learn_controllers();
                         // For the controller's propagation latency, on the
                         // side: a slow controller must not hold up the next
                         // map or the reports. A controller without the call,
@@ -1194,9 +1204,11 @@ impl Daemon {
         }
     }
 
-    async fn control_loop(self: Arc<Self>, e: Enrollment) {
+    async fn control_loop(self: Arc<Self>, mut e: Enrollment) {
         let backoff = Backoff::default();
         let mut attempt = 0u32;
+        // Connection failures in a row at the current controller.
+        let mut failed_here = 0u32;
         // The newest serial seen, also across a re-authentication (which
         // restarts this loop after the peers and the map were dropped).
         let mut have = self
@@ -1209,9 +1221,13 @@ impl Daemon {
         // every retry is one error line, not one per attempt.
         let mut last_refusal: Option<&'static str> = None;
         loop {
+            let mut unreachable = false;
             let err = match self.session(&e, &mut have).await {
                 Ok(()) => "session ended".to_string(),
-                Err(SessionError::Retry(m)) => m,
+                Err(SessionError::Retry(m)) => {
+                    unreachable = true;
+                    m
+                }
                 Err(SessionError::Refused { reason, message }) => {
                     // Not a revocation: the data plane keeps the last verified map.
                     if last_refusal != Some(reason) {
@@ -1244,8 +1260,17 @@ impl Daemon {
             };
             if matches!(self.lock().conn, ConnState::Connected { .. }) {
                 attempt = 0;
+                failed_here = 0;
                 // A session got through: the next refusal is news again.
                 last_refusal = None;
+            } else if unreachable {
+                failed_here += 1;
+                if failed_here >= FAILOVER_AFTER {
+                    if let Some(next) = self.fail_over(&e) {
+                        e = next;
+                        failed_here = 0;
+                    }
+                }
             }
             tracing::info!(error = %err, attempt, "controller connection lost; retrying");
             self.set_conn(ConnState::Connecting {
@@ -1256,6 +1281,45 @@ impl Daemon {
             let delay = reconnect_delay(&backoff, attempt, expired);
             attempt = attempt.saturating_add(1);
             tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Moves to the next controller of the mesh after the current one
+    /// stopped answering; the choice is saved, so the node sticks to the
+    /// controller that answers, across restarts too. `None`: no other.
+    fn fail_over(&self, e: &Enrollment) -> Option<Enrollment> {
+        let mut st = self.lock();
+        let current = st.enrollment.as_mut()?;
+        let next = next_controller(&e.controller_url, &current.controllers)?.to_string();
+        tracing::warn!(from = %e.controller_url, to = %next, "controller unreachable; moving to another");
+        current.controller_url = next;
+        let moved = current.clone();
+        drop(st);
+        if let Err(err) = store_enrollment(&self.cfg.state_dir, &moved) {
+            tracing::error!(error = %err, "cannot save the controller moved to");
+        }
+        Some(moved)
+    }
+
+    /// Keeps the list of the mesh's controllers the newest map gave (a
+    /// signed map: the list is the controllers' word, not the network's).
+    fn learn_controllers(&self) {
+        let mut st = self.lock();
+        let State {
+            netmap, enrollment, ..
+        } = &mut *st;
+        let (Some(map), Some(e)) = (netmap.as_ref(), enrollment.as_mut()) else {
+            return;
+        };
+        if map.controllers.is_empty() || map.controllers == e.controllers {
+            return;
+        }
+        e.controllers = map.controllers.clone();
+        let e = e.clone();
+        drop(st);
+        tracing::info!(controllers = ?e.controllers, "the mesh's controllers");
+        if let Err(err) = store_enrollment(&self.cfg.state_dir, &e) {
+            tracing::error!(error = %err, "cannot save the mesh's controllers");
         }
     }
 
@@ -1308,14 +1372,20 @@ impl Daemon {
             .transpose()?;
         let existing = self.lock().enrollment.clone();
         let expired = self.expired.borrow().is_some();
+        // `--controller A,B`: enroll at the first; all are the mesh's
+        // controllers to fail over to (until a netmap lists them).
+        let urls: Vec<String> = args
+            .controller
+            .iter()
+            .flat_map(|s| s.split(','))
+            .map(|u| u.trim().to_string())
+            .filter(|u| !u.is_empty())
+            .collect();
         let mut reauthenticated = false;
         let enrollment = match existing {
             Some(e) => {
-                if let Some(url) = args
-                    .controller
-                    .as_deref()
-                    .filter(|u| *u != e.controller_url)
-                {
+                let known = |u: &String| *u == e.controller_url || e.controllers.contains(u);
+                if let Some(url) = urls.first().filter(|_| !urls.iter().any(known)) {
                     bail!(
                         "already enrolled as {} with {}; run `ztmesh logout` before joining {url}",
                         e.name,
@@ -1355,7 +1425,7 @@ impl Daemon {
                 }
             }
             None => {
-                let url = args.controller.ok_or_else(|| {
+                let url = urls.first().cloned().ok_or_else(|| {
                     anyhow!(
                         "not enrolled: pass --controller URL, and --auth-key KEY or \
                          --fingerprint SHA256HEX to sign in interactively"
@@ -1378,6 +1448,11 @@ impl Daemon {
                         e
                     }
                 };
+                let mut e = e;
+                if urls.len() > 1 {
+                    e.controllers = urls;
+                    store_enrollment(&self.cfg.state_dir, &e)?;
+                }
                 self.lock().enrollment = Some(e.clone());
                 e
             }

@@ -70,7 +70,9 @@ pub enum AgentCmd {
     Up {
         #[arg(long, env = "ZTMESH_SOCKET", default_value = "/run/ztmesh/ztmesh.sock")]
         socket: PathBuf,
-        /// Controller URL, e.g. https://198.18.0.1:8443.
+        /// Controller URL, e.g. https://198.18.0.1:8443; several,
+        /// comma-separated, when several controllers serve the mesh (the
+        /// node enrolls at the first and fails over to the others).
         #[arg(long)]
         controller: Option<String>,
         /// Auth key from `ztmesh-controller keys create`.

@@ -42,6 +42,8 @@ use ztmesh_tests::{
 };
 
 const CONTROLLER: &str = "controller";
+/// The second controller of the high-availability scenario.
+const STANDBY: &str = "standby";
 const CONTROLLER_PORT: u16 = 8443;
 const ALICE: &str = "alice";
 const BOB: &str = "bob";
@@ -645,6 +647,153 @@ fn node_restarted_while_controller_is_down_serves_its_last_netmap() {
     mesh.expect_denied(WEB, ALICE, 22);
 }
 
+/// A fresh database on the PostgreSQL test cluster (`scripts/pg.sh`), as a
+/// `--database` URL over its unix socket (reachable from every namespace);
+/// `None` without the cluster, unless `ZTMESH_REQUIRE_POSTGRES` is set.
+fn fresh_postgres(tag: &str) -> Option<String> {
+    let Ok(sock) = std::env::var("ZTMESH_TEST_PG") else {
+        assert!(
+            std::env::var_os("ZTMESH_REQUIRE_POSTGRES").is_none(),
+            "ZTMESH_REQUIRE_POSTGRES is set but ZTMESH_TEST_PG is not (scripts/pg.sh)"
+        );
+        println!("skipped: no PostgreSQL test cluster (scripts/pg.sh)");
+        return None;
+    };
+    let port = std::env::var("ZTMESH_TEST_PG_PORT").unwrap_or_else(|_| "5432".into());
+    let name = format!("e2e_{tag}_{}", std::process::id());
+    let out = std::process::Command::new("psql")
+        .args([
+            "-h", &sock, "-p", &port, "-U", "postgres", "-d", "postgres", "-qAt",
+        ])
+        .args([
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            &format!("CREATE DATABASE {name}"),
+        ])
+        .output()
+        .expect("psql runs");
+    assert!(out.status.success(), "CREATE DATABASE: {out:?}");
+    Some(format!(
+        "postgres://postgres@/{name}?host={sock}&port={port}"
+    ))
+}
+
+/// Scenario 7 (issue 17): two controllers serve one PostgreSQL database.
+/// Keys made on the standby enroll through the first controller; a policy
+/// set on the standby reaches nodes connected to the first; `kill -9` of
+/// the first moves every node to the standby while flows keep working, and
+/// nothing written before is lost.
+#[test]
+fn two_controllers_on_one_database_and_nodes_fail_over() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let Some(database) = fresh_postgres("ha") else {
+        return;
+    };
+    let mut mesh = Mesh::new_ha(&NODES, database);
+    mesh.admin_ok(&["users", "create", "alice@example.com"]);
+    mesh.admin_ok(&["users", "create", "bob@example.com"]);
+    mesh.set_policy(POLICY);
+    let key_on_standby = |args: &[&str]| {
+        let mut full = vec!["keys", "create"];
+        full.extend_from_slice(args);
+        let out = mesh.admin_at(STANDBY, &full);
+        assert!(out.status.success(), "keys create on the standby:\n{out}");
+        out.stdout.trim().to_owned()
+    };
+    let keys = [
+        (ALICE, key_on_standby(&["--user", "alice@example.com"])),
+        (BOB, key_on_standby(&["--user", "bob@example.com"])),
+        (WEB, key_on_standby(&["--tags", "tag:web"])),
+        (DB, key_on_standby(&["--tags", "tag:db"])),
+    ];
+    for (member, key) in &keys {
+        mesh.enroll(member, key);
+    }
+    for member in NODES {
+        mesh.restart_echo(member);
+    }
+    for (from, to, port) in ALLOWED {
+        mesh.expect_allowed(from, to, port);
+    }
+    mesh.expect_denied(ALICE, DB, 5432);
+
+    // A policy set on the standby reaches the nodes on the first controller.
+    let file = mesh.standby_dir.join("policy-db.hujson");
+    fs::write(&file, POLICY_WITH_DB_ACCESS).expect("write policy file");
+    let start = Instant::now();
+    let out = mesh.admin_at(
+        STANDBY,
+        &["policy", "set", file.to_str().expect("utf-8 path")],
+    );
+    assert!(out.status.success(), "policy set on the standby:\n{out}");
+    wait_until(PROPAGATION_WAIT, Duration::from_millis(50), || {
+        mesh.try_flow(ALICE, DB, 5432, Duration::from_millis(500))
+            .is_ok()
+    })
+    .unwrap_or_else(|e| panic!("the standby's policy never reached alice and db: {e}"));
+    report_against_target(
+        "scenario 7: policy set on the standby, in force via the other",
+        start.elapsed(),
+    );
+
+    // kill -9 the first controller: every node moves to the standby.
+    for member in NODES {
+        let st = mesh.status(member);
+        assert_eq!(
+            st["controller"]["url"],
+            mesh.controller_url(),
+            "{member}: {st:#}"
+        );
+    }
+    mesh.kill_controller();
+    let start = Instant::now();
+    // Flows do not wait for any controller.
+    for (from, to, port) in ALLOWED {
+        mesh.expect_allowed(from, to, port);
+    }
+    let standby = mesh.standby_url();
+    // Liveness bound: 5x the 30 s target.
+    wait_until(Duration::from_secs(150), Duration::from_millis(200), || {
+        NODES.iter().all(|m| {
+            let st = mesh.status(m);
+            st["controller"]["url"] == standby.as_str() && st["controller"]["state"] == "connected"
+        })
+    })
+    .unwrap_or_else(|e| {
+        let states: Vec<_> = NODES
+            .iter()
+            .map(|m| mesh.status(m)["controller"].clone())
+            .collect();
+        panic!("nodes did not all move to the standby: {e}\n{states:#?}")
+    });
+    println!(
+        "scenario 7: every node on the standby {:?} after kill -9 (target 30 s)",
+        start.elapsed()
+    );
+    // What the first controller acknowledged is there, and the standby
+    // governs the nodes now: the policy it sets is in force.
+    let users = mesh.admin_at(STANDBY, &["users", "list"]);
+    assert!(users.stdout.contains("bob@example.com"), "{users}");
+    let file = mesh.standby_dir.join("policy-base.hujson");
+    fs::write(&file, POLICY).expect("write policy file");
+    let out = mesh.admin_at(
+        STANDBY,
+        &["policy", "set", file.to_str().expect("utf-8 path")],
+    );
+    assert!(out.status.success(), "policy set on the standby:\n{out}");
+    wait_until(PROPAGATION_WAIT, Duration::from_millis(100), || {
+        mesh.try_flow(ALICE, DB, 5432, Duration::from_millis(500))
+            .is_err()
+    })
+    .unwrap_or_else(|e| panic!("alice still reaches db after the standby took it away: {e}"));
+    for (from, to, port) in ALLOWED {
+        mesh.expect_allowed(from, to, port);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The mesh fixture
 // ---------------------------------------------------------------------------
@@ -656,7 +805,12 @@ struct Mesh {
     echoes: BTreeMap<String, Proc>,
     nodes: BTreeMap<String, Node>,
     controller: Option<Proc>,
+    /// The second controller, on the same PostgreSQL database.
+    standby: Option<Proc>,
     controller_dir: TempDir,
+    standby_dir: TempDir,
+    /// The PostgreSQL database both controllers serve (`None`: SQLite).
+    database: Option<String>,
     topo: Topology,
 }
 
@@ -701,10 +855,43 @@ impl Mesh {
             echoes: BTreeMap::new(),
             nodes: BTreeMap::new(),
             controller: None,
+            standby: None,
             controller_dir: TempDir::new("controller"),
+            standby_dir: TempDir::new("standby"),
+            database: None,
             topo,
         };
         mesh.start_controller();
+        mesh
+    }
+
+    /// Two controllers serving one PostgreSQL `database`, and `members`.
+    fn new_ha(members: &[&str], database: String) -> Self {
+        let mut names = vec![CONTROLLER, STANDBY];
+        names.extend_from_slice(members);
+        let topo = Topology::new(&names);
+        let mut mesh = Self {
+            echoes: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            controller: None,
+            standby: None,
+            controller_dir: TempDir::new("controller"),
+            standby_dir: TempDir::new("standby"),
+            database: Some(database),
+            topo,
+        };
+        mesh.start_controller();
+        // One identity: the standby gets the first one's key and certificate.
+        fs::create_dir_all(mesh.standby_dir.join("data")).expect("standby data dir");
+        for f in ["controller.key", "tls.crt", "tls.key"] {
+            fs::copy(
+                mesh.data_dir().join(f),
+                mesh.standby_dir.join("data").join(f),
+            )
+            .expect("copy the controller identity");
+        }
+        let standby = mesh.spawn_controller(STANDBY);
+        mesh.standby = Some(standby);
         mesh
     }
 
@@ -749,41 +936,71 @@ impl Mesh {
         format!("https://{}:{CONTROLLER_PORT}", self.topo.addr(CONTROLLER))
     }
 
+    fn standby_url(&self) -> String {
+        format!("https://{}:{CONTROLLER_PORT}", self.topo.addr(STANDBY))
+    }
+
+    /// What `ztmesh up --controller` gets: both controllers' URLs in the
+    /// high-availability scenario.
+    fn controller_urls(&self) -> String {
+        match self.database {
+            Some(_) => format!("{},{}", self.controller_url(), self.standby_url()),
+            None => self.controller_url(),
+        }
+    }
+
+    fn dir_of(&self, which: &str) -> PathBuf {
+        match which {
+            STANDBY => self.standby_dir.join("data"),
+            _ => self.data_dir(),
+        }
+    }
+
     /// Starts `ztmesh-controller serve` (on the existing data dir, if any) and
     /// waits until both its admin socket and its TLS port answer.
     fn start_controller(&mut self) {
         assert!(self.controller.is_none(), "controller already running");
+        let proc = self.spawn_controller(CONTROLLER);
+        self.controller = Some(proc);
+    }
+
+    /// `ztmesh-controller serve` in namespace `which`, ready.
+    fn spawn_controller(&self, which: &str) -> Proc {
         let bin = bin_path("ztmesh-controller");
-        let data = self.data_dir();
+        let data = self.dir_of(which);
         let listen = format!("[::]:{CONTROLLER_PORT}");
-        let mut cmd = self.ns(CONTROLLER).command(&bin);
+        let mut cmd = self.ns(which).command(&bin);
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(&data)
             .args(["--listen", &listen])
             .env("ZTMESH_LOG", log_level());
-        let mut proc = Proc::spawn("controller/ztmesh-controller", cmd);
-        let ctl_addr = self.topo.addr(CONTROLLER).to_string();
+        if let Some(url) = &self.database {
+            cmd.env("ZTMESH_DATABASE", url)
+                .args(["--controller-url", &self.controller_urls()]);
+        }
+        let mut proc = Proc::spawn(&format!("{which}/ztmesh-controller"), cmd);
+        let ctl_addr = self.topo.addr(which).to_string();
         let ready = wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
             if !proc.is_running() {
                 return true;
             }
-            self.ns(CONTROLLER)
+            self.ns(which)
                 .tcp_connect(&ctl_addr, CONTROLLER_PORT, Duration::from_millis(200))
                 .is_ok()
                 && self
-                    .admin(&["nodes", "list", "-o", "json"])
+                    .admin_at(which, &["nodes", "list", "-o", "json"])
                     .status
                     .success()
         });
         if ready.is_err() || !proc.is_running() {
             let exit = proc.try_exit_status();
             panic!(
-                "controller not ready within 30 s (exit: {exit:?})\n{}",
+                "{which} not ready within 30 s (exit: {exit:?})\n{}",
                 proc.logs()
             );
         }
-        self.controller = Some(proc);
+        proc
     }
 
     /// SIGKILLs the controller.
@@ -795,12 +1012,17 @@ impl Mesh {
     /// Runs an admin subcommand against the local controller (unix socket in
     /// its data dir), bounded in time.
     fn admin(&self, args: &[&str]) -> CliOut {
+        self.admin_at(CONTROLLER, args)
+    }
+
+    /// [`Mesh::admin`] against controller `which`.
+    fn admin_at(&self, which: &str, args: &[&str]) -> CliOut {
         let bin = bin_path("ztmesh-controller");
-        let data = self.data_dir();
+        let data = self.dir_of(which);
         let mut full: Vec<&OsStr> = vec![bin.as_os_str()];
         full.extend(args.iter().map(OsStr::new));
         full.extend([OsStr::new("--data-dir"), data.as_os_str()]);
-        self.ns(CONTROLLER).run_bounded("admin", &full, CLI_TIMEOUT)
+        self.ns(which).run_bounded("admin", &full, CLI_TIMEOUT)
     }
 
     /// Like [`Mesh::admin`], but fails the test unless the command succeeds.
@@ -972,7 +1194,7 @@ impl Mesh {
 
     /// `ztmesh up` for `member` with `key`; returns the raw result.
     fn up(&self, member: &str, key: &str) -> CliOut {
-        let url = self.controller_url();
+        let url = self.controller_urls();
         let hostname = node_hostname(member);
         self.node_cli_raw(
             member,

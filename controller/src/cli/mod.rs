@@ -82,6 +82,14 @@ pub enum Cmd {
         /// the node reached the controller by.
         #[arg(long, value_parser = parse_public_url)]
         public_url: Option<String>,
+        /// The URL of every controller serving this mesh's database, as nodes
+        /// reach them (repeatable, or comma-separated), e.g.
+        /// `https://[fd00::1]:8443,https://[fd00::2]:8443`: each netmap lists
+        /// them, and a node whose controller stops answering moves to
+        /// another. Default: none (nodes stay with the URL they enrolled at).
+        #[arg(long = "controller-url", value_name = "URL", value_delimiter = ',',
+              value_parser = parse_public_url)]
+        controller_urls: Vec<String>,
         /// Lifetime of a signed netmap; connected nodes get a fresh one at half-life.
         #[arg(long, default_value = "12h", value_parser = parse_duration)]
         netmap_ttl: Duration,

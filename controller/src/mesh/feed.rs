@@ -5,8 +5,10 @@
 //! A log entry names what changed (a node, or the policy), never how: the
 //! reader reads the current row and applies it as a [`Change`], so an entry
 //! applied twice, late, or after the writer's own copy does no harm. Entries
-//! this controller wrote are skipped (it applied them when it wrote them).
-//! A reader that fell behind a prune re-reads every node and the policy.
+//! this controller wrote are applied again too: the row read is the one it
+//! applied (an empty diff), unless its own write committed while the call
+//! failed, which this heals. A reader that fell behind a prune re-reads
+//! every node and the policy.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
@@ -75,9 +77,12 @@ impl Mesh {
     /// resumes from there).
     pub fn catch_up(&self, now: UnixMs) -> Result<usize> {
         let turn = self.turn();
-        let changed = self.catch_up_in(&turn)?;
+        let mut changed = BTreeSet::new();
+        // What was applied before a failure is published all the same: the
+        // next call re-reads those rows, and an empty diff publishes nothing.
+        let read = self.catch_up_in(&turn, &mut changed);
         self.publish(&turn, &changed, now);
-        Ok(changed.len())
+        read.map(|()| changed.len())
     }
 
     /// [`Mesh::catch_up`] before an admin call that names or lists nodes,
@@ -92,9 +97,9 @@ impl Mesh {
         }
     }
 
-    /// [`Mesh::catch_up`] under the caller's turn, without publishing.
-    pub(super) fn catch_up_in(&self, _turn: &Turn<'_>) -> Result<BTreeSet<u64>> {
-        let mut changed = BTreeSet::new();
+    /// [`Mesh::catch_up`] under the caller's turn, adding the nodes whose
+    /// view changed to `changed` (for the caller to publish, error or not).
+    pub(super) fn catch_up_in(&self, _turn: &Turn<'_>, changed: &mut BTreeSet<u64>) -> Result<()> {
         loop {
             let pos = self.state().feed_pos;
             let batch = self.store.changes_since(pos, FEED_PAGE)?;
@@ -112,7 +117,7 @@ impl Mesh {
             };
             let mut nodes = BTreeSet::new();
             let mut policy = false;
-            for c in batch.rows.iter().filter(|c| !c.own) {
+            for c in &batch.rows {
                 match c.node {
                     Some(id) => {
                         nodes.insert(id);
@@ -148,7 +153,7 @@ impl Mesh {
                 break;
             }
         }
-        Ok(changed)
+        Ok(())
     }
 
     /// Reads the policy in force and applies it.

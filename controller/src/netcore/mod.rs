@@ -49,6 +49,8 @@ pub struct CoreConfig {
     /// How long a node's posture report stays believable; after that the
     /// node fails every posture with a condition until it reports again.
     pub posture_ttl_ms: i64,
+    /// Every controller of the mesh (`NetMap.controllers`).
+    pub controllers: Vec<String>,
 }
 
 impl CoreConfig {
@@ -711,6 +713,7 @@ impl NetCore {
                 since_ms: q.since_ms,
                 reason: q.reason.clone(),
             }),
+            controllers: self.cfg.controllers.clone(),
             ..NetMap::default()
         };
         posture

@@ -69,6 +69,7 @@ fn cfg() -> CoreConfig {
         persistent_keepalive: 25,
         relays: vec![],
         posture_ttl_ms: 60_000,
+        controllers: vec![],
     }
 }
 
@@ -449,8 +450,13 @@ fn every_map_lists_the_relays_and_stays_prosts_encoding() {
         stun_addrs: vec!["198.18.0.9:3478".into()],
         cert_sha256: vec![7; 32],
     };
+    let controllers = vec![
+        "https://[fd00::1]:8443".to_string(),
+        "https://[fd00::2]:8443".into(),
+    ];
     let cfg = CoreConfig {
         relays: vec![relay.clone()],
+        controllers: controllers.clone(),
         ..cfg()
     };
     let core = NetCore::new(cfg, policy(1), [row(1, 2, None), row(2, 2, None)], T0);
@@ -459,6 +465,7 @@ fn every_map_lists_the_relays_and_stays_prosts_encoding() {
         let map = NetMap::decode(body.as_slice()).unwrap();
         assert_eq!(map.encode_to_vec(), body, "byte-identical to prost");
         assert_eq!(map.relays, vec![relay.clone()]);
+        assert_eq!(map.controllers, controllers);
     }
 }
 

@@ -16,8 +16,10 @@
 //! change's own transaction and NOTIFY its id; each controller's
 //! [`Session`] (one connection outside the pool) LISTENs, and the
 //! controller reads the log after every wake-up and every reconnect, so a
-//! lost notification delays a change but never loses it. Because writers
-//! are serialized, log ids commit in order. The same session competes for
+//! lost notification delays a change but never loses it. Every writer of
+//! a logged table holds the write lock (the store's writes take it, and
+//! the trigger takes it too, for any other writer), so log ids commit in
+//! order and a reader that has seen id N has seen every id below it. The same session competes for
 //! the leader lock: the leader runs the singleton tasks, and stops leading
 //! the moment its session fails.
 //!
@@ -219,6 +221,9 @@ CREATE FUNCTION ztmesh_note_change() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     cid BIGINT;
 BEGIN
+    -- Log ids must commit in order: every writer holds the write lock
+    -- (ztmWRITE; re-entrant for the store's own write transactions).
+    PERFORM pg_advisory_xact_lock(8823797791735764037);
     IF TG_TABLE_NAME = 'nodes' THEN
         IF TG_OP = 'UPDATE'
            AND (to_jsonb(OLD) - 'last_seen_ms') = (to_jsonb(NEW) - 'last_seen_ms') THEN
@@ -1281,6 +1286,12 @@ pub(super) mod tests {
         Some(format!(
             "postgres://postgres@/{name}?host={sock}&port={port}"
         ))
+    }
+
+    /// The trigger spells the write lock's key as a literal.
+    #[test]
+    fn the_change_trigger_takes_the_write_lock() {
+        assert!(MIGRATIONS[2].contains(&format!("pg_advisory_xact_lock({WRITE_LOCK})")));
     }
 
     fn new_node(i: u8) -> crate::store::NewNode {

@@ -23,6 +23,26 @@ use crate::filter;
 use crate::routing::{self, Offered};
 use crate::tunnel::PeerConfig;
 
+/// The controller to try after `current` failed: the next one of `known`
+/// (every controller of the mesh, in the order the netmap lists them),
+/// wrapping around; `None` when there is no other. A node sticks to a
+/// controller while it answers and moves on only when it does not.
+pub fn next_controller<'a>(current: &str, known: &'a [String]) -> Option<&'a str> {
+    let others = known.iter().filter(|u| *u != current).count();
+    if others == 0 {
+        return None;
+    }
+    let at = known.iter().position(|u| u == current);
+    let start = at.map_or(0, |i| i + 1);
+    (0..known.len())
+        .map(|k| known[(start + k) % known.len()].as_str())
+        .find(|u| *u != current)
+}
+
+/// Connection failures in a row after which a node moves to another
+/// controller (the first may be a controller restarting).
+pub const FAILOVER_AFTER: u32 = 2;
+
 /// Reconnect delays: full jitter over an exponentially growing cap.
 #[derive(Clone, Debug)]
 pub struct Backoff {
@@ -503,6 +523,24 @@ pub fn clock_hint(skew_ms: Option<i64>) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn failover_moves_round_the_known_controllers_and_sticks_otherwise() {
+        let known: Vec<String> = ["https://a:1", "https://b:1", "https://c:1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(next_controller("https://a:1", &known), Some("https://b:1"));
+        assert_eq!(next_controller("https://c:1", &known), Some("https://a:1"));
+        // Enrolled at a URL the map does not list: the list's first.
+        assert_eq!(next_controller("https://x:1", &known), Some("https://a:1"));
+        // Nowhere else to go.
+        assert_eq!(next_controller("https://a:1", &known[..1]), None);
+        assert_eq!(next_controller("https://a:1", &[]), None);
+        let dup = vec!["https://a:1".to_string(), "https://a:1".into()];
+        assert_eq!(next_controller("https://a:1", &dup), None);
+    }
+
     use std::time::Duration;
 
     use rand::rngs::StdRng;

@@ -10,8 +10,8 @@ pub mod flows;
 pub mod login;
 
 pub use apply::{
-    clock_hint, decide, translate, Backoff, Ending, Identity, Install, NetMapGate, RefusedMap,
-    SelfMismatch, SessionEnd, Step, TranslateError, Translated,
+    clock_hint, decide, next_controller, translate, Backoff, Ending, Identity, Install, NetMapGate,
+    RefusedMap, SelfMismatch, SessionEnd, Step, TranslateError, Translated, FAILOVER_AFTER,
 };
 pub use client::{reconnect_delay, session_end, Controller, MAX_NETMAP_BYTES};
 pub use login::{LoginError, LoginFlow, LoginStep};

@@ -109,6 +109,7 @@ fn measure(n: usize, group: usize) -> serde_json::Value {
         persistent_keepalive: 25,
         relays: Vec::new(),
         posture_ttl_ms: 600_000,
+        controllers: Vec::new(),
     };
 
     // The policy compiler's share, alone.
