@@ -1441,7 +1441,15 @@ impl Mesh {
             self.audit_expired(&expired, now);
         }
         for id in stale {
-            if !self.is_leader() || !self.offline_everywhere(id, now, timeout) {
+            if !self.is_leader() {
+                continue;
+            }
+            if !self.offline_everywhere(id, now, timeout) {
+                // Alive elsewhere: look again a timeout from now, not on
+                // every tick.
+                let mut st = self.state();
+                let mono = st.mono;
+                st.offline_since.insert(id, mono);
                 continue;
             }
             if self.store.delete_node(id).is_err() {
@@ -1526,10 +1534,7 @@ impl Mesh {
         }
         // Other controllers read the change log within seconds; one that
         // falls this far behind re-reads everything.
-        match self
-            .store
-            .prune_changes(now.saturating_sub(CHANGE_LOG_AGE_MS))
-        {
+        match self.store.prune_changes(CHANGE_LOG_AGE_MS) {
             Ok(0) => {}
             Ok(n) => tracing::debug!(rows = n, "change log pruned"),
             Err(e) => tracing::error!(error = %e, "cannot prune the change log"),
@@ -1833,6 +1838,8 @@ impl Mesh {
     ) -> Result<Vec<String>> {
         let report = crate::nodeinput::sanitize_posture(attrs);
         let turn = self.turn();
+        // The row is rewritten below: start from what every controller wrote.
+        self.fresh(&turn, now);
         let row = self
             .state()
             .core
@@ -2062,6 +2069,9 @@ impl Mesh {
         let adv = crate::routes::validate_advertisement(routes, exit_node, &self.route_limits())
             .map_err(|e| Error::Invalid(e.0))?;
         let turn = self.turn();
+        // The approvals are rewritten below: start from what every
+        // controller wrote (an admin may have withdrawn one elsewhere).
+        self.fresh(&turn, now);
         let (row, policy) = {
             let st = self.state();
             let row = st

@@ -392,9 +392,10 @@ pub trait Store: Send + Sync {
     /// without a change log).
     fn changes_since(&self, after: u64, limit: u32) -> Result<ChangeBatch>;
 
-    /// Deletes change-log entries written before `older_than_ms`; returns
-    /// how many. A reader still behind them re-reads everything.
-    fn prune_changes(&self, older_than_ms: UnixMs) -> Result<u64>;
+    /// Deletes change-log entries older than `max_age_ms` by the database's
+    /// clock (the one that stamped them); returns how many. A reader still
+    /// behind them re-reads everything.
+    fn prune_changes(&self, max_age_ms: i64) -> Result<u64>;
 
     /// The next netmap serial from the database: at least `floor`, and
     /// above every serial any controller on the database took before.
@@ -1974,18 +1975,30 @@ impl<B: Backend> Store for SqlStore<B> {
         })
     }
 
-    fn prune_changes(&self, older_than_ms: UnixMs) -> Result<u64> {
+    fn prune_changes(&self, max_age_ms: i64) -> Result<u64> {
         if !B::CHANGE_LOG {
             return Ok(0);
         }
         self.db.write(|tx| {
+            // A prefix of the log: everything up to the newest old entry.
             let (n, last) = tx.one(
-                "WITH gone AS (DELETE FROM ztmesh_changes WHERE time_ms < ?1 RETURNING id)
+                "WITH gone AS (
+                     DELETE FROM ztmesh_changes WHERE id <= (
+                         SELECT COALESCE(MAX(id), 0) FROM ztmesh_changes
+                         WHERE time_ms < (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT - ?1
+                     ) RETURNING id)
                  SELECT COUNT(*), COALESCE(MAX(id), 0) FROM gone",
-                args![older_than_ms],
+                args![max_age_ms],
                 |r| Ok((r.u64(0)?, r.u64(1)?)),
             )?;
-            if n > 0 {
+            let before = tx
+                .opt(
+                    "SELECT value FROM meta WHERE key = 'changes_pruned_to'",
+                    &[],
+                    |r| r.parsed::<u64>(0),
+                )?
+                .unwrap_or(0);
+            if n > 0 && last > before {
                 tx.exec(
                     "INSERT INTO meta (key, value) VALUES ('changes_pruned_to', ?1)
                      ON CONFLICT(key) DO UPDATE SET value = excluded.value",

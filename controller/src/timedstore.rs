@@ -280,8 +280,8 @@ impl<S: Store> Store for TimedStore<S> {
         self.timed("changes_since", || self.inner.changes_since(after, limit))
     }
 
-    fn prune_changes(&self, older_than_ms: UnixMs) -> Result<u64> {
-        self.timed("prune_changes", || self.inner.prune_changes(older_than_ms))
+    fn prune_changes(&self, max_age_ms: i64) -> Result<u64> {
+        self.timed("prune_changes", || self.inner.prune_changes(max_age_ms))
     }
 
     fn take_serial(&self, floor: u64) -> Result<Option<u64>> {

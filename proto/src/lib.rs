@@ -21,6 +21,7 @@
 )]
 
 pub mod auth;
+pub mod delta;
 pub mod keys;
 pub mod netmap;
 pub mod refusal;

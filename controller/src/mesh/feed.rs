@@ -97,6 +97,20 @@ impl Mesh {
         }
     }
 
+    /// [`Mesh::catch_up`] under the caller's turn, before a change that
+    /// rewrites a row from the in-memory view; a failure is logged (the
+    /// view is as of the last catch-up).
+    pub(super) fn fresh(&self, turn: &Turn<'_>, now: UnixMs) {
+        if !self.shared.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut changed = BTreeSet::new();
+        if let Err(e) = self.catch_up_in(turn, &mut changed) {
+            tracing::warn!(error = %e, "cannot read the change log");
+        }
+        self.publish(turn, &changed, now);
+    }
+
     /// [`Mesh::catch_up`] under the caller's turn, adding the nodes whose
     /// view changed to `changed` (for the caller to publish, error or not).
     pub(super) fn catch_up_in(&self, _turn: &Turn<'_>, changed: &mut BTreeSet<u64>) -> Result<()> {

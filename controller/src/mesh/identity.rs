@@ -367,54 +367,72 @@ impl Mesh {
         let expiry = Self::expiry_at(self.key_ttl(Some(&user), &[]), now);
         let actor = format!("user:{login}");
         let turn = self.turn();
-        let existing = self
-            .state()
-            .core
-            .nodes()
-            .by_machine_key(&claim.machine_key)
-            .cloned();
-        if let Some(node) = existing {
-            if node.user.as_deref() != Some(login) {
-                return Err(Error::Forbidden(
-                    "this device is enrolled to another owner; its owner must sign in, or an \
-                     admin must delete it first"
-                        .into(),
-                ));
-            }
-            if node.wg_key != claim.wg_key {
-                return Err(Error::Conflict(
-                    "a node with this machine key and a different WireGuard key".into(),
-                ));
-            }
-            let node = self.reauthenticate(&turn, &actor, node, expiry, now)?;
-            return Ok(DeviceEnrolled {
-                response: self.enroll_response(&node),
-                node,
-                reauth: true,
-            });
-        }
-        let (name, (ipv4, ipv6)) = {
-            let mut st = self.state();
-            let name = st.core.nodes().unique_name(&dns_label(&claim.hostname));
-            let addresses = st
+        let mut attempt = 0;
+        let row = loop {
+            // As `enroll`: nodes another controller enrolled meanwhile hold
+            // their names and addresses; a lost race looks again.
+            self.fresh(&turn, now);
+            attempt += 1;
+            let existing = self
+                .state()
                 .core
-                .allocate(self.ula)
-                .map_err(|_| Error::Invalid("overlay IPv4 range exhausted".into()))?;
-            (name, addresses)
+                .nodes()
+                .by_machine_key(&claim.machine_key)
+                .cloned();
+            if let Some(node) = existing {
+                if node.user.as_deref() != Some(login) {
+                    return Err(Error::Forbidden(
+                        "this device is enrolled to another owner; its owner must sign in, or an \
+                     admin must delete it first"
+                            .into(),
+                    ));
+                }
+                if node.wg_key != claim.wg_key {
+                    return Err(Error::Conflict(
+                        "a node with this machine key and a different WireGuard key".into(),
+                    ));
+                }
+                let node = self.reauthenticate(&turn, &actor, node, expiry, now)?;
+                return Ok(DeviceEnrolled {
+                    response: self.enroll_response(&node),
+                    node,
+                    reauth: true,
+                });
+            }
+            let (name, (ipv4, ipv6)) = {
+                let mut st = self.state();
+                let name = st.core.nodes().unique_name(&dns_label(&claim.hostname));
+                let addresses = st
+                    .core
+                    .allocate(self.ula)
+                    .map_err(|_| Error::Invalid("overlay IPv4 range exhausted".into()))?;
+                (name, addresses)
+            };
+            match self.store.enroll_for_user(
+                login,
+                NewNode {
+                    name,
+                    hostname: claim.hostname.clone(),
+                    machine_key: claim.machine_key,
+                    wg_key: claim.wg_key,
+                    ipv4,
+                    ipv6,
+                    created_ms: now,
+                    expiry_ms: expiry,
+                },
+            ) {
+                Err(crate::store::StoreError::Conflict(why))
+                    if attempt < super::ENROLL_ATTEMPTS =>
+                {
+                    tracing::info!(
+                        why,
+                        attempt,
+                        "enrollment raced another controller; retrying"
+                    );
+                }
+                r => break r?,
+            }
         };
-        let row = self.store.enroll_for_user(
-            login,
-            NewNode {
-                name,
-                hostname: claim.hostname.clone(),
-                machine_key: claim.machine_key,
-                wg_key: claim.wg_key,
-                ipv4,
-                ipv6,
-                created_ms: now,
-                expiry_ms: expiry,
-            },
-        )?;
         self.audit(
             now,
             &actor,
