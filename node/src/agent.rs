@@ -73,6 +73,9 @@ const POSTURE_REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 const NETMAP_ACK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most lines of a `ReportPosture` answer kept for `status` and the log.
 const MAX_CLIPPED_LINES: usize = 32;
+/// How long `status` waits for the data plane's lock before reporting
+/// without it.
+const STATUS_LOCK_WAIT: Duration = Duration::from_secs(2);
 
 /// Daemon settings (every path and name is a flag, so several daemons can run
 /// on one machine in separate network namespaces).
@@ -1499,7 +1502,7 @@ impl Daemon {
                 bail!("timed out waiting for the controller: {why}");
             }
         }
-        Ok(self.status())
+        Ok(self.status().await)
     }
 
     /// Marks an enrollment in progress until the guard drops.
@@ -1722,12 +1725,15 @@ impl Daemon {
         Ok(json!({"state": "logged out", "controller": remote}))
     }
 
-    fn status(&self) -> serde_json::Value {
-        let relay = self
-            .dp
-            .try_lock()
-            .ok()
-            .and_then(|dp| dp.as_ref().map(|d| d.stats().relay));
+    async fn status(&self) -> serde_json::Value {
+        // The data plane's lock is held only for moments (a map install, a
+        // route change): wait for it briefly rather than report a running
+        // data plane as absent (a status read during a map install did).
+        let stats = match tokio::time::timeout(STATUS_LOCK_WAIT, self.dp.lock()).await {
+            Ok(dp) => dp.as_ref().map(DataPlane::stats),
+            Err(_) => None,
+        };
+        let relay = stats.as_ref().map(|s| s.relay.clone());
         // try_lock: a resolvectl call in progress never stalls `status`.
         let dns = self.dns.try_lock().ok().and_then(|d| {
             d.as_ref().map(|m| {
@@ -1773,11 +1779,6 @@ impl Daemon {
                 &st.posture_unreported,
             )
         };
-        let stats = self
-            .dp
-            .try_lock()
-            .ok()
-            .and_then(|dp| dp.as_ref().map(|d| d.stats()));
         let peers: Vec<serde_json::Value> = map
             .map(|m| {
                 m.peers
@@ -1932,7 +1933,7 @@ impl Daemon {
             }
             Request::Down => self.down().await,
             Request::Logout => self.logout().await,
-            Request::Status => Ok(self.status()),
+            Request::Status => Ok(self.status().await),
             Request::WgConfig {
                 include_private_key,
             } => self.wg_config(include_private_key).map(|c| json!(c)),
