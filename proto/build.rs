@@ -9,6 +9,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Keeps every SignedNetMap (one per stream in the controller's
+        // channels) small when it carries no delta.
+        .boxed(".ztmesh.control.v1.SignedNetMap.delta")
+        .boxed(".ztmesh.control.v1.NetMapDelta.rest")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -96,6 +96,7 @@ impl ControlService {
         &self,
         node: &NodeRow,
         src: Option<std::net::SocketAddr>,
+        deltas: bool,
     ) -> Result<Subscriber, Status> {
         self.mesh.throttle(node.id, Call::StreamOpen, now_ms())?;
         for _ in 0..SESSION_WAIT_STEPS {
@@ -104,7 +105,7 @@ impl ControlService {
             }
             tokio::time::sleep(SESSION_WAIT_STEP).await;
         }
-        Ok(self.mesh.open_stream_from(node.id, src, now_ms())?)
+        Ok(self.mesh.open_stream_from(node.id, src, deltas, now_ms())?)
     }
 
     /// Refuses a report unless it comes from the connection that holds the
@@ -275,8 +276,9 @@ impl Control for ControlService {
         req: Request<pb::StreamNetMapRequest>,
     ) -> Result<Response<MapStream>, Status> {
         let node = self.node(&req, M_STREAM)?;
-        let sub = self.open_session(&node, req.remote_addr()).await?;
-        tracing::info!(node = %node.name, "netmap stream opened");
+        let deltas = req.get_ref().accept_deltas;
+        let sub = self.open_session(&node, req.remote_addr(), deltas).await?;
+        tracing::info!(node = %node.name, deltas, "netmap stream opened");
         let (tx, out) = tokio::sync::mpsc::channel::<Result<pb::SignedNetMap, Status>>(1);
         tokio::spawn(forward_maps(
             self.mesh.clone(),
@@ -542,11 +544,12 @@ impl ControlService {
             Ok(n) => n,
             Err(status) => return status.into_http(),
         };
-        let sub = match self.open_session(&node, req.remote_addr()).await {
+        let deltas = req.get_ref().accept_deltas;
+        let sub = match self.open_session(&node, req.remote_addr(), deltas).await {
             Ok(s) => s,
             Err(status) => return status.into_http(),
         };
-        tracing::info!(node = %node.name, "netmap stream opened");
+        tracing::info!(node = %node.name, deltas, "netmap stream opened");
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Status>>(1);
         tokio::spawn(forward_maps(self.mesh.clone(), node, sub, tx, |m| {
             grpc_frame(&m)
@@ -557,6 +560,20 @@ impl ControlService {
             http::HeaderValue::from_static("application/grpc"),
         );
         resp
+    }
+}
+
+/// What a stream sends for a map from its channel: the delta when the map
+/// carries one (only streams that take deltas get them) and it is the
+/// smaller, else the full map.
+fn wire_form(m: pb::SignedNetMap) -> pb::SignedNetMap {
+    match m.delta {
+        Some(d) if d.encoded_len() < m.netmap.len() => pb::SignedNetMap {
+            netmap: Vec::new(),
+            signature: Vec::new(),
+            delta: Some(d),
+        },
+        _ => pb::SignedNetMap { delta: None, ..m },
     }
 }
 
@@ -585,6 +602,9 @@ async fn forward_maps<T: Send + 'static>(
             break;
         }
         if let Some(m) = sub.take() {
+            let m = wire_form(m);
+            let delta = m.delta.is_some();
+            mesh.netmap_sent(m.encoded_len(), delta);
             if tx.send(Ok(encode(m))).await.is_err() {
                 break;
             }

@@ -20,10 +20,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ipnet::{IpNet, Ipv6Net};
+use prost::Message;
 use rand_core::RngCore;
 use tokio::sync::watch;
 use ztmesh_policy::{Compiled, NodeInfo as PolicyNode, Policy};
 use ztmesh_proto::control::{self as pb, NetMap, SignedNetMap};
+use ztmesh_proto::delta::{self, Digest};
 use ztmesh_proto::keys::{PublicKey, SigningKey};
 use ztmesh_proto::refusal::AuthReason;
 
@@ -165,13 +167,34 @@ const PUBLISH_BATCH: usize = 32;
 /// (`None`: the node is no longer active; its stream is closed).
 struct Outgoing {
     id: u64,
+    conn: u64,
     tx: Arc<watch::Sender<Update>>,
     body: Option<Vec<u8>>,
+    /// The stream takes deltas; `base` is its previous map's digest.
+    deltas: bool,
+    base: Option<Digest>,
+}
+
+/// Puts `update` into a stream's channel. A map whose predecessor is still
+/// in the channel (the stream has not taken it) loses its delta: the node
+/// never gets that predecessor, so the delta would not follow its map.
+fn deliver(tx: &watch::Sender<Update>, mut update: Update) {
+    tx.send_modify(|v| {
+        if let (Update::Map(_), Update::Map(next)) = (&*v, &mut update) {
+            if let Some(next) = Arc::get_mut(next) {
+                next.delta = None;
+            }
+        }
+        *v = update;
+    });
 }
 
 /// What a node's netmap stream receives.
 #[derive(Clone, Debug)]
 pub enum Update {
+    /// A full map; on a stream that takes deltas it may also carry its
+    /// delta against the stream's previous map, and the stream sends one
+    /// of the two (see [`SignedNetMap`]'s wire rule).
     Map(Arc<SignedNetMap>),
     /// The stream ends with this reason: the node was deleted or expired
     /// (`Revoked`), or a newer session took over (`Replaced`).
@@ -216,6 +239,11 @@ struct Subscription {
     /// Where the stream comes from, for the duplicate-session audit row.
     src: Option<SocketAddr>,
     opened_ms: UnixMs,
+    /// The node takes deltas ([`ztmesh_proto::delta`]).
+    deltas: bool,
+    /// The digest of the last map put into the channel (streams that take
+    /// deltas only); taken out while a publisher builds the next map.
+    digest: Option<Digest>,
 }
 
 impl Subscription {
@@ -662,8 +690,40 @@ impl Mesh {
 
     fn sign(&self, body: Vec<u8>) -> SignedNetMap {
         self.maps_signed.fetch_add(1, Ordering::Relaxed);
-        self.metrics.netmap_built(body.len());
+        self.metrics.netmap_built();
         ztmesh_proto::netmap::sign_encoded(&self.signer, body)
+    }
+
+    /// Signs `body` for a stream. For a stream that takes deltas, the map
+    /// also carries its delta against `base` (the digest of the stream's
+    /// previous map), and the digest of this map is returned for the next.
+    fn sign_for(
+        &self,
+        body: Vec<u8>,
+        deltas: bool,
+        base: Option<&Digest>,
+    ) -> (SignedNetMap, Option<Digest>) {
+        let mut signed = self.sign(body);
+        if !deltas {
+            return (signed, None);
+        }
+        let Ok(map) = NetMap::decode(signed.netmap.as_slice()) else {
+            // The core encoded it: cannot happen; the stream sends maps in full.
+            return (signed, None);
+        };
+        if let Some(base) = base {
+            signed.delta = Some(Box::new(delta::diff_from(
+                base,
+                &map,
+                signed.signature.clone(),
+            )));
+        }
+        (signed, Some(Digest::of(&map)))
+    }
+
+    /// Metrics for a map a stream sent.
+    pub fn netmap_sent(&self, bytes: usize, delta: bool) {
+        self.metrics.netmap_sent(bytes, delta);
     }
 
     /// Sends fresh maps to the connected nodes among `changed`, and tells a
@@ -723,11 +783,15 @@ impl Mesh {
                 let outbox: Vec<Outgoing> = batch
                     .iter()
                     .filter_map(|&id| {
-                        let sub = st.subs.get(&id)?;
+                        let body = st.core.encode(id, serial, now);
+                        let sub = st.subs.get_mut(&id)?;
                         Some(Outgoing {
                             id,
+                            conn: sub.conn,
                             tx: sub.tx.clone(),
-                            body: st.core.encode(id, serial, now),
+                            body,
+                            deltas: sub.deltas,
+                            base: sub.digest.take(),
                         })
                     })
                     .collect();
@@ -747,24 +811,30 @@ impl Mesh {
                 }
                 outbox
             };
-            for Outgoing { id, tx, body } in outbox {
-                let update = match body {
-                    Some(b) => Update::Map(Arc::new(self.sign(b))),
-                    None => Update::Closed(
-                        AuthReason::Revoked,
-                        "node was deleted or has expired".into(),
+            for o in outbox {
+                let (update, digest) = match o.body {
+                    Some(b) => {
+                        let (signed, digest) = self.sign_for(b, o.deltas, o.base.as_ref());
+                        (Update::Map(Arc::new(signed)), digest)
+                    }
+                    None => (
+                        Update::Closed(
+                            AuthReason::Revoked,
+                            "node was deleted or has expired".into(),
+                        ),
+                        None,
                     ),
                 };
-                let is_map = matches!(update, Update::Map(_));
-                tx.send_replace(update);
-                sent.push((id, is_map));
+                deliver(&o.tx, update);
+                sent.push((o.id, o.conn, digest));
             }
         }
         let mut st = self.state();
         let mono = st.mono;
-        for &(id, _) in &sent {
-            if let Some(sub) = st.subs.get_mut(&id) {
+        for (id, conn, digest) in &mut sent {
+            if let Some(sub) = st.subs.get_mut(id).filter(|s| s.conn == *conn) {
                 sub.last_sent_mono = mono;
+                sub.digest = digest.take();
             }
         }
         tracing::debug!(changed = changed.len(), sent = sent.len(), "netmaps pushed");
@@ -1060,7 +1130,7 @@ impl Mesh {
     /// # Errors
     /// As [`Mesh::open_stream_from`].
     pub fn open_stream(&self, node: u64, now: UnixMs) -> Result<Subscriber> {
-        self.open_stream_from(node, None, now)
+        self.open_stream_from(node, None, false, now)
     }
 
     /// Whether `node` has a live netmap stream.
@@ -1094,7 +1164,8 @@ impl Mesh {
         Ok(())
     }
 
-    /// Opens a netmap stream for `node`, coming from `src`.
+    /// Opens a netmap stream for `node`, coming from `src`; `deltas`: the
+    /// node takes deltas after this first map.
     ///
     /// One identity, one session: while a stream of this node is live (its
     /// task still runs, i.e. its connection has not closed), another is
@@ -1114,6 +1185,7 @@ impl Mesh {
         &self,
         node: u64,
         src: Option<SocketAddr>,
+        deltas: bool,
         now: UnixMs,
     ) -> Result<Subscriber> {
         let turn = self.turn();
@@ -1164,7 +1236,7 @@ impl Mesh {
             (body, rerouted)
         };
         rerouted.remove(&node);
-        let map = self.sign(body);
+        let (map, digest) = self.sign_for(body, deltas, None);
         let mut st = self.state();
         let conn = st.next_conn;
         st.next_conn += 1;
@@ -1179,6 +1251,8 @@ impl Mesh {
                 last_sent_mono: mono,
                 src,
                 opened_ms: now,
+                deltas,
+                digest,
             },
         ) {
             // Its task is gone; close it for good measure.
@@ -2456,6 +2530,61 @@ mod tests {
         let a = ztmesh_proto::netmap::verify(&key, &first, 0, T0).unwrap();
         let b = ztmesh_proto::netmap::verify(&key, &next, a.serial, T0).unwrap();
         assert_eq!(b.inbound_rules[0].ports.len(), 1);
+    }
+
+    /// On a stream that takes deltas, each map carries its delta against
+    /// the map before it, unless that one is still in the channel (the
+    /// node never gets it): then the newer map goes in full.
+    #[test]
+    fn a_delta_follows_only_a_map_the_stream_took() {
+        let m = mesh();
+        let ids = enroll_nodes(&m, 3);
+        let key = m.controller_key();
+        let sub = m.open_stream_from(ids[0], None, true, T0).unwrap();
+        let first = sub.take().expect("the initial map");
+        assert!(first.delta.is_none(), "a stream starts with a full map");
+        let held = ztmesh_proto::netmap::verify(&key, &first, 0, T0).unwrap();
+
+        m.set_policy("admin", "p.hujson", &POLICY.replace("22,443", "22"), T0 + 1)
+            .unwrap();
+        let next = sub.take().expect("the new map");
+        let d = next
+            .delta
+            .as_deref()
+            .expect("a delta against the map taken");
+        let (got, _) = delta::apply(&key, &held, d, T0).unwrap();
+        assert_eq!(
+            got,
+            ztmesh_proto::netmap::verify(&key, &next, 0, T0).unwrap()
+        );
+        assert!(d.peers.is_empty() && d.removed_peers.is_empty() && d.inbound_rules.is_some());
+
+        // Two changes, the first map never taken: the second has no delta.
+        m.set_policy(
+            "admin",
+            "p.hujson",
+            &POLICY.replace("22,443", "443"),
+            T0 + 2,
+        )
+        .unwrap();
+        m.rename_node("admin", &ids[1].to_string(), "renamed", T0 + 3)
+            .unwrap();
+        let last = sub.take().expect("the newest map");
+        assert!(last.delta.is_none(), "its predecessor never left");
+        // Taken now, so the next one has a delta again.
+        m.rename_node("admin", &ids[2].to_string(), "renamed2", T0 + 4)
+            .unwrap();
+        let d = sub.take().unwrap().delta.expect("a delta again");
+        assert_eq!(d.peers.len(), 1, "only the renamed peer");
+
+        // A stream that did not ask never carries one.
+        m.unsubscribe(ids[0], sub.conn, T0 + 5);
+        drop(sub);
+        let plain = m.open_stream(ids[0], T0 + 5).unwrap();
+        plain.take().unwrap();
+        m.rename_node("admin", &ids[2].to_string(), "renamed3", T0 + 6)
+            .unwrap();
+        assert!(plain.take().unwrap().delta.is_none());
     }
 
     #[test]

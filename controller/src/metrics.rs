@@ -45,6 +45,7 @@ pub struct Metrics {
     enrollment_failures: Family<Label, Counter>,
     netmap_builds: Counter,
     netmap_sent_bytes: Counter,
+    netmap_deltas: Counter,
     propagation: Histogram,
     acks_ignored: Counter,
     refused_calls: Family<Label, Counter>,
@@ -106,6 +107,7 @@ impl Metrics {
             enrollment_failures: Family::default(),
             netmap_builds: Counter::default(),
             netmap_sent_bytes: Counter::default(),
+            netmap_deltas: Counter::default(),
             propagation: latency_histogram(),
             acks_ignored: Counter::default(),
             refused_calls: Family::default(),
@@ -176,11 +178,18 @@ impl Metrics {
             .inc();
     }
 
-    /// A netmap was built, signed and handed to a stream.
-    pub fn netmap_built(&self, bytes: usize) {
+    /// A netmap was built and signed.
+    pub fn netmap_built(&self) {
         self.netmap_builds.inc();
+    }
+
+    /// A stream sent a map of `bytes`, as a delta or in full.
+    pub fn netmap_sent(&self, bytes: usize, delta: bool) {
         self.netmap_sent_bytes
             .inc_by(u64::try_from(bytes).unwrap_or(u64::MAX));
+        if delta {
+            self.netmap_deltas.inc();
+        }
     }
 
     /// A node acknowledged a map `elapsed_ms` after the change behind it
@@ -250,9 +259,14 @@ impl Metrics {
         );
         r.register_with_unit(
             "netmap_sent",
-            "Signed netmap bytes handed to node streams",
+            "Netmap bytes sent on node streams (full maps and deltas)",
             Unit::Bytes,
             self.netmap_sent_bytes.clone(),
+        );
+        r.register(
+            "netmap_deltas",
+            "Netmaps sent as a delta against the stream's previous map",
+            self.netmap_deltas.clone(),
         );
         r.register_with_unit(
             "netmap_propagation",
@@ -345,8 +359,10 @@ mod tests {
         m.enrolled(EnrollMethod::Login);
         m.enrolled(EnrollMethod::Login);
         m.enrollment_failed(failure_reason(&Error::Unauthenticated("x".into())));
-        m.netmap_built(1000);
-        m.netmap_built(500);
+        m.netmap_built();
+        m.netmap_built();
+        m.netmap_sent(1000, false);
+        m.netmap_sent(500, true);
         m.netmap_applied(Some(12));
         m.netmap_applied(Some(-5));
         m.netmap_applied(None);
@@ -389,6 +405,7 @@ mod tests {
             ),
             ("ztmesh_controller_netmap_builds_total", 2.0),
             ("ztmesh_controller_netmap_sent_bytes_total", 1500.0),
+            ("ztmesh_controller_netmap_deltas_total", 1.0),
             ("ztmesh_controller_netmap_propagation_seconds_count", 2.0),
             ("ztmesh_controller_netmap_propagation_seconds_sum", 0.012),
             ("ztmesh_controller_netmap_acks_ignored_total", 1.0),

@@ -694,7 +694,10 @@ async fn a_second_machine_with_the_same_identity_is_refused_while_the_first_is_l
     let req = signed_request(
         &w.machine,
         methods::STREAM_NETMAP,
-        pb::StreamNetMapRequest { have_serial: 0 },
+        pb::StreamNetMapRequest {
+            have_serial: 0,
+            accept_deltas: false,
+        },
         now_ms(),
         &mut OsRng,
     );
@@ -998,7 +1001,10 @@ async fn every_streamed_map_lists_the_configured_relays() {
     let req = signed_request(
         &w.machine,
         methods::STREAM_NETMAP,
-        pb::StreamNetMapRequest { have_serial: 0 },
+        pb::StreamNetMapRequest {
+            have_serial: 0,
+            accept_deltas: false,
+        },
         now_ms(),
         &mut OsRng,
     );

@@ -77,7 +77,10 @@ fn stream_request(machine: &SigningKey, ts: i64) -> tonic::Request<pb::StreamNet
     signed_request(
         machine,
         methods::STREAM_NETMAP,
-        pb::StreamNetMapRequest { have_serial: 0 },
+        pb::StreamNetMapRequest {
+            have_serial: 0,
+            accept_deltas: false,
+        },
         ts,
         &mut OsRng,
     )

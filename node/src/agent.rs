@@ -34,7 +34,7 @@ use ztmesh_proto::keys::{write_secret_file, PublicKey, SigningKey, WgPrivateKey,
 use ztmesh_proto::netmap;
 use ztmesh_proto::time::now_ms;
 
-use crate::control::apply::{overlay_prefixes, Translated};
+use crate::control::apply::{overlay_prefixes, RefusedMap, Translated};
 use crate::control::login::{self, parse_address, Enrolled, EXPIRED_MESSAGE, FINGERPRINT_HINT};
 use crate::control::{
     clock_hint, next_controller, reconnect_delay, session_end, translate, Backoff, Controller,
@@ -478,11 +478,11 @@ impl Daemon {
     /// Passes a netmap through the gate and applies it; returns its serial.
     async fn apply(&self, signed: &SignedNetMap, gate: &mut NetMapGate) -> anyhow::Result<u64> {
         let exit = self.prefs.borrow().exit_node.clone();
-        let (map, t) = gate.accept(signed, now_ms(), exit.as_deref())?;
+        let (map, t, signed) = gate.accept(signed, now_ms(), exit.as_deref())?;
         {
             let dp = self.dp.lock().await;
             let dp = dp.as_ref().ok_or_else(|| anyhow!("data plane is down"))?;
-            self.install_map(dp, &map, signed, t);
+            self.install_map(dp, &map, &signed, t);
         }
         write_secret_file(&self.path("netmap.bin"), &signed.encode_to_vec())?;
         let serial = map.serial;
@@ -989,6 +989,16 @@ impl Daemon {
                     }
                     Err(err) => {
                         self.lock().refused_maps += 1;
+                        let full = err
+                            .downcast_ref::<RefusedMap>()
+                            .is_some_and(RefusedMap::needs_full_map);
+                        if full {
+                            // The stream's next map is a full one.
+                            tracing::warn!(error = %err, "netmap delta refused; asking for a full map");
+                            return Err(SessionError::Retry(format!(
+                                "{err}; asking for a full map"
+                            )));
+                        }
                         tracing::error!(error = %err, "netmap refused; keeping the previous one");
                     }
                 },

@@ -196,7 +196,7 @@ async fn a_signed_map_with_20000_peers_travels_through_grpc_and_verifies() {
         wg: wg.public(),
     };
     let mut gate = NetMapGate::new(controller.public(), me, 0);
-    let (got, translated) = gate.accept(&received, 2_000, None).expect("verifies");
+    let (got, translated, _) = gate.accept(&received, 2_000, None).expect("verifies");
     assert_eq!(got.serial, 7);
     assert_eq!(translated.peers.len(), PEERS as usize);
     assert_eq!(translated.peers[PEERS as usize - 1].allowed_ips.len(), 2);

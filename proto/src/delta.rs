@@ -66,7 +66,79 @@ pub fn diff(base: &NetMap, next: &NetMap, signature: Vec<u8>) -> NetMapDelta {
         inbound_rules: (base.inbound_rules != next.inbound_rules).then(|| InboundRules {
             rules: next.inbound_rules.clone(),
         }),
-        rest: (rest_of(base) != rest).then_some(rest),
+        rest: (rest_of(base) != rest).then(|| Box::new(rest)),
+        signature,
+    }
+}
+
+/// What the controller keeps of the last map it sent on a stream, to build
+/// the next delta without keeping the map: each peer's id and a hash of its
+/// entry, and hashes of the rules and of the other fields (16 bytes a peer).
+///
+/// The hashes are keyed per process, so nobody can aim for a collision; a
+/// collision anyway (a changed entry hashing as unchanged) leaves the
+/// change out of the delta, the node's result then fails the signature
+/// check, and it asks for a full map: a digest can cost a resync, never a
+/// wrong map.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Digest {
+    serial: u64,
+    /// (peer id, entry hash), sorted by id.
+    peers: Vec<(u64, u64)>,
+    rules: u64,
+    rest: u64,
+}
+
+/// The per-process hash of a message's encoding.
+fn hash_of(m: &impl Message) -> u64 {
+    use std::hash::BuildHasher;
+    static KEYS: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+    KEYS.get_or_init(std::hash::RandomState::new)
+        .hash_one(m.encode_to_vec())
+}
+
+impl Digest {
+    /// The digest of a full map (peers sorted by id).
+    pub fn of(m: &NetMap) -> Self {
+        Self {
+            serial: m.serial,
+            peers: m.peers.iter().map(|p| (p.id, hash_of(p))).collect(),
+            rules: hash_of(&InboundRules {
+                rules: m.inbound_rules.clone(),
+            }),
+            rest: hash_of(&rest_of(m)),
+        }
+    }
+
+    /// The serial of the map it was taken of.
+    pub fn serial(&self) -> u64 {
+        self.serial
+    }
+}
+
+/// [`diff`] against the map `base` was taken of: the same delta, unless a
+/// hash collides (see [`Digest`]).
+pub fn diff_from(base: &Digest, next: &NetMap, signature: Vec<u8>) -> NetMapDelta {
+    let old: std::collections::BTreeMap<u64, u64> = base.peers.iter().copied().collect();
+    let new: std::collections::BTreeSet<u64> = next.peers.iter().map(|p| p.id).collect();
+    let rest = rest_of(next);
+    let rules = InboundRules {
+        rules: next.inbound_rules.clone(),
+    };
+    NetMapDelta {
+        base_serial: base.serial,
+        serial: next.serial,
+        issued_at_ms: next.issued_at_ms,
+        not_after_ms: next.not_after_ms,
+        peers: next
+            .peers
+            .iter()
+            .filter(|p| old.get(&p.id) != Some(&hash_of(*p)))
+            .cloned()
+            .collect(),
+        removed_peers: old.keys().filter(|id| !new.contains(id)).copied().collect(),
+        inbound_rules: (base.rules != hash_of(&rules)).then_some(rules),
+        rest: (base.rest != hash_of(&rest)).then(|| Box::new(rest)),
         signature,
     }
 }
@@ -99,7 +171,7 @@ pub fn patch(base: &NetMap, d: &NetMapDelta) -> Result<NetMap, DeltaError> {
         Some(rest) => NetMap {
             peers: Vec::new(),
             inbound_rules: Vec::new(),
-            ..rest.clone()
+            ..(**rest).clone()
         },
         None => rest_of(base),
     };
@@ -137,6 +209,7 @@ pub fn apply(
     let signed = SignedNetMap {
         netmap: next.encode_to_vec(),
         signature: d.signature.clone(),
+        delta: None,
     };
     netmap::verify(controller, &signed, base.serial, now_ms)?;
     Ok((next, signed))
@@ -247,6 +320,17 @@ mod tests {
                 );
                 held = got;
             }
+        }
+
+        /// A delta built from the digest of a map equals the one built
+        /// from the map itself.
+        #[test]
+        fn a_digest_gives_the_same_delta_as_the_map(a in state(), b in state()) {
+            let (m1, m2) = (map(1, &a.0, &a.1, a.2), map(2, &b.0, &b.1, b.2));
+            prop_assert_eq!(
+                diff_from(&Digest::of(&m1), &m2, vec![7]),
+                diff(&m1, &m2, vec![7])
+            );
         }
 
         /// A delta that skips a map (built against an older one) is a gap.

@@ -65,6 +65,7 @@ pub fn sign_encoded(key: &SigningKey, body: Vec<u8>) -> SignedNetMap {
     SignedNetMap {
         netmap: body,
         signature,
+        delta: None,
     }
 }
 

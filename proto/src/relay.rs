@@ -72,7 +72,7 @@ pub mod kind {
 }
 
 /// One frame, borrowing the datagram and the reason from the input.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Frame<'a> {
     /// Client → relay, first frame: who I am and my current map.
     Hello { proof: NodeProof, map: SignedNetMap },
@@ -459,6 +459,7 @@ mod tests {
         SignedNetMap {
             netmap: vec![0x08; n.max(1)],
             signature: vec![1; 64],
+            delta: None,
         }
     }
 
@@ -680,6 +681,7 @@ mod tests {
         let unsigned = SignedNetMap {
             netmap: vec![1],
             signature: vec![],
+            delta: None,
         };
         let mut m = vec![kind::MAP];
         unsigned.encode(&mut m).unwrap();

@@ -15,7 +15,12 @@
 //!   data dir and port, time until every node holds a map from the new process
 //!   (nodes reconnect with the agent's jittered backoff, 250 ms base);
 //! - **memory**: the controller's VmRSS fresh (0 nodes), with N nodes enrolled,
-//!   with N connected, and with N reconnected after the restart.
+//!   with N connected, and with N reconnected after the restart;
+//! - **bytes**: netmap message bytes received, and per updated node for the
+//!   one-node join, with `--deltas` (nodes apply deltas as the agent does)
+//!   or full maps only;
+//! - with `--two-controllers` (PostgreSQL): propagation to the nodes on each
+//!   of two controllers, the policy set on the first.
 //!
 //! Policy shape: nodes are split into groups of `--group-size` (one tag each);
 //! policy version k lets every group reach itself on ports 22 and 9000+k, so
@@ -40,6 +45,7 @@ mod shape;
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
+use prost::Message;
 use rand_core::{OsRng, RngCore};
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
@@ -50,7 +56,7 @@ use ztmesh_proto::admin as apb;
 use ztmesh_proto::auth::{self, methods, signed_request};
 use ztmesh_proto::control::{self as pb, control_client::ControlClient};
 use ztmesh_proto::keys::{PublicKey, SigningKey, WgPrivateKey};
-use ztmesh_proto::netmap;
+use ztmesh_proto::{delta, netmap};
 
 /// First port of the marker range: policy version k allows port `MARKER_BASE + k`.
 const MARKER_BASE: u32 = 9000;
@@ -94,6 +100,15 @@ struct Args {
     /// Print one JSON object with all results on the last line.
     #[arg(long)]
     json: bool,
+    /// Nodes take netmap deltas (as the agent does) instead of full maps only.
+    #[arg(long)]
+    deltas: bool,
+    /// A second controller on the same PostgreSQL database (`ZTMESH_DATABASE`,
+    /// required) serves every other TLS connection; policy changes are made
+    /// on the first, and propagation is reported for the nodes on each.
+    /// No reconnect storm.
+    #[arg(long)]
+    two_controllers: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -274,8 +289,11 @@ struct Shared {
     slots: Vec<Slot>,
     verify_failures: AtomicU64,
     stream_attempts: AtomicU64,
-    /// Signed-map bytes received.
+    /// The nodes take deltas.
+    deltas: bool,
+    /// Netmap message bytes received (full maps and deltas).
     bytes: AtomicU64,
+    deltas_received: AtomicU64,
     first_failure: std::sync::Mutex<Option<String>>,
 }
 
@@ -310,7 +328,10 @@ async fn node_task(idx: usize, node: Arc<SimNode>, ch: Channel, shared: Arc<Shar
         let req = signed_request(
             &node.machine,
             methods::STREAM_NETMAP,
-            pb::StreamNetMapRequest { have_serial: have },
+            pb::StreamNetMapRequest {
+                have_serial: have,
+                accept_deltas: shared.deltas,
+            },
             now_ms(),
             &mut OsRng,
         );
@@ -322,13 +343,25 @@ async fn node_task(idx: usize, node: Arc<SimNode>, ch: Channel, shared: Arc<Shar
             let generation = shared.generation.load(Ordering::Acquire);
             let mut stream = resp.into_inner();
             let mut first = true;
+            // The map a delta applies to: the last one of this stream.
+            let mut held: Option<pb::NetMap> = None;
             while let Ok(Some(signed)) = stream.message().await {
                 attempt = 0;
-                shared.bytes.fetch_add(
-                    (signed.netmap.len() + signed.signature.len()) as u64,
-                    Ordering::Relaxed,
-                );
-                match netmap::verify(&shared.controller_key, &signed, have, now_ms()) {
+                shared
+                    .bytes
+                    .fetch_add(signed.encoded_len() as u64, Ordering::Relaxed);
+                let checked = match (&signed.delta, &held) {
+                    (Some(d), Some(base)) => {
+                        shared.deltas_received.fetch_add(1, Ordering::Relaxed);
+                        delta::apply(&shared.controller_key, base, d, now_ms())
+                            .map(|(m, _)| m)
+                            .map_err(|e| e.to_string())
+                    }
+                    (Some(_), None) => Err("a delta as the first map of a stream".to_string()),
+                    (None, _) => netmap::verify(&shared.controller_key, &signed, have, now_ms())
+                        .map_err(|e| e.to_string()),
+                };
+                match checked {
                     Ok(map) => {
                         have = map.serial;
                         let now = shared.ns();
@@ -348,6 +381,9 @@ async fn node_task(idx: usize, node: Arc<SimNode>, ch: Channel, shared: Arc<Shar
                             first = false;
                         }
                         slot.maps.fetch_add(1, Ordering::Relaxed);
+                        if shared.deltas {
+                            held = Some(map);
+                        }
                     }
                     Err(e) => shared.fail(format!("node {idx}: {e}")),
                 }
@@ -410,6 +446,9 @@ fn ms(d: Duration) -> f64 {
 async fn run(args: Args) -> anyhow::Result<()> {
     if args.nodes == 0 || args.group_size == 0 || args.per_channel == 0 || args.changes == 0 {
         bail!("--nodes, --group-size, --per-channel and --changes must be positive");
+    }
+    if args.two_controllers && std::env::var_os("ZTMESH_DATABASE").is_none() {
+        bail!("--two-controllers needs ZTMESH_DATABASE (a PostgreSQL URL both controllers share)");
     }
     if args.changes >= 999 {
         bail!("--changes must be below 999");
@@ -488,12 +527,34 @@ async fn measure(
         keys.push(k);
     }
 
-    // TLS connections, each carrying up to `per_channel` nodes.
+    // The second controller: the first one's key and certificate, the same
+    // database, its own data dir and port.
+    let mut second = None;
+    let mut url_b = url.clone();
+    if args.two_controllers {
+        let dir_b = dir.with_file_name("data-b");
+        std::fs::create_dir_all(&dir_b)?;
+        for f in ["controller.key", "tls.crt", "tls.key"] {
+            std::fs::copy(dir.join(f), dir_b.join(f)).with_context(|| format!("copying {f}"))?;
+        }
+        let port_b = free_port()?;
+        let mut b =
+            Controller::spawn(bin, &dir_b, port_b, &log.with_file_name("controller-b.log"))?;
+        wait_ready(&dir_b, &mut b, phase).await?;
+        url_b = format!("https://127.0.0.1:{port_b}");
+        println!("second controller pid {} on {url_b}", b.pid());
+        second = Some(b);
+    }
+
+    // TLS connections, each carrying up to `per_channel` nodes; with two
+    // controllers, the odd ones go to the second.
     let n_channels = n.div_ceil(args.per_channel);
     let mut channels = Vec::with_capacity(n_channels);
-    for _ in 0..n_channels {
-        channels.push(ztmesh_proto::tls::connect(&url, fp, Duration::from_secs(10)).await?);
+    for c in 0..n_channels {
+        let to = if c % 2 == 1 { &url_b } else { &url };
+        channels.push(ztmesh_proto::tls::connect(to, fp, Duration::from_secs(10)).await?);
     }
+    let on_b = |i: usize| args.two_controllers && (i / args.per_channel) % 2 == 1;
     println!(
         "{n_channels} TLS connections, {groups} groups of {}",
         args.group_size
@@ -569,7 +630,9 @@ async fn measure(
         slots: (0..n).map(|_| Slot::default()).collect(),
         verify_failures: AtomicU64::new(0),
         stream_attempts: AtomicU64::new(0),
+        deltas: args.deltas,
         bytes: AtomicU64::new(0),
+        deltas_received: AtomicU64::new(0),
         first_failure: std::sync::Mutex::new(None),
     });
     let t = Instant::now();
@@ -604,6 +667,7 @@ async fn measure(
 
     // Propagation of policy changes.
     let mut all_lat: Vec<f64> = Vec::new();
+    let mut per_node_lat: Vec<(usize, f64)> = Vec::new();
     let mut per_change = Vec::new();
     for k in 2..=args.changes + 1 {
         let text = policy(groups, k);
@@ -628,6 +692,7 @@ async fn measure(
             .iter()
             .map(|s| (s.version_at_ns.load(Ordering::Relaxed).saturating_sub(t0)) as f64 / 1e6)
             .collect();
+        per_node_lat.extend(lat.iter().copied().enumerate());
         lat.sort_by(f64::total_cmp);
         let (p50, p99, max) = (
             percentile(&lat, 50.0),
@@ -647,6 +712,23 @@ async fn measure(
         }));
         all_lat.extend(lat);
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    if args.two_controllers {
+        for (name, b) in [("first", false), ("second", true)] {
+            let mut lat: Vec<f64> = per_node_lat
+                .iter()
+                .filter(|(i, _)| on_b(*i) == b)
+                .map(|(_, l)| *l)
+                .collect();
+            lat.sort_by(f64::total_cmp);
+            let (p50, p99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
+            println!(
+                "propagation to the {} nodes on the {name} controller (policy set on the first): p50 {p50:.0} ms, p99 {p99:.0} ms",
+                lat.len()
+            );
+            out.insert(format!("prop_{name}_p50_ms"), p50.into());
+            out.insert(format!("prop_{name}_p99_ms"), p99.into());
+        }
     }
     all_lat.sort_by(f64::total_cmp);
     let (p50, p99) = (percentile(&all_lat, 50.0), percentile(&all_lat, 99.0));
@@ -676,6 +758,7 @@ async fn measure(
         .sign(&auth::enroll_message(&keys[0], &mk, &wk, &host, ts))
         .to_vec();
     let t0 = shared.ns();
+    let bytes0 = shared.bytes.load(Ordering::Relaxed);
     let started = Instant::now();
     ControlClient::new(channels[0].clone())
         .enroll(pb::EnrollRequest {
@@ -701,17 +784,21 @@ async fn measure(
         .map(|s| (s.peers_at_ns.load(Ordering::Relaxed).saturating_sub(t0)) as f64 / 1e6)
         .collect();
     lat.sort_by(f64::total_cmp);
+    // Settle: a straggling map of the join still counts.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let join_bytes = (shared.bytes.load(Ordering::Relaxed) - bytes0) as f64 / group0 as f64;
     println!(
-        "one node joins: enroll ack {:.1} ms, its {group0} group peers updated p50 {:.1} ms, max {:.1} ms",
+        "one node joins: enroll ack {:.1} ms, its {group0} group peers updated p50 {:.1} ms, max {:.1} ms; {join_bytes:.0} B received per updated node",
         ms(ack),
         percentile(&lat, 50.0),
         lat[lat.len() - 1]
     );
     out.insert("join_ack_ms".into(), ms(ack).into());
     out.insert("join_max_ms".into(), lat[lat.len() - 1].into());
+    out.insert("join_bytes_per_node".into(), join_bytes.into());
 
     // Reconnect storm.
-    if !args.no_restart {
+    if !args.no_restart && !args.two_controllers {
         ctl.kill();
         let killed = Instant::now();
         shared.generation.store(2, Ordering::Release);
@@ -774,6 +861,11 @@ async fn measure(
         bytes as f64 / maps.max(1) as f64 / 1024.0
     );
     out.insert("maps_received".into(), maps.into());
+    out.insert(
+        "deltas_received".into(),
+        shared.deltas_received.load(Ordering::Relaxed).into(),
+    );
+    out.insert("deltas".into(), args.deltas.into());
     out.insert("map_bytes_avg".into(), (bytes / maps.max(1)).into());
     out.insert(
         "loadgen_cpu_s".into(),
@@ -781,6 +873,9 @@ async fn measure(
     );
     tasks.abort_all();
     ctl.kill();
+    if let Some(mut b) = second {
+        b.kill();
+    }
     if args.json {
         println!("{}", serde_json::Value::Object(out));
     }

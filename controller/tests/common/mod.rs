@@ -294,15 +294,27 @@ pub async fn enroll(ctl: &Ctl, key: &str, host: &str) -> Result<TestNode, tonic:
     })
 }
 
-/// Opens `node`'s netmap stream on `ctl`.
+/// Opens `node`'s netmap stream on `ctl` (full maps only).
 pub async fn open_stream(
     ctl: &Ctl,
     node: &TestNode,
 ) -> Result<tonic::Streaming<pb::SignedNetMap>, tonic::Status> {
+    open_stream_with(ctl, node, false).await
+}
+
+/// Opens `node`'s netmap stream on `ctl`, taking deltas or not.
+pub async fn open_stream_with(
+    ctl: &Ctl,
+    node: &TestNode,
+    accept_deltas: bool,
+) -> Result<tonic::Streaming<pb::SignedNetMap>, tonic::Status> {
     let req = signed_request(
         &node.machine,
         methods::STREAM_NETMAP,
-        pb::StreamNetMapRequest { have_serial: 0 },
+        pb::StreamNetMapRequest {
+            have_serial: 0,
+            accept_deltas,
+        },
         now_ms(),
         &mut OsRng,
     );

@@ -341,6 +341,17 @@ pub enum RefusedMap {
     /// node's peers and rules. Re-enroll if it persists.
     #[error("netmap is for another node: its {0} does not match this node's")]
     NotForMe(SelfMismatch),
+    /// A delta that does not apply to the map held, or whose result fails
+    /// the checks: the node asks for a full map.
+    #[error(transparent)]
+    Delta(#[from] ztmesh_proto::delta::DeltaError),
+}
+
+impl RefusedMap {
+    /// Whether the node should reopen its stream for a full map.
+    pub fn needs_full_map(&self) -> bool {
+        matches!(self, Self::Delta(_))
+    }
 }
 
 /// Which part of a netmap's `self_node` names another node.
@@ -401,6 +412,8 @@ pub struct NetMapGate {
     controller: ztmesh_proto::keys::PublicKey,
     me: Identity,
     have_serial: u64,
+    /// The map last accepted through this gate, which a delta applies to.
+    held: Option<pb::NetMap>,
 }
 
 impl NetMapGate {
@@ -409,6 +422,7 @@ impl NetMapGate {
             controller,
             me,
             have_serial,
+            held: None,
         }
     }
 
@@ -416,7 +430,10 @@ impl NetMapGate {
         self.have_serial
     }
 
-    /// Checks `signed`; on success the serial in force advances.
+    /// Checks `signed` (a full map, or a delta to the map this gate last
+    /// accepted); on success the serial in force advances. Returns the map,
+    /// its translation, and the map in full as signed (to keep on disk and
+    /// show relays).
     ///
     /// # Errors
     /// [`RefusedMap`]; the serial in force is unchanged.
@@ -426,12 +443,38 @@ impl NetMapGate {
         signed: &pb::SignedNetMap,
         now_ms: UnixMs,
         exit_node: Option<&str>,
-    ) -> Result<(pb::NetMap, Translated), RefusedMap> {
-        let map = ztmesh_proto::netmap::verify(&self.controller, signed, self.have_serial, now_ms)?;
+    ) -> Result<(pb::NetMap, Translated, pb::SignedNetMap), RefusedMap> {
+        let (map, full) = match &signed.delta {
+            Some(d) => {
+                let held = self
+                    .held
+                    .as_ref()
+                    .ok_or(ztmesh_proto::delta::DeltaError::Gap {
+                        base: d.base_serial,
+                        held: self.have_serial,
+                    })?;
+                ztmesh_proto::delta::apply(&self.controller, held, d, now_ms)?
+            }
+            None => {
+                let map = ztmesh_proto::netmap::verify(
+                    &self.controller,
+                    signed,
+                    self.have_serial,
+                    now_ms,
+                )?;
+                let full = pb::SignedNetMap {
+                    netmap: signed.netmap.clone(),
+                    signature: signed.signature.clone(),
+                    delta: None,
+                };
+                (map, full)
+            }
+        };
         self.me.check(&map)?;
         let t = translate(&map, exit_node)?;
         self.have_serial = map.serial;
-        Ok((map, t))
+        self.held = Some(map.clone());
+        Ok((map, t, full))
     }
 }
 
@@ -586,6 +629,75 @@ mod tests {
         // Newer and valid: accepted.
         gate.accept(&late, 1_000, None).unwrap();
         assert_eq!(gate.have_serial(), 11);
+    }
+
+    /// A delta to the map the gate holds is applied and checked as a full
+    /// map; any delta that does not follow it (none held, another base, a
+    /// tampered change) is refused with "ask for a full map", and the
+    /// serial in force stays.
+    #[test]
+    fn gate_applies_deltas_to_the_map_it_holds_and_asks_for_a_full_one_otherwise() {
+        use ztmesh_proto::delta::{diff, DeltaError};
+        let controller = signing(101);
+        let mut m1 = map();
+        m1.serial = 10;
+        m1.not_after_ms = 5_000;
+        let mut m2 = m1.clone();
+        m2.serial = 11;
+        m2.peers.push(pb::Peer {
+            id: 3,
+            name: "db".into(),
+            wg_key: vec![10; 32],
+            allowed_ips: vec!["100.64.0.3/32".into()],
+            ..Default::default()
+        });
+        m2.inbound_rules.clear();
+        let full2 = ztmesh_proto::netmap::sign(&controller, &m2);
+        let as_delta = |d: pb::NetMapDelta| pb::SignedNetMap {
+            delta: Some(Box::new(d)),
+            ..Default::default()
+        };
+        let d12 = as_delta(diff(&m1, &m2, full2.signature.clone()));
+
+        // Nothing held yet (a fresh stream): a gap.
+        let mut gate = NetMapGate::new(controller.public(), me(), 0);
+        let err = gate.accept(&d12, 1_000, None).unwrap_err();
+        assert!(err.needs_full_map(), "{err}");
+        assert_eq!(gate.have_serial(), 0);
+
+        gate.accept(&ztmesh_proto::netmap::sign(&controller, &m1), 1_000, None)
+            .unwrap();
+        // Tampered: the new peer left out of the delta.
+        let mut bad = diff(&m1, &m2, full2.signature.clone());
+        bad.peers.clear();
+        let err = gate.accept(&as_delta(bad), 1_000, None).unwrap_err();
+        assert!(err.needs_full_map(), "{err}");
+        assert_eq!(gate.have_serial(), 10);
+
+        let (got, t, full) = gate.accept(&d12, 1_000, None).unwrap();
+        assert_eq!(got, m2);
+        assert_eq!(full, full2, "the node keeps the full map as signed");
+        assert!(t.rules.rules.is_empty(), "an emptied rule set is deny-all");
+        assert_eq!(gate.have_serial(), 11);
+
+        // A delta from m1 again (another base than the one held): a gap.
+        let mut m3 = m2.clone();
+        m3.serial = 12;
+        let skip = as_delta(diff(
+            &m1,
+            &m3,
+            ztmesh_proto::netmap::sign(&controller, &m3).signature,
+        ));
+        match gate.accept(&skip, 1_000, None) {
+            Err(RefusedMap::Delta(DeltaError::Gap { base: 10, held: 11 })) => {}
+            other => panic!("expected a gap, got {other:?}"),
+        }
+        // A full map is not a delta: never "ask for a full map".
+        let forged = ztmesh_proto::netmap::sign(&signing(102), &m3);
+        assert!(!gate
+            .accept(&forged, 1_000, None)
+            .unwrap_err()
+            .needs_full_map());
     }
 
     /// The identity `map()` is addressed to.

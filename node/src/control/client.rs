@@ -211,7 +211,10 @@ impl Controller {
         let req = signed_request(
             machine,
             methods::STREAM_NETMAP,
-            pb::StreamNetMapRequest { have_serial },
+            pb::StreamNetMapRequest {
+                have_serial,
+                accept_deltas: true,
+            },
             now_ms(),
             &mut OsRng,
         );
