@@ -779,12 +779,14 @@ impl Mesh {
         // still being encoded, and no lock window grows with the mesh.
         for batch in ids.chunks(PUBLISH_BATCH) {
             let outbox: Vec<Outgoing> = {
-                let mut st = self.state();
+                let mut guard = self.state();
+                let st = &mut *guard;
                 let outbox: Vec<Outgoing> = batch
                     .iter()
                     .filter_map(|&id| {
-                        let body = st.core.encode(id, serial, now);
+                        // Connected nodes only: a map is built for a stream.
                         let sub = st.subs.get_mut(&id)?;
+                        let body = st.core.encode(id, serial, now);
                         Some(Outgoing {
                             id,
                             conn: sub.conn,

@@ -289,6 +289,10 @@ struct Daemon {
     dp: tokio::sync::Mutex<Option<DataPlane>>,
     /// Serial of the last netmap applied from a live controller session.
     live_serial: watch::Sender<u64>,
+    /// Streams ask for netmap deltas; off for the life of the process once
+    /// one was refused (a controller whose maps this node cannot re-encode,
+    /// e.g. a newer schema, would otherwise cost a reconnect per change).
+    deltas: std::sync::atomic::AtomicBool,
     /// The controller's message while it refuses this node because its key
     /// expired (peers dropped; `ztmesh up` signs in again); `None` otherwise.
     expired: watch::Sender<Option<String>>,
@@ -870,7 +874,11 @@ impl Daemon {
         prefs.mark_unchanged();
         let mut advertised = self.advertise(&mut ctl).await;
         let mut stream = ctl
-            .stream(&self.keys().machine, *have)
+            .stream(
+                &self.keys().machine,
+                *have,
+                self.deltas.load(std::sync::atomic::Ordering::Relaxed),
+            )
             .await
             .map_err(status_error)?;
         let mut gate = NetMapGate::new(key, self.identity(e), *have);
@@ -993,10 +1001,12 @@ impl Daemon {
                             .downcast_ref::<RefusedMap>()
                             .is_some_and(RefusedMap::needs_full_map);
                         if full {
-                            // The stream's next map is a full one.
-                            tracing::warn!(error = %err, "netmap delta refused; asking for a full map");
+                            // The next stream's maps are all full ones.
+                            self.deltas
+                                .store(false, std::sync::atomic::Ordering::Relaxed);
+                            tracing::warn!(error = %err, "netmap delta refused; full maps only from now on");
                             return Err(SessionError::Retry(format!(
-                                "{err}; asking for a full map"
+                                "{err}; asking for full maps"
                             )));
                         }
                         tracing::error!(error = %err, "netmap refused; keeping the previous one");
@@ -1845,6 +1855,7 @@ impl Daemon {
                 "expires_in_secs": secs_between(now_ms(), m.not_after_ms),
                 "inbound_rules": m.inbound_rules.len(),
                 "refused": st.refused_maps,
+                "deltas": self.deltas.load(std::sync::atomic::Ordering::Relaxed),
             })),
             "interface": self.cfg.interface,
             "data_plane": stats.is_some(),
@@ -2340,6 +2351,7 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
         }),
         dp: tokio::sync::Mutex::new(None),
         live_serial,
+        deltas: std::sync::atomic::AtomicBool::new(true),
         expired: watch::channel(None).0,
         posture: Arc::new(Mutex::new(Collector::default())),
     });

@@ -156,6 +156,13 @@ pub fn patch(base: &NetMap, d: &NetMapDelta) -> Result<NetMap, DeltaError> {
             held: base.serial,
         });
     }
+    if d.removed_peers.len() > base.peers.len() {
+        return Err(DeltaError::Malformed(format!(
+            "{} peers removed from a map of {}",
+            d.removed_peers.len(),
+            base.peers.len()
+        )));
+    }
     let mut touched = std::collections::BTreeSet::new();
     for id in d
         .peers

@@ -371,8 +371,20 @@ fn decode_hello(body: &[u8]) -> Result<Frame<'_>, FrameError> {
     Ok(Frame::Hello { proof, map })
 }
 
+/// A full signed map as a relay reads it: `SignedNetMap` without its
+/// `delta` field, which prost then skips unread. Decoding a delta would
+/// let anyone who connects (before any proof is checked) turn a frame of
+/// empty peer entries into many times its size in memory.
+#[derive(Clone, PartialEq, prost::Message)]
+struct FullMapOnly {
+    #[prost(bytes = "vec", tag = "1")]
+    netmap: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    signature: Vec<u8>,
+}
+
 fn decode_map(frame: &'static str, bytes: &[u8]) -> Result<SignedNetMap, FrameError> {
-    let map = SignedNetMap::decode(bytes).map_err(|_| FrameError::Malformed {
+    let map = FullMapOnly::decode(bytes).map_err(|_| FrameError::Malformed {
         frame,
         field: "signed map",
     })?;
@@ -382,7 +394,11 @@ fn decode_map(frame: &'static str, bytes: &[u8]) -> Result<SignedNetMap, FrameEr
             field: "signed map",
         });
     }
-    Ok(map)
+    Ok(SignedNetMap {
+        netmap: map.netmap,
+        signature: map.signature,
+        delta: None,
+    })
 }
 
 /// A cursor over a frame body that names what is missing.
@@ -720,6 +736,33 @@ mod tests {
                 extra: 1
             })
         ));
+    }
+
+    /// A map frame carrying a delta (a million empty peer entries, two
+    /// bytes each on the wire) decodes without reading it: the relay takes
+    /// full maps only and never builds what a delta would describe.
+    #[test]
+    fn a_relay_never_decodes_a_delta() {
+        let mut body = vec![kind::MAP];
+        SignedNetMap {
+            netmap: vec![0x08, 1],
+            signature: vec![1; 64],
+            delta: None,
+        }
+        .encode(&mut body)
+        .unwrap();
+        let empties: Vec<u8> = [0x2a, 0x00].repeat(1_000_000);
+        // Field 3 (delta), length-delimited, holding the peer entries.
+        body.push(0x1a);
+        prost::encoding::encode_varint(empties.len() as u64, &mut body);
+        body.extend_from_slice(&empties);
+        match decode_frame(&body) {
+            Ok(Frame::Map(m)) => {
+                assert!(m.delta.is_none());
+                assert_eq!(m.netmap, [0x08, 1]);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

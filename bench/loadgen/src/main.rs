@@ -385,7 +385,11 @@ async fn node_task(idx: usize, node: Arc<SimNode>, ch: Channel, shared: Arc<Shar
                             held = Some(map);
                         }
                     }
-                    Err(e) => shared.fail(format!("node {idx}: {e}")),
+                    Err(e) => {
+                        shared.fail(format!("node {idx}: {e}"));
+                        // As the agent: the next stream starts with a full map.
+                        break;
+                    }
                 }
             }
         }

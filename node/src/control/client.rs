@@ -199,7 +199,7 @@ impl Controller {
         }
     }
 
-    /// Opens the netmap stream.
+    /// Opens the netmap stream (taking deltas after its first map, or not).
     ///
     /// # Errors
     /// Authentication or transport failures.
@@ -207,13 +207,14 @@ impl Controller {
         &mut self,
         machine: &SigningKey,
         have_serial: u64,
+        accept_deltas: bool,
     ) -> Result<tonic::Streaming<pb::SignedNetMap>, tonic::Status> {
         let req = signed_request(
             machine,
             methods::STREAM_NETMAP,
             pb::StreamNetMapRequest {
                 have_serial,
-                accept_deltas: true,
+                accept_deltas,
             },
             now_ms(),
             &mut OsRng,
