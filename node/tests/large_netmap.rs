@@ -182,7 +182,7 @@ async fn a_signed_map_with_20000_peers_travels_through_grpc_and_verifies() {
 
     let mut ctl = Controller::from_channel(channel);
     let received = tokio::time::timeout(Duration::from_secs(120), async {
-        let mut stream = ctl.stream(&machine, 0).await?;
+        let mut stream = ctl.stream(&machine, 0, false).await?;
         stream.message().await
     })
     .await
