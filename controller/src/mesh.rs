@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ipnet::{IpNet, Ipv6Net};
-use prost::Message;
 use rand_core::RngCore;
 use tokio::sync::watch;
 use ztmesh_policy::{Compiled, NodeInfo as PolicyNode, Policy};
@@ -707,18 +706,19 @@ impl Mesh {
         if !deltas {
             return (signed, None);
         }
-        let Ok(map) = NetMap::decode(signed.netmap.as_slice()) else {
-            // The core encoded it: cannot happen; the stream sends maps in full.
-            return (signed, None);
+        // Read from the encoded map: only what changed is decoded. The
+        // core encoded it, so `None` cannot happen; the map then goes in
+        // full and the next one too.
+        let digest = match base {
+            Some(base) => delta::diff_encoded(base, &signed.netmap, signed.signature.clone()).map(
+                |(d, digest)| {
+                    signed.delta = Some(Box::new(d));
+                    digest
+                },
+            ),
+            None => Digest::of_encoded(&signed.netmap),
         };
-        if let Some(base) = base {
-            signed.delta = Some(Box::new(delta::diff_from(
-                base,
-                &map,
-                signed.signature.clone(),
-            )));
-        }
-        (signed, Some(Digest::of(&map)))
+        (signed, digest)
     }
 
     /// Metrics for a map a stream sent.

@@ -74,6 +74,7 @@ pub fn diff(base: &NetMap, next: &NetMap, signature: Vec<u8>) -> NetMapDelta {
 /// What the controller keeps of the last map it sent on a stream, to build
 /// the next delta without keeping the map: each peer's id and a hash of its
 /// entry, and hashes of the rules and of the other fields (16 bytes a peer).
+/// Taken from the encoded map as signed, without decoding it.
 ///
 /// The hashes are keyed per process, so nobody can aim for a collision; a
 /// collision anyway (a changed entry hashing as unchanged) leaves the
@@ -89,25 +90,131 @@ pub struct Digest {
     rest: u64,
 }
 
-/// The per-process hash of a message's encoding.
-fn hash_of(m: &impl Message) -> u64 {
+/// `NetMap`'s field numbers the digest treats apart.
+const SERIAL: u32 = 1;
+const ISSUED: u32 = 2;
+const NOT_AFTER: u32 = 3;
+const PEERS: u32 = 5;
+const RULES: u32 = 6;
+
+/// A fresh hasher with the per-process keys.
+fn hasher() -> std::hash::DefaultHasher {
     use std::hash::BuildHasher;
     static KEYS: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
-    KEYS.get_or_init(std::hash::RandomState::new)
-        .hash_one(m.encode_to_vec())
+    KEYS.get_or_init(std::hash::RandomState::new).build_hasher()
+}
+
+fn hash_bytes(b: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = hasher();
+    h.write(b);
+    h.finish()
+}
+
+/// Reads one field (key and value) off the front of `buf`: its number
+/// and, for a varint, its value. `None` if the bytes are not a field.
+fn read_field(buf: &mut &[u8]) -> Option<(u32, Option<u64>)> {
+    use prost::encoding::{decode_key, decode_varint, WireType};
+    let (tag, wire) = decode_key(buf).ok()?;
+    let skip = match wire {
+        WireType::Varint => return Some((tag, Some(decode_varint(buf).ok()?))),
+        WireType::SixtyFourBit => 8,
+        WireType::ThirtyTwoBit => 4,
+        WireType::LengthDelimited => usize::try_from(decode_varint(buf).ok()?).ok()?,
+        WireType::StartGroup | WireType::EndGroup => return None,
+    };
+    *buf = buf.get(skip..)?;
+    Some((tag, None))
+}
+
+/// The top-level fields of an encoded message, in order: each field's
+/// number and its bytes, key included (so any run of them decodes as the
+/// message with just those fields). `None` if the bytes are not a message.
+fn top_fields(body: &[u8]) -> Option<Vec<(u32, &[u8])>> {
+    let mut out = Vec::new();
+    let mut buf = body;
+    while !buf.is_empty() {
+        let before = buf;
+        let (tag, _) = read_field(&mut buf)?;
+        out.push((tag, &before[..before.len() - buf.len()]));
+    }
+    Some(out)
+}
+
+/// The id of an encoded peer entry (a whole field 5 of `NetMap`), read
+/// without decoding the entry.
+fn peer_id(field: &[u8]) -> Option<u64> {
+    use prost::encoding::{decode_key, decode_varint};
+    let mut buf = field;
+    decode_key(&mut buf).ok()?;
+    let len = usize::try_from(decode_varint(&mut buf).ok()?).ok()?;
+    let mut entry = buf.get(..len)?;
+    let mut id = 0;
+    while !entry.is_empty() {
+        if let (1, Some(v)) = read_field(&mut entry)? {
+            id = v;
+        }
+    }
+    Some(id)
+}
+
+/// A map's fields sorted into what a digest and a delta treat apart.
+struct Split<'a> {
+    digest: Digest,
+    /// The header fields (serial, issued, not after).
+    header: Vec<u8>,
+    /// Each peer entry, with its id and hash, in order.
+    peers: Vec<(u64, u64, &'a [u8])>,
+    rules: Vec<u8>,
+    rest: Vec<u8>,
+}
+
+fn split(body: &[u8]) -> Option<Split<'_>> {
+    use std::hash::Hasher;
+    let mut out = Split {
+        digest: Digest::default(),
+        header: Vec::new(),
+        peers: Vec::new(),
+        rules: Vec::new(),
+        rest: Vec::new(),
+    };
+    let (mut rules, mut rest) = (hasher(), hasher());
+    for (tag, field) in top_fields(body)? {
+        match tag {
+            SERIAL | ISSUED | NOT_AFTER => out.header.extend_from_slice(field),
+            PEERS => {
+                let id = peer_id(field)?;
+                out.peers.push((id, hash_bytes(field), field));
+            }
+            RULES => {
+                rules.write(field);
+                out.rules.extend_from_slice(field);
+            }
+            _ => {
+                rest.write(field);
+                out.rest.extend_from_slice(field);
+            }
+        }
+    }
+    out.digest = Digest {
+        serial: NetMap::decode(out.header.as_slice()).ok()?.serial,
+        peers: out.peers.iter().map(|&(id, h, _)| (id, h)).collect(),
+        rules: rules.finish(),
+        rest: rest.finish(),
+    };
+    Some(out)
 }
 
 impl Digest {
-    /// The digest of a full map (peers sorted by id).
+    /// The digest of a map encoded as the controller signs it (peers
+    /// sorted by id); `None` if the bytes are not a `NetMap`.
+    pub fn of_encoded(body: &[u8]) -> Option<Self> {
+        split(body).map(|s| s.digest)
+    }
+
+    /// The digest of a full map.
     pub fn of(m: &NetMap) -> Self {
-        Self {
-            serial: m.serial,
-            peers: m.peers.iter().map(|p| (p.id, hash_of(p))).collect(),
-            rules: hash_of(&InboundRules {
-                rules: m.inbound_rules.clone(),
-            }),
-            rest: hash_of(&rest_of(m)),
-        }
+        Self::of_encoded(&m.encode_to_vec()).expect("prost encodes a message")
     }
 
     /// The serial of the map it was taken of.
@@ -116,31 +223,56 @@ impl Digest {
     }
 }
 
-/// [`diff`] against the map `base` was taken of: the same delta, unless a
-/// hash collides (see [`Digest`]).
-pub fn diff_from(base: &Digest, next: &NetMap, signature: Vec<u8>) -> NetMapDelta {
-    let old: std::collections::BTreeMap<u64, u64> = base.peers.iter().copied().collect();
-    let new: std::collections::BTreeSet<u64> = next.peers.iter().map(|p| p.id).collect();
-    let rest = rest_of(next);
-    let rules = InboundRules {
-        rules: next.inbound_rules.clone(),
-    };
-    NetMapDelta {
+/// [`diff`] from the digest of the base to the map encoded in `body` (as
+/// signed, peers sorted by id), and the digest of that map. The same delta
+/// as [`diff`] unless a hash collides (see [`Digest`]); only what changed
+/// is decoded. `None` if `body` is not a `NetMap`.
+pub fn diff_encoded(
+    base: &Digest,
+    body: &[u8],
+    signature: Vec<u8>,
+) -> Option<(NetMapDelta, Digest)> {
+    let next = split(body)?;
+    let header = NetMap::decode(next.header.as_slice()).ok()?;
+    let mut changed = Vec::new();
+    for &(id, h, field) in &next.peers {
+        let old = base
+            .peers
+            .binary_search_by_key(&id, |&(id, _)| id)
+            .ok()
+            .map(|i| base.peers[i].1);
+        if old != Some(h) {
+            changed.extend_from_slice(field);
+        }
+    }
+    let kept: std::collections::HashSet<u64> = next.peers.iter().map(|&(id, _, _)| id).collect();
+    let delta = NetMapDelta {
         base_serial: base.serial,
-        serial: next.serial,
-        issued_at_ms: next.issued_at_ms,
-        not_after_ms: next.not_after_ms,
-        peers: next
+        serial: header.serial,
+        issued_at_ms: header.issued_at_ms,
+        not_after_ms: header.not_after_ms,
+        peers: NetMap::decode(changed.as_slice()).ok()?.peers,
+        removed_peers: base
             .peers
             .iter()
-            .filter(|p| old.get(&p.id) != Some(&hash_of(*p)))
-            .cloned()
+            .map(|&(id, _)| id)
+            .filter(|id| !kept.contains(id))
             .collect(),
-        removed_peers: old.keys().filter(|id| !new.contains(id)).copied().collect(),
-        inbound_rules: (base.rules != hash_of(&rules)).then_some(rules),
-        rest: (base.rest != hash_of(&rest)).then(|| Box::new(rest)),
+        inbound_rules: if base.rules == next.digest.rules {
+            None
+        } else {
+            Some(InboundRules {
+                rules: NetMap::decode(next.rules.as_slice()).ok()?.inbound_rules,
+            })
+        },
+        rest: if base.rest == next.digest.rest {
+            None
+        } else {
+            Some(Box::new(NetMap::decode(next.rest.as_slice()).ok()?))
+        },
         signature,
-    }
+    };
+    Some((delta, next.digest))
 }
 
 /// `base` with `d` applied, unverified (see [`apply`]).
@@ -334,10 +466,9 @@ mod tests {
         #[test]
         fn a_digest_gives_the_same_delta_as_the_map(a in state(), b in state()) {
             let (m1, m2) = (map(1, &a.0, &a.1, a.2), map(2, &b.0, &b.1, b.2));
-            prop_assert_eq!(
-                diff_from(&Digest::of(&m1), &m2, vec![7]),
-                diff(&m1, &m2, vec![7])
-            );
+            let (d, digest) = diff_encoded(&Digest::of(&m1), &m2.encode_to_vec(), vec![7]).unwrap();
+            prop_assert_eq!(d, diff(&m1, &m2, vec![7]));
+            prop_assert_eq!(digest, Digest::of(&m2));
         }
 
         /// A delta that skips a map (built against an older one) is a gap.

@@ -32,6 +32,8 @@
 #                       postgres2: two controllers on one PostgreSQL database,
 #                       every other TLS connection on the second, the policy
 #                       set on the first (no reconnect storm)
+#   ALL_TO_ALL=1        every node reaches every other ("*"), one group of N
+#                       (GROUP ignored): where a full map per change costs most
 #   DELTAS="on"         the simulated nodes take netmap deltas (on, as the
 #                       agent does) or full maps only (off); "off on" side by side
 set -euo pipefail
@@ -98,7 +100,8 @@ for engine in $ENGINES; do
             env ${database:+ZTMESH_DATABASE=$database} "$BIN/ztmesh-loadgen" --nodes "$n" --group-size "$GROUP" \
                 --changes "$CHANGES" --controller-bin "$CONTROLLER_BIN" \
                 $([[ $deltas == on ]] && echo --deltas) \
-                $([[ $engine == postgres2 ]] && echo --two-controllers) --json |
+                $([[ $engine == postgres2 ]] && echo --two-controllers) \
+                $([[ -n ${ALL_TO_ALL:-} ]] && echo --all-to-all) --json |
                 tee /dev/stderr | tail -n 1 |
                 python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r["engine"]=sys.argv[1]; print(json.dumps(r))' "$engine" >>"$RAW"
         done

@@ -19,6 +19,8 @@
 //! - **bytes**: netmap message bytes received, and per updated node for the
 //!   one-node join, with `--deltas` (nodes apply deltas as the agent does)
 //!   or full maps only;
+//! - with `--all-to-all`, the same in one group where every node reaches
+//!   every other (`*`);
 //! - with `--two-controllers` (PostgreSQL): propagation to the nodes on each
 //!   of two controllers, the policy set on the first.
 //!
@@ -109,10 +111,18 @@ struct Args {
     /// No reconnect storm.
     #[arg(long)]
     two_controllers: bool,
+    /// Every node may reach every other (`"src": ["*"]`, one group of all
+    /// nodes; `--group-size` is ignored): the mesh where a full map per
+    /// change costs the most.
+    #[arg(long)]
+    all_to_all: bool,
 }
 
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if args.all_to_all {
+        args.group_size = args.nodes;
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
         .enable_all()
@@ -242,7 +252,15 @@ fn free_port() -> anyhow::Result<u16> {
 
 // ---- policy -------------------------------------------------------------------
 
-fn policy(groups: usize, version: u32) -> String {
+fn policy(all_to_all: bool, groups: usize, version: u32) -> String {
+    if all_to_all {
+        // The tag stays owned: the auth keys are tagged.
+        return format!(
+            r#"{{"tagOwners": {{"tag:lg0": []}},
+"acls": [{{"action": "accept", "src": ["*"], "dst": ["*:22,{}"]}}]}}"#,
+            MARKER_BASE + version
+        );
+    }
     shape::policy(groups, MARKER_BASE + version)
 }
 
@@ -510,7 +528,7 @@ async fn measure(
     admin
         .set_policy(apb::SetPolicyRequest {
             file_name: "loadgen.hujson".into(),
-            text: policy(groups, 1),
+            text: policy(args.all_to_all, groups, 1),
         })
         .await
         .map_err(|s| anyhow!("setting the policy: {}", s.message()))?;
@@ -674,7 +692,7 @@ async fn measure(
     let mut per_node_lat: Vec<(usize, f64)> = Vec::new();
     let mut per_change = Vec::new();
     for k in 2..=args.changes + 1 {
-        let text = policy(groups, k);
+        let text = policy(args.all_to_all, groups, k);
         let cpu0 = ctl.cpu_secs();
         let own0 = proc_cpu_secs("/proc/self/stat").unwrap_or(0.0);
         let t0 = shared.ns();
