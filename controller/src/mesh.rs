@@ -159,6 +159,17 @@ pub const MAX_FLOW_ROWS_PER_REPORT: usize = 100;
 /// [`Mesh::flush`] in one transaction), so a restart finds it recent.
 pub const SEEN_REFRESH_MS: u64 = 60_000;
 
+/// How far past the lowest free address an enrollment that lost a race
+/// looks: at random in 1..=4096.
+#[expect(
+    clippy::disallowed_types,
+    reason = "spreads controllers racing for addresses; any value is correct"
+)]
+fn race_skip() -> u32 {
+    use rand_core::{OsRng, RngCore};
+    1 + OsRng.next_u32() % 4096
+}
+
 /// Maps encoded per hold of the state lock while publishing.
 const PUBLISH_BATCH: usize = 32;
 
@@ -973,8 +984,11 @@ impl Mesh {
                 tracing::warn!(error = %e, "cannot read the change log before enrolling");
             }
             self.publish(&turn, &caught, now);
+            // After a lost race, the other controller is likely taking the
+            // next free addresses too: look further on, at random.
+            let skip = if attempt == 0 { 0 } else { race_skip() };
             attempt += 1;
-            match self.enroll_once(&turn, &claim, expiry_ms, now) {
+            match self.enroll_once(&turn, &claim, expiry_ms, skip, now) {
                 Err(Error::Conflict(why)) if attempt < ENROLL_ATTEMPTS => {
                     tracing::info!(
                         why,
@@ -1019,6 +1033,7 @@ impl Mesh {
         turn: &Turn<'_>,
         claim: &crate::auth::EnrollClaim,
         expiry_ms: UnixMs,
+        skip: u32,
         now: UnixMs,
     ) -> Result<Enrolled> {
         let key = &claim.key;
@@ -1038,7 +1053,7 @@ impl Mesh {
             let name = st.core.nodes().unique_name(&dns_label(&claim.hostname));
             let addresses = st
                 .core
-                .allocate(self.ula)
+                .allocate_skipping(self.ula, skip)
                 .map_err(|_| Error::Invalid("overlay IPv4 range exhausted".into()))?;
             (name, addresses, st.core.policy().clone())
         };

@@ -102,7 +102,7 @@ for engine in $ENGINES; do
                 $([[ $deltas == on ]] && echo --deltas) \
                 $([[ $engine == postgres2 ]] && echo --two-controllers) \
                 $([[ -n ${ALL_TO_ALL:-} ]] && echo --all-to-all) --json |
-                tee /dev/stderr | tail -n 1 |
+                tee >(cat >&2) | tail -n 1 |
                 python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r["engine"]=sys.argv[1]; print(json.dumps(r))' "$engine" >>"$RAW"
         done
     done

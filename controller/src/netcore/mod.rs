@@ -610,6 +610,15 @@ impl NetCore {
         self.table.allocate(ula)
     }
 
+    /// See [`NodeTable::allocate_skipping`].
+    pub fn allocate_skipping(
+        &mut self,
+        ula: Ipv6Net,
+        skip: u32,
+    ) -> Result<(std::net::Ipv4Addr, std::net::Ipv6Addr), Exhausted> {
+        self.table.allocate_skipping(ula, skip)
+    }
+
     pub fn compiled(&self) -> &Compiled {
         &self.compiled
     }

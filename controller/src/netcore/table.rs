@@ -140,11 +140,33 @@ impl NodeTable {
     /// # Errors
     /// [`Exhausted`] when every address is taken.
     pub fn allocate(&mut self, ula: Ipv6Net) -> Result<(Ipv4Addr, Ipv6Addr), Exhausted> {
-        let offset = (self.v4_hint.max(1)..V4_OFFSETS)
+        self.allocate_skipping(ula, 0)
+    }
+
+    /// [`NodeTable::allocate`], searching from `skip` offsets past the
+    /// lowest free one (round to the start if nothing is free there). Two
+    /// controllers enrolling at once both pick the lowest free pair; the
+    /// one that lost the race retries with a random skip instead of
+    /// meeting the other at the next address again.
+    ///
+    /// # Errors
+    /// [`Exhausted`] when every address is taken.
+    pub fn allocate_skipping(
+        &mut self,
+        ula: Ipv6Net,
+        skip: u32,
+    ) -> Result<(Ipv4Addr, Ipv6Addr), Exhausted> {
+        let low = self.v4_hint.max(1);
+        let start = low.saturating_add(skip).min(V4_OFFSETS);
+        let offset = (start..V4_OFFSETS)
+            .chain(low..start)
             .filter(|o| o & 0xff != 0 && o & 0xff != 0xff)
             .find(|o| !self.used_v4.contains_key(&Ipv4Addr::from(V4_BASE + o)))
             .ok_or(Exhausted)?;
-        self.v4_hint = offset;
+        if skip == 0 {
+            // Below it everything is taken; with a skip, not so.
+            self.v4_hint = offset;
+        }
         let mut v6 = ula.network().octets();
         v6[12..16].copy_from_slice(&offset.to_be_bytes());
         Ok((Ipv4Addr::from(V4_BASE + offset), Ipv6Addr::from(v6)))
@@ -154,6 +176,30 @@ impl NodeTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_skip_leaves_the_lowest_free_addresses_for_later() {
+        let ula: Ipv6Net = "fd7a:1:2::/48".parse().unwrap();
+        let mut t = NodeTable::default();
+        let (a, _) = t.allocate(ula).unwrap();
+        assert_eq!(a, Ipv4Addr::new(100, 64, 0, 1));
+        t.insert(row(1, "a", a));
+        let (b, b6) = t.allocate_skipping(ula, 1000).unwrap();
+        assert_eq!(
+            b,
+            Ipv4Addr::from(V4_BASE + 1001),
+            "1000 past the search start"
+        );
+        assert_eq!(b6.octets()[12..], 1001u32.to_be_bytes());
+        t.insert(row(2, "b", b));
+        // The lowest free is still .2.
+        assert_eq!(t.allocate(ula).unwrap().0, Ipv4Addr::new(100, 64, 0, 2));
+        // A skip past the end goes round to the lowest free.
+        assert_eq!(
+            t.allocate_skipping(ula, u32::MAX).unwrap().0,
+            Ipv4Addr::new(100, 64, 0, 2)
+        );
+    }
 
     fn row(id: u64, name: &str, v4: Ipv4Addr) -> NodeRow {
         NodeRow {
