@@ -312,6 +312,8 @@ struct Shared {
     /// Netmap message bytes received (full maps and deltas).
     bytes: AtomicU64,
     deltas_received: AtomicU64,
+    /// What node 0's last delta held, for the join report.
+    last_delta: std::sync::Mutex<String>,
     first_failure: std::sync::Mutex<Option<String>>,
 }
 
@@ -371,6 +373,12 @@ async fn node_task(idx: usize, node: Arc<SimNode>, ch: Channel, shared: Arc<Shar
                 let checked = match (&signed.delta, &held) {
                     (Some(d), Some(base)) => {
                         shared.deltas_received.fetch_add(1, Ordering::Relaxed);
+                        if idx == 0 {
+                            *shared
+                                .last_delta
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner()) = delta_shape(d);
+                        }
                         delta::apply(&shared.controller_key, base, d, now_ms())
                             .map(|(m, _)| m)
                             .map_err(|e| e.to_string())
@@ -414,6 +422,24 @@ async fn node_task(idx: usize, node: Arc<SimNode>, ch: Channel, shared: Arc<Shar
         tokio::time::sleep(backoff(attempt)).await;
         attempt = attempt.saturating_add(1);
     }
+}
+
+/// Where a delta's bytes go.
+fn delta_shape(d: &pb::NetMapDelta) -> String {
+    let peers: usize = d.peers.iter().map(|p| p.encoded_len() + 2).sum();
+    format!(
+        "{} B: {} peers ({peers} B), {} removed, rules {}, other fields {}, signature {} B",
+        d.encoded_len(),
+        d.peers.len(),
+        d.removed_peers.len(),
+        d.inbound_rules
+            .as_ref()
+            .map_or("unchanged".to_string(), |r| format!("{} B", r.encoded_len())),
+        d.rest
+            .as_ref()
+            .map_or("unchanged".to_string(), |r| format!("{} B", r.encoded_len())),
+        d.signature.len()
+    )
 }
 
 // ---- measurements ----------------------------------------------------------------
@@ -655,6 +681,7 @@ async fn measure(
         deltas: args.deltas,
         bytes: AtomicU64::new(0),
         deltas_received: AtomicU64::new(0),
+        last_delta: std::sync::Mutex::new(String::new()),
         first_failure: std::sync::Mutex::new(None),
     });
     let t = Instant::now();
@@ -745,7 +772,7 @@ async fn measure(
             lat.sort_by(f64::total_cmp);
             let (p50, p99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
             println!(
-                "propagation to the {} nodes on the {name} controller (policy set on the first): p50 {p50:.0} ms, p99 {p99:.0} ms",
+                "propagation to the nodes on the {name} controller (policy set on the first; {} samples, one per node and change): p50 {p50:.0} ms, p99 {p99:.0} ms",
                 lat.len()
             );
             out.insert(format!("prop_{name}_p50_ms"), p50.into());
@@ -818,6 +845,15 @@ async fn measure(
     out.insert("join_ack_ms".into(), ms(ack).into());
     out.insert("join_max_ms".into(), lat[lat.len() - 1].into());
     out.insert("join_bytes_per_node".into(), join_bytes.into());
+    if args.deltas {
+        let shape = shared
+            .last_delta
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        println!("node 0's join delta: {shape}");
+        out.insert("join_delta_shape".into(), shape.into());
+    }
 
     // Reconnect storm.
     if !args.no_restart && !args.two_controllers {
