@@ -374,10 +374,8 @@ async fn node_task(idx: usize, node: Arc<SimNode>, ch: Channel, shared: Arc<Shar
                     (Some(d), Some(base)) => {
                         shared.deltas_received.fetch_add(1, Ordering::Relaxed);
                         if idx == 0 {
-                            *shared
-                                .last_delta
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner()) = delta_shape(d);
+                            *shared.last_delta.lock().unwrap_or_else(|p| p.into_inner()) =
+                                delta_shape(d);
                         }
                         delta::apply(&shared.controller_key, base, d, now_ms())
                             .map(|(m, _)| m)
@@ -434,10 +432,14 @@ fn delta_shape(d: &pb::NetMapDelta) -> String {
         d.removed_peers.len(),
         d.inbound_rules
             .as_ref()
-            .map_or("unchanged".to_string(), |r| format!("{} B", r.encoded_len())),
-        d.rest
-            .as_ref()
-            .map_or("unchanged".to_string(), |r| format!("{} B", r.encoded_len())),
+            .map_or("unchanged".to_string(), |r| format!(
+                "{} B",
+                r.encoded_len()
+            )),
+        d.rest.as_ref().map_or("unchanged".to_string(), |r| format!(
+            "{} B",
+            r.encoded_len()
+        )),
         d.signature.len()
     )
 }
