@@ -144,9 +144,11 @@ fn top_fields(body: &[u8]) -> Option<Vec<(u32, &[u8])>> {
 /// The id of an encoded peer entry (a whole field 5 of `NetMap`), read
 /// without decoding the entry.
 fn peer_id(field: &[u8]) -> Option<u64> {
-    use prost::encoding::{decode_key, decode_varint};
+    use prost::encoding::{decode_key, decode_varint, WireType};
     let mut buf = field;
-    decode_key(&mut buf).ok()?;
+    if decode_key(&mut buf).ok()?.1 != WireType::LengthDelimited {
+        return None;
+    }
     let len = usize::try_from(decode_varint(&mut buf).ok()?).ok()?;
     let mut entry = buf.get(..len)?;
     let mut id = 0;
@@ -207,7 +209,8 @@ fn split(body: &[u8]) -> Option<Split<'_>> {
 
 impl Digest {
     /// The digest of a map encoded as the controller signs it (peers
-    /// sorted by id); `None` if the bytes are not a `NetMap`.
+    /// sorted by id); `None` if the bytes do not split into fields (the
+    /// parts are not decoded: this is for the controller's own maps).
     pub fn of_encoded(body: &[u8]) -> Option<Self> {
         split(body).map(|s| s.digest)
     }

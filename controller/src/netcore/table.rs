@@ -143,8 +143,9 @@ impl NodeTable {
         self.allocate_skipping(ula, 0)
     }
 
-    /// [`NodeTable::allocate`], searching from `skip` offsets past the
-    /// lowest free one (round to the start if nothing is free there). Two
+    /// [`NodeTable::allocate`], searching from `skip` offsets past where
+    /// it would search (everything below that is taken), round to there
+    /// if nothing further on is free. Two
     /// controllers enrolling at once both pick the lowest free pair; the
     /// one that lost the race retries with a random skip instead of
     /// meeting the other at the next address again.
