@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http_body::Frame;
 use http_body_util::BodyExt;
 use prost::Message;
+use tokio_stream::wrappers::WatchStream;
 use tokio_stream::Stream;
 use tonic::body::Body;
 use tonic::server::NamedService;
@@ -279,17 +280,11 @@ impl Control for ControlService {
         let deltas = req.get_ref().accept_deltas;
         let sub = self.open_session(&node, req.remote_addr(), deltas).await?;
         tracing::info!(node = %node.name, deltas, "netmap stream opened");
-        let (tx, out) = tokio::sync::mpsc::channel::<Result<pb::SignedNetMap, Status>>(1);
-        tokio::spawn(forward_maps(
+        Ok(Response::new(Box::pin(MapFeed::new(
             self.mesh.clone(),
-            node,
+            &node,
             sub,
-            tx,
-            std::convert::identity,
-        ));
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(out),
-        )))
+        ))))
     }
 
     async fn report_endpoints(
@@ -498,8 +493,10 @@ async fn read_unary<M: Message + Default>(body: Body) -> Result<M, Status> {
 
 /// A server-streaming gRPC response body fed by a channel of encoded frames;
 /// ends with the status trailers.
+/// The response body of a raw netmap stream: the feed's maps as gRPC
+/// frames, then the trailers with its status.
 struct FrameBody {
-    rx: tokio::sync::mpsc::Receiver<Result<Bytes, Status>>,
+    feed: MapFeed,
     done: bool,
 }
 
@@ -514,8 +511,8 @@ impl http_body::Body for FrameBody {
         if self.done {
             return Poll::Ready(None);
         }
-        let status = match std::task::ready!(self.rx.poll_recv(cx)) {
-            Some(Ok(frame)) => return Poll::Ready(Some(Ok(Frame::data(frame)))),
+        let status = match std::task::ready!(Pin::new(&mut self.feed).poll_next(cx)) {
+            Some(Ok(m)) => return Poll::Ready(Some(Ok(Frame::data(grpc_frame(&m))))),
             Some(Err(status)) => status,
             None => Status::ok(""),
         };
@@ -550,11 +547,8 @@ impl ControlService {
             Err(status) => return status.into_http(),
         };
         tracing::info!(node = %node.name, deltas, "netmap stream opened");
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Status>>(1);
-        tokio::spawn(forward_maps(self.mesh.clone(), node, sub, tx, |m| {
-            grpc_frame(&m)
-        }));
-        let mut resp = http::Response::new(Body::new(FrameBody { rx, done: false }));
+        let feed = MapFeed::new(self.mesh.clone(), &node, sub);
+        let mut resp = http::Response::new(Body::new(FrameBody { feed, done: false }));
         resp.headers_mut().insert(
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("application/grpc"),
@@ -577,45 +571,95 @@ fn wire_form(m: pb::SignedNetMap) -> pb::SignedNetMap {
     }
 }
 
-/// Moves each new map of `sub` into `tx` (encoded by `encode`) until the
-/// node is closed or the client goes away; then unsubscribes.
-///
-/// Each map is taken out of the subscription before it is sent, so an idle
-/// stream holds no copy of its last map.
-async fn forward_maps<T: Send + 'static>(
+/// A node's netmap stream: each new map of its subscription, taken out of
+/// the channel as it is sent (so an idle stream holds no copy of its last
+/// map), until the controller ends the stream with a reason. Dropping it
+/// (the client went away) unsubscribes. It is polled by the stream's own
+/// response body: no task and no channel per stream.
+struct MapFeed {
     mesh: Arc<Mesh>,
-    node: NodeRow,
-    mut sub: Subscriber,
-    tx: tokio::sync::mpsc::Sender<Result<T, Status>>,
-    encode: fn(pb::SignedNetMap) -> T,
-) {
-    loop {
-        let closed = match &*sub.rx.borrow_and_update() {
-            Update::Closed(reason, why) => Some((*reason, why.clone())),
-            Update::Map(_) | Update::Delivered => None,
-        };
-        if let Some((reason, why)) = closed {
-            tracing::info!(node = %node.name, reason = reason.as_str(), "netmap stream ended by the controller");
-            let _ = tx
-                .send(Err(Status::from(Error::node_auth(reason, why))))
-                .await;
-            break;
-        }
-        if let Some(m) = sub.take() {
-            let m = wire_form(m);
-            let delta = m.delta.is_some();
-            mesh.netmap_sent(m.encoded_len(), delta);
-            if tx.send(Ok(encode(m))).await.is_err() {
-                break;
-            }
-        }
-        tokio::select! {
-            changed = sub.rx.changed() => if changed.is_err() { break },
-            _ = tx.closed() => break,
+    node: u64,
+    name: String,
+    changes: WatchStream<Update>,
+    /// `None` once the stream has ended.
+    sub: Option<Subscriber>,
+}
+
+impl MapFeed {
+    fn new(mesh: Arc<Mesh>, node: &NodeRow, sub: Subscriber) -> Self {
+        Self {
+            mesh,
+            node: node.id,
+            name: node.name.clone(),
+            changes: WatchStream::new(sub.rx.clone()),
+            sub: Some(sub),
         }
     }
-    mesh.unsubscribe(node.id, sub.conn, now_ms());
-    tracing::info!(node = %node.name, "netmap stream closed");
+
+    /// Unsubscribes, once. The mesh work runs on a task of its own: it
+    /// waits for the publisher's turn, which must not stall the
+    /// connection that drops the stream.
+    fn end(&mut self) {
+        let Some(sub) = self.sub.take() else {
+            return;
+        };
+        let (mesh, node, name) = (self.mesh.clone(), self.node, std::mem::take(&mut self.name));
+        let unsubscribe = move || {
+            mesh.unsubscribe(node, sub.conn, now_ms());
+            tracing::info!(node = %name, "netmap stream closed");
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn(async move { unsubscribe() })),
+            Err(_) => unsubscribe(),
+        }
+    }
+}
+
+impl Stream for MapFeed {
+    type Item = Result<pb::SignedNetMap, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if self.sub.is_none() {
+                return Poll::Ready(None);
+            }
+            // The update is dropped at the end of this statement, so the
+            // map's only other holder is the channel and `take` moves it.
+            let closed = match std::task::ready!(Pin::new(&mut self.changes).poll_next(cx)) {
+                None => Some(None),
+                Some(Update::Closed(reason, why)) => Some(Some((reason, why))),
+                Some(Update::Map(_) | Update::Delivered) => None,
+            };
+            match closed {
+                Some(reason) => {
+                    self.end();
+                    let Some((reason, why)) = reason else {
+                        return Poll::Ready(None);
+                    };
+                    tracing::info!(
+                        node = self.node,
+                        reason = reason.as_str(),
+                        "netmap stream ended by the controller"
+                    );
+                    return Poll::Ready(Some(Err(Status::from(Error::node_auth(reason, why)))));
+                }
+                None => {
+                    let Some(m) = self.sub.as_ref().and_then(Subscriber::take) else {
+                        continue;
+                    };
+                    let m = wire_form(m);
+                    self.mesh.netmap_sent(m.encoded_len(), m.delta.is_some());
+                    return Poll::Ready(Some(Ok(m)));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for MapFeed {
+    fn drop(&mut self) {
+        self.end();
+    }
 }
 
 /// The admin service. `local` instances (the unix socket) are authorized by the

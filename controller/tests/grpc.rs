@@ -1713,3 +1713,45 @@ async fn one_node_reporting_forged_flows_from_a_victim_frames_nobody() {
     assert!(found.is_empty(), "{found:?}");
     ctl.stop().await;
 }
+
+#[tokio::test]
+async fn a_stream_the_node_drops_ends_its_session_and_a_new_one_opens() {
+    let ctl = Ctl::start().await;
+    ctl.set_policy(POLICY).await;
+    let kw = ctl.key("", &["tag:web"], false).await;
+    let w = enroll(&ctl, &kw, "web").await.unwrap();
+    for round in 0..3 {
+        let mut s = open_stream(&ctl, &w)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the earlier stream was not closed: {e:?}"));
+        next_map(&ctl, &mut s, 0).await;
+        assert!(
+            is_online(&ctl, "web").await,
+            "round {round}: online while streaming"
+        );
+        // The node goes away without a word: its stream (and its
+        // connection) are dropped.
+        drop(s);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while is_online(&ctl, "web").await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: still online 10 s after its stream was dropped"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    ctl.stop().await;
+}
+
+async fn is_online(ctl: &Ctl, name: &str) -> bool {
+    ctl.admin()
+        .await
+        .list_nodes(apb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes
+        .iter()
+        .any(|n| n.name == name && n.online)
+}

@@ -21,6 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -45,8 +46,10 @@ use crate::NodeInfo;
 /// because the compiler splits port-less protocols into their own rule.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct InboundRule {
-    /// Source prefixes, sorted and aggregated (no overlaps).
-    pub src: Vec<IpNet>,
+    /// Source prefixes, sorted and aggregated (no overlaps). Shared by
+    /// every rule that comes from the same ACL entry (all nodes a group
+    /// rule reaches hold one copy), so a view costs a pointer here.
+    pub src: Arc<[IpNet]>,
     /// Destination prefixes: this node's addresses (host prefixes), parts
     /// of its routes, or the internet set; sorted.
     pub dst: Vec<IpNet>,
@@ -106,7 +109,7 @@ pub struct Compiled {
     /// Per entry: nodes its non-`autogroup:self` destinations select.
     dst: Vec<BTreeSet<u64>>,
     /// Per entry: aggregated source prefixes (named nodes' addresses plus literals).
-    prefixes: Vec<Vec<IpNet>>,
+    prefixes: Vec<Arc<[IpNet]>>,
     /// Untagged nodes (with addresses) per owning user.
     user_nodes: HashMap<String, BTreeSet<u64>>,
     /// Nodes with subnet routes or approved as exit nodes.
@@ -299,7 +302,7 @@ impl Compiled {
             src_all: vec![BTreeSet::new(); n],
             src_named: vec![BTreeSet::new(); n],
             dst: vec![BTreeSet::new(); n],
-            prefixes: vec![Vec::new(); n],
+            prefixes: vec![Arc::from([]); n],
             user_nodes: HashMap::new(),
             routers: BTreeSet::new(),
             views: BTreeMap::new(),
@@ -432,7 +435,7 @@ impl Compiled {
         }
         for e in touched {
             let p = self.entry_prefixes(e as usize);
-            if p != self.prefixes[e as usize] {
+            if *p != *self.prefixes[e as usize] {
                 self.prefixes[e as usize] = p;
                 rules_dirty.extend(&self.dst[e as usize]);
             }
@@ -605,7 +608,7 @@ impl Compiled {
     /// all of them for a node it names, those inside a literal (`*`: any)
     /// for a node it selects by address; the literals themselves cover no
     /// device to check.
-    fn entry_prefixes(&self, e: usize) -> Vec<IpNet> {
+    fn entry_prefixes(&self, e: usize) -> Arc<[IpNet]> {
         if self.index.gated[e] {
             let literal = &self.index.literal[e];
             let named = &self.src_named[e];
@@ -622,7 +625,7 @@ impl Compiled {
                         .map(|a| IpNet::from(*a)),
                 );
             }
-            return IpNet::aggregate(&nets);
+            return IpNet::aggregate(&nets).into();
         }
         let mut nets = self.index.literal[e].clone();
         for id in &self.src_named[e] {
@@ -630,7 +633,7 @@ impl Compiled {
                 nets.extend(n.addresses.iter().map(|a| IpNet::from(*a)));
             }
         }
-        IpNet::aggregate(&nets)
+        IpNet::aggregate(&nets).into()
     }
 
     fn compute_view(&self, id: u64, memo: &mut Memo) -> NodeView {
@@ -770,9 +773,9 @@ impl Compiled {
     }
 
     /// Sources of an `autogroup:self` rule: the owner's nodes that the src selects.
-    fn self_prefixes(&self, e: u32, owner: Option<&str>) -> Vec<IpNet> {
+    fn self_prefixes(&self, e: u32, owner: Option<&str>) -> Arc<[IpNet]> {
         let Some(mine) = owner.and_then(|u| self.user_nodes.get(u)) else {
-            return Vec::new();
+            return Arc::from([]);
         };
         let src = &self.src_all[e as usize];
         let nets: Vec<IpNet> = mine
@@ -781,7 +784,7 @@ impl Compiled {
             .filter_map(|id| self.nodes.get(id))
             .flat_map(|n| n.addresses.iter().map(|a| IpNet::from(*a)))
             .collect();
-        IpNet::aggregate(&nets)
+        IpNet::aggregate(&nets).into()
     }
 
     fn in_peers(&self, key: &InKey) -> Vec<u64> {
@@ -886,7 +889,7 @@ fn is_router(node: &NodeInfo) -> bool {
 /// with every port, so that a rule's ports never need special-casing.
 fn push_rules(
     out: &mut Vec<(Scope, InboundRule)>,
-    src: Vec<IpNet>,
+    src: Arc<[IpNet]>,
     scope: Scope,
     protocols: &[u8],
     ports: &[PortRange],
@@ -894,7 +897,7 @@ fn push_rules(
 ) {
     let all = [PortRange::ALL];
     let (with, without): (Vec<u8>, Vec<u8>) = protocols.iter().partition(|p| proto_has_ports(**p));
-    let rule = |src: Vec<IpNet>, protocols: Vec<u8>, ports: &[PortRange]| {
+    let rule = |src: Arc<[IpNet]>, protocols: Vec<u8>, ports: &[PortRange]| {
         let rule = InboundRule {
             src,
             dst: Vec::new(),

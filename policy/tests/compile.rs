@@ -32,7 +32,7 @@ fn rule(
     rule_id: &str,
 ) -> InboundRule {
     InboundRule {
-        src: nets(src),
+        src: nets(src).into(),
         dst: nets(dst),
         protocols: protocols.to_vec(),
         ports: ports
@@ -199,7 +199,7 @@ fn adjacent_sources_are_aggregated_and_literals_cover_nodes() {
     assert_eq!(v.inbound.len(), 1);
     // .1 and .2 lie in the /30; .6 and fd00::1 do not.
     assert_eq!(
-        v.inbound[0].src,
+        *v.inbound[0].src,
         nets(&["100.64.0.0/30", "100.64.0.6/32", "fd00::1/128"])
     );
     assert_eq!(v.peers, ids(&[1, 2, 3, 6]));

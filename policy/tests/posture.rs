@@ -459,7 +459,7 @@ fn an_empty_src_posture_is_refused_and_an_open_posture_exempts_a_rule() {
     assert!(p.explain(&nodes, "198.18.0.9", "b", 22, 6).allowed);
     let c = Compiled::new(p, nodes);
     assert_eq!(
-        c.view(2).expect("view").inbound[0].src,
+        *c.view(2).expect("view").inbound[0].src,
         nets(&["0.0.0.0/0", "::/0"])
     );
 }
@@ -539,7 +539,7 @@ fn rules(c: &Compiled, id: u64) -> Vec<(String, Vec<IpNet>)> {
         .inbound
         .iter()
         .filter(|r| r.protocols.contains(&6))
-        .map(|r| (r.rule_id.clone(), r.src.clone()))
+        .map(|r| (r.rule_id.clone(), r.src.to_vec()))
         .collect()
 }
 

@@ -105,7 +105,10 @@ fn router_rule_dst_is_the_intersection_of_route_and_destination() {
     assert_eq!(view.inbound.len(), 2);
     // A host inside the route: the router enforces exactly that host.
     assert_eq!(view.inbound[0].dst, nets(&["198.19.50.10/32"]));
-    assert_eq!(view.inbound[0].src, nets(&["100.64.0.1/32", "fd00::1/128"]));
+    assert_eq!(
+        *view.inbound[0].src,
+        nets(&["100.64.0.1/32", "fd00::1/128"])
+    );
     assert_eq!(view.inbound[0].rule_id, "p.hujson:7");
     // A prefix holding the route: the whole route, not the /16.
     assert_eq!(view.inbound[1].dst, nets(&["198.19.50.0/24"]));

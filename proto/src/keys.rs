@@ -59,13 +59,30 @@ impl PublicKey {
 
     /// Verifies `sig` over `msg` with the strict rules (no malleable or small-order keys).
     pub fn verify(&self, msg: &[u8], sig: &[u8]) -> bool {
-        let Ok(vk) = ed25519_dalek::VerifyingKey::from_bytes(&self.0) else {
-            return false;
-        };
+        self.verifier().is_some_and(|v| v.verify(msg, sig))
+    }
+
+    /// The key with its point decompressed, for verifying many messages
+    /// (`None` for bytes that are not a point, which verify nothing).
+    pub fn verifier(&self) -> Option<Verifier> {
+        ed25519_dalek::VerifyingKey::from_bytes(&self.0)
+            .ok()
+            .map(Verifier)
+    }
+}
+
+/// A [`PublicKey`] ready to verify: its point is decompressed once, not once
+/// per message.
+#[derive(Clone, Debug)]
+pub struct Verifier(ed25519_dalek::VerifyingKey);
+
+impl Verifier {
+    /// [`PublicKey::verify`].
+    pub fn verify(&self, msg: &[u8], sig: &[u8]) -> bool {
         let Ok(sig) = ed25519_dalek::Signature::from_slice(sig) else {
             return false;
         };
-        vk.verify_strict(msg, &sig).is_ok()
+        self.0.verify_strict(msg, &sig).is_ok()
     }
 }
 

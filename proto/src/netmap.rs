@@ -19,7 +19,7 @@ use prost::Message;
 pub const MAX_SIGNED_MAP_BYTES: usize = 64 << 20;
 
 use crate::control::{NetMap, SignedNetMap};
-use crate::keys::{PublicKey, SigningKey};
+use crate::keys::{PublicKey, SigningKey, Verifier};
 use crate::UnixMs;
 
 /// Domain separator so a netmap signature can never be valid for another message type.
@@ -96,6 +96,12 @@ pub fn verify(
         });
     }
     Ok(map)
+}
+
+/// Whether `signed` carries `controller`'s valid signature over its map
+/// bytes (nothing is decoded).
+pub fn signature_valid(controller: &Verifier, signed: &SignedNetMap) -> bool {
+    controller.verify(&signed_message(&signed.netmap), &signed.signature)
 }
 
 /// Verifies only the signature and decodes (used to reload a stored map, whose

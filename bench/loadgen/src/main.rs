@@ -57,7 +57,7 @@ use ztmesh_controller::server::{self, DataDir};
 use ztmesh_proto::admin as apb;
 use ztmesh_proto::auth::{self, methods, signed_request};
 use ztmesh_proto::control::{self as pb, control_client::ControlClient};
-use ztmesh_proto::keys::{PublicKey, SigningKey, WgPrivateKey};
+use ztmesh_proto::keys::{PublicKey, SigningKey, Verifier, WgPrivateKey};
 use ztmesh_proto::{delta, netmap};
 
 /// First port of the marker range: policy version k allows port `MARKER_BASE + k`.
@@ -265,14 +265,99 @@ fn policy(all_to_all: bool, groups: usize, version: u32) -> String {
 }
 
 /// The policy version a map reflects: the marker port in its inbound rules.
-fn marker(map: &pb::NetMap) -> u32 {
-    map.inbound_rules
-        .iter()
-        .flat_map(|r| r.ports.iter())
+fn marker<'a>(ports: impl Iterator<Item = &'a pb::PortRange>) -> u32 {
+    ports
         .filter(|p| p.first == p.last && p.first > MARKER_BASE && p.first < MARKER_BASE + 1000)
         .map(|p| p.first - MARKER_BASE)
         .max()
         .unwrap_or(0)
+}
+
+/// What the generator records of a map a simulated node accepted.
+struct Seen {
+    serial: u64,
+    /// The policy version ([`marker`]).
+    version: u32,
+    peers: u32,
+}
+
+impl Seen {
+    fn of(map: &pb::NetMap) -> Seen {
+        Seen {
+            serial: map.serial,
+            version: marker(map.inbound_rules.iter().flat_map(|r| r.ports.iter())),
+            peers: map.peers.len() as u32,
+        }
+    }
+}
+
+/// An inbound rule's ports, decoded without its prefixes (prost skips the
+/// other fields).
+#[derive(Clone, PartialEq, prost::Message)]
+struct RulePorts {
+    #[prost(message, repeated, tag = "3")]
+    ports: Vec<pb::PortRange>,
+}
+
+/// A full map as a node that does not take deltas checks it: the
+/// controller's signature over the bytes (strict ed25519, as
+/// [`netmap::verify`]), then a newer serial and the expiry, read in place.
+/// The peers are counted, not decoded: decoding 10,000 maps' peers into
+/// structs is the simulated nodes' own work, which real nodes do on their
+/// own CPUs, and here it would take the controller's cores.
+fn check_full(
+    controller: &Verifier,
+    signed: &pb::SignedNetMap,
+    have: u64,
+    now: i64,
+) -> Result<Seen, String> {
+    if !netmap::signature_valid(controller, signed) {
+        return Err("bad signature".into());
+    }
+    let malformed = |e: prost::DecodeError| format!("malformed map: {e}");
+    let mut buf = signed.netmap.as_slice();
+    let (mut serial, mut not_after, mut peers, mut ports) = (0u64, 0i64, 0u32, Vec::new());
+    while !buf.is_empty() {
+        let key = prost::encoding::decode_varint(&mut buf).map_err(malformed)?;
+        let (tag, wire) = (key >> 3, key & 7);
+        match wire {
+            0 => {
+                let v = prost::encoding::decode_varint(&mut buf).map_err(malformed)?;
+                match tag {
+                    1 => serial = v,
+                    3 => not_after = v as i64,
+                    _ => {}
+                }
+            }
+            2 => {
+                let len = prost::encoding::decode_varint(&mut buf).map_err(malformed)? as usize;
+                if len > buf.len() {
+                    return Err("malformed map: truncated field".into());
+                }
+                let (field, rest) = buf.split_at(len);
+                match tag {
+                    5 => peers += 1,
+                    6 => ports.extend(RulePorts::decode(field).map_err(malformed)?.ports),
+                    _ => {}
+                }
+                buf = rest;
+            }
+            1 if buf.len() >= 8 => buf = &buf[8..],
+            5 if buf.len() >= 4 => buf = &buf[4..],
+            _ => return Err(format!("malformed map: wire type {wire}")),
+        }
+    }
+    if serial <= have {
+        return Err(format!("serial {serial} not above {have}"));
+    }
+    if not_after <= now {
+        return Err(format!("expired at {not_after} (now {now})"));
+    }
+    Ok(Seen {
+        serial,
+        version: marker(ports.iter()),
+        peers,
+    })
 }
 
 // ---- simulated nodes -----------------------------------------------------------
@@ -301,6 +386,8 @@ struct Slot {
 struct Shared {
     base: Instant,
     controller_key: PublicKey,
+    /// The same key, decompressed once.
+    verifier: Verifier,
     /// Incremented after the controller is killed, so streams opened later
     /// are known to belong to the new process.
     generation: AtomicU64,
@@ -366,6 +453,10 @@ async fn node_task(idx: usize, node: Arc<SimNode>, ch: Channel, shared: Arc<Shar
             // The map a delta applies to: the last one of this stream.
             let mut held: Option<pb::NetMap> = None;
             while let Ok(Some(signed)) = stream.message().await {
+                // When the node has the map: before its checks, which a
+                // real node runs on its own CPU (the figure counts only
+                // maps that pass them).
+                let arrived = shared.ns();
                 attempt = 0;
                 shared
                     .bytes
@@ -378,23 +469,28 @@ async fn node_task(idx: usize, node: Arc<SimNode>, ch: Channel, shared: Arc<Shar
                                 delta_shape(d);
                         }
                         delta::apply(&shared.controller_key, base, d, now_ms())
-                            .map(|(m, _)| m)
+                            .map(|(m, _)| (Seen::of(&m), Some(m)))
                             .map_err(|e| e.to_string())
                     }
                     (Some(_), None) => Err("a delta as the first map of a stream".to_string()),
-                    (None, _) => netmap::verify(&shared.controller_key, &signed, have, now_ms())
-                        .map_err(|e| e.to_string()),
+                    (None, _) if shared.deltas => {
+                        netmap::verify(&shared.controller_key, &signed, have, now_ms())
+                            .map(|m| (Seen::of(&m), Some(m)))
+                            .map_err(|e| e.to_string())
+                    }
+                    (None, _) => check_full(&shared.verifier, &signed, have, now_ms())
+                        .map(|seen| (seen, None)),
                 };
                 match checked {
-                    Ok(map) => {
-                        have = map.serial;
-                        let now = shared.ns();
-                        let v = marker(&map);
+                    Ok((seen, map)) => {
+                        have = seen.serial;
+                        let now = arrived;
+                        let v = seen.version;
                         if slot.version.load(Ordering::Relaxed) != v {
                             slot.version_at_ns.store(now, Ordering::Relaxed);
                             slot.version.store(v, Ordering::Release);
                         }
-                        let p = map.peers.len() as u32;
+                        let p = seen.peers;
                         if slot.peers.load(Ordering::Relaxed) != p {
                             slot.peers_at_ns.store(now, Ordering::Relaxed);
                             slot.peers.store(p, Ordering::Release);
@@ -405,8 +501,8 @@ async fn node_task(idx: usize, node: Arc<SimNode>, ch: Channel, shared: Arc<Shar
                             first = false;
                         }
                         slot.maps.fetch_add(1, Ordering::Relaxed);
-                        if shared.deltas {
-                            held = Some(map);
+                        if map.is_some() {
+                            held = map;
                         }
                     }
                     Err(e) => {
@@ -675,6 +771,9 @@ async fn measure(
     // Streams.
     let shared = Arc::new(Shared {
         base: Instant::now(),
+        verifier: controller_key
+            .verifier()
+            .context("the controller's netmap key is not a valid point")?,
         controller_key,
         generation: AtomicU64::new(1),
         slots: (0..n).map(|_| Slot::default()).collect(),

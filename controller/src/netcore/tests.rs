@@ -607,3 +607,55 @@ fn a_split_dns_change_reaches_every_map_and_stays_prosts_encoding() {
         "same policy"
     );
 }
+
+#[test]
+fn a_group_rules_sources_are_formatted_once_and_dropped_with_the_rule() {
+    // tag:a nodes 1, 2, 4 share one rule source under ACLS[1].
+    let mut core = core_with(
+        &[
+            row(1, 2, None),
+            row(2, 2, None),
+            row(3, 3, None),
+            row(4, 2, None),
+        ],
+        1,
+    );
+    let cached = |core: &NetCore| core.sources.0.lock().unwrap().len();
+    let first: Vec<Vec<u8>> = [1, 2, 4]
+        .iter()
+        .map(|&id| core.encode(id, SERIAL, T0).unwrap())
+        .collect();
+    assert_eq!(cached(&core), 1, "one shared source, encoded once");
+    // The cached bytes are prost's own encoding of the rule.
+    for body in &first {
+        let map = NetMap::decode(body.as_slice()).unwrap();
+        assert_eq!(map.encode_to_vec(), *body, "byte-identical to prost");
+        assert_eq!(
+            map.inbound_rules[0].src_prefixes,
+            vec![
+                "100.64.0.1/32",
+                "100.64.0.2/32",
+                "100.64.0.4/32",
+                "fd00::1/128",
+                "fd00::2/128",
+                "fd00::4/128"
+            ],
+        );
+    }
+    // Node 2 leaves tag:a: the group's source changes; the old one is no
+    // longer held by any view and leaves the cache with the change.
+    core.apply(Change::Upsert(row(2, 3, None)));
+    assert_eq!(cached(&core), 0, "pruned with the change");
+    let map = NetMap::decode(core.encode(1, SERIAL, T0).unwrap().as_slice()).unwrap();
+    assert_eq!(
+        map.inbound_rules[0].src_prefixes,
+        vec![
+            "100.64.0.1/32",
+            "100.64.0.4/32",
+            "fd00::1/128",
+            "fd00::4/128"
+        ],
+        "the new source, not the cached old one"
+    );
+    assert_eq!(cached(&core), 1);
+}
