@@ -491,8 +491,6 @@ async fn read_unary<M: Message + Default>(body: Body) -> Result<M, Status> {
     M::decode(msg).map_err(|_| Status::invalid_argument("malformed request message"))
 }
 
-/// A server-streaming gRPC response body fed by a channel of encoded frames;
-/// ends with the status trailers.
 /// The response body of a raw netmap stream: the feed's maps as gRPC
 /// frames, then the trailers with its status.
 struct FrameBody {
@@ -632,15 +630,16 @@ impl Stream for MapFeed {
             };
             match closed {
                 Some(reason) => {
-                    self.end();
                     let Some((reason, why)) = reason else {
+                        self.end();
                         return Poll::Ready(None);
                     };
                     tracing::info!(
-                        node = self.node,
+                        node = %self.name,
                         reason = reason.as_str(),
                         "netmap stream ended by the controller"
                     );
+                    self.end();
                     return Poll::Ready(Some(Err(Status::from(Error::node_auth(reason, why)))));
                 }
                 None => {

@@ -257,8 +257,9 @@ struct Subscription {
 }
 
 impl Subscription {
-    /// Whether the stream's task still holds its receiver: once the
-    /// transport is gone the task ends and drops it.
+    /// Whether the stream's receivers still exist: once the transport is
+    /// gone its response body is dropped, and with it (after the queued
+    /// unsubscribe ran) the receivers.
     fn is_live(&self) -> bool {
         !self.tx.is_closed()
     }
@@ -1185,7 +1186,7 @@ impl Mesh {
     /// node takes deltas after this first map.
     ///
     /// One identity, one session: while a stream of this node is live (its
-    /// task still runs, i.e. its connection has not closed), another is
+    /// response body still exists, i.e. its connection has not closed), another is
     /// refused and audited as `node.duplicate_session` — two machines with
     /// the same machine key would otherwise replace each other forever. A
     /// genuine reconnect succeeds once the old connection is seen to close
@@ -1272,7 +1273,7 @@ impl Mesh {
                 digest,
             },
         ) {
-            // Its task is gone; close it for good measure.
+            // Its stream is gone; close it for good measure.
             old.tx.send_replace(Update::Closed(
                 AuthReason::Replaced,
                 "replaced by a newer session of this node".into(),

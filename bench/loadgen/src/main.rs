@@ -330,7 +330,8 @@ fn check_full(
                 }
             }
             2 => {
-                let len = prost::encoding::decode_varint(&mut buf).map_err(malformed)? as usize;
+                let len = prost::encoding::decode_varint(&mut buf).map_err(malformed)?;
+                let len = usize::try_from(len).unwrap_or(usize::MAX);
                 if len > buf.len() {
                     return Err("malformed map: truncated field".into());
                 }

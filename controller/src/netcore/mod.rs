@@ -154,7 +154,8 @@ impl SourceCache {
             .clone()
     }
 
-    /// Drops the sources no view holds any more.
+    /// Drops the sources held only by the cache (no view and no entry of
+    /// the compiled policy holds them any more).
     fn prune(&mut self) {
         let cache = self.0.get_mut().unwrap_or_else(|p| p.into_inner());
         cache.retain(|_, (src, _)| Arc::strong_count(src) > 1);
