@@ -1,14 +1,70 @@
 //! `ztmesh-controller`: the controller daemon and its admin CLI.
 
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::Parser;
-use ztmesh_controller::cli::{self, Cli, Cmd};
+use clap::{CommandFactory, FromArgMatches};
+use ztmesh_controller::cli::{self, Cli, Cmd, ConfigCmd, ServeArgs, DEFAULT_CONFIG};
 use ztmesh_controller::mesh::MeshConfig;
-use ztmesh_controller::server::{self, DataDir};
+use ztmesh_controller::server::{self, DataDir, ListenerLimits, WebOptions};
+use ztmesh_controller::store::PgOptions;
+use ztmesh_proto::ops::{self, config};
 
 fn main() -> ExitCode {
-    let args = Cli::parse();
+    let (args, config_file) = match command_line(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => return fail(&e),
+    };
+    let args = match Cli::command()
+        .try_get_matches_from(args)
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    match args.cmd {
+        Cmd::Version => {
+            println!("ztmesh-controller {}", ztmesh_proto::version_line!());
+            return ExitCode::SUCCESS;
+        }
+        Cmd::Completion { shell } => {
+            ops::print_completion(Cli::command(), shell);
+            return ExitCode::SUCCESS;
+        }
+        Cmd::ManPages { dir } => {
+            return match ops::write_man_pages(Cli::command(), &dir) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => fail(&anyhow::anyhow!(
+                    "writing man pages into {}: {e}",
+                    dir.display()
+                )),
+            };
+        }
+        Cmd::Config(ConfigCmd::Example) => {
+            let serve = config::daemon_command(Cli::command(), "serve");
+            print!(
+                "{}",
+                config::example(&serve, cli::CONFIG_HEADER, cli::PACKAGED_CONFIG)
+            );
+            return ExitCode::SUCCESS;
+        }
+        Cmd::Config(ConfigCmd::Check) => {
+            return match check_config(config_file.as_ref()) {
+                Ok(msg) => {
+                    println!("{msg}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        _ => {}
+    }
+    if matches!(args.cmd, Cmd::Serve(_)) {
+        if let Err(e) = ops::logging::init(args.ops.log_format, &args.ops.log_level) {
+            return fail(&anyhow::anyhow!(e));
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -21,85 +77,16 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match args.cmd {
-            Cmd::Serve {
-                listen,
-                ephemeral_timeout,
-                node_key_expiry,
-                tagged_node_key_expiry,
-                tag_key_expiry,
-                public_url,
-                controller_urls,
-                netmap_ttl,
-                posture_ttl,
-                audit_max_age,
-                audit_max_flow_rows,
-                flow_max_age,
-                flow_max_rows,
-                flow_max_rows_per_node,
-                relay_file,
-                dns_domain,
-                tls_cert,
-                tls_key,
-                oidc,
-                limits,
-                detect,
-                metrics_listen,
-                database,
-            } => {
-                tracing_subscriber::fmt()
-                    .with_max_level(log_level())
-                    .with_target(false)
-                    .init();
-                let web = server::WebOptions {
-                    oidc: oidc.config(public_url.as_deref())?,
-                };
-                let cfg = MeshConfig {
-                    ephemeral_timeout_ms: ephemeral_timeout.as_millis() as i64,
-                    node_key_ttl_ms: node_key_expiry.as_millis() as i64,
-                    tagged_key_ttl_ms: tagged_node_key_expiry.as_millis() as i64,
-                    tag_key_ttl_ms: tag_key_expiry
-                        .into_iter()
-                        .map(|(t, d)| (t, i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
-                        .collect(),
-                    public_url,
-                    netmap_ttl_ms: netmap_ttl.as_millis().max(10_000) as i64,
-                    posture_ttl_ms: i64::try_from(posture_ttl.as_millis())
-                        .unwrap_or(i64::MAX)
-                        .max(6_000),
-                    audit_max_age_ms: i64::try_from(audit_max_age.as_millis()).unwrap_or(i64::MAX),
-                    audit_max_flow_rows,
-                    flow_max_age_ms: i64::try_from(flow_max_age.as_millis()).unwrap_or(i64::MAX),
-                    flow_max_rows,
-                    flow_max_rows_per_node,
-                    relays: read_relays(relay_file.as_deref())?,
-                    controllers: controller_urls,
-                    dns_domain,
-                    detect: detect.config()?,
-                    webhook: detect.webhook()?,
-                    ..MeshConfig::default()
-                };
-                let dir = DataDir::new(&args.conn.data_dir);
-                // Parsed here, not by clap: its errors quote the value, and a
-                // URL may hold a password.
-                // An empty ZTMESH_DATABASE counts as unset.
-                let database = database
-                    .as_deref()
-                    .filter(|url| !url.is_empty())
-                    .map(ztmesh_controller::store::PgOptions::parse)
-                    .transpose()?;
-                let tls = match (&tls_cert, &tls_key) {
-                    (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
-                    (None, None) => None,
-                    _ => anyhow::bail!("--tls-cert and --tls-key go together"),
-                };
+            Cmd::Serve(serve) => {
+                let plan = Plan::new(serve, &args.conn.data_dir)?;
                 server::serve(
-                    &dir,
-                    (listen, metrics_listen),
-                    cfg,
-                    limits.limits(),
-                    tls,
-                    web,
-                    database.as_ref(),
+                    &plan.dir,
+                    (plan.listen, plan.metrics_listen),
+                    plan.mesh,
+                    plan.limits,
+                    plan.tls.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+                    plan.web,
+                    plan.database.as_ref(),
                 )
                 .await
             }
@@ -108,20 +95,137 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", format!("{e:#}").replace('\n', "\n  "));
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(&e),
     }
 }
 
-fn log_level() -> tracing::Level {
-    match std::env::var("ZTMESH_LOG").as_deref() {
-        Ok("trace") => tracing::Level::TRACE,
-        Ok("debug") => tracing::Level::DEBUG,
-        Ok("warn") => tracing::Level::WARN,
-        Ok("error") => tracing::Level::ERROR,
-        _ => tracing::Level::INFO,
+fn fail(e: &anyhow::Error) -> ExitCode {
+    eprintln!("error: {}", format!("{e:#}").replace('\n', "\n  "));
+    ExitCode::FAILURE
+}
+
+/// The command line with the config file's keys added (see
+/// [`ztmesh_proto::ops::config`]), and the file. A broken file stops every
+/// command except help, version and completion, which must work to fix it.
+fn command_line(
+    args: Vec<OsString>,
+) -> anyhow::Result<(Vec<OsString>, Option<config::ConfigFile>)> {
+    let Some(path) = config::locate(&args, "ZTMESH_CONFIG", Path::new(DEFAULT_CONFIG)) else {
+        return Ok((args, None));
+    };
+    let invoked = config::invoked_command(Cli::command(), &args);
+    let serve = config::daemon_command(Cli::command(), "serve");
+    match config::load(&path, &serve) {
+        Ok(file) => Ok((config::apply(args, &file, &invoked), Some(file))),
+        Err(_) if config::needs_no_config(&invoked, &args) => Ok((args, None)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `config check`: the file as `serve` would take it (with the environment
+/// `serve` would see), down to the files it names; nothing is bound or
+/// written.
+fn check_config(file: Option<&config::ConfigFile>) -> anyhow::Result<String> {
+    let Some(file) = file else {
+        anyhow::bail!(
+            "no config file: {DEFAULT_CONFIG} does not exist (or name one with --config FILE)"
+        );
+    };
+    let serve = config::daemon_command(Cli::command(), "serve");
+    let argv = config::apply(
+        vec!["ztmesh-controller".into(), "serve".into()],
+        file,
+        &serve,
+    );
+    let matches = config::parse_whole(Cli::command(), argv, &file.path)?;
+    let parsed =
+        Cli::from_arg_matches(&matches).map_err(|e| anyhow::anyhow!("{}: {e}", file.path))?;
+    let Cmd::Serve(args) = parsed.cmd else {
+        unreachable!("parsed as serve")
+    };
+    let dir = parsed.conn.data_dir.clone();
+    let plan = Plan::new(args, &dir).map_err(|e| anyhow::anyhow!("{}: {e:#}", file.path))?;
+    Ok(format!(
+        "{}: ok ({} keys; listen {}, data dir {}, store {})",
+        file.path,
+        file.entries.len(),
+        plan.listen,
+        plan.dir.root.display(),
+        if plan.database.is_some() {
+            "postgresql"
+        } else {
+            "sqlite"
+        }
+    ))
+}
+
+/// Everything `serve` runs with, checked: the flags turned into the
+/// server's settings and the files they name read.
+struct Plan {
+    dir: DataDir,
+    listen: std::net::SocketAddr,
+    metrics_listen: Option<std::net::SocketAddr>,
+    mesh: MeshConfig,
+    limits: ListenerLimits,
+    tls: Option<(PathBuf, PathBuf)>,
+    web: WebOptions,
+    database: Option<PgOptions>,
+}
+
+impl Plan {
+    fn new(a: ServeArgs, data_dir: &Path) -> anyhow::Result<Self> {
+        let web = WebOptions {
+            oidc: a.oidc.config(a.public_url.as_deref())?,
+        };
+        let mesh = MeshConfig {
+            ephemeral_timeout_ms: a.ephemeral_timeout.as_millis() as i64,
+            node_key_ttl_ms: a.node_key_expiry.as_millis() as i64,
+            tagged_key_ttl_ms: a.tagged_node_key_expiry.as_millis() as i64,
+            tag_key_ttl_ms: a
+                .tag_key_expiry
+                .into_iter()
+                .map(|(t, d)| (t, i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
+                .collect(),
+            public_url: a.public_url,
+            netmap_ttl_ms: a.netmap_ttl.as_millis().max(10_000) as i64,
+            posture_ttl_ms: i64::try_from(a.posture_ttl.as_millis())
+                .unwrap_or(i64::MAX)
+                .max(6_000),
+            audit_max_age_ms: i64::try_from(a.audit_max_age.as_millis()).unwrap_or(i64::MAX),
+            audit_max_flow_rows: a.audit_max_flow_rows,
+            flow_max_age_ms: i64::try_from(a.flow_max_age.as_millis()).unwrap_or(i64::MAX),
+            flow_max_rows: a.flow_max_rows,
+            flow_max_rows_per_node: a.flow_max_rows_per_node,
+            relays: read_relays(a.relay_file.as_deref())?,
+            controllers: a.controller_urls,
+            dns_domain: a.dns_domain,
+            detect: a.detect.config()?,
+            webhook: a.detect.webhook()?,
+            ..MeshConfig::default()
+        };
+        // Parsed here, not by clap: its errors quote the value, and a URL
+        // may hold a password. An empty ZTMESH_DATABASE counts as unset.
+        let database = a
+            .database
+            .as_deref()
+            .filter(|url| !url.is_empty())
+            .map(PgOptions::parse)
+            .transpose()?;
+        let tls = match (a.tls_cert, a.tls_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+        };
+        Ok(Self {
+            dir: DataDir::new(data_dir),
+            listen: a.listen,
+            metrics_listen: a.metrics_listen,
+            mesh,
+            limits: a.limits.limits(),
+            tls,
+            web,
+            database,
+        })
     }
 }
 

@@ -13,6 +13,7 @@ use tonic::transport::Server;
 use ztmesh_proto::admin::admin_server::AdminServer;
 use ztmesh_proto::auth::{hex, sha256};
 use ztmesh_proto::keys::{write_secret_file, SigningKey};
+use ztmesh_proto::ops::notify::Notifier;
 
 use crate::api::{AdminService, ControlRouter, ControlService};
 use crate::listener::{self, ConnSlots, Incoming};
@@ -292,17 +293,20 @@ pub async fn serve(
     if let Some(a) = metrics_listen {
         println!("  metrics:        http://{a}/metrics");
     }
-    run_with(
-        dir,
-        mesh,
-        cert,
-        key,
-        listener,
-        limits,
-        web,
-        shutdown_signal(),
-    )
-    .await?;
+    // Under systemd (Type=notify): ready once the listeners are bound and
+    // the store is open; keep-alives while the mesh answers.
+    let notify = Notifier::from_env().map(Arc::new);
+    let _keepalive = notify.clone().and_then(|n| keepalive(n, mesh.clone()));
+    if let Some(n) = &notify {
+        n.ready(&format!("serving on {listen}"));
+    }
+    let stop = async move {
+        shutdown_signal().await;
+        if let Some(n) = &notify {
+            n.stopping();
+        }
+    };
+    run_with(dir, mesh, cert, key, listener, limits, web, stop).await?;
     // The session (and with it the leadership) ends after the drain.
     drop(session);
     Ok(())
@@ -484,7 +488,23 @@ pub async fn run_with(
     Ok(())
 }
 
-/// Aborts a task when dropped.
+/// Sends systemd's watchdog keep-alives at the interval it asked for, each
+/// after the mesh answered ([`Mesh::probe`] on a blocking thread); `None`
+/// without a watchdog.
+fn keepalive(n: Arc<Notifier>, mesh: Arc<Mesh>) -> Option<AbortOnDrop> {
+    let every = n.keepalive_every()?;
+    Some(AbortOnDrop(tokio::spawn(async move {
+        let mut t = tokio::time::interval(every);
+        loop {
+            t.tick().await;
+            let m = mesh.clone();
+            if tokio::task::spawn_blocking(move || m.probe()).await.is_ok() {
+                n.keep_alive();
+            }
+        }
+    })))
+}
+
 /// A task aborted when this is dropped.
 pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
 

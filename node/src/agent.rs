@@ -2390,12 +2390,26 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
         }
     }
 
+    // Under systemd (Type=notify): ready below; the keep-alives ride on the
+    // expiry check, which takes the daemon's state lock every second, so a
+    // wedged daemon stops them and systemd restarts it.
+    let notify = ztmesh_proto::ops::notify::Notifier::from_env().map(Arc::new);
+    let keepalive = notify.clone().and_then(|n| {
+        let every = n.keepalive_every()?;
+        Some((n, every.as_secs().max(1)))
+    });
+
     // Fail closed when the map in force expires while the controller is away.
     let expiry = daemon.clone();
     tokio::spawn(async move {
         let mut t = tokio::time::interval(Duration::from_secs(1));
-        loop {
+        for tick in 0u64.. {
             t.tick().await;
+            if let Some((n, every)) = &keepalive {
+                if tick % every == 0 {
+                    n.keep_alive();
+                }
+            }
             let expired = expiry
                 .lock()
                 .netmap
@@ -2426,6 +2440,9 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
     };
 
     tracing::info!(socket = %cfg.socket.display(), "daemon ready");
+    if let Some(n) = &notify {
+        n.ready(&format!("local API on {}", cfg.socket.display()));
+    }
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
@@ -2441,6 +2458,9 @@ pub async fn run(cfg: DaemonConfig, prepared: Prepared) -> anyhow::Result<()> {
         }
     }
     tracing::info!("daemon stopping");
+    if let Some(n) = &notify {
+        n.stopping();
+    }
     daemon.stop().await;
     let _ = std::fs::remove_file(&cfg.socket);
     drop(lock);

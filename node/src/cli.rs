@@ -7,32 +7,28 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
-use clap::{Subcommand, ValueEnum};
+use clap::Subcommand;
+use ztmesh_proto::ops::{Output, OutputArg};
 
 use crate::agent::DaemonConfig;
 use crate::localapi::{call, call_with_progress, Progress, Request};
-
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Default)]
-pub enum Output {
-    #[default]
-    Text,
-    Json,
-}
 
 /// Agent subcommands (flattened into the top-level `ztmesh` command).
 #[derive(Subcommand, Debug)]
 pub enum AgentCmd {
     /// Run the node daemon (data plane + controller connection + local API).
     Daemon {
+        /// Keys, enrollment, preferences and the last verified netmap
+        /// (mode 0700).
         #[arg(long, default_value = "/var/lib/ztmesh")]
         state_dir: PathBuf,
-        #[arg(long, env = "ZTMESH_SOCKET", default_value = "/run/ztmesh/ztmesh.sock")]
-        socket: PathBuf,
+        /// Name of the TUN interface.
         #[arg(long, default_value = "ztm0")]
         interface: String,
         /// UDP port for WireGuard (0 = any free port).
         #[arg(long, default_value_t = 41641)]
         port: u16,
+        /// MTU of the TUN interface (WireGuard adds 80 bytes over IPv6).
         #[arg(long, default_value_t = 1280)]
         mtu: u16,
         /// Directory of the wireguard UAPI socket (`wg show` works against it).
@@ -68,8 +64,6 @@ pub enum AgentCmd {
     /// same command.
     #[command(visible_alias = "login")]
     Up {
-        #[arg(long, env = "ZTMESH_SOCKET", default_value = "/run/ztmesh/ztmesh.sock")]
-        socket: PathBuf,
         /// Controller URL, e.g. https://198.18.0.1:8443; several,
         /// comma-separated, when several controllers serve the mesh (the
         /// node enrolls at the first and fails over to the others).
@@ -98,26 +92,16 @@ pub enum AgentCmd {
         prefs: UpPrefs,
     },
     /// Take the tunnel down (stays enrolled).
-    Down {
-        #[arg(long, env = "ZTMESH_SOCKET", default_value = "/run/ztmesh/ztmesh.sock")]
-        socket: PathBuf,
-    },
+    Down,
     /// Deregister from the controller and wipe the node's keys.
-    Logout {
-        #[arg(long, env = "ZTMESH_SOCKET", default_value = "/run/ztmesh/ztmesh.sock")]
-        socket: PathBuf,
-    },
+    Logout,
     /// Show this node, the controller connection, the netmap and peers.
     Status {
-        #[arg(long, env = "ZTMESH_SOCKET", default_value = "/run/ztmesh/ztmesh.sock")]
-        socket: PathBuf,
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+        #[command(flatten)]
+        output: OutputArg,
     },
     /// Print this node's overlay addresses.
     Ip {
-        #[arg(long, env = "ZTMESH_SOCKET", default_value = "/run/ztmesh/ztmesh.sock")]
-        socket: PathBuf,
         #[arg(short = '4', long)]
         ipv4: bool,
         #[arg(short = '6', long)]
@@ -126,8 +110,6 @@ pub enum AgentCmd {
     /// Ping a peer (by name or overlay IP) through the mesh.
     Ping {
         target: String,
-        #[arg(long, env = "ZTMESH_SOCKET", default_value = "/run/ztmesh/ztmesh.sock")]
-        socket: PathBuf,
         #[arg(short, long, default_value_t = 4)]
         count: u32,
         /// Seconds to wait for each reply.
@@ -157,8 +139,6 @@ pub enum AgentCmd {
     },
     /// Print this node's view as a wg-quick config.
     WgConfig {
-        #[arg(long, env = "ZTMESH_SOCKET", default_value = "/run/ztmesh/ztmesh.sock")]
-        socket: PathBuf,
         #[arg(long)]
         include_private_key: bool,
     },
@@ -258,11 +238,10 @@ async fn ask(socket: &std::path::Path, req: Request) -> anyhow::Result<serde_jso
 }
 
 /// The daemon's settings, if `cmd` is `daemon`.
-pub fn daemon_config(cmd: &AgentCmd) -> Option<DaemonConfig> {
+pub fn daemon_config(cmd: &AgentCmd, socket: &std::path::Path) -> Option<DaemonConfig> {
     match cmd {
         AgentCmd::Daemon {
             state_dir,
-            socket,
             interface,
             port,
             mtu,
@@ -274,7 +253,7 @@ pub fn daemon_config(cmd: &AgentCmd) -> Option<DaemonConfig> {
             metrics_listen,
         } => Some(DaemonConfig {
             state_dir: state_dir.clone(),
-            socket: socket.clone(),
+            socket: socket.to_path_buf(),
             interface: interface.clone(),
             listen_port: *port,
             mtu: *mtu,
@@ -292,15 +271,15 @@ pub fn daemon_config(cmd: &AgentCmd) -> Option<DaemonConfig> {
 /// Runs an agent subcommand. `daemon` runs with the privileges it has; the
 /// `ztmesh` binary instead prepares it and drops capabilities before its
 /// runtime starts (see `main.rs`).
-pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
+pub async fn run(cmd: AgentCmd, socket: &std::path::Path) -> anyhow::Result<()> {
+    let socket = socket.to_path_buf();
     match cmd {
         AgentCmd::Daemon { .. } => {
-            let cfg = daemon_config(&cmd).expect("a daemon command");
+            let cfg = daemon_config(&cmd, &socket).expect("a daemon command");
             let prepared = crate::agent::prepare(&cfg)?;
             crate::agent::run(cfg, prepared).await
         }
         AgentCmd::Up {
-            socket,
             controller,
             auth_key,
             fingerprint,
@@ -337,17 +316,17 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
             println!("up: {name} {}", addrs.join(" "));
             Ok(())
         }
-        AgentCmd::Down { socket } => {
+        AgentCmd::Down => {
             ask(&socket, Request::Down).await?;
             println!("down (still enrolled; `ztmesh up` to reconnect)");
             Ok(())
         }
-        AgentCmd::Logout { socket } => {
+        AgentCmd::Logout => {
             let r = ask(&socket, Request::Logout).await?;
             println!("logged out: {}", r["controller"].as_str().unwrap_or(""));
             Ok(())
         }
-        AgentCmd::Status { socket, output } => {
+        AgentCmd::Status { output } => {
             let s = ask(&socket, Request::Status).await?;
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
@@ -356,7 +335,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        AgentCmd::Ip { socket, ipv4, ipv6 } => {
+        AgentCmd::Ip { ipv4, ipv6 } => {
             let s = ask(&socket, Request::Status).await?;
             let addrs = s["self"]["addresses"]
                 .as_array()
@@ -372,7 +351,6 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
         }
         AgentCmd::Ping {
             target,
-            socket,
             count,
             timeout,
             until_direct,
@@ -398,7 +376,6 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
             json,
         } => netcheck(&stun, &state_dir, json).await,
         AgentCmd::WgConfig {
-            socket,
             include_private_key,
         } => {
             let c = ask(

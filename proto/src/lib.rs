@@ -10,6 +10,8 @@
 //! - [`refusal`]: machine-readable reasons a node's session was refused.
 //! - [`scrape`]: the `/metrics` HTTP listener (shell; request routing pure).
 //! - [`stun`]: STUN Binding requests and responses (pure codec).
+//! - [`ops`]: config files, logging, systemd notifications, completions and
+//!   man pages for the binaries.
 //! - [`time`]: the one wall-clock read ([`time::now_ms`]) both sides use.
 #![cfg_attr(
     test,
@@ -24,6 +26,7 @@ pub mod auth;
 pub mod delta;
 pub mod keys;
 pub mod netmap;
+pub mod ops;
 pub mod refusal;
 pub mod relay;
 pub mod scrape;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use ztmesh_proto::keys::PublicKey;
 use ztmesh_relay::datadir::{read_identity, DataDir};
 use ztmesh_relay::server::{self, ServeConfig, DEFAULT_MAX_NODES, DEFAULT_MEMORY_BUDGET};
@@ -13,10 +13,22 @@ use ztmesh_relay::server::{self, ServeConfig, DEFAULT_MAX_NODES, DEFAULT_MEMORY_
 #[derive(Parser)]
 #[command(
     name = "ztmesh-relay",
-    version,
+    version = ztmesh_proto::version_line!(),
     about = "Relays already-encrypted WireGuard datagrams between paired ztmesh nodes (QUIC, TLS/TCP) and answers STUN"
 )]
 struct Cli {
+    /// Log filter: a level (error, warn, info, debug, trace) or per module.
+    #[arg(long, global = true, env = "ZTMESH_LOG", default_value = "info")]
+    log_level: String,
+    /// Log lines as text, or as JSON objects for a log collector.
+    #[arg(
+        long,
+        global = true,
+        env = "ZTMESH_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    log_format: ztmesh_proto::ops::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -31,6 +43,16 @@ enum Command {
         #[arg(long, default_value = "./ztmesh-relay-data")]
         data_dir: PathBuf,
     },
+    /// Prints the version and the git revision it was built from.
+    Version,
+    /// Prints a shell completion script: `source <(ztmesh-relay completion bash)`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Writes man pages for every command into DIR (packaging).
+    #[command(hide = true)]
+    ManPages { dir: PathBuf },
     /// Prints the stats the running relay writes every second.
     Stats {
         #[arg(long, default_value = "./ztmesh-relay-data")]
@@ -77,7 +99,24 @@ struct Serve {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(s) => serve(s),
+        Command::Serve(s) => {
+            ztmesh_proto::ops::logging::init(cli.log_format, &cli.log_level)
+                .map_err(anyhow::Error::msg)?;
+            serve(s)
+        }
+        Command::Version => {
+            println!("ztmesh-relay {}", ztmesh_proto::version_line!());
+            Ok(())
+        }
+        Command::Completion { shell } => {
+            ztmesh_proto::ops::print_completion(Cli::command(), shell);
+            Ok(())
+        }
+        Command::ManPages { dir } => {
+            ztmesh_proto::ops::write_man_pages(Cli::command(), &dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))?;
+            Ok(())
+        }
         Command::Identity { data_dir } => {
             let id = read_identity(&DataDir::new(data_dir))?;
             println!("{}", serde_json::to_string(&id)?);
@@ -98,11 +137,6 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(s: Serve) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_max_level(log_level())
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .init();
     let key_text = match (&s.controller_key, &s.controller_key_file) {
         (Some(k), None) => k.clone(),
         (None, Some(f)) => {
@@ -136,24 +170,21 @@ fn serve(s: Serve) -> anyhow::Result<()> {
             .context("installing the SIGINT handler")?;
         let running = server::start(cfg).await?;
         println!("{}", serde_json::to_string(&running.identity)?);
+        // Under systemd (Type=notify): ready once every listener is bound.
+        let notify = ztmesh_proto::ops::notify::Notifier::from_env();
+        if let Some(n) = &notify {
+            n.ready(&format!("relay {} serving", running.identity.name));
+        }
         running
             .run_until(async move {
                 tokio::select! {
                     _ = term.recv() => {}
                     _ = int.recv() => {}
                 }
+                if let Some(n) = &notify {
+                    n.stopping();
+                }
             })
             .await
     })
-}
-
-/// `ZTMESH_LOG=trace|debug|info|warn|error` (default info).
-fn log_level() -> tracing::Level {
-    match std::env::var("ZTMESH_LOG").as_deref() {
-        Ok("trace") => tracing::Level::TRACE,
-        Ok("debug") => tracing::Level::DEBUG,
-        Ok("warn") => tracing::Level::WARN,
-        Ok("error") => tracing::Level::ERROR,
-        _ => tracing::Level::INFO,
-    }
 }

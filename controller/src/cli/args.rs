@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 
 #[derive(Args, Debug, Clone)]
 pub struct ConnArgs {
@@ -27,12 +27,7 @@ pub struct ConnArgs {
     pub fingerprint: Option<String>,
 }
 
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Default)]
-pub enum Output {
-    #[default]
-    Text,
-    Json,
-}
+pub use ztmesh_proto::ops::{Output, OutputArg};
 
 /// Single sign-on at an OpenID provider (`serve`).
 #[derive(Args, Debug, Clone)]

@@ -9,7 +9,7 @@ use ztmesh_proto::admin as apb;
 
 use super::client::{status_err, Client};
 use super::output::{ms_to_text, print_json};
-use super::{parse_duration, Output};
+use super::{parse_duration, Output, OutputArg};
 use clap::Args;
 
 /// What `flows` asks for.
@@ -33,8 +33,8 @@ pub struct FlowsArgs {
     /// Only records older than this id (to page back: the last id shown).
     #[arg(long)]
     pub before_id: Option<u64>,
-    #[arg(short, long, value_enum, default_value_t)]
-    pub output: Output,
+    #[command(flatten)]
+    pub output: OutputArg,
 }
 
 pub(super) async fn run(c: &mut Client, a: FlowsArgs) -> anyhow::Result<()> {

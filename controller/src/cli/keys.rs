@@ -11,7 +11,7 @@ use ztmesh_proto::admin as apb;
 
 use super::client::{status_err, Client};
 use super::output::{ms_to_text, print_json};
-use super::{parse_duration, Output};
+use super::{parse_duration, Output, OutputArg};
 use crate::secrets::SecretKind;
 
 #[derive(Subcommand, Debug)]
@@ -34,12 +34,11 @@ pub enum KeysCmd {
         expiry: Option<Duration>,
     },
     List {
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+        #[command(flatten)]
+        output: OutputArg,
     },
-    Revoke {
-        key_id: String,
-    },
+    /// Revoke a key by its id: it can no longer be used.
+    Revoke { key_id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -55,12 +54,11 @@ pub enum ApiKeysCmd {
         role: String,
     },
     List {
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+        #[command(flatten)]
+        output: OutputArg,
     },
-    Revoke {
-        key_id: String,
-    },
+    /// Revoke a key by its id: it can no longer be used.
+    Revoke { key_id: String },
 }
 
 /// Runs a `keys` command.
@@ -93,7 +91,7 @@ pub(super) async fn run(c: &mut Client, cmd: KeysCmd) -> anyhow::Result<()> {
                 .map_err(status_err)?
                 .into_inner()
                 .keys;
-            print_auth_keys(&keys, output);
+            print_auth_keys(&keys, output.get());
         }
         KeysCmd::Revoke { key_id } => revoke(c, SecretKind::AuthKey, key_id).await?,
     }
@@ -126,7 +124,7 @@ pub(super) async fn run_api(c: &mut Client, cmd: ApiKeysCmd) -> anyhow::Result<(
                 .map_err(status_err)?
                 .into_inner()
                 .keys;
-            print_api_keys(&keys, output);
+            print_api_keys(&keys, output.get());
         }
         ApiKeysCmd::Revoke { key_id } => revoke(c, SecretKind::ApiKey, key_id).await?,
     }

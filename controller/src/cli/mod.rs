@@ -27,6 +27,7 @@ mod users;
 
 pub use args::{
     parse_duration, parse_positive_duration, ConnArgs, DetectArgs, ListenerArgs, OidcArgs, Output,
+    OutputArg,
 };
 pub use audit::{AuditCmd, ExportFormat};
 pub use client::{connect, Auth, Client};
@@ -39,14 +40,43 @@ pub use users::UsersCmd;
 #[derive(Parser, Debug)]
 #[command(
     name = "ztmesh-controller",
-    version,
+    version = ztmesh_proto::version_line!(),
     about = "ztmesh controller and admin CLI"
 )]
 pub struct Cli {
     #[command(flatten)]
     pub conn: ConnArgs,
+    #[command(flatten)]
+    pub ops: OpsArgs,
     #[command(subcommand)]
     pub cmd: Cmd,
+}
+
+/// Where `serve` reads its config file when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/ztmesh/controller.toml";
+
+/// The config file and the logs (every subcommand).
+#[derive(clap::Args, Debug, Clone)]
+pub struct OpsArgs {
+    /// Config file: `serve`'s long flags as TOML keys (`listen =
+    /// "[::]:8443"`). Flags given here win over the file, the file over
+    /// environment variables. Default: /etc/ztmesh/controller.toml if it
+    /// exists; "" for none.
+    #[arg(long, global = true, env = "ZTMESH_CONFIG", value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+    /// Log filter: a level (error, warn, info, debug, trace) or per module
+    /// (`info,ztmesh_controller::mesh=debug`).
+    #[arg(long, global = true, env = "ZTMESH_LOG", default_value = "info")]
+    pub log_level: String,
+    /// Log lines as text, or as JSON objects for a log collector.
+    #[arg(
+        long,
+        global = true,
+        env = "ZTMESH_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    pub log_format: ztmesh_proto::ops::logging::LogFormat,
 }
 
 #[derive(Subcommand, Debug)]
@@ -56,116 +86,42 @@ pub struct Cli {
 )]
 pub enum Cmd {
     /// Run the controller.
-    Serve {
-        /// Address for gRPC over TLS (nodes and remote admin).
-        #[arg(long, default_value = "[::]:8443")]
-        listen: std::net::SocketAddr,
-        /// Delete ephemeral nodes after they have been offline this long.
-        #[arg(long, default_value = "5m", value_parser = parse_duration)]
-        ephemeral_timeout: Duration,
-        /// Key lifetime of a user's node, from enrollment or its owner's
-        /// last sign-in ("0s" = never expire); `users update --key-expiry`
-        /// overrides it per user.
-        #[arg(long, default_value = "30d", value_parser = parse_duration)]
-        node_key_expiry: Duration,
-        /// Key lifetime of a node owned by tags (a server); "0s" exempts
-        /// tagged nodes from expiry.
-        #[arg(long, default_value = "30d", value_parser = parse_duration)]
-        tagged_node_key_expiry: Duration,
-        /// A key lifetime for nodes with one tag, e.g. `tag:server=0s`
-        /// (never) or `tag:ci=1d` (repeatable; a node with several such tags
-        /// takes the shortest).
-        #[arg(long = "tag-key-expiry", value_name = "TAG=DURATION", value_parser = parse_tag_expiry)]
-        tag_key_expiry: Vec<(String, Duration)>,
-        /// The base URL of the sign-in pages that interactive logins print
-        /// (e.g. https://ztmesh.example.com:8443); default: the address
-        /// the node reached the controller by.
-        #[arg(long, value_parser = parse_public_url)]
-        public_url: Option<String>,
-        /// The URL of every controller serving this mesh's database, as nodes
-        /// reach them (repeatable, or comma-separated), e.g.
-        /// `https://[fd00::1]:8443,https://[fd00::2]:8443`: each netmap lists
-        /// them, and a node whose controller stops answering moves to
-        /// another. Default: none (nodes stay with the URL they enrolled at).
-        #[arg(long = "controller-url", value_name = "URL", value_delimiter = ',',
-              value_parser = parse_public_url)]
-        controller_urls: Vec<String>,
-        /// Lifetime of a signed netmap; connected nodes get a fresh one at half-life.
-        #[arg(long, default_value = "12h", value_parser = parse_duration)]
-        netmap_ttl: Duration,
-        /// How long a node's device-posture report is believed (at least
-        /// 6s); nodes report every third of it. A node silent for longer
-        /// fails every posture check until it reports again.
-        #[arg(long, default_value = "10m", value_parser = parse_duration)]
-        posture_ttl: Duration,
-        /// Prune audit records older than this ("0s" = keep forever).
-        #[arg(long, default_value = "90d", value_parser = parse_duration)]
-        audit_max_age: Duration,
-        /// Keep at most this many node-reported flow records (newest first; 0 = no cap).
-        #[arg(long, default_value_t = 1_000_000)]
-        audit_max_flow_rows: u64,
-        /// Prune flow-log records (`flows`) older than this ("0s" = keep forever).
-        #[arg(long, default_value = "7d", value_parser = parse_duration)]
-        flow_max_age: Duration,
-        /// Keep at most this many flow-log records (newest first; 0 = no cap).
-        #[arg(long, default_value_t = 1_000_000)]
-        flow_max_rows: u64,
-        /// Keep at most this many flow-log records of one node (0 = no cap).
-        #[arg(long, default_value_t = 100_000)]
-        flow_max_rows_per_node: u64,
-        /// Relays every netmap lists: one `ztmesh-relay identity` JSON line per
-        /// relay (read at start).
-        #[arg(long)]
-        relay_file: Option<std::path::PathBuf>,
-        /// The mesh DNS domain: every node is NAME.DOMAIN in MagicDNS. Must
-        /// not be a domain the company already uses (names under it never
-        /// leave the mesh).
-        #[arg(long, default_value = "ztmesh.internal", value_parser = parse_dns_domain)]
-        dns_domain: String,
-        /// A certificate (PEM, leaf first) for the listener instead of the
-        /// self-signed one, e.g. one browsers trust for the sign-in pages;
-        /// installed into the data dir. Nodes pin its fingerprint.
-        #[arg(long, requires = "tls_key")]
-        tls_cert: Option<std::path::PathBuf>,
-        /// The certificate's private key (PEM).
-        #[arg(long, requires = "tls_cert")]
-        tls_key: Option<std::path::PathBuf>,
-        #[command(flatten)]
-        oidc: OidcArgs,
-        #[command(flatten)]
-        limits: ListenerArgs,
-        #[command(flatten)]
-        detect: DetectArgs,
-        /// Serve OpenMetrics on plain HTTP at `GET /metrics` on this
-        /// address (off without the flag; the flag alone listens on
-        /// 127.0.0.1:9464). No authentication: keep it on loopback or a
-        /// monitoring network.
-        #[arg(long, value_name = "ADDR", num_args = 0..=1,
-              default_missing_value = crate::server::DEFAULT_METRICS_LISTEN)]
-        metrics_listen: Option<std::net::SocketAddr>,
-        /// Keep the state in PostgreSQL instead of SQLite in the data dir:
-        /// `postgres://USER@HOST/DB?sslmode=verify-full&sslrootcert=CA.pem`
-        /// (`&sslcert=…&sslkey=…` for a client certificate), or a unix
-        /// socket: `postgres://USER@/DB?host=/run/postgresql`. The signing
-        /// key and TLS identity stay files in the data dir. Prefer the
-        /// environment variable when the URL holds a password.
-        #[arg(long, env = "ZTMESH_DATABASE", hide_env_values = true)]
-        database: Option<String>,
+    Serve(ServeArgs),
+    /// Check the config file (`--config`, else
+    /// /etc/ztmesh/controller.toml) as `serve` would read it, without
+    /// serving: every key, value and file it names.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Print the version and the git revision it was built from.
+    Version,
+    /// Print a shell completion script: `source <(ztmesh-controller
+    /// completion bash)`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
+    /// Write man pages for every command into DIR (packaging).
+    #[command(hide = true)]
+    ManPages { dir: std::path::PathBuf },
     /// Print the controller's TLS fingerprint, which nodes pin (offline).
     Fingerprint,
     /// Print the controller's netmap signing key (public half), which
     /// relays verify netmaps with: `ztmesh-relay --controller-key-file`
     /// (offline).
     ControllerKey,
+    /// Manage users: built-in accounts, roles, MFA, key expiry.
     #[command(subcommand)]
     Users(UsersCmd),
+    /// Manage auth keys, which enroll nodes.
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// List, rename, expire, delete, quarantine and approve nodes.
     #[command(subcommand)]
     Nodes(NodesCmd),
+    /// Check, show, plan, apply and explain the ACL policy.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Manage API keys for remote admin (`--server`).
     #[command(subcommand)]
     Apikeys(ApiKeysCmd),
     /// Show the audit log, newest first; `audit verify` checks its hash
@@ -173,8 +129,8 @@ pub enum Cmd {
     Audit {
         #[arg(long, default_value_t = 50)]
         limit: u32,
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+        #[command(flatten)]
+        output: OutputArg,
         #[command(subcommand)]
         action: Option<AuditCmd>,
     },
@@ -193,10 +149,134 @@ pub enum Cmd {
         /// Only detections older than this id (to page back).
         #[arg(long)]
         before_id: Option<u64>,
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+        #[command(flatten)]
+        output: OutputArg,
     },
 }
+
+/// `serve`'s flags (every one is also a key of the config file).
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Address for gRPC over TLS (nodes and remote admin).
+    #[arg(long, default_value = "[::]:8443")]
+    pub listen: std::net::SocketAddr,
+    /// Delete ephemeral nodes after they have been offline this long.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub ephemeral_timeout: Duration,
+    /// Key lifetime of a user's node, from enrollment or its owner's
+    /// last sign-in ("0s" = never expire); `users update --key-expiry`
+    /// overrides it per user.
+    #[arg(long, default_value = "30d", value_parser = parse_duration)]
+    pub node_key_expiry: Duration,
+    /// Key lifetime of a node owned by tags (a server); "0s" exempts
+    /// tagged nodes from expiry.
+    #[arg(long, default_value = "30d", value_parser = parse_duration)]
+    pub tagged_node_key_expiry: Duration,
+    /// A key lifetime for nodes with one tag, e.g. `tag:server=0s`
+    /// (never) or `tag:ci=1d` (repeatable; a node with several such tags
+    /// takes the shortest).
+    #[arg(long = "tag-key-expiry", value_name = "TAG=DURATION", value_parser = parse_tag_expiry)]
+    pub tag_key_expiry: Vec<(String, Duration)>,
+    /// The base URL of the sign-in pages that interactive logins print
+    /// (e.g. https://ztmesh.example.com:8443); default: the address
+    /// the node reached the controller by.
+    #[arg(long, value_parser = parse_public_url)]
+    pub public_url: Option<String>,
+    /// The URL of every controller serving this mesh's database, as nodes
+    /// reach them (repeatable, or comma-separated), e.g.
+    /// `https://[fd00::1]:8443,https://[fd00::2]:8443`: each netmap lists
+    /// them, and a node whose controller stops answering moves to
+    /// another. Default: none (nodes stay with the URL they enrolled at).
+    #[arg(long = "controller-url", value_name = "URL", value_delimiter = ',',
+          value_parser = parse_public_url)]
+    pub controller_urls: Vec<String>,
+    /// Lifetime of a signed netmap; connected nodes get a fresh one at half-life.
+    #[arg(long, default_value = "12h", value_parser = parse_duration)]
+    pub netmap_ttl: Duration,
+    /// How long a node's device-posture report is believed (at least
+    /// 6s); nodes report every third of it. A node silent for longer
+    /// fails every posture check until it reports again.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub posture_ttl: Duration,
+    /// Prune audit records older than this ("0s" = keep forever).
+    #[arg(long, default_value = "90d", value_parser = parse_duration)]
+    pub audit_max_age: Duration,
+    /// Keep at most this many node-reported flow records (newest first; 0 = no cap).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub audit_max_flow_rows: u64,
+    /// Prune flow-log records (`flows`) older than this ("0s" = keep forever).
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    pub flow_max_age: Duration,
+    /// Keep at most this many flow-log records (newest first; 0 = no cap).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub flow_max_rows: u64,
+    /// Keep at most this many flow-log records of one node (0 = no cap).
+    #[arg(long, default_value_t = 100_000)]
+    pub flow_max_rows_per_node: u64,
+    /// Relays every netmap lists: one `ztmesh-relay identity` JSON line per
+    /// relay (read at start).
+    #[arg(long)]
+    pub relay_file: Option<std::path::PathBuf>,
+    /// The mesh DNS domain: every node is NAME.DOMAIN in MagicDNS. Must
+    /// not be a domain the company already uses (names under it never
+    /// leave the mesh).
+    #[arg(long, default_value = "ztmesh.internal", value_parser = parse_dns_domain)]
+    pub dns_domain: String,
+    /// A certificate (PEM, leaf first) for the listener instead of the
+    /// self-signed one, e.g. one browsers trust for the sign-in pages;
+    /// installed into the data dir. Nodes pin its fingerprint.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub oidc: OidcArgs,
+    #[command(flatten)]
+    pub limits: ListenerArgs,
+    #[command(flatten)]
+    pub detect: DetectArgs,
+    /// Serve OpenMetrics on plain HTTP at `GET /metrics` on this
+    /// address (off without the flag; the flag alone listens on
+    /// 127.0.0.1:9464). No authentication: keep it on loopback or a
+    /// monitoring network.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1,
+          default_missing_value = crate::server::DEFAULT_METRICS_LISTEN)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Keep the state in PostgreSQL instead of SQLite in the data dir:
+    /// `postgres://USER@HOST/DB?sslmode=verify-full&sslrootcert=CA.pem`
+    /// (`&sslcert=…&sslkey=…` for a client certificate), or a unix
+    /// socket: `postgres://USER@/DB?host=/run/postgresql`. The signing
+    /// key and TLS identity stay files in the data dir. Prefer the
+    /// environment variable when the URL holds a password.
+    #[arg(long, env = "ZTMESH_DATABASE", hide_env_values = true)]
+    pub database: Option<String>,
+}
+
+/// `config` subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum ConfigCmd {
+    /// Read the config file as `serve` would and report the first problem
+    /// (FILE:LINE:COL) or that it is fine.
+    Check,
+    /// Print a config file documenting every key with its default (the
+    /// packaged /etc/ztmesh/controller.toml).
+    Example,
+}
+
+/// The keys the packaged config file sets (the systemd unit's state
+/// directory); every other key is documented there, commented out.
+pub const PACKAGED_CONFIG: &[(&str, &str)] = &[("data-dir", "\"/var/lib/ztmesh-controller\"")];
+
+/// The head of the packaged config file.
+pub const CONFIG_HEADER: &str = "\
+ztmesh controller: the settings of `ztmesh-controller serve`.
+
+Every key is a long flag of `ztmesh-controller serve --help`, without the
+dashes. A flag on the command line wins over this file, and this file over
+environment variables. Check it with `ztmesh-controller config check`, then
+`systemctl restart ztmesh-controller`. The admin commands (`nodes list`...)
+read `data-dir` from here too.";
 
 /// `tag:NAME=DURATION`.
 fn parse_tag_expiry(s: &str) -> Result<(String, Duration), String> {
@@ -245,20 +325,23 @@ pub async fn run(conn: &ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
     }
     let mut c = connect(conn).await?;
     match cmd {
-        Cmd::Serve { .. } => unreachable!("handled by the caller"),
+        Cmd::Serve(_) => unreachable!("handled by the caller"),
         Cmd::Fingerprint | Cmd::ControllerKey => unreachable!("handled offline"),
+        Cmd::Config(_) | Cmd::Version | Cmd::Completion { .. } | Cmd::ManPages { .. } => {
+            unreachable!("handled by main")
+        }
         Cmd::Users(u) => users::run(&mut c, u).await,
         Cmd::Keys(k) => keys::run(&mut c, k).await,
         Cmd::Nodes(n) => nodes::run(&mut c, n).await,
         Cmd::Policy(p) => policy::run(&mut c, p).await,
         Cmd::Apikeys(a) => keys::run_api(&mut c, a).await,
-        Cmd::Audit { limit, output, .. } => audit::run(&mut c, limit, output).await,
+        Cmd::Audit { limit, output, .. } => audit::run(&mut c, limit, output.get()).await,
         Cmd::Flows(args) => flows::run(&mut c, args).await,
         Cmd::Detections {
             limit,
             before_id,
             output,
-        } => flows::detections(&mut c, limit, before_id, output).await,
+        } => flows::detections(&mut c, limit, before_id, output.get()).await,
     }
 }
 

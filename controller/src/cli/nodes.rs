@@ -7,34 +7,29 @@ use ztmesh_proto::admin as apb;
 
 use super::client::{status_err, Client};
 use super::output::{ms_to_text, print_json};
-use super::Output;
+use super::{Output, OutputArg};
 
 #[derive(Subcommand, Debug)]
 pub enum NodesCmd {
+    /// List nodes: name, user, addresses, online, key expiry.
     List {
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+        #[command(flatten)]
+        output: OutputArg,
     },
+    /// Show one node (by name, id or address).
     Show {
         node: String,
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+        #[command(flatten)]
+        output: OutputArg,
     },
-    Delete {
-        node: String,
-    },
+    /// Delete a node: it leaves every map and must enroll again.
+    Delete { node: String },
     /// Expire the node's key now: it is refused and vanishes from every map.
-    Expire {
-        node: String,
-    },
-    Rename {
-        node: String,
-        new_name: String,
-    },
+    Expire { node: String },
+    /// Rename a node (its MagicDNS name follows).
+    Rename { node: String, new_name: String },
     /// End a detector's quarantine: the node is back in the maps (audited).
-    Release {
-        node: String,
-    },
+    Release { node: String },
     /// Show a node's subnet routes and exit-node role, and approve or
     /// withdraw approval (only advertised routes can be approved).
     Routes {
@@ -51,8 +46,8 @@ pub enum NodesCmd {
         /// Withdraw the exit-node approval.
         #[arg(long)]
         unapprove_exit_node: bool,
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+        #[command(flatten)]
+        output: OutputArg,
     },
     /// Show a node's posture attributes and results, and set or remove its
     /// custom:* attributes (e.g. from an MDM; the ones to gate on: node:*
@@ -66,8 +61,8 @@ pub enum NodesCmd {
         /// Remove an attribute (repeatable).
         #[arg(long, value_name = "custom:NAME")]
         unset: Vec<String>,
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+        #[command(flatten)]
+        output: OutputArg,
     },
 }
 

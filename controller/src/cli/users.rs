@@ -8,10 +8,11 @@ use ztmesh_proto::admin as apb;
 use super::args::parse_duration;
 use super::client::{status_err, Client};
 use super::output::{ms_to_text, print_json};
-use super::Output;
+use super::{Output, OutputArg};
 
 #[derive(Subcommand, Debug)]
 pub enum UsersCmd {
+    /// Create a user (a built-in account, or one that signs in with SSO).
     Create {
         login: String,
         /// admin, network-admin, auditor or member.
@@ -46,9 +47,10 @@ pub enum UsersCmd {
         #[arg(long)]
         unlink_sso: bool,
     },
+    /// List users with their role and second factor.
     List {
-        #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+        #[command(flatten)]
+        output: OutputArg,
     },
     /// Delete a user and every node it owns.
     Delete { login: String },
