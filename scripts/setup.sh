@@ -4,7 +4,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 need=()
 # node, npm, chromium and curl: the browser-login tests (tests/web, tests/src/web.rs).
-for pair in git:git ip:iproute2 iperf3:iperf3 wg:wireguard-tools wireguard-go:wireguard-go ping:iputils-ping nft:nftables python3:python3 \
+# lintian, man and systemd-analyze: the packaging check (scripts/package.sh --check).
+for pair in lintian:lintian man:man-db systemd-analyze:systemd dpkg-shlibdeps:dpkg-dev git:git ip:iproute2 iperf3:iperf3 wg:wireguard-tools wireguard-go:wireguard-go ping:iputils-ping nft:nftables python3:python3 \
   curl:curl node:nodejs npm:npm chromium:chromium chromedriver:chromium-driver openssl:openssl psql:postgresql-client; do
   cmd=${pair%%:*}; pkg=${pair##*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
@@ -66,6 +67,12 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install Rust (https://rustup.rs) and rerun" >&2
   exit 1
+fi
+# Debian packages (scripts/package.sh). Pinned: 3.8.0 builds with rustc 1.95.
+CARGO_DEB_VERSION=3.8.0
+if ! command -v cargo-deb >/dev/null 2>&1; then
+  echo "setup: installing cargo-deb $CARGO_DEB_VERSION"
+  cargo install --locked cargo-deb --version "$CARGO_DEB_VERSION"
 fi
 # Supply-chain audit (scripts/deny.sh). Pinned: 0.20.2 builds with rustc 1.95
 # and reads the offline advisory snapshot the way deny.toml expects.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: format check, the offline supply-chain audit
-# (scripts/deny.sh), clippy with -D warnings, then `cargo test --workspace`
+# (scripts/deny.sh), clippy with -D warnings, the packaging check
+# (scripts/package.sh --check on the debug build), then `cargo test --workspace`
 # (unit, property, fuzz-corpus replay, in-process gRPC and, as root,
 # end-to-end tests in network namespaces). Installs what it needs first.
 set -euo pipefail
@@ -20,6 +21,10 @@ echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo build (binaries used by end-to-end tests)"
 cargo build --workspace --bins
+echo "== packages: build, install into a fresh tree, check (scripts/package.sh)"
+# The debug binaries just built, so no release build: files, modes,
+# conffiles, lintian, systemd-analyze security and verify.
+./scripts/package.sh --check --profile dev
 echo "== PostgreSQL test cluster (scripts/pg.sh)"
 # The store suite and the controller's PostgreSQL tests run against it; it
 # is stopped and removed on exit, whatever happens.

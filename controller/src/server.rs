@@ -293,20 +293,17 @@ pub async fn serve(
     if let Some(a) = metrics_listen {
         println!("  metrics:        http://{a}/metrics");
     }
-    // Under systemd (Type=notify): ready once the listeners are bound and
-    // the store is open; keep-alives while the mesh answers.
-    let notify = Notifier::from_env().map(Arc::new);
-    let _keepalive = notify.clone().and_then(|n| keepalive(n, mesh.clone()));
-    if let Some(n) = &notify {
-        n.ready(&format!("serving on {listen}"));
-    }
-    let stop = async move {
-        shutdown_signal().await;
-        if let Some(n) = &notify {
-            n.stopping();
-        }
-    };
-    run_with(dir, mesh, cert, key, listener, limits, web, stop).await?;
+    run_with(
+        dir,
+        mesh,
+        cert,
+        key,
+        listener,
+        limits,
+        web,
+        shutdown_signal(),
+    )
+    .await?;
     // The session (and with it the leadership) ends after the drain.
     drop(session);
     Ok(())
@@ -348,6 +345,10 @@ impl Default for ListenerLimits {
         }
     }
 }
+
+/// The period of the server's ticker (offline timers, flushes, pruning, the
+/// service watchdog's keep-alives).
+const TICK: Duration = Duration::from_millis(500);
 
 /// How often the change log is read even without a notification.
 const FEED_POLL: Duration = Duration::from_secs(5);
@@ -414,13 +415,27 @@ pub async fn run_with(
             .await
     });
 
+    // Under systemd (Type=notify, `$NOTIFY_SOCKET`): ready once every
+    // listener is bound, keep-alives from the ticker (each tick takes the
+    // mesh lock, so a wedged mesh stops them), stopping on shutdown.
+    let notify = Notifier::from_env().map(Arc::new);
+    let keepalive = notify.as_ref().and_then(|n| {
+        let every = n.keepalive_every()?;
+        let ticks = (every.as_millis() / TICK.as_millis()).max(1);
+        Some((n.clone(), u64::try_from(ticks).unwrap_or(u64::MAX)))
+    });
     let ticker_mesh = mesh.clone();
     let ticker = tokio::spawn(async move {
         // Offline time is measured on this monotonic clock (see Mesh::tick_at).
         let started = std::time::Instant::now();
-        let mut t = tokio::time::interval(Duration::from_millis(500));
+        let mut t = tokio::time::interval(TICK);
         for n in 0u64.. {
             t.tick().await;
+            if let Some((notify, every)) = &keepalive {
+                if n % every == 0 {
+                    notify.keep_alive();
+                }
+            }
             let mono = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             ticker_mesh.tick_at(now_ms(), mono);
             ticker_mesh.flush();
@@ -435,6 +450,7 @@ pub async fn run_with(
     // the server itself sees only established connections.
     let tls = Arc::new(listener::server_tls_config(&cert, &key)?);
     let slots = ConnSlots::new(limits.max_connections, limits.max_connections_per_source);
+    let bound = listener.local_addr()?;
     let incoming = Incoming::new(listener, tls, slots, limits.handshake_timeout);
     // The sign-in pages share the listener with gRPC: tonic routes by the
     // gRPC service path, everything else falls through to the pages.
@@ -459,6 +475,15 @@ pub async fn run_with(
     let routes = routes.routes();
     let routes =
         tonic::service::Routes::from(routes.into_axum_router().merge(crate::web::router(web)));
+    if let Some(n) = &notify {
+        n.ready(&format!("serving on {bound}"));
+    }
+    let shutdown = async move {
+        shutdown.await;
+        if let Some(n) = &notify {
+            n.stopping();
+        }
+    };
     let result = Server::builder()
         // A node whose connection died unseen (power, network) counts as
         // offline within 10 s: its subnet routes fail over to another
@@ -486,23 +511,6 @@ pub async fn run_with(
         bail!("server failed: {}", ztmesh_proto::tls::error_chain(&e));
     }
     Ok(())
-}
-
-/// Sends systemd's watchdog keep-alives at the interval it asked for, each
-/// after the mesh answered ([`Mesh::probe`] on a blocking thread); `None`
-/// without a watchdog.
-fn keepalive(n: Arc<Notifier>, mesh: Arc<Mesh>) -> Option<AbortOnDrop> {
-    let every = n.keepalive_every()?;
-    Some(AbortOnDrop(tokio::spawn(async move {
-        let mut t = tokio::time::interval(every);
-        loop {
-            t.tick().await;
-            let m = mesh.clone();
-            if tokio::task::spawn_blocking(move || m.probe()).await.is_ok() {
-                n.keep_alive();
-            }
-        }
-    })))
 }
 
 /// A task aborted when this is dropped.

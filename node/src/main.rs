@@ -32,8 +32,9 @@ struct Cli {
     /// Config file: `daemon`'s long flags as TOML keys (`port = 41641`).
     /// Flags given here win over the file, the file over environment
     /// variables; other commands take the keys they share with `daemon`
-    /// (`socket`). Default: /etc/ztmesh/node.toml if it exists; "" for none.
-    #[arg(long, global = true, env = "ZTMESH_CONFIG", value_name = "FILE")]
+    /// (`socket`). Default: $ZTMESH_CONFIG, else /etc/ztmesh/node.toml
+    /// if it exists; "" for none.
+    #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Log filter of `daemon` and `tunnel`: a level (error, warn, info,
     /// debug, trace; per-packet events are at trace) or per module

@@ -60,9 +60,9 @@ pub const DEFAULT_CONFIG: &str = "/etc/ztmesh/controller.toml";
 pub struct OpsArgs {
     /// Config file: `serve`'s long flags as TOML keys (`listen =
     /// "[::]:8443"`). Flags given here win over the file, the file over
-    /// environment variables. Default: /etc/ztmesh/controller.toml if it
-    /// exists; "" for none.
-    #[arg(long, global = true, env = "ZTMESH_CONFIG", value_name = "FILE")]
+    /// environment variables. Default: $ZTMESH_CONFIG, else
+    /// /etc/ztmesh/controller.toml if it exists; "" for none.
+    #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,
     /// Log filter: a level (error, warn, info, debug, trace) or per module
     /// (`info,ztmesh_controller::mesh=debug`).
