@@ -217,10 +217,15 @@ fn fail(e: &anyhow::Error) -> ExitCode {
 fn command_line(
     args: Vec<OsString>,
 ) -> anyhow::Result<(Vec<OsString>, Option<config::ConfigFile>)> {
+    let invoked = config::invoked_command(Cli::command(), &args);
+    // `tunnel` has a `--config` of its own (the wg-quick file) and no key
+    // in node.toml.
+    if invoked.get_name() == "tunnel" {
+        return Ok((args, None));
+    }
     let Some(path) = config::locate(&args, "ZTMESH_CONFIG", Path::new(DEFAULT_CONFIG)) else {
         return Ok((args, None));
     };
-    let invoked = config::invoked_command(Cli::command(), &args);
     let daemon = config::daemon_command(Cli::command(), "daemon");
     match config::load(&path, &daemon) {
         Ok(file) => Ok((config::apply(args, &file, &invoked), Some(file))),

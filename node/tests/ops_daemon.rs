@@ -261,3 +261,20 @@ fn the_packaged_node_config_is_current_and_documents_every_daemon_flag() {
         );
     }
 }
+
+#[test]
+fn tunnel_keeps_its_own_config_flag_for_the_wg_quick_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wg = tmp.path().join("wg0.conf");
+    std::fs::write(&wg, "[Interface]\nPrivateKey = garbage\n").unwrap();
+    // Not read as node.toml: the wg-quick parser names its own line.
+    let out = run(cli().args(["tunnel", "--config"]).arg(&wg));
+    assert!(!out.status.success());
+    assert_eq!(
+        text(&out.stderr).trim(),
+        format!(
+            "error: {}: line 2: PrivateKey is not base64 of 32 bytes",
+            wg.display()
+        )
+    );
+}
