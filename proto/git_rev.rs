@@ -16,11 +16,20 @@ fn emit_git_rev() {
         .unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=ZTMESH_GIT_REV={rev}");
     println!("cargo:rerun-if-env-changed=ZTMESH_GIT_REV");
+    // Only files that exist: cargo reruns a script for a missing one on
+    // every build. A branch in a worktree lives in the common dir.
+    let watch = |path: String| {
+        if std::path::Path::new(&path).exists() {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    };
     if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
-        println!("cargo:rerun-if-changed={dir}/HEAD");
-        println!("cargo:rerun-if-changed={dir}/packed-refs");
+        watch(format!("{dir}/HEAD"));
+    }
+    if let Some(common) = git(&["rev-parse", "--path-format=absolute", "--git-common-dir"]) {
+        watch(format!("{common}/packed-refs"));
         if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
-            println!("cargo:rerun-if-changed={dir}/{branch}");
+            watch(format!("{common}/{branch}"));
         }
     }
 }

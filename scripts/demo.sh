@@ -24,6 +24,9 @@
 #
 # Environment: ZTMESH_DEMO_KEEP=1 keeps the work dir (logs, state) for inspection.
 set -euo pipefail
+# No config file of an installed ztmesh (/etc/ztmesh/*.toml) reaches the
+# binaries the demo starts.
+export ZTMESH_NODE_CONFIG= ZTMESH_CONTROLLER_CONFIG=
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 

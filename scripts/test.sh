@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 
 export CARGO_TERM_COLOR=never
+# No config file of an installed ztmesh (/etc/ztmesh/*.toml) reaches the
+# binaries the tests start.
+export ZTMESH_NODE_CONFIG= ZTMESH_CONTROLLER_CONFIG=
 # The metrics test skips without prometheus/promtool only on a developer's
 # machine; here setup.sh installed them, so their absence is a failure.
 export ZTMESH_REQUIRE_PROMETHEUS=1

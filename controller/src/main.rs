@@ -104,22 +104,56 @@ fn fail(e: &anyhow::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// The command line with the config file's keys added (see
-/// [`ztmesh_proto::ops::config`]), and the file. A broken file stops every
-/// command except help, version and completion, which must work to fix it.
+/// Where the controller's config file is; see [`config::command_line`].
+const LAYOUT: config::Layout<'static> = config::Layout {
+    daemon: "serve",
+    env_var: "ZTMESH_CONTROLLER_CONFIG",
+    default: DEFAULT_CONFIG,
+    skip: &[],
+};
+
+/// The command line with the config file's keys added, and the file; its
+/// warnings printed.
 fn command_line(
     args: Vec<OsString>,
 ) -> anyhow::Result<(Vec<OsString>, Option<config::ConfigFile>)> {
-    let Some(path) = config::locate(&args, "ZTMESH_CONFIG", Path::new(DEFAULT_CONFIG)) else {
-        return Ok((args, None));
-    };
-    let invoked = config::invoked_command(Cli::command(), &args);
-    let serve = config::daemon_command(Cli::command(), "serve");
-    match config::load(&path, &serve) {
-        Ok(file) => Ok((config::apply(args, &file, &invoked), Some(file))),
-        Err(_) if config::needs_no_config(&invoked, &args) => Ok((args, None)),
-        Err(e) => Err(e.into()),
+    let applied = config::command_line(Cli::command(), &LAYOUT, args)?;
+    if let Some(file) = &applied.file {
+        refuse_passwords(file)?;
     }
+    for w in &applied.warnings {
+        eprintln!("{w}");
+    }
+    Ok((applied.args, applied.file))
+}
+
+/// A database URL with a password stays out of the config file, which the
+/// service's user (and so everyone) can read: it goes in ZTMESH_DATABASE
+/// from the unit's root-only EnvironmentFile.
+fn refuse_passwords(file: &config::ConfigFile) -> Result<(), config::ConfigError> {
+    let Some(e) = file.entry("database") else {
+        return Ok(());
+    };
+    let url = e.values.first().cloned().flatten().unwrap_or_default();
+    let authority = url
+        .split_once("://")
+        .map_or("", |(_, rest)| rest.split(['/', '?']).next().unwrap_or(""));
+    let in_userinfo = authority
+        .rsplit_once('@')
+        .is_some_and(|(user, _)| user.contains(':'));
+    let in_query = url
+        .split_once('?')
+        .is_some_and(|(_, q)| q.split('&').any(|kv| kv.starts_with("password=")));
+    if in_userinfo || in_query {
+        return Err(config::ConfigError {
+            file: file.path.clone(),
+            pos: Some(e.at),
+            message: "`database` holds a password: a config file is readable by the service's \
+                      user; set ZTMESH_DATABASE in /etc/ztmesh/controller.env (mode 0600) instead"
+                .to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// `config check`: the file as `serve` would take it (with the environment
@@ -132,11 +166,8 @@ fn check_config(file: Option<&config::ConfigFile>) -> anyhow::Result<String> {
         );
     };
     let serve = config::daemon_command(Cli::command(), "serve");
-    let argv = config::apply(
-        vec!["ztmesh-controller".into(), "serve".into()],
-        file,
-        &serve,
-    );
+    let argv = vec!["ztmesh-controller".into(), "serve".into()];
+    let (argv, _) = config::apply(argv, file, &serve, true);
     let matches = config::parse_whole(Cli::command(), argv, &file.path)?;
     let parsed =
         Cli::from_arg_matches(&matches).map_err(|e| anyhow::anyhow!("{}: {e}", file.path))?;

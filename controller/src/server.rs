@@ -346,8 +346,7 @@ impl Default for ListenerLimits {
     }
 }
 
-/// The period of the server's ticker (offline timers, flushes, pruning, the
-/// service watchdog's keep-alives).
+/// The period of the server's ticker (offline timers, flushes, pruning).
 const TICK: Duration = Duration::from_millis(500);
 
 /// How often the change log is read even without a notification.
@@ -416,14 +415,13 @@ pub async fn run_with(
     });
 
     // Under systemd (Type=notify, `$NOTIFY_SOCKET`): ready once every
-    // listener is bound, keep-alives from the ticker (each tick takes the
-    // mesh lock, so a wedged mesh stops them), stopping on shutdown.
+    // listener is bound, keep-alives while the mesh answers, stopping on
+    // shutdown.
     let notify = Notifier::from_env().map(Arc::new);
-    let keepalive = notify.as_ref().and_then(|n| {
-        let every = n.keepalive_every()?;
-        let ticks = (every.as_millis() / TICK.as_millis()).max(1);
-        Some((n.clone(), u64::try_from(ticks).unwrap_or(u64::MAX)))
-    });
+    let probed = mesh.clone();
+    let _keepalive = notify
+        .clone()
+        .and_then(|n| keepalive(n, move || probed.probe()));
     let ticker_mesh = mesh.clone();
     let ticker = tokio::spawn(async move {
         // Offline time is measured on this monotonic clock (see Mesh::tick_at).
@@ -431,11 +429,6 @@ pub async fn run_with(
         let mut t = tokio::time::interval(TICK);
         for n in 0u64.. {
             t.tick().await;
-            if let Some((notify, every)) = &keepalive {
-                if n % every == 0 {
-                    notify.keep_alive();
-                }
-            }
             let mono = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             ticker_mesh.tick_at(now_ms(), mono);
             ticker_mesh.flush();
@@ -513,6 +506,28 @@ pub async fn run_with(
     Ok(())
 }
 
+/// Sends systemd's watchdog keep-alives at the interval it asked for, each
+/// after `probe` returned (on a blocking thread). The server's probe takes
+/// the mesh lock ([`Mesh::probe`]): a lock held forever stops the
+/// keep-alives, and systemd restarts the process. Store I/O (flushes,
+/// pruning) runs outside that lock and does not delay them. `None` without
+/// a watchdog.
+fn keepalive(
+    n: Arc<Notifier>,
+    probe: impl Fn() + Clone + Send + Sync + 'static,
+) -> Option<AbortOnDrop> {
+    let every = n.keepalive_every()?;
+    Some(AbortOnDrop(tokio::spawn(async move {
+        let mut t = tokio::time::interval(every);
+        loop {
+            t.tick().await;
+            if tokio::task::spawn_blocking(probe.clone()).await.is_ok() {
+                n.keep_alive();
+            }
+        }
+    })))
+}
+
 /// A task aborted when this is dropped.
 pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -535,6 +550,35 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The watchdog's point: a wedged mesh (its lock never released) stops
+    /// the keep-alives, so systemd restarts the controller; they resume
+    /// when it answers again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keep_alives_stop_while_the_mesh_lock_is_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let recv = |within_ms: u64| {
+            sock.set_read_timeout(Some(Duration::from_millis(within_ms)))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            sock.recv(&mut buf)
+                .ok()
+                .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+        };
+        let lock = Arc::new(std::sync::Mutex::new(()));
+        let held = lock.clone();
+        let n = Arc::new(Notifier::at(&path, Some(Duration::from_millis(20))).unwrap());
+        let _k = keepalive(n, move || drop(held.lock().unwrap())).unwrap();
+        assert_eq!(recv(5_000).as_deref(), Some("WATCHDOG=1"));
+
+        let wedged = lock.lock().unwrap();
+        while recv(300).is_some() {} // one may have been on its way
+        assert_eq!(recv(500), None, "no keep-alive while the lock is held");
+        drop(wedged);
+        assert_eq!(recv(5_000).as_deref(), Some("WATCHDOG=1"));
+    }
 
     fn pair(name: &str) -> (String, String) {
         let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();

@@ -30,7 +30,7 @@ impl Drop for Killed {
 fn bin() -> Command {
     let mut cmd = Command::new(BIN);
     for var in [
-        "ZTMESH_CONFIG",
+        "ZTMESH_CONTROLLER_CONFIG",
         "ZTMESH_DATA_DIR",
         "ZTMESH_LOG",
         "ZTMESH_LOG_FORMAT",
@@ -42,7 +42,7 @@ fn bin() -> Command {
     ] {
         cmd.env_remove(var);
     }
-    cmd.env("ZTMESH_CONFIG", "");
+    cmd.env("ZTMESH_CONTROLLER_CONFIG", "");
     cmd
 }
 
@@ -202,8 +202,10 @@ fn the_command_line_wins_over_the_file_and_the_file_over_the_environment() {
         "{err}"
     );
 
-    // ZTMESH_CONFIG names the file when --config does not.
-    let out = run(bin().env("ZTMESH_CONFIG", &conf).args(["users", "list"]));
+    // ZTMESH_CONTROLLER_CONFIG names the file when --config does not.
+    let out = run(bin()
+        .env("ZTMESH_CONTROLLER_CONFIG", &conf)
+        .args(["users", "list"]));
     assert!(text(&out.stderr).contains(&format!("{}/admin.sock", from_file.display())));
 }
 
@@ -265,7 +267,15 @@ fn a_broken_config_stops_serve_naming_file_line_and_column_and_check_agrees() {
             text(&check.stderr)
         );
         // Help and the version still work, to fix the file with.
-        for args in [&["--help"][..], &["version"], &["serve", "--help"]] {
+        for args in [
+            &["--help"][..],
+            &["version"],
+            &["serve", "--help"],
+            &["help"],
+            &["help", "serve"],
+            &["config", "example"],
+            &["completion", "bash"],
+        ] {
             let out = run(bin().arg("--config").arg(&conf).args(args));
             assert!(out.status.success(), "{args:?} with {body:?}");
         }
@@ -292,6 +302,35 @@ fn a_broken_config_stops_serve_naming_file_line_and_column_and_check_agrees() {
     );
     let check = run(bin().arg("--config").arg(&conf).args(["config", "check"]));
     assert!(text(&check.stderr).contains("--relay-file /nonexistent/relays"));
+    // A password does not go into a file the service's user can read.
+    for url in [
+        "postgres://ztmesh:hunter2@[fd00::5]/ztmesh",
+        "postgres://ztmesh@[fd00::5]/ztmesh?sslmode=require&password=hunter2",
+    ] {
+        let conf = write(tmp.path(), "c.toml", &format!("\n  database = {url:?}\n"));
+        let check = run(bin().arg("--config").arg(&conf).args(["config", "check"]));
+        let err = text(&check.stderr);
+        assert!(
+            err.starts_with(&format!(
+                "error: {}:2:3: `database` holds a password",
+                conf.display()
+            )),
+            "{err}"
+        );
+        assert!(
+            !err.contains("hunter2"),
+            "the password is not echoed: {err}"
+        );
+    }
+    // A repeatable flag takes the comma-separated form its help shows.
+    let conf = write(
+        tmp.path(),
+        "c.toml",
+        "controller-url = \"https://[fd00::1]:8443,https://[fd00::2]:8443\"\n\
+         database = \"postgres://ztmesh@/ztmesh?host=/run/postgresql\"\n",
+    );
+    let check = run(bin().arg("--config").arg(&conf).args(["config", "check"]));
+    assert!(check.status.success(), "{}", text(&check.stderr));
     let missing = run(bin().args(["--config", "/nonexistent/c.toml", "config", "check"]));
     assert!(text(&missing.stderr).contains("/nonexistent/c.toml: No such file"));
 }

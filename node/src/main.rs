@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use ztmesh_node::cli::{self, AgentCmd};
@@ -32,7 +32,7 @@ struct Cli {
     /// Config file: `daemon`'s long flags as TOML keys (`port = 41641`).
     /// Flags given here win over the file, the file over environment
     /// variables; other commands take the keys they share with `daemon`
-    /// (`socket`). Default: $ZTMESH_CONFIG, else /etc/ztmesh/node.toml
+    /// (`socket`). Default: $ZTMESH_NODE_CONFIG, else /etc/ztmesh/node.toml
     /// if it exists; "" for none.
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -211,27 +211,25 @@ fn fail(e: &anyhow::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// The command line with the config file's keys added (see
-/// [`ztmesh_proto::ops::config`]), and the file. A broken file stops every
-/// command except help, version and completion, which must work to fix it.
+/// Where the node's config file is; see [`config::command_line`]. `tunnel`
+/// has a `--config` of its own (the wg-quick file) and no key in node.toml.
+const LAYOUT: config::Layout<'static> = config::Layout {
+    daemon: "daemon",
+    env_var: "ZTMESH_NODE_CONFIG",
+    default: DEFAULT_CONFIG,
+    skip: &["tunnel"],
+};
+
+/// The command line with the config file's keys added, and the file; its
+/// warnings printed.
 fn command_line(
     args: Vec<OsString>,
 ) -> anyhow::Result<(Vec<OsString>, Option<config::ConfigFile>)> {
-    let invoked = config::invoked_command(Cli::command(), &args);
-    // `tunnel` has a `--config` of its own (the wg-quick file) and no key
-    // in node.toml.
-    if invoked.get_name() == "tunnel" {
-        return Ok((args, None));
+    let applied = config::command_line(Cli::command(), &LAYOUT, args)?;
+    for w in &applied.warnings {
+        eprintln!("{w}");
     }
-    let Some(path) = config::locate(&args, "ZTMESH_CONFIG", Path::new(DEFAULT_CONFIG)) else {
-        return Ok((args, None));
-    };
-    let daemon = config::daemon_command(Cli::command(), "daemon");
-    match config::load(&path, &daemon) {
-        Ok(file) => Ok((config::apply(args, &file, &invoked), Some(file))),
-        Err(_) if config::needs_no_config(&invoked, &args) => Ok((args, None)),
-        Err(e) => Err(e.into()),
-    }
+    Ok((applied.args, applied.file))
 }
 
 /// `config check`: the file as `daemon` would take it, with the
@@ -243,7 +241,8 @@ fn check_config(file: Option<&config::ConfigFile>) -> anyhow::Result<String> {
         );
     };
     let daemon = config::daemon_command(Cli::command(), "daemon");
-    let argv = config::apply(vec!["ztmesh".into(), "daemon".into()], file, &daemon);
+    let argv = vec!["ztmesh".into(), "daemon".into()];
+    let (argv, _) = config::apply(argv, file, &daemon, true);
     let matches = config::parse_whole(Cli::command(), argv, &file.path)?;
     let parsed =
         Cli::from_arg_matches(&matches).map_err(|e| anyhow::anyhow!("{}: {e}", file.path))?;

@@ -78,7 +78,7 @@ fn cli() -> Command {
     for var in ["ZTMESH_SOCKET", "ZTMESH_LOG", "ZTMESH_LOG_FORMAT"] {
         c.env_remove(var);
     }
-    c.env("ZTMESH_CONFIG", "");
+    c.env("ZTMESH_NODE_CONFIG", "");
     c
 }
 
@@ -124,7 +124,7 @@ fn the_daemon_runs_from_its_config_file_under_the_notify_protocol() {
             .arg("--config")
             .arg(&conf)
             .arg("daemon")
-            .env("ZTMESH_CONFIG", "")
+            .env("ZTMESH_NODE_CONFIG", "")
             .env_remove("ZTMESH_SOCKET")
             .env("NOTIFY_SOCKET", &notify_path)
             .env("WATCHDOG_USEC", "2000000")
@@ -221,6 +221,18 @@ fn a_broken_node_config_names_file_line_and_column() {
                 text(&out.stderr)
             );
         }
+    }
+    // Help, the version and `config example` work with the broken file, to
+    // fix it with.
+    for args in [
+        &["help"][..],
+        &["help", "up"],
+        &["version"],
+        &["config", "example"],
+        &["up", "--help"],
+    ] {
+        let out = run(cli().arg("--config").arg(&conf).args(args));
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
     }
     std::fs::write(&conf, "port = 0\nstun = [\"198.18.0.1:3478\"]\n").unwrap();
     let ok = run(cli().arg("--config").arg(&conf).args(["config", "check"]));

@@ -60,7 +60,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/ztmesh/controller.toml";
 pub struct OpsArgs {
     /// Config file: `serve`'s long flags as TOML keys (`listen =
     /// "[::]:8443"`). Flags given here win over the file, the file over
-    /// environment variables. Default: $ZTMESH_CONFIG, else
+    /// environment variables. Default: $ZTMESH_CONTROLLER_CONFIG, else
     /// /etc/ztmesh/controller.toml if it exists; "" for none.
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,

@@ -69,6 +69,11 @@ pub struct ConfigFile {
 }
 
 impl ConfigFile {
+    /// The entry of `key`, if the file sets it.
+    pub fn entry(&self, key: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.key == key)
+    }
+
     /// The flag words this file adds to a command line: `--KEY=VALUE` per
     /// value of every entry `keep` accepts.
     fn words(&self, keep: impl Fn(&Entry) -> bool) -> Vec<OsString> {
@@ -185,6 +190,12 @@ pub fn parse(file: &str, text: &str, daemon: &Command) -> Result<ConfigFile, Con
             let word = match v.get_ref() {
                 DeValue::String(s) => s.to_string(),
                 DeValue::Integer(i) if i.radix() == 10 => i.as_str().replace('_', ""),
+                DeValue::Integer(_) => {
+                    return Err(err(
+                        Some(v.span()),
+                        format!("`{name}`: write the number in decimal"),
+                    ))
+                }
                 DeValue::Boolean(b) if takes_value => b.to_string(),
                 DeValue::Boolean(true) => return Ok(None),
                 other => {
@@ -339,8 +350,8 @@ fn check_value(arg: &clap::Arg, word: &str) -> Result<(), clap::Error> {
         .long(long.to_owned())
         .value_name(value_name)
         .value_parser(arg.get_value_parser().clone())
-        .action(clap::ArgAction::Set)
-        .num_args(1)
+        .value_delimiter(arg.get_value_delimiter())
+        .action(clap::ArgAction::Append)
         .allow_hyphen_values(true);
     Command::new("config")
         .no_binary_name(true)
@@ -371,38 +382,120 @@ fn pos_of(text: &str, offset: usize) -> Pos {
 }
 
 /// `args` (a whole command line, program name first) with `file`'s keys
-/// added for everything the command line leaves out. `invoked` is the
+/// added for everything the command line leaves out, and a warning for
+/// each key that hides a set environment variable. `invoked` is the
 /// subcommand being run, with the root's globals propagated (see
-/// [`daemon_command`]): only keys it has a flag for are added. A warning
-/// goes to stderr for each key that hides a set environment variable.
-pub fn apply(args: Vec<OsString>, file: &ConfigFile, invoked: &Command) -> Vec<OsString> {
+/// [`daemon_command`]): the daemon takes every key, another subcommand only
+/// the global flags it shares with it (`data-dir`, `socket`): a local flag
+/// of the same name may mean something else there.
+pub fn apply(
+    args: Vec<OsString>,
+    file: &ConfigFile,
+    invoked: &Command,
+    is_daemon: bool,
+) -> (Vec<OsString>, Vec<String>) {
     let given = given_longs(&args);
-    let applies = |e: &Entry| {
-        !given.iter().any(|g| g == &e.key)
-            && invoked
-                .get_arguments()
-                .any(|a| a.get_long() == Some(e.key.as_str()))
-    };
-    for e in file.entries.iter().filter(|e| applies(e)) {
-        let env = invoked
+    let flag = |key: &str| {
+        invoked
             .get_arguments()
-            .find(|a| a.get_long() == Some(e.key.as_str()))
-            .and_then(|a| a.get_env());
+            .find(|a| a.get_long() == Some(key) && (is_daemon || a.is_global_set()))
+    };
+    let applies = |e: &Entry| !given.iter().any(|g| g == &e.key) && flag(&e.key).is_some();
+    let mut warnings = Vec::new();
+    for e in file
+        .entries
+        .iter()
+        .filter(|e| applies(e) && !e.values.is_empty())
+    {
+        let env = flag(&e.key).and_then(|a| a.get_env());
         if let Some(var) = env.filter(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty())) {
-            eprintln!(
+            warnings.push(format!(
                 "warning: {}:{}: `{}` is set here, so ${} is ignored",
                 file.path,
                 e.at.line,
                 e.key,
                 var.to_string_lossy()
-            );
+            ));
         }
     }
     let words = file.words(applies);
     let mut out = args;
     let at = out.iter().position(|a| a == "--").unwrap_or(out.len());
     out.splice(at..at, words);
-    out
+    (out, warnings)
+}
+
+/// Where a binary's config file is and which command it configures.
+#[derive(Clone, Copy, Debug)]
+pub struct Layout<'a> {
+    /// The subcommand the file configures (`serve`, `daemon`).
+    pub daemon: &'a str,
+    /// The environment variable naming the file.
+    pub env_var: &'a str,
+    /// The file read when neither `--config` nor the variable names one.
+    pub default: &'a str,
+    /// Subcommands that never read it (one with a `--config` of its own).
+    pub skip: &'a [&'a str],
+}
+
+/// A command line with its config file applied.
+#[derive(Debug)]
+pub struct Applied {
+    pub args: Vec<OsString>,
+    pub file: Option<ConfigFile>,
+    pub warnings: Vec<String>,
+}
+
+/// Subcommands that never read the config file: they must work to fix a
+/// broken one.
+const NO_CONFIG: [&str; 5] = ["help", "version", "completion", "man-pages", "example"];
+
+/// `args` with the config file of `layout` applied (see the module doc).
+/// Help, version, completion, man pages and `config example` never read it,
+/// nor does a command line clap cannot parse (its error comes later, from
+/// clap, naming the flags).
+///
+/// # Errors
+/// The file unreadable or refused, except for a command line asking for
+/// help or the version.
+pub fn command_line(
+    root: Command,
+    layout: &Layout<'_>,
+    args: Vec<OsString>,
+) -> Result<Applied, ConfigError> {
+    let unchanged = |args| Applied {
+        args,
+        file: None,
+        warnings: Vec::new(),
+    };
+    let Some(invoked) = invoked_command(root.clone(), &args) else {
+        return Ok(unchanged(args));
+    };
+    let name = invoked.get_name();
+    if NO_CONFIG.contains(&name) || layout.skip.contains(&name) {
+        return Ok(unchanged(args));
+    }
+    let Some(path) = locate(&args, layout.env_var, Path::new(layout.default)) else {
+        return Ok(unchanged(args));
+    };
+    let file = match load(&path, &daemon_command(root, layout.daemon)) {
+        Ok(f) => f,
+        Err(_) if asks_for_help(&args) => return Ok(unchanged(args)),
+        Err(e) => return Err(e),
+    };
+    let (args, warnings) = apply(args, &file, &invoked, name == layout.daemon);
+    Ok(Applied {
+        args,
+        file: Some(file),
+        warnings,
+    })
+}
+
+/// `-h`, `--help`, `-V` or `--version` anywhere before `--`.
+fn asks_for_help(args: &[OsString]) -> bool {
+    args.iter()
+        .take_while(|a| *a != "--")
+        .any(|a| matches!(a.to_str(), Some("-h" | "--help" | "-V" | "--version")))
 }
 
 /// The long flags a command line gives (`--name` or `--name=value`),
@@ -416,17 +509,6 @@ fn given_longs(args: &[OsString]) -> Vec<String> {
             Some(name.split_once('=').map_or(name, |(n, _)| n).to_owned())
         })
         .collect()
-}
-
-/// Help, version, completion and man pages never read the config file:
-/// they must work to fix a broken one.
-pub fn needs_no_config(invoked: &Command, args: &[OsString]) -> bool {
-    matches!(
-        invoked.get_name(),
-        "version" | "completion" | "man-pages" | "help"
-    ) || args
-        .iter()
-        .any(|a| matches!(a.to_str(), Some("-h" | "--help" | "-V" | "--version")))
 }
 
 /// `argv` (a daemon command line made by [`apply`] for `config check`)
@@ -448,32 +530,24 @@ pub fn parse_whole(
 }
 
 /// The subcommand a command line runs, with the root's globals propagated:
-/// the deepest one clap recognizes (parsing leniently: a command line with
-/// errors still names its subcommand, and clap reports the errors later).
-pub fn invoked_command(root: Command, args: &[OsString]) -> Command {
-    let mut cmd = root.clone().ignore_errors(true);
-    let Ok(m) = cmd.try_get_matches_from_mut(args) else {
-        return daemon_root(root);
-    };
-    let mut built = root;
-    built.build();
-    let mut cur = built;
+/// the deepest one clap recognizes, parsing leniently (a command line with
+/// a bad value still names its subcommand; clap reports the error later).
+/// `None` when clap stops early: help or the version asked for, or no
+/// subcommand it knows.
+pub fn invoked_command(root: Command, args: &[OsString]) -> Option<Command> {
+    let m = root
+        .clone()
+        .ignore_errors(true)
+        .try_get_matches_from(args)
+        .ok()?;
+    let mut cur = root;
+    cur.build();
     let mut matches = &m;
     while let Some((name, sub)) = matches.subcommand() {
-        let Some(next) = cur.find_subcommand(name).cloned() else {
-            break;
-        };
-        cur = next;
+        cur = cur.find_subcommand(name)?.clone();
         matches = sub;
     }
-    cur
-}
-
-/// `root` built (globals propagated), for a command line without a
-/// recognizable subcommand.
-fn daemon_root(mut root: Command) -> Command {
-    root.build();
-    root
+    Some(cur)
 }
 
 #[cfg(test)]
@@ -565,31 +639,64 @@ mod tests {
     }
 
     #[test]
-    fn the_command_line_wins_and_other_subcommands_take_shared_keys() {
+    fn the_command_line_wins_and_other_subcommands_take_only_shared_globals() {
         let text = "listen = \"[::]:1\"\ntag = [\"a\"]\ndata-dir = \"/d\"\n";
         let f = parse("c.toml", text, &daemon()).unwrap();
         let argv = |s: &str| -> Vec<OsString> { s.split(' ').map(OsString::from).collect() };
+        // `status` has a `--listen` of its own: it means something else
+        // there and takes nothing from the daemon's file.
         let root = Command::new("ztm")
+            .version("1")
             .arg(Arg::new("config").long("config").global(true))
             .arg(Arg::new("data-dir").long("data-dir").global(true))
             .subcommand(daemon())
-            .subcommand(Command::new("status"));
-        let serve = invoked_command(root.clone(), &argv("ztm serve --tag=z"));
+            .subcommand(Command::new("status").arg(Arg::new("listen").long("listen")));
+        let serve = invoked_command(root.clone(), &argv("ztm serve --tag=z")).unwrap();
         assert_eq!(serve.get_name(), "serve");
         assert_eq!(
-            apply(argv("ztm serve --tag=z -- rest"), &f, &serve),
+            apply(argv("ztm serve --tag=z -- rest"), &f, &serve, true).0,
             argv("ztm serve --tag=z --listen=[::]:1 --data-dir=/d -- rest")
         );
-        let status = invoked_command(root, &argv("ztm --data-dir /e status"));
+        let status = invoked_command(root.clone(), &argv("ztm --data-dir /e status")).unwrap();
         assert_eq!(status.get_name(), "status");
         assert_eq!(
-            apply(argv("ztm status"), &f, &status),
+            apply(argv("ztm status"), &f, &status, false).0,
             argv("ztm status --data-dir=/d")
         );
         assert_eq!(
-            apply(argv("ztm --data-dir /e status"), &f, &status),
+            apply(argv("ztm --data-dir /e status"), &f, &status, false).0,
             argv("ztm --data-dir /e status")
         );
+        // Help and the version stop clap early: no subcommand to configure.
+        assert!(invoked_command(root.clone(), &argv("ztm help status")).is_none());
+        assert!(invoked_command(root, &argv("ztm --version")).is_none());
+    }
+
+    #[test]
+    fn a_delimited_flag_takes_its_comma_separated_form_from_a_file_too() {
+        let root = Command::new("ztm").subcommand(
+            Command::new("serve").arg(
+                Arg::new("url")
+                    .long("url")
+                    .value_delimiter(',')
+                    .action(ArgAction::Append)
+                    .value_parser(|s: &str| {
+                        s.starts_with("https://")
+                            .then(|| s.to_owned())
+                            .ok_or("must start with https://")
+                    }),
+            ),
+        );
+        let serve = daemon_command(root, "serve");
+        let f = parse("c.toml", "url = \"https://a,https://b\"\n", &serve).unwrap();
+        assert_eq!(
+            f.words(|_| true),
+            ["--url=https://a,https://b"].map(OsString::from)
+        );
+        let e = parse("c.toml", "url = \"https://a,http://b\"\n", &serve).unwrap_err();
+        assert!(e.message.contains("must start with https://"), "{e}");
+        let e = parse("c.toml", "url = 0x10\n", &serve).unwrap_err();
+        assert!(e.message.contains("decimal"), "{e}");
     }
 
     #[test]

@@ -47,6 +47,19 @@ impl Notifier {
         })
     }
 
+    /// A notifier for the socket at `path` with a watchdog asking for a
+    /// keep-alive every `keepalive_every` (for tests of what sends them).
+    ///
+    /// # Errors
+    /// The socket cannot be opened.
+    pub fn at(path: &std::path::Path, keepalive_every: Option<Duration>) -> std::io::Result<Self> {
+        Ok(Self {
+            sock: UnixDatagram::unbound()?,
+            addr: std::os::unix::net::SocketAddr::from_pathname(path)?,
+            watchdog: keepalive_every,
+        })
+    }
+
     /// How often to send [`Self::keep_alive`] (half systemd's watchdog
     /// timeout), if the watchdog is on for this process.
     pub fn keepalive_every(&self) -> Option<Duration> {
