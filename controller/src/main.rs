@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches};
-use ztmesh_controller::cli::{self, Cli, Cmd, ConfigCmd, ServeArgs, DEFAULT_CONFIG};
+use ztmesh_controller::cli::{self, Cli, Cmd, ServeArgs, DEFAULT_CONFIG};
 use ztmesh_controller::mesh::MeshConfig;
 use ztmesh_controller::server::{self, DataDir, ListenerLimits, WebOptions};
 use ztmesh_controller::store::PgOptions;
@@ -23,45 +23,19 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => e.exit(),
     };
-    match args.cmd {
-        Cmd::Version => {
-            println!("ztmesh-controller {}", ztmesh_proto::version_line!());
-            return ExitCode::SUCCESS;
-        }
-        Cmd::Completion { shell } => {
-            ops::print_completion(Cli::command(), shell);
-            return ExitCode::SUCCESS;
-        }
-        Cmd::ManPages { dir } => {
-            return match ops::write_man_pages(Cli::command(), &dir) {
-                Ok(_) => ExitCode::SUCCESS,
-                Err(e) => fail(&anyhow::anyhow!(
-                    "writing man pages into {}: {e}",
-                    dir.display()
-                )),
-            };
-        }
-        Cmd::Config(ConfigCmd::Example) => {
-            let serve = config::daemon_command(Cli::command(), "serve");
-            print!(
-                "{}",
-                config::example(&serve, cli::CONFIG_HEADER, cli::PACKAGED_CONFIG)
-            );
-            return ExitCode::SUCCESS;
-        }
-        Cmd::Config(ConfigCmd::Check) => {
-            return match check_config(config_file.as_ref()) {
-                Ok(msg) => {
-                    println!("{msg}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(&e),
-            }
-        }
-        _ => {}
+    if let Cmd::Ops(cmd) = &args.cmd {
+        let bin = ops::Binary {
+            command: Cli::command(),
+            name: "ztmesh-controller",
+            version: ztmesh_proto::version_line!(),
+            layout: LAYOUT,
+            header: cli::CONFIG_HEADER,
+            packaged: cli::PACKAGED_CONFIG,
+        };
+        return ops::run(cmd, bin, config_file.as_ref(), check_serve);
     }
     if matches!(args.cmd, Cmd::Serve(_)) {
-        if let Err(e) = ops::logging::init(args.ops.log_format, &args.ops.log_level) {
+        if let Err(e) = args.ops.log.init() {
             return fail(&anyhow::anyhow!(e));
         }
     }
@@ -156,30 +130,16 @@ fn refuse_passwords(file: &config::ConfigFile) -> Result<(), config::ConfigError
     Ok(())
 }
 
-/// `config check`: the file as `serve` would take it (with the environment
-/// `serve` would see), down to the files it names; nothing is bound or
-/// written.
-fn check_config(file: Option<&config::ConfigFile>) -> anyhow::Result<String> {
-    let Some(file) = file else {
-        anyhow::bail!(
-            "no config file: {DEFAULT_CONFIG} does not exist (or name one with --config FILE)"
-        );
-    };
-    let serve = config::daemon_command(Cli::command(), "serve");
-    let argv = vec!["ztmesh-controller".into(), "serve".into()];
-    let (argv, _) = config::apply(argv, file, &serve, true);
-    let matches = config::parse_whole(Cli::command(), argv, &file.path)?;
-    let parsed =
-        Cli::from_arg_matches(&matches).map_err(|e| anyhow::anyhow!("{}: {e}", file.path))?;
+/// `config check`'s part here: the settings `serve` would run with, and
+/// the files they name, without binding or writing anything.
+fn check_serve(matches: clap::ArgMatches) -> Result<String, String> {
+    let parsed = Cli::from_arg_matches(&matches).map_err(|e| e.to_string())?;
     let Cmd::Serve(args) = parsed.cmd else {
         unreachable!("parsed as serve")
     };
-    let dir = parsed.conn.data_dir.clone();
-    let plan = Plan::new(args, &dir).map_err(|e| anyhow::anyhow!("{}: {e:#}", file.path))?;
+    let plan = Plan::new(args, &parsed.conn.data_dir).map_err(|e| format!("{e:#}"))?;
     Ok(format!(
-        "{}: ok ({} keys; listen {}, data dir {}, store {})",
-        file.path,
-        file.entries.len(),
+        "listen {}, data dir {}, store {}",
         plan.listen,
         plan.dir.root.display(),
         if plan.database.is_some() {

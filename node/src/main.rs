@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use ztmesh_node::cli::{self, AgentCmd};
 use ztmesh_node::privs;
-use ztmesh_proto::ops::logging::LogFormat;
 use ztmesh_proto::ops::{self, config};
 
 /// Longest wait for the runtime's remaining tasks once `main`'s future is
@@ -36,20 +35,8 @@ struct Cli {
     /// if it exists; "" for none.
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Log filter of `daemon` and `tunnel`: a level (error, warn, info,
-    /// debug, trace; per-packet events are at trace) or per module
-    /// (`info,ztmesh_node::nat=debug`).
-    #[arg(long, global = true, env = "ZTMESH_LOG", default_value = "info")]
-    log_level: String,
-    /// Log lines as text, or as JSON objects for a log collector.
-    #[arg(
-        long,
-        global = true,
-        env = "ZTMESH_LOG_FORMAT",
-        value_enum,
-        default_value_t
-    )]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: ztmesh_proto::ops::logging::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -63,31 +50,8 @@ enum Command {
     Tunnel(ztmesh_node::standalone::TunnelArgs),
     #[command(flatten)]
     Agent(AgentCmd),
-    /// Check the config file (`--config`, else /etc/ztmesh/node.toml) as
-    /// `daemon` would read it.
-    #[command(subcommand)]
-    Config(ConfigCmd),
-    /// Print the version and the git revision it was built from.
-    Version,
-    /// Print a shell completion script: `source <(ztmesh completion bash)`.
-    Completion {
-        #[arg(value_enum)]
-        shell: clap_complete::Shell,
-    },
-    /// Write man pages for every command into DIR (packaging).
-    #[command(hide = true)]
-    ManPages { dir: PathBuf },
-}
-
-/// `config` subcommands.
-#[derive(Subcommand, Debug)]
-enum ConfigCmd {
-    /// Read the config file as `daemon` would and report the first
-    /// problem (FILE:LINE:COL) or that it is fine.
-    Check,
-    /// Print a config file documenting every key with its default (the
-    /// packaged /etc/ztmesh/node.toml).
-    Example,
+    #[command(flatten)]
+    Ops(ops::OpsCmd),
 }
 
 /// The head of the packaged config file.
@@ -113,46 +77,23 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
-    match &cli.command {
-        Command::Version => {
-            println!("ztmesh {}", ztmesh_proto::version_line!());
-            return ExitCode::SUCCESS;
-        }
-        Command::Completion { shell } => {
-            ops::print_completion(Cli::command(), *shell);
-            return ExitCode::SUCCESS;
-        }
-        Command::ManPages { dir } => {
-            return match ops::write_man_pages(Cli::command(), dir) {
-                Ok(_) => ExitCode::SUCCESS,
-                Err(e) => fail(&anyhow::anyhow!(
-                    "writing man pages into {}: {e}",
-                    dir.display()
-                )),
-            };
-        }
-        Command::Config(ConfigCmd::Example) => {
-            let daemon = config::daemon_command(Cli::command(), "daemon");
-            print!("{}", config::example(&daemon, CONFIG_HEADER, &[]));
-            return ExitCode::SUCCESS;
-        }
-        Command::Config(ConfigCmd::Check) => {
-            return match check_config(config_file.as_ref()) {
-                Ok(msg) => {
-                    println!("{msg}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(&e),
-            };
-        }
-        _ => {}
+    if let Command::Ops(cmd) = &cli.command {
+        let bin = ops::Binary {
+            command: Cli::command(),
+            name: "ztmesh",
+            version: ztmesh_proto::version_line!(),
+            layout: LAYOUT,
+            header: CONFIG_HEADER,
+            packaged: &[],
+        };
+        return ops::run(cmd, bin, config_file.as_ref(), check_daemon);
     }
     // Only long-running commands log; CLI commands print results and errors.
     if matches!(
         cli.command,
         Command::Tunnel(_) | Command::Agent(AgentCmd::Daemon { .. })
     ) {
-        if let Err(e) = ops::logging::init(cli.log_format, &cli.log_level) {
+        if let Err(e) = cli.log.init() {
             return fail(&anyhow::anyhow!(e));
         }
     }
@@ -191,7 +132,7 @@ fn main() -> ExitCode {
             (_, Some((cfg, prepared))) => ztmesh_node::agent::run(cfg, prepared).await,
             (Command::Tunnel(args), None) => ztmesh_node::standalone::run(args).await,
             (Command::Agent(cmd), None) => cli::run(cmd, &cli.socket).await,
-            (_, None) => unreachable!("answered before the runtime"),
+            (Command::Ops(_), None) => unreachable!("answered before the runtime"),
         }
     });
     // Dropping the runtime would wait for every blocking task, and a posture
@@ -232,28 +173,16 @@ fn command_line(
     Ok((applied.args, applied.file))
 }
 
-/// `config check`: the file as `daemon` would take it, with the
-/// environment `daemon` would see; nothing is bound or written.
-fn check_config(file: Option<&config::ConfigFile>) -> anyhow::Result<String> {
-    let Some(file) = file else {
-        anyhow::bail!(
-            "no config file: {DEFAULT_CONFIG} does not exist (or name one with --config FILE)"
-        );
-    };
-    let daemon = config::daemon_command(Cli::command(), "daemon");
-    let argv = vec!["ztmesh".into(), "daemon".into()];
-    let (argv, _) = config::apply(argv, file, &daemon, true);
-    let matches = config::parse_whole(Cli::command(), argv, &file.path)?;
-    let parsed =
-        Cli::from_arg_matches(&matches).map_err(|e| anyhow::anyhow!("{}: {e}", file.path))?;
+/// `config check`'s part here: the daemon's settings, as it would start
+/// with them.
+fn check_daemon(matches: clap::ArgMatches) -> Result<String, String> {
+    let parsed = Cli::from_arg_matches(&matches).map_err(|e| e.to_string())?;
     let Command::Agent(cmd) = parsed.command else {
         unreachable!("parsed as daemon")
     };
     let cfg = cli::daemon_config(&cmd, &parsed.socket).expect("a daemon command");
     Ok(format!(
-        "{}: ok ({} keys; state dir {}, socket {}, interface {}, port {})",
-        file.path,
-        file.entries.len(),
+        "state dir {}, socket {}, interface {}, port {}",
         cfg.state_dir.display(),
         cfg.socket.display(),
         cfg.interface,

@@ -17,18 +17,8 @@ use ztmesh_relay::server::{self, ServeConfig, DEFAULT_MAX_NODES, DEFAULT_MEMORY_
     about = "Relays already-encrypted WireGuard datagrams between paired ztmesh nodes (QUIC, TLS/TCP) and answers STUN"
 )]
 struct Cli {
-    /// Log filter: a level (error, warn, info, debug, trace) or per module.
-    #[arg(long, global = true, env = "ZTMESH_LOG", default_value = "info")]
-    log_level: String,
-    /// Log lines as text, or as JSON objects for a log collector.
-    #[arg(
-        long,
-        global = true,
-        env = "ZTMESH_LOG_FORMAT",
-        value_enum,
-        default_value_t
-    )]
-    log_format: ztmesh_proto::ops::logging::LogFormat,
+    #[command(flatten)]
+    log: ztmesh_proto::ops::logging::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -100,8 +90,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(s) => {
-            ztmesh_proto::ops::logging::init(cli.log_format, &cli.log_level)
-                .map_err(anyhow::Error::msg)?;
+            cli.log.init().map_err(anyhow::Error::msg)?;
             serve(s)
         }
         Command::Version => {

@@ -64,19 +64,8 @@ pub struct OpsArgs {
     /// /etc/ztmesh/controller.toml if it exists; "" for none.
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,
-    /// Log filter: a level (error, warn, info, debug, trace) or per module
-    /// (`info,ztmesh_controller::mesh=debug`).
-    #[arg(long, global = true, env = "ZTMESH_LOG", default_value = "info")]
-    pub log_level: String,
-    /// Log lines as text, or as JSON objects for a log collector.
-    #[arg(
-        long,
-        global = true,
-        env = "ZTMESH_LOG_FORMAT",
-        value_enum,
-        default_value_t
-    )]
-    pub log_format: ztmesh_proto::ops::logging::LogFormat,
+    #[command(flatten)]
+    pub log: ztmesh_proto::ops::logging::LogArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -87,22 +76,8 @@ pub struct OpsArgs {
 pub enum Cmd {
     /// Run the controller.
     Serve(ServeArgs),
-    /// Check the config file (`--config`, else
-    /// /etc/ztmesh/controller.toml) as `serve` would read it, without
-    /// serving: every key, value and file it names.
-    #[command(subcommand)]
-    Config(ConfigCmd),
-    /// Print the version and the git revision it was built from.
-    Version,
-    /// Print a shell completion script: `source <(ztmesh-controller
-    /// completion bash)`.
-    Completion {
-        #[arg(value_enum)]
-        shell: clap_complete::Shell,
-    },
-    /// Write man pages for every command into DIR (packaging).
-    #[command(hide = true)]
-    ManPages { dir: std::path::PathBuf },
+    #[command(flatten)]
+    Ops(ztmesh_proto::ops::OpsCmd),
     /// Print the controller's TLS fingerprint, which nodes pin (offline).
     Fingerprint,
     /// Print the controller's netmap signing key (public half), which
@@ -253,17 +228,6 @@ pub struct ServeArgs {
     pub database: Option<String>,
 }
 
-/// `config` subcommands.
-#[derive(clap::Subcommand, Debug)]
-pub enum ConfigCmd {
-    /// Read the config file as `serve` would and report the first problem
-    /// (FILE:LINE:COL) or that it is fine.
-    Check,
-    /// Print a config file documenting every key with its default (the
-    /// packaged /etc/ztmesh/controller.toml).
-    Example,
-}
-
 /// The keys the packaged config file sets (the systemd unit's state
 /// directory); every other key is documented there, commented out.
 pub const PACKAGED_CONFIG: &[(&str, &str)] = &[("data-dir", "\"/var/lib/ztmesh-controller\"")];
@@ -327,9 +291,7 @@ pub async fn run(conn: &ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Serve(_) => unreachable!("handled by the caller"),
         Cmd::Fingerprint | Cmd::ControllerKey => unreachable!("handled offline"),
-        Cmd::Config(_) | Cmd::Version | Cmd::Completion { .. } | Cmd::ManPages { .. } => {
-            unreachable!("handled by main")
-        }
+        Cmd::Ops(_) => unreachable!("handled by main"),
         Cmd::Users(u) => users::run(&mut c, u).await,
         Cmd::Keys(k) => keys::run(&mut c, k).await,
         Cmd::Nodes(n) => nodes::run(&mut c, n).await,

@@ -3,7 +3,7 @@
 //! `--log-level` (or `$ZTMESH_LOG`) is a tracing filter, `info` by default:
 //! a level (`debug`), or per module (`info,ztmesh_node::tunnel=trace`).
 
-use clap::ValueEnum;
+use clap::{Args, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 /// How log lines are written.
@@ -14,6 +14,35 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line: timestamp, level, target, fields.
     Json,
+}
+
+/// `--log-level` and `--log-format` (every binary; only daemons log).
+#[derive(Args, Debug, Clone)]
+pub struct LogArgs {
+    /// Log filter of the daemons: a level (error, warn, info, debug, trace;
+    /// the node's per-packet events are at trace) or per module
+    /// (`info,ztmesh_node::nat=debug`).
+    #[arg(long, global = true, env = "ZTMESH_LOG", default_value = "info")]
+    pub log_level: String,
+    /// Log lines as text, or as JSON objects for a log collector.
+    #[arg(
+        long,
+        global = true,
+        env = "ZTMESH_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    pub log_format: LogFormat,
+}
+
+impl LogArgs {
+    /// Installs the global subscriber these flags describe.
+    ///
+    /// # Errors
+    /// See [`init`].
+    pub fn init(&self) -> Result<(), String> {
+        init(self.log_format, &self.log_level)
+    }
 }
 
 /// Installs the global subscriber.

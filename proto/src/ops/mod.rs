@@ -7,9 +7,10 @@ pub mod config;
 pub mod logging;
 pub mod notify;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
-use clap::{Args, Command, ValueEnum};
+use clap::{Args, Command, Subcommand, ValueEnum};
 
 /// How an admin command prints its answer.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Default)]
@@ -67,6 +68,119 @@ macro_rules! version_line {
             ")"
         )
     };
+}
+
+/// The subcommands the controller and the node share for running as
+/// installed software (flattened into each binary's own).
+#[derive(Subcommand, Debug)]
+pub enum OpsCmd {
+    /// Check the daemon's config file, or print one documenting every key.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Print the version and the git revision it was built from.
+    Version,
+    /// Print a shell completion script: `source <(BINARY completion bash)`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages for every command into DIR (packaging).
+    #[command(hide = true)]
+    ManPages { dir: PathBuf },
+}
+
+/// `config` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum ConfigCmd {
+    /// Read the config file (`--config`, else the packaged path) as the
+    /// daemon would, down to the files it names, and report the first
+    /// problem (FILE:LINE:COL) or that it is fine; changes nothing.
+    Check,
+    /// Print a config file documenting every key with its default (the
+    /// packaged one).
+    Example,
+}
+
+/// What [`run`] needs to know about a binary.
+#[derive(Debug)]
+pub struct Binary<'a> {
+    /// Its clap definition.
+    pub command: Command,
+    /// `ztmesh`, `ztmesh-controller`.
+    pub name: &'a str,
+    /// [`version_line!`] expanded in the binary's crate.
+    pub version: &'a str,
+    /// Where its config file is and which subcommand it configures.
+    pub layout: config::Layout<'a>,
+    /// The head comment of `config example`.
+    pub header: &'a str,
+    /// The keys the packaged config file sets (TOML values).
+    pub packaged: &'a [(&'a str, &'a str)],
+}
+
+/// Runs one of the shared subcommands: `config check` (the file as
+/// [`command_line`](config::command_line) read it, then the binary's own
+/// `check` of the settings it makes), `config example`, `version`,
+/// `completion`, `man-pages`. Prints the answer, or the error as one line.
+pub fn run(
+    cmd: &OpsCmd,
+    bin: Binary<'_>,
+    file: Option<&config::ConfigFile>,
+    check: impl FnOnce(clap::ArgMatches) -> Result<String, String>,
+) -> ExitCode {
+    let answer = match cmd {
+        OpsCmd::Version => Ok(format!("{} {}", bin.name, bin.version)),
+        OpsCmd::Completion { shell } => {
+            print_completion(bin.command, *shell);
+            return ExitCode::SUCCESS;
+        }
+        OpsCmd::ManPages { dir } => write_man_pages(bin.command, dir)
+            .map(|_| String::new())
+            .map_err(|e| format!("writing man pages into {}: {e}", dir.display())),
+        OpsCmd::Config(ConfigCmd::Example) => {
+            let daemon = config::daemon_command(bin.command, bin.layout.daemon);
+            Ok(config::example(&daemon, bin.header, bin.packaged))
+        }
+        OpsCmd::Config(ConfigCmd::Check) => check_config(bin, file, check),
+    };
+    match answer {
+        Ok(text) => {
+            print!("{text}");
+            if !text.is_empty() && !text.ends_with('\n') {
+                println!();
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `config check`: the daemon's command line made of the file alone (with
+/// the environment the daemon would see), parsed by clap, then `check`.
+fn check_config(
+    bin: Binary<'_>,
+    file: Option<&config::ConfigFile>,
+    check: impl FnOnce(clap::ArgMatches) -> Result<String, String>,
+) -> Result<String, String> {
+    let Some(file) = file else {
+        return Err(format!(
+            "no config file: {} does not exist (or name one with --config FILE)",
+            bin.layout.default
+        ));
+    };
+    let daemon = config::daemon_command(bin.command.clone(), bin.layout.daemon);
+    let argv = vec![bin.name.into(), bin.layout.daemon.into()];
+    let (argv, _) = config::apply(argv, file, &daemon, true);
+    let matches = config::parse_whole(bin.command, argv, &file.path).map_err(|e| e.to_string())?;
+    let summary = check(matches).map_err(|e| format!("{}: {e}", file.path))?;
+    Ok(format!(
+        "{}: ok ({} keys; {summary})",
+        file.path,
+        file.entries.len()
+    ))
 }
 
 /// Writes `cmd`'s completion script for `shell` to stdout.
