@@ -65,7 +65,7 @@ echo "== package: cargo deb"
 for pkg in ztmesh-node ztmesh-controller ztmesh-relay; do
   # cargo-deb warns that assets outside target/release are not built by
   # it (they are, above); its log is shown only if it fails.
-  cargo deb --no-build --profile "$profile" -p "$pkg" -o "$out/" >"$out/cargo-deb.log" 2>&1 ||
+  cargo deb --no-build --strip --profile "$profile" -p "$pkg" -o "$out/" >"$out/cargo-deb.log" 2>&1 ||
     { cat "$out/cargo-deb.log" >&2; exit 1; }
 done
 ls -l "$out"/*.deb
