@@ -24,7 +24,7 @@ use ztmesh_proto::control::{
     self as pb,
     control_server::{Control, ControlServer},
 };
-use ztmesh_proto::keys::{PublicKey, WgPublicKey};
+use ztmesh_proto::keys::{PublicKey, SigningKey, WgPublicKey};
 
 use crate::error::Error;
 use crate::mesh::{Actor, Mesh, Subscriber, Update, UserUpdate};
@@ -1111,6 +1111,32 @@ impl Admin for AdminService {
             .release_node(&actor.name, &req.get_ref().node, now_ms())?;
         let online = self.mesh.has_live_session(n.id);
         ok(self.node_pb(&n, online))
+    }
+
+    #[expect(
+        clippy::disallowed_types,
+        reason = "the API shell draws the new signing key from OS entropy"
+    )]
+    async fn rotate_signing_key(
+        &self,
+        req: Request<apb::RotateSigningKeyRequest>,
+    ) -> R<apb::RotateSigningKeyResponse> {
+        let actor = self.actor(&req, Access::Identity, "RotateSigningKey")?;
+        let new = SigningKey::generate(&mut rand_core::OsRng);
+        let mesh = self.mesh.clone();
+        let grace_ms = req.get_ref().grace_ms;
+        // Files are written and synced, and every connected node gets a map.
+        let h = tokio::task::spawn_blocking(move || {
+            mesh.rotate_signing(&actor.name, new, grace_ms, now_ms())
+        })
+        .await
+        .map_err(|e| Status::internal(format!("rotation task failed: {e}")))??;
+        ok(apb::RotateSigningKeyResponse {
+            old_key: h.old_key.to_string(),
+            new_key: h.new_key.to_string(),
+            valid_from_ms: h.valid_from_ms,
+            not_after_ms: h.not_after_ms,
+        })
     }
 
     async fn list_detections(

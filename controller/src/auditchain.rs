@@ -28,6 +28,7 @@
 use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
+use ztmesh_proto::handover::TrustedKey;
 use ztmesh_proto::keys::PublicKey;
 
 /// A SHA-256 hash.
@@ -194,6 +195,14 @@ impl Checkpoint {
         key.verify(&Self::message(&self.mark, self.time_ms), &self.signature)
     }
 
+    /// Whether one of `keys` signed it while that key was in use: a
+    /// retired key's signature counts only for checkpoints made up to its
+    /// retirement (see [`ztmesh_proto::handover::lineage`]).
+    pub fn verifies_any(&self, keys: &[TrustedKey]) -> bool {
+        keys.iter()
+            .any(|t| t.until_ms.is_none_or(|until| self.time_ms <= until) && self.verifies(&t.key))
+    }
+
     /// The row id the checkpoint is about (a gap's last deleted id).
     pub fn row(&self) -> u64 {
         match self.mark {
@@ -335,14 +344,19 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    /// A verifier trusting `key`, with the stored checkpoints and the chain
+    /// A verifier trusting `keys` (the controller's key and the keys it
+    /// replaced, each until its retirement), with the stored checkpoints and the chain
     /// head the store recorded.
-    pub fn new(key: &PublicKey, checkpoints: &[Checkpoint], recorded: Option<(u64, Hash)>) -> Self {
+    pub fn new(
+        keys: &[TrustedKey],
+        checkpoints: &[Checkpoint],
+        recorded: Option<(u64, Hash)>,
+    ) -> Self {
         let mut heads = BTreeMap::new();
         let mut gaps: BTreeMap<u64, Vec<(Hash, u64, Hash)>> = BTreeMap::new();
         let mut forged = Vec::new();
         for c in checkpoints {
-            if !c.verifies(key) {
+            if !c.verifies_any(keys) {
                 forged.push(c.row());
                 continue;
             }
@@ -584,7 +598,11 @@ pub fn verify(
     recorded: Option<(u64, Hash)>,
     key: &PublicKey,
 ) -> Result<Verified, ChainError> {
-    let mut v = Verifier::new(key, checkpoints, recorded);
+    let key = [TrustedKey {
+        key: *key,
+        until_ms: None,
+    }];
+    let mut v = Verifier::new(&key, checkpoints, recorded);
     for r in rows {
         v.push(r);
         if v.is_decided() {
@@ -894,6 +912,38 @@ mod tests {
         let fewer: Vec<ChainRow> = kept.iter().filter(|r| r.id != 4).cloned().collect();
         let e = verify(&fewer, &cps, recorded(&rows[9]), &k.public()).unwrap_err();
         assert_eq!(e, ChainError::Missing { first: 4, last: 6 });
+    }
+
+    /// After a rotation of the signing key, checkpoints the old key made
+    /// before it was replaced still count; one it made "after" (a leaked
+    /// old key) does not.
+    #[test]
+    fn a_retired_key_counts_only_for_what_it_signed_before_retiring() {
+        let (old, new) = (key(), SigningKey::generate(&mut StdRng::seed_from_u64(9)));
+        let rows = chain(6);
+        let keys = [
+            TrustedKey {
+                key: new.public(),
+                until_ms: None,
+            },
+            TrustedKey {
+                key: old.public(),
+                until_ms: Some(100),
+            },
+        ];
+        let check = |cps: &[Checkpoint]| {
+            let mut v = Verifier::new(&keys, cps, recorded(&rows[5]));
+            for r in &rows {
+                v.push(r);
+            }
+            v.finish()
+        };
+        let v = check(&[head(&old, &rows[2], 100), head(&new, &rows[5], 200)]).unwrap();
+        assert_eq!(v.signed_head, Some((6, 200)));
+        assert_eq!(
+            check(&[head(&old, &rows[2], 100), head(&old, &rows[5], 101)]).unwrap_err(),
+            ChainError::BadSignature { id: 6 }
+        );
     }
 
     #[test]

@@ -53,6 +53,7 @@ pub mod roles;
 pub mod routes;
 pub mod secrets;
 pub mod server;
+pub mod signing;
 pub mod store;
 pub mod timedstore;
 pub mod web;

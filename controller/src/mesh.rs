@@ -17,9 +17,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+use base64::Engine as _;
 use ipnet::{IpNet, Ipv6Net};
+use prost::Message as _;
 use rand_core::RngCore;
 use tokio::sync::watch;
 use ztmesh_policy::{Compiled, NodeInfo as PolicyNode, Policy};
@@ -315,7 +317,11 @@ type Turn<'a> = MutexGuard<'a, ()>;
 /// Shared controller state.
 pub struct Mesh {
     store: Arc<dyn Store>,
-    signer: SigningKey,
+    /// The netmap signing key, replaced by [`Mesh::rotate_signing`].
+    signing: RwLock<Signing>,
+    /// Where the signing key's files are (`None`: keys in memory only,
+    /// which cannot be rotated).
+    key_files: Option<crate::signing::KeyFiles>,
     ula: Ipv6Net,
     cfg: MeshConfig,
     auth: Authenticator,
@@ -337,6 +343,28 @@ pub struct Mesh {
     /// Whether this controller runs the singleton tasks ([`Mesh::set_leader`]).
     leader: AtomicBool,
 }
+
+/// The netmap signing key and, during a rotation's grace period, the
+/// hand-over every map carries.
+struct Signing {
+    key: SigningKey,
+    /// The encoded `NetMap.trust` field appended to every map, and the end
+    /// of the grace period.
+    trust: Option<(Vec<u8>, UnixMs)>,
+}
+
+/// `NetMap.trust` carrying `h`, encoded alone (to append to a map).
+fn trust_field(h: pb::KeyHandover) -> Vec<u8> {
+    NetMap {
+        trust: Some(pb::ControllerTrust { handover: Some(h) }),
+        ..NetMap::default()
+    }
+    .encode_to_vec()
+}
+
+/// Shortest and longest grace period of a signing-key rotation.
+pub const MIN_HANDOVER_GRACE_MS: i64 = 1_000;
+pub const MAX_HANDOVER_GRACE_MS: i64 = 365 * 24 * 3_600_000;
 
 /// What one enrollment attempt produced.
 enum Enrolled {
@@ -552,7 +580,11 @@ impl Mesh {
         };
         Ok(Self {
             store,
-            signer,
+            signing: RwLock::new(Signing {
+                key: signer,
+                trust: None,
+            }),
+            key_files: None,
             ula,
             auth: Authenticator::new(fingerprint),
             changes: Mutex::new(()),
@@ -639,7 +671,168 @@ impl Mesh {
     }
 
     pub fn controller_key(&self) -> PublicKey {
-        self.signer.public()
+        self.signing().key.public()
+    }
+
+    fn signing(&self) -> std::sync::RwLockReadGuard<'_, Signing> {
+        self.signing.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn signing_mut(&self) -> std::sync::RwLockWriteGuard<'_, Signing> {
+        self.signing.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps the signing key in `files`, so [`Mesh::rotate_signing`] can
+    /// replace it; `handover` is the statement found there (see
+    /// [`crate::signing::load`]), carried by every map until its grace
+    /// period ends at `now` or later.
+    pub fn with_key_files(
+        mut self,
+        files: crate::signing::KeyFiles,
+        handover: Option<pb::KeyHandover>,
+        now: UnixMs,
+    ) -> Self {
+        if let Some(h) = handover {
+            let current = self.controller_key();
+            match ztmesh_proto::handover::read(&h) {
+                Ok(r) if r.new_key == current && now < r.not_after_ms => {
+                    let s = self.signing.get_mut().unwrap_or_else(|p| p.into_inner());
+                    s.trust = Some((trust_field(h), r.not_after_ms));
+                    tracing::info!(old = %r.old_key, until_ms = r.not_after_ms, "maps carry the hand-over from the previous signing key");
+                }
+                Ok(_) => {
+                    if let Err(e) = crate::signing::remove_handover(&files) {
+                        tracing::warn!(error = %e, "cannot remove the ended hand-over");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "ignoring the stored hand-over"),
+            }
+        }
+        self.key_files = Some(files);
+        self
+    }
+
+    /// Replaces the netmap signing key with `new` (an admin's
+    /// `keys rotate-signing`): the key in force signs a hand-over to `new`
+    /// valid for `grace_ms`, which every map carries meanwhile, so each node
+    /// moves to `new` with its next map and refuses the old key from then
+    /// on. The old private key is deleted: nothing signs with it again.
+    /// Every connected node gets a map at once.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a grace period out of range;
+    /// [`Error::FailedPrecondition`] while a previous hand-over is still in
+    /// its grace period (nodes that have not moved would be cut off), or
+    /// for a controller without key files.
+    pub fn rotate_signing(
+        &self,
+        actor: &str,
+        new: SigningKey,
+        grace_ms: i64,
+        now: UnixMs,
+    ) -> Result<ztmesh_proto::handover::Handover> {
+        if !(MIN_HANDOVER_GRACE_MS..=MAX_HANDOVER_GRACE_MS).contains(&grace_ms) {
+            return Err(Error::Invalid(
+                "grace period must be between 1s and 365 days".into(),
+            ));
+        }
+        let files = self.key_files.as_ref().ok_or_else(|| {
+            Error::FailedPrecondition("this controller keeps no key files to rotate".into())
+        })?;
+        let turn = self.turn();
+        let (h, old) = {
+            let s = self.signing();
+            if let Some((_, until)) = &s.trust {
+                if now < *until {
+                    return Err(Error::FailedPrecondition(format!(
+                        "the previous signing key is still handed over until {} (unix ms); \
+                         rotate again after that, or nodes that have not moved yet are cut off",
+                        until
+                    )));
+                }
+            }
+            let h = ztmesh_proto::handover::sign(&s.key, &new, now, now.saturating_add(grace_ms));
+            (h, s.key.public())
+        };
+        let r = ztmesh_proto::handover::read(&h).map_err(|e| Error::Invalid(e.to_string()))?;
+        // The statement first (the audit log's checkpoints of the old key
+        // stay verifiable through it), then the files, then the identity
+        // other controllers on the database are checked against.
+        let mut list = self
+            .store
+            .meta(crate::store::SIGNING_HANDOVERS)?
+            .unwrap_or_default();
+        list.push_str(&base64::engine::general_purpose::STANDARD.encode(h.encode_to_vec()));
+        list.push('\n');
+        self.store
+            .set_meta(crate::store::SIGNING_HANDOVERS, &list)?;
+        if let Err(e) = crate::signing::write_rotation(files, &new, &h) {
+            tracing::error!(error = %e, "cannot write the new signing key");
+            return Err(Error::FailedPrecondition(
+                "cannot write the new signing key into the data dir (see the controller's log); \
+                 the old key stays in force"
+                    .into(),
+            ));
+        }
+        if let Err(e) = self
+            .store
+            .set_meta("controller_key", &new.public().to_string())
+        {
+            tracing::error!(error = %e, "cannot record the new signing key in the database");
+        }
+        *self.signing_mut() = Signing {
+            key: new,
+            trust: Some((trust_field(h), r.not_after_ms)),
+        };
+        self.audit(
+            now,
+            actor,
+            "controller.rotate-signing",
+            &r.new_key.to_string(),
+            &format!("old={old} grace_until_ms={}", r.not_after_ms),
+        );
+        let connected: BTreeSet<u64> = self.state().subs.keys().copied().collect();
+        tracing::warn!(old = %old, new = %r.new_key, until_ms = r.not_after_ms, nodes = connected.len(), "netmap signing key replaced; handing over");
+        self.publish(&turn, &connected, now);
+        Ok(r)
+    }
+
+    /// The key maps are signed with, and when the hand-over to it ends
+    /// (`None`: no rotation in its grace period).
+    pub fn signing_state(&self) -> (PublicKey, Option<UnixMs>) {
+        let s = self.signing();
+        (s.key.public(), s.trust.as_ref().map(|(_, until)| *until))
+    }
+
+    /// Ends a hand-over whose grace period is over: maps stop carrying it
+    /// and its file goes. A node that still holds the old key re-enrolls.
+    fn end_handover(&self, now: UnixMs) {
+        let due = self
+            .signing()
+            .trust
+            .as_ref()
+            .is_some_and(|(_, until)| now >= *until);
+        if !due {
+            return;
+        }
+        let key = {
+            let mut s = self.signing_mut();
+            s.trust = None;
+            s.key.public()
+        };
+        if let Some(f) = &self.key_files {
+            if let Err(e) = crate::signing::remove_handover(f) {
+                tracing::warn!(error = %e, "cannot remove the ended hand-over");
+            }
+        }
+        tracing::info!(key = %key, "the signing key's hand-over ended; the old key is refused everywhere");
+        self.audit(
+            now,
+            "controller",
+            "controller.handover-end",
+            &key.to_string(),
+            "",
+        );
     }
 
     /// Takes and releases the state lock: the service watchdog's check that
@@ -708,7 +901,14 @@ impl Mesh {
     fn sign(&self, body: Vec<u8>) -> SignedNetMap {
         self.maps_signed.fetch_add(1, Ordering::Relaxed);
         self.metrics.netmap_built();
-        ztmesh_proto::netmap::sign_encoded(&self.signer, body)
+        let s = self.signing();
+        let mut body = body;
+        if let Some((trust, _)) = &s.trust {
+            // Field 14, after the core's fields 1..=13: still prost's own
+            // order, so a node's re-encoded delta result is these bytes.
+            body.extend_from_slice(trust);
+        }
+        ztmesh_proto::netmap::sign_encoded(&s.key, body)
     }
 
     /// Signs `body` for a stream. For a stream that takes deltas, the map
@@ -1487,6 +1687,7 @@ impl Mesh {
     /// wall-clock jump deletes nobody, and a restart gives every ephemeral
     /// node a full timeout to reconnect.
     pub fn tick_at(&self, now: UnixMs, mono_ms: u64) {
+        self.end_handover(now);
         let turn = self.turn();
         let timeout = u64::try_from(self.cfg.ephemeral_timeout_ms).unwrap_or(0);
         let half = u64::try_from(self.cfg.netmap_ttl_ms / 2).unwrap_or(0);
@@ -1622,10 +1823,12 @@ impl Mesh {
         } else {
             i64::MIN
         };
-        match self
-            .store
-            .prune_audit(older_than, self.cfg.audit_max_flow_rows, now, &self.signer)
-        {
+        match self.store.prune_audit(
+            older_than,
+            self.cfg.audit_max_flow_rows,
+            now,
+            &self.signing().key,
+        ) {
             Ok(0) => {}
             Ok(n) => tracing::info!(rows = n, "audit log pruned"),
             Err(e) => tracing::error!(error = %e, "cannot prune the audit log"),
@@ -1651,7 +1854,7 @@ impl Mesh {
     /// Cutting rows from the end of the log is detected up to the newest
     /// signed head.
     pub fn sign_audit_head(&self, now: UnixMs) {
-        match self.store.sign_audit_head(now, &self.signer) {
+        match self.store.sign_audit_head(now, &self.signing().key) {
             Ok(Some(id)) => tracing::debug!(head = id, "audit chain head signed"),
             Ok(None) => {}
             Err(e) => tracing::error!(error = %e, "cannot sign the audit chain head"),
@@ -1666,7 +1869,7 @@ impl Mesh {
         &self,
     ) -> Result<std::result::Result<crate::auditchain::Verified, crate::auditchain::ChainError>>
     {
-        Ok(self.store.verify_audit(&self.signer.public())?)
+        Ok(self.store.verify_audit(&self.controller_key())?)
     }
 
     /// Audits a refused caller (a node failing authentication, a refused

@@ -12,7 +12,7 @@ use ipnet::Ipv6Net;
 use tonic::transport::Server;
 use ztmesh_proto::admin::admin_server::AdminServer;
 use ztmesh_proto::auth::{hex, sha256};
-use ztmesh_proto::keys::{write_secret_file, SigningKey};
+use ztmesh_proto::keys::write_secret_file;
 use ztmesh_proto::ops::notify::Notifier;
 
 use crate::api::{AdminService, ControlRouter, ControlService};
@@ -40,7 +40,11 @@ impl DataDir {
         }
     }
     pub fn signing_key(&self) -> PathBuf {
-        self.root.join("controller.key")
+        self.signing_files().key
+    }
+    /// The signing key and the files of its rotation.
+    pub fn signing_files(&self) -> crate::signing::KeyFiles {
+        crate::signing::KeyFiles::in_dir(&self.root)
     }
     pub fn tls_cert(&self) -> PathBuf {
         self.root.join("tls.crt")
@@ -153,7 +157,7 @@ pub fn open(
     std::fs::create_dir_all(&dir.root)
         .with_context(|| format!("creating data dir {}", dir.root.display()))?;
     std::fs::set_permissions(&dir.root, std::fs::Permissions::from_mode(0o700))?;
-    let signer = SigningKey::load_or_generate(&dir.signing_key())?;
+    let (signer, handover) = crate::signing::load(&dir.signing_files())?;
     let (cert, key, fp) = init_tls(dir)?;
     let metrics = Arc::new(Metrics::default());
     let (store, session): (Arc<dyn Store>, _) = match database {
@@ -187,7 +191,9 @@ pub fn open(
         ),
         None => None,
     };
-    let mut mesh = Mesh::load(store, signer, fp, ula, cfg, now_ms())?.with_metrics(metrics);
+    let mut mesh = Mesh::load(store, signer, fp, ula, cfg, now_ms())?
+        .with_metrics(metrics)
+        .with_key_files(dir.signing_files(), handover, now_ms());
     if session.is_some() {
         mesh = mesh.shared();
     }

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use ztmesh_policy::AttrValue;
+use ztmesh_proto::handover::TrustedKey;
 use ztmesh_proto::keys::{PublicKey, SigningKey};
 
 use crate::auditchain::{
@@ -354,8 +355,8 @@ pub trait Store: Send + Sync {
     /// # Errors
     /// [`StoreError::Chain`] (nothing signed) when those rows do not verify.
     fn sign_audit_head(&self, now: UnixMs, key: &SigningKey) -> Result<Option<u64>>;
-    /// Verifies the whole audit chain with the controller's public key, in
-    /// one snapshot; the outer error is a store failure, the inner one the
+    /// Verifies the whole audit chain with the controller's public key (and
+    /// the keys it replaced, by the stored hand-overs), in one snapshot; the outer error is a store failure, the inner one the
     /// first broken row.
     fn verify_audit(&self, key: &PublicKey) -> Result<std::result::Result<Verified, ChainError>>;
     /// Calls `each` with the rows written at or after `since_ms`, with their
@@ -909,7 +910,39 @@ fn insert_checkpoint(c: &mut dyn Conn, cp: &Checkpoint) -> Result<()> {
 
 /// The newest validly signed head whose row is still there unchanged
 /// (verification of new rows starts after it), else the start of the chain.
-fn trusted_head(c: &mut dyn Conn, key: &PublicKey) -> Result<(u64, Hash)> {
+/// The `meta` key of the signing-key hand-overs: one base64 `KeyHandover`
+/// per line, oldest first, appended by the mesh when it rotates its key.
+pub const SIGNING_HANDOVERS: &str = "signing_handovers";
+
+/// The hand-overs stored under [`SIGNING_HANDOVERS`] (lines that do not
+/// decode are skipped: [`lineage`](ztmesh_proto::handover::lineage) trusts
+/// only what verifies anyway).
+pub fn parse_handovers(text: &str) -> Vec<ztmesh_proto::control::KeyHandover> {
+    use base64::Engine;
+    use prost::Message;
+    text.lines()
+        .filter_map(|l| {
+            base64::engine::general_purpose::STANDARD
+                .decode(l.trim())
+                .ok()
+        })
+        .filter_map(|b| ztmesh_proto::control::KeyHandover::decode(b.as_slice()).ok())
+        .collect()
+}
+
+/// The keys audit checkpoints may be signed with: `current` and the keys
+/// it replaced, proven by the stored hand-overs.
+fn lineage_in(c: &mut dyn Conn, current: &PublicKey) -> Result<Vec<TrustedKey>> {
+    let text = c.opt(
+        "SELECT value FROM meta WHERE key = ?1",
+        args![SIGNING_HANDOVERS],
+        |r| r.text(0),
+    )?;
+    let handovers = parse_handovers(text.as_deref().unwrap_or(""));
+    Ok(ztmesh_proto::handover::lineage(current, &handovers))
+}
+
+fn trusted_head(c: &mut dyn Conn, keys: &[TrustedKey]) -> Result<(u64, Hash)> {
     let cps = checkpoints_where(
         c,
         "kind = 'head' AND EXISTS (SELECT 1 FROM audit a
@@ -921,7 +954,7 @@ fn trusted_head(c: &mut dyn Conn, key: &PublicKey) -> Result<(u64, Hash)> {
     Ok(cps
         .iter()
         .rev()
-        .filter(|c| c.verifies(key))
+        .filter(|c| c.verifies_any(keys))
         .find_map(|c| match c.mark {
             Mark::Head { id, hash } => Some((id, hash)),
             Mark::Gap { .. } => None,
@@ -968,11 +1001,11 @@ impl Span {
     }
 
     /// Verifies the rows of the span (the kept row after it included).
-    fn verify(&self, c: &mut dyn Conn, key: &PublicKey) -> Result<()> {
+    fn verify(&self, c: &mut dyn Conn, keys: &[TrustedKey]) -> Result<()> {
         let (from, end) = (self.start.0, self.end());
         let cps = checkpoints_where(c, "head_id >= ?1 AND head_id <= ?2", args![from, end])?;
         let recorded = self.after.is_none().then_some(self.head);
-        let mut v = Verifier::new(key, &cps, recorded).starting_after(from, self.start.1);
+        let mut v = Verifier::new(keys, &cps, recorded).starting_after(from, self.start.1);
         for_rows(c, "id > ?1 AND id <= ?2", args![from, end], &mut |r| {
             v.push(r);
             !v.is_decided()
@@ -1629,7 +1662,8 @@ impl<B: Backend> Store for SqlStore<B> {
                 return Ok(0);
             };
             let span = Span::around(tx, lo, hi)?;
-            span.verify(tx, &key.public())?;
+            let keys = lineage_in(tx, &key.public())?;
+            span.verify(tx, &keys)?;
             let mut n = tx.exec("DELETE FROM audit WHERE time_ms < ?1", args![older_than_ms])?;
             if let Some(flow_hi) = flow_hi {
                 n += tx.exec(
@@ -1653,10 +1687,10 @@ impl<B: Backend> Store for SqlStore<B> {
             if head_id == 0 || newest.is_some_and(|n| n >= head_id) {
                 return Ok(None);
             }
-            let public = key.public();
-            let (from, from_hash) = trusted_head(tx, &public)?;
+            let keys = lineage_in(tx, &key.public())?;
+            let (from, from_hash) = trusted_head(tx, &keys)?;
             let cps = checkpoints_where(tx, "head_id > ?1", args![from])?;
-            let mut v = Verifier::new(&public, &cps, Some((head_id, head_hash)))
+            let mut v = Verifier::new(&keys, &cps, Some((head_id, head_hash)))
                 .starting_after(from, from_hash);
             for_rows(tx, "id > ?1", args![from], &mut |r| {
                 v.push(r);
@@ -1688,7 +1722,8 @@ impl<B: Backend> Store for SqlStore<B> {
         self.db.snapshot(|tx| {
             let cps = checkpoints_where(tx, "TRUE", &[])?;
             let head = audit_head_in(tx)?;
-            let mut v = Verifier::new(key, &cps, Some(head));
+            let keys = lineage_in(tx, key)?;
+            let mut v = Verifier::new(&keys, &cps, Some(head));
             for_rows(tx, "TRUE", &[], &mut |r| {
                 v.push(r);
                 !v.is_decided()

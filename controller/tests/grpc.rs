@@ -1755,3 +1755,103 @@ async fn is_online(ctl: &Ctl, name: &str) -> bool {
         .iter()
         .any(|n| n.name == name && n.online)
 }
+
+/// Issue 19: the netmap signing key is replaced with a node connected. The
+/// stream gets a map of the new key at once, carrying the hand-over a node
+/// holding the old key verifies; only admins may rotate; a second rotation
+/// waits for the grace period; the old key is gone from the data dir and
+/// the audit chain (checkpoints of both keys) still verifies.
+#[tokio::test]
+async fn the_signing_key_is_rotated_with_a_node_connected() {
+    let ctl = Ctl::start().await;
+    ctl.set_policy(POLICY).await;
+    let kw = ctl.key("", &["tag:web"], false).await;
+    let w = enroll(&ctl, &kw, "web").await.unwrap();
+    let mut sw = open_stream(&ctl, &w).await.unwrap();
+    let old = ctl.mesh.controller_key();
+    let m0 = next_map(&ctl, &mut sw, 0).await;
+    assert!(m0.trust.is_none(), "nothing rotates yet");
+    ctl.mesh.sign_audit_head(now_ms());
+    let rotate = |grace_ms| apb::RotateSigningKeyRequest { grace_ms };
+
+    for role in ["network-admin", "auditor"] {
+        let e = remote_as(&ctl, role)
+            .await
+            .rotate_signing_key(rotate(60_000))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{role}: {}", e.message());
+    }
+    for bad in [0, -1, 400 * 24 * 3_600_000] {
+        let e = ctl
+            .admin()
+            .await
+            .rotate_signing_key(rotate(bad))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad}: {}", e.message());
+    }
+    assert_eq!(ctl.mesh.controller_key(), old, "refusals change nothing");
+
+    let r = ctl
+        .admin()
+        .await
+        .rotate_signing_key(rotate(60_000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.old_key, old.to_string());
+    let new = ctl.mesh.controller_key();
+    assert_eq!(r.new_key, new.to_string());
+    assert_ne!(new, old);
+    assert_eq!(r.not_after_ms - r.valid_from_ms, 60_000);
+
+    let signed = tokio::time::timeout(Duration::from_secs(1), sw.message())
+        .await
+        .expect("a map at once")
+        .unwrap()
+        .expect("stream open");
+    assert_eq!(
+        netmap::verify(&old, &signed, m0.serial, now_ms()),
+        Err(netmap::NetMapError::BadSignature)
+    );
+    let (m1, adopted) = netmap::verify_rotating(&old, &signed, m0.serial, now_ms()).unwrap();
+    assert_eq!(adopted, Some(new));
+    assert_eq!(m1.peers, m0.peers, "only the key changed");
+
+    let e = ctl
+        .admin()
+        .await
+        .rotate_signing_key(rotate(60_000))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert_eq!(ctl.mesh.controller_key(), new);
+
+    let rows = audit_rows(&ctl, "controller.rotate-signing").await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].target, new.to_string());
+    assert!(rows[0].detail.contains(&old.to_string()), "{:?}", rows[0]);
+    let on_disk = SigningKey::load(&ctl.data.signing_key()).unwrap().public();
+    assert_eq!(on_disk, new, "the old private key is gone");
+    assert!(ctl.data.root.join("handover.bin").exists());
+    assert!(!ctl.data.root.join("controller.key.next").exists());
+
+    // A node enrolling now learns the new key.
+    let kd = ctl.key("", &["tag:db"], false).await;
+    let machine = SigningKey::generate(&mut OsRng);
+    let wg = WgPrivateKey::generate(&mut OsRng);
+    let resp = ctl
+        .control()
+        .await
+        .enroll(enroll_request(&kd, &machine, &wg, "db"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.controller_key, new.as_bytes().to_vec());
+
+    ctl.mesh.sign_audit_head(now_ms() + 1);
+    let verified = ctl.mesh.verify_audit().unwrap().expect("chain verifies");
+    assert!(verified.signed_head.is_some());
+    ctl.stop().await;
+}

@@ -426,7 +426,11 @@ impl Daemon {
     fn load_cached_netmap(&self, e: &Enrollment) -> Option<(NetMap, SignedNetMap)> {
         let bytes = std::fs::read(self.path("netmap.bin")).ok()?;
         let signed = SignedNetMap::decode(bytes.as_slice()).ok()?;
-        match netmap::verify_signature(&e.controller_key, &signed) {
+        // A map stored just before its hand-over was saved still passes
+        // (within the grace period).
+        match netmap::verify_signature_rotating(&e.controller_key, &signed, now_ms())
+            .map(|(m, _)| m)
+        {
             Ok(m) if self.identity(e).check(&m).is_err() => {
                 tracing::error!("stored netmap is for another node; starting with no peers");
                 None
@@ -483,6 +487,9 @@ impl Daemon {
     async fn apply(&self, signed: &SignedNetMap, gate: &mut NetMapGate) -> anyhow::Result<u64> {
         let exit = self.prefs.borrow().exit_node.clone();
         let (map, t, signed) = gate.accept(signed, now_ms(), exit.as_deref())?;
+        if let Some(key) = gate.adopted() {
+            self.adopt_controller_key(key);
+        }
         {
             let dp = self.dp.lock().await;
             let dp = dp.as_ref().ok_or_else(|| anyhow!("data plane is down"))?;
@@ -831,7 +838,7 @@ impl Daemon {
 
     /// One controller session: connect, report endpoints, follow the netmap stream.
     async fn session(self: &Arc<Self>, e: &Enrollment, have: &mut u64) -> Result<(), SessionError> {
-        let key = e.controller_key;
+        let key = self.controller_key(e);
         let addrs = controller_addrs(&e.controller_url).await;
         let moved = !addrs.is_empty() && {
             let mut st = self.lock();
@@ -1322,6 +1329,34 @@ impl Daemon {
             tracing::error!(error = %err, "cannot save the controller moved to");
         }
         Some(moved)
+    }
+
+    /// The controller's signing key was replaced and a map handed over to
+    /// `key` from the one this node held: from now on only `key` signs for
+    /// the controller. Saved before the map is installed or stored, so a
+    /// restart holds the key the stored map is signed with.
+    fn adopt_controller_key(&self, key: PublicKey) {
+        let e = {
+            let mut st = self.lock();
+            let Some(e) = st.enrollment.as_mut() else {
+                return;
+            };
+            tracing::warn!(old = %e.controller_key, new = %key, "the controller's signing key was replaced; following its hand-over");
+            e.controller_key = key;
+            e.clone()
+        };
+        if let Err(err) = store_enrollment(&self.cfg.state_dir, &e) {
+            tracing::error!(error = %err, "cannot save the controller's new signing key; the hand-over is followed again after a restart");
+        }
+    }
+
+    /// The controller key this node holds now (it changes when the
+    /// controller's key is handed over), else the one `e` was read with.
+    fn controller_key(&self, e: &Enrollment) -> PublicKey {
+        self.lock()
+            .enrollment
+            .as_ref()
+            .map_or(e.controller_key, |now| now.controller_key)
     }
 
     /// Keeps the list of the mesh's controllers the newest map gave (a
@@ -1845,6 +1880,9 @@ impl Daemon {
             })),
             "controller": {
                 "url": st.enrollment.as_ref().map(|e| e.controller_url.clone()),
+                // The netmap signing key this node holds (it follows a
+                // rotation's hand-over).
+                "key": st.enrollment.as_ref().map(|e| e.controller_key.to_string()),
                 "state": conn,
                 "detail": detail,
             },

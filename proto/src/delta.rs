@@ -347,14 +347,31 @@ pub fn apply(
     d: &NetMapDelta,
     now_ms: UnixMs,
 ) -> Result<(NetMap, SignedNetMap), DeltaError> {
+    match apply_rotating(controller, base, d, now_ms)? {
+        (next, signed, None) => Ok((next, signed)),
+        (_, _, Some(_)) => Err(NetMapError::BadSignature.into()),
+    }
+}
+
+/// [`apply`] with [`netmap::verify_rotating`]'s hand-over rule: the result
+/// may be signed by the key `controller` hands over to, which is returned.
+///
+/// # Errors
+/// As [`apply`].
+pub fn apply_rotating(
+    controller: &PublicKey,
+    base: &NetMap,
+    d: &NetMapDelta,
+    now_ms: UnixMs,
+) -> Result<(NetMap, SignedNetMap, Option<PublicKey>), DeltaError> {
     let next = patch(base, d)?;
     let signed = SignedNetMap {
         netmap: next.encode_to_vec(),
         signature: d.signature.clone(),
         delta: None,
     };
-    netmap::verify(controller, &signed, base.serial, now_ms)?;
-    Ok((next, signed))
+    let (_, adopted) = netmap::verify_rotating(controller, &signed, base.serial, now_ms)?;
+    Ok((next, signed, adopted))
 }
 
 #[cfg(test)]

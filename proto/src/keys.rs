@@ -125,7 +125,9 @@ impl SigningKey {
         Self(ed25519_dalek::SigningKey::from_bytes(b))
     }
 
-    fn to_text(&self) -> String {
+    /// The key file's content (base64 of the 32-byte seed): for writing
+    /// the file only, never for a log.
+    pub fn to_text(&self) -> String {
         B64.encode(self.0.to_bytes())
     }
 

@@ -4,6 +4,8 @@
 //! - [`keys`]: key newtypes (ed25519 machine/controller keys, x25519 WireGuard
 //!   keys) with their text encodings and 0600 key files.
 //! - [`netmap`]: signing and verification of network maps.
+//! - [`handover`]: the hand-over from a replaced netmap signing key to its
+//!   successor.
 //! - [`auth`]: node session proofs, the auth-key format and its parser.
 //! - [`tls`]: certificate-pinned TLS channels to the controller.
 //! - [`relay`]: the relay protocol's frame codec (pure).
@@ -24,6 +26,7 @@
 
 pub mod auth;
 pub mod delta;
+pub mod handover;
 pub mod keys;
 pub mod netmap;
 pub mod ops;

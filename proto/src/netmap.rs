@@ -44,6 +44,10 @@ pub enum NetMapError {
         not_after_ms: UnixMs,
         now_ms: UnixMs,
     },
+    /// The map is signed by another key and its hand-over from the pinned
+    /// key is not valid (see [`crate::handover`]).
+    #[error("netmap is signed by a new controller key: {0}")]
+    Handover(#[from] crate::handover::HandoverError),
 }
 
 fn signed_message(body: &[u8]) -> [u8; NETMAP_DOMAIN.len() + 32] {
@@ -83,6 +87,63 @@ pub fn verify(
     now_ms: UnixMs,
 ) -> Result<NetMap, NetMapError> {
     let map = verify_signature(controller, signed)?;
+    fresh(&map, have_serial, now_ms)?;
+    Ok(map)
+}
+
+/// [`verify`] for a node that holds `held`: a map signed by another key
+/// passes if it carries a hand-over from `held` to that key whose grace
+/// period has not ended ([`crate::handover::accept`]). Returns the map and,
+/// when it came through a hand-over, the key the caller must hold from now
+/// on (and refuse `held` with).
+///
+/// # Errors
+/// Any [`NetMapError`]; [`NetMapError::Handover`] names why a hand-over
+/// was refused.
+pub fn verify_rotating(
+    held: &PublicKey,
+    signed: &SignedNetMap,
+    have_serial: u64,
+    now_ms: UnixMs,
+) -> Result<(NetMap, Option<PublicKey>), NetMapError> {
+    let (map, new) = verify_signature_rotating(held, signed, now_ms)?;
+    fresh(&map, have_serial, now_ms)?;
+    Ok((map, new))
+}
+
+/// [`verify_signature`] with [`verify_rotating`]'s hand-over rule (for a
+/// stored map, and for relays, which hold the key they were configured with).
+///
+/// # Errors
+/// As [`verify_rotating`], without the serial and expiry checks.
+pub fn verify_signature_rotating(
+    held: &PublicKey,
+    signed: &SignedNetMap,
+    now_ms: UnixMs,
+) -> Result<(NetMap, Option<PublicKey>), NetMapError> {
+    let msg = signed_message(&signed.netmap);
+    let decode = || {
+        NetMap::decode(signed.netmap.as_slice()).map_err(|e| NetMapError::Malformed(e.to_string()))
+    };
+    if held.verify(&msg, &signed.signature) {
+        return Ok((decode()?, None));
+    }
+    // Decoded before its signature is checked, for the statement only: the
+    // statement is verified on its own (by `held`), then the map by the key
+    // it names.
+    let map = decode().map_err(|_| NetMapError::BadSignature)?;
+    let Some(h) = map.trust.as_ref().and_then(|t| t.handover.as_ref()) else {
+        return Err(NetMapError::BadSignature);
+    };
+    let new = crate::handover::accept(h, held, now_ms)?.new_key;
+    if !new.verify(&msg, &signed.signature) {
+        return Err(NetMapError::BadSignature);
+    }
+    Ok((map, Some(new)))
+}
+
+/// The serial and expiry checks of [`verify`].
+fn fresh(map: &NetMap, have_serial: u64, now_ms: UnixMs) -> Result<(), NetMapError> {
     if map.serial <= have_serial {
         return Err(NetMapError::Rollback {
             got: map.serial,
@@ -95,7 +156,7 @@ pub fn verify(
             now_ms,
         });
     }
-    Ok(map)
+    Ok(())
 }
 
 /// Whether `signed` carries `controller`'s valid signature over its map
@@ -186,5 +247,96 @@ mod tests {
             verify(&key.public(), &signed, 0, 10_000),
             Err(NetMapError::Expired { .. })
         ));
+    }
+
+    fn handed_over_map(old: &SigningKey, new: &SigningKey, serial: u64) -> SignedNetMap {
+        let mut m = map(serial);
+        m.trust = Some(crate::control::ControllerTrust {
+            handover: Some(crate::handover::sign(old, new, 1_000, 5_000)),
+        });
+        sign(new, &m)
+    }
+
+    #[test]
+    fn a_map_of_the_new_key_passes_through_the_hand_over_and_names_the_new_key() {
+        let (old, new) = (
+            SigningKey::generate(&mut OsRng),
+            SigningKey::generate(&mut OsRng),
+        );
+        let signed = handed_over_map(&old, &new, 5);
+        let (m, adopted) = verify_rotating(&old.public(), &signed, 4, 2_000).unwrap();
+        assert_eq!((m.serial, adopted), (5, Some(new.public())));
+        // A node that moved already verifies it directly.
+        let (_, adopted) = verify_rotating(&new.public(), &signed, 4, 2_000).unwrap();
+        assert_eq!(adopted, None);
+        // The serial and expiry rules still hold.
+        assert!(matches!(
+            verify_rotating(&old.public(), &signed, 5, 2_000),
+            Err(NetMapError::Rollback { .. })
+        ));
+        // The plain check knows nothing of hand-overs.
+        assert_eq!(
+            verify(&old.public(), &signed, 0, 2_000),
+            Err(NetMapError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn after_the_grace_period_the_hand_over_is_refused_with_a_re_enroll_hint() {
+        let (old, new) = (
+            SigningKey::generate(&mut OsRng),
+            SigningKey::generate(&mut OsRng),
+        );
+        let mut signed = handed_over_map(&old, &new, 5);
+        let mut m = NetMap::decode(signed.netmap.as_slice()).unwrap();
+        m.not_after_ms = 100_000;
+        signed = sign(&new, &m);
+        let err = verify_rotating(&old.public(), &signed, 0, 6_000).unwrap_err();
+        assert!(matches!(
+            err,
+            NetMapError::Handover(crate::handover::HandoverError::Ended { .. })
+        ));
+        assert!(err.to_string().contains("re-enroll"), "{err}");
+    }
+
+    #[test]
+    fn a_valid_hand_over_does_not_cover_a_map_signed_by_a_third_key() {
+        let [old, new, third] = [0; 3].map(|_| SigningKey::generate(&mut OsRng));
+        let honest = handed_over_map(&old, &new, 5);
+        // The statement lifted onto a map signed by someone else.
+        let m = NetMap::decode(honest.netmap.as_slice()).unwrap();
+        let forged = sign(&third, &m);
+        assert_eq!(
+            verify_rotating(&old.public(), &forged, 0, 2_000),
+            Err(NetMapError::BadSignature)
+        );
+        // A map with no statement, by an unknown key.
+        assert_eq!(
+            verify_rotating(&old.public(), &sign(&third, &map(6)), 0, 2_000),
+            Err(NetMapError::BadSignature)
+        );
+        // Garbage under a bad signature is a bad signature, not a decode error.
+        let junk = SignedNetMap {
+            netmap: vec![0xff; 9],
+            signature: vec![0; 64],
+            delta: None,
+        };
+        assert_eq!(
+            verify_signature_rotating(&old.public(), &junk, 2_000),
+            Err(NetMapError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn once_moved_the_old_key_is_refused() {
+        let (old, new) = (
+            SigningKey::generate(&mut OsRng),
+            SigningKey::generate(&mut OsRng),
+        );
+        let by_old = sign(&old, &map(9));
+        assert_eq!(
+            verify_rotating(&new.public(), &by_old, 0, 2_000),
+            Err(NetMapError::BadSignature)
+        );
     }
 }

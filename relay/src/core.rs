@@ -29,7 +29,7 @@ use serde::Serialize;
 use ztmesh_proto::auth::{AuthError, NodeProof, ReplayGuard};
 use ztmesh_proto::control::{NetMap, SignedNetMap};
 use ztmesh_proto::keys::PublicKey;
-use ztmesh_proto::netmap::{verify_signature, NetMapError};
+use ztmesh_proto::netmap::{verify_signature_rotating, NetMapError};
 use ztmesh_proto::relay::hello_method;
 use ztmesh_proto::UnixMs;
 
@@ -842,10 +842,14 @@ fn check_map(
     signed: &SignedNetMap,
     now_ms: UnixMs,
 ) -> Result<Checked, Refusal> {
-    let map: NetMap = verify_signature(controller_key, signed).map_err(|e| match e {
-        NetMapError::Malformed(m) => Refusal::MalformedMap(m),
-        _ => Refusal::BadMapSignature,
-    })?;
+    // A map signed by the controller's next key passes while it carries the
+    // hand-over from the configured key (the grace period of a rotation):
+    // the relay's `--controller-key` must be updated before it ends.
+    let (map, _): (NetMap, _) =
+        verify_signature_rotating(controller_key, signed, now_ms).map_err(|e| match e {
+            NetMapError::Malformed(m) => Refusal::MalformedMap(m),
+            _ => Refusal::BadMapSignature,
+        })?;
     let me = map
         .self_node
         .as_ref()

@@ -35,6 +35,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use prost::Message;
 use serde_json::Value;
 use ztmesh_tests::wgreplay::{replay_with_wireguard_go, unique_wg_iface, WgPeer, WgQuick};
 use ztmesh_tests::{
@@ -555,6 +556,154 @@ fn flows_survive_controller_sigkill_and_nodes_resync_after_restart() {
     mesh.expect_allowed(ALICE, WEB, 443);
 }
 
+/// Issue 19: the netmap signing key is replaced with four nodes running.
+/// A flow open across the rotation never stops; every connected node ends
+/// on the new key; a second rotation during the grace period is refused;
+/// the audit chain (checkpoints of both keys) verifies. A node offline for
+/// the whole grace period refuses the new key's maps (its hand-over ended)
+/// and follows again after re-enrolling. A map signed by the old key —
+/// a thief's copy of it — is refused by a node that moved.
+#[test]
+fn signing_key_rotation_moves_every_node_without_stopping_flows() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let mut mesh = Mesh::standard();
+    let old_key = mesh.admin_ok(&["controller-key"]).trim().to_string();
+    // What a thief of the old key holds.
+    let stolen = fs::read_to_string(mesh.data_dir().join("controller.key")).expect("old key");
+    // Some audit rows under a checkpoint signed by the old key (a
+    // controller signs its chain head when it stops).
+    mesh.admin_ok(&["users", "create", "carol@example.com"]);
+    mesh.stop_controller();
+    mesh.start_controller();
+    mesh.wait_all_online(Duration::from_secs(60));
+    // Bob is offline for the whole grace period.
+    mesh.stop_daemon(BOB);
+
+    let mut stream = mesh.spawn_stream(ALICE, WEB, 443, 200, 50, 3000);
+    wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        stream.stdout().matches(" ok").count() >= 3 || !stream.is_running()
+    })
+    .unwrap_or_else(|e| panic!("stream never got going: {e}\n{}", stream.logs()));
+    let grace = Duration::from_secs(20);
+    let started = Instant::now();
+    let out = mesh.admin_ok(&["keys", "rotate-signing", "--grace", "20s", "-o", "json"]);
+    let r: Value = serde_json::from_str(&out).expect("rotate-signing -o json");
+    let new_key = r["new_key"].as_str().expect("new_key").to_string();
+    assert_eq!(r["old_key"].as_str(), Some(old_key.as_str()), "{out}");
+    assert_ne!(new_key, old_key);
+    assert_eq!(mesh.admin_ok(&["controller-key"]).trim(), new_key);
+    let key_of = |m: &Mesh, member: &str| {
+        m.status(member)["controller"]["key"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let moved = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        [ALICE, WEB, DB].iter().all(|m| key_of(&mesh, m) == new_key)
+    });
+    let took = moved.unwrap_or_else(|e| {
+        let held: Vec<_> = [ALICE, WEB, DB].iter().map(|m| key_of(&mesh, m)).collect();
+        panic!("nodes did not all move to {new_key}: {e}; they hold {held:?}")
+    });
+    println!("signing-key rotation: three connected nodes on the new key after {took:?}");
+    for m in [ALICE, WEB, DB] {
+        let on_disk = fs::read_to_string(mesh.node(m).state_dir.join("enrollment.json"))
+            .expect("enrollment.json");
+        assert!(
+            on_disk.contains(&new_key),
+            "{m} did not save the new key: {on_disk}"
+        );
+    }
+    // A second rotation during the grace period would cut Bob off.
+    let again = mesh.admin(&["keys", "rotate-signing", "--grace", "20s"]);
+    assert!(
+        !again.status.success() && again.stderr.contains("still handed over"),
+        "{again}"
+    );
+    let status = stream
+        .wait_exit(Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("stream did not finish\n{}", stream.logs()));
+    assert!(
+        status.success() && stream.stdout().contains("rounds=200"),
+        "the flow stopped during the rotation\n{}",
+        stream.logs()
+    );
+    mesh.expect_allowed(WEB, DB, 5432);
+    mesh.expect_denied(ALICE, DB, 5432);
+    let audit = mesh.admin_ok(&["audit", "--limit", "20"]);
+    assert!(audit.contains("controller.rotate-signing"), "{audit}");
+    // Checkpoints signed by both keys verify.
+    mesh.stop_controller();
+    mesh.start_controller();
+    let verified = mesh.admin_ok(&["audit", "verify"]);
+    assert!(verified.contains("audit chain ok"), "{verified}");
+
+    // After the grace period: Bob, who held the old key all along, refuses
+    // the new key's maps (his stored map keeps him going meanwhile)...
+    let left = grace.saturating_sub(started.elapsed()) + Duration::from_secs(2);
+    std::thread::sleep(left);
+    mesh.start_daemon(BOB);
+    let refused = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        mesh.status(BOB)["netmap"]["refused"].as_u64().unwrap_or(0) > 0
+    });
+    refused.unwrap_or_else(|e| {
+        panic!(
+            "bob took a map of the new key after the grace period: {e}\n{}",
+            mesh.status(BOB)
+        )
+    });
+    assert_eq!(key_of(&mesh, BOB), old_key);
+    // ...until he re-enrolls, which gives him the new key.
+    let key = mesh.create_key(&["--user", "bob@example.com"]);
+    let url = mesh.controller_urls();
+    let out = mesh.node_cli_raw(
+        BOB,
+        &[
+            "up",
+            "--force-reauth",
+            "--controller",
+            &url,
+            "--auth-key",
+            &key,
+        ],
+    );
+    assert!(out.status.success(), "re-enrolling bob: {out}");
+    assert_eq!(key_of(&mesh, BOB), new_key);
+    mesh.set_policy(POLICY_WITH_DB_ACCESS);
+    wait_until(Duration::from_secs(15), Duration::from_millis(100), || {
+        mesh.try_flow(BOB, DB, 5432, Duration::from_millis(300))
+            .is_ok()
+    })
+    .unwrap_or_else(|e| panic!("bob gets no maps after re-enrolling: {e}"));
+
+    // A map the old key signed, left where Alice keeps hers: refused at
+    // her restart (with the controller down, so nothing replaces it).
+    mesh.kill_controller();
+    mesh.stop_daemon(ALICE);
+    let stored = mesh.node(ALICE).state_dir.join("netmap.bin");
+    let signed = ztmesh_proto::control::SignedNetMap::decode(
+        fs::read(&stored).expect("alice's netmap").as_slice(),
+    )
+    .expect("stored map decodes");
+    let map = ztmesh_proto::control::NetMap::decode(signed.netmap.as_slice()).expect("map");
+    let thief: ztmesh_proto::keys::SigningKey = {
+        let f = mesh.controller_dir.join("stolen.key");
+        fs::write(&f, &stolen).expect("write the stolen key");
+        ztmesh_proto::keys::SigningKey::load(&f).expect("stolen key loads")
+    };
+    let forged = ztmesh_proto::netmap::sign(&thief, &map);
+    fs::write(&stored, forged.encode_to_vec()).expect("plant the forged map");
+    mesh.start_daemon(ALICE);
+    let st = mesh.status(ALICE);
+    assert!(
+        st["netmap"].is_null() && find_array(&st, "peers").is_none_or(|p| p.is_empty()),
+        "alice installed a map signed by the retired key: {st:#}"
+    );
+    assert!(mesh.try_flow(ALICE, WEB, 443, DENY_TIMEOUT).is_err());
+}
+
 /// Scenario 5: a single-use auth key cannot enroll a second node.
 #[test]
 fn reused_single_use_auth_key_makes_up_fail_with_a_clear_message() {
@@ -1001,6 +1150,12 @@ impl Mesh {
             );
         }
         proc
+    }
+
+    /// Stops the controller with SIGTERM (it signs its audit head).
+    fn stop_controller(&mut self) {
+        let mut proc = self.controller.take().expect("controller running");
+        proc.stop();
     }
 
     /// SIGKILLs the controller.

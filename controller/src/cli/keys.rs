@@ -1,5 +1,6 @@
 //! `keys` (auth keys, to enroll nodes) and `apikeys` (API keys, for the
-//! remote admin CLI): create, list, revoke. One lifecycle on the controller
+//! remote admin CLI): create, list, revoke; and `keys rotate-signing`, which
+//! replaces the controller's netmap signing key. One lifecycle on the controller
 //! (`secrets`), so the two groups share everything but their fields: a new
 //! key is printed alone on stdout, shown once; a revocation names the kind.
 
@@ -39,6 +40,20 @@ pub enum KeysCmd {
     },
     /// Revoke a key by its id: it can no longer be used.
     Revoke { key_id: String },
+    /// Replace the controller's netmap signing key with a new one, with the
+    /// mesh running. The old key signs a hand-over that every map carries
+    /// for the grace period: each node moves to the new key with its next
+    /// map (connected nodes at once) and then refuses the old one. A node
+    /// offline for the whole grace period must re-enroll. The old private
+    /// key is deleted. Relays accept the hand-over during the grace period:
+    /// give them the new key (`controller-key`) before it ends.
+    RotateSigning {
+        /// How long maps carry the hand-over, e.g. 1h, 7d (default 7d).
+        #[arg(long, value_parser = parse_duration, default_value = "7d")]
+        grace: Duration,
+        #[command(flatten)]
+        output: OutputArg,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -94,6 +109,34 @@ pub(super) async fn run(c: &mut Client, cmd: KeysCmd) -> anyhow::Result<()> {
             print_auth_keys(&keys, output.get());
         }
         KeysCmd::Revoke { key_id } => revoke(c, SecretKind::AuthKey, key_id).await?,
+        KeysCmd::RotateSigning { grace, output } => {
+            let r = c
+                .rotate_signing_key(apb::RotateSigningKeyRequest {
+                    grace_ms: i64::try_from(grace.as_millis()).unwrap_or(i64::MAX),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            match output.get() {
+                Output::Json => print_json(&json!({
+                    "old_key": r.old_key,
+                    "new_key": r.new_key,
+                    "valid_from_ms": r.valid_from_ms,
+                    "not_after_ms": r.not_after_ms,
+                })),
+                Output::Text => {
+                    println!("netmap signing key replaced");
+                    println!("  old key:     {}", r.old_key);
+                    println!("  new key:     {}", r.new_key);
+                    println!("  hand-over until {}", ms_to_text(r.not_after_ms));
+                    println!(
+                        "nodes move to the new key with their next map; a node offline until \
+                         then must re-enroll. Give every relay the new key \
+                         (--controller-key) before the hand-over ends."
+                    );
+                }
+            }
+        }
     }
     Ok(())
 }

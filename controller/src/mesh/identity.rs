@@ -484,7 +484,7 @@ impl Mesh {
             node_id: row.id,
             name: row.name.clone(),
             addresses: vec![row.ipv4.to_string(), row.ipv6.to_string()],
-            controller_key: self.signer.public().as_bytes().to_vec(),
+            controller_key: self.controller_key().as_bytes().to_vec(),
             key_expiry_ms: row.expiry_ms,
         }
     }

@@ -414,6 +414,9 @@ pub struct NetMapGate {
     have_serial: u64,
     /// The map last accepted through this gate, which a delta applies to.
     held: Option<pb::NetMap>,
+    /// The key the last accepted map handed over to, not yet taken by
+    /// [`NetMapGate::adopted`].
+    adopted: Option<ztmesh_proto::keys::PublicKey>,
 }
 
 impl NetMapGate {
@@ -423,11 +426,25 @@ impl NetMapGate {
             me,
             have_serial,
             held: None,
+            adopted: None,
         }
     }
 
     pub fn have_serial(&self) -> u64 {
         self.have_serial
+    }
+
+    /// The controller key maps must be signed with.
+    pub fn controller(&self) -> ztmesh_proto::keys::PublicKey {
+        self.controller
+    }
+
+    /// The new controller key, once: set when an accepted map came through
+    /// a hand-over from the key this gate held (see
+    /// [`ztmesh_proto::handover`]). The gate holds it already and refuses
+    /// the old key from then on; the caller persists it.
+    pub fn adopted(&mut self) -> Option<ztmesh_proto::keys::PublicKey> {
+        self.adopted.take()
     }
 
     /// Checks `signed` (a full map, or a delta to the map this gate last
@@ -444,7 +461,7 @@ impl NetMapGate {
         now_ms: UnixMs,
         exit_node: Option<&str>,
     ) -> Result<(pb::NetMap, Translated, pb::SignedNetMap), RefusedMap> {
-        let (map, full) = match &signed.delta {
+        let (map, full, new_key) = match &signed.delta {
             Some(d) => {
                 let held = self
                     .held
@@ -453,10 +470,10 @@ impl NetMapGate {
                         base: d.base_serial,
                         held: self.have_serial,
                     })?;
-                ztmesh_proto::delta::apply(&self.controller, held, d, now_ms)?
+                ztmesh_proto::delta::apply_rotating(&self.controller, held, d, now_ms)?
             }
             None => {
-                let map = ztmesh_proto::netmap::verify(
+                let (map, new_key) = ztmesh_proto::netmap::verify_rotating(
                     &self.controller,
                     signed,
                     self.have_serial,
@@ -467,13 +484,17 @@ impl NetMapGate {
                     signature: signed.signature.clone(),
                     delta: None,
                 };
-                (map, full)
+                (map, full, new_key)
             }
         };
         self.me.check(&map)?;
         let t = translate(&map, exit_node)?;
         self.have_serial = map.serial;
         self.held = Some(map.clone());
+        if let Some(k) = new_key {
+            self.controller = k;
+            self.adopted = Some(k);
+        }
         Ok((map, t, full))
     }
 }
@@ -698,6 +719,65 @@ mod tests {
             .accept(&forged, 1_000, None)
             .unwrap_err()
             .needs_full_map());
+    }
+
+    /// A rotation of the controller's key: the gate follows a hand-over
+    /// from the key it holds (full map or delta), reports the new key
+    /// once, and from then on refuses maps signed by the old key; a map
+    /// refused for any other reason does not move it.
+    #[test]
+    fn gate_follows_a_key_hand_over_and_then_refuses_the_old_key() {
+        use ztmesh_proto::delta::diff;
+        let (old, new) = (signing(101), signing(103));
+        let mut m1 = map();
+        m1.serial = 10;
+        m1.not_after_ms = 5_000;
+        let mut gate = NetMapGate::new(old.public(), me(), 0);
+        gate.accept(&ztmesh_proto::netmap::sign(&old, &m1), 1_000, None)
+            .unwrap();
+        assert_eq!(gate.adopted(), None);
+
+        let mut m2 = m1.clone();
+        m2.serial = 11;
+        m2.trust = Some(pb::ControllerTrust {
+            handover: Some(ztmesh_proto::handover::sign(&old, &new, 900, 3_000)),
+        });
+        // For another node: refused, and the key stays.
+        let mut other = m2.clone();
+        other.self_node.as_mut().unwrap().id = 99;
+        assert!(gate
+            .accept(&ztmesh_proto::netmap::sign(&new, &other), 1_000, None)
+            .is_err());
+        assert_eq!((gate.controller(), gate.adopted()), (old.public(), None));
+
+        // As a delta against the map held, signed by the new key.
+        let full2 = ztmesh_proto::netmap::sign(&new, &m2);
+        let d = pb::SignedNetMap {
+            delta: Some(Box::new(diff(&m1, &m2, full2.signature.clone()))),
+            ..Default::default()
+        };
+        let (got, _, kept) = gate.accept(&d, 1_000, None).unwrap();
+        assert_eq!((got, kept), (m2.clone(), full2.clone()));
+        assert_eq!(gate.adopted(), Some(new.public()));
+        assert_eq!(gate.adopted(), None, "reported once");
+        assert_eq!(gate.controller(), new.public());
+
+        // The old key no longer signs for this node, even with a fresh serial.
+        let mut m3 = m1.clone();
+        m3.serial = 12;
+        assert!(matches!(
+            gate.accept(&ztmesh_proto::netmap::sign(&old, &m3), 1_000, None),
+            Err(RefusedMap::Verify(NetMapError::BadSignature))
+        ));
+        gate.accept(&ztmesh_proto::netmap::sign(&new, &m3), 1_000, None)
+            .unwrap();
+
+        // A node that still holds the old key after the grace period: refused,
+        // with the reason.
+        let mut late = NetMapGate::new(old.public(), me(), 0);
+        let err = late.accept(&full2, 3_000, None).unwrap_err();
+        assert!(err.to_string().contains("re-enroll"), "{err}");
+        assert_eq!(late.controller(), old.public());
     }
 
     /// The identity `map()` is addressed to.

@@ -1,6 +1,7 @@
 //! Deterministic tests of the relay core: one rule per test, hostile inputs
 //! included. Keys come from seeded RNGs, time is a number.
 
+use prost::Message;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use ztmesh_proto::control::{NodeInfo, Peer};
@@ -276,6 +277,43 @@ fn maps_must_be_signed_by_the_controller_and_unexpired() {
         Err(Refusal::MalformedMap(_))
     ));
     assert_eq!(core.sessions(), 0);
+}
+
+/// A rotation of the controller's key: during the grace period a map
+/// signed by the new key passes if it carries the hand-over from the key
+/// the relay was configured with; after it, or without it, it does not.
+#[test]
+fn maps_of_a_rotated_controller_key_pass_only_with_a_live_hand_over() {
+    let mut w = World::new();
+    let mut core = w.core();
+    let next = SigningKey::generate(&mut StdRng::seed_from_u64(12));
+    let grace_end = NOW + 60_000;
+    let handed = |w: &World, serial| {
+        let mut m =
+            NetMap::decode(w.map_by(&next, 1, &[2], serial, LATER).netmap.as_slice()).unwrap();
+        m.trust = Some(ztmesh_proto::control::ControllerTrust {
+            handover: Some(ztmesh_proto::handover::sign(
+                &w.controller,
+                &next,
+                NOW - 1,
+                grace_end,
+            )),
+        });
+        sign(&next, &m)
+    };
+    let proof = w.proof(1, NOW);
+    assert!(core.hello(1, 1, &proof, &handed(&w, 10), NOW).is_ok());
+    core.disconnect(1, 1, NOW);
+    let proof = w.proof(1, grace_end);
+    assert_eq!(
+        core.hello(1, 1, &proof, &handed(&w, 11), grace_end),
+        Err(Refusal::BadMapSignature)
+    );
+    let proof = w.proof(1, NOW);
+    assert_eq!(
+        core.hello(1, 1, &proof, &w.map_by(&next, 1, &[2], 12, LATER), NOW),
+        Err(Refusal::BadMapSignature)
+    );
 }
 
 #[test]
