@@ -1121,8 +1121,9 @@ impl Admin for AdminService {
         &self,
         req: Request<apb::RotateSigningKeyRequest>,
     ) -> R<apb::RotateSigningKeyResponse> {
+        use rand_core::OsRng;
         let actor = self.actor(&req, Access::Identity, "RotateSigningKey")?;
-        let new = SigningKey::generate(&mut rand_core::OsRng);
+        let new = SigningKey::generate(&mut OsRng);
         let mesh = self.mesh.clone();
         let grace_ms = req.get_ref().grace_ms;
         // Files are written and synced, and every connected node gets a map.
