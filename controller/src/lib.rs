@@ -33,6 +33,7 @@ pub mod alert;
 pub mod api;
 pub mod auditchain;
 pub mod auth;
+pub mod backup;
 pub mod cli;
 pub mod detect;
 pub mod device;
