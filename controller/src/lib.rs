@@ -49,6 +49,7 @@ pub mod nodeinput;
 pub mod nodelimit;
 pub mod oidc;
 pub mod ratelimit;
+pub mod recovery;
 pub mod relays;
 pub mod roles;
 pub mod routes;
