@@ -1473,9 +1473,9 @@ impl Admin for AdminService {
                 Err(e) => format!("failed: {e:#}"),
             };
             tracing::info!(actor = %actor.name, seal = kind, detail = %detail, "controller backup");
-            if let Err(e) = mesh
-                .store()
-                .audit(now_ms(), &actor.name, "controller.backup", kind, &detail)
+            if let Err(e) =
+                mesh.store()
+                    .audit(now_ms(), &actor.name, "controller.backup", kind, &detail)
             {
                 tracing::error!(error = %e, "cannot write audit record");
             }

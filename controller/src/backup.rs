@@ -98,7 +98,6 @@ pub enum FormatError {
 
 pub type Result<T> = std::result::Result<T, FormatError>;
 
-
 // ---------------------------------------------------------------------------
 // Keys
 // ---------------------------------------------------------------------------
@@ -131,7 +130,11 @@ impl std::fmt::Debug for Recipient {
 impl std::str::FromStr for Recipient {
     type Err = FormatError;
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || FormatError::Header(format!("a recipient is {RECIPIENT_PREFIX}<43 base64url characters> (from `backup keygen`)"));
+        let bad = || {
+            FormatError::Header(format!(
+                "a recipient is {RECIPIENT_PREFIX}<43 base64url characters> (from `backup keygen`)"
+            ))
+        };
         let b = s.trim().strip_prefix(RECIPIENT_PREFIX).ok_or_else(bad)?;
         Ok(Self(unb64_32(b).ok_or_else(bad)?))
     }
@@ -329,13 +332,18 @@ impl Manifest {
             });
         }
         if self.format == 0 {
-            return Err(FormatError::Manifest("format 0 is not a manifest version".into()));
+            return Err(FormatError::Manifest(
+                "format 0 is not a manifest version".into(),
+            ));
         }
         let mut seen = std::collections::BTreeSet::new();
         for f in &self.files {
             check_name(&f.name)?;
             if !seen.insert(f.name.as_str()) {
-                return Err(FormatError::Manifest(format!("{:?} is listed twice", f.name)));
+                return Err(FormatError::Manifest(format!(
+                    "{:?} is listed twice",
+                    f.name
+                )));
             }
             if f.sha256.len() != 64 || !f.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(FormatError::Manifest(format!(
@@ -436,7 +444,9 @@ impl<W: Write> Encryptor<W> {
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Result<Self> {
         if !(MIN_CHUNK..=MAX_CHUNK).contains(&chunk) {
-            return Err(FormatError::Header(format!("chunk size {chunk} out of range")));
+            return Err(FormatError::Header(format!(
+                "chunk size {chunk} out of range"
+            )));
         }
         let mut file_key = [0u8; KEY_LEN];
         rng.fill_bytes(&mut file_key);
@@ -593,7 +603,9 @@ pub fn open<R: Read>(mut input: R, key: &Open<'_>) -> Result<Reader<R>> {
     };
     let chunk = u32::from_be_bytes([fixed[11], fixed[12], fixed[13], fixed[14]]);
     if !(MIN_CHUNK..=MAX_CHUNK).contains(&chunk) {
-        return Err(FormatError::Header(format!("chunk size {chunk} out of range")));
+        return Err(FormatError::Header(format!(
+            "chunk size {chunk} out of range"
+        )));
     }
     let salt: [u8; 16] = fixed[15..31].try_into().expect("16 bytes by construction");
     let mut header = fixed.to_vec();
@@ -703,8 +715,8 @@ impl<R: Read> Reader<R> {
         for entry in &files {
             let mut out = sink(entry)?;
             let mut hashing = HashingWriter::new(&mut out);
-            let n = io::copy(&mut (&mut self.dec).take(entry.size), &mut hashing)
-                .map_err(from_io)?;
+            let n =
+                io::copy(&mut (&mut self.dec).take(entry.size), &mut hashing).map_err(from_io)?;
             if n != entry.size {
                 return Err(FormatError::File {
                     name: entry.name.clone(),
@@ -877,14 +889,18 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 
 fn read_header(r: &mut impl Read, buf: &mut [u8]) -> Result<()> {
     if read_full(r, buf)? < buf.len() {
-        return Err(FormatError::Header("the file ends inside the header".into()));
+        return Err(FormatError::Header(
+            "the file ends inside the header".into(),
+        ));
     }
     Ok(())
 }
 
 fn payload_exact(dec: &mut impl Read, buf: &mut [u8], what: &str) -> Result<()> {
     if read_full(dec, buf).map_err(from_io)? < buf.len() {
-        return Err(FormatError::Manifest(format!("the payload ends inside {what}")));
+        return Err(FormatError::Manifest(format!(
+            "the payload ends inside {what}"
+        )));
     }
     Ok(())
 }
@@ -1020,7 +1036,10 @@ mod tests {
     impl Write for Collect {
         fn write(&mut self, b: &[u8]) -> io::Result<usize> {
             let mut v = self.0.borrow_mut();
-            v.last_mut().expect("sink called first").1.extend_from_slice(b);
+            v.last_mut()
+                .expect("sink called first")
+                .1
+                .extend_from_slice(b);
             Ok(b.len())
         }
         fn flush(&mut self) -> io::Result<()> {
@@ -1086,7 +1105,10 @@ mod tests {
         let sealed = sealed_to_id();
         let other = Identity::generate(&mut rng(8));
         let e = unseal(&sealed, &Open::Identity(&other)).unwrap_err();
-        assert!(e.to_string().contains("not encrypted to this identity"), "{e}");
+        assert!(
+            e.to_string().contains("not encrypted to this identity"),
+            "{e}"
+        );
         let e = unseal(&sealed, &Open::Passphrase(b"x")).unwrap_err();
         assert!(e.to_string().contains("give --identity"), "{e}");
 
@@ -1218,11 +1240,21 @@ mod tests {
     fn manifests_naming_paths_duplicates_or_lying_sizes_are_refused() {
         let id = id();
         let body = b"abc";
-        for name in ["../controller.key", "a/b", ".hidden", "", "/etc/passwd", ".."] {
+        for name in [
+            "../controller.key",
+            "a/b",
+            ".hidden",
+            "",
+            "/etc/passwd",
+            "..",
+        ] {
             let mut m = manifest(&[("x", body.to_vec())]);
             m.files[0].name = name.into();
             let e = unseal(&forged_manifest(&m, body), &Open::Identity(&id)).unwrap_err();
-            assert!(e.to_string().contains("not a plain file name"), "{name:?}: {e}");
+            assert!(
+                e.to_string().contains("not a plain file name"),
+                "{name:?}: {e}"
+            );
         }
         let m = manifest(&[("tls.key", body.to_vec()), ("tls.key", body.to_vec())]);
         let twice = [&body[..], &body[..]].concat();
@@ -1240,7 +1272,10 @@ mod tests {
         let mut newer = manifest(&[]);
         newer.format = 2;
         let e = unseal(&forged_manifest(&newer, b""), &Open::Identity(&id)).unwrap_err();
-        assert!(matches!(e, FormatError::NewerFormat { found: 2, .. }), "{e}");
+        assert!(
+            matches!(e, FormatError::NewerFormat { found: 2, .. }),
+            "{e}"
+        );
         let e = unseal(&forged(&u32::MAX.to_be_bytes()), &Open::Identity(&id)).unwrap_err();
         assert!(e.to_string().contains("too large"), "{e}");
         let e = unseal(&forged(b"\0\0\0\x02{}"), &Open::Identity(&id)).unwrap_err();
@@ -1273,7 +1308,13 @@ mod tests {
         let r: Recipient = id.recipient().to_string().parse().unwrap();
         assert_eq!(r, id.recipient());
         assert!(r.to_string().starts_with("ztmr1."));
-        for bad in ["", "ztmr1.", "ztmr1.AAAA", "age1xyz", &format!("ztmi1.{}", b64(&[0; 32]))] {
+        for bad in [
+            "",
+            "ztmr1.",
+            "ztmr1.AAAA",
+            "age1xyz",
+            &format!("ztmi1.{}", b64(&[0; 32])),
+        ] {
             assert!(bad.parse::<Recipient>().is_err(), "{bad:?}");
         }
         assert!(Identity::from_file_text("# only a comment\n").is_err());

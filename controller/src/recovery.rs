@@ -131,10 +131,7 @@ pub fn write_backup<W: Write>(
         }
         Snapshot::Postgres => (StoreKind::Postgresql, None, None),
     };
-    let mut files: Vec<FileEntry> = identity
-        .iter()
-        .map(|(n, b)| FileEntry::of(n, b))
-        .collect();
+    let mut files: Vec<FileEntry> = identity.iter().map(|(n, b)| FileEntry::of(n, b)).collect();
     files.extend(db);
     let manifest = Manifest {
         format: backup::MANIFEST_VERSION,
@@ -395,13 +392,14 @@ fn check_database(
         label,
         &format!(
             "backup created_ms={} schema={} controller_key={key}",
-            manifest.created_ms,
-            found.schema_version
+            manifest.created_ms, found.schema_version
         ),
     )?;
-    let verified = store
-        .verify_audit(&signer.public())?
-        .map_err(|e| anyhow::anyhow!("the backup's audit chain does not verify with its controller key: broken at {e}"))?;
+    let verified = store.verify_audit(&signer.public())?.map_err(|e| {
+        anyhow::anyhow!(
+            "the backup's audit chain does not verify with its controller key: broken at {e}"
+        )
+    })?;
     drop(store);
     Ok(verified.rows)
 }
@@ -480,8 +478,12 @@ mod tests {
         fs::write(root.join("tls.crt"), "certificate").unwrap();
         fs::write(root.join("tls.key"), "tls private key").unwrap();
         let store = SqliteStore::open(&root.join("ztmesh.db")).unwrap();
-        store.create_user("alice@example.com", Role::Admin, 1).unwrap();
-        store.audit(2, "local-admin", "user.create", "alice", "").unwrap();
+        store
+            .create_user("alice@example.com", Role::Admin, 1)
+            .unwrap();
+        store
+            .audit(2, "local-admin", "user.create", "alice", "")
+            .unwrap();
         store.sign_audit_head(3, &key).unwrap();
         (layout(root), key, store)
     }
@@ -529,7 +531,9 @@ mod tests {
         fs::write(src.root.join("handover.bin"), "optional").unwrap();
         let bytes = backup_of(&src, &store);
         assert!(
-            listing(&src.root).iter().all(|n| !n.starts_with(".backup-")),
+            listing(&src.root)
+                .iter()
+                .all(|n| !n.starts_with(".backup-")),
             "the database copy is removed"
         );
         let dst = tmp.path().join("dst");
@@ -537,12 +541,24 @@ mod tests {
         assert_eq!(done.manifest.controller_key, key.public().to_string());
         assert!(done.replaced.is_none());
         assert!(done.audit_rows.unwrap() >= 2);
-        for name in ["controller.key", "tls.crt", "tls.key", "handover.bin", "ztmesh.db"] {
+        for name in [
+            "controller.key",
+            "tls.crt",
+            "tls.key",
+            "handover.bin",
+            "ztmesh.db",
+        ] {
             let p = dst.join(name);
             assert_eq!(fs::read(&p).is_ok(), true, "{name}");
-            assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
-        assert_eq!(fs::metadata(&dst).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(&dst).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         assert_eq!(
             fs::read(dst.join("controller.key")).unwrap(),
             fs::read(src.root.join("controller.key")).unwrap()
@@ -676,7 +692,10 @@ mod tests {
         a_store.set_meta("controller_key", "another-key").unwrap();
         let bytes = backup_of(&forged, &a_store);
         let e = restore_into(&tmp.path().join("dst2"), &bytes, false).unwrap_err();
-        assert!(format!("{e:#}").contains("belongs to controller key another-key"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("belongs to controller key another-key"),
+            "{e:#}"
+        );
     }
 
     #[test]
@@ -691,13 +710,28 @@ mod tests {
             identity: &IDENTITY[..3],
             ..layout(&tmp.path().join("dst"))
         };
-        let e = restore(&older, bytes.as_slice(), &Open::Passphrase(PASS), false, "b", 1)
-            .unwrap_err();
+        let e = restore(
+            &older,
+            bytes.as_slice(),
+            &Open::Passphrase(PASS),
+            false,
+            "b",
+            1,
+        )
+        .unwrap_err();
         assert!(format!("{e:#}").contains("\"handover.bin\""), "{e:#}");
         fs::remove_file(root.join("tls.key")).unwrap();
         let mut rng = rand::rngs::OsRng;
-        let e = write_backup(&src, &store, &Seal::Passphrase(PASS, CHEAP), Vec::new(), |_| Ok(()), 1, &mut rng)
-            .unwrap_err();
+        let e = write_backup(
+            &src,
+            &store,
+            &Seal::Passphrase(PASS, CHEAP),
+            Vec::new(),
+            |_| Ok(()),
+            1,
+            &mut rng,
+        )
+        .unwrap_err();
         assert!(format!("{e:#}").contains("tls.key"), "{e:#}");
     }
 }

@@ -86,7 +86,12 @@ pub(super) fn keygen(out: &Path) -> anyhow::Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(out)
-        .with_context(|| format!("creating {} (an identity is never overwritten)", out.display()))?;
+        .with_context(|| {
+            format!(
+                "creating {} (an identity is never overwritten)",
+                out.display()
+            )
+        })?;
     f.write_all(id.to_file_text().as_bytes())?;
     f.sync_all()?;
     sync_dir(parent(out))?;
@@ -108,7 +113,10 @@ pub(super) fn keygen(out: &Path) -> anyhow::Result<()> {
 pub(super) async fn run(c: &mut Client, args: BackupArgs) -> anyhow::Result<()> {
     let file = args.file.context("backup needs a FILE")?;
     if !args.force && file.symlink_metadata().is_ok() {
-        bail!("{} exists: choose another name, or add --force", file.display());
+        bail!(
+            "{} exists: choose another name, or add --force",
+            file.display()
+        );
     }
     let seal = match (&args.recipient, &args.passphrase_file) {
         (Some(r), _) => apb::backup_request::Seal::Recipient(r.to_string()),
@@ -191,16 +199,15 @@ pub(super) fn restore(data_dir: &Path, args: &RestoreArgs) -> anyhow::Result<()>
             Open::Passphrase(pass.as_bytes())
         }
         (None, Some(i)) => {
-            let text =
-                fs::read_to_string(i).with_context(|| format!("reading {}", i.display()))?;
+            let text = fs::read_to_string(i).with_context(|| format!("reading {}", i.display()))?;
             id = Identity::from_file_text(&text)
                 .with_context(|| format!("reading {}", i.display()))?;
             Open::Identity(&id)
         }
         (None, None) => bail!("give --passphrase-file or --identity"),
     };
-    let input = fs::File::open(&args.file)
-        .with_context(|| format!("opening {}", args.file.display()))?;
+    let input =
+        fs::File::open(&args.file).with_context(|| format!("opening {}", args.file.display()))?;
     let dir = DataDir::new(data_dir);
     let done = crate::recovery::restore(
         &dir.layout(),
@@ -241,8 +248,7 @@ pub(super) fn restore(data_dir: &Path, args: &RestoreArgs) -> anyhow::Result<()>
 
 /// A passphrase file's content without its trailing newline.
 fn passphrase(path: &Path) -> anyhow::Result<String> {
-    let text =
-        fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let p = text
         .strip_suffix('\n')
         .map(|t| t.strip_suffix('\r').unwrap_or(t))
@@ -291,7 +297,15 @@ mod tests {
         ));
         assert!(parse(&["backup", "f.bak", "--passphrase-file", "p"]).is_ok());
         assert!(parse(&["backup", "f.bak"]).is_err(), "no seal");
-        assert!(parse(&["backup", "f.bak", "--recipient", r, "--passphrase-file", "p"]).is_err());
+        assert!(parse(&[
+            "backup",
+            "f.bak",
+            "--recipient",
+            r,
+            "--passphrase-file",
+            "p"
+        ])
+        .is_err());
         assert!(parse(&["backup", "f.bak", "--recipient", "age1xyz"]).is_err());
         match parse(&["backup", "keygen", "--out", "id"]) {
             Ok(Cmd::Backup(b)) => assert!(b.action.is_some() && b.file.is_none()),
