@@ -1018,8 +1018,11 @@ mod tests {
         write(Vec::new(), seal, &m, list, chunk, &mut rng(1)).unwrap()
     }
 
+    /// Files by name, in order.
+    type Named = Vec<(String, Vec<u8>)>;
+
     /// Opens and extracts everything into memory.
-    fn unseal(bytes: &[u8], key: &Open<'_>) -> Result<(Manifest, Vec<(String, Vec<u8>)>)> {
+    fn unseal(bytes: &[u8], key: &Open<'_>) -> Result<(Manifest, Named)> {
         let reader = open(bytes, key)?;
         let out = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
         let sink = out.clone();
@@ -1032,7 +1035,7 @@ mod tests {
     }
 
     /// Appends to the last collected file.
-    struct Collect(std::rc::Rc<std::cell::RefCell<Vec<(String, Vec<u8>)>>>);
+    struct Collect(std::rc::Rc<std::cell::RefCell<Named>>);
     impl Write for Collect {
         fn write(&mut self, b: &[u8]) -> io::Result<usize> {
             let mut v = self.0.borrow_mut();
@@ -1084,13 +1087,13 @@ mod tests {
         // Find file sizes that make the payload an exact multiple of CHUNK.
         let m0 = manifest(&[("ztmesh.db", vec![])]);
         let head = 4 + serde_json::to_vec(&m0).unwrap().len();
-        for size in (0..3 * CHUNK as usize).filter(|s| (head + s) % CHUNK as usize == 0) {
+        for size in (0..3 * CHUNK as usize).filter(|s| (head + s).is_multiple_of(CHUNK as usize)) {
             let f = vec![("ztmesh.db", vec![9u8; size])];
             // The manifest's size field may change the length; recheck.
             let mut sealed = seal_files(&Seal::To(&id().recipient()), &f, CHUNK);
             let (_, got) = unseal(&sealed, &Open::Identity(&id())).unwrap();
             assert_eq!(got[0].1.len(), size);
-            let chunked = (sealed.len() - X25519_HEADER) % (CHUNK as usize + TAG_LEN) == 0;
+            let chunked = (sealed.len() - X25519_HEADER).is_multiple_of(CHUNK as usize + TAG_LEN);
             sealed.push(b'x');
             let e = unseal(&sealed, &Open::Identity(&id())).unwrap_err();
             if chunked {

@@ -549,7 +549,7 @@ mod tests {
             "ztmesh.db",
         ] {
             let p = dst.join(name);
-            assert_eq!(fs::read(&p).is_ok(), true, "{name}");
+            assert!(fs::read(&p).is_ok(), "{name}");
             assert_eq!(
                 fs::metadata(&p).unwrap().permissions().mode() & 0o777,
                 0o600

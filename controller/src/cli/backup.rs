@@ -80,7 +80,8 @@ pub struct RestoreArgs {
     reason = "a new identity comes from OS entropy"
 )]
 pub(super) fn keygen(out: &Path) -> anyhow::Result<()> {
-    let id = Identity::generate(&mut rand_core::OsRng);
+    use rand_core::OsRng;
+    let id = Identity::generate(&mut OsRng);
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
