@@ -26,6 +26,7 @@ use ztmesh_proto::control::{
 };
 use ztmesh_proto::keys::{PublicKey, SigningKey, WgPublicKey};
 
+use crate::backup;
 use crate::error::Error;
 use crate::mesh::{Actor, Mesh, Subscriber, Update, UserUpdate};
 use crate::metrics::{failure_reason, refusal_reason, EnrollMethod};
@@ -669,6 +670,8 @@ pub struct AdminService {
     pub local: bool,
     /// Failures per source (remote instances only).
     pub limiter: Arc<SharedLimiter>,
+    /// The data dir, for `Backup`.
+    pub layout: Arc<crate::recovery::Layout>,
 }
 
 impl AdminService {
@@ -1417,5 +1420,129 @@ impl Admin for AdminService {
             })
             .collect();
         ok(apb::ListFlowsResponse { flows })
+    }
+
+    type BackupStream = BackupStream;
+
+    /// Streams an encrypted backup; the copy and the encryption run on a
+    /// blocking thread, each encrypted chunk sent as it is made (bounded
+    /// channel: a slow client slows the backup, memory stays flat).
+    #[expect(
+        clippy::disallowed_types,
+        reason = "a backup's file key, salts and ephemeral key come from OS entropy"
+    )]
+    async fn backup(&self, req: Request<apb::BackupRequest>) -> R<BackupStream> {
+        use apb::backup_request::Seal as PbSeal;
+        use rand_core::OsRng;
+        // It holds the signing key: the full admin role only.
+        let actor = self.actor(&req, Access::Identity, "Backup")?;
+        let seal = match req.into_inner().seal {
+            Some(PbSeal::Recipient(r)) => SealWith::Recipient(
+                r.parse()
+                    .map_err(|e: backup::FormatError| Status::invalid_argument(e.to_string()))?,
+            ),
+            Some(PbSeal::Passphrase(p)) if !p.is_empty() => {
+                limit_len("passphrase", &p, 1024)?;
+                SealWith::Passphrase(p)
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a backup needs a recipient (ztmr1...) or a passphrase",
+                ))
+            }
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mesh = self.mesh.clone();
+        let layout = self.layout.clone();
+        tokio::task::spawn_blocking(move || {
+            let now = now_ms();
+            let (kind, seal) = match &seal {
+                SealWith::Recipient(r) => ("x25519", backup::Seal::To(r)),
+                SealWith::Passphrase(p) => (
+                    "passphrase",
+                    backup::Seal::Passphrase(p.as_bytes(), backup::KdfParams::DEFAULT),
+                ),
+            };
+            let mut sink = ChunkSink {
+                tx: tx.clone(),
+                sent: 0,
+            };
+            let announce = |m: &backup::Manifest| {
+                let info = apb::BackupInfo {
+                    store: m.store.as_str().into(),
+                    schema_version: m.schema_version.unwrap_or(0),
+                    controller_key: m.controller_key.clone(),
+                    created_ms: m.created_ms,
+                    files: m.files.iter().map(|f| f.name.clone()).collect(),
+                };
+                tx.blocking_send(Ok(apb::BackupChunk {
+                    info: Some(info),
+                    data: Vec::new(),
+                }))
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+            };
+            let result = crate::recovery::write_backup(
+                &layout,
+                mesh.store(),
+                &seal,
+                &mut sink,
+                announce,
+                now,
+                &mut OsRng,
+            );
+            let detail = match &result {
+                Ok((sink, m)) => format!(
+                    "size={} store={} schema={}",
+                    sink.sent,
+                    m.store.as_str(),
+                    m.schema_version.map_or("-".into(), |v| v.to_string())
+                ),
+                Err(e) => format!("failed: {e:#}"),
+            };
+            tracing::info!(actor = %actor.name, seal = kind, detail = %detail, "controller backup");
+            if let Err(e) =
+                mesh.store()
+                    .audit(now_ms(), &actor.name, "controller.backup", kind, &detail)
+            {
+                tracing::error!(error = %e, "cannot write audit record");
+            }
+            if let Err(e) = result {
+                let _ = tx.blocking_send(Err(Status::internal(format!("backup failed: {e:#}"))));
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+type BackupStream = Pin<Box<dyn Stream<Item = Result<apb::BackupChunk, Status>> + Send>>;
+
+/// What a backup is sealed with, owned by its blocking task.
+enum SealWith {
+    Recipient(backup::Recipient),
+    Passphrase(String),
+}
+
+/// Sends each encrypted chunk to the client as a `BackupChunk`.
+struct ChunkSink {
+    tx: tokio::sync::mpsc::Sender<Result<apb::BackupChunk, Status>>,
+    sent: u64,
+}
+
+impl std::io::Write for ChunkSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.tx
+            .blocking_send(Ok(apb::BackupChunk {
+                info: None,
+                data: data.to_vec(),
+            }))
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+        self.sent += data.len() as u64;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

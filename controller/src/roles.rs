@@ -30,7 +30,8 @@ pub enum Access {
     Read,
     /// Changing the network: nodes, routes, policy, auth keys.
     Network,
-    /// Changing who may administer: users, roles, API keys.
+    /// Changing who may administer: users, roles, API keys; and taking
+    /// backups (they hold the netmap signing key).
     Identity,
 }
 

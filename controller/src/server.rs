@@ -22,11 +22,15 @@ use crate::mesh::{Mesh, MeshConfig};
 use crate::metrics::Metrics;
 use crate::now_ms;
 use crate::ratelimit::SharedLimiter;
+use crate::recovery::{IdentityFile, Layout};
 use crate::store::{PgOptions, PgStore, Session, SqliteStore, Store};
 use crate::timedstore::TimedStore;
 
 /// Where `serve --metrics-listen` without an address serves `/metrics`.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
+const DB_FILE: &str = "ztmesh.db";
+const LOCK_FILE: &str = "ztmesh.lock";
 
 /// Files in the data dir.
 pub struct DataDir {
@@ -53,13 +57,52 @@ impl DataDir {
         self.root.join("tls.key")
     }
     pub fn db(&self) -> PathBuf {
-        self.root.join("ztmesh.db")
+        self.root.join(DB_FILE)
     }
     pub fn admin_socket(&self) -> PathBuf {
         self.root.join("admin.sock")
     }
     pub fn lock_file(&self) -> PathBuf {
-        self.root.join("ztmesh.lock")
+        self.root.join(LOCK_FILE)
+    }
+
+    /// Every file of the controller's identity: the one list backup and
+    /// restore use (a new identity file is added here, and nowhere else).
+    pub const IDENTITY: &'static [IdentityFile] = &[
+        IdentityFile {
+            name: "controller.key",
+            required: true,
+        },
+        IdentityFile {
+            name: "tls.crt",
+            required: true,
+        },
+        IdentityFile {
+            name: "tls.key",
+            required: true,
+        },
+        // During a signing-key rotation's grace period: the hand-over the
+        // maps carry (`crate::signing`).
+        IdentityFile {
+            name: "handover.bin",
+            required: false,
+        },
+    ];
+
+    /// The identity files a backup carries now: the required ones, and the
+    /// optional ones that exist.
+    pub fn identity_files(&self) -> Vec<&'static str> {
+        self.layout().identity_files()
+    }
+
+    /// The data dir as backup and restore see it.
+    pub fn layout(&self) -> Layout {
+        Layout {
+            root: self.root.clone(),
+            identity: Self::IDENTITY,
+            db: DB_FILE,
+            lock: LOCK_FILE,
+        }
     }
 }
 
@@ -408,10 +451,12 @@ pub async fn run_with(
     // One limiter for every unauthenticated path on the TLS listener, with
     // its own lock (never the mesh lock).
     let limiter = Arc::new(SharedLimiter::default());
+    let layout = Arc::new(dir.layout());
     let local_admin = AdminServer::new(AdminService {
         mesh: mesh.clone(),
         local: true,
         limiter: limiter.clone(),
+        layout: layout.clone(),
     });
     let uds_task = tokio::spawn(async move {
         Server::builder()
@@ -470,6 +515,7 @@ pub async fn run_with(
             mesh: mesh.clone(),
             local: false,
             limiter,
+            layout,
         }));
     let routes = routes.routes();
     let routes =

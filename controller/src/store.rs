@@ -27,7 +27,7 @@ mod sqlite;
 
 pub use postgres::{is_postgres_url, PgOptions, PgStore, Postgres, Session};
 use sql::{args, corrupt, join_list, split_list, Backend, Conn, DbError, DbResult, Row, Value};
-pub use sqlite::{Sqlite, SqliteStore};
+pub use sqlite::{FileCheck, Sqlite, SqliteStore};
 
 /// Store failures.
 #[derive(Debug, thiserror::Error)]
@@ -192,8 +192,24 @@ pub struct NewNode {
     pub expiry_ms: UnixMs,
 }
 
+/// What [`Store::online_backup`] made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Snapshot {
+    /// The database was copied into the file; its schema version.
+    Sqlite { schema_version: u32 },
+    /// PostgreSQL: nothing copied (`pg_dump` backs it up).
+    Postgres,
+}
+
 /// Everything the controller persists.
 pub trait Store: Send + Sync {
+    /// Copies the database into the new, empty file `dest`, consistently,
+    /// while it keeps serving reads and writes (SQLite's online backup in
+    /// one read transaction); PostgreSQL copies nothing.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] if the copy fails.
+    fn online_backup(&self, dest: &std::path::Path) -> Result<Snapshot>;
     fn meta(&self, key: &str) -> Result<Option<String>>;
     fn set_meta(&self, key: &str, value: &str) -> Result<()>;
     /// Stores `value` under `key` unless a value is there already; returns
@@ -1079,6 +1095,9 @@ impl Span {
 }
 
 impl<B: Backend> Store for SqlStore<B> {
+    fn online_backup(&self, dest: &std::path::Path) -> Result<Snapshot> {
+        self.db.online_backup(dest)
+    }
     fn meta(&self, key: &str) -> Result<Option<String>> {
         self.db.with(|c| {
             Ok(

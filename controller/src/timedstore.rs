@@ -17,7 +17,7 @@ use crate::roles::Role;
 use crate::secrets::{SecretKind, SecretRecord};
 use crate::store::{
     AuditEntry, AuditRow, ChangeBatch, Credentials, DetectionRow, FlowQuery, FlowRow, NewNode,
-    NodePosture, NodeRoutes, NodeRow, PolicyRow, Quarantine, Result, Store, UserRow,
+    NodePosture, NodeRoutes, NodeRow, PolicyRow, Quarantine, Result, Snapshot, Store, UserRow,
 };
 use crate::UnixMs;
 
@@ -45,6 +45,9 @@ impl<S: Store> TimedStore<S> {
 }
 
 impl<S: Store> Store for TimedStore<S> {
+    fn online_backup(&self, dest: &std::path::Path) -> Result<Snapshot> {
+        self.timed("online_backup", || self.inner.online_backup(dest))
+    }
     fn meta(&self, key: &str) -> Result<Option<String>> {
         self.timed("meta", || self.inner.meta(key))
     }

@@ -50,6 +50,7 @@ const PURE: &[&str] = &[
     "controller/src/web/html.rs",
     "controller/src/metrics.rs",
     "controller/src/detect.rs",
+    "controller/src/backup.rs",
     "node/src/metrics.rs",
 ];
 
@@ -69,12 +70,13 @@ const CONTROLLER_LAYERS: &[&[&str]] = &[
         "routes",
         "detect",
         "httpclient",
+        "backup",
     ],
     &["secrets", "accounts", "device", "oidc"],
     &["netcore", "store"],
     &["error"],
     &["nodeinput", "ratelimit", "metrics"],
-    &["auth", "timedstore", "alert"],
+    &["auth", "timedstore", "alert", "recovery"],
     &["mesh"],
     &["web"],
     &["api", "listener"],

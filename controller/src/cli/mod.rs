@@ -2,7 +2,7 @@
 //! subcommand group; the commands talk to a running controller (local unix
 //! socket, or `--server URL --api-key K --fingerprint FP`), except the offline
 //! `fingerprint`, `controller-key`, `policy check`, `policy explain
-//! --policy`, `audit verify` and `audit export`.
+//! --policy`, `audit verify`, `audit export`, `backup keygen` and `restore`.
 //!
 //! Output contract shared by every group: tables on stdout by default, `-o
 //! json` for scripts, errors as one line on stderr (printed by `main`).
@@ -17,6 +17,7 @@ use crate::server::DataDir;
 
 mod args;
 mod audit;
+mod backup;
 mod client;
 mod flows;
 mod keys;
@@ -30,6 +31,7 @@ pub use args::{
     OutputArg,
 };
 pub use audit::{AuditCmd, ExportFormat};
+pub use backup::{BackupArgs, BackupCmd, RestoreArgs};
 pub use client::{connect, Auth, Client};
 pub use flows::FlowsArgs;
 pub use keys::{ApiKeysCmd, KeysCmd};
@@ -127,6 +129,16 @@ pub enum Cmd {
         #[command(flatten)]
         output: OutputArg,
     },
+    /// Back up the running controller into an encrypted FILE: its signing
+    /// key, TLS identity and (SQLite) database, copied consistently while
+    /// it serves and encrypted by the controller (admin role only);
+    /// `backup keygen` makes a recipient key pair (offline).
+    Backup(BackupArgs),
+    /// Restore an encrypted backup into --data-dir with the controller
+    /// stopped (offline): everything is verified before any file is
+    /// replaced; an existing controller's files need --force and are
+    /// moved aside, not deleted.
+    Restore(RestoreArgs),
 }
 
 /// `serve`'s flags (every one is also a key of the config file).
@@ -285,12 +297,20 @@ pub async fn run(conn: &ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Audit {
             action: Some(a), ..
         } => return audit::run_offline(&conn.data_dir, a),
+        Cmd::Backup(BackupArgs {
+            action: Some(BackupCmd::Keygen { out }),
+            ..
+        }) => return backup::keygen(out),
+        Cmd::Restore(r) => return backup::restore(&conn.data_dir, r),
         _ => {}
     }
     let mut c = connect(conn).await?;
     match cmd {
         Cmd::Serve(_) => unreachable!("handled by the caller"),
-        Cmd::Fingerprint | Cmd::ControllerKey => unreachable!("handled offline"),
+        Cmd::Fingerprint | Cmd::ControllerKey | Cmd::Restore(_) => {
+            unreachable!("handled offline")
+        }
+        Cmd::Backup(b) => backup::run(&mut c, b).await,
         Cmd::Ops(_) => unreachable!("handled by main"),
         Cmd::Users(u) => users::run(&mut c, u).await,
         Cmd::Keys(k) => keys::run(&mut c, k).await,

@@ -1069,6 +1069,11 @@ impl Backend for Postgres {
     fn snapshot<T>(&self, f: impl FnOnce(&mut dyn Conn) -> Result<T>) -> Result<T> {
         self.transaction("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", f)
     }
+
+    /// The database server holds the data: `pg_dump` backs it up.
+    fn online_backup(&self, _dest: &std::path::Path) -> Result<super::Snapshot> {
+        Ok(super::Snapshot::Postgres)
+    }
 }
 
 /// A controller's own connection to the database, outside the pool (see

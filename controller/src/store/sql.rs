@@ -340,6 +340,12 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     /// The engine's, or `f`'s.
     fn snapshot<T>(&self, f: impl FnOnce(&mut dyn Conn) -> Result<T>) -> Result<T>;
+
+    /// See [`super::Store::online_backup`].
+    ///
+    /// # Errors
+    /// The engine's.
+    fn online_backup(&self, dest: &std::path::Path) -> Result<super::Snapshot>;
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 use super::sql::{Backend, Conn, DbError, DbResult, Row, Value};
-use super::{chain_existing_audit, Result, SqlStore, StoreError};
+use super::{chain_existing_audit, Result, Snapshot, SqlStore, StoreError};
 
 /// The store on SQLite, the embedded default.
 pub type SqliteStore = SqlStore<Sqlite>;
@@ -347,6 +347,69 @@ impl Backend for Sqlite {
         let tx = c.transaction_with_behavior(TransactionBehavior::Deferred)?;
         f(&mut SqliteConn(&tx))
     }
+
+    /// SQLite's online backup from a connection of its own, so the store's
+    /// connection (and with it every write) is never held: all pages are
+    /// copied in one step, inside one read transaction, which in WAL mode
+    /// sees one consistent state while writers carry on. An in-memory
+    /// database (tests) is copied from the store's connection.
+    fn online_backup(&self, dest: &Path) -> Result<Snapshot> {
+        let file = self
+            .lock()
+            .path()
+            .filter(|p| !p.is_empty())
+            .map(std::path::PathBuf::from);
+        let mut dst = Connection::open(dest)?;
+        match file {
+            Some(src) => {
+                let src = Connection::open_with_flags(
+                    src,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                src.busy_timeout(std::time::Duration::from_secs(5))?;
+                copy_all(&src, &mut dst)?;
+            }
+            None => copy_all(&self.lock(), &mut dst)?,
+        }
+        // A self-contained file: no WAL beside it.
+        dst.pragma_update(None, "journal_mode", "DELETE")?;
+        let schema_version: u32 = dst.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        Ok(Snapshot::Sqlite { schema_version })
+    }
+}
+
+/// Copies every page of `src` into `dst` in one backup step (retrying,
+/// bounded, while the source is busy).
+fn copy_all(src: &Connection, dst: &mut Connection) -> Result<()> {
+    use rusqlite::backup::{Backup, StepResult};
+    let backup = Backup::new(src, dst)?;
+    for _ in 0..BACKUP_BUSY_RETRIES {
+        match backup.step(-1)? {
+            StepResult::Done => return Ok(()),
+            StepResult::More => {}
+            StepResult::Busy | StepResult::Locked => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            _ => {}
+        }
+    }
+    Err(StoreError::Db(
+        "online backup: the database stayed busy; try again".into(),
+    ))
+}
+
+/// How many times a busy source is retried (50 ms apart).
+const BACKUP_BUSY_RETRIES: u32 = 200;
+
+/// What [`SqliteStore::inspect`] found in a database file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileCheck {
+    /// `PRAGMA user_version`.
+    pub schema_version: u32,
+    /// `PRAGMA integrity_check`: `["ok"]` when sound.
+    pub integrity: Vec<String>,
+    /// The `controller_key` meta value, if the file records one.
+    pub controller_key: Option<String>,
 }
 
 impl Sqlite {
@@ -404,6 +467,49 @@ impl SqlStore<Sqlite> {
         Ok(Self::on(Sqlite {
             conn: Mutex::new(conn),
         }))
+    }
+
+    /// The schema version this binary writes (`PRAGMA user_version`).
+    pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+    /// Reads a database file without changing it: its schema version, its
+    /// integrity check, and the controller key it records (restore checks
+    /// a backup's database with this before it is used).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] if it cannot be opened or read as SQLite.
+    pub fn inspect(path: &Path) -> Result<FileCheck> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        let schema_version: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let mut integrity = Vec::new();
+        conn.pragma_query(None, "integrity_check", |r| {
+            integrity.push(r.get::<_, String>(0)?);
+            Ok(())
+        })?;
+        let has_meta: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')",
+            [],
+            |r| r.get(0),
+        )?;
+        let controller_key = if has_meta {
+            use rusqlite::OptionalExtension;
+            conn.query_row(
+                "SELECT value FROM meta WHERE key = 'controller_key'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?
+        } else {
+            None
+        };
+        Ok(FileCheck {
+            schema_version,
+            integrity,
+            controller_key,
+        })
     }
 
     /// An in-memory database, for tests.
