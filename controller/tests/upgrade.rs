@@ -2,6 +2,8 @@
 //! `tests/fixtures/vX.Y.Z/`, open with this binary, migrate to its schema
 //! and keep their data usable.
 //!
+//! A database a newer binary wrote is refused on both engines.
+//!
 //! `make_fixture` (ignored) writes this release's fixtures for the next
 //! release to test against: it drives a real in-process controller through
 //! its gRPC APIs (users with a password and TOTP, auth and API keys, nodes
@@ -21,13 +23,20 @@ use base64::Engine as _;
 use rand_core::{OsRng, RngCore};
 use serde_json::{json, Value};
 use ztmesh_controller::accounts;
+use ztmesh_controller::cli::{self, ConnArgs};
 use ztmesh_controller::mesh::MeshConfig;
 use ztmesh_controller::now_ms;
-use ztmesh_controller::store::PgOptions;
+use ztmesh_controller::secrets::{self, KeyDetail, Presented, SecretKind};
+use ztmesh_controller::server::DataDir;
+use ztmesh_controller::store::{
+    FlowQuery, PgOptions, PgStore, SqliteStore, Store, POSTGRES_SCHEMA_VERSION,
+    SQLITE_SCHEMA_VERSION,
+};
 use ztmesh_proto::admin as apb;
-use ztmesh_proto::auth::{methods, signed_request};
+use ztmesh_proto::auth::{self, methods, signed_request};
 use ztmesh_proto::control as pb;
-use ztmesh_proto::keys::{SigningKey, WgPrivateKey};
+use ztmesh_proto::keys::{PublicKey, SigningKey, WgPrivateKey};
+use ztmesh_proto::netmap;
 
 mod common;
 use common::{enroll_request, Ctl};
@@ -380,7 +389,10 @@ async fn populate(ctl: &Ctl) -> Value {
         .await
         .unwrap()
         .into_inner();
-    assert!(q.quarantined_since_ms > 0, "the scanner is quarantined: {q:?}");
+    assert!(
+        q.quarantined_since_ms > 0,
+        "the scanner is quarantined: {q:?}"
+    );
 
     ctl.mesh.flush();
     ctl.mesh.sign_audit_head(now_ms());
@@ -455,7 +467,9 @@ impl PgCluster {
 
     fn psql(&self, db: &str, args: &[&str]) -> std::process::Output {
         std::process::Command::new("psql")
-            .args(["-h", &self.sock, "-p", &self.port, "-U", "postgres", "-d", db])
+            .args([
+                "-h", &self.sock, "-p", &self.port, "-U", "postgres", "-d", db,
+            ])
             .args(["-qAt", "-v", "ON_ERROR_STOP=1"])
             .args(args)
             .output()
@@ -538,10 +552,390 @@ async fn make_fixture() {
     ctl.stop().await;
     let dump = std::process::Command::new("pg_dump")
         .args(["-h", &cluster.sock, "-p", &cluster.port, "-U", "postgres"])
-        .args(["-d", &name, "--no-owner", "--no-privileges", "--format=plain"])
+        .args([
+            "-d",
+            &name,
+            "--no-owner",
+            "--no-privileges",
+            "--format=plain",
+        ])
         .output()
         .unwrap();
     assert!(dump.status.success(), "{dump:?}");
     std::fs::write(out.join("postgres.sql"), &dump.stdout).unwrap();
     write_manifest(&out.join("postgres.json"), &manifest);
+}
+
+/// The releases whose fixtures this binary must open.
+const RELEASES: &[&str] = &["v0.1.0"];
+
+fn fixture_dir(release: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(release)
+}
+
+fn manifest(release: &str, engine: &str) -> Value {
+    let path = fixture_dir(release).join(format!("{engine}.json"));
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// A fixture node's keys, from its manifest entry.
+fn fixture_node(m: &Value) -> FixtureNode {
+    let machine_b64 = m["machine_key"].as_str().unwrap().to_string();
+    let wg_b64 = m["wg_key"].as_str().unwrap().to_string();
+    FixtureNode {
+        machine: machine_key(&machine_b64),
+        wg: wg_b64.parse().unwrap(),
+        machine_b64,
+        wg_b64,
+        name: m["name"].as_str().unwrap().to_string(),
+        id: m["id"].as_u64().unwrap(),
+    }
+}
+
+/// Checks, on the migrated store, that everything the fixture's manifest
+/// lists is there and usable.
+fn check_store(s: &dyn Store, m: &Value) {
+    // Just after the fixture was made: keys are judged as of then.
+    let then = m["generated_at_ms"].as_i64().unwrap() + 1;
+
+    let users = s.users().unwrap();
+    for (login, want) in m["users"].as_object().unwrap() {
+        let u = users
+            .iter()
+            .find(|u| &u.login == login)
+            .unwrap_or_else(|| panic!("user {login} kept"));
+        assert_eq!(u.role.as_str(), want["role"].as_str().unwrap(), "{login}");
+    }
+    let bob = users.iter().find(|u| u.login == "bob@example.com").unwrap();
+    assert_eq!(bob.key_expiry_ms, Some(0));
+    let alice = &m["users"][ALICE];
+    let creds = s.credentials(ALICE).unwrap().expect("alice's credentials");
+    assert!(accounts::verify_password(
+        alice["password"].as_str().unwrap(),
+        creds.password_hash.as_deref().expect("a password")
+    ));
+    assert!(!accounts::verify_password(
+        "not alice's password",
+        creds.password_hash.as_deref().unwrap()
+    ));
+    let secret = B64.decode(alice["totp_secret"].as_str().unwrap()).unwrap();
+    assert_eq!(creds.totp_secret.as_deref(), Some(&secret[..]));
+    // A code of today's clock checks against the stored factor.
+    let now = now_ms();
+    let code = format!(
+        "{:06}",
+        accounts::hotp(&secret, accounts::totp_step(now) as u64)
+    );
+    assert!(accounts::check_totp(&secret, &code, now, creds.totp_last_step).is_some());
+    let recovery = alice["recovery_codes"][0].as_str().unwrap();
+    assert!(accounts::match_recovery_code(recovery, &creds.recovery).is_some());
+
+    for (kind, section) in [
+        (SecretKind::AuthKey, "auth_keys"),
+        (SecretKind::ApiKey, "api_keys"),
+    ] {
+        for (name, k) in m[section].as_object().unwrap() {
+            let presented = Presented::parse(kind, k["secret"].as_str().unwrap()).unwrap();
+            let record = s.find_key(kind, presented.key_id()).unwrap();
+            let got = match secrets::verify(&presented, record.as_ref(), then) {
+                Ok(()) => "ok".to_string(),
+                Err(r) => r.to_string(),
+            };
+            assert_eq!(got, k["state"].as_str().unwrap(), "{section} {name}");
+            if let Some(role) = k.get("role") {
+                let Some(KeyDetail::Api { role: got, .. }) = record.map(|r| r.detail) else {
+                    panic!("{name} is an API key");
+                };
+                assert_eq!(got.as_str(), role.as_str().unwrap(), "{name}");
+            }
+        }
+    }
+
+    let nodes = s.nodes().unwrap();
+    let want = m["nodes"].as_object().unwrap();
+    assert_eq!(nodes.len(), want.len(), "{nodes:?}");
+    for (label, n) in want {
+        let row = nodes
+            .iter()
+            .find(|r| r.id == n["id"].as_u64().unwrap())
+            .unwrap_or_else(|| panic!("node {label} kept"));
+        let keys = fixture_node(n);
+        assert_eq!(row.name, keys.name);
+        assert_eq!(
+            row.machine_key,
+            *keys.machine.public().as_bytes(),
+            "{label}"
+        );
+        assert_eq!(row.wg_key, *keys.wg.public().as_bytes(), "{label}");
+        assert_eq!(row.endpoints.len(), 2, "{label}: {:?}", row.endpoints);
+        assert!(row.endpoints[0].starts_with("198.18.0."), "{label}");
+        assert!(
+            row.posture.reported.contains_key("node:os"),
+            "{label}: {:?}",
+            row.posture
+        );
+        assert!(row.ipv4.to_string().starts_with("100.64."), "{label}");
+        let tags = match label.as_str() {
+            "web" => vec!["tag:web".to_string()],
+            "laptop" => vec![],
+            _ => vec!["tag:db".to_string()],
+        };
+        assert_eq!(row.tags, tags, "{label}");
+        assert_eq!(row.quarantine.is_some(), label == "scanner", "{label}");
+    }
+    let by_label = |l: &str| {
+        let id = m["nodes"][l]["id"].as_u64().unwrap();
+        nodes.iter().find(|r| r.id == id).unwrap()
+    };
+    assert_eq!(by_label("laptop").user.as_deref(), Some(ALICE));
+    assert!(by_label("laptop").expiry_ms > 0, "people's devices expire");
+    assert_eq!(by_label("web").expiry_ms, 0, "tagged servers do not");
+    assert!(by_label("web").posture.custom.contains_key("custom:tier"));
+    let routes: Vec<String> = by_label("db")
+        .routes
+        .approved
+        .iter()
+        .map(|r| r.to_string())
+        .collect();
+    assert_eq!(routes, ["198.19.50.0/24"]);
+
+    let policy = s.policy().unwrap().expect("a policy");
+    assert_eq!(policy.version, m["policy"]["version"].as_u64().unwrap());
+    assert_eq!(policy.text, m["policy"]["text"].as_str().unwrap());
+
+    let key: PublicKey = m["controller_key"].as_str().unwrap().parse().unwrap();
+    let verified = s
+        .verify_audit(&key)
+        .unwrap()
+        .unwrap_or_else(|e| panic!("audit chain broken at {e}"));
+    assert!(verified.signed_head.is_some(), "a signed checkpoint");
+    assert!(verified.rows > 20, "{} audit rows", verified.rows);
+
+    let flows = s
+        .flows(&FlowQuery {
+            limit: 1000,
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(flows.iter().any(|f| f.allowed), "an allowed flow");
+    assert!(
+        flows.iter().filter(|f| !f.allowed).count() >= 100,
+        "denied flows"
+    );
+    let detections = s.detections(10, None).unwrap();
+    assert_eq!(detections.len(), 1, "{detections:?}");
+    assert_eq!(detections[0].node_name, by_label("scanner").name);
+    assert_eq!(detections[0].action, "quarantine");
+}
+
+/// Checks that a controller serving the migrated fixture works: a fixture
+/// server streams a signed map with its peers, the reusable key enrolls a
+/// new node, the revoked one does not, the admin API key lists the nodes.
+async fn check_serving(ctl: &Ctl, m: &Value) {
+    let key: PublicKey = m["controller_key"].as_str().unwrap().parse().unwrap();
+    assert_eq!(ctl.mesh.controller_key(), key);
+    let db = fixture_node(&m["nodes"]["db"]);
+    let mut stream = ctl
+        .control()
+        .await
+        .stream_net_map(signed(
+            &db,
+            methods::STREAM_NETMAP,
+            pb::StreamNetMapRequest {
+                have_serial: 0,
+                accept_deltas: false,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(common::LIVENESS, stream.message())
+        .await
+        .expect("a netmap in time")
+        .unwrap()
+        .expect("stream open");
+    let map = netmap::verify(&key, &first, 0, now_ms()).expect("signed by the fixture's key");
+    let mut peers: Vec<String> = map.peers.iter().map(|p| p.name.clone()).collect();
+    peers.sort();
+    let name = |l: &str| m["nodes"][l]["name"].as_str().unwrap().to_string();
+    let mut want = vec![name("web"), name("db2")];
+    want.sort();
+    assert_eq!(peers, want, "the quarantined scanner is in no map");
+    drop(stream);
+
+    let secret = |section: &str, k: &str| m[section][k]["secret"].as_str().unwrap().to_string();
+    let new = enroll_fixture_node(ctl, &secret("auth_keys", "db"), "db").await;
+    assert!(new.name.starts_with("db-"), "{}", new.name);
+    let machine = SigningKey::generate(&mut OsRng);
+    let wg = WgPrivateKey::generate(&mut OsRng);
+    let e = ctl
+        .control()
+        .await
+        .enroll(enroll_request(
+            &secret("auth_keys", "revoked"),
+            &machine,
+            &wg,
+            "x",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert!(e.message().contains("revoked"), "{}", e.message());
+
+    let mut remote = cli::connect(&ConnArgs {
+        data_dir: "/nonexistent".into(),
+        server: Some(ctl.url.clone()),
+        api_key: Some(secret("api_keys", "admin")),
+        fingerprint: Some(auth::hex(&ctl.fp)),
+    })
+    .await
+    .unwrap();
+    let listed = remote
+        .list_nodes(apb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    assert_eq!(listed.len(), m["nodes"].as_object().unwrap().len() + 1);
+}
+
+/// `ztmesh-controller audit verify` (the real binary, offline) on the data
+/// dir, with `database` if given.
+fn audit_verify(data_dir: &Path, database: Option<&str>) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ztmesh-controller"));
+    cmd.arg("--data-dir")
+        .arg(data_dir)
+        .args(["audit", "verify"]);
+    if let Some(url) = database {
+        cmd.args(["--database", url]);
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("audit chain ok"), "{stdout}");
+}
+
+fn sqlite_version(db: &Path) -> u64 {
+    rusqlite::Connection::open(db)
+        .unwrap()
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap()
+}
+
+/// Each release's SQLite fixture, copied, opens with this binary at its
+/// schema, keeps its data, and serves.
+#[tokio::test]
+async fn sqlite_databases_of_earlier_releases_migrate_and_serve() {
+    for release in RELEASES {
+        eprintln!("release: {release}");
+        let m = manifest(release, "sqlite");
+        let fixture = fixture_dir(release);
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("ztmesh.db");
+        std::fs::copy(fixture.join("ztmesh.db"), &db).unwrap();
+        assert!(sqlite_version(&db) <= SQLITE_SCHEMA_VERSION);
+        let store = SqliteStore::open(&db).unwrap();
+        check_store(&store, &m);
+        drop(store);
+        assert_eq!(
+            sqlite_version(&db),
+            SQLITE_SCHEMA_VERSION,
+            "migrated to current"
+        );
+
+        let ctl = Ctl::start_from(MeshConfig::default(), None, &DataDir::new(&fixture)).await;
+        check_serving(&ctl, &m).await;
+        audit_verify(&ctl.data.root, None);
+        ctl.stop().await;
+    }
+}
+
+/// Each release's PostgreSQL fixture (a `pg_dump`), loaded into a fresh
+/// database on the test cluster, opens with this binary at its schema,
+/// keeps its data, and serves.
+#[tokio::test]
+async fn postgres_databases_of_earlier_releases_migrate_and_serve() {
+    let Some(cluster) = PgCluster::from_env() else {
+        return;
+    };
+    for release in RELEASES {
+        eprintln!("release: {release}");
+        let m = manifest(release, "postgres");
+        let fixture = fixture_dir(release);
+        let (name, options, url) = cluster.fresh("upgrade");
+        let dump = fixture.join("postgres.sql");
+        let out = cluster.psql(&name, &["-f", dump.to_str().unwrap()]);
+        assert!(out.status.success(), "loading {}: {out:?}", dump.display());
+        let version = |c: &PgCluster| {
+            let out = c.psql(&name, &["-c", "SELECT version FROM ztmesh_schema"]);
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+        };
+        assert!(version(&cluster) <= POSTGRES_SCHEMA_VERSION);
+        let store = PgStore::connect(options.clone()).unwrap();
+        check_store(&store, &m);
+        drop(store);
+        assert_eq!(
+            version(&cluster),
+            POSTGRES_SCHEMA_VERSION,
+            "migrated to current"
+        );
+
+        let ctl = Ctl::start_from(
+            MeshConfig::default(),
+            Some(options),
+            &DataDir::new(&fixture),
+        )
+        .await;
+        check_serving(&ctl, &m).await;
+        audit_verify(&ctl.data.root, Some(&url));
+        ctl.stop().await;
+    }
+}
+
+/// A database a newer binary wrote is refused, saying so, on both engines;
+/// nothing in it changes.
+#[test]
+fn a_database_from_a_newer_binary_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ztmesh.db");
+    drop(SqliteStore::open(&db).unwrap());
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .pragma_update(None, "user_version", SQLITE_SCHEMA_VERSION + 1)
+        .unwrap();
+    let e = SqliteStore::open(&db).err().expect("refused").to_string();
+    assert!(e.contains("use the newer binary"), "{e}");
+    assert!(
+        e.contains(&format!("version {}", SQLITE_SCHEMA_VERSION + 1)),
+        "{e}"
+    );
+    assert_eq!(
+        sqlite_version(&db),
+        SQLITE_SCHEMA_VERSION + 1,
+        "left as it was"
+    );
+
+    let Some(cluster) = PgCluster::from_env() else {
+        return;
+    };
+    let (name, options, _) = cluster.fresh("newer");
+    drop(PgStore::connect(options.clone()).unwrap());
+    let newer = POSTGRES_SCHEMA_VERSION + 1;
+    let out = cluster.psql(
+        &name,
+        &["-c", &format!("UPDATE ztmesh_schema SET version = {newer}")],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let e = PgStore::connect(options)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("use the newer binary"), "{e}");
+    assert!(e.contains(&format!("version {newer}")), "{e}");
 }
