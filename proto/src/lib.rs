@@ -27,6 +27,7 @@ pub mod delta;
 pub mod keys;
 pub mod netmap;
 pub mod ops;
+pub mod protocol;
 pub mod refusal;
 pub mod relay;
 pub mod scrape;
