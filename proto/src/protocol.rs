@@ -32,7 +32,9 @@ pub struct Version {
 
 impl Version {
     /// The version this build speaks. A change to the control protocol
-    /// that an older peer cannot ignore bumps the minor version.
+    /// bumps the minor version; a controller still serves nodes one minor
+    /// older and one newer, so only support for what is two minors old may
+    /// go. A change even one minor cannot bridge bumps the major version.
     pub const CURRENT: Version = Version::new(1, 1);
     /// What a node that sends no version speaks (release 0.1.0).
     pub const UNVERSIONED: Version = Version::new(1, 0);
