@@ -25,6 +25,7 @@ use ztmesh_proto::control::{
     control_server::{Control, ControlServer},
 };
 use ztmesh_proto::keys::{PublicKey, SigningKey, WgPublicKey};
+use ztmesh_proto::protocol;
 
 use crate::backup;
 use crate::error::Error;
@@ -436,6 +437,20 @@ impl tower::Service<http::Request<Body>> for ControlRouter {
     }
 
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        // Every control call passes here: the node's protocol version is
+        // checked before anything else, and every answer carries ours.
+        let ours = protocol::Version::CURRENT;
+        let offered = req.headers().get(protocol::HEADER).map(|v| v.as_bytes());
+        if let Err(refused) = protocol::negotiate(offered, ours) {
+            // The peer address as tonic reads it (TCP, or TLS over TCP).
+            let mut probe = Request::new(());
+            *probe.extensions_mut() = req.extensions().clone();
+            let src = probe.remote_addr();
+            tracing::info!(source = ?src, path = req.uri().path(), error = %refused, "node protocol version refused");
+            self.svc.mesh.metrics().call_refused("protocol_version");
+            let resp = refused.status(ours).into_http();
+            return Box::pin(async move { Ok(resp) });
+        }
         // The address the node used, for the login URL it is shown.
         let authority = req.uri().authority().map(|a| a.as_str().to_string());
         if let Some(a) =
@@ -443,13 +458,20 @@ impl tower::Service<http::Request<Body>> for ControlRouter {
         {
             req.extensions_mut().insert(RequestAuthority(a));
         }
-        if req.uri().path() == M_STREAM {
-            let svc = self.svc.clone();
-            Box::pin(async move { Ok(svc.stream_raw(req).await) })
-        } else {
-            let mut generated = self.generated.clone();
-            Box::pin(async move { generated.call(req).await })
-        }
+        let svc = self.svc.clone();
+        let mut generated = self.generated.clone();
+        Box::pin(async move {
+            let mut resp = if req.uri().path() == M_STREAM {
+                svc.stream_raw(req).await
+            } else {
+                generated.call(req).await?
+            };
+            resp.headers_mut().insert(
+                protocol::HEADER,
+                http::HeaderValue::from_str(&ours.to_string()).expect("digits and a dot"),
+            );
+            Ok(resp)
+        })
     }
 }
 

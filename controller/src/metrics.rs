@@ -71,11 +71,12 @@ pub const FAILURE_REASONS: [&str; 10] = [
 ];
 
 /// Every value of the `reason` label of refused node calls.
-pub const REFUSAL_REASONS: [&str; 5] = [
+pub const REFUSAL_REASONS: [&str; 6] = [
     "throttled",
     "unauthenticated",
     "session_conflict",
     "invalid",
+    "protocol_version",
     "other",
 ];
 

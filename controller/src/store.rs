@@ -21,9 +21,18 @@ use crate::roles::Role;
 use crate::secrets::{KeyDetail, SecretKind, SecretRecord};
 use crate::UnixMs;
 
+#[cfg(test)]
+mod history;
 mod postgres;
 pub mod sql;
 mod sqlite;
+
+/// The schema version this binary migrates a SQLite database to (its
+/// `user_version`); older databases are migrated, newer ones refused.
+pub const SQLITE_SCHEMA_VERSION: u64 = sqlite::MIGRATIONS.len() as u64;
+/// The schema version this binary migrates a PostgreSQL database to
+/// (`ztmesh_schema.version`).
+pub const POSTGRES_SCHEMA_VERSION: u64 = postgres::MIGRATIONS.len() as u64;
 
 pub use postgres::{is_postgres_url, PgOptions, PgStore, Postgres, Session};
 use sql::{args, corrupt, join_list, split_list, Backend, Conn, DbError, DbResult, Row, Value};

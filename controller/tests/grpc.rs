@@ -1855,3 +1855,177 @@ async fn the_signing_key_is_rotated_with_a_node_connected() {
     assert!(verified.signed_head.is_some());
     ctl.stop().await;
 }
+
+/// Control protocol versions (`x-ztmesh-protocol`): this controller (1.1)
+/// serves nodes that send no version (1.0, the first release), 1.0, 1.1
+/// and 1.2, and says its own version in every answer; it refuses others
+/// with FAILED_PRECONDITION naming both versions and the side to upgrade,
+/// and a malformed version with INVALID_ARGUMENT, on every control call
+/// (the raw netmap stream and the login stream too), before anything else:
+/// a refused enrollment does not use up the key.
+#[tokio::test]
+async fn control_calls_are_served_within_one_minor_version_and_refused_outside() {
+    use ztmesh_proto::protocol::{Version, HEADER};
+    use ztmesh_proto::refusal::{self, AuthReason};
+    assert_eq!(
+        Version::CURRENT.to_string(),
+        "1.1",
+        "the table below is for 1.1"
+    );
+    let ctl = Ctl::start().await;
+    let single_use = ctl.key("", &["tag:web"], false).await;
+    let reusable = ctl.key("", &["tag:web"], true).await;
+    fn with<T>(version: Option<&str>, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        if let Some(v) = version {
+            r.metadata_mut().insert(HEADER, v.parse().unwrap());
+        }
+        r
+    }
+    let machine = SigningKey::generate(&mut OsRng);
+    let wg = WgPrivateKey::generate(&mut OsRng);
+
+    for (version, upgrade) in [
+        ("0.9", "the node"),
+        ("0.1", "the node"),
+        ("1.3", "the controller"),
+        ("2.0", "the controller"),
+        ("2.1", "the controller"),
+    ] {
+        let e = ctl
+            .control()
+            .await
+            .enroll(with(
+                Some(version),
+                enroll_request(&single_use, &machine, &wg, "old"),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{version}: {e:?}");
+        assert_eq!(
+            e.message(),
+            format!(
+                "node speaks control protocol {version}; this controller (1.1) accepts 1.0 to 1.2: upgrade {upgrade}"
+            )
+        );
+        assert_eq!(
+            refusal::refusal(&e).reason,
+            Some(Ok(AuthReason::Incompatible))
+        );
+        assert_eq!(e.metadata().get(HEADER).unwrap(), "1.1");
+    }
+    for garbage in ["garbage", "", "1", "1.1.1", "v1.1", "1.x", "99999999.1"] {
+        let e = ctl
+            .control()
+            .await
+            .enroll(with(
+                Some(garbage),
+                enroll_request(&single_use, &machine, &wg, "bad"),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{garbage:?}: {e:?}");
+        assert!(e.message().contains("x-ztmesh-protocol"), "{}", e.message());
+    }
+
+    // Served: the single-use key is still unused.
+    let resp = ctl
+        .control()
+        .await
+        .enroll(with(
+            Some("1.2"),
+            enroll_request(&single_use, &machine, &wg, "new"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.metadata().get(HEADER).unwrap(), "1.1");
+    let node = TestNode {
+        machine,
+        wg,
+        id: resp.get_ref().node_id,
+        name: resp.get_ref().name.clone(),
+    };
+    for version in [None, Some("1.0"), Some("1.1")] {
+        let machine = SigningKey::generate(&mut OsRng);
+        let wg = WgPrivateKey::generate(&mut OsRng);
+        let resp = ctl
+            .control()
+            .await
+            .enroll(with(
+                version,
+                enroll_request(&reusable, &machine, &wg, "peer"),
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("{version:?}: {e:?}"));
+        assert_eq!(resp.metadata().get(HEADER).unwrap(), "1.1");
+    }
+
+    // The raw netmap stream: refused outside the range, served within.
+    let stream_req = |version: Option<&str>| {
+        let mut r = signed_request(
+            &node.machine,
+            methods::STREAM_NETMAP,
+            pb::StreamNetMapRequest {
+                have_serial: 0,
+                accept_deltas: false,
+            },
+            now_ms(),
+            &mut OsRng,
+        );
+        if let Some(v) = version {
+            r.metadata_mut().insert(HEADER, v.parse().unwrap());
+        }
+        r
+    };
+    let e = ctl
+        .control()
+        .await
+        .stream_net_map(stream_req(Some("2.0")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("upgrade the controller"), "{e:?}");
+    let e = ctl
+        .control()
+        .await
+        .stream_net_map(stream_req(Some("one")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let resp = ctl
+        .control()
+        .await
+        .stream_net_map(stream_req(Some("1.2")))
+        .await
+        .unwrap();
+    assert_eq!(resp.metadata().get(HEADER).unwrap(), "1.1");
+    let mut stream = resp.into_inner();
+    next_map(&ctl, &mut stream, 0).await;
+    drop(stream);
+
+    // The login stream and a node-authenticated report.
+    let e = ctl
+        .control()
+        .await
+        .login(with(Some("1.3"), pb::LoginRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let mut report = signed_request(
+        &node.machine,
+        methods::REPORT_ENDPOINTS,
+        pb::ReportEndpointsRequest { endpoints: vec![] },
+        now_ms(),
+        &mut OsRng,
+    );
+    report.metadata_mut().insert(HEADER, "0.9".parse().unwrap());
+    let e = ctl
+        .control()
+        .await
+        .report_endpoints(report)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("upgrade the node"), "{e:?}");
+    ctl.stop().await;
+}

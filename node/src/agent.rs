@@ -1252,6 +1252,7 @@ impl Daemon {
         let mut last_refusal: Option<&'static str> = None;
         loop {
             let mut unreachable = false;
+            let mut incompatible = false;
             let err = match self.session(&e, &mut have).await {
                 Ok(()) => "session ended".to_string(),
                 Err(SessionError::Retry(m)) => {
@@ -1267,6 +1268,17 @@ impl Daemon {
                     }
                     last_refusal = Some(reason);
                     format!("{reason}: {message}")
+                }
+                Err(SessionError::Incompatible(m)) => {
+                    // Only an upgrade fixes it: keep the map, say it once,
+                    // ask rarely.
+                    let reason = ztmesh_proto::refusal::AuthReason::Incompatible.as_str();
+                    if last_refusal != Some(reason) {
+                        tracing::error!(reason, error = %m, "controller does not speak this node's control protocol version; keeping the last netmap");
+                    }
+                    last_refusal = Some(reason);
+                    incompatible = true;
+                    format!("{reason}: {m}")
                 }
                 Err(SessionError::Revoked(m)) => {
                     // The controller no longer accepts this node (deleted):
@@ -1308,7 +1320,7 @@ impl Daemon {
                 last_error: err,
             });
             let expired = self.expired.borrow().is_some();
-            let delay = reconnect_delay(&backoff, attempt, expired);
+            let delay = reconnect_delay(&backoff, attempt, expired || incompatible);
             attempt = attempt.saturating_add(1);
             tokio::time::sleep(delay).await;
         }
@@ -2021,6 +2033,9 @@ enum SessionError {
         reason: &'static str,
         message: String,
     },
+    /// The controller does not serve this node's control protocol version:
+    /// keep the last verified map, log an error, retry slowly.
+    Incompatible(String),
 }
 
 /// The one place the agent changes the data plane's peers and filter: the
@@ -2058,6 +2073,7 @@ fn status_error(s: tonic::Status) -> SessionError {
         },
         SessionEnd::Refused { reason, message } => SessionError::Refused { reason, message },
         SessionEnd::Retry(m) => SessionError::Retry(m),
+        SessionEnd::Incompatible(m) => SessionError::Incompatible(m),
     }
 }
 

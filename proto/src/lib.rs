@@ -30,6 +30,7 @@ pub mod handover;
 pub mod keys;
 pub mod netmap;
 pub mod ops;
+pub mod protocol;
 pub mod refusal;
 pub mod relay;
 pub mod scrape;

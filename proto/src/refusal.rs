@@ -7,6 +7,8 @@
 //! clock in [`SERVER_TIME_HEADER`] (Unix ms), so the node can say how far off
 //! its clock is. Only [`AuthReason::Revoked`] and [`AuthReason::Expired`] mean "this node is
 //! not a member now": the others are fixable, and a node keeps its last verified map.
+//! [`AuthReason::Incompatible`] refuses the node's control protocol version
+//! (see [`crate::protocol`]), before any credential is looked at.
 
 use std::fmt;
 use std::str::FromStr;
@@ -41,17 +43,22 @@ pub enum AuthReason {
     Replayed,
     /// The proof is missing, malformed, or its signature does not verify.
     BadProof,
+    /// The node speaks a control protocol version this controller does not
+    /// serve (see [`crate::protocol::check`]): upgrade the side the message
+    /// names.
+    Incompatible,
 }
 
 impl AuthReason {
     /// Every reason, for tests and documentation.
-    pub const ALL: [AuthReason; 6] = [
+    pub const ALL: [AuthReason; 7] = [
         AuthReason::Revoked,
         AuthReason::Expired,
         AuthReason::ClockSkew,
         AuthReason::Replaced,
         AuthReason::Replayed,
         AuthReason::BadProof,
+        AuthReason::Incompatible,
     ];
 
     /// The wire spelling.
@@ -63,15 +70,18 @@ impl AuthReason {
             AuthReason::Replaced => "replaced",
             AuthReason::Replayed => "replayed",
             AuthReason::BadProof => "bad-proof",
+            AuthReason::Incompatible => "incompatible-protocol",
         }
     }
 
     /// The gRPC code a refusal with this reason carries: `ABORTED` for a
-    /// replaced session (nothing is wrong with the credentials), otherwise
+    /// replaced session (nothing is wrong with the credentials),
+    /// `FAILED_PRECONDITION` for an incompatible protocol version, otherwise
     /// `UNAUTHENTICATED`.
     pub fn code(self) -> Code {
         match self {
             AuthReason::Replaced => Code::Aborted,
+            AuthReason::Incompatible => Code::FailedPrecondition,
             _ => Code::Unauthenticated,
         }
     }
@@ -156,6 +166,7 @@ mod tests {
         }
         assert_eq!(AuthReason::Replaced.code(), Code::Aborted);
         assert_eq!(AuthReason::ClockSkew.code(), Code::Unauthenticated);
+        assert_eq!(AuthReason::Incompatible.code(), Code::FailedPrecondition);
     }
 
     #[test]

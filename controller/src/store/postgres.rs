@@ -56,7 +56,7 @@ pub type PgStore = SqlStore<Postgres>;
 /// PostgreSQL's types (integers are BIGINT, booleans BIGINT 0/1 as on
 /// SQLite, bytes BYTEA). A change to the schema adds a migration here and
 /// one in `sqlite::MIGRATIONS`.
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE users (

@@ -526,6 +526,13 @@ impl SqlStore<Sqlite> {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > MIGRATIONS.len() {
+            return Err(StoreError::Schema(format!(
+                "the database is at version {version}, this binary knows {}: \
+                 use the newer binary",
+                MIGRATIONS.len()
+            )));
+        }
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for (i, m) in MIGRATIONS.iter().enumerate().skip(version) {
             tx.execute_batch(m)?;

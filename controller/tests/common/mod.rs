@@ -117,8 +117,16 @@ impl Ctl {
         Some((a, b))
     }
 
+    /// Starts a controller on a copy of the data dir `from` (its key,
+    /// certificate and, without `database`, its SQLite database), or on
+    /// `database` with `from`'s identity.
+    pub async fn start_from(cfg: MeshConfig, database: Option<PgOptions>, from: &DataDir) -> Ctl {
+        Self::start_on(cfg, ListenerLimits::default(), database, Some(from)).await
+    }
+
     /// Starts a controller on `database` (else SQLite), with the key and
-    /// certificate of `identity` if given.
+    /// certificate of `identity` if given (and its SQLite database, if it
+    /// has one and `database` is not given).
     async fn start_on(
         cfg: MeshConfig,
         limits: ListenerLimits,
@@ -135,6 +143,10 @@ impl Ctl {
                 (from.tls_key(), data.tls_key()),
             ] {
                 std::fs::copy(src, dst).unwrap();
+            }
+            // A SQLite database comes along when there is one (a fixture).
+            if database.is_none() && from.db().exists() {
+                std::fs::copy(from.db(), data.db()).unwrap();
             }
         }
         let server::Opened {

@@ -523,6 +523,11 @@ pub enum SessionEnd {
         reason: &'static str,
         message: String,
     },
+    /// The controller does not speak this node's control protocol version
+    /// (the message names both and which side to upgrade): keep the last
+    /// verified map, say so, and retry slowly ([`Backoff::expired`]) until
+    /// one side is upgraded.
+    Incompatible(String),
     /// Anything else (transport, unavailable, ...): keep the map and retry.
     Retry(String),
 }
@@ -555,6 +560,7 @@ pub fn decide(end: Ending, now_ms: UnixMs) -> SessionEnd {
             skew_ms: r.server_time_ms.map(|t| now_ms.saturating_sub(t)),
             message,
         },
+        Some(Ok(AuthReason::Incompatible)) => SessionEnd::Incompatible(message),
         Some(Ok(reason @ (AuthReason::Replaced | AuthReason::Replayed | AuthReason::BadProof))) => {
             SessionEnd::Refused {
                 reason: reason.as_str(),
@@ -960,6 +966,12 @@ mod tests {
                     reason: "replaced",
                     message: "m".into(),
                 },
+            ),
+            // An incompatible protocol version is no revocation: the node
+            // keeps its map and waits for an upgrade.
+            (
+                end(Some(Ok(AuthReason::Incompatible)), false, None),
+                SessionEnd::Incompatible("m".into()),
             ),
         ];
         for (ending, want) in table {

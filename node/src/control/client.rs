@@ -1,6 +1,6 @@
 //! The I/O half of the node's control protocol: the tonic client over the
-//! pinned-TLS channel, the machine-key proofs on every call (reading the clock
-//! and drawing nonces), the netmap size limit, reading a refusal from a gRPC
+//! pinned-TLS channel, the protocol version on every call, the machine-key
+//! proofs on every call (reading the clock and drawing nonces), the netmap size limit, reading a refusal from a gRPC
 //! status, and the reconnect jitter drawn from an RNG. Decisions are made by
 //! the pure [`super::apply`].
 #![expect(
@@ -15,6 +15,7 @@ use rand_core::OsRng;
 use ztmesh_proto::auth::{self, methods, signed_request};
 use ztmesh_proto::control::{self as pb, control_client::ControlClient};
 use ztmesh_proto::keys::{SigningKey, WgPrivateKey};
+use ztmesh_proto::protocol::{self, Version};
 use ztmesh_proto::refusal;
 use ztmesh_proto::time::now_ms;
 use ztmesh_proto::UnixMs;
@@ -49,14 +50,16 @@ pub fn ending(status: &tonic::Status) -> Ending {
 }
 
 /// The delay before reconnect attempt `attempt`, jittered from the thread
-/// RNG; the slow pace of [`Backoff::expired`] while the node's key is expired.
+/// RNG; the slow pace of [`Backoff::expired`] when only someone else can
+/// fix the refusal (the node's key expired, or its protocol version is not
+/// served).
 #[expect(
     clippy::disallowed_methods,
     reason = "the client shell draws the reconnect jitter; the backoff itself is pure"
 )]
-pub fn reconnect_delay(backoff: &Backoff, attempt: u32, expired: bool) -> Duration {
+pub fn reconnect_delay(backoff: &Backoff, attempt: u32, slow: bool) -> Duration {
     let r = rand::thread_rng().gen();
-    if expired {
+    if slow {
         Backoff::expired(r)
     } else {
         backoff.delay(attempt, r)
@@ -80,11 +83,24 @@ pub enum SignInError {
     Protocol(#[from] LoginError),
 }
 
+/// The channel with this node's protocol version on every call.
+type Versioned = tonic::service::interceptor::InterceptedService<
+    tonic::transport::Channel,
+    fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
+>;
+
+/// Adds [`protocol::HEADER`] with [`Version::CURRENT`] to a call.
+fn with_version(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    req.metadata_mut()
+        .insert(protocol::HEADER, Version::CURRENT.metadata());
+    Ok(req)
+}
+
 /// A connected, authenticated client of the controller (a clone shares
 /// the connection).
 #[derive(Clone)]
 pub struct Controller {
-    client: ControlClient<tonic::transport::Channel>,
+    client: ControlClient<Versioned>,
 }
 
 impl Controller {
@@ -104,7 +120,8 @@ impl Controller {
     /// Wraps an established channel (TLS, or in-memory in tests).
     pub fn from_channel(ch: tonic::transport::Channel) -> Self {
         Self {
-            client: ControlClient::new(ch).max_decoding_message_size(MAX_NETMAP_BYTES),
+            client: ControlClient::with_interceptor(ch, with_version as fn(_) -> _)
+                .max_decoding_message_size(MAX_NETMAP_BYTES),
         }
     }
 
@@ -410,6 +427,26 @@ mod tests {
                     reason: "bad-proof",
                     message: "b".into(),
                 },
+            ),
+            // A controller that does not speak this node's protocol version:
+            // no revocation, the message says what to upgrade.
+            (
+                protocol::negotiate(Some(b"1.0"), Version::new(1, 2))
+                    .unwrap_err()
+                    .status(Version::new(1, 2)),
+                SessionEnd::Incompatible(
+                    "node speaks control protocol 1.0; this controller (1.2) accepts 1.1 to 1.3: upgrade the node"
+                        .into(),
+                ),
+            ),
+            (
+                protocol::negotiate(Some(b"x"), Version::CURRENT)
+                    .unwrap_err()
+                    .status(Version::CURRENT),
+                SessionEnd::Retry(
+                    "Client specified an invalid argument: malformed x-ztmesh-protocol header \"x\": expected MAJOR.MINOR (e.g. 1.1)"
+                        .into(),
+                ),
             ),
             // An older controller: no reason; unauthenticated means revoked.
             (
