@@ -2645,6 +2645,74 @@ mod tests {
         open(Arc::new(SqliteStore::in_memory().unwrap()), T0)
     }
 
+    /// A rotation survives a restart in its grace period (the maps keep
+    /// carrying the hand-over), and the tick after the grace period ends it:
+    /// maps stop carrying it, its file goes, the end is audited.
+    #[test]
+    fn a_handover_survives_a_restart_and_ends_with_its_grace_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = crate::signing::KeyFiles::in_dir(dir.path());
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().unwrap());
+        let load = |now| {
+            let (key, h) = crate::signing::load(&files).unwrap();
+            Mesh::load(
+                store.clone(),
+                key,
+                [7; 32],
+                Mesh::random_ula(),
+                MeshConfig::default(),
+                now,
+            )
+            .unwrap()
+            .with_key_files(files.clone(), h, now)
+        };
+        let m = load(T0);
+        let old = m.controller_key();
+        let r = m
+            .rotate_signing("admin", SigningKey::generate(&mut OsRng), 60_000, T0)
+            .unwrap();
+        assert_eq!((r.old_key, r.not_after_ms), (old, T0 + 60_000));
+        drop(m);
+
+        let m = load(T0 + 1_000);
+        assert_eq!(m.signing_state(), (r.new_key, Some(T0 + 60_000)));
+        let signed = m.sign(NetMap::default().encode_to_vec());
+        let map = NetMap::decode(signed.netmap.as_slice()).unwrap();
+        let h = map
+            .trust
+            .and_then(|t| t.handover)
+            .expect("the map carries it");
+        assert_eq!(ztmesh_proto::handover::read(&h).unwrap(), r);
+
+        m.tick_at(T0 + 59_999, 1);
+        assert!(m.signing_state().1.is_some(), "not before its end");
+        m.tick_at(T0 + 60_000, 2);
+        assert_eq!(m.signing_state(), (r.new_key, None));
+        assert!(!files.handover.exists());
+        let signed = m.sign(NetMap::default().encode_to_vec());
+        assert!(NetMap::decode(signed.netmap.as_slice())
+            .unwrap()
+            .trust
+            .is_none());
+        let actions: Vec<String> = store
+            .audit_log(10)
+            .unwrap()
+            .into_iter()
+            .map(|a| a.action)
+            .collect();
+        assert!(
+            actions.contains(&"controller.handover-end".to_string()),
+            "{actions:?}"
+        );
+        assert!(
+            actions.contains(&"controller.rotate-signing".to_string()),
+            "{actions:?}"
+        );
+        // A restart after the end starts without a hand-over.
+        drop(m);
+        assert_eq!(load(T0 + 70_000).signing_state(), (r.new_key, None));
+    }
+
     /// Enrolls `n` nodes tagged `tag:a` under POLICY; returns their ids.
     pub(super) fn enroll_nodes(m: &Mesh, n: usize) -> Vec<u64> {
         m.set_policy("admin", "p.hujson", POLICY, T0).unwrap();
