@@ -442,24 +442,7 @@ mod tests {
         p: 1,
     };
     const PASS: &[u8] = b"a passphrase";
-    const IDENTITY: &[IdentityFile] = &[
-        IdentityFile {
-            name: "controller.key",
-            required: true,
-        },
-        IdentityFile {
-            name: "tls.crt",
-            required: true,
-        },
-        IdentityFile {
-            name: "tls.key",
-            required: true,
-        },
-        IdentityFile {
-            name: "handover.bin",
-            required: false,
-        },
-    ];
+    const IDENTITY: &[IdentityFile] = crate::server::DataDir::IDENTITY;
 
     fn layout(root: &Path) -> Layout {
         Layout {
