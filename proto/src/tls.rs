@@ -3,6 +3,15 @@
 //! The controller's certificate is self-signed; instead of a CA, clients pin the
 //! SHA-256 of the certificate (its *fingerprint*), which the auth key carries.
 //! A mismatch fails the handshake, before any request is sent.
+//!
+//! While the controller rotates its certificate, a client may hold several
+//! pins (the one it enrolled with and those a signed netmap listed) and
+//! accepts any of them. It names the pin it prefers in an extra ALPN
+//! protocol id, `ztmesh-pin=<64 hex>`, offered after `h2`: a controller that
+//! still holds that certificate presents it (see the controller's
+//! `tlscerts`), so a client that only knows an older certificate still
+//! connects. The server keeps negotiating `h2`, and a TLS-passthrough load
+//! balancer sees nothing unusual.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,11 +36,35 @@ pub enum ConnectError {
     Transport(String),
 }
 
-/// Accepts exactly the certificate whose SHA-256 is `pin`.
+/// The ALPN protocol id prefix that names the pin a client prefers.
+pub const PIN_ALPN_PREFIX: &[u8] = b"ztmesh-pin=";
+
+/// The ALPN protocol id naming `pin`: `ztmesh-pin=<64 lowercase hex>`.
+pub fn pin_alpn(pin: &[u8; 32]) -> Vec<u8> {
+    [PIN_ALPN_PREFIX, hex(pin).as_bytes()].concat()
+}
+
+/// The pin an ALPN protocol id names, if it is a `ztmesh-pin=` id.
+pub fn pin_from_alpn(proto: &[u8]) -> Option<[u8; 32]> {
+    let text = std::str::from_utf8(proto.strip_prefix(PIN_ALPN_PREFIX)?).ok()?;
+    crate::auth::parse_fingerprint(text)
+}
+
+/// Accepts exactly the certificates whose SHA-256 is one of `pins`.
 #[derive(Debug)]
 struct PinnedVerifier {
-    pin: [u8; 32],
+    pins: Vec<[u8; 32]>,
     provider: Arc<CryptoProvider>,
+}
+
+impl PinnedVerifier {
+    /// Whether `cert` is one of the pinned certificates. Every pin is
+    /// compared in constant time, and all of them are compared.
+    fn holds(&self, cert: &[u8; 32]) -> bool {
+        self.pins
+            .iter()
+            .fold(false, |found, pin| ct_eq(cert, pin) | found)
+    }
 }
 
 impl ServerCertVerifier for PinnedVerifier {
@@ -44,13 +77,14 @@ impl ServerCertVerifier for PinnedVerifier {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let got = sha256(end_entity.as_ref());
-        if ct_eq(&got, &self.pin) {
+        if self.holds(&got) {
             Ok(ServerCertVerified::assertion())
         } else {
+            let pinned: Vec<String> = self.pins.iter().map(|p| hex(p)).collect();
             Err(rustls::Error::General(format!(
                 "controller certificate fingerprint {} does not match the pinned {}",
                 hex(&got),
-                hex(&self.pin)
+                pinned.join(" or ")
             )))
         }
     }
@@ -92,14 +126,26 @@ impl ServerCertVerifier for PinnedVerifier {
 
 /// A rustls client config that trusts only the certificate with fingerprint `pin`.
 pub fn pinned_client_config(pin: [u8; 32]) -> rustls::ClientConfig {
+    pinned_client_config_any(&[pin])
+}
+
+/// A rustls client config that trusts the certificates with any of the
+/// fingerprints in `pins` (none: nothing is trusted) and asks the server
+/// for the first one through the `ztmesh-pin=` ALPN id.
+pub fn pinned_client_config_any(pins: &[[u8; 32]]) -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let verifier = PinnedVerifier {
+        pins: pins.to_vec(),
+        provider: provider.clone(),
+    };
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions")
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedVerifier { pin, provider }))
+        .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.alpn_protocols.extend(pins.first().map(pin_alpn));
     cfg
 }
 
@@ -111,6 +157,19 @@ pub fn pinned_client_config(pin: [u8; 32]) -> rustls::ClientConfig {
 /// # Errors
 /// [`ConnectError`] for a bad URL or a failed connection.
 pub async fn connect(url: &str, pin: [u8; 32], timeout: Duration) -> Result<Channel, ConnectError> {
+    connect_any(url, &[pin], timeout).await
+}
+
+/// Like [`connect`], accepting a certificate with any of `pins` and asking
+/// for the first (see the module header).
+///
+/// # Errors
+/// [`ConnectError`] for a bad URL or a failed connection.
+pub async fn connect_any(
+    url: &str,
+    pins: &[[u8; 32]],
+    timeout: Duration,
+) -> Result<Channel, ConnectError> {
     let uri: Uri = url.parse().map_err(|_| ConnectError::BadUrl(url.into()))?;
     if uri.scheme_str() != Some("https") || uri.host().is_none() {
         return Err(ConnectError::BadUrl(url.into()));
@@ -133,7 +192,7 @@ pub async fn connect(url: &str, pin: [u8; 32], timeout: Duration) -> Result<Chan
     .http2_keep_alive_interval(Duration::from_secs(15))
     .keep_alive_timeout(Duration::from_secs(10))
     .keep_alive_while_idle(true);
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(pinned_client_config(pin)));
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(pinned_client_config_any(pins)));
     let connector = tower::service_fn(move |_: Uri| {
         let tls = tls.clone();
         let host = host.clone();
@@ -167,4 +226,58 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verifier(pins: &[[u8; 32]]) -> PinnedVerifier {
+        PinnedVerifier {
+            pins: pins.to_vec(),
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+        }
+    }
+
+    fn check(v: &PinnedVerifier, der: &[u8]) -> Result<ServerCertVerified, rustls::Error> {
+        v.verify_server_cert(
+            &CertificateDer::from(der.to_vec()),
+            &[],
+            &ServerName::try_from("ztmesh-controller").unwrap(),
+            &[],
+            UnixTime::now(),
+        )
+    }
+
+    #[test]
+    fn tls_verifier_accepts_any_held_pin_and_refuses_the_rest() {
+        let (old, new, other) = (
+            b"old cert".as_slice(),
+            b"new cert".as_slice(),
+            b"other".as_slice(),
+        );
+        let v = verifier(&[sha256(new), sha256(old)]);
+        assert!(check(&v, old).is_ok());
+        assert!(check(&v, new).is_ok());
+        let e = check(&v, other).unwrap_err().to_string();
+        assert!(e.contains(&hex(&sha256(other))), "{e}");
+        assert!(
+            check(&verifier(&[]), old).is_err(),
+            "no pin: nothing is trusted"
+        );
+    }
+
+    #[test]
+    fn tls_client_offers_h2_first_then_its_preferred_pin() {
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let cfg = pinned_client_config_any(&[a, b]);
+        assert_eq!(cfg.alpn_protocols, vec![b"h2".to_vec(), pin_alpn(&a)]);
+        assert_eq!(pin_from_alpn(&cfg.alpn_protocols[1]), Some(a));
+        assert_eq!(pin_from_alpn(b"h2"), None);
+        assert_eq!(pin_from_alpn(b"ztmesh-pin=zz"), None);
+        assert_eq!(
+            pinned_client_config_any(&[]).alpn_protocols,
+            vec![b"h2".to_vec()]
+        );
+    }
 }
