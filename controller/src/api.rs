@@ -707,6 +707,26 @@ impl AdminService {
         )
     }
 
+    /// The TLS certificates held, as the admin API shows them.
+    fn tls_status(&self) -> Result<apb::TlsStatus, Status> {
+        let h = self
+            .mesh
+            .tls_state()
+            .ok_or_else(|| Status::failed_precondition("this controller keeps no TLS files"))?;
+        let hex = |c: &crate::tlscerts::TlsCert| ztmesh_proto::auth::hex(&c.fingerprint);
+        Ok(apb::TlsStatus {
+            current: hex(&h.current),
+            next: h.next.as_ref().map(hex).unwrap_or_default(),
+            previous: h
+                .previous
+                .as_ref()
+                .map(|p| hex(&p.cert))
+                .unwrap_or_default(),
+            previous_switched_ms: h.previous.as_ref().map_or(0, |p| p.switched_ms),
+            previous_until_ms: h.previous.as_ref().map_or(0, |p| p.until_ms),
+        })
+    }
+
     /// Who is calling `method`, refused unless their role allows `access`.
     ///
     /// Audited: a caller refused for a missing or bad API key (`api.refused`,
@@ -1163,6 +1183,39 @@ impl Admin for AdminService {
             valid_from_ms: h.valid_from_ms,
             not_after_ms: h.not_after_ms,
         })
+    }
+
+    async fn stage_tls_cert(&self, req: Request<apb::StageTlsCertRequest>) -> R<apb::TlsStatus> {
+        let actor = self.actor(&req, Access::Identity, "StageTlsCert")?;
+        let r = req.into_inner();
+        limit_len("cert_pem", &r.cert_pem, 64 * 1024)?;
+        limit_len("key_pem", &r.key_pem, 64 * 1024)?;
+        let cert = if r.cert_pem.is_empty() && r.key_pem.is_empty() {
+            crate::tlscerts::TlsCert::generate()
+        } else {
+            crate::tlscerts::TlsCert::from_pem(&r.cert_pem, &r.key_pem)
+        }
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mesh = self.mesh.clone();
+        tokio::task::spawn_blocking(move || mesh.tls_stage(&actor.name, cert, now_ms()))
+            .await
+            .map_err(|e| Status::internal(format!("staging task failed: {e}")))??;
+        ok(self.tls_status()?)
+    }
+
+    async fn switch_tls_cert(&self, req: Request<apb::SwitchTlsCertRequest>) -> R<apb::TlsStatus> {
+        let actor = self.actor(&req, Access::Identity, "SwitchTlsCert")?;
+        let grace_ms = req.get_ref().grace_ms;
+        let mesh = self.mesh.clone();
+        tokio::task::spawn_blocking(move || mesh.tls_switch(&actor.name, grace_ms, now_ms()))
+            .await
+            .map_err(|e| Status::internal(format!("switch task failed: {e}")))??;
+        ok(self.tls_status()?)
+    }
+
+    async fn get_tls_status(&self, req: Request<apb::GetTlsStatusRequest>) -> R<apb::TlsStatus> {
+        self.actor(&req, Access::Read, "GetTlsStatus")?;
+        ok(self.tls_status()?)
     }
 
     async fn list_detections(

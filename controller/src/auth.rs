@@ -6,9 +6,9 @@
 //! machine key is the caller's (a closure), so this module knows nothing of
 //! where nodes live.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, RwLock};
 
-use ztmesh_proto::auth::{self, AuthError, NodeProof, ReplayGuard};
+use ztmesh_proto::auth::{self, ct_eq, AuthError, NodeProof, ReplayGuard};
 use ztmesh_proto::control as pb;
 use ztmesh_proto::keys::{PublicKey, WgPublicKey};
 use ztmesh_proto::refusal::AuthReason;
@@ -81,9 +81,10 @@ fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Checks callers on behalf of one controller (identified by `fingerprint`).
+/// Checks callers on behalf of one controller (identified by the
+/// fingerprints of the TLS certificates it holds, the current one first).
 pub struct Authenticator {
-    fingerprint: [u8; 32],
+    fingerprints: RwLock<Vec<[u8; 32]>>,
     /// Proofs accepted recently.
     replay: Mutex<ReplayGuard>,
     /// Per-node call limits.
@@ -93,14 +94,33 @@ pub struct Authenticator {
 impl Authenticator {
     pub fn new(fingerprint: [u8; 32]) -> Self {
         Self {
-            fingerprint,
+            fingerprints: RwLock::new(vec![fingerprint]),
             replay: Mutex::new(ReplayGuard::default()),
             limits: Mutex::new(NodeLimiter::default()),
         }
     }
 
+    /// The current certificate's fingerprint: new auth keys carry it.
     pub fn fingerprint(&self) -> [u8; 32] {
-        self.fingerprint
+        self.fingerprints.read().unwrap_or_else(|p| p.into_inner())[0]
+    }
+
+    /// Replaces the fingerprints auth keys are accepted for (a TLS
+    /// certificate rotation): `current` first, then the others held.
+    pub fn set_fingerprints(&self, current: [u8; 32], others: &[[u8; 32]]) {
+        let mut all = vec![current];
+        all.extend(others.iter().filter(|f| **f != current));
+        *self.fingerprints.write().unwrap_or_else(|p| p.into_inner()) = all;
+    }
+
+    /// Whether an auth key carrying `fp` was issued by this controller
+    /// under a certificate it still holds.
+    fn holds(&self, fp: &[u8; 32]) -> bool {
+        self.fingerprints
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .fold(false, |found, f| ct_eq(f, fp) | found)
     }
 
     /// Charges one `call` to an authenticated `node`.
@@ -135,7 +155,7 @@ impl Authenticator {
         let kind = SecretKind::AuthKey;
         let key = Presented::parse(kind, &req.auth_key)
             .map_err(|r| Error::Unauthenticated(r.message(kind)))?;
-        if key.fingerprint() != Some(self.fingerprint) {
+        if !key.fingerprint().is_some_and(|fp| self.holds(&fp)) {
             return Err(Error::Unauthenticated(
                 "auth key was issued by a different controller".into(),
             ));

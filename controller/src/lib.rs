@@ -58,6 +58,7 @@ pub mod server;
 pub mod signing;
 pub mod store;
 pub mod timedstore;
+pub mod tlscerts;
 pub mod web;
 
 pub use ztmesh_proto::time::now_ms;

@@ -38,6 +38,7 @@ use crate::nodeinput::{self, validate_endpoints};
 use crate::nodelimit::{Call, EndpointCoalescer};
 use crate::secrets::{self, KeyDetail, SecretKind, SecretRecord};
 use crate::store::{AuditEntry, NewNode, NodeRow, PolicyRow, Store, UserRow};
+use crate::tlscerts::{Held, Previous, TlsCert, TlsCerts, TlsFiles};
 use crate::UnixMs;
 
 mod feed;
@@ -322,6 +323,9 @@ pub struct Mesh {
     /// Where the signing key's files are (`None`: keys in memory only,
     /// which cannot be rotated).
     key_files: Option<crate::signing::KeyFiles>,
+    /// The TLS certificates the listener presents and their files
+    /// (`None`: an identity without files, which cannot be rotated).
+    tls: Option<(Arc<TlsCerts>, TlsFiles)>,
     ula: Ipv6Net,
     cfg: MeshConfig,
     auth: Authenticator,
@@ -344,22 +348,70 @@ pub struct Mesh {
     leader: AtomicBool,
 }
 
-/// The netmap signing key and, during a rotation's grace period, the
-/// hand-over every map carries.
+/// The netmap signing key and what every map carries about the
+/// controller's trust roots: during a signing-key rotation's grace period
+/// the hand-over, during a TLS certificate rotation the pins.
 struct Signing {
     key: SigningKey,
-    /// The encoded `NetMap.trust` field appended to every map, and the end
-    /// of the grace period.
-    trust: Option<(Vec<u8>, UnixMs)>,
+    /// The hand-over and the end of its grace period.
+    handover: Option<(pb::KeyHandover, UnixMs)>,
+    /// The TLS pins maps carry (empty: none).
+    tls_pins: Vec<[u8; 32]>,
+    /// The encoded `NetMap.trust` field appended to every map (empty:
+    /// none), built by [`Signing::retrust`] whenever either part changes.
+    trust: Vec<u8>,
 }
 
-/// `NetMap.trust` carrying `h`, encoded alone (to append to a map).
-fn trust_field(h: pb::KeyHandover) -> Vec<u8> {
+impl Signing {
+    fn new(key: SigningKey) -> Self {
+        Self {
+            key,
+            handover: None,
+            tls_pins: Vec::new(),
+            trust: Vec::new(),
+        }
+    }
+
+    /// The end of the hand-over's grace period, if one is in force.
+    fn handover_until(&self) -> Option<UnixMs> {
+        self.handover.as_ref().map(|(_, until)| *until)
+    }
+
+    /// Rebuilds the encoded trust field after `handover` or `tls_pins` changed.
+    fn retrust(&mut self) {
+        self.trust = trust_field(
+            self.handover.as_ref().map(|(h, _)| h.clone()),
+            &self.tls_pins,
+        );
+    }
+}
+
+/// `NetMap.trust` carrying hand-over `h` and `tls_pins`, encoded alone (to
+/// append to a map); empty when there is neither.
+fn trust_field(h: Option<pb::KeyHandover>, tls_pins: &[[u8; 32]]) -> Vec<u8> {
+    if h.is_none() && tls_pins.is_empty() {
+        return Vec::new();
+    }
     NetMap {
-        trust: Some(pb::ControllerTrust { handover: Some(h) }),
+        trust: Some(pb::ControllerTrust {
+            handover: h,
+            tls_pins: tls_pins.iter().map(|p| p.to_vec()).collect(),
+        }),
         ..NetMap::default()
     }
     .encode_to_vec()
+}
+
+/// Whether `k` is a single-use auth key that enrolled its node.
+fn used_up(k: &SecretRecord) -> bool {
+    matches!(
+        k.detail,
+        KeyDetail::Auth {
+            reusable: false,
+            used_count: 1..,
+            ..
+        }
+    )
 }
 
 /// Shortest and longest grace period of a signing-key rotation.
@@ -580,11 +632,9 @@ impl Mesh {
         };
         Ok(Self {
             store,
-            signing: RwLock::new(Signing {
-                key: signer,
-                trust: None,
-            }),
+            signing: RwLock::new(Signing::new(signer)),
             key_files: None,
+            tls: None,
             ula,
             auth: Authenticator::new(fingerprint),
             changes: Mutex::new(()),
@@ -697,7 +747,8 @@ impl Mesh {
             match ztmesh_proto::handover::read(&h) {
                 Ok(r) if r.new_key == current && now < r.not_after_ms => {
                     let s = self.signing.get_mut().unwrap_or_else(|p| p.into_inner());
-                    s.trust = Some((trust_field(h), r.not_after_ms));
+                    s.handover = Some((h, r.not_after_ms));
+                    s.retrust();
                     tracing::info!(old = %r.old_key, until_ms = r.not_after_ms, "maps carry the hand-over from the previous signing key");
                 }
                 Ok(_) => {
@@ -742,8 +793,8 @@ impl Mesh {
         let turn = self.turn();
         let (h, old) = {
             let s = self.signing();
-            if let Some((_, until)) = &s.trust {
-                if now < *until {
+            if let Some(until) = s.handover_until() {
+                if now < until {
                     return Err(Error::FailedPrecondition(format!(
                         "the previous signing key is still handed over until {} (unix ms); \
                          rotate again after that, or nodes that have not moved yet are cut off",
@@ -780,10 +831,12 @@ impl Mesh {
         {
             tracing::error!(error = %e, "cannot record the new signing key in the database");
         }
-        *self.signing_mut() = Signing {
-            key: new,
-            trust: Some((trust_field(h), r.not_after_ms)),
-        };
+        {
+            let mut s = self.signing_mut();
+            s.key = new;
+            s.handover = Some((h, r.not_after_ms));
+            s.retrust();
+        }
         self.audit(
             now,
             actor,
@@ -801,7 +854,7 @@ impl Mesh {
     /// (`None`: no rotation in its grace period).
     pub fn signing_state(&self) -> (PublicKey, Option<UnixMs>) {
         let s = self.signing();
-        (s.key.public(), s.trust.as_ref().map(|(_, until)| *until))
+        (s.key.public(), s.handover_until())
     }
 
     /// Ends a hand-over whose grace period is over: maps stop carrying it
@@ -809,15 +862,15 @@ impl Mesh {
     fn end_handover(&self, now: UnixMs) {
         let due = self
             .signing()
-            .trust
-            .as_ref()
-            .is_some_and(|(_, until)| now >= *until);
+            .handover_until()
+            .is_some_and(|until| now >= until);
         if !due {
             return;
         }
         let key = {
             let mut s = self.signing_mut();
-            s.trust = None;
+            s.handover = None;
+            s.retrust();
             s.key.public()
         };
         if let Some(f) = &self.key_files {
@@ -833,6 +886,202 @@ impl Mesh {
             &key.to_string(),
             "",
         );
+    }
+
+    /// Serves the TLS certificates `held` (kept in `files`): new auth keys
+    /// carry the current one's fingerprint, auth keys of any held one are
+    /// accepted, and maps carry the pins while a rotation is under way.
+    pub fn with_tls(mut self, held: Held, files: TlsFiles) -> Self {
+        let certs = TlsCerts::new(held);
+        self.tls = Some((certs, files));
+        self.retrust_tls();
+        self
+    }
+
+    /// The certificates the listener presents (see [`Mesh::with_tls`]).
+    pub fn tls_certs(&self) -> Option<Arc<TlsCerts>> {
+        self.tls.as_ref().map(|(c, _)| c.clone())
+    }
+
+    /// What is held now: current, next, previous.
+    pub fn tls_state(&self) -> Option<Held> {
+        self.tls.as_ref().map(|(c, _)| c.read().clone())
+    }
+
+    fn tls_parts(&self) -> Result<&(Arc<TlsCerts>, TlsFiles)> {
+        self.tls.as_ref().ok_or_else(|| {
+            Error::FailedPrecondition("this controller keeps no TLS files to rotate".into())
+        })
+    }
+
+    /// After the held certificates changed: the fingerprints auth keys are
+    /// accepted for and the pins maps carry follow.
+    fn retrust_tls(&self) {
+        let Some((certs, _)) = &self.tls else {
+            return;
+        };
+        let (current, all, pins) = {
+            let h = certs.read();
+            (h.current.fingerprint, h.fingerprints(), h.pins())
+        };
+        self.auth.set_fingerprints(current, &all);
+        let mut s = self.signing_mut();
+        if s.tls_pins != pins {
+            s.tls_pins = pins;
+            s.retrust();
+        }
+    }
+
+    fn publish_all(&self, turn: &Turn<'_>, now: UnixMs) {
+        let connected: BTreeSet<u64> = self.state().subs.keys().copied().collect();
+        self.publish(turn, &connected, now);
+    }
+
+    /// Stages `next` as the certificate to switch to (`tls rotate`): every
+    /// map lists its pin from now on, so nodes learn it before the switch.
+    /// A certificate staged before is replaced.
+    ///
+    /// # Errors
+    /// [`Error::FailedPrecondition`] without TLS files or when they cannot
+    /// be written.
+    pub fn tls_stage(&self, actor: &str, next: TlsCert, now: UnixMs) -> Result<[u8; 32]> {
+        let (certs, files) = self.tls_parts()?;
+        let turn = self.turn();
+        let fp = next.fingerprint;
+        if certs.read().current.fingerprint == fp {
+            return Err(Error::Invalid(
+                "that certificate is already the current one".into(),
+            ));
+        }
+        if let Err(e) = files.write_next(&next) {
+            tracing::error!(error = %e, "cannot write the staged TLS certificate");
+            return Err(Error::FailedPrecondition(
+                "cannot write the staged certificate into the data dir (see the controller's log)"
+                    .into(),
+            ));
+        }
+        certs.write().next = Some(next);
+        self.retrust_tls();
+        let hexfp = ztmesh_proto::auth::hex(&fp);
+        self.audit(now, actor, "controller.tls-stage", &hexfp, "");
+        tracing::warn!(next = %hexfp, "TLS certificate staged; maps list its pin");
+        self.publish_all(&turn, now);
+        Ok(fp)
+    }
+
+    /// Makes the staged certificate current (`tls switch`): the listener
+    /// presents it from the next handshake; the old one is retained, for
+    /// clients that ask for it, for at least `grace_ms` and while any auth
+    /// key created before now is live.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a grace period out of range;
+    /// [`Error::FailedPrecondition`] with nothing staged, while a previous
+    /// certificate is still retained, or when the files cannot be written.
+    pub fn tls_switch(&self, actor: &str, grace_ms: i64, now: UnixMs) -> Result<Held> {
+        if !(0..=MAX_HANDOVER_GRACE_MS).contains(&grace_ms) {
+            return Err(Error::Invalid(
+                "grace period must be between 0 and 365 days".into(),
+            ));
+        }
+        let (certs, files) = self.tls_parts()?;
+        let turn = self.turn();
+        let after = {
+            let h = certs.read();
+            let Some(next) = h.next.clone() else {
+                return Err(Error::FailedPrecondition(
+                    "no certificate is staged: run `tls rotate` first".into(),
+                ));
+            };
+            if let Some(p) = &h.previous {
+                return Err(Error::FailedPrecondition(format!(
+                    "the previous certificate {} is still retained (until {} unix ms and while                      auth keys created before its switch are live); switch again after it goes",
+                    ztmesh_proto::auth::hex(&p.cert.fingerprint),
+                    p.until_ms
+                )));
+            }
+            Held {
+                current: next,
+                next: None,
+                previous: Some(Previous {
+                    cert: h.current.clone(),
+                    switched_ms: now,
+                    until_ms: now.saturating_add(grace_ms),
+                }),
+            }
+        };
+        if let Err(e) = files.write_switch(&after) {
+            tracing::error!(error = %e, "cannot write the switched TLS certificates");
+            return Err(Error::FailedPrecondition(
+                "cannot write the certificates into the data dir (see the controller's log);                  the current certificate stays in force"
+                    .into(),
+            ));
+        }
+        *certs.write() = after.clone();
+        self.retrust_tls();
+        let (cur, old) = (
+            ztmesh_proto::auth::hex(&after.current.fingerprint),
+            after
+                .previous
+                .as_ref()
+                .map(|p| ztmesh_proto::auth::hex(&p.cert.fingerprint))
+                .unwrap_or_default(),
+        );
+        self.audit(
+            now,
+            actor,
+            "controller.tls-switch",
+            &cur,
+            &format!("previous={old} grace_ms={grace_ms}"),
+        );
+        tracing::warn!(current = %cur, previous = %old, "TLS certificate switched");
+        self.publish_all(&turn, now);
+        Ok(after)
+    }
+
+    /// Removes the retained previous certificate once its grace period is
+    /// over and no unrevoked, unexpired auth key created before its switch
+    /// remains (those keys carry its fingerprint).
+    fn end_tls_previous(&self, now: UnixMs) {
+        let Some((certs, files)) = &self.tls else {
+            return;
+        };
+        let Some((switched, until)) = certs
+            .read()
+            .previous
+            .as_ref()
+            .map(|p| (p.switched_ms, p.until_ms))
+        else {
+            return;
+        };
+        if now < until {
+            return;
+        }
+        let keys = match self.store.keys(SecretKind::AuthKey) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list auth keys; the previous TLS certificate stays");
+                return;
+            }
+        };
+        if keys
+            .iter()
+            .any(|k| !k.revoked && k.expires_ms > now && k.created_ms <= switched && !used_up(k))
+        {
+            return;
+        }
+        let turn = self.turn();
+        let Some(gone) = certs.write().previous.take() else {
+            return;
+        };
+        if let Err(e) = files.remove_previous() {
+            tracing::warn!(error = %e, "cannot remove the previous TLS certificate's files");
+        }
+        self.retrust_tls();
+        let fp = ztmesh_proto::auth::hex(&gone.cert.fingerprint);
+        tracing::info!(previous = %fp, "the previous TLS certificate is no longer presented");
+        self.audit(now, "controller", "controller.tls-previous-end", &fp, "");
+        self.publish_all(&turn, now);
     }
 
     /// Takes and releases the state lock: the service watchdog's check that
@@ -903,11 +1152,9 @@ impl Mesh {
         self.metrics.netmap_built();
         let s = self.signing();
         let mut body = body;
-        if let Some((trust, _)) = &s.trust {
-            // Field 14, after the core's fields 1..=13: still prost's own
-            // order, so a node's re-encoded delta result is these bytes.
-            body.extend_from_slice(trust);
-        }
+        // Field 14, after the core's fields 1..=13: still prost's own
+        // order, so a node's re-encoded delta result is these bytes.
+        body.extend_from_slice(&s.trust);
         ztmesh_proto::netmap::sign_encoded(&s.key, body)
     }
 
@@ -1688,6 +1935,7 @@ impl Mesh {
     /// node a full timeout to reconnect.
     pub fn tick_at(&self, now: UnixMs, mono_ms: u64) {
         self.end_handover(now);
+        self.end_tls_previous(now);
         let turn = self.turn();
         let timeout = u64::try_from(self.cfg.ephemeral_timeout_ms).unwrap_or(0);
         let half = u64::try_from(self.cfg.netmap_ttl_ms / 2).unwrap_or(0);

@@ -87,6 +87,28 @@ impl DataDir {
             name: "handover.bin",
             required: false,
         },
+        // During a TLS certificate rotation: the staged certificate, and
+        // the previous one retained after the switch (`crate::tlscerts`).
+        IdentityFile {
+            name: "tls.next.crt",
+            required: false,
+        },
+        IdentityFile {
+            name: "tls.next.key",
+            required: false,
+        },
+        IdentityFile {
+            name: "tls.prev.crt",
+            required: false,
+        },
+        IdentityFile {
+            name: "tls.prev.key",
+            required: false,
+        },
+        IdentityFile {
+            name: "tls.prev.meta",
+            required: false,
+        },
     ];
 
     /// The identity files a backup carries now: the required ones, and the
@@ -202,6 +224,7 @@ pub fn open(
     std::fs::set_permissions(&dir.root, std::fs::Permissions::from_mode(0o700))?;
     let (signer, handover) = crate::signing::load(&dir.signing_files())?;
     let (cert, key, fp) = init_tls(dir)?;
+    let tls_files = crate::tlscerts::TlsFiles::in_dir(&dir.root);
     let metrics = Arc::new(Metrics::default());
     let (store, session): (Arc<dyn Store>, _) = match database {
         None => (
@@ -236,7 +259,8 @@ pub fn open(
     };
     let mut mesh = Mesh::load(store, signer, fp, ula, cfg, now_ms())?
         .with_metrics(metrics)
-        .with_key_files(dir.signing_files(), handover, now_ms());
+        .with_key_files(dir.signing_files(), handover, now_ms())
+        .with_tls(tls_files.load()?, tls_files);
     if session.is_some() {
         mesh = mesh.shared();
     }
@@ -492,7 +516,11 @@ pub async fn run_with(
 
     // TLS is done by the listener (handshake deadline, connection caps), so
     // the server itself sees only established connections.
-    let tls = Arc::new(listener::server_tls_config(&cert, &key)?);
+    // With the data dir's certificates, swappable by `tls switch`.
+    let tls = Arc::new(match mesh.tls_certs() {
+        Some(certs) => certs.server_config(),
+        None => listener::server_tls_config(&cert, &key)?,
+    });
     let slots = ConnSlots::new(limits.max_connections, limits.max_connections_per_source);
     let bound = listener.local_addr()?;
     let incoming = Incoming::new(listener, tls, slots, limits.handshake_timeout);

@@ -253,6 +253,7 @@ mod tests {
         let mut m = map(serial);
         m.trust = Some(crate::control::ControllerTrust {
             handover: Some(crate::handover::sign(old, new, 1_000, 5_000)),
+            ..Default::default()
         });
         sign(new, &m)
     }

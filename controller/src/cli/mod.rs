@@ -24,6 +24,7 @@ mod keys;
 mod nodes;
 mod output;
 mod policy;
+mod tls;
 mod users;
 
 pub use args::{
@@ -37,6 +38,7 @@ pub use flows::FlowsArgs;
 pub use keys::{ApiKeysCmd, KeysCmd};
 pub use nodes::NodesCmd;
 pub use policy::{split_dst, PolicyCmd};
+pub use tls::TlsCmd;
 pub use users::UsersCmd;
 
 #[derive(Parser, Debug)]
@@ -101,6 +103,9 @@ pub enum Cmd {
     /// Manage API keys for remote admin (`--server`).
     #[command(subcommand)]
     Apikeys(ApiKeysCmd),
+    /// Rotate the controller's TLS certificate: rotate (stage), switch, status.
+    #[command(subcommand)]
+    Tls(TlsCmd),
     /// Show the audit log, newest first; `audit verify` checks its hash
     /// chain and `audit export` prints it for a SIEM (both offline).
     Audit {
@@ -317,6 +322,7 @@ pub async fn run(conn: &ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Nodes(n) => nodes::run(&mut c, n).await,
         Cmd::Policy(p) => policy::run(&mut c, p).await,
         Cmd::Apikeys(a) => keys::run_api(&mut c, a).await,
+        Cmd::Tls(t) => tls::run(&mut c, t).await,
         Cmd::Audit { limit, output, .. } => audit::run(&mut c, limit, output.get()).await,
         Cmd::Flows(args) => flows::run(&mut c, args).await,
         Cmd::Detections {

@@ -747,6 +747,7 @@ mod tests {
         m2.serial = 11;
         m2.trust = Some(pb::ControllerTrust {
             handover: Some(ztmesh_proto::handover::sign(&old, &new, 900, 3_000)),
+            ..Default::default()
         });
         // For another node: refused, and the key stays.
         let mut other = m2.clone();

@@ -298,6 +298,7 @@ fn maps_of_a_rotated_controller_key_pass_only_with_a_live_hand_over() {
                 NOW - 1,
                 grace_end,
             )),
+            ..Default::default()
         });
         sign(&next, &m)
     };
