@@ -117,6 +117,10 @@ pub struct Enrollment {
     pub controllers: Vec<String>,
     /// SHA-256 of the controller's TLS certificate (the pin).
     pub fingerprint: [u8; 32],
+    /// The pins the last signed map that listed any gave (a TLS
+    /// certificate rotation), current first; accepted besides
+    /// `fingerprint`, which is never dropped.
+    pub tls_pins: Vec<[u8; 32]>,
     /// The controller's netmap signing key.
     pub controller_key: PublicKey,
     pub node_id: u64,
@@ -133,6 +137,8 @@ pub struct EnrollmentFile {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     controllers: Vec<String>,
     fingerprint: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    tls_pins: Vec<String>,
     controller_key: String,
     node_id: u64,
     name: String,
@@ -149,6 +155,16 @@ pub struct EnrollmentError {
 }
 
 impl Enrollment {
+    /// Every certificate pin this node accepts: the learned ones (current
+    /// first, so the controller is asked for it), then the enrolled one.
+    pub fn pins(&self) -> Vec<[u8; 32]> {
+        let mut pins = self.tls_pins.clone();
+        if !pins.contains(&self.fingerprint) {
+            pins.push(self.fingerprint);
+        }
+        pins
+    }
+
     /// The enrollment the controller at `controller_url` (pinned to
     /// `fingerprint`) answered.
     fn new(controller_url: &str, fingerprint: [u8; 32], e: Enrolled) -> Self {
@@ -156,6 +172,7 @@ impl Enrollment {
             controller_url: controller_url.to_string(),
             controllers: Vec::new(),
             fingerprint,
+            tls_pins: Vec::new(),
             controller_key: e.controller_key,
             node_id: e.node_id,
             name: e.name,
@@ -174,6 +191,11 @@ impl TryFrom<EnrollmentFile> for Enrollment {
         };
         let fingerprint = auth::parse_fingerprint(&f.fingerprint)
             .ok_or_else(|| bad("fingerprint", &f.fingerprint))?;
+        let tls_pins = f
+            .tls_pins
+            .iter()
+            .map(|p| auth::parse_fingerprint(p).ok_or_else(|| bad("tls_pins", p)))
+            .collect::<Result<_, _>>()?;
         let controller_key = f
             .controller_key
             .parse()
@@ -187,6 +209,7 @@ impl TryFrom<EnrollmentFile> for Enrollment {
             controller_url: f.controller_url,
             controllers: f.controllers,
             fingerprint,
+            tls_pins,
             controller_key,
             node_id: f.node_id,
             name: f.name,
@@ -201,6 +224,7 @@ impl From<Enrollment> for EnrollmentFile {
             controller_url: e.controller_url,
             controllers: e.controllers,
             fingerprint: auth::hex(&e.fingerprint),
+            tls_pins: e.tls_pins.iter().map(|p| auth::hex(p)).collect(),
             controller_key: e.controller_key.to_string(),
             node_id: e.node_id,
             name: e.name,
@@ -490,6 +514,7 @@ impl Daemon {
         if let Some(key) = gate.adopted() {
             self.adopt_controller_key(key);
         }
+        self.learn_tls_pins(&map);
         {
             let dp = self.dp.lock().await;
             let dp = dp.as_ref().ok_or_else(|| anyhow!("data plane is down"))?;
@@ -851,7 +876,8 @@ impl Daemon {
             // controller, or a dead exit node locks the node out.
             self.refresh_host_routes(e).await;
         }
-        let mut ctl = Controller::connect(&e.controller_url, e.fingerprint, Duration::from_secs(5))
+        let pins = self.tls_pins(e);
+        let mut ctl = Controller::connect_any(&e.controller_url, &pins, Duration::from_secs(5))
             .await
             .map_err(|err| SessionError::Retry(format!("{err:#}")))?;
         let mut endpoints = EndpointReporter::default();
@@ -1362,6 +1388,44 @@ impl Daemon {
         }
     }
 
+    /// Keeps the TLS pins a verified map lists (a certificate rotation),
+    /// saved before the map is installed, so a node restarted after the
+    /// switch connects to the new certificate. A map without pins changes
+    /// nothing: the pins learned and the enrolled fingerprint stay.
+    fn learn_tls_pins(&self, map: &NetMap) {
+        let pins: Vec<[u8; 32]> = map
+            .trust
+            .iter()
+            .flat_map(|t| &t.tls_pins)
+            .filter_map(|p| <[u8; 32]>::try_from(p.as_slice()).ok())
+            .collect();
+        let e = {
+            let mut st = self.lock();
+            let Some(e) = st.enrollment.as_mut() else {
+                return;
+            };
+            if pins.is_empty() || pins == e.tls_pins {
+                return;
+            }
+            let text: Vec<String> = pins.iter().map(|p| auth::hex(p)).collect();
+            tracing::info!(pins = ?text, "the controller's TLS certificates changed; pins learned");
+            e.tls_pins = pins;
+            e.clone()
+        };
+        if let Err(err) = store_enrollment(&self.cfg.state_dir, &e) {
+            tracing::error!(error = %err, "cannot save the controller's TLS pins");
+        }
+    }
+
+    /// The certificate pins this node holds now (they change with a TLS
+    /// certificate rotation), else the ones `e` was read with.
+    fn tls_pins(&self, e: &Enrollment) -> Vec<[u8; 32]> {
+        self.lock()
+            .enrollment
+            .as_ref()
+            .map_or_else(|| e.pins(), Enrollment::pins)
+    }
+
     /// The controller key this node holds now (it changes when the
     /// controller's key is handed over), else the one `e` was read with.
     fn controller_key(&self, e: &Enrollment) -> PublicKey {
@@ -1462,7 +1526,7 @@ impl Daemon {
                         e.controller_url
                     );
                 }
-                if pin.is_some_and(|fp| fp != e.fingerprint) {
+                if pin.is_some_and(|fp| !e.pins().contains(&fp)) {
                     bail!(
                         "--fingerprint is not the one pinned for {} at enrollment ({}); run \
                          `ztmesh logout` before joining another controller",
@@ -1475,7 +1539,7 @@ impl Daemon {
                     let url = &e.controller_url;
                     let new = match &args.auth_key {
                         Some(key) => {
-                            self.enroll(url, key, Some(e.fingerprint), args.hostname, deadline)
+                            self.enroll(url, key, &e.pins(), args.hostname, deadline)
                                 .await?
                         }
                         None => {
@@ -1503,7 +1567,11 @@ impl Daemon {
                 })?;
                 let _busy = self.begin_enrolling()?;
                 let e = match &args.auth_key {
-                    Some(key) => self.enroll(&url, key, pin, args.hostname, deadline).await?,
+                    Some(key) => {
+                        let pins: Vec<[u8; 32]> = pin.into_iter().collect();
+                        self.enroll(&url, key, &pins, args.hostname, deadline)
+                            .await?
+                    }
                     None => {
                         let fp = pin.ok_or_else(|| {
                             anyhow!(
@@ -1589,8 +1657,8 @@ impl Daemon {
     }
 
     /// Enrolls with an auth key (re-authenticating the same node when it is
-    /// enrolled already: same keys). `pin`, when given, must be the
-    /// controller fingerprint the key carries.
+    /// enrolled already: same keys). The controller fingerprint the key
+    /// carries must be one of `pins`, unless that is empty.
     #[expect(
         clippy::disallowed_methods,
         reason = "the agent shell bounds enrollment retries on the real clock"
@@ -1599,7 +1667,7 @@ impl Daemon {
         &self,
         url: &str,
         key: &str,
-        pin: Option<[u8; 32]>,
+        pins: &[[u8; 32]],
         hostname: Option<String>,
         deadline: Instant,
     ) -> anyhow::Result<Enrollment> {
@@ -1608,12 +1676,12 @@ impl Daemon {
         let fp = token
             .fingerprint
             .ok_or_else(|| anyhow!("auth key carries no controller fingerprint"))?;
-        if let Some(pin) = pin.filter(|p| *p != fp) {
+        if let Some(pin) = pins.first().filter(|_| !pins.contains(&fp)) {
             bail!(
                 "the auth key is for the controller with certificate fingerprint {}, not {} \
                  (--fingerprint, or the controller this node is enrolled with)",
                 login::fingerprint_text(&fp),
-                login::fingerprint_text(&pin)
+                login::fingerprint_text(pin)
             );
         }
         let hostname = hostname.unwrap_or_else(system_hostname);
@@ -1754,7 +1822,7 @@ impl Daemon {
         let mut remote = "not enrolled".to_string();
         if let Some(e) = &e {
             remote =
-                match Controller::connect(&e.controller_url, e.fingerprint, Duration::from_secs(5))
+                match Controller::connect_any(&e.controller_url, &e.pins(), Duration::from_secs(5))
                     .await
                 {
                     Ok(mut c) => match c.logout(&self.keys().machine).await {
@@ -2702,6 +2770,35 @@ mod tests {
         assert_ne!(prefixed, STATE_FILE);
         let p: Enrollment = serde_json::from_str(&prefixed).unwrap();
         assert_eq!(p, e);
+    }
+
+    #[test]
+    fn tls_pins_round_trip_in_the_state_file_and_old_files_load_without_them() {
+        let old: Enrollment = serde_json::from_str(STATE_FILE).unwrap();
+        assert!(old.tls_pins.is_empty(), "a file from before has none");
+        assert_eq!(old.pins(), vec![old.fingerprint]);
+        let mut e = old.clone();
+        e.tls_pins = vec![[9; 32], old.fingerprint];
+        let text = serde_json::to_string_pretty(&e).unwrap();
+        assert!(text.contains(&auth::hex(&[9; 32])), "{text}");
+        let back: Enrollment = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, e);
+        assert_eq!(
+            back.pins(),
+            vec![[9; 32], old.fingerprint],
+            "learned first, no duplicate"
+        );
+        e.tls_pins = vec![[9; 32]];
+        assert_eq!(
+            e.pins(),
+            vec![[9; 32], old.fingerprint],
+            "the enrolled pin stays"
+        );
+        let bad = text.replacen(&auth::hex(&[9; 32]), "nothex", 1);
+        let err = serde_json::from_str::<Enrollment>(&bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tls_pins"), "{err}");
     }
 
     #[test]

@@ -117,6 +117,19 @@ impl Controller {
         Ok(Self::from_channel(ch))
     }
 
+    /// Connects over TLS accepting any of `pins` and asking for the first.
+    ///
+    /// # Errors
+    /// Unreachable controller, bad URL or no pin matches.
+    pub async fn connect_any(
+        url: &str,
+        pins: &[[u8; 32]],
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let ch = ztmesh_proto::tls::connect_any(url, pins, timeout).await?;
+        Ok(Self::from_channel(ch))
+    }
+
     /// Wraps an established channel (TLS, or in-memory in tests).
     pub fn from_channel(ch: tonic::transport::Channel) -> Self {
         Self {
