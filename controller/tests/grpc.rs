@@ -2029,3 +2029,220 @@ async fn control_calls_are_served_within_one_minor_version_and_refused_outside()
     assert!(e.message().contains("upgrade the node"), "{e:?}");
     ctl.stop().await;
 }
+
+/// Connects a control client that accepts only `pins` (asking for the first).
+async fn control_pinned(
+    ctl: &Ctl,
+    pins: &[[u8; 32]],
+) -> Result<pb::control_client::ControlClient<tonic::transport::Channel>, String> {
+    ztmesh_proto::tls::connect_any(&ctl.url, pins, Duration::from_secs(5))
+        .await
+        .map(pb::control_client::ControlClient::new)
+        .map_err(|e| e.to_string())
+}
+
+fn hex32(s: &str) -> [u8; 32] {
+    auth::parse_fingerprint(s).unwrap_or_else(|| panic!("not a fingerprint: {s:?}"))
+}
+
+#[tokio::test]
+async fn tls_certificate_is_rotated_with_a_node_connected() {
+    let ctl = Ctl::start().await;
+    ctl.set_policy(POLICY).await;
+    let old = ctl.fp;
+    let kw = ctl.key("", &["tag:web"], false).await;
+    let w = enroll(&ctl, &kw, "web").await.unwrap();
+    let mut sw = open_stream(&ctl, &w).await.unwrap();
+    let m0 = next_map(&ctl, &mut sw, 0).await;
+    assert!(m0.trust.is_none(), "nothing rotates yet");
+    // Minted before the switch: carries the old fingerprint.
+    let before = ctl.key("", &["tag:db"], true).await;
+
+    for role in ["network-admin", "auditor"] {
+        let mut c = remote_as(&ctl, role).await;
+        let e = c
+            .stage_tls_cert(apb::StageTlsCertRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{role}: {}", e.message());
+        let e = c
+            .switch_tls_cert(apb::SwitchTlsCertRequest { grace_ms: 0 })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{role}: {}", e.message());
+    }
+    let e = ctl
+        .admin()
+        .await
+        .switch_tls_cert(apb::SwitchTlsCertRequest { grace_ms: 60_000 })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::FailedPrecondition,
+        "nothing staged: {}",
+        e.message()
+    );
+    let e = ctl
+        .admin()
+        .await
+        .stage_tls_cert(apb::StageTlsCertRequest {
+            cert_pem: "not a certificate".into(),
+            key_pem: "nor a key".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+
+    // Stage: the connected node's next map lists both pins, current first.
+    let staged = ctl
+        .admin()
+        .await
+        .stage_tls_cert(apb::StageTlsCertRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let new = hex32(&staged.next);
+    assert_eq!(hex32(&staged.current), old);
+    assert_ne!(new, old);
+    assert!(ctl.data.root.join("tls.next.key").exists());
+    let m1 = next_map(&ctl, &mut sw, m0.serial).await;
+    let pins = m1.trust.expect("the map carries the pins").tls_pins;
+    assert_eq!(pins, vec![old.to_vec(), new.to_vec()]);
+    // Presented before the switch only to a client that asks for it.
+    control_pinned(&ctl, &[new]).await.unwrap();
+    assert!(control_pinned(&ctl, &[[7; 32], new]).await.is_err());
+
+    // Switch.
+    let switched = ctl
+        .admin()
+        .await
+        .switch_tls_cert(apb::SwitchTlsCertRequest { grace_ms: 60_000 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (hex32(&switched.current), hex32(&switched.previous)),
+        (new, old)
+    );
+    assert!(switched.next.is_empty());
+    assert_eq!(
+        ctl.mesh.fingerprint(),
+        new,
+        "new auth keys carry the new pin"
+    );
+    let m2 = next_map(&ctl, &mut sw, m1.serial).await;
+    assert_eq!(
+        m2.trust
+            .expect("pins while the old one is retained")
+            .tls_pins,
+        vec![new.to_vec(), old.to_vec()]
+    );
+    // Pinned only to the new certificate: connects, and an unknown hint
+    // gets the current certificate.
+    control_pinned(&ctl, &[new]).await.unwrap();
+    control_pinned(&ctl, &[[7; 32], new]).await.unwrap();
+    // Pinned only to the old one: connects through the ALPN hint while it
+    // is retained.
+    control_pinned(&ctl, &[old]).await.unwrap();
+    // Keys minted before and after the switch both enroll.
+    enroll(&ctl, &before, "db-before").await.unwrap();
+    let after = ctl.key("", &["tag:db"], false).await;
+    let presented = ztmesh_controller::secrets::Presented::parse(
+        ztmesh_controller::secrets::SecretKind::AuthKey,
+        &after,
+    )
+    .unwrap();
+    assert_eq!(presented.fingerprint(), Some(new));
+    let mut c = control_pinned(&ctl, &[new]).await.unwrap();
+    let machine = SigningKey::generate(&mut OsRng);
+    let wg = WgPrivateKey::generate(&mut OsRng);
+    c.enroll(enroll_request(&after, &machine, &wg, "db-after"))
+        .await
+        .unwrap();
+
+    // A second switch while the old one is retained is refused.
+    ctl.admin()
+        .await
+        .stage_tls_cert(apb::StageTlsCertRequest::default())
+        .await
+        .unwrap();
+    let e = ctl
+        .admin()
+        .await
+        .switch_tls_cert(apb::SwitchTlsCertRequest { grace_ms: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+
+    let status = ctl
+        .admin()
+        .await
+        .get_tls_status(apb::GetTlsStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hex32(&status.current), new);
+    assert_eq!(hex32(&status.previous), old);
+    for action in ["controller.tls-stage", "controller.tls-switch"] {
+        let rows = audit_rows(&ctl, action).await;
+        assert!(!rows.is_empty(), "{action} audited");
+    }
+    let rows = audit_rows(&ctl, "controller.tls-switch").await;
+    assert_eq!(rows[0].target, auth::hex(&new));
+    // A restart keeps what is held.
+    let held = ztmesh_controller::tlscerts::TlsFiles::in_dir(&ctl.data.root)
+        .load()
+        .unwrap();
+    assert_eq!(held.current.fingerprint, new);
+    assert_eq!(held.previous.map(|p| p.cert.fingerprint), Some(old));
+    assert_eq!(
+        ztmesh_controller::server::fingerprint(&ctl.data).unwrap(),
+        new
+    );
+}
+
+#[tokio::test]
+async fn tls_previous_certificate_goes_once_its_grace_and_its_keys_are_over() {
+    let ctl = Ctl::start().await;
+    let old = ctl.fp;
+    let before = ctl.key("", &["tag:db"], true).await;
+    let admin = || async { ctl.admin().await };
+    admin()
+        .await
+        .stage_tls_cert(apb::StageTlsCertRequest::default())
+        .await
+        .unwrap();
+    let s = admin()
+        .await
+        .switch_tls_cert(apb::SwitchTlsCertRequest { grace_ms: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let new = hex32(&s.current);
+    // The grace period is over, but a key minted before is live.
+    ctl.mesh.tick_at(now_ms() + 1, 1);
+    let held = ctl.mesh.tls_state().unwrap();
+    assert_eq!(held.previous.map(|p| p.cert.fingerprint), Some(old));
+    // Revoked: the old certificate goes, and with it its pin in maps.
+    let key_id = before.split('.').nth(1).unwrap().to_string();
+    admin()
+        .await
+        .revoke_auth_key(apb::KeyRef { key_id })
+        .await
+        .unwrap();
+    ctl.mesh.tick_at(now_ms() + 2, 2);
+    let held = ctl.mesh.tls_state().unwrap();
+    assert!(held.previous.is_none());
+    assert!(held.pins().is_empty());
+    assert!(!ctl.data.root.join("tls.prev.crt").exists());
+    assert_eq!(
+        audit_rows(&ctl, "controller.tls-previous-end").await.len(),
+        1
+    );
+    assert!(
+        control_pinned(&ctl, &[old]).await.is_err(),
+        "no longer presented"
+    );
+    control_pinned(&ctl, &[new]).await.unwrap();
+}
