@@ -563,6 +563,80 @@ fn flows_survive_controller_sigkill_and_nodes_resync_after_restart() {
 /// the whole grace period refuses the new key's maps (its hand-over ended)
 /// and follows again after re-enrolling. A map signed by the old key —
 /// a thief's copy of it — is refused by a node that moved.
+/// Issue 19: the controller's TLS certificate is rotated with the mesh
+/// running. Connected nodes learn the new pin from a signed map before the
+/// switch; after it, a restarted node connects to the new certificate, and
+/// an auth key created before the switch still enrolls a node.
+#[test]
+fn tls_certificate_rotation_moves_connected_nodes_and_old_keys_still_enroll() {
+    if !require_root_or_skip() {
+        return;
+    }
+    let mut mesh = Mesh::standard();
+    let old_fp = mesh.admin_ok(&["fingerprint"]).trim().to_string();
+    // Carries the old fingerprint.
+    let before = mesh.create_key(&["--user", "bob@example.com"]);
+
+    let out = mesh.admin_ok(&["tls", "rotate", "-o", "json"]);
+    let staged: Value = serde_json::from_str(&out).expect("tls rotate -o json");
+    let new_fp = staged["next"].as_str().expect("next").to_string();
+    assert_eq!(staged["current"].as_str(), Some(old_fp.as_str()), "{out}");
+    assert_ne!(new_fp, old_fp);
+    let holds_new = |m: &Mesh, member: &str| {
+        fs::read_to_string(m.node(member).state_dir.join("enrollment.json"))
+            .is_ok_and(|f| f.contains(&new_fp))
+    };
+    let learned = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        NODES.iter().all(|m| holds_new(&mesh, m))
+    });
+    let took = learned.unwrap_or_else(|e| panic!("nodes did not all learn {new_fp}: {e}"));
+    println!(
+        "tls rotation: {} connected nodes hold the new pin after {took:?}",
+        NODES.len()
+    );
+
+    let out = mesh.admin_ok(&["tls", "switch", "--grace", "1h", "-o", "json"]);
+    let switched: Value = serde_json::from_str(&out).expect("tls switch -o json");
+    assert_eq!(switched["current"].as_str(), Some(new_fp.as_str()), "{out}");
+    assert_eq!(
+        switched["previous"].as_str(),
+        Some(old_fp.as_str()),
+        "{out}"
+    );
+    assert_eq!(mesh.admin_ok(&["fingerprint"]).trim(), new_fp);
+
+    // A node restarted after the switch connects and gets maps.
+    let serial_of = |m: &Mesh, member: &str| m.status(member)["netmap"]["serial"].as_u64();
+    let had = serial_of(&mesh, WEB).unwrap_or(0);
+    mesh.stop_daemon(WEB);
+    mesh.start_daemon(WEB);
+    wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        let st = mesh.status(WEB);
+        st["controller"]["state"] == "connected"
+            && st["netmap"]["serial"].as_u64().is_some_and(|s| s > had)
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "web did not reconnect after the switch: {e}\n{}",
+            mesh.status(WEB)
+        )
+    });
+    mesh.expect_allowed(ALICE, WEB, 443);
+
+    // An auth key created before the switch enrolls a node after it.
+    mesh.node_cli(BOB, &["logout"])
+        .unwrap_or_else(|o| panic!("logout: {o}"));
+    let out = mesh.up(BOB, &before);
+    assert!(
+        out.status.success(),
+        "enrolling with a key from before the switch: {out}"
+    );
+    assert_eq!(mesh.status(BOB)["controller"]["state"], "connected");
+    let audit = mesh.admin_ok(&["audit", "--limit", "50"]);
+    assert!(audit.contains("controller.tls-stage"), "{audit}");
+    assert!(audit.contains("controller.tls-switch"), "{audit}");
+}
+
 #[test]
 fn signing_key_rotation_moves_every_node_without_stopping_flows() {
     if !require_root_or_skip() {
