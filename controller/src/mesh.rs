@@ -2893,6 +2893,68 @@ mod tests {
         open(Arc::new(SqliteStore::in_memory().unwrap()), T0)
     }
 
+    /// During a signing-key hand-over and a TLS rotation at once, every map
+    /// carries one trust field with both; a restart reads the staged
+    /// certificate back; a switch reorders the pins and moves the
+    /// fingerprint new auth keys carry.
+    #[test]
+    fn tls_pins_and_a_handover_share_the_trust_field_and_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = crate::signing::KeyFiles::in_dir(dir.path());
+        let tls = TlsFiles::in_dir(dir.path());
+        let current = TlsCert::generate().unwrap();
+        let cur = current.fingerprint;
+        tls.write_switch(&Held::new(current)).unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().unwrap());
+        let load = |now| {
+            let (key, h) = crate::signing::load(&keys).unwrap();
+            Mesh::load(
+                store.clone(),
+                key,
+                cur,
+                Mesh::random_ula(),
+                MeshConfig::default(),
+                now,
+            )
+            .unwrap()
+            .with_key_files(keys.clone(), h, now)
+            .with_tls(tls.load().unwrap(), tls.clone())
+        };
+        let trust = |m: &Mesh| {
+            NetMap::decode(m.sign(NetMap::default().encode_to_vec()).netmap.as_slice())
+                .unwrap()
+                .trust
+        };
+        let m = load(T0);
+        assert_eq!(trust(&m), None, "nothing rotates");
+        let next = m
+            .tls_stage("admin", TlsCert::generate().unwrap(), T0)
+            .unwrap();
+        m.rotate_signing("admin", SigningKey::generate(&mut OsRng), 60_000, T0)
+            .unwrap();
+        let t = trust(&m).expect("a trust field");
+        assert!(t.handover.is_some());
+        assert_eq!(t.tls_pins, vec![cur.to_vec(), next.to_vec()]);
+        drop(m);
+
+        let m = load(T0 + 1);
+        let t = trust(&m).expect("both survive a restart");
+        assert!(t.handover.is_some());
+        assert_eq!(t.tls_pins, vec![cur.to_vec(), next.to_vec()]);
+        m.tls_switch("admin", 120_000, T0 + 2).unwrap();
+        assert_eq!(m.fingerprint(), next);
+        // The hand-over ends; the pins stay while the old one is retained.
+        m.tick_at(T0 + 60_000, 1);
+        let t = trust(&m).expect("the pins stay");
+        assert!(t.handover.is_none());
+        assert_eq!(t.tls_pins, vec![next.to_vec(), cur.to_vec()]);
+        // Its grace is over and no auth key needs it: it goes, and so does
+        // the trust field.
+        m.tick_at(T0 + 2 + 120_000, 2);
+        assert_eq!(trust(&m), None);
+        assert!(m.tls_state().unwrap().previous.is_none());
+    }
+
     /// A rotation survives a restart in its grace period (the maps keep
     /// carrying the hand-over), and the tick after the grace period ends it:
     /// maps stop carrying it, its file goes, the end is audited.
