@@ -22,7 +22,12 @@ use ztmesh_proto::auth::{ct_eq, sha256};
 use ztmesh_proto::keys::write_secret_file;
 use ztmesh_proto::UnixMs;
 
-use crate::listener::ListenerError;
+/// A certificate and key that cannot serve: they do not parse, the chain
+/// is empty, the key type is unsupported or the key is not the
+/// certificate's. Give a matching PEM certificate and key.
+#[derive(Debug, thiserror::Error)]
+#[error("the TLS certificate or key is invalid: {0}")]
+pub struct BadCert(String);
 
 /// One certificate with its key, parsed once.
 #[derive(Clone)]
@@ -48,10 +53,10 @@ impl TlsCert {
     /// Parses a certificate chain and its key (PEM), checking that they match.
     ///
     /// # Errors
-    /// [`ListenerError::BadIdentity`] for PEM that does not parse, an empty
-    /// chain, an unsupported key, or a key that is not the certificate's.
-    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, ListenerError> {
-        let bad = |e: &dyn fmt::Display| ListenerError::BadIdentity(e.to_string());
+    /// [`BadCert`] for PEM that does not parse, an empty chain, an
+    /// unsupported key, or a key that is not the certificate's.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, BadCert> {
+        let bad = |e: &dyn fmt::Display| BadCert(e.to_string());
         let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| bad(&e))?;
@@ -71,10 +76,10 @@ impl TlsCert {
     /// A new self-signed certificate for `ztmesh-controller`.
     ///
     /// # Errors
-    /// [`ListenerError::BadIdentity`] if generation fails.
-    pub fn generate() -> Result<Self, ListenerError> {
+    /// [`BadCert`] if generation fails.
+    pub fn generate() -> Result<Self, BadCert> {
         let ck = rcgen::generate_simple_self_signed(vec!["ztmesh-controller".to_string()])
-            .map_err(|e| ListenerError::BadIdentity(e.to_string()))?;
+            .map_err(|e| BadCert(e.to_string()))?;
         Self::from_pem(&ck.cert.pem(), &ck.signing_key.serialize_pem())
     }
 }

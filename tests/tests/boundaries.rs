@@ -75,6 +75,7 @@ const CONTROLLER_LAYERS: &[&[&str]] = &[
         "httpclient",
         "backup",
         "signing",
+        "tlscerts",
     ],
     &["secrets", "accounts", "device", "oidc"],
     &["netcore", "store"],
