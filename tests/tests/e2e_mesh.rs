@@ -604,6 +604,20 @@ fn tls_certificate_rotation_moves_connected_nodes_and_old_keys_still_enroll() {
         "{out}"
     );
     assert_eq!(mesh.admin_ok(&["fingerprint"]).trim(), new_fp);
+    // Connected nodes move to the new pin: it comes first in what they
+    // hold, so after a restart they ask the controller for it.
+    let first_pin = |m: &Mesh, member: &str| {
+        fs::read_to_string(m.node(member).state_dir.join("enrollment.json"))
+            .ok()
+            .and_then(|f| serde_json::from_str::<Value>(&f).ok())
+            .and_then(|e| e["tls_pins"][0].as_str().map(str::to_string))
+    };
+    wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        NODES
+            .iter()
+            .all(|m| first_pin(&mesh, m).as_deref() == Some(new_fp.as_str()))
+    })
+    .unwrap_or_else(|e| panic!("nodes did not all move to {new_fp}: {e}"));
 
     // A node restarted after the switch connects and gets maps.
     let serial_of = |m: &Mesh, member: &str| m.status(member)["netmap"]["serial"].as_u64();
