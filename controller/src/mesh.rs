@@ -326,6 +326,10 @@ pub struct Mesh {
     /// The TLS certificates the listener presents and their files
     /// (`None`: an identity without files, which cannot be rotated).
     tls: Option<(Arc<TlsCerts>, TlsFiles)>,
+    /// When [`Mesh::end_tls_previous`] may next list the auth keys (it
+    /// rechecks at most once a minute while keys keep the previous
+    /// certificate).
+    tls_recheck_ms: std::sync::atomic::AtomicI64,
     ula: Ipv6Net,
     cfg: MeshConfig,
     auth: Authenticator,
@@ -401,6 +405,10 @@ fn trust_field(h: Option<pb::KeyHandover>, tls_pins: &[[u8; 32]]) -> Vec<u8> {
     }
     .encode_to_vec()
 }
+
+/// How often a retained previous TLS certificate's auth keys are listed
+/// again once its grace period is over.
+const TLS_RECHECK_MS: i64 = 60_000;
 
 /// Whether `k` is a single-use auth key that enrolled its node.
 fn used_up(k: &SecretRecord) -> bool {
@@ -635,6 +643,7 @@ impl Mesh {
             signing: RwLock::new(Signing::new(signer)),
             key_files: None,
             tls: None,
+            tls_recheck_ms: std::sync::atomic::AtomicI64::new(0),
             ula,
             auth: Authenticator::new(fingerprint),
             changes: Mutex::new(()),
@@ -1054,9 +1063,11 @@ impl Mesh {
         else {
             return;
         };
-        if now < until {
+        if now < until || now < self.tls_recheck_ms.load(Ordering::Relaxed) {
             return;
         }
+        self.tls_recheck_ms
+            .store(now.saturating_add(TLS_RECHECK_MS), Ordering::Relaxed);
         let keys = match self.store.keys(SecretKind::AuthKey) {
             Ok(k) => k,
             Err(e) => {

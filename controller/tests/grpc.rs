@@ -2232,6 +2232,11 @@ async fn tls_previous_certificate_goes_once_its_grace_and_its_keys_are_over() {
         .await
         .unwrap();
     ctl.mesh.tick_at(now_ms() + 2, 2);
+    assert!(
+        ctl.mesh.tls_state().unwrap().previous.is_some(),
+        "the keys are listed again a minute later, not every tick"
+    );
+    ctl.mesh.tick_at(now_ms() + 61_000, 3);
     let held = ctl.mesh.tls_state().unwrap();
     assert!(held.previous.is_none());
     assert!(held.pins().is_empty());
