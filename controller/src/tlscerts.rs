@@ -247,6 +247,13 @@ impl TlsFiles {
     /// # Errors
     /// A missing current certificate, or any file that does not parse.
     pub fn load(&self) -> anyhow::Result<Held> {
+        // A switch interrupted between its two renames: the key moved, the
+        // certificate did not yet.
+        let (next_crt, next_key) = (self.path("tls.next.crt"), self.path("tls.next.key"));
+        if next_crt.exists() && !next_key.exists() {
+            std::fs::rename(&next_crt, self.path("tls.crt"))
+                .context("finishing an interrupted TLS switch")?;
+        }
         let current = self
             .read_pair("tls")?
             .context("the data dir has no tls.crt and tls.key")?;
@@ -272,6 +279,14 @@ impl TlsFiles {
                 }
             }
         };
+        // A switch interrupted before its renames: nothing switched.
+        let previous = match previous {
+            Some(p) if p.cert.fingerprint == current.fingerprint => {
+                self.remove_previous()?;
+                None
+            }
+            p => p,
+        };
         Ok(Held {
             current,
             next,
@@ -285,7 +300,9 @@ impl TlsFiles {
     }
 
     /// Writes the state after a switch: the previous certificate and its
-    /// times first, then the new current one, then the staged files go.
+    /// times first, then the staged files are renamed over the current
+    /// ones, the key first ([`TlsFiles::load`] finishes a switch a crash
+    /// interrupted). Without staged files, `held.current` is written.
     pub fn write_switch(&self, held: &Held) -> anyhow::Result<()> {
         if let Some(p) = &held.previous {
             self.write_pair("tls.prev", &p.cert)?;
@@ -294,8 +311,15 @@ impl TlsFiles {
                 format!("{} {}\n", p.switched_ms, p.until_ms),
             )?;
         }
-        self.write_pair("tls", &held.current)?;
-        self.remove_pair("tls.next")
+        let staged = self.read_pair("tls.next")?;
+        if staged.is_some_and(|n| n.fingerprint == held.current.fingerprint) {
+            std::fs::rename(self.path("tls.next.key"), self.path("tls.key"))?;
+            std::fs::rename(self.path("tls.next.crt"), self.path("tls.crt"))?;
+            Ok(())
+        } else {
+            self.write_pair("tls", &held.current)?;
+            self.remove_pair("tls.next")
+        }
     }
 
     /// Removes the retained previous certificate.
@@ -384,5 +408,53 @@ mod tests {
         assert_eq!(loaded.previous.as_ref().unwrap().until_ms, 2);
         files.remove_previous().unwrap();
         assert_eq!(files.load().unwrap().fingerprints(), vec![c]);
+    }
+
+    #[test]
+    fn tls_files_finish_or_undo_a_switch_a_crash_interrupted() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsFiles::in_dir(dir.path());
+        let (old, new) = (TlsCert::generate().unwrap(), TlsCert::generate().unwrap());
+        let prev = |cert: &TlsCert| Previous {
+            cert: cert.clone(),
+            switched_ms: 1,
+            until_ms: 2,
+        };
+        files.write_switch(&Held::new(old.clone())).unwrap();
+        files.write_next(&new).unwrap();
+        // Crashed after the previous was written, before the renames.
+        files.write_pair("tls.prev", &old).unwrap();
+        let h = files.load().unwrap();
+        assert_eq!(h.fingerprints(), vec![old.fingerprint, new.fingerprint]);
+        assert!(!dir.path().join("tls.prev.crt").exists());
+        // Crashed between the key's rename and the certificate's.
+        files.write_pair("tls.prev", &old).unwrap();
+        std::fs::rename(dir.path().join("tls.next.key"), dir.path().join("tls.key")).unwrap();
+        let h = files.load().unwrap();
+        assert_eq!(h.current.fingerprint, new.fingerprint);
+        assert!(h.next.is_none());
+        assert_eq!(
+            h.previous.map(|p| p.cert.fingerprint),
+            Some(old.fingerprint)
+        );
+        // A whole switch.
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsFiles::in_dir(dir.path());
+        files.write_switch(&Held::new(old.clone())).unwrap();
+        files.write_next(&new).unwrap();
+        let after = Held {
+            current: new.clone(),
+            next: None,
+            previous: Some(prev(&old)),
+        };
+        files.write_switch(&after).unwrap();
+        let h = files.load().unwrap();
+        assert_eq!(h.fingerprints(), vec![new.fingerprint, old.fingerprint]);
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.path().join("tls.key"))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "the renamed key stays private");
     }
 }
