@@ -684,6 +684,13 @@ impl Drop for MapFeed {
     }
 }
 
+/// The person signed in to the admin console, for the calls its pages make
+/// in-process (never from the network: a request extension no client can
+/// set). The call then goes through the same role check and audit as an
+/// API key's.
+#[derive(Clone, Debug)]
+pub struct ConsoleActor(pub Actor);
+
 /// The admin service. `local` instances (the unix socket) are authorized by the
 /// socket's file permissions; remote ones need an API key.
 #[derive(Clone)]
@@ -735,7 +742,9 @@ impl AdminService {
     /// (`api.read`); changes are audited by the mesh with what they did.
     fn actor<T>(&self, req: &Request<T>, access: Access, method: &str) -> Result<Actor, Status> {
         let now = now_ms();
-        let actor = if self.local {
+        let actor = if let Some(ConsoleActor(a)) = req.extensions().get::<ConsoleActor>() {
+            a.clone()
+        } else if self.local {
             Actor::local()
         } else {
             let src = req.remote_addr().map(|a| a.ip());
@@ -840,6 +849,63 @@ impl AdminService {
 }
 
 /// The audit actor of an unauthenticated caller: its source address.
+/// How many of the newest audit events a filtered `ListAudit` searches.
+pub const AUDIT_SEARCH_WINDOW: u32 = 10_000;
+
+/// `ListAudit`'s filters (see admin.proto).
+struct AuditFilter {
+    actor: String,
+    action: String,
+    text: String,
+    since_ms: i64,
+    before_id: u64,
+}
+
+impl AuditFilter {
+    fn new(r: &apb::ListAuditRequest) -> Result<Self, Status> {
+        for (field, v) in [
+            ("actor", &r.actor),
+            ("action", &r.action),
+            ("text", &r.text),
+        ] {
+            limit_len(field, v, 256)?;
+        }
+        Ok(Self {
+            actor: r.actor.trim().to_string(),
+            action: r.action.trim().to_string(),
+            text: r.text.trim().to_lowercase(),
+            since_ms: r.since_ms,
+            before_id: r.before_id,
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.actor.is_empty()
+            && self.action.is_empty()
+            && self.text.is_empty()
+            && self.since_ms == 0
+            && self.before_id == 0
+    }
+
+    fn matches(&self, a: &crate::store::AuditRow) -> bool {
+        /// Exactly, or as a prefix when `pattern` ends in `*`.
+        fn like(value: &str, pattern: &str) -> bool {
+            match pattern.strip_suffix('*') {
+                _ if pattern.is_empty() => true,
+                Some(prefix) => value.starts_with(prefix),
+                None => value == pattern,
+            }
+        }
+        like(&a.actor, &self.actor)
+            && like(&a.action, &self.action)
+            && (self.text.is_empty()
+                || a.target.to_lowercase().contains(&self.text)
+                || a.detail.to_lowercase().contains(&self.text))
+            && a.time_ms >= self.since_ms
+            && (self.before_id == 0 || a.id < self.before_id)
+    }
+}
+
 fn source_actor(src: Option<std::net::IpAddr>) -> String {
     match src {
         Some(ip) => format!("source:{ip}"),
@@ -1158,6 +1224,39 @@ impl Admin for AdminService {
         ok(self.node_pb(&n, online))
     }
 
+    async fn quarantine_node(&self, req: Request<apb::QuarantineNodeRequest>) -> R<apb::Node> {
+        let actor = self.actor(&req, Access::Network, "QuarantineNode")?;
+        let r = req.get_ref();
+        self.mesh.sync(now_ms());
+        let n = self
+            .mesh
+            .quarantine_node(&actor.name, &r.node, &r.reason, now_ms())?;
+        let online = self.mesh.has_live_session(n.id);
+        ok(self.node_pb(&n, online))
+    }
+
+    async fn get_policy_graph(
+        &self,
+        req: Request<apb::GetPolicyGraphRequest>,
+    ) -> R<apb::PolicyGraph> {
+        self.actor(&req, Access::Read, "GetPolicyGraph")?;
+        let (edges, version) = self.mesh.policy_graph();
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let edges = edges
+            .into_iter()
+            .map(|e| apb::PolicyEdge {
+                src: e.src,
+                dst: e.dst,
+                ports: e.ports,
+                rule_id: e.rule_id,
+                postures: e.postures,
+                src_nodes: count(e.src_nodes),
+                dst_nodes: count(e.dst_nodes),
+            })
+            .collect();
+        ok(apb::PolicyGraph { edges, version })
+    }
+
     #[expect(
         clippy::disallowed_types,
         reason = "the API shell draws the new signing key from OS entropy"
@@ -1412,16 +1511,26 @@ impl Admin for AdminService {
 
     async fn list_audit(&self, req: Request<apb::ListAuditRequest>) -> R<apb::ListAuditResponse> {
         self.actor(&req, Access::Read, "ListAudit")?;
-        let limit = match req.get_ref().limit {
+        let r = req.get_ref();
+        let limit = match r.limit {
             0 => 100,
             n => n.min(10_000),
+        };
+        let filter = AuditFilter::new(r)?;
+        // Filters search the newest AUDIT_SEARCH_WINDOW events.
+        let window = if filter.is_empty() {
+            limit
+        } else {
+            AUDIT_SEARCH_WINDOW
         };
         let events = self
             .mesh
             .store()
-            .audit_log(limit)
+            .audit_log(window)
             .map_err(Error::from)?
             .into_iter()
+            .filter(|a| filter.matches(a))
+            .take(limit as usize)
             .map(|a| apb::AuditEvent {
                 id: a.id,
                 time_ms: a.time_ms,

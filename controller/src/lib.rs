@@ -35,6 +35,7 @@ pub mod auditchain;
 pub mod auth;
 pub mod backup;
 pub mod cli;
+pub mod console;
 pub mod detect;
 pub mod device;
 pub mod error;

@@ -192,6 +192,9 @@ impl Plan {
             dns_domain: a.dns_domain,
             detect: a.detect.config()?,
             webhook: a.detect.webhook()?,
+            web_session_idle_ms: i64::try_from(a.web_session_idle.as_millis())
+                .unwrap_or(i64::MAX)
+                .max(1000),
             ..MeshConfig::default()
         };
         // Parsed here, not by clap: its errors quote the value, and a URL

@@ -105,6 +105,8 @@ pub struct MeshConfig {
     /// Where alerts are POSTed ([`crate::alert`]); none: detections are
     /// only recorded and audited.
     pub webhook: Option<crate::alert::Webhook>,
+    /// A signed-in web console session unused this long ends.
+    pub web_session_idle_ms: i64,
 }
 
 impl Default for MeshConfig {
@@ -130,6 +132,7 @@ impl Default for MeshConfig {
             posture_ttl_ms: DEFAULT_POSTURE_TTL_MS,
             detect: crate::detect::DetectConfig::default(),
             webhook: None,
+            web_session_idle_ms: crate::web::session::IDLE_MS,
         }
     }
 }
@@ -2840,6 +2843,14 @@ impl Mesh {
         let nodes: Vec<PolicyNode> = old.nodes().cloned().collect();
         let new = Compiled::new(policy, nodes);
         Ok(ztmesh_policy::plan(old, &new))
+    }
+
+    /// Who may reach whom under the policy in force (see
+    /// [`ztmesh_policy::graph`]), and that policy's version (0: none set).
+    pub fn policy_graph(&self) -> (Vec<ztmesh_policy::PolicyEdge>, u64) {
+        let st = self.state();
+        let version = st.policy_row.as_ref().map_or(0, |r| r.version);
+        (ztmesh_policy::graph(st.core.compiled()), version)
     }
 
     pub fn explain(

@@ -532,6 +532,12 @@ pub async fn run_with(
         .clone()
         .map(|s| tokio::spawn(s.discover(Duration::from_secs(10))));
     let web = Arc::new(crate::web::Web::new(mesh.clone(), logins.clone(), sso));
+    let admin = AdminService {
+        mesh: mesh.clone(),
+        local: false,
+        limiter: limiter.clone(),
+        layout,
+    };
     let mut routes = tonic::service::Routes::builder();
     routes
         .add_service(ControlRouter::new(ControlService {
@@ -539,15 +545,11 @@ pub async fn run_with(
             logins,
             limiter: limiter.clone(),
         }))
-        .add_service(AdminServer::new(AdminService {
-            mesh: mesh.clone(),
-            local: false,
-            limiter,
-            layout,
-        }));
+        .add_service(AdminServer::new(admin.clone()));
     let routes = routes.routes();
-    let routes =
-        tonic::service::Routes::from(routes.into_axum_router().merge(crate::web::router(web)));
+    // The admin console calls the same admin service, as the signed-in person.
+    let pages = crate::web::router(web.clone()).merge(crate::console::router(web, admin));
+    let routes = tonic::service::Routes::from(routes.into_axum_router().merge(pages));
     if let Some(n) = &notify {
         n.ready(&format!("serving on {bound}"));
     }

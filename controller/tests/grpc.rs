@@ -283,7 +283,10 @@ async fn refuses_wrong_stale_and_replayed_proofs() {
 async fn audit_rows(ctl: &Ctl, action: &str) -> Vec<apb::AuditEvent> {
     ctl.admin()
         .await
-        .list_audit(apb::ListAuditRequest { limit: 10_000 })
+        .list_audit(apb::ListAuditRequest {
+            limit: 10_000,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -725,7 +728,10 @@ async fn a_second_machine_with_the_same_identity_is_refused_while_the_first_is_l
     let audit = ctl
         .admin()
         .await
-        .list_audit(apb::ListAuditRequest { limit: 100 })
+        .list_audit(apb::ListAuditRequest {
+            limit: 100,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -1097,7 +1103,10 @@ async fn routes_are_advertised_by_the_node_and_approved_by_an_admin_or_the_polic
     assert_eq!(n.approved_routes, vec!["198.19.50.0/24".to_string()]);
     assert!(n.exit_node_approved);
     let audit = admin
-        .list_audit(apb::ListAuditRequest { limit: 20 })
+        .list_audit(apb::ListAuditRequest {
+            limit: 20,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -1157,9 +1166,12 @@ async fn api_key_roles_limit_what_a_caller_may_do() {
     let mut a = cli::connect(&remote(&auditor)).await.unwrap();
     a.list_nodes(apb::ListNodesRequest {}).await.unwrap();
     a.get_policy(apb::GetPolicyRequest {}).await.unwrap();
-    a.list_audit(apb::ListAuditRequest { limit: 5 })
-        .await
-        .unwrap();
+    a.list_audit(apb::ListAuditRequest {
+        limit: 5,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let e = a
         .set_policy(apb::SetPolicyRequest {
             file_name: "p.hujson".into(),

@@ -111,6 +111,7 @@ mod compile;
 mod dns;
 mod error;
 mod eval;
+mod graph;
 mod hujson;
 mod plan;
 mod policy;
@@ -126,6 +127,7 @@ pub use compile::{Compiled, InboundRule, NodeView};
 pub use dns::{DNS_PORT, MAX_SPLIT_RESOLVERS, MAX_SPLIT_SUFFIXES};
 pub use error::{Diagnostic, PolicyError, Pos};
 pub use eval::Explanation;
+pub use graph::{graph, PolicyEdge};
 pub use plan::{plan, FlowChange};
 pub use policy::{
     parse_proto, proto_has_ports, proto_name, Policy, PortRange, ProtoError, DEFAULT_TEST_PROTO,

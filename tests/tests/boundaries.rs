@@ -85,6 +85,7 @@ const CONTROLLER_LAYERS: &[&[&str]] = &[
     &["mesh"],
     &["web"],
     &["api", "listener"],
+    &["console"],
     &["server"],
     &["cli"],
 ];

@@ -154,7 +154,10 @@ fn data_dir_key(dir: &DataDir) -> anyhow::Result<PublicKey> {
 
 pub(super) async fn run(c: &mut Client, limit: u32, output: Output) -> anyhow::Result<()> {
     let events = c
-        .list_audit(apb::ListAuditRequest { limit })
+        .list_audit(apb::ListAuditRequest {
+            limit,
+            ..Default::default()
+        })
         .await
         .map_err(status_err)?
         .into_inner()

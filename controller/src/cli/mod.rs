@@ -182,6 +182,10 @@ pub struct ServeArgs {
     #[arg(long = "controller-url", value_name = "URL", value_delimiter = ',',
           value_parser = parse_public_url)]
     pub controller_urls: Vec<String>,
+    /// A web console session unused this long is signed out (sessions
+    /// end after 12 h regardless).
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    pub web_session_idle: Duration,
     /// Lifetime of a signed netmap; connected nodes get a fresh one at half-life.
     #[arg(long, default_value = "12h", value_parser = parse_duration)]
     pub netmap_ttl: Duration,

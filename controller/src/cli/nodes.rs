@@ -28,8 +28,16 @@ pub enum NodesCmd {
     Expire { node: String },
     /// Rename a node (its MagicDNS name follows).
     Rename { node: String, new_name: String },
-    /// End a detector's quarantine: the node is back in the maps (audited).
+    /// End a quarantine: the node is back in the maps (audited).
     Release { node: String },
+    /// Quarantine a node now: it leaves every map until released (audited
+    /// with the reason).
+    Quarantine {
+        node: String,
+        /// Why, one line (kept with the quarantine and audited).
+        #[arg(long)]
+        reason: String,
+    },
     /// Show a node's subnet routes and exit-node role, and approve or
     /// withdraw approval (only advertised routes can be approved).
     Routes {
@@ -260,6 +268,14 @@ pub(super) async fn run(c: &mut Client, cmd: NodesCmd) -> anyhow::Result<()> {
                 .map_err(status_err)?
                 .into_inner();
             println!("released node {}", n.name);
+        }
+        NodesCmd::Quarantine { node, reason } => {
+            let n = c
+                .quarantine_node(apb::QuarantineNodeRequest { node, reason })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!("quarantined node {}", n.name);
         }
         NodesCmd::Rename { node, new_name } => {
             let n = c

@@ -334,6 +334,54 @@ impl Mesh {
         Ok(released)
     }
 
+    /// Quarantines a node by an admin's decision (the console's or the
+    /// CLI's "quarantine" button): it leaves every map, like a detector's
+    /// quarantine, until released. `reason` is one line the admin wrote.
+    ///
+    /// # Errors
+    /// `NotFound`; `InvalidArgument` for an empty or long reason;
+    /// `FailedPrecondition` when it is quarantined already; store failures.
+    pub fn quarantine_node(
+        &self,
+        actor: &str,
+        r: &str,
+        reason: &str,
+        now: UnixMs,
+    ) -> Result<NodeRow> {
+        let reason = reason.trim();
+        if reason.is_empty() || reason.len() > 200 || reason.chars().any(char::is_control) {
+            return Err(Error::Invalid(
+                "a quarantine needs a reason: one line of at most 200 bytes".into(),
+            ));
+        }
+        let turn: Turn<'_> = self.turn();
+        let node = self.find_node(r)?;
+        if node.quarantine.is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "node {} is quarantined already",
+                node.name
+            )));
+        }
+        let q = Quarantine {
+            since_ms: now,
+            reason: format!("by {actor}: {reason}"),
+        };
+        self.store.set_node_quarantine(node.id, Some(&q))?;
+        self.audit(
+            now,
+            actor,
+            "node.quarantine",
+            &node.name,
+            &format!("id={} reason={reason}", node.id),
+        );
+        let quarantined = NodeRow {
+            quarantine: Some(q),
+            ..node
+        };
+        self.apply(&turn, Change::Upsert(quarantined.clone()), now);
+        Ok(quarantined)
+    }
+
     /// Forgets a node's evidence (it left the mesh).
     pub(super) fn forget_evidence(&self, node: u64) {
         self.detector
@@ -458,6 +506,53 @@ mod tests {
         // Its slate is clean: one receiver's report is not a finding again.
         m.observe_report(&row(&m, a), &denied(&s, 1..=100), &[], T0 + 7);
         assert!(row(&m, suspect).quarantine.is_none());
+    }
+
+    #[test]
+    fn an_admin_quarantines_a_node_with_a_reason_until_released() {
+        let (m, store) = mesh(DetectConfig::default());
+        let ids = enroll_nodes(&m, 2);
+        let (n, other) = (row(&m, ids[0]), ids[1]);
+        for bad in ["", "  ", "two\nlines", &"x".repeat(201)] {
+            assert!(
+                matches!(
+                    m.quarantine_node("user:alice", &n.name, bad, T0 + 1),
+                    Err(Error::Invalid(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            m.quarantine_node("user:alice", "nope", "stolen laptop", T0 + 1),
+            Err(Error::NotFound(_))
+        ));
+        assert!(
+            row(&m, n.id).quarantine.is_none(),
+            "refusals change nothing"
+        );
+        let q = m
+            .quarantine_node("user:alice", &n.name, "stolen laptop", T0 + 2)
+            .unwrap()
+            .quarantine
+            .unwrap();
+        assert_eq!(q.reason, "by user:alice: stolen laptop");
+        assert!(store.nodes().unwrap()[0].quarantine.is_some(), "durable");
+        assert!(!peers_of(&m, other).contains(&n.id));
+        assert!(matches!(
+            m.quarantine_node("user:alice", &n.name, "again", T0 + 3),
+            Err(Error::FailedPrecondition(_))
+        ));
+        let audited = store.audit_log(50).unwrap();
+        let r = audited
+            .iter()
+            .find(|r| r.action == "node.quarantine")
+            .expect("audited");
+        assert_eq!(
+            (r.actor.as_str(), r.target.as_str()),
+            ("user:alice", n.name.as_str())
+        );
+        m.release_node("user:alice", &n.name, T0 + 4).unwrap();
+        assert!(peers_of(&m, other).contains(&n.id));
     }
 
     #[test]

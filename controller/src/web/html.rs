@@ -63,7 +63,24 @@ text-decoration:none;display:inline-block}button.secondary{background:#6b7280}\
 .error{color:#b42318;font-weight:600}dl{display:grid;grid-template-columns:auto 1fr;gap:.3rem 1rem}\
 dt{font-weight:600}dd{margin:0;word-break:break-all}code{background:#eef0f4;padding:.1rem .3rem}\
 .qr img{width:14rem;height:14rem}ul#recovery-codes{font-family:monospace;columns:2}\
-.sep{margin:1.5rem 0;border-top:1px solid #ddd}";
+.sep{margin:1.5rem 0;border-top:1px solid #ddd}\
+body.console header{display:flex;gap:1rem;align-items:center;flex-wrap:wrap;background:#1d2330;\
+color:#fff;padding:.5rem 1.5rem}body.console header nav{display:flex;gap:.9rem;flex:1}\
+body.console header a{color:#cfd8ff;text-decoration:none}body.console header a[aria-current]{color:#fff;\
+font-weight:700;border-bottom:2px solid #fff}body.console header form button{margin:0}\
+main.wide{max-width:78rem;margin:1.5rem auto}h2{font-size:1.1rem;margin-top:1.6rem}\
+table{border-collapse:collapse;width:100%;font-size:.9rem}th,td{text-align:left;padding:.35rem .5rem;\
+border-bottom:1px solid #e3e6ec;vertical-align:top}th{background:#f0f2f6}.scroll{overflow-x:auto}\
+td.detail{word-break:break-all;max-width:30rem}tr.denied td{color:#b42318}\
+.notice{background:#e8f3ec;border-left:4px solid #2f855a;padding:.5rem .8rem}\
+.muted{color:#6b7280}button.danger{background:#b42318}button.small{padding:.25rem .6rem;margin:0;\
+font-size:.85rem}form.inline{display:inline-block;margin-right:1rem}form.row{display:flex;gap:.8rem;\
+flex-wrap:wrap;align-items:flex-end}form.row label{margin:0}.actions form{display:block;margin:.8rem 0}\
+label.check{display:flex;gap:.4rem;align-items:center}textarea{width:100%;box-sizing:border-box;\
+font-family:monospace;font-size:.85rem}ol#listing{font-size:.8rem}ol#listing li.bad{background:#fde8e8}\
+ul#policy-errors{font-family:monospace}td.gain{color:#2f855a}td.loss{color:#b42318}\
+#explain-result.allowed{border-left:4px solid #2f855a;padding-left:.6rem}\
+#explain-result.denied{border-left:4px solid #b42318;padding-left:.6rem}li.fail{color:#b42318}";
 
 #[cfg(test)]
 mod tests {

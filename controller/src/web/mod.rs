@@ -191,11 +191,12 @@ pub struct Web {
 impl Web {
     pub fn new(mesh: Arc<Mesh>, hub: Arc<LoginHub>, sso: Option<Arc<Sso>>) -> Self {
         let fingerprint = hex(&mesh.fingerprint());
+        let idle_ms = mesh.config().web_session_idle_ms;
         Self {
             mesh,
             hub,
             sso,
-            sessions: Mutex::new(Sessions::new(10_000, 64)),
+            sessions: Mutex::new(Sessions::new(10_000, 64).with_idle(idle_ms)),
             pw_account: Mutex::new(Backoff::new(5, 1000, 30_000, 100_000)),
             pw_source: Mutex::new(Backoff::new(20, 1000, 300_000, 100_000)),
             mfa: Mutex::new(Backoff::new(3, 1000, 30_000, 100_000)),
@@ -228,7 +229,7 @@ pub fn router(web: Arc<Web>) -> Router {
 pub const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self' data:; \
                        form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
-async fn security_headers(mut r: Response) -> Response {
+pub(crate) async fn security_headers(mut r: Response) -> Response {
     let h = r.headers_mut();
     for (k, v) in [
         (header::CONTENT_SECURITY_POLICY, CSP),
@@ -261,12 +262,12 @@ async fn style() -> Response {
 // ---- request plumbing -------------------------------------------------------
 
 /// The web shell reads the clock once per step of a request.
-fn now() -> UnixMs {
+pub(crate) fn now() -> UnixMs {
     crate::now_ms()
 }
 
 /// The caller's address, as the listener accepted it.
-type Conn = Option<Extension<TcpConnectInfo>>;
+pub(crate) type Conn = Option<Extension<TcpConnectInfo>>;
 
 fn source(conn: &Conn) -> Option<IpAddr> {
     conn.as_ref()
@@ -274,13 +275,13 @@ fn source(conn: &Conn) -> Option<IpAddr> {
         .map(|a| a.ip())
 }
 
-fn source_text(conn: &Conn) -> String {
+pub(crate) fn source_text(conn: &Conn) -> String {
     source(conn)
         .map(|ip| source_key(ip).to_string())
         .unwrap_or_else(|| "unknown".into())
 }
 
-fn cookie(headers: &HeaderMap) -> Option<String> {
+pub(crate) fn cookie(headers: &HeaderMap) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -299,7 +300,7 @@ fn set_cookie(id: &str) -> (header::HeaderName, String) {
 }
 
 /// A page response, setting the session cookie when it changed.
-fn respond(status: StatusCode, set: Option<&str>, body: String) -> Response {
+pub(crate) fn respond(status: StatusCode, set: Option<&str>, body: String) -> Response {
     let mut r = (
         status,
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
@@ -316,7 +317,7 @@ fn respond(status: StatusCode, set: Option<&str>, body: String) -> Response {
 }
 
 /// A 303 to a local path (after a POST, or to sign in first).
-fn redirect(to: &str, set: Option<&str>) -> Response {
+pub(crate) fn redirect(to: &str, set: Option<&str>) -> Response {
     let mut r = respond(StatusCode::SEE_OTHER, set, String::new());
     if let Ok(v) = HeaderValue::from_str(to) {
         r.headers_mut().insert(header::LOCATION, v);
@@ -324,15 +325,22 @@ fn redirect(to: &str, set: Option<&str>) -> Response {
     r
 }
 
-fn problem(status: StatusCode, title: &str, msg: &str) -> Response {
+pub(crate) fn problem(status: StatusCode, title: &str, msg: &str) -> Response {
     respond(status, None, page(title, &html::error(Some(msg))))
 }
+
+/// The admin console's pages (`crate::console`): a place to come back to
+/// after signing in.
+pub const CONSOLE_PAGES: &[&str] = &[
+    "/nodes", "/users", "/keys", "/policy", "/graph", "/audit", "/flows",
+];
 
 /// Where to go after signing in: only this site's own pages (an open
 /// redirect would hand a login code to another site).
 fn safe_next(next: Option<&str>) -> String {
     match next {
         Some("/") | None => "/".into(),
+        Some(n) if CONSOLE_PAGES.contains(&n) => n.into(),
         Some(n) => match n
             .strip_prefix("/device?code=")
             .and_then(device::normalize_code)
@@ -378,7 +386,12 @@ fn session_or_new<T>(
 
 /// Checks a state-changing request: a live session whose CSRF token the
 /// form carries, from this site (Origin / Sec-Fetch-Site when sent).
-fn check_post(w: &Web, uri: &Uri, headers: &HeaderMap, csrf: &str) -> Result<String, Response> {
+pub(crate) fn check_post(
+    w: &Web,
+    uri: &Uri,
+    headers: &HeaderMap,
+    csrf: &str,
+) -> Result<String, Response> {
     let stale = |why: &str| {
         tracing::info!(why, "form refused");
         problem(
@@ -435,7 +448,7 @@ fn rotate(w: &Web, id: &str) -> Option<String> {
 
 /// The signed-in user of session `id`, if their credentials have not
 /// changed since they signed in (else the session is signed out).
-fn current_user(w: &Web, id: &str) -> Option<(String, Role)> {
+pub(crate) fn current_user(w: &Web, id: &str) -> Option<(String, Role)> {
     let (login, role, stamp) = with_session(w, id, |s| match &s.auth {
         Auth::SignedIn {
             login, role, stamp, ..
@@ -449,7 +462,7 @@ fn current_user(w: &Web, id: &str) -> Option<(String, Role)> {
     None
 }
 
-fn with_session<T>(w: &Web, id: &str, f: impl FnOnce(&mut Session) -> T) -> Option<T> {
+pub(crate) fn with_session<T>(w: &Web, id: &str, f: impl FnOnce(&mut Session) -> T) -> Option<T> {
     relock(&w.sessions).get(id, now()).map(f)
 }
 
@@ -479,10 +492,15 @@ async fn home(State(w): State<Arc<Web>>, conn: Conn, headers: HeaderMap) -> Resp
         "<p id=\"signed-in\">Signed in as <strong>{}</strong> ({}).</p>\
          <p>To add a device, run <code>ztmesh up --controller URL --fingerprint {}</code> on it \
          and open the link it prints.</p>\
-         <form method=\"post\" action=\"/logout\">{}<button id=\"sign-out\" class=\"secondary\">Sign out</button></form>",
+         {}<form method=\"post\" action=\"/logout\">{}<button id=\"sign-out\" class=\"secondary\">Sign out</button></form>",
         esc(&login),
         esc(role.as_str()),
         esc(&w.fingerprint),
+        if role.allows(crate::roles::Access::Read) {
+            "<p><a id=\"console\" class=\"button\" href=\"/nodes\">Open the admin console</a></p>"
+        } else {
+            ""
+        },
         hidden("csrf", &csrf)
     );
     respond(StatusCode::OK, set.as_deref(), page("ztmesh", &body))
@@ -1141,7 +1159,7 @@ fn fingerprint_of(key: &[u8; 32]) -> String {
         .join(":")
 }
 
-fn percent(s: &str) -> String {
+pub(crate) fn percent(s: &str) -> String {
     s.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {

@@ -93,6 +93,8 @@ fn random_token(rng: &mut impl RngCore) -> String {
 pub struct Sessions {
     max: usize,
     per_source: usize,
+    /// A session unused this long ends ([`IDLE_MS`] unless configured).
+    idle_ms: i64,
     map: HashMap<[u8; 32], Session>,
 }
 
@@ -103,8 +105,20 @@ impl Sessions {
         Self {
             max,
             per_source,
+            idle_ms: IDLE_MS,
             map: HashMap::new(),
         }
+    }
+
+    /// Sessions end after `idle_ms` unused (at least a second; never
+    /// longer than the absolute limit).
+    pub fn with_idle(mut self, idle_ms: i64) -> Self {
+        self.idle_ms = idle_ms.clamp(1000, ABSOLUTE_MS);
+        self
+    }
+
+    fn live(&self, s: &Session, now: UnixMs) -> bool {
+        now - s.last_ms < self.idle_ms && now - s.created_ms < ABSOLUTE_MS
     }
 
     /// A new anonymous session for a browser at `source`; returns its
@@ -185,10 +199,7 @@ impl Sessions {
             return None;
         }
         let key = sha256(id.as_bytes());
-        let live = self
-            .map
-            .get(&key)
-            .is_some_and(|s| now - s.last_ms < IDLE_MS && now - s.created_ms < ABSOLUTE_MS);
+        let live = self.map.get(&key).is_some_and(|s| self.live(s, now));
         if !live {
             self.map.remove(&key);
             return None;
@@ -214,8 +225,9 @@ impl Sessions {
     }
 
     pub fn prune(&mut self, now: UnixMs) {
+        let (idle, absolute) = (self.idle_ms, ABSOLUTE_MS);
         self.map
-            .retain(|_, s| now - s.last_ms < IDLE_MS && now - s.created_ms < ABSOLUTE_MS);
+            .retain(|_, s| now - s.last_ms < idle && now - s.created_ms < absolute);
     }
 
     pub fn len(&self) -> usize {
@@ -247,6 +259,11 @@ mod tests {
         assert!(s.get(&id, ABSOLUTE_MS).is_none());
         let id = s.create(0, "a", &mut r).unwrap();
         assert!(s.get(&id, IDLE_MS).is_none(), "idle too long");
+        // A shorter idle limit, as `serve --web-session-idle` sets it.
+        let mut short = Sessions::new(10, 10).with_idle(5_000);
+        let id = short.create(0, "src", &mut r).unwrap();
+        assert!(short.get(&id, 4_999).is_some());
+        assert!(short.get(&id, 4_999 + 5_000).is_none(), "idle too long");
     }
 
     #[test]
