@@ -1557,6 +1557,7 @@ async fn receivers_reports_quarantine_a_scanner_and_release_is_an_admins_act() {
             pb::ReportFlowsRequest {
                 flows,
                 unknown_handshakes: hs,
+                paths: None,
             },
             now_ms(),
             &mut OsRng,
@@ -1690,6 +1691,7 @@ async fn one_node_reporting_forged_flows_from_a_victim_frames_nobody() {
             pb::ReportFlowsRequest {
                 flows: forged.clone(),
                 unknown_handshakes: hs.clone(),
+                paths: None,
             },
             now_ms(),
             &mut OsRng,
