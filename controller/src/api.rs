@@ -31,6 +31,7 @@ use crate::backup;
 use crate::error::Error;
 use crate::mesh::{Actor, Mesh, Subscriber, Update, UserUpdate};
 use crate::metrics::{failure_reason, refusal_reason, EnrollMethod};
+use crate::model::PeerPaths;
 use crate::nodelimit::Call;
 use crate::now_ms;
 use crate::ratelimit::SharedLimiter;
@@ -367,6 +368,9 @@ impl Control for ControlService {
             "flow report"
         );
         let now = now_ms();
+        if let Some(paths) = &req.get_ref().paths {
+            self.mesh.record_paths(node.id, paths, now);
+        }
         let dropped = self.mesh.record_flows(&node, flows, now);
         if dropped > 0 {
             tracing::debug!(node = %node.name, dropped, "flow summaries dropped (malformed or beyond the cap)");
@@ -711,6 +715,7 @@ impl AdminService {
             online,
             &self.mesh.primary_routes(n.id),
             &self.mesh.posture_checks(n.id),
+            self.mesh.peer_paths(n.id),
         )
     }
 
@@ -926,12 +931,14 @@ fn attr_pb(key: &str, v: &AttrValue) -> apb::Attribute {
 }
 
 /// A node as the admin API shows it: its row, whether it is connected, the
-/// routes it is primary for, and its posture results.
+/// routes it is primary for, its posture results, and its peers by path as
+/// it last reported them.
 fn node_pb(
     n: &NodeRow,
     online: bool,
     primary: &[ipnet::IpNet],
     checks: &[ztmesh_policy::PostureCheck],
+    paths: PeerPaths,
 ) -> apb::Node {
     apb::Node {
         id: n.id,
@@ -982,6 +989,10 @@ fn node_pb(
             .as_ref()
             .map(|q| q.reason.clone())
             .unwrap_or_default(),
+        peers_direct: paths.direct,
+        peers_relayed: paths.relayed,
+        peers_no_path: paths.none,
+        paths_reported_ms: paths.reported_ms,
     }
 }
 

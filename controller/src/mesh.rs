@@ -33,6 +33,7 @@ use ztmesh_proto::refusal::AuthReason;
 use crate::auth::Authenticator;
 use crate::error::{Error, Result};
 use crate::metrics::{Gauges, Metrics};
+use crate::model::PeerPaths;
 use crate::netcore::{Change, CoreConfig, NetCore};
 use crate::nodeinput::{self, validate_endpoints};
 use crate::nodelimit::{Call, EndpointCoalescer};
@@ -305,6 +306,9 @@ struct State {
     unacked: HashMap<u64, (u64, Option<UnixMs>)>,
     /// The newest change-log entry applied ([`Mesh::catch_up`]).
     feed_pos: u64,
+    /// Each node's last report of its peers by path: one fixed-size entry
+    /// per node in the core, removed when the node leaves.
+    paths: HashMap<u64, PeerPaths>,
 }
 
 impl State {
@@ -640,6 +644,7 @@ impl Mesh {
             posture_clipped: HashMap::new(),
             unacked: HashMap::new(),
             feed_pos,
+            paths: HashMap::new(),
         };
         Ok(Self {
             store,
@@ -1858,6 +1863,29 @@ impl Mesh {
             tracing::error!(error = %e, rows = rows.len(), "cannot store flow records");
         }
         dropped
+    }
+
+    /// Keeps `node`'s report of its peers by path (the latest replaces the
+    /// last), each count clipped to its peer count now
+    /// ([`nodeinput::peer_paths`]). A node no longer in the core is not
+    /// kept: nothing outlives a node's removal.
+    pub fn record_paths(&self, node: u64, report: &pb::PeerPaths, now: UnixMs) {
+        let mut st = self.state();
+        if st.core.nodes().get(node).is_none() {
+            return;
+        }
+        let paths = nodeinput::peer_paths(report, st.core.peer_count(node), now);
+        st.paths.insert(node, paths);
+    }
+
+    /// `node`'s last report of its peers by path, clipped to its peer count
+    /// now (its map may have shrunk since); all 0 when it never reported.
+    pub fn peer_paths(&self, node: u64) -> PeerPaths {
+        let st = self.state();
+        st.paths
+            .get(&node)
+            .map(|p| p.clipped(st.core.peer_count(node)))
+            .unwrap_or_default()
     }
 
     /// Prunes the flow log: records older than `flow_max_age_ms`, then each

@@ -46,6 +46,33 @@ pub struct Quarantine {
     pub reason: String,
 }
 
+/// A node's peers by the path their data takes, as it last reported them
+/// (advisory: a node can claim anything within the bounds). Live state,
+/// held in memory like `online`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerPaths {
+    pub direct: u32,
+    pub relayed: u32,
+    /// Peers with neither path yet.
+    pub none: u32,
+    /// When the controller received the report (0: never).
+    pub reported_ms: UnixMs,
+}
+
+impl PeerPaths {
+    /// Each count at most `peers` (the node's peer count): a node cannot
+    /// show more peers on a path than its map gives it.
+    pub fn clipped(self, peers: usize) -> Self {
+        let max = u32::try_from(peers).unwrap_or(u32::MAX);
+        Self {
+            direct: self.direct.min(max),
+            relayed: self.relayed.min(max),
+            none: self.none.min(max),
+            ..self
+        }
+    }
+}
+
 /// A node's device posture attributes.
 ///
 /// `node:*` ones are what the node last reported about itself (advisory:

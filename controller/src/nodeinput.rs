@@ -7,10 +7,12 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 
 use ztmesh_policy::{AttrType, AttrValue, NODE_ATTRIBUTES};
-use ztmesh_proto::control::{posture_attribute::Value as PbValue, FlowSummary, PostureAttribute};
+use ztmesh_proto::control::{
+    posture_attribute::Value as PbValue, FlowSummary, PeerPaths as PbPeerPaths, PostureAttribute,
+};
 
 use crate::error::{Error, Result};
-use crate::model::NodeRow;
+use crate::model::{NodeRow, PeerPaths};
 use crate::store::FlowRow;
 use crate::UnixMs;
 
@@ -233,6 +235,19 @@ pub fn validate_custom(key: &str, value: &AttrValue) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A node's report of its peers by path, received at `now`, each count
+/// clipped to `peers` (its peer count): a hostile node can misstate its
+/// paths, not show more peers than it has.
+pub fn peer_paths(report: &PbPeerPaths, peers: usize, now: UnixMs) -> PeerPaths {
+    PeerPaths {
+        direct: report.direct,
+        relayed: report.relayed,
+        none: report.none,
+        reported_ms: now,
+    }
+    .clipped(peers)
 }
 
 /// Flow records one report may add at most: a node summarizes at most 1,024
@@ -652,5 +667,31 @@ mod tests {
         n.routes.exit_approved = true;
         let (rows, dropped) = flow_rows(&n, &flows, 1);
         assert_eq!((rows.len(), dropped), (4, 0));
+    }
+
+    #[test]
+    fn reported_paths_are_stamped_and_clipped_to_the_peer_count() {
+        let report = |direct, relayed, none| PbPeerPaths {
+            direct,
+            relayed,
+            none,
+        };
+        let got = peer_paths(&report(2, 1, 0), 3, 7);
+        assert_eq!(
+            got,
+            PeerPaths {
+                direct: 2,
+                relayed: 1,
+                none: 0,
+                reported_ms: 7
+            }
+        );
+        let got = peer_paths(&report(u32::MAX, 9, 3), 3, 7);
+        assert_eq!((got.direct, got.relayed, got.none), (3, 3, 3));
+        let got = peer_paths(&report(1, 1, 1), 0, 7);
+        assert_eq!(
+            (got.direct, got.relayed, got.none, got.reported_ms),
+            (0, 0, 0, 7)
+        );
     }
 }

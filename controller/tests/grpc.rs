@@ -792,6 +792,97 @@ async fn a_second_machine_with_the_same_identity_is_refused_while_the_first_is_l
 }
 
 #[tokio::test]
+async fn reported_paths_show_in_the_admin_api_clipped_and_forgotten_with_the_node() {
+    let ctl = Ctl::start().await;
+    db_to_db_policy(&ctl).await;
+    let k = ctl.key("", &["tag:db"], true).await;
+    let a = enroll(&ctl, &k, "a").await.unwrap();
+    let b = enroll(&ctl, &k, "b").await.unwrap();
+    let c = enroll(&ctl, &k, "c").await.unwrap();
+    let report = |n: &TestNode, paths: Option<pb::PeerPaths>| {
+        signed_request(
+            &n.machine,
+            methods::REPORT_FLOWS,
+            pb::ReportFlowsRequest {
+                paths,
+                ..Default::default()
+            },
+            now_ms(),
+            &mut OsRng,
+        )
+    };
+    let paths = |direct, relayed, none| {
+        Some(pb::PeerPaths {
+            direct,
+            relayed,
+            none,
+        })
+    };
+    let shown = |n: &apb::Node| (n.peers_direct, n.peers_relayed, n.peers_no_path);
+    assert_eq!(admin_node(&ctl, &a.name).await.paths_reported_ms, 0);
+
+    // a has two peers (b and c): one direct, one through the relay.
+    let before = now_ms();
+    ctl.control()
+        .await
+        .report_flows(report(&a, paths(1, 1, 0)))
+        .await
+        .unwrap();
+    let n = admin_node(&ctl, &a.name).await;
+    assert_eq!(shown(&n), (1, 1, 0));
+    assert!(
+        (before..=now_ms()).contains(&n.paths_reported_ms),
+        "stamped on receipt: {}",
+        n.paths_reported_ms
+    );
+    let listed = ctl
+        .admin()
+        .await
+        .list_nodes(apb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    let by_name = |name: &str| listed.iter().find(|n| n.name == name).unwrap().clone();
+    assert_eq!(shown(&by_name(&a.name)), (1, 1, 0));
+    assert_eq!(by_name(&b.name).paths_reported_ms, 0, "b never reported");
+
+    // Absurd counts show as at most its peer count; a report without
+    // paths (an older node) leaves the last one standing.
+    ctl.control()
+        .await
+        .report_flows(report(&a, paths(u32::MAX, 1_000, 3)))
+        .await
+        .unwrap();
+    assert_eq!(shown(&admin_node(&ctl, &a.name).await), (2, 2, 2));
+    ctl.control()
+        .await
+        .report_flows(report(&a, None))
+        .await
+        .unwrap();
+    assert_eq!(shown(&admin_node(&ctl, &a.name).await), (2, 2, 2));
+
+    // Deleted, the node's report goes with it (ids may be reused).
+    ctl.control()
+        .await
+        .report_flows(report(&c, paths(0, 2, 0)))
+        .await
+        .unwrap();
+    assert_eq!(shown(&admin_node(&ctl, &c.name).await), (0, 2, 0));
+    ctl.admin()
+        .await
+        .delete_node(apb::NodeRef {
+            node: c.name.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(ctl.mesh.peer_paths(c.id).reported_ms, 0);
+    // a's peers are now only b: its counts are clipped to one.
+    assert_eq!(shown(&admin_node(&ctl, &a.name).await), (1, 1, 1));
+    ctl.stop().await;
+}
+
+#[tokio::test]
 async fn flow_reports_and_stream_opens_are_limited_per_node() {
     let ctl = Ctl::start().await;
     let k = ctl.key("", &["tag:web"], true).await;
@@ -1569,6 +1660,7 @@ async fn receivers_reports_quarantine_a_scanner_and_release_is_an_admins_act() {
             pb::ReportFlowsRequest {
                 flows,
                 unknown_handshakes: hs,
+                paths: None,
             },
             now_ms(),
             &mut OsRng,
@@ -1702,6 +1794,7 @@ async fn one_node_reporting_forged_flows_from_a_victim_frames_nobody() {
             pb::ReportFlowsRequest {
                 flows: forged.clone(),
                 unknown_handshakes: hs.clone(),
+                paths: None,
             },
             now_ms(),
             &mut OsRng,

@@ -377,6 +377,7 @@ async fn populate(ctl: &Ctl) -> Value {
                 pb::ReportFlowsRequest {
                     flows,
                     unknown_handshakes: vec![],
+                    paths: None,
                 },
             ))
             .await

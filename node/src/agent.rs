@@ -933,6 +933,8 @@ impl Daemon {
         tracing::info!(controller = %e.controller_url, "connected to controller");
         let mut report = tokio::time::interval(FLOW_REPORT_INTERVAL);
         let mut flow_overflow = 0;
+        // The peers by path the controller last took in this session.
+        let mut paths_sent = None;
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut evidence = tokio::time::interval(EVIDENCE_REPORT_INTERVAL);
         evidence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -945,11 +947,15 @@ impl Daemon {
             let next = tokio::select! {
                 m = stream.message() => m,
                 _ = report.tick() => {
-                    self.report_flows(&mut ctl, &mut flow_overflow, true).await;
+                    self
+                        .report_flows(&mut ctl, &mut flow_overflow, &mut paths_sent, true)
+                        .await;
                     continue;
                 }
                 _ = evidence.tick() => {
-                    self.report_flows(&mut ctl, &mut flow_overflow, false).await;
+                    self
+                        .report_flows(&mut ctl, &mut flow_overflow, &mut paths_sent, false)
+                        .await;
                     continue;
                 }
                 _ = endpoint_check.tick() => {
@@ -1226,16 +1232,23 @@ impl Daemon {
     }
 
     /// Sends the allowed (`with_allowed`) and denied flows and the unknown
-    /// handshakes the data plane saw since the last report. A failed report
-    /// is logged and the flows are dropped (the counters remain).
+    /// handshakes the data plane saw since the last report, with the peers
+    /// by path. A failed report is logged and the flows are dropped (the
+    /// counters remain).
+    ///
+    /// Without flows there is no report, except that the allowed-flow round
+    /// sends the paths when they differ from `paths_sent` (the last the
+    /// controller took in this session): a quiet node's paths stay current
+    /// at the cost of a report per change, not one every round.
     async fn report_flows(
         &self,
         ctl: &mut Controller,
         overflow_seen: &mut u64,
+        paths_sent: &mut Option<pb::PeerPaths>,
         with_allowed: bool,
     ) {
-        let log = match self.dp.lock().await.as_ref() {
-            Some(dp) => dp.take_flows(with_allowed).await,
+        let (log, stats) = match self.dp.lock().await.as_ref() {
+            Some(dp) => (dp.take_flows(with_allowed).await, dp.stats()),
             None => return,
         };
         if log.allowed_overflow > *overflow_seen {
@@ -1248,15 +1261,18 @@ impl Daemon {
         }
         let summaries = crate::control::flows::summaries(&log);
         let unknown = crate::control::flows::unknown_handshakes(&log);
-        if summaries.is_empty() && unknown.is_empty() {
+        let paths = crate::control::flows::peer_paths(&stats);
+        let paths_changed = with_allowed && paths_sent.as_ref() != Some(&paths);
+        if summaries.is_empty() && unknown.is_empty() && !paths_changed {
             return;
         }
         let n = summaries.len();
-        if let Err(s) = ctl
-            .report_flows(&self.keys().machine, summaries, unknown)
+        match ctl
+            .report_flows(&self.keys().machine, summaries, unknown, paths)
             .await
         {
-            tracing::warn!(error = %s.message(), flows = n, "flow report failed");
+            Ok(()) => *paths_sent = Some(paths),
+            Err(s) => tracing::warn!(error = %s.message(), flows = n, "flow report failed"),
         }
     }
 

@@ -88,6 +88,20 @@ fn path_of(destination: Option<Destination>, direct: bool) -> PathKind {
     }
 }
 
+/// The data plane's peers by the path their data takes now, in
+/// [`PathKind::ALL`] order (what `/metrics` shows and flow reports carry).
+pub fn path_counts(stats: &Stats) -> [u64; 3] {
+    let mut counts = [0u64; 3];
+    for p in &stats.peers {
+        let i = PathKind::ALL
+            .iter()
+            .position(|k| *k == path_of(p.destination, p.direct))
+            .unwrap_or(2);
+        counts[i] += 1;
+    }
+    counts
+}
+
 /// Takes a sample from the data plane's snapshot (`None`: not running) and
 /// the netmap in force (peer names).
 pub fn sample(
@@ -117,11 +131,6 @@ pub fn sample(
     let mut other = (0u64, 0u64);
     for p in &stats.peers {
         s.peers += 1;
-        let i = PathKind::ALL
-            .iter()
-            .position(|k| *k == path_of(p.destination, p.direct))
-            .unwrap_or(2);
-        s.paths[i] += 1;
         match names.get(p.public_key.0.as_slice()) {
             Some(name) => {
                 let e = by_name.entry(name).or_default();
@@ -153,6 +162,7 @@ pub fn sample(
             tx: other.1,
         });
     }
+    s.paths = path_counts(stats);
     s.handshakes = stats.handshakes;
     s.drops = stats.drops.clone();
     s.filter_allowed = stats.filter_allowed;
@@ -397,6 +407,36 @@ mod tests {
         assert_eq!((other.name.as_str(), other.rx), (OTHER_PEER, 10));
         let total: u64 = s.bytes.iter().map(|b| b.rx).sum();
         assert_eq!(total, n as u64);
+    }
+
+    #[test]
+    fn peers_are_counted_by_the_path_their_data_takes() {
+        let relay = Some(Destination::Relay(7));
+        for (peers, want) in [
+            (vec![], [0, 0, 0]),
+            (vec![peer(1, udp(), true, 0)], [1, 0, 0]),
+            // The relay wins even while a direct path is fresh: data goes there.
+            (vec![peer(1, relay, true, 0)], [0, 1, 0]),
+            (vec![peer(1, relay, false, 0)], [0, 1, 0]),
+            // An endpoint not confirmed yet, or none at all.
+            (vec![peer(1, udp(), false, 0)], [0, 0, 1]),
+            (vec![peer(1, None, true, 0)], [0, 0, 1]),
+            (
+                vec![
+                    peer(1, udp(), true, 0),
+                    peer(2, udp(), true, 0),
+                    peer(3, relay, false, 0),
+                    peer(4, None, false, 0),
+                ],
+                [2, 1, 1],
+            ),
+        ] {
+            let stats = Stats {
+                peers,
+                ..Stats::default()
+            };
+            assert_eq!(path_counts(&stats), want, "{:?}", stats.peers);
+        }
     }
 
     #[test]

@@ -229,6 +229,26 @@ fn symmetric_nats_on_both_sides_relay_the_pair_and_the_receiver_still_filters() 
         &["detections", "-o", "json"],
     );
     assert_eq!(found.trim(), "[]", "{found}");
+
+    // The controller shows what a reports: its one peer, relayed (flow
+    // reports go every 5 s; a change of paths goes with the next one).
+    let nodes = || {
+        admin_ok(
+            lab.topo.ns(CONTROLLER),
+            &lab.data,
+            &["nodes", "list", "-o", "json"],
+        )
+    };
+    let shown = wait_until(Duration::from_secs(30), Duration::from_millis(500), || {
+        let listed: Value = serde_json::from_str(&nodes()).unwrap_or_default();
+        listed
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|n| n["id"] == a && n["paths"]["relayed"] == 1 && n["paths"]["direct"] == 0)
+    });
+    let took = shown.unwrap_or_else(|_| panic!("a's peer not shown relayed: {}", nodes()));
+    println!("(a) the controller shows a's peer relayed after {took:?} more");
 }
 
 /// (b) Both behind plain masquerade (endpoint-independent mappings that keep

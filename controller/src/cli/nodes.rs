@@ -11,7 +11,8 @@ use super::{Output, OutputArg};
 
 #[derive(Subcommand, Debug)]
 pub enum NodesCmd {
-    /// List nodes: name, user, addresses, online, key expiry.
+    /// List nodes: name, user, addresses, online, the paths to its peers
+    /// (as the node reports them), key expiry.
     List {
         #[command(flatten)]
         output: OutputArg,
@@ -162,8 +163,8 @@ pub(super) async fn run(c: &mut Client, cmd: NodesCmd) -> anyhow::Result<()> {
                 print_json(&json!(nodes.iter().map(node_json).collect::<Vec<_>>()));
             } else {
                 println!(
-                    "{:<5} {:<20} {:<34} {:<24} {:<7} EXPIRES",
-                    "ID", "NAME", "ADDRESSES", "OWNER", "ONLINE"
+                    "{:<5} {:<20} {:<34} {:<24} {:<7} {:<22} EXPIRES",
+                    "ID", "NAME", "ADDRESSES", "OWNER", "ONLINE", "PATH"
                 );
                 for n in nodes {
                     let owner = if n.user.is_empty() {
@@ -172,7 +173,7 @@ pub(super) async fn run(c: &mut Client, cmd: NodesCmd) -> anyhow::Result<()> {
                         n.user.clone()
                     };
                     println!(
-                        "{:<5} {:<20} {:<34} {:<24} {:<7} {}",
+                        "{:<5} {:<20} {:<34} {:<24} {:<7} {:<22} {}",
                         n.id,
                         n.name,
                         n.addresses.join(" "),
@@ -182,6 +183,7 @@ pub(super) async fn run(c: &mut Client, cmd: NodesCmd) -> anyhow::Result<()> {
                         } else {
                             n.online.to_string()
                         },
+                        path_text(&n),
                         ms_to_text(n.expiry_ms)
                     );
                 }
@@ -205,6 +207,7 @@ pub(super) async fn run(c: &mut Client, cmd: NodesCmd) -> anyhow::Result<()> {
                 println!("machine key: {}", n.machine_key);
                 println!("wg key:      {}", n.wg_key);
                 println!("online:      {}", n.online);
+                println!("paths:       {} (reported by the node)", path_text(&n));
                 println!("endpoints:   {}", n.endpoints.join(" "));
                 println!(
                     "routes:      {} (approved: {})",
@@ -351,10 +354,28 @@ fn node_json(n: &apb::Node) -> serde_json::Value {
         "created_ms": n.created_ms, "last_seen_ms": n.last_seen_ms, "expiry_ms": n.expiry_ms,
         "online": n.online, "ephemeral": n.ephemeral, "endpoints": n.endpoints,
         "routes": routes_json(n), "posture": posture_json(n),
+        "paths": (n.paths_reported_ms > 0).then(|| json!({
+            "direct": n.peers_direct, "relayed": n.peers_relayed, "none": n.peers_no_path,
+            "reported_ms": n.paths_reported_ms,
+        })),
         "quarantine": (n.quarantined_since_ms > 0).then(|| json!({
             "since_ms": n.quarantined_since_ms, "reason": n.quarantine_reason,
         })),
     })
+}
+
+/// A node's peers by path as the PATH column shows them: "2 direct,
+/// 1 relayed" (and ", 1 no path" when some have neither); "-" when the node
+/// never reported.
+fn path_text(n: &apb::Node) -> String {
+    if n.paths_reported_ms == 0 {
+        return "-".into();
+    }
+    let mut text = format!("{} direct, {} relayed", n.peers_direct, n.peers_relayed);
+    if n.peers_no_path > 0 {
+        text.push_str(&format!(", {} no path", n.peers_no_path));
+    }
+    text
 }
 
 /// A node's posture as `-o json` prints it.

@@ -388,6 +388,8 @@ impl Mesh {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .forget(node);
+        // And what else it said about itself: its peers by path.
+        self.state().paths.remove(&node);
     }
 }
 

@@ -685,6 +685,11 @@ impl NetCore {
             .unwrap_or_default()
     }
 
+    /// How many nodes `id` may talk to (0 for an expired or unknown node).
+    pub fn peer_count(&self, id: u64) -> usize {
+        self.compiled.view(id).map_or(0, |v| v.peers.len())
+    }
+
     /// Whether `other` is among the nodes `viewer` may talk to (without
     /// copying the set).
     pub fn is_peer(&self, viewer: u64, other: u64) -> bool {

@@ -273,7 +273,8 @@ impl Controller {
     }
 
     /// Reports flow summaries and verified handshakes from unknown keys
-    /// (the controller records them and its detectors weigh them).
+    /// (the controller records them and its detectors weigh them), and the
+    /// peers by path (the controller shows them to admins).
     ///
     /// # Errors
     /// Authentication or transport failures.
@@ -282,6 +283,7 @@ impl Controller {
         machine: &SigningKey,
         flows: Vec<pb::FlowSummary>,
         unknown_handshakes: Vec<pb::UnknownHandshakes>,
+        paths: pb::PeerPaths,
     ) -> Result<(), tonic::Status> {
         let req = signed_request(
             machine,
@@ -289,6 +291,7 @@ impl Controller {
             pb::ReportFlowsRequest {
                 flows,
                 unknown_handshakes,
+                paths: Some(paths),
             },
             now_ms(),
             &mut OsRng,

@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use ztmesh_proto::control as pb;
 
-use crate::io::FlowLog;
+use crate::io::{FlowLog, Stats};
 
 /// The summaries of one report: allowed flows first, then denied ones, each
 /// already bounded by the filter ([`crate::filter::MAX_ALLOWED_FLOWS`],
@@ -48,6 +48,21 @@ pub fn unknown_handshakes(log: &FlowLog) -> Vec<pb::UnknownHandshakes> {
             count: *count,
         })
         .collect()
+}
+
+/// The peers by path that every report carries, counted as `/metrics`
+/// counts them ([`crate::metrics::path_counts`]).
+pub fn peer_paths(stats: &Stats) -> pb::PeerPaths {
+    let [direct, relayed, none] = crate::metrics::path_counts(stats).map(saturating_u32);
+    pb::PeerPaths {
+        direct,
+        relayed,
+        none,
+    }
+}
+
+fn saturating_u32(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 fn unix_ms(t: SystemTime) -> i64 {
