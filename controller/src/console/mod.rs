@@ -745,9 +745,19 @@ fn nodes_table(nodes: &[apb::Node], now: i64) -> String {
     )
 }
 
-/// Which path the node's peers take, as the node last said.
-fn path_of(_n: &apb::Node) -> String {
-    "—".into()
+/// Which path the node's peers take, as the node last said (self-reported).
+fn path_of(n: &apb::Node) -> String {
+    if n.paths_reported_ms == 0 {
+        return "—".into();
+    }
+    let mut parts = vec![
+        format!("{} direct", n.peers_direct),
+        format!("{} relayed", n.peers_relayed),
+    ];
+    if n.peers_no_path > 0 {
+        parts.push(format!("{} no path", n.peers_no_path));
+    }
+    parts.join(", ")
 }
 
 fn node_detail(n: &apb::Node, v: &Viewer, now: i64) -> String {
