@@ -7,6 +7,8 @@
 //! `ZTMESH_TEST_PG`): `scripts/test.sh` runs the gRPC suite both ways.
 #![allow(dead_code)]
 
+pub mod web;
+
 use std::sync::Arc;
 use std::time::Duration;
 
