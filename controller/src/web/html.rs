@@ -77,7 +77,7 @@ td.detail{word-break:break-all;max-width:30rem}tr.denied td{color:#b42318}\
 font-size:.85rem}form.inline{display:inline-block;margin-right:1rem}form.row{display:flex;gap:.8rem;\
 flex-wrap:wrap;align-items:flex-end}form.row label{margin:0}.actions form{display:block;margin:.8rem 0}\
 label.check{display:flex;gap:.4rem;align-items:center}textarea{width:100%;box-sizing:border-box;\
-font-family:monospace;font-size:.85rem}ol#listing{font-size:.8rem}ol#listing li.bad{background:#fde8e8}\
+font-family:monospace;font-size:.85rem}ol#listing{font-size:.8rem}ol#listing code{white-space:pre}ol#listing li.bad{background:#fde8e8}\
 ul#policy-errors{font-family:monospace}td.gain{color:#2f855a}td.loss{color:#b42318}\
 #explain-result.allowed{border-left:4px solid #2f855a;padding-left:.6rem}\
 #explain-result.denied{border-left:4px solid #b42318;padding-left:.6rem}li.fail{color:#b42318}";
