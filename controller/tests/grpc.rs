@@ -2356,3 +2356,120 @@ async fn tls_previous_certificate_goes_once_its_grace_and_its_keys_are_over() {
     );
     control_pinned(&ctl, &[new]).await.unwrap();
 }
+
+/// The calls the admin console added: an admin's quarantine with a reason
+/// (network admins may, auditors may not; a second one or an empty reason
+/// gets a precise status), the policy graph (read access), and the audit
+/// log's filters.
+#[tokio::test]
+async fn quarantine_by_hand_the_policy_graph_and_audit_filters() {
+    let ctl = Ctl::start().await;
+    ctl.set_policy(POLICY).await;
+    let kw = ctl.key("", &["tag:web"], false).await;
+    enroll(&ctl, &kw, "web").await.unwrap();
+    let q = |reason: &str| apb::QuarantineNodeRequest {
+        node: "web".into(),
+        reason: reason.into(),
+    };
+    let e = remote_as(&ctl, "auditor")
+        .await
+        .quarantine_node(q("stolen"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    let mut na = remote_as(&ctl, "network-admin").await;
+    let e = na.quarantine_node(q("  ")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    let e = na
+        .quarantine_node(apb::QuarantineNodeRequest {
+            node: "nope".into(),
+            reason: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(ctl.mesh.find_node("web").unwrap().quarantine.is_none());
+    let n = na.quarantine_node(q("stolen")).await.unwrap().into_inner();
+    assert!(n.quarantined_since_ms > 0);
+    assert!(
+        n.quarantine_reason.ends_with(": stolen"),
+        "{}",
+        n.quarantine_reason
+    );
+    let e = na.quarantine_node(q("again")).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    na.release_node(apb::NodeRef { node: "web".into() })
+        .await
+        .unwrap();
+
+    let g = remote_as(&ctl, "auditor")
+        .await
+        .get_policy_graph(apb::GetPolicyGraphRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(g.version, 1);
+    assert!(!g.edges.is_empty());
+    assert!(g
+        .edges
+        .iter()
+        .all(|e| e.rule_id.starts_with("policy.hujson:")));
+
+    let audit = |r: apb::ListAuditRequest| {
+        let ctl = &ctl;
+        async move {
+            ctl.admin()
+                .await
+                .list_audit(r)
+                .await
+                .map(|r| r.into_inner().events)
+        }
+    };
+    let node_rows = audit(apb::ListAuditRequest {
+        action: "node.*".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let actions: Vec<&str> = node_rows.iter().map(|e| e.action.as_str()).collect();
+    assert!(
+        actions.contains(&"node.quarantine") && actions.contains(&"node.release"),
+        "{actions:?}"
+    );
+    assert!(
+        actions.iter().all(|a| a.starts_with("node.")),
+        "{actions:?}"
+    );
+    let stolen = audit(apb::ListAuditRequest {
+        text: "STOLEN".into(),
+        action: "node.quarantine".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(stolen.len(), 1);
+    let newest = stolen[0].id;
+    let older = audit(apb::ListAuditRequest {
+        before_id: newest,
+        limit: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(older.len() == 1 && older[0].id < newest);
+    let future = audit(apb::ListAuditRequest {
+        since_ms: now_ms() + 3_600_000,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(future.is_empty());
+    let e = audit(apb::ListAuditRequest {
+        text: "x".repeat(300),
+        ..Default::default()
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    ctl.stop().await;
+}
