@@ -2836,8 +2836,32 @@ impl Mesh {
     /// # Errors
     /// `Policy` with `FILE:LINE:COL: message` lines.
     pub fn set_policy(&self, actor: &str, file_name: &str, text: &str, now: UnixMs) -> Result<u64> {
+        self.set_policy_if(actor, file_name, text, None, now)
+    }
+
+    /// [`Mesh::set_policy`], only while version `expected` is in force
+    /// (`None`: any), checked in the same turn as the write, so two admins
+    /// applying plans made against one version cannot both succeed.
+    ///
+    /// # Errors
+    /// As `set_policy`; `FailedPrecondition` for another version in force.
+    pub fn set_policy_if(
+        &self,
+        actor: &str,
+        file_name: &str,
+        text: &str,
+        expected: Option<u64>,
+        now: UnixMs,
+    ) -> Result<u64> {
         let policy = Policy::check(file_name, text).map_err(|e| Error::Policy(e.to_string()))?;
         let turn = self.turn();
+        let in_force = self.state().policy_row.as_ref().map_or(0, |r| r.version);
+        if let Some(want) = expected.filter(|w| *w != in_force) {
+            return Err(Error::FailedPrecondition(format!(
+                "the policy changed since this edit was planned: version {in_force} is in force, \
+                 the plan was made against version {want}; check and plan it again"
+            )));
+        }
         let row = self.store.set_policy(file_name, text, now)?;
         let changed = {
             let mut st = self.state();

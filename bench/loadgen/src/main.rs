@@ -654,6 +654,7 @@ async fn measure(
         .set_policy(apb::SetPolicyRequest {
             file_name: "loadgen.hujson".into(),
             text: policy(args.all_to_all, groups, 1),
+            if_version: 0,
         })
         .await
         .map_err(|s| anyhow!("setting the policy: {}", s.message()))?;
@@ -830,6 +831,7 @@ async fn measure(
             .set_policy(apb::SetPolicyRequest {
                 file_name: "loadgen.hujson".into(),
                 text,
+                if_version: 0,
             })
             .await
             .map_err(|s| anyhow!("setting the policy: {}", s.message()))?;

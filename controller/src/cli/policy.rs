@@ -83,6 +83,7 @@ pub(super) async fn run(c: &mut Client, cmd: PolicyCmd) -> anyhow::Result<()> {
                 .set_policy(apb::SetPolicyRequest {
                     file_name: name,
                     text,
+                    if_version: 0,
                 })
                 .await
                 .map_err(status_err)?

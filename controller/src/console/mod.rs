@@ -449,18 +449,12 @@ async fn policy_apply(
         Err(r) => return r,
     };
     let current = api!(c, v, "/policy", get_policy, apb::GetPolicyRequest {});
-    if current.version != f.version {
-        // Someone else applied a policy since this plan: plan again.
-        let s = Status::failed_precondition(format!(
-            "the policy changed since you planned (version {} is in force, you started from {}); \
-             check and plan your edit again",
-            current.version, f.version
-        ));
-        return refused(&v, "/policy", &s);
-    }
+    // Applied only over the version the plan was made against (checked by
+    // the mesh in the same turn as the write).
     let req = apb::SetPolicyRequest {
         file_name: file_name(&current.file_name).to_string(),
         text: as_shown(&f.text),
+        if_version: f.version,
     };
     api!(c, v, "/policy", set_policy, req);
     web::redirect("/policy?done=applied", None)

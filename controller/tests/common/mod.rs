@@ -242,6 +242,7 @@ impl Ctl {
             .set_policy(apb::SetPolicyRequest {
                 file_name: "policy.hujson".into(),
                 text: text.into(),
+                if_version: 0,
             })
             .await
             .unwrap();
