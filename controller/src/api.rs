@@ -1427,10 +1427,9 @@ impl Admin for AdminService {
         let r = req.get_ref();
         limit_len("policy", &r.text, 4 << 20)?;
         limit_len("file_name", &r.file_name, 256)?;
-        let expected = (r.if_version != 0).then_some(r.if_version);
         let version =
             self.mesh
-                .set_policy_if(&actor.name, &r.file_name, &r.text, expected, now_ms())?;
+                .set_policy_if(&actor.name, &r.file_name, &r.text, r.if_version, now_ms())?;
         ok(apb::SetPolicyResponse { version })
     }
 

@@ -2890,19 +2890,23 @@ impl Mesh {
         text: &str,
     ) -> Result<Vec<ztmesh_policy::FlowChange>> {
         let policy = Policy::check(file_name, text).map_err(|e| Error::Policy(e.to_string()))?;
-        let st = self.state();
-        let old = st.core.compiled();
+        // A snapshot, so the compile runs without the mesh lock (a large
+        // plan must not stall maps and streams).
+        let old = self.state().core.compiled().clone();
         let nodes: Vec<PolicyNode> = old.nodes().cloned().collect();
         let new = Compiled::new(policy, nodes);
-        Ok(ztmesh_policy::plan(old, &new))
+        Ok(ztmesh_policy::plan(&old, &new))
     }
 
     /// Who may reach whom under the policy in force (see
     /// [`ztmesh_policy::graph`]), and that policy's version (0: none set).
     pub fn policy_graph(&self) -> (Vec<ztmesh_policy::PolicyEdge>, u64) {
-        let st = self.state();
-        let version = st.policy_row.as_ref().map_or(0, |r| r.version);
-        (ztmesh_policy::graph(st.core.compiled()), version)
+        let (compiled, version) = {
+            let st = self.state();
+            let version = st.policy_row.as_ref().map_or(0, |r| r.version);
+            (st.core.compiled().clone(), version)
+        };
+        (ztmesh_policy::graph(&compiled), version)
     }
 
     pub fn explain(

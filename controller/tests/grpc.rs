@@ -52,7 +52,7 @@ async fn db_to_db_policy(ctl: &Ctl) {
             text: r#"{"tagOwners": {"tag:db": []},
                       "acls": [{"action": "accept", "src": ["tag:db"], "dst": ["tag:db:5432"]}]}"#
                 .into(),
-            if_version: 0,
+            if_version: None,
         })
         .await
         .unwrap();
@@ -436,7 +436,7 @@ async fn invalid_policy_is_refused_and_the_old_one_stays() {
         .set_policy(apb::SetPolicyRequest {
             file_name: "bad.hujson".into(),
             text: "{\n  \"acls\": [ {\"action\": \"accept\", \"src\": [\"group:nope\"], \"dst\": [\"*:*\"]} ]\n}".into(),
-            if_version: 0,
+            if_version: None,
         })
         .await
         .err()
@@ -1061,7 +1061,7 @@ async fn policies_with_validation_gaps_are_refused_and_the_old_one_stays() {
             .set_policy(apb::SetPolicyRequest {
                 file_name: file_name.clone(),
                 text,
-                if_version: 0,
+                if_version: None,
             })
             .await
             .err()
@@ -1270,7 +1270,7 @@ async fn api_key_roles_limit_what_a_caller_may_do() {
         .set_policy(apb::SetPolicyRequest {
             file_name: "p.hujson".into(),
             text: POLICY.into(),
-            if_version: 0,
+            if_version: None,
         })
         .await
         .unwrap_err();
@@ -2485,20 +2485,20 @@ async fn quarantine_by_hand_the_policy_graph_and_audit_filters() {
 async fn a_policy_applied_over_a_stale_version_is_refused() {
     let ctl = Ctl::start().await;
     ctl.set_policy(POLICY).await;
-    let set = |text: &str, if_version: u64| apb::SetPolicyRequest {
+    let set = |text: &str, if_version: Option<u64>| apb::SetPolicyRequest {
         file_name: "policy.hujson".into(),
         text: text.into(),
         if_version,
     };
     let mut a = ctl.admin().await;
     let v2 = a
-        .set_policy(set(POLICY, 1))
+        .set_policy(set(POLICY, Some(1)))
         .await
         .unwrap()
         .into_inner()
         .version;
     assert_eq!(v2, 2);
-    let e = a.set_policy(set("{}", 1)).await.unwrap_err();
+    let e = a.set_policy(set("{}", Some(1))).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
     assert!(
         e.message().contains("version 2 is in force"),
@@ -2512,7 +2512,7 @@ async fn a_policy_applied_over_a_stale_version_is_refused() {
         .into_inner();
     assert_eq!((p.version, p.text.as_str()), (2, POLICY));
     assert_eq!(
-        a.set_policy(set("{}", 0))
+        a.set_policy(set("{}", None))
             .await
             .unwrap()
             .into_inner()

@@ -197,7 +197,7 @@ async fn idle_and_stalled_handshakes_are_dropped_while_a_real_node_enrolls_and_s
         .set_policy(apb::SetPolicyRequest {
             file_name: "policy.hujson".into(),
             text: POLICY.into(),
-            if_version: 0,
+            if_version: None,
         })
         .await
         .unwrap();

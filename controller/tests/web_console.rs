@@ -103,7 +103,8 @@ async fn the_console_acts_through_the_admin_api_as_the_person_and_refuses_forged
         assert_eq!(r.status, 303, "{page}");
         assert_eq!(location(&r), format!("/login?next={page}"));
     }
-    let r = anon.get("/node?name=web1").await;
+    let db_id = ctl.mesh.find_node("db1").unwrap().id;
+    let r = anon.get("/node?id=1").await;
     assert_eq!(location(&r), "/login?next=/nodes");
 
     let mut admin = signed_in(&ctl, "root@example.com").await;
@@ -171,8 +172,8 @@ async fn the_console_acts_through_the_admin_api_as_the_person_and_refuses_forged
             ],
         )
         .await;
-    assert_eq!(location(&r), "/node?name=db1&done=quarantined");
-    let page = admin.get("/node?name=db1&done=quarantined").await.body;
+    assert_eq!(location(&r), format!("/node?id={db_id}&done=quarantined"));
+    let page = admin.get(&location(&r)).await.body;
     assert!(
         page.contains("by user:root@example.com: lost laptop"),
         "{page}"
@@ -191,15 +192,9 @@ async fn the_console_acts_through_the_admin_api_as_the_person_and_refuses_forged
     // An auditor sees everything and can change nothing: no forms, and a
     // forged post with a valid token is refused by the API and audited.
     let mut auditor = signed_in(&ctl, "audit@example.com").await;
+    let db_page = format!("/node?id={db_id}");
     for page in [
-        "/nodes",
-        "/node?name=db1",
-        "/users",
-        "/keys",
-        "/policy",
-        "/graph",
-        "/audit",
-        "/flows",
+        "/nodes", &db_page, "/users", "/keys", "/policy", "/graph", "/audit", "/flows",
     ] {
         let r = auditor.get(page).await;
         assert_eq!(r.status, 200, "{page}: {}", r.body);
@@ -265,6 +260,49 @@ async fn the_console_acts_through_the_admin_api_as_the_person_and_refuses_forged
         "never shown again"
     );
     assert!(enroll(&ctl, &secret, "web2").await.is_ok(), "the key works");
+    // No tags: a key for the person's own devices.
+    let r = admin
+        .post(
+            "/keys/create",
+            &[("csrf", &csrf), ("tags", ""), ("expiry_secs", "3600")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let own = by_id(&r.body, "new-key");
+    enroll(&ctl, &own, "laptop").await.unwrap();
+    let row = ctl.mesh.find_node("laptop").unwrap();
+    assert_eq!(row.user.as_deref(), Some("root@example.com"));
+    // A node named like another node's id is still itself in the console.
+    let k = ctl.key("", &["tag:web"], false).await;
+    let digits = format!("{db_id}");
+    let n = enroll(&ctl, &k, &digits).await.unwrap();
+    assert_eq!(n.name, digits);
+    assert_ne!(n.id, db_id);
+    let list = admin.get("/nodes").await.body;
+    assert!(
+        list.contains(&format!(
+            "data-node=\"{digits}\"><td><a href=\"/node?id={}\">",
+            n.id
+        )),
+        "{list}"
+    );
+    // Bodies: a stranger's post is refused before its body is read; a
+    // signed-in one is bounded (only a policy edit may be large).
+    let big = "x".repeat(20 * 1024);
+    let r = anon
+        .post(
+            "/node/action",
+            &[("csrf", "c"), ("node", "db1"), ("op", &big)],
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = admin
+        .post(
+            "/node/action",
+            &[("csrf", &csrf), ("node", "db1"), ("op", &big)],
+        )
+        .await;
+    assert_eq!(r.status, 413, "{}", r.body);
 
     // Policy: a broken edit shows the error in place and changes nothing;
     // a good one shows the plan, then applies.

@@ -3,7 +3,7 @@
 //! nodes each end selects now (pure: no I/O). The admin console draws it;
 //! `policy graph` prints it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use crate::compile::Compiled;
 use crate::eval::owner;
@@ -36,7 +36,13 @@ pub struct PolicyEdge {
 pub fn graph(compiled: &Compiled) -> Vec<PolicyEdge> {
     let policy = compiled.policy();
     let nodes: Vec<&NodeInfo> = compiled.nodes().collect();
-    let count = |kind: &SelKind, dst: bool| nodes.iter().filter(|n| selects(kind, n, dst)).count();
+    // Each selector's nodes counted once, however many edges name it.
+    let mut counted: HashMap<(String, bool), usize> = HashMap::new();
+    let mut count = |text: &str, kind: &SelKind, dst: bool| {
+        *counted
+            .entry((text.to_string(), dst))
+            .or_insert_with(|| nodes.iter().filter(|n| selects(kind, n, dst)).count())
+    };
     let mut out = Vec::new();
     for e in &policy.entries {
         let postures: Vec<String> = e
@@ -50,7 +56,7 @@ pub fn graph(compiled: &Compiled) -> Vec<PolicyEdge> {
             })
             .unwrap_or_default();
         for s in &e.src {
-            let src_nodes = count(&s.kind, false);
+            let src_nodes = count(&s.text, &s.kind, false);
             let mut seen = BTreeSet::new();
             for d in &e.dst {
                 let ports = flows_text(&e.protocols, &d.ports);
@@ -64,7 +70,7 @@ pub fn graph(compiled: &Compiled) -> Vec<PolicyEdge> {
                     rule_id: e.rule_id.clone(),
                     postures: postures.clone(),
                     src_nodes,
-                    dst_nodes: count(&d.sel.kind, true),
+                    dst_nodes: count(&d.sel.text, &d.sel.kind, true),
                 });
             }
         }

@@ -264,7 +264,12 @@ fn an_admin_runs_the_mesh_from_a_real_browser_and_every_action_is_audited() {
     shot(&mut b, "graph");
 
     // Delete a node (the box must be ticked first).
-    b.goto(&format!("{url}/node?name={DB}")).unwrap();
+    b.goto(&format!("{url}/nodes")).unwrap();
+    let href = b
+        .attr("tr[data-node=\"db\"] a", "href")
+        .unwrap()
+        .expect("a link to the node");
+    b.goto(&format!("{url}{href}")).unwrap();
     shot(&mut b, "node");
     b.click("#confirm-delete").unwrap();
     b.click("#delete").unwrap();

@@ -654,7 +654,7 @@ async fn measure(
         .set_policy(apb::SetPolicyRequest {
             file_name: "loadgen.hujson".into(),
             text: policy(args.all_to_all, groups, 1),
-            if_version: 0,
+            if_version: None,
         })
         .await
         .map_err(|s| anyhow!("setting the policy: {}", s.message()))?;
@@ -831,7 +831,7 @@ async fn measure(
             .set_policy(apb::SetPolicyRequest {
                 file_name: "loadgen.hujson".into(),
                 text,
-                if_version: 0,
+                if_version: None,
             })
             .await
             .map_err(|s| anyhow!("setting the policy: {}", s.message()))?;

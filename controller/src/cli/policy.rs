@@ -83,7 +83,7 @@ pub(super) async fn run(c: &mut Client, cmd: PolicyCmd) -> anyhow::Result<()> {
                 .set_policy(apb::SetPolicyRequest {
                     file_name: name,
                     text,
-                    if_version: 0,
+                    if_version: None,
                 })
                 .await
                 .map_err(status_err)?

@@ -43,13 +43,19 @@ pub struct Console {
     admin: AdminService,
 }
 
-/// The largest form the console takes (a policy is edited in one).
-const MAX_FORM: usize = 1 << 20;
+/// The largest form the console takes, but for a policy edit.
+const MAX_FORM: usize = 16 * 1024;
+/// The largest policy edit (the admin API takes up to 4 MiB from a file).
+const MAX_POLICY_FORM: usize = 1 << 20;
+/// Policy errors listed at most (the rest are counted).
+const MAX_ERRORS_SHOWN: usize = 200;
 /// Rows a log page shows (newest first).
 const LOG_ROWS: u32 = 200;
 
 /// The console's routes, to be merged with the sign-in pages'.
 pub fn router(web: Arc<Web>, admin: AdminService) -> Router {
+    // Only a policy edit is large; every other form stays small.
+    let policy_limit = DefaultBodyLimit::max(MAX_POLICY_FORM);
     Router::new()
         .route("/nodes", get(nodes))
         .route("/node", get(node_page))
@@ -60,8 +66,11 @@ pub fn router(web: Arc<Web>, admin: AdminService) -> Router {
         .route("/keys/create", post(key_create))
         .route("/keys/revoke", post(key_revoke))
         .route("/policy", get(policy_page))
-        .route("/policy/plan", post(policy_plan))
-        .route("/policy/apply", post(policy_apply))
+        .route(
+            "/policy/plan",
+            post(policy_plan).layer(policy_limit.clone()),
+        )
+        .route("/policy/apply", post(policy_apply).layer(policy_limit))
         .route("/policy/explain", get(policy_explain))
         .route("/graph", get(graph_page))
         .route("/audit", get(audit))
@@ -101,6 +110,30 @@ fn viewer(c: &Console, headers: &HeaderMap, here: &str) -> Result<Viewer, Respon
     let (login, role) = web::current_user(&c.web, &id).ok_or_else(sign_in)?;
     let csrf = web::with_session(&c.web, &id, |s| s.csrf.clone()).ok_or_else(sign_in)?;
     Ok(Viewer { login, role, csrf })
+}
+
+/// A signed-in session, checked from the headers before a handler reads
+/// its form: a stranger's post is refused before its body is read.
+struct SignedIn;
+
+impl axum::extract::FromRequestParts<Arc<Console>> for SignedIn {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        c: &Arc<Console>,
+    ) -> Result<Self, Response> {
+        web::cookie(&parts.headers)
+            .and_then(|id| web::current_user(&c.web, &id))
+            .map(|_| SignedIn)
+            .ok_or_else(|| {
+                web::problem(
+                    StatusCode::FORBIDDEN,
+                    "Form expired",
+                    "You are not signed in any more. Sign in again and retry.",
+                )
+            })
+    }
 }
 
 /// The person behind a form post: a live session whose CSRF token the form
@@ -170,9 +203,11 @@ async fn nodes(
     page(&v, "Nodes", "/nodes", StatusCode::OK, &body)
 }
 
+/// A node by id: a name that is all digits would be taken for another
+/// node's id.
 #[derive(Deserialize)]
 struct NodeQuery {
-    name: String,
+    id: u64,
     done: Option<String>,
 }
 
@@ -185,7 +220,15 @@ async fn node_page(
         Ok(v) => v,
         Err(r) => return r,
     };
-    let n = api!(c, v, "/nodes", get_node, apb::NodeRef { node: q.name });
+    let n = api!(
+        c,
+        v,
+        "/nodes",
+        get_node,
+        apb::NodeRef {
+            node: q.id.to_string()
+        }
+    );
     let body = notice(q.done.as_deref()) + &node_detail(&n, &v, web::now());
     page(
         &v,
@@ -211,6 +254,7 @@ struct NodeAction {
 
 async fn node_action(
     State(c): State<Arc<Console>>,
+    _: SignedIn,
     uri: Uri,
     headers: HeaderMap,
     Form(f): Form<NodeAction>,
@@ -222,25 +266,22 @@ async fn node_action(
     let node = apb::NodeRef {
         node: f.node.clone(),
     };
-    let (name, done) = match f.op.as_str() {
+    let (id, done) = match f.op.as_str() {
         "rename" => {
             let req = apb::RenameNodeRequest {
                 node: f.node.clone(),
                 new_name: f.new_name.trim().to_string(),
             };
-            (api!(c, v, "/nodes", rename_node, req).name, "renamed")
+            (api!(c, v, "/nodes", rename_node, req).id, "renamed")
         }
-        "expire" => (api!(c, v, "/nodes", expire_node, node).name, "expired"),
-        "release" => (api!(c, v, "/nodes", release_node, node).name, "released"),
+        "expire" => (api!(c, v, "/nodes", expire_node, node).id, "expired"),
+        "release" => (api!(c, v, "/nodes", release_node, node).id, "released"),
         "quarantine" => {
             let req = apb::QuarantineNodeRequest {
                 node: f.node.clone(),
                 reason: f.reason.clone(),
             };
-            (
-                api!(c, v, "/nodes", quarantine_node, req).name,
-                "quarantined",
-            )
+            (api!(c, v, "/nodes", quarantine_node, req).id, "quarantined")
         }
         "delete" => {
             if f.confirm.as_deref() != Some("yes") {
@@ -252,10 +293,7 @@ async fn node_action(
         }
         _ => return refused(&v, "/nodes", &Status::invalid_argument("unknown action")),
     };
-    web::redirect(
-        &format!("/node?name={}&done={done}", web::percent(&name)),
-        None,
-    )
+    web::redirect(&format!("/node?id={id}&done={done}"), None)
 }
 
 async fn users(
@@ -281,6 +319,7 @@ struct RoleForm {
 
 async fn user_role(
     State(c): State<Arc<Console>>,
+    _: SignedIn,
     uri: Uri,
     headers: HeaderMap,
     Form(f): Form<RoleForm>,
@@ -327,6 +366,7 @@ struct KeyForm {
 
 async fn key_create(
     State(c): State<Arc<Console>>,
+    _: SignedIn,
     uri: Uri,
     headers: HeaderMap,
     Form(f): Form<KeyForm>,
@@ -335,15 +375,21 @@ async fn key_create(
         Ok(v) => v,
         Err(r) => return r,
     };
+    let tags: Vec<String> = f
+        .tags
+        .split([',', ' '])
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .collect();
     let req = apb::CreateAuthKeyRequest {
-        user: String::new(),
-        tags: f
-            .tags
-            .split([',', ' '])
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .map(str::to_string)
-            .collect(),
+        // No tags: a key for the person's own devices.
+        user: if tags.is_empty() {
+            v.login.clone()
+        } else {
+            String::new()
+        },
+        tags,
         reusable: f.reusable.is_some(),
         ephemeral: f.ephemeral.is_some(),
         expiry_secs: f.expiry_secs,
@@ -363,6 +409,7 @@ struct RevokeForm {
 
 async fn key_revoke(
     State(c): State<Arc<Console>>,
+    _: SignedIn,
     uri: Uri,
     headers: HeaderMap,
     Form(f): Form<RevokeForm>,
@@ -411,6 +458,7 @@ struct PolicyForm {
 
 async fn policy_plan(
     State(c): State<Arc<Console>>,
+    _: SignedIn,
     uri: Uri,
     headers: HeaderMap,
     Form(f): Form<PolicyForm>,
@@ -445,6 +493,7 @@ async fn policy_plan(
 
 async fn policy_apply(
     State(c): State<Arc<Console>>,
+    _: SignedIn,
     uri: Uri,
     headers: HeaderMap,
     Form(f): Form<PolicyForm>,
@@ -454,15 +503,34 @@ async fn policy_apply(
         Err(r) => return r,
     };
     let current = api!(c, v, "/policy", get_policy, apb::GetPolicyRequest {});
+    let name = file_name(&current.file_name);
+    let text = as_shown(&f.text);
     // Applied only over the version the plan was made against (checked by
     // the mesh in the same turn as the write).
     let req = apb::SetPolicyRequest {
-        file_name: file_name(&current.file_name).to_string(),
-        text: as_shown(&f.text),
-        if_version: f.version,
+        file_name: name.to_string(),
+        text: text.clone(),
+        if_version: Some(f.version),
     };
-    api!(c, v, "/policy", set_policy, req);
-    web::redirect("/policy?done=applied", None)
+    match c.admin.set_policy(v.call(req)).await {
+        Ok(_) => web::redirect("/policy?done=applied", None),
+        Err(s) if s.code() == Code::InvalidArgument => {
+            let editor = PolicyEditor {
+                file_name: name,
+                text: &text,
+                version: f.version,
+                outcome: Outcome::Errors(s.message().to_string()),
+            };
+            page(
+                &v,
+                "Policy",
+                "/policy",
+                StatusCode::BAD_REQUEST,
+                &editor.render(&v),
+            )
+        }
+        Err(s) => refused(&v, "/policy", &s),
+    }
 }
 
 #[derive(Deserialize)]
@@ -715,10 +783,10 @@ fn nodes_table(nodes: &[apb::Node], now: i64) -> String {
         .iter()
         .map(|n| {
             format!(
-                "<tr data-node=\"{}\"><td><a href=\"/node?name={}\">{}</a></td><td>{}</td><td>{}</td>\
+                "<tr data-node=\"{}\"><td><a href=\"/node?id={}\">{}</a></td><td>{}</td><td>{}</td>\
                  <td class=\"state\">{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 esc(&n.name),
-                esc(&web::percent(&n.name)),
+                n.id,
                 esc(&n.name),
                 esc(&n.addresses.join(" ")),
                 esc(&owner_of(n)),
@@ -1050,11 +1118,18 @@ impl PolicyEditor<'_> {
         match &self.outcome {
             Outcome::None => {}
             Outcome::Errors(e) => {
-                let items: String = e
-                    .lines()
-                    .filter(|l| !l.trim().is_empty())
+                let lines: Vec<&str> = e.lines().filter(|l| !l.trim().is_empty()).collect();
+                let mut items: String = lines
+                    .iter()
+                    .take(MAX_ERRORS_SHOWN)
                     .map(|l| format!("<li>{}</li>", esc(l)))
                     .collect();
+                if lines.len() > MAX_ERRORS_SHOWN {
+                    items.push_str(&format!(
+                        "<li>… and {} more</li>",
+                        lines.len() - MAX_ERRORS_SHOWN
+                    ));
+                }
                 out.push_str(&format!(
                     "<div class=\"error\" role=\"alert\"><p>The policy has errors; the policy in \
                      force is unchanged.</p><ul id=\"policy-errors\">{items}</ul></div>"
@@ -1096,6 +1171,7 @@ fn error_lines(errors: &str) -> Vec<usize> {
 
 /// The text with line numbers, the lines with errors marked (`#L<n>`).
 fn listing(text: &str, bad: &[usize]) -> String {
+    let bad: std::collections::HashSet<usize> = bad.iter().copied().collect();
     let lines: String = text
         .lines()
         .enumerate()

@@ -242,7 +242,7 @@ impl Ctl {
             .set_policy(apb::SetPolicyRequest {
                 file_name: "policy.hujson".into(),
                 text: text.into(),
-                if_version: 0,
+                if_version: None,
             })
             .await
             .unwrap();
