@@ -68,7 +68,7 @@ pub fn router(web: Arc<Web>, admin: AdminService) -> Router {
         .route("/policy", get(policy_page))
         .route(
             "/policy/plan",
-            post(policy_plan).layer(policy_limit.clone()),
+            post(policy_plan).layer(policy_limit),
         )
         .route("/policy/apply", post(policy_apply).layer(policy_limit))
         .route("/policy/explain", get(policy_explain))
