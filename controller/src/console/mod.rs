@@ -66,10 +66,7 @@ pub fn router(web: Arc<Web>, admin: AdminService) -> Router {
         .route("/keys/create", post(key_create))
         .route("/keys/revoke", post(key_revoke))
         .route("/policy", get(policy_page))
-        .route(
-            "/policy/plan",
-            post(policy_plan).layer(policy_limit),
-        )
+        .route("/policy/plan", post(policy_plan).layer(policy_limit))
         .route("/policy/apply", post(policy_apply).layer(policy_limit))
         .route("/policy/explain", get(policy_explain))
         .route("/graph", get(graph_page))
