@@ -427,6 +427,34 @@ fn every_admin_group_prints_its_text_table_and_json_fields() {
     // The JSON listing is itself audited (`api.read`), one row more.
     assert_eq!(text.lines().count(), (actions.len() + 1).min(50), "{text}");
     assert!(text.lines().next().unwrap().contains("api.read"), "{text}");
+    // Filters: by action (a prefix with `*`), actor, text and time.
+    let f = json(&[
+        "audit",
+        "--action",
+        "api.*",
+        "--actor",
+        "local-admin",
+        "-o",
+        "json",
+    ]);
+    let rows = f.as_array().unwrap();
+    assert!(!rows.is_empty(), "{f}");
+    assert!(
+        rows.iter()
+            .all(|e| e["action"].as_str().unwrap().starts_with("api.")
+                && e["actor"] == "local-admin"),
+        "{f}"
+    );
+    let none = json(&[
+        "audit",
+        "--grep",
+        "no such text anywhere",
+        "--since",
+        "1h",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(none.as_array().unwrap().len(), 0, "{none}");
 }
 
 #[test]

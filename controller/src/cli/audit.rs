@@ -152,11 +152,43 @@ fn data_dir_key(dir: &DataDir) -> anyhow::Result<PublicKey> {
     Ok(key.public())
 }
 
-pub(super) async fn run(c: &mut Client, limit: u32, output: Output) -> anyhow::Result<()> {
+/// `audit`'s filters (all must hold; the admin API's `ListAudit` filters,
+/// which search the newest 10,000 events).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct AuditFilterArgs {
+    /// Only events by this actor (`user:alice@example.com`, `api-key:ID`,
+    /// `local-admin`); a trailing `*` matches a prefix (`user:*`).
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// Only events with this action (`node.delete`); a trailing `*`
+    /// matches a prefix (`node.*`).
+    #[arg(long = "action", value_name = "ACTION")]
+    pub event: Option<String>,
+    /// Only events whose target or detail contains TEXT (any case).
+    #[arg(long, value_name = "TEXT")]
+    pub grep: Option<String>,
+    /// Only events of the last DURATION (e.g. 15m, 1h, 7d).
+    #[arg(long, value_parser = super::args::parse_duration)]
+    pub since: Option<std::time::Duration>,
+}
+
+pub(super) async fn run(
+    c: &mut Client,
+    limit: u32,
+    f: AuditFilterArgs,
+    output: Output,
+) -> anyhow::Result<()> {
+    let since_ms = f.since.map_or(0, |d| {
+        crate::now_ms().saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    });
     let events = c
         .list_audit(apb::ListAuditRequest {
             limit,
-            ..Default::default()
+            actor: f.actor.unwrap_or_default(),
+            action: f.event.unwrap_or_default(),
+            text: f.grep.unwrap_or_default(),
+            since_ms,
+            before_id: 0,
         })
         .await
         .map_err(status_err)?

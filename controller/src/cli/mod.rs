@@ -112,6 +112,8 @@ pub enum Cmd {
         #[arg(long, default_value_t = 50)]
         limit: u32,
         #[command(flatten)]
+        filter: audit::AuditFilterArgs,
+        #[command(flatten)]
         output: OutputArg,
         #[command(subcommand)]
         action: Option<AuditCmd>,
@@ -327,7 +329,12 @@ pub async fn run(conn: &ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Policy(p) => policy::run(&mut c, p).await,
         Cmd::Apikeys(a) => keys::run_api(&mut c, a).await,
         Cmd::Tls(t) => tls::run(&mut c, t).await,
-        Cmd::Audit { limit, output, .. } => audit::run(&mut c, limit, output.get()).await,
+        Cmd::Audit {
+            limit,
+            filter,
+            output,
+            ..
+        } => audit::run(&mut c, limit, filter, output.get()).await,
         Cmd::Flows(args) => flows::run(&mut c, args).await,
         Cmd::Detections {
             limit,
