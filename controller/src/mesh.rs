@@ -133,7 +133,8 @@ impl Default for MeshConfig {
             posture_ttl_ms: DEFAULT_POSTURE_TTL_MS,
             detect: crate::detect::DetectConfig::default(),
             webhook: None,
-            web_session_idle_ms: crate::web::session::IDLE_MS,
+            // 30 minutes, as `serve --web-session-idle` defaults.
+            web_session_idle_ms: 30 * 60 * 1000,
         }
     }
 }
