@@ -13,8 +13,15 @@
 # and 4 streams (10 s each), iperf3 UDP with 64-byte payloads at full rate
 # (packets/s received), ping RTT (median of 20) on the idle tunnel, and the CPU
 # seconds (utime+stime) the tunnel processes of both sides used during the
-# 1-stream TCP test. Prints one table of medians over REPS repetitions, with
-# ratios against wireguard-go.
+# 1-stream TCP test, and the whole host's busy CPU over the same test. Prints
+# one table of medians over REPS repetitions (min–max for the headline
+# figures), with ratios against wireguard-go, and the cost per byte: tunnel
+# cores per Gbit/s (both tunnel processes) and host cores per Gbit/s.
+#
+# With MANY=N (N >= 2) it also runs the many-peers test for `ztmesh tunnel`:
+# one server namespace and N client namespaces on one bridge, each client one
+# iperf3 TCP stream to the server at once, and the same with one client; it
+# reports the server tunnel's cores per Gbit/s for both and their ratio.
 #
 # Needs root, iperf3, ping, wireguard-go, wg (wireguard-tools), jq, and
 # release builds of ztmesh and ztmesh-controller (cargo build --release).
@@ -22,12 +29,15 @@
 #
 # Environment:
 #   REPS=3            repetitions of the whole suite (table shows medians)
-#   IMPLS="..."       subset, in order, of: bare ztmesh agent wggo bt bt1
+#   IMPLS="..."       subset, in order, of: bare ztmesh ztmesh0 agent agent0 wggo bt bt1
+#                     (IMPLS="" runs only the MANY test)
 #   TCP_SECS=10 UDP_SECS=5 PINGS=20
 #   BIN=target/release  where ztmesh and ztmesh-controller are
 #   BASE_BIN=DIR      binaries of a baseline build (e.g. an earlier commit);
 #                     implementation `agent0` runs agent mode with them, so a
-#                     change is measured side by side with its baseline
+#                     change is measured side by side with its baseline;
+#                     `ztmesh0` does the same for the standalone tunnel
+#   MANY=0            clients of the many-peers test (0: skip; e.g. MANY=8)
 #   BORINGTUN=...     boringtun-cli binary
 #   MEM_PEERS=10000   also measure `ztmesh tunnel` RSS with 1 and with this many
 #                     peers (random keys, distinct /32s; 0: skip; needs python3)
@@ -47,6 +57,7 @@ TCP_SECS=${TCP_SECS:-10}
 UDP_SECS=${UDP_SECS:-5}
 PINGS=${PINGS:-20}
 MEM_PEERS=${MEM_PEERS:-10000}
+MANY=${MANY:-0}
 BIN=${BIN:-$ROOT/target/release}
 BASE_BIN=${BASE_BIN:-}
 BORINGTUN=${BORINGTUN:-$ROOT/target/bench-tools/bin/boringtun-cli}
@@ -99,9 +110,12 @@ stop_pids() {
   PIDS=()
 }
 
+# Namespaces of the many-peers test (server, clients), besides A and B.
+EXTRA_NS=()
+
 del_ns() {
   local ns pid
-  for ns in "$NS_A" "$NS_B"; do
+  for ns in "$NS_A" "$NS_B" "${EXTRA_NS[@]}"; do
     ip netns list | grep -qw "^$ns" || continue
     # Anything still inside our namespaces was started by this script.
     for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
@@ -201,10 +215,11 @@ wg_conf() {
 impl_bare_start() { DST=$UNDER_B; PID_A=; PID_B=; }
 
 impl_ztmesh_start() {
+  local bin=${1:-$BIN}
   wg_conf A quick >"$WORK/wg-A.conf"
   wg_conf B quick >"$WORK/wg-B.conf"
-  start A ztmesh-A "$BIN/ztmesh" tunnel --config "$WORK/wg-A.conf" --interface "$IF_A" --no-uapi
-  start B ztmesh-B "$BIN/ztmesh" tunnel --config "$WORK/wg-B.conf" --interface "$IF_B" --no-uapi
+  start A ztmesh-A "$bin/ztmesh" tunnel --config "$WORK/wg-A.conf" --interface "$IF_A" --no-uapi
+  start B ztmesh-B "$bin/ztmesh" tunnel --config "$WORK/wg-B.conf" --interface "$IF_B" --no-uapi
   wait_for "ztmesh TUN A" 100 ip -n "$NS_A" link show "$IF_A"
   wait_for "ztmesh TUN B" 100 ip -n "$NS_B" link show "$IF_B"
   DST=$OVER_B
@@ -269,8 +284,9 @@ wg_uapi_start() { # NAME CMD... (CMD gets IFNAME appended)
   DST=$OVER_B
 }
 
-# Agent mode with the baseline binaries (BASE_BIN).
+# Agent mode and the standalone tunnel with the baseline binaries (BASE_BIN).
 impl_agent0_start() { BIN=$BASE_BIN AGENT_METRICS=0 impl_agent_start; }
+impl_ztmesh0_start() { impl_ztmesh_start "$BASE_BIN"; }
 
 impl_wggo_start() { wg_uapi_start wggo env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f; }
 impl_bt_start() { wg_uapi_start bt "$BORINGTUN" -f --disable-drop-privileges; }
@@ -280,6 +296,7 @@ impl_label() {
   case $1 in
     bare) echo "bare veth" ;;
     ztmesh) echo "ztmesh tunnel (standalone)" ;;
+    ztmesh0) echo "ztmesh tunnel (standalone, baseline \$BASE_BIN)" ;;
     agent) echo "ztmesh daemon (agent mode)" ;;
     agent0) echo "ztmesh daemon (agent mode, baseline \$BASE_BIN)" ;;
     wggo) echo "wireguard-go" ;;
@@ -301,6 +318,10 @@ cpu_ticks() { # PID...: utime+stime of all threads, in clock ticks (0 if no PID)
   echo "$total"
 }
 
+host_busy_ticks() { # busy clock ticks of all CPUs (user nice system irq softirq steal)
+  awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9; exit}' /proc/stat
+}
+
 rss_kib() { # PID: VmRSS in KiB (0 if none)
   [[ -n ${1:-} && -r /proc/$1/status ]] || { echo 0; return; }
   awk '/^VmRSS:/ {print $2}' "/proc/$1/status"
@@ -320,7 +341,7 @@ iperf() { # ARGS...: one-shot server in B, client in A; prints the client's JSON
 }
 
 run_impl() { # IMPL REP
-  local impl=$1 rep=$2 json t0 t1 tcp1 tcp4 retr udp_pps ping_ms cpu rss_a rss_idle
+  local impl=$1 rep=$2 json t0 t1 h0 h1 tcp1 tcp4 retr udp_pps ping_ms cpu host rss_a rss_idle
   setup_ns
   PID_A= PID_B= PID_CTL=
   "impl_${impl}_start"
@@ -330,11 +351,14 @@ run_impl() { # IMPL REP
   rss_idle=$(rss_kib "$PID_A")
 
   t0=$(cpu_ticks "$PID_A" "$PID_B")
+  h0=$(host_busy_ticks)
   json=$(iperf "$TCP_SECS")
+  h1=$(host_busy_ticks)
   t1=$(cpu_ticks "$PID_A" "$PID_B")
   tcp1=$(jq -r '(.end.sum_received.bits_per_second // 0) / 1e9' <<<"$json" 2>/dev/null || echo 0)
   retr=$(jq -r '.end.sum_sent.retransmits // 0' <<<"$json" 2>/dev/null || echo 0)
   cpu=$(awk -v a="$t0" -v b="$t1" -v hz="$CLK_TCK" 'BEGIN {printf "%.2f", (b - a) / hz}')
+  host=$(awk -v a="$h0" -v b="$h1" -v hz="$CLK_TCK" 'BEGIN {printf "%.2f", (b - a) / hz}')
 
   json=$(iperf "$TCP_SECS" -P 4)
   tcp4=$(jq -r '(.end.sum_received.bits_per_second // 0) / 1e9' <<<"$json" 2>/dev/null || echo 0)
@@ -346,9 +370,9 @@ run_impl() { # IMPL REP
   ping_ms=$(ina timeout $((PINGS + 10)) ping -c "$PINGS" -i 0.2 -W 1 "$DST" 2>/dev/null |
     sed -n 's/.*time=\([0-9.]*\).*/\1/p' | sort -g | awk '{v[NR]=$1} END {if (NR==0) print 0; else if (NR%2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}')
   rss_a=$(rss_kib "$PID_A")
-  printf '%s,%s,%.3f,%.3f,%.0f,%.3f,%s,%s,%s,%s\n' "$impl" "$rep" "$tcp1" "$tcp4" "$udp_pps" "$ping_ms" "$cpu" "$retr" "$rss_idle" "$rss_a" >>"$SAMPLES"
-  log "$(printf '%-8s rep %s: tcp1 %.2f Gbit/s (retr %s), tcp4 %.2f, udp %.0f pkt/s, ping %.3f ms, cpu %s s, rss A %s KiB idle, %s KiB after' \
-    "$impl" "$rep" "$tcp1" "$retr" "$tcp4" "$udp_pps" "$ping_ms" "$cpu" "$rss_idle" "$rss_a")"
+  printf '%s,%s,%.3f,%.3f,%.0f,%.3f,%s,%s,%s,%s,%s\n' "$impl" "$rep" "$tcp1" "$tcp4" "$udp_pps" "$ping_ms" "$cpu" "$retr" "$rss_idle" "$rss_a" "$host" >>"$SAMPLES"
+  log "$(printf '%-8s rep %s: tcp1 %.2f Gbit/s (retr %s), tcp4 %.2f, udp %.0f pkt/s, ping %.3f ms, cpu %s s (host %s s), rss A %s KiB idle, %s KiB after' \
+    "$impl" "$rep" "$tcp1" "$retr" "$tcp4" "$udp_pps" "$ping_ms" "$cpu" "$host" "$rss_idle" "$rss_a")"
   stop_pids
   del_ns
 }
@@ -378,6 +402,75 @@ PY
   echo "$rss"
 }
 
+# many_run N REP: the many-peers test. Server namespace S holds bridge br0
+# (198.18.1.1/24) and `ztmesh tunnel` 100.64.1.1 with N peers; client i has
+# veth 198.18.1.(10+i) on the bridge and a tunnel 100.64.1.(10+i) with the
+# server as its one peer. Every client sends one iperf3 TCP stream to the
+# server at once, for TCP_SECS. Appends "N,REP,Gbit/s received in all,server
+# tunnel CPU s" to $MANY_SAMPLES.
+many_run() {
+  local n=$1 rep=$2 ns_s="$TAG-s" i ns key pub conf t0 t1 total pids=() ports
+  local skey spub
+  EXTRA_NS=("$ns_s")
+  for i in $(seq "$n"); do EXTRA_NS+=("$TAG-c$i"); done
+  del_ns
+  ip netns add "$ns_s"
+  ip -n "$ns_s" link set lo up
+  ip -n "$ns_s" link add br0 type bridge
+  ip -n "$ns_s" addr add 198.18.1.1/24 dev br0
+  ip -n "$ns_s" link set br0 up
+  skey=$(wg genkey)
+  spub=$(wg pubkey <<<"$skey")
+  conf=$WORK/many-s.conf
+  printf '[Interface]\nPrivateKey = %s\nListenPort = %s\nAddress = 100.64.1.1/32\nMTU = %s\n' "$skey" "$PORT" "$MTU" >"$conf"
+  for i in $(seq "$n"); do
+    ns="$TAG-c$i"
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+    ip -n "$ns_s" link add "vc$i" type veth peer name veth0 netns "$ns"
+    ip -n "$ns_s" link set "vc$i" master br0 up
+    ip -n "$ns" addr add "198.18.1.$((10 + i))/24" dev veth0
+    ip -n "$ns" link set veth0 up
+    key=$(wg genkey)
+    pub=$(wg pubkey <<<"$key")
+    printf '\n[Peer]\nPublicKey = %s\nAllowedIPs = 100.64.1.%s/32\nEndpoint = 198.18.1.%s:%s\n' "$pub" "$((10 + i))" "$((10 + i))" "$PORT" >>"$conf"
+    printf '[Interface]\nPrivateKey = %s\nListenPort = %s\nAddress = 100.64.1.%s/32\nMTU = %s\n\n[Peer]\nPublicKey = %s\nAllowedIPs = 100.64.1.1/32\nEndpoint = 198.18.1.1:%s\n' \
+      "$key" "$PORT" "$((10 + i))" "$MTU" "$spub" "$PORT" >"$WORK/many-c$i.conf"
+  done
+  ip netns exec "$ns_s" "$BIN/ztmesh" tunnel --config "$conf" --interface "${TAG}s" --no-uapi >"$WORK/many-s.log" 2>&1 &
+  PIDS+=($!)
+  local pid_s=$!
+  for i in $(seq "$n"); do
+    ip netns exec "$TAG-c$i" "$BIN/ztmesh" tunnel --config "$WORK/many-c$i.conf" --interface "${TAG}c$i" --no-uapi >"$WORK/many-c$i.log" 2>&1 &
+    PIDS+=($!)
+  done
+  for i in $(seq "$n"); do
+    wait_for "client $i to reach the server" 150 ip netns exec "$TAG-c$i" ping -c 1 -W 1 100.64.1.1
+    ip netns exec "$TAG-s" timeout $((TCP_SECS + 30)) iperf3 -s -1 -p $((IPERF_PORT + i)) >"$WORK/many-iperf-s$i.log" 2>&1 &
+    PIDS+=($!)
+  done
+  ports="$(seq -s '|' $((IPERF_PORT + 1)) $((IPERF_PORT + n)))"
+  wait_for "$n iperf3 servers" 50 bash -c "[[ \$(ip netns exec '$ns_s' ss -Hltn | grep -cE ':($ports)\\b') -ge $n ]]"
+  t0=$(cpu_ticks "$pid_s")
+  for i in $(seq "$n"); do
+    ip netns exec "$TAG-c$i" timeout $((TCP_SECS + 15)) iperf3 -c 100.64.1.1 -p $((IPERF_PORT + i)) -t "$TCP_SECS" -J >"$WORK/many-c$i.json" 2>/dev/null &
+    pids+=($!)
+  done
+  wait "${pids[@]}" 2>/dev/null || true
+  t1=$(cpu_ticks "$pid_s")
+  total=0
+  for i in $(seq "$n"); do
+    total=$(awk -v t="$total" -v g="$(jq -r '(.end.sum_received.bits_per_second // 0) / 1e9' "$WORK/many-c$i.json" 2>/dev/null || echo 0)" 'BEGIN {print t + g}')
+  done
+  local cpu
+  cpu=$(awk -v a="$t0" -v b="$t1" -v hz="$CLK_TCK" 'BEGIN {printf "%.2f", (b - a) / hz}')
+  echo "$n,$rep,$total,$cpu" >>"$MANY_SAMPLES"
+  log "$(printf 'many: %s client(s) rep %s: %.2f Gbit/s in all, server tunnel cpu %s s' "$n" "$rep" "$total" "$cpu")"
+  stop_pids
+  del_ns
+  EXTRA_NS=()
+}
+
 # --- main ---
 
 for impl in $IMPLS; do
@@ -386,8 +479,8 @@ for impl in $IMPLS; do
       echo "dataplane.sh: $BIN/ztmesh missing; run: cargo build --release -p ztmesh-node -p ztmesh-controller" >&2
       exit 1
     } ;;
-    agent0) [[ -n ${BASE_BIN:-} && -x $BASE_BIN/ztmesh && -x $BASE_BIN/ztmesh-controller ]] || {
-      echo "dataplane.sh: agent0 needs BASE_BIN=DIR holding a baseline ztmesh and ztmesh-controller" >&2
+    agent0 | ztmesh0) [[ -n ${BASE_BIN:-} && -x $BASE_BIN/ztmesh && -x $BASE_BIN/ztmesh-controller ]] || {
+      echo "dataplane.sh: $impl needs BASE_BIN=DIR holding a baseline ztmesh and ztmesh-controller" >&2
       exit 1
     } ;;
     wggo) command -v wireguard-go >/dev/null || { echo "dataplane.sh: wireguard-go missing (apt-get install wireguard-go)" >&2; exit 1; } ;;
@@ -407,45 +500,70 @@ for rep in $(seq "$REPS"); do
     run_impl "$impl" "$rep"
   done
 done
+MANY_SAMPLES=$WORK/many.csv
+: >"$MANY_SAMPLES"
+if ((MANY >= 2)); then
+  [[ -x $BIN/ztmesh ]] || { echo "dataplane.sh: MANY needs $BIN/ztmesh" >&2; exit 1; }
+  for rep in $(seq "$REPS"); do
+    many_run 1 "$rep"
+    many_run "$MANY" "$rep"
+  done
+fi
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 [[ -n ${OUT:-} ]] && cp "$SAMPLES" "$OUT"
 
 # --- table: medians per implementation, ratios against wireguard-go ---
+if [[ -s $SAMPLES ]]; then
 echo
-echo "Data plane, $(uname -r), $(nproc) vCPU, MTU $MTU, REPS=$REPS (medians), load before/after: $LOAD_BEFORE / $LOAD_AFTER"
-awk -F, -v order="$IMPLS" '
-  function median(key,   n, i, j, t, a) {
+echo "Data plane, $(uname -r), $(nproc) vCPU, MTU $MTU, REPS=$REPS (medians, min–max), load before/after: $LOAD_BEFORE / $LOAD_AFTER"
+awk -F, -v order="$IMPLS" -v secs="$TCP_SECS" '
+  function sorted(key, a,   n, i, j, t) {
     n = split(vals[key], a, " ")
     for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j-1] + 0 > a[j] + 0; j--) { t = a[j]; a[j] = a[j-1]; a[j-1] = t }
+    return n
+  }
+  function median(key,   n, a) {
+    n = sorted(key, a)
     if (n == 0) return 0
     return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
   }
+  function range(key, fmt,   n, a) {
+    n = sorted(key, a)
+    return (n == 0) ? "-" : sprintf(fmt "–" fmt, a[1], a[n])
+  }
   function ratio(x, base) { return (base > 0 && x > 0) ? sprintf("%.2fx", x / base) : "-" }
+  function add(key, v) { vals[key] = vals[key] (vals[key] == "" ? "" : " ") v }
   {
-    for (c = 3; c <= 10; c++) vals[$1 SUBSEP c] = vals[$1 SUBSEP c] (vals[$1 SUBSEP c] == "" ? "" : " ") $c
+    for (c = 3; c <= 11; c++) add($1 SUBSEP c, $c)
+    # Cost per byte of this sample: cores (CPU s per s) per Gbit/s.
+    if ($3 > 0) { add($1 SUBSEP "tun", $7 / secs / $3); add($1 SUBSEP "host", $11 / secs / $3) }
   }
   END {
     label["bare"] = "bare veth"; label["ztmesh"] = "ztmesh tunnel"; label["agent"] = "ztmesh daemon (agent)"
-    label["agent0"] = "ztmesh daemon (baseline)"
+    label["agent0"] = "ztmesh daemon (baseline)"; label["ztmesh0"] = "ztmesh tunnel (baseline)"
     label["wggo"] = "wireguard-go"; label["bt"] = "boringtun-cli (default)"; label["bt1"] = "boringtun-cli -t 1"
     n = split(order, impls, " ")
     for (c = 3; c <= 10; c++) base[c] = median("wggo" SUBSEP c)
-    printf "| %-23s | %-15s | %-15s | %-17s | %-15s | %-12s | %-9s | %-14s |\n", "implementation", "TCP 1 Gbit/s", "TCP 4 Gbit/s", "UDP 64 B kpkt/s", "ping RTT ms", "CPU s (TCP1)", "retrans", "RSS A MiB idle/after"
-    printf "|%s|%s|%s|%s|%s|%s|%s|%s|\n", "-------------------------", "-----------------", "-----------------", "-------------------", "-----------------", "--------------", "-----------", "----------------"
+    printf "| %-24s | %-22s | %-13s | %-15s | %-24s | %-22s | %-10s | %-7s | %-16s |\n", "implementation", "TCP 1 Gbit/s", "TCP 4 Gbit/s", "UDP 64 B kpkt/s", "ping RTT ms", "tunnel cores per Gbit/s", "host c/Gb", "retrans", "RSS A MiB idle/after"
+    print "|---|---|---|---|---|---|---|---|---|"
     for (i = 1; i <= n; i++) {
       k = impls[i]
       if (vals[k SUBSEP 3] == "") continue
       t1 = median(k SUBSEP 3); t4 = median(k SUBSEP 4); u = median(k SUBSEP 5); p = median(k SUBSEP 6)
-      cpu = median(k SUBSEP 7); re = median(k SUBSEP 8); idle = median(k SUBSEP 9); rss = median(k SUBSEP 10)
-      printf "| %-23s | %6.2f (%6s) | %6.2f (%6s) | %7.1f (%6s) | %5.3f (%6s) | %12s | %9d | %14s |\n", label[k], \
-        t1, ratio(t1, base[3]), t4, ratio(t4, base[4]), u / 1000, ratio(u, base[5]), p, ratio(p, base[6]), \
-        (k == "bare" ? "-" : sprintf("%.2f", cpu)), re, (k == "bare" ? "-" : sprintf("%.1f / %.1f", idle / 1024, rss / 1024))
+      re = median(k SUBSEP 8); idle = median(k SUBSEP 9); rss = median(k SUBSEP 10)
+      tun = (k == "bare") ? "-" : sprintf("%.3f (%s)", median(k SUBSEP "tun"), range(k SUBSEP "tun", "%.3f"))
+      printf "| %-24s | %5.2f (%s) %6s | %5.2f (%6s) | %6.1f (%6s) | %5.3f (%s) %6s | %-22s | %10.3f | %7d | %16s |\n", label[k], \
+        t1, range(k SUBSEP 3, "%.2f"), ratio(t1, base[3]), t4, ratio(t4, base[4]), u / 1000, ratio(u, base[5]), \
+        p, range(k SUBSEP 6, "%.3f"), ratio(p, base[6]), tun, median(k SUBSEP "host"), re, \
+        (k == "bare" ? "-" : sprintf("%.1f / %.1f", idle / 1024, rss / 1024))
     }
     print ""
-    print "Ratios in parentheses are against wireguard-go (higher is better except for ping RTT)."
-    print "CPU s: utime+stime of both tunnel processes during the 1-stream TCP test (agent: both daemons)."
+    print "Ratios are against wireguard-go (higher is better except for ping RTT). Medians, with min–max in parentheses."
+    print "Tunnel cores per Gbit/s: utime+stime of both tunnel processes (agent: both daemons) during the 1-stream"
+    print "TCP test, per second and per Gbit/s received. Host c/Gb: the whole host busy CPU over the same test, per Gbit/s."
     print "RSS A: VmRSS of the tunnel process in namespace A (sender), idle after the handshake / after all tests."
   }' "$SAMPLES"
+fi
 
 if ((MEM_PEERS > 0)) && [[ " $IMPLS " == *" ztmesh "* ]] && command -v python3 >/dev/null; then
   log "memory: ztmesh tunnel with 1 and $MEM_PEERS peers"
@@ -456,4 +574,31 @@ if ((MEM_PEERS > 0)) && [[ " $IMPLS " == *" ztmesh "* ]] && command -v python3 >
     printf "Memory (ztmesh tunnel, idle, VmRSS): 1 peer %.1f MiB; %d peers %.1f MiB; %.2f KiB per extra peer\n", \
       one / 1024, n, many / 1024, (many - one) / (n - 1)
   }'
+fi
+
+if [[ -s $MANY_SAMPLES ]]; then
+  echo
+  echo "Many peers (ztmesh tunnel): 1 and $MANY clients, one TCP stream each to one server, $TCP_SECS s, REPS=$REPS (medians, min–max)"
+  awk -F, -v secs="$TCP_SECS" -v many="$MANY" '
+    function sorted(key, a,   n, i, j, t) {
+      n = split(vals[key], a, " ")
+      for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j-1] + 0 > a[j] + 0; j--) { t = a[j]; a[j] = a[j-1]; a[j-1] = t }
+      return n
+    }
+    function median(key,   n, a) { n = sorted(key, a); if (n == 0) return 0; return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2 }
+    function range(key, fmt,   n, a) { n = sorted(key, a); return (n == 0) ? "-" : sprintf(fmt "–" fmt, a[1], a[n]) }
+    function add(key, v) { vals[key] = vals[key] (vals[key] == "" ? "" : " ") v }
+    { add($1 SUBSEP "g", $3); add($1 SUBSEP "cpu", $4); if ($3 > 0) add($1 SUBSEP "c", $4 / secs / $3) }
+    END {
+      print "| clients | Gbit/s in all | server tunnel cores | server cores per Gbit/s |"
+      print "|---|---|---|---|"
+      split("1 " many, ns, " ")
+      for (i = 1; i <= 2; i++) {
+        k = ns[i]
+        printf "| %d | %.2f (%s) | %.2f | %.3f (%s) |\n", k, median(k SUBSEP "g"), range(k SUBSEP "g", "%.2f"), \
+          median(k SUBSEP "cpu") / secs, median(k SUBSEP "c"), range(k SUBSEP "c", "%.3f")
+      }
+      one = median(1 SUBSEP "c"); m = median(many SUBSEP "c")
+      if (one > 0) printf "\nServer cores per Gbit/s with %d clients / with 1: %.2fx (target: at most 1.2x)\n", many, m / one
+    }' "$MANY_SAMPLES"
 fi

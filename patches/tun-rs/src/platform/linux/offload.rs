@@ -556,6 +556,9 @@ pub struct TcpFlowKey {
 /// - State is maintained across multiple recv_multiple calls
 pub struct TcpGROTable {
     items_by_flow: GroFlowTable<TcpFlowKey, TcpGROItem>,
+    /// ztmesh patch: the packet under evaluation, copied here instead of
+    /// into a fresh `Vec` per packet (a malloc and a free per packet).
+    scratch: Vec<u8>,
 }
 
 impl Default for TcpGROTable {
@@ -568,6 +571,7 @@ impl TcpGROTable {
     fn new() -> Self {
         Self {
             items_by_flow: GroFlowTable::new(),
+            scratch: Vec::new(),
         }
     }
 }
@@ -701,6 +705,9 @@ pub struct UdpFlowKey {
 ///  udpGROTable holds flow and coalescing information for the purposes of UDP GRO.
 pub struct UdpGROTable {
     items_by_flow: GroFlowTable<UdpFlowKey, UdpGROItem>,
+    /// ztmesh patch: the packet under evaluation, copied here instead of
+    /// into a fresh `Vec` per packet (a malloc and a free per packet).
+    scratch: Vec<u8>,
 }
 
 impl Default for UdpGROTable {
@@ -713,6 +720,7 @@ impl UdpGROTable {
     pub fn new() -> Self {
         Self {
             items_by_flow: GroFlowTable::new(),
+            scratch: Vec::new(),
         }
     }
 }
@@ -1174,8 +1182,24 @@ fn tcp_gro<B: ExpandBuffer>(
     table: &mut TcpGROTable,
     is_v6: bool,
 ) -> GroResult {
-    let pkt_storage = bufs[pkt_i].as_ref()[offset..].to_vec();
-    let pkt = pkt_storage.as_slice();
+    // ztmesh patch: the copy goes into the table's reused buffer.
+    let mut pkt_storage = std::mem::take(&mut table.scratch);
+    pkt_storage.clear();
+    pkt_storage.extend_from_slice(&bufs[pkt_i].as_ref()[offset..]);
+    let result = tcp_gro_packet(bufs, offset, pkt_i, table, is_v6, &pkt_storage);
+    table.scratch = pkt_storage;
+    result
+}
+
+/// The body of [`tcp_gro`], with the packet at `pkt_i` copied to `pkt`.
+fn tcp_gro_packet<B: ExpandBuffer>(
+    bufs: &mut [B],
+    offset: usize,
+    pkt_i: usize,
+    table: &mut TcpGROTable,
+    is_v6: bool,
+    pkt: &[u8],
+) -> GroResult {
     if pkt.len() > u16::MAX as usize {
         // A valid IPv4 or IPv6 packet will never exceed this.
         return GroResult::Noop;
@@ -1569,8 +1593,24 @@ fn udp_gro<B: ExpandBuffer>(
     table: &mut UdpGROTable,
     is_v6: bool,
 ) -> GroResult {
-    let pkt_storage = bufs[pkt_i].as_ref()[offset..].to_vec();
-    let pkt = pkt_storage.as_slice();
+    // ztmesh patch: the copy goes into the table's reused buffer.
+    let mut pkt_storage = std::mem::take(&mut table.scratch);
+    pkt_storage.clear();
+    pkt_storage.extend_from_slice(&bufs[pkt_i].as_ref()[offset..]);
+    let result = udp_gro_packet(bufs, offset, pkt_i, table, is_v6, &pkt_storage);
+    table.scratch = pkt_storage;
+    result
+}
+
+/// The body of [`udp_gro`], with the packet at `pkt_i` copied to `pkt`.
+fn udp_gro_packet<B: ExpandBuffer>(
+    bufs: &mut [B],
+    offset: usize,
+    pkt_i: usize,
+    table: &mut UdpGROTable,
+    is_v6: bool,
+    pkt: &[u8],
+) -> GroResult {
     if pkt.len() > u16::MAX as usize {
         // A valid IPv4 or IPv6 packet will never exceed this.
         return GroResult::Noop;
