@@ -392,7 +392,6 @@ fn run_thread(
                 commands,
                 uapi,
                 stats,
-                lone: Lone::default(),
             })
         };
         match setup() {
@@ -431,30 +430,6 @@ struct Worker {
     commands: mpsc::UnboundedReceiver<Command>,
     uapi: mpsc::UnboundedReceiver<uapi::Request>,
     stats: Arc<Mutex<Stats>>,
-    lone: Lone,
-}
-
-/// Which sources the last read found empty. The first read after that which
-/// returns a single packet has found a lone packet (an echo, a request, a
-/// keepalive): it goes out at once, and the read that finds the source empty
-/// again comes on the next turn of the loop, after the packet has left rather
-/// than before it (one syscall less on the latency path; the same number in
-/// all). A burst still gathers into one batch: it is either several packets
-/// at the first read, or, after a lone first packet, no longer "after empty".
-#[derive(Debug, Default)]
-struct Lone {
-    tun: bool,
-    /// IPv4, IPv6.
-    udp: [bool; 2],
-}
-
-impl Lone {
-    /// For a read that returned `single` packet, `first` in its batch: true
-    /// when the packet is lone. Clears `empty` (the source had something).
-    fn take(empty: &mut bool, first: bool, single: bool) -> bool {
-        let was_empty = std::mem::replace(empty, false);
-        first && was_empty && single
-    }
 }
 
 enum Event {
@@ -601,74 +576,57 @@ impl Worker {
     /// TUN reads, encrypted back to back, then sent with GSO. A super-packet
     /// (TSO, up to 64 KiB) is a batch of its own and goes out at once; single
     /// packets are gathered until the TUN is empty or [`DRAIN_PACKETS`] wait.
-    /// A lone packet (see [`Lone`]) goes out at once as well.
     async fn tun_batch(&mut self, now: Instant, bufs: &mut Buffers) {
         let mut n = 0;
-        let mut first = true;
         while n <= 1 && bufs.udp_tx.len() < DRAIN_PACKETS {
             n = match bufs.tun_rx.try_recv(&self.tun) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.lone.tun = true;
-                    break;
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     // A malformed offload header drops that read only.
                     tracing::trace!(error = %e, "TUN read failed");
                     break;
                 }
             };
-            let lone = Lone::take(&mut self.lone.tun, first, n == 1);
-            first = false;
-            self.tun_packets(now, n, bufs).await;
-            if lone {
-                break;
+            for i in 0..n {
+                let packet = bufs.tun_rx.packet(i);
+                if bufs.udp_tx.remaining() < packet.len() + OVERHEAD + MIN_BUFFER {
+                    self.flush_udp(&mut bufs.udp_tx).await;
+                }
+                let free = bufs.udp_tx.free();
+                let base = free.as_ptr() as usize;
+                match self.device.handle_tun(now, packet, free) {
+                    Output::Network(t) => {
+                        let start = t.packet.as_ptr() as usize - base;
+                        let range = start..start + t.packet.len();
+                        match t.to {
+                            Destination::Udp(to) => bufs.udp_tx.push(to, range),
+                            Destination::Relay(peer) => {
+                                // Relayed datagrams leave the batch at once.
+                                let packet = &bufs.udp_tx.free()[range];
+                                Self::relay_send_on(self.relay.as_ref(), peer, packet);
+                            }
+                        }
+                    }
+                    Output::Tunnel(_) | Output::Done => {}
+                    Output::Dropped(reason) => {
+                        tracing::trace!(reason = reason.as_str(), "dropped");
+                    }
+                }
             }
         }
         self.flush_udp(&mut bufs.udp_tx).await;
     }
 
-    /// Encrypts the `n` packets of the last TUN read into the UDP batch.
-    async fn tun_packets(&mut self, now: Instant, n: usize, bufs: &mut Buffers) {
-        for i in 0..n {
-            let packet = bufs.tun_rx.packet(i);
-            if bufs.udp_tx.remaining() < packet.len() + OVERHEAD + MIN_BUFFER {
-                self.flush_udp(&mut bufs.udp_tx).await;
-            }
-            let free = bufs.udp_tx.free();
-            let base = free.as_ptr() as usize;
-            match self.device.handle_tun(now, packet, free) {
-                Output::Network(t) => {
-                    let start = t.packet.as_ptr() as usize - base;
-                    let range = start..start + t.packet.len();
-                    match t.to {
-                        Destination::Udp(to) => bufs.udp_tx.push(to, range),
-                        Destination::Relay(peer) => {
-                            // Relayed datagrams leave the batch at once.
-                            let packet = &bufs.udp_tx.free()[range];
-                            Self::relay_send_on(self.relay.as_ref(), peer, packet);
-                        }
-                    }
-                }
-                Output::Tunnel(_) | Output::Done => {}
-                Output::Dropped(reason) => {
-                    tracing::trace!(reason = reason.as_str(), "dropped");
-                }
-            }
-        }
-    }
-
     /// `recvmmsg` calls (each buffer a GRO batch) until the socket is empty or
     /// [`DRAIN_PACKETS`] packets wait, decrypted into the TUN batch, written
-    /// with GRO. A lone datagram (see [`Lone`]) is written at once.
+    /// with GRO.
     async fn udp_batch(&mut self, now: Instant, v6: bool, bufs: &mut Buffers) {
         let sock = match (v6, self.udp6.as_ref()) {
             (false, _) => &self.udp4,
             (true, Some(s)) => s,
             (true, None) => return,
         };
-        let family = usize::from(v6);
-        let mut first = true;
         while bufs.tun_tx.len() < DRAIN_PACKETS {
             let n = {
                 let mut slices: [IoSliceMut<'_>; UDP_RX_BUFFERS] = {
@@ -679,10 +637,7 @@ impl Worker {
                 };
                 match sock.try_recv(&mut slices, &mut bufs.udp_meta) {
                     Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.lone.udp[family] = true;
-                        break;
-                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
                         // ICMP port unreachable and the like surface here; keep going.
                         tracing::trace!(error = %e, "UDP receive error");
@@ -690,9 +645,6 @@ impl Worker {
                     }
                 }
             };
-            let single = n == 1 && bufs.udp_meta[0].len <= bufs.udp_meta[0].stride;
-            let lone = Lone::take(&mut self.lone.udp[family], first, single);
-            first = false;
             for (meta, buf) in bufs.udp_meta[..n].iter().zip(&bufs.udp_rx) {
                 let from = unmap(meta.addr);
                 let stride = meta.stride.max(1);
@@ -738,9 +690,6 @@ impl Worker {
                         }
                     }
                 }
-            }
-            if lone {
-                break;
             }
         }
         bufs.tun_tx.flush(&self.tun).await;

@@ -687,7 +687,9 @@ pub struct TcpGROItem {
 // 	return items
 // }
 impl TcpGROTable {
-    fn reset(&mut self) {
+    /// Empties the table for the next batch (ztmesh patch: public, for
+    /// callers of [`handle_gro`]).
+    pub fn reset(&mut self) {
         self.items_by_flow.reset();
     }
 }
@@ -822,7 +824,9 @@ pub struct UdpGROItem {
 // }
 
 impl UdpGROTable {
-    fn reset(&mut self) {
+    /// Empties the table for the next batch (ztmesh patch: public, for
+    /// callers of [`handle_gro`]).
+    pub fn reset(&mut self) {
         self.items_by_flow.reset();
     }
 }
