@@ -322,6 +322,10 @@ host_busy_ticks() { # busy clock ticks of all CPUs (user nice system irq softirq
   awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9; exit}' /proc/stat
 }
 
+steal_ticks() { # clock ticks the hypervisor took from this VM's CPUs
+  awk '/^cpu / {print $9; exit}' /proc/stat
+}
+
 rss_kib() { # PID: VmRSS in KiB (0 if none)
   [[ -n ${1:-} && -r /proc/$1/status ]] || { echo 0; return; }
   awk '/^VmRSS:/ {print $2}' "/proc/$1/status"
@@ -341,7 +345,7 @@ iperf() { # ARGS...: one-shot server in B, client in A; prints the client's JSON
 }
 
 run_impl() { # IMPL REP
-  local impl=$1 rep=$2 json t0 t1 h0 h1 tcp1 tcp4 retr udp_pps ping_ms cpu host rss_a rss_idle
+  local impl=$1 rep=$2 json t0 t1 h0 h1 s0 s1 steal tcp1 tcp4 retr udp_pps ping_ms cpu host rss_a rss_idle
   setup_ns
   PID_A= PID_B= PID_CTL=
   "impl_${impl}_start"
@@ -352,13 +356,16 @@ run_impl() { # IMPL REP
 
   t0=$(cpu_ticks "$PID_A" "$PID_B")
   h0=$(host_busy_ticks)
+  s0=$(steal_ticks)
   json=$(iperf "$TCP_SECS")
+  s1=$(steal_ticks)
   h1=$(host_busy_ticks)
   t1=$(cpu_ticks "$PID_A" "$PID_B")
   tcp1=$(jq -r '(.end.sum_received.bits_per_second // 0) / 1e9' <<<"$json" 2>/dev/null || echo 0)
   retr=$(jq -r '.end.sum_sent.retransmits // 0' <<<"$json" 2>/dev/null || echo 0)
   cpu=$(awk -v a="$t0" -v b="$t1" -v hz="$CLK_TCK" 'BEGIN {printf "%.2f", (b - a) / hz}')
   host=$(awk -v a="$h0" -v b="$h1" -v hz="$CLK_TCK" 'BEGIN {printf "%.2f", (b - a) / hz}')
+  steal=$(awk -v a="$s0" -v b="$s1" -v hz="$CLK_TCK" 'BEGIN {printf "%.2f", (b - a) / hz}')
 
   json=$(iperf "$TCP_SECS" -P 4)
   tcp4=$(jq -r '(.end.sum_received.bits_per_second // 0) / 1e9' <<<"$json" 2>/dev/null || echo 0)
@@ -371,8 +378,8 @@ run_impl() { # IMPL REP
     sed -n 's/.*time=\([0-9.]*\).*/\1/p' | sort -g | awk '{v[NR]=$1} END {if (NR==0) print 0; else if (NR%2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}')
   rss_a=$(rss_kib "$PID_A")
   printf '%s,%s,%.3f,%.3f,%.0f,%.3f,%s,%s,%s,%s,%s\n' "$impl" "$rep" "$tcp1" "$tcp4" "$udp_pps" "$ping_ms" "$cpu" "$retr" "$rss_idle" "$rss_a" "$host" >>"$SAMPLES"
-  log "$(printf '%-8s rep %s: tcp1 %.2f Gbit/s (retr %s), tcp4 %.2f, udp %.0f pkt/s, ping %.3f ms, cpu %s s (host %s s), rss A %s KiB idle, %s KiB after' \
-    "$impl" "$rep" "$tcp1" "$retr" "$tcp4" "$udp_pps" "$ping_ms" "$cpu" "$host" "$rss_idle" "$rss_a")"
+  log "$(printf '%-8s rep %s: tcp1 %.2f Gbit/s (retr %s), tcp4 %.2f, udp %.0f pkt/s, ping %.3f ms, cpu %s s (host %s s, of it stolen by the hypervisor %s s), rss A %s KiB idle, %s KiB after' \
+    "$impl" "$rep" "$tcp1" "$retr" "$tcp4" "$udp_pps" "$ping_ms" "$cpu" "$host" "$steal" "$rss_idle" "$rss_a")"
   stop_pids
   del_ns
 }
@@ -380,8 +387,8 @@ run_impl() { # IMPL REP
 # mem_rss N: VmRSS (KiB) of an idle `ztmesh tunnel` configured with N peers
 # (random public keys, AllowedIPs 100.65.x.y/32, no endpoints), once all N
 # are applied (`wg show` lists them) and a timer pass has run.
-mem_rss() {
-  local n=$1 conf=$WORK/mem-$1.conf ifname="${TAG}m" rss tries
+mem_rss() { # N [BIN]
+  local n=$1 bin=${2:-$BIN} conf=$WORK/mem-$1.conf ifname="${TAG}m" rss tries
   setup_ns
   python3 - "$n" "$KEY_A" "$OVER_A" "$MTU" >"$conf" <<'PY'
 import base64, os, sys
@@ -391,7 +398,7 @@ for i in range(1, n + 1):
     pub = base64.b64encode(os.urandom(32)).decode()
     print(f"[Peer]\nPublicKey = {pub}\nAllowedIPs = 100.65.{i >> 8}.{i & 255}/32\n")
 PY
-  start A "mem-$n" "$BIN/ztmesh" tunnel --config "$conf" --interface "$ifname"
+  start A "mem-$n" "$bin/ztmesh" tunnel --config "$conf" --interface "$ifname"
   # Routes are added one `ip route` call per prefix: allow 10 ms each.
   tries=$((300 + n / 10))
   wait_for "$n peers applied" "$tries" bash -c "[[ \$(ip netns exec '$NS_A' wg show '$ifname' peers | wc -l) -eq $n ]]"
@@ -565,15 +572,21 @@ awk -F, -v order="$IMPLS" -v secs="$TCP_SECS" '
   }' "$SAMPLES"
 fi
 
-if ((MEM_PEERS > 0)) && [[ " $IMPLS " == *" ztmesh "* ]] && command -v python3 >/dev/null; then
-  log "memory: ztmesh tunnel with 1 and $MEM_PEERS peers"
-  RSS_ONE=$(mem_rss 1)
-  RSS_MANY=$(mem_rss "$MEM_PEERS")
-  echo
-  awk -v one="$RSS_ONE" -v many="$RSS_MANY" -v n="$MEM_PEERS" 'BEGIN {
-    printf "Memory (ztmesh tunnel, idle, VmRSS): 1 peer %.1f MiB; %d peers %.1f MiB; %.2f KiB per extra peer\n", \
-      one / 1024, n, many / 1024, (many - one) / (n - 1)
+# mem_report LABEL BIN: RSS with 1 and MEM_PEERS peers, and the cost per extra peer.
+mem_report() {
+  local label=$1 bin=$2 one many
+  log "memory: $label with 1 and $MEM_PEERS peers"
+  one=$(mem_rss 1 "$bin")
+  many=$(mem_rss "$MEM_PEERS" "$bin")
+  awk -v label="$label" -v one="$one" -v many="$many" -v n="$MEM_PEERS" 'BEGIN {
+    printf "Memory (%s, idle, VmRSS): 1 peer %.1f MiB; %d peers %.1f MiB; %.2f KiB per extra peer\n", \
+      label, one / 1024, n, many / 1024, (many - one) / (n - 1)
   }'
+}
+
+if ((MEM_PEERS > 0)) && command -v python3 >/dev/null; then
+  [[ " $IMPLS " == *" ztmesh "* ]] && { echo; mem_report "ztmesh tunnel" "$BIN"; }
+  [[ " $IMPLS " == *" ztmesh0 "* ]] && mem_report "ztmesh tunnel, baseline" "$BASE_BIN"
 fi
 
 if [[ -s $MANY_SAMPLES ]]; then
