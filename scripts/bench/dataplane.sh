@@ -519,11 +519,8 @@ fi
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 [[ -n ${OUT:-} ]] && cp "$SAMPLES" "$OUT"
 
-# --- table: medians per implementation, ratios against wireguard-go ---
-if [[ -s $SAMPLES ]]; then
-echo
-echo "Data plane, $(uname -r), $(nproc) vCPU, MTU $MTU, REPS=$REPS (medians, min–max), load before/after: $LOAD_BEFORE / $LOAD_AFTER"
-awk -F, -v order="$IMPLS" -v secs="$TCP_SECS" '
+# Statistics both tables use: vals[KEY] holds space-separated samples.
+STATS_AWK='
   function sorted(key, a,   n, i, j, t) {
     n = split(vals[key], a, " ")
     for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j-1] + 0 > a[j] + 0; j--) { t = a[j]; a[j] = a[j-1]; a[j-1] = t }
@@ -538,8 +535,15 @@ awk -F, -v order="$IMPLS" -v secs="$TCP_SECS" '
     n = sorted(key, a)
     return (n == 0) ? "-" : sprintf(fmt "–" fmt, a[1], a[n])
   }
-  function ratio(x, base) { return (base > 0 && x > 0) ? sprintf("%.2fx", x / base) : "-" }
   function add(key, v) { vals[key] = vals[key] (vals[key] == "" ? "" : " ") v }
+'
+
+# --- table: medians per implementation, ratios against wireguard-go ---
+if [[ -s $SAMPLES ]]; then
+echo
+echo "Data plane, $(uname -r), $(nproc) vCPU, MTU $MTU, REPS=$REPS (medians, min–max), load before/after: $LOAD_BEFORE / $LOAD_AFTER"
+awk -F, -v order="$IMPLS" -v secs="$TCP_SECS" "$STATS_AWK"'
+  function ratio(x, base) { return (base > 0 && x > 0) ? sprintf("%.2fx", x / base) : "-" }
   {
     for (c = 3; c <= 11; c++) add($1 SUBSEP c, $c)
     # Cost per byte of this sample: cores (CPU s per s) per Gbit/s.
@@ -592,15 +596,7 @@ fi
 if [[ -s $MANY_SAMPLES ]]; then
   echo
   echo "Many peers (ztmesh tunnel): 1 and $MANY clients, one TCP stream each to one server, $TCP_SECS s, REPS=$REPS (medians, min–max)"
-  awk -F, -v secs="$TCP_SECS" -v many="$MANY" '
-    function sorted(key, a,   n, i, j, t) {
-      n = split(vals[key], a, " ")
-      for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j-1] + 0 > a[j] + 0; j--) { t = a[j]; a[j] = a[j-1]; a[j-1] = t }
-      return n
-    }
-    function median(key,   n, a) { n = sorted(key, a); if (n == 0) return 0; return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2 }
-    function range(key, fmt,   n, a) { n = sorted(key, a); return (n == 0) ? "-" : sprintf(fmt "–" fmt, a[1], a[n]) }
-    function add(key, v) { vals[key] = vals[key] (vals[key] == "" ? "" : " ") v }
+  awk -F, -v secs="$TCP_SECS" -v many="$MANY" "$STATS_AWK"'
     { add($1 SUBSEP "g", $3); add($1 SUBSEP "cpu", $4); if ($3 > 0) add($1 SUBSEP "c", $4 / secs / $3) }
     END {
       print "| clients | Gbit/s in all | server tunnel cores | server cores per Gbit/s |"
