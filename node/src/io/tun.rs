@@ -185,3 +185,51 @@ impl TunTx {
         self.used = 0;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Frames are reused without zeroing, so a hostile peer's long packet
+    /// must not leak into the next, shorter one written from the same
+    /// frame, and nothing left in the header room may reach the kernel.
+    #[test]
+    fn a_short_packet_after_a_long_one_carries_none_of_its_bytes() {
+        let mut tx = TunTx::new();
+        tx.slot(1500).fill(0xaa);
+        tx.commit(0, 1500);
+        // As after a flush: the frame is free again, its bytes stay.
+        tx.used = 0;
+        tx.bufs[0].as_mut()[..VIRTIO_NET_HDR_LEN].fill(0xff);
+
+        let slot = tx.slot(200);
+        assert_eq!(slot.len(), 200);
+        // The device decrypts 60 bytes at offset 16 of its slot.
+        slot[16..76].fill(0x11);
+        tx.commit(16, 76);
+
+        let frame = tx.bufs[0].as_ref();
+        assert_eq!(frame.len(), VIRTIO_NET_HDR_LEN + 60);
+        assert!(frame[..VIRTIO_NET_HDR_LEN].iter().all(|&b| b == 0));
+        assert!(frame[VIRTIO_NET_HDR_LEN..].iter().all(|&b| b == 0x11));
+        assert_eq!(tx.len(), 1);
+    }
+
+    /// GRO may grow a frame to a whole super-packet without reallocating.
+    #[test]
+    fn frames_offer_a_super_packet_of_capacity_and_grow_in_place() {
+        let mut frame = Frame::new(VIRTIO_NET_HDR_LEN + SUPER_PACKET);
+        assert!(frame.buf_capacity() >= VIRTIO_NET_HDR_LEN + SUPER_PACKET);
+        frame.set_len(VIRTIO_NET_HDR_LEN + 100);
+        let ptr = frame.as_ref().as_ptr();
+        frame.buf_extend_from_slice(&[7; 1400]);
+        frame.buf_resize(VIRTIO_NET_HDR_LEN + 1600, 9);
+        let bytes = frame.as_ref();
+        assert_eq!(bytes.len(), VIRTIO_NET_HDR_LEN + 1600);
+        assert_eq!(bytes.as_ptr(), ptr, "no reallocation");
+        assert!(bytes[VIRTIO_NET_HDR_LEN + 100..VIRTIO_NET_HDR_LEN + 1500]
+            .iter()
+            .all(|&b| b == 7));
+        assert!(bytes[VIRTIO_NET_HDR_LEN + 1500..].iter().all(|&b| b == 9));
+    }
+}
