@@ -871,9 +871,18 @@ mod tests {
     async fn truncated_upstream_answers_are_retried_over_tcp() {
         // The resolver's UDP side truncates; its TCP side (same port)
         // gives 40 records (~660 bytes).
-        let udp = UdpSocket::bind(localhost()).await.unwrap();
-        let up = udp.local_addr().unwrap();
-        let tcp = TcpListener::bind(up).await.unwrap();
+        // The UDP port the kernel picks may be taken for TCP by another
+        // test running at the same time: pick again (bounded).
+        let mut pair = None;
+        for _ in 0..50 {
+            let udp = UdpSocket::bind(localhost()).await.unwrap();
+            let up = udp.local_addr().unwrap();
+            if let Ok(tcp) = TcpListener::bind(up).await {
+                pair = Some((udp, up, tcp));
+                break;
+            }
+        }
+        let (udp, up, tcp) = pair.expect("a port free for both UDP and TCP");
         let _u = tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             for _ in 0..8 {
