@@ -1,8 +1,12 @@
 //! The I/O shell around [`Device`]: a Linux TUN device (tun-rs), UDP sockets
 //! on IPv4 and IPv6, the timer, and the UAPI socket.
 //!
-//! One tokio task owns the `Device`, the TUN and the sockets, so the hot path
+//! One thread owns the `Device`, the TUN and the sockets, so the hot path
 //! takes no lock and allocates nothing: buffers are allocated once at start.
+//! The thread runs a plain epoll loop (mio), not an async runtime: a packet
+//! on an idle tunnel costs one `epoll_wait` and the reads and writes it needs,
+//! with no task wake-up, scheduler or select in between (tokio's share of an
+//! idle echo was about a third of the tunnel's user time, see BENCHMARKS.md).
 //! Each event reads a batch, hands its packets to the device one by one and
 //! writes the outputs in as few syscalls as the kernel allows:
 //! - TUN readable: one read of up to 64 KiB (TSO super-packet, split into
@@ -13,8 +17,11 @@
 //!   flow (TUN GRO) → one TUN write per flow.
 //!
 //! Control calls ([`DataPlane::set_peers`], [`DataPlane::set_filter`],
-//! [`DataPlane::set_stun_servers`], [`DataPlane::set_local_addresses`]) travel
-//! over a channel and are applied between batches.
+//! [`DataPlane::set_stun_servers`], [`DataPlane::set_local_addresses`]) and
+//! UAPI requests travel over a channel and ring an eventfd in the epoll set;
+//! they are applied between batches. The relay link (QUIC, TLS) runs as tasks
+//! on the caller's tokio runtime and hands received datagrams over a bounded
+//! channel and the same eventfd.
 //!
 //! Endpoint discovery shares the WireGuard sockets: Binding requests go out
 //! of them (so a STUN server reports the NAT mapping peers must use), and on
@@ -33,15 +40,18 @@ pub use self::relay::{RelaySetup, RelayState};
 
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::AsRawFd as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use ipnet::IpNet;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
 use quinn_udp::RecvMeta;
 use tokio::sync::mpsc;
-use tun_rs::AsyncDevice;
+use tun_rs::SyncDevice;
 use ztmesh_proto::keys::{WgPrivateKey, WgPublicKey};
 use ztmesh_proto::stun::is_stun;
 
@@ -76,8 +86,28 @@ const UDP_RX_BUFFER: usize = 65_536;
 /// Packets gathered from one source before they are written out: a full GSO
 /// send (64 segments) of small packets.
 const DRAIN_PACKETS: usize = 64;
+/// `recvmmsg` calls per UDP batch: enough for [`DRAIN_PACKETS`] datagrams
+/// without GRO (8 × 8), and the bound on a batch whose datagrams decrypt to
+/// nothing (junk, STUN, handshakes), which never fill the TUN batch: without
+/// it a flood the loop cannot outrun would keep it on one socket for good.
+const UDP_RECV_CALLS: usize = 8;
 /// How often the stats snapshot behind [`DataPlane::stats`] is refreshed.
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a send waits for room in a full socket buffer before its
+/// datagrams are dropped (as the kernel drops on a full queue).
+const SEND_WAIT: Duration = Duration::from_millis(100);
+/// Turns in a row that may end in a read error before the source is treated
+/// as drained (it is read again at its next readiness edge): a device gone
+/// bad must not spin the thread.
+const ERROR_TURNS: u8 = 8;
+/// Commands and relayed datagrams taken per turn, so neither starves the
+/// sockets.
+const INBOX_BATCH: usize = 64;
+
+const TUN: Token = Token(0);
+const UDP4: Token = Token(1);
+const UDP6: Token = Token(2);
+const WAKE: Token = Token(3);
 
 /// What the data plane needs to start.
 #[derive(Debug, Clone)]
@@ -189,12 +219,15 @@ enum Command {
     StunServers(Vec<SocketAddr>),
     LocalAddresses(Vec<IpAddr>),
     Relay(Option<RelaySetup>),
+    Uapi(uapi::Request),
     Shutdown,
 }
 
 /// A running data plane: TUN device, UDP sockets, the device task and the UAPI socket.
 pub struct DataPlane {
     commands: mpsc::UnboundedSender<Command>,
+    /// Rings the data-plane thread's epoll after each command.
+    waker: Arc<Waker>,
     stats: Arc<Mutex<Stats>>,
     port: u16,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -222,25 +255,37 @@ impl DataPlane {
         let stats = Arc::new(Mutex::new(Stats::default()));
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (uapi_tx, uapi_rx) = mpsc::unbounded_channel();
+        // Relay links → forwarder (on this runtime) → data-plane thread.
+        let (relay_tx, relay_fwd_rx) = mpsc::channel(relay::OUT_QUEUE);
+        let (relay_fwd_tx, relay_rx) = mpsc::channel(relay::OUT_QUEUE);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let thread = {
             let cfg = cfg.clone();
             let stats = stats.clone();
+            let inbox = Inbox {
+                commands: command_rx,
+                relay: relay_rx,
+                relay_tx,
+                runtime: tokio::runtime::Handle::current(),
+            };
             std::thread::Builder::new()
                 .name("ztmesh-dataplane".into())
-                .spawn(move || run_thread(cfg, command_rx, uapi_rx, stats, ready_tx))
+                .spawn(move || run_thread(cfg, inbox, stats, ready_tx))
                 .context("spawning the data plane thread")?
         };
-        let port = match ready_rx.await {
-            Ok(Ok(port)) => port,
+        let (port, waker) = match ready_rx.await {
+            Ok(Ok(ready)) => ready,
             Ok(Err(e)) => {
                 let _ = tokio::task::spawn_blocking(move || thread.join()).await;
                 return Err(e);
             }
             Err(_) => anyhow::bail!("the data plane thread exited during start"),
         };
+        tokio::spawn(forward_relay(relay_fwd_rx, relay_fwd_tx, waker.clone()));
+        tokio::spawn(forward_uapi(uapi_rx, commands.clone(), waker.clone()));
         let mut plane = DataPlane {
             commands,
+            waker,
             stats,
             port,
             thread: Some(thread),
@@ -262,34 +307,34 @@ impl DataPlane {
     /// Replaces the peer set, applied as a diff: unchanged peers keep their
     /// sessions; removed peers' sessions and conntrack entries go at once.
     pub fn set_peers(&self, peers: Vec<PeerConfig>) {
-        let _ = self.commands.send(Command::Peers(peers));
+        self.command(Command::Peers(peers));
     }
 
     /// Replaces the inbound filter: `None` accepts all traffic from peers
     /// (standalone); `Some(vec![])` denies all inbound flows but still admits
     /// replies to flows this node opened.
     pub fn set_filter(&self, rules: Option<Ruleset>) {
-        let _ = self.commands.send(Command::Filter(rules));
+        self.command(Command::Filter(rules));
     }
 
     /// Sets the STUN servers asked for this node's reflexive address, from
     /// the data-plane sockets: at once when the set changes, then every
     /// [`crate::nat::discovery::STUN_INTERVAL`]. An empty set stops it.
     pub fn set_stun_servers(&self, servers: Vec<SocketAddr>) {
-        let _ = self.commands.send(Command::StunServers(servers));
+        self.command(Command::StunServers(servers));
     }
 
     /// Sets this node's interface addresses (most preferred first), the
     /// local endpoint candidates (with the data-plane port).
     pub fn set_local_addresses(&self, addrs: Vec<IpAddr>) {
-        let _ = self.commands.send(Command::LocalAddresses(addrs));
+        self.command(Command::LocalAddresses(addrs));
     }
 
     /// Sets the relay link: `Some` with the map's relays, this node's
     /// machine key and the signed map (connects to the first relay, or
     /// pushes the map to the one already connected); `None` closes it.
     pub fn set_relay(&self, setup: Option<RelaySetup>) {
-        let _ = self.commands.send(Command::Relay(setup));
+        self.command(Command::Relay(setup));
     }
 
     /// This node's endpoint candidates, as of the latest snapshot.
@@ -309,11 +354,7 @@ impl DataPlane {
     /// last call (empty if the data plane has stopped).
     pub async fn take_flows(&self, with_allowed: bool) -> FlowLog {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if self
-            .commands
-            .send(Command::TakeFlows(tx, with_allowed))
-            .is_err()
-        {
+        if !self.command(Command::TakeFlows(tx, with_allowed)) {
             return FlowLog::default();
         }
         rx.await.unwrap_or_default()
@@ -327,93 +368,146 @@ impl DataPlane {
     /// Stops the data plane thread; the TUN device disappears with its file
     /// descriptor, the sockets close and the UAPI socket file is removed.
     pub async fn shutdown(mut self) {
-        let _ = self.commands.send(Command::Shutdown);
+        self.command(Command::Shutdown);
         if let Some(thread) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
-        if let Some(u) = self.uapi {
+        if let Some(u) = self.uapi.take() {
             u.stop();
         }
     }
+
+    /// Queues a command and wakes the data-plane thread; false if it has stopped.
+    fn command(&self, c: Command) -> bool {
+        let sent = self.commands.send(c).is_ok();
+        if let Err(e) = self.waker.wake() {
+            tracing::debug!(error = %e, "waking the data plane failed");
+        }
+        sent
+    }
 }
 
-/// The data plane thread: a single-threaded runtime that owns the TUN, the
-/// sockets and the `Device`. A thread of its own keeps the hot path off the
-/// control plane's runtime: no work stealing, no cross-thread wake-ups, and
-/// the control loop's TLS and gRPC work never delays a packet.
+/// Dropped without [`DataPlane::shutdown`]: the thread wakes, finds the
+/// command channel closed and stops.
+impl Drop for DataPlane {
+    fn drop(&mut self) {
+        let _ = self.waker.wake();
+    }
+}
+
+/// Relayed datagrams from the relay link's tasks into the data plane's
+/// queue, waking it for each; the queue's bound holds the link back.
+async fn forward_relay(
+    mut from: mpsc::Receiver<(u64, Vec<u8>)>,
+    to: mpsc::Sender<(u64, Vec<u8>)>,
+    waker: Arc<Waker>,
+) {
+    while let Some(d) = from.recv().await {
+        if to.send(d).await.is_err() {
+            break;
+        }
+        let _ = waker.wake();
+    }
+}
+
+/// UAPI requests (`wg show`, `wg set`) into the command queue.
+async fn forward_uapi(
+    mut from: mpsc::UnboundedReceiver<uapi::Request>,
+    to: mpsc::UnboundedSender<Command>,
+    waker: Arc<Waker>,
+) {
+    while let Some(r) = from.recv().await {
+        if to.send(Command::Uapi(r)).is_err() {
+            break;
+        }
+        let _ = waker.wake();
+    }
+}
+
+/// What reaches the data-plane thread from elsewhere: commands (control
+/// calls and UAPI requests) and datagrams the relay link received. Both ring
+/// the thread's [`Waker`].
+struct Inbox {
+    commands: mpsc::UnboundedReceiver<Command>,
+    relay: mpsc::Receiver<(u64, Vec<u8>)>,
+    /// Given to each relay link for the datagrams it receives.
+    relay_tx: mpsc::Sender<(u64, Vec<u8>)>,
+    /// The runtime of [`DataPlane::start`]'s caller: the relay link's tasks run there.
+    runtime: tokio::runtime::Handle,
+}
+
+/// The data plane thread: an epoll loop that owns the TUN, the sockets and
+/// the `Device`. A thread of its own keeps the hot path off the control
+/// plane's runtime: no work stealing, no cross-thread wake-ups, and the
+/// control loop's TLS and gRPC work never delays a packet.
 #[expect(
     clippy::disallowed_methods,
     reason = "the data-plane shell starts the Device at the real time"
 )]
 fn run_thread(
     cfg: DataPlaneConfig,
-    commands: mpsc::UnboundedReceiver<Command>,
-    uapi: mpsc::UnboundedReceiver<uapi::Request>,
+    inbox: Inbox,
     stats: Arc<Mutex<Stats>>,
-    ready: tokio::sync::oneshot::Sender<anyhow::Result<u16>>,
+    ready: tokio::sync::oneshot::Sender<anyhow::Result<(u16, Arc<Waker>)>>,
 ) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            let _ = ready.send(Err(anyhow::Error::new(e).context("data plane runtime")));
-            return;
+    // Relay links spawn their tasks on the caller's runtime.
+    let runtime = inbox.runtime.clone();
+    let _runtime = runtime.enter();
+    let setup = || -> anyhow::Result<(Worker, Arc<Waker>)> {
+        let (udp4, udp6) = bind_udp(cfg.listen_port)?;
+        let port = udp4.local_addr()?.port();
+        let tun = create_tun(&cfg).with_context(|| format!("creating TUN {}", cfg.interface))?;
+        tun.set_nonblocking(true).context("TUN non-blocking")?;
+        let poll = Poll::new().context("epoll")?;
+        let registry = poll.registry();
+        // Readable only: a writable edge after every send would wake the loop for nothing.
+        registry.register(&mut SourceFd(&tun.as_raw_fd()), TUN, Interest::READABLE)?;
+        registry.register(&mut SourceFd(&udp4.as_raw_fd()), UDP4, Interest::READABLE)?;
+        if let Some(u) = &udp6 {
+            registry.register(&mut SourceFd(&u.as_raw_fd()), UDP6, Interest::READABLE)?;
         }
-    };
-    runtime.block_on(async move {
-        let setup = || -> anyhow::Result<Worker> {
-            let (udp4, udp6) = bind_udp(cfg.listen_port)?;
-            let port = udp4.local_addr()?.port();
-            let tun =
-                create_tun(&cfg).with_context(|| format!("creating TUN {}", cfg.interface))?;
-            let rules = if cfg.managed {
-                Some(Ruleset::default())
-            } else {
-                None
-            };
-            let (relay_tx, relay_rx) = mpsc::channel(relay::OUT_QUEUE);
-            Ok(Worker {
-                relay: None,
-                relay_tx,
-                relay_rx,
-                discovery: Discovery::new(port),
-                stun_deadline: None,
-                stun_dirty: false,
-                device: Device::new(&cfg.private_key, rules.clone(), Instant::now()),
-                private_key: cfg.private_key.clone(),
-                rules,
-                tun,
-                udp4,
-                udp6,
-                port,
-                mtu: usize::from(cfg.mtu),
-                commands,
-                uapi,
-                stats,
-            })
+        let waker = Arc::new(Waker::new(registry, WAKE).context("eventfd")?);
+        let rules = if cfg.managed {
+            Some(Ruleset::default())
+        } else {
+            None
         };
-        match setup() {
-            Ok(mut worker) => {
-                worker.publish_stats();
-                if ready.send(Ok(worker.port)).is_ok() {
-                    worker.run().await;
-                }
-            }
-            Err(e) => {
-                let _ = ready.send(Err(e));
+        let worker = Worker {
+            relay: None,
+            inbox,
+            discovery: Discovery::new(port),
+            stun_deadline: None,
+            stun_dirty: false,
+            device: Device::new(&cfg.private_key, rules.clone(), Instant::now()),
+            private_key: cfg.private_key.clone(),
+            rules,
+            poll,
+            tun,
+            udp4,
+            udp6,
+            port,
+            mtu: usize::from(cfg.mtu),
+            stats,
+        };
+        Ok((worker, waker))
+    };
+    match setup() {
+        Ok((mut worker, waker)) => {
+            worker.publish_stats();
+            if ready.send(Ok((worker.port, waker))).is_ok() {
+                worker.run();
             }
         }
-    });
+        Err(e) => {
+            let _ = ready.send(Err(e));
+        }
+    }
 }
 
 struct Worker {
     device: Device,
     relay: Option<RelayLink>,
-    /// Datagrams the relay link received, for the device.
-    relay_tx: mpsc::Sender<(u64, Vec<u8>)>,
-    relay_rx: mpsc::Receiver<(u64, Vec<u8>)>,
+    inbox: Inbox,
     discovery: Discovery,
     /// [`Discovery::poll_timeout`], kept so a turn of the loop does not recompute it.
     stun_deadline: Option<Instant>,
@@ -422,24 +516,48 @@ struct Worker {
     stun_dirty: bool,
     private_key: WgPrivateKey,
     rules: Option<Ruleset>,
-    tun: AsyncDevice,
+    poll: Poll,
+    tun: SyncDevice,
     udp4: Udp,
     udp6: Option<Udp>,
     port: u16,
     mtu: usize,
-    commands: mpsc::UnboundedReceiver<Command>,
-    uapi: mpsc::UnboundedReceiver<uapi::Request>,
     stats: Arc<Mutex<Stats>>,
 }
 
-enum Event {
-    Tun(io::Result<()>),
-    Udp4(io::Result<()>),
-    Udp6(io::Result<()>),
-    Timer,
-    Relay(Option<(u64, Vec<u8>)>),
-    Command(Option<Command>),
-    Uapi(Option<uapi::Request>),
+/// How a batch from one source ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drained {
+    /// The source is empty (a read found nothing): wait for its next edge.
+    Empty,
+    /// Stopped at a batch bound: more may be queued.
+    More,
+    /// A read failed; the next one may succeed.
+    Error,
+}
+
+/// The readiness of one edge-triggered source: set by epoll, kept until a
+/// read finds the source empty, since epoll reports only new arrivals.
+#[derive(Debug, Default)]
+struct Ready {
+    set: bool,
+    errors: u8,
+}
+
+impl Ready {
+    fn after(&mut self, batch: Drained) {
+        match batch {
+            Drained::Empty => *self = Ready::default(),
+            Drained::More => self.errors = 0,
+            Drained::Error => {
+                self.errors += 1;
+                if self.errors >= ERROR_TURNS {
+                    tracing::warn!("reads keep failing; waiting for new packets");
+                    *self = Ready::default();
+                }
+            }
+        }
+    }
 }
 
 /// The buffers of the hot path, allocated once.
@@ -474,90 +592,82 @@ impl Buffers {
 }
 
 impl Worker {
+    /// The loop: wait for readiness or the next deadline, then one batch
+    /// from each ready source, the device's timers and transmits, discovery
+    /// and the stats. Sources that may hold more keep the next wait at zero.
     #[expect(
         clippy::disallowed_methods,
         reason = "the data-plane event loop reads the clock once per turn and passes it in"
     )]
-    async fn run(mut self) {
+    fn run(mut self) {
         let mut bufs = Buffers::new(self.mtu);
+        let mut events = Events::with_capacity(8);
         let mut next_stats = Instant::now() + STATS_INTERVAL;
-        // One timer entry, moved only when the device's deadline moves.
-        let timer =
-            tokio::time::sleep_until(tokio::time::Instant::from_std(self.device.poll_timeout()));
-        tokio::pin!(timer);
-        let mut uapi_open = true;
+        // Everything is read once at start: packets may predate the registration.
+        let mut tun = Ready {
+            set: true,
+            errors: 0,
+        };
+        let mut udp4 = Ready {
+            set: true,
+            errors: 0,
+        };
+        let mut udp6 = Ready {
+            set: self.udp6.is_some(),
+            errors: 0,
+        };
+        let mut inbox = true;
+        let mut now = Instant::now();
         loop {
-            let next = match self.stun_deadline {
-                Some(stun) => stun.min(self.device.poll_timeout()),
-                None => self.device.poll_timeout(),
+            // One clock read per turn: the wait is measured from the start
+            // of the last turn, so a timer may fire that turn's work late (µs).
+            let timeout = if tun.set || udp4.set || udp6.set || inbox {
+                Duration::ZERO
+            } else {
+                let mut deadline = self.device.poll_timeout().min(next_stats);
+                if let Some(stun) = self.stun_deadline {
+                    deadline = deadline.min(stun);
+                }
+                deadline.saturating_duration_since(now)
             };
-            let deadline = tokio::time::Instant::from_std(next);
-            if timer.deadline() != deadline || timer.is_elapsed() {
-                timer.as_mut().reset(deadline);
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::warn!(error = %e, "epoll_wait failed");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
-            let event = tokio::select! {
-                c = self.commands.recv() => Event::Command(c),
-                r = self.uapi.recv(), if uapi_open => Event::Uapi(r),
-                r = self.udp4.readable() => Event::Udp4(r),
-                r = readable6(self.udp6.as_ref()) => Event::Udp6(r),
-                r = self.tun.readable() => Event::Tun(r),
-                r = self.relay_rx.recv() => Event::Relay(r),
-                () = &mut timer => Event::Timer,
-            };
-            let now = Instant::now();
-            match event {
-                Event::Tun(Ok(())) => self.tun_batch(now, &mut bufs).await,
-                Event::Udp4(Ok(())) => self.udp_batch(now, false, &mut bufs).await,
-                Event::Udp6(Ok(())) => self.udp_batch(now, true, &mut bufs).await,
-                Event::Tun(Err(e)) => {
-                    tracing::warn!(error = %e, "TUN read failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+            for event in &events {
+                match event.token() {
+                    TUN => tun.set = true,
+                    UDP4 => udp4.set = true,
+                    UDP6 => udp6.set = true,
+                    _ => inbox = true,
                 }
-                Event::Udp4(Err(e)) | Event::Udp6(Err(e)) => {
-                    tracing::trace!(error = %e, "UDP readiness error");
+            }
+            now = Instant::now();
+            if inbox {
+                match self.inbox(now, &mut bufs) {
+                    Some(more) => inbox = more,
+                    None => break,
                 }
-                // The timer serves the device and discovery; the device's
-                // timers run only when they are due.
-                Event::Timer if now >= self.device.poll_timeout() => {
-                    self.device.handle_timeout(now);
-                }
-                Event::Timer => {}
-                Event::Command(None) | Event::Command(Some(Command::Shutdown)) => break,
-                Event::Command(Some(Command::Peers(p))) => {
-                    self.device.set_peers(p, now);
-                    self.publish_stats();
-                }
-                Event::Command(Some(Command::TakeFlows(reply, with_allowed))) => {
-                    let _ = reply.send(self.take_flows(now, with_allowed));
-                }
-                Event::Command(Some(Command::Filter(r))) => {
-                    self.rules = r.clone();
-                    self.device.set_filter(r);
-                }
-                Event::Command(Some(Command::StunServers(servers))) => {
-                    self.discovery.set_servers(&servers, now);
-                    self.stun_dirty = true;
-                }
-                Event::Relay(Some((peer, datagram))) => {
-                    self.relay_datagram(now, peer, &datagram, &mut bufs).await;
-                }
-                // The worker holds a sender: never closed while it runs.
-                Event::Relay(None) => {}
-                Event::Command(Some(Command::Relay(setup))) => self.set_relay(setup),
-                Event::Command(Some(Command::LocalAddresses(addrs))) => {
-                    self.discovery.set_local(&addrs);
-                    self.stun_dirty = true;
-                }
-                Event::Uapi(Some(req)) => self.uapi_request(req, now),
-                // No UAPI socket (or it stopped): stop polling the closed
-                // channel, which would otherwise be ready on every turn.
-                Event::Uapi(None) => uapi_open = false,
+            }
+            if udp4.set {
+                udp4.after(self.udp_batch(now, false, &mut bufs));
+            }
+            if udp6.set {
+                udp6.after(self.udp_batch(now, true, &mut bufs));
+            }
+            if tun.set {
+                tun.after(self.tun_batch(now, &mut bufs));
+            }
+            if now >= self.device.poll_timeout() {
+                self.device.handle_timeout(now);
             }
             while let Some(t) = self.device.poll_transmit(now, &mut bufs.out) {
-                self.send(&t).await;
+                self.send(&t);
             }
             if self.stun_dirty || self.stun_deadline.is_some_and(|d| d <= now) {
-                self.stun_poll(now).await;
+                self.stun_poll(now);
             }
             if now >= next_stats {
                 next_stats = now + STATS_INTERVAL;
@@ -573,25 +683,83 @@ impl Worker {
         tracing::info!(drops = %drops.join(" "), "data plane stopped");
     }
 
+    /// Commands and relayed datagrams, at most [`INBOX_BATCH`] of each:
+    /// `Some(true)` when more may wait, `None` to stop (a `Shutdown`, or the
+    /// [`DataPlane`] is gone).
+    fn inbox(&mut self, now: Instant, bufs: &mut Buffers) -> Option<bool> {
+        let mut more_commands = true;
+        for _ in 0..INBOX_BATCH {
+            let command = match self.inbox.commands.try_recv() {
+                Ok(c) => c,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    more_commands = false;
+                    break;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+            };
+            match command {
+                Command::Shutdown => return None,
+                Command::Peers(p) => {
+                    self.device.set_peers(p, now);
+                    self.publish_stats();
+                }
+                Command::TakeFlows(reply, with_allowed) => {
+                    let _ = reply.send(self.take_flows(now, with_allowed));
+                }
+                Command::Filter(r) => {
+                    self.rules = r.clone();
+                    self.device.set_filter(r);
+                }
+                Command::StunServers(servers) => {
+                    self.discovery.set_servers(&servers, now);
+                    self.stun_dirty = true;
+                }
+                Command::Relay(setup) => self.set_relay(setup),
+                Command::LocalAddresses(addrs) => {
+                    self.discovery.set_local(&addrs);
+                    self.stun_dirty = true;
+                }
+                Command::Uapi(req) => self.uapi_request(req, now),
+            }
+        }
+        for _ in 0..INBOX_BATCH {
+            match self.inbox.relay.try_recv() {
+                Ok((peer, datagram)) => self.relay_datagram(now, peer, &datagram, bufs),
+                // The worker holds a sender: never disconnected while it runs.
+                Err(_) => return Some(more_commands),
+            }
+        }
+        Some(true)
+    }
+
     /// TUN reads, encrypted back to back, then sent with GSO. A super-packet
     /// (TSO, up to 64 KiB) is a batch of its own and goes out at once; single
-    /// packets are gathered until the TUN is empty or [`DRAIN_PACKETS`] wait.
-    async fn tun_batch(&mut self, now: Instant, bufs: &mut Buffers) {
+    /// packets are gathered until the TUN is empty or [`DRAIN_PACKETS`] wait,
+    /// and at most [`DRAIN_PACKETS`] reads are made (packets that go nowhere —
+    /// no route, no session — never fill the batch).
+    fn tun_batch(&mut self, now: Instant, bufs: &mut Buffers) -> Drained {
         let mut n = 0;
-        while n <= 1 && bufs.udp_tx.len() < DRAIN_PACKETS {
+        let mut drained = Drained::More;
+        let mut reads = 0;
+        while n <= 1 && bufs.udp_tx.len() < DRAIN_PACKETS && reads < DRAIN_PACKETS {
+            reads += 1;
             n = match bufs.tun_rx.try_recv(&self.tun) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drained = Drained::Empty;
+                    break;
+                }
                 Err(e) => {
                     // A malformed offload header drops that read only.
                     tracing::trace!(error = %e, "TUN read failed");
+                    drained = Drained::Error;
                     break;
                 }
             };
             for i in 0..n {
                 let packet = bufs.tun_rx.packet(i);
                 if bufs.udp_tx.remaining() < packet.len() + OVERHEAD + MIN_BUFFER {
-                    self.flush_udp(&mut bufs.udp_tx).await;
+                    self.flush_udp(&mut bufs.udp_tx);
                 }
                 let free = bufs.udp_tx.free();
                 let base = free.as_ptr() as usize;
@@ -615,19 +783,24 @@ impl Worker {
                 }
             }
         }
-        self.flush_udp(&mut bufs.udp_tx).await;
+        self.flush_udp(&mut bufs.udp_tx);
+        drained
     }
 
-    /// `recvmmsg` calls (each buffer a GRO batch) until the socket is empty or
-    /// [`DRAIN_PACKETS`] packets wait, decrypted into the TUN batch, written
-    /// with GRO.
-    async fn udp_batch(&mut self, now: Instant, v6: bool, bufs: &mut Buffers) {
+    /// `recvmmsg` calls (each buffer a GRO batch) until the socket is empty,
+    /// [`DRAIN_PACKETS`] packets wait or [`UDP_RECV_CALLS`] calls were made,
+    /// decrypted into the TUN batch, written with GRO.
+    fn udp_batch(&mut self, now: Instant, v6: bool, bufs: &mut Buffers) -> Drained {
         let sock = match (v6, self.udp6.as_ref()) {
             (false, _) => &self.udp4,
             (true, Some(s)) => s,
-            (true, None) => return,
+            (true, None) => return Drained::Empty,
         };
-        while bufs.tun_tx.len() < DRAIN_PACKETS {
+        let mut drained = Drained::More;
+        for _ in 0..UDP_RECV_CALLS {
+            if bufs.tun_tx.len() >= DRAIN_PACKETS {
+                break;
+            }
             let n = {
                 let mut slices: [IoSliceMut<'_>; UDP_RX_BUFFERS] = {
                     let mut it = bufs.udp_rx.iter_mut();
@@ -637,10 +810,14 @@ impl Worker {
                 };
                 match sock.try_recv(&mut slices, &mut bufs.udp_meta) {
                     Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        drained = Drained::Empty;
+                        break;
+                    }
                     Err(e) => {
                         // ICMP port unreachable and the like surface here; keep going.
                         tracing::trace!(error = %e, "UDP receive error");
+                        drained = Drained::Error;
                         break;
                     }
                 }
@@ -667,7 +844,7 @@ impl Worker {
                         continue;
                     }
                     if bufs.tun_tx.is_full() {
-                        bufs.tun_tx.flush(&self.tun).await;
+                        bufs.tun_tx.flush(&self.tun);
                     }
                     let out = bufs.tun_tx.slot(datagram.len().max(MIN_BUFFER));
                     let base = out.as_ptr() as usize;
@@ -682,7 +859,7 @@ impl Worker {
                             let (to, len) = (t.to, t.packet.len());
                             let start = t.packet.as_ptr() as usize - base;
                             let packet = &bufs.tun_tx.current()[start..start + len];
-                            self.send_to(to, packet).await;
+                            self.send_to(to, packet);
                         }
                         Output::Done => {}
                         Output::Dropped(reason) => {
@@ -692,27 +869,28 @@ impl Worker {
                 }
             }
         }
-        bufs.tun_tx.flush(&self.tun).await;
+        bufs.tun_tx.flush(&self.tun);
+        drained
     }
 
-    async fn flush_udp(&self, batch: &mut TxBatch) {
+    fn flush_udp(&self, batch: &mut TxBatch) {
         if batch.is_empty() {
             return;
         }
-        self.udp4.send_batch(batch, false).await;
+        self.udp4.send_batch(batch, false);
         if let Some(v6) = &self.udp6 {
-            v6.send_batch(batch, true).await;
+            v6.send_batch(batch, true);
         }
         batch.clear();
     }
 
-    async fn send(&self, t: &Transmit<'_>) {
-        self.send_to(t.to, t.packet).await;
+    fn send(&self, t: &Transmit<'_>) {
+        self.send_to(t.to, t.packet);
     }
 
-    async fn send_to(&self, to: Destination, packet: &[u8]) {
+    fn send_to(&self, to: Destination, packet: &[u8]) {
         match to {
-            Destination::Udp(addr) => send_on(&self.udp4, self.udp6.as_ref(), addr, packet).await,
+            Destination::Udp(addr) => send_on(&self.udp4, self.udp6.as_ref(), addr, packet),
             Destination::Relay(peer) => self.relay_send(peer, packet),
         }
     }
@@ -729,13 +907,7 @@ impl Worker {
     }
 
     /// A datagram from the relay: the same device path as a UDP one.
-    async fn relay_datagram(
-        &mut self,
-        now: Instant,
-        peer: u64,
-        datagram: &[u8],
-        bufs: &mut Buffers,
-    ) {
+    fn relay_datagram(&mut self, now: Instant, peer: u64, datagram: &[u8], bufs: &mut Buffers) {
         let out = bufs.tun_tx.slot(datagram.len().max(MIN_BUFFER));
         let base = out.as_ptr() as usize;
         match self.device.handle_relay(now, peer, datagram, out) {
@@ -743,13 +915,13 @@ impl Worker {
                 let start = p.as_ptr() as usize - base;
                 let end = start + p.len();
                 bufs.tun_tx.commit(start, end);
-                bufs.tun_tx.flush(&self.tun).await;
+                bufs.tun_tx.flush(&self.tun);
             }
             Output::Network(t) => {
                 let (to, len) = (t.to, t.packet.len());
                 let start = t.packet.as_ptr() as usize - base;
                 let packet = &bufs.tun_tx.current()[start..start + len];
-                self.send_to(to, packet).await;
+                self.send_to(to, packet);
             }
             Output::Done => {}
             Output::Dropped(reason) => {
@@ -763,7 +935,7 @@ impl Worker {
             Some(s) if s.relays.is_empty() => self.relay = None,
             Some(s) => match &self.relay {
                 Some(link) if link.serves(&s.relays) => link.push_map(s.map),
-                _ => self.relay = RelayLink::start(s, self.relay_tx.clone()),
+                _ => self.relay = RelayLink::start(s, self.inbox.relay_tx.clone()),
             },
             None => self.relay = None,
         }
@@ -772,7 +944,7 @@ impl Worker {
     /// Discovery's turn: expires stale reflexive addresses, sends the
     /// Binding requests that are due, and publishes the candidates when
     /// anything changed.
-    async fn stun_poll(&mut self, now: Instant) {
+    fn stun_poll(&mut self, now: Instant) {
         let expired = self.discovery.handle_timeout(now);
         let before = self.discovery.candidates();
         // One request per server at most per turn (MAX_SERVERS bounds it).
@@ -781,7 +953,7 @@ impl Worker {
                 break;
             };
             tracing::trace!(server = %to, "STUN binding request");
-            send_on(&self.udp4, self.udp6.as_ref(), to, &request).await;
+            send_on(&self.udp4, self.udp6.as_ref(), to, &request);
         }
         self.stun_deadline = self.discovery.poll_timeout();
         if self.stun_dirty || expired || self.discovery.candidates() != before {
@@ -962,19 +1134,28 @@ fn wall_clock(now: Instant, then: Instant) -> SystemTime {
         .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
-async fn send_on(udp4: &Udp, udp6: Option<&Udp>, to: SocketAddr, packet: &[u8]) {
+fn send_on(udp4: &Udp, udp6: Option<&Udp>, to: SocketAddr, packet: &[u8]) {
     match (to, udp6) {
-        (SocketAddr::V4(_), _) => udp4.send(to, packet, None).await,
-        (SocketAddr::V6(_), Some(s)) => s.send(to, packet, None).await,
+        (SocketAddr::V4(_), _) => udp4.send(to, packet, None),
+        (SocketAddr::V6(_), Some(s)) => s.send(to, packet, None),
         (SocketAddr::V6(_), None) => {}
     }
 }
 
-async fn readable6(sock: Option<&Udp>) -> io::Result<()> {
-    match sock {
-        Some(s) => s.readable().await,
-        None => std::future::pending().await,
-    }
+/// Waits up to [`SEND_WAIT`] for room in a socket's send buffer (the loop
+/// registers for readability only): true when there is room. The thread
+/// blocks meanwhile, as a blocking socket would; a full buffer is rare, since
+/// a UDP send returns once the datagram is queued on the device.
+fn wait_writable(fd: std::os::fd::RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(SEND_WAIT.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid, initialized pollfd, and nfds 1 matches it.
+    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+    r > 0 && pfd.revents & libc::POLLOUT != 0
 }
 
 fn bind_udp(port: u16) -> anyhow::Result<(Udp, Option<Udp>)> {
@@ -1022,7 +1203,6 @@ fn bind_udp(port: u16) -> anyhow::Result<(Udp, Option<Udp>)> {
 /// `SO_RCVBUFFORCE` / `SO_SNDBUFFORCE`: a buffer size above net.core.*mem_max
 /// (needs CAP_NET_ADMIN, which a process that creates a TUN has).
 fn force_buffer(s: &socket2::Socket, option: libc::c_int, bytes: usize) -> io::Result<()> {
-    use std::os::fd::AsRawFd as _;
     let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     // SAFETY: a valid socket descriptor, and a pointer to a c_int with its size.
     let r = unsafe {
@@ -1043,7 +1223,7 @@ fn force_buffer(s: &socket2::Socket, option: libc::c_int, bytes: usize) -> io::R
 
 /// Creates the TUN with offloads (IFF_VNET_HDR, TSO, USO where the kernel has
 /// it); without them if the kernel refuses.
-fn create_tun(cfg: &DataPlaneConfig) -> anyhow::Result<AsyncDevice> {
+fn create_tun(cfg: &DataPlaneConfig) -> anyhow::Result<SyncDevice> {
     let v4: Vec<_> = cfg
         .addresses
         .iter()
@@ -1072,7 +1252,7 @@ fn create_tun(cfg: &DataPlaneConfig) -> anyhow::Result<AsyncDevice> {
         for n in &v6 {
             builder = builder.ipv6(n.addr(), n.prefix_len());
         }
-        builder.build_async()
+        builder.build_sync()
     };
     let tun = match build(true) {
         Ok(tun) => tun,
@@ -1137,6 +1317,37 @@ mod tests {
             dst_port: port,
             reason: Reason::NoRule,
         }
+    }
+
+    /// Edge-triggered sources: epoll reports only new arrivals, so a source
+    /// that stopped at a batch bound must stay ready (else its queue waits
+    /// for the next packet), and one whose reads keep failing must not spin.
+    #[test]
+    fn a_source_stays_ready_until_a_read_finds_it_empty() {
+        let mut r = Ready {
+            set: true,
+            errors: 0,
+        };
+        r.after(Drained::More);
+        assert!(r.set, "stopped at the batch bound: more may be queued");
+        r.after(Drained::Error);
+        assert!(r.set, "one failed read: the next may succeed");
+        r.after(Drained::More);
+        assert_eq!(r.errors, 0, "a good batch resets the error count");
+        r.after(Drained::Empty);
+        assert!(!r.set);
+
+        let mut r = Ready {
+            set: true,
+            errors: 0,
+        };
+        for _ in 1..ERROR_TURNS {
+            r.after(Drained::Error);
+            assert!(r.set);
+        }
+        r.after(Drained::Error);
+        assert!(!r.set, "failing reads stop after ERROR_TURNS turns");
+        assert_eq!(r.errors, 0);
     }
 
     #[test]

@@ -1,11 +1,12 @@
-//! The data plane's relay link (shell): one task on the data-plane runtime
-//! keeps one session with the map's relays — the first relay that answers,
-//! in map order, QUIC first and TLS over TCP when QUIC does not connect
-//! within [`QUIC_TIMEOUT`] (UDP blocked); a session on a later relay or on
-//! TCP keeps trying the better positions in the background — says
-//! `HELLO` with the machine key and the current signed map, pushes every
-//! newer map (`MAP`), carries `Relay(peer)` transmits out and hands received
-//! datagrams back to the device task. It reconnects with backoff; the relay
+//! The data plane's relay link (shell): one task on the node's tokio runtime
+//! (the caller of `DataPlane::start`) keeps one session with the map's
+//! relays — the first relay that answers, in map order, QUIC first and TLS
+//! over TCP when QUIC does not connect within [`QUIC_TIMEOUT`] (UDP
+//! blocked); a session on a later relay or on TCP keeps trying the better
+//! positions in the background — says `HELLO` with the machine key and the
+//! current signed map, pushes every newer map (`MAP`), carries `Relay(peer)`
+//! transmits out and hands received datagrams to the data-plane thread (a
+//! bounded channel and its eventfd). It reconnects with backoff; the relay
 //! accepts the same node again without re-enrollment (a fresh proof, the map
 //! the node holds).
 

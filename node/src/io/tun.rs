@@ -7,7 +7,7 @@
 
 use std::io;
 
-use tun_rs::{AsyncDevice, ExpandBuffer, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::{ExpandBuffer, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// Largest packet the kernel hands over or accepts with offloads (64 KiB).
 const SUPER_PACKET: usize = 65_536;
@@ -32,9 +32,10 @@ impl TunRx {
         }
     }
 
-    /// One read: `WouldBlock` when nothing is queued; else the packet count.
-    pub(super) fn try_recv(&mut self, tun: &AsyncDevice) -> io::Result<usize> {
-        tun.try_recv_multiple(&mut self.raw, &mut self.segments, &mut self.sizes, 0)
+    /// One read (the device is non-blocking): `WouldBlock` when nothing is
+    /// queued; else the packet count.
+    pub(super) fn try_recv(&mut self, tun: &SyncDevice) -> io::Result<usize> {
+        tun.recv_multiple(&mut self.raw, &mut self.segments, &mut self.sizes, 0)
     }
 
     /// The `i`-th packet of the last read.
@@ -167,18 +168,18 @@ impl TunTx {
         self.used += 1;
     }
 
-    /// Writes every pending packet (coalesced where offloads allow), then empties.
-    pub(super) async fn flush(&mut self, tun: &AsyncDevice) {
+    /// Writes every pending packet (coalesced where offloads allow), then
+    /// empties. A TUN write does not block: the kernel takes the packet or
+    /// drops it.
+    pub(super) fn flush(&mut self, tun: &SyncDevice) {
         if self.used == 0 {
             return;
         }
-        let r = tun
-            .send_multiple(
-                &mut self.gro,
-                &mut self.bufs[..self.used],
-                VIRTIO_NET_HDR_LEN,
-            )
-            .await;
+        let r = tun.send_multiple(
+            &mut self.gro,
+            &mut self.bufs[..self.used],
+            VIRTIO_NET_HDR_LEN,
+        );
         if let Err(e) = r {
             tracing::trace!(error = %e, "TUN write failed");
         }

@@ -1,14 +1,15 @@
 //! UDP sockets with batched I/O: `recvmmsg` with UDP GRO on receive, UDP GSO
 //! on send (quinn-udp probes both at runtime and falls back to one datagram
 //! per syscall), and the batch of encrypted datagrams built between two sends.
+//! The sockets are non-blocking and registered for readability only (see
+//! [`super::wait_writable`] for the rare full send buffer).
 
 use std::io::{self, IoSliceMut};
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::ops::Range;
+use std::os::fd::AsRawFd;
 
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
 
 /// Largest UDP payload one GSO send may carry: the IP length field holds
 /// 65,535 bytes including the IPv6 (40) and UDP (8) headers.
@@ -22,12 +23,13 @@ pub(super) struct Udp {
 
 impl Udp {
     /// Wraps a bound, non-blocking socket; probes GSO and enables GRO.
-    pub(super) fn new(sock: std::net::UdpSocket) -> io::Result<Self> {
+    pub(super) fn new(sock: UdpSocket) -> io::Result<Self> {
         let state = UdpSocketState::new((&sock).into())?;
-        Ok(Self {
-            sock: UdpSocket::from_std(sock)?,
-            state,
-        })
+        Ok(Self { sock, state })
+    }
+
+    pub(super) fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.sock.as_raw_fd()
     }
 
     pub(super) fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -39,10 +41,6 @@ impl Udp {
         self.state.gro_segments()
     }
 
-    pub(super) async fn readable(&self) -> io::Result<()> {
-        self.sock.readable().await
-    }
-
     /// One `recvmmsg`: fills up to `bufs.len()` buffers; each may hold several
     /// datagrams of `meta.stride` bytes (GRO). `WouldBlock` when nothing is queued.
     pub(super) fn try_recv(
@@ -50,15 +48,13 @@ impl Udp {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> io::Result<usize> {
-        self.sock.try_io(Interest::READABLE, || {
-            self.state.recv((&self.sock).into(), bufs, meta)
-        })
+        self.state.recv((&self.sock).into(), bufs, meta)
     }
 
     /// Sends one datagram, or `contents.len() / segment` datagrams with GSO.
-    /// Send errors other than a full buffer are logged by quinn-udp and dropped,
-    /// as the kernel would drop the datagram later on.
-    pub(super) async fn send(&self, to: SocketAddr, contents: &[u8], segment: Option<usize>) {
+    /// A full send buffer is waited out (bounded, [`super::wait_writable`]);
+    /// other send errors drop the datagrams, as the kernel would later on.
+    pub(super) fn send(&self, to: SocketAddr, contents: &[u8], segment: Option<usize>) {
         let transmit = Transmit {
             destination: to,
             ecn: None,
@@ -66,24 +62,26 @@ impl Udp {
             segment_size: segment,
             src_ip: None,
         };
-        let _ = self
-            .sock
-            .async_io(Interest::WRITABLE, || {
-                match self.state.try_send((&self.sock).into(), &transmit) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(e),
-                    Err(e) => {
-                        tracing::trace!(error = %e, %to, "UDP send failed");
-                        Ok(())
+        loop {
+            match self.state.try_send((&self.sock).into(), &transmit) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !super::wait_writable(self.sock.as_raw_fd()) {
+                        tracing::trace!(%to, "UDP send buffer full; datagrams dropped");
+                        return;
                     }
-                    Ok(()) => Ok(()),
                 }
-            })
-            .await;
+                Err(e) => {
+                    tracing::trace!(error = %e, %to, "UDP send failed");
+                    return;
+                }
+                Ok(()) => return,
+            }
+        }
     }
 
     /// Sends the datagrams of `batch` for this socket's family (IPv6 or
     /// not) with as few syscalls as GSO allows.
-    pub(super) async fn send_batch(&self, batch: &TxBatch, v6: bool) {
+    pub(super) fn send_batch(&self, batch: &TxBatch, v6: bool) {
         let max_segments = self.state.max_gso_segments().max(1);
         let mut i = 0;
         while i < batch.packets.len() {
@@ -113,7 +111,7 @@ impl Udp {
                 }
             }
             let segment = (n > 1).then_some(stride);
-            self.send(to, &batch.buf[first.start..end], segment).await;
+            self.send(to, &batch.buf[first.start..end], segment);
             i += n;
         }
     }

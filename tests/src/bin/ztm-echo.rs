@@ -13,6 +13,11 @@
 //! ztm-echo scan ADDR FIRST LAST TIMEOUT_MS    a TCP connect scan of ports FIRST..=LAST
 //!                                             (at most 1024), 32 at a time; prints
 //!                                             `open N closed N filtered N`
+//! ztm-echo flood ADDR PORT COUNT TIMEOUT_MS   UDP: COUNT junk WireGuard data messages
+//!                                             (at most 100,000,000; UDP GSO, 64 per
+//!                                             send) as fast as the socket takes
+//!                                             them, stopping at TIMEOUT_MS;
+//!                                             prints `sent N`
 //! ```
 //!
 //! `serve` retries a bind for a few seconds while its address is not (yet)
@@ -52,6 +57,7 @@ fn main() -> ExitCode {
         }
         Some("bulk") if args.len() == 5 => bulk(&args[1], &args[2], &args[3], &args[4]),
         Some("scan") if args.len() == 5 => scan(&args[1], &args[2], &args[3], &args[4]),
+        Some("flood") if args.len() == 5 => flood(&args[1], &args[2], &args[3], &args[4]),
         _ => Err(usage()),
     };
     match result {
@@ -67,7 +73,8 @@ fn usage() -> String {
     "usage: ztm-echo serve SPEC... | check ADDR PORT TIMEOUT_MS | \
      connect ADDR PORT TIMEOUT_MS | \
      stream ADDR PORT COUNT INTERVAL_MS TIMEOUT_MS | \
-     bulk ADDR PORT BYTES TIMEOUT_MS | scan ADDR FIRST LAST TIMEOUT_MS"
+     bulk ADDR PORT BYTES TIMEOUT_MS | scan ADDR FIRST LAST TIMEOUT_MS | \
+     flood ADDR PORT COUNT TIMEOUT_MS"
         .to_owned()
 }
 
@@ -269,6 +276,69 @@ fn scan(addr: &str, first: &str, last: &str, timeout_ms: &str) -> Result<(), Str
         counts[0], counts[1], counts[2]
     );
     Ok(())
+}
+
+/// Most datagrams one flood sends.
+const FLOOD_MAX: u64 = 100_000_000;
+
+/// Junk at a WireGuard port: data messages (type 4) under receiver indexes
+/// no session has, so a receiver must read and reject each one. Sent with
+/// UDP GSO (64 datagrams per syscall) where the kernel has it, so one sender
+/// outruns a receiver that handles each datagram.
+fn flood(addr: &str, port: &str, count: &str, timeout_ms: &str) -> Result<(), String> {
+    const SIZE: usize = 96;
+    const SEGMENTS: usize = 64;
+    let to = target(addr, port)?;
+    let count: u64 = count
+        .parse()
+        .map_err(|e| format!("bad count {count:?}: {e}"))?;
+    if count == 0 || count > FLOOD_MAX {
+        return Err(format!("flood 1 to {FLOOD_MAX} datagrams"));
+    }
+    let deadline = Instant::now() + millis(timeout_ms)?;
+    let bind = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let sock = std::net::UdpSocket::bind(bind).map_err(|e| format!("bind: {e}"))?;
+    let per_send = if set_udp_segment(&sock, SIZE) {
+        SEGMENTS
+    } else {
+        1
+    };
+    let mut buf = vec![0u8; SIZE * per_send];
+    let mut sent = 0u64;
+    while sent < count && Instant::now() < deadline {
+        let n = per_send.min(usize::try_from(count - sent).unwrap_or(per_send));
+        for (i, msg) in buf.chunks_mut(SIZE).take(n).enumerate() {
+            // A different receiver index and counter each time.
+            let id = sent + i as u64;
+            msg[0] = 4;
+            msg[4..12].copy_from_slice(&id.to_le_bytes());
+            msg[12..20].copy_from_slice(&id.to_be_bytes());
+        }
+        match sock.send_to(&buf[..n * SIZE], to) {
+            Ok(_) => sent += n as u64,
+            // ICMP from an earlier datagram, or a full buffer: keep going.
+            Err(_) => std::thread::sleep(Duration::from_micros(100)),
+        }
+    }
+    println!("sent {sent}");
+    Ok(())
+}
+
+/// `UDP_SEGMENT` (GSO): the kernel cuts each send into `size`-byte datagrams.
+fn set_udp_segment(sock: &std::net::UdpSocket, size: usize) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let value = libc::c_int::try_from(size).unwrap_or(0);
+    // SAFETY: a valid socket descriptor, and a pointer to a c_int with its size.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    r == 0
 }
 
 fn stream(
