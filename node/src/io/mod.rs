@@ -387,11 +387,12 @@ impl DataPlane {
     }
 }
 
-/// Dropped without [`DataPlane::shutdown`]: the thread wakes, finds the
-/// command channel closed and stops.
+/// Dropped without [`DataPlane::shutdown`]: the thread is told to stop. (A
+/// closed channel would not tell it: the UAPI forwarder holds a sender for
+/// as long as the UAPI server runs.)
 impl Drop for DataPlane {
     fn drop(&mut self) {
-        let _ = self.waker.wake();
+        self.command(Command::Shutdown);
     }
 }
 

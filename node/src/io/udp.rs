@@ -62,10 +62,12 @@ impl Udp {
             segment_size: segment,
             src_ip: None,
         };
-        loop {
+        // One wait for room, then one more try: a buffer that stays full
+        // drops the datagrams instead of holding the thread.
+        for attempt in 0..2 {
             match self.state.try_send((&self.sock).into(), &transmit) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if !super::wait_writable(self.sock.as_raw_fd()) {
+                    if attempt == 1 || !super::wait_writable(self.sock.as_raw_fd()) {
                         tracing::trace!(%to, "UDP send buffer full; datagrams dropped");
                         return;
                     }
