@@ -16,7 +16,8 @@
 # 1-stream TCP test, and the whole host's busy CPU over the same test. Prints
 # one table of medians over REPS repetitions (min–max for the headline
 # figures), with ratios against wireguard-go, and the cost per byte: tunnel
-# cores per Gbit/s (both tunnel processes) and host cores per Gbit/s.
+# cores per Gbit/s (both tunnel processes; the kernel's part of it, their
+# stime, in its own column) and host cores per Gbit/s.
 #
 # With MANY=N (N >= 2) it also runs the many-peers test for `ztmesh tunnel`:
 # one server namespace and N client namespaces on one bridge, each client one
@@ -323,6 +324,16 @@ cpu_ticks() { # PID...: utime+stime of all threads, in clock ticks (0 if no PID)
   echo "$total"
 }
 
+sys_ticks() { # PID...: stime (kernel time in the processes' context) of all threads
+  local total=0 pid f
+  for pid in "$@"; do
+    [[ -n $pid && -r /proc/$pid/stat ]] || continue
+    f=$(sed 's/^.*) //' "/proc/$pid/stat")
+    total=$((total + $(awk '{print $13}' <<<"$f")))
+  done
+  echo "$total"
+}
+
 host_busy_ticks() { # busy clock ticks of all CPUs (user nice system irq softirq steal)
   awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9; exit}' /proc/stat
 }
@@ -350,7 +361,7 @@ iperf() { # ARGS...: one-shot server in B, client in A; prints the client's JSON
 }
 
 run_impl() { # IMPL REP
-  local impl=$1 rep=$2 json t0 t1 h0 h1 s0 s1 steal tcp1 tcp4 retr udp_pps ping_ms cpu host rss_a rss_idle
+  local impl=$1 rep=$2 json t0 t1 k0 k1 h0 h1 s0 s1 steal tcp1 tcp4 retr udp_pps ping_ms cpu sys host rss_a rss_idle
   setup_ns
   PID_A= PID_B= PID_CTL=
   "impl_${impl}_start"
@@ -360,15 +371,18 @@ run_impl() { # IMPL REP
   rss_idle=$(rss_kib "$PID_A")
 
   t0=$(cpu_ticks "$PID_A" "$PID_B")
+  k0=$(sys_ticks "$PID_A" "$PID_B")
   h0=$(host_busy_ticks)
   s0=$(steal_ticks)
   json=$(iperf "$TCP_SECS")
   s1=$(steal_ticks)
   h1=$(host_busy_ticks)
   t1=$(cpu_ticks "$PID_A" "$PID_B")
+  k1=$(sys_ticks "$PID_A" "$PID_B")
   tcp1=$(jq -r '(.end.sum_received.bits_per_second // 0) / 1e9' <<<"$json" 2>/dev/null || echo 0)
   retr=$(jq -r '.end.sum_sent.retransmits // 0' <<<"$json" 2>/dev/null || echo 0)
   cpu=$(awk -v a="$t0" -v b="$t1" -v hz="$CLK_TCK" 'BEGIN {printf "%.2f", (b - a) / hz}')
+  sys=$(awk -v a="$k0" -v b="$k1" -v hz="$CLK_TCK" 'BEGIN {printf "%.2f", (b - a) / hz}')
   host=$(awk -v a="$h0" -v b="$h1" -v hz="$CLK_TCK" 'BEGIN {printf "%.2f", (b - a) / hz}')
   steal=$(awk -v a="$s0" -v b="$s1" -v hz="$CLK_TCK" 'BEGIN {printf "%.2f", (b - a) / hz}')
 
@@ -385,9 +399,9 @@ run_impl() { # IMPL REP
       sed -n 's/.*time=\([0-9.]*\).*/\1/p' | sort -g | awk '{v[NR]=$1} END {if (NR==0) print 0; else if (NR%2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}')
   fi
   rss_a=$(rss_kib "$PID_A")
-  printf '%s,%s,%.3f,%.3f,%.0f,%.3f,%s,%s,%s,%s,%s\n' "$impl" "$rep" "$tcp1" "$tcp4" "$udp_pps" "$ping_ms" "$cpu" "$retr" "$rss_idle" "$rss_a" "$host" >>"$SAMPLES"
-  log "$(printf '%-8s rep %s: tcp1 %.2f Gbit/s (retr %s), tcp4 %.2f, udp %.0f pkt/s, ping %.3f ms, cpu %s s (host %s s, of it stolen by the hypervisor %s s), rss A %s KiB idle, %s KiB after' \
-    "$impl" "$rep" "$tcp1" "$retr" "$tcp4" "$udp_pps" "$ping_ms" "$cpu" "$host" "$steal" "$rss_idle" "$rss_a")"
+  printf '%s,%s,%.3f,%.3f,%.0f,%.3f,%s,%s,%s,%s,%s,%s\n' "$impl" "$rep" "$tcp1" "$tcp4" "$udp_pps" "$ping_ms" "$cpu" "$retr" "$rss_idle" "$rss_a" "$host" "$sys" >>"$SAMPLES"
+  log "$(printf '%-8s rep %s: tcp1 %.2f Gbit/s (retr %s), tcp4 %.2f, udp %.0f pkt/s, ping %.3f ms, cpu %s s (kernel %s s; host %s s, of it stolen by the hypervisor %s s), rss A %s KiB idle, %s KiB after' \
+    "$impl" "$rep" "$tcp1" "$retr" "$tcp4" "$udp_pps" "$ping_ms" "$cpu" "$sys" "$host" "$steal" "$rss_idle" "$rss_a")"
   stop_pids
   del_ns
 }
@@ -555,7 +569,7 @@ awk -F, -v order="$IMPLS" -v secs="$TCP_SECS" "$STATS_AWK"'
   {
     for (c = 3; c <= 11; c++) add($1 SUBSEP c, $c)
     # Cost per byte of this sample: cores (CPU s per s) per Gbit/s.
-    if ($3 > 0) { add($1 SUBSEP "tun", $7 / secs / $3); add($1 SUBSEP "host", $11 / secs / $3) }
+    if ($3 > 0) { add($1 SUBSEP "tun", $7 / secs / $3); add($1 SUBSEP "host", $11 / secs / $3); add($1 SUBSEP "sys", $12 / secs / $3) }
   }
   END {
     label["bare"] = "bare veth"; label["ztmesh"] = "ztmesh tunnel"; label["agent"] = "ztmesh daemon (agent)"
@@ -563,23 +577,26 @@ awk -F, -v order="$IMPLS" -v secs="$TCP_SECS" "$STATS_AWK"'
     label["wggo"] = "wireguard-go"; label["bt"] = "boringtun-cli (default)"; label["bt1"] = "boringtun-cli -t 1"
     n = split(order, impls, " ")
     for (c = 3; c <= 10; c++) base[c] = median("wggo" SUBSEP c)
-    printf "| %-24s | %-22s | %-13s | %-15s | %-24s | %-22s | %-10s | %-7s | %-16s |\n", "implementation", "TCP 1 Gbit/s", "TCP 4 Gbit/s", "UDP 64 B kpkt/s", "ping RTT ms", "tunnel cores per Gbit/s", "host c/Gb", "retrans", "RSS A MiB idle/after"
-    print "|---|---|---|---|---|---|---|---|---|"
+    printf "| %-24s | %-22s | %-13s | %-15s | %-24s | %-22s | %-9s | %-10s | %-7s | %-16s |\n", "implementation", "TCP 1 Gbit/s", "TCP 4 Gbit/s", "UDP 64 B kpkt/s", "ping RTT ms", "tunnel cores per Gbit/s", "of it kernel", "host c/Gb", "retrans", "RSS A MiB idle/after"
+    print "|---|---|---|---|---|---|---|---|---|---|"
     for (i = 1; i <= n; i++) {
       k = impls[i]
       if (vals[k SUBSEP 3] == "") continue
       t1 = median(k SUBSEP 3); t4 = median(k SUBSEP 4); u = median(k SUBSEP 5); p = median(k SUBSEP 6)
       re = median(k SUBSEP 8); idle = median(k SUBSEP 9); rss = median(k SUBSEP 10)
       tun = (k == "bare") ? "-" : sprintf("%.3f (%s)", median(k SUBSEP "tun"), range(k SUBSEP "tun", "%.3f"))
-      printf "| %-24s | %5.2f (%s) %6s | %5.2f (%6s) | %6.1f (%6s) | %5.3f (%s) %6s | %-22s | %10.3f | %7d | %16s |\n", label[k], \
+      kern = (k == "bare") ? "-" : sprintf("%.3f", median(k SUBSEP "sys"))
+      printf "| %-24s | %5.2f (%s) %6s | %5.2f (%6s) | %6.1f (%6s) | %5.3f (%s) %6s | %-22s | %9s | %10.3f | %7d | %16s |\n", label[k], \
         t1, range(k SUBSEP 3, "%.2f"), ratio(t1, base[3]), t4, ratio(t4, base[4]), u / 1000, ratio(u, base[5]), \
-        p, range(k SUBSEP 6, "%.3f"), ratio(p, base[6]), tun, median(k SUBSEP "host"), re, \
+        p, range(k SUBSEP 6, "%.3f"), ratio(p, base[6]), tun, kern, median(k SUBSEP "host"), re, \
         (k == "bare" ? "-" : sprintf("%.1f / %.1f", idle / 1024, rss / 1024))
     }
     print ""
     print "Ratios are against wireguard-go (higher is better except for ping RTT). Medians, with min–max in parentheses."
     print "Tunnel cores per Gbit/s: utime+stime of both tunnel processes (agent: both daemons) during the 1-stream"
-    print "TCP test, per second and per Gbit/s received. Host c/Gb: the whole host busy CPU over the same test, per Gbit/s."
+    print "TCP test, per second and per Gbit/s received; of it kernel: their stime alone (system calls, copies, the"
+    print "network stack run in their context); the rest is user space (for ztmesh mostly the AEAD: see"
+    print "node/benches/packet_path.rs). Host c/Gb: the whole host busy CPU over the same test, per Gbit/s."
     print "RSS A: VmRSS of the tunnel process in namespace A (sender), idle after the handshake / after all tests."
   }' "$SAMPLES"
 fi
