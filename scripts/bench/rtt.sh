@@ -5,7 +5,7 @@
 # INTERVAL apart through the tunnel; prints median, mean, p10 and p90 per
 # build per round, and the CPU time the answering side's tunnel used per
 # echo (perf stat task-clock; user and kernel time in its context, so the
-# cost of a wake-up is in it). For changes whose effect on latency is
+# cost of a wake-up is in it), and the same for the pinging side's tunnel. For changes whose effect on latency is
 # smaller than the spread of dataplane.sh's 20 pings.
 #
 #   sudo scripts/bench/rtt.sh DIR... [boringtun]
@@ -83,27 +83,31 @@ one() { # DIR: prints the statistics of N pings through a fresh pair of tunnels
   for ns in "$A" "$B"; do ip -n "$ns" link set lo up; ip -n "$ns" link set veth0 up; done
   start "$dir" "$A" a 100.64.0.1 100.64.0.2
   PIDS+=("$STARTED")
+  local pid_a=$STARTED
   start "$dir" "$B" b 100.64.0.2 100.64.0.1
   PIDS+=("$STARTED")
-  local pid_b=$STARTED stat=""
+  local pid_b=$STARTED stat_a="" stat_b=""
   for i in $(seq 100); do
     ip netns exec "$A" ping -c 1 -W 1 100.64.0.2 >/dev/null 2>&1 && break
     sleep 0.1
   done
   if command -v perf >/dev/null; then
-    perf stat -e task-clock -x, -o "$WORK/stat" -p "$pid_b" 2>/dev/null &
-    stat=$!
+    perf stat -e task-clock -x, -o "$WORK/stat-a" -p "$pid_a" 2>/dev/null &
+    stat_a=$!
+    perf stat -e task-clock -x, -o "$WORK/stat-b" -p "$pid_b" 2>/dev/null &
+    stat_b=$!
     sleep 0.2
   fi
   ip netns exec "$A" timeout $((N + 30)) ping -c "$N" -i "$INTERVAL" 100.64.0.2 |
     sed -n 's/.*time=\([0-9.]*\).*/\1/p' | sort -g |
     awk '{v[NR] = $1; s += $1} END {if (NR == 0) {printf "no replies"; exit}
       printf "median %.3f mean %.3f p10 %.3f p90 %.3f ms (%d replies)", v[int(NR / 2) + 1], s / NR, v[int(NR * 0.1) + 1], v[int(NR * 0.9)], NR}'
-  if [[ -n $stat ]]; then
-    kill -INT "$stat" 2>/dev/null
-    wait "$stat" 2>/dev/null || true
+  if [[ -n $stat_b ]]; then
+    kill -INT "$stat_a" "$stat_b" 2>/dev/null
+    wait "$stat_a" "$stat_b" 2>/dev/null || true
     # task-clock in ms, over N echoes (the 0.2 s before the pings adds only timer ticks)
-    awk -F, -v n="$N" '$3 ~ /task-clock/ {printf ", B tunnel %.1f us CPU per echo", $1 * 1000 / n}' "$WORK/stat"
+    awk -F, -v n="$N" '$3 ~ /task-clock/ {printf ", CPU per echo: B tunnel %.1f us", $1 * 1000 / n}' "$WORK/stat-b"
+    awk -F, -v n="$N" '$3 ~ /task-clock/ {printf ", A tunnel %.1f us", $1 * 1000 / n}' "$WORK/stat-a"
   fi
   echo
   kill "${PIDS[@]}" 2>/dev/null

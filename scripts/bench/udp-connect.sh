@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Does a connected UDP socket answer faster than an unconnected one? Issue 21
+# named "connected per-peer UDP sockets" as a latency lever; this measures the
+# socket alone, without a tunnel: two namespaces on a veth (198.18.0.1/24 <->
+# 198.18.0.2/24), a C ping-pong of 128-byte datagrams (N round trips, 0.5 ms
+# apart, after 100 warm-up ones), once with sendto/recvfrom on unconnected
+# sockets and once with send/recv on connected ones, alternating, ROUNDS
+# times. Prints the median, p10 and p90 round trip per mode and round.
+#
+#   sudo scripts/bench/udp-connect.sh        # needs a C compiler (cc)
+#
+# Environment: ROUNDS=3, N=3000 (bounded: every receive times out after 1 s).
+set -euo pipefail
+[[ $EUID -eq 0 ]] || { echo "udp-connect.sh: needs root" >&2; exit 1; }
+ROUNDS=${ROUNDS:-3}
+N=${N:-3000}
+TAG="zu$$"
+A="$TAG-a"
+B="$TAG-b"
+WORK=$(mktemp -d /tmp/ztmudp.XXXXXX)
+SERVER=
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  set +e
+  [[ -n $SERVER ]] && kill "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null
+  ip netns del "$A" 2>/dev/null
+  ip netns del "$B" 2>/dev/null
+  rm -rf "$WORK"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+cat >"$WORK/pp.c" <<'EOF'
+/* pp s|c CONNECTED N [PEER]: a UDP ping-pong on port 51999. */
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+static double now_us(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1e6 + t.tv_nsec / 1e3;
+}
+
+static int cmp(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return x < y ? -1 : x > y;
+}
+
+int main(int argc, char **argv) {
+  if (argc < 4) return 2;
+  int connected = atoi(argv[2]), n = atoi(argv[3]), one = 1;
+  int s = socket(AF_INET, SOCK_DGRAM, 0);
+  struct timeval timeout = {.tv_sec = 1};
+  setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+  struct sockaddr_in me = {.sin_family = AF_INET, .sin_port = htons(51999)};
+  if (bind(s, (void *)&me, sizeof me) != 0) { perror("bind"); return 1; }
+  char buf[2048];
+  struct sockaddr_in peer = {.sin_family = AF_INET, .sin_port = htons(51999)};
+  socklen_t len = sizeof peer;
+  if (argv[1][0] == 's') {
+    /* Echo until a 1-byte datagram or 10 s without one. */
+    struct timeval first = {.tv_sec = 10};
+    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &first, sizeof first);
+    ssize_t got = recvfrom(s, buf, sizeof buf, 0, (void *)&peer, &len);
+    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+    if (connected && got > 0) connect(s, (void *)&peer, len);
+    while (got > 1) {
+      if (connected) send(s, buf, got, 0);
+      else sendto(s, buf, got, 0, (void *)&peer, len);
+      got = connected ? recv(s, buf, sizeof buf, 0)
+                      : recvfrom(s, buf, sizeof buf, 0, (void *)&peer, &len);
+    }
+    return 0;
+  }
+  if (argc < 5 || inet_pton(AF_INET, argv[4], &peer.sin_addr) != 1) return 2;
+  if (connected) connect(s, (void *)&peer, sizeof peer);
+  double *rtt = malloc(n * sizeof(double));
+  int lost = 0, m = 0;
+  memset(buf, 7, 128);
+  for (int i = 0; i < n + 100; i++) {
+    usleep(500);
+    double t0 = now_us();
+    if (connected) send(s, buf, 128, 0);
+    else sendto(s, buf, 128, 0, (void *)&peer, sizeof peer);
+    ssize_t got = connected ? recv(s, buf, sizeof buf, 0)
+                            : recvfrom(s, buf, sizeof buf, 0, NULL, NULL);
+    if (i < 100) continue; /* warm-up */
+    if (got <= 0) lost++;
+    else rtt[m++] = now_us() - t0;
+  }
+  if (connected) send(s, "x", 1, 0);
+  else sendto(s, "x", 1, 0, (void *)&peer, sizeof peer);
+  if (m <= 0) { printf("no replies\n"); return 1; }
+  qsort(rtt, m, sizeof(double), cmp);
+  printf("%-11s median %6.2f us  p10 %6.2f  p90 %6.2f  (%d round trips, %d lost)\n",
+         connected ? "connected" : "unconnected", rtt[m / 2], rtt[m / 10], rtt[9 * m / 10], m, lost);
+  return 0;
+}
+EOF
+cc -O2 -o "$WORK/pp" "$WORK/pp.c"
+
+ip netns add "$A"
+ip netns add "$B"
+ip -n "$A" link add veth0 type veth peer name veth0 netns "$B"
+ip -n "$A" addr add 198.18.0.1/24 dev veth0
+ip -n "$B" addr add 198.18.0.2/24 dev veth0
+for ns in "$A" "$B"; do ip -n "$ns" link set lo up; ip -n "$ns" link set veth0 up; done
+
+for round in $(seq "$ROUNDS"); do
+  for connected in 0 1; do
+    ip netns exec "$B" "$WORK/pp" s "$connected" "$N" &
+    SERVER=$!
+    sleep 0.2
+    printf 'round %s  ' "$round"
+    ip netns exec "$A" timeout $((N / 100 + 30)) "$WORK/pp" c "$connected" "$N" 198.18.0.2
+    wait "$SERVER" 2>/dev/null || true
+    SERVER=
+  done
+done
