@@ -24,18 +24,19 @@
 )]
 
 use std::hint::black_box;
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 use tun_rs::{
-    gso_split, handle_gro, TcpGROTable, UdpGROTable, VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4,
-    VIRTIO_NET_HDR_LEN,
+    gso_split, TcpGROTable, UdpGROTable, VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_LEN,
 };
 use ztmesh_node::filter::{Rule, Ruleset};
-use ztmesh_node::tunnel::{Device, Output, PeerConfig};
-use ztmesh_proto::keys::WgPrivateKey;
+use ztmesh_node::tunnel::Output;
+
+#[path = "../tests/common/packets.rs"]
+mod packets;
+use packets::{gro, tcp_segment, Csum, Pair};
 
 /// The tunnel MTU every benchmark script uses.
 const MTU: usize = 1420;
@@ -43,59 +44,6 @@ const MTU: usize = 1420;
 const MSS: usize = MTU - 40;
 /// Segments of one TSO super-packet: as many as fit 64 KiB.
 const SEGMENTS: usize = 46;
-
-/// One's-complement sum of `data` added to `sum` (RFC 1071), unfolded.
-fn sum16(data: &[u8], mut sum: u32) -> u32 {
-    for pair in data.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
-    }
-    sum
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
-/// An IPv4 TCP segment 100.64.0.1:40000 → 100.64.0.2:5201 (ACK) with
-/// `payload` bytes at sequence offset `seq`; `full_csum`: a valid TCP
-/// checksum, else the pseudo-header sum a TSO read carries.
-fn tcp_segment(seq: u32, payload: usize, full_csum: bool) -> Vec<u8> {
-    let mut p = vec![0u8; 40 + payload];
-    let len = p.len() as u16;
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&len.to_be_bytes());
-    p[6] = 0x40; // DF
-    p[8] = 64;
-    p[9] = 6;
-    p[12..16].copy_from_slice(&[100, 64, 0, 1]);
-    p[16..20].copy_from_slice(&[100, 64, 0, 2]);
-    let ip = !fold(sum16(&p[..20], 0));
-    p[10..12].copy_from_slice(&ip.to_be_bytes());
-    p[20..22].copy_from_slice(&40000u16.to_be_bytes());
-    p[22..24].copy_from_slice(&5201u16.to_be_bytes());
-    p[24..28].copy_from_slice(&(1000 + seq).to_be_bytes());
-    p[28..32].copy_from_slice(&1u32.to_be_bytes());
-    p[32] = 5 << 4;
-    p[33] = 0x10; // ACK
-    p[34..36].copy_from_slice(&0xffffu16.to_be_bytes());
-    for (k, b) in p[40..].iter_mut().enumerate() {
-        *b = (k as u32 + seq) as u8;
-    }
-    let mut pseudo = [0u8; 12];
-    pseudo[..8].copy_from_slice(&p[12..20]);
-    pseudo[9] = 6;
-    pseudo[10..12].copy_from_slice(&(len - 20).to_be_bytes());
-    let csum = if full_csum {
-        !fold(sum16(&p[20..], sum16(&pseudo, 0)))
-    } else {
-        fold(sum16(&pseudo, 0))
-    };
-    p[36..38].copy_from_slice(&csum.to_be_bytes());
-    p
-}
 
 fn aead(c: &mut Criterion) {
     let key = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &[7u8; 32]).expect("key"));
@@ -126,20 +74,9 @@ fn aead(c: &mut Criterion) {
     g.finish();
 }
 
-/// Two devices with a session: A sends to B; `filtered`: B runs agent
-/// mode's inbound filter with a rule for A's flow.
-fn pair(filtered: bool) -> (Device, Device, SocketAddr) {
-    let now = Instant::now();
-    let ka: WgPrivateKey = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk="
-        .parse()
-        .expect("key");
-    let kb: WgPrivateKey = "KCkqKywtLi8wMTIzNDU2Nzg5Ojs8PT4/QEFCQ0RFRkc="
-        .parse()
-        .expect("key");
-    let (ea, eb): (SocketAddr, SocketAddr) = (
-        "198.18.0.1:51820".parse().expect("addr"),
-        "198.18.0.2:51820".parse().expect("addr"),
-    );
+/// A and B with a session; `filtered`: B runs agent mode's inbound filter
+/// with a rule for A's flow.
+fn pair(filtered: bool) -> Pair {
     let rules = filtered.then(|| Ruleset {
         local: vec!["100.64.0.2/32".parse().expect("net")],
         rules: vec![Rule {
@@ -150,45 +87,19 @@ fn pair(filtered: bool) -> (Device, Device, SocketAddr) {
             rule_id: "iperf".into(),
         }],
     });
-    let mut a = Device::new(&ka, None, now);
-    let mut b = Device::new(&kb, rules, now);
-    let peer = |k: &WgPrivateKey, ip: &str, e| PeerConfig {
-        public_key: k.public(),
-        preshared_key: None,
-        allowed_ips: vec![ip.parse().expect("net")],
-        endpoint: Some(e),
-        candidates: Vec::new(),
-        relay: None,
-        persistent_keepalive: None,
-    };
-    a.set_peers(vec![peer(&kb, "100.64.0.2/32", eb)], now);
-    b.set_peers(vec![peer(&ka, "100.64.0.1/32", ea)], now);
-    // Handshake: initiation, response, then A's queued packet confirms it.
-    let mut wire = vec![0u8; 2048];
-    let mut reply = vec![0u8; 2048];
-    let first = tcp_segment(0, 100, true);
-    let Output::Network(t) = a.handle_tun(now, &first, &mut wire) else {
-        panic!("expected a handshake initiation")
-    };
-    let init = t.packet.to_vec();
-    let Output::Network(t) = b.handle_udp(now, ea, &init, &mut reply) else {
-        panic!("expected a handshake response")
-    };
-    let resp = t.packet.to_vec();
-    let _ = a.handle_udp(now, eb, &resp, &mut wire);
-    while let Some(t) = a.poll_transmit(now, &mut wire) {
-        let d = t.packet.to_vec();
-        let _ = b.handle_udp(now, ea, &d, &mut reply);
-    }
-    (a, b, ea)
+    let mut pair = Pair::new(None, rules);
+    pair.establish(&tcp_segment(0, 100, Csum::Full));
+    pair
 }
 
 fn device(c: &mut Criterion) {
     let mut g = c.benchmark_group("device_1420");
     g.throughput(Throughput::Bytes(MTU as u64));
     for (name, filtered) in [("standalone", false), ("filtered", true)] {
-        let (mut a, mut b, ea) = pair(filtered);
-        let packet = tcp_segment(0, MSS, true);
+        let Pair {
+            mut a, mut b, ea, ..
+        } = pair(filtered);
+        let packet = tcp_segment(0, MSS, Csum::Full);
         let mut wire = vec![0u8; 2048];
         let mut out = vec![0u8; 2048];
         let now = Instant::now();
@@ -223,7 +134,7 @@ fn offload(c: &mut Criterion) {
         csum_start: 20,
         csum_offset: 16,
     };
-    let super_packet = tcp_segment(0, SEGMENTS * MSS, false);
+    let super_packet = tcp_segment(0, SEGMENTS * MSS, Csum::Partial);
     let mut out: Vec<Vec<u8>> = (0..tun_rs::IDEAL_BATCH_SIZE)
         .map(|_| vec![0u8; MTU + 64])
         .collect();
@@ -241,7 +152,7 @@ fn offload(c: &mut Criterion) {
 
     // Receiver: the decrypted segments of one flow, coalesced for one write.
     let segments: Vec<Vec<u8>> = (0..SEGMENTS)
-        .map(|i| tcp_segment((i * MSS) as u32, MSS, true))
+        .map(|i| tcp_segment((i * MSS) as u32, MSS, Csum::Full))
         .collect();
     let mut bufs: Vec<Vec<u8>> = (0..SEGMENTS)
         .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65_536))
@@ -251,23 +162,7 @@ fn offload(c: &mut Criterion) {
     let mut to_write = Vec::with_capacity(SEGMENTS);
     g.bench_function("gro_46", |b| {
         b.iter(|| {
-            for (buf, seg) in bufs.iter_mut().zip(&segments) {
-                buf.clear();
-                buf.resize(VIRTIO_NET_HDR_LEN, 0);
-                buf.extend_from_slice(seg);
-            }
-            tcp.reset();
-            udp.reset();
-            to_write.clear();
-            handle_gro(
-                &mut bufs,
-                VIRTIO_NET_HDR_LEN,
-                &mut tcp,
-                &mut udp,
-                false,
-                &mut to_write,
-            )
-            .expect("GRO");
+            gro(&mut bufs, &segments, &mut tcp, &mut udp, &mut to_write).expect("GRO");
             assert_eq!(to_write.len(), 1, "one coalesced write");
         })
     });

@@ -313,26 +313,20 @@ impl_label() {
 
 # --- measurements ---
 
-cpu_ticks() { # PID...: utime+stime of all threads, in clock ticks (0 if no PID)
-  local total=0 pid f
+proc_ticks() { # EXPR PID...: sum over the PIDs of an awk EXPR of /proc/PID/stat, in clock ticks
+  local expr=$1 total=0 pid f
+  shift
   for pid in "$@"; do
     [[ -n $pid && -r /proc/$pid/stat ]] || continue
     # Fields after the command name "(...)": utime and stime are fields 14 and 15.
     f=$(sed 's/^.*) //' "/proc/$pid/stat")
-    total=$((total + $(awk '{print $12 + $13}' <<<"$f")))
+    total=$((total + $(awk "{print $expr}" <<<"$f")))
   done
   echo "$total"
 }
 
-sys_ticks() { # PID...: stime (kernel time in the processes' context) of all threads
-  local total=0 pid f
-  for pid in "$@"; do
-    [[ -n $pid && -r /proc/$pid/stat ]] || continue
-    f=$(sed 's/^.*) //' "/proc/$pid/stat")
-    total=$((total + $(awk '{print $13}' <<<"$f")))
-  done
-  echo "$total"
-}
+cpu_ticks() { proc_ticks '$12 + $13' "$@"; } # utime+stime of all threads (0 if no PID)
+sys_ticks() { proc_ticks '$13' "$@"; }       # stime: kernel time in the processes' context
 
 host_busy_ticks() { # busy clock ticks of all CPUs (user nice system irq softirq steal)
   awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9; exit}' /proc/stat
