@@ -5,8 +5,9 @@
 # INTERVAL apart through the tunnel; prints median, mean, p10 and p90 per
 # build per round, and the CPU time the answering side's tunnel used per
 # echo (perf stat task-clock; user and kernel time in its context, so the
-# cost of a wake-up is in it), and the same for the pinging side's tunnel. For changes whose effect on latency is
-# smaller than the spread of dataplane.sh's 20 pings.
+# cost of a wake-up is in it), and the same for the pinging side's tunnel.
+# For changes whose effect on latency is smaller than the spread of
+# dataplane.sh's 20 pings.
 #
 #   sudo scripts/bench/rtt.sh DIR... [boringtun]
 #     DIR: a directory with a `ztmesh` binary; `boringtun`: boringtun-cli
