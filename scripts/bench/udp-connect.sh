@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
-# Does a connected UDP socket answer faster than an unconnected one? Issue 21
-# named "connected per-peer UDP sockets" as a latency lever; this measures the
-# socket alone, without a tunnel: two namespaces on a veth (198.18.0.1/24 <->
-# 198.18.0.2/24), a C ping-pong of 128-byte datagrams (N round trips, 0.5 ms
-# apart, after 100 warm-up ones), once with sendto/recvfrom on unconnected
-# sockets and once with send/recv on connected ones, alternating, ROUNDS
-# times. Prints the median, p10 and p90 round trip per mode and round.
+# What the UDP socket alone costs a round trip, without a tunnel (issue 21):
+# two namespaces on a veth (198.18.0.1/24 <-> 198.18.0.2/24), a C ping-pong
+# of 128-byte datagrams (N round trips, GAP µs apart, after WARM warm-up
+# ones), alternating, ROUNDS times, in three modes:
+#   unconnected  sendto/recvfrom on plain sockets;
+#   connected    send/recv on connected sockets (issue 21 named "connected
+#                per-peer UDP sockets" as a latency lever);
+#   ztmesh       unconnected, with the options the data plane sets (SO_MARK,
+#                SO_RCVBUFFORCE 16 MiB / SO_SNDBUFFORCE 4 MiB, UDP_GRO,
+#                IP_PKTINFO + IP_RECVTOS, IP_PMTUDISC_PROBE) and sendmsg
+#                with the IP_TOS control message quinn-udp always adds.
+# Prints the median, p10 and p90 round trip per mode and round.
 #
 #   sudo scripts/bench/udp-connect.sh        # needs a C compiler (cc)
 #
-# Environment: ROUNDS=3, N=3000 (bounded: every receive times out after 1 s).
+# Environment: ROUNDS=3, N=3000, GAP=500, WARM=100 (bounded: every receive
+# times out after 1 s). GAP=50000 WARM=3 N=150 measures cold round trips.
 set -euo pipefail
 [[ $EUID -eq 0 ]] || { echo "udp-connect.sh: needs root" >&2; exit 1; }
 ROUNDS=${ROUNDS:-3}
 N=${N:-3000}
+GAP=${GAP:-500}
+WARM=${WARM:-100}
 TAG="zu$$"
 A="$TAG-a"
 B="$TAG-b"
@@ -35,9 +43,11 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 cat >"$WORK/pp.c" <<'EOF'
-/* pp s|c CONNECTED N [PEER]: a UDP ping-pong on port 51999. */
+/* pp s|c MODE N GAP WARM [PEER]: a UDP ping-pong on port 51999;
+   MODE 0 unconnected, 1 connected, 2 unconnected with ztmesh's options. */
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <netinet/udp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,13 +66,44 @@ static int cmp(const void *a, const void *b) {
   return x < y ? -1 : x > y;
 }
 
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
+
+/* mode 2 sends with an IP_TOS control message, as quinn-udp does */
+static ssize_t send_to(int s, int mode, const void *buf, size_t len, struct sockaddr_in *to) {
+  if (mode != 2) return sendto(s, buf, len, 0, (void *)to, sizeof *to);
+  char control[CMSG_SPACE(sizeof(int))];
+  struct iovec iov = {(void *)buf, len};
+  struct msghdr m = {.msg_name = to, .msg_namelen = sizeof *to, .msg_iov = &iov,
+                     .msg_iovlen = 1, .msg_control = control, .msg_controllen = sizeof control};
+  struct cmsghdr *h = CMSG_FIRSTHDR(&m);
+  int tos = 0;
+  h->cmsg_level = IPPROTO_IP;
+  h->cmsg_type = IP_TOS;
+  h->cmsg_len = CMSG_LEN(sizeof tos);
+  memcpy(CMSG_DATA(h), &tos, sizeof tos);
+  return sendmsg(s, &m, 0);
+}
+
 int main(int argc, char **argv) {
-  if (argc < 4) return 2;
-  int connected = atoi(argv[2]), n = atoi(argv[3]), one = 1;
+  if (argc < 6) return 2;
+  int mode = atoi(argv[2]), n = atoi(argv[3]), gap = atoi(argv[4]), warm = atoi(argv[5]), one = 1;
+  int connected = mode == 1;
   int s = socket(AF_INET, SOCK_DGRAM, 0);
   struct timeval timeout = {.tv_sec = 1};
   setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
   setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+  if (mode == 2) {
+    int mark = 0x5a7e, rcv = 16 << 20, snd = 4 << 20, probe = IP_PMTUDISC_PROBE;
+    setsockopt(s, SOL_SOCKET, SO_MARK, &mark, sizeof mark);
+    setsockopt(s, SOL_SOCKET, SO_RCVBUFFORCE, &rcv, sizeof rcv);
+    setsockopt(s, SOL_SOCKET, SO_SNDBUFFORCE, &snd, sizeof snd);
+    setsockopt(s, IPPROTO_UDP, UDP_GRO, &one, sizeof one);
+    setsockopt(s, IPPROTO_IP, IP_PKTINFO, &one, sizeof one);
+    setsockopt(s, IPPROTO_IP, IP_RECVTOS, &one, sizeof one);
+    setsockopt(s, IPPROTO_IP, IP_MTU_DISCOVER, &probe, sizeof probe);
+  }
   struct sockaddr_in me = {.sin_family = AF_INET, .sin_port = htons(51999)};
   if (bind(s, (void *)&me, sizeof me) != 0) { perror("bind"); return 1; }
   char buf[2048];
@@ -77,25 +118,25 @@ int main(int argc, char **argv) {
     if (connected && got > 0) connect(s, (void *)&peer, len);
     while (got > 1) {
       if (connected) send(s, buf, got, 0);
-      else sendto(s, buf, got, 0, (void *)&peer, len);
+      else send_to(s, mode, buf, got, &peer);
       got = connected ? recv(s, buf, sizeof buf, 0)
                       : recvfrom(s, buf, sizeof buf, 0, (void *)&peer, &len);
     }
     return 0;
   }
-  if (argc < 5 || inet_pton(AF_INET, argv[4], &peer.sin_addr) != 1) return 2;
+  if (argc < 7 || inet_pton(AF_INET, argv[6], &peer.sin_addr) != 1) return 2;
   if (connected) connect(s, (void *)&peer, sizeof peer);
   double *rtt = malloc(n * sizeof(double));
   int lost = 0, m = 0;
   memset(buf, 7, 128);
-  for (int i = 0; i < n + 100; i++) {
-    usleep(500);
+  for (int i = 0; i < n + warm; i++) {
+    usleep(gap);
     double t0 = now_us();
     if (connected) send(s, buf, 128, 0);
-    else sendto(s, buf, 128, 0, (void *)&peer, sizeof peer);
+    else send_to(s, mode, buf, 128, &peer);
     ssize_t got = connected ? recv(s, buf, sizeof buf, 0)
                             : recvfrom(s, buf, sizeof buf, 0, NULL, NULL);
-    if (i < 100) continue; /* warm-up */
+    if (i < warm) continue;
     if (got <= 0) lost++;
     else rtt[m++] = now_us() - t0;
   }
@@ -104,7 +145,7 @@ int main(int argc, char **argv) {
   if (m <= 0) { printf("no replies\n"); return 1; }
   qsort(rtt, m, sizeof(double), cmp);
   printf("%-11s median %6.2f us  p10 %6.2f  p90 %6.2f  (%d round trips, %d lost)\n",
-         connected ? "connected" : "unconnected", rtt[m / 2], rtt[m / 10], rtt[9 * m / 10], m, lost);
+         mode == 1 ? "connected" : mode == 2 ? "ztmesh" : "unconnected", rtt[m / 2], rtt[m / 10], rtt[9 * m / 10], m, lost);
   return 0;
 }
 EOF
@@ -118,12 +159,12 @@ ip -n "$B" addr add 198.18.0.2/24 dev veth0
 for ns in "$A" "$B"; do ip -n "$ns" link set lo up; ip -n "$ns" link set veth0 up; done
 
 for round in $(seq "$ROUNDS"); do
-  for connected in 0 1; do
-    ip netns exec "$B" "$WORK/pp" s "$connected" "$N" &
+  for mode in 0 1 2; do
+    ip netns exec "$B" "$WORK/pp" s "$mode" "$N" "$GAP" "$WARM" &
     SERVER=$!
     sleep 0.2
     printf 'round %s  ' "$round"
-    ip netns exec "$A" timeout $((N / 100 + 30)) "$WORK/pp" c "$connected" "$N" 198.18.0.2
+    ip netns exec "$A" timeout $(((N + WARM) * (GAP + 1000) / 1000000 + 30)) "$WORK/pp" c "$mode" "$N" "$GAP" "$WARM" 198.18.0.2
     wait "$SERVER" 2>/dev/null || true
     SERVER=
   done
