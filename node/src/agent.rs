@@ -494,6 +494,7 @@ impl Daemon {
             routes,
             uapi_dir: self.cfg.uapi_dir.clone(),
             managed: true,
+            connected_sockets: true,
         })
         .await
         .context("starting the data plane")?;
