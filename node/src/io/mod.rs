@@ -655,8 +655,8 @@ impl Worker {
         loop {
             // One clock read per turn: the wait is measured from the start
             // of the last turn, so a timer may fire that turn's work late (µs).
-            let busy = !self.connected_ready.is_empty();
-            let timeout = if tun.set || udp4.set || udp6.set || inbox || busy {
+            let connected = !self.connected_ready.is_empty();
+            let timeout = if tun.set || udp4.set || udp6.set || inbox || connected {
                 Duration::ZERO
             } else {
                 let mut deadline = self.device.poll_timeout().min(next_stats);
@@ -693,7 +693,7 @@ impl Worker {
             if udp6.set {
                 udp6.after(self.udp_batch(now, Source::Udp6, &mut bufs));
             }
-            if busy {
+            if !self.connected_ready.is_empty() {
                 self.connected_batches(now, &mut bufs);
             }
             if tun.set {
@@ -1317,7 +1317,13 @@ fn wall_clock(now: Instant, then: Instant) -> SystemTime {
 }
 
 /// Sends through the listening socket of `to`'s family (`segment`: GSO).
-fn send_on(udp4: &Udp, udp6: Option<&Udp>, to: SocketAddr, contents: &[u8], segment: Option<usize>) {
+fn send_on(
+    udp4: &Udp,
+    udp6: Option<&Udp>,
+    to: SocketAddr,
+    contents: &[u8],
+    segment: Option<usize>,
+) {
     match (to, udp6) {
         (SocketAddr::V4(_), _) => udp4.send(to, contents, segment),
         (SocketAddr::V6(_), Some(s)) => s.send(to, contents, segment),

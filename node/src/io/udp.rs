@@ -263,7 +263,12 @@ mod tests {
         let b = batch(&[(1, 40), (1, 100), (2, 100), (1, 100)]);
         assert_eq!(
             shape(&b, 64),
-            vec![(1, 40, None), (1, 100, None), (2, 100, None), (1, 100, None)]
+            vec![
+                (1, 40, None),
+                (1, 100, None),
+                (2, 100, None),
+                (1, 100, None)
+            ]
         );
         // Runs never exceed the 64 KiB a GSO send may carry.
         let big = batch(&[(1, 30_000), (1, 30_000), (1, 30_000)]);
