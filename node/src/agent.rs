@@ -494,7 +494,6 @@ impl Daemon {
             routes,
             uapi_dir: self.cfg.uapi_dir.clone(),
             managed: true,
-            connected_sockets: true,
         })
         .await
         .context("starting the data plane")?;

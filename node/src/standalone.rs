@@ -27,11 +27,6 @@ pub struct TunnelArgs {
     /// Do not create a UAPI socket.
     #[arg(long)]
     pub no_uapi: bool,
-    /// Send every datagram through the listening socket, with no socket
-    /// connected to each peer (for comparison: connected sockets save the
-    /// kernel a route lookup per datagram).
-    #[arg(long)]
-    pub no_connected_sockets: bool,
 }
 
 /// Runs the tunnel until SIGINT or SIGTERM.
@@ -77,7 +72,6 @@ pub async fn run(args: TunnelArgs) -> anyhow::Result<()> {
         routes,
         uapi_dir: (!args.no_uapi).then(|| args.uapi_dir.clone()),
         managed: false,
-        connected_sockets: !args.no_connected_sockets,
     })
     .await?;
     plane.set_filter(None);

@@ -29,7 +29,6 @@
 //! [`Discovery`] instead of the `Device`. That check is all it costs the
 //! WireGuard path.
 
-mod connected;
 pub mod hostroute;
 mod ifaddrs;
 mod relay;
@@ -109,8 +108,6 @@ const TUN: Token = Token(0);
 const UDP4: Token = Token(1);
 const UDP6: Token = Token(2);
 const WAKE: Token = Token(3);
-/// Connected socket `i` has token `CONNECTED + i`.
-const CONNECTED: usize = 16;
 
 /// What the data plane needs to start.
 #[derive(Debug, Clone)]
@@ -131,10 +128,6 @@ pub struct DataPlaneConfig {
     pub uapi_dir: Option<PathBuf>,
     /// True when the controller manages the interface: UAPI `set` is refused.
     pub managed: bool,
-    /// Send transport data through a UDP socket connected to each peer's
-    /// endpoint (see `io/connected.rs`); false keeps every datagram on the
-    /// listening sockets.
-    pub connected_sockets: bool,
 }
 
 /// A snapshot of the data plane for `status`, metrics and `wg show`.
@@ -493,11 +486,6 @@ fn run_thread(
             tun,
             udp4,
             udp6,
-            connected: cfg
-                .connected_sockets
-                .then(|| connected::Table::new(connected::MAX_SOCKETS)),
-            connected_ready: Vec::with_capacity(connected::MAX_SOCKETS),
-            local_addrs: Vec::new(),
             port,
             mtu: usize::from(cfg.mtu),
             stats,
@@ -533,30 +521,9 @@ struct Worker {
     tun: SyncDevice,
     udp4: Udp,
     udp6: Option<Udp>,
-    /// Sockets connected to peers' endpoints (`None`: turned off).
-    connected: Option<connected::Table<Conn>>,
-    /// Slots of `connected` whose readiness is set.
-    connected_ready: Vec<usize>,
-    /// The node's addresses as last set: a change closes the connected
-    /// sockets, whose source addresses were picked at `connect`.
-    local_addrs: Vec<IpAddr>,
     port: u16,
     mtu: usize,
     stats: Arc<Mutex<Stats>>,
-}
-
-/// A connected socket and its readiness.
-struct Conn {
-    udp: Udp,
-    ready: Ready,
-}
-
-/// A socket the loop reads.
-#[derive(Debug, Clone, Copy)]
-enum Source {
-    Udp4,
-    Udp6,
-    Connected(usize),
 }
 
 /// How a batch from one source ended.
@@ -655,8 +622,7 @@ impl Worker {
         loop {
             // One clock read per turn: the wait is measured from the start
             // of the last turn, so a timer may fire that turn's work late (µs).
-            let connected = !self.connected_ready.is_empty();
-            let timeout = if tun.set || udp4.set || udp6.set || inbox || connected {
+            let timeout = if tun.set || udp4.set || udp6.set || inbox {
                 Duration::ZERO
             } else {
                 let mut deadline = self.device.poll_timeout().min(next_stats);
@@ -676,8 +642,7 @@ impl Worker {
                     TUN => tun.set = true,
                     UDP4 => udp4.set = true,
                     UDP6 => udp6.set = true,
-                    WAKE => inbox = true,
-                    Token(t) => self.connected_readable(t.wrapping_sub(CONNECTED)),
+                    _ => inbox = true,
                 }
             }
             now = Instant::now();
@@ -688,13 +653,10 @@ impl Worker {
                 }
             }
             if udp4.set {
-                udp4.after(self.udp_batch(now, Source::Udp4, &mut bufs));
+                udp4.after(self.udp_batch(now, false, &mut bufs));
             }
             if udp6.set {
-                udp6.after(self.udp_batch(now, Source::Udp6, &mut bufs));
-            }
-            if !self.connected_ready.is_empty() {
-                self.connected_batches(now, &mut bufs);
+                udp6.after(self.udp_batch(now, true, &mut bufs));
             }
             if tun.set {
                 tun.after(self.tun_batch(now, &mut bufs));
@@ -710,7 +672,6 @@ impl Worker {
             }
             if now >= next_stats {
                 next_stats = now + STATS_INTERVAL;
-                self.close_idle(now, &mut bufs);
                 self.publish_stats();
             }
         }
@@ -756,10 +717,6 @@ impl Worker {
                 }
                 Command::Relay(setup) => self.set_relay(setup),
                 Command::LocalAddresses(addrs) => {
-                    if addrs != self.local_addrs {
-                        self.close_connected(now, bufs);
-                        self.local_addrs.clone_from(&addrs);
-                    }
                     self.discovery.set_local(&addrs);
                     self.stun_dirty = true;
                 }
@@ -803,7 +760,7 @@ impl Worker {
             for i in 0..n {
                 let packet = bufs.tun_rx.packet(i);
                 if bufs.udp_tx.remaining() < packet.len() + OVERHEAD + MIN_BUFFER {
-                    self.flush_udp(now, &mut bufs.udp_tx);
+                    self.flush_udp(&mut bufs.udp_tx);
                 }
                 let free = bufs.udp_tx.free();
                 let base = free.as_ptr() as usize;
@@ -827,30 +784,18 @@ impl Worker {
                 }
             }
         }
-        self.flush_udp(now, &mut bufs.udp_tx);
+        self.flush_udp(&mut bufs.udp_tx);
         drained
     }
 
     /// `recvmmsg` calls (each buffer a GRO batch) until the socket is empty,
     /// [`DRAIN_PACKETS`] packets wait or [`UDP_RECV_CALLS`] calls were made,
     /// decrypted into the TUN batch, written with GRO.
-    fn udp_batch(&mut self, now: Instant, source: Source, bufs: &mut Buffers) -> Drained {
-        let sock = match source {
-            Source::Udp4 => &self.udp4,
-            Source::Udp6 => match &self.udp6 {
-                Some(s) => s,
-                None => return Drained::Empty,
-            },
-            Source::Connected(i) => {
-                let Some(table) = &self.connected else {
-                    return Drained::Empty;
-                };
-                table.touch(i, now);
-                match table.slot(i) {
-                    Some(c) => &c.udp,
-                    None => return Drained::Empty,
-                }
-            }
+    fn udp_batch(&mut self, now: Instant, v6: bool, bufs: &mut Buffers) -> Drained {
+        let sock = match (v6, self.udp6.as_ref()) {
+            (false, _) => &self.udp4,
+            (true, Some(s)) => s,
+            (true, None) => return Drained::Empty,
         };
         let mut drained = Drained::More;
         for _ in 0..UDP_RECV_CALLS {
@@ -929,141 +874,15 @@ impl Worker {
         drained
     }
 
-    /// Sends the batch: a run to an endpoint with a connected socket goes
-    /// through it (one is made for an endpoint without), the rest through
-    /// the listening sockets.
-    fn flush_udp(&mut self, now: Instant, batch: &mut TxBatch) {
+    fn flush_udp(&self, batch: &mut TxBatch) {
         if batch.is_empty() {
             return;
         }
-        for (to, contents, segment) in batch.runs(self.udp4.max_gso_segments()) {
-            if let Some(i) = self.connected_slot(to, now) {
-                let sent = match self.connected.as_ref().and_then(|t| t.slot(i)) {
-                    Some(c) => c.udp.send_connected(to, contents, segment),
-                    None => Ok(()),
-                };
-                match sent {
-                    Ok(()) => continue,
-                    Err(e) => {
-                        tracing::debug!(error = %e, endpoint = %to, "connected socket cannot send; closed");
-                        self.close_slot(now, i, None);
-                    }
-                }
-            }
-            send_on(&self.udp4, self.udp6.as_ref(), to, contents, segment);
+        self.udp4.send_batch(batch, false);
+        if let Some(v6) = &self.udp6 {
+            v6.send_batch(batch, true);
         }
         batch.clear();
-    }
-
-    /// The slot of the socket connected to `to`, made if there is none and
-    /// the table allows it.
-    fn connected_slot(&mut self, to: SocketAddr, now: Instant) -> Option<usize> {
-        let table = self.connected.as_mut()?;
-        if let Some(i) = table.index(to) {
-            table.get(to, now);
-            return Some(i);
-        }
-        if !table.may_add(to, now) || (to.is_ipv6() && self.udp6.is_none()) {
-            return None;
-        }
-        let i = table.next_slot();
-        let made = connect_udp(self.port, to).and_then(|udp| {
-            self.poll.registry().register(
-                &mut SourceFd(&udp.as_raw_fd()),
-                Token(CONNECTED + i),
-                Interest::READABLE,
-            )?;
-            Ok(udp)
-        });
-        match made {
-            Ok(udp) => {
-                // Read once at start, as the listening sockets are.
-                let ready = Ready {
-                    set: true,
-                    errors: 0,
-                };
-                table.add(to, Conn { udp, ready }, now);
-                self.connected_ready.push(i);
-                tracing::debug!(endpoint = %to, sockets = table.len(), "connected socket");
-                Some(i)
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, endpoint = %to, "no connected socket; the listening one sends");
-                table.failed(now);
-                None
-            }
-        }
-    }
-
-    /// Readiness of connected socket `i` (a stale token is ignored).
-    fn connected_readable(&mut self, i: usize) {
-        if let Some(c) = self.connected.as_mut().and_then(|t| t.slot_mut(i)) {
-            if !c.ready.set {
-                c.ready.set = true;
-                self.connected_ready.push(i);
-            }
-        }
-    }
-
-    /// One batch from each connected socket whose readiness is set; those
-    /// read empty leave the ready list.
-    fn connected_batches(&mut self, now: Instant, bufs: &mut Buffers) {
-        let mut k = 0;
-        while k < self.connected_ready.len() {
-            let i = self.connected_ready[k];
-            let drained = self.udp_batch(now, Source::Connected(i), bufs);
-            let still = match self.connected.as_mut().and_then(|t| t.slot_mut(i)) {
-                Some(c) => {
-                    c.ready.after(drained);
-                    c.ready.set
-                }
-                None => false,
-            };
-            if still {
-                k += 1;
-            } else {
-                self.connected_ready.swap_remove(k);
-            }
-        }
-    }
-
-    /// Closes the connected sockets idle for [`connected::IDLE`].
-    fn close_idle(&mut self, now: Instant, bufs: &mut Buffers) {
-        while let Some(i) = self.connected.as_ref().and_then(|t| t.idle(now)) {
-            self.close_slot(now, i, Some(bufs));
-        }
-    }
-
-    /// Closes every connected socket (the node's addresses changed).
-    fn close_connected(&mut self, now: Instant, bufs: &mut Buffers) {
-        let slots: Vec<usize> = match &self.connected {
-            Some(t) => t.occupied().collect(),
-            None => return,
-        };
-        for i in slots {
-            self.close_slot(now, i, Some(&mut *bufs));
-        }
-    }
-
-    /// Closes connected socket `i`, after reading what it holds when
-    /// `bufs` are at hand (bounded: a socket still busy loses the rest, as
-    /// a closing socket does).
-    fn close_slot(&mut self, now: Instant, i: usize, bufs: Option<&mut Buffers>) {
-        if let Some(bufs) = bufs {
-            for _ in 0..4 {
-                if self.udp_batch(now, Source::Connected(i), bufs) != Drained::More {
-                    break;
-                }
-            }
-        }
-        self.connected_ready.retain(|&r| r != i);
-        if let Some((endpoint, c)) = self.connected.as_mut().and_then(|t| t.remove(i)) {
-            let _ = self
-                .poll
-                .registry()
-                .deregister(&mut SourceFd(&c.udp.as_raw_fd()));
-            tracing::debug!(%endpoint, "connected socket closed");
-        }
     }
 
     fn send(&self, t: &Transmit<'_>) {
@@ -1072,7 +891,7 @@ impl Worker {
 
     fn send_to(&self, to: Destination, packet: &[u8]) {
         match to {
-            Destination::Udp(addr) => send_on(&self.udp4, self.udp6.as_ref(), addr, packet, None),
+            Destination::Udp(addr) => send_on(&self.udp4, self.udp6.as_ref(), addr, packet),
             Destination::Relay(peer) => self.relay_send(peer, packet),
         }
     }
@@ -1135,7 +954,7 @@ impl Worker {
                 break;
             };
             tracing::trace!(server = %to, "STUN binding request");
-            send_on(&self.udp4, self.udp6.as_ref(), to, &request, None);
+            send_on(&self.udp4, self.udp6.as_ref(), to, &request);
         }
         self.stun_deadline = self.discovery.poll_timeout();
         if self.stun_dirty || expired || self.discovery.candidates() != before {
@@ -1316,17 +1135,10 @@ fn wall_clock(now: Instant, then: Instant) -> SystemTime {
         .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
-/// Sends through the listening socket of `to`'s family (`segment`: GSO).
-fn send_on(
-    udp4: &Udp,
-    udp6: Option<&Udp>,
-    to: SocketAddr,
-    contents: &[u8],
-    segment: Option<usize>,
-) {
+fn send_on(udp4: &Udp, udp6: Option<&Udp>, to: SocketAddr, packet: &[u8]) {
     match (to, udp6) {
-        (SocketAddr::V4(_), _) => udp4.send(to, contents, segment),
-        (SocketAddr::V6(_), Some(s)) => s.send(to, contents, segment),
+        (SocketAddr::V4(_), _) => udp4.send(to, packet, None),
+        (SocketAddr::V6(_), Some(s)) => s.send(to, packet, None),
         (SocketAddr::V6(_), None) => {}
     }
 }
@@ -1347,37 +1159,35 @@ fn wait_writable(fd: std::os::fd::RawFd) -> bool {
     r > 0 && pfd.revents & libc::POLLOUT != 0
 }
 
-/// Binds the listening sockets: IPv4, and IPv6 where the host has it, on
-/// one port. They set `SO_REUSEPORT` so that the connected sockets can
-/// share the port; a plain bind first claims it, so a second node on the
-/// same port still fails with "address in use" (the kernel admits only
-/// sockets of the same user to a reuse-port group, and that user can
-/// already read this node's keys).
 fn bind_udp(port: u16) -> anyhow::Result<(Udp, Option<Udp>)> {
-    use socket2::Domain;
-    let bind = |domain: Domain, addr: SocketAddr| -> io::Result<Udp> {
-        let port = {
-            let probe = udp_socket(domain)?;
-            probe.bind(&addr.into())?;
-            probe
-                .local_addr()?
-                .as_socket()
-                .map_or(addr.port(), |a| a.port())
-        };
-        let s = udp_socket(domain)?;
-        s.set_reuse_port(true)?;
-        let mut addr = addr;
-        addr.set_port(port);
+    use socket2::{Domain, Protocol, Socket, Type};
+    let make = |domain: Domain, addr: SocketAddr| -> io::Result<Udp> {
+        let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+        if domain == Domain::IPV6 {
+            s.set_only_v6(true)?;
+        }
+        if force_buffer(&s, libc::SO_RCVBUFFORCE, SOCKET_RECV_BUFFER).is_err() {
+            let _ = s.set_recv_buffer_size(SOCKET_RECV_BUFFER);
+        }
+        if force_buffer(&s, libc::SO_SNDBUFFORCE, SOCKET_SEND_BUFFER).is_err() {
+            let _ = s.set_send_buffer_size(SOCKET_SEND_BUFFER);
+        }
+        // The exit-node policy routing sends marked packets by the main
+        // table: the encrypted traffic never loops into its own tunnel.
+        if let Err(e) = s.set_mark(hostroute::BYPASS_MARK) {
+            tracing::debug!(error = %e, "SO_MARK unavailable");
+        }
+        s.set_nonblocking(true)?;
         s.bind(&addr.into())?;
         Udp::new(s.into())
     };
-    let v4 = bind(
+    let v4 = make(
         Domain::IPV4,
         SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)),
     )
     .with_context(|| format!("binding UDP port {port} (IPv4)"))?;
     let port = v4.local_addr()?.port();
-    let v6 = match bind(
+    let v6 = match make(
         Domain::IPV6,
         SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)),
     ) {
@@ -1389,43 +1199,6 @@ fn bind_udp(port: u16) -> anyhow::Result<(Udp, Option<Udp>)> {
     };
     tracing::debug!(gro_segments = v4.gro_segments(), "UDP sockets bound");
     Ok((v4, v6))
-}
-
-/// A socket on the listening port connected to `to` (see `io/connected.rs`).
-fn connect_udp(port: u16, to: SocketAddr) -> io::Result<Udp> {
-    let (domain, any) = match to {
-        SocketAddr::V4(_) => (socket2::Domain::IPV4, IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-        SocketAddr::V6(_) => (socket2::Domain::IPV6, IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
-    };
-    let s = udp_socket(domain)?;
-    s.set_reuse_port(true)?;
-    s.bind(&SocketAddr::new(any, port).into())?;
-    s.connect(&to.into())?;
-    Udp::new(s.into())
-}
-
-/// A non-blocking UDP socket with the data plane's options: large buffers,
-/// IPv6 only for IPv6, and the bypass mark (set before `connect`, which
-/// picks the route by it).
-fn udp_socket(domain: socket2::Domain) -> io::Result<socket2::Socket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
-    if domain == Domain::IPV6 {
-        s.set_only_v6(true)?;
-    }
-    if force_buffer(&s, libc::SO_RCVBUFFORCE, SOCKET_RECV_BUFFER).is_err() {
-        let _ = s.set_recv_buffer_size(SOCKET_RECV_BUFFER);
-    }
-    if force_buffer(&s, libc::SO_SNDBUFFORCE, SOCKET_SEND_BUFFER).is_err() {
-        let _ = s.set_send_buffer_size(SOCKET_SEND_BUFFER);
-    }
-    // The exit-node policy routing sends marked packets by the main
-    // table: the encrypted traffic never loops into its own tunnel.
-    if let Err(e) = s.set_mark(hostroute::BYPASS_MARK) {
-        tracing::debug!(error = %e, "SO_MARK unavailable");
-    }
-    s.set_nonblocking(true)?;
-    Ok(s)
 }
 
 /// `SO_RCVBUFFORCE` / `SO_SNDBUFFORCE`: a buffer size above net.core.*mem_max

@@ -81,49 +81,41 @@ impl Udp {
         }
     }
 
-    /// The most datagrams one GSO send may carry (1 without GSO).
-    pub(super) fn max_gso_segments(&self) -> usize {
-        self.state.max_gso_segments().max(1)
-    }
-
-    /// Sends on a connected socket: one datagram without a destination, so
-    /// the kernel takes the route cached at `connect` (quinn-udp always names
-    /// the destination, and a named one is looked up again); a GSO run with
-    /// `to`, the connected endpoint, since only quinn-udp builds the segment
-    /// control message (one lookup per run of up to 64 KiB).
-    ///
-    /// `Ok` when sent, or dropped as [`Udp::send`] drops; an error means the
-    /// socket cannot send any more (its source address or its route is
-    /// gone): close it and send through the listening socket.
-    pub(super) fn send_connected(
-        &self,
-        to: SocketAddr,
-        contents: &[u8],
-        segment: Option<usize>,
-    ) -> io::Result<()> {
-        if segment.is_some() {
-            self.send(to, contents, segment);
-            return Ok(());
-        }
-        for attempt in 0..2 {
-            match self.sock.send(contents) {
-                Ok(_) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if attempt == 1 || !super::wait_writable(self.sock.as_raw_fd()) {
-                        tracing::trace!(%to, "UDP send buffer full; datagram dropped");
-                        return Ok(());
-                    }
-                }
-                // A connected socket reports an ICMP error (the peer's port
-                // was closed) once, on its next call: the datagram is tried
-                // again, since the peer may be back.
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    tracing::trace!(%to, "port unreachable reported");
-                }
-                Err(e) => return Err(e),
+    /// Sends the datagrams of `batch` for this socket's family (IPv6 or
+    /// not) with as few syscalls as GSO allows.
+    pub(super) fn send_batch(&self, batch: &TxBatch, v6: bool) {
+        let max_segments = self.state.max_gso_segments().max(1);
+        let mut i = 0;
+        while i < batch.packets.len() {
+            let (to, first) = batch.packets[i].clone();
+            if to.is_ipv6() != v6 {
+                i += 1;
+                continue;
             }
+            let stride = first.len();
+            let mut end = first.end;
+            let mut n = 1;
+            // A GSO run: same destination, contiguous, every datagram `stride`
+            // bytes except a shorter last one.
+            while i + n < batch.packets.len() && n < max_segments {
+                let (next_to, ref next) = batch.packets[i + n];
+                if next_to != to
+                    || next.start != end
+                    || next.len() > stride
+                    || next.end - first.start > MAX_GSO_BYTES
+                {
+                    break;
+                }
+                end = next.end;
+                n += 1;
+                if next.len() < stride {
+                    break;
+                }
+            }
+            let segment = (n > 1).then_some(stride);
+            self.send(to, &batch.buf[first.start..end], segment);
+            i += n;
         }
-        Ok(())
     }
 }
 
@@ -171,41 +163,6 @@ impl TxBatch {
         self.packets.len()
     }
 
-    /// The datagrams as sends: `(to, contents, segment)`, where a run of
-    /// datagrams to one destination, contiguous, all `segment` bytes but a
-    /// shorter last one, is one GSO send of at most `max_segments`.
-    pub(super) fn runs(
-        &self,
-        max_segments: usize,
-    ) -> impl Iterator<Item = (SocketAddr, &[u8], Option<usize>)> + '_ {
-        let mut i = 0;
-        std::iter::from_fn(move || {
-            let (to, first) = self.packets.get(i)?.clone();
-            let stride = first.len();
-            let mut end = first.end;
-            let mut n = 1;
-            while n < max_segments {
-                let Some((next_to, next)) = self.packets.get(i + n) else {
-                    break;
-                };
-                if *next_to != to
-                    || next.start != end
-                    || next.len() > stride
-                    || next.end - first.start > MAX_GSO_BYTES
-                {
-                    break;
-                }
-                end = next.end;
-                n += 1;
-                if next.len() < stride {
-                    break;
-                }
-            }
-            i += n;
-            Some((to, &self.buf[first.start..end], (n > 1).then_some(stride)))
-        })
-    }
-
     pub(super) fn clear(&mut self) {
         self.used = 0;
         self.packets.clear();
@@ -220,61 +177,5 @@ pub(super) fn unmap(a: SocketAddr) -> SocketAddr {
             None => a,
         },
         a => a,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn batch(packets: &[(u16, usize)]) -> TxBatch {
-        let mut b = TxBatch::new(1 << 17, packets.len());
-        for &(port, len) in packets {
-            b.push(SocketAddr::from(([198, 18, 0, 2], port)), 0..len);
-        }
-        b
-    }
-
-    fn shape(b: &TxBatch, max: usize) -> Vec<(u16, usize, Option<usize>)> {
-        b.runs(max)
-            .map(|(to, c, seg)| (to.port(), c.len(), seg))
-            .collect()
-    }
-
-    #[test]
-    fn runs_group_equal_datagrams_to_one_destination() {
-        // Three full datagrams and a short one to port 1, then one to port 2.
-        let b = batch(&[(1, 100), (1, 100), (1, 100), (1, 40), (2, 100)]);
-        assert_eq!(
-            shape(&b, 64),
-            vec![(1, 340, Some(100)), (2, 100, None)],
-            "a shorter datagram ends its run"
-        );
-        assert_eq!(
-            shape(&b, 2),
-            vec![(1, 200, Some(100)), (1, 140, Some(100)), (2, 100, None)],
-            "at most max_segments per send"
-        );
-        assert_eq!(shape(&b, 1).len(), 5, "no GSO: one send each");
-    }
-
-    #[test]
-    fn a_longer_datagram_or_another_destination_starts_a_new_run() {
-        let b = batch(&[(1, 40), (1, 100), (2, 100), (1, 100)]);
-        assert_eq!(
-            shape(&b, 64),
-            vec![
-                (1, 40, None),
-                (1, 100, None),
-                (2, 100, None),
-                (1, 100, None)
-            ]
-        );
-        // Runs never exceed the 64 KiB a GSO send may carry.
-        let big = batch(&[(1, 30_000), (1, 30_000), (1, 30_000)]);
-        assert_eq!(
-            shape(&big, 64),
-            vec![(1, 60_000, Some(30_000)), (1, 30_000, None)]
-        );
     }
 }
